@@ -1,0 +1,15 @@
+"""Backbones and heads, built by name: ``build_backbone("mobilefacenet", embedding_size=512)``."""
+
+from __future__ import annotations
+
+from visrec.registry import Registry
+
+BACKBONES: Registry = Registry("backbone")
+
+
+def build_backbone(name: str, **kwargs):
+    """Build a registered backbone. Face backbones take (B, 3, 112, 112) in [-1, 1], return (B, D)."""
+    return BACKBONES.build(name, **kwargs)
+
+
+# One import line per backbone file: importing runs its @BACKBONES.register decorator.
