@@ -1,0 +1,6 @@
+"""One Trainer for every task. Importing this package registers the built-in tasks."""
+
+from visrec.train.task import TASKS, RunContext, Task  # noqa: F401
+
+# One import line per task file: importing runs its @TASKS.register decorator.
+from visrec.train import faces_task  # noqa: F401,E402

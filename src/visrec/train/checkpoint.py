@@ -1,0 +1,86 @@
+"""Checkpoints that resume exactly, and the exported-model file other commands load.
+
+Files in a run's output directory:
+  ``last.rank{r}.pt``  everything rank r needs to continue: every module's state (PartialFC holds only
+                        this rank's class shard), optimizer, scheduler, grad scaler, RNG states (python,
+                        numpy, torch CPU, CUDA) and the data position (epoch, step in epoch, global step).
+  ``model.pt``          {"model_config": {"name", **kwargs}, "backbone": state_dict, "step", "metrics"}
+                        — what ``visrec budget/export/eval`` load via :func:`load_backbone`.
+  ``backbone.pth``      the bare backbone state_dict, as arcface_torch saves it.
+Every file is written to a temporary name and renamed, so a crash mid-write leaves the previous file.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from visrec.errors import DataError
+
+
+def atomic_save(obj: Any, path: Path) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def rank_path(output: Path, rank: int) -> Path:
+    return Path(output) / f"last.rank{rank}.pt"
+
+
+def load_rank_state(output: Path, rank: int) -> dict[str, Any] | None:
+    path = rank_path(output, rank)
+    if not path.exists():
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:  # a torn or foreign file: say which
+        raise DataError(f"cannot read checkpoint: {exc}", path=path) from None
+
+
+def load_backbone(path: str | Path, map_location: str = "cpu"):
+    """Rebuild the backbone saved in a visrec checkpoint (``model.pt`` or ``last.rank0.pt``).
+
+    Returns ``(module in eval mode, model_config dict)``. A run directory is accepted too.
+    """
+    from visrec.models import build_backbone
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise DataError("checkpoint not found", path=path)
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:
+        raise DataError(f"not a readable torch checkpoint: {exc}", path=path) from None
+    if not isinstance(blob, dict) or "model_config" not in blob or "backbone" not in blob:
+        raise DataError("not a visrec checkpoint (needs 'model_config' and 'backbone')", path=path)
+    cfg = dict(blob["model_config"])
+    model = build_backbone(cfg["name"], **{k: v for k, v in cfg.items() if k != "name"})
+    model.load_state_dict(blob["backbone"], strict=True)
+    return model.eval(), cfg

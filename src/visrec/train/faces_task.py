@@ -1,0 +1,75 @@
+"""Face recognition training: backbone -> embedding -> PartialFC with a margin loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from visrec.train.task import TASKS, Task
+
+
+class FaceData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    train: Path = Field(description="RecordIO dir (train.rec/.idx/property), image-folder root, or CSV list")
+    val: list[Path] = Field(default_factory=list, description="verification .bin files (LFW-style)")
+    flip: bool = Field(True, description="random horizontal flip during training")
+    skip_bad: bool = Field(False, description="skip unreadable images (counted) instead of failing")
+    val_flip_test: bool = False
+
+
+class FaceLoss(BaseModel):
+    """``name`` picks the margin loss from visrec.losses; other keys are its kwargs (s, m, m1, m2, m3...)."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "arcface"
+    sample_rate: float = Field(1.0, gt=0, le=1, description="PartialFC negative-centre sampling rate")
+
+
+@TASKS.register("faces")
+class FaceTask(Task):
+    DataOptions = FaceData
+    LossOptions = FaceLoss
+    local_modules = ("head",)  # PartialFC holds this rank's class shard: never wrapped in DDP
+
+    def train_dataset(self):
+        from visrec.data.datasets import open_face_dataset
+
+        return open_face_dataset(self.data_opts.train, skip_bad=self.data_opts.skip_bad)
+
+    def build_modules(self, num_classes):
+        from visrec.losses import build_margin_loss
+        from visrec.losses.partial_fc import PartialFC
+        from visrec.models import build_backbone
+
+        spec = self.cfg.model
+        backbone = build_backbone(spec.name, **spec.kwargs)
+        emb_size = int(spec.kwargs.get("embedding_size", 512))
+        margin_kwargs = dict(self.loss_opts.model_extra or {})
+        margin = build_margin_loss(self.loss_opts.name, **margin_kwargs)
+        head = PartialFC(margin, emb_size, int(num_classes), sample_rate=self.loss_opts.sample_rate)
+        return {"backbone": backbone, "head": head}
+
+    def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
+        images, labels = batch
+        if self.data_opts.flip:
+            # Drawn from the global torch RNG, which checkpoints save: resumed runs flip the same images.
+            mask = torch.rand(images.shape[0]) < 0.5
+            images = torch.where(mask.to(images.device)[:, None, None, None], images.flip(3), images)
+        embeddings = modules["backbone"](images)
+        return modules["head"](embeddings.float(), labels)
+
+    def validate(self, backbone: nn.Module) -> dict[str, float]:
+        from visrec.data.verification import read_verification_bin
+        from visrec.evaluate.bin_protocol import evaluate_bin_pairs
+        from visrec.models.embed import embed_images
+
+        metrics = {}
+        for path in self.data_opts.val:
+            images, issame = read_verification_bin(path)
+            emb = embed_images(backbone, images, device=self.ctx.device, flip=self.data_opts.val_flip_test)
+            result = evaluate_bin_pairs(emb, issame)
+            metrics[f"{Path(path).stem}/accuracy"] = float(result.accuracy_mean)
+        return metrics

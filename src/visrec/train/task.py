@@ -1,0 +1,84 @@
+"""The seam between the one ``Trainer`` and each task (faces, landmarks, products, ...).
+
+A task owns its data, model(s) and loss; the Trainer owns the loop, devices, mixed precision,
+distributed set-up, checkpoints, logging and resumption. A new task is one file with a ``Task``
+subclass registered in ``TASKS`` plus one import line in ``visrec/train/__init__.py``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import torch
+from pydantic import BaseModel, ConfigDict
+from torch import nn
+from torch.utils.data import Dataset
+
+from visrec.config import RunConfig, validate_section
+from visrec.registry import Registry
+
+TASKS: Registry = Registry("task")
+
+
+@dataclass
+class RunContext:
+    """Where and how this process runs. ``rank``/``world_size`` are 0/1 without torchrun."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    amp_dtype: torch.dtype | None = None  # None = full float32
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+class _Empty(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class Task:
+    """Base class. Subclasses set ``DataOptions``/``LossOptions`` (pydantic models validating the config's
+    ``data`` and ``loss`` sections) and implement the methods below."""
+
+    DataOptions: ClassVar[type[BaseModel]] = _Empty
+    LossOptions: ClassVar[type[BaseModel]] = _Empty
+
+    def __init__(self, cfg: RunConfig, ctx: RunContext, source: str = "config"):
+        self.cfg = cfg
+        self.ctx = ctx
+        self.data_opts = validate_section(self.DataOptions, cfg.data, "data", source)
+        self.loss_opts = validate_section(self.LossOptions, cfg.loss, "loss", source)
+
+    # --- building -------------------------------------------------------------------------------
+    def train_dataset(self) -> Dataset:
+        """The training set. Items are whatever ``training_step`` expects (default-collated)."""
+        raise NotImplementedError
+
+    def build_modules(self, num_classes: int | None) -> dict[str, nn.Module]:
+        """Trainable modules by checkpoint key. ``"backbone"`` is the exported model. Modules that hold
+        rank-local shards (e.g. PartialFC centres) must not be wrapped in DDP: list their names in
+        ``local_modules``. ``num_classes`` comes from the training set when it has labels."""
+        raise NotImplementedError
+
+    local_modules: ClassVar[tuple[str, ...]] = ()
+
+    # --- running --------------------------------------------------------------------------------
+    def training_step(self, modules: dict[str, nn.Module], batch: Any) -> torch.Tensor:
+        """Return the scalar loss of one batch (already on ``ctx.device``), run under autocast."""
+        raise NotImplementedError
+
+    def validate(self, backbone: nn.Module) -> dict[str, float]:
+        """Periodic validation on the main rank, backbone in eval mode; {} if nothing configured."""
+        return {}
+
+    def model_config(self) -> dict[str, Any]:
+        """What rebuilds the exported backbone: {"name": ..., **kwargs} (stored in checkpoints)."""
+        return self.cfg.model.as_dict()

@@ -1,0 +1,302 @@
+"""One Trainer for every task: loop, devices, mixed precision, DDP, checkpoints, logging, resume.
+
+Resumption is exact: the data order is a pure function of (seed, epoch), every random choice inside a
+step draws from RNG states that are checkpointed, and the data position (epoch, step) is saved, so a
+run stopped or killed after a checkpoint and resumed produces the same weights as one that never
+stopped (bit-exact on CPU in deterministic mode).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+
+from visrec.config import RunConfig
+from visrec.errors import ConfigError
+from visrec.train import checkpoint as ckpt
+from visrec.train import dist
+from visrec.train.task import TASKS, RunContext, Task
+
+
+class EpochBatchSampler(Sampler[list[int]]):
+    """Batches of a seeded per-epoch permutation, this rank's share, starting at a given step.
+
+    Each global batch is ``batch_size * world_size`` consecutive permutation entries; rank r takes the
+    r-th slice. The tail that does not fill a global batch is dropped (as arcface_torch does).
+    """
+
+    def __init__(self, num_items: int, batch_size: int, rank: int, world_size: int, seed: int):
+        self.num_items, self.batch_size, self.rank, self.world_size, self.seed = (
+            num_items, batch_size, rank, world_size, seed)
+        self.epoch, self.start_step = 0, 0
+        if self.steps_per_epoch == 0:
+            raise ConfigError(f"batch_size {batch_size} x {world_size} processes exceeds the "
+                              f"training set ({num_items} items)")
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return self.num_items // (self.batch_size * self.world_size)
+
+    def set_position(self, epoch: int, start_step: int) -> None:
+        self.epoch, self.start_step = epoch, start_step
+
+    def __len__(self) -> int:
+        return self.steps_per_epoch - self.start_step
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        perm = torch.randperm(self.num_items, generator=gen).tolist()
+        global_batch = self.batch_size * self.world_size
+        for step in range(self.start_step, self.steps_per_epoch):
+            start = step * global_batch + self.rank * self.batch_size
+            yield perm[start:start + self.batch_size]
+
+
+def lr_lambda(cfg: RunConfig, total_steps: int):
+    sched = cfg.schedule
+
+    def factor(step: int) -> float:
+        if step < sched.warmup_steps:
+            return (step + 1) / sched.warmup_steps
+        span = max(1, total_steps - sched.warmup_steps)
+        progress = min(1.0, (step - sched.warmup_steps) / span)
+        if sched.kind == "poly":
+            return (1 - progress) ** sched.power
+        if sched.kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * progress))
+        return 1.0
+
+    return factor
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=False)
+        torch.backends.cudnn.benchmark = False
+
+
+def move_to(batch: Any, device: torch.device) -> Any:
+    if isinstance(batch, torch.Tensor):
+        return batch.to(device, non_blocking=True)
+    if isinstance(batch, (list, tuple)):
+        return type(batch)(move_to(b, device) for b in batch)
+    if isinstance(batch, dict):
+        return {k: move_to(v, device) for k, v in batch.items()}
+    return batch
+
+
+@dataclass
+class TrainResult:
+    output: Path
+    global_step: int
+    total_steps: int
+    stopped_early: bool
+    metrics: dict[str, float] = field(default_factory=dict)
+    last_loss: float = float("nan")
+
+
+def train(cfg: RunConfig, *, resume: bool = False, source: str = "config", progress: bool = True,
+          stop_after_steps: int | None = None) -> TrainResult:
+    """Train ``cfg`` to the end (or until ``stop_after_steps`` optimizer steps ran in this call, which
+    checkpoints and returns — the controlled version of a kill). ``resume`` continues from the output
+    directory's checkpoints; without it an existing checkpoint is refused rather than overwritten."""
+    ctx = dist.setup(cfg.device, cfg.amp)
+    try:
+        return _train(cfg, ctx, resume, source, progress, stop_after_steps)
+    finally:
+        dist.teardown(ctx)
+
+
+def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress: bool,
+           stop_after_steps: int | None) -> TrainResult:
+    out = Path(cfg.output)
+    state = ckpt.load_rank_state(out, ctx.rank) if resume else None
+    if not resume and ckpt.rank_path(out, ctx.rank).exists():
+        raise ConfigError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose "
+                          f"another output directory")
+    seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
+    task: Task = TASKS.get(cfg.task)(cfg, ctx, source)
+    dataset = task.train_dataset()
+    num_classes = getattr(dataset, "num_classes", None)
+    modules = {name: m.to(ctx.device) for name, m in task.build_modules(num_classes).items()}
+    params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    opt = build_optimizer(cfg, params)
+
+    sampler = EpochBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed)
+    if cfg.schedule.max_steps is not None:
+        total_steps = cfg.schedule.max_steps
+    else:
+        total_steps = max(1, int(cfg.schedule.epochs * sampler.steps_per_epoch))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(cfg, total_steps))
+    scaler = torch.amp.GradScaler("cuda", enabled=ctx.amp_dtype == torch.float16)
+
+    global_step = 0
+    if state is not None:
+        for name, module in modules.items():
+            module.load_state_dict(state["modules"][name])
+        opt.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        ckpt.set_rng_state(state["rng"])
+        global_step = state["global_step"]
+
+    train_modules = dict(modules)
+    if cfg.channels_last and ctx.device.type == "cuda":
+        modules["backbone"].to(memory_format=torch.channels_last)
+    if cfg.compile:
+        train_modules["backbone"] = torch.compile(modules["backbone"])
+    if ctx.distributed:
+        from torch.nn.parallel import DistributedDataParallel as DDP
+
+        for name, module in modules.items():
+            if name not in task.local_modules and any(p.requires_grad for p in module.parameters()):
+                ids = [ctx.device.index] if ctx.device.type == "cuda" else None
+                train_modules[name] = DDP(train_modules[name], device_ids=ids)
+
+    def save(metrics: dict[str, float] | None = None) -> None:
+        epoch, step_in_epoch = divmod(global_step, sampler.steps_per_epoch)
+        ckpt.atomic_save({
+            "modules": {n: m.state_dict() for n, m in modules.items()},
+            "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(), "rng": ckpt.rng_state(),
+            "global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
+            "model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
+            "config": cfg.model_dump(mode="json"),
+        }, ckpt.rank_path(out, ctx.rank))
+        if ctx.is_main:
+            blob = {"model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
+                    "step": global_step, "metrics": metrics or {}}
+            ckpt.atomic_save(blob, out / "model.pt")
+            ckpt.atomic_save(modules["backbone"].state_dict(), out / "backbone.pth")
+
+    if ctx.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    log_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
+    bar = _progress(progress and ctx.is_main, total_steps, global_step)
+    metrics: dict[str, float] = {}
+    steps_this_call, last_loss, stopped = 0, float("nan"), False
+    t0, seen = time.perf_counter(), 0
+    try:
+        while global_step < total_steps and not stopped:
+            epoch, step_in_epoch = divmod(global_step, sampler.steps_per_epoch)
+            sampler.set_position(epoch, step_in_epoch)
+            # A private generator: creating a loader must not draw from the global RNG, or a resumed
+            # run (which creates one mid-epoch) would diverge from an uninterrupted one.
+            loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
+                                pin_memory=ctx.device.type == "cuda",
+                                generator=torch.Generator().manual_seed(cfg.seed + epoch))
+            for m in modules.values():
+                m.train()
+            for batch in loader:
+                batch = move_to(batch, ctx.device)
+                with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.float32,
+                                    enabled=ctx.amp_dtype is not None):
+                    loss = task.training_step(train_modules, batch)
+                if not torch.isfinite(loss):
+                    raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower optim.lr "
+                                             f"or check the data")
+                optimizer_step(loss, opt, scaler, params, cfg.optim.grad_clip)
+                scheduler.step()
+                global_step += 1
+                steps_this_call += 1
+                seen += cfg.batch_size * ctx.world_size
+                last_loss = float(loss.detach())
+                if bar is not None:
+                    bar.advance(last_loss, seen / max(1e-9, time.perf_counter() - t0))
+                if log_file and (global_step % cfg.log_every == 0 or global_step == total_steps):
+                    rate = seen / max(1e-9, time.perf_counter() - t0)
+                    log_file.write(json.dumps({"step": global_step, "epoch": epoch, "loss": last_loss,
+                                               "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
+                                   + "\n")
+                    log_file.flush()
+                if cfg.val_every and global_step % cfg.val_every == 0:
+                    metrics = _validate(task, modules, ctx, log_file, global_step)
+                if global_step % cfg.checkpoint_every == 0:
+                    save(metrics)
+                if global_step >= total_steps:
+                    break
+                if stop_after_steps is not None and steps_this_call >= stop_after_steps:
+                    stopped = True
+                    break
+        if not stopped:
+            metrics = _validate(task, modules, ctx, log_file, global_step)
+        save(metrics)
+        dist.barrier(ctx)
+    finally:
+        if bar is not None:
+            bar.close()
+        if log_file:
+            log_file.close()
+    return TrainResult(out, global_step, total_steps, stopped, metrics, last_loss)
+
+
+def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
+                   params: list[nn.Parameter], grad_clip: float | None) -> None:
+    """Backward + (unscale, clip) + step, as every task trains (the throughput benchmark reuses it)."""
+    opt.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if grad_clip:
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    scaler.step(opt)
+    scaler.update()
+
+
+def build_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    o = cfg.optim
+    if o.name == "sgd":
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+
+
+def _validate(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_file, step: int):
+    if not ctx.is_main:
+        return {}
+    backbone = modules["backbone"]
+    backbone.eval()
+    with torch.no_grad():
+        metrics = task.validate(backbone)
+    backbone.train()
+    if metrics and log_file:
+        log_file.write(json.dumps({"step": step, "val": metrics}) + "\n")
+        log_file.flush()
+    return metrics
+
+
+class _progress:
+    """A Rich progress bar with loss, images/s and ETA; a no-op object when disabled."""
+
+    def __new__(cls, enabled: bool, total: int, done: int):
+        if not enabled:
+            return None
+        return super().__new__(cls)
+
+    def __init__(self, enabled: bool, total: int, done: int):
+        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
+                                   TimeElapsedColumn, TimeRemainingColumn)
+
+        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
+                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
+        self.progress.start()
+        self.task = self.progress.add_task("train", total=total, completed=done, loss="-", rate="-")
+
+    def advance(self, loss: float, images_per_s: float) -> None:
+        self.progress.update(self.task, advance=1, loss=f"{loss:.3f}", rate=f"{images_per_s:.0f}")
+
+    def close(self) -> None:
+        self.progress.stop()
