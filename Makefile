@@ -1,0 +1,30 @@
+# Set-up is part of every target: a fresh machine needs only `make demo` or `make test`.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.visrec-installed
+
+.PHONY: venv demo test test-fast clean
+
+# torch/torchvision are installed first with exact pins (pip takes them from local disk here);
+# the project keeps ranges, and the constraints file stops any dependency from pulling another torch.
+$(STAMP): pyproject.toml Makefile .ci/constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.14.1 torchvision==0.29.1
+	$(BIN)/pip install -q -c .ci/constraints.txt -e '.[all,dev]'
+	touch $(STAMP)
+
+venv: $(STAMP)
+
+demo: venv
+	$(BIN)/visrec demo --out demo-out
+
+test: venv
+	bash scripts/setup-test-env.sh
+	$(BIN)/python -m pytest -q
+
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not slow"
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache
