@@ -1,0 +1,60 @@
+"""Torch datasets over the face formats: items are (float32 3x112x112 in [-1, 1] RGB, int label)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from visrec.errors import DataError
+
+FACE_SIZE = 112
+
+
+def to_tensor(image: np.ndarray) -> torch.Tensor:
+    """RGB uint8 HWC -> float CHW, (x/255 - 0.5)/0.5 as arcface_torch. Non-112 images are resized (the
+    face formats hold aligned 112x112 crops; anything else is almost certainly a mistake worth a resize
+    rather than a crash deep in the backbone)."""
+    if image.shape[:2] != (FACE_SIZE, FACE_SIZE):
+        import cv2
+
+        image = cv2.resize(image, (FACE_SIZE, FACE_SIZE), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div_(127.5).sub_(1.0)
+
+
+class FaceDataset(Dataset):
+    """Wraps a source with ``__len__``, ``labels``, ``num_classes`` and ``image(i)``."""
+
+    def __init__(self, source, *, train: bool = False):
+        self.source = source
+        self.labels = np.asarray(source.labels)
+        self.num_classes = int(source.num_classes)
+        self.train = train
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int):
+        img = self.source.image(i)
+        if self.train and np.random.rand() < 0.5:
+            img = img[:, ::-1]
+        return to_tensor(img), int(self.labels[i])
+
+
+def open_face_dataset(path: str | Path, *, skip_bad: bool = False, train: bool = False) -> FaceDataset:
+    """Autodetect: a directory holding ``train.rec`` (or a ``.rec`` path) -> RecordIO; a ``.csv`` -> CSV
+    list; a directory of sub-folders -> image folder."""
+    from visrec.data.folders import read_csv_list, read_image_folder
+    from visrec.data.recordio import RecordIOReader
+
+    path = Path(path)
+    if path.suffix == ".rec" or (path.is_dir() and (path / "train.rec").exists()):
+        return FaceDataset(RecordIOReader(path), train=train)
+    if path.suffix.lower() == ".csv":
+        return FaceDataset(read_csv_list(path, skip_bad=skip_bad), train=train)
+    if path.is_dir():
+        return FaceDataset(read_image_folder(path, skip_bad=skip_bad), train=train)
+    raise DataError("not a face data set: expected a RecordIO dir (train.rec/.idx), an image folder or a "
+                    ".csv list", path=path)

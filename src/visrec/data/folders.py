@@ -1,0 +1,127 @@
+"""Image folders (one sub-folder per identity) and CSV lists (``path,label``)."""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterable
+
+import numpy as np
+
+from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, read_image
+from visrec.errors import DataError
+
+
+@dataclass
+class ImageList:
+    """Paths with integer labels; ``class_names[label]`` is the folder name (or the CSV label text)."""
+
+    paths: list[Path]
+    labels: np.ndarray
+    class_names: list[str]
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def image(self, i: int) -> np.ndarray:
+        return read_image(self.paths[i])
+
+
+def _check_image(path: Path, skip_bad: bool, skipped: list) -> bool:
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        if skip_bad:
+            skipped.append((path, "not an image file"))
+            return False
+        raise DataError(f"not an image file (suffix {path.suffix or 'none'}); remove it or pass --skip-bad",
+                        path=path)
+    return True
+
+
+def read_image_folder(root: str | Path, *, skip_bad: bool = False, verify: bool = False) -> ImageList:
+    """Index ``root/<identity>/<image>``; labels follow the sorted folder names. ``verify`` decodes every
+    image up front (otherwise a bad image is reported when it is read)."""
+    root = Path(root)
+    if not root.is_dir():
+        raise DataError("image folder not found", path=root)
+    paths, labels, names, skipped = [], [], [], []
+    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
+        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
+        files = [p for p in files if _check_image(p, skip_bad, skipped)]
+        if verify:
+            good = []
+            for p in files:
+                try:
+                    read_image(p)
+                    good.append(p)
+                except DataError as exc:
+                    if not skip_bad:
+                        raise
+                    skipped.append((p, exc.message))
+            files = good
+        if not files:
+            if skip_bad:
+                skipped.append((folder, "empty identity"))
+                continue
+            raise DataError("identity folder holds no images", path=folder)
+        names.append(folder.name)
+        paths += files
+        labels += [len(names) - 1] * len(files)
+    if not names:
+        raise DataError("no identity sub-folders", path=root)
+    return ImageList(paths, np.asarray(labels, np.int64), names, skipped)
+
+
+def read_csv_list(path: str | Path, *, skip_bad: bool = False) -> ImageList:
+    """``path,label`` rows (header optional); relative paths resolve against the CSV's folder. Labels may be
+    integers or names; names are numbered in sorted order."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("CSV list not found", path=path)
+    rows, skipped = [], []
+    with open(path, newline="") as fh:
+        for lineno, row in enumerate(csv.reader(fh), start=1):
+            if not row or not "".join(row).strip():
+                continue
+            if len(row) < 2:
+                raise DataError("expected 'path,label'", path=path, record=f"line {lineno}")
+            if lineno == 1 and row[0].strip().lower() == "path":
+                continue
+            img = Path(row[0].strip())
+            img = img if img.is_absolute() else path.parent / img
+            if not _check_image(img, skip_bad, skipped):
+                continue
+            rows.append((img, row[1].strip()))
+    if not rows:
+        raise DataError("no rows", path=path)
+    keys = sorted({lab for _, lab in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    index = {k: i for i, k in enumerate(keys)}
+    return ImageList([p for p, _ in rows], np.asarray([index[l] for _, l in rows], np.int64), keys, skipped)
+
+
+def write_image_folder(root: str | Path, items: Iterable[tuple[np.ndarray, int | str]], *,
+                       quality: int = 95) -> Path:
+    """Write (RGB image, label) items as ``root/<label>/<n>.jpg`` (integer labels are zero-padded)."""
+    root = Path(root)
+    counts: dict[str, int] = {}
+    for image, label in items:
+        name = f"{label:06d}" if isinstance(label, (int, np.integer)) else str(label)
+        n = counts.get(name, 0)
+        counts[name] = n + 1
+        out = root / name / f"{n:05d}.jpg"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_bytes(encode_jpeg(image, quality))
+    return root
+
+
+def write_csv_list(path: str | Path, rows: Iterable[tuple[str | Path, int | str]]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "label"])
+        for p, label in rows:
+            w.writerow([str(p), label])
+    return path
