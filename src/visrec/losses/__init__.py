@@ -12,3 +12,5 @@ def build_margin_loss(name: str, **kwargs):
 
 
 # One import line per loss file: importing runs its @MARGIN_LOSSES.register decorator.
+
+from visrec.losses import margins  # noqa: E402,F401
