@@ -13,3 +13,5 @@ def build_backbone(name: str, **kwargs):
 
 
 # One import line per backbone file: importing runs its @BACKBONES.register decorator.
+
+from visrec.models import iresnet, mobilefacenet  # noqa: E402,F401
