@@ -133,6 +133,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
     num_classes = getattr(dataset, "num_classes", None)
     modules = {name: m.to(ctx.device) for name, m in task.build_modules(num_classes).items()}
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
+    # Gradient clipping covers the replicated modules only (as arcface_torch clips the backbone): a norm
+    # over rank-local shards would differ per rank and let the DDP replicas drift apart.
+    clip_params = [p for n, m in modules.items() if n not in task.local_modules
+                   for p in m.parameters() if p.requires_grad]
     opt = build_optimizer(cfg, params)
 
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed)
@@ -209,7 +213,7 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                 if not torch.isfinite(loss):
                     raise FloatingPointError(f"loss is {loss.item()} at step {global_step}; lower optim.lr "
                                              f"or check the data")
-                optimizer_step(loss, opt, scaler, params, cfg.optim.grad_clip)
+                optimizer_step(loss, opt, scaler, clip_params, cfg.optim.grad_clip)
                 scheduler.step()
                 global_step += 1
                 steps_this_call += 1

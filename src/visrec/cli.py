@@ -1,0 +1,75 @@
+"""The ``visrec`` command: one Typer app; each command parses, calls one library function, prints a table."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from visrec.errors import VisrecError
+
+app = typer.Typer(help="visrec: faces, landmarks, products — data -> train -> budget -> eval -> export -> serve",
+                  no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
+console = Console()
+
+
+@app.command()
+def train(config: Path = typer.Argument(..., help="YAML run config (see configs/)"),
+          resume: bool = typer.Option(False, "--resume", help="continue from the output dir's checkpoint"),
+          overrides: list[str] = typer.Option([], "--set", help="override a config key: optim.lr=0.05"),
+          no_progress: bool = typer.Option(False, "--no-progress")):
+    """Train any task from a YAML config (single process, or under torchrun with the same config)."""
+    from visrec.config import load_config, parse_override
+    from visrec.train.trainer import train as run_training
+
+    cfg = load_config(config, dict(parse_override(o) for o in overrides))
+    result = run_training(cfg, resume=resume, source=str(config), progress=not no_progress)
+    table = Table(title=f"trained {cfg.model.name} ({cfg.task})")
+    table.add_column("item")
+    table.add_column("value")
+    table.add_row("steps", f"{result.global_step} / {result.total_steps}")
+    table.add_row("last loss", f"{result.last_loss:.4f}")
+    for key, value in result.metrics.items():
+        table.add_row(key, f"{value:.4f}")
+    table.add_row("outputs", str(result.output))
+    console.print(table)
+
+
+@app.command()
+def demo(out: Path = typer.Option(Path("demo-out"), help="where the demo writes data, runs and reports"),
+         minutes: float = typer.Option(3.0, help="CPU training budget in minutes")):
+    """The offline demo: synthetic data -> train -> evaluate -> (and every capability as it lands)."""
+    from visrec.demo import run_demo
+
+    run_demo(out, minutes=minutes, console=console)
+
+
+def _add_groups() -> None:
+    # Each command group lives in visrec.commands.<area> and imports its heavy dependencies lazily.
+    import importlib
+
+    for module, name in [("data", "data")]:
+        mod = importlib.import_module(f"visrec.commands.{module}")
+        app.add_typer(mod.app, name=name)
+
+
+_add_groups()
+
+
+def main() -> None:
+    try:
+        app()
+    except VisrecError as exc:
+        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        Console(stderr=True).print("interrupted")
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

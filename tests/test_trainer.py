@@ -1,0 +1,168 @@
+"""The Trainer: exact resume after a stop and after kill -9, refusal to overwrite, torchrun with 2 gloo
+processes, and the JSONL metrics log."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from visrec.config import parse_config
+from visrec.errors import ConfigError
+from visrec.train.trainer import EpochBatchSampler, train
+
+
+@pytest.fixture(scope="module")
+def face_rec(tmp_path_factory):
+    from visrec.data.synth import write_face_dataset
+
+    root = tmp_path_factory.mktemp("faces") / "train"
+    write_face_dataset(root, 6, 6, format="recordio", seed=3, difficulty=0.2)
+    return root
+
+
+def make_cfg(data_dir, out, **over):
+    raw = {
+        "task": "faces", "output": str(out), "device": "cpu", "seed": 7, "deterministic": True,
+        "batch_size": 6,
+        "model": {"name": "mobilefacenet", "embedding_size": 64},
+        "data": {"train": str(data_dir), "flip": True},
+        # sample_rate < 1 exercises PartialFC's random negative sampling across the resume.
+        "loss": {"name": "arcface", "s": 16.0, "m": 0.3, "sample_rate": 0.5},
+        "optim": {"name": "sgd", "lr": 0.05},
+        "schedule": {"max_steps": 9, "warmup_steps": 2},
+        "checkpoint_every": 2, "log_every": 1,
+    }
+    raw.update(over)
+    return parse_config(raw)
+
+
+def final_state(out: Path) -> dict:
+    return torch.load(out / "last.rank0.pt", map_location="cpu", weights_only=False)
+
+
+def assert_same_weights(a: dict, b: dict):
+    assert a["global_step"] == b["global_step"]
+    for module in a["modules"]:
+        sa, sb = a["modules"][module], b["modules"][module]
+        assert sa.keys() == sb.keys()
+        for key in sa:
+            assert torch.equal(sa[key], sb[key]), f"{module}.{key} differs"
+
+
+def test_sampler_is_a_pure_function_of_seed_and_epoch():
+    s = EpochBatchSampler(20, 3, rank=0, world_size=2, seed=5)
+    assert s.steps_per_epoch == 3
+    s.set_position(1, 0)
+    full = list(s)
+    s.set_position(1, 2)
+    assert list(s) == full[2:]
+    other = EpochBatchSampler(20, 3, rank=1, world_size=2, seed=5)
+    other.set_position(1, 0)
+    assert not set(sum(full, [])) & set(sum(list(other), []))
+
+
+def test_stop_and_resume_is_bit_exact(face_rec, tmp_path):
+    # 36 images / batch 6 = 6 steps per epoch: the stop at step 4 resumes mid-epoch and crosses an epoch.
+    train(make_cfg(face_rec, tmp_path / "a"), progress=False)
+    stopped = train(make_cfg(face_rec, tmp_path / "b"), progress=False, stop_after_steps=4)
+    assert stopped.stopped_early and stopped.global_step == 4
+    resumed = train(make_cfg(face_rec, tmp_path / "b"), resume=True, progress=False)
+    assert resumed.global_step == 9 and not resumed.stopped_early
+    assert_same_weights(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+    # and the log holds one line per step (resumed steps appended, none repeated)
+    steps = [json.loads(l)["step"] for l in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+             if '"loss"' in l]
+    assert steps == list(range(1, 10))
+
+
+def test_resume_differs_if_rng_not_restored(face_rec, tmp_path):
+    """Guard the guard: without the RNG restore, PartialFC sampling and flips diverge (so the exact test
+    above really checks something)."""
+    train(make_cfg(face_rec, tmp_path / "a", schedule={"max_steps": 5}), progress=False)
+    train(make_cfg(face_rec, tmp_path / "b", schedule={"max_steps": 5}), progress=False, stop_after_steps=2)
+    state = final_state(tmp_path / "b")
+    torch.manual_seed(12345)
+    state["rng"]["torch"] = torch.get_rng_state()
+    torch.save(state, tmp_path / "b" / "last.rank0.pt")
+    train(make_cfg(face_rec, tmp_path / "b", schedule={"max_steps": 5}), resume=True, progress=False)
+    with pytest.raises(AssertionError):
+        assert_same_weights(final_state(tmp_path / "a"), final_state(tmp_path / "b"))
+
+
+def test_refuses_to_overwrite_a_checkpoint(face_rec, tmp_path):
+    cfg = make_cfg(face_rec, tmp_path / "a", schedule={"max_steps": 1})
+    train(cfg, progress=False)
+    with pytest.raises(ConfigError, match="--resume"):
+        train(cfg, progress=False)
+
+
+def test_model_pt_loads_back(face_rec, tmp_path):
+    from visrec.train.checkpoint import load_backbone
+
+    train(make_cfg(face_rec, tmp_path / "a", schedule={"max_steps": 2}), progress=False)
+    model, spec = load_backbone(tmp_path / "a")
+    assert spec == {"name": "mobilefacenet", "embedding_size": 64}
+    state = final_state(tmp_path / "a")["modules"]["backbone"]
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k])
+    bare = torch.load(tmp_path / "a" / "backbone.pth", weights_only=True)
+    assert bare.keys() == model.state_dict().keys()
+
+
+def _write_yaml(cfg, path: Path) -> Path:
+    import yaml
+
+    path.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return path
+
+
+@pytest.mark.slow
+def test_kill_9_then_resume_is_bit_exact(face_rec, tmp_path):
+    steps = 14
+    ref = make_cfg(face_rec, tmp_path / "ref", schedule={"max_steps": steps}, checkpoint_every=1)
+    train(ref, progress=False)
+    cfg = _write_yaml(make_cfg(face_rec, tmp_path / "run", schedule={"max_steps": steps}, checkpoint_every=1),
+                      tmp_path / "run.yaml")
+    cmd = [sys.executable, "-m", "visrec.cli", "train", str(cfg), "--no-progress"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    ckpt = tmp_path / "run" / "last.rank0.pt"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and torch.load(ckpt, weights_only=False)["global_step"] >= 3:
+            break
+        time.sleep(0.2)
+    assert proc.poll() is None, "run finished before it could be killed: " + proc.stderr.read().decode()
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = torch.load(ckpt, weights_only=False)["global_step"]
+    assert 3 <= killed_at < steps
+    done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert_same_weights(final_state(tmp_path / "ref"), final_state(tmp_path / "run"))
+
+
+@pytest.mark.slow
+def test_torchrun_two_gloo_processes(face_rec, tmp_path):
+    cfg = _write_yaml(make_cfg(face_rec, tmp_path / "ddp", schedule={"max_steps": 3}, batch_size=3,
+                               deterministic=False), tmp_path / "ddp.yaml")
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "visrec.cli", "train", str(cfg), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / "ddp" / f"last.rank{r}.pt", weights_only=False) for r in (0, 1))
+    assert r0["global_step"] == r1["global_step"] == 3
+    # DDP keeps the backbone's parameters replicated (BN running statistics stay per rank, as in DDP);
+    # PartialFC centres are split between the ranks.
+    for k, v in r0["modules"]["backbone"].items():
+        if "running_" not in k and "num_batches" not in k:
+            assert torch.equal(v, r1["modules"]["backbone"][k]), k
+    w0 = next(iter(r0["modules"]["head"].values()))
+    w1 = next(iter(r1["modules"]["head"].values()))
+    assert w0.shape[0] + w1.shape[0] == 6
