@@ -50,6 +50,7 @@ def visrec_step(args, device):
                         "loss": {"name": "arcface", "s": 64.0, "m": 0.5, "sample_rate": args.sample_rate},
                         "optim": {"lr": 0.1}, "amp": args.amp, "compile": args.compile})
     amp = resolve_amp(args.amp, device)
+    torch.backends.cudnn.benchmark = True  # as the Trainer does outside deterministic mode
     task = FaceTask(cfg, RunContext(device=device, amp_dtype=amp))
     modules = {k: m.to(device) for k, m in task.build_modules(args.classes).items()}
     run = dict(modules)

@@ -19,9 +19,18 @@ from visrec.losses import MARGIN_LOSSES
 EPS = 1e-7  # cos clamp: keeps d(arccos)/d(cos) finite; moves theta by at most ~5e-4 rad
 
 
-def _positive_rows(labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.nonzero(labels != -1, as_tuple=True)[0]
-    return rows, labels[rows]
+def _target(cos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(valid rows mask, column index per row, target cosine per row) without a host sync: rows with
+    label -1 point at column 0 and are masked out where results are written back."""
+    valid = labels >= 0
+    col = labels.clamp(min=0)[:, None]
+    return valid, col, cos.gather(1, col)[:, 0]
+
+
+def _put_target(logits: torch.Tensor, valid: torch.Tensor, col: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """Write each valid row's target logit; rows with label -1 keep their column-0 value."""
+    keep = logits.gather(1, col)[:, 0]
+    return logits.scatter(1, col, torch.where(valid, value, keep)[:, None])
 
 
 @MARGIN_LOSSES.register("softmax")
@@ -58,11 +67,9 @@ class CombinedMargin(nn.Module):
         return torch.where(angle <= math.pi, torch.cos(angle), -1.0 - (angle - math.pi)) - self.m3
 
     def forward(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = cos.float().clone()
-        rows, cols = _positive_rows(labels)
-        if rows.numel():
-            logits[rows, cols] = self.target_logit(logits[rows, cols])
-        return logits * self.s
+        logits = cos.float()
+        valid, col, target = _target(logits, labels)
+        return _put_target(logits, valid, col, self.target_logit(target)) * self.s
 
 
 @MARGIN_LOSSES.register("arcface")
@@ -82,10 +89,9 @@ class CosFace(nn.Module):
         self.s, self.m = s, m
 
     def forward(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        logits = cos.float().clone()
-        rows, cols = _positive_rows(labels)
-        logits[rows, cols] -= self.m
-        return logits * self.s
+        logits = cos.float()
+        valid, col, target = _target(logits, labels)
+        return _put_target(logits, valid, col, target - self.m) * self.s
 
 
 @MARGIN_LOSSES.register("arcnegface")
@@ -103,19 +109,13 @@ class ArcNegFace(nn.Module):
 
     def forward(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cos = cos.float().clamp(-1 + EPS, 1 - EPS)
-        logits = cos * self.s
-        rows, cols = _positive_rows(labels)
-        if rows.numel() == 0:
-            return logits
-        theta = torch.acos(cos[rows])  # (P, C)
-        theta_y = theta.gather(1, cols[:, None])  # (P, 1)
-        target_angle = (theta_y + self.m).clamp(max=math.pi)
+        valid, col, target = _target(cos, labels)
+        theta = torch.acos(cos)  # (B, C)
+        target_angle = (torch.acos(target) + self.m).clamp(max=math.pi)[:, None]  # (B, 1)
         t = self.a * torch.exp(-(theta - target_angle) ** 2 / self.sigma)
-        neg = self.s * (t * cos[rows] + t - 1)
-        pos = self.s * torch.cos(target_angle)
-        neg = neg.scatter(1, cols[:, None], pos)
-        logits = logits.index_put((rows,), neg)
-        return logits
+        reweighted = self.s * (t * cos + t - 1)
+        reweighted = reweighted.scatter(1, col, self.s * torch.cos(target_angle))
+        return torch.where(valid[:, None], reweighted, cos * self.s)
 
 
 @MARGIN_LOSSES.register("curricularface")
@@ -130,20 +130,16 @@ class CurricularFace(nn.Module):
 
     def forward(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cos = cos.float().clamp(-1 + EPS, 1 - EPS)
-        logits = cos.clone()
-        rows, cols = _positive_rows(labels)
-        if rows.numel() == 0:
-            return logits * self.s
-        cos_y = cos[rows, cols]
-        theta = torch.acos(cos_y)
-        angle = theta + self.m
+        valid, col, cos_y = _target(cos, labels)
+        angle = torch.acos(cos_y) + self.m
         target = torch.where(angle <= math.pi, torch.cos(angle), -1.0 - (angle - math.pi))
         if self.training:
             with torch.no_grad():
-                self.t.mul_(self.momentum).add_((1 - self.momentum) * cos_y.mean())
-        sub = cos[rows]
-        hard = sub > target[:, None]
-        sub = torch.where(hard, sub * (self.t + sub), sub)
-        sub = sub.scatter(1, cols[:, None], target[:, None])
-        logits = logits.index_put((rows,), sub)
-        return logits * self.s
+                n = valid.sum().clamp(min=1)
+                mean_target = (cos_y * valid).sum() / n
+                # rows of other ranks' classes (label -1) do not move t
+                self.t.copy_(torch.where(valid.any(), self.t * self.momentum + (1 - self.momentum) * mean_target,
+                                         self.t))
+        hard = cos > target[:, None]
+        out = torch.where(hard, cos * (self.t + cos), cos).scatter(1, col, target[:, None])
+        return torch.where(valid[:, None], out, cos) * self.s

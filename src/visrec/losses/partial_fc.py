@@ -66,9 +66,10 @@ class _ShardedCrossEntropy(torch.autograd.Function):
         if world > 1:
             dist.all_reduce(denom)
         prob = exp / denom
-        has = labels >= 0
-        target_prob = torch.zeros(logits.shape[0], 1, device=logits.device)
-        target_prob[has] = prob[has].gather(1, labels[has, None])
+        # gather + mask instead of boolean indexing: no host sync, so the GPU queue never drains
+        valid = (labels >= 0)[:, None]
+        col = labels.clamp(min=0)[:, None]
+        target_prob = prob.gather(1, col) * valid
         if world > 1:
             dist.all_reduce(target_prob)
         ctx.save_for_backward(prob, labels)
@@ -77,9 +78,8 @@ class _ShardedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out: torch.Tensor):
         prob, labels = ctx.saved_tensors
-        grad = prob.clone()
-        has = torch.nonzero(labels >= 0, as_tuple=True)[0]
-        grad[has, labels[has]] -= 1.0
+        valid = (labels >= 0)[:, None].to(prob.dtype)
+        grad = prob.scatter_add(1, labels.clamp(min=0)[:, None], -valid)
         grad *= grad_out / prob.shape[0]
         return grad, None, None
 
