@@ -124,7 +124,9 @@ def main() -> None:
     args = ap.parse_args()
     device = torch.device(args.device)
     rows = [("visrec", timed(visrec_step(args, device), args.steps, args.warmup, args.batch, device))]
-    if args.arcface_torch:
+    if args.arcface_torch and device.type != "cuda":
+        Console().print("arcface_torch is not timed on CPU: its PartialFC_V2 allocates with .cuda() unconditionally")
+    elif args.arcface_torch:
         rows.append(("arcface_torch", timed(arcface_torch_step(args, device, args.arcface_torch),
                                             args.steps, args.warmup, args.batch, device)))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
