@@ -55,6 +55,9 @@ def _add_groups() -> None:
     for module, name in [("data", "data")]:
         mod = importlib.import_module(f"visrec.commands.{module}")
         app.add_typer(mod.app, name=name)
+    budget = importlib.import_module("visrec.commands.budget")
+    app.command("budget")(budget.budget)
+    app.command("export")(budget.export)
 
 
 _add_groups()

@@ -1,0 +1,112 @@
+"""ONNX export (dynamic batch), an onnxruntime runner, a parity check and CPU latency."""
+
+from __future__ import annotations
+
+import time
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from visrec._optional import require
+from visrec.errors import DataError, VisrecError
+
+
+def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 112), dynamic_batch: bool = True,
+                keep_batchnorm: bool = True, opset: int = 17) -> Path:
+    """Export with input ``input`` and output ``embedding``. ``keep_batchnorm`` keeps BatchNormalization
+    nodes (no folding into conv biases), which the LFR FLOP rule needs; False folds them (smaller, faster)."""
+    require("onnx", "export")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    model = model.eval().float().cpu()
+    axes = {"input": {0: "batch"}, "embedding": {0: "batch"}} if dynamic_batch else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
+        # The TorchScript exporter: its PRESERVE mode with constant folding off keeps BatchNorm nodes.
+        torch.onnx.export(model, torch.zeros(*input_size), str(path), dynamo=False, input_names=["input"],
+                          output_names=["embedding"], dynamic_axes=axes, opset_version=opset,
+                          training=torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL,
+                          do_constant_folding=not keep_batchnorm)
+    return path
+
+
+class OnnxEmbedder:
+    """Runs an exported model with onnxruntime on the CPU: float32 NCHW array -> (N, D) embeddings."""
+
+    def __init__(self, path: str | Path, threads: int | None = None):
+        ort = require("onnxruntime", "export")
+        self.path = Path(path)
+        if not self.path.exists():
+            raise DataError("ONNX file not found", path=self.path)
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        try:
+            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
+        except Exception as exc:
+            raise DataError(f"onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}", path=self.path) from None
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+
+
+@dataclass
+class ParityReport:
+    max_abs_diff: float
+    min_cosine: float
+    tolerance: float
+    passed: bool
+
+
+def parity_check(model: nn.Module, onnx_path: str | Path, batch: np.ndarray | None = None, *,
+                 tolerance: float = 1e-3, min_cosine: float = 0.9999) -> ParityReport:
+    """Compare PyTorch and onnxruntime embeddings on a batch: fail above ``tolerance`` max abs diff or
+    below ``min_cosine``."""
+    if batch is None:
+        batch = np.random.default_rng(0).uniform(-1, 1, (4, 3, 112, 112)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.eval().float().cpu()(torch.from_numpy(batch)).numpy()
+    got = OnnxEmbedder(onnx_path)(batch)
+    diff = float(np.abs(ref - got).max())
+    norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
+    # the cosine is meaningless for (near-)zero embeddings, e.g. a fresh net with default BN statistics
+    cos = np.where(norms > 1e-12, (ref * got).sum(1) / np.maximum(norms, 1e-30), 1.0)
+    report = ParityReport(diff, float(cos.min()), tolerance, diff <= tolerance and float(cos.min()) >= min_cosine)
+    return report
+
+
+def latency(onnx_path: str | Path, batch_sizes=(1, 8, 32), *, runs: int = 20, warmup: int = 3,
+            input_size=(3, 112, 112)) -> dict[int, tuple[float, float]]:
+    """p50/p95 milliseconds per batch on the CPU, for each batch size."""
+    embed = OnnxEmbedder(onnx_path)
+    out = {}
+    for bs in batch_sizes:
+        x = np.random.default_rng(0).standard_normal((bs, *input_size)).astype(np.float32)
+        for _ in range(warmup):
+            embed(x)
+        times = []
+        for _ in range(runs):
+            t0 = time.perf_counter()
+            embed(x)
+            times.append((time.perf_counter() - t0) * 1e3)
+        out[bs] = (float(np.percentile(times, 50)), float(np.percentile(times, 95)))
+    return out
+
+
+def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: bool = True,
+                      keep_batchnorm: bool = False) -> tuple[Path, ParityReport | None]:
+    """``visrec export``: checkpoint -> ONNX, then the parity check (raises if it fails)."""
+    from visrec.train.checkpoint import load_backbone
+
+    model, _ = load_backbone(checkpoint)
+    path = export_onnx(model, onnx_path, keep_batchnorm=keep_batchnorm)
+    report = parity_check(model, path) if parity else None
+    if report is not None and not report.passed:
+        raise VisrecError(f"parity check failed: max abs diff {report.max_abs_diff:.2e}, "
+                          f"min cosine {report.min_cosine:.6f} (tolerance {report.tolerance:g})")
+    return path, report

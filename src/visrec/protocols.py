@@ -1,0 +1,67 @@
+"""Named evaluation protocols as data: compute budgets, metric and data contract.
+
+Budgets (the LFR 2019 rules and the later landmark tracks):
+  deepglint-light / iqiyi-light   <= 1 GFLOPs (LFR rule, see ``visrec.budget``), model < 20 MB
+  deepglint-large / iqiyi-large   <= 30 GFLOPs
+  all four: float32 weights, 512-d feature; images ranked by TPR@FPR=1e-8, videos by TPR@FPR=1e-4
+  icpr20-landmarks                <= 1 GFLOPs, <= 20 MB   (106-point landmarks, ICPR 2020)
+  icme21-landmarks                <= 100 MFLOPs, <= 2 MB  (ICME 2021)
+Size is the byte count of the exported float32 ONNX file in MB = 10^6 bytes (the stricter reading of
+"20 MB"); "< 20 MB" is strict, "<= 2 MB" is not. A FLOP limit passes exactly at the limit.
+User-defined protocols are YAML files with the same fields (``configs/protocols/example.yaml``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from visrec.errors import ConfigError
+
+
+class Protocol(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    task: Literal["faces", "faces-video", "landmarks", "products"] = "faces"
+    max_gflops: float | None = Field(None, gt=0, description="LFR-rule FLOPs (2 x MACs of conv/FC), in 1e9")
+    max_size_mb: float | None = Field(None, gt=0, description="float32 ONNX file size, MB = 1e6 bytes")
+    size_strict: bool = Field(False, description="True: size must be < limit; False: <= limit")
+    dtype: Literal["float32", "any"] = "float32"
+    embedding_dim: int | None = Field(None, gt=0)
+    input_size: tuple[int, int, int, int] = (1, 3, 112, 112)
+    metric: str = ""
+    targets: tuple[float, ...] = ()
+
+
+_LFR = dict(dtype="float32", embedding_dim=512, metric="TPR@FPR")
+BUILTIN: dict[str, Protocol] = {p.name: p for p in [
+    Protocol(name="deepglint-light", max_gflops=1.0, max_size_mb=20.0, size_strict=True, targets=(1e-8,), **_LFR),
+    Protocol(name="deepglint-large", max_gflops=30.0, targets=(1e-8,), **_LFR),
+    Protocol(name="iqiyi-light", task="faces-video", max_gflops=1.0, max_size_mb=20.0, size_strict=True,
+             targets=(1e-4,), **_LFR),
+    Protocol(name="iqiyi-large", task="faces-video", max_gflops=30.0, targets=(1e-4,), **_LFR),
+    Protocol(name="icpr20-landmarks", task="landmarks", max_gflops=1.0, max_size_mb=20.0, metric="NME/AUC@0.08"),
+    Protocol(name="icme21-landmarks", task="landmarks", max_gflops=0.1, max_size_mb=2.0, metric="NME/AUC@0.08"),
+]}
+
+
+def load_protocol(name_or_path: str | Path) -> Protocol:
+    """A built-in protocol by name, or a user-defined one from a YAML file."""
+    key = str(name_or_path)
+    if key in BUILTIN:
+        return BUILTIN[key]
+    path = Path(key)
+    if not path.suffix in (".yaml", ".yml") or not path.exists():
+        raise ConfigError(f"unknown protocol {key!r}: built-in ones are {', '.join(BUILTIN)}; "
+                          f"or give a .yaml file")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return Protocol.model_validate(raw)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    except ValidationError as exc:
+        details = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise ConfigError(f"{path}: invalid protocol: {details}") from None
