@@ -138,3 +138,19 @@ def test_cli_exit_codes(tmp_path):
     fail = subprocess.run([sys.executable, "-m", "visrec.cli", "budget", "r50", "--protocol", "deepglint-light"],
                           capture_output=True, text=True)
     assert fail.returncode == 1 and "FAIL" in fail.stdout
+
+
+def test_export_and_budget_from_a_checkpoint(tmp_path):
+    model = build_backbone("effnet_face", embedding_size=512)
+    with torch.no_grad():
+        model.train()(torch.randn(4, 3, 112, 112))
+    ckpt = tmp_path / "model.pt"
+    torch.save({"model_config": {"name": "effnet_face", "embedding_size": 512}, "backbone": model.state_dict()}, ckpt)
+    done = subprocess.run([sys.executable, "-m", "visrec.cli", "export", str(ckpt), "--onnx", str(tmp_path / "e.onnx")],
+                          capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "parity" in done.stdout and (tmp_path / "e.onnx").exists()
+    for target in (ckpt, tmp_path / "e.onnx"):
+        res = subprocess.run([sys.executable, "-m", "visrec.cli", "budget", str(target), "--protocol", "deepglint-light"],
+                             capture_output=True, text=True)
+        assert res.returncode == 0, res.stdout + res.stderr
