@@ -1,0 +1,147 @@
+"""tpr_at_fpr against a brute-force reference of the definition: exact counts, ties, edge cases, sharding."""
+
+import os
+import socket
+
+import numpy as np
+import pytest
+import torch
+
+from visrec.errors import VisrecError
+from visrec.evaluate import tpr_at_fpr, tpr_at_fpr_pairs
+from visrec.evaluate.verification import normalise
+
+
+def brute_force(emb, labels, target):
+    """Straight from the definition: every candidate threshold (each score, and +inf), accept score >= t,
+    keep those with FPR <= target, take the highest TPR (smallest t on ties)."""
+    e = normalise(emb).numpy()
+    s = e @ e.T
+    i, j = np.triu_indices(len(e), 1)
+    scores, same = s[i, j], labels[i] == labels[j]
+    gen, imp = np.sort(scores[same]), np.sort(scores[~same])
+    candidates = np.unique(scores)  # every score is a candidate threshold (ascending)
+    fa = len(imp) - np.searchsorted(imp, candidates, side="left")  # impostors with score >= t
+    ta = len(gen) - np.searchsorted(gen, candidates, side="left")
+    valid = fa <= target * len(imp)
+    if not valid.any():
+        return (0, 0), len(gen), len(imp)  # only t = +inf qualifies
+    best = np.flatnonzero(valid & (ta == ta[valid].max()))[0]  # highest TPR, then the smallest t
+    return (int(ta[best]), int(fa[best])), len(gen), len(imp)
+
+
+def clustered(n, ids, dim=16, spread=1.0, seed=0):
+    rng = np.random.default_rng(seed)
+    labels = rng.integers(0, ids, n)
+    centres = rng.standard_normal((ids, dim))
+    return (centres[labels] + spread * rng.standard_normal((n, dim))).astype(np.float32), labels
+
+
+@pytest.mark.parametrize("n,ids,seed", [(7, 3, 0), (60, 6, 1), (300, 20, 2), (500, 100, 3)])
+@pytest.mark.parametrize("block", [4, 64, 4096])
+def test_equals_brute_force(n, ids, seed, block):
+    emb, labels = clustered(n, ids, seed=seed)
+    targets = [0.3, 1e-1, 1e-2, 1e-3]
+    res = tpr_at_fpr(emb, labels, targets, block_size=block, device="cpu")
+    for t in targets:
+        (ta, fa), g, i = brute_force(emb, labels, t)
+        r = res[t]
+        if not r.estimable:
+            assert t * i < 1
+            continue
+        if r.near_threshold_pairs == 0:
+            assert (r.true_accepts, r.false_accepts) == (ta, fa), t
+        assert r.genuine_count == g and r.impostor_count == i
+        assert r.fpr <= t and r.tpr == pytest.approx(ta / g, abs=r.near_threshold_pairs / g)
+
+
+def test_ties_are_resolved_by_the_strict_rule():
+    # unit vectors with entries in {0, +-1/2}: every dot product is exact in float32, and scores tie a lot
+    rng = np.random.default_rng(5)
+    n = 200
+    emb = np.zeros((n, 8), np.float32)
+    for row in emb:
+        idx = rng.choice(8, 4, replace=False)
+        row[idx] = rng.choice([-0.5, 0.5], 4)
+    labels = (emb[:, :2] > 0).astype(int) @ np.array([1, 2])  # identities correlate with the vectors
+    res = tpr_at_fpr(emb, labels, [0.5, 0.2, 0.05, 0.01], block_size=32, device="cpu")
+    for t, r in res.items():
+        (ta, fa), g, i = brute_force(emb, labels, t)
+        assert (r.true_accepts, r.false_accepts) == (ta, fa), t
+        assert r.false_accepts <= t * r.impostor_count
+
+
+def test_pair_list_equals_all_pairs():
+    emb, labels = clustered(120, 10, seed=7)
+    i, j = np.triu_indices(120, 1)
+    all_pairs = tpr_at_fpr(emb, labels, [1e-1, 1e-2, 1e-3], device="cpu")
+    listed = tpr_at_fpr_pairs(emb, labels[i] == labels[j], [1e-1, 1e-2, 1e-3], pairs=np.stack([i, j], 1))
+    for t in all_pairs:
+        assert (listed[t].true_accepts, listed[t].false_accepts) == \
+               (all_pairs[t].true_accepts, all_pairs[t].false_accepts)
+
+
+def test_not_estimable_below_one_over_target():
+    emb, labels = clustered(30, 5)
+    r = tpr_at_fpr(emb, labels, [1e-8], device="cpu")[1e-8]
+    assert not r.estimable and r.tpr is None and "cannot be resolved" in r.reason
+
+
+def test_edge_cases():
+    emb, _ = clustered(10, 2)
+    one_id = tpr_at_fpr(emb, np.zeros(10), [0.1], device="cpu")[0.1]
+    assert not one_id.estimable and one_id.impostor_count == 0
+    singletons = tpr_at_fpr(emb, np.arange(10), [0.1], device="cpu")[0.1]
+    assert singletons.estimable and singletons.genuine_count == 0 and singletons.tpr is None
+    same = np.ones((20, 4), np.float32)  # every score is 1.0: the only threshold with FPR <= f accepts none
+    r = tpr_at_fpr(same, np.arange(20) % 4, [0.1], device="cpu")[0.1]
+    assert r.true_accepts == 0 and r.false_accepts == 0 and r.threshold > 1.0
+    tiny = tpr_at_fpr(emb[:2], [0, 1], [0.5], device="cpu")[0.5]  # one pair
+    assert tiny.impostor_count == 1 and tiny.genuine_count == 0
+    bad = emb.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(VisrecError, match="row 3.*NaN"):
+        tpr_at_fpr(bad, np.arange(10), device="cpu")
+    bad[3] = 0
+    with pytest.raises(VisrecError, match="row 3.*zero vector"):
+        tpr_at_fpr(bad, np.arange(10), device="cpu")
+    with pytest.raises(VisrecError, match="labels"):
+        tpr_at_fpr(emb, np.arange(9), device="cpu")
+
+
+def test_curves_come_from_the_same_pass():
+    emb, labels = clustered(200, 10, seed=3)
+    res, curve = tpr_at_fpr(emb, labels, [1e-2], curve_bins=200, device="cpu")
+    assert curve.genuine_hist.sum() == res[1e-2].genuine_count
+    assert curve.impostor_hist.sum() == res[1e-2].impostor_count
+    assert np.all(np.diff(curve.fpr) <= 0) and curve.tpr[0] == pytest.approx(1.0)
+
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _worker(rank, world, port, emb, labels, out):
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    res = tpr_at_fpr(emb, labels, [1e-1, 1e-2, 1e-3], block_size=16, device="cpu")
+    torch.save({t: (r.true_accepts, r.false_accepts, r.threshold) for t, r in res.items()}, f"{out}/{rank}.pt")
+    dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_two_gloo_processes_equal_one(tmp_path):
+    import torch.multiprocessing as mp
+
+    emb, labels = clustered(150, 12, seed=9)
+    single = tpr_at_fpr(emb, labels, [1e-1, 1e-2, 1e-3], block_size=16, device="cpu")
+    mp.spawn(_worker, args=(2, _free_port(), emb, labels, str(tmp_path)), nprocs=2, join=True)
+    for rank in (0, 1):
+        got = torch.load(tmp_path / f"{rank}.pt")
+        for t, r in single.items():
+            assert got[t] == (r.true_accepts, r.false_accepts, r.threshold)
