@@ -49,8 +49,9 @@ def test_equals_brute_force(n, ids, seed, block):
         if not r.estimable:
             assert t * i < 1
             continue
-        if r.near_threshold_pairs == 0:
-            assert (r.true_accepts, r.false_accepts) == (ta, fa), t
+        # exact, up to pairs within float32 rounding of t (a different product may round them otherwise)
+        assert abs(r.true_accepts - ta) <= r.near_threshold_pairs and abs(r.false_accepts - fa) <= r.near_threshold_pairs
+        assert r.near_threshold_pairs <= 3
         assert r.genuine_count == g and r.impostor_count == i
         assert r.fpr <= t and r.tpr == pytest.approx(ta / g, abs=r.near_threshold_pairs / g)
 

@@ -52,7 +52,7 @@ def _add_groups() -> None:
     # Each command group lives in visrec.commands.<area> and imports its heavy dependencies lazily.
     import importlib
 
-    for module, name in [("data", "data")]:
+    for module, name in [("data", "data"), ("eval", "eval")]:
         mod = importlib.import_module(f"visrec.commands.{module}")
         app.add_typer(mod.app, name=name)
     budget = importlib.import_module("visrec.commands.budget")

@@ -11,7 +11,8 @@ second pass per identity and counted against each threshold. Ties are handled ex
 tied at s_{K+1} is rejected, as the strict rule requires.
 
 A blocked float32 product can differ from another float32 product in the last bits, so results are exact
-up to pairs within float32 rounding of a threshold; ``near_threshold_pairs`` says how many there were.
+up to pairs within float32 rounding of a threshold; ``near_threshold_pairs`` says how many there were
+(it includes the impostor pair(s) at s_{K+1} that set the threshold one float32 step below it).
 When negatives < 1/f, FPR = f cannot be resolved: the result is marked not estimable instead of a number.
 """
 

@@ -1,0 +1,44 @@
+"""``visrec eval faces``: exact TPR at the protocol's FPR targets, a table and an HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+app = typer.Typer(help="evaluate models and submissions", no_args_is_help=True)
+
+
+@app.command("faces")
+def faces(model: Optional[Path] = typer.Option(None, "--model", help="visrec checkpoint or .onnx"),
+          data: Optional[Path] = typer.Option(None, "--data", help=".bin pairs, RecordIO dir, image folder or CSV"),
+          features: Optional[Path] = typer.Option(None, "--features", help="LFR feature binary"),
+          filelist: Optional[Path] = typer.Option(None, "--filelist", help="row order of --features"),
+          labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,label for --features"),
+          protocol: str = typer.Option("deepglint-light", "--protocol"),
+          target: list[float] = typer.Option([], "--target", help="FPR target(s) instead of the protocol's"),
+          out: Path = typer.Option(Path("eval-out"), "--out")):
+    """Face verification: exact TPR@FPR (strict rule), 10-fold accuracy for .bin sets, report.html."""
+    from rich.progress import Progress
+
+    from visrec.evaluate.run import evaluate_faces
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("embedding", total=None)
+        res = evaluate_faces(data=data, model=model, features=features, labels=labels, filelist=filelist,
+                             protocol=protocol, targets=tuple(target) or None, out=out,
+                             progress=lambda n: bar.advance(task, n))
+    t = Table(title="face verification (" + ", ".join(f"{k}: {v}" for k, v in res.summary.items()) + ")")
+    for col in ("target FPR", "TPR", "threshold", "achieved FPR", "false accepts / impostors", "near t"):
+        t.add_column(col)
+    for tgt, r in res.results.items():
+        if not r.estimable:
+            t.add_row(f"{tgt:g}", "not estimable", r.reason, "", "", "")
+            continue
+        t.add_row(f"{tgt:g}", "n/a" if r.tpr is None else f"{r.tpr:.6f}", f"{r.threshold:.6f}", f"{r.fpr:.3e}",
+                  f"{r.false_accepts:,} / {r.impostor_count:,}", str(r.near_threshold_pairs))
+    Console().print(t)
+    Console().print(f"report: {res.report}")

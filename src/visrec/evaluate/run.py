@@ -1,0 +1,117 @@
+"""Face evaluation runs: a model (checkpoint or ONNX) or a features file, a labelled data set, a protocol
+-> exact TPR at the protocol's targets (+ 10-fold accuracy for a .bin) and an HTML report. Model code is
+imported inside the function, so ``visrec.evaluate`` itself stays model-free."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from visrec.errors import VisrecError
+
+
+@dataclass
+class FaceEvalResult:
+    results: dict
+    summary: dict[str, str]
+    report: Path
+    bin_accuracy: tuple[float, float] | None = None
+    extra: dict = field(default_factory=dict)
+
+
+def _embedder(model: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+    path = Path(model)
+    if path.suffix == ".onnx":
+        from visrec.export import OnnxEmbedder
+        from visrec.models.embed import images_to_tensor
+
+        ort = OnnxEmbedder(path)
+        return lambda images: ort(images_to_tensor(images).numpy())
+    import torch
+
+    from visrec.models.embed import embed_images
+    from visrec.train.checkpoint import load_backbone
+
+    net, _ = load_backbone(path)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    return lambda images: embed_images(net, images, device=device)
+
+
+def _embed_all(embed, count: int, get_image, batch: int, progress) -> np.ndarray:
+    out = []
+    for start in range(0, count, batch):
+        imgs = [get_image(i) for i in range(start, min(count, start + batch))]
+        out.append(embed(np.stack(imgs)))
+        if progress:
+            progress(len(imgs))
+    return np.concatenate(out)
+
+
+def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None = None,
+                   features: str | Path | None = None, labels: str | Path | None = None,
+                   filelist: str | Path | None = None, protocol: str = "deepglint-light",
+                   targets: tuple[float, ...] | None = None, out: str | Path = "eval-out",
+                   batch: int = 128, progress=None, curve_bins: int = 2000) -> FaceEvalResult:
+    from visrec.evaluate.report import write_face_report
+    from visrec.evaluate.verification import tpr_at_fpr, tpr_at_fpr_pairs
+    from visrec.protocols import load_protocol
+
+    proto = load_protocol(protocol)
+    targets = tuple(targets or proto.targets or (1e-4, 1e-6, 1e-8))
+    summary = {"protocol": proto.name, "targets": ", ".join(f"{t:g}" for t in targets)}
+    bin_acc = None
+    if features is not None:
+        from visrec.evaluate.lfr import read_filelist, read_lfr_features
+
+        if labels is None or filelist is None:
+            raise VisrecError("--features needs --filelist (the row order) and --labels (CSV name,label)")
+        feats = read_lfr_features(features)
+        names = read_filelist(filelist)
+        table = dict(line.split(",", 1) for line in Path(labels).read_text().splitlines() if "," in line)
+        missing = [n for n in names if n not in table]
+        if missing or len(names) != len(feats):
+            raise VisrecError(f"{features}: {len(feats)} rows, {len(names)} file-list entries, "
+                              f"{len(missing)} without a label")
+        emb, lab = feats, np.array([table[n].strip() for n in names])
+        summary.update({"features": str(features), "rows": f"{len(feats):,}"})
+    elif model is not None and data is not None:
+        embed = _embedder(model)
+        summary.update({"model": str(model), "data": str(data)})
+        data = Path(data)
+        if data.suffix == ".bin":
+            from visrec.data.verification import read_verification_bin
+            from visrec.evaluate.bin_protocol import evaluate_bin_pairs
+
+            images, issame = read_verification_bin(data)
+            emb = _embed_all(embed, len(images), images.__getitem__, batch, progress)
+            acc = evaluate_bin_pairs(emb, issame)
+            bin_acc = (acc.accuracy_mean, acc.accuracy_std)
+            summary["10-fold accuracy"] = f"{acc.accuracy_mean:.4f} +- {acc.accuracy_std:.4f}"
+            pairs = np.stack([np.arange(0, len(emb), 2), np.arange(1, len(emb), 2)], 1)
+            results = tpr_at_fpr_pairs(emb, issame, targets, pairs=pairs)
+            from visrec.evaluate.verification import Curve, normalise
+
+            e = normalise(emb).numpy()
+            scores = (e[0::2] * e[1::2]).sum(1)
+            edges = np.linspace(-1, 1, curve_bins + 1)
+            gh, _ = np.histogram(scores[issame], edges)
+            ih, _ = np.histogram(scores[~issame], edges)
+            from visrec.evaluate.verification import _curve
+
+            curve = _curve(gh.astype(float), ih.astype(float), curve_bins)
+            report = write_face_report(out, results, curve, summary)
+            return FaceEvalResult(results, summary, report, bin_acc)
+        from visrec.data.datasets import open_face_dataset
+
+        ds = open_face_dataset(data)
+        emb = _embed_all(embed, len(ds), ds.source.image, batch, progress)
+        lab = ds.labels
+        summary.update({"images": f"{len(ds):,}", "identities": f"{ds.num_classes:,}"})
+    else:
+        raise VisrecError("give --features FILE, or --model CKPT|ONNX with --data PATH")
+    results, curve = tpr_at_fpr(emb, lab, targets, curve_bins=curve_bins)
+    report = write_face_report(out, results, curve, summary)
+    return FaceEvalResult(results, summary, report, bin_acc)
