@@ -25,9 +25,10 @@ def test_eval_faces_cli_and_report(tmp_path):
         assert not img.startswith(("http", "//", "/")) and (tmp_path / "r1" / img).exists()
     assert "<script" not in page and "0.01" in page
     res = runner.invoke(app, ["eval", "faces", "--model", str(tmp_path / "model.pt"), "--data",
-                              str(tmp_path / "val.bin"), "--target", "0.1", "--out", str(tmp_path / "r2")])
+                              str(tmp_path / "val.bin"), "--target", "0.1", "--flip", "--out", str(tmp_path / "r2")])
     assert res.exit_code == 0, res.output
-    assert "10-fold accuracy" in (tmp_path / "r2" / "report.html").read_text()
+    page = (tmp_path / "r2" / "report.html").read_text()
+    assert "10-fold accuracy" in page and "flip test" in page
 
 
 def test_eval_faces_from_a_features_file(tmp_path):

@@ -20,6 +20,7 @@ def faces(model: Optional[Path] = typer.Option(None, "--model", help="visrec che
           labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,label for --features"),
           protocol: str = typer.Option("deepglint-light", "--protocol"),
           target: list[float] = typer.Option([], "--target", help="FPR target(s) instead of the protocol's"),
+          flip: bool = typer.Option(False, "--flip", help="flip test: add the mirrored image's embedding"),
           out: Path = typer.Option(Path("eval-out"), "--out")):
     """Face verification: exact TPR@FPR (strict rule), 10-fold accuracy for .bin sets, report.html."""
     from rich.progress import Progress
@@ -29,7 +30,7 @@ def faces(model: Optional[Path] = typer.Option(None, "--model", help="visrec che
     with Progress(transient=True) as bar:
         task = bar.add_task("embedding", total=None)
         res = evaluate_faces(data=data, model=model, features=features, labels=labels, filelist=filelist,
-                             protocol=protocol, targets=tuple(target) or None, out=out,
+                             protocol=protocol, targets=tuple(target) or None, out=out, flip=flip,
                              progress=lambda n: bar.advance(task, n))
     t = Table(title="face verification (" + ", ".join(f"{k}: {v}" for k, v in res.summary.items()) + ")")
     for col in ("target FPR", "TPR", "threshold", "achieved FPR", "false accepts / impostors", "near t"):

@@ -22,14 +22,20 @@ class FaceEvalResult:
     extra: dict = field(default_factory=dict)
 
 
-def _embedder(model: str | Path) -> Callable[[np.ndarray], np.ndarray]:
+def _embedder(model: str | Path, flip: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+    """Images (N, 112, 112, 3) RGB uint8 -> embeddings; ``flip`` adds the mirrored image's embedding."""
     path = Path(model)
     if path.suffix == ".onnx":
         from visrec.export import OnnxEmbedder
         from visrec.models.embed import images_to_tensor
 
         ort = OnnxEmbedder(path)
-        return lambda images: ort(images_to_tensor(images).numpy())
+
+        def run(images):
+            x = images_to_tensor(images).numpy()
+            return ort(x) + ort(np.ascontiguousarray(x[..., ::-1])) if flip else ort(x)
+
+        return run
     import torch
 
     from visrec.models.embed import embed_images
@@ -37,7 +43,7 @@ def _embedder(model: str | Path) -> Callable[[np.ndarray], np.ndarray]:
 
     net, _ = load_backbone(path)
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    return lambda images: embed_images(net, images, device=device)
+    return lambda images: embed_images(net, images, device=device, flip=flip)
 
 
 def _embed_all(embed, count: int, get_image, batch: int, progress) -> np.ndarray:
@@ -54,7 +60,7 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
                    features: str | Path | None = None, labels: str | Path | None = None,
                    filelist: str | Path | None = None, protocol: str = "deepglint-light",
                    targets: tuple[float, ...] | None = None, out: str | Path = "eval-out",
-                   batch: int = 128, progress=None, curve_bins: int = 2000) -> FaceEvalResult:
+                   batch: int = 128, progress=None, curve_bins: int = 2000, flip: bool = False) -> FaceEvalResult:
     from visrec.evaluate.report import write_face_report
     from visrec.evaluate.verification import tpr_at_fpr, tpr_at_fpr_pairs
     from visrec.protocols import load_protocol
@@ -78,8 +84,8 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
         emb, lab = feats, np.array([table[n].strip() for n in names])
         summary.update({"features": str(features), "rows": f"{len(feats):,}"})
     elif model is not None and data is not None:
-        embed = _embedder(model)
-        summary.update({"model": str(model), "data": str(data)})
+        embed = _embedder(model, flip)
+        summary.update({"model": str(model), "data": str(data), "flip test": "yes" if flip else "no"})
         data = Path(data)
         if data.suffix == ".bin":
             from visrec.data.verification import read_verification_bin
