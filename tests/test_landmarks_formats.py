@@ -1,0 +1,86 @@
+"""Landmark formats (JD-landmark, 300W .pts, WFLW), bad annotations, and 5-point alignment."""
+
+import numpy as np
+import pytest
+
+from visrec.data.align import ARCFACE_112, align_face, five_points, similarity_transform
+from visrec.data.landmarks import (WflwRecord, read_jd_dir, read_landmark_txt, read_pts, read_wflw,
+                                   write_landmark_txt, write_pts, write_synthetic_jd, write_wflw)
+from visrec.errors import DataError
+
+
+def test_jd_round_trip_with_synthetic_faces(tmp_path):
+    root = write_synthetic_jd(tmp_path / "jd", 4, seed=1)
+    pics, pts, boxes = read_jd_dir(root)
+    assert len(pics) == 4 and pts.shape == (4, 106, 2) and boxes.shape == (4, 4)
+    assert (boxes[:, 0] <= pts[:, :, 0].min(1) + 1).all()
+
+
+@pytest.mark.parametrize("n", [68, 98, 106])
+def test_point_count_is_data(tmp_path, n):
+    pts = np.random.default_rng(n).uniform(0, 100, (n, 2)).astype(np.float32)
+    assert np.allclose(read_landmark_txt(write_landmark_txt(tmp_path / "a.txt", pts)), pts, atol=1e-3)
+    assert np.allclose(read_pts(write_pts(tmp_path / "a.pts", pts)), pts, atol=1e-3)
+
+
+def test_wflw_round_trip(tmp_path):
+    rec = WflwRecord(np.random.default_rng(0).uniform(0, 200, (98, 2)).astype(np.float32),
+                     np.array([1, 2, 150, 160], np.float32), np.array([0, 1, 0, 0, 1, 0]), "a/b.jpg")
+    back = read_wflw(write_wflw(tmp_path / "w.txt", [rec]))[0]
+    assert np.allclose(back.points, rec.points, atol=1e-3) and back.image == "a/b.jpg"
+    assert back.attributes.tolist() == [0, 1, 0, 0, 1, 0]
+
+
+def test_bad_annotations_name_file_and_line(tmp_path):
+    p = tmp_path / "bad.txt"
+    p.write_text("106\n" + "1 2\n" * 105)
+    with pytest.raises(DataError, match="header says 106 points but 105"):
+        read_landmark_txt(p)
+    p.write_text("3\n1 2\n3 nan\n5 6\n")
+    with pytest.raises(DataError, match=r"bad\.txt.*line 3.*NaN"):
+        read_landmark_txt(p)
+    p.write_text("3\n1 2\n3 4\n5000 6\n")
+    with pytest.raises(DataError, match=r"line 4.*far outside"):
+        read_landmark_txt(p, image_size=(112, 112))
+    p.write_text("3\n1 2\n3 4\n5 6\n")
+    with pytest.raises(DataError, match="expected 106"):
+        read_landmark_txt(p, expected=106)
+    (tmp_path / "w.txt").write_text("1 2 3\n")
+    with pytest.raises(DataError, match="line 1"):
+        read_wflw(tmp_path / "w.txt")
+
+
+def test_similarity_transform_recovers_a_known_one():
+    rng = np.random.default_rng(0)
+    src = rng.uniform(0, 100, (5, 2))
+    angle, scale, shift = 0.3, 1.7, np.array([5.0, -3.0])
+    rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+    m = similarity_transform(src, src @ rot.T + shift)
+    assert np.allclose(m[:, :2], rot) and np.allclose(m[:, 2], shift)
+
+
+def test_alignment_is_exact_for_a_posed_template():
+    rng = np.random.default_rng(1)
+    for _ in range(5):
+        angle, scale = rng.uniform(-0.6, 0.6), rng.uniform(0.5, 3)
+        rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        pts = ARCFACE_112 @ rot.T + rng.uniform(0, 200, 2)
+        img = np.zeros((400, 400, 3), np.uint8)
+        crop, m = align_face(img, pts)
+        assert crop.shape == (112, 112, 3)
+        assert np.abs(pts @ m[:, :2].T + m[:, 2] - ARCFACE_112).max() < 1e-3
+
+
+def test_alignment_undoes_pose_on_synthetic_faces():
+    """Two poses of one synthetic identity map their 5 points to nearly the same place, eyes level."""
+    from visrec.data.synth import iter_faces
+
+    faces = list(iter_faces(1, 6, seed=3, difficulty=0.5))
+    mapped = []
+    for img, _, pts in faces:
+        _, m = align_face(img, pts)
+        mapped.append(five_points(pts) @ m[:, :2].T + m[:, 2])
+    mapped = np.stack(mapped)
+    assert np.abs(mapped[:, 0, 1] - mapped[:, 1, 1]).max() < 3   # eyes level after alignment
+    assert (mapped[:, 0, 0] < mapped[:, 1, 0]).all()
+    assert mapped[:, :2].std(axis=0).max() < 3                     # pose removed: eyes stay put
