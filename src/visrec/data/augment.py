@@ -1,0 +1,65 @@
+"""Landmark-aware augmentation: every geometric change is applied to the image and the points together.
+
+A horizontal flip mirrors x and re-orders the points with the scheme's flip permutation (the left eye's
+points become the right eye's), so the order stays the scheme's. Rotation, scale and translation are one
+affine matrix applied to both. ``crop_face`` cuts a square around the face box (with margin) and resizes
+it, mapping the points with it. Occlusion paints a random rectangle and leaves the points unchanged (they
+are still where they were, only hidden).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def hflip(image: np.ndarray, points: np.ndarray, flip_perm) -> tuple[np.ndarray, np.ndarray]:
+    w = image.shape[1]
+    pts = np.asarray(points, np.float32).copy()
+    pts[:, 0] = (w - 1) - pts[:, 0]  # pixel centres: x -> w-1-x
+    return np.ascontiguousarray(image[:, ::-1]), pts[np.asarray(flip_perm)]
+
+
+def affine(image: np.ndarray, points: np.ndarray, angle_deg: float = 0.0, scale: float = 1.0,
+           shift=(0.0, 0.0), centre=None) -> tuple[np.ndarray, np.ndarray]:
+    import cv2
+
+    h, w = image.shape[:2]
+    cx, cy = centre if centre is not None else ((w - 1) / 2, (h - 1) / 2)
+    m = cv2.getRotationMatrix2D((cx, cy), angle_deg, scale)
+    m[:, 2] += shift
+    out = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    return out, (np.asarray(points, np.float64) @ m[:, :2].T + m[:, 2]).astype(np.float32)
+
+
+def crop_face(image: np.ndarray, points: np.ndarray, box, size: int = 112, margin: float = 0.2):
+    """Square crop around ``box`` (x1, y1, x2, y2) enlarged by ``margin`` on each side, resized to size."""
+    import cv2
+
+    x1, y1, x2, y2 = map(float, box)
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    s = size / side
+    m = np.array([[s, 0, size / 2 - s * cx], [0, s, size / 2 - s * cy]])
+    out = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    return out, (np.asarray(points, np.float64) @ m[:, :2].T + m[:, 2]).astype(np.float32)
+
+
+def occlude(image: np.ndarray, rng: np.random.Generator, max_frac: float = 0.35) -> np.ndarray:
+    h, w = image.shape[:2]
+    rh, rw = (rng.uniform(0.1, max_frac, 2) * (h, w)).astype(int)
+    y, x = rng.integers(0, h - rh), rng.integers(0, w - rw)
+    out = image.copy()
+    out[y:y + rh, x:x + rw] = rng.integers(0, 256, 3)
+    return out
+
+
+def random_augment(image, points, flip_perm, rng: np.random.Generator, *, max_angle=20.0, max_scale=0.1,
+                   max_shift=0.05, p_flip=0.5, p_occlude=0.3):
+    if rng.uniform() < p_flip:
+        image, points = hflip(image, points, flip_perm)
+    h, w = image.shape[:2]
+    image, points = affine(image, points, rng.uniform(-max_angle, max_angle), 1 + rng.uniform(-max_scale, max_scale),
+                           rng.uniform(-max_shift, max_shift, 2) * (w, h))
+    if rng.uniform() < p_occlude:
+        image = occlude(image, rng)
+    return image, points
