@@ -43,3 +43,13 @@ def test_random_augment_is_consistent():
         aimg, apts = random_augment(img, pts, jd.flip_perm, rng, p_occlude=0.0)
         assert pupil_is_dark(aimg, apts)
         assert apts[jd.groups["left_eye"], 0].mean() < apts[jd.groups["right_eye"], 0].mean()
+
+
+def test_every_scheme_flip_swaps_sides():
+    from visrec.data.schemes import SCHEMES
+
+    for scheme in SCHEMES.values():
+        perm = np.asarray(scheme.flip_perm)
+        assert np.array_equal(perm[perm], np.arange(scheme.num_points)), scheme.name
+        assert set(perm[scheme.groups["left_eye"]]) == set(scheme.groups["right_eye"]), scheme.name
+        assert set(perm[scheme.groups["contour"]]) == set(scheme.groups["contour"]), scheme.name

@@ -58,7 +58,39 @@ def _jd106() -> LandmarkScheme:
     return LandmarkScheme("jd106", 106, groups, perm, [[104], [105], [46], [84], [90]])
 
 
-SCHEMES: dict[str, LandmarkScheme] = {"jd106": _jd106()}
+def _from_pairs(name: str, n: int, groups: dict[str, list[int]], pairs: list[tuple[int, int]],
+                five: list[list[int]]) -> LandmarkScheme:
+    perm = list(range(n))
+    for a, b in pairs:
+        perm[a], perm[b] = b, a
+    return LandmarkScheme(name, n, groups, perm, five)
+
+
+def _300w68() -> LandmarkScheme:
+    """iBUG 300-W 68-point markup (Sagonas et al. 2013), 0-based: jaw 0-16, brows 17-21 / 22-26, nose
+    27-35, eyes 36-41 / 42-47 (outer corner first, clockwise), mouth 48-59 outer, 60-67 inner."""
+    pairs = [(i, 16 - i) for i in range(8)] + [(17 + i, 26 - i) for i in range(5)] + [(31, 35), (32, 34)]
+    pairs += [(36, 45), (37, 44), (38, 43), (39, 42), (40, 47), (41, 46)]
+    pairs += [(48, 54), (49, 53), (50, 52), (55, 59), (56, 58), (60, 64), (61, 63), (65, 67)]
+    groups = {"contour": _r(0, 16), "left_brow": _r(17, 21), "right_brow": _r(22, 26), "nose": _r(27, 35),
+              "left_eye": _r(36, 41), "right_eye": _r(42, 47), "outer_lip": _r(48, 59), "inner_lip": _r(60, 67)}
+    return _from_pairs("300w68", 68, groups, pairs, [_r(36, 41), _r(42, 47), [30], [48], [54]])
+
+
+def _wflw98() -> LandmarkScheme:
+    """WFLW 98-point markup (Wu et al., LAB, CVPR 2018), 0-based: contour 0-32, brows 33-41 / 42-50,
+    nose 51-59, eyes 60-67 / 68-75, mouth 76-87 outer, 88-95 inner, pupils 96 / 97."""
+    pairs = [(i, 32 - i) for i in range(16)] + [(33 + i, 46 - i) for i in range(5)] + \
+            [(38 + i, 50 - i) for i in range(4)] + [(55, 59), (56, 58)]
+    pairs += [(60 + i, 72 - i) for i in range(5)] + [(65, 75), (66, 74), (67, 73)]
+    pairs += [(76, 82), (77, 81), (78, 80), (83, 87), (84, 86), (88, 92), (89, 91), (93, 95), (96, 97)]
+    groups = {"contour": _r(0, 32), "left_brow": _r(33, 41), "right_brow": _r(42, 50), "nose": _r(51, 59),
+              "left_eye": _r(60, 67), "right_eye": _r(68, 75), "outer_lip": _r(76, 87), "inner_lip": _r(88, 95),
+              "left_pupil": [96], "right_pupil": [97]}
+    return _from_pairs("wflw98", 98, groups, pairs, [[96], [97], [54], [76], [82]])
+
+
+SCHEMES: dict[str, LandmarkScheme] = {"jd106": _jd106(), "300w68": _300w68(), "wflw98": _wflw98()}
 
 
 def get_scheme(key: int | str) -> LandmarkScheme:
