@@ -1,0 +1,45 @@
+"""Landmark models and their training task through the one Trainer (a few CPU steps), budgets, ONNX."""
+
+import numpy as np
+import pytest
+import torch
+
+from visrec.budget import check
+from visrec.config import parse_config
+from visrec.data.landmarks import write_synthetic_jd
+from visrec.models import build_backbone
+from visrec.train.checkpoint import load_backbone
+from visrec.train.trainer import train
+
+
+@pytest.mark.parametrize("name", ["pfld", "heatmap_lite"])
+def test_models_output_normalised_points_and_scale(name):
+    small, big = build_backbone(name, width_mult=0.25), build_backbone(name, width_mult=1.0)
+    with torch.no_grad():
+        out = small.eval()(torch.randn(2, 3, 112, 112))
+    assert out.shape == (2, 106, 2) and float(out.min()) >= 0 and float(out.max()) <= 1
+    assert build_backbone(name, num_points=68).eval()(torch.randn(1, 3, 112, 112)).shape == (1, 68, 2)
+    assert sum(p.numel() for p in big.parameters()) > sum(p.numel() for p in small.parameters())
+
+
+def test_landmark_budgets():
+    assert check(build_backbone("pfld", width_mult=0.25), "icme21-landmarks").passed   # <= 100 MFLOPs, 2 MB
+    assert check(build_backbone("pfld", width_mult=1.0), "icpr20-landmarks").passed    # <= 1 GFLOPs, 20 MB
+    assert not check(build_backbone("pfld", width_mult=1.0), "icme21-landmarks").passed
+
+
+@pytest.mark.parametrize("model,loss", [("pfld", "wing"), ("heatmap_lite", "awing"), ("pfld", "l1")])
+def test_trainer_runs_the_landmark_task(tmp_path, model, loss):
+    write_synthetic_jd(tmp_path / "train", 12, seed=1)
+    write_synthetic_jd(tmp_path / "val", 6, seed=2)
+    cfg = parse_config({"task": "landmarks", "output": str(tmp_path / "run"), "device": "cpu", "batch_size": 4,
+                        "model": {"name": model, "width_mult": 0.25},
+                        "data": {"train": str(tmp_path / "train"), "val": str(tmp_path / "val")},
+                        "loss": {"name": loss}, "optim": {"name": "adamw", "lr": 1e-3},
+                        "schedule": {"max_steps": 3}, "checkpoint_every": 2})
+    res = train(cfg, progress=False)
+    assert res.global_step == 3 and np.isfinite(res.last_loss)
+    assert set(res.metrics) == {"val/nme", "val/auc@0.08", "val/fr@0.08"}
+    assert 0 <= res.metrics["val/auc@0.08"] <= 1
+    net, spec = load_backbone(tmp_path / "run")
+    assert spec["num_points"] == 106 and net(torch.zeros(1, 3, 112, 112)).shape == (1, 106, 2)
