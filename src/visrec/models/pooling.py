@@ -1,0 +1,69 @@
+"""Global pooling of a conv feature map (N, C, H, W) -> (N, C) descriptors.
+
+MAC = max over positions; SPoC = mean; GeM = (mean x^p)^(1/p) with learnable p (p=1 SPoC,
+p->inf MAC); R-MAC = sum of L2-normalised MACs over square regions at several scales;
+attention-thresholded MAC = MAC over positions whose channel-summed activation >= its mean.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class MAC(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.amax(dim=(2, 3))
+
+
+class SPoC(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.mean(dim=(2, 3))
+
+
+class GeM(nn.Module):
+    def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)), requires_grad=learnable)
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
+
+
+class RMAC(nn.Module):
+    """Regions: at scale l (1..levels) squares of side 2*min(H,W)/(l+1), on a regular grid."""
+
+    def __init__(self, levels: int = 3, eps: float = 1e-6):
+        super().__init__()
+        self.levels, self.eps = levels, eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h, w = x.shape[2:]
+        out = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
+        for level in range(1, self.levels + 1):
+            side = max(1, int(round(2 * min(h, w) / (level + 1))))
+            ys = torch.linspace(0, h - side, level + (h > w)).round().long().unique().tolist()
+            xs = torch.linspace(0, w - side, level + (w > h)).round().long().unique().tolist()
+            for y in ys:
+                for x0 in xs:
+                    region = x[:, :, y:y + side, x0:x0 + side].amax(dim=(2, 3))
+                    out = out + F.normalize(region, dim=1, eps=self.eps)
+        return out
+
+
+class AttentionMAC(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        attention = x.sum(dim=1, keepdim=True)
+        mask = attention >= attention.mean(dim=(2, 3), keepdim=True)
+        return torch.where(mask, x, torch.full_like(x, float("-inf"))).amax(dim=(2, 3))
+
+
+POOLINGS = {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC, "amac": AttentionMAC}
+
+
+def build_pooling(name: str, **kwargs) -> nn.Module:
+    from visrec.errors import ConfigError
+    if name not in POOLINGS:
+        raise ConfigError(f"unknown pooling {name!r}; expected one of {sorted(POOLINGS)}")
+    return POOLINGS[name](**kwargs)
