@@ -43,3 +43,29 @@ def test_trainer_runs_the_landmark_task(tmp_path, model, loss):
     assert 0 <= res.metrics["val/auc@0.08"] <= 1
     net, spec = load_backbone(tmp_path / "run")
     assert spec["num_points"] == 106 and net(torch.zeros(1, 3, 112, 112)).shape == (1, 106, 2)
+
+
+def test_eval_landmarks_cli_report_and_single_image(tmp_path):
+    import re
+
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    write_synthetic_jd(tmp_path / "val", 6, seed=2)
+    net = build_backbone("pfld", width_mult=0.25)
+    torch.save({"model_config": {"name": "pfld", "width_mult": 0.25, "num_points": 106},
+                "backbone": net.state_dict()}, tmp_path / "model.pt")
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", "landmarks", "--model", str(tmp_path / "model.pt"), "--data",
+                              str(tmp_path / "val"), "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert "sqrt_area" in res.output and "inter_ocular" in res.output
+    page = (tmp_path / "rep" / "report.html").read_text()
+    for img in re.findall(r'src="([^"]+)"', page):
+        assert (tmp_path / "rep" / img).exists() and not img.startswith(("http", "/"))
+    image = sorted((tmp_path / "val" / "picture").glob("*.jpg"))[0]
+    res = runner.invoke(app, ["landmarks", str(image), "--model", str(tmp_path / "model.pt"), "--box",
+                              "10,10,100,100", "--out", str(tmp_path / "drawn.png")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "drawn.png").exists() and "106 points" in res.output

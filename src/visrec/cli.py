@@ -58,6 +58,9 @@ def _add_groups() -> None:
     budget = importlib.import_module("visrec.commands.budget")
     app.command("budget")(budget.budget)
     app.command("export")(budget.export)
+    lm = importlib.import_module("visrec.commands.landmarks")
+    app.command("landmarks")(lm.landmarks)
+    importlib.import_module("visrec.commands.eval").app.command("landmarks")(lm.eval_landmarks)
 
 
 _add_groups()

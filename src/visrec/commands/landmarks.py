@@ -1,0 +1,70 @@
+"""``visrec eval landmarks`` and ``visrec landmarks IMAGE``."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+
+def eval_landmarks(model: Path = typer.Option(..., "--model", help="checkpoint or .onnx"),
+                   data: Path = typer.Option(..., "--data", help="JD-landmark directory"),
+                   points: int = typer.Option(106, "--points"),
+                   out: Path = typer.Option(Path("eval-landmarks"), "--out")):
+    """NME (four normalisations), AUC@0.08, failure rate; report.html with the CED and overlays."""
+    from visrec.evaluate.landmark_report import evaluate_landmarks
+
+    res = evaluate_landmarks(model, data, out, points=points)
+    t = Table(title=f"landmarks: {res.faces} faces")
+    t.add_column("normalisation")
+    for key in next(iter(res.metrics.values())):
+        t.add_column(key)
+    for norm, m in res.metrics.items():
+        t.add_row(norm, *(f"{v:.5f}" for v in m.values()))
+    Console().print(t)
+    Console().print(f"report: {res.report}")
+
+
+def landmarks(image: Path = typer.Argument(..., help="an image"),
+              model: Path = typer.Option(..., "--model", help="landmark checkpoint"),
+              box: Optional[str] = typer.Option(None, "--box", help="x1,y1,x2,y2 face box (default: whole image)"),
+              out: Path = typer.Option(Path("landmarks.png"), "--out", help="where to draw the points")):
+    """Predict and draw the landmarks of one face; prints the points (pixels, origin top-left)."""
+    import cv2
+    import numpy as np
+    import torch
+
+    from visrec.data.augment import crop_face
+    from visrec.data.images import read_image
+    from visrec.errors import VisrecError
+    from visrec.train.checkpoint import load_backbone
+
+    img = read_image(image)
+    h, w = img.shape[:2]
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box.split(",")) if box else (0, 0, w - 1, h - 1)
+    except ValueError:
+        raise VisrecError(f"--box must be x1,y1,x2,y2, got {box!r}") from None
+    net, _ = load_backbone(model)
+    crop, _ = crop_face(img, np.zeros((1, 2)), (x1, y1, x2, y2), 112, 0.15)
+    side = max(x2 - x1, y2 - y1) * 1.3
+    with torch.no_grad():
+        x = torch.from_numpy(crop).permute(2, 0, 1).float().div(127.5).sub(1)[None]
+        pts = net(x)[0].numpy() * 112
+    # back from the crop to the image: crop_face scaled by 112/side around the box centre
+    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
+    pts = (pts - 56) * (side / 112) + (cx, cy)
+    drawn = img[:, :, ::-1].copy()
+    for px, py in pts:
+        cv2.circle(drawn, (int(round(px)), int(round(py))), 1, (0, 0, 255), -1)
+    cv2.imwrite(str(out), drawn)
+    t = Table(title=f"{len(pts)} points of {image} (drawn into {out})")
+    t.add_column("i")
+    t.add_column("x")
+    t.add_column("y")
+    for i, (px, py) in enumerate(pts):
+        t.add_row(str(i), f"{px:.1f}", f"{py:.1f}")
+    Console().print(t)
