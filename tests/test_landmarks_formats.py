@@ -84,3 +84,18 @@ def test_alignment_undoes_pose_on_synthetic_faces():
     assert np.abs(mapped[:, 0, 1] - mapped[:, 1, 1]).max() < 3   # eyes level after alignment
     assert (mapped[:, 0, 0] < mapped[:, 1, 0]).all()
     assert mapped[:, :2].std(axis=0).max() < 3                     # pose removed: eyes stay put
+
+
+def test_jd_dir_checks_points_against_the_image_and_rect_fields(tmp_path):
+    root = write_synthetic_jd(tmp_path / "jd", 2, seed=4)
+    ann = sorted((root / "landmark").glob("*.txt"))[0]
+    lines = ann.read_text().splitlines()
+    lines[5] = "900.0 10.0"  # file line 6 = point 4, far outside the 112x112 picture
+    ann.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="line 6: point 4.*far outside"):
+        read_jd_dir(root)
+    root2 = write_synthetic_jd(tmp_path / "jd2", 1, seed=5)
+    rect = sorted((root2 / "rect").glob("*.rect"))[0]
+    rect.write_text("1 2 3\n")
+    with pytest.raises(DataError, match=r"\.rect.*x1 y1 x2 y2"):
+        read_jd_dir(root2)

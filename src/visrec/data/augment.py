@@ -27,7 +27,8 @@ def affine(image: np.ndarray, points: np.ndarray, angle_deg: float = 0.0, scale:
     cx, cy = centre if centre is not None else ((w - 1) / 2, (h - 1) / 2)
     m = cv2.getRotationMatrix2D((cx, cy), angle_deg, scale)
     m[:, 2] += shift
-    out = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
+    # constant border: reflecting would mirror face parts into the crop, where no landmark is
+    out = cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
     return out, (np.asarray(points, np.float64) @ m[:, :2].T + m[:, 2]).astype(np.float32)
 
 

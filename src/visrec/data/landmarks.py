@@ -165,6 +165,8 @@ def read_jd_dir(root: str | Path, expected: int | None = 106):
     pics = sorted((root / "picture").glob("*.jpg"))
     if not pics:
         raise DataError("no picture/*.jpg", path=root)
+    from PIL import Image
+
     pts, boxes = [], []
     for p in pics:
         ann = root / "landmark" / f"{p.name}.txt"
@@ -172,13 +174,21 @@ def read_jd_dir(root: str | Path, expected: int | None = 106):
             ann = root / "landmark" / f"{p.stem}.txt"
         if not ann.exists():
             raise DataError("no landmark file for this picture", path=p)
-        pts.append(read_landmark_txt(ann, expected))
+        try:
+            with Image.open(p) as im:  # reads the header only: the size for the far-outside check
+                size = im.size
+        except OSError:
+            raise DataError("not a readable image", path=p) from None
+        pts.append(read_landmark_txt(ann, expected, image_size=size))
         rect = root / "rect" / f"{p.name}.rect"
         if rect.exists():
+            fields = rect.read_text().split()
             try:
-                boxes.append([float(v) for v in rect.read_text().split()[:4]])
+                if len(fields) < 4:
+                    raise ValueError
+                boxes.append([float(v) for v in fields[:4]])
             except ValueError:
-                raise DataError("expected 'x1 y1 x2 y2'", path=rect) from None
+                raise DataError(f"expected 'x1 y1 x2 y2', got {' '.join(fields)!r}", path=rect) from None
         else:
             boxes.append([*pts[-1].min(0), *pts[-1].max(0)])
     return pics, np.stack(pts), np.asarray(boxes, np.float32)

@@ -25,7 +25,7 @@ class LandmarkData(BaseModel):
 
 class LandmarkLoss(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field("wing", description="l1 | l2 | wing | awing (heatmap models) | pfld (pfld model)")
+    name: str = Field("wing", description="l1 | l2 | wing | awing (heatmap models)")
     w: float = 10.0
     eps: float = 2.0
 
