@@ -101,5 +101,6 @@ def test_two_gloo_processes_equal_one(tmp_path):
     assert parts[0]["range"] == (0, 6) and parts[1]["range"] == (6, 11)
     for p in parts:
         assert p["loss"] == pytest.approx(loss1.item(), rel=1e-6)
-    assert torch.allclose(torch.cat([p["emb_grad"] for p in parts]), e1.grad, atol=1e-6)
+    # each rank's embedding gradient is scaled by the world size, so DDP's average gives the full gradient
+    assert torch.allclose(torch.cat([p["emb_grad"] for p in parts]) / 2, e1.grad, atol=1e-6)
     assert torch.allclose(torch.cat([p["weight"] for p in parts]), single.weight.detach(), atol=1e-6)

@@ -96,11 +96,14 @@ class CosFace(nn.Module):
 
 @MARGIN_LOSSES.register("arcnegface")
 class ArcNegFace(nn.Module):
-    """ArcNegFace (Liu et al., "Towards Flops-constrained Face Recognition", LFR'19 winning light entry).
-
-    Target: ``s * cos(theta_y + m)``. Negatives are re-weighted by their closeness to the margin-shifted
-    target: ``s * (t * cos(theta_j) + t - 1)`` with ``t = a * exp(-(theta_j - (theta_y + m))^2 / sigma)``,
-    so hard negatives (angle near the target's) count more. Vectorised over the batch.
+    """ArcNegFace (Liu et al., "Towards Flops-constrained Face Recognition", arXiv:1909.00632, the LFR'19
+    light-track winner). Target: ``s * A_y`` with ``A_y = cos(theta_y + m)`` (the monotone extension
+    ``cos(theta_y) - m*sin(m)`` once theta_y > pi - m). Each negative j is re-weighted by its closeness to
+    the margin-shifted target, measured in cosines: ``s * (t_j * cos(theta_j) + t_j - 1)`` with
+    ``t_j = a * exp(-(cos(theta_j) - A_y)^2 / sigma)``, t_j treated as a constant (no gradient), so hard
+    negatives (cosine near the target's) count more. Vectorised over the batch.
+    Sharding note: a row whose class lives on another rank (label -1) is left as ``s * cos``, so under
+    PartialFC with several ranks the re-weighting applies on the owner rank only.
     """
 
     def __init__(self, s: float = 64.0, m: float = 0.5, scale: float = 1.2, sigma: float = 2.0):
@@ -110,11 +113,12 @@ class ArcNegFace(nn.Module):
     def forward(self, cos: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         cos = cos.float().clamp(-1 + EPS, 1 - EPS)
         valid, col, target = _target(cos, labels)
-        theta = torch.acos(cos)  # (B, C)
-        target_angle = (torch.acos(target) + self.m).clamp(max=math.pi)[:, None]  # (B, 1)
-        t = self.a * torch.exp(-(theta - target_angle) ** 2 / self.sigma)
+        theta_y = torch.acos(target)
+        a_y = torch.where(theta_y + self.m <= math.pi, torch.cos(theta_y + self.m),
+                          target - self.m * math.sin(self.m))[:, None]  # (B, 1)
+        t = (self.a * torch.exp(-(cos - a_y) ** 2 / self.sigma)).detach()
         reweighted = self.s * (t * cos + t - 1)
-        reweighted = reweighted.scatter(1, col, self.s * torch.cos(target_angle))
+        reweighted = reweighted.scatter(1, col, self.s * a_y)
         return torch.where(valid[:, None], reweighted, cos * self.s)
 
 

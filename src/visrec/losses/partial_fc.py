@@ -27,7 +27,10 @@ def _world() -> tuple[int, int]:
 
 
 class _GatherWithGrad(torch.autograd.Function):
-    """All-gather equal-sized tensors; backward returns each rank the summed gradient of its own slice."""
+    """All-gather equal-sized tensors; backward returns each rank the gradient of its own rows summed over
+    ranks and multiplied by the world size: DDP then averages the backbone gradients over ranks, and the
+    average of world x (per-rank share) is the full-batch gradient one process would get (arcface_torch
+    scales the same way)."""
 
     @staticmethod
     def forward(ctx, tensor: torch.Tensor, world: int, rank: int) -> torch.Tensor:
@@ -44,7 +47,7 @@ class _GatherWithGrad(torch.autograd.Function):
 
         grad = grad.contiguous()
         dist.all_reduce(grad)  # gloo has no reduce_scatter: sum everywhere, keep our slice
-        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n], None, None
+        return grad[ctx.rank * ctx.n:(ctx.rank + 1) * ctx.n] * ctx.world, None, None
 
 
 class _ShardedCrossEntropy(torch.autograd.Function):
