@@ -16,6 +16,7 @@ graph exported with BatchNorm kept, and the report says whether BatchNorm was fo
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ class LayerCount:
     macs: int
     lfr_flops: int
     out_shape: tuple[int, ...]
+    groups: int = 1  # conv groups (1 for FC)
 
 
 def conv_lfr_flops(cin: int, cout: int, kh: int, kw: int, hout: int, wout: int, groups: int, bias: bool) -> int:
@@ -46,8 +48,18 @@ def fc_lfr_flops(fin: int, fout: int, bias: bool) -> int:
     return 2 * fin * fout - (0 if bias else fout)
 
 
-def layer_counts(model: nn.Module, input_size=(1, 3, 112, 112)) -> list[LayerCount]:
-    """Per-layer MACs and LFR FLOPs of every Conv2d / Linear, in execution order (batch 1)."""
+def _probe(model: nn.Module, input_size) -> torch.Tensor:
+    """A zero input on the model's device and in its dtype (meta device: shapes only)."""
+    p = next(model.parameters())
+    return torch.zeros(*input_size, device=p.device, dtype=p.dtype)
+
+
+def _measure(model: nn.Module, input_size, every_op: bool = False) -> tuple[list[LayerCount], int | None, tuple]:
+    """One eval-mode forward at batch 1: per-layer rows of every Conv2d / Linear in execution order, the
+    FlopCounterMode total when ``every_op`` (else None), and the output shape. The model's training flag
+    is restored afterwards."""
+    from torch.utils.flop_counter import FlopCounterMode
+
     rows: list[LayerCount] = []
 
     def hook(name):
@@ -58,7 +70,7 @@ def layer_counts(model: nn.Module, input_size=(1, 3, 112, 112)) -> list[LayerCou
                 macs = hout * wout * mod.out_channels * (mod.in_channels // mod.groups) * kh * kw
                 flops = conv_lfr_flops(mod.in_channels, mod.out_channels, kh, kw, hout, wout, mod.groups,
                                        mod.bias is not None)
-                rows.append(LayerCount(name, "conv", int(macs), flops, tuple(out.shape)))
+                rows.append(LayerCount(name, "conv", int(macs), flops, tuple(out.shape), mod.groups))
             elif isinstance(mod, nn.Linear):
                 rows.append(LayerCount(name, "fc", mod.in_features * mod.out_features,
                                        fc_lfr_flops(mod.in_features, mod.out_features, mod.bias is not None),
@@ -69,30 +81,31 @@ def layer_counts(model: nn.Module, input_size=(1, 3, 112, 112)) -> list[LayerCou
                if isinstance(m, (nn.Conv2d, nn.Linear))]
     was_training = model.training
     model.eval()
+    counter = FlopCounterMode(display=False) if every_op else contextlib.nullcontext()
     try:
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model(torch.zeros(*input_size, device=device))
+        with torch.no_grad(), counter:
+            out = model(_probe(model, input_size))
     finally:
         for h in handles:
             h.remove()
         model.train(was_training)
-    return rows
+    return rows, (int(counter.get_total_flops()) if every_op else None), tuple(out.shape)
+
+
+def layer_counts(model: nn.Module, input_size=(1, 3, 112, 112)) -> list[LayerCount]:
+    """Per-layer MACs and LFR FLOPs of every Conv2d / Linear, in execution order (batch 1). Works on a
+    model built on the meta device (shapes only, no memory or compute)."""
+    return _measure(model, input_size)[0]
 
 
 def lfr_flops(model: nn.Module, input_size=(1, 3, 112, 112)) -> int:
-    """FLOPs under the LFR organisers' rule (module docstring), batch 1."""
+    """FLOPs under the LFR organisers' rule (module docstring), batch 1. An int: each layer is truncated."""
     return sum(r.lfr_flops for r in layer_counts(model, input_size))
 
 
 def full_flops(model: nn.Module, input_size=(1, 3, 112, 112)) -> int:
-    """FLOPs of every op torch's FlopCounterMode knows (convs and matmuls as 2*MACs), batch 1."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    model = model.eval()
-    with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(torch.zeros(*input_size))
-    return int(counter.get_total_flops())
+    """FLOPs of every op torch's FlopCounterMode knows (convs and matmuls as 2*MACs, no bias rule), batch 1."""
+    return _measure(model, input_size, every_op=True)[1]
 
 
 # --- ONNX graphs --------------------------------------------------------------------------------------
@@ -153,7 +166,8 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
             bias = len(node.input) > 2 and node.input[2] != ""
             macs = out[2] * out[3] * cout * cin_g * kh * kw
             rows.append(LayerCount(name, "conv", int(macs),
-                                   conv_lfr_flops(cin_g * groups, cout, kh, kw, out[2], out[3], groups, bias), out))
+                                   conv_lfr_flops(cin_g * groups, cout, kh, kw, out[2], out[3], groups, bias), out,
+                                   groups))
         elif node.op_type in ("Gemm", "MatMul") and (node.input[1] in inits or node.input[1] in transposed):
             w = inits.get(node.input[1]) or transposed[node.input[1]]
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
@@ -197,7 +211,7 @@ class BudgetReport:
     macs: int
     full_flops: int | None
     params: int
-    size_bytes: int
+    size_bytes: int | None  # bytes of the fp32 ONNX file; None when not measured (check(with_size=False))
     weight_dtypes: list[str]
     embedding_dim: int | None
     batchnorm_folded: bool
@@ -209,24 +223,29 @@ class BudgetReport:
         return all(l.passed for l in self.limits)
 
     @property
-    def size_mb(self) -> float:
-        return self.size_bytes / 1e6
+    def size_mb(self) -> float | None:
+        return None if self.size_bytes is None else self.size_bytes / 1e6
 
     @property
-    def size_mib(self) -> float:
-        return self.size_bytes / 2**20
+    def size_mib(self) -> float | None:
+        return None if self.size_bytes is None else self.size_bytes / 2**20
 
 
-def _limits(p: Protocol, flops: int, size_bytes: int, dtypes: list[str], dim: int | None) -> list[Limit]:
+def _limits(p: Protocol, flops: int, size_bytes: int | None, dtypes: list[str], dim: int | None) -> list[Limit]:
     out = []
     if p.max_gflops is not None:
         limit = round(p.max_gflops * 1e9)
         out.append(Limit("FLOPs (LFR rule)", f"<= {p.max_gflops:g} G", f"{flops / 1e9:.4f} G", flops <= limit))
     if p.max_size_mb is not None:
-        mb = size_bytes / 1e6
-        ok = mb < p.max_size_mb if p.size_strict else mb <= p.max_size_mb
-        out.append(Limit("size (fp32 ONNX, MB=1e6 B)", f"{'<' if p.size_strict else '<='} {p.max_size_mb:g} MB",
-                         f"{mb:.3f} MB ({size_bytes / 2**20:.3f} MiB)", ok))
+        allowed = f"{'<' if p.size_strict else '<='} {p.max_size_mb:g} MB"
+        if size_bytes is None:  # an unmeasured size never passes a size limit
+            out.append(Limit("size (fp32 ONNX, MB=1e6 B)", allowed, "not measured", False))
+        else:
+            # compare bytes with the limit in bytes, so "exactly at the limit" is exact
+            limit_bytes = round(p.max_size_mb * 1e6)
+            ok = size_bytes < limit_bytes if p.size_strict else size_bytes <= limit_bytes
+            out.append(Limit("size (fp32 ONNX, MB=1e6 B)", allowed,
+                             f"{size_bytes / 1e6:.3f} MB ({size_bytes / 2**20:.3f} MiB)", ok))
     if p.dtype == "float32":
         out.append(Limit("weight dtype", "float32", ",".join(dtypes), dtypes == ["float32"]))
     if p.embedding_dim is not None:
@@ -240,12 +259,18 @@ def export_size(model: nn.Module, input_size=(1, 3, 112, 112)) -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "model.onnx"
-        export_onnx(model.float(), path, input_size=input_size, keep_batchnorm=True)
+        export_onnx(model, path, input_size=input_size, keep_batchnorm=True)
         return os.path.getsize(path)
 
 
 def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True) -> BudgetReport:
-    """Measure a model (nn.Module, visrec checkpoint, or ONNX file) against a protocol's limits."""
+    """Measure a model (nn.Module, visrec checkpoint, or ONNX file) against a protocol's limits.
+
+    Figures: ``lfr_flops`` (FLOPs, LFR rule), ``macs`` (conv+FC multiply-accumulates), ``full_flops``
+    (FLOPs of every op, torch FlopCounterMode; None for ONNX input), ``params``, ``size_bytes`` (fp32
+    ONNX file exported with BatchNorm kept; for ONNX input the file itself), weight dtypes, embedding
+    dimension, per-layer rows. ``with_size=False`` skips the ONNX export: size is then None and any size
+    limit fails as "not measured"."""
     p = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     if isinstance(model_or_path, (str, Path)) and Path(model_or_path).suffix == ".onnx":
         path = Path(model_or_path)
@@ -265,14 +290,13 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True) ->
 
             model, _ = load_backbone(model_or_path)
             source = str(model_or_path)
-        layers = layer_counts(model, p.input_size)
-        with torch.no_grad():
-            dim = int(model.eval()(torch.zeros(*p.input_size)).shape[-1])
+        layers, every_op, out_shape = _measure(model, p.input_size, every_op=True)
+        dim = int(out_shape[-1])
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in model.state_dict().values()
                          if t.is_floating_point()})
-        size = export_size(model, p.input_size) if with_size else 4 * sum(t.numel() for t in model.parameters())
+        size = export_size(model, p.input_size) if with_size else None
         report = BudgetReport(p, source, sum(l.lfr_flops for l in layers), sum(l.macs for l in layers),
-                              full_flops(model, p.input_size), sum(t.numel() for t in model.parameters()),
+                              every_op, sum(t.numel() for t in model.parameters()),
                               size, dtypes, dim, batchnorm_folded=False, layers=layers)
     report.limits = _limits(p, report.lfr_flops, report.size_bytes, report.weight_dtypes, report.embedding_dim)
     return report
@@ -280,12 +304,15 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True) ->
 
 # --- fit to budget -------------------------------------------------------------------------------------
 
-# family -> (registry name, {knob: candidate values}) ; knobs are searched smallest first
+# family -> (registry name, {knob: candidate values}); every knob keeps the 112x112 input. The last knob
+# is scanned smallest first on one line per combination of the others.
+_IRESNET_WIDTHS = [0.125, 0.1875] + [round(0.25 + 0.125 * i, 3) for i in range(30)]
 FAMILIES: dict[str, tuple[str, dict[str, list]]] = {
     "effnet_face": ("effnet_face", {"depth_mult": [1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0],
                                     "width_mult": [round(0.5 + 0.1 * i, 2) for i in range(36)]}),
+    # MobileFaceNet's width knob is its `scale` (channel multiplier of the arcface_torch design)
     "mobilefacenet": ("mobilefacenet", {"scale": [1, 2, 3, 4, 5, 6, 7, 8]}),
-    "iresnet50": ("iresnet50", {"width": [round(0.25 + 0.125 * i, 3) for i in range(30)]}),
+    **{f"iresnet{d}": (f"iresnet{d}", {"width": _IRESNET_WIDTHS}) for d in (18, 34, 50, 100)},
 }
 
 
@@ -300,31 +327,37 @@ class FitResult:
     tried: int
 
 
-def _meta_flops(name: str, kwargs: dict, input_size) -> int:
+def _meta_estimate(name: str, kwargs: dict, input_size) -> tuple[int, int]:
+    """(LFR FLOPs, parameters) of a registry model built on the meta device: shapes only, no memory."""
     from visrec.models import build_backbone
 
     with torch.device("meta"):
         model = build_backbone(name, **kwargs)
-        return lfr_flops(model, input_size)
+        return lfr_flops(model, input_size), sum(t.numel() for t in model.parameters())
 
 
-def fit_to_budget(family: str, protocol: str | Protocol) -> FitResult:
+def fit_to_budget(family: str, protocol: str | Protocol, knobs: dict[str, list] | None = None) -> FitResult:
     """The largest member (by LFR FLOPs) of a scalable family that passes every limit of the protocol,
     and the next larger candidate on the same search line, which fails. FLOPs are counted on the meta
-    device (shapes only, no memory); the winner and its neighbour get the full check (ONNX size)."""
+    device (shapes only, no memory); the winner and its neighbour get the full check (the ONNX export for
+    the size is done only when the protocol limits size). ``knobs`` replaces the family's candidate values,
+    e.g. ``{"width_mult": [0.5, 0.75, 1.0]}``."""
     from visrec.models import build_backbone
 
     p = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     if family not in FAMILIES:
         raise VisrecError(f"unknown family {family!r}; scalable families: {', '.join(FAMILIES)}")
-    name, knobs = FAMILIES[family]
+    name, default_knobs = FAMILIES[family]
+    knobs = dict(knobs or default_knobs)
     limit = p.max_gflops * 1e9 if p.max_gflops else float("inf")
     size_limit = (p.max_size_mb * 1e6) if p.max_size_mb else float("inf")
 
+    smallest: list = []  # figures of the first candidate, for the "nothing fits" message
+
     def estimate_ok(kw) -> tuple[bool, int]:
-        flops = _meta_flops(name, kw, p.input_size)
-        with torch.device("meta"):
-            params = sum(t.numel() for t in build_backbone(name, **kw).parameters())
+        flops, params = _meta_estimate(name, kw, p.input_size)
+        if not smallest:
+            smallest.extend([kw, flops, params])
         return flops <= limit and 4 * params < size_limit, flops
 
     lines = [dict()]
@@ -348,14 +381,18 @@ def fit_to_budget(family: str, protocol: str | Protocol) -> FitResult:
             if last_ok is not None and last_ok[1] > best_flops:
                 best, best_flops, neighbour = last_ok[0], last_ok[1], None
     if best is None:
-        raise VisrecError(f"no member of {family} fits {p.name}")
+        kw, flops, params = smallest
+        raise VisrecError(f"no member of {family} fits {p.name}: the smallest candidate {kw} has "
+                          f"{flops / 1e9:.4f} GFLOPs (LFR rule) and {params:,} parameters "
+                          f"(~{4 * params / 1e6:.2f} MB at fp32)")
     # the estimate used 4 bytes/param; confirm with the real export, stepping down if ONNX overhead matters
-    best_report = check(build_backbone(name, **best), p)
+    with_size = p.max_size_mb is not None
+    best_report = check(build_backbone(name, **best), p, with_size=with_size)
     while not best_report.passed:
         smaller = [v for v in inner_values if v < best[inner_key]]
         if not smaller:
             raise VisrecError(f"no member of {family} fits {p.name}")
         neighbour, best = best, dict(best, **{inner_key: smaller[-1]})
-        best_report = check(build_backbone(name, **best), p)
-    next_report = check(build_backbone(name, **neighbour), p) if neighbour else None
+        best_report = check(build_backbone(name, **best), p, with_size=with_size)
+    next_report = check(build_backbone(name, **neighbour), p, with_size=with_size) if neighbour else None
     return FitResult(family, p, best, best_report, neighbour, next_report, tried)

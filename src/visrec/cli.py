@@ -57,7 +57,7 @@ def _add_groups() -> None:
         app.add_typer(mod.app, name=name)
     budget = importlib.import_module("visrec.commands.budget")
     app.command("budget")(budget.budget)
-    app.command("export")(budget.export)
+    app.command("export")(importlib.import_module("visrec.commands.export").export)
     lm = importlib.import_module("visrec.commands.landmarks")
     app.command("landmarks")(lm.landmarks)
     importlib.import_module("visrec.commands.eval").app.command("landmarks")(lm.eval_landmarks)

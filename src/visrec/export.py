@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import time
 import warnings
 from dataclasses import dataclass
@@ -17,12 +18,21 @@ from visrec.errors import DataError, VisrecError
 
 def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 112), dynamic_batch: bool = True,
                 keep_batchnorm: bool = True, opset: int = 17) -> Path:
-    """Export with input ``input`` and output ``embedding``. ``keep_batchnorm`` keeps BatchNormalization
-    nodes (no folding into conv biases), which the LFR FLOP rule needs; False folds them (smaller, faster)."""
+    """Export a float32 graph with input ``input`` and output ``embedding`` (batch axis dynamic unless
+    ``dynamic_batch=False``). ``keep_batchnorm`` keeps BatchNormalization nodes (no folding into conv
+    biases), which the LFR FLOP rule needs; False folds them (smaller, faster to serve).
+
+    Uses torch's TorchScript exporter (``dynamo=False``): with ``TrainingMode.PRESERVE`` and constant
+    folding off it keeps BN nodes, and with ``TrainingMode.EVAL`` + constant folding it folds them. The
+    caller's model is left as it was (a float32 CPU copy is exported when it is on another device/dtype)."""
     require("onnx", "export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    model = model.eval().float().cpu()
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in model.state_dict().values()
+           if t.is_floating_point()):
+        model = copy.deepcopy(model).float().cpu()
+    was_training = model.training
+    model.eval()
     axes = {"input": {0: "batch"}, "embedding": {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
@@ -31,6 +41,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 11
                           output_names=["embedding"], dynamic_axes=axes, opset_version=opset,
                           training=torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL,
                           do_constant_folding=not keep_batchnorm)
+    model.train(was_training)
     return path
 
 
@@ -69,8 +80,13 @@ def parity_check(model: nn.Module, onnx_path: str | Path, batch: np.ndarray | No
     below ``min_cosine``."""
     if batch is None:
         batch = np.random.default_rng(0).uniform(-1, 1, (4, 3, 112, 112)).astype(np.float32)
+    if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in model.state_dict().values()
+           if t.is_floating_point()):
+        model = copy.deepcopy(model).float().cpu()  # leave the caller's model where it is
+    was_training = model.training
     with torch.no_grad():
-        ref = model.eval().float().cpu()(torch.from_numpy(batch)).numpy()
+        ref = model.eval()(torch.from_numpy(batch)).numpy()
+    model.train(was_training)
     got = OnnxEmbedder(onnx_path)(batch)
     diff = float(np.abs(ref - got).max())
     norms = np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1)
