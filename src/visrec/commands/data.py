@@ -1,40 +1,69 @@
-"""``visrec data ...``: render synthetic data sets in the real formats."""
+"""``visrec data ...``: render synthetic data sets in the real formats.
+
+``visrec data synth faces OUT --identities 200 --per-identity 20 --format recordio|folder --difficulty 0.3
+--seed 0 [--pairs N]`` writes ``OUT/train`` (InsightFace RecordIO or an image folder, with the 106-point
+landmark sidecar described in ``visrec.data.synth``) and, with ``--pairs``, ``OUT/val.bin``: a verification
+set over held-out identities (100000 and up, never in ``OUT/train``).
+"""
 
 from __future__ import annotations
 
+from enum import Enum
 from pathlib import Path
 
 import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="data sets: synthetic rendering, format conversion", no_args_is_help=True)
+app = typer.Typer(help="data sets: synthetic rendering in the real formats", no_args_is_help=True)
 synth_app = typer.Typer(help="render synthetic labelled data in the real formats", no_args_is_help=True)
 app.add_typer(synth_app, name="synth")
+
+HELD_OUT_FIRST_IDENTITY = 100_000
+
+
+class FaceFormat(str, Enum):
+    recordio = "recordio"
+    folder = "folder"
 
 
 @synth_app.command("faces")
 def synth_faces(out: Path = typer.Argument(..., help="output directory"),
-                identities: int = typer.Option(200, min=2), per_identity: int = typer.Option(20, min=1),
-                format: str = typer.Option("recordio", help="recordio | folder"),
-                difficulty: float = typer.Option(0.3, min=0.0, max=1.0), seed: int = 0,
-                pairs: int = typer.Option(0, help="also write val.bin with this many held-out pairs")):
-    """Face identities -> OUT/train (RecordIO or image folder) [+ OUT/val.bin of held-out identities]."""
-    from rich.progress import Progress
+                identities: int = typer.Option(200, min=2, help="training identities"),
+                per_identity: int = typer.Option(20, min=1, help="images per training identity"),
+                format: FaceFormat = typer.Option(FaceFormat.recordio, "--format", case_sensitive=False,
+                                                  help="InsightFace RecordIO or one folder per identity"),
+                difficulty: float = typer.Option(0.3, min=0.0, max=1.0,
+                                                 help="0 = clean frontal, 1 = strong pose/light/blur/occlusion"),
+                seed: int = typer.Option(0, help="identity and image seed"),
+                pairs: int = typer.Option(0, min=0, help="also write OUT/val.bin with this many held-out pairs")):
+    """Face identities -> OUT/train (RecordIO or image folder, + 106-point landmarks) [+ OUT/val.bin]."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from visrec.data.synth import write_face_dataset, write_verification_pairs
 
     out = Path(out)
-    with Progress(transient=True) as progress:
-        task = progress.add_task("rendering", total=identities * per_identity)
-        train_dir = write_face_dataset(out / "train", identities, per_identity, format=format, seed=seed,
+    fmt = FaceFormat(format).value
+    held_out = max(2, identities // 2)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, transient=True) as progress:
+        task = progress.add_task("rendering faces", total=identities * per_identity)
+        train_dir = write_face_dataset(out / "train", identities, per_identity, format=fmt, seed=seed,
                                        difficulty=difficulty, progress=lambda: progress.advance(task))
+        if pairs:
+            task = progress.add_task("rendering pairs", total=pairs)
+            val = write_verification_pairs(out / "val.bin", held_out, pairs, seed=seed + 1,
+                                           difficulty=difficulty, first_identity=HELD_OUT_FIRST_IDENTITY,
+                                           progress=lambda: progress.advance(task))
+    sidecar = train_dir / "landmarks106.npy" if fmt == "recordio" else out / "train-landmarks"
     table = Table(title="synthetic faces written")
     table.add_column("what")
+    table.add_column("count", justify="right")
     table.add_column("where")
-    table.add_row(f"{identities} identities x {per_identity} images ({format})", str(train_dir))
+    table.add_row(f"training images ({fmt}), identities 0..{identities - 1}, difficulty {difficulty:g}",
+                  f"{identities * per_identity}", str(train_dir))
+    table.add_row("106-point landmarks (JD order)", f"{identities * per_identity}", str(sidecar))
     if pairs:
-        val = write_verification_pairs(out / "val.bin", max(2, identities // 2), pairs, seed=seed + 1,
-                                       difficulty=difficulty)
-        table.add_row(f"{pairs} verification pairs, held-out identities", str(val))
+        table.add_row(f"verification pairs ({(pairs + 1) // 2} genuine), held-out identities "
+                      f"{HELD_OUT_FIRST_IDENTITY}..{HELD_OUT_FIRST_IDENTITY + held_out - 1}", f"{pairs}", str(val))
     Console().print(table)

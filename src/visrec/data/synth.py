@@ -1,37 +1,66 @@
 """Synthetic, labelled face-like identities with exact 106-point landmarks, written in the real formats.
 
 Each identity (derived deterministically from ``(seed, identity)``) has its own geometry (face outline,
-eye/brow/nose/mouth placement and size), colours (skin, hair, iris, lips) and a skin texture (a fixed
-pattern of marks). Each image adds expression (mouth opening, eye closure), yaw (inner features shift
-with their depth), in-plane pose (rotation, scale, translation), illumination (gain, gradient), blur,
-noise and occlusion; ``difficulty`` in [0, 1] scales every nuisance.
+jaw, eye/brow/nose/mouth placement and size), colours (skin, hair, iris, lips, brows) and a skin texture
+(a fixed pattern of marks). Each image adds expression (smile, mouth opening, eye closure), mild yaw
+(inner features shift by their depth, the far cheek is squashed), in-plane pose (rotation, scale,
+translation), illumination (gain, linear gradient, colour cast), Gaussian blur, noise and an occluder
+(a bar or patch of random colour). ``difficulty`` in [0, 1] scales every nuisance at once; identity
+never depends on it, so a network trained at one difficulty meets the same identities at another.
 
-The face is drawn in a canonical 112x112 frame from polygons whose vertices include the landmarks, then
-the in-plane pose is applied with one affine warp to the image and the same matrix to the points, so the
-landmarks are exact (pixel coordinates in OpenCV's convention: pixel (x, y) has its centre at (x, y)). The order is JD-landmark 106 (``visrec.data.schemes``).
+Geometry: the face is drawn in a canonical 112x112 frame from polygons whose vertices ARE the landmarks,
+then the in-plane pose is one affine warp applied to the image and, with the same matrix, to the points;
+so the landmarks are exact. Coordinates are pixels, origin top-left, in OpenCV's convention (pixel
+(x, y) has its centre at (x, y)). Point order: JD-landmark 106 (``visrec.data.schemes``, "left" = image
+left); the occluder can hide points but never removes them.
 
-Landmark sidecars (documented format):
-  RecordIO      ``landmarks106.npy`` beside ``train.rec``: float32 (num_images, 106, 2) in image order
-                (the order of ``RecordIOReader.image(i)``).
-  image folder  ``<root>-landmarks/<identity>/<image stem>.txt`` (a sibling of the root): first line
-                ``106``, then one ``x y`` per line — the JD-landmark annotation format — kept outside
-                the root so readers of the folder see only identity folders of images.
+Landmark sidecars (the format ``write_face_dataset`` writes):
+  RecordIO      ``landmarks106.npy`` beside ``train.rec``: float32 (num_images, 106, 2), row i = the
+                image of ``RecordIOReader.image(i)`` (the order images were added: identity by identity).
+  image folder  ``<root>-landmarks/<identity folder>/<image stem>.txt`` — a sibling of ``<root>``,
+                mirroring its tree (``<root>/000003/00007.jpg`` -> ``<root>-landmarks/000003/00007.txt``);
+                JD-landmark text: first line ``106``, then one ``x y`` per line. Kept outside the image
+                root because an image folder must hold only images (its reader rejects other files).
 """
 
 from __future__ import annotations
 
+import functools
 import math
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import cv2
 import numpy as np
 
 SIZE = 112
 _CX, _CY = 56.0, 58.0
+# pixel-centre coordinates in [-0.5, 0.5), for the illumination gradient
+_YY, _XX = (np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE - 0.5)
+_U7 = np.linspace(-1.0, 1.0, 7)                        # mouth x positions, corner to corner
+_S7 = np.sin(np.linspace(0.0, math.pi, 7))             # lip bulge profile
+_U5 = np.linspace(-0.8, 0.8, 5)                        # inner-lip x positions
+
+# yaw shifts each point by yaw * 9 px * depth: the nose (nearest the camera) most, the contour not at all
+# (it is squashed instead). JD-106 index ranges, see visrec.data.schemes.
+_DEPTH = np.full(106, 0.25)
+_DEPTH[0:33] = 0.0
+_DEPTH[43:47] = 0.5
+_DEPTH[47:52] = 0.6
+_DEPTH[78:84] = 0.5
+_DEPTH[84:104] = 0.35
 
 
+@functools.cache
+def _noise_bank() -> np.ndarray:
+    """A fixed field of unit Gaussian noise; each image takes a random window of it (drawing 37k normals
+    per image would cost as much as all the drawing)."""
+    return np.random.default_rng(20190603).standard_normal((SIZE + 64, SIZE + 64, 3), dtype=np.float32)
+
+
+@functools.lru_cache(maxsize=4096)
 def _identity_params(seed: int, identity: int) -> dict:
+    """The identity's random parameters (lengths in pixels of the canonical 112x112 frame, colours RGB)."""
     rng = np.random.default_rng([seed, identity, 7919])
     u = rng.uniform
     return {
@@ -50,137 +79,142 @@ def _arc(cx, cy, a, b, start, end, n) -> np.ndarray:
     return np.stack([cx + a * np.cos(t), cy + b * np.sin(t)], axis=1)
 
 
-def _canonical(p: dict, smile: float, mouth_open: float, eye_open: float, yaw: float) -> dict[str, np.ndarray]:
-    """Named point groups in the canonical frame (y down). ``yaw`` in [-1, 1] shifts features by depth."""
+@functools.lru_cache(maxsize=4096)
+def _identity_shape(seed: int, identity: int) -> dict:
+    """Everything about the identity's neutral frontal face that no image changes: the 106 points with
+    expression-dependent ones (eyes, mouth) left for ``_face_points``, plus drawing outlines and colours."""
+    p = _identity_params(seed, identity)
     a, b = p["face_a"], p["face_b"]
-    contour = _arc(_CX, _CY, a, b, 170, 10, 33)
+    pts = np.zeros((106, 2))
+    contour = _arc(_CX, _CY, a, b, 170, 10, 33)          # image left -> chin -> image right
     contour[:, 1] = _CY + (contour[:, 1] - _CY) * np.where(contour[:, 1] > _CY, p["jaw"], 1.0)
-    g: dict[str, np.ndarray] = {"contour": contour}
+    pts[0:33] = contour
     ey = _CY + p["eye_y"]
-    for side, sgn in (("left", -1), ("right", 1)):
+    for sgn, upper_idx, lower_idx in ((-1, slice(33, 38), slice(64, 68)), (1, slice(38, 43), slice(68, 72))):
         ex = _CX + sgn * p["eye_dx"]
-        w, h = p["eye_w"], p["eye_h"] * eye_open
-        outer, inner = (ex + sgn * w, ey), (ex - sgn * w, ey)
-        up = [(ex + sgn * w * 0.5, ey - h * 0.85), (ex - sgn * w * 0.5, ey - h * 0.85)]
-        lo = [(ex - sgn * w * 0.5, ey + h * 0.85), (ex + sgn * w * 0.5, ey + h * 0.85)]
-        # left eye runs outer->upper->inner->lower; right eye inner->upper->outer->lower (JD order)
-        if side == "left":
-            ring = [outer, *up, inner, *lo]
-        else:
-            ring = [inner, up[1], up[0], outer, lo[1], lo[0]]
-        g[f"{side}_eye"] = np.array(ring + [(ex, ey - h), (ex, ey + h)])
-        g[f"{side}_eye_center"] = np.array([[ex, ey]])
-        g[f"{side}_pupil"] = np.array([[ex + yaw * 1.5, ey]])
         by = ey - p["brow_dy"]
         xs = np.linspace(ex + sgn * p["brow_w"], ex - sgn * p["brow_w"] * 0.8, 5)  # outer -> inner
         arch = p["brow_arch"] * np.sin(np.linspace(0, math.pi, 5))
         upper = np.stack([xs, by - arch], 1)
         lower = np.stack([xs[:4] + (xs[1] - xs[0]) * 0.5, by - arch[:4] + 2.0 + p["brow_thick"]], 1)
-        g[f"{side}_brow_upper"] = upper if side == "left" else upper[::-1]
-        g[f"{side}_brow_lower"] = lower if side == "left" else lower[::-1]
+        # JD order runs image-left -> image-right: the left brow outer -> inner, the right inner -> outer
+        pts[upper_idx] = upper if sgn < 0 else upper[::-1]
+        pts[lower_idx] = lower if sgn < 0 else lower[::-1]
     nose_top, tip_y = ey + 1, ey + 1 + p["nose_len"]
-    g["nose_bridge"] = np.stack([np.full(4, _CX), np.linspace(nose_top, tip_y, 4)], 1)
+    pts[43:47] = np.stack([np.full(4, _CX), np.linspace(nose_top, tip_y, 4)], 1)
     nw = p["nose_w"]
-    g["nose_base"] = np.array([[_CX - nw, tip_y - 1], [_CX - nw / 2, tip_y + 1.5], [_CX, tip_y + 2],
-                               [_CX + nw / 2, tip_y + 1.5], [_CX + nw, tip_y - 1]])
+    pts[47:52] = [[_CX - nw, tip_y - 1], [_CX - nw / 2, tip_y + 1.5], [_CX, tip_y + 2],
+                  [_CX + nw / 2, tip_y + 1.5], [_CX + nw, tip_y - 1]]
     wing_y = np.linspace(nose_top + p["nose_len"] * 0.4, tip_y - 1, 3)
-    g["nose_wings"] = np.array([[_CX + s * nw * (0.45 + 0.25 * k), y] for k, y in enumerate(wing_y) for s in (-1, 1)])
+    pts[78:84] = [[_CX + s * nw * (0.45 + 0.25 * k), y] for k, y in enumerate(wing_y) for s in (-1, 1)]
+    top = _arc(_CX, _CY, a, b, 350, 190, 16)             # forehead, right -> left, closes the skin outline
+    hair = _arc(_CX, _CY, a * 1.05, b * 1.05, 180, 360, 16)
+    hair_line = hair.copy()
+    hair_line[:, 1] = np.maximum(hair_line[:, 1], _CY - b * (1 - p["hair_h"]))
+    colour = lambda c, k=1.0: tuple(float(v) * k for v in c)  # noqa: E731
+    marks = [((int(_CX + mx * a * 0.7), int(_CY + my * b * 0.6)), (int(r * 2), int(r)), ang)
+             for mx, my, r, ang in p["marks"]]
+    return {
+        "pts": pts, "eye_y": ey, "top": top, "hair": np.concatenate([hair, hair_line[::-1]]), "marks": marks,
+        "skin": colour(p["skin"]), "skin_dark": colour(p["skin"], 0.6), "nose": colour(p["skin"], 0.85),
+        "hair_rgb": colour(p["hair"]), "brow": colour(p["hair"], 0.8), "iris": colour(p["iris"]),
+        "lips": colour(p["lips"]), "pupil_r": max(1.0, p["eye_h"] * 0.9),
+    }
+
+
+def _face_points(p: dict, shape: dict, smile: float, mouth_open: float, eye_open: float,
+                 yaw: float) -> np.ndarray:
+    """(106, 2) canonical-frame points for one expression; ``yaw`` in [-1, 1]."""
+    pts = shape["pts"].copy()
+    ey = shape["eye_y"]
+    w, h = p["eye_w"], p["eye_h"] * eye_open
+    for sgn, ring, mid, centre, pupil in ((-1, slice(52, 58), slice(72, 74), 74, 104),
+                                          (1, slice(58, 64), slice(75, 77), 77, 105)):
+        ex = _CX + sgn * p["eye_dx"]
+        # ring in image-x order: left corner, upper lid left->right, right corner, lower lid right->left.
+        # For the left eye the left corner is the outer one (52), for the right eye the inner one (58).
+        pts[ring] = np.stack([ex + w * np.array([-1, -0.5, 0.5, 1, 0.5, -0.5]),
+                              ey + h * np.array([0, -0.85, -0.85, 0, 0.85, 0.85])], 1)
+        pts[mid] = [[ex, ey - h], [ex, ey + h]]
+        pts[centre] = [ex, ey]
+        pts[pupil] = [ex + yaw * 1.5, ey]                 # the gaze follows the turn a little
     my, mw, lh = _CY + p["mouth_y"], p["mouth_w"] * (1 + 0.15 * smile), p["lip_h"]
-    corner_y = my - 2.5 * smile
-    gap = 3.5 * mouth_open
-    xs = np.linspace(_CX - mw, _CX + mw, 7)
-    upper_outer = np.stack([xs, my - gap / 2 - lh * np.sin(np.linspace(0, math.pi, 7)) - 0.8], 1)
-    upper_outer[[0, -1], 1] = corner_y
-    lower_outer = np.stack([xs[1:-1][::-1], my + gap / 2 + lh * 1.3 * np.sin(np.linspace(0, math.pi, 7))[1:-1]], 1)
-    g["outer_lip"] = np.concatenate([upper_outer, lower_outer])  # 84 left corner .. 90 right corner .. 95
-    xi = np.linspace(_CX - mw * 0.8, _CX + mw * 0.8, 5)
-    inner_up = np.stack([xi, np.full(5, my - gap / 2)], 1)
-    inner_up[[0, -1], 1] = corner_y
-    inner_lo = np.stack([xi[1:-1][::-1], np.full(3, my + gap / 2)], 1)
-    g["inner_lip"] = np.concatenate([inner_up, inner_lo])
-    # yaw: features nearer the camera move more (nose tip most, contour sides least)
-    depth = {"nose_bridge": 0.5, "nose_base": 0.6, "nose_wings": 0.5, "outer_lip": 0.35, "inner_lip": 0.35}
-    for name, pts in g.items():
-        if name != "contour":
-            g[name] = pts + np.array([yaw * 9 * depth.get(name, 0.25), 0])
-    squash = 1 - 0.25 * abs(yaw)
-    side = contour[:, 0] < _CX if yaw > 0 else contour[:, 0] > _CX
-    g["contour"][side, 0] = _CX + (contour[side, 0] - _CX) * squash
-    return g
-
-
-def _assemble(g: dict[str, np.ndarray]) -> np.ndarray:
-    from visrec.data.schemes import get_scheme
-
-    out = np.zeros((106, 2), np.float64)
-    for name, idx in get_scheme("jd106").groups.items():
-        out[idx] = g[name]
-    return out
+    corner_y, gap = my - 2.5 * smile, 3.5 * mouth_open
+    xs = _CX + mw * _U7
+    pts[84:91, 0] = xs                                   # 84 left corner -> 90 right corner
+    pts[84:91, 1] = my - gap / 2 - lh * _S7 - 0.8
+    pts[[84, 90], 1] = corner_y
+    pts[91:96, 0] = xs[1:-1][::-1]                       # lower lip, right -> left
+    pts[91:96, 1] = my + gap / 2 + lh * 1.3 * _S7[1:-1]
+    xi = _CX + mw * _U5
+    pts[96:101, 0] = xi                                  # inner lip: 96 left corner -> 100 right corner
+    pts[96:101, 1] = my - gap / 2
+    pts[[96, 100], 1] = corner_y
+    pts[101:104, 0] = xi[1:-1][::-1]
+    pts[101:104, 1] = my + gap / 2
+    pts[:, 0] += yaw * 9 * _DEPTH
+    # the cheek turning away from the camera foreshortens
+    side = pts[0:33, 0] < _CX if yaw > 0 else pts[0:33, 0] > _CX
+    contour_x = pts[0:33, 0]
+    contour_x[side] = _CX + (contour_x[side] - _CX) * (1 - 0.25 * abs(yaw))
+    return pts
 
 
 def _poly(img, pts, color) -> None:
     cv2.fillPoly(img, [np.round(pts * 16).astype(np.int32)], color, cv2.LINE_AA, shift=4)
 
 
-def _draw(p: dict, g: dict[str, np.ndarray], rng: np.random.Generator) -> np.ndarray:
-    bg = rng.uniform(30, 225, 3)
-    img = np.empty((SIZE, SIZE, 3), np.float32)
-    img[:] = bg
-    img = img.astype(np.uint8)
-    top = _arc(_CX, _CY, p["face_a"], p["face_b"], 350, 190, 16)  # right -> left over the top
-    _poly(img, np.concatenate([g["contour"], top]), tuple(float(c) for c in p["skin"]))
-    hair = _arc(_CX, _CY, p["face_a"] * 1.05, p["face_b"] * 1.05, 180, 360, 16)
-    hair_line = hair.copy()
-    hair_line[:, 1] = np.maximum(hair_line[:, 1], _CY - p["face_b"] * (1 - p["hair_h"]))
-    _poly(img, np.concatenate([hair, hair_line[::-1]]), tuple(float(c) for c in p["hair"]))
-    skin_dark = tuple(float(c) * 0.6 for c in p["skin"])
-    for mx, my, r, ang in p["marks"]:
-        cv2.ellipse(img, (int(_CX + mx * p["face_a"] * 0.7), int(_CY + my * p["face_b"] * 0.6)),
-                    (int(r * 2), int(r)), ang, 0, 360, skin_dark, -1, cv2.LINE_AA)
-    for side in ("left", "right"):
-        eye = g[f"{side}_eye"][:6]
-        _poly(img, eye, (245, 245, 245))
-        c = g[f"{side}_pupil"][0]
-        r = max(1.0, p["eye_h"] * 0.9)
-        cv2.circle(img, (int(round(c[0] * 16)), int(round(c[1] * 16))), int(r * 16), tuple(float(x) for x in p["iris"]), -1, cv2.LINE_AA, 4)
-        cv2.circle(img, (int(round(c[0] * 16)), int(round(c[1] * 16))), int(r * 7), (10, 10, 10), -1, cv2.LINE_AA, 4)
-        brow = np.concatenate([g[f"{side}_brow_upper"], g[f"{side}_brow_lower"][::-1]])
-        _poly(img, brow, tuple(float(c) * 0.8 for c in p["hair"]))
-    nose = np.concatenate([g["nose_bridge"][:1], g["nose_base"][[4]], g["nose_base"][[0]]])
-    _poly(img, nose, tuple(float(c) * 0.85 for c in p["skin"]))
-    for k in (1, 3):
-        n = g["nose_base"][k]
-        cv2.circle(img, (int(n[0]), int(n[1] - 1)), 1, (40, 30, 30), -1)
-    _poly(img, g["outer_lip"], tuple(float(c) for c in p["lips"]))
-    _poly(img, g["inner_lip"], (40, 20, 20))
+def _draw(shape: dict, pts: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    img = np.empty((SIZE, SIZE, 3), np.uint8)
+    img[:] = rng.uniform(30, 225, 3).astype(np.uint8)  # background
+    _poly(img, np.concatenate([pts[0:33], shape["top"]]), shape["skin"])
+    _poly(img, shape["hair"], shape["hair_rgb"])
+    for centre, axes, angle in shape["marks"]:
+        cv2.ellipse(img, centre, axes, angle, 0, 360, shape["skin_dark"], -1, cv2.LINE_AA)
+    r16 = int(shape["pupil_r"] * 16)
+    for ring, pupil, brow in ((slice(52, 58), 104, [*range(33, 38), *range(67, 63, -1)]),
+                              (slice(58, 64), 105, [*range(38, 43), *range(71, 67, -1)])):
+        _poly(img, pts[ring], (245, 245, 245))
+        c = (int(round(pts[pupil, 0] * 16)), int(round(pts[pupil, 1] * 16)))
+        cv2.circle(img, c, r16, shape["iris"], -1, cv2.LINE_AA, 4)
+        cv2.circle(img, c, r16 * 7 // 16, (10, 10, 10), -1, cv2.LINE_AA, 4)
+        _poly(img, pts[brow], shape["brow"])
+    _poly(img, pts[[43, 51, 47]], shape["nose"])
+    for k in (48, 50):  # nostrils
+        cv2.circle(img, (int(pts[k, 0]), int(pts[k, 1] - 1)), 1, (40, 30, 30), -1)
+    _poly(img, pts[84:96], shape["lips"])
+    _poly(img, pts[96:104], (40, 20, 20))
     return img
 
 
 def render_face(identity: int, rng: np.random.Generator, difficulty: float = 0.3, seed: int = 0):
-    """One image of ``identity``: (HxWx3 RGB uint8 112x112, float32 (106, 2) landmarks, JD order)."""
+    """One image of ``identity`` -> (112x112x3 RGB uint8, float32 (106, 2) landmarks in JD order, pixels,
+    origin top-left). Identity parameters come from ``(seed, identity)``; everything else from ``rng``."""
     d = float(np.clip(difficulty, 0, 1))
     p = _identity_params(seed, identity)
-    g = _canonical(p, smile=rng.uniform(0, d), mouth_open=rng.uniform(0, d),
-                   eye_open=1 - rng.uniform(0, 0.6 * d), yaw=rng.uniform(-d, d) * 0.8)
-    canvas = _draw(p, g, rng)
-    angle = rng.uniform(-1, 1) * (4 + 22 * d)
+    shape = _identity_shape(seed, identity)
+    pts = _face_points(p, shape, smile=rng.uniform(0, d), mouth_open=rng.uniform(0, d),
+                       eye_open=1 - rng.uniform(0, 0.6 * d), yaw=rng.uniform(-d, d) * 0.8)
+    canvas = _draw(shape, pts, rng)
+    angle = rng.uniform(-1, 1) * (4 + 22 * d)  # degrees
     scale = 1 + rng.uniform(-1, 1) * 0.12 * d
-    shift = rng.uniform(-1, 1, 2) * (1 + 7 * d)
+    shift = rng.uniform(-1, 1, 2) * (1 + 7 * d)  # pixels
     M = cv2.getRotationMatrix2D((_CX, _CY), angle, scale)
     M[:, 2] += shift
     img = cv2.warpAffine(canvas, M, (SIZE, SIZE), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT)
-    pts = _assemble(g)
     pts = pts @ M[:, :2].T + M[:, 2]
     img = img.astype(np.float32)
     gain = 1 + rng.uniform(-0.45, 0.35) * d
     grad_dir = rng.uniform(0, 2 * math.pi)
-    yy, xx = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32) / SIZE - 0.5
-    img *= (gain + 0.6 * d * rng.uniform(0, 1) * (np.cos(grad_dir) * xx + np.sin(grad_dir) * yy))[..., None]
-    img += rng.uniform(-20, 20, 3) * d  # colour cast
+    slope = 0.6 * d * rng.uniform(0, 1)
+    img *= (gain + (slope * math.cos(grad_dir)) * _XX + (slope * math.sin(grad_dir)) * _YY)[..., None]
+    img += (rng.uniform(-20, 20, 3) * d).astype(np.float32)  # colour cast
     sigma = rng.uniform(0, 1.6 * d)
     if sigma > 0.3:
         img = cv2.GaussianBlur(img, (0, 0), sigma)
-    img += rng.normal(0, 1 + 10 * d, img.shape).astype(np.float32)
+    ox, oy = rng.integers(0, 65, 2)
+    sign = 1 if rng.uniform() < 0.5 else -1
+    img += _noise_bank()[oy:oy + SIZE, ox:ox + SIZE] * np.float32(sign * (1 + 10 * d))
     if rng.uniform() < 0.5 * d:  # occluder: a bar or a patch of random colour
         w, h = rng.integers(15, 15 + int(45 * d) + 1, 2)
         x0, y0 = rng.integers(0, SIZE - 10, 2)
@@ -190,7 +224,8 @@ def render_face(identity: int, rng: np.random.Generator, difficulty: float = 0.3
 
 def iter_faces(num_identities: int, images_per_identity: int, *, seed: int = 0, difficulty: float = 0.3,
                first_identity: int = 0) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
-    """Yield (image, label, landmarks); labels 0..num_identities-1 render identity first_identity+label."""
+    """Yield (image, label, landmarks) identity by identity; label k renders identity first_identity + k, so
+    sets with disjoint identity ranges share no identity. Deterministic in (seed, identity)."""
     for label in range(num_identities):
         rng = np.random.default_rng([seed, first_identity + label, 104729])
         for _ in range(images_per_identity):
@@ -200,48 +235,58 @@ def iter_faces(num_identities: int, images_per_identity: int, *, seed: int = 0, 
 
 def write_face_dataset(out_dir: str | Path, num_identities: int, images_per_identity: int, *,
                        format: str = "recordio", seed: int = 0, difficulty: float = 0.3,
-                       first_identity: int = 0, progress=None) -> Path:
-    """Render and write a training set (RecordIO or image folder) plus its landmark sidecar."""
+                       first_identity: int = 0, progress: Callable[[], None] | None = None) -> Path:
+    """Render a training set and write it with the real writers: ``format="recordio"`` -> InsightFace
+    ``train.rec/.idx/property`` in ``out_dir`` + ``landmarks106.npy``; ``format="folder"`` -> one folder per
+    identity + the ``<out_dir>-landmarks`` sidecar tree (module docstring). ``progress`` is called once per
+    image. Returns ``out_dir``."""
+    if format not in ("recordio", "folder"):
+        raise ValueError(f"format must be 'recordio' or 'folder', got {format!r}")
     out = Path(out_dir)
     faces = iter_faces(num_identities, images_per_identity, seed=seed, difficulty=difficulty,
                        first_identity=first_identity)
-    points = []
     if format == "recordio":
         from visrec.data.recordio import RecordIOWriter
 
+        points = []
         with RecordIOWriter(out) as writer:
             for img, label, pts in faces:
                 writer.add(img, label)
                 points.append(pts)
                 if progress:
                     progress()
-        np.save(out / "landmarks106.npy", np.stack(points))
-    elif format == "folder":
-        from visrec.data.folders import write_image_folder
+        np.save(out / "landmarks106.npy", np.stack(points).astype(np.float32))
+        return out
 
-        def items():
-            for img, label, pts in faces:
-                points.append((label, pts))
-                if progress:
-                    progress()
-                yield img, label
+    from visrec.data.folders import write_image_folder
+    from visrec.data.landmarks import write_landmark_txt
 
-        write_image_folder(out, items())
-        counts: dict[int, int] = {}
-        for label, pts in points:
+    sidecar = out.parent / f"{out.name}-landmarks"
+    counts: dict[int, int] = {}
+
+    def items():
+        for img, label, pts in faces:
             n = counts.get(label, 0)
             counts[label] = n + 1
-            path = out.parent / f"{out.name}-landmarks" / f"{label:06d}" / f"{n:05d}.txt"
-            path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_text("106\n" + "\n".join(f"{x:.3f} {y:.3f}" for x, y in pts) + "\n")
-    else:
-        raise ValueError(f"format must be 'recordio' or 'folder', got {format!r}")
+            # the same names write_image_folder gives the image: <label:06d>/<n:05d>.jpg
+            write_landmark_txt(sidecar / f"{label:06d}" / f"{n:05d}.txt", pts)
+            if progress:
+                progress()
+            yield img, label
+
+    write_image_folder(out, items())
     return out
 
 
 def write_verification_pairs(path: str | Path, num_identities: int, num_pairs: int, *, seed: int = 0,
-                             difficulty: float = 0.3, first_identity: int = 100_000) -> Path:
-    """A verification .bin of held-out identities: half genuine pairs, half impostor pairs."""
+                             difficulty: float = 0.3, first_identity: int = 100_000,
+                             progress: Callable[[], None] | None = None) -> Path:
+    """A verification ``.bin`` over identities first_identity .. first_identity+num_identities-1 (held out
+    from training sets that start at 0): pairs alternate genuine (even index) / impostor (odd), every image
+    a fresh rendering. Written with ``visrec.data.verification.write_verification_bin``; ``progress`` is
+    called once per pair."""
+    if num_identities < 2:
+        raise ValueError("impostor pairs need at least 2 identities")
     from visrec.data.verification import write_verification_bin
 
     rng = np.random.default_rng([seed, first_identity, 31337])
@@ -254,4 +299,6 @@ def write_verification_pairs(path: str | Path, num_identities: int, num_pairs: i
             img, _ = render_face(first_identity + ident, rng, difficulty, seed)
             images.append(img)
         issame.append(same)
+        if progress:
+            progress()
     return write_verification_bin(path, images, issame)

@@ -23,6 +23,8 @@ _ALLOWED = {
     ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
     ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
     ("numpy", "ndarray"), ("numpy", "dtype"),
+    # protocol-5 pickles of numpy arrays (numpy >= 1.16 with pickle 5) rebuild from a raw buffer
+    ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
     ("builtins", "bytearray"), ("__builtin__", "bytearray"),
     ("_codecs", "encode"),  # how Python 3 pickles bytes under protocol 2
 }
@@ -44,14 +46,28 @@ def read_verification_bin(path: str | Path) -> tuple[list[np.ndarray], np.ndarra
     except OSError as exc:
         raise DataError(f"cannot read: {exc.strerror}", path=path) from None
     try:
-        bins, issame = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
+        obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except pickle.UnpicklingError as exc:
         raise DataError(str(exc), path=path) from None
-    except (ValueError, TypeError, EOFError) as exc:
+    except (ValueError, TypeError, EOFError, IndexError, KeyError) as exc:
         raise DataError(f"not a verification .bin (pickle of (images, issame)): {exc}", path=path) from None
-    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    if not isinstance(obj, (tuple, list)) or len(obj) != 2:
+        raise DataError("not a verification .bin (pickle of (images, issame)): top level is "
+                        f"{type(obj).__name__} of length {len(obj) if hasattr(obj, '__len__') else '?'}", path=path)
+    bins, issame = obj
+    if not isinstance(bins, (list, tuple)):
+        raise DataError(f"images must be a list of encoded images, got {type(bins).__name__}", path=path)
+    flags = np.asarray(issame).reshape(-1)
+    # bools, or 0/1 integers (some re-packed files); anything else (strings, 2, 0.5) is not a label
+    if flags.dtype != bool and not (flags.dtype.kind in "iu" and np.isin(flags, (0, 1)).all()) and not all(
+            isinstance(x, (bool, np.bool_)) for x in flags.tolist()):
+        raise DataError(f"issame must hold booleans, got {flags.dtype} values", path=path)
+    issame = flags.astype(bool)
     if len(bins) != 2 * len(issame):
         raise DataError(f"{len(bins)} images for {len(issame)} pairs (need 2 per pair)", path=path)
+    for i, b in enumerate(bins):
+        if not isinstance(b, (bytes, bytearray, np.ndarray)):
+            raise DataError(f"{type(b).__name__}, not encoded image bytes", path=path, record=i)
     images = [decode_image(bytes(b), source=path, record=i) for i, b in enumerate(bins)]
     return images, issame
 
