@@ -1,0 +1,324 @@
+"""The Perfect-500K layout (ACM MM'19 "AI Meets Beauty"): catalogue and query folders, ground truth, submissions.
+
+Layout of a data set root::
+
+    <root>/catalogue/<id>.jpg     catalogue (shop) images, one product photo per file; id = file stem
+    <root>/query/<qid>.jpg        real-world query photos; qid = file stem
+    <root>/val.csv                ground truth, one line per query: ``qid,gt1,gt2,...`` (no header)
+
+A submission CSV has one line per query: ``qid,id1,...,id7`` — the query id then exactly ``k`` (7)
+catalogue ids, best first, no duplicates within a row, no header (scored with mAP@7).
+
+Every line of a ground-truth or submission file is data (no header line is assumed); blank lines are
+skipped. Ids are compared as strings after stripping surrounding whitespace and may not contain commas.
+Errors are ``DataError`` naming the file and the 1-based line (``record="line N"``).
+
+Images in memory are HxWx3 RGB uint8 (``visrec.data.images``). ``preprocess_product`` turns one into the
+network input: float32 CHW, ImageNet-normalised.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping, Sequence
+
+import numpy as np
+
+from visrec.data.images import decode_image
+from visrec.errors import DataError
+
+CATALOGUE_DIR = "catalogue"
+QUERY_DIR = "query"
+GROUND_TRUTH = "val.csv"
+PRODUCT_LABELS = "catalogue_products.csv"   # ``catalogue_id,product_id`` (written by the synthetic generator)
+SUBMISSION_K = 7
+PRODUCT_SUFFIXES = (".jpg", ".jpeg", ".png")
+
+# ImageNet channel statistics for RGB in [0, 1]
+IMAGENET_MEAN = np.array([0.485, 0.456, 0.406], np.float32)
+IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
+
+
+# ----------------------------------------------------------------------------------------- images
+
+def list_images(folder: str | Path) -> list[tuple[str, Path]]:
+    """``(id, path)`` for every .jpg/.jpeg/.png file (suffix case-insensitive) directly in ``folder``,
+    sorted by id (the file stem). Other files are ignored. Raises ``DataError`` when the folder is missing
+    or two files share an id (``a.jpg`` and ``a.png``)."""
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise DataError("image folder not found", path=folder)
+    seen: dict[str, Path] = {}
+    for p in folder.iterdir():
+        if p.suffix.lower() not in PRODUCT_SUFFIXES or not p.is_file():
+            continue
+        if p.stem in seen:
+            a, b = sorted([seen[p.stem].name, p.name])
+            raise DataError(f"duplicate image id {p.stem!r}: both {a} and {b}", path=folder)
+        seen[p.stem] = p
+    return sorted(seen.items())
+
+
+def read_image_checked(image_id: str, path: str | Path) -> np.ndarray:
+    """Decode one image to HxWx3 RGB uint8; a missing or undecodable file raises ``DataError`` naming
+    the path and the id."""
+    path = Path(path)
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise DataError(f"cannot read image: {exc.strerror}", path=path, record=f"id {image_id}") from None
+    return decode_image(data, source=path, record=f"id {image_id}")
+
+
+def _check_decodable(path: Path) -> str | None:
+    """None when ``path`` decodes, else the reason. Decodes at 1/8 scale (cheap for JPEG)."""
+    import cv2
+
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        return f"cannot read: {exc.strerror}"
+    if not data:
+        return "empty file"
+    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8)
+    if arr is None or arr.size == 0:
+        return f"not a decodable image ({len(data)} bytes)"
+    return None
+
+
+def scan_catalogue(folder_or_items: str | Path | Iterable[tuple[str, Path]], *, strict: bool = False
+                   ) -> tuple[list[tuple[str, Path]], list[tuple[str, str]]]:
+    """Check that every image decodes, without keeping any in memory.
+
+    ``folder_or_items`` is a folder (listed with ``list_images``) or ``(id, path)`` pairs. Returns
+    ``(ok_items, bad_items)``: ``ok_items`` the ``(id, path)`` pairs that decode, ``bad_items``
+    ``(id, reason)`` for the rest. With ``strict=True`` the first bad image raises ``DataError`` instead.
+    """
+    items = list_images(folder_or_items) if isinstance(folder_or_items, (str, Path)) else list(folder_or_items)
+    ok: list[tuple[str, Path]] = []
+    bad: list[tuple[str, str]] = []
+    for image_id, path in items:
+        reason = _check_decodable(Path(path))
+        if reason is None:
+            ok.append((image_id, Path(path)))
+        elif strict:
+            raise DataError(reason, path=path, record=f"id {image_id}")
+        else:
+            bad.append((image_id, reason))
+    return ok, bad
+
+
+def load_catalogue_images(items: Iterable[tuple[str, str | Path]], *, strict: bool = False,
+                          bad: list[tuple[str, str]] | None = None) -> Iterator[tuple[str, np.ndarray]]:
+    """Lazily yield ``(id, RGB uint8 image)`` for ``(id, path)`` pairs, one image in memory at a time.
+
+    A missing/undecodable image is skipped and ``(id, reason)`` appended to ``bad`` (when given);
+    with ``strict=True`` it raises ``DataError`` naming the id and path instead.
+    """
+    for image_id, path in items:
+        try:
+            img = read_image_checked(image_id, path)
+        except DataError as exc:
+            if strict:
+                raise
+            if bad is not None:
+                bad.append((image_id, exc.message))
+            continue
+        yield image_id, img
+
+
+# ----------------------------------------------------------------------------------------- CSV files
+
+def _atomic_write_text(path: str | Path, text: str) -> None:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def _read_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
+    """``(1-based line, stripped fields)`` for each non-blank line."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except FileNotFoundError:
+        raise DataError("file not found", path=path) from None
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror}", path=path) from None
+    except UnicodeDecodeError:
+        raise DataError("not UTF-8 text", path=path) from None
+    for lineno, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        yield lineno, [f.strip() for f in line.split(",")]
+
+
+def _check_row(fields: Sequence[str], *, path, record, what: str) -> None:
+    """Query id + ids: none empty, no duplicate ids."""
+    for i, f in enumerate(fields):
+        if not f:
+            name = "query id" if i == 0 else f"{what} id #{i}"
+            raise DataError(f"empty {name}", path=path, record=record)
+    seen: set[str] = set()
+    for f in fields[1:]:
+        if f in seen:
+            raise DataError(f"duplicate {what} id {f!r} for query {fields[0]!r}", path=path, record=record)
+        seen.add(f)
+
+
+def read_ground_truth(path: str | Path) -> dict[str, list[str]]:
+    """Read ``qid,gt1,gt2,...`` lines (every non-blank line is data) into ``{qid: [gt ids in file order]}``.
+
+    Errors (``DataError`` with the file and ``line N``): a line with no ground-truth id, an empty id,
+    a duplicate id within a line, a query id seen on an earlier line.
+    """
+    gt: dict[str, list[str]] = {}
+    first: dict[str, int] = {}
+    for lineno, fields in _read_rows(path):
+        record = f"line {lineno}"
+        _check_row(fields, path=path, record=record, what="ground-truth")
+        if len(fields) < 2:
+            raise DataError(f"query {fields[0]!r} has no ground-truth ids", path=path, record=record)
+        if fields[0] in gt:
+            raise DataError(f"duplicate query id {fields[0]!r} (first on line {first[fields[0]]})",
+                            path=path, record=record)
+        gt[fields[0]] = fields[1:]
+        first[fields[0]] = lineno
+    return gt
+
+
+def _validate_mapping(rows: Mapping[str, Sequence[str]], path, what: str) -> None:
+    for qid, ids in rows.items():
+        qid = str(qid)
+        fields = [qid, *(str(i) for i in ids)]
+        if any("," in f or "\n" in f for f in fields):
+            raise DataError(f"an id for query {qid!r} contains ',' or a newline", path=path, record=f"query {qid}")
+        _check_row([f.strip() for f in fields], path=path, record=f"query {qid}", what=what)
+
+
+def write_ground_truth(path: str | Path, gt: Mapping[str, Sequence[str]]) -> None:
+    """Write ``{qid: [gt ids]}`` as ``qid,gt1,gt2,...`` lines (insertion order), atomically."""
+    _validate_mapping(gt, path, "ground-truth")
+    for qid, ids in gt.items():
+        if not ids:
+            raise DataError(f"query {qid!r} has no ground-truth ids", path=path, record=f"query {qid}")
+    _atomic_write_text(path, "".join(",".join([str(q), *map(str, ids)]) + "\n" for q, ids in gt.items()))
+
+
+def write_submission(path: str | Path, ranked: Mapping[str, Sequence[str]], k: int = SUBMISSION_K) -> None:
+    """Write ``qid,id1,...,idk`` per query (insertion order): the first ``k`` ids of each ranked list,
+    best first. A list shorter than ``k`` or with a duplicate among its first ``k`` raises ``DataError``
+    naming the query. Written atomically (temp file in the same folder + ``os.replace``)."""
+    rows = {str(q): [str(i) for i in list(ids)[:k]] for q, ids in ranked.items()}
+    for qid, ids in rows.items():
+        if len(ids) < k:
+            raise DataError(f"query {qid!r} has {len(ids)} ranked ids, a submission row needs {k}",
+                            path=path, record=f"query {qid}")
+    _validate_mapping(rows, path, "ranked")
+    _atomic_write_text(path, "".join(",".join([q, *ids]) + "\n" for q, ids in rows.items()))
+
+
+def read_submission(path: str | Path, k: int = SUBMISSION_K) -> dict[str, list[str]]:
+    """Read a submission: ``{qid: [k ids, best first]}``. Each non-blank line must hold a query id and
+    exactly ``k`` non-empty, distinct ids; a query may appear once. Errors name the file and line."""
+    out: dict[str, list[str]] = {}
+    first: dict[str, int] = {}
+    for lineno, fields in _read_rows(path):
+        record = f"line {lineno}"
+        if len(fields) - 1 != k:
+            raise DataError(f"{len(fields) - 1} ids after the query id, expected {k}", path=path, record=record)
+        _check_row(fields, path=path, record=record, what="ranked")
+        if fields[0] in out:
+            raise DataError(f"duplicate query id {fields[0]!r} (first on line {first[fields[0]]})",
+                            path=path, record=record)
+        out[fields[0]] = fields[1:]
+        first[fields[0]] = lineno
+    return out
+
+
+# ----------------------------------------------------------------------------------------- preprocessing
+
+def pad_to_square(img: np.ndarray, fill: int = 255) -> np.ndarray:
+    """Pad the shorter side of an HxW(xC) image equally on both sides (the odd pixel goes to the
+    bottom/right) with ``fill`` (white by default), giving a max(H, W) square; content is unchanged."""
+    h, w = img.shape[:2]
+    if h == w:
+        return img
+    side = max(h, w)
+    top, left = (side - h) // 2, (side - w) // 2
+    out = np.full((side, side) + img.shape[2:], fill, dtype=img.dtype)
+    out[top:top + h, left:left + w] = img
+    return out
+
+
+def _resize(img: np.ndarray, size: int) -> np.ndarray:
+    import cv2
+
+    if img.shape[0] == size:
+        return img
+    interp = cv2.INTER_AREA if img.shape[0] > size else cv2.INTER_LINEAR
+    return cv2.resize(img, (size, size), interpolation=interp)
+
+
+def _normalise(img: np.ndarray) -> np.ndarray:
+    x = (img.astype(np.float32) * (1.0 / 255.0) - IMAGENET_MEAN) / IMAGENET_STD
+    return np.ascontiguousarray(x.transpose(2, 0, 1))
+
+
+def preprocess_product(img: np.ndarray, size: int = 224, multiscale: Sequence[float] | None = None
+                       ) -> np.ndarray | list[np.ndarray]:
+    """Network input for an HxWx3 RGB uint8 product image.
+
+    Pad to a square with white (``pad_to_square``), resize to ``size`` x ``size`` pixels
+    (``cv2.INTER_AREA`` when shrinking, ``INTER_LINEAR`` when growing), scale to [0, 1] and normalise
+    per channel with the ImageNet mean (0.485, 0.456, 0.406) and std (0.229, 0.224, 0.225); returns
+    float32 (3, size, size), channel order RGB.
+
+    With ``multiscale`` (e.g. ``(1.0, 0.707, 1.414)``) returns a list, one array per scale ``s`` of
+    shape (3, round(size*s), round(size*s)), in the order given.
+    """
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
+    sq = pad_to_square(img, 255)
+    if multiscale is None:
+        return _normalise(_resize(sq, int(size)))
+    out = []
+    for s in multiscale:
+        n = max(1, int(round(size * float(s))))
+        out.append(_normalise(_resize(sq, n)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------- product labels
+
+def write_product_labels(path: str | Path, labels: Mapping[str, str]) -> None:
+    """Write ``{catalogue_id: product_id}`` as ``catalogue_id,product_id`` lines (no header), atomically.
+    This is the class label a trainer uses for metric-learning fine-tuning on the catalogue."""
+    for cid, pid in labels.items():
+        if not str(cid).strip() or not str(pid).strip() or "," in f"{cid}{pid}":
+            raise DataError(f"bad label pair ({cid!r}, {pid!r})", path=path, record=f"id {cid}")
+    _atomic_write_text(path, "".join(f"{c},{p}\n" for c, p in labels.items()))
+
+
+def read_product_labels(path: str | Path) -> dict[str, str]:
+    """Read ``catalogue_id,product_id`` lines into ``{catalogue_id: product_id}``; errors name file and line."""
+    out: dict[str, str] = {}
+    for lineno, fields in _read_rows(path):
+        record = f"line {lineno}"
+        if len(fields) != 2 or not all(fields):
+            raise DataError("expected 'catalogue_id,product_id'", path=path, record=record)
+        if fields[0] in out:
+            raise DataError(f"duplicate catalogue id {fields[0]!r}", path=path, record=record)
+        out[fields[0]] = fields[1]
+    return out
