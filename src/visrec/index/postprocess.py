@@ -1,23 +1,63 @@
-"""Post-processing of L2-normalised descriptors (rows), each stage with fit/apply.
+"""Retrieval post-processing: a chain of stages over L2-normalised descriptors (rows, float32).
 
-DBA (database-side augmentation): each catalogue vector becomes the L2-normalised weighted sum of
-itself and its k nearest catalogue neighbours, weights = max(sim, 0)^alpha (alpha=0: plain mean).
-AlphaQE (alpha query expansion): same on the query side, neighbours taken from the catalogue.
+Every stage has ``fit(catalogue)`` (learn from the catalogue as the previous stages left it),
+``catalogue(x)`` and ``queries(x)`` (transform each side; identity where the stage does not touch it).
+A chain fits and applies its stages in the configured order; the last stage may be a re-ranker
+(``Diffusion``) that replaces the nearest-neighbour search.
+
+- PCA-whitening (Jegou & Chum 2012): learned on the catalogue, x -> (x - mean) V diag(lambda + eps)^-power,
+  keeping the ``dim`` leading components, then L2. ``power=0.5`` is full whitening (the whitened
+  catalogue has identity covariance); smaller powers shrink it.
+- DBA, database-side augmentation (k, alpha): each catalogue vector becomes the L2-normalised weighted sum
+  of its k nearest catalogue vectors (itself included, similarity 1), weights max(sim, 0)^alpha
+  (alpha = 0: plain mean).
+- alpha-QE, alpha query expansion (Radenovic et al. 2018): a query becomes the L2-normalised sum of
+  itself (weight 1) and its k nearest catalogue vectors weighted max(sim, 0)^alpha.
+- Diffusion (Iscen et al., CVPR 2017): on the catalogue's mutual k-NN graph with affinities
+  max(sim, 0)^gamma and S = D^-1/2 A D^-1/2, a query's ranking scores solve (I - alpha S) f = y, where
+  y holds the query's similarities^gamma to its ``query_k`` nearest catalogue vectors (0 elsewhere);
+  solved by conjugate gradient for all queries at once.
 """
+
 from __future__ import annotations
 
 import numpy as np
+import torch
+
+from visrec.errors import ConfigError
+from visrec.registry import Registry
+
+STAGES: Registry = Registry("post-processing stage")
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
 
 
-def _expand(vectors: np.ndarray, catalogue: np.ndarray, k: int, alpha: float,
-            include_self: bool) -> np.ndarray:
-    sims = vectors @ catalogue.T
-    order = np.argsort(-sims, axis=1, kind="stable")[:, :k]
-    top = np.take_along_axis(sims, order, axis=1)
+def _topk(vectors: np.ndarray, catalogue: np.ndarray, k: int, block: int = 4096) -> tuple[np.ndarray, np.ndarray]:
+    """(similarities, indices) of the k most similar catalogue rows for each vector, best first, in blocks."""
+    k = min(k, len(catalogue))
+    try:  # FAISS's exact inner-product search is the fast path; torch gives the same answer without it
+        import faiss
+
+        index = faiss.IndexFlatIP(catalogue.shape[1])
+        index.add(np.ascontiguousarray(catalogue, dtype=np.float32))
+        sims, idx = index.search(np.ascontiguousarray(vectors, dtype=np.float32), k)
+        return sims, idx.astype(np.int64)
+    except ImportError:
+        pass
+    sims_out = np.empty((len(vectors), k), np.float32)
+    idx_out = np.empty((len(vectors), k), np.int64)
+    cat = torch.from_numpy(np.ascontiguousarray(catalogue, dtype=np.float32))
+    for s in range(0, len(vectors), block):
+        q = torch.from_numpy(np.ascontiguousarray(vectors[s:s + block], dtype=np.float32))
+        sims, idx = torch.topk(q @ cat.T, k, dim=1)
+        sims_out[s:s + block], idx_out[s:s + block] = sims.numpy(), idx.numpy()
+    return sims_out, idx_out
+
+
+def _expand(vectors: np.ndarray, catalogue: np.ndarray, k: int, alpha: float, include_self: bool) -> np.ndarray:
+    top, order = _topk(vectors, catalogue, k)
     weights = np.maximum(top, 0.0) ** alpha
     expanded = np.einsum("nk,nkd->nd", weights, catalogue[order])
     if not include_self:
@@ -25,26 +65,205 @@ def _expand(vectors: np.ndarray, catalogue: np.ndarray, k: int, alpha: float,
     return _l2n(expanded)
 
 
-class DBA:
+class Stage:
+    def fit(self, catalogue: np.ndarray) -> "Stage":
+        return self
+
+    def catalogue(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+    def queries(self, x: np.ndarray) -> np.ndarray:
+        return x
+
+
+@STAGES.register("whiten")
+class PCAWhitening(Stage):
+    def __init__(self, dim: int | None = None, power: float = 0.5, eps: float = 1e-6):
+        self.dim, self.power, self.eps = dim, power, eps
+        self.mean: np.ndarray | None = None
+        self.projection: np.ndarray | None = None
+
+    def fit(self, catalogue: np.ndarray) -> "PCAWhitening":
+        x = np.asarray(catalogue, np.float64)
+        if self.dim is not None and not 1 <= self.dim <= x.shape[1]:
+            raise ConfigError(f"whiten.dim must be in 1..{x.shape[1]}, got {self.dim}")
+        self.mean = x.mean(0)
+        cov = np.cov(x - self.mean, rowvar=False, bias=True)
+        eigval, eigvec = np.linalg.eigh(cov)
+        order = np.argsort(eigval)[::-1][: self.dim or x.shape[1]]
+        self.projection = (eigvec[:, order] * (np.maximum(eigval[order], 0) + self.eps) ** -self.power).astype(np.float32)
+        self.mean = self.mean.astype(np.float32)
+        return self
+
+    def transform(self, x: np.ndarray, normalise: bool = True) -> np.ndarray:
+        if self.projection is None:
+            raise ConfigError("PCAWhitening used before fit")
+        y = (np.asarray(x, np.float32) - self.mean) @ self.projection
+        return _l2n(y) if normalise else y
+
+    catalogue = queries = transform  # both sides
+
+
+@STAGES.register("dba")
+class DBA(Stage):
     def __init__(self, k: int = 2, alpha: float = 0.0):
         self.k, self.alpha = k, alpha
 
-    def fit(self, catalogue: np.ndarray) -> "DBA":
-        return self
-
-    def apply(self, catalogue: np.ndarray) -> np.ndarray:
+    def catalogue(self, x: np.ndarray) -> np.ndarray:
         # the top-1 neighbour of a catalogue vector is itself (sim 1), so k includes self
-        return _expand(catalogue, catalogue, self.k, self.alpha, include_self=True)
+        return _expand(x, x, self.k, self.alpha, include_self=True)
+
+    apply = catalogue
 
 
-class AlphaQE:
+@STAGES.register("qe")
+class AlphaQE(Stage):
     def __init__(self, k: int = 2, alpha: float = 3.0):
         self.k, self.alpha = k, alpha
-        self.catalogue: np.ndarray | None = None
+        self.catalogue_vectors: np.ndarray | None = None
 
     def fit(self, catalogue: np.ndarray) -> "AlphaQE":
-        self.catalogue = catalogue
+        self.catalogue_vectors = catalogue
         return self
 
-    def apply(self, queries: np.ndarray) -> np.ndarray:
-        return _expand(queries, self.catalogue, self.k, self.alpha, include_self=False)
+    def queries(self, x: np.ndarray) -> np.ndarray:
+        return _expand(x, self.catalogue_vectors, self.k, self.alpha, include_self=False)
+
+    apply = queries
+
+
+@STAGES.register("diffusion")
+class Diffusion(Stage):
+    """Re-ranker (module docstring). ``rank(queries, k)`` returns (scores, catalogue indices), best first."""
+
+    reranker = True
+
+    def __init__(self, k: int = 30, query_k: int = 10, alpha: float = 0.99, gamma: float = 3.0,
+                 iterations: int = 20, tol: float = 1e-6):
+        self.k, self.query_k, self.alpha, self.gamma = k, query_k, alpha, gamma
+        self.iterations, self.tol = iterations, tol
+        self.vectors: np.ndarray | None = None
+        self.graph: torch.Tensor | None = None
+
+    def fit(self, catalogue: np.ndarray) -> "Diffusion":
+        n = len(catalogue)
+        self.vectors = catalogue
+        sims, idx = _topk(catalogue, catalogue, min(self.k + 1, n))
+        rows = np.repeat(np.arange(n), idx.shape[1])
+        cols, vals = idx.ravel(), np.maximum(sims.ravel(), 0) ** self.gamma
+        keep = rows != cols
+        rows, cols, vals = rows[keep], cols[keep], vals[keep]
+        # mutual neighbours only: keep an edge if its reverse is present (A = min(W, W^T) on the support)
+        codes = rows.astype(np.int64) * n + cols
+        mutual = np.isin(codes, cols.astype(np.int64) * n + rows)
+        rows, cols, vals = rows[mutual], cols[mutual], vals[mutual]
+        deg = np.bincount(rows, weights=vals, minlength=n)
+        dinv = 1.0 / np.sqrt(np.maximum(deg, 1e-12))
+        vals = vals * dinv[rows] * dinv[cols]
+        self.graph = torch.sparse_coo_tensor(torch.from_numpy(np.stack([rows, cols])), torch.from_numpy(vals.astype(np.float32)),
+                                             (n, n), check_invariants=True).coalesce()
+        return self
+
+    def scores(self, queries: np.ndarray) -> np.ndarray:
+        """(queries, catalogue) diffusion scores f solving (I - alpha S) f = y (conjugate gradient)."""
+        n = len(self.vectors)
+        sims, idx = _topk(queries, self.vectors, min(self.query_k, n))
+        y = np.zeros((n, len(queries)), np.float32)
+        y[idx.T, np.arange(len(queries))[None, :]] = (np.maximum(sims, 0) ** self.gamma).T
+        b = torch.from_numpy(y)
+
+        def op(v):
+            return v - self.alpha * torch.sparse.mm(self.graph, v)
+
+        f = torch.zeros_like(b)
+        r = b - op(f)
+        p = r.clone()
+        rs = (r * r).sum(0)
+        for _ in range(self.iterations):
+            ap = op(p)
+            step = rs / torch.clamp((p * ap).sum(0), min=1e-20)
+            f += step * p
+            r -= step * ap
+            rs_new = (r * r).sum(0)
+            if float(rs_new.max()) < self.tol ** 2:
+                break
+            p = r + (rs_new / torch.clamp(rs, min=1e-20)) * p
+            rs = rs_new
+        return f.T.numpy()
+
+    def rank(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        f = torch.from_numpy(self.scores(queries))
+        top = torch.topk(f, min(k, f.shape[1]), dim=1)
+        return top.values.numpy(), top.indices.numpy()
+
+
+def build_stage(spec: dict) -> Stage:
+    """``{name: whiten, dim: 256}`` -> a stage; the names are those of ``STAGES``."""
+    spec = dict(spec)
+    name = spec.pop("name", None)
+    if name is None:
+        raise ConfigError(f"post-processing stage without a name: {spec}")
+    try:
+        return STAGES.build(name, **spec)
+    except TypeError as exc:
+        raise ConfigError(f"post-processing stage {name!r}: {exc}") from None
+
+
+class Chain:
+    """Ordered stages; a re-ranker may only come last."""
+
+    def __init__(self, stages: list[Stage]):
+        for s in stages[:-1]:
+            if getattr(s, "reranker", False):
+                raise ConfigError("diffusion re-ranks the final results: it must be the last stage")
+        self.stages = stages
+
+    @classmethod
+    def from_config(cls, specs: list[dict]) -> "Chain":
+        return cls([build_stage(s) for s in specs])
+
+    @property
+    def reranker(self) -> Diffusion | None:
+        return self.stages[-1] if self.stages and getattr(self.stages[-1], "reranker", False) else None
+
+    def fit(self, catalogue: np.ndarray) -> np.ndarray:
+        """Fit every stage in order and return the catalogue as the search index should hold it."""
+        x = _l2n(catalogue)
+        for s in self.stages:
+            s.fit(x)
+            x = s.catalogue(x)
+        return x
+
+    def queries(self, x: np.ndarray) -> np.ndarray:
+        x = _l2n(x)
+        for s in self.stages:
+            x = s.queries(x)
+        return x
+
+    # --- persistence: plain tensors only, so loading never unpickles code ----------------------------
+    def save(self, path) -> None:
+        from visrec.train.checkpoint import atomic_save
+
+        state = {}
+        for i, stage in enumerate(self.stages):
+            for key, value in vars(stage).items():
+                if isinstance(value, np.ndarray):
+                    state[f"{i}.{key}"] = torch.from_numpy(np.ascontiguousarray(value))
+                elif isinstance(value, torch.Tensor) and value.is_sparse:
+                    state[f"{i}.{key}.indices"] = value.indices()
+                    state[f"{i}.{key}.values"] = value.values()
+                    state[f"{i}.{key}.size"] = torch.tensor(list(value.shape))
+        atomic_save(state, path)
+
+    def load(self, path) -> "Chain":
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        for i, stage in enumerate(self.stages):
+            for key, value in vars(stage).items():
+                if f"{i}.{key}" in state:
+                    setattr(stage, key, state[f"{i}.{key}"].numpy())
+                elif f"{i}.{key}.indices" in state:
+                    setattr(stage, key, torch.sparse_coo_tensor(state[f"{i}.{key}.indices"],
+                                                                state[f"{i}.{key}.values"],
+                                                                tuple(state[f"{i}.{key}.size"].tolist()),
+                                                                check_invariants=True).coalesce())
+        return self
