@@ -61,6 +61,9 @@ def _add_groups() -> None:
     lm = importlib.import_module("visrec.commands.landmarks")
     app.command("landmarks")(lm.landmarks)
     importlib.import_module("visrec.commands.eval").app.command("landmarks")(lm.eval_landmarks)
+    products = importlib.import_module("visrec.commands.products")
+    app.add_typer(products.app, name="products")
+    importlib.import_module("visrec.commands.eval").app.command("products")(products.eval_products)
 
 
 _add_groups()

@@ -72,6 +72,7 @@ class RunConfig(Strict):
     model: ModelSpec
     data: dict[str, Any] = Field(default_factory=dict)
     loss: dict[str, Any] = Field(default_factory=dict)
+    index: dict[str, Any] = Field(default_factory=dict, description="products: catalogue index options")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig
     log_every: int = Field(10, gt=0)

@@ -1,0 +1,258 @@
+"""Product catalogue index: images -> descriptors (resumable) -> post-processing chain -> FAISS -> search.
+
+An index directory holds:
+  manifest.json        model config, descriptor dimension, options, counts, unreadable images by id
+  descriptor.pt        the descriptor network ({model_config, backbone}, the visrec checkpoint layout)
+  shards/              extraction shards ``shard-NNNNN.npz`` (ids, vectors); a crash mid-catalogue keeps
+                       every finished shard and the next run continues after the last one
+  descriptors.npy      raw catalogue descriptors (float16 or float32, rows = ids.txt), L2-normalised
+  ids.txt              catalogue ids, one per line, row order
+  chain.pt             the fitted post-processing stages (tensors only)
+  index.faiss          the FAISS index over the post-processed catalogue
+
+Descriptors: ``preprocess_product`` (white square padding, resize to ``size``, ImageNet normalisation),
+the network, and with ``multiscale`` the L2-normalised sum of the descriptors at each scale.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+
+from visrec.errors import ConfigError, DataError
+
+MANIFEST = "manifest.json"
+
+
+class IndexOptions(BaseModel):
+    """The ``index`` section of a products config."""
+
+    model_config = ConfigDict(extra="forbid")
+    size: int = Field(224, gt=0, description="input side in pixels after white square padding")
+    multiscale: list[float] | None = Field(None, description="e.g. [1.0, 0.707, 1.414]")
+    batch_size: int = Field(32, gt=0)
+    dtype: str = Field("float16", pattern="^(float16|float32)$", description="stored raw descriptors")
+    factory: str = Field("Flat", description="FAISS index_factory string (Flat = exact)")
+    nprobe: int | None = Field(None, gt=0)
+    shard_size: int = Field(1024, gt=0, description="images per extraction shard (resume granularity)")
+    postprocess: list[dict] = Field(default_factory=list, description="ordered stages: whiten, dba, qe, diffusion")
+    strict: bool = Field(False, description="fail on the first unreadable catalogue image")
+
+
+@torch.no_grad()
+def describe(model: torch.nn.Module, images: Sequence[np.ndarray], size: int = 224,
+             multiscale: Sequence[float] | None = None, device: str | torch.device = "cpu") -> np.ndarray:
+    """(N, D) float32 L2-normalised descriptors of RGB uint8 images."""
+    from visrec.data.products import preprocess_product
+
+    if not len(images):
+        return np.zeros((0, getattr(model, "dim", 0)), np.float32)
+    scales = list(multiscale) if multiscale else [1.0]
+    total = None
+    for s in scales:
+        batch = np.stack([preprocess_product(im, int(round(size * s))) for im in images])
+        out = model(torch.from_numpy(batch).to(device)).float()
+        total = out if total is None else total + out
+    return torch.nn.functional.normalize(total, dim=1).cpu().numpy()
+
+
+def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]], out_dir: str | Path,
+                        opts: IndexOptions, *, device="cpu", progress: Callable[[int], None] | None = None
+                        ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """Descriptors of every readable catalogue image, in shards under ``out_dir/shards`` (see module doc).
+
+    Returns ``(ids, vectors float32, bad)``; ``bad`` lists ``(id, reason)`` of unreadable images (with
+    ``opts.strict`` the first one raises). Finished shards whose id list matches are reused, so a rerun
+    after a crash only computes what is missing. ``progress(n)`` is called with images done.
+    """
+    from visrec.data.products import load_catalogue_images
+
+    shard_dir = Path(out_dir) / "shards"
+    shard_dir.mkdir(parents=True, exist_ok=True)
+    model.eval().to(device)
+    ids_all, vecs_all, bad_all = [], [], []
+    for s, start in enumerate(range(0, len(items), opts.shard_size)):
+        chunk = list(items[start:start + opts.shard_size])
+        path = shard_dir / f"shard-{s:05d}.npz"
+        expected = [i for i, _ in chunk]
+        if path.exists():
+            with np.load(path, allow_pickle=False) as z:
+                if list(z["requested"]) == expected:
+                    ids_all += list(z["ids"])
+                    vecs_all.append(z["vectors"].astype(np.float32))
+                    bad_all += list(zip(z["bad_ids"].tolist(), z["bad_reasons"].tolist()))
+                    if progress:
+                        progress(len(chunk))
+                    continue
+        bad: list[tuple[str, str]] = []
+        ids, vecs, pending = [], [], []
+
+        def flush():
+            if pending:
+                vecs.append(describe(model, [im for _, im in pending], opts.size, opts.multiscale, device))
+                ids.extend(i for i, _ in pending)
+                if progress:
+                    progress(len(pending))
+                pending.clear()
+
+        for image_id, img in load_catalogue_images(chunk, strict=opts.strict, bad=bad):
+            pending.append((image_id, img))
+            if len(pending) == opts.batch_size:
+                flush()
+        flush()
+        if progress and bad:
+            progress(len(bad))
+        vectors = np.concatenate(vecs) if vecs else np.zeros((0, getattr(model, "dim", 0)), np.float32)
+        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+        np.savez(tmp, requested=np.array(expected), ids=np.array(ids, dtype=str), vectors=vectors.astype(opts.dtype),
+                 bad_ids=np.array([b[0] for b in bad], dtype=str), bad_reasons=np.array([b[1] for b in bad], dtype=str))
+        os.replace(tmp, path)  # a shard exists complete or not at all
+        ids_all += ids
+        vecs_all.append(vectors.astype(opts.dtype).astype(np.float32))
+        bad_all += bad
+    dim = vecs_all[0].shape[1] if vecs_all else 0
+    vectors = np.concatenate(vecs_all) if vecs_all else np.zeros((0, dim), np.float32)
+    return [str(i) for i in ids_all], vectors, [(str(a), str(b)) for a, b in bad_all]
+
+
+def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: torch.nn.Module, model_config: dict,
+                          opts: IndexOptions, *, device="cpu", progress=None) -> dict:
+    """Index every image of ``catalogue`` (a folder of ``<id>.jpg``) into ``out_dir``; returns the manifest."""
+    from visrec.data.products import list_images
+    from visrec.index.faiss_index import FaissIndex
+    from visrec.index.postprocess import Chain
+    from visrec.train.checkpoint import atomic_save
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    chain = Chain.from_config(opts.postprocess)  # config errors before hours of extraction
+    items = list_images(catalogue)
+    if not items:
+        raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=catalogue)
+    atomic_save({"model_config": model_config, "backbone": model.state_dict()}, out / "descriptor.pt")
+    ids, raw, bad = extract_descriptors(model, items, out, opts, device=device, progress=progress)
+    if not ids:
+        raise DataError("no catalogue image could be read", path=catalogue)
+    np.save(out / "descriptors.npy", raw.astype(opts.dtype))
+    (out / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
+    processed = chain.fit(raw)
+    chain.save(out / "chain.pt")
+    FaissIndex(processed.shape[1], opts.factory, opts.nprobe).build(processed).save(out / "index.faiss")
+    manifest = {"model_config": model_config, "dim": int(raw.shape[1]), "index_dim": int(processed.shape[1]),
+                "count": len(ids), "unreadable": [{"id": i, "reason": r} for i, r in bad],
+                "catalogue": str(Path(catalogue).resolve()), "options": opts.model_dump()}
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps(manifest, indent=1))
+    os.replace(tmp, out / MANIFEST)
+    return manifest
+
+
+class CatalogueIndex:
+    """An index directory opened for search."""
+
+    def __init__(self, index_dir: str | Path, device="cpu"):
+        from visrec.index.faiss_index import FaissIndex
+        from visrec.index.postprocess import Chain
+        from visrec.train.checkpoint import load_backbone
+
+        self.dir = Path(index_dir)
+        if not (self.dir / MANIFEST).exists():
+            raise DataError("not a catalogue index (no manifest.json); build one with visrec products index",
+                            path=self.dir)
+        self.manifest = json.loads((self.dir / MANIFEST).read_text())
+        self.opts = IndexOptions(**self.manifest["options"])
+        self.model, _ = load_backbone(self.dir / "descriptor.pt")
+        self.device = device
+        self.model.to(device)
+        self.ids = (self.dir / "ids.txt").read_text().split("\n")[:-1]
+        self.chain = Chain.from_config(self.opts.postprocess).load(self.dir / "chain.pt")
+        self.faiss = FaissIndex.load(self.dir / "index.faiss", self.opts.nprobe)
+        if len(self.faiss) != len(self.ids):
+            raise DataError(f"index holds {len(self.faiss)} vectors but ids.txt {len(self.ids)}", path=self.dir)
+
+    def search_vectors(self, descriptors: np.ndarray, k: int = 7) -> tuple[list[list[str]], np.ndarray]:
+        """Ranked catalogue ids (best first) and scores for raw query descriptors."""
+        q = self.chain.queries(descriptors)
+        if self.chain.reranker is not None:
+            scores, rows = self.chain.reranker.rank(q, k)
+        else:
+            scores, rows = self.faiss.search(q, k)
+        return [[self.ids[r] for r in row if r >= 0] for row in rows], scores
+
+    def search_images(self, images: Sequence[np.ndarray], k: int = 7) -> tuple[list[list[str]], np.ndarray]:
+        return self.search_vectors(describe(self.model, images, self.opts.size, self.opts.multiscale, self.device), k)
+
+    def search_items(self, items: Iterable[tuple[str, Path]], k: int = 7, progress=None
+                     ) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
+        """Search ``(query id, path)`` pairs; unreadable queries raise ``DataError`` naming them."""
+        from visrec.data.products import read_image_checked
+
+        ranked, scores, batch = {}, {}, []
+
+        def flush():
+            if batch:
+                ids, sc = self.search_images([im for _, im in batch], k)
+                for (qid, _), row, s in zip(batch, ids, sc):
+                    ranked[qid], scores[qid] = row, [float(v) for v in s[:len(row)]]
+                if progress:
+                    progress(len(batch))
+                batch.clear()
+
+        for qid, path in items:
+            batch.append((qid, read_image_checked(qid, path)))
+            if len(batch) == self.opts.batch_size:
+                flush()
+        flush()
+        return ranked, scores
+
+
+def load_index_options(raw: dict | None, source: str = "config") -> IndexOptions:
+    from visrec.config import validate_section
+
+    return validate_section(IndexOptions, raw or {}, "index", source)
+
+
+def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Path | None = None,
+                    checkpoint: str | Path | None = None, overrides: dict | None = None, device: str = "cpu",
+                    progress=None) -> dict:
+    """``visrec products index``: the descriptor from ``checkpoint`` (a visrec run or model.pt) or from the
+    config's ``model`` section (random or local/hub weights as that section says), the ``index`` options
+    from the config (defaults without one); returns the manifest."""
+    from visrec.config import load_config, parse_config
+    from visrec.models import build_backbone
+    from visrec.train.checkpoint import load_backbone
+
+    if config is None and checkpoint is None:
+        raise ConfigError("give --config (model + index options) or --checkpoint (a trained descriptor)")
+    cfg = load_config(config, overrides) if config else None
+    opts = load_index_options(cfg.index if cfg else {}, str(config or "defaults"))
+    if checkpoint is not None:
+        model, model_config = load_backbone(checkpoint)
+    else:
+        model_config = cfg.model.as_dict()
+        model = build_backbone(cfg.model.name, **cfg.model.kwargs)
+    if not hasattr(model, "dim"):
+        raise ConfigError(f"model {model_config['name']!r} is not a product descriptor (use name: product)")
+    return build_catalogue_index(catalogue, out, model, model_config, opts, device=device, progress=progress)
+
+
+def search_catalogue(index_dir: str | Path, query: str | Path, k: int = 7, submission: str | Path | None = None
+                     ) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
+    """``visrec products search``: one image or a folder of images -> ranked ids and scores per query id
+    (the file stem); ``submission`` writes the challenge CSV."""
+    from visrec.data.products import list_images, write_submission
+
+    query = Path(query)
+    if not query.exists():
+        raise DataError("query image or folder not found", path=query)
+    items = list_images(query) if query.is_dir() else [(query.stem, query)]
+    ranked, scores = CatalogueIndex(index_dir).search_items(items, k)
+    if submission is not None:
+        write_submission(submission, ranked, k)
+    return ranked, scores

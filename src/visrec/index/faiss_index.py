@@ -1,0 +1,79 @@
+"""A FAISS index over L2-normalised float32 descriptors, searched by inner product (= cosine).
+
+``factory`` is a FAISS ``index_factory`` string: ``"Flat"`` (exact, the default), ``"IVF4096,Flat"``,
+``"IVF16384,PQ64"``, ``"PCA256,IVF4096,PQ32"``... Indexes that need training are trained on the vectors
+given to ``build`` (or a random sample of ``train_size`` of them). ``nprobe`` sets how many IVF lists a
+search visits (accuracy vs speed). Catalogue ids are kept beside the index (FAISS stores row numbers).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from visrec._optional import require
+from visrec.errors import ConfigError, DataError
+
+
+class FaissIndex:
+    def __init__(self, dim: int, factory: str = "Flat", nprobe: int | None = None):
+        faiss = require("faiss", "index", "faiss-cpu")
+        self.dim, self.factory, self.nprobe = int(dim), factory, nprobe
+        try:
+            self.index = faiss.index_factory(self.dim, factory, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as exc:
+            raise ConfigError(f"FAISS cannot build index {factory!r} for dimension {dim}: {exc}") from None
+        self._apply_nprobe()
+
+    def _apply_nprobe(self) -> None:
+        if self.nprobe is not None:
+            faiss = require("faiss", "index", "faiss-cpu")
+            faiss.ParameterSpace().set_index_parameter(self.index, "nprobe", int(self.nprobe))
+
+    def build(self, vectors: np.ndarray, train_size: int = 262_144, seed: int = 0) -> "FaissIndex":
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        if x.ndim != 2 or x.shape[1] != self.dim:
+            raise DataError(f"vectors shaped {x.shape}, index dimension {self.dim}")
+        if not self.index.is_trained:
+            sample = x if len(x) <= train_size else x[np.random.default_rng(seed).choice(len(x), train_size, False)]
+            try:
+                self.index.train(sample)
+            except RuntimeError as exc:
+                raise ConfigError(f"training {self.factory!r} on {len(sample)} vectors failed: {exc}") from None
+        self.index.add(x)
+        return self
+
+    def __len__(self) -> int:
+        return int(self.index.ntotal)
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, row numbers) shaped (queries, k), best first; rows are -1 where fewer than k exist."""
+        q = np.ascontiguousarray(queries, dtype=np.float32)
+        if q.ndim != 2 or q.shape[1] != self.dim:
+            raise DataError(f"queries shaped {q.shape}, index dimension {self.dim}")
+        return self.index.search(q, int(k))
+
+    def save(self, path: str | Path) -> None:
+        import os
+
+        faiss = require("faiss", "index", "faiss-cpu")
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        faiss.write_index(self.index, str(tmp))
+        os.replace(tmp, path)
+
+    @classmethod
+    def load(cls, path: str | Path, nprobe: int | None = None) -> "FaissIndex":
+        faiss = require("faiss", "index", "faiss-cpu")
+        path = Path(path)
+        if not path.exists():
+            raise DataError("FAISS index file not found", path=path)
+        self = cls.__new__(cls)
+        try:
+            self.index = faiss.read_index(str(path))
+        except RuntimeError as exc:
+            raise DataError(f"not a FAISS index: {exc}", path=path) from None
+        self.dim, self.factory, self.nprobe = int(self.index.d), "loaded", nprobe
+        self._apply_nprobe()
+        return self

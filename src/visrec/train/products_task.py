@@ -1,0 +1,134 @@
+"""Product-retrieval fine-tuning: catalogue images -> descriptor -> PartialFC with a margin loss.
+
+Classes: the product of each catalogue image from ``labels`` (``catalogue_id,product_id`` lines, as the
+synthetic generator writes ``catalogue_products.csv``), or, without labels, every catalogue image is its
+own class (instance discrimination: Perfect-500K ships no product labels). Catalogue shots have plain
+white backgrounds while queries are photos, so training views are made query-like: the white background
+is replaced by clutter, then random rotation/scale/shift, colour gain and blur.
+Validation: mAP@7 (both forms) of ``val``'s queries against its catalogue, exact search.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from torch.utils.data import Dataset
+
+from visrec.train.task import TASKS, Task
+
+
+class ProductData(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    catalogue: Path = Field(description="folder of <id>.jpg catalogue images")
+    labels: Path | None = Field(None, description="catalogue_id,product_id CSV; none = one class per image")
+    size: int = Field(224, gt=0)
+    augment: bool = True
+    val: Path | None = Field(None, description="Perfect-500K root (catalogue/, query/, val.csv) for mAP@7")
+
+
+class ProductLoss(BaseModel):
+    """``name`` picks the margin loss from visrec.losses; other keys are its kwargs."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "arcface"
+    sample_rate: float = Field(1.0, gt=0, le=1)
+
+
+def query_like(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A catalogue shot (white background) made to look like a photo: cluttered background where the
+    image is near-white, random rotation (+-25 deg), scale (0.6-1.05), shift, colour gain, blur."""
+    from visrec.data.products import pad_to_square
+
+    img = pad_to_square(img, 255)
+    h = img.shape[0]
+    if rng.random() < 0.7:
+        bg = np.empty_like(img)
+        bg[:] = rng.integers(0, 256, 3)
+        small = rng.integers(0, 256, (4, 4, 3)).astype(np.uint8)
+        bg = cv2.addWeighted(bg, 0.5, cv2.resize(small, (h, h), interpolation=cv2.INTER_CUBIC), 0.5, 0)
+        white = (img.min(axis=2) > 235)[..., None]
+        img = np.where(white, bg, img)
+    angle, scale = rng.uniform(-25, 25), rng.uniform(0.6, 1.05)
+    m = cv2.getRotationMatrix2D((h / 2, h / 2), angle, scale)
+    m[:, 2] += rng.uniform(-0.12, 0.12, 2) * h
+    border = tuple(int(v) for v in rng.integers(0, 256, 3))
+    img = cv2.warpAffine(img, m, (h, h), flags=cv2.INTER_LINEAR, borderValue=border)
+    img = np.clip(img.astype(np.float32) * rng.uniform(0.7, 1.3, 3), 0, 255).astype(np.uint8)
+    if rng.random() < 0.3:
+        img = cv2.GaussianBlur(img, (5, 5), rng.uniform(0.5, 1.5))
+    return img
+
+
+class CatalogueImages(Dataset):
+    """(image tensor (3, size, size) ImageNet-normalised, class index) over the catalogue."""
+
+    def __init__(self, catalogue: Path, labels: Path | None, size: int, augment: bool):
+        from visrec.data.products import list_images, read_product_labels
+        from visrec.errors import DataError
+
+        self.items = list_images(catalogue)
+        if not self.items:
+            raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=catalogue)
+        if labels is not None:
+            table = read_product_labels(labels)
+            missing = [i for i, _ in self.items if i not in table]
+            if missing:
+                raise DataError(f"{len(missing)} catalogue images have no product label, e.g. {missing[:3]}",
+                                path=labels)
+            classes = sorted({table[i] for i, _ in self.items})
+            index = {c: k for k, c in enumerate(classes)}
+            self.labels = np.array([index[table[i]] for i, _ in self.items], np.int64)
+        else:
+            self.labels = np.arange(len(self.items), dtype=np.int64)
+        self.num_classes = int(self.labels.max()) + 1
+        self.size, self.augment = size, augment
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int):
+        from visrec.data.products import preprocess_product, read_image_checked
+
+        img = read_image_checked(*self.items[i])
+        if self.augment:
+            # drawn from torch's RNG (checkpointed by the Trainer), so resumed runs augment alike
+            img = query_like(img, np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,)))))
+        return torch.from_numpy(preprocess_product(img, self.size)), int(self.labels[i])
+
+
+@TASKS.register("products")
+class ProductTask(Task):
+    DataOptions = ProductData
+    LossOptions = ProductLoss
+    local_modules = ("head",)  # PartialFC keeps this rank's class shard
+
+    def train_dataset(self):
+        d = self.data_opts
+        return CatalogueImages(d.catalogue, d.labels, d.size, d.augment)
+
+    def build_modules(self, num_classes):
+        from visrec.losses import build_margin_loss
+        from visrec.losses.partial_fc import PartialFC
+        from visrec.models import build_backbone
+
+        backbone = build_backbone(self.cfg.model.name, **self.cfg.model.kwargs)
+        margin = build_margin_loss(self.loss_opts.name, **dict(self.loss_opts.model_extra or {}))
+        head = PartialFC(margin, int(backbone.dim), int(num_classes), sample_rate=self.loss_opts.sample_rate)
+        return {"backbone": backbone, "head": head}
+
+    def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
+        images, labels = batch
+        return modules["head"](modules["backbone"](images).float(), labels)
+
+    def validate(self, backbone: nn.Module) -> dict[str, float]:
+        if self.data_opts.val is None:
+            return {}
+        from visrec.evaluate.products import evaluate_descriptor
+
+        return {f"val/{k}": v for k, v in
+                evaluate_descriptor(backbone, self.data_opts.val, self.data_opts.size, device=self.ctx.device).items()}

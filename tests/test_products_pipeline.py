@@ -1,0 +1,144 @@
+"""Products: descriptors, resumable extraction, FAISS index, search and the CLI, on synthetic products."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from visrec.data.synth_products import write_product_dataset
+from visrec.errors import ConfigError, DataError
+from visrec.models import build_backbone
+
+
+@pytest.fixture(scope="module")
+def products(tmp_path_factory):
+    root = tmp_path_factory.mktemp("products")
+    write_product_dataset(root, families=3, products_per_family=2, variants=2, queries_per_product=1, seed=3, size=64)
+    return root
+
+
+@pytest.mark.parametrize("kw", [dict(backbone="resnet18", pooling="rmac", dim=32),
+                                dict(backbone="resnet18", source="torchvision", pooling="mac"),
+                                dict(backbone="vit_tiny_patch16_224"),
+                                dict(backbone="mobilefacenet", source="visrec")])
+def test_descriptors_are_unit_vectors_of_the_declared_dim(kw):
+    m = build_backbone("product", **kw).eval()
+    size = 224 if "vit" in kw["backbone"] else 96
+    out = m(torch.randn(2, 3, size, size))
+    assert out.shape == (2, m.dim) and torch.allclose(out.norm(dim=1), torch.ones(2), atol=1e-5)
+
+
+def test_ensemble_concat_inner_product_is_the_mean_of_part_cosines():
+    heads = [dict(backbone="resnet18", pooling="gem"), dict(backbone="resnet18", pooling="spoc", dim=16)]
+    e = build_backbone("product_ensemble", heads=heads).eval()
+    x = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = e(x)
+        parts = [h(x) for h in e.heads]
+    assert out.shape == (3, 512 + 16)
+    expected = sum(p @ p.T for p in parts) / 2
+    assert torch.allclose(out @ out.T, expected, atol=1e-5)
+    with pytest.raises(ConfigError, match="equal dimensions"):
+        build_backbone("product_ensemble", heads=heads, combine="sum")
+
+
+def test_local_weights_load_and_mismatches_are_named(tmp_path):
+    src = build_backbone("product", backbone="resnet18").eval()
+    torch.save(src.trunk.net.state_dict(), tmp_path / "r18.pth")
+    dst = build_backbone("product", backbone="resnet18", weights=str(tmp_path / "r18.pth")).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.allclose(src(x), dst(x), atol=1e-6)
+    torch.save(build_backbone("product", backbone="resnet34").trunk.net.state_dict(), tmp_path / "r34.pth")
+    with pytest.raises(DataError, match="r34.pth.*keys differ"):
+        build_backbone("product", backbone="resnet18", weights=str(tmp_path / "r34.pth"))
+    with pytest.raises(ConfigError, match="no model"):
+        build_backbone("product", backbone="not_a_net_xyz")
+
+
+def test_faiss_flat_is_exact_and_ivf_builds(tmp_path):
+    from visrec.index.faiss_index import FaissIndex
+
+    rng = np.random.default_rng(0)
+    cat = rng.normal(size=(500, 32)).astype(np.float32)
+    cat /= np.linalg.norm(cat, axis=1, keepdims=True)
+    q = cat[:5] + 0.1 * rng.normal(size=(5, 32)).astype(np.float32)
+    scores, rows = FaissIndex(32).build(cat).search(q, 7)
+    assert np.array_equal(rows, np.argsort(-(q @ cat.T), axis=1)[:, :7])
+    ivf = FaissIndex(32, "IVF8,Flat", nprobe=8).build(cat)  # all lists probed: exact
+    assert np.array_equal(ivf.search(q, 7)[1], rows)
+    ivf.save(tmp_path / "x.faiss")
+    assert np.array_equal(FaissIndex.load(tmp_path / "x.faiss", nprobe=8).search(q, 7)[1], rows)
+    with pytest.raises(ConfigError, match="cannot build"):
+        FaissIndex(32, "NoSuchIndex")
+    with pytest.raises(DataError, match="dimension 32"):
+        FaissIndex(32).build(cat[:, :16])
+
+
+def _opts(**kw):
+    from visrec.index.catalogue import IndexOptions
+    return IndexOptions(size=64, shard_size=4, batch_size=4, **kw)
+
+
+def test_extraction_resumes_after_a_crash_and_reports_bad_images(products, tmp_path, monkeypatch):
+    import shutil
+
+    import visrec.index.catalogue as cat_mod
+
+    cat_dir = tmp_path / "catalogue"
+    shutil.copytree(products / "catalogue", cat_dir)
+    ids = sorted(p.stem for p in cat_dir.glob("*.jpg"))
+    (cat_dir / f"{ids[5]}.jpg").write_bytes(b"not a jpeg")
+    model = build_backbone("product", backbone="resnet18", dim=16)
+    spec = {"name": "product", "backbone": "resnet18", "dim": 16}
+    described = []
+    real = cat_mod.describe
+    monkeypatch.setattr(cat_mod, "describe", lambda m, ims, *a, **k: (described.append(len(ims)), real(m, ims, *a, **k))[1])
+    out = tmp_path / "idx"
+    manifest = cat_mod.build_catalogue_index(cat_dir, out, model, spec, _opts())
+    assert manifest["count"] == len(ids) - 1
+    assert manifest["unreadable"][0]["id"] == ids[5] and "decod" in manifest["unreadable"][0]["reason"]
+    assert sum(described) == len(ids) - 1
+    first = np.load(out / "descriptors.npy")
+    # a crash during the last shard: that shard never got written; the rest are reused
+    shards = sorted((out / "shards").glob("shard-*.npz"))
+    shards[-1].unlink()
+    described.clear()
+    cat_mod.build_catalogue_index(cat_dir, out, model, spec, _opts())
+    assert len(ids) == 12 and len(shards) == 3  # shards of 4; the bad image (index 5) is in shard 1
+    assert sum(described) == 4  # only the lost shard is described again
+    assert np.array_equal(np.load(out / "descriptors.npy"), first)
+    with pytest.raises(DataError, match=ids[5]):
+        cat_mod.build_catalogue_index(cat_dir, tmp_path / "strict", model, spec, _opts(strict=True))
+
+
+def test_cli_index_search_and_eval(products, tmp_path):
+    from visrec.cli import app
+
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("model: {name: product, backbone: resnet18, pooling: gem, dim: 32}\nschedule: {max_steps: 1}\n"
+                   "index: {size: 64, shard_size: 8, postprocess: [{name: whiten, dim: 16}, {name: dba, k: 2},"
+                   " {name: qe, k: 2}, {name: diffusion, k: 4, query_k: 3}]}\n")
+    run = CliRunner().invoke
+    r = run(app, ["products", "index", str(products / "catalogue"), "--config", str(cfg), "--out", str(tmp_path / "idx")])
+    assert r.exit_code == 0, r.output
+    assert "whiten -> dba -> qe -> diffusion" in r.output
+    manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
+    assert manifest["count"] == 12 and manifest["index_dim"] == 16
+    q = sorted((products / "query").glob("*.jpg"))[0]
+    r = run(app, ["products", "search", str(tmp_path / "idx"), str(q), "-k", "3"])
+    assert r.exit_code == 0 and q.stem in r.output, r.output
+    r = run(app, ["eval", "products", str(tmp_path / "idx"), "--data", str(products), "--out", str(tmp_path / "ev")])
+    assert r.exit_code == 0, r.output
+    assert "teams' form" in r.output and "Kaggle form" in r.output
+    from visrec.data.products import read_submission
+    sub = read_submission(tmp_path / "ev" / "submission.csv")
+    assert len(sub) == 6 and all(len(v) == 7 for v in sub.values())
+    page = (tmp_path / "ev" / "report.html").read_text()
+    assert page.count("data:image/jpeg;base64") == 6 * 8 and "min(|GT|, 7)" in page
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("model: {name: product, backbone: resnet18}\nschedule: {max_steps: 1}\nindex: {postprocess: [{name: diffusion}, {name: qe}]}\n")
+    r = run(app, ["products", "index", str(products / "catalogue"), "--config", str(bad), "--out", str(tmp_path / "x")])
+    assert r.exit_code != 0 and "last stage" in str(r.exception)
