@@ -302,3 +302,7 @@ def write_verification_pairs(path: str | Path, num_identities: int, num_pairs: i
         if progress:
             progress()
     return write_verification_bin(path, images, issame)
+
+
+# Synthetic products live in their own module; re-exported so every synthetic writer is reachable here.
+from visrec.data.synth_products import render_catalogue, render_query, write_product_dataset  # noqa: E402,F401
