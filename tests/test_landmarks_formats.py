@@ -99,3 +99,59 @@ def test_jd_dir_checks_points_against_the_image_and_rect_fields(tmp_path):
     rect.write_text("1 2 3\n")
     with pytest.raises(DataError, match=r"\.rect.*x1 y1 x2 y2"):
         read_jd_dir(root2)
+
+
+def _eye_line_roll(pts):
+    """Roll (degrees, counter-clockwise as displayed) of the line between the JD eye centres 74 -> 77."""
+    v = pts[..., 77, :] - pts[..., 74, :]
+    return np.degrees(np.arctan2(-v[..., 1], v[..., 0]))
+
+
+def test_synthetic_jd_writes_the_renderers_pose(tmp_path):
+    from visrec.data.landmarks import read_jd_poses
+    from visrec.data.synth import iter_faces
+
+    root = write_synthetic_jd(tmp_path / "jd", 24, seed=3, difficulty=0.6)
+    pics, pts, _ = read_jd_dir(root)
+    poses = read_jd_poses(root, pics)
+    assert poses.shape == (24, 3) and (poses[:, 1] == 0).all()  # the renderer has no pitch
+    # the same faces as iter_faces renders (the recorder only watches the draws)
+    for p, (_, _, ref) in zip(pts, iter_faces(24, 1, seed=3, difficulty=0.6)):
+        assert np.abs(p - ref).max() < 1e-3
+    # roll: the eyes lie level in the canonical frame, so the eye line's angle is the roll
+    assert np.abs(_eye_line_roll(pts) - poses[:, 2]).max() < 0.05
+    assert poses[:, 2].std() > 3
+    # yaw > 0 shifts the nose (deeper than the eyes) towards image right, in the face's own frame
+    v = pts[:, 77] - pts[:, 74]
+    u = v / np.linalg.norm(v, axis=1, keepdims=True)
+    nose_shift = ((pts[:, 43:47].mean(1) - (pts[:, 74] + pts[:, 77]) / 2) * u).sum(1)
+    turned = np.abs(poses[:, 0]) > 1
+    assert turned.sum() >= 12 and (np.sign(nose_shift[turned]) == np.sign(poses[turned, 0])).all()
+    assert np.corrcoef(nose_shift, poses[:, 0])[0, 1] > 0.9
+
+
+def test_pose_files_round_trip_and_bad_ones_name_file_and_line(tmp_path):
+    from visrec.data.landmarks import read_jd_poses, read_pose_txt, write_pose_txt
+
+    assert np.allclose(read_pose_txt(write_pose_txt(tmp_path / "p.txt", (12.5, -3, 170))), [12.5, -3, 170])
+    (tmp_path / "q.txt").write_text("\n1.0 2.0\n")
+    with pytest.raises(DataError, match=r"q\.txt.*line 2.*yaw pitch roll"):
+        read_pose_txt(tmp_path / "q.txt")
+    (tmp_path / "r.txt").write_text("1 2 nan\n")
+    with pytest.raises(DataError, match=r"r\.txt.*line 1"):
+        read_pose_txt(tmp_path / "r.txt")
+    (tmp_path / "s.txt").write_text("1 2 3\n4 5 6\n")
+    with pytest.raises(DataError, match=r"s\.txt.*line 2.*one"):
+        read_pose_txt(tmp_path / "s.txt")
+    (tmp_path / "t.txt").write_text("400 0 0\n")
+    with pytest.raises(DataError, match=r"t\.txt.*line 1.*-180, 180"):
+        read_pose_txt(tmp_path / "t.txt")
+    root = write_synthetic_jd(tmp_path / "jd", 2, seed=1)
+    pics, _, _ = read_jd_dir(root)
+    sorted((root / "pose").glob("*.txt"))[1].unlink()
+    with pytest.raises(DataError, match=r"000001\.jpg.*no pose file"):
+        read_jd_poses(root, pics)
+    import shutil
+
+    shutil.rmtree(root / "pose")
+    assert read_jd_poses(root, pics) is None

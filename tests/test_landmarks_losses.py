@@ -39,3 +39,11 @@ def test_pfld_weights_by_pose_error():
     assert same.item() == 0.0  # no pose error: zero weight, as the paper's formula gives
     off = pfld(pred, gt, torch.full((2, 3), 0.5), torch.zeros(2, 3))
     assert off.item() == pytest.approx(3 * (1 - math.cos(0.5)) * 6)
+
+
+def test_pfld_base_weight_keeps_the_landmark_term_when_pose_is_exact():
+    pred, gt = torch.ones(2, 3, 2), torch.zeros(2, 3, 2)
+    exact = pfld(pred, gt, torch.zeros(2, 3), torch.zeros(2, 3), base_weight=1.0)
+    assert exact.item() == pytest.approx(6.0)  # sum over points of the squared error, weight 1
+    off = pfld(pred, gt, torch.full((2, 3), 0.5), torch.zeros(2, 3), base_weight=1.0)
+    assert off.item() == pytest.approx((1 + 3 * (1 - math.cos(0.5))) * 6)

@@ -69,3 +69,55 @@ def test_eval_landmarks_cli_report_and_single_image(tmp_path):
                               "10,10,100,100", "--out", str(tmp_path / "drawn.png")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "drawn.png").exists() and "106 points" in res.output
+
+
+def _pfld_cfg(tmp_path, model="pfld", steps=3):
+    return parse_config({"task": "landmarks", "output": str(tmp_path / "run"), "device": "cpu", "batch_size": 4,
+                         "model": {"name": model, "width_mult": 0.25},
+                         "data": {"train": str(tmp_path / "train"), "val": str(tmp_path / "val")},
+                         "loss": {"name": "pfld", "pose_weight": 1.0}, "optim": {"name": "adamw", "lr": 1e-3},
+                         "schedule": {"max_steps": steps}, "checkpoint_every": 100})
+
+
+def test_pfld_loss_trains_the_pose_branch_from_pose_files(tmp_path):
+    write_synthetic_jd(tmp_path / "train", 12, seed=1, difficulty=0.6)
+    write_synthetic_jd(tmp_path / "val", 6, seed=2)
+    from visrec.train.landmarks_task import JDCrops
+
+    ds = JDCrops(tmp_path / "train", 106, 112, 0.15, augment=True, with_pose=True)
+    torch.manual_seed(0)
+    for i in range(len(ds)):
+        _, pts, pose = ds[i]  # normalised points, radians; the eye line (74 -> 77) gives the roll
+        v = (pts[77] - pts[74]).numpy()
+        assert abs(np.arctan2(-v[1], v[0]) - float(pose[2])) < 1e-3
+    assert len(JDCrops(tmp_path / "train", 106, 112, 0.15, augment=False)[0]) == 2  # no pose unless asked
+
+    # one step by hand: the landmark head and the pose branch both get gradients
+    from torch.utils.data import default_collate
+
+    from visrec.train.task import TASKS, RunContext
+
+    cfg = _pfld_cfg(tmp_path)
+    task = TASKS.get("landmarks")(cfg, RunContext(torch.device("cpu")))
+    modules = task.build_modules(None)
+    loss = task.training_step(modules, default_collate([ds[i] for i in range(4)]))
+    loss.backward()
+    net = modules["backbone"]
+    assert float(net.fc.weight.grad.abs().sum()) > 0 and float(net.aux[-1].weight.grad.abs().sum()) > 0
+
+    res = train(cfg, progress=False)
+    assert res.global_step == 3 and np.isfinite(res.last_loss) and "val/nme" in res.metrics
+
+
+def test_pfld_loss_without_pose_data_or_pose_branch_is_refused(tmp_path):
+    import shutil
+
+    from visrec.errors import ConfigError
+
+    write_synthetic_jd(tmp_path / "train", 4, seed=1)
+    write_synthetic_jd(tmp_path / "val", 2, seed=2)
+    with pytest.raises(ConfigError, match="heatmap_lite.*no"):
+        train(_pfld_cfg(tmp_path, model="heatmap_lite"), progress=False)
+    shutil.rmtree(tmp_path / "train" / "pose")
+    with pytest.raises(ConfigError, match="pfld needs head-pose ground truth.*pose"):
+        train(_pfld_cfg(tmp_path), progress=False)

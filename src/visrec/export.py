@@ -17,10 +17,11 @@ from visrec.errors import DataError, VisrecError
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 112), dynamic_batch: bool = True,
-                keep_batchnorm: bool = True, opset: int = 17) -> Path:
-    """Export a float32 graph with input ``input`` and output ``embedding`` (batch axis dynamic unless
-    ``dynamic_batch=False``). ``keep_batchnorm`` keeps BatchNormalization nodes (no folding into conv
-    biases), which the LFR FLOP rule needs; False folds them (smaller, faster to serve).
+                keep_batchnorm: bool = True, opset: int = 17, output_name: str = "embedding") -> Path:
+    """Export a float32 graph with input ``input`` and output ``output_name`` (default ``embedding``;
+    e.g. ``points`` for landmark models), batch axis dynamic unless ``dynamic_batch=False``.
+    ``keep_batchnorm`` keeps BatchNormalization nodes (no folding into conv biases), which the LFR FLOP
+    rule needs; False folds them (smaller, faster to serve).
 
     Uses torch's TorchScript exporter (``dynamo=False``): with ``TrainingMode.PRESERVE`` and constant
     folding off it keeps BN nodes, and with ``TrainingMode.EVAL`` + constant folding it folds them. The
@@ -33,12 +34,12 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 11
         model = copy.deepcopy(model).float().cpu()
     was_training = model.training
     model.eval()
-    axes = {"input": {0: "batch"}, "embedding": {0: "batch"}} if dynamic_batch else None
+    axes = {"input": {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
         # The TorchScript exporter: its PRESERVE mode with constant folding off keeps BatchNorm nodes.
         torch.onnx.export(model, torch.zeros(*input_size), str(path), dynamo=False, input_names=["input"],
-                          output_names=["embedding"], dynamic_axes=axes, opset_version=opset,
+                          output_names=[output_name], dynamic_axes=axes, opset_version=opset,
                           training=torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL,
                           do_constant_folding=not keep_batchnorm)
     model.train(was_training)

@@ -5,11 +5,29 @@ points become the right eye's), so the order stays the scheme's. Rotation, scale
 affine matrix applied to both. ``crop_face`` cuts a square around the face box (with margin) and resizes
 it, mapping the points with it. Occlusion paints a random rectangle and leaves the points unchanged (they
 are still where they were, only hidden).
+
+Head pose, where given, is ``(yaw, pitch, roll)`` in degrees (``visrec.data.landmarks`` states the signs:
+yaw > 0 turns the nose towards image right, roll > 0 is counter-clockwise as displayed). A horizontal
+flip negates yaw and roll (pitch is unchanged); a rotation by ``angle_deg`` (OpenCV's sign: counter-
+clockwise as displayed) adds ``angle_deg`` to roll; scale, translation and occlusion leave pose alone.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+
+def flip_pose(pose) -> np.ndarray:
+    """(yaw, pitch, roll) degrees of the horizontally mirrored face: yaw and roll change sign."""
+    yaw, pitch, roll = np.asarray(pose, np.float32)
+    return np.array([-yaw, pitch, -roll], np.float32)
+
+
+def rotate_pose(pose, angle_deg: float) -> np.ndarray:
+    """(yaw, pitch, roll) degrees after the image is rotated by ``angle_deg`` (counter-clockwise as
+    displayed, ``cv2.getRotationMatrix2D``'s sign): roll grows by ``angle_deg``, wrapped to [-180, 180)."""
+    yaw, pitch, roll = np.asarray(pose, np.float32)
+    return np.array([yaw, pitch, (roll + angle_deg + 180.0) % 360.0 - 180.0], np.float32)
 
 
 def hflip(image: np.ndarray, points: np.ndarray, flip_perm) -> tuple[np.ndarray, np.ndarray]:
@@ -55,12 +73,20 @@ def occlude(image: np.ndarray, rng: np.random.Generator, max_frac: float = 0.35)
 
 
 def random_augment(image, points, flip_perm, rng: np.random.Generator, *, max_angle=20.0, max_scale=0.1,
-                   max_shift=0.05, p_flip=0.5, p_occlude=0.3):
-    if rng.uniform() < p_flip:
+                   max_shift=0.05, p_flip=0.5, p_occlude=0.3, pose=None):
+    """Random flip, rotation (degrees) + scale + shift, occlusion -> (image, points), or (image, points,
+    pose) when ``pose`` (yaw, pitch, roll degrees) is given, updated to match. The random draws do not
+    depend on ``pose``."""
+    flipped = rng.uniform() < p_flip
+    if flipped:
         image, points = hflip(image, points, flip_perm)
     h, w = image.shape[:2]
-    image, points = affine(image, points, rng.uniform(-max_angle, max_angle), 1 + rng.uniform(-max_scale, max_scale),
+    angle = rng.uniform(-max_angle, max_angle)
+    image, points = affine(image, points, angle, 1 + rng.uniform(-max_scale, max_scale),
                            rng.uniform(-max_shift, max_shift, 2) * (w, h))
     if rng.uniform() < p_occlude:
         image = occlude(image, rng)
-    return image, points
+    if pose is None:
+        return image, points
+    pose = flip_pose(pose) if flipped else np.asarray(pose, np.float32)
+    return image, points, rotate_pose(pose, angle)

@@ -4,6 +4,12 @@ JD-landmark layout:  ``picture/<name>.jpg``, ``landmark/<name>.jpg.txt`` or ``la
                      (first line the point count, e.g. ``106``, then one ``x y`` per line) and
                      ``rect/<name>.rect`` (``x1 y1 x2 y2`` face box). The challenge submission uses the
                      same text format per image (origin top-left).
+                     Optional head pose (visrec's extension, written by ``write_synthetic_jd``, needed by
+                     the PFLD loss): ``pose/<name>.jpg.txt`` or ``pose/<name>.txt``, one line
+                     ``yaw pitch roll`` in degrees. yaw > 0: the face turns so that the nose moves towards
+                     image right; pitch > 0: the face looks down; roll > 0: the face is rotated counter-
+                     clockwise as displayed (the image-right eye is higher). A horizontal flip negates yaw
+                     and roll. Either every picture has a pose file or there is no ``pose/`` directory.
 300W ``.pts``:       ``version: 1`` / ``n_points: 68`` / ``{`` / 68 ``x y`` lines / ``}``.
 WFLW line:           98 x y pairs (196 numbers), the box x1 y1 x2 y2, six 0/1 attributes (pose, expression,
                      illumination, make-up, occlusion, blur), then the image name.
@@ -12,6 +18,7 @@ The point count is data, not a constant. Bad annotations raise DataError naming 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -141,17 +148,106 @@ def write_wflw(path: str | Path, records: list[WflwRecord]) -> Path:
     return path
 
 
+def write_pose_txt(path: str | Path, pose) -> Path:
+    """One ``yaw pitch roll`` line, degrees (signs in the module docstring)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    yaw, pitch, roll = (float(v) for v in pose)
+    path.write_text(f"{yaw:.4f} {pitch:.4f} {roll:.4f}\n")
+    return path
+
+
+def read_pose_txt(path: str | Path) -> np.ndarray:
+    """A pose file -> float32 (3,) ``(yaw, pitch, roll)`` in degrees; bad content raises DataError."""
+    path = Path(path)
+    try:
+        lines = [(i, l) for i, l in enumerate(path.read_text().splitlines(), start=1) if l.strip()]
+    except OSError as exc:
+        raise DataError(f"cannot read: {exc.strerror}", path=path) from None
+    if len(lines) != 1:
+        raise DataError(f"expected one 'yaw pitch roll' line (degrees), found {len(lines)}", path=path,
+                        record=f"line {lines[1][0]}" if lines else None)
+    lineno, line = lines[0]
+    try:
+        pose = np.array([float(v) for v in line.split()], np.float32)
+    except ValueError:
+        pose = np.zeros(0, np.float32)
+    if pose.shape != (3,) or not np.isfinite(pose).all():
+        raise DataError(f"expected 'yaw pitch roll' in degrees, got {line.strip()!r}", path=path,
+                        record=f"line {lineno}")
+    if (np.abs(pose) > 180).any():
+        raise DataError(f"angles must lie in [-180, 180] degrees, got {line.strip()!r}", path=path,
+                        record=f"line {lineno}")
+    return pose
+
+
+def read_jd_poses(root: str | Path, pictures) -> np.ndarray | None:
+    """(N, 3) ``(yaw, pitch, roll)`` degrees for the pictures of a JD-landmark directory (as
+    ``read_jd_dir`` lists them), or None when it has no ``pose/`` directory."""
+    pose_dir = Path(root) / "pose"
+    if not pose_dir.is_dir():
+        return None
+    out = []
+    for p in pictures:
+        p = Path(p)
+        f = pose_dir / f"{p.name}.txt"
+        if not f.exists():
+            f = pose_dir / f"{p.stem}.txt"
+        if not f.exists():
+            raise DataError(f"no pose file for this picture ({pose_dir}/{p.name}.txt); a pose/ directory "
+                            f"must cover every picture", path=p)
+        out.append(read_pose_txt(f))
+    return np.stack(out) if out else np.zeros((0, 3), np.float32)
+
+
+# The renderer's yaw is a unitless turn in [-1, 1] (a 2-D approximation: inner points shift by their
+# depth, the far cheek foreshortens by 1 - 0.25 |yaw|). Degrees = unit * acos(0.75): the full turn, whose
+# far cheek is foreshortened to 0.75 = cos(41.4 deg), reads as 41.4 degrees. Nominal, but monotonic and
+# sign-correct (yaw > 0 moves the nose towards image right).
+SYNTH_YAW_DEGREES = math.degrees(math.acos(0.75))
+
+
+class _PoseRecorder:
+    """Wraps the ``np.random.Generator`` that ``synth.render_face`` draws from and keeps its pose draws:
+    yaw is ``0.8 * uniform(-d, d)`` (unitless) and the in-plane angle ``uniform(-1, 1) * (4 + 22 d)``
+    degrees (``cv2.getRotationMatrix2D``'s sign: counter-clockwise as displayed = roll). The draws pass
+    through unchanged, so the rendered images are those of ``synth.iter_faces``."""
+
+    def __init__(self, rng: np.random.Generator, difficulty: float):
+        self.rng, self.d = rng, float(np.clip(difficulty, 0, 1))
+        self.yaw_unit = self.roll_deg = None
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        v = self.rng.uniform(low, high, size)
+        if size is None and self.yaw_unit is None and (low, high) == (-self.d, self.d):
+            self.yaw_unit = 0.8 * float(v)
+        elif size is None and self.roll_deg is None and (low, high) == (-1, 1):
+            self.roll_deg = float(v) * (4 + 22 * self.d)
+        return v
+
+    def __getattr__(self, name):  # integers, standard_normal, ...: plain pass-through
+        return getattr(self.rng, name)
+
+
 def write_synthetic_jd(out_dir: str | Path, n_faces: int, *, seed: int = 0, difficulty: float = 0.3) -> Path:
-    """Render synthetic faces (``visrec.data.synth``) into the JD-landmark layout."""
+    """Render synthetic faces (``visrec.data.synth``) into the JD-landmark layout, with their exact head pose
+    in ``pose/<name>.txt`` (``yaw 0 roll`` degrees: the renderer has no pitch; see the module docstring).
+    The images are those of ``synth.iter_faces(n_faces, 1, seed=seed, difficulty=difficulty)``."""
     from visrec.data.images import encode_jpeg
-    from visrec.data.synth import iter_faces
+    from visrec.data.synth import render_face
 
     out = Path(out_dir)
-    for k, (img, _, pts) in enumerate(iter_faces(n_faces, 1, seed=seed, difficulty=difficulty)):
+    for k in range(n_faces):
+        # the generator synth.iter_faces gives face k (identity k, one image each)
+        rec = _PoseRecorder(np.random.default_rng([seed, k, 104729]), difficulty)
+        img, pts = render_face(k, rec, difficulty, seed)
+        if rec.yaw_unit is None or rec.roll_deg is None:
+            raise RuntimeError("synth.render_face no longer draws pose as _PoseRecorder expects")
         name = f"{k:06d}.jpg"
         (out / "picture").mkdir(parents=True, exist_ok=True)
         (out / "picture" / name).write_bytes(encode_jpeg(img))
         write_landmark_txt(out / "landmark" / f"{name}.txt", pts)
+        write_pose_txt(out / "pose" / f"{name}.txt", (rec.yaw_unit * SYNTH_YAW_DEGREES, 0.0, rec.roll_deg))
         x1, y1 = pts.min(0)
         x2, y2 = pts.max(0)
         (out / "rect").mkdir(exist_ok=True)

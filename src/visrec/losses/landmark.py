@@ -10,7 +10,8 @@ stated; every loss returns the mean over the batch.
   continuous and smooth at theta; defaults alpha=2.1, omega=14, eps=1, theta=0.5.
 - ``pfld`` (Guo et al., 2019): sum over points of the L2 error weighted by the sum of per-attribute class
   weights and by sum_k (1 - cos(angle error_k)) of the auxiliary head-pose branch (yaw, pitch, roll in
-  radians): weight = (sum_c w_c * attr_c) * sum_k (1 - cos(pose_pred_k - pose_gt_k)).
+  radians): weight = (sum_c w_c * attr_c) * (base_weight + sum_k (1 - cos(pose_pred_k - pose_gt_k))).
+  ``base_weight`` (default 0, the paper's formula) keeps a landmark gradient when the pose is exact.
 """
 
 from __future__ import annotations
@@ -46,8 +47,9 @@ def adaptive_wing(pred: torch.Tensor, gt: torch.Tensor, alpha: float = 2.1, omeg
 
 
 def pfld(pred: torch.Tensor, gt: torch.Tensor, pose_pred: torch.Tensor, pose_gt: torch.Tensor,
-         attributes: torch.Tensor | None = None, class_weights: torch.Tensor | None = None) -> torch.Tensor:
-    angle_weight = (1 - torch.cos(pose_pred - pose_gt)).sum(dim=1)  # (B,)
+         attributes: torch.Tensor | None = None, class_weights: torch.Tensor | None = None,
+         base_weight: float = 0.0) -> torch.Tensor:
+    angle_weight = base_weight + (1 - torch.cos(pose_pred - pose_gt)).sum(dim=1)  # (B,)
     if attributes is not None:
         cw = class_weights if class_weights is not None else torch.ones(attributes.shape[1], device=pred.device)
         attr_weight = (attributes.float() * cw).sum(dim=1).clamp(min=1.0)

@@ -72,13 +72,15 @@ class PFLD(nn.Module):
         pooled = torch.cat([f14.mean((2, 3)), f7.mean((2, 3)), f1.flatten(1)], dim=1)
         return f28, pooled
 
-    def forward(self, x):
-        _, pooled = self._features(x)
-        return torch.sigmoid(self.fc(pooled)).view(-1, self.num_points, 2)
+    def forward(self, x, with_pose: bool = False):
+        """Points (B, P, 2) in [0, 1] of the crop; with ``with_pose`` also the (B, 3) pose branch output.
+        Training calls go through ``forward`` (not a side method) so DDP synchronises their gradients."""
+        f28, pooled = self._features(x)
+        points = torch.sigmoid(self.fc(pooled)).view(-1, self.num_points, 2)
+        return (points, self.aux(f28)) if with_pose else points
 
     def forward_with_pose(self, x):
-        f28, pooled = self._features(x)
-        return torch.sigmoid(self.fc(pooled)).view(-1, self.num_points, 2), self.aux(f28)
+        return self.forward(x, with_pose=True)
 
 
 class HeatmapLite(nn.Module):
@@ -108,8 +110,10 @@ class HeatmapLite(nn.Module):
         ys = (prob.sum(3) * self.grid).sum(-1)
         return torch.stack([xs, ys], dim=-1)
 
-    def forward(self, x):
-        return self.decode(self.forward_heatmaps(x))
+    def forward(self, x, heatmaps: bool = False):
+        """Points (B, P, 2) in [0, 1]; with ``heatmaps`` the (B, P, H, W) logits instead (for training)."""
+        logits = self.forward_heatmaps(x)
+        return logits if heatmaps else self.decode(logits)
 
 
 @BACKBONES.register("pfld")

@@ -1,4 +1,15 @@
-"""Landmark training: JD-landmark directories -> face-box crops -> a landmark model, NME validation."""
+"""Landmark training: JD-landmark directories -> face-box crops -> a landmark model, NME validation.
+
+Losses (``loss.name``): ``l1``/``l2``/``wing`` on the normalised point coordinates (wing's ``w``/``eps`` in
+crop pixels), ``awing`` on heatmaps (``heatmap_lite``), and ``pfld`` for models with a pose branch
+(``forward_with_pose``, i.e. ``pfld``): it needs head-pose ground truth (the JD directory's ``pose/``
+files, ``visrec.data.landmarks``; degrees on disk, radians in the loss) and trains
+  (pfld_base + sum_k (1 - cos(pose error_k))) * sum over points of the squared error   (PFLD's weighting)
+  + pose_weight * mean squared pose error in radians                                  (the pose branch).
+The PFLD weight uses the pose prediction detached: the branch learns pose from its own term only, and the
+``pfld_base`` floor keeps the landmark term alive once the pose is right (the paper's weight alone is 0
+then). Validation reports NME with the sqrt_area normalisation (``visrec.evaluate.landmarks``).
+"""
 
 from __future__ import annotations
 
@@ -10,6 +21,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Dataset
 
+from visrec.errors import ConfigError, DataError
 from visrec.train.task import TASKS, Task
 
 
@@ -25,20 +37,29 @@ class LandmarkData(BaseModel):
 
 class LandmarkLoss(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field("wing", description="l1 | l2 | wing | awing (heatmap models)")
+    name: str = Field("wing", description="l1 | l2 | wing | awing (heatmap models) | pfld (needs pose/)")
     w: float = 10.0
     eps: float = 2.0
+    pose_weight: float = Field(1.0, ge=0, description="pfld: weight of the pose-branch MSE (radians^2)")
+    pfld_base: float = Field(1.0, ge=0, description="pfld: added to the PFLD pose weight of each face")
 
 
 class JDCrops(Dataset):
-    """Face-box crops of a JD-landmark set; items: (image tensor in [-1, 1], points normalised to [0, 1])."""
+    """Face-box crops of a JD-landmark set; items: (image tensor in [-1, 1], points normalised to [0, 1]),
+    plus the (yaw, pitch, roll) pose in radians (float32 (3,)) when ``with_pose``. ``poses`` holds the
+    set's poses in degrees, or None when it has no ``pose/`` directory."""
 
-    def __init__(self, root: Path, points: int, size: int, margin: float, augment: bool, seed: int = 0):
-        from visrec.data.landmarks import read_jd_dir
+    def __init__(self, root: Path, points: int, size: int, margin: float, augment: bool, seed: int = 0,
+                 with_pose: bool = False):
+        from visrec.data.landmarks import read_jd_dir, read_jd_poses
         from visrec.data.schemes import get_scheme
 
         self.paths, self.points, self.boxes = read_jd_dir(root, points)
-        self.size, self.margin, self.augment = size, margin, augment
+        self.poses = read_jd_poses(root, self.paths)
+        if with_pose and self.poses is None:
+            raise DataError("no head-pose ground truth (pose/<image>.txt, 'yaw pitch roll' in degrees; "
+                            "visrec.data.landmarks.write_synthetic_jd writes it)", path=Path(root) / "pose")
+        self.size, self.margin, self.augment, self.with_pose = size, margin, augment, with_pose
         self.flip_perm = get_scheme(points).flip_perm
         self.seed = seed
 
@@ -54,13 +75,20 @@ class JDCrops(Dataset):
     def __getitem__(self, i: int):
         from visrec.data.augment import random_augment
 
-        img, pts = self.crop(i)
+        img, pts = self.crop(i)  # a scaled, shifted copy of the image: the pose is unchanged
+        pose = self.poses[i] if self.with_pose else None
         if self.augment:
             # drawn from torch's RNG (checkpointed by the Trainer), so resumed runs augment alike
             rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
-            img, pts = random_augment(img, pts, self.flip_perm, rng, max_angle=15, p_occlude=0.2)
+            # a flip negates yaw and roll, a rotation adds to roll (visrec.data.augment)
+            out = random_augment(img, pts, self.flip_perm, rng, max_angle=15, p_occlude=0.2, pose=pose)
+            img, pts = out[:2]
+            pose = out[2] if pose is not None else None
         x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(127.5).sub(1)
-        return x, torch.from_numpy(pts / self.size).float()
+        y = torch.from_numpy(pts / self.size).float()
+        if pose is None:
+            return x, y
+        return x, y, torch.from_numpy(np.radians(np.asarray(pose, np.float64))).float()
 
 
 @TASKS.register("landmarks")
@@ -70,13 +98,21 @@ class LandmarkTask(Task):
 
     def train_dataset(self):
         d = self.data_opts
-        return JDCrops(d.train, d.points, d.size, d.margin, d.augment, self.cfg.seed)
+        pfld = self.loss_opts.name == "pfld"
+        if pfld and not (Path(d.train) / "pose").is_dir():
+            raise ConfigError(f"loss.name: pfld needs head-pose ground truth, but {Path(d.train) / 'pose'} does "
+                              f"not exist (pose/<image>.txt: 'yaw pitch roll' in degrees, see "
+                              f"visrec.data.landmarks; write_synthetic_jd writes it)")
+        return JDCrops(d.train, d.points, d.size, d.margin, d.augment, self.cfg.seed, with_pose=pfld)
 
     def build_modules(self, num_classes):
         from visrec.models import build_backbone
 
         spec = self.cfg.model
-        return {"backbone": build_backbone(spec.name, **{"num_points": self.data_opts.points, **spec.kwargs})}
+        net = build_backbone(spec.name, **{"num_points": self.data_opts.points, **spec.kwargs})
+        if self.loss_opts.name == "pfld" and not hasattr(net, "forward_with_pose"):
+            raise ConfigError(f"loss.name: pfld needs a model with a pose branch (pfld); {spec.name!r} has none")
+        return {"backbone": net}
 
     def model_config(self):
         return {"num_points": self.data_opts.points, **self.cfg.model.as_dict()}
@@ -84,12 +120,18 @@ class LandmarkTask(Task):
     def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
         from visrec.losses import landmark as L
 
-        images, target = batch
+        images, target = batch[0], batch[1]
         model = modules["backbone"]
         name = self.loss_opts.name
+        if name == "pfld":
+            pose_gt = batch[2].float()  # (B, 3) yaw, pitch, roll in radians
+            pred, pose = (t.float() for t in model(images, with_pose=True))
+            opts = self.loss_opts
+            return L.pfld(pred, target, pose.detach(), pose_gt, base_weight=opts.pfld_base) \
+                + opts.pose_weight * L.l2(pose, pose_gt)
         if name == "awing":
             net = getattr(model, "module", model)
-            heat = net.forward_heatmaps(images)
+            heat = model(images, heatmaps=True)  # through forward, so DDP synchronises the gradients
             return L.adaptive_wing(torch.sigmoid(heat.float()), _gaussian_heatmaps(target, heat.shape[-1])) \
                 + L.l1(net.decode(heat), target)
         pred = model(images).float()
@@ -98,7 +140,7 @@ class LandmarkTask(Task):
             return L.wing(pred * scale, target * scale, self.loss_opts.w, self.loss_opts.eps) / target.shape[1]
         if name in ("l1", "l2"):
             return getattr(L, name)(pred, target)
-        raise ValueError(f"loss.name {name!r}: use l1, l2, wing or awing")
+        raise ValueError(f"loss.name {name!r}: use l1, l2, wing, awing or pfld")
 
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         if self.data_opts.val is None:
