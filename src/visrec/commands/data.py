@@ -98,3 +98,29 @@ def synth_products(out: Path = typer.Argument(..., help="output root (Perfect-50
     table.add_row("product labels (catalogue_id,product_id)", str(summary["catalogue_images"]),
                   str(summary["product_labels"]))
     Console().print(table)
+
+
+@synth_app.command("videos")
+def synth_videos(out: Path = typer.Argument(..., help="output root"),
+                 identities: int = typer.Option(50, min=2), videos_per_identity: int = typer.Option(4, min=1),
+                 frames: int = typer.Option(8, min=1, help="frames per video"),
+                 degraded_share: float = typer.Option(0.3, min=0.0, max=1.0, help="share of degraded frames"),
+                 video_format: str = typer.Option("folder", "--format", help="folder (PNG frames) | avi (MJPG)"),
+                 first_identity: int = typer.Option(0, help="identity of label 0 (use a far range for held-out sets)"),
+                 seed: int = typer.Option(0)):
+    """Videos -> OUT/videos/, OUT/videos.csv (video_id,path,label), OUT/video_filelist.txt (LFR order)."""
+    from rich.progress import Progress
+
+    from visrec.data.video import write_video_dataset
+
+    with Progress(transient=True) as progress:
+        task = progress.add_task("rendering videos", total=identities * videos_per_identity)
+        lst = write_video_dataset(out, identities, videos_per_identity, frames, seed=seed, degraded_share=degraded_share,
+                                  first_identity=first_identity, video_format=video_format,
+                                  progress=lambda: progress.advance(task))
+    table = Table(title="synthetic videos written")
+    table.add_column("what")
+    table.add_column("where")
+    table.add_row(f"{identities * videos_per_identity} videos x {frames} frames, {degraded_share:.0%} degraded", str(lst))
+    table.add_row("LFR video_filelist.txt", str(Path(out) / "video_filelist.txt"))
+    Console().print(table)

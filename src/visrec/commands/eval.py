@@ -21,10 +21,16 @@ def faces(model: Optional[Path] = typer.Option(None, "--model", help="visrec che
           protocol: str = typer.Option("deepglint-light", "--protocol"),
           target: list[float] = typer.Option([], "--target", help="FPR target(s) instead of the protocol's"),
           flip: bool = typer.Option(False, "--flip", help="flip test: add the mirrored image's embedding"),
+          video: bool = typer.Option(False, "--video", help="--data is a video list (video_id,path,label)"),
+          fusion: list[str] = typer.Option([], "--fusion", help="video frame fusion: mean | norm | score | learned"),
+          submission: Optional[Path] = typer.Option(None, "--submission", help="video: LFR feature binary to write"),
           out: Path = typer.Option(Path("eval-out"), "--out")):
-    """Face verification: exact TPR@FPR (strict rule), 10-fold accuracy for .bin sets, report.html."""
+    """Face verification: exact TPR@FPR (strict rule), 10-fold accuracy for .bin sets, report.html;
+    with --video, TPR@FPR between videos for each frame fusion."""
     from rich.progress import Progress
 
+    if video:
+        return _videos(model, data, fusion or ["mean"], target or [1e-4], submission, filelist)
     from visrec.evaluate.run import evaluate_faces
 
     with Progress(transient=True) as bar:
@@ -43,3 +49,29 @@ def faces(model: Optional[Path] = typer.Option(None, "--model", help="visrec che
                   f"{r.false_accepts:,} / {r.impostor_count:,}", str(r.near_threshold_pairs))
     Console().print(t)
     Console().print(f"report: {res.report}")
+
+
+def _videos(model, data, fusions, targets, submission, filelist):
+    from rich.progress import Progress
+
+    from visrec.errors import VisrecError
+    from visrec.evaluate.video import evaluate_video_model
+
+    if model is None or data is None:
+        raise VisrecError("--video needs --model CKPT and --data VIDEO_LIST")
+    with Progress(transient=True) as bar:
+        task = bar.add_task("videos", total=None)
+        res = evaluate_video_model(model, data, fusions, targets, submission, filelist,
+                                   progress=lambda n: bar.advance(task, n))
+    t = Table(title="video verification (" + ", ".join(f"{k}: {v}" for k, v in res.summary.items()) + ")")
+    for col in ("fusion", "target FPR", "TPR", "threshold", "achieved FPR"):
+        t.add_column(col)
+    for f, results in res.results.items():
+        for tgt, r in results.items():
+            if not r.estimable:
+                t.add_row(f, f"{tgt:g}", "not estimable", r.reason, "")
+            else:
+                t.add_row(f, f"{tgt:g}", f"{r.tpr:.6f}", f"{r.threshold:.6f}", f"{r.fpr:.3e}")
+    Console().print(t)
+    if res.submission:
+        Console().print(f"LFR video features ({fusions[0]} fusion): {res.submission}")

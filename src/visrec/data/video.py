@@ -1,0 +1,214 @@
+"""Video face sets: a list of videos, each a video file or a folder of aligned frames, with a label.
+
+List file (``videos.csv``): one video per line, ``video_id,path,label``; ``path`` is relative to the list's
+folder (or absolute); blank lines and lines starting with ``#`` are ignored. ``path`` is a folder of frame
+images (``*.jpg``/``*.png``, read in name order) or any video file OpenCV decodes (``.mp4``, ``.avi``...).
+Frames are aligned 112x112 face crops (``visrec.data.align``; raw footage goes through detection and
+alignment first).
+
+Per-frame detector scores, when the detector gave them: ``scores.txt`` inside a frame folder, or
+``<video file>.scores.txt`` beside a video file: one float per line, one line per frame, in frame order.
+
+LFR video track: the organisers' ``video_filelist.txt`` lists video ids, one per line; a submission is
+the feature binary of ``visrec.evaluate.lfr`` with one fused feature per video in that order.
+
+Synthetic videos (``write_video_dataset``): one identity per video, the pose (yaw, roll, scale, shift)
+moving smoothly along random low-frequency trajectories, and a controllable share of degraded frames,
+each one of: strong blur, a large occluder, extreme yaw, low light. A degraded frame's detector score is
+drawn lower (uniform 0.3-0.8) than a clean frame's (0.75-1.0), overlapping as real detector scores do.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import cv2
+import numpy as np
+
+from visrec.errors import DataError
+
+FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+DEGRADATIONS = ("blur", "occlusion", "pose", "dark")
+
+
+@dataclass(frozen=True)
+class VideoItem:
+    video_id: str
+    path: Path
+    label: str
+
+
+def read_video_list(path: str | Path) -> list[VideoItem]:
+    path = Path(path)
+    if not path.exists():
+        raise DataError("video list not found", path=path)
+    items, seen = [], {}
+    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip() or line.lstrip().startswith("#"):
+            continue
+        fields = [f.strip() for f in line.split(",")]
+        if len(fields) != 3 or not all(fields):
+            raise DataError(f"expected 'video_id,path,label', got {line!r}", path=path, record=f"line {lineno}")
+        vid, rel, label = fields
+        if vid in seen:
+            raise DataError(f"video id {vid!r} repeats line {seen[vid]}", path=path, record=f"line {lineno}")
+        seen[vid] = lineno
+        p = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+        items.append(VideoItem(vid, p, label))
+    if not items:
+        raise DataError("no videos listed", path=path)
+    return items
+
+
+def write_video_list(path: str | Path, items: list[VideoItem]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    lines = []
+    for it in items:
+        p = Path(it.path)
+        try:
+            p = p.relative_to(path.parent)
+        except ValueError:
+            pass
+        lines.append(f"{it.video_id},{p.as_posix()},{it.label}\n")
+    path.write_text("".join(lines))
+    return path
+
+
+def read_frames(path: str | Path, video_id: str | None = None, max_frames: int | None = None) -> list[np.ndarray]:
+    """RGB uint8 112x112 frames of a frame folder or a video file (errors name the video and file)."""
+    path = Path(path)
+    record = f"video {video_id}" if video_id else None
+    if path.is_dir():
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)[:max_frames]
+        frames = []
+        for f in files:
+            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
+            if img is None:
+                raise DataError("frame is not a decodable image", path=f, record=record)
+            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+    elif path.exists():
+        cap = cv2.VideoCapture(str(path))
+        frames = []
+        while max_frames is None or len(frames) < max_frames:
+            ok, img = cap.read()
+            if not ok:
+                break
+            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
+        cap.release()
+    else:
+        raise DataError("video file or frame folder not found", path=path, record=record)
+    if not frames:
+        raise DataError("no frames could be read", path=path, record=record)
+    bad = next((f.shape for f in frames if f.shape[:2] != (112, 112)), None)
+    if bad is not None:
+        raise DataError(f"frames must be aligned 112x112 face crops, got {bad[1]}x{bad[0]}", path=path, record=record)
+    return frames
+
+
+def scores_path(path: str | Path) -> Path:
+    path = Path(path)
+    return path / "scores.txt" if path.is_dir() else path.with_name(path.name + ".scores.txt")
+
+
+def read_frame_scores(path: str | Path, num_frames: int) -> np.ndarray | None:
+    """Detector scores of a video's frames, or None when the video has none."""
+    sp = scores_path(path)
+    if not sp.exists():
+        return None
+    values = []
+    for lineno, line in enumerate(sp.read_text().splitlines(), start=1):
+        if line.strip():
+            try:
+                values.append(float(line))
+            except ValueError:
+                raise DataError(f"not a number: {line!r}", path=sp, record=f"line {lineno}") from None
+    if len(values) != num_frames:
+        raise DataError(f"{len(values)} scores for {num_frames} frames", path=sp)
+    return np.asarray(values, np.float32)
+
+
+# --- synthetic videos --------------------------------------------------------------------------------
+
+def render_video(identity: int, num_frames: int, rng: np.random.Generator, *, seed: int = 0,
+                 degraded_share: float = 0.3, difficulty: float = 0.2) -> tuple[list[np.ndarray], list[str], np.ndarray]:
+    """One track of ``identity``: (frames RGB uint8 112x112, kind per frame ("clean" or a DEGRADATIONS name),
+    detector scores). Exactly round(degraded_share * num_frames) frames are degraded."""
+    from visrec.data import synth as S
+
+    p, shape = S._identity_params(seed, identity), S._identity_shape(seed, identity)
+    t = np.arange(num_frames) / max(1, num_frames - 1)
+
+    def wave(amplitude):  # a smooth random trajectory over the track
+        f, phase = rng.uniform(0.3, 1.0), rng.uniform(0, 2 * math.pi)
+        return amplitude * np.sin(2 * math.pi * f * t + phase)
+
+    yaw, roll = wave(0.5 * difficulty + 0.1), wave(4 + 15 * difficulty)
+    scale, sx, sy = 1 + wave(0.06), wave(2 + 4 * difficulty), wave(2 + 4 * difficulty)
+    n_bad = int(round(np.clip(degraded_share, 0, 1) * num_frames))
+    kinds = ["clean"] * num_frames
+    for i in rng.choice(num_frames, n_bad, replace=False):
+        kinds[i] = DEGRADATIONS[int(rng.integers(len(DEGRADATIONS)))]
+    bg_seed = int(rng.integers(2**31))  # the same background colour in every frame of the track
+    frames, scores = [], []
+    for i, kind in enumerate(kinds):
+        y = float(np.clip(yaw[i] * 2.2, -1, 1)) if kind != "pose" else float(rng.choice([-1, 1]))
+        pts = S._face_points(p, shape, smile=0.2 * difficulty, mouth_open=0.1, eye_open=1.0, yaw=y)
+        canvas = S._draw(shape, pts, np.random.default_rng(bg_seed))
+        m = cv2.getRotationMatrix2D((S._CX, S._CY), float(roll[i]), float(scale[i]))
+        m[:, 2] += (sx[i], sy[i])
+        img = cv2.warpAffine(canvas, m, (S.SIZE, S.SIZE), flags=cv2.INTER_LINEAR,
+                             borderMode=cv2.BORDER_REFLECT).astype(np.float32)
+        if kind == "blur":
+            img = cv2.GaussianBlur(img, (0, 0), rng.uniform(3.0, 5.0))
+        elif kind == "dark":
+            img *= rng.uniform(0.12, 0.25)
+        elif kind == "occlusion":
+            w, h = rng.integers(55, 80, 2)
+            x0, y0 = rng.integers(0, S.SIZE - 40, 2)
+            img[y0:y0 + h, x0:x0 + w] = rng.uniform(0, 255, 3)
+        img += rng.standard_normal(img.shape).astype(np.float32) * 3
+        frames.append(np.clip(img, 0, 255).astype(np.uint8))
+        scores.append(rng.uniform(0.75, 1.0) if kind == "clean" else rng.uniform(0.3, 0.8))
+    return frames, kinds, np.asarray(scores, np.float32)
+
+
+def write_video_dataset(root: str | Path, num_identities: int, videos_per_identity: int, frames_per_video: int, *,
+                        seed: int = 0, degraded_share: float = 0.3, difficulty: float = 0.2,
+                        first_identity: int = 0, video_format: str = "folder",
+                        progress: Callable[[], None] | None = None) -> Path:
+    """Render ``root/videos/<video_id>/`` frame folders (``video_format="folder"``, with ``scores.txt``) or
+    ``root/videos/<video_id>.avi`` (MJPG, with ``.avi.scores.txt``), ``root/videos.csv`` (the list format)
+    and ``root/video_filelist.txt`` (LFR order). Label k is identity first_identity + k. Returns the list."""
+    if video_format not in ("folder", "avi"):
+        raise ValueError(f"video_format must be 'folder' or 'avi', got {video_format!r}")
+    root = Path(root)
+    (root / "videos").mkdir(parents=True, exist_ok=True)
+    items = []
+    for label in range(num_identities):
+        ident = first_identity + label
+        for v in range(videos_per_identity):
+            rng = np.random.default_rng([seed, ident, v, 7727])
+            frames, _, scores = render_video(ident, frames_per_video, rng, seed=seed, degraded_share=degraded_share,
+                                             difficulty=difficulty)
+            vid = f"{ident:06d}_{v:02d}"
+            if video_format == "folder":
+                path = root / "videos" / vid
+                path.mkdir(exist_ok=True)
+                for i, f in enumerate(frames):
+                    cv2.imwrite(str(path / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+            else:
+                path = root / "videos" / f"{vid}.avi"
+                writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (112, 112))
+                for f in frames:
+                    writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+                writer.release()
+            scores_path(path).write_text("".join(f"{s:.4f}\n" for s in scores))
+            items.append(VideoItem(vid, path, str(label)))
+            if progress:
+                progress()
+    (root / "video_filelist.txt").write_text("".join(f"{it.video_id}\n" for it in items))
+    return write_video_list(root / "videos.csv", items)

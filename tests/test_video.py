@@ -1,0 +1,110 @@
+"""Video sets: list format, frame folders and video files, detector scores, fusion definitions, evaluation."""
+
+import numpy as np
+import pytest
+import torch
+
+from visrec.data.video import (read_frame_scores, read_frames, read_video_list, render_video, write_video_dataset)
+from visrec.errors import ConfigError, DataError
+from visrec.evaluate.video import evaluate_videos, fuse
+
+
+def test_synthetic_videos_in_both_layouts_read_back(tmp_path):
+    lst = write_video_dataset(tmp_path / "f", 3, 2, 6, seed=1, degraded_share=0.5)
+    items = read_video_list(lst)
+    assert len(items) == 6 and [it.label for it in items] == ["0", "0", "1", "1", "2", "2"]
+    frames = read_frames(items[0].path, items[0].video_id)
+    assert len(frames) == 6 and frames[0].shape == (112, 112, 3) and frames[0].dtype == np.uint8
+    scores = read_frame_scores(items[0].path, 6)
+    assert scores.shape == (6,) and ((0 < scores) & (scores <= 1)).all()
+    assert (tmp_path / "f" / "video_filelist.txt").read_text().split() == [it.video_id for it in items]
+    avi = read_video_list(write_video_dataset(tmp_path / "a", 2, 1, 5, seed=1, video_format="avi"))
+    decoded = read_frames(avi[0].path, avi[0].video_id)
+    assert len(decoded) == 5
+    # MJPG is lossy: the decoded frames are close to the rendered ones, not equal
+    rendered, _, _ = render_video(0, 5, np.random.default_rng([1, 0, 0, 7727]), seed=1, degraded_share=0.3)
+    assert np.abs(decoded[0].astype(int) - rendered[0].astype(int)).mean() < 6
+
+
+def test_degraded_share_and_smooth_pose():
+    frames, kinds, scores = render_video(5, 20, np.random.default_rng(0), degraded_share=0.25)
+    assert sum(k != "clean" for k in kinds) == 5
+    clean = [i for i, k in enumerate(kinds) if k == "clean"]
+    # consecutive clean frames differ little (smooth motion); a degraded frame differs more from its clean neighbours
+    steps = [np.abs(frames[a].astype(int) - frames[b].astype(int)).mean() for a, b in zip(clean, clean[1:]) if b == a + 1]
+    assert steps and max(steps) < 25
+    assert scores[[i for i, k in enumerate(kinds) if k != "clean"]].mean() < scores[clean].mean()
+
+
+def test_list_and_scores_errors_name_file_and_line(tmp_path):
+    lst = tmp_path / "v.csv"
+    lst.write_text("a,x,0\n# comment\n\nb,y\n")
+    with pytest.raises(DataError, match=r"v\.csv.*line 4.*video_id,path,label"):
+        read_video_list(lst)
+    lst.write_text("a,x,0\na,y,1\n")
+    with pytest.raises(DataError, match=r"line 2.*repeats line 1"):
+        read_video_list(lst)
+    with pytest.raises(DataError, match="not found"):
+        read_frames(tmp_path / "nope", "v1")
+    d = tmp_path / "frames"
+    d.mkdir()
+    (d / "0000.png").write_bytes(b"garbage")
+    with pytest.raises(DataError, match=r"0000\.png.*video v1.*not a decodable"):
+        read_frames(d, "v1")
+    (d / "scores.txt").write_text("0.5\nhigh\n")
+    with pytest.raises(DataError, match=r"scores\.txt.*line 2"):
+        read_frame_scores(d, 2)
+    (d / "scores.txt").write_text("0.5\n")
+    with pytest.raises(DataError, match="1 scores for 2 frames"):
+        read_frame_scores(d, 2)
+
+
+def test_fusion_definitions():
+    e = np.array([[3.0, 0.0], [0.0, 1.0]])
+    assert np.allclose(fuse(e, "mean"), np.array([1, 1]) / np.sqrt(2))
+    assert np.allclose(fuse(e, "norm"), np.array([0.75, 0.25]) / np.linalg.norm([0.75, 0.25]))
+    assert np.allclose(fuse(e, "score", scores=np.array([1.0, 3.0])), np.array([1, 3]) / np.sqrt(10))
+    z = np.array([0.0, np.log(2.0)])  # softmax weights 1/3, 2/3
+    assert np.allclose(fuse(e, "learned", logits=z), np.array([1, 2]) / np.sqrt(5))
+    with pytest.raises(DataError, match="scores"):
+        fuse(e, "score")
+    with pytest.raises(ConfigError, match="quality_fusion"):
+        fuse(e, "learned")
+    with pytest.raises(ConfigError, match="unknown fusion"):
+        fuse(e, "max")
+
+
+def test_quality_fusion_weights_and_frozen_backbone():
+    from visrec.models import build_backbone
+
+    m = build_backbone("quality_fusion", backbone={"name": "mobilefacenet", "embedding_size": 64, "scale": 1}, hidden=8)
+    m.train()
+    assert not m.backbone.training and m.quality.training  # frozen backbone keeps BN statistics
+    x = torch.randn(2, 3, 3, 112, 112)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    fused, w = m.fuse(x, mask)
+    assert torch.allclose(w.sum(1), torch.ones(2)) and w[0, 2] == 0
+    assert torch.allclose(fused.norm(dim=1), torch.ones(2), atol=1e-5)
+    fused.sum().backward()
+    assert all(p.grad is None for p in m.backbone.parameters())
+    assert all(p.grad is not None for p in m.quality.parameters())
+
+
+def test_evaluate_videos_and_lfr_submission_order(tmp_path):
+    from visrec.evaluate.lfr import read_lfr_features
+    from visrec.models import build_backbone
+
+    lst = write_video_dataset(tmp_path / "v", 4, 2, 4, seed=3)
+    model = build_backbone("mobilefacenet", embedding_size=32, scale=1)
+    order = tmp_path / "order.txt"
+    ids = [it.video_id for it in read_video_list(lst)]
+    order.write_text("\n".join(ids[::-1]) + "\n")
+    res = evaluate_videos(model, lst, ("mean", "norm", "score"), (0.1,), submission=tmp_path / "sub.bin", filelist=order)
+    assert set(res.results) == {"mean", "norm", "score"}
+    r = res.results["mean"][0.1]
+    assert r.genuine_count == 4 and r.impostor_count == 24
+    sub = read_lfr_features(tmp_path / "sub.bin")
+    assert np.allclose(sub, res.features["mean"][::-1])
+    order.write_text("nope\n")
+    with pytest.raises(DataError, match="not in the video list"):
+        evaluate_videos(model, lst, ("mean",), (0.1,), submission=tmp_path / "s2.bin", filelist=order)
