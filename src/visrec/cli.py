@@ -27,7 +27,13 @@ def train(config: Path = typer.Argument(..., help="YAML run config (see configs/
     from visrec.train.trainer import train as run_training
 
     cfg = load_config(config, dict(parse_override(o) for o in overrides))
-    result = run_training(cfg, resume=resume, source=str(config), progress=not no_progress)
+    if cfg.task == "faces_kd" and int((cfg.loss.get("distill") or {}).get("rounds", 1)) > 1:
+        # recursive KD (VarGFaceNet): round k's student teaches round k+1, each in <output>/round{k}
+        from visrec.train.distill_task import recursive_distill
+
+        result = recursive_distill(cfg, resume=resume, progress=not no_progress, source=str(config))[-1]
+    else:
+        result = run_training(cfg, resume=resume, source=str(config), progress=not no_progress)
     table = Table(title=f"trained {cfg.model.name} ({cfg.task})")
     table.add_column("item")
     table.add_column("value")
@@ -46,6 +52,20 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="where the demo writes 
     from visrec.demo import run_demo
 
     run_demo(out, minutes=minutes, console=console)
+
+
+@app.command()
+def serve(config: Path = typer.Option(..., "--config", help="serve YAML (configs/serve/example.yaml)"),
+          overrides: list[str] = typer.Option([], "--set", help="override a config key: port=8080")):
+    """HTTP API + web page: enroll/identify/verify faces, landmarks, product search (FastAPI + uvicorn)."""
+    from visrec.config import parse_override
+    from visrec.serve.app import serve as run_server
+    from visrec.serve.config import load_serve_config
+
+    cfg = load_serve_config(config, dict(parse_override(o) for o in overrides))
+    console.print(f"serving on http://{cfg.host}:{cfg.port} (OpenAPI at /docs, page at /); "
+                  f"API key {'required' if cfg.keys() else 'not required (loopback)'}")
+    run_server(cfg)
 
 
 def _add_groups() -> None:
