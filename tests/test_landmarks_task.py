@@ -1,5 +1,7 @@
 """Landmark models and their training task through the one Trainer (a few CPU steps), budgets, ONNX."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -64,6 +66,16 @@ def test_eval_landmarks_cli_report_and_single_image(tmp_path):
     page = (tmp_path / "rep" / "report.html").read_text()
     for img in re.findall(r'src="([^"]+)"', page):
         assert (tmp_path / "rep" / img).exists() and not img.startswith(("http", "/"))
+    assert len(list((tmp_path / "rep" / "submission").glob("*.txt"))) == 6
+    # the submission maps crop predictions back to picture pixels: ground truth in -> the annotation out
+    from visrec.data.landmarks import read_landmark_txt
+    from visrec.evaluate.landmark_report import write_submission
+    from visrec.train.landmarks_task import JDCrops
+
+    ds = JDCrops(tmp_path / "val", 106, 112, 0.15, augment=False)
+    sub = write_submission(tmp_path / "sub", ds, np.stack([ds[i][1].numpy() for i in range(len(ds))]) * 112)
+    for path, pts in zip(ds.paths, ds.points):
+        assert np.allclose(read_landmark_txt(sub / f"{Path(path).name}.txt", 106), pts, atol=2e-3)
     image = sorted((tmp_path / "val" / "picture").glob("*.jpg"))[0]
     res = runner.invoke(app, ["landmarks", str(image), "--model", str(tmp_path / "model.pt"), "--box",
                               "10,10,100,100", "--out", str(tmp_path / "drawn.png")])

@@ -25,7 +25,7 @@ def eval_landmarks(model: Path = typer.Option(..., "--model", help="checkpoint o
     for norm, m in res.metrics.items():
         t.add_row(norm, *(f"{v:.5f}" for v in m.values()))
     Console().print(t)
-    Console().print(f"report: {res.report}")
+    Console().print(f"report: {res.report}\nchallenge submission (one .txt per picture): {res.report.parent / 'submission'}")
 
 
 def landmarks(image: Path = typer.Argument(..., help="an image"),

@@ -86,6 +86,23 @@ padding:4px 8px}}</style></head><body><h1>Landmarks</h1><table>{summ}</table>
     return path
 
 
+def write_submission(folder: str | Path, ds, pred_crop: np.ndarray) -> Path:
+    """The challenge submission: one ``<picture name>.txt`` per image (the JD annotation format: the point
+    count, then ``x y`` per line, pixels of the original picture, origin top-left), mapping each prediction
+    from its face-box crop back to the picture (the inverse of ``visrec.data.augment.crop_face``)."""
+    from visrec.data.landmarks import write_landmark_txt
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for path, box, pts in zip(ds.paths, ds.boxes, pred_crop):
+        x1, y1, x2, y2 = map(float, box)
+        side = max(x2 - x1, y2 - y1) * (1 + 2 * ds.margin)
+        s = ds.size / side
+        offset = np.array([ds.size / 2 - s * (x1 + x2) / 2, ds.size / 2 - s * (y1 + y2) / 2])
+        write_landmark_txt(folder / f"{Path(path).name}.txt", (np.asarray(pts, np.float64) - offset) / s)
+    return folder
+
+
 def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "eval-landmarks",
                        points: int = 106, size: int = 112, margin: float = 0.15) -> LandmarkEval:
     """A checkpoint or ONNX landmark model on a JD-landmark directory (face-box crops)."""
@@ -107,6 +124,7 @@ def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "e
         net, _ = load_backbone(model)
         pred, gt = predict(net, ds, "cpu")
     metrics = landmark_metrics(pred, gt)
+    write_submission(Path(out) / "submission", ds, pred)
     images = [ds.crop(i)[0] for i in range(min(12, len(ds)))]
     report = write_landmark_report(out, pred, gt, images, metrics,
                                    {"model": str(model), "data": str(data), "faces": str(len(ds))})
