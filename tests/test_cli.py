@@ -45,8 +45,12 @@ def test_every_preset_config_validates():
     from visrec.train.task import TASKS, RunContext
 
     root = Path(__file__).resolve().parents[1] / "configs"
-    presets = sorted(p for p in root.rglob("*.yaml") if "protocols" not in p.parts)
+    presets = sorted(p for p in root.rglob("*.yaml") if not {"protocols", "serve"} & set(p.parts))
     assert presets
+    from visrec.serve.config import load_serve_config
+
+    for path in (root / "serve").glob("*.yaml"):
+        load_serve_config(path)
     for path in presets:
         cfg = load_config(path)
         TASKS.get(cfg.task)(cfg, RunContext(device=torch.device("cpu")), str(path))  # task sections too

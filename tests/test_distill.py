@@ -157,15 +157,16 @@ def test_missing_distill_section_and_missing_teacher(tmp_path):
     with pytest.raises(ConfigError, match=r"loss\.distill"):
         TASKS.get("faces_kd")(cfg, RunContext(torch.device("cpu")))
     with pytest.raises(DataError, match="nowhere"):
-        DistillTask(_cfg(tmp_path, teacher=str(tmp_path / "nowhere")), RunContext(torch.device("cpu")))
+        DistillTask(_cfg(tmp_path, teacher=str(tmp_path / "nowhere")), RunContext(torch.device("cpu"))).train_dataset()
 
 
 def test_teacher_spec_is_frozen_outside_modules_and_logit_dims_checked(tmp_path):
     ctx = RunContext(torch.device("cpu"))
     spec = {"name": "vargfacenet", "width_mult": 0.25, "embedding_size": 32}
     task = DistillTask(_cfg(tmp_path, teacher=spec, feature=1.0, relational=1.0), ctx)
-    assert not task.teacher.training and not any(p.requires_grad for p in task.teacher.parameters())
+    assert task.teacher is None  # loaded when training starts, not when the config is validated
     modules = task.build_modules(num_classes=3)
+    assert not task.teacher.training and not any(p.requires_grad for p in task.teacher.parameters())
     assert set(modules) == {"backbone", "head", "distill"}
     assert modules["distill"].losses["feature"].projector.weight.shape == (32, 64)
     # one step: margin + KD, gradient into the student and the projector only

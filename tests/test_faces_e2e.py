@@ -32,7 +32,7 @@ def test_training_beats_an_untrained_model_on_held_out_identities(tmp_path):
         "data": {"train": str(train_dir), "val": [str(val)]},
         "loss": {"name": "cosface", "s": 30.0, "m": 0.2},
         "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 5e-4},
-        "schedule": {"max_steps": 80, "warmup_steps": 5}, "checkpoint_every": 40,
+        "schedule": {"max_steps": 120, "warmup_steps": 5}, "checkpoint_every": 60,
     })
     result = train(cfg, progress=False)
     trained = accuracy(load_backbone(tmp_path / "run")[0])

@@ -242,8 +242,7 @@ class DistillTask(FaceTask):
         if self.opts.rounds > 1:
             log.warning("loss.distill.rounds=%d: train() runs one round; visrec train (recursive_distill) runs them all",
                         self.opts.rounds)
-        with torch.random.fork_rng(devices=[]):  # building the teacher must not move the student's seed
-            self.teacher, self.teacher_config, self.teacher_centres = load_teacher(self.opts.teacher)
+        self.teacher = self.teacher_config = self.teacher_centres = None  # loaded with the data (train_dataset)
         self.teacher_device = torch.device(self.opts.teacher_device) if self.opts.teacher_device else ctx.device
         self.features: np.ndarray | None = None
         self.last_terms: dict[str, torch.Tensor] = {}  # last step's unweighted terms, for inspection
@@ -251,7 +250,14 @@ class DistillTask(FaceTask):
     def _config_error(self, field: str, msg: str) -> ConfigError:
         return ConfigError(f"{self.source}: invalid config\n  loss.distill.{field}: {msg}")
 
+    def ensure_teacher(self) -> None:
+        """Load the teacher once, when training starts (not when a config is parsed or validated)."""
+        if self.teacher is None:
+            with torch.random.fork_rng(devices=[]):  # building the teacher must not move the student's seed
+                self.teacher, self.teacher_config, self.teacher_centres = load_teacher(self.opts.teacher)
+
     def train_dataset(self):
+        self.ensure_teacher()
         dataset = super().train_dataset()
         if self.opts.teacher_features is None:
             self.teacher.to(self.teacher_device)
@@ -277,6 +283,7 @@ class DistillTask(FaceTask):
             return int(self.teacher(torch.zeros(2, 3, 112, 112, device=self.teacher_device)).shape[1])
 
     def build_modules(self, num_classes):
+        self.ensure_teacher()
         modules = super().build_modules(num_classes)
         from visrec.losses.distill import DistillLosses
 
