@@ -1,0 +1,548 @@
+"""Face galleries: identities enrolled as templates (several unit embeddings each), searched exactly.
+
+One :class:`Gallery` interface, two backends behind ``open_gallery(backend, ...)``:
+
+- ``milvus``: a Milvus Lite file (``uri="gallery.db"``, embedded, offline) or a Milvus cluster
+  (``uri="http://host:19530"``), one code path through ``pymilvus.MilvusClient``. Three collections:
+  ``<name>`` (one row per template), ``<name>_identities`` (one row per identity: template count,
+  metadata, the mean of its unit templates) and ``<name>_info`` (model name, dimension, fusion, threshold).
+- ``faiss``: in memory (exact ``IndexFlatIP``), for tests and batch work; ``export``/``import_`` persist it.
+
+Scores are cosines of L2-normalised float32 embeddings. Template fusion per identity:
+``max`` (the best template's cosine) or ``mean`` (the mean of the template cosines, which equals the probe's
+inner product with the mean of the unit templates — so it is one exact search over identity centroids).
+Max fusion is exact too: the templates are searched with a growing limit until the results hold
+``top_k`` distinct identities; those are then the top-k identities by their best template.
+
+Enrollment is idempotent per (identity, image hash): a template's id is a hash of both, and rows are
+upserted, so repeating an enrollment — say after a crash before the answer reached the client — never
+duplicates it. A gallery records the model name and embedding dimension on its first enrollment and
+refuses embeddings of another model or size (:class:`GalleryMismatchError`).
+
+``threshold``: a template-fused score at or above it is a match (``Match.accepted``); set it with
+:func:`calibrate` (``visrec gallery calibrate``) at a target FPR from a labelled set, using the exact
+evaluation engine (:func:`visrec.evaluate.verification.tpr_at_fpr`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from visrec._optional import require
+from visrec.errors import DataError, VisrecError
+
+FUSIONS = ("max", "mean")
+_IDENTITY = re.compile(r'^[^"\\\x00-\x1f]{1,200}$')
+_MILVUS_TOPK = 16384  # the largest limit a Milvus search accepts
+
+
+class GalleryMismatchError(VisrecError):
+    """Embeddings from another model, or of another dimension, than the gallery holds."""
+
+
+@dataclass(frozen=True)
+class Match:
+    identity: str
+    score: float  # fused cosine
+    accepted: bool  # score >= threshold (False when the gallery has no threshold)
+
+
+def template_id(identity: str, image_hash: str) -> str:
+    return hashlib.sha256(f"{identity}\0{image_hash}".encode()).hexdigest()[:32]
+
+
+def _unit(x: np.ndarray, what: str) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    if x.ndim == 1:
+        x = x[None]
+    if x.ndim != 2 or len(x) == 0:
+        raise DataError(f"{what} must be shaped (n, dim), got {x.shape}")
+    if not np.isfinite(x).all():
+        raise DataError(f"{what}: row {int(np.flatnonzero(~np.isfinite(x).all(1))[0])} holds NaN or inf")
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    if (norms == 0).any():
+        raise DataError(f"{what}: row {int(np.flatnonzero(norms[:, 0] == 0)[0])} is all zeros")
+    return (x / norms).astype(np.float32)
+
+
+def check_identity(identity) -> str:
+    if not isinstance(identity, str) or not _IDENTITY.match(identity) or identity != identity.strip():
+        raise DataError(f"identity {identity!r} is not valid: 1-200 characters, no quotes, backslashes, "
+                        f"control characters or surrounding spaces")
+    return identity
+
+
+class Gallery:
+    """Backend-independent logic; a backend stores templates, identity rows and the info record."""
+
+    def __init__(self, *, model_name: str | None = None, dim: int | None = None, fusion: str = "max"):
+        self.lock = threading.RLock()
+        info = self._read_info()
+        if fusion not in FUSIONS:
+            raise VisrecError(f"fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
+        self.info = {"model_name": None, "dim": None, "fusion": fusion, "threshold": None, "target_fpr": None}
+        self.info.update(info or {})
+        self.info["fusion"] = fusion
+        if model_name is not None or dim is not None:
+            self._check_model(model_name, dim)
+        self._write_info()
+
+    # -- the model / dimension guard ------------------------------------------------------------------
+    def _check_model(self, model_name: str | None, dim: int | None) -> None:
+        have_name, have_dim = self.info["model_name"], self.info["dim"]
+        if dim is not None and have_dim is not None and int(dim) != int(have_dim):
+            raise GalleryMismatchError(f"the gallery holds {have_dim}-d embeddings; got {dim}-d ones "
+                                       f"(another model: {model_name or 'unnamed'})")
+        if model_name is not None and have_name is not None and model_name != have_name:
+            raise GalleryMismatchError(f"the gallery holds embeddings of model {have_name!r}; refusing "
+                                       f"embeddings of model {model_name!r} (re-enroll into a new gallery)")
+        if have_dim is None and dim is not None:
+            self.info["dim"] = int(dim)
+        if have_name is None and model_name is not None:
+            self.info["model_name"] = model_name
+
+    @property
+    def threshold(self) -> float | None:
+        return self.info["threshold"]
+
+    @property
+    def fusion(self) -> str:
+        return self.info["fusion"]
+
+    def set_threshold(self, threshold: float | None, target_fpr: float | None = None) -> None:
+        with self.lock:
+            self.info["threshold"] = None if threshold is None else float(threshold)
+            self.info["target_fpr"] = None if target_fpr is None else float(target_fpr)
+            self._write_info()
+
+    # -- public API -------------------------------------------------------------------------------------
+    def enroll(self, identity: str, embeddings, *, hashes: list[str] | None = None, metadata: dict | None = None,
+               model_name: str | None = None) -> list[str]:
+        """Add templates (rows of ``embeddings``) to ``identity``; returns their template ids.
+
+        ``hashes``: one per row (the image's hash; by default a hash of the embedding itself). A row whose
+        (identity, hash) is already enrolled is not added again. ``metadata`` (JSON-serialisable) is
+        merged into the identity's metadata.
+        """
+        check_identity(identity)
+        x = _unit(embeddings, f"embeddings for {identity!r}")
+        if hashes is None:
+            hashes = [hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in x]
+        if len(hashes) != len(x):
+            raise DataError(f"{len(x)} embeddings but {len(hashes)} hashes")
+        try:
+            meta_json = json.dumps(metadata or {}, sort_keys=True)
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"metadata for {identity!r} is not JSON-serialisable: {exc}") from None
+        with self.lock:
+            before = (self.info["model_name"], self.info["dim"])
+            self._check_model(model_name, x.shape[1])
+            if (self.info["model_name"], self.info["dim"]) != before:
+                self._write_info()
+            ids = [template_id(identity, h) for h in hashes]
+            have = self._templates_of(identity)  # id -> vector
+            new = {i: (h, v) for i, h, v in zip(ids, hashes, x) if i not in have}
+            if new:
+                self._upsert_templates(identity, [(i, h, v) for i, (h, v) in new.items()])
+            vectors = list(have.values()) + [v for _, v in new.values()]
+            old_meta = self._identity_metadata(identity)
+            meta = {**old_meta, **json.loads(meta_json)}
+            if new or meta != old_meta or not have:
+                self._upsert_identity(identity, len(vectors), np.mean(vectors, axis=0), meta)
+            return ids
+
+    def remove(self, identity: str) -> int:
+        """Remove an identity and its templates; returns how many templates it had (0: not enrolled)."""
+        check_identity(identity)
+        with self.lock:
+            n = len(self._templates_of(identity))
+            if n or self._identity_metadata(identity, default=None) is not None:
+                self._delete_identity(identity)
+            return n
+
+    def search(self, probes, top_k: int = 5, threshold: float | None = None) -> list[list[Match]]:
+        """Top-``top_k`` identities per probe row by fused score, best first (exact)."""
+        if top_k < 1:
+            raise VisrecError(f"top_k must be >= 1, got {top_k}")
+        q = _unit(probes, "probes")
+        if self.info["dim"] is not None and q.shape[1] != self.info["dim"]:
+            raise GalleryMismatchError(f"the gallery holds {self.info['dim']}-d embeddings; probes are {q.shape[1]}-d")
+        t = self.threshold if threshold is None else float(threshold)
+        with self.lock:
+            n = self.count()
+            if n == 0:
+                return [[] for _ in q]
+            if self.fusion == "mean":
+                found = self._search_identities(q, top_k)
+            else:
+                found = self._search_max(q, top_k, n)
+        return [[Match(i, float(s), t is not None and float(s) >= t) for i, s in row] for row in found]
+
+    def _search_max(self, q: np.ndarray, top_k: int, n: int) -> list[list[tuple[str, float]]]:
+        out: list[list[tuple[str, float]] | None] = [None] * len(q)
+        todo, limit = list(range(len(q))), min(n, max(4 * top_k, 16))
+        while todo:
+            hits = self._search_templates(q[todo], limit)
+            again = []
+            for row, found in zip(todo, hits):
+                best: dict[str, float] = {}
+                for identity, score in found:  # best first: the first score seen is the identity's max
+                    best.setdefault(identity, score)
+                if len(best) >= top_k or limit >= n:
+                    out[row] = list(best.items())[:top_k]
+                elif limit >= _MILVUS_TOPK:
+                    raise VisrecError(f"max fusion needs more than {_MILVUS_TOPK} templates to find {top_k} "
+                                      f"identities: use fusion 'mean' or a smaller top_k")
+                else:
+                    again.append(row)
+            todo, limit = again, min(n, limit * 4, _MILVUS_TOPK)
+        return out
+
+    def list(self) -> list[dict]:
+        """One row per identity: ``{"identity", "templates", "metadata"}``, sorted by identity."""
+        with self.lock:
+            return sorted(self._identity_rows(), key=lambda r: r["identity"])
+
+    def count(self) -> int:
+        """Number of templates."""
+        return self._count_templates()
+
+    def export(self, path: str | Path) -> Path:
+        """Write every template, identity metadata and the info record to a ``.npz`` (no pickle)."""
+        import os
+
+        path = Path(path)
+        with self.lock:
+            rows = self._all_templates()  # (id, identity, hash, vector)
+            metas = {r["identity"]: r["metadata"] for r in self._identity_rows()}
+            info = dict(self.info)
+        dim = info["dim"] or 0
+        arrays = {
+            "template_ids": np.array([r[0] for r in rows], dtype=str),
+            "identities": np.array([r[1] for r in rows], dtype=str),
+            "hashes": np.array([r[2] for r in rows], dtype=str),
+            "vectors": np.stack([r[3] for r in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32),
+            "metadata": np.array(json.dumps(metas, sort_keys=True)),
+            "info": np.array(json.dumps(info, sort_keys=True)),
+        }
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+        return path
+
+    def import_(self, path: str | Path) -> int:
+        """Enroll everything from an :meth:`export` file (idempotent); returns the templates added."""
+        path = Path(path)
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                data = {k: z[k] for k in z.files}
+        except FileNotFoundError:
+            raise DataError("gallery export not found", path=path) from None
+        except (ValueError, OSError) as exc:
+            raise DataError(f"not a visrec gallery export: {exc}", path=path) from None
+        missing = {"template_ids", "identities", "hashes", "vectors", "metadata", "info"} - set(data)
+        if missing:
+            raise DataError(f"not a visrec gallery export: missing {', '.join(sorted(missing))}", path=path)
+        info, metas = json.loads(str(data["info"])), json.loads(str(data["metadata"]))
+        before = self.count()
+        with self.lock:
+            self._check_model(info.get("model_name"), info.get("dim"))
+            by_identity: dict[str, list[int]] = {}
+            for i, identity in enumerate(data["identities"].tolist()):
+                by_identity.setdefault(identity, []).append(i)
+            for identity, rows in by_identity.items():
+                self.enroll(identity, data["vectors"][rows], hashes=[str(data["hashes"][r]) for r in rows],
+                            metadata=metas.get(identity), model_name=info.get("model_name"))
+            if self.threshold is None and info.get("threshold") is not None:
+                self.set_threshold(info["threshold"], info.get("target_fpr"))
+            self._write_info()
+        return self.count() - before
+
+    def close(self) -> None:
+        pass
+
+    # -- what a backend implements -----------------------------------------------------------------------
+    def _read_info(self) -> dict | None: raise NotImplementedError
+    def _write_info(self) -> None: raise NotImplementedError
+    def _templates_of(self, identity: str) -> dict[str, np.ndarray]: raise NotImplementedError
+    def _identity_metadata(self, identity: str, default=...) -> dict: raise NotImplementedError
+    def _upsert_templates(self, identity: str, rows: list) -> None: raise NotImplementedError
+    def _upsert_identity(self, identity: str, templates: int, centroid: np.ndarray, metadata: dict) -> None: raise NotImplementedError
+    def _delete_identity(self, identity: str) -> None: raise NotImplementedError
+    def _search_templates(self, q: np.ndarray, limit: int) -> list[list[tuple[str, float]]]: raise NotImplementedError
+    def _search_identities(self, q: np.ndarray, limit: int) -> list[list[tuple[str, float]]]: raise NotImplementedError
+    def _identity_rows(self) -> list[dict]: raise NotImplementedError
+    def _count_templates(self) -> int: raise NotImplementedError
+    def _all_templates(self) -> list[tuple]: raise NotImplementedError
+
+
+class FaissGallery(Gallery):
+    """In memory; exact inner-product search with FAISS ``IndexFlatIP`` (rebuilt lazily after changes)."""
+
+    def __init__(self, **kwargs):
+        self._templates: dict[str, tuple[str, str, np.ndarray]] = {}  # id -> (identity, hash, vector)
+        self._identities: dict[str, tuple[int, np.ndarray, dict]] = {}  # identity -> (count, centroid, metadata)
+        self._stored_info: dict | None = None
+        self._cache: dict = {}
+        super().__init__(**kwargs)
+
+    def _read_info(self):
+        return self._stored_info
+
+    def _write_info(self):
+        self._stored_info = dict(self.info)
+
+    def _templates_of(self, identity):
+        return {i: v for i, (who, _, v) in self._templates.items() if who == identity}
+
+    def _identity_metadata(self, identity, default=...):
+        row = self._identities.get(identity)
+        return (({} if default is ... else default) if row is None else dict(row[2]))
+
+    def _upsert_templates(self, identity, rows):
+        for i, h, v in rows:
+            self._templates[i] = (identity, h, np.asarray(v, np.float32))
+        self._cache.clear()
+
+    def _upsert_identity(self, identity, templates, centroid, metadata):
+        self._identities[identity] = (templates, np.asarray(centroid, np.float32), metadata)
+        self._cache.clear()
+
+    def _delete_identity(self, identity):
+        self._templates = {i: r for i, r in self._templates.items() if r[0] != identity}
+        self._identities.pop(identity, None)
+        self._cache.clear()
+
+    def _flat(self, kind: str):
+        if kind not in self._cache:
+            faiss = require("faiss", "index", "faiss-cpu")
+            if kind == "templates":
+                names = [r[0] for r in self._templates.values()]
+                x = np.stack([r[2] for r in self._templates.values()])
+            else:
+                names = list(self._identities)
+                x = np.stack([r[1] for r in self._identities.values()])
+            index = faiss.IndexFlatIP(x.shape[1])
+            index.add(np.ascontiguousarray(x, np.float32))
+            self._cache[kind] = (index, names)
+        return self._cache[kind]
+
+    def _search(self, kind, q, limit):
+        index, names = self._flat(kind)
+        scores, rows = index.search(np.ascontiguousarray(q), min(limit, len(names)))
+        return [[(names[r], float(s)) for s, r in zip(srow, rrow) if r >= 0] for srow, rrow in zip(scores, rows)]
+
+    def _search_templates(self, q, limit):
+        return self._search("templates", q, limit)
+
+    def _search_identities(self, q, limit):
+        return self._search("identities", q, limit)
+
+    def _identity_rows(self):
+        return [{"identity": k, "templates": n, "metadata": dict(m)} for k, (n, _, m) in self._identities.items()]
+
+    def _count_templates(self):
+        return len(self._templates)
+
+    def _all_templates(self):
+        return [(i, who, h, v) for i, (who, h, v) in sorted(self._templates.items())]
+
+
+class MilvusGallery(Gallery):
+    """Milvus Lite (a local ``.db`` file) or a Milvus cluster (``http(s)://host:19530``), via MilvusClient."""
+
+    def __init__(self, uri: str | Path = "gallery.db", collection: str = "visrec_faces", *, token: str = "",
+                 **kwargs):
+        pymilvus = require("pymilvus", "serve", "pymilvus milvus-lite")
+        uri = str(uri)
+        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$", collection):
+            raise VisrecError(f"collection name {collection!r}: letters, digits and underscores only")
+        if "://" not in uri:
+            Path(uri).parent.mkdir(parents=True, exist_ok=True)
+        try:
+            self.client = pymilvus.MilvusClient(uri=uri, token=token)
+        except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds; say which gallery failed
+            raise VisrecError(f"cannot open the Milvus gallery at {uri}: {exc}") from None
+        self.uri, self.name = uri, collection
+        self.t_name, self.i_name, self.info_name = collection, f"{collection}_identities", f"{collection}_info"
+        self._dim = None
+        super().__init__(**kwargs)
+        if self.info["dim"] is not None:
+            self._ensure_collections(self.info["dim"])
+            self._reconcile()
+
+    # collections are created on the first enrollment, when the dimension is known
+    def _ensure_collections(self, dim: int) -> None:
+        from pymilvus import DataType
+
+        if self._dim == dim:
+            return
+        c = self.client
+        if not c.has_collection(self.t_name):
+            s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+            s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+            s.add_field("identity", DataType.VARCHAR, max_length=256)
+            s.add_field("hash", DataType.VARCHAR, max_length=128)
+            s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            p = c.prepare_index_params()
+            p.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+            c.create_collection(self.t_name, schema=s, index_params=p, consistency_level="Strong")
+        if not c.has_collection(self.i_name):
+            s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+            s.add_field("identity", DataType.VARCHAR, is_primary=True, max_length=256)
+            s.add_field("templates", DataType.INT64)
+            s.add_field("metadata", DataType.VARCHAR, max_length=65535)
+            s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+            p = c.prepare_index_params()
+            p.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+            c.create_collection(self.i_name, schema=s, index_params=p, consistency_level="Strong")
+        c.load_collection(self.t_name)
+        c.load_collection(self.i_name)
+        self._dim = dim
+
+    def _ensure_info(self) -> None:
+        from pymilvus import DataType
+
+        c = self.client
+        if not c.has_collection(self.info_name):
+            s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+            s.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+            s.add_field("value", DataType.VARCHAR, max_length=65535)
+            s.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field in every collection
+            p = c.prepare_index_params()
+            p.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+            c.create_collection(self.info_name, schema=s, index_params=p, consistency_level="Strong")
+        c.load_collection(self.info_name)
+
+    def _reconcile(self) -> None:
+        """Repair identity rows a crash left behind their templates (templates are written first)."""
+        counts: dict[str, int] = {}
+        for row in self._query_all(self.t_name, ["identity"]):
+            counts[row["identity"]] = counts.get(row["identity"], 0) + 1
+        rows = {r["identity"]: r for r in self._query_all(self.i_name, ["identity", "templates", "metadata"])}
+        for identity, n in counts.items():
+            if identity not in rows or int(rows[identity]["templates"]) != n:
+                vectors = list(self._templates_of(identity).values())
+                meta = json.loads(rows[identity]["metadata"]) if identity in rows else {}
+                self._upsert_identity(identity, len(vectors), np.mean(vectors, axis=0), meta)
+        for identity in set(rows) - set(counts):
+            self.client.delete(self.i_name, filter=f'identity == "{identity}"')
+
+    def _query_all(self, collection: str, fields: list[str], filter: str = "") -> list[dict]:
+        it = self.client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
+        out = []
+        try:
+            while batch := it.next():
+                out.extend(batch)
+        finally:
+            it.close()
+        return out
+
+    def _read_info(self):
+        self._ensure_info()
+        rows = self.client.get(self.info_name, ids=["info"], output_fields=["value"])
+        return json.loads(rows[0]["value"]) if rows else None
+
+    def _write_info(self):
+        self.client.upsert(self.info_name, [{"key": "info", "value": json.dumps(self.info, sort_keys=True),
+                                             "vector": [0.0, 0.0]}])
+
+    def _templates_of(self, identity):
+        if self._dim is None:
+            return {}
+        rows = self._query_all(self.t_name, ["id", "vector"], filter=f'identity == "{identity}"')
+        return {r["id"]: np.asarray(r["vector"], np.float32) for r in rows}
+
+    def _identity_metadata(self, identity, default=...):
+        rows = [] if self._dim is None else self.client.get(self.i_name, ids=[identity], output_fields=["metadata"])
+        if not rows:
+            return {} if default is ... else default
+        return json.loads(rows[0]["metadata"])
+
+    def _upsert_templates(self, identity, rows):
+        self._ensure_collections(self.info["dim"])
+        self.client.upsert(self.t_name, [{"id": i, "identity": identity, "hash": h, "vector": v.tolist()}
+                                         for i, h, v in rows])
+
+    def _upsert_identity(self, identity, templates, centroid, metadata):
+        self._ensure_collections(self.info["dim"])
+        meta = json.dumps(metadata, sort_keys=True)
+        if len(meta) > 65535:
+            raise DataError(f"metadata for {identity!r} is {len(meta)} characters of JSON, above Milvus's 65535")
+        self.client.upsert(self.i_name, [{"identity": identity, "templates": int(templates), "metadata": meta,
+                                          "vector": np.asarray(centroid, np.float32).tolist()}])
+
+    def _delete_identity(self, identity):
+        # identity row first: a crash in between leaves templates, which _reconcile turns back into a row
+        self.client.delete(self.i_name, filter=f'identity == "{identity}"')
+        self.client.delete(self.t_name, filter=f'identity == "{identity}"')
+
+    def _search(self, collection, q, limit, field):
+        res = self.client.search(collection, data=q.tolist(), limit=int(limit), output_fields=[field],
+                                 search_params={"metric_type": "IP"}, anns_field="vector")
+        return [[(hit["entity"][field], float(hit["distance"])) for hit in row] for row in res]
+
+    def _search_templates(self, q, limit):
+        return self._search(self.t_name, q, limit, "identity")
+
+    def _search_identities(self, q, limit):
+        return self._search(self.i_name, q, min(limit, _MILVUS_TOPK), "identity")
+
+    def _identity_rows(self):
+        if self._dim is None:
+            return []
+        return [{"identity": r["identity"], "templates": int(r["templates"]), "metadata": json.loads(r["metadata"])}
+                for r in self._query_all(self.i_name, ["identity", "templates", "metadata"])]
+
+    def _count_templates(self):
+        if self._dim is None:
+            return 0
+        return int(self.client.query(self.t_name, filter="", output_fields=["count(*)"])[0]["count(*)"])
+
+    def _all_templates(self):
+        if self._dim is None:
+            return []
+        rows = self._query_all(self.t_name, ["id", "identity", "hash", "vector"])
+        return sorted((r["id"], r["identity"], r["hash"], np.asarray(r["vector"], np.float32)) for r in rows)
+
+    def close(self):
+        self.client.close()
+
+
+BACKENDS = {"faiss": FaissGallery, "milvus": MilvusGallery}
+
+
+def open_gallery(backend: str = "milvus", **kwargs) -> Gallery:
+    """``open_gallery("milvus", uri="gallery.db", collection=..., model_name=..., dim=..., fusion="max")``
+    or ``open_gallery("faiss", ...)`` (in memory)."""
+    if backend not in BACKENDS:
+        raise VisrecError(f"gallery backend {backend!r}: expected one of {', '.join(BACKENDS)}")
+    return BACKENDS[backend](**kwargs)
+
+
+def calibrate(gallery: Gallery, embeddings, labels, target_fpr: float = 1e-4) -> dict:
+    """Pick the threshold at ``target_fpr`` on a labelled set (all pairs, exact engine) and store it.
+
+    Returns ``{"threshold", "target_fpr", "tpr", "fpr", "genuine_pairs", "impostor_pairs"}``. The set must
+    hold at least 1/target_fpr impostor pairs, else the FPR cannot be resolved and this raises.
+    """
+    from visrec.evaluate.verification import tpr_at_fpr
+
+    x = _unit(embeddings, "calibration embeddings")
+    if gallery.info["dim"] is not None and x.shape[1] != gallery.info["dim"]:
+        raise GalleryMismatchError(f"the gallery holds {gallery.info['dim']}-d embeddings; the calibration set is "
+                                   f"{x.shape[1]}-d")
+    res = tpr_at_fpr(x, labels, targets=(target_fpr,), device="cpu")[float(target_fpr)]
+    if not res.estimable:
+        raise VisrecError(f"cannot calibrate at FPR {target_fpr:g}: {res.reason}")
+    gallery.set_threshold(res.threshold, target_fpr)
+    return {"threshold": res.threshold, "target_fpr": float(target_fpr), "tpr": res.tpr, "fpr": res.fpr,
+            "genuine_pairs": res.genuine_count, "impostor_pairs": res.impostor_count}

@@ -1,0 +1,168 @@
+"""Galleries: enroll / remove / list / search / export / import, templates and fusion, the model guard,
+idempotency, threshold calibration, and the Milvus Lite and FAISS backends agreeing on the same data."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss", reason="galleries need visrec[index]")
+
+from visrec.errors import DataError, VisrecError  # noqa: E402
+from visrec.index.gallery import GalleryMismatchError, calibrate, open_gallery  # noqa: E402
+
+
+def unit(x):
+    x = np.asarray(x, np.float32)
+    return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+
+def people(n=30, per=3, dim=32, noise=0.35, seed=0):
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.normal(size=(n, dim)))
+    return {f"id{i:03d}": unit(centres[i] + noise * unit(rng.normal(size=(per, dim)))) for i in range(n)}, centres
+
+
+def milvus(tmp_path, **kw):
+    pytest.importorskip("pymilvus", reason="the Milvus backend needs visrec[serve]")
+    return open_gallery("milvus", uri=str(tmp_path / "g.db"), collection="faces", **kw)
+
+
+@pytest.fixture(params=["faiss", "milvus"])
+def gallery(request, tmp_path):
+    if request.param == "faiss":
+        g = open_gallery("faiss", model_name="m", dim=32)
+    else:
+        g = milvus(tmp_path, model_name="m", dim=32)
+    yield g
+    g.close()
+
+
+def test_fused_scores_follow_their_definitions(gallery):
+    t = unit(np.eye(4, 32)[:3] + 0.1)  # three templates of one identity
+    other = unit(np.eye(4, 32)[3:] - 0.2)
+    gallery.enroll("a", t)
+    gallery.enroll("b", other)
+    probe = unit(np.eye(1, 32) + 0.05)
+    best = gallery.search(probe, top_k=2)[0]
+    assert [m.identity for m in best] == ["a", "b"]
+    assert best[0].score == pytest.approx(float((t @ probe[0]).max()), abs=1e-5)  # max fusion
+    assert best[1].score == pytest.approx(float((other @ probe[0])[0]), abs=1e-5)
+    assert not best[0].accepted  # no threshold yet
+    assert gallery.search(probe, top_k=1, threshold=0.5)[0][0].accepted
+
+
+def test_mean_fusion_is_the_mean_cosine(tmp_path):
+    t = unit(np.random.default_rng(1).normal(size=(4, 16)))
+    probe = unit(np.random.default_rng(2).normal(size=(1, 16)))
+    for g in (open_gallery("faiss", fusion="mean"), milvus(tmp_path, fusion="mean")):
+        g.enroll("x", t)
+        g.enroll("y", -t[:1])
+        got = {m.identity: m.score for m in g.search(probe, 2)[0]}
+        assert got["x"] == pytest.approx(float((t @ probe[0]).mean()), abs=1e-5)
+        assert got["y"] == pytest.approx(float(-t[0] @ probe[0]), abs=1e-5)
+        g.close()
+
+
+def test_enroll_is_idempotent_and_remove_list_count(gallery):
+    x = unit(np.random.default_rng(0).normal(size=(2, 32)))
+    ids = gallery.enroll("alice", x, hashes=["h1", "h2"], metadata={"team": "red"})
+    assert gallery.enroll("alice", x[:1], hashes=["h1"]) == ids[:1]  # same (identity, hash): same template
+    assert gallery.count() == 2
+    gallery.enroll("alice", x[1:] * 3, hashes=["h3"], metadata={"desk": 4})  # a new image, metadata merged
+    gallery.enroll("bob", x[:1])
+    assert gallery.list() == [{"identity": "alice", "templates": 3, "metadata": {"desk": 4, "team": "red"}},
+                              {"identity": "bob", "templates": 1, "metadata": {}}]
+    assert gallery.remove("alice") == 3 and gallery.remove("alice") == 0
+    assert gallery.count() == 1 and [r["identity"] for r in gallery.list()] == ["bob"]
+
+
+def test_refuses_another_model_or_dimension_and_bad_input(gallery):
+    x = unit(np.ones((1, 32)))
+    gallery.enroll("a", x, model_name="m")
+    with pytest.raises(GalleryMismatchError, match="model 'm'"):
+        gallery.enroll("b", x, model_name="other")
+    with pytest.raises(GalleryMismatchError, match="32-d"):
+        gallery.enroll("b", np.ones((1, 16)))
+    with pytest.raises(GalleryMismatchError, match="32-d"):
+        gallery.search(np.ones((1, 16)))
+    with pytest.raises(DataError, match="NaN"):
+        gallery.enroll("b", np.full((1, 32), np.nan))
+    with pytest.raises(DataError, match="all zeros"):
+        gallery.enroll("b", np.zeros((1, 32)))
+    for bad in ('a"b', "", " a", "x" * 201, "a\\b"):
+        with pytest.raises(DataError, match="identity"):
+            gallery.enroll(bad, x)
+    assert gallery.count() == 1
+
+
+def test_milvus_and_faiss_return_the_same_top_k(tmp_path):
+    data, centres = people()
+    probes = unit(centres + 0.4 * unit(np.random.default_rng(9).normal(size=centres.shape)))
+    for fusion in ("max", "mean"):
+        f = open_gallery("faiss", fusion=fusion)
+        m = milvus(tmp_path / fusion, fusion=fusion)
+        for name, x in data.items():
+            f.enroll(name, x)
+            m.enroll(name, x)
+        rf, rm = f.search(probes, top_k=5), m.search(probes, top_k=5)
+        assert [[h.identity for h in row] for row in rf] == [[h.identity for h in row] for row in rm]
+        np.testing.assert_allclose([[h.score for h in row] for row in rf], [[h.score for h in row] for row in rm],
+                                   atol=1e-5)
+        top1 = np.mean([row[0].identity == f"id{i:03d}" for i, row in enumerate(rf)])
+        assert top1 > 0.9, (fusion, top1)
+        m.close()
+
+
+def test_max_fusion_is_exact_when_one_identity_holds_many_top_templates():
+    rng = np.random.default_rng(3)
+    probe = unit(rng.normal(size=(1, 8)))
+    g = open_gallery("faiss")
+    g.enroll("crowd", unit(probe + 0.01 * rng.normal(size=(100, 8))))  # 100 templates all near the probe
+    g.enroll("far", unit(-probe + 0.3 * rng.normal(size=(1, 8))))
+    g.enroll("mid", unit(rng.normal(size=(1, 8))))
+    hits = g.search(probe, top_k=3)[0]
+    assert [h.identity for h in hits][0] == "crowd" and {h.identity for h in hits} == {"crowd", "far", "mid"}
+    assert hits[1].score >= hits[2].score
+
+
+def test_export_import_round_trip_and_reopen(tmp_path):
+    data, centres = people(n=5)
+    g = milvus(tmp_path, model_name="m")
+    for name, x in data.items():
+        g.enroll(name, x, metadata={"n": name})
+    g.set_threshold(0.3, 1e-3)
+    path = g.export(tmp_path / "out" / "gallery.npz")
+    before = g.search(centres, 3)
+    g.close()
+    reopened = milvus(tmp_path, model_name="m")  # a Milvus Lite gallery persists in its file
+    assert reopened.count() == 15 and reopened.threshold == pytest.approx(0.3)
+    assert [[h.identity for h in r] for r in reopened.search(centres, 3)] == [[h.identity for h in r] for r in before]
+    reopened.close()
+    f = open_gallery("faiss")
+    assert f.import_(path) == 15 and f.import_(path) == 0  # idempotent
+    assert f.threshold == pytest.approx(0.3) and f.info["model_name"] == "m"
+    assert f.list()[0] == {"identity": "id000", "templates": 3, "metadata": {"n": "id000"}}
+    other = open_gallery("faiss", model_name="another")
+    with pytest.raises(GalleryMismatchError):
+        other.import_(path)
+    with pytest.raises(DataError, match="not a visrec gallery export"):
+        (tmp_path / "junk.npz").write_bytes(b"not numpy")
+        f.import_(tmp_path / "junk.npz")
+
+
+def test_calibrate_picks_the_threshold_at_the_target_fpr():
+    from visrec.evaluate.verification import tpr_at_fpr
+
+    rng = np.random.default_rng(5)
+    centres = unit(rng.normal(size=(40, 24)))
+    x = unit(np.repeat(centres, 5, 0) + 0.5 * unit(rng.normal(size=(200, 24))))
+    labels = np.repeat(np.arange(40), 5)
+    g = open_gallery("faiss")
+    out = calibrate(g, x, labels, target_fpr=1e-3)
+    ref = tpr_at_fpr(x, labels, targets=(1e-3,), device="cpu")[1e-3]
+    assert g.threshold == out["threshold"] == ref.threshold and out["tpr"] == ref.tpr
+    s = x @ x.T
+    iu = np.triu_indices(len(x), 1)
+    impostor = s[iu][labels[iu[0]] != labels[iu[1]]]
+    assert (impostor >= g.threshold).mean() <= 1e-3  # the stored threshold keeps FPR at the target
+    with pytest.raises(VisrecError, match="cannot calibrate"):
+        calibrate(g, x[:10], labels[:10], target_fpr=1e-6)
