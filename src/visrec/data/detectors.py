@@ -1,0 +1,364 @@
+"""Face detectors behind one interface: ``det(image) -> list[Detection]``, best score first.
+
+Three back ends:
+
+* ``HaarDetector``  OpenCV's bundled frontal-face Haar cascade; boxes only.
+* ``ScrfdDetector`` InsightFace SCRFD ONNX models (``det_10g.onnx``, ``scrfd_*_kps.onnx``); box + 5 points.
+* ``YunetDetector`` OpenCV Zoo YuNet ONNX (``face_detection_yunet_2023mar.onnx``); box + 5 points.
+
+``load_detector("haar" | "scrfd:PATH" | "yunet:PATH" | "PATH.onnx")`` picks one; a bare ``.onnx`` path is
+recognised from its output names and count.
+
+Conventions (all detectors): the input is an RGB uint8 array of shape (H, W, 3). Coordinates are float32
+pixels of that input image, origin top-left, x to the right, y down. Boxes are ``x1, y1, x2, y2`` and may
+extend past the image border (nothing is clipped, as in the reference implementations). The five points
+are, in order: left eye, right eye, nose tip, left mouth corner, right mouth corner, where "left" means
+image left (the subject's right eye comes first) - the order of InsightFace and of ``visrec.data.align``,
+so ``Detection.points`` can be passed to ``align`` unchanged. YuNet documents the same order under the
+subject's names ("right eye, left eye, nose tip, right mouth corner, left mouth corner").
+
+onnxruntime is optional (``pip install 'visrec[export]'``) and cv2 is imported only when a detector runs,
+so importing this module is cheap.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from visrec._optional import require
+from visrec.errors import DataError, VisrecError
+
+__all__ = ["Detection", "HaarDetector", "ScrfdDetector", "YunetDetector", "load_detector", "nms"]
+
+YUNET_OUTPUTS = ("cls_8", "cls_16", "cls_32", "obj_8", "obj_16", "obj_32",
+                 "bbox_8", "bbox_16", "bbox_32", "kps_8", "kps_16", "kps_32")
+YUNET_STRIDES = (8, 16, 32)
+# SCRFD output count -> (strides, anchors per grid location, has keypoints). The outputs come as all
+# score tensors, then all box tensors, then (with keypoints) all keypoint tensors, each group by stride.
+SCRFD_LAYOUTS = {
+    6: ((8, 16, 32), 2, False),
+    9: ((8, 16, 32), 2, True),
+    10: ((8, 16, 32, 64, 128), 1, False),
+    15: ((8, 16, 32, 64, 128), 1, True),
+}
+
+
+@dataclass
+class Detection:
+    """One face. ``box``: float32 (4,) ``x1, y1, x2, y2`` in input-image pixels. ``score``: higher is more
+    confident (its scale depends on the detector). ``points``: float32 (5, 2) ``x, y`` of left eye, right
+    eye, nose, left mouth corner, right mouth corner (left = image left), or None when the detector gives
+    no points."""
+
+    box: np.ndarray
+    score: float
+    points: np.ndarray | None = None
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, threshold: float) -> np.ndarray:
+    """Greedy non-maximum suppression. ``boxes`` (N, 4) ``x1, y1, x2, y2``; returns the int64 indices of
+    the kept boxes, highest score first. A box is dropped when its IoU with an already kept box exceeds
+    ``threshold``. Areas are continuous (``(x2 - x1) * (y2 - y1)``, no ``+1``; InsightFace adds 1 pixel,
+    which only matters for boxes a few pixels wide)."""
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    x1, y1, x2, y2 = boxes.T
+    areas = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    order = np.argsort(-scores, kind="stable")  # stable: equal scores keep their input order
+    keep = []
+    while order.size:
+        i, rest = order[0], order[1:]
+        keep.append(i)
+        iw = np.clip(np.minimum(x2[i], x2[rest]) - np.maximum(x1[i], x1[rest]), 0, None)
+        ih = np.clip(np.minimum(y2[i], y2[rest]) - np.maximum(y1[i], y1[rest]), 0, None)
+        inter = iw * ih
+        union = areas[i] + areas[rest] - inter
+        iou = np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+        order = rest[iou <= threshold]
+    return np.asarray(keep, np.int64)
+
+
+def _check_image(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8 or 0 in image.shape:
+        raise VisrecError(f"face detectors take an RGB uint8 (H, W, 3) image, got {image.dtype} {image.shape}")
+    return image
+
+
+class HaarDetector:
+    """OpenCV's frontal-face Haar cascade (``haarcascade_frontalface_default.xml`` from ``cv2.data``).
+
+    Runs on the histogram-equalised grayscale image with ``detectMultiScale(gray, 1.1, 5, minSize)``;
+    ``min_size`` is the smallest face side in pixels. Gives no points. The cascade has no confidence, so
+    ``score`` is the box area relative to the largest box found in the same image (the largest face scores
+    1.0): results are largest first, and scores cannot be compared across images. Thread-safe (a
+    ``CascadeClassifier`` must not run in two threads at once, so calls are serialised).
+    """
+
+    def __init__(self, min_size: int = 40):
+        import cv2
+
+        # opencv-python wheels ship the cascades as cv2.data.haarcascades; OpenCV 5 builds may not
+        folder = getattr(getattr(cv2, "data", None), "haarcascades", None)
+        path = Path(folder or "cv2.data.haarcascades") / "haarcascade_frontalface_default.xml"
+        if folder is None or not path.is_file():
+            raise VisrecError(f"OpenCV ships no Haar cascade at {path}: install opencv-python-headless<5")
+        self.cascade = cv2.CascadeClassifier(str(path))
+        if self.cascade.empty():
+            raise DataError("OpenCV cannot read this Haar cascade", path=path)
+        self.min_size = int(min_size)
+        self._lock = threading.Lock()
+
+    def __call__(self, image: np.ndarray) -> list[Detection]:
+        import cv2
+
+        gray = cv2.equalizeHist(cv2.cvtColor(_check_image(image), cv2.COLOR_RGB2GRAY))
+        with self._lock:
+            found = self.cascade.detectMultiScale(gray, 1.1, 5, minSize=(self.min_size, self.min_size))
+        if len(found) == 0:
+            return []
+        xywh = np.asarray(found, np.float32).reshape(-1, 4)
+        boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
+        areas = xywh[:, 2] * xywh[:, 3]
+        order = np.argsort(-areas, kind="stable")
+        return [Detection(boxes[i].copy(), float(areas[i] / areas[order[0]]), None) for i in order]
+
+
+class _OnnxDetector:
+    """Shared part of the ONNX detectors: the onnxruntime session, the letterbox and the final NMS.
+
+    The image is resized keeping its aspect ratio to fit ``input_size`` (width, height), placed at the
+    top-left of a zero (black) canvas, and the canvas is padded right/bottom to a multiple of the largest
+    stride. A model file that fixes its input height and width wins over ``input_size``: onnxruntime
+    rejects any other shape. Outputs are mapped back by dividing x and y by the resize factors.
+    Thread-safe: an onnxruntime session may run in several threads, and calls keep no other state.
+    The subclasses take ``providers`` (onnxruntime execution providers, default CPU only) and ``session``
+    (an already open session of ``path``: ``load_detector`` passes the one it inspected).
+    """
+
+    strides: tuple[int, ...] = ()
+
+    def __init__(self, path: Path, session, input_size: Sequence[int], score_threshold: float,
+                 nms_threshold: float):
+        self.path = path
+        self.session = session
+        self.score_threshold = float(score_threshold)
+        self.nms_threshold = float(nms_threshold)
+        inp = self.session.get_inputs()[0]
+        self.input_name = inp.name
+        self.output_names = [o.name for o in self.session.get_outputs()]
+        shape = list(inp.shape)
+        if len(shape) != 4:
+            raise VisrecError(f"{self.path}: a face detector takes one NCHW image input, got shape {shape}")
+        if isinstance(shape[2], int) and isinstance(shape[3], int) and shape[2] > 0 and shape[3] > 0:
+            # fixed-shape export: letterbox straight into it (no extra padding, onnxruntime would refuse)
+            self.input_size = (shape[3], shape[2])
+            self.canvas_size = self.input_size
+        else:
+            w, h = (int(v) for v in input_size)
+            if w <= 0 or h <= 0:
+                raise VisrecError(f"input_size must be (width, height) > 0, got {tuple(input_size)}")
+            m = max(self.strides)
+            self.input_size = (w, h)
+            self.canvas_size = (-(-w // m) * m, -(-h // m) * m)
+
+    def _letterbox(self, image: np.ndarray) -> tuple[np.ndarray, float, float]:
+        """RGB uint8 canvas (canvas_h, canvas_w, 3) and the x, y resize factors (canvas px per image px)."""
+        import cv2
+
+        h, w = image.shape[:2]
+        tw, th = self.input_size
+        s = min(tw / w, th / h)
+        nw, nh = min(tw, max(1, round(w * s))), min(th, max(1, round(h * s)))
+        canvas = np.zeros((self.canvas_size[1], self.canvas_size[0], 3), np.uint8)
+        canvas[:nh, :nw] = cv2.resize(image, (nw, nh)) if (nw, nh) != (w, h) else image
+        # per-axis factors: the rounded size is what cv2.resize really did to each axis
+        return canvas, nw / w, nh / h
+
+    def _finish(self, boxes, scores, points, sx: float, sy: float) -> list[Detection]:
+        """Map candidates (already above the score threshold, canvas pixels) back to the image; NMS."""
+        if len(scores) == 0:
+            return []
+        scale = np.array([sx, sy], np.float32)
+        boxes = (np.asarray(boxes, np.float32).reshape(-1, 2, 2) / scale).reshape(-1, 4)
+        if points is not None:
+            points = np.asarray(points, np.float32).reshape(-1, 5, 2) / scale
+        keep = nms(boxes, scores, self.nms_threshold)
+        return [Detection(boxes[i].copy(), float(scores[i]), None if points is None else points[i].copy())
+                for i in keep]
+
+
+class ScrfdDetector(_OnnxDetector):
+    """InsightFace SCRFD (``det_10g.onnx``, ``scrfd_*_kps.onnx``, ...) run with onnxruntime.
+
+    Preprocessing as InsightFace: letterbox (see ``_OnnxDetector``), then RGB ``(pixel - 127.5) / 128``,
+    NCHW float32. Outputs: score, box and (for ``*_kps`` models) keypoint tensors, grouped in that order,
+    one per stride - 3 strides (8, 16, 32) with 2 anchors per grid location for 6/9-output models, 5
+    strides (8 ... 128) with 1 anchor for 10/15-output models. Rows run over the grid row-major, the
+    anchors of one location adjacent. Each anchor sits at ``(column * stride, row * stride)``; the box is
+    ``centre -/+ distances * stride`` (left, top, right, bottom) and each point ``centre + offset * stride``.
+    Scores are the model's sigmoid outputs, kept when ``>= score_threshold``; ``nms_threshold`` is IoU.
+    Batched (1, N, C) and unbatched (N, C) output shapes are both accepted.
+    """
+
+    def __init__(self, path: str | Path, input_size: Sequence[int] = (640, 640), score_threshold: float = 0.5,
+                 nms_threshold: float = 0.4, *, providers: Sequence[str] | None = None, session=None):
+        self.path = Path(path)
+        session = session if session is not None else _open_session(self.path, providers)
+        layout = SCRFD_LAYOUTS.get(len(session.get_outputs()))
+        if layout is None:
+            raise VisrecError(f"{self.path}: not an SCRFD model (expected 6, 9, 10 or 15 outputs); "
+                              f"outputs seen: {_describe_outputs(session)}")
+        self.strides, self.num_anchors, self.use_kps = layout
+        super().__init__(self.path, session, input_size, score_threshold, nms_threshold)
+        self._centres: dict[tuple[int, int, int], np.ndarray] = {}
+
+    def _anchor_centres(self, rows: int, cols: int, stride: int) -> np.ndarray:
+        key = (rows, cols, stride)
+        if key not in self._centres:  # a benign race: two threads would store equal arrays
+            ys, xs = np.mgrid[:rows, :cols]
+            centres = np.stack([xs, ys], axis=-1).reshape(-1, 2).astype(np.float32) * stride
+            self._centres[key] = np.repeat(centres, self.num_anchors, axis=0)
+        return self._centres[key]
+
+    def __call__(self, image: np.ndarray) -> list[Detection]:
+        canvas, sx, sy = self._letterbox(_check_image(image))
+        blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})  # by position
+        n = len(self.strides)
+        ch, cw = canvas.shape[:2]
+        scores, boxes, points = [], [], []
+        for level, stride in enumerate(self.strides):
+            # reshape(-1, C) accepts both (N, C) and (1, N, C): we always run a batch of one
+            score = outs[level].reshape(-1)
+            dist = outs[level + n].reshape(-1, 4)
+            centres = self._anchor_centres(ch // stride, cw // stride, stride)
+            if len(score) != len(centres) or len(dist) != len(centres):
+                raise VisrecError(f"{self.path}: stride {stride} output has {len(score)} rows, expected "
+                                  f"{len(centres)} for a {cw}x{ch} input and {self.num_anchors} anchors")
+            hit = np.nonzero(score >= self.score_threshold)[0]
+            c = centres[hit]
+            d = dist[hit] * stride
+            scores.append(score[hit])
+            boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], axis=1))
+            if self.use_kps:
+                k = outs[level + 2 * n].reshape(-1, 10)[hit].reshape(-1, 5, 2) * stride
+                points.append(c[:, None, :] + k)
+        return self._finish(np.concatenate(boxes), np.concatenate(scores),
+                            np.concatenate(points) if self.use_kps else None, sx, sy)
+
+
+class YunetDetector(_OnnxDetector):
+    """OpenCV Zoo YuNet (``face_detection_yunet_2023mar.onnx``) run with onnxruntime, decoded as OpenCV's
+    ``FaceDetectorYN`` does.
+
+    Preprocessing: letterbox (see ``_OnnxDetector``; the canvas is padded to a multiple of 32 as
+    ``FaceDetectorYN`` pads), BGR, raw 0-255 values, NCHW float32. Outputs, by name, for strides 8, 16,
+    32: ``cls_S`` and ``obj_S`` (N, 1), ``bbox_S`` (N, 4), ``kps_S`` (N, 10), N = rows * columns of the
+    stride's grid, row-major, with or without a leading batch axis of 1. Score = ``sqrt(cls * obj)`` with
+    both clamped to [0, 1], kept when ``>= score_threshold``. Box centre = ``(column + bbox[0], row +
+    bbox[1]) * stride``, size = ``exp(bbox[2:4]) * stride``; point = ``(column + kps[2i], row + kps[2i+1])
+    * stride``. The 2023mar file fixes its input at 640x640, which then overrides ``input_size``.
+    """
+
+    strides = YUNET_STRIDES
+
+    def __init__(self, path: str | Path, input_size: Sequence[int] = (320, 320), score_threshold: float = 0.6,
+                 nms_threshold: float = 0.3, *, providers: Sequence[str] | None = None, session=None):
+        self.path = Path(path)
+        session = session if session is not None else _open_session(self.path, providers)
+        if not _is_yunet(session):
+            raise VisrecError(f"{self.path}: not a YuNet model (expected outputs {', '.join(YUNET_OUTPUTS)}); "
+                              f"outputs seen: {_describe_outputs(session)}")
+        super().__init__(self.path, session, input_size, score_threshold, nms_threshold)
+
+    def __call__(self, image: np.ndarray) -> list[Detection]:
+        canvas, sx, sy = self._letterbox(_check_image(image))
+        blob = canvas[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32)  # RGB -> BGR, NCHW, 0-255
+        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})
+        out = dict(zip(self.output_names, outs))  # by name, as FaceDetectorYN asks for them
+        ch, cw = canvas.shape[:2]
+        scores, boxes, points = [], [], []
+        for stride in self.strides:
+            rows, cols = ch // stride, cw // stride
+            cls = np.clip(out[f"cls_{stride}"].reshape(-1), 0, 1)
+            obj = np.clip(out[f"obj_{stride}"].reshape(-1), 0, 1)
+            if len(cls) != rows * cols:
+                raise VisrecError(f"{self.path}: cls_{stride} has {len(cls)} rows, expected {rows * cols} "
+                                  f"for a {cw}x{ch} input")
+            score = np.sqrt(cls * obj)
+            hit = np.nonzero(score >= self.score_threshold)[0]
+            cell = np.stack([hit % cols, hit // cols], axis=1).astype(np.float32)  # (column, row)
+            b = out[f"bbox_{stride}"].reshape(-1, 4)[hit]
+            centre = (cell + b[:, :2]) * stride
+            half = np.exp(b[:, 2:]) * stride / 2
+            scores.append(score[hit])
+            boxes.append(np.concatenate([centre - half, centre + half], axis=1))
+            k = out[f"kps_{stride}"].reshape(-1, 10)[hit].reshape(-1, 5, 2)
+            points.append((cell[:, None, :] + k) * stride)
+        return self._finish(np.concatenate(boxes), np.concatenate(scores), np.concatenate(points), sx, sy)
+
+
+def _open_session(path: Path, providers: Sequence[str] | None = None):
+    ort = require("onnxruntime", "export")
+    if not path.is_file():
+        raise DataError("face detector model not found", path=path)
+    try:
+        return ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+        raise DataError(f"onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}", path=path) from None
+
+
+def _describe_outputs(session) -> str:
+    return ", ".join(f"{o.name}{list(o.shape)}" for o in session.get_outputs()) or "none"
+
+
+def _is_yunet(session) -> bool:
+    return set(YUNET_OUTPUTS) <= {o.name for o in session.get_outputs()}
+
+
+def _is_scrfd(session) -> bool:
+    outputs = session.get_outputs()
+    layout = SCRFD_LAYOUTS.get(len(outputs))
+    if layout is None:
+        return False
+    levels = len(layout[0])
+    # last axis: 1 score, 4 box distances, 10 keypoint offsets per anchor (checked where it is static)
+    expected = [1] * levels + [4] * levels + [10] * levels
+    return all(not isinstance(o.shape[-1], int) or o.shape[-1] == e
+               for o, e in zip(outputs, expected) if len(o.shape) > 0)
+
+
+def load_detector(spec: str | Path, **kwargs):
+    """A face detector from a spec: ``"haar"``, ``"scrfd:PATH"``, ``"yunet:PATH"``, or a bare ``PATH.onnx``
+    whose outputs decide (YuNet by its output names, SCRFD by its output count and widths). ``kwargs`` go
+    to the detector's constructor. A missing model file raises ``DataError``; an ONNX file that is neither
+    format raises ``VisrecError`` naming the outputs it has."""
+    text = str(spec)
+    if isinstance(spec, str) and text.strip().lower() == "haar":
+        return HaarDetector(**kwargs)
+    kinds = {"scrfd": ScrfdDetector, "yunet": YunetDetector}
+    prefix, sep, rest = text.partition(":")
+    if sep and prefix.lower() in kinds:
+        path = Path(rest)
+        if not path.is_file():
+            raise DataError("face detector model not found", path=path)
+        return kinds[prefix.lower()](path, **kwargs)
+    path = Path(text)
+    if path.suffix.lower() != ".onnx":
+        raise VisrecError(f"unknown face detector {text!r}: expected 'haar', 'scrfd:PATH', 'yunet:PATH' "
+                          "or a path to a .onnx file")
+    if not path.is_file():
+        raise DataError("face detector model not found", path=path)
+    session = _open_session(path, kwargs.get("providers"))
+    if _is_yunet(session):
+        return YunetDetector(path, session=session, **kwargs)
+    if _is_scrfd(session):
+        return ScrfdDetector(path, session=session, **kwargs)
+    raise VisrecError(f"{path}: neither an SCRFD nor a YuNet face detector; outputs seen: "
+                      f"{_describe_outputs(session)}")
