@@ -46,6 +46,16 @@ def train(config: Path = typer.Argument(..., help="YAML run config (see configs/
 
 
 @app.command()
+def finetune(config: Path = typer.Argument(..., help="YAML run config of the new run"),
+             from_: Path = typer.Option(..., "--from", help="pretrained backbone: arcface_torch backbone.pth, "
+                                                            "visrec model.pt or run dir"),
+             overrides: list[str] = typer.Option([], "--set", help="override a config key: optim.lr=0.01"),
+             no_progress: bool = typer.Option(False, "--no-progress")):
+    """Train from a pretrained backbone with a fresh margin head (the config's classes); = train with init."""
+    train(config, resume=False, overrides=[*overrides, f"init={from_}"], no_progress=no_progress)
+
+
+@app.command()
 def demo(out: Path = typer.Option(Path("demo-out"), help="where the demo writes data, runs and reports"),
          minutes: float = typer.Option(3.0, help="CPU training budget in minutes")):
     """The offline demo: synthetic data -> train -> evaluate -> (and every capability as it lands)."""
@@ -81,6 +91,7 @@ def _add_groups() -> None:
     lm = importlib.import_module("visrec.commands.landmarks")
     app.command("landmarks")(lm.landmarks)
     importlib.import_module("visrec.commands.eval").app.command("landmarks")(lm.eval_landmarks)
+    app.add_typer(importlib.import_module("visrec.commands.gallery").app, name="gallery")
     products = importlib.import_module("visrec.commands.products")
     app.add_typer(products.app, name="products")
     importlib.import_module("visrec.commands.eval").app.command("products")(products.eval_products)

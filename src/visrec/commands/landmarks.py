@@ -34,12 +34,10 @@ def landmarks(image: Path = typer.Argument(..., help="an image"),
               out: Path = typer.Option(Path("landmarks.png"), "--out", help="where to draw the points")):
     """Predict and draw the landmarks of one face; prints the points (pixels, origin top-left)."""
     import cv2
-    import numpy as np
-    import torch
 
-    from visrec.data.augment import crop_face
     from visrec.data.images import read_image
     from visrec.errors import VisrecError
+    from visrec.models.landmark_nets import predict_points
     from visrec.train.checkpoint import load_backbone
 
     img = read_image(image)
@@ -49,14 +47,7 @@ def landmarks(image: Path = typer.Argument(..., help="an image"),
     except ValueError:
         raise VisrecError(f"--box must be x1,y1,x2,y2, got {box!r}") from None
     net, _ = load_backbone(model)
-    crop, _ = crop_face(img, np.zeros((1, 2)), (x1, y1, x2, y2), 112, 0.15)
-    side = max(x2 - x1, y2 - y1) * 1.3
-    with torch.no_grad():
-        x = torch.from_numpy(crop).permute(2, 0, 1).float().div(127.5).sub(1)[None]
-        pts = net(x)[0].numpy() * 112
-    # back from the crop to the image: crop_face scaled by 112/side around the box centre
-    cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
-    pts = (pts - 56) * (side / 112) + (cx, cy)
+    pts = predict_points(net, img, (x1, y1, x2, y2))
     drawn = img[:, :, ::-1].copy()
     for px, py in pts:
         cv2.circle(drawn, (int(round(px)), int(round(py))), 1, (0, 0, 255), -1)

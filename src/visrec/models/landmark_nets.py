@@ -13,6 +13,7 @@ MFLOPs).
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -124,3 +125,18 @@ def pfld(num_points: int = 106, width_mult: float = 1.0) -> PFLD:
 @BACKBONES.register("heatmap_lite")
 def heatmap_lite(num_points: int = 106, width_mult: float = 1.0, heatmap_size: int = 28) -> HeatmapLite:
     return HeatmapLite(num_points, width_mult, heatmap_size)
+
+
+def predict_points(net: nn.Module, image: np.ndarray, box, margin: float = 0.15, size: int = 112) -> np.ndarray:
+    """One face's landmarks in image pixels (origin top-left), from an RGB uint8 image and its face box
+    ``(x1, y1, x2, y2)``: the square crop the landmark task trains on (``crop_face`` with ``margin`` per side,
+    ``size`` pixels, inputs in [-1, 1]) -> the model's normalised crop coordinates -> back to the image."""
+    from visrec.data.augment import crop_face
+
+    x1, y1, x2, y2 = map(float, box)
+    crop, _ = crop_face(image, np.zeros((1, 2)), (x1, y1, x2, y2), size, margin)
+    with torch.no_grad():
+        x = torch.from_numpy(crop).permute(2, 0, 1).float().div(127.5).sub(1)[None]
+        pts = net(x)[0].float().numpy() * size
+    side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
+    return ((pts - size / 2) * (side / size) + ((x1 + x2) / 2, (y1 + y2) / 2)).astype(np.float32)

@@ -1,0 +1,1 @@
+"""The HTTP service: ``visrec serve --config serve.yaml`` (``visrec.serve.app``)."""

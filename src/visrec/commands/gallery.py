@@ -1,0 +1,79 @@
+"""``visrec gallery calibrate|list|export|import --config serve.yaml``: the served face gallery offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+console = Console()
+app = typer.Typer(help="The face gallery a serve config names: calibrate its threshold, list, export, import.",
+                  add_completion=False)
+CONFIG = typer.Option(..., "--config", help="serve YAML whose faces.gallery is meant")
+
+
+def _open(config: Path):
+    from visrec.errors import ConfigError
+    from visrec.serve.config import load_serve_config
+    from visrec.serve.pipeline import Embedder, open_configured_gallery
+
+    cfg = load_serve_config(config)
+    if cfg.faces is None:
+        raise ConfigError(f"{config}: no faces section, so no gallery")
+    return open_configured_gallery(cfg.faces, Embedder(cfg.faces.model))
+
+
+@app.command()
+def calibrate(config: Path = CONFIG,
+              data: Path = typer.Option(..., "--data", help="labelled aligned faces: image folder or RecordIO"),
+              target_fpr: float = typer.Option(1e-4, "--target-fpr", help="false accepts per impostor pair")):
+    """Pick the match threshold at a target FPR from a labelled set (exact engine) and store it in the gallery."""
+    from rich.progress import Progress
+
+    from visrec.data.datasets import open_face_dataset
+    from visrec.serve.pipeline import calibrate_gallery
+
+    total = len(open_face_dataset(data))
+    with Progress(console=console) as bar:
+        task = bar.add_task("embedding", total=total)
+        out = calibrate_gallery(config, data, target_fpr, progress=lambda n: bar.advance(task, n))
+    t = Table(title=f"threshold stored in {out['gallery']}")
+    t.add_column("quantity")
+    t.add_column("value")
+    for key in ("threshold", "target_fpr", "tpr", "fpr", "genuine_pairs", "impostor_pairs", "images", "identities"):
+        v = out[key]
+        t.add_row(key, f"{v:.6g}" if isinstance(v, float) else f"{v:,}")
+    console.print(t)
+
+
+@app.command("list")
+def list_(config: Path = CONFIG):
+    """Enrolled identities, their template counts and metadata."""
+    g = _open(config)
+    t = Table(title=f"{g.count():,} templates; threshold {g.threshold}")
+    for col in ("identity", "templates", "metadata"):
+        t.add_column(col)
+    for row in g.list():
+        t.add_row(row["identity"], str(row["templates"]), str(row["metadata"] or ""))
+    console.print(t)
+    g.close()
+
+
+@app.command("export")
+def export_(config: Path = CONFIG, out: Path = typer.Argument(..., help="the .npz to write")):
+    """Write every template, metadata and the threshold to a .npz (no pickle)."""
+    g = _open(config)
+    path = g.export(out)
+    console.print(f"exported {g.count():,} templates of {len(g.list()):,} identities to {path}")
+    g.close()
+
+
+@app.command("import")
+def import_(config: Path = CONFIG, src: Path = typer.Argument(..., help="a .npz from visrec gallery export")):
+    """Enroll everything from an export (idempotent; refuses another model's embeddings)."""
+    g = _open(config)
+    added = g.import_(src)
+    console.print(f"imported {added:,} new templates; the gallery holds {g.count():,}")
+    g.close()

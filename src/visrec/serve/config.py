@@ -1,0 +1,100 @@
+"""``visrec serve --config serve.yaml``: what the service loads and how it guards itself.
+
+API keys come from ``api_keys`` or the ``VISREC_API_KEYS`` environment variable (comma-separated); they
+are required whenever the server binds to anything but loopback, checked on every ``/v1`` request in
+the ``X-API-Key`` header, and never logged.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from visrec.errors import ConfigError
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class GalleryConfig(_Strict):
+    backend: str = Field("milvus", description="milvus (Milvus Lite file or cluster URI) | faiss (in memory)")
+    uri: str = Field("gallery.db", description="Milvus Lite file, or http://host:19530 for a cluster")
+    collection: str = "visrec_faces"
+    fusion: str = Field("max", pattern="^(max|mean)$", description="template fusion per identity")
+
+
+class FacesConfig(_Strict):
+    model: Path = Field(description="face embedder: visrec checkpoint (run dir / model.pt) or .onnx")
+    aligned: bool = Field(False, description="uploads are aligned 112x112 crops (no detection)")
+    detector: str = Field("haar", description="haar (OpenCV's bundled cascade) | an ONNX face detector file "
+                                              "(SCRFD or YuNet outputs; scrfd:PATH / yunet:PATH to force one)")
+    landmarks: Path | None = Field(None, description="landmark checkpoint used for alignment (when the "
+                                                     "detector gives no 5 points)")
+    gallery: GalleryConfig = Field(default_factory=GalleryConfig)
+    top_k: int = Field(5, gt=0)
+
+
+class LandmarksConfig(_Strict):
+    model: Path
+
+
+class ProductsConfig(_Strict):
+    index: Path = Field(description="index directory from visrec products index")
+    top_k: int = Field(7, gt=0)
+
+
+class LimitsConfig(_Strict):
+    max_body_mb: float = Field(10.0, gt=0)
+    max_pixels: int = Field(40_000_000, gt=0)
+
+
+class ServeConfig(_Strict):
+    host: str = "127.0.0.1"
+    port: int = Field(8000, ge=0, le=65535)
+    api_keys: list[str] = Field(default_factory=list)
+    faces: FacesConfig | None = None
+    landmarks: LandmarksConfig | None = None
+    products: ProductsConfig | None = None
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    def keys(self) -> set[str]:
+        env = [k.strip() for k in os.environ.get("VISREC_API_KEYS", "").split(",") if k.strip()]
+        return set(self.api_keys) | set(env)
+
+    def check(self) -> "ServeConfig":
+        if not is_loopback(self.host) and not self.keys():
+            raise ConfigError(f"serving on {self.host} (not loopback) needs an API key: set api_keys in the "
+                              f"config or VISREC_API_KEYS")
+        if not (self.faces or self.landmarks or self.products):
+            raise ConfigError("nothing to serve: configure faces, landmarks and/or products")
+        return self
+
+
+def is_loopback(host: str) -> bool:
+    if host in ("localhost",):
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def load_serve_config(path: str | Path, overrides: dict | None = None) -> ServeConfig:
+    import yaml
+
+    from visrec.config import set_dotted, validate_section
+
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: config file not found") from None
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
+    for key, value in (overrides or {}).items():
+        set_dotted(raw, key, value)
+    return validate_section(ServeConfig, raw, "serve", str(path)).check()

@@ -1,0 +1,224 @@
+"""The HTTP service in-process (FastAPI TestClient): flows, every kind of bad input -> 4xx, auth, metrics."""
+
+import base64
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the service needs visrec[serve]")
+from fastapi.testclient import TestClient  # noqa: E402
+
+from visrec.data.images import encode_jpeg  # noqa: E402
+from visrec.data.synth import render_face  # noqa: E402
+from visrec.errors import ConfigError  # noqa: E402
+from visrec.serve.app import create_app  # noqa: E402
+from visrec.serve.config import ServeConfig  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    import torch
+
+    from visrec.models import build_backbone
+    from visrec.train.checkpoint import atomic_save
+
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(0)
+    net = build_backbone("mobilefacenet", embedding_size=64, scale=1).eval()
+    atomic_save({"model_config": {"name": "mobilefacenet", "embedding_size": 64, "scale": 1},
+                 "backbone": net.state_dict()}, d / "model.pt")
+    return d
+
+
+def face_jpeg(identity: int, k: int = 0) -> bytes:
+    img, _ = render_face(identity, np.random.default_rng([identity, k]), difficulty=0.1)
+    return encode_jpeg(img)
+
+
+def make_client(model_dir, **kw):
+    faces = {"model": str(model_dir), "aligned": True, "gallery": {"backend": "faiss"}}
+    faces.update(kw.pop("faces", {}))
+    return TestClient(create_app(ServeConfig(faces=faces, **kw)))
+
+
+def png_header(width: int, height: int) -> bytes:
+    """A PNG whose IHDR declares width x height, with a tiny (wrong) IDAT: only the header matters."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def test_enroll_identify_verify_list_delete(model_dir):
+    c = make_client(model_dir)
+    assert c.get("/healthz").json()["serves"] == ["faces"]
+    a0, a1, b0 = face_jpeg(1, 0), face_jpeg(1, 1), face_jpeg(2, 0)
+    r = c.post("/v1/faces/enroll", data={"identity": "alice"}, files=[("image", a0), ("image", a1)])
+    assert r.status_code == 200 and r.json()["templates"] == 2, r.text
+    r = c.post("/v1/faces/enroll", json={"identity": "bob", "images": [base64.b64encode(b0).decode()]})
+    assert r.status_code == 200, r.text
+    again = c.post("/v1/faces/enroll", data={"identity": "alice"}, files=[("image", a0)])
+    assert again.json()["templates"] == 2  # same image again: idempotent
+    r = c.post("/v1/faces/identify", files={"image": a1})
+    best = r.json()["faces"][0]["matches"][0]
+    assert best["identity"] == "alice" and best["score"] == pytest.approx(1.0, abs=1e-4)
+    r = c.post("/v1/faces/verify", files={"image_a": a0, "image_b": a0})
+    assert r.json()["score"] == pytest.approx(1.0, abs=1e-4)
+    names = {row["identity"]: row["templates"] for row in c.get("/v1/faces").json()["identities"]}
+    assert names == {"alice": 2, "bob": 1}
+    assert c.delete("/v1/faces/alice").json()["removed"] == 2
+    assert c.delete("/v1/faces/alice").status_code == 404
+    assert c.get("/docs").status_code == 200 and "openapi" in c.get("/openapi.json").text
+    m = c.get("/metrics").text
+    assert 'visrec_requests_total{route="/v1/faces/enroll",status="200"} 3' in m
+    assert "visrec_request_seconds_bucket" in m and "visrec_gallery_templates 1" in m
+    assert "<h1>visrec</h1>" in c.get("/").text
+
+
+def test_every_kind_of_bad_input_is_a_4xx_with_a_message(model_dir):
+    c = make_client(model_dir, limits={"max_body_mb": 0.2, "max_pixels": 4_000_000})
+    good = face_jpeg(3)
+    cases = {
+        "not an image": (dict(files={"image": b"hello, this is text"}), 422, "not an image"),
+        "truncated jpeg": (dict(files={"image": good[: len(good) // 2]}), 422, "truncated"),
+        "zero size": (dict(files={"image": png_header(0, 0)}), 422, ""),
+        "bomb": (dict(files={"image": png_header(30000, 30000)}), 413, "pixels"),
+        "empty": (dict(files={"image": b""}), 400, "empty"),
+        "wrong content type": (dict(content=good, headers={"content-type": "image/jpeg"}), 415, "content type"),
+        "too large": (dict(files={"image": b"\xff" * 300_000}), 413, "limit"),
+        "bad base64": (dict(json={"image": "###"}), 400, "base64"),
+        "bad json": (dict(content=b"{nope", headers={"content-type": "application/json"}), 400, "JSON"),
+        "no image field": (dict(data={"x": "1"}, files={"other": good}), 400, "unexpected file field"),
+        "two images": (dict(files=[("image", good), ("image", good)]), 400, "one image"),
+    }
+    for name, (kw, status, words) in cases.items():
+        r = c.post("/v1/faces/identify", **kw)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        assert words.lower() in r.json()["error"].lower(), (name, r.json())
+    r = c.post("/v1/faces/enroll", files={"image": good})
+    assert r.status_code == 400 and "identity" in r.json()["error"]
+    assert c.post("/v1/landmarks", files={"image": good}).status_code == 404  # not configured here
+
+
+def test_no_face_found_with_the_haar_detector(model_dir):
+    c = make_client(model_dir, faces={"aligned": False})
+    blank = encode_jpeg(np.full((200, 200, 3), 128, np.uint8))
+    r = c.post("/v1/faces/identify", files={"image": blank})
+    assert r.status_code == 422 and "no face found" in r.json()["error"]
+
+
+def test_api_key_required_off_loopback_and_checked(model_dir, monkeypatch):
+    faces = {"model": str(model_dir), "aligned": True, "gallery": {"backend": "faiss"}}
+    monkeypatch.delenv("VISREC_API_KEYS", raising=False)
+    with pytest.raises(ConfigError, match="API key"):
+        ServeConfig(host="0.0.0.0", faces=faces).check()
+    monkeypatch.setenv("VISREC_API_KEYS", "s3cret,other")
+    c = TestClient(create_app(ServeConfig(host="0.0.0.0", faces=faces)))
+    assert c.get("/v1/faces").status_code == 401
+    assert c.get("/v1/faces", headers={"X-API-Key": "wrong"}).status_code == 401
+    assert c.get("/v1/faces", headers={"X-API-Key": "s3cret"}).status_code == 200
+    assert c.get("/healthz").status_code == 200  # health stays open for probes
+
+
+def test_landmarks_and_products_endpoints(tmp_path):
+    import torch
+
+    from visrec.data.synth_products import write_product_dataset
+    from visrec.index.catalogue import IndexOptions, build_catalogue_index
+    from visrec.models import build_backbone
+    from visrec.train.checkpoint import atomic_save
+
+    torch.manual_seed(0)
+    lm = build_backbone("pfld", num_points=106, width_mult=0.25).eval()
+    atomic_save({"model_config": {"name": "pfld", "num_points": 106, "width_mult": 0.25},
+                 "backbone": lm.state_dict()}, tmp_path / "lm" / "model.pt")
+    write_product_dataset(tmp_path / "p", families=2, products_per_family=2, variants=2, queries_per_product=1, size=64)
+    desc = build_backbone("product", backbone="resnet18", dim=16)
+    build_catalogue_index(tmp_path / "p" / "catalogue", tmp_path / "idx", desc,
+                          {"name": "product", "backbone": "resnet18", "dim": 16}, IndexOptions(size=64))
+    c = TestClient(create_app(ServeConfig(landmarks={"model": str(tmp_path / "lm")},
+                                          products={"index": str(tmp_path / "idx"), "top_k": 3})))
+    img = face_jpeg(4)
+    r = c.post("/v1/landmarks", files={"image": img}, data={"box": "10,10,100,100"})
+    pts = np.array(r.json()["points"])
+    assert r.status_code == 200 and pts.shape == (106, 2)
+    from visrec.models.landmark_nets import predict_points
+    from visrec.serve.pipeline import decode_upload
+
+    ref = predict_points(lm, decode_upload(img), (10, 10, 100, 100))  # what visrec landmarks IMAGE prints
+    np.testing.assert_allclose(pts, ref, atol=0.01)
+    assert (pts >= 10 - 0.15 * 90 - 1).all() and (pts <= 100 + 0.15 * 90 + 1).all()  # inside the crop
+    assert c.post("/v1/landmarks", files={"image": img}, data={"box": "5,5,1"}).status_code == 400
+    q = sorted((tmp_path / "p" / "query").glob("*.jpg"))[0].read_bytes()
+    res = c.post("/v1/products/search", files={"image": q}).json()["results"]
+    assert len(res) == 3 and res[0]["score"] >= res[1]["score"]
+    assert c.post("/v1/faces/identify", files={"image": img}).status_code == 404
+
+
+def test_gallery_cli_calibrate_list_export_import(model_dir, tmp_path):
+    """visrec gallery calibrate stores the threshold the exact engine picks; the server then uses it."""
+    pytest.importorskip("pymilvus", reason="the Milvus gallery needs visrec[serve]")
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+    from visrec.data.datasets import open_face_dataset
+    from visrec.data.synth import write_face_dataset
+    from visrec.evaluate.verification import tpr_at_fpr
+    from visrec.serve.config import load_serve_config
+    from visrec.serve.pipeline import Embedder
+
+    data = write_face_dataset(tmp_path / "cal", 12, 4, format="folder", seed=3)
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"faces:\n  model: {model_dir}\n  aligned: true\n"
+                   f"  gallery: {{backend: milvus, uri: {tmp_path / 'g.db'}}}\n")
+    runner = CliRunner()
+    res = runner.invoke(app, ["gallery", "calibrate", "--config", str(cfg), "--data", str(data), "--target-fpr", "1e-2"])
+    assert res.exit_code == 0, res.output
+    ds = open_face_dataset(data)
+    emb = Embedder(model_dir)(np.stack([ds.source.image(i) for i in range(len(ds))]))
+    expected = tpr_at_fpr(emb, ds.labels, targets=(1e-2,), device="cpu")[1e-2].threshold
+    c = TestClient(create_app(load_serve_config(cfg)))
+    assert c.post("/v1/faces/identify", files={"image": face_jpeg(1)}).status_code == 200
+    assert c.get("/v1/faces").json() == {"identities": []}
+    r = c.post("/v1/faces/enroll", data={"identity": "carol", "metadata": '{"desk": 4}'}, files={"image": face_jpeg(5)})
+    assert r.status_code == 200, r.text
+    r = c.post("/v1/faces/identify", files={"image": face_jpeg(5)}).json()
+    assert r["threshold"] == pytest.approx(expected, abs=1e-6) and r["faces"][0]["matches"][0]["accepted"]
+    assert c.post("/v1/faces/identify", files={"image": face_jpeg(5)}, data={"top_k": "x"}).status_code == 400
+    del c
+    import gc
+
+    gc.collect()
+    res = runner.invoke(app, ["gallery", "list", "--config", str(cfg)])
+    assert res.exit_code == 0 and "carol" in res.output and "desk" in res.output, res.output
+    res = runner.invoke(app, ["gallery", "export", "--config", str(cfg), str(tmp_path / "g.npz")])
+    assert res.exit_code == 0 and "1 templates" in res.output, res.output
+    cfg2 = tmp_path / "serve2.yaml"
+    cfg2.write_text(cfg.read_text().replace("g.db", "g2.db"))
+    res = runner.invoke(app, ["gallery", "import", "--config", str(cfg2), str(tmp_path / "g.npz")])
+    assert res.exit_code == 0 and "imported 1 new" in res.output, res.output
+
+
+def test_detector_points_drive_the_alignment(model_dir):
+    """With a detector that gives 5 points (SCRFD / YuNet), the crop is the ArcFace-template alignment of
+    those points; several faces come largest first; without points the widened box is used."""
+    from visrec.data.align import align_face, five_points
+    from visrec.data.detectors import Detection
+    from visrec.serve.pipeline import FacePipeline
+
+    img, pts = render_face(7, np.random.default_rng(0), difficulty=0.1)
+    canvas = np.full((300, 400, 3), 90, np.uint8)
+    canvas[50:162, 200:312] = img
+    five = five_points(pts + (200, 50), 106).astype(np.float32)
+    small = Detection(np.array([10, 10, 40, 40], np.float32), 0.99, None)
+    big = Detection(np.array([200, 50, 312, 162], np.float32), 0.9, five)
+    pipe = FacePipeline(model_dir, detector=lambda image: [small, big])
+    faces = pipe.faces(canvas)
+    assert [f.box for f in faces] == [(200, 50, 312, 162), (10, 10, 40, 40)]
+    np.testing.assert_array_equal(faces[0].crop, align_face(canvas, five)[0])
+    assert faces[1].points is None and faces[1].crop.shape == (112, 112, 3)
+    emb, found = pipe.embed_upload(encode_jpeg(canvas))
+    assert emb.shape == (1, 64) and found[0].box == (200, 50, 312, 162)

@@ -1,0 +1,117 @@
+"""The web page at / driven in headless Chromium (Debian's chromium + chromium-driver, installed by
+scripts/setup-test-env.sh): enroll a face, identify another photo of the same person, see the match and
+score on the page, and the landmark overlay drawn."""
+
+import shutil
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the service needs visrec[serve]")
+selenium = pytest.importorskip("selenium", reason="the browser test needs selenium (visrec[dev])")
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
+CHROMEDRIVER = shutil.which("chromedriver")
+pytestmark = pytest.mark.skipif(not (CHROMIUM and CHROMEDRIVER),
+                                reason="Debian's chromium and chromium-driver are not installed "
+                                       "(scripts/setup-test-env.sh installs them where apt-get runs as root)")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    import torch
+    import uvicorn
+
+    from visrec.data.images import encode_jpeg
+    from visrec.data.synth import render_face
+    from visrec.models import build_backbone
+    from visrec.serve.app import create_app
+    from visrec.serve.config import ServeConfig
+    from visrec.train.checkpoint import atomic_save
+
+    d = tmp_path_factory.mktemp("browser")
+    torch.manual_seed(0)
+    net = build_backbone("mobilefacenet", embedding_size=64, scale=1).eval()
+    atomic_save({"model_config": {"name": "mobilefacenet", "embedding_size": 64, "scale": 1},
+                 "backbone": net.state_dict()}, d / "m" / "model.pt")
+    lm = build_backbone("pfld", num_points=106, width_mult=0.25).eval()
+    atomic_save({"model_config": {"name": "pfld", "num_points": 106, "width_mult": 0.25},
+                 "backbone": lm.state_dict()}, d / "lm" / "model.pt")
+    photos = {}
+    for name, (identity, k) in {"alice-1": (11, 0), "alice-2": (11, 1), "bob": (12, 0)}.items():
+        img, _ = render_face(identity, np.random.default_rng([identity, k]), difficulty=0.1)
+        photos[name] = d / f"{name}.jpg"
+        photos[name].write_bytes(encode_jpeg(img))
+    port = free_port()
+    cfg = ServeConfig(port=port, faces={"model": str(d / "m"), "aligned": True, "gallery": {"backend": "faiss"}},
+                      landmarks={"model": str(d / "lm")})
+    srv = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=srv.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 60
+    while not srv.started and time.time() < deadline:
+        time.sleep(0.1)
+    assert srv.started, "uvicorn did not start"
+    yield f"http://127.0.0.1:{port}", photos
+    srv.should_exit = True
+    thread.join(timeout=10)
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from selenium import webdriver
+    from selenium.webdriver.chrome.service import Service
+
+    opts = webdriver.ChromeOptions()
+    opts.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"):
+        opts.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=opts)
+    yield driver
+    driver.quit()
+
+
+def wait_text(driver, element_id, predicate, timeout=30):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        text = driver.find_element("id", element_id).text
+        if predicate(text):
+            return text
+        time.sleep(0.1)
+    raise AssertionError(f"#{element_id} never matched; it shows {text!r}")
+
+
+def test_enroll_identify_and_landmarks_in_the_page(server, browser):
+    url, photos = server
+    browser.get(url + "/")
+    assert browser.find_element("tag name", "h1").text == "visrec"
+    for name in ("alice", "bob"):
+        browser.find_element("id", "enroll-name").clear()
+        browser.find_element("id", "enroll-name").send_keys(name)
+        browser.find_element("id", "enroll-file").send_keys(str(photos["alice-1" if name == "alice" else "bob"]))
+        browser.find_element("id", "enroll-go").click()
+        wait_text(browser, "enroll-out", lambda t, n=name: f"enrolled {n}" in t)
+    browser.find_element("id", "identify-file").send_keys(str(photos["alice-1"]))
+    browser.find_element("id", "identify-go").click()
+    assert wait_text(browser, "identify-best", lambda t: t != "") == "alice (below threshold)"  # none calibrated
+    assert float(wait_text(browser, "identify-score", lambda t: t != "")) == pytest.approx(1.0, abs=1e-3)
+
+    browser.find_element("id", "enroll-name").clear()  # an error is shown on the page, not swallowed
+    browser.find_element("id", "enroll-go").click()
+    assert "identity" in wait_text(browser, "enroll-out", lambda t: "identity" in t)
+
+    browser.find_element("id", "lm-file").send_keys(str(photos["bob"]))
+    browser.find_element("id", "lm-go").click()
+    assert wait_text(browser, "lm-out", lambda t: "points" in t) == "106 points"
+    deadline = time.time() + 10
+    while browser.find_element("id", "lm-canvas").get_attribute("width") == "10" and time.time() < deadline:
+        time.sleep(0.1)
+    assert browser.find_element("id", "lm-canvas").get_attribute("width") == "112"  # the overlay is drawn

@@ -1,0 +1,108 @@
+"""Kill -9 the server during a stream of enrollments, restart it: every acknowledged enrollment is there once."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the service needs visrec[serve]")
+pytest.importorskip("pymilvus", reason="the Milvus gallery needs visrec[serve]")
+import httpx  # noqa: E402
+
+from visrec.data.images import encode_jpeg  # noqa: E402
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start(config, log):
+    return subprocess.Popen([sys.executable, "-m", "visrec.cli", "serve", "--config", str(config)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def wait_healthy(url, proc, timeout=180):
+    t = time.time()
+    while time.time() - t < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("server did not become healthy")
+
+
+@pytest.mark.slow
+def test_kill_9_during_enrollment_keeps_every_acknowledged_one(tmp_path):
+    import torch
+
+    from visrec.models import build_backbone
+    from visrec.train.checkpoint import atomic_save
+
+    torch.manual_seed(0)
+    net = build_backbone("mobilefacenet", embedding_size=64, scale=1).eval()
+    atomic_save({"model_config": {"name": "mobilefacenet", "embedding_size": 64, "scale": 1},
+                 "backbone": net.state_dict()}, tmp_path / "m" / "model.pt")
+    port = free_port()
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tmp_path / 'm'}\n  aligned: true\n"
+                   f"  gallery: {{backend: milvus, uri: {tmp_path / 'gallery.db'}}}\n")
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "wb")
+    proc = start(cfg, log)
+    acked, stop = [], threading.Event()
+    rng = np.random.default_rng(0)
+
+    def stream():
+        i = 0
+        with httpx.Client(timeout=30) as client:
+            while not stop.is_set():
+                img = encode_jpeg(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+                try:
+                    r = client.post(url + "/v1/faces/enroll", data={"identity": f"p{i:04d}"}, files={"image": img})
+                except httpx.HTTPError:
+                    break  # the server died mid-request: that one was never acknowledged
+                if r.status_code == 200:
+                    acked.append(f"p{i:04d}")
+                i += 1
+
+    try:
+        wait_healthy(url, proc)
+        t = threading.Thread(target=stream)
+        t.start()
+        deadline = time.time() + 120
+        while len(acked) < 12 and time.time() < deadline:
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole service, mid-stream
+        proc.wait()
+        stop.set()
+        t.join()
+        assert len(acked) >= 12, (tmp_path / "server.log").read_text()[-2000:]
+        proc = start(cfg, log)
+        wait_healthy(url, proc)
+        rows = httpx.get(url + "/v1/faces", timeout=30).json()["identities"]
+        got = {r["identity"]: r["templates"] for r in rows}
+        missing = [a for a in acked if a not in got]
+        assert not missing, f"acknowledged but lost: {missing}"
+        assert all(n == 1 for n in got.values()), f"duplicates: {got}"
+        r = httpx.post(url + "/v1/faces/enroll", data={"identity": "after"},
+                       files={"image": encode_jpeg(np.zeros((112, 112, 3), np.uint8))}, timeout=30)
+        assert r.status_code == 200, r.text
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        log.close()
