@@ -115,6 +115,42 @@ def test_model_pt_loads_back(face_rec, tmp_path):
     assert bare.keys() == model.state_dict().keys()
 
 
+def test_finetune_starts_from_the_pretrained_backbone_with_a_fresh_head(face_rec, tmp_path):
+    """visrec finetune = train with init: step 0's backbone is the pretrained one (arcface_torch backbone.pth
+    or a visrec run dir), the margin head is built for the new data set's classes; mismatches are named."""
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+    from visrec.data.synth import write_face_dataset
+    from visrec.errors import DataError
+
+    train(make_cfg(face_rec, tmp_path / "pre", schedule={"max_steps": 2}), progress=False)
+    new_data = write_face_dataset(tmp_path / "new", 4, 3, format="recordio", seed=11)
+    pretrained = torch.load(tmp_path / "pre" / "backbone.pth", weights_only=True)
+    cfg = make_cfg(new_data, tmp_path / "ft", schedule={"max_steps": 1},
+                   optim={"name": "sgd", "lr": 1e-12, "weight_decay": 0.0})
+    yaml_path = _write_yaml(cfg, tmp_path / "ft.yaml")
+    res = CliRunner().invoke(app, ["finetune", str(yaml_path), "--from", str(tmp_path / "pre" / "backbone.pth"),
+                                   "--no-progress"])
+    assert res.exit_code == 0, res.output
+    state = final_state(tmp_path / "ft")["modules"]
+    for k, v in pretrained.items():  # one step at lr 1e-12: still the pretrained weights (BN stats move)
+        if v.is_floating_point() and "running_" not in k:
+            assert torch.allclose(state["backbone"][k], v, atol=1e-6), k
+    heads = [v for k, v in state["head"].items() if v.ndim == 2]
+    assert heads and heads[0].shape[0] == 4  # the new set's 4 classes, not the pretraining's 6
+    scratch = make_cfg(new_data, tmp_path / "scratch", schedule={"max_steps": 1})
+    train(scratch, progress=False)
+    first = next(k for k, v in pretrained.items() if v.ndim == 4)
+    assert not torch.allclose(final_state(tmp_path / "scratch")["modules"]["backbone"][first], pretrained[first])
+    with pytest.raises(DataError, match="wrong shape|missing"):
+        train(make_cfg(new_data, tmp_path / "bad", init=str(tmp_path / "pre"),
+                       model={"name": "mobilefacenet", "embedding_size": 32}), progress=False)
+    with pytest.raises(DataError, match="'mobilefacenet' backbone, the config builds 'iresnet18'"):
+        train(make_cfg(new_data, tmp_path / "bad2", init=str(tmp_path / "pre"),
+                       model={"name": "iresnet18", "embedding_size": 64}), progress=False)
+
+
 def _write_yaml(cfg, path: Path) -> Path:
     import yaml
 

@@ -70,6 +70,8 @@ class RunConfig(Strict):
     compile: bool = Field(False, description="torch.compile the backbone (CUDA: cuts launch overhead)")
     channels_last: bool = Field(True, description="NHWC activations on CUDA (faster convs); ignored on CPU")
     model: ModelSpec
+    init: Path | None = Field(None, description="start the backbone from these weights (arcface_torch "
+                                                "backbone.pth, visrec model.pt or run dir); heads start fresh")
     data: dict[str, Any] = Field(default_factory=dict)
     loss: dict[str, Any] = Field(default_factory=dict)
     index: dict[str, Any] = Field(default_factory=dict, description="products: catalogue index options")

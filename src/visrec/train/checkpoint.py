@@ -84,3 +84,34 @@ def load_backbone(path: str | Path, map_location: str = "cpu"):
     model = build_backbone(cfg["name"], **{k: v for k, v in cfg.items() if k != "name"})
     model.load_state_dict(blob["backbone"], strict=True)
     return model.eval(), cfg
+
+
+def init_backbone(module: torch.nn.Module, path: str | Path, name: str | None = None) -> None:
+    """Load pretrained weights into ``module`` with ``strict=True``: a bare state dict (arcface_torch's
+    ``backbone.pth``), a visrec checkpoint (``model.pt`` / ``last.rank0.pt``, whose model name must be
+    ``name`` when given) or a run directory. A mismatch names the file and the first differing keys."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise DataError("pretrained weights not found", path=path)
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as exc:
+        raise DataError(f"not a readable torch file: {exc}", path=path) from None
+    if isinstance(blob, dict) and "backbone" in blob and "model_config" in blob:
+        saved = blob["model_config"].get("name")
+        if name is not None and saved != name:
+            raise DataError(f"holds a {saved!r} backbone, the config builds {name!r}", path=path)
+        blob = blob["backbone"]
+    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise DataError("not a state dict (name -> tensor) nor a visrec checkpoint", path=path)
+    blob = {k.removeprefix("module."): v for k, v in blob.items()}  # saved from a DDP-wrapped model
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(blob)), sorted(set(blob) - set(own))
+    shapes = [k for k in own if k in blob and own[k].shape != blob[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+        raise DataError("weights do not fit the model (" + "; ".join(parts) + ")", path=path)
+    module.load_state_dict(blob, strict=True)

@@ -134,6 +134,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
     dataset = task.train_dataset()
     num_classes = getattr(dataset, "num_classes", None)
     modules = {name: m.to(ctx.device) for name, m in task.build_modules(num_classes).items()}
+    if state is None and cfg.init is not None:
+        # fine-tuning: the backbone starts from pretrained weights, every other module (the margin head,
+        # whose classes are this data set's) starts fresh; a resume takes everything from its checkpoint
+        ckpt.init_backbone(modules["backbone"], cfg.init, cfg.model.name)
     params = [p for m in modules.values() for p in m.parameters() if p.requires_grad]
     # Gradient clipping covers the replicated modules only (as arcface_torch clips the backbone): a norm
     # over rank-local shards would differ per rank and let the DDP replicas drift apart.
