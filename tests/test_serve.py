@@ -188,6 +188,9 @@ def test_gallery_cli_calibrate_list_export_import(model_dir, tmp_path):
     r = c.post("/v1/faces/identify", files={"image": face_jpeg(5)}).json()
     assert r["threshold"] == pytest.approx(expected, abs=1e-6) and r["faces"][0]["matches"][0]["accepted"]
     assert c.post("/v1/faces/identify", files={"image": face_jpeg(5)}, data={"top_k": "x"}).status_code == 400
+    assert c.post("/v1/faces/identify", files={"image": face_jpeg(5)}, data={"all_faces": "maybe"}).status_code == 400
+    assert c.post("/v1/faces/identify", json={"image": base64.b64encode(face_jpeg(5)).decode(),
+                                              "all_faces": False, "top_k": 1}).status_code == 200
     del c
     import gc
 

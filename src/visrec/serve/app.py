@@ -115,6 +115,14 @@ def create_app(cfg: ServeConfig):
 
         return JSONResponse({"error": str(exc)}, status_code=409 if isinstance(exc, GalleryMismatchError) else 422)
 
+    def _bool_field(fields: dict, name: str) -> bool:
+        value = fields.get(name, False)
+        if isinstance(value, bool):
+            return value
+        if str(value).lower() in ("true", "1", "yes", "false", "0", "no", ""):
+            return str(value).lower() in ("true", "1", "yes")
+        raise InputError(f"field {name!r} must be true or false, got {value!r}", 400)
+
     def _int_field(fields: dict, name: str, default: int, high: int = 1000) -> int:
         value = fields.get(name, default)
         try:
@@ -235,9 +243,10 @@ def create_app(cfg: ServeConfig):
         pipe, gallery = need("faces"), state["gallery"]
         images, fields = await read_images(request)
         top_k = _int_field(fields, "top_k", cfg.faces.top_k)
+        all_faces = _bool_field(fields, "all_faces")
 
         def work():
-            embs, faces = pipe.embed_upload(images["image"][0], all_faces=bool(fields.get("all_faces")))
+            embs, faces = pipe.embed_upload(images["image"][0], all_faces=all_faces)
             results = gallery.search(embs, top_k)
             return {"threshold": gallery.threshold, "faces": [
                 {"box": list(f.box), "matches": [{"identity": m.identity, "score": round(float(m.score), 6),
