@@ -224,15 +224,15 @@ def create_app(cfg: ServeConfig):
             raise InputError("field 'metadata' must be a JSON object", 400)
 
         def work():
-            embs, hashes = [], []
+            crops = []
             for i, data in enumerate(images["image"]):
                 try:
-                    e, _ = pipe.embed_upload(data)
+                    crops.append(pipe.upload_faces(data)[0].crop)
                 except InputError as exc:
                     raise InputError(f"image {i + 1}: {exc}", exc.status) from None
-                embs.append(e[0])
-                hashes.append(image_hash(data))
-            ids = gallery.enroll(identity, np.stack(embs), hashes=hashes, metadata=meta, model_name=pipe.embedder.name)
+            embs = pipe.embedder(np.stack(crops))  # all images of the request in one batch
+            hashes = [image_hash(data) for data in images["image"]]
+            ids = gallery.enroll(identity, embs, hashes=hashes, metadata=meta, model_name=pipe.embedder.name)
             return {"identity": identity, "enrolled": len(ids), "entries": ids,
                     "templates": next((r["templates"] for r in gallery.list() if r["identity"] == identity), len(ids))}
 

@@ -161,15 +161,18 @@ class FacePipeline:
         aligned, _ = align_face(image, five)
         return Face(box, aligned, five)
 
-    def embed_upload(self, data: bytes, *, all_faces: bool = False) -> tuple[np.ndarray, list[Face]]:
-        """Upload bytes -> (embeddings (faces, D), faces); raises InputError when no face is found."""
+    def upload_faces(self, data: bytes, *, all_faces: bool = False) -> list[Face]:
+        """Upload bytes -> its faces (the largest only unless ``all_faces``); InputError when none is found."""
         image = decode_upload(data, self.max_pixels)
         faces = self.faces(image)
         if not faces:
             raise InputError(f"no face found in the {image.shape[1]}x{image.shape[0]} image ({self.detector_name} "
-                             f"detector); "
-                             f"send an aligned 112x112 crop to a server started with aligned: true")
-        faces = faces if all_faces else faces[:1]
+                             f"detector); send an aligned 112x112 crop to a server started with aligned: true")
+        return faces if all_faces else faces[:1]
+
+    def embed_upload(self, data: bytes, *, all_faces: bool = False) -> tuple[np.ndarray, list[Face]]:
+        """Upload bytes -> (embeddings (faces, D), faces), one batched embedder call."""
+        faces = self.upload_faces(data, all_faces=all_faces)
         return self.embedder(np.stack([f.crop for f in faces])), faces
 
 
