@@ -1,0 +1,266 @@
+"""Face tracks in raw video: detect in every frame, link detections into tracks, write tracks as a video set.
+
+``track_video(frames, detector, embedder)`` -> ``list[Track]``; ``video_to_tracks(...)`` writes each track of
+at least ``min_len`` frames as a frame folder of the video-set format (``visrec.data.video``): aligned 112x112
+crops ``<out_root>/videos/<video id>_t<track>/<frame:06d>.png``, the detector's scores in ``scores.txt`` (one per
+frame, the frame-quality sidecar), a ``videos.csv`` row ``video_id,path,label`` and a ``video_filelist.txt`` line.
+
+Conventions: frames are RGB uint8 (H, W, 3); boxes float pixels ``x1, y1, x2, y2``, origin top-left; frame
+indices count from 0. Crops: ArcFace-aligned (``align.align_face``) when the detection has 5 points, else the
+box enlarged by ``box_margin`` per side, square, resized to 112x112 (``augment.crop_face``; not aligned).
+
+Association, frame by frame, between the open tracks and the frame's detections:
+* without an embedder, a pair may match when the IoU of the track's last box and the detection's box is at least
+  ``iou_threshold``; the affinity is that IoU.
+* with an embedder (``embedder(crops (N, 112, 112, 3) uint8) -> (N, D)`` float, e.g. ``serve.pipeline.Embedder``)
+  appearance decides: a pair may match when the cosine similarity of the track's embedding (a running mean,
+  ``momentum``, of its L2-normalised crop embeddings) and the detection's is at least ``sim_threshold``, and the
+  affinity is similarity + IoU, so position only ranks the candidates. That is what keeps identities through
+  crossings, occlusions and missed detections, where the nearest box is often the other face.
+The assignment maximises the total affinity (Hungarian, ``scipy.optimize.linear_sum_assignment``, when scipy is
+installed; else greedy, best pair first). Unmatched detections open new tracks; a track missed in more than
+``max_age`` consecutive frames is closed.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+
+from visrec.errors import DataError, VisrecError
+
+CROP_SIZE = 112
+
+
+@dataclass
+class Track:
+    """One face over time: ``frames`` (frame indices, increasing), ``boxes`` float32 (N, 4) x1y1x2y2,
+    ``scores`` float32 (N,) detector scores, ``crops``: N aligned 112x112 RGB crops, or their PNG paths when
+    ``track_video`` was given a ``crop_dir``."""
+
+    id: int
+    frames: list[int] = field(default_factory=list)
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32))
+    scores: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32))
+    crops: list = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.frames)
+
+
+def iter_frames(source) -> Iterator[np.ndarray]:
+    """RGB frames of a video file (anything OpenCV decodes), a folder of frame images (name order) or an
+    iterable of RGB arrays."""
+    import cv2
+
+    if not isinstance(source, (str, Path)):
+        yield from source
+        return
+    path = Path(source)
+    if path.is_dir():
+        from visrec.data.images import IMAGE_SUFFIXES, read_image
+
+        for f in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+            yield read_image(f)
+        return
+    if not path.is_file():
+        raise DataError("video file or frame folder not found", path=path)
+    cap = cv2.VideoCapture(str(path))
+    if not cap.isOpened():
+        raise DataError("OpenCV cannot open this video", path=path)
+    try:
+        while True:
+            ok, frame = cap.read()
+            if not ok:
+                break
+            yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+    finally:
+        cap.release()
+
+
+def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """(len(a), len(b)) IoU of x1y1x2y2 boxes (continuous areas)."""
+    a, b = np.asarray(a, np.float64).reshape(-1, 4), np.asarray(b, np.float64).reshape(-1, 4)
+    iw = np.clip(np.minimum(a[:, None, 2], b[None, :, 2]) - np.maximum(a[:, None, 0], b[None, :, 0]), 0, None)
+    ih = np.clip(np.minimum(a[:, None, 3], b[None, :, 3]) - np.maximum(a[:, None, 1], b[None, :, 1]), 0, None)
+    inter = iw * ih
+    area = lambda x: np.clip(x[:, 2] - x[:, 0], 0, None) * np.clip(x[:, 3] - x[:, 1], 0, None)  # noqa: E731
+    union = area(a)[:, None] + area(b)[None, :] - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def assign(affinity: np.ndarray, allowed: np.ndarray) -> list[tuple[int, int]]:
+    """(row, column) pairs among the ``allowed`` ones maximising the summed ``affinity``, each row and column
+    used at most once: Hungarian when scipy is installed, else greedy (highest affinity first)."""
+    rows, cols = np.nonzero(allowed)
+    if len(rows) == 0:
+        return []
+    try:
+        from scipy.optimize import linear_sum_assignment
+    except ImportError:
+        pairs, used_r, used_c = [], set(), set()
+        for k in np.argsort(-affinity[rows, cols], kind="stable"):
+            r, c = int(rows[k]), int(cols[k])
+            if r not in used_r and c not in used_c:
+                pairs.append((r, c))
+                used_r.add(r)
+                used_c.add(c)
+        return sorted(pairs)
+    # forbidden pairs get a cost no allowed assignment can beat, and are dropped afterwards
+    big = 1.0 + 2.0 * float(np.abs(affinity[allowed]).sum())
+    cost = np.where(allowed, -affinity, big)
+    r, c = linear_sum_assignment(cost)
+    return [(int(i), int(j)) for i, j in zip(r, c) if allowed[i, j]]
+
+
+def _crop(frame: np.ndarray, det, box_margin: float) -> np.ndarray:
+    from visrec.data.align import align_face
+    from visrec.data.augment import crop_face
+
+    if det.points is not None:
+        return align_face(frame, np.asarray(det.points, np.float32), CROP_SIZE)[0]
+    return crop_face(frame, np.zeros((1, 2)), det.box, CROP_SIZE, box_margin)[0]
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class _Open:
+    """A track being built: its record plus what association needs."""
+
+    def __init__(self, track: Track, box: np.ndarray, emb: np.ndarray | None):
+        self.track, self.box, self.emb, self.missed = track, box, emb, 0
+        self.boxes, self.scores = [], []
+
+
+def track_video(frames, detector, embedder: Callable[[np.ndarray], np.ndarray] | None = None, *,
+                iou_threshold: float = 0.3, sim_threshold: float = 0.5, max_age: int = 10,
+                momentum: float = 0.9, box_margin: float = 0.1, crop_dir: str | Path | None = None,
+                progress: Callable[[int], None] | None = None) -> list[Track]:
+    """Tracks of the faces in ``frames`` (``iter_frames`` input), ordered by id (= order of appearance).
+
+    ``detector``: a ``load_detector`` spec or a callable ``rgb_frame -> list[Detection]``. ``embedder`` and the
+    thresholds: module docstring. ``crop_dir``: write each crop to ``crop_dir/<track id:04d>/<frame:06d>.png``
+    and keep paths instead of arrays (long videos). ``progress(frames done)`` after each frame."""
+    import cv2
+
+    if isinstance(detector, (str, Path)):
+        from visrec.data.detectors import load_detector
+
+        detector = load_detector(detector)
+    crop_dir = None if crop_dir is None else Path(crop_dir)
+    live: list[_Open] = []
+    done: list[_Open] = []
+    next_id = 0
+    for f, frame in enumerate(iter_frames(frames)):
+        dets = list(detector(frame))
+        crops = [_crop(frame, d, box_margin) for d in dets]
+        boxes = np.array([np.asarray(d.box, np.float32) for d in dets], np.float32).reshape(-1, 4)
+        embs = _normalise(embedder(np.stack(crops))) if embedder is not None and dets else None
+        if live and dets:
+            iou = iou_matrix(np.stack([t.box for t in live]), boxes)
+            if embs is None:
+                allowed, affinity = iou >= iou_threshold, iou
+            else:
+                sim = np.stack([t.emb for t in live]) @ embs.T
+                allowed, affinity = sim >= sim_threshold, sim + iou
+            pairs = assign(affinity, allowed)
+        else:
+            pairs = []
+        matched = {c: live[r] for r, c in pairs}
+        for t in live:
+            t.missed += 1
+        for c in range(len(dets)):
+            if c not in matched:  # a new face
+                matched[c] = _Open(Track(next_id), boxes[c], None if embs is None else embs[c])
+                live.append(matched[c])
+                next_id += 1
+            elif embs is not None:
+                t = matched[c]
+                t.emb = _normalise(momentum * t.emb + (1 - momentum) * embs[c])
+            t = matched[c]
+            t.missed, t.box = 0, boxes[c]
+            t.track.frames.append(f)
+            t.boxes.append(boxes[c])
+            t.scores.append(float(dets[c].score))
+            if crop_dir is None:
+                t.track.crops.append(crops[c])
+            else:
+                path = crop_dir / f"{t.track.id:04d}" / f"{f:06d}.png"
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not cv2.imwrite(str(path), cv2.cvtColor(crops[c], cv2.COLOR_RGB2BGR)):
+                    raise DataError("cannot write a crop", path=path)
+                t.track.crops.append(path)
+        done += [t for t in live if t.missed > max_age]
+        live = [t for t in live if t.missed <= max_age]
+        if progress:
+            progress(f + 1)
+    out = []
+    for t in sorted(done + live, key=lambda t: t.track.id):
+        t.track.boxes = np.asarray(t.boxes, np.float32).reshape(-1, 4)
+        t.track.scores = np.asarray(t.scores, np.float32)
+        out.append(t.track)
+    return out
+
+
+def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, video_id: str | None = None,
+                    min_len: int = 5, label: Callable[[Track], str] | None = None,
+                    progress: Callable[[int], None] | None = None, **track_options) -> list[tuple[str, Path]]:
+    """Track the faces of one video and add each track of at least ``min_len`` frames to the video set at
+    ``out_root`` (module docstring: layout). Returns ``[(video_id, frame folder)]`` of the tracks written.
+
+    ``source``: a video file or frame folder (``video_id`` defaults to its stem) or an iterable of frames
+    (``video_id`` required). Track video ids are ``<video_id>_t<track id:03d>``. ``label(track) -> str`` names
+    the identity; by default each track is its own identity, labelled with its video id (tracks are not
+    identities: the same person may give several). A video whose tracks are already in ``videos.csv`` is
+    refused (remove its rows and folders to redo it). ``track_options`` go to ``track_video``."""
+    from visrec.data.video import VideoItem, read_video_list, scores_path, write_video_list
+
+    out_root = Path(out_root)
+    if video_id is None:
+        if not isinstance(source, (str, Path)):
+            raise VisrecError("frames given as an iterable need a video_id")
+        video_id = Path(source).stem if Path(source).is_file() else Path(source).name
+    if not video_id or any(ch in video_id for ch in ",/\\\n") or video_id.startswith((".", "#")):
+        raise VisrecError(f"video id {video_id!r} cannot name a folder and a videos.csv field")
+    list_path = out_root / "videos.csv"
+    videos = out_root / "videos"
+    existing = read_video_list(list_path) if list_path.exists() and list_path.read_text().strip() else []
+    prefix = f"{video_id}_t"
+    if any(it.video_id.startswith(prefix) for it in existing) or \
+            (videos.is_dir() and any(p.name.startswith(prefix) for p in videos.iterdir())):
+        raise VisrecError(f"{out_root} already holds tracks of video {video_id!r} ({prefix}*): remove them "
+                          "(videos.csv rows and folders) or pass another video_id")
+    staging = videos / f".{video_id}.tracking"  # ours alone: a crashed run's leftovers are discarded
+    if staging.exists():
+        shutil.rmtree(staging)
+    tracks = track_video(source, detector, embedder, crop_dir=staging, progress=progress, **track_options)
+    items, written = [], []
+    for t in tracks:
+        if len(t) < min_len:
+            continue
+        vid = f"{prefix}{t.id:03d}"
+        name = vid if label is None else str(label(t))
+        if not name.strip() or any(ch in name for ch in ",\n"):
+            raise VisrecError(f"label {name!r} of track {vid} cannot be a videos.csv field")
+        dest = videos / vid
+        os.replace(staging / f"{t.id:04d}", dest)
+        scores_path(dest).write_text("".join(f"{s:.4f}\n" for s in t.scores))
+        items.append(VideoItem(vid, dest, name.strip()))
+        written.append((vid, dest))
+    if staging.exists():
+        shutil.rmtree(staging)
+    if items:
+        tmp = list_path.with_name(".videos.csv.tmp")
+        write_video_list(tmp, existing + items)
+        os.replace(tmp, list_path)
+        with open(out_root / "video_filelist.txt", "a") as fh:
+            fh.write("".join(f"{it.video_id}\n" for it in items))
+    return written

@@ -1,0 +1,378 @@
+"""visrec.data.prepare on synthetic photos with known geometry: faces from visrec.data.synth pasted onto larger
+canvases at known places and scales, found by a fake detector that returns the true boxes and 5 points (so
+nothing depends on a real detector's quality). Checks alignment at pixel level, the report's headings, the
+policies, resume (detector calls on a re-run), RecordIO/CSV, refusals, parallel workers, products, landmarks."""
+
+import json
+
+import cv2
+import numpy as np
+import pytest
+
+from visrec.data.align import ARCFACE_112, five_points, similarity_transform
+from visrec.data.detectors import Detection
+from visrec.data.images import read_image
+from visrec.data.prepare import JOURNAL, REPORT, choose_face, prepare_faces, prepare_landmarks, prepare_products
+from visrec.data.synth import render_face
+from visrec.errors import VisrecError
+
+# identities whose rendered eyes the similarity fit puts within 2 px of the ArcFace template eyes
+ALICE, BOB, CAROL = 6, 7, 5
+
+
+def face(identity: int, scale: float = 1.0):
+    """A clean synthetic face resized by ``scale``: (RGB tile, (106, 2) JD points in tile pixels)."""
+    img, pts = render_face(identity, np.random.default_rng([identity, 5]), difficulty=0.0)
+    size = round(112 * scale)
+    tile = cv2.resize(img, (size, size), interpolation=cv2.INTER_LINEAR)
+    return tile, ((pts + 0.5) * (size / 112) - 0.5).astype(np.float32)  # pixel centres scale about -0.5
+
+
+def scene(width: int, height: int, faces=()):
+    """A canvas (its size identifies it to FakeDetector) with faces ``(identity, scale, x, y)`` pasted at
+    (x, y): (image, [(box, 106 points) per face])."""
+    canvas = np.full((height, width, 3), 100, np.uint8)
+    canvas[:, :, 1] = np.linspace(60, 160, width, dtype=np.uint8)[None, :]
+    truth = []
+    for ident, scale, x, y in faces:
+        tile, pts = face(ident, scale)
+        s = tile.shape[0]
+        canvas[y:y + s, x:x + s] = tile
+        truth.append((np.array([x, y, x + s, y + s], np.float32), pts + (x, y)))
+    return canvas, truth
+
+
+# name -> (canvas width, height, faces); every size is distinct
+SCENES = {
+    "alice/a1.png": (320, 240, [(ALICE, 1.0, 100, 50)]),
+    "alice/a2.png": (330, 250, [(ALICE, 1.5, 20, 60)]),
+    "bob/b1.png": (340, 260, [(BOB, 1.2, 150, 40)]),
+    # bob is the larger face, carol the central one
+    "bob/two.png": (400, 300, [(BOB, 1.5, 5, 20), (CAROL, 0.8, 155, 105)]),
+    "bob/empty.png": (310, 230, []),
+}
+TRUTH = {}  # (height, width) -> [(box, points)]
+
+
+class FakeDetector:
+    """Looks an image up by its size and returns the true faces (box, 5 points), best score first.
+    ``points=False`` drops the points (a Haar-like detector); ``fail_after`` raises after that many calls."""
+
+    def __init__(self, points: bool = True, fail_after: int | None = None):
+        self.points, self.fail_after, self.calls = points, fail_after, 0
+        self.truth = dict(TRUTH)  # carried along when pickled to a worker process
+
+    def __call__(self, image):
+        self.calls += 1
+        if self.fail_after is not None and self.calls > self.fail_after:
+            raise RuntimeError("simulated crash")
+        found = self.truth[image.shape[:2]]
+        dets = [Detection(box.copy(), 0.9 - 0.1 * k, five_points(pts, "jd106") if self.points else None)
+                for k, (box, pts) in enumerate(found)]
+        return dets
+
+
+class TrueLandmarker:
+    """The 106 true points of the face whose box is ``box`` (a picklable landmarker)."""
+
+    def __init__(self):
+        self.truth = dict(TRUTH)
+
+    def __call__(self, image, box):
+        for b, pts in self.truth[image.shape[:2]]:
+            if np.allclose(b, box):
+                return pts
+        raise AssertionError("no such face")
+
+
+@pytest.fixture(scope="module")
+def src(tmp_path_factory):
+    root = tmp_path_factory.mktemp("photos")
+    for name, (w, h, faces) in SCENES.items():
+        img, truth = scene(w, h, faces)
+        TRUTH[(h, w)] = truth
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        cv2.imwrite(str(root / name), img[:, :, ::-1])  # PNG: lossless, the detector sees these exact pixels
+    (root / "bob" / "broken.jpg").write_bytes(b"\xff\xd8 this is no JPEG")
+    (root / "bob" / "zero.jpg").write_bytes(b"")
+    (root / "bob" / "notes.txt").write_text("not a photo\n")
+    return root
+
+
+def expected_crop(name: str, which: int = 0):
+    """The aligned crop of face ``which`` of a scene and where its pupils (the eye centres) must land."""
+    w, h, _ = SCENES[name]
+    img, truth = scene(w, h, SCENES[name][2])
+    pts = truth[which][1]
+    m = similarity_transform(five_points(pts, "jd106"), ARCFACE_112)
+    crop = cv2.warpAffine(img, m, (112, 112), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
+    return crop, pts[[104, 105]] @ m[:2, :2].T + m[:, 2]
+
+
+def pupils(crop):
+    """Centroids of the dark pupils near the template's eyes (darkness below 60 grey levels as weight)."""
+    gray = cv2.cvtColor(crop, cv2.COLOR_RGB2GRAY).astype(np.float64)
+    out = []
+    for ex, ey in ARCFACE_112[:2]:
+        x0, y0 = int(round(ex)) - 5, int(round(ey)) - 4
+        ys, xs = np.mgrid[y0:y0 + 9, x0:x0 + 11]
+        w = np.clip(60 - gray[y0:y0 + 9, x0:x0 + 11], 0, None)
+        out.append(((xs * w).sum() / w.sum(), (ys * w).sum() / w.sum()))
+    return np.array(out)
+
+
+def check_crop(path, name, which=0):
+    got = read_image(path)
+    want, eyes = expected_crop(name, which)
+    assert got.shape == (112, 112, 3)
+    assert np.abs(got.astype(float) - want).mean() < 3  # the right face, aligned the same way (JPEG aside)
+    found = pupils(got)
+    assert np.abs(found - eyes).max() < 1.0           # the rendered pupils sit where the points say
+    assert np.abs(found - ARCFACE_112[:2]).max() < 2.5  # ... i.e. on the ArcFace template eyes
+
+
+def test_choose_face_policies():
+    small = Detection(np.array([140, 90, 160, 110], np.float32), 0.9)   # central
+    large = Detection(np.array([0, 0, 100, 100], np.float32), 0.8)
+    for dets, policy, want, action in [([large, small], "largest", large, "kept largest"),
+                                       ([small, large], "central", small, "kept central"),
+                                       ([large, small], "skip", None, "skipped"),
+                                       ([small], "skip", small, "only"), ([], "largest", None, "none")]:
+        got, what = choose_face(dets, policy, (200, 300))
+        assert got is want and what == action
+    with pytest.raises(VisrecError, match="policy"):
+        choose_face([small], "first", (200, 300))
+
+
+def test_faces_folder_report_and_alignment(src, tmp_path):
+    out = tmp_path / "faces"
+    det, ticks = FakeDetector(), []
+    report = prepare_faces(src, out, detector=det, progress=lambda done, total: ticks.append((done, total)))
+    assert ticks[-1] == (7, 7) and len(ticks) == 7  # 7 photo files; notes.txt is no photo
+    assert det.calls == 5                           # unreadable files never reach the detector
+    assert report.written == 4 and report.total == 7 and report.resumed == 0
+    assert report.no_face == ["bob/empty.png"]
+    assert report.multiple_faces == [{"path": "bob/two.png", "faces": 2, "action": "kept largest"}]
+    bad = {u["path"]: u["error"] for u in report.unreadable}
+    assert set(bad) == {"bob/broken.jpg", "bob/zero.jpg"}
+    assert "not a decodable image (0 bytes)" in bad["bob/zero.jpg"]
+    assert "not a decodable image" in bad["bob/broken.jpg"]
+    assert report.skipped == [{"path": "bob/notes.txt", "reason": "not an image file"}]
+    assert json.loads((out / REPORT).read_text()) == report.to_dict()
+
+    for name in ("alice/a1.png", "alice/a2.png", "bob/b1.png", "bob/two.png"):
+        check_crop(out / name.replace(".png", ".jpg"), name)
+    from visrec.data.datasets import open_face_dataset  # here: worker processes need not import torch
+
+    ds = open_face_dataset(out)  # visrec's own reader: identity folders, journal/report files ignored
+    assert ds.source.class_names == ["alice", "bob"] and len(ds) == 4
+    assert ds.labels.tolist() == [0, 0, 1, 1]
+
+
+@pytest.mark.parametrize("policy, action, written", [("central", "kept central", 4), ("skip", "skipped", 3)])
+def test_faces_policies(src, tmp_path, policy, action, written):
+    report = prepare_faces(src, tmp_path / policy, detector=FakeDetector(), policy=policy)
+    assert report.multiple_faces == [{"path": "bob/two.png", "faces": 2, "action": action}]
+    assert report.written == written
+    two = tmp_path / policy / "bob" / "two.jpg"
+    if policy == "central":
+        check_crop(two, "bob/two.png", which=1)  # carol, the smaller but central face
+    else:
+        assert not two.exists()
+
+
+def test_faces_resume_after_a_crash(src, tmp_path):
+    clean = tmp_path / "clean"
+    prepare_faces(src, clean, detector=FakeDetector())
+    out = tmp_path / "resumed"
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        prepare_faces(src, out, detector=FakeDetector(fail_after=2))
+    done = [json.loads(line) for line in (out / JOURNAL).read_text().splitlines()[1:]]
+    assert sum(r["status"] != "unreadable" for r in done) == 2  # what the detector finished is kept
+    with open(out / JOURNAL, "a") as fh:
+        fh.write('{"key": "bob/b1.p')  # a line torn by the crash: ignored, that input is redone
+
+    det = FakeDetector()
+    report = prepare_faces(src, out, detector=det)
+    assert det.calls == 5 - 2                   # only the photos not done before
+    assert report.resumed == len(done) and report.total == 7
+    again = FakeDetector()
+    final = prepare_faces(src, out, detector=again)
+    assert again.calls == 0 and final.resumed == 7
+    want = json.loads((clean / REPORT).read_text())
+    got = json.loads((out / REPORT).read_text())
+    for key in ("written", "no_face", "multiple_faces", "skipped", "box_crops"):
+        assert got[key] == want[key]
+    assert sorted(u["path"] for u in got["unreadable"]) == sorted(u["path"] for u in want["unreadable"])
+    for f in clean.rglob("*.jpg"):
+        assert (out / f.relative_to(clean)).read_bytes() == f.read_bytes()
+    with pytest.raises(VisrecError, match="other settings"):
+        prepare_faces(src, out, detector=FakeDetector(), policy="skip")
+
+
+def test_faces_csv_to_recordio(src, tmp_path):
+    rows = ["path,label", "alice/a1.png,ann", f"{src / 'bob/b1.png'},ben", "bob/two.png,ben",
+            "bob/zero.jpg,ben", "missing.png,ann"]
+    (src / "list.csv").write_text("\n".join(rows) + "\n")
+    try:
+        out = tmp_path / "rec"
+        report = prepare_faces(src / "list.csv", out, detector=FakeDetector(), format="recordio")
+    finally:
+        (src / "list.csv").unlink()
+    assert report.written == 3 and report.output == str(out / "train.rec")
+    assert {u["path"] for u in report.unreadable} == {"bob/zero.jpg", "missing.png"}
+    assert "No such file" in next(u["error"] for u in report.unreadable if u["path"] == "missing.png")
+    from visrec.data.datasets import open_face_dataset
+
+    ds = open_face_dataset(out)
+    assert type(ds.source).__name__ == "RecordIOReader" and len(ds) == 3 and ds.num_classes == 2
+    assert (out / "identities.txt").read_text() == "ann\nben\n"
+    assert ds.labels.tolist() == [0, 1, 1]
+    staged = sorted((out / "crops").rglob("*.jpg"))
+    for i, f in enumerate(staged):  # the RecordIO holds the staged JPEGs unchanged
+        assert ds.source.image_bytes(i) == f.read_bytes()
+    assert np.abs(ds.source.image(0).astype(float) - expected_crop("alice/a1.png")[0]).mean() < 3
+
+
+def test_faces_without_points(src, tmp_path):
+    with pytest.raises(VisrecError, match="5 points.*HaarDetector"):
+        prepare_faces(src, tmp_path / "haar", detector="haar")
+    for workers in (1, 2):  # unknown detector: refused at its first face (also from a worker process)
+        with pytest.raises(VisrecError, match="5 points"):
+            prepare_faces(src, tmp_path / f"nopts{workers}", detector=FakeDetector(points=False), workers=workers)
+    # a landmarker's 106 points are reduced to 5 (JD scheme, from the count) and give the same crops
+    report = prepare_faces(src, tmp_path / "lm", detector=FakeDetector(points=False), landmarker=TrueLandmarker())
+    assert report.written == 4 and report.box_crops == []
+    check_crop(tmp_path / "lm" / "alice" / "a2.jpg", "alice/a2.png")
+    # or, asked for, unaligned box crops, listed as such
+    report = prepare_faces(src, tmp_path / "box", detector=FakeDetector(points=False), box_margin=0.1)
+    assert sorted(report.box_crops) == ["alice/a1.png", "alice/a2.png", "bob/b1.png", "bob/two.png"]
+    crop = read_image(tmp_path / "box" / "alice" / "a1.jpg")
+    tile, _ = face(ALICE)  # box = the 112 px tile, side 1.2 x 112 -> the tile fills the middle 1/1.2
+    inner = cv2.resize(crop[9:103, 9:103], (112, 112), interpolation=cv2.INTER_LINEAR)
+    assert np.abs(inner.astype(float) - tile).mean() < 12
+
+
+def test_faces_parallel_workers_match_serial(src, tmp_path):
+    serial = tmp_path / "serial"
+    prepare_faces(src, serial, detector=FakeDetector(), landmarker=TrueLandmarker())
+    # picklable detector and landmarker: worker processes (spawned); a lambda: a thread pool
+    truth = TrueLandmarker()
+    for name, lm in (("procs", truth), ("threads", lambda im, box: truth(im, box))):
+        det = FakeDetector(points=False)
+        report = prepare_faces(src, tmp_path / name, detector=det, landmarker=lm, workers=2)
+        assert report.written == 4 and len(report.unreadable) == 2
+        assert det.calls == (0 if name == "procs" else 5)  # processes call their own copies
+        for f in serial.rglob("*.jpg"):
+            assert (tmp_path / name / f.relative_to(serial)).read_bytes() == f.read_bytes()
+
+
+# ------------------------------------------------------------------------------------------------ products
+
+def test_products_padding_report_and_resume(tmp_path, monkeypatch):
+    from visrec.data import products as P
+
+    src = tmp_path / "shop"
+    (src / "p1").mkdir(parents=True)
+    wide = np.zeros((100, 200, 3), np.uint8)
+    wide[:] = (200, 30, 30)
+    tall = np.zeros((160, 80, 3), np.uint8)
+    tall[:] = (30, 30, 200)
+    cv2.imwrite(str(src / "wide.png"), wide[:, :, ::-1])
+    cv2.imwrite(str(src / "p1" / "front.png"), tall[:, :, ::-1])
+    cv2.imwrite(str(src / "p1" / "back.png"), wide[:, :, ::-1])
+    (src / "broken.jpg").write_bytes(b"garbage")
+    (src / "readme.md").write_text("hi")
+    out = tmp_path / "cat"
+    report = prepare_products(src, out, size=128)
+    assert report.written == 3 and report.total == 4
+    assert [u["path"] for u in report.unreadable] == ["broken.jpg"]
+    assert report.skipped == [{"path": "readme.md", "reason": "not an image file"}]
+    items = dict(P.list_images(out / "catalogue"))  # the Perfect-500K reader
+    assert sorted(items) == ["p1_back", "p1_front", "wide"]
+    sq = read_image(items["wide"])
+    assert sq.shape == (128, 128, 3)
+    # 200x100 -> 200x200 with 50 white rows above and below -> 128: rows 0-30 white, the middle red
+    assert (sq[:28] > 240).all() and (sq[100:] > 240).all()
+    assert np.abs(sq[40:88].astype(int) - (200, 30, 30)).max() < 12
+    front = read_image(items["p1_front"])
+    assert (front[:, :28] > 240).all() and np.abs(front[:, 40:88].astype(int) - (30, 30, 200)).max() < 12
+    assert P.read_product_labels(out / P.PRODUCT_LABELS) == {"p1_back": "p1", "p1_front": "p1", "wide": "wide"}
+
+    def boom(*_):
+        raise AssertionError("a finished photo was read again")
+
+    monkeypatch.setattr(P, "read_image_checked", boom)
+    again = prepare_products(src, out, size=128)
+    assert again.resumed == 4 and again.written == 3
+
+
+# ------------------------------------------------------------------------------------------------ landmarks
+
+def test_landmarks_to_jd_layout(src, tmp_path):
+    from visrec.data.landmarks import read_jd_dir, write_landmark_txt, write_pts, write_wflw, WflwRecord
+
+    photos = tmp_path / "annotated"
+    photos.mkdir()
+    truth = {}
+    for k, name in enumerate(["alice/a1.png", "bob/b1.png", "bob/two.png"]):
+        w, h, faces = SCENES[name]
+        img, t = scene(w, h, faces)
+        stem = f"f{k}"
+        cv2.imwrite(str(photos / f"{stem}.png"), img[:, :, ::-1])
+        truth[stem] = t
+    write_landmark_txt(photos / "f0.png.txt", truth["f0"][0][1])   # JD text, <name>.txt
+    write_landmark_txt(photos / "f1.txt", truth["f1"][0][1])       # JD text, <stem>.txt
+    write_landmark_txt(photos / "f2.txt", truth["f2"][1][1])       # carol, the smaller face of two
+    cv2.imwrite(str(photos / "f3.png"), np.zeros((50, 60, 3), np.uint8))
+    write_pts(photos / "f3.pts", np.random.default_rng(0).uniform(10, 40, (68, 2)))  # 300W, but not 106
+    (photos / "f4.png").write_bytes(b"")
+    (photos / "f5.png").write_bytes((photos / "f3.png").read_bytes())  # no annotation at all
+
+    out = tmp_path / "jd"
+    report = prepare_landmarks(photos, out, points=106, size=128, margin=0.3)
+    assert report.written == 3
+    assert [u["path"] for u in report.unreadable] == ["f4.png"]
+    bad = {b["path"]: b["error"] for b in report.bad_annotation}
+    assert set(bad) == {"f3.png", "f5.png"} and "68 points, expected 106" in bad["f3.png"]
+    pics, pts, boxes = read_jd_dir(out, 106)  # visrec's JD reader
+    assert [p.name for p in pics] == ["f0.jpg", "f1.jpg", "f2.jpg"]
+    for p, got, box in zip(pics, pts, boxes):
+        true = truth[p.stem][0 if p.stem != "f2" else 1][1]
+        lo, hi = true.min(0), true.max(0)  # no detector: the box is the points' extent
+        side = (hi - lo).max() * 1.6
+        want = (true - (lo + hi) / 2) * (128 / side) + 64
+        assert np.abs(got - want).max() < 0.01
+        assert np.abs(box - np.concatenate([(lo - (lo + hi) / 2) * (128 / side) + 64,
+                                            (hi - (lo + hi) / 2) * (128 / side) + 64])).max() < 0.1
+        crop = read_image(p)  # a pupil is dark where its point landed
+        x, y = np.round(got[104]).astype(int)
+        assert crop[y - 1:y + 2, x - 1:x + 2].min() < 60
+
+    # a detector supplies the box: the detection holding the points (carol's, not bob's, in f2)
+    out2 = tmp_path / "jd_det"
+    report = prepare_landmarks(photos, out2, points=106, detector=FakeDetector(), size=128)
+    assert report.written == 3 and report.no_face == []
+    _, pts2, boxes2 = read_jd_dir(out2, 106)
+    for box in boxes2:  # every tile box is square and fills 1 / 1.6 of the crop
+        assert np.allclose(box, [24, 24, 104, 104], atol=0.1)
+
+    def in_tile_crop(stem, which=0):  # crop pixels of the true points when the crop is the tile's
+        tile_box, true = truth[stem][which]
+        centre, side = (tile_box[:2] + tile_box[2:]) / 2, (tile_box[2] - tile_box[0]) * 1.6
+        return (true - centre) * (128 / side) + 64
+
+    assert np.abs(pts2[0] - in_tile_crop("f0")).max() < 0.01
+    assert np.abs(pts2[2] - in_tile_crop("f2", 1)).max() < 0.01
+
+    # WFLW list: 98 points and the box come from one file
+    wflw = tmp_path / "wflw"
+    wflw.mkdir()
+    (wflw / "x.png").write_bytes((photos / "f0.png").read_bytes())
+    box = truth["f0"][0][0]
+    write_wflw(wflw / "list.txt", [WflwRecord(truth["f0"][0][1][:98], box, np.zeros(6, int), "x.png")])
+    report = prepare_landmarks(wflw, tmp_path / "jd_wflw", annotations=wflw / "list.txt", points=98, size=128)
+    assert report.written == 1 and not report.bad_annotation
+    _, pts3, boxes3 = read_jd_dir(tmp_path / "jd_wflw", 98)
+    assert np.allclose(boxes3[0], [24, 24, 104, 104], atol=0.1)
+    assert np.abs(pts3[0] - in_tile_crop("f0")[:98]).max() < 0.01

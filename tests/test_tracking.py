@@ -1,0 +1,200 @@
+"""visrec.data.tracking on a synthetic video: two identities walk across a canvas in opposite directions and cross,
+the front one hiding the other for a few frames. A fake detector returns the true boxes and 5 points (shuffled
+order, the hidden face missed) and a fake embedder maps each crop to its identity's vector, so the test checks
+association, not detector or embedder quality."""
+
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+from visrec.data import tracking
+from visrec.data.align import ARCFACE_112, five_points
+from visrec.data.detectors import Detection
+from visrec.data.synth import render_face
+from visrec.data.tracking import Track, assign, iou_matrix, iter_frames, track_video, video_to_tracks
+from visrec.errors import VisrecError
+
+A, B = 6, 7                 # synth identities; A walks left -> right in front, B right -> left behind
+W, H, T = 480, 260, 21      # canvas and frame count; the paths cross at frame 10
+HIDDEN = {9, 10, 11}        # frames where A covers B's face centre: B is not detected
+
+
+def _tile(identity):
+    img, pts = render_face(identity, np.random.default_rng([identity, 5]), difficulty=0.0)
+    return img, pts
+
+
+def _positions(t):
+    return {A: (round(20 + 16.4 * t), 60), B: (round(348 - 16.4 * t), 72)}
+
+
+def make_video():
+    """(frames, truth): truth[t] = {identity: (box, 5 points, score)} of the faces detected in frame t."""
+    tiles = {i: _tile(i) for i in (A, B)}
+    frames, truth = [], []
+    for t in range(T):
+        canvas = np.full((H, W, 3), 90, np.uint8)
+        canvas[:, :, 2] = np.linspace(40, 200, W, dtype=np.uint8)[None, :]
+        found = {}
+        for ident in (B, A):  # A pasted last: in front
+            img, pts = tiles[ident]
+            x, y = _positions(t)[ident]
+            canvas[y:y + 112, x:x + 112] = img
+            if not (ident == B and t in HIDDEN):
+                score = (0.9 if ident == A else 0.7) + 0.004 * t
+                found[ident] = (np.array([x, y, x + 112, y + 112], np.float32),
+                                five_points(pts + (x, y), "jd106"), score)
+        frames.append(canvas)
+        truth.append(found)
+    return frames, truth
+
+
+class FakeDetector:
+    """Frame t's true faces in a shuffled order (frames arrive in order, so the call count is the index)."""
+
+    def __init__(self, truth):
+        self.truth, self.t, self.rng = truth, 0, np.random.default_rng(3)
+
+    def __call__(self, image):
+        found = [Detection(box.copy(), score, pts.copy()) for box, pts, score in self.truth[self.t].values()]
+        self.t += 1
+        return [found[k] for k in self.rng.permutation(len(found))]
+
+
+class FakeEmbedder:
+    """A fixed random unit vector per identity, chosen by which identity's aligned face the crop correlates
+    with best, plus a little noise: (N, 112, 112, 3) uint8 -> (N, 64)."""
+
+    def __init__(self):
+        from visrec.data.align import align_face
+
+        rng = np.random.default_rng(11)
+        self.refs = []
+        for ident in (A, B):
+            img, pts = _tile(ident)
+            self.refs.append(self._zero_mean(align_face(img, five_points(pts, "jd106"))[0]))
+        self.vectors = rng.standard_normal((2, 64))
+        self.vectors /= np.linalg.norm(self.vectors, axis=1, keepdims=True)
+        self.rng = rng
+
+    @staticmethod
+    def _zero_mean(crop):
+        x = crop.astype(np.float64).ravel()
+        x -= x.mean()
+        return x / np.linalg.norm(x)
+
+    def __call__(self, crops):
+        out = []
+        for crop in crops:
+            ncc = [ref @ self._zero_mean(crop) for ref in self.refs]
+            out.append(self.vectors[int(np.argmax(ncc))] + 0.05 * self.rng.standard_normal(64))
+        return np.stack(out)
+
+
+def identities_of(track, truth):
+    """The identity of each of the track's detections (boxes are the true ones, so exact matching works)."""
+    out = []
+    for f, box in zip(track.frames, track.boxes):
+        out.append(next(i for i, (b, _, _) in truth[f].items() if np.array_equal(b, box)))
+    return out
+
+
+@pytest.fixture(scope="module")
+def video():
+    return make_video()
+
+
+def test_embeddings_keep_identities_through_the_crossing(video):
+    frames, truth = video
+    tracks = track_video(frames, FakeDetector(truth), FakeEmbedder())
+    assert len(tracks) == 2
+    ids = [identities_of(t, truth) for t in tracks]
+    assert [set(i) for i in ids] == [{A}, {B}] or [set(i) for i in ids] == [{B}, {A}]  # each track pure
+    by_ident = {i[0]: t for i, t in zip(ids, tracks)}
+    assert by_ident[A].frames == list(range(T))
+    assert by_ident[B].frames == [t for t in range(T) if t not in HIDDEN]  # survives the gap
+    assert np.allclose(by_ident[B].scores, [0.7 + 0.004 * t for t in by_ident[B].frames])
+    crop = by_ident[A].crops[0]
+    assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
+
+
+def test_iou_alone_swaps_them_at_the_crossing(video):
+    """Without appearance, B's stale box (from before it was hidden) overlaps where A is when B reappears more
+    than A's own last box overlaps B: the total-IoU optimum swaps the two tracks at frame 12 (greedy too)."""
+    frames, truth = video
+    for hungarian in (True, False):
+        with pytest.MonkeyPatch.context() as mp:
+            if not hungarian:  # as if scipy were missing
+                mp.setitem(sys.modules, "scipy.optimize", None)
+                assert assign(*GREEDY_CASE) == [(0, 0)]  # the greedy path is the one running
+            tracks = track_video(frames, FakeDetector(truth), None)
+        ids = [identities_of(t, truth) for t in tracks]
+        assert len(tracks) == 2
+        for track, idents in zip(tracks, ids):
+            before = [i for f, i in zip(track.frames, idents) if f < 12]
+            after = [i for f, i in zip(track.frames, idents) if f >= 12]
+            assert len(set(before)) == len(set(after)) == 1 and before[0] != after[0]  # swapped at 12
+
+
+# Hungarian takes (0, 1) + (1, 0) = 1.5; greedy takes the best pair (0, 0) = 0.9 and then nothing
+GREEDY_CASE = (np.array([[0.9, 0.8], [0.7, 0.0]]), np.array([[True, True], [True, False]]))
+
+
+def test_assign_and_iou():
+    assert assign(*GREEDY_CASE) == [(0, 1), (1, 0)]
+    assert assign(GREEDY_CASE[0], np.zeros((2, 2), bool)) == []
+    assert np.allclose(iou_matrix([[0, 0, 10, 10]], [[5, 0, 15, 10], [20, 20, 30, 30]]), [[1 / 3, 0]])
+
+
+def test_video_to_tracks_writes_a_video_set(video, tmp_path):
+    from visrec.data.video import read_frame_scores, read_frames, read_video_list
+
+    frames, truth = video
+    folder = tmp_path / "clip01"
+    folder.mkdir()
+    for t, f in enumerate(frames):
+        cv2.imwrite(str(folder / f"{t:04d}.png"), f[:, :, ::-1])
+    out = tmp_path / "set"
+    written = video_to_tracks(folder, out, FakeDetector(truth), FakeEmbedder(), min_len=5,
+                              label=lambda track: f"person{track.id}")
+    assert [vid for vid, _ in written] == ["clip01_t000", "clip01_t001"]
+    items = read_video_list(out / "videos.csv")  # visrec's own reader
+    assert [(it.video_id, it.label) for it in items] == [("clip01_t000", "person0"), ("clip01_t001", "person1")]
+    lengths = sorted(len(read_frames(it.path, it.video_id)) for it in items)
+    assert lengths == [T - len(HIDDEN), T]
+    for it in items:
+        crops = read_frames(it.path, it.video_id)
+        scores = read_frame_scores(it.path, len(crops))
+        base = 0.9 if len(crops) == T else 0.7
+        assert scores is not None and scores.min() >= base and scores.max() <= base + 0.004 * T
+        # aligned: the pupils sit near the ArcFace template's eyes in every crop
+        gray = cv2.cvtColor(crops[0], cv2.COLOR_RGB2GRAY)
+        for ex, ey in ARCFACE_112[:2]:
+            x, y = int(round(ex)), int(round(ey))
+            assert gray[y - 3:y + 4, x - 3:x + 4].min() < 60
+    assert (out / "video_filelist.txt").read_text() == "clip01_t000\nclip01_t001\n"
+    assert not any(p.name.startswith(".") for p in (out / "videos").iterdir())  # staging removed
+
+    # a second video appends; the same video again is refused
+    more = video_to_tracks(iter(frames[:10]), out, FakeDetector(truth), None, video_id="clip02", min_len=10)
+    assert [vid for vid, _ in more] == ["clip02_t000"]  # B (9 frames before it hides) is too short
+    assert [it.video_id for it in read_video_list(out / "videos.csv")][-1] == "clip02_t000"
+    assert read_video_list(out / "videos.csv")[-1].label == "clip02_t000"  # default label: the track itself
+    with pytest.raises(VisrecError, match="already holds tracks"):
+        video_to_tracks(folder, out, FakeDetector(truth), None)
+
+
+def test_iter_frames_reads_video_files(tmp_path, video):
+    frames, _ = video
+    path = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (W, H))
+    for f in frames[:5]:
+        writer.write(f[:, :, ::-1])
+    writer.release()
+    got = list(iter_frames(path))
+    assert len(got) == 5 and got[0].shape == (H, W, 3)
+    assert np.abs(got[2].astype(float) - frames[2]).mean() < 6  # MJPG is lossy; RGB order kept
+    assert isinstance(Track(0), Track) and len(Track(0)) == 0
+    assert tracking.CROP_SIZE == 112
