@@ -14,5 +14,5 @@ def build_backbone(name: str, **kwargs):
 
 # One import line per backbone file: importing runs its @BACKBONES.register decorator.
 
-from visrec.models import (effnet_face, iresnet, irse, landmark_nets, mobilefacenet, products, quality,  # noqa: E402,F401
+from visrec.models import (attention_net, effnet_face, iresnet, irse, landmark_nets, mobilefacenet, products, quality,  # noqa: E402,F401
                            vargfacenet)
