@@ -54,3 +54,24 @@ def test_every_preset_config_validates():
     for path in presets:
         cfg = load_config(path)
         TASKS.get(cfg.task)(cfg, RunContext(device=torch.device("cpu")), str(path))  # task sections too
+
+
+def test_data_prepare_commands_report_what_they_did(tmp_path):
+    import numpy as np
+
+    from visrec.data.images import encode_jpeg
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(encode_jpeg(np.full((60, 100, 3), 40, np.uint8)))
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really")
+    res = runner.invoke(app, ["data", "prepare", "products", str(photos), str(tmp_path / "cat"), "--size", "64"])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "cat" / "catalogue" / "a.jpg").exists() and "unreadable" in res.output and "broken" in res.output
+    people = tmp_path / "people" / "someone"
+    people.mkdir(parents=True)
+    (people / "blank.jpg").write_bytes(encode_jpeg(np.full((120, 120, 3), 128, np.uint8)))
+    res = runner.invoke(app, ["data", "prepare", "faces", str(tmp_path / "people"), str(tmp_path / "aligned"),
+                              "--box-margin", "0.1"])
+    assert res.exit_code == 0, res.output
+    assert "no face" in res.output and (tmp_path / "aligned" / "prepare_report.json").exists()

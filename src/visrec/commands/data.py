@@ -1,4 +1,7 @@
-"""``visrec data ...``: render synthetic data sets in the real formats.
+"""``visrec data ...``: render synthetic data sets in the real formats; prepare a user's raw photos and videos.
+
+``visrec data prepare faces|landmarks|products SRC OUT`` and ``visrec data prepare videos VIDEO... --out OUT``
+call ``visrec.data.prepare`` / ``visrec.data.tracking`` (resumable: re-run the same command to continue).
 
 ``visrec data synth faces OUT --identities 200 --per-identity 20 --format recordio|folder --difficulty 0.3
 --seed 0 [--pairs N]`` writes ``OUT/train`` (InsightFace RecordIO or an image folder, with the 106-point
@@ -15,7 +18,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-app = typer.Typer(help="data sets: synthetic rendering in the real formats", no_args_is_help=True)
+app = typer.Typer(help="data sets: synthetic rendering in the real formats, preparing raw photos and videos",
+                  no_args_is_help=True)
 synth_app = typer.Typer(help="render synthetic labelled data in the real formats", no_args_is_help=True)
 app.add_typer(synth_app, name="synth")
 
@@ -124,3 +128,116 @@ def synth_videos(out: Path = typer.Argument(..., help="output root"),
     table.add_row(f"{identities * videos_per_identity} videos x {frames} frames, {degraded_share:.0%} degraded", str(lst))
     table.add_row("LFR video_filelist.txt", str(Path(out) / "video_filelist.txt"))
     Console().print(table)
+
+
+prepare_app = typer.Typer(help="raw photos / videos -> the aligned, labelled data visrec reads (resumable)",
+                          no_args_is_help=True)
+app.add_typer(prepare_app, name="prepare")
+
+
+class Policy(str, Enum):
+    largest = "largest"
+    central = "central"
+    skip = "skip"
+
+
+def _report_table(report, title: str) -> None:
+    t = Table(title=title)
+    t.add_column("outcome")
+    t.add_column("count", justify="right")
+    t.add_column("first few")
+    t.add_row("inputs found", f"{report.total:,}", "")
+    t.add_row("written", f"{report.written:,}", str(report.output or ""))
+    t.add_row("done by an earlier run", f"{report.resumed:,}", "")
+    for name in ("no_face", "multiple_faces", "unreadable", "bad_annotation", "skipped", "box_crops"):
+        rows = getattr(report, name)
+        if rows:
+            t.add_row(name.replace("_", " "), f"{len(rows):,}", "; ".join(_problem(r) for r in rows[:3]))
+    Console().print(t)
+
+
+def _problem(row) -> str:
+    if not isinstance(row, dict):
+        return str(row)
+    why = row.get("action") or row.get("error") or row.get("reason")
+    return f"{row['path']} ({why})" if why else str(row["path"])
+
+
+def _with_bar(label: str, run):
+    from rich.progress import Progress
+
+    with Progress() as bar:
+        task = bar.add_task(label, total=None)
+        return run(lambda done, total: bar.update(task, completed=done, total=total))
+
+
+@prepare_app.command("faces")
+def prepare_faces_cmd(src: Path = typer.Argument(..., help="src/<identity>/<photo> folders or a path,label CSV"),
+                      out: Path = typer.Argument(..., help="output directory (re-run to continue)"),
+                      detector: str = typer.Option("haar", help="haar | an ONNX SCRFD/YuNet file (scrfd:PATH)"),
+                      landmarks: Path = typer.Option(None, help="landmark checkpoint for 5 points when the "
+                                                               "detector gives none"),
+                      format: FaceFormat = typer.Option(FaceFormat.folder, "--format", case_sensitive=False),
+                      policy: Policy = typer.Option(Policy.largest, help="several faces in a photo: which one"),
+                      box_margin: float = typer.Option(None, help="allow unaligned box crops (margin per side) "
+                                                                  "when no 5 points exist"),
+                      workers: int = typer.Option(1, min=1),
+                      retry_problems: bool = typer.Option(False, help="retry photos an earlier run could not use")):
+    """Photos -> detect -> one face -> ArcFace 112x112 alignment -> image folder or RecordIO + report."""
+    from visrec.data.prepare import prepare_faces
+
+    report = _with_bar("photos", lambda p: prepare_faces(
+        src, out, detector=detector, landmarker=landmarks, format=format.value, policy=policy.value,
+        box_margin=box_margin, workers=workers, retry_problems=retry_problems, progress=p))
+    _report_table(report, f"faces prepared into {out} (report: {out / 'prepare_report.json'})")
+
+
+@prepare_app.command("landmarks")
+def prepare_landmarks_cmd(src: Path = typer.Argument(..., help="photos with .pts / JD .txt sidecars"),
+                          out: Path = typer.Argument(..., help="JD-landmark layout output"),
+                          annotations: Path = typer.Option(None, help="a WFLW annotation list instead of sidecars"),
+                          detector: str = typer.Option(None, help="find the face box with this detector"),
+                          size: int = typer.Option(256, min=32), workers: int = typer.Option(1, min=1)):
+    """Annotated photos -> square face-box crops in the JD-landmark layout (picture/, landmark/, rect/)."""
+    from visrec.data.prepare import prepare_landmarks
+
+    report = _with_bar("photos", lambda p: prepare_landmarks(src, out, annotations=annotations, detector=detector,
+                                                              size=size, workers=workers, progress=p))
+    _report_table(report, f"landmark crops in {out}")
+
+
+@prepare_app.command("products")
+def prepare_products_cmd(src: Path = typer.Argument(..., help="product photos (sub-folder per product optional)"),
+                         out: Path = typer.Argument(..., help="Perfect-500K layout output"),
+                         size: int = typer.Option(512, min=32), workers: int = typer.Option(1, min=1)):
+    """Product photos -> white square padding -> OUT/catalogue/<id>.jpg."""
+    from visrec.data.prepare import prepare_products
+
+    report = _with_bar("photos", lambda p: prepare_products(src, out, size=size, workers=workers, progress=p))
+    _report_table(report, f"catalogue in {out / 'catalogue'}")
+
+
+@prepare_app.command("videos")
+def prepare_videos_cmd(videos: list[Path] = typer.Argument(..., help="video files or frame folders"),
+                       out: Path = typer.Option(..., "--out", help="video-set root (videos.csv, videos/)"),
+                       detector: str = typer.Option("haar", help="haar | an ONNX SCRFD/YuNet file"),
+                       model: Path = typer.Option(None, help="face embedder (checkpoint or .onnx) for "
+                                                            "embedding association across crossings"),
+                       min_len: int = typer.Option(5, min=1, help="shortest track kept (frames)")):
+    """Videos -> per-frame detection -> IoU + embedding tracking -> one track per person in the video-set format."""
+    from visrec.data.detectors import load_detector
+    from visrec.data.tracking import video_to_tracks
+
+    det = load_detector(detector)
+    embedder = None
+    if model is not None:
+        from visrec.serve.pipeline import Embedder
+
+        embedder = Embedder(model)
+    t = Table(title=f"tracks added to {out / 'videos.csv'}")
+    t.add_column("video")
+    t.add_column("tracks", justify="right")
+    for video in videos:
+        written = video_to_tracks(video, out, det, embedder, min_len=min_len)
+        t.add_row(str(video), str(len(written)))
+    Console().print(t)
