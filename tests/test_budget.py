@@ -150,3 +150,22 @@ def test_budget_cli_exit_codes_and_labels(tmp_path):
     tight.write_text("name: tight\nmax_gflops: 0.2\nembedding_dim: 512\n")
     fail = runner.invoke(one, ["mbf", "--protocol", str(tight), "--layers"])  # 0.9 G FLOPs
     assert fail.exit_code == 1 and "FAIL" in fail.output and "per layer" in fail.output
+
+
+def test_onnx_count_sees_through_upsampling_scales(tmp_path):
+    """AttentionNet's mask branch up-samples with Resize whose scales the exporter writes as a Concat of
+    Constants; without folding them, shape inference loses every later layer's size (counted as 0)."""
+    pytest.importorskip("onnx")
+    import warnings
+
+    from visrec.models import build_backbone
+
+    torch.manual_seed(0)
+    model = build_backbone("attention56", width_mult=0.125).eval()
+    path = tmp_path / "attn.onnx"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(model, torch.zeros(1, 3, 112, 112), str(path), dynamo=False, do_constant_folding=False,
+                          training=torch.onnx.TrainingMode.PRESERVE)
+    onnx_rows = onnx_layer_counts(path)[0]
+    assert sum(r.lfr_flops for r in onnx_rows) == sum(r.lfr_flops for r in layer_counts(model))

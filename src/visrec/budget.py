@@ -122,6 +122,28 @@ def _load_onnx(path: Path):
     return onnx, model
 
 
+def _fold_constant_concats(model) -> None:
+    """Replace each Concat of constants by one Constant. The TorchScript exporter writes Resize scales as
+    Concat(Constant, Constant); shape inference cannot see through it, so every layer after such an
+    up-sampling would get unknown spatial sizes (and be counted as 0 FLOPs)."""
+    from onnx import helper, numpy_helper
+
+    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    for node in model.graph.node:
+        if node.op_type == "Constant":
+            value = next((a.t for a in node.attribute if a.name == "value"), None)
+            if value is not None:
+                consts[node.output[0]] = numpy_helper.to_array(value)
+    for k, node in enumerate(model.graph.node):
+        if node.op_type == "Concat" and node.input and all(i in consts for i in node.input):
+            axis = next(a.i for a in node.attribute if a.name == "axis")
+            value = np.concatenate([consts[i] for i in node.input], axis=axis)
+            consts[node.output[0]] = value
+            folded = helper.make_node("Constant", [], [node.output[0]], name=node.name or f"folded_concat_{k}",
+                                      value=numpy_helper.from_array(value))
+            model.graph.node[k].CopyFrom(folded)
+
+
 def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[list[LayerCount], dict]:
     """The LFR count on an ONNX graph (Conv, Gemm, and MatMul with a constant weight), plus graph facts:
     whether BatchNormalization nodes remain, initializer dtypes, output dimension."""
@@ -140,6 +162,7 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     for d, v in zip(dims, input_size):
         d.ClearField("dim_param")
         d.dim_value = v
+    _fold_constant_concats(model)
     inferred = shape_inference.infer_shapes(model)
     shapes = {}
     for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
@@ -161,8 +184,8 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
             cout, cin_g, kh, kw = w.dims
             groups = next((a.i for a in node.attribute if a.name == "group"), 1)
             out = shapes.get(node.output[0])
-            if not out or len(out) != 4:
-                raise DataError(f"cannot infer the output shape of Conv {name}", path=path)
+            if not out or len(out) != 4 or 0 in out:  # 0 = a dimension inference could not resolve
+                raise DataError(f"cannot infer the output shape of Conv {name} (got {out})", path=path)
             bias = len(node.input) > 2 and node.input[2] != ""
             macs = out[2] * out[3] * cout * cin_g * kh * kw
             rows.append(LayerCount(name, "conv", int(macs),
