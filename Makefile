@@ -17,6 +17,7 @@ $(STAMP): pyproject.toml Makefile .ci/constraints.txt
 venv: $(STAMP)
 
 demo: venv
+	$(BIN)/python -m visrec.data.fixtures >/dev/null || echo "real-face fixtures unavailable: the demo skips that part"
 	$(BIN)/visrec demo --out demo-out
 
 test: venv

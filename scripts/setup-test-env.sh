@@ -14,4 +14,12 @@ elif [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
 else
   echo "chromium: not installed and no root apt-get here; the browser test will skip"
 fi
+# Real photos and landmark annotations from the registries (PyPI sdist, Debian source package) into a cache
+# outside the repo (~/.cache/visrec/fixtures or $VISREC_FIXTURES), with a manifest of sources and checksums.
+PY="${PYTHON_BIN:-.venv/bin/python}"
+if "$PY" -m visrec.data.fixtures; then
+  echo "real-face fixtures: ready"
+else
+  echo "real-face fixtures: could not be fetched; the real_faces tests will skip with the reason"
+fi
 echo "test environment ready"

@@ -334,14 +334,33 @@ def _is_scrfd(session) -> bool:
                for o, e in zip(outputs, expected) if len(o.shape) > 0)
 
 
+EXTERNAL_DETECTORS = ("dlib-hog", "dlib-cnn")  # in visrec.models.dlib_models.EXTERNAL
+
+
+class ExternalDetector:
+    """A pretrained detector adapter from ``visrec.models.dlib_models`` (``[(box, score)]``) as Detections
+    (no points: pair it with a landmark model for alignment)."""
+
+    def __init__(self, name: str, **kwargs):
+        from visrec.models.dlib_models import build_external
+
+        self.name = name
+        self.model = build_external(name, **kwargs)
+
+    def __call__(self, image: np.ndarray) -> list[Detection]:
+        return [Detection(np.asarray(box, np.float32), float(score), None) for box, score in self.model(image)]
+
+
 def load_detector(spec: str | Path, **kwargs):
-    """A face detector from a spec: ``"haar"``, ``"scrfd:PATH"``, ``"yunet:PATH"``, or a bare ``PATH.onnx``
+    """A face detector from a spec: ``"haar"``, ``"dlib-hog"`` / ``"dlib-cnn"`` (``visrec[dlib]``), ``"scrfd:PATH"``, ``"yunet:PATH"``, or a bare ``PATH.onnx``
     whose outputs decide (YuNet by its output names, SCRFD by its output count and widths). ``kwargs`` go
     to the detector's constructor. A missing model file raises ``DataError``; an ONNX file that is neither
     format raises ``VisrecError`` naming the outputs it has."""
     text = str(spec)
     if isinstance(spec, str) and text.strip().lower() == "haar":
         return HaarDetector(**kwargs)
+    if isinstance(spec, str) and text.strip().lower() in EXTERNAL_DETECTORS:
+        return ExternalDetector(text.strip().lower(), **kwargs)
     kinds = {"scrfd": ScrfdDetector, "yunet": YunetDetector}
     prefix, sep, rest = text.partition(":")
     if sep and prefix.lower() in kinds:

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import re
 import threading
 from dataclasses import dataclass
@@ -362,6 +363,9 @@ class MilvusGallery(Gallery):
     def __init__(self, uri: str | Path = "gallery.db", collection: str = "visrec_faces", *, token: str = "",
                  **kwargs):
         pymilvus = require("pymilvus", "serve", "pymilvus milvus-lite")
+        # Milvus Lite has no server-side session timestamp, so every query iterator warns that it falls back
+        # to the client's (harmless for a single embedded client): keep that out of the user's log
+        logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
         uri = str(uri)
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$", collection):
             raise VisrecError(f"collection name {collection!r}: letters, digits and underscores only")
@@ -458,7 +462,11 @@ class MilvusGallery(Gallery):
     def _templates_of(self, identity):
         if self._dim is None:
             return {}
-        rows = self._query_all(self.t_name, ["id", "vector"], filter=f'identity == "{identity}"')
+        rows = self.client.query(self.t_name, filter=f'identity == "{identity}"', output_fields=["id", "vector"],
+                                 limit=_MILVUS_TOPK)
+        if len(rows) >= _MILVUS_TOPK:
+            raise VisrecError(f"identity {identity!r} holds {_MILVUS_TOPK}+ templates, more than one Milvus query "
+                              f"returns; split it or prune its templates")
         return {r["id"]: np.asarray(r["vector"], np.float32) for r in rows}
 
     def _identity_metadata(self, identity, default=...):

@@ -65,8 +65,8 @@ def image_hash(data: bytes) -> str:
 @dataclass
 class Face:
     box: tuple[int, int, int, int]  # x1, y1, x2, y2 in the upload's pixels
-    crop: np.ndarray  # aligned 112x112 RGB
-    points: np.ndarray | None = None  # 5 alignment points in the upload's pixels, when a landmark model ran
+    crop: np.ndarray  # the embedder's aligned crop, RGB (112x112 ArcFace; 150x150 dlib chip)
+    points: np.ndarray | None = None  # the points the crop was aligned on (upload pixels), if any
 
 
 def _box_crop(image: np.ndarray, box, margin: float, size: int = 112) -> np.ndarray:
@@ -78,8 +78,44 @@ def _box_crop(image: np.ndarray, box, margin: float, size: int = 112) -> np.ndar
     return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
 
 
-class Embedder:
-    """A visrec checkpoint (run dir / model.pt) or an ONNX file -> (N, D) float32 embeddings of 112x112 crops."""
+def Embedder(model: str | Path):  # noqa: N802 - a factory standing where a class was
+    """The face embedder for ``model``: a registry adapter name (``dlib-resnet``, ``visrec[dlib]``), else a
+    visrec checkpoint (run dir / model.pt) or an ONNX file. Every embedder has ``name``, ``dim``,
+    ``input_size`` (its crop side), ``align(image, box, five, points)`` -> its crop, and ``__call__(crops)``."""
+    from visrec.models.dlib_models import EXTERNAL
+
+    if str(model) in EXTERNAL:
+        return ExternalEmbedder(str(model))
+    return ArcFaceEmbedder(model)
+
+
+class ExternalEmbedder:
+    """A pretrained adapter that aligns with its own crop (dlib-resnet: ``get_face_chip`` on dlib's 5 or 68
+    points, 150x150); it needs a landmark model with those points (``dlib-68`` / ``dlib-5``)."""
+
+    def __init__(self, name: str):
+        from visrec.models.dlib_models import build_external
+
+        self.model = build_external(name)
+        self.name, self.dim, self.input_size = self.model.name, int(self.model.dim), int(self.model.chip_size)
+        self.lock = threading.Lock()
+
+    def align(self, image, box, five=None, points=None) -> np.ndarray:
+        if points is None or len(points) not in (5, 68):
+            raise VisrecError(f"{self.name} aligns on dlib's own 5- or 68-point shapes: configure "
+                              f"faces.landmarks: dlib-68 (or dlib-5)")
+        return self.model.chip(image, points)
+
+    def __call__(self, crops: np.ndarray) -> np.ndarray:
+        with self.lock:
+            return self.model.embed_chips(crops)
+
+
+class ArcFaceEmbedder:
+    """A visrec checkpoint (run dir / model.pt) or an ONNX file -> (N, D) float32 embeddings of crops aligned
+    to the ArcFace 112x112 template."""
+
+    input_size = 112
 
     def __init__(self, model: str | Path):
         from visrec.models.embed import images_to_tensor
@@ -102,6 +138,17 @@ class Embedder:
             self.name = cfg["name"] + ":" + ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "name")
             self.dim = int(self(np.zeros((1, 112, 112, 3), np.uint8)).shape[1])
 
+    def align(self, image, box, five=None, points=None, box_margin: float = 0.2) -> np.ndarray:
+        """The ArcFace crop from the detector's 5 points, else from a landmark model's points (68/98/106,
+        reduced to 5), else the face box widened by ``box_margin``."""
+        from visrec.data.align import align_face, five_points
+
+        if five is None and points is not None:
+            five = five_points(points)
+        if five is None:
+            return _box_crop(image, box, box_margin)
+        return align_face(image, np.asarray(five, np.float32))[0]
+
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         import torch
 
@@ -113,6 +160,11 @@ class Embedder:
 
 
 class FacePipeline:
+    """image -> faces (detector) -> points (detector's 5, or a landmark model's) -> the embedder's own crop.
+
+    ``landmarks``: a visrec landmark checkpoint, or a registry adapter (``dlib-68`` / ``dlib-5``).
+    ``aligned``: uploads are already crops (resized to the embedder's input size)."""
+
     def __init__(self, model: str | Path, *, aligned: bool = False, landmarks: str | Path | None = None,
                  detector="haar", box_margin: float = 0.2, max_pixels: int = 40_000_000):
         self.embedder = Embedder(model)
@@ -122,44 +174,47 @@ class FacePipeline:
         if not aligned:
             from visrec.data.detectors import load_detector
 
-            # a spec ("haar", an .onnx path) or any detector object (image -> list[Detection])
+            # a spec ("haar", "dlib-hog", an .onnx path) or any detector object (image -> list[Detection])
             self.detector = load_detector(detector) if isinstance(detector, (str, Path)) else detector
         self.landmarks = None
         if landmarks is not None:
-            from visrec.train.checkpoint import load_backbone
+            from visrec.models.dlib_models import EXTERNAL, build_external
 
-            self.landmarks, _ = load_backbone(landmarks)
+            if str(landmarks) in EXTERNAL:
+                self.landmarks = build_external(str(landmarks))
+                if self.landmarks.num_points == 5 and isinstance(self.embedder, ArcFaceEmbedder):
+                    raise VisrecError("dlib-5 points (eye corners, nose base) cannot give the ArcFace five "
+                                      "(no mouth corners): use dlib-68 or a visrec landmark model")
+            else:
+                from visrec.models.landmark_nets import predict_points
+                from visrec.train.checkpoint import load_backbone
+
+                net, _ = load_backbone(landmarks)
+                self.landmarks = lambda image, box: predict_points(net, image, box)
+        if isinstance(self.embedder, ExternalEmbedder) and not aligned and self.landmarks is None:
+            raise VisrecError(f"{self.embedder.name} needs faces.landmarks: dlib-68 (or dlib-5) to align")
 
     def faces(self, image: np.ndarray) -> list[Face]:
-        """Faces of an RGB image, largest first (one crop when ``aligned``). Alignment: the detector's 5 points
-        when it gives them (SCRFD, YuNet), else a landmark model's, else the widened face box."""
+        """Faces of an RGB image, largest first (one crop when ``aligned``)."""
         import cv2
 
-        from visrec.data.align import align_face
-
         if self.aligned:
-            crop = image if image.shape[:2] == (112, 112) else cv2.resize(image, (112, 112), interpolation=cv2.INTER_AREA)
+            n = self.embedder.input_size
+            crop = image if image.shape[:2] == (n, n) else cv2.resize(image, (n, n), interpolation=cv2.INTER_AREA)
             return [Face((0, 0, image.shape[1], image.shape[0]), crop)]
-        faces = []
         found = sorted(self.detector(image), key=lambda d: -float((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])))
-        for det in found:
-            box = tuple(int(round(float(v))) for v in det.box)
-            if det.points is not None:
-                crop, _ = align_face(image, np.asarray(det.points, np.float32))
-                faces.append(Face(box, crop, np.asarray(det.points, np.float32)))
-            elif self.landmarks is not None:
-                faces.append(self._align_with_landmarks(image, box))
-            else:
-                faces.append(Face(box, _box_crop(image, box, self.box_margin)))
-        return faces
+        return [self.face_at(image, d.box, d.points) for d in found]
 
-    def _align_with_landmarks(self, image, box) -> Face:
-        from visrec.data.align import align_face, five_points
-        from visrec.models.landmark_nets import predict_points
-
-        five = five_points(predict_points(self.landmarks, image, box))
-        aligned, _ = align_face(image, five)
-        return Face(box, aligned, five)
+    def face_at(self, image: np.ndarray, box, five=None) -> Face:
+        """The face in ``box`` (x1, y1, x2, y2): points, then the embedder's crop."""
+        box = tuple(int(round(float(v))) for v in box)
+        five = None if five is None else np.asarray(five, np.float32)
+        points = None
+        if self.landmarks is not None and (five is None or isinstance(self.embedder, ExternalEmbedder)):
+            points = np.asarray(self.landmarks(image, box), np.float32)
+        crop = self.embedder.align(image, box, five, points, **({"box_margin": self.box_margin}
+                                                              if isinstance(self.embedder, ArcFaceEmbedder) else {}))
+        return Face(box, crop, five if points is None else points)
 
     def upload_faces(self, data: bytes, *, all_faces: bool = False) -> list[Face]:
         """Upload bytes -> its faces (the largest only unless ``all_faces``); InputError when none is found."""
@@ -204,6 +259,9 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
         raise ConfigError(f"{config}: the {cfg.faces.gallery.backend!r} gallery lives in memory; a calibrated "
                           f"threshold would be lost — calibrate a milvus gallery")
     embedder = Embedder(cfg.faces.model)
+    if not isinstance(embedder, ArcFaceEmbedder):
+        raise ConfigError(f"{embedder.name} embeds its own crops, not a set of aligned 112x112 faces: calibrate "
+                          f"with visrec.index.gallery.calibrate on its embeddings")
     ds = open_face_dataset(data)
     embs = []
     for start in range(0, len(ds), batch):
