@@ -102,8 +102,8 @@ def validate_section(model: type[BaseModel], data: dict[str, Any], section: str,
         raise ConfigError("\n".join(lines)) from None
 
 
-def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Read a YAML run config; ``overrides`` are dotted keys (``optim.lr``) applied before validation."""
+def read_yaml_mapping(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """A YAML file's top-level mapping with dotted-key ``overrides`` applied; errors name the file."""
     path = Path(path)
     try:
         raw = yaml.safe_load(path.read_text()) or {}
@@ -115,7 +115,12 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Ru
         raise ConfigError(f"{path}: top level must be a mapping")
     for key, value in (overrides or {}).items():
         set_dotted(raw, key, value)
-    return parse_config(raw, source=str(path))
+    return raw
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Read a YAML run config; ``overrides`` are dotted keys (``optim.lr``) applied before validation."""
+    return parse_config(read_yaml_mapping(path, overrides), source=str(path))
 
 
 def parse_config(raw: dict[str, Any], source: str = "config") -> RunConfig:

@@ -84,17 +84,6 @@ def is_loopback(host: str) -> bool:
 
 
 def load_serve_config(path: str | Path, overrides: dict | None = None) -> ServeConfig:
-    import yaml
+    from visrec.config import read_yaml_mapping, validate_section
 
-    from visrec.config import set_dotted, validate_section
-
-    path = Path(path)
-    try:
-        raw = yaml.safe_load(path.read_text()) or {}
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: config file not found") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: not valid YAML: {exc}") from None
-    for key, value in (overrides or {}).items():
-        set_dotted(raw, key, value)
-    return validate_section(ServeConfig, raw, "serve", str(path)).check()
+    return validate_section(ServeConfig, read_yaml_mapping(path, overrides), "serve", str(path)).check()

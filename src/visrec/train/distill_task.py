@@ -111,7 +111,7 @@ def _head_centres(files: list[Path]) -> torch.Tensor | None:
 def load_teacher(spec: str | Path | dict | TeacherSpec) -> tuple[nn.Module, dict[str, Any], torch.Tensor | None]:
     """Resolve a teacher: ``(frozen module in eval mode, model config, PartialFC centres or None)``."""
     from visrec.models import build_backbone
-    from visrec.train.checkpoint import load_backbone
+    from visrec.train.checkpoint import init_backbone, load_backbone
 
     if isinstance(spec, dict):
         spec = TeacherSpec.model_validate(spec)
@@ -122,20 +122,9 @@ def load_teacher(spec: str | Path | dict | TeacherSpec) -> tuple[nn.Module, dict
         config = {"name": spec.name, **kwargs}
         if spec.weights is not None:
             path = Path(spec.weights)
-            if not path.exists():
-                raise DataError("teacher weights not found", path=path)
-            try:
-                blob = torch.load(path, map_location="cpu", weights_only=False)
-            except Exception as exc:
-                raise DataError(f"not a readable torch file: {exc}", path=path) from None
-            state = blob.get("backbone", blob) if isinstance(blob, dict) else blob
-            try:
-                model.load_state_dict(state, strict=True)
-            except Exception as exc:
-                raise DataError(f"weights do not fit teacher {spec.name}: {exc}", path=path) from None
+            init_backbone(model, path, spec.name)  # strict; a mismatch names the file and the keys
             config["weights"] = str(path)
-            if isinstance(blob, dict) and "modules" in blob:
-                centres = _head_centres([path])
+            centres = _head_centres([path])  # a full rank checkpoint also holds the head's class centres
     else:
         path = Path(spec)
         model, config = load_backbone(path)
