@@ -73,6 +73,9 @@ def test_enroll_is_idempotent_and_remove_list_count(gallery):
                               {"identity": "bob", "templates": 1, "metadata": {}}]
     assert gallery.remove("alice") == 3 and gallery.remove("alice") == 0
     assert gallery.count() == 1 and [r["identity"] for r in gallery.list()] == ["bob"]
+    assert [m.identity for m in gallery.search(x, top_k=3)[0]] == ["bob"]  # fewer identities than top_k
+    gallery.remove("bob")
+    assert gallery.search(x, top_k=3) == [[], []]
 
 
 def test_refuses_another_model_or_dimension_and_bad_input(gallery):

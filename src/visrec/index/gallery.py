@@ -177,18 +177,18 @@ class Gallery:
             raise GalleryMismatchError(f"the gallery holds {self.info['dim']}-d embeddings; probes are {q.shape[1]}-d")
         t = self.threshold if threshold is None else float(threshold)
         with self.lock:
-            n = self.count()
-            if n == 0:
+            if self.info["dim"] is None:  # nothing was ever enrolled
                 return [[] for _ in q]
             if self.fusion == "mean":
                 found = self._search_identities(q, top_k)
             else:
-                found = self._search_max(q, top_k, n)
+                found = self._search_max(q, top_k)
         return [[Match(i, float(s), t is not None and float(s) >= t) for i, s in row] for row in found]
 
-    def _search_max(self, q: np.ndarray, top_k: int, n: int) -> list[list[tuple[str, float]]]:
+    def _search_max(self, q: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
+        # no count query per search: fewer hits than the limit means every template was returned
         out: list[list[tuple[str, float]] | None] = [None] * len(q)
-        todo, limit = list(range(len(q))), min(n, max(4 * top_k, 16))
+        todo, limit = list(range(len(q))), max(4 * top_k, 16)
         while todo:
             hits = self._search_templates(q[todo], limit)
             again = []
@@ -196,14 +196,14 @@ class Gallery:
                 best: dict[str, float] = {}
                 for identity, score in found:  # best first: the first score seen is the identity's max
                     best.setdefault(identity, score)
-                if len(best) >= top_k or limit >= n:
+                if len(best) >= top_k or len(found) < limit:
                     out[row] = list(best.items())[:top_k]
                 elif limit >= _MILVUS_TOPK:
                     raise VisrecError(f"max fusion needs more than {_MILVUS_TOPK} templates to find {top_k} "
                                       f"identities: use fusion 'mean' or a smaller top_k")
                 else:
                     again.append(row)
-            todo, limit = again, min(n, limit * 4, _MILVUS_TOPK)
+            todo, limit = again, min(limit * 4, _MILVUS_TOPK)
         return out
 
     def list(self) -> list[dict]:
@@ -337,6 +337,8 @@ class FaissGallery(Gallery):
         return self._cache[kind]
 
     def _search(self, kind, q, limit):
+        if not self._templates:
+            return [[] for _ in q]
         index, names = self._flat(kind)
         scores, rows = index.search(np.ascontiguousarray(q), min(limit, len(names)))
         return [[(names[r], float(s)) for s, r in zip(srow, rrow) if r >= 0] for srow, rrow in zip(scores, rows)]
