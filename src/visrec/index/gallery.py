@@ -26,6 +26,7 @@ evaluation engine (:func:`visrec.evaluate.verification.tpr_at_fpr`).
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -83,8 +84,11 @@ def check_identity(identity) -> str:
 class Gallery:
     """Backend-independent logic; a backend stores templates, identity rows and the info record."""
 
+    serial_reads = True  # searches hold the write lock (a backend whose reads are thread-safe says False)
+
     def __init__(self, *, model_name: str | None = None, dim: int | None = None, fusion: str = "max"):
-        self.lock = threading.RLock()
+        self.lock = threading.RLock()  # writes (and reads where the backend is not thread-safe)
+        self._read_lock = self.lock if self.serial_reads else contextlib.nullcontext()
         info = self._read_info()
         if fusion not in FUSIONS:
             raise VisrecError(f"fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
@@ -176,7 +180,7 @@ class Gallery:
         if self.info["dim"] is not None and q.shape[1] != self.info["dim"]:
             raise GalleryMismatchError(f"the gallery holds {self.info['dim']}-d embeddings; probes are {q.shape[1]}-d")
         t = self.threshold if threshold is None else float(threshold)
-        with self.lock:
+        with self._read_lock:
             if self.info["dim"] is None:  # nothing was ever enrolled
                 return [[] for _ in q]
             if self.fusion == "mean":
@@ -361,6 +365,10 @@ class FaissGallery(Gallery):
 
 class MilvusGallery(Gallery):
     """Milvus Lite (a local ``.db`` file) or a Milvus cluster (``http(s)://host:19530``), via MilvusClient."""
+
+    # MilvusClient calls are thread-safe and the server orders reads after acknowledged writes
+    # (collections are created with Strong consistency), so searches need not queue behind each other
+    serial_reads = False
 
     def __init__(self, uri: str | Path = "gallery.db", collection: str = "visrec_faces", *, token: str = "",
                  **kwargs):
