@@ -25,7 +25,7 @@ def free_port() -> int:
 
 
 def start(config, log):
-    return subprocess.Popen([sys.executable, "-m", "visrec.cli", "serve", "--config", str(config)],
+    return subprocess.Popen([sys.executable, "-m", "visrec.cli", "serve", "--config", str(config), "--aligned"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
@@ -56,7 +56,7 @@ def test_kill_9_during_enrollment_keeps_every_acknowledged_one(tmp_path):
                  "backbone": net.state_dict()}, tmp_path / "m" / "model.pt")
     port = free_port()
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tmp_path / 'm'}\n  aligned: true\n"
+    cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tmp_path / 'm'}\n"
                    f"  gallery: {{backend: milvus, uri: {tmp_path / 'gallery.db'}}}\n")
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "wb")

@@ -66,13 +66,16 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="where the demo writes 
 
 @app.command()
 def serve(config: Path = typer.Option(..., "--config", help="serve YAML (configs/serve/example.yaml)"),
-          overrides: list[str] = typer.Option([], "--set", help="override a config key: port=8080")):
+          overrides: list[str] = typer.Option([], "--set", help="override a config key: port=8080"),
+          aligned: bool = typer.Option(False, "--aligned", help="uploads are aligned crops: no detection "
+                                                                "(= --set faces.aligned=true)")):
     """HTTP API + web page: enroll/identify/verify faces, landmarks, product search (FastAPI + uvicorn)."""
     from visrec.config import parse_override
     from visrec.serve.app import serve as run_server
     from visrec.serve.config import load_serve_config
 
-    cfg = load_serve_config(config, dict(parse_override(o) for o in overrides))
+    cfg = load_serve_config(config, dict(parse_override(o) for o in [*overrides, *(["faces.aligned=true"]
+                                                                                  if aligned else [])]))
     console.print(f"serving on http://{cfg.host}:{cfg.port} (OpenAPI at /docs, page at /); "
                   f"API key {'required' if cfg.keys() else 'not required (loopback)'}")
     run_server(cfg)
