@@ -152,11 +152,14 @@ class ArcFaceEmbedder:
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         import torch
 
-        x = self._to_tensor(crops)
         if self.onnx is not None:
-            return self.onnx(x.numpy())
+            return self.onnx(self._to_tensor(crops).numpy())
+        from visrec.models.embed import embed_images
+
+        # the same batching and device path as visrec eval (CUDA when there is one)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
         with self.lock, torch.no_grad():
-            return self.net(x).float().numpy()
+            return embed_images(self.net, crops, device=device)
 
 
 class FacePipeline:
