@@ -25,10 +25,10 @@ def test_training_beats_an_untrained_model_on_held_out_identities(tmp_path):
     import torch
 
     torch.manual_seed(0)
-    untrained = accuracy(build_backbone("mobilefacenet", embedding_size=512))
+    untrained = accuracy(build_backbone("mobilefacenet", embedding_size=128, scale=1))
     cfg = parse_config({
         "task": "faces", "output": str(tmp_path / "run"), "device": "cpu", "seed": 0, "batch_size": 32,
-        "model": {"name": "mobilefacenet", "embedding_size": 512},
+        "model": {"name": "mobilefacenet", "embedding_size": 128, "scale": 1},
         "data": {"train": str(train_dir), "val": [str(val)]},
         "loss": {"name": "cosface", "s": 30.0, "m": 0.2},
         "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 5e-4},
