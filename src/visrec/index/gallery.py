@@ -26,6 +26,7 @@ evaluation engine (:func:`visrec.evaluate.verification.tpr_at_fpr`).
 
 from __future__ import annotations
 
+import abc
 import contextlib
 import hashlib
 import json
@@ -81,7 +82,7 @@ def check_identity(identity) -> str:
     return identity
 
 
-class Gallery:
+class Gallery(abc.ABC):
     """Backend-independent logic; a backend stores templates, identity rows and the info record."""
 
     serial_reads = True  # searches hold the write lock (a backend whose reads are thread-safe says False)
@@ -157,7 +158,7 @@ class Gallery:
             if new:
                 self._upsert_templates(identity, [(i, h, v) for i, (h, v) in new.items()])
             vectors = list(have.values()) + [v for _, v in new.values()]
-            old_meta = self._identity_metadata(identity)
+            old_meta = (self._identity_row(identity) or {}).get("metadata", {})
             meta = {**old_meta, **json.loads(meta_json)}
             if new or meta != old_meta or not have:
                 self._upsert_identity(identity, len(vectors), np.mean(vectors, axis=0), meta)
@@ -168,7 +169,7 @@ class Gallery:
         check_identity(identity)
         with self.lock:
             n = len(self._templates_of(identity))
-            if n or self._identity_metadata(identity, default=None) is not None:
+            if n or self._identity_row(identity) is not None:
                 self._delete_identity(identity)
             return n
 
@@ -209,6 +210,12 @@ class Gallery:
                     again.append(row)
             todo, limit = again, min(limit * 4, _MILVUS_TOPK)
         return out
+
+    def identity(self, identity: str) -> dict | None:
+        """``{"identity", "templates", "metadata"}`` of one identity, or None when it is not enrolled."""
+        check_identity(identity)
+        with self._read_lock:
+            return self._identity_row(identity)
 
     def list(self) -> list[dict]:
         """One row per identity: ``{"identity", "templates", "metadata"}``, sorted by identity."""
@@ -275,18 +282,53 @@ class Gallery:
         pass
 
     # -- what a backend implements -----------------------------------------------------------------------
-    def _read_info(self) -> dict | None: raise NotImplementedError
-    def _write_info(self) -> None: raise NotImplementedError
-    def _templates_of(self, identity: str) -> dict[str, np.ndarray]: raise NotImplementedError
-    def _identity_metadata(self, identity: str, default=...) -> dict: raise NotImplementedError
-    def _upsert_templates(self, identity: str, rows: list) -> None: raise NotImplementedError
-    def _upsert_identity(self, identity: str, templates: int, centroid: np.ndarray, metadata: dict) -> None: raise NotImplementedError
-    def _delete_identity(self, identity: str) -> None: raise NotImplementedError
-    def _search_templates(self, q: np.ndarray, limit: int) -> list[list[tuple[str, float]]]: raise NotImplementedError
-    def _search_identities(self, q: np.ndarray, limit: int) -> list[list[tuple[str, float]]]: raise NotImplementedError
-    def _identity_rows(self) -> list[dict]: raise NotImplementedError
-    def _count_templates(self) -> int: raise NotImplementedError
-    def _all_templates(self) -> list[tuple]: raise NotImplementedError
+    @abc.abstractmethod
+    def _read_info(self) -> dict | None:
+        """The stored info record (model name, dim, fusion, threshold), None for a new gallery."""
+
+    @abc.abstractmethod
+    def _write_info(self) -> None:
+        """Store ``self.info``."""
+
+    @abc.abstractmethod
+    def _templates_of(self, identity: str) -> dict[str, np.ndarray]:
+        """Template id -> unit vector, for one identity."""
+
+    @abc.abstractmethod
+    def _identity_row(self, identity: str) -> dict | None:
+        """``{"identity", "templates", "metadata"}`` or None."""
+
+    @abc.abstractmethod
+    def _upsert_templates(self, identity: str, rows: list) -> None:
+        """Store ``(template id, image hash, unit vector)`` rows of ``identity``."""
+
+    @abc.abstractmethod
+    def _upsert_identity(self, identity: str, templates: int, centroid: np.ndarray, metadata: dict) -> None:
+        """Store the identity row: template count, mean of its unit templates, metadata."""
+
+    @abc.abstractmethod
+    def _delete_identity(self, identity: str) -> None:
+        """Delete the identity row and its templates."""
+
+    @abc.abstractmethod
+    def _search_templates(self, q: np.ndarray, limit: int) -> list[list[tuple[str, float]]]:
+        """Per probe, the ``limit`` best templates as (identity, inner product), best first."""
+
+    @abc.abstractmethod
+    def _search_identities(self, q: np.ndarray, limit: int) -> list[list[tuple[str, float]]]:
+        """Per probe, the ``limit`` best identity centroids as (identity, inner product), best first."""
+
+    @abc.abstractmethod
+    def _identity_rows(self) -> list[dict]:
+        """Every identity row (as :meth:`_identity_row`)."""
+
+    @abc.abstractmethod
+    def _count_templates(self) -> int:
+        """Number of templates."""
+
+    @abc.abstractmethod
+    def _all_templates(self) -> list[tuple]:
+        """Every template as (id, identity, hash, vector), sorted by id."""
 
 
 class FaissGallery(Gallery):
@@ -308,9 +350,9 @@ class FaissGallery(Gallery):
     def _templates_of(self, identity):
         return {i: v for i, (who, _, v) in self._templates.items() if who == identity}
 
-    def _identity_metadata(self, identity, default=...):
+    def _identity_row(self, identity):
         row = self._identities.get(identity)
-        return (({} if default is ... else default) if row is None else dict(row[2]))
+        return None if row is None else {"identity": identity, "templates": row[0], "metadata": dict(row[2])}
 
     def _upsert_templates(self, identity, rows):
         for i, h, v in rows:
@@ -354,7 +396,7 @@ class FaissGallery(Gallery):
         return self._search("identities", q, limit)
 
     def _identity_rows(self):
-        return [{"identity": k, "templates": n, "metadata": dict(m)} for k, (n, _, m) in self._identities.items()]
+        return [self._identity_row(k) for k in self._identities]
 
     def _count_templates(self):
         return len(self._templates)
@@ -441,11 +483,11 @@ class MilvusGallery(Gallery):
         counts: dict[str, int] = {}
         for row in self._query_all(self.t_name, ["identity"]):
             counts[row["identity"]] = counts.get(row["identity"], 0) + 1
-        rows = {r["identity"]: r for r in self._query_all(self.i_name, ["identity", "templates", "metadata"])}
+        rows = {r["identity"]: r for r in self._identity_rows()}
         for identity, n in counts.items():
-            if identity not in rows or int(rows[identity]["templates"]) != n:
+            if identity not in rows or rows[identity]["templates"] != n:
                 vectors = list(self._templates_of(identity).values())
-                meta = json.loads(rows[identity]["metadata"]) if identity in rows else {}
+                meta = rows[identity]["metadata"] if identity in rows else {}
                 self._upsert_identity(identity, len(vectors), np.mean(vectors, axis=0), meta)
         for identity in set(rows) - set(counts):
             self.client.delete(self.i_name, filter=f'identity == "{identity}"')
@@ -479,11 +521,9 @@ class MilvusGallery(Gallery):
                               f"returns; split it or prune its templates")
         return {r["id"]: np.asarray(r["vector"], np.float32) for r in rows}
 
-    def _identity_metadata(self, identity, default=...):
-        rows = [] if self._dim is None else self.client.get(self.i_name, ids=[identity], output_fields=["metadata"])
-        if not rows:
-            return {} if default is ... else default
-        return json.loads(rows[0]["metadata"])
+    def _identity_row(self, identity):
+        rows = [] if self._dim is None else self.client.get(self.i_name, ids=[identity], output_fields=_ROW_FIELDS)
+        return _row(rows[0]) if rows else None
 
     def _upsert_templates(self, identity, rows):
         self._ensure_collections(self.info["dim"])
@@ -517,8 +557,7 @@ class MilvusGallery(Gallery):
     def _identity_rows(self):
         if self._dim is None:
             return []
-        return [{"identity": r["identity"], "templates": int(r["templates"]), "metadata": json.loads(r["metadata"])}
-                for r in self._query_all(self.i_name, ["identity", "templates", "metadata"])]
+        return [_row(r) for r in self._query_all(self.i_name, _ROW_FIELDS)]
 
     def _count_templates(self):
         if self._dim is None:
@@ -533,6 +572,14 @@ class MilvusGallery(Gallery):
 
     def close(self):
         self.client.close()
+
+
+_ROW_FIELDS = ["identity", "templates", "metadata"]
+
+
+def _row(r: dict) -> dict:
+    """A Milvus identity row -> ``{"identity", "templates", "metadata"}``."""
+    return {"identity": r["identity"], "templates": int(r["templates"]), "metadata": json.loads(r["metadata"])}
 
 
 BACKENDS = {"faiss": FaissGallery, "milvus": MilvusGallery}

@@ -234,7 +234,7 @@ def create_app(cfg: ServeConfig):
             hashes = [image_hash(data) for data in images["image"]]
             ids = gallery.enroll(identity, embs, hashes=hashes, metadata=meta, model_name=pipe.embedder.name)
             return {"identity": identity, "enrolled": len(ids), "entries": ids,
-                    "templates": next((r["templates"] for r in gallery.list() if r["identity"] == identity), len(ids))}
+                    "templates": gallery.identity(identity)["templates"]}
 
         return await run_in_threadpool(work)
 
