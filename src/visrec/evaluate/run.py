@@ -46,7 +46,8 @@ def _embedder(model: str | Path, flip: bool = False) -> Callable[[np.ndarray], n
     return lambda images: embed_images(net, images, device=device, flip=flip)
 
 
-def _embed_all(embed, count: int, get_image, batch: int, progress) -> np.ndarray:
+def embed_all(embed, count: int, get_image, batch: int, progress) -> np.ndarray:
+    """``embed`` over images ``get_image(0..count-1)`` in batches of ``batch``; ``progress(n)`` per batch."""
     out = []
     for start in range(0, count, batch):
         imgs = [get_image(i) for i in range(start, min(count, start + batch))]
@@ -92,7 +93,7 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
             from visrec.evaluate.bin_protocol import evaluate_bin_pairs
 
             images, issame = read_verification_bin(data)
-            emb = _embed_all(embed, len(images), images.__getitem__, batch, progress)
+            emb = embed_all(embed, len(images), images.__getitem__, batch, progress)
             acc = evaluate_bin_pairs(emb, issame)
             bin_acc = (acc.accuracy_mean, acc.accuracy_std)
             summary["10-fold accuracy"] = f"{acc.accuracy_mean:.4f} +- {acc.accuracy_std:.4f}"
@@ -113,7 +114,7 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
         from visrec.data.datasets import open_face_dataset
 
         ds = open_face_dataset(data)
-        emb = _embed_all(embed, len(ds), ds.source.image, batch, progress)
+        emb = embed_all(embed, len(ds), ds.source.image, batch, progress)
         lab = ds.labels
         summary.update({"images": f"{len(ds):,}", "identities": f"{ds.num_classes:,}"})
     else:

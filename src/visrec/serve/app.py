@@ -197,9 +197,11 @@ def create_app(cfg: ServeConfig):
     def prometheus():
         return metrics.text(state["gallery"].count() if "gallery" in state else None)
 
+    page_html = PAGE.read_text()  # read once, not per request
+
     @app.get("/", response_class=HTMLResponse)
     def page():
-        return PAGE.read_text()
+        return page_html
 
     def _identity(fields) -> str:
         identity = fields.get("identity")

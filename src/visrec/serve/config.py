@@ -28,12 +28,14 @@ class GalleryConfig(_Strict):
 
 
 class FacesConfig(_Strict):
-    model: Path = Field(description="face embedder: visrec checkpoint (run dir / model.pt) or .onnx")
+    model: Path = Field(description="face embedder: visrec checkpoint (run dir / model.pt), .onnx, or "
+                                    "dlib-resnet (visrec[dlib])")
     aligned: bool = Field(False, description="uploads are aligned 112x112 crops (no detection)")
     detector: str = Field("haar", description="haar (OpenCV's bundled cascade) | an ONNX face detector file "
-                                              "(SCRFD or YuNet outputs; scrfd:PATH / yunet:PATH to force one)")
-    landmarks: Path | None = Field(None, description="landmark checkpoint used for alignment (when the "
-                                                     "detector gives no 5 points)")
+                                              "(SCRFD or YuNet outputs; scrfd:PATH / yunet:PATH to force one) | "
+                                              "dlib-hog | dlib-cnn")
+    landmarks: Path | None = Field(None, description="landmark checkpoint, or dlib-68 / dlib-5, used for "
+                                                     "alignment when the detector gives no 5 points")
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)
     top_k: int = Field(5, gt=0)
 

@@ -5,8 +5,10 @@ its declared size before any pixel is decoded; truncated files, zero-sized and n
 refused with a message. Detection (``visrec.data.detectors``): OpenCV's bundled Haar cascade (frontal
 faces; offline default) or an ONNX SCRFD / YuNet file -> the largest face; alignment: 5 points (from the
 detector, or from a landmark model's points) -> similarity transform to the ArcFace 112x112 template
-(``visrec.data.align``); with neither, the face box widened by ``box_margin`` and resized to 112x112. ``aligned=True`` skips both: the upload is already an aligned
-crop (resized to 112x112 if needed). Embedding: a visrec checkpoint or an ONNX file, batched.
+(``visrec.data.align``); with neither, the face box widened by ``box_margin`` and resized to 112x112.
+``aligned=True`` skips both: the upload is already an aligned crop (resized to the embedder's input size).
+Embedding: a visrec checkpoint or an ONNX file, batched; or a registry adapter (``dlib-resnet``) that
+aligns with its own crop.
 """
 
 from __future__ import annotations
@@ -69,15 +71,6 @@ class Face:
     points: np.ndarray | None = None  # the points the crop was aligned on (upload pixels), if any
 
 
-def _box_crop(image: np.ndarray, box, margin: float, size: int = 112) -> np.ndarray:
-    import cv2
-
-    x1, y1, x2, y2 = box
-    cx, cy, side = (x1 + x2) / 2, (y1 + y2) / 2, max(x2 - x1, y2 - y1) * (1 + margin)
-    m = np.array([[size / side, 0, size / 2 - cx * size / side], [0, size / side, size / 2 - cy * size / side]])
-    return cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
-
-
 def Embedder(model: str | Path):  # noqa: N802 - a factory standing where a class was
     """The face embedder for ``model``: a registry adapter name (``dlib-resnet``, ``visrec[dlib]``), else a
     visrec checkpoint (run dir / model.pt) or an ONNX file. Every embedder has ``name``, ``dim``,
@@ -100,7 +93,8 @@ class ExternalEmbedder:
         self.name, self.dim, self.input_size = self.model.name, int(self.model.dim), int(self.model.chip_size)
         self.lock = threading.Lock()
 
-    def align(self, image, box, five=None, points=None) -> np.ndarray:
+    def align(self, image, box, five=None, points=None, box_margin: float = 0.2) -> np.ndarray:
+        """dlib's chip from the landmark model's points (``five`` and ``box_margin`` do not apply)."""
         if points is None or len(points) not in (5, 68):
             raise VisrecError(f"{self.name} aligns on dlib's own 5- or 68-point shapes: configure "
                               f"faces.landmarks: dlib-68 (or dlib-5)")
@@ -142,11 +136,12 @@ class ArcFaceEmbedder:
         """The ArcFace crop from the detector's 5 points, else from a landmark model's points (68/98/106,
         reduced to 5), else the face box widened by ``box_margin``."""
         from visrec.data.align import align_face, five_points
+        from visrec.data.augment import crop_face
 
         if five is None and points is not None:
             five = five_points(points)
-        if five is None:
-            return _box_crop(image, box, box_margin)
+        if five is None:  # ``box_margin`` is the whole enlargement: crop_face takes it per side
+            return crop_face(image, np.zeros((1, 2)), box, self.input_size, box_margin / 2)[0]
         return align_face(image, np.asarray(five, np.float32))[0]
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
@@ -215,8 +210,7 @@ class FacePipeline:
         points = None
         if self.landmarks is not None and (five is None or isinstance(self.embedder, ExternalEmbedder)):
             points = np.asarray(self.landmarks(image, box), np.float32)
-        crop = self.embedder.align(image, box, five, points, **({"box_margin": self.box_margin}
-                                                              if isinstance(self.embedder, ArcFaceEmbedder) else {}))
+        crop = self.embedder.align(image, box, five, points, self.box_margin)
         return Face(box, crop, five if points is None else points)
 
     def upload_faces(self, data: bytes, *, all_faces: bool = False) -> list[Face]:
@@ -252,6 +246,7 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
     in the configured gallery. Returns what :func:`visrec.index.gallery.calibrate` returns plus the counts."""
     from visrec.data.datasets import open_face_dataset
     from visrec.errors import ConfigError
+    from visrec.evaluate.run import embed_all
     from visrec.index.gallery import calibrate
     from visrec.serve.config import load_serve_config
 
@@ -266,15 +261,10 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
         raise ConfigError(f"{embedder.name} embeds its own crops, not a set of aligned 112x112 faces: calibrate "
                           f"with visrec.index.gallery.calibrate on its embeddings")
     ds = open_face_dataset(data)
-    embs = []
-    for start in range(0, len(ds), batch):
-        idx = range(start, min(len(ds), start + batch))
-        embs.append(embedder(np.stack([ds.source.image(i) for i in idx])))
-        if progress:
-            progress(len(idx))
+    embeddings = embed_all(embedder, len(ds), ds.source.image, batch, progress)
     gallery = open_configured_gallery(cfg.faces, embedder)
     try:
-        out = calibrate(gallery, np.concatenate(embs), ds.labels, target_fpr)
+        out = calibrate(gallery, embeddings, ds.labels, target_fpr)
     finally:
         gallery.close()
     return {**out, "images": len(ds), "identities": int(ds.num_classes), "gallery": cfg.faces.gallery.uri}
