@@ -30,7 +30,7 @@ from typing import Sequence
 
 import numpy as np
 
-from visrec._optional import require
+from visrec._onnx import open_session
 from visrec.errors import DataError, VisrecError
 
 __all__ = ["Detection", "HaarDetector", "ScrfdDetector", "YunetDetector", "load_detector", "nms"]
@@ -209,7 +209,7 @@ class ScrfdDetector(_OnnxDetector):
     def __init__(self, path: str | Path, input_size: Sequence[int] = (640, 640), score_threshold: float = 0.5,
                  nms_threshold: float = 0.4, *, providers: Sequence[str] | None = None, session=None):
         self.path = Path(path)
-        session = session if session is not None else _open_session(self.path, providers)
+        session = session if session is not None else open_session(self.path, providers, "face detector")
         layout = SCRFD_LAYOUTS.get(len(session.get_outputs()))
         if layout is None:
             raise VisrecError(f"{self.path}: not an SCRFD model (expected 6, 9, 10 or 15 outputs); "
@@ -271,7 +271,7 @@ class YunetDetector(_OnnxDetector):
     def __init__(self, path: str | Path, input_size: Sequence[int] = (320, 320), score_threshold: float = 0.6,
                  nms_threshold: float = 0.3, *, providers: Sequence[str] | None = None, session=None):
         self.path = Path(path)
-        session = session if session is not None else _open_session(self.path, providers)
+        session = session if session is not None else open_session(self.path, providers, "face detector")
         if not _is_yunet(session):
             raise VisrecError(f"{self.path}: not a YuNet model (expected outputs {', '.join(YUNET_OUTPUTS)}); "
                               f"outputs seen: {_describe_outputs(session)}")
@@ -302,16 +302,6 @@ class YunetDetector(_OnnxDetector):
             k = out[f"kps_{stride}"].reshape(-1, 10)[hit].reshape(-1, 5, 2)
             points.append((cell[:, None, :] + k) * stride)
         return self._finish(np.concatenate(boxes), np.concatenate(scores), np.concatenate(points), sx, sy)
-
-
-def _open_session(path: Path, providers: Sequence[str] | None = None):
-    ort = require("onnxruntime", "export")
-    if not path.is_file():
-        raise DataError("face detector model not found", path=path)
-    try:
-        return ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
-        raise DataError(f"onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}", path=path) from None
 
 
 def _describe_outputs(session) -> str:
@@ -374,7 +364,7 @@ def load_detector(spec: str | Path, **kwargs):
                           "or a path to a .onnx file")
     if not path.is_file():
         raise DataError("face detector model not found", path=path)
-    session = _open_session(path, kwargs.get("providers"))
+    session = open_session(path, kwargs.get("providers"), "face detector")
     if _is_yunet(session):
         return YunetDetector(path, session=session, **kwargs)
     if _is_scrfd(session):

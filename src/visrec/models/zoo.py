@@ -48,23 +48,12 @@ from typing import Sequence
 
 import numpy as np
 
+from visrec._onnx import open_session
 from visrec.errors import DataError, VisrecError
 
 # Node-name prefixes that insightface's model_zoo takes as "the graph normalises its own input".
 _SUB_PREFIXES = ("Sub", "_minus")
 _MUL_PREFIXES = ("Mul", "_mul")
-
-
-def _open_session(path: Path, providers: Sequence[str] | None, what: str):
-    from visrec._optional import require
-
-    ort = require("onnxruntime", "export")
-    if not path.is_file():
-        raise DataError(f"{what} model not found", path=path)
-    try:
-        return ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
-    except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
-        raise DataError(f"onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}", path=path) from None
 
 
 def graph_normalises_input(path: str | Path, *, landmark: bool = False) -> bool:
@@ -96,6 +85,19 @@ def _mean_std(path: Path, mean: float | None, std: float | None, landmark: bool)
     if graph_normalises_input(path, landmark=landmark):
         return 0.0, 1.0
     return (127.5, 128.0) if landmark else (127.5, 127.5)
+
+
+def _image_in_one_out(session, path: Path, what: str) -> tuple[str, list, str, list]:
+    """(input name, input shape, output name, output shape) of a model with one (N, 3, H, W) image input and
+    one output, or DataError naming the file."""
+    inp = session.get_inputs()[0]
+    shape = list(inp.shape)
+    if len(shape) != 4 or (_static(shape[1]) not in (None, 3)):
+        raise DataError(f"a {what} model takes one (N, 3, H, W) input, got {inp.name}{shape}", path=path)
+    outputs = session.get_outputs()
+    if len(outputs) != 1:
+        raise DataError(f"a {what} model has exactly one output, got {[o.name for o in outputs]}", path=path)
+    return inp.name, shape, outputs[0].name, list(outputs[0].shape)
 
 
 def _static(dim) -> int | None:
@@ -133,22 +135,12 @@ class ArcFaceOnnx:
                  batch_size: int = 32, providers: Sequence[str] | None = None, session=None):
         self.path = Path(path)
         self.name = self.path.stem
-        self.session = session if session is not None else _open_session(self.path, providers, "recognition")
-        inp = self.session.get_inputs()[0]
-        shape = list(inp.shape)
-        if len(shape) != 4 or (_static(shape[1]) not in (None, 3)):
-            raise DataError(f"a recognition model takes one (N, 3, H, W) input, got {inp.name}{shape}", path=self.path)
-        outputs = self.session.get_outputs()
-        if len(outputs) != 1:
-            raise DataError(f"a recognition model has exactly one output, got {[o.name for o in outputs]}",
-                            path=self.path)
-        self.input_name = inp.name
-        self.output_name = outputs[0].name
+        self.session = session if session is not None else open_session(self.path, providers, "recognition")
+        self.input_name, shape, self.output_name, out_shape = _image_in_one_out(self.session, self.path, "recognition")
         self.input_size = (_static(shape[3]) or 112, _static(shape[2]) or 112)  # (W, H), as insightface
         self.fixed_batch = _static(shape[0])
         self.batch_size = self.fixed_batch or max(1, int(batch_size))
         self.input_mean, self.input_std = _mean_std(self.path, input_mean, input_std, landmark=False)
-        out_shape = list(outputs[0].shape)
         dim = _static(out_shape[-1]) if len(out_shape) == 2 else None
         if dim is None:  # symbolic or (N, D, 1, 1): ask the model once
             w, h = self.input_size
@@ -209,23 +201,13 @@ class Landmark106Onnx:
                  providers: Sequence[str] | None = None, session=None):
         self.path = Path(path)
         self.name = self.path.stem
-        self.session = session if session is not None else _open_session(self.path, providers, "landmark")
-        inp = self.session.get_inputs()[0]
-        shape = list(inp.shape)
-        if len(shape) != 4 or (_static(shape[1]) not in (None, 3)):
-            raise DataError(f"a landmark model takes one (N, 3, H, W) input, got {inp.name}{shape}", path=self.path)
-        outputs = self.session.get_outputs()
-        if len(outputs) != 1:
-            raise DataError(f"a landmark model has exactly one output, got {[o.name for o in outputs]}",
-                            path=self.path)
-        self.input_name = inp.name
-        self.output_name = outputs[0].name
+        self.session = session if session is not None else open_session(self.path, providers, "landmark")
+        self.input_name, shape, self.output_name, out_shape = _image_in_one_out(self.session, self.path, "landmark")
         side = _static(shape[2]) or _static(shape[3]) or 192
         if (_static(shape[2]) or side) != (_static(shape[3]) or side):
             raise DataError(f"a landmark model takes a square input, got {shape}", path=self.path)
         self.input_size = side
         self.fixed_batch = _static(shape[0])
-        out_shape = list(outputs[0].shape)
         flat = _static(out_shape[1]) if len(out_shape) == 2 else None
         self.num_points = flat // 2 if flat else 106
         self.input_mean, self.input_std = _mean_std(self.path, input_mean, input_std, landmark=True)

@@ -1,0 +1,22 @@
+"""One way to open an ONNX file with onnxruntime (CPU by default), with errors that name the file."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from visrec._optional import require
+from visrec.errors import DataError
+
+
+def open_session(path: Path, providers: Sequence[str] | None = None, what: str = "ONNX"):
+    """``onnxruntime.InferenceSession`` for ``path``; a missing or unreadable file raises DataError saying which
+    (``what`` names the kind of model in the message, e.g. "face detector")."""
+    ort = require("onnxruntime", "export")
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} model not found", path=path)
+    try:
+        return ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+    except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
+        raise DataError(f"onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}", path=path) from None
