@@ -342,8 +342,8 @@ class ExternalDetector:
 
 
 def load_detector(spec: str | Path, **kwargs):
-    """A face detector from a spec: ``"haar"``, ``"dlib-hog"`` / ``"dlib-cnn"`` (``visrec[dlib]``), ``"scrfd:PATH"``, ``"yunet:PATH"``, or a bare ``PATH.onnx``
-    whose outputs decide (YuNet by its output names, SCRFD by its output count and widths). ``kwargs`` go
+    """A face detector from a spec: ``"haar"``, ``"dlib-hog"`` / ``"dlib-cnn"`` (``visrec[dlib]``),
+    ``"scrfd:PATH"``, ``"yunet:PATH"``, or a bare ``PATH.onnx`` whose outputs decide (YuNet by its output names, SCRFD by its output count and widths). ``kwargs`` go
     to the detector's constructor. A missing model file raises ``DataError``; an ONNX file that is neither
     format raises ``VisrecError`` naming the outputs it has."""
     text = str(spec)
