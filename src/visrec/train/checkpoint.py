@@ -62,6 +62,19 @@ def load_rank_state(output: Path, rank: int) -> dict[str, Any] | None:
         raise DataError(f"cannot read checkpoint: {exc}", path=path) from None
 
 
+def _read_torch_file(path: str | Path, what: str, map_location: str = "cpu") -> tuple[Path, Any]:
+    """(resolved path, loaded object) of a torch file or a run directory (its ``model.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise DataError(f"{what} not found", path=path)
+    try:
+        return path, torch.load(path, map_location=map_location, weights_only=False)
+    except Exception as exc:  # a torn or foreign file: say which
+        raise DataError(f"not a readable torch file: {exc}", path=path) from None
+
+
 def load_backbone(path: str | Path, map_location: str = "cpu"):
     """Rebuild the backbone saved in a visrec checkpoint (``model.pt`` or ``last.rank0.pt``).
 
@@ -69,15 +82,7 @@ def load_backbone(path: str | Path, map_location: str = "cpu"):
     """
     from visrec.models import build_backbone
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.exists():
-        raise DataError("checkpoint not found", path=path)
-    try:
-        blob = torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:
-        raise DataError(f"not a readable torch checkpoint: {exc}", path=path) from None
+    path, blob = _read_torch_file(path, "checkpoint", map_location)
     if not isinstance(blob, dict) or "model_config" not in blob or "backbone" not in blob:
         raise DataError("not a visrec checkpoint (needs 'model_config' and 'backbone')", path=path)
     cfg = dict(blob["model_config"])
@@ -90,15 +95,7 @@ def init_backbone(module: torch.nn.Module, path: str | Path, name: str | None = 
     """Load pretrained weights into ``module`` with ``strict=True``: a bare state dict (arcface_torch's
     ``backbone.pth``), a visrec checkpoint (``model.pt`` / ``last.rank0.pt``, whose model name must be
     ``name`` when given) or a run directory. A mismatch names the file and the first differing keys."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "model.pt"
-    if not path.exists():
-        raise DataError("pretrained weights not found", path=path)
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:
-        raise DataError(f"not a readable torch file: {exc}", path=path) from None
+    path, blob = _read_torch_file(path, "pretrained weights")
     if isinstance(blob, dict) and "backbone" in blob and "model_config" in blob:
         saved = blob["model_config"].get("name")
         if name is not None and saved != name:
