@@ -72,6 +72,8 @@ def test_data_prepare_commands_report_what_they_did(tmp_path):
     people.mkdir(parents=True)
     (people / "blank.jpg").write_bytes(encode_jpeg(np.full((120, 120, 3), 128, np.uint8)))
     res = runner.invoke(app, ["data", "prepare", "faces", str(tmp_path / "people"), str(tmp_path / "aligned"),
-                              "--box-margin", "0.1"])
+                              "--box-margin", "0.1", "--align", "eyes"])
     assert res.exit_code == 0, res.output
     assert "no face" in res.output and (tmp_path / "aligned" / "prepare_report.json").exists()
+    journal = (tmp_path / "aligned" / "prepare_journal.jsonl").read_text().splitlines()[0]
+    assert '"align": "eyes"' in journal

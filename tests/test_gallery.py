@@ -169,3 +169,60 @@ def test_calibrate_picks_the_threshold_at_the_target_fpr():
     assert (impostor >= g.threshold).mean() <= 1e-3  # the stored threshold keeps FPR at the target
     with pytest.raises(VisrecError, match="cannot calibrate"):
         calibrate(g, x[:10], labels[:10], target_fpr=1e-6)
+
+
+def test_euclidean_metric_scores_by_negated_distance_on_both_backends(tmp_path):
+    """A distance model's gallery (metric="euclidean", e.g. dlib-resnet): raw vectors, score = -|p - t|;
+    max fusion = the nearest template, mean fusion = the distance to the mean template; Milvus and FAISS
+    agree; the metric is recorded, survives export/import and a reopen, and another metric is refused."""
+    rng = np.random.default_rng(11)
+    data = {f"p{i}": 1.4 * unit(rng.normal(size=(3, 16))) * rng.uniform(0.8, 1.2, (3, 1)) for i in range(6)}
+    probes = np.stack([x[0] + 0.05 * rng.normal(size=16) for x in data.values()]).astype(np.float32)
+    for fusion in ("max", "mean"):
+        f = open_gallery("faiss", metric="euclidean", fusion=fusion)
+        m = milvus(tmp_path / fusion, metric="euclidean", fusion=fusion)
+        for name, x in data.items():
+            f.enroll(name, x)
+            m.enroll(name, x)
+        for g in (f, m):
+            assert g.metric == "euclidean"
+            for probe, row in zip(probes, g.search(probes, top_k=6)):
+                want = {n: -np.linalg.norm(x - probe, axis=1).min() if fusion == "max"
+                        else -np.linalg.norm(x.mean(0) - probe) for n, x in data.items()}
+                assert [h.identity for h in row] == sorted(want, key=lambda n: -want[n])
+                for h in row:
+                    assert h.score == pytest.approx(want[h.identity], abs=1e-4)
+        assert f.score(probes[0], data["p0"][0]) == pytest.approx(-np.linalg.norm(probes[0] - data["p0"][0]), abs=1e-5)
+        m.close()
+    path = f.export(tmp_path / "e.npz")
+    again = milvus(tmp_path / "max")  # reopened without saying: keeps its own metric
+    assert again.metric == "euclidean"
+    again.close()
+    with pytest.raises(GalleryMismatchError, match="by euclidean; got a model compared by cosine"):
+        milvus(tmp_path / "max", metric="cosine")
+    fresh = open_gallery("faiss")  # an empty gallery takes the export's metric, as it takes its model and dim
+    assert fresh.import_(path) == 18 and fresh.metric == "euclidean"
+    with pytest.raises(GalleryMismatchError, match="by cosine; got a model compared by euclidean"):
+        open_gallery("faiss", model_name=None, dim=16).import_(path)
+
+
+def test_calibrate_a_euclidean_gallery_on_negated_distances():
+    """Calibration of a distance model's gallery thresholds negated distances by the engine's strict rule:
+    at most floor(FPR x impostors) impostor pairs at or above the threshold, every genuine pair above it
+    counted."""
+    rng = np.random.default_rng(6)
+    centres = rng.normal(size=(40, 24))
+    x = (np.repeat(centres, 5, 0) + 0.6 * rng.normal(size=(200, 24))).astype(np.float32)
+    labels = np.repeat(np.arange(40), 5)
+    g = open_gallery("faiss", metric="euclidean")
+    out = calibrate(g, x, labels, target_fpr=1e-3)
+    iu = np.triu_indices(len(x), 1)
+    d = -np.linalg.norm(x[iu[0]].astype(np.float64) - x[iu[1]], axis=1)
+    same = labels[iu[0]] == labels[iu[1]]
+    imp, gen = np.sort(d[~same])[::-1], d[same]
+    k = int(np.floor(1e-3 * len(imp)))
+    assert out["impostor_pairs"] == len(imp) and out["genuine_pairs"] == len(gen)
+    assert g.threshold == out["threshold"] and imp[k] < g.threshold <= imp[k] + 1e-5
+    assert (imp >= g.threshold).sum() <= k
+    assert out["tpr"] == pytest.approx((gen >= g.threshold).mean(), abs=1 / len(gen))
+    assert g.threshold < 0

@@ -6,7 +6,7 @@ import pytest
 from visrec.data.align import ARCFACE_112, align_face, five_points, similarity_transform
 from visrec.data.landmarks import (WflwRecord, read_jd_dir, read_landmark_txt, read_pts, read_wflw,
                                    write_landmark_txt, write_pts, write_synthetic_jd, write_wflw)
-from visrec.errors import DataError
+from visrec.errors import DataError, VisrecError
 
 
 def test_jd_round_trip_with_synthetic_faces(tmp_path):
@@ -69,6 +69,33 @@ def test_alignment_is_exact_for_a_posed_template():
         crop, m = align_face(img, pts)
         assert crop.shape == (112, 112, 3)
         assert np.abs(pts @ m[:, :2].T + m[:, 2] - ARCFACE_112).max() < 1e-3
+
+
+def test_eyes_alignment_puts_the_eyes_on_the_template_in_the_warped_image():
+    """method='eyes': the two eye points land on the template's eyes exactly, checked on the warped pixels
+    (a picture whose channels hold each pixel's own x and y, sampled in the crop at the template eyes),
+    while the least-squares fit of a face with other proportions leaves them off."""
+    import cv2
+
+    rng = np.random.default_rng(2)
+    h, w = 300, 400
+    xs, ys = np.meshgrid(np.arange(w, dtype=np.float32), np.arange(h, dtype=np.float32))
+    coords = np.dstack([xs, ys, np.zeros_like(xs)])
+    for _ in range(5):
+        angle, scale = rng.uniform(-0.5, 0.5), rng.uniform(1.5, 3)
+        rot = scale * np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+        face = ARCFACE_112 + [[0, 0], [0, 0], [0, 4], [-3, 5], [3, 5]]  # longer nose, wider lower mouth
+        pts = (face - 56) @ rot.T + [200, 150]
+        crop, m = align_face(coords, pts, method="eyes")
+        src = np.array([cv2.getRectSubPix(crop, (1, 1), tuple(map(float, t)))[0, 0, :2] for t in ARCFACE_112[:2]])
+        assert np.abs(src - pts[:2]).max() * scale < 0.05  # crop pixels
+        assert np.abs(pts[:2] @ m[:, :2].T + m[:, 2] - ARCFACE_112[:2]).max() < 1e-4
+        _, m_ls = align_face(coords, pts)
+        assert np.abs(pts[:2] @ m_ls[:, :2].T + m_ls[:, 2] - ARCFACE_112[:2]).max() > 1
+    with pytest.raises(DataError, match="eye points coincide"):
+        align_face(coords, np.zeros((5, 2)), method="eyes")
+    with pytest.raises(VisrecError, match="unknown alignment method 'eye'.*lstsq"):
+        align_face(coords, pts, method="eye")
 
 
 def test_alignment_undoes_pose_on_synthetic_faces():

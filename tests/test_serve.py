@@ -225,3 +225,6 @@ def test_detector_points_drive_the_alignment(model_dir):
     assert faces[1].points is None and faces[1].crop.shape == (112, 112, 3)
     emb, found = pipe.embed_upload(encode_jpeg(canvas))
     assert emb.shape == (1, 64) and found[0].box == (200, 50, 312, 162)
+    eyes = FacePipeline(model_dir, detector=lambda image: [big], align="eyes").faces(canvas)[0]
+    np.testing.assert_array_equal(eyes.crop, align_face(canvas, five, method="eyes")[0])
+    assert np.abs(eyes.crop.astype(int) - faces[0].crop).max() > 0

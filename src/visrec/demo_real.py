@@ -13,6 +13,8 @@ Identification protocol (also what ``tests/test_real_faces.py`` checks):
 - threshold: :func:`visrec.index.gallery.calibrate` at FPR 1e-3 on :func:`calibration_set` (the five Obama
   photos, the 43 VOC faces and Tom Cruise, each a distinct identity: 10 genuine / 1166 impostor pairs).
   Biden is held out of calibration. The threshold depends only on the impostor scores.
+- scores: dlib-resnet is a distance model, so the gallery scores by the negated Euclidean distance of the
+  raw descriptors (``metric="euclidean"``): -0.6 is dlib's own "same person below 0.6".
 
 Boxes are x1 y1 x2 y2 pixels, images HxWx3 uint8 RGB.
 """
@@ -116,7 +118,7 @@ def run_identification(root: Path, pipe: FacePipeline | None = None) -> dict:
 
     root, pipe = Path(root), pipe or FacePipeline()
     x, labels, names = calibration_set(pipe, root)
-    gallery = open_gallery("faiss", model_name=pipe.embedder.name, dim=pipe.embedder.dim)
+    gallery = open_gallery("faiss", model_name=pipe.embedder.name, dim=pipe.embedder.dim, metric=pipe.embedder.metric)
     cal = calibrate(gallery, x, labels, TARGET_FPR)
     enrolled = _must(pipe(read_image(root / "faces" / ENROLL_PHOTO)), ENROLL_PHOTO)
     gallery.enroll("obama", enrolled.embedding, hashes=[ENROLL_PHOTO])
@@ -131,8 +133,12 @@ def run_identification(root: Path, pipe: FacePipeline | None = None) -> dict:
         correct = (top.accepted and top.identity == expected) if expected else not top.accepted
         results.append({"probe": n, "expected": expected or "(not enrolled)", "identity": top.identity,
                         "score": top.score, "accepted": top.accepted, "correct": correct})
-    return {"threshold": cal["threshold"], "calibration": cal, "gallery_identities": len(gallery.list()),
+    return {"threshold": cal["threshold"], "metric": gallery.metric, "calibration": cal, "gallery_identities": len(gallery.list()),
             "enrolled": (ENROLL_PHOTO, enrolled), "results": results, "faces": dict(zip([p for p, _ in probes], faces))}
+
+
+def _score_name(metric: str) -> str:
+    return "cosine" if metric == "cosine" else "negated distance"
 
 
 def _png_b64(rgb: np.ndarray) -> str:
@@ -154,13 +160,13 @@ def _write_html(path: Path, run: dict) -> Path:
         verdict = "accepted" if r["accepted"] else "rejected"
         ok = "correct" if r["correct"] else "WRONG"
         rows.append(f"<tr>{cell(r['probe'], run['faces'][r['probe']])}<td>expected {html.escape(r['expected'])}; "
-                    f"top-1 {html.escape(r['identity'])} at cosine {r['score']:.4f}: {verdict} ({ok})</td></tr>")
+                    f"top-1 {html.escape(r['identity'])} at score {r['score']:.4f}: {verdict} ({ok})</td></tr>")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(
         "<!doctype html><meta charset='utf-8'><title>visrec — real faces</title>"
         "<style>body{font-family:sans-serif}td{padding:6px;vertical-align:middle}img{margin-right:4px}</style>"
         f"<h1>Real faces: dlib HOG + 68 points + ResNet 128-d, visrec gallery</h1>"
-        f"<p>Threshold {run['threshold']:.4f} (cosine), calibrated at FPR {TARGET_FPR:g} on "
+        f"<p>Threshold {run['threshold']:.4f} ({_score_name(run['metric'])}), calibrated at FPR {TARGET_FPR:g} on "
         f"{run['calibration']['impostor_pairs']} impostor / {run['calibration']['genuine_pairs']} genuine pairs; "
         f"gallery of {run['gallery_identities']} identities. Each face: dlib chip (embedded), visrec ArcFace crop.</p>"
         f"<table>{''.join(rows)}</table>\n")
@@ -201,8 +207,9 @@ def real_faces_section(out: Path, console) -> dict:
     run = run_identification(fixtures_dir())
     table = Table(title=f"real faces — Obama enrolled from {ENROLL_PHOTO}, {run['gallery_identities']} identities, "
                         f"threshold {run['threshold']:.4f} (FPR {TARGET_FPR:g})")
-    for col in ("probe", "expected", "top-1", "cosine", "decision", ""):
-        table.add_column(col, justify="right" if col == "cosine" else "left")
+    score_col = _score_name(run["metric"])
+    for col in ("probe", "expected", "top-1", score_col, "decision", ""):
+        table.add_column(col, justify="right" if col == score_col else "left")
     for r in run["results"]:
         table.add_row(r["probe"], r["expected"], r["identity"], f"{r['score']:.4f}",
                       "accepted" if r["accepted"] else "rejected", "ok" if r["correct"] else "[red]WRONG[/]")

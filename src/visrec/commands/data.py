@@ -141,6 +141,11 @@ class Policy(str, Enum):
     skip = "skip"
 
 
+class AlignMethod(str, Enum):
+    lstsq = "lstsq"
+    eyes = "eyes"
+
+
 def _report_table(report, title: str) -> None:
     t = Table(title=title)
     t.add_column("outcome")
@@ -181,6 +186,9 @@ def prepare_faces_cmd(src: Path = typer.Argument(..., help="src/<identity>/<phot
                       policy: Policy = typer.Option(Policy.largest, help="several faces in a photo: which one"),
                       box_margin: float = typer.Option(None, help="allow unaligned box crops (margin per side) "
                                                                   "when no 5 points exist"),
+                      align: AlignMethod = typer.Option(AlignMethod.lstsq, case_sensitive=False,
+                                                        help="lstsq: 5-point least squares (InsightFace's); "
+                                                             "eyes: eyes exactly on the template"),
                       workers: int = typer.Option(1, min=1),
                       retry_problems: bool = typer.Option(False, help="retry photos an earlier run could not use")):
     """Photos -> detect -> one face -> ArcFace 112x112 alignment -> image folder or RecordIO + report."""
@@ -188,7 +196,7 @@ def prepare_faces_cmd(src: Path = typer.Argument(..., help="src/<identity>/<phot
 
     report = _with_bar("photos", lambda p: prepare_faces(
         src, out, detector=detector, landmarker=landmarks, format=format.value, policy=policy.value,
-        box_margin=box_margin, workers=workers, retry_problems=retry_problems, progress=p))
+        box_margin=box_margin, align=align.value, workers=workers, retry_problems=retry_problems, progress=p))
     _report_table(report, f"faces prepared into {out} (report: {out / 'prepare_report.json'})")
 
 

@@ -3,13 +3,25 @@
 The 5-point reference is the ArcFace template for 112x112 crops (InsightFace's ``arcface_dst``, the
 positions its recognition models are trained on): left eye (38.2946, 51.6963), right eye (73.5318,
 51.5014), nose tip (56.0252, 71.7366), left mouth corner (41.5493, 92.3655), right mouth corner
-(70.7299, 92.2041); "left" is image left. The transform is the least-squares similarity (rotation,
-uniform scale, translation; Umeyama 1991) from the 5 points to the template.
+(70.7299, 92.2041); "left" is image left. Two ways to fit the similarity (rotation, uniform scale,
+translation) from a face's 5 points to the template (``method``):
+
+- ``lstsq`` (default): the least-squares fit over all 5 points (Umeyama 1991), what InsightFace's
+  ``norm_crop`` and arcface_torch's data use, so what pretrained ArcFace models expect. A least-squares fit
+  does not put any point exactly on the template: on real faces the eyes land ~2-3 px off at 112x112
+  (measured in ``tests/test_real_faces.py``: 300-W's eyes, nose and mouth corners sit in other proportions
+  than the template's, and pose moves them further).
+- ``eyes``: the similarity fixed by the two eye centres alone (two points determine all four parameters),
+  so both eyes land exactly on the template's eye positions and the nose/mouth wherever the face puts them.
+  Use it when the eye positions matter more than the whole-face fit, and align training and serving data
+  the same way: a model sees whichever alignment it was trained on as normal.
 """
 
 from __future__ import annotations
 
 import numpy as np
+
+from visrec.errors import DataError, VisrecError
 
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                         [41.5493, 92.3655], [70.7299, 92.2041]], np.float32)
@@ -31,6 +43,29 @@ def similarity_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return m
 
 
+def eyes_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
+    """2x3 similarity M with M [src_i; 1] = dst_i for the two eye points (rows 0 and 1 of src and dst)."""
+    src, dst = np.asarray(src, np.float64)[:2], np.asarray(dst, np.float64)[:2]
+    # as complex numbers a similarity is z -> a z + b: a from the eye vectors, b from the first eye
+    zs, zd = src[:, 0] + 1j * src[:, 1], dst[:, 0] + 1j * dst[:, 1]
+    if abs(zs[1] - zs[0]) < 1e-6:
+        raise DataError(f"the two eye points coincide ({src[0].tolist()}): no similarity maps them apart",
+                        field="points")
+    a = (zd[1] - zd[0]) / (zs[1] - zs[0])
+    b = zd[0] - a * zs[0]
+    return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
+
+
+ALIGN_METHODS = {"lstsq": similarity_transform, "eyes": eyes_transform}
+
+
+def alignment_transform(five: np.ndarray, size: int = 112, method: str = "lstsq") -> np.ndarray:
+    """The 2x3 matrix taking 5 points (image pixels) to the ArcFace template scaled to ``size``."""
+    if method not in ALIGN_METHODS:
+        raise VisrecError(f"unknown alignment method {method!r}: one of {sorted(ALIGN_METHODS)}")
+    return ALIGN_METHODS[method](five, ARCFACE_112 * (size / 112.0))
+
+
 def five_points(points: np.ndarray, scheme: str | int | None = None) -> np.ndarray:
     """The 5 alignment points of 5/68/98/106-point landmarks (scheme from the point count by default)."""
     pts = np.asarray(points, np.float32)
@@ -41,11 +76,13 @@ def five_points(points: np.ndarray, scheme: str | int | None = None) -> np.ndarr
     return to_five_points(pts, scheme if scheme is not None else pts.shape[-2])
 
 
-def align_face(image: np.ndarray, points: np.ndarray, size: int = 112) -> tuple[np.ndarray, np.ndarray]:
-    """(aligned size x size crop, the 2x3 transform). ``points`` are 5 points or a full scheme."""
+def align_face(image: np.ndarray, points: np.ndarray, size: int = 112,
+               method: str = "lstsq") -> tuple[np.ndarray, np.ndarray]:
+    """(aligned size x size crop, the 2x3 transform). ``points`` are 5 points or a full scheme; ``method``
+    is ``lstsq`` or ``eyes`` (module docstring). Pixel centres are at integer coordinates in both images
+    (OpenCV's and dlib's convention), so a point at (x, y) in the image is at ``M [x, y, 1]`` in the crop."""
     import cv2
 
-    dst = ARCFACE_112 * (size / 112.0)
-    m = similarity_transform(five_points(points), dst)
+    m = alignment_transform(five_points(points), size, method)
     crop = cv2.warpAffine(image, m, (size, size), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_CONSTANT)
     return crop, m

@@ -54,6 +54,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
+from visrec.data.align import ALIGN_METHODS
 from visrec.errors import DataError, VisrecError
 
 JOURNAL = "prepare_journal.jsonl"
@@ -322,10 +323,11 @@ NO_POINTS = ("alignment needs 5 points (eyes, nose, mouth corners) and {what} gi
 class _FaceWorker:
     """One input -> a result dict (see ``_run``). Holds specs, builds detector/landmarker on first use."""
 
-    def __init__(self, detector, landmarker, policy: str, size: int, scheme, box_margin, quality: int):
+    def __init__(self, detector, landmarker, policy: str, size: int, scheme, box_margin, quality: int,
+                 align: str = "lstsq"):
         self.detector_spec, self.landmarker_spec = detector, landmarker
         self.policy, self.size, self.scheme = policy, size, scheme
-        self.box_margin, self.quality = box_margin, quality
+        self.box_margin, self.quality, self.align = box_margin, quality, align
         self._detector = self._landmarker = None
 
     def __getstate__(self):  # the specs travel; built objects are rebuilt in each process
@@ -375,7 +377,7 @@ class _FaceWorker:
             return {**result, "status": "ok", "box_crop": True, "data": encode_jpeg(crop, self.quality)}
         else:
             raise VisrecError(NO_POINTS.format(what=f"the detector ({key})"))
-        crop, _ = align_face(image, five, self.size)
+        crop, _ = align_face(image, five, self.size, self.align)
         return {**result, "status": "ok", "data": encode_jpeg(crop, self.quality)}
 
 
@@ -396,7 +398,8 @@ def _list_faces(src: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str
 def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmarker=None,
                   landmark_scheme: str | int | None = None, format: str = "folder", policy: str = "largest",
                   size: int = 112, box_margin: float | None = None, workers: int = 1, quality: int = 95,
-                  retry_problems: bool = False, progress: Progress | None = None) -> PrepareReport:
+                  align: str = "lstsq", retry_problems: bool = False,
+                  progress: Progress | None = None) -> PrepareReport:
     """Detect, choose, align and write one face per photo (module docstring: policies, points, resume).
 
     ``src``: ``src/<identity>/<photo>`` folders or a ``.csv`` of ``path,label`` rows (paths relative to the
@@ -406,18 +409,24 @@ def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmark
     checkpoint. ``format``: ``"folder"`` (``out`` is an image folder, one sub-folder per label) or
     ``"recordio"`` (``out/train.rec`` etc., labels numbered in sorted label order, names in
     ``out/identities.txt``; the crops stay in ``out/crops/``). Output names: ``<label>/<photo stem>.jpg``.
+    ``align``: ``"lstsq"`` (5-point least squares, InsightFace's) or ``"eyes"`` (eyes exactly on the
+    template), see :mod:`visrec.data.align`; serve with the same one (``faces.align``).
     Writes ``out/prepare_report.json`` and returns the report."""
     src, out = Path(src), Path(out)
     if format not in FORMATS:
         raise VisrecError(f"format must be one of {FORMATS}, got {format!r}")
     if policy not in POLICIES:
         raise VisrecError(f"policy must be one of {POLICIES}, got {policy!r}")
+    if align not in ALIGN_METHODS:
+        raise VisrecError(f"align must be one of {sorted(ALIGN_METHODS)}, got {align!r}")
     pairs, skipped, base = _list_faces(src)
-    worker = _FaceWorker(detector, landmarker, policy, size, landmark_scheme, box_margin, quality)
+    worker = _FaceWorker(detector, landmarker, policy, size, landmark_scheme, box_margin, quality, align)
     if landmarker is None and box_margin is None and _gives_points(worker.detector) is False:
         raise VisrecError(NO_POINTS.format(what=f"the {type(worker.detector).__name__}"))
     settings = {"kind": "faces", "format": format, "policy": policy, "size": size,
                 "box_margin": box_margin, "landmark_scheme": landmark_scheme}
+    if align != "lstsq":  # only when set, so journals written before the option existed still resume
+        settings["align"] = align
     journal = _Journal(out, settings, retry_problems)
     keys = [_rel(p, base) for p, _ in pairs]
     names = _assign_names(keys, [f"{_safe(lab)}/{_safe(p.stem)}.jpg" for p, lab in pairs], journal)

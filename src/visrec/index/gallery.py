@@ -6,13 +6,21 @@ One :class:`Gallery` interface, two backends behind ``open_gallery(backend, ...)
   (``uri="http://host:19530"``), one code path through ``pymilvus.MilvusClient``. Three collections:
   ``<name>`` (one row per template), ``<name>_identities`` (one row per identity: template count,
   metadata, the mean of its unit templates) and ``<name>_info`` (model name, dimension, fusion, threshold).
-- ``faiss``: in memory (exact ``IndexFlatIP``), for tests and batch work; ``export``/``import_`` persist it.
+- ``faiss``: in memory (exact ``IndexFlat``), for tests and batch work; ``export``/``import_`` persist it.
 
-Scores are cosines of L2-normalised float32 embeddings. Template fusion per identity:
-``max`` (the best template's cosine) or ``mean`` (the mean of the template cosines, which equals the probe's
-inner product with the mean of the unit templates — so it is one exact search over identity centroids).
-Max fusion is exact too: the templates are searched with a growing limit until the results hold
-``top_k`` distinct identities; those are then the top-k identities by their best template.
+Scores (higher = more alike; ``metric``, fixed when the gallery is created, from the model):
+
+- ``cosine`` (visrec's and ArcFace models): the cosine of L2-normalised float32 embeddings (DESIGN.md).
+- ``euclidean`` (distance models such as dlib's, whose authors threshold the raw distance): the negated
+  Euclidean distance of the raw embeddings, so a score of -0.6 is dlib's "distance 0.6". The conversion
+  happens here, at the model boundary; the evaluation engine only ever sees scores.
+
+Template fusion per identity: ``max`` (the best template's score) or ``mean``. With cosine, mean is the mean
+of the template cosines, which equals the probe's inner product with the mean of the unit templates — so it
+is one exact search over identity centroids; with euclidean it is the negated distance to the mean of the
+raw templates (a mean template; not the mean of the distances). Max fusion is exact for both: the templates
+are searched with a growing limit until the results hold ``top_k`` distinct identities; those are then the
+top-k identities by their best template.
 
 Enrollment is idempotent per (identity, image hash): a template's id is a hash of both, and rows are
 upserted, so repeating an enrollment — say after a crash before the answer reached the client — never
@@ -42,6 +50,7 @@ from visrec._optional import require
 from visrec.errors import DataError, VisrecError
 
 FUSIONS = ("max", "mean")
+METRICS = ("cosine", "euclidean")
 _IDENTITY = re.compile(r'^[^"\\\x00-\x1f]{1,200}$')
 _MILVUS_TOPK = 16384  # the largest limit a Milvus search accepts
 
@@ -53,7 +62,7 @@ class GalleryMismatchError(VisrecError):
 @dataclass(frozen=True)
 class Match:
     identity: str
-    score: float  # fused cosine
+    score: float  # fused score: cosine, or negated Euclidean distance (the gallery's metric)
     accepted: bool  # score >= threshold (False when the gallery has no threshold)
 
 
@@ -61,7 +70,9 @@ def template_id(identity: str, image_hash: str) -> str:
     return hashlib.sha256(f"{identity}\0{image_hash}".encode()).hexdigest()[:32]
 
 
-def _unit(x: np.ndarray, what: str) -> np.ndarray:
+def _vectors(x: np.ndarray, what: str, metric: str = "cosine") -> np.ndarray:
+    """Checked (n, dim) float32 rows as a gallery of ``metric`` stores them: unit rows for cosine, raw for
+    euclidean (a zero row is refused for both: no model gives one for a real face)."""
     x = np.asarray(x, dtype=np.float32)
     if x.ndim == 1:
         x = x[None]
@@ -72,7 +83,24 @@ def _unit(x: np.ndarray, what: str) -> np.ndarray:
     norms = np.linalg.norm(x, axis=1, keepdims=True)
     if (norms == 0).any():
         raise DataError(f"{what}: row {int(np.flatnonzero(norms[:, 0] == 0)[0])} is all zeros")
-    return (x / norms).astype(np.float32)
+    return x if metric == "euclidean" else (x / norms).astype(np.float32)
+
+
+def pair_scores(a, b, metric: str = "cosine") -> np.ndarray:
+    """(len(a), len(b)) scores of every row pair under ``metric`` (module docstring), float32."""
+    if metric not in METRICS:
+        raise VisrecError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
+    a, b = _vectors(a, "embeddings", metric), _vectors(b, "embeddings", metric)
+    if metric == "cosine":
+        return a @ b.T
+    a, b = a.astype(np.float64), b.astype(np.float64)  # |a|^2 + |b|^2 - 2ab cancels for near pairs
+    d2 = (a * a).sum(1)[:, None] + (b * b).sum(1)[None] - 2 * (a @ b.T)
+    return (-np.sqrt(np.maximum(d2, 0))).astype(np.float32)
+
+
+def _score_from_raw(raw: float, metric: str) -> float:
+    """A backend's raw result (inner product, or squared L2 distance as FAISS and Milvus give) -> score."""
+    return float(raw) if metric == "cosine" else -float(np.sqrt(max(float(raw), 0.0)))
 
 
 def check_identity(identity) -> str:
@@ -87,21 +115,31 @@ class Gallery(abc.ABC):
 
     serial_reads = True  # searches hold the write lock (a backend whose reads are thread-safe says False)
 
-    def __init__(self, *, model_name: str | None = None, dim: int | None = None, fusion: str = "max"):
+    def __init__(self, *, model_name: str | None = None, dim: int | None = None, fusion: str = "max",
+                 metric: str | None = None):
         self.lock = threading.RLock()  # writes (and reads where the backend is not thread-safe)
         self._read_lock = self.lock if self.serial_reads else contextlib.nullcontext()
         info = self._read_info()
         if fusion not in FUSIONS:
             raise VisrecError(f"fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
-        self.info = {"model_name": None, "dim": None, "fusion": fusion, "threshold": None, "target_fpr": None}
+        if metric is not None and metric not in METRICS:
+            raise VisrecError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
+        # galleries written before the metric was recorded hold unit vectors: cosine
+        self.info = {"model_name": None, "dim": None, "fusion": fusion, "threshold": None, "target_fpr": None,
+                     "metric": "cosine"}
         self.info.update(info or {})
         self.info["fusion"] = fusion
-        if model_name is not None or dim is not None:
-            self._check_model(model_name, dim)
+        if model_name is not None or dim is not None or metric is not None:
+            self._check_model(model_name, dim, metric)
         self._write_info()
 
-    # -- the model / dimension guard ------------------------------------------------------------------
-    def _check_model(self, model_name: str | None, dim: int | None) -> None:
+    # -- the model / dimension / metric guard --------------------------------------------------------
+    def _check_model(self, model_name: str | None, dim: int | None, metric: str | None = None) -> None:
+        if metric is not None and metric != self.metric and self.info["dim"] is None:
+            self.info["metric"] = metric  # nothing enrolled yet: the first model sets it, as it sets the dim
+        if metric is not None and metric != self.metric:
+            raise GalleryMismatchError(f"the gallery compares embeddings by {self.metric}; got a model compared "
+                                       f"by {metric} (re-enroll into a new gallery)")
         have_name, have_dim = self.info["model_name"], self.info["dim"]
         if dim is not None and have_dim is not None and int(dim) != int(have_dim):
             raise GalleryMismatchError(f"the gallery holds {have_dim}-d embeddings; got {dim}-d ones "
@@ -122,6 +160,14 @@ class Gallery(abc.ABC):
     def fusion(self) -> str:
         return self.info["fusion"]
 
+    @property
+    def metric(self) -> str:
+        return self.info["metric"]
+
+    def score(self, a, b) -> float:
+        """The score of two single embeddings under the gallery's metric (what ``verify`` thresholds)."""
+        return float(pair_scores(a, b, self.metric)[0, 0])
+
     def set_threshold(self, threshold: float | None, target_fpr: float | None = None) -> None:
         with self.lock:
             self.info["threshold"] = None if threshold is None else float(threshold)
@@ -138,7 +184,7 @@ class Gallery(abc.ABC):
         merged into the identity's metadata.
         """
         check_identity(identity)
-        x = _unit(embeddings, f"embeddings for {identity!r}")
+        x = _vectors(embeddings, f"embeddings for {identity!r}", self.metric)
         if hashes is None:
             hashes = [hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in x]
         if len(hashes) != len(x):
@@ -177,7 +223,7 @@ class Gallery(abc.ABC):
         """Top-``top_k`` identities per probe row by fused score, best first (exact)."""
         if top_k < 1:
             raise VisrecError(f"top_k must be >= 1, got {top_k}")
-        q = _unit(probes, "probes")
+        q = _vectors(probes, "probes", self.metric)
         if self.info["dim"] is not None and q.shape[1] != self.info["dim"]:
             raise GalleryMismatchError(f"the gallery holds {self.info['dim']}-d embeddings; probes are {q.shape[1]}-d")
         t = self.threshold if threshold is None else float(threshold)
@@ -266,7 +312,7 @@ class Gallery(abc.ABC):
         info, metas = json.loads(str(data["info"])), json.loads(str(data["metadata"]))
         before = self.count()
         with self.lock:
-            self._check_model(info.get("model_name"), info.get("dim"))
+            self._check_model(info.get("model_name"), info.get("dim"), info.get("metric", "cosine"))
             by_identity: dict[str, list[int]] = {}
             for i, identity in enumerate(data["identities"].tolist()):
                 by_identity.setdefault(identity, []).append(i)
@@ -292,7 +338,7 @@ class Gallery(abc.ABC):
 
     @abc.abstractmethod
     def _templates_of(self, identity: str) -> dict[str, np.ndarray]:
-        """Template id -> unit vector, for one identity."""
+        """Template id -> stored vector (unit for cosine), for one identity."""
 
     @abc.abstractmethod
     def _identity_row(self, identity: str) -> dict | None:
@@ -300,11 +346,11 @@ class Gallery(abc.ABC):
 
     @abc.abstractmethod
     def _upsert_templates(self, identity: str, rows: list) -> None:
-        """Store ``(template id, image hash, unit vector)`` rows of ``identity``."""
+        """Store ``(template id, image hash, vector)`` rows of ``identity``."""
 
     @abc.abstractmethod
     def _upsert_identity(self, identity: str, templates: int, centroid: np.ndarray, metadata: dict) -> None:
-        """Store the identity row: template count, mean of its unit templates, metadata."""
+        """Store the identity row: template count, mean of its stored templates, metadata."""
 
     @abc.abstractmethod
     def _delete_identity(self, identity: str) -> None:
@@ -312,11 +358,11 @@ class Gallery(abc.ABC):
 
     @abc.abstractmethod
     def _search_templates(self, q: np.ndarray, limit: int) -> list[list[tuple[str, float]]]:
-        """Per probe, the ``limit`` best templates as (identity, inner product), best first."""
+        """Per probe, the ``limit`` best templates as (identity, score), best first."""
 
     @abc.abstractmethod
     def _search_identities(self, q: np.ndarray, limit: int) -> list[list[tuple[str, float]]]:
-        """Per probe, the ``limit`` best identity centroids as (identity, inner product), best first."""
+        """Per probe, the ``limit`` best identity centroids as (identity, score), best first."""
 
     @abc.abstractmethod
     def _identity_rows(self) -> list[dict]:
@@ -332,7 +378,7 @@ class Gallery(abc.ABC):
 
 
 class FaissGallery(Gallery):
-    """In memory; exact inner-product search with FAISS ``IndexFlatIP`` (rebuilt lazily after changes)."""
+    """In memory; exact search with FAISS ``IndexFlatIP`` / ``IndexFlatL2`` (rebuilt lazily after changes)."""
 
     def __init__(self, **kwargs):
         self._templates: dict[str, tuple[str, str, np.ndarray]] = {}  # id -> (identity, hash, vector)
@@ -377,7 +423,7 @@ class FaissGallery(Gallery):
             else:
                 names = list(self._identities)
                 x = np.stack([r[1] for r in self._identities.values()])
-            index = faiss.IndexFlatIP(x.shape[1])
+            index = (faiss.IndexFlatIP if self.metric == "cosine" else faiss.IndexFlatL2)(x.shape[1])
             index.add(np.ascontiguousarray(x, np.float32))
             self._cache[kind] = (index, names)
         return self._cache[kind]
@@ -387,7 +433,8 @@ class FaissGallery(Gallery):
             return [[] for _ in q]
         index, names = self._flat(kind)
         scores, rows = index.search(np.ascontiguousarray(q), min(limit, len(names)))
-        return [[(names[r], float(s)) for s, r in zip(srow, rrow) if r >= 0] for srow, rrow in zip(scores, rows)]
+        return [[(names[r], _score_from_raw(s, self.metric)) for s, r in zip(srow, rrow) if r >= 0]
+                for srow, rrow in zip(scores, rows)]
 
     def _search_templates(self, q, limit):
         return self._search("templates", q, limit)
@@ -449,7 +496,7 @@ class MilvusGallery(Gallery):
             s.add_field("hash", DataType.VARCHAR, max_length=128)
             s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
             p = c.prepare_index_params()
-            p.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+            p.add_index(field_name="vector", index_type="FLAT", metric_type=self._milvus_metric)
             c.create_collection(self.t_name, schema=s, index_params=p, consistency_level="Strong")
         if not c.has_collection(self.i_name):
             s = c.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -458,11 +505,15 @@ class MilvusGallery(Gallery):
             s.add_field("metadata", DataType.VARCHAR, max_length=65535)
             s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
             p = c.prepare_index_params()
-            p.add_index(field_name="vector", index_type="FLAT", metric_type="IP")
+            p.add_index(field_name="vector", index_type="FLAT", metric_type=self._milvus_metric)
             c.create_collection(self.i_name, schema=s, index_params=p, consistency_level="Strong")
         c.load_collection(self.t_name)
         c.load_collection(self.i_name)
         self._dim = dim
+
+    @property
+    def _milvus_metric(self) -> str:
+        return "IP" if self.metric == "cosine" else "L2"
 
     def _ensure_info(self) -> None:
         from pymilvus import DataType
@@ -545,8 +596,8 @@ class MilvusGallery(Gallery):
 
     def _search(self, collection, q, limit, field):
         res = self.client.search(collection, data=q.tolist(), limit=int(limit), output_fields=[field],
-                                 search_params={"metric_type": "IP"}, anns_field="vector")
-        return [[(hit["entity"][field], float(hit["distance"])) for hit in row] for row in res]
+                                 search_params={"metric_type": self._milvus_metric}, anns_field="vector")
+        return [[(hit["entity"][field], _score_from_raw(hit["distance"], self.metric)) for hit in row] for row in res]
 
     def _search_templates(self, q, limit):
         return self._search(self.t_name, q, limit, "identity")
@@ -586,8 +637,9 @@ BACKENDS = {"faiss": FaissGallery, "milvus": MilvusGallery}
 
 
 def open_gallery(backend: str = "milvus", **kwargs) -> Gallery:
-    """``open_gallery("milvus", uri="gallery.db", collection=..., model_name=..., dim=..., fusion="max")``
-    or ``open_gallery("faiss", ...)`` (in memory)."""
+    """``open_gallery("milvus", uri="gallery.db", collection=..., model_name=..., dim=..., fusion="max",
+    metric="cosine")`` or ``open_gallery("faiss", ...)`` (in memory). ``metric``: the model's (``cosine``, or
+    ``euclidean`` for distance models); an existing gallery keeps its own and refuses another."""
     if backend not in BACKENDS:
         raise VisrecError(f"gallery backend {backend!r}: expected one of {', '.join(BACKENDS)}")
     return BACKENDS[backend](**kwargs)
@@ -597,15 +649,26 @@ def calibrate(gallery: Gallery, embeddings, labels, target_fpr: float = 1e-4) ->
     """Pick the threshold at ``target_fpr`` on a labelled set (all pairs, exact engine) and store it.
 
     Returns ``{"threshold", "target_fpr", "tpr", "fpr", "genuine_pairs", "impostor_pairs"}``. The set must
-    hold at least 1/target_fpr impostor pairs, else the FPR cannot be resolved and this raises.
+    hold at least 1/target_fpr impostor pairs, else the FPR cannot be resolved and this raises. Scores are the
+    gallery's (``metric``): cosine through the blocked engine (any size); negated Euclidean distances are
+    computed here, at the model boundary, for every pair (N^2/2 floats: sets up to ~20k embeddings) and
+    thresholded by the engine's same strict rule (``tpr_at_fpr_pairs``).
     """
-    from visrec.evaluate.verification import tpr_at_fpr
+    from visrec.evaluate.verification import tpr_at_fpr, tpr_at_fpr_pairs
 
-    x = _unit(embeddings, "calibration embeddings")
+    x = _vectors(embeddings, "calibration embeddings", gallery.metric)
     if gallery.info["dim"] is not None and x.shape[1] != gallery.info["dim"]:
         raise GalleryMismatchError(f"the gallery holds {gallery.info['dim']}-d embeddings; the calibration set is "
                                    f"{x.shape[1]}-d")
-    res = tpr_at_fpr(x, labels, targets=(target_fpr,), device="cpu")[float(target_fpr)]
+    if gallery.metric == "cosine":
+        res = tpr_at_fpr(x, labels, targets=(target_fpr,), device="cpu")[float(target_fpr)]
+    else:
+        labels = np.asarray(labels).reshape(-1)
+        if len(labels) != len(x):
+            raise DataError(f"{len(x)} calibration embeddings but {len(labels)} labels")
+        i, j = np.triu_indices(len(x), k=1)
+        scores = pair_scores(x, x, gallery.metric)[i, j]
+        res = tpr_at_fpr_pairs(scores, labels[i] == labels[j], targets=(target_fpr,))[float(target_fpr)]
     if not res.estimable:
         raise VisrecError(f"cannot calibrate at FPR {target_fpr:g}: {res.reason}")
     gallery.set_threshold(res.threshold, target_fpr)

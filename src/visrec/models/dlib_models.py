@@ -20,8 +20,9 @@ confidence; both unbounded, higher is more confident).
 
 Embedder input: dlib's own alignment, not visrec's ArcFace 112 crop. ``dlib.get_face_chip(img, shape,
 size=150, padding=0.25)`` cuts a 150x150 chip aligned on a 5- or 68-point dlib shape; the network maps
-that chip to a 128-d descriptor (its authors compare descriptors by Euclidean distance < 0.6; visrec
-galleries compare L2-normalised descriptors by cosine, so calibrate a threshold for that).
+that chip to a 128-d descriptor, compared by Euclidean distance (its authors: same person below 0.6). So
+``metric = "euclidean"``: a visrec gallery of these descriptors scores a pair by the negated distance
+(-0.6 is dlib's 0.6), per DESIGN.md's rule for distance models.
 
 Model licences (the dlib-models README): the author releases the files into the public domain, but the
 68-point predictor is trained on iBUG 300-W, whose licence excludes commercial use, and its creators ask
@@ -169,7 +170,7 @@ def dlib_5(path: str | Path | None = None) -> DlibLandmarker:
 
 @EXTERNAL.register("dlib-resnet")
 class DlibResnetEmbedder:
-    """dlib's 128-d face embedder. ``name`` and ``dim`` are what a gallery records.
+    """dlib's 128-d face embedder. ``name``, ``dim`` and ``metric`` are what a gallery records.
 
     - ``embed(image_rgb, shape) -> (128,) float32``: ``shape`` is a dlib ``full_object_detection`` (from
       :meth:`DlibLandmarker.shape`) or an (n, 2) point array of the 5- or 68-point dlib schemes.
@@ -182,6 +183,7 @@ class DlibResnetEmbedder:
 
     name = "dlib-resnet"
     dim = 128
+    metric = "euclidean"  # score = -distance (visrec.index.gallery)
     chip_size, padding = 150, 0.25
 
     def __init__(self, path: str | Path | None = None, num_jitters: int = 0):

@@ -75,7 +75,7 @@ def create_app(cfg: ServeConfig):
         from visrec.serve.pipeline import FacePipeline, open_configured_gallery
 
         pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
-                            detector=cfg.faces.detector, max_pixels=cfg.limits.max_pixels)
+                            detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=cfg.limits.max_pixels)
         state["faces"], state["gallery"] = pipe, open_configured_gallery(cfg.faces, pipe.embedder)
     if cfg.landmarks is not None:
         from visrec.train.checkpoint import load_backbone
@@ -265,8 +265,7 @@ def create_app(cfg: ServeConfig):
         def work():
             a, _ = pipe.embed_upload(images["image_a"][0])
             b, _ = pipe.embed_upload(images["image_b"][0])
-            a, b = a[0] / np.linalg.norm(a[0]), b[0] / np.linalg.norm(b[0])
-            score = float(a @ b)
+            score = gallery.score(a[0], b[0])  # cosine, or negated distance for a distance model
             t = gallery.threshold
             return {"score": round(score, 6), "threshold": t, "same": None if t is None else score >= t}
 

@@ -73,8 +73,8 @@ class Face:
 
 def Embedder(model: str | Path):  # noqa: N802 - a factory standing where a class was
     """The face embedder for ``model``: a registry adapter name (``dlib-resnet``, ``visrec[dlib]``), else a
-    visrec checkpoint (run dir / model.pt) or an ONNX file. Every embedder has ``name``, ``dim``,
-    ``input_size`` (its crop side), ``align(image, box, five, points)`` -> its crop, and ``__call__(crops)``."""
+    visrec checkpoint (run dir / model.pt) or an ONNX file. Every embedder has ``name``, ``dim``, ``metric``
+    (how its embeddings compare: ``cosine``, or ``euclidean`` for distance models), ``input_size`` (its crop side), ``align(image, box, five, points)`` -> its crop, and ``__call__(crops)``."""
     from visrec.models.dlib_models import EXTERNAL
 
     if str(model) in EXTERNAL:
@@ -91,10 +91,11 @@ class ExternalEmbedder:
 
         self.model = build_external(name)
         self.name, self.dim, self.input_size = self.model.name, int(self.model.dim), int(self.model.chip_size)
+        self.metric = self.model.metric  # dlib-resnet: euclidean (its galleries score by negated distance)
         self.lock = threading.Lock()
 
-    def align(self, image, box, five=None, points=None, box_margin: float = 0.2) -> np.ndarray:
-        """dlib's chip from the landmark model's points (``five`` and ``box_margin`` do not apply)."""
+    def align(self, image, box, five=None, points=None, box_margin: float = 0.2, method: str = "lstsq") -> np.ndarray:
+        """dlib's chip from the landmark model's points (``five``, ``box_margin``, ``method`` do not apply)."""
         if points is None or len(points) not in (5, 68):
             raise VisrecError(f"{self.name} aligns on dlib's own 5- or 68-point shapes: configure "
                               f"faces.landmarks: dlib-68 (or dlib-5)")
@@ -110,6 +111,7 @@ class ArcFaceEmbedder:
     to the ArcFace 112x112 template."""
 
     input_size = 112
+    metric = "cosine"
 
     def __init__(self, model: str | Path):
         from visrec.models.embed import images_to_tensor
@@ -132,9 +134,9 @@ class ArcFaceEmbedder:
             self.name = cfg["name"] + ":" + ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "name")
             self.dim = int(self(np.zeros((1, 112, 112, 3), np.uint8)).shape[1])
 
-    def align(self, image, box, five=None, points=None, box_margin: float = 0.2) -> np.ndarray:
-        """The ArcFace crop from the detector's 5 points, else from a landmark model's points (68/98/106,
-        reduced to 5), else the face box widened by ``box_margin``."""
+    def align(self, image, box, five=None, points=None, box_margin: float = 0.2, method: str = "lstsq") -> np.ndarray:
+        """The ArcFace crop (``method``: ``align.align_face``'s) from the detector's 5 points, else from a
+        landmark model's points (68/98/106, reduced to 5), else the face box widened by ``box_margin``."""
         from visrec.data.align import align_face, five_points
         from visrec.data.augment import crop_face
 
@@ -142,7 +144,7 @@ class ArcFaceEmbedder:
             five = five_points(points)
         if five is None:  # ``box_margin`` is the whole enlargement: crop_face takes it per side
             return crop_face(image, np.zeros((1, 2)), box, self.input_size, box_margin / 2)[0]
-        return align_face(image, np.asarray(five, np.float32))[0]
+        return align_face(image, np.asarray(five, np.float32), method=method)[0]
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         import torch
@@ -161,12 +163,17 @@ class FacePipeline:
     """image -> faces (detector) -> points (detector's 5, or a landmark model's) -> the embedder's own crop.
 
     ``landmarks``: a visrec landmark checkpoint, or a registry adapter (``dlib-68`` / ``dlib-5``).
+    ``align``: ``lstsq`` or ``eyes`` (:mod:`visrec.data.align`), as the model's training data was aligned.
     ``aligned``: uploads are already crops (resized to the embedder's input size)."""
 
     def __init__(self, model: str | Path, *, aligned: bool = False, landmarks: str | Path | None = None,
-                 detector="haar", box_margin: float = 0.2, max_pixels: int = 40_000_000):
+                 detector="haar", box_margin: float = 0.2, align: str = "lstsq", max_pixels: int = 40_000_000):
+        from visrec.data.align import ALIGN_METHODS
+
+        if align not in ALIGN_METHODS:
+            raise VisrecError(f"align must be one of {sorted(ALIGN_METHODS)}, got {align!r}")
         self.embedder = Embedder(model)
-        self.aligned, self.box_margin, self.max_pixels = aligned, box_margin, max_pixels
+        self.aligned, self.box_margin, self.max_pixels, self.align = aligned, box_margin, max_pixels, align
         self.detector_name = detector if isinstance(detector, str) else type(detector).__name__
         self.detector = None
         if not aligned:
@@ -210,7 +217,7 @@ class FacePipeline:
         points = None
         if self.landmarks is not None and (five is None or isinstance(self.embedder, ExternalEmbedder)):
             points = np.asarray(self.landmarks(image, box), np.float32)
-        crop = self.embedder.align(image, box, five, points, self.box_margin)
+        crop = self.embedder.align(image, box, five, points, self.box_margin, self.align)
         return Face(box, crop, five if points is None else points)
 
     def upload_faces(self, data: bytes, *, all_faces: bool = False) -> list[Face]:
@@ -233,7 +240,7 @@ def open_configured_gallery(faces_cfg, embedder: Embedder):
     from visrec.index.gallery import open_gallery
 
     g = faces_cfg.gallery
-    kwargs = {"model_name": embedder.name, "dim": embedder.dim, "fusion": g.fusion}
+    kwargs = {"model_name": embedder.name, "dim": embedder.dim, "fusion": g.fusion, "metric": embedder.metric}
     if g.backend == "milvus":
         kwargs.update(uri=g.uri, collection=g.collection)
     return open_gallery(g.backend, **kwargs)
