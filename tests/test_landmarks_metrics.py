@@ -54,3 +54,17 @@ def test_bad_input():
     bad[0, 3, 0] = np.nan
     with pytest.raises(VisrecError, match="NaN"):
         nme(bad, square_face())
+
+
+def test_report_metrics_use_the_normalisations_the_scheme_defines_and_refuse_bad_points():
+    from visrec.evaluate.landmark_report import landmark_metrics
+
+    rng = np.random.default_rng(0)
+    gt = rng.uniform(0, 100, (4, 106, 2))
+    assert list(landmark_metrics(gt + 1, gt)) == ["sqrt_area", "inter_ocular", "inter_pupil", "bbox_diagonal"]
+    five = rng.uniform(0, 100, (4, 5, 2))  # no eye indices known for 5 points: only the box-based ones
+    assert list(landmark_metrics(five + 1, five)) == ["sqrt_area", "bbox_diagonal"]
+    bad = gt + 1
+    bad[2, 7, 0] = np.nan
+    with pytest.raises(VisrecError, match="NaN"):  # an error, not a report with the metrics left out
+        landmark_metrics(bad, gt)

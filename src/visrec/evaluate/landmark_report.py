@@ -12,9 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visrec.evaluate.landmarks import auc, ced_curve, failure_rate, nme
-
-NORMS = ("sqrt_area", "inter_ocular", "inter_pupil", "bbox_diagonal")
+from visrec.evaluate.landmarks import auc, ced_curve, failure_rate, nme, norms_for
 
 
 @dataclass
@@ -25,12 +23,10 @@ class LandmarkEval:
 
 
 def landmark_metrics(pred: np.ndarray, gt: np.ndarray, alpha: float = 0.08) -> dict[str, dict[str, float]]:
+    """Per normalisation defined for the point count (``norms_for``): NME, AUC@alpha, failure rate@alpha."""
     out = {}
-    for norm in NORMS:
-        try:
-            n = nme(pred, gt, norm)
-        except Exception:  # inter-ocular/pupil need a known scheme; skip for others
-            continue
+    for norm in norms_for(np.asarray(gt).shape[1]):
+        n = nme(pred, gt, norm)
         out[norm] = {"nme": float(n.mean()), f"auc@{alpha:g}": auc(n, alpha), f"fr@{alpha:g}": failure_rate(n, alpha)}
     return out
 

@@ -58,6 +58,12 @@ def normaliser(gt: np.ndarray, norm: str = "sqrt_area") -> np.ndarray:
     return d
 
 
+def norms_for(num_points: int) -> tuple[str, ...]:
+    """The normalisations defined for ``num_points``-point landmarks (the eye-based ones need a known scheme)."""
+    return ("sqrt_area", "inter_ocular", "inter_pupil", "bbox_diagonal") if num_points in _EYES else (
+        "sqrt_area", "bbox_diagonal")
+
+
 def per_point_error(pred, gt) -> np.ndarray:
     """(faces, points) Euclidean error in pixels."""
     pred, gt = _check(pred, gt)
