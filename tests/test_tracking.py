@@ -120,6 +120,22 @@ def test_embeddings_keep_identities_through_the_crossing(video):
     assert crop.shape == (112, 112, 3) and crop.dtype == np.uint8
 
 
+def test_track_crops_use_the_chosen_alignment(video):
+    from visrec.data.align import align_face
+    from visrec.errors import VisrecError
+
+    frames, truth = video
+    lstsq = track_video(frames[:2], FakeDetector(truth), None)
+    eyes = track_video(frames[:2], FakeDetector(truth), None, align="eyes")
+    for t_ls, t_eyes in zip(lstsq, eyes):
+        box = t_eyes.boxes[0]
+        five = next(p for b, p, _ in truth[t_eyes.frames[0]].values() if np.array_equal(b, box))
+        np.testing.assert_array_equal(t_eyes.crops[0], align_face(frames[t_eyes.frames[0]], five, method="eyes")[0])
+        assert np.abs(t_eyes.crops[0].astype(int) - t_ls.crops[0]).max() > 0
+    with pytest.raises(VisrecError, match="unknown alignment method"):
+        track_video([], FakeDetector(truth), None, align="eye")
+
+
 def test_iou_alone_swaps_them_at_the_crossing(video):
     """Without appearance, B's stale box (from before it was hidden) overlaps where A is when B reappears more
     than A's own last box overlaps B: the total-IoU optimum swaps the two tracks at frame 12 (greedy too)."""

@@ -231,7 +231,9 @@ def prepare_videos_cmd(videos: list[Path] = typer.Argument(..., help="video file
                        detector: str = typer.Option("haar", help="haar | an ONNX SCRFD/YuNet file"),
                        model: Path = typer.Option(None, help="face embedder (checkpoint or .onnx) for "
                                                             "embedding association across crossings"),
-                       min_len: int = typer.Option(5, min=1, help="shortest track kept (frames)")):
+                       min_len: int = typer.Option(5, min=1, help="shortest track kept (frames)"),
+                       align: AlignMethod = typer.Option(AlignMethod.lstsq, case_sensitive=False,
+                                                         help="with 5-point detections: lstsq or eyes")):
     """Videos -> per-frame detection -> IoU + embedding tracking -> one track per person in the video-set format."""
     from visrec.data.detectors import load_detector
     from visrec.data.tracking import video_to_tracks
@@ -246,6 +248,6 @@ def prepare_videos_cmd(videos: list[Path] = typer.Argument(..., help="video file
     t.add_column("video")
     t.add_column("tracks", justify="right")
     for video in videos:
-        written = video_to_tracks(video, out, det, embedder, min_len=min_len)
+        written = video_to_tracks(video, out, det, embedder, min_len=min_len, align=align.value)
         t.add_row(str(video), str(len(written)))
     Console().print(t)

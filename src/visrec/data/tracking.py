@@ -118,12 +118,12 @@ def assign(affinity: np.ndarray, allowed: np.ndarray) -> list[tuple[int, int]]:
     return [(int(i), int(j)) for i, j in zip(r, c) if allowed[i, j]]
 
 
-def _crop(frame: np.ndarray, det, box_margin: float) -> np.ndarray:
+def _crop(frame: np.ndarray, det, box_margin: float, align: str = "lstsq") -> np.ndarray:
     from visrec.data.align import align_face
     from visrec.data.augment import crop_face
 
     if det.points is not None:
-        return align_face(frame, np.asarray(det.points, np.float32), CROP_SIZE)[0]
+        return align_face(frame, np.asarray(det.points, np.float32), CROP_SIZE, align)[0]
     return crop_face(frame, np.zeros((1, 2)), det.box, CROP_SIZE, box_margin)[0]
 
 
@@ -142,15 +142,20 @@ class _Open:
 
 def track_video(frames, detector, embedder: Callable[[np.ndarray], np.ndarray] | None = None, *,
                 iou_threshold: float = 0.3, sim_threshold: float = 0.5, max_age: int = 10,
-                momentum: float = 0.9, box_margin: float = 0.1, crop_dir: str | Path | None = None,
-                progress: Callable[[int], None] | None = None) -> list[Track]:
+                momentum: float = 0.9, box_margin: float = 0.1, align: str = "lstsq",
+                crop_dir: str | Path | None = None, progress: Callable[[int], None] | None = None) -> list[Track]:
     """Tracks of the faces in ``frames`` (``iter_frames`` input), ordered by id (= order of appearance).
 
     ``detector``: a ``load_detector`` spec or a callable ``rgb_frame -> list[Detection]``. ``embedder`` and the
-    thresholds: module docstring. ``crop_dir``: write each crop to ``crop_dir/<track id:04d>/<frame:06d>.png``
+    thresholds: module docstring. ``align``: ``align.align_face``'s method for detections with 5 points
+    (``lstsq`` or ``eyes``, as the model that will read the crops was trained). ``crop_dir``: write each crop to ``crop_dir/<track id:04d>/<frame:06d>.png``
     and keep paths instead of arrays (long videos). ``progress(frames done)`` after each frame."""
     import cv2
 
+    from visrec.data.align import ALIGN_METHODS
+
+    if align not in ALIGN_METHODS:  # before any frame is read, not at the first face
+        raise VisrecError(f"unknown alignment method {align!r}: one of {sorted(ALIGN_METHODS)}")
     if isinstance(detector, (str, Path)):
         from visrec.data.detectors import load_detector
 
@@ -161,7 +166,7 @@ def track_video(frames, detector, embedder: Callable[[np.ndarray], np.ndarray] |
     next_id = 0
     for f, frame in enumerate(iter_frames(frames)):
         dets = list(detector(frame))
-        crops = [_crop(frame, d, box_margin) for d in dets]
+        crops = [_crop(frame, d, box_margin, align) for d in dets]
         boxes = np.array([np.asarray(d.box, np.float32) for d in dets], np.float32).reshape(-1, 4)
         embs = _normalise(embedder(np.stack(crops))) if embedder is not None and dets else None
         if live and dets:
