@@ -19,18 +19,8 @@ from visrec.serve.config import ServeConfig  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    import torch
-
-    from visrec.models import build_backbone
-    from visrec.train.checkpoint import atomic_save
-
-    d = tmp_path_factory.mktemp("model")
-    torch.manual_seed(0)
-    net = build_backbone("mobilefacenet", embedding_size=64, scale=1).eval()
-    atomic_save({"model_config": {"name": "mobilefacenet", "embedding_size": 64, "scale": 1},
-                 "backbone": net.state_dict()}, d / "model.pt")
-    return d
+def model_dir(tiny_face_model):
+    return tiny_face_model
 
 
 def face_jpeg(identity: int, k: int = 0) -> bytes:
@@ -228,3 +218,16 @@ def test_detector_points_drive_the_alignment(model_dir):
     eyes = FacePipeline(model_dir, detector=lambda image: [big], align="eyes").faces(canvas)[0]
     np.testing.assert_array_equal(eyes.crop, align_face(canvas, five, method="eyes")[0])
     assert np.abs(eyes.crop.astype(int) - faces[0].crop).max() > 0
+
+
+def test_the_example_serve_config_validates_and_align_is_checked(tmp_path):
+    from pathlib import Path
+
+    from visrec.serve.config import load_serve_config
+
+    cfg = load_serve_config(Path(__file__).resolve().parents[1] / "configs" / "serve" / "example.yaml")
+    assert cfg.faces.align == "lstsq" and cfg.faces.gallery.backend == "milvus"
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("faces: {model: m.onnx, align: eye}\n")
+    with pytest.raises(ConfigError, match="align"):
+        load_serve_config(bad)
