@@ -26,7 +26,7 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(tmp_path_factory):
+def server(tmp_path_factory, tiny_face_model):
     import torch
     import uvicorn
 
@@ -39,9 +39,6 @@ def server(tmp_path_factory):
 
     d = tmp_path_factory.mktemp("browser")
     torch.manual_seed(0)
-    net = build_backbone("mobilefacenet", embedding_size=64, scale=1).eval()
-    atomic_save({"model_config": {"name": "mobilefacenet", "embedding_size": 64, "scale": 1},
-                 "backbone": net.state_dict()}, d / "m" / "model.pt")
     lm = build_backbone("pfld", num_points=106, width_mult=0.25).eval()
     atomic_save({"model_config": {"name": "pfld", "num_points": 106, "width_mult": 0.25},
                  "backbone": lm.state_dict()}, d / "lm" / "model.pt")
@@ -51,7 +48,7 @@ def server(tmp_path_factory):
         photos[name] = d / f"{name}.jpg"
         photos[name].write_bytes(encode_jpeg(img))
     port = free_port()
-    cfg = ServeConfig(port=port, faces={"model": str(d / "m"), "aligned": True, "gallery": {"backend": "faiss"}},
+    cfg = ServeConfig(port=port, faces={"model": str(tiny_face_model), "aligned": True, "gallery": {"backend": "faiss"}},
                       landmarks={"model": str(d / "lm")})
     srv = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)

@@ -44,19 +44,10 @@ def wait_healthy(url, proc, timeout=180):
 
 
 @pytest.mark.slow
-def test_kill_9_during_enrollment_keeps_every_acknowledged_one(tmp_path):
-    import torch
-
-    from visrec.models import build_backbone
-    from visrec.train.checkpoint import atomic_save
-
-    torch.manual_seed(0)
-    net = build_backbone("mobilefacenet", embedding_size=64, scale=1).eval()
-    atomic_save({"model_config": {"name": "mobilefacenet", "embedding_size": 64, "scale": 1},
-                 "backbone": net.state_dict()}, tmp_path / "m" / "model.pt")
+def test_kill_9_during_enrollment_keeps_every_acknowledged_one(tmp_path, tiny_face_model):
     port = free_port()
     cfg = tmp_path / "serve.yaml"
-    cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tmp_path / 'm'}\n"
+    cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tiny_face_model}\n"
                    f"  gallery: {{backend: milvus, uri: {tmp_path / 'gallery.db'}}}\n")
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "wb")
