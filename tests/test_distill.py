@@ -46,8 +46,7 @@ def test_logit_loss_hand_computed():
 def test_relational_loss_hand_computed():
     s3 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]])
     t3 = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0]])
-    c = math.cos(math.pi / 4)
-    # student cosines (0,1)=0 (0,2)=c (1,2)=c; teacher 1, c, c -> only the (0,1) pair differs, twice over 6
+    # c = cos(pi/4): student cosines (0,1)=0 (0,2)=c (1,2)=c; teacher 1, c, c -> only the (0,1) pair differs, twice over 6
     assert RelationalDistill(kind="mse")(s3, t3).item() == pytest.approx(2 * 1.0 / 6)
     assert RelationalDistill(kind="smooth_l1", beta=0.1)(s3, t3).item() == pytest.approx(2 * (1 - 0.05) / 6)
     assert RelationalDistill()(t3, t3).item() == pytest.approx(0.0, abs=1e-7)

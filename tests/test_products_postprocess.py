@@ -15,7 +15,6 @@ def test_dba_and_qe_known_answers():
 
 
 import pytest
-import torch
 
 from visrec.errors import ConfigError
 from visrec.index.postprocess import Chain, Diffusion, PCAWhitening

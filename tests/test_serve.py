@@ -1,7 +1,6 @@
 """The HTTP service in-process (FastAPI TestClient): flows, every kind of bad input -> 4xx, auth, metrics."""
 
 import base64
-import io
 import struct
 import zlib
 

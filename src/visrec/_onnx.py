@@ -9,14 +9,18 @@ from visrec._optional import require
 from visrec.errors import DataError
 
 
-def open_session(path: Path, providers: Sequence[str] | None = None, what: str = "ONNX"):
+def open_session(path: Path, providers: Sequence[str] | None = None, what: str = "ONNX", threads: int | None = None):
     """``onnxruntime.InferenceSession`` for ``path``; a missing or unreadable file raises DataError saying which
-    (``what`` names the kind of model in the message, e.g. "face detector")."""
+    (``what`` names the kind of model in the message, e.g. "face detector"). ``threads``: intra-op threads
+    (onnxruntime's default when None)."""
     ort = require("onnxruntime", "export")
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{what} model not found", path=path)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = int(threads)
     try:
-        return ort.InferenceSession(str(path), providers=list(providers or ["CPUExecutionProvider"]))
+        return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
         raise DataError(f"onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}", path=path) from None

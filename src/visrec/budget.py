@@ -149,7 +149,7 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     whether BatchNormalization nodes remain, initializer dtypes, output dimension."""
     path = Path(path)
     onnx, model = _load_onnx(path)
-    from onnx import numpy_helper, shape_inference
+    from onnx import shape_inference
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}

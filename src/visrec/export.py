@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from visrec._optional import require
-from visrec.errors import DataError, VisrecError
+from visrec.errors import VisrecError
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 112), dynamic_batch: bool = True,
@@ -50,17 +50,10 @@ class OnnxEmbedder:
     """Runs an exported model with onnxruntime on the CPU: float32 NCHW array -> (N, D) embeddings."""
 
     def __init__(self, path: str | Path, threads: int | None = None):
-        ort = require("onnxruntime", "export")
+        from visrec._onnx import open_session
+
         self.path = Path(path)
-        if not self.path.exists():
-            raise DataError("ONNX file not found", path=self.path)
-        opts = ort.SessionOptions()
-        if threads:
-            opts.intra_op_num_threads = threads
-        try:
-            self.session = ort.InferenceSession(str(self.path), opts, providers=["CPUExecutionProvider"])
-        except Exception as exc:
-            raise DataError(f"onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}", path=self.path) from None
+        self.session = open_session(self.path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:

@@ -99,7 +99,7 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
             summary["10-fold accuracy"] = f"{acc.accuracy_mean:.4f} +- {acc.accuracy_std:.4f}"
             pairs = np.stack([np.arange(0, len(emb), 2), np.arange(1, len(emb), 2)], 1)
             results = tpr_at_fpr_pairs(emb, issame, targets, pairs=pairs)
-            from visrec.evaluate.verification import Curve, normalise
+            from visrec.evaluate.verification import normalise
 
             e = normalise(emb).numpy()
             scores = (e[0::2] * e[1::2]).sum(1)

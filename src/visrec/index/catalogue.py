@@ -224,7 +224,7 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
     """``visrec products index``: the descriptor from ``checkpoint`` (a visrec run or model.pt) or from the
     config's ``model`` section (random or local/hub weights as that section says), the ``index`` options
     from the config (defaults without one); returns the manifest."""
-    from visrec.config import load_config, parse_config
+    from visrec.config import load_config
     from visrec.models import build_backbone
     from visrec.train.checkpoint import load_backbone
 
