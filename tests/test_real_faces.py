@@ -312,7 +312,34 @@ def test_dlib_models_plug_into_the_service_pipeline_and_gallery(pipe, root, tmp_
                                              "image_b": (photos / "biden.jpg").read_bytes()}).json()["score"]
     assert -0.6 < same < 0 and other < -0.6, (same, other)
     from visrec.index.gallery import open_gallery
-    from visrec.serve.pipeline import Embedder
+    from visrec.serve.pipeline import Embedder, calibrate_gallery
+
+    # calibration on raw photos through the same configured pipeline, into a Milvus Lite gallery: five Obama
+    # photos, Biden, Tom Cruise, and a blank picture (no face: reported, left out)
+    pytest.importorskip("pymilvus", reason="the Milvus gallery needs visrec[serve]")
+    import shutil
+
+    from visrec.data.images import encode_jpeg
+
+    cal = tmp_path / "calibration"
+    for who, names in {"obama": ["obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg",
+                                 "obama_partial_face2.jpg"], "biden": ["biden.jpg"]}.items():
+        (cal / who).mkdir(parents=True)
+        for n in names:
+            shutil.copy(photos / n, cal / who / n)
+    (cal / "cruise").mkdir()
+    shutil.copy(root / "dlib-examples" / "Tom_Cruise_avp_2014_4.jpg", cal / "cruise" / "cruise.jpg")
+    (cal / "cruise" / "blank.jpg").write_bytes(encode_jpeg(np.full((200, 200, 3), 127, np.uint8)))
+    yaml = tmp_path / "dlib.yaml"
+    yaml.write_text(f"faces:\n  model: dlib-resnet\n  detector: dlib-hog\n  landmarks: dlib-68\n"
+                    f"  gallery: {{backend: milvus, uri: {tmp_path / 'dlib.db'}}}\n")
+    out = calibrate_gallery(yaml, cal, 0.1, photos=True)
+    assert out["images"] == 8 and out["identities"] == 3 and out["no_face"] == [str(cal / "cruise" / "blank.jpg")]
+    assert (out["genuine_pairs"], out["impostor_pairs"]) == (10, 11)  # 7 faces: 21 pairs
+    assert -1.0 < out["threshold"] < -0.5 and out["tpr"] == 1.0  # a negated distance; every Obama pair above it
+    g = open_gallery("milvus", uri=str(tmp_path / "dlib.db"), collection="visrec_faces")
+    assert g.metric == "euclidean" and g.threshold == pytest.approx(out["threshold"])
+    g.close()
 
     embedder = Embedder("dlib-resnet")
     assert (embedder.name, embedder.dim, embedder.input_size) == ("dlib-resnet", 128, 150)

@@ -169,6 +169,12 @@ def test_gallery_cli_calibrate_list_export_import(model_dir, tmp_path):
     ds = open_face_dataset(data)
     emb = Embedder(model_dir)(np.stack([ds.source.image(i) for i in range(len(ds))]))
     expected = tpr_at_fpr(emb, ds.labels, targets=(1e-2,), device="cpu")[1e-2].threshold
+    # --photos: the same folder as photos through the configured pipeline (aligned: true -> the crops as they
+    # are), so the same threshold; it is stored again
+    res = runner.invoke(app, ["gallery", "calibrate", "--config", str(cfg), "--data", str(data), "--photos",
+                              "--target-fpr", "1e-2"])
+    assert res.exit_code == 0 and "photos without a face (left out)" in res.output, res.output
+    assert f"{expected:.6g}" in res.output
     c = TestClient(create_app(load_serve_config(cfg)))
     assert c.post("/v1/faces/identify", files={"image": face_jpeg(1)}).status_code == 200
     assert c.get("/v1/faces").json() == {"identities": []}

@@ -27,25 +27,39 @@ def _open(config: Path):
 
 @app.command()
 def calibrate(config: Path = CONFIG,
-              data: Path = typer.Option(..., "--data", help="labelled aligned faces: image folder or RecordIO"),
+              data: Path = typer.Option(..., "--data", help="labelled aligned faces: image folder or RecordIO; "
+                                                            "with --photos, raw photos in DATA/<identity>/"),
+              photos: bool = typer.Option(False, "--photos", help="DATA holds raw photos: detect, align and embed "
+                                                                  "them with the config's pipeline"),
               target_fpr: float = typer.Option(1e-4, "--target-fpr", help="false accepts per impostor pair")):
     """Pick the match threshold at a target FPR from a labelled set (exact engine) and store it in the gallery."""
     from rich.progress import Progress
 
-    from visrec.data.datasets import open_face_dataset
     from visrec.serve.pipeline import calibrate_gallery
 
-    total = len(open_face_dataset(data))
+    if photos:
+        from visrec.data.folders import read_image_folder
+
+        total = len(read_image_folder(data).paths)
+    else:
+        from visrec.data.datasets import open_face_dataset
+
+        total = len(open_face_dataset(data))
     with Progress(console=console) as bar:
-        task = bar.add_task("embedding", total=total)
-        out = calibrate_gallery(config, data, target_fpr, progress=lambda n: bar.advance(task, n))
+        task = bar.add_task("photos" if photos else "embedding", total=total)
+        out = calibrate_gallery(config, data, target_fpr, photos=photos, progress=lambda n: bar.advance(task, n))
     t = Table(title=f"threshold stored in {out['gallery']}")
     t.add_column("quantity")
     t.add_column("value")
     for key in ("threshold", "target_fpr", "tpr", "fpr", "genuine_pairs", "impostor_pairs", "images", "identities"):
         v = out[key]
         t.add_row(key, f"{v:.6g}" if isinstance(v, float) else f"{v:,}")
+    if photos:
+        t.add_row("photos without a face (left out)", f"{len(out['no_face']):,}")
     console.print(t)
+    if out["no_face"]:
+        console.print("no face found in: " + ", ".join(out["no_face"][:20])
+                      + (f" and {len(out['no_face']) - 20} more" if len(out["no_face"]) > 20 else ""), markup=False)
 
 
 @app.command("list")

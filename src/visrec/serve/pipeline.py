@@ -246,14 +246,38 @@ def open_configured_gallery(faces_cfg, embedder: Embedder):
     return open_gallery(g.backend, **kwargs)
 
 
-def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 1e-4, *, batch: int = 64,
-                      progress=None) -> dict:
-    """``visrec gallery calibrate``: embed a labelled set of aligned faces (image folder or RecordIO) with the
-    serve config's model, pick the threshold at ``target_fpr`` over all its pairs (exact engine) and store it
-    in the configured gallery. Returns what :func:`visrec.index.gallery.calibrate` returns plus the counts."""
-    from visrec.data.datasets import open_face_dataset
+def embed_photos(pipe: FacePipeline, photos, batch: int = 32, progress=None) -> tuple[np.ndarray, np.ndarray, list]:
+    """Raw photos (a ``folders.ImageList``) through the pipeline: (embeddings of the largest face of each
+    photo with one, their labels, the paths of photos where the detector found no face). ``progress(n)``
+    after every n photos."""
+    from visrec.data.images import read_image
+
+    crops, labels, no_face, out = [], [], [], []
+    for i, (path, label) in enumerate(zip(photos.paths, photos.labels)):
+        faces = pipe.faces(read_image(path))
+        if faces:
+            crops.append(faces[0].crop)
+            labels.append(int(label))
+        else:
+            no_face.append(path)
+        if len(crops) == batch or (i == len(photos.paths) - 1 and crops):
+            out.append(pipe.embedder(np.stack(crops)))
+            crops = []
+        if progress is not None:
+            progress(1)
+    dim = pipe.embedder.dim
+    return (np.concatenate(out) if out else np.zeros((0, dim), np.float32)), np.array(labels, np.int64), no_face
+
+
+def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 1e-4, *, photos: bool = False,
+                      batch: int = 64, progress=None) -> dict:
+    """``visrec gallery calibrate``: embed a labelled set with the serve config's model, pick the threshold at
+    ``target_fpr`` over all its pairs (exact engine's rule, in the gallery's metric) and store it in the
+    configured gallery. ``data``: aligned 112x112 faces (image folder or RecordIO), or with ``photos`` raw
+    photos in ``data/<identity>/`` run through the configured detector, landmarks and alignment — the only
+    way for an embedder with its own crop (dlib-resnet). Returns what :func:`visrec.index.gallery.calibrate`
+    returns plus the counts and ``no_face`` (photos where no face was found; left out of the pairs)."""
     from visrec.errors import ConfigError
-    from visrec.evaluate.run import embed_all
     from visrec.index.gallery import calibrate
     from visrec.serve.config import load_serve_config
 
@@ -263,15 +287,30 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
     if cfg.faces.gallery.backend != "milvus":
         raise ConfigError(f"{config}: the {cfg.faces.gallery.backend!r} gallery lives in memory; a calibrated "
                           f"threshold would be lost — calibrate a milvus gallery")
-    embedder = Embedder(cfg.faces.model)
-    if not isinstance(embedder, ArcFaceEmbedder):
-        raise ConfigError(f"{embedder.name} embeds its own crops, not a set of aligned 112x112 faces: calibrate "
-                          f"with visrec.index.gallery.calibrate on its embeddings")
-    ds = open_face_dataset(data)
-    embeddings = embed_all(embedder, len(ds), ds.source.image, batch, progress)
+    no_face: list = []
+    if photos:
+        from visrec.data.folders import read_image_folder
+
+        pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
+                            detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=cfg.limits.max_pixels)
+        embedder, listing = pipe.embedder, read_image_folder(data)
+        embeddings, labels, no_face = embed_photos(pipe, listing, batch, progress)
+        images, identities = len(listing.paths), listing.num_classes
+    else:
+        from visrec.data.datasets import open_face_dataset
+        from visrec.evaluate.run import embed_all
+
+        embedder = Embedder(cfg.faces.model)
+        if not isinstance(embedder, ArcFaceEmbedder):
+            raise ConfigError(f"{embedder.name} embeds its own crops, not aligned 112x112 faces: calibrate on raw "
+                              f"photos through the configured pipeline (visrec gallery calibrate --photos)")
+        ds = open_face_dataset(data)
+        embeddings, labels = embed_all(embedder, len(ds), ds.source.image, batch, progress), ds.labels
+        images, identities = len(ds), int(ds.num_classes)
     gallery = open_configured_gallery(cfg.faces, embedder)
     try:
-        out = calibrate(gallery, embeddings, ds.labels, target_fpr)
+        out = calibrate(gallery, embeddings, labels, target_fpr)
     finally:
         gallery.close()
-    return {**out, "images": len(ds), "identities": int(ds.num_classes), "gallery": cfg.faces.gallery.uri}
+    return {**out, "images": images, "identities": identities, "no_face": [str(p) for p in no_face],
+            "gallery": cfg.faces.gallery.uri}
