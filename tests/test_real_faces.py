@@ -348,3 +348,22 @@ def test_dlib_models_plug_into_the_service_pipeline_and_gallery(pipe, root, tmp_
         g.enroll("x", np.ones((1, 128), np.float32), model_name="mobilefacenet:embedding_size=128")
     with pytest.raises(VisrecError, match="landmarks: dlib-68"):
         create_app(ServeConfig(faces={"model": "dlib-resnet", "detector": "dlib-hog", "gallery": {"backend": "faiss"}}))
+
+
+def test_demo_section_prints_the_result_and_writes_the_page(pipe, root, tmp_path):
+    """The demo's real-photo section: a table with every probe's decision, and an HTML page with, per face,
+    the dlib chip and visrec's two ArcFace crops (least squares, eyes)."""
+    import io
+
+    from rich.console import Console
+
+    from visrec.demo_real import real_faces_section
+
+    c = Console(file=io.StringIO(), width=200)
+    out = real_faces_section(tmp_path, c)
+    assert (out["correct"], out["total"]) == (5, 5)
+    text = c.file.getvalue()
+    assert "biden.jpg" in text and "rejected" in text and str(out["html"]) in text
+    page = out["html"].read_text()
+    assert page.count("<img ") == 3 * 6  # enrolled photo + 5 probes
+    assert page.count("align eyes") == 6 and "negated distance" in page

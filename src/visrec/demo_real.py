@@ -40,7 +40,8 @@ class Face:
     score: float  # detector score; nan when the box was given
     points: np.ndarray  # (68, 2) pixels, iBUG 300-W order
     chip: np.ndarray  # (150, 150, 3) uint8 RGB, dlib alignment: the embedder's input
-    crop: np.ndarray  # (112, 112, 3) uint8 RGB, visrec's ArcFace alignment
+    crop: np.ndarray  # (112, 112, 3) uint8 RGB, visrec's ArcFace alignment (5-point least squares)
+    crop_eyes: np.ndarray  # (112, 112, 3) uint8 RGB, visrec's ArcFace alignment, eyes exactly on the template
     embedding: np.ndarray  # (128,) float32, as the network gives it
 
 
@@ -71,8 +72,9 @@ class FacePipeline:
         points = np.array([(p.x, p.y) for p in shape.parts()], np.float32)
         chip = self.embedder.chip(image, shape)
         crop, _ = align_face(image, points)
+        crop_eyes, _ = align_face(image, points, method="eyes")
         emb = self.embedder.embed_chips(chip[None])[0]
-        return Face(np.asarray(box, np.float32), score, points, chip, crop, emb)
+        return Face(np.asarray(box, np.float32), score, points, chip, crop, crop_eyes, emb)
 
 
 def annotated_faces(root: Path) -> list[tuple[Path, np.ndarray, np.ndarray]]:
@@ -141,6 +143,16 @@ def _score_name(metric: str) -> str:
     return "cosine" if metric == "cosine" else "negated distance"
 
 
+def _mark_eyes(crop: np.ndarray) -> np.ndarray:
+    """A copy of a 112x112 crop with a green dot on each of the ArcFace template's eye positions."""
+    from visrec.data.align import ARCFACE_112
+
+    out = crop.copy()
+    for x, y in np.round(ARCFACE_112[:2]).astype(int):
+        out[y, x] = (0, 255, 0)
+    return out
+
+
 def _png_b64(rgb: np.ndarray) -> str:
     import cv2
 
@@ -151,8 +163,10 @@ def _png_b64(rgb: np.ndarray) -> str:
 def _write_html(path: Path, run: dict) -> Path:
     def cell(name: str, face: Face) -> str:
         return (f"<td><img src='data:image/png;base64,{_png_b64(face.chip)}' title='dlib chip 150x150'>"
-                f"<img src='data:image/png;base64,{_png_b64(face.crop)}' title='visrec ArcFace crop 112x112'>"
-                f"<br>{html.escape(name)}</td>")
+                f"<img src='data:image/png;base64,{_png_b64(_mark_eyes(face.crop))}' "
+                f"title='visrec ArcFace crop 112x112, align lstsq'>"
+                f"<img src='data:image/png;base64,{_png_b64(_mark_eyes(face.crop_eyes))}' "
+                f"title='visrec ArcFace crop 112x112, align eyes'><br>{html.escape(name)}</td>")
 
     name, face = run["enrolled"]
     rows = [f"<tr>{cell(name, face)}<td>enrolled as <b>obama</b></td></tr>"]
@@ -168,7 +182,9 @@ def _write_html(path: Path, run: dict) -> Path:
         f"<h1>Real faces: dlib HOG + 68 points + ResNet 128-d, visrec gallery</h1>"
         f"<p>Threshold {run['threshold']:.4f} ({_score_name(run['metric'])}), calibrated at FPR {TARGET_FPR:g} on "
         f"{run['calibration']['impostor_pairs']} impostor / {run['calibration']['genuine_pairs']} genuine pairs; "
-        f"gallery of {run['gallery_identities']} identities. Each face: dlib chip (embedded), visrec ArcFace crop.</p>"
+        f"gallery of {run['gallery_identities']} identities. Each face: the dlib chip (what is embedded), then "
+        f"visrec's ArcFace 112x112 crops aligned by 5-point least squares and by the eyes; green dots: the "
+        f"template's eye positions.</p>"
         f"<table>{''.join(rows)}</table>\n")
     return path
 
