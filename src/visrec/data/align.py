@@ -59,11 +59,17 @@ def eyes_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
 ALIGN_METHODS = {"lstsq": similarity_transform, "eyes": eyes_transform}
 
 
+def check_method(method: str) -> str:
+    """``method`` if it names an alignment method, else VisrecError listing them (callers check up front,
+    before any image is read)."""
+    if method not in ALIGN_METHODS:
+        raise VisrecError(f"unknown alignment method {method!r}: align must be one of {sorted(ALIGN_METHODS)}")
+    return method
+
+
 def alignment_transform(five: np.ndarray, size: int = 112, method: str = "lstsq") -> np.ndarray:
     """The 2x3 matrix taking 5 points (image pixels) to the ArcFace template scaled to ``size``."""
-    if method not in ALIGN_METHODS:
-        raise VisrecError(f"unknown alignment method {method!r}: one of {sorted(ALIGN_METHODS)}")
-    return ALIGN_METHODS[method](five, ARCFACE_112 * (size / 112.0))
+    return ALIGN_METHODS[check_method(method)](five, ARCFACE_112 * (size / 112.0))
 
 
 def five_points(points: np.ndarray, scheme: str | int | None = None) -> np.ndarray:

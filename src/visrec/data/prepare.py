@@ -54,7 +54,7 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 
-from visrec.data.align import ALIGN_METHODS
+from visrec.data.align import check_method
 from visrec.errors import DataError, VisrecError
 
 JOURNAL = "prepare_journal.jsonl"
@@ -417,8 +417,7 @@ def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmark
         raise VisrecError(f"format must be one of {FORMATS}, got {format!r}")
     if policy not in POLICIES:
         raise VisrecError(f"policy must be one of {POLICIES}, got {policy!r}")
-    if align not in ALIGN_METHODS:
-        raise VisrecError(f"align must be one of {sorted(ALIGN_METHODS)}, got {align!r}")
+    check_method(align)
     pairs, skipped, base = _list_faces(src)
     worker = _FaceWorker(detector, landmarker, policy, size, landmark_scheme, box_margin, quality, align)
     if landmarker is None and box_margin is None and _gives_points(worker.detector) is False:

@@ -152,10 +152,9 @@ def track_video(frames, detector, embedder: Callable[[np.ndarray], np.ndarray] |
     and keep paths instead of arrays (long videos). ``progress(frames done)`` after each frame."""
     import cv2
 
-    from visrec.data.align import ALIGN_METHODS
+    from visrec.data.align import check_method
 
-    if align not in ALIGN_METHODS:  # before any frame is read, not at the first face
-        raise VisrecError(f"unknown alignment method {align!r}: one of {sorted(ALIGN_METHODS)}")
+    check_method(align)  # before any frame is read, not at the first face
     if isinstance(detector, (str, Path)):
         from visrec.data.detectors import load_detector
 

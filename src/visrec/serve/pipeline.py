@@ -168,10 +168,9 @@ class FacePipeline:
 
     def __init__(self, model: str | Path, *, aligned: bool = False, landmarks: str | Path | None = None,
                  detector="haar", box_margin: float = 0.2, align: str = "lstsq", max_pixels: int = 40_000_000):
-        from visrec.data.align import ALIGN_METHODS
+        from visrec.data.align import check_method
 
-        if align not in ALIGN_METHODS:
-            raise VisrecError(f"align must be one of {sorted(ALIGN_METHODS)}, got {align!r}")
+        check_method(align)
         self.embedder = Embedder(model)
         self.aligned, self.box_margin, self.max_pixels, self.align = aligned, box_margin, max_pixels, align
         self.detector_name = detector if isinstance(detector, str) else type(detector).__name__
@@ -253,18 +252,20 @@ def embed_photos(pipe: FacePipeline, photos, batch: int = 32, progress=None) -> 
     from visrec.data.images import read_image
 
     crops, labels, no_face, out = [], [], [], []
-    for i, (path, label) in enumerate(zip(photos.paths, photos.labels)):
+    for path, label in zip(photos.paths, photos.labels):
         faces = pipe.faces(read_image(path))
         if faces:
             crops.append(faces[0].crop)
             labels.append(int(label))
         else:
             no_face.append(path)
-        if len(crops) == batch or (i == len(photos.paths) - 1 and crops):
+        if len(crops) == batch:
             out.append(pipe.embedder(np.stack(crops)))
             crops = []
         if progress is not None:
             progress(1)
+    if crops:
+        out.append(pipe.embedder(np.stack(crops)))
     dim = pipe.embedder.dim
     return (np.concatenate(out) if out else np.zeros((0, dim), np.float32)), np.array(labels, np.int64), no_face
 
