@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import typer
@@ -14,7 +15,9 @@ app = typer.Typer(help="The face gallery a serve config names: calibrate its thr
 CONFIG = typer.Option(..., "--config", help="serve YAML whose faces.gallery is meant")
 
 
+@contextlib.contextmanager
 def _open(config: Path):
+    """The configured gallery, closed afterwards even on an error (Milvus Lite holds its file while open)."""
     from visrec.errors import ConfigError
     from visrec.serve.config import load_serve_config
     from visrec.serve.pipeline import Embedder, open_configured_gallery
@@ -22,7 +25,11 @@ def _open(config: Path):
     cfg = load_serve_config(config)
     if cfg.faces is None:
         raise ConfigError(f"{config}: no faces section, so no gallery")
-    return open_configured_gallery(cfg.faces, Embedder(cfg.faces.model))
+    g = open_configured_gallery(cfg.faces, Embedder(cfg.faces.model))
+    try:
+        yield g
+    finally:
+        g.close()
 
 
 @app.command()
@@ -65,29 +72,26 @@ def calibrate(config: Path = CONFIG,
 @app.command("list")
 def list_(config: Path = CONFIG):
     """Enrolled identities, their template counts and metadata."""
-    g = _open(config)
-    t = Table(title=f"{g.count():,} templates; threshold {g.threshold}")
-    for col in ("identity", "templates", "metadata"):
-        t.add_column(col)
-    for row in g.list():
-        t.add_row(row["identity"], str(row["templates"]), str(row["metadata"] or ""))
+    with _open(config) as g:
+        t = Table(title=f"{g.count():,} templates; threshold {g.threshold}")
+        for col in ("identity", "templates", "metadata"):
+            t.add_column(col)
+        for row in g.list():
+            t.add_row(row["identity"], str(row["templates"]), str(row["metadata"] or ""))
     console.print(t)
-    g.close()
 
 
 @app.command("export")
 def export_(config: Path = CONFIG, out: Path = typer.Argument(..., help="the .npz to write")):
     """Write every template, metadata and the threshold to a .npz (no pickle)."""
-    g = _open(config)
-    path = g.export(out)
-    console.print(f"exported {g.count():,} templates of {len(g.list()):,} identities to {path}")
-    g.close()
+    with _open(config) as g:
+        path = g.export(out)
+        console.print(f"exported {g.count():,} templates of {len(g.list()):,} identities to {path}")
 
 
 @app.command("import")
 def import_(config: Path = CONFIG, src: Path = typer.Argument(..., help="a .npz from visrec gallery export")):
     """Enroll everything from an export (idempotent; refuses another model's embeddings)."""
-    g = _open(config)
-    added = g.import_(src)
-    console.print(f"imported {added:,} new templates; the gallery holds {g.count():,}")
-    g.close()
+    with _open(config) as g:
+        added = g.import_(src)
+        console.print(f"imported {added:,} new templates; the gallery holds {g.count():,}")
