@@ -203,7 +203,7 @@ def video_section(out: Path, backbone: Path, console: Console, identities: tuple
         "loss": {"name": "cosface", "s": 30.0, "m": 0.2}, "optim": {"name": "adamw", "lr": 0.005, "weight_decay": 0.0},
         "schedule": {"max_steps": steps, "warmup_steps": 2}, "checkpoint_every": 1000,
     }, source="demo config")
-    if (run_dir / "model.pt").exists():  # the backbone may have changed since: a fresh head each run
+    if run_dir.exists():  # the backbone may have changed since (or a run was cut short): a fresh head each run
         import shutil
 
         shutil.rmtree(run_dir)
