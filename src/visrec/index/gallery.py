@@ -27,6 +27,18 @@ upserted, so repeating an enrollment — say after a crash before the answer rea
 duplicates it. A gallery records the model name and embedding dimension on its first enrollment and
 refuses embeddings of another model or size (:class:`GalleryMismatchError`).
 
+Identities are data. A name is normalised to Unicode NFC (so "Zoë" typed either way is one person) and
+checked by :func:`check_identity`: 1-200 characters, at most 256 bytes of UTF-8, no control characters, no
+surrounding spaces; quotes, backslashes, slashes and any other printable character are allowed. A backend
+never sees a name inside a query expression: rows are keyed and filtered by :func:`identity_key` (hex).
+
+Writes are all-or-nothing as the caller sees them: :meth:`Gallery.enroll` and :meth:`Gallery.import_`
+validate everything (names, vectors, hashes, metadata and its size) before the first write; a failure after
+a write undoes what was written; and new templates are marked pending until their identity row is written,
+so a crash in between (kill -9) is rolled back when the gallery is next opened, never promoted. Identity rows
+are written last and deleted first, so a template without an identity row was never acknowledged (or was
+being erased) and is removed on open.
+
 ``threshold``: a template-fused score at or above it is a match (``Match.accepted``); set it with
 :func:`calibrate` (``visrec gallery calibrate``) at a target FPR from a labelled set, using the exact
 evaluation engine (:func:`visrec.evaluate.verification.tpr_at_fpr`).
@@ -39,9 +51,11 @@ import contextlib
 import hashlib
 import json
 import logging
+import math
 import re
 import threading
-from dataclasses import dataclass
+import unicodedata
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -51,8 +65,13 @@ from visrec.errors import DataError, VisrecError
 
 FUSIONS = ("max", "mean")
 METRICS = ("cosine", "euclidean")
-_IDENTITY = re.compile(r'^[^"\\\x00-\x1f]{1,200}$')
+MAX_IDENTITY_CHARS = 200
+MAX_IDENTITY_BYTES = 256  # UTF-8 bytes: what every backend's name field holds
+MAX_METADATA_CHARS = 65535  # JSON characters (ASCII: non-ASCII is escaped), Milvus's VARCHAR limit
+MAX_HASH_CHARS = 128
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _MILVUS_TOPK = 16384  # the largest limit a Milvus search accepts
+log = logging.getLogger(__name__)
 
 
 class GalleryMismatchError(VisrecError):
@@ -68,6 +87,12 @@ class Match:
 
 def template_id(identity: str, image_hash: str) -> str:
     return hashlib.sha256(f"{identity}\0{image_hash}".encode()).hexdigest()[:32]
+
+
+def identity_key(identity: str) -> str:
+    """The hex key a backend stores and filters an identity by (SHA-256 of its NFC name, 160 bits): the only
+    form of a name that ever reaches a key lookup or a filter expression."""
+    return hashlib.sha256(identity.encode()).hexdigest()[:40]
 
 
 def _vectors(x: np.ndarray, what: str, metric: str = "cosine") -> np.ndarray:
@@ -104,10 +129,54 @@ def _score_from_raw(raw: float, metric: str) -> float:
 
 
 def check_identity(identity) -> str:
-    if not isinstance(identity, str) or not _IDENTITY.match(identity) or identity != identity.strip():
-        raise DataError(f"identity {identity!r} is not valid: 1-200 characters, no quotes, backslashes, "
-                        f"control characters or surrounding spaces")
-    return identity
+    """``identity`` as the gallery stores it (NFC-normalised), or :class:`DataError` saying what is wrong."""
+    if not isinstance(identity, str):
+        raise DataError(f"identity must be a string, got {type(identity).__name__}")
+    name = unicodedata.normalize("NFC", identity)
+    problem = None
+    if not name or name != name.strip():
+        problem = "empty or surrounded by spaces"
+    elif len(name) > MAX_IDENTITY_CHARS or len(name.encode()) > MAX_IDENTITY_BYTES:
+        problem = f"longer than {MAX_IDENTITY_CHARS} characters or {MAX_IDENTITY_BYTES} bytes of UTF-8"
+    elif _CONTROL.search(name):
+        problem = "holds a control character"
+    if problem:
+        raise DataError(f"identity {identity[:80]!r} is not valid: {problem}")
+    return name
+
+
+def check_metadata(metadata, identity: str = "") -> dict:
+    """Identity metadata as stored: a JSON object of finite numbers, at most MAX_METADATA_CHARS of JSON."""
+    metadata = {} if metadata is None else metadata
+    if not isinstance(metadata, dict):
+        raise DataError(f"metadata for {identity!r} must be a JSON object, got {type(metadata).__name__}")
+    try:
+        text = json.dumps(metadata, sort_keys=True, allow_nan=False)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"metadata for {identity!r} is not JSON (finite numbers only): {exc}") from None
+    if len(text) > MAX_METADATA_CHARS:
+        raise DataError(f"metadata for {identity!r} is {len(text):,} characters of JSON, above the limit of "
+                        f"{MAX_METADATA_CHARS:,}")
+    return json.loads(text)
+
+
+def _check_hashes(hashes, n: int, identity: str) -> list[str]:
+    if len(hashes) != n:
+        raise DataError(f"{n} embeddings but {len(hashes)} hashes for {identity!r}")
+    for h in hashes:
+        if not isinstance(h, str) or not h or len(h) > MAX_HASH_CHARS or _CONTROL.search(h):
+            raise DataError(f"image hash {str(h)[:80]!r} of {identity!r}: 1-{MAX_HASH_CHARS} printable characters")
+    return list(hashes)
+
+
+@dataclass
+class _Undo:
+    """What one write changed, so a failure can put it back: new template ids, each touched identity's row
+    before the write (None: it was new) and the info record before it."""
+
+    info: dict
+    templates: list[str] = field(default_factory=list)
+    rows: dict[str, dict | None] = field(default_factory=dict)
 
 
 class Gallery(abc.ABC):
@@ -179,40 +248,80 @@ class Gallery(abc.ABC):
                model_name: str | None = None) -> list[str]:
         """Add templates (rows of ``embeddings``) to ``identity``; returns their template ids.
 
-        ``hashes``: one per row (the image's hash; by default a hash of the embedding itself). A row whose
-        (identity, hash) is already enrolled is not added again. ``metadata`` (JSON-serialisable) is
-        merged into the identity's metadata.
+        ``identity`` is stored NFC-normalised (:func:`check_identity`). ``hashes``: one per row (the image's
+        hash; by default a hash of the embedding itself). A row whose (identity, hash) is already enrolled is
+        not added again. ``metadata`` (a JSON object) is merged into the identity's metadata. All or nothing:
+        on any error nothing of this call stays in the gallery (module docstring).
         """
-        check_identity(identity)
+        identity = check_identity(identity)
         x = _vectors(embeddings, f"embeddings for {identity!r}", self.metric)
         if hashes is None:
             hashes = [hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in x]
-        if len(hashes) != len(x):
-            raise DataError(f"{len(x)} embeddings but {len(hashes)} hashes")
+        hashes = _check_hashes(hashes, len(x), identity)
+        metadata = check_metadata(metadata, identity)
+        with self.lock, self._transaction() as undo:
+            return self._enroll_locked(identity, x, hashes, metadata, model_name, undo)
+
+    def _enroll_locked(self, identity: str, x: np.ndarray, hashes: list[str], metadata: dict,
+                       model_name: str | None, undo: _Undo) -> list[str]:
+        before = (self.info["model_name"], self.info["dim"])
+        self._check_model(model_name, x.shape[1])
+        if (self.info["model_name"], self.info["dim"]) != before:
+            self._write_info()
+        ids = [template_id(identity, h) for h in hashes]
+        have = self._templates_of(identity)  # id -> vector
+        old_row = self._identity_row(identity)
+        old_meta = (old_row or {}).get("metadata", {})
+        meta = check_metadata({**old_meta, **metadata}, identity)  # the merged row must fit too, before writing
+        new = {i: (h, v) for i, h, v in zip(ids, hashes, x) if i not in have}
+        undo.rows.setdefault(identity, old_row)
+        if new:
+            undo.templates.extend(new)  # before the write: a half-done upsert is undone too
+            self._mark_pending(list(new))
+            self._upsert_templates(identity, [(i, h, v) for i, (h, v) in new.items()])
+        vectors = list(have.values()) + [v for _, v in new.values()]
+        if new or meta != old_meta or old_row is None:
+            self._upsert_identity(identity, len(vectors), np.mean(vectors, axis=0), meta)
+        return ids
+
+    @contextlib.contextmanager
+    def _transaction(self):
+        """Yield an :class:`_Undo` the write fills in; on any error put everything back, then re-raise.
+
+        Pending marks are cleared only when the whole write succeeded; if the undo itself fails (the backend
+        went away), the marks stay and the next open rolls the write back (``_reconcile``)."""
+        undo = _Undo(info=dict(self.info))
         try:
-            meta_json = json.dumps(metadata or {}, sort_keys=True)
-        except (TypeError, ValueError) as exc:
-            raise DataError(f"metadata for {identity!r} is not JSON-serialisable: {exc}") from None
-        with self.lock:
-            before = (self.info["model_name"], self.info["dim"])
-            self._check_model(model_name, x.shape[1])
-            if (self.info["model_name"], self.info["dim"]) != before:
-                self._write_info()
-            ids = [template_id(identity, h) for h in hashes]
-            have = self._templates_of(identity)  # id -> vector
-            new = {i: (h, v) for i, h, v in zip(ids, hashes, x) if i not in have}
-            if new:
-                self._upsert_templates(identity, [(i, h, v) for i, (h, v) in new.items()])
-            vectors = list(have.values()) + [v for _, v in new.values()]
-            old_meta = (self._identity_row(identity) or {}).get("metadata", {})
-            meta = {**old_meta, **json.loads(meta_json)}
-            if new or meta != old_meta or not have:
-                self._upsert_identity(identity, len(vectors), np.mean(vectors, axis=0), meta)
-            return ids
+            yield undo
+            self._clear_pending(undo.templates)
+        except BaseException:
+            try:
+                self._rollback(undo)
+            except Exception:  # noqa: BLE001 - the original error is what the caller must see
+                log.exception("could not undo a failed gallery write; it is rolled back when the gallery is "
+                              "next opened")
+            raise
+
+    def _rollback(self, undo: _Undo) -> None:
+        if undo.templates:
+            self._delete_templates(undo.templates)
+        for identity, row in undo.rows.items():
+            vectors = list(self._templates_of(identity).values())
+            if row is None or not vectors:
+                self._delete_identity(identity)
+            else:
+                self._upsert_identity(identity, len(vectors), np.mean(vectors, axis=0), row["metadata"])
+        if self.info != undo.info:
+            self.info = dict(undo.info)
+            self._write_info()
+        self._clear_pending(undo.templates)
 
     def remove(self, identity: str) -> int:
-        """Remove an identity and its templates; returns how many templates it had (0: not enrolled)."""
-        check_identity(identity)
+        """Erase an identity: its row and every template; returns how many templates it had (0: not enrolled).
+
+        The row goes first, so a crash in between leaves only templates without a row, which the next open
+        removes: an erased person never comes back."""
+        identity = check_identity(identity)
         with self.lock:
             n = len(self._templates_of(identity))
             if n or self._identity_row(identity) is not None:
@@ -259,7 +368,7 @@ class Gallery(abc.ABC):
 
     def identity(self, identity: str) -> dict | None:
         """``{"identity", "templates", "metadata"}`` of one identity, or None when it is not enrolled."""
-        check_identity(identity)
+        identity = check_identity(identity)
         with self._read_lock:
             return self._identity_row(identity)
 
@@ -297,30 +406,20 @@ class Gallery(abc.ABC):
         return path
 
     def import_(self, path: str | Path) -> int:
-        """Enroll everything from an :meth:`export` file (idempotent); returns the templates added."""
-        path = Path(path)
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                data = {k: z[k] for k in z.files}
-        except FileNotFoundError:
-            raise DataError("gallery export not found", path=path) from None
-        except (ValueError, OSError) as exc:
-            raise DataError(f"not a visrec gallery export: {exc}", path=path) from None
-        missing = {"template_ids", "identities", "hashes", "vectors", "metadata", "info"} - set(data)
-        if missing:
-            raise DataError(f"not a visrec gallery export: missing {', '.join(sorted(missing))}", path=path)
-        info, metas = json.loads(str(data["info"])), json.loads(str(data["metadata"]))
+        """Enroll everything from an :meth:`export` file; returns the templates added (idempotent).
+
+        The whole file is validated before the first write (:func:`read_export`), and the import is one
+        transaction: on any error the gallery is as it was."""
+        export = read_export(path)
+        info = export["info"]
         before = self.count()
-        with self.lock:
-            self._check_model(info.get("model_name"), info.get("dim"), info.get("metric", "cosine"))
-            by_identity: dict[str, list[int]] = {}
-            for i, identity in enumerate(data["identities"].tolist()):
-                by_identity.setdefault(identity, []).append(i)
-            for identity, rows in by_identity.items():
-                self.enroll(identity, data["vectors"][rows], hashes=[str(data["hashes"][r]) for r in rows],
-                            metadata=metas.get(identity), model_name=info.get("model_name"))
-            if self.threshold is None and info.get("threshold") is not None:
-                self.set_threshold(info["threshold"], info.get("target_fpr"))
+        with self.lock, self._transaction() as undo:
+            self._check_model(info["model_name"], info["dim"], info["metric"])
+            for identity, (vectors, hashes) in export["identities"].items():
+                self._enroll_locked(identity, _vectors(vectors, f"templates of {identity!r}", self.metric), hashes,
+                                    export["metadata"].get(identity, {}), info["model_name"], undo)
+            if self.threshold is None and info["threshold"] is not None:
+                self.info["threshold"], self.info["target_fpr"] = info["threshold"], info["target_fpr"]
             self._write_info()
         return self.count() - before
 
@@ -354,7 +453,17 @@ class Gallery(abc.ABC):
 
     @abc.abstractmethod
     def _delete_identity(self, identity: str) -> None:
-        """Delete the identity row and its templates."""
+        """Delete the identity row, then its templates (in that order: see :meth:`remove`)."""
+
+    @abc.abstractmethod
+    def _delete_templates(self, ids: list[str]) -> None:
+        """Delete templates by id (undoing a failed write)."""
+
+    def _mark_pending(self, ids: list[str]) -> None:
+        """Durably mark templates about to be written as not yet acknowledged (a persistent backend must)."""
+
+    def _clear_pending(self, ids: list[str]) -> None:
+        """Drop the pending marks of templates whose write is complete or undone."""
 
     @abc.abstractmethod
     def _search_templates(self, q: np.ndarray, limit: int) -> list[list[tuple[str, float]]]:
@@ -410,8 +519,13 @@ class FaissGallery(Gallery):
         self._cache.clear()
 
     def _delete_identity(self, identity):
-        self._templates = {i: r for i, r in self._templates.items() if r[0] != identity}
         self._identities.pop(identity, None)
+        self._templates = {i: r for i, r in self._templates.items() if r[0] != identity}
+        self._cache.clear()
+
+    def _delete_templates(self, ids):
+        for i in ids:
+            self._templates.pop(i, None)
         self._cache.clear()
 
     def _flat(self, kind: str):
@@ -453,11 +567,20 @@ class FaissGallery(Gallery):
 
 
 class MilvusGallery(Gallery):
-    """Milvus Lite (a local ``.db`` file) or a Milvus cluster (``http(s)://host:19530``), via MilvusClient."""
+    """Milvus Lite (a local ``.db`` file) or a Milvus cluster (``http(s)://host:19530``), via MilvusClient.
+
+    Collections: ``<name>_templates`` (template id, identity key, identity, image hash, vector),
+    ``<name>_people`` (identity key, identity, template count, metadata, centroid) and ``<name>_info`` (the
+    info record, the layout version and pending marks). Rows are keyed and filtered by the hex
+    :func:`identity_key`, never by a name. Galleries written by visrec before this layout (``<name>`` and
+    ``<name>_identities``, keyed by the name itself) are copied into it on open, then the old collections are
+    dropped; the layout record is written between the two, so a crash mid-way repeats the copy.
+    """
 
     # MilvusClient calls are thread-safe and the server orders reads after acknowledged writes
     # (collections are created with Strong consistency), so searches need not queue behind each other
     serial_reads = False
+    LAYOUT = "2"
 
     def __init__(self, uri: str | Path = "gallery.db", collection: str = "visrec_faces", *, token: str = "",
                  **kwargs):
@@ -475,9 +598,11 @@ class MilvusGallery(Gallery):
         except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds; say which gallery failed
             raise VisrecError(f"cannot open the Milvus gallery at {uri}: {exc}") from None
         self.uri, self.name = uri, collection
-        self.t_name, self.i_name, self.info_name = collection, f"{collection}_identities", f"{collection}_info"
+        self.t_name, self.i_name, self.info_name = f"{collection}_templates", f"{collection}_people", f"{collection}_info"
+        self._legacy = (collection, f"{collection}_identities")
         self._dim = None
         super().__init__(**kwargs)
+        self._upgrade_layout()
         if self.info["dim"] is not None:
             self._ensure_collections(self.info["dim"])
             self._reconcile()
@@ -492,17 +617,19 @@ class MilvusGallery(Gallery):
         if not c.has_collection(self.t_name):
             s = c.create_schema(auto_id=False, enable_dynamic_field=False)
             s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
-            s.add_field("identity", DataType.VARCHAR, max_length=256)
-            s.add_field("hash", DataType.VARCHAR, max_length=128)
+            s.add_field("key", DataType.VARCHAR, max_length=64)
+            s.add_field("identity", DataType.VARCHAR, max_length=1024)
+            s.add_field("hash", DataType.VARCHAR, max_length=MAX_HASH_CHARS * 4)
             s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
             p = c.prepare_index_params()
             p.add_index(field_name="vector", index_type="FLAT", metric_type=self._milvus_metric)
             c.create_collection(self.t_name, schema=s, index_params=p, consistency_level="Strong")
         if not c.has_collection(self.i_name):
             s = c.create_schema(auto_id=False, enable_dynamic_field=False)
-            s.add_field("identity", DataType.VARCHAR, is_primary=True, max_length=256)
+            s.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+            s.add_field("identity", DataType.VARCHAR, max_length=1024)
             s.add_field("templates", DataType.INT64)
-            s.add_field("metadata", DataType.VARCHAR, max_length=65535)
+            s.add_field("metadata", DataType.VARCHAR, max_length=MAX_METADATA_CHARS)
             s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
             p = c.prepare_index_params()
             p.add_index(field_name="vector", index_type="FLAT", metric_type=self._milvus_metric)
@@ -529,19 +656,67 @@ class MilvusGallery(Gallery):
             c.create_collection(self.info_name, schema=s, index_params=p, consistency_level="Strong")
         c.load_collection(self.info_name)
 
+    def _put_info(self, rows: dict[str, str]) -> None:
+        self.client.upsert(self.info_name, [{"key": k, "value": v, "vector": [0.0, 0.0]} for k, v in rows.items()])
+
+    def _upgrade_layout(self) -> None:
+        """Copy a gallery of the name-keyed layout into this one (class docstring), then drop the old one."""
+        c = self.client
+        done = c.get(self.info_name, ids=["layout"], output_fields=["value"])
+        old_t, old_i = self._legacy
+        if not done and c.has_collection(old_t) and self.info["dim"] is not None:
+            c.load_collection(old_t)
+            self._ensure_collections(self.info["dim"])
+            templates = self._query_all(old_t, ["id", "identity", "hash", "vector"])
+            rows = []
+            if c.has_collection(old_i):
+                c.load_collection(old_i)
+                rows = self._query_all(old_i, ["identity", "templates", "metadata"])
+            for i in range(0, len(templates), 1000):
+                c.upsert(self.t_name, [{"id": r["id"], "key": identity_key(r["identity"]), "identity": r["identity"],
+                                        "hash": r["hash"], "vector": list(r["vector"])} for r in templates[i:i + 1000]])
+            by_identity: dict[str, list] = {}
+            for r in templates:
+                by_identity.setdefault(r["identity"], []).append(np.asarray(r["vector"], np.float32))
+            for r in rows:  # a template without a row was never acknowledged: _reconcile drops it
+                vectors = by_identity.get(r["identity"])
+                if vectors:
+                    self._upsert_identity(r["identity"], len(vectors), np.mean(vectors, axis=0),
+                                          json.loads(r["metadata"]))
+            self._put_info({"layout": "copied"})  # the commit point: from here on the old collections go
+            done = [{"value": "copied"}]
+        if done and done[0]["value"] == "copied":
+            for name in self._legacy:
+                if c.has_collection(name):
+                    c.drop_collection(name)
+        if not done or done[0]["value"] != self.LAYOUT:
+            self._put_info({"layout": self.LAYOUT})
+
     def _reconcile(self) -> None:
-        """Repair identity rows a crash left behind their templates (templates are written first)."""
+        """Roll back what a crash left half-written (module docstring): pending templates and templates
+        without an identity row are removed; identity rows are made to match their templates."""
+        pending = [r["key"] for r in self._query_all(self.info_name, ["key"]) if r["key"].startswith("pending:")]
+        if pending:
+            self._delete_templates([k.removeprefix("pending:") for k in pending])
+            self.client.delete(self.info_name, ids=pending)
         counts: dict[str, int] = {}
-        for row in self._query_all(self.t_name, ["identity"]):
-            counts[row["identity"]] = counts.get(row["identity"], 0) + 1
-        rows = {r["identity"]: r for r in self._identity_rows()}
-        for identity, n in counts.items():
-            if identity not in rows or rows[identity]["templates"] != n:
-                vectors = list(self._templates_of(identity).values())
-                meta = rows[identity]["metadata"] if identity in rows else {}
-                self._upsert_identity(identity, len(vectors), np.mean(vectors, axis=0), meta)
-        for identity in set(rows) - set(counts):
-            self.client.delete(self.i_name, filter=f'identity == "{identity}"')
+        names: dict[str, str] = {}
+        for row in self._query_all(self.t_name, ["key", "identity"]):
+            counts[row["key"]] = counts.get(row["key"], 0) + 1
+            names[row["key"]] = row["identity"]
+        rows = {identity_key(r["identity"]): r for r in self._identity_rows()}
+        orphans = sorted(set(counts) - set(rows))
+        for key in orphans:
+            self.client.delete(self.t_name, filter=f'key == "{key}"')  # a hex key: no name in the expression
+        for key, row in rows.items():
+            if key not in counts:
+                self.client.delete(self.i_name, ids=[key])
+            elif row["templates"] != counts[key]:
+                vectors = list(self._templates_of(row["identity"]).values())
+                self._upsert_identity(row["identity"], len(vectors), np.mean(vectors, axis=0), row["metadata"])
+        if pending or orphans:
+            log.warning("gallery %s: rolled back %d unacknowledged templates and %d identities without a row "
+                        "left by an interrupted write", self.name, len(pending), len(orphans))
 
     def _query_all(self, collection: str, fields: list[str], filter: str = "") -> list[dict]:
         it = self.client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
@@ -559,40 +734,55 @@ class MilvusGallery(Gallery):
         return json.loads(rows[0]["value"]) if rows else None
 
     def _write_info(self):
-        self.client.upsert(self.info_name, [{"key": "info", "value": json.dumps(self.info, sort_keys=True),
-                                             "vector": [0.0, 0.0]}])
+        self._put_info({"info": json.dumps(self.info, sort_keys=True)})
+
+    def _mark_pending(self, ids):
+        self._put_info({f"pending:{i}": "" for i in ids})
+
+    def _clear_pending(self, ids):
+        if ids:
+            self.client.delete(self.info_name, ids=[f"pending:{i}" for i in ids])
 
     def _templates_of(self, identity):
         if self._dim is None:
             return {}
-        rows = self.client.query(self.t_name, filter=f'identity == "{identity}"', output_fields=["id", "vector"],
-                                 limit=_MILVUS_TOPK)
+        rows = self.client.query(self.t_name, filter=f'key == "{identity_key(identity)}"',
+                                 output_fields=["id", "vector"], limit=_MILVUS_TOPK)
         if len(rows) >= _MILVUS_TOPK:
             raise VisrecError(f"identity {identity!r} holds {_MILVUS_TOPK}+ templates, more than one Milvus query "
                               f"returns; split it or prune its templates")
         return {r["id"]: np.asarray(r["vector"], np.float32) for r in rows}
 
     def _identity_row(self, identity):
-        rows = [] if self._dim is None else self.client.get(self.i_name, ids=[identity], output_fields=_ROW_FIELDS)
+        if self._dim is None:
+            return None
+        rows = self.client.get(self.i_name, ids=[identity_key(identity)], output_fields=_ROW_FIELDS)
         return _row(rows[0]) if rows else None
 
     def _upsert_templates(self, identity, rows):
         self._ensure_collections(self.info["dim"])
-        self.client.upsert(self.t_name, [{"id": i, "identity": identity, "hash": h, "vector": v.tolist()}
+        key = identity_key(identity)
+        self.client.upsert(self.t_name, [{"id": i, "key": key, "identity": identity, "hash": h, "vector": v.tolist()}
                                          for i, h, v in rows])
 
     def _upsert_identity(self, identity, templates, centroid, metadata):
         self._ensure_collections(self.info["dim"])
         meta = json.dumps(metadata, sort_keys=True)
-        if len(meta) > 65535:
-            raise DataError(f"metadata for {identity!r} is {len(meta)} characters of JSON, above Milvus's 65535")
-        self.client.upsert(self.i_name, [{"identity": identity, "templates": int(templates), "metadata": meta,
+        if len(meta) > MAX_METADATA_CHARS:  # checked before any write by enroll; a last guard
+            raise DataError(f"metadata for {identity!r} is {len(meta)} characters of JSON, above {MAX_METADATA_CHARS}")
+        self.client.upsert(self.i_name, [{"key": identity_key(identity), "identity": identity,
+                                          "templates": int(templates), "metadata": meta,
                                           "vector": np.asarray(centroid, np.float32).tolist()}])
 
     def _delete_identity(self, identity):
-        # identity row first: a crash in between leaves templates, which _reconcile turns back into a row
-        self.client.delete(self.i_name, filter=f'identity == "{identity}"')
-        self.client.delete(self.t_name, filter=f'identity == "{identity}"')
+        # identity row first: a crash in between leaves templates without a row, which _reconcile removes
+        key = identity_key(identity)
+        self.client.delete(self.i_name, ids=[key])
+        self.client.delete(self.t_name, filter=f'key == "{key}"')
+
+    def _delete_templates(self, ids):
+        for i in range(0, len(ids), 1000):
+            self.client.delete(self.t_name, ids=list(ids[i:i + 1000]))
 
     def _search(self, collection, q, limit, field):
         res = self.client.search(collection, data=q.tolist(), limit=int(limit), output_fields=[field],
@@ -631,6 +821,100 @@ _ROW_FIELDS = ["identity", "templates", "metadata"]
 def _row(r: dict) -> dict:
     """A Milvus identity row -> ``{"identity", "templates", "metadata"}``."""
     return {"identity": r["identity"], "templates": int(r["templates"]), "metadata": json.loads(r["metadata"])}
+
+
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not a finite number")
+
+
+def _json_field(data: dict, key: str, path: Path):
+    value = data[key]
+    if value.shape != () or value.dtype.kind != "U":
+        raise DataError(f"gallery export field {key!r} must be one JSON string, got a {value.dtype} {value.shape}",
+                        path=path)
+    try:
+        return json.loads(str(value), parse_constant=_reject_constant)
+    except ValueError as exc:
+        raise DataError(f"gallery export field {key!r} is not valid JSON: {exc}", path=path) from None
+
+
+def _threshold_in_range(threshold: float, metric: str) -> bool:
+    # a cosine lies in [-1, 1]; a negated distance is <= 0
+    return -1.0 <= threshold <= 1.0 if metric == "cosine" else threshold <= 0.0
+
+
+def read_export(path: str | Path) -> dict:
+    """A gallery export (:meth:`Gallery.export`), every field checked before anything is used.
+
+    Returns ``{"info": {model_name, dim, metric, threshold, target_fpr}, "metadata": {identity: dict},
+    "identities": {identity: (vectors, hashes)}}`` with identities NFC-normalised. Template ids in the file
+    are not trusted: they are recomputed from (identity, hash). Raises :class:`DataError` naming the file and
+    the field or row.
+    """
+    from visrec._npz import load_npz
+
+    path = Path(path)
+    data = load_npz(path, "visrec gallery export")
+    missing = {"template_ids", "identities", "hashes", "vectors", "metadata", "info"} - set(data)
+    if missing:
+        raise DataError(f"not a visrec gallery export: missing {', '.join(sorted(missing))}", path=path)
+    raw = _json_field(data, "info", path)
+    if not isinstance(raw, dict):
+        raise DataError("gallery export field 'info' must be a JSON object", path=path)
+    info = {"model_name": raw.get("model_name"), "dim": raw.get("dim"), "metric": raw.get("metric", "cosine"),
+            "threshold": raw.get("threshold"), "target_fpr": raw.get("target_fpr")}
+    if info["model_name"] is not None and (not isinstance(info["model_name"], str) or len(info["model_name"]) > 1000):
+        raise DataError(f"gallery export: model_name {str(info['model_name'])[:80]!r} is not a name", path=path)
+    if info["metric"] not in METRICS:
+        raise DataError(f"gallery export: metric {str(info['metric'])[:40]!r} is not one of {', '.join(METRICS)}",
+                        path=path)
+    if info["dim"] is not None and (isinstance(info["dim"], bool) or not isinstance(info["dim"], int)
+                                    or not 1 <= info["dim"] <= 65536):
+        raise DataError(f"gallery export: dim {info['dim']!r} is not an integer in 1..65536", path=path)
+    t, fpr = info["threshold"], info["target_fpr"]
+    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                          or not _threshold_in_range(float(t), info["metric"])):
+        raise DataError(f"gallery export: threshold {t!r} is not a finite {info['metric']} score "
+                        f"({'in [-1, 1]' if info['metric'] == 'cosine' else '<= 0'})", path=path)
+    if fpr is not None and (isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr <= 1):
+        raise DataError(f"gallery export: target_fpr {fpr!r} is not in (0, 1]", path=path)
+    info["threshold"] = None if t is None else float(t)
+    info["target_fpr"] = None if fpr is None else float(fpr)
+
+    names, hashes, vectors = data["identities"], data["hashes"], data["vectors"]
+    n = len(vectors) if vectors.ndim == 2 else -1
+    for key, arr in (("identities", names), ("hashes", hashes), ("template_ids", data["template_ids"])):
+        if arr.ndim != 1 or arr.dtype.kind != "U" or len(arr) != n:
+            raise DataError(f"gallery export field {key!r} must be {max(n, 0)} strings (one per row of 'vectors'), "
+                            f"got a {arr.dtype} {arr.shape}", path=path)
+    if vectors.dtype.kind != "f" or (n and info["dim"] is not None and vectors.shape[1] != info["dim"]):
+        raise DataError(f"gallery export field 'vectors' must be float rows of dim {info['dim']}, got a "
+                        f"{vectors.dtype} {vectors.shape}", path=path)
+    if n and info["dim"] is None:
+        info["dim"] = int(vectors.shape[1])
+    groups: dict[str, list[int]] = {}
+    for row, name in enumerate(names.tolist()):
+        try:
+            groups.setdefault(check_identity(name), []).append(row)
+        except DataError as exc:
+            raise DataError(f"gallery export row {row}: {exc}", path=path) from None
+    identities = {}
+    for name, rows in groups.items():
+        try:
+            x = _vectors(vectors[rows], f"templates of {name!r}", info["metric"])
+            identities[name] = (x, _check_hashes([str(hashes[r]) for r in rows], len(rows), name))
+        except DataError as exc:
+            raise DataError(f"gallery export: {exc}", path=path) from None
+    metas = _json_field(data, "metadata", path)
+    if not isinstance(metas, dict):
+        raise DataError("gallery export field 'metadata' must be a JSON object (identity -> object)", path=path)
+    metadata = {}
+    for name, meta in metas.items():
+        try:
+            metadata[check_identity(name)] = check_metadata(meta, name)
+        except DataError as exc:
+            raise DataError(f"gallery export metadata: {exc}", path=path) from None
+    return {"info": info, "metadata": metadata, "identities": identities}
 
 
 BACKENDS = {"faiss": FaissGallery, "milvus": MilvusGallery}
