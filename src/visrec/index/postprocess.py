@@ -256,7 +256,9 @@ class Chain:
         atomic_save(state, path)
 
     def load(self, path) -> "Chain":
-        state = torch.load(path, map_location="cpu", weights_only=True)
+        from visrec._torchfile import read_torch_file
+
+        state = read_torch_file(path)
         for i, stage in enumerate(self.stages):
             for key, value in vars(stage).items():
                 if f"{i}.{key}" in state:

@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visrec._torchfile import read_torch_file
 from visrec.errors import ConfigError, DataError
 from visrec.models import BACKBONES
 from visrec.models.pooling import build_pooling
@@ -48,7 +49,9 @@ def _load_weights(module: nn.Module, path: str | Path) -> None:
 
             state = load_file(str(path))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = read_torch_file(path)  # weights_only; a refusal names the file and the globals
+    except DataError:
+        raise
     except Exception as exc:
         raise DataError(f"cannot read weights: {exc}", path=path) from None
     for key in ("state_dict", "model"):  # common wrappers

@@ -8,6 +8,8 @@ Files in a run's output directory:
                         — what ``visrec budget/export/eval`` load via :func:`load_backbone`.
   ``backbone.pth``      the bare backbone state_dict, as arcface_torch saves it.
 Every file is written to a temporary name and renamed, so a crash mid-write leaves the previous file.
+Every file is read with ``weights_only=True`` (:func:`visrec._torchfile.read_torch_file`): they hold plain
+data only (tensors, dicts, lists, tuples, strings, numbers), so a downloaded file cannot run code on load.
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from visrec._torchfile import read_torch_file
 from visrec.errors import DataError
 
 
@@ -34,7 +37,13 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every RNG state as plain data (tuples, ints, floats, strings, tensors), so that the resume file
+    loads with ``weights_only=True``: numpy's ``get_state()`` holds an ndarray, stored here as a tensor."""
+    name, keys, pos, has_gauss, cached_gaussian = np.random.get_state()
+    state = {"python": random.getstate(),
+             "numpy": {"name": str(name), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
+                       "has_gauss": int(has_gauss), "cached_gaussian": float(cached_gaussian)},
+             "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -42,7 +51,11 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy_state = state["numpy"]
+    if isinstance(numpy_state, dict):
+        numpy_state = (numpy_state["name"], numpy_state["keys"].numpy().astype(np.uint32), numpy_state["pos"],
+                       numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    np.random.set_state(numpy_state)  # a tuple: a resume file of visrec before the plain layout
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -56,10 +69,7 @@ def load_rank_state(output: Path, rank: int) -> dict[str, Any] | None:
     path = rank_path(output, rank)
     if not path.exists():
         return None
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as exc:  # a torn or foreign file: say which
-        raise DataError(f"cannot read checkpoint: {exc}", path=path) from None
+    return read_torch_file(path)  # weights_only; a torn, foreign or code-carrying file: DataError naming it
 
 
 def _read_torch_file(path: str | Path, what: str, map_location: str = "cpu") -> tuple[Path, Any]:
@@ -69,10 +79,7 @@ def _read_torch_file(path: str | Path, what: str, map_location: str = "cpu") -> 
         path = path / "model.pt"
     if not path.exists():
         raise DataError(f"{what} not found", path=path)
-    try:
-        return path, torch.load(path, map_location=map_location, weights_only=False)
-    except Exception as exc:  # a torn or foreign file: say which
-        raise DataError(f"not a readable torch file: {exc}", path=path) from None
+    return path, read_torch_file(path, map_location)
 
 
 def load_backbone(path: str | Path, map_location: str = "cpu"):

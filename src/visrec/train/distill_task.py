@@ -47,6 +47,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
+from visrec._torchfile import read_torch_file
 from visrec.errors import ConfigError, DataError
 from visrec.train.faces_task import FaceLoss, FaceTask
 from visrec.train.task import TASKS
@@ -97,10 +98,7 @@ def _head_centres(files: list[Path]) -> torch.Tensor | None:
     """The PartialFC centres of a visrec run, rank shards concatenated in class order (None if absent)."""
     shards = []
     for path in files:
-        try:
-            state = torch.load(path, map_location="cpu", weights_only=False)
-        except Exception as exc:
-            raise DataError(f"cannot read checkpoint: {exc}", path=path) from None
+        state = read_torch_file(path)  # weights_only; a file that needs more is a DataError naming it
         weight = (state.get("modules", {}).get("head") or {}).get("weight") if isinstance(state, dict) else None
         if weight is None:
             return None
@@ -188,7 +186,7 @@ def load_teacher_features(path: str | Path, *, model_config: dict[str, Any], num
         raise DataError("sidecar missing (precompute the features with precompute_teacher_features)", path=side)
     try:
         meta = json.loads(side.read_text())
-        feats = np.load(path, mmap_mode="r")
+        feats = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:
         raise DataError(f"cannot read precomputed teacher features: {exc}", path=path) from None
     expected = {"model_config": _jsonable(model_config), "num_items": int(num_items),
