@@ -1,7 +1,17 @@
-"""Image decoding shared by every reader: bytes -> HxWx3 RGB uint8, or a DataError naming the source."""
+"""Image decoding shared by every reader: bytes -> HxWx3 RGB uint8, or a DataError naming the source.
+
+Encoded images come from files and requests nobody vetted, and a few hundred bytes of PNG or JPEG can declare
+a picture of billions of pixels (a "decompression bomb"). Before anything is decoded the size is read from
+the header (``header_size``) and bounded by the encoded length: at most ``MAX_PIXELS_PER_BYTE`` pixels per
+byte of input beyond a floor of ``FREE_PIXELS`` (16 Mpx, which any honest photo may use whatever its size),
+and never more than ``MAX_PIXELS``. Real JPEG and PNG files sit far below the ratio (a flat 112x112 JPEG is
+~50 pixels a byte); only crafted files reach it.
+"""
 
 from __future__ import annotations
 
+import io
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -10,14 +20,99 @@ from visrec.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
+FREE_PIXELS = 1 << 24
+MAX_PIXELS_PER_BYTE = 1024
+MAX_PIXELS = 1 << 28
+
+_PNG = b"\x89PNG\r\n\x1a\n"
+# JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC)
+_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF}
+
+
+def _jpeg_size(data: bytes) -> tuple[int, int] | None:
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:  # stray bytes before a marker: libjpeg skips them (with a warning), so do we
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                return None
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # fill byte
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # no length field
+            pos += 2
+            continue
+        length = struct.unpack_from(">H", data, pos + 2)[0]
+        if marker in _SOF:
+            if pos + 9 > n:
+                return None
+            h, w = struct.unpack_from(">HH", data, pos + 5)
+            return w, h
+        if marker in (0xD9, 0xDA) or length < 2:  # end of image / start of scan before any frame header
+            return None
+        pos += 2 + length
+    return None
+
+
+def header_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) declared by an encoded image's header, without decoding it; None when the format is
+    not recognised. JPEG and PNG are parsed here (fast); other formats through Pillow's lazy open."""
+    if data.startswith(_PNG):
+        if len(data) < 24 or data[12:16] != b"IHDR":
+            return None
+        w, h = struct.unpack_from(">II", data, 16)
+        return w, h
+    if data.startswith(b"\xff\xd8"):
+        size = _jpeg_size(data)
+        if size is not None:
+            return size
+    try:
+        from PIL import Image
+
+        with Image.open(io.BytesIO(data)) as im:
+            return tuple(int(v) for v in im.size)
+    except Exception:  # noqa: BLE001 - any failure of a third-party parser on hostile bytes means "unknown"
+        return None
+
+
+def check_pixels(size: tuple[int, int], nbytes: int, *, source=None, record=None) -> None:
+    """Refuse a declared (width, height) that ``nbytes`` of encoded data cannot honestly hold (docstring)."""
+    w, h = size
+    limit = min(MAX_PIXELS, FREE_PIXELS + MAX_PIXELS_PER_BYTE * nbytes)
+    if w * h > limit:
+        raise DataError(f"image header declares {w}x{h} pixels, more than {limit} allowed for "
+                        f"{nbytes} encoded bytes (a decompression bomb?)", path=source, record=record)
+
 
 def decode_image(data: bytes, *, source: str | Path | None = None, record: int | str | None = None) -> np.ndarray:
     import cv2
 
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR) if data else None
-    if arr is None:
+    size = header_size(data) if data else None
+    if size is None:
+        raise DataError(f"not a decodable image ({len(data)} bytes)", path=source, record=record)
+    check_pixels(size, len(data), source=source, record=record)
+    try:
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+    except cv2.error:
+        arr = None
+    if arr is None or arr.ndim != 3 or arr.shape[2] != 3 or arr.size == 0:
         raise DataError(f"not a decodable image ({len(data)} bytes)", path=source, record=record)
     return np.ascontiguousarray(arr[:, :, ::-1])
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """(width, height) of an image file from its header (nothing decoded), or DataError naming it."""
+    from visrec.data.text import read_bytes
+
+    path = Path(path)
+    data = read_bytes(path)
+    size = header_size(data)
+    if size is None or min(size) < 1:
+        raise DataError("not a readable image", path=path)
+    check_pixels(size, len(data), source=path)
+    return size
 
 
 def read_image(path: str | Path) -> np.ndarray:
@@ -26,6 +121,8 @@ def read_image(path: str | Path) -> np.ndarray:
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read image: {exc.strerror}", path=path) from None
+    except ValueError as exc:  # a NUL byte in a name read from a list file
+        raise DataError(f"cannot read image: {exc}", path=path) from None
     return decode_image(data, source=path)
 
 
