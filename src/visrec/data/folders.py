@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -74,29 +75,51 @@ def read_image_folder(root: str | Path, *, skip_bad: bool = False, verify: bool 
     return ImageList(paths, np.asarray(labels, np.int64), names, skipped)
 
 
+def _label_key(label: str):
+    """Integer labels (ASCII digits) first, in numeric order, then names in text order; no int() of an
+    untrusted string (it may be thousands of digits long, or Unicode digits int() refuses)."""
+    if label.isascii() and label.isdigit():
+        digits = label.lstrip("0")
+        return (0, len(digits), digits, label)
+    return (1, 0, "", label)
+
+
 def read_csv_list(path: str | Path, *, skip_bad: bool = False) -> ImageList:
     """``path,label`` rows (header optional); relative paths resolve against the CSV's folder. Labels may be
-    integers or names; names are numbered in sorted order."""
+    integers or names; names are numbered in sorted order. The file is UTF-8 (``visrec.data.text``); errors
+    name the file and the line."""
+    from visrec.data.text import read_text
+
     path = Path(path)
     if not path.exists():
         raise DataError("CSV list not found", path=path)
     rows, skipped = [], []
-    with open(path, newline="") as fh:
-        for lineno, row in enumerate(csv.reader(fh), start=1):
-            if not row or not "".join(row).strip():
-                continue
-            if len(row) < 2:
-                raise DataError("expected 'path,label'", path=path, record=f"line {lineno}")
-            if lineno == 1 and row[0].strip().lower() == "path":
-                continue
-            img = Path(row[0].strip())
-            img = img if img.is_absolute() else path.parent / img
-            if not _check_image(img, skip_bad, skipped):
-                continue
-            rows.append((img, row[1].strip()))
+    reader = csv.reader(io.StringIO(read_text(path), newline=""))
+    while True:
+        try:
+            row = next(reader)
+        except StopIteration:
+            break
+        except csv.Error as exc:
+            raise DataError(f"not CSV: {exc}", path=path, record=f"line {reader.line_num}") from None
+        lineno = reader.line_num
+        if not row or not "".join(row).strip():
+            continue
+        if len(row) < 2:
+            raise DataError("expected 'path,label'", path=path, record=f"line {lineno}")
+        if lineno == 1 and row[0].strip().lower() == "path":
+            continue
+        name, label = row[0].strip(), row[1].strip()
+        if not name or not label or "\x00" in name:
+            raise DataError(f"expected 'path,label', got {','.join(row)[:80]!r}", path=path, record=f"line {lineno}")
+        img = Path(name)
+        img = img if img.is_absolute() else path.parent / img
+        if not _check_image(img, skip_bad, skipped):
+            continue
+        rows.append((img, label))
     if not rows:
         raise DataError("no rows", path=path)
-    keys = sorted({lab for _, lab in rows}, key=lambda s: (not s.isdigit(), int(s) if s.isdigit() else 0, s))
+    keys = sorted({lab for _, lab in rows}, key=_label_key)
     index = {k: i for i, k in enumerate(keys)}
     return ImageList([p for p, _ in rows], np.asarray([index[l] for _, l in rows], np.int64), keys, skipped)
 

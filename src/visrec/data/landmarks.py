@@ -24,15 +24,20 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec.data.text import read_lines
 from visrec.errors import DataError
 
 MAX_OUTSIDE = 0.5  # a point further outside the image than this share of its size is an annotation error
 
 
-def _points_ok(points: np.ndarray, path, line: int | None, image_size: tuple[int, int] | None):
+def _points_ok(points: np.ndarray, path, lines: list[int] | None, image_size: tuple[int, int] | None):
+    """Finite points, none far outside the image; ``lines[i]`` is the file line of point i."""
+    def where(i: int):
+        return None if lines is None else f"line {lines[i]}"
+
     if not np.isfinite(points).all():
         bad = int(np.argwhere(~np.isfinite(points))[0][0])
-        raise DataError(f"point {bad} is NaN or inf", path=path, record=None if line is None else f"line {line + bad}")
+        raise DataError(f"point {bad} is NaN or inf", path=path, record=where(bad))
     if image_size is not None:
         w, h = image_size
         lo = np.array([-MAX_OUTSIDE * w, -MAX_OUTSIDE * h])
@@ -41,33 +46,43 @@ def _points_ok(points: np.ndarray, path, line: int | None, image_size: tuple[int
         if out.any():
             bad = int(np.argmax(out))
             raise DataError(f"point {bad} {points[bad].tolist()} lies far outside the {w}x{h} image",
-                            path=path, record=None if line is None else f"line {line + bad}")
+                            path=path, record=where(bad))
+
+
+def _numbered(path) -> list[tuple[int, str]]:
+    """(1-based line, text) of the non-blank lines of a UTF-8 text file (``visrec.data.text``)."""
+    return [(i, line) for i, line in enumerate(read_lines(path), start=1) if line.strip()]
+
+
+def _xy(line: str, path, lineno: int) -> tuple[float, float]:
+    parts = line.split()
+    try:
+        if len(parts) < 2:
+            raise ValueError
+        return float(parts[0]), float(parts[1])
+    except ValueError:
+        raise DataError(f"expected 'x y', got {line.strip()[:80]!r}", path=path, record=f"line {lineno}") from None
 
 
 def read_landmark_txt(path: str | Path, expected: int | None = None,
                       image_size: tuple[int, int] | None = None) -> np.ndarray:
     """JD-landmark text: count line, then count ``x y`` lines -> float32 (count, 2)."""
     path = Path(path)
+    lines = _numbered(path)
     try:
-        lines = [l for l in path.read_text().splitlines() if l.strip()]
-    except OSError as exc:
-        raise DataError(f"cannot read: {exc.strerror}", path=path) from None
-    try:
-        count = int(lines[0].split()[0])
+        count = int(lines[0][1].split()[0])
+        if count < 0:
+            raise ValueError
     except (IndexError, ValueError):
-        raise DataError("first line must be the point count", path=path, record="line 1") from None
+        raise DataError("first line must be the point count", path=path,
+                        record=f"line {lines[0][0] if lines else 1}") from None
     if expected is not None and count != expected:
-        raise DataError(f"{count} points, expected {expected}", path=path, record="line 1")
-    if len(lines) - 1 != count:
-        raise DataError(f"header says {count} points but {len(lines) - 1} follow", path=path, record="line 1")
-    pts = np.zeros((count, 2), np.float32)
-    for i, line in enumerate(lines[1:]):
-        parts = line.split()
-        try:
-            pts[i] = float(parts[0]), float(parts[1])
-        except (IndexError, ValueError):
-            raise DataError(f"expected 'x y', got {line!r}", path=path, record=f"line {i + 2}") from None
-    _points_ok(pts, path, 2, image_size)
+        raise DataError(f"{count} points, expected {expected}", path=path, record=f"line {lines[0][0]}")
+    if len(lines) - 1 != count:  # checked before anything is sized by the count
+        raise DataError(f"header says {count} points but {len(lines) - 1} follow", path=path,
+                        record=f"line {lines[0][0]}")
+    pts = np.array([_xy(line, path, i) for i, line in lines[1:]], np.float32).reshape(count, 2)
+    _points_ok(pts, path, [i for i, _ in lines[1:]], image_size)
     return pts
 
 
@@ -81,21 +96,21 @@ def write_landmark_txt(path: str | Path, points: np.ndarray) -> Path:
 
 
 def read_pts(path: str | Path, image_size=None) -> np.ndarray:
+    """300W ``.pts``: ``version: 1`` / ``n_points: N`` / ``{`` / N ``x y`` lines / ``}`` -> float32 (N, 2)."""
     path = Path(path)
-    text = path.read_text().splitlines()
+    text = read_lines(path)
     try:
         n = int(next(l for l in text if l.strip().startswith("n_points")).split(":")[1])
         start = next(i for i, l in enumerate(text) if l.strip() == "{") + 1
+        if n < 0:
+            raise ValueError
     except (StopIteration, ValueError, IndexError):
-        raise DataError("not a .pts file (needs 'n_points:' and '{')", path=path) from None
+        raise DataError("not a .pts file (needs 'n_points: N' and '{')", path=path) from None
     rows = text[start:start + n]
     if len(rows) != n or (start + n < len(text) and text[start + n].strip() != "}"):
-        raise DataError(f"expected {n} points between braces", path=path, record=f"line {start + 1}")
-    try:
-        pts = np.array([[float(v) for v in r.split()[:2]] for r in rows], np.float32)
-    except ValueError:
-        raise DataError("a point line is not 'x y'", path=path, record=f"line {start + 1}") from None
-    _points_ok(pts, path, start + 1, image_size)
+        raise DataError(f"expected {n} point lines between braces", path=path, record=f"line {start + 1}")
+    pts = np.array([_xy(r, path, start + 1 + i) for i, r in enumerate(rows)], np.float32).reshape(n, 2)
+    _points_ok(pts, path, list(range(start + 1, start + 1 + n)), image_size)
     return pts
 
 
@@ -116,25 +131,32 @@ class WflwRecord:
 
 
 def read_wflw(path: str | Path, points: int = 98) -> list[WflwRecord]:
+    """WFLW annotation lines -> records; a bad line raises ``DataError`` naming the file and the line."""
     path = Path(path)
+    if points < 1:
+        raise DataError(f"a WFLW line needs at least one point, asked for {points}", path=path)
+    need = 2 * points + 4 + 6 + 1
     out = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip():
-            continue
+    for lineno, line in _numbered(path):
         parts = line.split()
-        need = 2 * points + 4 + 6 + 1
         if len(parts) != need:
             raise DataError(f"{len(parts)} fields, a {points}-point WFLW line has {need}", path=path,
                             record=f"line {lineno}")
         try:
-            nums = np.array(parts[:-1], np.float64)
+            nums = np.array([float(v) for v in parts[:-1]], np.float64)
         except ValueError:
             raise DataError("non-numeric field", path=path, record=f"line {lineno}") from None
         pts = nums[:2 * points].reshape(points, 2).astype(np.float32)
+        box = nums[2 * points:2 * points + 4]
+        attrs = nums[2 * points + 4:]
         if not np.isfinite(pts).all():
             raise DataError("a point is NaN or inf", path=path, record=f"line {lineno}")
-        out.append(WflwRecord(pts, nums[2 * points:2 * points + 4].astype(np.float32),
-                              nums[2 * points + 4:].astype(np.int64), parts[-1]))
+        if not np.isfinite(box).all():
+            raise DataError("the box x1 y1 x2 y2 holds NaN or inf", path=path, record=f"line {lineno}")
+        if not np.isin(attrs, (0, 1)).all():
+            raise DataError(f"the six attributes must be 0 or 1, got {' '.join(parts[-7:-1])}", path=path,
+                            record=f"line {lineno}")
+        out.append(WflwRecord(pts, box.astype(np.float32), attrs.astype(np.int64), parts[-1]))
     return out
 
 
@@ -160,10 +182,7 @@ def write_pose_txt(path: str | Path, pose) -> Path:
 def read_pose_txt(path: str | Path) -> np.ndarray:
     """A pose file -> float32 (3,) ``(yaw, pitch, roll)`` in degrees; bad content raises DataError."""
     path = Path(path)
-    try:
-        lines = [(i, l) for i, l in enumerate(path.read_text().splitlines(), start=1) if l.strip()]
-    except OSError as exc:
-        raise DataError(f"cannot read: {exc.strerror}", path=path) from None
+    lines = _numbered(path)
     if len(lines) != 1:
         raise DataError(f"expected one 'yaw pitch roll' line (degrees), found {len(lines)}", path=path,
                         record=f"line {lines[1][0]}" if lines else None)
@@ -173,7 +192,7 @@ def read_pose_txt(path: str | Path) -> np.ndarray:
     except ValueError:
         pose = np.zeros(0, np.float32)
     if pose.shape != (3,) or not np.isfinite(pose).all():
-        raise DataError(f"expected 'yaw pitch roll' in degrees, got {line.strip()!r}", path=path,
+        raise DataError(f"expected 'yaw pitch roll' in degrees, got {line.strip()[:80]!r}", path=path,
                         record=f"line {lineno}")
     if (np.abs(pose) > 180).any():
         raise DataError(f"angles must lie in [-180, 180] degrees, got {line.strip()!r}", path=path,
@@ -255,13 +274,31 @@ def write_synthetic_jd(out_dir: str | Path, n_faces: int, *, seed: int = 0, diff
     return out
 
 
+def read_rect(path: str | Path) -> list[float]:
+    """A JD-landmark ``.rect`` file: ``x1 y1 x2 y2`` (finite numbers) on its first non-blank line."""
+    path = Path(path)
+    lines = _numbered(path)
+    lineno, line = lines[0] if lines else (1, "")
+    fields = line.split()
+    try:
+        if len(fields) < 4:
+            raise ValueError
+        box = [float(v) for v in fields[:4]]
+        if not all(math.isfinite(v) for v in box):
+            raise ValueError
+    except ValueError:
+        raise DataError(f"expected 'x1 y1 x2 y2', got {line.strip()[:80]!r}", path=path,
+                        record=f"line {lineno}") from None
+    return box
+
+
 def read_jd_dir(root: str | Path, expected: int | None = 106):
     """(image paths, (N, P, 2) points, (N, 4) boxes) of a JD-landmark directory."""
     root = Path(root)
     pics = sorted((root / "picture").glob("*.jpg"))
     if not pics:
         raise DataError("no picture/*.jpg", path=root)
-    from PIL import Image
+    from visrec.data.images import image_size
 
     pts, boxes = [], []
     for p in pics:
@@ -270,21 +307,11 @@ def read_jd_dir(root: str | Path, expected: int | None = 106):
             ann = root / "landmark" / f"{p.stem}.txt"
         if not ann.exists():
             raise DataError("no landmark file for this picture", path=p)
-        try:
-            with Image.open(p) as im:  # reads the header only: the size for the far-outside check
-                size = im.size
-        except OSError:
-            raise DataError("not a readable image", path=p) from None
+        size = image_size(p)  # the header only: the size for the far-outside check
         pts.append(read_landmark_txt(ann, expected, image_size=size))
         rect = root / "rect" / f"{p.name}.rect"
         if rect.exists():
-            fields = rect.read_text().split()
-            try:
-                if len(fields) < 4:
-                    raise ValueError
-                boxes.append([float(v) for v in fields[:4]])
-            except ValueError:
-                raise DataError(f"expected 'x1 y1 x2 y2', got {' '.join(fields)!r}", path=rect) from None
+            boxes.append(read_rect(rect))
         else:
             boxes.append([*pts[-1].min(0), *pts[-1].max(0)])
     return pics, np.stack(pts), np.asarray(boxes, np.float32)

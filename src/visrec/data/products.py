@@ -149,16 +149,9 @@ def _atomic_write_text(path: str | Path, text: str) -> None:
 
 def _read_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
     """``(1-based line, stripped fields)`` for each non-blank line."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8-sig")
-    except FileNotFoundError:
-        raise DataError("file not found", path=path) from None
-    except OSError as exc:
-        raise DataError(f"cannot read: {exc.strerror}", path=path) from None
-    except UnicodeDecodeError:
-        raise DataError("not UTF-8 text", path=path) from None
-    for lineno, line in enumerate(text.splitlines(), 1):
+    from visrec.data.text import read_lines
+
+    for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
         yield lineno, [f.strip() for f in line.split(",")]

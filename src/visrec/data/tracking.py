@@ -75,8 +75,11 @@ def iter_frames(source) -> Iterator[np.ndarray]:
         raise DataError("OpenCV cannot open this video", path=path)
     try:
         while True:
-            ok, frame = cap.read()
-            if not ok:
+            try:
+                ok, frame = cap.read()
+            except cv2.error:
+                ok = False
+            if not ok or frame is None:
                 break
             yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
     finally:
@@ -225,6 +228,7 @@ def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, vi
     the identity; by default each track is its own identity, labelled with its video id (tracks are not
     identities: the same person may give several). A video whose tracks are already in ``videos.csv`` is
     refused (remove its rows and folders to redo it). ``track_options`` go to ``track_video``."""
+    from visrec.data.text import read_text
     from visrec.data.video import VideoItem, read_video_list, scores_path, write_video_list
 
     out_root = Path(out_root)
@@ -236,7 +240,7 @@ def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, vi
         raise VisrecError(f"video id {video_id!r} cannot name a folder and a videos.csv field")
     list_path = out_root / "videos.csv"
     videos = out_root / "videos"
-    existing = read_video_list(list_path) if list_path.exists() and list_path.read_text().strip() else []
+    existing = read_video_list(list_path) if list_path.exists() and read_text(list_path).strip() else []
     prefix = f"{video_id}_t"
     if any(it.video_id.startswith(prefix) for it in existing) or \
             (videos.is_dir() and any(p.name.startswith(prefix) for p in videos.iterdir())):

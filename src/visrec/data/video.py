@@ -28,9 +28,11 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from visrec.data.text import read_lines
 from visrec.errors import DataError
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+MIN_BYTES_PER_FRAME = 16  # read_frames: a video file gives at most one frame per this many bytes
 DEGRADATIONS = ("blur", "occlusion", "pose", "dark")
 
 
@@ -46,12 +48,13 @@ def read_video_list(path: str | Path) -> list[VideoItem]:
     if not path.exists():
         raise DataError("video list not found", path=path)
     items, seen = [], {}
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_lines(path), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = [f.strip() for f in line.split(",")]
-        if len(fields) != 3 or not all(fields):
-            raise DataError(f"expected 'video_id,path,label', got {line!r}", path=path, record=f"line {lineno}")
+        if len(fields) != 3 or not all(fields) or "\x00" in fields[1]:
+            raise DataError(f"expected 'video_id,path,label', got {line[:200]!r}", path=path,
+                            record=f"line {lineno}")
         vid, rel, label = fields
         if vid in seen:
             raise DataError(f"video id {vid!r} repeats line {seen[vid]}", path=path, record=f"line {lineno}")
@@ -79,33 +82,63 @@ def write_video_list(path: str | Path, items: list[VideoItem]) -> Path:
 
 
 def read_frames(path: str | Path, video_id: str | None = None, max_frames: int | None = None) -> list[np.ndarray]:
-    """RGB uint8 112x112 frames of a frame folder or a video file (errors name the video and file)."""
+    """RGB uint8 112x112 frames of a frame folder or a video file (errors name the video and file).
+
+    Each frame is checked as it is read (a frame of another size stops the read at once), and a video file
+    may hold at most one frame per ``MIN_BYTES_PER_FRAME`` bytes of its length (more is a ``DataError``):
+    what it decodes to stays bounded by the file's length, whatever its header or stream claims."""
+    from visrec.data.images import decode_image
+
     path = Path(path)
     record = f"video {video_id}" if video_id else None
+    frames: list[np.ndarray] = []
+
+    def keep(frame: np.ndarray, where: Path) -> None:
+        if frame.shape[:2] != (112, 112):
+            raise DataError(f"frames must be aligned 112x112 face crops, got {frame.shape[1]}x{frame.shape[0]}",
+                            path=where, record=record)
+        frames.append(frame)
+
     if path.is_dir():
         files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)[:max_frames]
-        frames = []
         for f in files:
-            img = cv2.imread(str(f), cv2.IMREAD_COLOR)
-            if img is None:
-                raise DataError("frame is not a decodable image", path=f, record=record)
-            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-    elif path.exists():
+            try:
+                data = f.read_bytes()
+            except OSError as exc:
+                raise DataError(f"cannot read frame: {exc.strerror}", path=f, record=record) from None
+            keep(decode_image(data, source=f, record=record), f)
+    elif path.is_file():
+        limit = max(1, path.stat().st_size // MIN_BYTES_PER_FRAME)
+        if max_frames is not None:
+            limit = min(limit, max_frames)
         cap = cv2.VideoCapture(str(path))
-        frames = []
-        while max_frames is None or len(frames) < max_frames:
-            ok, img = cap.read()
-            if not ok:
-                break
-            frames.append(cv2.cvtColor(img, cv2.COLOR_BGR2RGB))
-        cap.release()
+        try:
+            w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
+            if w > 0 and h > 0 and (w, h) != (112, 112):  # refused before a frame is decoded at that size
+                raise DataError(f"frames must be aligned 112x112 face crops, the video declares {w}x{h}",
+                                path=path, record=record)
+            while len(frames) < limit:
+                try:
+                    ok, img = cap.read()
+                except cv2.error:
+                    ok = False
+                if not ok or img is None or img.ndim != 3 or img.shape[2] != 3:
+                    break
+                keep(cv2.cvtColor(img, cv2.COLOR_BGR2RGB), path)
+            if len(frames) == limit and (max_frames is None or limit < max_frames):
+                try:
+                    more = cap.read()[0]
+                except cv2.error:
+                    more = False
+                if more:
+                    raise DataError(f"more than {limit} frames in {path.stat().st_size} bytes (at most one per "
+                                    f"{MIN_BYTES_PER_FRAME} bytes)", path=path, record=record)
+        finally:
+            cap.release()
     else:
         raise DataError("video file or frame folder not found", path=path, record=record)
     if not frames:
         raise DataError("no frames could be read", path=path, record=record)
-    bad = next((f.shape for f in frames if f.shape[:2] != (112, 112)), None)
-    if bad is not None:
-        raise DataError(f"frames must be aligned 112x112 face crops, got {bad[1]}x{bad[0]}", path=path, record=record)
     return frames
 
 
@@ -120,12 +153,14 @@ def read_frame_scores(path: str | Path, num_frames: int) -> np.ndarray | None:
     if not sp.exists():
         return None
     values = []
-    for lineno, line in enumerate(sp.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_lines(sp), start=1):
         if line.strip():
             try:
                 values.append(float(line))
             except ValueError:
-                raise DataError(f"not a number: {line!r}", path=sp, record=f"line {lineno}") from None
+                values.append(math.nan)
+            if not math.isfinite(values[-1]):
+                raise DataError(f"not a number: {line[:80]!r}", path=sp, record=f"line {lineno}")
     if len(values) != num_frames:
         raise DataError(f"{len(values)} scores for {num_frames} frames", path=sp)
     return np.asarray(values, np.float32)
