@@ -11,13 +11,18 @@ Binary layout (dmlc-core recordio + MXNet's ``recordio.pack``):
   .idx     = text lines ``index\\toffset`` (byte offset of the record's magic).
   property = text ``num_classes,height,width``.
 Face-set layout as InsightFace writes it: record 0 is a header with flag=2 and labels
-(first identity-record index, end of identity records); images are records 1..N-1; records
-N..end-1 hold one identity each, with labels [first image index, end image index). Sets without that
-header (record 0 with flag 0) are plain lists whose labels come from each record's header.
+(first identity-record index, end of identity records) and no image; images are records 1..N-1; records
+N..end-1 hold one identity each, with labels [first image index, end image index). ``rec_builder.py``
+writes record 0 last in the file (the ``.idx`` finds it anywhere). Sets without that header (record 0 an
+image: ``im2rec``, ``SeqRecBuilder``, shuffled lists) are plain lists of every indexed record.
+Either way an image's class is its own header label, as arcface_torch reads it (flag 0: the header's
+float; flag > 0: the first of the label floats); identity records, where they exist, are cross-checked
+against those labels (``RecordIOReader``).
 """
 
 from __future__ import annotations
 
+import math
 import os
 import struct
 from pathlib import Path
@@ -29,6 +34,11 @@ from visrec.errors import DataError
 MAGIC = 0xCED7230A
 _HEADER = struct.Struct("<IfQQ")
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
+_LENGTH_MASK = (1 << 29) - 1
+MAX_LABEL = 1 << 24  # class labels are float32: every integer below 2^24 is exact, none above is safe
+# what ``RecordIOReader`` reads of each record when it opens a set: magic, lrecord, IRHeader, 2 label floats
+_PEEK = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
+                  ("id2", "<u8"), ("l0", "<f4"), ("l1", "<f4")])
 
 
 def _resolve(directory: str | Path) -> tuple[Path, Path, Path]:
@@ -155,7 +165,22 @@ class RecordIOWriter:
 
 class RecordIOReader:
     """Random access to an InsightFace ``.rec`` through its ``.idx``. The file is opened lazily per
-    process, so the reader can be handed to DataLoader workers."""
+    process, so the reader can be handed to DataLoader workers.
+
+    Labels are each image record's own header label, as arcface_torch reads them (flag 0: the header's float;
+    flag > 0: the first of the label floats). Record 0 is a face-set header when it carries labels (flag >= 2)
+    and no image bytes: its labels are [first identity record, end]; images are records 1 .. first - 1, in
+    that order, wherever record 0 lies in the file (``rec_builder`` writes it last). Otherwise the set is a
+    plain list (``im2rec``, ``SeqRecBuilder``, shuffled lists): every record in the index is an image, in
+    index order. When identity records exist (each [first image, end) of one identity), they must agree
+    with the image headers: every image inside exactly one range, one label per range, a different label
+    per range.
+
+    Everything is checked against the files before it sizes anything: a label must be a whole number in
+    [0, 2^24) (float32 holds every integer below 2^24 exactly, and above it a label cannot name one class),
+    header and identity ranges must lie inside the records the index holds, and a record's length must fit
+    in the file. A violation is a ``DataError`` naming the file and the record (or the ``.idx`` line).
+    """
 
     def __init__(self, directory: str | Path):
         self.rec_path, self.idx_path, self.prop_path = _resolve(directory)
@@ -168,44 +193,204 @@ class RecordIOReader:
         self._size = self.rec_path.stat().st_size
         self._fh = None
         self._pid = None
-        flag, labels, *_ = self.read_record(0)
-        if flag > 0:  # InsightFace face-set header
-            first_id, end_id = int(labels[0]), int(labels[1])
-            self.image_records = np.arange(1, first_id)
-            self.identity_ranges = [tuple(int(x) for x in self.read_record(i)[1][:2])
-                                    for i in range(first_id, end_id)]
-            lab = np.empty(len(self.image_records), np.int64)
-            for c, (s, e) in enumerate(self.identity_ranges):
-                if not (1 <= s <= e <= first_id):
-                    raise DataError(f"identity {c} range [{s}, {e}) outside the image records",
-                                    path=self.rec_path, record=first_id + c)
-                lab[s - 1:e - 1] = c
-            self.labels = lab
+        header = self._face_set_header()
+        if header is not None:
+            first_id, end_id = header
+            self.image_records = np.arange(1, first_id, dtype=np.int64)
+            self.labels = self._image_labels(self.image_records)
+            self.identity_ranges = self._identity_ranges(first_id, end_id)
         else:
             self.image_records = np.array(sorted(self.offsets), dtype=np.int64)
+            self.labels = self._image_labels(self.image_records)
             self.identity_ranges = []
-            self.labels = np.array([int(self.read_record(int(i))[1][0]) for i in self.image_records], np.int64)
         self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
         if self.prop_path.exists():
-            try:
-                declared = int(self.prop_path.read_text().strip().split(",")[0])
-            except ValueError:
-                raise DataError("expected 'num_classes,height,width'", path=self.prop_path) from None
+            declared = self._read_property()
             if declared != self.num_classes:
                 raise DataError(f"declares {declared} classes but the records hold {self.num_classes}",
                                 path=self.prop_path)
 
+    # ------------------------------------------------------------------------------------------ opening
+
     def _read_idx(self) -> dict[int, int]:
-        offsets = {}
-        for lineno, line in enumerate(self.idx_path.read_text().splitlines(), start=1):
+        from visrec.data.text import read_lines
+
+        offsets: dict[int, int] = {}
+        lines: dict[int, int] = {}
+        for lineno, line in enumerate(read_lines(self.idx_path), start=1):
             if not line.strip():
                 continue
             try:
                 key, off = line.split("\t")
-                offsets[int(key)] = int(off)
+                key, off = int(key), int(off)
             except ValueError:
-                raise DataError(f"line {lineno} is not 'index<TAB>offset': {line!r}", path=self.idx_path) from None
+                raise DataError(f"not 'index<TAB>offset': {line[:80]!r}", path=self.idx_path,
+                                record=f"line {lineno}") from None
+            if not 0 <= key < 1 << 62 or not 0 <= off < 1 << 62:
+                raise DataError(f"index {key} / offset {off} out of range", path=self.idx_path,
+                                record=f"line {lineno}")
+            if key in offsets:
+                raise DataError(f"record {key} is listed twice (first on line {lines[key]})",
+                                path=self.idx_path, record=f"line {lineno}")
+            offsets[key], lines[key] = off, lineno
         return offsets
+
+    def _read_property(self) -> int:
+        from visrec.data.text import read_lines
+
+        lines = read_lines(self.prop_path)
+        first = lines[0] if lines else ""
+        try:
+            declared = int(first.strip().split(",")[0])
+            if declared < 0:
+                raise ValueError
+        except ValueError:
+            raise DataError(f"expected 'num_classes,height,width', got {first[:80]!r}", path=self.prop_path,
+                            record="line 1") from None
+        return declared
+
+    def _face_set_header(self) -> tuple[int, int] | None:
+        """(first identity record, end) from record 0, or None for a plain list (module/class docstring)."""
+        if 0 not in self.offsets:
+            return None
+        flag, labels, _, _, body = self.read_record(0)
+        if flag == 0 or body:
+            return None  # an image: record 0 of a list without a header
+        if flag < 2:
+            raise DataError(f"face-set header (labels, no image) holds {flag} label; it needs 2: the first "
+                            "identity record and the end of the identity records", path=self.rec_path, record=0)
+        first_id = self._whole(labels[0], "header's first identity record", 0)
+        end_id = self._whole(labels[1], "header's end of identity records", 0)
+        n = len(self.offsets)
+        if not 1 <= first_id <= end_id:
+            raise DataError(f"header labels [{first_id}, {end_id}) are not 1 <= first identity record <= end",
+                            path=self.rec_path, record=0)
+        if end_id > n:
+            raise DataError(f"header names records up to {end_id - 1}, the index holds only {n} records",
+                            path=self.rec_path, record=0)
+        keys = np.fromiter(self.offsets, np.int64, n)
+        inside = np.count_nonzero((keys >= 1) & (keys < end_id))
+        if inside != end_id - 1:
+            missing = next(k for k in range(1, end_id) if k not in self.offsets)
+            raise DataError(f"record {missing} (header: images 1..{first_id - 1}, identity records "
+                            f"{first_id}..{end_id - 1}) is not in the index", path=self.idx_path, record=missing)
+        return first_id, end_id
+
+    def _whole(self, value: float, what: str, record: int) -> int:
+        if not math.isfinite(value) or value != math.floor(value) or not 0 <= value < 1 << 62:
+            raise DataError(f"{what} {float(value)!r} is not a whole record number", path=self.rec_path,
+                            record=record)
+        return int(value)
+
+    def _headers(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """(flag, first label, second label (NaN when none), image byte count) of each record, read from the
+        record headers only: one gather over a memory map for the usual whole records, ``read_record`` (which
+        checks everything) for the rest."""
+        n = len(records)
+        flag = np.zeros(n, np.int64)
+        first = np.zeros(n, np.float64)
+        second = np.full(n, np.nan)
+        body = np.zeros(n, np.int64)
+        if n == 0:
+            return flag, first, second, body
+        offs = np.fromiter((self.offsets[int(r)] for r in records), np.int64, n)
+        slow = np.ones(n, bool)
+        if self._size >= _PEEK.itemsize:
+            import mmap
+
+            with open(self.rec_path, "rb") as fh, mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ) as mm:
+                buf = np.frombuffer(mm, np.uint8)
+                try:
+                    step = np.arange(_PEEK.itemsize)
+                    for lo in range(0, n, 1 << 16):
+                        o = offs[lo:lo + (1 << 16)]
+                        inside = o + _PEEK.itemsize <= self._size
+                        rows = np.zeros(len(o), _PEEK)
+                        rows[inside] = buf[o[inside, None] + step].view(_PEEK).reshape(-1)
+                        f = rows["flag"].astype(np.int64)
+                        length = (rows["lrec"] & _LENGTH_MASK).astype(np.int64)
+                        labels_len = _HEADER.size + 4 * f
+                        ok = (inside & (rows["magic"] == MAGIC) & (rows["lrec"] >> 29 == 0)
+                              & (length >= labels_len) & (o + 8 + length <= self._size)
+                              & ((f == 0) | (length >= _HEADER.size + 4)))
+                        sl = slice(lo, lo + len(o))
+                        slow[sl] = ~ok
+                        flag[sl] = f
+                        first[sl] = np.where(f > 0, rows["l0"], rows["label"])
+                        second[sl] = np.where((f > 1) & (length >= _HEADER.size + 8), rows["l1"], np.nan)
+                        body[sl] = length - labels_len
+                finally:
+                    del buf
+        for i in np.flatnonzero(slow):  # split, short or broken records: read in full (errors name them)
+            f, labels, _, _, data = self.read_record(int(records[i]))
+            flag[i], first[i], body[i] = f, labels[0], len(data)
+            second[i] = labels[1] if len(labels) > 1 else np.nan
+        return flag, first, second, body
+
+    def _image_labels(self, records: np.ndarray) -> np.ndarray:
+        _, label, _, _ = self._headers(records)
+        bad = ~np.isfinite(label) | (label < 0) | (label != np.floor(label)) | (label >= MAX_LABEL)
+        if bad.any():
+            i = int(np.argmax(bad))
+            v = float(label[i])
+            why = ("is NaN or inf" if not math.isfinite(v) else "is negative" if v < 0 else
+                   "is not a whole number" if v != math.floor(v) else
+                   f"is not below 2^24 = {MAX_LABEL} (float32 labels are exact integers only below it)")
+            raise DataError(f"class label {v:.9g} {why}", path=self.rec_path, record=int(records[i]))
+        return label.astype(np.int64)
+
+    def _identity_ranges(self, first_id: int, end_id: int) -> list[tuple[int, int]]:
+        """Identity records first_id .. end_id - 1, checked against the image records and their labels."""
+        n_img = first_id - 1
+        records = np.arange(first_id, end_id, dtype=np.int64)
+        flag, s, e, _ = self._headers(records)
+        for c in range(len(records)):
+            if flag[c] < 2 or not np.isfinite(e[c]):
+                raise DataError(f"identity record holds {flag[c]} label(s); it needs 2: [first image, end)",
+                                path=self.rec_path, record=int(records[c]))
+        bad = ~(np.isfinite(s) & (s == np.floor(s)) & (e == np.floor(e)) & (1 <= s) & (s <= e) & (e <= first_id))
+        if bad.any():
+            c = int(np.argmax(bad))
+            raise DataError(f"identity range [{s[c]:g}, {e[c]:g}) is not a range of the image records "
+                            f"1..{n_img}", path=self.rec_path, record=int(records[c]))
+        s, e = s.astype(np.int64), e.astype(np.int64)
+        if len(records):
+            cover = np.zeros(n_img + 1, np.int64)
+            np.add.at(cover, s - 1, 1)
+            np.add.at(cover, e - 1, -1)
+            cover = np.cumsum(cover)[:n_img]
+            if (cover > 1).any():
+                img = int(np.argmax(cover > 1)) + 1
+                owners = [int(r) for r, a, b in zip(records, s, e) if a <= img < b][:2]
+                raise DataError(f"image record {img} lies in the ranges of identity records {owners[0]} and "
+                                f"{owners[1]}", path=self.rec_path, record=img)
+            if (cover == 0).any():
+                img = int(np.argmax(cover == 0)) + 1
+                raise DataError(f"image record {img} is in no identity range (identity records "
+                                f"{first_id}..{end_id - 1})", path=self.rec_path, record=img)
+            # every image in exactly one range: the owner of each image, in image order
+            order = np.argsort(s, kind="stable")
+            owner = np.repeat(order, (e - s)[order])
+            nonempty = e > s
+            id_label = np.full(len(records), -1, np.int64)
+            id_label[nonempty] = self.labels[s[nonempty] - 1]
+            wrong = self.labels != id_label[owner]
+            if wrong.any():
+                i = int(np.argmax(wrong))
+                c = int(owner[i])
+                raise DataError(f"header label {int(self.labels[i])} disagrees with identity record "
+                                f"{int(records[c])}, whose images {s[c]}..{e[c] - 1} start with label "
+                                f"{int(id_label[c])}", path=self.rec_path, record=int(i + 1))
+            used = id_label[nonempty]
+            uniq, first_at, counts = np.unique(used, return_index=True, return_counts=True)
+            if (counts > 1).any():
+                lab = int(uniq[np.argmax(counts > 1)])
+                both = [int(r) for r, v in zip(records[nonempty], used) if v == lab][:2]
+                raise DataError(f"identity records {both[0]} and {both[1]} both hold label {lab}",
+                                path=self.rec_path, record=both[1])
+        return [(int(a), int(b)) for a, b in zip(s, e)]
+
+    # ------------------------------------------------------------------------------------------ reading
 
     def __len__(self) -> int:
         return len(self.image_records)
@@ -224,7 +409,7 @@ class RecordIOReader:
     def read_record(self, index: int) -> tuple[int, np.ndarray, int, int, bytes]:
         """(flag, labels, id, id2, payload bytes after the header) of record ``index``."""
         if index not in self.offsets:
-            raise DataError(f"record {index} is not in the index", path=self.idx_path)
+            raise DataError(f"record {index} is not in the index", path=self.idx_path, record=index)
         offset = self.offsets[index]
         if offset >= self._size:
             raise DataError(f"offset {offset} is past the end of the file ({self._size} bytes)",
@@ -240,7 +425,11 @@ class RecordIOReader:
             if magic != MAGIC:
                 raise DataError(f"bad magic 0x{magic:08x} (expected 0x{MAGIC:08x})", path=self.rec_path,
                                 record=index)
-            cflag, length = lrec >> 29, lrec & ((1 << 29) - 1)
+            cflag, length = lrec >> 29, lrec & _LENGTH_MASK
+            left = self._size - fh.tell()
+            if length > left:  # checked before reading: read(n) allocates n bytes up front
+                raise DataError(f"truncated record: {length} bytes announced, {max(left, 0)} left in the file",
+                                path=self.rec_path, record=index)
             part = fh.read(length)
             if len(part) < length:
                 raise DataError(f"truncated record: {len(part)} of {length} bytes", path=self.rec_path,
