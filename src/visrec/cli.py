@@ -8,6 +8,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from visrec.errors import VisrecError
 
@@ -106,7 +107,8 @@ def main() -> None:
     try:
         app()
     except VisrecError as exc:
-        Console(stderr=True).print(f"[bold red]error:[/] {exc}", highlight=False)
+        # Text, not markup: a message quoting a user's name or path (say "[/]") must print as written
+        Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False)
         sys.exit(2)
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")

@@ -1,4 +1,4 @@
-"""``visrec gallery calibrate|list|export|import --config serve.yaml``: the served face gallery offline."""
+"""``visrec gallery calibrate|list|delete|export|import --config serve.yaml``: the served face gallery offline."""
 
 from __future__ import annotations
 
@@ -8,9 +8,11 @@ from pathlib import Path
 import typer
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 console = Console()
-app = typer.Typer(help="The face gallery a serve config names: calibrate its threshold, list, export, import.",
+app = typer.Typer(help="The face gallery a serve config names: calibrate its threshold, list, delete (erase a "
+                       "person), export, import.",
                   add_completion=False)
 CONFIG = typer.Option(..., "--config", help="serve YAML whose faces.gallery is meant")
 
@@ -77,7 +79,25 @@ def list_(config: Path = CONFIG):
         for col in ("identity", "templates", "metadata"):
             t.add_column(col)
         for row in g.list():
-            t.add_row(row["identity"], str(row["templates"]), str(row["metadata"] or ""))
+            t.add_row(Text(row["identity"]), str(row["templates"]), Text(str(row["metadata"] or "")))
+    console.print(t)
+
+
+@app.command("delete")
+def delete(identity: str = typer.Argument(..., help="the identity to erase (any name the service accepts; "
+                                                    "quote it for the shell)"),
+           config: Path = CONFIG):
+    """Erase one identity: its row and every template (biometric data: the way to erase a person)."""
+    from visrec.errors import DataError
+
+    with _open(config) as g:
+        if g.identity(identity) is None:
+            raise DataError(f"identity {identity!r} is not enrolled")
+        removed = g.remove(identity)
+    t = Table(title="erased")
+    t.add_column("identity")
+    t.add_column("templates removed")
+    t.add_row(Text(identity), f"{removed:,}")  # Text: a name is never read as Rich markup
     console.print(t)
 
 

@@ -4,59 +4,31 @@ health, Prometheus metrics, OpenAPI at /docs and a single web page at /.
 Images come as multipart form files (field ``image``; enroll also takes several ``image`` parts) or JSON
 with base64 (``{"image": "<base64>"}`` / ``{"images": [...]}``). Every user-input problem is a 4xx with
 ``{"error": "..."}`` saying what was wrong; a 5xx means a bug in the server.
+
+What a request may cost is bounded (``limits`` in the config, SECURITY.md): body bytes while streaming
+(:mod:`visrec.serve.guard`), images per request, pixels per image and per request (read from the image
+headers before anything is decoded), the time to receive the body, and how many requests do image work at
+once. A JSON body or field holding NaN or Infinity is a 400.
 """
 
 
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
+import asyncio
 import base64
 import binascii
+import io
 import json
-import time
-from collections import defaultdict
+import math
 from pathlib import Path
 
 import numpy as np
 
 from visrec.errors import VisrecError
 from visrec.serve.config import ServeConfig
+from visrec.serve.guard import Guard, Metrics
 from visrec.serve.pipeline import InputError
 
 PAGE = Path(__file__).with_name("page.html")
-
-
-class Metrics:
-    """Request counters by (route, status) and a latency histogram, in Prometheus text format."""
-
-    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-
-    def __init__(self):
-        self.counts: dict[tuple[str, int], int] = defaultdict(int)
-        self.hist: dict[str, list[int]] = defaultdict(lambda: [0] * (len(self.BUCKETS) + 1))
-        self.sums: dict[str, float] = defaultdict(float)
-
-    def observe(self, route: str, status: int, seconds: float) -> None:
-        self.counts[(route, status)] += 1
-        h = self.hist[route]
-        for i, b in enumerate(self.BUCKETS):
-            if seconds <= b:
-                h[i] += 1
-        h[-1] += 1
-        self.sums[route] += seconds
-
-    def text(self, gallery_templates: int | None) -> str:
-        lines = ["# HELP visrec_requests_total HTTP requests by route and status.", "# TYPE visrec_requests_total counter"]
-        for (route, status), n in sorted(self.counts.items()):
-            lines.append(f'visrec_requests_total{{route="{route}",status="{status}"}} {n}')
-        lines += ["# HELP visrec_request_seconds Request latency.", "# TYPE visrec_request_seconds histogram"]
-        for route, h in sorted(self.hist.items()):
-            for b, n in zip(self.BUCKETS, h):
-                lines.append(f'visrec_request_seconds_bucket{{route="{route}",le="{b}"}} {n}')
-            lines.append(f'visrec_request_seconds_bucket{{route="{route}",le="+Inf"}} {h[-1]}')
-            lines.append(f'visrec_request_seconds_sum{{route="{route}"}} {self.sums[route]:.6f}')
-            lines.append(f'visrec_request_seconds_count{{route="{route}"}} {h[-1]}')
-        if gallery_templates is not None:
-            lines += ["# TYPE visrec_gallery_templates gauge", f"visrec_gallery_templates {gallery_templates}"]
-        return "\n".join(lines) + "\n"
 
 
 def create_app(cfg: ServeConfig):
@@ -65,17 +37,16 @@ def create_app(cfg: ServeConfig):
     from fastapi.responses import HTMLResponse, JSONResponse, PlainTextResponse
 
     cfg.check()
-    keys = cfg.keys()
-    max_body = int(cfg.limits.max_body_mb * 1e6)
+    limits = cfg.limits
+    max_body = int(limits.max_body_mb * 1e6)
     app = FastAPI(title="visrec", description="faces, landmarks and product search", version="0.1.0")
-    metrics = Metrics()
     state: dict = {}
 
     if cfg.faces is not None:
         from visrec.serve.pipeline import FacePipeline, open_configured_gallery
 
         pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
-                            detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=cfg.limits.max_pixels)
+                            detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=limits.max_pixels)
         state["faces"], state["gallery"] = pipe, open_configured_gallery(cfg.faces, pipe.embedder)
     if cfg.landmarks is not None:
         from visrec.train.checkpoint import load_backbone
@@ -86,23 +57,15 @@ def create_app(cfg: ServeConfig):
 
         state["products"] = CatalogueIndex(cfg.products.index)
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        start = time.perf_counter()
-        route = request.url.path if not request.url.path.startswith("/v1/faces/") or request.method != "DELETE" \
-            else "/v1/faces/{identity}"
-        try:
-            if request.url.path.startswith("/v1/"):
-                if keys and request.headers.get("x-api-key") not in keys:
-                    raise InputError("missing or wrong API key (header X-API-Key)", 401)
-                length = request.headers.get("content-length")
-                if length is not None and length.isdigit() and int(length) > max_body:
-                    raise InputError(f"body of {int(length):,} bytes is above the limit of {max_body:,}", 413)
-            response = await call_next(request)
-        except InputError as exc:
-            response = JSONResponse({"error": str(exc)}, status_code=exc.status)
-        metrics.observe(route, response.status_code, time.perf_counter() - start)
-        return response
+    metrics = Metrics(state["gallery"].count if "gallery" in state else None)
+    app.add_middleware(Guard, keys=cfg.keys(), max_body=max_body, body_timeout_s=limits.body_timeout_s,
+                       metrics=metrics)
+    working = asyncio.Semaphore(limits.max_concurrent)
+
+    async def offload(work):
+        """Image work off the event loop, at most ``limits.max_concurrent`` at once; waiting holds no thread."""
+        async with working:
+            return await run_in_threadpool(work)
 
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):
@@ -133,18 +96,41 @@ def create_app(cfg: ServeConfig):
             raise InputError(f"field {name!r} must be between 1 and {high}, got {value}", 400)
         return value
 
+    def _json(text, where: str):
+        try:
+            return json.loads(text, parse_constant=_reject_non_finite)
+        except _NonFinite as exc:
+            raise InputError(f"{where} holds {exc}: numbers must be finite", 400) from None
+        except ValueError:
+            raise InputError(f"{where} is not valid JSON", 400) from None
+
+    def _check_pixels(images: dict[str, list[bytes]]) -> None:
+        """Images per request and their pixels (from each header, nothing decoded) against the limits."""
+        count = sum(len(v) for v in images.values())
+        if count > limits.max_images:
+            raise InputError(f"{count} images in one request, above the limit of {limits.max_images} "
+                             f"(limits.max_images)", 413)
+        total = 0
+        for data in (d for v in images.values() for d in v):
+            total += _header_pixels(data)  # an unreadable image is reported when it is decoded
+            if total > limits.max_request_pixels:
+                raise InputError(f"the request's images hold more than {limits.max_request_pixels:,} pixels "
+                                 f"(limits.max_request_pixels)", 413)
+
     async def read_images(request: Request, *, many: bool = False, names=("image",)) -> tuple[dict[str, list[bytes]], dict]:
-        """Images by field name and the other fields, from multipart or base64 JSON."""
-        body = await request.body()
-        if len(body) > max_body:
-            raise InputError(f"body of {len(body):,} bytes is above the limit of {max_body:,}", 413)
+        """Images by field name and the other fields, from multipart or base64 JSON (body bounded by Guard)."""
         ctype = request.headers.get("content-type", "")
         images: dict[str, list[bytes]] = {n: [] for n in names}
         fields: dict = {}
         if ctype.startswith("multipart/form-data"):
             try:
-                form = await request.form(max_part_size=max_body)
-            except Exception as exc:  # malformed multipart
+                form = await request.form(max_files=limits.max_images + 1, max_fields=64, max_part_size=max_body)
+            except InputError:
+                raise
+            except Exception as exc:  # malformed multipart, too many parts
+                if "Too many files" in str(exc):
+                    raise InputError(f"more than {limits.max_images} images in one request "
+                                     f"(limits.max_images)", 413) from None
                 raise InputError(f"malformed multipart body: {exc}", 400) from None
             for key, value in form.multi_items():
                 if hasattr(value, "read"):
@@ -154,10 +140,7 @@ def create_app(cfg: ServeConfig):
                 else:
                     fields[key] = value
         elif ctype.startswith("application/json"):
-            try:
-                payload = await request.json()
-            except Exception:
-                raise InputError("body is not valid JSON", 400) from None
+            payload = _json(await request.body(), "the JSON body")
             if not isinstance(payload, dict):
                 raise InputError("JSON body must be an object", 400)
             for key, value in payload.items():
@@ -166,6 +149,9 @@ def create_app(cfg: ServeConfig):
                     values = value if plural else [value]
                     if not isinstance(values, list) or not all(isinstance(v, str) for v in values):
                         raise InputError(f"field {key!r} must hold base64 strings", 400)
+                    if len(values) > limits.max_images:
+                        raise InputError(f"{len(values)} images in one request, above the limit of "
+                                         f"{limits.max_images} (limits.max_images)", 413)
                     for v in values:
                         try:
                             images[plural or key].append(base64.b64decode(v, validate=True))
@@ -181,6 +167,7 @@ def create_app(cfg: ServeConfig):
                 raise InputError(f"no image in field {n!r}", 400)
             if len(images[n]) > 1 and not many:
                 raise InputError(f"one image expected in field {n!r}, got {len(images[n])}", 400)
+        _check_pixels(images)
         return images, fields
 
     def need(name: str):
@@ -195,7 +182,7 @@ def create_app(cfg: ServeConfig):
 
     @app.get("/metrics", response_class=PlainTextResponse)
     def prometheus():
-        return metrics.text(state["gallery"].count() if "gallery" in state else None)
+        return PlainTextResponse(metrics.text(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
     page_html = PAGE.read_text()  # read once, not per request
 
@@ -203,27 +190,31 @@ def create_app(cfg: ServeConfig):
     def page():
         return page_html
 
-    def _identity(fields) -> str:
-        identity = fields.get("identity")
-        if not isinstance(identity, str) or not identity.strip():
+    def _identity(value) -> str:
+        from visrec.index.gallery import check_identity
+
+        if not isinstance(value, str) or not value.strip():
             raise InputError("field 'identity' (a non-empty string) is required", 400)
-        return identity.strip()
+        try:
+            return check_identity(value.strip())
+        except VisrecError as exc:
+            raise InputError(str(exc), 400) from None
 
     @app.post("/v1/faces/enroll")
     async def enroll(request: Request):
+        from visrec.index.gallery import check_metadata
         from visrec.serve.pipeline import image_hash
 
         pipe, gallery = need("faces"), state["gallery"]
         images, fields = await read_images(request, many=True)
-        identity = _identity(fields)
+        identity = _identity(fields.get("identity"))
         meta = fields.get("metadata", {})
         if isinstance(meta, str):  # multipart forms carry it as a JSON string
-            try:
-                meta = json.loads(meta) if meta.strip() else {}
-            except ValueError:
-                raise InputError("field 'metadata' is not valid JSON", 400) from None
-        if not isinstance(meta, dict):
-            raise InputError("field 'metadata' must be a JSON object", 400)
+            meta = _json(meta, "field 'metadata'") if meta.strip() else {}
+        try:
+            meta = check_metadata(meta, identity)  # before any work: the whole request is valid or refused
+        except VisrecError as exc:
+            raise InputError(str(exc), 422 if "limit" in str(exc) else 400) from None
 
         def work():
             crops = []
@@ -238,7 +229,7 @@ def create_app(cfg: ServeConfig):
             return {"identity": identity, "enrolled": len(ids), "entries": ids,
                     "templates": gallery.identity(identity)["templates"]}
 
-        return await run_in_threadpool(work)
+        return await offload(work)
 
     @app.post("/v1/faces/identify")
     async def identify(request: Request):
@@ -255,7 +246,7 @@ def create_app(cfg: ServeConfig):
                                                   "accepted": bool(m.accepted)} for m in ms]}
                 for f, ms in zip(faces, results)]}
 
-        return await run_in_threadpool(work)
+        return await offload(work)
 
     @app.post("/v1/faces/verify")
     async def verify(request: Request):
@@ -269,15 +260,24 @@ def create_app(cfg: ServeConfig):
             t = gallery.threshold
             return {"score": round(score, 6), "threshold": t, "same": None if t is None else score >= t}
 
-        return await run_in_threadpool(work)
+        return await offload(work)
 
-    @app.delete("/v1/faces/{identity}")
-    def delete(identity: str):
+    def _erase(identity) -> dict:
         need("faces")
+        identity = _identity(identity)
         removed = state["gallery"].remove(identity)
         if not removed:
             raise InputError(f"identity {identity!r} is not enrolled", 404)
         return {"identity": identity, "removed": removed}
+
+    @app.delete("/v1/faces")
+    def delete_by_query(identity: str | None = None):
+        """Erase an identity named in the query (``?identity=...``, URL-encoded): any name, '/' included."""
+        return _erase(identity)
+
+    @app.delete("/v1/faces/{identity:path}")
+    def delete(identity: str):
+        return _erase(identity)
 
     @app.get("/v1/faces")
     def list_faces():
@@ -293,7 +293,7 @@ def create_app(cfg: ServeConfig):
         images, fields = await read_images(request)
 
         def work():
-            image = decode_upload(images["image"][0], cfg.limits.max_pixels)
+            image = decode_upload(images["image"][0], limits.max_pixels)
             h, w = image.shape[:2]
             box = fields.get("box")
             if box is None:
@@ -301,13 +301,16 @@ def create_app(cfg: ServeConfig):
             else:
                 try:
                     box = tuple(float(v) for v in (box.split(",") if isinstance(box, str) else box))
-                    assert len(box) == 4 and box[2] > box[0] and box[3] > box[1]
-                except (ValueError, AssertionError, TypeError):
-                    raise InputError("field 'box' must be x1,y1,x2,y2 with x2 > x1 and y2 > y1", 400) from None
+                    ok = len(box) == 4 and all(math.isfinite(v) for v in box) and box[2] > box[0] and box[3] > box[1]
+                except (ValueError, TypeError):
+                    ok = False
+                if not ok or not (box[0] < w and box[1] < h and box[2] > 0 and box[3] > 0):
+                    raise InputError("field 'box' must be 4 finite numbers x1,y1,x2,y2 with x2 > x1 and y2 > y1 "
+                                     "that overlap the image", 400)
             pts = predict_points(net, image, box)
             return {"box": list(box), "points": [[round(float(a), 2), round(float(b), 2)] for a, b in pts]}
 
-        return await run_in_threadpool(work)
+        return await offload(work)
 
     @app.post("/v1/products/search")
     async def products(request: Request):
@@ -318,13 +321,35 @@ def create_app(cfg: ServeConfig):
         k = _int_field(fields, "top_k", cfg.products.top_k)
 
         def work():
-            image = decode_upload(images["image"][0], cfg.limits.max_pixels)
+            image = decode_upload(images["image"][0], limits.max_pixels)
             ids, scores = index.search_images([image], k)
             return {"results": [{"id": i, "score": round(float(s), 6)} for i, s in zip(ids[0], scores[0])]}
 
-        return await run_in_threadpool(work)
+        return await offload(work)
 
     return app
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _reject_non_finite(name: str):
+    raise _NonFinite(name)
+
+
+def _header_pixels(data: bytes) -> int:
+    """Width x height from an image's header (Pillow reads no pixel data to open it); 0 if unreadable."""
+    from PIL import Image
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            w, h = im.size
+    except Image.DecompressionBombError:
+        return 1 << 62  # declares more pixels than any limit
+    except Exception:  # noqa: BLE001 - not an image: decode_upload names the problem
+        return 0
+    return int(w) * int(h)
 
 
 def serve(cfg: ServeConfig) -> None:

@@ -53,8 +53,17 @@ class ProductsConfig(_Strict):
 
 
 class LimitsConfig(_Strict):
-    max_body_mb: float = Field(10.0, gt=0)
-    max_pixels: int = Field(40_000_000, gt=0)
+    """What one request may cost; each limit answers 413 (408 for the deadline) naming itself."""
+
+    max_body_mb: float = Field(10.0, gt=0, description="request body in MB (10^6 bytes), counted while it "
+                                                       "streams in, chunked or not")
+    max_pixels: int = Field(40_000_000, gt=0, description="pixels of one image (width x height, from its header)")
+    max_images: int = Field(16, gt=0, le=1000, description="images in one request (enroll takes several)")
+    max_request_pixels: int = Field(100_000_000, gt=0, description="pixels of all images of one request, "
+                                                                   "checked from their headers before decoding")
+    body_timeout_s: float = Field(60.0, gt=0, description="seconds to receive a request body (slow clients)")
+    max_concurrent: int = Field(4, gt=0, le=256, description="requests doing image work at once; others wait "
+                                                             "without holding a thread")
 
 
 class ServeConfig(_Strict):
@@ -67,8 +76,14 @@ class ServeConfig(_Strict):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
     def keys(self) -> set[str]:
-        env = [k.strip() for k in os.environ.get("VISREC_API_KEYS", "").split(",") if k.strip()]
-        return set(self.api_keys) | set(env)
+        """The configured keys; an empty or blank one (in ``api_keys`` or ``VISREC_API_KEYS``) is a
+        :class:`ConfigError`: it would let an empty header in."""
+        env = os.environ.get("VISREC_API_KEYS")
+        from_env = [] if env is None or not env.strip() else env.split(",")
+        for where, keys in (("api_keys", self.api_keys), ("VISREC_API_KEYS", from_env)):
+            if any(not isinstance(k, str) or not k.strip() for k in keys):
+                raise ConfigError(f"{where} holds an empty or blank API key: every key must be a non-blank string")
+        return set(self.api_keys) | {k.strip() for k in from_env}
 
     def check(self) -> "ServeConfig":
         if not is_loopback(self.host) and not self.keys():

@@ -1,0 +1,125 @@
+"""The service's outer layer (plain ASGI, in front of every route): API key, request bytes bounded *while*
+the body streams in, a deadline for receiving the body, and Prometheus metrics labelled by route template.
+
+Why plain ASGI: a limit checked on ``Content-Length`` alone lets a chunked body (no length) be read whole
+before anything looks at its size. Here every chunk is counted as it arrives and the request is answered
+413 as soon as the count passes the limit, so memory never holds more than the limit plus one chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+
+from visrec.serve.pipeline import InputError
+
+UNMATCHED = "unmatched"  # the route label of a path no route matches (a fixed label: no path is ever one)
+
+
+class Metrics:
+    """Request counts by (route template, status) and latency by route template, in a private registry
+    (``prometheus_client``, so the text is the exposition format every scraper parses)."""
+
+    BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+
+    def __init__(self, gallery_templates=None):
+        from visrec._optional import require
+
+        prom = require("prometheus_client", "serve", "prometheus-client")
+        self._prom = prom
+        self.registry = prom.CollectorRegistry()
+        self.requests = prom.Counter("visrec_requests", "HTTP requests by route template and status.",
+                                     ["route", "status"], registry=self.registry)
+        self.latency = prom.Histogram("visrec_request_seconds", "Request latency in seconds by route template.",
+                                      ["route"], buckets=self.BUCKETS, registry=self.registry)
+        if gallery_templates is not None:
+            gauge = prom.Gauge("visrec_gallery_templates", "Templates in the face gallery.", registry=self.registry)
+            gauge.set_function(gallery_templates)
+
+    def observe(self, route: str, status: int, seconds: float) -> None:
+        self.requests.labels(route=route, status=str(status)).inc()
+        self.latency.labels(route=route).observe(seconds)
+
+    def text(self) -> str:
+        return self._prom.generate_latest(self.registry).decode()
+
+
+async def _answer(send, status: int, error: str) -> None:
+    body = json.dumps({"error": error}).encode()
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                            (b"connection", b"close")]})
+    await send({"type": "http.response.body", "body": body})
+
+
+class Guard:
+    """ASGI middleware; ``keys`` empty means no key is asked (loopback only: :class:`ServeConfig` checks)."""
+
+    def __init__(self, app, *, keys: set[str], max_body: int, body_timeout_s: float, metrics: Metrics):
+        self.app, self.keys, self.max_body, self.body_timeout_s, self.metrics = (
+            app, [k.encode() for k in keys], max_body, body_timeout_s, metrics)
+
+    def _refuse(self, scope) -> InputError | None:
+        headers = scope.get("headers") or []
+        if self.keys:
+            given = [v for k, v in headers if k == b"x-api-key"]
+            # exactly one header, compared in constant time against every key
+            if len(given) != 1 or not any(hmac.compare_digest(given[0], k) for k in self.keys):
+                return InputError("missing or wrong API key (header X-API-Key)", 401)
+        lengths = [v for k, v in headers if k == b"content-length"]
+        if lengths:
+            if len(lengths) > 1 or not lengths[0].isdigit():
+                return InputError("malformed Content-Length header", 400)
+            if int(lengths[0]) > self.max_body:
+                return InputError(f"body of {int(lengths[0]):,} bytes is above the limit of {self.max_body:,} "
+                                  f"(limits.max_body_mb)", 413)
+        return None
+
+    def _bounded(self, receive):
+        """``receive`` that counts body bytes and enforces the body deadline until the body is complete."""
+        state = {"bytes": 0, "done": False, "deadline": time.monotonic() + self.body_timeout_s}
+
+        async def bounded():
+            if state["done"]:  # after the body: disconnect notices, no limit applies
+                return await receive()
+            try:
+                message = await asyncio.wait_for(receive(), max(state["deadline"] - time.monotonic(), 0.0))
+            except asyncio.TimeoutError:
+                raise InputError(f"request body not received within {self.body_timeout_s:g} s "
+                                 f"(limits.body_timeout_s)", 408) from None
+            if message["type"] == "http.request":
+                state["bytes"] += len(message.get("body", b""))
+                if state["bytes"] > self.max_body:
+                    raise InputError(f"body is above the limit of {self.max_body:,} bytes (limits.max_body_mb)", 413)
+                state["done"] = not message.get("more_body", False)
+            return message
+
+        return bounded
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        start, status = time.perf_counter(), {"code": 500, "started": False}
+
+        async def tracked_send(message):
+            if message["type"] == "http.response.start":
+                status["code"], status["started"] = message["status"], True
+            await send(message)
+
+        try:
+            if scope["path"].startswith("/v1/"):
+                refusal = self._refuse(scope)
+                if refusal is not None:
+                    return await _answer(tracked_send, refusal.status, str(refusal))
+                receive = self._bounded(receive)
+            try:
+                await self.app(scope, receive, tracked_send)
+            except InputError as exc:  # raised by the body limit where no route handler catches it
+                if status["started"]:
+                    raise
+                await _answer(tracked_send, exc.status, str(exc))
+        finally:
+            route = getattr(scope.get("route"), "path", None) or UNMATCHED
+            self.metrics.observe(route, status["code"], time.perf_counter() - start)

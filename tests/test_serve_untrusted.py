@@ -1,0 +1,270 @@
+"""The service under a hostile client: names reach no query, rejected writes never come back (also after a
+restart), every request is bounded while it streams, /metrics stays parseable, blank keys are refused."""
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import numpy as np
+import pytest
+
+pytest.importorskip("fastapi", reason="the service needs visrec[serve]")
+pytest.importorskip("pymilvus", reason="the Milvus gallery needs visrec[serve]")
+import httpx  # noqa: E402
+from fastapi.testclient import TestClient  # noqa: E402
+
+from visrec.data.images import encode_jpeg  # noqa: E402
+from visrec.data.synth import render_face  # noqa: E402
+from visrec.errors import ConfigError  # noqa: E402
+from visrec.serve.app import create_app  # noqa: E402
+from visrec.serve.config import ServeConfig  # noqa: E402
+
+HOSTILE = ["O'Brien", "x','victim", "zz'] or identity like '%' or identity in ['yy", 'a"b', "back\\slash",
+           "a/b", "/lead/slash", "50%", "日本語 😀", "?q=1&x#frag", "[/]"]
+
+
+def face_jpeg(identity: int, k: int = 0) -> bytes:
+    img, _ = render_face(identity, np.random.default_rng([identity, k]), difficulty=0.1)
+    return encode_jpeg(img)
+
+
+def milvus_config(model, tmp_path, **kw):
+    return ServeConfig(faces={"model": str(model), "aligned": True,
+                              "gallery": {"backend": "milvus", "uri": str(tmp_path / "g.db")}}, **kw)
+
+
+def png_header(width: int, height: int) -> bytes:
+    import struct
+    import zlib
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\x00" * 16)) + chunk(b"IEND", b"")
+
+
+def test_hostile_names_are_enrolled_listed_identified_and_erased_by_every_route(tiny_face_model, tmp_path):
+    c = TestClient(create_app(milvus_config(tiny_face_model, tmp_path)))
+    r = c.post("/v1/faces/enroll", data={"identity": "victim", "metadata": '{"secret": 1}'}, files={"image": face_jpeg(0)})
+    assert r.status_code == 200, r.text
+    for i, name in enumerate(HOSTILE, start=1):
+        r = c.post("/v1/faces/enroll", data={"identity": name}, files={"image": face_jpeg(i)})
+        assert r.status_code == 200 and r.json()["identity"] == name, (name, r.text)
+        best = c.post("/v1/faces/identify", files={"image": face_jpeg(i)}).json()["faces"][0]["matches"][0]
+        assert best["identity"] == name and best["score"] == pytest.approx(1.0, abs=1e-4)
+    rows = {r["identity"]: r for r in c.get("/v1/faces").json()["identities"]}
+    assert set(rows) == set(HOSTILE) | {"victim"} and rows["victim"]["metadata"] == {"secret": 1}
+    for i, name in enumerate(HOSTILE):
+        if i % 2:  # the query form takes any name
+            r = c.delete("/v1/faces", params={"identity": name})
+        else:  # the path form, percent-encoded ('/' included)
+            r = c.delete("/v1/faces/" + urllib.parse.quote(name, safe=""))
+        assert r.status_code == 200 and r.json() == {"identity": name, "removed": 1}, (name, r.text)
+    assert [r["identity"] for r in c.get("/v1/faces").json()["identities"]] == ["victim"]
+    assert c.delete("/v1/faces", params={"identity": "nobody"}).status_code == 404
+    assert c.delete("/v1/faces").status_code == 400  # no name given
+    assert c.post("/v1/faces/enroll", data={"identity": "tab\there"}, files={"image": face_jpeg(1)}).status_code == 400
+
+
+def test_a_rejected_enrollment_is_never_found_even_after_a_restart(tiny_face_model, tmp_path):
+    cfg = milvus_config(tiny_face_model, tmp_path)
+    c = TestClient(create_app(cfg))
+    big = json.dumps({"note": "x" * 70_000})
+    r = c.post("/v1/faces/enroll", data={"identity": "too much", "metadata": big}, files={"image": face_jpeg(1)})
+    assert r.status_code == 422 and "limit" in r.json()["error"]
+    r = c.post("/v1/faces/enroll", data={"identity": "inf", "metadata": '{"x": Infinity}'}, files={"image": face_jpeg(2)})
+    assert r.status_code == 400 and "finite" in r.json()["error"]
+    for k in (1, 2):
+        assert c.post("/v1/faces/identify", files={"image": face_jpeg(k)}).json()["faces"][0]["matches"] == []
+    assert c.get("/v1/faces").json()["identities"] == []
+    c = TestClient(create_app(cfg))
+    assert c.get("/v1/faces").json()["identities"] == [] and c.get("/healthz").json()["gallery_templates"] == 0
+
+
+def test_images_and_pixels_per_request_are_bounded(tiny_face_model, tmp_path):
+    c = TestClient(create_app(milvus_config(tiny_face_model, tmp_path, limits={"max_images": 3,
+                                                                             "max_request_pixels": 30_000_000})))
+    img = face_jpeg(1)
+    r = c.post("/v1/faces/enroll", json={"identity": "a", "images": [base64.b64encode(img).decode()] * 4})
+    assert r.status_code == 413 and "limits.max_images" in r.json()["error"]
+    for n in (4, 9):  # at the limit + 1 and well above (the multipart parser's own bound)
+        r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", img)] * n)
+        assert r.status_code == 413 and "limits.max_images" in r.json()["error"], r.text
+    r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", png_header(4000, 4000))] * 2)
+    assert r.status_code == 413 and "limits.max_request_pixels" in r.json()["error"]
+    assert c.get("/v1/faces").json()["identities"] == []
+    r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", img)] * 3)
+    assert r.status_code == 200 and r.json()["templates"] == 1  # the same image thrice: one template
+
+
+def test_non_finite_numbers_anywhere_in_a_request_are_a_400(tiny_face_model, tmp_path):
+    c = TestClient(create_app(milvus_config(tiny_face_model, tmp_path)))
+    img = base64.b64encode(face_jpeg(1)).decode()
+    for body in ('{"image": "%s", "top_k": NaN}', '{"image": "%s", "top_k": Infinity}',
+                 '{"image": "%s", "top_k": -Infinity}'):
+        r = c.post("/v1/faces/identify", content=(body % img).encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 400 and "finite" in r.json()["error"], r.text
+
+
+def test_landmark_boxes_must_be_finite_and_on_the_image(tmp_path):
+    import torch
+
+    from visrec.models import build_backbone
+    from visrec.train.checkpoint import atomic_save
+
+    torch.manual_seed(0)
+    lm = build_backbone("pfld", num_points=106, width_mult=0.25).eval()
+    atomic_save({"model_config": {"name": "pfld", "num_points": 106, "width_mult": 0.25},
+                 "backbone": lm.state_dict()}, tmp_path / "lm" / "model.pt")
+    c = TestClient(create_app(ServeConfig(landmarks={"model": str(tmp_path / "lm")})))
+    img = face_jpeg(1)
+    for box in ("inf,0,10,10", "0,0,nan,10", "1e400,0,1e401,10", "-50,-50,-10,-10", "5000,5000,6000,6000"):
+        r = c.post("/v1/landmarks", files={"image": img}, data={"box": box})
+        assert r.status_code == 400 and "box" in r.json()["error"], (box, r.text)
+    r = c.post("/v1/landmarks", json={"image": base64.b64encode(img).decode(), "box": [0, 0, 50, 50]})
+    assert r.status_code == 200 and len(r.json()["points"]) == 106
+
+
+def test_metrics_are_labelled_by_route_template_and_parse_after_hostile_paths(tiny_face_model, tmp_path):
+    from prometheus_client.parser import text_string_to_metric_families
+
+    c = TestClient(create_app(milvus_config(tiny_face_model, tmp_path)))
+    c.post("/v1/faces/enroll", data={"identity": "a/b"}, files={"image": face_jpeg(1)})
+    c.delete("/v1/faces/" + urllib.parse.quote("a/b", safe=""))
+    # percent-encoded: the server sees '/x"} 1<newline>visrec_fake 9' and the like as the path
+    for path in ["/x%22%7D%201%0Avisrec_fake%209", "/%0Aevil%7Ble=%221%22%7D", "/v1/nothing/%0A", "/" + "A" * 3000]:
+        c.get(path)
+    for i in range(3000):
+        c.get(f"/junk/{i}")
+    text = c.get("/metrics").text
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    routes = {s.labels["route"] for f in families.values() for s in f.samples if "route" in s.labels}
+    assert routes <= {r.path for r in c.app.routes} | {"unmatched"}, routes
+    assert {"/v1/faces/enroll", "/v1/faces/{identity:path}", "unmatched"} <= routes
+    assert "visrec_fake" not in families and len(text) < 20_000
+    unmatched = [s for s in families["visrec_requests"].samples
+                 if s.name == "visrec_requests_total" and s.labels["route"] == "unmatched"]
+    assert sum(s.value for s in unmatched) == 3004
+
+
+def test_blank_api_keys_are_refused_and_the_key_is_checked(tiny_face_model, monkeypatch):
+    faces = {"model": str(tiny_face_model), "aligned": True, "gallery": {"backend": "faiss"}}
+    monkeypatch.delenv("VISREC_API_KEYS", raising=False)
+    for keys in ([""], ["  "], ["good", ""]):
+        with pytest.raises(ConfigError, match="blank"):
+            ServeConfig(host="0.0.0.0", api_keys=keys, faces=faces).check()
+    monkeypatch.setenv("VISREC_API_KEYS", "good,,other")
+    with pytest.raises(ConfigError, match="VISREC_API_KEYS"):
+        ServeConfig(host="0.0.0.0", faces=faces).check()
+    monkeypatch.setenv("VISREC_API_KEYS", "s3cret")
+    c = TestClient(create_app(ServeConfig(host="0.0.0.0", faces=faces)))
+    assert c.get("/v1/faces", headers={"X-API-Key": ""}).status_code == 401
+    assert c.get("/v1/faces", headers=[("X-API-Key", "s3cret"), ("X-API-Key", "s3cret")]).status_code == 401
+    assert c.get("/v1/faces", headers={"X-API-Key": "s3cret"}).status_code == 200
+
+
+# --- a real server: the body is bounded while it streams ------------------------------------------------------
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _peak_rss_mib(pid: int) -> float:
+    with open(f"/proc/{pid}/status") as fh:
+        for line in fh:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+def _send_chunked(port: int, path: str, total: int, chunk: int, pause: float = 0.0, headers: str = "") -> tuple[bytes, int]:
+    """POST ``total`` bytes as a chunked body (stops when the server answers or closes); (answer, bytes sent)."""
+    s = socket.create_connection(("127.0.0.1", port), timeout=30)
+    s.sendall(f"POST {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n{headers}"
+              f"Transfer-Encoding: chunked\r\n\r\n".encode())
+    s.settimeout(0.0 if not pause else None)
+    sent, piece = 0, f"{chunk:x}\r\n".encode() + b"A" * chunk + b"\r\n"
+    answer = b""
+    try:
+        while sent < total:
+            s.setblocking(True)
+            s.settimeout(10)
+            s.sendall(piece)
+            sent += chunk
+            s.setblocking(False)
+            try:
+                answer += s.recv(65536)
+            except BlockingIOError:
+                pass
+            if answer:
+                break
+            if pause:
+                time.sleep(pause)
+    except (BrokenPipeError, ConnectionResetError, TimeoutError, socket.timeout):
+        pass
+    s.setblocking(True)
+    s.settimeout(10)
+    try:
+        while b"\r\n\r\n" not in answer or not answer.rstrip().endswith(b"}"):
+            more = s.recv(65536)
+            if not more:
+                break
+            answer += more
+    except OSError:
+        pass
+    s.close()
+    return answer, sent
+
+
+@pytest.mark.slow
+def test_a_1_gb_chunked_body_is_refused_while_streaming_and_a_slow_one_starves_nobody(tiny_face_model, tmp_path):
+    port = _free_port()
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tiny_face_model}\n  aligned: true\n"
+                   f"  gallery: {{backend: faiss}}\nlimits: {{max_body_mb: 10, body_timeout_s: 4}}\n")
+    log = open(tmp_path / "server.log", "wb")
+    proc = subprocess.Popen([sys.executable, "-m", "visrec.cli", "serve", "--config", str(cfg)],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(360):
+            try:
+                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        else:
+            raise AssertionError((tmp_path / "server.log").read_text()[-2000:])
+        img = face_jpeg(1)
+        assert httpx.post(url + "/v1/faces/enroll", data={"identity": "a"}, files={"image": img}).status_code == 200
+        before = _peak_rss_mib(proc.pid)
+        answer, sent = _send_chunked(port, "/v1/faces/identify", total=1 << 30, chunk=1 << 20)
+        assert answer.startswith(b"HTTP/1.1 413") and b"limits.max_body_mb" in answer, answer[:300]
+        assert sent < 200 << 20, f"the server read {sent:,} bytes before refusing"
+        growth = _peak_rss_mib(proc.pid) - before
+        assert growth < 100, f"peak RSS grew by {growth:.0f} MiB for a refused body"
+
+        # a client trickling its body in holds no worker: identify answers meanwhile; the trickle gets a 408
+        slow: dict = {}
+        t = threading.Thread(target=lambda: slow.update(
+            zip(("answer", "sent"), _send_chunked(port, "/v1/faces/identify", total=1 << 20, chunk=64, pause=0.1))))
+        t.start()
+        time.sleep(0.5)
+        r = httpx.post(url + "/v1/faces/identify", files={"image": img}, timeout=30)
+        assert r.status_code == 200 and r.json()["faces"][0]["matches"][0]["identity"] == "a"
+        assert t.is_alive(), "the slow upload should still be going when identify has answered"
+        t.join(60)
+        assert slow["answer"].startswith(b"HTTP/1.1 408") and b"limits.body_timeout_s" in slow["answer"], slow
+        assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        log.close()
