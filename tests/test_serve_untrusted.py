@@ -268,3 +268,28 @@ def test_a_1_gb_chunked_body_is_refused_while_streaming_and_a_slow_one_starves_n
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
         log.close()
+
+
+def test_gallery_cli_erases_any_name_and_says_when_it_is_not_enrolled(tiny_face_model, tmp_path, monkeypatch, capsys):
+    from typer.testing import CliRunner
+
+    from visrec import cli
+    from visrec.index.gallery import open_gallery
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"faces:\n  model: {tiny_face_model}\n  aligned: true\n"
+                   f"  gallery: {{backend: milvus, uri: {tmp_path / 'g.db'}}}\n")
+    g = open_gallery("milvus", uri=str(tmp_path / "g.db"), collection="visrec_faces")
+    x = np.eye(3, 64, dtype=np.float32)
+    for name, row in zip(["O'Brien/[/]", "[bold]keep", "x','victim"], x):
+        g.enroll(name, row[None])
+    g.close()
+    runner = CliRunner()
+    res = runner.invoke(cli.app, ["gallery", "delete", "O'Brien/[/]", "--config", str(cfg)])
+    assert res.exit_code == 0 and "O'Brien/[/]" in res.output, res.output
+    res = runner.invoke(cli.app, ["gallery", "list", "--config", str(cfg)])
+    assert res.exit_code == 0 and "[bold]keep" in res.output and "O'Brien" not in res.output, res.output
+    monkeypatch.setattr(sys, "argv", ["visrec", "gallery", "delete", "[/]nobody", "--config", str(cfg)])
+    with pytest.raises(SystemExit) as exit_:
+        cli.main()
+    assert exit_.value.code == 2 and "'[/]nobody' is not enrolled" in capsys.readouterr().err
