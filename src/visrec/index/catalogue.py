@@ -82,14 +82,14 @@ def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]
         path = shard_dir / f"shard-{s:05d}.npz"
         expected = [i for i, _ in chunk]
         if path.exists():
-            with np.load(path, allow_pickle=False) as z:
-                if list(z["requested"]) == expected:
-                    ids_all += list(z["ids"])
-                    vecs_all.append(z["vectors"].astype(np.float32))
-                    bad_all += list(zip(z["bad_ids"].tolist(), z["bad_reasons"].tolist()))
-                    if progress:
-                        progress(len(chunk))
-                    continue
+            z = _finished_shard(path)
+            if z is not None and list(z["requested"]) == expected:
+                ids_all += list(z["ids"])
+                vecs_all.append(z["vectors"].astype(np.float32))
+                bad_all += list(zip(z["bad_ids"].tolist(), z["bad_reasons"].tolist()))
+                if progress:
+                    progress(len(chunk))
+                continue
         bad: list[tuple[str, str]] = []
         ids, vecs, pending = [], [], []
 
@@ -153,6 +153,17 @@ def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: tor
     return manifest
 
 
+def _finished_shard(path: Path) -> dict | None:
+    """A shard an earlier run finished, or None when it is unreadable or incomplete (it is computed again)."""
+    from visrec._npz import load_npz
+
+    try:
+        z = load_npz(path, "catalogue shard")
+    except DataError:
+        return None
+    return z if {"requested", "ids", "vectors", "bad_ids", "bad_reasons"} <= set(z) else None
+
+
 class CatalogueIndex:
     """An index directory opened for search."""
 
@@ -165,12 +176,18 @@ class CatalogueIndex:
         if not (self.dir / MANIFEST).exists():
             raise DataError("not a catalogue index (no manifest.json); build one with visrec products index",
                             path=self.dir)
-        self.manifest = json.loads((self.dir / MANIFEST).read_text())
-        self.opts = IndexOptions(**self.manifest["options"])
+        try:
+            self.manifest = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
+            self.opts = load_index_options(self.manifest["options"], str(self.dir / MANIFEST))
+        except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            raise DataError(f"not a readable catalogue index manifest: {exc}", path=self.dir / MANIFEST) from None
         self.model, _ = load_backbone(self.dir / "descriptor.pt")
         self.device = device
         self.model.to(device)
-        self.ids = (self.dir / "ids.txt").read_text().split("\n")[:-1]
+        try:
+            self.ids = (self.dir / "ids.txt").read_text(encoding="utf-8").split("\n")[:-1]
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read the catalogue ids: {exc}", path=self.dir / "ids.txt") from None
         self.chain = Chain.from_config(self.opts.postprocess).load(self.dir / "chain.pt")
         self.faiss = FaissIndex.load(self.dir / "index.faiss", self.opts.nprobe)
         if len(self.faiss) != len(self.ids):

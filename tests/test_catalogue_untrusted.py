@@ -1,0 +1,60 @@
+"""A catalogue index directory from elsewhere: a broken manifest or id list is a DataError naming the file; a
+torn descriptor shard from an interrupted build is computed again, not trusted."""
+
+import numpy as np
+import pytest
+
+pytest.importorskip("faiss", reason="catalogue indexes need visrec[products]")
+
+from visrec.errors import VisrecError  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    from visrec.data.synth_products import write_product_dataset
+    from visrec.index.catalogue import IndexOptions, build_catalogue_index
+    from visrec.models import build_backbone
+
+    root = tmp_path_factory.mktemp("catalogue")
+    write_product_dataset(root / "p", families=2, products_per_family=2, variants=2, queries_per_product=1, size=64)
+    desc = build_backbone("product", backbone="resnet18", dim=16)
+    opts = IndexOptions(size=64, shard_size=3)
+    build_catalogue_index(root / "p" / "catalogue", root / "idx", desc, {"name": "product", "backbone": "resnet18",
+                                                                          "dim": 16}, opts)
+    return root, desc, opts
+
+
+@pytest.mark.parametrize("name, content, words", [
+    ("manifest.json", b"\xff\xfe not utf-8", "manifest"),
+    ("manifest.json", b"{not json", "manifest"),
+    ("manifest.json", b'{"options": {"size": 64, "evil": 1}}', "evil"),
+    ("ids.txt", b"abc\n\xff\n", "ids"),
+])
+def test_a_broken_index_file_is_a_data_error_naming_it(built, tmp_path, name, content, words):
+    import shutil
+
+    from visrec.index.catalogue import CatalogueIndex
+
+    root, _, _ = built
+    shutil.copytree(root / "idx", tmp_path / "idx")
+    (tmp_path / "idx" / name).write_bytes(content)
+    with pytest.raises(VisrecError) as err:  # a DataError, or a ConfigError for an unknown option
+        CatalogueIndex(tmp_path / "idx")
+    assert words in str(err.value) and name in str(err.value)
+
+
+def test_a_torn_shard_is_computed_again(built, tmp_path):
+    import shutil
+
+    from visrec.data.products import list_images
+    from visrec.index.catalogue import extract_descriptors
+
+    root, desc, opts = built
+    shutil.copytree(root / "idx", tmp_path / "idx")
+    items = list_images(root / "p" / "catalogue")
+    ids, ref, _ = extract_descriptors(desc, items, tmp_path / "idx", opts)
+    shard = sorted((tmp_path / "idx" / "shards").glob("*.npz"))[0]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])  # a crash mid-write of an old build
+    again, vecs, _ = extract_descriptors(desc, items, tmp_path / "idx", opts)
+    assert again == ids
+    np.testing.assert_allclose(vecs, ref, atol=1e-5)
