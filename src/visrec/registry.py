@@ -6,11 +6,32 @@ plus one import line in its package ``__init__`` so the decorator runs.
 
 from __future__ import annotations
 
+import inspect
 from typing import Any, Callable, Generic, TypeVar
 
 from visrec.errors import ConfigError
 
 T = TypeVar("T")
+
+
+def check_options(factory: Callable[..., Any], options: dict[str, Any], what: str) -> None:
+    """``ConfigError`` when keyword ``options`` do not fit ``factory``'s signature: an unknown option (named,
+    with the known ones), or a required option left out. Factories without a readable signature pass."""
+    try:
+        sig = inspect.signature(factory)
+    except (TypeError, ValueError):
+        return
+    params = sig.parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return
+    known = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+    unknown = [k for k in options if k not in known]
+    if unknown:
+        raise ConfigError(f"{what} has no option {unknown[0]!r}; its options: {', '.join(known) or 'none'}")
+    missing = [p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+               and p.default is p.empty and p.name not in options]
+    if missing:
+        raise ConfigError(f"{what} needs option {missing[0]!r}; its options: {', '.join(known)}")
 
 
 class Registry(Generic[T]):
@@ -38,7 +59,12 @@ class Registry(Generic[T]):
             ) from None
 
     def build(self, name: str, **kwargs: Any) -> T:
-        return self.get(name)(**kwargs)
+        """Build ``name`` with ``kwargs`` (a config's options). An option the constructor does not take, or a
+        required one missing, is a ``ConfigError`` naming it and listing the options there are, checked
+        against the signature before the call (a TypeError raised inside the constructor stays a bug)."""
+        factory = self.get(name)
+        check_options(factory, kwargs, f"{self.kind} {name!r}")
+        return factory(**kwargs)
 
     def names(self) -> list[str]:
         return sorted(self._items)
