@@ -6,7 +6,7 @@ import pytest
 
 pytest.importorskip("faiss", reason="catalogue indexes need visrec[products]")
 
-from visrec.errors import VisrecError  # noqa: E402
+from visrec.errors import DataError, VisrecError  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -58,3 +58,25 @@ def test_a_torn_shard_is_computed_again(built, tmp_path):
     again, vecs, _ = extract_descriptors(desc, items, tmp_path / "idx", opts)
     assert again == ids
     np.testing.assert_allclose(vecs, ref, atol=1e-5)
+
+
+def test_a_faiss_file_declaring_more_than_it_holds_is_refused_without_allocating_it(tmp_path):
+    import resource
+    import struct
+
+    import faiss
+
+    from visrec.index.faiss_index import FaissIndex
+
+    index = faiss.IndexFlatIP(16)
+    index.add(np.eye(10, 16, dtype=np.float32))
+    faiss.write_index(index, str(tmp_path / "ok.faiss"))
+    raw = bytearray((tmp_path / "ok.faiss").read_bytes())
+    at = raw.find(struct.pack("<Q", 160))  # the length of the stored vectors (10 x 16 floats)
+    raw[at:at + 8] = struct.pack("<Q", 2 << 30)  # 8 GB of floats declared in a 685-byte file
+    (tmp_path / "bad.faiss").write_bytes(bytes(raw))
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with pytest.raises(DataError, match="bad.faiss"):
+        FaissIndex.load(tmp_path / "bad.faiss")
+    assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) < 200 * 1024  # KiB: nothing touched here
+    assert len(FaissIndex.load(tmp_path / "ok.faiss")) == 10

@@ -4,10 +4,18 @@
 ``"IVF16384,PQ64"``, ``"PCA256,IVF4096,PQ32"``... Indexes that need training are trained on the vectors
 given to ``build`` (or a random sample of ``train_size`` of them). ``nprobe`` sets how many IVF lists a
 search visits (accuracy vs speed). Catalogue ids are kept beside the index (FAISS stores row numbers).
+
+An index file from elsewhere is untrusted, and FAISS's reader allocates each array from the size the file
+declares (up to 2^40 elements) before reading it: a 700-byte file made a process touch 8 GB. So
+:meth:`FaissIndex.load` first reads the file in a child process whose address space is capped at a few times
+the file's size (:func:`_probe_read`); only a file that reads within that bound is read here.
 """
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -69,6 +77,7 @@ class FaissIndex:
         path = Path(path)
         if not path.exists():
             raise DataError("FAISS index file not found", path=path)
+        _probe_read(path)
         self = cls.__new__(cls)
         try:
             self.index = faiss.read_index(str(path))
@@ -77,3 +86,37 @@ class FaissIndex:
         self.dim, self.factory, self.nprobe = int(self.index.d), "loaded", nprobe
         self._apply_nprobe()
         return self
+
+
+# The child measures its own address space after importing faiss, caps it at that plus the allowance, then
+# reads the file: an allocation beyond what the file could hold fails there, not in the caller.
+_PROBE = """
+import resource, sys
+import faiss
+path, allowance = sys.argv[1], int(sys.argv[2])
+with open("/proc/self/status") as fh:
+    size = next(int(line.split()[1]) * 1024 for line in fh if line.startswith("VmSize:"))
+resource.setrlimit(resource.RLIMIT_AS, (size + allowance, size + allowance))
+try:
+    faiss.read_index(path)
+except BaseException as exc:
+    print(f"{type(exc).__name__}: {str(exc)[:300]}")
+    sys.exit(3)
+"""
+
+
+def _probe_read(path: Path) -> None:
+    """Raise :class:`DataError` unless FAISS reads ``path`` within 4x its size + 256 MiB of new address space.
+
+    Linux only (it reads /proc); elsewhere the file is read unprobed."""
+    if not sys.platform.startswith("linux"):
+        return
+    allowance = 4 * path.stat().st_size + (256 << 20)
+    try:
+        done = subprocess.run([sys.executable, "-c", _PROBE, str(path), str(allowance)], capture_output=True,
+                              text=True, timeout=600, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    except subprocess.TimeoutExpired:
+        raise DataError("reading this FAISS index took over 10 minutes; refused", path=path) from None
+    if done.returncode != 0:
+        why = (done.stdout.strip() or done.stderr.strip()[-300:] or f"exit code {done.returncode}")
+        raise DataError(f"not a FAISS index that fits its file ({path.stat().st_size:,} bytes): {why}", path=path)
