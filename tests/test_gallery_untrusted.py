@@ -240,3 +240,17 @@ def test_an_import_failing_half_way_is_undone(tmp_path, monkeypatch):
     assert g.count() == 0 and g.list() == [] and g.threshold is None and g.info["model_name"] is None
     assert g.import_(src) == 6 and g.threshold == pytest.approx(0.3)
     g.close()
+
+
+def test_a_stored_nan_threshold_is_cleared_and_none_can_be_set(tmp_path):
+    g = milvus(tmp_path, model_name="m")
+    g.enroll("a", unit(np.ones((1, 16))))
+    g.info["threshold"] = float("nan")  # as an earlier version's import stored it
+    g._write_info()
+    g.close()
+    g = milvus(tmp_path)
+    assert g.threshold is None and g.search(unit(np.ones((1, 16))), 1)[0][0].identity == "a"
+    for bad in (float("nan"), float("inf"), 1.5):
+        with pytest.raises(DataError, match="threshold"):
+            g.set_threshold(bad)
+    g.close()

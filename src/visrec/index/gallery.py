@@ -198,6 +198,11 @@ class Gallery(abc.ABC):
                      "metric": "cosine"}
         self.info.update(info or {})
         self.info["fusion"] = fusion
+        t = self.info["threshold"]
+        if t is not None and not (isinstance(t, (int, float)) and math.isfinite(t)):
+            # earlier versions imported a NaN threshold, after which every identify failed: drop it
+            log.warning("gallery threshold %r is not a finite number; it is cleared (calibrate again)", t)
+            self.info["threshold"] = self.info["target_fpr"] = None
         if model_name is not None or dim is not None or metric is not None:
             self._check_model(model_name, dim, metric)
         self._write_info()
@@ -238,6 +243,12 @@ class Gallery(abc.ABC):
         return float(pair_scores(a, b, self.metric)[0, 0])
 
     def set_threshold(self, threshold: float | None, target_fpr: float | None = None) -> None:
+        """Store the match threshold (a finite score in the metric's range) and the FPR it was picked at."""
+        if threshold is not None and (not math.isfinite(float(threshold))
+                                      or not _threshold_in_range(float(threshold), self.metric)):
+            raise DataError(f"threshold {threshold!r} is not a finite {self.metric} score")
+        if target_fpr is not None and not 0 < float(target_fpr) <= 1:
+            raise DataError(f"target FPR {target_fpr!r} is not in (0, 1]")
         with self.lock:
             self.info["threshold"] = None if threshold is None else float(threshold)
             self.info["target_fpr"] = None if target_fpr is None else float(target_fpr)
