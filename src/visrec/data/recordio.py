@@ -282,6 +282,7 @@ class RecordIOReader:
                             record=record)
         return int(value)
 
+    @np.errstate(invalid="ignore")  # a signalling-NaN label (bad data, reported later) warns when widened
     def _headers(self, records: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """(flag, first label, second label (NaN when none), image byte count) of each record, read from the
         record headers only: one gather over a memory map for the usual whole records, ``read_record`` (which
