@@ -43,6 +43,15 @@ class VideoItem:
     label: str
 
 
+def _kind(path: Path, record=None) -> str | None:
+    """"dir", "file" or None (missing) for a path named by a list file; a name the system refuses (too long,
+    a NUL byte, no permission) is a DataError naming it."""
+    try:
+        return "dir" if path.is_dir() else "file" if path.is_file() else None
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot open: {getattr(exc, 'strerror', None) or exc}", path=path, record=record) from None
+
+
 def read_video_list(path: str | Path) -> list[VideoItem]:
     path = Path(path)
     if not path.exists():
@@ -99,15 +108,19 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
                             path=where, record=record)
         frames.append(frame)
 
-    if path.is_dir():
-        files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)[:max_frames]
+    kind = _kind(path, record)
+    if kind == "dir":
+        try:
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)[:max_frames]
+        except OSError as exc:
+            raise DataError(f"cannot list frames: {exc.strerror}", path=path, record=record) from None
         for f in files:
             try:
                 data = f.read_bytes()
             except OSError as exc:
                 raise DataError(f"cannot read frame: {exc.strerror}", path=f, record=record) from None
             keep(decode_image(data, source=f, record=record), f)
-    elif path.is_file():
+    elif kind == "file":
         limit = max(1, path.stat().st_size // MIN_BYTES_PER_FRAME)
         if max_frames is not None:
             limit = min(limit, max_frames)
@@ -150,7 +163,7 @@ def scores_path(path: str | Path) -> Path:
 def read_frame_scores(path: str | Path, num_frames: int) -> np.ndarray | None:
     """Detector scores of a video's frames, or None when the video has none."""
     sp = scores_path(path)
-    if not sp.exists():
+    if _kind(sp) is None:
         return None
     values = []
     for lineno, line in enumerate(read_lines(sp), start=1):
