@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from visrec.data.images import decode_image
+from visrec.data.images import check_pixels, decode_image, header_size
 from visrec.errors import DataError
 
 CATALOGUE_DIR = "catalogue"
@@ -82,7 +82,16 @@ def _check_decodable(path: Path) -> str | None:
         return f"cannot read: {exc.strerror}"
     if not data:
         return "empty file"
-    arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8)
+    size = header_size(data)
+    if size is None:
+        return f"not a decodable image ({len(data)} bytes)"
+    try:
+        check_pixels(size, len(data))
+        arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8)
+    except DataError as exc:
+        return exc.message
+    except cv2.error:
+        arr = None
     if arr is None or arr.size == 0:
         return f"not a decodable image ({len(data)} bytes)"
     return None
