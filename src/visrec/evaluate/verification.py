@@ -1,6 +1,6 @@
 """Exact TPR at FPR over all pairs, at trillion-pair scale, without the N x N matrix.
 
-Definitions (DESIGN.md): a pair's score is the cosine of the L2-normalised float32 embeddings; a pair is
+Definitions (docs/metrics.md): a pair's score is the cosine of the L2-normalised float32 embeddings; a pair is
 accepted when score >= t. TPR@FPR=f is the highest TPR over all thresholds whose FPR <= f — not the ROC
 point nearest f. With impostor scores sorted descending s_1 >= s_2 >= ... and K = floor(f * negatives),
 FP(t) <= K exactly when t > s_{K+1}; the smallest such float32 t (the next float32 above s_{K+1}) gives

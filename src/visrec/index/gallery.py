@@ -10,7 +10,7 @@ One :class:`Gallery` interface, two backends behind ``open_gallery(backend, ...)
 
 Scores (higher = more alike; ``metric``, fixed when the gallery is created, from the model):
 
-- ``cosine`` (visrec's and ArcFace models): the cosine of L2-normalised float32 embeddings (DESIGN.md).
+- ``cosine`` (visrec's and ArcFace models): the cosine of L2-normalised float32 embeddings (docs/metrics.md).
 - ``euclidean`` (distance models such as dlib's, whose authors threshold the raw distance): the negated
   Euclidean distance of the raw embeddings, so a score of -0.6 is dlib's "distance 0.6". The conversion
   happens here, at the model boundary; the evaluation engine only ever sees scores.

@@ -22,7 +22,7 @@ Embedder input: dlib's own alignment, not visrec's ArcFace 112 crop. ``dlib.get_
 size=150, padding=0.25)`` cuts a 150x150 chip aligned on a 5- or 68-point dlib shape; the network maps
 that chip to a 128-d descriptor, compared by Euclidean distance (its authors: same person below 0.6). So
 ``metric = "euclidean"``: a visrec gallery of these descriptors scores a pair by the negated distance
-(-0.6 is dlib's 0.6), per DESIGN.md's rule for distance models.
+(-0.6 is dlib's 0.6), per the rule for distance models in docs/metrics.md.
 
 Model licences (the dlib-models README): the author releases the files into the public domain, but the
 68-point predictor is trained on iBUG 300-W, whose licence excludes commercial use, and its creators ask
