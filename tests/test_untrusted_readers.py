@@ -368,3 +368,22 @@ def test_unknown_model_option_is_a_config_error_naming_it():
         task.build_modules(10)
     with pytest.raises(ConfigError, match=r"backbone 'iresnet' needs option 'layers'"):
         build_backbone("iresnet")
+
+
+def test_device_or_pipe_behind_a_data_file_name_is_refused(tmp_path):
+    import os
+
+    from visrec.data.folders import read_csv_list
+    from visrec.data.landmarks import read_landmark_txt
+
+    folder = tmp_path / "faces" / "alice"
+    folder.mkdir(parents=True)
+    (folder / "a.jpg").symlink_to("/dev/zero")  # reading it would never end
+    os.mkfifo(folder / "b.jpg")  # nor would this one (it blocks until a writer comes)
+    (tmp_path / "faces" / "list.csv").write_text("alice/a.jpg,0\nalice/b.jpg,1\n")
+    listing = read_csv_list(tmp_path / "faces" / "list.csv")
+    for i in range(2):
+        with pytest.raises(DataError, match=r"\.jpg: not a regular file"):
+            listing.image(i)
+    with pytest.raises(DataError, match=r"b\.jpg: not a regular file"):
+        read_landmark_txt(folder / "b.jpg")

@@ -116,14 +116,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 
 def read_image(path: str | Path) -> np.ndarray:
+    """An image file as HxWx3 RGB uint8 (a regular file only: ``visrec.data.text.read_bytes``)."""
+    from visrec.data.text import read_bytes
+
     path = Path(path)
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read image: {exc.strerror}", path=path) from None
-    except ValueError as exc:  # a NUL byte in a name read from a list file
-        raise DataError(f"cannot read image: {exc}", path=path) from None
-    return decode_image(data, source=path)
+    return decode_image(read_bytes(path), source=path)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:

@@ -64,11 +64,13 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
 def read_image_checked(image_id: str, path: str | Path) -> np.ndarray:
     """Decode one image to HxWx3 RGB uint8; a missing or undecodable file raises ``DataError`` naming
     the path and the id."""
+    from visrec.data.text import read_bytes
+
     path = Path(path)
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read image: {exc.strerror}", path=path, record=f"id {image_id}") from None
+        data = read_bytes(path)
+    except DataError as exc:
+        raise DataError(f"cannot read image: {exc.message}", path=path, record=f"id {image_id}") from None
     return decode_image(data, source=path, record=f"id {image_id}")
 
 
@@ -76,10 +78,12 @@ def _check_decodable(path: Path) -> str | None:
     """None when ``path`` decodes, else the reason. Decodes at 1/8 scale (cheap for JPEG)."""
     import cv2
 
+    from visrec.data.text import read_bytes
+
     try:
-        data = path.read_bytes()
-    except OSError as exc:
-        return f"cannot read: {exc.strerror}"
+        data = read_bytes(path)
+    except DataError as exc:
+        return exc.message
     if not data:
         return "empty file"
     size = header_size(data)

@@ -12,6 +12,7 @@ form feeds and Unicode separators: line numbers here are the ones an editor show
 from __future__ import annotations
 
 import re
+import stat
 from pathlib import Path
 
 from visrec.errors import DataError
@@ -29,12 +30,14 @@ def split_lines(text: str) -> list[str]:
 
 
 def read_bytes(path: str | Path) -> bytes:
-    """The file's bytes, or ``DataError`` naming it (missing, a directory, unreadable, a bad name)."""
+    """The file's bytes, or ``DataError`` naming it (missing, unreadable, a bad name). Only a
+    regular file is read: a device (``/dev/zero`` behind a symlink in a data set) or a FIFO would never end,
+    and what is read is bounded by the file's length."""
     path = Path(path)
     try:
+        if not stat.S_ISREG(path.stat().st_mode):
+            raise DataError("not a regular file (a directory, device or pipe)", path=path)
         return path.read_bytes()
-    except FileNotFoundError:
-        raise DataError("file not found", path=path) from None
     except OSError as exc:
         raise DataError(f"cannot read: {exc.strerror or exc}", path=path) from None
     except ValueError as exc:  # e.g. a NUL byte in the name (paths read from a list file)

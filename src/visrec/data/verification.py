@@ -216,11 +216,10 @@ def _issame(issame, path) -> np.ndarray:
 
 def read_verification_bin(path: str | Path) -> tuple[list[np.ndarray], np.ndarray]:
     """Return (images as RGB uint8, issame as bool array of len(images) // 2)."""
+    from visrec.data.text import read_bytes
+
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read: {exc.strerror}", path=path) from None
+    raw = read_bytes(path)
     try:
         obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except pickle.UnpicklingError as exc:

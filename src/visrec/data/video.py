@@ -28,7 +28,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from visrec.data.text import read_lines
+from visrec.data.text import read_bytes, read_lines
 from visrec.errors import DataError
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -115,11 +115,7 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
         except OSError as exc:
             raise DataError(f"cannot list frames: {exc.strerror}", path=path, record=record) from None
         for f in files:
-            try:
-                data = f.read_bytes()
-            except OSError as exc:
-                raise DataError(f"cannot read frame: {exc.strerror}", path=f, record=record) from None
-            keep(decode_image(data, source=f, record=record), f)
+            keep(decode_image(read_bytes(f), source=f, record=record), f)
     elif kind == "file":
         limit = max(1, path.stat().st_size // MIN_BYTES_PER_FRAME)
         if max_frames is not None:
