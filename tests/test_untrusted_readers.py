@@ -253,6 +253,7 @@ def bin_cases():
         "frombuffer": (fromb, r"shape \(1099511627776,\) \(bool\) needs 1099511627776 bytes"),
         "object_dtype": (wrap(b"cnumpy\ndtype\nX\x02\x00\x00\x00O8\x85R."), "not a plain numeric type"),
         "memo": (wrap(b"N\x72\xff\xff\xff\xff0N."), "not a verification .bin"),  # LONG_BINPUT 2^32-1
+        "bytearray8": (b"\x80\x05\x96" + struct.pack("<Q", TIB) + b"\x01\x00.", "BYTEARRAY8 announces 1099511627776"),
     }
 
 

@@ -6,7 +6,8 @@ loads them with ``pickle.load(f, encoding="bytes")``.
 
 Pickle is a program, not data, so a ``.bin`` is run by a restricted interpreter:
 * the pure-Python unpickler (``pickle._Unpickler``): its memo is a dict, where the C unpickler sizes an array
-  by the largest memo index a file names (4 bytes of pickle could ask for 32 GiB);
+  by the largest memo index a file names (4 bytes of pickle could ask for 32 GiB); its one opcode that
+  allocates before reading (``BYTEARRAY8``, in both unpicklers) is replaced by one that reads first;
 * ``find_class`` admits only what the real files hold (plain containers, bytes, bools and numpy
   arrays/scalars of booleans or numbers), and hands back checked stand-ins, never the real callables:
   ``bytearray``/``bytes`` only copy bytes (``bytearray(2**40)`` would allocate 1 TiB), ``numpy.ndarray``
@@ -21,6 +22,8 @@ from __future__ import annotations
 import io
 import math
 import pickle
+import struct
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -181,6 +184,20 @@ _ALLOWED.update({("numpy", "ndarray"): _NdarrayType, ("numpy", "dtype"): _dtype,
 
 
 class _RestrictedUnpickler(pickle._Unpickler):  # the pure-Python one: module docstring
+    dispatch = dict(pickle._Unpickler.dispatch)
+
+    def _load_bytearray8(self):
+        # the stock opcode allocates bytearray(n) for the n the file announces, then reads: read first
+        (n,) = struct.unpack("<Q", self.read(8))
+        if n > sys.maxsize:
+            raise pickle.UnpicklingError(f"BYTEARRAY8 of {n} bytes")
+        data = self.read(n)  # at most what the file holds
+        if len(data) != n:
+            raise pickle.UnpicklingError(f"BYTEARRAY8 announces {n} bytes, the file holds {len(data)}")
+        self.append(bytearray(data))
+
+    dispatch[pickle.BYTEARRAY8[0]] = _load_bytearray8
+
     def find_class(self, module: str, name: str):
         try:
             return _ALLOWED[(module, name)]
