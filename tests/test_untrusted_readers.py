@@ -353,6 +353,17 @@ def test_decompression_bomb_is_refused_before_decoding():
         decode_image(bytes(j))
 
 
+def test_png_chunk_longer_than_the_file_is_refused_before_opencv_allocates_it():
+    import cv2
+
+    ok, buf = cv2.imencode(".png", np.full((112, 112, 3), 90, np.uint8))
+    png = bytearray(buf.tobytes())
+    idat = png.index(b"IDAT") - 4
+    struct.pack_into(">I", png, idat, 0x41002000)  # OpenCV's reader would allocate these 1 GiB first
+    with pytest.raises(DataError, match=r"PNG chunk b'IDAT' at byte 33 announces 1090527232 bytes"):
+        decode_image(bytes(png), source="f.png")
+
+
 def test_unknown_model_option_is_a_config_error_naming_it():
     import torch
 

@@ -26,7 +26,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
-from visrec.data.images import check_pixels, decode_image, header_size
+from visrec.data.images import check_encoded, decode_image
 from visrec.errors import DataError
 
 CATALOGUE_DIR = "catalogue"
@@ -86,11 +86,8 @@ def _check_decodable(path: Path) -> str | None:
         return exc.message
     if not data:
         return "empty file"
-    size = header_size(data)
-    if size is None:
-        return f"not a decodable image ({len(data)} bytes)"
     try:
-        check_pixels(size, len(data))
+        check_encoded(data)
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_8)
     except DataError as exc:
         return exc.message
