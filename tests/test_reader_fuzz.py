@@ -19,6 +19,7 @@ read_product_labels, scan_catalogue / load_catalogue_images.
 
 from __future__ import annotations
 
+import os
 import pickle
 import pickletools
 import re
@@ -34,7 +35,9 @@ import pytest
 
 from visrec.errors import VisrecError
 
-SEED = 20240611
+# VISREC_FUZZ_SCALE=20 VISREC_FUZZ_SEED=7 pytest tests/test_reader_fuzz.py: a longer run with other mutations
+SEED = int(os.environ.get("VISREC_FUZZ_SEED", 20240611))
+SCALE = float(os.environ.get("VISREC_FUZZ_SCALE", 1))
 CASE_SECONDS = 10
 MAX_GROWTH = 256 << 20  # bytes of peak RSS one call may add
 
@@ -147,7 +150,7 @@ def fuzz(files: list[tuple[Path, int, dict]], call, *, seed: int) -> tuple[int, 
         for path, count, opts in files:
             original = path.read_bytes()
             try:
-                for k in range(count):
+                for k in range(int(count * SCALE)):
                     what, data = mutate(original, rng, **opts)
                     path.write_bytes(data)
                     cases += 1
