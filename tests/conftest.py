@@ -8,12 +8,14 @@ def save_tiny_face_model(directory, embedding_size: int = 64, seed: int = 0):
     import torch
 
     from visrec.models import build_backbone
+    from visrec.models.contract import contract_from_config
     from visrec.train.checkpoint import atomic_save
 
     torch.manual_seed(seed)
     config = {"name": "mobilefacenet", "embedding_size": embedding_size, "scale": 1}
     net = build_backbone(**config).eval()
-    atomic_save({"model_config": config, "backbone": net.state_dict()}, directory / "model.pt")
+    contract = contract_from_config(config, embedding_dim=embedding_size).to_dict()
+    atomic_save({"model_config": config, "backbone": net.state_dict(), "contract": contract}, directory / "model.pt")
     return directory
 
 

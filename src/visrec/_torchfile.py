@@ -13,6 +13,7 @@ This module sits below every layer (it imports only torch, numpy and :mod:`visre
 
 from __future__ import annotations
 
+import os
 import pickle
 import re
 import warnings
@@ -136,3 +137,14 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
 def _weights_reason(exc: Exception) -> str:
     match = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
     return match.group(1).strip() if match else "not weights only"
+
+
+def atomic_save(obj: Any, path: str | Path) -> None:
+    """``torch.save`` to a temporary name, fsync, then rename: a crash mid-write leaves the previous file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    torch.save(obj, tmp)
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)

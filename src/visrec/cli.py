@@ -85,7 +85,7 @@ def _add_groups() -> None:
     # Each command group lives in visrec.commands.<area> and imports its heavy dependencies lazily.
     import importlib
 
-    for module, name in [("data", "data"), ("eval", "eval")]:
+    for module, name in [("data", "data"), ("eval", "eval"), ("models", "models")]:
         mod = importlib.import_module(f"visrec.commands.{module}")
         app.add_typer(mod.app, name=name)
     budget = importlib.import_module("visrec.commands.budget")

@@ -23,7 +23,7 @@ def faces_section(out: Path, minutes: float, console: Console) -> dict:
     from visrec.evaluate.bin_protocol import evaluate_bin_pairs
     from visrec.models import build_backbone
     from visrec.models.embed import embed_images
-    from visrec.train.checkpoint import load_backbone
+    from visrec.models.loading import load_backbone
     from visrec.train.trainer import train
 
     data = out / "data" / "faces"
@@ -236,7 +236,7 @@ def landmarks_section(out: Path, console: Console, faces: tuple[int, int] = (300
     from visrec.config import parse_config
     from visrec.data.landmarks import write_synthetic_jd
     from visrec.evaluate.landmark_report import evaluate_landmarks, landmark_metrics
-    from visrec.train.landmarks_task import JDCrops
+    from visrec.data.landmark_crops import JDCrops
     from visrec.train.trainer import train
 
     data, run_dir = out / "data" / "landmarks", out / "runs" / "landmarks-heatmap"
@@ -257,9 +257,13 @@ def landmarks_section(out: Path, console: Console, faces: tuple[int, int] = (300
         train(cfg, source="demo config")
     ev = evaluate_landmarks(run_dir, data / "val", out / "eval-landmarks")
     # the mean-shape baseline: the mean training shape (crop coordinates) predicted for every held-out face
-    train_set, val = JDCrops(data / "train", 106, 112, 0.15, False), JDCrops(data / "val", 106, 112, 0.15, False)
-    mean_shape = np.mean([train_set[i][1].numpy() for i in range(len(train_set))], axis=0) * 112
-    gt = np.stack([val[i][1].numpy() for i in range(len(val))]) * 112
+    from visrec.models.loading import model_contract
+
+    c = model_contract(run_dir)  # the crop the model was trained on
+    n, size, margin = c.num_points, c.crop_size, c.crop_margin
+    train_set, val = JDCrops(data / "train", n, size, margin, False), JDCrops(data / "val", n, size, margin, False)
+    mean_shape = np.mean([train_set[i][1].numpy() for i in range(len(train_set))], axis=0) * size
+    gt = np.stack([val[i][1].numpy() for i in range(len(val))]) * size
     base = landmark_metrics(np.broadcast_to(mean_shape, gt.shape), gt)
     table = Table(title=f"landmarks (synthetic 106-point, {ev.faces} held-out faces): heatmap_lite, {steps} steps")
     for col in ("normalisation", "NME", "AUC@0.08", "failure@0.08", "mean-shape NME"):

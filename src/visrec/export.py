@@ -17,7 +17,8 @@ from visrec.errors import VisrecError
 
 
 def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 112), dynamic_batch: bool = True,
-                keep_batchnorm: bool = True, opset: int = 17, output_name: str = "embedding") -> Path:
+                keep_batchnorm: bool = True, opset: int = 17, output_name: str = "embedding",
+                contract=None) -> Path:
     """Export a float32 graph with input ``input`` and output ``output_name`` (default ``embedding``;
     e.g. ``points`` for landmark models), batch axis dynamic unless ``dynamic_batch=False``.
     ``keep_batchnorm`` keeps BatchNormalization nodes (no folding into conv biases), which the LFR FLOP
@@ -25,7 +26,9 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 11
 
     Uses torch's TorchScript exporter (``dynamo=False``): with ``TrainingMode.PRESERVE`` and constant
     folding off it keeps BN nodes, and with ``TrainingMode.EVAL`` + constant folding it folds them. The
-    caller's model is left as it was (a float32 CPU copy is exported when it is on another device/dtype)."""
+    caller's model is left as it was (a float32 CPU copy is exported when it is on another device/dtype).
+    ``contract`` (a :class:`visrec.models.contract.ModelContract`): written as JSON into the file's
+    ``metadata_props`` under ``visrec.contract``, where ``visrec.models.load_model`` reads it back."""
     require("onnx", "export")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -43,17 +46,37 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 11
                           training=torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL,
                           do_constant_folding=not keep_batchnorm)
     model.train(was_training)
+    if contract is not None:
+        write_onnx_contract(path, contract)
+    return path
+
+
+def write_onnx_contract(path: str | Path, contract) -> Path:
+    """Store ``contract`` (JSON) in the ONNX file's ``metadata_props`` (key ``visrec.contract``), in place."""
+    from visrec.models.contract import ONNX_KEY
+
+    onnx = require("onnx", "export")
+    path = Path(path)
+    model = onnx.load(str(path))
+    for prop in list(model.metadata_props):
+        if prop.key == ONNX_KEY:
+            model.metadata_props.remove(prop)
+    entry = model.metadata_props.add()
+    entry.key, entry.value = ONNX_KEY, contract.to_json()
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
     return path
 
 
 class OnnxEmbedder:
     """Runs an exported model with onnxruntime on the CPU: float32 NCHW array -> (N, D) embeddings."""
 
-    def __init__(self, path: str | Path, threads: int | None = None):
+    def __init__(self, path: str | Path, threads: int | None = None, session=None):
         from visrec._onnx import open_session
 
         self.path = Path(path)
-        self.session = open_session(self.path, threads=threads)
+        self.session = session if session is not None else open_session(self.path, threads=threads)
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
@@ -110,12 +133,21 @@ def latency(onnx_path: str | Path, batch_sizes=(1, 8, 32), *, runs: int = 20, wa
 
 def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: bool = True,
                       keep_batchnorm: bool = False) -> tuple[Path, ParityReport | None]:
-    """``visrec export``: checkpoint -> ONNX, then the parity check (raises if it fails)."""
-    from visrec.train.checkpoint import load_backbone
+    """``visrec export``: checkpoint -> ONNX with the checkpoint's contract in its metadata, then the parity
+    check (raises if it fails). Landmark models export their ``points`` output at the contract's crop size."""
+    from visrec.models.loading import load_model
 
-    model, _ = load_backbone(checkpoint)
-    path = export_onnx(model, onnx_path, keep_batchnorm=keep_batchnorm)
-    report = parity_check(model, path) if parity else None
+    loaded = load_model(checkpoint)
+    model, contract = loaded.module, loaded.contract
+    if model is None:
+        raise VisrecError(f"{checkpoint}: not a visrec checkpoint (nothing to export)")
+    h, w = contract.input_size
+    landmarks = contract.task == "landmarks"
+    path = export_onnx(model, onnx_path, input_size=(1, 3, h, w), keep_batchnorm=keep_batchnorm,
+                       output_name="points" if landmarks else "embedding",
+                       contract=contract.replace(origin="visrec-onnx"))
+    batch = np.random.default_rng(0).uniform(-1, 1, (4, 3, h, w)).astype(np.float32)
+    report = parity_check(model, path, batch) if parity else None
     if report is not None and not report.passed:
         raise VisrecError(f"parity check failed: max abs diff {report.max_abs_diff:.2e}, "
                           f"min cosine {report.min_cosine:.6f} (tolerance {report.tolerance:g})")

@@ -12,7 +12,7 @@ from rich.table import Table
 
 def eval_landmarks(model: Path = typer.Option(..., "--model", help="checkpoint or .onnx"),
                    data: Path = typer.Option(..., "--data", help="JD-landmark directory"),
-                   points: int = typer.Option(106, "--points"),
+                   points: Optional[int] = typer.Option(None, "--points", help="default: the model's contract"),
                    out: Path = typer.Option(Path("eval-landmarks"), "--out")):
     """NME (four normalisations), AUC@0.08, failure rate; report.html with the CED and overlays."""
     from visrec.evaluate.landmark_report import evaluate_landmarks
@@ -29,7 +29,7 @@ def eval_landmarks(model: Path = typer.Option(..., "--model", help="checkpoint o
 
 
 def landmarks(image: Path = typer.Argument(..., help="an image"),
-              model: Path = typer.Option(..., "--model", help="landmark checkpoint"),
+              model: Path = typer.Option(..., "--model", help="landmark model: checkpoint, run dir or .onnx"),
               box: Optional[str] = typer.Option(None, "--box", help="x1,y1,x2,y2 face box (default: whole image)"),
               out: Path = typer.Option(Path("landmarks.png"), "--out", help="where to draw the points")):
     """Predict and draw the landmarks of one face; prints the points (pixels, origin top-left)."""
@@ -37,8 +37,7 @@ def landmarks(image: Path = typer.Argument(..., help="an image"),
 
     from visrec.data.images import read_image
     from visrec.errors import VisrecError
-    from visrec.models.landmark_nets import predict_points
-    from visrec.train.checkpoint import load_backbone
+    from visrec.models.loading import load_model
 
     img = read_image(image)
     h, w = img.shape[:2]
@@ -46,8 +45,10 @@ def landmarks(image: Path = typer.Argument(..., help="an image"),
         x1, y1, x2, y2 = (float(v) for v in box.split(",")) if box else (0, 0, w - 1, h - 1)
     except ValueError:
         raise VisrecError(f"--box must be x1,y1,x2,y2, got {box!r}") from None
-    net, _ = load_backbone(model)
-    pts = predict_points(net, img, (x1, y1, x2, y2))
+    loaded = load_model(model)
+    if loaded.contract.task != "landmarks":
+        raise VisrecError(f"{model} is a {loaded.contract.task} model, not a landmark model")
+    pts = loaded.predict(img, (x1, y1, x2, y2))  # crops with the margin / size of the model's contract
     drawn = img[:, :, ::-1].copy()
     for px, py in pts:
         cv2.circle(drawn, (int(round(px)), int(round(py))), 1, (0, 0, 255), -1)

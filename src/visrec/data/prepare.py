@@ -304,15 +304,16 @@ def _gives_points(detector) -> bool | None:
 
 
 def _landmarker_from(spec):
-    """A landmarker callable ``(image, box) -> points``: the callable itself, or a visrec landmark model
-    (checkpoint / run dir) run with ``landmark_nets.predict_points``."""
+    """A landmarker callable ``(image, box) -> points``: the callable itself, or a landmark model
+    (checkpoint / run dir / ONNX, ``visrec.models.load_model``) cropping as its contract says."""
     if spec is None or callable(spec):
         return spec
-    from visrec.models.landmark_nets import predict_points
-    from visrec.train.checkpoint import load_backbone
+    from visrec.models.loading import load_model
 
-    net, _ = load_backbone(spec)
-    return lambda image, box: predict_points(net, image, box)
+    model = load_model(spec)
+    if model.contract.task != "landmarks":
+        raise VisrecError(f"{spec} is a {model.contract.task} model, not a landmark model")
+    return model.predict
 
 
 NO_POINTS = ("alignment needs 5 points (eyes, nose, mouth corners) and {what} gives none: use a detector with "

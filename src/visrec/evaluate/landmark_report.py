@@ -100,28 +100,35 @@ def write_submission(folder: str | Path, ds, pred_crop: np.ndarray) -> Path:
 
 
 def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "eval-landmarks",
-                       points: int = 106, size: int = 112, margin: float = 0.15) -> LandmarkEval:
-    """A checkpoint or ONNX landmark model on a JD-landmark directory (face-box crops)."""
+                       points: int | None = None, size: int | None = None, margin: float | None = None) -> LandmarkEval:
+    """A landmark model (visrec checkpoint or ONNX, via ``visrec.models.load_model``) on a JD-landmark
+    directory (face-box crops). ``points``, ``size`` and ``margin`` (crop enlargement per side) default to
+    the model's contract: the crop it was trained on; giving other values evaluates on other crops."""
     import torch
 
-    from visrec.train.landmarks_task import JDCrops, predict
+    from visrec.data.landmark_crops import JDCrops
+    from visrec.errors import DataError
+    from visrec.models.loading import load_model
 
+    loaded = load_model(model)
+    c = loaded.contract
+    if c.task != "landmarks" or c.crop_size is None:
+        raise DataError(f"not a visrec landmark model (its contract says task {c.task!r})", path=model)
+    points = int(points or c.num_points or 106)
+    size = int(size or c.crop_size)
+    margin = float(c.crop_margin if margin is None else margin)
     ds = JDCrops(Path(data), points, size, margin, augment=False)
-    if Path(model).suffix == ".onnx":
-        from visrec.export import OnnxEmbedder
-
-        ort = OnnxEmbedder(model)
-        xs = torch.stack([ds[i][0] for i in range(len(ds))]).numpy()
-        pred = ort(xs).reshape(len(ds), -1, 2) * size
-        gt = np.stack([ds[i][1].numpy() for i in range(len(ds))]) * size
-    else:
-        from visrec.train.checkpoint import load_backbone
-
-        net, _ = load_backbone(model)
-        pred, gt = predict(net, ds, "cpu")
+    preds, gts = [], []
+    for start in range(0, len(ds), 64):
+        items = [ds[i] for i in range(start, min(len(ds), start + 64))]
+        preds.append(loaded.predict_crops(torch.stack([it[0] for it in items]).numpy()) * size)
+        gts.append(np.stack([it[1].numpy() for it in items]) * size)
+    pred = np.concatenate(preds) if preds else np.zeros((0, points, 2), np.float32)
+    gt = np.concatenate(gts) if gts else np.zeros((0, points, 2), np.float32)
     metrics = landmark_metrics(pred, gt)
     write_submission(Path(out) / "submission", ds, pred)
     images = [ds.crop(i)[0] for i in range(min(12, len(ds)))]
     report = write_landmark_report(out, pred, gt, images, metrics,
-                                   {"model": str(model), "data": str(data), "faces": str(len(ds))})
+                                   {"model": str(model), "data": str(data), "faces": str(len(ds)),
+                                    "crop": f"margin {margin:g} per side, {size} px"})
     return LandmarkEval(metrics, report, len(ds))

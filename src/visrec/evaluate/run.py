@@ -23,27 +23,14 @@ class FaceEvalResult:
 
 
 def _embedder(model: str | Path, flip: bool = False) -> Callable[[np.ndarray], np.ndarray]:
-    """Images (N, 112, 112, 3) RGB uint8 -> embeddings; ``flip`` adds the mirrored image's embedding."""
-    path = Path(model)
-    if path.suffix == ".onnx":
-        from visrec.export import OnnxEmbedder
-        from visrec.models.embed import images_to_tensor
+    """Aligned crops (N, H, W, 3) RGB uint8 at the model's input size -> embeddings; ``flip`` adds the
+    mirrored image's embedding. Any model ``visrec.models.load_model`` reads (checkpoint, ONNX, adapter)."""
+    from visrec.models.loading import load_model
 
-        ort = OnnxEmbedder(path)
-
-        def run(images):
-            x = images_to_tensor(images).numpy()
-            return ort(x) + ort(np.ascontiguousarray(x[..., ::-1])) if flip else ort(x)
-
-        return run
-    import torch
-
-    from visrec.models.embed import embed_images
-    from visrec.train.checkpoint import load_backbone
-
-    net, _ = load_backbone(path)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    return lambda images: embed_images(net, images, device=device, flip=flip)
+    loaded = load_model(model, device="auto")  # CUDA when there is one
+    if loaded.contract.task == "landmarks":
+        raise VisrecError(f"{model} is a landmark model, not a face embedder")
+    return lambda images: loaded.embed(images, flip=flip)
 
 
 def embed_all(embed, count: int, get_image, batch: int, progress) -> np.ndarray:

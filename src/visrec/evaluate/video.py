@@ -132,9 +132,12 @@ def evaluate_video_model(model: str | Path, video_list: str | Path, fusions=("me
                          progress=None) -> VideoEval:
     """``visrec eval faces --video``: a visrec checkpoint (a face backbone, or a quality_fusion model for
     ``learned``) on a video list."""
-    from visrec.train.checkpoint import load_backbone
+    from visrec.models.loading import load_model
 
-    net, cfg = load_backbone(model)
+    loaded = load_model(model)
+    if loaded.module is None:
+        raise ConfigError(f"video evaluation needs a visrec checkpoint (a torch model); {model} is not one")
+    net, cfg = loaded.module, dict(loaded.contract.arch or {"name": loaded.name})
     if "learned" in fusions and not hasattr(net, "frame_outputs"):
         raise ConfigError(f"--fusion learned needs a quality_fusion checkpoint; {model} is a {cfg['name']!r} "
                           f"backbone (train one with configs/faces/video-quality.yaml)")

@@ -242,7 +242,7 @@ class Chain:
 
     # --- persistence: plain tensors only, so loading never unpickles code ----------------------------
     def save(self, path) -> None:
-        from visrec.train.checkpoint import atomic_save
+        from visrec._torchfile import atomic_save
 
         state = {}
         for i, stage in enumerate(self.stages):

@@ -16,3 +16,6 @@ def build_backbone(name: str, **kwargs):
 
 from visrec.models import (attention_net, effnet_face, iresnet, irse, landmark_nets, mobilefacenet, products, quality,  # noqa: E402,F401
                            vargfacenet)
+
+from visrec.models.contract import ModelContract, Threshold  # noqa: E402,F401
+from visrec.models.loading import LoadedModel, load_model  # noqa: E402,F401

@@ -34,7 +34,8 @@ Both reproduce the preprocessing of the ``insightface`` python package (deepinsi
 Local weights:
 
 - :func:`load_arcface_torch_backbone` — arcface_torch ``backbone.pth`` (a bare state dict) or a visrec
-  checkpoint into a registry backbone, ``strict=True`` (``visrec.train.checkpoint.init_backbone``).
+  checkpoint into a registry backbone, ``strict=True`` (``visrec.models.loading.init_backbone``).
+  ``visrec.models.load_model(path, arch=NAME)`` does the same and returns the model with its contract.
 - :func:`load_timm_weights` — a timm ``.pth`` / ``.safetensors`` file into a product descriptor's
   backbone (the same loader as ``build_backbone("product", weights=...)``).
 
@@ -272,7 +273,7 @@ def load_arcface_torch_backbone(path: str | Path, name: str, **kwargs):
     A mismatch raises :class:`visrec.errors.DataError` naming the file and the first missing /
     unexpected / wrongly shaped keys. Returns the module in eval mode."""
     from visrec.models import build_backbone
-    from visrec.train.checkpoint import init_backbone
+    from visrec.models.loading import init_backbone
 
     model = build_backbone(name, **kwargs)
     init_backbone(model, path, name=name)

@@ -49,9 +49,14 @@ def create_app(cfg: ServeConfig):
                             detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=limits.max_pixels)
         state["faces"], state["gallery"] = pipe, open_configured_gallery(cfg.faces, pipe.embedder)
     if cfg.landmarks is not None:
-        from visrec.train.checkpoint import load_backbone
+        from visrec.errors import ConfigError
+        from visrec.models.loading import load_model
 
-        state["landmarks"], _ = load_backbone(cfg.landmarks.model)
+        # predicts with the crop margin / size of the model's contract
+        state["landmarks"] = load_model(cfg.landmarks.model)
+        if state["landmarks"].contract.task != "landmarks":
+            raise ConfigError(f"landmarks.model {cfg.landmarks.model} is a {state['landmarks'].contract.task} "
+                              f"model, not a landmark model")
     if cfg.products is not None:
         from visrec.index.catalogue import CatalogueIndex
 
@@ -286,10 +291,9 @@ def create_app(cfg: ServeConfig):
 
     @app.post("/v1/landmarks")
     async def landmarks(request: Request):
-        from visrec.models.landmark_nets import predict_points
         from visrec.serve.pipeline import decode_upload
 
-        net = need("landmarks")
+        landmark_model = need("landmarks")
         images, fields = await read_images(request)
 
         def work():
@@ -307,7 +311,7 @@ def create_app(cfg: ServeConfig):
                 if not ok or not (box[0] < w and box[1] < h and box[2] > 0 and box[3] > 0):
                     raise InputError("field 'box' must be 4 finite numbers x1,y1,x2,y2 with x2 > x1 and y2 > y1 "
                                      "that overlap the image", 400)
-            pts = predict_points(net, image, box)
+            pts = landmark_model.predict(image, box)
             return {"box": list(box), "points": [[round(float(a), 2), round(float(b), 2)] for a, b in pts]}
 
         return await offload(work)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ipaddress
 import os
 from pathlib import Path
+from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -36,9 +37,10 @@ class FacesConfig(_Strict):
                                               "dlib-hog | dlib-cnn")
     landmarks: Path | None = Field(None, description="landmark checkpoint, or dlib-68 / dlib-5, used for "
                                                      "alignment when the detector gives no 5 points")
-    align: str = Field("lstsq", pattern="^(lstsq|eyes)$",
-                       description="5 points -> ArcFace crop: lstsq (least squares, InsightFace's) or eyes "
-                                   "(eyes exactly on the template); the one the model was trained with")
+    align: Optional[str] = Field(None, pattern="^(lstsq|eyes)$",
+                                 description="5 points -> ArcFace crop: lstsq (least squares, InsightFace's) or "
+                                             "eyes (eyes exactly on the template); default: the one the model's "
+                                             "contract records (lstsq when it records none)")
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)
     top_k: int = Field(5, gt=0)
 

@@ -87,11 +87,12 @@ class ExternalEmbedder:
     points, 150x150); it needs a landmark model with those points (``dlib-68`` / ``dlib-5``)."""
 
     def __init__(self, name: str):
-        from visrec.models.dlib_models import build_external
+        from visrec.models.loading import load_model
 
-        self.model = build_external(name)
-        self.name, self.dim, self.input_size = self.model.name, int(self.model.dim), int(self.model.chip_size)
-        self.metric = self.model.metric  # dlib-resnet: euclidean (its galleries score by negated distance)
+        loaded = load_model(name)
+        self.model, self.contract = loaded.adapter, loaded.contract
+        self.name, self.dim, self.input_size = self.model.name, int(self.contract.embedding_dim), int(self.contract.input_size[0])
+        self.metric = self.contract.metric  # dlib-resnet: euclidean (its galleries score by negated distance)
         self.lock = threading.Lock()
 
     def align(self, image, box, five=None, points=None, box_margin: float = 0.2, method: str = "lstsq") -> np.ndarray:
@@ -107,32 +108,27 @@ class ExternalEmbedder:
 
 
 class ArcFaceEmbedder:
-    """A visrec checkpoint (run dir / model.pt) or an ONNX file -> (N, D) float32 embeddings of crops aligned
-    to the ArcFace 112x112 template."""
+    """A visrec checkpoint (run dir / model.pt), a visrec-exported or InsightFace zoo ONNX file, or
+    ``backbone.pth`` with an architecture, loaded by ``visrec.models.load_model`` -> (N, D) float32
+    embeddings of crops aligned to the ArcFace template. ``input_size``, ``dim`` and ``metric`` come from
+    the model's contract."""
 
-    input_size = 112
-    metric = "cosine"
-
-    def __init__(self, model: str | Path):
-        from visrec.models.embed import images_to_tensor
+    def __init__(self, model: str | Path, arch: str | None = None):
+        from visrec.models.loading import load_model
 
         self.path = Path(model)
-        self._to_tensor = images_to_tensor
         self.lock = threading.Lock()
-        if self.path.suffix == ".onnx":
-            from visrec.export import OnnxEmbedder
-
-            self.onnx = OnnxEmbedder(self.path)
-            self.net = None
-            self.name = f"onnx:{self.path.name}"
-            self.dim = int(self.onnx(np.zeros((1, 3, 112, 112), np.float32)).shape[1])
-        else:
-            from visrec.train.checkpoint import load_backbone
-
-            self.net, cfg = load_backbone(self.path)
-            self.onnx = None
-            self.name = cfg["name"] + ":" + ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "name")
-            self.dim = int(self(np.zeros((1, 112, 112, 3), np.uint8)).shape[1])
+        self.model = load_model(model, arch=arch, device="auto")  # CUDA when there is one, as visrec eval
+        contract = self.model.contract
+        if contract.task == "landmarks":
+            raise VisrecError(f"{model} is a landmark model, not a face embedder")
+        self.contract = contract
+        self.name = self.model.name
+        self.net = self.model.module
+        self.input_size = int(contract.input_size[0])
+        self.metric = contract.metric or "cosine"
+        self.dim = int(contract.embedding_dim) if contract.embedding_dim else int(
+            self(np.zeros((1, self.input_size, self.input_size, 3), np.uint8)).shape[1])
 
     def align(self, image, box, five=None, points=None, box_margin: float = 0.2, method: str = "lstsq") -> np.ndarray:
         """The ArcFace crop (``method``: ``align.align_face``'s) from the detector's 5 points, else from a
@@ -147,31 +143,27 @@ class ArcFaceEmbedder:
         return align_face(image, np.asarray(five, np.float32), method=method)[0]
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
-        import torch
-
-        if self.onnx is not None:
-            return self.onnx(self._to_tensor(crops).numpy())
-        from visrec.models.embed import embed_images
-
-        # the same batching and device path as visrec eval (CUDA when there is one)
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-        with self.lock, torch.no_grad():
-            return embed_images(self.net, crops, device=device)
+        with self.lock:
+            return self.model.embed(crops)
 
 
 class FacePipeline:
     """image -> faces (detector) -> points (detector's 5, or a landmark model's) -> the embedder's own crop.
 
     ``landmarks``: a visrec landmark checkpoint, or a registry adapter (``dlib-68`` / ``dlib-5``).
-    ``align``: ``lstsq`` or ``eyes`` (:mod:`visrec.data.align`), as the model's training data was aligned.
+    ``align``: ``lstsq`` or ``eyes`` (:mod:`visrec.data.align`), as the model's training data was aligned;
+    None: the method the model's contract records (``lstsq`` when it records neither).
     ``aligned``: uploads are already crops (resized to the embedder's input size)."""
 
     def __init__(self, model: str | Path, *, aligned: bool = False, landmarks: str | Path | None = None,
-                 detector="haar", box_margin: float = 0.2, align: str = "lstsq", max_pixels: int = 40_000_000):
+                 detector="haar", box_margin: float = 0.2, align: str | None = None, max_pixels: int = 40_000_000):
         from visrec.data.align import check_method
 
-        check_method(align)
         self.embedder = Embedder(model)
+        if align is None:
+            recorded = self.embedder.contract.align_method
+            align = recorded if recorded in ("lstsq", "eyes") else "lstsq"
+        check_method(align)
         self.aligned, self.box_margin, self.max_pixels, self.align = aligned, box_margin, max_pixels, align
         self.detector_name = detector if isinstance(detector, str) else type(detector).__name__
         self.detector = None
@@ -190,11 +182,13 @@ class FacePipeline:
                     raise VisrecError("dlib-5 points (eye corners, nose base) cannot give the ArcFace five "
                                       "(no mouth corners): use dlib-68 or a visrec landmark model")
             else:
-                from visrec.models.landmark_nets import predict_points
-                from visrec.train.checkpoint import load_backbone
+                from visrec.models.loading import load_model
 
-                net, _ = load_backbone(landmarks)
-                self.landmarks = lambda image, box: predict_points(net, image, box)
+                # the crop margin / size the landmark model was trained with come from its contract
+                landmark_model = load_model(landmarks)
+                if landmark_model.contract.task != "landmarks":
+                    raise VisrecError(f"{landmarks} is a {landmark_model.contract.task} model, not a landmark model")
+                self.landmarks = landmark_model.predict
         if isinstance(self.embedder, ExternalEmbedder) and not aligned and self.landmarks is None:
             raise VisrecError(f"{self.embedder.name} needs faces.landmarks: dlib-68 (or dlib-5) to align")
 

@@ -22,6 +22,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visrec.errors import ConfigError, DataError
+from visrec.data.landmark_crops import JDCrops  # noqa: F401 (moved to the data layer; imported here as before)
 from visrec.train.task import TASKS, Task
 
 
@@ -42,53 +43,6 @@ class LandmarkLoss(BaseModel):
     eps: float = 2.0
     pose_weight: float = Field(1.0, ge=0, description="pfld: weight of the pose-branch MSE (radians^2)")
     pfld_base: float = Field(1.0, ge=0, description="pfld: added to the PFLD pose weight of each face")
-
-
-class JDCrops(Dataset):
-    """Face-box crops of a JD-landmark set; items: (image tensor in [-1, 1], points normalised to [0, 1]),
-    plus the (yaw, pitch, roll) pose in radians (float32 (3,)) when ``with_pose``. ``poses`` holds the
-    set's poses in degrees, or None when it has no ``pose/`` directory."""
-
-    def __init__(self, root: Path, points: int, size: int, margin: float, augment: bool, seed: int = 0,
-                 with_pose: bool = False):
-        from visrec.data.landmarks import read_jd_dir, read_jd_poses
-        from visrec.data.schemes import get_scheme
-
-        self.paths, self.points, self.boxes = read_jd_dir(root, points)
-        self.poses = read_jd_poses(root, self.paths)
-        if with_pose and self.poses is None:
-            raise DataError("no head-pose ground truth (pose/<image>.txt, 'yaw pitch roll' in degrees; "
-                            "visrec.data.landmarks.write_synthetic_jd writes it)", path=Path(root) / "pose")
-        self.size, self.margin, self.augment, self.with_pose = size, margin, augment, with_pose
-        self.flip_perm = get_scheme(points).flip_perm
-        self.seed = seed
-
-    def __len__(self) -> int:
-        return len(self.paths)
-
-    def crop(self, i: int):
-        from visrec.data.augment import crop_face
-        from visrec.data.images import read_image
-
-        return crop_face(read_image(self.paths[i]), self.points[i], self.boxes[i], self.size, self.margin)
-
-    def __getitem__(self, i: int):
-        from visrec.data.augment import random_augment
-
-        img, pts = self.crop(i)  # a scaled, shifted copy of the image: the pose is unchanged
-        pose = self.poses[i] if self.with_pose else None
-        if self.augment:
-            # drawn from torch's RNG (checkpointed by the Trainer), so resumed runs augment alike
-            rng = np.random.default_rng(int(torch.randint(0, 2**31 - 1, (1,))))
-            # a flip negates yaw and roll, a rotation adds to roll (visrec.data.augment)
-            out = random_augment(img, pts, self.flip_perm, rng, max_angle=15, p_occlude=0.2, pose=pose)
-            img, pts = out[:2]
-            pose = out[2] if pose is not None else None
-        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div(127.5).sub(1)
-        y = torch.from_numpy(pts / self.size).float()
-        if pose is None:
-            return x, y
-        return x, y, torch.from_numpy(np.radians(np.asarray(pose, np.float64))).float()
 
 
 @TASKS.register("landmarks")
@@ -116,6 +70,14 @@ class LandmarkTask(Task):
 
     def model_config(self):
         return {"num_points": self.data_opts.points, **self.cfg.model.as_dict()}
+
+    def model_contract(self, backbone):
+        """Landmarks: the crop this task trains on (``data.margin`` per side, ``data.size`` pixels, inputs in
+        [-1, 1]) and the point count, so every caller crops as the model was trained."""
+        from visrec.models.contract import contract_from_config
+
+        d = self.data_opts
+        return contract_from_config(self.model_config(), crop_margin=d.margin, crop_size=d.size)
 
     def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
         from visrec.losses import landmark as L

@@ -121,6 +121,12 @@ class ProductTask(Task):
         head = PartialFC(margin, int(backbone.dim), int(num_classes), sample_rate=self.loss_opts.sample_rate)
         return {"backbone": backbone, "head": head}
 
+    def model_contract(self, backbone):
+        """Products: the descriptor's ImageNet-normalised ``data.size`` square input, L2-normalised output."""
+        from visrec.models.loading import default_contract
+
+        return default_contract(backbone, self.model_config(), image_size=self.data_opts.size)
+
     def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
         images, labels = batch
         return modules["head"](modules["backbone"](images).float(), labels)

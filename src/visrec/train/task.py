@@ -8,6 +8,7 @@ subclass registered in ``TASKS`` plus one import line in ``visrec/train/__init__
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
@@ -82,3 +83,33 @@ class Task:
     def model_config(self) -> dict[str, Any]:
         """What rebuilds the exported backbone: {"name": ..., **kwargs} (stored in checkpoints)."""
         return self.cfg.model.as_dict()
+
+    def model_contract(self, backbone: nn.Module):
+        """The exported model's contract (``visrec.models.contract.ModelContract``), saved with every
+        checkpoint. Default: derived from the model config (embedding size read off ``backbone``), faces
+        aligned as the training data was prepared (:meth:`alignment`)."""
+        from visrec.models.loading import default_contract
+
+        return default_contract(backbone, self.model_config(), align_method=self.alignment(), origin="visrec-checkpoint")
+
+    def alignment(self) -> str:
+        """How the training crops were aligned: the ``align`` setting of a ``visrec data prepare`` journal
+        next to the training data (``box_margin`` crops: ``none``), else ``lstsq`` (prepare's default)."""
+        import json
+
+        train = getattr(self.data_opts, "train", None)
+        if train is None:
+            return "lstsq"
+        root = Path(train)
+        for folder in (root, root.parent):
+            journal = folder / "prepare_journal.jsonl"
+            if journal.is_file():
+                try:
+                    with open(journal) as fh:
+                        settings = json.loads(fh.readline()).get("settings", {})
+                except (OSError, ValueError, AttributeError):
+                    return "lstsq"
+                if settings.get("box_margin") is not None:
+                    return "none"
+                return str(settings.get("align", "lstsq"))
+        return "lstsq"

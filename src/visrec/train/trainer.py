@@ -163,6 +163,8 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
         ckpt.set_rng_state(state["rng"])
         global_step = state["global_step"]
 
+    # the model's contract (input, normalisation, alignment, dim / landmark crop), saved with every checkpoint
+    contract = task.model_contract(modules["backbone"]).to_dict()
     train_modules = dict(modules)
     if cfg.channels_last and ctx.device.type == "cuda":
         modules["backbone"].to(memory_format=torch.channels_last)
@@ -184,11 +186,11 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
             "scaler": scaler.state_dict(), "rng": ckpt.rng_state(),
             "global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
-            "config": cfg.model_dump(mode="json"),
+            "contract": contract, "config": cfg.model_dump(mode="json"),
         }, ckpt.rank_path(out, ctx.rank))
         if ctx.is_main:
             blob = {"model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
-                    "step": global_step, "metrics": metrics or {}}
+                    "contract": contract, "step": global_step, "metrics": metrics or {}}
             ckpt.atomic_save(blob, out / "model.pt")
             ckpt.atomic_save(modules["backbone"].state_dict(), out / "backbone.pth")
 

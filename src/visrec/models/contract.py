@@ -1,0 +1,205 @@
+"""What a model needs to be used right: its contract (as timm's ``pretrained_cfg``), saved with the model.
+
+A :class:`ModelContract` is written into every visrec checkpoint (``model.pt`` and the trainer's
+``last.rank*.pt``, key ``"contract"``), into exported ONNX files (``metadata_props`` key
+:data:`ONNX_KEY`, the JSON of :meth:`ModelContract.to_json`), and declared by every adapter of a foreign
+model (InsightFace zoo ONNX files, arcface_torch ``backbone.pth``, dlib). Callers read sizes, margins,
+dimensions, the metric and the threshold from it; none assumes them.
+
+Units, stated once:
+
+- ``input_size``: (height, width) of the network input in pixels.
+- ``pixel_mean`` / ``pixel_std``: per channel, in the **0-255** scale of uint8 pixels, in the colour order
+  of ``colour_order``: the network input is ``(pixel - mean) / std``. visrec's own models use
+  127.5 / 127.5 (i.e. [-1, 1]); InsightFace ArcFace files 127.5 / 127.5; dlib does its own.
+- ``crop_margin``: landmark models only: the face box is enlarged by this fraction of its longer side on
+  *each* side (``visrec.data.augment.crop_face``), the square crop then resized to ``crop_size`` pixels.
+- ``threshold.value``: a score in the model's metric as visrec scores it: a cosine similarity for
+  ``cosine``, the *negated* Euclidean distance for ``euclidean`` (dlib's documented 0.6 distance is -0.6).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, fields, replace
+from typing import Any
+
+from visrec.errors import DataError
+
+ONNX_KEY = "visrec.contract"
+CONTRACT_VERSION = 1
+
+TASKS = ("face-embedding", "landmarks", "product-embedding", "video-embedding", "other")
+METRICS = ("cosine", "euclidean")
+ALIGN_METHODS = ("lstsq", "eyes", "none", "dlib-chip")
+THRESHOLD_ORIGINS = ("calibrated", "author")
+
+#: visrec's own input convention: uint8 RGB -> (x - 127.5) / 127.5, i.e. [-1, 1] (``models.embed.images_to_tensor``)
+VISREC_MEAN = (127.5, 127.5, 127.5)
+VISREC_STD = (127.5, 127.5, 127.5)
+#: the landmark task's defaults (``visrec.train.landmarks_task.LandmarkData``): old checkpoints assumed them
+DEFAULT_LANDMARK_MARGIN = 0.15
+DEFAULT_LANDMARK_SIZE = 112
+
+
+@dataclass(frozen=True)
+class Threshold:
+    """A verification threshold: accept a pair when score >= ``value`` (score in the contract's metric, see
+    the module docstring). ``origin``: ``calibrated`` (``fpr`` reached on ``data``) or ``author`` (a value
+    documented by the model's authors, ``citation`` says where)."""
+
+    value: float
+    origin: str
+    fpr: float | None = None
+    data: str | None = None
+    citation: str | None = None
+
+    def __post_init__(self):
+        if self.origin not in THRESHOLD_ORIGINS:
+            raise ValueError(f"threshold origin must be one of {THRESHOLD_ORIGINS}, got {self.origin!r}")
+
+    def describe(self) -> str:
+        if self.origin == "calibrated":
+            fpr = f" at FPR {self.fpr:g}" if self.fpr is not None else ""
+            return f"{self.value:g} (calibrated{fpr}{' on ' + self.data if self.data else ''})"
+        return f"{self.value:g} (author{': ' + self.citation if self.citation else ''})"
+
+
+@dataclass(frozen=True)
+class ModelContract:
+    """Everything a caller needs to feed a model and read its output. JSON-serialisable
+    (:meth:`to_dict` / :meth:`from_dict`); frozen: derive a changed one with :meth:`replace`."""
+
+    task: str  # one of TASKS
+    input_size: tuple[int, int]  # (height, width) pixels
+    pixel_mean: tuple[float, float, float] = VISREC_MEAN  # 0-255 scale, per channel of colour_order
+    pixel_std: tuple[float, float, float] = VISREC_STD  # 0-255 scale
+    colour_order: str = "RGB"  # RGB | BGR: the channel order the network input expects
+    embedding_dim: int | None = None  # embedders: length of one embedding
+    metric: str | None = None  # embedders: cosine | euclidean (scored as the negated distance)
+    l2_normalised: bool = False  # embedders: whether the model's output is already unit length
+    align_method: str = "none"  # lstsq | eyes (visrec.data.align) | dlib-chip | none (box crops)
+    align_template: str | None = None  # e.g. arcface-112 (the ArcFace 5-point template at 112x112)
+    num_points: int | None = None  # landmark models: points per face
+    point_scheme: str | None = None  # landmark models: jd106 | 300w68 | wflw98 | insightface_2d106 | dlib-5 ...
+    crop_margin: float | None = None  # landmark models: box enlargement per side (fraction of the longer side)
+    crop_size: int | None = None  # landmark models: side of the square crop, pixels
+    threshold: Threshold | None = None
+    source: str | None = None  # the file or adapter name it came from
+    origin: str | None = None  # visrec-checkpoint | visrec-onnx | insightface-zoo | arcface_torch | dlib | ...
+    arch: dict[str, Any] | None = None  # visrec models: {"name": registry name, **kwargs}
+    version: int = CONTRACT_VERSION
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        if self.metric is not None and self.metric not in METRICS:
+            raise ValueError(f"metric must be one of {METRICS}, got {self.metric!r}")
+        if self.align_method not in ALIGN_METHODS:
+            raise ValueError(f"align_method must be one of {ALIGN_METHODS}, got {self.align_method!r}")
+        if self.colour_order not in ("RGB", "BGR"):
+            raise ValueError(f"colour_order must be RGB or BGR, got {self.colour_order!r}")
+        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
+        object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
+        object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
+        if isinstance(self.threshold, dict):
+            object.__setattr__(self, "threshold", Threshold(**self.threshold))
+
+    # --- serialisation ----------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["input_size"], d["pixel_mean"], d["pixel_std"] = (list(self.input_size), list(self.pixel_mean),
+                                                            list(self.pixel_std))
+        return d
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: Any, *, path=None) -> "ModelContract":
+        """A contract from :meth:`to_dict`'s output; anything else is a ``DataError`` naming ``path``.
+        Keys of a later version that this one does not know are ignored."""
+        if not isinstance(data, dict):
+            raise DataError(f"model contract is not a mapping but {type(data).__name__}", path=path)
+        known = {f.name for f in fields(cls)}
+        try:
+            return cls(**{k: v for k, v in data.items() if k in known})
+        except (TypeError, ValueError) as exc:
+            raise DataError(f"invalid model contract: {exc}", path=path) from None
+
+    @classmethod
+    def from_json(cls, text: str | bytes, *, path=None) -> "ModelContract":
+        try:
+            data = json.loads(text)
+        except ValueError as exc:
+            raise DataError(f"model contract is not JSON: {exc}", path=path) from None
+        return cls.from_dict(data, path=path)
+
+    def replace(self, **changes) -> "ModelContract":
+        return replace(self, **changes)
+
+    # --- for people -------------------------------------------------------------------------------
+    def rows(self) -> list[tuple[str, str]]:
+        """(field, value) pairs for a table (``visrec models info``)."""
+        def fmt(v):
+            return "-" if v is None else str(v)
+
+        rows = [("task", self.task), ("source", fmt(self.source)), ("origin", fmt(self.origin))]
+        if self.arch:
+            rows.append(("architecture", ", ".join(f"{k}={v}" for k, v in self.arch.items())))
+        rows += [("input size (h, w)", f"{self.input_size[0]} x {self.input_size[1]} px"),
+                 ("colour order", self.colour_order),
+                 ("pixel normalisation", f"(x - {list(self.pixel_mean)}) / {list(self.pixel_std)}, x in 0-255"),
+                 ("alignment", self.align_method + (f" ({self.align_template})" if self.align_template else ""))]
+        if self.task != "landmarks":
+            rows += [("embedding dim", fmt(self.embedding_dim)), ("metric", fmt(self.metric)),
+                     ("L2-normalised output", "yes" if self.l2_normalised else "no"),
+                     ("threshold", self.threshold.describe() if self.threshold else "none (not calibrated)"),
+                     ("threshold origin", self.threshold.origin if self.threshold else "none")]
+        else:
+            rows += [("points", f"{fmt(self.num_points)} ({fmt(self.point_scheme)})"),
+                     ("crop margin (per side)", fmt(self.crop_margin)),
+                     ("crop size", f"{fmt(self.crop_size)} px")]
+        return rows
+
+
+LANDMARK_ARCHS = ("pfld", "heatmap_lite")
+POINT_SCHEMES = {106: "jd106", 68: "300w68", 98: "wflw98", 5: "5"}
+
+
+def contract_from_config(model_config: dict[str, Any], *, embedding_dim: int | None = None,
+                         crop_margin: float | None = None, crop_size: int | None = None,
+                         align_method: str = "lstsq", source: str | None = None,
+                         origin: str = "visrec-checkpoint", image_size: int | None = None) -> ModelContract:
+    """The contract of a visrec model built from ``model_config`` (``{"name", **kwargs}``). Face models: 112x112
+    RGB in [-1, 1], aligned to the ArcFace template (``align_method``), cosine. Landmark models: the crop the
+    landmark task trained on (``crop_margin``/``crop_size``, defaults 0.15 / 112). Products: the descriptor's
+    ImageNet-normalised square input of ``image_size`` (default 224) pixels, L2-normalised output."""
+    cfg = dict(model_config)
+    name = str(cfg.get("name", ""))
+    if name in LANDMARK_ARCHS:
+        size = int(crop_size if crop_size is not None else DEFAULT_LANDMARK_SIZE)
+        points = int(cfg.get("num_points", 106))
+        return ModelContract(task="landmarks", input_size=(size, size), num_points=points,
+                             point_scheme=POINT_SCHEMES.get(points, f"{points}-points"),
+                             crop_margin=float(crop_margin if crop_margin is not None else DEFAULT_LANDMARK_MARGIN),
+                             crop_size=size, source=source, origin=origin, arch=cfg)
+    if name in ("product", "product_ensemble"):
+        from visrec.models.products import IMAGENET_MEAN, IMAGENET_STD
+
+        size = int(image_size or 224)
+        return ModelContract(task="product-embedding", input_size=(size, size),
+                             pixel_mean=tuple(255.0 * m for m in IMAGENET_MEAN),
+                             pixel_std=tuple(255.0 * s for s in IMAGENET_STD), embedding_dim=embedding_dim,
+                             metric="cosine", l2_normalised=True, source=source, origin=origin, arch=cfg)
+    task = "video-embedding" if name == "quality_fusion" else "face-embedding"
+    return ModelContract(task=task, input_size=(112, 112), embedding_dim=embedding_dim, metric="cosine",
+                         align_method=align_method, align_template="arcface-112" if align_method != "none" else None,
+                         source=source, origin=origin, arch=cfg)
+
+
+def contract_field_names() -> list[str]:
+    return [f.name for f in fields(ModelContract)]
+
+
+__all__ = ["ModelContract", "Threshold", "ONNX_KEY", "contract_from_config"]

@@ -1,0 +1,530 @@
+"""One loader for every model file and adapter: :func:`load_model` -> a :class:`LoadedModel` with its
+:class:`~visrec.models.contract.ModelContract`.
+
+Accepted specs:
+
+- a visrec run directory (its ``model.pt``), a ``model.pt`` or a trainer resume file ``last.rank0.pt``:
+  ``{"model_config": {name, **kwargs}, "backbone": state_dict, "contract": {...}}``. A checkpoint written
+  before contracts existed still loads: its contract is derived from the model config (embedding size from
+  the built model, landmark crop margin 0.15 / size 112, lstsq alignment) with a ``warnings.warn`` naming
+  the file and the defaults assumed.
+- an ``.onnx`` file: visrec-exported (the contract in ``metadata_props["visrec.contract"]``; an export
+  written before contracts, recognised by visrec's tensor names ``input`` -> ``embedding``/``points``,
+  loads with a warning), else an InsightFace model-zoo file recognised by its layout (ArcFace
+  recognition: one (N, 3, 112, 112) input, one (N, D) output; ``2d106det``: 192x192 input, 212 outputs).
+- a registered adapter name of :data:`visrec.models.dlib_models.EXTERNAL` (``dlib-resnet``, ``dlib-68``,
+  ``dlib-5``).
+- a bare state dict (arcface_torch's ``backbone.pth``) with ``arch=`` (a registry backbone name, or a
+  ``{"name": ..., **kwargs}`` dict).
+
+Every file is read with ``weights_only=True`` (:func:`visrec._torchfile.read_torch_file`). A path that does
+not exist, a file of an unknown kind, or an ONNX file with neither a contract nor a known layout is a
+:class:`~visrec.errors.DataError` naming the input.
+
+Images given to ``embed`` are uint8 RGB (N, H, W, 3) crops at the contract's input size, aligned as the
+contract says; a list of (H, W, 3) arrays is accepted. ``embed`` returns what the model gives (visrec face
+models: raw, not L2-normalised; ``contract.l2_normalised`` says which), float32 (N, D).
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from visrec._torchfile import read_torch_file
+from visrec.errors import DataError
+from visrec.models.contract import ONNX_KEY, VISREC_MEAN, VISREC_STD, ModelContract, Threshold, contract_from_config
+
+KINDS = ("a visrec run directory, model.pt or last.rank0.pt; an .onnx file (visrec export or InsightFace zoo); "
+         "backbone.pth with arch=; or an adapter name")
+
+
+# --- reading visrec torch files -----------------------------------------------------------------------
+
+def read_model_file(path: str | Path, what: str = "checkpoint", map_location: str = "cpu") -> tuple[Path, Any]:
+    """(resolved path, loaded object) of a torch file or a run directory (its ``model.pt``)."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / "model.pt"
+    if not path.exists():
+        raise DataError(f"{what} not found", path=path)
+    return path, read_torch_file(path, map_location)
+
+
+def _is_checkpoint(blob) -> bool:
+    return isinstance(blob, dict) and "model_config" in blob and "backbone" in blob
+
+
+def _build(cfg: dict):
+    from visrec.models import build_backbone
+
+    cfg = dict(cfg)
+    return build_backbone(cfg.pop("name"), **cfg)
+
+
+def load_checkpoint(path: str | Path, map_location: str = "cpu"):
+    """``(module in eval mode, model_config, contract)`` of a visrec checkpoint (``model.pt``,
+    ``last.rank0.pt`` or a run directory)."""
+    path, blob = read_model_file(path, "checkpoint", map_location)
+    if not _is_checkpoint(blob):
+        raise DataError("not a visrec checkpoint (needs 'model_config' and 'backbone')", path=path)
+    cfg = dict(blob["model_config"])
+    model = _build(cfg)
+    model.load_state_dict(blob["backbone"], strict=True)
+    model.eval()
+    if blob.get("contract") is not None:
+        contract = ModelContract.from_dict(blob["contract"], path=path)
+    else:
+        contract = default_contract(model, cfg, source=str(path))
+        assumed = (f"crop margin {contract.crop_margin}, crop size {contract.crop_size}, {contract.num_points} points"
+                   if contract.task == "landmarks" else
+                   f"embedding dim {contract.embedding_dim} (from the built model), input {contract.input_size[0]}x"
+                   f"{contract.input_size[1]} RGB in [-1, 1], alignment {contract.align_method}, metric "
+                   f"{contract.metric}, no threshold")
+        warnings.warn(f"{path}: no model contract (saved before visrec stored one); assumed defaults: {assumed}",
+                      stacklevel=3)
+    return model, cfg, contract.replace(source=str(path))
+
+
+def load_backbone(path: str | Path, map_location: str = "cpu"):
+    """Rebuild the backbone saved in a visrec checkpoint (``model.pt`` or ``last.rank0.pt``).
+
+    Returns ``(module in eval mode, model_config dict)``. A run directory is accepted too. Use
+    :func:`load_model` for the model's contract."""
+    model, cfg, _ = load_checkpoint(path, map_location)
+    return model, cfg
+
+
+def init_backbone(module, path: str | Path, name: str | None = None) -> None:
+    """Load pretrained weights into ``module`` with ``strict=True``: a bare state dict (arcface_torch's
+    ``backbone.pth``), a visrec checkpoint (``model.pt`` / ``last.rank0.pt``, whose model name must be
+    ``name`` when given) or a run directory. A mismatch names the file and the first differing keys."""
+    import torch
+
+    path, blob = read_model_file(path, "pretrained weights")
+    if _is_checkpoint(blob):
+        saved = blob["model_config"].get("name")
+        if name is not None and saved != name:
+            raise DataError(f"holds a {saved!r} backbone, the config builds {name!r}", path=path)
+        blob = blob["backbone"]
+    if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
+        raise DataError("not a state dict (name -> tensor) nor a visrec checkpoint", path=path)
+    blob = {k.removeprefix("module."): v for k, v in blob.items()}  # saved from a DDP-wrapped model
+    own = module.state_dict()
+    missing, unexpected = sorted(set(own) - set(blob)), sorted(set(blob) - set(own))
+    shapes = [k for k in own if k in blob and own[k].shape != blob[k].shape]
+    if missing or unexpected or shapes:
+        parts = [f"{label} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+        raise DataError("weights do not fit the model (" + "; ".join(parts) + ")", path=path)
+    module.load_state_dict(blob, strict=True)
+
+
+def embedding_dim(module, input_size: tuple[int, int] = (112, 112)) -> int | None:
+    """The output size of an embedder: its ``embedding_size`` / ``dim`` attribute, else one forward of a
+    zero batch (eval mode, no grad; the module's training flag is restored)."""
+    import torch
+
+    for attr in ("embedding_size", "dim"):
+        v = getattr(module, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    try:
+        p = next(module.parameters())
+        device, dtype = p.device, p.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+    was = module.training
+    try:
+        with torch.no_grad():
+            out = module.eval()(torch.zeros(2, 3, *input_size, device=device, dtype=dtype))
+    finally:
+        module.train(was)
+    return int(out.shape[-1]) if out.ndim == 2 else None
+
+
+def default_contract(module, model_config: dict, *, source: str | None = None, crop_margin: float | None = None,
+                     crop_size: int | None = None, align_method: str = "lstsq", image_size: int | None = None,
+                     origin: str = "visrec-checkpoint") -> ModelContract:
+    """The contract of a visrec model (``contract_from_config``) with the embedding size read off ``module``."""
+    c = contract_from_config(model_config, crop_margin=crop_margin, crop_size=crop_size, align_method=align_method,
+                             source=source, origin=origin, image_size=image_size)
+    if c.task != "landmarks":
+        c = c.replace(embedding_dim=embedding_dim(module, c.input_size))
+    return c
+
+
+# --- loaded models ----------------------------------------------------------------------------------
+
+def _stack(images) -> np.ndarray:
+    arr = images if isinstance(images, np.ndarray) else np.stack(list(images)) if len(images) else np.zeros((0, 0, 0, 3), np.uint8)
+    if arr.ndim == 3:
+        arr = arr[None]
+    return np.ascontiguousarray(arr)
+
+
+def _as_boxes(boxes) -> tuple[np.ndarray, bool]:
+    b = np.asarray(boxes, dtype=np.float64)
+    single = b.ndim == 1
+    b = b.reshape(-1, b.shape[-1]) if b.size else b.reshape(0, 4)
+    if b.shape[-1] < 4:
+        raise DataError(f"a box is (x1, y1, x2, y2), got shape {np.asarray(boxes).shape}")
+    return b, single
+
+
+class LoadedModel:
+    """A model with its contract. ``embed(images)`` for embedders, ``predict(image, boxes)`` for landmark
+    models, ``module`` the torch module where there is one (else None), ``name`` what a gallery records."""
+
+    module = None
+
+    def __init__(self, contract: ModelContract, name: str):
+        self.contract, self.name = contract, name
+
+    @property
+    def is_embedder(self) -> bool:
+        return self.contract.task != "landmarks"
+
+    def embed(self, images, *, flip: bool = False) -> np.ndarray:
+        raise DataError(f"a {self.contract.task} model has no embed(); it predicts points", path=self.contract.source)
+
+    def predict(self, image, boxes) -> np.ndarray:
+        """(K, P, 2) float32 image-pixel points for (K, 4) boxes, or (P, 2) for one (4,) box."""
+        if self.contract.task != "landmarks":
+            raise DataError(f"a {self.contract.task} model has no predict(); it embeds", path=self.contract.source)
+        image = np.asarray(image)
+        b, single = _as_boxes(boxes)
+        crops, sides, centres = [], [], []
+        from visrec.data.augment import crop_face
+
+        c = self.contract
+        for x1, y1, x2, y2 in b[:, :4]:
+            crop, _ = crop_face(image, np.zeros((1, 2)), (x1, y1, x2, y2), c.crop_size, c.crop_margin)
+            crops.append(crop)
+            sides.append(max(x2 - x1, y2 - y1) * (1 + 2 * c.crop_margin))
+            centres.append(((x1 + x2) / 2, (y1 + y2) / 2))
+        if crops:
+            x = ((np.stack(crops).astype(np.float32) / np.float32(127.5)) - np.float32(1.0)).transpose(0, 3, 1, 2)
+            pts = self.predict_crops(x) * c.crop_size
+            out = np.stack([((p - c.crop_size / 2) * (s / c.crop_size) + ctr) for p, s, ctr in zip(pts, sides, centres)])
+        else:
+            out = np.zeros((0, c.num_points or 0, 2))
+        out = out.astype(np.float32)
+        return out[0] if single else out
+
+    def predict_crops(self, x: np.ndarray) -> np.ndarray:
+        """(B, P, 2) points in [0, 1] of the crop, from (B, 3, S, S) float32 crops in [-1, 1]."""
+        raise DataError("this landmark model predicts on whole images only (predict)", path=self.contract.source)
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.name} {self.contract.task}>"
+
+
+class TorchModel(LoadedModel):
+    def __init__(self, module, contract: ModelContract, name: str, device: str = "cpu"):
+        super().__init__(contract, name)
+        import torch
+
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.device = torch.device(device)
+        self.module = module.eval().to(self.device)
+
+    def _tensor(self, images):
+        import torch
+
+        from visrec.models.embed import images_to_tensor
+
+        c = self.contract
+        arr = _stack(images)
+        if c.pixel_mean == VISREC_MEAN and c.pixel_std == VISREC_STD and c.colour_order == "RGB":
+            return images_to_tensor(arr)  # bit-identical to the training input
+        if c.colour_order == "BGR":
+            arr = arr[..., ::-1]
+        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
+        return (t - torch.tensor(c.pixel_mean).view(1, 3, 1, 1)) / torch.tensor(c.pixel_std).view(1, 3, 1, 1)
+
+    def embed(self, images, *, flip: bool = False, batch_size: int = 256) -> np.ndarray:
+        if not self.is_embedder:
+            return super().embed(images)
+        import torch
+
+        c = self.contract
+        if c.pixel_mean == VISREC_MEAN and c.pixel_std == VISREC_STD and c.colour_order == "RGB":
+            from visrec.models.embed import embed_images
+
+            return embed_images(self.module, _stack(images), device=self.device, flip=flip, batch_size=batch_size)
+        arr = _stack(images)
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(arr), batch_size):
+                x = self._tensor(arr[s:s + batch_size]).to(self.device)
+                e = self.module(x).float()
+                if flip:
+                    e = e + self.module(torch.flip(x, dims=[3])).float()
+                out.append(e.cpu())
+        return torch.cat(out).numpy() if out else np.zeros((0, c.embedding_dim or 0), np.float32)
+
+    def predict(self, image, boxes) -> np.ndarray:
+        if self.contract.task != "landmarks":
+            return super().predict(image, boxes)
+        from visrec.models.landmark_nets import predict_points
+
+        b, single = _as_boxes(boxes)
+        c = self.contract
+        out = [predict_points(self.module, image, box[:4], margin=c.crop_margin, size=c.crop_size) for box in b]
+        if single:
+            return out[0]
+        return np.stack(out) if out else np.zeros((0, c.num_points or 0, 2), np.float32)
+
+    def predict_crops(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
+        import torch
+
+        out = []
+        with torch.no_grad():
+            for s in range(0, len(x), batch):
+                xb = torch.as_tensor(np.asarray(x[s:s + batch], np.float32)).to(self.device)
+                out.append(self.module(xb).float().cpu().numpy())
+        return np.concatenate(out) if out else np.zeros((0, self.contract.num_points or 0, 2), np.float32)
+
+
+class OnnxModel(LoadedModel):
+    """A visrec-exported ONNX file (onnxruntime, CPU by default)."""
+
+    def __init__(self, path: Path, contract: ModelContract, name: str, session=None):
+        super().__init__(contract, name)
+        from visrec.export import OnnxEmbedder
+
+        self.path = Path(path)
+        self.onnx = OnnxEmbedder(self.path, session=session)
+
+    def embed(self, images, *, flip: bool = False) -> np.ndarray:
+        if not self.is_embedder:
+            return super().embed(images)
+        from visrec.models.embed import images_to_tensor
+
+        x = images_to_tensor(_stack(images)).numpy()
+        if len(x) == 0:
+            return np.zeros((0, self.contract.embedding_dim or 0), np.float32)
+        return self.onnx(x) + self.onnx(np.ascontiguousarray(x[..., ::-1])) if flip else self.onnx(x)
+
+    def predict_crops(self, x: np.ndarray) -> np.ndarray:
+        x = np.asarray(x, np.float32)
+        return self.onnx(x).reshape(len(x), -1, 2)
+
+
+class ZooArcFace(LoadedModel):
+    def __init__(self, zoo, contract: ModelContract):
+        super().__init__(contract, f"onnx:{zoo.path.name}")
+        self.zoo = zoo
+
+    def embed(self, images, *, flip: bool = False) -> np.ndarray:
+        arr = _stack(images)
+        out = self.zoo(arr)
+        return out + self.zoo(np.ascontiguousarray(arr[:, :, ::-1])) if flip else out
+
+
+class ZooLandmarks(LoadedModel):
+    def __init__(self, zoo, contract: ModelContract):
+        super().__init__(contract, f"onnx:{zoo.path.name}")
+        self.zoo = zoo
+
+    def predict(self, image, boxes) -> np.ndarray:
+        return self.zoo(image, boxes)
+
+
+class ExternalModel(LoadedModel):
+    """A registry adapter (dlib). ``adapter`` is the adapter object (dlib-resnet: ``chip``, ``embed_chips``)."""
+
+    def __init__(self, adapter, contract: ModelContract):
+        super().__init__(contract, contract.source or type(adapter).__name__)
+        self.adapter = adapter
+
+    def embed(self, images, *, flip: bool = False) -> np.ndarray:
+        arr = _stack(images)
+        out = self.adapter.embed_chips(arr)
+        return out + self.adapter.embed_chips(np.ascontiguousarray(arr[:, :, ::-1])) if flip else out
+
+    def predict(self, image, boxes) -> np.ndarray:
+        b, single = _as_boxes(boxes)
+        out = [self.adapter(image, box[:4]) for box in b]
+        if single:
+            return out[0]
+        return np.stack(out) if out else np.zeros((0, self.contract.num_points or 0, 2), np.float32)
+
+
+# --- adapters' contracts ----------------------------------------------------------------------------
+
+DLIB_THRESHOLD = Threshold(value=-0.6, origin="author",
+                           citation="dlib's documentation (dlib_face_recognition_resnet_model_v1): two faces "
+                                    "are the same person when the Euclidean distance is below 0.6; score = -distance")
+
+
+def adapter_contract(name: str) -> ModelContract:
+    """The declared contract of a registered adapter (``EXTERNAL``)."""
+    n = name.lower()
+    if n == "dlib-resnet":
+        return ModelContract(task="face-embedding", input_size=(150, 150), pixel_mean=(0.0, 0.0, 0.0),
+                             pixel_std=(1.0, 1.0, 1.0), embedding_dim=128, metric="euclidean",
+                             align_method="dlib-chip", align_template="dlib get_face_chip size=150 padding=0.25",
+                             threshold=DLIB_THRESHOLD, source=n, origin="dlib")
+    if n in ("dlib-68", "dlib-5"):
+        points = 68 if n == "dlib-68" else 5
+        return ModelContract(task="landmarks", input_size=(0, 0), pixel_mean=(0.0, 0.0, 0.0),
+                             pixel_std=(1.0, 1.0, 1.0), num_points=points,
+                             point_scheme="300w68" if points == 68 else "dlib-5", source=n, origin="dlib")
+    raise DataError(f"{name!r} is a detector adapter, not a model with a contract (load it as a detector)")
+
+
+def arcface_zoo_contract(zoo, path: Path) -> ModelContract:
+    w, h = zoo.input_size
+    mean, std = float(zoo.input_mean), float(zoo.input_std)
+    return ModelContract(task="face-embedding", input_size=(h, w), pixel_mean=(mean,) * 3, pixel_std=(std,) * 3,
+                         embedding_dim=int(zoo.dim), metric="cosine", align_method="lstsq",
+                         align_template="arcface-112", source=str(path), origin="insightface-zoo")
+
+
+def landmark_zoo_contract(zoo, path: Path) -> ModelContract:
+    mean, std = float(zoo.input_mean), float(zoo.input_std)
+    return ModelContract(task="landmarks", input_size=(zoo.input_size, zoo.input_size), pixel_mean=(mean,) * 3,
+                         pixel_std=(std,) * 3, num_points=int(zoo.num_points), point_scheme=zoo.point_order,
+                         crop_margin=0.25, crop_size=int(zoo.input_size), source=str(path), origin="insightface-zoo")
+
+
+# --- the loader -------------------------------------------------------------------------------------
+
+def read_onnx_contract(path: str | Path, session=None) -> ModelContract | None:
+    """The contract in an ONNX file's ``metadata_props`` (key ``visrec.contract``), or None."""
+    from visrec._onnx import open_session
+
+    path = Path(path)
+    session = session if session is not None else open_session(path)
+    meta = session.get_modelmeta().custom_metadata_map or {}
+    if ONNX_KEY not in meta:
+        return None
+    return ModelContract.from_json(meta[ONNX_KEY], path=path).replace(source=str(path))
+
+
+def _load_onnx(path: Path) -> LoadedModel:
+    from visrec._onnx import open_session
+
+    session = open_session(path, what="model")
+    contract = read_onnx_contract(path, session)
+    if contract is not None:
+        return OnnxModel(path, contract, f"onnx:{path.name}", session=session)
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    shape = list(inputs[0].shape) if inputs else []
+    out_shape = list(outputs[0].shape) if outputs else []
+    hw = [d if isinstance(d, int) else None for d in shape[2:]] if len(shape) == 4 else []
+    if len(inputs) == 1 and len(outputs) == 1 and inputs[0].name == "input" and outputs[0].name in ("embedding", "points"):
+        # a visrec export written before contracts: its tensor names say so
+        size = hw[0] if hw and hw[0] else 112
+        if outputs[0].name == "points":
+            points = out_shape[1] if len(out_shape) == 3 and isinstance(out_shape[1], int) else 106
+            contract = contract_from_config({"name": "pfld", "num_points": points}, crop_size=size,
+                                            source=str(path), origin="visrec-onnx").replace(arch=None)
+        else:
+            from visrec.export import OnnxEmbedder
+
+            dim = int(OnnxEmbedder(path, session=session)(np.zeros((1, 3, size, size), np.float32)).shape[-1])
+            contract = contract_from_config({"name": "unknown"}, embedding_dim=dim, source=str(path),
+                                            origin="visrec-onnx").replace(arch=None)
+        warnings.warn(f"{path}: visrec ONNX export without a model contract (exported before visrec wrote one); "
+                      f"assumed defaults: {contract.task}, input {size}x{size} RGB in [-1, 1]"
+                      + (f", crop margin {contract.crop_margin}" if contract.task == "landmarks"
+                         else f", lstsq alignment, cosine, dim {contract.embedding_dim}"), stacklevel=3)
+        return OnnxModel(path, contract, f"onnx:{path.name}", session=session)
+    if len(inputs) == 1 and len(outputs) == 1 and len(shape) == 4:
+        from visrec.models.zoo import ArcFaceOnnx, Landmark106Onnx
+
+        flat = out_shape[1] if len(out_shape) == 2 and isinstance(out_shape[1], int) else None
+        if flat == 212 or (hw and hw[0] == 192):
+            zoo = Landmark106Onnx(path, session=session, **_zoo_norm(path, landmark=True))
+            return ZooLandmarks(zoo, landmark_zoo_contract(zoo, path))
+        if hw == [112, 112] and len(out_shape) in (2, 4):
+            zoo = ArcFaceOnnx(path, session=session, **_zoo_norm(path, landmark=False))
+            return ZooArcFace(zoo, arcface_zoo_contract(zoo, path))
+    raise DataError(f"ONNX file without a visrec model contract (metadata_props {ONNX_KEY!r}) and not a known "
+                    f"InsightFace zoo layout (ArcFace: one (N, 3, 112, 112) input and one (N, D) output; "
+                    f"2d106det: (N, 3, 192, 192) -> (N, 212)); its input is {shape}, its output {out_shape}. "
+                    f"Export it with `visrec export` to record its contract", path=path)
+
+
+def _zoo_norm(path: Path, landmark: bool) -> dict:
+    """insightface reads mean/std from the graph (needs the onnx package); without onnx its defaults."""
+    import importlib.util
+
+    if importlib.util.find_spec("onnx") is not None:
+        return {}
+    return {"input_mean": 127.5, "input_std": 128.0 if landmark else 127.5}
+
+
+def _checkpoint_name(cfg: dict) -> str:
+    return cfg["name"] + ":" + ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "name")
+
+
+def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str = "cpu") -> LoadedModel:
+    """The model ``spec`` names, with its contract (module docstring: the kinds accepted). ``arch``: the
+    registry architecture of a bare state dict (``backbone.pth``), a name or ``{"name", **kwargs}``.
+    ``device``: where a torch module runs (``cpu``, ``cuda``, ``cuda:1``; ``auto``: CUDA when there is one)."""
+    from visrec.models.dlib_models import EXTERNAL
+
+    text = str(spec)
+    path = Path(spec)
+    if not path.exists() and text in EXTERNAL:
+        from visrec.models.dlib_models import build_external
+
+        contract = adapter_contract(text)  # a detector name: DataError before building anything
+        return ExternalModel(build_external(text), contract)
+    if not path.exists():
+        hint = "" if ("/" in text or path.suffix) else f" (nor an adapter name: {', '.join(EXTERNAL.names())})"
+        raise DataError(f"model not found{hint}", path=path)
+    if path.is_dir():
+        if not (path / "model.pt").exists():
+            raise DataError(f"a directory without model.pt; expected {KINDS}", path=path)
+        path = path / "model.pt"
+    if path.suffix.lower() == ".onnx":
+        if arch is not None:
+            raise DataError("arch= applies to a bare state dict (backbone.pth), not to an ONNX file", path=path)
+        return _load_onnx(path)
+    try:
+        blob = read_torch_file(path)
+    except DataError as exc:
+        if exc.message.startswith("refused to load"):  # a torch file that needs code to load: say just that
+            raise
+        raise DataError(f"unknown kind of model file ({exc.message}); expected {KINDS}", path=path) from None
+    if _is_checkpoint(blob):
+        del blob
+        module, cfg, contract = load_checkpoint(path)
+        return TorchModel(module, contract, _checkpoint_name(cfg), device)
+    import torch
+
+    if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
+        if arch is None:
+            raise DataError("a bare state dict (e.g. arcface_torch's backbone.pth): pass the architecture "
+                            "(arch=NAME, or --arch NAME), e.g. iresnet50 or mobilefacenet", path=path)
+        cfg = {"name": arch} if isinstance(arch, str) else dict(arch)
+        module = _build(cfg)
+        init_backbone(module, path, name=cfg["name"])
+        module.eval()
+        contract = default_contract(module, cfg, source=str(path), origin="arcface_torch")
+        return TorchModel(module, contract, _checkpoint_name(cfg), device)
+    raise DataError(f"unknown kind of model file (a torch file holding {type(blob).__name__}, neither a visrec "
+                    f"checkpoint nor a state dict); expected {KINDS}", path=path)
+
+
+def model_contract(spec: str | Path, *, arch: str | dict | None = None) -> ModelContract:
+    """Just the contract of ``spec``: an adapter's declared one (without building it, so without its optional
+    dependencies), else the loaded model's."""
+    from visrec.models.dlib_models import EXTERNAL
+
+    if not Path(spec).exists() and str(spec) in EXTERNAL:
+        return adapter_contract(str(spec))
+    return load_model(spec, arch=arch).contract
+
+
+__all__ = ["load_model", "LoadedModel", "load_backbone", "load_checkpoint", "init_backbone", "default_contract",
+           "read_onnx_contract", "read_model_file", "model_contract", "embedding_dim", "adapter_contract"]
