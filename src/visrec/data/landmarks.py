@@ -28,6 +28,13 @@ from visrec.data.text import read_lines
 from visrec.errors import DataError
 
 MAX_OUTSIDE = 0.5  # a point further outside the image than this share of its size is an annotation error
+_F32_MAX = float(np.finfo(np.float32).max)
+
+
+def _f32(value: float) -> float:
+    """``value`` as coordinates are kept (float32): beyond its range it is inf, reported as such by the
+    callers' NaN/inf checks (instead of a numpy overflow warning in the cast)."""
+    return value if abs(value) <= _F32_MAX or value != value else math.copysign(math.inf, value)
 
 
 def _points_ok(points: np.ndarray, path, lines: list[int] | None, image_size: tuple[int, int] | None):
@@ -59,7 +66,7 @@ def _xy(line: str, path, lineno: int) -> tuple[float, float]:
     try:
         if len(parts) < 2:
             raise ValueError
-        return float(parts[0]), float(parts[1])
+        return _f32(float(parts[0])), _f32(float(parts[1]))
     except ValueError:
         raise DataError(f"expected 'x y', got {line.strip()[:80]!r}", path=path, record=f"line {lineno}") from None
 
@@ -143,7 +150,7 @@ def read_wflw(path: str | Path, points: int = 98) -> list[WflwRecord]:
             raise DataError(f"{len(parts)} fields, a {points}-point WFLW line has {need}", path=path,
                             record=f"line {lineno}")
         try:
-            nums = np.array([float(v) for v in parts[:-1]], np.float64)
+            nums = np.array([_f32(float(v)) for v in parts[:-1]], np.float64)
         except ValueError:
             raise DataError("non-numeric field", path=path, record=f"line {lineno}") from None
         pts = nums[:2 * points].reshape(points, 2).astype(np.float32)
@@ -188,7 +195,7 @@ def read_pose_txt(path: str | Path) -> np.ndarray:
                         record=f"line {lines[1][0]}" if lines else None)
     lineno, line = lines[0]
     try:
-        pose = np.array([float(v) for v in line.split()], np.float32)
+        pose = np.array([_f32(float(v)) for v in line.split()], np.float32)
     except ValueError:
         pose = np.zeros(0, np.float32)
     if pose.shape != (3,) or not np.isfinite(pose).all():
@@ -284,7 +291,7 @@ def read_rect(path: str | Path) -> list[float]:
         if len(fields) < 4:
             raise ValueError
         box = [float(v) for v in fields[:4]]
-        if not all(math.isfinite(v) for v in box):
+        if not all(math.isfinite(_f32(v)) for v in box):
             raise ValueError
     except ValueError:
         raise DataError(f"expected 'x1 y1 x2 y2', got {line.strip()[:80]!r}", path=path,
