@@ -37,7 +37,7 @@ from visrec.errors import VisrecError
 
 # VISREC_FUZZ_SCALE=20 VISREC_FUZZ_SEED=7 pytest tests/test_reader_fuzz.py: a longer run with other mutations
 SEED = int(os.environ.get("VISREC_FUZZ_SEED", 20240611))
-SCALE = float(os.environ.get("VISREC_FUZZ_SCALE", 1))
+SCALE = float(os.environ.get("VISREC_FUZZ_SCALE", 2))
 CASE_SECONDS = 10
 MAX_GROWTH = 256 << 20  # bytes of peak RSS one call may add
 
