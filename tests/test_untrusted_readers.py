@@ -399,3 +399,25 @@ def test_device_or_pipe_behind_a_data_file_name_is_refused(tmp_path):
             listing.image(i)
     with pytest.raises(DataError, match=r"b\.jpg: not a regular file"):
         read_landmark_txt(folder / "b.jpg")
+
+
+def test_evaluation_lists_and_yaml_configs_are_utf8_with_errors_naming_file_and_line(tmp_path):
+    from visrec.config import read_yaml_mapping
+    from visrec.errors import VisrecError
+    from visrec.evaluate.ijb import read_1n_csv, read_template_pairs, read_tid_mid
+    from visrec.evaluate.lfr import read_filelist
+    from visrec.protocols import load_protocol
+
+    cases = {
+        "filelist.txt": (read_filelist, b"a.jpg\nb\xff.jpg\n"),
+        "tid_mid.txt": (read_tid_mid, b"a.jpg 1 1\nb\xfe.jpg 2 2\n"),
+        "pairs.txt": (read_template_pairs, b"1 2 1\n3 4 \xff\n"),
+        "gallery.csv": (read_1n_csv, b"TEMPLATE_ID,SUBJECT_ID\n1,\xff\n"),
+        "run.yaml": (read_yaml_mapping, b"task: faces\nname: \xff\n"),
+        "proto.yaml": (load_protocol, b"name: x\nnote: \xff\n"),
+    }
+    for name, (reader, raw) in cases.items():
+        (tmp_path / name).write_bytes(raw)
+        with pytest.raises(VisrecError) as err:
+            reader(tmp_path / name)
+        assert name in str(err.value) and "line 2" in str(err.value), (name, str(err.value))

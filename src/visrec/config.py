@@ -104,9 +104,13 @@ def validate_section(model: type[BaseModel], data: dict[str, Any], section: str,
 
 def read_yaml_mapping(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """A YAML file's top-level mapping with dotted-key ``overrides`` applied; errors name the file."""
+    from visrec.data.text import read_text
+
     path = Path(path)
+    if not path.exists():
+        raise ConfigError(f"{path}: config file not found")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        raw = yaml.safe_load(read_text(path)) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except yaml.YAMLError as exc:

@@ -58,7 +58,9 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
         raise ConfigError(f"unknown protocol {key!r}: built-in ones are {', '.join(BUILTIN)}; "
                           f"or give a .yaml file")
     try:
-        raw = yaml.safe_load(path.read_text()) or {}
+        from visrec.data.text import read_text
+
+        raw = yaml.safe_load(read_text(path)) or {}
         return Protocol.model_validate(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None

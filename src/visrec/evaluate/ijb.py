@@ -13,11 +13,13 @@ the still photos; each feature is L2-normalised before it is averaged (``norm_fi
 from __future__ import annotations
 
 import csv
+import io
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from visrec.data.text import read_lines, read_text
 from visrec.errors import DataError
 
 
@@ -31,10 +33,7 @@ class TemplateMeta:
 def read_tid_mid(path: str | Path) -> TemplateMeta:
     path = Path(path)
     names, tids, mids = [], [], []
-    try:
-        lines = path.read_text().splitlines()
-    except OSError as exc:
-        raise DataError(f"cannot read: {exc.strerror}", path=path) from None
+    lines = read_lines(path)  # UTF-8; a bad byte or an unreadable file is a DataError naming it
     for lineno, line in enumerate(lines, start=1):
         if not line.strip():
             continue
@@ -54,7 +53,7 @@ def read_tid_mid(path: str | Path) -> TemplateMeta:
 def read_template_pairs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     path = Path(path)
     rows = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
+    for lineno, line in enumerate(read_lines(path), start=1):
         if not line.strip():
             continue
         parts = line.split()
@@ -71,7 +70,7 @@ def read_template_pairs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.nd
 def read_1n_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(template ids, subject ids) of a 1:N gallery or probe CSV, one row per template (deduplicated)."""
     path = Path(path)
-    with open(path, newline="") as fh:
+    with io.StringIO(read_text(path), newline="") as fh:
         reader = csv.DictReader(fh)
         cols = {c.strip().upper(): c for c in reader.fieldnames or []}
         if "TEMPLATE_ID" not in cols or "SUBJECT_ID" not in cols:

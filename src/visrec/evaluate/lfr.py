@@ -55,7 +55,9 @@ def read_filelist(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise DataError("file list not found", path=path)
-    return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    from visrec.data.text import read_lines
+
+    return [line.strip() for line in read_lines(path) if line.strip()]
 
 
 def evaluate_submission(features_path: str | Path, filelist_path: str | Path, labels: dict[str, int | str],

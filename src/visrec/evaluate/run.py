@@ -64,7 +64,9 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
             raise VisrecError("--features needs --filelist (the row order) and --labels (CSV name,label)")
         feats = read_lfr_features(features)
         names = read_filelist(filelist)
-        table = dict(line.split(",", 1) for line in Path(labels).read_text().splitlines() if "," in line)
+        from visrec.data.text import read_lines
+
+        table = dict(line.split(",", 1) for line in read_lines(labels) if "," in line)
         missing = [n for n in names if n not in table]
         if missing or len(names) != len(feats):
             raise VisrecError(f"{features}: {len(feats)} rows, {len(names)} file-list entries, "
