@@ -69,6 +69,10 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"):
     """``(module in eval mode, model_config, contract)`` of a visrec checkpoint (``model.pt``,
     ``last.rank0.pt`` or a run directory)."""
     path, blob = read_model_file(path, "checkpoint", map_location)
+    return _from_checkpoint(path, blob)
+
+
+def _from_checkpoint(path: Path, blob):
     if not _is_checkpoint(blob):
         raise DataError("not a visrec checkpoint (needs 'model_config' and 'backbone')", path=path)
     cfg = dict(blob["model_config"])
@@ -85,7 +89,7 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"):
                    f"{contract.input_size[1]} RGB in [-1, 1], alignment {contract.align_method}, metric "
                    f"{contract.metric}, no threshold")
         warnings.warn(f"{path}: no model contract (saved before visrec stored one); assumed defaults: {assumed}",
-                      stacklevel=3)
+                      stacklevel=4)
     return model, cfg, contract.replace(source=str(path))
 
 
@@ -497,8 +501,7 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
             raise
         raise DataError(f"unknown kind of model file ({exc.message}); expected {KINDS}", path=path) from None
     if _is_checkpoint(blob):
-        del blob
-        module, cfg, contract = load_checkpoint(path)
+        module, cfg, contract = _from_checkpoint(path, blob)
         return TorchModel(module, contract, _checkpoint_name(cfg), device)
     import torch
 
