@@ -5,6 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
+import numpy as np
+
 from visrec._optional import require
 from visrec.errors import DataError
 
@@ -24,3 +26,15 @@ def open_session(path: Path, providers: Sequence[str] | None = None, what: str =
         return ort.InferenceSession(str(path), opts, providers=list(providers or ["CPUExecutionProvider"]))
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
         raise DataError(f"onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}", path=path) from None
+
+
+class OnnxEmbedder:
+    """Runs an exported model with onnxruntime on the CPU: float32 NCHW array -> (N, D) embeddings."""
+
+    def __init__(self, path: str | Path, threads: int | None = None, session=None):
+        self.path = Path(path)
+        self.session = session if session is not None else open_session(self.path, threads=threads)
+        self.input_name = self.session.get_inputs()[0].name
+
+    def __call__(self, batch: np.ndarray) -> np.ndarray:
+        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]

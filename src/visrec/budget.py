@@ -309,7 +309,7 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True) ->
         if isinstance(model_or_path, nn.Module):
             model, source = model_or_path, type(model_or_path).__name__
         else:
-            from visrec.models.loading import load_backbone
+            from visrec.models.model_file import load_backbone
 
             model, _ = load_backbone(model_or_path)
             source = str(model_or_path)

@@ -23,7 +23,7 @@ def faces_section(out: Path, minutes: float, console: Console) -> dict:
     from visrec.evaluate.bin_protocol import evaluate_bin_pairs
     from visrec.models import build_backbone
     from visrec.models.embed import embed_images
-    from visrec.models.loading import load_backbone
+    from visrec.models.model_file import load_backbone
     from visrec.train.trainer import train
 
     data = out / "data" / "faces"

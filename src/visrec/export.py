@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from visrec._optional import require
+from visrec._onnx import OnnxEmbedder  # noqa: F401 - still importable from here (parity_check runs it)
 from visrec.errors import VisrecError
 
 
@@ -67,20 +68,6 @@ def write_onnx_contract(path: str | Path, contract) -> Path:
     onnx.save(model, str(tmp))
     tmp.replace(path)
     return path
-
-
-class OnnxEmbedder:
-    """Runs an exported model with onnxruntime on the CPU: float32 NCHW array -> (N, D) embeddings."""
-
-    def __init__(self, path: str | Path, threads: int | None = None, session=None):
-        from visrec._onnx import open_session
-
-        self.path = Path(path)
-        self.session = session if session is not None else open_session(self.path, threads=threads)
-        self.input_name = self.session.get_inputs()[0].name
-
-    def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
 
 
 @dataclass

@@ -135,7 +135,7 @@ def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: tor
     items = list_images(catalogue)
     if not items:
         raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=catalogue)
-    from visrec.models.loading import default_contract
+    from visrec.models.model_file import default_contract
 
     contract = default_contract(model, model_config, image_size=opts.size, origin="visrec-checkpoint")
     atomic_save({"model_config": model_config, "backbone": model.state_dict(), "contract": contract.to_dict()},
@@ -174,7 +174,7 @@ class CatalogueIndex:
     def __init__(self, index_dir: str | Path, device="cpu"):
         from visrec.index.faiss_index import FaissIndex
         from visrec.index.postprocess import Chain
-        from visrec.models.loading import load_backbone
+        from visrec.models.model_file import load_backbone
 
         self.dir = Path(index_dir)
         if not (self.dir / MANIFEST).exists():
@@ -247,7 +247,7 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
     from the config (defaults without one); returns the manifest."""
     from visrec.config import load_config
     from visrec.models import build_backbone
-    from visrec.models.loading import load_backbone
+    from visrec.models.model_file import load_backbone
 
     if config is None and checkpoint is None:
         raise ConfigError("give --config (model + index options) or --checkpoint (a trained descriptor)")

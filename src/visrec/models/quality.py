@@ -84,7 +84,7 @@ def quality_fusion(backbone: dict | str, hidden: int = 64, freeze_backbone: bool
         spec = dict(backbone)
         net = BACKBONES.build(spec.pop("name"), **spec)
     else:
-        from visrec.models.loading import load_backbone
+        from visrec.models.model_file import load_backbone
 
         net, _ = load_backbone(backbone)
     with torch.no_grad():

@@ -273,7 +273,7 @@ def load_arcface_torch_backbone(path: str | Path, name: str, **kwargs):
     A mismatch raises :class:`visrec.errors.DataError` naming the file and the first missing /
     unexpected / wrongly shaped keys. Returns the module in eval mode."""
     from visrec.models import build_backbone
-    from visrec.models.loading import init_backbone
+    from visrec.models.model_file import init_backbone
 
     model = build_backbone(name, **kwargs)
     init_backbone(model, path, name=name)

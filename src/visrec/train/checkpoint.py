@@ -63,4 +63,4 @@ def load_rank_state(output: Path, rank: int) -> dict[str, Any] | None:
 
 
 # Model-file reading lives with the models (visrec.models.loading); training code keeps these names.
-from visrec.models.loading import init_backbone, load_backbone, read_model_file as _read_torch_file  # noqa: E402,F401
+from visrec.models.model_file import init_backbone, load_backbone, read_model_file as _read_torch_file  # noqa: E402,F401

@@ -19,10 +19,9 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
-from torch.utils.data import Dataset
 
-from visrec.errors import ConfigError, DataError
 from visrec.data.landmark_crops import JDCrops  # noqa: F401 (moved to the data layer; imported here as before)
+from visrec.errors import ConfigError
 from visrec.train.task import TASKS, Task
 
 

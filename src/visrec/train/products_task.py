@@ -123,7 +123,7 @@ class ProductTask(Task):
 
     def model_contract(self, backbone):
         """Products: the descriptor's ImageNet-normalised ``data.size`` square input, L2-normalised output."""
-        from visrec.models.loading import default_contract
+        from visrec.models.model_file import default_contract
 
         return default_contract(backbone, self.model_config(), image_size=self.data_opts.size)
 

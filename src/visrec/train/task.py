@@ -88,7 +88,7 @@ class Task:
         """The exported model's contract (``visrec.models.contract.ModelContract``), saved with every
         checkpoint. Default: derived from the model config (embedding size read off ``backbone``), faces
         aligned as the training data was prepared (:meth:`alignment`)."""
-        from visrec.models.loading import default_contract
+        from visrec.models.model_file import default_contract
 
         return default_contract(backbone, self.model_config(), align_method=self.alignment(), origin="visrec-checkpoint")
 
