@@ -33,8 +33,9 @@ class InputError(VisrecError):
 
 
 def decode_upload(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
-    """Upload bytes -> RGB uint8 (H, W, 3)."""
-    from PIL import Image, UnidentifiedImageError
+    """Upload bytes -> RGB uint8 (H, W, 3), turned upright by its EXIF orientation tag as the file readers'
+    decoder (OpenCV) does, so a phone photo gives the same pixels over HTTP as from disk."""
+    from PIL import Image, ImageOps, UnidentifiedImageError
 
     if not data:
         raise InputError("empty body: no image bytes", 400)
@@ -47,7 +48,7 @@ def decode_upload(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
                 raise InputError(f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
                                  f"(decompression bomb protection)", 413)
             im.draft("RGB", (w, h))
-            rgb = im.convert("RGB")
+            rgb = ImageOps.exif_transpose(im.convert("RGB") if im.mode != "RGB" else im)
             rgb.load()
     except InputError:
         raise
