@@ -259,6 +259,11 @@ def test_faces_without_points(src, tmp_path):
     for workers in (1, 2):  # unknown detector: refused at its first face (also from a worker process)
         with pytest.raises(VisrecError, match="5 points"):
             prepare_faces(src, tmp_path / f"nopts{workers}", detector=FakeDetector(points=False), workers=workers)
+    # a run that stopped before writing anything binds no settings: the same folder takes other ones
+    with pytest.raises(VisrecError, match="5 points"):
+        prepare_faces(src, tmp_path / "retry", detector=FakeDetector(points=False))
+    report = prepare_faces(src, tmp_path / "retry", detector=FakeDetector(points=False), box_margin=0.1)
+    assert report.written == 4
     # a landmarker's 106 points are reduced to 5 (JD scheme, from the count) and give the same crops
     report = prepare_faces(src, tmp_path / "lm", detector=FakeDetector(points=False), landmarker=TrueLandmarker())
     assert report.written == 4 and report.box_crops == []

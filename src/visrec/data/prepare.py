@@ -109,7 +109,7 @@ class _Journal:
     def __init__(self, out: Path, settings: dict, retry_problems: bool = False):
         self.path = out / JOURNAL
         self.records: dict[str, dict] = {}
-        known = False
+        known, other = False, None
         out.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             text = self.path.read_text()
@@ -122,12 +122,17 @@ class _Journal:
                 except json.JSONDecodeError:
                     raise DataError("not a JSON line", path=self.path, record=f"line {lineno}") from None
                 if "settings" in rec:
-                    if rec["settings"] != settings:
-                        raise VisrecError(f"{out} was prepared with other settings ({rec['settings']}, now "
-                                          f"{settings}); use a new output folder or the same settings")
+                    other = rec["settings"] if rec["settings"] != settings else None
                     known = True
                 else:
                     self.records[rec["key"]] = rec
+            if known and other is not None:
+                if self.records:
+                    raise VisrecError(f"{out} was prepared with other settings ({other}, now {settings}); use a "
+                                      f"new output folder or the same settings")
+                # a run that wrote nothing (it stopped before its first input) binds no settings
+                _atomic_write(self.path, "")
+                known = False
         if not known:
             self.add({"settings": settings})
         if retry_problems:
