@@ -155,7 +155,7 @@ def gallery_section(out: Path, faces: dict, console: Console) -> dict:
 
     from visrec.data.synth import render_face
     from visrec.index.gallery import open_gallery
-    from visrec.serve.pipeline import Embedder
+    from visrec.faces.pipeline import Embedder
 
     try:
         embedder = Embedder(faces["run"])

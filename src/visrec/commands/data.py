@@ -241,7 +241,7 @@ def prepare_videos_cmd(videos: list[Path] = typer.Argument(..., help="video file
     det = load_detector(detector)
     embedder = None
     if model is not None:
-        from visrec.serve.pipeline import Embedder
+        from visrec.faces.pipeline import Embedder
 
         embedder = Embedder(model)
     t = Table(title=f"tracks added to {out / 'videos.csv'}")

@@ -1,4 +1,5 @@
-"""``visrec gallery calibrate|list|delete|export|import --config serve.yaml``: the served face gallery offline."""
+"""``visrec gallery enroll|calibrate|list|delete|export|import --config serve.yaml``: the served face gallery
+offline."""
 
 from __future__ import annotations
 
@@ -22,7 +23,8 @@ def _open(config: Path):
     """The configured gallery, closed afterwards even on an error (Milvus Lite holds its file while open)."""
     from visrec.errors import ConfigError
     from visrec.serve.config import load_serve_config
-    from visrec.serve.pipeline import Embedder, open_configured_gallery
+    from visrec.faces.pipeline import Embedder
+    from visrec.serve.pipeline import open_configured_gallery
 
     cfg = load_serve_config(config)
     if cfg.faces is None:
@@ -32,6 +34,41 @@ def _open(config: Path):
         yield g
     finally:
         g.close()
+
+
+@app.command()
+def enroll(folder: Path = typer.Argument(..., help="photos in FOLDER/<identity>/ (one sub-folder per person)"),
+           config: Path = CONFIG):
+    """Enroll the largest face of every photo through the config's detector, landmarks and model."""
+    from rich.progress import Progress
+
+    from visrec.data.folders import read_image_folder
+    from visrec.faces.pipeline import FacePipeline
+    from visrec.index.enroll import enroll_folder
+    from visrec.serve.config import load_serve_config
+
+    cfg = load_serve_config(config)
+    if cfg.faces is None:
+        from visrec.errors import ConfigError
+
+        raise ConfigError(f"{config}: no faces section, so no gallery")
+    f = cfg.faces
+    pipe = FacePipeline(f.model, aligned=f.aligned, landmarks=f.landmarks, detector=f.detector, align=f.align,
+                        max_pixels=cfg.limits.max_pixels)
+    total = len(read_image_folder(folder).paths)
+    with _open(config) as g, Progress(console=console) as bar:
+        task = bar.add_task("photos", total=total)
+        report = enroll_folder(pipe, g, folder, progress=lambda n: bar.advance(task, n))
+        count = g.count()
+    t = Table(title=f"enrolled into {f.gallery.uri}: {count:,} templates")
+    t.add_column("outcome")
+    t.add_column("photos")
+    t.add_column("first ones")
+    for label, rows in (("enrolled", report.enrolled), ("no face (left out)", report.no_face),
+                        ("several faces (largest enrolled)", report.several_faces),
+                        ("errors", [f"{p}: {why}" for p, why in report.errors])):
+        t.add_row(label, f"{len(rows):,}", Text(", ".join(rows[:3]) + (" ..." if len(rows) > 3 else "")))
+    console.print(t)
 
 
 @app.command()

@@ -26,7 +26,7 @@ import numpy as np
 from visrec.errors import VisrecError
 from visrec.serve.config import ServeConfig
 from visrec.serve.guard import Guard, Metrics
-from visrec.serve.pipeline import InputError
+from visrec.faces.pipeline import InputError
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -43,7 +43,8 @@ def create_app(cfg: ServeConfig):
     state: dict = {}
 
     if cfg.faces is not None:
-        from visrec.serve.pipeline import FacePipeline, open_configured_gallery
+        from visrec.faces.pipeline import FacePipeline
+        from visrec.serve.pipeline import open_configured_gallery
 
         pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
                             detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=limits.max_pixels)
@@ -208,7 +209,7 @@ def create_app(cfg: ServeConfig):
     @app.post("/v1/faces/enroll")
     async def enroll(request: Request):
         from visrec.index.gallery import check_metadata
-        from visrec.serve.pipeline import image_hash
+        from visrec.faces.pipeline import image_hash
 
         pipe, gallery = need("faces"), state["gallery"]
         images, fields = await read_images(request, many=True)
@@ -291,7 +292,7 @@ def create_app(cfg: ServeConfig):
 
     @app.post("/v1/landmarks")
     async def landmarks(request: Request):
-        from visrec.serve.pipeline import decode_upload
+        from visrec.faces.pipeline import decode_upload
 
         landmark_model = need("landmarks")
         images, fields = await read_images(request)
@@ -318,7 +319,7 @@ def create_app(cfg: ServeConfig):
 
     @app.post("/v1/products/search")
     async def products(request: Request):
-        from visrec.serve.pipeline import decode_upload
+        from visrec.faces.pipeline import decode_upload
 
         index = need("products")
         images, fields = await read_images(request)

@@ -1,0 +1,59 @@
+"""Enroll a folder of photos (one sub-folder per identity) into a gallery through a face pipeline.
+
+Each photo's largest face is enrolled under its folder's name. Photos where the detector finds no face are
+left out and listed; photos with several faces enroll the largest and are listed, so a person can check that
+the right one was taken; photos that cannot be read are listed with the reason. The gallery's own rules
+apply per photo (names checked, a photo enrolled twice adds nothing).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from visrec.errors import VisrecError
+
+
+@dataclass
+class EnrollReport:
+    """What :func:`enroll_folder` did: photo paths (relative to the folder) per outcome."""
+
+    enrolled: list[str] = field(default_factory=list)
+    no_face: list[str] = field(default_factory=list)
+    several_faces: list[str] = field(default_factory=list)  # enrolled: the largest face
+    errors: list[tuple[str, str]] = field(default_factory=list)  # (photo, why)
+    identities: int = 0
+
+
+def enroll_folder(pipeline, gallery, root: str | Path, progress=None) -> EnrollReport:
+    """Enroll ``root/<identity>/<photo>`` with ``pipeline`` (:class:`visrec.faces.pipeline.FacePipeline`) into
+    ``gallery`` (:class:`visrec.index.gallery.Gallery`). ``progress(n)`` after each photo."""
+    from visrec.data.folders import read_image_folder
+    from visrec.data.images import read_image
+
+    root = Path(root)
+    listing = read_image_folder(root)
+    report = EnrollReport()
+    names = set()
+    for path, label in zip(listing.paths, listing.labels):
+        rel = str(Path(path).relative_to(root))
+        name = listing.class_names[int(label)]
+        try:
+            faces = pipeline.faces(read_image(path))
+            if not faces:
+                report.no_face.append(rel)
+            else:
+                if len(faces) > 1:
+                    report.several_faces.append(rel)
+                embedding = pipeline.embedder(faces[0].crop[None])
+                digest = hashlib.sha256(faces[0].crop.tobytes()).hexdigest()[:32]
+                gallery.enroll(name, embedding, hashes=[digest], model_name=pipeline.embedder.name)
+                report.enrolled.append(rel)
+                names.add(name)
+        except VisrecError as exc:
+            report.errors.append((rel, str(exc)))
+        if progress is not None:
+            progress(1)
+    report.identities = len(names)
+    return report
