@@ -12,8 +12,8 @@ from rich.table import Table
 from rich.text import Text
 
 console = Console()
-app = typer.Typer(help="The face gallery a serve config names: calibrate its threshold, list, delete (erase a "
-                       "person), export, import.",
+app = typer.Typer(help="The face gallery a serve config names: enroll a folder of photos, calibrate its threshold, "
+                       "list, delete (erase a person), export, import.",
                   add_completion=False)
 CONFIG = typer.Option(..., "--config", help="serve YAML whose faces.gallery is meant")
 
