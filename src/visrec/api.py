@@ -155,13 +155,12 @@ class Gallery:
 
     def enroll(self, name: str, image) -> int:
         """Enroll the largest face of ``image`` as ``name``; returns the identity's template count."""
-        import hashlib
+        from visrec.index.enroll import enroll_face
 
         face = self.analysis.faces(image)
         if not face:
             raise DataError(f"no face found in {_describe(image)}")
-        digest = hashlib.sha256(face[0].crop.tobytes()).hexdigest()[:32]
-        self.store.enroll(name, face[0].embedding[None], hashes=[digest], model_name=self.analysis.embedder.name)
+        enroll_face(self.store, name, face[0].crop, face[0].embedding, self.analysis.embedder.name)
         return self.store.identity(name)["templates"]
 
     def enroll_folder(self, root: str | Path):

@@ -26,6 +26,13 @@ class EnrollReport:
     identities: int = 0
 
 
+def enroll_face(gallery, name: str, crop, embedding, model_name: str) -> None:
+    """Enroll one face under ``name``, its template keyed by a hash of the aligned crop: the same photo in
+    any form (path, bytes, array) gives the same crop, so enrolling it again adds nothing."""
+    digest = hashlib.sha256(crop.tobytes()).hexdigest()[:32]
+    gallery.enroll(name, embedding.reshape(1, -1), hashes=[digest], model_name=model_name)
+
+
 def enroll_folder(pipeline, gallery, root: str | Path, progress=None) -> EnrollReport:
     """Enroll ``root/<identity>/<photo>`` with ``pipeline`` (:class:`visrec.faces.pipeline.FacePipeline`) into
     ``gallery`` (:class:`visrec.index.gallery.Gallery`). ``progress(n)`` after each photo."""
@@ -46,9 +53,8 @@ def enroll_folder(pipeline, gallery, root: str | Path, progress=None) -> EnrollR
             else:
                 if len(faces) > 1:
                     report.several_faces.append(rel)
-                embedding = pipeline.embedder(faces[0].crop[None])
-                digest = hashlib.sha256(faces[0].crop.tobytes()).hexdigest()[:32]
-                gallery.enroll(name, embedding, hashes=[digest], model_name=pipeline.embedder.name)
+                enroll_face(gallery, name, faces[0].crop, pipeline.embedder(faces[0].crop[None]),
+                            pipeline.embedder.name)
                 report.enrolled.append(rel)
                 names.add(name)
         except VisrecError as exc:
