@@ -1,6 +1,33 @@
-"""Shared fixtures: a small random-weight face model saved as a visrec checkpoint."""
+"""Shared fixtures: a small random-weight face model saved as a visrec checkpoint; helpers for tests that
+start a real server (a free loopback port, waiting until it answers /healthz)."""
+
+import socket
+import time
 
 import pytest
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url, proc, timeout=180):
+    """Until ``url``/healthz answers 200; fails if the server process exits or the time runs out."""
+    import httpx
+
+    t = time.time()
+    while time.time() - t < timeout:
+        if proc.poll() is not None:
+            raise AssertionError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise AssertionError("server did not become healthy")
 
 
 def save_tiny_face_model(directory, embedding_size: int = 64, seed: int = 0):

@@ -2,7 +2,6 @@
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -15,32 +14,13 @@ pytest.importorskip("fastapi", reason="the service needs visrec[serve]")
 pytest.importorskip("pymilvus", reason="the Milvus gallery needs visrec[serve]")
 import httpx  # noqa: E402
 
+from conftest import free_port, wait_healthy  # noqa: E402
 from visrec.data.images import encode_jpeg  # noqa: E402
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def start(config, log):
     return subprocess.Popen([sys.executable, "-m", "visrec.cli", "serve", "--config", str(config), "--aligned"],
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def wait_healthy(url, proc, timeout=180):
-    t = time.time()
-    while time.time() - t < timeout:
-        if proc.poll() is not None:
-            raise AssertionError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.5)
-    raise AssertionError("server did not become healthy")
 
 
 @pytest.mark.slow

@@ -20,6 +20,7 @@ pytest.importorskip("pymilvus", reason="the Milvus gallery needs visrec[serve]")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import free_port, wait_healthy  # noqa: E402
 from visrec.data.images import encode_jpeg  # noqa: E402
 from visrec.data.synth import render_face  # noqa: E402
 from visrec.errors import ConfigError  # noqa: E402
@@ -171,12 +172,6 @@ def test_blank_api_keys_are_refused_and_the_key_is_checked(tiny_face_model, monk
 
 
 # --- a real server: the body is bounded while it streams ------------------------------------------------------
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _peak_rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -226,7 +221,7 @@ def _send_chunked(port: int, path: str, total: int, chunk: int, pause: float = 0
 
 @pytest.mark.slow
 def test_a_1_gb_chunked_body_is_refused_while_streaming_and_a_slow_one_starves_nobody(tiny_face_model, tmp_path):
-    port = _free_port()
+    port = free_port()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tiny_face_model}\n  aligned: true\n"
                    f"  gallery: {{backend: faiss}}\nlimits: {{max_body_mb: 10, body_timeout_s: 4}}\n")
@@ -235,14 +230,7 @@ def test_a_1_gb_chunked_body_is_refused_while_streaming_and_a_slow_one_starves_n
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{port}"
     try:
-        for _ in range(360):
-            try:
-                if httpx.get(url + "/healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        else:
-            raise AssertionError((tmp_path / "server.log").read_text()[-2000:])
+        wait_healthy(url, proc)
         img = face_jpeg(1)
         assert httpx.post(url + "/v1/faces/enroll", data={"identity": "a"}, files={"image": img}).status_code == 200
         before = _peak_rss_mib(proc.pid)
