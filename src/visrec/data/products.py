@@ -4,13 +4,31 @@ Layout of a data set root::
 
     <root>/catalogue/<id>.jpg     catalogue (shop) images, one product photo per file; id = file stem
     <root>/query/<qid>.jpg        real-world query photos; qid = file stem
-    <root>/val.csv                ground truth, one line per query: ``qid,gt1,gt2,...`` (no header)
+    <root>/val.csv                ground truth, one line per query: ``qid,gt1,gt2,...``
 
 A submission CSV has one line per query: ``qid,id1,...,id7`` — the query id then exactly ``k`` (7)
-catalogue ids, best first, no duplicates within a row, no header (scored with mAP@7).
+catalogue ids, best first, no duplicates within a row (scored with mAP@7). visrec writes it with no
+header and ``\n`` line ends.
 
-Every line of a ground-truth or submission file is data (no header line is assumed); blank lines are
-skipped. Ids are compared as strings after stripping surrounding whitespace and may not contain commas.
+The organisers' files as distributed. The AI Meets Beauty validation ground truth (``val_2020.csv``, as
+redistributed in the FangxiangFeng/AI-Meets-Beauty-2020 repository on GitHub) starts with a UTF-8
+byte-order mark, then the header line ``Validation Image ID,Training Image ID``, then one
+``query,gt1,gt2,...`` row per query with a variable number of ground-truth ids; lines end with ``\r\n``
+and fields are separated by a bare comma. The readers here take that file as it is, and also what a
+spreadsheet or hand edit makes of it:
+
+- a leading UTF-8 BOM is dropped and lines may end with ``\n``, ``\r\n`` or ``\r``
+  (``visrec.data.text``);
+- fields are stripped of surrounding whitespace, so ``", "`` (comma-space) separators read like ``","``;
+- trailing empty fields (``q1,a,b,,,`` — the padding a spreadsheet adds to short rows) are dropped; an
+  empty field before a non-empty one is an error;
+- the first non-blank line is a header, and skipped, when its first field names a column rather than
+  holding an id (``_is_header``: e.g. ``Validation Image ID``, ``query_id``, ``qid``, ``image id``).
+  It is decided by content, never by position: a file without a header reads its first row as data, and
+  a header-like line anywhere else is data (and then usually an error);
+- blank lines are skipped.
+
+Ids are compared as strings after stripping surrounding whitespace and may not contain commas.
 Errors are ``DataError`` naming the file and the 1-based line (``record="line N"``).
 
 Images in memory are HxWx3 RGB uint8 (``visrec.data.images``). ``preprocess_product`` turns one into the
@@ -20,6 +38,7 @@ network input: float32 CHW, ImageNet-normalised.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
@@ -157,14 +176,38 @@ def _atomic_write_text(path: str | Path, text: str) -> None:
         raise
 
 
-def _read_rows(path: str | Path) -> Iterator[tuple[int, list[str]]]:
-    """``(1-based line, stripped fields)`` for each non-blank line."""
+# A column name, once lower-cased with "_"/"-" read as spaces: an optional role word, an optional
+# "image", then "id"/"ids"/"name" — or a bare "query"/"qid". Perfect-500K ids are file stems such as
+# v000101 / n0292431, which never match.
+_HEADER_FIRST_FIELD = re.compile(
+    r"(?:(?:validation|val|query|test|train|training|catalogue|catalog)\s*)?(?:image\s*)?(?:id|ids|name)"
+    r"|query|qid")
+
+
+def _is_header(fields: Sequence[str]) -> bool:
+    """True when ``fields`` (a row's stripped fields) are a header: the first field names a column
+    (``Validation Image ID``, ``query_id``, ``QueryId``, ``qid``, ``image id``, ``id``), not an id."""
+    first = re.sub(r"[\s_\-]+", " ", fields[0].lower()).strip() if fields else ""
+    return bool(first) and _HEADER_FIRST_FIELD.fullmatch(first) is not None
+
+
+def _read_rows(path: str | Path, *, header: bool = True) -> Iterator[tuple[int, list[str]]]:
+    """``(1-based line, stripped fields)`` for each non-blank line, trailing empty fields dropped; with
+    ``header`` the first non-blank line is skipped when ``_is_header`` says it names columns (module doc)."""
     from visrec.data.text import read_lines
 
+    first = True
     for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
-        yield lineno, [f.strip() for f in line.split(",")]
+        fields = [f.strip() for f in line.split(",")]
+        while len(fields) > 1 and not fields[-1]:  # spreadsheet padding of a short row
+            fields.pop()
+        if first and header and _is_header(fields):
+            first = False
+            continue
+        first = False
+        yield lineno, fields
 
 
 def _check_row(fields: Sequence[str], *, path, record, what: str) -> None:
@@ -181,7 +224,8 @@ def _check_row(fields: Sequence[str], *, path, record, what: str) -> None:
 
 
 def read_ground_truth(path: str | Path) -> dict[str, list[str]]:
-    """Read ``qid,gt1,gt2,...`` lines (every non-blank line is data) into ``{qid: [gt ids in file order]}``.
+    """Read ``qid,gt1,gt2,...`` lines into ``{qid: [gt ids in file order]}``; the organisers' ``val.csv`` as
+    distributed (BOM, header line, CRLF) reads as is (module docstring).
 
     Errors (``DataError`` with the file and ``line N``): a line with no ground-truth id, an empty id,
     a duplicate id within a line, a query id seen on an earlier line.
@@ -234,7 +278,9 @@ def write_submission(path: str | Path, ranked: Mapping[str, Sequence[str]], k: i
 
 def read_submission(path: str | Path, k: int = SUBMISSION_K) -> dict[str, list[str]]:
     """Read a submission: ``{qid: [k ids, best first]}``. Each non-blank line must hold a query id and
-    exactly ``k`` non-empty, distinct ids; a query may appear once. Errors name the file and line."""
+    exactly ``k`` non-empty, distinct ids; a query may appear once. A header line, BOM, CRLF line ends and
+    ``", "`` separators are accepted as for the ground truth (module docstring). Errors name the file and
+    line."""
     out: dict[str, list[str]] = {}
     first: dict[str, int] = {}
     for lineno, fields in _read_rows(path):
@@ -317,7 +363,7 @@ def write_product_labels(path: str | Path, labels: Mapping[str, str]) -> None:
 def read_product_labels(path: str | Path) -> dict[str, str]:
     """Read ``catalogue_id,product_id`` lines into ``{catalogue_id: product_id}``; errors name file and line."""
     out: dict[str, str] = {}
-    for lineno, fields in _read_rows(path):
+    for lineno, fields in _read_rows(path, header=False):
         record = f"line {lineno}"
         if len(fields) != 2 or not all(fields):
             raise DataError("expected 'catalogue_id,product_id'", path=path, record=record)
