@@ -82,8 +82,8 @@ def eval_products(index_dir: Path = typer.Argument(..., help="index directory fr
     t = Table(title=f"product retrieval: {res.queries} queries")
     t.add_column("metric")
     t.add_column("value", justify="right")
-    labels = {f"map@{k}_hits": f"mAP@{k} (teams' form: / hits in top {k})",
-              f"map@{k}_min_gt": f"mAP@{k} (Kaggle form: / min(|GT|, {k}))"}
+    labels = {f"map@{k}_hits": f"mAP@{k} hits (AP / hits in top {k})",
+              f"map@{k}_min_gt": f"mAP@{k} min_gt (AP / min(|GT|, {k}), Kaggle mapk)"}
     for name, v in res.metrics.items():
         t.add_row(labels.get(name, name), f"{v:.4f}")
     console.print(t)

@@ -1,7 +1,8 @@
 """Product retrieval evaluation on a Perfect-500K-layout root (catalogue/, query/, val.csv).
 
-Metrics (definitions in ``visrec.evaluate.retrieval``): mAP@k in the challenge teams' form ("hits":
-divide by the hits in the top k) and in the Kaggle form ("min_gt": divide by min(|GT|, k)), and
+Metrics (definitions in ``visrec.evaluate.retrieval``): mAP@k in two forms named by their definition,
+"hits" (AP divided by the number of hits in the top k) and "min_gt" (AP divided by min(|GT|, k), the
+Kaggle ``mapk`` definition), and
 recall@1 / recall@k (share of queries with a ground-truth id in the top 1 / k). The report is
 ``report.html`` with, for sample queries, the query and its top k with hits marked (thumbnails beside it).
 """
@@ -126,8 +127,9 @@ def _write_report(out: Path, items, ranked, scores, gt, index, metrics, samples:
 <style>body{{font-family:sans-serif}} td{{text-align:center;font-size:11px;padding:3px}}
 .hit{{background:#c8f7c5}} .miss{{background:#f7d4d4}}</style>
 <h1>Product retrieval: {len(items)} queries, catalogue of {index.manifest["count"]}</h1>
-<p>mAP@{k} "hits" = the challenge teams' form (divide by the hits in the top {k});
-"min_gt" = Kaggle form (divide by min(|GT|, {k})).</p>
+<p>mAP@{k} "hits": AP divided by the number of hits in the top {k};
+"min_gt": AP divided by min(|GT|, {k}) (the Kaggle mapk definition).
+No public source fixes which form the challenge organisers computed.</p>
 <table>{table}</table>
 <h2>Sample queries and their top {k} (green = ground truth)</h2><table>{"".join(rows)}</table>"""
     path = out / "report.html"

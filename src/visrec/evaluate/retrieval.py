@@ -3,9 +3,13 @@
 mAP@k over queries. For one query with ranked list r (best first, no duplicates) and
 ground-truth set G, let rel(i) = 1 if r[i] in G, P(i) = hits in r[:i] / i (1-based i):
 
-- form="hits"   (the challenge teams' form): AP = sum_{i<=k} P(i) rel(i) / (hits in r[:k]),
-  and 0 when there is no hit in the top k.
-- form="min_gt" (Kaggle form): AP = sum_{i<=k} P(i) rel(i) / min(|G|, k).
+- form="hits":   AP = sum_{i<=k} P(i) rel(i) / (hits in r[:k]), and 0 when there is no hit in the
+  top k (the AP is divided by the number of hits in the top k).
+- form="min_gt": AP = sum_{i<=k} P(i) rel(i) / min(|G|, k) (the AP is divided by min(|G|, k); this is
+  the ``apk``/``mapk`` definition of the ml_metrics package used by Kaggle).
+
+No public source fixes which of the two the Perfect-500K organisers computed, so a number is named by
+its definition ("hits" or "min_gt"), never by who is said to have used it.
 
 mAP@k is the mean AP over the queries of ``ground_truth``; a query with no ranking scores 0.
 Pure maths over ids: imports neither visrec.models nor visrec.train.
