@@ -15,6 +15,9 @@ from visrec.errors import VisrecError
 
 @dataclass
 class FaceEvalResult:
+    """``bin_accuracy``: the headline 10-fold accuracy (mean, std) of a ``.bin``, with the flip test (the
+    field's convention); ``extra["bin"]``: both figures, a :class:`~visrec.evaluate.bin_protocol.BinBoth`."""
+
     results: dict
     summary: dict[str, str]
     report: Path
@@ -25,12 +28,49 @@ class FaceEvalResult:
 def _embedder(model: str | Path, flip: bool = False) -> Callable[[np.ndarray], np.ndarray]:
     """Aligned crops (N, H, W, 3) RGB uint8 at the model's input size -> embeddings; ``flip`` adds the
     mirrored image's embedding. Any model ``visrec.models.load_model`` reads (checkpoint, ONNX, adapter)."""
+    loaded = _load(model)
+    return lambda images: loaded.embed(images, flip=flip)
+
+
+def _load(model: str | Path):
+    """The face embedder of ``model`` (``visrec.models.loading.load_model``, CUDA when there is one)."""
     from visrec.models.loading import load_model
 
-    loaded = load_model(model, device="auto")  # CUDA when there is one
+    loaded = load_model(model, device="auto")
     if loaded.contract.task == "landmarks":
         raise VisrecError(f"{model} is a landmark model, not a face embedder")
-    return lambda images: loaded.embed(images, flip=flip)
+    return loaded
+
+
+def _evaluate_bin(data: Path, model, targets, summary: dict, out, batch: int, progress, curve_bins: int
+                  ) -> FaceEvalResult:
+    """A verification ``.bin``: 10-fold accuracy with and without the flip test (both, labelled; the flip
+    figure is the headline), and exact TPR@FPR (strict rule) over its pairs on the flip embeddings."""
+    from visrec.data.verification import read_verification_bin
+    from visrec.evaluate.bin_protocol import evaluate_bin_both, flip_embeddings, format_both, mirror
+    from visrec.evaluate.report import write_face_report
+    from visrec.evaluate.verification import _curve, normalise, tpr_at_fpr_pairs
+
+    loaded = _load(model)
+    images, issame = read_verification_bin(data)
+    plain = embed_all(loaded.embed, len(images), images.__getitem__, batch, progress)
+    mirrored = embed_all(loaded.embed, len(images), lambda i: mirror([images[i]])[0], batch, progress)
+    both = evaluate_bin_both(plain, mirrored, issame)
+    emb = flip_embeddings(plain, mirrored)
+    summary["flip test"] = ("both reported; the headline accuracy and the TPR table use the flip test "
+                            "(image + mirror embeddings summed, the field's convention)")
+    summary.update(format_both(both))
+    pairs = np.stack([np.arange(0, len(emb), 2), np.arange(1, len(emb), 2)], 1)
+    results = tpr_at_fpr_pairs(emb, issame, targets, pairs=pairs)
+    e = normalise(emb).numpy()
+    scores = (e[0::2] * e[1::2]).sum(1)
+    edges = np.linspace(-1, 1, curve_bins + 1)
+    gh, _ = np.histogram(scores[issame], edges)
+    ih, _ = np.histogram(scores[~issame], edges)
+    curve = _curve(gh.astype(float), ih.astype(float), curve_bins)
+    report = write_face_report(out, results, curve, summary)
+    head = both.headline
+    return FaceEvalResult(results, summary, report, (head.accuracy_mean, head.accuracy_std), {"bin": both})
 
 
 def embed_all(embed, count: int, get_image, batch: int, progress) -> np.ndarray:
@@ -49,8 +89,11 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
                    filelist: str | Path | None = None, protocol: str = "deepglint-light",
                    targets: tuple[float, ...] | None = None, out: str | Path = "eval-out",
                    batch: int = 128, progress=None, curve_bins: int = 2000, flip: bool = False) -> FaceEvalResult:
+    """Evaluate a features file, or a model on a data set. A ``.bin`` always reports the 10-fold accuracy
+    with and without the flip test (the flip figure is the headline); ``flip`` applies to the other data
+    kinds (image folder, RecordIO, CSV), whose TPR@FPR uses it when set."""
     from visrec.evaluate.report import write_face_report
-    from visrec.evaluate.verification import tpr_at_fpr, tpr_at_fpr_pairs
+    from visrec.evaluate.verification import tpr_at_fpr
     from visrec.protocols import load_protocol
 
     proto = load_protocol(protocol)
@@ -74,32 +117,12 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
         emb, lab = feats, np.array([table[n].strip() for n in names])
         summary.update({"features": str(features), "rows": f"{len(feats):,}"})
     elif model is not None and data is not None:
-        embed = _embedder(model, flip)
-        summary.update({"model": str(model), "data": str(data), "flip test": "yes" if flip else "no"})
         data = Path(data)
+        summary.update({"model": str(model), "data": str(data)})
         if data.suffix == ".bin":
-            from visrec.data.verification import read_verification_bin
-            from visrec.evaluate.bin_protocol import evaluate_bin_pairs
-
-            images, issame = read_verification_bin(data)
-            emb = embed_all(embed, len(images), images.__getitem__, batch, progress)
-            acc = evaluate_bin_pairs(emb, issame)
-            bin_acc = (acc.accuracy_mean, acc.accuracy_std)
-            summary["10-fold accuracy"] = f"{acc.accuracy_mean:.4f} +- {acc.accuracy_std:.4f}"
-            pairs = np.stack([np.arange(0, len(emb), 2), np.arange(1, len(emb), 2)], 1)
-            results = tpr_at_fpr_pairs(emb, issame, targets, pairs=pairs)
-            from visrec.evaluate.verification import normalise
-
-            e = normalise(emb).numpy()
-            scores = (e[0::2] * e[1::2]).sum(1)
-            edges = np.linspace(-1, 1, curve_bins + 1)
-            gh, _ = np.histogram(scores[issame], edges)
-            ih, _ = np.histogram(scores[~issame], edges)
-            from visrec.evaluate.verification import _curve
-
-            curve = _curve(gh.astype(float), ih.astype(float), curve_bins)
-            report = write_face_report(out, results, curve, summary)
-            return FaceEvalResult(results, summary, report, bin_acc)
+            return _evaluate_bin(data, model, targets, summary, out, batch, progress, curve_bins)
+        embed = _embedder(model, flip)
+        summary["flip test"] = "yes" if flip else "no"
         from visrec.data.datasets import open_face_dataset
 
         ds = open_face_dataset(data)
