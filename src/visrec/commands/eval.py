@@ -23,14 +23,22 @@ def faces(model: Optional[Path] = typer.Option(None, "--model", help="visrec che
           flip: bool = typer.Option(False, "--flip", help="flip test: add the mirrored image's embedding"),
           video: bool = typer.Option(False, "--video", help="--data is a video list (video_id,path,label)"),
           fusion: list[str] = typer.Option([], "--fusion", help="video frame fusion: mean | norm | score | learned"),
-          submission: Optional[Path] = typer.Option(None, "--submission", help="video: LFR feature binary to write"),
+          submission: Optional[Path] = typer.Option(
+              None, "--submission", help="LFR feature binary to write: the image track (--data = the folder the "
+              "--filelist paths are relative to), or with --video the video track"),
+          expect_rows: Optional[int] = typer.Option(
+              None, "--expect-rows", help="image submission: the file list must have this many entries "
+              "(1862120 for the DeepGlint test set)"),
           out: Path = typer.Option(Path("eval-out"), "--out")):
-    """Face verification: exact TPR@FPR (strict rule), 10-fold accuracy for .bin sets, report.html;
-    with --video, TPR@FPR between videos for each frame fusion."""
+    """Face verification: exact TPR@FPR (strict rule), 10-fold accuracy for .bin sets (flip and no flip,
+    the flip figure the headline), report.html; with --video, TPR@FPR between videos for each frame fusion;
+    with --submission, the LFR feature binary (image track, or video track with --video)."""
     from rich.progress import Progress
 
     if video:
         return _videos(model, data, fusion or ["mean"], target or [1e-4], submission, filelist)
+    if submission is not None:
+        return _image_submission(model, data, filelist, submission, expect_rows)
     from visrec.evaluate.run import evaluate_faces
 
     with Progress(transient=True) as bar:
@@ -48,7 +56,32 @@ def faces(model: Optional[Path] = typer.Option(None, "--model", help="visrec che
         t.add_row(f"{tgt:g}", "n/a" if r.tpr is None else f"{r.tpr:.6f}", f"{r.threshold:.6f}", f"{r.fpr:.3e}",
                   f"{r.false_accepts:,} / {r.impostor_count:,}", str(r.near_threshold_pairs))
     Console().print(t)
+    if "bin" in res.extra:
+        for label, r in res.extra["bin"].as_dict().items():
+            head = " (headline: the field's convention)" if r is res.extra["bin"].headline else ""
+            Console().print(f"10-fold accuracy, {label}{head}: {r.accuracy_mean:.4f} +- {r.accuracy_std:.4f}")
     Console().print(f"report: {res.report}")
+
+
+def _image_submission(model, data, filelist, submission, expect_rows):
+    from rich.progress import Progress
+
+    from visrec.errors import VisrecError
+    from visrec.evaluate.run import image_submission
+
+    if model is None or data is None or filelist is None:
+        raise VisrecError("an image-track submission needs --model CKPT|ONNX, --data IMAGES_FOLDER and "
+                          "--filelist filelist.txt (paths relative to IMAGES_FOLDER)")
+    with Progress(transient=True) as bar:
+        task = bar.add_task("embedding", total=None)
+        path = image_submission(model=model, images=data, filelist=filelist, out=submission,
+                                expected_rows=expect_rows, progress=lambda n: bar.advance(task, n))
+    import struct
+
+    with open(path, "rb") as fh:
+        rows, cols, _, _ = struct.unpack("<4i", fh.read(16))
+    Console().print(f"LFR image features: {path} ({rows:,} rows in file-list order, {cols}-d float32, "
+                    f"flip-summed and L2-normalised)")
 
 
 def _videos(model, data, fusions, targets, submission, filelist):

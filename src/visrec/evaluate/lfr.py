@@ -1,15 +1,27 @@
 """LFR (ICCV'19 Lightweight Face Recognition) submission files.
 
-Features: a binary file with the header ``struct.pack('4i', rows, cols, cols * 4, 5)`` (int32 little
-endian: row count, feature dimension, bytes per row, and the type code 5 = float32), then the rows as
-row-major float32, in the order of the protocol's ``filelist.txt`` (one image path per line; the video
-track's ``video_filelist.txt`` likewise, one video per line).
+Features: a binary file with the header ``struct.pack('4i', rows, cols, cols * 4, 5)`` (four int32,
+little endian as the organisers' x86 writers produce them: row count, feature dimension, bytes per row,
+and the type code 5 = float32), then the rows as row-major little-endian float32, in the order of the
+protocol's ``filelist.txt`` (the layout of ``write_bin`` in insightface's ``challenges/iccv19-lfr``
+``gen_image_feature.py`` / ``gen_video_feature.py``).
+
+File lists: one entry per line; the entry is the line's first whitespace-separated field (what the
+organisers' video script takes; their image script takes the whole stripped line, the same thing for the
+released lists, whose entries hold no whitespace). Blank lines are skipped.
+
+Image track (``write_image_submission``): the DeepGlint test set is a folder of aligned 112x112 crops and
+a ``filelist.txt`` of 1,862,120 paths relative to that folder (:data:`DEEPGLINT_IMAGE_ROWS`). Row i is the
+feature of entry i: the embedding of the image plus the embedding of its horizontal mirror (the flip test,
+as the organisers' script computes it), L2-normalised, float32. The file always has exactly one row per
+file-list entry.
 """
 
 from __future__ import annotations
 
 import struct
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -17,6 +29,8 @@ from visrec.errors import DataError
 
 _HEADER = struct.Struct("<4i")
 FLOAT32_CODE = 5
+DEEPGLINT_IMAGE_ROWS = 1_862_120  # entries of the DeepGlint image test set's filelist.txt
+MAX_ENTRY_CHARS = 4096
 
 
 def write_lfr_features(path: str | Path, features: np.ndarray) -> Path:
@@ -28,7 +42,7 @@ def write_lfr_features(path: str | Path, features: np.ndarray) -> Path:
     rows, cols = feats.shape
     with open(path, "wb") as fh:
         fh.write(_HEADER.pack(rows, cols, cols * 4, FLOAT32_CODE))
-        fh.write(feats.tobytes())
+        fh.write(feats.astype("<f4", copy=False).tobytes())
     return path
 
 
@@ -52,12 +66,98 @@ def read_lfr_features(path: str | Path) -> np.ndarray:
 
 
 def read_filelist(path: str | Path) -> list[str]:
+    """The entries of a file list: the first whitespace-separated field of each non-blank line (module
+    docstring). A line longer than :data:`MAX_ENTRY_CHARS` is a ``DataError`` naming the file and line."""
     path = Path(path)
     if not path.exists():
         raise DataError("file list not found", path=path)
     from visrec.data.text import read_lines
 
-    return [line.strip() for line in read_lines(path) if line.strip()]
+    out = []
+    for lineno, line in enumerate(read_lines(path), start=1):
+        fields = line.split()
+        if not fields:
+            continue
+        if len(fields[0]) > MAX_ENTRY_CHARS:
+            raise DataError(f"entry of {len(fields[0])} characters (at most {MAX_ENTRY_CHARS})", path=path,
+                            record=f"line {lineno}")
+        out.append(fields[0])
+    return out
+
+
+def _entry_path(root: Path, entry: str, filelist: Path, index: int) -> Path:
+    """``root / entry`` for a relative entry that stays inside ``root`` (no absolute path, no ``..``)."""
+    rel = Path(entry)
+    if rel.is_absolute() or ".." in rel.parts or "\0" in entry:
+        raise DataError(f"entry {entry!r} is not a path inside the images folder", path=filelist,
+                        record=f"entry {index + 1}")
+    return root / rel
+
+
+def write_image_submission(embed: Callable[[np.ndarray], np.ndarray], images_root: str | Path,
+                           filelist: str | Path, out: str | Path, *, input_size: tuple[int, int] = (112, 112),
+                           batch: int = 256, expected_rows: int | None = None, progress=None) -> Path:
+    """The LFR image-track feature binary (module docstring) of the images ``images_root/<entry>`` listed in
+    ``filelist``, rows in file-list order.
+
+    ``embed(images)`` maps (N, H, W, 3) RGB uint8 aligned crops to raw embeddings (N, D); it is called on
+    the images and on their mirrors, and the two are summed, then L2-normalised. Every image must be
+    ``input_size`` (height, width): the test set is already aligned, nothing is resized. ``expected_rows``
+    (e.g. :data:`DEEPGLINT_IMAGE_ROWS`), when given, must equal the number of file-list entries. The file is
+    written in batches (the whole test set's features are never held at once) to a temporary name, checked
+    (header rows = file-list entries, size = 16 + rows * cols * 4 bytes) and then renamed to ``out``."""
+    from visrec.data.images import read_image
+
+    root, filelist, out = Path(images_root), Path(filelist), Path(out)
+    if not root.is_dir():
+        raise DataError("images folder not found (the folder the file list's paths are relative to)", path=root)
+    names = read_filelist(filelist)
+    if not names:
+        raise DataError("the file list has no entries", path=filelist)
+    if expected_rows is not None and len(names) != expected_rows:
+        raise DataError(f"{len(names):,} entries, the protocol's test set has {expected_rows:,}", path=filelist)
+    h, w = input_size
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(out.name + ".partial")
+    rows, cols = 0, None
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(b"\0" * _HEADER.size)  # the header is written once the dimension is known
+            for start in range(0, len(names), batch):
+                imgs = []
+                for i in range(start, min(len(names), start + batch)):
+                    img = read_image(_entry_path(root, names[i], filelist, i))
+                    if img.shape[:2] != (h, w):
+                        raise DataError(f"image is {img.shape[1]}x{img.shape[0]}, the model takes aligned {w}x{h} crops",
+                                        path=root / names[i], record=f"{filelist.name} entry {i + 1}")
+                    imgs.append(img)
+                arr = np.stack(imgs)
+                feats = np.asarray(embed(arr), np.float32) + np.asarray(embed(np.ascontiguousarray(arr[:, :, ::-1])),
+                                                                         np.float32)
+                if feats.ndim != 2 or len(feats) != len(imgs) or (cols is not None and feats.shape[1] != cols):
+                    raise DataError(f"the model gave embeddings of shape {feats.shape} for {len(imgs)} images")
+                cols = feats.shape[1]
+                norms = np.linalg.norm(feats.astype(np.float64), axis=1)
+                if not (np.isfinite(norms).all() and (norms > 0).all()):
+                    k = int(np.argmax(~np.isfinite(norms) | (norms == 0)))
+                    raise DataError("flip-summed embedding is zero or not finite: it cannot be L2-normalised",
+                                    path=root / names[start + k], record=f"{filelist.name} entry {start + k + 1}")
+                fh.write((feats / norms[:, None]).astype("<f4").tobytes())
+                rows += len(imgs)
+                if progress:
+                    progress(len(imgs))
+            fh.seek(0)
+            fh.write(_HEADER.pack(rows, cols, cols * 4, FLOAT32_CODE))
+    except BaseException:
+        tmp.unlink(missing_ok=True)  # no half-written submission is left behind
+        raise
+    with open(tmp, "rb") as fh:
+        header = _HEADER.unpack(fh.read(_HEADER.size))
+    if header[0] != len(names) or tmp.stat().st_size != _HEADER.size + len(names) * cols * 4:
+        tmp.unlink(missing_ok=True)
+        raise DataError(f"wrote {rows} rows for {len(names)} file-list entries", path=out)
+    tmp.replace(out)
+    return out
 
 
 def evaluate_submission(features_path: str | Path, filelist_path: str | Path, labels: dict[str, int | str],

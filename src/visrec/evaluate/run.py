@@ -134,3 +134,17 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
     results, curve = tpr_at_fpr(emb, lab, targets, curve_bins=curve_bins)
     report = write_face_report(out, results, curve, summary)
     return FaceEvalResult(results, summary, report, bin_acc)
+
+
+def image_submission(*, model: str | Path, images: str | Path, filelist: str | Path, out: str | Path,
+                     expected_rows: int | None = None, batch: int = 128, progress=None) -> Path:
+    """``visrec eval faces --model M --data IMAGES --filelist filelist.txt --submission out.bin``: the LFR
+    image-track feature binary (``visrec.evaluate.lfr.write_image_submission``): ``IMAGES`` is the folder the
+    file list's paths are relative to (the DeepGlint test set's aligned crops), rows in file-list order,
+    each the flip-summed embedding L2-normalised, float32."""
+    from visrec.evaluate.lfr import write_image_submission
+
+    loaded = _load(model)
+    size = tuple(loaded.contract.input_size or (112, 112))
+    return write_image_submission(loaded.embed, images, filelist, out, input_size=size, batch=batch,
+                                  expected_rows=expected_rows, progress=progress)
