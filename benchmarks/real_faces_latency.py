@@ -59,7 +59,7 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    from visrec.data.align import align_face
+    from visrec.faces.align import align_face
     from visrec.data.fixtures import require_real_fixtures
     from visrec.data.images import read_image
     from visrec.demo_real import FacePipeline, calibration_set

@@ -115,7 +115,7 @@ def test_load_image_takes_paths_bytes_arrays_and_pil_and_names_bad_input(tmp_pat
     for form in (tmp_path / "r.png", str(tmp_path / "r.png"), buf.getvalue(), Image.open(tmp_path / "r.png")):
         assert load_image(form).shape == (40, 30, 3)
     assert load_image(rgb).shape == (30, 40, 3) and load_image(rgb[..., 0]).shape == (30, 40, 3)
-    for bad, words in ((tmp_path / "missing.jpg", "missing.jpg"), (b"not an image", "not an image"),
+    for bad, words in ((tmp_path / "missing.jpg", "missing.jpg"), (b"not an image", "not a decodable image"),
                        (np.zeros((3, 3), np.float32), "uint8"), (42, "got int")):
         with pytest.raises(DataError, match=words):
             load_image(bad)

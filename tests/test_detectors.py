@@ -1,4 +1,4 @@
-"""Face detectors (visrec.data.detectors): SCRFD and YuNet decoding checked on tiny ONNX files that have the
+"""Face detectors (visrec.faces.detectors): SCRFD and YuNet decoding checked on tiny ONNX files that have the
 real models' input/output names and shapes but ignore the pixels and emit constant tensors encoding known
 faces; the Haar cascade on synthetic images; load_detector's format sniffing and errors; nms by hand."""
 
@@ -10,7 +10,7 @@ import warnings
 import numpy as np
 import pytest
 
-from visrec.data.detectors import (Detection, HaarDetector, ScrfdDetector, YunetDetector, load_detector,
+from visrec.faces.detectors import (Detection, HaarDetector, ScrfdDetector, YunetDetector, load_detector,
                                    nms)
 from visrec.errors import DataError, VisrecError
 
@@ -321,6 +321,6 @@ def test_nms_by_hand():
 
 
 def test_module_imports_without_onnxruntime_or_cv2():
-    code = ("import sys; sys.modules['onnxruntime'] = None; import visrec.data.detectors; "
+    code = ("import sys; sys.modules['onnxruntime'] = None; import visrec.faces.detectors; "
             "assert 'cv2' not in sys.modules, 'cv2 imported at module load'")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 
-from visrec.data.align import ARCFACE_112, align_face, five_points, similarity_transform
+from visrec.faces.align import ARCFACE_112, align_face, five_points, similarity_transform
 from visrec.data.landmarks import (WflwRecord, read_jd_dir, read_landmark_txt, read_pts, read_wflw,
                                    write_landmark_txt, write_pts, write_synthetic_jd, write_wflw)
 from visrec.errors import DataError, VisrecError

@@ -172,7 +172,7 @@ def test_landmark_contract_round_trips_and_every_caller_uses_its_margin_and_size
 
 def test_landmark_contract_in_pipeline_prepare_and_onnx(landmark_run, tmp_path):
     from visrec.data.images import read_image
-    from visrec.data.prepare import _landmarker_from
+    from visrec.faces.prepare import _landmarker_from
     from visrec.export import export_checkpoint
     from visrec.models.landmark_nets import predict_points
     from visrec.serve.pipeline import FacePipeline

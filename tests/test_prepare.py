@@ -1,4 +1,4 @@
-"""visrec.data.prepare on synthetic photos with known geometry: faces from visrec.data.synth pasted onto larger
+"""visrec.faces.prepare and visrec.data.prepare on synthetic photos with known geometry: faces from visrec.data.synth pasted onto larger
 canvases at known places and scales, found by a fake detector that returns the true boxes and 5 points (so
 nothing depends on a real detector's quality). Checks alignment at pixel level, the report's headings, the
 policies, resume (detector calls on a re-run), RecordIO/CSV, refusals, parallel workers, products, landmarks."""
@@ -9,10 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from visrec.data.align import ARCFACE_112, five_points, similarity_transform
-from visrec.data.detectors import Detection
+from visrec.faces.align import ARCFACE_112, five_points, similarity_transform
+from visrec.faces.detectors import Detection
 from visrec.data.images import read_image
-from visrec.data.prepare import JOURNAL, REPORT, choose_face, prepare_faces, prepare_landmarks, prepare_products
+from visrec.data.prepare import JOURNAL, REPORT, prepare_products
+from visrec.faces.prepare import choose_face, prepare_faces, prepare_landmarks
 from visrec.data.synth import render_face
 from visrec.errors import VisrecError
 
@@ -254,7 +255,7 @@ def test_faces_csv_to_recordio(src, tmp_path):
 
 
 def test_faces_without_points(src, tmp_path, monkeypatch):
-    import visrec.data.prepare as prepare
+    import visrec.faces.prepare as prepare
 
     with monkeypatch.context() as m:  # without visrec[dlib] a detector without points is refused up front
         m.setattr(prepare, "_dlib_landmarks_available", lambda: False)
@@ -413,7 +414,7 @@ def test_real_photos_align_with_a_detector_that_gives_no_points(tmp_path):
     import shutil
 
     from visrec.data.fixtures import require_real_fixtures
-    from visrec.data.prepare import _dlib_landmarks_available
+    from visrec.faces.prepare import _dlib_landmarks_available
 
     try:
         faces = require_real_fixtures() / "faces"

@@ -372,7 +372,7 @@ def test_fuzz_pts_and_wflw(made, tmp_path):
 
 
 def test_fuzz_video_sets(made, tmp_path):
-    from visrec.data.tracking import iter_frames
+    from visrec.faces.tracking import iter_frames
     from visrec.data.video import read_frame_scores, read_frames, read_video_list
 
     folder = copy_of(made["video"].parent, tmp_path / "video")

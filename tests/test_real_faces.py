@@ -114,7 +114,7 @@ def test_least_squares_alignment_of_ground_truth_landmarks(annotated):
     ~2.4, max ~7.8; no face has both eyes within 1 px); (3) the scale is right: the eye distance in the crop
     is within 3% of the template's 35.24 px on average.
     """
-    from visrec.data.align import ARCFACE_112, align_face, five_points
+    from visrec.faces.align import ARCFACE_112, align_face, five_points
 
     eye_err, eye_dist, residuals = [], [], []
     for img, _, gt in annotated:
@@ -158,7 +158,7 @@ def test_eyes_alignment_puts_the_eyes_on_the_template(pipe, annotated):
     """
     import cv2
 
-    from visrec.data.align import ARCFACE_112, align_face
+    from visrec.faces.align import ARCFACE_112, align_face
 
     field_err, redetect = [], {"eyes": [], "lstsq": []}
     for img, box, gt in annotated:

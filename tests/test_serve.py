@@ -71,7 +71,7 @@ def test_every_kind_of_bad_input_is_a_4xx_with_a_message(model_dir):
     c = make_client(model_dir, limits={"max_body_mb": 0.2, "max_pixels": 4_000_000})
     good = face_jpeg(3)
     cases = {
-        "not an image": (dict(files={"image": b"hello, this is text"}), 422, "not an image"),
+        "not an image": (dict(files={"image": b"hello, this is text"}), 422, "not a decodable image"),
         "truncated jpeg": (dict(files={"image": good[: len(good) // 2]}), 422, "truncated"),
         "zero size": (dict(files={"image": png_header(0, 0)}), 422, ""),
         "bomb": (dict(files={"image": png_header(30000, 30000)}), 413, "pixels"),
@@ -203,8 +203,8 @@ def test_gallery_cli_calibrate_list_export_import(model_dir, tmp_path):
 def test_detector_points_drive_the_alignment(model_dir):
     """With a detector that gives 5 points (SCRFD / YuNet), the crop is the ArcFace-template alignment of
     those points; several faces come largest first; without points the widened box is used."""
-    from visrec.data.align import align_face, five_points
-    from visrec.data.detectors import Detection
+    from visrec.faces.align import align_face, five_points
+    from visrec.faces.detectors import Detection
     from visrec.serve.pipeline import FacePipeline
 
     img, pts = render_face(7, np.random.default_rng(0), difficulty=0.1)

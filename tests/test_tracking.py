@@ -1,4 +1,4 @@
-"""visrec.data.tracking on a synthetic video: two identities walk across a canvas in opposite directions and cross,
+"""visrec.faces.tracking on a synthetic video: two identities walk across a canvas in opposite directions and cross,
 the front one hiding the other for a few frames. A fake detector returns the true boxes and 5 points (shuffled
 order, the hidden face missed) and a fake embedder maps each crop to its identity's vector, so the test checks
 association, not detector or embedder quality."""
@@ -9,11 +9,11 @@ import cv2
 import numpy as np
 import pytest
 
-from visrec.data import tracking
-from visrec.data.align import ARCFACE_112, five_points
-from visrec.data.detectors import Detection
+from visrec.faces import tracking
+from visrec.faces.align import ARCFACE_112, five_points
+from visrec.faces.detectors import Detection
 from visrec.data.synth import render_face
-from visrec.data.tracking import Track, assign, iou_matrix, iter_frames, track_video, video_to_tracks
+from visrec.faces.tracking import Track, assign, iou_matrix, iter_frames, track_video, video_to_tracks
 from visrec.errors import VisrecError
 
 A, B = 6, 7                 # synth identities; A walks left -> right in front, B right -> left behind
@@ -68,7 +68,7 @@ class FakeEmbedder:
     with best, plus a little noise: (N, 112, 112, 3) uint8 -> (N, 64)."""
 
     def __init__(self):
-        from visrec.data.align import align_face
+        from visrec.faces.align import align_face
 
         rng = np.random.default_rng(11)
         self.refs = []
@@ -121,7 +121,7 @@ def test_embeddings_keep_identities_through_the_crossing(video):
 
 
 def test_track_crops_use_the_chosen_alignment(video):
-    from visrec.data.align import align_face
+    from visrec.faces.align import align_face
     from visrec.errors import VisrecError
 
     frames, truth = video

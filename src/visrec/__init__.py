@@ -9,7 +9,7 @@ The Python API (:mod:`visrec.api`): ``FaceAnalysis``, ``verify``, ``Gallery``, `
 
 __version__ = "0.1.0"
 
-_API = {"FaceAnalysis": "visrec.api", "verify": "visrec.api", "Gallery": "visrec.api", "load_image": "visrec.api",
+_API = {"FaceAnalysis": "visrec.api", "verify": "visrec.api", "Gallery": "visrec.api", "load_image": "visrec.faces.images",
         "Verdict": "visrec.api", "load_model": "visrec.models"}
 __all__ = ["__version__", *_API]
 

@@ -19,38 +19,10 @@ from pathlib import Path
 import numpy as np
 
 from visrec.errors import DataError
+from visrec.faces.images import load_image
 
 # what a model needs around it when the caller names no detector / landmarks
 PIPELINE_DEFAULTS = {"dlib-resnet": {"detector": "dlib-hog", "landmarks": "dlib-68"}}
-
-
-def load_image(image, max_pixels: int = 40_000_000) -> np.ndarray:
-    """RGB uint8 (H, W, 3) from a path, bytes, an array or a PIL image; :class:`DataError` naming the input."""
-    from visrec.faces.pipeline import InputError, decode_upload
-
-    if isinstance(image, (str, Path)):
-        from visrec.data.text import read_bytes
-
-        data, what = read_bytes(image), str(image)
-    elif isinstance(image, (bytes, bytearray, memoryview)):
-        data, what = bytes(image), f"{len(image)} bytes"
-    elif isinstance(image, np.ndarray):
-        arr = image
-        if arr.ndim == 2:
-            arr = np.repeat(arr[..., None], 3, axis=2)
-        if arr.dtype != np.uint8 or arr.ndim != 3 or arr.shape[2] not in (3, 4) or 0 in arr.shape:
-            raise DataError(f"an image array must be uint8 (H, W, 3) RGB, got {arr.dtype} {arr.shape}")
-        return np.ascontiguousarray(arr[..., :3])
-    elif type(image).__module__.startswith("PIL."):
-        from PIL import ImageOps
-
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
-    else:
-        raise DataError(f"an image is a path, bytes, a uint8 array or a PIL image; got {type(image).__name__}")
-    try:
-        return decode_upload(data, max_pixels)
-    except InputError as exc:
-        raise DataError(f"{what}: {exc}") from None
 
 
 @dataclass(frozen=True)
@@ -83,16 +55,18 @@ class Verdict:
 class FaceAnalysis:
     """Detect, align and embed faces with one model. ``detector`` / ``landmarks`` default to what the model
     needs (``dlib-resnet``: dlib's HOG detector and 68 points; visrec and ArcFace models: OpenCV's Haar
-    detector, points from ``landmarks`` when given). ``threshold`` overrides the model's own."""
+    detector, points from ``landmarks`` when given). ``threshold`` overrides the model's own. ``detect_size``:
+    faces are found on a copy scaled to this longest side (pixels; None: the full photo), then aligned and
+    embedded from the full photo."""
 
     def __init__(self, model="dlib-resnet", *, detector=None, landmarks=None, align: str | None = None,
-                 threshold: float | None = None):
+                 threshold: float | None = None, detect_size: int | None = 640):
         from visrec.faces.pipeline import FacePipeline
 
         defaults = PIPELINE_DEFAULTS.get(str(model), {})
         self.pipeline = FacePipeline(model, detector=detector or defaults.get("detector", "haar"),
                                      landmarks=landmarks if landmarks is not None else defaults.get("landmarks"),
-                                     align=align)
+                                     align=align, detect_size=detect_size)
         self.embedder = self.pipeline.embedder
         self.contract = self.embedder.contract
         self._threshold = threshold

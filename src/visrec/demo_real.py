@@ -60,7 +60,7 @@ class FacePipeline:
 
     def __call__(self, image, box=None) -> Face | None:
         """The best-scoring face of an RGB image (or the face in ``box``); None if none is found."""
-        from visrec.data.align import align_face
+        from visrec.faces.align import align_face
 
         score = float("nan")
         if box is None:
@@ -145,7 +145,7 @@ def _score_name(metric: str) -> str:
 
 def _mark_eyes(crop: np.ndarray) -> np.ndarray:
     """A copy of a 112x112 crop with a green dot on each of the ArcFace template's eye positions."""
-    from visrec.data.align import ARCFACE_112
+    from visrec.faces.align import ARCFACE_112
 
     out = crop.copy()
     for x, y in np.round(ARCFACE_112[:2]).astype(int):

@@ -1,7 +1,7 @@
 """``visrec data ...``: render synthetic data sets in the real formats; prepare a user's raw photos and videos.
 
 ``visrec data prepare faces|landmarks|products SRC OUT`` and ``visrec data prepare videos VIDEO... --out OUT``
-call ``visrec.data.prepare`` / ``visrec.data.tracking`` (resumable: re-run the same command to continue).
+call ``visrec.faces.prepare`` / ``visrec.data.prepare`` / ``visrec.faces.tracking`` (resumable: re-run the same command to continue).
 
 ``visrec data synth faces OUT --identities 200 --per-identity 20 --format recordio|folder --difficulty 0.3
 --seed 0 [--pairs N]`` writes ``OUT/train`` (InsightFace RecordIO or an image folder, with the 106-point
@@ -191,14 +191,18 @@ def prepare_faces_cmd(src: Path = typer.Argument(..., help="src/<identity>/<phot
                       align: AlignMethod = typer.Option(AlignMethod.lstsq, case_sensitive=False,
                                                         help="lstsq: 5-point least squares (InsightFace's); "
                                                              "eyes: eyes exactly on the template"),
+                      detect_size: int = typer.Option(640, min=0, help="find faces on a copy scaled to this longest "
+                                                                       "side (pixels; 0: full size), align on the "
+                                                                       "full photo"),
                       workers: int = typer.Option(1, min=1),
                       retry_problems: bool = typer.Option(False, help="retry photos an earlier run could not use")):
     """Photos -> detect -> one face -> ArcFace 112x112 alignment -> image folder or RecordIO + report."""
-    from visrec.data.prepare import prepare_faces
+    from visrec.faces.prepare import prepare_faces
 
     report = _with_bar("photos", lambda p: prepare_faces(
         src, out, detector=detector, landmarker=landmarks, format=format.value, policy=policy.value,
-        box_margin=box_margin, align=align.value, workers=workers, retry_problems=retry_problems, progress=p))
+        box_margin=box_margin, align=align.value, detect_size=detect_size or None, workers=workers,
+        retry_problems=retry_problems, progress=p))
     _report_table(report, f"faces prepared into {out} (report: {out / 'prepare_report.json'})")
 
 
@@ -209,7 +213,7 @@ def prepare_landmarks_cmd(src: Path = typer.Argument(..., help="photos with .pts
                           detector: str = typer.Option(None, help="find the face box with this detector"),
                           size: int = typer.Option(256, min=32), workers: int = typer.Option(1, min=1)):
     """Annotated photos -> square face-box crops in the JD-landmark layout (picture/, landmark/, rect/)."""
-    from visrec.data.prepare import prepare_landmarks
+    from visrec.faces.prepare import prepare_landmarks
 
     report = _with_bar("photos", lambda p: prepare_landmarks(src, out, annotations=annotations, detector=detector,
                                                               size=size, workers=workers, progress=p))
@@ -235,12 +239,14 @@ def prepare_videos_cmd(videos: list[Path] = typer.Argument(..., help="video file
                                                             "embedding association across crossings"),
                        min_len: int = typer.Option(5, min=1, help="shortest track kept (frames)"),
                        align: AlignMethod = typer.Option(AlignMethod.lstsq, case_sensitive=False,
-                                                         help="with 5-point detections: lstsq or eyes")):
+                                                         help="with 5-point detections: lstsq or eyes"),
+                       detect_size: int = typer.Option(640, min=0, help="find faces on a copy of each frame scaled "
+                                                                        "to this longest side (0: full size)")):
     """Videos -> per-frame detection -> IoU + embedding tracking -> one track per person in the video-set format."""
-    from visrec.data.detectors import load_detector
-    from visrec.data.tracking import video_to_tracks
+    from visrec.faces.detectors import ScaledDetector, load_detector
+    from visrec.faces.tracking import video_to_tracks
 
-    det = load_detector(detector)
+    det = ScaledDetector(load_detector(detector), detect_size or None)
     embedder = None
     if model is not None:
         from visrec.faces.pipeline import Embedder

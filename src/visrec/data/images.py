@@ -112,10 +112,34 @@ def check_encoded(data: bytes, *, source=None, record=None) -> tuple[int, int]:
     return size
 
 
-def decode_image(data: bytes, *, source: str | Path | None = None, record: int | str | None = None) -> np.ndarray:
+def _jpeg_complete(data: bytes) -> bool:
+    """A JPEG's end-of-image marker follows its first scan. Entropy-coded data never holds ``FF D9`` (a data
+    byte ``FF`` is stuffed as ``FF 00``), and an EXIF thumbnail's own end marker sits before the first scan,
+    so a file cut anywhere inside its scans fails this; trailing bytes after the marker (some phones append
+    data) do not."""
+    sos = data.find(b"\xff\xda")
+    return sos >= 0 and data.find(b"\xff\xd9", sos + 2) >= 0
+
+
+def decode_image(data: bytes, *, source: str | Path | None = None, record: int | str | None = None,
+                 max_pixels: int | None = None) -> np.ndarray:
+    """Encoded bytes -> upright RGB uint8 (H, W, 3): visrec's one image decoder (files, RecordIO records,
+    uploads, the Python API). OpenCV decodes and turns the pixels upright by the EXIF orientation tag (a phone
+    photo tagged "rotate 90" comes out as it was held). Refused with a ``DataError`` naming ``source`` /
+    ``record``: a size beyond what the bytes can hold (module docstring), beyond ``max_pixels`` when given
+    (the field is ``pixels``), a JPEG cut short (its scans end without the end-of-image marker: decoders
+    would fill the rest grey without a word), and bytes no decoder reads."""
     import cv2
 
-    check_encoded(data, source=source, record=record)
+    w, h = check_encoded(data, source=source, record=record)
+    if w < 1 or h < 1:
+        raise DataError(f"image has zero size ({w}x{h})", path=source, record=record)
+    if max_pixels is not None and w * h > max_pixels:
+        raise DataError(f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}",
+                        path=source, record=record, field="pixels")
+    if data.startswith(b"\xff\xd8") and not _jpeg_complete(data):
+        raise DataError(f"truncated JPEG: its {len(data)} bytes end before the end-of-image marker",
+                        path=source, record=record)
     try:
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:

@@ -3,7 +3,7 @@
 List file (``videos.csv``): one video per line, ``video_id,path,label``; ``path`` is relative to the list's
 folder (or absolute); blank lines and lines starting with ``#`` are ignored. ``path`` is a folder of frame
 images (``*.jpg``/``*.png``, read in name order) or any video file OpenCV decodes (``.mp4``, ``.avi``...).
-Frames are aligned 112x112 face crops (``visrec.data.align``; raw footage goes through detection and
+Frames are aligned 112x112 face crops (``visrec.faces.align``; raw footage goes through detection and
 alignment first).
 
 Per-frame detector scores, when the detector gave them: ``scores.txt`` inside a frame folder, or

@@ -2,12 +2,11 @@
 ``visrec data prepare``, gallery calibration, the Python API), so one photo gives one crop and one embedding
 everywhere. Input checks name the problem (:class:`InputError`, with the HTTP status a service answers).
 
-Decoding (``decode_upload``): the header is read first (Pillow), so a decompression bomb is refused by
-its declared size before any pixel is decoded; truncated files, zero-sized and non-image bodies are
-refused with a message. Detection (``visrec.data.detectors``): OpenCV's bundled Haar cascade (frontal
+Decoding: :mod:`visrec.faces.images` (one decoder for every path, EXIF orientation applied, bombs refused
+by their declared size). Detection (``visrec.faces.detectors``): OpenCV's bundled Haar cascade (frontal
 faces; offline default) or an ONNX SCRFD / YuNet file -> the largest face; alignment: 5 points (from the
 detector, or from a landmark model's points) -> similarity transform to the ArcFace 112x112 template
-(``visrec.data.align``); with neither, the face box widened by ``box_margin`` and resized to 112x112.
+(``visrec.faces.align``); with neither, the face box widened by ``box_margin`` and resized to 112x112.
 ``aligned=True`` skips both: the upload is already an aligned crop (resized to the embedder's input size).
 Embedding: a visrec checkpoint or an ONNX file, batched; or a registry adapter (``dlib-resnet``) that
 aligns with its own crop.
@@ -15,8 +14,6 @@ aligns with its own crop.
 
 from __future__ import annotations
 
-import hashlib
-import io
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,47 +21,7 @@ from pathlib import Path
 import numpy as np
 
 from visrec.errors import VisrecError
-
-
-class InputError(VisrecError):
-    """Bad user input: the service answers 4xx with this message. ``status`` is the HTTP code."""
-
-    def __init__(self, message: str, status: int = 422):
-        super().__init__(message)
-        self.status = status
-
-
-def decode_upload(data: bytes, max_pixels: int = 40_000_000) -> np.ndarray:
-    """Upload bytes -> RGB uint8 (H, W, 3), turned upright by its EXIF orientation tag as the file readers'
-    decoder (OpenCV) does, so a phone photo gives the same pixels over HTTP as from disk."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
-    if not data:
-        raise InputError("empty body: no image bytes", 400)
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-            if w == 0 or h == 0:
-                raise InputError(f"image has zero size ({w}x{h})")
-            if w * h > max_pixels:
-                raise InputError(f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,} "
-                                 f"(decompression bomb protection)", 413)
-            im.draft("RGB", (w, h))
-            rgb = ImageOps.exif_transpose(im.convert("RGB") if im.mode != "RGB" else im)
-            rgb.load()
-    except InputError:
-        raise
-    except UnidentifiedImageError:
-        raise InputError(f"not an image ({len(data)} bytes in no format Pillow reads)") from None
-    except Image.DecompressionBombError as exc:
-        raise InputError(f"decompression bomb refused: {exc}", 413) from None
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise InputError(f"image cannot be decoded (truncated or corrupt): {exc}") from None
-    return np.asarray(rgb, dtype=np.uint8)
-
-
-def image_hash(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()[:32]
+from visrec.faces.images import InputError, decode_upload
 
 
 @dataclass
@@ -136,7 +93,7 @@ class ArcFaceEmbedder:
     def align(self, image, box, five=None, points=None, box_margin: float = 0.2, method: str = "lstsq") -> np.ndarray:
         """The ArcFace crop (``method``: ``align.align_face``'s) from the detector's 5 points, else from a
         landmark model's points (68/98/106, reduced to 5), else the face box widened by ``box_margin``."""
-        from visrec.data.align import align_face, five_points
+        from visrec.faces.align import align_face, five_points
         from visrec.data.augment import crop_face
 
         if five is None and points is not None:
@@ -154,13 +111,16 @@ class FacePipeline:
     """image -> faces (detector) -> points (detector's 5, or a landmark model's) -> the embedder's own crop.
 
     ``landmarks``: a visrec landmark checkpoint, or a registry adapter (``dlib-68`` / ``dlib-5``).
-    ``align``: ``lstsq`` or ``eyes`` (:mod:`visrec.data.align`), as the model's training data was aligned;
+    ``align``: ``lstsq`` or ``eyes`` (:mod:`visrec.faces.align`), as the model's training data was aligned;
     None: the method the model's contract records (``lstsq`` when it records neither).
-    ``aligned``: uploads are already crops (resized to the embedder's input size)."""
+    ``aligned``: uploads are already crops (resized to the embedder's input size).
+    ``detect_size``: faces are found on a copy scaled to this longest side (pixels; None: the full image) and
+    aligned on the full image (:class:`visrec.faces.detectors.ScaledDetector`)."""
 
     def __init__(self, model: str | Path, *, aligned: bool = False, landmarks: str | Path | None = None,
-                 detector="haar", box_margin: float = 0.2, align: str | None = None, max_pixels: int = 40_000_000):
-        from visrec.data.align import check_method
+                 detector="haar", box_margin: float = 0.2, align: str | None = None, max_pixels: int = 40_000_000,
+                 detect_size: int | None = 640):
+        from visrec.faces.align import check_method
 
         self.embedder = Embedder(model)
         if align is None:
@@ -171,10 +131,11 @@ class FacePipeline:
         self.detector_name = detector if isinstance(detector, str) else type(detector).__name__
         self.detector = None
         if not aligned:
-            from visrec.data.detectors import load_detector
+            from visrec.faces.detectors import ScaledDetector, load_detector
 
             # a spec ("haar", "dlib-hog", an .onnx path) or any detector object (image -> list[Detection])
-            self.detector = load_detector(detector) if isinstance(detector, (str, Path)) else detector
+            found = load_detector(detector) if isinstance(detector, (str, Path)) else detector
+            self.detector = ScaledDetector(found, detect_size)
         self.landmarks = None
         if landmarks is not None:
             from visrec.models.dlib_models import EXTERNAL, build_external

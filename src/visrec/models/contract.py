@@ -78,7 +78,7 @@ class ModelContract:
     embedding_dim: int | None = None  # embedders: length of one embedding
     metric: str | None = None  # embedders: cosine | euclidean (scored as the negated distance)
     l2_normalised: bool = False  # embedders: whether the model's output is already unit length
-    align_method: str = "none"  # lstsq | eyes (visrec.data.align) | dlib-chip | none (box crops)
+    align_method: str = "none"  # lstsq | eyes (visrec.faces.align) | dlib-chip | none (box crops)
     align_template: str | None = None  # e.g. arcface-112 (the ArcFace 5-point template at 112x112)
     num_points: int | None = None  # landmark models: points per face
     point_scheme: str | None = None  # landmark models: jd106 | 300w68 | wflw98 | insightface_2d106 | dlib-5 ...

@@ -26,7 +26,7 @@ import numpy as np
 from visrec.errors import VisrecError
 from visrec.serve.config import ServeConfig
 from visrec.serve.guard import Guard, Metrics
-from visrec.faces.pipeline import InputError
+from visrec.faces.images import InputError
 
 PAGE = Path(__file__).with_name("page.html")
 
@@ -47,7 +47,8 @@ def create_app(cfg: ServeConfig):
         from visrec.serve.pipeline import open_configured_gallery
 
         pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
-                            detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=limits.max_pixels)
+                            detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=limits.max_pixels,
+                            detect_size=cfg.faces.detect_size)
         state["faces"], state["gallery"] = pipe, open_configured_gallery(cfg.faces, pipe.embedder)
     if cfg.landmarks is not None:
         from visrec.errors import ConfigError
@@ -209,7 +210,7 @@ def create_app(cfg: ServeConfig):
     @app.post("/v1/faces/enroll")
     async def enroll(request: Request):
         from visrec.index.gallery import check_metadata
-        from visrec.faces.pipeline import image_hash
+        from visrec.faces.images import image_hash
 
         pipe, gallery = need("faces"), state["gallery"]
         images, fields = await read_images(request, many=True)
@@ -292,7 +293,7 @@ def create_app(cfg: ServeConfig):
 
     @app.post("/v1/landmarks")
     async def landmarks(request: Request):
-        from visrec.faces.pipeline import decode_upload
+        from visrec.faces.images import decode_upload
 
         landmark_model = need("landmarks")
         images, fields = await read_images(request)
@@ -319,7 +320,7 @@ def create_app(cfg: ServeConfig):
 
     @app.post("/v1/products/search")
     async def products(request: Request):
-        from visrec.faces.pipeline import decode_upload
+        from visrec.faces.images import decode_upload
 
         index = need("products")
         images, fields = await read_images(request)

@@ -41,6 +41,9 @@ class FacesConfig(_Strict):
                                  description="5 points -> ArcFace crop: lstsq (least squares, InsightFace's) or "
                                              "eyes (eyes exactly on the template); default: the one the model's "
                                              "contract records (lstsq when it records none)")
+    detect_size: Optional[int] = Field(640, ge=0, description="faces are found on a copy scaled to this longest "
+                                                               "side in pixels (0 or null: the full image), then "
+                                                               "aligned on the full image")
     gallery: GalleryConfig = Field(default_factory=GalleryConfig)
     top_k: int = Field(5, gt=0)
 

@@ -13,7 +13,7 @@ import hmac
 import json
 import time
 
-from visrec.faces.pipeline import InputError
+from visrec.faces.images import InputError
 
 UNMATCHED = "unmatched"  # the route label of a path no route matches (a fixed label: no path is ever one)
 

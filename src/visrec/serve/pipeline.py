@@ -8,8 +8,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from visrec.faces.images import InputError, decode_upload, image_hash  # noqa: F401
 from visrec.faces.pipeline import (ArcFaceEmbedder, Embedder, ExternalEmbedder, Face, FacePipeline,  # noqa: F401
-                                   InputError, decode_upload, embed_photos, image_hash)
+                                   embed_photos)
 
 
 def open_configured_gallery(faces_cfg, embedder: Embedder):

@@ -122,7 +122,7 @@ def assign(affinity: np.ndarray, allowed: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _crop(frame: np.ndarray, det, box_margin: float, align: str = "lstsq") -> np.ndarray:
-    from visrec.data.align import align_face
+    from visrec.faces.align import align_face
     from visrec.data.augment import crop_face
 
     if det.points is not None:
@@ -155,11 +155,11 @@ def track_video(frames, detector, embedder: Callable[[np.ndarray], np.ndarray] |
     and keep paths instead of arrays (long videos). ``progress(frames done)`` after each frame."""
     import cv2
 
-    from visrec.data.align import check_method
+    from visrec.faces.align import check_method
 
     check_method(align)  # before any frame is read, not at the first face
     if isinstance(detector, (str, Path)):
-        from visrec.data.detectors import load_detector
+        from visrec.faces.detectors import load_detector
 
         detector = load_detector(detector)
     crop_dir = None if crop_dir is None else Path(crop_dir)

@@ -6,14 +6,16 @@ Three back ends:
 * ``ScrfdDetector`` InsightFace SCRFD ONNX models (``det_10g.onnx``, ``scrfd_*_kps.onnx``); box + 5 points.
 * ``YunetDetector`` OpenCV Zoo YuNet ONNX (``face_detection_yunet_2023mar.onnx``); box + 5 points.
 
-``load_detector("haar" | "scrfd:PATH" | "yunet:PATH" | "PATH.onnx")`` picks one; a bare ``.onnx`` path is
-recognised from its output names and count.
+``load_detector("haar" | "dlib-hog" | "dlib-cnn" | "scrfd:PATH" | "yunet:PATH" | "PATH.onnx")`` picks one; a
+bare ``.onnx`` path is recognised from its output names and count. ``ScaledDetector`` runs any of them on a
+copy scaled to a longest side of ``detect_size`` pixels (640 by default in the face pipeline and in
+``visrec data prepare faces``) and maps what it finds back.
 
 Conventions (all detectors): the input is an RGB uint8 array of shape (H, W, 3). Coordinates are float32
 pixels of that input image, origin top-left, x to the right, y down. Boxes are ``x1, y1, x2, y2`` and may
 extend past the image border (nothing is clipped, as in the reference implementations). The five points
 are, in order: left eye, right eye, nose tip, left mouth corner, right mouth corner, where "left" means
-image left (the subject's right eye comes first) - the order of InsightFace and of ``visrec.data.align``,
+image left (the subject's right eye comes first) - the order of InsightFace and of ``visrec.faces.align``,
 so ``Detection.points`` can be passed to ``align`` unchanged. YuNet documents the same order under the
 subject's names ("right eye, left eye, nose tip, right mouth corner, left mouth corner").
 
@@ -33,7 +35,8 @@ import numpy as np
 from visrec._onnx import open_session
 from visrec.errors import DataError, VisrecError
 
-__all__ = ["Detection", "HaarDetector", "ScrfdDetector", "YunetDetector", "load_detector", "nms"]
+__all__ = ["DETECT_SIZE", "Detection", "HaarDetector", "ScaledDetector", "ScrfdDetector", "YunetDetector",
+           "load_detector", "nms"]
 
 YUNET_OUTPUTS = ("cls_8", "cls_16", "cls_32", "obj_8", "obj_16", "obj_32",
                  "bbox_8", "bbox_16", "bbox_32", "kps_8", "kps_16", "kps_32")
@@ -339,6 +342,56 @@ class ExternalDetector:
 
     def __call__(self, image: np.ndarray) -> list[Detection]:
         return [Detection(np.asarray(box, np.float32), float(score), None) for box, score in self.model(image)]
+
+
+DETECT_SIZE = 640  # longest side of the copy faces are found on (InsightFace's FaceAnalysis det_size too)
+
+
+class ScaledDetector:
+    """Any detector run on a copy of the image scaled down to ``detect_size`` pixels on its longest side
+    (``cv2.INTER_AREA``); boxes and points are mapped back to the input's pixels. An image already that small is
+    passed as it is (never scaled up). Why: detection cost grows with the pixel count (a Haar cascade or dlib's
+    HOG scan every position at every scale), and a face large enough to recognise is still found at 640 px;
+    alignment and embedding read the full-resolution image, so the crop loses nothing. Faces smaller than the
+    detector's minimum *in the copy* are not found: ``detect_size=None`` (or 0) detects on the full image."""
+
+    def __init__(self, detector, detect_size: int | None = DETECT_SIZE):
+        if detect_size is not None and detect_size < 0:
+            raise VisrecError(f"detect_size must be a positive number of pixels (or 0 / None: full size), "
+                              f"got {detect_size}")
+        self.detector, self.detect_size = detector, int(detect_size or 0)
+
+    def __getattr__(self, name):  # the wrapped detector's own attributes (use_kps, min_size, ...)
+        if name == "detector":
+            raise AttributeError(name)
+        return getattr(self.detector, name)
+
+    def scale(self, image: np.ndarray) -> float:
+        """The factor the copy is scaled by (1.0: detected at full size)."""
+        longest = max(image.shape[:2])
+        return 1.0 if not self.detect_size or longest <= self.detect_size else self.detect_size / longest
+
+    def __call__(self, image: np.ndarray) -> list[Detection]:
+        import cv2
+
+        s = self.scale(_check_image(image))
+        if s == 1.0:
+            return list(self.detector(image))
+        h, w = image.shape[:2]
+        small = cv2.resize(image, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
+        k = np.array([w / small.shape[1], h / small.shape[0]], np.float32)
+        found = []
+        for d in self.detector(small):
+            box = (np.asarray(d.box, np.float32).reshape(2, 2) * k).reshape(4)  # box edges scale as they are
+            # points are pixel centres: the copy's pixel x covers the input's [x, x + 1) * k, centre (x + .5) k - .5
+            pts = None if d.points is None else (np.asarray(d.points, np.float32) + 0.5) * k - 0.5
+            found.append(Detection(box, d.score, pts))
+        return found
+
+
+def unwrap(detector):
+    """The detector inside a :class:`ScaledDetector` (or the detector itself)."""
+    return detector.detector if isinstance(detector, ScaledDetector) else detector
 
 
 def load_detector(spec: str | Path, **kwargs):
