@@ -1,4 +1,5 @@
-"""Face alignment for recognition: landmarks -> 5 points -> similarity transform -> 112x112 crop.
+"""Face alignment for recognition: landmarks -> 5 points -> similarity transform -> 112x112 crop (other sizes:
+:func:`arcface_template`; a model's contract says which size it takes).
 
 The 5-point reference is the ArcFace template for 112x112 crops (InsightFace's ``arcface_dst``, the
 positions its recognition models are trained on): left eye (38.2946, 51.6963), right eye (73.5318,
@@ -67,9 +68,22 @@ def check_method(method: str) -> str:
     return method
 
 
+def arcface_template(size: int = 112) -> np.ndarray:
+    """The 5-point template for a ``size`` x ``size`` crop, by InsightFace's rule for other sizes: a multiple
+    of 112 scales the 112 template (224: the same face at twice the pixels); a multiple of 128 scales it by
+    ``size / 128`` and moves it 8 * that to the right (128: the 112 face centred in a wider frame, the crop
+    of InsightFace's 128-pixel models); any other size scales it by ``size / 112``."""
+    if size < 1:
+        raise VisrecError(f"an aligned crop needs a positive size, got {size}")
+    if size % 112 == 0 or size % 128 != 0:
+        return (ARCFACE_112 * (size / 112.0)).astype(np.float32)
+    ratio = size / 128.0
+    return (ARCFACE_112 * ratio + np.array([8.0 * ratio, 0.0])).astype(np.float32)
+
+
 def alignment_transform(five: np.ndarray, size: int = 112, method: str = "lstsq") -> np.ndarray:
-    """The 2x3 matrix taking 5 points (image pixels) to the ArcFace template scaled to ``size``."""
-    return ALIGN_METHODS[check_method(method)](five, ARCFACE_112 * (size / 112.0))
+    """The 2x3 matrix taking 5 points (image pixels) to the ArcFace template for ``size`` (:func:`arcface_template`)."""
+    return ALIGN_METHODS[check_method(method)](five, arcface_template(size))
 
 
 def five_points(points: np.ndarray, scheme: str | int | None = None) -> np.ndarray:

@@ -100,7 +100,7 @@ class ArcFaceEmbedder:
             five = five_points(points)
         if five is None:  # ``box_margin`` is the whole enlargement: crop_face takes it per side
             return crop_face(image, np.zeros((1, 2)), box, self.input_size, box_margin / 2)[0]
-        return align_face(image, np.asarray(five, np.float32), method=method)[0]
+        return align_face(image, np.asarray(five, np.float32), self.input_size, method)[0]
 
     def __call__(self, crops: np.ndarray) -> np.ndarray:
         with self.lock:
