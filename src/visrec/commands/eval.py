@@ -108,3 +108,95 @@ def _videos(model, data, fusions, targets, submission, filelist):
     Console().print(t)
     if res.submission:
         Console().print(f"LFR video features ({fusions[0]} fusion): {res.submission}")
+
+
+@app.command("ijb")
+def ijb(root: Path = typer.Option(..., "--root", help="IJB release root: loose_crop/ and meta/ (IJB_C or IJB_B)"),
+        model: Path = typer.Option(..., "--model", help="visrec checkpoint, .onnx or model-zoo file"),
+        target: Optional[str] = typer.Option(None, "--target", help="IJBC | IJBB (default: from the meta file names)"),
+        flip: bool = typer.Option(True, "--flip/--no-flip", help="image + mirror embeddings summed (F1)"),
+        norm_score: bool = typer.Option(True, "--norm-score/--no-norm-score",
+                                        help="keep raw feature norms (N1) or L2-normalise each image first (N0)"),
+        detector_score: bool = typer.Option(True, "--detector-score/--no-detector-score",
+                                            help="weight each image by its detector score (D1)"),
+        all_options: bool = typer.Option(False, "--all-options", help="report all eight F/N/D pooling settings"),
+        far: list[float] = typer.Option([], "--far", help="1:1 FAR target(s) (default 1e-6 ... 1e-1)"),
+        fpir: list[float] = typer.Option([], "--fpir", help="1:N FPIR target(s) (default 0.01, 0.1)"),
+        batch: int = typer.Option(64, "--batch", min=1, max=4096),
+        json_out: Optional[Path] = typer.Option(None, "--json", help="also write the results as JSON")):
+    """IJB-B/C: templates pooled as InsightFace pools them; 1:1 TAR@FAR by the strict rule and by the
+    nearest-ROC-point rule of the published tables, side by side; 1:N CMC and TPIR@FPIR (both rules) when
+    the gallery/probe CSVs are present."""
+    from rich.progress import Progress
+
+    from visrec.evaluate.ijb import PoolOptions
+    from visrec.evaluate.run import evaluate_ijb
+
+    with Progress(transient=True) as bar:
+        task = bar.add_task("embedding", total=None)
+        run = evaluate_ijb(root, model, target=target, options=PoolOptions(flip, norm_score, detector_score),
+                           all_options=all_options, far_targets=tuple(far) or None, fpir_targets=tuple(fpir) or None,
+                           batch=batch, progress=lambda n: bar.advance(task, n))
+    con = Console()
+    con.print(f"{run.target} at {run.root}: {run.images:,} images, {run.templates:,} templates, "
+              f"{run.genuine_pairs:,} genuine + {run.impostor_pairs:,} impostor template pairs; alignment: {run.align}")
+    for label, entry in run.results.items():
+        opt = entry["options"]
+        v = entry["verification"]
+        t = Table(title=f"1:1 TAR@FAR, pooling {label} ({opt.describe()})")
+        for col in ("target FAR", "TAR strict (FAR <= target)", "threshold", "achieved FAR",
+                    "TAR nearest ROC point (published tables)", "its FAR"):
+            t.add_column(col)
+        for tgt, r in v["strict"].items():
+            n = v["nearest"][tgt]
+            if r.estimable:
+                t.add_row(f"{tgt:g}", f"{r.tpr:.4f}", f"{r.threshold:.6f}", f"{r.fpr:.3e}", f"{n.tpr:.4f}", f"{n.fpr:.3e}")
+            else:
+                t.add_row(f"{tgt:g}", "not estimable", r.reason, "", f"{n.tpr:.4f}", f"{n.fpr:.3e}")
+        con.print(t)
+        ident = entry["identification"]
+        if ident is not None:
+            t = Table(title=f"1:N, pooling {label}: {ident.probes:,} probe templates vs {ident.gallery:,} gallery "
+                            f"templates (G1 + G2); CMC " + ", ".join(f"rank-{k} {v:.4f}" for k, v in ident.cmc.items()))
+            for col in ("target FPIR", "TPIR strict (FPIR <= target)", "achieved FPIR", "TPIR insightface rule",
+                        "its FPIR"):
+                t.add_column(col)
+            for f, s in ident.strict.items():
+                i = ident.insightface[f]
+                t.add_row(f"{f:g}", f"{s['tpir']:.4f}" if s["estimable"] else "not estimable: " + s["reason"],
+                          f"{s['fpir']:.3e}" if s["estimable"] else "",
+                          f"{i['tpir']:.4f}" if i["estimable"] else "not estimable: " + i["reason"],
+                          f"{i['fpir']:.3e}" if i["estimable"] else "")
+            con.print(t)
+            con.print("FPIR counts non-mated (probe, gallery template) scores over the threshold per probe, as "
+                      "InsightFace's ijb_1n.py does")
+    for note in run.notes:
+        con.print(note)
+    if json_out is not None:
+        import json
+
+        json_out.parent.mkdir(parents=True, exist_ok=True)
+        json_out.write_text(json.dumps(ijb_json(run), indent=2))
+        con.print(f"results: {json_out}")
+
+
+def ijb_json(run) -> dict:
+    """A JSON-ready dict of an ``IJBRun`` (rules and pooling labelled)."""
+    from dataclasses import asdict
+
+    out = {"target": run.target, "root": str(run.root), "images": run.images, "templates": run.templates,
+           "genuine_pairs": run.genuine_pairs, "impostor_pairs": run.impostor_pairs, "alignment": run.align,
+           "notes": run.notes, "pooling": {}}
+    for label, entry in run.results.items():
+        v = entry["verification"]
+        item = {"options": asdict(entry["options"]), "description": entry["options"].describe(),
+                "tar_at_far": {"strict": {str(t): asdict(r) for t, r in v["strict"].items()},
+                               "nearest_roc_point": {str(t): asdict(r) for t, r in v["nearest"].items()}}}
+        ident = entry["identification"]
+        if ident is not None:
+            item["identification"] = {"cmc": {str(k): x for k, x in ident.cmc.items()},
+                                      "tpir_at_fpir": {"strict": {str(k): x for k, x in ident.strict.items()},
+                                                       "insightface": {str(k): x for k, x in ident.insightface.items()}},
+                                      "probes": ident.probes, "gallery": ident.gallery}
+        out["pooling"][label] = item
+    return out

@@ -1,26 +1,69 @@
-"""IJB-B / IJB-C templates: the meta files, media-then-template pooling, 1:1 TAR@FAR and 1:N.
+"""IJB-B / IJB-C: the meta files, template pooling with InsightFace's options, 1:1 TAR@FAR and 1:N.
 
-Files, as the IJB release (and InsightFace's IJB evaluation) lays them out, whitespace separated:
-  ``ijbc_face_tid_mid.txt``          image_name template_id media_id   (one line per face image)
-  ``ijbc_template_pair_label.txt``   template_a template_b label       (1 = same subject)
-1:N (``ijbc_1N_gallery_G1.csv`` / ``_G2.csv`` / ``ijbc_1N_probe_mixed.csv``): CSV with a header holding
-TEMPLATE_ID and SUBJECT_ID columns (further columns ignored).
-Pooling: inside a template, the features of images from the same media (a video's frames, or one
-photo) are averaged first, then the media features are averaged, so a long video does not outweigh
-the still photos; each feature is L2-normalised before it is averaged (``norm_first=True``).
+Layout (as InsightFace's ``recognition/_evaluation_/ijb`` scripts read the release; ``p`` = ``ijbc`` or
+``ijbb``), under the root ``IJB_C`` (or ``IJB_B``):
+
+  ``loose_crop/<image>``                the face images (loosely cropped around the face)
+  ``meta/<p>_face_tid_mid.txt``         ``image template_id media_id``, one line per face image
+  ``meta/<p>_name_5pts_score.txt``      ``image x1 y1 x2 y2 x3 y3 x4 y4 x5 y5 score``: the five alignment
+                                        points (left eye, right eye, nose, left and right mouth corners,
+                                        loose_crop pixels) and the detector's faceness score; line i
+                                        describes the same image as line i of ``face_tid_mid`` (checked)
+  ``meta/<p>_template_pair_label.txt``  ``template_a template_b label`` (1 = same subject), the 1:1 pairs
+  ``meta/<p>_1N_gallery_G1.csv``, ``_G2.csv`` (IJB-B: ``_S1``, ``_S2``), ``meta/<p>_1N_probe_mixed.csv``:
+                                        CSV with a header; TEMPLATE_ID and SUBJECT_ID columns (one row per
+                                        image of the template; further columns ignored)
+
+Fields are separated by whitespace; a line with the wrong number of fields or a value that does not parse
+is a ``DataError`` naming the file and line. Ids must lie in [0, 2^31) and coordinates/scores be finite; the
+number of records is bounded by the file's length (every record is one line).
+
+Template features (InsightFace's ``image2template_feature`` with its three switches; :class:`PoolOptions`):
+
+1. an image's feature is the embedding of its aligned 112x112 crop, plus that of the crop's mirror when
+   ``flip`` (F1, the default);
+2. ``norm_score`` (N1, the default) keeps the raw feature, whose norm acts as a quality weight; off (N0),
+   each image feature is L2-normalised first;
+3. ``detector_score`` (D1, the default) multiplies each image feature by its detector score;
+4. inside a template, the features of one media (the frames of one video, or one photo) are averaged;
+   the media features are summed and the sum L2-normalised (so a long video counts once, like a photo).
+
+A template pair's score is the cosine of the two template features.
+
+1:1 TAR@FAR is reported by two rules side by side (:func:`ijb_verification`):
+- ``strict`` (visrec's, ``visrec.evaluate.verification.tpr_at_fpr_pairs``): the highest TAR over the
+  thresholds whose achieved FAR <= target (accept score >= t);
+- ``nearest`` (what the published IJB tables report, InsightFace's ``ijb_11.py``): the ROC point (scikit-learn's
+  ``roc_curve``) whose FAR is nearest the target, which may lie above it
+  (``visrec.evaluate.verification.tpr_at_fpr_nearest``).
+
+1:N (:func:`ijb_identification`), gallery = G1 + G2 templates (S1 + S2 for IJB-B), probes = the mixed probe
+templates, as InsightFace's ``ijb_1n.py``: every probe subject must have exactly one gallery template.
+- CMC rank-k: share of probes whose gallery template is among the k best-scoring ones;
+- TPIR at FPIR = f, with FPIR counted as InsightFace does: the non-mated (probe, gallery template) scores
+  at or above the threshold, divided by the number of probes; TPIR = share of probes whose mated score
+  passes the threshold. Two rules side by side: ``strict`` (the highest TPIR with achieved FPIR <= f,
+  accept score >= t) and ``insightface`` (t = the ceil(f * probes)-th largest non-mated score, accept
+  score > t, InsightFace's ``evaluation``).
 """
 
 from __future__ import annotations
 
 import csv
 import io
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from visrec.data.text import read_lines, read_text
 from visrec.errors import DataError
+
+MAX_ID = 2 ** 31
+FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+FPIR_TARGETS = (1e-2, 1e-1)
+RANKS = (1, 5, 10)
 
 
 @dataclass
@@ -30,102 +73,343 @@ class TemplateMeta:
     medias: np.ndarray     # per image
 
 
+@dataclass
+class FivePoints:
+    image_names: list[str]
+    points: np.ndarray  # (N, 5, 2) float32, loose_crop pixels
+    scores: np.ndarray  # (N,) float32 detector (faceness) scores
+
+
+@dataclass(frozen=True)
+class PoolOptions:
+    """InsightFace's template-pooling switches (module docstring); the defaults are its published setting
+    (F1 N1 D1)."""
+
+    flip: bool = True
+    norm_score: bool = True
+    detector_score: bool = True
+
+    @property
+    def label(self) -> str:
+        return f"F{int(self.flip)} N{int(self.norm_score)} D{int(self.detector_score)}"
+
+    def describe(self) -> str:
+        return ", ".join([
+            "flip: image + mirror embeddings summed" if self.flip else "no flip",
+            "raw feature norms kept" if self.norm_score else "image features L2-normalised first",
+            "weighted by detector score" if self.detector_score else "no detector-score weighting"])
+
+
+def _id(text: str, path, lineno: int, what: str) -> int:
+    try:
+        v = int(text)
+    except ValueError:
+        raise DataError(f"{what} must be an integer, got {text[:40]!r}", path=path, record=f"line {lineno}") from None
+    if not 0 <= v < MAX_ID:
+        raise DataError(f"{what} {v} outside [0, 2^31)", path=path, record=f"line {lineno}")
+    return v
+
+
+def _float(text: str, path, lineno: int, what: str) -> float:
+    try:
+        v = float(text)
+    except ValueError:
+        raise DataError(f"{what} must be a number, got {text[:40]!r}", path=path, record=f"line {lineno}") from None
+    if not math.isfinite(v):
+        raise DataError(f"{what} is {v}", path=path, record=f"line {lineno}")
+    return v
+
+
+def _check_name(name: str, path, lineno: int) -> str:
+    p = Path(name)
+    if p.is_absolute() or ".." in p.parts or "\0" in name or len(name) > 1024:
+        raise DataError(f"image name {name[:80]!r} is not a path inside loose_crop", path=path, record=f"line {lineno}")
+    return name
+
+
 def read_tid_mid(path: str | Path) -> TemplateMeta:
+    """``<p>_face_tid_mid.txt``: ``image template_id media_id`` per line (module docstring)."""
     path = Path(path)
     names, tids, mids = [], [], []
-    lines = read_lines(path)  # UTF-8; a bad byte or an unreadable file is a DataError naming it
-    for lineno, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
+    for lineno, line in enumerate(read_lines(path), start=1):  # UTF-8; a bad byte is a DataError naming it
         parts = line.split()
-        if len(parts) < 3:
-            raise DataError("expected 'image_name template_id media_id'", path=path, record=f"line {lineno}")
-        try:
-            tids.append(int(parts[1]))
-            mids.append(int(parts[2]))
-        except ValueError:
-            raise DataError(f"template/media ids must be integers: {line!r}", path=path,
-                            record=f"line {lineno}") from None
-        names.append(parts[0])
-    return TemplateMeta(names, np.asarray(tids), np.asarray(mids))
+        if not parts:
+            continue
+        if len(parts) != 3:
+            raise DataError(f"expected 'image_name template_id media_id', got {len(parts)} fields", path=path,
+                            record=f"line {lineno}")
+        names.append(_check_name(parts[0], path, lineno))
+        tids.append(_id(parts[1], path, lineno, "template id"))
+        mids.append(_id(parts[2], path, lineno, "media id"))
+    if not names:
+        raise DataError("no images listed", path=path)
+    return TemplateMeta(names, np.asarray(tids, np.int64), np.asarray(mids, np.int64))
+
+
+def read_five_points(path: str | Path) -> FivePoints:
+    """``<p>_name_5pts_score.txt``: ``image`` + 10 coordinates + detector score per line."""
+    path = Path(path)
+    names, pts, scores = [], [], []
+    for lineno, line in enumerate(read_lines(path), start=1):
+        parts = line.split()
+        if not parts:
+            continue
+        if len(parts) != 12:
+            raise DataError(f"expected 'image x1 y1 ... x5 y5 score' (12 fields), got {len(parts)}", path=path,
+                            record=f"line {lineno}")
+        names.append(_check_name(parts[0], path, lineno))
+        pts.append([_float(v, path, lineno, f"coordinate {k + 1}") for k, v in enumerate(parts[1:11])])
+        scores.append(_float(parts[11], path, lineno, "detector score"))
+    if not names:
+        raise DataError("no images listed", path=path)
+    return FivePoints(names, np.asarray(pts, np.float32).reshape(-1, 5, 2), np.asarray(scores, np.float32))
 
 
 def read_template_pairs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``<p>_template_pair_label.txt``: ``template_a template_b label`` (label 0 or 1) per line."""
     path = Path(path)
     rows = []
     for lineno, line in enumerate(read_lines(path), start=1):
-        if not line.strip():
-            continue
         parts = line.split()
-        if len(parts) < 3:
-            raise DataError("expected 'template_a template_b label'", path=path, record=f"line {lineno}")
-        try:
-            rows.append((int(parts[0]), int(parts[1]), int(parts[2])))
-        except ValueError:
-            raise DataError(f"not integers: {line!r}", path=path, record=f"line {lineno}") from None
+        if not parts:
+            continue
+        if len(parts) != 3:
+            raise DataError(f"expected 'template_a template_b label', got {len(parts)} fields", path=path,
+                            record=f"line {lineno}")
+        label = _id(parts[2], path, lineno, "label")
+        if label not in (0, 1):
+            raise DataError(f"label must be 0 or 1, got {label}", path=path, record=f"line {lineno}")
+        rows.append((_id(parts[0], path, lineno, "template id"), _id(parts[1], path, lineno, "template id"), label))
+    if not rows:
+        raise DataError("no template pairs", path=path)
     arr = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
     return arr[:, 0], arr[:, 1], arr[:, 2].astype(bool)
 
 
 def read_1n_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """(template ids, subject ids) of a 1:N gallery or probe CSV, one row per template (deduplicated)."""
+    """(template ids, subject ids) of a 1:N gallery or probe CSV, one entry per template in first-seen
+    order; a template listed with two subjects is a ``DataError``."""
     path = Path(path)
     with io.StringIO(read_text(path), newline="") as fh:
-        reader = csv.DictReader(fh)
-        cols = {c.strip().upper(): c for c in reader.fieldnames or []}
+        reader = csv.reader(fh)
+        header = next(reader, None) or []
+        cols = {c.strip().upper(): i for i, c in enumerate(header)}
         if "TEMPLATE_ID" not in cols or "SUBJECT_ID" not in cols:
-            raise DataError("needs TEMPLATE_ID and SUBJECT_ID columns", path=path)
+            raise DataError("needs TEMPLATE_ID and SUBJECT_ID columns in its header", path=path, record="line 1")
+        ti, si = cols["TEMPLATE_ID"], cols["SUBJECT_ID"]
         seen: dict[int, int] = {}
         for row in reader:
-            seen.setdefault(int(row[cols["TEMPLATE_ID"]]), int(row[cols["SUBJECT_ID"]]))
-    return np.fromiter(seen.keys(), np.int64), np.fromiter(seen.values(), np.int64)
+            lineno = reader.line_num
+            if not any(c.strip() for c in row):
+                continue
+            if len(row) <= max(ti, si):
+                raise DataError(f"{len(row)} fields, the header names {len(header)}", path=path, record=f"line {lineno}")
+            t = _id(row[ti].strip(), path, lineno, "TEMPLATE_ID")
+            s = _id(row[si].strip(), path, lineno, "SUBJECT_ID")
+            if seen.setdefault(t, s) != s:
+                raise DataError(f"template {t} listed for subjects {seen[t]} and {s}", path=path, record=f"line {lineno}")
+    if not seen:
+        raise DataError("no templates", path=path)
+    return np.fromiter(seen.keys(), np.int64, len(seen)), np.fromiter(seen.values(), np.int64, len(seen))
+
+
+@dataclass
+class IJBLayout:
+    """The files of one IJB release under ``root`` (module docstring)."""
+
+    root: Path
+    prefix: str  # ijbc | ijbb
+
+    @classmethod
+    def find(cls, root: str | Path, target: str | None = None) -> "IJBLayout":
+        root = Path(root)
+        prefixes = [target.lower().replace("-", "")] if target else ["ijbc", "ijbb"]
+        for p in prefixes:
+            if (root / "meta" / f"{p}_face_tid_mid.txt").is_file():
+                return cls(root, p)
+        want = " or ".join(f"meta/{p}_face_tid_mid.txt" for p in prefixes)
+        raise DataError(f"not an IJB root: {want} not found (expected the layout of InsightFace's IJB release: "
+                        f"loose_crop/ and meta/)", path=root)
+
+    def meta(self, suffix: str) -> Path:
+        return self.root / "meta" / f"{self.prefix}_{suffix}"
+
+    @property
+    def tid_mid(self) -> Path:
+        return self.meta("face_tid_mid.txt")
+
+    @property
+    def five_points(self) -> Path:
+        return self.meta("name_5pts_score.txt")
+
+    @property
+    def pairs(self) -> Path:
+        return self.meta("template_pair_label.txt")
+
+    @property
+    def images(self) -> Path:
+        return self.root / "loose_crop"
+
+    @property
+    def galleries(self) -> list[Path]:
+        names = ("G1", "G2") if self.prefix == "ijbc" else ("S1", "S2")
+        return [self.meta(f"1N_gallery_{n}.csv") for n in names]
+
+    @property
+    def probes(self) -> Path:
+        return self.meta("1N_probe_mixed.csv")
+
+    @property
+    def has_1n(self) -> bool:
+        return all(p.is_file() for p in (*self.galleries, self.probes))
+
+
+def read_layout(layout: IJBLayout) -> tuple[TemplateMeta, FivePoints]:
+    """The per-image meta (templates, medias) and the five points + scores, checked to list the same images
+    in the same order."""
+    meta, five = read_tid_mid(layout.tid_mid), read_five_points(layout.five_points)
+    if len(meta.image_names) != len(five.image_names):
+        raise DataError(f"{len(five.image_names)} images, {layout.tid_mid.name} lists {len(meta.image_names)}",
+                        path=layout.five_points)
+    for k, (a, b) in enumerate(zip(meta.image_names, five.image_names)):
+        if a != b:
+            raise DataError(f"image {b!r}, but {layout.tid_mid.name} has {a!r} at the same record", path=layout.five_points,
+                            record=f"record {k + 1}")
+    return meta, five
+
+
+def image_features(plain: np.ndarray, mirrored: np.ndarray | None, scores: np.ndarray | None,
+                   options: PoolOptions = PoolOptions()) -> np.ndarray:
+    """Steps 1-3 of the pooling (module docstring): per-image features before the template pooling."""
+    feats = np.asarray(plain, np.float64)
+    if options.flip:
+        if mirrored is None:
+            raise DataError("the flip option needs the embeddings of the mirrored crops")
+        feats = feats + np.asarray(mirrored, np.float64)
+    if not options.norm_score:
+        feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    if options.detector_score:
+        if scores is None or len(scores) != len(feats):
+            raise DataError("detector-score weighting needs one detector score per image")
+        feats = feats * np.asarray(scores, np.float64)[:, None]
+    return feats
 
 
 def pool_templates(features: np.ndarray, meta: TemplateMeta, *, norm_first: bool = True):
-    """Media-then-template average pooling. Returns (template ids sorted, (T, D) L2-normalised features)."""
+    """Step 4 (module docstring): media means, summed per template, L2-normalised. ``norm_first`` L2-normalises
+    each image feature first (N0). Returns (template ids sorted, (T, D) float32 unit features; a template whose
+    features sum to zero stays zero)."""
     feats = np.asarray(features, dtype=np.float64)
     if len(feats) != len(meta.templates):
         raise DataError(f"{len(feats)} features for {len(meta.templates)} images in the meta file")
     if norm_first:
         feats = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
-    tids = np.unique(meta.templates)
+    tids, t_index = np.unique(meta.templates, return_inverse=True)
+    # media means: group rows by (template, media)
+    keys = np.stack([t_index, meta.medias], 1)
+    groups, g_index, g_count = np.unique(keys, axis=0, return_inverse=True, return_counts=True)
+    g_index = g_index.reshape(-1)
+    media = np.zeros((len(groups), feats.shape[1]))
+    np.add.at(media, g_index, feats)
+    media /= g_count[:, None]
     out = np.zeros((len(tids), feats.shape[1]))
-    for k, t in enumerate(tids):
-        rows = meta.templates == t
-        medias = [feats[rows & (meta.medias == m)].mean(0) for m in np.unique(meta.medias[rows])]
-        out[k] = np.mean(medias, axis=0)
+    np.add.at(out, groups[:, 0], media)
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
     return tids, out.astype(np.float32)
 
 
-def ijb_verification(features, meta: TemplateMeta, pairs, targets=(1e-6, 1e-5, 1e-4, 1e-3)):
-    """1:1 TAR@FAR over the template pair list (the strict rule of ``tpr_at_fpr``)."""
-    from visrec.evaluate.verification import tpr_at_fpr_pairs
-
-    tids, tfeats = pool_templates(features, meta)
-    a, b, same = pairs
-    ia, ib = np.searchsorted(tids, a), np.searchsorted(tids, b)
-    unknown = (ia >= len(tids)) | (tids[np.minimum(ia, len(tids) - 1)] != a) | \
-              (ib >= len(tids)) | (tids[np.minimum(ib, len(tids) - 1)] != b)
-    if unknown.any():
-        k = int(np.argmax(unknown))
-        raise DataError(f"pair {k} names template {a[k] if ia[k] >= len(tids) or tids[ia[k]] != a[k] else b[k]} "
-                        f"that has no image in the meta file")
-    return tpr_at_fpr_pairs(tfeats, same, targets, pairs=np.stack([ia, ib], 1))
+def _rows(tids: np.ndarray, wanted: np.ndarray, what: str, path=None) -> np.ndarray:
+    idx = np.searchsorted(tids, wanted)
+    bad = (idx >= len(tids)) | (tids[np.minimum(idx, len(tids) - 1)] != wanted)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise DataError(f"{what} {k + 1} names template {int(wanted[k])}, which has no image in the meta file",
+                        path=path)
+    return idx
 
 
-def ijb_identification(features, meta: TemplateMeta, gallery: tuple, probe: tuple, ranks=(1, 5),
-                       fpir_targets=(1e-2, 1e-1)):
-    """1:N with templates: CMC (closed set over mated probes) and TPIR@FPIR (open set)."""
-    from visrec.evaluate.identification import cmc, tpir_at_fpir
+def template_pair_scores(tids: np.ndarray, tfeats: np.ndarray, pairs, path=None) -> np.ndarray:
+    """Cosine (float32) of each template pair's features."""
+    a, b, _ = pairs
+    ia, ib = _rows(tids, a, "pair", path), _rows(tids, b, "pair", path)
+    return (tfeats[ia] * tfeats[ib]).sum(axis=1, dtype=np.float32)
 
-    tids, tfeats = pool_templates(features, meta)
-    index = {t: i for i, t in enumerate(tids)}
+
+def ijb_verification(features, meta: TemplateMeta, pairs, targets=FAR_TARGETS, *, norm_first: bool = True,
+                     path=None) -> dict:
+    """1:1 TAR@FAR over the template pair list, both rules: ``{"strict": {target: TprResult},
+    "nearest": {target: NearestResult}, "scores": (P,) float32}``. ``features`` are per-image features
+    (``image_features``); ``norm_first`` as in ``pool_templates``."""
+    from visrec.evaluate.verification import tpr_at_fpr_nearest, tpr_at_fpr_pairs
+
+    tids, tfeats = pool_templates(features, meta, norm_first=norm_first)
+    scores = template_pair_scores(tids, tfeats, pairs, path)
+    same = pairs[2]
+    return {"strict": tpr_at_fpr_pairs(scores, same, targets), "nearest": tpr_at_fpr_nearest(scores, same, targets),
+            "scores": scores}
+
+
+@dataclass
+class IdentificationResult:
+    cmc: dict[int, float]
+    strict: dict[float, dict]
+    insightface: dict[float, dict]
+    probes: int = 0
+    gallery: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+def one_to_n(probe: np.ndarray, probe_subjects: np.ndarray, gallery: np.ndarray, gallery_subjects: np.ndarray,
+             ranks=RANKS, targets=FPIR_TARGETS) -> IdentificationResult:
+    """CMC and TPIR@FPIR (both rules) of unit probe features against unit gallery features, one gallery
+    template per subject, every probe subject enrolled (module docstring)."""
+    probe_subjects, gallery_subjects = np.asarray(probe_subjects), np.asarray(gallery_subjects)
+    uniq, counts = np.unique(gallery_subjects, return_counts=True)
+    if (counts > 1).any():
+        raise DataError(f"subject {int(uniq[np.argmax(counts > 1)])} has {int(counts.max())} gallery templates; "
+                        f"the protocol enrols one per subject")
+    order = np.argsort(gallery_subjects)
+    pos = np.searchsorted(gallery_subjects[order], probe_subjects)
+    pos = np.minimum(pos, len(order) - 1)
+    if (gallery_subjects[order][pos] != probe_subjects).any():
+        k = int(np.argmax(gallery_subjects[order][pos] != probe_subjects))
+        raise DataError(f"probe {k + 1}'s subject {int(probe_subjects[k])} has no gallery template")
+    mate = order[pos]
+    sims = np.asarray(probe, np.float32) @ np.asarray(gallery, np.float32).T  # (P, G)
+    p = len(sims)
+    mated = sims[np.arange(p), mate]
+    rank = (sims > mated[:, None]).sum(axis=1) + 1  # ties count in the probe's favour
+    cmc = {k: float((rank <= k).mean()) for k in ranks}
+    mask = np.ones_like(sims, dtype=bool)
+    mask[np.arange(p), mate] = False
+    non = np.sort(sims[mask])[::-1]  # every non-mated (probe, gallery template) score, descending
+    strict, insight = {}, {}
+    from visrec.evaluate.verification import _next_up
+
+    for f in sorted(targets):
+        k = math.floor(f * p + 1e-9)  # accepted non-mated scores allowed
+        if k < 1:
+            strict[f] = {"estimable": False, "reason": f"{p} probes < 1/FPIR = {1 / f:g}"}
+        else:
+            t = _next_up(non[k]) if k < len(non) else -1.0
+            strict[f] = {"estimable": True, "tpir": float((mated >= t).mean()), "threshold": t,
+                         "fpir": float((non >= t).sum() / p)}
+        need = math.ceil(f * p - 1e-9)
+        if need < 1 or need > len(non):
+            insight[f] = {"estimable": False, "reason": f"needs the {need}-th largest of {len(non)} non-mated scores"}
+        else:
+            th = float(non[need - 1])
+            insight[f] = {"estimable": True, "tpir": float((mated > th).mean()), "threshold": th,
+                          "fpir": float((non > th).sum() / p)}
+    return IdentificationResult(cmc, strict, insight, p, len(gallery))
+
+
+def ijb_identification(features, meta: TemplateMeta, gallery: tuple, probe: tuple, ranks=RANKS,
+                       fpir_targets=FPIR_TARGETS, *, norm_first: bool = True) -> IdentificationResult:
+    """1:N with templates (module docstring): ``gallery`` and ``probe`` are (template ids, subject ids)."""
+    tids, tfeats = pool_templates(features, meta, norm_first=norm_first)
     g_t, g_s = gallery
     p_t, p_s = probe
-    g = tfeats[[index[t] for t in g_t]]
-    p = tfeats[[index[t] for t in p_t]]
-    result = {"cmc": cmc(p, p_s, g, g_s, ranks)}
-    if not np.isin(p_s, g_s).all():
-        result["tpir"] = tpir_at_fpir(p, p_s, g, g_s, fpir_targets)
-    return result
+    g = tfeats[_rows(tids, np.asarray(g_t), "gallery template")]
+    pr = tfeats[_rows(tids, np.asarray(p_t), "probe template")]
+    return one_to_n(pr, p_s, g, g_s, ranks, fpir_targets)

@@ -10,7 +10,7 @@ from typing import Callable
 
 import numpy as np
 
-from visrec.errors import VisrecError
+from visrec.errors import DataError, VisrecError
 
 
 @dataclass
@@ -148,3 +148,104 @@ def image_submission(*, model: str | Path, images: str | Path, filelist: str | P
     size = tuple(loaded.contract.input_size or (112, 112))
     return write_image_submission(loaded.embed, images, filelist, out, input_size=size, batch=batch,
                                   expected_rows=expected_rows, progress=progress)
+
+
+@dataclass
+class IJBRun:
+    """``visrec eval ijb``: per pooling setting (``PoolOptions.label``), the 1:1 results of both rules
+    (``visrec.evaluate.ijb.ijb_verification``) and, when the 1:N files are present, the 1:N result."""
+
+    root: Path
+    target: str
+    images: int
+    templates: int
+    genuine_pairs: int
+    impostor_pairs: int
+    results: dict = field(default_factory=dict)  # label -> {"options", "verification", "identification"}
+    align: str = ""
+    notes: list[str] = field(default_factory=list)
+
+
+def _align_module():
+    """The alignment functions: ``visrec.faces.align`` (their home), else the older ``visrec.data.align``."""
+    try:
+        from visrec.faces import align
+    except ImportError:  # pragma: no cover - the layout before the face layer took alignment
+        from visrec.data import align  # type: ignore[no-redef]
+    return align
+
+
+def ijb_embeddings(model: str | Path, layout, five, *, batch: int = 64, progress=None):
+    """Embeddings of every IJB image (in meta-file order) and of its mirror: each ``loose_crop`` image is
+    aligned with its five points to the model's input size (the model's alignment method; ``lstsq``, the
+    ArcFace template, when it names none). Returns (plain, mirrored, align description)."""
+    from visrec.data.images import read_image
+    from visrec.evaluate.bin_protocol import mirror
+
+    align = _align_module()
+    loaded = _load(model)
+    h, w = tuple(loaded.contract.input_size or (112, 112))
+    if h != w:
+        raise VisrecError(f"{model}: input {w}x{h}; the ArcFace five-point alignment makes square crops")
+    method = loaded.contract.align_method if loaded.contract.align_method in align.ALIGN_METHODS else "lstsq"
+    plain, mirrored = [], []
+    names = five.image_names
+    for start in range(0, len(names), batch):
+        crops = []
+        for i in range(start, min(len(names), start + batch)):
+            img = read_image(layout.images / names[i])
+            crop, _ = align.align_face(img, five.points[i], size=h, method=method)
+            crops.append(crop)
+        arr = np.stack(crops)
+        plain.append(np.asarray(loaded.embed(arr), np.float32))
+        mirrored.append(np.asarray(loaded.embed(mirror(arr)), np.float32))
+        if progress:
+            progress(len(crops))
+    return np.concatenate(plain), np.concatenate(mirrored), f"{method} five-point similarity to {h}x{h}"
+
+
+def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = None, options=None,
+                 all_options: bool = False, far_targets=None, fpir_targets=None, ranks=None, batch: int = 64,
+                 progress=None) -> IJBRun:
+    """IJB-B/C 1:1 (both rules) and 1:N (when its CSVs are present) for ``model`` on the release at ``root``
+    (``visrec.evaluate.ijb`` states the files, the pooling and the rules). ``options``: one
+    :class:`~visrec.evaluate.ijb.PoolOptions` (default InsightFace's F1 N1 D1); ``all_options`` evaluates
+    all eight settings from the same embeddings."""
+    from itertools import product
+
+    from visrec.evaluate import ijb
+
+    layout = ijb.IJBLayout.find(root, target)
+    meta, five = ijb.read_layout(layout)
+    pairs = ijb.read_template_pairs(layout.pairs)
+    tids = np.unique(meta.templates)
+    for which, ids in (("first", pairs[0]), ("second", pairs[1])):
+        missing = ~np.isin(ids, tids)
+        if missing.any():
+            k = int(np.argmax(missing))
+            raise DataError(f"the {which} template {int(ids[k])} has no image in {layout.tid_mid.name}",
+                            path=layout.pairs, record=f"pair {k + 1}")
+    gallery = probe = None
+    if layout.has_1n:
+        g = [ijb.read_1n_csv(p) for p in layout.galleries]
+        gallery = (np.concatenate([x[0] for x in g]), np.concatenate([x[1] for x in g]))
+        probe = ijb.read_1n_csv(layout.probes)
+    plain, mirrored, align = ijb_embeddings(model, layout, five, batch=batch, progress=progress)
+    settings = [ijb.PoolOptions(*f) for f in product((True, False), repeat=3)] if all_options else \
+        [options or ijb.PoolOptions()]
+    run = IJBRun(layout.root, layout.prefix.upper(), len(meta.image_names), len(tids), int(pairs[2].sum()),
+                 int((~pairs[2]).sum()), align=align)
+    if gallery is None:
+        run.notes.append("1:N skipped: " + ", ".join(p.name for p in (*layout.galleries, layout.probes)) + " not all present")
+    for opt in settings:
+        feats = ijb.image_features(plain, mirrored, five.scores, opt)
+        entry = {"options": opt,
+                 "verification": ijb.ijb_verification(feats, meta, pairs, tuple(far_targets or ijb.FAR_TARGETS),
+                                                      norm_first=False, path=layout.pairs),
+                 "identification": None}
+        if gallery is not None:
+            entry["identification"] = ijb.ijb_identification(
+                feats, meta, gallery, probe, tuple(ranks or ijb.RANKS), tuple(fpir_targets or ijb.FPIR_TARGETS),
+                norm_first=False)
+        run.results[opt.label] = entry
+    return run

@@ -293,3 +293,60 @@ def tpr_at_fpr_pairs(scores_or_embeddings, issame, targets=(1e-4, 1e-6, 1e-8), *
                                true_accepts=ta, false_accepts=fa, genuine_count=len(gen), impostor_count=len(imp),
                                near_threshold_pairs=near)
     return results
+
+
+@dataclass
+class NearestResult:
+    """TPR at the ROC point nearest a target FPR (the published IJB tables' reading); ``fpr`` may exceed
+    ``target``."""
+
+    target: float
+    tpr: float
+    fpr: float
+    threshold: float
+    genuine_count: int
+    impostor_count: int
+
+
+def roc_points(scores, issame, *, drop_intermediate: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """ROC points (fpr, tpr, thresholds) with accept-when-score >= t, one point per distinct score from
+    the highest down, preceded by the point (0, 0) at t = +inf — the points scikit-learn's ``roc_curve``
+    returns. With ``drop_intermediate`` (its default), a point is dropped when it lies in the middle of a
+    straight run (both the false- and true-positive counts have a zero second difference there)."""
+    scores = np.asarray(scores, np.float64).reshape(-1)
+    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    if len(scores) != len(issame):
+        raise VisrecError(f"{len(scores)} scores for {len(issame)} labels")
+    if not np.isfinite(scores).all():
+        raise VisrecError(f"score {int(np.argwhere(~np.isfinite(scores))[0][0])} is NaN or inf")
+    order = np.argsort(-scores, kind="mergesort")
+    s, y = scores[order], issame[order]
+    last = np.r_[np.flatnonzero(np.diff(s) != 0), len(s) - 1]  # last index of each distinct score
+    tps = np.cumsum(y)[last]
+    fps = (last + 1) - tps
+    thr = s[last]
+    if drop_intermediate and len(tps) > 2:
+        keep = np.r_[True, (np.diff(fps, 2) != 0) | (np.diff(tps, 2) != 0), True]
+        tps, fps, thr = tps[keep], fps[keep], thr[keep]
+    tps, fps, thr = np.r_[0, tps], np.r_[0, fps], np.r_[np.inf, thr]
+    fpr = fps / fps[-1] if fps[-1] > 0 else np.full(len(fps), np.nan)
+    tpr = tps / tps[-1] if tps[-1] > 0 else np.full(len(tps), np.nan)
+    return fpr, tpr, thr
+
+
+def tpr_at_fpr_nearest(scores, issame, targets=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)) -> dict[float, NearestResult]:
+    """TPR at the ROC point (:func:`roc_points`) whose FPR is nearest each target: scanning the points from
+    the highest FPR down, the first with the smallest |FPR - target| (InsightFace's ``ijb_11.py`` reading of
+    ``roc_curve``; among points of one FPR it takes the highest TPR). Not the strict rule: the FPR found may exceed the
+    target, and a tied group of scores is accepted or rejected whole."""
+    issame = np.asarray(issame, dtype=bool).reshape(-1)
+    fpr, tpr, thr = roc_points(scores, issame)
+    if not np.isfinite(fpr).all() or not np.isfinite(tpr).all():
+        raise VisrecError("the nearest-ROC-point rule needs both genuine and impostor pairs")
+    fpr_d, tpr_d, thr_d = fpr[::-1], tpr[::-1], thr[::-1]
+    out = {}
+    for t in sorted(float(x) for x in targets):
+        i = int(np.argmin(np.abs(fpr_d - t)))
+        out[t] = NearestResult(t, float(tpr_d[i]), float(fpr_d[i]), float(thr_d[i]), int(issame.sum()),
+                               int((~issame).sum()))
+    return out
