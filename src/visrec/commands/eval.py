@@ -144,32 +144,35 @@ def ijb(root: Path = typer.Option(..., "--root", help="IJB release root: loose_c
         opt = entry["options"]
         v = entry["verification"]
         t = Table(title=f"1:1 TAR@FAR, pooling {label} ({opt.describe()})")
-        for col in ("target FAR", "TAR strict (FAR <= target)", "threshold", "achieved FAR",
-                    "TAR nearest ROC point (published tables)", "its FAR"):
+        for col in ("target FAR", "TAR strict", "threshold", "FAR strict", "TAR nearest", "FAR nearest"):
             t.add_column(col)
         for tgt, r in v["strict"].items():
             n = v["nearest"][tgt]
             if r.estimable:
                 t.add_row(f"{tgt:g}", f"{r.tpr:.4f}", f"{r.threshold:.6f}", f"{r.fpr:.3e}", f"{n.tpr:.4f}", f"{n.fpr:.3e}")
             else:
-                t.add_row(f"{tgt:g}", "not estimable", r.reason, "", f"{n.tpr:.4f}", f"{n.fpr:.3e}")
+                t.add_row(f"{tgt:g}", "n/a", f"< 1/{tgt:g} impostors", "", f"{n.tpr:.4f}", f"{n.fpr:.3e}")
         con.print(t)
+        con.print("strict: the highest TAR whose achieved FAR <= target (accept score >= t; n/a when there are "
+                  "fewer than 1/target impostor pairs). nearest: the ROC point whose FAR is nearest the target, "
+                  "as the published IJB tables (InsightFace ijb_11.py) read it; its FAR may exceed the target.")
         ident = entry["identification"]
         if ident is not None:
             t = Table(title=f"1:N, pooling {label}: {ident.probes:,} probe templates vs {ident.gallery:,} gallery "
                             f"templates (G1 + G2); CMC " + ", ".join(f"rank-{k} {v:.4f}" for k, v in ident.cmc.items()))
-            for col in ("target FPIR", "TPIR strict (FPIR <= target)", "achieved FPIR", "TPIR insightface rule",
-                        "its FPIR"):
+            for col in ("target FPIR", "TPIR strict", "FPIR strict", "TPIR insightface", "FPIR insightface"):
                 t.add_column(col)
             for f, s in ident.strict.items():
                 i = ident.insightface[f]
-                t.add_row(f"{f:g}", f"{s['tpir']:.4f}" if s["estimable"] else "not estimable: " + s["reason"],
+                t.add_row(f"{f:g}", f"{s['tpir']:.4f}" if s["estimable"] else "n/a",
                           f"{s['fpir']:.3e}" if s["estimable"] else "",
-                          f"{i['tpir']:.4f}" if i["estimable"] else "not estimable: " + i["reason"],
+                          f"{i['tpir']:.4f}" if i["estimable"] else "n/a",
                           f"{i['fpir']:.3e}" if i["estimable"] else "")
             con.print(t)
-            con.print("FPIR counts non-mated (probe, gallery template) scores over the threshold per probe, as "
-                      "InsightFace's ijb_1n.py does")
+            con.print("FPIR = non-mated (probe, gallery template) scores passing the threshold / probes, as "
+                      "InsightFace's ijb_1n.py counts it. strict: the highest TPIR whose FPIR <= target (accept "
+                      "score >= t; n/a below 1/target probes). insightface: t = the ceil(target x probes)-th "
+                      "largest non-mated score, accept score > t.")
     for note in run.notes:
         con.print(note)
     if json_out is not None:
