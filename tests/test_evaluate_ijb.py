@@ -212,3 +212,37 @@ def test_10fold_matches_plain_reference():
     got = evaluate_bin_pairs(emb, issame)
     mean, std = reference_10fold(emb, issame)
     assert got.accuracy_mean == pytest.approx(mean) and got.accuracy_std == pytest.approx(std)
+
+
+def test_mutated_meta_files_fail_only_as_data_errors(tmp_path):
+    from visrec.data.synth_ijb import write_synthetic_ijb
+    from visrec.evaluate.ijb import IJBLayout, read_layout
+
+    layout = IJBLayout.find(write_synthetic_ijb(tmp_path / "IJB_C", 3, 2, seed=4))
+    files = {layout.tid_mid: lambda: read_layout(layout), layout.five_points: lambda: read_layout(layout),
+             layout.pairs: lambda: read_template_pairs(layout.pairs),
+             layout.probes: lambda: read_1n_csv(layout.probes)}
+    rng = np.random.default_rng(0)
+    alphabet = b" \n\r\t,.-0123456789eE+xn\xff\x00"
+    failures = 0
+    for path, read in files.items():
+        original = path.read_bytes()
+        for _ in range(60):
+            data = bytearray(original)
+            for _ in range(int(rng.integers(1, 4))):
+                pos = int(rng.integers(0, len(data)))
+                op = rng.integers(3)
+                if op == 0:
+                    data[pos] = alphabet[int(rng.integers(len(alphabet)))]
+                elif op == 1:
+                    del data[pos:pos + int(rng.integers(1, 8))]
+                else:
+                    data[pos:pos] = bytes(rng.choice(list(alphabet), int(rng.integers(1, 6))))
+            path.write_bytes(bytes(data))
+            try:
+                read()
+            except DataError as exc:
+                failures += 1
+                assert path.name in str(exc) or "record" in str(exc), str(exc)
+        path.write_bytes(original)
+    assert failures > 100  # most mutations break a line; every break is a DataError naming the file

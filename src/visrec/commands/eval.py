@@ -20,7 +20,8 @@ def faces(model: Optional[Path] = typer.Option(None, "--model", help="visrec che
           labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,label for --features"),
           protocol: str = typer.Option("deepglint-light", "--protocol"),
           target: list[float] = typer.Option([], "--target", help="FPR target(s) instead of the protocol's"),
-          flip: bool = typer.Option(False, "--flip", help="flip test: add the mirrored image's embedding"),
+          flip: bool = typer.Option(False, "--flip", help="flip test: add the mirrored image's embedding (image folders, RecordIO, CSV; a .bin always "
+                                "reports both, the flip figure as the headline)"),
           video: bool = typer.Option(False, "--video", help="--data is a video list (video_id,path,label)"),
           fusion: list[str] = typer.Option([], "--fusion", help="video frame fusion: mean | norm | score | learned"),
           submission: Optional[Path] = typer.Option(

@@ -15,8 +15,9 @@ Layout (as InsightFace's ``recognition/_evaluation_/ijb`` scripts read the relea
                                         image of the template; further columns ignored)
 
 Fields are separated by whitespace; a line with the wrong number of fields or a value that does not parse
-is a ``DataError`` naming the file and line. Ids must lie in [0, 2^31) and coordinates/scores be finite; the
-number of records is bounded by the file's length (every record is one line).
+is a ``DataError`` naming the file and line. Ids must lie in [0, 2^31); the
+number of records is bounded by the file's length (every record is one line); coordinates and scores lie in
+[-1e6, 1e6].
 
 Template features (InsightFace's ``image2template_feature`` with its three switches; :class:`PoolOptions`):
 
@@ -110,13 +111,16 @@ def _id(text: str, path, lineno: int, what: str) -> int:
     return v
 
 
+MAX_COORD = 1e6  # pixels: no image decodes larger (visrec.data.images bounds pixel counts)
+
+
 def _float(text: str, path, lineno: int, what: str) -> float:
     try:
         v = float(text)
     except ValueError:
         raise DataError(f"{what} must be a number, got {text[:40]!r}", path=path, record=f"line {lineno}") from None
-    if not math.isfinite(v):
-        raise DataError(f"{what} is {v}", path=path, record=f"line {lineno}")
+    if not abs(v) <= MAX_COORD:  # also NaN and inf
+        raise DataError(f"{what} is {v}, outside [-1e6, 1e6]", path=path, record=f"line {lineno}")
     return v
 
 
@@ -328,11 +332,14 @@ def _rows(tids: np.ndarray, wanted: np.ndarray, what: str, path=None) -> np.ndar
     return idx
 
 
-def template_pair_scores(tids: np.ndarray, tfeats: np.ndarray, pairs, path=None) -> np.ndarray:
+def template_pair_scores(tids: np.ndarray, tfeats: np.ndarray, pairs, path=None, chunk: int = 65536) -> np.ndarray:
     """Cosine (float32) of each template pair's features."""
     a, b, _ = pairs
     ia, ib = _rows(tids, a, "pair", path), _rows(tids, b, "pair", path)
-    return (tfeats[ia] * tfeats[ib]).sum(axis=1, dtype=np.float32)
+    out = np.empty(len(ia), np.float32)
+    for s in range(0, len(ia), chunk):  # IJB-C has 15.6M pairs: never gather all their features at once
+        out[s:s + chunk] = (tfeats[ia[s:s + chunk]] * tfeats[ib[s:s + chunk]]).sum(axis=1, dtype=np.float32)
+    return out
 
 
 def ijb_verification(features, meta: TemplateMeta, pairs, targets=FAR_TARGETS, *, norm_first: bool = True,
