@@ -149,7 +149,7 @@ class Gallery:
         accepted against the gallery's calibrated threshold, else the model's)."""
         threshold = self.store.threshold
         if threshold is None:
-            threshold, _ = self.analysis.threshold
+            threshold, _ = self.analysis.threshold  # the caller's, else the model contract's
         return self.store.search(self.analysis.embed(image)[None], top_k, threshold=threshold)[0]
 
     def names(self) -> list[str]:

@@ -242,6 +242,18 @@ class Gallery(abc.ABC):
         """The score of two single embeddings under the gallery's metric (what ``verify`` thresholds)."""
         return float(pair_scores(a, b, self.metric)[0, 0])
 
+    def decision_threshold(self, contract=None) -> tuple[float | None, str]:
+        """(threshold, where it came from) a match is accepted against: the gallery's own calibration, else the
+        model contract's threshold (``contract``: a :class:`visrec.models.contract.ModelContract`), else None
+        with what to do about it."""
+        if self.threshold is not None:
+            fpr = self.info.get("target_fpr")
+            return self.threshold, "calibrated on this gallery" + (f" at FPR {fpr:g}" if fpr is not None else "")
+        t = getattr(contract, "threshold", None)
+        if t is not None:
+            return float(t.value), "the model's contract: " + t.describe().split(" ", 1)[1].strip("()")
+        return None, "none: the model records none and the gallery is not calibrated (visrec gallery calibrate)"
+
     def set_threshold(self, threshold: float | None, target_fpr: float | None = None) -> None:
         """Store the match threshold (a finite score in the metric's range) and the FPR it was picked at."""
         if threshold is not None and (not math.isfinite(float(threshold))
@@ -945,27 +957,15 @@ def calibrate(gallery: Gallery, embeddings, labels, target_fpr: float = 1e-4) ->
 
     Returns ``{"threshold", "target_fpr", "tpr", "fpr", "genuine_pairs", "impostor_pairs"}``. The set must
     hold at least 1/target_fpr impostor pairs, else the FPR cannot be resolved and this raises. Scores are the
-    gallery's (``metric``): cosine through the blocked engine (any size); negated Euclidean distances are
-    computed here, at the model boundary, for every pair (N^2/2 floats: sets up to ~20k embeddings) and
-    thresholded by the engine's same strict rule (``tpr_at_fpr_pairs``).
+    gallery's (``metric``), thresholded by :func:`visrec.evaluate.calibration.calibrate_threshold`.
     """
-    from visrec.evaluate.verification import tpr_at_fpr, tpr_at_fpr_pairs
+    from visrec.evaluate.calibration import calibrate_threshold
 
     x = _vectors(embeddings, "calibration embeddings", gallery.metric)
     if gallery.info["dim"] is not None and x.shape[1] != gallery.info["dim"]:
         raise GalleryMismatchError(f"the gallery holds {gallery.info['dim']}-d embeddings; the calibration set is "
                                    f"{x.shape[1]}-d")
-    if gallery.metric == "cosine":
-        res = tpr_at_fpr(x, labels, targets=(target_fpr,), device="cpu")[float(target_fpr)]
-    else:
-        labels = np.asarray(labels).reshape(-1)
-        if len(labels) != len(x):
-            raise DataError(f"{len(x)} calibration embeddings but {len(labels)} labels")
-        i, j = np.triu_indices(len(x), k=1)
-        scores = pair_scores(x, x, gallery.metric)[i, j]
-        res = tpr_at_fpr_pairs(scores, labels[i] == labels[j], targets=(target_fpr,))[float(target_fpr)]
-    if not res.estimable:
-        raise VisrecError(f"cannot calibrate at FPR {target_fpr:g}: {res.reason}")
+    res = calibrate_threshold(x, labels, target_fpr, gallery.metric)
     gallery.set_threshold(res.threshold, target_fpr)
     return {"threshold": res.threshold, "target_fpr": float(target_fpr), "tpr": res.tpr, "fpr": res.fpr,
             "genuine_pairs": res.genuine_count, "impostor_pairs": res.impostor_count}

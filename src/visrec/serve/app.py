@@ -247,8 +247,9 @@ def create_app(cfg: ServeConfig):
 
         def work():
             embs, faces = pipe.embed_upload(images["image"][0], all_faces=all_faces)
-            results = gallery.search(embs, top_k)
-            return {"threshold": gallery.threshold, "faces": [
+            t, origin = gallery.decision_threshold(pipe.embedder.contract)
+            results = gallery.search(embs, top_k, threshold=t)
+            return {"threshold": t, "threshold_origin": origin, "faces": [
                 {"box": list(f.box), "matches": [{"identity": m.identity, "score": round(float(m.score), 6),
                                                   "accepted": bool(m.accepted)} for m in ms]}
                 for f, ms in zip(faces, results)]}
@@ -264,8 +265,9 @@ def create_app(cfg: ServeConfig):
             a, _ = pipe.embed_upload(images["image_a"][0])
             b, _ = pipe.embed_upload(images["image_b"][0])
             score = gallery.score(a[0], b[0])  # cosine, or negated distance for a distance model
-            t = gallery.threshold
-            return {"score": round(score, 6), "threshold": t, "same": None if t is None else score >= t}
+            t, origin = gallery.decision_threshold(pipe.embedder.contract)
+            return {"score": round(score, 6), "threshold": t, "threshold_origin": origin,
+                    "same": None if t is None else score >= t}
 
         return await offload(work)
 
