@@ -60,7 +60,7 @@ def recompute(root, model_path):
 
 def test_eval_ijb_end_to_end(release, tmp_path):
     res = run("--root", release / "IJB_C", "--model", release / "model.pt", "--json", tmp_path / "r.json",
-              "--far", "0.1", "--far", "0.3")
+              "--far", "0.1", "--far", "0.3", "--fpir", "0.1", "--fpir", "0.5")
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "strict: the highest TAR" in text and "nearest: the ROC point" in text and "CMC rank-1" in text
@@ -98,6 +98,17 @@ def test_eval_ijb_end_to_end(release, tmp_path):
     assert ident["probes"] == len(probes) and ident["gallery"] == len(gallery)
     assert ident["cmc"]["1"] == pytest.approx(np.mean(hits))
     assert set(ident["tpir_at_fpir"]) == {"strict", "insightface"}
+    # open set on G1 alone: the probes of subjects enrolled in G2 are non-mated there
+    g1 = sorted(rows("ijbc_1N_gallery_G1.csv"))
+    g1f = np.stack([tf[t] for t, _ in g1])
+    best = {t: (g1[int(np.argmax(g1f @ tf[t]))][1], float(np.max(g1f @ tf[t]))) for t, _ in probes}
+    enrolled = {s for _, s in g1}
+    non = sorted((best[t][1] for t, s in probes if s not in enrolled), reverse=True)
+    mated = [(best[t], s) for t, s in probes if s in enrolled]
+    k = int(np.floor(0.5 * len(non)))  # at most k non-mated probes at or above t
+    ref = np.mean([who == s and score > non[k] for (who, score), s in mated])
+    open_g1 = ident["open_set_strict"]["G1"]["0.5"]
+    assert open_g1["tpir"] == pytest.approx(ref) and open_g1["fpir"] <= 0.5
 
 
 def test_all_options_and_missing_1n(release, tmp_path):

@@ -174,6 +174,13 @@ def ijb(root: Path = typer.Option(..., "--root", help="IJB release root: loose_c
                       "InsightFace's ijb_1n.py counts it. strict: the highest TPIR whose FPIR <= target (accept "
                       "score >= t; n/a below 1/target probes). insightface: t = the ceil(target x probes)-th "
                       "largest non-mated score, accept score > t.")
+            for name, res in ident.open_set.items():
+                cells = [f"FPIR {f:g}: TPIR {r['tpir']:.4f} (FPIR {r['fpir']:.3e})" if r["estimable"] else
+                         f"FPIR {f:g}: n/a ({r['reason']})" for f, r in res.items()]
+                con.print(f"open set on {name} alone (probes not enrolled in {name} are non-mated; strict rule): "
+                          + "; ".join(cells))
+            for note in ident.notes:
+                con.print(note)
     for note in run.notes:
         con.print(note)
     if json_out is not None:
@@ -201,6 +208,8 @@ def ijb_json(run) -> dict:
             item["identification"] = {"cmc": {str(k): x for k, x in ident.cmc.items()},
                                       "tpir_at_fpir": {"strict": {str(k): x for k, x in ident.strict.items()},
                                                        "insightface": {str(k): x for k, x in ident.insightface.items()}},
-                                      "probes": ident.probes, "gallery": ident.gallery}
+                                      "open_set_strict": {g: {str(k): x for k, x in r.items()}
+                                                          for g, r in ident.open_set.items()},
+                                      "probes": ident.probes, "gallery": ident.gallery, "notes": ident.notes}
         out["pooling"][label] = item
     return out

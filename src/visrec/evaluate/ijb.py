@@ -46,6 +46,9 @@ templates, as InsightFace's ``ijb_1n.py``: every probe subject must have exactly
   passes the threshold. Two rules side by side: ``strict`` (the highest TPIR with achieved FPIR <= f,
   accept score >= t) and ``insightface`` (t = the ceil(f * probes)-th largest non-mated score, accept
   score > t, InsightFace's ``evaluation``).
+- Open set per gallery (G1 and G2 apart, the IJB protocol's own reading; strict rule only): a probe whose
+  subject is not enrolled in that gallery is non-mated; FPIR = share of non-mated probes whose best score
+  is >= t; TPIR = share of mated probes whose best-scoring gallery subject is theirs with score >= t.
 """
 
 from __future__ import annotations
@@ -363,6 +366,7 @@ class IdentificationResult:
     insightface: dict[float, dict]
     probes: int = 0
     gallery: int = 0
+    open_set: dict[str, dict] = field(default_factory=dict)  # gallery name -> {fpir target: result}
     notes: list[str] = field(default_factory=list)
 
 
@@ -412,11 +416,27 @@ def one_to_n(probe: np.ndarray, probe_subjects: np.ndarray, gallery: np.ndarray,
 
 
 def ijb_identification(features, meta: TemplateMeta, gallery: tuple, probe: tuple, ranks=RANKS,
-                       fpir_targets=FPIR_TARGETS, *, norm_first: bool = True) -> IdentificationResult:
-    """1:N with templates (module docstring): ``gallery`` and ``probe`` are (template ids, subject ids)."""
+                       fpir_targets=FPIR_TARGETS, *, norm_first: bool = True,
+                       galleries: dict[str, tuple] | None = None) -> IdentificationResult:
+    """1:N with templates (module docstring): ``gallery`` and ``probe`` are (template ids, subject ids).
+
+    ``galleries`` (name -> (template ids, subject ids), e.g. G1 and G2 apart) adds the open-set reading of
+    the IJB protocol per gallery: a probe whose subject is not enrolled in that gallery is non-mated; FPIR =
+    share of non-mated probes whose best score is >= t, TPIR = share of mated probes whose best gallery
+    subject is theirs with score >= t, strict rule (``visrec.evaluate.identification.tpir_at_fpir``)."""
+    from visrec.evaluate.identification import tpir_at_fpir
+
     tids, tfeats = pool_templates(features, meta, norm_first=norm_first)
     g_t, g_s = gallery
     p_t, p_s = probe
     g = tfeats[_rows(tids, np.asarray(g_t), "gallery template")]
     pr = tfeats[_rows(tids, np.asarray(p_t), "probe template")]
-    return one_to_n(pr, p_s, g, g_s, ranks, fpir_targets)
+    result = one_to_n(pr, p_s, g, g_s, ranks, fpir_targets)
+    for name, (t, subj) in (galleries or {}).items():
+        enrolled = np.isin(p_s, subj)
+        if enrolled.all() or not enrolled.any():
+            result.notes.append(f"open set on {name} skipped: it needs enrolled and non-enrolled probe subjects")
+            continue
+        gf = tfeats[_rows(tids, np.asarray(t), f"{name} template")]
+        result.open_set[name] = tpir_at_fpir(pr, p_s, gf, subj, fpir_targets)
+    return result

@@ -229,6 +229,7 @@ def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = No
     if layout.has_1n:
         g = [ijb.read_1n_csv(p) for p in layout.galleries]
         gallery = (np.concatenate([x[0] for x in g]), np.concatenate([x[1] for x in g]))
+        split = {p.stem.rsplit("_", 1)[-1]: x for p, x in zip(layout.galleries, g)}  # G1, G2 (S1, S2)
         probe = ijb.read_1n_csv(layout.probes)
     plain, mirrored, align = ijb_embeddings(model, layout, five, batch=batch, progress=progress)
     settings = [ijb.PoolOptions(*f) for f in product((True, False), repeat=3)] if all_options else \
@@ -246,6 +247,6 @@ def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = No
         if gallery is not None:
             entry["identification"] = ijb.ijb_identification(
                 feats, meta, gallery, probe, tuple(ranks or ijb.RANKS), tuple(fpir_targets or ijb.FPIR_TARGETS),
-                norm_first=False)
+                norm_first=False, galleries=split)
         run.results[opt.label] = entry
     return run
