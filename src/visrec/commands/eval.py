@@ -1,4 +1,6 @@
-"""``visrec eval faces``: exact TPR at the protocol's FPR targets, a table and an HTML report."""
+"""``visrec eval faces``: exact TPR at the protocol's FPR targets, a table and an HTML report (or an LFR
+submission); ``visrec eval ijb``: IJB-B/C 1:1 and 1:N with InsightFace's template pooling, both TAR@FAR
+rules side by side."""
 
 from __future__ import annotations
 
@@ -16,12 +18,14 @@ app = typer.Typer(help="evaluate models and submissions", no_args_is_help=True)
 def faces(model: Optional[Path] = typer.Option(None, "--model", help="visrec checkpoint or .onnx"),
           data: Optional[Path] = typer.Option(None, "--data", help=".bin pairs, RecordIO dir, image folder or CSV"),
           features: Optional[Path] = typer.Option(None, "--features", help="LFR feature binary"),
-          filelist: Optional[Path] = typer.Option(None, "--filelist", help="row order of --features"),
+          filelist: Optional[Path] = typer.Option(None, "--filelist", help="row order of --features or of "
+                                                  "--submission (first field of each line)"),
           labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,label for --features"),
           protocol: str = typer.Option("deepglint-light", "--protocol"),
           target: list[float] = typer.Option([], "--target", help="FPR target(s) instead of the protocol's"),
-          flip: bool = typer.Option(False, "--flip", help="flip test: add the mirrored image's embedding (image folders, RecordIO, CSV; a .bin always "
-                                "reports both, the flip figure as the headline)"),
+          flip: bool = typer.Option(False, "--flip", help="flip test: add the mirrored image's embedding (image "
+                                    "folders, RecordIO, CSV; a .bin always reports both, the flip figure as "
+                                    "the headline)"),
           video: bool = typer.Option(False, "--video", help="--data is a video list (video_id,path,label)"),
           fusion: list[str] = typer.Option([], "--fusion", help="video frame fusion: mean | norm | score | learned"),
           submission: Optional[Path] = typer.Option(
