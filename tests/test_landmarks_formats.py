@@ -182,3 +182,37 @@ def test_pose_files_round_trip_and_bad_ones_name_file_and_line(tmp_path):
 
     shutil.rmtree(root / "pose")
     assert read_jd_poses(root, pics) is None
+
+
+def test_submission_coordinates_integer_by_default_and_decimal_on_request(tmp_path):
+    from types import SimpleNamespace
+
+    from visrec.data.landmarks import write_submission_txt
+    from visrec.evaluate.landmark_report import write_submission
+
+    rng = np.random.default_rng(5)
+    pts = rng.uniform(0, 200, (106, 2))
+    pts[0] = (10.5, 11.5)                                       # halves round to even: 10, 12
+    f = write_submission_txt(tmp_path / "a.jpg.txt", pts)
+    lines = f.read_text().splitlines()
+    assert lines[0] == "106" and lines[1] == "10 12" and all("." not in ln for ln in lines)
+    back = read_landmark_txt(f, 106)
+    assert np.array_equal(back, np.rint(pts).astype(np.float32)) and np.abs(back - pts).max() <= 0.5
+    f = write_submission_txt(tmp_path / "b.jpg.txt", pts, coordinates="decimal")
+    assert f.read_text().splitlines()[1] == "10.500 11.500"
+    assert np.allclose(read_landmark_txt(f, 106), pts, atol=5e-4)
+    with pytest.raises(DataError, match="coordinates must be one of"):
+        write_submission_txt(tmp_path / "c.txt", pts, coordinates="float")
+    bad = pts.copy()
+    bad[7, 1] = np.nan
+    with pytest.raises(DataError, match="point 7 is NaN") as e:
+        write_submission_txt(tmp_path / "d.txt", bad)
+    assert e.value.record == "point 7" and not (tmp_path / "d.txt").exists()
+    # the evaluation's writer maps crop pixels back to the picture, in either form
+    ds = SimpleNamespace(paths=["p/x.jpg"], boxes=[(20.0, 30.0, 120.0, 130.0)], margin=0.0, size=100)
+    crop = pts[None] * 0.5                                       # crop of side 100 px = box of side 100 px
+    picture = crop[0] + [20.0, 30.0]
+    sub = write_submission(tmp_path / "int", ds, crop)
+    assert np.array_equal(read_landmark_txt(sub / "x.jpg.txt", 106), np.rint(picture).astype(np.float32))
+    sub = write_submission(tmp_path / "dec", ds, crop, coordinates="decimal")
+    assert np.allclose(read_landmark_txt(sub / "x.jpg.txt", 106), picture, atol=5e-4)

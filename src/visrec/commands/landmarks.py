@@ -13,11 +13,19 @@ from rich.table import Table
 def eval_landmarks(model: Path = typer.Option(..., "--model", help="checkpoint or .onnx"),
                    data: Path = typer.Option(..., "--data", help="JD-landmark directory"),
                    points: Optional[int] = typer.Option(None, "--points", help="default: the model's contract"),
-                   out: Path = typer.Option(Path("eval-landmarks"), "--out")):
+                   out: Path = typer.Option(Path("eval-landmarks"), "--out"),
+                   coordinates: str = typer.Option(
+                       "integer", "--coordinates",
+                       help="submission coordinates: integer (what the ICME 2019 JD-landmark challenge asked for, "
+                            "'with integer format', in its Details document on "
+                            "facial-landmarks-localization-challenge.github.io) or decimal (3 decimals)")):
     """NME (four normalisations), AUC@0.08, failure rate; report.html with the CED and overlays."""
+    from visrec.data.landmarks import SUBMISSION_COORDINATES
     from visrec.evaluate.landmark_report import evaluate_landmarks
 
-    res = evaluate_landmarks(model, data, out, points=points)
+    if coordinates not in SUBMISSION_COORDINATES:
+        raise typer.BadParameter(f"must be one of {', '.join(SUBMISSION_COORDINATES)}", param_hint="--coordinates")
+    res = evaluate_landmarks(model, data, out, points=points, coordinates=coordinates)
     t = Table(title=f"landmarks: {res.faces} faces")
     t.add_column("normalisation")
     for key in next(iter(res.metrics.values())):
@@ -25,7 +33,8 @@ def eval_landmarks(model: Path = typer.Option(..., "--model", help="checkpoint o
     for norm, m in res.metrics.items():
         t.add_row(norm, *(f"{v:.5f}" for v in m.values()))
     Console().print(t)
-    Console().print(f"report: {res.report}\nchallenge submission (one .txt per picture): {res.report.parent / 'submission'}")
+    Console().print(f"report: {res.report}\nchallenge submission (one .txt per picture, {coordinates} coordinates): "
+                    f"{res.report.parent / 'submission'}")
 
 
 def landmarks(image: Path = typer.Argument(..., help="an image"),

@@ -82,12 +82,19 @@ padding:4px 8px}}</style></head><body><h1>Landmarks</h1><table>{summ}</table>
     return path
 
 
-def write_submission(folder: str | Path, ds, pred_crop: np.ndarray) -> Path:
+def write_submission(folder: str | Path, ds, pred_crop: np.ndarray, coordinates: str = "integer") -> Path:
     """The challenge submission: one ``<picture name>.txt`` per image (the JD annotation format: the point
     count, then ``x y`` per line, pixels of the original picture, origin top-left), mapping each prediction
-    from its face-box crop back to the picture (the inverse of ``visrec.data.augment.crop_face``)."""
-    from visrec.data.landmarks import write_landmark_txt
+    from its face-box crop back to the picture (the inverse of ``visrec.data.augment.crop_face``).
 
+    ``coordinates``: ``"integer"`` (default; the ICME 2019 JD-landmark challenge asked for integer
+    coordinates, see ``visrec.data.landmarks.write_submission_txt`` for the source) or ``"decimal"``
+    (three decimals)."""
+    from visrec.data.landmarks import SUBMISSION_COORDINATES, write_submission_txt
+    from visrec.errors import VisrecError
+
+    if coordinates not in SUBMISSION_COORDINATES:
+        raise VisrecError(f"coordinates must be one of {SUBMISSION_COORDINATES}, got {coordinates!r}")
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     for path, box, pts in zip(ds.paths, ds.boxes, pred_crop):
@@ -95,15 +102,19 @@ def write_submission(folder: str | Path, ds, pred_crop: np.ndarray) -> Path:
         side = max(x2 - x1, y2 - y1) * (1 + 2 * ds.margin)
         s = ds.size / side
         offset = np.array([ds.size / 2 - s * (x1 + x2) / 2, ds.size / 2 - s * (y1 + y2) / 2])
-        write_landmark_txt(folder / f"{Path(path).name}.txt", (np.asarray(pts, np.float64) - offset) / s)
+        write_submission_txt(folder / f"{Path(path).name}.txt", (np.asarray(pts, np.float64) - offset) / s,
+                             coordinates)
     return folder
 
 
 def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "eval-landmarks",
-                       points: int | None = None, size: int | None = None, margin: float | None = None) -> LandmarkEval:
+                       points: int | None = None, size: int | None = None, margin: float | None = None,
+                       coordinates: str = "integer") -> LandmarkEval:
     """A landmark model (visrec checkpoint or ONNX, via ``visrec.models.load_model``) on a JD-landmark
     directory (face-box crops). ``points``, ``size`` and ``margin`` (crop enlargement per side) default to
-    the model's contract: the crop it was trained on; giving other values evaluates on other crops."""
+    the model's contract: the crop it was trained on; giving other values evaluates on other crops.
+    The challenge submission goes to ``out/submission`` with ``coordinates`` as ``write_submission`` takes
+    them (integer by default, as the challenge asked); the metrics use the unrounded predictions."""
     import torch
 
     from visrec.data.landmark_crops import JDCrops
@@ -126,7 +137,7 @@ def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "e
     pred = np.concatenate(preds) if preds else np.zeros((0, points, 2), np.float32)
     gt = np.concatenate(gts) if gts else np.zeros((0, points, 2), np.float32)
     metrics = landmark_metrics(pred, gt)
-    write_submission(Path(out) / "submission", ds, pred)
+    write_submission(Path(out) / "submission", ds, pred, coordinates)
     images = [ds.crop(i)[0] for i in range(min(12, len(ds)))]
     report = write_landmark_report(out, pred, gt, images, metrics,
                                    {"model": str(model), "data": str(data), "faces": str(len(ds)),
