@@ -12,13 +12,35 @@ The LFR 2019 rule (what the organisers' counter computed; teams were disqualifie
 BatchNorm, activations, pooling and element-wise ops count zero. Folding BatchNorm into the preceding
 conv (as exporters often do) adds a bias and so Hout*Wout*Cout/groups FLOPs per folded conv: count a
 graph exported with BatchNorm kept, and the report says whether BatchNorm was folded.
+
+Every convolution kind, by one rule on both paths (PyTorch modules and ONNX graphs). With K = the kernel
+area/volume (kh*kw; k for 1-D; kd*kh*kw for 3-D), P_out = output positions (Hout*Wout; Lout; Dout*Hout*Wout)
+and P_in = input positions likewise, and b = 0 with a bias, 1 without:
+  conv (1-D, 2-D, 3-D; dilated; grouped, depthwise):
+      MACs = P_out * Cout * (Cin/groups) * K            LFR FLOPs = (2*Cin*K - b) * P_out*Cout / groups
+      Dilation spreads the same K taps further apart: it changes P_out (through the padding arithmetic),
+      never the work per output.
+  transposed conv (ConvTranspose 1-D/2-D/3-D): every input position is multiplied by the whole kernel
+  once and scattered into the output, so
+      MACs = P_in * Cin * (Cout/groups) * K             LFR FLOPs = (2*Cout*K - b) * P_in*Cin / groups
+      i.e. 2*MACs minus one addition per (input position, input channel)/groups without a bias, the
+      organisers' conv formula applied to the transposed conv's own direction (it is the conv whose
+      gradient it computes). The organisers' counter had no rule of its own for it (the LFR models had
+      no transposed convs); this is visrec's, and it never counts a transposed conv as 0.
+  FC (Linear, ONNX Gemm / MatMul with a constant weight) on R rows (R = 1 for a (1, in) input; tokens
+  of a (1, T, in) input are T rows):
+      MACs = R * in * out                               LFR FLOPs = R * (2*in*out - b*out)
+Layers holding weights that no rule covers (an LSTM, attention with packed projection weights, a
+bilinear layer, ...) are an error naming the layer, never 0 FLOPs: on the PyTorch path, a module with
+parameters of its own that is neither a counted kind nor a known zero-count kind (normalisation,
+PReLU, learned pooling exponent); on the ONNX path, an op with an initializer input that is neither a
+counted op (Conv, ConvTranspose, Gemm, MatMul) nor a known weight-free op (element-wise, shape,
+normalisation, pooling, resize).
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,7 +55,7 @@ from visrec.protocols import Protocol, load_protocol
 @dataclass
 class LayerCount:
     name: str
-    kind: str  # "conv" | "fc"
+    kind: str  # "conv" | "convtranspose" | "fc"
     macs: int
     lfr_flops: int
     out_shape: tuple[int, ...]
@@ -41,11 +63,51 @@ class LayerCount:
 
 
 def conv_lfr_flops(cin: int, cout: int, kh: int, kw: int, hout: int, wout: int, groups: int, bias: bool) -> int:
-    return int((2 * cin * kh * kw - (0 if bias else 1)) * hout * wout * cout / groups)
+    """LFR FLOPs of a 2-D conv (module docstring): ``(2*Cin*kh*kw - b) * Hout*Wout*Cout / groups``."""
+    return conv_nd_lfr_flops(cin, cout, kh * kw, hout * wout, groups, bias)
 
 
-def fc_lfr_flops(fin: int, fout: int, bias: bool) -> int:
-    return 2 * fin * fout - (0 if bias else fout)
+def conv_nd_lfr_flops(cin: int, cout: int, kernel: int, positions: int, groups: int, bias: bool) -> int:
+    """LFR FLOPs of a conv of any dimensionality: ``(2*Cin*K - b) * P*Cout / groups``, truncated to an int.
+    ``kernel`` = K, the number of kernel taps; ``positions`` = P, the output positions. For a transposed
+    conv pass (Cout, Cin, K, input positions): see the module docstring."""
+    return int((2 * cin * kernel - (0 if bias else 1)) * positions * cout / groups)
+
+
+def fc_lfr_flops(fin: int, fout: int, bias: bool, rows: int = 1) -> int:
+    """LFR FLOPs of a fully-connected layer on ``rows`` rows: ``rows * (2*in*out - (0 with bias else out))``."""
+    return rows * (2 * fin * fout - (0 if bias else fout))
+
+
+def conv_counts(cin: int, cout: int, kernel: int, groups: int, bias: bool, transposed: bool,
+                in_positions: int, out_positions: int) -> tuple[int, int]:
+    """(MACs, LFR FLOPs) of a convolution by the module docstring's rule, the one both paths use."""
+    if transposed:
+        return (in_positions * cin * (cout // groups) * kernel,
+                conv_nd_lfr_flops(cout, cin, kernel, in_positions, groups, bias))
+    return (out_positions * cout * (cin // groups) * kernel,
+            conv_nd_lfr_flops(cin, cout, kernel, out_positions, groups, bias))
+
+
+# Modules with parameters of their own that cost no FLOPs under the LFR rule: normalisation (an affine
+# per channel, foldable), PReLU (an activation) and GeM's learned exponent (pooling). Extend the tuple for
+# another weight-free kind; anything else that holds parameters and is neither a conv nor a Linear is an
+# error rather than silently 0 FLOPs.
+ZERO_COUNT_KINDS: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.PReLU)
+
+
+def _zero_count_kinds() -> tuple[type, ...]:
+    from visrec.models.pooling import GeM
+
+    extra = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
+    return ZERO_COUNT_KINDS + extra + (GeM,)
+
+
+def _unknown_weighted_layers(model: nn.Module) -> list[tuple[str, str]]:
+    """(name, type) of every module holding parameters of its own that no rule covers."""
+    known = (nn.modules.conv._ConvNd, nn.Linear) + _zero_count_kinds()
+    return [(name or "<model>", type(m).__name__) for name, m in model.named_modules()
+            if not isinstance(m, known) and next(m.parameters(recurse=False), None) is not None]
 
 
 def _probe(model: nn.Module, input_size) -> torch.Tensor:
@@ -54,31 +116,44 @@ def _probe(model: nn.Module, input_size) -> torch.Tensor:
     return torch.zeros(*input_size, device=p.device, dtype=p.dtype)
 
 
+def _positions(shape) -> int:
+    """Spatial positions of an (N, C, *spatial) tensor: the product of the spatial sizes."""
+    return int(np.prod(tuple(shape[2:]), dtype=np.int64))
+
+
 def _measure(model: nn.Module, input_size, every_op: bool = False) -> tuple[list[LayerCount], int | None, tuple]:
-    """One eval-mode forward at batch 1: per-layer rows of every Conv2d / Linear in execution order, the
-    FlopCounterMode total when ``every_op`` (else None), and the output shape. The model's training flag
-    is restored afterwards."""
+    """One eval-mode forward at batch 1: per-layer rows of every convolution (1-D/2-D/3-D, transposed or
+    not) and Linear in execution order, the FlopCounterMode total when ``every_op`` (else None), and the
+    output shape. The model's training flag is restored afterwards. A module holding weights that no rule
+    covers is a VisrecError naming it (module docstring)."""
     from torch.utils.flop_counter import FlopCounterMode
 
+    unknown = _unknown_weighted_layers(model)
+    if unknown:
+        listed = ", ".join(f"{n} ({t})" for n, t in unknown[:5]) + (" ..." if len(unknown) > 5 else "")
+        raise VisrecError(f"the FLOP counter has no rule for layers holding weights: {listed}; it counts "
+                          f"convolutions (1-D/2-D/3-D, transposed, grouped, dilated) and Linear, and counts "
+                          f"normalisation, PReLU and pooling as 0 — a layer it does not know is refused rather "
+                          f"than counted as 0 FLOPs")
     rows: list[LayerCount] = []
 
     def hook(name):
         def fn(mod, inp, out):
-            if isinstance(mod, nn.Conv2d):
-                hout, wout = out.shape[-2:]
-                kh, kw = mod.kernel_size
-                macs = hout * wout * mod.out_channels * (mod.in_channels // mod.groups) * kh * kw
-                flops = conv_lfr_flops(mod.in_channels, mod.out_channels, kh, kw, hout, wout, mod.groups,
-                                       mod.bias is not None)
-                rows.append(LayerCount(name, "conv", int(macs), flops, tuple(out.shape), mod.groups))
+            if isinstance(mod, nn.modules.conv._ConvNd):
+                kernel = int(np.prod(mod.kernel_size))
+                macs, flops = conv_counts(mod.in_channels, mod.out_channels, kernel, mod.groups, mod.bias is not None,
+                                          mod.transposed, _positions(inp[0].shape), _positions(out.shape))
+                kind = "convtranspose" if mod.transposed else "conv"
+                rows.append(LayerCount(name, kind, int(macs), flops, tuple(out.shape), mod.groups))
             elif isinstance(mod, nn.Linear):
-                rows.append(LayerCount(name, "fc", mod.in_features * mod.out_features,
-                                       fc_lfr_flops(mod.in_features, mod.out_features, mod.bias is not None),
+                r = int(np.prod(tuple(out.shape[:-1]), dtype=np.int64))
+                rows.append(LayerCount(name, "fc", r * mod.in_features * mod.out_features,
+                                       fc_lfr_flops(mod.in_features, mod.out_features, mod.bias is not None, r),
                                        tuple(out.shape)))
         return fn
 
     handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules()
-               if isinstance(m, (nn.Conv2d, nn.Linear))]
+               if isinstance(m, (nn.modules.conv._ConvNd, nn.Linear))]
     was_training = model.training
     model.eval()
     counter = FlopCounterMode(display=False) if every_op else contextlib.nullcontext()
@@ -93,7 +168,7 @@ def _measure(model: nn.Module, input_size, every_op: bool = False) -> tuple[list
 
 
 def layer_counts(model: nn.Module, input_size=(1, 3, 112, 112)) -> list[LayerCount]:
-    """Per-layer MACs and LFR FLOPs of every Conv2d / Linear, in execution order (batch 1). Works on a
+    """Per-layer MACs and LFR FLOPs of every convolution and Linear, in execution order (batch 1). Works on a
     model built on the meta device (shapes only, no memory or compute)."""
     return _measure(model, input_size)[0]
 
@@ -144,9 +219,26 @@ def _fold_constant_concats(model) -> None:
             model.graph.node[k].CopyFrom(folded)
 
 
+# ONNX ops that take initializers but hold no weights the LFR rule counts: normalisation, activations with a
+# learned slope, element-wise arithmetic (BatchNorm-free affine, bias Add after MatMul, GeM's Pow), pooling,
+# resizing and shape/index plumbing whose constant inputs are shapes, scales, axes or pads.
+ONNX_ZERO_COUNT_OPS = frozenset({
+    "BatchNormalization", "InstanceNormalization", "LayerNormalization", "GroupNormalization",
+    "LpNormalization", "PRelu", "Add", "Sub", "Mul", "Div", "Pow", "Max", "Min", "Sum", "Mean", "Clip",
+    "Where", "Equal", "Greater", "Less", "GreaterOrEqual", "LessOrEqual", "And", "Or", "Not",
+    "Reshape", "Resize", "Upsample", "Expand", "Tile", "Pad", "Slice", "Gather", "Squeeze", "Unsqueeze",
+    "Concat", "Split", "Transpose", "Flatten", "Cast", "ConstantOfShape", "Range", "Shape", "Identity",
+    "ReduceMean", "ReduceMax", "ReduceSum", "ReduceMin", "ReduceL2", "Sqrt", "Exp", "Log", "Abs", "Neg",
+    "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid",
+    "HardSwish", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Mish", "Softplus", "Tanh", "Erf", "Dropout",
+    "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "Constant"})
+
+
 def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[list[LayerCount], dict]:
-    """The LFR count on an ONNX graph (Conv, Gemm, and MatMul with a constant weight), plus graph facts:
-    whether BatchNormalization nodes remain, initializer dtypes, output dimension."""
+    """The LFR count on an ONNX graph by the module docstring's rule (Conv and ConvTranspose of any
+    dimensionality, Gemm, and MatMul with a constant weight), plus graph facts: whether
+    BatchNormalization nodes remain, initializer dtypes, output dimension. An op with an initializer input
+    that is neither counted nor in :data:`ONNX_ZERO_COUNT_OPS` is a DataError naming it."""
     path = Path(path)
     onnx, model = _load_onnx(path)
     from onnx import shape_inference
@@ -165,7 +257,7 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     _fold_constant_concats(model)
     inferred = shape_inference.infer_shapes(model)
     shapes = {}
-    for vi in list(inferred.graph.value_info) + list(inferred.graph.output):
+    for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         shapes[vi.name] = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
     consumers: dict[str, list] = {}
     for node in graph.node:
@@ -174,25 +266,48 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     # the TorchScript exporter writes a bias-free Linear as MatMul(x, Transpose(W)): see through it
     transposed = {n.output[0]: inits[n.input[0]] for n in graph.node
                   if n.op_type == "Transpose" and n.input[0] in inits}
+    # Tensors computed from initializers alone (no path from the graph input): weights reshaped, sliced or
+    # concatenated on their way into an op — the TorchScript exporter feeds an LSTM its weights this way.
+    constant_outputs = {o for n in graph.node if n.op_type == "Constant" for o in n.output}
+    from_weights = set(inits)
+    for node in graph.node:  # nodes are topologically sorted in a valid ONNX graph
+        ins = [i for i in node.input if i]
+        if ins and all(i in from_weights or i in constant_outputs for i in ins) and any(i in from_weights for i in ins):
+            from_weights.update(node.output)
+
+    def known_shape(name: str, node_name: str, op: str, rank: int | None = None) -> tuple:
+        shape = shapes.get(name)
+        if not shape or (rank is not None and len(shape) != rank) or 0 in shape:  # 0 = unresolved
+            raise DataError(f"cannot infer the shape of {op} {node_name}'s tensor {name!r} (got {shape})", path=path)
+        return shape
+
     rows = []
     for k, node in enumerate(graph.node):
         name = node.name or f"{node.op_type}_{k}"
-        if node.op_type == "Conv":
+        if node.op_type in ("Conv", "ConvTranspose"):
             w = inits.get(node.input[1])
             if w is None:
-                raise DataError(f"Conv {name} has a non-constant weight", path=path)
-            cout, cin_g, kh, kw = w.dims
+                raise DataError(f"{node.op_type} {name} has a non-constant weight", path=path)
             groups = next((a.i for a in node.attribute if a.name == "group"), 1)
-            out = shapes.get(node.output[0])
-            if not out or len(out) != 4 or 0 in out:  # 0 = a dimension inference could not resolve
-                raise DataError(f"cannot infer the output shape of Conv {name} (got {out})", path=path)
+            kernel = int(np.prod(w.dims[2:]))
+            rank = len(w.dims)
+            out = known_shape(node.output[0], name, node.op_type, rank)
+            inp = known_shape(node.input[0], name, node.op_type, rank)
             bias = len(node.input) > 2 and node.input[2] != ""
-            macs = out[2] * out[3] * cout * cin_g * kh * kw
-            rows.append(LayerCount(name, "conv", int(macs),
-                                   conv_lfr_flops(cin_g * groups, cout, kh, kw, out[2], out[3], groups, bias), out,
+            if node.op_type == "Conv":  # weight (Cout, Cin/groups, *kernel)
+                cout, cin = w.dims[0], w.dims[1] * groups
+            else:  # ConvTranspose weight (Cin, Cout/groups, *kernel)
+                cin, cout = w.dims[0], w.dims[1] * groups
+            transposed_conv = node.op_type == "ConvTranspose"
+            macs, flops = conv_counts(cin, cout, kernel, groups, bias, transposed_conv,
+                                      _positions(inp), _positions(out))
+            rows.append(LayerCount(name, "convtranspose" if transposed_conv else "conv", int(macs), flops, out,
                                    groups))
         elif node.op_type in ("Gemm", "MatMul") and (node.input[1] in inits or node.input[1] in transposed):
             w = inits.get(node.input[1]) or transposed[node.input[1]]
+            if len(w.dims) != 2:
+                raise DataError(f"{node.op_type} {name} has a weight of rank {len(w.dims)}; the counter knows "
+                                f"2-D (in x out) weights only", path=path)
             trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
             trans_b = trans_b or node.input[1] in transposed
             fin, fout = (w.dims[1], w.dims[0]) if trans_b else (w.dims[0], w.dims[1])
@@ -202,11 +317,21 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
                 nxt = consumers.get(node.output[0], [])
                 bias = any(n.op_type == "Add" and any(i in inits and int(np.prod(inits[i].dims)) == fout
                                                        for i in n.input) for n in nxt)
-            rows.append(LayerCount(name, "fc", fin * fout, fc_lfr_flops(fin, fout, bias),
-                                   shapes.get(node.output[0], ())))
+            out = shapes.get(node.output[0], ())
+            r = int(np.prod(out[:-1], dtype=np.int64)) if len(out) >= 2 and 0 not in out else 1
+            rows.append(LayerCount(name, "fc", r * fin * fout, fc_lfr_flops(fin, fout, bias, r), out))
+        elif node.op_type not in ONNX_ZERO_COUNT_OPS and node.op_type not in ("Gemm", "MatMul"):
+            weights = [i for i in node.input if i in from_weights]
+            if weights:
+                raise DataError(f"op {name} ({node.op_type}) takes constant weights ({', '.join(weights[:3])}) but the "
+                                f"FLOP counter has no rule for {node.op_type}; it counts Conv, ConvTranspose, Gemm "
+                                f"and MatMul, and refuses an unknown weighted op rather than count it as 0", path=path)
+        elif node.op_type in ("Gemm", "MatMul") and node.input[0] in inits:
+            raise DataError(f"{node.op_type} {name} multiplies a constant on the left; the counter knows "
+                            f"x @ W (the weight second) only", path=path)
     dtypes = sorted({onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in graph.initializer})
     out_shape = shapes.get(graph.output[0].name, ())
-    convs = [n for n in graph.node if n.op_type == "Conv"]
+    convs = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
     conv_then_bn = sum(any(c.op_type == "BatchNormalization" for c in consumers.get(n.output[0], [])) for n in convs)
     biased_convs = sum(len(n.input) > 2 and n.input[2] != "" for n in convs)
     # BN folded = no conv feeds a BatchNormalization while convs carry biases (what folding leaves behind)
@@ -276,24 +401,27 @@ def _limits(p: Protocol, flops: int, size_bytes: int | None, dtypes: list[str], 
     return out
 
 
-def export_size(model: nn.Module, input_size=(1, 3, 112, 112)) -> int:
-    """Bytes of the model exported as a float32 ONNX file with BatchNorm kept."""
-    from visrec.export import export_onnx
+def export_size(model: nn.Module, input_size=(1, 3, 112, 112), contract=None) -> int:
+    """Bytes of the ONNX file ``visrec export`` writes for ``model`` (float32, BatchNorm folded, the
+    contract in its metadata when given): :func:`visrec.export.exported_size`, the one export both
+    commands use, so ``budget`` and ``export`` report one size for one model."""
+    from visrec.export import exported_size
 
-    with tempfile.TemporaryDirectory() as tmp:
-        path = Path(tmp) / "model.onnx"
-        export_onnx(model, path, input_size=input_size, keep_batchnorm=True)
-        return os.path.getsize(path)
+    return exported_size(model, contract, input_size=input_size)
 
 
-def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True) -> BudgetReport:
+def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, contract=None) -> BudgetReport:
     """Measure a model (nn.Module, visrec checkpoint, or ONNX file) against a protocol's limits.
 
-    Figures: ``lfr_flops`` (FLOPs, LFR rule), ``macs`` (conv+FC multiply-accumulates), ``full_flops``
-    (FLOPs of every op, torch FlopCounterMode; None for ONNX input), ``params``, ``size_bytes`` (fp32
-    ONNX file exported with BatchNorm kept; for ONNX input the file itself), weight dtypes, embedding
-    dimension, per-layer rows. ``with_size=False`` skips the ONNX export: size is then None and any size
-    limit fails as "not measured"."""
+    Figures: ``lfr_flops`` (FLOPs, LFR rule, counted on the model itself = its graph with BatchNorm kept),
+    ``macs`` (conv+FC multiply-accumulates), ``full_flops`` (FLOPs of every op, torch FlopCounterMode; None
+    for ONNX input), ``params``, ``size_bytes``, weight dtypes, embedding dimension, per-layer rows.
+
+    ``size_bytes`` is the size of the file ``visrec export`` writes for the model (float32, BatchNorm
+    folded, the model's contract in its metadata: :func:`visrec.export.export_model`); for ONNX input,
+    the file itself. ``contract`` is the module's contract (a checkpoint brings its own; a bare module
+    without one is exported with no metadata). ``with_size=False`` skips the ONNX export: size is then
+    None and any size limit fails as "not measured"."""
     p = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     if isinstance(model_or_path, (str, Path)) and Path(model_or_path).suffix == ".onnx":
         path = Path(model_or_path)
@@ -309,20 +437,31 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True) ->
         if isinstance(model_or_path, nn.Module):
             model, source = model_or_path, type(model_or_path).__name__
         else:
-            from visrec.models.model_file import load_backbone
+            from visrec.models.loading import load_model
 
-            model, _ = load_backbone(model_or_path)
-            source = str(model_or_path)
+            # the loader `visrec export` uses, so both see the same module and contract
+            loaded = load_model(model_or_path)
+            if loaded.module is None:
+                raise DataError("not a visrec checkpoint (no torch module to measure)", path=model_or_path)
+            model, contract, source = loaded.module, loaded.contract, str(model_or_path)
         layers, every_op, out_shape = _measure(model, p.input_size, every_op=True)
         dim = int(out_shape[-1])
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in model.state_dict().values()
                          if t.is_floating_point()})
-        size = export_size(model, p.input_size) if with_size else None
+        size = export_size(model, p.input_size, contract) if with_size else None
         report = BudgetReport(p, source, sum(l.lfr_flops for l in layers), sum(l.macs for l in layers),
                               every_op, sum(t.numel() for t in model.parameters()),
                               size, dtypes, dim, batchnorm_folded=False, layers=layers)
     report.limits = _limits(p, report.lfr_flops, report.size_bytes, report.weight_dtypes, report.embedding_dim)
     return report
+
+
+def registry_contract(model: nn.Module, name: str, kwargs: dict | None = None):
+    """The contract a registry-built model gets when saved (``default_contract``), so that a budget of
+    ``mbf`` measures the file ``visrec export`` would write for that model's checkpoint."""
+    from visrec.models.model_file import default_contract
+
+    return default_contract(model, {"name": name, **(kwargs or {})})
 
 
 # --- fit to budget -------------------------------------------------------------------------------------
@@ -410,12 +549,16 @@ def fit_to_budget(family: str, protocol: str | Protocol, knobs: dict[str, list] 
                           f"(~{4 * params / 1e6:.2f} MB at fp32)")
     # the estimate used 4 bytes/param; confirm with the real export, stepping down if ONNX overhead matters
     with_size = p.max_size_mb is not None
-    best_report = check(build_backbone(name, **best), p, with_size=with_size)
+    def full_check(kw: dict) -> BudgetReport:
+        model = build_backbone(name, **kw)
+        return check(model, p, with_size=with_size, contract=registry_contract(model, name, kw))
+
+    best_report = full_check(best)
     while not best_report.passed:
         smaller = [v for v in inner_values if v < best[inner_key]]
         if not smaller:
             raise VisrecError(f"no member of {family} fits {p.name}")
         neighbour, best = best, dict(best, **{inner_key: smaller[-1]})
-        best_report = check(build_backbone(name, **best), p, with_size=with_size)
-    next_report = check(build_backbone(name, **neighbour), p, with_size=with_size) if neighbour else None
+        best_report = full_check(best)
+    next_report = full_check(neighbour) if neighbour else None
     return FitResult(family, p, best, best_report, neighbour, next_report, tried)

@@ -118,10 +118,40 @@ def latency(onnx_path: str | Path, batch_sizes=(1, 8, 32), *, runs: int = 20, wa
     return out
 
 
+def export_model(model: nn.Module, onnx_path: str | Path, contract=None, *, keep_batchnorm: bool = False,
+                 input_size=(1, 3, 112, 112)) -> Path:
+    """The ONNX file ``visrec export`` writes for ``model``: float32, dynamic batch, BatchNorm folded unless
+    ``keep_batchnorm``, the contract (origin ``visrec-onnx``) in its metadata. With a contract the input
+    is the contract's size and a landmark model's output is named ``points``; without one (a bare module)
+    ``input_size`` is used and no metadata is written. ``visrec budget`` measures the size of this same
+    file (:func:`exported_size`), so the two never disagree."""
+    if contract is None:
+        return export_onnx(model, onnx_path, input_size=input_size, keep_batchnorm=keep_batchnorm)
+    h, w = contract.input_size
+    landmarks = contract.task == "landmarks"
+    # source=None: the loader sets an ONNX model's source to the file's own path, so the checkpoint's path
+    # would only leak a local path into the file and make its size depend on where the checkpoint lay
+    return export_onnx(model, onnx_path, input_size=(1, 3, h, w), keep_batchnorm=keep_batchnorm,
+                       output_name="points" if landmarks else "embedding",
+                       contract=contract.replace(origin="visrec-onnx", source=None))
+
+
+def exported_size(model: nn.Module, contract=None, *, input_size=(1, 3, 112, 112)) -> int:
+    """Bytes of the file :func:`export_model` writes for ``model`` (default settings: BatchNorm folded),
+    exported to a temporary directory that is removed afterwards."""
+    import os
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = export_model(model, Path(tmp) / "model.onnx", contract, input_size=input_size)
+        return os.path.getsize(path)
+
+
 def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: bool = True,
                       keep_batchnorm: bool = False) -> tuple[Path, ParityReport | None]:
-    """``visrec export``: checkpoint -> ONNX with the checkpoint's contract in its metadata, then the parity
-    check (raises if it fails). Landmark models export their ``points`` output at the contract's crop size."""
+    """``visrec export``: checkpoint -> ONNX with the checkpoint's contract in its metadata
+    (:func:`export_model`), then the parity check (raises if it fails). Landmark models export their
+    ``points`` output at the contract's crop size."""
     from visrec.models.loading import load_model
 
     loaded = load_model(checkpoint)
@@ -129,10 +159,7 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
     if model is None:
         raise VisrecError(f"{checkpoint}: not a visrec checkpoint (nothing to export)")
     h, w = contract.input_size
-    landmarks = contract.task == "landmarks"
-    path = export_onnx(model, onnx_path, input_size=(1, 3, h, w), keep_batchnorm=keep_batchnorm,
-                       output_name="points" if landmarks else "embedding",
-                       contract=contract.replace(origin="visrec-onnx"))
+    path = export_model(model, onnx_path, contract, keep_batchnorm=keep_batchnorm)
     batch = np.random.default_rng(0).uniform(-1, 1, (4, 3, h, w)).astype(np.float32)
     report = parity_check(model, path, batch) if parity else None
     if report is not None and not report.passed:

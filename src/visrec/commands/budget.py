@@ -21,19 +21,24 @@ PROTOCOL_HELP = "protocol name (deepglint-light, ...) or a protocol YAML file"
 
 
 def _model_from_spec(spec: str, overrides: list[str]):
-    """A registry name (+ --set kwargs), a run config YAML (its model section), a checkpoint, or an .onnx path."""
+    """``(model or path, contract)`` of a registry name (+ --set kwargs), a run config YAML (its model
+    section), a checkpoint, or an .onnx path. A registry/YAML model gets the contract its checkpoint would
+    carry, so its size is that of the file ``visrec export`` writes; a file path brings its own (None here)."""
+    from visrec.budget import registry_contract
     from visrec.config import load_config, parse_override
     from visrec.models import BACKBONES, build_backbone
 
     path = Path(spec)
     if path.suffix == ".onnx" or (path.exists() and path.suffix not in (".yaml", ".yml")):
-        return spec
+        return spec, None
     if path.suffix in (".yaml", ".yml"):
         m = load_config(path).model
-        return build_backbone(m.name, **m.kwargs)
+        model = build_backbone(m.name, **m.kwargs)
+        return model, registry_contract(model, m.name, m.kwargs)
     kwargs = dict(parse_override(o) for o in overrides)
     BACKBONES.get(spec)  # a clear error for an unknown name
-    return build_backbone(spec, **kwargs)
+    model = build_backbone(spec, **kwargs)
+    return model, registry_contract(model, spec, kwargs)
 
 
 def _report_table(report) -> Table:
@@ -56,7 +61,8 @@ def _figures_table(report) -> Table:
         t.add_row("FLOPs, every op (torch FlopCounterMode)", f"{report.full_flops:,}")
     t.add_row("parameters", f"{report.params:,}")
     if report.size_bytes is not None:
-        t.add_row("fp32 ONNX size", f"{report.size_bytes:,} B = {report.size_mb:.3f} MB = {report.size_mib:.3f} MiB")
+        t.add_row("fp32 ONNX size (the file `visrec export` writes)",
+                  f"{report.size_bytes:,} B = {report.size_mb:.3f} MB = {report.size_mib:.3f} MiB")
     t.add_row("weight dtypes", ", ".join(report.weight_dtypes))
     t.add_row("embedding dim", str(report.embedding_dim))
     t.add_row("BatchNorm folded into conv", "yes (adds bias FLOPs)" if report.batchnorm_folded else "no")
@@ -75,7 +81,8 @@ def _layers_table(report) -> Table:
 def run_check(target: str, protocol: str, overrides: list[str], layers: bool) -> bool:
     from visrec.budget import check
 
-    report = check(_model_from_spec(target, overrides), protocol)
+    model, contract = _model_from_spec(target, overrides)
+    report = check(model, protocol, contract=contract)
     console.print(_report_table(report))
     console.print(_figures_table(report))
     if layers:
