@@ -1,12 +1,5 @@
-"""Face galleries: identities enrolled as templates (several unit embeddings each), searched exactly.
-
-One :class:`Gallery` interface, two backends behind ``open_gallery(backend, ...)``:
-
-- ``milvus``: a Milvus Lite file (``uri="gallery.db"``, embedded, offline) or a Milvus cluster
-  (``uri="http://host:19530"``), one code path through ``pymilvus.MilvusClient``. Three collections:
-  ``<name>`` (one row per template), ``<name>_identities`` (one row per identity: template count,
-  metadata, the mean of its unit templates) and ``<name>_info`` (model name, dimension, fusion, threshold).
-- ``faiss``: in memory (exact ``IndexFlat``), for tests and batch work; ``export``/``import_`` persist it.
+"""The gallery interface and everything backend-independent (the backends: :mod:`visrec.index.gallery.faiss`,
+:mod:`visrec.index.gallery.milvus`).
 
 Scores (higher = more alike; ``metric``, fixed when the gallery is created, from the model):
 
@@ -40,8 +33,11 @@ are written last and deleted first, so a template without an identity row was ne
 being erased) and is removed on open.
 
 ``threshold``: a template-fused score at or above it is a match (``Match.accepted``); set it with
-:func:`calibrate` (``visrec gallery calibrate``) at a target FPR from a labelled set, using the exact
-evaluation engine (:func:`visrec.evaluate.verification.tpr_at_fpr`).
+:func:`visrec.index.gallery.calibration.calibrate` (``visrec gallery calibrate``) at a target FPR from a
+labelled set, using the exact evaluation engine (:func:`visrec.evaluate.verification.tpr_at_fpr`).
+
+The export format (:meth:`Gallery.export`, read back by :func:`read_export`) and the :data:`BACKENDS`
+registry a backend registers itself in (``@BACKENDS.register("name")``) live here too.
 """
 
 from __future__ import annotations
@@ -60,8 +56,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visrec._optional import require
 from visrec.errors import DataError, VisrecError
+from visrec.registry import Registry
 
 FUSIONS = ("max", "mean")
 METRICS = ("cosine", "euclidean")
@@ -177,7 +173,6 @@ class _Undo:
     info: dict
     templates: list[str] = field(default_factory=list)
     rows: dict[str, dict | None] = field(default_factory=dict)
-
 
 class Gallery(abc.ABC):
     """Backend-independent logic; a backend stores templates, identity rows and the info record."""
@@ -508,344 +503,6 @@ class Gallery(abc.ABC):
     def _all_templates(self) -> list[tuple]:
         """Every template as (id, identity, hash, vector), sorted by id."""
 
-
-class FaissGallery(Gallery):
-    """In memory; exact search with FAISS ``IndexFlatIP`` / ``IndexFlatL2`` (rebuilt lazily after changes)."""
-
-    def __init__(self, **kwargs):
-        self._templates: dict[str, tuple[str, str, np.ndarray]] = {}  # id -> (identity, hash, vector)
-        self._identities: dict[str, tuple[int, np.ndarray, dict]] = {}  # identity -> (count, centroid, metadata)
-        self._stored_info: dict | None = None
-        self._cache: dict = {}
-        super().__init__(**kwargs)
-
-    def _read_info(self):
-        return self._stored_info
-
-    def _write_info(self):
-        self._stored_info = dict(self.info)
-
-    def _templates_of(self, identity):
-        return {i: v for i, (who, _, v) in self._templates.items() if who == identity}
-
-    def _identity_row(self, identity):
-        row = self._identities.get(identity)
-        return None if row is None else {"identity": identity, "templates": row[0], "metadata": dict(row[2])}
-
-    def _upsert_templates(self, identity, rows):
-        for i, h, v in rows:
-            self._templates[i] = (identity, h, np.asarray(v, np.float32))
-        self._cache.clear()
-
-    def _upsert_identity(self, identity, templates, centroid, metadata):
-        self._identities[identity] = (templates, np.asarray(centroid, np.float32), metadata)
-        self._cache.clear()
-
-    def _delete_identity(self, identity):
-        self._identities.pop(identity, None)
-        self._templates = {i: r for i, r in self._templates.items() if r[0] != identity}
-        self._cache.clear()
-
-    def _delete_templates(self, ids):
-        for i in ids:
-            self._templates.pop(i, None)
-        self._cache.clear()
-
-    def _flat(self, kind: str):
-        if kind not in self._cache:
-            faiss = require("faiss", "index", "faiss-cpu")
-            if kind == "templates":
-                names = [r[0] for r in self._templates.values()]
-                x = np.stack([r[2] for r in self._templates.values()])
-            else:
-                names = list(self._identities)
-                x = np.stack([r[1] for r in self._identities.values()])
-            index = (faiss.IndexFlatIP if self.metric == "cosine" else faiss.IndexFlatL2)(x.shape[1])
-            index.add(np.ascontiguousarray(x, np.float32))
-            self._cache[kind] = (index, names)
-        return self._cache[kind]
-
-    def _search(self, kind, q, limit):
-        if not self._templates:
-            return [[] for _ in q]
-        index, names = self._flat(kind)
-        scores, rows = index.search(np.ascontiguousarray(q), min(limit, len(names)))
-        return [[(names[r], _score_from_raw(s, self.metric)) for s, r in zip(srow, rrow) if r >= 0]
-                for srow, rrow in zip(scores, rows)]
-
-    def _search_templates(self, q, limit):
-        return self._search("templates", q, limit)
-
-    def _search_identities(self, q, limit):
-        return self._search("identities", q, limit)
-
-    def _identity_rows(self):
-        return [self._identity_row(k) for k in self._identities]
-
-    def _count_templates(self):
-        return len(self._templates)
-
-    def _all_templates(self):
-        return [(i, who, h, v) for i, (who, h, v) in sorted(self._templates.items())]
-
-
-class MilvusGallery(Gallery):
-    """Milvus Lite (a local ``.db`` file) or a Milvus cluster (``http(s)://host:19530``), via MilvusClient.
-
-    Collections: ``<name>_templates`` (template id, identity key, identity, image hash, vector),
-    ``<name>_people`` (identity key, identity, template count, metadata, centroid) and ``<name>_info`` (the
-    info record, the layout version and pending marks). Rows are keyed and filtered by the hex
-    :func:`identity_key`, never by a name. Galleries written by visrec before this layout (``<name>`` and
-    ``<name>_identities``, keyed by the name itself) are copied into it on open, then the old collections are
-    dropped; the layout record is written between the two, so a crash mid-way repeats the copy.
-    """
-
-    # MilvusClient calls are thread-safe and the server orders reads after acknowledged writes
-    # (collections are created with Strong consistency), so searches need not queue behind each other
-    serial_reads = False
-    LAYOUT = "2"
-
-    def __init__(self, uri: str | Path = "gallery.db", collection: str = "visrec_faces", *, token: str = "",
-                 **kwargs):
-        pymilvus = require("pymilvus", "serve", "pymilvus milvus-lite")
-        # Milvus Lite has no server-side session timestamp, so every query iterator warns that it falls back
-        # to the client's (harmless for a single embedded client): keep that out of the user's log
-        logging.getLogger("pymilvus.client.iterator.query_iterator").setLevel(logging.ERROR)
-        uri = str(uri)
-        if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$", collection):
-            raise VisrecError(f"collection name {collection!r}: letters, digits and underscores only")
-        if "://" not in uri:
-            Path(uri).parent.mkdir(parents=True, exist_ok=True)
-        try:
-            self.client = pymilvus.MilvusClient(uri=uri, token=token)
-        except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds; say which gallery failed
-            raise VisrecError(f"cannot open the Milvus gallery at {uri}: {exc}") from None
-        self.uri, self.name = uri, collection
-        self.t_name, self.i_name, self.info_name = f"{collection}_templates", f"{collection}_people", f"{collection}_info"
-        self._legacy = (collection, f"{collection}_identities")
-        self._dim = None
-        super().__init__(**kwargs)
-        self._upgrade_layout()
-        if self.info["dim"] is not None:
-            self._ensure_collections(self.info["dim"])
-            self._reconcile()
-
-    # collections are created on the first enrollment, when the dimension is known
-    def _ensure_collections(self, dim: int) -> None:
-        from pymilvus import DataType
-
-        if self._dim == dim:
-            return
-        c = self.client
-        if not c.has_collection(self.t_name):
-            s = c.create_schema(auto_id=False, enable_dynamic_field=False)
-            s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
-            s.add_field("key", DataType.VARCHAR, max_length=64)
-            s.add_field("identity", DataType.VARCHAR, max_length=1024)
-            s.add_field("hash", DataType.VARCHAR, max_length=MAX_HASH_CHARS * 4)
-            s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-            p = c.prepare_index_params()
-            p.add_index(field_name="vector", index_type="FLAT", metric_type=self._milvus_metric)
-            c.create_collection(self.t_name, schema=s, index_params=p, consistency_level="Strong")
-        if not c.has_collection(self.i_name):
-            s = c.create_schema(auto_id=False, enable_dynamic_field=False)
-            s.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
-            s.add_field("identity", DataType.VARCHAR, max_length=1024)
-            s.add_field("templates", DataType.INT64)
-            s.add_field("metadata", DataType.VARCHAR, max_length=MAX_METADATA_CHARS)
-            s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-            p = c.prepare_index_params()
-            p.add_index(field_name="vector", index_type="FLAT", metric_type=self._milvus_metric)
-            c.create_collection(self.i_name, schema=s, index_params=p, consistency_level="Strong")
-        c.load_collection(self.t_name)
-        c.load_collection(self.i_name)
-        self._dim = dim
-
-    @property
-    def _milvus_metric(self) -> str:
-        return "IP" if self.metric == "cosine" else "L2"
-
-    def _ensure_info(self) -> None:
-        from pymilvus import DataType
-
-        c = self.client
-        if not c.has_collection(self.info_name):
-            s = c.create_schema(auto_id=False, enable_dynamic_field=False)
-            s.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
-            s.add_field("value", DataType.VARCHAR, max_length=65535)
-            s.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field in every collection
-            p = c.prepare_index_params()
-            p.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
-            c.create_collection(self.info_name, schema=s, index_params=p, consistency_level="Strong")
-        c.load_collection(self.info_name)
-
-    def _put_info(self, rows: dict[str, str]) -> None:
-        self.client.upsert(self.info_name, [{"key": k, "value": v, "vector": [0.0, 0.0]} for k, v in rows.items()])
-
-    def _upgrade_layout(self) -> None:
-        """Copy a gallery of the name-keyed layout into this one (class docstring), then drop the old one."""
-        c = self.client
-        done = c.get(self.info_name, ids=["layout"], output_fields=["value"])
-        old_t, old_i = self._legacy
-        if not done and c.has_collection(old_t) and self.info["dim"] is not None:
-            c.load_collection(old_t)
-            self._ensure_collections(self.info["dim"])
-            templates = self._query_all(old_t, ["id", "identity", "hash", "vector"])
-            rows = []
-            if c.has_collection(old_i):
-                c.load_collection(old_i)
-                rows = self._query_all(old_i, ["identity", "templates", "metadata"])
-            for i in range(0, len(templates), 1000):
-                c.upsert(self.t_name, [{"id": r["id"], "key": identity_key(r["identity"]), "identity": r["identity"],
-                                        "hash": r["hash"], "vector": list(r["vector"])} for r in templates[i:i + 1000]])
-            by_identity: dict[str, list] = {}
-            for r in templates:
-                by_identity.setdefault(r["identity"], []).append(np.asarray(r["vector"], np.float32))
-            for r in rows:  # a template without a row was never acknowledged: _reconcile drops it
-                vectors = by_identity.get(r["identity"])
-                if vectors:
-                    self._upsert_identity(r["identity"], len(vectors), np.mean(vectors, axis=0),
-                                          json.loads(r["metadata"]))
-            self._put_info({"layout": "copied"})  # the commit point: from here on the old collections go
-            done = [{"value": "copied"}]
-        if done and done[0]["value"] == "copied":
-            for name in self._legacy:
-                if c.has_collection(name):
-                    c.drop_collection(name)
-        if not done or done[0]["value"] != self.LAYOUT:
-            self._put_info({"layout": self.LAYOUT})
-
-    def _reconcile(self) -> None:
-        """Roll back what a crash left half-written (module docstring): pending templates and templates
-        without an identity row are removed; identity rows are made to match their templates."""
-        pending = [r["key"] for r in self._query_all(self.info_name, ["key"]) if r["key"].startswith("pending:")]
-        if pending:
-            self._delete_templates([k.removeprefix("pending:") for k in pending])
-            self.client.delete(self.info_name, ids=pending)
-        counts: dict[str, int] = {}
-        names: dict[str, str] = {}
-        for row in self._query_all(self.t_name, ["key", "identity"]):
-            counts[row["key"]] = counts.get(row["key"], 0) + 1
-            names[row["key"]] = row["identity"]
-        rows = {identity_key(r["identity"]): r for r in self._identity_rows()}
-        orphans = sorted(set(counts) - set(rows))
-        for key in orphans:
-            self.client.delete(self.t_name, filter=f'key == "{key}"')  # a hex key: no name in the expression
-        for key, row in rows.items():
-            if key not in counts:
-                self.client.delete(self.i_name, ids=[key])
-            elif row["templates"] != counts[key]:
-                vectors = list(self._templates_of(row["identity"]).values())
-                self._upsert_identity(row["identity"], len(vectors), np.mean(vectors, axis=0), row["metadata"])
-        if pending or orphans:
-            log.warning("gallery %s: rolled back %d unacknowledged templates and %d identities without a row "
-                        "left by an interrupted write", self.name, len(pending), len(orphans))
-
-    def _query_all(self, collection: str, fields: list[str], filter: str = "") -> list[dict]:
-        it = self.client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
-        out = []
-        try:
-            while batch := it.next():
-                out.extend(batch)
-        finally:
-            it.close()
-        return out
-
-    def _read_info(self):
-        self._ensure_info()
-        rows = self.client.get(self.info_name, ids=["info"], output_fields=["value"])
-        return json.loads(rows[0]["value"]) if rows else None
-
-    def _write_info(self):
-        self._put_info({"info": json.dumps(self.info, sort_keys=True)})
-
-    def _mark_pending(self, ids):
-        self._put_info({f"pending:{i}": "" for i in ids})
-
-    def _clear_pending(self, ids):
-        if ids:
-            self.client.delete(self.info_name, ids=[f"pending:{i}" for i in ids])
-
-    def _templates_of(self, identity):
-        if self._dim is None:
-            return {}
-        rows = self.client.query(self.t_name, filter=f'key == "{identity_key(identity)}"',
-                                 output_fields=["id", "vector"], limit=_MILVUS_TOPK)
-        if len(rows) >= _MILVUS_TOPK:
-            raise VisrecError(f"identity {identity!r} holds {_MILVUS_TOPK}+ templates, more than one Milvus query "
-                              f"returns; split it or prune its templates")
-        return {r["id"]: np.asarray(r["vector"], np.float32) for r in rows}
-
-    def _identity_row(self, identity):
-        if self._dim is None:
-            return None
-        rows = self.client.get(self.i_name, ids=[identity_key(identity)], output_fields=_ROW_FIELDS)
-        return _row(rows[0]) if rows else None
-
-    def _upsert_templates(self, identity, rows):
-        self._ensure_collections(self.info["dim"])
-        key = identity_key(identity)
-        self.client.upsert(self.t_name, [{"id": i, "key": key, "identity": identity, "hash": h, "vector": v.tolist()}
-                                         for i, h, v in rows])
-
-    def _upsert_identity(self, identity, templates, centroid, metadata):
-        self._ensure_collections(self.info["dim"])
-        meta = json.dumps(metadata, sort_keys=True)
-        if len(meta) > MAX_METADATA_CHARS:  # checked before any write by enroll; a last guard
-            raise DataError(f"metadata for {identity!r} is {len(meta)} characters of JSON, above {MAX_METADATA_CHARS}")
-        self.client.upsert(self.i_name, [{"key": identity_key(identity), "identity": identity,
-                                          "templates": int(templates), "metadata": meta,
-                                          "vector": np.asarray(centroid, np.float32).tolist()}])
-
-    def _delete_identity(self, identity):
-        # identity row first: a crash in between leaves templates without a row, which _reconcile removes
-        key = identity_key(identity)
-        self.client.delete(self.i_name, ids=[key])
-        self.client.delete(self.t_name, filter=f'key == "{key}"')
-
-    def _delete_templates(self, ids):
-        for i in range(0, len(ids), 1000):
-            self.client.delete(self.t_name, ids=list(ids[i:i + 1000]))
-
-    def _search(self, collection, q, limit, field):
-        res = self.client.search(collection, data=q.tolist(), limit=int(limit), output_fields=[field],
-                                 search_params={"metric_type": self._milvus_metric}, anns_field="vector")
-        return [[(hit["entity"][field], _score_from_raw(hit["distance"], self.metric)) for hit in row] for row in res]
-
-    def _search_templates(self, q, limit):
-        return self._search(self.t_name, q, limit, "identity")
-
-    def _search_identities(self, q, limit):
-        return self._search(self.i_name, q, min(limit, _MILVUS_TOPK), "identity")
-
-    def _identity_rows(self):
-        if self._dim is None:
-            return []
-        return [_row(r) for r in self._query_all(self.i_name, _ROW_FIELDS)]
-
-    def _count_templates(self):
-        if self._dim is None:
-            return 0
-        return int(self.client.query(self.t_name, filter="", output_fields=["count(*)"])[0]["count(*)"])
-
-    def _all_templates(self):
-        if self._dim is None:
-            return []
-        rows = self._query_all(self.t_name, ["id", "identity", "hash", "vector"])
-        return sorted((r["id"], r["identity"], r["hash"], np.asarray(r["vector"], np.float32)) for r in rows)
-
-    def close(self):
-        self.client.close()
-
-
-_ROW_FIELDS = ["identity", "templates", "metadata"]
-
-
-def _row(r: dict) -> dict:
-    """A Milvus identity row -> ``{"identity", "templates", "metadata"}``."""
-    return {"identity": r["identity"], "templates": int(r["templates"]), "metadata": json.loads(r["metadata"])}
-
-
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a finite number")
 
@@ -940,32 +597,4 @@ def read_export(path: str | Path) -> dict:
     return {"info": info, "metadata": metadata, "identities": identities}
 
 
-BACKENDS = {"faiss": FaissGallery, "milvus": MilvusGallery}
-
-
-def open_gallery(backend: str = "milvus", **kwargs) -> Gallery:
-    """``open_gallery("milvus", uri="gallery.db", collection=..., model_name=..., dim=..., fusion="max",
-    metric="cosine")`` or ``open_gallery("faiss", ...)`` (in memory). ``metric``: the model's (``cosine``, or
-    ``euclidean`` for distance models); an existing gallery keeps its own and refuses another."""
-    if backend not in BACKENDS:
-        raise VisrecError(f"gallery backend {backend!r}: expected one of {', '.join(BACKENDS)}")
-    return BACKENDS[backend](**kwargs)
-
-
-def calibrate(gallery: Gallery, embeddings, labels, target_fpr: float = 1e-4) -> dict:
-    """Pick the threshold at ``target_fpr`` on a labelled set (all pairs, exact engine) and store it.
-
-    Returns ``{"threshold", "target_fpr", "tpr", "fpr", "genuine_pairs", "impostor_pairs"}``. The set must
-    hold at least 1/target_fpr impostor pairs, else the FPR cannot be resolved and this raises. Scores are the
-    gallery's (``metric``), thresholded by :func:`visrec.evaluate.calibration.calibrate_threshold`.
-    """
-    from visrec.evaluate.calibration import calibrate_threshold
-
-    x = _vectors(embeddings, "calibration embeddings", gallery.metric)
-    if gallery.info["dim"] is not None and x.shape[1] != gallery.info["dim"]:
-        raise GalleryMismatchError(f"the gallery holds {gallery.info['dim']}-d embeddings; the calibration set is "
-                                   f"{x.shape[1]}-d")
-    res = calibrate_threshold(x, labels, target_fpr, gallery.metric)
-    gallery.set_threshold(res.threshold, target_fpr)
-    return {"threshold": res.threshold, "target_fpr": float(target_fpr), "tpr": res.tpr, "fpr": res.fpr,
-            "genuine_pairs": res.genuine_count, "impostor_pairs": res.impostor_count}
+BACKENDS: Registry = Registry("gallery backend")  # name -> Gallery subclass; open_gallery builds through it
