@@ -1,12 +1,23 @@
-"""Name -> constructor registries (backbones, losses, metrics, index backends, ...).
+"""Name -> constructor registries: every pluggable kind of thing (backbones, margin / distillation / landmark
+losses, training tasks, poolings, post-processing stages, alignment methods, face detectors, foreign model
+adapters, gallery backends) is one ``Registry``.
 
-A new component is one file that decorates its class/function with ``@REGISTRY.register("name")``
-plus one import line in its package ``__init__`` so the decorator runs.
+A new component is one file that decorates its class/function with ``@REGISTRY.register("name")``, plus one
+import line in its package ``__init__`` so the decorator runs - or, from another package, a Python entry
+point in the group ``visrec.plugins`` naming the module that registers it::
+
+    # the plugin's pyproject.toml
+    [project.entry-points."visrec.plugins"]
+    my_backbone = "my_package.backbone"
+
+Entry points are loaded the first time a registry is asked for a name it does not hold (or for its list of
+names), so an installed plugin's names work in configs and on the command line with no import by the user.
 """
 
 from __future__ import annotations
 
 import inspect
+import warnings
 from typing import Any, Callable, Generic, TypeVar
 
 from visrec.errors import ConfigError
@@ -34,6 +45,31 @@ def check_options(factory: Callable[..., Any], options: dict[str, Any], what: st
         raise ConfigError(f"{what} needs option {missing[0]!r}; its options: {', '.join(known)}")
 
 
+PLUGIN_GROUP = "visrec.plugins"
+_plugins_loaded = False
+
+
+def load_plugins() -> list[str]:
+    """Import every module named by an entry point in :data:`PLUGIN_GROUP` (once per process); returns the
+    entry-point names loaded. A plugin that fails to import is reported with a warning naming it and the
+    error, and the others still load: one broken package must not break every registry lookup."""
+    global _plugins_loaded
+    if _plugins_loaded:
+        return []
+    _plugins_loaded = True
+    from importlib.metadata import entry_points
+
+    loaded = []
+    for ep in entry_points(group=PLUGIN_GROUP):
+        try:
+            ep.load()
+            loaded.append(ep.name)
+        except Exception as exc:  # noqa: BLE001 - any failure of a third-party module is reported, not raised
+            warnings.warn(f"visrec plugin {ep.name!r} ({ep.value}) failed to load: {type(exc).__name__}: {exc}",
+                          stacklevel=3)
+    return loaded
+
+
 class Registry(Generic[T]):
     def __init__(self, kind: str):
         self.kind = kind
@@ -51,6 +87,8 @@ class Registry(Generic[T]):
         return deco
 
     def get(self, name: str) -> Callable[..., T]:
+        if name.lower() not in self._items:
+            load_plugins()
         try:
             return self._items[name.lower()]
         except KeyError:
@@ -67,7 +105,10 @@ class Registry(Generic[T]):
         return factory(**kwargs)
 
     def names(self) -> list[str]:
+        load_plugins()
         return sorted(self._items)
 
     def __contains__(self, name: str) -> bool:
+        if name.lower() not in self._items:
+            load_plugins()
         return name.lower() in self._items

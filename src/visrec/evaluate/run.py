@@ -166,15 +166,6 @@ class IJBRun:
     notes: list[str] = field(default_factory=list)
 
 
-def _align_module():
-    """The alignment functions: ``visrec.faces.align`` (their home), else the older ``visrec.data.align``."""
-    try:
-        from visrec.faces import align
-    except ImportError:  # pragma: no cover - the layout before the face layer took alignment
-        from visrec.data import align  # type: ignore[no-redef]
-    return align
-
-
 def ijb_embeddings(model: str | Path, layout, five, *, batch: int = 64, progress=None):
     """Embeddings of every IJB image (in meta-file order) and of its mirror: each ``loose_crop`` image is
     aligned with its five points to the model's input size (the model's alignment method; ``lstsq``, the
@@ -182,7 +173,8 @@ def ijb_embeddings(model: str | Path, layout, five, *, batch: int = 64, progress
     from visrec.data.images import read_image
     from visrec.evaluate.bin_protocol import mirror
 
-    align = _align_module()
+    from visrec.faces import align
+
     loaded = _load(model)
     h, w = tuple(loaded.contract.input_size or (112, 112))
     if h != w:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from visrec.errors import DataError, VisrecError
+from visrec.registry import Registry
 
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
                         [41.5493, 92.3655], [70.7299, 92.2041]], np.float32)
@@ -57,14 +58,17 @@ def eyes_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
 
 
-ALIGN_METHODS = {"lstsq": similarity_transform, "eyes": eyes_transform}
+# 5 points -> 2x3 similarity, by name: a transform ``f(src (5, 2), dst (5, 2)) -> (2, 3)`` registered here
+ALIGN_METHODS: Registry = Registry("alignment method")
+ALIGN_METHODS.register("lstsq")(similarity_transform)
+ALIGN_METHODS.register("eyes")(eyes_transform)
 
 
 def check_method(method: str) -> str:
     """``method`` if it names an alignment method, else VisrecError listing them (callers check up front,
     before any image is read)."""
     if method not in ALIGN_METHODS:
-        raise VisrecError(f"unknown alignment method {method!r}: align must be one of {sorted(ALIGN_METHODS)}")
+        raise VisrecError(f"unknown alignment method {method!r}: align must be one of {ALIGN_METHODS.names()}")
     return method
 
 
@@ -83,7 +87,7 @@ def arcface_template(size: int = 112) -> np.ndarray:
 
 def alignment_transform(five: np.ndarray, size: int = 112, method: str = "lstsq") -> np.ndarray:
     """The 2x3 matrix taking 5 points (image pixels) to the ArcFace template for ``size`` (:func:`arcface_template`)."""
-    return ALIGN_METHODS[check_method(method)](five, arcface_template(size))
+    return ALIGN_METHODS.get(check_method(method))(five, arcface_template(size))
 
 
 def five_points(points: np.ndarray, scheme: str | int | None = None) -> np.ndarray:

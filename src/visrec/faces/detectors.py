@@ -25,6 +25,7 @@ so importing this module is cheap.
 
 from __future__ import annotations
 
+import functools
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +35,7 @@ import numpy as np
 
 from visrec._onnx import open_session
 from visrec.errors import DataError, VisrecError
+from visrec.registry import Registry
 
 __all__ = ["DETECT_SIZE", "Detection", "HaarDetector", "ScaledDetector", "ScrfdDetector", "YunetDetector",
            "load_detector", "nms"]
@@ -327,8 +329,6 @@ def _is_scrfd(session) -> bool:
                for o, e in zip(outputs, expected) if len(o.shape) > 0)
 
 
-EXTERNAL_DETECTORS = ("dlib-hog", "dlib-cnn")  # in visrec.models.dlib_models.EXTERNAL
-
 
 class ExternalDetector:
     """A pretrained detector adapter from ``visrec.models.dlib_models`` (``[(box, score)]``) as Detections
@@ -394,27 +394,40 @@ def unwrap(detector):
     return detector.detector if isinstance(detector, ScaledDetector) else detector
 
 
+# Face detectors by name. A spec ``"name"`` builds ``DETECTORS.get(name)(**kwargs)``; ``"name:PATH"`` builds
+# ``DETECTORS.get(name)(PATH, **kwargs)`` (a model file). A new detector is a class taking an RGB image and
+# returning Detections, registered here or by a plugin.
+DETECTORS: Registry = Registry("face detector")
+DETECTORS.register("haar")(HaarDetector)
+DETECTORS.register("dlib-hog")(functools.partial(ExternalDetector, "dlib-hog"))
+DETECTORS.register("dlib-cnn")(functools.partial(ExternalDetector, "dlib-cnn"))
+DETECTORS.register("scrfd")(ScrfdDetector)
+DETECTORS.register("yunet")(YunetDetector)
+
+
 def load_detector(spec: str | Path, **kwargs):
-    """A face detector from a spec: ``"haar"``, ``"dlib-hog"`` / ``"dlib-cnn"`` (``visrec[dlib]``),
-    ``"scrfd:PATH"``, ``"yunet:PATH"``, or a bare ``PATH.onnx`` whose outputs decide (YuNet by its output names, SCRFD by its output count and widths). ``kwargs`` go
-    to the detector's constructor. A missing model file raises ``DataError``; an ONNX file that is neither
-    format raises ``VisrecError`` naming the outputs it has."""
+    """A face detector from a spec: a registered name (``"haar"``, ``"dlib-hog"`` / ``"dlib-cnn"``
+    (``visrec[dlib]``)), ``"NAME:PATH"`` for one that reads a model file (``"scrfd:PATH"``, ``"yunet:PATH"``), or
+    a bare ``PATH.onnx`` whose outputs decide (YuNet by its output names, SCRFD by its output count and widths).
+    ``kwargs`` go to the detector's constructor. A missing model file raises ``DataError``; an ONNX file that is
+    neither format raises ``VisrecError`` naming the outputs it has."""
     text = str(spec)
-    if isinstance(spec, str) and text.strip().lower() == "haar":
-        return HaarDetector(**kwargs)
-    if isinstance(spec, str) and text.strip().lower() in EXTERNAL_DETECTORS:
-        return ExternalDetector(text.strip().lower(), **kwargs)
-    kinds = {"scrfd": ScrfdDetector, "yunet": YunetDetector}
+    name = text.strip().lower()
+    if isinstance(spec, str) and ":" not in name and not name.endswith(".onnx"):
+        if name not in DETECTORS:
+            raise VisrecError(f"unknown face detector {text!r}: expected one of {', '.join(DETECTORS.names())}, "
+                              f"NAME:PATH (scrfd:PATH, yunet:PATH) or a path to a .onnx file")
+        return DETECTORS.get(name)(**kwargs)
     prefix, sep, rest = text.partition(":")
-    if sep and prefix.lower() in kinds:
+    if sep and len(prefix) > 1 and prefix.lower() in DETECTORS:  # len > 1: not a Windows drive letter
         path = Path(rest)
         if not path.is_file():
             raise DataError("face detector model not found", path=path)
-        return kinds[prefix.lower()](path, **kwargs)
+        return DETECTORS.get(prefix.lower())(path, **kwargs)
     path = Path(text)
     if path.suffix.lower() != ".onnx":
-        raise VisrecError(f"unknown face detector {text!r}: expected 'haar', 'scrfd:PATH', 'yunet:PATH' "
-                          "or a path to a .onnx file")
+        raise VisrecError(f"unknown face detector {text!r}: expected one of {', '.join(DETECTORS.names())}, "
+                          f"NAME:PATH (scrfd:PATH, yunet:PATH) or a path to a .onnx file")
     if not path.is_file():
         raise DataError("face detector model not found", path=path)
     session = open_session(path, kwargs.get("providers"), "face detector")

@@ -17,8 +17,13 @@ stated; every loss returns the mean over the batch.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Any
 
 import torch
+
+from visrec.errors import ConfigError
+from visrec.registry import Registry
 
 
 def l1(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
@@ -59,4 +64,77 @@ def pfld(pred: torch.Tensor, gt: torch.Tensor, pose_pred: torch.Tensor, pose_gt:
     return (attr_weight * angle_weight * dist).mean()
 
 
-LANDMARK_LOSSES = {"l1": l1, "l2": l2, "wing": wing, "adaptive_wing": adaptive_wing, "awing": adaptive_wing}
+def gaussian_heatmaps(points: torch.Tensor, size: int, sigma: float = 1.0) -> torch.Tensor:
+    """(B, P, size, size) Gaussians (``sigma`` in heatmap pixels) at points normalised to [0, 1]; a point at x
+    sits on heatmap pixel centre x * size - 0.5."""
+    grid = torch.arange(size, device=points.device, dtype=torch.float32) + 0.5
+    px, py = points[..., 0:1] * size, points[..., 1:2] * size  # (B, P, 1)
+    gx = torch.exp(-((grid - px) ** 2) / (2 * sigma ** 2))
+    gy = torch.exp(-((grid - py) ** 2) / (2 * sigma ** 2))
+    return gy[..., :, None] * gx[..., None, :]
+
+
+
+# ------------------------------------------------------------------------- training objectives by name
+# ``loss.name`` of a landmark run picks one of these. An objective takes the step's :class:`LandmarkStep` and
+# returns the loss to minimise; a new landmark loss is one function registered here (or by a plugin).
+
+
+@dataclass
+class LandmarkStep:
+    """What one training step gives an objective. ``model``: the (maybe DDP-wrapped) landmark model;
+    ``images`` (B, 3, S, S); ``target`` (B, P, 2) points normalised to [0, 1] of the crop; ``pose`` (B, 3) yaw,
+    pitch, roll in radians when the data has it; ``crop_size`` S in pixels; ``options`` the run's ``loss``
+    section (``w``, ``eps``, ``pose_weight``, ``pfld_base``)."""
+
+    model: torch.nn.Module
+    images: torch.Tensor
+    target: torch.Tensor
+    pose: torch.Tensor | None
+    crop_size: int
+    options: Any
+
+
+LANDMARK_LOSSES: Registry = Registry("landmark loss")
+
+
+@LANDMARK_LOSSES.register("l1")
+def l1_objective(step: LandmarkStep) -> torch.Tensor:
+    return l1(step.model(step.images).float(), step.target)
+
+
+@LANDMARK_LOSSES.register("l2")
+def l2_objective(step: LandmarkStep) -> torch.Tensor:
+    return l2(step.model(step.images).float(), step.target)
+
+
+@LANDMARK_LOSSES.register("wing")
+def wing_objective(step: LandmarkStep) -> torch.Tensor:
+    """Wing on crop pixels (``w``/``eps`` in pixels), per point."""
+    s = float(step.crop_size)
+    pred = step.model(step.images).float()
+    return wing(pred * s, step.target * s, step.options.w, step.options.eps) / step.target.shape[1]
+
+
+@LANDMARK_LOSSES.register("adaptive_wing", "awing")
+def adaptive_wing_objective(step: LandmarkStep) -> torch.Tensor:
+    """Adaptive wing on the model's heatmaps (against Gaussians at the target points) plus L1 on the points
+    it decodes from them: for heatmap models (``heatmaps=True``, ``decode``)."""
+    net = getattr(step.model, "module", step.model)
+    if not hasattr(net, "decode"):
+        raise ConfigError(f"loss.name: adaptive_wing trains heatmap models; {type(net).__name__} gives points only")
+    heat = step.model(step.images, heatmaps=True)  # through forward, so DDP synchronises the gradients
+    return adaptive_wing(torch.sigmoid(heat.float()), gaussian_heatmaps(step.target, heat.shape[-1])) \
+        + l1(net.decode(heat), step.target)
+
+
+@LANDMARK_LOSSES.register("pfld")
+def pfld_objective(step: LandmarkStep) -> torch.Tensor:
+    """PFLD's weighted loss plus ``pose_weight`` x the pose branch's MSE (the pose prediction is detached in
+    the weight: the branch learns pose from its own term only)."""
+    if step.pose is None:
+        raise ConfigError("loss.name: pfld needs head-pose ground truth (the data's pose/ files)")
+    pred, pose = (t.float() for t in step.model(step.images, with_pose=True))
+    opts = step.options
+    return pfld(pred, step.target, pose.detach(), step.pose.float(), base_weight=opts.pfld_base) \
+        + opts.pose_weight * l2(pose, step.pose.float())

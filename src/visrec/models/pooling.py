@@ -10,17 +10,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visrec.registry import Registry
 
+POOLINGS: Registry = Registry("pooling")  # cirtorch's poolings by name; a new one is a module registered here
+
+
+@POOLINGS.register("mac")
 class MAC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.amax(dim=(2, 3))
 
 
+@POOLINGS.register("spoc")
 class SPoC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x.mean(dim=(2, 3))
 
 
+@POOLINGS.register("gem")
 class GeM(nn.Module):
     def __init__(self, p: float = 3.0, eps: float = 1e-6, learnable: bool = True):
         super().__init__()
@@ -31,6 +38,7 @@ class GeM(nn.Module):
         return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
 
 
+@POOLINGS.register("rmac")
 class RMAC(nn.Module):
     """Regions: at scale l (1..levels) squares of side 2*min(H,W)/(l+1), on a regular grid."""
 
@@ -52,6 +60,7 @@ class RMAC(nn.Module):
         return out
 
 
+@POOLINGS.register("amac")
 class AttentionMAC(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         attention = x.sum(dim=1, keepdim=True)
@@ -59,11 +68,6 @@ class AttentionMAC(nn.Module):
         return torch.where(mask, x, torch.full_like(x, float("-inf"))).amax(dim=(2, 3))
 
 
-POOLINGS = {"mac": MAC, "spoc": SPoC, "gem": GeM, "rmac": RMAC, "amac": AttentionMAC}
-
-
 def build_pooling(name: str, **kwargs) -> nn.Module:
-    from visrec.errors import ConfigError
-    if name not in POOLINGS:
-        raise ConfigError(f"unknown pooling {name!r}; expected one of {sorted(POOLINGS)}")
-    return POOLINGS[name](**kwargs)
+    """The pooling registered as ``name`` (``ConfigError`` listing the known ones otherwise)."""
+    return POOLINGS.build(name, **kwargs)

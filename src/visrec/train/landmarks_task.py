@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
 from visrec.data.landmark_crops import JDCrops  # noqa: F401 (moved to the data layer; imported here as before)
@@ -37,11 +37,21 @@ class LandmarkData(BaseModel):
 
 class LandmarkLoss(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str = Field("wing", description="l1 | l2 | wing | awing (heatmap models) | pfld (needs pose/)")
+    name: str = Field("wing", description="a registered landmark loss (visrec.losses.landmark.LANDMARK_LOSSES): "
+                                          "l1 | l2 | wing | adaptive_wing / awing (heatmap models) | pfld (needs pose/)")
     w: float = 10.0
     eps: float = 2.0
     pose_weight: float = Field(1.0, ge=0, description="pfld: weight of the pose-branch MSE (radians^2)")
     pfld_base: float = Field(1.0, ge=0, description="pfld: added to the PFLD pose weight of each face")
+
+    @field_validator("name")
+    @classmethod
+    def _registered(cls, name: str) -> str:
+        from visrec.losses.landmark import LANDMARK_LOSSES
+
+        if name not in LANDMARK_LOSSES:
+            raise ValueError(f"unknown landmark loss {name!r}; known: {', '.join(LANDMARK_LOSSES.names())}")
+        return name
 
 
 @TASKS.register("landmarks")
@@ -79,29 +89,11 @@ class LandmarkTask(Task):
         return contract_from_config(self.model_config(), crop_margin=d.margin, crop_size=d.size)
 
     def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
-        from visrec.losses import landmark as L
+        from visrec.losses.landmark import LANDMARK_LOSSES, LandmarkStep
 
-        images, target = batch[0], batch[1]
-        model = modules["backbone"]
-        name = self.loss_opts.name
-        if name == "pfld":
-            pose_gt = batch[2].float()  # (B, 3) yaw, pitch, roll in radians
-            pred, pose = (t.float() for t in model(images, with_pose=True))
-            opts = self.loss_opts
-            return L.pfld(pred, target, pose.detach(), pose_gt, base_weight=opts.pfld_base) \
-                + opts.pose_weight * L.l2(pose, pose_gt)
-        if name == "awing":
-            net = getattr(model, "module", model)
-            heat = model(images, heatmaps=True)  # through forward, so DDP synchronises the gradients
-            return L.adaptive_wing(torch.sigmoid(heat.float()), _gaussian_heatmaps(target, heat.shape[-1])) \
-                + L.l1(net.decode(heat), target)
-        pred = model(images).float()
-        scale = float(self.data_opts.size)  # wing's w/eps are in pixels of the crop
-        if name == "wing":
-            return L.wing(pred * scale, target * scale, self.loss_opts.w, self.loss_opts.eps) / target.shape[1]
-        if name in ("l1", "l2"):
-            return getattr(L, name)(pred, target)
-        raise ValueError(f"loss.name {name!r}: use l1, l2, wing, awing or pfld")
+        pose = batch[2] if len(batch) > 2 else None  # (B, 3) yaw, pitch, roll in radians (pfld data)
+        step = LandmarkStep(modules["backbone"], batch[0], batch[1], pose, int(self.data_opts.size), self.loss_opts)
+        return LANDMARK_LOSSES.get(self.loss_opts.name)(step)
 
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         if self.data_opts.val is None:
@@ -113,14 +105,6 @@ class LandmarkTask(Task):
         pred, gt = predict(backbone, ds, self.ctx.device)
         n = nme(pred, gt)
         return {"val/nme": float(n.mean()), "val/auc@0.08": auc(n), "val/fr@0.08": failure_rate(n)}
-
-
-def _gaussian_heatmaps(points: torch.Tensor, size: int, sigma: float = 1.0) -> torch.Tensor:
-    grid = torch.arange(size, device=points.device, dtype=torch.float32) + 0.5
-    px, py = points[..., 0:1] * size, points[..., 1:2] * size  # (B, P, 1)
-    gx = torch.exp(-((grid - px) ** 2) / (2 * sigma ** 2))
-    gy = torch.exp(-((grid - py) ** 2) / (2 * sigma ** 2))
-    return gy[..., :, None] * gx[..., None, :]
 
 
 @torch.no_grad()
