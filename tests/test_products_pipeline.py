@@ -126,7 +126,10 @@ def test_cli_index_search_and_eval(products, tmp_path):
     assert r.exit_code == 0, r.output
     assert "whiten -> dba -> qe -> diffusion" in r.output
     manifest = json.loads((tmp_path / "idx" / "manifest.json").read_text())
-    assert manifest["count"] == 12 and manifest["index_dim"] == 16
+    # 12 catalogue vectors cannot fit a 16-d whitening (n >= 4 x dim): shrunk to 3, said in the output and manifest
+    assert manifest["count"] == 12 and manifest["index_dim"] == 3
+    assert len(manifest["postprocess_adjustments"]) == 1 and "dim=3" in manifest["postprocess_adjustments"][0]
+    assert "stage shrunk" in r.output
     q = sorted((products / "query").glob("*.jpg"))[0]
     r = run(app, ["products", "search", str(tmp_path / "idx"), str(q), "-k", "3"])
     assert r.exit_code == 0 and q.stem in r.output, r.output

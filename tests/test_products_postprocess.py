@@ -43,8 +43,10 @@ def test_whitening_gives_identity_covariance_and_applies_the_same_map_to_queries
 
 
 def test_alpha_qe_weights_neighbours_by_similarity_power():
-    cat = _l2n(np.array([[1.0, 0.0, 0.0], [0.8, 0.6, 0.0], [0.0, 0.0, 1.0]]))
-    q = _l2n(np.array([[0.9, 0.3, 0.1]]))
+    # five vectors, so k=2 stays within the k <= n/2 rule; the query's two nearest are rows 0 and 1
+    cat = _l2n(np.array([[1.0, 0.0, 0.0, 0, 0], [0.8, 0.6, 0.0, 0, 0], [0.0, 0.0, 1.0, 0, 0],
+                         [0, 0, 0, 1.0, 0], [0, 0, 0, 0, 1.0]]))
+    q = _l2n(np.array([[0.9, 0.3, 0.1, 0, 0]]))
     s = (q @ cat.T)[0]
     alpha = 2.0
     expected = _l2n(q + s[0] ** alpha * cat[0] + s[1] ** alpha * cat[1])  # k=2: the two nearest

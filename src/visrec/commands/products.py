@@ -47,6 +47,8 @@ def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalog
     t.add_row("descriptor", f"{m['model_config']['name']} {m['dim']}-d -> index {m['index_dim']}-d")
     t.add_row("FAISS", m["options"]["factory"])
     t.add_row("post-processing", " -> ".join(s["name"] for s in m["options"]["postprocess"]) or "none")
+    for message in m.get("postprocess_adjustments", []):
+        t.add_row("  stage shrunk", message)
     console.print(t)
 
 
@@ -72,13 +74,16 @@ def search(index_dir: Path = typer.Argument(..., help="index directory from visr
 def eval_products(index_dir: Path = typer.Argument(..., help="index directory from visrec products index"),
                   data: Path = typer.Option(..., "--data", help="root with query/ and val.csv"),
                   k: int = typer.Option(7, "-k", min=1),
-                  out: Path = typer.Option(Path("eval-products"), "--out")):
+                  out: Path = typer.Option(Path("eval-products"), "--out"),
+                  ablation: bool = typer.Option(False, "--ablation",
+                                                help="also report the metrics after each post-processing stage "
+                                                     "(none, +stage 1, +stages 1-2, ...; exact search)")):
     """mAP@k in both labelled forms, recall@1/k, submission.csv and report.html."""
     from visrec.evaluate.products import evaluate_products
 
     with _bar() as bar:
         task = bar.add_task("searching queries", total=None)
-        res = evaluate_products(index_dir, data, out, k, progress=lambda n: bar.advance(task, n))
+        res = evaluate_products(index_dir, data, out, k, progress=lambda n: bar.advance(task, n), ablation=ablation)
     t = Table(title=f"product retrieval: {res.queries} queries")
     t.add_column("metric")
     t.add_column("value", justify="right")
@@ -87,4 +92,14 @@ def eval_products(index_dir: Path = typer.Argument(..., help="index directory fr
     for name, v in res.metrics.items():
         t.add_row(labels.get(name, name), f"{v:.4f}")
     console.print(t)
+    for message in res.postprocess_adjustments:
+        console.print(f"[yellow]index built with a shrunk stage:[/] {message}")
+    if res.ablation:
+        a = Table(title="post-processing ablation (exact search; each row adds the next stage)")
+        a.add_column("stages applied")
+        for name in res.ablation[0].metrics:
+            a.add_column(name, justify="right")
+        for row in res.ablation:
+            a.add_row(row.chain, *(f"{v:.4f}" for v in row.metrics.values()))
+        console.print(a)
     console.print(f"report: {res.report}" + (f"\nsubmission: {res.submission}" if res.submission else ""))

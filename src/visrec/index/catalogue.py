@@ -7,7 +7,8 @@ An index directory holds:
                        every finished shard and the next run continues after the last one
   descriptors.npy      raw catalogue descriptors (float16 or float32, rows = ids.txt), L2-normalised
   ids.txt              catalogue ids, one per line, row order
-  chain.pt             the fitted post-processing stages (tensors only)
+  chain.pt             the fitted post-processing stages (tensors only); a stage the catalogue could not
+                       support was shrunk, and manifest.json lists why under ``postprocess_adjustments``
   index.faiss          the FAISS index over the post-processed catalogue
 
 Descriptors: ``preprocess_product`` (white square padding, resize to ``size``, ImageNet normalisation),
@@ -145,12 +146,13 @@ def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: tor
         raise DataError("no catalogue image could be read", path=catalogue)
     np.save(out / "descriptors.npy", raw.astype(opts.dtype))
     (out / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
-    processed = chain.fit(raw)
+    processed = chain.fit(raw)  # may shrink an ill-posed stage, with a PostprocessWarning (postprocess module doc)
     chain.save(out / "chain.pt")
     FaissIndex(processed.shape[1], opts.factory, opts.nprobe).build(processed).save(out / "index.faiss")
     manifest = {"model_config": model_config, "dim": int(raw.shape[1]), "index_dim": int(processed.shape[1]),
                 "count": len(ids), "unreadable": [{"id": i, "reason": r} for i, r in bad],
-                "catalogue": str(Path(catalogue).resolve()), "options": opts.model_dump()}
+                "catalogue": str(Path(catalogue).resolve()), "options": opts.model_dump(),
+                "postprocess_adjustments": chain.adjustments}
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
     os.replace(tmp, out / MANIFEST)
@@ -208,6 +210,40 @@ class CatalogueIndex:
 
     def search_images(self, images: Sequence[np.ndarray], k: int = 7) -> tuple[list[list[str]], np.ndarray]:
         return self.search_vectors(describe(self.model, images, self.opts.size, self.opts.multiscale, self.device), k)
+
+    def describe_items(self, items: Iterable[tuple[str, Path]], progress=None) -> tuple[list[str], np.ndarray]:
+        """Raw (before post-processing) descriptors of ``(query id, path)`` pairs, in the batches
+        ``search_items`` uses; unreadable images raise ``DataError`` naming them."""
+        from visrec.data.products import read_image_checked
+
+        ids, vecs, batch = [], [], []
+
+        def flush():
+            if batch:
+                vecs.append(describe(self.model, [im for _, im in batch], self.opts.size, self.opts.multiscale,
+                                     self.device))
+                ids.extend(q for q, _ in batch)
+                if progress:
+                    progress(len(batch))
+                batch.clear()
+
+        for qid, path in items:
+            batch.append((qid, read_image_checked(qid, path)))
+            if len(batch) == self.opts.batch_size:
+                flush()
+        flush()
+        return ids, (np.concatenate(vecs) if vecs else np.zeros((0, self.manifest.get("dim", 0)), np.float32))
+
+    def raw_catalogue(self) -> np.ndarray:
+        """The stored raw catalogue descriptors (float32, rows = ``self.ids``), as the chain was fitted on."""
+        path = self.dir / "descriptors.npy"
+        try:  # memory-mapped: a header declaring more than the file holds fails instead of allocating it
+            raw = np.load(path, mmap_mode="r", allow_pickle=False)
+        except (OSError, ValueError) as exc:
+            raise DataError(f"cannot read the catalogue descriptors: {exc}", path=path) from None
+        if raw.dtype.kind != "f" or raw.ndim != 2 or len(raw) != len(self.ids):
+            raise DataError(f"descriptors.npy holds {raw.shape} but ids.txt {len(self.ids)} ids", path=self.dir)
+        return raw.astype(np.float32)
 
     def search_items(self, items: Iterable[tuple[str, Path]], k: int = 7, progress=None
                      ) -> tuple[dict[str, list[str]], dict[str, list[float]]]:

@@ -17,9 +17,30 @@ A chain fits and applies its stages in the configured order; the last stage may 
   max(sim, 0)^gamma and S = D^-1/2 A D^-1/2, a query's ranking scores solve (I - alpha S) f = y, where
   y holds the query's similarities^gamma to its ``query_k`` nearest catalogue vectors (0 elsewhere);
   solved by conjugate gradient for all queries at once.
+
+Well-posed fits (checked in ``fit`` against the n catalogue vectors the stage is fitted on). A stage whose
+setting the catalogue cannot support is shrunk to the largest setting it can, with a
+``PostprocessWarning`` naming the stage and the numbers (``Chain.fit`` also keeps the messages in
+``Chain.adjustments``, and ``products index`` writes them into the manifest); a catalogue too small for
+any setting raises ``ConfigError``. Shrinking rather than refusing because the limits below are a
+statistical rule, not an impossibility, and a catalogue index is built after a long extraction; the
+warning and the manifest say exactly what was fitted.
+
+- whiten: keeping d components needs n >= 4 d vectors (``WHITEN_VECTORS_PER_DIM``). A d-dimensional
+  sample covariance from n vectors has rank <= n - 1; directions beyond it have eigenvalue ~0 and
+  whitening multiplies them by eps^-power (1000x at the defaults): pure noise. Short of that, with n/d = r
+  the smallest eigenvalue of a sample covariance of white noise is about (1 - 1/sqrt(r))^2 of the true
+  one (Marchenko-Pastur), so r = 4 keeps the over-amplification of the weakest kept direction within 2x
+  (full whitening). d is shrunk to floor(n / 4); n < 4 is an error.
+- dba, qe: k neighbours out of n catalogue vectors must stay k <= n / 2 (``MAX_NEIGHBOUR_SHARE``): with k
+  near n every vector is averaged with (nearly) the whole catalogue and all become alike, so the
+  neighbourhood carries no information. k is shrunk to max(1, floor(n / 2)).
+- diffusion: the same bound for ``k`` (graph neighbours) and ``query_k``.
 """
 
 from __future__ import annotations
+
+import warnings
 
 import numpy as np
 import torch
@@ -28,6 +49,28 @@ from visrec.errors import ConfigError
 from visrec.registry import Registry
 
 STAGES: Registry = Registry("post-processing stage")
+
+WHITEN_VECTORS_PER_DIM = 4      # whiten: n >= 4 * kept dimensions (module docstring)
+MAX_NEIGHBOUR_SHARE = 0.5       # dba / qe / diffusion: k <= n / 2
+
+
+class PostprocessWarning(UserWarning):
+    """A post-processing stage was shrunk to what its catalogue can support (module docstring)."""
+
+
+def _adjust(stage: "Stage", message: str) -> None:
+    stage.adjustments.append(message)
+    warnings.warn(message, PostprocessWarning, stacklevel=3)
+
+
+def _bounded_k(stage: "Stage", name: str, attr: str, n: int) -> None:
+    """Shrink ``stage.<attr>`` (a neighbour count) to max(1, floor(n * MAX_NEIGHBOUR_SHARE)) with a warning."""
+    k = getattr(stage, attr)
+    limit = max(1, int(n * MAX_NEIGHBOUR_SHARE))
+    if k > limit:
+        setattr(stage, attr, limit)
+        _adjust(stage, f"post-processing stage {name}: {attr}={k} neighbours is ill-posed for a catalogue of "
+                       f"{n} vectors (the rule is {attr} <= n/2 = {limit}); fitted with {attr}={limit}")
 
 
 def _l2n(x: np.ndarray) -> np.ndarray:
@@ -66,6 +109,14 @@ def _expand(vectors: np.ndarray, catalogue: np.ndarray, k: int, alpha: float, in
 
 
 class Stage:
+    #: messages of the shrinks ``fit`` made (module docstring), newest last
+    adjustments: list
+
+    def __new__(cls, *args, **kwargs):
+        obj = super().__new__(cls)
+        obj.adjustments = []
+        return obj
+
     def fit(self, catalogue: np.ndarray) -> "Stage":
         return self
 
@@ -87,10 +138,21 @@ class PCAWhitening(Stage):
         x = np.asarray(catalogue, np.float64)
         if self.dim is not None and not 1 <= self.dim <= x.shape[1]:
             raise ConfigError(f"whiten.dim must be in 1..{x.shape[1]}, got {self.dim}")
+        n, dims = x.shape
+        dim = self.dim or dims
+        if n < WHITEN_VECTORS_PER_DIM:
+            raise ConfigError(f"post-processing stage whiten: a catalogue of {n} vectors cannot fit a whitening "
+                              f"(needs at least {WHITEN_VECTORS_PER_DIM} vectors per kept dimension)")
+        if n < WHITEN_VECTORS_PER_DIM * dim:
+            limit = n // WHITEN_VECTORS_PER_DIM
+            _adjust(self, f"post-processing stage whiten: keeping {dim} of {dims} dimensions is ill-posed for a "
+                          f"catalogue of {n} vectors (the rule is n >= {WHITEN_VECTORS_PER_DIM} x dim, so dim <= "
+                          f"{limit}); fitted with dim={limit}")
+            dim = self.dim = limit
         self.mean = x.mean(0)
         cov = np.cov(x - self.mean, rowvar=False, bias=True)
         eigval, eigvec = np.linalg.eigh(cov)
-        order = np.argsort(eigval)[::-1][: self.dim or x.shape[1]]
+        order = np.argsort(eigval)[::-1][:dim]
         self.projection = (eigvec[:, order] * (np.maximum(eigval[order], 0) + self.eps) ** -self.power).astype(np.float32)
         self.mean = self.mean.astype(np.float32)
         return self
@@ -109,6 +171,10 @@ class DBA(Stage):
     def __init__(self, k: int = 2, alpha: float = 0.0):
         self.k, self.alpha = k, alpha
 
+    def fit(self, catalogue: np.ndarray) -> "DBA":
+        _bounded_k(self, "dba", "k", len(catalogue))
+        return self
+
     def catalogue(self, x: np.ndarray) -> np.ndarray:
         # the top-1 neighbour of a catalogue vector is itself (sim 1), so k includes self
         return _expand(x, x, self.k, self.alpha, include_self=True)
@@ -123,6 +189,7 @@ class AlphaQE(Stage):
         self.catalogue_vectors: np.ndarray | None = None
 
     def fit(self, catalogue: np.ndarray) -> "AlphaQE":
+        _bounded_k(self, "qe", "k", len(catalogue))
         self.catalogue_vectors = catalogue
         return self
 
@@ -147,6 +214,8 @@ class Diffusion(Stage):
 
     def fit(self, catalogue: np.ndarray) -> "Diffusion":
         n = len(catalogue)
+        _bounded_k(self, "diffusion", "k", n)
+        _bounded_k(self, "diffusion", "query_k", n)
         self.vectors = catalogue
         sims, idx = _topk(catalogue, catalogue, min(self.k + 1, n))
         rows = np.repeat(np.arange(n), idx.shape[1])
@@ -226,13 +295,29 @@ class Chain:
     def reranker(self) -> Diffusion | None:
         return self.stages[-1] if self.stages and getattr(self.stages[-1], "reranker", False) else None
 
+    @property
+    def adjustments(self) -> list[str]:
+        """Every stage's shrink messages from ``fit`` (module docstring), in chain order."""
+        return [m for s in self.stages for m in s.adjustments]
+
     def fit(self, catalogue: np.ndarray) -> np.ndarray:
-        """Fit every stage in order and return the catalogue as the search index should hold it."""
+        """Fit every stage in order and return the catalogue as the search index should hold it. A stage
+        setting the catalogue cannot support is shrunk with a ``PostprocessWarning`` (module docstring)."""
         x = _l2n(catalogue)
         for s in self.stages:
             s.fit(x)
             x = s.catalogue(x)
         return x
+
+    def stagewise(self, catalogue: np.ndarray, queries: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """For a fitted chain: ``[(catalogue, queries)]`` as the search sees them after no stage, the first
+        stage, the first two, ... all stages (``len(stages) + 1`` pairs), both sides L2-normalised."""
+        x, q = _l2n(catalogue), _l2n(queries)
+        out = [(x, q)]
+        for s in self.stages:
+            x, q = s.catalogue(x), s.queries(q)
+            out.append((x, q))
+        return out
 
     def queries(self, x: np.ndarray) -> np.ndarray:
         x = _l2n(x)
