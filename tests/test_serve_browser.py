@@ -112,3 +112,46 @@ def test_enroll_identify_and_landmarks_in_the_page(server, browser):
     while browser.find_element("id", "lm-canvas").get_attribute("width") == "10" and time.time() < deadline:
         time.sleep(0.1)
     assert browser.find_element("id", "lm-canvas").get_attribute("width") == "112"  # the overlay is drawn
+
+
+def test_docs_and_redoc_work_offline_and_docs_uploads_an_image(server, browser):
+    """/docs and /redoc load their scripts from the server itself (no CDN: this machine has no internet), and
+    Swagger UI's own form for a POST route takes an image file and gets the route's answer."""
+    from selenium.webdriver.common.by import By
+
+    url, photos = server
+    browser.get(url + "/docs")
+    scripts = [s.get_attribute("src") for s in browser.find_elements(By.TAG_NAME, "script") if s.get_attribute("src")]
+    assert scripts and all(s.startswith(url) for s in scripts), scripts
+    deadline = time.time() + 30
+    while not browser.find_elements(By.ID, "operations-landmarks-landmarks_v1_landmarks_post"):
+        assert time.time() < deadline, "Swagger UI did not render the operations"
+        time.sleep(0.2)
+    op = browser.find_element(By.ID, "operations-landmarks-landmarks_v1_landmarks_post")
+    op.find_element(By.CSS_SELECTOR, ".opblock-summary").click()
+    wait_for = lambda css: next(iter(_wait(browser, op, css)))  # noqa: E731
+    wait_for(".try-out__btn").click()
+    wait_for("input[type=file]").send_keys(str(photos["bob"]))
+    wait_for(".execute").click()
+    status = wait_for(".live-responses-table .response .response-col_status")
+    assert status.text.strip().startswith("200"), status.text
+    body = wait_for(".live-responses-table .microlight").text
+    assert '"points"' in body and body.count("[") > 100, body[:200]  # 106 (x, y) pairs
+
+    browser.get(url + "/redoc")
+    deadline = time.time() + 30
+    while "/v1/faces/identify" not in browser.find_element(By.TAG_NAME, "body").text:
+        assert time.time() < deadline, "ReDoc did not render the API"
+        time.sleep(0.2)
+
+
+def _wait(browser, root, css, timeout=30):
+    from selenium.webdriver.common.by import By
+
+    deadline = time.time() + timeout
+    while True:
+        found = [e for e in root.find_elements(By.CSS_SELECTOR, css) if e.is_displayed()]
+        if found:
+            return found
+        assert time.time() < deadline, f"no visible {css!r} in Swagger UI"
+        time.sleep(0.2)
