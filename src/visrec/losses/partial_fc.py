@@ -116,6 +116,14 @@ class PartialFC(nn.Module):
     def shard_range(self) -> tuple[int, int]:
         return self.class_start, self.class_start + self.num_local
 
+    @property
+    def sharding(self) -> dict[str, int]:
+        """This rank's class shard as plain data (checkpointed with the weights, so a resume can tell a
+        changed world size or class count): classes ``class_start .. class_start + num_local - 1`` of
+        ``num_classes``, under ``world_size`` processes."""
+        return {"class_start": self.class_start, "num_local": self.num_local, "num_classes": self.num_classes,
+                "world_size": self.world_size}
+
     def _sample(self, local_labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Centres to score this step and the labels re-indexed into them."""
         if self.sample_rate >= 1 or not self.training:

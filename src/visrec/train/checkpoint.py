@@ -3,7 +3,13 @@
 Files in a run's output directory:
   ``last.rank{r}.pt``  everything rank r needs to continue: every module's state (PartialFC holds only
                         this rank's class shard), optimizer, scheduler, grad scaler, RNG states (python,
-                        numpy, torch CPU, CUDA) and the data position (epoch, step in epoch, global step).
+                        numpy, torch CPU, CUDA), the data position (epoch, step in epoch, global step), the
+                        number of processes that wrote it ("world_size", "rank") and the class sharding of
+                        every sharded module ("sharding": {module: {"class_start", "num_local",
+                        "num_classes"}}). A run resumes only under the world size that wrote it
+                        (:func:`check_resume`): the shards and the data order depend on it.
+  ``metrics.jsonl``     one JSON row per logged step; on every start the rows after the step the run starts
+                        from are dropped (:func:`truncate_log`), so no step is ever logged twice.
   ``model.pt``          {"model_config": {"name", **kwargs}, "backbone": state_dict, "contract": the model's
                         contract (``visrec.models.contract.ModelContract.to_dict()``), "step", "metrics"}
                         — what ``visrec budget/export/eval/serve`` load via ``visrec.models.load_model``.
@@ -16,7 +22,10 @@ data only (tensors, dicts, lists, tuples, strings, numbers), so a downloaded fil
 
 from __future__ import annotations
 
+import json
+import os
 import random
+import re
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +69,108 @@ def load_rank_state(output: Path, rank: int) -> dict[str, Any] | None:
     if not path.exists():
         return None
     return read_torch_file(path)  # weights_only; a torn, foreign or code-carrying file: DataError naming it
+
+
+def rank_files(output: Path) -> dict[int, Path]:
+    """The per-rank resume files present in ``output``, by rank."""
+    found = {}
+    for path in Path(output).glob("last.rank*.pt"):
+        m = re.fullmatch(r"last\.rank(\d+)\.pt", path.name)
+        if m:
+            found[int(m.group(1))] = path
+    return dict(sorted(found.items()))
+
+
+def sharding(modules: dict) -> dict[str, dict[str, int]]:
+    """The class sharding of every module that holds a rank-local shard (a ``sharding`` attribute, as
+    PartialFC has): {module name: {"class_start", "num_local", "num_classes"}}."""
+    return {name: dict(m.sharding) for name, m in modules.items() if isinstance(getattr(m, "sharding", None), dict)}
+
+
+def _describe_shards(shards: dict) -> str:
+    return "; ".join(f"{name}: classes {s['class_start']}..{s['class_start'] + s['num_local'] - 1} of "
+                     f"{s['num_classes']}" for name, s in shards.items())
+
+
+def check_resume(output: Path, rank: int, world_size: int, state: dict[str, Any] | None) -> None:
+    """Refuse (ConfigError naming both world sizes and what to do) to resume ``output`` under a number of
+    processes other than the one that wrote it. Every rank reaches the same verdict from the same files:
+    the world size recorded in the checkpoints (in the rank files' count for files written before it was
+    recorded). PartialFC's class centres are split per process and each process's data share and RNG
+    state are its own, so another world size cannot continue the same run; it refuses rather than let
+    new ranks start from step 0 beside ranks that resume."""
+    files = rank_files(output)
+    if not files:
+        return
+    if state is None:  # this rank has no file while others do: read what rank 0 (or the lowest) recorded
+        state = read_torch_file(next(iter(files.values())))
+    saved = state.get("world_size") if isinstance(state, dict) else None
+    saved = int(saved) if saved is not None else len(files)
+    step = state.get("global_step", "?") if isinstance(state, dict) else "?"
+    if saved == world_size and set(files) == set(range(world_size)):
+        return
+    shards = _describe_shards(state.get("sharding") or {}) if isinstance(state, dict) else ""
+    launcher = "visrec train CONFIG --resume" if saved == 1 else \
+        f"torchrun --nproc_per_node={saved} -m visrec.cli train CONFIG --resume"
+    from visrec.errors import ConfigError
+
+    if saved == world_size:  # the right world size, but a rank's file is missing or a stray one is there
+        missing = sorted(set(range(world_size)) - set(files))
+        extra = sorted(set(files) - set(range(world_size)))
+        problem = (f"lacks the file of rank(s) {missing}; a run resumes only with every rank's file" if missing else
+                   f"also holds files of rank(s) {extra} beyond its {saved} processes; move them away")
+        raise ConfigError(f"{output}: checkpoint of {saved} processes (step {step}) {problem}")
+    raise ConfigError(
+        f"{output} was checkpointed by {saved} process{'es' if saved != 1 else ''} at step {step} "
+        f"(files for ranks {sorted(files)}{'; ' + shards + ' on rank 0' if shards else ''}); this run has "
+        f"{world_size}. The class centres are sharded per process and the data order depends on the number of "
+        f"processes, so a checkpoint resumes only under the world size that wrote it: run `{launcher}`, or "
+        f"start a new run from its weights with `visrec finetune CONFIG --from {output}` under {world_size} "
+        f"process{'es' if world_size != 1 else ''} (the backbone carries over; the class centres start fresh).")
+
+
+def check_sharding(saved: dict[str, Any] | None, current: dict[str, dict[str, int]], path: Path) -> None:
+    """ConfigError when a resumed module's class shard differs from the one checkpointed (e.g. the training
+    set now has another number of identities), naming the module and both shards."""
+    if not saved:
+        return
+    from visrec.errors import ConfigError
+
+    for name, now in current.items():
+        was = saved.get(name)
+        if was is not None and dict(was) != now:
+            raise ConfigError(f"{path}: {name} was checkpointed with {_describe_shards({name: was})}, this run "
+                              f"builds {_describe_shards({name: now})}; the training data or world size changed")
+
+
+def truncate_log(path: Path, step: int) -> int:
+    """Drop the rows of the metrics log whose "step" is after ``step`` (the step the run starts from), so a
+    resumed (or restarted) run never logs a step twice. The file is rewritten to a temporary name, fsynced
+    and renamed over the original: a crash mid-rewrite leaves the old file whole. Lines that are not JSON
+    objects with a step are kept as they are. Returns the number of rows dropped (0: file untouched)."""
+    path = Path(path)
+    if not path.exists():
+        return 0
+    keep, dropped = [], 0
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            row_step = row.get("step") if isinstance(row, dict) else None
+            if isinstance(row_step, (int, float)) and row_step > step:
+                dropped += 1
+                continue
+            keep.append(line if line.endswith("\n") else line + "\n")
+    if dropped:
+        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
+            fh.writelines(keep)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    return dropped
 
 
 # Model-file reading lives with the models (visrec.models.loading); training code keeps these names.

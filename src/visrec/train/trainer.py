@@ -3,7 +3,10 @@
 Resumption is exact: the data order is a pure function of (seed, epoch), every random choice inside a
 step draws from RNG states that are checkpointed, and the data position (epoch, step) is saved, so a
 run stopped or killed after a checkpoint and resumed produces the same weights as one that never
-stopped (bit-exact on CPU in deterministic mode).
+stopped (bit-exact on CPU in deterministic mode). A run resumes under the number of processes that
+wrote its checkpoints, or is refused with a message saying what to do (``checkpoint.check_resume``);
+``--resume`` with no checkpoint yet says so in one line and starts at step 0. ``metrics.jsonl`` never
+holds a step twice: on every start the rows after the starting step are dropped (atomically).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -126,9 +130,15 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
            stop_after_steps: int | None) -> TrainResult:
     out = Path(cfg.output)
     state = ckpt.load_rank_state(out, ctx.rank) if resume else None
-    if not resume and ckpt.rank_path(out, ctx.rank).exists():
+    # any rank's file counts (not only this rank's): every rank must reach the same verdict, or the ones
+    # that go on wait forever for the ones that stopped
+    if not resume and ckpt.rank_files(out):
         raise ConfigError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose "
                           f"another output directory")
+    if resume:
+        ckpt.check_resume(out, ctx.rank, ctx.world_size, state)  # another world size: a clear refusal
+        if state is None and ctx.is_main:
+            print(f"--resume: no checkpoint in {out} yet; starting from step 0", file=sys.stderr, flush=True)
     seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
     task: Task = TASKS.get(cfg.task)(cfg, ctx, source)
     dataset = task.train_dataset()
@@ -155,6 +165,7 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
 
     global_step = 0
     if state is not None:
+        ckpt.check_sharding(state.get("sharding"), ckpt.sharding(modules), ckpt.rank_path(out, ctx.rank))
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         opt.load_state_dict(state["optimizer"])
@@ -187,6 +198,7 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
             "global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
             "contract": contract, "config": cfg.model_dump(mode="json"),
+            "world_size": ctx.world_size, "rank": ctx.rank, "sharding": ckpt.sharding(modules),
         }, ckpt.rank_path(out, ctx.rank))
         if ctx.is_main:
             blob = {"model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
@@ -197,6 +209,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
         (out / "config.yaml").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+    if ctx.is_main:
+        # rows after the starting step were logged by a run that stopped before checkpointing them: drop
+        # them (atomically) so the steps about to be re-run are not logged twice
+        ckpt.truncate_log(out / "metrics.jsonl", global_step)
     log_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
     bar = _progress(progress and ctx.is_main, total_steps, global_step)
     metrics: dict[str, float] = {}

@@ -1,0 +1,135 @@
+"""Resume edge cases: --resume before the first checkpoint, no step logged twice in metrics.jsonl (and the
+log rewrite is crash-safe), and resuming under another number of processes (refused, naming both)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from visrec.errors import ConfigError
+from visrec.train import checkpoint as ckpt
+from visrec.train.trainer import train
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_trainer import _write_yaml, make_cfg  # noqa: E402  (the trainer tests' tiny face config)
+
+
+@pytest.fixture(scope="module")
+def face_rec(tmp_path_factory):
+    from visrec.data.synth import write_face_dataset
+
+    root = tmp_path_factory.mktemp("faces") / "train"
+    write_face_dataset(root, 6, 6, format="recordio", seed=3, difficulty=0.2)
+    return root
+
+
+def logged_steps(out: Path) -> list[int]:
+    return [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines()
+            if l.startswith("{") and '"loss"' in l]
+
+
+def test_resume_before_the_first_checkpoint_says_so_and_starts_fresh(face_rec, tmp_path, capsys):
+    out = tmp_path / "run"
+    out.mkdir()
+    # what a run killed before its first checkpoint leaves: rows for steps 1-2, no checkpoint; and a note
+    (out / "metrics.jsonl").write_text('{"step": 1, "epoch": 0, "loss": 9.0}\n{"step": 2, "epoch": 0, "loss": 9.0}\n'
+                                       'a line that is not JSON\n')
+    res = train(make_cfg(face_rec, out, schedule={"max_steps": 3}, checkpoint_every=10), resume=True, progress=False)
+    assert res.global_step == 3
+    err = capsys.readouterr().err
+    said = [l for l in err.splitlines() if "no checkpoint" in l]
+    assert len(said) == 1 and str(out) in said[0] and "step 0" in said[0]
+    assert logged_steps(out) == [1, 2, 3]  # the dead run's rows were replaced, not duplicated
+    assert 9.0 not in [json.loads(l).get("loss") for l in (out / "metrics.jsonl").read_text().splitlines()
+                       if l.startswith("{")]
+    assert "a line that is not JSON" in (out / "metrics.jsonl").read_text()
+
+
+def test_resume_drops_rows_logged_after_the_checkpoint(face_rec, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(face_rec, out), progress=False, stop_after_steps=4)  # checkpoint at step 4
+    with open(out / "metrics.jsonl", "a") as fh:  # a run killed at step 6 had logged 5 and 6 past it
+        fh.write('{"step": 5, "epoch": 0, "loss": -1.0}\n{"step": 6, "epoch": 1, "loss": -1.0}\n')
+    train(make_cfg(face_rec, out), resume=True, progress=False)
+    assert logged_steps(out) == list(range(1, 10))
+    losses = [json.loads(l)["loss"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+    assert -1.0 not in losses
+
+
+def test_log_rewrite_is_atomic(tmp_path, monkeypatch):
+    log = tmp_path / "metrics.jsonl"
+    text = '{"step": 1}\n{"step": 2, "val": {"acc": 0.5}}\nnote\n{"step": 3}\n'
+    log.write_text(text)
+    assert ckpt.truncate_log(log, 3) == 0 and log.read_text() == text  # nothing after step 3: untouched
+
+    def crash(*a, **k):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(os, "replace", crash)
+    with pytest.raises(OSError):
+        ckpt.truncate_log(log, 1)
+    assert log.read_text() == text  # a crash mid-rewrite leaves the original whole
+    monkeypatch.undo()
+    assert ckpt.truncate_log(log, 1) == 2
+    assert log.read_text() == '{"step": 1}\nnote\n'
+    assert not [p for p in tmp_path.iterdir() if p.name != "metrics.jsonl"]  # no temporary left behind
+
+
+def test_check_resume_from_the_files_alone(tmp_path):
+    """The verdict needs only the files: recorded world size, or (older files) the rank files' count."""
+    for r in (0, 1):
+        torch.save({"global_step": 4, "world_size": 2, "rank": r,
+                    "sharding": {"head": {"class_start": 3 * r, "num_local": 3, "num_classes": 6, "world_size": 2}}},
+                   ckpt.rank_path(tmp_path, r))
+    ckpt.check_resume(tmp_path, 0, 2, ckpt.load_rank_state(tmp_path, 0))  # same world size: fine
+    with pytest.raises(ConfigError, match=r"checkpointed by 2 processes at step 4.*classes 0\.\.2 of 6.*this run has 1"):
+        ckpt.check_resume(tmp_path, 0, 1, ckpt.load_rank_state(tmp_path, 0))
+    with pytest.raises(ConfigError, match=r"2 processes.*this run has 3.*nproc_per_node=2"):
+        ckpt.check_resume(tmp_path, 2, 3, None)  # a new rank without a file refuses too, not start at 0
+    os.remove(ckpt.rank_path(tmp_path, 1))
+    with pytest.raises(ConfigError, match=r"lacks the file of rank\(s\) \[1\]"):
+        ckpt.check_resume(tmp_path, 0, 2, ckpt.load_rank_state(tmp_path, 0))
+    old = tmp_path / "old"  # written before the world size was recorded: two rank files = 2 processes
+    old.mkdir()
+    for r in (0, 1):
+        torch.save({"global_step": 2}, ckpt.rank_path(old, r))
+    with pytest.raises(ConfigError, match="checkpointed by 2 processes.*this run has 1"):
+        ckpt.check_resume(old, 0, 1, ckpt.load_rank_state(old, 0))
+
+
+def test_two_processes_then_resume_with_one_is_refused(face_rec, tmp_path):
+    """2 gloo processes train 2 steps; resuming with 1 is refused naming both world sizes, and rank 0's
+    file records the world size and its class shard. The reverse (1 -> 2) is refused by both ranks."""
+    out = tmp_path / "ddp"
+    cfg = make_cfg(face_rec, out, schedule={"max_steps": 2}, batch_size=3, deterministic=False)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                "-m", "visrec.cli", "train"]
+    done = subprocess.run(torchrun + [str(_write_yaml(cfg, tmp_path / "ddp.yaml")), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    r0 = ckpt.load_rank_state(out, 0)
+    assert r0["world_size"] == 2 and r0["rank"] == 0
+    assert r0["sharding"]["head"] == {"class_start": 0, "num_local": 3, "num_classes": 6, "world_size": 2}
+    before = {k: v.clone() for k, v in r0["modules"]["head"].items()}
+    with pytest.raises(ConfigError) as refused:
+        train(make_cfg(face_rec, out, schedule={"max_steps": 4}, batch_size=3, deterministic=False),
+              resume=True, progress=False)
+    msg = str(refused.value)
+    assert "checkpointed by 2 processes at step 2" in msg and "this run has 1" in msg
+    assert "nproc_per_node=2" in msg and "finetune" in msg
+    after = ckpt.load_rank_state(out, 0)  # nothing was overwritten by the refused run
+    assert after["global_step"] == 2 and all(torch.equal(before[k], after["modules"]["head"][k]) for k in before)
+
+    single = tmp_path / "single"
+    train(make_cfg(face_rec, single, schedule={"max_steps": 2}, batch_size=3, deterministic=False), progress=False)
+    cfg2 = make_cfg(face_rec, single, schedule={"max_steps": 4}, batch_size=3, deterministic=False)
+    again = subprocess.run(torchrun + [str(_write_yaml(cfg2, tmp_path / "single.yaml")), "--no-progress", "--resume"],
+                           capture_output=True, text=True, timeout=300, env=env)
+    assert again.returncode != 0
+    assert "checkpointed by 1 process at step 2" in again.stderr and "this run has 2" in again.stderr
+    assert not ckpt.rank_path(single, 1).exists()  # rank 1 did not start a run of its own from step 0
