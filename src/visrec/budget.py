@@ -401,16 +401,38 @@ def _limits(p: Protocol, flops: int, size_bytes: int | None, dtypes: list[str], 
     return out
 
 
-def export_size(model: nn.Module, input_size=(1, 3, 112, 112), contract=None) -> int:
+def _with_distinct_weights(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` whose floating-point parameters and buffers all hold distinct random values.
+
+    The ONNX exporter stores identical initializers once: a freshly built model (BatchNorm at mean 0 /
+    var 1 / weight 1 / bias 0, so many folded conv biases are the same zeros) exports a smaller file than
+    any trained model of the same architecture. Values never change a float32 tensor's byte count, so the
+    copy exports to exactly the size of a trained model's file."""
+    import copy
+
+    twin = copy.deepcopy(model).float().cpu()
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for t in list(twin.parameters()) + list(twin.buffers()):
+            if t.is_floating_point():
+                # positive values in [0.5, 1.5): valid as variances too, so BN folding stays finite
+                t.copy_(torch.rand(t.shape, generator=gen) + 0.5)
+    return twin
+
+
+def export_size(model: nn.Module, input_size=(1, 3, 112, 112), contract=None, *, untrained: bool = False) -> int:
     """Bytes of the ONNX file ``visrec export`` writes for ``model`` (float32, BatchNorm folded, the
     contract in its metadata when given): :func:`visrec.export.exported_size`, the one export both
-    commands use, so ``budget`` and ``export`` report one size for one model."""
+    commands use, so ``budget`` and ``export`` report one size for one model. ``untrained``: the model
+    is a fresh build standing for its architecture (a registry name); its size is that of a trained
+    model's file (:func:`_with_distinct_weights`), not the smaller file of its constant initial values."""
     from visrec.export import exported_size
 
-    return exported_size(model, contract, input_size=input_size)
+    return exported_size(_with_distinct_weights(model) if untrained else model, contract, input_size=input_size)
 
 
-def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, contract=None) -> BudgetReport:
+def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, contract=None,
+          untrained: bool = False) -> BudgetReport:
     """Measure a model (nn.Module, visrec checkpoint, or ONNX file) against a protocol's limits.
 
     Figures: ``lfr_flops`` (FLOPs, LFR rule, counted on the model itself = its graph with BatchNorm kept),
@@ -420,8 +442,10 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
     ``size_bytes`` is the size of the file ``visrec export`` writes for the model (float32, BatchNorm
     folded, the model's contract in its metadata: :func:`visrec.export.export_model`); for ONNX input,
     the file itself. ``contract`` is the module's contract (a checkpoint brings its own; a bare module
-    without one is exported with no metadata). ``with_size=False`` skips the ONNX export: size is then
-    None and any size limit fails as "not measured"."""
+    without one is exported with no metadata). ``untrained=True`` (a module freshly built from the
+    registry, standing for its architecture): the size of a trained model's file, see :func:`export_size`.
+    ``with_size=False`` skips the ONNX export: size is then None and any size limit fails as "not
+    measured"."""
     p = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     if isinstance(model_or_path, (str, Path)) and Path(model_or_path).suffix == ".onnx":
         path = Path(model_or_path)
@@ -448,7 +472,7 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
         dim = int(out_shape[-1])
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in model.state_dict().values()
                          if t.is_floating_point()})
-        size = export_size(model, p.input_size, contract) if with_size else None
+        size = export_size(model, p.input_size, contract, untrained=untrained) if with_size else None
         report = BudgetReport(p, source, sum(l.lfr_flops for l in layers), sum(l.macs for l in layers),
                               every_op, sum(t.numel() for t in model.parameters()),
                               size, dtypes, dim, batchnorm_folded=False, layers=layers)
@@ -551,7 +575,7 @@ def fit_to_budget(family: str, protocol: str | Protocol, knobs: dict[str, list] 
     with_size = p.max_size_mb is not None
     def full_check(kw: dict) -> BudgetReport:
         model = build_backbone(name, **kw)
-        return check(model, p, with_size=with_size, contract=registry_contract(model, name, kw))
+        return check(model, p, with_size=with_size, contract=registry_contract(model, name, kw), untrained=True)
 
     best_report = full_check(best)
     while not best_report.passed:

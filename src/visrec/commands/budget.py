@@ -23,7 +23,8 @@ PROTOCOL_HELP = "protocol name (deepglint-light, ...) or a protocol YAML file"
 def _model_from_spec(spec: str, overrides: list[str]):
     """``(model or path, contract)`` of a registry name (+ --set kwargs), a run config YAML (its model
     section), a checkpoint, or an .onnx path. A registry/YAML model gets the contract its checkpoint would
-    carry, so its size is that of the file ``visrec export`` writes; a file path brings its own (None here)."""
+    carry, so its size is that of the file ``visrec export`` writes for a trained checkpoint of it; a file
+    path brings its own contract (None here)."""
     from visrec.budget import registry_contract
     from visrec.config import load_config, parse_override
     from visrec.models import BACKBONES, build_backbone
@@ -82,7 +83,9 @@ def run_check(target: str, protocol: str, overrides: list[str], layers: bool) ->
     from visrec.budget import check
 
     model, contract = _model_from_spec(target, overrides)
-    report = check(model, protocol, contract=contract)
+    # a registry name / run config builds fresh weights that stand for the architecture: its size is that
+    # of a trained model's exported file (fresh constant initial values export smaller)
+    report = check(model, protocol, contract=contract, untrained=contract is not None)
     console.print(_report_table(report))
     console.print(_figures_table(report))
     if layers:
