@@ -73,7 +73,8 @@ def _worker(rank, world, port, full_weight, emb, labels, out):
     loss = pfc(local, labels[rank * n:(rank + 1) * n])
     loss.backward()
     opt.step()
-    torch.save({"loss": loss.item(), "emb_grad": local.grad, "weight": pfc.weight.detach(), "range": (s, e)},
+    torch.save({"loss": loss.item(), "emb_grad": local.grad, "weight": pfc.weight.detach(), "range": (s, e),
+                "sharding": pfc.sharding},
                f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
 
@@ -99,8 +100,16 @@ def test_two_gloo_processes_equal_one(tmp_path):
     mp.spawn(_worker, args=(2, _free_port(), full, emb, labels, str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert parts[0]["range"] == (0, 6) and parts[1]["range"] == (6, 11)
+    # what the trainer checkpoints per rank, so a resume can tell another world size or class count
+    assert [p["sharding"] for p in parts] == [{"class_start": 0, "num_local": 6, "num_classes": 11, "world_size": 2},
+                                              {"class_start": 6, "num_local": 5, "num_classes": 11, "world_size": 2}]
     for p in parts:
         assert p["loss"] == pytest.approx(loss1.item(), rel=1e-6)
     # each rank's embedding gradient is scaled by the world size, so DDP's average gives the full gradient
     assert torch.allclose(torch.cat([p["emb_grad"] for p in parts]) / 2, e1.grad, atol=1e-6)
     assert torch.allclose(torch.cat([p["weight"] for p in parts]), single.weight.detach(), atol=1e-6)
+
+
+def test_sharding_of_one_process_is_every_class():
+    pfc = PartialFC(build_margin_loss("arcface", s=16.0, m=0.3), D, C)
+    assert pfc.sharding == {"class_start": 0, "num_local": C, "num_classes": C, "world_size": 1}

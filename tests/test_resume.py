@@ -133,3 +133,11 @@ def test_two_processes_then_resume_with_one_is_refused(face_rec, tmp_path):
     assert again.returncode != 0
     assert "checkpointed by 1 process at step 2" in again.stderr and "this run has 2" in again.stderr
     assert not ckpt.rank_path(single, 1).exists()  # rank 1 did not start a run of its own from step 0
+
+
+def test_a_changed_class_shard_is_named():
+    saved = {"head": {"class_start": 0, "num_local": 6, "num_classes": 6, "world_size": 1}}
+    ckpt.check_sharding(saved, {"head": dict(saved["head"])}, Path("last.rank0.pt"))  # same shard: fine
+    with pytest.raises(ConfigError, match=r"head was checkpointed with head: classes 0\.\.5 of 6.*classes 0\.\.4 of 5"):
+        ckpt.check_sharding(saved, {"head": {"class_start": 0, "num_local": 5, "num_classes": 5, "world_size": 1}},
+                            Path("last.rank0.pt"))
