@@ -100,7 +100,10 @@ def _factory_key(name):
 
 def test_every_registered_name_has_a_small_build():
     covered = {_factory_key(n) for n in SMALL}
-    missing = [n for n in BACKBONES.names() if _factory_key(n) not in covered]
+    # visrec's own registrations (other tests register example and plug-in backbones in the same session)
+    own = [n for n in BACKBONES.names() if _factory_key(n).__module__.startswith("visrec.")]
+    assert len(own) >= 30
+    missing = [n for n in own if _factory_key(n) not in covered]
     assert not missing, f"registered without a budget-parity entry in SMALL: {missing}"
 
 
