@@ -97,7 +97,7 @@ def test_the_synthetic_configs_chain_is_not_worse_than_no_chain_on_its_own_data(
     shipped (160 steps), indexed with the config's chain: the ablation's last row (whole chain) must not
     fall below its first (no chain) in either mAP@7 form. Slow (about 1.5 min on 2 free cores): a
     descriptor trained for fewer steps is not the one the config's chain was chosen for, and on a weak
-    descriptor (mAP@7 ~0.13 after 40 steps) DBA and QE do not help the hits form."""
+    descriptor (mAP@7 ~0.13 after 40 steps) DBA lowers the hits form."""
     from visrec.cli import app
     from visrec.config import load_config
     from visrec.data.synth_products import write_product_dataset
