@@ -94,7 +94,7 @@ def small_bin(tmp_path_factory):
 
 
 def test_eval_faces_on_a_bin_reports_both_and_the_headline_is_flip(small_bin):
-    from visrec.evaluate.run import evaluate_faces
+    from visrec.faces.evaluation import evaluate_faces
     from visrec.models.loading import load_model
 
     res = evaluate_faces(data=small_bin / "val.bin", model=small_bin / "model.pt", targets=(0.1,), out=small_bin / "r")

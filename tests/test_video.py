@@ -6,7 +6,8 @@ import torch
 
 from visrec.data.video import (read_frame_scores, read_frames, read_video_list, render_video, write_video_dataset)
 from visrec.errors import ConfigError, DataError
-from visrec.evaluate.video import evaluate_videos, fuse
+from visrec.evaluate.video import fuse
+from visrec.faces.evaluation import evaluate_videos
 
 
 def test_synthetic_videos_in_both_layouts_read_back(tmp_path):

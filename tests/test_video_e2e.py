@@ -8,7 +8,7 @@ from typer.testing import CliRunner
 from visrec.config import load_config, parse_config
 from visrec.data.synth import write_face_dataset
 from visrec.data.video import write_video_dataset
-from visrec.evaluate.video import evaluate_video_model
+from visrec.faces.evaluation import evaluate_video_model
 from visrec.train.trainer import train
 
 

@@ -88,7 +88,7 @@ def budget_and_eval_section(out: Path, faces: dict, console: Console) -> dict:
     """The trained model against the DeepGlint-Light budget, exported to ONNX with parity, and evaluated
     with the exact TPR@FPR engine on held-out identities (report.html)."""
     from visrec.budget import check
-    from visrec.evaluate.run import evaluate_faces
+    from visrec.faces.evaluation import evaluate_faces
     from visrec.export import export_checkpoint
 
     model_pt = faces["run"] / "model.pt"
@@ -188,7 +188,7 @@ def video_section(out: Path, backbone: Path, console: Console, identities: tuple
     learned fusion. ``identities``: (training, held-out); 3 and 4 videos of 8 frames each."""
     from visrec.config import parse_config
     from visrec.data.video import write_video_dataset
-    from visrec.evaluate.video import evaluate_video_model
+    from visrec.faces.evaluation import evaluate_video_model
     from visrec.train.trainer import train
 
     data, run_dir = out / "data" / "videos", out / "runs" / "video-quality"

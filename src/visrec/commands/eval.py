@@ -44,7 +44,7 @@ def faces(model: Optional[Path] = typer.Option(None, "--model", help="visrec che
         return _videos(model, data, fusion or ["mean"], target or [1e-4], submission, filelist)
     if submission is not None:
         return _image_submission(model, data, filelist, submission, expect_rows)
-    from visrec.evaluate.run import evaluate_faces
+    from visrec.faces.evaluation import evaluate_faces
 
     with Progress(transient=True) as bar:
         task = bar.add_task("embedding", total=None)
@@ -72,7 +72,7 @@ def _image_submission(model, data, filelist, submission, expect_rows):
     from rich.progress import Progress
 
     from visrec.errors import VisrecError
-    from visrec.evaluate.run import image_submission
+    from visrec.faces.evaluation import image_submission
 
     if model is None or data is None or filelist is None:
         raise VisrecError("an image-track submission needs --model CKPT|ONNX, --data IMAGES_FOLDER and "
@@ -93,7 +93,7 @@ def _videos(model, data, fusions, targets, submission, filelist):
     from rich.progress import Progress
 
     from visrec.errors import VisrecError
-    from visrec.evaluate.video import evaluate_video_model
+    from visrec.faces.evaluation import evaluate_video_model
 
     if model is None or data is None:
         raise VisrecError("--video needs --model CKPT and --data VIDEO_LIST")
@@ -135,7 +135,7 @@ def ijb(root: Path = typer.Option(..., "--root", help="IJB release root: loose_c
     from rich.progress import Progress
 
     from visrec.evaluate.ijb import PoolOptions
-    from visrec.evaluate.run import evaluate_ijb
+    from visrec.faces.evaluation import evaluate_ijb
 
     with Progress(transient=True) as bar:
         task = bar.add_task("embedding", total=None)

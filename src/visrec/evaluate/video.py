@@ -8,6 +8,9 @@ Frame fusion (input: a video's raw frame embeddings (T, D)):
 - ``score``:   weights proportional to the detector score of each frame (the video's scores file).
 - ``learned``: the quality head of a ``quality_fusion`` model (``visrec.models.quality``): softmax of
                its per-frame logits within the video.
+
+Pure maths over arrays: the frame embeddings come from :mod:`visrec.models.inference`, and
+``visrec.faces.evaluation.evaluate_video_model`` runs a model file end to end.
 """
 
 from __future__ import annotations
@@ -16,7 +19,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from visrec.errors import ConfigError, DataError
 
@@ -49,24 +51,6 @@ def fuse(embeddings: np.ndarray, method: str = "mean", scores: np.ndarray | None
     return v / max(float(np.linalg.norm(v)), 1e-12)
 
 
-@torch.no_grad()
-def frame_outputs(model: torch.nn.Module, frames: list[np.ndarray], device="cpu", batch: int = 256
-                  ) -> tuple[np.ndarray, np.ndarray | None]:
-    """Raw embeddings (T, D) of a video's frames and, for a quality_fusion model, quality logits (T,)."""
-    from visrec.models.embed import images_to_tensor
-
-    embs, logits = [], []
-    for s in range(0, len(frames), batch):
-        x = images_to_tensor(frames[s:s + batch]).to(device)
-        if hasattr(model, "frame_outputs"):
-            e, z = model.frame_outputs(x)
-            logits.append(z.float().cpu())
-        else:
-            e = model(x)
-        embs.append(e.float().cpu())
-    return torch.cat(embs).numpy(), (torch.cat(logits).numpy() if logits else None)
-
-
 @dataclass
 class VideoEval:
     results: dict  # fusion -> {target: TprResult}
@@ -77,40 +61,16 @@ class VideoEval:
     summary: dict = field(default_factory=dict)
 
 
-def video_features(model: torch.nn.Module, video_list: str | Path, fusions=("mean",), device="cpu",
-                   max_frames: int | None = None, progress=None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-    """Fused features of every video of a list file, for each fusion; (features by fusion, labels, ids)."""
-    from visrec.data.video import read_frame_scores, read_frames, read_video_list
-
-    items = read_video_list(video_list)
-    was_training = model.training
-    model.eval().to(device)
-    feats = {f: [] for f in fusions}
-    for it in items:
-        frames = read_frames(it.path, it.video_id, max_frames)
-        emb, logits = frame_outputs(model, frames, device)
-        scores = read_frame_scores(it.path, len(frames)) if "score" in fusions else None
-        if "score" in fusions and scores is None:
-            raise DataError("fusion 'score' needs a scores file for every video", path=it.path,
-                            record=f"video {it.video_id}")
-        for f in fusions:
-            feats[f].append(fuse(emb, f, scores, logits))
-        if progress:
-            progress(1)
-    model.train(was_training)
-    return ({f: np.stack(v) for f, v in feats.items()}, np.array([it.label for it in items]),
-            [it.video_id for it in items])
-
-
-def evaluate_videos(model: torch.nn.Module, video_list: str | Path, fusions=("mean",), targets=(1e-4,),
-                    device="cpu", submission: str | Path | None = None, filelist: str | Path | None = None,
-                    progress=None) -> VideoEval:
-    """Exact TPR@FPR between videos for each fusion. ``submission`` writes the LFR video feature binary of
-    the first fusion, rows in ``filelist`` order (``video_filelist.txt``; default: list order)."""
+def score_videos(feats: dict, labels, ids: list[str], fusions=("mean",), targets=(1e-4,),
+                 submission: str | Path | None = None, filelist: str | Path | None = None) -> VideoEval:
+    """Exact TPR@FPR between videos for each fusion of fused video features (``feats``: fusion -> (videos, D);
+    :func:`visrec.models.inference.video_features` computes them with a model). ``submission`` writes the LFR
+    video feature binary of the first fusion, rows in ``filelist`` order (``video_filelist.txt``; default: list
+    order)."""
     from visrec.evaluate.lfr import read_filelist, write_lfr_features
     from visrec.evaluate.verification import tpr_at_fpr
 
-    feats, labels, ids = video_features(model, video_list, fusions, device, progress=progress)
+    labels = np.asarray(labels)
     results = {f: tpr_at_fpr(feats[f], labels, targets) for f in fusions}
     out = None
     if submission is not None:
@@ -125,23 +85,3 @@ def evaluate_videos(model: torch.nn.Module, video_list: str | Path, fusions=("me
     n = len(labels)
     summary = {"videos": f"{n:,}", "genuine pairs": f"{genuine:,}", "impostor pairs": f"{n * (n - 1) // 2 - genuine:,}"}
     return VideoEval(results, feats, labels, ids, out, summary)
-
-
-def evaluate_video_model(model: str | Path, video_list: str | Path, fusions=("mean",), targets=(1e-4,),
-                         submission: str | Path | None = None, filelist: str | Path | None = None,
-                         progress=None) -> VideoEval:
-    """``visrec eval faces --video``: a visrec checkpoint (a face backbone, or a quality_fusion model for
-    ``learned``) on a video list."""
-    from visrec.models.loading import load_model
-
-    loaded = load_model(model)
-    if loaded.module is None:
-        raise ConfigError(f"video evaluation needs a visrec checkpoint (a torch model); {model} is not one")
-    net, cfg = loaded.module, dict(loaded.contract.arch or {"name": loaded.name})
-    if "learned" in fusions and not hasattr(net, "frame_outputs"):
-        raise ConfigError(f"--fusion learned needs a quality_fusion checkpoint; {model} is a {cfg['name']!r} "
-                          f"backbone (train one with configs/faces/video-quality.yaml)")
-    device = "cuda" if torch.cuda.is_available() else "cpu"
-    res = evaluate_videos(net, video_list, tuple(fusions), tuple(targets), device, submission, filelist, progress)
-    res.summary.update({"model": str(model), "videos list": str(video_list)})
-    return res

@@ -38,7 +38,7 @@ def calibrate_model(model: str | Path, data: str | Path, target_fpr: float = 1e-
         images, identities = len(listing.paths), listing.num_classes
     else:
         from visrec.data.datasets import open_face_dataset
-        from visrec.evaluate.run import embed_all
+        from visrec.faces.evaluation import embed_all
 
         embedder = Embedder(model)
         if not isinstance(embedder, ArcFaceEmbedder):

@@ -54,7 +54,7 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
         images, identities = len(listing.paths), listing.num_classes
     else:
         from visrec.data.datasets import open_face_dataset
-        from visrec.evaluate.run import embed_all
+        from visrec.faces.evaluation import embed_all
 
         embedder = Embedder(cfg.faces.model)
         if not isinstance(embedder, ArcFaceEmbedder):

@@ -108,8 +108,11 @@ class VideoTask(Task):
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         if self.data_opts.val is None:
             return {}
-        from visrec.evaluate.video import evaluate_videos
+        from visrec.evaluate.video import score_videos
+        from visrec.models.inference import video_features
 
         t = self.data_opts.val_target
-        res = evaluate_videos(backbone, self.data_opts.val, ("mean", "learned"), (t,), device=self.ctx.device)
+        fusions = ("mean", "learned")
+        feats, labels, ids = video_features(backbone, self.data_opts.val, fusions, self.ctx.device)
+        res = score_videos(feats, labels, ids, fusions, (t,))
         return {f"val/{f}_tpr@{t:g}": float(r[t].tpr or 0.0) for f, r in res.results.items()}

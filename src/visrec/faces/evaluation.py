@@ -1,6 +1,7 @@
 """Face evaluation runs: a model (checkpoint or ONNX) or a features file, a labelled data set, a protocol
--> exact TPR at the protocol's targets (+ 10-fold accuracy for a .bin) and an HTML report. Model code is
-imported inside the function, so ``visrec.evaluate`` itself stays model-free."""
+-> exact TPR at the protocol's targets (+ 10-fold accuracy for a .bin) and an HTML report; the LFR image-track
+submission; IJB-B/C; video lists. The model runs here and its outputs go to the metrics of
+:mod:`visrec.evaluate`, which imports no model."""
 
 from __future__ import annotations
 
@@ -242,3 +243,36 @@ def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = No
                 norm_first=False, galleries=split)
         run.results[opt.label] = entry
     return run
+
+
+def evaluate_videos(model, video_list: str | Path, fusions=("mean",), targets=(1e-4,), device="cpu",
+                    submission: str | Path | None = None, filelist: str | Path | None = None, progress=None):
+    """A torch face model (or a quality_fusion model) on a video list: fused features
+    (:func:`visrec.models.inference.video_features`) scored by :func:`visrec.evaluate.video.score_videos`."""
+    from visrec.evaluate.video import score_videos
+    from visrec.models.inference import video_features
+
+    feats, labels, ids = video_features(model, video_list, fusions, device, progress=progress)
+    return score_videos(feats, labels, ids, fusions, targets, submission, filelist)
+
+
+def evaluate_video_model(model: str | Path, video_list: str | Path, fusions=("mean",), targets=(1e-4,),
+                         submission: str | Path | None = None, filelist: str | Path | None = None,
+                         progress=None):
+    """``visrec eval faces --video``: a visrec checkpoint (a face backbone, or a quality_fusion model for
+    ``learned``) on a video list."""
+    import torch
+
+    from visrec.errors import ConfigError
+
+    loaded = _load(model)
+    if loaded.module is None:
+        raise ConfigError(f"video evaluation needs a visrec checkpoint (a torch model); {model} is not one")
+    net, cfg = loaded.module, dict(loaded.contract.arch or {"name": loaded.name})
+    if "learned" in fusions and not hasattr(net, "frame_outputs"):
+        raise ConfigError(f"--fusion learned needs a quality_fusion checkpoint; {model} is a {cfg['name']!r} "
+                          f"backbone (train one with configs/faces/video-quality.yaml)")
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    res = evaluate_videos(net, video_list, tuple(fusions), tuple(targets), device, submission, filelist, progress)
+    res.summary.update({"model": str(model), "videos list": str(video_list)})
+    return res
