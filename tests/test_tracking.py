@@ -3,7 +3,6 @@ the front one hiding the other for a few frames. A fake detector returns the tru
 order, the hidden face missed) and a fake embedder maps each crop to its identity's vector, so the test checks
 association, not detector or embedder quality."""
 
-import sys
 
 import cv2
 import numpy as np
@@ -138,23 +137,18 @@ def test_track_crops_use_the_chosen_alignment(video):
 
 def test_iou_alone_swaps_them_at_the_crossing(video):
     """Without appearance, B's stale box (from before it was hidden) overlaps where A is when B reappears more
-    than A's own last box overlaps B: the total-IoU optimum swaps the two tracks at frame 12 (greedy too)."""
+    than A's own last box overlaps B: the total-IoU optimum swaps the two tracks at frame 12."""
     frames, truth = video
-    for hungarian in (True, False):
-        with pytest.MonkeyPatch.context() as mp:
-            if not hungarian:  # as if scipy were missing
-                mp.setitem(sys.modules, "scipy.optimize", None)
-                assert assign(*GREEDY_CASE) == [(0, 0)]  # the greedy path is the one running
-            tracks = track_video(frames, FakeDetector(truth), None)
-        ids = [identities_of(t, truth) for t in tracks]
-        assert len(tracks) == 2
-        for track, idents in zip(tracks, ids):
-            before = [i for f, i in zip(track.frames, idents) if f < 12]
-            after = [i for f, i in zip(track.frames, idents) if f >= 12]
-            assert len(set(before)) == len(set(after)) == 1 and before[0] != after[0]  # swapped at 12
+    tracks = track_video(frames, FakeDetector(truth), None)
+    ids = [identities_of(t, truth) for t in tracks]
+    assert len(tracks) == 2
+    for track, idents in zip(tracks, ids):
+        before = [i for f, i in zip(track.frames, idents) if f < 12]
+        after = [i for f, i in zip(track.frames, idents) if f >= 12]
+        assert len(set(before)) == len(set(after)) == 1 and before[0] != after[0]  # swapped at 12
 
 
-# Hungarian takes (0, 1) + (1, 0) = 1.5; greedy takes the best pair (0, 0) = 0.9 and then nothing
+# the optimum (0, 1) + (1, 0) = 1.5, where taking the best pair (0, 0) = 0.9 first leaves nothing
 GREEDY_CASE = (np.array([[0.9, 0.8], [0.7, 0.0]]), np.array([[True, True], [True, False]]))
 
 

@@ -17,8 +17,8 @@ Association, frame by frame, between the open tracks and the frame's detections:
   ``momentum``, of its L2-normalised crop embeddings) and the detection's is at least ``sim_threshold``, and the
   affinity is similarity + IoU, so position only ranks the candidates. That is what keeps identities through
   crossings, occlusions and missed detections, where the nearest box is often the other face.
-The assignment maximises the total affinity (Hungarian, ``scipy.optimize.linear_sum_assignment``, when scipy is
-installed; else greedy, best pair first). Unmatched detections open new tracks; a track missed in more than
+The assignment maximises the total affinity (Hungarian, ``scipy.optimize.linear_sum_assignment``).
+Unmatched detections open new tracks; a track missed in more than
 ``max_age`` consecutive frames is closed.
 """
 
@@ -99,21 +99,12 @@ def iou_matrix(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 def assign(affinity: np.ndarray, allowed: np.ndarray) -> list[tuple[int, int]]:
     """(row, column) pairs among the ``allowed`` ones maximising the summed ``affinity``, each row and column
-    used at most once: Hungarian when scipy is installed, else greedy (highest affinity first)."""
+    used at most once (Hungarian, scipy's ``linear_sum_assignment``)."""
     rows, cols = np.nonzero(allowed)
     if len(rows) == 0:
         return []
-    try:
-        from scipy.optimize import linear_sum_assignment
-    except ImportError:
-        pairs, used_r, used_c = [], set(), set()
-        for k in np.argsort(-affinity[rows, cols], kind="stable"):
-            r, c = int(rows[k]), int(cols[k])
-            if r not in used_r and c not in used_c:
-                pairs.append((r, c))
-                used_r.add(r)
-                used_c.add(c)
-        return sorted(pairs)
+    from scipy.optimize import linear_sum_assignment  # a declared dependency: no silent greedy fallback
+
     # forbidden pairs get a cost no allowed assignment can beat, and are dropped afterwards
     big = 1.0 + 2.0 * float(np.abs(affinity[allowed]).sum())
     cost = np.where(allowed, -affinity, big)
