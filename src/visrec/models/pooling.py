@@ -47,7 +47,7 @@ class RMAC(nn.Module):
         self.levels, self.eps = levels, eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h, w = x.shape[2:]
+        h, w = int(x.shape[2]), int(x.shape[3])  # ints, not traced shapes: ONNX export rounds them
         out = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
         for level in range(1, self.levels + 1):
             side = max(1, int(round(2 * min(h, w) / (level + 1))))
