@@ -73,7 +73,8 @@ def test_eval_landmarks_cli_report_and_single_image(tmp_path):
     from visrec.train.landmarks_task import JDCrops
 
     ds = JDCrops(tmp_path / "val", 106, 112, 0.15, augment=False)
-    sub = write_submission(tmp_path / "sub", ds, np.stack([ds[i][1].numpy() for i in range(len(ds))]) * 112)
+    sub = write_submission(tmp_path / "sub", ds, np.stack([ds[i][1].numpy() for i in range(len(ds))]) * 112,
+                           coordinates="decimal")  # the challenge's integer default would round them
     for path, pts in zip(ds.paths, ds.points):
         assert np.allclose(read_landmark_txt(sub / f"{Path(path).name}.txt", 106), pts, atol=2e-3)
     image = sorted((tmp_path / "val" / "picture").glob("*.jpg"))[0]
