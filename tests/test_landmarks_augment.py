@@ -64,7 +64,8 @@ def test_random_augment_keeps_pose_consistent_with_points(tmp_path):
     """Synthetic faces' eyes lie level in the canonical frame, so the eye line gives the roll exactly; a
     flip must negate yaw and roll, a rotation add to roll, and the draws must not depend on the pose."""
     from visrec.data.augment import flip_pose, rotate_pose
-    from visrec.data.landmarks import read_jd_dir, read_jd_poses, write_synthetic_jd
+    from visrec.data.landmarks import read_jd_dir, read_jd_poses
+    from visrec.data.synth import write_synthetic_jd
 
     assert np.allclose(flip_pose([10, 5, -20]), [-10, 5, 20])
     assert np.allclose(rotate_pose([10, 5, 170], 20), [10, 5, -170])  # wrapped to [-180, 180)

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from visrec.config import load_config
-from visrec.data.landmarks import write_synthetic_jd
+from visrec.data.synth import write_synthetic_jd
 from visrec.evaluate.landmarks import nme
 from visrec.train.checkpoint import load_backbone
 from visrec.train.landmarks_task import JDCrops, predict

@@ -5,7 +5,8 @@ import pytest
 
 from visrec.faces.align import ARCFACE_112, align_face, five_points, similarity_transform
 from visrec.data.landmarks import (WflwRecord, read_jd_dir, read_landmark_txt, read_pts, read_wflw,
-                                   write_landmark_txt, write_pts, write_synthetic_jd, write_wflw)
+                                   write_landmark_txt, write_pts, write_wflw)
+from visrec.data.synth import write_synthetic_jd
 from visrec.errors import DataError, VisrecError
 
 

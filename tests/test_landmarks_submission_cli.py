@@ -5,7 +5,8 @@ import numpy as np
 import torch
 from typer.testing import CliRunner
 
-from visrec.data.landmarks import read_landmark_txt, write_synthetic_jd
+from visrec.data.landmarks import read_landmark_txt
+from visrec.data.synth import write_synthetic_jd
 from visrec.models import build_backbone
 
 

@@ -8,7 +8,7 @@ import torch
 
 from visrec.budget import check
 from visrec.config import parse_config
-from visrec.data.landmarks import write_synthetic_jd
+from visrec.data.synth import write_synthetic_jd
 from visrec.models import build_backbone
 from visrec.train.checkpoint import load_backbone
 from visrec.train.trainer import train

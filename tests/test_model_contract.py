@@ -58,7 +58,7 @@ def face_run(tmp_path_factory):
 def landmark_run(tmp_path_factory):
     """A 1-step heatmap_lite run trained on crops with margin 0.25 per side at 96 px (not 0.15 / 112); PFLD's
     7x7 head needs 112 px crops, so the margin/size test uses the heatmap model (24x24 heatmaps at 96 px)."""
-    from visrec.data.landmarks import write_synthetic_jd
+    from visrec.data.synth import write_synthetic_jd
 
     tmp = tmp_path_factory.mktemp("landmark-run")
     write_synthetic_jd(tmp / "train", 8, seed=1)
@@ -120,7 +120,8 @@ def test_landmark_contract_round_trips_and_every_caller_uses_its_margin_and_size
 
     from visrec.data.images import encode_jpeg, read_image
     from visrec.data.landmark_crops import JDCrops
-    from visrec.evaluate.landmark_report import evaluate_landmarks, landmark_metrics
+    from visrec.evaluate.landmark_report import landmark_metrics
+    from visrec.faces.evaluation import evaluate_landmarks
     from visrec.models.landmark_nets import predict_points
     from visrec.serve.app import create_app
     from visrec.serve.config import ServeConfig

@@ -58,7 +58,7 @@ def test_chain_collects_adjustments_and_stagewise_matches_the_chain():
 def test_eval_products_ablation_cli_table_report_and_library(tmp_path):
     from visrec.cli import app
     from visrec.data.synth_products import write_product_dataset
-    from visrec.evaluate.products import evaluate_products, postprocess_ablation
+    from visrec.index.evaluation import evaluate_products, postprocess_ablation
 
     root = tmp_path / "p"
     write_product_dataset(root, families=3, products_per_family=2, variants=2, queries_per_product=1, seed=3, size=64)
@@ -101,7 +101,7 @@ def test_the_synthetic_configs_chain_is_not_worse_than_no_chain_on_its_own_data(
     from visrec.cli import app
     from visrec.config import load_config
     from visrec.data.synth_products import write_product_dataset
-    from visrec.evaluate.products import evaluate_products
+    from visrec.index.evaluation import evaluate_products
     from visrec.train.trainer import train
 
     torch.set_num_threads(2)

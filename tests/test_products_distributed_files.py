@@ -89,7 +89,7 @@ def test_map_and_eval_products_on_the_distributed_layout(tmp_path):
     assert r.exit_code == 0, r.output
     assert "have no image" not in r.output
     assert P.read_submission(tmp_path / "dist" / "submission.csv") == ranked
-    from visrec.evaluate.products import evaluate_products
+    from visrec.index.evaluation import evaluate_products
     a = evaluate_products(tmp_path / "idx", root, tmp_path / "again", samples=0)
     assert a.queries == len(clean) == 4
     assert a.metrics["map@7_hits"] == pytest.approx(map_at_k(ranked, clean, 7, "hits"))

@@ -5,7 +5,7 @@ import torch
 
 from visrec.config import load_config
 from visrec.data.synth_products import write_product_dataset
-from visrec.evaluate.products import evaluate_descriptor
+from visrec.models.inference import evaluate_descriptor
 from visrec.models import build_backbone
 from visrec.train.checkpoint import load_backbone
 from visrec.train.trainer import train

@@ -205,7 +205,8 @@ def copy_of(src: Path, dst: Path) -> Path:
 def made(tmp_path_factory):
     """Valid files of every format, written once by the synthetic writers."""
     from visrec.data import synth
-    from visrec.data.landmarks import WflwRecord, write_pts, write_synthetic_jd, write_wflw
+    from visrec.data.landmarks import WflwRecord, write_pts, write_wflw
+    from visrec.data.synth import write_synthetic_jd
     from visrec.data.folders import write_csv_list
     from visrec.data.products import write_submission
     from visrec.data.video import write_video_dataset

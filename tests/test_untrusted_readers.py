@@ -319,7 +319,8 @@ def test_text_formats_name_file_and_line_of_a_non_utf8_byte(tmp_path, index):
 
 
 def test_jd_dir_reports_non_utf8_in_landmark_and_rect_files(tmp_path):
-    from visrec.data.landmarks import read_jd_dir, write_synthetic_jd
+    from visrec.data.landmarks import read_jd_dir
+    from visrec.data.synth import write_synthetic_jd
 
     root = write_synthetic_jd(tmp_path / "jd", 1)
     rect = next((root / "rect").glob("*.rect"))

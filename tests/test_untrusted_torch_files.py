@@ -134,7 +134,7 @@ def test_budget_export_eval_landmarks_commands(tmp_path, marker, monkeypatch, ca
     assert_refused(*visrec(["eval", "faces", "--model", evil, "--data", tmp_path / "pairs.bin",
                             "--out", tmp_path / "eval"], monkeypatch, capsys), evil)
     from visrec.data.images import encode_jpeg
-    from visrec.data.landmarks import write_synthetic_jd
+    from visrec.data.synth import write_synthetic_jd
     from visrec.data.synth import render_face
 
     jd = write_synthetic_jd(tmp_path / "jd", 2, seed=1)

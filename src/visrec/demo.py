@@ -234,8 +234,9 @@ def landmarks_section(out: Path, console: Console, faces: tuple[int, int] = (300
     import numpy as np
 
     from visrec.config import parse_config
-    from visrec.data.landmarks import write_synthetic_jd
-    from visrec.evaluate.landmark_report import evaluate_landmarks, landmark_metrics
+    from visrec.data.synth import write_synthetic_jd
+    from visrec.evaluate.landmark_report import landmark_metrics
+    from visrec.faces.evaluation import evaluate_landmarks
     from visrec.data.landmark_crops import JDCrops
     from visrec.train.trainer import train
 
@@ -281,7 +282,7 @@ def products_section(out: Path, console: Console) -> dict:
     import torch
 
     from visrec.data.synth_products import write_product_dataset
-    from visrec.evaluate.products import evaluate_products
+    from visrec.index.evaluation import evaluate_products
     from visrec.index.catalogue import IndexOptions, build_catalogue_index
     from visrec.models import build_backbone
 

@@ -21,7 +21,7 @@ def eval_landmarks(model: Path = typer.Option(..., "--model", help="checkpoint o
                             "facial-landmarks-localization-challenge.github.io) or decimal (3 decimals)")):
     """NME (four normalisations), AUC@0.08, failure rate; report.html with the CED and overlays."""
     from visrec.data.landmarks import SUBMISSION_COORDINATES
-    from visrec.evaluate.landmark_report import evaluate_landmarks
+    from visrec.faces.evaluation import evaluate_landmarks
 
     if coordinates not in SUBMISSION_COORDINATES:
         raise typer.BadParameter(f"must be one of {', '.join(SUBMISSION_COORDINATES)}", param_hint="--coordinates")

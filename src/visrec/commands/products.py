@@ -79,7 +79,7 @@ def eval_products(index_dir: Path = typer.Argument(..., help="index directory fr
                                                 help="also report the metrics after each post-processing stage "
                                                      "(none, +stage 1, +stages 1-2, ...; exact search)")):
     """mAP@k in both labelled forms, recall@1/k, submission.csv and report.html."""
-    from visrec.evaluate.products import evaluate_products
+    from visrec.index.evaluation import evaluate_products
 
     with _bar() as bar:
         task = bar.add_task("searching queries", total=None)

@@ -27,7 +27,7 @@ class JDCrops(Dataset):
         self.poses = read_jd_poses(root, self.paths)
         if with_pose and self.poses is None:
             raise DataError("no head-pose ground truth (pose/<image>.txt, 'yaw pitch roll' in degrees; "
-                            "visrec.data.landmarks.write_synthetic_jd writes it)", path=Path(root) / "pose")
+                            "visrec.data.synth.write_synthetic_jd writes it)", path=Path(root) / "pose")
         self.size, self.margin, self.augment, self.with_pose = size, margin, augment, with_pose
         self.flip_perm = get_scheme(points).flip_perm
         self.seed = seed

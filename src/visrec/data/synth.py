@@ -306,3 +306,59 @@ def write_verification_pairs(path: str | Path, num_identities: int, num_pairs: i
 
 # Synthetic products live in their own module; re-exported so every synthetic writer is reachable here.
 from visrec.data.synth_products import render_catalogue, render_query, write_product_dataset  # noqa: E402,F401
+
+
+# The renderer's yaw is a unitless turn in [-1, 1] (a 2-D approximation: inner points shift by their
+# depth, the far cheek foreshortens by 1 - 0.25 |yaw|). Degrees = unit * acos(0.75): the full turn, whose
+# far cheek is foreshortened to 0.75 = cos(41.4 deg), reads as 41.4 degrees. Nominal, but monotonic and
+# sign-correct (yaw > 0 moves the nose towards image right).
+SYNTH_YAW_DEGREES = math.degrees(math.acos(0.75))
+
+
+class _PoseRecorder:
+    """Wraps the ``np.random.Generator`` that ``render_face`` draws from and keeps its pose draws:
+    yaw is ``0.8 * uniform(-d, d)`` (unitless) and the in-plane angle ``uniform(-1, 1) * (4 + 22 d)``
+    degrees (``cv2.getRotationMatrix2D``'s sign: counter-clockwise as displayed = roll). The draws pass
+    through unchanged, so the rendered images are those of ``iter_faces``."""
+
+    def __init__(self, rng: np.random.Generator, difficulty: float):
+        self.rng, self.d = rng, float(np.clip(difficulty, 0, 1))
+        self.yaw_unit = self.roll_deg = None
+
+    def uniform(self, low=0.0, high=1.0, size=None):
+        v = self.rng.uniform(low, high, size)
+        if size is None and self.yaw_unit is None and (low, high) == (-self.d, self.d):
+            self.yaw_unit = 0.8 * float(v)
+        elif size is None and self.roll_deg is None and (low, high) == (-1, 1):
+            self.roll_deg = float(v) * (4 + 22 * self.d)
+        return v
+
+    def __getattr__(self, name):  # integers, standard_normal, ...: plain pass-through
+        return getattr(self.rng, name)
+
+
+def write_synthetic_jd(out_dir: str | Path, n_faces: int, *, seed: int = 0, difficulty: float = 0.3) -> Path:
+    """Render synthetic faces  into the JD-landmark layout, with their exact head pose
+    in ``pose/<name>.txt`` (``yaw 0 roll`` degrees: the renderer has no pitch; ``visrec.data.landmarks`` documents
+    the pose files).
+    The images are those of ``iter_faces(n_faces, 1, seed=seed, difficulty=difficulty)``."""
+    from visrec.data.images import encode_jpeg
+    from visrec.data.landmarks import write_landmark_txt, write_pose_txt
+
+    out = Path(out_dir)
+    for k in range(n_faces):
+        # the generator iter_faces gives face k (identity k, one image each)
+        rec = _PoseRecorder(np.random.default_rng([seed, k, 104729]), difficulty)
+        img, pts = render_face(k, rec, difficulty, seed)
+        if rec.yaw_unit is None or rec.roll_deg is None:
+            raise RuntimeError("render_face no longer draws pose as _PoseRecorder expects")
+        name = f"{k:06d}.jpg"
+        (out / "picture").mkdir(parents=True, exist_ok=True)
+        (out / "picture" / name).write_bytes(encode_jpeg(img))
+        write_landmark_txt(out / "landmark" / f"{name}.txt", pts)
+        write_pose_txt(out / "pose" / f"{name}.txt", (rec.yaw_unit * SYNTH_YAW_DEGREES, 0.0, rec.roll_deg))
+        x1, y1 = pts.min(0)
+        x2, y2 = pts.max(0)
+        (out / "rect").mkdir(exist_ok=True)
+        (out / "rect" / f"{name}.rect").write_text(f"{x1:.0f} {y1:.0f} {x2:.0f} {y2:.0f}\n")
+    return out

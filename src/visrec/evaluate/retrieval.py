@@ -17,8 +17,10 @@ Pure maths over ids: imports neither visrec.models nor visrec.train.
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from functools import partial
 
 from visrec.errors import VisrecError
+from visrec.registry import Registry
 
 FORMS = ("hits", "min_gt")
 
@@ -67,3 +69,12 @@ def recall_at_k(ranked_ids: Mapping, ground_truth: Mapping, k: int = 7) -> float
         _check_row(qid, ranked)
     found = sum(bool(set(list(ranked_ids.get(q, []))[:k]) & set(g)) for q, g in ground_truth.items())
     return found / len(ground_truth)
+
+
+# Metrics ``visrec eval products`` reports, by column name (``{k}``: the cut-off); each is
+# ``f(ranked_ids, ground_truth, k) -> float``. A new one is a function registered here (or by a plugin).
+RETRIEVAL_METRICS: Registry = Registry("retrieval metric")
+RETRIEVAL_METRICS.register("map@{k}_hits")(partial(map_at_k, form="hits"))
+RETRIEVAL_METRICS.register("map@{k}_min_gt")(partial(map_at_k, form="min_gt"))
+RETRIEVAL_METRICS.register("recall@1")(lambda ranked_ids, ground_truth, k: recall_at_k(ranked_ids, ground_truth, 1))
+RETRIEVAL_METRICS.register("recall@{k}")(recall_at_k)

@@ -12,6 +12,7 @@ from typing import Callable
 import numpy as np
 
 from visrec.errors import DataError, VisrecError
+from visrec.evaluate.landmark_report import LandmarkEval
 
 
 @dataclass
@@ -276,3 +277,41 @@ def evaluate_video_model(model: str | Path, video_list: str | Path, fusions=("me
     res = evaluate_videos(net, video_list, tuple(fusions), tuple(targets), device, submission, filelist, progress)
     res.summary.update({"model": str(model), "videos list": str(video_list)})
     return res
+
+
+def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "eval-landmarks",
+                       points: int | None = None, size: int | None = None, margin: float | None = None,
+                       coordinates: str = "integer") -> LandmarkEval:
+    """A landmark model (visrec checkpoint or ONNX, via ``visrec.models.load_model``) on a JD-landmark
+    directory (face-box crops). ``points``, ``size`` and ``margin`` (crop enlargement per side) default to
+    the model's contract: the crop it was trained on; giving other values evaluates on other crops.
+    The challenge submission goes to ``out/submission`` with ``coordinates`` as ``write_submission`` takes
+    them (integer by default, as the challenge asked); the metrics use the unrounded predictions."""
+    import torch
+
+    from visrec.data.landmark_crops import JDCrops
+    from visrec.evaluate.landmark_report import landmark_metrics, write_landmark_report, write_submission
+    from visrec.models.loading import load_model
+
+    loaded = load_model(model)
+    c = loaded.contract
+    if c.task != "landmarks" or c.crop_size is None:
+        raise DataError(f"not a visrec landmark model (its contract says task {c.task!r})", path=model)
+    points = int(points or c.num_points or 106)
+    size = int(size or c.crop_size)
+    margin = float(c.crop_margin if margin is None else margin)
+    ds = JDCrops(Path(data), points, size, margin, augment=False)
+    preds, gts = [], []
+    for start in range(0, len(ds), 64):
+        items = [ds[i] for i in range(start, min(len(ds), start + 64))]
+        preds.append(loaded.predict_crops(torch.stack([it[0] for it in items]).numpy()) * size)
+        gts.append(np.stack([it[1].numpy() for it in items]) * size)
+    pred = np.concatenate(preds) if preds else np.zeros((0, points, 2), np.float32)
+    gt = np.concatenate(gts) if gts else np.zeros((0, points, 2), np.float32)
+    metrics = landmark_metrics(pred, gt)
+    write_submission(Path(out) / "submission", ds, pred, coordinates)
+    images = [ds.crop(i)[0] for i in range(min(12, len(ds)))]
+    report = write_landmark_report(out, pred, gt, images, metrics,
+                                   {"model": str(model), "data": str(data), "faces": str(len(ds)),
+                                    "crop": f"margin {margin:g} per side, {size} px"})
+    return LandmarkEval(metrics, report, len(ds))

@@ -27,6 +27,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from visrec.errors import ConfigError, DataError
+from visrec.models.inference import describe
 
 MANIFEST = "manifest.json"
 
@@ -44,23 +45,6 @@ class IndexOptions(BaseModel):
     shard_size: int = Field(1024, gt=0, description="images per extraction shard (resume granularity)")
     postprocess: list[dict] = Field(default_factory=list, description="ordered stages: whiten, dba, qe, diffusion")
     strict: bool = Field(False, description="fail on the first unreadable catalogue image")
-
-
-@torch.no_grad()
-def describe(model: torch.nn.Module, images: Sequence[np.ndarray], size: int = 224,
-             multiscale: Sequence[float] | None = None, device: str | torch.device = "cpu") -> np.ndarray:
-    """(N, D) float32 L2-normalised descriptors of RGB uint8 images."""
-    from visrec.data.products import preprocess_product
-
-    if not len(images):
-        return np.zeros((0, getattr(model, "dim", 0)), np.float32)
-    scales = list(multiscale) if multiscale else [1.0]
-    total = None
-    for s in scales:
-        batch = np.stack([preprocess_product(im, int(round(size * s))) for im in images])
-        out = model(torch.from_numpy(batch).to(device)).float()
-        total = out if total is None else total + out
-    return torch.nn.functional.normalize(total, dim=1).cpu().numpy()
 
 
 def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]], out_dir: str | Path,

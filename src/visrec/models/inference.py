@@ -1,9 +1,11 @@
 """A model over a data set: the arrays that :mod:`visrec.evaluate` turns into metrics (frame embeddings and
-quality logits of every video of a list, fused per video)."""
+quality logits of every video of a list, fused per video; product descriptors of images), and the metrics of a
+product descriptor network on a validation root (the product trainer's validation)."""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import torch
@@ -55,3 +57,46 @@ def video_features(model: torch.nn.Module, video_list: str | Path, fusions=("mea
             [it.video_id for it in items])
 
 
+@torch.no_grad()
+def describe(model: torch.nn.Module, images: Sequence[np.ndarray], size: int = 224,
+             multiscale: Sequence[float] | None = None, device: str | torch.device = "cpu") -> np.ndarray:
+    """(N, D) float32 L2-normalised descriptors of RGB uint8 images."""
+    from visrec.data.products import preprocess_product
+
+    if not len(images):
+        return np.zeros((0, getattr(model, "dim", 0)), np.float32)
+    scales = list(multiscale) if multiscale else [1.0]
+    total = None
+    for s in scales:
+        batch = np.stack([preprocess_product(im, int(round(size * s))) for im in images])
+        out = model(torch.from_numpy(batch).to(device)).float()
+        total = out if total is None else total + out
+    return torch.nn.functional.normalize(total, dim=1).cpu().numpy()
+
+
+@torch.no_grad()
+def evaluate_descriptor(model: torch.nn.Module, root: str | Path, size: int = 224, k: int = 7,
+                        device="cpu", batch_size: int = 32) -> dict[str, float]:
+    """mAP@k / recall of a descriptor network on ``root`` with exact search (everything in memory: for
+    validation sets; use an index directory for a full catalogue)."""
+    from visrec.data.products import CATALOGUE_DIR, GROUND_TRUTH, list_images, read_ground_truth, read_image_checked
+    from visrec.evaluate.products import query_items, retrieval_metrics
+
+    root = Path(root)
+    gt = read_ground_truth(root / GROUND_TRUTH)
+    cat_items = list_images(root / CATALOGUE_DIR)
+    was_training = model.training
+    model.eval()
+
+    def vectors(items):
+        out = [describe(model, [read_image_checked(i, p) for i, p in items[s:s + batch_size]], size, device=device)
+               for s in range(0, len(items), batch_size)]
+        return np.concatenate(out)
+
+    cat = torch.from_numpy(vectors(cat_items))
+    q_items = query_items(root, gt)
+    q = torch.from_numpy(vectors(q_items))
+    model.train(was_training)
+    top = torch.topk(q @ cat.T, min(k, len(cat_items)), dim=1).indices.numpy()
+    ranked = {qid: [cat_items[j][0] for j in row] for (qid, _), row in zip(q_items, top)}
+    return retrieval_metrics(ranked, gt, k)

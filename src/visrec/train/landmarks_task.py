@@ -65,7 +65,7 @@ class LandmarkTask(Task):
         if pfld and not (Path(d.train) / "pose").is_dir():
             raise ConfigError(f"loss.name: pfld needs head-pose ground truth, but {Path(d.train) / 'pose'} does "
                               f"not exist (pose/<image>.txt: 'yaw pitch roll' in degrees, see "
-                              f"visrec.data.landmarks; write_synthetic_jd writes it)")
+                              f"visrec.data.landmarks; visrec.data.synth.write_synthetic_jd writes it)")
         return JDCrops(d.train, d.points, d.size, d.margin, d.augment, self.cfg.seed, with_pose=pfld)
 
     def build_modules(self, num_classes):

@@ -134,7 +134,7 @@ class ProductTask(Task):
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         if self.data_opts.val is None:
             return {}
-        from visrec.evaluate.products import evaluate_descriptor
+        from visrec.models.inference import evaluate_descriptor
 
         return {f"val/{k}": v for k, v in
                 evaluate_descriptor(backbone, self.data_opts.val, self.data_opts.size, device=self.ctx.device).items()}

@@ -1,0 +1,110 @@
+"""The package's shape holds: every import (module level or inside a function) points down the layers of
+docs/design.md, and no module imports itself back through others (no circle)."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+SRC = Path(__file__).resolve().parents[1] / "src" / "visrec"
+
+# lowest first; a module may import its own layer and the ones before it
+LAYERS = [
+    ["errors", "registry", "_optional", "_torchfile", "_npz", "_onnx"],
+    ["data"],  # real formats, synthetic data, the image decoder
+    ["evaluate"],  # metrics over arrays: no model, trainer or index, so anything may call them
+    ["config", "protocols"],
+    ["models"],  # backbones, heads, model files and contracts, a model run over a data set
+    ["losses"],
+    ["export"],  # ONNX export (budget measures the file it writes)
+    ["budget"],
+    ["train"],  # the trainer's validation calls evaluate and models.inference
+    ["faces"],  # the face pipeline, and evaluation runs of face models
+    ["index"],  # galleries and the product catalogue, and its evaluation run
+    ["serve"],
+    ["api", "demo_real"],
+    ["demo"],
+    ["commands"],
+    ["cli"],
+]
+RANK = {name: i for i, names in enumerate(LAYERS) for name in names}
+
+
+def module_name(path: Path) -> str:
+    parts = path.relative_to(SRC.parent).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imports(path: Path) -> list[tuple[str, int]]:
+    """(imported visrec module, line) for every import in the file, relative ones resolved."""
+    tree = ast.parse(path.read_text(), str(path))
+    here = module_name(path).split(".")
+    package = here if path.name == "__init__.py" else here[:-1]
+    found = []
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found += [(a.name, node.lineno) for a in node.names if a.name.split(".")[0] == "visrec"]
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                base = ".".join(package[:len(package) - node.level + 1] + ([base] if base else []))
+            if base.split(".")[0] != "visrec":
+                continue
+            for a in node.names:  # `from visrec.faces import align` imports the module visrec.faces.align
+                candidate = f"{base}.{a.name}"
+                found.append((candidate if (SRC.parent / candidate.replace(".", "/")).with_suffix(".py").exists()
+                              or (SRC.parent / candidate.replace(".", "/")).is_dir() else base, node.lineno))
+    return found
+
+
+def layer_of(module: str) -> str:
+    parts = module.split(".")
+    return parts[1] if len(parts) > 1 else "__init__"
+
+
+def all_modules() -> dict[str, Path]:
+    return {module_name(p): p for p in SRC.rglob("*.py")}
+
+
+def test_every_module_is_on_a_layer():
+    unplaced = sorted({layer_of(m) for m in all_modules()} - set(RANK) - {"__init__"})
+    assert not unplaced, f"modules on no layer of LAYERS (add them where docs/design.md puts them): {unplaced}"
+
+
+def test_no_import_points_up_a_layer():
+    upward = []
+    for module, path in all_modules().items():
+        mine = layer_of(module)
+        if mine == "__init__":  # the package root names its API lazily, by string
+            continue
+        for target, line in imports(path):
+            theirs = layer_of(target)
+            if theirs != "__init__" and RANK[theirs] > RANK[mine]:
+                upward.append(f"{path.relative_to(SRC.parent)}:{line}: {mine} imports {target} ({theirs})")
+    assert not upward, "imports that point up a layer:\n" + "\n".join(upward)
+
+
+def test_no_import_circle():
+    modules = all_modules()
+    graph = {m: sorted({t for t, _ in imports(p) if t in modules and t != m}) for m, p in modules.items()}
+    # a package's __init__ that imports its own submodules to run their registrations is not a circle when the
+    # submodule imports only names the __init__ defined before that line; count module-to-module edges only
+    state, stack, circles = {}, [], []
+
+    def visit(node):
+        state[node] = "open"
+        stack.append(node)
+        for nxt in graph[node]:
+            if nxt.startswith(node + ".") or node.startswith(nxt + "."):
+                continue  # a package and its own submodules
+            if state.get(nxt) == "open":
+                circles.append(" -> ".join(stack[stack.index(nxt):] + [nxt]))
+            elif nxt not in state:
+                visit(nxt)
+        stack.pop()
+        state[node] = "done"
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m)
+    assert not circles, "import circles:\n" + "\n".join(circles)
