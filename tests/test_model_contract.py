@@ -165,7 +165,7 @@ def test_landmark_contract_round_trips_and_every_caller_uses_its_margin_and_size
     client = TestClient(create_app(ServeConfig(landmarks={"model": str(run)})))
     r = client.post("/v1/landmarks", files={"image": encode_jpeg(image)}, data={"box": ",".join(map(str, box))})
     assert r.status_code == 200, r.text
-    from visrec.serve.pipeline import decode_upload
+    from visrec.faces.images import decode_upload
 
     np.testing.assert_allclose(np.array(r.json()["points"]),
                                predict_points(net, decode_upload(encode_jpeg(image)), box, 0.25, 96), atol=0.01)
@@ -176,7 +176,7 @@ def test_landmark_contract_in_pipeline_prepare_and_onnx(landmark_run, tmp_path):
     from visrec.faces.prepare import _landmarker_from
     from visrec.export import export_checkpoint
     from visrec.models.landmark_nets import predict_points
-    from visrec.serve.pipeline import FacePipeline
+    from visrec.faces.pipeline import FacePipeline
 
     from conftest import save_tiny_face_model
 

@@ -25,28 +25,12 @@ def calibrate_model(model: str | Path, data: str | Path, target_fpr: float = 1e-
     ``{"threshold": Threshold, "tpr", "fpr", "genuine_pairs", "impostor_pairs", "images", "identities",
     "no_face", "written"}`` (``written``: the file changed, or None)."""
     from visrec.evaluate.calibration import calibrate_threshold
-    from visrec.faces.pipeline import ArcFaceEmbedder, Embedder, FacePipeline, embed_photos
 
     target = _model_file(model) if write else None
-    no_face: list = []
-    if photos:
-        from visrec.data.folders import read_image_folder
-
-        pipe = FacePipeline(model, detector=detector, landmarks=landmarks, detect_size=detect_size)
-        embedder, listing = pipe.embedder, read_image_folder(data)
-        embeddings, labels, no_face = embed_photos(pipe, listing, batch, progress)
-        images, identities = len(listing.paths), listing.num_classes
-    else:
-        from visrec.data.datasets import open_face_dataset
-        from visrec.faces.evaluation import embed_all
-
-        embedder = Embedder(model)
-        if not isinstance(embedder, ArcFaceEmbedder):
-            raise VisrecError(f"{embedder.name} embeds its own crops, not aligned faces: calibrate on raw photos "
-                              f"(photos=True / --photos)")
-        ds = open_face_dataset(data)
-        embeddings, labels = embed_all(embedder, len(ds), ds.source.image, batch, progress), ds.labels
-        images, identities = len(ds), int(ds.num_classes)
+    embedder, embeddings, labels, seen = embed_labelled(model, data, photos=photos, batch=batch, progress=progress,
+                                                        detector=detector, landmarks=landmarks,
+                                                        detect_size=detect_size)
+    images, identities, no_face = seen["images"], seen["identities"], seen["no_face"]
     res = calibrate_threshold(embeddings, labels, target_fpr, embedder.metric)
     threshold = Threshold(value=float(res.threshold), origin="calibrated", fpr=float(target_fpr),
                           data=f"{Path(data).name} ({images} images, {identities} identities, "
@@ -54,7 +38,35 @@ def calibrate_model(model: str | Path, data: str | Path, target_fpr: float = 1e-
     written = write_threshold(target, threshold) if write else None
     return {"threshold": threshold, "tpr": res.tpr, "fpr": res.fpr, "genuine_pairs": res.genuine_count,
             "impostor_pairs": res.impostor_count, "images": images, "identities": identities,
-            "no_face": [str(p) for p in no_face], "written": None if written is None else str(written)}
+            "no_face": no_face, "written": None if written is None else str(written)}
+
+
+def embed_labelled(model: str | Path, data: str | Path, *, photos: bool = False, batch: int = 64, progress=None,
+                   **pipeline_options):
+    """``(embedder, embeddings, labels, {"images", "identities", "no_face"})`` of a labelled set: aligned crops
+    (an image folder or RecordIO, embedded as they are), or with ``photos`` raw photos in ``data/<identity>/``
+    through a :class:`FacePipeline` built with ``pipeline_options`` (photos without a face are left out and
+    listed). Used to calibrate a model and a gallery alike."""
+    from visrec.faces.pipeline import ArcFaceEmbedder, Embedder, FacePipeline, embed_photos
+
+    if photos:
+        from visrec.data.folders import read_image_folder
+
+        pipe = FacePipeline(model, **pipeline_options)
+        listing = read_image_folder(data)
+        embeddings, labels, no_face = embed_photos(pipe, listing, batch, progress)
+        return pipe.embedder, embeddings, labels, {"images": len(listing.paths), "identities": listing.num_classes,
+                                                   "no_face": [str(p) for p in no_face]}
+    from visrec.data.datasets import open_face_dataset
+    from visrec.faces.evaluation import embed_all
+
+    embedder = Embedder(model)
+    if not isinstance(embedder, ArcFaceEmbedder):
+        raise VisrecError(f"{embedder.name} embeds its own crops, not aligned faces: calibrate on raw photos "
+                          f"through the face pipeline (--photos)")
+    ds = open_face_dataset(data)
+    embeddings = embed_all(embedder, len(ds), ds.source.image, batch, progress)
+    return embedder, embeddings, ds.labels, {"images": len(ds), "identities": int(ds.num_classes), "no_face": []}
 
 
 def _model_file(model: str | Path) -> Path:

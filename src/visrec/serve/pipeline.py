@@ -1,16 +1,13 @@
 """The face pipeline bound to a serve config: the configured gallery, and gallery calibration.
 
-The pipeline itself (decoding, detection, alignment, embedders) is :mod:`visrec.faces.pipeline`; its names
-are importable from here too, as before.
+The pipeline itself (decoding, detection, alignment, embedders) is :mod:`visrec.faces`.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 
-from visrec.faces.images import InputError, decode_upload, image_hash  # noqa: F401
-from visrec.faces.pipeline import (ArcFaceEmbedder, Embedder, ExternalEmbedder, Face, FacePipeline,  # noqa: F401
-                                   embed_photos)
+from visrec.faces.pipeline import Embedder
 
 
 def open_configured_gallery(faces_cfg, embedder: Embedder):
@@ -34,6 +31,7 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
     way for an embedder with its own crop (dlib-resnet). Returns what :func:`visrec.index.gallery.calibrate`
     returns plus the counts and ``no_face`` (photos where no face was found; left out of the pairs)."""
     from visrec.errors import ConfigError
+    from visrec.faces.calibrate import embed_labelled
     from visrec.index.gallery import calibrate
     from visrec.serve.config import load_serve_config
 
@@ -43,30 +41,13 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
     if cfg.faces.gallery.backend != "milvus":
         raise ConfigError(f"{config}: the {cfg.faces.gallery.backend!r} gallery lives in memory; a calibrated "
                           f"threshold would be lost — calibrate a milvus gallery")
-    no_face: list = []
-    if photos:
-        from visrec.data.folders import read_image_folder
-
-        pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
-                            detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=cfg.limits.max_pixels)
-        embedder, listing = pipe.embedder, read_image_folder(data)
-        embeddings, labels, no_face = embed_photos(pipe, listing, batch, progress)
-        images, identities = len(listing.paths), listing.num_classes
-    else:
-        from visrec.data.datasets import open_face_dataset
-        from visrec.faces.evaluation import embed_all
-
-        embedder = Embedder(cfg.faces.model)
-        if not isinstance(embedder, ArcFaceEmbedder):
-            raise ConfigError(f"{embedder.name} embeds its own crops, not aligned 112x112 faces: calibrate on raw "
-                              f"photos through the configured pipeline (visrec gallery calibrate --photos)")
-        ds = open_face_dataset(data)
-        embeddings, labels = embed_all(embedder, len(ds), ds.source.image, batch, progress), ds.labels
-        images, identities = len(ds), int(ds.num_classes)
+    f = cfg.faces
+    embedder, embeddings, labels, seen = embed_labelled(
+        f.model, data, photos=photos, batch=batch, progress=progress, aligned=f.aligned, landmarks=f.landmarks,
+        detector=f.detector, align=f.align, max_pixels=cfg.limits.max_pixels, detect_size=f.detect_size)
     gallery = open_configured_gallery(cfg.faces, embedder)
     try:
         out = calibrate(gallery, embeddings, labels, target_fpr)
     finally:
         gallery.close()
-    return {**out, "images": images, "identities": identities, "no_face": [str(p) for p in no_face],
-            "gallery": cfg.faces.gallery.uri}
+    return {**out, **seen, "gallery": cfg.faces.gallery.uri}

@@ -208,7 +208,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
-        (out / "config.yaml").write_text(json.dumps(cfg.model_dump(mode="json"), indent=2))
+        import yaml
+
+        # the run's whole config, as YAML a later `visrec train` takes back (unknown keys are refused there)
+        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     if ctx.is_main:
         # rows after the starting step were logged by a run that stopped before checkpointing them: drop
         # them (atomically) so the steps about to be re-run are not logged twice
