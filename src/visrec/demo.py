@@ -1,10 +1,13 @@
 """The offline demo: everything runs on CPU from synthetic data written in the real formats.
 
 Faces: render identities -> RecordIO + held-out verification .bin -> accuracy of an untrained
-MobileFaceNet -> train it for a few minutes -> accuracy again; its budget, ONNX export and exact TPR@FPR;
+MobileFaceNet -> train it for 80 steps (about 3 minutes on 2 cores) -> accuracy again; its budget, ONNX export and exact TPR@FPR;
 a Milvus Lite gallery. Video: frame-fusion weights learned on top of that backbone against mean fusion
 (TPR@1e-4 between held-out videos). Landmarks: a light 106-point model against the mean shape (NME, AUC).
 Products: a catalogue index and mAP@7. Real faces: pretrained dlib models on real photos.
+
+The demo repeats: fixed seeds, a fixed step count, deterministic algorithms and a fixed number of CPU threads
+(``DEMO["threads"]``): the thread count changes the order of float reductions, and with it the trained weights.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from rich.console import Console
 from rich.table import Table
 
 
-def faces_section(out: Path, minutes: float, console: Console) -> dict:
+def faces_section(out: Path, steps: int, console: Console) -> dict:
     from visrec.config import parse_config
     from visrec.data.synth import write_face_dataset, write_verification_pairs
     from visrec.data.verification import read_verification_bin
@@ -40,17 +43,16 @@ def faces_section(out: Path, minutes: float, console: Console) -> dict:
         return float(evaluate_bin_pairs(embed_images(model, images), issame).accuracy_mean)
 
     untrained = accuracy(build_backbone("mobilefacenet", embedding_size=512))
-    # Steps sized from a short timing run so the demo honours its minute budget on any CPU.
     run_dir = out / "runs" / "mbf-synth"
     cfg = parse_config({
-        "task": "faces", "output": str(run_dir), "device": "cpu", "batch_size": 32, "seed": 0,
+        "task": "faces", "output": str(run_dir), "device": "cpu", "batch_size": 32, "seed": 0, "deterministic": True,
         "model": {"name": "mobilefacenet", "embedding_size": 512},
         "data": {"train": str(train_dir), "val": [str(val_bin)]},
         # CPU minutes allow only ~100 steps: AdamW and a mild CosFace margin converge in that many
         # (SGD at arcface_torch's lr 0.1 with ArcFace m=0.5 does not move a fresh MobileFaceNet that fast).
         "loss": {"name": "cosface", "s": 30.0, "m": 0.2},
         "optim": {"name": "adamw", "lr": 0.002, "weight_decay": 5e-4},
-        "schedule": {"max_steps": _steps_for(minutes), "warmup_steps": 5},
+        "schedule": {"max_steps": steps, "warmup_steps": 5},
         "checkpoint_every": 100, "log_every": 10,
     }, source="demo config")
     started = time.perf_counter()
@@ -61,27 +63,10 @@ def faces_section(out: Path, minutes: float, console: Console) -> dict:
             "seconds": time.perf_counter() - started, "run": run_dir, "data": data}
 
 
+# 80 face steps: fewer leave BatchNorm running statistics dominated by the first steps and the eval-mode
+# embeddings collapse (seen at 26 steps); 80 is what the end-to-end test trains.
 DEMO = {"identities": 100, "per_identity": 30, "difficulty": 0.3, "val_identities": 60, "val_pairs": 600,
-        "gallery_identities": 50}
-
-
-def _steps_for(minutes: float) -> int:
-    import torch
-
-    from visrec.models import build_backbone
-
-    model = build_backbone("mobilefacenet", embedding_size=512)
-    x = torch.randn(32, 3, 112, 112)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    t0 = time.perf_counter()
-    for _ in range(2):
-        opt.zero_grad()
-        model(x).sum().backward()
-        opt.step()
-    per_step = (time.perf_counter() - t0) / 2
-    # at least 80 steps: fewer leave BatchNorm running statistics dominated by the first steps, and the
-    # eval-mode embeddings collapse (seen at 26 steps); 80 steps is what the end-to-end test trains
-    return max(80, int(minutes * 60 / per_step))
+        "gallery_identities": 50, "face_steps": 80, "threads": 2}
 
 
 def budget_and_eval_section(out: Path, faces: dict, console: Console) -> dict:
@@ -104,7 +89,19 @@ def budget_and_eval_section(out: Path, faces: dict, console: Console) -> dict:
     return {"budget": budget, "onnx": onnx_path, "parity": parity, "eval": ev}
 
 
-def run_demo(out: Path, minutes: float = 3.0, console: Console | None = None) -> None:
+def run_demo(out: Path, steps: int = DEMO["face_steps"], console: Console | None = None) -> None:
+    """Every section in turn, with ``DEMO["threads"]`` torch threads (restored afterwards)."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(DEMO["threads"])
+    try:
+        _run_demo(out, steps, console)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _run_demo(out: Path, steps: int, console: Console | None) -> None:
     import os
 
     # Milvus Lite's embedded server complains about the client's keepalive pings through gRPC's C-core
@@ -113,7 +110,7 @@ def run_demo(out: Path, minutes: float = 3.0, console: Console | None = None) ->
     console = console or Console()
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    faces = faces_section(out, minutes, console)
+    faces = faces_section(out, steps, console)
     table = Table(title="visrec demo — faces (synthetic, held-out identities)")
     table.add_column("model")
     table.add_column("10-fold verification accuracy", justify="right")
@@ -221,7 +218,7 @@ def video_section(out: Path, backbone: Path, console: Console, identities: tuple
         else:
             table.add_row(fusion, "-", r.reason)
     console.print(table)
-    console.print(f"fusion model: {run_dir} (visrec eval faces --video --model {run_dir} --data "
+    console.print(f"fusion model: {run_dir} (visrec eval faces {run_dir} --video --data "
                   f"{data / 'val' / 'videos.csv'} --fusion learned)")
     return {fusion: by_target[1e-4] for fusion, by_target in res.results.items()}
 
@@ -300,6 +297,6 @@ def products_section(out: Path, console: Console) -> dict:
         table.add_row(key, f"{value:.4f}")
     console.print(table)
     console.print(f"submission: {res.submission}\nHTML report (queries and their top 7): {res.report}\n"
-                  f"fine-tune the descriptor: visrec train configs/products/synthetic.yaml (BENCHMARKS.md: "
+                  f"fine-tune the descriptor: visrec train --config configs/products/synthetic.yaml (BENCHMARKS.md: "
                   f"mAP@7 0.098 -> 0.53 on held-out queries)")
     return res.metrics

@@ -45,7 +45,8 @@ def write_landmark_report(out_dir: str | Path, pred: np.ndarray, gt: np.ndarray,
         x, y = ced_curve(nme(pred, gt, norm), alpha)
         ax.plot(x, y, label=f"{norm} (AUC {metrics[norm][f'auc@{alpha:g}']:.4f})")
     ax.set(xlabel="NME", ylabel="share of faces", title=f"CED up to {alpha:g}", xlim=(0, alpha), ylim=(0, 1))
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # an empty legend makes matplotlib warn
+        ax.legend(fontsize=7)
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "ced.png", dpi=110)

@@ -22,13 +22,14 @@ def write_face_report(out_dir: str | Path, results: dict, curve, summary: dict[s
     out.mkdir(parents=True, exist_ok=True)
     ok = (curve.fpr > 0) & (curve.tpr > 0)
     fig, ax = plt.subplots(figsize=(5, 4))
-    ax.semilogx(curve.fpr[ok], curve.tpr[ok])
+    ax.semilogx(curve.fpr[ok], curve.tpr[ok], label="ROC")
     for t, r in results.items():
         if r.estimable and r.tpr is not None:
             ax.plot([r.fpr or t], [r.tpr], "o", label=f"TPR@{t:g} = {r.tpr:.4f}")
     ax.set(xlabel="FPR (log)", ylabel="TPR", title="ROC (accept when score >= t)")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7)
+    if ax.get_legend_handles_labels()[0]:  # an empty legend makes matplotlib warn
+        ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "roc.png", dpi=110)
     plt.close(fig)
@@ -47,7 +48,8 @@ def write_face_report(out_dir: str | Path, results: dict, curve, summary: dict[s
         if hist.sum():
             ax.plot(centres, hist / hist.sum(), label=f"{name} ({int(hist.sum()):,} pairs)")
     ax.set(xlabel="cosine score", ylabel="share of pairs", title="score distributions")
-    ax.legend(fontsize=8)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "hist.png", dpi=110)
     plt.close(fig)
