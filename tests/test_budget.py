@@ -2,12 +2,10 @@
 
 import pytest
 import torch
-import typer
 from torch import nn
 from typer.testing import CliRunner
 
 from visrec.budget import check, fit_to_budget, full_flops, layer_counts, lfr_flops, onnx_layer_counts
-from visrec.commands.budget import budget as budget_fn
 from visrec.errors import DataError
 from visrec.export import export_onnx
 from visrec.models import build_backbone
@@ -141,15 +139,22 @@ runner = CliRunner()
 
 
 def test_budget_cli_exit_codes_and_labels(tmp_path):
-    one = typer.Typer()
-    one.command()(budget_fn)  # the function cli.py wires as `visrec budget`
-    ok = runner.invoke(one, ["effnet_face", "--set", "width_mult=0.5", "--protocol", "deepglint-light"])
+    from visrec.cli import app
+
+    one = lambda args: runner.invoke(app, ["budget", "check", *args])  # noqa: E731
+    ok = one(["effnet_face", "--set", "width_mult=0.5", "--protocol", "deepglint-light"])
     assert ok.exit_code == 0, ok.output
     assert "MACs" in ok.output and "FLOPs, LFR rule" in ok.output and "MiB" in ok.output
     tight = tmp_path / "tight.yaml"
     tight.write_text("name: tight\nmax_gflops: 0.2\nembedding_dim: 512\n")
-    fail = runner.invoke(one, ["mbf", "--protocol", str(tight), "--layers"])  # 0.9 G FLOPs
+    fail = one(["mbf", "--protocol", str(tight), "--layers"])  # 0.9 G FLOPs
     assert fail.exit_code == 1 and "FAIL" in fail.output and "per layer" in fail.output
+    # `budget fit` is a subcommand of its own: a family and a protocol, a table of the fit and the next larger
+    fit = runner.invoke(app, ["budget", "fit", "mobilefacenet", "--protocol", str(tight)])
+    assert "largest mobilefacenet inside tight" in fit.output, fit.output
+    assert fit.exit_code in (0, 1) and ("fit" in fit.output)
+    missing = runner.invoke(app, ["budget", "fit", "--protocol", str(tight)])
+    assert missing.exit_code == 2 and "FAMILY" in missing.output
 
 
 def test_onnx_count_sees_through_upsampling_scales(tmp_path):

@@ -165,9 +165,9 @@ def test_zero_count_layers_with_weights_still_pass():
 
 def test_budget_size_is_the_exported_file_from_every_path(tmp_path):
     from typer.testing import CliRunner
-    import typer
 
-    from visrec.commands.budget import _model_from_spec, budget as budget_fn
+    from visrec.cli import app
+    from visrec.commands.budget import _model_from_spec
     from visrec.models.model_file import default_contract
 
     torch.manual_seed(0)
@@ -197,8 +197,6 @@ def test_budget_size_is_the_exported_file_from_every_path(tmp_path):
     assert check(spec_model, "deepglint-light", contract=spec_contract, untrained=True).size_bytes == file_size
     assert check(spec_model, "deepglint-light", contract=spec_contract).size_bytes < file_size  # why untrained=
     # and the CLI prints the same number of bytes for the checkpoint and for the registry name
-    one = typer.Typer()
-    one.command()(budget_fn)
     for args in ([str(ckpt)], ["mbf", "--set", "scale=1"]):
-        out = CliRunner().invoke(one, args + ["--protocol", "deepglint-light"])
+        out = CliRunner().invoke(app, ["budget", "check", *args, "--protocol", "deepglint-light"])
         assert f"{file_size:,} B" in out.output, out.output

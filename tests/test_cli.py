@@ -12,7 +12,7 @@ runner = CliRunner()
 
 def test_data_synth_faces_writes_real_formats(tmp_path):
     out = tmp_path / "synth"
-    res = runner.invoke(app, ["data", "synth", "faces", str(out), "--identities", "3", "--per-identity", "2",
+    res = runner.invoke(app, ["data", "synth", "faces", "--out", str(out), "--identities", "3", "--per-identity", "2",
                               "--pairs", "4"])
     assert res.exit_code == 0, res.output
     assert (out / "train" / "train.rec").exists() and (out / "val.bin").exists()
@@ -22,7 +22,7 @@ def test_data_synth_faces_writes_real_formats(tmp_path):
 def test_bad_config_is_a_clean_error(tmp_path):
     cfg = tmp_path / "bad.yaml"
     cfg.write_text("model: {name: mobilefacenet}\nschedule: {max_steps: 1}\noptim: {lr: -3}\n")
-    done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", str(cfg)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", "--config", str(cfg)], capture_output=True, text=True)
     assert done.returncode == 2
     assert "optim.lr" in done.stderr and "Traceback" not in done.stderr
 
@@ -31,7 +31,7 @@ def test_missing_data_is_a_clean_error(tmp_path):
     cfg = tmp_path / "run.yaml"
     cfg.write_text(f"output: {tmp_path / 'run'}\nmodel: {{name: mobilefacenet}}\nschedule: {{max_steps: 1}}\n"
                    f"data: {{train: {tmp_path / 'nowhere'}}}\n")
-    done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", str(cfg)], capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", "--config", str(cfg)], capture_output=True, text=True)
     assert done.returncode == 2
     assert "nowhere" in done.stderr and "Traceback" not in done.stderr
 
@@ -65,13 +65,13 @@ def test_data_prepare_commands_report_what_they_did(tmp_path):
     photos.mkdir()
     (photos / "a.jpg").write_bytes(encode_jpeg(np.full((60, 100, 3), 40, np.uint8)))
     (photos / "broken.jpg").write_bytes(b"\xff\xd8 not really")
-    res = runner.invoke(app, ["data", "prepare", "products", str(photos), str(tmp_path / "cat"), "--size", "64"])
+    res = runner.invoke(app, ["data", "prepare", "products", str(photos), "--out", str(tmp_path / "cat"), "--size", "64"])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "cat" / "catalogue" / "a.jpg").exists() and "unreadable" in res.output and "broken" in res.output
     people = tmp_path / "people" / "someone"
     people.mkdir(parents=True)
     (people / "blank.jpg").write_bytes(encode_jpeg(np.full((120, 120, 3), 128, np.uint8)))
-    res = runner.invoke(app, ["data", "prepare", "faces", str(tmp_path / "people"), str(tmp_path / "aligned"),
+    res = runner.invoke(app, ["data", "prepare", "faces", str(tmp_path / "people"), "--out", str(tmp_path / "aligned"),
                               "--box-margin", "0.1", "--align", "eyes"])
     assert res.exit_code == 0, res.output
     assert "no face" in res.output and (tmp_path / "aligned" / "prepare_report.json").exists()

@@ -179,12 +179,12 @@ def test_cli_synth_faces_folder_and_pairs(tmp_path):
     from visrec.commands.data import app
 
     runner = CliRunner()
-    res = runner.invoke(app, ["synth", "faces", str(tmp_path / "s"), "--identities", "2", "--per-identity", "2",
+    res = runner.invoke(app, ["synth", "faces", "--out", str(tmp_path / "s"), "--identities", "2", "--per-identity", "2",
                               "--format", "folder", "--pairs", "4", "--difficulty", "0.5"])
     assert res.exit_code == 0, res.output
     assert "synthetic faces written" in res.output and "106-point landmarks" in res.output
     assert len(list((tmp_path / "s" / "train").glob("*/*.jpg"))) == 4
     assert len(list((tmp_path / "s" / "train-landmarks").glob("*/*.txt"))) == 4
     assert (tmp_path / "s" / "val.bin").exists()
-    bad = runner.invoke(app, ["synth", "faces", str(tmp_path / "t"), "--format", "zip"])
+    bad = runner.invoke(app, ["synth", "faces", "--out", str(tmp_path / "t"), "--format", "zip"])
     assert bad.exit_code == 2 and "zip" in bad.output

@@ -59,8 +59,8 @@ def recompute(root, model_path):
 
 
 def test_eval_ijb_end_to_end(release, tmp_path):
-    res = run("--root", release / "IJB_C", "--model", release / "model.pt", "--json", tmp_path / "r.json",
-              "--far", "0.1", "--far", "0.3", "--fpir", "0.1", "--fpir", "0.5")
+    res = run(release / "model.pt", "--data", release / "IJB_C", "--out", tmp_path / "r.json",
+              "--target-fpr", "0.1", "--target-fpr", "0.3", "--target-fpir", "0.1", "--target-fpir", "0.5")
     assert res.exit_code == 0, res.output
     text = " ".join(res.output.split())
     assert "strict: the highest TAR" in text and "nearest: the ROC point" in text and "CMC rank-1" in text
@@ -115,7 +115,7 @@ def test_all_options_and_missing_1n(release, tmp_path):
     root = tmp_path / "IJB_C"
     shutil.copytree(release / "IJB_C", root)
     (root / "meta" / "ijbc_1N_probe_mixed.csv").unlink()
-    res = run("--root", root, "--model", release / "model.pt", "--all-options", "--json", tmp_path / "r.json")
+    res = run(release / "model.pt", "--data", root, "--all-options", "--out", tmp_path / "r.json")
     assert res.exit_code == 0, res.output
     out = json.loads((tmp_path / "r.json").read_text())
     assert len(out["pooling"]) == 8 and "F0 N0 D0" in out["pooling"]
@@ -146,13 +146,13 @@ def test_malformed_release_is_a_data_error_naming_file_and_line(release, tmp_pat
     lines = path.read_text().splitlines()
     lines[2] = lines[2].rsplit(" ", 1)[0]  # drop the detector score of line 3
     path.write_text("\n".join(lines) + "\n")
-    res = run("--root", root, "--model", release / "model.pt")
+    res = run(release / "model.pt", "--data", root)
     assert isinstance(res.exception, DataError)
     assert "ijbc_name_5pts_score.txt" in str(res.exception) and "line 3" in str(res.exception)
     lines = [line for line in (release / "IJB_C" / "meta" / "ijbc_name_5pts_score.txt").read_text().splitlines()]
     lines[0], lines[1] = lines[1], lines[0]  # the two lists no longer describe the same images in order
     path.write_text("\n".join(lines) + "\n")
-    res = run("--root", root, "--model", release / "model.pt")
+    res = run(release / "model.pt", "--data", root)
     assert isinstance(res.exception, DataError) and "record 1" in str(res.exception)
-    res = run("--root", tmp_path, "--model", release / "model.pt")
+    res = run(release / "model.pt", "--data", tmp_path)
     assert isinstance(res.exception, DataError) and "not an IJB root" in str(res.exception)

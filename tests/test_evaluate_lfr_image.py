@@ -42,7 +42,7 @@ def test_cli_writes_the_image_track_in_the_published_layout(testset):
     from visrec.models.loading import load_model
 
     d, order = testset
-    res = CliRunner().invoke(app, ["eval", "faces", "--model", str(d / "model.pt"), "--data", str(d / "images"),
+    res = CliRunner().invoke(app, ["eval", "faces", str(d / "model.pt"), "--data", str(d / "images"),
                                    "--filelist", str(d / "filelist.txt"), "--submission", str(d / "out.bin")])
     assert res.exit_code == 0, res.output
     raw = (d / "out.bin").read_bytes()

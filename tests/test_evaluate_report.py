@@ -17,15 +17,15 @@ def test_eval_faces_cli_and_report(tmp_path):
     torch.save({"model_config": {"name": "mbf", "embedding_size": 128},
                 "backbone": build_backbone("mbf", embedding_size=128).state_dict()}, tmp_path / "model.pt")
     runner = CliRunner()
-    res = runner.invoke(app, ["eval", "faces", "--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "train"),
-                              "--target", "1e-2", "--out", str(tmp_path / "r1")])
+    res = runner.invoke(app, ["eval", "faces", str(tmp_path / "model.pt"), "--data", str(tmp_path / "train"),
+                              "--target-fpr", "1e-2", "--out", str(tmp_path / "r1")])
     assert res.exit_code == 0, res.output
     page = (tmp_path / "r1" / "report.html").read_text()
     for img in re.findall(r'src="([^"]+)"', page):
         assert not img.startswith(("http", "//", "/")) and (tmp_path / "r1" / img).exists()
     assert "<script" not in page and "0.01" in page
-    res = runner.invoke(app, ["eval", "faces", "--model", str(tmp_path / "model.pt"), "--data",
-                              str(tmp_path / "val.bin"), "--target", "0.1", "--flip", "--out", str(tmp_path / "r2")])
+    res = runner.invoke(app, ["eval", "faces", str(tmp_path / "model.pt"), "--data",
+                              str(tmp_path / "val.bin"), "--target-fpr", "0.1", "--flip", "--out", str(tmp_path / "r2")])
     assert res.exit_code == 0, res.output
     page = (tmp_path / "r2" / "report.html").read_text()
     assert "10-fold accuracy" in page and "flip test" in page
@@ -42,6 +42,6 @@ def test_eval_faces_from_a_features_file(tmp_path):
     (tmp_path / "labels.csv").write_text("\n".join(f"{n},{l}" for n, l in zip(names, labels)))
     res = CliRunner().invoke(app, ["eval", "faces", "--features", str(tmp_path / "f.bin"), "--filelist",
                                    str(tmp_path / "list.txt"), "--labels", str(tmp_path / "labels.csv"),
-                                   "--target", "0.01", "--out", str(tmp_path / "r")])
+                                   "--target-fpr", "0.01", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     assert "1.000000" in res.output  # well-separated identities: every genuine pair accepted at FPR 1e-2

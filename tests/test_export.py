@@ -49,7 +49,7 @@ def test_export_cli_from_a_checkpoint_then_budget(tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save({"model_config": {"name": "effnet_face", "width_mult": 0.5}, "backbone": model.state_dict()}, ckpt)
     out = tmp_path / "m.onnx"
-    done = CliRunner().invoke(export_app, [str(ckpt), "--onnx", str(out)])
+    done = CliRunner().invoke(export_app, [str(ckpt), "--out", str(out)])
     assert done.exit_code == 0, done.output
     assert "parity" in done.output and out.exists()
     from_ckpt, from_onnx = check(ckpt, "deepglint-light"), check(out, "deepglint-light")

@@ -144,12 +144,12 @@ def test_a_plugin_package_registers_a_backbone_by_entry_point_and_trains(face_re
     cfg.write_text(yaml.safe_dump(face_config(face_rec, tmp_path / "run", {"name": "plugin_net", "embedding_size": 16},
                                               {"name": "arcface", "s": 16.0, "m": 0.2})))
     env = {**__import__("os").environ, "PYTHONPATH": str(site)}
-    done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", str(cfg), "--no-progress"], env=env,
+    done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", "--config", str(cfg), "--no-progress"], env=env,
                           capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stderr[-2000:]
     assert (tmp_path / "run" / "model.pt").is_file()
     # without the plugin on the path the name is unknown, and the error lists the known ones
     cfg.write_text(cfg.read_text().replace(str(tmp_path / "run"), str(tmp_path / "run2")))
-    done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", str(cfg), "--no-progress"],
+    done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", "--config", str(cfg), "--no-progress"],
                           capture_output=True, text=True, timeout=600)
     assert done.returncode != 0 and "unknown backbone 'plugin_net'" in done.stdout + done.stderr

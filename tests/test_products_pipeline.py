@@ -131,7 +131,7 @@ def test_cli_index_search_and_eval(products, tmp_path):
     assert len(manifest["postprocess_adjustments"]) == 1 and "dim=3" in manifest["postprocess_adjustments"][0]
     assert "stage shrunk" in r.output
     q = sorted((products / "query").glob("*.jpg"))[0]
-    r = run(app, ["products", "search", str(tmp_path / "idx"), str(q), "-k", "3"])
+    r = run(app, ["products", "search", str(q), "--index", str(tmp_path / "idx"), "-k", "3"])
     assert r.exit_code == 0 and q.stem in r.output, r.output
     r = run(app, ["eval", "products", str(tmp_path / "idx"), "--data", str(products), "--out", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output

@@ -108,7 +108,7 @@ def test_two_processes_then_resume_with_one_is_refused(face_rec, tmp_path):
     cfg = make_cfg(face_rec, out, schedule={"max_steps": 2}, batch_size=3, deterministic=False)
     env = dict(os.environ, OMP_NUM_THREADS="1")
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                "-m", "visrec.cli", "train"]
+                "-m", "visrec.cli", "train", "--config"]
     done = subprocess.run(torchrun + [str(_write_yaml(cfg, tmp_path / "ddp.yaml")), "--no-progress"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]

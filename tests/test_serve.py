@@ -135,7 +135,7 @@ def test_landmarks_and_products_endpoints(tmp_path):
     pts = np.array(r.json()["points"])
     assert r.status_code == 200 and pts.shape == (106, 2)
     from visrec.models.landmark_nets import predict_points
-    from visrec.serve.pipeline import decode_upload
+    from visrec.faces.images import decode_upload
 
     ref = predict_points(lm, decode_upload(img), (10, 10, 100, 100))  # what visrec landmarks IMAGE prints
     np.testing.assert_allclose(pts, ref, atol=0.01)
@@ -157,7 +157,7 @@ def test_gallery_cli_calibrate_list_export_import(model_dir, tmp_path):
     from visrec.data.synth import write_face_dataset
     from visrec.evaluate.verification import tpr_at_fpr
     from visrec.serve.config import load_serve_config
-    from visrec.serve.pipeline import Embedder
+    from visrec.faces.pipeline import Embedder
 
     data = write_face_dataset(tmp_path / "cal", 12, 4, format="folder", seed=3)
     cfg = tmp_path / "serve.yaml"
@@ -192,7 +192,7 @@ def test_gallery_cli_calibrate_list_export_import(model_dir, tmp_path):
     gc.collect()
     res = runner.invoke(app, ["gallery", "list", "--config", str(cfg)])
     assert res.exit_code == 0 and "carol" in res.output and "desk" in res.output, res.output
-    res = runner.invoke(app, ["gallery", "export", "--config", str(cfg), str(tmp_path / "g.npz")])
+    res = runner.invoke(app, ["gallery", "export", "--config", str(cfg), "--out", str(tmp_path / "g.npz")])
     assert res.exit_code == 0 and "1 templates" in res.output, res.output
     cfg2 = tmp_path / "serve2.yaml"
     cfg2.write_text(cfg.read_text().replace("g.db", "g2.db"))
@@ -205,7 +205,7 @@ def test_detector_points_drive_the_alignment(model_dir):
     those points; several faces come largest first; without points the widened box is used."""
     from visrec.faces.align import align_face, five_points
     from visrec.faces.detectors import Detection
-    from visrec.serve.pipeline import FacePipeline
+    from visrec.faces.pipeline import FacePipeline
 
     img, pts = render_face(7, np.random.default_rng(0), difficulty=0.1)
     canvas = np.full((300, 400, 3), 90, np.uint8)

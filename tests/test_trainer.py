@@ -105,7 +105,12 @@ def test_refuses_to_overwrite_a_checkpoint(face_rec, tmp_path):
 def test_model_pt_loads_back(face_rec, tmp_path):
     from visrec.train.checkpoint import load_backbone
 
-    train(make_cfg(face_rec, tmp_path / "a", schedule={"max_steps": 2}), progress=False)
+    cfg = make_cfg(face_rec, tmp_path / "a", schedule={"max_steps": 2})
+    train(cfg, progress=False)
+    # the run dir's config.yaml is YAML, and the same config read back
+    import yaml
+
+    assert parse_config(yaml.safe_load((tmp_path / "a" / "config.yaml").read_text())) == cfg
     model, spec = load_backbone(tmp_path / "a")
     assert spec == {"name": "mobilefacenet", "embedding_size": 64}
     state = final_state(tmp_path / "a")["modules"]["backbone"]
@@ -130,7 +135,7 @@ def test_finetune_starts_from_the_pretrained_backbone_with_a_fresh_head(face_rec
     cfg = make_cfg(new_data, tmp_path / "ft", schedule={"max_steps": 1},
                    optim={"name": "sgd", "lr": 1e-12, "weight_decay": 0.0})
     yaml_path = _write_yaml(cfg, tmp_path / "ft.yaml")
-    res = CliRunner().invoke(app, ["finetune", str(yaml_path), "--from", str(tmp_path / "pre" / "backbone.pth"),
+    res = CliRunner().invoke(app, ["finetune", "--config", str(yaml_path), "--model", str(tmp_path / "pre" / "backbone.pth"),
                                    "--no-progress"])
     assert res.exit_code == 0, res.output
     state = final_state(tmp_path / "ft")["modules"]
@@ -165,7 +170,7 @@ def test_kill_9_then_resume_is_bit_exact(face_rec, tmp_path):
     train(ref, progress=False)
     cfg = _write_yaml(make_cfg(face_rec, tmp_path / "run", schedule={"max_steps": steps}, checkpoint_every=1),
                       tmp_path / "run.yaml")
-    cmd = [sys.executable, "-m", "visrec.cli", "train", str(cfg), "--no-progress"]
+    cmd = [sys.executable, "-m", "visrec.cli", "train", "--config", str(cfg), "--no-progress"]
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     ckpt = tmp_path / "run" / "last.rank0.pt"
     deadline = time.time() + 120
@@ -189,7 +194,7 @@ def test_torchrun_two_gloo_processes(face_rec, tmp_path):
                                deterministic=False), tmp_path / "ddp.yaml")
     env = dict(os.environ, OMP_NUM_THREADS="1")
     done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-                           "-m", "visrec.cli", "train", str(cfg), "--no-progress"],
+                           "-m", "visrec.cli", "train", "--config", str(cfg), "--no-progress"],
                           capture_output=True, text=True, timeout=300, env=env)
     assert done.returncode == 0, done.stderr[-3000:]
     r0, r1 = (torch.load(tmp_path / "ddp" / f"last.rank{r}.pt", weights_only=False) for r in (0, 1))

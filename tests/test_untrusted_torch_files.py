@@ -128,17 +128,17 @@ def write_yaml(raw: dict, path: Path) -> Path:
 
 def test_budget_export_eval_landmarks_commands(tmp_path, marker, monkeypatch, capsys):
     evil = plant(tmp_path / "run" / "model.pt", marker)
-    assert_refused(*visrec(["budget", evil, "-p", "deepglint-light"], monkeypatch, capsys), evil)
-    assert_refused(*visrec(["export", tmp_path / "run", "--onnx", tmp_path / "m.onnx"], monkeypatch, capsys), evil)
+    assert_refused(*visrec(["budget", "check", evil, "-p", "deepglint-light"], monkeypatch, capsys), evil)
+    assert_refused(*visrec(["export", tmp_path / "run", "--out", tmp_path / "m.onnx"], monkeypatch, capsys), evil)
     assert not (tmp_path / "m.onnx").exists()
-    assert_refused(*visrec(["eval", "faces", "--model", evil, "--data", tmp_path / "pairs.bin",
+    assert_refused(*visrec(["eval", "faces", evil, "--data", tmp_path / "pairs.bin",
                             "--out", tmp_path / "eval"], monkeypatch, capsys), evil)
     from visrec.data.images import encode_jpeg
     from visrec.data.synth import write_synthetic_jd
     from visrec.data.synth import render_face
 
     jd = write_synthetic_jd(tmp_path / "jd", 2, seed=1)
-    assert_refused(*visrec(["eval", "landmarks", "--model", evil, "--data", jd, "--out", tmp_path / "lm"],
+    assert_refused(*visrec(["eval", "landmarks", evil, "--data", jd, "--out", tmp_path / "lm"],
                            monkeypatch, capsys), evil)
     image = tmp_path / "face.jpg"
     image.write_bytes(encode_jpeg(render_face(0, np.random.default_rng(0))[0]))
@@ -170,11 +170,11 @@ def test_products_commands_and_index_files(tmp_path, marker, monkeypatch, capsys
     descriptor = plant(index / "descriptor.pt", marker)
     query = tmp_path / "q.jpg"
     query.write_bytes(b"not read: the index opens first")
-    assert_refused(*visrec(["products", "search", index, query], monkeypatch, capsys), descriptor)
+    assert_refused(*visrec(["products", "search", query, "--index", index], monkeypatch, capsys), descriptor)
     (tmp_path / "catalogue").mkdir()
     evil = plant(tmp_path / "descriptor-run" / "model.pt", marker)
     assert_refused(*visrec(["products", "index", tmp_path / "catalogue", "--out", tmp_path / "out",
-                            "--checkpoint", evil], monkeypatch, capsys), evil)
+                            "--model", evil], monkeypatch, capsys), evil)
     # library level: the post-processing chain's chain.pt and a descriptor's own weights= file
     from visrec.index.postprocess import Chain
     from visrec.models.products import _load_weights
@@ -193,11 +193,11 @@ def test_train_resume_finetune_and_teacher(faces, tiny_face_model, tmp_path, mar
     # train --resume: the output directory's last.rank0.pt
     resume = plant(tmp_path / "run" / "last.rank0.pt", marker, "resume")
     cfg = write_yaml(run_config(faces, tmp_path / "run"), tmp_path / "run.yaml")
-    assert_refused(*visrec(["train", cfg, "--resume", "--no-progress"], monkeypatch, capsys), resume)
+    assert_refused(*visrec(["train", "--config", cfg, "--resume", "--no-progress"], monkeypatch, capsys), resume)
     # finetune --from: a downloaded backbone.pth (bare state dict), as a plain pickle
     pth = plant(tmp_path / "backbone.pth", marker, "state_dict", fmt="pickle")
     cfg = write_yaml(run_config(faces, tmp_path / "ft"), tmp_path / "ft.yaml")
-    assert_refused(*visrec(["finetune", cfg, "--from", pth, "--no-progress"], monkeypatch, capsys), pth)
+    assert_refused(*visrec(["finetune", "--config", cfg, "--model", pth, "--no-progress"], monkeypatch, capsys), pth)
     # distillation teachers: a run dir whose model.pt is fine but whose rank file (the class centres) is not,
     # and a registry teacher with a weights file
     teacher = tmp_path / "teacher"
@@ -207,7 +207,7 @@ def test_train_resume_finetune_and_teacher(faces, tiny_face_model, tmp_path, mar
         raw = run_config(faces, tmp_path / "kd", task="faces_kd")
         raw["loss"] = {**raw["loss"], "distill": {"teacher": spec, "feature": 1.0}}
         cfg = write_yaml(raw, tmp_path / "kd.yaml")
-        assert_refused(*visrec(["train", cfg, "--no-progress"], monkeypatch, capsys), bad)
+        assert_refused(*visrec(["train", "--config", cfg, "--no-progress"], monkeypatch, capsys), bad)
 
 
 def test_the_installed_visrec_script_refuses_with_exit_2(tmp_path, marker):
@@ -217,7 +217,7 @@ def test_the_installed_visrec_script_refuses_with_exit_2(tmp_path, marker):
     evil = plant(tmp_path / "model.pt", marker)
     script = Path(sys.executable).with_name("visrec")
     cmd = [str(script)] if script.exists() else [sys.executable, "-m", "visrec.cli"]
-    res = subprocess.run([*cmd, "export", str(evil), "--onnx", str(tmp_path / "m.onnx")], capture_output=True,
+    res = subprocess.run([*cmd, "export", str(evil), "--out", str(tmp_path / "m.onnx")], capture_output=True,
                          text=True, timeout=120, env={**os.environ, "COLUMNS": "2000"})
     assert_refused(res.returncode, res.stdout + res.stderr, evil)
 

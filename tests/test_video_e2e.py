@@ -40,7 +40,7 @@ def test_learned_fusion_beats_mean_fusion_on_degraded_videos(tmp_path):
     shutil.rmtree(tmp_path / "bb")
     from visrec.cli import app
 
-    r = CliRunner().invoke(app, ["eval", "faces", "--video", "--model", str(tmp_path / "q"), "--data", str(val),
+    r = CliRunner().invoke(app, ["eval", "faces", str(tmp_path / "q"), "--video", "--data", str(val),
                                  "--fusion", "learned", "--fusion", "mean", "--submission", str(tmp_path / "sub.bin")])
     assert r.exit_code == 0, r.output
     assert "learned" in r.output and f"{tpr['learned']:.6f}" in r.output

@@ -12,16 +12,41 @@ from rich.text import Text
 
 from visrec.errors import VisrecError
 
-app = typer.Typer(help="visrec: faces, landmarks, products — data -> train -> budget -> eval -> export -> serve",
+from visrec.commands import budget as budget_commands
+from visrec.commands import data as data_commands
+from visrec.commands import eval as eval_commands
+from visrec.commands import export as export_commands
+from visrec.commands import gallery as gallery_commands
+from visrec.commands import landmarks as landmark_commands
+from visrec.commands import models as model_commands
+from visrec.commands import products as product_commands
+
+app = typer.Typer(help="visrec: faces, landmarks, products — data -> train -> budget -> eval -> export -> serve. "
+                       "Grammar (docs/cli.md): the thing a command acts on is its one positional argument; "
+                       "--config, --model, --data, --out and --target-fpr mean the same in every command.",
                   no_args_is_help=True, pretty_exceptions_enable=False, add_completion=False)
 console = Console()
 
 
+def _print_version(value: bool) -> None:
+    if value:
+        from visrec import __version__
+
+        console.print(f"visrec {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: bool = typer.Option(False, "--version", callback=_print_version, is_eager=True,
+                                       help="print the version and exit")):
+    """visrec: faces, landmarks, products."""
+
+
 @app.command()
-def train(config: Path = typer.Argument(..., help="YAML run config (see configs/)"),
+def train(config: Path = typer.Option(..., "--config", help="YAML run config (see configs/)"),
           resume: bool = typer.Option(False, "--resume", help="continue from the output dir's checkpoint"),
           overrides: list[str] = typer.Option([], "--set", help="override a config key: optim.lr=0.05"),
-          no_progress: bool = typer.Option(False, "--no-progress")):
+          no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar (logs only)")):
     """Train any task from a YAML config (single process, or under torchrun with the same config)."""
     from visrec.config import load_config, parse_override
     from visrec.train.trainer import train as run_training
@@ -46,22 +71,23 @@ def train(config: Path = typer.Argument(..., help="YAML run config (see configs/
 
 
 @app.command()
-def finetune(config: Path = typer.Argument(..., help="YAML run config of the new run"),
-             from_: Path = typer.Option(..., "--from", help="pretrained backbone: arcface_torch backbone.pth, "
+def finetune(config: Path = typer.Option(..., "--config", help="YAML run config of the new run"),
+             model: Path = typer.Option(..., "--model", help="pretrained backbone: arcface_torch backbone.pth, "
                                                             "visrec model.pt or run dir"),
              overrides: list[str] = typer.Option([], "--set", help="override a config key: optim.lr=0.01"),
-             no_progress: bool = typer.Option(False, "--no-progress")):
+             no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar (logs only)")):
     """Train from a pretrained backbone with a fresh margin head (the config's classes); = train with init."""
-    train(config, resume=False, overrides=[*overrides, f"init={from_}"], no_progress=no_progress)
+    train(config, resume=False, overrides=[*overrides, f"init={model}"], no_progress=no_progress)
 
 
 @app.command()
-def demo(out: Path = typer.Option(Path("demo-out"), help="where the demo writes data, runs and reports"),
-         minutes: float = typer.Option(3.0, help="CPU training budget in minutes")):
+def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="where the demo writes data, runs and reports"),
+         steps: int = typer.Option(80, "--steps", min=1, help="face training steps (80: about 3 minutes on 2 "
+                                                              "cores; the figures in BENCHMARKS.md)")):
     """The offline demo: synthetic data -> train -> evaluate -> (and every capability as it lands)."""
     from visrec.demo import run_demo
 
-    run_demo(out, minutes=minutes, console=console)
+    run_demo(out, steps=steps, console=console)
 
 
 @app.command()
@@ -81,26 +107,14 @@ def serve(config: Path = typer.Option(..., "--config", help="serve YAML (configs
     run_server(cfg)
 
 
-def _add_groups() -> None:
-    # Each command group lives in visrec.commands.<area> and imports its heavy dependencies lazily.
-    import importlib
-
-    for module, name in [("data", "data"), ("eval", "eval"), ("models", "models")]:
-        mod = importlib.import_module(f"visrec.commands.{module}")
-        app.add_typer(mod.app, name=name)
-    budget = importlib.import_module("visrec.commands.budget")
-    app.command("budget")(budget.budget)
-    app.command("export")(importlib.import_module("visrec.commands.export").export)
-    lm = importlib.import_module("visrec.commands.landmarks")
-    app.command("landmarks")(lm.landmarks)
-    importlib.import_module("visrec.commands.eval").app.command("landmarks")(lm.eval_landmarks)
-    app.add_typer(importlib.import_module("visrec.commands.gallery").app, name="gallery")
-    products = importlib.import_module("visrec.commands.products")
-    app.add_typer(products.app, name="products")
-    importlib.import_module("visrec.commands.eval").app.command("products")(products.eval_products)
-
-
-_add_groups()
+app.add_typer(data_commands.app, name="data")
+app.add_typer(eval_commands.app, name="eval")
+app.add_typer(model_commands.app, name="models")
+app.add_typer(budget_commands.app, name="budget")
+app.command("export")(export_commands.export)
+app.command("landmarks")(landmark_commands.landmarks)
+app.add_typer(gallery_commands.app, name="gallery")
+app.add_typer(product_commands.app, name="products")
 
 
 def main() -> None:

@@ -1,7 +1,6 @@
-"""``visrec budget``: check a model against a protocol's compute budget, or fit a scalable family to it.
-
-``visrec budget MODEL --protocol NAME`` and ``visrec budget fit FAMILY --protocol NAME`` (the literal
-word ``fit`` selects the search). Exit code 0 only if every limit passes.
+"""``visrec budget check MODEL --protocol NAME``: a model against a protocol's compute budget;
+``visrec budget fit FAMILY --protocol NAME``: the largest member of a scalable family inside it.
+Exit code 0 only if every limit passes.
 """
 
 from __future__ import annotations
@@ -15,6 +14,8 @@ from rich.table import Table
 
 
 console = Console()
+app = typer.Typer(help="Compute budgets (LFR FLOP rule, fp32 ONNX size): check a model, or fit a family to one.",
+                  no_args_is_help=True, add_completion=False)
 
 MODEL_HELP = "registry name (+ --set key=value), run config .yaml, visrec checkpoint, or .onnx file"
 PROTOCOL_HELP = "protocol name (deepglint-light, ...) or a protocol YAML file"
@@ -111,14 +112,18 @@ def run_fit(family: str, protocol: str) -> bool:
     return result.best.passed
 
 
-def budget(target: str = typer.Argument(..., help=f"MODEL ({MODEL_HELP}) or the word 'fit'"),
-           family: Optional[str] = typer.Argument(None, help="with 'fit': effnet_face | mobilefacenet | iresnet18/34/50/100"),
-           protocol: str = typer.Option(..., "--protocol", "-p", help=PROTOCOL_HELP),
-           overrides: list[str] = typer.Option([], "--set", help="model kwarg for a registry name: width_mult=1.2"),
-           layers: bool = typer.Option(False, "--layers", help="print the per-layer breakdown")):
-    """Check a model against a protocol's budget (exit 0 only if every limit passes), or fit a family to it."""
-    if target == "fit":
-        if not family:
-            raise typer.BadParameter("give the family to fit: visrec budget fit effnet_face --protocol ...")
-        raise typer.Exit(0 if run_fit(family, protocol) else 1)
-    raise typer.Exit(0 if run_check(target, protocol, overrides, layers) else 1)
+@app.command("check")
+def check_command(model: str = typer.Argument(..., help=MODEL_HELP),
+                  protocol: str = typer.Option(..., "--protocol", "-p", help=PROTOCOL_HELP),
+                  overrides: list[str] = typer.Option([], "--set", help="model kwarg for a registry name: "
+                                                                        "width_mult=1.2"),
+                  layers: bool = typer.Option(False, "--layers", help="print the per-layer breakdown")):
+    """Check a model against a protocol's budget: FLOPs (LFR rule), size, dtype, dim (exit 0 only if all pass)."""
+    raise typer.Exit(0 if run_check(model, protocol, overrides, layers) else 1)
+
+
+@app.command("fit")
+def fit_command(family: str = typer.Argument(..., help="effnet_face | mobilefacenet | iresnet18/34/50/100"),
+                protocol: str = typer.Option(..., "--protocol", "-p", help=PROTOCOL_HELP)):
+    """The largest member of a scalable family that passes a protocol's budget (and the next larger one)."""
+    raise typer.Exit(0 if run_fit(family, protocol) else 1)

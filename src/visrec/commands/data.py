@@ -1,9 +1,9 @@
 """``visrec data ...``: render synthetic data sets in the real formats; prepare a user's raw photos and videos.
 
-``visrec data prepare faces|landmarks|products SRC OUT`` and ``visrec data prepare videos VIDEO... --out OUT``
+``visrec data prepare faces|landmarks|products SRC --out OUT`` and ``visrec data prepare videos VIDEO... --out OUT``
 call ``visrec.faces.prepare`` / ``visrec.data.prepare`` / ``visrec.faces.tracking`` (resumable: re-run the same command to continue).
 
-``visrec data synth faces OUT --identities 200 --per-identity 20 --format recordio|folder --difficulty 0.3
+``visrec data synth faces --out OUT --identities 200 --per-identity 20 --format recordio|folder --difficulty 0.3
 --seed 0 [--pairs N]`` writes ``OUT/train`` (InsightFace RecordIO or an image folder, with the 106-point
 landmark sidecar described in ``visrec.data.synth``) and, with ``--pairs``, ``OUT/val.bin``: a verification
 set over held-out identities (100000 and up, never in ``OUT/train``).
@@ -32,7 +32,7 @@ class FaceFormat(str, Enum):
 
 
 @synth_app.command("faces")
-def synth_faces(out: Path = typer.Argument(..., help="output directory"),
+def synth_faces(out: Path = typer.Option(..., "--out", help="output directory"),
                 identities: int = typer.Option(200, min=2, help="training identities"),
                 per_identity: int = typer.Option(20, min=1, help="images per training identity"),
                 format: FaceFormat = typer.Option(FaceFormat.recordio, "--format", case_sensitive=False,
@@ -74,14 +74,14 @@ def synth_faces(out: Path = typer.Argument(..., help="output directory"),
 
 
 @synth_app.command("products")
-def synth_products(out: Path = typer.Argument(..., help="output root (Perfect-500K layout)"),
+def synth_products(out: Path = typer.Option(..., "--out", help="output root (Perfect-500K layout)"),
                    families: int = typer.Option(10, min=1, help="product families (shared shape and brand)"),
                    products_per_family: int = typer.Option(4, min=1, help="near-duplicate products per family"),
                    variants: int = typer.Option(3, min=1, help="catalogue shots per product"),
                    queries_per_product: int = typer.Option(2, min=0, help="in-the-wild queries per product"),
                    size: int = typer.Option(224, min=32, help="image side in pixels"),
                    difficulty: float = typer.Option(0.5, min=0.0, max=1.0, help="query nuisance strength"),
-                   seed: int = typer.Option(0)):
+                   seed: int = typer.Option(0, help="product and image seed")):
     """Products -> OUT/catalogue/<id>.jpg, OUT/query/<id>.jpg, OUT/val.csv, OUT/catalogue_products.csv."""
     from rich.progress import Progress
 
@@ -105,13 +105,14 @@ def synth_products(out: Path = typer.Argument(..., help="output root (Perfect-50
 
 
 @synth_app.command("videos")
-def synth_videos(out: Path = typer.Argument(..., help="output root"),
-                 identities: int = typer.Option(50, min=2), videos_per_identity: int = typer.Option(4, min=1),
+def synth_videos(out: Path = typer.Option(..., "--out", help="output root"),
+                 identities: int = typer.Option(50, min=2, help="people"),
+                 videos_per_identity: int = typer.Option(4, min=1, help="videos per person"),
                  frames: int = typer.Option(8, min=1, help="frames per video"),
                  degraded_share: float = typer.Option(0.3, min=0.0, max=1.0, help="share of degraded frames"),
                  video_format: str = typer.Option("folder", "--format", help="folder (PNG frames) | avi (MJPG)"),
                  first_identity: int = typer.Option(0, help="identity of label 0 (use a far range for held-out sets)"),
-                 seed: int = typer.Option(0)):
+                 seed: int = typer.Option(0, help="video seed")):
     """Videos -> OUT/videos/, OUT/videos.csv (video_id,path,label), OUT/video_filelist.txt (LFR order)."""
     from rich.progress import Progress
 
@@ -127,6 +128,24 @@ def synth_videos(out: Path = typer.Argument(..., help="output root"),
     table.add_column("where")
     table.add_row(f"{identities * videos_per_identity} videos x {frames} frames, {degraded_share:.0%} degraded", str(lst))
     table.add_row("LFR video_filelist.txt", str(Path(out) / "video_filelist.txt"))
+    Console().print(table)
+
+
+@synth_app.command("landmarks")
+def synth_landmarks(out: Path = typer.Option(..., "--out", help="output folder (JD-landmark layout)"),
+                    faces: int = typer.Option(400, min=1, help="faces to render (one per identity)"),
+                    difficulty: float = typer.Option(0.3, min=0.0, max=1.0, help="0 = clean frontal, 1 = strong "
+                                                                                     "pose/light/blur/occlusion"),
+                    seed: int = typer.Option(0, help="face seed (use another seed for a validation set)")):
+    """106-point faces -> OUT/picture/, OUT/landmark/ (JD .txt), OUT/rect/, OUT/pose/ (the JD-landmark layout)."""
+    from visrec.data.synth import write_synthetic_jd
+
+    root = write_synthetic_jd(out, faces, seed=seed, difficulty=difficulty)
+    table = Table(title="synthetic landmarks written (JD-landmark layout)")
+    table.add_column("what")
+    table.add_column("count", justify="right")
+    table.add_column("where")
+    table.add_row("faces with 106 points, face box and head pose", str(faces), str(root))
     Console().print(table)
 
 
@@ -178,13 +197,14 @@ def _with_bar(label: str, run):
 
 @prepare_app.command("faces")
 def prepare_faces_cmd(src: Path = typer.Argument(..., help="src/<identity>/<photo> folders or a path,label CSV"),
-                      out: Path = typer.Argument(..., help="output directory (re-run to continue)"),
+                      out: Path = typer.Option(..., "--out", help="output directory (re-run to continue)"),
                       detector: str = typer.Option("haar", help="haar | dlib-hog | dlib-cnn | an ONNX SCRFD/YuNet "
                                                                 "file (scrfd:PATH)"),
                       landmarks: Path = typer.Option(None, help="landmark checkpoint or dlib-68 for 5 points when the "
                                                                "detector gives none (default then: dlib-68 when "
                                                                "visrec[dlib] is installed)"),
-                      format: FaceFormat = typer.Option(FaceFormat.folder, "--format", case_sensitive=False),
+                      format: FaceFormat = typer.Option(FaceFormat.folder, "--format", case_sensitive=False,
+                                                        help="image folder (one per identity) or InsightFace RecordIO"),
                       policy: Policy = typer.Option(Policy.largest, help="several faces in a photo: which one"),
                       box_margin: float = typer.Option(None, help="allow unaligned box crops (margin per side) "
                                                                   "when no 5 points exist"),
@@ -194,7 +214,7 @@ def prepare_faces_cmd(src: Path = typer.Argument(..., help="src/<identity>/<phot
                       detect_size: int = typer.Option(640, min=0, help="find faces on a copy scaled to this longest "
                                                                        "side (pixels; 0: full size), align on the "
                                                                        "full photo"),
-                      workers: int = typer.Option(1, min=1),
+                      workers: int = typer.Option(1, min=1, help="processes"),
                       retry_problems: bool = typer.Option(False, help="retry photos an earlier run could not use")):
     """Photos -> detect -> one face -> ArcFace 112x112 alignment -> image folder or RecordIO + report."""
     from visrec.faces.prepare import prepare_faces
@@ -208,10 +228,11 @@ def prepare_faces_cmd(src: Path = typer.Argument(..., help="src/<identity>/<phot
 
 @prepare_app.command("landmarks")
 def prepare_landmarks_cmd(src: Path = typer.Argument(..., help="photos with .pts / JD .txt sidecars"),
-                          out: Path = typer.Argument(..., help="JD-landmark layout output"),
+                          out: Path = typer.Option(..., "--out", help="JD-landmark layout output"),
                           annotations: Path = typer.Option(None, help="a WFLW annotation list instead of sidecars"),
                           detector: str = typer.Option(None, help="find the face box with this detector"),
-                          size: int = typer.Option(256, min=32), workers: int = typer.Option(1, min=1)):
+                          size: int = typer.Option(256, min=32, help="crop side in pixels"),
+                          workers: int = typer.Option(1, min=1, help="processes")):
     """Annotated photos -> square face-box crops in the JD-landmark layout (picture/, landmark/, rect/)."""
     from visrec.faces.prepare import prepare_landmarks
 
@@ -222,8 +243,9 @@ def prepare_landmarks_cmd(src: Path = typer.Argument(..., help="photos with .pts
 
 @prepare_app.command("products")
 def prepare_products_cmd(src: Path = typer.Argument(..., help="product photos (sub-folder per product optional)"),
-                         out: Path = typer.Argument(..., help="Perfect-500K layout output"),
-                         size: int = typer.Option(512, min=32), workers: int = typer.Option(1, min=1)):
+                         out: Path = typer.Option(..., "--out", help="Perfect-500K layout output"),
+                         size: int = typer.Option(512, min=32, help="padded square side in pixels"),
+                         workers: int = typer.Option(1, min=1, help="processes")):
     """Product photos -> white square padding -> OUT/catalogue/<id>.jpg."""
     from visrec.data.prepare import prepare_products
 

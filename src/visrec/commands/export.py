@@ -1,4 +1,4 @@
-"""``visrec export CKPT --onnx out.onnx``: checkpoint -> ONNX (dynamic batch), parity check by default."""
+"""``visrec export MODEL --out model.onnx``: checkpoint -> ONNX (dynamic batch), parity check by default."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ app = typer.Typer(help="Export a checkpoint to ONNX and check parity with PyTorc
 
 
 @app.command()
-def export(checkpoint: Path = typer.Argument(..., help="visrec checkpoint (model.pt or run dir)"),
-           onnx: Path = typer.Option(..., "--onnx", help="output .onnx"),
+def export(model: Path = typer.Argument(..., help="visrec checkpoint (model.pt or run dir)"),
+           out: Path = typer.Option(..., "--out", help="the .onnx file to write"),
            parity: bool = typer.Option(True, "--parity/--no-parity", help="compare ONNX and PyTorch embeddings"),
            keep_batchnorm: bool = typer.Option(False, "--keep-batchnorm",
                                                help="keep BN nodes unfolded (what the LFR FLOP count needs)"),
@@ -24,7 +24,7 @@ def export(checkpoint: Path = typer.Argument(..., help="visrec checkpoint (model
     from visrec.errors import VisrecError
 
     try:
-        path, report = ex.export_checkpoint(checkpoint, onnx, parity=parity, keep_batchnorm=keep_batchnorm)
+        path, report = ex.export_checkpoint(model, out, parity=parity, keep_batchnorm=keep_batchnorm)
     except VisrecError as exc:
         if not str(exc).startswith("parity check failed"):
             raise

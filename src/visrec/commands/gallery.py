@@ -1,4 +1,4 @@
-"""``visrec gallery enroll|calibrate|list|delete|export|import --config serve.yaml``: the served face gallery
+"""``visrec gallery enroll|calibrate|list|delete|export|import ... --config serve.yaml``: the served face gallery
 offline."""
 
 from __future__ import annotations
@@ -139,7 +139,7 @@ def delete(identity: str = typer.Argument(..., help="the identity to erase (any 
 
 
 @app.command("export")
-def export_(config: Path = CONFIG, out: Path = typer.Argument(..., help="the .npz to write")):
+def export_(config: Path = CONFIG, out: Path = typer.Option(..., "--out", help="the .npz to write")):
     """Write every template, metadata and the threshold to a .npz (no pickle)."""
     with _open(config) as g:
         path = g.export(out)

@@ -1,4 +1,4 @@
-"""``visrec eval landmarks`` and ``visrec landmarks IMAGE``."""
+"""``visrec landmarks IMAGE --model M``: one face's points, drawn and printed."""
 
 from __future__ import annotations
 
@@ -8,33 +8,6 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.table import Table
-
-
-def eval_landmarks(model: Path = typer.Option(..., "--model", help="checkpoint or .onnx"),
-                   data: Path = typer.Option(..., "--data", help="JD-landmark directory"),
-                   points: Optional[int] = typer.Option(None, "--points", help="default: the model's contract"),
-                   out: Path = typer.Option(Path("eval-landmarks"), "--out"),
-                   coordinates: str = typer.Option(
-                       "integer", "--coordinates",
-                       help="submission coordinates: integer (what the ICME 2019 JD-landmark challenge asked for, "
-                            "'with integer format', in its Details document on "
-                            "facial-landmarks-localization-challenge.github.io) or decimal (3 decimals)")):
-    """NME (four normalisations), AUC@0.08, failure rate; report.html with the CED and overlays."""
-    from visrec.data.landmarks import SUBMISSION_COORDINATES
-    from visrec.faces.evaluation import evaluate_landmarks
-
-    if coordinates not in SUBMISSION_COORDINATES:
-        raise typer.BadParameter(f"must be one of {', '.join(SUBMISSION_COORDINATES)}", param_hint="--coordinates")
-    res = evaluate_landmarks(model, data, out, points=points, coordinates=coordinates)
-    t = Table(title=f"landmarks: {res.faces} faces")
-    t.add_column("normalisation")
-    for key in next(iter(res.metrics.values())):
-        t.add_column(key)
-    for norm, m in res.metrics.items():
-        t.add_row(norm, *(f"{v:.5f}" for v in m.values()))
-    Console().print(t)
-    Console().print(f"report: {res.report}\nchallenge submission (one .txt per picture, {coordinates} coordinates): "
-                    f"{res.report.parent / 'submission'}")
 
 
 def landmarks(image: Path = typer.Argument(..., help="an image"),

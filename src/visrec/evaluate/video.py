@@ -41,7 +41,7 @@ def fuse(embeddings: np.ndarray, method: str = "mean", scores: np.ndarray | None
         w = np.maximum(np.asarray(scores, np.float32), 0)
     elif method == "learned":
         if logits is None:
-            raise ConfigError("fusion 'learned' needs a quality_fusion model (visrec train configs/faces/video-quality.yaml)")
+            raise ConfigError("fusion 'learned' needs a quality_fusion model (visrec train --config configs/faces/video-quality.yaml)")
         z = np.asarray(logits, np.float64)
         w = np.exp(z - z.max())
     else:

@@ -140,7 +140,7 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
 
 def image_submission(*, model: str | Path, images: str | Path, filelist: str | Path, out: str | Path,
                      expected_rows: int | None = None, batch: int = 128, progress=None) -> Path:
-    """``visrec eval faces --model M --data IMAGES --filelist filelist.txt --submission out.bin``: the LFR
+    """``visrec eval faces M --data IMAGES --filelist filelist.txt --submission out.bin``: the LFR
     image-track feature binary (``visrec.evaluate.lfr.write_image_submission``): ``IMAGES`` is the folder the
     file list's paths are relative to (the DeepGlint test set's aligned crops), rows in file-list order,
     each the flip-summed embedding L2-normalised, float32."""

@@ -270,7 +270,7 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
     from visrec.models.model_file import load_backbone
 
     if config is None and checkpoint is None:
-        raise ConfigError("give --config (model + index options) or --checkpoint (a trained descriptor)")
+        raise ConfigError("give --config (model + index options) or --model (a trained descriptor)")
     cfg = load_config(config, overrides) if config else None
     opts = load_index_options(cfg.index if cfg else {}, str(config or "defaults"))
     if checkpoint is not None:

@@ -42,7 +42,7 @@ m2 + m3) + 20 (each module adds p + t + p = 4 trunk units of 3 layers; 6 plain u
   needs eleven modules, e.g. (1, 2, 8) at 34.9556 GFLOPs, over the budget. Any layout:
   ``attention_net(modules=[m1, m2, m3])``.
 
-LFR-rule FLOPs (``visrec budget NAME -p deepglint-large``, i.e. ``visrec.budget.lfr_flops`` on
+LFR-rule FLOPs (``visrec budget check NAME -p deepglint-large``, i.e. ``visrec.budget.lfr_flops`` on
 1x3x112x112, conv + FC only), width_mult 1, 512-d, and parameters:
 
   attention56   (1, 1, 1):  12.5071 GFLOPs ( 6.262 GMACs),  81.20 M params, fp32 ONNX 324.5 MB
@@ -133,8 +133,8 @@ class MaskBranch(nn.Module):
         # a constant x2 factor (every map is even: 56, 28, 14 pool to 28, 14, 7), so the exported Resize's
         # scales are constants (Concat of two Constant nodes in a graph exported with BatchNorm kept) rather
         # than a function of the input's shape. Note: ONNX shape inference does not see through that Concat,
-        # so ``visrec budget model.onnx`` misses the mask head's two 1x1 convs after the last up-sampling
-        # unless it folds constant Concats first; the PyTorch count (``visrec budget attention56``) is whole.
+        # so ``visrec budget check model.onnx`` misses the mask head's two 1x1 convs after the last up-sampling
+        # unless it folds constant Concats first; the PyTorch count (``visrec budget check attention56``) is whole.
         return F.interpolate(y, scale_factor=2.0, mode="bilinear", align_corners=False)
 
     def forward(self, x):

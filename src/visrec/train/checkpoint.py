@@ -110,8 +110,8 @@ def check_resume(output: Path, rank: int, world_size: int, state: dict[str, Any]
     if saved == world_size and set(files) == set(range(world_size)):
         return
     shards = _describe_shards(state.get("sharding") or {}) if isinstance(state, dict) else ""
-    launcher = "visrec train CONFIG --resume" if saved == 1 else \
-        f"torchrun --nproc_per_node={saved} -m visrec.cli train CONFIG --resume"
+    launcher = "visrec train --config CONFIG --resume" if saved == 1 else \
+        f"torchrun --nproc_per_node={saved} -m visrec.cli train --config CONFIG --resume"
     from visrec.errors import ConfigError
 
     if saved == world_size:  # the right world size, but a rank's file is missing or a stray one is there
@@ -125,7 +125,7 @@ def check_resume(output: Path, rank: int, world_size: int, state: dict[str, Any]
         f"(files for ranks {sorted(files)}{'; ' + shards + ' on rank 0' if shards else ''}); this run has "
         f"{world_size}. The class centres are sharded per process and the data order depends on the number of "
         f"processes, so a checkpoint resumes only under the world size that wrote it: run `{launcher}`, or "
-        f"start a new run from its weights with `visrec finetune CONFIG --from {output}` under {world_size} "
+        f"start a new run from its weights with `visrec finetune --config CONFIG --model {output}` under {world_size} "
         f"process{'es' if world_size != 1 else ''} (the backbone carries over; the class centres start fresh).")
 
 
