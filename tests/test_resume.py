@@ -60,6 +60,25 @@ def test_resume_drops_rows_logged_after_the_checkpoint(face_rec, tmp_path):
     assert -1.0 not in losses
 
 
+def test_resuming_a_finished_run_trains_and_logs_nothing(face_rec, tmp_path, capsys):
+    from visrec.data.synth import write_verification_pairs
+
+    out = tmp_path / "run"
+    val = write_verification_pairs(tmp_path / "val.bin", 4, 12, seed=5, first_identity=100_000)
+    cfg = make_cfg(face_rec, out, schedule={"max_steps": 3}, checkpoint_every=10,
+                   data={"train": str(face_rec), "val": [str(val)]})
+    first = train(cfg, progress=False)
+    log_before = (out / "metrics.jsonl").read_text()
+    assert '"val"' in log_before  # the final validation was logged once
+    model_before = (out / "model.pt").read_bytes()
+    again = train(cfg, resume=True, progress=False)
+    assert again.global_step == 3 and again.metrics == first.metrics and first.metrics
+    assert "already reached step 3 of 3" in capsys.readouterr().err
+    # no step logged twice (the final validation row included), and the model file is not rewritten
+    assert (out / "metrics.jsonl").read_text() == log_before
+    assert (out / "model.pt").read_bytes() == model_before
+
+
 def test_log_rewrite_is_atomic(tmp_path, monkeypatch):
     log = tmp_path / "metrics.jsonl"
     text = '{"step": 1}\n{"step": 2, "val": {"acc": 0.5}}\nnote\n{"step": 3}\n'

@@ -221,6 +221,12 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
     metrics: dict[str, float] = {}
     steps_this_call, last_loss, stopped = 0, float("nan"), False
     t0, seen = time.perf_counter(), 0
+    # resuming a run that already reached its last step trains nothing; its metrics are recomputed for the
+    # caller but neither logged again (metrics.jsonl never holds a step twice) nor saved over the files
+    finished_before = global_step >= total_steps
+    if finished_before and ctx.is_main:
+        print(f"--resume: {out} already reached step {global_step} of {total_steps}; nothing to train",
+              file=sys.stderr, flush=True)
     try:
         while global_step < total_steps and not stopped:
             epoch, step_in_epoch = divmod(global_step, sampler.steps_per_epoch)
@@ -268,9 +274,12 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                     stopped = True
                     break
-        if not stopped:
-            metrics = _validate(task, modules, ctx, log_file, global_step)
-        save(metrics)
+        if finished_before:
+            metrics = _validate(task, modules, ctx, None, global_step)
+        else:
+            if not stopped:
+                metrics = _validate(task, modules, ctx, log_file, global_step)
+            save(metrics)
         dist.barrier(ctx)
     finally:
         if bar is not None:
