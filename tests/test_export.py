@@ -1,8 +1,10 @@
-"""ONNX export (dynamic batch), the onnxruntime runner, parity, latency, and `visrec export` from a checkpoint."""
+"""ONNX export (torch's dynamo exporter, dynamic batch, BatchNorm kept or folded), the onnxruntime runner, parity,
+latency, and `visrec export` from a checkpoint."""
 
 import numpy as np
 import pytest
 import torch
+from torch import nn
 from typer.testing import CliRunner
 
 from visrec.budget import check
@@ -57,3 +59,114 @@ def test_export_cli_from_a_checkpoint_then_budget(tmp_path):
     # the default export folds BN (smaller, faster to serve): the ONNX count then includes the folded biases
     assert from_onnx.batchnorm_folded and from_onnx.lfr_flops > from_ckpt.lfr_flops
     assert from_onnx.macs == from_ckpt.macs
+
+
+# --- the dynamo exporter, BatchNorm kept or folded -------------------------------------------------------
+
+def _conv_bn_pairs(graph):
+    """How many Conv/ConvTranspose outputs feed a BatchNormalization, and how many BN nodes there are."""
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node.op_type)
+    pairs = sum("BatchNormalization" in consumers.get(n.output[0], []) for n in graph.node
+                if n.op_type in ("Conv", "ConvTranspose"))
+    return pairs, sum(n.op_type == "BatchNormalization" for n in graph.node)
+
+
+def test_export_goes_through_the_dynamo_exporter_without_deprecation_warnings(tmp_path, monkeypatch):
+    import warnings
+
+    onnx = pytest.importorskip("onnx")
+    dynamo_flags = []
+    real_export = torch.onnx.export
+
+    def spy(*args, **kwargs):
+        dynamo_flags.append(kwargs.get("dynamo"))
+        return real_export(*args, **kwargs)
+
+    monkeypatch.setattr(torch.onnx, "export", spy)
+    model = trained_bn("mbf", scale=1, embedding_size=64)
+    model.train()  # export_onnx exports it in eval mode and leaves it as it was
+    batch = np.random.default_rng(2).uniform(-1, 1, (5, 3, 112, 112)).astype(np.float32)
+    with torch.no_grad():
+        ref = model.eval()(torch.from_numpy(batch)).numpy()
+    model.train()
+    for keep in (True, False):
+        with warnings.catch_warnings():  # nothing on our export path may be deprecated
+            for category in (DeprecationWarning, PendingDeprecationWarning, FutureWarning):
+                warnings.simplefilter("error", category)
+            path = export_onnx(model, tmp_path / f"bn-{keep}.onnx", keep_batchnorm=keep)
+        assert model.training
+        proto = onnx.load(str(path))
+        # the dynamo exporter's mark: it writes torch's full version string (the TorchScript one wrote
+        # torch.onnx.producer_version, without a local build tag) and opset 18 by default
+        assert (proto.producer_name, proto.producer_version) == ("pytorch", torch.__version__)
+        assert [(o.domain, o.version) for o in proto.opset_import if o.domain in ("", "ai.onnx")] == [("", 18)]
+        # no debug annotations: no stack traces with local source paths in the file
+        assert not any(n.metadata_props for n in proto.graph.node) and not proto.graph.metadata_props
+        assert [i.name for i in proto.graph.input] == ["input"]
+        assert [o.name for o in proto.graph.output] == ["embedding"]
+        assert proto.graph.input[0].type.tensor_type.shape.dim[0].dim_param == "batch"
+        pairs, bns = _conv_bn_pairs(proto.graph)
+        if keep:  # every ConvBN of MobileFaceNet plus the BN1d after its FC
+            assert pairs == 49 and bns == 50
+        else:  # every Conv -> BN folded; the BN1d after the FC (no conv before it) stays
+            assert pairs == 0 and bns == 1
+        report = parity_check(model, path)
+        assert report.passed, report
+        embed = OnnxEmbedder(path)
+        assert embed(batch[:1]).shape == (1, 64)
+        got = embed(batch)
+        assert got.shape == (5, 64) and float(np.abs(got - ref).max()) < 1e-3
+    assert dynamo_flags == [True, True]
+
+
+class _FoldCases(nn.Module):
+    """conv -> BN (folds); conv with bias -> BN (folds); conv whose output also feeds an Add -> BN (stays:
+    the conv's output is needed unnormalised); grouped ConvTranspose -> BN (folds)."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.bn_a = nn.Conv2d(3, 8, 3, 2, 1, bias=False), nn.BatchNorm2d(8)
+        self.b, self.bn_b = nn.Conv2d(8, 8, 3, 1, 1, bias=True), nn.BatchNorm2d(8)
+        self.c, self.bn_c = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.up, self.bn_up = nn.ConvTranspose2d(8, 6, 4, 2, 1, groups=2, bias=False), nn.BatchNorm2d(6)
+
+    def forward(self, x):
+        y = torch.relu(self.bn_b(self.b(torch.relu(self.bn_a(self.a(x))))))
+        z = self.c(y)
+        y = self.bn_c(z) + z
+        return self.bn_up(self.up(y)).mean(dim=(2, 3))
+
+
+def test_batchnorm_folds_only_where_the_conv_feeds_it_alone(tmp_path):
+    onnx = pytest.importorskip("onnx")
+    torch.manual_seed(0)
+    model = _FoldCases()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 1.0
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.5, 0.5)
+        model.train()(torch.randn(8, 3, 32, 32))
+    model.eval()
+    batch = np.random.default_rng(0).uniform(-1, 1, (4, 3, 32, 32)).astype(np.float32)
+    kept = export_onnx(model, tmp_path / "kept.onnx", input_size=(1, 3, 32, 32), keep_batchnorm=True)
+    folded = export_onnx(model, tmp_path / "folded.onnx", input_size=(1, 3, 32, 32), keep_batchnorm=False)
+    assert _conv_bn_pairs(onnx.load(str(kept)).graph) == (4, 4)
+    assert _conv_bn_pairs(onnx.load(str(folded)).graph) == (1, 1)  # only the BN whose conv also feeds the Add
+    for path in (kept, folded):
+        report = parity_check(model, path, batch, tolerance=1e-5)
+        assert report.passed, report
+    # the folded convs carry the BN's shift as their bias
+    convs = [n for n in onnx.load(str(folded)).graph.node if n.op_type in ("Conv", "ConvTranspose")]
+    assert [len(n.input) for n in convs] == [3, 3, 2, 3]
+
+
+def test_export_refuses_an_opset_the_dynamo_exporter_cannot_write(tmp_path):
+    from visrec.errors import VisrecError
+
+    with pytest.raises(VisrecError, match="opset 17.*18 or later"):
+        export_onnx(nn.Conv2d(3, 4, 3), tmp_path / "old.onnx", input_size=(1, 3, 8, 8), opset=17)

@@ -196,7 +196,9 @@ def test_landmark_contract_in_pipeline_prepare_and_onnx(landmark_run, tmp_path):
     assert _same_but_origin(ModelContract.from_dict(_onnx_contract_json(onnx_path)), contract)
     onnx_model = load_model(onnx_path)
     assert _same_but_origin(onnx_model.contract, contract) and onnx_model.module is None
-    np.testing.assert_allclose(onnx_model.predict(image, box), ref, atol=1e-2)
+    # pixels: float32 differences between the runtimes, scaled up to the crop's size, reach ~0.011 px here
+    # with either ONNX exporter; a wrong crop, margin or scheme is off by pixels
+    np.testing.assert_allclose(onnx_model.predict(image, box), ref, atol=0.05)
 
 
 def test_pfld_contract_round_trips_through_model_pt_and_onnx(tmp_path):

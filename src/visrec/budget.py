@@ -197,26 +197,74 @@ def _load_onnx(path: Path):
     return onnx, model
 
 
-def _fold_constant_concats(model) -> None:
-    """Replace each Concat of constants by one Constant. The TorchScript exporter writes Resize scales as
-    Concat(Constant, Constant); shape inference cannot see through it, so every layer after such an
-    up-sampling would get unknown spatial sizes (and be counted as 0 FLOPs)."""
-    from onnx import helper, numpy_helper
+# Shape arithmetic :func:`_fold_shape_computations` evaluates: what exporters compute target shapes, axes
+# and scales with. Only results of at most _FOLD_LIMIT values are folded, so weights are never touched.
+_SHAPE_OPS = frozenset({"Shape", "Size", "Squeeze", "Unsqueeze", "Reshape", "Concat", "Gather", "Slice", "Cast",
+                        "Identity", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Max", "Min", "Floor", "Ceil",
+                        "Equal", "Where", "Range", "ReduceProd", "ConstantOfShape", "Constant"})
+_FOLD_LIMIT = 64
 
-    consts = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Constant":
-            value = next((a.t for a in node.attribute if a.name == "value"), None)
-            if value is not None:
-                consts[node.output[0]] = numpy_helper.to_array(value)
-    for k, node in enumerate(model.graph.node):
-        if node.op_type == "Concat" and node.input and all(i in consts for i in node.input):
-            axis = next(a.i for a in node.attribute if a.name == "axis")
-            value = np.concatenate([consts[i] for i in node.input], axis=axis)
-            consts[node.output[0]] = value
-            folded = helper.make_node("Constant", [], [node.output[0]], name=node.name or f"folded_concat_{k}",
-                                      value=numpy_helper.from_array(value))
-            model.graph.node[k].CopyFrom(folded)
+
+def _fold_shape_computations(model):
+    """With the graph input's shape fixed, evaluate the shape arithmetic in the graph and write each
+    result as a Constant node, so that shape inference knows every layer's sizes. Exporters compute
+    shapes at run time: the dynamo exporter takes a flatten's target shape from the batch size
+    (Shape -> Squeeze -> Reshape -> Concat), and torch's TorchScript exporter writes Resize scales as
+    Concat(Constant, Constant); shape inference sees through neither, so every layer after them would get
+    unknown sizes (a convolution then cannot be counted, a token FC would count one row). A node is
+    folded when it is shape arithmetic (:data:`_SHAPE_OPS`), all its inputs are known (Constant nodes,
+    int64 initializers, earlier results, or for ``Shape`` a tensor whose shape inference knows) and its
+    result has at most :data:`_FOLD_LIMIT` values. Each round runs shape inference again, as a folded
+    target shape lets it resolve later tensors. Returns the shape-inferred model of the last round."""
+    from onnx import TensorProto, helper, numpy_helper, shape_inference
+    from onnx.reference import ReferenceEvaluator
+
+    graph = model.graph
+    opset = {o.domain or "": o.version for o in model.opset_import}
+    known = {i.name: numpy_helper.to_array(i) for i in graph.initializer if i.data_type == TensorProto.INT64}
+    too_large: set[str] = set()
+
+    def run(node, feeds):
+        return ReferenceEvaluator(node, opsets=opset).run(None, feeds)
+
+    for _ in range(8):  # a round per level of shape dependency; graphs need one or two
+        inferred = shape_inference.infer_shapes(model)
+        shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
+                  for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
+                  if vi.type.tensor_type.HasField("shape")}
+        changed = False
+        for k, node in enumerate(graph.node):
+            if node.op_type not in _SHAPE_OPS or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+                continue
+            if node.output[0] in known or node.output[0] in too_large:
+                continue
+            try:
+                if node.op_type == "Shape":
+                    shape = shapes.get(node.input[0])
+                    if shape is None or None in shape:
+                        continue
+                    value = run(node, {node.input[0]: np.zeros(shape, np.float32)})[0]
+                elif all(i == "" or i in known for i in node.input):
+                    value = run(node, {i: known[i] for i in node.input if i})[0]
+                else:
+                    continue
+            except Exception:  # an op the reference runtime cannot evaluate here: leave it to shape inference
+                continue
+            value = np.asarray(value)
+            if value.size > _FOLD_LIMIT:
+                too_large.add(node.output[0])
+                continue
+            known[node.output[0]] = value
+            if node.op_type != "Constant":
+                folded = helper.make_node("Constant", [], [node.output[0]], name=node.name or f"folded_{k}",
+                                          value=numpy_helper.from_array(value))
+                graph.node[k].CopyFrom(folded)
+                changed = True
+        if not changed:
+            break
+    else:
+        inferred = shape_inference.infer_shapes(model)
+    return inferred
 
 
 # ONNX ops that take initializers but hold no weights the LFR rule counts: normalisation, activations with a
@@ -241,7 +289,6 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     that is neither counted nor in :data:`ONNX_ZERO_COUNT_OPS` is a DataError naming it."""
     path = Path(path)
     onnx, model = _load_onnx(path)
-    from onnx import shape_inference
 
     graph = model.graph
     inits = {i.name: i for i in graph.initializer}
@@ -254,8 +301,7 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     for d, v in zip(dims, input_size):
         d.ClearField("dim_param")
         d.dim_value = v
-    _fold_constant_concats(model)
-    inferred = shape_inference.infer_shapes(model)
+    inferred = _fold_shape_computations(model)
     shapes = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         shapes[vi.name] = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
@@ -263,13 +309,16 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     for node in graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
-    # the TorchScript exporter writes a bias-free Linear as MatMul(x, Transpose(W)): see through it
+    # torch's TorchScript exporter writes a bias-free Linear as MatMul(x, Transpose(W)) (the dynamo exporter
+    # writes Gemm with transB=1, or MatMul on a pre-transposed weight for a 3-D input): see through it
     transposed = {n.output[0]: inits[n.input[0]] for n in graph.node
                   if n.op_type == "Transpose" and n.input[0] in inits}
     # Tensors computed from initializers alone (no path from the graph input): weights reshaped, sliced or
-    # concatenated on their way into an op — the TorchScript exporter feeds an LSTM its weights this way.
-    constant_outputs = {o for n in graph.node if n.op_type == "Constant" for o in n.output}
-    from_weights = set(inits)
+    # concatenated on their way into an op — torch's TorchScript exporter feeds an LSTM its weights this way.
+    # int64 initializers are shapes, axes and indices, constants like Constant nodes rather than weights
+    shape_inits = {n for n, i in inits.items() if i.data_type == onnx.TensorProto.INT64}
+    constant_outputs = {o for n in graph.node if n.op_type == "Constant" for o in n.output} | shape_inits
+    from_weights = set(inits) - shape_inits
     for node in graph.node:  # nodes are topologically sorted in a valid ONNX graph
         ins = [i for i in node.input if i]
         if ins and all(i in from_weights or i in constant_outputs for i in ins) and any(i in from_weights for i in ins):
@@ -329,7 +378,10 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
         elif node.op_type in ("Gemm", "MatMul") and node.input[0] in inits:
             raise DataError(f"{node.op_type} {name} multiplies a constant on the left; the counter knows "
                             f"x @ W (the weight second) only", path=path)
-    dtypes = sorted({onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in graph.initializer})
+    # int64 initializers are shapes, axes, pads and indices (the type ONNX requires for them; the dynamo
+    # exporter stores e.g. a flatten's target shape as one), not weights
+    weights = [i for i in graph.initializer if i.data_type != onnx.TensorProto.INT64]
+    dtypes = sorted({onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in weights})
     out_shape = shapes.get(graph.output[0].name, ())
     convs = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
     conv_then_bn = sum(any(c.op_type == "BatchNormalization" for c in consumers.get(n.output[0], [])) for n in convs)
@@ -337,7 +389,7 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     # BN folded = no conv feeds a BatchNormalization while convs carry biases (what folding leaves behind)
     facts = {"batchnorm_kept": conv_then_bn > 0 or biased_convs == 0,
              "weight_dtypes": dtypes, "embedding_dim": out_shape[-1] if out_shape else None,
-             "params": int(sum(np.prod(i.dims) for i in graph.initializer))}
+             "params": int(sum(np.prod(i.dims) for i in weights))}
     return rows, facts
 
 
@@ -404,7 +456,7 @@ def _limits(p: Protocol, flops: int, size_bytes: int | None, dtypes: list[str], 
 def _with_distinct_weights(model: nn.Module) -> nn.Module:
     """A copy of ``model`` whose floating-point parameters and buffers all hold distinct random values.
 
-    The ONNX exporter stores identical initializers once: a freshly built model (BatchNorm at mean 0 /
+    visrec's export stores identical initializers once: a freshly built model (BatchNorm at mean 0 /
     var 1 / weight 1 / bias 0, so many folded conv biases are the same zeros) exports a smaller file than
     any trained model of the same architecture. Values never change a float32 tensor's byte count, so the
     copy exports to exactly the size of a trained model's file."""

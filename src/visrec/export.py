@@ -1,10 +1,10 @@
-"""ONNX export (dynamic batch), an onnxruntime runner, a parity check and CPU latency."""
+"""ONNX export (torch's dynamo exporter, dynamic batch, optional BatchNorm folding), an onnxruntime runner, a
+parity check and CPU latency."""
 
 from __future__ import annotations
 
 import copy
 import time
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,53 +17,283 @@ from visrec._onnx import OnnxEmbedder  # noqa: F401 - still importable from here
 from visrec.errors import VisrecError
 
 
+# The dynamo exporter writes the ONNX standard opset its torchlib is written in (18) or later; it cannot
+# write an older one (a lower ``opset_version`` silently gives 18).
+MIN_OPSET = 18
+
+
 def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 112), dynamic_batch: bool = True,
-                keep_batchnorm: bool = True, opset: int = 17, output_name: str = "embedding",
+                keep_batchnorm: bool = True, opset: int = MIN_OPSET, output_name: str = "embedding",
                 contract=None) -> Path:
     """Export a float32 graph with input ``input`` and output ``output_name`` (default ``embedding``;
-    e.g. ``points`` for landmark models), batch axis dynamic unless ``dynamic_batch=False``.
+    e.g. ``points`` for landmark models), batch axis dynamic (named ``batch``) unless ``dynamic_batch=False``.
     ``keep_batchnorm`` keeps BatchNormalization nodes (no folding into conv biases), which the LFR FLOP
-    rule needs; False folds them (smaller, faster to serve).
+    rule needs; False folds every Conv/ConvTranspose -> BatchNormalization pair into the conv's weight and
+    bias (:func:`fold_batchnorm`; smaller, faster to serve). A BatchNormalization after anything else
+    (e.g. the BatchNorm1d after a face model's FC) stays either way.
 
-    Uses torch's TorchScript exporter (``dynamo=False``): with ``TrainingMode.PRESERVE`` and constant
-    folding off it keeps BN nodes, and with ``TrainingMode.EVAL`` + constant folding it folds them. The
-    caller's model is left as it was (a float32 CPU copy is exported when it is on another device/dtype).
-    ``contract`` (a :class:`visrec.models.contract.ModelContract`): written as JSON into the file's
-    ``metadata_props`` under ``visrec.contract``, where ``visrec.models.load_model`` reads it back."""
-    require("onnx", "export")
+    Uses torch's dynamo exporter (``torch.onnx.export(..., dynamo=True)``: ``torch.export`` traces the
+    model in eval mode, onnxscript's torchlib translates it) at ONNX opset ``opset``, 18 or later (the
+    exporter writes no older one; VisrecError below). The batch axis is traced at batch 2, as
+    ``torch.export`` specialises an axis of size 1. The exporter's own optimizer is off (``optimize=False``)
+    because it also fuses BatchNorm; visrec runs onnxscript's constant folding and dead-node removal
+    instead, then tidies the graph: the exporter's annotations go (per-node stack traces holding local
+    source paths, FX node text, ``value_info``: :func:`_strip_annotations`, so a file's bytes depend on
+    the model alone), as do the all-zero biases torchlib gives some bias-free convs
+    (:func:`_drop_zero_fill_biases`, which the LFR count would take for real ones); BatchNorm is folded
+    when asked and identical initializers are stored once. The exporter runs quietly (``verbose=False``,
+    no report); nothing is filtered from ``warnings``. It takes seconds per model (tracing and
+    decompositions; the TorchScript exporter visrec used before took a fraction of that).
+
+    One self-contained file is written (no external-data file). The caller's model is left as it was (a
+    float32 CPU copy is exported when it is on another device/dtype). ``contract`` (a
+    :class:`visrec.models.contract.ModelContract`): written as JSON into the file's ``metadata_props``
+    under ``visrec.contract``, where ``visrec.models.load_model`` reads it back."""
+    onnx = require("onnx", "export")
+    optimizer = require("onnxscript.optimizer", "export", package="onnxscript")
+    if opset < MIN_OPSET:
+        raise VisrecError(f"ONNX opset {opset}: torch's dynamo exporter writes opset {MIN_OPSET} or later")
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if any(t.dtype != torch.float32 or t.device.type != "cpu" for t in model.state_dict().values()
            if t.is_floating_point()):
         model = copy.deepcopy(model).float().cpu()
+    batch = max(2, input_size[0]) if dynamic_batch else input_size[0]
+    example = torch.zeros(batch, *input_size[1:])
     was_training = model.training
     model.eval()
-    axes = {"input": {0: "batch"}, output_name: {0: "batch"}} if dynamic_batch else None
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation notice
-        # The TorchScript exporter: its PRESERVE mode with constant folding off keeps BatchNorm nodes.
-        torch.onnx.export(model, torch.zeros(*input_size), str(path), dynamo=False, input_names=["input"],
-                          output_names=[output_name], dynamic_axes=axes, opset_version=opset,
-                          training=torch.onnx.TrainingMode.PRESERVE if keep_batchnorm else torch.onnx.TrainingMode.EVAL,
-                          do_constant_folding=not keep_batchnorm)
-    model.train(was_training)
+    try:
+        program = torch.onnx.export(model, (example,), dynamo=True, input_names=["input"],
+                                    output_names=[output_name], opset_version=opset,
+                                    dynamic_shapes=({0: "batch"},) if dynamic_batch else None,
+                                    optimize=False, verbose=False, report=False)
+    finally:
+        model.train(was_training)
+    optimizer.fold_constants(program.model)
+    optimizer.remove_unused_nodes(program.model)
+    proto = program.model_proto
+    _strip_annotations(proto)
+    own = {n for n, _ in model.named_parameters()} | {n for n, _ in model.named_buffers()}
+    _drop_zero_fill_biases(proto, own)
+    if not keep_batchnorm:
+        fold_batchnorm(proto)
+    _deduplicate_initializers(proto)
     if contract is not None:
-        write_onnx_contract(path, contract)
+        _set_contract(proto, contract)
+    onnx.checker.check_model(proto)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save(proto, str(tmp))
+    tmp.replace(path)
     return path
+
+
+def _strip_annotations(proto) -> None:
+    """Drop what the dynamo exporter writes beside the computation, in place: every node's and the graph's
+    ``metadata_props`` (``pkg.torch.onnx.stack_trace`` holds absolute paths of the model's source files,
+    ``pkg.torch.onnx.fx_node``/``class_hierarchy``/``namespace`` the traced FX graph; the graph keeps the
+    ExportedProgram's signature) and the intermediate tensors' ``value_info`` (shapes that onnxruntime and
+    :func:`visrec.budget.onnx_layer_counts` infer again). Nothing reads them at run time; on MobileFaceNet
+    they are ~290 KB, and a file's bytes would otherwise depend on where the source tree lies."""
+    proto.graph.ClearField("metadata_props")
+    proto.graph.ClearField("value_info")
+    for node in proto.graph.node:
+        node.ClearField("metadata_props")
+
+
+def _drop_zero_fill_biases(proto, parameter_names: set[str]) -> None:
+    """Remove the all-zero bias the exporter gives a bias-free convolution, in place.
+
+    torchlib writes ``Conv(x, W, zeros)`` for some bias-free convs (``Conv1d``, for one) where the
+    model has no bias; left there, the LFR count would take the conv for a biased one (module docstring
+    of :mod:`visrec.budget`). A bias input of a Conv, ConvTranspose or Gemm is dropped when it is a
+    constant of zeros that is none of the model's own tensors (``parameter_names``: parameters and buffers;
+    the exporter names each parameter's initializer after it), so a model's real bias stays even when
+    it happens to be zero."""
+    graph = proto.graph
+    consts = _Constants(graph)
+    for node in graph.node:
+        if node.op_type in ("Conv", "ConvTranspose", "Gemm") and len(node.input) == 3 and node.input[2]:
+            bias = node.input[2]
+            if bias not in parameter_names and bias in consts and not np.any(consts[bias]):
+                del node.input[2]
+    _drop_unused_initializers(graph)
+
+
+def _drop_unused_initializers(graph) -> None:
+    """Remove initializers and Constant nodes that no node or graph output reads."""
+    used = {i for n in graph.node for i in n.input} | {o.name for o in graph.output}
+    for node in list(graph.node):
+        if node.op_type == "Constant" and node.output[0] not in used:
+            graph.node.remove(node)
+    for init in list(graph.initializer):
+        if init.name not in used:
+            graph.initializer.remove(init)
+
+
+def _deduplicate_initializers(proto) -> None:
+    """Store identical initializers (same dtype, shape and bytes) once, in place, as torch's TorchScript
+    exporter did: the first keeps its name and every reader of a copy reads it instead. A fresh model's
+    BatchNorm folds into many identical zero biases, so it exports smaller than a trained one of the same
+    architecture (:func:`visrec.budget.export_size` measures the latter with distinct weights)."""
+    from onnx import numpy_helper
+
+    graph = proto.graph
+    if any(a.type in (a.GRAPH, a.GRAPHS) for n in graph.node for a in n.attribute):
+        return  # subgraphs (If, Loop) read initializers by name too: leave such a graph as it is
+    keep: dict[tuple, str] = {}
+    rename: dict[str, str] = {}
+    outputs = {o.name for o in graph.output}
+    for init in graph.initializer:
+        if init.name in outputs:
+            continue
+        value = numpy_helper.to_array(init)
+        key = (init.data_type, tuple(init.dims), value.tobytes())
+        if key in keep:
+            rename[init.name] = keep[key]
+        else:
+            keep[key] = init.name
+    if not rename:
+        return
+    for node in graph.node:
+        for k, name in enumerate(node.input):
+            if name in rename:
+                node.input[k] = rename[name]
+    _drop_unused_initializers(graph)
+
+
+class _Constants:
+    """name -> numpy array of the graph's initializers and ``Constant`` nodes' tensor ``value``s, converted
+    when first asked for (a large model's weights are not all copied to find a few biases)."""
+
+    def __init__(self, graph):
+        self._protos = {i.name: i for i in graph.initializer}
+        for node in graph.node:
+            if node.op_type == "Constant":
+                value = next((a.t for a in node.attribute if a.name == "value"), None)
+                if value is not None and value.ByteSize():
+                    self._protos[node.output[0]] = value
+        self._arrays: dict[str, np.ndarray] = {}
+
+    def __contains__(self, name: str) -> bool:
+        return name in self._protos
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._arrays:
+            from onnx import numpy_helper
+
+            self._arrays[name] = numpy_helper.to_array(self._protos[name])
+        return self._arrays[name]
+
+
+def fold_batchnorm(proto) -> int:
+    """Fold each ``Conv``/``ConvTranspose`` -> ``BatchNormalization`` pair of an ONNX ModelProto into the
+    conv, in place; returns how many were folded.
+
+    A pair qualifies when the conv's output feeds that BatchNormalization only (and is no graph output),
+    and the conv's weight (and bias, if any) and the BN's scale, bias, mean and variance are constants.
+    With ``s = scale / sqrt(var + epsilon)`` per output channel c:
+
+        W'[c] = W[c] * s[c]                  (ConvTranspose: its output channels are weight axis 1, per group)
+        b'[c] = (b[c] - mean[c]) * s[c] + bias[c]    (b = 0 for a conv without bias)
+
+    The conv then writes the BN's output tensor and the BN node is removed; initializers nothing uses any
+    more (the BN's statistics, a replaced weight) are dropped. A weight shared with another node is
+    copied rather than changed. Arithmetic in float64, stored in the weight's dtype."""
+    from onnx import helper, numpy_helper
+
+    graph = proto.graph
+    consts = _Constants(graph)
+    consumers: dict[str, list] = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+    producer = {o: n for n in graph.node for o in n.output}
+    graph_outputs = {o.name for o in graph.output}
+    inits = {i.name: i for i in graph.initializer}
+    taken = set(inits) | set(producer) | {i.name for i in graph.input}
+
+    def fresh(name: str) -> str:
+        k, out = 0, name
+        while out in taken:
+            k += 1
+            out = f"{name}_{k}"
+        taken.add(out)
+        return out
+
+    def store(name: str, value: np.ndarray, old: str | None) -> str:
+        """``value`` under ``old``'s name when only the conv uses that initializer, else under a new one."""
+        if old is not None and old in inits and len(consumers.get(old, [])) == 1:
+            inits[old].CopyFrom(numpy_helper.from_array(value, old))
+            return old
+        new = fresh(name)
+        graph.initializer.append(numpy_helper.from_array(value, new))
+        inits[new] = graph.initializer[-1]
+        return new
+
+    folded, drop = 0, []
+    for bn in list(graph.node):
+        if bn.op_type != "BatchNormalization" or len(bn.input) < 5:
+            continue
+        conv = producer.get(bn.input[0])
+        if conv is None or conv.op_type not in ("Conv", "ConvTranspose"):
+            continue
+        if len(consumers.get(conv.output[0], [])) != 1 or conv.output[0] in graph_outputs:
+            continue
+        if any(o and consumers.get(o) for o in bn.output[1:]) or any(o in graph_outputs for o in bn.output[1:]):
+            continue  # training-mode outputs (running statistics) in use
+        weight = conv.input[1]
+        bias = conv.input[2] if len(conv.input) > 2 and conv.input[2] else None
+        names = [weight, *bn.input[1:5]] + ([bias] if bias else [])
+        if not all(n in consts for n in names):
+            continue
+        w = consts[weight]
+        gamma, beta, mean, var = (consts[n].astype(np.float64) for n in bn.input[1:5])
+        eps = next((a.f for a in bn.attribute if a.name == "epsilon"), 1e-5)
+        scale = gamma / np.sqrt(var + eps)
+        if conv.op_type == "Conv":
+            w_new = w.astype(np.float64) * scale.reshape(-1, *[1] * (w.ndim - 1))
+        else:  # ConvTranspose weight (Cin, Cout/groups, *k): output channel g*Cout/groups + j is [g-block, j]
+            groups = next((a.i for a in conv.attribute if a.name == "group"), 1)
+            per = w.shape[1]
+            s = scale.reshape(groups, 1, per, *[1] * (w.ndim - 2))
+            w_new = (w.astype(np.float64).reshape(groups, w.shape[0] // groups, *w.shape[1:]) * s).reshape(w.shape)
+        b = consts[bias].astype(np.float64) if bias else np.zeros_like(mean)
+        b_new = (b - mean) * scale + beta
+        w_name = store(weight, w_new.astype(w.dtype), weight)
+        b_name = store(f"{weight}.bn_bias", b_new.astype(w.dtype), bias)
+        rebuilt = helper.make_node(conv.op_type, [conv.input[0], w_name, b_name], [bn.output[0]],
+                                   name=conv.name, domain=conv.domain)
+        rebuilt.attribute.extend(conv.attribute)
+        old_out = conv.output[0]
+        conv.CopyFrom(rebuilt)
+        drop.append(bn)
+        for vi in list(graph.value_info):  # a shape annotation of the tensor that is gone
+            if vi.name == old_out:
+                graph.value_info.remove(vi)
+        folded += 1
+    for bn in drop:
+        graph.node.remove(bn)
+    _drop_unused_initializers(graph)
+    return folded
+
+
+def _set_contract(proto, contract) -> None:
+    """Put ``contract`` (JSON) into the ModelProto's ``metadata_props`` under ``visrec.contract``."""
+    from visrec.models.contract import ONNX_KEY
+
+    for prop in list(proto.metadata_props):
+        if prop.key == ONNX_KEY:
+            proto.metadata_props.remove(prop)
+    entry = proto.metadata_props.add()
+    entry.key, entry.value = ONNX_KEY, contract.to_json()
 
 
 def write_onnx_contract(path: str | Path, contract) -> Path:
     """Store ``contract`` (JSON) in the ONNX file's ``metadata_props`` (key ``visrec.contract``), in place."""
-    from visrec.models.contract import ONNX_KEY
-
     onnx = require("onnx", "export")
     path = Path(path)
     model = onnx.load(str(path))
-    for prop in list(model.metadata_props):
-        if prop.key == ONNX_KEY:
-            model.metadata_props.remove(prop)
-    entry = model.metadata_props.add()
-    entry.key, entry.value = ONNX_KEY, contract.to_json()
+    _set_contract(model, contract)
     tmp = path.with_name(f".{path.name}.tmp")
     onnx.save(model, str(tmp))
     tmp.replace(path)

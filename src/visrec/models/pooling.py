@@ -38,6 +38,15 @@ class GeM(nn.Module):
         return x.clamp(min=self.eps).pow(self.p).mean(dim=(2, 3)).pow(1.0 / self.p)
 
 
+def _region_starts(last: int, n: int) -> list[int]:
+    """``n`` evenly spaced starts from 0 to ``last``, rounded half to even, distinct and sorted: what
+    ``torch.linspace(0, last, n).round().long().unique().tolist()`` gives, in plain Python, so that
+    ``torch.export`` (the ONNX exporter) traces constants rather than a data-dependent ``unique``."""
+    if n == 1:
+        return [0]
+    return sorted({round(last * i / (n - 1)) for i in range(n)})
+
+
 @POOLINGS.register("rmac")
 class RMAC(nn.Module):
     """Regions: at scale l (1..levels) squares of side 2*min(H,W)/(l+1), on a regular grid."""
@@ -51,8 +60,8 @@ class RMAC(nn.Module):
         out = torch.zeros(x.shape[:2], dtype=x.dtype, device=x.device)
         for level in range(1, self.levels + 1):
             side = max(1, int(round(2 * min(h, w) / (level + 1))))
-            ys = torch.linspace(0, h - side, level + (h > w)).round().long().unique().tolist()
-            xs = torch.linspace(0, w - side, level + (w > h)).round().long().unique().tolist()
+            ys = _region_starts(h - side, level + (h > w))
+            xs = _region_starts(w - side, level + (w > h))
             for y in ys:
                 for x0 in xs:
                     region = x[:, :, y:y + side, x0:x0 + side].amax(dim=(2, 3))
