@@ -108,3 +108,75 @@ def test_no_import_circle():
         if m not in state:
             visit(m)
     assert not circles, "import circles:\n" + "\n".join(circles)
+
+
+# third-party modules heavy enough that a visrec module imports them (or a visrec module that does) inside a function
+HEAVY = {"torch", "torchvision", "cv2", "onnx", "onnxruntime", "faiss", "pymilvus", "milvus", "fastapi", "starlette",
+         "uvicorn", "matplotlib", "dlib", "timm", "scipy", "safetensors", "PIL"}
+
+
+def function_level_lines(path: Path) -> set[int]:
+    """Lines of the import statements inside a function (or lambda) body."""
+    lines = set()
+
+    def visit(node, inside):
+        for child in ast.iter_child_nodes(node):
+            deeper = inside or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
+            if deeper and isinstance(child, (ast.Import, ast.ImportFrom)):
+                lines.add(child.lineno)
+            visit(child, deeper)
+
+    visit(ast.parse(path.read_text(), str(path)), False)
+    return lines
+
+
+def third_party_at_load(path: Path) -> set[str]:
+    """Top-level names of the non-visrec modules the file imports when it is loaded (outside any function)."""
+    inside = function_level_lines(path)
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import) and node.lineno not in inside:
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.lineno not in inside and not node.level:
+            found.add(node.module.split(".")[0])
+    return found - {"visrec"}
+
+
+def test_function_level_imports_defer_a_heavy_dependency():
+    """A visrec import inside a function must keep a heavy dependency out of the importing module's load: the
+    imported module loads one (itself or through the visrec modules it imports at load, packages' __init__
+    included) that the importer does not, or importing it at load would close a circle. The CLI and its commands
+    import inside each command on purpose (a fast `visrec --help`) and are not held to this."""
+    modules = all_modules()
+    at_load = {}
+    for module, path in modules.items():
+        inside = function_level_lines(path)
+        at_load[module] = ([t for t, line in imports(path) if line not in inside], third_party_at_load(path))
+
+    def loads(module: str) -> tuple[set[str], set[str]]:
+        """(visrec modules, third-party top-level names) that `import module` runs."""
+        seen, third, todo = set(), set(), [module]
+        while todo:
+            parts = todo.pop().split(".")
+            for end in range(1, len(parts) + 1):  # importing a.b.c runs a and a.b first
+                name = ".".join(parts[:end])
+                if name in modules and name not in seen:
+                    seen.add(name)
+                    todo += at_load[name][0]
+                    third |= at_load[name][1]
+        return seen, third
+
+    unjustified = []
+    for module, path in sorted(modules.items()):
+        if module == "visrec.cli" or module.startswith("visrec.commands"):
+            continue
+        mine = loads(module)[1]
+        inside = function_level_lines(path)
+        for target, line in imports(path):
+            if line not in inside:
+                continue
+            theirs, third = loads(target)
+            if (third - mine) & HEAVY or module in theirs:
+                continue  # it keeps a heavy dependency out of this module's load, or it would close a circle
+            unjustified.append(f"{path.relative_to(SRC.parent)}:{line}: {target} (import it at module level)")
+    assert not unjustified, "function-level imports that defer no heavy dependency:\n" + "\n".join(unjustified)

@@ -331,7 +331,9 @@ def test_products_padding_report_and_resume(tmp_path, monkeypatch):
     def boom(*_):
         raise AssertionError("a finished photo was read again")
 
-    monkeypatch.setattr(P, "read_image_checked", boom)
+    from visrec.data import prepare as data_prepare
+
+    monkeypatch.setattr(data_prepare, "read_image_checked", boom)  # where prepare_products looks it up
     again = prepare_products(src, out, size=128)
     assert again.resumed == 4 and again.written == 3
 

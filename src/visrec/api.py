@@ -20,6 +20,9 @@ import numpy as np
 
 from visrec.errors import DataError
 from visrec.faces.images import load_image
+from visrec.faces.pipeline import FacePipeline
+from visrec.index.enroll import enroll_face, enroll_folder
+from visrec.index.gallery import open_gallery, pair_scores
 
 # what a model needs around it when the caller names no detector / landmarks
 PIPELINE_DEFAULTS = {"dlib-resnet": {"detector": "dlib-hog", "landmarks": "dlib-68"}}
@@ -61,8 +64,6 @@ class FaceAnalysis:
 
     def __init__(self, model="dlib-resnet", *, detector=None, landmarks=None, align: str | None = None,
                  threshold: float | None = None, detect_size: int | None = 640):
-        from visrec.faces.pipeline import FacePipeline
-
         defaults = PIPELINE_DEFAULTS.get(str(model), {})
         self.pipeline = FacePipeline(model, detector=detector or defaults.get("detector", "haar"),
                                      landmarks=landmarks if landmarks is not None else defaults.get("landmarks"),
@@ -98,8 +99,6 @@ class FaceAnalysis:
 
     def verify(self, a, b) -> Verdict:
         """Compare the largest faces of two images (module docstring)."""
-        from visrec.index.gallery import pair_scores
-
         score = float(pair_scores(self.embed(a), self.embed(b), self.embedder.metric)[0, 0])
         t, origin = self.threshold
         return Verdict(score, None if t is None else score >= t, t, origin, self.embedder.metric)
@@ -120,8 +119,6 @@ class Gallery:
     (None: in memory, FAISS). ``model``: a :class:`FaceAnalysis` or anything it takes."""
 
     def __init__(self, model="dlib-resnet", path: str | Path | None = None, *, fusion: str = "max"):
-        from visrec.index.gallery import open_gallery
-
         self.analysis = model if isinstance(model, FaceAnalysis) else FaceAnalysis(model)
         e = self.analysis.embedder
         kwargs = {"model_name": e.name, "dim": e.dim, "metric": e.metric, "fusion": fusion}
@@ -129,8 +126,6 @@ class Gallery:
 
     def enroll(self, name: str, image) -> int:
         """Enroll the largest face of ``image`` as ``name``; returns the identity's template count."""
-        from visrec.index.enroll import enroll_face
-
         face = self.analysis.faces(image)
         if not face:
             raise DataError(f"no face found in {_describe(image)}")
@@ -140,8 +135,6 @@ class Gallery:
     def enroll_folder(self, root: str | Path):
         """Enroll ``root/<identity>/<photo>``; returns an :class:`visrec.index.enroll.EnrollReport` (enrolled,
         no face, several faces (the largest enrolled), errors)."""
-        from visrec.index.enroll import enroll_folder
-
         return enroll_folder(self.analysis.pipeline, self.store, root)
 
     def identify(self, image, top_k: int = 1):

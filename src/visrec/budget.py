@@ -48,7 +48,13 @@ import numpy as np
 import torch
 from torch import nn
 
+from visrec._optional import require
 from visrec.errors import DataError, VisrecError
+from visrec.export import exported_size
+from visrec.models import build_backbone
+from visrec.models.loading import load_model
+from visrec.models.model_file import default_contract
+from visrec.models.pooling import GeM
 from visrec.protocols import Protocol, load_protocol
 
 
@@ -97,7 +103,6 @@ ZERO_COUNT_KINDS: tuple[type, ...] = (nn.modules.batchnorm._NormBase, nn.LayerNo
 
 
 def _zero_count_kinds() -> tuple[type, ...]:
-    from visrec.models.pooling import GeM
 
     extra = (nn.RMSNorm,) if hasattr(nn, "RMSNorm") else ()
     return ZERO_COUNT_KINDS + extra + (GeM,)
@@ -186,7 +191,6 @@ def full_flops(model: nn.Module, input_size=(1, 3, 112, 112)) -> int:
 # --- ONNX graphs --------------------------------------------------------------------------------------
 
 def _load_onnx(path: Path):
-    from visrec._optional import require
 
     onnx = require("onnx", "export")
     try:
@@ -478,7 +482,6 @@ def export_size(model: nn.Module, input_size=(1, 3, 112, 112), contract=None, *,
     commands use, so ``budget`` and ``export`` report one size for one model. ``untrained``: the model
     is a fresh build standing for its architecture (a registry name); its size is that of a trained
     model's file (:func:`_with_distinct_weights`), not the smaller file of its constant initial values."""
-    from visrec.export import exported_size
 
     return exported_size(_with_distinct_weights(model) if untrained else model, contract, input_size=input_size)
 
@@ -513,7 +516,6 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
         if isinstance(model_or_path, nn.Module):
             model, source = model_or_path, type(model_or_path).__name__
         else:
-            from visrec.models.loading import load_model
 
             # the loader `visrec export` uses, so both see the same module and contract
             loaded = load_model(model_or_path)
@@ -535,7 +537,6 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
 def registry_contract(model: nn.Module, name: str, kwargs: dict | None = None):
     """The contract a registry-built model gets when saved (``default_contract``), so that a budget of
     ``mbf`` measures the file ``visrec export`` would write for that model's checkpoint."""
-    from visrec.models.model_file import default_contract
 
     return default_contract(model, {"name": name, **(kwargs or {})})
 
@@ -567,7 +568,6 @@ class FitResult:
 
 def _meta_estimate(name: str, kwargs: dict, input_size) -> tuple[int, int]:
     """(LFR FLOPs, parameters) of a registry model built on the meta device: shapes only, no memory."""
-    from visrec.models import build_backbone
 
     with torch.device("meta"):
         model = build_backbone(name, **kwargs)
@@ -580,7 +580,6 @@ def fit_to_budget(family: str, protocol: str | Protocol, knobs: dict[str, list] 
     device (shapes only, no memory); the winner and its neighbour get the full check (the ONNX export for
     the size is done only when the protocol limits size). ``knobs`` replaces the family's candidate values,
     e.g. ``{"width_mult": [0.5, 0.75, 1.0]}``."""
-    from visrec.models import build_backbone
 
     p = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
     if family not in FAMILIES:

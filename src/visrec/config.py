@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from visrec.data.text import read_text
 from visrec.errors import ConfigError
 
 
@@ -104,8 +105,6 @@ def validate_section(model: type[BaseModel], data: dict[str, Any], section: str,
 
 def read_yaml_mapping(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """A YAML file's top-level mapping with dotted-key ``overrides`` applied; errors name the file."""
-    from visrec.data.text import read_text
-
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")

@@ -18,11 +18,15 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from visrec.config import parse_config
+from visrec.data.verification import read_verification_bin
+from visrec.demo_real import real_faces_section
+from visrec.faces.pipeline import Embedder
+from visrec.index.gallery import open_gallery
+
 
 def faces_section(out: Path, steps: int, console: Console) -> dict:
-    from visrec.config import parse_config
     from visrec.data.synth import write_face_dataset, write_verification_pairs
-    from visrec.data.verification import read_verification_bin
     from visrec.evaluate.bin_protocol import evaluate_bin_pairs
     from visrec.models import build_backbone
     from visrec.models.embed import embed_images
@@ -140,7 +144,6 @@ def _run_demo(out: Path, steps: int, console: Console | None) -> None:
     video_section(out, faces["run"], console)
     landmarks_section(out, console)
     products_section(out, console)
-    from visrec.demo_real import real_faces_section
 
     real_faces_section(out, console)
 
@@ -151,8 +154,6 @@ def gallery_section(out: Path, faces: dict, console: Console) -> dict:
     import numpy as np
 
     from visrec.data.synth import render_face
-    from visrec.index.gallery import open_gallery
-    from visrec.faces.pipeline import Embedder
 
     try:
         embedder = Embedder(faces["run"])
@@ -183,7 +184,6 @@ def video_section(out: Path, backbone: Path, console: Console, identities: tuple
     predicts per-frame fusion weights, trained on the frozen ``backbone`` (the settings of
     configs/faces/video-quality.yaml) -> TPR@FPR=1e-4 between held-out videos for mean, norm-weighted and
     learned fusion. ``identities``: (training, held-out); 3 and 4 videos of 8 frames each."""
-    from visrec.config import parse_config
     from visrec.data.video import write_video_dataset
     from visrec.faces.evaluation import evaluate_video_model
     from visrec.train.trainer import train
@@ -230,7 +230,6 @@ def landmarks_section(out: Path, console: Console, faces: tuple[int, int] = (300
     baseline; HTML report with the CED curve. ``faces``: (training, held-out)."""
     import numpy as np
 
-    from visrec.config import parse_config
     from visrec.data.synth import write_synthetic_jd
     from visrec.evaluate.landmark_report import landmark_metrics
     from visrec.faces.evaluation import evaluate_landmarks

@@ -28,6 +28,12 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec.data.fixtures import fixtures_dir, read_imglab_xml, require_real_fixtures
+from visrec.data.images import read_image
+from visrec.errors import VisrecError
+from visrec.faces.align import ARCFACE_112, align_face
+from visrec.index.gallery import calibrate, open_gallery
+
 OBAMA_PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg", "obama_partial_face2.jpg")
 ENROLL_PHOTO = "obama2.jpg"  # 32bit.png is the same photo as an RGBA PNG, so it is not a probe
 TARGET_FPR = 1e-3
@@ -60,8 +66,6 @@ class FacePipeline:
 
     def __call__(self, image, box=None) -> Face | None:
         """The best-scoring face of an RGB image (or the face in ``box``); None if none is found."""
-        from visrec.faces.align import align_face
-
         score = float("nan")
         if box is None:
             found = self.detector(image)
@@ -79,16 +83,12 @@ class FacePipeline:
 
 def annotated_faces(root: Path) -> list[tuple[Path, np.ndarray, np.ndarray]]:
     """The 43 annotated faces of dlib's examples: (image, box x1y1x2y2, (68, 2) points)."""
-    from visrec.data.fixtures import read_imglab_xml
-
     return [r for name in LANDMARK_XMLS for r in read_imglab_xml(Path(root) / "dlib-examples" / name)]
 
 
 def calibration_set(pipe: FacePipeline, root: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
     """(embeddings (49, 128), integer labels, names): five Obama photos (one label), the 43 VOC faces
     (landmarks predicted in their annotated boxes) and Tom Cruise, one label each. Biden is not in it."""
-    from visrec.data.images import read_image
-
     root = Path(root)
     emb, names = [], []
     for n in OBAMA_PHOTOS:
@@ -107,17 +107,12 @@ def calibration_set(pipe: FacePipeline, root: Path) -> tuple[np.ndarray, np.ndar
 
 def _must(face: Face | None, what: str) -> Face:
     if face is None:
-        from visrec.errors import VisrecError
-
         raise VisrecError(f"no face detected in {what}")
     return face
 
 
 def run_identification(root: Path, pipe: FacePipeline | None = None) -> dict:
     """Calibrate, enroll and identify as in the module docstring; returns the numbers and the faces."""
-    from visrec.data.images import read_image
-    from visrec.index.gallery import calibrate, open_gallery
-
     root, pipe = Path(root), pipe or FacePipeline()
     x, labels, names = calibration_set(pipe, root)
     gallery = open_gallery("faiss", model_name=pipe.embedder.name, dim=pipe.embedder.dim, metric=pipe.embedder.metric)
@@ -145,8 +140,6 @@ def _score_name(metric: str) -> str:
 
 def _mark_eyes(crop: np.ndarray) -> np.ndarray:
     """A copy of a 112x112 crop with a green dot on each of the ArcFace template's eye positions."""
-    from visrec.faces.align import ARCFACE_112
-
     out = crop.copy()
     for x, y in np.round(ARCFACE_112[:2]).astype(int):
         out[y, x] = (0, 255, 0)
@@ -190,8 +183,6 @@ def _write_html(path: Path, run: dict) -> Path:
 
 
 def _missing() -> str | None:
-    from visrec.data.fixtures import require_real_fixtures
-    from visrec.errors import VisrecError
     from visrec.models.dlib_models import models_dir
 
     try:
@@ -213,8 +204,6 @@ def real_faces_section(out: Path, console) -> dict:
     Returns ``{"threshold", "target_fpr", "correct", "total", "results", "html"}`` or ``{"skipped": reason}``.
     """
     from rich.table import Table
-
-    from visrec.data.fixtures import fixtures_dir
 
     reason = _missing()
     if reason:

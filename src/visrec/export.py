@@ -15,6 +15,8 @@ from torch import nn
 from visrec._optional import require
 from visrec._onnx import OnnxEmbedder  # noqa: F401 - still importable from here (parity_check runs it)
 from visrec.errors import VisrecError
+from visrec.models.contract import ONNX_KEY
+from visrec.models.loading import load_model
 
 
 # The dynamo exporter writes the ONNX standard opset its torchlib is written in (18) or later; it cannot
@@ -279,7 +281,6 @@ def fold_batchnorm(proto) -> int:
 
 def _set_contract(proto, contract) -> None:
     """Put ``contract`` (JSON) into the ModelProto's ``metadata_props`` under ``visrec.contract``."""
-    from visrec.models.contract import ONNX_KEY
 
     for prop in list(proto.metadata_props):
         if prop.key == ONNX_KEY:
@@ -382,7 +383,6 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
     """``visrec export``: checkpoint -> ONNX with the checkpoint's contract in its metadata
     (:func:`export_model`), then the parity check (raises if it fails). Landmark models export their
     ``points`` output at the contract's crop size."""
-    from visrec.models.loading import load_model
 
     loaded = load_model(checkpoint)
     model, contract = loaded.module, loaded.contract

@@ -19,6 +19,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+from visrec.data.text import read_text
 from visrec.errors import ConfigError
 
 
@@ -58,8 +59,6 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
         raise ConfigError(f"unknown protocol {key!r}: built-in ones are {', '.join(BUILTIN)}; "
                           f"or give a .yaml file")
     try:
-        from visrec.data.text import read_text
-
         raw = yaml.safe_load(read_text(path)) or {}
         return Protocol.model_validate(raw)
     except yaml.YAMLError as exc:

@@ -8,6 +8,8 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from visrec.data.folders import read_csv_list, read_image_folder
+from visrec.data.recordio import RecordIOReader
 from visrec.errors import DataError
 
 FACE_SIZE = 112
@@ -46,9 +48,6 @@ class FaceDataset(Dataset):
 def open_face_dataset(path: str | Path, *, skip_bad: bool = False, train: bool = False) -> FaceDataset:
     """Autodetect: a directory holding ``train.rec`` (or a ``.rec`` path) -> RecordIO; a ``.csv`` -> CSV
     list; a directory of sub-folders -> image folder."""
-    from visrec.data.folders import read_csv_list, read_image_folder
-    from visrec.data.recordio import RecordIOReader
-
     path = Path(path)
     if path.suffix == ".rec" or (path.is_dir() and (path / "train.rec").exists()):
         return FaceDataset(RecordIOReader(path), train=train)

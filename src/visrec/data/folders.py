@@ -11,6 +11,7 @@ from typing import Iterable
 import numpy as np
 
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, read_image
+from visrec.data.text import read_text
 from visrec.errors import DataError
 
 
@@ -88,8 +89,6 @@ def read_csv_list(path: str | Path, *, skip_bad: bool = False) -> ImageList:
     """``path,label`` rows (header optional); relative paths resolve against the CSV's folder. Labels may be
     integers or names; names are numbered in sorted order. The file is UTF-8 (``visrec.data.text``); errors
     name the file and the line."""
-    from visrec.data.text import read_text
-
     path = Path(path)
     if not path.exists():
         raise DataError("CSV list not found", path=path)

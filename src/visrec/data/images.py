@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec.data.text import read_bytes
 from visrec.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
@@ -151,8 +152,6 @@ def decode_image(data: bytes, *, source: str | Path | None = None, record: int |
 
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of an image file from its header (nothing decoded), or DataError naming it."""
-    from visrec.data.text import read_bytes
-
     path = Path(path)
     data = read_bytes(path)
     if header_size(data) is None:
@@ -165,8 +164,6 @@ def image_size(path: str | Path) -> tuple[int, int]:
 
 def read_image(path: str | Path) -> np.ndarray:
     """An image file as HxWx3 RGB uint8 (a regular file only: ``visrec.data.text.read_bytes``)."""
-    from visrec.data.text import read_bytes
-
     path = Path(path)
     return decode_image(read_bytes(path), source=path)
 

@@ -10,6 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
+from visrec.data.augment import crop_face, random_augment
+from visrec.data.images import read_image
+from visrec.data.landmarks import read_jd_dir, read_jd_poses
+from visrec.data.schemes import get_scheme
 from visrec.errors import DataError
 
 
@@ -20,9 +24,6 @@ class JDCrops(Dataset):
 
     def __init__(self, root: Path, points: int, size: int, margin: float, augment: bool, seed: int = 0,
                  with_pose: bool = False):
-        from visrec.data.landmarks import read_jd_dir, read_jd_poses
-        from visrec.data.schemes import get_scheme
-
         self.paths, self.points, self.boxes = read_jd_dir(root, points)
         self.poses = read_jd_poses(root, self.paths)
         if with_pose and self.poses is None:
@@ -36,14 +37,9 @@ class JDCrops(Dataset):
         return len(self.paths)
 
     def crop(self, i: int):
-        from visrec.data.augment import crop_face
-        from visrec.data.images import read_image
-
         return crop_face(read_image(self.paths[i]), self.points[i], self.boxes[i], self.size, self.margin)
 
     def __getitem__(self, i: int):
-        from visrec.data.augment import random_augment
-
         img, pts = self.crop(i)  # a scaled, shifted copy of the image: the pose is unchanged
         pose = self.poses[i] if self.with_pose else None
         if self.augment:

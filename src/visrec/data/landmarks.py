@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec.data.images import image_size
 from visrec.data.text import read_lines
 from visrec.errors import DataError
 
@@ -285,7 +286,6 @@ def read_jd_dir(root: str | Path, expected: int | None = 106):
     pics = sorted((root / "picture").glob("*.jpg"))
     if not pics:
         raise DataError("no picture/*.jpg", path=root)
-    from visrec.data.images import image_size
 
     pts, boxes = [], []
     for p in pics:

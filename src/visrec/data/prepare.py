@@ -30,6 +30,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg
+from visrec.data.products import (CATALOGUE_DIR, PRODUCT_LABELS, _resize, pad_to_square, read_image_checked,
+                                  write_product_labels)
 from visrec.errors import DataError, VisrecError
 
 JOURNAL = "prepare_journal.jsonl"
@@ -253,9 +256,6 @@ class _ProductWorker:
         self.size, self.fill, self.quality = size, fill, quality
 
     def __call__(self, item: tuple[str, str, str]) -> dict:
-        from visrec.data.images import encode_jpeg
-        from visrec.data.products import _resize, pad_to_square, read_image_checked
-
         key, _, path = item
         try:
             image = read_image_checked(key, path)
@@ -276,9 +276,6 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
     ``src`` holds photos (id = file stem) and/or one sub-folder per product (id = ``<folder>_<stem>``; then
     ``out/catalogue_products.csv`` maps every catalogue id to its product: the folder name, or the id itself
     for loose photos). Ids lose commas and path separators. Resumable like ``prepare_faces``."""
-    from visrec.data.images import IMAGE_SUFFIXES
-    from visrec.data.products import CATALOGUE_DIR, PRODUCT_LABELS, write_product_labels
-
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError("product photo folder not found", path=src)

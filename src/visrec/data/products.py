@@ -46,6 +46,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from visrec.data.images import check_encoded, decode_image
+from visrec.data.text import read_bytes, read_lines
 from visrec.errors import DataError
 
 CATALOGUE_DIR = "catalogue"
@@ -83,8 +84,6 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
 def read_image_checked(image_id: str, path: str | Path) -> np.ndarray:
     """Decode one image to HxWx3 RGB uint8; a missing or undecodable file raises ``DataError`` naming
     the path and the id."""
-    from visrec.data.text import read_bytes
-
     path = Path(path)
     try:
         data = read_bytes(path)
@@ -96,8 +95,6 @@ def read_image_checked(image_id: str, path: str | Path) -> np.ndarray:
 def _check_decodable(path: Path) -> str | None:
     """None when ``path`` decodes, else the reason. Decodes at 1/8 scale (cheap for JPEG)."""
     import cv2
-
-    from visrec.data.text import read_bytes
 
     try:
         data = read_bytes(path)
@@ -194,8 +191,6 @@ def _is_header(fields: Sequence[str]) -> bool:
 def _read_rows(path: str | Path, *, header: bool = True) -> Iterator[tuple[int, list[str]]]:
     """``(1-based line, stripped fields)`` for each non-blank line, trailing empty fields dropped; with
     ``header`` the first non-blank line is skipped when ``_is_header`` says it names columns (module doc)."""
-    from visrec.data.text import read_lines
-
     first = True
     for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():

@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec.data.images import decode_image
+from visrec.data.text import read_lines
 from visrec.errors import DataError
 
 MAGIC = 0xCED7230A
@@ -213,8 +215,6 @@ class RecordIOReader:
     # ------------------------------------------------------------------------------------------ opening
 
     def _read_idx(self) -> dict[int, int]:
-        from visrec.data.text import read_lines
-
         offsets: dict[int, int] = {}
         lines: dict[int, int] = {}
         for lineno, line in enumerate(read_lines(self.idx_path), start=1):
@@ -236,8 +236,6 @@ class RecordIOReader:
         return offsets
 
     def _read_property(self) -> int:
-        from visrec.data.text import read_lines
-
         lines = read_lines(self.prop_path)
         first = lines[0] if lines else ""
         try:
@@ -450,7 +448,5 @@ class RecordIOReader:
 
     def image(self, i: int) -> np.ndarray:
         """The i-th image (0-based over images) as HxWx3 RGB uint8."""
-        from visrec.data.images import decode_image
-
         record = int(self.image_records[i])
         return decode_image(self.image_bytes(i), source=self.rec_path, record=record)

@@ -33,6 +33,12 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
+from visrec.data.folders import write_image_folder
+from visrec.data.images import encode_jpeg
+from visrec.data.landmarks import write_landmark_txt, write_pose_txt
+from visrec.data.recordio import RecordIOWriter
+from visrec.data.verification import write_verification_bin
+
 SIZE = 112
 _CX, _CY = 56.0, 58.0
 # pixel-centre coordinates in [-0.5, 0.5), for the illumination gradient
@@ -246,8 +252,6 @@ def write_face_dataset(out_dir: str | Path, num_identities: int, images_per_iden
     faces = iter_faces(num_identities, images_per_identity, seed=seed, difficulty=difficulty,
                        first_identity=first_identity)
     if format == "recordio":
-        from visrec.data.recordio import RecordIOWriter
-
         points = []
         with RecordIOWriter(out) as writer:
             for img, label, pts in faces:
@@ -257,9 +261,6 @@ def write_face_dataset(out_dir: str | Path, num_identities: int, images_per_iden
                     progress()
         np.save(out / "landmarks106.npy", np.stack(points).astype(np.float32))
         return out
-
-    from visrec.data.folders import write_image_folder
-    from visrec.data.landmarks import write_landmark_txt
 
     sidecar = out.parent / f"{out.name}-landmarks"
     counts: dict[int, int] = {}
@@ -287,7 +288,6 @@ def write_verification_pairs(path: str | Path, num_identities: int, num_pairs: i
     called once per pair."""
     if num_identities < 2:
         raise ValueError("impostor pairs need at least 2 identities")
-    from visrec.data.verification import write_verification_bin
 
     rng = np.random.default_rng([seed, first_identity, 31337])
     images, issame = [], []
@@ -342,9 +342,6 @@ def write_synthetic_jd(out_dir: str | Path, n_faces: int, *, seed: int = 0, diff
     in ``pose/<name>.txt`` (``yaw 0 roll`` degrees: the renderer has no pitch; ``visrec.data.landmarks`` documents
     the pose files).
     The images are those of ``iter_faces(n_faces, 1, seed=seed, difficulty=difficulty)``."""
-    from visrec.data.images import encode_jpeg
-    from visrec.data.landmarks import write_landmark_txt, write_pose_txt
-
     out = Path(out_dir)
     for k in range(n_faces):
         # the generator iter_faces gives face k (identity k, one image each)

@@ -30,6 +30,7 @@ from typing import Sequence
 import numpy as np
 
 from visrec.data.images import decode_image, encode_jpeg
+from visrec.data.text import read_bytes
 from visrec.errors import DataError
 
 _NUMERIC_KINDS = "biuf"  # bool, signed, unsigned, float: what issame or an image byte array can be
@@ -233,8 +234,6 @@ def _issame(issame, path) -> np.ndarray:
 
 def read_verification_bin(path: str | Path) -> tuple[list[np.ndarray], np.ndarray]:
     """Return (images as RGB uint8, issame as bool array of len(images) // 2)."""
-    from visrec.data.text import read_bytes
-
     path = Path(path)
     raw = read_bytes(path)
     try:

@@ -28,6 +28,8 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from visrec.data import synth as S
+from visrec.data.images import decode_image
 from visrec.data.text import read_bytes, read_lines
 from visrec.errors import DataError
 
@@ -96,8 +98,6 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
     Each frame is checked as it is read (a frame of another size stops the read at once), and a video file
     may hold at most one frame per ``MIN_BYTES_PER_FRAME`` bytes of its length (more is a ``DataError``):
     what it decodes to stays bounded by the file's length, whatever its header or stream claims."""
-    from visrec.data.images import decode_image
-
     path = Path(path)
     record = f"video {video_id}" if video_id else None
     frames: list[np.ndarray] = []
@@ -181,8 +181,6 @@ def render_video(identity: int, num_frames: int, rng: np.random.Generator, *, se
                  degraded_share: float = 0.3, difficulty: float = 0.2) -> tuple[list[np.ndarray], list[str], np.ndarray]:
     """One track of ``identity``: (frames RGB uint8 112x112, kind per frame ("clean" or a DEGRADATIONS name),
     detector scores). Exactly round(degraded_share * num_frames) frames are degraded."""
-    from visrec.data import synth as S
-
     p, shape = S._identity_params(seed, identity), S._identity_shape(seed, identity)
     t = np.arange(num_frames) / max(1, num_frames - 1)
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from visrec.errors import DataError, VisrecError
+from visrec.evaluate.verification import tpr_at_fpr, tpr_at_fpr_pairs
 
 METRICS = ("cosine", "euclidean")
 MAX_DISTANCE_SET = 20_000  # euclidean sets are scored as a dense pair list: 20k embeddings = 200M pairs
@@ -20,8 +21,6 @@ MAX_DISTANCE_SET = 20_000  # euclidean sets are scored as a dense pair list: 20k
 def calibrate_threshold(embeddings, labels, target_fpr: float = 1e-4, metric: str = "cosine"):
     """The :class:`~visrec.evaluate.verification.TprResult` at ``target_fpr`` over all pairs (module
     docstring): ``threshold``, achieved ``fpr``, ``tpr``, pair counts. Raises when it is not estimable."""
-    from visrec.evaluate.verification import tpr_at_fpr, tpr_at_fpr_pairs
-
     if metric not in METRICS:
         raise VisrecError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
     x = np.asarray(embeddings, np.float32)

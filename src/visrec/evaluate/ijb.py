@@ -63,6 +63,8 @@ import numpy as np
 
 from visrec.data.text import read_lines, read_text
 from visrec.errors import DataError
+from visrec.evaluate.identification import tpir_at_fpir
+from visrec.evaluate.verification import _next_up, tpr_at_fpr_nearest, tpr_at_fpr_pairs
 
 MAX_ID = 2 ** 31
 FAR_TARGETS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
@@ -350,8 +352,6 @@ def ijb_verification(features, meta: TemplateMeta, pairs, targets=FAR_TARGETS, *
     """1:1 TAR@FAR over the template pair list, both rules: ``{"strict": {target: TprResult},
     "nearest": {target: NearestResult}, "scores": (P,) float32}``. ``features`` are per-image features
     (``image_features``); ``norm_first`` as in ``pool_templates``."""
-    from visrec.evaluate.verification import tpr_at_fpr_nearest, tpr_at_fpr_pairs
-
     tids, tfeats = pool_templates(features, meta, norm_first=norm_first)
     scores = template_pair_scores(tids, tfeats, pairs, path)
     same = pairs[2]
@@ -395,7 +395,6 @@ def one_to_n(probe: np.ndarray, probe_subjects: np.ndarray, gallery: np.ndarray,
     mask[np.arange(p), mate] = False
     non = np.sort(sims[mask])[::-1]  # every non-mated (probe, gallery template) score, descending
     strict, insight = {}, {}
-    from visrec.evaluate.verification import _next_up
 
     for f in sorted(targets):
         k = math.floor(f * p + 1e-9)  # accepted non-mated scores allowed
@@ -424,8 +423,6 @@ def ijb_identification(features, meta: TemplateMeta, gallery: tuple, probe: tupl
     the IJB protocol per gallery: a probe whose subject is not enrolled in that gallery is non-mated; FPIR =
     share of non-mated probes whose best score is >= t, TPIR = share of mated probes whose best gallery
     subject is theirs with score >= t, strict rule (``visrec.evaluate.identification.tpir_at_fpir``)."""
-    from visrec.evaluate.identification import tpir_at_fpir
-
     tids, tfeats = pool_templates(features, meta, norm_first=norm_first)
     g_t, g_s = gallery
     p_t, p_s = probe

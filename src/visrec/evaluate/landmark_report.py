@@ -12,6 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec.data.landmarks import SUBMISSION_COORDINATES, write_submission_txt
+from visrec.errors import VisrecError
 from visrec.evaluate.landmarks import auc, ced_curve, failure_rate, nme, norms_for
 
 
@@ -91,9 +93,6 @@ def write_submission(folder: str | Path, ds, pred_crop: np.ndarray, coordinates:
     ``coordinates``: ``"integer"`` (default; the ICME 2019 JD-landmark challenge asked for integer
     coordinates, see ``visrec.data.landmarks.write_submission_txt`` for the source) or ``"decimal"``
     (three decimals)."""
-    from visrec.data.landmarks import SUBMISSION_COORDINATES, write_submission_txt
-    from visrec.errors import VisrecError
-
     if coordinates not in SUBMISSION_COORDINATES:
         raise VisrecError(f"coordinates must be one of {SUBMISSION_COORDINATES}, got {coordinates!r}")
     folder = Path(folder)

@@ -25,7 +25,10 @@ from typing import Callable
 
 import numpy as np
 
+from visrec.data.images import read_image
+from visrec.data.text import read_lines
 from visrec.errors import DataError
+from visrec.evaluate.verification import tpr_at_fpr
 
 _HEADER = struct.Struct("<4i")
 FLOAT32_CODE = 5
@@ -71,7 +74,6 @@ def read_filelist(path: str | Path) -> list[str]:
     path = Path(path)
     if not path.exists():
         raise DataError("file list not found", path=path)
-    from visrec.data.text import read_lines
 
     out = []
     for lineno, line in enumerate(read_lines(path), start=1):
@@ -106,8 +108,6 @@ def write_image_submission(embed: Callable[[np.ndarray], np.ndarray], images_roo
     (e.g. :data:`DEEPGLINT_IMAGE_ROWS`), when given, must equal the number of file-list entries. The file is
     written in batches (the whole test set's features are never held at once) to a temporary name, checked
     (header rows = file-list entries, size = 16 + rows * cols * 4 bytes) and then renamed to ``out``."""
-    from visrec.data.images import read_image
-
     root, filelist, out = Path(images_root), Path(filelist), Path(out)
     if not root.is_dir():
         raise DataError("images folder not found (the folder the file list's paths are relative to)", path=root)
@@ -163,8 +163,6 @@ def write_image_submission(embed: Callable[[np.ndarray], np.ndarray], images_roo
 def evaluate_submission(features_path: str | Path, filelist_path: str | Path, labels: dict[str, int | str],
                         targets=(1e-8,), **kwargs):
     """TPR at the protocol's FPR targets for a submission, given ground-truth labels by file-list entry."""
-    from visrec.evaluate.verification import tpr_at_fpr
-
     feats = read_lfr_features(features_path)
     names = read_filelist(filelist_path)
     if len(names) != len(feats):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from visrec.data.products import QUERY_DIR, list_images
 from visrec.errors import DataError
 from visrec.evaluate.retrieval import RETRIEVAL_METRICS
 
@@ -26,8 +27,6 @@ def retrieval_metrics(ranked: dict[str, list[str]], gt: dict[str, list[str]], k:
 def query_items(root: Path, gt: dict[str, list[str]]) -> list[tuple[str, Path]]:
     """(query id, image path) of every ground-truth query, in ground-truth order; a query without an image in
     ``root/query`` is a DataError."""
-    from visrec.data.products import QUERY_DIR, list_images
-
     queries = dict(list_images(root / QUERY_DIR))
     missing = [q for q in gt if q not in queries]
     if missing:

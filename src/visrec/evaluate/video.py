@@ -21,6 +21,8 @@ from pathlib import Path
 import numpy as np
 
 from visrec.errors import ConfigError, DataError
+from visrec.evaluate.lfr import read_filelist, write_lfr_features
+from visrec.evaluate.verification import tpr_at_fpr
 
 FUSIONS = ("mean", "norm", "score", "learned")
 
@@ -67,9 +69,6 @@ def score_videos(feats: dict, labels, ids: list[str], fusions=("mean",), targets
     :func:`visrec.models.inference.video_features` computes them with a model). ``submission`` writes the LFR
     video feature binary of the first fusion, rows in ``filelist`` order (``video_filelist.txt``; default: list
     order)."""
-    from visrec.evaluate.lfr import read_filelist, write_lfr_features
-    from visrec.evaluate.verification import tpr_at_fpr
-
     labels = np.asarray(labels)
     results = {f: tpr_at_fpr(feats[f], labels, targets) for f in fusions}
     out = None

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from visrec.data.schemes import to_five_points
 from visrec.errors import DataError, VisrecError
 from visrec.registry import Registry
 
@@ -95,7 +96,6 @@ def five_points(points: np.ndarray, scheme: str | int | None = None) -> np.ndarr
     pts = np.asarray(points, np.float32)
     if pts.shape[-2] == 5:
         return pts
-    from visrec.data.schemes import to_five_points
 
     return to_five_points(pts, scheme if scheme is not None else pts.shape[-2])
 

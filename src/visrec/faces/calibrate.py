@@ -13,8 +13,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from visrec._torchfile import atomic_save, read_torch_file
+from visrec.data.datasets import open_face_dataset
+from visrec.data.folders import read_image_folder
 from visrec.errors import DataError, VisrecError
+from visrec.evaluate.calibration import calibrate_threshold
+from visrec.export import write_onnx_contract
+from visrec.faces.evaluation import embed_all
+from visrec.faces.pipeline import ArcFaceEmbedder, Embedder, FacePipeline, embed_photos
 from visrec.models.contract import Threshold
+from visrec.models.loading import model_contract
+from visrec.models.model_file import _from_checkpoint
 
 
 def calibrate_model(model: str | Path, data: str | Path, target_fpr: float = 1e-4, *, photos: bool = False,
@@ -24,8 +33,6 @@ def calibrate_model(model: str | Path, data: str | Path, target_fpr: float = 1e-
     with ``write``, store the threshold in the model file's contract (in place, atomically). Returns
     ``{"threshold": Threshold, "tpr", "fpr", "genuine_pairs", "impostor_pairs", "images", "identities",
     "no_face", "written"}`` (``written``: the file changed, or None)."""
-    from visrec.evaluate.calibration import calibrate_threshold
-
     target = _model_file(model) if write else None
     embedder, embeddings, labels, seen = embed_labelled(model, data, photos=photos, batch=batch, progress=progress,
                                                         detector=detector, landmarks=landmarks,
@@ -47,18 +54,12 @@ def embed_labelled(model: str | Path, data: str | Path, *, photos: bool = False,
     (an image folder or RecordIO, embedded as they are), or with ``photos`` raw photos in ``data/<identity>/``
     through a :class:`FacePipeline` built with ``pipeline_options`` (photos without a face are left out and
     listed). Used to calibrate a model and a gallery alike."""
-    from visrec.faces.pipeline import ArcFaceEmbedder, Embedder, FacePipeline, embed_photos
-
     if photos:
-        from visrec.data.folders import read_image_folder
-
         pipe = FacePipeline(model, **pipeline_options)
         listing = read_image_folder(data)
         embeddings, labels, no_face = embed_photos(pipe, listing, batch, progress)
         return pipe.embedder, embeddings, labels, {"images": len(listing.paths), "identities": listing.num_classes,
                                                    "no_face": [str(p) for p in no_face]}
-    from visrec.data.datasets import open_face_dataset
-    from visrec.faces.evaluation import embed_all
 
     embedder = Embedder(model)
     if not isinstance(embedder, ArcFaceEmbedder):
@@ -85,19 +86,13 @@ def write_threshold(path: str | Path, threshold: Threshold) -> Path:
     """Store ``threshold`` in the contract of a visrec checkpoint or an ONNX file, in place (a temporary file
     renamed over it: a crash leaves the old file). An ONNX file without a contract gets the one visrec infers
     for it (:func:`visrec.models.model_contract`), now with the threshold."""
-    from visrec.models.loading import model_contract
-
     path = _model_file(path)
     if path.suffix.lower() == ".onnx":
-        from visrec.export import write_onnx_contract
-
         contract = model_contract(path)
         if contract.task != "face-embedding":
             raise VisrecError(f"{path} is a {contract.task} model: only face embedders have a verification threshold")
         write_onnx_contract(path, contract.replace(threshold=threshold, source=None))
         return path
-    from visrec._torchfile import atomic_save, read_torch_file
-    from visrec.models.model_file import _from_checkpoint
 
     blob = read_torch_file(path)
     if not (isinstance(blob, dict) and "model_config" in blob and "backbone" in blob):

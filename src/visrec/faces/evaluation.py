@@ -11,8 +11,23 @@ from typing import Callable
 
 import numpy as np
 
-from visrec.errors import DataError, VisrecError
-from visrec.evaluate.landmark_report import LandmarkEval
+from visrec.data.datasets import open_face_dataset
+from visrec.data.images import read_image
+from visrec.data.landmark_crops import JDCrops
+from visrec.data.text import read_lines
+from visrec.data.verification import read_verification_bin
+from visrec.errors import ConfigError, DataError, VisrecError
+from visrec.evaluate import ijb
+from visrec.evaluate.bin_protocol import evaluate_bin_both, flip_embeddings, format_both, mirror
+from visrec.evaluate.landmark_report import LandmarkEval, landmark_metrics, write_landmark_report, write_submission
+from visrec.evaluate.lfr import read_filelist, read_lfr_features, write_image_submission
+from visrec.evaluate.report import write_face_report
+from visrec.evaluate.verification import _curve, normalise, tpr_at_fpr, tpr_at_fpr_pairs
+from visrec.evaluate.video import score_videos
+from visrec.faces import align
+from visrec.models.inference import video_features
+from visrec.models.loading import load_model
+from visrec.protocols import load_protocol
 
 
 @dataclass
@@ -36,8 +51,6 @@ def _embedder(model: str | Path, flip: bool = False) -> Callable[[np.ndarray], n
 
 def _load(model: str | Path):
     """The face embedder of ``model`` (``visrec.models.loading.load_model``, CUDA when there is one)."""
-    from visrec.models.loading import load_model
-
     loaded = load_model(model, device="auto")
     if loaded.contract.task == "landmarks":
         raise VisrecError(f"{model} is a landmark model, not a face embedder")
@@ -48,11 +61,6 @@ def _evaluate_bin(data: Path, model, targets, summary: dict, out, batch: int, pr
                   ) -> FaceEvalResult:
     """A verification ``.bin``: 10-fold accuracy with and without the flip test (both, labelled; the flip
     figure is the headline), and exact TPR@FPR (strict rule) over its pairs on the flip embeddings."""
-    from visrec.data.verification import read_verification_bin
-    from visrec.evaluate.bin_protocol import evaluate_bin_both, flip_embeddings, format_both, mirror
-    from visrec.evaluate.report import write_face_report
-    from visrec.evaluate.verification import _curve, normalise, tpr_at_fpr_pairs
-
     loaded = _load(model)
     images, issame = read_verification_bin(data)
     plain = embed_all(loaded.embed, len(images), images.__getitem__, batch, progress)
@@ -94,22 +102,15 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
     """Evaluate a features file, or a model on a data set. A ``.bin`` always reports the 10-fold accuracy
     with and without the flip test (the flip figure is the headline); ``flip`` applies to the other data
     kinds (image folder, RecordIO, CSV), whose TPR@FPR uses it when set."""
-    from visrec.evaluate.report import write_face_report
-    from visrec.evaluate.verification import tpr_at_fpr
-    from visrec.protocols import load_protocol
-
     proto = load_protocol(protocol)
     targets = tuple(targets or proto.targets or (1e-4, 1e-6, 1e-8))
     summary = {"protocol": proto.name, "targets": ", ".join(f"{t:g}" for t in targets)}
     bin_acc = None
     if features is not None:
-        from visrec.evaluate.lfr import read_filelist, read_lfr_features
-
         if labels is None or filelist is None:
             raise VisrecError("--features needs --filelist (the row order) and --labels (CSV name,label)")
         feats = read_lfr_features(features)
         names = read_filelist(filelist)
-        from visrec.data.text import read_lines
 
         table = dict(line.split(",", 1) for line in read_lines(labels) if "," in line)
         missing = [n for n in names if n not in table]
@@ -125,7 +126,6 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
             return _evaluate_bin(data, model, targets, summary, out, batch, progress, curve_bins)
         embed = _embedder(model, flip)
         summary["flip test"] = "yes" if flip else "no"
-        from visrec.data.datasets import open_face_dataset
 
         ds = open_face_dataset(data)
         emb = embed_all(embed, len(ds), ds.source.image, batch, progress)
@@ -144,8 +144,6 @@ def image_submission(*, model: str | Path, images: str | Path, filelist: str | P
     image-track feature binary (``visrec.evaluate.lfr.write_image_submission``): ``IMAGES`` is the folder the
     file list's paths are relative to (the DeepGlint test set's aligned crops), rows in file-list order,
     each the flip-summed embedding L2-normalised, float32."""
-    from visrec.evaluate.lfr import write_image_submission
-
     loaded = _load(model)
     size = tuple(loaded.contract.input_size or (112, 112))
     return write_image_submission(loaded.embed, images, filelist, out, input_size=size, batch=batch,
@@ -172,11 +170,6 @@ def ijb_embeddings(model: str | Path, layout, five, *, batch: int = 64, progress
     """Embeddings of every IJB image (in meta-file order) and of its mirror: each ``loose_crop`` image is
     aligned with its five points to the model's input size (the model's alignment method; ``lstsq``, the
     ArcFace template, when it names none). Returns (plain, mirrored, align description)."""
-    from visrec.data.images import read_image
-    from visrec.evaluate.bin_protocol import mirror
-
-    from visrec.faces import align
-
     loaded = _load(model)
     h, w = tuple(loaded.contract.input_size or (112, 112))
     if h != w:
@@ -206,8 +199,6 @@ def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = No
     :class:`~visrec.evaluate.ijb.PoolOptions` (default InsightFace's F1 N1 D1); ``all_options`` evaluates
     all eight settings from the same embeddings."""
     from itertools import product
-
-    from visrec.evaluate import ijb
 
     layout = ijb.IJBLayout.find(root, target)
     meta, five = ijb.read_layout(layout)
@@ -250,9 +241,6 @@ def evaluate_videos(model, video_list: str | Path, fusions=("mean",), targets=(1
                     submission: str | Path | None = None, filelist: str | Path | None = None, progress=None):
     """A torch face model (or a quality_fusion model) on a video list: fused features
     (:func:`visrec.models.inference.video_features`) scored by :func:`visrec.evaluate.video.score_videos`."""
-    from visrec.evaluate.video import score_videos
-    from visrec.models.inference import video_features
-
     feats, labels, ids = video_features(model, video_list, fusions, device, progress=progress)
     return score_videos(feats, labels, ids, fusions, targets, submission, filelist)
 
@@ -263,8 +251,6 @@ def evaluate_video_model(model: str | Path, video_list: str | Path, fusions=("me
     """``visrec eval faces --video``: a visrec checkpoint (a face backbone, or a quality_fusion model for
     ``learned``) on a video list."""
     import torch
-
-    from visrec.errors import ConfigError
 
     loaded = _load(model)
     if loaded.module is None:
@@ -288,10 +274,6 @@ def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "e
     The challenge submission goes to ``out/submission`` with ``coordinates`` as ``write_submission`` takes
     them (integer by default, as the challenge asked); the metrics use the unrounded predictions."""
     import torch
-
-    from visrec.data.landmark_crops import JDCrops
-    from visrec.evaluate.landmark_report import landmark_metrics, write_landmark_report, write_submission
-    from visrec.models.loading import load_model
 
     loaded = load_model(model)
     c = loaded.contract

@@ -15,6 +15,8 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec.data.images import decode_image
+from visrec.data.text import read_bytes
 from visrec.errors import DataError, VisrecError
 
 MAX_PIXELS = 40_000_000  # a 40-megapixel photo: above any phone camera's, far below a bomb's
@@ -32,8 +34,6 @@ def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """RGB uint8 (H, W, 3) from a path, bytes, an array or a PIL image; :class:`DataError` naming the input
     (the path, or ``N bytes``) and what is wrong with it."""
     if isinstance(image, (str, Path)):
-        from visrec.data.text import read_bytes
-
         return _decode(read_bytes(image), str(image), max_pixels)
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
@@ -61,8 +61,6 @@ def _check_max(w: int, h: int, max_pixels: int, what: str) -> None:
 
 
 def _decode(data: bytes, what: str, max_pixels: int) -> np.ndarray:
-    from visrec.data.images import decode_image
-
     if not data:
         raise DataError("empty: no image bytes", path=what)
     return decode_image(data, source=what, max_pixels=max_pixels)

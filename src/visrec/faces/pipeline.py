@@ -20,7 +20,11 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec.data.augment import crop_face
+from visrec.data.images import read_image
 from visrec.errors import VisrecError
+from visrec.faces.align import align_face, check_method, five_points
+from visrec.faces.detectors import ScaledDetector, load_detector
 from visrec.faces.images import InputError, decode_upload
 
 
@@ -93,9 +97,6 @@ class ArcFaceEmbedder:
     def align(self, image, box, five=None, points=None, box_margin: float = 0.2, method: str = "lstsq") -> np.ndarray:
         """The ArcFace crop (``method``: ``align.align_face``'s) from the detector's 5 points, else from a
         landmark model's points (68/98/106, reduced to 5), else the face box widened by ``box_margin``."""
-        from visrec.faces.align import align_face, five_points
-        from visrec.data.augment import crop_face
-
         if five is None and points is not None:
             five = five_points(points)
         if five is None:  # ``box_margin`` is the whole enlargement: crop_face takes it per side
@@ -120,8 +121,6 @@ class FacePipeline:
     def __init__(self, model: str | Path, *, aligned: bool = False, landmarks: str | Path | None = None,
                  detector="haar", box_margin: float = 0.2, align: str | None = None, max_pixels: int = 40_000_000,
                  detect_size: int | None = 640):
-        from visrec.faces.align import check_method
-
         self.embedder = Embedder(model)
         if align is None:
             recorded = self.embedder.contract.align_method
@@ -131,8 +130,6 @@ class FacePipeline:
         self.detector_name = detector if isinstance(detector, str) else type(detector).__name__
         self.detector = None
         if not aligned:
-            from visrec.faces.detectors import ScaledDetector, load_detector
-
             # a spec ("haar", "dlib-hog", an .onnx path) or any detector object (image -> list[Detection])
             found = load_detector(detector) if isinstance(detector, (str, Path)) else detector
             self.detector = ScaledDetector(found, detect_size)
@@ -196,8 +193,6 @@ def embed_photos(pipe: FacePipeline, photos, batch: int = 32, progress=None) -> 
     """Raw photos (a ``folders.ImageList``) through the pipeline: (embeddings of the largest face of each
     photo with one, their labels, the paths of photos where the detector found no face). ``progress(n)``
     after every n photos."""
-    from visrec.data.images import read_image
-
     crops, labels, no_face, out = [], [], [], []
     for path, label in zip(photos.paths, photos.labels):
         faces = pipe.faces(read_image(path))

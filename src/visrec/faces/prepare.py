@@ -38,11 +38,17 @@ from typing import Sequence
 
 import numpy as np
 
+from visrec.data.augment import crop_face
+from visrec.data.folders import read_csv_list, read_image_folder
+from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, read_image
+from visrec.data.landmarks import read_landmark_txt, read_pts, read_wflw
 from visrec.data.prepare import (Journal, PrepareReport, Progress, assign_names, atomic_write, finish_report,
                                  rel_key, run_items, safe_name)
+from visrec.data.recordio import RecordIOWriter
 from visrec.errors import DataError, VisrecError
-from visrec.faces.align import check_method
-from visrec.faces.detectors import unwrap
+from visrec.faces.align import align_face, check_method, five_points
+from visrec.faces.detectors import (ExternalDetector, HaarDetector, ScaledDetector, ScrfdDetector, YunetDetector,
+                                    load_detector, unwrap)
 
 POLICIES = ("largest", "central", "skip")
 FORMATS = ("folder", "recordio")
@@ -70,8 +76,6 @@ def choose_face(detections: Sequence, policy: str, image_size: tuple[int, int]):
 
 def _gives_points(detector) -> bool | None:
     """False when the detector is known to give no points, True when known to, None when unknown."""
-    from visrec.faces.detectors import ExternalDetector, HaarDetector, ScrfdDetector, YunetDetector
-
     detector = unwrap(detector)
     if isinstance(detector, HaarDetector):
         return False
@@ -134,8 +138,6 @@ class _FaceWorker:
     @property
     def detector(self):
         if self._detector is None:
-            from visrec.faces.detectors import ScaledDetector, load_detector
-
             spec = self.detector_spec
             self._detector = ScaledDetector(load_detector(spec) if isinstance(spec, (str, Path)) else spec,
                                             self.detect_size)
@@ -148,10 +150,6 @@ class _FaceWorker:
         return self._landmarker
 
     def __call__(self, item: tuple[str, str, str]) -> dict:
-        from visrec.faces.align import align_face, five_points
-        from visrec.data.augment import crop_face
-        from visrec.data.images import encode_jpeg, read_image
-
         key, _, path = item
         try:
             image = read_image(path)
@@ -177,8 +175,6 @@ class _FaceWorker:
 
 def _list_faces(src: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]], Path]:
     """((photo, label text) pairs, (skipped path, reason) pairs, base folder for relative keys)."""
-    from visrec.data.folders import read_csv_list, read_image_folder
-
     if src.suffix.lower() == ".csv":
         listing, base = read_csv_list(src, skip_bad=True), src.parent
     elif src.is_dir():
@@ -245,9 +241,6 @@ def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmark
 
 def _build_recordio(crops: Path, out: Path) -> str | None:
     """``out/train.rec`` from the staged crop folder (the JPEG bytes as they are), or None when it is empty."""
-    from visrec.data.folders import read_image_folder
-    from visrec.data.recordio import RecordIOWriter
-
     if not crops.is_dir() or not any(p.is_dir() for p in crops.iterdir()):
         return None
     listing = read_image_folder(crops, skip_bad=True)
@@ -282,15 +275,11 @@ class _LandmarkWorker:
     @property
     def detector(self):
         if self._detector is None and self.detector_spec is not None:
-            from visrec.faces.detectors import load_detector
-
             spec = self.detector_spec
             self._detector = load_detector(spec) if isinstance(spec, (str, Path)) else spec
         return self._detector
 
     def _annotation(self, key: str, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-        from visrec.data.landmarks import read_landmark_txt, read_pts
-
         if key in self.wflw:
             rec = self.wflw[key]
             return np.asarray(rec[0], np.float32), np.asarray(rec[1], np.float32)
@@ -315,9 +304,6 @@ class _LandmarkWorker:
         return best
 
     def __call__(self, item: tuple[str, str, str]) -> dict:
-        from visrec.data.augment import crop_face
-        from visrec.data.images import encode_jpeg, read_image
-
         key, rel, path = item
         try:
             image = read_image(path)
@@ -354,9 +340,6 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     ``picture/<name>.jpg``, a square crop around the box enlarged by ``margin`` per side, resized to ``size``
     pixels (``augment.crop_face``), ``landmark/<name>.jpg.txt`` and ``rect/<name>.jpg.rect`` in crop pixels.
     ``<name>`` is the photo's path under ``src`` with ``/`` -> ``__``. Resumable like ``prepare_faces``."""
-    from visrec.data.images import IMAGE_SUFFIXES
-    from visrec.data.landmarks import read_wflw
-
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError("photo folder not found", path=src)

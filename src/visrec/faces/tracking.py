@@ -32,7 +32,12 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from visrec.data.augment import crop_face
+from visrec.data.images import IMAGE_SUFFIXES, read_image
+from visrec.data.text import read_text
 from visrec.errors import DataError, VisrecError
+from visrec.faces.align import align_face, check_method
+from visrec.faces.detectors import load_detector
 
 CROP_SIZE = 112
 
@@ -63,8 +68,6 @@ def iter_frames(source) -> Iterator[np.ndarray]:
         return
     path = Path(source)
     if path.is_dir():
-        from visrec.data.images import IMAGE_SUFFIXES, read_image
-
         for f in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
             yield read_image(f)
         return
@@ -113,9 +116,6 @@ def assign(affinity: np.ndarray, allowed: np.ndarray) -> list[tuple[int, int]]:
 
 
 def _crop(frame: np.ndarray, det, box_margin: float, align: str = "lstsq") -> np.ndarray:
-    from visrec.faces.align import align_face
-    from visrec.data.augment import crop_face
-
     if det.points is not None:
         return align_face(frame, np.asarray(det.points, np.float32), CROP_SIZE, align)[0]
     return crop_face(frame, np.zeros((1, 2)), det.box, CROP_SIZE, box_margin)[0]
@@ -146,12 +146,8 @@ def track_video(frames, detector, embedder: Callable[[np.ndarray], np.ndarray] |
     and keep paths instead of arrays (long videos). ``progress(frames done)`` after each frame."""
     import cv2
 
-    from visrec.faces.align import check_method
-
     check_method(align)  # before any frame is read, not at the first face
     if isinstance(detector, (str, Path)):
-        from visrec.faces.detectors import load_detector
-
         detector = load_detector(detector)
     crop_dir = None if crop_dir is None else Path(crop_dir)
     live: list[_Open] = []
@@ -219,7 +215,6 @@ def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, vi
     the identity; by default each track is its own identity, labelled with its video id (tracks are not
     identities: the same person may give several). A video whose tracks are already in ``videos.csv`` is
     refused (remove its rows and folders to redo it). ``track_options`` go to ``track_video``."""
-    from visrec.data.text import read_text
     from visrec.data.video import VideoItem, read_video_list, scores_path, write_video_list
 
     out_root = Path(out_root)

@@ -26,8 +26,16 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
+from visrec._npz import load_npz
+from visrec._torchfile import atomic_save
+from visrec.config import load_config, validate_section
+from visrec.data.products import list_images, load_catalogue_images, read_image_checked, write_submission
 from visrec.errors import ConfigError, DataError
+from visrec.index.faiss_index import FaissIndex
+from visrec.index.postprocess import Chain
+from visrec.models import build_backbone
 from visrec.models.inference import describe
+from visrec.models.model_file import default_contract, load_backbone
 
 MANIFEST = "manifest.json"
 
@@ -56,8 +64,6 @@ def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]
     ``opts.strict`` the first one raises). Finished shards whose id list matches are reused, so a rerun
     after a crash only computes what is missing. ``progress(n)`` is called with images done.
     """
-    from visrec.data.products import load_catalogue_images
-
     shard_dir = Path(out_dir) / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
@@ -109,18 +115,12 @@ def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]
 def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: torch.nn.Module, model_config: dict,
                           opts: IndexOptions, *, device="cpu", progress=None) -> dict:
     """Index every image of ``catalogue`` (a folder of ``<id>.jpg``) into ``out_dir``; returns the manifest."""
-    from visrec.data.products import list_images
-    from visrec.index.faiss_index import FaissIndex
-    from visrec.index.postprocess import Chain
-    from visrec._torchfile import atomic_save
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chain = Chain.from_config(opts.postprocess)  # config errors before hours of extraction
     items = list_images(catalogue)
     if not items:
         raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=catalogue)
-    from visrec.models.model_file import default_contract
 
     contract = default_contract(model, model_config, image_size=opts.size, origin="visrec-checkpoint")
     atomic_save({"model_config": model_config, "backbone": model.state_dict(), "contract": contract.to_dict()},
@@ -145,8 +145,6 @@ def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: tor
 
 def _finished_shard(path: Path) -> dict | None:
     """A shard an earlier run finished, or None when it is unreadable or incomplete (it is computed again)."""
-    from visrec._npz import load_npz
-
     try:
         z = load_npz(path, "catalogue shard")
     except DataError:
@@ -158,10 +156,6 @@ class CatalogueIndex:
     """An index directory opened for search."""
 
     def __init__(self, index_dir: str | Path, device="cpu"):
-        from visrec.index.faiss_index import FaissIndex
-        from visrec.index.postprocess import Chain
-        from visrec.models.model_file import load_backbone
-
         self.dir = Path(index_dir)
         if not (self.dir / MANIFEST).exists():
             raise DataError("not a catalogue index (no manifest.json); build one with visrec products index",
@@ -198,8 +192,6 @@ class CatalogueIndex:
     def describe_items(self, items: Iterable[tuple[str, Path]], progress=None) -> tuple[list[str], np.ndarray]:
         """Raw (before post-processing) descriptors of ``(query id, path)`` pairs, in the batches
         ``search_items`` uses; unreadable images raise ``DataError`` naming them."""
-        from visrec.data.products import read_image_checked
-
         ids, vecs, batch = [], [], []
 
         def flush():
@@ -232,8 +224,6 @@ class CatalogueIndex:
     def search_items(self, items: Iterable[tuple[str, Path]], k: int = 7, progress=None
                      ) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
         """Search ``(query id, path)`` pairs; unreadable queries raise ``DataError`` naming them."""
-        from visrec.data.products import read_image_checked
-
         ranked, scores, batch = {}, {}, []
 
         def flush():
@@ -254,8 +244,6 @@ class CatalogueIndex:
 
 
 def load_index_options(raw: dict | None, source: str = "config") -> IndexOptions:
-    from visrec.config import validate_section
-
     return validate_section(IndexOptions, raw or {}, "index", source)
 
 
@@ -265,10 +253,6 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
     """``visrec products index``: the descriptor from ``checkpoint`` (a visrec run or model.pt) or from the
     config's ``model`` section (random or local/hub weights as that section says), the ``index`` options
     from the config (defaults without one); returns the manifest."""
-    from visrec.config import load_config
-    from visrec.models import build_backbone
-    from visrec.models.model_file import load_backbone
-
     if config is None and checkpoint is None:
         raise ConfigError("give --config (model + index options) or --model (a trained descriptor)")
     cfg = load_config(config, overrides) if config else None
@@ -287,8 +271,6 @@ def search_catalogue(index_dir: str | Path, query: str | Path, k: int = 7, submi
                      ) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
     """``visrec products search``: one image or a folder of images -> ranked ids and scores per query id
     (the file stem); ``submission`` writes the challenge CSV."""
-    from visrec.data.products import list_images, write_submission
-
     query = Path(query)
     if not query.exists():
         raise DataError("query image or folder not found", path=query)

@@ -12,6 +12,8 @@ import hashlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from visrec.data.folders import read_image_folder
+from visrec.data.images import read_image
 from visrec.errors import VisrecError
 
 
@@ -36,9 +38,6 @@ def enroll_face(gallery, name: str, crop, embedding, model_name: str) -> None:
 def enroll_folder(pipeline, gallery, root: str | Path, progress=None) -> EnrollReport:
     """Enroll ``root/<identity>/<photo>`` with ``pipeline`` (:class:`visrec.faces.pipeline.FacePipeline`) into
     ``gallery`` (:class:`visrec.index.gallery.Gallery`). ``progress(n)`` after each photo."""
-    from visrec.data.folders import read_image_folder
-    from visrec.data.images import read_image
-
     root = Path(root)
     listing = read_image_folder(root)
     report = EnrollReport()

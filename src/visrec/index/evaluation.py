@@ -17,7 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec.data.images import read_image
+from visrec.data.products import GROUND_TRUTH, list_images, pad_to_square, read_ground_truth, write_submission
 from visrec.evaluate.products import query_items, retrieval_metrics
+from visrec.index.catalogue import CatalogueIndex
+from visrec.index.postprocess import _topk
 
 
 @dataclass
@@ -48,8 +52,6 @@ def _stage_label(spec: dict) -> str:
 
 def _ablation(index, items: list[tuple[str, Path]], gt: dict[str, list[str]], k: int, progress=None
               ) -> list[AblationRow]:
-    from visrec.index.postprocess import _topk
-
     qids, raw_queries = index.describe_items(items, progress=progress)
     raw_catalogue = index.raw_catalogue()
     chain, specs = index.chain, index.opts.postprocess
@@ -71,9 +73,6 @@ def postprocess_ablation(index_dir: str | Path, root: str | Path, k: int = 7, pr
     """mAP@k (both forms) and recall after each prefix of the index's post-processing chain (module
     docstring): ``len(stages) + 1`` rows, "none" first, the whole chain last. ``progress(n)`` is called as
     query images are described."""
-    from visrec.data.products import GROUND_TRUTH, read_ground_truth
-    from visrec.index.catalogue import CatalogueIndex
-
     root = Path(root)
     gt = read_ground_truth(root / GROUND_TRUTH)
     index = CatalogueIndex(index_dir)
@@ -85,9 +84,6 @@ def evaluate_products(index_dir: str | Path, root: str | Path, out: str | Path =
     """Search every ground-truth query of ``root`` in the index; write submission.csv and report.html.
     With ``ablation`` also measure the metrics after each stage of the post-processing chain
     (``postprocess_ablation``; the queries are described a second time) and put that table in the report."""
-    from visrec.data.products import GROUND_TRUTH, read_ground_truth, write_submission
-    from visrec.index.catalogue import CatalogueIndex
-
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gt = read_ground_truth(root / GROUND_TRUTH)
@@ -112,9 +108,6 @@ def _thumb(path: Path, size: int = 96) -> str:
 
     import cv2
 
-    from visrec.data.products import pad_to_square
-    from visrec.data.images import read_image
-
     img = cv2.resize(pad_to_square(read_image(path)), (size, size), interpolation=cv2.INTER_AREA)
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
     return "data:image/jpeg;base64," + base64.b64encode(buf.tobytes()).decode()
@@ -137,8 +130,6 @@ def _ablation_html(rows: list[AblationRow] | None, adjustments: list[str], k: in
 
 def _write_report(out: Path, items, ranked, scores, gt, index, metrics, samples: int, k: int,
                   ablation: list[AblationRow] | None = None, adjustments: list[str] = ()) -> Path:
-    from visrec.data.products import list_images
-
     catalogue = dict(list_images(index.manifest["catalogue"])) if Path(index.manifest["catalogue"]).is_dir() else {}
     rows = []
     for qid, qpath in items[:samples]:

@@ -45,6 +45,7 @@ import warnings
 import numpy as np
 import torch
 
+from visrec._torchfile import atomic_save, read_torch_file
 from visrec.errors import ConfigError
 from visrec.registry import Registry
 
@@ -327,8 +328,6 @@ class Chain:
 
     # --- persistence: plain tensors only, so loading never unpickles code ----------------------------
     def save(self, path) -> None:
-        from visrec._torchfile import atomic_save
-
         state = {}
         for i, stage in enumerate(self.stages):
             for key, value in vars(stage).items():
@@ -341,8 +340,6 @@ class Chain:
         atomic_save(state, path)
 
     def load(self, path) -> "Chain":
-        from visrec._torchfile import read_torch_file
-
         state = read_torch_file(path)
         for i, stage in enumerate(self.stages):
             for key, value in vars(stage).items():

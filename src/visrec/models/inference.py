@@ -10,15 +10,18 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from visrec.data.products import (CATALOGUE_DIR, GROUND_TRUTH, list_images, preprocess_product, read_ground_truth,
+                                  read_image_checked)
 from visrec.errors import DataError
+from visrec.evaluate.products import query_items, retrieval_metrics
+from visrec.evaluate.video import fuse
+from visrec.models.embed import images_to_tensor
 
 
 @torch.no_grad()
 def frame_outputs(model: torch.nn.Module, frames: list[np.ndarray], device="cpu", batch: int = 256
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw embeddings (T, D) of a video's frames and, for a quality_fusion model, quality logits (T,)."""
-    from visrec.models.embed import images_to_tensor
-
     embs, logits = [], []
     for s in range(0, len(frames), batch):
         x = images_to_tensor(frames[s:s + batch]).to(device)
@@ -35,7 +38,6 @@ def video_features(model: torch.nn.Module, video_list: str | Path, fusions=("mea
                    max_frames: int | None = None, progress=None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
     """Fused features of every video of a list file, for each fusion; (features by fusion, labels, ids)."""
     from visrec.data.video import read_frame_scores, read_frames, read_video_list
-    from visrec.evaluate.video import fuse
 
     items = read_video_list(video_list)
     was_training = model.training
@@ -61,8 +63,6 @@ def video_features(model: torch.nn.Module, video_list: str | Path, fusions=("mea
 def describe(model: torch.nn.Module, images: Sequence[np.ndarray], size: int = 224,
              multiscale: Sequence[float] | None = None, device: str | torch.device = "cpu") -> np.ndarray:
     """(N, D) float32 L2-normalised descriptors of RGB uint8 images."""
-    from visrec.data.products import preprocess_product
-
     if not len(images):
         return np.zeros((0, getattr(model, "dim", 0)), np.float32)
     scales = list(multiscale) if multiscale else [1.0]
@@ -79,9 +79,6 @@ def evaluate_descriptor(model: torch.nn.Module, root: str | Path, size: int = 22
                         device="cpu", batch_size: int = 32) -> dict[str, float]:
     """mAP@k / recall of a descriptor network on ``root`` with exact search (everything in memory: for
     validation sets; use an index directory for a full catalogue)."""
-    from visrec.data.products import CATALOGUE_DIR, GROUND_TRUTH, list_images, read_ground_truth, read_image_checked
-    from visrec.evaluate.products import query_items, retrieval_metrics
-
     root = Path(root)
     gt = read_ground_truth(root / GROUND_TRUTH)
     cat_items = list_images(root / CATALOGUE_DIR)

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visrec.data.augment import crop_face
 from visrec.models import BACKBONES
 
 
@@ -131,8 +132,6 @@ def predict_points(net: nn.Module, image: np.ndarray, box, margin: float = 0.15,
     """One face's landmarks in image pixels (origin top-left), from an RGB uint8 image and its face box
     ``(x1, y1, x2, y2)``: the square crop the landmark task trains on (``crop_face`` with ``margin`` per side,
     ``size`` pixels, inputs in [-1, 1]) -> the model's normalised crop coordinates -> back to the image."""
-    from visrec.data.augment import crop_face
-
     x1, y1, x2, y2 = map(float, box)
     crop, _ = crop_face(image, np.zeros((1, 2)), (x1, y1, x2, y2), size, margin)
     with torch.no_grad():

@@ -33,7 +33,9 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec._onnx import OnnxEmbedder, open_session
 from visrec._torchfile import read_torch_file
+from visrec.data.augment import crop_face
 from visrec.errors import DataError
 from visrec.models.contract import ONNX_KEY, VISREC_MEAN, VISREC_STD, ModelContract, Threshold, contract_from_config
 from visrec.models.model_file import (_build, _from_checkpoint, _is_checkpoint, default_contract,  # noqa: F401
@@ -82,7 +84,6 @@ class LoadedModel:
         image = np.asarray(image)
         b, single = _as_boxes(boxes)
         crops, sides, centres = [], [], []
-        from visrec.data.augment import crop_face
 
         c = self.contract
         for x1, y1, x2, y2 in b[:, :4]:
@@ -180,7 +181,6 @@ class OnnxModel(LoadedModel):
 
     def __init__(self, path: Path, contract: ModelContract, name: str, session=None):
         super().__init__(contract, name)
-        from visrec._onnx import OnnxEmbedder
 
         self.path = Path(path)
         self.onnx = OnnxEmbedder(self.path, session=session)
@@ -282,8 +282,6 @@ def landmark_zoo_contract(zoo, path: Path) -> ModelContract:
 
 def read_onnx_contract(path: str | Path, session=None) -> ModelContract | None:
     """The contract in an ONNX file's ``metadata_props`` (key ``visrec.contract``), or None."""
-    from visrec._onnx import open_session
-
     path = Path(path)
     session = session if session is not None else open_session(path)
     meta = session.get_modelmeta().custom_metadata_map or {}
@@ -293,8 +291,6 @@ def read_onnx_contract(path: str | Path, session=None) -> ModelContract | None:
 
 
 def _load_onnx(path: Path) -> LoadedModel:
-    from visrec._onnx import open_session
-
     session = open_session(path, what="model")
     contract = read_onnx_contract(path, session)
     if contract is not None:
@@ -311,8 +307,6 @@ def _load_onnx(path: Path) -> LoadedModel:
             contract = contract_from_config({"name": "pfld", "num_points": points}, crop_size=size,
                                             source=str(path), origin="visrec-onnx").replace(arch=None)
         else:
-            from visrec._onnx import OnnxEmbedder
-
             dim = int(OnnxEmbedder(path, session=session)(np.zeros((1, 3, size, size), np.float32)).shape[-1])
             contract = contract_from_config({"name": "unknown"}, embedding_dim=dim, source=str(path),
                                             origin="visrec-onnx").replace(arch=None)

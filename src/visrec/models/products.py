@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from visrec._optional import require
 from visrec._torchfile import read_torch_file
 from visrec.errors import ConfigError, DataError
 from visrec.models import BACKBONES
@@ -70,8 +71,6 @@ class _Trunk(nn.Module):
     def __init__(self, name: str, source: str, weights: str | None, hub: bool):
         super().__init__()
         if source == "timm":
-            from visrec._optional import require
-
             timm = require("timm", "products")
             try:
                 self.net = timm.create_model(name, pretrained=hub, num_classes=0)

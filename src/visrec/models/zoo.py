@@ -50,7 +50,11 @@ from typing import Sequence
 import numpy as np
 
 from visrec._onnx import open_session
+from visrec._optional import require
 from visrec.errors import DataError, VisrecError
+from visrec.models import build_backbone
+from visrec.models.model_file import init_backbone
+from visrec.models.products import _load_weights
 
 # Node-name prefixes that insightface's model_zoo takes as "the graph normalises its own input".
 _SUB_PREFIXES = ("Sub", "_minus")
@@ -61,8 +65,6 @@ def graph_normalises_input(path: str | Path, *, landmark: bool = False) -> bool:
     """insightface's test for "the graph subtracts the mean and scales by itself" (module docstring):
     among the first 8 nodes, a name starting with ``Sub``/``_minus`` and one starting with ``Mul``/``_mul``;
     for the landmark model also a node named ``bn_data`` among the first 3. Needs the ``onnx`` package."""
-    from visrec._optional import require
-
     onnx = require("onnx", "export")
     path = Path(path)
     try:
@@ -272,9 +274,6 @@ def load_arcface_torch_backbone(path: str | Path, name: str, **kwargs):
     ``"backbone"`` entry is used; its saved model name must be ``name``) or a visrec run directory.
     A mismatch raises :class:`visrec.errors.DataError` naming the file and the first missing /
     unexpected / wrongly shaped keys. Returns the module in eval mode."""
-    from visrec.models import build_backbone
-    from visrec.models.model_file import init_backbone
-
     model = build_backbone(name, **kwargs)
     init_backbone(model, path, name=name)
     return model.eval()
@@ -290,12 +289,8 @@ def load_timm_weights(model, path: str | Path):
     any other difference raises :class:`visrec.errors.DataError`. This is the loader behind the
     descriptor's own ``weights=`` option (``visrec.models.products._load_weights``), for weights chosen
     after construction. Returns ``model``."""
-    from visrec.models.products import _load_weights
-
     path = Path(path)
     if path.suffix == ".safetensors":
-        from visrec._optional import require
-
         require("safetensors.torch", "products", "safetensors")
     trunk = getattr(model, "trunk", None)
     target = trunk.net if trunk is not None and hasattr(trunk, "net") else model

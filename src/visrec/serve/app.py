@@ -17,11 +17,16 @@ once. A JSON body or field holding NaN or Infinity is a 400.
 import asyncio
 from dataclasses import dataclass, field
 
-from visrec.errors import VisrecError
+from visrec._optional import require
+from visrec.errors import ConfigError, VisrecError
 from visrec.faces.images import InputError
+from visrec.faces.pipeline import FacePipeline
+from visrec.index.gallery import GalleryMismatchError
 from visrec.serve.config import ServeConfig
 from visrec.serve.guard import Guard, Metrics
+from visrec.serve.pipeline import open_configured_gallery
 from visrec.serve.requests import ImageRequests
+from visrec.serve.routes import ROUTES
 
 DOCS_ASSETS = "/_docs-assets"
 
@@ -58,15 +63,11 @@ class ServiceContext:
 def _load(cfg: ServeConfig) -> dict:
     state: dict = {}
     if cfg.faces is not None:
-        from visrec.faces.pipeline import FacePipeline
-        from visrec.serve.pipeline import open_configured_gallery
-
         pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
                             detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=cfg.limits.max_pixels,
                             detect_size=cfg.faces.detect_size)
         state["faces"], state["gallery"] = pipe, open_configured_gallery(cfg.faces, pipe.embedder)
     if cfg.landmarks is not None:
-        from visrec.errors import ConfigError
         from visrec.models.loading import load_model
 
         # predicts with the crop margin / size of the model's contract
@@ -85,8 +86,6 @@ def _docs_assets():
     """The folder holding Swagger UI's and ReDoc's scripts, installed with visrec[serve] (fastapi-offline's
     copies; only the files are used)."""
     from importlib.resources import files
-
-    from visrec._optional import require
 
     require("fastapi_offline", "serve")
     return files("fastapi_offline") / "static"
@@ -117,8 +116,6 @@ def create_app(cfg: ServeConfig):
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    from visrec.serve.routes import ROUTES
-
     cfg.check()
     limits = cfg.limits
     app = FastAPI(title="visrec", description="faces, landmarks and product search", version="0.1.0",
@@ -138,7 +135,6 @@ def create_app(cfg: ServeConfig):
     @app.exception_handler(VisrecError)
     async def visrec_error(request: Request, exc: VisrecError):
         # gallery refusals (another model's embeddings, a bad identity name) are the caller's to fix
-        from visrec.index.gallery import GalleryMismatchError
 
         return JSONResponse({"error": str(exc)}, status_code=409 if isinstance(exc, GalleryMismatchError) else 422)
 

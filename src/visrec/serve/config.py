@@ -14,6 +14,7 @@ from typing import Optional
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from visrec.config import read_yaml_mapping, validate_section
 from visrec.errors import ConfigError
 
 
@@ -109,6 +110,4 @@ def is_loopback(host: str) -> bool:
 
 
 def load_serve_config(path: str | Path, overrides: dict | None = None) -> ServeConfig:
-    from visrec.config import read_yaml_mapping, validate_section
-
     return validate_section(ServeConfig, read_yaml_mapping(path, overrides), "serve", str(path)).check()

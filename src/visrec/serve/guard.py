@@ -13,6 +13,7 @@ import hmac
 import json
 import time
 
+from visrec._optional import require
 from visrec.faces.images import InputError
 
 UNMATCHED = "unmatched"  # the route label of a path no route matches (a fixed label: no path is ever one)
@@ -25,8 +26,6 @@ class Metrics:
     BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
 
     def __init__(self, gallery_templates=None):
-        from visrec._optional import require
-
         prom = require("prometheus_client", "serve", "prometheus-client")
         self._prom = prom
         self.registry = prom.CollectorRegistry()

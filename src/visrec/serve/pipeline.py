@@ -7,13 +7,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from visrec.errors import ConfigError
 from visrec.faces.pipeline import Embedder
+from visrec.index.gallery import calibrate, open_gallery
+from visrec.serve.config import load_serve_config
 
 
 def open_configured_gallery(faces_cfg, embedder: Embedder):
     """The gallery a serve config's ``faces.gallery`` names, bound to the embedder's model name and dimension."""
-    from visrec.index.gallery import open_gallery
-
     g = faces_cfg.gallery
     kwargs = {"model_name": embedder.name, "dim": embedder.dim, "fusion": g.fusion, "metric": embedder.metric}
     if g.backend == "milvus":
@@ -30,10 +31,7 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
     photos in ``data/<identity>/`` run through the configured detector, landmarks and alignment — the only
     way for an embedder with its own crop (dlib-resnet). Returns what :func:`visrec.index.gallery.calibrate`
     returns plus the counts and ``no_face`` (photos where no face was found; left out of the pairs)."""
-    from visrec.errors import ConfigError
     from visrec.faces.calibrate import embed_labelled
-    from visrec.index.gallery import calibrate
-    from visrec.serve.config import load_serve_config
 
     cfg = load_serve_config(config)
     if cfg.faces is None:

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from visrec._torchfile import atomic_save, read_torch_file  # noqa: F401 (atomic_save: re-exported)
+from visrec.errors import ConfigError
 
 
 def rng_state() -> dict[str, Any]:
@@ -112,7 +113,6 @@ def check_resume(output: Path, rank: int, world_size: int, state: dict[str, Any]
     shards = _describe_shards(state.get("sharding") or {}) if isinstance(state, dict) else ""
     launcher = "visrec train --config CONFIG --resume" if saved == 1 else \
         f"torchrun --nproc_per_node={saved} -m visrec.cli train --config CONFIG --resume"
-    from visrec.errors import ConfigError
 
     if saved == world_size:  # the right world size, but a rank's file is missing or a stray one is there
         missing = sorted(set(range(world_size)) - set(files))
@@ -134,7 +134,6 @@ def check_sharding(saved: dict[str, Any] | None, current: dict[str, dict[str, in
     set now has another number of identities), naming the module and both shards."""
     if not saved:
         return
-    from visrec.errors import ConfigError
 
     for name, now in current.items():
         was = saved.get(name)

@@ -7,6 +7,7 @@ import os
 
 import torch
 
+from visrec.errors import ConfigError
 from visrec.train.task import RunContext
 
 
@@ -15,8 +16,6 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cpu")
     if name == "cuda" or (name == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
-            from visrec.errors import ConfigError
-
             raise ConfigError("device: cuda requested but torch.cuda.is_available() is False")
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         return torch.device("cuda", local_rank)

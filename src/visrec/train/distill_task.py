@@ -48,7 +48,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visrec._torchfile import read_torch_file
+from visrec.config import parse_config
 from visrec.errors import ConfigError, DataError
+from visrec.losses.distill import DistillLosses
+from visrec.models import build_backbone
 from visrec.train.faces_task import FaceLoss, FaceTask
 from visrec.train.task import TASKS
 
@@ -108,7 +111,6 @@ def _head_centres(files: list[Path]) -> torch.Tensor | None:
 
 def load_teacher(spec: str | Path | dict | TeacherSpec) -> tuple[nn.Module, dict[str, Any], torch.Tensor | None]:
     """Resolve a teacher: ``(frozen module in eval mode, model config, PartialFC centres or None)``."""
-    from visrec.models import build_backbone
     from visrec.train.checkpoint import init_backbone, load_backbone
 
     if isinstance(spec, dict):
@@ -272,7 +274,6 @@ class DistillTask(FaceTask):
     def build_modules(self, num_classes):
         self.ensure_teacher()
         modules = super().build_modules(num_classes)
-        from visrec.losses.distill import DistillLosses
 
         student_dim = int(self.cfg.model.kwargs.get("embedding_size", 512))
         teacher_dim = self._teacher_dim()
@@ -328,7 +329,6 @@ def recursive_distill(cfg, rounds: int | None = None, *, resume: bool = False, p
     ``<output>/round{k}``. With ``teacher_features`` set, round 1 uses that file and later rounds
     ``<output>/round{k}/teacher_features.npy``. Returns the rounds' ``TrainResult``s.
     """
-    from visrec.config import parse_config
     from visrec.train.trainer import train
 
     if cfg.task != "faces_kd":

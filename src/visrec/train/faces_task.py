@@ -8,6 +8,13 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
+from visrec.data.datasets import open_face_dataset
+from visrec.data.verification import read_verification_bin
+from visrec.evaluate.bin_protocol import evaluate_bin_both, mirror
+from visrec.losses import build_margin_loss
+from visrec.losses.partial_fc import PartialFC
+from visrec.models import build_backbone
+from visrec.models.embed import embed_images
 from visrec.train.task import TASKS, Task
 
 
@@ -37,15 +44,9 @@ class FaceTask(Task):
     local_modules = ("head",)  # PartialFC holds this rank's class shard: never wrapped in DDP
 
     def train_dataset(self):
-        from visrec.data.datasets import open_face_dataset
-
         return open_face_dataset(self.data_opts.train, skip_bad=self.data_opts.skip_bad)
 
     def build_modules(self, num_classes):
-        from visrec.losses import build_margin_loss
-        from visrec.losses.partial_fc import PartialFC
-        from visrec.models import build_backbone
-
         spec = self.cfg.model
         backbone = build_backbone(spec.name, **spec.kwargs)
         emb_size = int(spec.kwargs.get("embedding_size", 512))
@@ -67,10 +68,6 @@ class FaceTask(Task):
         """10-fold accuracy of each ``.bin`` (``visrec.evaluate.bin_protocol``), with and without the flip
         test: ``<set>/accuracy_flip``, ``<set>/accuracy_no_flip``, and ``<set>/accuracy`` = the flip figure
         (the field's convention; the no-flip one with ``val_flip_test: false``)."""
-        from visrec.data.verification import read_verification_bin
-        from visrec.evaluate.bin_protocol import evaluate_bin_both, mirror
-        from visrec.models.embed import embed_images
-
         metrics = {}
         for path in self.data_opts.val:
             images, issame = read_verification_bin(path)

@@ -22,6 +22,10 @@ from torch import nn
 
 from visrec.data.landmark_crops import JDCrops  # noqa: F401 (moved to the data layer; imported here as before)
 from visrec.errors import ConfigError
+from visrec.evaluate.landmarks import auc, failure_rate, nme
+from visrec.losses.landmark import LANDMARK_LOSSES, LandmarkStep
+from visrec.models import build_backbone
+from visrec.models.contract import contract_from_config
 from visrec.train.task import TASKS, Task
 
 
@@ -47,8 +51,6 @@ class LandmarkLoss(BaseModel):
     @field_validator("name")
     @classmethod
     def _registered(cls, name: str) -> str:
-        from visrec.losses.landmark import LANDMARK_LOSSES
-
         if name not in LANDMARK_LOSSES:
             raise ValueError(f"unknown landmark loss {name!r}; known: {', '.join(LANDMARK_LOSSES.names())}")
         return name
@@ -69,8 +71,6 @@ class LandmarkTask(Task):
         return JDCrops(d.train, d.points, d.size, d.margin, d.augment, self.cfg.seed, with_pose=pfld)
 
     def build_modules(self, num_classes):
-        from visrec.models import build_backbone
-
         spec = self.cfg.model
         net = build_backbone(spec.name, **{"num_points": self.data_opts.points, **spec.kwargs})
         if self.loss_opts.name == "pfld" and not hasattr(net, "forward_with_pose"):
@@ -83,14 +83,10 @@ class LandmarkTask(Task):
     def model_contract(self, backbone):
         """Landmarks: the crop this task trains on (``data.margin`` per side, ``data.size`` pixels, inputs in
         [-1, 1]) and the point count, so every caller crops as the model was trained."""
-        from visrec.models.contract import contract_from_config
-
         d = self.data_opts
         return contract_from_config(self.model_config(), crop_margin=d.margin, crop_size=d.size)
 
     def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
-        from visrec.losses.landmark import LANDMARK_LOSSES, LandmarkStep
-
         pose = batch[2] if len(batch) > 2 else None  # (B, 3) yaw, pitch, roll in radians (pfld data)
         step = LandmarkStep(modules["backbone"], batch[0], batch[1], pose, int(self.data_opts.size), self.loss_opts)
         return LANDMARK_LOSSES.get(self.loss_opts.name)(step)
@@ -98,7 +94,6 @@ class LandmarkTask(Task):
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         if self.data_opts.val is None:
             return {}
-        from visrec.evaluate.landmarks import auc, failure_rate, nme
 
         d = self.data_opts
         ds = JDCrops(d.val, d.points, d.size, d.margin, augment=False)

@@ -19,6 +19,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Dataset
 
+from visrec.data.products import list_images, pad_to_square, preprocess_product, read_image_checked, read_product_labels
+from visrec.errors import DataError
+from visrec.losses import build_margin_loss
+from visrec.losses.partial_fc import PartialFC
+from visrec.models import build_backbone
+from visrec.models.inference import evaluate_descriptor
+from visrec.models.model_file import default_contract
 from visrec.train.task import TASKS, Task
 
 
@@ -42,8 +49,6 @@ class ProductLoss(BaseModel):
 def query_like(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """A catalogue shot (white background) made to look like a photo: cluttered background where the
     image is near-white, random rotation (+-25 deg), scale (0.6-1.05), shift, colour gain, blur."""
-    from visrec.data.products import pad_to_square
-
     img = pad_to_square(img, 255)
     h = img.shape[0]
     if rng.random() < 0.7:
@@ -68,9 +73,6 @@ class CatalogueImages(Dataset):
     """(image tensor (3, size, size) ImageNet-normalised, class index) over the catalogue."""
 
     def __init__(self, catalogue: Path, labels: Path | None, size: int, augment: bool):
-        from visrec.data.products import list_images, read_product_labels
-        from visrec.errors import DataError
-
         self.items = list_images(catalogue)
         if not self.items:
             raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=catalogue)
@@ -92,8 +94,6 @@ class CatalogueImages(Dataset):
         return len(self.items)
 
     def __getitem__(self, i: int):
-        from visrec.data.products import preprocess_product, read_image_checked
-
         img = read_image_checked(*self.items[i])
         if self.augment:
             # drawn from torch's RNG (checkpointed by the Trainer), so resumed runs augment alike
@@ -112,10 +112,6 @@ class ProductTask(Task):
         return CatalogueImages(d.catalogue, d.labels, d.size, d.augment)
 
     def build_modules(self, num_classes):
-        from visrec.losses import build_margin_loss
-        from visrec.losses.partial_fc import PartialFC
-        from visrec.models import build_backbone
-
         backbone = build_backbone(self.cfg.model.name, **self.cfg.model.kwargs)
         margin = build_margin_loss(self.loss_opts.name, **dict(self.loss_opts.model_extra or {}))
         head = PartialFC(margin, int(backbone.dim), int(num_classes), sample_rate=self.loss_opts.sample_rate)
@@ -123,8 +119,6 @@ class ProductTask(Task):
 
     def model_contract(self, backbone):
         """Products: the descriptor's ImageNet-normalised ``data.size`` square input, L2-normalised output."""
-        from visrec.models.model_file import default_contract
-
         return default_contract(backbone, self.model_config(), image_size=self.data_opts.size)
 
     def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
@@ -134,7 +128,6 @@ class ProductTask(Task):
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         if self.data_opts.val is None:
             return {}
-        from visrec.models.inference import evaluate_descriptor
 
         return {f"val/{k}": v for k, v in
                 evaluate_descriptor(backbone, self.data_opts.val, self.data_opts.size, device=self.ctx.device).items()}

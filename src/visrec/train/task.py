@@ -17,6 +17,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visrec.config import RunConfig, validate_section
+from visrec.models.model_file import default_contract
 from visrec.registry import Registry
 
 TASKS: Registry = Registry("task")
@@ -88,8 +89,6 @@ class Task:
         """The exported model's contract (``visrec.models.contract.ModelContract``), saved with every
         checkpoint. Default: derived from the model config (embedding size read off ``backbone``), faces
         aligned as the training data was prepared (:meth:`alignment`)."""
-        from visrec.models.model_file import default_contract
-
         return default_contract(backbone, self.model_config(), align_method=self.alignment(), origin="visrec-checkpoint")
 
     def alignment(self) -> str:

@@ -16,6 +16,14 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Dataset
 
+from visrec.data.video import read_frames, read_video_list
+from visrec.errors import ConfigError
+from visrec.evaluate.video import score_videos
+from visrec.losses import build_margin_loss
+from visrec.losses.partial_fc import PartialFC
+from visrec.models import build_backbone
+from visrec.models.embed import images_to_tensor
+from visrec.models.inference import video_features
 from visrec.train.task import TASKS, Task
 
 
@@ -38,8 +46,6 @@ class VideoClips(Dataset):
     """Items: (frames (clip, 3, 112, 112) in [-1, 1], identity index). Frames are decoded once and kept."""
 
     def __init__(self, list_path: Path, clip: int):
-        from visrec.data.video import read_frames, read_video_list
-
         items = read_video_list(list_path)
         names = sorted({it.label for it in items})
         index = {n: i for i, n in enumerate(names)}
@@ -52,8 +58,6 @@ class VideoClips(Dataset):
         return len(self.frames)
 
     def __getitem__(self, i: int):
-        from visrec.models.embed import images_to_tensor
-
         frames = self.frames[i]
         # torch's RNG (checkpointed by the Trainer) picks the frames, so resumed runs draw alike
         pick = torch.randint(0, len(frames), (self.clip,)) if len(frames) < self.clip else \
@@ -71,14 +75,8 @@ class VideoTask(Task):
         return VideoClips(self.data_opts.videos, self.data_opts.clip)
 
     def build_modules(self, num_classes):
-        from visrec.losses import build_margin_loss
-        from visrec.losses.partial_fc import PartialFC
-        from visrec.models import build_backbone
-
         model = build_backbone(self.cfg.model.name, **self.cfg.model.kwargs)
         if not hasattr(model, "fuse"):
-            from visrec.errors import ConfigError
-
             raise ConfigError(f"task faces_video trains a fusion model (model.name: quality_fusion), "
                               f"got {self.cfg.model.name!r}")
         margin = build_margin_loss(self.loss_opts.name, **dict(self.loss_opts.model_extra or {}))
@@ -108,8 +106,6 @@ class VideoTask(Task):
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         if self.data_opts.val is None:
             return {}
-        from visrec.evaluate.video import score_videos
-        from visrec.models.inference import video_features
 
         t = self.data_opts.val_target
         fusions = ("mean", "learned")

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec._npz import load_npz
 from visrec.errors import DataError, VisrecError
 from visrec.registry import Registry
 
@@ -531,8 +532,6 @@ def read_export(path: str | Path) -> dict:
     are not trusted: they are recomputed from (identity, hash). Raises :class:`DataError` naming the file and
     the field or row.
     """
-    from visrec._npz import load_npz
-
     path = Path(path)
     data = load_npz(path, "visrec gallery export")
     missing = {"template_ids", "identities", "hashes", "vectors", "metadata", "info"} - set(data)

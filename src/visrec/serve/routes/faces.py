@@ -5,7 +5,8 @@ percent-encoded ``DELETE /v1/faces/{identity}``)."""
 import numpy as np
 
 from visrec.errors import VisrecError
-from visrec.faces.images import InputError
+from visrec.faces.images import InputError, image_hash
+from visrec.index.gallery import check_identity, check_metadata
 from visrec.serve.requests import bool_field, image_body, int_field, parse_json
 from visrec.serve.routes import ROUTES
 
@@ -16,8 +17,6 @@ ALL_FACES = ({"type": "boolean"}, "every face of the photo (default: the largest
 
 
 def _identity(value) -> str:
-    from visrec.index.gallery import check_identity
-
     if not isinstance(value, str) or not value.strip():
         raise InputError("field 'identity' (a non-empty string) is required", 400)
     try:
@@ -29,9 +28,6 @@ def _identity(value) -> str:
 @ROUTES.register("faces")
 def face_routes(ctx):
     from fastapi import APIRouter, Request
-
-    from visrec.faces.images import image_hash
-    from visrec.index.gallery import check_metadata
 
     router = APIRouter(tags=["faces"])
 

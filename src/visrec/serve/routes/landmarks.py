@@ -3,7 +3,7 @@
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
 import math
 
-from visrec.faces.images import InputError
+from visrec.faces.images import InputError, decode_upload
 from visrec.serve.requests import image_body
 from visrec.serve.routes import ROUTES
 
@@ -14,8 +14,6 @@ BOX = ({"type": "string", "example": "10,10,100,100"},
 @ROUTES.register("landmarks")
 def landmark_routes(ctx):
     from fastapi import APIRouter, Request
-
-    from visrec.faces.images import decode_upload
 
     router = APIRouter(tags=["landmarks"])
 

@@ -1,6 +1,7 @@
 """``POST /v1/products/search``: the catalogue images nearest a query photo."""
 
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
+from visrec.faces.images import decode_upload
 from visrec.serve.requests import image_body, int_field
 from visrec.serve.routes import ROUTES
 
@@ -10,8 +11,6 @@ TOP_K = ({"type": "integer", "minimum": 1, "maximum": 1000}, "how many catalogue
 @ROUTES.register("products")
 def product_routes(ctx):
     from fastapi import APIRouter, Request
-
-    from visrec.faces.images import decode_upload
 
     router = APIRouter(tags=["products"])
 
