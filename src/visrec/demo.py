@@ -46,6 +46,9 @@ def faces_section(out: Path, steps: int, console: Console) -> dict:
     def accuracy(model) -> float:
         return float(evaluate_bin_pairs(embed_images(model, images), issame).accuracy_mean)
 
+    import torch
+
+    torch.manual_seed(0)  # the untrained baseline's random weights, the same in every run
     untrained = accuracy(build_backbone("mobilefacenet", embedding_size=512))
     run_dir = out / "runs" / "mbf-synth"
     cfg = parse_config({
