@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+from itertools import islice
 from pathlib import Path
 from typing import Callable, Iterable, Sequence
 
@@ -189,25 +190,24 @@ class CatalogueIndex:
     def search_images(self, images: Sequence[np.ndarray], k: int = 7) -> tuple[list[list[str]], np.ndarray]:
         return self.search_vectors(describe(self.model, images, self.opts.size, self.opts.multiscale, self.device), k)
 
+    def _read_batches(self, items: Iterable[tuple[str, Path]], progress=None):
+        """``(query id, image)`` lists of at most ``opts.batch_size``, read as they are needed; ``progress``
+        hears each batch's length once the caller has used it. Unreadable images raise ``DataError``
+        naming them."""
+        items = iter(items)
+        while batch := [(qid, read_image_checked(qid, path)) for qid, path in islice(items, self.opts.batch_size)]:
+            yield batch
+            if progress:
+                progress(len(batch))
+
     def describe_items(self, items: Iterable[tuple[str, Path]], progress=None) -> tuple[list[str], np.ndarray]:
         """Raw (before post-processing) descriptors of ``(query id, path)`` pairs, in the batches
         ``search_items`` uses; unreadable images raise ``DataError`` naming them."""
-        ids, vecs, batch = [], [], []
-
-        def flush():
-            if batch:
-                vecs.append(describe(self.model, [im for _, im in batch], self.opts.size, self.opts.multiscale,
-                                     self.device))
-                ids.extend(q for q, _ in batch)
-                if progress:
-                    progress(len(batch))
-                batch.clear()
-
-        for qid, path in items:
-            batch.append((qid, read_image_checked(qid, path)))
-            if len(batch) == self.opts.batch_size:
-                flush()
-        flush()
+        ids, vecs = [], []
+        for batch in self._read_batches(items, progress):
+            vecs.append(describe(self.model, [im for _, im in batch], self.opts.size, self.opts.multiscale,
+                                 self.device))
+            ids.extend(q for q, _ in batch)
         return ids, (np.concatenate(vecs) if vecs else np.zeros((0, self.manifest.get("dim", 0)), np.float32))
 
     def raw_catalogue(self) -> np.ndarray:
@@ -224,22 +224,11 @@ class CatalogueIndex:
     def search_items(self, items: Iterable[tuple[str, Path]], k: int = 7, progress=None
                      ) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
         """Search ``(query id, path)`` pairs; unreadable queries raise ``DataError`` naming them."""
-        ranked, scores, batch = {}, {}, []
-
-        def flush():
-            if batch:
-                ids, sc = self.search_images([im for _, im in batch], k)
-                for (qid, _), row, s in zip(batch, ids, sc):
-                    ranked[qid], scores[qid] = row, [float(v) for v in s[:len(row)]]
-                if progress:
-                    progress(len(batch))
-                batch.clear()
-
-        for qid, path in items:
-            batch.append((qid, read_image_checked(qid, path)))
-            if len(batch) == self.opts.batch_size:
-                flush()
-        flush()
+        ranked, scores = {}, {}
+        for batch in self._read_batches(items, progress):
+            ids, sc = self.search_images([im for _, im in batch], k)
+            for (qid, _), row, s in zip(batch, ids, sc):
+                ranked[qid], scores[qid] = row, [float(v) for v in s[:len(row)]]
         return ranked, scores
 
 
