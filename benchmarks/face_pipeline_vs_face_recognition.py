@@ -21,22 +21,12 @@ import argparse
 import importlib.resources
 import os
 import sys
-import time
 import types
 
 import numpy as np
 
-PHOTOS = ("obama.jpg", "obama2.jpg", "obama3.jpg", "obama_partial_face.jpg", "obama_partial_face2.jpg", "biden.jpg")
-
-
-def median_ms(fn, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1000 * float(np.median(times))
+# run as a script, this folder is on sys.path: the photo list and timing rule of the latency benchmark
+from real_faces_latency import PHOTOS, median_ms
 
 
 def import_face_recognition():
