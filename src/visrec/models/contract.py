@@ -24,6 +24,7 @@ import json
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from visrec.data.products import IMAGENET_MEAN, IMAGENET_STD
 from visrec.errors import DataError
 
 ONNX_KEY = "visrec.contract"
@@ -185,12 +186,10 @@ def contract_from_config(model_config: dict[str, Any], *, embedding_dim: int | N
                              crop_margin=float(crop_margin if crop_margin is not None else DEFAULT_LANDMARK_MARGIN),
                              crop_size=size, source=source, origin=origin, arch=cfg)
     if name in ("product", "product_ensemble"):
-        from visrec.models.products import IMAGENET_MEAN, IMAGENET_STD
-
         size = int(image_size or 224)
         return ModelContract(task="product-embedding", input_size=(size, size),
-                             pixel_mean=tuple(255.0 * m for m in IMAGENET_MEAN),
-                             pixel_std=tuple(255.0 * s for s in IMAGENET_STD), embedding_dim=embedding_dim,
+                             pixel_mean=tuple(255.0 * float(m) for m in IMAGENET_MEAN),
+                             pixel_std=tuple(255.0 * float(s) for s in IMAGENET_STD), embedding_dim=embedding_dim,
                              metric="cosine", l2_normalised=True, source=source, origin=origin, arch=cfg)
     task = "video-embedding" if name == "quality_fusion" else "face-embedding"
     return ModelContract(task=task, input_size=(112, 112), embedding_dim=embedding_dim, metric="cosine",

@@ -32,14 +32,19 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+import torch
 
 from visrec._onnx import OnnxEmbedder, open_session
 from visrec._torchfile import read_torch_file
 from visrec.data.augment import crop_face
 from visrec.errors import DataError
 from visrec.models.contract import ONNX_KEY, VISREC_MEAN, VISREC_STD, ModelContract, Threshold, contract_from_config
+from visrec.models.dlib_models import EXTERNAL, build_external
+from visrec.models.embed import embed_images, images_to_tensor
+from visrec.models.landmark_nets import predict_points
 from visrec.models.model_file import (_build, _from_checkpoint, _is_checkpoint, default_contract,  # noqa: F401
                                       embedding_dim, init_backbone, load_backbone, load_checkpoint, read_model_file)
+from visrec.models.zoo import ArcFaceOnnx, Landmark106Onnx
 
 KINDS = ("a visrec run directory, model.pt or last.rank0.pt; an .onnx file (visrec export or InsightFace zoo); "
          "backbone.pth with arch=; or an adapter name")
@@ -111,18 +116,12 @@ class LoadedModel:
 class TorchModel(LoadedModel):
     def __init__(self, module, contract: ModelContract, name: str, device: str = "cpu"):
         super().__init__(contract, name)
-        import torch
-
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
         self.module = module.eval().to(self.device)
 
     def _tensor(self, images):
-        import torch
-
-        from visrec.models.embed import images_to_tensor
-
         c = self.contract
         arr = _stack(images)
         if c.pixel_mean == VISREC_MEAN and c.pixel_std == VISREC_STD and c.colour_order == "RGB":
@@ -135,12 +134,8 @@ class TorchModel(LoadedModel):
     def embed(self, images, *, flip: bool = False, batch_size: int = 256) -> np.ndarray:
         if not self.is_embedder:
             return super().embed(images)
-        import torch
-
         c = self.contract
         if c.pixel_mean == VISREC_MEAN and c.pixel_std == VISREC_STD and c.colour_order == "RGB":
-            from visrec.models.embed import embed_images
-
             return embed_images(self.module, _stack(images), device=self.device, flip=flip, batch_size=batch_size)
         arr = _stack(images)
         out = []
@@ -156,8 +151,6 @@ class TorchModel(LoadedModel):
     def predict(self, image, boxes) -> np.ndarray:
         if self.contract.task != "landmarks":
             return super().predict(image, boxes)
-        from visrec.models.landmark_nets import predict_points
-
         b, single = _as_boxes(boxes)
         c = self.contract
         out = [predict_points(self.module, image, box[:4], margin=c.crop_margin, size=c.crop_size) for box in b]
@@ -166,8 +159,6 @@ class TorchModel(LoadedModel):
         return np.stack(out) if out else np.zeros((0, c.num_points or 0, 2), np.float32)
 
     def predict_crops(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
-        import torch
-
         out = []
         with torch.no_grad():
             for s in range(0, len(x), batch):
@@ -188,8 +179,6 @@ class OnnxModel(LoadedModel):
     def embed(self, images, *, flip: bool = False) -> np.ndarray:
         if not self.is_embedder:
             return super().embed(images)
-        from visrec.models.embed import images_to_tensor
-
         x = images_to_tensor(_stack(images)).numpy()
         if len(x) == 0:
             return np.zeros((0, self.contract.embedding_dim or 0), np.float32)
@@ -316,8 +305,6 @@ def _load_onnx(path: Path) -> LoadedModel:
                          else f", lstsq alignment, cosine, dim {contract.embedding_dim}"), stacklevel=3)
         return OnnxModel(path, contract, f"onnx:{path.name}", session=session)
     if len(inputs) == 1 and len(outputs) == 1 and len(shape) == 4:
-        from visrec.models.zoo import ArcFaceOnnx, Landmark106Onnx
-
         flat = out_shape[1] if len(out_shape) == 2 and isinstance(out_shape[1], int) else None
         if flat == 212 or (hw and hw[0] == 192):
             zoo = Landmark106Onnx(path, session=session, **_zoo_norm(path, landmark=True))
@@ -348,13 +335,9 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
     """The model ``spec`` names, with its contract (module docstring: the kinds accepted). ``arch``: the
     registry architecture of a bare state dict (``backbone.pth``), a name or ``{"name", **kwargs}``.
     ``device``: where a torch module runs (``cpu``, ``cuda``, ``cuda:1``; ``auto``: CUDA when there is one)."""
-    from visrec.models.dlib_models import EXTERNAL
-
     text = str(spec)
     path = Path(spec)
     if not path.exists() and text in EXTERNAL:
-        from visrec.models.dlib_models import build_external
-
         contract = adapter_contract(text)  # a detector name: DataError before building anything
         return ExternalModel(build_external(text), contract)
     if not path.exists():
@@ -377,8 +360,6 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
     if _is_checkpoint(blob):
         module, cfg, contract = _from_checkpoint(path, blob)
         return TorchModel(module, contract, _checkpoint_name(cfg), device)
-    import torch
-
     if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
         if arch is None:
             raise DataError("a bare state dict (e.g. arcface_torch's backbone.pth): pass the architecture "
@@ -396,8 +377,6 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
 def model_contract(spec: str | Path, *, arch: str | dict | None = None) -> ModelContract:
     """Just the contract of ``spec``: an adapter's declared one (without building it, so without its optional
     dependencies), else the loaded model's."""
-    from visrec.models.dlib_models import EXTERNAL
-
     if not Path(spec).exists() and str(spec) in EXTERNAL:
         return adapter_contract(str(spec))
     return load_model(spec, arch=arch).contract

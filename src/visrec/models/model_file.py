@@ -12,6 +12,7 @@ from typing import Any
 
 from visrec._torchfile import read_torch_file
 from visrec.errors import DataError
+from visrec.models import build_backbone
 from visrec.models.contract import ModelContract, contract_from_config
 
 # --- reading visrec torch files -----------------------------------------------------------------------
@@ -31,8 +32,6 @@ def _is_checkpoint(blob) -> bool:
 
 
 def _build(cfg: dict):
-    from visrec.models import build_backbone
-
     cfg = dict(cfg)
     return build_backbone(cfg.pop("name"), **cfg)
 

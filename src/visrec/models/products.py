@@ -31,12 +31,10 @@ from torch import nn
 
 from visrec._optional import require
 from visrec._torchfile import read_torch_file
+from visrec.data.products import IMAGENET_MEAN, IMAGENET_STD
 from visrec.errors import ConfigError, DataError
 from visrec.models import BACKBONES
 from visrec.models.pooling import build_pooling
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _load_weights(module: nn.Module, path: str | Path) -> None:

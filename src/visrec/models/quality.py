@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visrec.models import BACKBONES
+from visrec.models.model_file import load_backbone
 
 
 class QualityHead(nn.Module):
@@ -84,8 +85,6 @@ def quality_fusion(backbone: dict | str, hidden: int = 64, freeze_backbone: bool
         spec = dict(backbone)
         net = BACKBONES.build(spec.pop("name"), **spec)
     else:
-        from visrec.models.model_file import load_backbone
-
         net, _ = load_backbone(backbone)
     with torch.no_grad():
         dim = int(net.eval()(torch.zeros(2, 3, 112, 112)).shape[1])

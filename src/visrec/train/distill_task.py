@@ -52,8 +52,11 @@ from visrec.config import parse_config
 from visrec.errors import ConfigError, DataError
 from visrec.losses.distill import DistillLosses
 from visrec.models import build_backbone
+from visrec.models.model_file import init_backbone, load_backbone
+from visrec.train import dist
 from visrec.train.faces_task import FaceLoss, FaceTask
 from visrec.train.task import TASKS
+from visrec.train.trainer import train
 
 log = logging.getLogger(__name__)
 
@@ -111,8 +114,6 @@ def _head_centres(files: list[Path]) -> torch.Tensor | None:
 
 def load_teacher(spec: str | Path | dict | TeacherSpec) -> tuple[nn.Module, dict[str, Any], torch.Tensor | None]:
     """Resolve a teacher: ``(frozen module in eval mode, model config, PartialFC centres or None)``."""
-    from visrec.train.checkpoint import init_backbone, load_backbone
-
     if isinstance(spec, dict):
         spec = TeacherSpec.model_validate(spec)
     centres = None
@@ -258,8 +259,6 @@ class DistillTask(FaceTask):
             precompute_teacher_features(self.teacher, dataset, path, model_config=self.teacher_config,
                                         flip_average=flip, source=source, device=self.teacher_device)
         if self.ctx.distributed:
-            from visrec.train import dist
-
             dist.barrier(self.ctx)
         self.features = load_teacher_features(path, model_config=self.teacher_config, num_items=len(dataset),
                                               flip_average=flip, source=source)
@@ -329,8 +328,6 @@ def recursive_distill(cfg, rounds: int | None = None, *, resume: bool = False, p
     ``<output>/round{k}``. With ``teacher_features`` set, round 1 uses that file and later rounds
     ``<output>/round{k}/teacher_features.npy``. Returns the rounds' ``TrainResult``s.
     """
-    from visrec.train.trainer import train
-
     if cfg.task != "faces_kd":
         raise ConfigError(f"{source}: invalid config\n  task: recursive_distill needs task faces_kd, got {cfg.task!r}")
     distill = cfg.loss.get("distill")

@@ -24,6 +24,7 @@ from visrec.losses.partial_fc import PartialFC
 from visrec.models import build_backbone
 from visrec.models.embed import images_to_tensor
 from visrec.models.inference import video_features
+from visrec.models.model_file import load_backbone
 from visrec.train.task import TASKS, Task
 
 
@@ -89,8 +90,6 @@ class VideoTask(Task):
         cfg = self.cfg.model.as_dict()
         src = cfg.get("backbone")
         if isinstance(src, (str, Path)):
-            from visrec.train.checkpoint import load_backbone
-
             _, arch = load_backbone(src)
             cfg["backbone"] = arch
         return cfg
