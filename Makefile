@@ -22,7 +22,7 @@ demo: venv
 
 test: venv
 	bash scripts/setup-test-env.sh
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"
