@@ -240,12 +240,14 @@ def test_the_example_serve_config_validates_and_align_is_checked(tmp_path):
 
 def test_every_post_route_declares_its_request_body_and_a_client_built_from_it_works(model_dir):
     """/openapi.json declares each POST route's body (multipart with a binary field per image, and base64
-    JSON): a client that knows only the schema fills it in and gets answers."""
+    JSON): a client that knows only the schema fills it in and gets answers (named-gallery routes included,
+    their path parameter filled with the gallery's name)."""
     c = make_client(model_dir)
     spec = c.get("/openapi.json").json()
     posts = {path: ops["post"] for path, ops in spec["paths"].items() if "post" in ops}
     assert set(posts) == {"/v1/faces/enroll", "/v1/faces/identify", "/v1/faces/verify", "/v1/landmarks",
-                          "/v1/products/search"}
+                          "/v1/products/search", "/v1/galleries/{name}/faces/enroll",
+                          "/v1/galleries/{name}/faces/identify", "/v1/galleries/{name}/faces/verify"}
     for path, op in posts.items():
         content = op["requestBody"]["content"]
         assert set(content) == {"multipart/form-data", "application/json"}, path
@@ -255,7 +257,9 @@ def test_every_post_route_declares_its_request_body_and_a_client_built_from_it_w
         assert binary and set(binary) <= set(form["required"]), path
         files = [(n, (f"{n}.jpg", face_jpeg(i), "image/jpeg")) for i, n in enumerate(binary)]
         data = {n: "schema-client" for n in form["required"] if n not in binary}
-        r = c.post(path, files=files, data=data)
+        params = [p["name"] for p in op.get("parameters", []) if p["in"] == "path"]
+        assert params == (["name"] if "{name}" in path else []), (path, params)
+        r = c.post(path.replace("{name}", "default"), files=files, data=data)
         expected = 404 if path in ("/v1/landmarks", "/v1/products/search") else 200  # not configured here
         assert r.status_code == expected, (path, r.status_code, r.text)
     assert "schema-client" in {i["identity"] for i in c.get("/v1/faces").json()["identities"]}

@@ -2,8 +2,10 @@
 health, Prometheus metrics, OpenAPI at /docs and /redoc (their scripts served from the installed package, so
 they work offline) and a single web page at /.
 
-``create_app`` loads what the config names (face pipeline and gallery, landmark model, product index) into a
-:class:`ServiceContext` and includes every router of :data:`visrec.serve.routes.ROUTES` (one module per area).
+``create_app`` loads what the config names (face pipeline and its named galleries, landmark model, product
+index) into a :class:`ServiceContext` and includes every router of :data:`visrec.serve.routes.ROUTES` (one
+module per area). Routes reach a face gallery through :meth:`ServiceContext.gallery`, which applies the API
+key's gallery restriction (403) and answers 404 for a gallery this server does not hold.
 Request reading and the declared request bodies are :mod:`visrec.serve.requests`. Every user-input problem is
 a 4xx with ``{"error": "..."}`` saying what was wrong; a 5xx means a bug in the server.
 
@@ -22,9 +24,9 @@ from visrec.errors import ConfigError, VisrecError
 from visrec.faces.images import InputError
 from visrec.faces.pipeline import FacePipeline
 from visrec.index.gallery import GalleryMismatchError
-from visrec.serve.config import ServeConfig
-from visrec.serve.guard import Guard, Metrics
-from visrec.serve.pipeline import open_configured_gallery
+from visrec.serve.config import ServeConfig, is_gallery_name
+from visrec.serve.guard import Guard, Metrics, allowed_galleries
+from visrec.serve.pipeline import open_configured_galleries
 from visrec.serve.requests import ImageRequests
 from visrec.serve.routes import ROUTES
 
@@ -34,7 +36,8 @@ DOCS_ASSETS = "/_docs-assets"
 @dataclass
 class ServiceContext:
     """What every route works with: the config, what it loaded (``state``: ``faces`` (a FacePipeline),
-    ``gallery``, ``landmarks``, ``products``), the request reader, the metrics and ``offload``."""
+    ``galleries`` (name -> Gallery), ``default_gallery`` (a name or None), ``landmarks``, ``products``), the
+    request reader, the metrics and ``offload``."""
 
     cfg: ServeConfig
     requests: ImageRequests
@@ -52,6 +55,32 @@ class ServiceContext:
             raise InputError(f"this server does not serve {name} (not configured)", 404)
         return self.state[name]
 
+    def gallery(self, request, name: str | None = None):
+        """(name, Gallery) the request may use: ``name``, or the default gallery when None. 404 when faces are
+        not served, the gallery does not exist or there is no default; 403 when the request's API key is
+        restricted to other galleries (checked before existence, so a restricted key learns no other name)."""
+        self.need("faces")
+        allowed = allowed_galleries(request.scope)
+        if name is None:
+            name = self.state["default_gallery"]
+            if name is None:
+                raise InputError("this server holds several face galleries and none is the default: use "
+                                 "/v1/galleries/NAME/faces/... (GET /v1/galleries lists them)", 404)
+            if allowed is not None and name not in allowed:
+                raise InputError("this API key may not use the default face gallery: use "
+                                 "/v1/galleries/NAME/faces/... with one of its galleries (GET /v1/galleries)", 403)
+        shown = repr(name) if len(name) <= 64 else repr(name[:61] + "...")
+        if allowed is not None and name not in allowed:
+            raise InputError(f"this API key may not use face gallery {shown}", 403)
+        if not is_gallery_name(name) or name not in self.state["galleries"]:
+            raise InputError(f"no face gallery named {shown} on this server (GET /v1/galleries lists them)", 404)
+        return name, self.state["galleries"][name]
+
+    def visible_galleries(self, request) -> dict:
+        """The galleries the request's API key may use, by name (every one for an unrestricted key)."""
+        allowed = allowed_galleries(request.scope)
+        return {n: g for n, g in self.need("galleries").items() if allowed is None or n in allowed}
+
     async def offload(self, work):
         """Image work off the event loop, at most ``limits.max_concurrent`` at once; waiting holds no thread."""
         from fastapi.concurrency import run_in_threadpool
@@ -66,7 +95,10 @@ def _load(cfg: ServeConfig) -> dict:
         pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
                             detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=cfg.limits.max_pixels,
                             detect_size=cfg.faces.detect_size)
-        state["faces"], state["gallery"] = pipe, open_configured_gallery(cfg.faces, pipe.embedder)
+        state["faces"] = pipe
+        state["gallery_configs"] = cfg.faces.named_galleries()
+        state["galleries"] = open_configured_galleries(cfg.faces, pipe.embedder)
+        state["default_gallery"] = cfg.faces.default_gallery_name()
     if cfg.landmarks is not None:
         from visrec.models.loading import load_model
 
@@ -121,7 +153,8 @@ def create_app(cfg: ServeConfig):
     app = FastAPI(title="visrec", description="faces, landmarks and product search", version="0.1.0",
                   docs_url=None, redoc_url=None)
     state = _load(cfg)
-    metrics = Metrics(state["gallery"].count if "gallery" in state else None)
+    galleries = state.get("galleries")
+    metrics = Metrics(None if galleries is None else (lambda: sum(g.count() for g in galleries.values())))
     requests = ImageRequests(limits)
     app.add_middleware(Guard, keys=cfg.keys(), max_body=requests.max_body, body_timeout_s=limits.body_timeout_s,
                        metrics=metrics)

@@ -1,14 +1,22 @@
 """``visrec serve --config serve.yaml``: what the service loads and how it guards itself.
 
+Face galleries: ``faces.galleries`` declares several, by name (letters, digits, ``-``, ``_``; at most
+:data:`MAX_GALLERY_NAME` characters), each a :class:`GalleryConfig`; the single ``faces.gallery`` form is the
+gallery named ``default``. The default gallery (what ``/v1/faces/...`` and the CLI without ``--gallery``
+mean) is ``faces.default_gallery``, else the one named ``default``, else the only one. Two Milvus galleries
+whose collections would share a name in one file or server are refused.
+
 API keys come from ``api_keys`` or the ``VISREC_API_KEYS`` environment variable (comma-separated); they
 are required whenever the server binds to anything but loopback, checked on every ``/v1`` request in
-the ``X-API-Key`` header, and never logged.
+the ``X-API-Key`` header, and never logged. An ``api_keys`` entry is a key (every gallery) or
+``{key: ..., galleries: [NAME, ...]}`` (only those galleries); keys from the environment reach every gallery.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import re
 from pathlib import Path
 from typing import Optional
 
@@ -18,15 +26,47 @@ from visrec.config import read_yaml_mapping, validate_section
 from visrec.errors import ConfigError
 
 
+DEFAULT_GALLERY = "default"
+MAX_GALLERY_NAME = 64
+MAX_GALLERIES = 64
+_GALLERY_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_-]{0,%d}" % (MAX_GALLERY_NAME - 1))
+
+
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def is_gallery_name(name) -> bool:
+    """A gallery name: ASCII letters, digits, ``-`` and ``_`` (not starting with ``-``), 1-64 characters."""
+    return isinstance(name, str) and _GALLERY_NAME.fullmatch(name) is not None
+
+
+def check_gallery_name(name, where: str) -> str:
+    if not is_gallery_name(name):
+        shown = repr(name) if len(repr(name)) <= 80 else repr(name)[:77] + "..."
+        raise ConfigError(f"{where}: gallery name {shown} is not valid: use letters, digits, '-' and '_' "
+                          f"(not starting with '-'), at most {MAX_GALLERY_NAME} characters")
+    return name
 
 
 class GalleryConfig(_Strict):
     backend: str = Field("milvus", description="milvus (Milvus Lite file or cluster URI) | faiss (in memory)")
     uri: str = Field("gallery.db", description="Milvus Lite file, or http://host:19530 for a cluster")
-    collection: str = "visrec_faces"
+    collection: str = Field("visrec_faces", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$",
+                            description="Milvus collection prefix (letters, digits, _): <collection>_templates, "
+                                        "_people, _info; galleries in one file or server need different ones")
     fusion: str = Field("max", pattern="^(max|mean)$", description="template fusion per identity")
+
+    def storage(self) -> tuple[str, set[str]] | None:
+        """(where, the Milvus collection names it may use) for a Milvus gallery; None for one in memory.
+        The names include the older layout's (``<collection>``, ``<collection>_identities``), which an
+        open copies from and then drops: two galleries must not share any of them."""
+        if self.backend != "milvus":
+            return None
+        uri = self.uri.strip()
+        where = uri.rstrip("/").lower() if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+        c = self.collection
+        return where, {f"{c}_templates", f"{c}_people", f"{c}_info", c, f"{c}_identities"}
 
 
 class FacesConfig(_Strict):
@@ -45,8 +85,66 @@ class FacesConfig(_Strict):
     detect_size: Optional[int] = Field(640, ge=0, description="faces are found on a copy scaled to this longest "
                                                                "side in pixels (0 or null: the full image), then "
                                                                "aligned on the full image")
-    gallery: GalleryConfig = Field(default_factory=GalleryConfig)
+    gallery: Optional[GalleryConfig] = Field(None, description="the one gallery (named 'default'); the "
+                                                                "default settings when no galleries are declared")
+    galleries: dict[str, GalleryConfig] = Field(default_factory=dict, max_length=MAX_GALLERIES,
+                                                description="several galleries by name (letters, digits, - and _)")
+    default_gallery: Optional[str] = Field(None, description="the gallery /v1/faces and the CLI without --gallery "
+                                                             "mean (default: 'default', else the only one)")
     top_k: int = Field(5, gt=0)
+
+    def named_galleries(self) -> dict[str, GalleryConfig]:
+        """Every gallery by name (``faces.gallery`` is ``default``), checked: valid names, no name twice, no two
+        Milvus galleries sharing a collection in one file or server, ``default_gallery`` one of them."""
+        named: dict[str, GalleryConfig] = {}
+        if self.gallery is not None or not self.galleries:
+            named[DEFAULT_GALLERY] = self.gallery or GalleryConfig()
+        for name, g in self.galleries.items():
+            check_gallery_name(name, "faces.galleries")
+            if name in named:
+                raise ConfigError(f"faces.galleries.{name}: the name {name!r} is taken by faces.gallery (the "
+                                  f"gallery named {DEFAULT_GALLERY!r}); declare it in one place")
+            named[name] = g
+        seen: dict[str, tuple[str, set[str]]] = {}
+        for name, g in named.items():
+            where = g.storage()
+            if where is None:
+                continue
+            for other, (other_where, other_names) in seen.items():
+                if where[0] == other_where and where[1] & other_names:
+                    raise ConfigError(f"faces galleries {other!r} and {name!r} point at the same Milvus "
+                                      f"collections ({g.uri}, collection {g.collection!r} and "
+                                      f"{named[other].collection!r}): give each gallery its own collection")
+            seen[name] = where
+        if self.default_gallery is not None and self.default_gallery not in named:
+            check_gallery_name(self.default_gallery, "faces.default_gallery")
+            raise ConfigError(f"faces.default_gallery: no gallery named {self.default_gallery!r}; declared: "
+                              f"{', '.join(named)}")
+        return named
+
+    def default_gallery_name(self) -> str | None:
+        """The gallery meant when none is named: ``default_gallery``, else ``default``, else the only one;
+        None when several are declared and none of these applies."""
+        named = self.named_galleries()
+        if self.default_gallery is not None:
+            return self.default_gallery
+        if DEFAULT_GALLERY in named:
+            return DEFAULT_GALLERY
+        return next(iter(named)) if len(named) == 1 else None
+
+    def pick_gallery(self, name: str | None, where: str = "the config") -> tuple[str, GalleryConfig]:
+        """(name, config) of the gallery ``name`` (None: the default one); a :class:`ConfigError` listing the
+        declared galleries when there is no such gallery or no default."""
+        named = self.named_galleries()
+        if name is None:
+            name = self.default_gallery_name()
+            if name is None:
+                raise ConfigError(f"{where} declares several face galleries and no default "
+                                  f"({', '.join(named)}): name one (--gallery NAME)")
+        elif name not in named:
+            check_gallery_name(name, where)
+            raise ConfigError(f"{where}: no face gallery named {name!r}; declared: {', '.join(named)}")
+        return name, named[name]
 
 
 class LandmarksConfig(_Strict):
@@ -72,26 +170,69 @@ class LimitsConfig(_Strict):
                                                              "without holding a thread")
 
 
+class ApiKey(_Strict):
+    """An API key restricted to some face galleries."""
+
+    key: str = Field(description="the key (header X-API-Key)")
+    galleries: list[str] = Field(min_length=1, max_length=MAX_GALLERIES,
+                                 description="the face galleries this key may use; no other /v1/faces or "
+                                             "/v1/galleries route answers it but 403")
+
+
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
-    api_keys: list[str] = Field(default_factory=list)
+    api_keys: list[str | ApiKey] = Field(default_factory=list, description="keys (every gallery) or "
+                                                                          "{key, galleries} (only those)")
     faces: FacesConfig | None = None
     landmarks: LandmarksConfig | None = None
     products: ProductsConfig | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
 
-    def keys(self) -> set[str]:
-        """The configured keys; an empty or blank one (in ``api_keys`` or ``VISREC_API_KEYS``) is a
-        :class:`ConfigError`: it would let an empty header in."""
+    def keys(self) -> dict[str, frozenset[str] | None]:
+        """Each configured key -> the galleries it may use (None: every one). An empty or blank key (in
+        ``api_keys`` or ``VISREC_API_KEYS``) is a :class:`ConfigError`: it would let an empty header in; so is
+        one key given twice with different rights. Errors name the entry, never the key."""
         env = os.environ.get("VISREC_API_KEYS")
         from_env = [] if env is None or not env.strip() else env.split(",")
-        for where, keys in (("api_keys", self.api_keys), ("VISREC_API_KEYS", from_env)):
-            if any(not isinstance(k, str) or not k.strip() for k in keys):
-                raise ConfigError(f"{where} holds an empty or blank API key: every key must be a non-blank string")
-        return set(self.api_keys) | {k.strip() for k in from_env}
+        entries = [(f"api_keys entry {i + 1}", k.key if isinstance(k, ApiKey) else k,
+                    frozenset(k.galleries) if isinstance(k, ApiKey) else None) for i, k in enumerate(self.api_keys)]
+        if any(not isinstance(k, str) or not k.strip() for _, k, _ in entries):
+            raise ConfigError("api_keys holds an empty or blank API key: every key must be a non-blank string")
+        if any(not k.strip() for k in from_env):
+            raise ConfigError("VISREC_API_KEYS holds an empty or blank API key: every key must be a non-blank "
+                              "string")
+        entries += [("a key of VISREC_API_KEYS", k.strip(), None) for k in from_env]
+        out: dict[str, frozenset[str] | None] = {}
+        first: dict[str, str] = {}
+        for where, key, galleries in entries:
+            if key in out and out[key] != galleries:
+                raise ConfigError(f"{where} repeats the key of {first[key]} with other galleries: give each key "
+                                  f"its rights once")
+            out[key] = galleries
+            first.setdefault(key, where)
+        return out
+
+    def check_key_galleries(self) -> None:
+        """Every gallery a restricted key names exists (a typo would lock its holder out silently)."""
+        restricted = [(i, k) for i, k in enumerate(self.api_keys) if isinstance(k, ApiKey)]
+        if not restricted:
+            return
+        if self.faces is None:
+            raise ConfigError(f"api_keys entry {restricted[0][0] + 1} is restricted to face galleries, but this "
+                              f"server has no faces section")
+        named = self.faces.named_galleries()
+        for i, k in restricted:
+            for name in k.galleries:
+                if name not in named:
+                    check_gallery_name(name, f"api_keys entry {i + 1}")
+                    raise ConfigError(f"api_keys entry {i + 1}: no face gallery named {name!r}; declared: "
+                                      f"{', '.join(named)}")
 
     def check(self) -> "ServeConfig":
+        if self.faces is not None:
+            self.faces.named_galleries()
+        self.check_key_galleries()
         if not is_loopback(self.host) and not self.keys():
             raise ConfigError(f"serving on {self.host} (not loopback) needs an API key: set api_keys in the "
                               f"config or VISREC_API_KEYS")

@@ -1,6 +1,10 @@
 """The service's outer layer (plain ASGI, in front of every route): API key, request bytes bounded *while*
 the body streams in, a deadline for receiving the body, and Prometheus metrics labelled by route template.
 
+The key a request carries may be restricted to some face galleries: the Guard puts the galleries it may use
+into the request's scope (:func:`allowed_galleries` reads them; None: every gallery) and the face routes
+refuse the others. The key itself goes nowhere but the constant-time comparison.
+
 Why plain ASGI: a limit checked on ``Content-Length`` alone lets a chunked body (no length) be read whole
 before anything looks at its size. Here every chunk is counted as it arrives and the request is answered
 413 as soon as the count passes the limit, so memory never holds more than the limit plus one chunk.
@@ -17,6 +21,12 @@ from visrec._optional import require
 from visrec.faces.images import InputError
 
 UNMATCHED = "unmatched"  # the route label of a path no route matches (a fixed label: no path is ever one)
+GALLERIES_SCOPE = "visrec.galleries"  # the scope key holding the galleries the request's key may use
+
+
+def allowed_galleries(scope) -> frozenset[str] | None:
+    """The face galleries the request's API key may use; None: every one (an unrestricted key, or no keys)."""
+    return scope.get(GALLERIES_SCOPE)
 
 
 class Metrics:
@@ -34,7 +44,8 @@ class Metrics:
         self.latency = prom.Histogram("visrec_request_seconds", "Request latency in seconds by route template.",
                                       ["route"], buckets=self.BUCKETS, registry=self.registry)
         if gallery_templates is not None:
-            gauge = prom.Gauge("visrec_gallery_templates", "Templates in the face gallery.", registry=self.registry)
+            gauge = prom.Gauge("visrec_gallery_templates", "Templates in the face galleries (all of them).",
+                               registry=self.registry)
             gauge.set_function(gallery_templates)
 
     def observe(self, route: str, status: int, seconds: float) -> None:
@@ -54,18 +65,25 @@ async def _answer(send, status: int, error: str) -> None:
 
 
 class Guard:
-    """ASGI middleware; ``keys`` empty means no key is asked (loopback only: :class:`ServeConfig` checks)."""
+    """ASGI middleware; ``keys``: each key -> the face galleries it may use (None: every one), as
+    :meth:`ServeConfig.keys` gives them; empty means no key is asked (loopback only: :class:`ServeConfig`
+    checks)."""
 
-    def __init__(self, app, *, keys: set[str], max_body: int, body_timeout_s: float, metrics: Metrics):
-        self.app, self.keys, self.max_body, self.body_timeout_s, self.metrics = (
-            app, [k.encode() for k in keys], max_body, body_timeout_s, metrics)
+    def __init__(self, app, *, keys: dict[str, frozenset[str] | None], max_body: int, body_timeout_s: float,
+                 metrics: Metrics):
+        self.app, self.max_body, self.body_timeout_s, self.metrics = app, max_body, body_timeout_s, metrics
+        self.keys = [(k.encode(), galleries) for k, galleries in keys.items()]
 
     def _refuse(self, scope) -> InputError | None:
         headers = scope.get("headers") or []
         if self.keys:
             given = [v for k, v in headers if k == b"x-api-key"]
-            # exactly one header, compared in constant time against every key
-            if len(given) != 1 or not any(hmac.compare_digest(given[0], k) for k in self.keys):
+            # exactly one header, compared in constant time against every key (no early exit)
+            found = False
+            for key, galleries in self.keys:
+                if len(given) == 1 and hmac.compare_digest(given[0], key):
+                    found, scope[GALLERIES_SCOPE] = True, galleries
+            if not found:
                 return InputError("missing or wrong API key (header X-API-Key)", 401)
         lengths = [v for k, v in headers if k == b"content-length"]
         if lengths:

@@ -1,12 +1,21 @@
-"""Faces: ``POST /v1/faces/enroll|identify|verify``, ``GET /v1/faces``, ``DELETE /v1/faces?identity=`` (or the
-percent-encoded ``DELETE /v1/faces/{identity}``)."""
+"""Faces, per named gallery: ``POST /v1/galleries/{name}/faces/enroll|identify|verify``,
+``GET /v1/galleries/{name}/faces``, ``DELETE /v1/galleries/{name}/faces?identity=`` (or the percent-encoded
+``DELETE /v1/galleries/{name}/faces/{identity}``) and ``GET /v1/galleries`` (the galleries the API key may
+use). The same routes under ``/v1/faces`` mean the default gallery; ``/v1/faces/verify`` takes an optional
+``gallery`` field naming the gallery whose threshold applies.
+
+Every gallery keeps its own identities, threshold and model guard (its own info record); a request reaches
+one through :meth:`visrec.serve.app.ServiceContext.gallery`: 403 for a gallery the API key may not use, 404
+for one the server does not hold. The answers have the same shape on both forms (the one ``/v1/faces`` always
+had)."""
 
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
 import numpy as np
 
 from visrec.errors import VisrecError
 from visrec.faces.images import InputError, image_hash
-from visrec.index.gallery import check_identity, check_metadata
+from visrec.index.gallery import check_identity, check_metadata, pair_scores
+from visrec.serve.config import MAX_GALLERY_NAME
 from visrec.serve.requests import bool_field, image_body, int_field, parse_json
 from visrec.serve.routes import ROUTES
 
@@ -14,6 +23,14 @@ IDENTITY = ({"type": "string", "maxLength": 200}, "the person's name (any printa
 METADATA = ({"type": "string"}, "optional JSON object of small facts about the person")
 TOP_K = ({"type": "integer", "minimum": 1, "maximum": 1000}, "how many identities per face (default: the config's)")
 ALL_FACES = ({"type": "boolean"}, "every face of the photo (default: the largest only)")
+GALLERY = ({"type": "string", "maxLength": MAX_GALLERY_NAME, "pattern": "^[A-Za-z0-9_][A-Za-z0-9_-]*$"},
+           "the gallery whose threshold applies (default: the default gallery; without one, the model's)")
+
+ENROLL_BODY = image_body(many=True, fields={"identity": IDENTITY, "metadata": METADATA}, required=("identity",))
+IDENTIFY_BODY = image_body(fields={"top_k": TOP_K, "all_faces": ALL_FACES})
+VERIFY_BODY = image_body(("image_a", "image_b"), fields={"gallery": GALLERY})
+NAMED_VERIFY_BODY = image_body(("image_a", "image_b"))
+ROUTE_PREFIXES = ("/v1/faces", "/v1/galleries/{name}/faces")  # the default gallery; a named one
 
 
 def _identity(value) -> str:
@@ -25,16 +42,35 @@ def _identity(value) -> str:
         raise InputError(str(exc), 400) from None
 
 
+def _model_threshold(contract) -> tuple[float | None, str]:
+    """(threshold, origin) from the model alone: what verify uses when no gallery is meant."""
+    t = getattr(contract, "threshold", None)
+    if t is not None:
+        return float(t.value), "the model's contract: " + t.describe().split(" ", 1)[1].strip("()")
+    return None, "none: the model records none and no gallery was named (visrec models calibrate)"
+
+
+def _gallery_field(fields: dict, name: str | None) -> str | None:
+    """The verify body's ``gallery`` field; with a gallery in the path it may only repeat that one."""
+    value = fields.get("gallery")
+    if value is None or value == "":
+        return name
+    if not isinstance(value, str):
+        raise InputError("field 'gallery' must be a gallery name (a string)", 400)
+    if name is not None and value != name:
+        raise InputError("field 'gallery' names another gallery than the path does", 400)
+    return value
+
+
 @ROUTES.register("faces")
 def face_routes(ctx):
     from fastapi import APIRouter, Request
 
     router = APIRouter(tags=["faces"])
 
-    @router.post("/v1/faces/enroll", openapi_extra=image_body(
-        many=True, fields={"identity": IDENTITY, "metadata": METADATA}, required=("identity",)))
-    async def enroll(request: Request):
-        pipe, gallery = ctx.need("faces"), ctx.state["gallery"]
+    async def enroll(request, name):
+        pipe = ctx.need("faces")
+        _, gallery = ctx.gallery(request, name)
         images, fields = await ctx.requests.read(request, many=True)
         identity = _identity(fields.get("identity"))
         meta = fields.get("metadata", {})
@@ -60,9 +96,9 @@ def face_routes(ctx):
 
         return await ctx.offload(work)
 
-    @router.post("/v1/faces/identify", openapi_extra=image_body(fields={"top_k": TOP_K, "all_faces": ALL_FACES}))
-    async def identify(request: Request):
-        pipe, gallery = ctx.need("faces"), ctx.state["gallery"]
+    async def identify(request, name):
+        pipe = ctx.need("faces")
+        _, gallery = ctx.gallery(request, name)
         images, fields = await ctx.requests.read(request)
         top_k = int_field(fields, "top_k", ctx.cfg.faces.top_k)
         all_faces = bool_field(fields, "all_faces")
@@ -78,41 +114,124 @@ def face_routes(ctx):
 
         return await ctx.offload(work)
 
-    @router.post("/v1/faces/verify", openapi_extra=image_body(("image_a", "image_b")))
-    async def verify(request: Request):
-        pipe, gallery = ctx.need("faces"), ctx.state["gallery"]
-        images, _ = await ctx.requests.read(request, names=("image_a", "image_b"))
+    async def verify(request, name):
+        pipe = ctx.need("faces")
+        if name is not None:
+            ctx.gallery(request, name)  # refused before the body is read
+        images, fields = await ctx.requests.read(request, names=("image_a", "image_b"))
+        wanted = _gallery_field(fields, name)
+        if wanted is None and ctx.state["default_gallery"] is None:
+            gallery = None  # several galleries, none the default, none named: the model's threshold
+        else:
+            _, gallery = ctx.gallery(request, wanted)
 
         def work():
             a, _ = pipe.embed_upload(images["image_a"][0])
             b, _ = pipe.embed_upload(images["image_b"][0])
-            score = gallery.score(a[0], b[0])  # cosine, or negated distance for a distance model
-            t, origin = gallery.decision_threshold(pipe.embedder.contract)
+            if gallery is None:
+                score = float(pair_scores(a[0], b[0], pipe.embedder.metric)[0, 0])
+                t, origin = _model_threshold(pipe.embedder.contract)
+            else:
+                score = gallery.score(a[0], b[0])  # cosine, or negated distance for a distance model
+                t, origin = gallery.decision_threshold(pipe.embedder.contract)
             return {"score": round(score, 6), "threshold": t, "threshold_origin": origin,
                     "same": None if t is None else score >= t}
 
         return await ctx.offload(work)
 
-    def _erase(identity) -> dict:
-        ctx.need("faces")
+    def erase(request, name, identity) -> dict:
+        name, gallery = ctx.gallery(request, name)
         identity = _identity(identity)
-        removed = ctx.state["gallery"].remove(identity)
+        removed = gallery.remove(identity)
         if not removed:
-            raise InputError(f"identity {identity!r} is not enrolled", 404)
+            raise InputError(f"identity {identity!r} is not enrolled in gallery {name!r}", 404)
         return {"identity": identity, "removed": removed}
 
+    def list_faces(request, name) -> dict:
+        _, gallery = ctx.gallery(request, name)
+        return {"identities": gallery.list()}
+
+    # -- the default gallery: /v1/faces/... ----------------------------------------------------------------
+    @router.post("/v1/faces/enroll", openapi_extra=ENROLL_BODY)
+    async def enroll_default(request: Request):
+        """Enroll photos of one identity in the default gallery."""
+        return await enroll(request, None)
+
+    @router.post("/v1/faces/identify", openapi_extra=IDENTIFY_BODY)
+    async def identify_default(request: Request):
+        """Search the default gallery for the photo's face(s)."""
+        return await identify(request, None)
+
+    @router.post("/v1/faces/verify", openapi_extra=VERIFY_BODY)
+    async def verify_default(request: Request):
+        """Compare the faces of two photos, against the threshold of the gallery named in ``gallery`` (default:
+        the default gallery)."""
+        return await verify(request, None)
+
     @router.delete("/v1/faces")
-    def delete_by_query(identity: str | None = None):
+    def delete_by_query_default(request: Request, identity: str | None = None):
         """Erase an identity named in the query (``?identity=...``, URL-encoded): any name, '/' included."""
-        return _erase(identity)
+        return erase(request, None, identity)
 
     @router.delete("/v1/faces/{identity:path}")
-    def delete(identity: str):
-        return _erase(identity)
+    def delete_default(request: Request, identity: str):
+        """Erase an identity named in the (percent-encoded) path from the default gallery."""
+        return erase(request, None, identity)
 
     @router.get("/v1/faces")
-    def list_faces():
-        ctx.need("faces")
-        return {"identities": ctx.state["gallery"].list()}
+    def list_default(request: Request):
+        """The identities of the default gallery."""
+        return list_faces(request, None)
+
+    # -- a named gallery: /v1/galleries/{name}/faces/... ----------------------------------------------------
+    @router.post("/v1/galleries/{name}/faces/enroll", openapi_extra=ENROLL_BODY)
+    async def enroll_named(request: Request, name: str):
+        """Enroll photos of one identity in the gallery ``name``."""
+        return await enroll(request, name)
+
+    @router.post("/v1/galleries/{name}/faces/identify", openapi_extra=IDENTIFY_BODY)
+    async def identify_named(request: Request, name: str):
+        """Search the gallery ``name`` for the photo's face(s)."""
+        return await identify(request, name)
+
+    @router.post("/v1/galleries/{name}/faces/verify", openapi_extra=NAMED_VERIFY_BODY)
+    async def verify_named(request: Request, name: str):
+        """Compare the faces of two photos against the threshold of the gallery ``name``."""
+        return await verify(request, name)
+
+    @router.delete("/v1/galleries/{name}/faces")
+    def delete_by_query_named(request: Request, name: str, identity: str | None = None):
+        """Erase an identity named in the query (``?identity=...``, URL-encoded) from the gallery ``name``."""
+        return erase(request, name, identity)
+
+    @router.delete("/v1/galleries/{name}/faces/{identity:path}")
+    def delete_named(request: Request, name: str, identity: str):
+        """Erase an identity named in the (percent-encoded) path from the gallery ``name``."""
+        return erase(request, name, identity)
+
+    @router.get("/v1/galleries/{name}/faces")
+    def list_named(request: Request, name: str):
+        """The identities of the gallery ``name``."""
+        return list_faces(request, name)
+
+    @router.get("/v1/galleries")
+    async def galleries(request: Request):
+        """The face galleries this API key may use: name, backend, size, threshold and its origin, and the
+        model guard (the model, dimension and metric the gallery accepts)."""
+        pipe = ctx.need("faces")
+        visible = ctx.visible_galleries(request)
+        default, configs = ctx.state["default_gallery"], ctx.state["gallery_configs"]
+
+        def work():
+            rows = []
+            for name, g in visible.items():
+                t, origin = g.decision_threshold(pipe.embedder.contract)
+                rows.append({"name": name, "default": name == default, "backend": configs[name].backend,
+                             "fusion": g.fusion, "identities": len(g.list()), "templates": g.count(),
+                    "threshold": t, "threshold_origin": origin, "target_fpr": g.info.get("target_fpr"),
+                    "model": {"name": g.info.get("model_name"), "dim": g.info.get("dim"), "metric": g.metric}})
+            return {"galleries": rows}
+
+        return await ctx.offload(work)
 
     return router

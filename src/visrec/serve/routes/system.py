@@ -19,8 +19,9 @@ def system_routes(ctx):
     @router.get("/healthz")
     def healthz():
         state = ctx.state
+        galleries = state.get("galleries")  # open: totals only, no gallery name (keys may restrict those)
         return {"status": "ok", "serves": [k for k in ("faces", "landmarks", "products") if k in state],
-                "gallery_templates": state["gallery"].count() if "gallery" in state else None}
+                "gallery_templates": None if galleries is None else sum(g.count() for g in galleries.values())}
 
     @router.get("/metrics", response_class=PlainTextResponse)
     def prometheus():
