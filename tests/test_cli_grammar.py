@@ -17,7 +17,7 @@ DOC = Path(__file__).resolve().parents[1] / "docs" / "cli.md"
 # parameter name -> the one way it is spelled when it is an option
 SHARED = {"config": ["--config"], "model": ["--model"], "data": ["--data"], "out": ["--out"],
           "target_fpr": ["--target-fpr"], "target_fpir": ["--target-fpir"], "overrides": ["--set"],
-          "protocol": ["--protocol", "-p"], "k": ["-k"]}
+          "protocol": ["--protocol", "-p"], "k": ["-k"], "gallery": ["--gallery"]}
 # spellings the grammar replaced: none may come back
 RETIRED = {"--checkpoint", "--from", "--onnx", "--target", "--far", "--fpir", "--root", "--json"}
 NEVER_POSITIONAL = {"config", "out", "output", "data"}
@@ -72,6 +72,17 @@ def test_every_parameter_and_command_has_help():
         assert (cmd.help or "").strip(), f"visrec {name} has no help"
         for p in cmd.params:
             assert (getattr(p, "help", None) or "").strip(), f"visrec {name}: {p.name} has no help"
+
+
+def test_every_gallery_command_takes_gallery_and_says_so_in_docs_cli_md():
+    text = DOC.read_text()
+    gallery_commands = {name: cmd for name, cmd in commands().items() if name.startswith("gallery ")}
+    assert set(gallery_commands) == {"gallery enroll", "gallery calibrate", "gallery list", "gallery delete",
+                                     "gallery export", "gallery import"}
+    for name, cmd in gallery_commands.items():
+        assert "gallery" in {p.name for p in cmd.params}, f"visrec {name} has no --gallery"
+        row = re.search(rf"^\| `visrec {name}` \| (.*)$", text, flags=re.M)
+        assert row and "[--gallery NAME]" in row.group(1), f"docs/cli.md: visrec {name} lacks [--gallery NAME]"
 
 
 def test_every_command_is_in_docs_cli_md_and_every_documented_one_exists():

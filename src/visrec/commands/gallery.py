@@ -1,5 +1,5 @@
-"""``visrec gallery enroll|calibrate|list|delete|export|import ... --config serve.yaml``: the served face gallery
-offline."""
+"""``visrec gallery enroll|calibrate|list|delete|export|import ... --config serve.yaml [--gallery NAME]``: a
+served face gallery offline (``--gallery``: one of the config's named galleries; default: its default one)."""
 
 from __future__ import annotations
 
@@ -15,52 +15,63 @@ console = Console()
 app = typer.Typer(help="The face gallery a serve config names: enroll a folder of photos, calibrate its threshold, "
                        "list, delete (erase a person), export, import.",
                   add_completion=False)
-CONFIG = typer.Option(..., "--config", help="serve YAML whose faces.gallery is meant")
+CONFIG = typer.Option(..., "--config", help="serve YAML whose faces gallery is meant")
+GALLERY = typer.Option(None, "--gallery", help="which of the config's face galleries (faces.galleries), by name; "
+                                               "default: the default one (faces.gallery, or the only one)")
 
 
-@contextlib.contextmanager
-def _open(config: Path):
-    """The configured gallery, closed afterwards even on an error (Milvus Lite holds its file while open)."""
+def _pick(config: Path, gallery: str | None):
+    """(serve config, gallery name, its GalleryConfig); a ConfigError naming the declared galleries when
+    ``gallery`` is not one of them."""
     from visrec.errors import ConfigError
     from visrec.serve.config import load_serve_config
-    from visrec.faces.pipeline import Embedder
-    from visrec.serve.pipeline import open_configured_gallery
 
     cfg = load_serve_config(config)
     if cfg.faces is None:
         raise ConfigError(f"{config}: no faces section, so no gallery")
-    g = open_configured_gallery(cfg.faces, Embedder(cfg.faces.model))
+    name, g = cfg.faces.pick_gallery(gallery, str(config))
+    return cfg, name, g
+
+
+def _where(name: str, g) -> str:
+    return f"gallery {name!r} ({g.uri}, collection {g.collection})" if g.backend == "milvus" else f"gallery {name!r}"
+
+
+@contextlib.contextmanager
+def _open(config: Path, gallery: str | None):
+    """The configured gallery ``gallery`` (None: the default one) and its description, closed afterwards even
+    on an error (Milvus Lite holds its file while open)."""
+    from visrec.faces.pipeline import Embedder
+    from visrec.serve.pipeline import open_named_gallery
+
+    cfg, name, gcfg = _pick(config, gallery)
+    g = open_named_gallery(name, gcfg, Embedder(cfg.faces.model))
     try:
-        yield g
+        yield g, _where(name, gcfg)
     finally:
         g.close()
 
 
 @app.command()
 def enroll(folder: Path = typer.Argument(..., help="photos in FOLDER/<identity>/ (one sub-folder per person)"),
-           config: Path = CONFIG):
+           config: Path = CONFIG, gallery: str | None = GALLERY):
     """Enroll the largest face of every photo through the config's detector, landmarks and model."""
     from rich.progress import Progress
 
     from visrec.data.folders import read_image_folder
     from visrec.faces.pipeline import FacePipeline
     from visrec.index.enroll import enroll_folder
-    from visrec.serve.config import load_serve_config
 
-    cfg = load_serve_config(config)
-    if cfg.faces is None:
-        from visrec.errors import ConfigError
-
-        raise ConfigError(f"{config}: no faces section, so no gallery")
+    cfg, _, _ = _pick(config, gallery)  # a bad --gallery fails before the model loads
     f = cfg.faces
     pipe = FacePipeline(f.model, aligned=f.aligned, landmarks=f.landmarks, detector=f.detector, align=f.align,
                         max_pixels=cfg.limits.max_pixels)
     total = len(read_image_folder(folder).paths)
-    with _open(config) as g, Progress(console=console) as bar:
+    with _open(config, gallery) as (g, where), Progress(console=console) as bar:
         task = bar.add_task("photos", total=total)
         report = enroll_folder(pipe, g, folder, progress=lambda n: bar.advance(task, n))
         count = g.count()
-    t = Table(title=f"enrolled into {f.gallery.uri}: {count:,} templates")
+    t = Table(title=Text(f"enrolled into {where}: {count:,} templates"))
     t.add_column("outcome")
     t.add_column("photos")
     t.add_column("first ones")
@@ -77,12 +88,14 @@ def calibrate(config: Path = CONFIG,
                                                             "with --photos, raw photos in DATA/<identity>/"),
               photos: bool = typer.Option(False, "--photos", help="DATA holds raw photos: detect, align and embed "
                                                                   "them with the config's pipeline"),
-              target_fpr: float = typer.Option(1e-4, "--target-fpr", help="false accepts per impostor pair")):
+              target_fpr: float = typer.Option(1e-4, "--target-fpr", help="false accepts per impostor pair"),
+              gallery: str | None = GALLERY):
     """Pick the match threshold at a target FPR from a labelled set (exact engine) and store it in the gallery."""
     from rich.progress import Progress
 
     from visrec.serve.pipeline import calibrate_gallery
 
+    _pick(config, gallery)  # a bad --gallery fails before any photo is read
     if photos:
         from visrec.data.folders import read_image_folder
 
@@ -93,8 +106,9 @@ def calibrate(config: Path = CONFIG,
         total = len(open_face_dataset(data))
     with Progress(console=console) as bar:
         task = bar.add_task("photos" if photos else "embedding", total=total)
-        out = calibrate_gallery(config, data, target_fpr, photos=photos, progress=lambda n: bar.advance(task, n))
-    t = Table(title=f"threshold stored in {out['gallery']}")
+        out = calibrate_gallery(config, data, target_fpr, photos=photos, progress=lambda n: bar.advance(task, n),
+                                gallery=gallery)
+    t = Table(title=Text(f"threshold stored in gallery {out['gallery_name']!r} ({out['gallery']})"))
     t.add_column("quantity")
     t.add_column("value")
     for key in ("threshold", "target_fpr", "tpr", "fpr", "genuine_pairs", "impostor_pairs", "images", "identities"):
@@ -109,10 +123,10 @@ def calibrate(config: Path = CONFIG,
 
 
 @app.command("list")
-def list_(config: Path = CONFIG):
+def list_(config: Path = CONFIG, gallery: str | None = GALLERY):
     """Enrolled identities, their template counts and metadata."""
-    with _open(config) as g:
-        t = Table(title=f"{g.count():,} templates; threshold {g.threshold}")
+    with _open(config, gallery) as (g, where):
+        t = Table(title=Text(f"{where}: {g.count():,} templates; threshold {g.threshold}"))
         for col in ("identity", "templates", "metadata"):
             t.add_column(col)
         for row in g.list():
@@ -123,15 +137,15 @@ def list_(config: Path = CONFIG):
 @app.command("delete")
 def delete(identity: str = typer.Argument(..., help="the identity to erase (any name the service accepts; "
                                                     "quote it for the shell)"),
-           config: Path = CONFIG):
+           config: Path = CONFIG, gallery: str | None = GALLERY):
     """Erase one identity: its row and every template (biometric data: the way to erase a person)."""
     from visrec.errors import DataError
 
-    with _open(config) as g:
+    with _open(config, gallery) as (g, where):
         if g.identity(identity) is None:
-            raise DataError(f"identity {identity!r} is not enrolled")
+            raise DataError(f"identity {identity!r} is not enrolled in {where}")
         removed = g.remove(identity)
-    t = Table(title="erased")
+    t = Table(title=Text(f"erased from {where}"))
     t.add_column("identity")
     t.add_column("templates removed")
     t.add_row(Text(identity), f"{removed:,}")  # Text: a name is never read as Rich markup
@@ -139,16 +153,19 @@ def delete(identity: str = typer.Argument(..., help="the identity to erase (any 
 
 
 @app.command("export")
-def export_(config: Path = CONFIG, out: Path = typer.Option(..., "--out", help="the .npz to write")):
+def export_(config: Path = CONFIG, out: Path = typer.Option(..., "--out", help="the .npz to write"),
+            gallery: str | None = GALLERY):
     """Write every template, metadata and the threshold to a .npz (no pickle)."""
-    with _open(config) as g:
+    with _open(config, gallery) as (g, where):
         path = g.export(out)
-        console.print(f"exported {g.count():,} templates of {len(g.list()):,} identities to {path}")
+        console.print(f"exported {g.count():,} templates of {len(g.list()):,} identities from {where} to {path}",
+                      markup=False)
 
 
 @app.command("import")
-def import_(config: Path = CONFIG, src: Path = typer.Argument(..., help="a .npz from visrec gallery export")):
+def import_(config: Path = CONFIG, src: Path = typer.Argument(..., help="a .npz from visrec gallery export"),
+            gallery: str | None = GALLERY):
     """Enroll everything from an export (idempotent; refuses another model's embeddings)."""
-    with _open(config) as g:
+    with _open(config, gallery) as (g, where):
         added = g.import_(src)
-        console.print(f"imported {added:,} new templates; the gallery holds {g.count():,}")
+        console.print(f"imported {added:,} new templates; {where} holds {g.count():,}", markup=False)
