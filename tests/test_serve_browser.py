@@ -1,6 +1,7 @@
 """The web page at / driven in headless Chromium (Debian's chromium + chromium-driver, installed by
 scripts/setup-test-env.sh): enroll a face, identify another photo of the same person, see the match and
-score on the page, and the landmark overlay drawn."""
+score on the page, and the landmark overlay drawn; the gallery picker sends enroll / identify / list to the
+gallery picked."""
 
 import shutil
 import socket
@@ -48,7 +49,8 @@ def server(tmp_path_factory, tiny_face_model):
         photos[name] = d / f"{name}.jpg"
         photos[name].write_bytes(encode_jpeg(img))
     port = free_port()
-    cfg = ServeConfig(port=port, faces={"model": str(tiny_face_model), "aligned": True, "gallery": {"backend": "faiss"}},
+    cfg = ServeConfig(port=port, faces={"model": str(tiny_face_model), "aligned": True,
+                                        "galleries": {"default": {"backend": "faiss"}, "visitors": {"backend": "faiss"}}},
                       landmarks={"model": str(d / "lm")})
     srv = uvicorn.Server(uvicorn.Config(create_app(cfg), host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=srv.run, daemon=True)
@@ -112,6 +114,41 @@ def test_enroll_identify_and_landmarks_in_the_page(server, browser):
     while browser.find_element("id", "lm-canvas").get_attribute("width") == "10" and time.time() < deadline:
         time.sleep(0.1)
     assert browser.find_element("id", "lm-canvas").get_attribute("width") == "112"  # the overlay is drawn
+
+
+def test_the_gallery_picker_sends_enroll_identify_and_list_to_the_picked_gallery(server, browser):
+    from selenium.webdriver.support.ui import Select
+
+    url, photos = server
+    browser.get(url + "/")
+    label = browser.find_element("css selector", "label[for=gallery]")
+    assert label.text.strip() and browser.find_element("id", "gallery").tag_name == "select"
+    deadline = time.time() + 30
+    while len(Select(browser.find_element("id", "gallery")).options) < 2:  # filled from GET /v1/galleries
+        assert time.time() < deadline, "the gallery picker was never filled"
+        time.sleep(0.1)
+    picker = Select(browser.find_element("id", "gallery"))
+    assert [o.get_attribute("value") for o in picker.options] == ["default", "visitors"]
+    assert picker.first_selected_option.get_attribute("value") == "default"  # the default one is picked
+    picker.select_by_value("visitors")
+    browser.find_element("id", "enroll-name").clear()
+    browser.find_element("id", "enroll-name").send_keys("carol")
+    browser.find_element("id", "enroll-file").send_keys(str(photos["bob"]))
+    browser.find_element("id", "enroll-go").click()
+    wait_text(browser, "enroll-out", lambda t: "enrolled carol" in t)
+    browser.find_element("id", "list-go").click()
+    assert wait_text(browser, "list-out", lambda t: t != "") == "carol (1 template(s))"  # visitors only
+    browser.find_element("id", "identify-file").send_keys(str(photos["bob"]))
+    browser.find_element("id", "identify-go").click()
+    assert wait_text(browser, "identify-best", lambda t: t.startswith("carol")) == "carol (below threshold)"
+    Select(browser.find_element("id", "gallery")).select_by_value("default")
+    browser.find_element("id", "list-go").click()
+    listed = wait_text(browser, "list-out", lambda t: "carol" not in t and t != "")
+    assert "carol" not in listed  # the default gallery never saw carol
+    import httpx
+
+    visitors = httpx.get(url + "/v1/galleries/visitors/faces").json()["identities"]
+    assert [i["identity"] for i in visitors] == ["carol"]
 
 
 def test_docs_and_redoc_work_offline_and_docs_uploads_an_image(server, browser):
