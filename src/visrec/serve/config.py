@@ -233,7 +233,8 @@ class ServeConfig(_Strict):
         if self.faces is not None:
             self.faces.named_galleries()
         self.check_key_galleries()
-        if not is_loopback(self.host) and not self.keys():
+        keys = self.keys()  # checked on loopback too: a blank or conflicting key is refused either way
+        if not is_loopback(self.host) and not keys:
             raise ConfigError(f"serving on {self.host} (not loopback) needs an API key: set api_keys in the "
                               f"config or VISREC_API_KEYS")
         if not (self.faces or self.landmarks or self.products):
