@@ -130,7 +130,7 @@ def _worker(rank, world, port, emb, labels, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=world)
     torch.set_num_threads(1)
-    res = tpr_at_fpr(emb, labels, [1e-1, 1e-2, 1e-3], block_size=16, device="cpu")
+    res = tpr_at_fpr(emb, labels, [1e-1, 1e-2, 1e-3], block_size=16, device="cpu", group=dist.group.WORLD)
     torch.save({t: (r.true_accepts, r.false_accepts, r.threshold) for t, r in res.items()}, f"{out}/{rank}.pt")
     dist.destroy_process_group()
 

@@ -14,12 +14,23 @@ A blocked float32 product can differ from another float32 product in the last bi
 up to pairs within float32 rounding of a threshold; ``near_threshold_pairs`` says how many there were
 (it includes the impostor pair(s) at s_{K+1} that set the threshold one float32 step below it).
 When negatives < 1/f, FPR = f cannot be resolved: the result is marked not estimable instead of a number.
+
+Across processes (opt-in: ``group=`` a torch.distributed process group, or ``rank``/``world_size``/``gather=``
+for another transport): every rank passes the same embeddings, labels and options; rank r scores the block
+rows bi with bi % world == r and the genuine pairs of every world-th identity. The ranks' top-K buffers are
+merged (the K+1 largest of the union of each rank's K+1 largest are the K+1 largest of all), their counts and
+histograms summed, so every rank returns the single-process result bit for bit: each block is the same float32
+product whichever rank computes it. A fingerprint of the inputs is compared first, so ranks that were given
+different data fail with an error instead of merging unrelated buffers. Nothing here touches a process group
+unless ``group`` is given: a caller that runs on one rank only (a trainer's validation) never waits for others.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass, field
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
@@ -104,29 +115,41 @@ def _count_pairs(labels: np.ndarray) -> tuple[int, int]:
 
 def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: int = 4096,
                device: str | torch.device | None = None, curve_bins: int = 0, progress=None,
-               rank: int | None = None, world_size: int | None = None) -> dict[float, TprResult] | tuple:
+               rank: int | None = None, world_size: int | None = None, group=None,
+               gather: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None
+               ) -> dict[float, TprResult] | tuple:
     """Exact TPR at each target FPR over all pairs i < j (module docstring).
 
     ``device``: None picks CUDA when available. ``curve_bins`` > 0 also returns a :class:`Curve`
-    (then the return value is ``(results, curve)``). Under torch.distributed (or explicit ``rank`` /
-    ``world_size``), block rows are split across ranks and the partial top-K buffers and counts are
-    merged exactly; every rank gets the same result.
+    (then the return value is ``(results, curve)``).
+
+    Sharded across processes, each scoring its share of the pairs, every rank getting the single-process
+    result: ``group`` is a torch.distributed process group (``torch.distributed.group.WORLD`` for all of
+    them, e.g. under torchrun), which every rank of it must call with the same arguments. Without a process
+    group, ``rank``, ``world_size`` and ``gather`` — a function taking this rank's 1-D tensor and returning
+    every rank's tensor of that shape in rank order (an all-gather) — do the same over any transport.
+    Without ``group`` or ``gather`` nothing is exchanged, whatever process group exists.
     """
+    rank, world, gather = _world(rank, world_size, group, gather)
+    if not isinstance(block_size, (int, np.integer)) or block_size < 1:
+        raise VisrecError(f"block_size must be a positive integer, got {block_size!r}")
     dev = torch.device(device) if device else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     labels = np.asarray(labels).reshape(-1)
     emb = normalise(embeddings)
     if len(labels) != emb.shape[0]:
         raise VisrecError(f"{emb.shape[0]} embeddings but {len(labels)} labels")
+    targets = sorted(float(t) for t in targets)
+    if world > 1:
+        _same_inputs(gather, emb, labels, targets, block_size, curve_bins)
     order = np.argsort(labels, kind="stable")
     labels = labels[order]
-    emb = emb[torch.from_numpy(order)].to(dev)
+    emb = emb[torch.from_numpy(order)]
     _, lab_idx = np.unique(labels, return_inverse=True)
-    lab = torch.from_numpy(lab_idx.astype(np.int64)).to(dev)
     genuine_total, impostor_total = _count_pairs(labels)
-    targets = sorted(float(t) for t in targets)
     ks = {t: math.floor(t * impostor_total) for t in targets}
     k_max = max(ks.values()) + 1 if targets else 1
-    rank, world = _world(rank, world_size)
+    emb = emb.to(dev)
+    lab = torch.from_numpy(lab_idx.astype(np.int64)).to(dev)
 
     # pass 1: the k_max largest impostor scores (+ impostor histogram for curves)
     top = _TopK(k_max, dev)
@@ -161,11 +184,9 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
         if progress:
             progress(1)
     if world > 1:
-        top = _merge_topk(top, k_max, dev)
+        top = _merge_topk(top, k_max, dev, gather)
         if imp_hist is not None:
-            import torch.distributed as dist
-
-            dist.all_reduce(imp_hist)
+            imp_hist = _sum(gather, imp_hist)
     imp_sorted = top.values.cpu().numpy()
 
     # thresholds: next float32 above the (K+1)-th largest impostor
@@ -197,10 +218,9 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
         if gen_hist is not None:
             gen_hist += torch.histc(g, bins=curve_bins, min=-1, max=1).double()
     if world > 1:
-        import torch.distributed as dist
-
-        for t_ in (accepts, near) + ((gen_hist,) if gen_hist is not None else ()):
-            dist.all_reduce(t_)
+        accepts, near = _sum(gather, accepts), _sum(gather, near)
+        if gen_hist is not None:
+            gen_hist = _sum(gather, gen_hist)
 
     results = {}
     for t in targets:
@@ -224,26 +244,104 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     return results
 
 
-def _world(rank, world_size) -> tuple[int, int]:
-    if rank is not None and world_size is not None:
-        return rank, world_size
+def _world(rank, world_size, group, gather) -> tuple[int, int, Callable | None]:
+    """(this rank, number of ranks, the all-gather that merges their partial results)."""
+    if (rank is None) != (world_size is None):
+        raise VisrecError(f"give rank and world_size together (got rank={rank!r}, world_size={world_size!r})")
+    if rank is not None:
+        whole = all(isinstance(v, (int, np.integer)) for v in (rank, world_size))
+        if not whole or world_size < 1 or not 0 <= rank < world_size:
+            raise VisrecError(f"rank must be in [0, world_size) and world_size >= 1, got rank={rank!r}, "
+                              f"world_size={world_size!r}")
+    if group is not None and gather is not None:
+        raise VisrecError("give group (a torch.distributed process group) or gather (an all-gather function), "
+                          "not both")
+    if group is not None:
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise VisrecError("group= was given but no torch.distributed process group is initialised "
+                              "(call torch.distributed.init_process_group, or run under torchrun)")
+        actual = dist.get_rank(group), dist.get_world_size(group)
+        if rank is not None and (rank, world_size) != actual:
+            raise VisrecError(f"rank={rank}, world_size={world_size} disagree with the process group "
+                              f"(rank {actual[0]} of {actual[1]})")
+        return actual[0], actual[1], (_process_group_gather(group) if actual[1] > 1 else None)
+    if gather is not None:
+        if rank is None:
+            raise VisrecError("gather= needs rank= and world_size= (which share of the pairs this process scores)")
+        return rank, world_size, gather
+    if rank is not None and world_size > 1:
+        raise VisrecError(f"rank={rank}, world_size={world_size}: the ranks' partial results must be merged; "
+                          "give group= (a torch.distributed process group, e.g. torch.distributed.group.WORLD "
+                          "under torchrun) or gather= (an all-gather function)")
+    return 0, 1, None
+
+
+def _process_group_gather(group) -> Callable[[torch.Tensor], list[torch.Tensor]]:
+    """All-gather over a torch.distributed group: NCCL exchanges CUDA tensors, gloo (and mixed backends) CPU
+    ones; the parts come back on the tensor's own device."""
     import torch.distributed as dist
 
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
+    comm = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+
+    def gather(t: torch.Tensor) -> list[torch.Tensor]:
+        x = t.to(comm).contiguous()
+        parts = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(parts, x, group=group)
+        return [p.to(t.device) for p in parts]
+
+    return gather
 
 
-def _merge_topk(top: _TopK, k: int, dev) -> _TopK:
-    """All-gather every rank's buffer (padded to k with -inf) and keep the k largest."""
-    import torch.distributed as dist
+def _gathered(gather, t: torch.Tensor) -> list[torch.Tensor]:
+    parts = list(gather(t))
+    if any(p.shape != t.shape or p.dtype != t.dtype for p in parts):
+        raise VisrecError(f"gather returned parts of shapes {[tuple(p.shape) for p in parts]}, expected every "
+                          f"rank's {tuple(t.shape)} {t.dtype}")
+    return parts
 
+
+def _sum(gather, t: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, added in rank order (counts are integers: exact in int64 and in float64)."""
+    total = torch.zeros_like(t)
+    for part in _gathered(gather, t):
+        total += part
+    return total
+
+
+def _digest48(data: bytes) -> float:
+    return float(int.from_bytes(hashlib.blake2b(data, digest_size=6).digest(), "little"))
+
+
+FINGERPRINT = ("embeddings (rows)", "embedding dimension", "embeddings (content)", "labels", "targets",
+               "block_size", "curve_bins")
+
+
+def _same_inputs(gather, emb: torch.Tensor, labels: np.ndarray, targets, block_size: int, curve_bins: int):
+    """Every rank must score the same data the same way, or the merged result would mean nothing: compare a
+    fingerprint (the normalised float32 rows and the labels, as given, hashed) before any pair is scored."""
+    h = hashlib.blake2b(digest_size=6)
+    h.update(np.ascontiguousarray(emb.numpy()).data)
+    _, label_idx = np.unique(labels, return_inverse=True)  # which rows share a label: the labels' meaning here
+    mine = torch.tensor([emb.shape[0], emb.shape[1], float(int.from_bytes(h.digest(), "little")),
+                         _digest48(np.ascontiguousarray(label_idx.reshape(-1), dtype=np.int64).tobytes()),
+                         _digest48(repr(list(targets)).encode()), block_size, curve_bins], dtype=torch.float64)
+    parts = _gathered(gather, mine)
+    for r, part in enumerate(parts):
+        differ = [name for name, a, b in zip(FINGERPRINT, parts[0].tolist(), part.tolist()) if a != b]
+        if differ:
+            raise VisrecError(f"rank {r} was given different {', '.join(differ)} than rank 0: every rank must "
+                              "pass the same embeddings, labels, targets, block_size and curve_bins")
+
+
+def _merge_topk(top: _TopK, k: int, dev, gather) -> _TopK:
+    """Gather every rank's buffer (padded to k with -inf) and keep the k largest."""
     padded = torch.full((k,), -math.inf, device=dev)
     padded[:top.values.numel()] = top.values
-    parts = [torch.empty_like(padded) for _ in range(dist.get_world_size())]
-    dist.all_gather(parts, padded)
     merged = _TopK(k, dev)
-    allv = torch.cat(parts)
+    allv = torch.cat(_gathered(gather, padded))
     merged.add(allv[torch.isfinite(allv)])
     return merged
 
