@@ -1,14 +1,22 @@
 """Process set-up. A process group exists only under torchrun with WORLD_SIZE > 1: a single process
-never initialises one (arcface_torch forces one even on one GPU; we do not)."""
+never initialises one (arcface_torch forces one even on one GPU; we do not).
+
+Also the few collectives the sharded runs above the trainer share (``visrec eval faces`` and ``visrec products
+index`` under torchrun): each takes the process group explicitly (``group``; None = one process, nothing
+exchanged), so a caller running on one rank only never waits for the others."""
 
 from __future__ import annotations
 
 import os
+from typing import Callable, TypeVar
 
+import numpy as np
 import torch
 
-from visrec.errors import ConfigError
+from visrec.errors import ConfigError, VisrecError
 from visrec.train.task import RunContext
+
+T = TypeVar("T")
 
 
 def resolve_device(name: str) -> torch.device:
@@ -62,3 +70,145 @@ def teardown(ctx: RunContext) -> None:
 
         if dist.is_initialized():
             dist.destroy_process_group()
+
+
+def world_group(ctx: RunContext):
+    """The process group of every rank (``torch.distributed.group.WORLD``) under torchrun, else None."""
+    if not ctx.distributed:
+        return None
+    import torch.distributed as dist
+
+    return dist.group.WORLD
+
+
+def rank_and_size(group) -> tuple[int, int]:
+    """(this rank, number of ranks) in ``group``; (0, 1) for None."""
+    if group is None:
+        return 0, 1
+    import torch.distributed as dist
+
+    return dist.get_rank(group), dist.get_world_size(group)
+
+
+def one_process(command: str) -> None:
+    """Refuse to run ``command`` as several torchrun processes: each would do all of the work and write the
+    same files."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1:
+        raise VisrecError(f"{command} runs in one process, but torchrun started {world} (WORLD_SIZE={world}); "
+                          "start it without torchrun (visrec eval faces and visrec products index shard across "
+                          "torchrun processes)")
+
+
+def on_every_rank(what: str, fn: Callable[[], T], group) -> T:
+    """``fn()`` on this rank, then an exchange of outcomes: when any rank failed, every rank raises (the failing
+    rank its own exception, the others an error naming that rank and its message), so no rank is left waiting
+    in a later collective for one that stopped. With ``group`` None: just ``fn()``."""
+    if group is None:
+        return fn()
+    import torch.distributed as dist
+
+    try:
+        result, failure = fn(), None
+    except Exception as exc:  # every rank must reach the exchange below, whatever went wrong here
+        result, failure = None, exc
+    outcomes: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(outcomes, None if failure is None else f"{type(failure).__name__}: {failure}",
+                           group=group)
+    if failure is not None:
+        raise failure
+    failed = [f"rank {r}: {message}" for r, message in enumerate(outcomes) if message is not None]
+    if failed:
+        raise VisrecError(f"{what} failed on " + "; ".join(failed))
+    return result
+
+
+def from_rank_zero(what: str, fn: Callable[[], T], group) -> T:
+    """``fn()`` on rank 0 of ``group`` only; its (picklable) result, or its failure, reaches every rank."""
+    if group is None:
+        return fn()
+    import torch.distributed as dist
+
+    payload: list = [None]
+    failure = None
+    if dist.get_rank(group) == 0:
+        try:
+            payload = [("ok", fn())]
+        except Exception as exc:  # the other ranks wait for this broadcast: tell them
+            failure, payload = exc, [("error", f"{type(exc).__name__}: {exc}")]
+    dist.broadcast_object_list(payload, src=dist.get_global_rank(group, 0), group=group)
+    if failure is not None:
+        raise failure
+    kind, value = payload[0]
+    if kind == "error":
+        raise VisrecError(f"{what} failed on rank 0: {value}")
+    return value
+
+
+def gather_objects(value, group) -> list:
+    """Every rank's (picklable) ``value``, in rank order; ``[value]`` with ``group`` None."""
+    if group is None:
+        return [value]
+    import torch.distributed as dist
+
+    every: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(every, value, group=group)
+    return every
+
+
+def broadcast_module(module: torch.nn.Module, group) -> None:
+    """Rank 0's parameters and buffers, copied into ``module`` on every rank of ``group`` (a randomly
+    initialised layer would otherwise differ from rank to rank). The module must have the same structure on
+    every rank: names and shapes are compared first."""
+    if group is None:
+        return
+    import torch.distributed as dist
+
+    state = module.state_dict()
+    layout = [(name, tuple(t.shape), str(t.dtype)) for name, t in state.items()]
+    every = gather_objects(layout, group)
+    if any(theirs != every[0] for theirs in every):
+        bad = next(r for r, theirs in enumerate(every) if theirs != every[0])
+        raise VisrecError(f"rank {bad} built a model with other parameters than rank 0: every rank must build the "
+                          "same model")
+    comm = _comm_device(group)
+    src = dist.get_global_rank(group, 0)
+    with torch.no_grad():
+        for t in state.values():
+            x = t.detach().to(comm).contiguous()
+            dist.broadcast(x, src=src, group=group)
+            t.copy_(x.to(t.device))
+
+
+def _comm_device(group) -> torch.device:
+    """NCCL exchanges CUDA tensors, gloo (and mixed backends) CPU ones."""
+    import torch.distributed as dist
+
+    return torch.device("cuda", torch.cuda.current_device()) if dist.get_backend(group) == "nccl" \
+        else torch.device("cpu")
+
+
+def all_gather_rows(rows: np.ndarray, group) -> list[np.ndarray]:
+    """Every rank's array, in rank order, bit for bit. Row counts may differ; the other dimensions and the dtype
+    must agree (an array with no rows, of any shape, stands for none)."""
+    if group is None:
+        return [rows]
+    import torch.distributed as dist
+
+    rows = np.ascontiguousarray(rows)
+    heads = gather_objects((rows.shape, rows.dtype.str), group)
+    shaped = {(shape[1:], dtype) for shape, dtype in heads if shape[0] > 0}
+    if len(shaped) > 1:
+        raise VisrecError(f"ranks hold rows of different shapes or dtypes: {sorted(shaped)}")
+    if not shaped:
+        return [rows[:0] for _ in heads]
+    tail, dtype = shaped.pop()
+    most = max(shape[0] for shape, _ in heads)
+    comm = _comm_device(group)
+    padded = np.zeros((most, *tail), dtype=np.dtype(dtype))
+    if rows.shape[0]:
+        padded[:rows.shape[0]] = rows
+    mine = torch.from_numpy(padded).to(comm)
+    parts = [torch.empty_like(mine) for _ in heads]
+    dist.all_gather(parts, mine, group=group)
+    return [part.cpu().numpy()[:shape[0]] for part, (shape, _) in zip(parts, heads)]
