@@ -42,20 +42,31 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
           out: Path = typer.Option(Path("eval-out"), "--out", help="report folder (report.html, PNGs)")):
     """Face verification: exact TPR@FPR (strict rule), 10-fold accuracy for .bin sets (flip and no flip,
     the flip figure the headline), report.html; with --video, TPR@FPR between videos for each frame fusion;
-    with --submission, the LFR feature binary (image track, or video track with --video)."""
+    with --submission, the LFR feature binary (image track, or video track with --video). Under torchrun
+    (python -m torch.distributed.run --nproc_per_node=N -m visrec.cli eval faces ...) the embedding and the
+    all-pairs scoring are shared by the processes; rank 0 prints and writes the same results as one process."""
     from rich.progress import Progress
 
     if video:
+        _one_process("visrec eval faces --video")
         return _videos(model, data, fusion or ["mean"], target_fpr or [1e-4], submission, filelist)
     if submission is not None:
+        _one_process("visrec eval faces --submission")
         return _image_submission(model, data, filelist, submission, expect_rows)
     from visrec.faces.evaluation import evaluate_faces
+    from visrec.train.dist import setup, teardown, world_group
 
-    with Progress(transient=True) as bar:
-        task = bar.add_task("embedding", total=None)
-        res = evaluate_faces(data=data, model=model, features=features, labels=labels, filelist=filelist,
-                             protocol=protocol, targets=tuple(target_fpr) or None, out=out, flip=flip,
-                             progress=lambda n: bar.advance(task, n))
+    ctx = setup()  # a gloo (CPU) or NCCL (CUDA) process group under torchrun only
+    try:
+        with Progress(transient=True, disable=not ctx.is_main) as bar:
+            task = bar.add_task("embedding", total=None)
+            res = evaluate_faces(data=data, model=model, features=features, labels=labels, filelist=filelist,
+                                 protocol=protocol, targets=tuple(target_fpr) or None, out=out, flip=flip,
+                                 progress=lambda n: bar.advance(task, n), group=world_group(ctx))
+    finally:
+        teardown(ctx)
+    if not ctx.is_main:
+        return
     t = Table(title="face verification (" + ", ".join(f"{k}: {v}" for k, v in res.summary.items()) + ")")
     for col in ("target FPR", "TPR", "threshold", "achieved FPR", "false accepts / impostors", "near t"):
         t.add_column(col)
@@ -71,6 +82,12 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
             head = " (headline: the field's convention)" if r is res.extra["bin"].headline else ""
             Console().print(f"10-fold accuracy, {label}{head}: {r.accuracy_mean:.4f} +- {r.accuracy_std:.4f}")
     Console().print(f"report: {res.report}")
+
+
+def _one_process(command: str) -> None:
+    from visrec.train.dist import one_process
+
+    one_process(command)
 
 
 def _image_submission(model, data, filelist, submission, expect_rows):
@@ -144,6 +161,8 @@ def ijb(model: Path = typer.Argument(..., help="face model: checkpoint, run dir,
 
     from visrec.evaluate.ijb import PoolOptions
     from visrec.faces.evaluation import evaluate_ijb
+
+    _one_process("visrec eval ijb")
 
     with Progress(transient=True) as bar:
         task = bar.add_task("embedding", total=None)
@@ -242,6 +261,8 @@ def landmarks(model: Path = typer.Argument(..., help="landmark model: checkpoint
     from visrec.data.landmarks import SUBMISSION_COORDINATES
     from visrec.faces.evaluation import evaluate_landmarks
 
+    _one_process("visrec eval landmarks")
+
     if coordinates not in SUBMISSION_COORDINATES:
         raise typer.BadParameter(f"must be one of {', '.join(SUBMISSION_COORDINATES)}", param_hint="--coordinates")
     res = evaluate_landmarks(model, data, out, points=points, coordinates=coordinates)
@@ -268,6 +289,8 @@ def products(index_dir: Path = typer.Argument(..., help="index directory from vi
     from visrec.index.evaluation import evaluate_products
 
     from rich.progress import Progress
+
+    _one_process("visrec eval products")
 
     with Progress(transient=True) as bar:
         task = bar.add_task("searching queries", total=None)

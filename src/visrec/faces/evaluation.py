@@ -1,7 +1,12 @@
 """Face evaluation runs: a model (checkpoint or ONNX) or a features file, a labelled data set, a protocol
 -> exact TPR at the protocol's targets (+ 10-fold accuracy for a .bin) and an HTML report; the LFR image-track
 submission; IJB-B/C; video lists. The model runs here and its outputs go to the metrics of
-:mod:`visrec.evaluate`, which imports no model."""
+:mod:`visrec.evaluate`, which imports no model.
+
+``evaluate_faces`` (and ``embed_all``) also run as several processes (``group``: a torch.distributed process
+group, as ``visrec eval faces`` under torchrun passes): each rank embeds every world-th batch, the embeddings are
+gathered back into data-set order, the exact all-pairs TPR@FPR is sharded across the ranks, and every rank gets
+the single-process result; rank 0 writes the report."""
 
 from __future__ import annotations
 
@@ -28,6 +33,7 @@ from visrec.faces import align
 from visrec.models.inference import video_features
 from visrec.models.loading import load_model
 from visrec.protocols import load_protocol
+from visrec.train.dist import all_gather_rows, on_every_rank, rank_and_size
 
 
 @dataclass
@@ -57,14 +63,14 @@ def _load(model: str | Path):
     return loaded
 
 
-def _evaluate_bin(data: Path, model, targets, summary: dict, out, batch: int, progress, curve_bins: int
-                  ) -> FaceEvalResult:
+def _evaluate_bin(data: Path, model, targets, summary: dict, out, batch: int, progress, curve_bins: int,
+                  group=None) -> FaceEvalResult:
     """A verification ``.bin``: 10-fold accuracy with and without the flip test (both, labelled; the flip
     figure is the headline), and exact TPR@FPR (strict rule) over its pairs on the flip embeddings."""
     loaded = _load(model)
     images, issame = read_verification_bin(data)
-    plain = embed_all(loaded.embed, len(images), images.__getitem__, batch, progress)
-    mirrored = embed_all(loaded.embed, len(images), lambda i: mirror([images[i]])[0], batch, progress)
+    plain = embed_all(loaded.embed, len(images), images.__getitem__, batch, progress, group=group)
+    mirrored = embed_all(loaded.embed, len(images), lambda i: mirror([images[i]])[0], batch, progress, group=group)
     both = evaluate_bin_both(plain, mirrored, issame)
     emb = flip_embeddings(plain, mirrored)
     summary["flip test"] = ("both reported; the headline accuracy and the TPR table use the flip test "
@@ -78,33 +84,66 @@ def _evaluate_bin(data: Path, model, targets, summary: dict, out, batch: int, pr
     gh, _ = np.histogram(scores[issame], edges)
     ih, _ = np.histogram(scores[~issame], edges)
     curve = _curve(gh.astype(float), ih.astype(float), curve_bins)
-    report = write_face_report(out, results, curve, summary)
+    report = _report(out, results, curve, summary, group)
     head = both.headline
     return FaceEvalResult(results, summary, report, (head.accuracy_mean, head.accuracy_std), {"bin": both})
 
 
-def embed_all(embed, count: int, get_image, batch: int, progress) -> np.ndarray:
-    """``embed`` over images ``get_image(0..count-1)`` in batches of ``batch``; ``progress(n)`` per batch."""
-    out = []
-    for start in range(0, count, batch):
-        imgs = [get_image(i) for i in range(start, min(count, start + batch))]
-        out.append(embed(np.stack(imgs)))
-        if progress:
-            progress(len(imgs))
-    return np.concatenate(out)
+def _report(out, results, curve, summary: dict, group) -> Path:
+    """The HTML report, written by rank 0 alone (every rank holds the same results)."""
+    if rank_and_size(group)[0] == 0:
+        return write_face_report(out, results, curve, summary)
+    return Path(out) / "report.html"
+
+
+def embed_all(embed, count: int, get_image, batch: int, progress, *, group=None) -> np.ndarray:
+    """``embed`` over images ``get_image(0..count-1)`` in batches of ``batch``; ``progress(n)`` per batch.
+
+    With ``group`` (a torch.distributed process group; every rank calls this with the same images), rank r
+    embeds the batches b with b % world == r — the same batches one process would form, so the same bits — and
+    every rank returns all the embeddings in image order; ``progress`` hears this rank's batches."""
+    rank, world = rank_and_size(group)
+    starts = list(range(0, count, batch))
+
+    def mine() -> list[np.ndarray]:
+        out = []
+        for b, start in enumerate(starts):
+            if b % world != rank:
+                continue
+            imgs = [get_image(i) for i in range(start, min(count, start + batch))]
+            out.append(embed(np.stack(imgs)))
+            if progress:
+                progress(len(imgs))
+        return out
+
+    if world == 1:
+        return np.concatenate(mine())
+    local = on_every_rank("embedding the images", mine, group)
+    parts = all_gather_rows(np.concatenate(local) if local else np.zeros((0,), np.float32), group)
+    taken, ordered = [0] * world, []
+    for b, start in enumerate(starts):
+        r, size = b % world, min(count, start + batch) - start
+        ordered.append(parts[r][taken[r]:taken[r] + size])
+        taken[r] += size
+    return np.concatenate(ordered)
 
 
 def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None = None,
                    features: str | Path | None = None, labels: str | Path | None = None,
                    filelist: str | Path | None = None, protocol: str = "deepglint-light",
                    targets: tuple[float, ...] | None = None, out: str | Path = "eval-out",
-                   batch: int = 128, progress=None, curve_bins: int = 2000, flip: bool = False) -> FaceEvalResult:
+                   batch: int = 128, progress=None, curve_bins: int = 2000, flip: bool = False,
+                   group=None) -> FaceEvalResult:
     """Evaluate a features file, or a model on a data set. A ``.bin`` always reports the 10-fold accuracy
     with and without the flip test (the flip figure is the headline); ``flip`` applies to the other data
-    kinds (image folder, RecordIO, CSV), whose TPR@FPR uses it when set."""
+    kinds (image folder, RecordIO, CSV), whose TPR@FPR uses it when set. ``group``: run as the ranks of this
+    torch.distributed process group (module docstring); every rank returns the single-process result."""
     proto = load_protocol(protocol)
     targets = tuple(targets or proto.targets or (1e-4, 1e-6, 1e-8))
     summary = {"protocol": proto.name, "targets": ", ".join(f"{t:g}" for t in targets)}
+    world = rank_and_size(group)[1]
+    if world > 1:
+        summary["processes"] = f"{world} (embedding batches and all-pairs blocks sharded, results merged exactly)"
     bin_acc = None
     if features is not None:
         if labels is None or filelist is None:
@@ -123,18 +162,18 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
         data = Path(data)
         summary.update({"model": str(model), "data": str(data)})
         if data.suffix == ".bin":
-            return _evaluate_bin(data, model, targets, summary, out, batch, progress, curve_bins)
+            return _evaluate_bin(data, model, targets, summary, out, batch, progress, curve_bins, group)
         embed = _embedder(model, flip)
         summary["flip test"] = "yes" if flip else "no"
 
         ds = open_face_dataset(data)
-        emb = embed_all(embed, len(ds), ds.source.image, batch, progress)
+        emb = embed_all(embed, len(ds), ds.source.image, batch, progress, group=group)
         lab = ds.labels
         summary.update({"images": f"{len(ds):,}", "identities": f"{ds.num_classes:,}"})
     else:
         raise VisrecError("give --features FILE, or --model CKPT|ONNX with --data PATH")
-    results, curve = tpr_at_fpr(emb, lab, targets, curve_bins=curve_bins)
-    report = write_face_report(out, results, curve, summary)
+    results, curve = tpr_at_fpr(emb, lab, targets, curve_bins=curve_bins, group=group)
+    report = _report(out, results, curve, summary, group)
     return FaceEvalResult(results, summary, report, bin_acc)
 
 
