@@ -14,9 +14,9 @@ app = typer.Typer(help="product retrieval: index a catalogue, search it", no_arg
 console = Console()
 
 
-def _bar():
+def _bar(show: bool = True):
     return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-                    transient=True)
+                    transient=True, disable=not show)
 
 
 @app.command("index")
@@ -26,17 +26,35 @@ def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalog
           model: Optional[Path] = typer.Option(None, "--model", help="trained descriptor (run dir or model.pt)"),
           overrides: list[str] = typer.Option([], "--set", help="override a config key: index.factory=IVF64,Flat"),
           device: str = typer.Option("cpu", "--device", help="torch device for the descriptor: cpu, cuda, cuda:1")):
-    """Describe every catalogue image (resumable), fit the post-processing chain, build the FAISS index."""
+    """Describe every catalogue image (resumable), fit the post-processing chain, build the FAISS index.
+    Under torchrun (python -m torch.distributed.run --nproc_per_node=N -m visrec.cli products index ...) each
+    process describes its share of the extraction shards into --out (a folder every process sees) and rank 0
+    joins them into the index one process would build; --device is then cpu or cuda (the LOCAL_RANK's GPU)."""
+    import os
+
     from visrec.config import parse_override
     from visrec.data.products import list_images
     from visrec.index.catalogue import index_catalogue
+    from visrec.train.dist import setup, teardown, world_group
 
-    total = len(list_images(catalogue))
-    with _bar() as bar:
-        task = bar.add_task("describing catalogue", total=total)
-        m = index_catalogue(catalogue, out, config=config, checkpoint=model, device=device,
-                            overrides=dict(parse_override(o) for o in overrides),
-                            progress=lambda n: bar.advance(task, n))
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device not in ("cpu", "cuda"):
+        raise typer.BadParameter(f"{device!r}: under torchrun give cpu or cuda (each process takes the GPU of "
+                                 "its LOCAL_RANK)", param_hint="--device")
+    ctx = setup(device_name=device if device in ("cpu", "cuda") else "cpu")  # a process group under torchrun only
+    try:
+        # one process: the whole catalogue; under torchrun: this rank's shards, a count only the run knows
+        total = None if ctx.distributed else len(list_images(catalogue))
+        with _bar(show=ctx.is_main) as bar:  # under torchrun rank 0's share stands for the whole
+            task = bar.add_task("describing catalogue" + (f" (rank 0's share of {ctx.world_size})"
+                                                          if ctx.distributed else ""), total=total)
+            m = index_catalogue(catalogue, out, config=config, checkpoint=model,
+                                device=str(ctx.device) if ctx.distributed else device,
+                                overrides=dict(parse_override(o) for o in overrides),
+                                progress=lambda n: bar.advance(task, n), group=world_group(ctx))
+    finally:
+        teardown(ctx)
+    if not ctx.is_main:
+        return
     t = Table(title=f"catalogue index {out}")
     t.add_column("item")
     t.add_column("value")
@@ -59,6 +77,9 @@ def search(query: Path = typer.Argument(..., help="an image, or a folder of quer
            out: Optional[Path] = typer.Option(None, "--out", help="write the challenge CSV (k ids per query)")):
     """Top-k catalogue ids for one image or every image of a folder."""
     from visrec.index.catalogue import search_catalogue
+    from visrec.train.dist import one_process
+
+    one_process("visrec products search")
 
     ranked, scores = search_catalogue(index_dir, query, k, out)
     t = Table(title=f"top {k} for {len(ranked)} quer{'y' if len(ranked) == 1 else 'ies'}")

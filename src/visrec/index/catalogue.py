@@ -13,10 +13,17 @@ An index directory holds:
 
 Descriptors: ``preprocess_product`` (white square padding, resize to ``size``, ImageNet normalisation),
 the network, and with ``multiscale`` the L2-normalised sum of the descriptors at each scale.
+
+Across processes (``group``: a torch.distributed process group; ``visrec products index`` under torchrun):
+rank r describes the extraction shards s with s % world == r — the shards, and the batches inside them, that
+one process would form — and writes them into the same ``shards/`` folder (so ``--out`` must be a folder every
+rank sees). Rank 0 then joins every shard in catalogue order, as a resumed single-process run does, and builds
+the rest: the same ids in the same order and the same descriptor bits as one process (on CPU).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from itertools import islice
@@ -37,6 +44,7 @@ from visrec.index.postprocess import Chain
 from visrec.models import build_backbone
 from visrec.models.inference import describe
 from visrec.models.model_file import default_contract, load_backbone
+from visrec.train.dist import broadcast_module, from_rank_zero, gather_objects, on_every_rank, rank_and_size
 
 MANIFEST = "manifest.json"
 
@@ -57,19 +65,25 @@ class IndexOptions(BaseModel):
 
 
 def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]], out_dir: str | Path,
-                        opts: IndexOptions, *, device="cpu", progress: Callable[[int], None] | None = None
-                        ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+                        opts: IndexOptions, *, device="cpu", progress: Callable[[int], None] | None = None,
+                        rank: int = 0, world_size: int = 1) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     """Descriptors of every readable catalogue image, in shards under ``out_dir/shards`` (see module doc).
 
     Returns ``(ids, vectors float32, bad)``; ``bad`` lists ``(id, reason)`` of unreadable images (with
     ``opts.strict`` the first one raises). Finished shards whose id list matches are reused, so a rerun
-    after a crash only computes what is missing. ``progress(n)`` is called with images done.
+    after a crash only computes what is missing. ``progress(n)`` is called with images done. With
+    ``world_size`` > 1 only the shards s with s % world_size == rank are computed (or reused) and returned;
+    :func:`join_shards` reads all of them back once every rank is done.
     """
+    if not 0 <= rank < world_size:
+        raise ConfigError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     shard_dir = Path(out_dir) / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
     ids_all, vecs_all, bad_all = [], [], []
     for s, start in enumerate(range(0, len(items), opts.shard_size)):
+        if s % world_size != rank:
+            continue
         chunk = list(items[start:start + opts.shard_size])
         path = shard_dir / f"shard-{s:05d}.npz"
         expected = [i for i, _ in chunk]
@@ -108,25 +122,84 @@ def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]
         ids_all += ids
         vecs_all.append(vectors.astype(opts.dtype).astype(np.float32))
         bad_all += bad
+    return _joined(ids_all, vecs_all, bad_all)
+
+
+def join_shards(items: Sequence[tuple[str, Path]], out_dir: str | Path, opts: IndexOptions
+                ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+    """Every extraction shard of ``items`` read back in catalogue order — what :func:`extract_descriptors`
+    returns in one process. Each shard must be finished and hold exactly its images' ids: a missing one is an
+    error naming it (the ranks of a sharded run must write into one folder they all see)."""
+    shard_dir = Path(out_dir) / "shards"
+    ids_all, vecs_all, bad_all = [], [], []
+    for s, start in enumerate(range(0, len(items), opts.shard_size)):
+        path = shard_dir / f"shard-{s:05d}.npz"
+        expected = [i for i, _ in items[start:start + opts.shard_size]]
+        z = _finished_shard(path) if path.exists() else None
+        if z is None or list(z["requested"]) != expected:
+            state = "missing" if not path.exists() else "unfinished or not of these images"
+            raise DataError(f"extraction shard {state} after every rank finished: the ranks must write into one "
+                            "--out folder that all of them see (a shared filesystem)", path=path)
+        ids_all += list(z["ids"])
+        vecs_all.append(z["vectors"].astype(np.float32))
+        bad_all += list(zip(z["bad_ids"].tolist(), z["bad_reasons"].tolist()))
+    return _joined(ids_all, vecs_all, bad_all)
+
+
+def _joined(ids_all, vecs_all, bad_all) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     dim = vecs_all[0].shape[1] if vecs_all else 0
     vectors = np.concatenate(vecs_all) if vecs_all else np.zeros((0, dim), np.float32)
     return [str(i) for i in ids_all], vectors, [(str(a), str(b)) for a, b in bad_all]
 
 
 def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: torch.nn.Module, model_config: dict,
-                          opts: IndexOptions, *, device="cpu", progress=None) -> dict:
-    """Index every image of ``catalogue`` (a folder of ``<id>.jpg``) into ``out_dir``; returns the manifest."""
+                          opts: IndexOptions, *, device="cpu", progress=None, group=None) -> dict:
+    """Index every image of ``catalogue`` (a folder of ``<id>.jpg``) into ``out_dir``; returns the manifest.
+
+    ``group``: run as the ranks of this torch.distributed process group (module doc); every rank calls this
+    with the same catalogue and options, each describes its shards (``progress`` hears this rank's images),
+    rank 0 builds the index, and every rank returns its manifest."""
+    rank, world = rank_and_size(group)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chain = Chain.from_config(opts.postprocess)  # config errors before hours of extraction
     items = list_images(catalogue)
     if not items:
         raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=catalogue)
+    if world > 1:
+        _same_catalogue_everywhere(items, opts, group)
+        broadcast_module(model, group)  # rank 0's weights everywhere (a random head differs per rank otherwise)
 
     contract = default_contract(model, model_config, image_size=opts.size, origin="visrec-checkpoint")
-    atomic_save({"model_config": model_config, "backbone": model.state_dict(), "contract": contract.to_dict()},
-                out / "descriptor.pt")
-    ids, raw, bad = extract_descriptors(model, items, out, opts, device=device, progress=progress)
+    if rank == 0:
+        atomic_save({"model_config": model_config, "backbone": model.state_dict(), "contract": contract.to_dict()},
+                    out / "descriptor.pt")
+    if world == 1:
+        return _finish(catalogue, out, model_config, opts, chain,
+                       extract_descriptors(model, items, out, opts, device=device, progress=progress))
+    on_every_rank("describing the catalogue", lambda: extract_descriptors(
+        model, items, out, opts, device=device, progress=progress, rank=rank, world_size=world), group)
+    return from_rank_zero("building the catalogue index",
+                          lambda: _finish(catalogue, out, model_config, opts, chain, join_shards(items, out, opts)),
+                          group)
+
+
+def _same_catalogue_everywhere(items, opts: IndexOptions, group) -> None:
+    """Every rank must shard the same image list the same way, or the join would mix catalogues."""
+    mine = (hashlib.sha256("\n".join(f"{i}\t{p.name}" for i, p in items).encode()).hexdigest(), len(items),
+            opts.shard_size, opts.batch_size)
+    every = gather_objects(mine, group)
+    for r, theirs in enumerate(every):
+        if theirs != every[0]:
+            raise DataError(f"rank {r} sees {theirs[1]} catalogue images (shard_size {theirs[2]}, batch_size "
+                            f"{theirs[3]}) and rank 0 {every[0][1]} (shard_size {every[0][2]}, batch_size "
+                            f"{every[0][3]}), or other ids: every rank must index the same catalogue with the same "
+                            "options")
+
+
+def _finish(catalogue, out: Path, model_config: dict, opts: IndexOptions, chain: Chain, extracted) -> dict:
+    """From the joined descriptors: descriptors.npy, ids.txt, the fitted chain, the FAISS index, the manifest."""
+    ids, raw, bad = extracted
     if not ids:
         raise DataError("no catalogue image could be read", path=catalogue)
     np.save(out / "descriptors.npy", raw.astype(opts.dtype))
@@ -238,10 +311,11 @@ def load_index_options(raw: dict | None, source: str = "config") -> IndexOptions
 
 def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Path | None = None,
                     checkpoint: str | Path | None = None, overrides: dict | None = None, device: str = "cpu",
-                    progress=None) -> dict:
+                    progress=None, group=None) -> dict:
     """``visrec products index``: the descriptor from ``checkpoint`` (a visrec run or model.pt) or from the
     config's ``model`` section (random or local/hub weights as that section says), the ``index`` options
-    from the config (defaults without one); returns the manifest."""
+    from the config (defaults without one); returns the manifest. ``group``: shard the extraction across the
+    ranks of this torch.distributed process group (module doc)."""
     if config is None and checkpoint is None:
         raise ConfigError("give --config (model + index options) or --model (a trained descriptor)")
     cfg = load_config(config, overrides) if config else None
@@ -253,7 +327,8 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
         model = build_backbone(cfg.model.name, **cfg.model.kwargs)
     if not hasattr(model, "dim"):
         raise ConfigError(f"model {model_config['name']!r} is not a product descriptor (use name: product)")
-    return build_catalogue_index(catalogue, out, model, model_config, opts, device=device, progress=progress)
+    return build_catalogue_index(catalogue, out, model, model_config, opts, device=device, progress=progress,
+                                 group=group)
 
 
 def search_catalogue(index_dir: str | Path, query: str | Path, k: int = 7, submission: str | Path | None = None
