@@ -6,6 +6,7 @@ import pytest
 
 pytest.importorskip("faiss", reason="galleries need visrec[index]")
 
+from conftest import milvus_opener  # noqa: E402
 from visrec.errors import DataError, VisrecError  # noqa: E402
 from visrec.index.gallery import GalleryMismatchError, calibrate, open_gallery  # noqa: E402
 
@@ -21,19 +22,23 @@ def people(n=30, per=3, dim=32, noise=0.35, seed=0):
     return {f"id{i:03d}": unit(centres[i] + noise * unit(rng.normal(size=(per, dim)))) for i in range(n)}, centres
 
 
-def milvus(tmp_path, **kw):
-    pytest.importorskip("pymilvus", reason="the Milvus backend needs visrec[serve]")
-    return open_gallery("milvus", uri=str(tmp_path / "g.db"), collection="faces", **kw)
+@pytest.fixture
+def milvus(open_milvus):
+    return open_milvus
 
 
-@pytest.fixture(params=["faiss", "milvus"])
+@pytest.fixture(params=["faiss", "milvus-lite", "milvus-server"])
 def gallery(request, tmp_path):
+    cleanup = None
     if request.param == "faiss":
         g = open_gallery("faiss", model_name="m", dim=32)
     else:
-        g = milvus(tmp_path, model_name="m", dim=32)
+        opener, cleanup = milvus_opener(request.param, request, tmp_path)
+        g = opener(tmp_path, model_name="m", dim=32)
     yield g
     g.close()
+    if cleanup is not None:
+        cleanup()
 
 
 def test_fused_scores_follow_their_definitions(gallery):
@@ -50,7 +55,7 @@ def test_fused_scores_follow_their_definitions(gallery):
     assert gallery.search(probe, top_k=1, threshold=0.5)[0][0].accepted
 
 
-def test_mean_fusion_is_the_mean_cosine(tmp_path):
+def test_mean_fusion_is_the_mean_cosine(tmp_path, milvus):
     t = unit(np.random.default_rng(1).normal(size=(4, 16)))
     probe = unit(np.random.default_rng(2).normal(size=(1, 16)))
     for g in (open_gallery("faiss", fusion="mean"), milvus(tmp_path, fusion="mean")):
@@ -97,7 +102,7 @@ def test_refuses_another_model_or_dimension_and_bad_input(gallery):
     assert gallery.count() == 1
 
 
-def test_milvus_and_faiss_return_the_same_top_k(tmp_path):
+def test_milvus_and_faiss_return_the_same_top_k(tmp_path, milvus):
     data, centres = people()
     probes = unit(centres + 0.4 * unit(np.random.default_rng(9).normal(size=centres.shape)))
     for fusion in ("max", "mean"):
@@ -127,7 +132,7 @@ def test_max_fusion_is_exact_when_one_identity_holds_many_top_templates():
     assert hits[1].score >= hits[2].score
 
 
-def test_export_import_round_trip_and_reopen(tmp_path):
+def test_export_import_round_trip_and_reopen(tmp_path, milvus):
     data, centres = people(n=5)
     g = milvus(tmp_path, model_name="m")
     for name, x in data.items():
@@ -171,7 +176,7 @@ def test_calibrate_picks_the_threshold_at_the_target_fpr():
         calibrate(g, x[:10], labels[:10], target_fpr=1e-6)
 
 
-def test_euclidean_metric_scores_by_negated_distance_on_both_backends(tmp_path):
+def test_euclidean_metric_scores_by_negated_distance_on_both_backends(tmp_path, milvus):
     """A distance model's gallery (metric="euclidean", e.g. dlib-resnet): raw vectors, score = -|p - t|;
     max fusion = the nearest template, mean fusion = the distance to the mean template; Milvus and FAISS
     agree; the metric is recorded, survives export/import and a reopen, and another metric is refused."""

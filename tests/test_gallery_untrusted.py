@@ -11,6 +11,7 @@ import pytest
 
 pytest.importorskip("faiss", reason="galleries need visrec[index]")
 
+from conftest import milvus_opener  # noqa: E402
 from visrec.errors import DataError  # noqa: E402
 from visrec.index.gallery import MAX_METADATA_CHARS, check_identity, open_gallery  # noqa: E402
 
@@ -24,16 +25,23 @@ def unit(x):
     return x / np.linalg.norm(x, axis=-1, keepdims=True)
 
 
-def milvus(tmp_path, **kw):
-    pytest.importorskip("pymilvus", reason="the Milvus backend needs visrec[serve]")
-    return open_gallery("milvus", uri=str(tmp_path / "g.db"), collection="faces", **kw)
+@pytest.fixture
+def milvus(open_milvus):
+    return open_milvus
 
 
-@pytest.fixture(params=["faiss", "milvus"])
+@pytest.fixture(params=["faiss", "milvus-lite", "milvus-server"])
 def gallery(request, tmp_path):
-    g = open_gallery("faiss", model_name="m", dim=16) if request.param == "faiss" else milvus(tmp_path, model_name="m")
+    cleanup = None
+    if request.param == "faiss":
+        g = open_gallery("faiss", model_name="m", dim=16)
+    else:
+        opener, cleanup = milvus_opener(request.param, request, tmp_path)
+        g = opener(tmp_path, model_name="m")
     yield g
     g.close()
+    if cleanup is not None:
+        cleanup()
 
 
 def test_every_hostile_name_is_enrolled_found_and_erased_as_itself(gallery):
@@ -78,7 +86,7 @@ def test_metadata_is_checked_before_any_write(gallery):
 def test_a_failed_identity_write_leaves_nothing_behind(gallery, monkeypatch):
     x = unit(np.random.default_rng(1).normal(size=(3, 16)))
     gallery.enroll("kept", x[:1])
-    monkeypatch.setattr(type(gallery), "_upsert_identity", _boom)
+    monkeypatch.setattr(type(gallery), "_upsert_identities", _boom)
     with pytest.raises(RuntimeError, match="injected"):
         gallery.enroll("rejected", x[1:2])
     with pytest.raises(RuntimeError, match="injected"):
@@ -93,35 +101,46 @@ def _boom(*args, **kwargs):
     raise RuntimeError("injected failure")
 
 
-def test_a_crash_between_templates_and_identity_row_is_rolled_back_on_open(tmp_path, monkeypatch):
-    """The undo itself fails too (as when the process dies): the next open removes the pending templates."""
+def test_a_crash_between_templates_and_identity_row_is_rolled_back_on_open(tmp_path, monkeypatch, milvus):
+    """The undo itself fails too (as when the process dies, or the server goes away): the pending templates are
+    removed when the gallery is next opened, and, in a process that lives on, before its next operation."""
     from visrec.index.gallery import MilvusGallery
 
-    x = unit(np.random.default_rng(2).normal(size=(3, 16)))
+    def stored(g):  # what the store holds, read past the gallery's own repair
+        return g.client.query(g.t_name, filter="", output_fields=["count(*)"], consistency_level="Strong")[0]["count(*)"]
+
+    x = unit(np.random.default_rng(2).normal(size=(5, 16)))
     g = milvus(tmp_path, model_name="m")
     g.enroll("kept", x[:1])
-    monkeypatch.setattr(MilvusGallery, "_upsert_identity", _boom)
-    monkeypatch.setattr(MilvusGallery, "_rollback", _boom)
-    for name, row in (("rejected", x[1:2]), ("kept", x[2:3])):
-        with pytest.raises(RuntimeError, match="injected"):
-            g.enroll(name, row)
-    assert g.count() == 3  # the half-written templates are still there in this process...
-    g.close()
-    monkeypatch.undo()
-    g = milvus(tmp_path)  # ...and gone after a restart, not promoted to identities
-    assert g.count() == 1 and g.list() == [{"identity": "kept", "templates": 1, "metadata": {}}]
-    assert [m.identity for m in g.search(x, 5)[1]] == ["kept"]
+    for reopen, rows in ((True, x[1:3]), (False, x[3:5])):
+        with monkeypatch.context() as m:
+            m.setattr(MilvusGallery, "_upsert_identities", _boom)
+            m.setattr(MilvusGallery, "_rollback", _boom)
+            for name, row in (("rejected", rows[:1]), ("kept", rows[1:])):
+                with pytest.raises(RuntimeError, match="injected"):
+                    g.enroll(name, row)
+        # the last half-written template is in the store (the first was repaired before the next write)...
+        assert stored(g) == 2
+        if reopen:
+            g.close()
+            g = milvus(tmp_path)  # ...and gone after a restart, not promoted to identities
+        assert g.count() == 1 and g.list() == [{"identity": "kept", "templates": 1, "metadata": {}}]
+        assert stored(g) == 1
+        assert [m.identity for m in g.search(x, 5)[1]] == ["kept"]
     g.close()
 
 
-def test_an_interrupted_erase_stays_erased(tmp_path):
+def test_an_interrupted_erase_stays_erased(tmp_path, milvus):
     from visrec.index.gallery import identity_key
 
     x = unit(np.random.default_rng(3).normal(size=(2, 16)))
     g = milvus(tmp_path, model_name="m")
     g.enroll("erase me", x[:1])
     g.enroll("stay", x[1:])
-    g.client.delete(g.i_name, ids=[identity_key("erase me")])  # the row is deleted first; crash here
+    key = identity_key("erase me")
+    g._put_info({f"erasing:{key}": ""})  # what remove() does: mark the erasure, then delete the row first...
+    g.client.delete(g.i_name, ids=[key])  # ...and crash here, before the templates go
+    assert g.count() == 2
     g.close()
     g = milvus(tmp_path)
     assert [r["identity"] for r in g.list()] == ["stay"] and g.count() == 1
@@ -161,7 +180,7 @@ def test_galleries_of_the_name_keyed_layout_are_upgraded_on_open(tmp_path):
     c.upsert("faces_identities", [{"identity": "ann", "templates": 2, "metadata": '{"k": 1}',
                                    "vector": x[:2].mean(0).tolist()}])
     c.close()
-    g = milvus(tmp_path)
+    g = open_gallery("milvus", uri=str(tmp_path / "g.db"), collection="faces")  # Milvus Lite: where these lived
     assert g.list() == [{"identity": "ann", "templates": 2, "metadata": {"k": 1}}]
     assert g.count() == 2 and g.threshold == pytest.approx(0.25)
     assert g.search(x[1:2], 1)[0][0].identity == "ann"
@@ -221,19 +240,22 @@ def test_an_export_declaring_a_huge_array_is_refused_without_allocating(tmp_path
         open_gallery("faiss").import_(tmp_path / "bomb.npz")
 
 
-def test_an_import_failing_half_way_is_undone(tmp_path, monkeypatch):
+def test_an_import_failing_half_way_is_undone(tmp_path, monkeypatch, milvus):
     src = _export(tmp_path, n=6)
+    from visrec.index.gallery import base
+
     g = milvus(tmp_path / "m")
     calls = {"n": 0}
-    real = type(g)._upsert_identity
+    real = type(g)._upsert_identities
 
-    def fail_on_the_fourth(self, *a, **k):
+    def fail_on_the_second(self, *a, **k):
         calls["n"] += 1
-        if calls["n"] == 4:
+        if calls["n"] == 2:
             raise RuntimeError("injected failure")
         return real(self, *a, **k)
 
-    monkeypatch.setattr(type(g), "_upsert_identity", fail_on_the_fourth)
+    monkeypatch.setattr(base, "IMPORT_BATCH", 2)  # three batches of two: the second one fails
+    monkeypatch.setattr(type(g), "_upsert_identities", fail_on_the_second)
     with pytest.raises(RuntimeError, match="injected"):
         g.import_(src)
     monkeypatch.undo()
@@ -242,7 +264,7 @@ def test_an_import_failing_half_way_is_undone(tmp_path, monkeypatch):
     g.close()
 
 
-def test_a_stored_nan_threshold_is_cleared_and_none_can_be_set(tmp_path):
+def test_a_stored_nan_threshold_is_cleared_and_none_can_be_set(tmp_path, milvus):
     g = milvus(tmp_path, model_name="m")
     g.enroll("a", unit(np.ones((1, 16))))
     g.info["threshold"] = float("nan")  # as an earlier version's import stored it

@@ -77,3 +77,73 @@ def test_kill_9_during_enrollment_keeps_every_acknowledged_one(tmp_path, tiny_fa
             pass
         proc.wait()
         log.close()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_milvus_server_during_enrollment_loses_nothing_acknowledged(tmp_path, tiny_face_model):
+    """The gallery's Milvus *server* dies mid-stream and comes back: every enrollment the service acknowledged
+    is there once, none it refused appears, and the service serves again without a restart of its own."""
+    from conftest import MilvusServer
+
+    milvus = MilvusServer(tmp_path / "milvus").start()
+    port = free_port()
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tiny_face_model}\n"
+                   f"  gallery: {{backend: milvus, uri: '{milvus.uri}', collection: crash}}\n")
+    url = f"http://127.0.0.1:{port}"
+    log = open(tmp_path / "server.log", "wb")
+    proc = start(cfg, log)
+    acked, refused, stop = [], {}, threading.Event()
+    rng = np.random.default_rng(1)
+
+    def stream():
+        i = 0
+        with httpx.Client(timeout=120) as client:
+            while not stop.is_set():
+                img = encode_jpeg(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+                r = client.post(url + "/v1/faces/enroll", data={"identity": f"p{i:04d}"}, files={"image": img})
+                if r.status_code == 200:
+                    acked.append(f"p{i:04d}")
+                else:
+                    refused[f"p{i:04d}"] = (r.status_code, r.json().get("error", "")[:200])
+                i += 1
+
+    def wait_for(condition, seconds):
+        deadline = time.time() + seconds
+        while not condition() and time.time() < deadline:
+            time.sleep(0.05)
+
+    try:
+        wait_healthy(url, proc)
+        t = threading.Thread(target=stream)
+        t.start()
+        wait_for(lambda: len(acked) >= 8, 120)
+        milvus.kill()  # the gallery's server, mid-stream; the service lives on
+        killed_at = len(acked) + len(refused)
+        wait_for(lambda: len(acked) + len(refused) >= killed_at + 3, 60)  # requests meet the dead server
+        milvus.start()
+        before = len(acked)
+        print(f"killed at {killed_at}, restarted with {before} acknowledged and {len(refused)} refused")
+        wait_for(lambda: len(acked) >= before + 5, 180)  # and succeed again once it is back
+        stop.set()
+        t.join(timeout=180)
+        assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
+        assert len(acked) >= before + 5, f"no enrollment succeeded after the restart; refused: {refused}"
+        assert refused and all(code == 503 for code, _ in refused.values()), refused
+        rows = httpx.get(url + "/v1/faces", timeout=60).json()["identities"]
+        got = {r["identity"]: r["templates"] for r in rows}
+        assert not [a for a in acked if a not in got], "acknowledged but lost"
+        assert not [r for r in refused if r in got], "refused but enrolled"
+        assert all(n == 1 for n in got.values()), f"duplicates: {got}"
+        probe = httpx.post(url + "/v1/faces/identify", files={"image": encode_jpeg(np.zeros((112, 112, 3), np.uint8))},
+                           timeout=60)
+        assert probe.status_code == 200, probe.text
+    finally:
+        stop.set()
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        proc.wait()
+        log.close()
+        milvus.stop()

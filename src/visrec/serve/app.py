@@ -23,7 +23,7 @@ from visrec._optional import require
 from visrec.errors import ConfigError, VisrecError
 from visrec.faces.images import InputError
 from visrec.faces.pipeline import FacePipeline
-from visrec.index.gallery import GalleryMismatchError
+from visrec.index.gallery import GalleryMismatchError, GalleryUnavailableError
 from visrec.serve.config import ServeConfig, is_gallery_name
 from visrec.serve.guard import Guard, Metrics, allowed_galleries
 from visrec.serve.pipeline import open_configured_galleries
@@ -167,9 +167,12 @@ def create_app(cfg: ServeConfig):
 
     @app.exception_handler(VisrecError)
     async def visrec_error(request: Request, exc: VisrecError):
-        # gallery refusals (another model's embeddings, a bad identity name) are the caller's to fix
-
-        return JSONResponse({"error": str(exc)}, status_code=409 if isinstance(exc, GalleryMismatchError) else 422)
+        # gallery refusals (another model's embeddings, a bad identity name) are the caller's to fix; a gallery
+        # store that did not answer is not, and the same request may succeed once it is back
+        status = 409 if isinstance(exc, GalleryMismatchError) else 422
+        if isinstance(exc, GalleryUnavailableError):
+            status = 503
+        return JSONResponse({"error": str(exc)}, status_code=status)
 
     _add_docs(app)
     for name in ROUTES.names():

@@ -27,9 +27,9 @@ from __future__ import annotations
 
 from visrec.errors import ConfigError
 from visrec.index.gallery.base import (BACKENDS, FUSIONS, MAX_HASH_CHARS, MAX_IDENTITY_BYTES,  # noqa: F401
-                                       MAX_IDENTITY_CHARS, MAX_METADATA_CHARS, METRICS, Gallery,
-                                       GalleryMismatchError, Match, check_identity, check_metadata,
-                                       identity_key, pair_scores, read_export, template_id)
+                                       MAX_IDENTITY_CHARS, MAX_METADATA_CHARS, METRICS, Enrollment, Gallery,
+                                       GalleryMismatchError, GalleryUnavailableError, Match, check_identity,
+                                       check_metadata, identity_key, pair_scores, read_export, template_id)
 
 # One import line per backend module: importing runs its @BACKENDS.register decorator.
 from visrec.index.gallery.faiss import FaissGallery  # noqa: E402,F401
@@ -38,7 +38,8 @@ from visrec.index.gallery.milvus import MilvusGallery  # noqa: E402,F401
 from visrec.index.gallery.calibration import calibrate  # noqa: E402,F401
 
 __all__ = ["BACKENDS", "FUSIONS", "MAX_HASH_CHARS", "MAX_IDENTITY_BYTES", "MAX_IDENTITY_CHARS", "MAX_METADATA_CHARS",
-           "METRICS", "FaissGallery", "Gallery", "GalleryMismatchError", "Match", "MilvusGallery", "calibrate",
+           "METRICS", "Enrollment", "FaissGallery", "Gallery", "GalleryMismatchError", "GalleryUnavailableError",
+           "Match", "MilvusGallery", "calibrate",
            "check_identity", "check_metadata", "identity_key", "open_gallery", "pair_scores", "read_export",
            "template_id"]
 

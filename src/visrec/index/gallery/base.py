@@ -68,11 +68,16 @@ MAX_METADATA_CHARS = 65535  # JSON characters (ASCII: non-ASCII is escaped), Mil
 MAX_HASH_CHARS = 128
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _MILVUS_TOPK = 16384  # the largest limit a Milvus search accepts
+IMPORT_BATCH = 4096  # templates per write when an export is imported
 log = logging.getLogger(__name__)
 
 
 class GalleryMismatchError(VisrecError):
     """Embeddings from another model, or of another dimension, than the gallery holds."""
+
+
+class GalleryUnavailableError(VisrecError):
+    """The gallery's store did not answer (a Milvus server down or restarting); nothing of the call stayed."""
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,17 @@ def _check_hashes(hashes, n: int, identity: str) -> list[str]:
     return list(hashes)
 
 
+@dataclass(frozen=True)
+class Enrollment:
+    """One identity's part of :meth:`Gallery.enroll_many`: rows of ``embeddings`` as new templates, ``hashes``
+    one per row (default: a hash of the row), ``metadata`` merged into the identity's."""
+
+    identity: str
+    embeddings: object
+    hashes: list[str] | None = None
+    metadata: dict | None = None
+
+
 @dataclass
 class _Undo:
     """What one write changed, so a failure can put it back: new template ids, each touched identity's row
@@ -173,6 +189,7 @@ class _Undo:
 
     info: dict
     templates: list[str] = field(default_factory=list)
+    marks: list = field(default_factory=list)  # what _mark_pending returned, for _clear_pending
     rows: dict[str, dict | None] = field(default_factory=dict)
 
 class Gallery(abc.ABC):
@@ -183,6 +200,7 @@ class Gallery(abc.ABC):
     def __init__(self, *, model_name: str | None = None, dim: int | None = None, fusion: str = "max",
                  metric: str | None = None):
         self.lock = threading.RLock()  # writes (and reads where the backend is not thread-safe)
+        self._needs_recovery = False  # an undo failed: repair from the pending marks before the next operation
         self._read_lock = self.lock if self.serial_reads else contextlib.nullcontext()
         info = self._read_info()
         if fusion not in FUSIONS:
@@ -272,35 +290,75 @@ class Gallery(abc.ABC):
         not added again. ``metadata`` (a JSON object) is merged into the identity's metadata. All or nothing:
         on any error nothing of this call stays in the gallery (module docstring).
         """
-        identity = check_identity(identity)
-        x = _vectors(embeddings, f"embeddings for {identity!r}", self.metric)
+        return self.enroll_many([Enrollment(identity, embeddings, hashes, metadata)], model_name=model_name)[0]
+
+    def enroll_many(self, items, *, model_name: str | None = None) -> list[list[str]]:
+        """:meth:`enroll` for many identities in one write: ``items`` are :class:`Enrollment` s or tuples
+        ``(identity, embeddings[, hashes[, metadata]])``; returns each item's template ids, in order.
+
+        The batch costs one key lookup of the templates and one of the identity rows, then one write of each
+        kind, whatever the gallery's size. All or nothing, as :meth:`enroll`: every item is checked before the
+        first write. Callers feeding millions of rows pass batches of a few thousand templates."""
+        checked = [self._check_item(item) for item in items]
+        with self.lock, self._transaction() as undo:
+            return self._enroll_locked(checked, model_name, undo)
+
+    def _check_item(self, item) -> tuple[str, np.ndarray, list[str], dict]:
+        if not isinstance(item, Enrollment):
+            if not isinstance(item, (tuple, list)) or not 2 <= len(item) <= 4:
+                raise DataError(f"an enrollment is (identity, embeddings[, hashes[, metadata]]), got "
+                                f"{type(item).__name__}")
+            item = Enrollment(*item)
+        identity = check_identity(item.identity)
+        x = _vectors(item.embeddings, f"embeddings for {identity!r}", self.metric)
+        hashes = item.hashes
         if hashes is None:
             hashes = [hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in x]
-        hashes = _check_hashes(hashes, len(x), identity)
-        metadata = check_metadata(metadata, identity)
-        with self.lock, self._transaction() as undo:
-            return self._enroll_locked(identity, x, hashes, metadata, model_name, undo)
+        return identity, x, _check_hashes(hashes, len(x), identity), check_metadata(item.metadata, identity)
 
-    def _enroll_locked(self, identity: str, x: np.ndarray, hashes: list[str], metadata: dict,
-                       model_name: str | None, undo: _Undo) -> list[str]:
+    def _enroll_locked(self, items: list, model_name: str | None, undo: _Undo) -> list[list[str]]:
+        self._recover()
+        if not items:
+            return []
+        dims = {x.shape[1] for _, x, _, _ in items}
+        if len(dims) > 1:
+            raise GalleryMismatchError(f"one batch holds embeddings of {len(dims)} sizes: {sorted(dims)}")
         before = (self.info["model_name"], self.info["dim"])
-        self._check_model(model_name, x.shape[1])
+        self._check_model(model_name, dims.pop())
         if (self.info["model_name"], self.info["dim"]) != before:
             self._write_info()
-        ids = [template_id(identity, h) for h in hashes]
-        have = self._templates_of(identity)  # id -> vector
-        old_row = self._identity_row(identity)
-        old_meta = (old_row or {}).get("metadata", {})
-        meta = check_metadata({**old_meta, **metadata}, identity)  # the merged row must fit too, before writing
-        new = {i: (h, v) for i, h, v in zip(ids, hashes, x) if i not in have}
-        undo.rows.setdefault(identity, old_row)
-        if new:
-            undo.templates.extend(new)  # before the write: a half-done upsert is undone too
-            self._mark_pending(list(new))
-            self._upsert_templates(identity, [(i, h, v) for i, (h, v) in new.items()])
-        vectors = list(have.values()) + [v for _, v in new.values()]
-        if new or meta != old_meta or old_row is None:
-            self._upsert_identity(identity, len(vectors), np.mean(vectors, axis=0), meta)
+        ids = [[template_id(identity, h) for h in hashes] for identity, _, hashes, _ in items]
+        existing = self._existing_templates([i for group in ids for i in group])
+        old_rows = self._identity_rows_of(list(dict.fromkeys(identity for identity, _, _, _ in items)))
+        rows: dict[str, dict] = {}  # identity -> its row as this batch leaves it
+        templates: dict[str, tuple] = {}  # template id -> (identity, hash, vector), new ones only
+        for (identity, x, hashes, metadata), group in zip(items, ids):
+            if identity not in rows:
+                old = old_rows.get(identity)
+                undo.rows.setdefault(identity, old)
+                rows[identity] = ({"templates": 0, "metadata": {}, "centroid": None, "changed": True} if old is None
+                                  else {**old, "changed": False})
+            row = rows[identity]
+            merged = check_metadata({**row["metadata"], **metadata}, identity)  # must fit before any write
+            if merged != row["metadata"]:
+                row["metadata"], row["changed"] = merged, True
+            for tid, h, v in zip(group, hashes, x):
+                if tid in existing or tid in templates:
+                    continue
+                templates[tid] = (identity, h, v)
+                # the centroid is the mean of the identity's stored templates, kept up to date in float64
+                n = row["templates"]
+                total = v.astype(np.float64) + (0.0 if row["centroid"] is None
+                                                 else n * np.asarray(row["centroid"], np.float64))
+                row["centroid"], row["templates"], row["changed"] = total / (n + 1), n + 1, True
+        if templates:
+            undo.templates.extend(templates)  # before the write: a half-done upsert is undone too
+            undo.marks.append(self._mark_pending(list(templates)))
+            self._upsert_templates([(identity, tid, h, v) for tid, (identity, h, v) in templates.items()])
+        changed = [(identity, r["templates"], np.asarray(r["centroid"], np.float32), r["metadata"])
+                   for identity, r in rows.items() if r["changed"]]
+        if changed:
+            self._upsert_identities(changed)
         return ids
 
     @contextlib.contextmanager
@@ -308,18 +366,26 @@ class Gallery(abc.ABC):
         """Yield an :class:`_Undo` the write fills in; on any error put everything back, then re-raise.
 
         Pending marks are cleared only when the whole write succeeded; if the undo itself fails (the backend
-        went away), the marks stay and the next open rolls the write back (``_reconcile``)."""
+        went away), the marks stay: the gallery repairs itself from them before its next operation (and the
+        next open does, after a crash)."""
         undo = _Undo(info=dict(self.info))
         try:
             yield undo
-            self._clear_pending(undo.templates)
+            self._clear_pending(undo.marks)
         except BaseException:
             try:
                 self._rollback(undo)
             except Exception:  # noqa: BLE001 - the original error is what the caller must see
-                log.exception("could not undo a failed gallery write; it is rolled back when the gallery is "
-                              "next opened")
+                self._needs_recovery = True
+                log.exception("could not undo a failed gallery write; it is rolled back before the gallery's "
+                              "next operation")
             raise
+
+    def _recover(self) -> None:
+        """After an undo that failed (the backend was away), repair from the pending marks first."""
+        if self._needs_recovery:
+            self._reconcile()
+            self._needs_recovery = False
 
     def _rollback(self, undo: _Undo) -> None:
         if undo.templates:
@@ -329,11 +395,11 @@ class Gallery(abc.ABC):
             if row is None or not vectors:
                 self._delete_identity(identity)
             else:
-                self._upsert_identity(identity, len(vectors), np.mean(vectors, axis=0), row["metadata"])
+                self._upsert_identities([(identity, len(vectors), np.mean(vectors, axis=0), row["metadata"])])
         if self.info != undo.info:
             self.info = dict(undo.info)
             self._write_info()
-        self._clear_pending(undo.templates)
+        self._clear_pending(undo.marks)
 
     def remove(self, identity: str) -> int:
         """Erase an identity: its row and every template; returns how many templates it had (0: not enrolled).
@@ -342,10 +408,12 @@ class Gallery(abc.ABC):
         removes: an erased person never comes back."""
         identity = check_identity(identity)
         with self.lock:
-            n = len(self._templates_of(identity))
-            if n or self._identity_row(identity) is not None:
-                self._delete_identity(identity)
-            return n
+            self._recover()
+            row = self._identity_rows_of([identity]).get(identity)
+            if row is None:
+                return 0
+            self._delete_identity(identity)
+            return int(row["templates"])
 
     def search(self, probes, top_k: int = 5, threshold: float | None = None) -> list[list[Match]]:
         """Top-``top_k`` identities per probe row by fused score, best first (exact)."""
@@ -356,6 +424,9 @@ class Gallery(abc.ABC):
             raise GalleryMismatchError(f"the gallery holds {self.info['dim']}-d embeddings; probes are {q.shape[1]}-d")
         t = self.threshold if threshold is None else float(threshold)
         with self._read_lock:
+            if self._needs_recovery:
+                with self.lock:
+                    self._recover()
             if self.info["dim"] is None:  # nothing was ever enrolled
                 return [[] for _ in q]
             if self.fusion == "mean":
@@ -389,16 +460,20 @@ class Gallery(abc.ABC):
         """``{"identity", "templates", "metadata"}`` of one identity, or None when it is not enrolled."""
         identity = check_identity(identity)
         with self._read_lock:
-            return self._identity_row(identity)
+            row = self._identity_rows_of([identity]).get(identity)
+        return None if row is None else {k: row[k] for k in ("identity", "templates", "metadata")}
 
     def list(self) -> list[dict]:
         """One row per identity: ``{"identity", "templates", "metadata"}``, sorted by identity."""
         with self.lock:
+            self._recover()
             return sorted(self._identity_rows(), key=lambda r: r["identity"])
 
     def count(self) -> int:
         """Number of templates."""
-        return self._count_templates()
+        with self.lock:
+            self._recover()
+            return self._count_templates()
 
     def export(self, path: str | Path) -> Path:
         """Write every template, identity metadata and the info record to a ``.npz`` (no pickle)."""
@@ -434,9 +509,14 @@ class Gallery(abc.ABC):
         before = self.count()
         with self.lock, self._transaction() as undo:
             self._check_model(info["model_name"], info["dim"], info["metric"])
+            batch, size = [], 0
             for identity, (vectors, hashes) in export["identities"].items():
-                self._enroll_locked(identity, _vectors(vectors, f"templates of {identity!r}", self.metric), hashes,
-                                    export["metadata"].get(identity, {}), info["model_name"], undo)
+                batch.append((identity, vectors, hashes, export["metadata"].get(identity, {})))
+                size += len(vectors)
+                if size >= IMPORT_BATCH:
+                    self._enroll_locked(batch, info["model_name"], undo)
+                    batch, size = [], 0
+            self._enroll_locked(batch, info["model_name"], undo)
             if self.threshold is None and info["threshold"] is not None:
                 self.info["threshold"], self.info["target_fpr"] = info["threshold"], info["target_fpr"]
             self._write_info()
@@ -455,20 +535,26 @@ class Gallery(abc.ABC):
         """Store ``self.info``."""
 
     @abc.abstractmethod
+    def _existing_templates(self, ids: list[str]) -> set[str]:
+        """Which of the template ids are stored (a lookup by primary key: its cost does not grow with the
+        gallery)."""
+
+    @abc.abstractmethod
+    def _identity_rows_of(self, identities: list[str]) -> dict[str, dict]:
+        """Identity -> ``{"identity", "templates", "metadata", "centroid"}`` for those enrolled (by key)."""
+
+    @abc.abstractmethod
     def _templates_of(self, identity: str) -> dict[str, np.ndarray]:
-        """Template id -> stored vector (unit for cosine), for one identity."""
+        """Template id -> stored vector (unit for cosine), for one identity (undo and repair only)."""
 
     @abc.abstractmethod
-    def _identity_row(self, identity: str) -> dict | None:
-        """``{"identity", "templates", "metadata"}`` or None."""
+    def _upsert_templates(self, rows: list) -> None:
+        """Store ``(identity, template id, image hash, vector)`` rows."""
 
     @abc.abstractmethod
-    def _upsert_templates(self, identity: str, rows: list) -> None:
-        """Store ``(template id, image hash, vector)`` rows of ``identity``."""
-
-    @abc.abstractmethod
-    def _upsert_identity(self, identity: str, templates: int, centroid: np.ndarray, metadata: dict) -> None:
-        """Store the identity row: template count, mean of its stored templates, metadata."""
+    def _upsert_identities(self, rows: list) -> None:
+        """Store identity rows ``(identity, template count, centroid, metadata)``; the centroid is the mean of
+        the identity's stored templates."""
 
     @abc.abstractmethod
     def _delete_identity(self, identity: str) -> None:
@@ -478,11 +564,16 @@ class Gallery(abc.ABC):
     def _delete_templates(self, ids: list[str]) -> None:
         """Delete templates by id (undoing a failed write)."""
 
-    def _mark_pending(self, ids: list[str]) -> None:
-        """Durably mark templates about to be written as not yet acknowledged (a persistent backend must)."""
+    def _mark_pending(self, ids: list[str]):
+        """Durably mark templates about to be written as not yet acknowledged (a persistent backend must);
+        returns what :meth:`_clear_pending` needs to drop the marks."""
 
-    def _clear_pending(self, ids: list[str]) -> None:
-        """Drop the pending marks of templates whose write is complete or undone."""
+    def _clear_pending(self, marks: list) -> None:
+        """Drop the pending marks (what :meth:`_mark_pending` returned) of a write complete or undone."""
+
+    def _reconcile(self) -> None:
+        """Roll back what an interrupted write left (pending templates, half-erased identities); a backend whose
+        writes cannot be interrupted half-way has nothing to do."""
 
     @abc.abstractmethod
     def _search_templates(self, q: np.ndarray, limit: int) -> list[list[tuple[str, float]]]:
@@ -494,7 +585,7 @@ class Gallery(abc.ABC):
 
     @abc.abstractmethod
     def _identity_rows(self) -> list[dict]:
-        """Every identity row (as :meth:`_identity_row`)."""
+        """Every identity row as ``{"identity", "templates", "metadata"}``."""
 
     @abc.abstractmethod
     def _count_templates(self) -> int:

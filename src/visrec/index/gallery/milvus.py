@@ -1,6 +1,15 @@
-"""``milvus``: a Milvus Lite file (``uri="gallery.db"``, embedded, offline) or a Milvus cluster
+"""``milvus``: a Milvus Lite file (``uri="gallery.db"``, embedded, offline) or a Milvus server or cluster
 (``uri="http://host:19530"``), one code path through ``pymilvus.MilvusClient`` (imported lazily, when a
-gallery is opened). The collections and the upgrade of the older layout: :class:`MilvusGallery`.
+gallery is opened). The collections and the upgrade of older layouts: :class:`MilvusGallery`.
+
+Reads use Milvus's ``Session`` consistency by default: this client always sees its own acknowledged writes
+(what the gallery's checks need) without waiting for the server's time tick on every read, which under
+``Strong`` costs about 200 ms per read on a standalone server. Several service processes writing one gallery
+pass ``consistency="Strong"`` so that each sees the others' writes at once.
+
+A server that goes away mid-call gives :class:`GalleryUnavailableError` (the service answers 503); the write
+is undone, or, if the undo cannot reach the server either, repaired from its pending marks before the next
+call. A server restarted with its collections released is reloaded on the first call that finds them so.
 """
 
 from __future__ import annotations
@@ -15,9 +24,63 @@ import numpy as np
 from visrec._optional import require
 from visrec.errors import DataError, VisrecError
 from visrec.index.gallery.base import (_MILVUS_TOPK, BACKENDS, MAX_HASH_CHARS, MAX_METADATA_CHARS, Gallery,
-                                       _score_from_raw, identity_key)
+                                       GalleryUnavailableError, _score_from_raw, identity_key)
 
 log = logging.getLogger(__name__)
+CONSISTENCY = ("Session", "Strong", "Bounded", "Eventually")
+BATCH = 1000  # rows per upsert / ids per key lookup (a few MB per request at 512-d)
+_RPC = {"get", "query", "search", "upsert", "delete", "has_collection", "load_collection", "create_collection",
+        "drop_collection"}
+
+
+class _Client:
+    """A ``MilvusClient`` whose calls end in a :class:`GalleryUnavailableError` naming the gallery when the
+    server does not answer, time out after ``timeout`` seconds, read at the gallery's consistency level, and
+    reload a collection a restarted server has not loaded yet (then retry once).
+
+    The first read of a collection after a delete in it is ``Strong``: pymilvus's session timestamp follows
+    inserts and upserts but not deletes, so a ``Session`` read right after a delete (measured on Milvus 2.3)
+    still returns the deleted rows."""
+
+    def __init__(self, client, uri: str, consistency: str, timeout: float):
+        self._client, self._uri, self._consistency, self._timeout = client, uri, consistency, timeout
+        self._deleted_in: set[str] = set()
+
+    def __getattr__(self, name):
+        fn = getattr(self._client, name)
+        if name not in _RPC:
+            return fn
+
+        def call(*args, **kwargs):
+            collection = args[0] if args else kwargs.get("collection_name")
+            if name in ("get", "query", "search"):
+                strong = collection in self._deleted_in
+                self._deleted_in.discard(collection)
+                kwargs.setdefault("consistency_level", "Strong" if strong else self._consistency)
+            elif name == "delete":
+                self._deleted_in.add(collection)
+            kwargs.setdefault("timeout", self._timeout)
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - pymilvus raises its own and gRPC's kinds; sorted below
+                if "not loaded" in str(exc) and args and name != "load_collection":
+                    try:
+                        self._client.load_collection(args[0], timeout=self._timeout)
+                        return fn(*args, **kwargs)
+                    except Exception as again:  # noqa: BLE001
+                        exc = again
+                if not _is_backend_error(exc):
+                    raise
+                raise GalleryUnavailableError(f"the Milvus gallery at {self._uri} did not answer ({name}): "
+                                              f"{str(exc)[:300]}") from None
+
+        return call
+
+
+def _is_backend_error(exc: Exception) -> bool:
+    """A failure of the server or the connection (pymilvus's exceptions, gRPC's), not of visrec's own code."""
+    module = type(exc).__module__ or ""
+    return module.startswith(("pymilvus", "grpc")) or isinstance(exc, (ConnectionError, TimeoutError))
 
 
 @BACKENDS.register("milvus")
@@ -35,10 +98,10 @@ class MilvusGallery(Gallery):
     # MilvusClient calls are thread-safe and the server orders reads after acknowledged writes
     # (collections are created with Strong consistency), so searches need not queue behind each other
     serial_reads = False
-    LAYOUT = "2"
+    LAYOUT = "3"  # 2 -> 3: pending marks name their templates in batches; erasures are marked
 
     def __init__(self, uri: str | Path = "gallery.db", collection: str = "visrec_faces", *, token: str = "",
-                 **kwargs):
+                 consistency: str = "Session", timeout: float = 60.0, **kwargs):
         pymilvus = require("pymilvus", "serve", "pymilvus milvus-lite")
         # Milvus Lite has no server-side session timestamp, so every query iterator warns that it falls back
         # to the client's (harmless for a single embedded client): keep that out of the user's log
@@ -46,21 +109,28 @@ class MilvusGallery(Gallery):
         uri = str(uri)
         if not re.match(r"^[A-Za-z_][A-Za-z0-9_]{0,200}$", collection):
             raise VisrecError(f"collection name {collection!r}: letters, digits and underscores only")
+        if consistency not in CONSISTENCY:
+            raise VisrecError(f"consistency {consistency!r}: expected one of {', '.join(CONSISTENCY)}")
         if "://" not in uri:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
-            self.client = pymilvus.MilvusClient(uri=uri, token=token)
+            client = pymilvus.MilvusClient(uri=uri, token=token, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds; say which gallery failed
-            raise VisrecError(f"cannot open the Milvus gallery at {uri}: {exc}") from None
+            raise GalleryUnavailableError(f"cannot open the Milvus gallery at {uri}: {str(exc)[:300]}") from None
+        self.client = _Client(client, uri, consistency, timeout)
         self.uri, self.name = uri, collection
         self.t_name, self.i_name, self.info_name = f"{collection}_templates", f"{collection}_people", f"{collection}_info"
         self._legacy = (collection, f"{collection}_identities")
         self._dim = None
         super().__init__(**kwargs)
-        self._upgrade_layout()
+        layout = self._upgrade_layout()
         if self.info["dim"] is not None:
             self._ensure_collections(self.info["dim"])
             self._reconcile()
+            if layout != self.LAYOUT:  # marks of older layouts did not cover erasures: look at every row once
+                self._reconcile_by_scan()
+        if layout != self.LAYOUT:
+            self._put_info({"layout": self.LAYOUT})
 
     # collections are created on the first enrollment, when the dimension is known
     def _ensure_collections(self, dim: int) -> None:
@@ -114,8 +184,9 @@ class MilvusGallery(Gallery):
     def _put_info(self, rows: dict[str, str]) -> None:
         self.client.upsert(self.info_name, [{"key": k, "value": v, "vector": [0.0, 0.0]} for k, v in rows.items()])
 
-    def _upgrade_layout(self) -> None:
-        """Copy a gallery of the name-keyed layout into this one (class docstring), then drop the old one."""
+    def _upgrade_layout(self) -> str | None:
+        """Copy a gallery of the name-keyed layout into this one (class docstring), then drop the old one;
+        returns the layout the gallery was written in."""
         c = self.client
         done = c.get(self.info_name, ids=["layout"], output_fields=["value"])
         old_t, old_i = self._legacy
@@ -136,51 +207,85 @@ class MilvusGallery(Gallery):
             for r in rows:  # a template without a row was never acknowledged: _reconcile drops it
                 vectors = by_identity.get(r["identity"])
                 if vectors:
-                    self._upsert_identity(r["identity"], len(vectors), np.mean(vectors, axis=0),
-                                          json.loads(r["metadata"]))
+                    self._upsert_identities([(r["identity"], len(vectors), np.mean(vectors, axis=0),
+                                              json.loads(r["metadata"]))])
             self._put_info({"layout": "copied"})  # the commit point: from here on the old collections go
             done = [{"value": "copied"}]
         if done and done[0]["value"] == "copied":
             for name in self._legacy:
                 if c.has_collection(name):
                     c.drop_collection(name)
-        if not done or done[0]["value"] != self.LAYOUT:
-            self._put_info({"layout": self.LAYOUT})
+        # a new gallery starts at the current layout; the caller writes it once the repairs it needs are done
+        return done[0]["value"] if done else (None if c.has_collection(self.t_name) else self.LAYOUT)
 
     def _reconcile(self) -> None:
-        """Roll back what a crash left half-written (:mod:`visrec.index.gallery.base`): pending templates and
-        templates without an identity row are removed; identity rows are made to match their templates."""
-        pending = [r["key"] for r in self._query_all(self.info_name, ["key"]) if r["key"].startswith("pending:")]
-        if pending:
-            self._delete_templates([k.removeprefix("pending:") for k in pending])
-            self.client.delete(self.info_name, ids=pending)
+        """Roll back what an interrupted write left (:mod:`visrec.index.gallery.base`), from its marks only, so
+        the cost follows the interrupted writes, not the gallery's size: pending templates are removed and
+        their identities' rows made to match what remains; a marked erasure is finished."""
+        marks = [r for r in self._query_all(self.info_name, ["key", "value"])  # a few rows: the info and the marks
+                 if r["key"].startswith(("pending:", "erasing:"))]
+        if not marks:
+            return
+        pending = [i for m in marks if m["key"].startswith("pending:")
+                   for i in (json.loads(m["value"]) if m["value"] else [m["key"].removeprefix("pending:")])]
+        keys = set()
+        for i in range(0, len(pending), BATCH):
+            keys |= {r["key"] for r in self.client.get(self.t_name, ids=pending[i:i + BATCH], output_fields=["key"])}
+        self._delete_templates(pending)
+        for key in sorted(keys):
+            self._refresh_row(key)
+        erasing = [m["key"].removeprefix("erasing:") for m in marks if m["key"].startswith("erasing:")]
+        for key in erasing:
+            self._erase_key(key)
+        self.client.delete(self.info_name, ids=[m["key"] for m in marks])
+        log.warning("gallery %s: rolled back %d unacknowledged templates and finished %d erasures left by an "
+                    "interrupted write", self.name, len(pending), len(erasing))
+
+    def _refresh_row(self, key: str) -> None:
+        """Make one identity's row match its stored templates (delete it when none is left)."""
+        rows = self.client.get(self.i_name, ids=[key], output_fields=_ROW_FIELDS)
+        vectors = self._query_all(self.t_name, ["vector"], filter=f'key == "{key}"')  # a hex key, never a name
+        if rows and vectors:
+            row = _row(rows[0])
+            self._upsert_identities([(row["identity"], len(vectors),
+                                      np.mean([np.asarray(v["vector"], np.float32) for v in vectors], axis=0),
+                                      row["metadata"])])
+        elif rows:
+            self.client.delete(self.i_name, ids=[key])
+        elif vectors:
+            self.client.delete(self.t_name, filter=f'key == "{key}"')
+
+    def _reconcile_by_scan(self) -> None:
+        """Compare every template with the identity rows (once, for galleries of an older layout, whose
+        erasures were not marked): templates without a row are removed, rows made to match their templates."""
         counts: dict[str, int] = {}
-        names: dict[str, str] = {}
-        for row in self._query_all(self.t_name, ["key", "identity"]):
+        for row in self._query_all(self.t_name, ["key"]):
             counts[row["key"]] = counts.get(row["key"], 0) + 1
-            names[row["key"]] = row["identity"]
         rows = {identity_key(r["identity"]): r for r in self._identity_rows()}
         orphans = sorted(set(counts) - set(rows))
         for key in orphans:
             self.client.delete(self.t_name, filter=f'key == "{key}"')  # a hex key: no name in the expression
         for key, row in rows.items():
-            if key not in counts:
-                self.client.delete(self.i_name, ids=[key])
-            elif row["templates"] != counts[key]:
-                vectors = list(self._templates_of(row["identity"]).values())
-                self._upsert_identity(row["identity"], len(vectors), np.mean(vectors, axis=0), row["metadata"])
-        if pending or orphans:
-            log.warning("gallery %s: rolled back %d unacknowledged templates and %d identities without a row "
-                        "left by an interrupted write", self.name, len(pending), len(orphans))
+            if row["templates"] != counts.get(key, 0):
+                self._refresh_row(key)
+        if orphans:
+            log.warning("gallery %s: removed the templates of %d identities without a row left by an "
+                        "interrupted erase", self.name, len(orphans))
 
     def _query_all(self, collection: str, fields: list[str], filter: str = "") -> list[dict]:
-        it = self.client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
         out = []
         try:
-            while batch := it.next():
-                out.extend(batch)
-        finally:
-            it.close()
+            it = self.client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
+            try:
+                while batch := it.next():
+                    out.extend(batch)
+            finally:
+                it.close()
+        except Exception as exc:  # noqa: BLE001 - as _Client does for single calls
+            if not _is_backend_error(exc):
+                raise
+            raise GalleryUnavailableError(f"the Milvus gallery at {self.uri} did not answer (query): "
+                                          f"{str(exc)[:300]}") from None
         return out
 
     def _read_info(self):
@@ -192,11 +297,15 @@ class MilvusGallery(Gallery):
         self._put_info({"info": json.dumps(self.info, sort_keys=True)})
 
     def _mark_pending(self, ids):
-        self._put_info({f"pending:{i}": "" for i in ids})
+        # one record per batch of template ids (a VARCHAR holds 65,535 bytes: 1000 ids of 32 hex digits fit)
+        marks = {f"pending:{ids[i]}": json.dumps(ids[i:i + BATCH]) for i in range(0, len(ids), BATCH)}
+        self._put_info(marks)
+        return list(marks)
 
-    def _clear_pending(self, ids):
-        if ids:
-            self.client.delete(self.info_name, ids=[f"pending:{i}" for i in ids])
+    def _clear_pending(self, marks):
+        keys = [k for batch in marks for k in batch]
+        for i in range(0, len(keys), BATCH):
+            self.client.delete(self.info_name, ids=keys[i:i + BATCH])
 
     def _templates_of(self, identity):
         if self._dim is None:
@@ -208,36 +317,59 @@ class MilvusGallery(Gallery):
                               f"returns; split it or prune its templates")
         return {r["id"]: np.asarray(r["vector"], np.float32) for r in rows}
 
-    def _identity_row(self, identity):
+    def _existing_templates(self, ids):
         if self._dim is None:
-            return None
-        rows = self.client.get(self.i_name, ids=[identity_key(identity)], output_fields=_ROW_FIELDS)
-        return _row(rows[0]) if rows else None
+            return set()
+        found = set()
+        for i in range(0, len(ids), BATCH):  # by primary key: no scan
+            found |= {r["id"] for r in self.client.get(self.t_name, ids=list(ids[i:i + BATCH]), output_fields=["id"])}
+        return found
 
-    def _upsert_templates(self, identity, rows):
-        self._ensure_collections(self.info["dim"])
-        key = identity_key(identity)
-        self.client.upsert(self.t_name, [{"id": i, "key": key, "identity": identity, "hash": h, "vector": v.tolist()}
-                                         for i, h, v in rows])
+    def _identity_rows_of(self, identities):
+        if self._dim is None:
+            return {}
+        out = {}
+        for i in range(0, len(identities), BATCH):
+            keys = [identity_key(name) for name in identities[i:i + BATCH]]
+            for r in self.client.get(self.i_name, ids=keys, output_fields=_ROW_FIELDS + ["vector"]):
+                row = _row(r)
+                out[row["identity"]] = {**row, "centroid": np.asarray(r["vector"], np.float32)}
+        return out
 
-    def _upsert_identity(self, identity, templates, centroid, metadata):
+    def _upsert_templates(self, rows):
         self._ensure_collections(self.info["dim"])
-        meta = json.dumps(metadata, sort_keys=True)
-        if len(meta) > MAX_METADATA_CHARS:  # checked before any write by enroll; a last guard
-            raise DataError(f"metadata for {identity!r} is {len(meta)} characters of JSON, above {MAX_METADATA_CHARS}")
-        self.client.upsert(self.i_name, [{"key": identity_key(identity), "identity": identity,
-                                          "templates": int(templates), "metadata": meta,
-                                          "vector": np.asarray(centroid, np.float32).tolist()}])
+        for i in range(0, len(rows), BATCH):
+            self.client.upsert(self.t_name, [{"id": t, "key": identity_key(identity), "identity": identity, "hash": h,
+                                              "vector": np.asarray(v, np.float32).tolist()}
+                                             for identity, t, h, v in rows[i:i + BATCH]])
+
+    def _upsert_identities(self, rows):
+        self._ensure_collections(self.info["dim"])
+        records = []
+        for identity, templates, centroid, metadata in rows:
+            meta = json.dumps(metadata, sort_keys=True)
+            if len(meta) > MAX_METADATA_CHARS:  # checked before any write by enroll; a last guard
+                raise DataError(f"metadata for {identity!r} is {len(meta)} characters of JSON, above "
+                                f"{MAX_METADATA_CHARS}")
+            records.append({"key": identity_key(identity), "identity": identity, "templates": int(templates),
+                            "metadata": meta, "vector": np.asarray(centroid, np.float32).tolist()})
+        for i in range(0, len(records), BATCH):
+            self.client.upsert(self.i_name, records[i:i + BATCH])
 
     def _delete_identity(self, identity):
-        # identity row first: a crash in between leaves templates without a row, which _reconcile removes
+        # marked first, then the identity row, then its templates: a crash anywhere is finished on the next open
         key = identity_key(identity)
+        self._put_info({f"erasing:{key}": ""})
+        self._erase_key(key)
+        self.client.delete(self.info_name, ids=[f"erasing:{key}"])
+
+    def _erase_key(self, key: str) -> None:
         self.client.delete(self.i_name, ids=[key])
-        self.client.delete(self.t_name, filter=f'key == "{key}"')
+        self.client.delete(self.t_name, filter=f'key == "{key}"')  # a hex key: no name in the expression
 
     def _delete_templates(self, ids):
-        for i in range(0, len(ids), 1000):
-            self.client.delete(self.t_name, ids=list(ids[i:i + 1000]))
+        for i in range(0, len(ids), BATCH):
+            self.client.delete(self.t_name, ids=list(ids[i:i + BATCH]))
 
     def _search(self, collection, q, limit, field):
         res = self.client.search(collection, data=q.tolist(), limit=int(limit), output_fields=[field],
