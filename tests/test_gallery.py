@@ -7,7 +7,7 @@ import pytest
 pytest.importorskip("faiss", reason="galleries need visrec[index]")
 
 from conftest import milvus_opener  # noqa: E402
-from visrec.errors import DataError, VisrecError  # noqa: E402
+from visrec.errors import ConfigError, DataError, VisrecError  # noqa: E402
 from visrec.index.gallery import GalleryMismatchError, calibrate, open_gallery  # noqa: E402
 
 
@@ -231,3 +231,76 @@ def test_calibrate_a_euclidean_gallery_on_negated_distances():
     assert (imp >= g.threshold).sum() <= k
     assert out["tpr"] == pytest.approx((gen >= g.threshold).mean(), abs=1 / len(gen))
     assert g.threshold < 0
+
+
+# --- approximate indexes ---------------------------------------------------------------------------------------
+def _clustered(n=3000, dim=32, seed=7):
+    rng = np.random.default_rng(seed)
+    centres = unit(rng.normal(size=(40, dim)))
+    x = unit(centres[rng.integers(0, 40, n)] + 0.6 * unit(rng.normal(size=(n, dim))))
+    probes = unit(x[:200] + 0.1 * rng.normal(size=(200, dim)).astype(np.float32))
+    return x, probes
+
+
+@pytest.mark.parametrize("backend, index", [
+    ("faiss", {"index": "HNSW32", "search_params": {"efSearch": 64}}),
+    ("faiss", {"index": "IVF16,Flat", "search_params": {"nprobe": 4}}),
+    ("milvus-lite", {"index": "IVF_FLAT", "index_params": {"nlist": 16}, "search_params": {"nprobe": 4}}),
+    ("milvus-server", {"index": "IVF_FLAT", "index_params": {"nlist": 16}, "search_params": {"nprobe": 4}}),
+    ("milvus-server", {"index": "HNSW", "index_params": {"M": 16, "efConstruction": 100}, "search_params": {"ef": 64}}),
+])
+def test_an_approximate_index_finds_what_exact_search_finds(request, tmp_path, backend, index):
+    x, probes = _clustered()
+    exact = open_gallery("faiss")
+    cleanup = None
+    if backend == "faiss":
+        g = open_gallery("faiss", **index)
+    else:
+        opener, cleanup = milvus_opener(backend, request, tmp_path)
+        g = opener(tmp_path, **index)
+    try:
+        for gal in (exact, g):
+            for start in range(0, len(x), 1000):
+                gal.enroll_many([(f"p{i}", x[i:i + 1]) for i in range(start, start + 1000)])
+        truth = [[m.identity for m in row] for row in exact.search(probes, 10)]
+        got = [[m.identity for m in row] for row in g.search(probes, 10)]
+        recall_at_1 = np.mean([a[0] == b[0] for a, b in zip(got, truth)])
+        recall_at_10 = np.mean([len(set(a) & set(b)) / 10 for a, b in zip(got, truth)])
+        assert recall_at_1 >= 0.95 and recall_at_10 >= 0.9, (recall_at_1, recall_at_10)
+        gone = truth[0][0]
+        assert g.remove(gone) == 1 and gone not in [m.identity for m in g.search(probes[:1], 10)[0]]
+        if backend != "faiss":  # reopened without naming the index: keeps it; naming another is refused
+            g.close()
+            g = opener(tmp_path)
+            assert g.index["index"] == index["index"] and g.count() == len(x) - 1
+            with pytest.raises(ConfigError, match="cannot change"):
+                opener(tmp_path, index="FLAT")
+    finally:
+        g.close()
+        if cleanup is not None:
+            cleanup()
+
+
+def test_an_untrained_ivf_gallery_searches_exactly_until_it_can_train():
+    x, probes = _clustered(n=600)
+    exact, ivf = open_gallery("faiss"), open_gallery("faiss", index="IVF64,Flat")  # trains at 40 x 256 rows
+    for g in (exact, ivf):
+        g.enroll_many([(f"p{i}", x[i:i + 1]) for i in range(len(x))])
+    assert ivf.search(probes, 5) == exact.search(probes, 5)
+    assert not ivf._ann["templates"].index.is_trained
+
+
+@pytest.mark.parametrize("backend, kwargs, message", [
+    ("faiss", {"index": "NoSuchIndex7"}, "not a factory string"),
+    ("faiss", {"index": "HNSW32", "search_params": {"efSearch": 0}}, "efSearch=0"),
+    ("faiss", {"index": "HNSW32", "search_params": {"probe": 4}}, "'probe'"),
+    ("milvus", {"index": "DISKANN"}, "expected one of"),
+    ("milvus", {"index": "HNSW", "index_params": {"M": 10 ** 9}}, "M=1000000000"),
+    ("milvus", {"index": "IVF_FLAT", "search_params": {"ef": 8}}, "'ef'"),
+])
+def test_index_settings_are_checked(tmp_path, backend, kwargs, message):
+    if backend == "milvus":
+        pytest.importorskip("pymilvus")
+        kwargs = {"uri": str(tmp_path / "g.db"), **kwargs}
+    with pytest.raises(ConfigError, match=message):
+        open_gallery(backend, **kwargs)

@@ -56,6 +56,15 @@ class GalleryConfig(_Strict):
                             description="Milvus collection prefix (letters, digits, _): <collection>_templates, "
                                         "_people, _info; galleries in one file or server need different ones")
     fusion: str = Field("max", pattern="^(max|mean)$", description="template fusion per identity")
+    index: Optional[str] = Field(None, max_length=200,
+                                 description="vector index: exact by default (FAISS Flat, Milvus FLAT); FAISS: a "
+                                             "factory string (HNSW32, IVF4096,Flat, IVF4096,PQ64); Milvus: "
+                                             "IVF_FLAT | IVF_SQ8 | IVF_PQ | HNSW (docs/gallery.md)")
+    index_params: dict[str, int] = Field(default_factory=dict, description="Milvus index build parameters "
+                                                                           "(nlist, m, nbits, M, efConstruction)")
+    search_params: dict[str, int] = Field(default_factory=dict, description="approximate search parameters "
+                                                                            "(FAISS nprobe / efSearch; Milvus "
+                                                                            "nprobe / ef)")
 
     def storage(self) -> tuple[str, set[str]] | None:
         """(where, the Milvus collection names it may use) for a Milvus gallery; None for one in memory.

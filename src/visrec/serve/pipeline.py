@@ -18,7 +18,13 @@ def open_named_gallery(name: str, g: GalleryConfig, embedder: Embedder):
     metric (its model guard); an error opening it names the gallery."""
     kwargs = {"model_name": embedder.name, "dim": embedder.dim, "fusion": g.fusion, "metric": embedder.metric}
     if g.backend == "milvus":
-        kwargs.update(uri=g.uri, collection=g.collection)
+        kwargs.update(uri=g.uri, collection=g.collection, index=g.index, index_params=g.index_params,
+                      search_params=g.search_params)
+    elif g.index is not None or g.search_params:
+        if g.index_params:
+            raise ConfigError(f"face gallery {name!r}: index_params are Milvus's; a FAISS index takes its "
+                              f"parameters in the factory string")
+        kwargs.update(index=g.index or "Flat", search_params=g.search_params)
     try:
         return open_gallery(g.backend, **kwargs)
     except (GalleryMismatchError, ConfigError) as exc:  # another model's gallery, a bad collection name

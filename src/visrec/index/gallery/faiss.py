@@ -1,10 +1,13 @@
-"""``faiss``: an in-memory gallery searched exactly by FAISS (``faiss.knn``, the brute-force engine behind
-``IndexFlat``); ``export``/``import_`` persist it.
+"""``faiss``: an in-memory gallery searched by FAISS; ``export``/``import_`` persist it.
 
 Vectors live in growable float32 matrices, one row per template and one per identity centroid, each row
 addressed by its key. An enrollment appends rows and a removal moves the last row into the hole, so both cost
-the same at any gallery size and nothing is rebuilt before the next search: a search scans exactly the live
-rows, as ``IndexFlatIP.search`` would.
+the same at any gallery size and nothing is rebuilt before the next search.
+
+``index="Flat"`` (the default) searches exactly: ``faiss.knn`` over the live rows, as ``IndexFlatIP.search``
+would. Any other FAISS factory string (``"HNSW32"``, ``"IVF4096,Flat"``, ``"IVF4096,PQ64"``) searches
+approximately through :class:`ApproximateIndex`, tuned by ``search_params`` (``nprobe`` for IVF, ``efSearch``
+for HNSW); until an index that needs training has enough rows to train on, searches stay exact.
 
 The FAISS library is imported lazily, by name (``require("faiss", ...)``), at the first search: this module's
 own name never shadows it (absolute imports only).
@@ -15,7 +18,10 @@ from __future__ import annotations
 import numpy as np
 
 from visrec._optional import require
+from visrec.errors import ConfigError
 from visrec.index.gallery.base import BACKENDS, Gallery, _score_from_raw
+
+SEARCH_PARAMS = {"nprobe": (1, 65536), "efSearch": (1, 65536)}  # name -> bounds
 
 
 class KeyedRows:
@@ -72,11 +78,133 @@ class KeyedRows:
         self.owners.pop()
 
 
+class ApproximateIndex:
+    """A FAISS index built from a factory string over keyed rows, kept up to date incrementally.
+
+    Rows are added at the index's next positions; a removed or replaced row's position is a tombstone that
+    searches exclude (``IDSelectorNot`` over the tombstones), so no row is ever removed from the index (IVF's
+    removal scans every list; HNSW has none). When tombstones pass a tenth of the index it is rebuilt from the
+    live rows. An index that needs training (IVF, PQ) is trained on the live rows once there are ``40 x`` its
+    centroids (FAISS's own rule of thumb); until then :meth:`search` answers None and the caller searches
+    exactly."""
+
+    def __init__(self, factory: str, dim: int, metric: str, search_params: dict):
+        self.faiss = require("faiss", "index", "faiss-cpu")
+        self.factory, self.dim = factory, dim
+        self.metric = self.faiss.METRIC_INNER_PRODUCT if metric == "cosine" else self.faiss.METRIC_L2
+        self.search_params = dict(search_params)
+        self._reset()
+
+    def _reset(self) -> None:
+        self.index = self.faiss.index_factory(self.dim, self.factory, self.metric)
+        self.keys: list[str | None] = []  # position -> key (None: tombstone)
+        self.owners: list[str] = []
+        self.position: dict[str, int] = {}
+        self.tombstones: list[int] = []
+        self._selector = None
+
+    @property
+    def train_size(self) -> int:
+        if self.index.is_trained:
+            return 0
+        try:
+            centroids = self.faiss.extract_index_ivf(self.index).nlist
+        except RuntimeError:
+            centroids = 0
+        return 40 * max(centroids, 256)  # a PQ's 256 codes per sub-quantizer need training rows too
+
+    def sync(self, rows: KeyedRows, changed: list[str], removed: list[str]) -> None:
+        """Follow ``rows`` after ``changed`` keys were put and ``removed`` keys dropped."""
+        for key in list(removed) + [k for k in changed if k in self.position]:
+            pos = self.position.pop(key, None)
+            if pos is not None:
+                self.keys[pos] = None
+                self.tombstones.append(pos)
+                self._selector = None
+        if not self.index.is_trained:
+            if len(rows) >= self.train_size:
+                self.rebuild(rows)
+            return
+        new = [k for k in changed if k in rows]
+        if new:
+            self._add(new, np.stack([rows.vector(k) for k in new]), [rows.owners[rows.slot[k]] for k in new])
+        if len(self.tombstones) > max(64, len(self.keys) // 10):
+            self.rebuild(rows)
+
+    def rebuild(self, rows: KeyedRows) -> None:
+        self._reset()
+        if not len(rows):
+            return
+        x = np.ascontiguousarray(rows.matrix)
+        if not self.index.is_trained:
+            sample = x if len(x) <= 200_000 else x[np.random.default_rng(0).choice(len(x), 200_000, replace=False)]
+            self.index.train(sample)
+        self._add(list(rows.keys), x, list(rows.owners))
+
+    def _add(self, keys: list[str], x: np.ndarray, owners: list[str]) -> None:
+        start = len(self.keys)
+        self.index.add(np.ascontiguousarray(x, np.float32))
+        self.keys += keys
+        self.owners += owners
+        self.position.update({k: start + i for i, k in enumerate(keys)})
+
+    def _params(self):
+        try:
+            self.faiss.extract_index_ivf(self.index)
+            params = self.faiss.SearchParametersIVF()
+        except RuntimeError:
+            params = self.faiss.SearchParametersHNSW() if "HNSW" in type(self.index).__name__ else None
+        if params is None:
+            return None
+        for name, value in self.search_params.items():
+            if hasattr(params, name):
+                setattr(params, name, int(value))
+        if self.tombstones:
+            if self._selector is None:
+                batch = self.faiss.IDSelectorBatch(np.asarray(self.tombstones, np.int64))
+                self._selector = (batch, self.faiss.IDSelectorNot(batch))  # keep both alive: SWIG holds no reference
+            params.sel = self._selector[1]
+        return params
+
+    def search(self, q: np.ndarray, limit: int):
+        """(scores, owners) per probe, best first; None while the index is not trained."""
+        if not self.index.is_trained:
+            return None
+        live = len(self.keys) - len(self.tombstones)
+        if not live:
+            return [[] for _ in q], [[] for _ in q]
+        scores, found = self.index.search(np.ascontiguousarray(q, np.float32), min(limit, live),
+                                          params=self._params())
+        return scores.tolist(), [[self.owners[r] if r >= 0 else None for r in row] for row in found.tolist()]
+
+
+def check_faiss_index(index: str, search_params: dict) -> None:
+    """A FAISS factory string FAISS can build, and search parameters by known name and bounds."""
+    if not isinstance(index, str) or not 1 <= len(index) <= 200:
+        raise ConfigError(f"FAISS index {str(index)[:80]!r}: a factory string such as Flat, HNSW32 or IVF4096,Flat")
+    faiss = require("faiss", "index", "faiss-cpu")
+    try:
+        faiss.index_factory(8 if "PQ" not in index else 64, index)
+    except RuntimeError as exc:
+        raise ConfigError(f"FAISS index {index!r} is not a factory string FAISS builds: "
+                          f"{str(exc).strip().splitlines()[-1][:200]}") from None
+    for name, value in (search_params or {}).items():
+        bounds = SEARCH_PARAMS.get(name)
+        if bounds is None:
+            raise ConfigError(f"FAISS search parameter {name!r}: expected one of {', '.join(SEARCH_PARAMS)}")
+        if isinstance(value, bool) or not isinstance(value, int) or not bounds[0] <= value <= bounds[1]:
+            raise ConfigError(f"FAISS search parameter {name}={value!r}: an integer in {bounds[0]}..{bounds[1]}")
+
+
 @BACKENDS.register("faiss")
 class FaissGallery(Gallery):
-    """In memory; exact search by FAISS over the live template (or centroid) rows."""
+    """In memory; exact search by FAISS over the live template (or centroid) rows, or approximate search through
+    an :class:`ApproximateIndex` (module docstring)."""
 
-    def __init__(self, **kwargs):
+    def __init__(self, *, index: str = "Flat", search_params: dict | None = None, **kwargs):
+        check_faiss_index(index, search_params or {})
+        self.index_spec, self.search_params = index, dict(search_params or {})
+        self._ann: dict[str, ApproximateIndex] = {}  # "templates" / "identities", once the dimension is known
         self._templates = KeyedRows()  # template id -> vector, owner = identity
         self._hashes: dict[str, str] = {}  # template id -> image hash
         self._by_identity: dict[str, set[str]] = {}  # identity -> its template ids
@@ -101,23 +229,41 @@ class FaissGallery(Gallery):
     def _templates_of(self, identity):
         return {i: self._templates.vector(i) for i in sorted(self._by_identity.get(identity, ()))}
 
+    def _sync(self, kind: str, changed: list[str], removed: list[str]) -> None:
+        if self.index_spec == "Flat":
+            return
+        rows = self._templates if kind == "templates" else self._centroids
+        if kind not in self._ann:
+            if not len(rows):
+                return
+            ann = self._ann[kind] = ApproximateIndex(self.index_spec, rows.matrix.shape[1], self.metric,
+                                                     self.search_params)
+            if ann.train_size <= len(rows):
+                ann.rebuild(rows)
+            return
+        self._ann[kind].sync(rows, changed, removed)
+
     def _upsert_templates(self, rows):
         for identity, i, h, v in rows:
             self._templates.put(i, v, identity)
             self._hashes[i] = h
             self._by_identity.setdefault(identity, set()).add(i)
+        self._sync("templates", [i for _, i, _, _ in rows], [])
 
     def _upsert_identities(self, rows):
         for identity, templates, centroid, metadata in rows:
             self._rows[identity] = (int(templates), dict(metadata))
             self._centroids.put(identity, centroid, identity)
+        self._sync("identities", [identity for identity, _, _, _ in rows], [])
 
     def _delete_identity(self, identity):
         self._rows.pop(identity, None)
         self._centroids.drop(identity)
+        self._sync("identities", [], [identity])
         self._delete_templates(sorted(self._by_identity.get(identity, ())))
 
     def _delete_templates(self, ids):
+        gone = []
         for i in ids:
             if i in self._templates:
                 owner = self._templates.owners[self._templates.slot[i]]
@@ -126,10 +272,17 @@ class FaissGallery(Gallery):
                 self._by_identity.get(owner, set()).discard(i)
                 if not self._by_identity.get(owner, True):
                     del self._by_identity[owner]
+                gone.append(i)
+        self._sync("templates", [], gone)
 
     def _search(self, rows: KeyedRows, q, limit):
         if not len(rows):
             return [[] for _ in q]
+        ann = self._ann.get("templates" if rows is self._templates else "identities")
+        found = None if ann is None else ann.search(q, limit)
+        if found is not None:
+            return [[(o, _score_from_raw(s, self.metric)) for s, o in zip(srow, orow) if o is not None]
+                    for srow, orow in zip(*found)]
         faiss = require("faiss", "index", "faiss-cpu")
         metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2
         scores, found = faiss.knn(np.ascontiguousarray(q, np.float32), rows.matrix, min(limit, len(rows)),

@@ -22,12 +22,32 @@ from pathlib import Path
 import numpy as np
 
 from visrec._optional import require
-from visrec.errors import DataError, VisrecError
+from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.index.gallery.base import (_MILVUS_TOPK, BACKENDS, MAX_HASH_CHARS, MAX_METADATA_CHARS, Gallery,
                                        GalleryUnavailableError, _score_from_raw, identity_key)
 
 log = logging.getLogger(__name__)
 CONSISTENCY = ("Session", "Strong", "Bounded", "Eventually")
+# Milvus vector index types a gallery may use, with the build and search parameters each takes (and bounds)
+INDEXES = {"FLAT": ({}, {}),
+           "IVF_FLAT": ({"nlist": (1, 65536)}, {"nprobe": (1, 65536)}),
+           "IVF_SQ8": ({"nlist": (1, 65536)}, {"nprobe": (1, 65536)}),
+           "IVF_PQ": ({"nlist": (1, 65536), "m": (1, 4096), "nbits": (1, 16)}, {"nprobe": (1, 65536)}),
+           "HNSW": ({"M": (2, 2048), "efConstruction": (1, 65536)}, {"ef": (1, 65536)})}
+
+
+def check_milvus_index(index: str, index_params: dict, search_params: dict) -> None:
+    """A Milvus index type of :data:`INDEXES` with known parameters in bounds, or :class:`ConfigError`."""
+    if index not in INDEXES:
+        raise ConfigError(f"Milvus index {str(index)[:80]!r}: expected one of {', '.join(INDEXES)}")
+    for what, given, known in (("index", index_params, INDEXES[index][0]), ("search", search_params, INDEXES[index][1])):
+        for name, value in (given or {}).items():
+            if name not in known:
+                raise ConfigError(f"Milvus {index} {what} parameter {name!r}: expected one of "
+                                  f"{', '.join(known) or 'none'}")
+            lo, hi = known[name]
+            if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+                raise ConfigError(f"Milvus {index} {what} parameter {name}={value!r}: an integer in {lo}..{hi}")
 BATCH = 1000  # rows per upsert / ids per key lookup (a few MB per request at 512-d)
 _RPC = {"get", "query", "search", "upsert", "delete", "has_collection", "load_collection", "create_collection",
         "drop_collection"}
@@ -101,7 +121,8 @@ class MilvusGallery(Gallery):
     LAYOUT = "3"  # 2 -> 3: pending marks name their templates in batches; erasures are marked
 
     def __init__(self, uri: str | Path = "gallery.db", collection: str = "visrec_faces", *, token: str = "",
-                 consistency: str = "Session", timeout: float = 60.0, **kwargs):
+                 consistency: str = "Session", timeout: float = 60.0, index: str | None = None,
+                 index_params: dict | None = None, search_params: dict | None = None, **kwargs):
         pymilvus = require("pymilvus", "serve", "pymilvus milvus-lite")
         # Milvus Lite has no server-side session timestamp, so every query iterator warns that it falls back
         # to the client's (harmless for a single embedded client): keep that out of the user's log
@@ -111,6 +132,8 @@ class MilvusGallery(Gallery):
             raise VisrecError(f"collection name {collection!r}: letters, digits and underscores only")
         if consistency not in CONSISTENCY:
             raise VisrecError(f"consistency {consistency!r}: expected one of {', '.join(CONSISTENCY)}")
+        if index is not None:
+            check_milvus_index(index, index_params or {}, search_params or {})
         if "://" not in uri:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
         try:
@@ -123,6 +146,9 @@ class MilvusGallery(Gallery):
         self._legacy = (collection, f"{collection}_identities")
         self._dim = None
         super().__init__(**kwargs)
+        self._index_spec(index, index_params or {})
+        check_milvus_index(self.index["index"], self.index["params"], search_params or {})
+        self.search_params = dict(search_params or {})
         layout = self._upgrade_layout()
         if self.info["dim"] is not None:
             self._ensure_collections(self.info["dim"])
@@ -147,7 +173,7 @@ class MilvusGallery(Gallery):
             s.add_field("hash", DataType.VARCHAR, max_length=MAX_HASH_CHARS * 4)
             s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
             p = c.prepare_index_params()
-            p.add_index(field_name="vector", index_type="FLAT", metric_type=self._milvus_metric)
+            self._add_vector_index(p)
             c.create_collection(self.t_name, schema=s, index_params=p, consistency_level="Strong")
         if not c.has_collection(self.i_name):
             s = c.create_schema(auto_id=False, enable_dynamic_field=False)
@@ -157,11 +183,30 @@ class MilvusGallery(Gallery):
             s.add_field("metadata", DataType.VARCHAR, max_length=MAX_METADATA_CHARS)
             s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
             p = c.prepare_index_params()
-            p.add_index(field_name="vector", index_type="FLAT", metric_type=self._milvus_metric)
+            self._add_vector_index(p)
             c.create_collection(self.i_name, schema=s, index_params=p, consistency_level="Strong")
         c.load_collection(self.t_name)
         c.load_collection(self.i_name)
         self._dim = dim
+
+    def _index_spec(self, index: str | None, params: dict) -> None:
+        """The vector index of this gallery's collections: recorded when the gallery is created; reopening
+        without naming one keeps it, naming another is refused (the collections would need re-indexing)."""
+        rows = self.client.get(self.info_name, ids=["index"], output_fields=["value"])
+        stored = json.loads(rows[0]["value"]) if rows else None
+        wanted = {"index": index, "params": dict(params)} if index is not None else None
+        if stored is None:  # a new gallery takes the one named; one created before indexes were recorded is FLAT
+            stored = {"index": "FLAT", "params": {}} if self.client.has_collection(self.t_name) or wanted is None \
+                else wanted
+            self._put_info({"index": json.dumps(stored, sort_keys=True)})
+        if wanted is not None and wanted != stored:
+            raise ConfigError(f"gallery {self.name} holds a {stored['index']} index {stored['params']}; it cannot "
+                              f"change to {index} {dict(params)} (re-enroll into a new collection)")
+        self.index = stored
+
+    def _add_vector_index(self, params) -> None:
+        params.add_index(field_name="vector", index_type=self.index["index"], metric_type=self._milvus_metric,
+                         params=dict(self.index["params"]))
 
     @property
     def _milvus_metric(self) -> str:
@@ -373,8 +418,17 @@ class MilvusGallery(Gallery):
 
     def _search(self, collection, q, limit, field):
         res = self.client.search(collection, data=q.tolist(), limit=int(limit), output_fields=[field],
-                                 search_params={"metric_type": self._milvus_metric}, anns_field="vector")
+                                 search_params={"metric_type": self._milvus_metric,
+                                                "params": self._search_params(limit)}, anns_field="vector")
         return [[(hit["entity"][field], _score_from_raw(hit["distance"], self.metric)) for hit in row] for row in res]
+
+    def _search_params(self, limit: int) -> dict:
+        params = dict(self.search_params)
+        if self.index["index"] == "HNSW":
+            params["ef"] = max(int(params.get("ef", 64)), int(limit))  # Milvus refuses ef below the limit
+        elif self.index["index"].startswith("IVF"):
+            params.setdefault("nprobe", 16)
+        return params
 
     def _search_templates(self, q, limit):
         return self._search(self.t_name, q, limit, "identity")
