@@ -304,3 +304,37 @@ def test_index_settings_are_checked(tmp_path, backend, kwargs, message):
         kwargs = {"uri": str(tmp_path / "g.db"), **kwargs}
     with pytest.raises(ConfigError, match=message):
         open_gallery(backend, **kwargs)
+
+
+def test_enroll_folder_writes_in_batches_and_reports_each_photo(tmp_path, monkeypatch):
+    from types import SimpleNamespace
+
+    from visrec.data.images import encode_jpeg
+    from visrec.index.enroll import enroll_folder
+
+    rng = np.random.default_rng(3)
+    for name, n in (("ann", 3), ("bob", 2), (" bad ", 1)):
+        (tmp_path / name).mkdir()
+        for i in range(n):
+            (tmp_path / name / f"{i}.jpg").write_bytes(encode_jpeg(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+    (tmp_path / "bob" / "blank.jpg").write_bytes(encode_jpeg(np.zeros((16, 16, 3), np.uint8)))
+
+    def faces(img):  # a stand-in detector: a blank photo has no face; the crop is the photo
+        return [] if not img.any() else [SimpleNamespace(crop=img)]
+
+    class Embedder:  # a stand-in model: 8 pixels of the crop as its embedding
+        name = "m"
+
+        def __call__(self, crops):
+            return unit(crops.reshape(len(crops), -1)[:, :8].astype(np.float32) + 1.0)
+
+    pipeline = SimpleNamespace(faces=faces, embedder=Embedder())
+    g = open_gallery("faiss")
+    calls = []
+    real = type(g).enroll_many
+    monkeypatch.setattr(type(g), "enroll_many", lambda self, items, **kw: calls.append(len(items)) or real(self, items, **kw))
+    report = enroll_folder(pipeline, g, tmp_path, batch=2)
+    assert sorted(report.enrolled) == ["ann/0.jpg", "ann/1.jpg", "ann/2.jpg", "bob/0.jpg", "bob/1.jpg"]
+    assert report.no_face == ["bob/blank.jpg"] and [p for p, _ in report.errors] == [" bad /0.jpg"]
+    assert calls == [2, 2, 1] and g.count() == 5 and report.identities == 2
+    assert enroll_folder(pipeline, g, tmp_path, batch=2).enrolled and g.count() == 5  # again: nothing added

@@ -11,10 +11,20 @@ from visrec._optional import require
 from visrec.errors import DataError
 
 
+DEFAULT_THREADS: list[int | None] = [None]  # what set_default_threads set; None: onnxruntime's own default
+
+
+def set_default_threads(threads: int | None) -> None:
+    """Intra-op threads of every session opened from now on without ``threads`` (a service sets one per request
+    worker, so concurrent requests do not oversubscribe the cores)."""
+    DEFAULT_THREADS[0] = None if threads is None else int(threads)
+
+
 def open_session(path: Path, providers: Sequence[str] | None = None, what: str = "ONNX", threads: int | None = None):
     """``onnxruntime.InferenceSession`` for ``path``; a missing or unreadable file raises DataError saying which
     (``what`` names the kind of model in the message, e.g. "face detector"). ``threads``: intra-op threads
-    (onnxruntime's default when None)."""
+    (when None: :func:`set_default_threads`'s value, else onnxruntime's default)."""
+    threads = threads or DEFAULT_THREADS[0]
     ort = require("onnxruntime", "export")
     path = Path(path)
     if not path.is_file():

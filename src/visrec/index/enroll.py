@@ -3,7 +3,8 @@
 Each photo's largest face is enrolled under its folder's name. Photos where the detector finds no face are
 left out and listed; photos with several faces enroll the largest and are listed, so a person can check that
 the right one was taken; photos that cannot be read are listed with the reason. The gallery's own rules
-apply per photo (names checked, a photo enrolled twice adds nothing).
+apply per photo (names checked, a photo enrolled twice adds nothing). Faces are written in batches
+(:meth:`visrec.index.gallery.Gallery.enroll_many`), so a large folder costs one gallery write per batch.
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from pathlib import Path
 from visrec.data.folders import read_image_folder
 from visrec.data.images import read_image
 from visrec.errors import VisrecError
+from visrec.index.gallery import check_identity
 
 
 @dataclass
@@ -28,37 +30,53 @@ class EnrollReport:
     identities: int = 0
 
 
+def crop_hash(crop) -> str:
+    """A template's image hash: of the aligned crop, so the same photo in any form (path, bytes, array) gives
+    the same hash and enrolling it again adds nothing."""
+    return hashlib.sha256(crop.tobytes()).hexdigest()[:32]
+
+
 def enroll_face(gallery, name: str, crop, embedding, model_name: str) -> None:
-    """Enroll one face under ``name``, its template keyed by a hash of the aligned crop: the same photo in
-    any form (path, bytes, array) gives the same crop, so enrolling it again adds nothing."""
-    digest = hashlib.sha256(crop.tobytes()).hexdigest()[:32]
-    gallery.enroll(name, embedding.reshape(1, -1), hashes=[digest], model_name=model_name)
+    """Enroll one face under ``name``, its template keyed by :func:`crop_hash`."""
+    gallery.enroll(name, embedding.reshape(1, -1), hashes=[crop_hash(crop)], model_name=model_name)
 
 
-def enroll_folder(pipeline, gallery, root: str | Path, progress=None) -> EnrollReport:
+def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int = 256) -> EnrollReport:
     """Enroll ``root/<identity>/<photo>`` with ``pipeline`` (:class:`visrec.faces.pipeline.FacePipeline`) into
-    ``gallery`` (:class:`visrec.index.gallery.Gallery`). ``progress(n)`` after each photo."""
+    ``gallery`` (:class:`visrec.index.gallery.Gallery`), ``batch`` faces per gallery write. ``progress(n)``
+    after each photo."""
     root = Path(root)
     listing = read_image_folder(root)
     report = EnrollReport()
-    names = set()
+    names, pending = set(), []  # pending: (photo, name, crop, embedding) not yet written
+
+    def flush():
+        if pending:
+            pipeline_name = pipeline.embedder.name
+            gallery.enroll_many([(name, emb.reshape(1, -1), [crop_hash(crop)]) for _, name, crop, emb in pending],
+                                model_name=pipeline_name)
+            report.enrolled.extend(rel for rel, _, _, _ in pending)
+            names.update(name for _, name, _, _ in pending)
+            pending.clear()
+
     for path, label in zip(listing.paths, listing.labels):
         rel = str(Path(path).relative_to(root))
         name = listing.class_names[int(label)]
         try:
+            name = check_identity(name)  # a bad folder name is this photo's error, not the batch's
             faces = pipeline.faces(read_image(path))
             if not faces:
                 report.no_face.append(rel)
             else:
                 if len(faces) > 1:
                     report.several_faces.append(rel)
-                enroll_face(gallery, name, faces[0].crop, pipeline.embedder(faces[0].crop[None]),
-                            pipeline.embedder.name)
-                report.enrolled.append(rel)
-                names.add(name)
+                pending.append((rel, name, faces[0].crop, pipeline.embedder(faces[0].crop[None])))
         except VisrecError as exc:
             report.errors.append((rel, str(exc)))
+        if len(pending) >= batch:
+            flush()
         if progress is not None:
             progress(1)
+    flush()
     report.identities = len(names)
     return report

@@ -17,8 +17,10 @@ once. A JSON body or field holding NaN or Infinity is a 400.
 
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
 import asyncio
+import importlib.util
 from dataclasses import dataclass, field
 
+from visrec._onnx import set_default_threads
 from visrec._optional import require
 from visrec.errors import ConfigError, VisrecError
 from visrec.faces.images import InputError
@@ -89,7 +91,20 @@ class ServiceContext:
             return await run_in_threadpool(work)
 
 
+def set_threads(threads: int) -> None:
+    """Intra-op threads for torch, ONNX Runtime sessions opened from now on, and FAISS (when installed)."""
+    import torch
+
+    torch.set_num_threads(threads)
+    set_default_threads(threads)
+    if importlib.util.find_spec("faiss") is not None:
+        import faiss
+
+        faiss.omp_set_num_threads(threads)
+
+
 def _load(cfg: ServeConfig) -> dict:
+    set_threads(cfg.intra_op_threads())  # before any model is loaded: ONNX sessions take it when they open
     state: dict = {}
     if cfg.faces is not None:
         pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,

@@ -191,6 +191,11 @@ class ApiKey(_Strict):
 class ServeConfig(_Strict):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=0, le=65535)
+    threads: Optional[int] = Field(None, ge=1, le=1024,
+                                   description="intra-op threads of torch, FAISS and ONNX Runtime per request "
+                                               "worker; default: the machine's cores / limits.max_concurrent, at "
+                                               "least 1 (on 2 cores with 4 workers: 1), so concurrent requests "
+                                               "do not oversubscribe the cores")
     api_keys: list[str | ApiKey] = Field(default_factory=list, description="keys (every gallery) or "
                                                                           "{key, galleries} (only those)")
     faces: FacesConfig | None = None
@@ -237,6 +242,10 @@ class ServeConfig(_Strict):
                     check_gallery_name(name, f"api_keys entry {i + 1}")
                     raise ConfigError(f"api_keys entry {i + 1}: no face gallery named {name!r}; declared: "
                                       f"{', '.join(named)}")
+
+    def intra_op_threads(self) -> int:
+        """The threads one request's model and search may use (``threads``, or cores / max_concurrent)."""
+        return self.threads or max(1, (os.cpu_count() or 1) // self.limits.max_concurrent)
 
     def check(self) -> "ServeConfig":
         if self.faces is not None:
