@@ -383,3 +383,25 @@ def test_the_service_sets_one_intra_op_thread_per_request_worker(tmp_path, tiny_
         torch.set_num_threads(before[0])
         faiss.omp_set_num_threads(before[1])
         _onnx.set_default_threads(before[2])
+
+
+def test_index_and_consistency_settings_reach_each_gallery(tiny_face_model, tmp_path):
+    from visrec.serve.pipeline import open_configured_galleries
+
+    cfg = ServeConfig.model_validate({"faces": {"model": str(tiny_face_model), "aligned": True, "galleries": {
+        "ann": {"backend": "faiss", "index": "HNSW32", "search_params": {"efSearch": 40}},
+        "ivf": {"backend": "milvus", "uri": str(tmp_path / "g.db"), "collection": "ivf", "index": "IVF_FLAT",
+                "index_params": {"nlist": 8}, "search_params": {"nprobe": 2}, "consistency": "Strong"}}}})
+    embedder = Embedder(tiny_face_model)
+    galleries = open_configured_galleries(cfg.faces, embedder)
+    try:
+        assert galleries["ann"].index_spec == "HNSW32" and galleries["ann"].search_params == {"efSearch": 40}
+        assert galleries["ivf"].index == {"index": "IVF_FLAT", "params": {"nlist": 8}}
+        assert galleries["ivf"].client._consistency == "Strong"
+    finally:
+        for g in galleries.values():
+            g.close()
+    bad = ServeConfig.model_validate({"faces": {"model": str(tiny_face_model), "aligned": True, "gallery": {
+        "backend": "faiss", "index": "HNSW32", "index_params": {"M": 8}}}})
+    with pytest.raises(ConfigError, match="index_params are Milvus's"):
+        open_configured_galleries(bad.faces, embedder)

@@ -62,6 +62,9 @@ class GalleryConfig(_Strict):
                                              "IVF_FLAT | IVF_SQ8 | IVF_PQ | HNSW (docs/gallery.md)")
     index_params: dict[str, int] = Field(default_factory=dict, description="Milvus index build parameters "
                                                                            "(nlist, m, nbits, M, efConstruction)")
+    consistency: str = Field("Session", pattern="^(Session|Strong|Bounded|Eventually)$",
+                             description="Milvus read consistency: Session (this service sees its own writes) | "
+                                         "Strong (several services writing one gallery) (docs/gallery.md)")
     search_params: dict[str, int] = Field(default_factory=dict, description="approximate search parameters "
                                                                             "(FAISS nprobe / efSearch; Milvus "
                                                                             "nprobe / ef)")

@@ -19,7 +19,7 @@ def open_named_gallery(name: str, g: GalleryConfig, embedder: Embedder):
     kwargs = {"model_name": embedder.name, "dim": embedder.dim, "fusion": g.fusion, "metric": embedder.metric}
     if g.backend == "milvus":
         kwargs.update(uri=g.uri, collection=g.collection, index=g.index, index_params=g.index_params,
-                      search_params=g.search_params)
+                      search_params=g.search_params, consistency=g.consistency)
     elif g.index is not None or g.search_params:
         if g.index_params:
             raise ConfigError(f"face gallery {name!r}: index_params are Milvus's; a FAISS index takes its "
