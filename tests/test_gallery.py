@@ -27,10 +27,12 @@ def milvus(open_milvus):
     return open_milvus
 
 
-@pytest.fixture(params=["faiss", "milvus-lite", "milvus-server"])
+@pytest.fixture(params=["faiss", "faiss-file", "milvus-lite", "milvus-server"])
 def gallery(request, tmp_path):
     cleanup = None
-    if request.param == "faiss":
+    if request.param == "faiss-file":  # durable: a SQLite file beside the in-memory index
+        g = open_gallery("faiss", path=tmp_path / "g.sqlite", model_name="m", dim=32)
+    elif request.param == "faiss":
         g = open_gallery("faiss", model_name="m", dim=32)
     else:
         opener, cleanup = milvus_opener(request.param, request, tmp_path)

@@ -13,7 +13,7 @@ pytest.importorskip("faiss", reason="galleries need visrec[index]")
 
 from conftest import milvus_opener  # noqa: E402
 from visrec.errors import DataError  # noqa: E402
-from visrec.index.gallery import MAX_METADATA_CHARS, check_identity, open_gallery  # noqa: E402
+from visrec.index.gallery import GalleryMismatchError, MAX_METADATA_CHARS, check_identity, open_gallery  # noqa: E402
 
 HOSTILE = ["O'Brien", 'say "hi"', "back\\slash", "x','victim", "br]ack", "50%", "%", "a/b/c", "日本語",
            "emoji😀", "a\\'b", "zz'] or identity like '%' or identity in ['yy", 'x" or identity != "',
@@ -30,10 +30,12 @@ def milvus(open_milvus):
     return open_milvus
 
 
-@pytest.fixture(params=["faiss", "milvus-lite", "milvus-server"])
+@pytest.fixture(params=["faiss", "faiss-file", "milvus-lite", "milvus-server"])
 def gallery(request, tmp_path):
     cleanup = None
-    if request.param == "faiss":
+    if request.param == "faiss-file":  # durable: a SQLite file beside the in-memory index
+        g = open_gallery("faiss", path=tmp_path / "g.sqlite", model_name="m", dim=16)
+    elif request.param == "faiss":
         g = open_gallery("faiss", model_name="m", dim=16)
     else:
         opener, cleanup = milvus_opener(request.param, request, tmp_path)
@@ -276,3 +278,86 @@ def test_a_stored_nan_threshold_is_cleared_and_none_can_be_set(tmp_path, milvus)
         with pytest.raises(DataError, match="threshold"):
             g.set_threshold(bad)
     g.close()
+
+
+# --- the durable FAISS gallery (a SQLite file beside the in-memory index) ----------------------------------------
+def test_a_durable_faiss_gallery_reopens_as_it_was_and_a_failed_write_leaves_no_trace(tmp_path, monkeypatch):
+    from visrec.index.gallery import FaissGallery
+
+    x = unit(np.random.default_rng(8).normal(size=(6, 16)))
+    path = tmp_path / "g.sqlite"
+    g = open_gallery("faiss", path=path, model_name="m", fusion="mean")
+    g.enroll("ann", x[:2], metadata={"team": "red"})
+    g.enroll_many([("bob", x[2:3]), ("cy", x[3:4])])
+    g.remove("cy")
+    g.set_threshold(0.25, 1e-3)
+    before = (g.list(), g.count(), g.search(x, 3))
+    monkeypatch.setattr(FaissGallery, "_upsert_identities", _boom)  # after the templates were written
+    with pytest.raises(RuntimeError, match="injected"):
+        g.enroll_many([("dee", x[4:5]), ("ann", x[5:6])])
+    monkeypatch.undo()
+    assert (g.list(), g.count(), g.search(x, 3)) == before
+    g.close()
+    again = open_gallery("faiss", path=path, fusion="mean")  # fusion is chosen when a gallery is opened
+    assert (again.list(), again.count(), again.search(x, 3)) == before
+    assert again.threshold == 0.25 and again.info["model_name"] == "m" and again.fusion == "mean"
+    with pytest.raises(GalleryMismatchError):
+        again.enroll("eve", x[:1], model_name="another")
+    again.close()
+
+
+def test_kill_9_of_a_process_writing_a_durable_faiss_gallery_keeps_every_acknowledged_write(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    path = tmp_path / "g.sqlite"
+    code = f"""
+import numpy as np, sys
+from visrec.index.gallery import open_gallery
+g = open_gallery("faiss", path={str(path)!r}, model_name="m")
+rng = np.random.default_rng(0)
+i = 0
+while True:
+    g.enroll_many([(f"p{{i}}-{{k}}", rng.normal(size=(1, 16))) for k in range(50)])
+    print(i, flush=True)  # acknowledged: the batch's transaction is committed
+    i += 1
+"""
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    acked = []
+    t = time.time()
+    while len(acked) < 20 and time.time() - t < 120:
+        acked.append(int(proc.stdout.readline()))
+    os.kill(proc.pid, signal.SIGKILL)  # mid-stream: the next batch is being written
+    proc.wait()
+    acked += [int(line) for line in proc.stdout.read().split()]
+    assert len(acked) >= 20, "the writer did not get going"
+    g = open_gallery("faiss", path=path)
+    names = {r["identity"] for r in g.list()}
+    assert all(f"p{i}-{k}" in names for i in acked for k in range(50)), "acknowledged but lost"
+    assert len(names) % 50 == 0 and len(names) <= 50 * (max(acked) + 2), "a batch was half written"
+    assert g.count() == len(names) and all(r["templates"] == 1 for r in g.list())
+
+
+@pytest.mark.parametrize("table, sql, message", [
+    ("templates", "UPDATE templates SET vector = x'00' WHERE rowid = 1", "table 'templates' row 0: vector of 1 bytes"),
+    ("people", "UPDATE people SET metadata = 'nope' WHERE rowid = 1", "table 'people' row 0: metadata is not JSON"),
+    ("people", "UPDATE people SET identity = ' spaced ' WHERE rowid = 1", "table 'people' row 0"),
+    ("info", "UPDATE info SET value = '[1]' WHERE key = 'info'", "info record is not a JSON object"),
+    ("people", "DELETE FROM people WHERE rowid = 1", "who has no identity row"),
+])
+def test_a_tampered_gallery_file_is_refused_naming_the_row(tmp_path, table, sql, message):
+    import sqlite3
+
+    path = tmp_path / "g.sqlite"
+    g = open_gallery("faiss", path=path, model_name="m")
+    g.enroll("ann", unit(np.ones((1, 16))))
+    g.close()
+    db = sqlite3.connect(path)
+    db.execute(sql)
+    db.commit()
+    db.close()
+    with pytest.raises(DataError, match=message):
+        open_gallery("faiss", path=path)

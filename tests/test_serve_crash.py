@@ -24,11 +24,12 @@ def start(config, log):
 
 
 @pytest.mark.slow
-def test_kill_9_during_enrollment_keeps_every_acknowledged_one(tmp_path, tiny_face_model):
+@pytest.mark.parametrize("gallery", ["backend: milvus, uri: {dir}/gallery.db", "backend: faiss, path: {dir}/gallery.sqlite"])
+def test_kill_9_during_enrollment_keeps_every_acknowledged_one(tmp_path, tiny_face_model, gallery):
     port = free_port()
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tiny_face_model}\n"
-                   f"  gallery: {{backend: milvus, uri: {tmp_path / 'gallery.db'}}}\n")
+                   f"  gallery: {{{gallery.format(dir=tmp_path)}}}\n")
     url = f"http://127.0.0.1:{port}"
     log = open(tmp_path / "server.log", "wb")
     proc = start(cfg, log)

@@ -405,3 +405,12 @@ def test_index_and_consistency_settings_reach_each_gallery(tiny_face_model, tmp_
         "backend": "faiss", "index": "HNSW32", "index_params": {"M": 8}}}})
     with pytest.raises(ConfigError, match="index_params are Milvus's"):
         open_configured_galleries(bad.faces, embedder)
+
+
+def test_a_durable_faiss_gallery_file_belongs_to_one_gallery(tiny_face_model, tmp_path):
+    for other in ({"backend": "faiss", "path": str(tmp_path / "g.sqlite")},
+                  {"backend": "milvus", "uri": str(tmp_path / "g.sqlite"), "collection": "x"}):
+        cfg = ServeConfig.model_validate({"faces": {"model": str(tiny_face_model), "galleries": {
+            "a": {"backend": "faiss", "path": str(tmp_path / "g.sqlite")}, "b": other}}})
+        with pytest.raises(ConfigError, match="'a' and 'b' use the same file"):
+            cfg.faces.named_galleries()

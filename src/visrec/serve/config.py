@@ -50,8 +50,13 @@ def check_gallery_name(name, where: str) -> str:
 
 
 class GalleryConfig(_Strict):
-    backend: str = Field("milvus", description="milvus (Milvus Lite file or cluster URI) | faiss (in memory)")
+    backend: str = Field("milvus", description="milvus (Milvus Lite file or cluster URI) | faiss (in memory, "
+                                                "durable with path)")
     uri: str = Field("gallery.db", description="Milvus Lite file, or http://host:19530 for a cluster")
+    path: Optional[str] = Field(None, max_length=4096,
+                                description="faiss: a SQLite file that keeps the gallery across restarts and crashes "
+                                            "(every write is on disk before it is acknowledged); omitted: in "
+                                            "memory only")
     collection: str = Field("visrec_faces", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$",
                             description="Milvus collection prefix (letters, digits, _): <collection>_templates, "
                                         "_people, _info; galleries in one file or server need different ones")
@@ -70,9 +75,12 @@ class GalleryConfig(_Strict):
                                                                             "nprobe / ef)")
 
     def storage(self) -> tuple[str, set[str]] | None:
-        """(where, the Milvus collection names it may use) for a Milvus gallery; None for one in memory.
+        """(where, the Milvus collection names it may use) for a Milvus gallery, (file, {"*"}) for a durable FAISS
+        gallery (nothing else may use its file); None for one in memory.
         The names include the older layout's (``<collection>``, ``<collection>_identities``), which an
         open copies from and then drops: two galleries must not share any of them."""
+        if self.backend == "faiss" and self.path:
+            return os.path.abspath(os.path.expanduser(self.path)), {"*"}  # the whole file
         if self.backend != "milvus":
             return None
         uri = self.uri.strip()
@@ -123,6 +131,9 @@ class FacesConfig(_Strict):
             if where is None:
                 continue
             for other, (other_where, other_names) in seen.items():
+                if where[0] == other_where and "*" in where[1] | other_names:
+                    raise ConfigError(f"faces galleries {other!r} and {name!r} use the same file ({where[0]}): a "
+                                      f"durable FAISS gallery's file is its own")
                 if where[0] == other_where and where[1] & other_names:
                     raise ConfigError(f"faces galleries {other!r} and {name!r} point at the same Milvus "
                                       f"collections ({g.uri}, collection {g.collection!r} and "

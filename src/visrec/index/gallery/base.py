@@ -369,9 +369,11 @@ class Gallery(abc.ABC):
         went away), the marks stay: the gallery repairs itself from them before its next operation (and the
         next open does, after a crash)."""
         undo = _Undo(info=dict(self.info))
+        self._begin()
         try:
             yield undo
             self._clear_pending(undo.marks)
+            self._commit()
         except BaseException:
             try:
                 self._rollback(undo)
@@ -570,6 +572,12 @@ class Gallery(abc.ABC):
 
     def _clear_pending(self, marks: list) -> None:
         """Drop the pending marks (what :meth:`_mark_pending` returned) of a write complete or undone."""
+
+    def _begin(self) -> None:
+        """Start a write (a backend with transactions opens one; the others need nothing)."""
+
+    def _commit(self) -> None:
+        """End a write that succeeded."""
 
     def _reconcile(self) -> None:
         """Roll back what an interrupted write left (pending templates, half-erased identities); a backend whose

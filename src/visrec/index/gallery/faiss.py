@@ -4,6 +4,10 @@ Vectors live in growable float32 matrices, one row per template and one per iden
 addressed by its key. An enrollment appends rows and a removal moves the last row into the hole, so both cost
 the same at any gallery size and nothing is rebuilt before the next search.
 
+With ``path`` the gallery is durable: every change is written through to a SQLite file
+(:mod:`visrec.index.gallery.store`), one transaction per gallery write, and loaded back when the gallery is
+opened; without it the gallery lives in memory only.
+
 ``index="Flat"`` (the default) searches exactly: ``faiss.knn`` over the live rows, as ``IndexFlatIP.search``
 would. Any other FAISS factory string (``"HNSW32"``, ``"IVF4096,Flat"``, ``"IVF4096,PQ64"``) searches
 approximately through :class:`ApproximateIndex`, tuned by ``search_params`` (``nprobe`` for IVF, ``efSearch``
@@ -15,11 +19,14 @@ own name never shadows it (absolute imports only).
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from visrec._optional import require
-from visrec.errors import ConfigError
+from visrec.errors import ConfigError, DataError
 from visrec.index.gallery.base import BACKENDS, Gallery, _score_from_raw
+from visrec.index.gallery.store import GalleryFile
 
 SEARCH_PARAMS = {"nprobe": (1, 65536), "efSearch": (1, 65536)}  # name -> bounds
 
@@ -201,9 +208,16 @@ class FaissGallery(Gallery):
     """In memory; exact search by FAISS over the live template (or centroid) rows, or approximate search through
     an :class:`ApproximateIndex` (module docstring)."""
 
-    def __init__(self, *, index: str = "Flat", search_params: dict | None = None, **kwargs):
+    def __init__(self, *, path: str | Path | None = None, index: str = "Flat", search_params: dict | None = None,
+                 **kwargs):
         check_faiss_index(index, search_params or {})
         self.index_spec, self.search_params = index, dict(search_params or {})
+        self._file = None if path is None else GalleryFile(path)
+        self._load()
+        super().__init__(**kwargs)
+
+    def _load(self) -> None:
+        """Empty memory, then (durable) every row of the file."""
         self._ann: dict[str, ApproximateIndex] = {}  # "templates" / "identities", once the dimension is known
         self._templates = KeyedRows()  # template id -> vector, owner = identity
         self._hashes: dict[str, str] = {}  # template id -> image hash
@@ -211,13 +225,47 @@ class FaissGallery(Gallery):
         self._centroids = KeyedRows()  # identity -> centroid, owner = identity
         self._rows: dict[str, tuple[int, dict]] = {}  # identity -> (template count, metadata)
         self._stored_info: dict | None = None
-        super().__init__(**kwargs)
+        if self._file is None:
+            return
+        self._stored_info, templates, people = self._file.load()
+        self._put_templates(templates)
+        self._put_identities(people)
+        for identity in self._by_identity.keys() - self._rows.keys():
+            raise DataError(f"gallery file: templates of {identity!r}, who has no identity row", path=self._file.path)
+        for identity, (count, _) in self._rows.items():
+            if len(self._by_identity.get(identity, ())) != count:
+                raise DataError(f"gallery file: identity {identity!r} records {count} templates, the file holds "
+                                f"{len(self._by_identity.get(identity, ()))}", path=self._file.path)
+        for kind in ("templates", "identities"):
+            self._sync(kind, [], [])
 
     def _read_info(self):
         return self._stored_info
 
     def _write_info(self):
+        if self._file is not None:
+            self._file.put_info(self.info)
         self._stored_info = dict(self.info)
+
+    # a durable gallery's write is one SQLite transaction: undone by SQLite, then memory reloaded from the file
+    def _begin(self):
+        if self._file is not None:
+            self._file.begin()
+
+    def _commit(self):
+        if self._file is not None:
+            self._file.commit()
+
+    def _rollback(self, undo):
+        if self._file is None:
+            return super()._rollback(undo)
+        self._file.rollback()
+        self._load()
+        self.info = dict(undo.info)
+
+    def close(self):
+        if self._file is not None:
+            self._file.close()
 
     def _existing_templates(self, ids):
         return {i for i in ids if i in self._templates}
@@ -243,26 +291,40 @@ class FaissGallery(Gallery):
             return
         self._ann[kind].sync(rows, changed, removed)
 
-    def _upsert_templates(self, rows):
+    def _put_templates(self, rows):
         for identity, i, h, v in rows:
             self._templates.put(i, v, identity)
             self._hashes[i] = h
             self._by_identity.setdefault(identity, set()).add(i)
-        self._sync("templates", [i for _, i, _, _ in rows], [])
 
-    def _upsert_identities(self, rows):
+    def _put_identities(self, rows):
         for identity, templates, centroid, metadata in rows:
             self._rows[identity] = (int(templates), dict(metadata))
             self._centroids.put(identity, centroid, identity)
+
+    def _upsert_templates(self, rows):
+        if self._file is not None:  # the file first: a failed write leaves memory as the file is
+            self._file.put_templates(rows)
+        self._put_templates(rows)
+        self._sync("templates", [i for _, i, _, _ in rows], [])
+
+    def _upsert_identities(self, rows):
+        if self._file is not None:
+            self._file.put_people(rows)
+        self._put_identities(rows)
         self._sync("identities", [identity for identity, _, _, _ in rows], [])
 
     def _delete_identity(self, identity):
+        if self._file is not None:
+            self._file.delete_identity(identity)
         self._rows.pop(identity, None)
         self._centroids.drop(identity)
         self._sync("identities", [], [identity])
         self._delete_templates(sorted(self._by_identity.get(identity, ())))
 
     def _delete_templates(self, ids):
+        if self._file is not None:
+            self._file.delete_templates(ids)
         gone = []
         for i in ids:
             if i in self._templates:

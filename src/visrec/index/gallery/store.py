@@ -1,0 +1,153 @@
+"""A durable, crash-safe file beside the in-memory FAISS gallery: SQLite (Python's standard library) in WAL
+mode with full sync, so a gallery write is one SQLite transaction that is either wholly on disk or, after a
+crash (kill -9, power loss), wholly absent when the file is next opened. Searches never read it: the FAISS
+gallery loads every row into memory when it opens and writes each change through.
+
+Tables: ``info`` (key -> JSON text), ``templates`` (id, identity, image hash, vector as float32 bytes) and
+``people`` (identity, template count, metadata JSON, centroid as float32 bytes). Names and every other value
+reach SQL as bound parameters only. The file is untrusted when read back: every row is checked (sizes,
+types, names) and a bad one is a :class:`DataError` naming the file, the table and the row.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import numpy as np
+
+from visrec.errors import DataError
+from visrec.index.gallery.base import MAX_HASH_CHARS, check_identity
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS info (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS templates (id TEXT PRIMARY KEY, identity TEXT NOT NULL, hash TEXT NOT NULL,
+                                      vector BLOB NOT NULL);
+CREATE INDEX IF NOT EXISTS templates_by_identity ON templates (identity);
+CREATE TABLE IF NOT EXISTS people (identity TEXT PRIMARY KEY, templates INTEGER NOT NULL, metadata TEXT NOT NULL,
+                                   centroid BLOB NOT NULL);
+"""
+
+
+class GalleryFile:
+    """The SQLite file of one FAISS gallery: :meth:`load` everything, then write changes through, each gallery
+    write between :meth:`begin` and :meth:`commit` (or :meth:`rollback`)."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            # autocommit mode: transactions are the explicit BEGIN/COMMIT below; the gallery's lock serialises
+            # writers, so one connection is shared by the service's worker threads
+            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the write is acknowledged
+            self.db.executescript(SCHEMA)
+        except sqlite3.DatabaseError as exc:
+            raise DataError(f"not a visrec FAISS gallery file (SQLite): {exc}", path=self.path) from None
+
+    def _bad(self, table: str, row: int, what: str) -> DataError:
+        return DataError(f"gallery file table {table!r} row {row}: {what}", path=self.path)
+
+    def load(self) -> tuple[dict | None, list, list]:
+        """(info record or None, templates as (identity, id, hash, vector), people as (identity, templates,
+        centroid, metadata)), every row checked."""
+        info = None
+        for key, value in self.db.execute("SELECT key, value FROM info"):
+            if key == "info":
+                try:
+                    info = json.loads(value)
+                except (TypeError, ValueError):
+                    raise self._bad("info", 0, "the info record is not JSON") from None
+                if not isinstance(info, dict):
+                    raise self._bad("info", 0, "the info record is not a JSON object")
+        dim = info.get("dim") if info else None
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 65536):
+            raise self._bad("info", 0, f"dim {dim!r} is not an integer in 1..65536")
+        templates = []
+        for n, (tid, identity, h, blob) in enumerate(self.db.execute(
+                "SELECT id, identity, hash, vector FROM templates ORDER BY rowid")):
+            templates.append((self._name("templates", n, identity), self._text("templates", n, tid, 64),
+                              self._text("templates", n, h, MAX_HASH_CHARS), self._vector("templates", n, blob, dim)))
+        people = []
+        for n, (identity, count, meta, blob) in enumerate(self.db.execute(
+                "SELECT identity, templates, metadata, centroid FROM people ORDER BY rowid")):
+            if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                raise self._bad("people", n, f"template count {count!r} is not a positive integer")
+            try:
+                metadata = json.loads(meta)
+            except (TypeError, ValueError):
+                raise self._bad("people", n, "metadata is not JSON") from None
+            if not isinstance(metadata, dict):
+                raise self._bad("people", n, "metadata is not a JSON object")
+            people.append((self._name("people", n, identity), count, self._vector("people", n, blob, dim), metadata))
+        return info, templates, people
+
+    def _name(self, table, n, value) -> str:
+        try:
+            return check_identity(value)
+        except DataError as exc:
+            raise self._bad(table, n, str(exc)) from None
+
+    def _text(self, table, n, value, limit) -> str:
+        if not isinstance(value, str) or not 1 <= len(value) <= limit:
+            raise self._bad(table, n, f"{str(value)[:40]!r} is not text of 1-{limit} characters")
+        return value
+
+    def _vector(self, table, n, blob, dim) -> np.ndarray:
+        if not isinstance(blob, bytes) or dim is None or len(blob) != 4 * dim:
+            raise self._bad(table, n, f"vector of {len(blob) if isinstance(blob, bytes) else '?'} bytes, expected "
+                                      f"{dim} float32 values")
+        v = np.frombuffer(blob, np.float32).copy()
+        if not np.isfinite(v).all():
+            raise self._bad(table, n, "vector holds NaN or inf")
+        return v
+
+    # -- writes (inside begin/commit when part of a gallery write) -------------------------------------------
+    def begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    def put_info(self, info: dict) -> None:
+        self.db.execute("INSERT OR REPLACE INTO info (key, value) VALUES ('info', ?)",
+                        (json.dumps(info, sort_keys=True),))
+
+    def put_templates(self, rows) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO templates (id, identity, hash, vector) VALUES (?, ?, ?, ?)",
+                            [(i, identity, h, np.asarray(v, np.float32).tobytes()) for identity, i, h, v in rows])
+
+    def put_people(self, rows) -> None:
+        self.db.executemany("INSERT OR REPLACE INTO people (identity, templates, metadata, centroid) "
+                            "VALUES (?, ?, ?, ?)",
+                            [(identity, int(n), json.dumps(meta, sort_keys=True), np.asarray(c, np.float32).tobytes())
+                             for identity, n, c, meta in rows])
+
+    def delete_identity(self, identity: str) -> None:
+        """Erase the row and the templates together (one transaction of its own unless inside a write)."""
+        own = not self.db.in_transaction
+        if own:
+            self.begin()
+        try:
+            self.db.execute("DELETE FROM people WHERE identity = ?", (identity,))
+            self.db.execute("DELETE FROM templates WHERE identity = ?", (identity,))
+        except BaseException:
+            if own:
+                self.rollback()
+            raise
+        if own:
+            self.commit()
+
+    def delete_templates(self, ids) -> None:
+        self.db.executemany("DELETE FROM templates WHERE id = ?", [(i,) for i in ids])
+
+    def close(self) -> None:
+        self.rollback()
+        self.db.close()
