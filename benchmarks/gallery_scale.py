@@ -8,7 +8,7 @@ plus noise (cosine ~0.8 to their own template). Recall@k is the share of the exa
 every template, in the same run) that the gallery returns, per probe, averaged. Latency is one probe per
 ``Gallery.search`` call (top-10), measured by the caller; concurrency 8 runs 8 threads on one gallery.
 
-    python benchmarks/gallery_scale.py --identities 100000 --kinds faiss:Flat faiss:HNSW32 \\
+    python benchmarks/gallery_scale.py --identities 100000 --kinds faiss:Flat faiss-file:Flat faiss:HNSW32 \\
         "faiss:IVF1024,Flat" milvus:FLAT milvus:IVF_FLAT milvus:HNSW
 
 The Milvus server is the ``milvus`` package's standalone Milvus 2.3 (visrec[dev]), started on free loopback
@@ -19,6 +19,7 @@ process's resident-set growth; Milvus kinds the server process's resident set af
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import tempfile
 import threading
@@ -55,9 +56,10 @@ def open_kind(kind: str, server, collection: str):
     from visrec.index.gallery import open_gallery
 
     backend, index = kind.split(":", 1)
-    if backend == "faiss":
+    if backend in ("faiss", "faiss-file"):  # faiss-file: durable, its SQLite file in a temporary folder
         params = next((v for k, v in FAISS_SEARCH.items() if index.startswith(k) or f",{k}" in index), {})
-        return open_gallery("faiss", model_name="bench", index=index, search_params=params)
+        path = Path(tempfile.mkdtemp(prefix="visrec-gallery-")) / "g.sqlite" if backend == "faiss-file" else None
+        return open_gallery("faiss", model_name="bench", index=index, search_params=params, path=path)
     build, search = MILVUS[index]
     return open_gallery("milvus", uri=server.uri, collection=collection, model_name="bench", index=index,
                         index_params=build, search_params=search)
@@ -147,6 +149,7 @@ def main() -> None:
                 lat1 = latencies(g, q, 1, args.searches)
                 lat8 = latencies(g, q, 8, args.searches // 4)
                 mem = rss_mb() - rss0 if kind.startswith("faiss") else rss_mb(server.pid)
+                folder = g._file.path.parent if getattr(g, "_file", None) is not None else None
                 row = {"n": n, "kind": kind, "build_s": build, "enroll_rate": n / build,
                        "single_p50": np.percentile(single, 50), "single_p99": np.percentile(single, 99),
                        "r1": r1, "r10": r10, "p50_1": np.percentile(lat1, 50), "p99_1": np.percentile(lat1, 99),
@@ -161,6 +164,8 @@ def main() -> None:
                         g.client._client.drop_collection(name)
                 g.close()
                 del g
+                if folder is not None:
+                    shutil.rmtree(folder)
     finally:
         if server is not None:
             server.stop()
