@@ -116,3 +116,26 @@ def open_milvus(request, tmp_path):
     yield opener
     if cleanup is not None:
         cleanup()
+
+
+@pytest.fixture(scope="session")
+def trained_products(tmp_path_factory):
+    """The README's synthetic catalogue (10 families x 4 products x 3 variants, 2 queries each, seed 0, 128 px)
+    and the descriptor of configs/products/synthetic.yaml trained on it as shipped (160 steps, seed 0): one
+    training shared by the slow products tests. Returns ``(root, run_dir, train_result, config)``."""
+    import torch
+
+    from visrec.config import load_config
+    from visrec.data.synth_products import write_product_dataset
+    from visrec.train.trainer import train
+
+    tmp = tmp_path_factory.mktemp("trained-products")
+    torch.set_num_threads(2)
+    root = tmp / "products"
+    write_product_dataset(root, families=10, products_per_family=4, variants=3, queries_per_product=2, seed=0, size=128)
+    cfg = load_config("configs/products/synthetic.yaml", {
+        "output": str(tmp / "run"), "device": "cpu", "data.catalogue": str(root / "catalogue"),
+        "data.labels": str(root / "catalogue_products.csv"), "data.val": str(root)})
+    torch.manual_seed(0)
+    result = train(cfg, progress=False)
+    return root, tmp / "run", result, cfg

@@ -91,30 +91,20 @@ def test_eval_products_ablation_cli_table_report_and_library(tmp_path):
 
 
 @pytest.mark.slow
-def test_the_synthetic_configs_chain_is_not_worse_than_no_chain_on_its_own_data(tmp_path):
+def test_the_synthetic_configs_chain_is_not_worse_than_no_chain_on_its_own_data(trained_products, tmp_path):
     """The README's synthetic catalogue (``visrec data synth products data/products --size 128``: 10 families
     x 4 products x 3 variants, 2 queries each), the descriptor of configs/products/synthetic.yaml trained as
-    shipped (160 steps), indexed with the config's chain: the ablation's last row (whole chain) must not
-    fall below its first (no chain) in either mAP@7 form. Slow (about 1.5 min on 2 free cores): a
-    descriptor trained for fewer steps is not the one the config's chain was chosen for, and on a weak
-    descriptor (mAP@7 ~0.13 after 40 steps) DBA lowers the hits form."""
+    shipped (160 steps; the session's ``trained_products``), indexed with the config's chain: the ablation's
+    last row (whole chain) must not fall below its first (no chain) in either mAP@7 form. A descriptor trained
+    for fewer steps is not the one the config's chain was chosen for, and on a weak descriptor (mAP@7 ~0.13
+    after 40 steps) DBA lowers the hits form."""
     from visrec.cli import app
-    from visrec.config import load_config
-    from visrec.data.synth_products import write_product_dataset
     from visrec.index.evaluation import evaluate_products
-    from visrec.train.trainer import train
 
-    torch.set_num_threads(2)
-    root = tmp_path / "products"
-    write_product_dataset(root, families=10, products_per_family=4, variants=3, queries_per_product=2, seed=0, size=128)
-    overrides = {"output": str(tmp_path / "run"), "device": "cpu", "data.catalogue": str(root / "catalogue"),
-                 "data.labels": str(root / "catalogue_products.csv"), "data.val": str(root)}
-    cfg = load_config("configs/products/synthetic.yaml", overrides)
+    root, run, _, cfg = trained_products
     assert [s["name"] for s in cfg.index["postprocess"]], "the synthetic config ships a chain"
-    torch.manual_seed(0)
-    train(cfg, progress=False)
     r = CliRunner().invoke(app, ["products", "index", str(root / "catalogue"), "--config", "configs/products/synthetic.yaml",
-                                 "--model", str(tmp_path / "run"), "--out", str(tmp_path / "idx")])
+                                 "--model", str(run), "--out", str(tmp_path / "idx")])
     assert r.exit_code == 0, r.output
     assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["postprocess_adjustments"] == []
     res = evaluate_products(tmp_path / "idx", root, tmp_path / "ev", samples=0, ablation=True)
