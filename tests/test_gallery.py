@@ -340,3 +340,16 @@ def test_enroll_folder_writes_in_batches_and_reports_each_photo(tmp_path, monkey
     assert report.no_face == ["bob/blank.jpg"] and [p for p, _ in report.errors] == [" bad /0.jpg"]
     assert calls == [2, 2, 1] and g.count() == 5 and report.identities == 2
     assert enroll_folder(pipeline, g, tmp_path, batch=2).enrolled and g.count() == 5  # again: nothing added
+
+
+def test_mean_fusion_builds_the_centroid_index_when_first_searched_and_keeps_it_current():
+    x, probes = _clustered(n=1500)
+    exact, ann = open_gallery("faiss", fusion="mean"), open_gallery("faiss", fusion="mean", index="HNSW32")
+    for g in (exact, ann):
+        g.enroll_many([(f"p{i % 500}", x[i:i + 1]) for i in range(len(x))])  # three templates each
+    assert "identities" not in ann._ann  # max fusion never needs it; mean fusion builds it at its first search
+    top = lambda g: [row[0].identity for row in g.search(probes, 1)]  # noqa: E731
+    assert np.mean([a == b for a, b in zip(top(ann), top(exact))]) >= 0.95 and "identities" in ann._ann
+    for g in (exact, ann):  # a changed centroid is searched as it now is
+        g.enroll("p0", -probes[:1])
+    assert np.mean([a == b for a, b in zip(top(ann), top(exact))]) >= 0.95

@@ -236,8 +236,7 @@ class FaissGallery(Gallery):
             if len(self._by_identity.get(identity, ())) != count:
                 raise DataError(f"gallery file: identity {identity!r} records {count} templates, the file holds "
                                 f"{len(self._by_identity.get(identity, ()))}", path=self._file.path)
-        for kind in ("templates", "identities"):
-            self._sync(kind, [], [])
+        self._sync("templates", [], [])
 
     def _read_info(self):
         return self._stored_info
@@ -277,8 +276,9 @@ class FaissGallery(Gallery):
     def _templates_of(self, identity):
         return {i: self._templates.vector(i) for i in sorted(self._by_identity.get(identity, ()))}
 
-    def _sync(self, kind: str, changed: list[str], removed: list[str]) -> None:
-        if self.index_spec == "Flat":
+    def _sync(self, kind: str, changed: list[str], removed: list[str], needed: bool = False) -> None:
+        # the centroids' index serves mean fusion only: built when a search first needs it, then kept up to date
+        if self.index_spec == "Flat" or (kind == "identities" and "identities" not in self._ann and not needed):
             return
         rows = self._templates if kind == "templates" else self._centroids
         if kind not in self._ann:
@@ -340,7 +340,10 @@ class FaissGallery(Gallery):
     def _search(self, rows: KeyedRows, q, limit):
         if not len(rows):
             return [[] for _ in q]
-        ann = self._ann.get("templates" if rows is self._templates else "identities")
+        kind = "templates" if rows is self._templates else "identities"
+        if kind not in self._ann:
+            self._sync(kind, [], [], needed=True)
+        ann = self._ann.get(kind)
         found = None if ann is None else ann.search(q, limit)
         if found is not None:
             return [[(o, _score_from_raw(s, self.metric)) for s, o in zip(srow, orow) if o is not None]
