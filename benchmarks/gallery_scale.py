@@ -13,7 +13,8 @@ every template, in the same run) that the gallery returns, per probe, averaged. 
 
 The Milvus server is the ``milvus`` package's standalone Milvus 2.3 (visrec[dev]), started on free loopback
 ports for the run and stopped after it (its data in a temporary folder). Memory: FAISS kinds report this
-process's resident-set growth; Milvus kinds the server process's resident set after loading.
+process's resident-set growth (Milvus Lite's too: it runs its own process, not counted); Milvus kinds the
+server process's resident set after loading.
 """
 
 from __future__ import annotations
@@ -61,7 +62,9 @@ def open_kind(kind: str, server, collection: str):
         path = Path(tempfile.mkdtemp(prefix="visrec-gallery-")) / "g.sqlite" if backend == "faiss-file" else None
         return open_gallery("faiss", model_name="bench", index=index, search_params=params, path=path)
     build, search = MILVUS[index]
-    return open_gallery("milvus", uri=server.uri, collection=collection, model_name="bench", index=index,
+    # milvus-lite: a Milvus Lite file in a temporary folder; milvus: the standalone server
+    uri = str(Path(tempfile.mkdtemp(prefix="visrec-lite-")) / "g.db") if backend == "milvus-lite" else server.uri
+    return open_gallery("milvus", uri=uri, collection=collection, model_name="bench", index=index,
                         index_params=build, search_params=search)
 
 
@@ -111,6 +114,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=100, help="single enrollments timed after filling")
     ap.add_argument("--searches", type=int, default=200, help="timed searches per thread")
     ap.add_argument("--faiss-threads", type=int, default=1, help="FAISS OpenMP threads (one per request worker)")
+    ap.add_argument("--sweep", nargs="*", default=[], help="search settings tried on each approximate index after "
+                                                           "the default one, e.g. nprobe=128 efSearch=256 ef=128")
     args = ap.parse_args()
 
     import faiss
@@ -142,26 +147,37 @@ def main() -> None:
                     t = time.perf_counter()
                     g.enroll(f"extra{i}", v[None])
                     single.append((time.perf_counter() - t) * 1000)
-                found = g.search(q, 10)
-                names = [[int(m.identity[1:]) for m in row if m.identity.startswith("p")] for row in found]
-                r1 = float(np.mean([bool(f) and f[0] == t[0] for f, t in zip(names, truth)]))
-                r10 = float(np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(names, truth)]))
-                lat1 = latencies(g, q, 1, args.searches)
-                lat8 = latencies(g, q, 8, args.searches // 4)
-                mem = rss_mb() - rss0 if kind.startswith("faiss") else rss_mb(server.pid)
+                mem = rss_mb(server.pid) if kind.startswith("milvus:") else rss_mb() - rss0
                 folder = g._file.path.parent if getattr(g, "_file", None) is not None else None
-                row = {"n": n, "kind": kind, "build_s": build, "enroll_rate": n / build,
-                       "single_p50": np.percentile(single, 50), "single_p99": np.percentile(single, 99),
-                       "r1": r1, "r10": r10, "p50_1": np.percentile(lat1, 50), "p99_1": np.percentile(lat1, 99),
-                       "p50_8": np.percentile(lat8, 50), "p99_8": np.percentile(lat8, 99), "mem_mb": mem}
-                rows.append(row)
-                print(f"{n:>9,} {kind:<20} build {build:7.1f} s ({n / build:8.0f}/s)  enroll p50/p99 "
-                      f"{row['single_p50']:6.1f}/{row['single_p99']:6.1f} ms  recall@1 {r1:.4f} @10 {r10:.4f}  "
-                      f"search c1 {row['p50_1']:6.1f}/{row['p99_1']:6.1f} ms  c8 {row['p50_8']:6.1f}/"
-                      f"{row['p99_8']:6.1f} ms  mem {mem:7.0f} MB", flush=True)
-                if hasattr(g, "client"):
+                for setting in [None] + [s for s in args.sweep if kind != "faiss:Flat" and s.split("=")[0] in
+                                         str(getattr(g, "search_params", ""))]:
+                    label = kind
+                    if setting is not None:  # the same index searched with another nprobe / efSearch / ef
+                        name, value = setting.split("=")
+                        g.search_params[name] = int(value)
+                        for ann in getattr(g, "_ann", {}).values():
+                            ann.search_params[name] = int(value)
+                        label = f"{kind} {setting}"
+                    found = g.search(q, 10)
+                    names = [[int(m.identity[1:]) for m in row if m.identity.startswith("p")] for row in found]
+                    r1 = float(np.mean([bool(f) and f[0] == t[0] for f, t in zip(names, truth)]))
+                    r10 = float(np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(names, truth)]))
+                    lat1 = latencies(g, q, 1, args.searches)
+                    lat8 = latencies(g, q, 8, args.searches // 4)
+                    row = {"n": n, "kind": label, "build_s": build, "enroll_rate": n / build,
+                           "single_p50": np.percentile(single, 50), "single_p99": np.percentile(single, 99),
+                           "r1": r1, "r10": r10, "p50_1": np.percentile(lat1, 50), "p99_1": np.percentile(lat1, 99),
+                           "p50_8": np.percentile(lat8, 50), "p99_8": np.percentile(lat8, 99), "mem_mb": mem}
+                    rows.append(row)
+                    print(f"{n:>9,} {label:<20} build {build:7.1f} s ({n / build:8.0f}/s)  enroll p50/p99 "
+                          f"{row['single_p50']:6.1f}/{row['single_p99']:6.1f} ms  recall@1 {r1:.4f} @10 {r10:.4f}  "
+                          f"search c1 {row['p50_1']:6.1f}/{row['p99_1']:6.1f} ms  c8 {row['p50_8']:6.1f}/"
+                          f"{row['p99_8']:6.1f} ms  mem {mem:7.0f} MB", flush=True)
+                if kind.startswith("milvus:"):
                     for name in (g.t_name, g.i_name, g.info_name):
                         g.client._client.drop_collection(name)
+                elif kind.startswith("milvus-lite:"):
+                    folder = Path(g.uri).parent
                 g.close()
                 del g
                 if folder is not None:
