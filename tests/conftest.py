@@ -139,3 +139,23 @@ def trained_products(tmp_path_factory):
     torch.manual_seed(0)
     result = train(cfg, progress=False)
     return root, tmp / "run", result, cfg
+
+
+@pytest.fixture(params=["faiss", "faiss-file", "milvus-lite", "milvus-server"])
+def gallery(request, tmp_path):
+    """A gallery of model "m" on every backend: FAISS in memory, FAISS with its SQLite file, Milvus Lite and the
+    session's Milvus server; its dimension is the test module's ``GALLERY_DIM`` (32 when it sets none)."""
+    from visrec.index.gallery import open_gallery
+
+    dim, cleanup = getattr(request.module, "GALLERY_DIM", 32), None
+    if request.param == "faiss-file":  # durable: a SQLite file beside the in-memory index
+        g = open_gallery("faiss", path=tmp_path / "g.sqlite", model_name="m", dim=dim)
+    elif request.param == "faiss":
+        g = open_gallery("faiss", model_name="m", dim=dim)
+    else:
+        opener, cleanup = milvus_opener(request.param, request, tmp_path)
+        g = opener(tmp_path, model_name="m", dim=dim)
+    yield g
+    g.close()
+    if cleanup is not None:
+        cleanup()

@@ -27,20 +27,7 @@ def milvus(open_milvus):
     return open_milvus
 
 
-@pytest.fixture(params=["faiss", "faiss-file", "milvus-lite", "milvus-server"])
-def gallery(request, tmp_path):
-    cleanup = None
-    if request.param == "faiss-file":  # durable: a SQLite file beside the in-memory index
-        g = open_gallery("faiss", path=tmp_path / "g.sqlite", model_name="m", dim=32)
-    elif request.param == "faiss":
-        g = open_gallery("faiss", model_name="m", dim=32)
-    else:
-        opener, cleanup = milvus_opener(request.param, request, tmp_path)
-        g = opener(tmp_path, model_name="m", dim=32)
-    yield g
-    g.close()
-    if cleanup is not None:
-        cleanup()
+GALLERY_DIM = 32  # the conftest's `gallery` fixture (every backend) opens galleries of this size
 
 
 def test_fused_scores_follow_their_definitions(gallery):
@@ -353,3 +340,10 @@ def test_mean_fusion_builds_the_centroid_index_when_first_searched_and_keeps_it_
     for g in (exact, ann):  # a changed centroid is searched as it now is
         g.enroll("p0", -probes[:1])
     assert np.mean([a == b for a, b in zip(top(ann), top(exact))]) >= 0.95
+
+
+def test_enroll_and_count_takes_the_count_from_the_write(gallery):
+    x = unit(np.random.default_rng(4).normal(size=(3, 32)))
+    assert gallery.enroll_and_count("ann", x[:2], hashes=["a", "b"]) == (gallery.enroll("ann", x[:2], hashes=["a", "b"]), 2)
+    ids, n = gallery.enroll_and_count("ann", x[1:], hashes=["b", "c"])  # one new template, one already there
+    assert n == 3 and len(ids) == 2

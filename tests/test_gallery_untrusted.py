@@ -11,7 +11,6 @@ import pytest
 
 pytest.importorskip("faiss", reason="galleries need visrec[index]")
 
-from conftest import milvus_opener  # noqa: E402
 from visrec.errors import DataError  # noqa: E402
 from visrec.index.gallery import GalleryMismatchError, MAX_METADATA_CHARS, check_identity, open_gallery  # noqa: E402
 
@@ -30,20 +29,7 @@ def milvus(open_milvus):
     return open_milvus
 
 
-@pytest.fixture(params=["faiss", "faiss-file", "milvus-lite", "milvus-server"])
-def gallery(request, tmp_path):
-    cleanup = None
-    if request.param == "faiss-file":  # durable: a SQLite file beside the in-memory index
-        g = open_gallery("faiss", path=tmp_path / "g.sqlite", model_name="m", dim=16)
-    elif request.param == "faiss":
-        g = open_gallery("faiss", model_name="m", dim=16)
-    else:
-        opener, cleanup = milvus_opener(request.param, request, tmp_path)
-        g = opener(tmp_path, model_name="m")
-    yield g
-    g.close()
-    if cleanup is not None:
-        cleanup()
+GALLERY_DIM = 16  # the conftest's `gallery` fixture (every backend) opens galleries of this size
 
 
 def test_every_hostile_name_is_enrolled_found_and_erased_as_itself(gallery):

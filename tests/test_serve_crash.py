@@ -23,48 +23,71 @@ def start(config, log):
                             stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
 
 
+def serve(tmp_path, model, gallery: str):
+    """``visrec serve`` in its own process group with ``gallery`` (YAML flow mapping): (url, config, log, proc)."""
+    port = free_port()
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {model}\n  gallery: {{{gallery}}}\n")
+    log = open(tmp_path / "server.log", "wb")
+    return f"http://127.0.0.1:{port}", cfg, log, start(cfg, log)
+
+
+def enroll_stream(url, acked: list, refused: dict, stop: threading.Event, seed: int, timeout: float):
+    """Enroll p0000, p0001, ... one random photo each until ``stop``; acknowledged names go to ``acked``, refused
+    ones to ``refused`` (status, error); ends when the server itself dies mid-request (never acknowledged)."""
+    rng = np.random.default_rng(seed)
+    i = 0
+    with httpx.Client(timeout=timeout) as client:
+        while not stop.is_set():
+            img = encode_jpeg(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
+            try:
+                r = client.post(url + "/v1/faces/enroll", data={"identity": f"p{i:04d}"}, files={"image": img})
+            except httpx.HTTPError:
+                return
+            if r.status_code == 200:
+                acked.append(f"p{i:04d}")
+            else:
+                refused[f"p{i:04d}"] = (r.status_code, r.json().get("error", "")[:200])
+            i += 1
+
+
+def wait_for(condition, seconds):
+    deadline = time.time() + seconds
+    while not condition() and time.time() < deadline:
+        time.sleep(0.05)
+
+
+def stop_service(proc, log):
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait()
+    log.close()
+
+
+def enrolled(url) -> dict:
+    return {r["identity"]: r["templates"] for r in httpx.get(url + "/v1/faces", timeout=60).json()["identities"]}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("gallery", ["backend: milvus, uri: {dir}/gallery.db", "backend: faiss, path: {dir}/gallery.sqlite"])
 def test_kill_9_during_enrollment_keeps_every_acknowledged_one(tmp_path, tiny_face_model, gallery):
-    port = free_port()
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tiny_face_model}\n"
-                   f"  gallery: {{{gallery.format(dir=tmp_path)}}}\n")
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "wb")
-    proc = start(cfg, log)
-    acked, stop = [], threading.Event()
-    rng = np.random.default_rng(0)
-
-    def stream():
-        i = 0
-        with httpx.Client(timeout=30) as client:
-            while not stop.is_set():
-                img = encode_jpeg(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
-                try:
-                    r = client.post(url + "/v1/faces/enroll", data={"identity": f"p{i:04d}"}, files={"image": img})
-                except httpx.HTTPError:
-                    break  # the server died mid-request: that one was never acknowledged
-                if r.status_code == 200:
-                    acked.append(f"p{i:04d}")
-                i += 1
-
+    url, cfg, log, proc = serve(tmp_path, tiny_face_model, gallery.format(dir=tmp_path))
+    acked, refused, stop = [], {}, threading.Event()
     try:
         wait_healthy(url, proc)
-        t = threading.Thread(target=stream)
+        t = threading.Thread(target=enroll_stream, args=(url, acked, refused, stop, 0, 30))
         t.start()
-        deadline = time.time() + 120
-        while len(acked) < 12 and time.time() < deadline:
-            time.sleep(0.05)
+        wait_for(lambda: len(acked) >= 12, 120)
         os.killpg(proc.pid, signal.SIGKILL)  # the whole service, mid-stream
         proc.wait()
         stop.set()
         t.join()
-        assert len(acked) >= 12, (tmp_path / "server.log").read_text()[-2000:]
+        assert len(acked) >= 12 and not refused, (tmp_path / "server.log").read_text()[-2000:]
         proc = start(cfg, log)
         wait_healthy(url, proc)
-        rows = httpx.get(url + "/v1/faces", timeout=30).json()["identities"]
-        got = {r["identity"]: r["templates"] for r in rows}
+        got = enrolled(url)
         missing = [a for a in acked if a not in got]
         assert not missing, f"acknowledged but lost: {missing}"
         assert all(n == 1 for n in got.values()), f"duplicates: {got}"
@@ -72,12 +95,7 @@ def test_kill_9_during_enrollment_keeps_every_acknowledged_one(tmp_path, tiny_fa
                        files={"image": encode_jpeg(np.zeros((112, 112, 3), np.uint8))}, timeout=30)
         assert r.status_code == 200, r.text
     finally:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        log.close()
+        stop_service(proc, log)
 
 
 @pytest.mark.slow
@@ -88,36 +106,11 @@ def test_kill_9_of_the_milvus_server_during_enrollment_loses_nothing_acknowledge
 
     pytest.importorskip("milvus", reason="the Milvus server test needs the milvus package (visrec[dev])")
     milvus = MilvusServer(tmp_path / "milvus").start()
-    port = free_port()
-    cfg = tmp_path / "serve.yaml"
-    cfg.write_text(f"host: 127.0.0.1\nport: {port}\nfaces:\n  model: {tiny_face_model}\n"
-                   f"  gallery: {{backend: milvus, uri: '{milvus.uri}', collection: crash}}\n")
-    url = f"http://127.0.0.1:{port}"
-    log = open(tmp_path / "server.log", "wb")
-    proc = start(cfg, log)
+    url, cfg, log, proc = serve(tmp_path, tiny_face_model, f"backend: milvus, uri: '{milvus.uri}', collection: crash")
     acked, refused, stop = [], {}, threading.Event()
-    rng = np.random.default_rng(1)
-
-    def stream():
-        i = 0
-        with httpx.Client(timeout=120) as client:
-            while not stop.is_set():
-                img = encode_jpeg(rng.integers(0, 256, (112, 112, 3), dtype=np.uint8))
-                r = client.post(url + "/v1/faces/enroll", data={"identity": f"p{i:04d}"}, files={"image": img})
-                if r.status_code == 200:
-                    acked.append(f"p{i:04d}")
-                else:
-                    refused[f"p{i:04d}"] = (r.status_code, r.json().get("error", "")[:200])
-                i += 1
-
-    def wait_for(condition, seconds):
-        deadline = time.time() + seconds
-        while not condition() and time.time() < deadline:
-            time.sleep(0.05)
-
     try:
         wait_healthy(url, proc)
-        t = threading.Thread(target=stream)
+        t = threading.Thread(target=enroll_stream, args=(url, acked, refused, stop, 1, 120))
         t.start()
         wait_for(lambda: len(acked) >= 8, 120)
         milvus.kill()  # the gallery's server, mid-stream; the service lives on
@@ -132,20 +125,14 @@ def test_kill_9_of_the_milvus_server_during_enrollment_loses_nothing_acknowledge
         assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
         assert len(acked) >= before + 5, f"no enrollment succeeded after the restart; refused: {refused}"
         assert refused and all(code == 503 for code, _ in refused.values()), refused
-        rows = httpx.get(url + "/v1/faces", timeout=60).json()["identities"]
-        got = {r["identity"]: r["templates"] for r in rows}
+        got = enrolled(url)
         assert not [a for a in acked if a not in got], "acknowledged but lost"
-        assert not [r for r in refused if r in got], "refused but enrolled"
+        assert not [r for r in refused if r in got], f"refused but enrolled: {[(r, refused[r]) for r in refused if r in got]}"
         assert all(n == 1 for n in got.values()), f"duplicates: {got}"
         probe = httpx.post(url + "/v1/faces/identify", files={"image": encode_jpeg(np.zeros((112, 112, 3), np.uint8))},
                            timeout=60)
         assert probe.status_code == 200, probe.text
     finally:
         stop.set()
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait()
-        log.close()
+        stop_service(proc, log)
         milvus.stop()

@@ -190,6 +190,7 @@ class _Undo:
     info: dict
     templates: list[str] = field(default_factory=list)
     marks: list = field(default_factory=list)  # what _mark_pending returned, for _clear_pending
+    counts: dict[str, int] = field(default_factory=dict)  # identity -> template count as the write leaves it
     rows: dict[str, dict | None] = field(default_factory=dict)
 
 class Gallery(abc.ABC):
@@ -303,6 +304,16 @@ class Gallery(abc.ABC):
         with self.lock, self._transaction() as undo:
             return self._enroll_locked(checked, model_name, undo)
 
+    def enroll_and_count(self, identity: str, embeddings, *, hashes: list[str] | None = None,
+                         metadata: dict | None = None, model_name: str | None = None) -> tuple[list[str], int]:
+        """:meth:`enroll`, also returning the identity's template count after the write, taken from the write
+        itself: a store that fails right after the write succeeded cannot turn a done enrollment into an error
+        (as a second read for the count could)."""
+        checked = [self._check_item(Enrollment(identity, embeddings, hashes, metadata))]
+        with self.lock, self._transaction() as undo:
+            ids = self._enroll_locked(checked, model_name, undo)[0]
+        return ids, undo.counts[checked[0][0]]
+
     def _check_item(self, item) -> tuple[str, np.ndarray, list[str], dict]:
         if not isinstance(item, Enrollment):
             if not isinstance(item, (tuple, list)) or not 2 <= len(item) <= 4:
@@ -355,6 +366,7 @@ class Gallery(abc.ABC):
             undo.templates.extend(templates)  # before the write: a half-done upsert is undone too
             undo.marks.append(self._mark_pending(list(templates)))
             self._upsert_templates([(identity, tid, h, v) for tid, (identity, h, v) in templates.items()])
+        undo.counts.update({identity: r["templates"] for identity, r in rows.items()})
         changed = [(identity, r["templates"], np.asarray(r["centroid"], np.float32), r["metadata"])
                    for identity, r in rows.items() if r["changed"]]
         if changed:

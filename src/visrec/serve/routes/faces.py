@@ -90,9 +90,10 @@ def face_routes(ctx):
                     raise InputError(f"image {i + 1}: {exc}", exc.status) from None
             embs = pipe.embedder(np.stack(crops))  # all images of the request in one batch
             hashes = [image_hash(data) for data in images["image"]]
-            ids = gallery.enroll(identity, embs, hashes=hashes, metadata=meta, model_name=pipe.embedder.name)
-            return {"identity": identity, "enrolled": len(ids), "entries": ids,
-                    "templates": gallery.identity(identity)["templates"]}
+            # the count comes from the write: no read after it that could fail once the enrollment is done
+            ids, templates = gallery.enroll_and_count(identity, embs, hashes=hashes, metadata=meta,
+                                                      model_name=pipe.embedder.name)
+            return {"identity": identity, "enrolled": len(ids), "entries": ids, "templates": templates}
 
         return await ctx.offload(work)
 
