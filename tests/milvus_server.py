@@ -29,13 +29,15 @@ class MilvusServer:
         self.port = int(self.server.config.configs["proxy_port"])
         self.uri = f"http://127.0.0.1:{self.port}"
 
-    def start(self, timeout=120):
+    def start(self, timeout=420):
         """Start and wait until a client is served; a restart right after a kill retries while the kernel
         still holds the old ports (the package checks them with a plain bind)."""
         deadline = time.time() + timeout
         while True:
             try:
-                self.server.start()
+                self.server.wait_for_started = False  # waited for below, longer than the package's 180 s: a
+                self.server.start()                     # restart on 2 busy cores replays its log first
+                self.server.wait_started(timeout=1000 * max(1.0, deadline - time.time()))
                 return self
             except RuntimeError as exc:
                 self.server.config.cleanup_listen_ports()  # the sockets the failed check still holds

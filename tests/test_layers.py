@@ -15,7 +15,7 @@ LAYERS = [
     ["errors", "registry", "_optional", "_torchfile", "_npz", "_onnx"],
     ["data"],  # real formats, synthetic data, the image decoder
     ["evaluate"],  # metrics over arrays: no model, trainer or index, so anything may call them
-    ["config", "protocols"],
+    ["config", "protocols", "distributed"],  # distributed: process groups and collectives
     ["models"],  # backbones, heads, model files and contracts, a model run over a data set
     ["losses"],
     ["export"],  # ONNX export (budget measures the file it writes)

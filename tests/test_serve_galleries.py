@@ -358,26 +358,31 @@ def test_cli_errors_for_a_bad_gallery_exit_2_on_stderr(tiny_face_model, tmp_path
     monkeypatch.setattr(sys, "argv", ["visrec", "gallery", "list", "--config", str(cfg), "--gallery", "staff"])
     with pytest.raises(SystemExit) as exit_:
         cli.main()
-    err = capsys.readouterr().err
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps lines at its width
     assert exit_.value.code == 2 and "no face gallery named 'staff'" in err and "declared: default" in err
 
 
 def test_the_service_sets_one_intra_op_thread_per_request_worker(tmp_path, tiny_face_model, monkeypatch):
-    """Threads are set deliberately: the config's, else cores / max_concurrent (at least 1), for torch, FAISS
-    and every ONNX Runtime session opened after."""
+    """Threads are set deliberately by `visrec serve`: the config's, else cores / max_concurrent (at least 1), for
+    torch, FAISS and every ONNX Runtime session opened after; building an app alone changes nothing."""
     import faiss
     import torch
+    import uvicorn
 
     from visrec import _onnx
-    from visrec.serve.app import create_app
+    from visrec.serve import app as app_module
     from visrec.serve.config import load_serve_config
 
+    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)  # everything serve() does but listening
     before = (torch.get_num_threads(), faiss.omp_get_max_threads(), _onnx.DEFAULT_THREADS[0])
     try:
         for extra, want in (("threads: 3\n", 3), ("limits: {max_concurrent: 64}\n", 1)):
             cfg = tmp_path / "serve.yaml"
             cfg.write_text(f"{extra}faces:\n  model: {tiny_face_model}\n  aligned: true\n  gallery: {{backend: faiss}}\n")
-            create_app(load_serve_config(cfg))
+            now = (torch.get_num_threads(), faiss.omp_get_max_threads(), _onnx.DEFAULT_THREADS[0])
+            app_module.create_app(load_serve_config(cfg))
+            assert (torch.get_num_threads(), faiss.omp_get_max_threads(), _onnx.DEFAULT_THREADS[0]) == now
+            app_module.serve(load_serve_config(cfg))
             assert (torch.get_num_threads(), faiss.omp_get_max_threads(), _onnx.DEFAULT_THREADS[0]) == (want,) * 3
     finally:
         torch.set_num_threads(before[0])

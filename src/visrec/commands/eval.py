@@ -54,7 +54,7 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
         _one_process("visrec eval faces --submission")
         return _image_submission(model, data, filelist, submission, expect_rows)
     from visrec.faces.evaluation import evaluate_faces
-    from visrec.train.dist import setup, teardown, world_group
+    from visrec.distributed import setup, teardown, world_group
 
     ctx = setup()  # a gloo (CPU) or NCCL (CUDA) process group under torchrun only
     try:
@@ -85,7 +85,7 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
 
 
 def _one_process(command: str) -> None:
-    from visrec.train.dist import one_process
+    from visrec.distributed import one_process
 
     one_process(command)
 

@@ -35,7 +35,7 @@ def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalog
     from visrec.config import parse_override
     from visrec.data.products import list_images
     from visrec.index.catalogue import index_catalogue
-    from visrec.train.dist import setup, teardown, world_group
+    from visrec.distributed import setup, teardown, world_group
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device not in ("cpu", "cuda"):
         raise typer.BadParameter(f"{device!r}: under torchrun give cpu or cuda (each process takes the GPU of "
@@ -77,7 +77,7 @@ def search(query: Path = typer.Argument(..., help="an image, or a folder of quer
            out: Optional[Path] = typer.Option(None, "--out", help="write the challenge CSV (k ids per query)")):
     """Top-k catalogue ids for one image or every image of a folder."""
     from visrec.index.catalogue import search_catalogue
-    from visrec.train.dist import one_process
+    from visrec.distributed import one_process
 
     one_process("visrec products search")
 

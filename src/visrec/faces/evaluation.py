@@ -33,7 +33,7 @@ from visrec.faces import align
 from visrec.models.inference import video_features
 from visrec.models.loading import load_model
 from visrec.protocols import load_protocol
-from visrec.train.dist import all_gather_rows, on_every_rank, rank_and_size
+from visrec.distributed import all_gather_rows, on_every_rank, rank_and_size
 
 
 @dataclass

@@ -44,7 +44,7 @@ from visrec.index.postprocess import Chain
 from visrec.models import build_backbone
 from visrec.models.inference import describe
 from visrec.models.model_file import default_contract, load_backbone
-from visrec.train.dist import broadcast_module, from_rank_zero, gather_objects, on_every_rank, rank_and_size
+from visrec.distributed import broadcast_module, from_rank_zero, gather_objects, on_every_rank, rank_and_size
 
 MANIFEST = "manifest.json"
 

@@ -104,7 +104,6 @@ def set_threads(threads: int) -> None:
 
 
 def _load(cfg: ServeConfig) -> dict:
-    set_threads(cfg.intra_op_threads())  # before any model is loaded: ONNX sessions take it when they open
     state: dict = {}
     if cfg.faces is not None:
         pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
@@ -198,4 +197,7 @@ def create_app(cfg: ServeConfig):
 def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
+    # the service's own process: set the threads before any model is loaded (ONNX sessions take them when they
+    # open); create_app alone leaves the process's settings as they are (a test process builds many apps)
+    set_threads(cfg.intra_op_threads())
     uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")

@@ -53,7 +53,7 @@ from visrec.errors import ConfigError, DataError
 from visrec.losses.distill import DistillLosses
 from visrec.models import build_backbone
 from visrec.models.model_file import init_backbone, load_backbone
-from visrec.train import dist
+from visrec import distributed as dist
 from visrec.train.faces_task import FaceLoss, FaceTask
 from visrec.train.task import TASKS
 from visrec.train.trainer import train

@@ -7,7 +7,6 @@ subclass registered in ``TASKS`` plus one import line in ``visrec/train/__init__
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -17,29 +16,11 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visrec.config import RunConfig, validate_section
+from visrec.distributed import RunContext  # noqa: F401 (tasks take it; re-exported for them)
 from visrec.models.model_file import default_contract
 from visrec.registry import Registry
 
 TASKS: Registry = Registry("task")
-
-
-@dataclass
-class RunContext:
-    """Where and how this process runs. ``rank``/``world_size`` are 0/1 without torchrun."""
-
-    device: torch.device
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-    amp_dtype: torch.dtype | None = None  # None = full float32
-
-    @property
-    def distributed(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
 
 
 class _Empty(BaseModel):

@@ -28,7 +28,7 @@ from torch.utils.data import DataLoader, Sampler
 from visrec.config import RunConfig
 from visrec.errors import ConfigError
 from visrec.train import checkpoint as ckpt
-from visrec.train import dist
+from visrec import distributed as dist
 from visrec.train.task import TASKS, RunContext, Task
 
 

@@ -1,5 +1,5 @@
-"""Process set-up. A process group exists only under torchrun with WORLD_SIZE > 1: a single process
-never initialises one (arcface_torch forces one even on one GPU; we do not).
+"""Process set-up (:class:`RunContext`, :func:`setup`). A process group exists only under torchrun with
+WORLD_SIZE > 1: a single process never initialises one (arcface_torch forces one even on one GPU; we do not).
 
 Also the few collectives the sharded runs above the trainer share (``visrec eval faces`` and ``visrec products
 index`` under torchrun): each takes the process group explicitly (``group``; None = one process, nothing
@@ -8,15 +8,34 @@ exchanged), so a caller running on one rank only never waits for the others."""
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 from typing import Callable, TypeVar
 
 import numpy as np
 import torch
 
 from visrec.errors import ConfigError, VisrecError
-from visrec.train.task import RunContext
 
 T = TypeVar("T")
+
+
+@dataclass
+class RunContext:
+    """Where and how this process runs. ``rank``/``world_size`` are 0/1 without torchrun."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    amp_dtype: torch.dtype | None = None  # None = full float32
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
 
 
 def resolve_device(name: str) -> torch.device:
