@@ -66,8 +66,12 @@ def stop_service(proc, log):
     log.close()
 
 
-def enrolled(url) -> dict:
-    return {r["identity"]: r["templates"] for r in httpx.get(url + "/v1/faces", timeout=60).json()["identities"]}
+def each_acknowledged_once(url, acked: list, refused: dict) -> None:
+    """What the service lists now: every acknowledged name once, with one template; no refused name."""
+    got = {r["identity"]: r["templates"] for r in httpx.get(url + "/v1/faces", timeout=60).json()["identities"]}
+    assert not [a for a in acked if a not in got], f"acknowledged but lost: {[a for a in acked if a not in got]}"
+    assert not [r for r in refused if r in got], f"refused but enrolled: {[(r, refused[r]) for r in refused if r in got]}"
+    assert all(n == 1 for n in got.values()), f"duplicates: {got}"
 
 
 @pytest.mark.slow
@@ -87,10 +91,7 @@ def test_kill_9_during_enrollment_keeps_every_acknowledged_one(tmp_path, tiny_fa
         assert len(acked) >= 12 and not refused, (tmp_path / "server.log").read_text()[-2000:]
         proc = start(cfg, log)
         wait_healthy(url, proc)
-        got = enrolled(url)
-        missing = [a for a in acked if a not in got]
-        assert not missing, f"acknowledged but lost: {missing}"
-        assert all(n == 1 for n in got.values()), f"duplicates: {got}"
+        each_acknowledged_once(url, acked, refused)
         r = httpx.post(url + "/v1/faces/enroll", data={"identity": "after"},
                        files={"image": encode_jpeg(np.zeros((112, 112, 3), np.uint8))}, timeout=30)
         assert r.status_code == 200, r.text
@@ -124,10 +125,7 @@ def test_kill_9_of_the_milvus_server_during_enrollment_loses_nothing_acknowledge
         assert proc.poll() is None, (tmp_path / "server.log").read_text()[-2000:]
         assert len(acked) >= before + 5, f"no enrollment succeeded after the restart; refused: {refused}"
         assert refused and all(code == 503 for code, _ in refused.values()), refused
-        got = enrolled(url)
-        assert not [a for a in acked if a not in got], "acknowledged but lost"
-        assert not [r for r in refused if r in got], f"refused but enrolled: {[(r, refused[r]) for r in refused if r in got]}"
-        assert all(n == 1 for n in got.values()), f"duplicates: {got}"
+        each_acknowledged_once(url, acked, refused)
         probe = httpx.post(url + "/v1/faces/identify", files={"image": encode_jpeg(np.zeros((112, 112, 3), np.uint8))},
                            timeout=60)
         assert probe.status_code == 200, probe.text
