@@ -347,3 +347,163 @@ def test_enroll_and_count_takes_the_count_from_the_write(gallery):
     assert gallery.enroll_and_count("ann", x[:2], hashes=["a", "b"]) == (gallery.enroll("ann", x[:2], hashes=["a", "b"]), 2)
     ids, n = gallery.enroll_and_count("ann", x[1:], hashes=["b", "c"])  # one new template, one already there
     assert n == 3 and len(ids) == 2
+
+
+def test_the_read_write_lock_shares_reads_and_makes_writes_wait():
+    import threading
+
+    from visrec.index.gallery.base import ReadWriteLock
+
+    lock, events = ReadWriteLock(), []
+    both_reading = threading.Barrier(2, timeout=5)  # broken (an error) if the two readers cannot overlap
+
+    def reader(name):
+        with lock.reading():
+            both_reading.wait()
+            events.append(f"read {name}")
+
+    readers = [threading.Thread(target=reader, args=(k,)) for k in "ab"]
+    for t in readers:
+        t.start()
+    for t in readers:
+        t.join()
+    assert sorted(events) == ["read a", "read b"]
+
+    # a writer waits for the reader inside; a reader arriving while the writer waits goes after the writer
+    events.clear()
+    inside, writer_waits = threading.Event(), threading.Event()
+
+    def first_reader():
+        with lock.reading():
+            inside.set()
+            writer_waits.wait(5)
+            threading.Event().wait(0.2)  # the late reader is queued behind the writer by now
+            events.append("first reader leaves")
+
+    def writer():
+        inside.wait(5)
+        writer_waits.set()
+        with lock:
+            events.append("writer")
+            with lock, lock.reading():  # reentrant, and the writer may read
+                events.append("writer reads")
+
+    def late_reader():
+        writer_waits.wait(5)
+        threading.Event().wait(0.1)
+        with lock.reading():
+            events.append("late reader")
+
+    threads = [threading.Thread(target=f) for f in (first_reader, writer, late_reader)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert events == ["first reader leaves", "writer", "writer reads", "late reader"]
+
+
+@pytest.mark.parametrize("index", ["Flat", "IVF16,Flat", "HNSW32"])
+def test_faiss_searches_run_together_while_writes_come_and_go(index):
+    """Shared reads: searches overlap each other (a barrier two searches must meet inside the gallery), and
+    enrollments and removals interleaved with four searching threads give no error and leave the gallery right."""
+    import threading
+
+    x, probes = _clustered(n=1200)
+    g = open_gallery("faiss", index=index, search_params={"nprobe": 4} if "IVF" in index else {})
+    g.enroll_many([(f"p{i}", x[i:i + 1]) for i in range(1000)])
+    inner, meet = g._search_templates, threading.Barrier(2, timeout=5)
+
+    def meeting(q, limit):
+        meet.wait()
+        return inner(q, limit)
+
+    g._search_templates = meeting
+    threads = [threading.Thread(target=g.search, args=(probes[:1], 3)) for _ in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert not meet.broken  # both searches were inside at once
+    g._search_templates = inner
+
+    errors, seen, stop = [], set(), threading.Event()
+
+    def search():
+        try:
+            while not stop.is_set():
+                for row in g.search(probes[:8], 5):
+                    seen.update(m.identity for m in row)
+        except Exception as exc:  # noqa: BLE001 - the test reports it below
+            errors.append(exc)
+
+    workers = [threading.Thread(target=search) for _ in range(4)]
+    for w in workers:
+        w.start()
+    for i in range(1000, 1200):  # enrol the rest, removing one early identity per step (tombstones, rebuilds)
+        g.enroll(f"p{i}", x[i:i + 1])
+        g.remove(f"p{i - 1000}")
+    stop.set()
+    for w in workers:
+        w.join(10)
+    assert not errors and seen
+    assert g.count() == 1000 and {r["identity"] for r in g.list()} == {f"p{i}" for i in range(200, 1200)}
+    found = [m.identity for row in g.search(x[200:1200:50], 1) for m in row]
+    assert found == [f"p{i}" for i in range(200, 1200, 50)]  # every remaining identity finds itself
+
+
+def test_a_durable_faiss_gallery_file_is_open_in_one_place_at_a_time(tmp_path):
+    """The gallery searches what it loaded, so a second writer would leave the first serving stale rows: a
+    second open (here or in another process) is refused naming the file, until the first closes or dies."""
+    import subprocess
+    import sys
+
+    path = tmp_path / "g.sqlite"
+    g = open_gallery("faiss", path=path, model_name="m")
+    g.enroll("ann", unit(np.ones((1, 8))))
+    with pytest.raises(DataError, match=r"g\.sqlite.*open elsewhere"):
+        open_gallery("faiss", path=path)
+    other = subprocess.run([sys.executable, "-c", "from visrec.index.gallery import open_gallery\n"
+                            f"open_gallery('faiss', path={str(path)!r})"], capture_output=True, text=True)
+    assert other.returncode != 0 and "open elsewhere" in other.stderr
+    g.close()
+    with pytest.raises(GalleryMismatchError):  # a refused open releases the file at once
+        open_gallery("faiss", path=path, model_name="another")
+    again = open_gallery("faiss", path=path)
+    assert [r["identity"] for r in again.list()] == ["ann"]
+    again.close()
+
+
+def test_import_streams_the_vectors_a_batch_at_a_time(gallery, tmp_path, monkeypatch):
+    """An export whose identities' templates lie scattered through the file, imported in blocks of three rows:
+    the gallery ends as the exported one (templates, metadata, threshold), no block holds more than
+    three vectors, and the progress callback counts up to every template."""
+    from visrec._npz import NpyRows
+    from visrec.index.gallery import base
+
+    rng = np.random.default_rng(11)
+    src = open_gallery("faiss", model_name="m")
+    for k in range(4):  # each identity enrolled in four rounds: its rows are spread over the export
+        src.enroll_many([(f"id{i}", unit(rng.normal(size=(1, 32))), None, {"round": k}) for i in range(5)])
+    src.set_threshold(0.42, 1e-3)
+    path = src.export(tmp_path / "g.npz")
+
+    blocks, real = [], NpyRows.blocks
+
+    def spy(self, rows):
+        for start, block in real(self, rows):
+            blocks.append(len(block))
+            yield start, block
+
+    monkeypatch.setattr(NpyRows, "blocks", spy)
+    monkeypatch.setattr(base, "IMPORT_BATCH", 3)
+    seen = []
+    assert gallery.import_(path, progress=lambda done, total: seen.append((done, total))) == 20
+    assert max(blocks) == 3 and sum(blocks) == 20 and seen[-1] == (20, 20) and len(seen) == len(blocks)
+    assert gallery.threshold == pytest.approx(0.42)
+    assert [(r["identity"], r["templates"], r["metadata"]) for r in gallery.list()] == \
+        [(f"id{i}", 4, {"round": 3}) for i in range(5)]
+    probes = unit(rng.normal(size=(6, 32)))
+    for row, q in zip(gallery.search(probes, 5), probes):  # every score is the best of the source's templates
+        for m in row:
+            assert m.score == pytest.approx(max(float(v @ q) for v in src._templates_of(m.identity).values()), abs=1e-5)
+    assert gallery.import_(path) == 0  # idempotent

@@ -208,7 +208,7 @@ def _rewrite(path, out, **changes):
     ("vectors", lambda v: v[:, :8], "dim 16"),
     ("identities", lambda v: v[:-1], "one per row"),
 ])
-def test_a_bad_export_is_refused_whole_before_any_write(tmp_path, field, change, message):
+def test_a_bad_export_is_refused_whole(tmp_path, field, change, message):
     src = _export(tmp_path)
     bad = _rewrite(src, tmp_path / "bad.npz", **{field: change})
     g = open_gallery("faiss")

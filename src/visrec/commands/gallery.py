@@ -34,7 +34,9 @@ def _pick(config: Path, gallery: str | None):
 
 
 def _where(name: str, g) -> str:
-    return f"gallery {name!r} ({g.uri}, collection {g.collection})" if g.backend == "milvus" else f"gallery {name!r}"
+    if g.backend == "milvus":
+        return f"gallery {name!r} ({g.uri}, collection {g.collection})"
+    return f"gallery {name!r} ({g.path})" if g.path else f"gallery {name!r} (in memory)"
 
 
 @contextlib.contextmanager
@@ -166,6 +168,9 @@ def export_(config: Path = CONFIG, out: Path = typer.Option(..., "--out", help="
 def import_(config: Path = CONFIG, src: Path = typer.Argument(..., help="a .npz from visrec gallery export"),
             gallery: str | None = GALLERY):
     """Enroll everything from an export (idempotent; refuses another model's embeddings)."""
-    with _open(config, gallery) as (g, where):
-        added = g.import_(src)
+    from rich.progress import Progress
+
+    with _open(config, gallery) as (g, where), Progress(console=console) as bar:
+        task = bar.add_task("importing templates", total=None)
+        added = g.import_(src, progress=lambda done, total: bar.update(task, completed=done, total=total))
         console.print(f"imported {added:,} new templates; {where} holds {g.count():,}", markup=False)

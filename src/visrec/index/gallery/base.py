@@ -25,9 +25,9 @@ checked by :func:`check_identity`: 1-200 characters, at most 256 bytes of UTF-8,
 surrounding spaces; quotes, backslashes, slashes and any other printable character are allowed. A backend
 never sees a name inside a query expression: rows are keyed and filtered by :func:`identity_key` (hex).
 
-Writes are all-or-nothing as the caller sees them: :meth:`Gallery.enroll` and :meth:`Gallery.import_`
-validate everything (names, vectors, hashes, metadata and its size) before the first write; a failure after
-a write undoes what was written; and new templates are marked pending until their identity row is written,
+Writes are all-or-nothing as the caller sees them: :meth:`Gallery.enroll` validates everything (names,
+vectors, hashes, metadata and its size) before the first write, :meth:`Gallery.import_` everything but the
+vectors, which it streams; a failure after a write undoes what was written; and new templates are marked pending until their identity row is written,
 so a crash in between (kill -9) is rolled back when the gallery is next opened, never promoted. Identity rows
 are written last and deleted first, so a template without an identity row was never acknowledged (or was
 being erased) and is removed on open.
@@ -36,7 +36,7 @@ being erased) and is removed on open.
 :func:`visrec.index.gallery.calibration.calibrate` (``visrec gallery calibrate``) at a target FPR from a
 labelled set, using the exact evaluation engine (:func:`visrec.evaluate.verification.tpr_at_fpr`).
 
-The export format (:meth:`Gallery.export`, read back by :func:`read_export`) and the :data:`BACKENDS`
+The export format (:meth:`Gallery.export`, read back by :class:`GalleryExport` and :func:`read_export`) and the :data:`BACKENDS`
 registry a backend registers itself in (``@BACKENDS.register("name")``) live here too.
 """
 
@@ -193,16 +193,72 @@ class _Undo:
     counts: dict[str, int] = field(default_factory=dict)  # identity -> template count as the write leaves it
     rows: dict[str, dict | None] = field(default_factory=dict)
 
+class ReadWriteLock:
+    """Many readers at once, or one writer. ``with lock:`` writes (reentrant in the writing thread, which may
+    also read); ``with lock.reading():`` reads. A waiting writer holds new readers back, so a stream of
+    searches never starves an enrollment. A reader must not take the write side (it would wait for itself)."""
+
+    def __init__(self):
+        self._cond = threading.Condition(threading.Lock())
+        self._readers = 0
+        self._writer: int | None = None  # the writing thread's ident
+        self._depth = 0
+        self._writers_waiting = 0
+
+    def __enter__(self):
+        me = threading.get_ident()
+        with self._cond:
+            if self._writer == me:
+                self._depth += 1
+                return self
+            self._writers_waiting += 1
+            try:
+                while self._writer is not None or self._readers:
+                    self._cond.wait()
+            finally:
+                self._writers_waiting -= 1
+            self._writer, self._depth = me, 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        with self._cond:
+            self._depth -= 1
+            if not self._depth:
+                self._writer = None
+                self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def reading(self):
+        with self._cond:
+            mine = self._writer == threading.get_ident()  # the writer reads under its own lock
+            if not mine:
+                while self._writer is not None or self._writers_waiting:
+                    self._cond.wait()
+                self._readers += 1
+        try:
+            yield self
+        finally:
+            if not mine:
+                with self._cond:
+                    self._readers -= 1
+                    if not self._readers:
+                        self._cond.notify_all()
+
+
 class Gallery(abc.ABC):
     """Backend-independent logic; a backend stores templates, identity rows and the info record."""
 
-    serial_reads = True  # searches hold the write lock (a backend whose reads are thread-safe says False)
+    # how searches and lookups share the gallery with writes: "exclusive" (one at a time, under the write lock),
+    # "shared" (reads run together, writes wait for them: a backend whose structures are read-only while
+    # searched) or "concurrent" (reads never wait: a store that orders reads and writes itself)
+    reads = "exclusive"
 
     def __init__(self, *, model_name: str | None = None, dim: int | None = None, fusion: str = "max",
                  metric: str | None = None):
-        self.lock = threading.RLock()  # writes (and reads where the backend is not thread-safe)
+        self.lock = ReadWriteLock()  # ``with self.lock``: a write; reads as ``reads`` says
         self._needs_recovery = False  # an undo failed: repair from the pending marks before the next operation
-        self._read_lock = self.lock if self.serial_reads else contextlib.nullcontext()
+        if self.reads not in ("exclusive", "shared", "concurrent"):
+            raise VisrecError(f"{type(self).__name__}.reads = {self.reads!r}: exclusive, shared or concurrent")
         info = self._read_info()
         if fusion not in FUSIONS:
             raise VisrecError(f"fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
@@ -280,6 +336,12 @@ class Gallery(abc.ABC):
             self.info["threshold"] = None if threshold is None else float(threshold)
             self.info["target_fpr"] = None if target_fpr is None else float(target_fpr)
             self._write_info()
+
+    def _reading(self):
+        """The lock a search or lookup holds (``reads``)."""
+        if self.reads == "exclusive":
+            return self.lock
+        return self.lock.reading() if self.reads == "shared" else contextlib.nullcontext()
 
     # -- public API -------------------------------------------------------------------------------------
     def enroll(self, identity: str, embeddings, *, hashes: list[str] | None = None, metadata: dict | None = None,
@@ -437,10 +499,10 @@ class Gallery(abc.ABC):
         if self.info["dim"] is not None and q.shape[1] != self.info["dim"]:
             raise GalleryMismatchError(f"the gallery holds {self.info['dim']}-d embeddings; probes are {q.shape[1]}-d")
         t = self.threshold if threshold is None else float(threshold)
-        with self._read_lock:
-            if self._needs_recovery:
-                with self.lock:
-                    self._recover()
+        if self._needs_recovery:  # before reading: a reader must not take the write lock
+            with self.lock:
+                self._recover()
+        with self._reading():
             if self.info["dim"] is None:  # nothing was ever enrolled
                 return [[] for _ in q]
             if self.fusion == "mean":
@@ -473,7 +535,7 @@ class Gallery(abc.ABC):
     def identity(self, identity: str) -> dict | None:
         """``{"identity", "templates", "metadata"}`` of one identity, or None when it is not enrolled."""
         identity = check_identity(identity)
-        with self._read_lock:
+        with self._reading():
             row = self._identity_rows_of([identity]).get(identity)
         return None if row is None else {k: row[k] for k in ("identity", "templates", "metadata")}
 
@@ -513,24 +575,24 @@ class Gallery(abc.ABC):
         os.replace(tmp, path)
         return path
 
-    def import_(self, path: str | Path) -> int:
+    def import_(self, path: str | Path, *, progress=None) -> int:
         """Enroll everything from an :meth:`export` file; returns the templates added (idempotent).
 
-        The whole file is validated before the first write (:func:`read_export`), and the import is one
-        transaction: on any error the gallery is as it was."""
-        export = read_export(path)
-        info = export["info"]
+        Streams: names, hashes and metadata are checked before the first write, then the vectors are read and
+        written :data:`IMPORT_BATCH` templates at a time (memory: one batch, whatever the file's size). The
+        import is one transaction: on any error — a bad vector found half-way included — the gallery is as it
+        was. ``progress(done, total)`` is called after each batch (templates)."""
+        export = GalleryExport(path)
+        info = export.info
         before = self.count()
         with self.lock, self._transaction() as undo:
             self._check_model(info["model_name"], info["dim"], info["metric"])
-            batch, size = [], 0
-            for identity, (vectors, hashes) in export["identities"].items():
-                batch.append((identity, vectors, hashes, export["metadata"].get(identity, {})))
-                size += len(vectors)
-                if size >= IMPORT_BATCH:
-                    self._enroll_locked(batch, info["model_name"], undo)
-                    batch, size = [], 0
-            self._enroll_locked(batch, info["model_name"], undo)
+            done = 0
+            for batch in export.batches():
+                self._enroll_locked(batch, info["model_name"], undo)
+                done += sum(len(x) for _, x, _, _ in batch)
+                if progress is not None:
+                    progress(done, len(export))
             if self.threshold is None and info["threshold"] is not None:
                 self.info["threshold"], self.info["target_fpr"] = info["threshold"], info["target_fpr"]
             self._write_info()
@@ -635,76 +697,115 @@ def _threshold_in_range(threshold: float, metric: str) -> bool:
     return -1.0 <= threshold <= 1.0 if metric == "cosine" else threshold <= 0.0
 
 
+class GalleryExport:
+    """A gallery export (:meth:`Gallery.export`) opened for reading: everything but the vectors is read and
+    checked at once (``info``, ``metadata``, one name and one hash per row); the vectors are read a block at a
+    time by :meth:`batches`, so importing a million templates never holds them all. Template ids in the file
+    are not trusted: they are recomputed from (identity, hash). Errors are :class:`DataError` s naming the file
+    and the field or row."""
+
+    def __init__(self, path: str | Path):
+        self.path = path = Path(path)
+        data = load_npz(path, "visrec gallery export", stream=("vectors",))
+        missing = {"template_ids", "identities", "hashes", "vectors", "metadata", "info"} - set(data)
+        if missing:
+            raise DataError(f"not a visrec gallery export: missing {', '.join(sorted(missing))}", path=path)
+        self.info = self._info(_json_field(data, "info", path))
+        names, hashes, vectors = data["identities"], data["hashes"], data["vectors"]
+        n = len(vectors)
+        for key, arr in (("identities", names), ("hashes", hashes), ("template_ids", data["template_ids"])):
+            if arr.ndim != 1 or arr.dtype.kind != "U" or len(arr) != n:
+                raise DataError(f"gallery export field {key!r} must be {n} strings (one per row of 'vectors'), "
+                                f"got a {arr.dtype} {arr.shape}", path=path)
+        dim = self.info["dim"]
+        if vectors.dtype.kind != "f" or (n and dim is not None and vectors.shape[1] != dim):
+            raise DataError(f"gallery export field 'vectors' must be float rows of dim {dim}, got a "
+                            f"{vectors.dtype} {vectors.shape}", path=path)
+        if n and dim is None:
+            self.info["dim"] = int(vectors.shape[1])
+        self.vectors = vectors
+        self.names: list[str] = []
+        for row, name in enumerate(names.tolist()):
+            try:
+                self.names.append(check_identity(name))
+            except DataError as exc:
+                raise DataError(f"gallery export row {row}: {exc}", path=path) from None
+        self.hashes = [str(h) for h in hashes.tolist()]
+        for row, h in enumerate(self.hashes):
+            try:
+                _check_hashes([h], 1, self.names[row])
+            except DataError as exc:
+                raise DataError(f"gallery export row {row}: {exc}", path=path) from None
+        metas = _json_field(data, "metadata", path)
+        if not isinstance(metas, dict):
+            raise DataError("gallery export field 'metadata' must be a JSON object (identity -> object)", path=path)
+        self.metadata = {}
+        for name, meta in metas.items():
+            try:
+                self.metadata[check_identity(name)] = check_metadata(meta, name)
+            except DataError as exc:
+                raise DataError(f"gallery export metadata: {exc}", path=path) from None
+
+    def _info(self, raw) -> dict:
+        path = self.path
+        if not isinstance(raw, dict):
+            raise DataError("gallery export field 'info' must be a JSON object", path=path)
+        info = {"model_name": raw.get("model_name"), "dim": raw.get("dim"), "metric": raw.get("metric", "cosine"),
+                "threshold": raw.get("threshold"), "target_fpr": raw.get("target_fpr")}
+        name = info["model_name"]
+        if name is not None and (not isinstance(name, str) or len(name) > 1000):
+            raise DataError(f"gallery export: model_name {str(name)[:80]!r} is not a name", path=path)
+        if info["metric"] not in METRICS:
+            raise DataError(f"gallery export: metric {str(info['metric'])[:40]!r} is not one of {', '.join(METRICS)}",
+                            path=path)
+        dim = info["dim"]
+        if dim is not None and (isinstance(dim, bool) or not isinstance(dim, int) or not 1 <= dim <= 65536):
+            raise DataError(f"gallery export: dim {dim!r} is not an integer in 1..65536", path=path)
+        t, fpr = info["threshold"], info["target_fpr"]
+        if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
+                              or not _threshold_in_range(float(t), info["metric"])):
+            raise DataError(f"gallery export: threshold {t!r} is not a finite {info['metric']} score "
+                            f"({'in [-1, 1]' if info['metric'] == 'cosine' else '<= 0'})", path=path)
+        if fpr is not None and (isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr <= 1):
+            raise DataError(f"gallery export: target_fpr {fpr!r} is not in (0, 1]", path=path)
+        info["threshold"] = None if t is None else float(t)
+        info["target_fpr"] = None if fpr is None else float(fpr)
+        return info
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def batches(self, rows: int | None = None):
+        """Yield lists of ``(identity, vectors, hashes, metadata)``, one per identity within a block of at most
+        ``rows`` rows (default :data:`IMPORT_BATCH`) read from the file (an identity whose rows lie in several
+        blocks comes once per block), each block's vectors checked as the gallery stores them."""
+        for start, block in self.vectors.blocks(rows or IMPORT_BATCH):
+            groups: dict[str, list[int]] = {}
+            for row in range(start, start + len(block)):
+                groups.setdefault(self.names[row], []).append(row)
+            out = []
+            for name, at in groups.items():
+                try:
+                    x = _vectors(block[[r - start for r in at]], f"templates of {name!r}", self.info["metric"])
+                except DataError as exc:
+                    raise DataError(f"gallery export rows {at[0]}-{at[-1]}: {exc}", path=self.path) from None
+                out.append((name, x, [self.hashes[r] for r in at], self.metadata.get(name, {})))
+            yield out
+
+
 def read_export(path: str | Path) -> dict:
-    """A gallery export (:meth:`Gallery.export`), every field checked before anything is used.
+    """A whole gallery export in memory, checked (:class:`GalleryExport`; an import streams it instead).
 
     Returns ``{"info": {model_name, dim, metric, threshold, target_fpr}, "metadata": {identity: dict},
-    "identities": {identity: (vectors, hashes)}}`` with identities NFC-normalised. Template ids in the file
-    are not trusted: they are recomputed from (identity, hash). Raises :class:`DataError` naming the file and
-    the field or row.
-    """
-    path = Path(path)
-    data = load_npz(path, "visrec gallery export")
-    missing = {"template_ids", "identities", "hashes", "vectors", "metadata", "info"} - set(data)
-    if missing:
-        raise DataError(f"not a visrec gallery export: missing {', '.join(sorted(missing))}", path=path)
-    raw = _json_field(data, "info", path)
-    if not isinstance(raw, dict):
-        raise DataError("gallery export field 'info' must be a JSON object", path=path)
-    info = {"model_name": raw.get("model_name"), "dim": raw.get("dim"), "metric": raw.get("metric", "cosine"),
-            "threshold": raw.get("threshold"), "target_fpr": raw.get("target_fpr")}
-    if info["model_name"] is not None and (not isinstance(info["model_name"], str) or len(info["model_name"]) > 1000):
-        raise DataError(f"gallery export: model_name {str(info['model_name'])[:80]!r} is not a name", path=path)
-    if info["metric"] not in METRICS:
-        raise DataError(f"gallery export: metric {str(info['metric'])[:40]!r} is not one of {', '.join(METRICS)}",
-                        path=path)
-    if info["dim"] is not None and (isinstance(info["dim"], bool) or not isinstance(info["dim"], int)
-                                    or not 1 <= info["dim"] <= 65536):
-        raise DataError(f"gallery export: dim {info['dim']!r} is not an integer in 1..65536", path=path)
-    t, fpr = info["threshold"], info["target_fpr"]
-    if t is not None and (isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t)
-                          or not _threshold_in_range(float(t), info["metric"])):
-        raise DataError(f"gallery export: threshold {t!r} is not a finite {info['metric']} score "
-                        f"({'in [-1, 1]' if info['metric'] == 'cosine' else '<= 0'})", path=path)
-    if fpr is not None and (isinstance(fpr, bool) or not isinstance(fpr, (int, float)) or not 0 < fpr <= 1):
-        raise DataError(f"gallery export: target_fpr {fpr!r} is not in (0, 1]", path=path)
-    info["threshold"] = None if t is None else float(t)
-    info["target_fpr"] = None if fpr is None else float(fpr)
-
-    names, hashes, vectors = data["identities"], data["hashes"], data["vectors"]
-    n = len(vectors) if vectors.ndim == 2 else -1
-    for key, arr in (("identities", names), ("hashes", hashes), ("template_ids", data["template_ids"])):
-        if arr.ndim != 1 or arr.dtype.kind != "U" or len(arr) != n:
-            raise DataError(f"gallery export field {key!r} must be {max(n, 0)} strings (one per row of 'vectors'), "
-                            f"got a {arr.dtype} {arr.shape}", path=path)
-    if vectors.dtype.kind != "f" or (n and info["dim"] is not None and vectors.shape[1] != info["dim"]):
-        raise DataError(f"gallery export field 'vectors' must be float rows of dim {info['dim']}, got a "
-                        f"{vectors.dtype} {vectors.shape}", path=path)
-    if n and info["dim"] is None:
-        info["dim"] = int(vectors.shape[1])
-    groups: dict[str, list[int]] = {}
-    for row, name in enumerate(names.tolist()):
-        try:
-            groups.setdefault(check_identity(name), []).append(row)
-        except DataError as exc:
-            raise DataError(f"gallery export row {row}: {exc}", path=path) from None
-    identities = {}
-    for name, rows in groups.items():
-        try:
-            x = _vectors(vectors[rows], f"templates of {name!r}", info["metric"])
-            identities[name] = (x, _check_hashes([str(hashes[r]) for r in rows], len(rows), name))
-        except DataError as exc:
-            raise DataError(f"gallery export: {exc}", path=path) from None
-    metas = _json_field(data, "metadata", path)
-    if not isinstance(metas, dict):
-        raise DataError("gallery export field 'metadata' must be a JSON object (identity -> object)", path=path)
-    metadata = {}
-    for name, meta in metas.items():
-        try:
-            metadata[check_identity(name)] = check_metadata(meta, name)
-        except DataError as exc:
-            raise DataError(f"gallery export metadata: {exc}", path=path) from None
-    return {"info": info, "metadata": metadata, "identities": identities}
+    "identities": {identity: (vectors, hashes)}}`` with identities NFC-normalised."""
+    export = GalleryExport(path)
+    parts: dict[str, list] = {}
+    for batch in export.batches():
+        for name, x, hashes, _ in batch:
+            parts.setdefault(name, []).append((x, hashes))
+    identities = {name: (np.concatenate([x for x, _ in p]), [h for _, hs in p for h in hs])
+                  for name, p in parts.items()}
+    return {"info": export.info, "metadata": export.metadata, "identities": identities}
 
 
 BACKENDS: Registry = Registry("gallery backend")  # name -> Gallery subclass; open_gallery builds through it

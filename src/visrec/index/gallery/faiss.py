@@ -19,6 +19,7 @@ own name never shadows it (absolute imports only).
 
 from __future__ import annotations
 
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -100,6 +101,7 @@ class ApproximateIndex:
         self.factory, self.dim = factory, dim
         self.metric = self.faiss.METRIC_INNER_PRODUCT if metric == "cosine" else self.faiss.METRIC_L2
         self.search_params = dict(search_params)
+        self._selector_lock = threading.Lock()  # searches run together (shared reads): one builds the selector
         self._reset()
 
     def _reset(self) -> None:
@@ -167,10 +169,12 @@ class ApproximateIndex:
             if hasattr(params, name):
                 setattr(params, name, int(value))
         if self.tombstones:
-            if self._selector is None:
-                batch = self.faiss.IDSelectorBatch(np.asarray(self.tombstones, np.int64))
-                self._selector = (batch, self.faiss.IDSelectorNot(batch))  # keep both alive: SWIG holds no reference
+            with self._selector_lock:
+                if self._selector is None:
+                    batch = self.faiss.IDSelectorBatch(np.asarray(self.tombstones, np.int64))
+                    self._selector = (batch, self.faiss.IDSelectorNot(batch))
             params.sel = self._selector[1]
+            params._keep = self._selector  # SWIG holds no reference: the search's params keep both alive
         return params
 
     def search(self, q: np.ndarray, limit: int):
@@ -206,15 +210,23 @@ def check_faiss_index(index: str, search_params: dict) -> None:
 @BACKENDS.register("faiss")
 class FaissGallery(Gallery):
     """In memory; exact search by FAISS over the live template (or centroid) rows, or approximate search through
-    an :class:`ApproximateIndex` (module docstring)."""
+    an :class:`ApproximateIndex` (module docstring). Searches run together (FAISS searches only read); writes
+    wait for them."""
+
+    reads = "shared"
 
     def __init__(self, *, path: str | Path | None = None, index: str = "Flat", search_params: dict | None = None,
                  **kwargs):
         check_faiss_index(index, search_params or {})
         self.index_spec, self.search_params = index, dict(search_params or {})
         self._file = None if path is None else GalleryFile(path)
-        self._load()
-        super().__init__(**kwargs)
+        self._lazy_lock = threading.Lock()  # a search that builds the centroids' index first: one at a time
+        try:
+            self._load()
+            super().__init__(**kwargs)
+        except BaseException:
+            self.close()  # a refused open (a bad file, another model) leaves the file unclaimed
+            raise
 
     def _load(self) -> None:
         """Empty memory, then (durable) every row of the file."""
@@ -342,7 +354,9 @@ class FaissGallery(Gallery):
             return [[] for _ in q]
         kind = "templates" if rows is self._templates else "identities"
         if kind not in self._ann:
-            self._sync(kind, [], [], needed=True)
+            with self._lazy_lock:
+                if kind not in self._ann:
+                    self._sync(kind, [], [], needed=True)
         ann = self._ann.get(kind)
         found = None if ann is None else ann.search(q, limit)
         if found is not None:

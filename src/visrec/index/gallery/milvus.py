@@ -115,9 +115,9 @@ class MilvusGallery(Gallery):
     dropped; the layout record is written between the two, so a crash mid-way repeats the copy.
     """
 
-    # MilvusClient calls are thread-safe and the server orders reads after acknowledged writes
-    # (collections are created with Strong consistency), so searches need not queue behind each other
-    serial_reads = False
+    # MilvusClient calls are thread-safe and every read is ordered after this client's acknowledged writes
+    # (Session consistency, Strong after a delete: _Client), so searches wait neither for each other nor for writes
+    reads = "concurrent"
     LAYOUT = "3"  # 2 -> 3: pending marks name their templates in batches; erasures are marked
 
     def __init__(self, uri: str | Path = "gallery.db", collection: str = "visrec_faces", *, token: str = "",

@@ -37,6 +37,7 @@ class GalleryFile:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._claim = _claim(self.path)
         try:
             # autocommit mode: transactions are the explicit BEGIN/COMMIT below; the gallery's lock serialises
             # writers, so one connection is shared by the service's worker threads
@@ -45,6 +46,7 @@ class GalleryFile:
             self.db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the write is acknowledged
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
+            self._claim.close()
             raise DataError(f"not a visrec FAISS gallery file (SQLite): {exc}", path=self.path) from None
 
     def _bad(self, table: str, row: int, what: str) -> DataError:
@@ -149,5 +151,29 @@ class GalleryFile:
         self.db.executemany("DELETE FROM templates WHERE id = ?", [(i,) for i in ids])
 
     def close(self) -> None:
-        self.rollback()
-        self.db.close()
+        if self._claim.closed:
+            return
+        try:
+            self.rollback()
+            self.db.close()
+        finally:
+            self._claim.close()  # releases the claim
+
+
+def _claim(path: Path):
+    """An exclusive claim on the gallery file for this open (``flock`` on ``<file>.lock``, released by close
+    or by the process's death, kill -9 included). The gallery searches what it loaded into memory, so a second
+    process writing the same file would leave the first one serving stale rows: it is refused instead."""
+    lock = open(path.with_name(path.name + ".lock"), "a+b")
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: no claim (documented in docs/gallery.md)
+        return lock
+    try:
+        fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.close()
+        raise DataError("the gallery file is open elsewhere (a running service, or another gallery command): "
+                        "stop that first, or reach the gallery through the service's HTTP API",
+                        path=path) from None
+    return lock
