@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient  # noqa: E402
 
 from visrec.data.images import encode_jpeg  # noqa: E402
 from visrec.data.synth import render_face  # noqa: E402
-from visrec.errors import ConfigError  # noqa: E402
+from visrec.errors import ConfigError, VisrecError  # noqa: E402
 from visrec.serve.app import create_app  # noqa: E402
 from visrec.serve.config import ServeConfig  # noqa: E402
 
@@ -110,6 +110,56 @@ def test_api_key_required_off_loopback_and_checked(model_dir, monkeypatch):
     assert c.get("/v1/faces", headers={"X-API-Key": "wrong"}).status_code == 401
     assert c.get("/v1/faces", headers={"X-API-Key": "s3cret"}).status_code == 200
     assert c.get("/healthz").status_code == 200  # health stays open for probes
+
+
+def test_a_checkpoint_is_served_through_its_onnx_export_when_one_is_beside_it(tmp_path, tiny_face_model):
+    """runtime auto (the default): a landmark checkpoint with the `visrec export` of itself beside it runs in
+    ONNX Runtime with the same points; an export of another checkpoint is not used (auto: PyTorch, onnx:
+    refused naming why); runtime torch keeps PyTorch. A face model without an export stays on PyTorch."""
+    import shutil
+
+    import torch
+
+    from visrec.export import export_checkpoint
+    from visrec.faces.images import decode_upload
+    from visrec.models.landmark_nets import predict_points
+    from visrec.models import build_backbone
+    from visrec.models.contract import contract_from_config
+    from visrec.train.checkpoint import atomic_save
+
+    def save(seed, where):
+        torch.manual_seed(seed)
+        net = build_backbone("pfld", num_points=106, width_mult=0.25).eval()
+        config = {"name": "pfld", "num_points": 106, "width_mult": 0.25}
+        atomic_save({"model_config": config, "backbone": net.state_dict(),
+                     "contract": contract_from_config(config).to_dict()}, where / "model.pt")
+        return net
+
+    lm = save(0, tmp_path / "lm")
+    export_checkpoint(tmp_path / "lm", tmp_path / "lm" / "model.onnx")
+    img, box = face_jpeg(4), "10,10,100,100"
+    ref = predict_points(lm, decode_upload(img), (10, 10, 100, 100))
+
+    def serve(runtime=None, faces=False):
+        section = {"model": str(tmp_path / "lm"), **({} if runtime is None else {"runtime": runtime})}
+        extra = {"faces": {"model": str(tiny_face_model), "aligned": True, "gallery": {"backend": "faiss"}}} if faces else {}
+        return TestClient(create_app(ServeConfig(landmarks=section, **extra)))
+
+    c = serve(faces=True)
+    assert c.get("/healthz").json()["runtimes"] == {"faces": "torch", "landmarks": "onnxruntime"}
+    r = c.post("/v1/landmarks", files={"image": img}, data={"box": box})
+    np.testing.assert_allclose(np.array(r.json()["points"]), ref, atol=0.02)
+    assert serve("torch").get("/healthz").json()["runtimes"] == {"landmarks": "torch"}
+
+    save(1, tmp_path / "lm")  # the checkpoint changed after the export: the export no longer stands in for it
+    assert serve().get("/healthz").json()["runtimes"] == {"landmarks": "torch"}
+    with pytest.raises(VisrecError, match="runtime onnx: .*model.onnx is not the export of this checkpoint"):
+        serve("onnx")
+    shutil.copy(tmp_path / "lm" / "model.pt", tmp_path / "other.pt")
+    with pytest.raises(VisrecError, match="no model.onnx beside it"):
+        from visrec.models import load_model
+
+        load_model(tmp_path / "other.pt", runtime="onnx")
 
 
 def test_landmarks_and_products_endpoints(tmp_path):
@@ -231,7 +281,7 @@ def test_the_example_serve_config_validates_and_align_is_checked(tmp_path):
     from visrec.serve.config import load_serve_config
 
     cfg = load_serve_config(Path(__file__).resolve().parents[1] / "configs" / "serve" / "example.yaml")
-    assert cfg.faces.align == "lstsq" and cfg.faces.gallery.backend == "milvus"
+    assert cfg.faces.align == "lstsq" and (cfg.faces.gallery.backend, cfg.faces.runtime) == ("faiss", "auto")
     bad = tmp_path / "bad.yaml"
     bad.write_text("faces: {model: m.onnx, align: eye}\n")
     with pytest.raises(ConfigError, match="align"):

@@ -245,7 +245,37 @@ def test_the_single_gallery_config_works_as_before_and_is_the_gallery_named_defa
     g.close()
     # no gallery given at all: still the one default gallery with the default settings
     bare = ServeConfig(faces={"model": str(tiny_face_model)}).faces.named_galleries()
-    assert list(bare) == ["default"] and bare["default"].uri == "gallery.db"
+    assert list(bare) == ["default"] and (bare["default"].backend, bare["default"].path) == ("faiss", "gallery.sqlite")
+
+
+def test_the_default_gallery_is_a_durable_faiss_file_and_never_hides_an_older_milvus_lite_one(
+        tiny_face_model, tmp_path, monkeypatch):
+    """No backend named: a FAISS gallery in gallery.sqlite that survives a restart; a uri alone still means
+    Milvus; and where the Milvus Lite gallery.db of the old default lies, the service refuses to start on an
+    empty new gallery, naming the file and both ways out."""
+    new, old = tmp_path / "new", tmp_path / "old"
+    new.mkdir(), old.mkdir()
+    monkeypatch.chdir(new)
+    for _ in range(2):  # enrolled, then the service restarted (its shutdown releases the file): still there
+        with TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True}))) as c:
+            r = c.post("/v1/faces/enroll", data={"identity": "alice"}, files={"image": face_jpeg(1)})
+            assert r.status_code == 200 and r.json()["templates"] == 1, r.text
+    assert (new / "gallery.sqlite").is_file() and not (new / "gallery.db").exists()
+    g = open_gallery("faiss", path=new / "gallery.sqlite")
+    assert [r["identity"] for r in g.list()] == ["alice"]
+    g.close()
+    assert ServeConfig(faces={"model": "m", "gallery": {"uri": "http://127.0.0.1:19530"}}).faces.gallery.backend == "milvus"
+
+    monkeypatch.chdir(old)
+    g = open_gallery("milvus", uri="gallery.db")  # what an earlier version wrote with no backend named
+    g.close()
+    with pytest.raises(ConfigError, match=r"(?s)'default' names no backend.*gallery\.db.*backend: milvus.*export"):
+        create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True}))
+    assert not (old / "gallery.sqlite").exists()
+    for chosen in ({"backend": "milvus"}, {"backend": "faiss", "path": "gallery.sqlite"}):  # either choice starts
+        app = create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True, "gallery": chosen}))
+        with TestClient(app) as c:
+            assert c.get("/v1/faces").status_code == 200
 
 
 # --- config errors name the bad gallery --------------------------------------------------------------------------

@@ -15,8 +15,8 @@ from torch import nn
 from visrec._optional import require
 from visrec._onnx import OnnxEmbedder  # noqa: F401 - still importable from here (parity_check runs it)
 from visrec.errors import VisrecError
-from visrec.models.contract import ONNX_KEY
-from visrec.models.loading import load_model
+from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY
+from visrec.models.loading import checkpoint_file, file_sha256, load_model
 
 
 # The dynamo exporter writes the ONNX standard opset its torchlib is written in (18) or later; it cannot
@@ -281,12 +281,26 @@ def fold_batchnorm(proto) -> int:
 
 def _set_contract(proto, contract) -> None:
     """Put ``contract`` (JSON) into the ModelProto's ``metadata_props`` under ``visrec.contract``."""
+    _set_prop(proto, ONNX_KEY, contract.to_json())
 
+
+def _set_prop(proto, key: str, value: str) -> None:
     for prop in list(proto.metadata_props):
-        if prop.key == ONNX_KEY:
+        if prop.key == key:
             proto.metadata_props.remove(prop)
     entry = proto.metadata_props.add()
-    entry.key, entry.value = ONNX_KEY, contract.to_json()
+    entry.key, entry.value = key, value
+
+
+def _stamp_checkpoint(path: Path, sha256: str) -> None:
+    """Record the SHA-256 of the checkpoint an export came from (``visrec.checkpoint_sha256``): what lets a
+    service run this file in the checkpoint's place (``runtime: auto``), and only for that checkpoint."""
+    onnx = require("onnx", "export")
+    model = onnx.load(str(path))
+    _set_prop(model, CHECKPOINT_KEY, sha256)
+    tmp = path.with_name(f".{path.name}.tmp")
+    onnx.save(model, str(tmp))
+    tmp.replace(path)
 
 
 def write_onnx_contract(path: str | Path, contract) -> Path:
@@ -395,4 +409,6 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
     if report is not None and not report.passed:
         raise VisrecError(f"parity check failed: max abs diff {report.max_abs_diff:.2e}, "
                           f"min cosine {report.min_cosine:.6f} (tolerance {report.tolerance:g})")
+    if report is not None:  # only an export that passed parity may stand in for its checkpoint
+        _stamp_checkpoint(path, file_sha256(checkpoint_file(checkpoint)))
     return path, report

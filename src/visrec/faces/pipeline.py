@@ -35,7 +35,7 @@ class Face:
     points: np.ndarray | None = None  # the points the crop was aligned on (upload pixels), if any
 
 
-def Embedder(model: str | Path):  # noqa: N802 - a factory standing where a class was
+def Embedder(model: str | Path, runtime: str = "torch"):  # noqa: N802 - a factory standing where a class was
     """The face embedder for ``model``: a registry adapter name (``dlib-resnet``, ``visrec[dlib]``), else a
     visrec checkpoint (run dir / model.pt) or an ONNX file. Every embedder has ``name``, ``dim``, ``metric``
     (how its embeddings compare: ``cosine``, or ``euclidean`` for distance models), ``input_size`` (its crop side), ``align(image, box, five, points)`` -> its crop, and ``__call__(crops)``."""
@@ -43,7 +43,7 @@ def Embedder(model: str | Path):  # noqa: N802 - a factory standing where a clas
 
     if str(model) in EXTERNAL:
         return ExternalEmbedder(str(model))
-    return ArcFaceEmbedder(model)
+    return ArcFaceEmbedder(model, runtime=runtime)
 
 
 class ExternalEmbedder:
@@ -77,12 +77,13 @@ class ArcFaceEmbedder:
     embeddings of crops aligned to the ArcFace template. ``input_size``, ``dim`` and ``metric`` come from
     the model's contract."""
 
-    def __init__(self, model: str | Path, arch: str | None = None):
+    def __init__(self, model: str | Path, arch: str | None = None, runtime: str = "torch"):
         from visrec.models.loading import load_model
 
         self.path = Path(model)
         self.lock = threading.Lock()
-        self.model = load_model(model, arch=arch, device="auto")  # CUDA when there is one, as visrec eval
+        # CUDA when there is one, as visrec eval; ``runtime``: load_model's (a checkpoint's ONNX export)
+        self.model = load_model(model, arch=arch, device="auto", runtime=runtime)
         contract = self.model.contract
         if contract.task == "landmarks":
             raise VisrecError(f"{model} is a landmark model, not a face embedder")
@@ -120,8 +121,8 @@ class FacePipeline:
 
     def __init__(self, model: str | Path, *, aligned: bool = False, landmarks: str | Path | None = None,
                  detector="haar", box_margin: float = 0.2, align: str | None = None, max_pixels: int = 40_000_000,
-                 detect_size: int | None = 640):
-        self.embedder = Embedder(model)
+                 detect_size: int | None = 640, runtime: str = "torch"):
+        self.embedder = Embedder(model, runtime)
         if align is None:
             recorded = self.embedder.contract.align_method
             align = recorded if recorded in ("lstsq", "eyes") else "lstsq"

@@ -28,6 +28,7 @@ from visrec.data.products import IMAGENET_MEAN, IMAGENET_STD
 from visrec.errors import DataError
 
 ONNX_KEY = "visrec.contract"
+CHECKPOINT_KEY = "visrec.checkpoint_sha256"  # an ONNX export: SHA-256 of the checkpoint it was exported from
 CONTRACT_VERSION = 1
 
 TASKS = ("face-embedding", "landmarks", "product-embedding", "video-embedding", "other")

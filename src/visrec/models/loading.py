@@ -28,6 +28,8 @@ models: raw, not L2-normalised; ``contract.l2_normalised`` says which), float32 
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import warnings
 from pathlib import Path
 
@@ -38,7 +40,7 @@ from visrec._onnx import OnnxEmbedder, open_session
 from visrec._torchfile import read_torch_file
 from visrec.data.augment import crop_face
 from visrec.errors import DataError
-from visrec.models.contract import ONNX_KEY, VISREC_MEAN, VISREC_STD, ModelContract, Threshold, contract_from_config
+from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY, VISREC_MEAN, VISREC_STD, ModelContract, Threshold, contract_from_config
 from visrec.models.dlib_models import EXTERNAL, build_external
 from visrec.models.embed import embed_images, images_to_tensor
 from visrec.models.landmark_nets import predict_points
@@ -46,6 +48,9 @@ from visrec.models.model_file import (_build, _from_checkpoint, _is_checkpoint, 
                                       embedding_dim, init_backbone, load_backbone, load_checkpoint, read_model_file)
 from visrec.models.zoo import ArcFaceOnnx, Landmark106Onnx
 
+RUNTIMES = ("torch", "onnx", "auto")
+ONNX_TWIN = "model.onnx"  # the export of a checkpoint, beside it, that ``runtime="auto"`` serves through
+log = logging.getLogger(__name__)
 KINDS = ("a visrec run directory, model.pt or last.rank0.pt; an .onnx file (visrec export or InsightFace zoo); "
          "backbone.pth with arch=; or an adapter name")
 
@@ -68,9 +73,13 @@ def _as_boxes(boxes) -> tuple[np.ndarray, bool]:
 
 class LoadedModel:
     """A model with its contract. ``embed(images)`` for embedders, ``predict(image, boxes)`` for landmark
-    models, ``module`` the torch module where there is one (else None), ``name`` what a gallery records."""
+    models, ``module`` the torch module where there is one (else None), ``name`` what a gallery records,
+    ``runtime`` what runs it (``torch``, ``onnxruntime``, or an adapter's own library) and ``runtime_note``
+    why, when :func:`load_model` chose."""
 
     module = None
+    runtime = "adapter"
+    runtime_note = ""
 
     def __init__(self, contract: ModelContract, name: str):
         self.contract, self.name = contract, name
@@ -114,6 +123,8 @@ class LoadedModel:
 
 
 class TorchModel(LoadedModel):
+    runtime = "torch"
+
     def __init__(self, module, contract: ModelContract, name: str, device: str = "cpu"):
         super().__init__(contract, name)
         if device == "auto":
@@ -170,6 +181,8 @@ class TorchModel(LoadedModel):
 class OnnxModel(LoadedModel):
     """A visrec-exported ONNX file (onnxruntime, CPU by default)."""
 
+    runtime = "onnxruntime"
+
     def __init__(self, path: Path, contract: ModelContract, name: str, session=None):
         super().__init__(contract, name)
 
@@ -190,6 +203,8 @@ class OnnxModel(LoadedModel):
 
 
 class ZooArcFace(LoadedModel):
+    runtime = "onnxruntime"
+
     def __init__(self, zoo, contract: ModelContract):
         super().__init__(contract, f"onnx:{zoo.path.name}")
         self.zoo = zoo
@@ -201,6 +216,8 @@ class ZooArcFace(LoadedModel):
 
 
 class ZooLandmarks(LoadedModel):
+    runtime = "onnxruntime"
+
     def __init__(self, zoo, contract: ModelContract):
         super().__init__(contract, f"onnx:{zoo.path.name}")
         self.zoo = zoo
@@ -331,10 +348,53 @@ def _checkpoint_name(cfg: dict) -> str:
     return cfg["name"] + ":" + ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "name")
 
 
-def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str = "cpu") -> LoadedModel:
+def checkpoint_file(spec: str | Path) -> Path:
+    """The file a checkpoint spec names: a run directory's ``model.pt``, else the path itself."""
+    path = Path(spec)
+    return path / "model.pt" if path.is_dir() else path
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _onnx_twin(checkpoint: Path, contract: ModelContract, name: str) -> LoadedModel | str:
+    """The checkpoint's ONNX export beside it (:data:`ONNX_TWIN`, recording this checkpoint's SHA-256, which
+    ``visrec export`` writes), run by ONNX Runtime under the checkpoint's name and contract; else why not."""
+    twin = checkpoint.parent / ONNX_TWIN
+    if not twin.is_file():
+        return f"no {ONNX_TWIN} beside it (visrec export {checkpoint} --out {twin})"
+    try:
+        session = open_session(twin, what="model")
+    except Exception as exc:  # noqa: BLE001 - onnxruntime missing or a broken file: said, then torch serves
+        return f"{twin} does not open: {str(exc).splitlines()[0][:200]}"
+    recorded = (session.get_modelmeta().custom_metadata_map or {}).get(CHECKPOINT_KEY)
+    if recorded != file_sha256(checkpoint):
+        return (f"{twin} is not the export of this checkpoint (it records "
+                f"{'no checkpoint' if recorded is None else 'another one'}; export it again)")
+    model = OnnxModel(twin, contract, name, session=session)
+    model.runtime_note = f"ONNX Runtime: {twin}, exported from this checkpoint"
+    return model
+
+
+def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str = "cpu",
+               runtime: str = "torch") -> LoadedModel:
     """The model ``spec`` names, with its contract (module docstring: the kinds accepted). ``arch``: the
     registry architecture of a bare state dict (``backbone.pth``), a name or ``{"name", **kwargs}``.
-    ``device``: where a torch module runs (``cpu``, ``cuda``, ``cuda:1``; ``auto``: CUDA when there is one)."""
+    ``device``: where a torch module runs (``cpu``, ``cuda``, ``cuda:1``; ``auto``: CUDA when there is one).
+
+    ``runtime`` (visrec checkpoints; other kinds have one runtime): ``torch`` runs the checkpoint eagerly;
+    ``onnx`` runs its ONNX export beside it (``model.onnx`` recording the checkpoint's SHA-256, as
+    ``visrec export`` writes it) through ONNX Runtime, under the checkpoint's name and contract, and is a
+    :class:`DataError` without one; ``auto`` takes the export when there is one and the device is the CPU
+    (ONNX Runtime is several times faster than eager PyTorch there: BENCHMARKS.md), else torch, saying why in
+    ``runtime_note``."""
+    if runtime not in RUNTIMES:
+        raise DataError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
     text = str(spec)
     path = Path(spec)
     if not path.exists() and text in EXTERNAL:
@@ -359,7 +419,19 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
         raise DataError(f"unknown kind of model file ({exc.message}); expected {KINDS}", path=path) from None
     if _is_checkpoint(blob):
         module, cfg, contract = _from_checkpoint(path, blob)
-        return TorchModel(module, contract, _checkpoint_name(cfg), device)
+        cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
+        if runtime == "onnx" or (runtime == "auto" and cpu):
+            twin = _onnx_twin(path, contract, _checkpoint_name(cfg))
+            if not isinstance(twin, str):
+                return twin
+            if runtime == "onnx":
+                raise DataError(f"runtime onnx: {twin}", path=path)
+            note = f"PyTorch: {twin}"
+        else:
+            note = "PyTorch: asked for" if runtime == "torch" else "PyTorch: on the GPU"
+        model = TorchModel(module, contract, _checkpoint_name(cfg), device)
+        model.runtime_note = note
+        return model
     if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
         if arch is None:
             raise DataError("a bare state dict (e.g. arcface_torch's backbone.pth): pass the architecture "
@@ -382,5 +454,5 @@ def model_contract(spec: str | Path, *, arch: str | dict | None = None) -> Model
     return load_model(spec, arch=arch).contract
 
 
-__all__ = ["load_model", "LoadedModel", "load_backbone", "load_checkpoint", "init_backbone", "default_contract",
+__all__ = ["load_model", "checkpoint_file", "file_sha256", "LoadedModel", "load_backbone", "load_checkpoint", "init_backbone", "default_contract",
            "read_onnx_contract", "read_model_file", "model_contract", "embedding_dim", "adapter_contract"]

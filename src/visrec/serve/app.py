@@ -17,7 +17,9 @@ once. A JSON body or field holding NaN or Infinity is a 400.
 
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
 import asyncio
+import contextlib
 import importlib.util
+import logging
 from dataclasses import dataclass, field
 
 from visrec._onnx import set_default_threads
@@ -103,13 +105,18 @@ def set_threads(threads: int) -> None:
         faiss.omp_set_num_threads(threads)
 
 
+log = logging.getLogger(__name__)
+
+
 def _load(cfg: ServeConfig) -> dict:
     state: dict = {}
     if cfg.faces is not None:
         pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
                             detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=cfg.limits.max_pixels,
-                            detect_size=cfg.faces.detect_size)
+                            detect_size=cfg.faces.detect_size, runtime=cfg.faces.runtime)
         state["faces"] = pipe
+        model = getattr(pipe.embedder, "model", None)
+        log.info("faces %s: %s", cfg.faces.model, getattr(model, "runtime_note", "") or getattr(model, "runtime", "adapter"))
         state["gallery_configs"] = cfg.faces.named_galleries()
         state["galleries"] = open_configured_galleries(cfg.faces, pipe.embedder)
         state["default_gallery"] = cfg.faces.default_gallery_name()
@@ -117,7 +124,9 @@ def _load(cfg: ServeConfig) -> dict:
         from visrec.models.loading import load_model
 
         # predicts with the crop margin / size of the model's contract
-        state["landmarks"] = load_model(cfg.landmarks.model)
+        state["landmarks"] = load_model(cfg.landmarks.model, runtime=cfg.landmarks.runtime)
+        log.info("landmarks %s: %s", cfg.landmarks.model, state["landmarks"].runtime_note or
+                 state["landmarks"].runtime)
         if state["landmarks"].contract.task != "landmarks":
             raise ConfigError(f"landmarks.model {cfg.landmarks.model} is a {state['landmarks'].contract.task} "
                               f"model, not a landmark model")
@@ -164,9 +173,16 @@ def create_app(cfg: ServeConfig):
 
     cfg.check()
     limits = cfg.limits
-    app = FastAPI(title="visrec", description="faces, landmarks and product search", version="0.1.0",
-                  docs_url=None, redoc_url=None)
     state = _load(cfg)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app):
+        yield
+        for g in (state.get("galleries") or {}).values():  # release the gallery files (and Milvus clients)
+            g.close()
+
+    app = FastAPI(title="visrec", description="faces, landmarks and product search", version="0.1.0",
+                  docs_url=None, redoc_url=None, lifespan=lifespan)
     galleries = state.get("galleries")
     metrics = Metrics(None if galleries is None else (lambda: sum(g.count() for g in galleries.values())))
     requests = ImageRequests(limits)

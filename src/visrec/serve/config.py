@@ -20,7 +20,7 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 from visrec.config import read_yaml_mapping, validate_section
 from visrec.errors import ConfigError
@@ -49,14 +49,22 @@ def check_gallery_name(name, where: str) -> str:
     return name
 
 
+DEFAULT_GALLERY_FILE = "gallery.sqlite"  # a durable FAISS gallery: the default since it met the service goal
+OLD_DEFAULT_URI = "gallery.db"  # the Milvus Lite file earlier versions used when no backend was named
+
+
 class GalleryConfig(_Strict):
-    backend: str = Field("milvus", description="milvus (Milvus Lite file or cluster URI) | faiss (in memory, "
-                                                "durable with path)")
-    uri: str = Field("gallery.db", description="Milvus Lite file, or http://host:19530 for a cluster")
+    backend: Optional[str] = Field(None, max_length=64,
+                                   description="faiss (searched in memory; durable in the SQLite file `path`) | "
+                                               "milvus (a Milvus Lite file or a server/cluster at `uri`); omitted: "
+                                               "milvus when `uri` is given, else a durable faiss gallery in "
+                                               f"`path` ({DEFAULT_GALLERY_FILE} unless set) (docs/gallery.md)")
+    uri: str = Field(OLD_DEFAULT_URI, description="Milvus Lite file, or http://host:19530 for a server or cluster")
     path: Optional[str] = Field(None, max_length=4096,
                                 description="faiss: a SQLite file that keeps the gallery across restarts and crashes "
-                                            "(every write is on disk before it is acknowledged); omitted: in "
-                                            "memory only")
+                                            "(every write is on disk before it is acknowledged); with `backend: "
+                                            "faiss` and no path: in memory only")
+    _defaulted: bool = PrivateAttr(False)  # the backend was left to the default (check_default_not_shadowing)
     collection: str = Field("visrec_faces", pattern=r"^[A-Za-z_][A-Za-z0-9_]{0,200}$",
                             description="Milvus collection prefix (letters, digits, _): <collection>_templates, "
                                         "_people, _info; galleries in one file or server need different ones")
@@ -74,6 +82,30 @@ class GalleryConfig(_Strict):
                                                                             "(FAISS nprobe / efSearch; Milvus "
                                                                             "nprobe / ef)")
 
+    @model_validator(mode="after")
+    def _pick_backend(self):
+        """Resolve an omitted backend (field description); remember that it was the default, for
+        :meth:`check_default_not_shadowing`."""
+        self._defaulted = self.backend is None and not {"uri", "path"} & self.model_fields_set
+        if self.backend is None:
+            self.backend = "milvus" if "uri" in self.model_fields_set else "faiss"
+            if self.backend == "faiss" and self.path is None:
+                self.path = DEFAULT_GALLERY_FILE
+        return self
+
+    def check_default_not_shadowing(self, name: str) -> None:
+        """A gallery whose backend was left to the default must not hide the Milvus Lite gallery an earlier
+        version wrote under the same settings (``gallery.db`` in the working folder): starting on an empty new
+        file would make every enrolled person vanish from the service without a word."""
+        if not self._defaulted or os.path.exists(os.path.expanduser(self.path)):
+            return
+        if os.path.exists(OLD_DEFAULT_URI):
+            raise ConfigError(
+                f"face gallery {name!r} names no backend, so it would be a new FAISS gallery in {self.path}; but "
+                f"{os.path.abspath(OLD_DEFAULT_URI)} holds the Milvus Lite gallery earlier versions used by default. "
+                f"Keep serving it with `backend: milvus` (uri: {OLD_DEFAULT_URI}), or move it: `visrec gallery export` "
+                f"with `backend: milvus`, then `visrec gallery import` into the new gallery (docs/gallery.md)")
+
     def storage(self) -> tuple[str, set[str]] | None:
         """(where, the Milvus collection names it may use) for a Milvus gallery, (file, {"*"}) for a durable FAISS
         gallery (nothing else may use its file); None for one in memory.
@@ -87,6 +119,11 @@ class GalleryConfig(_Strict):
         where = uri.rstrip("/").lower() if "://" in uri else os.path.abspath(os.path.expanduser(uri))
         c = self.collection
         return where, {f"{c}_templates", f"{c}_people", f"{c}_info", c, f"{c}_identities"}
+
+
+RUNTIME_HELP = ("torch | onnx | auto: auto serves a checkpoint through its ONNX export beside it (model.onnx "
+                "written by `visrec export`, which records the checkpoint's SHA-256) with ONNX Runtime on the CPU, "
+                "else PyTorch; onnx refuses to start without that export (docs/serve.md)")
 
 
 class FacesConfig(_Strict):
@@ -112,6 +149,8 @@ class FacesConfig(_Strict):
     default_gallery: Optional[str] = Field(None, description="the gallery /v1/faces and the CLI without --gallery "
                                                              "mean (default: 'default', else the only one)")
     top_k: int = Field(5, gt=0)
+    runtime: str = Field("auto", pattern="^(torch|onnx|auto)$", description="the embedder's runtime: "
+                                                                             + RUNTIME_HELP)
 
     def named_galleries(self) -> dict[str, GalleryConfig]:
         """Every gallery by name (``faces.gallery`` is ``default``), checked: valid names, no name twice, no two
@@ -172,6 +211,7 @@ class FacesConfig(_Strict):
 
 class LandmarksConfig(_Strict):
     model: Path
+    runtime: str = Field("auto", pattern="^(torch|onnx|auto)$", description=RUNTIME_HELP)
 
 
 class ProductsConfig(_Strict):

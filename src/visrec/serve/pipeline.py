@@ -16,6 +16,7 @@ from visrec.serve.config import GalleryConfig, load_serve_config
 def open_named_gallery(name: str, g: GalleryConfig, embedder: Embedder):
     """The gallery ``g`` (called ``name`` in the config), bound to the embedder's model name, dimension and
     metric (its model guard); an error opening it names the gallery."""
+    g.check_default_not_shadowing(name)
     kwargs = {"model_name": embedder.name, "dim": embedder.dim, "fusion": g.fusion, "metric": embedder.metric}
     if g.backend == "milvus":
         kwargs.update(uri=g.uri, collection=g.collection, index=g.index, index_params=g.index_params,
@@ -68,9 +69,9 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
     if cfg.faces is None:
         raise ConfigError(f"{config}: no faces section, so no gallery to calibrate")
     name, g = cfg.faces.pick_gallery(gallery, str(config))
-    if g.backend != "milvus":
+    if g.storage() is None:
         raise ConfigError(f"{config}: the {g.backend!r} gallery {name!r} lives in memory; a calibrated "
-                          f"threshold would be lost — calibrate a milvus gallery")
+                          f"threshold would be lost — give it a file (faiss `path`) or use milvus")
     f = cfg.faces
     embedder, embeddings, labels, seen = embed_labelled(
         f.model, data, photos=photos, batch=batch, progress=progress, aligned=f.aligned, landmarks=f.landmarks,
@@ -80,4 +81,4 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
         out = calibrate(store, embeddings, labels, target_fpr)
     finally:
         store.close()
-    return {**out, **seen, "gallery": g.uri, "gallery_name": name}
+    return {**out, **seen, "gallery": g.uri if g.backend == "milvus" else g.path, "gallery_name": name}

@@ -20,7 +20,13 @@ def system_routes(ctx):
     def healthz():
         state = ctx.state
         galleries = state.get("galleries")  # open: totals only, no gallery name (keys may restrict those)
+        runtimes = {}  # what runs each model: torch, onnxruntime, or an adapter's own library
+        if "faces" in state:
+            runtimes["faces"] = getattr(getattr(state["faces"].embedder, "model", None), "runtime", "adapter")
+        if "landmarks" in state:
+            runtimes["landmarks"] = state["landmarks"].runtime
         return {"status": "ok", "serves": [k for k in ("faces", "landmarks", "products") if k in state],
+                "runtimes": runtimes,
                 "gallery_templates": None if galleries is None else sum(g.count() for g in galleries.values())}
 
     @router.get("/metrics", response_class=PlainTextResponse)
