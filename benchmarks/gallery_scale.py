@@ -11,6 +11,9 @@ every template, in the same run) that the gallery returns, per probe, averaged. 
     python benchmarks/gallery_scale.py --identities 100000 --kinds faiss:Flat faiss-file:Flat faiss:HNSW32 \\
         "faiss:IVF1024,Flat" milvus:FLAT milvus:IVF_FLAT milvus:HNSW
 
+``faiss-raw:IndexFlatIP`` is the peer of ``faiss:Flat``: a bare FAISS ``IndexFlatIP`` over the same rows,
+searched the same way, so the gallery's own cost shows as a ratio in the same run.
+
 The Milvus server is the ``milvus`` package's standalone Milvus 2.3 (visrec[dev]), started on free loopback
 ports for the run and stopped after it (its data in a temporary folder). Memory: FAISS kinds report this
 process's resident-set growth (Milvus Lite's too: it runs its own process, not counted); Milvus kinds the
@@ -53,19 +56,56 @@ def synthetic(n: int, dim: int, queries: int, seed: int = 0):
     return x, q
 
 
-def open_kind(kind: str, server, collection: str):
+def open_kind(kind: str, server, collection: str, nlist: int | None = None):
     from visrec.index.gallery import open_gallery
 
     backend, index = kind.split(":", 1)
+    if backend == "faiss-raw":
+        return RawFlat()
     if backend in ("faiss", "faiss-file"):  # faiss-file: durable, its SQLite file in a temporary folder
         params = next((v for k, v in FAISS_SEARCH.items() if index.startswith(k) or f",{k}" in index), {})
         path = Path(tempfile.mkdtemp(prefix="visrec-gallery-")) / "g.sqlite" if backend == "faiss-file" else None
         return open_gallery("faiss", model_name="bench", index=index, search_params=params, path=path)
     build, search = MILVUS[index]
+    if "nlist" in build and nlist:
+        build = {**build, "nlist": nlist}
     # milvus-lite: a Milvus Lite file in a temporary folder; milvus: the standalone server
     uri = str(Path(tempfile.mkdtemp(prefix="visrec-lite-")) / "g.db") if backend == "milvus-lite" else server.uri
     return open_gallery("milvus", uri=uri, collection=collection, model_name="bench", index=index,
                         index_params=build, search_params=search)
+
+
+class RawFlat:
+    """The peer of ``faiss:Flat``: a bare ``faiss.IndexFlatIP`` over the same rows, searched the same way (one
+    probe per call, top-10), for the gallery's overhead over FAISS itself."""
+
+    def __init__(self):
+        self.index, self.names = None, []
+
+    def enroll_many(self, items):
+        import faiss
+
+        x = np.concatenate([np.asarray(v, np.float32) for _, v in items])
+        x /= np.linalg.norm(x, axis=1, keepdims=True)  # unit rows, as the gallery stores them
+        if self.index is None:
+            self.index = faiss.IndexFlatIP(x.shape[1])
+        self.index.add(x)
+        self.names += [name for name, _ in items]
+
+    def enroll(self, name, v):
+        self.enroll_many([(name, v)])
+
+    def search(self, q, k):
+        _, found = self.index.search(q, k)
+        return [[RawMatch(self.names[i]) for i in row if i >= 0] for row in found]
+
+    def close(self):
+        pass
+
+
+class RawMatch:
+    def __init__(self, identity):
+        self.identity = identity
 
 
 def wait_indexed(g) -> None:
@@ -114,6 +154,8 @@ def main() -> None:
     ap.add_argument("--single", type=int, default=100, help="single enrollments timed after filling")
     ap.add_argument("--searches", type=int, default=200, help="timed searches per thread")
     ap.add_argument("--faiss-threads", type=int, default=1, help="FAISS OpenMP threads (one per request worker)")
+    ap.add_argument("--milvus-nlist", type=int, default=None,
+                    help="nlist of the Milvus IVF kinds (default 1024; FAISS takes it in the factory string)")
     ap.add_argument("--sweep", nargs="*", default=[], help="search settings tried on each approximate index after "
                                                            "the default one, e.g. nprobe=128 efSearch=256 ef=128")
     args = ap.parse_args()
@@ -135,7 +177,7 @@ def main() -> None:
             faiss.omp_set_num_threads(args.faiss_threads)
             for kind in args.kinds:
                 rss0 = rss_mb()
-                g = open_kind(kind, server, f"bench_{n}_{kind.split(':')[1].replace(',', '_')}")
+                g = open_kind(kind, server, f"bench_{n}_{kind.split(':')[1].replace(',', '_')}", args.milvus_nlist)
                 t = time.perf_counter()
                 for start in range(0, n, args.batch):
                     g.enroll_many([(f"p{i}", x[i:i + 1]) for i in range(start, min(n, start + args.batch))])
@@ -149,15 +191,16 @@ def main() -> None:
                     single.append((time.perf_counter() - t) * 1000)
                 mem = rss_mb(server.pid) if kind.startswith("milvus:") else rss_mb() - rss0
                 folder = g._file.path.parent if getattr(g, "_file", None) is not None else None
-                for setting in [None] + [s for s in args.sweep if kind != "faiss:Flat" and s.split("=")[0] in
+                for setting in [None] + [s for s in args.sweep if "Flat" != kind.split(":")[1] and s.split("=")[0] in
                                          str(getattr(g, "search_params", ""))]:
-                    label = kind
+                    label = kind if not (args.milvus_nlist and kind.startswith("milvus") and "IVF" in kind) \
+                        else f"{kind} nlist={args.milvus_nlist}"
                     if setting is not None:  # the same index searched with another nprobe / efSearch / ef
                         name, value = setting.split("=")
                         g.search_params[name] = int(value)
                         for ann in getattr(g, "_ann", {}).values():
                             ann.search_params[name] = int(value)
-                        label = f"{kind} {setting}"
+                        label = f"{label} {setting}"
                     found = g.search(q, 10)
                     names = [[int(m.identity[1:]) for m in row if m.identity.startswith("p")] for row in found]
                     r1 = float(np.mean([bool(f) and f[0] == t[0] for f, t in zip(names, truth)]))
@@ -193,6 +236,13 @@ def main() -> None:
               f"{r['single_p50']:.1f} / {r['single_p99']:.1f} ms | {r['r1']:.4f} | {r['r10']:.4f} | "
               f"{r['p50_1']:.1f} / {r['p99_1']:.1f} ms | {r['p50_8']:.1f} / {r['p99_8']:.1f} ms | "
               f"{r['mem_mb']:,.0f} MB |")
+
+    for r in rows:  # the gallery's overhead over bare FAISS, same run
+        peer = next((p for p in rows if p["n"] == r["n"] and p["kind"].startswith("faiss-raw:")), None)
+        if peer is not None and r["kind"] in ("faiss:Flat", "faiss-file:Flat"):
+            print(f"{r['n']:,} {r['kind']} / {peer['kind']}: search p50 {r['p50_1'] / peer['p50_1']:.2f}x, "
+                  f"p99 {r['p99_1'] / peer['p99_1']:.2f}x at 1 client; p50 {r['p50_8'] / peer['p50_8']:.2f}x, "
+                  f"p99 {r['p99_8'] / peer['p99_8']:.2f}x at 8")
 
 
 if __name__ == "__main__":
