@@ -21,6 +21,7 @@ LAYERS = [
     ["export"],  # ONNX export (budget measures the file it writes)
     ["budget"],
     ["train"],  # the trainer's validation calls evaluate and models.inference
+    ["search"],  # architecture search: spaces as data, budgets before training, trials that train
     ["faces"],  # the face pipeline, and evaluation runs of face models
     ["index"],  # galleries and the product catalogue, and its evaluation run
     ["serve"],

@@ -15,7 +15,7 @@ def build_backbone(name: str, **kwargs):
 # One import line per backbone file: importing runs its @BACKBONES.register decorator.
 
 from visrec.models import (attention_net, effnet_face, iresnet, irse, landmark_nets, mobilefacenet, products, quality,  # noqa: E402,F401
-                           vargfacenet)
+                           searched, vargfacenet)
 
 from visrec.models.contract import ModelContract, Threshold  # noqa: E402,F401
 from visrec.models.loading import LoadedModel, load_model  # noqa: E402,F401

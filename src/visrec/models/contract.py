@@ -179,8 +179,10 @@ def contract_from_config(model_config: dict[str, Any], *, embedding_dim: int | N
     ImageNet-normalised square input of ``image_size`` (default 224) pixels, L2-normalised output."""
     cfg = dict(model_config)
     name = str(cfg.get("name", ""))
-    if name in LANDMARK_ARCHS:
-        size = int(crop_size if crop_size is not None else DEFAULT_LANDMARK_SIZE)
+    spec = cfg.get("spec") if name == "searched" and isinstance(cfg.get("spec"), dict) else {}
+    if name in LANDMARK_ARCHS or spec.get("task") == "landmarks":
+        default = spec.get("input_size", DEFAULT_LANDMARK_SIZE)  # a searched network's input is its crop
+        size = int(crop_size if crop_size is not None else default)
         points = int(cfg.get("num_points", 106))
         return ModelContract(task="landmarks", input_size=(size, size), num_points=points,
                              point_scheme=POINT_SCHEMES.get(points, f"{points}-points"),
@@ -193,7 +195,8 @@ def contract_from_config(model_config: dict[str, Any], *, embedding_dim: int | N
                              pixel_std=tuple(255.0 * float(s) for s in IMAGENET_STD), embedding_dim=embedding_dim,
                              metric="cosine", l2_normalised=True, source=source, origin=origin, arch=cfg)
     task = "video-embedding" if name == "quality_fusion" else "face-embedding"
-    return ModelContract(task=task, input_size=(112, 112), embedding_dim=embedding_dim, metric="cosine",
+    side = int(spec.get("input_size", 112))
+    return ModelContract(task=task, input_size=(side, side), embedding_dim=embedding_dim, metric="cosine",
                          align_method=align_method, align_template="arcface-112" if align_method != "none" else None,
                          source=source, origin=origin, arch=cfg)
 
