@@ -507,3 +507,82 @@ def test_import_streams_the_vectors_a_batch_at_a_time(gallery, tmp_path, monkeyp
         for m in row:
             assert m.score == pytest.approx(max(float(v @ q) for v in src._templates_of(m.identity).values()), abs=1e-5)
     assert gallery.import_(path) == 0  # idempotent
+
+
+def test_concurrent_exact_searches_are_answered_together_with_the_answers_they_get_alone():
+    """Exact FAISS searches arriving while one runs are run as one batch (fewer FAISS calls than searches),
+    each caller gets what it gets searching alone, and an error in a batch reaches every caller in it."""
+    import threading
+
+    x, probes = _clustered(n=3000)
+    g = open_gallery("faiss")
+    g.enroll_many([(f"p{i}", x[i:i + 1]) for i in range(len(x))])
+    alone = [[(m.identity, m.score) for m in g.search(p[None], 3)[0]] for p in probes[:64]]
+    calls, inner = [], g._knn
+    slow = threading.Event()
+
+    def counted(kind, q, k):
+        calls.append(len(q))
+        slow.wait(0.02)  # long enough for the other threads to queue behind the running search
+        return inner(kind, q, k)
+
+    g._knn = counted
+    got = [None] * 64
+
+    def worker(j):
+        for i in range(j, 64, 8):
+            got[i] = [(m.identity, m.score) for m in g.search(probes[i][None], 3)[0]]
+
+    threads = [threading.Thread(target=worker, args=(j,)) for j in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert [[i for i, _ in row] for row in got] == [[i for i, _ in row] for row in alone]
+    np.testing.assert_allclose([[s for _, s in row] for row in got], [[s for _, s in row] for row in alone],
+                               atol=2e-5)  # a batch is one matrix product: the same scores to float32 rounding
+    assert sum(calls) == 64 and len(calls) < 64 and max(calls) > 1  # batches formed
+
+    def failing(kind, q, k):
+        slow.wait(0.02)
+        raise RuntimeError(f"injected ({len(q)} queries)")
+
+    g._knn, errors = failing, []
+
+    def search_expecting_error():
+        try:
+            g.search(probes[:1], 3)
+        except RuntimeError as exc:
+            errors.append(str(exc))
+
+    threads = [threading.Thread(target=search_expecting_error) for _ in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert len(errors) == 6 and all(e.startswith("injected") for e in errors)
+
+
+def test_every_searching_thread_gives_faiss_the_threads_the_service_set(monkeypatch):
+    """OpenMP's thread count is per thread: a search from a fresh worker thread applies the service's setting
+    before it runs (exact and approximate), and leaves FAISS alone when none is set."""
+    import threading
+
+    import faiss
+
+    from visrec.index.gallery import faiss as backend
+
+    x, probes = _clustered(n=1200)
+    seen = {}
+    for index in ("Flat", "IVF16,Flat"):
+        g = open_gallery("faiss", index=index)
+        g.enroll_many([(f"p{i}", x[i:i + 1]) for i in range(len(x))])
+        for setting in (1, None):
+            monkeypatch.setattr(backend, "_search_threads", setting)
+            calls = []
+            monkeypatch.setattr(faiss, "omp_set_num_threads", lambda n: calls.append(n))
+            t = threading.Thread(target=g.search, args=(probes[:1], 3))
+            t.start()
+            t.join(10)
+            seen[(index, setting)] = calls
+    assert seen == {("Flat", 1): [1], ("Flat", None): [], ("IVF16,Flat", 1): [1], ("IVF16,Flat", None): []}

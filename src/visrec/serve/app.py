@@ -102,7 +102,10 @@ def set_threads(threads: int) -> None:
     if importlib.util.find_spec("faiss") is not None:
         import faiss
 
+        from visrec.index.gallery.faiss import set_search_threads
+
         faiss.omp_set_num_threads(threads)
+        set_search_threads(threads)  # OpenMP's setting is per thread: each request worker applies it too
 
 
 log = logging.getLogger(__name__)
