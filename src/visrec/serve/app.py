@@ -28,6 +28,7 @@ from visrec.errors import ConfigError, VisrecError
 from visrec.faces.images import InputError
 from visrec.faces.pipeline import FacePipeline
 from visrec.index.gallery import GalleryMismatchError, GalleryUnavailableError
+from visrec.index.gallery.faiss import set_search_threads
 from visrec.serve.config import ServeConfig, is_gallery_name
 from visrec.serve.guard import Guard, Metrics, allowed_galleries
 from visrec.serve.pipeline import open_configured_galleries
@@ -99,13 +100,11 @@ def set_threads(threads: int) -> None:
 
     torch.set_num_threads(threads)
     set_default_threads(threads)
+    set_search_threads(threads)  # OpenMP's setting is per thread: each request worker applies it too
     if importlib.util.find_spec("faiss") is not None:
         import faiss
 
-        from visrec.index.gallery.faiss import set_search_threads
-
         faiss.omp_set_num_threads(threads)
-        set_search_threads(threads)  # OpenMP's setting is per thread: each request worker applies it too
 
 
 log = logging.getLogger(__name__)
