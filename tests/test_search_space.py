@@ -67,26 +67,35 @@ def test_a_bad_search_space_is_an_error_naming_the_file_and_field(tmp_path, chan
     assert "space.yaml" in str(err.value)
 
 
-def test_a_searched_landmark_network_saves_exports_and_loads_with_its_contract(tmp_path):
+def test_a_searched_landmark_network_trains_passes_the_budget_exports_and_loads(tmp_path):
+    """A sampled landmark architecture as a run config's model (``{name: searched, spec: ...}``): visrec's
+    trainer trains it, ``budget.check`` counts the checkpoint within a 1 GFLOPs budget, the export passes
+    parity and ``load_model`` serves it through ONNX Runtime with the checkpoint's contract."""
     pytest.importorskip("onnxruntime")
+    from visrec.budget import check
+    from visrec.config import load_config
+    from visrec.data.synth import write_synthetic_jd
     from visrec.export import export_checkpoint
     from visrec.models import load_model
-    from visrec.models.contract import contract_from_config
-    from visrec.train.checkpoint import atomic_save
+    from visrec.protocols import Protocol
+    from visrec.train.trainer import train
 
+    write_synthetic_jd(tmp_path / "train", 24, seed=1)
     spec = SearchSpace.from_file(LANDMARKS).random(3)
-    config = {"name": "searched", "spec": spec, "num_points": 106}
-    torch.manual_seed(0)
-    net = build_backbone(**config).eval()
-    atomic_save({"model_config": config, "backbone": net.state_dict(),
-                 "contract": contract_from_config(config).to_dict()}, tmp_path / "run" / "model.pt")
+    cfg = load_config("configs/landmarks/synthetic-heatmap.yaml", {
+        "output": str(tmp_path / "run"), "data.train": str(tmp_path / "train"), "data.val": str(tmp_path / "train"),
+        "model": {"name": "searched", "num_points": 106, "spec": spec}, "schedule.max_steps": 4,
+        "schedule.warmup_steps": 1, "batch_size": 8})
+    assert train(cfg, progress=False).global_step == 4
     loaded = load_model(tmp_path / "run")
     assert loaded.contract.task == "landmarks" and loaded.contract.num_points == 106
+    report = check(tmp_path / "run", Protocol(name="one-gflop", task="landmarks", max_gflops=1.0), with_size=False)
+    assert report.passed and report.lfr_flops == candidate_cost(spec).flops
     image = np.random.default_rng(0).integers(0, 256, (160, 160, 3), dtype=np.uint8)
     points = loaded.predict(image, (20, 20, 140, 140))
     assert points.shape == (106, 2)
-    path, report = export_checkpoint(tmp_path / "run", tmp_path / "run" / "model.onnx")
-    assert report.passed
+    path, parity = export_checkpoint(tmp_path / "run", tmp_path / "run" / "model.onnx")
+    assert parity.passed
     onnx = load_model(tmp_path / "run", runtime="onnx")
     assert onnx.runtime == "onnxruntime" and onnx.contract.task == "landmarks"
     np.testing.assert_allclose(onnx.predict(image, (20, 20, 140, 140)), points, atol=0.05)
