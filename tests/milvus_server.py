@@ -23,7 +23,9 @@ class MilvusServer:
         import milvus  # the package (visrec[dev]); callers that may lack it check first
         self.server = milvus.MilvusServer(data_dir=str(root))
         self.server.config.try_bind_port = _try_bind  # the package's own check fails for a minute after a kill
-        # every port the server listens on: free ones now, kept for restarts (another test session may run)
+        # every configurable port: free ones now, kept for restarts. The embedded etcd still listens on 2379 and
+        # 2380 whatever etcd_port says, so one such server runs per machine at a time (a second one started
+        # while another runs, say a benchmark's, never answers and times out)
         for key in [k for k in self.server.config.configurable_items if k.endswith("_port")]:
             self.server.config.update(**{key: free_port()})
         self.port = int(self.server.config.configs["proxy_port"])
