@@ -80,7 +80,12 @@ class RawFlat:
     probe per call, top-10), for the gallery's overhead over FAISS itself."""
 
     def __init__(self):
+        import faiss
+
+        from visrec.index.gallery.faiss import _apply_search_threads
+
         self.index, self.names = None, []
+        self._threads = lambda: _apply_search_threads(faiss)
 
     def enroll_many(self, items):
         import faiss
@@ -96,10 +101,7 @@ class RawFlat:
         self.enroll_many([(name, v)])
 
     def search(self, q, k):
-        from visrec.index.gallery.faiss import _apply_search_threads
-        import faiss
-
-        _apply_search_threads(faiss)  # the same per-thread OpenMP setting as the gallery's searches
+        self._threads()  # the same per-thread OpenMP setting as the gallery's searches
         _, found = self.index.search(q, k)
         return [[RawMatch(self.names[i]) for i in row if i >= 0] for row in found]
 

@@ -58,6 +58,7 @@ class ExternalEmbedder:
         self.name, self.dim, self.input_size = self.model.name, int(self.contract.embedding_dim), int(self.contract.input_size[0])
         self.metric = self.contract.metric  # dlib-resnet: euclidean (its galleries score by negated distance)
         self.lock = threading.Lock()
+        self.runtime, self.runtime_note = "adapter", ""  # the adapter's own library (dlib) runs it
 
     def align(self, image, box, five=None, points=None, box_margin: float = 0.2, method: str = "lstsq") -> np.ndarray:
         """dlib's chip from the landmark model's points (``five``, ``box_margin``, ``method`` do not apply)."""
@@ -87,6 +88,7 @@ class ArcFaceEmbedder:
         contract = self.model.contract
         if contract.task == "landmarks":
             raise VisrecError(f"{model} is a landmark model, not a face embedder")
+        self.runtime, self.runtime_note = self.model.runtime, self.model.runtime_note
         self.contract = contract
         self.name = self.model.name
         self.net = self.model.module

@@ -29,7 +29,6 @@ models: raw, not L2-normalised; ``contract.l2_normalised`` says which), float32 
 from __future__ import annotations
 
 import hashlib
-import logging
 import warnings
 from pathlib import Path
 
@@ -50,7 +49,6 @@ from visrec.models.zoo import ArcFaceOnnx, Landmark106Onnx
 
 RUNTIMES = ("torch", "onnx", "auto")
 ONNX_TWIN = "model.onnx"  # the export of a checkpoint, beside it, that ``runtime="auto"`` serves through
-log = logging.getLogger(__name__)
 KINDS = ("a visrec run directory, model.pt or last.rank0.pt; an .onnx file (visrec export or InsightFace zoo); "
          "backbone.pth with arch=; or an adapter name")
 

@@ -40,7 +40,6 @@ from visrec.errors import ConfigError
 from visrec.models import build_backbone
 from visrec.models.searched import BLOCKS, HeadSpec, StageSpec, StemSpec, check_spec
 
-SECTIONS = {"stem": StemSpec, "head": HeadSpec}
 Choose = Callable[[str, list], object]
 
 

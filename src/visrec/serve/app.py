@@ -117,8 +117,7 @@ def _load(cfg: ServeConfig) -> dict:
                             detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=cfg.limits.max_pixels,
                             detect_size=cfg.faces.detect_size, runtime=cfg.faces.runtime)
         state["faces"] = pipe
-        model = getattr(pipe.embedder, "model", None)
-        log.info("faces %s: %s", cfg.faces.model, getattr(model, "runtime_note", "") or getattr(model, "runtime", "adapter"))
+        log.info("faces %s: %s", cfg.faces.model, pipe.embedder.runtime_note or pipe.embedder.runtime)
         state["gallery_configs"] = cfg.faces.named_galleries()
         state["galleries"] = open_configured_galleries(cfg.faces, pipe.embedder)
         state["default_gallery"] = cfg.faces.default_gallery_name()

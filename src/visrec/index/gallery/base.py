@@ -725,17 +725,14 @@ class GalleryExport:
             self.info["dim"] = int(vectors.shape[1])
         self.vectors = vectors
         self.names: list[str] = []
-        for row, name in enumerate(names.tolist()):
+        self.hashes: list[str] = []
+        for row, (name, h) in enumerate(zip(names.tolist(), hashes.tolist())):
             try:
-                self.names.append(check_identity(name))
+                name = check_identity(name)
+                self.hashes += _check_hashes([h], 1, name)
             except DataError as exc:
                 raise DataError(f"gallery export row {row}: {exc}", path=path) from None
-        self.hashes = [str(h) for h in hashes.tolist()]
-        for row, h in enumerate(self.hashes):
-            try:
-                _check_hashes([h], 1, self.names[row])
-            except DataError as exc:
-                raise DataError(f"gallery export row {row}: {exc}", path=path) from None
+            self.names.append(name)
         metas = _json_field(data, "metadata", path)
         if not isinstance(metas, dict):
             raise DataError("gallery export field 'metadata' must be a JSON object (identity -> object)", path=path)

@@ -232,7 +232,7 @@ def _product_topk(q: np.ndarray, x: np.ndarray, k: int) -> tuple[np.ndarray, np.
 
 
 class Coalescer:
-    """Exact searches that arrive while one runs are answered together, by one batched ``faiss.knn``.
+    """Exact searches that arrive while one runs are answered together, by one batched search.
 
     A single exact search of N rows is a scan of the whole matrix; eight at once are one matrix product that
     reads it once (on the reference machine, 100,000 x 512 on one thread: 13 ms for one query by FAISS's scan,
@@ -476,8 +476,7 @@ class FaissGallery(Gallery):
     def _knn(self, kind: str, q: np.ndarray, k: int):
         faiss = require("faiss", "index", "faiss-cpu")
         _apply_search_threads(faiss)
-        rows = self._templates if kind == "templates" else self._centroids
-        k = min(k, len(rows))
+        rows = self._templates if kind == "templates" else self._centroids  # every k is at most len(rows)
         if len(q) >= PRODUCT_FROM and self.metric == "cosine":  # a batch: one read of the rows for all of it
             return _product_topk(q, rows.matrix, k)
         metric = faiss.METRIC_INNER_PRODUCT if self.metric == "cosine" else faiss.METRIC_L2

@@ -167,7 +167,7 @@ def _claim(path: Path):
     lock = open(path.with_name(path.name + ".lock"), "a+b")
     try:
         import fcntl
-    except ImportError:  # not a POSIX system: no claim (documented in docs/gallery.md)
+    except ImportError:  # not a POSIX system: no claim, as SQLite itself would not stop a second process
         return lock
     try:
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)

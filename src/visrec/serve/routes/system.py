@@ -22,7 +22,7 @@ def system_routes(ctx):
         galleries = state.get("galleries")  # open: totals only, no gallery name (keys may restrict those)
         runtimes = {}  # what runs each model: torch, onnxruntime, or an adapter's own library
         if "faces" in state:
-            runtimes["faces"] = getattr(getattr(state["faces"].embedder, "model", None), "runtime", "adapter")
+            runtimes["faces"] = state["faces"].embedder.runtime
         if "landmarks" in state:
             runtimes["landmarks"] = state["landmarks"].runtime
         return {"status": "ok", "serves": [k for k in ("faces", "landmarks", "products") if k in state],
