@@ -114,20 +114,34 @@ class TrainResult:
     last_loss: float = float("nan")
 
 
+class Observer:
+    """Hooks a caller (an architecture search's trial) sets on a run, called on the main process only.
+    ``on_step(step, total)`` after every optimizer step; ``on_validate(step, backbone)`` at every validation
+    (the backbone in eval mode, no grad) returns extra metrics to log, or raises to end the run there (a
+    pruned trial): the exception reaches ``train``'s caller with the log closed."""
+
+    def on_step(self, step: int, total: int) -> None:
+        pass
+
+    def on_validate(self, step: int, backbone: nn.Module) -> dict[str, float] | None:
+        return None
+
+
 def train(cfg: RunConfig, *, resume: bool = False, source: str = "config", progress: bool = True,
-          stop_after_steps: int | None = None) -> TrainResult:
+          stop_after_steps: int | None = None, observer: Observer | None = None) -> TrainResult:
     """Train ``cfg`` to the end (or until ``stop_after_steps`` optimizer steps ran in this call, which
     checkpoints and returns — the controlled version of a kill). ``resume`` continues from the output
-    directory's checkpoints; without it an existing checkpoint is refused rather than overwritten."""
+    directory's checkpoints; without it an existing checkpoint is refused rather than overwritten.
+    ``observer`` (:class:`Observer`) sees every step and every validation."""
     ctx = dist.setup(cfg.device, cfg.amp)
     try:
-        return _train(cfg, ctx, resume, source, progress, stop_after_steps)
+        return _train(cfg, ctx, resume, source, progress, stop_after_steps, observer or Observer())
     finally:
         dist.teardown(ctx)
 
 
 def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress: bool,
-           stop_after_steps: int | None) -> TrainResult:
+           stop_after_steps: int | None, observer: Observer) -> TrainResult:
     out = Path(cfg.output)
     state = ckpt.load_rank_state(out, ctx.rank) if resume else None
     # any rank's file counts (not only this rank's): every rank must reach the same verdict, or the ones
@@ -265,8 +279,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                         bar.update(last_loss, rate)
                 if bar is not None:
                     bar.advance()
+                if ctx.is_main:
+                    observer.on_step(global_step, total_steps)
                 if cfg.val_every and global_step % cfg.val_every == 0:
-                    metrics = _validate(task, modules, ctx, log_file, global_step)
+                    metrics = _validate(task, modules, ctx, log_file, global_step, observer)
                 if global_step % cfg.checkpoint_every == 0:
                     save(metrics)
                 if global_step >= total_steps:
@@ -275,10 +291,11 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                     stopped = True
                     break
         if finished_before:
-            metrics = _validate(task, modules, ctx, None, global_step)
-        else:
-            if not stopped:
-                metrics = _validate(task, modules, ctx, log_file, global_step)
+            metrics = _validate(task, modules, ctx, None, global_step, observer)
+        elif not stopped and not (cfg.val_every and global_step % cfg.val_every == 0):
+            # the last step's validation, unless the loop just ran it
+            metrics = _validate(task, modules, ctx, log_file, global_step, observer)
+        if not finished_before:
             save(metrics)
         dist.barrier(ctx)
     finally:
@@ -308,14 +325,18 @@ def build_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.O
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
 
 
-def _validate(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_file, step: int):
+def _validate(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_file, step: int,
+              observer: Observer):
     if not ctx.is_main:
         return {}
     backbone = modules["backbone"]
     backbone.eval()
-    with torch.no_grad():
-        metrics = task.validate(backbone)
-    backbone.train()
+    try:
+        with torch.no_grad():
+            metrics = dict(task.validate(backbone))
+            metrics.update(observer.on_validate(step, backbone) or {})
+    finally:
+        backbone.train()
     if metrics and log_file:
         log_file.write(json.dumps({"step": step, "val": metrics}) + "\n")
         log_file.flush()
