@@ -9,10 +9,10 @@ import torch
 from visrec.budget import lfr_flops
 from visrec.errors import ConfigError
 from visrec.models import build_backbone
-from visrec.search.space import (SearchSpace, candidate_cost, check_budget_reachable, over_budget,
+from visrec.search.space import (DEFAULT_SPACES, SearchSpace, candidate_cost, check_budget_reachable, over_budget,
                                  smallest_cost)
 
-FACES, LANDMARKS = "configs/search/faces.yaml", "configs/search/landmarks.yaml"
+FACES, LANDMARKS = (str(DEFAULT_SPACES / "faces.yaml"), str(DEFAULT_SPACES / "landmarks.yaml"))
 
 
 @pytest.mark.parametrize("path, task, out", [(FACES, "faces", (2, 512)), (LANDMARKS, "landmarks", (2, 106, 2))])

@@ -1,6 +1,7 @@
 """A search space as data, and the budget as a hard constraint checked before any training.
 
-A space file (YAML; ``configs/search/faces.yaml`` and ``configs/search/landmarks.yaml`` ship) has the shape
+A space file (YAML; the default spaces ship in the package, ``visrec/search/spaces/{faces,landmarks}.yaml``, and
+:meth:`SearchSpace.default` reads them) has the shape
 of an architecture spec (:mod:`visrec.models.searched`) where any field may be a list of choices instead of
 one value::
 
@@ -41,6 +42,7 @@ from visrec.models import build_backbone
 from visrec.models.searched import BLOCKS, HeadSpec, StageSpec, StemSpec, check_spec
 
 Choose = Callable[[str, list], object]
+DEFAULT_SPACES = Path(__file__).with_name("spaces")
 
 
 def _options(value) -> list:
@@ -99,6 +101,23 @@ class SearchSpace:
     @classmethod
     def from_file(cls, path: str | Path) -> "SearchSpace":
         return cls(read_yaml_mapping(path), path)
+
+    @classmethod
+    def default(cls, task: str) -> "SearchSpace":
+        """The space shipped for ``task`` (faces | landmarks)."""
+        path = DEFAULT_SPACES / f"{task}.yaml"
+        if task not in ("faces", "landmarks"):
+            raise ConfigError(f"no default search space for task {task!r}: faces or landmarks")
+        return cls.from_file(path)
+
+    @property
+    def text(self) -> str:
+        """The space as canonical YAML (what a study records, to refuse resuming under another space)."""
+        import yaml
+
+        raw = {"task": self.task, "input_size": self.input_size, "stem": self.stem, "stages": self.stages,
+               "head": self.head}
+        return yaml.safe_dump(raw, sort_keys=True)
 
     @property
     def size(self) -> int:
