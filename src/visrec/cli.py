@@ -20,6 +20,7 @@ from visrec.commands import gallery as gallery_commands
 from visrec.commands import landmarks as landmark_commands
 from visrec.commands import models as model_commands
 from visrec.commands import products as product_commands
+from visrec.commands import search as search_commands
 
 app = typer.Typer(help="visrec: faces, landmarks, products — data -> train -> budget -> eval -> export -> serve. "
                        "Grammar (docs/cli.md): the thing a command acts on is its one positional argument; "
@@ -115,6 +116,7 @@ app.command("export")(export_commands.export)
 app.command("landmarks")(landmark_commands.landmarks)
 app.add_typer(gallery_commands.app, name="gallery")
 app.add_typer(product_commands.app, name="products")
+app.add_typer(search_commands.app, name="search")
 
 
 def main() -> None:

@@ -17,7 +17,8 @@ console = Console()
 app = typer.Typer(help="Compute budgets (LFR FLOP rule, fp32 ONNX size): check a model, or fit a family to one.",
                   no_args_is_help=True, add_completion=False)
 
-MODEL_HELP = "registry name (+ --set key=value), run config .yaml, visrec checkpoint, or .onnx file"
+MODEL_HELP = ("registry name (+ --set key=value), run config .yaml, architecture spec .yaml (a search's), visrec "
+              "checkpoint, or .onnx file")
 PROTOCOL_HELP = "protocol name (deepglint-light, ...) or a protocol YAML file"
 
 
@@ -34,9 +35,16 @@ def _model_from_spec(spec: str, overrides: list[str]):
     if path.suffix == ".onnx" or (path.exists() and path.suffix not in (".yaml", ".yml")):
         return spec, None
     if path.suffix in (".yaml", ".yml"):
-        m = load_config(path).model
-        model = build_backbone(m.name, **m.kwargs)
-        return model, registry_contract(model, m.name, m.kwargs)
+        from visrec.config import read_yaml_mapping
+
+        raw = read_yaml_mapping(path)
+        if "stages" in raw:  # a bare architecture spec (what a search samples): the `searched` backbone
+            name, kwargs = "searched", {"spec": raw}
+        else:
+            m = load_config(path).model
+            name, kwargs = m.name, m.kwargs
+        model = build_backbone(name, **kwargs)
+        return model, registry_contract(model, name, kwargs)
     kwargs = dict(parse_override(o) for o in overrides)
     BACKBONES.get(spec)  # a clear error for an unknown name
     model = build_backbone(spec, **kwargs)

@@ -1,0 +1,588 @@
+"""The search: an Optuna study over a search space, every trial a candidate that meets the budget and is trained
+briefly on the user's data, scored by the task's metric on held-out data.
+
+The study is multi-objective — the task's metric (faces: TPR at a target FPR, maximised; landmarks: NME,
+minimised) and the LFR GFLOPs (minimised) — so its Pareto front is the accuracy/compute trade-off inside the
+budget; the *best* architecture is the complete trial with the best metric (fewer FLOPs break ties). Optuna's
+TPE sampler (multi-objective) proposes the candidates.
+
+A trial, in order (:class:`Objective`):
+
+1. its spec is sampled (``trial.suggest_categorical`` per field of the space);
+2. it is counted on the meta device (LFR FLOPs, float32 weights) and, with a latency bound, timed with ONNX
+   Runtime on one thread; over the budget it ends as *rejected* (Optuna state PRUNED, user attribute
+   ``rejected`` saying why) without a step of training, and does not count towards ``trials``;
+3. a spec identical to one already finished is not trained again: the trial takes the earlier result
+   (``same_as``);
+4. it trains ``steps`` optimizer steps (:func:`visrec.search.proxy.trial_config`) and is scored every
+   ``steps / evaluations`` steps. Optuna's pruners take no intermediate values in a multi-objective study, so
+   the median rule of Optuna's ``MedianPruner`` is applied here to the metric alone: at an intermediate
+   evaluation a trial worse than the median of the complete trials' scores at the same step (once
+   ``prune_after`` of them exist) ends as *pruned* and counts as a trained trial.
+
+Durability and scale-out: the study lives in Optuna storage — by default a journal file in the run directory
+(``study.journal``; Optuna's append-only log with a file lock, safe for several processes on one machine or
+a shared file system), or any Optuna storage URL (PostgreSQL/MySQL through SQLAlchemy) for several machines.
+Every finished trial is in the storage when it ends, so a worker killed with SIGKILL loses at most the trial
+it was training. ``resume=True`` continues (or joins) the study: trials left RUNNING by a dead worker of this
+machine (its process id no longer runs, by ``/proc`` start time) are marked FAIL with the attribute
+``abandoned`` and their architecture is queued again. Workers of other machines are not judged (a database
+storage's heartbeats would be the way); their RUNNING trials count as running. ``trials`` counts trained
+trials (complete, pruned, failed by a non-finite loss) plus those still running, across every worker, so N
+workers stop together; two workers that look at the count at the same moment may overshoot it by one trial.
+
+A study records the settings it was started with (task, space, steps, budget, data...) and refuses to
+continue under others, naming the field; a study that already has its trials is finished, and a second search
+on it is refused with the count (raise ``trials`` to go on).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import socket
+import statistics
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import torch
+import yaml
+
+from visrec._optional import require
+from visrec.config import parse_config, read_yaml_mapping
+from visrec.errors import ConfigError
+from visrec.protocols import load_protocol
+from visrec.search.proxy import base_training, onnx_latency_ms, scorer_for, trial_config
+from visrec.search.space import SearchSpace, candidate_cost, check_budget_reachable, over_budget
+from visrec.train.checkpoint import rank_files
+from visrec.train.task import TASKS, RunContext
+from visrec.train.trainer import train
+
+STUDY_NAME = "visrec-search"
+JOURNAL = "study.journal"
+TRAINED_STATES = ("COMPLETE", "PRUNED", "FAIL")
+
+
+@dataclass
+class Budget:
+    """The hard constraint: LFR GFLOPs at most ``max_gflops``, float32 weights under ``max_mb`` MB, and, when
+    given, ``max_ms`` milliseconds per image at batch 1 on one ONNX Runtime thread of this machine."""
+
+    max_gflops: float | None = None
+    max_mb: float | None = None
+    max_ms: float | None = None
+    origin: str = "flags"
+    protocol: str | None = None  # the protocol the limits came from, if any
+
+    def describe(self) -> str:
+        parts = []
+        if self.max_gflops is not None:
+            parts.append(f"<= {self.max_gflops:g} GFLOPs (LFR rule)")
+        if self.max_mb is not None:
+            parts.append(f"< {self.max_mb:g} MB of float32 weights")
+        if self.max_ms is not None:
+            parts.append(f"<= {self.max_ms:g} ms/image on one ONNX Runtime thread of this machine")
+        return (", ".join(parts) or "no limit") + f" ({self.origin})"
+
+
+def resolve_budget(protocol: str | None, max_gflops: float | None, max_mb: float | None,
+                   max_ms: float | None) -> Budget:
+    """A protocol's limits, each tightened by an explicit flag."""
+    b = Budget(max_gflops=max_gflops, max_mb=max_mb, max_ms=max_ms, origin="flags")
+    if protocol is not None:
+        p = load_protocol(protocol)
+        b.protocol = str(protocol)
+        b.origin = p.name + (" + flags" if (max_gflops or max_mb) else "")
+        b.max_gflops = min(x for x in (max_gflops, p.max_gflops) if x is not None) \
+            if (max_gflops or p.max_gflops) else None
+        b.max_mb = min(x for x in (max_mb, p.max_size_mb) if x is not None) if (max_mb or p.max_size_mb) else None
+    if b.max_gflops is None and b.max_mb is None and b.max_ms is None:
+        raise ConfigError("a search needs a budget: --protocol NAME, or --max-gflops / --max-mb / --max-ms")
+    return b
+
+
+@dataclass
+class SearchSettings:
+    task: str  # faces | landmarks
+    data: Path  # training data (faces: RecordIO dir, image folder or CSV; landmarks: JD-landmark dir)
+    val: Path  # held-out data (faces: a face data set of other identities, or a .bin pair file; landmarks: JD dir)
+    out: Path  # run directory: the study journal, trials/<number>/, report.html
+    budget: Budget
+    trials: int = 20
+    steps: int = 100
+    evaluations: int = 3
+    space_file: Path | None = None  # None: the task's shipped space
+    config: Path | None = None  # a run config whose training settings every trial uses
+    target_fpr: float = 1e-2
+    storage: str | None = None  # an Optuna storage URL or journal path; None: <out>/study.journal
+    seed: int = 0
+    prune: bool = True
+    prune_after: int = 3
+    device: str = "cpu"
+
+    def space(self) -> SearchSpace:
+        space = SearchSpace.from_file(self.space_file) if self.space_file else SearchSpace.default(self.task)
+        if space.task != self.task:
+            raise ConfigError(f"{space.path}: task is {space.task!r}, but this search is for {self.task}")
+        return space
+
+    def fingerprint(self, space: SearchSpace) -> dict:
+        """What a study was started with; a resumed worker must match it field by field."""
+        training = base_training(self.task, self.config)
+        return {"task": self.task, "space": hashlib.sha256(space.text.encode()).hexdigest()[:16],
+                "steps": self.steps, "evaluations": self.evaluations, "data": str(Path(self.data).resolve()),
+                "val": str(Path(self.val).resolve()), "target_fpr": self.target_fpr if self.task == "faces" else None,
+                "budget": asdict(self.budget), "training": json.loads(json.dumps(training, default=str)),
+                "seed": self.seed}
+
+
+# --- storage ---------------------------------------------------------------------------------------------
+
+def _masked(url: str) -> str:
+    """The URL with its password replaced, for messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
+        return urlunsplit(parts._replace(netloc=netloc))
+    return url
+
+
+def open_storage(storage: str | None, out: Path):
+    """(Optuna storage, its description). None: a journal file in ``out``; ``scheme://...``: Optuna's RDB
+    storage (connected now, so an unreachable database is an error naming it before anything runs); anything
+    else: a journal file at that path."""
+    optuna = require("optuna", "search")
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    if storage is None or "://" not in storage:
+        path = Path(storage) if storage else Path(out) / JOURNAL
+        if not path.parent.is_dir():
+            raise ConfigError(f"study storage {path}: its directory {path.parent} does not exist")
+        return JournalStorage(JournalFileBackend(str(path))), str(path)
+    try:
+        return optuna.storages.RDBStorage(storage), _masked(storage)
+    except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors of every kind: said with the URL
+        reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"cannot reach the study storage {_masked(storage)}: {reason}") from None
+
+
+def _has_study(storage) -> bool:
+    optuna = require("optuna", "search")
+    return any(s.study_name == STUDY_NAME for s in optuna.study.get_all_study_summaries(storage,
+                                                                                         include_best_trial=False))
+
+
+def _sampler(seed: int):
+    optuna = require("optuna", "search")
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=5)
+
+
+def load_search_study(storage: str | None, out: Path):
+    """The study of a finished or running search (for its report and export)."""
+    optuna = require("optuna", "search")
+    st, desc = open_storage(storage, Path(out))
+    if not _has_study(st):
+        raise ConfigError(f"no search study in {desc}")
+    return optuna.load_study(study_name=STUDY_NAME, storage=st), desc
+
+
+# --- workers ---------------------------------------------------------------------------------------------
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot (``/proc``), or None where it is not running."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
+
+
+def this_worker() -> dict:
+    pid = os.getpid()
+    return {"host": socket.gethostname(), "pid": pid, "start": _start_time(pid)}
+
+
+def _worker_alive(worker: dict | None) -> bool:
+    """False only when the worker ran on this machine and its process is gone (or its pid was reused)."""
+    if not worker or worker.get("host") != socket.gethostname():
+        return True
+    start = _start_time(int(worker["pid"]))
+    return start is not None and (worker.get("start") is None or start == worker["start"])
+
+
+def counted_trials(study) -> list:
+    """The trials that count towards ``trials``: trained and finished, or trained and still running."""
+    out = []
+    for t in study.get_trials(deepcopy=False):
+        attrs = t.user_attrs
+        if not attrs.get("trained") or attrs.get("abandoned"):
+            continue
+        if t.state.name in TRAINED_STATES or (t.state.name == "RUNNING" and _worker_alive(attrs.get("worker"))):
+            out.append(t)
+    return out
+
+
+def recover_abandoned(study) -> list[int]:
+    """Trials left RUNNING by a dead worker of this machine: marked FAIL (``abandoned``), their architecture
+    queued again if it had passed the budget. Returns their numbers."""
+    require("optuna", "search")
+    from optuna.trial import TrialState
+
+    recovered = []
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        worker = t.user_attrs.get("worker")
+        if worker is None or _worker_alive(worker):  # no owner recorded: not ours to judge
+            continue
+        study._storage.set_trial_user_attr(t._trial_id, "abandoned",
+                                           f"its worker (pid {worker['pid']} on {worker['host']}) stopped before "
+                                           f"the trial finished")
+        try:
+            study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except Exception:  # noqa: BLE001 - another worker finished or recovered it first
+            continue
+        recovered.append(t.number)
+        if t.user_attrs.get("trained"):
+            study.enqueue_trial(t.params, user_attrs={"retry_of": t.number})
+    return recovered
+
+
+class _TrialObserver:
+    """The trainer's hooks for one trial: progress, the held-out score at every evaluation, pruning."""
+
+    def __init__(self, trial, study, scorer, settings: SearchSettings, device, bar):
+        self.trial, self.study, self.scorer, self.settings, self.device, self.bar = (
+            trial, study, scorer, settings, device, bar)
+        self.scores: dict[int, float] = {}
+
+    def on_step(self, step: int, total: int) -> None:
+        if self.bar is not None:
+            self.bar.step(step, total)
+
+    def on_validate(self, step: int, backbone) -> dict[str, float]:
+        optuna = require("optuna", "search")
+        value = self.scorer(backbone, self.device)
+        if value != value:  # NaN: a diverged candidate scores worst
+            value = float("-inf") if self.scorer.score.direction == "maximize" else float("inf")
+        self.scores[step] = value
+        self.trial.set_user_attr(f"score@{step}", value)
+        if self.settings.prune and step < self.settings.steps:
+            finished = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+            peers = [t.user_attrs[f"score@{step}"] for t in finished if f"score@{step}" in t.user_attrs]
+            if len(peers) >= self.settings.prune_after:
+                median = statistics.median(peers)
+                if self.scorer.score.better(median, value):
+                    self.trial.set_user_attr("pruned", f"{self.scorer.score.name} {value:.4f} at step {step} is "
+                                                       f"worse than the median {median:.4f} of {len(peers)} "
+                                                       f"complete trials")
+                    raise optuna.TrialPruned(self.trial.user_attrs.get("pruned"))
+        return {f"search/{self.scorer.score.name}": value}
+
+
+class Objective:
+    """One trial (module docstring)."""
+
+    def __init__(self, settings: SearchSettings, space: SearchSpace, scorer, study, bar=None):
+        self.s, self.space, self.scorer, self.study, self.bar = settings, space, scorer, study, bar
+        self.training = base_training(settings.task, settings.config)
+        data = self.training.get("data") or {}
+        self.cost_kwargs = {"embedding_size": 512, "num_points": int(data.get("points", 106))}
+        self.rejected_in_a_row = self.rejected = self.trained = 0
+
+    def __call__(self, trial) -> tuple[float, float]:
+        optuna = require("optuna", "search")
+
+        trial.set_user_attr("worker", this_worker())  # first: a trial of a killed worker is recognised
+        spec = self.space.sample(lambda name, options: trial.suggest_categorical(name, options))
+        cost = candidate_cost(spec, **self.cost_kwargs)
+        trial.set_user_attr("spec", spec)
+        for key, value in (("gflops", cost.gflops), ("mb", cost.mb), ("params", cost.params)):
+            trial.set_user_attr(key, value)
+        budget = self.s.budget
+        why = over_budget(cost, budget.max_gflops, budget.max_mb)
+        if why is None and budget.max_ms is not None:
+            ms = onnx_latency_ms(spec, **self.cost_kwargs)
+            trial.set_user_attr("ms", ms)
+            if ms > budget.max_ms:
+                why = f"{ms:.2f} ms/image > {budget.max_ms:g} (one ONNX Runtime thread, this machine)"
+        if why is not None:
+            trial.set_user_attr("rejected", why)
+            self.rejected_in_a_row += 1
+            self.rejected += 1
+            raise optuna.TrialPruned(f"over budget: {why}")
+        self.rejected_in_a_row = 0
+        self.trained += 1
+        same = self._same_as(trial)
+        trial.set_user_attr("trained", True)
+        if same is not None:
+            trial.set_user_attr("same_as", same.number)
+            for key, value in same.user_attrs.items():
+                if key.startswith("score"):
+                    trial.set_user_attr(key, value)
+            if same.state.name == "PRUNED":
+                trial.set_user_attr("pruned", f"the same architecture as trial {same.number}, which was pruned")
+                raise optuna.TrialPruned(trial.user_attrs["pruned"])
+            return tuple(same.values)
+        out = Path(self.s.out) / "trials" / f"{trial.number:04d}"
+        cfg = trial_config(self.s.task, self.training, spec, data=self.s.data, steps=self.s.steps,
+                           evaluations=self.s.evaluations, output=out, seed=self.s.seed, device=self.s.device)
+        device = torch.device("cuda" if cfg.device == "cuda" or (cfg.device == "auto" and torch.cuda.is_available())
+                              else "cpu")
+        observer = _TrialObserver(trial, self.study, self.scorer, self.s, device, self.bar)
+        if self.bar is not None:
+            self.bar.start_trial(trial.number, self.s.steps, cost.gflops)
+        try:
+            train(cfg, progress=False, observer=observer)
+        except FloatingPointError as exc:
+            trial.set_user_attr("failed", str(exc))
+            raise
+        finally:
+
+            for path in rank_files(out).values():  # a finished trial's optimizer state: never resumed
+                path.unlink(missing_ok=True)
+        score = observer.scores[max(observer.scores)]
+        trial.set_user_attr("score", score)
+        return score, cost.gflops
+
+    def _same_as(self, trial):
+        """A trained trial (complete or pruned) of the same architecture, if any."""
+        from optuna.trial import TrialState
+
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            if t.number != trial.number and t.params == trial.params and t.user_attrs.get("trained"):
+                return t
+        return None
+
+
+def _check_fingerprint(study, expected: dict, desc: str) -> None:
+    recorded = study.user_attrs.get("settings")
+    if recorded is None:
+        raise ConfigError(f"{desc}: the study {STUDY_NAME!r} was not started by visrec search (no settings "
+                          f"recorded); choose another --out or --storage")
+    for key, value in expected.items():
+        if recorded.get(key) != value:
+            raise ConfigError(f"{desc}: the study was started with {key} = {json.dumps(recorded.get(key))}; this "
+                              f"run asks {json.dumps(value)}. Resume with the same settings, or start another "
+                              f"search in another --out")
+
+
+def prepare(settings: SearchSettings):
+    """Everything checked before anything is written: the space, the budget against the space's least
+    candidate, the training settings (a trial config is built), the held-out data (read once) and the training
+    data's presence. Returns (space, scorer)."""
+    space = settings.space()
+    budget = settings.budget
+    training = base_training(settings.task, settings.config)
+    points = int((training.get("data") or {}).get("points", 106))
+    check_budget_reachable(space, budget.max_gflops, budget.max_mb, embedding_size=512, num_points=points)
+    if settings.trials < 1 or settings.steps < 1 or settings.evaluations < 1:
+        raise ConfigError("trials, steps and evaluations must each be at least 1")
+    if not Path(settings.data).exists():
+        raise ConfigError(f"--data {settings.data}: no such file or directory")
+    cfg = trial_config(settings.task, training, space.least(), data=settings.data, steps=settings.steps,
+                       evaluations=settings.evaluations, output=Path(settings.out) / "trials" / "0000",
+                       seed=settings.seed, device=settings.device)
+
+    # the training data is opened (and its size checked) once here, not found wanting in the first trial
+    dataset = TASKS.get(cfg.task)(cfg, RunContext(device=torch.device("cpu")), "search").train_dataset()
+    if len(dataset) < cfg.batch_size:
+        raise ConfigError(f"--data {settings.data}: {len(dataset)} training items, fewer than one batch "
+                          f"({cfg.batch_size}); use more data or a smaller batch_size in --config")
+    return space, scorer_for(settings.task, settings.val, target_fpr=settings.target_fpr, training=training)
+
+
+def open_search(settings: SearchSettings, space: SearchSpace, *, resume: bool, worker_seed: int | None = None):
+    """(study, storage description) — created, or loaded with ``resume`` after its settings are compared."""
+    optuna = require("optuna", "search")
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    out = Path(settings.out)
+    if settings.storage is None:
+        out.mkdir(parents=True, exist_ok=True)
+    storage, desc = open_storage(settings.storage, out)
+    expected = settings.fingerprint(space)
+    scorer_direction = "maximize" if settings.task == "faces" else "minimize"
+    sampler = _sampler(settings.seed if worker_seed is None else worker_seed)
+    if _has_study(storage):
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+        if not resume:
+            raise ConfigError(f"{desc} already holds a search ({len(study.trials)} trials): pass --resume to continue "
+                              f"it or to join it as another worker, or choose another --out")
+        _check_fingerprint(study, expected, desc)
+        return study, desc
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, load_if_exists=True,
+                                directions=[scorer_direction, "minimize"])
+    if "settings" not in study.user_attrs:
+        study.set_user_attr("settings", expected)
+    _check_fingerprint(study, expected, desc)
+    return study, desc
+
+
+@dataclass
+class WorkerResult:
+    storage: str
+    ran: int  # trials this worker trained (or took from an identical one)
+    rejected: int
+    recovered: list[int] = field(default_factory=list)
+
+
+def run_worker(settings: SearchSettings, *, resume: bool = False, progress: bool = True,
+               worker_seed: int | None = None, space: SearchSpace | None = None, scorer=None) -> WorkerResult:
+    """Run trials until the study has ``settings.trials`` counted trials (module docstring)."""
+    optuna = require("optuna", "search")
+    if space is None or scorer is None:
+        space, scorer = prepare(settings)
+    study, desc = open_search(settings, space, resume=resume, worker_seed=worker_seed)
+    recovered = recover_abandoned(study) if resume else []
+    done = len(counted_trials(study))
+    if done >= settings.trials:
+        raise ConfigError(f"the search in {desc} is finished: {done} trials trained of --trials {settings.trials}; "
+                          f"raise --trials to run more (nothing was changed)")
+    bar = _Bar(settings.trials, done) if progress else None
+    objective = Objective(settings, space, scorer, study, bar)
+    cap = max(200, 20 * settings.trials)  # proposals over budget in a row before the space is called hopeless
+    try:
+        while len(counted_trials(study)) < settings.trials:
+            study.optimize(objective, n_trials=1, catch=(FloatingPointError,), gc_after_trial=False)
+            if bar is not None:
+                bar.finished(len(counted_trials(study)), objective.rejected)
+            if objective.rejected_in_a_row >= cap:
+                raise ConfigError(f"{cap} candidates in a row were over the budget ({settings.budget.describe()}): "
+                                  f"the space's choices are mostly too large; narrow them (the least candidate "
+                                  f"fits, so the budget can be met)")
+    finally:
+        if bar is not None:
+            bar.close()
+    del optuna
+    return WorkerResult(desc, objective.trained, objective.rejected, recovered)
+
+
+class _Bar:
+    """Two Rich progress bars: the search's trials, and the steps of the trial being trained."""
+
+    def __init__(self, total: int, done: int):
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                                 TextColumn("{task.fields[note]}"), TimeElapsedColumn(), transient=False)
+        self.progress.start()
+        self.trials = self.progress.add_task("trials", total=total, completed=done, note="")
+        self.trial = None
+
+    def start_trial(self, number: int, steps: int, gflops: float) -> None:
+        if self.trial is not None:
+            self.progress.remove_task(self.trial)
+        self.trial = self.progress.add_task(f"trial {number}", total=steps, note=f"{gflops:.3f} GFLOPs")
+
+    def step(self, step: int, total: int) -> None:
+        if self.trial is not None:
+            self.progress.update(self.trial, completed=step, total=total)
+
+    def finished(self, counted: int, rejected: int) -> None:
+        if self.trial is not None:
+            self.progress.remove_task(self.trial)
+            self.trial = None
+        self.progress.update(self.trials, completed=counted, note=f"{rejected} rejected over budget")
+
+    def close(self) -> None:
+        self.progress.stop()
+
+
+# --- results ---------------------------------------------------------------------------------------------
+
+@dataclass
+class TrialRow:
+    number: int
+    status: str  # complete | pruned | rejected | failed | abandoned | running | waiting
+    score: float | None
+    gflops: float | None
+    mb: float | None
+    ms: float | None
+    note: str
+    spec: dict | None
+    same_as: int | None = None
+
+
+@dataclass
+class SearchResult:
+    storage: str
+    settings: dict
+    score_name: str
+    direction: str
+    rows: list[TrialRow]
+    best: TrialRow | None
+    pareto: list[int]  # trial numbers on the Pareto front (metric vs GFLOPs)
+
+
+def _row(t) -> TrialRow:
+    a = t.user_attrs
+    state = t.state.name
+    if a.get("abandoned"):
+        status, note = "abandoned", a["abandoned"]
+    elif a.get("rejected"):
+        status, note = "rejected", f"over budget: {a['rejected']}"
+    elif state == "PRUNED":
+        status, note = "pruned", a.get("pruned", "")
+    elif state == "FAIL":
+        status, note = "failed", a.get("failed", "")
+    else:
+        status, note = state.lower(), ""
+    if a.get("same_as") is not None:
+        note = (note + "; " if note else "") + f"same architecture as trial {a['same_as']}"
+    if a.get("retry_of") is not None:
+        note = (note + "; " if note else "") + f"retry of trial {a['retry_of']}"
+    steps = sorted(int(k.split("@")[1]) for k in a if k.startswith("score@"))
+    score = a.get("score", a.get(f"score@{steps[-1]}") if steps else None)
+    return TrialRow(t.number, status, score, a.get("gflops"), a.get("mb"), a.get("ms"), note, a.get("spec"),
+                    a.get("same_as"))
+
+
+def summarise(study, desc: str) -> SearchResult:
+    settings = study.user_attrs.get("settings", {})
+    direction = study.directions[0].name.lower()
+    task = settings.get("task", "faces")
+    score_name = f"tpr@{settings.get('target_fpr'):g}" if task == "faces" else "nme"
+    rows = [_row(t) for t in study.get_trials(deepcopy=False)]
+    complete = [r for r in rows if r.status == "complete" and r.score is not None]
+    sign = -1 if direction == "maximize" else 1
+    best = min(complete, key=lambda r: (sign * r.score, r.gflops)) if complete else None
+    pareto = sorted(t.number for t in study.best_trials) if complete else []
+    return SearchResult(desc, settings, score_name, direction, rows, best, pareto)
+
+
+def export_spec(result: SearchResult, out: Path, trial: int | None, dest: Path, *, steps: int | None = None,
+                output: str | None = None) -> Path:
+    """Write the run config that trains the best (or the given) trial's architecture with the search's
+    training settings: ``visrec train --config DEST``. The schedule is the trial's (``steps`` replaces its
+    length); the held-out scoring of the search is not part of it."""
+    rows = {r.number: r for r in result.rows}
+    if trial is None:
+        if result.best is None:
+            raise ConfigError(f"{result.storage}: no complete trial yet, nothing to export")
+        row = result.best
+    elif trial not in rows:
+        raise ConfigError(f"{result.storage}: no trial {trial} (trials 0-{len(rows) - 1})")
+    else:
+        row = rows[trial]
+        if row.spec is None or row.status in ("rejected", "waiting"):
+            raise ConfigError(f"trial {trial} is {row.status}: it has no trained architecture to export")
+    trained = row.number if row.same_as is None else row.same_as  # an identical architecture trained once
+    source = Path(out) / "trials" / f"{trained:04d}" / "config.yaml"
+    if not source.exists():
+        raise ConfigError(f"{source}: the trial's run config is missing (was the run directory moved?)")
+    raw = read_yaml_mapping(source)
+    raw["model"] = {"name": "searched", "spec": row.spec}
+    raw["output"] = output or f"runs/searched-trial{row.number}"
+    if steps is not None:
+        raw["schedule"] = {**raw.get("schedule", {}), "max_steps": int(steps)}
+    raw.pop("val_every", None)
+    raw["checkpoint_every"] = 200
+    parse_config(raw, source=str(dest))  # what is written is a run config `visrec train` takes
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(dest.name + ".tmp")
+    tmp.write_text(f"# architecture of search trial {row.number} ({result.score_name} {row.score}, "
+                   f"{row.gflops:.4f} GFLOPs) from {result.storage}\n" + yaml.safe_dump(raw, sort_keys=False))
+    os.replace(tmp, dest)
+    return dest

@@ -1,0 +1,263 @@
+"""Architecture search, its second half: Optuna trials trained on the user's data and scored on held-out data,
+the budget enforced before training, pruning, the study in a journal file that survives kill -9 and is shared
+by two workers, the report, the export that `visrec train` takes, and the bad-input cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+pytest.importorskip("optuna")
+
+from visrec.config import load_config
+from visrec.data.synth import write_face_dataset, write_synthetic_jd
+from visrec.errors import ConfigError
+from visrec.search.space import candidate_cost
+from visrec.search.study import (SearchSettings, counted_trials, export_spec, load_search_study, resolve_budget,
+                                 run_worker, summarise)
+
+ROOT = Path(__file__).resolve().parents[1]
+# Tiny spaces: a trial trains in about a second on one CPU core, and the budget below cuts a part of them.
+TINY_FACES = """
+task: faces
+input_size: 112
+stem: {channels: [8, 16], kernel: 3, stride: 2, act: prelu}
+stages:
+  - {block: mbconv, kernel: 3, expand: [1, 2], repeats: 1, channels: [8, 16], stride: 2, se: false, act: relu}
+  - {block: [mbconv, fused_mbconv], kernel: 3, expand: 2, repeats: 1, channels: [16, 24], stride: 2,
+     se: [false, true], act: relu}
+  - {block: mbconv, kernel: 3, expand: 2, repeats: 1, channels: 32, stride: 2, se: false, act: relu}
+head: {channels: [32, 64]}
+"""
+TINY_LANDMARKS = """
+task: landmarks
+input_size: 112
+stem: {channels: 8, kernel: 3, stride: 2, act: relu}
+stages:
+  - {block: [mbconv, fused_mbconv], kernel: 3, expand: 2, repeats: 1, channels: [8, 16], stride: 2, se: false, act: relu}
+  - {block: mbconv, kernel: [3, 5], expand: 2, repeats: 1, channels: [16, 24], stride: 2, se: false, act: relu}
+head: {channels: 32}
+"""
+FACE_BUDGET = 0.006  # GFLOPs: the tiny face space's least candidate costs ~0.003, its largest ~0.012
+
+
+@pytest.fixture(scope="module")
+def faces(tmp_path_factory):
+    root = tmp_path_factory.mktemp("search-faces")
+    write_face_dataset(root / "train", 20, 6, seed=1)
+    write_face_dataset(root / "val", 10, 4, seed=2, first_identity=50_000, format="folder")
+    (root / "space.yaml").write_text(TINY_FACES)
+    return root
+
+
+def face_settings(root: Path, out: Path, **kw) -> SearchSettings:
+    args = dict(task="faces", data=root / "train", val=root / "val", out=out,
+                budget=resolve_budget(None, FACE_BUDGET, None, None), trials=4, steps=6, evaluations=2,
+                space_file=root / "space.yaml", target_fpr=0.05)
+    args.update(kw)
+    return SearchSettings(**args)
+
+
+def search_cli(root: Path, out: Path, *extra: str, trials: int = 4, steps: int = 6) -> list[str]:
+    return [sys.executable, "-m", "visrec.cli", "search", "faces", "--data", str(root / "train"), "--val",
+            str(root / "val"), "--out", str(out), "--max-gflops", str(FACE_BUDGET), "--trials", str(trials),
+            "--steps", str(steps), "--evaluations", "2", "--space", str(root / "space.yaml"), "--target-fpr", "0.05",
+            "--no-progress", *extra]
+
+
+def test_a_search_trains_only_candidates_inside_the_budget_and_its_best_trains_counts_and_exports(faces, tmp_path):
+    out = tmp_path / "run"
+    worker = run_worker(face_settings(faces, out), progress=False)
+    study, desc = load_search_study(None, out)
+    result = summarise(study, desc)
+    assert worker.ran == 4 and len(counted_trials(study)) == 4 and desc == str(out / "study.journal")
+    for row in result.rows:
+        # the recorded cost is the spec's own, counted again here; over-budget ones never reached training
+        assert row.gflops == pytest.approx(candidate_cost(row.spec).gflops)
+        trained_dir = out / "trials" / f"{row.number:04d}"
+        if row.status == "rejected":
+            assert row.gflops > FACE_BUDGET and "GFLOPs >" in row.note and not trained_dir.exists()
+        else:
+            assert row.gflops <= FACE_BUDGET and row.status in ("complete", "pruned") and 0 <= row.score <= 1
+    assert worker.rejected == sum(r.status == "rejected" for r in result.rows)
+    complete = [r for r in result.rows if r.status == "complete"]
+    assert result.best.score == max(r.score for r in complete) and result.best.number in result.pareto
+    # the intermediate scores were logged by the trainer (every steps/evaluations steps), once per step
+    rows = [json.loads(l) for l in (out / "trials" / f"{result.best.number:04d}" / "metrics.jsonl").read_text().splitlines()]
+    val_steps = [r["step"] for r in rows if "val" in r]
+    assert val_steps == [3, 6] and rows[-1]["val"]["search/tpr@0.05"] == pytest.approx(result.best.score)
+    assert not list((out / "trials").glob("*/last.rank*.pt"))  # no optimizer state left behind per trial
+
+    from visrec.search.report import write_search_report
+
+    page = write_search_report(out, result).read_text()
+    assert "pareto.png" in page and f"Best: trial {result.best.number}" in page and "budget" in page
+    assert (out / "pareto.png").stat().st_size > 1000
+
+    # the exported run config trains the best architecture; it passes the budget, exports and loads
+    best = tmp_path / "best.yaml"
+    export_spec(result, out, None, best, steps=2, output=str(tmp_path / "retrain"))
+    cfg = load_config(best)
+    assert cfg.model.name == "searched" and cfg.model.kwargs["spec"] == result.best.spec
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    run = lambda *a: subprocess.run([sys.executable, "-m", "visrec.cli", *a], capture_output=True, text=True,
+                                    env=env, cwd=tmp_path, timeout=600)
+    trained = run("train", "--config", str(best), "--no-progress")
+    assert trained.returncode == 0, trained.stderr
+    checked = run("budget", "check", str(tmp_path / "retrain" / "model.pt"), "--protocol", "deepglint-light")
+    assert checked.returncode == 0 and "FAIL" not in checked.stdout, checked.stdout + checked.stderr
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(result.best.spec))  # the bare spec is checked alike
+    bare = run("budget", "check", str(tmp_path / "spec.yaml"), "--protocol", "deepglint-light")
+    assert bare.returncode == 0 and "SearchedNet vs deepglint-light" in bare.stdout, bare.stdout + bare.stderr
+    exported = run("export", str(tmp_path / "retrain"), "--out", str(tmp_path / "best.onnx"))
+    assert exported.returncode == 0, exported.stdout + exported.stderr
+    from visrec.models import load_model
+
+    model = load_model(tmp_path / "best.onnx")
+    emb = model.embed(np.zeros((2, 112, 112, 3), np.uint8))
+    assert emb.shape == (2, 512) and model.contract.embedding_dim == 512
+
+    # a finished study is not searched again, with or without --resume; nothing in it changes
+    journal = (out / "study.journal").read_bytes()
+    with pytest.raises(ConfigError, match="is finished: 4 trials trained of --trials 4; raise --trials"):
+        run_worker(face_settings(faces, out), resume=True, progress=False)
+    with pytest.raises(ConfigError, match="already holds a search .* pass --resume"):
+        run_worker(face_settings(faces, out), progress=False)
+    with pytest.raises(ConfigError, match="started with steps = 6; this run asks 9"):
+        run_worker(face_settings(faces, out, steps=9, trials=5), resume=True, progress=False)
+    assert (out / "study.journal").read_bytes() == journal
+
+
+def test_a_landmark_search_minimises_nme_on_held_out_faces(tmp_path):
+    write_synthetic_jd(tmp_path / "train", 40, seed=3)
+    write_synthetic_jd(tmp_path / "val", 8, seed=4)
+    (tmp_path / "space.yaml").write_text(TINY_LANDMARKS)
+    settings = SearchSettings(task="landmarks", data=tmp_path / "train", val=tmp_path / "val", out=tmp_path / "run",
+                              budget=resolve_budget("icme21-landmarks", None, None, None), trials=3, steps=4,
+                              evaluations=1, space_file=tmp_path / "space.yaml")
+    run_worker(settings, progress=False)
+    study, desc = load_search_study(None, tmp_path / "run")
+    result = summarise(study, desc)
+    complete = [r for r in result.rows if r.status == "complete"]
+    assert result.score_name == "nme" and result.direction == "minimize" and len(complete) >= 2
+    assert result.best.score == min(r.score for r in complete) and 0 < result.best.score < 1
+    from visrec.search.report import write_search_report
+
+    page = write_search_report(tmp_path / "run", result).read_text()
+    assert "icme21-landmarks: FLOPs" in page  # the protocol's own check of the best network
+
+
+def _trials(out: Path):
+    study, _ = load_search_study(None, out)
+    return study.get_trials(deepcopy=True)
+
+
+def test_two_workers_share_one_study_and_a_resume_after_kill_9_keeps_every_finished_trial(faces, tmp_path):
+    out = tmp_path / "run"
+    # 30 steps a trial (a few seconds each): the second worker joins while the first is still searching
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src"), "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen(search_cli(faces, out, trials=8, steps=30), env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.PIPE, start_new_session=True)
+    workers = [first]
+    try:
+        deadline = time.time() + 300
+        while not (out / "study.journal").exists():
+            assert first.poll() is None, first.stderr.read().decode()
+            assert time.time() < deadline
+            time.sleep(0.5)
+        time.sleep(2)  # the study's settings are recorded right after the journal appears
+        workers.append(subprocess.Popen(search_cli(faces, out, "--resume", trials=8, steps=30), env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True))
+        # kill both once each has finished a trial and one is in the middle of training another
+        while True:
+            assert time.time() < deadline and all(w.poll() is None for w in workers), \
+                [w.stderr.read().decode() for w in workers if w.poll() is not None]
+            trials = _trials(out)
+            finished_pids = {t.user_attrs["worker"]["pid"] for t in trials
+                             if t.state.name == "COMPLETE" and t.user_attrs.get("trained")}
+            training = [t for t in trials if t.state.name == "RUNNING" and t.user_attrs.get("trained")]
+            if len(finished_pids) == 2 and training:
+                break
+            time.sleep(0.3)
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                os.killpg(w.pid, signal.SIGKILL)
+            w.wait()
+    before = {t.number: (t.state.name, t.params, t.values) for t in _trials(out) if t.state.name != "RUNNING"}
+    assert sum(s == "COMPLETE" for s, _, _ in before.values()) >= 2
+
+    resumed = subprocess.run(search_cli(faces, out, "--resume", trials=8, steps=30), env=env, capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stdout + resumed.stderr
+    assert "resumed: trials [" in resumed.stdout  # it says which trials it found abandoned
+    trials = _trials(out)
+    by_number = {t.number: t for t in trials}
+    for number, (state, params, values) in before.items():  # every finished trial kept as it was
+        t = by_number[number]
+        assert (t.state.name, t.params, t.values) == (state, params, values)
+    assert not [t for t in trials if t.state.name in ("RUNNING", "WAITING")]
+    abandoned = [t for t in trials if t.user_attrs.get("abandoned")]
+    assert abandoned and all(t.state.name == "FAIL" for t in abandoned)
+    for t in abandoned:
+        if t.user_attrs.get("trained"):  # its architecture ran again, once
+            retries = [r for r in trials if r.user_attrs.get("retry_of") == t.number]
+            assert len(retries) == 1 and retries[0].params == t.params and retries[0].state.name != "FAIL"
+    study, _ = load_search_study(None, out)
+    counted = counted_trials(study)
+    assert len(counted) == 8
+    # no trial was trained by two workers, none trained outside the study: one writer per trial directory
+    trained_dirs = {int(p.parent.name) for p in (out / "trials").glob("*/config.yaml")}
+    counted_trained = {t.number for t in counted if t.user_attrs.get("same_as") is None}
+    assert counted_trained <= trained_dirs
+    assert trained_dirs - counted_trained <= {t.number for t in abandoned}
+    for n in counted_trained:
+        logged = [json.loads(l)["step"] for l in (out / "trials" / f"{n:04d}" / "metrics.jsonl").read_text().splitlines()
+                  if "loss" in l]
+        assert len(logged) == len(set(logged)), f"trial {n} logged a step twice"
+
+
+def test_bad_search_inputs_are_clear_errors_and_write_nothing(faces, tmp_path):
+    out = tmp_path / "run"
+    with pytest.raises(ConfigError, match="no candidate can meet the budget: the least one has .* GFLOPs > 0.001"):
+        run_worker(face_settings(faces, out, budget=resolve_budget(None, 0.001, None, None)), progress=False)
+    assert not out.exists()
+    with pytest.raises(ConfigError, match="a search needs a budget"):
+        resolve_budget(None, None, None, None)
+    secret = "postgresql://visrec:s3cret@127.0.0.1:1/study"
+    with pytest.raises(ConfigError, match=r"cannot reach the study storage postgresql://visrec:\*\*\*@127.0.0.1:1/study") as err:
+        run_worker(face_settings(faces, out, storage=secret), progress=False)
+    assert "s3cret" not in str(err.value)
+    with pytest.raises(ConfigError, match="cannot reach the study storage sqlite:////nonexistent-dir/study.db"):
+        run_worker(face_settings(faces, out, storage="sqlite:////nonexistent-dir/study.db"), progress=False)
+    (tmp_path / "tiny").mkdir()
+    write_face_dataset(tmp_path / "tiny" / "val", 3, 2, seed=5, format="folder")
+    with pytest.raises(Exception, match="12 impostor pairs cannot resolve FPR = 0.01"):
+        run_worker(face_settings(faces, out, val=tmp_path / "tiny" / "val", target_fpr=0.01), progress=False)
+    with pytest.raises(ConfigError, match="--data .*: no such file"):
+        run_worker(face_settings(faces, out, data=tmp_path / "missing"), progress=False)
+    write_face_dataset(tmp_path / "few", 3, 2, seed=6)
+    with pytest.raises(ConfigError, match="6 training items, fewer than one batch .64."):
+        run_worker(face_settings(faces, out, data=tmp_path / "few"), progress=False)
+    assert not (out / "study.journal").exists()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({**yaml.safe_load(TINY_FACES), "stem": {"channels": []}}))
+    with pytest.raises(ConfigError, match=r"bad.yaml: stem.channels: an empty list of choices"):
+        run_worker(face_settings(faces, out, space_file=bad), progress=False)
+
+
+def test_the_cli_reports_a_bad_storage_as_an_error_naming_it(faces, tmp_path):
+    res = subprocess.run(search_cli(faces, tmp_path / "run", "--storage", "sqlite:////nonexistent-dir/s.db"),
+                         capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},
+                         timeout=300)
+    assert res.returncode == 2 and "cannot reach the study storage sqlite:////nonexistent-dir/s.db" in res.stderr
+    assert "Traceback" not in res.stderr
