@@ -5,7 +5,8 @@ import torch
 from torch import nn
 from typer.testing import CliRunner
 
-from visrec.budget import check, fit_to_budget, full_flops, layer_counts, lfr_flops, onnx_layer_counts
+from visrec.budget import check, full_flops, layer_counts, lfr_flops, onnx_layer_counts
+from visrec.search.fit import fit_to_budget
 from visrec.errors import DataError
 from visrec.export import export_onnx
 from visrec.models import build_backbone
@@ -133,6 +134,20 @@ def test_fit_mobilefacenet_with_a_size_limit():
     assert result.best_kwargs == {"scale": 1} and result.next_larger_kwargs == {"scale": 2}
     assert result.best.passed and result.best.size_bytes <= limit_mb * 1e6
     assert not result.next_larger.passed and result.next_larger.size_bytes > limit_mb * 1e6
+
+
+def test_fit_scales_a_landmark_family_and_judges_every_grid_point_as_the_search_judges_a_candidate():
+    """`budget fit` is the search's budget code over a grid: the winner is the last point of its line that
+    `over_budget` lets through, the next one is the first it refuses, and the full check agrees."""
+    from visrec.search.space import model_cost, over_budget
+
+    result = fit_to_budget("heatmap_lite", "icme21-landmarks")
+    proto = result.protocol
+    assert result.best.passed and not result.next_larger.passed
+    for kw, ok in ((result.best_kwargs, True), (result.next_larger_kwargs, False)):
+        cost = model_cost("heatmap_lite", kw, proto.input_size)
+        assert (over_budget(cost, proto.max_gflops, proto.max_size_mb) is None) is ok
+        assert cost.flops == (result.best if ok else result.next_larger).lfr_flops
 
 
 runner = CliRunner()

@@ -51,7 +51,6 @@ from torch import nn
 from visrec._optional import require
 from visrec.errors import DataError, VisrecError
 from visrec.export import exported_size
-from visrec.models import build_backbone
 from visrec.models.loading import load_model
 from visrec.models.model_file import default_contract
 from visrec.models.pooling import GeM
@@ -539,101 +538,3 @@ def registry_contract(model: nn.Module, name: str, kwargs: dict | None = None):
     ``mbf`` measures the file ``visrec export`` would write for that model's checkpoint."""
 
     return default_contract(model, {"name": name, **(kwargs or {})})
-
-
-# --- fit to budget -------------------------------------------------------------------------------------
-
-# family -> (registry name, {knob: candidate values}); every knob keeps the 112x112 input. The last knob
-# is scanned smallest first on one line per combination of the others.
-_IRESNET_WIDTHS = [0.125, 0.1875] + [round(0.25 + 0.125 * i, 3) for i in range(30)]
-FAMILIES: dict[str, tuple[str, dict[str, list]]] = {
-    "effnet_face": ("effnet_face", {"depth_mult": [1.0, 1.2, 1.4, 1.6, 1.8, 2.0, 2.5, 3.0],
-                                    "width_mult": [round(0.5 + 0.1 * i, 2) for i in range(36)]}),
-    # MobileFaceNet's width knob is its `scale` (channel multiplier of the arcface_torch design)
-    "mobilefacenet": ("mobilefacenet", {"scale": [1, 2, 3, 4, 5, 6, 7, 8]}),
-    **{f"iresnet{d}": (f"iresnet{d}", {"width": _IRESNET_WIDTHS}) for d in (18, 34, 50, 100)},
-}
-
-
-@dataclass
-class FitResult:
-    family: str
-    protocol: Protocol
-    best_kwargs: dict
-    best: BudgetReport
-    next_larger_kwargs: dict | None
-    next_larger: BudgetReport | None
-    tried: int
-
-
-def _meta_estimate(name: str, kwargs: dict, input_size) -> tuple[int, int]:
-    """(LFR FLOPs, parameters) of a registry model built on the meta device: shapes only, no memory."""
-
-    with torch.device("meta"):
-        model = build_backbone(name, **kwargs)
-        return lfr_flops(model, input_size), sum(t.numel() for t in model.parameters())
-
-
-def fit_to_budget(family: str, protocol: str | Protocol, knobs: dict[str, list] | None = None) -> FitResult:
-    """The largest member (by LFR FLOPs) of a scalable family that passes every limit of the protocol,
-    and the next larger candidate on the same search line, which fails. FLOPs are counted on the meta
-    device (shapes only, no memory); the winner and its neighbour get the full check (the ONNX export for
-    the size is done only when the protocol limits size). ``knobs`` replaces the family's candidate values,
-    e.g. ``{"width_mult": [0.5, 0.75, 1.0]}``."""
-
-    p = protocol if isinstance(protocol, Protocol) else load_protocol(protocol)
-    if family not in FAMILIES:
-        raise VisrecError(f"unknown family {family!r}; scalable families: {', '.join(FAMILIES)}")
-    name, default_knobs = FAMILIES[family]
-    knobs = dict(knobs or default_knobs)
-    limit = p.max_gflops * 1e9 if p.max_gflops else float("inf")
-    size_limit = (p.max_size_mb * 1e6) if p.max_size_mb else float("inf")
-
-    smallest: list = []  # figures of the first candidate, for the "nothing fits" message
-
-    def estimate_ok(kw) -> tuple[bool, int]:
-        flops, params = _meta_estimate(name, kw, p.input_size)
-        if not smallest:
-            smallest.extend([kw, flops, params])
-        return flops <= limit and 4 * params < size_limit, flops
-
-    lines = [dict()]
-    outer = list(knobs.items())[:-1]
-    for key, values in outer:  # e.g. one search line per depth multiplier
-        lines = [dict(l, **{key: v}) for l in lines for v in values]
-    inner_key, inner_values = list(knobs.items())[-1]
-    best, best_flops, neighbour, tried = None, -1, None, 0
-    for line in lines:
-        last_ok = None
-        for i, v in enumerate(inner_values):
-            kw = dict(line, **{inner_key: v})
-            ok, flops = estimate_ok(kw)
-            tried += 1
-            if not ok:
-                if last_ok is not None and last_ok[1] > best_flops:
-                    best, best_flops, neighbour = last_ok[0], last_ok[1], kw
-                break
-            last_ok = (kw, flops)
-        else:
-            if last_ok is not None and last_ok[1] > best_flops:
-                best, best_flops, neighbour = last_ok[0], last_ok[1], None
-    if best is None:
-        kw, flops, params = smallest
-        raise VisrecError(f"no member of {family} fits {p.name}: the smallest candidate {kw} has "
-                          f"{flops / 1e9:.4f} GFLOPs (LFR rule) and {params:,} parameters "
-                          f"(~{4 * params / 1e6:.2f} MB at fp32)")
-    # the estimate used 4 bytes/param; confirm with the real export, stepping down if ONNX overhead matters
-    with_size = p.max_size_mb is not None
-    def full_check(kw: dict) -> BudgetReport:
-        model = build_backbone(name, **kw)
-        return check(model, p, with_size=with_size, contract=registry_contract(model, name, kw), untrained=True)
-
-    best_report = full_check(best)
-    while not best_report.passed:
-        smaller = [v for v in inner_values if v < best[inner_key]]
-        if not smaller:
-            raise VisrecError(f"no member of {family} fits {p.name}")
-        neighbour, best = best, dict(best, **{inner_key: smaller[-1]})
-        best_report = full_check(best)
-    next_report = full_check(neighbour) if neighbour else None
-    return FitResult(family, p, best, best_report, neighbour, next_report, tried)

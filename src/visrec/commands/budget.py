@@ -6,7 +6,6 @@ Exit code 0 only if every limit passes.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
 
 import typer
 from rich.console import Console
@@ -103,7 +102,7 @@ def run_check(target: str, protocol: str, overrides: list[str], layers: bool) ->
 
 
 def run_fit(family: str, protocol: str) -> bool:
-    from visrec.budget import fit_to_budget
+    from visrec.search.fit import fit_to_budget
 
     result = fit_to_budget(family, protocol)
     t = Table(title=f"largest {family} inside {result.protocol.name} ({result.tried} candidates counted)")
@@ -131,7 +130,8 @@ def check_command(model: str = typer.Argument(..., help=MODEL_HELP),
 
 
 @app.command("fit")
-def fit_command(family: str = typer.Argument(..., help="effnet_face | mobilefacenet | iresnet18/34/50/100"),
+def fit_command(family: str = typer.Argument(..., help="effnet_face | mobilefacenet | iresnet18/34/50/100 | "
+                                                         "pfld | heatmap_lite (landmarks)"),
                 protocol: str = typer.Option(..., "--protocol", "-p", help=PROTOCOL_HELP)):
     """The largest member of a scalable family that passes a protocol's budget (and the next larger one)."""
     raise typer.Exit(0 if run_fit(family, protocol) else 1)

@@ -167,13 +167,19 @@ class Cost:
         return 4 * self.params / 1e6
 
 
+def model_cost(name: str, kwargs: dict, input_size=(1, 3, 112, 112)) -> Cost:
+    """LFR FLOPs and parameters of a registry model built on the meta device (shapes only, no memory): the one
+    count every candidate of a search, or of ``budget fit``'s grid, is judged by."""
+    with torch.device("meta"):
+        net = build_backbone(name, **kwargs)
+        return Cost(lfr_flops(net, tuple(input_size)), sum(p.numel() for p in net.parameters()))
+
+
 def candidate_cost(spec: dict, *, embedding_size: int = 512, num_points: int = 106) -> Cost:
     """LFR FLOPs and parameters of the network ``spec`` builds, counted on the meta device."""
-    checked = check_spec(spec)
-    with torch.device("meta"):
-        net = build_backbone("searched", spec=spec, embedding_size=embedding_size, num_points=num_points)
-        side = checked.input_size
-        return Cost(lfr_flops(net, (1, 3, side, side)), sum(p.numel() for p in net.parameters()))
+    side = check_spec(spec).input_size
+    return model_cost("searched", {"spec": spec, "embedding_size": embedding_size, "num_points": num_points},
+                      (1, 3, side, side))
 
 
 def over_budget(cost: Cost, max_gflops: float | None, max_mb: float | None) -> str | None:
