@@ -255,6 +255,21 @@ def test_bad_search_inputs_are_clear_errors_and_write_nothing(faces, tmp_path):
         run_worker(face_settings(faces, out, space_file=bad), progress=False)
 
 
+def test_a_latency_bound_is_measured_with_onnx_runtime_and_rejects_before_training(faces, tmp_path):
+    import optuna
+
+    from visrec.search.study import Objective
+
+    settings = face_settings(faces, tmp_path / "run", budget=resolve_budget(None, 1.0, None, 1e-6))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    objective = Objective(settings, settings.space(), None, study)
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned, match=r"ms/image > 1e-06 \(one ONNX Runtime thread, this machine\)"):
+        objective(trial)
+    assert trial.user_attrs["ms"] > 0 and "ms/image" in trial.user_attrs["rejected"]
+    assert not trial.user_attrs.get("trained") and not (tmp_path / "run" / "trials").exists()
+
+
 def test_the_cli_reports_a_bad_storage_as_an_error_naming_it(faces, tmp_path):
     res = subprocess.run(search_cli(faces, tmp_path / "run", "--storage", "sqlite:////nonexistent-dir/s.db"),
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},

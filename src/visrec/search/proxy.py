@@ -34,7 +34,6 @@ from visrec.errors import ConfigError, DataError
 from visrec.evaluate.landmarks import nme
 from visrec.evaluate.verification import tpr_at_fpr, tpr_at_fpr_pairs
 from visrec.export import export_onnx
-from visrec.models import build_backbone
 from visrec.models.embed import embed_images
 from visrec.train.landmarks_task import predict
 
@@ -166,16 +165,13 @@ def scorer_for(task: str, path: str | Path, *, target_fpr: float, training: dict
                           float(data.get("margin", 0.15)))
 
 
-def onnx_latency_ms(spec: dict, *, embedding_size: int = 512, num_points: int = 106, runs: int = 30,
-                    warmup: int = 5) -> float:
-    """Median milliseconds per image (batch 1) of the candidate exported to ONNX, on one ONNX Runtime thread of
-    this machine. The weights are fresh (speed does not depend on their values; BatchNorm is folded as in
-    every export)."""
-
-    side = int(spec.get("input_size", 112))
-    net = build_backbone("searched", spec=spec, embedding_size=embedding_size, num_points=num_points).eval()
+def onnx_latency_ms(net: nn.Module, side: int = 112, *, runs: int = 30, warmup: int = 5) -> float:
+    """Median milliseconds per image (batch 1) of ``net`` exported to ONNX (BatchNorm folded, as every export),
+    on one ONNX Runtime thread of this machine. Speed does not depend on the weights' values, so a candidate is
+    timed with fresh ones."""
     with tempfile.TemporaryDirectory() as tmp:
-        path = export_onnx(net, Path(tmp) / "candidate.onnx", input_size=(1, 3, side, side), keep_batchnorm=False)
+        path = export_onnx(net.eval(), Path(tmp) / "candidate.onnx", input_size=(1, 3, side, side),
+                           keep_batchnorm=False)
         session = open_session(Path(path), threads=1, what="candidate")
         name = session.get_inputs()[0].name
         x = np.random.default_rng(0).standard_normal((1, 3, side, side)).astype(np.float32)

@@ -53,6 +53,7 @@ import yaml
 from visrec._optional import require
 from visrec.config import parse_config, read_yaml_mapping
 from visrec.errors import ConfigError
+from visrec.models import build_backbone
 from visrec.protocols import load_protocol
 from visrec.search.proxy import base_training, onnx_latency_ms, scorer_for, trial_config
 from visrec.search.space import SearchSpace, candidate_cost, check_budget_reachable, over_budget
@@ -303,7 +304,8 @@ class Objective:
         budget = self.s.budget
         why = over_budget(cost, budget.max_gflops, budget.max_mb)
         if why is None and budget.max_ms is not None:
-            ms = onnx_latency_ms(spec, **self.cost_kwargs)
+            net = build_backbone("searched", spec=spec, **self.cost_kwargs)
+            ms = onnx_latency_ms(net, int(spec.get("input_size", 112)))
             trial.set_user_attr("ms", ms)
             if ms > budget.max_ms:
                 why = f"{ms:.2f} ms/image > {budget.max_ms:g} (one ONNX Runtime thread, this machine)"
