@@ -12,8 +12,8 @@ A trial, in order (:class:`Objective`):
 2. it is counted on the meta device (LFR FLOPs, float32 weights) and, with a latency bound, timed with ONNX
    Runtime on one thread; over the budget it ends as *rejected* (Optuna state PRUNED, user attribute
    ``rejected`` saying why) without a step of training, and does not count towards ``trials``;
-3. a spec identical to one already finished is not trained again: the trial takes the earlier result
-   (``same_as``);
+3. a spec identical to one already trained is not trained again: the trial takes the earlier result
+   (``same_as``); one that another live worker is training now is *skipped* (not counted);
 4. it trains ``steps`` optimizer steps (:func:`visrec.search.proxy.trial_config`) and is scored every
    ``steps / evaluations`` steps. Optuna's pruners take no intermediate values in a multi-objective study, so
    the median rule of Optuna's ``MedianPruner`` is applied here to the metric alone: at an intermediate
@@ -315,6 +315,11 @@ class Objective:
             self.rejected += 1
             raise optuna.TrialPruned(f"over budget: {why}")
         self.rejected_in_a_row = 0
+        running = self._running_elsewhere(trial)
+        if running is not None:  # another worker trains this architecture now: not twice
+            trial.set_user_attr("skipped", f"the same architecture as trial {running.number}, being trained by "
+                                           f"another worker")
+            raise optuna.TrialPruned(trial.user_attrs["skipped"])
         self.trained += 1
         same = self._same_as(trial)
         trial.set_user_attr("trained", True)
@@ -347,6 +352,15 @@ class Objective:
         score = observer.scores[max(observer.scores)]
         trial.set_user_attr("score", score)
         return score, cost.gflops
+
+    def _running_elsewhere(self, trial):
+        from optuna.trial import TrialState
+
+        for t in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if t.number != trial.number and t.params == trial.params and t.user_attrs.get("trained") \
+                    and _worker_alive(t.user_attrs.get("worker")):
+                return t
+        return None
 
     def _same_as(self, trial):
         """A trained trial (complete or pruned) of the same architecture, if any."""
@@ -395,7 +409,7 @@ def prepare(settings: SearchSettings):
     return space, scorer_for(settings.task, settings.val, target_fpr=settings.target_fpr, training=training)
 
 
-def open_search(settings: SearchSettings, space: SearchSpace, *, resume: bool, worker_seed: int | None = None):
+def open_search(settings: SearchSettings, space: SearchSpace, *, resume: bool):
     """(study, storage description) — created, or loaded with ``resume`` after its settings are compared."""
     optuna = require("optuna", "search")
     optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -405,15 +419,18 @@ def open_search(settings: SearchSettings, space: SearchSpace, *, resume: bool, w
     storage, desc = open_storage(settings.storage, out)
     expected = settings.fingerprint(space)
     scorer_direction = "maximize" if settings.task == "faces" else "minimize"
-    sampler = _sampler(settings.seed if worker_seed is None else worker_seed)
     if _has_study(storage):
-        study = optuna.load_study(study_name=STUDY_NAME, storage=storage, sampler=sampler)
+        # a worker joining (or resuming) a study seeds its sampler by the study's length, so two workers that
+        # join the same study do not propose the same startup candidates
+        study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
+        study.sampler = _sampler(settings.seed + 7919 * (1 + len(study.trials)))
         if not resume:
             raise ConfigError(f"{desc} already holds a search ({len(study.trials)} trials): pass --resume to continue "
                               f"it or to join it as another worker, or choose another --out")
         _check_fingerprint(study, expected, desc)
         return study, desc
-    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=sampler, load_if_exists=True,
+    study = optuna.create_study(study_name=STUDY_NAME, storage=storage, sampler=_sampler(settings.seed),
+                                load_if_exists=True,
                                 directions=[scorer_direction, "minimize"])
     if "settings" not in study.user_attrs:
         study.set_user_attr("settings", expected)
@@ -430,12 +447,12 @@ class WorkerResult:
 
 
 def run_worker(settings: SearchSettings, *, resume: bool = False, progress: bool = True,
-               worker_seed: int | None = None, space: SearchSpace | None = None, scorer=None) -> WorkerResult:
+               space: SearchSpace | None = None, scorer=None) -> WorkerResult:
     """Run trials until the study has ``settings.trials`` counted trials (module docstring)."""
     optuna = require("optuna", "search")
     if space is None or scorer is None:
         space, scorer = prepare(settings)
-    study, desc = open_search(settings, space, resume=resume, worker_seed=worker_seed)
+    study, desc = open_search(settings, space, resume=resume)
     recovered = recover_abandoned(study) if resume else []
     done = len(counted_trials(study))
     if done >= settings.trials:
@@ -496,7 +513,7 @@ class _Bar:
 @dataclass
 class TrialRow:
     number: int
-    status: str  # complete | pruned | rejected | failed | abandoned | running | waiting
+    status: str  # complete | pruned | rejected | skipped | failed | abandoned | running | waiting
     score: float | None
     gflops: float | None
     mb: float | None
@@ -524,6 +541,8 @@ def _row(t) -> TrialRow:
         status, note = "abandoned", a["abandoned"]
     elif a.get("rejected"):
         status, note = "rejected", f"over budget: {a['rejected']}"
+    elif a.get("skipped"):
+        status, note = "skipped", a["skipped"]
     elif state == "PRUNED":
         status, note = "pruned", a.get("pruned", "")
     elif state == "FAIL":
