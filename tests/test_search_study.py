@@ -276,3 +276,35 @@ def test_the_cli_reports_a_bad_storage_as_an_error_naming_it(faces, tmp_path):
                          timeout=300)
     assert res.returncode == 2 and "cannot reach the study storage sqlite:////nonexistent-dir/s.db" in res.stderr
     assert "Traceback" not in res.stderr
+
+
+def test_a_users_run_config_sets_every_trials_training_and_a_bin_pair_file_can_score_it(tmp_path):
+    import torch
+
+    from visrec.data.synth import write_verification_pairs
+    from visrec.models import build_backbone
+    from visrec.search.proxy import FaceScorer, base_training, trial_config
+    from visrec.search.space import SearchSpace
+
+    run = tmp_path / "run.yaml"
+    run.write_text(yaml.safe_dump({"task": "faces", "output": "runs/x", "model": {"name": "mobilefacenet"},
+                                   "optim": {"name": "adamw", "lr": 0.003}, "batch_size": 16,
+                                   "schedule": {"epochs": 5, "warmup_steps": 50}}))
+    spec = SearchSpace.default("faces").least()
+    cfg = trial_config("faces", base_training("faces", run), spec, data=tmp_path / "train", steps=12,
+                       evaluations=3, output=tmp_path / "t", seed=4)
+    assert cfg.model.name == "searched" and cfg.model.kwargs["spec"] == spec and cfg.optim.lr == 0.003
+    assert cfg.batch_size == 16 and cfg.schedule.max_steps == 12 and cfg.schedule.epochs is None
+    assert cfg.schedule.warmup_steps == 3 and cfg.val_every == 4 and cfg.data["val"] == [] and cfg.seed == 4
+    landmarks = tmp_path / "lm.yaml"
+    landmarks.write_text(yaml.safe_dump({"task": "landmarks", "data": {"train": "x"}}))
+    with pytest.raises(ConfigError, match="lm.yaml: task is 'landmarks', but this search is for faces"):
+        base_training("faces", landmarks)
+
+    pairs = write_verification_pairs(tmp_path / "val.bin", 20, 300, seed=3)
+    scorer = FaceScorer(pairs, target_fpr=1e-2)
+    net = build_backbone("searched", spec=spec).eval()
+    value = scorer(net, torch.device("cpu"))
+    assert scorer.score.name == "tpr@0.01" and 0.0 <= value <= 1.0
+    with pytest.raises(Exception, match="impostor pairs cannot resolve FPR = 0.0001"):
+        FaceScorer(pairs, target_fpr=1e-4)
