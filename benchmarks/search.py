@@ -104,17 +104,22 @@ def main() -> None:
     ap.add_argument("--face-gflops", type=float, default=0.25)
     ap.add_argument("--out", type=Path, default=Path("bench-search"))
     ap.add_argument("--reuse-search", action="store_true", help="keep a finished search in --out")
+    ap.add_argument("--space", type=Path, default=None, help="search space YAML (default: the shipped one)")
+    ap.add_argument("--only-searched", action="store_true",
+                    help="train the searched best only (the families' rows of an earlier run with the same data, "
+                         "steps and seeds stand)")
     args = ap.parse_args()
 
     root = args.out / args.task
     data = write_data(args.task, root / "data")
-    run_dir = root / "search"
+    run_dir = root / ("search" if args.space is None else f"search-{args.space.stem}")
     if args.task == "faces":
         budget = resolve_budget(None, args.face_gflops, None, None)
     else:
         budget = resolve_budget("icme21-landmarks", None, None, None)
     settings = SearchSettings(task=args.task, data=data["train"], val=data["search-val"], out=run_dir, budget=budget,
-                              trials=args.trials, steps=args.search_steps, evaluations=2, seed=0)
+                              trials=args.trials, steps=args.search_steps, evaluations=2, seed=0,
+                              space_file=args.space)
     cpu0, t0 = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter()
     if not (args.reuse_search and (run_dir / "study.journal").exists()):
         shutil.rmtree(run_dir, ignore_errors=True)
@@ -132,7 +137,8 @@ def main() -> None:
 
     test_scorer = scorer_for(args.task, data["test"], target_fpr=1e-2, training=DEFAULT_TRAINING[args.task])
     rows = []
-    for label, name, kwargs in contenders(args.task, result.best.spec, args.face_gflops):
+    chosen = contenders(args.task, result.best.spec, args.face_gflops)
+    for label, name, kwargs in chosen[:1] if args.only_searched else chosen:
         full = {**kwargs, "num_points": 106} if args.task == "landmarks" else kwargs
         cost = model_cost(name, full)
         ms = onnx_latency_ms(build_backbone(name, **full)) if args.task == "landmarks" else None
@@ -162,7 +168,7 @@ def main() -> None:
         print(f"| {r['model']} {r['kwargs'] if r['kwargs'] != 'see spec' else ''} | {r['gflops']:.4f} | "
               f"{r['mb']:.2f} | {speed}{r['mean']:.4f} +- {r['std']:.4f} | "
               f"{', '.join(f'{s:.4f}' for s in r['scores'])} |")
-    (root / "results.json").write_text(json.dumps({"search": {"counts": counts, "wall_min": wall / 60,
+    (run_dir / "results.json").write_text(json.dumps({"search": {"counts": counts, "wall_min": wall / 60,
                                                               "cpu_min": cpu_min, "best_trial": result.best.number,
                                                               "best_spec": result.best.spec},
                                                    "rows": rows}, indent=1, default=str))

@@ -308,3 +308,23 @@ def test_a_users_run_config_sets_every_trials_training_and_a_bin_pair_file_can_s
     assert scorer.score.name == "tpr@0.01" and 0.0 <= value <= 1.0
     with pytest.raises(Exception, match="impostor pairs cannot resolve FPR = 0.0001"):
         FaceScorer(pairs, target_fpr=1e-4)
+
+
+def test_an_architecture_proposed_again_is_not_trained_again_nor_counted_and_a_converged_search_stops(faces, tmp_path):
+    space = tmp_path / "two.yaml"  # two architectures in all
+    space.write_text(TINY_FACES.replace("stem: {channels: [8, 16]", "stem: {channels: 8").replace(
+        "expand: [1, 2]", "expand: 1").replace("channels: [8, 16], stride: 2", "channels: 8, stride: 2").replace(
+        "block: [mbconv, fused_mbconv]", "block: mbconv").replace("channels: [16, 24]", "channels: 16").replace(
+        "se: [false, true]", "se: false"))
+    settings = face_settings(faces, tmp_path / "run", space_file=space, trials=5, steps=2, evaluations=1)
+    assert settings.space().size == 2
+    worker = run_worker(settings, progress=False)
+    study, _ = load_search_study(None, tmp_path / "run")
+    trained = [t for t in study.trials if t.user_attrs.get("trained")]
+    repeats = [t for t in study.trials if t.user_attrs.get("same_as") is not None]
+    assert worker.converged and worker.ran == 2 and len(counted_trials(study)) == 2 and len(trained) == 2
+    assert len(repeats) >= 50 and len(list((tmp_path / "run" / "trials").iterdir())) == 2
+    by_number = {t.number: t for t in trained}
+    for t in repeats:  # each repeat carries its original's result
+        assert t.params == by_number[t.user_attrs["same_as"]].params
+        assert t.values == by_number[t.user_attrs["same_as"]].values

@@ -33,6 +33,9 @@ def _search(task: str, data: Path, val: Path, out: Path, protocol: Optional[str]
                               target_fpr=target_fpr, storage=storage, seed=seed, prune=not no_prune, device=device)
     console.print(f"search {task}: budget {settings.budget.describe()}; {trials} trials of {steps} steps")
     worker = run_worker(settings, resume=resume, progress=not no_progress)
+    if worker.converged:
+        console.print("stopped before --trials: the sampler kept proposing architectures already trained (the "
+                      "search has converged on this space)")
     if worker.recovered:
         console.print(f"resumed: trials {worker.recovered} of a stopped worker were marked abandoned and queued again")
     study, desc = load_search_study(storage, out)

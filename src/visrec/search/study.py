@@ -13,7 +13,9 @@ A trial, in order (:class:`Objective`):
    Runtime on one thread; over the budget it ends as *rejected* (Optuna state PRUNED, user attribute
    ``rejected`` saying why) without a step of training, and does not count towards ``trials``;
 3. a spec identical to one already trained is not trained again: the trial takes the earlier result
-   (``same_as``); one that another live worker is training now is *skipped* (not counted);
+   (``same_as``) and does not count towards ``trials``; one that another live worker is training now is
+   *skipped* (not counted either). When the sampler proposes only trained architectures for a long run of
+   trials (50, or 5 x ``trials``), the worker stops: the search has converged;
 4. it trains ``steps`` optimizer steps (:func:`visrec.search.proxy.trial_config`) and is scored every
    ``steps / evaluations`` steps. Optuna's pruners take no intermediate values in a multi-objective study, so
    the median rule of Optuna's ``MedianPruner`` is applied here to the metric alone: at an intermediate
@@ -290,7 +292,7 @@ class Objective:
         self.training = base_training(settings.task, settings.config)
         data = self.training.get("data") or {}
         self.cost_kwargs = {"embedding_size": 512, "num_points": int(data.get("points", 106))}
-        self.rejected_in_a_row = self.rejected = self.trained = 0
+        self.rejected_in_a_row = self.rejected = self.trained = self.repeats_in_a_row = 0
 
     def __call__(self, trial) -> tuple[float, float]:
         optuna = require("optuna", "search")
@@ -320,10 +322,9 @@ class Objective:
             trial.set_user_attr("skipped", f"the same architecture as trial {running.number}, being trained by "
                                            f"another worker")
             raise optuna.TrialPruned(trial.user_attrs["skipped"])
-        self.trained += 1
         same = self._same_as(trial)
-        trial.set_user_attr("trained", True)
-        if same is not None:
+        if same is not None:  # the sampler proposed a trained architecture again: its result, not counted
+            self.repeats_in_a_row += 1
             trial.set_user_attr("same_as", same.number)
             for key, value in same.user_attrs.items():
                 if key.startswith("score"):
@@ -332,6 +333,9 @@ class Objective:
                 trial.set_user_attr("pruned", f"the same architecture as trial {same.number}, which was pruned")
                 raise optuna.TrialPruned(trial.user_attrs["pruned"])
             return tuple(same.values)
+        self.repeats_in_a_row = 0
+        self.trained += 1
+        trial.set_user_attr("trained", True)
         out = Path(self.s.out) / "trials" / f"{trial.number:04d}"
         cfg = trial_config(self.s.task, self.training, spec, data=self.s.data, steps=self.s.steps,
                            evaluations=self.s.evaluations, output=out, seed=self.s.seed, device=self.s.device)
@@ -441,9 +445,10 @@ def open_search(settings: SearchSettings, space: SearchSpace, *, resume: bool):
 @dataclass
 class WorkerResult:
     storage: str
-    ran: int  # trials this worker trained (or took from an identical one)
+    ran: int  # trials this worker trained
     rejected: int
     recovered: list[int] = field(default_factory=list)
+    converged: bool = False  # stopped early: the sampler kept proposing architectures already trained
 
 
 def run_worker(settings: SearchSettings, *, resume: bool = False, progress: bool = True,
@@ -461,11 +466,16 @@ def run_worker(settings: SearchSettings, *, resume: bool = False, progress: bool
     bar = _Bar(settings.trials, done) if progress else None
     objective = Objective(settings, space, scorer, study, bar)
     cap = max(200, 20 * settings.trials)  # proposals over budget in a row before the space is called hopeless
+    repeat_cap = max(50, 5 * settings.trials)  # trained architectures proposed again in a row: converged
+    converged = False
     try:
         while len(counted_trials(study)) < settings.trials:
             study.optimize(objective, n_trials=1, catch=(FloatingPointError,), gc_after_trial=False)
             if bar is not None:
                 bar.finished(len(counted_trials(study)), objective.rejected)
+            if objective.repeats_in_a_row >= repeat_cap:
+                converged = True
+                break
             if objective.rejected_in_a_row >= cap:
                 raise ConfigError(f"{cap} candidates in a row were over the budget ({settings.budget.describe()}): "
                                   f"the space's choices are mostly too large; narrow them (the least candidate "
@@ -474,7 +484,7 @@ def run_worker(settings: SearchSettings, *, resume: bool = False, progress: bool
         if bar is not None:
             bar.close()
     del optuna
-    return WorkerResult(desc, objective.trained, objective.rejected, recovered)
+    return WorkerResult(desc, objective.trained, objective.rejected, recovered, converged)
 
 
 class _Bar:
