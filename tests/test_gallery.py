@@ -509,6 +509,43 @@ def test_import_streams_the_vectors_a_batch_at_a_time(gallery, tmp_path, monkeyp
     assert gallery.import_(path) == 0  # idempotent
 
 
+def test_export_streams_the_vectors_a_batch_at_a_time_and_refuses_a_gallery_that_changes_under_it(
+        gallery, tmp_path, monkeypatch):
+    """Every backend hands its templates to the export in batches (three here): the file holds each template
+    once with its identity, hash and exact vector, and imports back into the same gallery; a backend whose rows
+    change while they are read gives a clear error, and no file."""
+    from visrec.index.gallery import base
+
+    rng = np.random.default_rng(12)
+    for k in range(3):
+        gallery.enroll_many([(f"id{i}", unit(rng.normal(size=(1, 32))), None, {"k": k}) for i in range(4)])
+    sizes, real = [], type(gallery)._template_batches
+
+    def spy(self, rows):
+        for batch in real(self, rows):
+            sizes.append(len(batch))
+            yield batch
+
+    monkeypatch.setattr(type(gallery), "_template_batches", spy)
+    monkeypatch.setattr(base, "IMPORT_BATCH", 3)
+    path = gallery.export(tmp_path / "g.npz")
+    assert max(sizes) <= 3 and sum(sizes) == 12
+    data = np.load(path)
+    assert len(set(data["template_ids"])) == 12 and sorted(set(data["identities"])) == [f"id{i}" for i in range(4)]
+    for tid, who, vec in zip(data["template_ids"], data["identities"], data["vectors"]):
+        assert np.array_equal(gallery._templates_of(str(who))[str(tid)], vec)
+    copy = open_gallery("faiss", model_name=gallery.info["model_name"])
+    assert copy.import_(path) == 12 and copy.list() == gallery.list()
+
+    def shrinking(self, rows):
+        yield from list(real(self, rows))[:-1]
+
+    monkeypatch.setattr(type(gallery), "_template_batches", shrinking)
+    with pytest.raises(VisrecError, match="the gallery changed while it was exported .* export again"):
+        gallery.export(tmp_path / "h.npz")
+    assert not (tmp_path / "h.npz").exists() and not list(tmp_path.glob(".h.npz*"))
+
+
 def test_concurrent_exact_searches_are_answered_together_with_the_answers_they_get_alone():
     """Exact FAISS searches arriving while one runs are run as one batch (fewer FAISS calls than searches),
     each caller gets what it gets searching alone, and an error in a batch reaches every caller in it."""

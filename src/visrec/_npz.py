@@ -108,3 +108,43 @@ def load_npz(path: str | Path, what: str, stream: tuple[str, ...] = ()) -> dict:
             except (ValueError, OSError, EOFError, zipfile.BadZipFile) as exc:
                 raise DataError(f"{what}: member {info.filename!r} cannot be read: {exc}", path=path) from None
     return out
+
+
+class NpzWriter:
+    """Writes an ``.npz`` (stored, uncompressed, as ``np.savez`` writes it) member by member, so that a large 2-D
+    member is written a block of rows at a time (:meth:`rows`): memory stays one block whatever its size."""
+
+    def __init__(self, path: str | Path):
+        self.zf = zipfile.ZipFile(path, "w", zipfile.ZIP_STORED, allowZip64=True)
+
+    def array(self, name: str, array) -> None:
+        with self.zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array(fh, np.asarray(array), allow_pickle=False)
+
+    def rows(self, name: str, shape: tuple[int, int], dtype, blocks) -> None:
+        """Member ``name`` of ``shape`` from the 2-D arrays ``blocks`` yields, in order; they must add up to
+        exactly ``shape[0]`` rows (a source that changed while it was read is an error, not a short file)."""
+        dtype = np.dtype(dtype)
+        header = {"descr": np.lib.format.dtype_to_descr(dtype), "fortran_order": False,
+                  "shape": (int(shape[0]), int(shape[1]))}
+        written = 0
+        with self.zf.open(f"{name}.npy", "w", force_zip64=True) as fh:
+            np.lib.format.write_array_header_2_0(fh, header)
+            for block in blocks:
+                block = np.ascontiguousarray(block, dtype=dtype)
+                if block.ndim != 2 or block.shape[1] != shape[1] or written + len(block) > shape[0]:
+                    raise ValueError(f"{name}: a block of shape {block.shape} does not continue a {shape} array "
+                                     f"at row {written}")
+                fh.write(block.tobytes())
+                written += len(block)
+        if written != shape[0]:
+            raise ValueError(f"{name}: {written} rows written of the {shape[0]} declared")
+
+    def close(self) -> None:
+        self.zf.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()

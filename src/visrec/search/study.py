@@ -273,7 +273,8 @@ class _TrialObserver:
         self.trial.set_user_attr(f"score@{step}", value)
         if self.settings.prune and step < self.settings.steps:
             finished = self.study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
-            peers = [t.user_attrs[f"score@{step}"] for t in finished if f"score@{step}" in t.user_attrs]
+            peers = [t.user_attrs[f"score@{step}"] for t in finished  # trained ones: a repeat is not a second vote
+                     if t.user_attrs.get("trained") and f"score@{step}" in t.user_attrs]
             if len(peers) >= self.settings.prune_after:
                 median = statistics.median(peers)
                 if self.scorer.score.better(median, value):
@@ -523,7 +524,7 @@ class _Bar:
 @dataclass
 class TrialRow:
     number: int
-    status: str  # complete | pruned | rejected | skipped | failed | abandoned | running | waiting
+    status: str  # complete | pruned | repeat | rejected | skipped | failed | abandoned | running | waiting
     score: float | None
     gflops: float | None
     mb: float | None
@@ -553,6 +554,8 @@ def _row(t) -> TrialRow:
         status, note = "rejected", f"over budget: {a['rejected']}"
     elif a.get("skipped"):
         status, note = "skipped", a["skipped"]
+    elif a.get("same_as") is not None:
+        status, note = "repeat", ""
     elif state == "PRUNED":
         status, note = "pruned", a.get("pruned", "")
     elif state == "FAIL":
@@ -578,7 +581,7 @@ def summarise(study, desc: str) -> SearchResult:
     complete = [r for r in rows if r.status == "complete" and r.score is not None]
     sign = -1 if direction == "maximize" else 1
     best = min(complete, key=lambda r: (sign * r.score, r.gflops)) if complete else None
-    pareto = sorted(t.number for t in study.best_trials) if complete else []
+    pareto = sorted(t.number for t in study.best_trials if t.user_attrs.get("trained")) if complete else []
     return SearchResult(desc, settings, score_name, direction, rows, best, pareto)
 
 

@@ -56,7 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visrec._npz import load_npz
+from visrec._npz import NpzWriter, load_npz
 from visrec.errors import DataError, VisrecError
 from visrec.registry import Registry
 
@@ -552,27 +552,41 @@ class Gallery(abc.ABC):
             return self._count_templates()
 
     def export(self, path: str | Path) -> Path:
-        """Write every template, identity metadata and the info record to a ``.npz`` (no pickle)."""
+        """Write every template, identity metadata and the info record to a ``.npz`` (no pickle). Streams: the
+        vectors go to the file :data:`IMPORT_BATCH` templates at a time (memory: one batch of vectors plus the
+        templates' names, whatever the gallery's size); the file appears complete or not at all."""
         import os
 
         path = Path(path)
-        with self.lock:
-            rows = self._all_templates()  # (id, identity, hash, vector)
-            metas = {r["identity"]: r["metadata"] for r in self._identity_rows()}
-            info = dict(self.info)
-        dim = info["dim"] or 0
-        arrays = {
-            "template_ids": np.array([r[0] for r in rows], dtype=str),
-            "identities": np.array([r[1] for r in rows], dtype=str),
-            "hashes": np.array([r[2] for r in rows], dtype=str),
-            "vectors": np.stack([r[3] for r in rows]).astype(np.float32) if rows else np.zeros((0, dim), np.float32),
-            "metadata": np.array(json.dumps(metas, sort_keys=True)),
-            "info": np.array(json.dumps(info, sort_keys=True)),
-        }
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
-        np.savez(tmp, **arrays)
-        os.replace(tmp, path)
+        ids, owners, hashes = [], [], []
+
+        def vectors(batches):
+            for batch in batches:  # (id, identity, hash, vector) per template
+                ids.extend(r[0] for r in batch)
+                owners.extend(r[1] for r in batch)
+                hashes.extend(r[2] for r in batch)
+                yield np.stack([r[3] for r in batch]).astype(np.float32)
+
+        try:
+            with self.lock:
+                metas = {r["identity"]: r["metadata"] for r in self._identity_rows()}
+                info = dict(self.info)
+                count = self._count_templates()
+                with NpzWriter(tmp) as out:
+                    out.rows("vectors", (count, info["dim"] or 0), np.float32,
+                             vectors(self._template_batches(IMPORT_BATCH)))
+                    out.array("template_ids", np.array(ids, dtype=str))
+                    out.array("identities", np.array(owners, dtype=str))
+                    out.array("hashes", np.array(hashes, dtype=str))
+                    out.array("metadata", np.array(json.dumps(metas, sort_keys=True)))
+                    out.array("info", np.array(json.dumps(info, sort_keys=True)))
+            os.replace(tmp, path)
+        except ValueError as exc:  # another process wrote to a shared (Milvus) gallery while it was read
+            raise VisrecError(f"the gallery changed while it was exported ({exc}); export again") from None
+        finally:
+            tmp.unlink(missing_ok=True)
         return path
 
     def import_(self, path: str | Path, *, progress=None) -> int:
@@ -674,8 +688,8 @@ class Gallery(abc.ABC):
         """Number of templates."""
 
     @abc.abstractmethod
-    def _all_templates(self) -> list[tuple]:
-        """Every template as (id, identity, hash, vector), sorted by id."""
+    def _template_batches(self, rows: int):
+        """Every template as lists of at most ``rows`` (id, identity, hash, vector), in id order."""
 
 def _reject_constant(name: str):
     raise ValueError(f"{name} is not a finite number")

@@ -494,6 +494,8 @@ class FaissGallery(Gallery):
     def _count_templates(self):
         return len(self._templates)
 
-    def _all_templates(self):
-        return [(i, self._templates.owners[self._templates.slot[i]], self._hashes[i], self._templates.vector(i))
-                for i in sorted(self._templates.slot)]
+    def _template_batches(self, rows):
+        ids = sorted(self._templates.slot)
+        for start in range(0, len(ids), rows):
+            yield [(i, self._templates.owners[self._templates.slot[i]], self._hashes[i], self._templates.vector(i))
+                   for i in ids[start:start + rows]]

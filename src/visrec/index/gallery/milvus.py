@@ -318,12 +318,16 @@ class MilvusGallery(Gallery):
                         "interrupted erase", self.name, len(orphans))
 
     def _query_all(self, collection: str, fields: list[str], filter: str = "") -> list[dict]:
-        out = []
+        return [row for batch in self._query_batches(collection, fields, filter) for row in batch]
+
+    def _query_batches(self, collection: str, fields: list[str], filter: str = "", rows: int = 4096):
+        """The matching rows, a batch of at most ``rows`` at a time (Milvus's query iterator: primary-key
+        order)."""
         try:
-            it = self.client.query_iterator(collection, batch_size=4096, filter=filter, output_fields=fields)
+            it = self.client.query_iterator(collection, batch_size=rows, filter=filter, output_fields=fields)
             try:
                 while batch := it.next():
-                    out.extend(batch)
+                    yield batch
             finally:
                 it.close()
         except Exception as exc:  # noqa: BLE001 - as _Client does for single calls
@@ -331,7 +335,6 @@ class MilvusGallery(Gallery):
                 raise
             raise GalleryUnavailableError(f"the Milvus gallery at {self.uri} did not answer (query): "
                                           f"{str(exc)[:300]}") from None
-        return out
 
     def _read_info(self):
         self._ensure_info()
@@ -446,11 +449,11 @@ class MilvusGallery(Gallery):
             return 0
         return int(self.client.query(self.t_name, filter="", output_fields=["count(*)"])[0]["count(*)"])
 
-    def _all_templates(self):
+    def _template_batches(self, rows):
         if self._dim is None:
-            return []
-        rows = self._query_all(self.t_name, ["id", "identity", "hash", "vector"])
-        return sorted((r["id"], r["identity"], r["hash"], np.asarray(r["vector"], np.float32)) for r in rows)
+            return
+        for batch in self._query_batches(self.t_name, ["id", "identity", "hash", "vector"], rows=rows):
+            yield [(r["id"], r["identity"], r["hash"], np.asarray(r["vector"], np.float32)) for r in batch]
 
     def close(self):
         self.client.close()
