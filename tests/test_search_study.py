@@ -328,3 +328,19 @@ def test_an_architecture_proposed_again_is_not_trained_again_nor_counted_and_a_c
     for t in repeats:  # each repeat carries its original's result
         assert t.params == by_number[t.user_attrs["same_as"]].params
         assert t.values == by_number[t.user_attrs["same_as"]].values
+
+
+def test_a_database_storage_url_holds_the_study_as_the_journal_does(faces, tmp_path):
+    """Optuna's RDB storage (the path several machines share through PostgreSQL/MySQL), here on SQLite: the
+    study, its settings and its trials live in the database, and a second worker joins it."""
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    settings = face_settings(faces, tmp_path / "run", storage=url, trials=2, steps=2, evaluations=1)
+    run_worker(settings, progress=False)
+    study, desc = load_search_study(url, tmp_path / "run")
+    assert desc == url and len(counted_trials(study)) == 2 and not (tmp_path / "run" / "study.journal").exists()
+    assert study.user_attrs["settings"]["steps"] == 2
+    more = face_settings(faces, tmp_path / "run", storage=url, trials=3, steps=2, evaluations=1)
+    with pytest.raises(ConfigError, match="already holds a search"):
+        run_worker(more, progress=False)
+    run_worker(more, resume=True, progress=False)
+    assert len(counted_trials(load_search_study(url, tmp_path / "run")[0])) == 3
