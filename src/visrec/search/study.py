@@ -452,12 +452,10 @@ class WorkerResult:
     converged: bool = False  # stopped early: the sampler kept proposing architectures already trained
 
 
-def run_worker(settings: SearchSettings, *, resume: bool = False, progress: bool = True,
-               space: SearchSpace | None = None, scorer=None) -> WorkerResult:
+def run_worker(settings: SearchSettings, *, resume: bool = False, progress: bool = True) -> WorkerResult:
     """Run trials until the study has ``settings.trials`` counted trials (module docstring)."""
-    optuna = require("optuna", "search")
-    if space is None or scorer is None:
-        space, scorer = prepare(settings)
+    require("optuna", "search")  # the install hint comes before any data is read
+    space, scorer = prepare(settings)
     study, desc = open_search(settings, space, resume=resume)
     recovered = recover_abandoned(study) if resume else []
     done = len(counted_trials(study))
@@ -484,7 +482,6 @@ def run_worker(settings: SearchSettings, *, resume: bool = False, progress: bool
     finally:
         if bar is not None:
             bar.close()
-    del optuna
     return WorkerResult(desc, objective.trained, objective.rejected, recovered, converged)
 
 
