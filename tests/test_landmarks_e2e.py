@@ -12,7 +12,8 @@ from visrec.config import load_config
 from visrec.data.synth import write_synthetic_jd
 from visrec.evaluate.landmarks import nme
 from visrec.train.checkpoint import load_backbone
-from visrec.train.landmarks_task import JDCrops, predict
+from visrec.models.landmark_nets import predict_crop_set as predict
+from visrec.train.landmarks_task import JDCrops
 from visrec.train.trainer import train
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "landmarks" / "synthetic-heatmap.yaml"

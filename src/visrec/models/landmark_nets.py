@@ -139,3 +139,17 @@ def predict_points(net: nn.Module, image: np.ndarray, box, margin: float = 0.15,
         pts = net(x)[0].float().numpy() * size
     side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
     return ((pts - size / 2) * (side / size) + ((x1 + x2) / 2, (y1 + y2) / 2)).astype(np.float32)
+
+
+@torch.no_grad()
+def predict_crop_set(model: nn.Module, crops, device="cpu", batch: int = 64) -> tuple[np.ndarray, np.ndarray]:
+    """(predicted, ground-truth) points in crop pixels, (N, P, 2) each, for every face of a crop set
+    (:class:`visrec.data.landmark_crops.JDCrops`: items are (image tensor in [-1, 1], points in [0, 1]))."""
+    model.eval().to(device)
+    preds, gts = [], []
+    for start in range(0, len(crops), batch):
+        items = [crops[i] for i in range(start, min(len(crops), start + batch))]
+        x = torch.stack([it[0] for it in items]).to(device)
+        preds.append(model(x).float().cpu().numpy() * crops.size)
+        gts.append(np.stack([it[1].numpy() for it in items]) * crops.size)
+    return np.concatenate(preds), np.concatenate(gts)

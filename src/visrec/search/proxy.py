@@ -35,7 +35,7 @@ from visrec.evaluate.landmarks import nme
 from visrec.evaluate.verification import tpr_at_fpr, tpr_at_fpr_pairs
 from visrec.export import export_onnx
 from visrec.models.embed import embed_images
-from visrec.train.landmarks_task import predict
+from visrec.models.landmark_nets import predict_crop_set
 
 # Training settings a trial uses when the user gives no run config: those of the CPU-sized presets
 # (configs/faces/synthetic-mbf.yaml, configs/landmarks/synthetic-heatmap.yaml), whose models learn there.
@@ -153,7 +153,7 @@ class LandmarkScorer:
 
     def __call__(self, backbone: nn.Module, device: torch.device) -> float:
 
-        pred, gt = predict(backbone, self.crops, device)
+        pred, gt = predict_crop_set(backbone, self.crops, device)
         return float(nme(pred, gt).mean())
 
 

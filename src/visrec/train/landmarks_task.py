@@ -15,7 +15,6 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
@@ -26,6 +25,7 @@ from visrec.evaluate.landmarks import auc, failure_rate, nme
 from visrec.losses.landmark import LANDMARK_LOSSES, LandmarkStep
 from visrec.models import build_backbone
 from visrec.models.contract import contract_from_config
+from visrec.models.landmark_nets import predict_crop_set
 from visrec.train.task import TASKS, Task
 
 
@@ -97,19 +97,6 @@ class LandmarkTask(Task):
 
         d = self.data_opts
         ds = JDCrops(d.val, d.points, d.size, d.margin, augment=False)
-        pred, gt = predict(backbone, ds, self.ctx.device)
+        pred, gt = predict_crop_set(backbone, ds, self.ctx.device)
         n = nme(pred, gt)
         return {"val/nme": float(n.mean()), "val/auc@0.08": auc(n), "val/fr@0.08": failure_rate(n)}
-
-
-@torch.no_grad()
-def predict(model: nn.Module, ds: JDCrops, device="cpu", batch: int = 64):
-    """(pred, gt) in crop pixels for every face of a JDCrops set."""
-    model.eval().to(device)
-    preds, gts = [], []
-    for start in range(0, len(ds), batch):
-        items = [ds[i] for i in range(start, min(len(ds), start + batch))]
-        x = torch.stack([it[0] for it in items]).to(device)
-        preds.append(model(x).float().cpu().numpy() * ds.size)
-        gts.append(np.stack([it[1].numpy() for it in items]) * ds.size)
-    return np.concatenate(preds), np.concatenate(gts)
