@@ -98,12 +98,15 @@ def resolve_budget(protocol: str | None, max_gflops: float | None, max_mb: float
         p = load_protocol(protocol)
         b.protocol = str(protocol)
         b.origin = p.name + (" + flags" if (max_gflops or max_mb) else "")
-        b.max_gflops = min(x for x in (max_gflops, p.max_gflops) if x is not None) \
-            if (max_gflops or p.max_gflops) else None
-        b.max_mb = min(x for x in (max_mb, p.max_size_mb) if x is not None) if (max_mb or p.max_size_mb) else None
+        b.max_gflops, b.max_mb = _tighter(max_gflops, p.max_gflops), _tighter(max_mb, p.max_size_mb)
     if b.max_gflops is None and b.max_mb is None and b.max_ms is None:
         raise ConfigError("a search needs a budget: --protocol NAME, or --max-gflops / --max-mb / --max-ms")
     return b
+
+
+def _tighter(a: float | None, b: float | None) -> float | None:
+    """The smaller of two limits, either of which may be absent."""
+    return b if a is None else a if b is None else min(a, b)
 
 
 @dataclass
@@ -466,12 +469,12 @@ def run_worker(settings: SearchSettings, *, resume: bool = False, progress: bool
     objective = Objective(settings, space, scorer, study, bar)
     cap = max(200, 20 * settings.trials)  # proposals over budget in a row before the space is called hopeless
     repeat_cap = max(50, 5 * settings.trials)  # trained architectures proposed again in a row: converged
-    converged = False
+    converged, counted = False, done
     try:
-        while len(counted_trials(study)) < settings.trials:
-            study.optimize(objective, n_trials=1, catch=(FloatingPointError,), gc_after_trial=False)
+        while (counted := len(counted_trials(study))) < settings.trials:  # the journal is read once a round
             if bar is not None:
-                bar.finished(len(counted_trials(study)), objective.rejected)
+                bar.finished(counted, objective.rejected)
+            study.optimize(objective, n_trials=1, catch=(FloatingPointError,), gc_after_trial=False)
             if objective.repeats_in_a_row >= repeat_cap:
                 converged = True
                 break
@@ -481,6 +484,7 @@ def run_worker(settings: SearchSettings, *, resume: bool = False, progress: bool
                                   f"fits, so the budget can be met)")
     finally:
         if bar is not None:
+            bar.finished(counted, objective.rejected)
             bar.close()
     return WorkerResult(desc, objective.trained, objective.rejected, recovered, converged)
 
