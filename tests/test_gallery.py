@@ -623,3 +623,47 @@ def test_every_searching_thread_gives_faiss_the_threads_the_service_set(monkeypa
             t.join(10)
             seen[(index, setting)] = calls
     assert seen == {("Flat", 1): [1], ("Flat", None): [], ("IVF16,Flat", 1): [1], ("IVF16,Flat", None): []}
+
+
+def test_pages_of_identities_are_sorted_searchable_and_follow_writes(gallery):
+    """page(): sorted names, offset/limit, a case-insensitive name filter and the number of matches; an enroll,
+    rename or removal through the gallery is seen by the next page (the kept name list is dropped)."""
+    vecs, _ = people(n=12, per=1)
+    for name, x in vecs.items():
+        gallery.enroll(name, x)
+    gallery.enroll("Zoë Smith", unit(np.ones((1, 32))))
+    by_name = sorted([*vecs, "Zoë Smith"], key=str.casefold)  # ignoring case: "Zoë" after "id..."
+    rows, total = gallery.page(0, 5)
+    assert total == 13 and [r["identity"] for r in rows] == by_name[:5]
+    rows, total = gallery.page(10, 5)
+    assert total == 13 and [r["identity"] for r in rows] == by_name[10:] and by_name[-1] == "Zoë Smith"
+    assert gallery.page(0, 5, "ZOË")[0][0]["identity"] == "Zoë Smith"
+    assert gallery.page(0, 50, "id00") == ([{"identity": f"id00{i}", "templates": 1, "metadata": {}} for i in range(10)],
+                                           10)
+    gallery.enroll("aaron", unit(np.ones((2, 32)) + np.eye(2, 32)))
+    assert gallery.page(0, 1) == ([{"identity": "aaron", "templates": 2, "metadata": {}}], 14)
+    gallery.remove("aaron")
+    assert gallery.page(0, 1)[0][0]["identity"] == "id000" and gallery.page(0, 1)[1] == 13
+    with pytest.raises(DataError, match="limit"):
+        gallery.page(0, 0)
+
+
+def test_rename_keeps_templates_hashes_and_metadata_and_refuses_a_taken_name(gallery):
+    vecs, _ = people(n=3, per=2)
+    gallery.enroll("id000", vecs["id000"], hashes=["photo-a", "photo-b"], metadata={"team": "red"})
+    gallery.enroll("id001", vecs["id001"])
+    probe = vecs["id000"][:1]
+    before = gallery.search(probe, top_k=1)[0][0]
+    assert gallery.rename("id000", "Ada Lovelace") == 2
+    assert gallery.identity("id000") is None
+    assert gallery.identity("Ada Lovelace") == {"identity": "Ada Lovelace", "templates": 2, "metadata": {"team": "red"}}
+    after = gallery.search(probe, top_k=1)[0][0]
+    assert after.identity == "Ada Lovelace" and after.score == pytest.approx(before.score, abs=1e-5)
+    assert gallery.count() == 4
+    gallery.enroll("Ada Lovelace", vecs["id000"][:1], hashes=["photo-a"])  # the same photo: no new template
+    assert gallery.identity("Ada Lovelace")["templates"] == 2
+    with pytest.raises(DataError, match="already enrolled"):
+        gallery.rename("Ada Lovelace", "id001")
+    assert gallery.identity("id001")["templates"] == 2 and gallery.identity("Ada Lovelace")["templates"] == 2
+    assert gallery.rename("nobody", "somebody") == 0
+    assert [r["identity"] for r in gallery.page(0, 10)[0]] == ["Ada Lovelace", "id001"]

@@ -252,10 +252,14 @@ class Gallery(abc.ABC):
     # "shared" (reads run together, writes wait for them: a backend whose structures are read-only while
     # searched) or "concurrent" (reads never wait: a store that orders reads and writes itself)
     reads = "exclusive"
+    # how long the sorted identity names behind :meth:`page` may be reused: None while this process is the only
+    # writer (they are dropped on every local write); a store other processes write too sets seconds
+    names_reuse_s: float | None = None
 
     def __init__(self, *, model_name: str | None = None, dim: int | None = None, fusion: str = "max",
                  metric: str | None = None):
         self.lock = ReadWriteLock()  # ``with self.lock``: a write; reads as ``reads`` says
+        self._names: tuple[float, list[str], list[str]] | None = None  # (when, sorted names, casefolded)
         self._needs_recovery = False  # an undo failed: repair from the pending marks before the next operation
         if self.reads not in ("exclusive", "shared", "concurrent"):
             raise VisrecError(f"{type(self).__name__}.reads = {self.reads!r}: exclusive, shared or concurrent")
@@ -443,12 +447,15 @@ class Gallery(abc.ABC):
         went away), the marks stay: the gallery repairs itself from them before its next operation (and the
         next open does, after a crash)."""
         undo = _Undo(info=dict(self.info))
+        self._names = None
         self._begin()
         try:
             yield undo
             self._clear_pending(undo.marks)
             self._commit()
+            self._names = None
         except BaseException:
+            self._names = None
             try:
                 self._rollback(undo)
             except Exception:  # noqa: BLE001 - the original error is what the caller must see
@@ -488,8 +495,63 @@ class Gallery(abc.ABC):
             row = self._identity_rows_of([identity]).get(identity)
             if row is None:
                 return 0
+            self._names = None
             self._delete_identity(identity)
             return int(row["templates"])
+
+    def rename(self, identity: str, new_name: str) -> int:
+        """Give an enrolled identity another name, keeping its templates (image hashes included) and metadata;
+        returns its template count (0: ``identity`` is not enrolled). Refused when ``new_name`` is enrolled
+        already (add the photos to it instead).
+
+        The templates are written under the new name (one transaction, undone on failure), then the old name
+        is erased as :meth:`remove` does: a crash in between leaves the person under both names, never under
+        neither."""
+        old, new = check_identity(identity), check_identity(new_name)
+        if old == new:
+            raise DataError(f"identity {old!r} already has that name")
+        with self.lock:
+            self._recover()
+            rows = self._identity_rows_of([old, new])
+            if old not in rows:
+                return 0
+            if new in rows:
+                raise DataError(f"identity {new!r} is already enrolled: add the photos to it, or rename it first")
+            vectors, hashes = self._templates_of(old), self._template_hashes_of(old)
+            ids = sorted(vectors)
+            with self._transaction() as undo:
+                self._enroll_locked([(new, np.stack([vectors[i] for i in ids]), [hashes[i] for i in ids],
+                                      rows[old]["metadata"])], None, undo)
+            self._names = None
+            self._delete_identity(old)
+            return len(ids)
+
+    def page(self, offset: int = 0, limit: int = 50, contains: str | None = None) -> tuple[list[dict], int]:
+        """One page of identities sorted by name, ignoring case: (``limit`` rows ``{"identity", "templates", "metadata"}``
+        from ``offset``, the number of identities that match). ``contains``: only names holding this text,
+        compared case-insensitively.
+
+        The sorted names are kept between calls (dropped on every write through this object, and after
+        ``names_reuse_s`` seconds where other processes write too), so paging through a large gallery costs
+        one sort, then ``limit`` key lookups per page."""
+        import time
+
+        if offset < 0 or not 1 <= limit <= 10_000:
+            raise DataError(f"a page is offset >= 0 and 1 <= limit <= 10000, got offset {offset}, limit {limit}")
+        with self.lock:
+            self._recover()
+            cached = self._names
+            if cached is None or (self.names_reuse_s is not None and time.monotonic() - cached[0] > self.names_reuse_s):
+                names = sorted((r["identity"] for r in self._identity_rows()), key=lambda n: (n.casefold(), n))
+                cached = self._names = (time.monotonic(), names, [n.casefold() for n in names])
+            _, names, folded = cached
+            if contains:
+                text = unicodedata.normalize("NFC", contains).casefold()
+                names = [n for n, f in zip(names, folded) if text in f]
+            chosen = names[offset:offset + limit]
+            rows = self._identity_rows_of(chosen)
+            found = [{k: rows[n][k] for k in ("identity", "templates", "metadata")} for n in chosen if n in rows]
+            return found, len(names)
 
     def search(self, probes, top_k: int = 5, threshold: float | None = None) -> list[list[Match]]:
         """Top-``top_k`` identities per probe row by fused score, best first (exact)."""
@@ -636,6 +698,10 @@ class Gallery(abc.ABC):
     @abc.abstractmethod
     def _templates_of(self, identity: str) -> dict[str, np.ndarray]:
         """Template id -> stored vector (unit for cosine), for one identity (undo and repair only)."""
+
+    @abc.abstractmethod
+    def _template_hashes_of(self, identity: str) -> dict[str, str]:
+        """Template id -> image hash, for one identity (:meth:`rename`)."""
 
     @abc.abstractmethod
     def _upsert_templates(self, rows: list) -> None:

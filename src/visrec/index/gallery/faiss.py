@@ -394,6 +394,9 @@ class FaissGallery(Gallery):
     def _templates_of(self, identity):
         return {i: self._templates.vector(i) for i in sorted(self._by_identity.get(identity, ()))}
 
+    def _template_hashes_of(self, identity):
+        return {i: self._hashes[i] for i in sorted(self._by_identity.get(identity, ()))}
+
     def _sync(self, kind: str, changed: list[str], removed: list[str], needed: bool = False) -> None:
         # the centroids' index serves mean fusion only: built when a search first needs it, then kept up to date
         if self.index_spec == "Flat" or (kind == "identities" and "identities" not in self._ann and not needed):

@@ -118,6 +118,7 @@ class MilvusGallery(Gallery):
     # MilvusClient calls are thread-safe and every read is ordered after this client's acknowledged writes
     # (Session consistency, Strong after a delete: _Client), so searches wait neither for each other nor for writes
     reads = "concurrent"
+    names_reuse_s = 5.0  # other services may write the same collections: page()'s name list is re-read after 5 s
     LAYOUT = "3"  # 2 -> 3: pending marks name their templates in batches; erasures are marked
 
     def __init__(self, uri: str | Path = "gallery.db", collection: str = "visrec_faces", *, token: str = "",
@@ -364,6 +365,13 @@ class MilvusGallery(Gallery):
             raise VisrecError(f"identity {identity!r} holds {_MILVUS_TOPK}+ templates, more than one Milvus query "
                               f"returns; split it or prune its templates")
         return {r["id"]: np.asarray(r["vector"], np.float32) for r in rows}
+
+    def _template_hashes_of(self, identity):
+        if self._dim is None:
+            return {}
+        rows = self.client.query(self.t_name, filter=f'key == "{identity_key(identity)}"',
+                                 output_fields=["id", "hash"], limit=_MILVUS_TOPK)
+        return {r["id"]: r["hash"] for r in rows}
 
     def _existing_templates(self, ids):
         if self._dim is None:
