@@ -14,6 +14,17 @@ elif [ "$(id -u)" = "0" ] && command -v apt-get >/dev/null; then
 else
   echo "chromium: not installed and no root apt-get here; the browser test will skip"
 fi
+# axe-core (npm) for the web console's accessibility check (tests/test_serve_browser.py), pinned, into a cache
+# outside the repo; the test injects its axe.min.js into the page.
+TOOLS="$HOME/.cache/visrec/tools"
+if [ -f "$TOOLS/node_modules/axe-core/axe.min.js" ]; then
+  echo "axe-core: present"
+elif command -v npm >/dev/null; then
+  mkdir -p "$TOOLS" && npm install --prefix "$TOOLS" --no-audit --no-fund --silent axe-core@4.14.1 >/dev/null 2>&1 &&
+    echo "axe-core: installed" || echo "axe-core: npm could not install it; the browser test will fail and say so"
+else
+  echo "axe-core: npm is not installed; the browser test will fail and say so"
+fi
 # Real photos and landmark annotations from the registries (PyPI sdist, Debian source package) into a cache
 # outside the repo (~/.cache/visrec/fixtures or $VISREC_FIXTURES), with a manifest of sources and checksums.
 PY="${PYTHON_BIN:-.venv/bin/python}"

@@ -227,7 +227,7 @@ def test_gallery_cli_calibrate_list_export_import(model_dir, tmp_path):
     assert f"{expected:.6g}" in res.output
     c = TestClient(create_app(load_serve_config(cfg)))
     assert c.post("/v1/faces/identify", files={"image": face_jpeg(1)}).status_code == 200
-    assert c.get("/v1/faces").json() == {"identities": []}
+    assert c.get("/v1/faces").json() == {"identities": [], "total": 0, "offset": 0}
     r = c.post("/v1/faces/enroll", data={"identity": "carol", "metadata": '{"desk": 4}'}, files={"image": face_jpeg(5)})
     assert r.status_code == 200, r.text
     r = c.post("/v1/faces/identify", files={"image": face_jpeg(5)}).json()
@@ -295,9 +295,11 @@ def test_every_post_route_declares_its_request_body_and_a_client_built_from_it_w
     c = make_client(model_dir)
     spec = c.get("/openapi.json").json()
     posts = {path: ops["post"] for path, ops in spec["paths"].items() if "post" in ops}
-    assert set(posts) == {"/v1/faces/enroll", "/v1/faces/identify", "/v1/faces/verify", "/v1/landmarks",
-                          "/v1/products/search", "/v1/galleries/{name}/faces/enroll",
-                          "/v1/galleries/{name}/faces/identify", "/v1/galleries/{name}/faces/verify"}
+    assert set(posts) == {"/v1/faces/enroll", "/v1/faces/identify", "/v1/faces/verify", "/v1/faces/detect",
+                          "/v1/faces/rename", "/v1/landmarks", "/v1/products/search",
+                          "/v1/galleries/{name}/faces/enroll", "/v1/galleries/{name}/faces/identify",
+                          "/v1/galleries/{name}/faces/verify", "/v1/galleries/{name}/faces/rename"}
+    renames = {p: posts.pop(p) for p in list(posts) if p.endswith("/rename")}  # no image: after the enrollments
     for path, op in posts.items():
         content = op["requestBody"]["content"]
         assert set(content) == {"multipart/form-data", "application/json"}, path
@@ -313,3 +315,10 @@ def test_every_post_route_declares_its_request_body_and_a_client_built_from_it_w
         expected = 404 if path in ("/v1/landmarks", "/v1/products/search") else 200  # not configured here
         assert r.status_code == expected, (path, r.status_code, r.text)
     assert "schema-client" in {i["identity"] for i in c.get("/v1/faces").json()["identities"]}
+    for n, (path, op) in enumerate(sorted(renames.items())):  # a body of two names, in either form
+        content = op["requestBody"]["content"]
+        assert set(content) == {"multipart/form-data", "application/json"}, path
+        assert set(content["application/json"]["schema"]["required"]) == {"identity", "to"}, path
+        old, new = ("schema-client", "renamed") if n == 0 else ("renamed", "schema-client")
+        r = c.post(path.replace("{name}", "default"), data={"identity": old, "to": new})
+        assert r.status_code == 200 and r.json()["identity"] == new, (path, r.text)

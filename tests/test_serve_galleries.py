@@ -102,7 +102,7 @@ def test_two_galleries_in_one_milvus_lite_file_keep_identities_thresholds_and_gu
     r = c.delete("/v1/galleries/visitors/faces", params={"identity": "alice"})
     assert r.status_code == 404 and "'visitors'" in r.json()["error"]
     assert c.delete("/v1/galleries/staff/faces/alice").json() == {"identity": "alice", "removed": 2}
-    assert c.get("/v1/galleries/staff/faces").json() == {"identities": []}
+    assert c.get("/v1/galleries/staff/faces").json() == {"identities": [], "total": 0, "offset": 0}
     assert [i["identity"] for i in c.get("/v1/galleries/visitors/faces").json()["identities"]] == ["bob"]
 
     # the open endpoints give totals only: no gallery name reaches /metrics or /healthz
@@ -233,7 +233,7 @@ def test_the_single_gallery_config_works_as_before_and_is_the_gallery_named_defa
     c = TestClient(create_app(cfg))
     key = {"X-API-Key": "plain-key"}
     r = c.post("/v1/faces/enroll", data={"identity": "alice"}, files={"image": face_jpeg(1)}, headers=key)
-    assert r.status_code == 200 and set(r.json()) == {"identity", "enrolled", "entries", "templates"}, r.text
+    assert r.status_code == 200 and set(r.json()) == {"identity", "enrolled", "entries", "templates", "faces_found"}, r.text
     assert best(c.post("/v1/faces/identify", files={"image": face_jpeg(1)}, headers=key))["identity"] == "alice"
     assert c.get("/v1/faces", headers=key).json() == c.get("/v1/galleries/default/faces", headers=key).json()
     rows = c.get("/v1/galleries", headers=key).json()["galleries"]

@@ -177,10 +177,15 @@ class FacePipeline:
         crop = self.embedder.align(image, box, five, points, self.box_margin, self.align)
         return Face(box, crop, five if points is None else points)
 
+    def detect_upload(self, data: bytes) -> tuple[np.ndarray, list[Face]]:
+        """Upload bytes -> (the decoded RGB image, EXIF orientation applied; every face, largest first, maybe
+        none)."""
+        image = decode_upload(data, self.max_pixels)
+        return image, self.faces(image)
+
     def upload_faces(self, data: bytes, *, all_faces: bool = False) -> list[Face]:
         """Upload bytes -> its faces (the largest only unless ``all_faces``); InputError when none is found."""
-        image = decode_upload(data, self.max_pixels)
-        faces = self.faces(image)
+        image, faces = self.detect_upload(data)
         if not faces:
             raise InputError(f"no face found in the {image.shape[1]}x{image.shape[0]} image ({self.detector_name} "
                              f"detector); send an aligned 112x112 crop to a server started with aligned: true")

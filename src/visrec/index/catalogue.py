@@ -305,6 +305,46 @@ class CatalogueIndex:
         return ranked, scores
 
 
+class CatalogueImages:
+    """The catalogue images behind an index, by id, for showing search results: only ids the index holds, only
+    files directly in the catalogue folder (a link pointing outside it is refused), at most
+    :data:`MAX_SHOWN_IMAGE_BYTES` each. The folder is listed once, on the first request."""
+
+    MEDIA = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".png": "image/png"}
+
+    def __init__(self, index: CatalogueIndex, folder: str | Path | None = None):
+        self.folder = Path(folder if folder is not None else index.manifest.get("catalogue", ""))
+        self._ids = set(index.ids)
+        self._paths: dict[str, Path] | None = None
+
+    def path(self, image_id: str) -> Path | None:
+        """The file of catalogue image ``image_id``; None when the index holds no such id or the file is gone."""
+        if image_id not in self._ids:
+            return None
+        if self._paths is None:
+            try:
+                self._paths = {i: p for i, p in list_images(self.folder) if i in self._ids}
+            except DataError:
+                self._paths = {}  # the folder moved: every image is missing, each request says so
+        p = self._paths.get(image_id)
+        if p is None or not p.is_file():
+            return None
+        root = self.folder.resolve()
+        if p.resolve().parent != root:
+            return None
+        return p
+
+    def read(self, image_id: str) -> tuple[bytes, str] | None:
+        """(bytes, media type) of catalogue image ``image_id``, or None (see :meth:`path`)."""
+        p = self.path(image_id)
+        if p is None or p.stat().st_size > MAX_SHOWN_IMAGE_BYTES:
+            return None
+        return p.read_bytes(), self.MEDIA[p.suffix.lower()]
+
+
+MAX_SHOWN_IMAGE_BYTES = 20_000_000
+
+
 def load_index_options(raw: dict | None, source: str = "config") -> IndexOptions:
     return validate_section(IndexOptions, raw or {}, "index", source)
 

@@ -33,6 +33,7 @@ from visrec.serve.config import ServeConfig, is_gallery_name
 from visrec.serve.guard import Guard, Metrics, allowed_galleries
 from visrec.serve.pipeline import open_configured_galleries
 from visrec.serve.requests import ImageRequests
+from visrec.serve.thumbnails import Thumbnails
 from visrec.serve.routes import ROUTES
 
 DOCS_ASSETS = "/_docs-assets"
@@ -120,6 +121,8 @@ def _load(cfg: ServeConfig) -> dict:
         log.info("faces %s: %s", cfg.faces.model, pipe.embedder.runtime_note or pipe.embedder.runtime)
         state["gallery_configs"] = cfg.faces.named_galleries()
         state["galleries"] = open_configured_galleries(cfg.faces, pipe.embedder)
+        state["thumbnails"] = {name: Thumbnails(g.thumbnails) for name, g in state["gallery_configs"].items()
+                               if g.thumbnails is not None}
         state["default_gallery"] = cfg.faces.default_gallery_name()
     if cfg.landmarks is not None:
         from visrec.models.loading import load_model
@@ -132,9 +135,10 @@ def _load(cfg: ServeConfig) -> dict:
             raise ConfigError(f"landmarks.model {cfg.landmarks.model} is a {state['landmarks'].contract.task} "
                               f"model, not a landmark model")
     if cfg.products is not None:
-        from visrec.index.catalogue import CatalogueIndex
+        from visrec.index.catalogue import CatalogueImages, CatalogueIndex
 
         state["products"] = CatalogueIndex(cfg.products.index)
+        state["catalogue_images"] = CatalogueImages(state["products"], cfg.products.catalogue)
     return state
 
 
@@ -195,6 +199,16 @@ def create_app(cfg: ServeConfig):
     @app.exception_handler(InputError)
     async def input_error(request: Request, exc: InputError):
         return JSONResponse({"error": str(exc)}, status_code=exc.status)
+
+    from starlette.exceptions import HTTPException
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, exc: HTTPException):
+        # the framework's own answers (no such route, method not allowed) in the shape every error has
+        detail = exc.detail if isinstance(exc.detail, str) else "request refused"
+        if exc.status_code == 404 and detail == "Not Found":
+            detail = f"no such route: {request.method} {request.url.path[:200]}"
+        return JSONResponse({"error": detail}, status_code=exc.status_code, headers=getattr(exc, "headers", None))
 
     @app.exception_handler(VisrecError)
     async def visrec_error(request: Request, exc: VisrecError):

@@ -78,6 +78,10 @@ class GalleryConfig(_Strict):
     consistency: str = Field("Session", pattern="^(Session|Strong|Bounded|Eventually)$",
                              description="Milvus read consistency: Session (this service sees its own writes) | "
                                          "Strong (several services writing one gallery) (docs/gallery.md)")
+    thumbnails: Optional[str] = Field(None, max_length=4096,
+                                      description="a folder where the service keeps a small aligned thumbnail of "
+                                                  "each enrolled photo (shown by the web console, erased with "
+                                                  "the identity); omitted: none are kept")
     search_params: dict[str, int] = Field(default_factory=dict, description="approximate search parameters "
                                                                             "(FAISS nprobe / efSearch; Milvus "
                                                                             "nprobe / ef)")
@@ -178,6 +182,15 @@ class FacesConfig(_Strict):
                                       f"collections ({g.uri}, collection {g.collection!r} and "
                                       f"{named[other].collection!r}): give each gallery its own collection")
             seen[name] = where
+        folders: dict[str, str] = {}
+        for name, g in named.items():
+            if g.thumbnails is None:
+                continue
+            folder = os.path.abspath(os.path.expanduser(g.thumbnails))
+            if folder in folders:
+                raise ConfigError(f"faces galleries {folders[folder]!r} and {name!r} keep thumbnails in the same "
+                                  f"folder ({folder}): give each gallery its own")
+            folders[folder] = name
         if self.default_gallery is not None and self.default_gallery not in named:
             check_gallery_name(self.default_gallery, "faces.default_gallery")
             raise ConfigError(f"faces.default_gallery: no gallery named {self.default_gallery!r}; declared: "
@@ -216,6 +229,9 @@ class LandmarksConfig(_Strict):
 
 class ProductsConfig(_Strict):
     index: Path = Field(description="index directory from visrec products index")
+    catalogue: Optional[Path] = Field(None, description="the catalogue folder the index was built from, whose "
+                                                        "images the web console shows (default: the one the "
+                                                        "index's manifest records)")
     top_k: int = Field(7, gt=0)
 
 

@@ -58,6 +58,25 @@ def int_field(fields: dict, name: str, default: int, high: int = 1000) -> int:
     return value
 
 
+def box_field(fields: dict, name: str, width: int, height: int) -> tuple[float, float, float, float] | None:
+    """Field ``name`` as a box x1,y1,x2,y2 (a "x1,y1,x2,y2" string or 4 numbers) of finite numbers with
+    x2 > x1 and y2 > y1 that overlaps the ``width`` x ``height`` image; None when the field is absent."""
+    import math
+
+    box = fields.get(name)
+    if box is None or box == "":
+        return None
+    try:
+        box = tuple(float(v) for v in (box.split(",") if isinstance(box, str) else box))
+        ok = len(box) == 4 and all(math.isfinite(v) for v in box) and box[2] > box[0] and box[3] > box[1]
+    except (ValueError, TypeError):
+        ok = False
+    if not ok or not (box[0] < width and box[1] < height and box[2] > 0 and box[3] > 0):
+        raise InputError(f"field {name!r} must be 4 finite numbers x1,y1,x2,y2 with x2 > x1 and y2 > y1 that "
+                         f"overlap the {width}x{height} image", 400)
+    return box
+
+
 def header_pixels(data: bytes) -> int:
     """Width x height from an image's header (Pillow reads no pixel data to open it); 0 if unreadable."""
     from PIL import Image
@@ -94,12 +113,13 @@ class ImageRequests:
                                  f"(limits.max_request_pixels)", 413)
 
     async def read(self, request, *, many: bool = False, names=("image",)):
-        """(images by field name, the other fields) from multipart or base64 JSON (body bounded by Guard)."""
+        """(images by field name, the other fields) from multipart or base64 JSON (body bounded by Guard); a request
+        that carries no image (``names`` empty) may also be a URL-encoded form."""
         limits = self.limits
         ctype = request.headers.get("content-type", "")
         images: dict = {n: [] for n in names}
         fields: dict = {}
-        if ctype.startswith("multipart/form-data"):
+        if ctype.startswith("multipart/form-data") or (not names and ctype.startswith("application/x-www-form-urlencoded")):
             try:
                 form = await request.form(max_files=limits.max_images + 1, max_fields=64, max_part_size=self.max_body)
             except InputError:
@@ -138,7 +158,7 @@ class ImageRequests:
                     fields[key] = value
         else:
             raise InputError(f"content type {ctype or '(none)'!r} not accepted: send multipart/form-data or "
-                             f"application/json", 415)
+                             f"application/json" + ("" if names else " (or a URL-encoded form)"), 415)
         for n in names:
             if not images[n]:
                 raise InputError(f"no image in field {n!r}", 400)

@@ -10,13 +10,17 @@ for one the server does not hold. The answers have the same shape on both forms 
 had)."""
 
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
+import base64
+import contextlib
+
 import numpy as np
 
+from visrec.data.images import encode_jpeg
 from visrec.errors import VisrecError
 from visrec.faces.images import InputError, image_hash
 from visrec.index.gallery import check_identity, check_metadata, pair_scores
 from visrec.serve.config import MAX_GALLERY_NAME
-from visrec.serve.requests import bool_field, image_body, int_field, parse_json
+from visrec.serve.requests import bool_field, box_field, image_body, int_field, parse_json
 from visrec.serve.routes import ROUTES
 
 IDENTITY = ({"type": "string", "maxLength": 200}, "the person's name (any printable text, stored NFC-normalised)")
@@ -26,10 +30,21 @@ ALL_FACES = ({"type": "boolean"}, "every face of the photo (default: the largest
 GALLERY = ({"type": "string", "maxLength": MAX_GALLERY_NAME, "pattern": "^[A-Za-z0-9_][A-Za-z0-9_-]*$"},
            "the gallery whose threshold applies (default: the default gallery; without one, the model's)")
 
-ENROLL_BODY = image_body(many=True, fields={"identity": IDENTITY, "metadata": METADATA}, required=("identity",))
+CROPS = ({"type": "boolean"}, "also answer each face's aligned crop (a JPEG data: URL)")
+FACE_BOX = ({"type": "string", "example": "10,10,100,100"},
+            "with one image: enroll the detected face that best overlaps this box x1,y1,x2,y2 (from "
+            "/v1/faces/detect) instead of the largest")
+
+ENROLL_BODY = image_body(many=True, fields={"identity": IDENTITY, "metadata": METADATA, "box": FACE_BOX},
+                         required=("identity",))
 IDENTIFY_BODY = image_body(fields={"top_k": TOP_K, "all_faces": ALL_FACES})
-VERIFY_BODY = image_body(("image_a", "image_b"), fields={"gallery": GALLERY})
-NAMED_VERIFY_BODY = image_body(("image_a", "image_b"))
+VERIFY_BODY = image_body(("image_a", "image_b"), fields={"gallery": GALLERY, "crops": CROPS})
+NAMED_VERIFY_BODY = image_body(("image_a", "image_b"), fields={"crops": CROPS})
+DETECT_BODY = image_body(fields={"crops": CROPS})
+RENAME_BODY = image_body((), fields={"identity": (IDENTITY[0], "the enrolled name"),
+                                      "to": (IDENTITY[0], "the new name (not enrolled yet)")},
+                         required=("identity", "to"))
+MAX_PAGE = 1000  # identities per page of GET .../faces with a limit
 ROUTE_PREFIXES = ("/v1/faces", "/v1/galleries/{name}/faces")  # the default gallery; a named one
 
 
@@ -40,6 +55,50 @@ def _identity(value) -> str:
         return check_identity(value.strip())
     except VisrecError as exc:
         raise InputError(str(exc), 400) from None
+
+
+def _data_url(crop: np.ndarray) -> str:
+    return "data:image/jpeg;base64," + base64.b64encode(encode_jpeg(crop, quality=90)).decode()
+
+
+def _iou(a, b) -> float:
+    w = min(a[2], b[2]) - max(a[0], b[0])
+    h = min(a[3], b[3]) - max(a[1], b[1])
+    inter = max(w, 0.0) * max(h, 0.0)
+    union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
+    return inter / union if union > 0 else 0.0
+
+
+def pick_face(faces, box, min_iou: float = 0.5):
+    """The face whose box best overlaps ``box`` (intersection over union at least ``min_iou``)."""
+    best = max(faces, key=lambda f: _iou(f.box, box))
+    if _iou(best.box, box) < min_iou:
+        raise InputError(f"no detected face overlaps field 'box' {list(box)} by half or more (detected: "
+                         f"{[list(f.box) for f in faces]})", 422)
+    return best
+
+
+def _face_json(face, crops: bool) -> dict:
+    out = {"box": [int(v) for v in face.box]}
+    if face.points is not None:
+        out["points"] = [[round(float(x), 2), round(float(y), 2)] for x, y in face.points]
+    if crops:
+        out["crop"] = _data_url(face.crop)
+    return out
+
+
+def _page_field(request, name: str, default: int | None, high: int) -> int | None:
+    raw = request.query_params.get(name)
+    if raw is None:
+        return default
+    try:
+        value = int(raw)
+    except ValueError:
+        raise InputError(f"query parameter {name!r} must be an integer, got {raw[:40]!r}", 400) from None
+    if not 0 <= value <= high or (name == "limit" and value == 0):
+        raise InputError(f"query parameter {name!r} must be between {int(name == 'limit')} and {high}, got {value}",
+                         400)
+    return value
 
 
 def _model_threshold(contract) -> tuple[float | None, str]:
@@ -70,7 +129,7 @@ def face_routes(ctx):
 
     async def enroll(request, name):
         pipe = ctx.need("faces")
-        _, gallery = ctx.gallery(request, name)
+        gallery_name, gallery = ctx.gallery(request, name)
         images, fields = await ctx.requests.read(request, many=True)
         identity = _identity(fields.get("identity"))
         meta = fields.get("metadata", {})
@@ -81,19 +140,33 @@ def face_routes(ctx):
         except VisrecError as exc:
             raise InputError(str(exc), 422 if "limit" in str(exc) else 400) from None
 
+        if fields.get("box") not in (None, "") and len(images["image"]) != 1:
+            raise InputError("field 'box' picks a face of one image: send one image with it", 400)
+        thumbs = ctx.state["thumbnails"].get(gallery_name)
+
         def work():
-            crops = []
+            crops, found = [], []
             for i, data in enumerate(images["image"]):
                 try:
-                    crops.append(pipe.upload_faces(data)[0].crop)
+                    image, faces = pipe.detect_upload(data)
+                    box = box_field(fields, "box", image.shape[1], image.shape[0])
+                    if not faces:
+                        pipe.upload_faces(data)  # the service's "no face" message
+                    face = faces[0] if box is None else pick_face(faces, box)
                 except InputError as exc:
                     raise InputError(f"image {i + 1}: {exc}", exc.status) from None
+                crops.append(face.crop)
+                found.append(len(faces))
             embs = pipe.embedder(np.stack(crops))  # all images of the request in one batch
             hashes = [image_hash(data) for data in images["image"]]
-            # the count comes from the write: no read after it that could fail once the enrollment is done
-            ids, templates = gallery.enroll_and_count(identity, embs, hashes=hashes, metadata=meta,
-                                                      model_name=pipe.embedder.name)
-            return {"identity": identity, "enrolled": len(ids), "entries": ids, "templates": templates}
+            with thumbs.lock if thumbs is not None else contextlib.nullcontext():
+                # the count comes from the write: no read after it that could fail once the enrollment is done
+                ids, templates = gallery.enroll_and_count(identity, embs, hashes=hashes, metadata=meta,
+                                                          model_name=pipe.embedder.name)
+                if thumbs is not None:  # after the gallery acknowledged it (serve.thumbnails)
+                    thumbs.add(identity, ids, crops)
+            return {"identity": identity, "enrolled": len(ids), "entries": ids, "templates": templates,
+                    "faces_found": found}
 
         return await ctx.offload(work)
 
@@ -105,10 +178,15 @@ def face_routes(ctx):
         all_faces = bool_field(fields, "all_faces")
 
         def work():
-            embs, faces = pipe.embed_upload(images["image"][0], all_faces=all_faces)
+            image, faces = pipe.detect_upload(images["image"][0])
+            if not faces:
+                pipe.upload_faces(images["image"][0])  # the service's "no face" message
+            faces = faces if all_faces else faces[:1]
+            embs = pipe.embedder(np.stack([f.crop for f in faces]))
             t, origin = gallery.decision_threshold(pipe.embedder.contract)
             results = gallery.search(embs, top_k, threshold=t)
-            return {"threshold": t, "threshold_origin": origin, "faces": [
+            return {"threshold": t, "threshold_origin": origin,
+                    "image": {"width": int(image.shape[1]), "height": int(image.shape[0])}, "faces": [
                 {"box": list(f.box), "matches": [{"identity": m.identity, "score": round(float(m.score), 6),
                                                   "accepted": bool(m.accepted)} for m in ms]}
                 for f, ms in zip(faces, results)]}
@@ -126,9 +204,12 @@ def face_routes(ctx):
         else:
             _, gallery = ctx.gallery(request, wanted)
 
+        crops = bool_field(fields, "crops")
+
         def work():
-            a, _ = pipe.embed_upload(images["image_a"][0])
-            b, _ = pipe.embed_upload(images["image_b"][0])
+            a, face_a = pipe.embed_upload(images["image_a"][0])
+            b, face_b = pipe.embed_upload(images["image_b"][0])
+            shown = {"faces": [_face_json(face_a[0], crops), _face_json(face_b[0], crops)]} if crops else {}
             if gallery is None:
                 score = float(pair_scores(a[0], b[0], pipe.embedder.metric)[0, 0])
                 t, origin = _model_threshold(pipe.embedder.contract)
@@ -136,21 +217,87 @@ def face_routes(ctx):
                 score = gallery.score(a[0], b[0])  # cosine, or negated distance for a distance model
                 t, origin = gallery.decision_threshold(pipe.embedder.contract)
             return {"score": round(score, 6), "threshold": t, "threshold_origin": origin,
-                    "same": None if t is None else score >= t}
+                    "same": None if t is None else score >= t, **shown}
 
         return await ctx.offload(work)
 
     def erase(request, name, identity) -> dict:
         name, gallery = ctx.gallery(request, name)
         identity = _identity(identity)
-        removed = gallery.remove(identity)
+        thumbs = ctx.state["thumbnails"].get(name)
+        with thumbs.lock if thumbs is not None else contextlib.nullcontext():
+            if thumbs is not None and gallery.identity(identity) is not None:
+                thumbs.erase(identity)  # before the gallery forgets the person (serve.thumbnails)
+            removed = gallery.remove(identity)
         if not removed:
             raise InputError(f"identity {identity!r} is not enrolled in gallery {name!r}", 404)
         return {"identity": identity, "removed": removed}
 
     def list_faces(request, name) -> dict:
-        _, gallery = ctx.gallery(request, name)
-        return {"identities": gallery.list()}
+        name, gallery = ctx.gallery(request, name)
+        limit = _page_field(request, "limit", None, MAX_PAGE)
+        offset = _page_field(request, "offset", 0, 1 << 40)
+        text = request.query_params.get("q") or None
+        if text is not None and len(text) > 200:
+            raise InputError("query parameter 'q' is longer than 200 characters", 400)
+        if limit is None and not offset and text is None:
+            rows = gallery.list()  # everything, as this route always answered without paging parameters
+            total = len(rows)
+        else:
+            rows, total = gallery.page(offset, limit or MAX_PAGE, text)
+        thumbs = ctx.state["thumbnails"].get(name)
+        if thumbs is not None:
+            for row in rows:
+                row["thumbnail"] = thumbs.has(row["identity"])
+        return {"identities": rows, "total": total, "offset": offset}
+
+    def thumbnail(request, name, identity):
+        from fastapi.responses import Response
+
+        name, gallery = ctx.gallery(request, name)
+        identity = _identity(identity)
+        thumbs = ctx.state["thumbnails"].get(name)
+        data = None if thumbs is None else thumbs.first(identity)
+        if data is None:
+            why = "keeps no thumbnails" if thumbs is None else f"has no thumbnail of {identity!r}"
+            raise InputError(f"gallery {name!r} {why}", 404)
+        return Response(data, media_type="image/jpeg", headers={"Cache-Control": "private, no-cache"})
+
+    async def rename(request, name):
+        name, gallery = ctx.gallery(request, name)
+        _, fields = await ctx.requests.read(request, names=())
+        old, new = _identity(fields.get("identity")), _identity(fields.get("to"))
+        thumbs = ctx.state["thumbnails"].get(name)
+
+        def work():
+            with thumbs.lock if thumbs is not None else contextlib.nullcontext():
+                try:
+                    n = gallery.rename(old, new)
+                except VisrecError as exc:
+                    raise InputError(str(exc), 409 if "already enrolled" in str(exc) else 400) from None
+                if not n:
+                    raise InputError(f"identity {old!r} is not enrolled in gallery {name!r}", 404)
+                if thumbs is not None:
+                    thumbs.rename(old, new)
+            return {"identity": new, "renamed_from": old, "templates": n}
+
+        return await ctx.offload(work)
+
+    # -- no gallery: detection -------------------------------------------------------------------------------
+    @router.post("/v1/faces/detect", openapi_extra=DETECT_BODY)
+    async def detect(request: Request):
+        """Every face of the photo, largest first: its box and the points it is aligned on (and with ``crops``
+        the aligned crop), with the decoded image's size (EXIF orientation applied) to draw the boxes on."""
+        pipe = ctx.need("faces")
+        images, fields = await ctx.requests.read(request)
+        crops = bool_field(fields, "crops")
+
+        def work():
+            image, faces = pipe.detect_upload(images["image"][0])
+            return {"image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
+                    "faces": [_face_json(f, crops) for f in faces]}
+
+        return await ctx.offload(work)
 
     # -- the default gallery: /v1/faces/... ----------------------------------------------------------------
     @router.post("/v1/faces/enroll", openapi_extra=ENROLL_BODY)
@@ -181,8 +328,19 @@ def face_routes(ctx):
 
     @router.get("/v1/faces")
     def list_default(request: Request):
-        """The identities of the default gallery."""
+        """The identities of the default gallery, sorted by name: all of them, or a page with ``limit`` (at
+        most 1000), ``offset`` and ``q`` (names containing this text, any case); ``total`` counts the matches."""
         return list_faces(request, None)
+
+    @router.get("/v1/faces/thumbnail")
+    def thumbnail_default(request: Request, identity: str | None = None):
+        """The first aligned thumbnail of an identity of the default gallery (JPEG), where it keeps them."""
+        return thumbnail(request, None, identity)
+
+    @router.post("/v1/faces/rename", openapi_extra=RENAME_BODY)
+    async def rename_default(request: Request):
+        """Rename an identity of the default gallery (``identity`` -> ``to``), keeping its templates."""
+        return await rename(request, None)
 
     # -- a named gallery: /v1/galleries/{name}/faces/... ----------------------------------------------------
     @router.post("/v1/galleries/{name}/faces/enroll", openapi_extra=ENROLL_BODY)
@@ -212,8 +370,18 @@ def face_routes(ctx):
 
     @router.get("/v1/galleries/{name}/faces")
     def list_named(request: Request, name: str):
-        """The identities of the gallery ``name``."""
+        """The identities of the gallery ``name``: all, or a page (``limit``, ``offset``, ``q``; as /v1/faces)."""
         return list_faces(request, name)
+
+    @router.get("/v1/galleries/{name}/faces/thumbnail")
+    def thumbnail_named(request: Request, name: str, identity: str | None = None):
+        """The first aligned thumbnail of an identity of the gallery ``name`` (JPEG), where it keeps them."""
+        return thumbnail(request, name, identity)
+
+    @router.post("/v1/galleries/{name}/faces/rename", openapi_extra=RENAME_BODY)
+    async def rename_named(request: Request, name: str):
+        """Rename an identity of the gallery ``name`` (``identity`` -> ``to``), keeping its templates."""
+        return await rename(request, name)
 
     @router.get("/v1/galleries")
     async def galleries(request: Request):
@@ -228,7 +396,8 @@ def face_routes(ctx):
             for name, g in visible.items():
                 t, origin = g.decision_threshold(pipe.embedder.contract)
                 rows.append({"name": name, "default": name == default, "backend": configs[name].backend,
-                             "fusion": g.fusion, "identities": len(g.list()), "templates": g.count(),
+                             "fusion": g.fusion, "identities": g.page(0, 1)[1], "templates": g.count(),
+                             "thumbnails": name in ctx.state["thumbnails"],
                     "threshold": t, "threshold_origin": origin, "target_fpr": g.info.get("target_fpr"),
                     "model": {"name": g.info.get("model_name"), "dim": g.info.get("dim"), "metric": g.metric}})
             return {"galleries": rows}
