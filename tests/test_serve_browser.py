@@ -9,6 +9,7 @@ request to any other host, the API key never in a URL.
 
 Screenshots of each view go to ``test-artifacts/console/`` (the README shows them, copied to docs/img/)."""
 
+import base64
 import json
 import shutil
 import socket
@@ -143,6 +144,13 @@ def collect_requests(driver):
             driver.requested.append(msg["params"]["request"]["url"])
 
 
+DROP = """const [b64, name] = arguments;
+const file = new File([Uint8Array.from(atob(b64), (c) => c.charCodeAt(0))], name, {type: 'image/jpeg'});
+const dt = new DataTransfer(); dt.items.add(file);
+const zone = document.getElementById('drop');
+for (const kind of ['dragover', 'drop']) zone.dispatchEvent(new DragEvent(kind, {dataTransfer: dt, bubbles: true, cancelable: true}));"""
+
+
 def axe_check(driver, view: str):
     """axe-core on the page as shown: no violation of impact serious or critical."""
     if not AXE.is_file():
@@ -219,6 +227,13 @@ def test_enroll_several_photos_reports_each_and_a_face_is_picked_on_a_group_phot
     by_id(console, "enroll-name").clear()
     by_id(console, "enroll-go").click()
     assert "name" in until(lambda: text_of(console, "enroll-error"), "the page's own missing-name note")
+    # a photo dropped on the drop zone (a real DragEvent carrying the file) is enrolled as a chosen one is
+    by_id(console, "enroll-name").send_keys("Barack Obama")
+    console.execute_script(DROP, base64.b64encode(p["obama3.jpg"].read_bytes()).decode(), "obama3.jpg")
+    assert "1 photo(s) dropped" in text_of(console, "drop")
+    by_id(console, "enroll-go").click()
+    until(lambda: len(cards()) == 1 and cards()[0].get_attribute("data-result") == "enrolled", "the dropped photo")
+    assert cards()[0].get_attribute("data-file") == "obama3.jpg" and "(2 template(s))" in cards()[0].text
 
 
 def test_gallery_view_lists_searches_and_renames_with_thumbnails(console, server):
@@ -226,6 +241,7 @@ def test_gallery_view_lists_searches_and_renames_with_thumbnails(console, server
     rows = lambda: console.find_elements("css selector", "#people tbody tr[data-identity]")  # noqa: E731
     until(lambda: len(rows()) == 2, "two identities")
     assert [r.get_attribute("data-identity") for r in rows()] == ["Barack Obama", "Pat"]
+    assert [r.find_elements("css selector", "td")[2].text for r in rows()] == ["2", "1"]  # templates
     thumb = rows()[0].find_element("css selector", "img.thumb")
     until(lambda: console.execute_script("return arguments[0].naturalWidth", thumb) > 0, "the thumbnail")
     assert "1-2 of 2" in text_of(console, "page-info")
@@ -332,7 +348,7 @@ def test_delete_erases_the_person_and_their_thumbnails(console, server):
     assert "Barack Obama" in text_of(console, "delete-text")
     by_id(console, "delete-confirm").click()
     until(lambda: [r.get_attribute("data-identity") for r in rows()] == ["Pat Doe"], "Obama gone from the list")
-    assert len(list(server["thumbs"].rglob("*.jpg"))) == before - 1
+    assert len(list(server["thumbs"].rglob("*.jpg"))) == before - 2  # obama.jpg and the dropped obama3.jpg
     tab(console, "identify")
     choose(console, "identify-file", server["photos"]["obama2.jpg"])
     by_id(console, "identify-go").click()

@@ -220,3 +220,24 @@ def test_verify_answers_both_aligned_crops_and_landmarks_find_the_face(real_clie
     pts = np.array(lm["points"])
     inside = (pts[:, 0] > x1 - 0.2 * (x2 - x1)) & (pts[:, 0] < x2 + 0.2 * (x2 - x1)) & (pts[:, 1] > y1 - 0.3 * (y2 - y1))
     assert inside.all()  # the points lie on the detected face, not spread over the whole photo
+
+
+def test_the_cli_erase_also_deletes_the_thumbnails_the_service_kept(tiny_face_model, tmp_path):
+    from typer.testing import CliRunner
+
+    from visrec.cli import app as cli
+    from visrec.serve.config import load_serve_config
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"faces:\n  model: {tiny_face_model}\n  aligned: true\n  gallery:\n    backend: faiss\n"
+                   f"    path: {tmp_path / 'g.sqlite'}\n    thumbnails: {tmp_path / 'thumbs'}\n")
+    with TestClient(create_app(load_serve_config(cfg))) as c:
+        for who, k in (("alice", 1), ("bob", 2)):
+            assert c.post("/v1/faces/enroll", data={"identity": who}, files={"image": face_jpeg(k)}).status_code == 200
+    assert len(list((tmp_path / "thumbs").rglob("*.jpg"))) == 2
+    res = CliRunner().invoke(cli, ["gallery", "delete", "alice", "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "thumbs").rglob("*.jpg"))) == 1  # bob's
+    with TestClient(create_app(load_serve_config(cfg))) as c:
+        assert c.get("/v1/faces/thumbnail", params={"identity": "alice"}).status_code == 404
+        assert c.get("/v1/faces/thumbnail", params={"identity": "bob"}).status_code == 200

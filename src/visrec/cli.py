@@ -96,7 +96,7 @@ def serve(config: Path = typer.Option(..., "--config", help="serve YAML (configs
           overrides: list[str] = typer.Option([], "--set", help="override a config key: port=8080"),
           aligned: bool = typer.Option(False, "--aligned", help="uploads are aligned crops: no detection "
                                                                 "(= --set faces.aligned=true)")):
-    """HTTP API + web page: enroll/identify/verify faces, landmarks, product search (FastAPI + uvicorn)."""
+    """HTTP API + web console: galleries, enroll/identify/verify faces, landmarks, product search (FastAPI + uvicorn)."""
     from visrec.config import parse_override
     from visrec.serve.app import serve as run_server
     from visrec.serve.config import load_serve_config

@@ -140,13 +140,16 @@ def list_(config: Path = CONFIG, gallery: str | None = GALLERY):
 def delete(identity: str = typer.Argument(..., help="the identity to erase (any name the service accepts; "
                                                     "quote it for the shell)"),
            config: Path = CONFIG, gallery: str | None = GALLERY):
-    """Erase one identity: its row and every template (biometric data: the way to erase a person)."""
+    """Erase one identity: its row, every template and the thumbnails the service kept of it (biometric data: the
+    way to erase a person)."""
     from visrec.errors import DataError
+    from visrec.serve.thumbnails import Thumbnails, erase_person
 
+    _, _, gcfg = _pick(config, gallery)
     with _open(config, gallery) as (g, where):
         if g.identity(identity) is None:
             raise DataError(f"identity {identity!r} is not enrolled in {where}")
-        removed = g.remove(identity)
+        removed = erase_person(g, identity, None if gcfg.thumbnails is None else Thumbnails(gcfg.thumbnails))
     t = Table(title=Text(f"erased from {where}"))
     t.add_column("identity")
     t.add_column("templates removed")

@@ -1,6 +1,6 @@
 """The HTTP service (FastAPI): faces (enroll / identify / verify / delete / list), landmarks, product search,
 health, Prometheus metrics, OpenAPI at /docs and /redoc (their scripts served from the installed package, so
-they work offline) and a single web page at /.
+they work offline) and the web console at / (its files under /_console/).
 
 ``create_app`` loads what the config names (face pipeline and its named galleries, landmark model, product
 index) into a :class:`ServiceContext` and includes every router of :data:`visrec.serve.routes.ROUTES` (one

@@ -14,6 +14,7 @@ stays on disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -76,3 +77,12 @@ class Thumbnails:
         if new.exists():
             shutil.rmtree(new)
         os.replace(old, new)
+
+
+def erase_person(gallery, identity: str, thumbnails: Thumbnails | None = None) -> int:
+    """Erase ``identity`` from ``gallery`` and, first, its thumbnails (module docstring: the order); returns the
+    templates removed (0: not enrolled, nothing touched). What the HTTP erase and ``visrec gallery delete`` do."""
+    with thumbnails.lock if thumbnails is not None else contextlib.nullcontext():
+        if thumbnails is not None and gallery.identity(identity) is not None:
+            thumbnails.erase(identity)
+        return gallery.remove(identity)

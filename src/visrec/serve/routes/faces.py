@@ -22,6 +22,7 @@ from visrec.index.gallery import check_identity, check_metadata, pair_scores
 from visrec.serve.config import MAX_GALLERY_NAME
 from visrec.serve.requests import bool_field, box_field, image_body, int_field, parse_json
 from visrec.serve.routes import ROUTES
+from visrec.serve.thumbnails import erase_person
 
 IDENTITY = ({"type": "string", "maxLength": 200}, "the person's name (any printable text, stored NFC-normalised)")
 METADATA = ({"type": "string"}, "optional JSON object of small facts about the person")
@@ -224,11 +225,7 @@ def face_routes(ctx):
     def erase(request, name, identity) -> dict:
         name, gallery = ctx.gallery(request, name)
         identity = _identity(identity)
-        thumbs = ctx.state["thumbnails"].get(name)
-        with thumbs.lock if thumbs is not None else contextlib.nullcontext():
-            if thumbs is not None and gallery.identity(identity) is not None:
-                thumbs.erase(identity)  # before the gallery forgets the person (serve.thumbnails)
-            removed = gallery.remove(identity)
+        removed = erase_person(gallery, identity, ctx.state["thumbnails"].get(name))
         if not removed:
             raise InputError(f"identity {identity!r} is not enrolled in gallery {name!r}", 404)
         return {"identity": identity, "removed": removed}

@@ -5,6 +5,7 @@ console (``/`` with its script and style sheet under ``/_console/``, all served 
 from pathlib import Path
 
 from visrec import __version__
+from visrec.faces.images import InputError
 from visrec.serve.routes import ROUTES
 
 CONSOLE = Path(__file__).resolve().parents[1] / "console"
@@ -81,8 +82,6 @@ def system_routes(ctx):
     @router.get("/_console/{asset}", include_in_schema=False)
     def console_asset(asset: str):
         if asset not in assets:
-            from visrec.faces.images import InputError
-
             raise InputError("no such console file", 404)
         return Response(assets[asset], media_type=ASSETS[asset], headers={"Cache-Control": "no-cache"})
 
