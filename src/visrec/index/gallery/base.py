@@ -542,7 +542,7 @@ class Gallery(abc.ABC):
             self._recover()
             cached = self._names
             if cached is None or (self.names_reuse_s is not None and time.monotonic() - cached[0] > self.names_reuse_s):
-                names = sorted((r["identity"] for r in self._identity_rows()), key=lambda n: (n.casefold(), n))
+                names = sorted(self._identity_names(), key=lambda n: (n.casefold(), n))
                 cached = self._names = (time.monotonic(), names, [n.casefold() for n in names])
             _, names, folded = cached
             if contains:
@@ -748,6 +748,10 @@ class Gallery(abc.ABC):
     @abc.abstractmethod
     def _identity_rows(self) -> list[dict]:
         """Every identity row as ``{"identity", "templates", "metadata"}``."""
+
+    def _identity_names(self) -> list[str]:
+        """Every enrolled identity's name (a backend that can read names alone overrides this)."""
+        return [r["identity"] for r in self._identity_rows()]
 
     @abc.abstractmethod
     def _count_templates(self) -> int:

@@ -494,6 +494,9 @@ class FaissGallery(Gallery):
     def _identity_rows(self):
         return [{"identity": k, "templates": n, "metadata": dict(m)} for k, (n, m) in self._rows.items()]
 
+    def _identity_names(self):
+        return list(self._rows)
+
     def _count_templates(self):
         return len(self._templates)
 
