@@ -241,3 +241,28 @@ def test_the_cli_erase_also_deletes_the_thumbnails_the_service_kept(tiny_face_mo
     with TestClient(create_app(load_serve_config(cfg))) as c:
         assert c.get("/v1/faces/thumbnail", params={"identity": "alice"}).status_code == 404
         assert c.get("/v1/faces/thumbnail", params={"identity": "bob"}).status_code == 200
+
+
+def test_the_cli_enroll_runs_the_service_pipeline_and_keeps_thumbnails(tiny_face_model, tmp_path):
+    """`visrec gallery enroll` builds the pipeline the service builds from the same config (detection size
+    included) and keeps thumbnails where the gallery names a folder, so the console shows CLI enrollments too."""
+    from typer.testing import CliRunner
+
+    from visrec.cli import app as cli
+    from visrec.serve.config import load_serve_config
+    from visrec.serve.pipeline import configured_pipeline
+
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"faces:\n  model: {tiny_face_model}\n  detect_size: 320\n  gallery:\n    backend: faiss\n"
+                   f"    path: {tmp_path / 'g.sqlite'}\n    thumbnails: {tmp_path / 'thumbs'}\n")
+    assert configured_pipeline(load_serve_config(cfg)).detector.detect_size == 320
+    cfg.write_text(cfg.read_text().replace("detect_size: 320", "aligned: true"))
+    for who, k in (("alice", 1), ("bob", 2)):
+        (tmp_path / "people" / who).mkdir(parents=True)
+        (tmp_path / "people" / who / "a.jpg").write_bytes(face_jpeg(k))
+    res = CliRunner().invoke(cli, ["gallery", "enroll", str(tmp_path / "people"), "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    assert len(list((tmp_path / "thumbs").rglob("*.jpg"))) == 2
+    with TestClient(create_app(load_serve_config(cfg))) as c:
+        rows = c.get("/v1/faces", params={"limit": 10}).json()["identities"]
+        assert [(r["identity"], r["thumbnail"]) for r in rows] == [("alice", True), ("bob", True)]

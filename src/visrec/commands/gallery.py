@@ -57,21 +57,23 @@ def _open(config: Path, gallery: str | None):
 @app.command()
 def enroll(folder: Path = typer.Argument(..., help="photos in FOLDER/<identity>/ (one sub-folder per person)"),
            config: Path = CONFIG, gallery: str | None = GALLERY):
-    """Enroll the largest face of every photo through the config's detector, landmarks and model."""
+    """Enroll the largest face of every photo through the config's pipeline (detector, detection size, landmarks,
+    alignment, model), keeping thumbnails where the gallery's config names a folder for them."""
     from rich.progress import Progress
 
     from visrec.data.folders import read_image_folder
-    from visrec.faces.pipeline import FacePipeline
     from visrec.index.enroll import enroll_folder
+    from visrec.serve.pipeline import configured_pipeline
+    from visrec.serve.thumbnails import Thumbnails
 
-    cfg, _, _ = _pick(config, gallery)  # a bad --gallery fails before the model loads
-    f = cfg.faces
-    pipe = FacePipeline(f.model, aligned=f.aligned, landmarks=f.landmarks, detector=f.detector, align=f.align,
-                        max_pixels=cfg.limits.max_pixels)
+    cfg, _, gcfg = _pick(config, gallery)  # a bad --gallery fails before the model loads
+    pipe = configured_pipeline(cfg)  # the service's own pipeline: the same crop as an HTTP enrollment
+    thumbs = None if gcfg.thumbnails is None else Thumbnails(gcfg.thumbnails)
     total = len(read_image_folder(folder).paths)
     with _open(config, gallery) as (g, where), Progress(console=console) as bar:
         task = bar.add_task("photos", total=total)
-        report = enroll_folder(pipe, g, folder, progress=lambda n: bar.advance(task, n))
+        report = enroll_folder(pipe, g, folder, progress=lambda n: bar.advance(task, n),
+                               written=None if thumbs is None else thumbs.add)
         count = g.count()
     t = Table(title=Text(f"enrolled into {where}: {count:,} templates"))
     t.add_column("outcome")

@@ -41,10 +41,12 @@ def enroll_face(gallery, name: str, crop, embedding, model_name: str) -> None:
     gallery.enroll(name, embedding.reshape(1, -1), hashes=[crop_hash(crop)], model_name=model_name)
 
 
-def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int = 256) -> EnrollReport:
+def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int = 256,
+                  written=None) -> EnrollReport:
     """Enroll ``root/<identity>/<photo>`` with ``pipeline`` (:class:`visrec.faces.pipeline.FacePipeline`) into
     ``gallery`` (:class:`visrec.index.gallery.Gallery`), ``batch`` faces per gallery write. ``progress(n)``
-    after each photo."""
+    after each photo; ``written(identity, template_ids, crops)`` after each write, per face enrolled (what the
+    service's thumbnails need)."""
     root = Path(root)
     listing = read_image_folder(root)
     report = EnrollReport()
@@ -53,8 +55,11 @@ def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int
     def flush():
         if pending:
             pipeline_name = pipeline.embedder.name
-            gallery.enroll_many([(name, emb.reshape(1, -1), [crop_hash(crop)]) for _, name, crop, emb in pending],
-                                model_name=pipeline_name)
+            ids = gallery.enroll_many([(name, emb.reshape(1, -1), [crop_hash(crop)])
+                                       for _, name, crop, emb in pending], model_name=pipeline_name)
+            if written is not None:
+                for (_, name, crop, _), tids in zip(pending, ids):
+                    written(name, tids, crop[None])
             report.enrolled.extend(rel for rel, _, _, _ in pending)
             names.update(name for _, name, _, _ in pending)
             pending.clear()

@@ -26,12 +26,11 @@ from visrec._onnx import set_default_threads
 from visrec._optional import require
 from visrec.errors import ConfigError, VisrecError
 from visrec.faces.images import InputError
-from visrec.faces.pipeline import FacePipeline
 from visrec.index.gallery import GalleryMismatchError, GalleryUnavailableError
 from visrec.index.gallery.faiss import set_search_threads
 from visrec.serve.config import ServeConfig, is_gallery_name
 from visrec.serve.guard import Guard, Metrics, allowed_galleries
-from visrec.serve.pipeline import open_configured_galleries
+from visrec.serve.pipeline import configured_pipeline, open_configured_galleries
 from visrec.serve.requests import ImageRequests
 from visrec.serve.thumbnails import Thumbnails
 from visrec.serve.routes import ROUTES
@@ -114,9 +113,7 @@ log = logging.getLogger(__name__)
 def _load(cfg: ServeConfig) -> dict:
     state: dict = {}
     if cfg.faces is not None:
-        pipe = FacePipeline(cfg.faces.model, aligned=cfg.faces.aligned, landmarks=cfg.faces.landmarks,
-                            detector=cfg.faces.detector, align=cfg.faces.align, max_pixels=cfg.limits.max_pixels,
-                            detect_size=cfg.faces.detect_size, runtime=cfg.faces.runtime)
+        pipe = configured_pipeline(cfg)
         state["faces"] = pipe
         log.info("faces %s: %s", cfg.faces.model, pipe.embedder.runtime_note or pipe.embedder.runtime)
         state["gallery_configs"] = cfg.faces.named_galleries()

@@ -8,9 +8,17 @@ from __future__ import annotations
 from pathlib import Path
 
 from visrec.errors import ConfigError
-from visrec.faces.pipeline import Embedder
+from visrec.faces.pipeline import Embedder, FacePipeline
 from visrec.index.gallery import GalleryMismatchError, calibrate, open_gallery
 from visrec.serve.config import GalleryConfig, load_serve_config
+
+
+def configured_pipeline(cfg) -> FacePipeline:
+    """The face pipeline a serve config (:class:`visrec.serve.config.ServeConfig`) describes: what the service
+    and ``visrec gallery enroll`` both run, so one photo gives one crop either way."""
+    f = cfg.faces
+    return FacePipeline(f.model, aligned=f.aligned, landmarks=f.landmarks, detector=f.detector, align=f.align,
+                        max_pixels=cfg.limits.max_pixels, detect_size=f.detect_size, runtime=f.runtime)
 
 
 def open_named_gallery(name: str, g: GalleryConfig, embedder: Embedder):
