@@ -266,3 +266,22 @@ def test_the_cli_enroll_runs_the_service_pipeline_and_keeps_thumbnails(tiny_face
     with TestClient(create_app(load_serve_config(cfg))) as c:
         rows = c.get("/v1/faces", params={"limit": 10}).json()["identities"]
         assert [(r["identity"], r["thumbnail"]) for r in rows] == [("alice", True), ("bob", True)]
+
+
+def test_thumbnails_a_crash_left_behind_are_swept_when_the_service_starts(tiny_face_model, tmp_path):
+    """A rename or erase interrupted between the gallery and its thumbnail folder leaves a folder of a name no
+    longer enrolled (or a half-written file): the next start removes it, so no face outlives its person."""
+    from visrec.index.gallery import identity_key
+
+    cfg = ServeConfig(faces={"model": str(tiny_face_model), "aligned": True, "gallery": {
+        "backend": "faiss", "path": str(tmp_path / "g.sqlite"), "thumbnails": str(tmp_path / "thumbs")}})
+    with TestClient(create_app(cfg)) as c:
+        c.post("/v1/faces/enroll", data={"identity": "alice"}, files={"image": face_jpeg(1)})
+    stale = tmp_path / "thumbs" / identity_key("renamed away")
+    stale.mkdir()
+    (stale / "t.jpg").write_bytes(b"a face")
+    half = tmp_path / "thumbs" / identity_key("alice") / ".x.123.tmp"
+    half.write_bytes(b"half")
+    with TestClient(create_app(cfg)) as c:
+        assert not stale.exists() and not half.exists()
+        assert c.get("/v1/faces/thumbnail", params={"identity": "alice"}).status_code == 200

@@ -41,8 +41,9 @@ DOCS_ASSETS = "/_docs-assets"
 @dataclass
 class ServiceContext:
     """What every route works with: the config, what it loaded (``state``: ``faces`` (a FacePipeline),
-    ``galleries`` (name -> Gallery), ``default_gallery`` (a name or None), ``landmarks``, ``products``), the
-    request reader, the metrics and ``offload``."""
+    ``galleries`` (name -> Gallery), ``default_gallery`` (a name or None), ``thumbnails`` (name -> Thumbnails,
+    for the galleries that keep them), ``landmarks``, ``products`` and ``catalogue_images``), the request
+    reader, the metrics and ``offload``."""
 
     cfg: ServeConfig
     requests: ImageRequests
@@ -120,6 +121,10 @@ def _load(cfg: ServeConfig) -> dict:
         state["galleries"] = open_configured_galleries(cfg.faces, pipe.embedder)
         state["thumbnails"] = {name: Thumbnails(g.thumbnails) for name, g in state["gallery_configs"].items()
                                if g.thumbnails is not None}
+        for name, thumbs in state["thumbnails"].items():  # what a crash left between a gallery and its thumbnails
+            swept = thumbs.sweep(state["galleries"][name].names())
+            if swept:
+                log.info("gallery %s: %d thumbnail folder(s) of identities no longer enrolled removed", name, swept)
         state["default_gallery"] = cfg.faces.default_gallery_name()
     if cfg.landmarks is not None:
         from visrec.models.loading import load_model

@@ -9,7 +9,9 @@ renamed into place.
 Order with the gallery (callers hold :attr:`Thumbnails.lock` across both): thumbnails are written after the
 gallery acknowledged the enrollment (a crash in between leaves a person without a picture, never a picture
 without a person) and erased *before* the gallery forgets the person, so an erased person's face never
-stays on disk.
+stays on disk. A rename moves them after the gallery's rename; whatever a crash leaves in between (a folder
+under a name no longer enrolled, a half-written file) :meth:`Thumbnails.sweep` removes when the service
+next starts.
 """
 
 from __future__ import annotations
@@ -67,6 +69,23 @@ class Thumbnails:
         folder = self._dir(identity)
         if folder.exists():
             shutil.rmtree(folder)
+
+    def sweep(self, enrolled) -> int:
+        """Delete every folder whose identity is not in ``enrolled`` (names) and every unfinished file; returns
+        how many folders went. Run at start-up, before any request."""
+        keep = {identity_key(name) for name in enrolled}
+        gone = 0
+        for entry in self.root.iterdir():
+            if entry.is_dir() and not entry.is_symlink() and entry.name in keep:
+                for tmp in entry.glob(".*.tmp"):
+                    tmp.unlink()
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+            gone += 1
+        return gone
 
     def rename(self, identity: str, new_name: str) -> None:
         """Move the identity's thumbnails to its new name (the new name has none: the gallery refuses a rename

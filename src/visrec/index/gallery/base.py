@@ -607,6 +607,12 @@ class Gallery(abc.ABC):
             self._recover()
             return sorted(self._identity_rows(), key=lambda r: r["identity"])
 
+    def names(self) -> list[str]:
+        """Every enrolled identity's name, in no particular order."""
+        with self.lock:
+            self._recover()
+            return self._identity_names()
+
     def count(self) -> int:
         """Number of templates."""
         with self.lock:
