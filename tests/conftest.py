@@ -42,6 +42,21 @@ def save_tiny_face_model(directory, embedding_size: int = 64, seed: int = 0):
     return directory
 
 
+def save_tiny_landmark_model(directory, seed: int = 0):
+    """A 106-point PFLD (width 0.25, random weights) as ``directory/model.pt`` in the checkpoint layout of
+    before model contracts (loading it warns and assumes the defaults); returns the network."""
+    import torch
+
+    from visrec.models import build_backbone
+    from visrec.train.checkpoint import atomic_save
+
+    torch.manual_seed(seed)
+    net = build_backbone("pfld", num_points=106, width_mult=0.25).eval()
+    atomic_save({"model_config": {"name": "pfld", "num_points": 106, "width_mult": 0.25},
+                 "backbone": net.state_dict()}, directory / "model.pt")
+    return net
+
+
 @pytest.fixture(scope="session")
 def tiny_face_model(tmp_path_factory):
     """Run dir of a random-weight 64-d MobileFaceNet (shared by the service, crash and demo tests)."""

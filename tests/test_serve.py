@@ -163,17 +163,12 @@ def test_a_checkpoint_is_served_through_its_onnx_export_when_one_is_beside_it(tm
 
 
 def test_landmarks_and_products_endpoints(tmp_path):
-    import torch
-
+    from conftest import save_tiny_landmark_model
     from visrec.data.synth_products import write_product_dataset
     from visrec.index.catalogue import IndexOptions, build_catalogue_index
     from visrec.models import build_backbone
-    from visrec.train.checkpoint import atomic_save
 
-    torch.manual_seed(0)
-    lm = build_backbone("pfld", num_points=106, width_mult=0.25).eval()
-    atomic_save({"model_config": {"name": "pfld", "num_points": 106, "width_mult": 0.25},
-                 "backbone": lm.state_dict()}, tmp_path / "lm" / "model.pt")
+    lm = save_tiny_landmark_model(tmp_path / "lm")
     write_product_dataset(tmp_path / "p", families=2, products_per_family=2, variants=2, queries_per_product=1, size=64)
     desc = build_backbone("product", backbone="resnet18", dim=16)
     build_catalogue_index(tmp_path / "p" / "catalogue", tmp_path / "idx", desc,

@@ -9,6 +9,8 @@ import pytest
 pytest.importorskip("fastapi", reason="the service needs visrec[serve]")
 from fastapi.testclient import TestClient  # noqa: E402
 
+from conftest import save_tiny_landmark_model  # noqa: E402
+
 from visrec.data.images import encode_jpeg  # noqa: E402
 from visrec.data.synth import render_face  # noqa: E402
 from visrec.serve.app import create_app  # noqa: E402
@@ -149,15 +151,7 @@ def test_catalogue_images_come_from_the_index_catalogue_only(products_service):
 
 
 def test_landmarks_answer_the_crop_box_and_point_scheme(tmp_path):
-    import torch
-
-    from visrec.models import build_backbone
-    from visrec.train.checkpoint import atomic_save
-
-    torch.manual_seed(0)
-    lm = build_backbone("pfld", num_points=106, width_mult=0.25).eval()
-    atomic_save({"model_config": {"name": "pfld", "num_points": 106, "width_mult": 0.25},
-                 "backbone": lm.state_dict()}, tmp_path / "lm" / "model.pt")
+    save_tiny_landmark_model(tmp_path / "lm")
     c = TestClient(create_app(ServeConfig(landmarks={"model": str(tmp_path / "lm")})))
     r = c.post("/v1/landmarks", files={"image": face_jpeg(3)}, data={"box": "10,20,60,90"}).json()
     assert r["box"] == [10, 20, 60, 90] and r["box_source"] == "given" and r["scheme"] == "jd106"

@@ -20,7 +20,7 @@ pytest.importorskip("pymilvus", reason="the Milvus gallery needs visrec[serve]")
 import httpx  # noqa: E402
 from fastapi.testclient import TestClient  # noqa: E402
 
-from conftest import free_port, wait_healthy  # noqa: E402
+from conftest import free_port, save_tiny_landmark_model, wait_healthy  # noqa: E402
 from visrec.data.images import encode_jpeg  # noqa: E402
 from visrec.data.synth import render_face  # noqa: E402
 from visrec.errors import ConfigError  # noqa: E402
@@ -115,15 +115,7 @@ def test_non_finite_numbers_anywhere_in_a_request_are_a_400(tiny_face_model, tmp
 
 
 def test_landmark_boxes_must_be_finite_and_on_the_image(tmp_path):
-    import torch
-
-    from visrec.models import build_backbone
-    from visrec.train.checkpoint import atomic_save
-
-    torch.manual_seed(0)
-    lm = build_backbone("pfld", num_points=106, width_mult=0.25).eval()
-    atomic_save({"model_config": {"name": "pfld", "num_points": 106, "width_mult": 0.25},
-                 "backbone": lm.state_dict()}, tmp_path / "lm" / "model.pt")
+    save_tiny_landmark_model(tmp_path / "lm")
     c = TestClient(create_app(ServeConfig(landmarks={"model": str(tmp_path / "lm")})))
     img = face_jpeg(1)
     for box in ("inf,0,10,10", "0,0,nan,10", "1e400,0,1e401,10", "-50,-50,-10,-10", "5000,5000,6000,6000"):
