@@ -8,7 +8,7 @@ pytest.importorskip("faiss", reason="galleries need visrec[index]")
 
 from conftest import milvus_opener  # noqa: E402
 from visrec.errors import ConfigError, DataError, VisrecError  # noqa: E402
-from visrec.index.gallery import GalleryMismatchError, calibrate, open_gallery  # noqa: E402
+from visrec.index.gallery import GalleryMismatchError, IdentityExistsError, calibrate, open_gallery  # noqa: E402
 
 
 def unit(x):
@@ -662,7 +662,7 @@ def test_rename_keeps_templates_hashes_and_metadata_and_refuses_a_taken_name(gal
     assert gallery.count() == 4
     gallery.enroll("Ada Lovelace", vecs["id000"][:1], hashes=["photo-a"])  # the same photo: no new template
     assert gallery.identity("Ada Lovelace")["templates"] == 2
-    with pytest.raises(DataError, match="already enrolled"):
+    with pytest.raises(IdentityExistsError, match="already enrolled"):
         gallery.rename("Ada Lovelace", "id001")
     assert gallery.identity("id001")["templates"] == 2 and gallery.identity("Ada Lovelace")["templates"] == 2
     assert gallery.rename("nobody", "somebody") == 0

@@ -71,6 +71,8 @@ def test_thumbnails_are_kept_renamed_and_erased_with_the_identity(client):
     assert taken.status_code == 409 and "already enrolled" in taken.json()["error"]
     assert c.post("/v1/faces/rename", json={"identity": "nobody", "to": "x"}).status_code == 404
     assert c.post("/v1/faces/rename", json={"identity": "bob"}).status_code == 400  # no new name
+    same = c.post("/v1/faces/rename", json={"identity": "bob", "to": "bob"})
+    assert same.status_code == 400 and "already has that name" in same.json()["error"]
 
     assert c.delete("/v1/faces", params={"identity": "Alice Liddell"}).json()["removed"] == 2
     assert len(list(thumbs.rglob("*.jpg"))) == 1  # bob's only: Alice's faces are gone from disk

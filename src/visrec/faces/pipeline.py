@@ -186,10 +186,14 @@ class FacePipeline:
     def upload_faces(self, data: bytes, *, all_faces: bool = False) -> list[Face]:
         """Upload bytes -> its faces (the largest only unless ``all_faces``); InputError when none is found."""
         image, faces = self.detect_upload(data)
+        self.require_faces(image, faces)
+        return faces if all_faces else faces[:1]
+
+    def require_faces(self, image: np.ndarray, faces: list[Face]) -> None:
+        """InputError (422) saying that no face was found in ``image``, when ``faces`` is empty."""
         if not faces:
             raise InputError(f"no face found in the {image.shape[1]}x{image.shape[0]} image ({self.detector_name} "
                              f"detector); send an aligned 112x112 crop to a server started with aligned: true")
-        return faces if all_faces else faces[:1]
 
     def embed_upload(self, data: bytes, *, all_faces: bool = False) -> tuple[np.ndarray, list[Face]]:
         """Upload bytes -> (embeddings (faces, D), faces), one batched embedder call."""

@@ -28,7 +28,8 @@ from __future__ import annotations
 from visrec.errors import ConfigError
 from visrec.index.gallery.base import (BACKENDS, FUSIONS, MAX_HASH_CHARS, MAX_IDENTITY_BYTES,  # noqa: F401
                                        MAX_IDENTITY_CHARS, MAX_METADATA_CHARS, METRICS, Enrollment, Gallery,
-                                       GalleryMismatchError, GalleryUnavailableError, Match, check_identity,
+                                       GalleryMismatchError, GalleryUnavailableError, IdentityExistsError, Match,
+                                       check_identity,
                                        check_metadata, identity_key, pair_scores, read_export, template_id)
 
 # One import line per backend module: importing runs its @BACKENDS.register decorator.
@@ -39,7 +40,7 @@ from visrec.index.gallery.calibration import calibrate  # noqa: E402,F401
 
 __all__ = ["BACKENDS", "FUSIONS", "MAX_HASH_CHARS", "MAX_IDENTITY_BYTES", "MAX_IDENTITY_CHARS", "MAX_METADATA_CHARS",
            "METRICS", "Enrollment", "FaissGallery", "Gallery", "GalleryMismatchError", "GalleryUnavailableError",
-           "Match", "MilvusGallery", "calibrate",
+           "IdentityExistsError", "Match", "MilvusGallery", "calibrate",
            "check_identity", "check_metadata", "identity_key", "open_gallery", "pair_scores", "read_export",
            "template_id"]
 

@@ -76,6 +76,10 @@ class GalleryMismatchError(VisrecError):
     """Embeddings from another model, or of another dimension, than the gallery holds."""
 
 
+class IdentityExistsError(DataError):
+    """A rename onto a name that is enrolled already."""
+
+
 class GalleryUnavailableError(VisrecError):
     """The gallery's store did not answer (a Milvus server down or restarting); nothing of the call stayed."""
 
@@ -516,7 +520,8 @@ class Gallery(abc.ABC):
             if old not in rows:
                 return 0
             if new in rows:
-                raise DataError(f"identity {new!r} is already enrolled: add the photos to it, or rename it first")
+                raise IdentityExistsError(f"identity {new!r} is already enrolled: add the photos to it, or rename "
+                                          f"it first")
             vectors, hashes = self._templates_of(old), self._template_hashes_of(old)
             ids = sorted(vectors)
             with self._transaction() as undo:

@@ -16,9 +16,9 @@ import contextlib
 import numpy as np
 
 from visrec.data.images import encode_jpeg
-from visrec.errors import VisrecError
+from visrec.errors import DataError, VisrecError
 from visrec.faces.images import InputError, image_hash
-from visrec.index.gallery import check_identity, check_metadata, pair_scores
+from visrec.index.gallery import IdentityExistsError, check_identity, check_metadata, pair_scores
 from visrec.serve.config import MAX_GALLERY_NAME
 from visrec.serve.requests import bool_field, box_field, image_body, int_field, parse_json
 from visrec.serve.routes import ROUTES
@@ -151,8 +151,7 @@ def face_routes(ctx):
                 try:
                     image, faces = pipe.detect_upload(data)
                     box = box_field(fields, "box", image.shape[1], image.shape[0])
-                    if not faces:
-                        pipe.upload_faces(data)  # the service's "no face" message
+                    pipe.require_faces(image, faces)
                     face = faces[0] if box is None else pick_face(faces, box)
                 except InputError as exc:
                     raise InputError(f"image {i + 1}: {exc}", exc.status) from None
@@ -180,8 +179,7 @@ def face_routes(ctx):
 
         def work():
             image, faces = pipe.detect_upload(images["image"][0])
-            if not faces:
-                pipe.upload_faces(images["image"][0])  # the service's "no face" message
+            pipe.require_faces(image, faces)
             faces = faces if all_faces else faces[:1]
             embs = pipe.embedder(np.stack([f.crop for f in faces]))
             t, origin = gallery.decision_threshold(pipe.embedder.contract)
@@ -270,8 +268,10 @@ def face_routes(ctx):
             with thumbs.lock if thumbs is not None else contextlib.nullcontext():
                 try:
                     n = gallery.rename(old, new)
-                except VisrecError as exc:
-                    raise InputError(str(exc), 409 if "already enrolled" in str(exc) else 400) from None
+                except IdentityExistsError as exc:
+                    raise InputError(str(exc), 409) from None
+                except DataError as exc:  # the same name twice
+                    raise InputError(str(exc), 400) from None
                 if not n:
                     raise InputError(f"identity {old!r} is not enrolled in gallery {name!r}", 404)
                 if thumbs is not None:
