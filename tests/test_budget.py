@@ -192,3 +192,18 @@ def test_onnx_count_sees_through_upsampling_scales(tmp_path):
                           training=torch.onnx.TrainingMode.PRESERVE)
     onnx_rows = onnx_layer_counts(path)[0]
     assert sum(r.lfr_flops for r in onnx_rows) == sum(r.lfr_flops for r in layer_counts(model))
+
+
+def test_the_figures_name_a_landmark_models_output_as_points_not_an_embedding():
+    from rich.console import Console
+
+    from visrec.commands.budget import _figures_table
+
+    report = check(build_backbone("pfld", num_points=106, width_mult=0.25).eval(), "icpr20-landmarks", with_size=False)
+    assert report.output_shape == (106, 2)
+    shown = Console(width=200, record=True)
+    shown.print(_figures_table(report))
+    text = shown.export_text()
+    assert "output per image" in text and "106 x 2" in text and "embedding dim" not in text
+    face = check(build_backbone("mobilefacenet", embedding_size=128, scale=1).eval(), "deepglint-light", with_size=False)
+    assert face.output_shape == (128,) and face.embedding_dim == 128

@@ -392,6 +392,7 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     # BN folded = no conv feeds a BatchNormalization while convs carry biases (what folding leaves behind)
     facts = {"batchnorm_kept": conv_then_bn > 0 or biased_convs == 0,
              "weight_dtypes": dtypes, "embedding_dim": out_shape[-1] if out_shape else None,
+             "output_shape": tuple(int(v) for v in out_shape[1:]) if out_shape else None,
              "params": int(sum(np.prod(i.dims) for i in weights))}
     return rows, facts
 
@@ -416,9 +417,10 @@ class BudgetReport:
     params: int
     size_bytes: int | None  # bytes of the fp32 ONNX file; None when not measured (check(with_size=False))
     weight_dtypes: list[str]
-    embedding_dim: int | None
+    embedding_dim: int | None  # the output's last dimension (an embedder's feature size)
     batchnorm_folded: bool
     layers: list[LayerCount] = field(default_factory=list)
+    output_shape: tuple[int, ...] | None = None  # one image's output (512,) for an embedder, (106, 2) for points
     limits: list[Limit] = field(default_factory=list)
 
     @property
@@ -510,7 +512,8 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
         size = path.stat().st_size
         report = BudgetReport(p, str(path), flops, sum(l.macs for l in layers), None, facts["params"], size,
                               facts["weight_dtypes"], facts["embedding_dim"],
-                              batchnorm_folded=not facts["batchnorm_kept"], layers=layers)
+                              batchnorm_folded=not facts["batchnorm_kept"], layers=layers,
+                              output_shape=facts["output_shape"])
     else:
         if isinstance(model_or_path, nn.Module):
             model, source = model_or_path, type(model_or_path).__name__
@@ -528,7 +531,8 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
         size = export_size(model, p.input_size, contract, untrained=untrained) if with_size else None
         report = BudgetReport(p, source, sum(l.lfr_flops for l in layers), sum(l.macs for l in layers),
                               every_op, sum(t.numel() for t in model.parameters()),
-                              size, dtypes, dim, batchnorm_folded=False, layers=layers)
+                              size, dtypes, dim, batchnorm_folded=False, layers=layers,
+                              output_shape=tuple(int(v) for v in out_shape[1:]))
     report.limits = _limits(p, report.lfr_flops, report.size_bytes, report.weight_dtypes, report.embedding_dim)
     return report
 

@@ -73,7 +73,11 @@ def _figures_table(report) -> Table:
         t.add_row("fp32 ONNX size (the file `visrec export` writes)",
                   f"{report.size_bytes:,} B = {report.size_mb:.3f} MB = {report.size_mib:.3f} MiB")
     t.add_row("weight dtypes", ", ".join(report.weight_dtypes))
-    t.add_row("embedding dim", str(report.embedding_dim))
+    shape = report.output_shape
+    if shape is None or len(shape) == 1:  # an embedder: one feature vector per image
+        t.add_row("embedding dim", str(report.embedding_dim))
+    else:  # landmark points, heatmaps: the per-image output as it is
+        t.add_row("output per image", " x ".join(map(str, shape)))
     t.add_row("BatchNorm folded into conv", "yes (adds bias FLOPs)" if report.batchnorm_folded else "no")
     return t
 
