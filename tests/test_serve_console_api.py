@@ -195,6 +195,10 @@ def test_detect_boxes_every_face_and_enroll_takes_the_one_picked(real_client):
     ident = c.post("/v1/faces/identify", files={"image": group}, data={"all_faces": "true"}).json()
     scores = [f["matches"][0]["score"] for f in ident["faces"]]
     assert ident["image"] == found["image"] and scores[1] == pytest.approx(0.0, abs=1e-4) and scores[0] < -0.1
+    # another face of the same photo under the same name is another template (a template is keyed by its crop)
+    first = found["faces"][0]["box"]
+    r = c.post("/v1/faces/enroll", data={"identity": "second", "box": ",".join(map(str, first))}, files={"image": group})
+    assert r.status_code == 200 and r.json()["templates"] == 2, r.text
     nowhere = c.post("/v1/faces/enroll", data={"identity": "x", "box": "0,0,5,5"}, files={"image": group})
     assert nowhere.status_code == 422 and "overlaps" in nowhere.json()["error"]
     two = c.post("/v1/faces/enroll", data={"identity": "x", "box": "0,0,5,5"}, files=[("image", group), ("image", group)])
@@ -262,6 +266,9 @@ def test_the_cli_enroll_runs_the_service_pipeline_and_keeps_thumbnails(tiny_face
     with TestClient(create_app(load_serve_config(cfg))) as c:
         rows = c.get("/v1/faces", params={"limit": 10}).json()["identities"]
         assert [(r["identity"], r["thumbnail"]) for r in rows] == [("alice", True), ("bob", True)]
+        # the same photo over HTTP is the same template: both paths key a template by its aligned crop
+        again = c.post("/v1/faces/enroll", data={"identity": "alice"}, files={"image": face_jpeg(1)}).json()
+        assert again["enrolled"] == 1 and again["templates"] == 1
 
 
 def test_thumbnails_a_crash_left_behind_are_swept_when_the_service_starts(tiny_face_model, tmp_path):

@@ -17,7 +17,8 @@ import numpy as np
 
 from visrec.data.images import encode_jpeg
 from visrec.errors import DataError, VisrecError
-from visrec.faces.images import InputError, image_hash
+from visrec.faces.images import InputError
+from visrec.index.enroll import crop_hash
 from visrec.index.gallery import IdentityExistsError, check_identity, check_metadata, pair_scores
 from visrec.serve.config import MAX_GALLERY_NAME
 from visrec.serve.requests import bool_field, box_field, image_body, int_field, parse_json
@@ -158,7 +159,9 @@ def face_routes(ctx):
                 crops.append(face.crop)
                 found.append(len(faces))
             embs = pipe.embedder(np.stack(crops))  # all images of the request in one batch
-            hashes = [image_hash(data) for data in images["image"]]
+            # keyed by the aligned crop, as `visrec gallery enroll` and the Python API key theirs: the same photo
+            # adds nothing on any path, and two faces of one group photo are two templates
+            hashes = [crop_hash(crop) for crop in crops]
             with thumbs.lock if thumbs is not None else contextlib.nullcontext():
                 # the count comes from the write: no read after it that could fail once the enrollment is done
                 ids, templates = gallery.enroll_and_count(identity, embs, hashes=hashes, metadata=meta,
