@@ -48,6 +48,15 @@ async function api(path, { method = "GET", form = null, json = null } = {}) {
 
 async function blobUrl(path) { return URL.createObjectURL(await api(path)); }
 
+// Object URLs of the photos a view shows, released when the view shows others (a long session keeps no stale copies).
+const viewUrls = {};
+function localUrl(view, blob) {
+  const u = URL.createObjectURL(blob);
+  (viewUrls[view] = viewUrls[view] || []).push(u);
+  return u;
+}
+function releaseUrls(view) { for (const u of viewUrls[view] || []) URL.revokeObjectURL(u); viewUrls[view] = []; }
+
 function showError(id, e) { $(id).textContent = e ? (e.message || String(e)) : ""; }
 
 function galleryBase() {
@@ -271,6 +280,7 @@ $("enroll-go").onclick = async () => {
     if (!files.length) throw new Error("drop or choose one or more photos first");
   } catch (e) { showError("enroll-error", e); return; }
   list.replaceChildren();
+  releaseUrls("enroll");
   for (const f of files) {
     const status = el("p", { class: "status", text: "detecting faces..." });
     const card = el("li", { "data-file": f.name }, el("p", { class: "file", text: f.name }), status);
@@ -278,7 +288,7 @@ $("enroll-go").onclick = async () => {
     const setStatus = (text, kind) => { status.textContent = text; card.dataset.result = kind; };
     try {
       const found = await api("/v1/faces/detect", { method: "POST", form: formWith({}, [["image", f]]) });
-      const view = photoView(URL.createObjectURL(f), found.image, "photo " + f.name);
+      const view = photoView(localUrl("enroll", f), found.image, "photo " + f.name);
       card.insertBefore(view.fig, status);
       if (!found.faces.length) { setStatus("no face found: not enrolled", "no-face"); continue; }
       if (found.faces.length === 1) {
@@ -313,11 +323,12 @@ function thresholdText(t, origin) {
 $("identify-go").onclick = async () => {
   showError("identify-error", null);
   $("identify-photo").replaceChildren(); $("identify-faces").replaceChildren(); $("identify-threshold").textContent = "";
+  releaseUrls("identify");
   try {
     const f = file("identify-file");
     const j = await api(galleryBase() + "/identify", { method: "POST", form: formWith({ all_faces: "true", top_k: "3" }, [["image", f]]) });
     $("identify-threshold").textContent = thresholdText(j.threshold, j.threshold_origin);
-    const view = photoView(URL.createObjectURL(f), j.image, "photo searched");
+    const view = photoView(localUrl("identify", f), j.image, "photo searched");
     $("identify-photo").append(view.fig);
     j.faces.forEach((face, i) => {
       const m = face.matches[0];
@@ -335,6 +346,7 @@ $("identify-go").onclick = async () => {
 $("verify-go").onclick = async () => {
   showError("verify-error", null);
   $("verify-pair").replaceChildren(); $("verify-verdict").textContent = ""; $("verify-threshold").textContent = "";
+  releaseUrls("verify");
   try {
     const a = file("verify-a"), b = file("verify-b");
     const fields = { crops: "true" };
@@ -347,7 +359,7 @@ $("verify-go").onclick = async () => {
     $("verify-threshold").textContent = thresholdText(j.threshold, j.threshold_origin);
     [[a, j.faces[0], "first"], [b, j.faces[1], "second"]].forEach(([f, face, which]) => {
       $("verify-pair").append(el("figure", {},
-        el("img", { src: URL.createObjectURL(f), alt: which + " photo", style: "max-width:100%;max-height:220px" }),
+        el("img", { src: localUrl("verify", f), alt: which + " photo", style: "max-width:100%;max-height:220px" }),
         el("img", { class: "crop-img", src: face.crop, alt: "aligned face of the " + which + " photo" }),
         el("figcaption", { text: `${which} photo, face at ${face.box.join(", ")}` })));
     });
@@ -359,12 +371,13 @@ let lastPoints = null;
 $("lm-go").onclick = async () => {
   showError("lm-error", null);
   $("lm-photo").replaceChildren(); $("lm-info").textContent = ""; $("lm-download").disabled = true;
+  releaseUrls("landmarks");
   try {
     const f = file("lm-file");
     const fields = serves.includes("faces") ? { detect: "true" } : {};
     const j = await api("/v1/landmarks", { method: "POST", form: formWith(fields, [["image", f]]) });
     lastPoints = { file: f.name, ...j };
-    const view = photoView(URL.createObjectURL(f), j.image, "photo with landmarks");
+    const view = photoView(localUrl("landmarks", f), j.image, "photo with landmarks");
     drawBox(view, j.crop_box, "crop");
     drawBox(view, j.box, "face");
     const r = Math.max(1.5, (j.box[2] - j.box[0]) / 80);
@@ -380,21 +393,23 @@ $("lm-download").onclick = () => {
   const blob = new Blob([JSON.stringify(lastPoints, null, 1)], { type: "application/json" });
   const a = el("a", { href: URL.createObjectURL(blob), download: (lastPoints.file || "photo") + ".landmarks.json" });
   document.body.append(a); a.click(); a.remove();
+  setTimeout(() => URL.revokeObjectURL(a.href), 10000);
 };
 
 // -- products ----------------------------------------------------------------------------------------------------
 $("products-go").onclick = async () => {
   showError("products-error", null);
   $("products-grid").replaceChildren(); $("products-query").replaceChildren();
+  releaseUrls("products");
   try {
     const f = file("products-file");
     const j = await api("/v1/products/search", { method: "POST", form: formWith({ top_k: $("products-k").value }, [["image", f]]) });
-    $("products-query").append(el("figure", { class: "photo" }, el("img", { src: URL.createObjectURL(f), alt: "query photo", style: "max-height:160px" })));
+    $("products-query").append(el("figure", { class: "photo" }, el("img", { src: localUrl("products", f), alt: "query photo", style: "max-height:160px" })));
     j.results.forEach((res, i) => {
       const img = el("img", { alt: "catalogue image " + res.id });
       $("products-grid").append(el("li", { "data-id": res.id }, img,
         el("p", { text: `${i + 1}. ${res.id}` }), el("p", { text: "score " + res.score.toFixed(4) })));
-      blobUrl(res.image).then((u) => { img.src = u; }).catch((e) => showError("products-error", e));
+      api(res.image).then((b) => { img.src = localUrl("products", b); }).catch((e) => showError("products-error", e));
     });
   } catch (e) { showError("products-error", e); }
 };
