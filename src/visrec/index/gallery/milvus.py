@@ -452,6 +452,11 @@ class MilvusGallery(Gallery):
             return []
         return [_row(r) for r in self._query_all(self.i_name, _ROW_FIELDS)]
 
+    def _identity_names(self):
+        if self._dim is None:
+            return []
+        return [r["identity"] for r in self._query_all(self.i_name, ["identity"])]
+
     def _count_templates(self):
         if self._dim is None:
             return 0
