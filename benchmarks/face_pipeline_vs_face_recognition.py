@@ -1,9 +1,10 @@
 """Photo -> face embeddings, per stage, visrec's pipeline against face_recognition's, on the real fixture photos.
 
 Both run dlib's models (HOG detector, 68-point predictor, ResNet 128-d descriptor of one 150x150 chip), so the
-difference is where detection runs: face_recognition scans the full-resolution photo (``face_locations``, HOG,
-upsampled once), visrec a copy scaled to ``--detect-size`` on its longest side (boxes mapped back; landmarks,
-chip and descriptor from the full photo). Also timed: OpenCV's Haar cascade (visrec's default detector for its
+differences are where detection runs and what runs the ResNet: face_recognition scans the full-resolution photo
+(``face_locations``, HOG, upsampled once) and embeds in dlib; visrec scans a copy scaled to ``--detect-size`` on
+its longest side (boxes mapped back; landmarks, chip and descriptor from the full photo) and runs the ResNet's
+weights in PyTorch (``visrec.models.dlib_dnn``). Also timed: OpenCV's Haar cascade (visrec's default detector for its
 own models) at full size and on the scaled copy. The faces found are compared (count, IoU of the boxes) and the
 embeddings too (Euclidean distance between the two pipelines' descriptors of the same face; face_recognition
 aligns on dlib's 5 points by default and on the 68 with ``model="large"``, visrec's dlib-resnet on the 68).
@@ -117,7 +118,10 @@ def main() -> None:
                       max(dist, default=float("nan")), max(dist68, default=float("nan"))))
 
     console = Console(width=170)
+    import torch
+
     console.print(f"{os.cpu_count()} logical CPUs; OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', 'unset')}; "
+                  f"torch threads {torch.get_num_threads()}; visrec's dlib-resnet runtime: {pipe.embedder.runtime}; "
                   f"median of {args.repeats} repeats after a warm-up; photo sizes " + ", ".join(sizes))
     short = [n.removesuffix(".jpg").replace("obama_partial_face", "partial") for n in PHOTOS]
     table = Table(title="photo -> embeddings, ms per photo (CPU, one thread)")

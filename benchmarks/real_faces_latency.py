@@ -1,7 +1,8 @@
 """CPU latency per stage of the real-face pipeline on the fixture photos (median of repeats, milliseconds).
 
 Stages: dlib HOG detection, dlib 68 landmarks, alignment (dlib's 150x150 chip for the embedder and
-visrec's 112x112 ArcFace crop), dlib ResNet 128-d embedding of one chip, and a search of a faiss gallery
+visrec's 112x112 ArcFace crop), dlib ResNet 128-d embedding of one chip (its weights in PyTorch, the default, and in
+dlib itself, for comparison), and a search of a faiss gallery
 (the 45 real identities of ``visrec.demo_real`` plus ``--distractors`` random templates in 100 identities,
 max fusion, top-5).
 Single image, single face, one thread unless OMP_NUM_THREADS says otherwise.
@@ -77,9 +78,13 @@ def main() -> None:
     for i, part in enumerate(np.array_split(noise, 100)):  # 100 random identities share the templates
         gallery.enroll(f"random-{i}", part)
 
-    stages = ("detect (HOG)", "68 landmarks", "align: dlib chip", "align: visrec 112", "embed (1 chip)",
-              "gallery search")
+    from visrec.models.dlib_models import DlibResnetEmbedder
+
+    embed = f"embed (1 chip; {pipe.embedder.runtime})"
+    stages = ("detect (HOG)", "68 landmarks", "align: dlib chip", "align: visrec 112", embed, "gallery search")
     rows = {s: [] for s in stages}
+    in_dlib = DlibResnetEmbedder(runtime="dlib")  # the same weights in dlib itself: beside the total, not in it
+    rows["embed (1 chip; dlib), not in the total"] = []
     sizes = []
     for name in PHOTOS:
         img = read_image(root / "faces" / name)
@@ -93,7 +98,9 @@ def main() -> None:
         rows["68 landmarks"].append(median_ms(lambda: pipe.landmarker(img, box), args.repeats))
         rows["align: dlib chip"].append(median_ms(lambda: pipe.embedder.chip(img, shape), args.repeats))
         rows["align: visrec 112"].append(median_ms(lambda: align_face(img, points), args.repeats))
-        rows["embed (1 chip)"].append(median_ms(lambda: pipe.embedder.embed_chips(chip[None]), args.repeats))
+        rows[embed].append(median_ms(lambda: pipe.embedder.embed_chips(chip[None]), args.repeats))
+        rows["embed (1 chip; dlib), not in the total"].append(
+            median_ms(lambda: in_dlib.embed_chips(chip[None]), args.repeats))
         gallery.search(emb, 5)  # build the index outside the timing
         rows["gallery search"].append(median_ms(lambda: gallery.search(emb, 5), args.repeats))
 
@@ -109,7 +116,7 @@ def main() -> None:
     for name in PHOTOS:
         table.add_column(name.removesuffix(".jpg").replace("obama_partial_face", "partial"), justify="right")
     table.add_column("median", justify="right")
-    for stage in stages:
+    for stage in rows:
         table.add_row(stage, *(f"{v:.2f}" for v in rows[stage]), f"{np.median(rows[stage]):.2f}")
     total = [sum(rows[s][i] for s in stages) for i in range(len(PHOTOS))]
     table.add_row("total", *(f"{v:.1f}" for v in total), f"{np.median(total):.1f}")

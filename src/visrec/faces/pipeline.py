@@ -14,6 +14,7 @@ aligns with its own crop.
 
 from __future__ import annotations
 
+import contextlib
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -57,8 +58,10 @@ class ExternalEmbedder:
         self.model, self.contract = loaded.adapter, loaded.contract
         self.name, self.dim, self.input_size = self.model.name, int(self.contract.embedding_dim), int(self.contract.input_size[0])
         self.metric = self.contract.metric  # dlib-resnet: euclidean (its galleries score by negated distance)
-        self.lock = threading.Lock()
-        self.runtime, self.runtime_note = "adapter", ""  # the adapter's own library (dlib) runs it
+        # dlib's own network object is not safe to share between threads; PyTorch inference is
+        self.lock = threading.Lock() if getattr(self.model, "runtime", "dlib") == "dlib" else contextlib.nullcontext()
+        self.runtime = getattr(self.model, "runtime", "adapter")  # dlib-resnet: its weights in torch, or dlib
+        self.runtime_note = "PyTorch, dlib's weights" if self.runtime == "torch" else ""
 
     def align(self, image, box, five=None, points=None, box_margin: float = 0.2, method: str = "lstsq") -> np.ndarray:
         """dlib's chip from the landmark model's points (``five``, ``box_margin``, ``method`` do not apply)."""
