@@ -2,9 +2,9 @@
 
 Both run dlib's models (HOG detector, 68-point predictor, ResNet 128-d descriptor of one 150x150 chip), so the
 differences are where detection runs and what runs the ResNet: face_recognition scans the full-resolution photo
-(``face_locations``, HOG, upsampled once) and embeds in dlib; visrec scans a copy scaled to ``--detect-size`` on
-its longest side (boxes mapped back; landmarks, chip and descriptor from the full photo) and runs the ResNet's
-weights in PyTorch (``visrec.models.dlib_dnn``). Also timed: OpenCV's Haar cascade (visrec's default detector for its
+in colour (``face_locations``, HOG, upsampled once) and embeds in dlib; visrec scans the luma of a copy scaled to
+``--detect-size`` on its longest side (boxes mapped back; landmarks, chip and descriptor from the full photo) and
+runs the ResNet's weights in PyTorch (``visrec.models.dlib_dnn``). Also timed: OpenCV's Haar cascade (visrec's default detector for its
 own models) at full size and on the scaled copy. The faces found are compared (count, IoU of the boxes) and the
 embeddings too (Euclidean distance between the two pipelines' descriptors of the same face; face_recognition
 aligns on dlib's 5 points by default and on the 68 with ``model="large"``, visrec's dlib-resnet on the 68).
@@ -76,7 +76,7 @@ def main() -> None:
 
     stages = {
         "face_recognition": ("decode (PIL)", "detect: HOG, full size", "5 points (its default) + chip + embed"),
-        "visrec": ("decode", f"detect: HOG, {args.detect_size} px copy", "68 points + chip", "embed"),
+        "visrec": ("decode", f"detect: HOG on luma, {args.detect_size} px copy", "68 points + chip", "embed"),
     }
     rows = {(who, s): [] for who, names in stages.items() for s in names}
     haar_rows = {"Haar, full size": [], f"Haar, {args.detect_size} px copy": []}
@@ -99,7 +99,7 @@ def main() -> None:
         found = pipe.detector(upright)
         faces = pipe.faces(upright)
         rows["visrec", "decode"].append(median_ms(lambda: visrec.load_image(path), args.repeats))
-        rows["visrec", f"detect: HOG, {args.detect_size} px copy"].append(
+        rows["visrec", f"detect: HOG on luma, {args.detect_size} px copy"].append(
             median_ms(lambda: pipe.detector(upright), args.repeats))
         rows["visrec", "68 points + chip"].append(
             median_ms(lambda: [pipe.face_at(upright, d.box, d.points) for d in found], args.repeats))

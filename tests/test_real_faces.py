@@ -230,6 +230,38 @@ def test_rgba_png_is_read_as_rgb_and_detected(pipe, root):
     assert np.abs(face.box - ref.box).max() <= 8 and cos > 0.99
 
 
+def test_hog_on_luma_finds_the_faces_it_finds_in_colour(root):
+    """dlib-hog scans the image's luma by default (faster): on every fixture photo, at the pipeline's default
+    640 px copy, it finds as many faces as the three-channel scan, in the same places."""
+    from visrec.data.images import read_image
+    from visrec.faces.detectors import ExternalDetector, ScaledDetector
+
+    luma = ScaledDetector(ExternalDetector("dlib-hog"), 640)
+    colour = ScaledDetector(ExternalDetector("dlib-hog", gray=False), 640)
+    photos = sorted((root / "faces").glob("*.*")) + sorted((root / "dlib-examples").glob("*.jpg"))
+    assert len(photos) >= 19  # 7 portraits, 12 of dlib's example photos
+    found, lowest = 0, 1.0
+    for path in photos:
+        image = read_image(path)
+        a, b = luma(image), colour(image)
+        assert len(a) == len(b), f"{path.name}: {len(a)} faces on luma, {len(b)} in colour"
+        for d in a:
+            best = max(_iou(d.box, e.box) for e in b)
+            # 0.5: the usual rule for "the same face"; HOG's boxes snap to its pyramid's levels, and on the
+            # 640 px copy one level is ~2 px of the copy, so the same face's boxes can differ by a level
+            assert best > 0.5, f"{path.name}: a face at {d.box.tolist()} found on luma only (IoU {best:.2f})"
+            lowest = min(lowest, best)
+        found += len(a)
+    print(f"\n{found} faces in {len(photos)} photos, the same on luma and in colour; lowest box IoU {lowest:.2f}")
+    assert found > 60  # the group photos' faces (bald_guys.jpg alone has 24), so the check is not empty
+
+
+def _iou(a, b) -> float:
+    x1, y1, x2, y2 = max(a[0], b[0]), max(a[1], b[1]), min(a[2], b[2]), min(a[3], b[3])
+    inter = max(0.0, x2 - x1) * max(0.0, y2 - y1)
+    return inter / ((a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter)
+
+
 def test_cnn_detector_and_5_point_landmarks(pipe, root):
     """dlib-cnn finds the face HOG finds; a dlib-5 shape gives nearly the embedding of the 68-point one."""
     import cv2

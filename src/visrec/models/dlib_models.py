@@ -110,16 +110,26 @@ class _Detector:
 
 @EXTERNAL.register("dlib-hog")
 class DlibHogDetector(_Detector):
-    """dlib's HOG frontal face detector. ``threshold``: added to the SVM's decision threshold (0 = dlib's)."""
+    """dlib's HOG frontal face detector. ``threshold``: added to the SVM's decision threshold (0 = dlib's).
+
+    ``gray`` (default True): scan the image's luma, as dlib's own C++ face-detection example does (it loads
+    photos as grayscale). On a colour image dlib computes gradients in each channel and keeps the strongest,
+    which costs ~25% more; both found the same faces in every fixture photo (21 photos, 1 to 24 faces,
+    tests/test_real_faces.py). ``gray=False`` scans the three channels, as face_recognition does.
+    """
 
     name = "dlib-hog"
 
-    def __init__(self, upsample: int = 1, threshold: float = 0.0):
+    def __init__(self, upsample: int = 1, threshold: float = 0.0, gray: bool = True):
         super().__init__(upsample)
-        self.threshold = float(threshold)
+        self.threshold, self.gray = float(threshold), bool(gray)
         self.detector = _dlib().get_frontal_face_detector()
 
     def _run(self, img, upsample):
+        if self.gray:
+            import cv2
+
+            img = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)
         rects, scores, _ = self.detector.run(img, upsample, self.threshold)
         return zip(rects, scores)
 
