@@ -163,3 +163,8 @@ def test_other_dlib_files_and_trailing_bytes(resnet_file, faces_dir, tmp_path):
         _read(longer)
     with pytest.raises(DataError, match="missing.dat.*cannot read"):
         _read(tmp_path / "missing.dat")
+    sparse = tmp_path / "sparse.dat"
+    with open(sparse, "wb") as f:
+        f.truncate(100 << 20)  # 100 MB of holes: refused by its size, never read
+    with pytest.raises(DataError, match=r"sparse\.dat.*104857600 bytes, more than any"):
+        _read(sparse)

@@ -34,6 +34,7 @@ from visrec.errors import DataError
 
 INPUT_SIZE = 150
 MAX_TENSOR_VALUES = 1 << 24  # 16M floats: the largest tensor of this network has 590K; refuse anything absurd
+MAX_FILE_BYTES = 64 << 20   # the real file has 22 MB
 MAX_STRING = 64              # layer version strings are short ("input_rgb_image_sized" is the longest, 21)
 
 # (filters, residual blocks, first one is a down block) per stage, bottom up
@@ -252,11 +253,12 @@ def read_dlib_resnet(path: str | Path) -> DlibResnetWeights:
     """Read ``dlib_face_recognition_resnet_model_v1.dat`` (or a file of the same network type)."""
     path = Path(path)
     try:
+        size = path.stat().st_size
+        if size > MAX_FILE_BYTES:  # before reading it into memory
+            raise DataError(f"{size} bytes, more than any dlib face-recognition ResNet (22 MB)", path=path)
         data = path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read the dlib model file ({exc.strerror or exc})", path=path) from None
-    if len(data) > 4 * MAX_TENSOR_VALUES * 4:
-        raise DataError(f"{len(data)} bytes, more than any dlib face-recognition ResNet", path=path)
     r = _Reader(data, str(path))
     r.version(1, "the metric loss layer")
     loss = r.name(("loss_metric_", "loss_metric_2"), "the metric loss")
