@@ -1,8 +1,8 @@
 """dlib's face-recognition ResNet (``dlib_face_recognition_resnet_model_v1.dat``) read into a PyTorch module.
 
-Why: the ``dlib-bin`` wheel is built without BLAS, so its own convolutions take ~53 ms a face on one CPU
-thread; the same weights run in PyTorch (oneDNN) or ONNX Runtime several times faster, with descriptors
-that match dlib's to ~1e-6 (tests/test_dlib_dnn.py holds them side by side).
+Why: the ``dlib-bin`` wheel is built without BLAS, so its own convolutions take 53-205 ms a face on one CPU
+thread (BENCHMARKS.md); the same weights run in PyTorch (oneDNN) about 8x faster, with descriptors that match
+dlib's to ~1e-6 (tests/test_dlib_dnn.py holds them side by side).
 
 The file is dlib's binary serialization of one network type, ``anet_type`` in dlib's
 ``tools/python/src/face_recognition.cpp``. The stream carries no type names for the wrappers (tags, skips),
@@ -139,7 +139,7 @@ class Conv:
 
     @property
     def padding(self) -> int:
-        return 0 if self.stride != 1 else self.size // 2
+        return _padding(self.size, self.stride)
 
 
 @dataclass
@@ -162,7 +162,7 @@ def _conv(r: _Reader, filters: int, size: int, stride: int, inputs: int, what: s
         r.fail(f"{what}: convolution (filters, rows, cols, stride y, stride x) = {got}, expected "
                f"{(filters, size, size, stride, stride)}")
     padding = (r.int(), r.int())
-    want_pad = 0 if stride != 1 else size // 2
+    want_pad = _padding(size, stride)
     if padding != (want_pad, want_pad):
         r.fail(f"{what}: padding {padding}, expected {(want_pad, want_pad)}")
     w_shape, b_shape = r.alias(f"{what} filters"), r.alias(f"{what} biases")
@@ -221,7 +221,7 @@ def _pool(r: _Reader, kinds: tuple[str, ...], size: int, stride: int, what: str)
     r.name(kinds, what)
     got = (r.int(), r.int(), r.int(), r.int())
     padding = (r.int(), r.int())
-    want_pad = 0 if stride != 1 else size // 2
+    want_pad = _padding(size, stride)
     if got != (size, size, stride, stride) or padding != (want_pad, want_pad):
         r.fail(f"{what}: (rows, cols, stride y, stride x) = {got}, padding {padding}; expected "
                f"{(size, size, stride, stride)}, padding {(want_pad, want_pad)}")
@@ -381,6 +381,11 @@ def dlib_resnet_module(weights: DlibResnetWeights):
             return self.fc(x.mean(dim=(2, 3)))
 
     return DlibResNet().eval()
+
+
+def _padding(size: int, stride: int) -> int:
+    """dlib's default padding of a conv or pool window: half the window at stride 1, none otherwise."""
+    return 0 if stride != 1 else size // 2
 
 
 def _after(side: int, size: int, stride: int, padding: int) -> int:
