@@ -1,4 +1,5 @@
-"""tpr_at_fpr against a brute-force reference of the definition: exact counts, ties, edge cases, sharding."""
+"""tpr_at_fpr against a brute-force reference of the definition: exact counts, ties, edge cases, sharding, and
+the fast product's filter (bfloat16 or float32) that never changes the answer."""
 
 import os
 import socket
@@ -9,15 +10,20 @@ import torch
 
 from visrec.errors import VisrecError
 from visrec.evaluate import tpr_at_fpr, tpr_at_fpr_pairs
-from visrec.evaluate.verification import normalise
+from visrec.evaluate.verification import exact_scores, filter_margin, normalise
+
+
+def exact_matrix(e):
+    """Every pair's exact score as the engine defines it: float64 products of the float32 rows, rounded once."""
+    e = np.asarray(e, np.float64)
+    return (e @ e.T).astype(np.float32)
 
 
 def brute_force(emb, labels, target):
     """Straight from the definition: every candidate threshold (each score, and +inf), accept score >= t,
     keep those with FPR <= target, take the highest TPR (smallest t on ties)."""
-    e = normalise(emb).numpy()
-    s = e @ e.T
-    i, j = np.triu_indices(len(e), 1)
+    s = exact_matrix(normalise(emb).numpy())
+    i, j = np.triu_indices(len(s), 1)
     scores, same = s[i, j], labels[i] == labels[j]
     gen, imp = np.sort(scores[same]), np.sort(scores[~same])
     candidates = np.unique(scores)  # every score is a candidate threshold (ascending)
@@ -37,23 +43,85 @@ def clustered(n, ids, dim=16, spread=1.0, seed=0):
     return (centres[labels] + spread * rng.standard_normal((n, dim))).astype(np.float32), labels
 
 
-@pytest.mark.parametrize("n,ids,seed", [(7, 3, 0), (60, 6, 1), (300, 20, 2), (500, 100, 3)])
-@pytest.mark.parametrize("block", [4, 64, 4096])
-def test_equals_brute_force(n, ids, seed, block):
+@pytest.mark.parametrize("n,ids,seed,block", [(7, 3, 0, 2), (7, 3, 0, 4096), (60, 6, 1, 5), (60, 6, 1, 64),
+                                              (300, 20, 2, 37), (300, 20, 2, 4096), (500, 100, 3, 64),
+                                              (500, 100, 3, 100), (500, 100, 3, 4096)])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_equals_brute_force(n, ids, seed, block, precision):
     emb, labels = clustered(n, ids, seed=seed)
+    emb[1] = emb[0]  # a duplicate image: a pair at score 1 (impostor or genuine as the labels fall)
     targets = [0.3, 1e-1, 1e-2, 1e-3]
-    res = tpr_at_fpr(emb, labels, targets, block_size=block, device="cpu")
+    res = tpr_at_fpr(emb, labels, targets, block_size=block, device="cpu", filter_precision=precision)
     for t in targets:
         (ta, fa), g, i = brute_force(emb, labels, t)
         r = res[t]
         if not r.estimable:
             assert t * i < 1
             continue
-        # exact, up to pairs within float32 rounding of t (a different product may round them otherwise)
-        assert abs(r.true_accepts - ta) <= r.near_threshold_pairs and abs(r.false_accepts - fa) <= r.near_threshold_pairs
-        assert r.near_threshold_pairs <= 3
+        assert (r.true_accepts, r.false_accepts) == (ta, fa)  # exact, whatever the fast product
         assert r.genuine_count == g and r.impostor_count == i
-        assert r.fpr <= t and r.tpr == pytest.approx(ta / g, abs=r.near_threshold_pairs / g)
+        assert r.fpr <= t and r.tpr == ta / g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_filter_margin_bounds_the_fast_product(dtype):
+    """The filter's margin is an upper bound on |fast product - exact score| (it keeps a safety factor of 2:
+    the bound itself must hold), on random rows and on rows built to round badly."""
+    rng = np.random.default_rng(11)
+    for dim in (8, 128, 512):
+        rows = [rng.standard_normal((150, dim)), np.abs(rng.standard_normal((150, dim))),  # all-positive: no
+                np.ones((150, dim)) + 2.0 ** -9 * rng.integers(0, 2, (150, dim)),         # cancellation;
+                np.eye(dim)[rng.integers(0, dim, 150)] + 1e-3 * rng.standard_normal((150, dim))]  # midpoints
+        e = normalise(np.concatenate(rows).astype(np.float32))
+        fast = (e.to(dtype) @ e.to(dtype).T).float()
+        i, j = torch.triu_indices(len(e), len(e), 1)
+        err = (fast[i, j] - exact_scores(e[i], e[j])).abs().max().item()
+        assert err <= filter_margin(dtype, dim, torch.device("cpu")) / 2, (dim, err)
+
+
+def test_the_answer_does_not_depend_on_the_product_or_the_blocks():
+    emb, labels = clustered(2500, 120, dim=32, spread=1.4, seed=4)
+    emb[10:14] = emb[20]  # duplicates: ties at the top of the impostor scores
+    targets = [1e-2, 1e-3, 1e-4, 1e-5, 1e-6]
+    runs = [tpr_at_fpr(emb, labels, targets, block_size=b, device="cpu", filter_precision=p)
+            for p in ("fp32", "bf16") for b in (257, 1024, 4096)]
+    for t in targets:
+        got = {(r[t].threshold, r[t].true_accepts, r[t].false_accepts, r[t].near_threshold_pairs) for r in runs}
+        assert len(got) == 1, (t, got)
+
+
+def test_one_in_a_hundred_million():
+    """FPR 1e-8 needs 1e8 impostor pairs: 15,000 embeddings, against a reference that keeps only the two largest
+    impostor scores of each band of rows (exact scores in float64, as the engine defines them)."""
+    emb, labels = clustered(15_000, 1500, dim=8, spread=1.0, seed=8)
+    e = normalise(emb).numpy().astype(np.float64)
+    order = np.argsort(labels, kind="stable")
+    e, labels = e[order], labels[order]
+    best, genuine = [], []
+    for r in range(0, len(e), 2000):
+        s = (e[r:r + 2000] @ e.T).astype(np.float32)
+        rows = np.arange(r, min(len(e), r + 2000))[:, None]
+        same = labels[rows] == labels[None, :]
+        upper = np.arange(len(e))[None, :] > rows
+        genuine.append(s[same & upper])
+        imp = s[~same & upper]
+        best.append(np.partition(imp, len(imp) - 2)[-2:])
+    g = np.concatenate(genuine)
+    impostors = len(e) * (len(e) - 1) // 2 - len(g)
+    k = int(1e-8 * impostors)
+    assert k == 1
+    kth = np.sort(np.concatenate(best))[::-1][k]
+    threshold = np.nextafter(kth, np.float32(np.inf))
+    for precision in ("fp32", "bf16"):
+        r = tpr_at_fpr(emb, labels[np.argsort(order)], [1e-8], device="cpu", filter_precision=precision)[1e-8]
+        assert r.threshold == threshold and r.true_accepts == int((g >= threshold).sum())
+        assert r.false_accepts <= 1
+
+
+def test_filter_precision_is_checked():
+    emb, labels = clustered(20, 4)
+    with pytest.raises(VisrecError, match="filter_precision"):
+        tpr_at_fpr(emb, labels, [0.1], device="cpu", filter_precision="fp16")
 
 
 def test_ties_are_resolved_by_the_strict_rule():
@@ -65,11 +133,13 @@ def test_ties_are_resolved_by_the_strict_rule():
         idx = rng.choice(8, 4, replace=False)
         row[idx] = rng.choice([-0.5, 0.5], 4)
     labels = (emb[:, :2] > 0).astype(int) @ np.array([1, 2])  # identities correlate with the vectors
-    res = tpr_at_fpr(emb, labels, [0.5, 0.2, 0.05, 0.01], block_size=32, device="cpu")
-    for t, r in res.items():
-        (ta, fa), g, i = brute_force(emb, labels, t)
-        assert (r.true_accepts, r.false_accepts) == (ta, fa), t
-        assert r.false_accepts <= t * r.impostor_count
+    for precision in ("fp32", "bf16"):
+        res = tpr_at_fpr(emb, labels, [0.5, 0.2, 0.05, 0.01], block_size=32, device="cpu",
+                         filter_precision=precision)
+        for t, r in res.items():
+            (ta, fa), g, i = brute_force(emb, labels, t)
+            assert (r.true_accepts, r.false_accepts) == (ta, fa), t
+            assert r.false_accepts <= t * r.impostor_count
 
 
 def test_pair_list_equals_all_pairs():

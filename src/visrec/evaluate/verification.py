@@ -6,21 +6,27 @@ point nearest f. With impostor scores sorted descending s_1 >= s_2 >= ... and K 
 FP(t) <= K exactly when t > s_{K+1}; the smallest such float32 t (the next float32 above s_{K+1}) gives
 the highest TPR. So only the K+1 largest impostor scores are needed: they are kept in a running top-K
 buffer while blocks of the similarity matrix are computed, and filtered against the buffer's current
-minimum, so memory is O(N*d + K) whatever the number of pairs. Genuine pairs (same label) are scored in a
-second pass per identity and counted against each threshold. Ties are handled exactly: every impostor
+minimum, so memory is O(N*d + K + genuine pairs) whatever the number of pairs. Genuine pairs (same label)
+are picked up in the same pass (labels are sorted first, so they lie in known runs) and counted against each
+threshold once the thresholds are known. Ties are handled exactly: every impostor
 tied at s_{K+1} is rejected, as the strict rule requires.
 
-A blocked float32 product can differ from another float32 product in the last bits, so results are exact
-up to pairs within float32 rounding of a threshold; ``near_threshold_pairs`` says how many there were
-(it includes the impostor pair(s) at s_{K+1} that set the threshold one float32 step below it).
+A pair's score is exact: its dot product accumulated in float64 and rounded once to float32
+(:func:`exact_scores`), so the answer does not depend on the device, the block size or the number of ranks.
+Computing that for every pair would be slow; the scan computes each block of pairs with a fast product
+(bfloat16 where the hardware has it, else float32), whose error from the exact score is bounded
+(:func:`filter_margin`), and re-scores exactly only the pairs whose fast score is within that bound of the
+running floor — a handful per block. ``near_threshold_pairs`` counts the pairs within a few float32 steps of a
+threshold (it includes the impostor pair(s) at s_{K+1} that set the threshold one float32 step below it):
+another program that scores pairs in float32 by another summation order may decide those differently.
 When negatives < 1/f, FPR = f cannot be resolved: the result is marked not estimable instead of a number.
 
 Across processes (opt-in: ``group=`` a torch.distributed process group, or ``rank``/``world_size``/``gather=``
 for another transport): every rank passes the same embeddings, labels and options; rank r scores the block
-rows bi with bi % world == r and the genuine pairs of every world-th identity. The ranks' top-K buffers are
+rows bi with bi % world == r, with the genuine pairs in them. The ranks' top-K buffers are
 merged (the K+1 largest of the union of each rank's K+1 largest are the K+1 largest of all), their counts and
-histograms summed, so every rank returns the single-process result bit for bit: each block is the same float32
-product whichever rank computes it. A fingerprint of the inputs is compared first, so ranks that were given
+histograms summed, so every rank returns the single-process result bit for bit: each pair's exact score is
+the same whichever rank computes it. A fingerprint of the inputs is compared first, so ranks that were given
 different data fail with an error instead of merging unrelated buffers. Nothing here touches a process group
 unless ``group`` is given: a caller that runs on one rank only (a trainer's validation) never waits for others.
 """
@@ -85,7 +91,8 @@ def _next_up(x: float) -> float:
 
 
 class _TopK:
-    """The k largest values seen so far (a multiset), merged block by block."""
+    """The k largest values seen so far (a multiset), merged block by block: kept unsorted until there are k
+    of them (then sorted, descending); :meth:`sorted` for the final read."""
 
     def __init__(self, k: int, device):
         self.k = k
@@ -101,9 +108,12 @@ class _TopK:
         merged = torch.cat([self.values, candidates.float()])
         if merged.numel() > self.k:
             merged = torch.topk(merged, self.k, sorted=True).values
-        else:
+        elif merged.numel() == self.k:
             merged = torch.sort(merged, descending=True).values
         self.values = merged
+
+    def sorted(self) -> torch.Tensor:
+        return torch.sort(self.values, descending=True).values
 
 
 def _count_pairs(labels: np.ndarray) -> tuple[int, int]:
@@ -115,13 +125,19 @@ def _count_pairs(labels: np.ndarray) -> tuple[int, int]:
 
 def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: int = 4096,
                device: str | torch.device | None = None, curve_bins: int = 0, progress=None,
-               rank: int | None = None, world_size: int | None = None, group=None,
+               filter_precision: str = "auto", kernel: str = "auto", rank: int | None = None, world_size: int | None = None, group=None,
                gather: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None
                ) -> dict[float, TprResult] | tuple:
     """Exact TPR at each target FPR over all pairs i < j (module docstring).
 
     ``device``: None picks CUDA when available. ``curve_bins`` > 0 also returns a :class:`Curve`
-    (then the return value is ``(results, curve)``).
+    (then the return value is ``(results, curve)``; its impostor histogram bins the fast product's scores).
+    ``filter_precision``: the dtype of the product that finds the candidate pairs — "bf16", "fp32", or "auto"
+    (bf16 where the hardware multiplies it natively). It changes the speed, never the result: every pair that
+    can matter is re-scored exactly (:func:`exact_scores`). ``kernel``: "triton" scans with the fused Triton
+    kernel (:mod:`visrec.evaluate.pair_kernel`: product, filter and genuine pairs in one pass, one host sync
+    per panel of ``block_size`` rows), "torch" with PyTorch operations block by block, "auto" the kernel on
+    CUDA when Triton is there and no curve is asked for. The same answer either way.
 
     Sharded across processes, each scoring its share of the pairs, every rank getting the single-process
     result: ``group`` is a torch.distributed process group (``torch.distributed.group.WORLD`` for all of
@@ -149,45 +165,57 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     ks = {t: math.floor(t * impostor_total) for t in targets}
     k_max = max(ks.values()) + 1 if targets else 1
     emb = emb.to(dev)
-    lab = torch.from_numpy(lab_idx.astype(np.int64)).to(dev)
 
-    # pass 1: the k_max largest impostor scores (+ impostor histogram for curves)
+    # one pass over the blocks i <= j: the k_max largest impostor scores, and every genuine pair's fast score
+    # (+ impostor histogram for curves, from the float32 product: "auto" picks it when curves are asked for)
+    fast_dtype = _filter_dtype(filter_precision if filter_precision != "auto" or not curve_bins else "fp32", dev)
+    margin = filter_margin(fast_dtype, emb.shape[1], dev)
+    fast_emb = emb.to(fast_dtype)
+    seg_start, seg_end = _segments(lab_idx, dev)
     top = _TopK(k_max, dev)
+    genuine_i, genuine_j, genuine_fast = [], [], []
     imp_hist = torch.zeros(curve_bins, dtype=torch.float64, device=dev) if curve_bins else None
     n = emb.shape[0]
     blocks = list(range(0, n, block_size))
-    for bi, r0 in enumerate(blocks):
-        if bi % world != rank:
-            continue
-        rows, rlab = emb[r0:r0 + block_size], lab[r0:r0 + block_size]
-        for c0 in blocks[bi:]:
-            scores = rows @ emb[c0:c0 + block_size].T
-            clab = lab[c0:c0 + block_size]
-            floor = top.floor
-            if imp_hist is not None or floor == -math.inf:
-                keep = rlab[:, None] != clab[None, :]
-                if c0 == r0:  # diagonal block: pairs j > i only
-                    keep &= torch.ones_like(keep).triu_(1)
+    use_kernel = _use_kernel(kernel, dev, curve_bins)
+    with _exact_cuda_products(dev):
+        for bi, r0 in enumerate(blocks):
+            if bi % world != rank:
+                continue
+            if use_kernel and top.floor > -math.inf:  # the fused kernel, once a floor is known
+                from visrec.evaluate import pair_kernel
+
+                floor = top.floor
+                (i, j), (gi, gj, gs) = pair_kernel.scan_panel(fast_emb, seg_start, seg_end, r0, block_size,
+                                                              floor - margin)
+                genuine_i.append(gi)
+                genuine_j.append(gj)
+                genuine_fast.append(gs)
+                exact = exact_scores(emb[i], emb[j])
+                top.add(exact[exact > floor])
+                if progress:
+                    progress(1)
+                continue
+            rows = fast_emb[r0:r0 + block_size]
+            for c0 in blocks[bi:]:
+                fast = rows @ fast_emb[c0:c0 + block_size].T
+                gi, gj = _same_label_positions(seg_start, seg_end, r0, r0 + fast.shape[0], c0, c0 + fast.shape[1])
+                upper = c0 + gj > r0 + gi  # each genuine pair once, as i < j
+                genuine_i.append(r0 + gi[upper])
+                genuine_j.append(c0 + gj[upper])
+                genuine_fast.append(fast[gi[upper], gj[upper]].float())
+                fast[gi, gj] = -math.inf  # genuine pairs (and i == j) are never impostor candidates
                 if imp_hist is not None:
-                    imp_hist += torch.histc(scores[keep], bins=curve_bins, min=-1, max=1).double()
-                if floor > -math.inf:
-                    keep &= scores > floor
-                top.add(scores[keep])
-            else:
-                # the common case: one comparison pass finds the few candidates above the running floor;
-                # the label and j > i tests run on those candidates only
-                i, j = torch.nonzero(scores > floor, as_tuple=True)
-                ok = rlab[i] != clab[j]
-                if c0 == r0:
-                    ok &= j > i
-                top.add(scores[i[ok], j[ok]])
-        if progress:
-            progress(1)
+                    keep = torch.ones_like(fast, dtype=torch.bool).triu_(1) if c0 == r0 else slice(None)
+                    imp_hist += torch.histc(fast[keep].float(), bins=curve_bins, min=-1, max=1).double()
+                _scan_block(top, fast, emb, r0, c0, margin)
+            if progress:
+                progress(1)
     if world > 1:
         top = _merge_topk(top, k_max, dev, gather)
         if imp_hist is not None:
             imp_hist = _sum(gather, imp_hist)
-    imp_sorted = top.values.cpu().numpy()
+    imp_sorted = top.sorted().cpu().numpy()
 
     # thresholds: next float32 above the (K+1)-th largest impostor
     thresholds: dict[float, float] = {}
@@ -198,25 +226,18 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
         kth = imp_sorted[k] if k < len(imp_sorted) else -np.inf  # fewer than K+1 impostors: accept all
         thresholds[t] = _next_up(kth) if np.isfinite(kth) else -1.0
 
-    # pass 2: genuine scores per identity, counted against each threshold
+    # genuine pairs against each threshold: a fast score beyond the margin decides; the rest are scored exactly
     thr = torch.tensor([thresholds[t] for t in thresholds], device=dev, dtype=torch.float32)
-    accepts = torch.zeros(len(thresholds), dtype=torch.int64, device=dev)
-    near = torch.zeros(len(thresholds), dtype=torch.int64, device=dev)
-    gen_hist = torch.zeros(curve_bins, dtype=torch.float64, device=dev) if curve_bins else None
-    bounds = np.flatnonzero(np.diff(lab_idx)) + 1
-    starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [n]])
-    for k, (s, e) in enumerate(zip(starts, ends)):
-        if k % world != rank or e - s < 2:
-            continue
-        block = emb[s:e]
-        sims = block @ block.T
-        iu = torch.triu_indices(e - s, e - s, offset=1, device=dev)
-        g = sims[iu[0], iu[1]]
-        if len(thresholds):
-            accepts += (g[None, :] >= thr[:, None]).sum(dim=1)
-            near += ((g[None, :] - thr[:, None]).abs() < NEAR).sum(dim=1)
-        if gen_hist is not None:
-            gen_hist += torch.histc(g, bins=curve_bins, min=-1, max=1).double()
+    none = torch.empty(0, dtype=torch.int64, device=dev)
+    gi, gj = torch.cat([none, *genuine_i]), torch.cat([none, *genuine_j])
+    gf = torch.cat([none.float(), *genuine_fast])
+    unsure = ((gf[None, :] - thr[:, None]).abs() <= margin).any(dim=0) if curve_bins == 0 else \
+        torch.ones_like(gf, dtype=torch.bool)  # a curve bins every genuine pair's exact score
+    exact = exact_scores(emb[gi[unsure]], emb[gj[unsure]])
+    sure = gf[~unsure]
+    accepts = (sure[None, :] >= thr[:, None]).sum(dim=1) + (exact[None, :] >= thr[:, None]).sum(dim=1)
+    near = ((exact[None, :] - thr[:, None]).abs() < NEAR).sum(dim=1)  # NEAR < margin: all of them are here
+    gen_hist = torch.histc(exact, bins=curve_bins, min=-1, max=1).double() if curve_bins else None
     if world > 1:
         accepts, near = _sum(gather, accepts), _sum(gather, near)
         if gen_hist is not None:
@@ -242,6 +263,173 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     if curve_bins:
         return results, _curve(gen_hist.cpu().numpy(), imp_hist.cpu().numpy(), curve_bins)
     return results
+
+
+# --- the exact score and the filter that finds the few pairs that need it -------------------------------------
+
+U32 = 2.0 ** -24  # float32 unit roundoff
+EXACT_CHUNK = 8192  # candidate pairs re-scored per float64 product (2 x 8192 x d x 8 bytes at most)
+
+
+def exact_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The score of each pair (a[k], b[k]) of float32 unit rows: their dot product accumulated in float64,
+    rounded once to float32. Every product of two float32 values is exact in float64 and the sum's error is
+    below d * 2^-53, so this is the correctly rounded float32 of the exact dot product unless that lies within
+    ~1e-13 of a float32 rounding midpoint: the same value whatever device, block size or rank computes it."""
+    out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
+    for k in range(0, a.shape[0], EXACT_CHUNK):
+        out[k:k + EXACT_CHUNK] = (a[k:k + EXACT_CHUNK].double() * b[k:k + EXACT_CHUNK].double()).sum(1).float()
+    return out
+
+
+def filter_margin(dtype: torch.dtype, dim: int, device: torch.device) -> float:
+    """An upper bound on |fast product - exact score| for unit rows of ``dim`` components: the filter keeps
+    every pair whose fast score is within it of the running floor. With u the unit roundoff of the product's
+    inputs: rounding both inputs moves a dot product of unit vectors by at most 2u + u^2 (Cauchy-Schwarz);
+    float32 accumulation of ``dim`` terms adds at most gamma = dim * 2^-24 / (1 - dim * 2^-24); a bfloat16
+    output adds 2^-9 of |score| <= 1; the exact score's own rounding adds 2^-24 and its float64 sum dim * 2^-53.
+    The sum is doubled against what the bound leaves out (flushed denormals, a library's extra rounding)."""
+    gamma = dim * U32 / (1 - dim * U32)
+    if dtype == torch.bfloat16:
+        u_in, u_out = 2.0 ** -9, 2.0 ** -9
+    elif device.type == "cuda" and torch.get_float32_matmul_precision() != "highest":
+        u_in, u_out = 2.0 ** -11, U32  # TF32 (or bf16x3) inputs, float32 output
+    else:
+        u_in, u_out = 0.0, U32
+    input_error = 2 * u_in + u_in ** 2
+    bound = input_error * (1 + gamma) + gamma + u_out * (1 + input_error + gamma) + U32 + dim * 2.0 ** -53
+    return 2 * bound
+
+
+def _filter_dtype(precision: str, device: torch.device) -> torch.dtype:
+    """The dtype of the fast product: bfloat16 where the hardware multiplies it natively (CUDA with bf16,
+    CPUs with AMX or AVX512-BF16: 3x float32's rate on this project's machine), float32 elsewhere."""
+    if precision not in ("auto", "bf16", "fp32"):
+        raise VisrecError(f"filter_precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
+    if precision == "auto":
+        if device.type == "cuda":
+            native = torch.cuda.is_bf16_supported()
+        else:
+            cpu = torch.cpu
+            native = device.type == "cpu" and any(getattr(cpu, f, lambda: False)() for f in
+                                                  ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
+        precision = "bf16" if native else "fp32"
+    return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+def _use_kernel(kernel: str, device: torch.device, curve_bins: int) -> bool:
+    from visrec.evaluate import pair_kernel
+
+    if kernel not in ("auto", "triton", "torch"):
+        raise VisrecError(f"kernel must be 'auto', 'triton' or 'torch', got {kernel!r}")
+    if kernel == "triton":
+        if not pair_kernel.available(device):
+            raise VisrecError(f"kernel='triton' on {device}: the Triton pair kernel needs CUDA and Triton "
+                              "(or TRITON_INTERPRET=1 for Triton's interpreter on a CPU)")
+        if curve_bins:
+            raise VisrecError("kernel='triton' bins no curve: pass kernel='torch' (or 'auto') with curve_bins")
+        return True
+    return kernel == "auto" and device.type == "cuda" and not curve_bins and pair_kernel.available(device)
+
+
+class _exact_cuda_products:
+    """cuBLAS may reduce bfloat16 products in reduced precision (split-K partial sums in bf16), which the
+    filter's margin does not cover: off for the duration of the scan, restored after."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+
+    def __enter__(self):
+        if self.cuda:
+            self.saved = torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = False
+
+    def __exit__(self, *exc):
+        if self.cuda:
+            torch.backends.cuda.matmul.allow_bf16_reduced_precision_reduction = self.saved
+
+
+def _segments(lab_idx: np.ndarray, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """For each row of the label-sorted embeddings, the [start, end) of its identity's rows."""
+    bounds = np.flatnonzero(np.diff(lab_idx)) + 1
+    starts, ends = np.concatenate([[0], bounds]), np.concatenate([bounds, [len(lab_idx)]])
+    counts = ends - starts
+    return (torch.from_numpy(np.repeat(starts, counts)).to(device),
+            torch.from_numpy(np.repeat(ends, counts)).to(device))
+
+
+def _same_label_positions(seg_start, seg_end, r0: int, r1: int, c0: int, c1: int):
+    """Block-local (row, column) of every same-identity pair in rows [r0, r1) x columns [c0, c1): labels are
+    sorted, so row r's identity occupies the columns [seg_start[r], seg_end[r])."""
+    lo = seg_start[r0:r1].clamp(min=c0)
+    hi = seg_end[r0:r1].clamp(max=c1)
+    counts = (hi - lo).clamp(min=0)
+    total = int(counts.sum())
+    rows = torch.repeat_interleave(torch.arange(r1 - r0, device=lo.device), counts, output_size=total)
+    first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=total)
+    cols = torch.repeat_interleave(lo - c0, counts, output_size=total) + torch.arange(total, device=lo.device) - first
+    return rows, cols
+
+
+def _scan_block(top: _TopK, fast: torch.Tensor, emb: torch.Tensor, r0: int, c0: int, margin: float) -> None:
+    """Add this block's impostor pairs (i < j; genuine pairs already -inf in ``fast``) that can be among the
+    k largest exact scores to ``top``. Only pairs whose fast score is within ``margin`` of a lower bound on the
+    k-th largest are re-scored exactly; a row whose maximum is below that bound is not looked at again."""
+    diagonal, floor, inclusive = c0 == r0, top.floor, False
+    if floor == -math.inf:  # the buffer is not full yet: bound the k-th largest by this block's best pairs
+        i, j = _bootstrap_pairs(fast, top.k - top.values.numel(), diagonal)
+        exact = exact_scores(emb[r0 + i], emb[c0 + j])
+        if top.values.numel() + exact.numel() < top.k:  # every impostor pair of the block: all of them go in
+            top.add(exact)
+            return
+        # any k exact scores bound the k-th largest from below; every pair at or above it is found next
+        floor, inclusive = float(torch.topk(torch.cat([top.values, exact]), top.k).values[-1]), True
+    i, j = _pairs_at_least(fast, floor - margin, diagonal)
+    exact = exact_scores(emb[r0 + i], emb[c0 + j])
+    # a full buffer gains nothing from a value equal to its floor; a bound from this block keeps its ties
+    top.add(exact[exact >= floor] if inclusive else exact[exact > floor])
+
+
+def _pairs_at_least(fast: torch.Tensor, bar: float, diagonal: bool, tile: int = 64):
+    """Block-local (i, j) of the impostor pairs whose fast score is >= ``bar`` (finite), each pair once: on a
+    diagonal block as i < j. One reduction gives each row's maximum over every ``tile`` columns; only the tiles
+    whose maximum reaches the bar are compared element by element (a handful per block at FPR <= 1e-4)."""
+    if bar == -math.inf:
+        i, j = torch.nonzero(torch.isfinite(fast), as_tuple=True)
+    else:
+        rows, width = fast.shape
+        whole = width - width % tile
+        tiles = fast[:, :whole].reshape(rows, whole // tile, tile)
+        ti, tj = torch.nonzero(tiles.amax(dim=2).float() >= bar, as_tuple=True)
+        k, offset = torch.nonzero(tiles[ti, tj].float() >= bar, as_tuple=True)
+        i, j = ti[k], tj[k] * tile + offset
+        if whole < width:  # the last columns of a ragged block, compared directly
+            ri, rj = torch.nonzero(fast[:, whole:].float() >= bar, as_tuple=True)
+            i, j = torch.cat([i, ri]), torch.cat([j, rj + whole])
+    if diagonal:  # the lower triangle mirrors the upper one
+        upper = j > i
+        i, j = i[upper], j[upper]
+    return i, j
+
+
+def _bootstrap_pairs(fast: torch.Tensor, need: int, diagonal: bool, stride: int = 8):
+    """At least ``need`` impostor pairs of the block with the highest fast scores (or all of them, if fewer):
+    a level is read off a strided sample (1/stride^2 of the block) so that about 4x ``need`` pairs lie above
+    it, and lowered fourfold until enough do. Cheaper than a top-k over the block, which is slow on CPUs."""
+    if fast.numel() <= 4 * need:  # a small block (or a large k): every pair
+        return _pairs_at_least(fast, -math.inf, diagonal)
+    sample = fast[::stride, ::stride].float()
+    if diagonal:  # sample (a, b) is pair (a*stride, b*stride): keep it as a < b
+        sample.masked_fill_(torch.ones_like(sample, dtype=torch.bool).tril_(), -math.inf)
+    levels = torch.sort(sample[torch.isfinite(sample)], descending=True).values
+    want = 4 * need
+    while True:
+        at = math.ceil(want / stride ** 2)
+        bar = float(levels[at]) if at < levels.numel() else -math.inf
+        i, j = _pairs_at_least(fast, bar, diagonal)
+        if i.numel() >= need or bar == -math.inf:
+            return i, j
+        want *= 4
 
 
 def _world(rank, world_size, group, gather) -> tuple[int, int, Callable | None]:
