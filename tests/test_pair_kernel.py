@@ -1,0 +1,102 @@
+"""The fused Triton pair kernel, run on the CPU by Triton's interpreter (in a child process: TRITON_INTERPRET
+must be set before Triton compiles anything): the same candidates and genuine pairs as the PyTorch scan, an
+overflowing buffer answered by a second launch, and tpr_at_fpr's answer unchanged on ties and duplicates."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+pytest.importorskip("triton")
+
+CHILD = textwrap.dedent('''
+    import json, math
+    import numpy as np, torch
+    from visrec.evaluate import pair_kernel, tpr_at_fpr
+    from visrec.evaluate.verification import _same_label_positions, _segments, normalise
+
+    assert pair_kernel.INTERPRETED and pair_kernel.available(torch.device("cpu"))
+    out = {}
+    rng = np.random.default_rng(3)
+    n, ids = 500, 40
+    labels = np.sort(rng.integers(0, ids, n))
+    centres = rng.standard_normal((ids, 24)).astype(np.float32)
+    emb = normalise(centres[labels] + 1.3 * rng.standard_normal((n, 24)).astype(np.float32))
+    seg_start, seg_end = _segments(np.unique(labels, return_inverse=True)[1], torch.device("cpu"))
+
+    # one panel against the PyTorch product: the same pairs above the bar, the same genuine pairs
+    for dtype in (torch.float32, torch.bfloat16):
+        fast_emb = emb.to(dtype)
+        row0, rows, bar = 128, 100, 0.35
+        for capacity in (1, 1 << 16):  # 1: the buffer overflows, the panel runs again with the count it got
+            (i, j), (gi, gj, gs) = pair_kernel.scan_panel(fast_emb, seg_start, seg_end, row0, rows, bar, capacity)
+            s = emb.to(dtype).float() @ emb.to(dtype).float().T
+            r = torch.arange(n)[:, None]
+            c = torch.arange(n)[None, :]
+            inside = (r >= row0) & (r < row0 + rows) & (c > r)
+            same = torch.from_numpy(labels[:, None] == labels[None, :])
+            want = set(map(tuple, torch.nonzero(inside & ~same & (s >= bar)).tolist()))
+            got = set(zip(i.tolist(), j.tolist()))
+            want_gen = set(map(tuple, torch.nonzero(inside & same).tolist()))
+            got_gen = set(zip(gi.tolist(), gj.tolist()))
+            gen_err = float((gs - s[gi, gj]).abs().max()) if len(gs) else 0.0
+            out[f"{dtype}-{capacity}"] = [got == want, len(want), got_gen == want_gen, len(gi) == len(got_gen),
+                                          gen_err]
+
+    # the whole engine: kernel against the PyTorch scan, ties and duplicates included
+    calls = []
+    real = pair_kernel.scan_panel
+    pair_kernel.scan_panel = lambda *a, **k: calls.append(1) or real(*a, **k)
+    raw = centres[labels] + 1.3 * rng.standard_normal((n, 24)).astype(np.float32)
+    raw[5] = raw[6]
+    raw[40:43] = raw[300]
+    targets = [1e-1, 1e-2, 1e-3, 1e-4]
+    for precision in ("fp32", "bf16"):
+        a = tpr_at_fpr(raw, labels, targets, block_size=96, device="cpu", kernel="triton",
+                       filter_precision=precision)
+        b = tpr_at_fpr(raw, labels, targets, block_size=96, device="cpu", kernel="torch",
+                       filter_precision=precision)
+        out[f"engine-{precision}"] = [[a[t].threshold, a[t].true_accepts, a[t].false_accepts,
+                                       a[t].near_threshold_pairs] == [b[t].threshold, b[t].true_accepts,
+                                                                      b[t].false_accepts, b[t].near_threshold_pairs]
+                                      for t in targets]
+    out["kernel_calls"] = len(calls)
+    print(json.dumps(out))
+''')
+
+
+@pytest.mark.slow
+def test_kernel_in_the_interpreter_equals_the_torch_scan():
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    run = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = json.loads(run.stdout.strip().splitlines()[-1])
+    for dtype in ("torch.float32", "torch.bfloat16"):
+        for capacity in (1, 1 << 16):
+            same_cands, n_cands, same_gen, no_duplicates, gen_err = out[f"{dtype}-{capacity}"]
+            assert same_cands and n_cands > 1, (dtype, capacity)  # > 1: capacity 1 did overflow
+            assert same_gen and no_duplicates
+            assert gen_err < 1e-5  # the genuine pairs' fast scores are the float32 products of those inputs
+    assert out["engine-fp32"] == [True] * 4 and out["engine-bf16"] == [True] * 4
+    assert out["kernel_calls"] >= 8  # the kernel scanned most panels (the first one bootstraps the floor)
+
+
+def test_the_kernel_is_refused_where_it_cannot_run():
+    import numpy as np
+    import torch
+
+    from visrec.errors import VisrecError
+    from visrec.evaluate import pair_kernel, tpr_at_fpr
+
+    emb = np.random.default_rng(0).standard_normal((20, 8)).astype(np.float32)
+    labels = np.arange(20) % 4
+    if not pair_kernel.available(torch.device("cpu")):
+        with pytest.raises(VisrecError, match="Triton pair kernel needs CUDA"):
+            tpr_at_fpr(emb, labels, [0.1], device="cpu", kernel="triton")
+    with pytest.raises(VisrecError, match="kernel must be"):
+        tpr_at_fpr(emb, labels, [0.1], device="cpu", kernel="cuda")
+    auto = tpr_at_fpr(emb, labels, [0.1], device="cpu", kernel="auto")[0.1]  # CPU: the PyTorch scan
+    assert auto.estimable
