@@ -17,7 +17,11 @@ searched the same way, so the gallery's own cost shows as a ratio in the same ru
 The Milvus server is the ``milvus`` package's standalone Milvus 2.3 (visrec[dev]), started on free loopback
 ports for the run and stopped after it (its data in a temporary folder). Memory: FAISS kinds report this
 process's resident-set growth (Milvus Lite's too: it runs its own process, not counted); Milvus kinds the
-server process's resident set after loading.
+server process's resident set after loading. A million identities on a small server want its segments sealed
+at full size and no automatic compaction (docs/gallery.md):
+
+    python benchmarks/gallery_scale.py --identities 1000000 --kinds milvus:IVF_FLAT --sweep nprobe=64 \
+        --milvus-set dataCoord.segment.sealProportion=1 dataCoord.compaction.enableAutoCompaction=false
 """
 
 from __future__ import annotations
@@ -166,6 +170,11 @@ def main() -> None:
     ap.add_argument("--attach", default=None, help="a Milvus server URI whose bench_* collections an earlier run "
                                                    "filled: measure them without filling again (no build time)")
     ap.add_argument("--attach-pid", default=None, help="that server's process id (for its memory)")
+    ap.add_argument("--milvus-set", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="milvus.yaml settings of the server started for the run, e.g. "
+                         "dataCoord.segment.sealProportion=1 dataCoord.compaction.enableAutoCompaction=false")
+    ap.add_argument("--probe-batch", type=int, default=100,
+                    help="probes per search call when measuring recall (a server answers each call in its timeout)")
     ap.add_argument("--sweep", nargs="*", default=[], help="search settings tried on each approximate index after "
                                                            "the default one, e.g. nprobe=128 efSearch=256 ef=128")
     args = ap.parse_args()
@@ -179,7 +188,7 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(args.faiss_threads)  # batched exact searches are a torch product, as in the service
-    server = None
+    server, server_root = None, None
     if args.attach:
         class Attached:  # the server an earlier run started and filled
             uri, pid = args.attach, int(args.attach_pid) if args.attach_pid else "self"
@@ -191,7 +200,9 @@ def main() -> None:
     elif any(k.startswith("milvus:") for k in args.kinds):
         from milvus_server import MilvusServer
 
-        server = MilvusServer(Path(tempfile.mkdtemp(prefix="visrec-milvus-"))).start()
+        settings = dict(s.split("=", 1) for s in args.milvus_set)
+        server_root = Path(tempfile.mkdtemp(prefix="visrec-milvus-"))
+        server = MilvusServer(server_root, settings).start()
     rows = []
     try:
         for n in args.identities:
@@ -226,7 +237,8 @@ def main() -> None:
                         for ann in getattr(g, "_ann", {}).values():
                             ann.search_params[name] = int(value)
                         label = f"{label} {setting}"
-                    found = g.search(q, 10)
+                    found = [row for i in range(0, len(q), args.probe_batch)
+                             for row in g.search(q[i:i + args.probe_batch], 10)]
                     names = [[int(m.identity[1:]) for m in row if m.identity.startswith("p")] for row in found]
                     r1 = float(np.mean([bool(f) and f[0] == t[0] for f, t in zip(names, truth)]))
                     r10 = float(np.mean([len(set(f) & set(t.tolist())) / 10 for f, t in zip(names, truth)]))
@@ -253,6 +265,8 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
+        if server_root is not None:  # the server's data (gigabytes at a million identities)
+            shutil.rmtree(server_root, ignore_errors=True)
     print("\n| identities | gallery (index) | bulk enroll | single enroll p50 / p99 | recall@1 | recall@10 | "
           "search p50 / p99, 1 client | p50 / p99, 8 clients | memory |")
     print("|---|---|---|---|---|---|---|---|---|")

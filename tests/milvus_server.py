@@ -2,6 +2,7 @@
 free loopback ports, its data in a folder, kill -9 and restart on the same ports, nothing left running."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -19,9 +20,17 @@ class MilvusServer:
     cluster does) on free loopback ports, its data under ``root``. ``kill()`` is kill -9; ``start()`` again
     reopens the same data on the same ports."""
 
-    def __init__(self, root):
+    def __init__(self, root, settings: dict | None = None):
+        """``settings``: milvus.yaml keys by dotted path (``dataCoord.segment.sealProportion``) and their values,
+        for a run that needs other than the package's template; a key the template lacks is refused (the package
+        would drop it without a word)."""
         import milvus  # the package (visrec[dev]); callers that may lack it check first
         self.server = milvus.MilvusServer(data_dir=str(root))
+        known = _template_keys(self.server.config.template_text)
+        for key, value in (settings or {}).items():
+            if key not in known:
+                raise KeyError(f"milvus.yaml has no setting {key!r} (not in the milvus package's template)")
+            self.server.config.set(key, value)
         self.server.config.try_bind_port = _try_bind  # the package's own check fails for a minute after a kill
         # every configurable port: free ones now, kept for restarts. The embedded etcd still listens on 2379 and
         # 2380 whatever etcd_port says, so one such server runs per machine at a time (a second one started
@@ -95,6 +104,19 @@ def _try_bind(port: int):
     except OSError:
         sock.close()
         return None
+
+
+def _template_keys(text: str) -> set[str]:
+    """Every dotted key of a YAML template written as the ``milvus`` package's is (two-space indents, one key
+    per line), read the way the package matches its extra settings."""
+    keys, path = set(), []
+    for line in text.splitlines():
+        m = re.match(r"^( *)([A-Za-z0-9_]+):", line)
+        if m is None or line.strip().startswith("#"):
+            continue
+        path = path[:len(m.group(1)) // 2] + [m.group(2)]
+        keys.add(".".join(path))
+    return keys
 
 
 def _children(pid: int) -> list[int]:

@@ -667,3 +667,19 @@ def test_rename_keeps_templates_hashes_and_metadata_and_refuses_a_taken_name(gal
     assert gallery.identity("id001")["templates"] == 2 and gallery.identity("Ada Lovelace")["templates"] == 2
     assert gallery.rename("nobody", "somebody") == 0
     assert [r["identity"] for r in gallery.page(0, 10)[0]] == ["Ada Lovelace", "id001"]
+
+
+def test_the_milvus_server_helper_takes_known_settings_and_refuses_unknown_ones(tmp_path):
+    """The benchmark's server settings (tests/milvus_server.py) reach milvus.yaml; a misspelt key is an error,
+    not a setting the package drops without a word."""
+    pytest.importorskip("milvus", reason="the Milvus server helper needs the milvus package (visrec[dev])")
+    from milvus_server import MilvusServer
+
+    with pytest.raises(KeyError, match="sealProportio'"):
+        MilvusServer(tmp_path / "a", {"dataCoord.segment.sealProportio": 1})
+    server = MilvusServer(tmp_path / "b", {"dataCoord.segment.sealProportion": 1,
+                                           "dataCoord.compaction.enableAutoCompaction": "false"})
+    yaml = server.server.config.update_extra_configs(server.server.config.template_text)
+    assert "    sealProportion: 1\n" in yaml.replace("\r\n", "\n")
+    assert "    enableAutoCompaction: false\n" in yaml.replace("\r\n", "\n")
+    assert "maxSize: 512" in yaml  # untouched settings stay
