@@ -216,3 +216,18 @@ def test_two_gloo_processes_equal_one(tmp_path):
         got = torch.load(tmp_path / f"{rank}.pt")
         for t, r in single.items():
             assert got[t] == (r.true_accepts, r.false_accepts, r.threshold)
+
+
+def test_only_pairs_near_a_threshold_are_scored_exactly(monkeypatch):
+    """A high FPR target keeps many impostors above its threshold: they are counted, not re-scored (the
+    band around the threshold is). Guards the design, not a time."""
+    import visrec.evaluate.verification as verification
+
+    scored = []
+    real = verification.exact_scores
+    monkeypatch.setattr(verification, "exact_scores", lambda a, b: scored.append(len(a)) or real(a, b))
+    emb, labels = clustered(2000, 100, dim=32, spread=1.5, seed=12)
+    r = tpr_at_fpr(emb, labels, [1e-2], device="cpu", filter_precision="fp32")[1e-2]
+    (ta, fa), _, _ = brute_force(emb, labels, 1e-2)
+    assert (r.true_accepts, r.false_accepts) == (ta, fa)
+    assert fa > 10_000 and sum(scored) < fa / 20  # ~19,000 impostors above the threshold, a few hundred scored

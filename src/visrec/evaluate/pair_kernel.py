@@ -4,8 +4,8 @@ One launch scans a panel of rows against every column at or right of the panel's
 ``BM x BN`` pairs it computes the fast product (bfloat16 or float32 inputs, float32 accumulation), keeps
 the pairs i < j, and writes out, compacted through one atomic counter per kind:
 
-- the impostor pairs whose fast score is >= ``bar`` (the running floor of the top-K buffer less the filter's
-  margin): the candidates the caller re-scores exactly;
+- the impostor pairs whose fast score is >= ``bar`` (the k-th largest fast score so far less three filter
+  margins), with their fast scores: the candidates the caller keeps;
 - every genuine pair (same identity: labels are sorted, so row i's identity is the columns
   ``[seg_start[i], seg_end[i])``) with its fast score: the caller counts them against the thresholds.
 
@@ -47,7 +47,7 @@ def available(device: torch.device) -> bool:
 if triton is not None:
     @triton.jit
     def _scan_kernel(e_ptr, stride, n, d, seg_start_ptr, seg_end_ptr, row0, row_end, bar,
-                     cand_ptr, cand_count_ptr, cand_capacity,
+                     cand_ptr, cand_score_ptr, cand_count_ptr, cand_capacity,
                      gen_ptr, gen_score_ptr, gen_count_ptr, gen_capacity,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, WIDEN: tl.constexpr):
         pid_m = tl.program_id(0)
@@ -82,7 +82,9 @@ if triton is not None:
             if found > 0:
                 base = tl.atomic_add(cand_count_ptr, found)
                 at = base + tl.cumsum(cand, axis=0) - 1
-                tl.store(cand_ptr + at, pair, mask=(cand > 0) & (at < cand_capacity))
+                keep = (cand > 0) & (at < cand_capacity)
+                tl.store(cand_ptr + at, pair, mask=keep)
+                tl.store(cand_score_ptr + at, tl.reshape(acc, [BM * BN]), mask=keep)
 
             gen = tl.reshape((pair_ok & same).to(tl.int32), [BM * BN])
             found = tl.sum(gen, axis=0)
@@ -97,7 +99,7 @@ if triton is not None:
 def scan_panel(fast_emb: torch.Tensor, seg_start: torch.Tensor, seg_end: torch.Tensor, row0: int, rows: int,
                bar: float, capacity: int = 1 << 16):
     """Scan rows ``[row0, row0 + rows)`` against columns ``[row0, n)``, pairs i < j. Returns the candidate
-    impostor pairs (fast score >= ``bar``) as global (i, j), and the genuine pairs as (i, j, fast score)."""
+    impostor pairs (fast score >= ``bar``) and the genuine pairs, each as global (i, j, fast score)."""
     if not available(fast_emb.device):
         raise VisrecError("the Triton pair kernel needs CUDA and Triton (or TRITON_INTERPRET=1 on a CPU)")
     n, d = fast_emb.shape
@@ -109,15 +111,16 @@ def scan_panel(fast_emb: torch.Tensor, seg_start: torch.Tensor, seg_end: torch.T
     grid = (triton.cdiv(row_end - row0, BM), triton.cdiv(n - row0, BN))
     while True:
         cand = torch.empty(capacity, dtype=torch.int64, device=dev)
+        cand_score = torch.empty(capacity, dtype=torch.float32, device=dev)
         gen = torch.empty(gen_capacity, dtype=torch.int64, device=dev)
         gen_score = torch.empty(gen_capacity, dtype=torch.float32, device=dev)
         counts = torch.zeros(2, dtype=torch.int32, device=dev)
         _scan_kernel[grid](fast_emb, fast_emb.stride(0), n, d, seg_start, seg_end, row0, row_end, float(bar),
-                           cand, counts[0:1], capacity, gen, gen_score, counts[1:2], gen_capacity,
+                           cand, cand_score, counts[0:1], capacity, gen, gen_score, counts[1:2], gen_capacity,
                            BM=BM, BN=BN, BK=BK, WIDEN=INTERPRETED)
         found, genuine = (int(c) for c in counts.cpu())
         if found <= capacity:
             break
         capacity = found  # overflowed: the count is complete, so one more launch fits every candidate
     cand, gen = cand[:found], gen[:genuine]
-    return (cand // n, cand % n), (gen // n, gen % n, gen_score[:genuine])
+    return (cand // n, cand % n, cand_score[:found]), (gen // n, gen % n, gen_score[:genuine])

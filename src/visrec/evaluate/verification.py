@@ -4,9 +4,9 @@ Definitions (docs/metrics.md): a pair's score is the cosine of the L2-normalised
 accepted when score >= t. TPR@FPR=f is the highest TPR over all thresholds whose FPR <= f — not the ROC
 point nearest f. With impostor scores sorted descending s_1 >= s_2 >= ... and K = floor(f * negatives),
 FP(t) <= K exactly when t > s_{K+1}; the smallest such float32 t (the next float32 above s_{K+1}) gives
-the highest TPR. So only the K+1 largest impostor scores are needed: they are kept in a running top-K
-buffer while blocks of the similarity matrix are computed, and filtered against the buffer's current
-minimum, so memory is O(N*d + K + genuine pairs) whatever the number of pairs. Genuine pairs (same label)
+the highest TPR. So only the K+1 largest impostor scores are needed: the pairs that can be among them are
+kept in a running buffer while blocks of the similarity matrix are computed, each block filtered against the
+buffer's current bound, so memory is O(N*d + K + genuine pairs) whatever the number of pairs. Genuine pairs (same label)
 are picked up in the same pass (labels are sorted first, so they lie in known runs) and counted against each
 threshold once the thresholds are known. Ties are handled exactly: every impostor
 tied at s_{K+1} is rejected, as the strict rule requires.
@@ -14,9 +14,10 @@ tied at s_{K+1} is rejected, as the strict rule requires.
 A pair's score is exact: its dot product accumulated in float64 and rounded once to float32
 (:func:`exact_scores`), so the answer does not depend on the device, the block size or the number of ranks.
 Computing that for every pair would be slow; the scan computes each block of pairs with a fast product
-(bfloat16 where the hardware has it, else float32), whose error from the exact score is bounded
-(:func:`filter_margin`), and re-scores exactly only the pairs whose fast score is within that bound of the
-running floor — a handful per block. ``near_threshold_pairs`` counts the pairs within a few float32 steps of a
+(bfloat16 where the hardware has it and the targets are deep in the tail, else float32), whose error from the
+exact score is bounded (:func:`filter_margin`). It keeps (fast score, pair) for every pair within three
+bounds of the running K-th largest fast score; at the end, for each target, the pairs whose fast score is
+that close to the (K+1)-th largest are scored exactly, and every pair above them is counted, not scored. ``near_threshold_pairs`` counts the pairs within a few float32 steps of a
 threshold (it includes the impostor pair(s) at s_{K+1} that set the threshold one float32 step below it):
 another program that scores pairs in float32 by another summation order may decide those differently.
 When negatives < 1/f, FPR = f cannot be resolved: the result is marked not estimable instead of a number.
@@ -90,30 +91,34 @@ def _next_up(x: float) -> float:
     return float(np.nextafter(np.float32(x), np.float32(np.inf)))
 
 
-class _TopK:
-    """The k largest values seen so far (a multiset), merged block by block: kept unsorted until there are k
-    of them (then sorted, descending); :meth:`sorted` for the final read."""
+class _Candidates:
+    """The impostor pairs that can decide a threshold: every pair seen whose fast score is at least the k-th
+    largest fast score so far less ``slack`` (three filter margins), as (fast score, pair id i * n + j).
+    Pruned back to that bound whenever it has doubled; ``bar`` is the bound new pairs must reach."""
 
-    def __init__(self, k: int, device):
-        self.k = k
-        self.values = torch.empty(0, device=device)
+    def __init__(self, k: int, slack: float, device):
+        self.k, self.slack = k, slack
+        self.fast = torch.empty(0, device=device)
+        self.ids = torch.empty(0, dtype=torch.int64, device=device)
+        self.bar = -math.inf
+        self._pruned_at = 0
 
-    @property
-    def floor(self) -> float:
-        return float(self.values[-1]) if self.values.numel() >= self.k else -math.inf
-
-    def add(self, candidates: torch.Tensor) -> None:
-        if candidates.numel() == 0 or self.k == 0:
+    def add(self, fast: torch.Tensor, ids: torch.Tensor) -> None:
+        if fast.numel() == 0:
             return
-        merged = torch.cat([self.values, candidates.float()])
-        if merged.numel() > self.k:
-            merged = torch.topk(merged, self.k, sorted=True).values
-        elif merged.numel() == self.k:
-            merged = torch.sort(merged, descending=True).values
-        self.values = merged
+        self.fast = torch.cat([self.fast, fast.float()])
+        self.ids = torch.cat([self.ids, ids])
+        if self.fast.numel() >= self.k and self.fast.numel() >= 2 * max(self._pruned_at, self.k // 2):
+            self.prune()
 
-    def sorted(self) -> torch.Tensor:
-        return torch.sort(self.values, descending=True).values
+    def prune(self) -> None:
+        if self.fast.numel() < self.k:
+            return
+        kth = float(torch.topk(self.fast, self.k, sorted=False).values.min())
+        self.bar = kth - self.slack
+        keep = self.fast >= self.bar
+        self.fast, self.ids = self.fast[keep], self.ids[keep]
+        self._pruned_at = self.fast.numel()
 
 
 def _count_pairs(labels: np.ndarray) -> tuple[int, int]:
@@ -168,11 +173,12 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
 
     # one pass over the blocks i <= j: the k_max largest impostor scores, and every genuine pair's fast score
     # (+ impostor histogram for curves, from the float32 product: "auto" picks it when curves are asked for)
-    fast_dtype = _filter_dtype(filter_precision if filter_precision != "auto" or not curve_bins else "fp32", dev)
+    fast_dtype = _filter_dtype(filter_precision, dev, curve_bins, k_max / max(1, impostor_total))
     margin = filter_margin(fast_dtype, emb.shape[1], dev)
     fast_emb = emb.to(fast_dtype)
     seg_start, seg_end = _segments(lab_idx, dev)
-    top = _TopK(k_max, dev)
+    slack = 3 * margin
+    cands = _Candidates(k_max, slack, dev)
     genuine_i, genuine_j, genuine_fast = [], [], []
     imp_hist = torch.zeros(curve_bins, dtype=torch.float64, device=dev) if curve_bins else None
     n = emb.shape[0]
@@ -182,17 +188,15 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
         for bi, r0 in enumerate(blocks):
             if bi % world != rank:
                 continue
-            if use_kernel and top.floor > -math.inf:  # the fused kernel, once a floor is known
+            if use_kernel and cands.bar > -math.inf:  # the fused kernel, once a bound is known
                 from visrec.evaluate import pair_kernel
 
-                floor = top.floor
-                (i, j), (gi, gj, gs) = pair_kernel.scan_panel(fast_emb, seg_start, seg_end, r0, block_size,
-                                                              floor - margin)
+                (i, j, fs), (gi, gj, gs) = pair_kernel.scan_panel(fast_emb, seg_start, seg_end, r0, block_size,
+                                                                  cands.bar)
                 genuine_i.append(gi)
                 genuine_j.append(gj)
                 genuine_fast.append(gs)
-                exact = exact_scores(emb[i], emb[j])
-                top.add(exact[exact > floor])
+                cands.add(fs, i * n + j)
                 if progress:
                     progress(1)
                 continue
@@ -208,23 +212,17 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
                 if imp_hist is not None:
                     keep = torch.ones_like(fast, dtype=torch.bool).triu_(1) if c0 == r0 else slice(None)
                     imp_hist += torch.histc(fast[keep].float(), bins=curve_bins, min=-1, max=1).double()
-                _scan_block(top, fast, emb, r0, c0, margin)
+                _scan_block(cands, fast, r0, c0, n)
             if progress:
                 progress(1)
     if world > 1:
-        top = _merge_topk(top, k_max, dev, gather)
+        cands = _merge_candidates(cands, gather)
         if imp_hist is not None:
             imp_hist = _sum(gather, imp_hist)
-    imp_sorted = top.sorted().cpu().numpy()
+    cands.prune()
 
-    # thresholds: next float32 above the (K+1)-th largest impostor
-    thresholds: dict[float, float] = {}
-    for t in targets:
-        k = ks[t]
-        if impostor_total == 0 or t * impostor_total < 1:
-            continue
-        kth = imp_sorted[k] if k < len(imp_sorted) else -np.inf  # fewer than K+1 impostors: accept all
-        thresholds[t] = _next_up(kth) if np.isfinite(kth) else -1.0
+    # thresholds: next float32 above the (K+1)-th largest exact impostor score; exact scores only near it
+    thresholds, false_accepts, near_impostors = _impostor_thresholds(cands, ks, impostor_total, emb, n)
 
     # genuine pairs against each threshold: a fast score beyond the margin decides; the rest are scored exactly
     thr = torch.tensor([thresholds[t] for t in thresholds], device=dev, dtype=torch.float32)
@@ -252,8 +250,7 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
             continue
         i = list(thresholds).index(t)
         thr_t = thresholds[t]
-        fa = int((imp_sorted >= thr_t).sum())
-        near_imp = int((np.abs(imp_sorted - thr_t) < NEAR).sum())
+        fa, near_imp = false_accepts[t], near_impostors[t]
         ta = int(accepts[i])
         results[t] = TprResult(t, True, tpr=ta / genuine_total if genuine_total else None, threshold=thr_t,
                                fpr=fa / impostor_total, true_accepts=ta, false_accepts=fa,
@@ -301,9 +298,12 @@ def filter_margin(dtype: torch.dtype, dim: int, device: torch.device) -> float:
     return 2 * bound
 
 
-def _filter_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """The dtype of the fast product: bfloat16 where the hardware multiplies it natively (CUDA with bf16,
-    CPUs with AMX or AVX512-BF16: 3x float32's rate on this project's machine), float32 elsewhere."""
+def _filter_dtype(precision: str, device: torch.device, curve_bins: int, tail: float) -> torch.dtype:
+    """The dtype of the fast product. "auto": bfloat16 where the hardware multiplies it natively (CUDA with
+    bf16, CPUs with AMX or AVX512-BF16: 3x float32's rate on this project's machine) and the deepest target
+    keeps under 1e-4 of the impostors (``tail``; above that, bfloat16's wider margin puts several times K
+    pairs in the band scored exactly, which costs more than the product saves), float32 otherwise and when a
+    curve is asked for (it bins the fast scores)."""
     if precision not in ("auto", "bf16", "fp32"):
         raise VisrecError(f"filter_precision must be 'auto', 'bf16' or 'fp32', got {precision!r}")
     if precision == "auto":
@@ -313,7 +313,7 @@ def _filter_dtype(precision: str, device: torch.device) -> torch.dtype:
             cpu = torch.cpu
             native = device.type == "cpu" and any(getattr(cpu, f, lambda: False)() for f in
                                                   ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
-        precision = "bf16" if native else "fp32"
+        precision = "bf16" if native and not curve_bins and tail < 1e-4 else "fp32"
     return torch.bfloat16 if precision == "bf16" else torch.float32
 
 
@@ -371,23 +371,21 @@ def _same_label_positions(seg_start, seg_end, r0: int, r1: int, c0: int, c1: int
     return rows, cols
 
 
-def _scan_block(top: _TopK, fast: torch.Tensor, emb: torch.Tensor, r0: int, c0: int, margin: float) -> None:
-    """Add this block's impostor pairs (i < j; genuine pairs already -inf in ``fast``) that can be among the
-    k largest exact scores to ``top``. Only pairs whose fast score is within ``margin`` of a lower bound on the
-    k-th largest are re-scored exactly; a row whose maximum is below that bound is not looked at again."""
-    diagonal, floor, inclusive = c0 == r0, top.floor, False
-    if floor == -math.inf:  # the buffer is not full yet: bound the k-th largest by this block's best pairs
-        i, j = _bootstrap_pairs(fast, top.k - top.values.numel(), diagonal)
-        exact = exact_scores(emb[r0 + i], emb[c0 + j])
-        if top.values.numel() + exact.numel() < top.k:  # every impostor pair of the block: all of them go in
-            top.add(exact)
+def _scan_block(cands: _Candidates, fast: torch.Tensor, r0: int, c0: int, n: int) -> None:
+    """Add this block's impostor pairs (i < j; genuine pairs already -inf in ``fast``) whose fast score reaches
+    the candidates' bar. Before the buffer holds k pairs there is no bar yet: a bound on the k-th largest is
+    read from this block's best pairs first (any k fast scores bound it from below)."""
+    diagonal, bar = c0 == r0, cands.bar
+    if bar == -math.inf:
+        need = cands.k - cands.fast.numel()
+        i, j = _bootstrap_pairs(fast, need, diagonal)
+        if i.numel() < need:  # every impostor pair of the block: all of them go in
+            cands.add(fast[i, j], (r0 + i) * n + c0 + j)
             return
-        # any k exact scores bound the k-th largest from below; every pair at or above it is found next
-        floor, inclusive = float(torch.topk(torch.cat([top.values, exact]), top.k).values[-1]), True
-    i, j = _pairs_at_least(fast, floor - margin, diagonal)
-    exact = exact_scores(emb[r0 + i], emb[c0 + j])
-    # a full buffer gains nothing from a value equal to its floor; a bound from this block keeps its ties
-    top.add(exact[exact >= floor] if inclusive else exact[exact > floor])
+        kth = float(torch.topk(torch.cat([cands.fast, fast[i, j].float()]), cands.k, sorted=False).values.min())
+        bar = kth - cands.slack
+    i, j = _pairs_at_least(fast, bar, diagonal)
+    cands.add(fast[i, j], (r0 + i) * n + c0 + j)
 
 
 def _pairs_at_least(fast: torch.Tensor, bar: float, diagonal: bool, tile: int = 64):
@@ -524,14 +522,51 @@ def _same_inputs(gather, emb: torch.Tensor, labels: np.ndarray, targets, block_s
                               "pass the same embeddings, labels, targets, block_size and curve_bins")
 
 
-def _merge_topk(top: _TopK, k: int, dev, gather) -> _TopK:
-    """Gather every rank's buffer (padded to k with -inf) and keep the k largest."""
-    padded = torch.full((k,), -math.inf, device=dev)
-    padded[:top.values.numel()] = top.values
-    merged = _TopK(k, dev)
-    allv = torch.cat(_gathered(gather, padded))
-    merged.add(allv[torch.isfinite(allv)])
+def _merge_candidates(cands: _Candidates, gather) -> _Candidates:
+    """Every rank's candidates (padded to the longest with -inf), united: each rank kept every pair at or above
+    its own k-th largest less the slack, which is at most the union's, so the union keeps every pair needed."""
+    sizes = _gathered(gather, torch.tensor([cands.fast.numel()], device=cands.fast.device))
+    longest = int(max(int(x) for x in sizes))
+    fast = torch.full((longest,), -math.inf, device=cands.fast.device)
+    ids = torch.full((longest,), -1, dtype=torch.int64, device=cands.fast.device)
+    fast[:cands.fast.numel()], ids[:cands.ids.numel()] = cands.fast, cands.ids
+    all_fast, all_ids = torch.cat(_gathered(gather, fast)), torch.cat(_gathered(gather, ids))
+    merged = _Candidates(cands.k, cands.slack, cands.fast.device)
+    keep = torch.isfinite(all_fast)
+    merged.add(all_fast[keep], all_ids[keep])
     return merged
+
+
+def _impostor_thresholds(cands: _Candidates, ks: dict, impostor_total: int, emb: torch.Tensor, n: int):
+    """For each target: the threshold (the next float32 above the (K+1)-th largest exact impostor score), the
+    impostors accepted at it and those within NEAR of it. With v the (K+1)-th largest fast score, the exact one
+    lies within one margin of v (an order statistic moves no more than every value does); pairs with fast
+    score above v + slack are all above it, those below v - slack all below, and only the band between is
+    scored exactly."""
+    order = torch.argsort(cands.fast, descending=True)
+    fast, ids = cands.fast[order], cands.ids[order]
+    exact = torch.full_like(fast, math.nan)
+    thresholds, false_accepts, near = {}, {}, {}
+    for t, k in ks.items():
+        if impostor_total == 0 or t * impostor_total < 1:
+            continue
+        if k >= fast.numel():  # fewer than K+1 impostors: accept all
+            thresholds[t], false_accepts[t], near[t] = -1.0, impostor_total, 0
+            continue
+        v = float(fast[k])
+        band = (fast >= v - cands.slack) & (fast <= v + cands.slack)
+        todo = band & torch.isnan(exact)
+        if todo.any():
+            pick = ids[todo]
+            exact[todo] = exact_scores(emb[pick // n], emb[pick % n])
+        above = int((fast > v + cands.slack).sum())
+        in_band = torch.sort(exact[band], descending=True).values
+        kth = float(in_band[k - above])
+        thr = _next_up(kth)
+        thresholds[t] = thr
+        false_accepts[t] = above + int((in_band >= thr).sum())
+        near[t] = int(((in_band - thr).abs() < NEAR).sum())
+    return thresholds, false_accepts, near
 
 
 def _curve(gen_hist: np.ndarray, imp_hist: np.ndarray, bins: int) -> Curve:
