@@ -231,7 +231,7 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     gf = torch.cat([none.float(), *genuine_fast])
     unsure = ((gf[None, :] - thr[:, None]).abs() <= margin).any(dim=0) if curve_bins == 0 else \
         torch.ones_like(gf, dtype=torch.bool)  # a curve bins every genuine pair's exact score
-    exact = exact_scores(emb[gi[unsure]], emb[gj[unsure]])
+    exact = _exact_pairs(emb, gi[unsure], gj[unsure])
     sure = gf[~unsure]
     accepts = (sure[None, :] >= thr[:, None]).sum(dim=1) + (exact[None, :] >= thr[:, None]).sum(dim=1)
     near = ((exact[None, :] - thr[:, None]).abs() < NEAR).sum(dim=1)  # NEAR < margin: all of them are here
@@ -276,6 +276,15 @@ def exact_scores(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     out = torch.empty(a.shape[0], dtype=torch.float32, device=a.device)
     for k in range(0, a.shape[0], EXACT_CHUNK):
         out[k:k + EXACT_CHUNK] = (a[k:k + EXACT_CHUNK].double() * b[k:k + EXACT_CHUNK].double()).sum(1).float()
+    return out
+
+
+def _exact_pairs(emb: torch.Tensor, i: torch.Tensor, j: torch.Tensor) -> torch.Tensor:
+    """:func:`exact_scores` of the pairs (emb[i[k]], emb[j[k]]), gathering the rows a chunk at a time (the
+    band around a threshold can hold many pairs; their rows are never all copied at once)."""
+    out = torch.empty(i.numel(), dtype=torch.float32, device=emb.device)
+    for k in range(0, i.numel(), EXACT_CHUNK):
+        out[k:k + EXACT_CHUNK] = exact_scores(emb[i[k:k + EXACT_CHUNK]], emb[j[k:k + EXACT_CHUNK]])
     return out
 
 
@@ -558,7 +567,7 @@ def _impostor_thresholds(cands: _Candidates, ks: dict, impostor_total: int, emb:
         todo = band & torch.isnan(exact)
         if todo.any():
             pick = ids[todo]
-            exact[todo] = exact_scores(emb[pick // n], emb[pick % n])
+            exact[todo] = _exact_pairs(emb, pick // n, pick % n)
         above = int((fast > v + cands.slack).sum())
         in_band = torch.sort(exact[band], descending=True).values
         kth = float(in_band[k - above])
