@@ -43,6 +43,7 @@ import numpy as np
 import torch
 
 from visrec.errors import VisrecError
+from visrec.evaluate import pair_kernel
 
 NEAR = 4 * float(np.finfo(np.float32).eps)  # |score - t| below this: float32 rounding can flip the decision
 
@@ -189,8 +190,6 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
             if bi % world != rank:
                 continue
             if use_kernel and cands.bar > -math.inf:  # the fused kernel, once a bound is known
-                from visrec.evaluate import pair_kernel
-
                 (i, j, fs), (gi, gj, gs) = pair_kernel.scan_panel(fast_emb, seg_start, seg_end, r0, block_size,
                                                                   cands.bar)
                 genuine_i.append(gi)
@@ -327,8 +326,6 @@ def _filter_dtype(precision: str, device: torch.device, curve_bins: int, tail: f
 
 
 def _use_kernel(kernel: str, device: torch.device, curve_bins: int) -> bool:
-    from visrec.evaluate import pair_kernel
-
     if kernel not in ("auto", "triton", "torch"):
         raise VisrecError(f"kernel must be 'auto', 'triton' or 'torch', got {kernel!r}")
     if kernel == "triton":
