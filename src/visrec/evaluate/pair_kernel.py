@@ -77,23 +77,23 @@ if triton is not None:
             same = (j[None, :] >= s0[:, None]) & (j[None, :] < s1[:, None])
             pair = tl.reshape(i[:, None].to(tl.int64) * n + j[None, :], [BM * BN])
 
-            cand = tl.reshape((pair_ok & ~same & (acc >= bar)).to(tl.int32), [BM * BN])
-            found = tl.sum(cand, axis=0)
-            if found > 0:
-                base = tl.atomic_add(cand_count_ptr, found)
-                at = base + tl.cumsum(cand, axis=0) - 1
-                keep = (cand > 0) & (at < cand_capacity)
-                tl.store(cand_ptr + at, pair, mask=keep)
-                tl.store(cand_score_ptr + at, tl.reshape(acc, [BM * BN]), mask=keep)
+            score = tl.reshape(acc, [BM * BN])
+            _append(tl.reshape((pair_ok & ~same & (acc >= bar)).to(tl.int32), [BM * BN]), pair, score,
+                    cand_ptr, cand_score_ptr, cand_count_ptr, cand_capacity)
+            _append(tl.reshape((pair_ok & same).to(tl.int32), [BM * BN]), pair, score,
+                    gen_ptr, gen_score_ptr, gen_count_ptr, gen_capacity)
 
-            gen = tl.reshape((pair_ok & same).to(tl.int32), [BM * BN])
-            found = tl.sum(gen, axis=0)
-            if found > 0:
-                base = tl.atomic_add(gen_count_ptr, found)
-                at = base + tl.cumsum(gen, axis=0) - 1
-                keep = (gen > 0) & (at < gen_capacity)
-                tl.store(gen_ptr + at, pair, mask=keep)
-                tl.store(gen_score_ptr + at, tl.reshape(acc, [BM * BN]), mask=keep)
+    @triton.jit
+    def _append(flags, pair, score, pair_ptr, score_ptr, count_ptr, capacity):
+        """Write the flagged (pair, score) entries of a tile after those other tiles wrote: one atomic add
+        reserves the places, a prefix sum orders them. Past ``capacity`` nothing is written (the count says so)."""
+        found = tl.sum(flags, axis=0)
+        if found > 0:
+            base = tl.atomic_add(count_ptr, found)
+            at = base + tl.cumsum(flags, axis=0) - 1
+            keep = (flags > 0) & (at < capacity)
+            tl.store(pair_ptr + at, pair, mask=keep)
+            tl.store(score_ptr + at, score, mask=keep)
 
 
 def scan_panel(fast_emb: torch.Tensor, seg_start: torch.Tensor, seg_end: torch.Tensor, row0: int, rows: int,
