@@ -17,7 +17,8 @@ Computing that for every pair would be slow; the scan computes each block of pai
 (bfloat16 where the hardware has it and the targets are deep in the tail, else float32), whose error from the
 exact score is bounded (:func:`filter_margin`). It keeps (fast score, pair) for every pair within three
 bounds of the running K-th largest fast score; at the end, for each target, the pairs whose fast score is
-that close to the (K+1)-th largest are scored exactly, and every pair above them is counted, not scored. ``near_threshold_pairs`` counts the pairs within a few float32 steps of a
+that close to the (K+1)-th largest are scored exactly, and every pair above them is counted, not scored.
+``near_threshold_pairs`` counts the pairs within a few float32 steps of a
 threshold (it includes the impostor pair(s) at s_{K+1} that set the threshold one float32 step below it):
 another program that scores pairs in float32 by another summation order may decide those differently.
 When negatives < 1/f, FPR = f cannot be resolved: the result is marked not estimable instead of a number.
@@ -131,7 +132,8 @@ def _count_pairs(labels: np.ndarray) -> tuple[int, int]:
 
 def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: int = 4096,
                device: str | torch.device | None = None, curve_bins: int = 0, progress=None,
-               filter_precision: str = "auto", kernel: str = "auto", rank: int | None = None, world_size: int | None = None, group=None,
+               filter_precision: str = "auto", kernel: str = "auto", rank: int | None = None,
+               world_size: int | None = None, group=None,
                gather: Callable[[torch.Tensor], Sequence[torch.Tensor]] | None = None
                ) -> dict[float, TprResult] | tuple:
     """Exact TPR at each target FPR over all pairs i < j (module docstring).
