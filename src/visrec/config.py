@@ -70,6 +70,9 @@ class RunConfig(Strict):
     num_workers: int = Field(0, ge=0)
     compile: bool = Field(False, description="torch.compile the backbone (CUDA: cuts launch overhead)")
     channels_last: bool = Field(True, description="NHWC activations on CUDA (faster convs); ignored on CPU")
+    cuda_graph: Literal["auto", "on", "off"] = Field(
+        "auto", description="capture the whole training step in a CUDA graph and replay it (auto: when the run "
+                            "can, else one line says why; on: refuse a run that cannot)")
     model: ModelSpec
     init: Path | None = Field(None, description="start the backbone from these weights (arcface_torch "
                                                 "backbone.pth, visrec model.pt or run dir); heads start fresh")

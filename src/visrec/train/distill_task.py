@@ -300,6 +300,15 @@ class DistillTask(FaceTask):
         with torch.no_grad():
             return self.teacher(images.to(self.teacher_device)).float().to(images.device)
 
+    def batched_decode(self) -> bool:
+        return False  # the teacher's features are precomputed from (and looked up by) the decoded data set
+
+    def augment(self, batch):
+        return batch  # flipped in training_step, where the teacher sees the same flipped images
+
+    def capture_blocker(self) -> str | None:
+        return "task faces_kd: the teacher's features are looked up on the host each step"
+
     def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
         if self.features is not None:
             images, labels, index = batch

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from visrec.data.datasets import open_face_dataset
+from visrec.data.jpeg_batches import EncodedFaces, batched_decode_available, collate_encoded
 from visrec.data.verification import read_verification_bin
+from visrec.errors import ConfigError
 from visrec.evaluate.bin_protocol import evaluate_bin_both, mirror
 from visrec.losses import build_margin_loss
 from visrec.losses.partial_fc import PartialFC
@@ -24,6 +27,10 @@ class FaceData(BaseModel):
     val: list[Path] = Field(default_factory=list, description="verification .bin files (LFW-style)")
     flip: bool = Field(True, description="random horizontal flip during training")
     skip_bad: bool = Field(False, description="skip unreadable images (counted) instead of failing")
+    decode: Literal["auto", "workers", "batched"] = Field(
+        "auto", description="workers: DataLoader workers decode each image (OpenCV); batched: workers read the "
+                            "JPEG bytes and the training device decodes each batch at once (nvJPEG on CUDA); "
+                            "auto: batched when training on CUDA")
     val_flip_test: bool = Field(True, description="the headline '<set>/accuracy' uses the flip test (image + "
                                 "mirror embeddings summed, the field's convention); both figures are always "
                                 "logged as '<set>/accuracy_flip' and '<set>/accuracy_no_flip'")
@@ -43,8 +50,27 @@ class FaceTask(Task):
     LossOptions = FaceLoss
     local_modules = ("head",)  # PartialFC holds this rank's class shard: never wrapped in DDP
 
+    def batched_decode(self) -> bool:
+        """Whether batches are decoded on the training device (``data.decode``)."""
+        choice = self.data_opts.decode
+        if choice == "workers" or (choice == "auto" and self.ctx.device.type != "cuda"):
+            return False
+        missing = batched_decode_available()
+        if missing and choice == "batched":
+            raise ConfigError(f"data.decode: batched, but {missing}")
+        return missing is None
+
     def train_dataset(self):
-        return open_face_dataset(self.data_opts.train, skip_bad=self.data_opts.skip_bad)
+        faces = open_face_dataset(self.data_opts.train, skip_bad=self.data_opts.skip_bad)
+        if not self.batched_decode():
+            return faces
+        self.encoded, self.collate_fn = EncodedFaces(faces), collate_encoded
+        return self.encoded
+
+    def to_device(self, batch):
+        if self.collate_fn is collate_encoded:
+            return self.encoded.decode(batch, self.ctx.device)
+        return super().to_device(batch)
 
     def build_modules(self, num_classes):
         spec = self.cfg.model
@@ -55,12 +81,27 @@ class FaceTask(Task):
         head = PartialFC(margin, emb_size, int(num_classes), sample_rate=self.loss_opts.sample_rate)
         return {"backbone": backbone, "head": head}
 
+    def capture_blocker(self) -> str | None:
+        if self.loss_opts.sample_rate < 1:
+            return (f"loss.sample_rate {self.loss_opts.sample_rate:g} < 1: PartialFC samples a data-dependent "
+                    f"set of centres each step")
+        return None
+
+    def augment(self, batch):
+        if not self.data_opts.flip:
+            return batch
+        images, labels = batch
+        # Drawn from the global torch RNG, which checkpoints save: resumed runs flip the same images. The
+        # flip itself runs on the training device.
+        mask = torch.rand(images.shape[0]) < 0.5
+        if images.is_cuda:
+            # a copy from pageable memory would wait for the GPU to finish the previous step
+            mask = mask.pin_memory().to(images.device, non_blocking=True)
+        images = torch.where(mask.to(images.device)[:, None, None, None], images.flip(3), images)
+        return images, labels
+
     def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
         images, labels = batch
-        if self.data_opts.flip:
-            # Drawn from the global torch RNG, which checkpoints save: resumed runs flip the same images.
-            mask = torch.rand(images.shape[0]) < 0.5
-            images = torch.where(mask.to(images.device)[:, None, None, None], images.flip(3), images)
         embeddings = modules["backbone"](images)
         return modules["head"](embeddings.float(), labels)
 

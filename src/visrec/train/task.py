@@ -19,6 +19,7 @@ from visrec.config import RunConfig, validate_section
 from visrec.distributed import RunContext  # noqa: F401 (tasks take it; re-exported for them)
 from visrec.models.model_file import default_contract
 from visrec.registry import Registry
+from visrec.train.step import move_to
 
 TASKS: Registry = Registry("task")
 
@@ -53,9 +54,27 @@ class Task:
 
     local_modules: ClassVar[tuple[str, ...]] = ()
 
+    collate_fn: Any = None  # the DataLoader's collate function (None: PyTorch's default)
+
     # --- running --------------------------------------------------------------------------------
+    def to_device(self, batch: Any) -> Any:
+        """A collated batch onto ``ctx.device``. Runs one batch ahead of the step (on a side CUDA stream when
+        training on a GPU), so it must not draw random numbers: that is :meth:`augment`'s place."""
+        return move_to(batch, self.ctx.device)
+
+    def augment(self, batch: Any) -> Any:
+        """Random augmentation of a batch on the device, just before its step and outside any captured CUDA
+        graph: random numbers drawn here come from the checkpointed RNG states, in step order."""
+        return batch
+
+    def capture_blocker(self) -> str | None:
+        """Why ``training_step`` cannot be captured in a CUDA graph (data-dependent shapes, a value read back
+        to the host, random numbers drawn on the host), or None when it can. A task declares itself safe by
+        overriding this."""
+        return f"task {self.cfg.task}: its step is not declared capture-safe"
+
     def training_step(self, modules: dict[str, nn.Module], batch: Any) -> torch.Tensor:
-        """Return the scalar loss of one batch (already on ``ctx.device``), run under autocast."""
+        """Return the scalar loss of one batch (already on ``ctx.device`` and augmented), run under autocast."""
         raise NotImplementedError
 
     def validate(self, backbone: nn.Module) -> dict[str, float]:

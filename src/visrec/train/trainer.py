@@ -18,7 +18,6 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
@@ -29,6 +28,8 @@ from visrec.config import RunConfig
 from visrec.errors import ConfigError
 from visrec.train import checkpoint as ckpt
 from visrec import distributed as dist
+from visrec.train.prefetch import prefetch
+from visrec.train.step import CudaGraph, StepRunner, capture_blocker, plain_lr
 from visrec.train.task import TASKS, RunContext, Task
 
 
@@ -94,16 +95,6 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = True  # fixed 112x112 shapes: let cuDNN pick the fastest kernels
 
 
-def move_to(batch: Any, device: torch.device) -> Any:
-    if isinstance(batch, torch.Tensor):
-        return batch.to(device, non_blocking=True)
-    if isinstance(batch, (list, tuple)):
-        return type(batch)(move_to(b, device) for b in batch)
-    if isinstance(batch, dict):
-        return {k: move_to(v, device) for k, v in batch.items()}
-    return batch
-
-
 @dataclass
 class TrainResult:
     output: Path
@@ -112,6 +103,8 @@ class TrainResult:
     stopped_early: bool
     metrics: dict[str, float] = field(default_factory=dict)
     last_loss: float = float("nan")
+    step_mode: str = "eager"  # "cuda_graph" when the step was captured and replayed
+    eager_reason: str | None = None  # why the step was not captured (None when it was, or cuda_graph: off)
 
 
 class Observer:
@@ -167,7 +160,7 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
     # over rank-local shards would differ per rank and let the DDP replicas drift apart.
     clip_params = [p for n, m in modules.items() if n not in task.local_modules
                    for p in m.parameters() if p.requires_grad]
-    opt = build_optimizer(cfg, params)
+    opt = build_optimizer(cfg, params, fused=ctx.device.type == "cuda")
 
     sampler = EpochBatchSampler(len(dataset), cfg.batch_size, ctx.rank, ctx.world_size, cfg.seed)
     if cfg.schedule.max_steps is not None:
@@ -183,6 +176,8 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
         for name, module in modules.items():
             module.load_state_dict(state["modules"][name])
         opt.load_state_dict(state["optimizer"])
+        for group in opt.param_groups:  # this run's device picks the kernels, not the one that wrote the file
+            group.update({k: opt.defaults[k] for k in ("fused", "foreach", "capturable") if k in opt.defaults})
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
@@ -195,6 +190,19 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
         modules["backbone"].to(memory_format=torch.channels_last)
     if cfg.compile:
         train_modules["backbone"] = torch.compile(modules["backbone"])
+    eager_reason = None if cfg.cuda_graph == "off" else capture_blocker(ctx.device, ctx.distributed,
+                                                                        task.capture_blocker())
+    if cfg.cuda_graph == "on" and eager_reason:
+        raise ConfigError(f"cuda_graph: on, but this run cannot capture its step: {eager_reason}")
+    if cfg.cuda_graph == "auto" and eager_reason and ctx.is_main:
+        print(f"train: steps run eagerly ({eager_reason})", file=sys.stderr, flush=True)
+
+    def fallback(reason: str) -> None:
+        nonlocal eager_reason
+        eager_reason = reason
+        if ctx.is_main:
+            print(f"train: steps run eagerly ({reason})", file=sys.stderr, flush=True)
+
     if ctx.distributed:
         from torch.nn.parallel import DistributedDataParallel as DDP
 
@@ -207,7 +215,7 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
         epoch, step_in_epoch = divmod(global_step, sampler.steps_per_epoch)
         ckpt.atomic_save({
             "modules": {n: m.state_dict() for n, m in modules.items()},
-            "optimizer": opt.state_dict(), "scheduler": scheduler.state_dict(),
+            "optimizer": plain_lr(opt.state_dict()), "scheduler": plain_lr(scheduler.state_dict()),
             "scaler": scaler.state_dict(), "rng": ckpt.rng_state(),
             "global_step": global_step, "epoch": epoch, "step_in_epoch": step_in_epoch,
             "model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
@@ -235,6 +243,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
     metrics: dict[str, float] = {}
     steps_this_call, last_loss, stopped = 0, float("nan"), False
     t0, seen = time.perf_counter(), 0
+    runner = StepRunner(lambda batch: task.training_step(train_modules, batch), opt, scaler, clip_params,
+                        cfg.optim.grad_clip, ctx.device, ctx.amp_dtype,
+                        graph=None if eager_reason or cfg.cuda_graph == "off" else CudaGraph(),
+                        on_fallback=fallback if cfg.cuda_graph == "auto" else None)
     # resuming a run that already reached its last step trains nothing; its metrics are recomputed for the
     # caller but neither logged again (metrics.jsonl never holds a step twice) nor saved over the files
     finished_before = global_step >= total_steps
@@ -248,16 +260,12 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
             # A private generator: creating a loader must not draw from the global RNG, or a resumed
             # run (which creates one mid-epoch) would diverge from an uninterrupted one.
             loader = DataLoader(dataset, batch_sampler=sampler, num_workers=cfg.num_workers,
-                                pin_memory=ctx.device.type == "cuda",
+                                collate_fn=task.collate_fn, pin_memory=ctx.device.type == "cuda",
                                 generator=torch.Generator().manual_seed(cfg.seed + epoch))
             for m in modules.values():
                 m.train()
-            for batch in loader:
-                batch = move_to(batch, ctx.device)
-                with torch.autocast(ctx.device.type, dtype=ctx.amp_dtype or torch.float32,
-                                    enabled=ctx.amp_dtype is not None):
-                    loss = task.training_step(train_modules, batch)
-                optimizer_step(loss, opt, scaler, clip_params, cfg.optim.grad_clip)
+            for batch in prefetch(loader, task.to_device, ctx.device):
+                loss = runner(task.augment(batch))
                 scheduler.step()
                 global_step += 1
                 steps_this_call += 1
@@ -272,7 +280,7 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                     rate = seen / max(1e-9, time.perf_counter() - t0)
                     if log_file:
                         log_file.write(json.dumps({"step": global_step, "epoch": epoch, "loss": last_loss,
-                                                   "lr": scheduler.get_last_lr()[0], "images_per_s": rate})
+                                                   "lr": float(scheduler.get_last_lr()[0]), "images_per_s": rate})
                                        + "\n")
                         log_file.flush()
                     if bar is not None:
@@ -303,26 +311,17 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
             bar.close()
         if log_file:
             log_file.close()
-    return TrainResult(out, global_step, total_steps, stopped, metrics, last_loss)
+    return TrainResult(out, global_step, total_steps, stopped, metrics, last_loss, runner.mode, eager_reason)
 
 
-def optimizer_step(loss: torch.Tensor, opt: torch.optim.Optimizer, scaler: torch.amp.GradScaler,
-                   params: list[nn.Parameter], grad_clip: float | None) -> None:
-    """Backward + (unscale, clip) + step, as every task trains (the throughput benchmark reuses it)."""
-    opt.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    if grad_clip:
-        scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    scaler.step(opt)
-    scaler.update()
-
-
-def build_optimizer(cfg: RunConfig, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
+    """SGD or AdamW. ``fused`` (on CUDA): one kernel updates every parameter, and it takes the loss scaler's
+    inf check as a device tensor, which a captured CUDA graph needs (the Trainer uses it on every CUDA run)."""
     o = cfg.optim
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay)
-    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay)
+        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                               fused=fused or None)
+    return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
 
 
 def _validate(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_file, step: int,

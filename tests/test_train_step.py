@@ -1,0 +1,213 @@
+"""The training step's CUDA-graph mode (train.cuda_graph) on a CPU: why a run cannot capture, the one-line
+fallback, and the graph runner's plumbing (static buffers, learning rate read from a tensor, warm-up, capture
+failure) driven by a stand-in graph that re-runs the captured function on replay, as a CUDA graph re-runs its
+kernels. The real capture runs in scripts/gpu_bench.sh on a GPU."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from visrec.config import parse_config
+from visrec.distributed import RunContext
+from visrec.errors import ConfigError
+from visrec.train import trainer as trainer_mod
+from visrec.train.step import StepRunner, capture_blocker, lr_as_tensors, plain_lr
+from visrec.train.task import TASKS
+from visrec.train.trainer import train
+
+
+class ReplayingGraph:
+    """Stands in for ``CudaGraph`` on a CPU: ``capture`` records the function without running it (a capture
+    runs no kernel) and returns a placeholder for its output; ``replay`` re-runs it and refreshes the
+    placeholder in place, as a replay refreshes a captured output buffer."""
+
+    captures = 0
+
+    def __init__(self):
+        self.fn, self.out = None, None
+
+    def warmup_stream(self):
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def capture(self, fn):
+        ReplayingGraph.captures += 1
+        self.fn, self.out = fn, torch.empty(())
+        return self.out
+
+    def replay(self):
+        self.out.copy_(self.fn().detach())
+
+
+class FailingGraph(ReplayingGraph):
+    def capture(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+
+@pytest.fixture(scope="module")
+def face_rec(tmp_path_factory):
+    from visrec.data.synth import write_face_dataset
+
+    root = tmp_path_factory.mktemp("faces") / "train"
+    write_face_dataset(root, 6, 8, format="recordio", seed=4, difficulty=0.2)
+    return root
+
+
+def make_cfg(data_dir, out, **over):
+    raw = {
+        "task": "faces", "output": str(out), "device": "cpu", "seed": 3, "deterministic": True,
+        "batch_size": 8, "model": {"name": "mobilefacenet", "embedding_size": 32},
+        "data": {"train": str(data_dir), "flip": True},
+        "loss": {"name": "arcface", "s": 16.0, "m": 0.3},
+        "optim": {"name": "sgd", "lr": 0.05},
+        # warm-up then poly decay: a learning rate baked into the capture would show in the losses
+        "schedule": {"max_steps": 12, "warmup_steps": 4},
+        "checkpoint_every": 5, "log_every": 1,
+    }
+    raw.update(over)
+    return parse_config(raw)
+
+
+def losses(out: Path) -> list[float]:
+    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def weights(out: Path) -> dict:
+    return torch.load(out / "last.rank0.pt", map_location="cpu", weights_only=True)["modules"]
+
+
+def as_if_on_cuda(monkeypatch, graph_cls):
+    """Let the Trainer take the graph path on this CPU, with ``graph_cls`` in place of a CUDA graph."""
+    monkeypatch.setattr(trainer_mod, "capture_blocker", lambda device, distributed, task_blocker: task_blocker)
+    monkeypatch.setattr(trainer_mod, "CudaGraph", graph_cls)
+
+
+def test_blockers_name_why_a_run_cannot_capture(face_rec, tmp_path):
+    cuda = torch.device("cuda", 0)
+    assert "CUDA device" in capture_blocker(torch.device("cpu"), False, None)
+    assert "DDP" in capture_blocker(cuda, True, None)
+    assert capture_blocker(cuda, False, None) is None
+    ctx = RunContext(device=torch.device("cpu"))
+    faces = TASKS.get("faces")(make_cfg(face_rec, tmp_path), ctx)
+    assert faces.capture_blocker() is None
+    sampled = TASKS.get("faces")(make_cfg(face_rec, tmp_path, loss={"name": "arcface", "sample_rate": 0.5}), ctx)
+    assert "sample_rate 0.5" in sampled.capture_blocker()
+    assert capture_blocker(cuda, False, sampled.capture_blocker()) == sampled.capture_blocker()
+    landmarks = TASKS.get("landmarks")(parse_config({"task": "landmarks", "model": {"name": "mobilefacenet"},
+                                                     "data": {"train": str(tmp_path)},
+                                                     "schedule": {"max_steps": 1}}), ctx)
+    assert "landmarks" in landmarks.capture_blocker()
+
+
+def test_cpu_run_falls_back_with_one_line_and_trains_as_before(face_rec, tmp_path, capfd):
+    auto = train(make_cfg(face_rec, tmp_path / "auto"), progress=False)
+    err = capfd.readouterr().err
+    lines = [line for line in err.splitlines() if "eagerly" in line]
+    assert lines == ["train: steps run eagerly (cpu run: CUDA graphs need a CUDA device)"]
+    assert auto.step_mode == "eager" and "CUDA device" in auto.eager_reason
+    off = train(make_cfg(face_rec, tmp_path / "off", cuda_graph="off"), progress=False)
+    assert "eagerly" not in capfd.readouterr().err and off.eager_reason is None
+    assert losses(tmp_path / "auto") == losses(tmp_path / "off")
+
+
+def test_cuda_graph_on_refuses_a_run_that_cannot_capture(face_rec, tmp_path):
+    with pytest.raises(ConfigError, match="cuda_graph: on.*cpu run: CUDA graphs need a CUDA device"):
+        train(make_cfg(face_rec, tmp_path / "on", cuda_graph="on"), progress=False)
+    assert not (tmp_path / "on" / "last.rank0.pt").exists()
+
+
+def test_graph_mode_replays_the_same_run_as_eager_steps(face_rec, tmp_path, monkeypatch):
+    eager = train(make_cfg(face_rec, tmp_path / "eager", cuda_graph="off"), progress=False)
+    as_if_on_cuda(monkeypatch, ReplayingGraph)
+    ReplayingGraph.captures = 0
+    graphed = train(make_cfg(face_rec, tmp_path / "graph", cuda_graph="on"), progress=False)
+    assert graphed.step_mode == "cuda_graph" and graphed.eager_reason is None
+    assert ReplayingGraph.captures == 1
+    # every step after the warm-up is a replay on a new batch (a stale static buffer would repeat a loss),
+    # with the learning rate the schedule wrote into the tensor the capture reads
+    got, want = losses(tmp_path / "graph"), losses(tmp_path / "eager")
+    assert len(got) == 12 and len(set(got)) == 12
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
+    a, b = weights(tmp_path / "graph"), weights(tmp_path / "eager")
+    for module in a:
+        for key in a[module]:
+            torch.testing.assert_close(a[module][key], b[module][key], rtol=1e-5, atol=1e-6)
+    # the checkpoint holds plain float learning rates: it resumes on any device, graph or not
+    state = torch.load(tmp_path / "graph" / "last.rank0.pt", map_location="cpu", weights_only=True)
+    assert all(isinstance(g["lr"], float) for g in state["optimizer"]["param_groups"])
+    assert all(isinstance(v, float) for v in state["scheduler"]["_last_lr"])
+    assert graphed.last_loss == pytest.approx(eager.last_loss, rel=1e-5)
+
+
+def test_a_graphed_run_stopped_and_resumed_matches_one_that_never_stopped(face_rec, tmp_path, monkeypatch):
+    as_if_on_cuda(monkeypatch, ReplayingGraph)
+    whole = tmp_path / "whole"
+    train(make_cfg(face_rec, whole, cuda_graph="on"), progress=False)
+    parts = tmp_path / "parts"
+    first = train(make_cfg(face_rec, parts, cuda_graph="on"), progress=False, stop_after_steps=5)
+    assert first.stopped_early and first.global_step == 5
+    train(make_cfg(face_rec, parts, cuda_graph="on"), resume=True, progress=False)
+    assert losses(parts) == pytest.approx(losses(whole), rel=1e-5, abs=1e-6)
+
+
+def test_a_failed_capture_falls_back_to_eager_steps(face_rec, tmp_path, monkeypatch, capfd):
+    eager = train(make_cfg(face_rec, tmp_path / "eager", cuda_graph="off"), progress=False)
+    as_if_on_cuda(monkeypatch, FailingGraph)
+    got = train(make_cfg(face_rec, tmp_path / "auto"), progress=False)
+    err = capfd.readouterr().err
+    assert "train: steps run eagerly (capture failed: RuntimeError: operation not permitted" in err
+    assert got.step_mode == "eager" and got.eager_reason.startswith("capture failed")
+    assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5, abs=1e-6)
+    with pytest.raises(ConfigError, match="cuda_graph: capture failed: RuntimeError"):
+        train(make_cfg(face_rec, tmp_path / "on", cuda_graph="on"), progress=False)
+
+
+def test_learning_rate_tensors_follow_the_schedule_and_save_as_floats():
+    param = torch.nn.Parameter(torch.ones(3))
+    opt = torch.optim.SGD([param], lr=0.5, momentum=0.9)
+    lr_as_tensors(opt, torch.device("cpu"))
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (step + 1))
+    lr = opt.param_groups[0]["lr"]
+    assert isinstance(lr, torch.Tensor)
+    param.grad = torch.ones(3)
+    opt.step()
+    sched.step()
+    assert opt.param_groups[0]["lr"] is lr  # filled in place: a captured step reads the same memory
+    assert float(lr) == pytest.approx(0.25)
+    assert plain_lr(opt.state_dict())["param_groups"][0]["lr"] == pytest.approx(0.25)
+
+
+def test_a_batch_of_another_shape_runs_eagerly():
+    """The sampler never yields one, but a graph replays one shape only: another must not be copied into
+    the captured buffers."""
+    w = torch.nn.Parameter(torch.ones(4))
+    opt = torch.optim.SGD([w], lr=0.1)
+    runner = StepRunner(lambda x: (x @ w).sum(), opt, torch.amp.GradScaler("cuda", enabled=False), [w], None,
+                        torch.device("cpu"), None, graph=ReplayingGraph(), warmup=1)
+    for _ in range(3):
+        runner(torch.ones(2, 4))
+    assert runner.replays == 2
+    expected = float((torch.ones(5, 4) @ w.detach()).sum())
+    loss = runner(torch.ones(5, 4))
+    assert runner.replays == 2 and float(loss.detach()) == pytest.approx(expected)
+
+
+def test_a_checkpoint_written_on_cuda_resumes_on_a_cpu(face_rec, tmp_path):
+    """A CUDA run saves its optimizer groups as fused (and, under a graph, AdamW's as capturable); a CPU resume
+    runs this machine's kernels (capturable AdamW would refuse CPU tensors) and continues the same run."""
+    adamw = {"name": "adamw", "lr": 0.003}
+    whole = tmp_path / "whole"
+    train(make_cfg(face_rec, whole, optim=adamw), progress=False)
+    parts = tmp_path / "parts"
+    train(make_cfg(face_rec, parts, optim=adamw), progress=False, stop_after_steps=5)
+    path = parts / "last.rank0.pt"
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    for group in state["optimizer"]["param_groups"]:
+        group.update(fused=True, capturable=True)
+    torch.save(state, path)
+    train(make_cfg(face_rec, parts, optim=adamw), resume=True, progress=False)
+    assert losses(parts) == pytest.approx(losses(whole), rel=1e-5, abs=1e-6)
