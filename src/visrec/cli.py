@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Optional
 
 import typer
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from visrec.commands import PROVIDERS_HELP
 from visrec.errors import VisrecError
 
 from visrec.commands import budget as budget_commands
@@ -95,14 +97,19 @@ def demo(out: Path = typer.Option(Path("demo-out"), "--out", help="where the dem
 def serve(config: Path = typer.Option(..., "--config", help="serve YAML (configs/serve/example.yaml)"),
           overrides: list[str] = typer.Option([], "--set", help="override a config key: port=8080"),
           aligned: bool = typer.Option(False, "--aligned", help="uploads are aligned crops: no detection "
-                                                                "(= --set faces.aligned=true)")):
+                                                                "(= --set faces.aligned=true)"),
+          providers: Optional[str] = typer.Option(None, "--providers", help=PROVIDERS_HELP + "; here: every model "
+                                                  "the service runs in ONNX Runtime (= --set providers=...; "
+                                                  "default: the config's, cpu)")):
     """HTTP API + web console: galleries, enroll/identify/verify faces, landmarks, product search (FastAPI + uvicorn)."""
     from visrec.config import parse_override
     from visrec.serve.app import serve as run_server
     from visrec.serve.config import load_serve_config
 
-    cfg = load_serve_config(config, dict(parse_override(o) for o in [*overrides, *(["faces.aligned=true"]
-                                                                                  if aligned else [])]))
+    changes = dict(parse_override(o) for o in [*overrides, *(["faces.aligned=true"] if aligned else [])])
+    if providers is not None:
+        changes["providers"] = providers
+    cfg = load_serve_config(config, changes)
     console.print(f"serving on http://{cfg.host}:{cfg.port} (OpenAPI at /docs, page at /); "
                   f"API key {'required' if cfg.keys() else 'not required (loopback)'}")
     run_server(cfg)

@@ -14,6 +14,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from visrec.commands import PROVIDERS_HELP
+
 app = typer.Typer(help="evaluate models and submissions", no_args_is_help=True)
 
 
@@ -39,7 +41,8 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
           expect_rows: Optional[int] = typer.Option(
               None, "--expect-rows", help="image submission: the file list must have this many entries "
               "(1862120 for the DeepGlint test set)"),
-          out: Path = typer.Option(Path("eval-out"), "--out", help="report folder (report.html, PNGs)")):
+          out: Path = typer.Option(Path("eval-out"), "--out", help="report folder (report.html, PNGs)"),
+          providers: str = typer.Option("cpu", "--providers", help=PROVIDERS_HELP)):
     """Face verification: exact TPR@FPR (strict rule), 10-fold accuracy for .bin sets (flip and no flip,
     the flip figure the headline), report.html; with --video, TPR@FPR between videos for each frame fusion;
     with --submission, the LFR feature binary (image track, or video track with --video). Under torchrun
@@ -52,7 +55,7 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
         return _videos(model, data, fusion or ["mean"], target_fpr or [1e-4], submission, filelist)
     if submission is not None:
         _one_process("visrec eval faces --submission")
-        return _image_submission(model, data, filelist, submission, expect_rows)
+        return _image_submission(model, data, filelist, submission, expect_rows, providers)
     from visrec.faces.evaluation import evaluate_faces
     from visrec.distributed import setup, teardown, world_group
 
@@ -62,7 +65,8 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
             task = bar.add_task("embedding", total=None)
             res = evaluate_faces(data=data, model=model, features=features, labels=labels, filelist=filelist,
                                  protocol=protocol, targets=tuple(target_fpr) or None, out=out, flip=flip,
-                                 progress=lambda n: bar.advance(task, n), group=world_group(ctx))
+                                 progress=lambda n: bar.advance(task, n), group=world_group(ctx),
+                                 providers=providers)
     finally:
         teardown(ctx)
     if not ctx.is_main:
@@ -90,7 +94,7 @@ def _one_process(command: str) -> None:
     one_process(command)
 
 
-def _image_submission(model, data, filelist, submission, expect_rows):
+def _image_submission(model, data, filelist, submission, expect_rows, providers):
     from rich.progress import Progress
 
     from visrec.errors import VisrecError
@@ -102,7 +106,8 @@ def _image_submission(model, data, filelist, submission, expect_rows):
     with Progress(transient=True) as bar:
         task = bar.add_task("embedding", total=None)
         path = image_submission(model=model, images=data, filelist=filelist, out=submission,
-                                expected_rows=expect_rows, progress=lambda n: bar.advance(task, n))
+                                expected_rows=expect_rows, progress=lambda n: bar.advance(task, n),
+                                providers=providers)
     import struct
 
     with open(path, "rb") as fh:
@@ -153,7 +158,8 @@ def ijb(model: Path = typer.Argument(..., help="face model: checkpoint, run dir,
         target_fpir: list[float] = typer.Option([], "--target-fpir", help="1:N false positive identification rate "
                                                                          "target(s) (default 0.01, 0.1)"),
         batch: int = typer.Option(64, "--batch", min=1, max=4096, help="images per forward pass"),
-        out: Optional[Path] = typer.Option(None, "--out", help="also write the results as JSON to this file")):
+        out: Optional[Path] = typer.Option(None, "--out", help="also write the results as JSON to this file"),
+        providers: str = typer.Option("cpu", "--providers", help=PROVIDERS_HELP)):
     """IJB-B/C: templates pooled as InsightFace pools them; 1:1 TAR@FAR by the strict rule and by the
     nearest-ROC-point rule of the published tables, side by side; 1:N CMC and TPIR@FPIR (both rules) when
     the gallery/probe CSVs are present."""
@@ -169,7 +175,7 @@ def ijb(model: Path = typer.Argument(..., help="face model: checkpoint, run dir,
         run = evaluate_ijb(data, model, target=release, options=PoolOptions(flip, norm_score, detector_score),
                            all_options=all_options, far_targets=tuple(target_fpr) or None,
                            fpir_targets=tuple(target_fpir) or None,
-                           batch=batch, progress=lambda n: bar.advance(task, n))
+                           batch=batch, progress=lambda n: bar.advance(task, n), providers=providers)
     con = Console()
     con.print(f"{run.target} at {run.root}: {run.images:,} images, {run.templates:,} templates, "
               f"{run.genuine_pairs:,} genuine + {run.impostor_pairs:,} impostor template pairs; alignment: {run.align}")
@@ -256,7 +262,8 @@ def landmarks(model: Path = typer.Argument(..., help="landmark model: checkpoint
                        "integer", "--coordinates",
                        help="submission coordinates: integer (what the ICME 2019 JD-landmark challenge asked for, "
                             "'with integer format', in its Details document on "
-                            "facial-landmarks-localization-challenge.github.io) or decimal (3 decimals)")):
+                            "facial-landmarks-localization-challenge.github.io) or decimal (3 decimals)"),
+                   providers: str = typer.Option("cpu", "--providers", help=PROVIDERS_HELP)):
     """NME (four normalisations), AUC@0.08, failure rate; report.html with the CED and overlays."""
     from visrec.data.landmarks import SUBMISSION_COORDINATES
     from visrec.faces.evaluation import evaluate_landmarks
@@ -265,7 +272,7 @@ def landmarks(model: Path = typer.Argument(..., help="landmark model: checkpoint
 
     if coordinates not in SUBMISSION_COORDINATES:
         raise typer.BadParameter(f"must be one of {', '.join(SUBMISSION_COORDINATES)}", param_hint="--coordinates")
-    res = evaluate_landmarks(model, data, out, points=points, coordinates=coordinates)
+    res = evaluate_landmarks(model, data, out, points=points, coordinates=coordinates, providers=providers)
     t = Table(title=f"landmarks: {res.faces} faces")
     t.add_column("normalisation")
     for key in next(iter(res.metrics.values())):
@@ -284,7 +291,9 @@ def products(index_dir: Path = typer.Argument(..., help="index directory from vi
                   out: Path = typer.Option(Path("eval-products"), "--out", help="report and submission folder"),
                   ablation: bool = typer.Option(False, "--ablation",
                                                 help="also report the metrics after each post-processing stage "
-                                                     "(none, +stage 1, +stages 1-2, ...; exact search)")):
+                                                     "(none, +stage 1, +stages 1-2, ...; exact search)"),
+                  providers: str = typer.Option("cpu", "--providers", help=PROVIDERS_HELP + "; here: the index's "
+                                                "ONNX descriptor (descriptor.onnx), run on the queries")):
     """mAP@k in both labelled forms, recall@1/k, submission.csv and report.html."""
     from visrec.index.evaluation import evaluate_products
 
@@ -294,7 +303,8 @@ def products(index_dir: Path = typer.Argument(..., help="index directory from vi
 
     with Progress(transient=True) as bar:
         task = bar.add_task("searching queries", total=None)
-        res = evaluate_products(index_dir, data, out, k, progress=lambda n: bar.advance(task, n), ablation=ablation)
+        res = evaluate_products(index_dir, data, out, k, progress=lambda n: bar.advance(task, n), ablation=ablation,
+                                providers=providers)
     t = Table(title=f"product retrieval: {res.queries} queries")
     t.add_column("metric")
     t.add_column("value", justify="right")

@@ -10,6 +10,8 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from visrec.commands import PROVIDERS_HELP
+
 app = typer.Typer(help="product retrieval: index a catalogue, search it", no_args_is_help=True)
 console = Console()
 
@@ -23,24 +25,35 @@ def _bar(show: bool = True):
 def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalogue images"),
           out: Path = typer.Option(..., "--out", help="index directory (re-running resumes extraction)"),
           config: Optional[Path] = typer.Option(None, "--config", help="YAML with model and index sections"),
-          model: Optional[Path] = typer.Option(None, "--model", help="trained descriptor (run dir or model.pt)"),
-          overrides: list[str] = typer.Option([], "--set", help="override a config key: index.factory=IVF64,Flat"),
-          device: str = typer.Option("cpu", "--device", help="torch device for the descriptor: cpu, cuda, cuda:1")):
+          model: Optional[Path] = typer.Option(None, "--model", help="trained descriptor: run dir or model.pt (run "
+                                               "in PyTorch on --device), or its .onnx export (run in ONNX Runtime "
+                                               "on --providers)"),
+          overrides: list[str] = typer.Option([], "--set", help="override a config key: index.factory=IVF64,Flat "
+                                              "(without --config: index.* keys only)"),
+          device: str = typer.Option("cpu", "--device", help="torch device of a PyTorch descriptor: cpu, cuda, "
+                                                           "cuda:1, auto (CUDA when there is one)"),
+          providers: str = typer.Option("cpu", "--providers", help=PROVIDERS_HELP + "; here: an .onnx --model")):
     """Describe every catalogue image (resumable), fit the post-processing chain, build the FAISS index.
+    Images are read, decoded and preprocessed by loader threads (index.workers) ahead of the descriptor.
     Under torchrun (python -m torch.distributed.run --nproc_per_node=N -m visrec.cli products index ...) each
     process describes its share of the extraction shards into --out (a folder every process sees) and rank 0
-    joins them into the index one process would build; --device is then cpu or cuda (the LOCAL_RANK's GPU)."""
+    joins them into the index one process would build; --device is then cpu, cuda or auto (the LOCAL_RANK's
+    GPU), and --providers cuda / tensorrt take the LOCAL_RANK's GPU too."""
     import os
 
+    from visrec._onnx import parse_providers
     from visrec.config import parse_override
     from visrec.data.products import list_images
     from visrec.index.catalogue import index_catalogue
     from visrec.distributed import setup, teardown, world_group
 
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device not in ("cpu", "cuda"):
-        raise typer.BadParameter(f"{device!r}: under torchrun give cpu or cuda (each process takes the GPU of "
-                                 "its LOCAL_RANK)", param_hint="--device")
-    ctx = setup(device_name=device if device in ("cpu", "cuda") else "cpu")  # a process group under torchrun only
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device not in ("cpu", "cuda", "auto"):
+        raise typer.BadParameter(f"{device!r}: under torchrun give cpu or cuda, or auto (each process takes the "
+                                 "GPU of its LOCAL_RANK)", param_hint="--device")
+    spec = parse_providers(providers)  # a misspelt choice is an error before any process group
+    ctx = setup(device_name=device if device in ("cpu", "cuda", "auto") else "cpu")  # a group under torchrun only
+    if ctx.distributed and spec.word in ("cuda", "tensorrt") and ":" not in spec.text:
+        providers = f"{spec.word}:{ctx.local_rank}"
     try:
         # one process: the whole catalogue; under torchrun: this rank's shards, a count only the run knows
         total = None if ctx.distributed else len(list_images(catalogue))
@@ -48,7 +61,7 @@ def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalog
             task = bar.add_task("describing catalogue" + (f" (rank 0's share of {ctx.world_size})"
                                                           if ctx.distributed else ""), total=total)
             m = index_catalogue(catalogue, out, config=config, checkpoint=model,
-                                device=str(ctx.device) if ctx.distributed else device,
+                                device=str(ctx.device) if ctx.distributed else device, providers=providers,
                                 overrides=dict(parse_override(o) for o in overrides),
                                 progress=lambda n: bar.advance(task, n), group=world_group(ctx))
     finally:
@@ -63,6 +76,7 @@ def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalog
     for bad in m["unreadable"][:5]:
         t.add_row(f"  {bad['id']}", bad["reason"])
     t.add_row("descriptor", f"{m['model_config']['name']} {m['dim']}-d -> index {m['index_dim']}-d")
+    t.add_row("descriptor ran on", m["runtime"])
     t.add_row("FAISS", m["options"]["factory"])
     t.add_row("post-processing", " -> ".join(s["name"] for s in m["options"]["postprocess"]) or "none")
     for message in m.get("postprocess_adjustments", []):
@@ -74,14 +88,16 @@ def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalog
 def search(query: Path = typer.Argument(..., help="an image, or a folder of query images"),
            index_dir: Path = typer.Option(..., "--index", help="index directory from visrec products index"),
            k: int = typer.Option(7, "-k", min=1, help="results per query"),
-           out: Optional[Path] = typer.Option(None, "--out", help="write the challenge CSV (k ids per query)")):
+           out: Optional[Path] = typer.Option(None, "--out", help="write the challenge CSV (k ids per query)"),
+           providers: str = typer.Option("cpu", "--providers", help=PROVIDERS_HELP + "; here: the index's ONNX "
+                                         "descriptor (descriptor.onnx)")):
     """Top-k catalogue ids for one image or every image of a folder."""
     from visrec.index.catalogue import search_catalogue
     from visrec.distributed import one_process
 
     one_process("visrec products search")
 
-    ranked, scores = search_catalogue(index_dir, query, k, out)
+    ranked, scores = search_catalogue(index_dir, query, k, out, providers=providers)
     t = Table(title=f"top {k} for {len(ranked)} quer{'y' if len(ranked) == 1 else 'ies'}")
     t.add_column("query")
     t.add_column("catalogue ids (score), best first")

@@ -61,7 +61,7 @@ def embed_labelled(model: str | Path, data: str | Path, *, photos: bool = False,
         return pipe.embedder, embeddings, labels, {"images": len(listing.paths), "identities": listing.num_classes,
                                                    "no_face": [str(p) for p in no_face]}
 
-    embedder = Embedder(model)
+    embedder = Embedder(model, providers=pipeline_options.get("providers"))
     if not isinstance(embedder, ArcFaceEmbedder):
         raise VisrecError(f"{embedder.name} embeds its own crops, not aligned faces: calibrate on raw photos "
                           f"through the face pipeline (--photos)")

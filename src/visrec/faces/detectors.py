@@ -142,7 +142,8 @@ class _OnnxDetector:
     stride. A model file that fixes its input height and width wins over ``input_size``: onnxruntime
     rejects any other shape. Outputs are mapped back by dividing x and y by the resize factors.
     Thread-safe: an onnxruntime session may run in several threads, and calls keep no other state.
-    The subclasses take ``providers`` (onnxruntime execution providers, default CPU only) and ``session``
+    The subclasses take ``providers`` (onnxruntime execution providers: a choice of :mod:`visrec._onnx`, ``cpu``
+    by default, ``cuda``, ``tensorrt``, ``auto``, or provider names) and ``session``
     (an already open session of ``path``: ``load_detector`` passes the one it inspected).
     """
 
@@ -405,12 +406,14 @@ DETECTORS.register("scrfd")(ScrfdDetector)
 DETECTORS.register("yunet")(YunetDetector)
 
 
-def load_detector(spec: str | Path, **kwargs):
+def load_detector(spec: str | Path, *, providers=None, **kwargs):
     """A face detector from a spec: a registered name (``"haar"``, ``"dlib-hog"`` / ``"dlib-cnn"``
     (``visrec[dlib]``)), ``"NAME:PATH"`` for one that reads a model file (``"scrfd:PATH"``, ``"yunet:PATH"``), or
     a bare ``PATH.onnx`` whose outputs decide (YuNet by its output names, SCRFD by its output count and widths).
-    ``kwargs`` go to the detector's constructor. A missing model file raises ``DataError``; an ONNX file that is
-    neither format raises ``VisrecError`` naming the outputs it has."""
+    ``kwargs`` go to the detector's constructor; ``providers`` (onnxruntime execution providers, see
+    :mod:`visrec._onnx`) to a detector that reads a model file, and a detector by name alone (Haar, dlib: none
+    runs in ONNX Runtime) leaves it. A missing model file raises ``DataError``; an ONNX file that is neither
+    format raises ``VisrecError`` naming the outputs it has."""
     text = str(spec)
     name = text.strip().lower()
     if isinstance(spec, str) and ":" not in name and not name.endswith(".onnx"):
@@ -418,6 +421,8 @@ def load_detector(spec: str | Path, **kwargs):
             raise VisrecError(f"unknown face detector {text!r}: expected one of {', '.join(DETECTORS.names())}, "
                               f"NAME:PATH (scrfd:PATH, yunet:PATH) or a path to a .onnx file")
         return DETECTORS.get(name)(**kwargs)
+    if providers is not None:
+        kwargs["providers"] = providers
     prefix, sep, rest = text.partition(":")
     if sep and len(prefix) > 1 and prefix.lower() in DETECTORS:  # len > 1: not a Windows drive letter
         path = Path(rest)

@@ -16,6 +16,7 @@ from typing import Callable
 
 import numpy as np
 
+from visrec._onnx import parse_providers
 from visrec.data.datasets import open_face_dataset
 from visrec.data.images import read_image
 from visrec.data.landmark_crops import JDCrops
@@ -48,26 +49,41 @@ class FaceEvalResult:
     extra: dict = field(default_factory=dict)
 
 
-def _embedder(model: str | Path, flip: bool = False) -> Callable[[np.ndarray], np.ndarray]:
+def _embedder(model: str | Path, flip: bool = False, providers=None, summary: dict | None = None
+              ) -> Callable[[np.ndarray], np.ndarray]:
     """Aligned crops (N, H, W, 3) RGB uint8 at the model's input size -> embeddings; ``flip`` adds the
     mirrored image's embedding. Any model ``visrec.models.load_model`` reads (checkpoint, ONNX, adapter)."""
-    loaded = _load(model)
+    loaded = _load(model, providers, summary)
     return lambda images: loaded.embed(images, flip=flip)
 
 
-def _load(model: str | Path):
-    """The face embedder of ``model`` (``visrec.models.loading.load_model``, CUDA when there is one)."""
-    loaded = load_model(model, device="auto")
+def _load(model: str | Path, providers=None, summary: dict | None = None):
+    """The face embedder of ``model`` (``visrec.models.loading.load_model``: a torch module on CUDA when there
+    is one, an ONNX file on the onnxruntime execution ``providers``); an ONNX Runtime model's providers go into
+    ``summary`` (``runtime``)."""
+    loaded = load_model(model, device="auto", providers=providers)
     if loaded.contract.task == "landmarks":
         raise VisrecError(f"{model} is a landmark model, not a face embedder")
+    return _runs_on(loaded, model, providers, summary)
+
+
+def _runs_on(loaded, model, providers, summary: dict | None):
+    """``loaded``, checked: ``providers`` asking for a GPU apply to a model ONNX Runtime runs, and are a
+    ConfigError for one it does not (they would be ignored); an ONNX Runtime model's providers into ``summary``."""
+    spec = parse_providers(providers)
+    if spec.explicit_gpu and loaded.runtime != "onnxruntime":
+        raise ConfigError(f"--providers {spec.text}: {model} runs in {loaded.runtime} (PyTorch places a checkpoint "
+                          f"on CUDA when there is one); --providers applies to .onnx models")
+    if summary is not None and loaded.runtime == "onnxruntime":
+        summary["runtime"] = loaded.runtime_note
     return loaded
 
 
 def _evaluate_bin(data: Path, model, targets, summary: dict, out, batch: int, progress, curve_bins: int,
-                  group=None) -> FaceEvalResult:
+                  group=None, providers=None) -> FaceEvalResult:
     """A verification ``.bin``: 10-fold accuracy with and without the flip test (both, labelled; the flip
     figure is the headline), and exact TPR@FPR (strict rule) over its pairs on the flip embeddings."""
-    loaded = _load(model)
+    loaded = _load(model, providers, summary)
     images, issame = read_verification_bin(data)
     plain = embed_all(loaded.embed, len(images), images.__getitem__, batch, progress, group=group)
     mirrored = embed_all(loaded.embed, len(images), lambda i: mirror([images[i]])[0], batch, progress, group=group)
@@ -133,11 +149,12 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
                    filelist: str | Path | None = None, protocol: str = "deepglint-light",
                    targets: tuple[float, ...] | None = None, out: str | Path = "eval-out",
                    batch: int = 128, progress=None, curve_bins: int = 2000, flip: bool = False,
-                   group=None) -> FaceEvalResult:
+                   group=None, providers=None) -> FaceEvalResult:
     """Evaluate a features file, or a model on a data set. A ``.bin`` always reports the 10-fold accuracy
     with and without the flip test (the flip figure is the headline); ``flip`` applies to the other data
     kinds (image folder, RecordIO, CSV), whose TPR@FPR uses it when set. ``group``: run as the ranks of this
-    torch.distributed process group (module docstring); every rank returns the single-process result."""
+    torch.distributed process group (module docstring); every rank returns the single-process result.
+    ``providers``: the onnxruntime execution providers of an ONNX model (``visrec._onnx``; None: the CPU)."""
     proto = load_protocol(protocol)
     targets = tuple(targets or proto.targets or (1e-4, 1e-6, 1e-8))
     summary = {"protocol": proto.name, "targets": ", ".join(f"{t:g}" for t in targets)}
@@ -162,8 +179,8 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
         data = Path(data)
         summary.update({"model": str(model), "data": str(data)})
         if data.suffix == ".bin":
-            return _evaluate_bin(data, model, targets, summary, out, batch, progress, curve_bins, group)
-        embed = _embedder(model, flip)
+            return _evaluate_bin(data, model, targets, summary, out, batch, progress, curve_bins, group, providers)
+        embed = _embedder(model, flip, providers, summary)
         summary["flip test"] = "yes" if flip else "no"
 
         ds = open_face_dataset(data)
@@ -178,12 +195,12 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
 
 
 def image_submission(*, model: str | Path, images: str | Path, filelist: str | Path, out: str | Path,
-                     expected_rows: int | None = None, batch: int = 128, progress=None) -> Path:
+                     expected_rows: int | None = None, batch: int = 128, progress=None, providers=None) -> Path:
     """``visrec eval faces M --data IMAGES --filelist filelist.txt --submission out.bin``: the LFR
     image-track feature binary (``visrec.evaluate.lfr.write_image_submission``): ``IMAGES`` is the folder the
     file list's paths are relative to (the DeepGlint test set's aligned crops), rows in file-list order,
-    each the flip-summed embedding L2-normalised, float32."""
-    loaded = _load(model)
+    each the flip-summed embedding L2-normalised, float32. ``providers``: as :func:`evaluate_faces`'s."""
+    loaded = _load(model, providers)
     size = tuple(loaded.contract.input_size or (112, 112))
     return write_image_submission(loaded.embed, images, filelist, out, input_size=size, batch=batch,
                                   expected_rows=expected_rows, progress=progress)
@@ -205,11 +222,12 @@ class IJBRun:
     notes: list[str] = field(default_factory=list)
 
 
-def ijb_embeddings(model: str | Path, layout, five, *, batch: int = 64, progress=None):
+def ijb_embeddings(model: str | Path, layout, five, *, batch: int = 64, progress=None, providers=None):
     """Embeddings of every IJB image (in meta-file order) and of its mirror: each ``loose_crop`` image is
     aligned with its five points to the model's input size (the model's alignment method; ``lstsq``, the
-    ArcFace template, when it names none). Returns (plain, mirrored, align description)."""
-    loaded = _load(model)
+    ArcFace template, when it names none). Returns (plain, mirrored, align description). ``providers``: the
+    onnxruntime execution providers of an ONNX model."""
+    loaded = _load(model, providers)
     h, w = tuple(loaded.contract.input_size or (112, 112))
     if h != w:
         raise VisrecError(f"{model}: input {w}x{h}; the ArcFace five-point alignment makes square crops")
@@ -232,11 +250,12 @@ def ijb_embeddings(model: str | Path, layout, five, *, batch: int = 64, progress
 
 def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = None, options=None,
                  all_options: bool = False, far_targets=None, fpir_targets=None, ranks=None, batch: int = 64,
-                 progress=None) -> IJBRun:
+                 progress=None, providers=None) -> IJBRun:
     """IJB-B/C 1:1 (both rules) and 1:N (when its CSVs are present) for ``model`` on the release at ``root``
     (``visrec.evaluate.ijb`` states the files, the pooling and the rules). ``options``: one
     :class:`~visrec.evaluate.ijb.PoolOptions` (default InsightFace's F1 N1 D1); ``all_options`` evaluates
-    all eight settings from the same embeddings."""
+    all eight settings from the same embeddings. ``providers``: the onnxruntime execution providers of an ONNX
+    model (``visrec._onnx``; None: the CPU)."""
     from itertools import product
 
     layout = ijb.IJBLayout.find(root, target)
@@ -255,7 +274,7 @@ def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = No
         gallery = (np.concatenate([x[0] for x in g]), np.concatenate([x[1] for x in g]))
         split = {p.stem.rsplit("_", 1)[-1]: x for p, x in zip(layout.galleries, g)}  # G1, G2 (S1, S2)
         probe = ijb.read_1n_csv(layout.probes)
-    plain, mirrored, align = ijb_embeddings(model, layout, five, batch=batch, progress=progress)
+    plain, mirrored, align = ijb_embeddings(model, layout, five, batch=batch, progress=progress, providers=providers)
     settings = [ijb.PoolOptions(*f) for f in product((True, False), repeat=3)] if all_options else \
         [options or ijb.PoolOptions()]
     run = IJBRun(layout.root, layout.prefix.upper(), len(meta.image_names), len(tids), int(pairs[2].sum()),
@@ -306,15 +325,17 @@ def evaluate_video_model(model: str | Path, video_list: str | Path, fusions=("me
 
 def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "eval-landmarks",
                        points: int | None = None, size: int | None = None, margin: float | None = None,
-                       coordinates: str = "integer") -> LandmarkEval:
+                       coordinates: str = "integer", providers=None) -> LandmarkEval:
     """A landmark model (visrec checkpoint or ONNX, via ``visrec.models.load_model``) on a JD-landmark
     directory (face-box crops). ``points``, ``size`` and ``margin`` (crop enlargement per side) default to
     the model's contract: the crop it was trained on; giving other values evaluates on other crops.
     The challenge submission goes to ``out/submission`` with ``coordinates`` as ``write_submission`` takes
-    them (integer by default, as the challenge asked); the metrics use the unrounded predictions."""
+    them (integer by default, as the challenge asked); the metrics use the unrounded predictions. ``providers``:
+    the onnxruntime execution providers of an ONNX model (``visrec._onnx``; None: the CPU)."""
     import torch
 
-    loaded = load_model(model)
+    info = {"model": str(model), "data": str(data)}
+    loaded = _runs_on(load_model(model, providers=providers), model, providers, info)
     c = loaded.contract
     if c.task != "landmarks" or c.crop_size is None:
         raise DataError(f"not a visrec landmark model (its contract says task {c.task!r})", path=model)
@@ -332,7 +353,6 @@ def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "e
     metrics = landmark_metrics(pred, gt)
     write_submission(Path(out) / "submission", ds, pred, coordinates)
     images = [ds.crop(i)[0] for i in range(min(12, len(ds)))]
-    report = write_landmark_report(out, pred, gt, images, metrics,
-                                   {"model": str(model), "data": str(data), "faces": str(len(ds)),
-                                    "crop": f"margin {margin:g} per side, {size} px"})
+    info.update({"faces": str(len(ds)), "crop": f"margin {margin:g} per side, {size} px"})
+    report = write_landmark_report(out, pred, gt, images, metrics, info)
     return LandmarkEval(metrics, report, len(ds))

@@ -36,15 +36,16 @@ class Face:
     points: np.ndarray | None = None  # the points the crop was aligned on (upload pixels), if any
 
 
-def Embedder(model: str | Path, runtime: str = "torch"):  # noqa: N802 - a factory standing where a class was
+def Embedder(model: str | Path, runtime: str = "torch", providers=None):  # noqa: N802 - a factory, once a class
     """The face embedder for ``model``: a registry adapter name (``dlib-resnet``, ``visrec[dlib]``), else a
-    visrec checkpoint (run dir / model.pt) or an ONNX file. Every embedder has ``name``, ``dim``, ``metric``
+    visrec checkpoint (run dir / model.pt) or an ONNX file (on the onnxruntime execution ``providers``,
+    :mod:`visrec._onnx`; the CPU by default). Every embedder has ``name``, ``dim``, ``metric``
     (how its embeddings compare: ``cosine``, or ``euclidean`` for distance models), ``input_size`` (its crop side), ``align(image, box, five, points)`` -> its crop, and ``__call__(crops)``."""
     from visrec.models.dlib_models import EXTERNAL
 
     if str(model) in EXTERNAL:
         return ExternalEmbedder(str(model))
-    return ArcFaceEmbedder(model, runtime=runtime)
+    return ArcFaceEmbedder(model, runtime=runtime, providers=providers)
 
 
 class ExternalEmbedder:
@@ -81,13 +82,14 @@ class ArcFaceEmbedder:
     embeddings of crops aligned to the ArcFace template. ``input_size``, ``dim`` and ``metric`` come from
     the model's contract."""
 
-    def __init__(self, model: str | Path, arch: str | None = None, runtime: str = "torch"):
+    def __init__(self, model: str | Path, arch: str | None = None, runtime: str = "torch", providers=None):
         from visrec.models.loading import load_model
 
         self.path = Path(model)
         self.lock = threading.Lock()
-        # CUDA when there is one, as visrec eval; ``runtime``: load_model's (a checkpoint's ONNX export)
-        self.model = load_model(model, arch=arch, device="auto", runtime=runtime)
+        # CUDA when there is one, as visrec eval; ``runtime``: load_model's (a checkpoint's ONNX export), whose
+        # session runs on ``providers``
+        self.model = load_model(model, arch=arch, device="auto", runtime=runtime, providers=providers)
         contract = self.model.contract
         if contract.task == "landmarks":
             raise VisrecError(f"{model} is a landmark model, not a face embedder")
@@ -122,12 +124,14 @@ class FacePipeline:
     None: the method the model's contract records (``lstsq`` when it records neither).
     ``aligned``: uploads are already crops (resized to the embedder's input size).
     ``detect_size``: faces are found on a copy scaled to this longest side (pixels; None: the full image) and
-    aligned on the full image (:class:`visrec.faces.detectors.ScaledDetector`)."""
+    aligned on the full image (:class:`visrec.faces.detectors.ScaledDetector`).
+    ``providers``: the onnxruntime execution providers (:mod:`visrec._onnx`) of every model here that runs in
+    ONNX Runtime (an ONNX embedder, detector or landmark model); None: the CPU."""
 
     def __init__(self, model: str | Path, *, aligned: bool = False, landmarks: str | Path | None = None,
                  detector="haar", box_margin: float = 0.2, align: str | None = None, max_pixels: int = 40_000_000,
-                 detect_size: int | None = 640, runtime: str = "torch"):
-        self.embedder = Embedder(model, runtime)
+                 detect_size: int | None = 640, runtime: str = "torch", providers=None):
+        self.embedder = Embedder(model, runtime, providers)
         if align is None:
             recorded = self.embedder.contract.align_method
             align = recorded if recorded in ("lstsq", "eyes") else "lstsq"
@@ -137,7 +141,7 @@ class FacePipeline:
         self.detector = None
         if not aligned:
             # a spec ("haar", "dlib-hog", an .onnx path) or any detector object (image -> list[Detection])
-            found = load_detector(detector) if isinstance(detector, (str, Path)) else detector
+            found = load_detector(detector, providers=providers) if isinstance(detector, (str, Path)) else detector
             self.detector = ScaledDetector(found, detect_size)
         self.landmarks = None
         if landmarks is not None:
@@ -152,7 +156,7 @@ class FacePipeline:
                 from visrec.models.loading import load_model
 
                 # the crop margin / size the landmark model was trained with come from its contract
-                landmark_model = load_model(landmarks)
+                landmark_model = load_model(landmarks, providers=providers)
                 if landmark_model.contract.task != "landmarks":
                     raise VisrecError(f"{landmarks} is a {landmark_model.contract.task} model, not a landmark model")
                 self.landmarks = landmark_model.predict

@@ -2,7 +2,9 @@
 
 An index directory holds:
   manifest.json        model config, descriptor dimension, options, counts, unreadable images by id
-  descriptor.pt        the descriptor network ({model_config, backbone}, the visrec checkpoint layout)
+  descriptor.pt        the descriptor network ({model_config, backbone}, the visrec checkpoint layout), or
+  descriptor.onnx      the ONNX descriptor the catalogue was described with (``visrec export`` of a product
+                       checkpoint), which ONNX Runtime runs on the queries too
   shards/              extraction shards ``shard-NNNNN.npz`` (ids, vectors); a crash mid-catalogue keeps
                        every finished shard and the next run continues after the last one
   descriptors.npy      raw catalogue descriptors (float16 or float32, rows = ids.txt), L2-normalised
@@ -13,6 +15,14 @@ An index directory holds:
 
 Descriptors: ``preprocess_product`` (white square padding, resize to ``size``, ImageNet normalisation),
 the network, and with ``multiscale`` the L2-normalised sum of the descriptors at each scale.
+
+Extraction feeds the network from ``workers`` loader threads (``index.workers``; default: the cores, at most 16):
+each reads, decodes and preprocesses a batch of ``batch_size`` consecutive catalogue images (OpenCV and NumPy
+release the GIL), a few batches ahead of the network, across shard boundaries; the network sees one
+:class:`~visrec.models.inference.PreparedBatch` per batch (one copy to the device per batch and scale, one copy
+back). The network is a PyTorch descriptor on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``), or an ONNX
+descriptor on ONNX Runtime's execution ``providers`` (:mod:`visrec._onnx`: ``cpu``, ``cuda``, ``tensorrt``,
+``auto``). A batch is the ``batch_size`` images at those positions in the shard, less the unreadable ones.
 
 Across processes (``group``: a torch.distributed process group; ``visrec products index`` under torchrun):
 rank r describes the extraction shards s with s % world == r — the shards, and the batches inside them, that
@@ -26,23 +36,28 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+from collections import deque
+from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
 from visrec._npz import load_npz
+from visrec._onnx import describe_providers, parse_providers
 from visrec._torchfile import atomic_save
-from visrec.config import load_config, validate_section
+from visrec.config import load_config, set_dotted, validate_section
 from visrec.data.products import list_images, load_catalogue_images, read_image_checked, write_submission
 from visrec.errors import ConfigError, DataError
 from visrec.index.faiss_index import FaissIndex
 from visrec.index.postprocess import Chain
 from visrec.models import build_backbone
-from visrec.models.inference import describe
+from visrec.models.inference import PreparedBatch, describe, prepare_batch
+from visrec.models.loading import load_model
 from visrec.models.model_file import default_contract, load_backbone
 from visrec.distributed import broadcast_module, from_rank_zero, gather_objects, on_every_rank, rank_and_size
 
@@ -62,6 +77,87 @@ class IndexOptions(BaseModel):
     shard_size: int = Field(1024, gt=0, description="images per extraction shard (resume granularity)")
     postprocess: list[dict] = Field(default_factory=list, description="ordered stages: whiten, dba, qe, diffusion")
     strict: bool = Field(False, description="fail on the first unreadable catalogue image")
+    workers: int | None = Field(None, ge=0, le=256, description="threads that read, decode and preprocess "
+                                "catalogue images ahead of the network (default: the cores, at most 16; 0: in "
+                                "the calling thread); how the index is built, not what it is: not in the manifest")
+
+
+def loader_threads(opts: IndexOptions) -> int:
+    """The loader threads of ``opts`` (``workers``; default the cores, at most 16)."""
+    return opts.workers if opts.workers is not None else min(16, os.cpu_count() or 1)
+
+
+class OnnxDescriptor(torch.nn.Module):
+    """A product descriptor exported to ONNX (``visrec export`` of a product checkpoint, its contract in the
+    file), run by ONNX Runtime where the extraction and search take a module: float32 (N, 3, S, S) on the CPU
+    -> (N, D) float32. ``providers``: the execution providers (:mod:`visrec._onnx`). ``input_size``: the
+    (height, width) the file fixes, or None when they are free. No parameters: nothing to broadcast."""
+
+    def __init__(self, path: str | Path, providers=None):
+        super().__init__()
+        self.path = Path(path)
+        loaded = load_model(self.path, providers=providers)
+        if loaded.contract.task != "product-embedding" or not hasattr(loaded, "onnx"):
+            raise DataError(f"a {loaded.contract.task} model, not a product descriptor (export a product "
+                            f"checkpoint with visrec export)", path=self.path)
+        self.loaded = loaded
+        self.session = loaded.onnx.session
+        shape = list(self.session.get_inputs()[0].shape)
+        hw = [d if isinstance(d, int) else None for d in shape[2:]] if len(shape) == 4 else [None, None]
+        self.input_size = tuple(hw) if None not in hw else None
+        self.model_config = dict(loaded.contract.arch or {"name": f"onnx:{self.path.name}"})
+        side = self.input_size or (64, 64)
+        self.dim = int(loaded.contract.embedding_dim or self(torch.zeros(1, 3, *side)).shape[1])
+
+    @property
+    def runtime(self) -> str:
+        return describe_providers(self.session)
+
+    def check_options(self, opts: IndexOptions) -> None:
+        """The file must take the inputs ``opts`` makes: ``size`` x ``size``, and every multiscale size."""
+        if self.input_size is None:
+            return
+        sizes = {int(round(opts.size * s)) for s in (opts.multiscale or [1.0])}
+        if sizes != {self.input_size[0]} or self.input_size[0] != self.input_size[1]:
+            raise ConfigError(f"{self.path} takes {self.input_size[0]}x{self.input_size[1]} inputs (its export "
+                              f"fixes them), the index options make {sorted(sizes)} px: set index.size="
+                              f"{self.input_size[0]} without index.multiscale, or index with the checkpoint")
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(self.loaded.onnx(x.detach().cpu().numpy()), np.float32))
+
+
+def _load_batch(items: Sequence[tuple[str, Path]], opts: IndexOptions
+                ) -> tuple[list[str], PreparedBatch | None, list[tuple[str, str]]]:
+    """(ids, prepared batch or None when none was readable, unreadable (id, reason)) of one batch's items;
+    with ``opts.strict`` the first unreadable image raises ``DataError`` naming it."""
+    bad: list[tuple[str, str]] = []
+    loaded = list(load_catalogue_images(items, strict=opts.strict, bad=bad))
+    prepared = prepare_batch([im for _, im in loaded], opts.size, opts.multiscale) if loaded else None
+    return [i for i, _ in loaded], prepared, bad
+
+
+def _batches_ahead(batches: Sequence[Sequence[tuple[str, Path]]], opts: IndexOptions
+                   ) -> Iterator[tuple[list[str], PreparedBatch | None, list[tuple[str, str]]]]:
+    """:func:`_load_batch` of each batch, in order, made by :func:`loader_threads` threads at most that many
+    batches (plus two) ahead of the caller; close the generator to stop them."""
+    workers = loader_threads(opts)
+    if workers == 0:
+        for b in batches:
+            yield _load_batch(b, opts)
+        return
+    pool = ThreadPoolExecutor(workers, thread_name_prefix="visrec-catalogue")
+    try:
+        todo = iter(batches)
+        pending = deque(pool.submit(_load_batch, b, opts) for b in islice(todo, workers + 2))
+        while pending:
+            done = pending.popleft().result()
+            nxt = next(todo, None)
+            if nxt is not None:
+                pending.append(pool.submit(_load_batch, nxt, opts))
+            yield done
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]], out_dir: str | Path,
@@ -73,55 +169,57 @@ def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]
     ``opts.strict`` the first one raises). Finished shards whose id list matches are reused, so a rerun
     after a crash only computes what is missing. ``progress(n)`` is called with images done. With
     ``world_size`` > 1 only the shards s with s % world_size == rank are computed (or reused) and returned;
-    :func:`join_shards` reads all of them back once every rank is done.
+    :func:`join_shards` reads all of them back once every rank is done. Images are read, decoded and
+    preprocessed by loader threads ahead of the network (module doc).
     """
     if not 0 <= rank < world_size:
         raise ConfigError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     shard_dir = Path(out_dir) / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     model.eval().to(device)
-    ids_all, vecs_all, bad_all = [], [], []
+    mine = []  # (shard path, its items, the finished shard to reuse or None)
     for s, start in enumerate(range(0, len(items), opts.shard_size)):
         if s % world_size != rank:
             continue
         chunk = list(items[start:start + opts.shard_size])
         path = shard_dir / f"shard-{s:05d}.npz"
-        expected = [i for i, _ in chunk]
-        if path.exists():
-            z = _finished_shard(path)
-            if z is not None and list(z["requested"]) == expected:
+        z = _finished_shard(path) if path.exists() else None
+        mine.append((path, chunk, z if z is not None and list(z["requested"]) == [i for i, _ in chunk] else None))
+    size = opts.batch_size
+    batches = _batches_ahead([chunk[b:b + size] for _, chunk, z in mine if z is None
+                              for b in range(0, len(chunk), size)], opts)
+    ids_all, vecs_all, bad_all = [], [], []
+    try:
+        for path, chunk, z in mine:
+            if z is not None:
                 ids_all += list(z["ids"])
                 vecs_all.append(z["vectors"].astype(np.float32))
                 bad_all += list(zip(z["bad_ids"].tolist(), z["bad_reasons"].tolist()))
                 if progress:
                     progress(len(chunk))
                 continue
-        bad: list[tuple[str, str]] = []
-        ids, vecs, pending = [], [], []
-
-        def flush():
-            if pending:
-                vecs.append(describe(model, [im for _, im in pending], opts.size, opts.multiscale, device))
-                ids.extend(i for i, _ in pending)
-                if progress:
-                    progress(len(pending))
-                pending.clear()
-
-        for image_id, img in load_catalogue_images(chunk, strict=opts.strict, bad=bad):
-            pending.append((image_id, img))
-            if len(pending) == opts.batch_size:
-                flush()
-        flush()
-        if progress and bad:
-            progress(len(bad))
-        vectors = np.concatenate(vecs) if vecs else np.zeros((0, getattr(model, "dim", 0)), np.float32)
-        tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-        np.savez(tmp, requested=np.array(expected), ids=np.array(ids, dtype=str), vectors=vectors.astype(opts.dtype),
-                 bad_ids=np.array([b[0] for b in bad], dtype=str), bad_reasons=np.array([b[1] for b in bad], dtype=str))
-        os.replace(tmp, path)  # a shard exists complete or not at all
-        ids_all += ids
-        vecs_all.append(vectors.astype(opts.dtype).astype(np.float32))
-        bad_all += bad
+            ids, vecs, bad = [], [], []
+            for _ in range(0, len(chunk), size):
+                batch_ids, prepared, batch_bad = next(batches)
+                bad += batch_bad
+                if prepared is not None:
+                    vecs.append(describe(model, prepared, opts.size, opts.multiscale, device))
+                    ids += batch_ids
+                    if progress:
+                        progress(len(batch_ids))
+            if progress and bad:
+                progress(len(bad))
+            vectors = np.concatenate(vecs) if vecs else np.zeros((0, getattr(model, "dim", 0)), np.float32)
+            tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
+            np.savez(tmp, requested=np.array([i for i, _ in chunk]), ids=np.array(ids, dtype=str),
+                     vectors=vectors.astype(opts.dtype), bad_ids=np.array([b[0] for b in bad], dtype=str),
+                     bad_reasons=np.array([b[1] for b in bad], dtype=str))
+            os.replace(tmp, path)  # a shard exists complete or not at all
+            ids_all += ids
+            vecs_all.append(vectors.astype(opts.dtype).astype(np.float32))
+            bad_all += bad
+    finally:
+        batches.close()
     return _joined(ids_all, vecs_all, bad_all)
 
 
@@ -163,6 +261,8 @@ def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: tor
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     chain = Chain.from_config(opts.postprocess)  # config errors before hours of extraction
+    if isinstance(model, OnnxDescriptor):
+        model.check_options(opts)
     items = list_images(catalogue)
     if not items:
         raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=catalogue)
@@ -170,10 +270,8 @@ def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: tor
         _same_catalogue_everywhere(items, opts, group)
         broadcast_module(model, group)  # rank 0's weights everywhere (a random head differs per rank otherwise)
 
-    contract = default_contract(model, model_config, image_size=opts.size, origin="visrec-checkpoint")
     if rank == 0:
-        atomic_save({"model_config": model_config, "backbone": model.state_dict(), "contract": contract.to_dict()},
-                    out / "descriptor.pt")
+        _save_descriptor(model, model_config, opts, out)
     if world == 1:
         return _finish(catalogue, out, model_config, opts, chain,
                        extract_descriptors(model, items, out, opts, device=device, progress=progress))
@@ -182,6 +280,21 @@ def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: tor
     return from_rank_zero("building the catalogue index",
                           lambda: _finish(catalogue, out, model_config, opts, chain, join_shards(items, out, opts)),
                           group)
+
+
+def _save_descriptor(model: torch.nn.Module, model_config: dict, opts: IndexOptions, out: Path) -> None:
+    """``descriptor.pt`` (a PyTorch descriptor) or ``descriptor.onnx`` (a copy of an ONNX one) into ``out``, the
+    other one removed: what :class:`CatalogueIndex` runs on the queries."""
+    if isinstance(model, OnnxDescriptor):
+        tmp = out / ".descriptor.onnx.tmp"
+        shutil.copyfile(model.path, tmp)
+        os.replace(tmp, out / "descriptor.onnx")
+        (out / "descriptor.pt").unlink(missing_ok=True)
+        return
+    contract = default_contract(model, model_config, image_size=opts.size, origin="visrec-checkpoint")
+    atomic_save({"model_config": model_config, "backbone": model.state_dict(), "contract": contract.to_dict()},
+                out / "descriptor.pt")
+    (out / "descriptor.onnx").unlink(missing_ok=True)
 
 
 def _same_catalogue_everywhere(items, opts: IndexOptions, group) -> None:
@@ -209,7 +322,7 @@ def _finish(catalogue, out: Path, model_config: dict, opts: IndexOptions, chain:
     FaissIndex(processed.shape[1], opts.factory, opts.nprobe).build(processed).save(out / "index.faiss")
     manifest = {"model_config": model_config, "dim": int(raw.shape[1]), "index_dim": int(processed.shape[1]),
                 "count": len(ids), "unreadable": [{"id": i, "reason": r} for i, r in bad],
-                "catalogue": str(Path(catalogue).resolve()), "options": opts.model_dump(),
+                "catalogue": str(Path(catalogue).resolve()), "options": opts.model_dump(exclude={"workers"}),
                 "postprocess_adjustments": chain.adjustments}
     tmp = out / f".{MANIFEST}.tmp"
     tmp.write_text(json.dumps(manifest, indent=1))
@@ -227,9 +340,11 @@ def _finished_shard(path: Path) -> dict | None:
 
 
 class CatalogueIndex:
-    """An index directory opened for search."""
+    """An index directory opened for search. Its descriptor runs the queries: ``descriptor.pt`` in PyTorch on
+    ``device``, or ``descriptor.onnx`` in ONNX Runtime on the execution ``providers`` (:mod:`visrec._onnx`;
+    None: the CPU). ``runtime`` says which."""
 
-    def __init__(self, index_dir: str | Path, device="cpu"):
+    def __init__(self, index_dir: str | Path, device="cpu", providers=None):
         self.dir = Path(index_dir)
         if not (self.dir / MANIFEST).exists():
             raise DataError("not a catalogue index (no manifest.json); build one with visrec products index",
@@ -239,9 +354,15 @@ class CatalogueIndex:
             self.opts = load_index_options(self.manifest["options"], str(self.dir / MANIFEST))
         except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise DataError(f"not a readable catalogue index manifest: {exc}", path=self.dir / MANIFEST) from None
-        self.model, _ = load_backbone(self.dir / "descriptor.pt")
-        self.device = device
-        self.model.to(device)
+        if (self.dir / "descriptor.onnx").is_file() and not (self.dir / "descriptor.pt").exists():
+            self.model = OnnxDescriptor(self.dir / "descriptor.onnx", providers)
+            self.device = "cpu"
+            self.runtime = self.model.runtime
+        else:
+            self.model, _ = load_backbone(self.dir / "descriptor.pt")
+            self.device = device
+            self.model.to(device)
+            self.runtime = f"PyTorch on {device}"
         try:
             self.ids = (self.dir / "ids.txt").read_text(encoding="utf-8").split("\n")[:-1]
         except (OSError, ValueError) as exc:
@@ -351,35 +472,81 @@ def load_index_options(raw: dict | None, source: str = "config") -> IndexOptions
 
 def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Path | None = None,
                     checkpoint: str | Path | None = None, overrides: dict | None = None, device: str = "cpu",
-                    progress=None, group=None) -> dict:
-    """``visrec products index``: the descriptor from ``checkpoint`` (a visrec run or model.pt) or from the
-    config's ``model`` section (random or local/hub weights as that section says), the ``index`` options
-    from the config (defaults without one); returns the manifest. ``group``: shard the extraction across the
-    ranks of this torch.distributed process group (module doc)."""
+                    providers=None, progress=None, group=None) -> dict:
+    """``visrec products index``: the descriptor from ``checkpoint`` (a visrec run or model.pt, run in PyTorch
+    on ``device``: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` = CUDA when there is one; or an ``.onnx`` export of a
+    product checkpoint, run in ONNX Runtime on ``providers``: :mod:`visrec._onnx`) or from the config's ``model``
+    section (random or local/hub weights as that section says), the ``index`` options from the config
+    (defaults without one, changed by ``index.*`` keys of ``overrides``); returns the manifest, with
+    ``runtime`` (what ran the descriptor; not stored). ``group``: shard the extraction across the ranks of this
+    torch.distributed process group (module doc). ``providers`` asking for a GPU with a PyTorch descriptor,
+    or a GPU ``device`` with an ONNX one, is a ConfigError saying which option applies."""
     if config is None and checkpoint is None:
         raise ConfigError("give --config (model + index options) or --model (a trained descriptor)")
     cfg = load_config(config, overrides) if config else None
-    opts = load_index_options(cfg.index if cfg else {}, str(config or "defaults"))
-    if checkpoint is not None:
-        model, model_config = load_backbone(checkpoint)
+    opts = load_index_options(cfg.index if cfg else _index_overrides(overrides), str(config or "defaults"))
+    spec = parse_providers(providers)
+    if checkpoint is not None and Path(checkpoint).suffix.lower() == ".onnx":
+        if str(device) not in ("cpu", "auto"):
+            raise ConfigError(f"--device {device} places a PyTorch descriptor; {checkpoint} is ONNX, run by ONNX "
+                              f"Runtime on --providers (cpu, cuda, tensorrt, auto)")
+        model = OnnxDescriptor(checkpoint, spec)
+        model.check_options(opts)
+        model_config, device, runtime = model.model_config, "cpu", model.runtime
     else:
-        model_config = cfg.model.as_dict()
-        model = build_backbone(cfg.model.name, **cfg.model.kwargs)
+        if spec.explicit_gpu:
+            raise ConfigError(f"--providers {spec.text} runs an ONNX descriptor (--model FILE.onnx: visrec export of "
+                              f"the checkpoint); a checkpoint or config runs in PyTorch: --device cuda (or auto)")
+        if checkpoint is not None:
+            model, model_config = load_backbone(checkpoint)
+        else:
+            model_config = cfg.model.as_dict()
+            model = build_backbone(cfg.model.name, **cfg.model.kwargs)
+        if str(device) == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if str(device).startswith("cuda") and not torch.cuda.is_available():
+            raise ConfigError(f"--device {device}: torch.cuda.is_available() is False on this machine (cpu, or "
+                              f"auto: CUDA when there is one)")
+        runtime = f"PyTorch on {device}"
     if not hasattr(model, "dim"):
         raise ConfigError(f"model {model_config['name']!r} is not a product descriptor (use name: product)")
-    return build_catalogue_index(catalogue, out, model, model_config, opts, device=device, progress=progress,
-                                 group=group)
+    manifest = build_catalogue_index(catalogue, out, model, model_config, opts, device=device, progress=progress,
+                                     group=group)
+    return {**manifest, "runtime": runtime}
 
 
-def search_catalogue(index_dir: str | Path, query: str | Path, k: int = 7, submission: str | Path | None = None
-                     ) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
+def _index_overrides(overrides: dict | None) -> dict:
+    """The ``index`` section made of ``index.*`` overrides alone (no config): any other key is an error."""
+    raw: dict = {}
+    for key, value in (overrides or {}).items():
+        if not key.startswith("index."):
+            raise ConfigError(f"--set {key}: without --config only the index options apply (index.batch_size=64, "
+                              f"index.workers=8, ...)")
+        set_dotted(raw, key.removeprefix("index."), value)
+    return raw
+
+
+def open_for_queries(index_dir: str | Path, providers=None) -> CatalogueIndex:
+    """The index opened for a command's queries: an ONNX descriptor on ``providers``; ``providers`` asking for
+    a GPU when the index's descriptor runs in PyTorch is a ConfigError (it would be ignored)."""
+    index = CatalogueIndex(index_dir, providers=providers)
+    spec = parse_providers(providers)
+    if spec.explicit_gpu and not isinstance(index.model, OnnxDescriptor):
+        raise ConfigError(f"--providers {spec.text}: {index_dir} holds a PyTorch descriptor (descriptor.pt); "
+                          f"--providers applies to an index built from an ONNX descriptor (descriptor.onnx)")
+    return index
+
+
+def search_catalogue(index_dir: str | Path, query: str | Path, k: int = 7, submission: str | Path | None = None,
+                     providers=None) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
     """``visrec products search``: one image or a folder of images -> ranked ids and scores per query id
-    (the file stem); ``submission`` writes the challenge CSV."""
+    (the file stem); ``submission`` writes the challenge CSV. ``providers``: where an index's ONNX descriptor
+    runs (:func:`open_for_queries`)."""
     query = Path(query)
     if not query.exists():
         raise DataError("query image or folder not found", path=query)
     items = list_images(query) if query.is_dir() else [(query.stem, query)]
-    ranked, scores = CatalogueIndex(index_dir).search_items(items, k)
+    ranked, scores = open_for_queries(index_dir, providers).search_items(items, k)
     if submission is not None:
         write_submission(submission, ranked, k)
     return ranked, scores

@@ -20,7 +20,7 @@ import numpy as np
 from visrec.data.images import read_image
 from visrec.data.products import GROUND_TRUTH, list_images, pad_to_square, read_ground_truth, write_submission
 from visrec.evaluate.products import query_items, retrieval_metrics
-from visrec.index.catalogue import CatalogueIndex
+from visrec.index.catalogue import CatalogueIndex, open_for_queries
 from visrec.index.postprocess import _topk
 
 
@@ -80,14 +80,15 @@ def postprocess_ablation(index_dir: str | Path, root: str | Path, k: int = 7, pr
 
 
 def evaluate_products(index_dir: str | Path, root: str | Path, out: str | Path = "eval-products", k: int = 7,
-                      samples: int = 8, progress=None, ablation: bool = False) -> ProductEval:
+                      samples: int = 8, progress=None, ablation: bool = False, providers=None) -> ProductEval:
     """Search every ground-truth query of ``root`` in the index; write submission.csv and report.html.
     With ``ablation`` also measure the metrics after each stage of the post-processing chain
-    (``postprocess_ablation``; the queries are described a second time) and put that table in the report."""
+    (``postprocess_ablation``; the queries are described a second time) and put that table in the report.
+    ``providers``: where an index's ONNX descriptor runs (``visrec.index.catalogue.open_for_queries``)."""
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
     gt = read_ground_truth(root / GROUND_TRUTH)
-    index = CatalogueIndex(index_dir)
+    index = open_for_queries(index_dir, providers)
     items = query_items(root, gt)
     ranked, scores = index.search_items(items, k, progress=progress)
     metrics = retrieval_metrics(ranked, gt, k)

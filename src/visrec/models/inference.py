@@ -4,6 +4,7 @@ product descriptor network on a validation root (the product trainer's validatio
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -59,17 +60,38 @@ def video_features(model: torch.nn.Module, video_list: str | Path, fusions=("mea
             [it.video_id for it in items])
 
 
+@dataclass(frozen=True)
+class PreparedBatch:
+    """The network input of a batch of product images: for each scale, (N, 3, S, S) float32, the images'
+    ``preprocess_product`` outputs stacked. What :func:`describe` runs; the catalogue extraction has them made
+    by its loader threads, ahead of the network."""
+
+    scales: tuple[np.ndarray, ...]
+
+    def __len__(self) -> int:
+        return len(self.scales[0]) if self.scales else 0
+
+
+def prepare_batch(images: Sequence[np.ndarray], size: int = 224, multiscale: Sequence[float] | None = None
+                  ) -> PreparedBatch:
+    """The :class:`PreparedBatch` of RGB uint8 images: each padded, resized to ``round(size * scale)`` and
+    normalised (``preprocess_product``) at every scale of ``multiscale`` (default: ``size`` alone)."""
+    scales = list(multiscale) if multiscale else [1.0]
+    return PreparedBatch(tuple(np.stack([preprocess_product(im, int(round(size * s))) for im in images])
+                               for s in scales))
+
+
 @torch.no_grad()
-def describe(model: torch.nn.Module, images: Sequence[np.ndarray], size: int = 224,
+def describe(model: torch.nn.Module, images: Sequence[np.ndarray] | PreparedBatch, size: int = 224,
              multiscale: Sequence[float] | None = None, device: str | torch.device = "cpu") -> np.ndarray:
-    """(N, D) float32 L2-normalised descriptors of RGB uint8 images."""
+    """(N, D) float32 L2-normalised descriptors of RGB uint8 images (or of their :class:`PreparedBatch`, made
+    with the same ``size`` and ``multiscale``): one copy to ``device`` per scale, one copy back per batch."""
     if not len(images):
         return np.zeros((0, getattr(model, "dim", 0)), np.float32)
-    scales = list(multiscale) if multiscale else [1.0]
+    batch = images if isinstance(images, PreparedBatch) else prepare_batch(images, size, multiscale)
     total = None
-    for s in scales:
-        batch = np.stack([preprocess_product(im, int(round(size * s))) for im in images])
-        out = model(torch.from_numpy(batch).to(device)).float()
+    for x in batch.scales:
+        out = model(torch.from_numpy(x).to(device)).float()
         total = out if total is None else total + out
     return torch.nn.functional.normalize(total, dim=1).cpu().numpy()
 

@@ -24,6 +24,10 @@ not exist, a file of an unknown kind, or an ONNX file with neither a contract no
 Images given to ``embed`` are uint8 RGB (N, H, W, 3) crops at the contract's input size, aligned as the
 contract says; a list of (H, W, 3) arrays is accepted. ``embed`` returns what the model gives (visrec face
 models: raw, not L2-normalised; ``contract.l2_normalised`` says which), float32 (N, D).
+
+ONNX files (and a checkpoint's export under ``runtime="onnx"``/``"auto"``) run on the execution providers
+``providers=`` chooses (:mod:`visrec._onnx`: ``cpu`` by default, ``cuda``, ``tensorrt``, ``auto``); a torch module
+runs on ``device=``.
 """
 
 from __future__ import annotations
@@ -35,10 +39,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from visrec._onnx import OnnxEmbedder, open_session
+from visrec._onnx import OnnxEmbedder, describe_providers, open_session
 from visrec._torchfile import read_torch_file
 from visrec.data.augment import crop_face
-from visrec.errors import DataError
+from visrec.errors import ConfigError, DataError
 from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY, VISREC_MEAN, VISREC_STD, ModelContract, Threshold, contract_from_config
 from visrec.models.dlib_models import EXTERNAL, build_external
 from visrec.models.embed import embed_images, images_to_tensor
@@ -73,11 +77,13 @@ class LoadedModel:
     """A model with its contract. ``embed(images)`` for embedders, ``predict(image, boxes)`` for landmark
     models, ``module`` the torch module where there is one (else None), ``name`` what a gallery records,
     ``runtime`` what runs it (``torch``, ``onnxruntime``, or an adapter's own library) and ``runtime_note``
-    why, when :func:`load_model` chose."""
+    why, when :func:`load_model` chose (for ONNX Runtime, the providers its session got); ``providers`` the
+    execution providers of an ONNX Runtime session (``session.get_providers()``), else None."""
 
     module = None
     runtime = "adapter"
     runtime_note = ""
+    providers: list[str] | None = None
 
     def __init__(self, contract: ModelContract, name: str):
         self.contract, self.name = contract, name
@@ -181,11 +187,13 @@ class OnnxModel(LoadedModel):
 
     runtime = "onnxruntime"
 
-    def __init__(self, path: Path, contract: ModelContract, name: str, session=None):
+    def __init__(self, path: Path, contract: ModelContract, name: str, session=None, providers=None):
         super().__init__(contract, name)
 
         self.path = Path(path)
-        self.onnx = OnnxEmbedder(self.path, session=session)
+        self.onnx = OnnxEmbedder(self.path, session=session, providers=providers)
+        self.providers = list(self.onnx.session.get_providers())
+        self.runtime_note = describe_providers(self.onnx.session)
 
     def embed(self, images, *, flip: bool = False) -> np.ndarray:
         if not self.is_embedder:
@@ -206,6 +214,8 @@ class ZooArcFace(LoadedModel):
     def __init__(self, zoo, contract: ModelContract):
         super().__init__(contract, f"onnx:{zoo.path.name}")
         self.zoo = zoo
+        self.providers = list(zoo.session.get_providers())
+        self.runtime_note = describe_providers(zoo.session)
 
     def embed(self, images, *, flip: bool = False) -> np.ndarray:
         arr = _stack(images)
@@ -219,6 +229,8 @@ class ZooLandmarks(LoadedModel):
     def __init__(self, zoo, contract: ModelContract):
         super().__init__(contract, f"onnx:{zoo.path.name}")
         self.zoo = zoo
+        self.providers = list(zoo.session.get_providers())
+        self.runtime_note = describe_providers(zoo.session)
 
     def predict(self, image, boxes) -> np.ndarray:
         return self.zoo(image, boxes)
@@ -294,8 +306,8 @@ def read_onnx_contract(path: str | Path, session=None) -> ModelContract | None:
     return ModelContract.from_json(meta[ONNX_KEY], path=path).replace(source=str(path))
 
 
-def _load_onnx(path: Path) -> LoadedModel:
-    session = open_session(path, what="model")
+def _load_onnx(path: Path, providers=None) -> LoadedModel:
+    session = open_session(path, providers, what="model")
     contract = read_onnx_contract(path, session)
     if contract is not None:
         return OnnxModel(path, contract, f"onnx:{path.name}", session=session)
@@ -360,14 +372,18 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _onnx_twin(checkpoint: Path, contract: ModelContract, name: str) -> LoadedModel | str:
+def _onnx_twin(checkpoint: Path, contract: ModelContract, name: str, providers=None) -> LoadedModel | str:
     """The checkpoint's ONNX export beside it (:data:`ONNX_TWIN`, recording this checkpoint's SHA-256, which
-    ``visrec export`` writes), run by ONNX Runtime under the checkpoint's name and contract; else why not."""
+    ``visrec export`` writes), run by ONNX Runtime under the checkpoint's name and contract; else why not. A
+    ``providers`` request that cannot be honoured (no such provider, or a fallback to the CPU) is raised, not
+    passed over: the caller asked for that runtime."""
     twin = checkpoint.parent / ONNX_TWIN
     if not twin.is_file():
         return f"no {ONNX_TWIN} beside it (visrec export {checkpoint} --out {twin})"
     try:
-        session = open_session(twin, what="model")
+        session = open_session(twin, providers, what="model")
+    except ConfigError:
+        raise
     except Exception as exc:  # noqa: BLE001 - onnxruntime missing or a broken file: said, then torch serves
         return f"{twin} does not open: {str(exc).splitlines()[0][:200]}"
     recorded = (session.get_modelmeta().custom_metadata_map or {}).get(CHECKPOINT_KEY)
@@ -375,12 +391,12 @@ def _onnx_twin(checkpoint: Path, contract: ModelContract, name: str) -> LoadedMo
         return (f"{twin} is not the export of this checkpoint (it records "
                 f"{'no checkpoint' if recorded is None else 'another one'}; export it again)")
     model = OnnxModel(twin, contract, name, session=session)
-    model.runtime_note = f"ONNX Runtime: {twin}, exported from this checkpoint"
+    model.runtime_note = f"{describe_providers(session)}: {twin}, exported from this checkpoint"
     return model
 
 
 def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str = "cpu",
-               runtime: str = "torch") -> LoadedModel:
+               runtime: str = "torch", providers=None) -> LoadedModel:
     """The model ``spec`` names, with its contract (module docstring: the kinds accepted). ``arch``: the
     registry architecture of a bare state dict (``backbone.pth``), a name or ``{"name", **kwargs}``.
     ``device``: where a torch module runs (``cpu``, ``cuda``, ``cuda:1``; ``auto``: CUDA when there is one).
@@ -390,7 +406,11 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
     ``visrec export`` writes it) through ONNX Runtime, under the checkpoint's name and contract, and is a
     :class:`DataError` without one; ``auto`` takes the export when there is one and the device is the CPU
     (ONNX Runtime is several times faster than eager PyTorch there: BENCHMARKS.md), else torch, saying why in
-    ``runtime_note``."""
+    ``runtime_note``.
+
+    ``providers``: the execution providers of whatever runs in ONNX Runtime (an ``.onnx`` file, a checkpoint's
+    export): a choice of :mod:`visrec._onnx` (None or ``cpu``: the CPU; ``cuda``, ``tensorrt``, ``auto``, a list);
+    a request the machine cannot honour is a ConfigError. A torch module ignores it (``device`` places it)."""
     if runtime not in RUNTIMES:
         raise DataError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
     text = str(spec)
@@ -408,7 +428,7 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
     if path.suffix.lower() == ".onnx":
         if arch is not None:
             raise DataError("arch= applies to a bare state dict (backbone.pth), not to an ONNX file", path=path)
-        return _load_onnx(path)
+        return _load_onnx(path, providers)
     try:
         blob = read_torch_file(path)
     except DataError as exc:
@@ -419,7 +439,7 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
         module, cfg, contract = _from_checkpoint(path, blob)
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         if runtime == "onnx" or (runtime == "auto" and cpu):
-            twin = _onnx_twin(path, contract, _checkpoint_name(cfg))
+            twin = _onnx_twin(path, contract, _checkpoint_name(cfg), providers)
             if not isinstance(twin, str):
                 return twin
             if runtime == "onnx":

@@ -130,7 +130,7 @@ def _load(cfg: ServeConfig) -> dict:
         from visrec.models.loading import load_model
 
         # predicts with the crop margin / size of the model's contract
-        state["landmarks"] = load_model(cfg.landmarks.model, runtime=cfg.landmarks.runtime)
+        state["landmarks"] = load_model(cfg.landmarks.model, runtime=cfg.landmarks.runtime, providers=cfg.providers)
         log.info("landmarks %s: %s", cfg.landmarks.model, state["landmarks"].runtime_note or
                  state["landmarks"].runtime)
         if state["landmarks"].contract.task != "landmarks":
@@ -139,7 +139,7 @@ def _load(cfg: ServeConfig) -> dict:
     if cfg.products is not None:
         from visrec.index.catalogue import CatalogueImages, CatalogueIndex
 
-        state["products"] = CatalogueIndex(cfg.products.index)
+        state["products"] = CatalogueIndex(cfg.products.index, providers=cfg.providers)
         state["catalogue_images"] = CatalogueImages(state["products"], cfg.products.catalogue)
     return state
 

@@ -20,8 +20,9 @@ import re
 from pathlib import Path
 from typing import Optional
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+from visrec._onnx import CHOICES_HELP, parse_providers
 from visrec.config import read_yaml_mapping, validate_section
 from visrec.errors import ConfigError
 
@@ -126,8 +127,9 @@ class GalleryConfig(_Strict):
 
 
 RUNTIME_HELP = ("torch | onnx | auto: auto serves a checkpoint through its ONNX export beside it (model.onnx "
-                "written by `visrec export`, which records the checkpoint's SHA-256) with ONNX Runtime on the CPU, "
-                "else PyTorch; onnx refuses to start without that export (docs/serve.md)")
+                "written by `visrec export`, which records the checkpoint's SHA-256) with ONNX Runtime (on "
+                "`providers`, the CPU by default) when PyTorch has no GPU, else PyTorch; onnx refuses to start "
+                "without that export (docs/serve.md)")
 
 
 class FacesConfig(_Strict):
@@ -268,10 +270,24 @@ class ServeConfig(_Strict):
                                                "do not oversubscribe the cores")
     api_keys: list[str | ApiKey] = Field(default_factory=list, description="keys (every gallery) or "
                                                                           "{key, galleries} (only those)")
+    providers: str = Field("cpu", max_length=400,
+                           description="ONNX Runtime execution providers of every model the service runs in ONNX "
+                                       "Runtime (an ONNX face embedder, detector or landmark model, a checkpoint's "
+                                       "export under runtime auto/onnx, an index's ONNX descriptor): "
+                                       + CHOICES_HELP + "; cuda and tensorrt need visrec[gpu] (docs/serve.md)")
     faces: FacesConfig | None = None
     landmarks: LandmarksConfig | None = None
     products: ProductsConfig | None = None
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
+
+    @field_validator("providers")
+    @classmethod
+    def _known_providers(cls, value: str) -> str:
+        try:
+            parse_providers(value)  # spelling only: whether this machine has them is checked when a model opens
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return value
 
     def keys(self) -> dict[str, frozenset[str] | None]:
         """Each configured key -> the galleries it may use (None: every one). An empty or blank key (in

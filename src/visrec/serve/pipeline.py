@@ -18,7 +18,8 @@ def configured_pipeline(cfg) -> FacePipeline:
     and ``visrec gallery enroll`` both run, so one photo gives one crop either way."""
     f = cfg.faces
     return FacePipeline(f.model, aligned=f.aligned, landmarks=f.landmarks, detector=f.detector, align=f.align,
-                        max_pixels=cfg.limits.max_pixels, detect_size=f.detect_size, runtime=f.runtime)
+                        max_pixels=cfg.limits.max_pixels, detect_size=f.detect_size, runtime=f.runtime,
+                        providers=cfg.providers)
 
 
 def open_named_gallery(name: str, g: GalleryConfig, embedder: Embedder):
@@ -83,7 +84,8 @@ def calibrate_gallery(config: str | Path, data: str | Path, target_fpr: float = 
     f = cfg.faces
     embedder, embeddings, labels, seen = embed_labelled(
         f.model, data, photos=photos, batch=batch, progress=progress, aligned=f.aligned, landmarks=f.landmarks,
-        detector=f.detector, align=f.align, max_pixels=cfg.limits.max_pixels, detect_size=f.detect_size)
+        detector=f.detector, align=f.align, max_pixels=cfg.limits.max_pixels, detect_size=f.detect_size,
+        providers=cfg.providers)
     store = open_named_gallery(name, g, embedder)
     try:
         out = calibrate(store, embeddings, labels, target_fpr)
