@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import Dataset
 
 from visrec.data.datasets import FACE_SIZE, FaceDataset
-from visrec.data.images import check_encoded, decode_image
+from visrec.data.images import _jpeg_complete as jpeg_complete, check_encoded, decode_image
 from visrec.data.text import read_bytes
 from visrec.errors import DataError
 
@@ -76,9 +76,7 @@ class EncodedFaces(Dataset):
         width, height = check_encoded(data, source=source, record=record)
         label = int(self.labels[i])
         if data.startswith(_SOI) and (width, height) == (FACE_SIZE, FACE_SIZE) and not _has_exif(data):
-            # decode_image's cut-short check, here where the batched decoder would not make it
-            sos = data.find(b"\xff\xda")
-            if sos < 0 or data.find(b"\xff\xd9", sos + 2) < 0:
+            if not jpeg_complete(data):  # decode_image's check, here where the batched decoder would not make it
                 raise DataError(f"truncated JPEG: its {len(data)} bytes end before the end-of-image marker",
                                 path=source, record=record)
             return torch.frombuffer(bytearray(data), dtype=torch.uint8), False, label, i
@@ -116,11 +114,7 @@ class EncodedFaces(Dataset):
         """One image the batched call could not take, through visrec's decoder: a DataError naming it."""
         source, record = self.where(i)
         pixels = decode_image(bytes(data.numpy()), source=source, record=record)
-        return to_uint8_chw(pixels).to(device)
-
-
-def to_uint8_chw(pixels: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
+        return torch.from_numpy(pixels).permute(2, 0, 1).to(device)
 
 
 def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:

@@ -95,9 +95,9 @@ class FaceTask(Task):
         # flip itself runs on the training device.
         mask = torch.rand(images.shape[0]) < 0.5
         if images.is_cuda:
-            # a copy from pageable memory would wait for the GPU to finish the previous step
-            mask = mask.pin_memory().to(images.device, non_blocking=True)
-        images = torch.where(mask.to(images.device)[:, None, None, None], images.flip(3), images)
+            mask = mask.pin_memory()  # a copy from pageable memory would wait for the GPU's previous step
+        mask = mask.to(images.device, non_blocking=True)
+        images = torch.where(mask[:, None, None, None], images.flip(3), images)
         return images, labels
 
     def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
