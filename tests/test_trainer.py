@@ -166,8 +166,14 @@ def _write_yaml(cfg, path: Path) -> Path:
 @pytest.mark.slow
 def test_kill_9_then_resume_is_bit_exact(face_rec, tmp_path):
     steps = 14
-    ref = make_cfg(face_rec, tmp_path / "ref", schedule={"max_steps": steps}, checkpoint_every=1)
-    train(ref, progress=False)
+    # The reference runs as a process of its own, like the killed run: one started in this pytest process
+    # would use whatever thread count an earlier test left, and CPU results depend on it
+    # (test_resume_under_another_thread_count_says_so).
+    ref = _write_yaml(make_cfg(face_rec, tmp_path / "ref", schedule={"max_steps": steps}, checkpoint_every=1),
+                      tmp_path / "ref.yaml")
+    done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", "--config", str(ref), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
     cfg = _write_yaml(make_cfg(face_rec, tmp_path / "run", schedule={"max_steps": steps}, checkpoint_every=1),
                       tmp_path / "run.yaml")
     cmd = [sys.executable, "-m", "visrec.cli", "train", "--config", str(cfg), "--no-progress"]
@@ -186,6 +192,24 @@ def test_kill_9_then_resume_is_bit_exact(face_rec, tmp_path):
     done = subprocess.run(cmd + ["--resume"], capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
     assert_same_weights(final_state(tmp_path / "ref"), final_state(tmp_path / "run"))
+
+
+def test_resume_under_another_thread_count_says_so(face_rec, tmp_path, capsys):
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        train(make_cfg(face_rec, tmp_path / "a", schedule={"max_steps": 4}), progress=False, stop_after_steps=2)
+        assert final_state(tmp_path / "a")["cpu_threads"] == 1
+        capsys.readouterr()
+        train(make_cfg(face_rec, tmp_path / "a", schedule={"max_steps": 4}), resume=True, progress=False)
+        assert "CPU thread" not in capsys.readouterr().err  # the same count: nothing to say
+        train(make_cfg(face_rec, tmp_path / "b", schedule={"max_steps": 4}), progress=False, stop_after_steps=2)
+        torch.set_num_threads(2)
+        train(make_cfg(face_rec, tmp_path / "b", schedule={"max_steps": 4}), resume=True, progress=False)
+        err = capsys.readouterr().err
+        assert "written with 1 CPU thread, this process runs 2" in err and "OMP_NUM_THREADS=1" in err
+    finally:
+        torch.set_num_threads(before)
 
 
 @pytest.mark.slow

@@ -129,6 +129,24 @@ def check_resume(output: Path, rank: int, world_size: int, state: dict[str, Any]
         f"process{'es' if world_size != 1 else ''} (the backbone carries over; the class centres start fresh).")
 
 
+def thread_count_notice(state: dict[str, Any], device: torch.device, deterministic: bool) -> str | None:
+    """The one-line notice a deterministic CPU resume prints when this process runs another number of
+    intra-op threads than the one that wrote the checkpoint (``cpu_threads``), else None. CPU kernels split
+    their reductions by thread, so the same run under 1 and 2 threads differs in the last bits after one
+    step and visibly after a dozen: bit-exact resume holds for the same thread count only. A file without
+    the field (written before it was recorded) or with a value that is not a small positive int says
+    nothing."""
+    saved = state.get("cpu_threads")
+    if not deterministic or device.type != "cpu" or type(saved) is not int or not 0 < saved <= 4096:
+        return None
+    now = torch.get_num_threads()
+    if saved == now:
+        return None
+    return (f"--resume: the checkpoint was written with {saved} CPU thread{'s' if saved != 1 else ''}, this "
+            f"process runs {now}; the resumed weights will not equal an uninterrupted run's bit for bit "
+            f"(set OMP_NUM_THREADS={saved} for that)")
+
+
 def check_sharding(saved: dict[str, Any] | None, current: dict[str, dict[str, int]], path: Path) -> None:
     """ConfigError when a resumed module's class shard differs from the one checkpointed (e.g. the training
     set now has another number of identities), naming the module and both shards."""

@@ -3,7 +3,8 @@
 Resumption is exact: the data order is a pure function of (seed, epoch), every random choice inside a
 step draws from RNG states that are checkpointed, and the data position (epoch, step) is saved, so a
 run stopped or killed after a checkpoint and resumed produces the same weights as one that never
-stopped (bit-exact on CPU in deterministic mode). A run resumes under the number of processes that
+stopped (bit-exact on CPU in deterministic mode under the same number of CPU threads: kernels split their
+reductions by thread, so a resume under another count prints a one-line notice). A run resumes under the number of processes that
 wrote its checkpoints, or is refused with a message saying what to do (``checkpoint.check_resume``);
 ``--resume`` with no checkpoint yet says so in one line and starts at step 0. ``metrics.jsonl`` never
 holds a step twice: on every start the rows after the starting step are dropped (atomically).
@@ -182,6 +183,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
         scaler.load_state_dict(state["scaler"])
         ckpt.set_rng_state(state["rng"])
         global_step = state["global_step"]
+        if ctx.is_main:
+            notice = ckpt.thread_count_notice(state, ctx.device, cfg.deterministic)
+            if notice:
+                print(notice, file=sys.stderr, flush=True)
 
     # the model's contract (input, normalisation, alignment, dim / landmark crop), saved with every checkpoint
     contract = task.model_contract(modules["backbone"]).to_dict()
@@ -221,6 +226,7 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
             "model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
             "contract": contract, "config": cfg.model_dump(mode="json"),
             "world_size": ctx.world_size, "rank": ctx.rank, "sharding": ckpt.sharding(modules),
+            "cpu_threads": torch.get_num_threads(),
         }, ckpt.rank_path(out, ctx.rank))
         if ctx.is_main:
             blob = {"model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
