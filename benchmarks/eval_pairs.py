@@ -118,7 +118,7 @@ def child(method, n, target, device, threads):
     else:
         secs, tpr, fa = run_sklearn(n, target)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    print(json.dumps({"secs": secs, "tpr": tpr, "peak_bytes": peak}))
+    print(json.dumps({"secs": secs, "tpr": tpr, "false_accepts": fa, "peak_bytes": peak}))
 
 
 def measure(method, n, target, device, threads):
@@ -156,7 +156,8 @@ def main() -> None:
     from rich.table import Table
 
     table = Table(title=f"exact TPR@FPR={args.target:g}, 512-d, device {args.device}, {args.threads} thread(s)")
-    for col in ("N", "pairs", "method", "seconds", "pairs/s", "peak RSS GB", "TPR", "visrec's speed-up"):
+    for col in ("N", "pairs", "method", "seconds", "pairs/s", "peak RSS GB", "TPR", "false accepts",
+                "visrec's speed-up"):
         table.add_column(col)
     names = {"numpy": "numpy matmul + partition", "sklearn": "sklearn roc_curve"}
     for n in args.sizes + args.alone:
@@ -171,8 +172,11 @@ def main() -> None:
             rows += [(names[p], measure(p, n, args.target, "cpu", args.threads)) for p in args.peers]
         for name, r in rows:
             speed = r["secs"] / v["secs"] if r is not v else None
+            # TPR is None where the target is below 1 / (impostor pairs): no threshold reaches it
+            tpr = "-" if r["tpr"] is None or math.isnan(r["tpr"]) else f"{r['tpr']:.6f}"
+            fa = "-" if r.get("false_accepts") is None else f"{r['false_accepts']:,}"
             table.add_row(f"{n:,}", f"{pairs:.3g}", name, f"{r['secs']:.2f}", f"{pairs / r['secs']:.3g}",
-                          f"{r['peak_bytes'] / 1e9:.2f}", f"{r['tpr']:.6f}", f"{speed:.2f}x" if speed else "-")
+                          f"{r['peak_bytes'] / 1e9:.2f}", tpr, fa, f"{speed:.2f}x" if speed else "-")
             print(f"{n} {name}: {pairs / r['secs'] / 1e9:.3f} Gpairs/s")  # plain lines for a log
     Console(width=150).print(table)
 

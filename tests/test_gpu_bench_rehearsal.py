@@ -1,0 +1,47 @@
+"""scripts/gpu_bench.sh is the one command a session with a GPU runs, once, for minutes it cannot get back:
+its rehearsal (GPU_BENCH_REHEARSAL=1: the same steps on the CPU with tiny sizes) runs here so that a wrong
+flag, a missing import or a renamed function fails in CI instead of on the device. The budget that keeps the
+whole run inside one device command is checked too."""
+
+import os
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = ["train_mbf_4", "train_r50_4", "eval_pairs_500k", "products_extraction", "trainer_smoke", "kernel_check",
+         "train_mbf_128_eager"]
+
+
+def bench(out: Path, **env) -> str:
+    done = subprocess.run(["bash", "scripts/gpu_bench.sh", str(out)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=900, env=dict(os.environ, PYTHON=sys.executable, GPU_BENCH_REHEARSAL="1", **env))
+    assert done.returncode == 0, done.stderr[-3000:]
+    return (out / "gpu_bench.txt").read_text()
+
+
+@pytest.mark.slow
+def test_every_step_of_the_gpu_script_runs_in_its_rehearsal(tmp_path):
+    report = bench(tmp_path / "out")
+    assert report.startswith("# visrec GPU bench REHEARSAL")
+    for name in STEPS:
+        assert f"-- {name}: exit 0 after" in report, f"{name} failed:\n{report[-4000:]}"
+    # the figures each step exists for are in the report
+    assert report.count("real input path / synthetic tensors:") == 2  # mbf and r50, from the .rec file
+    assert "visrec (triton scan):" in report and "visrec (torch scan):" in report and "bf16 product alone:" in report
+    assert "extraction torch cpu" in report and "520,000 images in" in report
+    assert report.count("PASS target") == 3 and "FAIL" not in report  # the kernel agrees with the CPU engine
+    assert "cuda graph bf16: mode eager" in report and "gpu smoke ok" in report
+    with tarfile.open(tmp_path / "out" / "gpu_bench_logs.tar.gz") as tar:
+        logs = {Path(n).name for n in tar.getnames()}
+    assert {f"{name}.log" for name in STEPS} <= logs
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["gpu_bench.txt", "gpu_bench_logs.tar.gz"]
+
+
+def test_steps_past_the_budget_are_skipped_and_said_so(tmp_path):
+    report = bench(tmp_path / "out", GPU_BENCH_BUDGET="20")
+    for name in STEPS:
+        assert f"-- {name}: skipped, " in report and f"== {name}" not in report
