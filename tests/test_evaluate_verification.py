@@ -1,6 +1,7 @@
 """tpr_at_fpr against a brute-force reference of the definition: exact counts, ties, edge cases, sharding, and
 the fast product's filter (bfloat16 or float32) that never changes the answer."""
 
+import math
 import os
 import socket
 
@@ -231,3 +232,61 @@ def test_only_pairs_near_a_threshold_are_scored_exactly(monkeypatch):
     (ta, fa), _, _ = brute_force(emb, labels, 1e-2)
     assert (r.true_accepts, r.false_accepts) == (ta, fa)
     assert fa > 10_000 and sum(scored) < fa / 20  # ~19,000 impostors above the threshold, a few hundred scored
+
+
+def _watch_guesses(monkeypatch):
+    """Record (start bar, whether it held) for every scan."""
+    import visrec.evaluate.verification as verification
+
+    seen = []
+    real = verification._Candidates.holds_every_pair_that_matters
+
+    def watched(self):
+        held = real(self)
+        seen.append((self.start_bar, held))
+        return held
+
+    monkeypatch.setattr(verification._Candidates, "holds_every_pair_that_matters", watched)
+    return seen
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_large_k_starts_from_a_sampled_bar_and_gets_the_same_answer(monkeypatch, precision):
+    import visrec.evaluate.verification as verification
+
+    # the sample's limits sized for a test: a guess is made on 1,500 embeddings (about 1.1M pairs)
+    monkeypatch.setattr(verification, "SAMPLE_MIN_ABOVE", 50)
+    monkeypatch.setattr(verification, "SAMPLE_MAX_SHARE", 0.5)
+    seen = _watch_guesses(monkeypatch)
+    emb, labels = clustered(1500, 60, dim=16, spread=1.2, seed=21)
+    emb[7] = emb[3]  # a duplicate
+    targets = [3e-2, 1e-2, 1e-3]
+    ticks = []
+    res = tpr_at_fpr(emb, labels, targets, block_size=256, device="cpu", filter_precision=precision,
+                     progress=ticks.append)
+    assert len(seen) == 1 and seen[0][0] > -1 and seen[0][1]  # a guess was made, and it held
+    assert sum(ticks) == len(range(0, 1500, 256))
+    for t in targets:
+        (ta, fa), _, _ = brute_force(emb, labels, t)
+        assert (res[t].true_accepts, res[t].false_accepts) == (ta, fa), t
+
+
+@pytest.mark.parametrize("guess", [0.95, -0.95])
+def test_a_wrong_sampled_bar_still_gets_the_exact_answer(monkeypatch, guess):
+    import visrec.evaluate.verification as verification
+
+    monkeypatch.setattr(verification, "_sampled_bar", lambda *a: guess)
+    seen = _watch_guesses(monkeypatch)
+    emb, labels = clustered(600, 30, dim=16, spread=1.2, seed=22)
+    targets = [1e-1, 1e-2, 1e-3]
+    ticks = []
+    res = tpr_at_fpr(emb, labels, targets, block_size=128, device="cpu", filter_precision="fp32",
+                     progress=ticks.append)
+    if guess > 0:  # too high: fewer than K pairs above it, so the scan ran again without a guess
+        assert seen == [(guess, False), (-math.inf, True)]
+    else:  # too low: every pair above it kept, the guess holds (and costs memory, not correctness)
+        assert seen == [(guess, True)]
+    assert sum(ticks) == len(range(0, 600, 128))  # the repeated scan does not count twice
+    for t in targets:
+        (ta, fa), _, _ = brute_force(emb, labels, t)
+        assert (res[t].true_accepts, res[t].false_accepts) == (ta, fa), t

@@ -9,7 +9,10 @@ kept in a running buffer while blocks of the similarity matrix are computed, eac
 buffer's current bound, so memory is O(N*d + K + genuine pairs) whatever the number of pairs. Genuine pairs (same label)
 are picked up in the same pass (labels are sorted first, so they lie in known runs) and counted against each
 threshold once the thresholds are known. Ties are handled exactly: every impostor
-tied at s_{K+1} is rejected, as the strict rule requires.
+tied at s_{K+1} is rejected, as the strict rule requires. For a large K (FPR 1e-2 or 1e-3 over many pairs) the
+buffer's first bound is guessed from a random sample of pairs instead of read off the first block, so it
+never takes in several times K pairs; the guess is checked after the scan and the scan repeated without it
+if it was too high, so it changes the time, never the answer.
 
 A pair's score is exact: its dot product accumulated in float64 and rounded once to float32
 (:func:`exact_scores`), so the answer does not depend on the device, the block size or the number of ranks.
@@ -96,13 +99,18 @@ def _next_up(x: float) -> float:
 class _Candidates:
     """The impostor pairs that can decide a threshold: every pair seen whose fast score is at least the k-th
     largest fast score so far less ``slack`` (three filter margins), as (fast score, pair id i * n + j).
-    Pruned back to that bound whenever it has doubled; ``bar`` is the bound new pairs must reach."""
+    Pruned back to that bound whenever it has doubled; ``bar`` is the bound new pairs must reach.
 
-    def __init__(self, k: int, slack: float, device):
+    ``start_bar`` (from :func:`_sampled_bar`) is a guess at that bound made before any pair is seen: pairs
+    below it are never kept, so the invariant holds only if, after the scan, the k-th largest kept score less
+    ``slack`` is still at or above it and at least k pairs were kept (:meth:`holds_every_pair_that_matters`);
+    every pair above the guess was kept, so then the kept set is exactly what the invariant asks for."""
+
+    def __init__(self, k: int, slack: float, device, start_bar: float = -math.inf):
         self.k, self.slack = k, slack
         self.fast = torch.empty(0, device=device)
         self.ids = torch.empty(0, dtype=torch.int64, device=device)
-        self.bar = -math.inf
+        self.bar = self.start_bar = start_bar
         self._pruned_at = 0
 
     def add(self, fast: torch.Tensor, ids: torch.Tensor) -> None:
@@ -116,11 +124,49 @@ class _Candidates:
     def prune(self) -> None:
         if self.fast.numel() < self.k:
             return
-        kth = float(torch.topk(self.fast, self.k, sorted=False).values.min())
-        self.bar = kth - self.slack
+        self.bar = max(self.start_bar, _kth_largest(self.fast, self.k) - self.slack)
         keep = self.fast >= self.bar
         self.fast, self.ids = self.fast[keep], self.ids[keep]
         self._pruned_at = self.fast.numel()
+
+    def holds_every_pair_that_matters(self) -> bool:
+        """After the scan and a prune: whether the start guess kept every pair within ``slack`` of the k-th
+        largest (always true without a guess)."""
+        if self.start_bar == -math.inf:
+            return True
+        return self.fast.numel() >= self.k and _kth_largest(self.fast, self.k) - self.slack >= self.start_bar
+
+
+SAMPLED_PAIRS = 1 << 24  # at most this many pairs scored to guess a large K's bar (64 MB of float32 scores)
+SAMPLE_MIN_ABOVE = 1000  # sampled pairs expected above the K-th largest's level, or no guess is made
+SAMPLE_MAX_SHARE = 0.05  # the sample's pairs at most this share of the impostor pairs (of the scan's work)
+
+
+def _sampled_bar(fast_emb: torch.Tensor, lab_idx: np.ndarray, k: int, impostor_total: int, slack: float) -> float:
+    """A guess at the final bar for a large K, read off a random sample of pairs, so that the scan keeps about
+    2K pairs from the first block on instead of starting from the first block's own K best (at FPR 1e-2 the
+    buffer would otherwise take in several times K pairs and be pruned again and again). -inf (no guess) when
+    the sample would hold fewer than 1,000 pairs above the K-th largest's level (a deep target: the usual bar
+    is cheap there) or cost more than 5% of the scan. The guess sits a few standard deviations below the
+    sampled 2K-th level less ``slack``; whether it held is checked after the scan
+    (:meth:`_Candidates.holds_every_pair_that_matters`), so it changes the speed, never the result. The
+    sample comes from a fixed seed and a local generator: the same guess every run, no global RNG drawn."""
+    n = fast_emb.shape[0]
+    share = k / max(1, impostor_total)
+    size = min(SAMPLED_PAIRS, math.ceil(8000 / share)) if share > 0 else 0
+    if share * size < SAMPLE_MIN_ABOVE or size > SAMPLE_MAX_SHARE * impostor_total:
+        return -math.inf
+    side = min(n, math.ceil(math.sqrt(size)))
+    rng = np.random.default_rng(0)
+    rows, cols = rng.choice(n, side, replace=False), rng.choice(n, side, replace=False)
+    scores = (fast_emb[torch.from_numpy(rows)] @ fast_emb[torch.from_numpy(cols)].T).float()
+    impostor = torch.from_numpy(lab_idx[rows][:, None] != lab_idx[cols][None, :]).to(scores.device)
+    sample = scores[impostor]
+    expected = share * sample.numel()
+    rank = math.ceil(2 * expected + 4 * math.sqrt(expected))
+    if sample.numel() == 0 or rank > sample.numel():
+        return -math.inf
+    return _kth_largest(sample, rank) - slack
 
 
 def _count_pairs(labels: np.ndarray) -> tuple[int, int]:
@@ -181,41 +227,23 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     fast_emb = emb.to(fast_dtype)
     seg_start, seg_end = _segments(lab_idx, dev)
     slack = 3 * margin
-    cands = _Candidates(k_max, slack, dev)
-    genuine_i, genuine_j, genuine_fast = [], [], []
-    imp_hist = torch.zeros(curve_bins, dtype=torch.float64, device=dev) if curve_bins else None
     n = emb.shape[0]
     blocks = list(range(0, n, block_size))
     use_kernel = _use_kernel(kernel, dev, curve_bins)
-    with _exact_cuda_products(dev):
-        for bi, r0 in enumerate(blocks):
-            if bi % world != rank:
-                continue
-            if use_kernel and cands.bar > -math.inf:  # the fused kernel, once a bound is known
-                (i, j, fs), (gi, gj, gs) = pair_kernel.scan_panel(fast_emb, seg_start, seg_end, r0, block_size,
-                                                                  cands.bar)
-                genuine_i.append(gi)
-                genuine_j.append(gj)
-                genuine_fast.append(gs)
-                cands.add(fs, i * n + j)
-                if progress:
-                    progress(1)
-                continue
-            rows = fast_emb[r0:r0 + block_size]
-            for c0 in blocks[bi:]:
-                fast = rows @ fast_emb[c0:c0 + block_size].T
-                gi, gj = _same_label_positions(seg_start, seg_end, r0, r0 + fast.shape[0], c0, c0 + fast.shape[1])
-                upper = c0 + gj > r0 + gi  # each genuine pair once, as i < j
-                genuine_i.append(r0 + gi[upper])
-                genuine_j.append(c0 + gj[upper])
-                genuine_fast.append(fast[gi[upper], gj[upper]].float())
-                fast[gi, gj] = -math.inf  # genuine pairs (and i == j) are never impostor candidates
-                if imp_hist is not None:
-                    keep = torch.ones_like(fast, dtype=torch.bool).triu_(1) if c0 == r0 else slice(None)
-                    imp_hist += torch.histc(fast[keep].float(), bins=curve_bins, min=-1, max=1).double()
-                _scan_block(cands, fast, r0, c0, n)
-            if progress:
-                progress(1)
+    # a large K (FPR 1e-2, 1e-3): start from a bar read off a sample of pairs, checked after the scan
+    start_bar = _sampled_bar(fast_emb, lab_idx, k_max, impostor_total, slack) if world == 1 else -math.inf
+    report = progress
+    while True:
+        cands = _Candidates(k_max, slack, dev, start_bar)
+        genuine_i, genuine_j, genuine_fast = [], [], []
+        imp_hist = torch.zeros(curve_bins, dtype=torch.float64, device=dev) if curve_bins else None
+        _scan(cands, genuine_i, genuine_j, genuine_fast, imp_hist, fast_emb, seg_start, seg_end, blocks,
+              block_size, n, rank, world, use_kernel, report)
+        cands.prune()
+        if cands.holds_every_pair_that_matters():
+            break
+        # the sample misled (rare; never when start_bar is -inf): scan again, the bar from the blocks alone
+        start_bar, report = -math.inf, None
     if world > 1:
         cands = _merge_candidates(cands, gather)
         if imp_hist is not None:
@@ -261,6 +289,42 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     if curve_bins:
         return results, _curve(gen_hist.cpu().numpy(), imp_hist.cpu().numpy(), curve_bins)
     return results
+
+
+def _scan(cands, genuine_i, genuine_j, genuine_fast, imp_hist, fast_emb, seg_start, seg_end, blocks, block_size,
+          n, rank, world, use_kernel, progress) -> None:
+    """One pass over this rank's blocks i <= j: impostor candidates into ``cands``, every genuine pair's fast
+    score into the lists, the impostor histogram for curves."""
+    curve_bins = 0 if imp_hist is None else imp_hist.numel()
+    with _exact_cuda_products(fast_emb.device):
+        for bi, r0 in enumerate(blocks):
+            if bi % world != rank:
+                continue
+            if use_kernel and cands.bar > -math.inf:  # the fused kernel, once a bound is known
+                (i, j, fs), (gi, gj, gs) = pair_kernel.scan_panel(fast_emb, seg_start, seg_end, r0, block_size,
+                                                                  cands.bar)
+                genuine_i.append(gi)
+                genuine_j.append(gj)
+                genuine_fast.append(gs)
+                cands.add(fs, i * n + j)
+                if progress:
+                    progress(1)
+                continue
+            rows = fast_emb[r0:r0 + block_size]
+            for c0 in blocks[bi:]:
+                fast = rows @ fast_emb[c0:c0 + block_size].T
+                gi, gj = _same_label_positions(seg_start, seg_end, r0, r0 + fast.shape[0], c0, c0 + fast.shape[1])
+                upper = c0 + gj > r0 + gi  # each genuine pair once, as i < j
+                genuine_i.append(r0 + gi[upper])
+                genuine_j.append(c0 + gj[upper])
+                genuine_fast.append(fast[gi[upper], gj[upper]].float())
+                fast[gi, gj] = -math.inf  # genuine pairs (and i == j) are never impostor candidates
+                if imp_hist is not None:
+                    keep = torch.ones_like(fast, dtype=torch.bool).triu_(1) if c0 == r0 else slice(None)
+                    imp_hist += torch.histc(fast[keep].float(), bins=curve_bins, min=-1, max=1).double()
+                _scan_block(cands, fast, r0, c0, n)
+            if progress:
+                progress(1)
 
 
 # --- the exact score and the filter that finds the few pairs that need it -------------------------------------
@@ -390,28 +454,51 @@ def _scan_block(cands: _Candidates, fast: torch.Tensor, r0: int, c0: int, n: int
         if i.numel() < need:  # every impostor pair of the block: all of them go in
             cands.add(fast[i, j], (r0 + i) * n + c0 + j)
             return
-        kth = float(torch.topk(torch.cat([cands.fast, fast[i, j].float()]), cands.k, sorted=False).values.min())
-        bar = kth - cands.slack
+        bar = _kth_largest(torch.cat([cands.fast, fast[i, j].float()]), cands.k) - cands.slack
     i, j = _pairs_at_least(fast, bar, diagonal)
     cands.add(fast[i, j], (r0 + i) * n + c0 + j)
+
+
+def _kth_largest(x: torch.Tensor, k: int) -> float:
+    """The k-th largest value of a 1-D tensor (1 <= k <= x.numel()). On a CPU numpy's introselect: over
+    millions of values (large k: FPR 1e-2) it is an order of magnitude faster than torch.topk there."""
+    if x.device.type == "cpu":
+        flat = x.float().numpy()
+        return float(np.partition(flat, flat.size - k)[flat.size - k])
+    return float(torch.topk(x, k, sorted=False).values.min())
+
+
+def _nonzero(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rows, columns) of the True entries of a 2-D mask, row-major. numpy's flatnonzero on a CPU: torch.nonzero
+    there is several times slower on a block with many hits."""
+    if mask.device.type != "cpu":
+        return torch.nonzero(mask, as_tuple=True)
+    flat = torch.from_numpy(np.flatnonzero(mask.numpy()))
+    return flat // mask.shape[1], flat % mask.shape[1]
 
 
 def _pairs_at_least(fast: torch.Tensor, bar: float, diagonal: bool, tile: int = 64):
     """Block-local (i, j) of the impostor pairs whose fast score is >= ``bar`` (finite), each pair once: on a
     diagonal block as i < j. One reduction gives each row's maximum over every ``tile`` columns; only the tiles
-    whose maximum reaches the bar are compared element by element (a handful per block at FPR <= 1e-4)."""
+    whose maximum reaches the bar are compared element by element (a handful per block at FPR <= 1e-4). When
+    more than 1/8 of the tiles reach it (a large FPR, or a low early bar), gathering them costs more than
+    comparing the whole block, which is done instead."""
     if bar == -math.inf:
-        i, j = torch.nonzero(torch.isfinite(fast), as_tuple=True)
+        i, j = _nonzero(torch.isfinite(fast))
     else:
         rows, width = fast.shape
         whole = width - width % tile
         tiles = fast[:, :whole].reshape(rows, whole // tile, tile)
-        ti, tj = torch.nonzero(tiles.amax(dim=2).float() >= bar, as_tuple=True)
-        k, offset = torch.nonzero(tiles[ti, tj].float() >= bar, as_tuple=True)
-        i, j = ti[k], tj[k] * tile + offset
-        if whole < width:  # the last columns of a ragged block, compared directly
-            ri, rj = torch.nonzero(fast[:, whole:].float() >= bar, as_tuple=True)
-            i, j = torch.cat([i, ri]), torch.cat([j, rj + whole])
+        hit = tiles.amax(dim=2).float() >= bar
+        if 8 * int(hit.sum()) > hit.numel():
+            i, j = _nonzero(fast >= bar)
+        else:
+            ti, tj = torch.nonzero(hit, as_tuple=True)
+            k, offset = torch.nonzero(tiles[ti, tj].float() >= bar, as_tuple=True)
+            i, j = ti[k], tj[k] * tile + offset
+            if whole < width:  # the last columns of a ragged block, compared directly
+                ri, rj = torch.nonzero(fast[:, whole:].float() >= bar, as_tuple=True)
+                i, j = torch.cat([i, ri]), torch.cat([j, rj + whole])
     if diagonal:  # the lower triangle mirrors the upper one
         upper = j > i
         i, j = i[upper], j[upper]
