@@ -65,6 +65,18 @@ CHILD = textwrap.dedent('''
                                                                       b[t].false_accepts, b[t].near_threshold_pairs]
                                       for t in targets]
     out["kernel_calls"] = len(calls)
+
+    # a large K: the bar guessed from a sample (limits lowered to fit 500 rows), the kernel from the first panel
+    import visrec.evaluate.verification as verification
+    verification.SAMPLE_MIN_ABOVE, verification.SAMPLE_MAX_SHARE = 20, 1.0
+    guesses = []
+    held = verification._Candidates.holds_every_pair_that_matters
+    verification._Candidates.holds_every_pair_that_matters = lambda self: guesses.append(self.start_bar) or held(self)
+    a = tpr_at_fpr(raw, labels, targets, block_size=96, device="cpu", kernel="triton", filter_precision="fp32")
+    b = tpr_at_fpr(raw, labels, targets, block_size=96, device="cpu", kernel="torch", filter_precision="fp32")
+    out["engine-guessed"] = [[a[t].threshold, a[t].true_accepts, a[t].false_accepts] ==
+                             [b[t].threshold, b[t].true_accepts, b[t].false_accepts] for t in targets]
+    out["guesses"] = len(guesses) == 2 and all(g > -1 for g in guesses)
     print(json.dumps(out))
 ''')
 
@@ -83,6 +95,7 @@ def test_kernel_in_the_interpreter_equals_the_torch_scan():
             assert score_err < 1e-5  # the fast scores written out are the float32 products of those inputs
     assert out["engine-fp32"] == [True] * 4 and out["engine-bf16"] == [True] * 4
     assert out["kernel_calls"] >= 8  # the kernel scanned most panels (the first one bootstraps the floor)
+    assert out["guesses"] and out["engine-guessed"] == [True] * 4  # a guessed bar: every panel in the kernel
 
 
 def test_the_kernel_is_refused_where_it_cannot_run():
