@@ -182,7 +182,7 @@ def main() -> None:
     ap.add_argument("--arcface-torch", default=None, help="path to a local arcface_torch checkout")
     args = ap.parse_args()
     device = torch.device(args.device)
-    console = Console(width=150)  # a log, not a terminal: no wrapping at 80 columns
+    console = Console()
     rows = []
     step, source, mode = visrec_step(args, device, None)
     rows.append(("visrec", source, mode, timed(step, args.steps, args.warmup, args.batch, device)))

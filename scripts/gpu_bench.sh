@@ -24,6 +24,7 @@ mkdir -p "$WORK/logs"
 PY="${PYTHON:-.venv/bin/python}"
 [ -x "$PY" ] || PY=python3
 export PYTHONPATH="src${PYTHONPATH:+:$PYTHONPATH}"
+export COLUMNS=200  # the benchmarks' Rich tables go to a log: wide enough that no cell wraps
 DEADLINE=$((SECONDS + ${GPU_BENCH_BUDGET:-540}))
 # Wheels carried in .whl/ (what the machine's Python lacks; it has no network): unpacked beside the code
 if [ -z "${GPU_BENCH_REHEARSAL:-}" ] && ls .whl/*.whl > /dev/null 2>&1; then
