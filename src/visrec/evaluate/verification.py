@@ -111,6 +111,7 @@ class _Candidates:
         self.fast = torch.empty(0, device=device)
         self.ids = torch.empty(0, dtype=torch.int64, device=device)
         self.bar = self.start_bar = start_bar
+        self.kth = -math.inf  # the k-th largest fast score kept, as of the last prune
         self._pruned_at = 0
 
     def add(self, fast: torch.Tensor, ids: torch.Tensor) -> None:
@@ -124,17 +125,16 @@ class _Candidates:
     def prune(self) -> None:
         if self.fast.numel() < self.k:
             return
-        self.bar = max(self.start_bar, _kth_largest(self.fast, self.k) - self.slack)
+        self.kth = _kth_largest(self.fast, self.k)
+        self.bar = max(self.start_bar, self.kth - self.slack)
         keep = self.fast >= self.bar
         self.fast, self.ids = self.fast[keep], self.ids[keep]
         self._pruned_at = self.fast.numel()
 
     def holds_every_pair_that_matters(self) -> bool:
         """After the scan and a prune: whether the start guess kept every pair within ``slack`` of the k-th
-        largest (always true without a guess)."""
-        if self.start_bar == -math.inf:
-            return True
-        return self.fast.numel() >= self.k and _kth_largest(self.fast, self.k) - self.slack >= self.start_bar
+        largest (always true without a guess; fewer than k pairs kept leaves ``kth`` at -inf: false)."""
+        return self.start_bar == -math.inf or self.kth - self.slack >= self.start_bar
 
 
 SAMPLED_PAIRS = 1 << 24  # at most this many pairs scored to guess a large K's bar (64 MB of float32 scores)
@@ -153,7 +153,7 @@ def _sampled_bar(fast_emb: torch.Tensor, lab_idx: np.ndarray, k: int, impostor_t
     sample comes from a fixed seed and a local generator: the same guess every run, no global RNG drawn."""
     n = fast_emb.shape[0]
     share = k / max(1, impostor_total)
-    size = min(SAMPLED_PAIRS, math.ceil(8000 / share)) if share > 0 else 0
+    size = min(SAMPLED_PAIRS, math.ceil(8000 / share))  # share > 0: k >= 1
     if share * size < SAMPLE_MIN_ABOVE or size > SAMPLE_MAX_SHARE * impostor_total:
         return -math.inf
     side = min(n, math.ceil(math.sqrt(size)))
@@ -235,10 +235,8 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     report = progress
     while True:
         cands = _Candidates(k_max, slack, dev, start_bar)
-        genuine_i, genuine_j, genuine_fast = [], [], []
-        imp_hist = torch.zeros(curve_bins, dtype=torch.float64, device=dev) if curve_bins else None
-        _scan(cands, genuine_i, genuine_j, genuine_fast, imp_hist, fast_emb, seg_start, seg_end, blocks,
-              block_size, n, rank, world, use_kernel, report)
+        genuine_i, genuine_j, genuine_fast, imp_hist = _scan(cands, fast_emb, seg_start, seg_end, blocks, block_size,
+                                                             rank, world, use_kernel, curve_bins, report)
         cands.prune()
         if cands.holds_every_pair_that_matters():
             break
@@ -248,7 +246,7 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
         cands = _merge_candidates(cands, gather)
         if imp_hist is not None:
             imp_hist = _sum(gather, imp_hist)
-    cands.prune()
+        cands.prune()
 
     # thresholds: next float32 above the (K+1)-th largest exact impostor score; exact scores only near it
     thresholds, false_accepts, near_impostors = _impostor_thresholds(cands, ks, impostor_total, emb, n)
@@ -291,11 +289,12 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     return results
 
 
-def _scan(cands, genuine_i, genuine_j, genuine_fast, imp_hist, fast_emb, seg_start, seg_end, blocks, block_size,
-          n, rank, world, use_kernel, progress) -> None:
-    """One pass over this rank's blocks i <= j: impostor candidates into ``cands``, every genuine pair's fast
-    score into the lists, the impostor histogram for curves."""
-    curve_bins = 0 if imp_hist is None else imp_hist.numel()
+def _scan(cands, fast_emb, seg_start, seg_end, blocks, block_size, rank, world, use_kernel, curve_bins, progress):
+    """One pass over this rank's blocks i <= j: impostor candidates into ``cands``; returns every genuine
+    pair's (i list, j list, fast score list) and the impostor histogram for curves (None without)."""
+    n = fast_emb.shape[0]
+    genuine_i, genuine_j, genuine_fast = [], [], []
+    imp_hist = torch.zeros(curve_bins, dtype=torch.float64, device=fast_emb.device) if curve_bins else None
     with _exact_cuda_products(fast_emb.device):
         for bi, r0 in enumerate(blocks):
             if bi % world != rank:
@@ -325,6 +324,7 @@ def _scan(cands, genuine_i, genuine_j, genuine_fast, imp_hist, fast_emb, seg_sta
                 _scan_block(cands, fast, r0, c0, n)
             if progress:
                 progress(1)
+    return genuine_i, genuine_j, genuine_fast, imp_hist
 
 
 # --- the exact score and the filter that finds the few pairs that need it -------------------------------------
