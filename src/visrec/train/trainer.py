@@ -191,7 +191,7 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
     # the model's contract (input, normalisation, alignment, dim / landmark crop), saved with every checkpoint
     contract = task.model_contract(modules["backbone"]).to_dict()
     train_modules = dict(modules)
-    if cfg.channels_last:  # cuDNN and oneDNN (CPU) both convolve NHWC faster (docs/training.md)
+    if cfg.channels_last and ctx.device.type == "cuda":
         modules["backbone"].to(memory_format=torch.channels_last)
     if cfg.compile:
         train_modules["backbone"] = torch.compile(modules["backbone"])
