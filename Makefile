@@ -20,13 +20,9 @@ demo: venv
 	$(BIN)/python -m visrec.data.fixtures >/dev/null || echo "real-face fixtures unavailable: the demo skips that part"
 	$(BIN)/visrec demo --out demo-out
 
-# Two worker processes of one CPU thread each (tests/conftest.py): the CI machine's two cores. TEST_WORKERS=0
-# runs the suite in this process, in file order.
-TEST_WORKERS ?= 2
-
 test: venv
 	bash scripts/setup-test-env.sh
-	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadgroup --durations=30
+	$(BIN)/python -m pytest -q --durations=30
 
 test-fast: venv
 	$(BIN)/python -m pytest -q -m "not slow"

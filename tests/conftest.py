@@ -9,44 +9,6 @@ import pytest
 from milvus_server import MilvusServer, _zombie, free_port  # noqa: F401 (the tests import them from here)
 
 
-def _needs_the_milvus_server(item) -> bool:
-    """A test on the standalone Milvus server: the session fixture, or a gallery fixture's "milvus-server" case."""
-    params = getattr(getattr(item, "callspec", None), "params", {})
-    return "milvus_server" in getattr(item, "fixturenames", ()) or "milvus-server" in params.values()
-
-
-def pytest_configure(config):
-    """Each pytest-xdist worker computes on one CPU thread (``make test`` runs two workers on CI's two cores): two
-    processes of two OpenMP threads each on two cores stall one another at every parallel region (a training
-    subprocess was seen at 7% of a core). Set before torch is imported; subprocesses inherit it."""
-    if os.environ.get("PYTEST_XDIST_WORKER") and int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
-        os.environ["OMP_NUM_THREADS"] = "1"
-        os.environ["MKL_NUM_THREADS"] = "1"
-        os.environ["OPENBLAS_NUM_THREADS"] = "1"
-
-
-def threads_for_tests() -> int:
-    """The intra-op thread count a test that sets its own should use: one under parallel workers, else two."""
-    return int(os.environ.get("OMP_NUM_THREADS", "2"))
-
-
-def pytest_collection_modifyitems(config, items):
-    """Under pytest-xdist (``-n 2 --dist loadgroup``, as ``make test`` runs): every test on the standalone Milvus
-    server runs in one worker, because its embedded etcd binds fixed ports (tests/milvus_server.py) and a second
-    server never answers; the other tests of a file stay together, so module fixtures are built once; files
-    holding slow end-to-end tests are handed out first, longest first (``@pytest.mark.slow(minutes=N)``, the
-    minutes measured on CI), so that none of them starts last and runs alone."""
-    minutes: dict[str, float] = {}
-    for item in items:
-        group = "milvus-server" if _needs_the_milvus_server(item) else item.nodeid.split("::")[0]
-        item.add_marker(pytest.mark.xdist_group(group))
-        slow = item.get_closest_marker("slow")
-        if slow is not None:
-            file = item.nodeid.split("::")[0]
-            minutes[file] = max(minutes.get(file, 0), slow.kwargs.get("minutes", 0.5))
-    items.sort(key=lambda item: -minutes.get(item.nodeid.split("::")[0], 0))  # stable: file order kept
-
-
 def wait_healthy(url, proc, timeout=180):
     """Until ``url``/healthz answers 200; fails if the server process exits or the time runs out."""
     import httpx
@@ -183,7 +145,7 @@ def trained_products(tmp_path_factory):
     from visrec.train.trainer import train
 
     tmp = tmp_path_factory.mktemp("trained-products")
-    torch.set_num_threads(threads_for_tests())
+    torch.set_num_threads(2)
     root = tmp / "products"
     write_product_dataset(root, families=10, products_per_family=4, variants=3, queries_per_product=2, seed=0, size=128)
     cfg = load_config("configs/products/synthetic.yaml", {

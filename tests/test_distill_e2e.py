@@ -19,7 +19,7 @@ TEACHER = {"name": "iresnet18", "width": 0.5, "embedding_size": 512}
 MARGIN = {"name": "cosface", "s": 30.0, "m": 0.2}
 
 
-@pytest.mark.slow(minutes=3)
+@pytest.mark.slow
 def test_distillation_beats_the_student_trained_alone(tmp_path):
     import visrec.budget
 

@@ -12,7 +12,7 @@ from visrec.train.checkpoint import load_backbone
 from visrec.train.trainer import train
 
 
-@pytest.mark.slow(minutes=4)
+@pytest.mark.slow
 def test_training_beats_an_untrained_model_on_held_out_identities(tmp_path):
     train_dir = write_face_dataset(tmp_path / "train", 200, 10, format="recordio", seed=11, difficulty=0.3)
     val = write_verification_pairs(tmp_path / "val.bin", 100, 400, seed=12, difficulty=0.3,

@@ -31,7 +31,7 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.mark.slow(minutes=2)
+@pytest.mark.slow
 def test_light_model_beats_the_mean_shape_on_held_out_faces(tmp_path, one_thread):
     t0 = time.perf_counter()
     # different seeds: different identities, expressions and poses

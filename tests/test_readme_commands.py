@@ -83,7 +83,7 @@ def test_readme_blocks_are_marked_and_every_visrec_line_parses():
         parse_visrec(call)
 
 
-@pytest.mark.slow(minutes=16)
+@pytest.mark.slow
 def test_readme_blocks_run_in_order(tmp_path):
     work = tmp_path / "readme"
     work.mkdir()

@@ -5,7 +5,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import threads_for_tests
 from visrec.config import load_config, parse_config
 from visrec.data.synth import write_face_dataset
 from visrec.data.video import write_video_dataset
@@ -13,9 +12,9 @@ from visrec.faces.evaluation import evaluate_video_model
 from visrec.train.trainer import train
 
 
-@pytest.mark.slow(minutes=8)
+@pytest.mark.slow
 def test_learned_fusion_beats_mean_fusion_on_degraded_videos(tmp_path):
-    torch.set_num_threads(threads_for_tests())
+    torch.set_num_threads(2)
     write_face_dataset(tmp_path / "stills", 150, 10, seed=11, difficulty=0.3)
     train(parse_config({
         "task": "faces", "output": str(tmp_path / "bb"), "device": "cpu", "batch_size": 32, "seed": 0,
