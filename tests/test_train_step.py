@@ -211,3 +211,24 @@ def test_a_checkpoint_written_on_cuda_resumes_on_a_cpu(face_rec, tmp_path):
     torch.save(state, path)
     train(make_cfg(face_rec, parts, optim=adamw), resume=True, progress=False)
     assert losses(parts) == pytest.approx(losses(whole), rel=1e-5, abs=1e-6)
+
+
+def test_the_capture_leaves_other_threads_free_to_use_cuda(monkeypatch):
+    """The DataLoader's pin-memory thread allocates pinned memory while the step is captured: in the default
+    ("global") capture mode that call fails, the capture with it, and the loader raises (seen on an H200).
+    The capture must be made in "thread_local" mode, which restricts the capturing thread alone."""
+    import contextlib
+
+    from visrec.train import step as step_mod
+
+    seen = {}
+
+    @contextlib.contextmanager
+    def graph(g, **kwargs):
+        seen.update(kwargs, graph=g)
+        yield
+
+    monkeypatch.setattr(torch.cuda, "CUDAGraph", lambda: "graph")
+    monkeypatch.setattr(torch.cuda, "graph", graph)
+    out = step_mod.CudaGraph().capture(lambda: 7)
+    assert out == 7 and seen == {"graph": "graph", "capture_error_mode": "thread_local"}

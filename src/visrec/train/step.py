@@ -30,6 +30,7 @@ from torch import nn
 from visrec.errors import ConfigError
 
 WARMUP_STEPS = 3
+CAPTURE_ERROR_MODE = "thread_local"  # see CudaGraph.capture
 
 
 def capture_blocker(device: torch.device, distributed: bool, task_blocker: str | None) -> str | None:
@@ -127,7 +128,10 @@ class CudaGraph:
         torch.cuda.current_stream().wait_stream(side)
 
     def capture(self, fn: Callable[[], Any]) -> Any:
-        with torch.cuda.graph(self.graph):
+        # thread_local: the DataLoader's pin-memory thread keeps allocating pinned host memory while this
+        # thread captures; the default ("global") mode turns those calls into a failed capture and an error
+        # raised in the loader. Only this thread's calls need to stay out of the graph.
+        with torch.cuda.graph(self.graph, capture_error_mode=CAPTURE_ERROR_MODE):
             return fn()
 
     def replay(self) -> None:
