@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["train_mbf_4", "train_r50_4", "eval_pairs_500k", "products_extraction", "trainer_smoke", "kernel_check",
-         "train_mbf_128_eager"]
+STEPS = ["kernel_check", "eval_pairs_500k", "pair_kernel_tiles", "train_mbf_4", "train_r50_4", "products_extraction",
+         "trainer_smoke", "train_mbf_128_eager"]
 
 
 def bench(out: Path, **env) -> str:
@@ -34,6 +34,8 @@ def test_every_step_of_the_gpu_script_runs_in_its_rehearsal(tmp_path):
     assert "visrec (triton scan):" in report and "visrec (torch scan):" in report and "bf16 product alone:" in report
     assert "extraction torch cpu" in report and "520,000 images in" in report
     assert report.count("PASS target") == 3 and "FAIL" not in report  # the kernel agrees with the CPU engine
+    # each tile configuration of the sweep ran and gave the PyTorch scan's answer
+    assert report.count("; same answer") == 2 and "DIFFERENT ANSWER" not in report
     assert "cuda graph bf16: mode eager" in report and "gpu smoke ok" in report
     with tarfile.open(tmp_path / "out" / "gpu_bench_logs.tar.gz") as tar:
         logs = {Path(n).name for n in tar.getnames()}
@@ -45,3 +47,10 @@ def test_steps_past_the_budget_are_skipped_and_said_so(tmp_path):
     report = bench(tmp_path / "out", GPU_BENCH_BUDGET="20")
     for name in STEPS:
         assert f"-- {name}: skipped, " in report and f"== {name}" not in report
+
+
+def test_gpu_bench_only_runs_the_steps_it_names(tmp_path):
+    report = bench(tmp_path / "out", GPU_BENCH_ONLY="kernel_check")
+    assert "-- kernel_check: exit 0 after" in report
+    for name in STEPS[1:]:
+        assert f"-- {name}: not in GPU_BENCH_ONLY" in report and f"== {name}" not in report
