@@ -232,3 +232,35 @@ def test_the_capture_leaves_other_threads_free_to_use_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "graph", graph)
     out = step_mod.CudaGraph().capture(lambda: 7)
     assert out == 7 and seen == {"graph": "graph", "capture_error_mode": "thread_local"}
+
+
+def test_an_sgd_step_the_loss_scaler_skips_leaves_momentum_at_zero(face_rec, tmp_path):
+    """Fused SGD makes its momentum buffers with empty_like on the first step; an fp16 overflow on that step
+    (the scaler hands the fused kernel found_inf = 1) skipped the update and left them holding stale memory.
+    The Trainer's optimizer starts them at zero, so the skipped step leaves zeros and the first real step is
+    exactly plain SGD's first step. Fused SGD also runs on a CPU: the same kernel path as on CUDA."""
+    from visrec.train.trainer import build_optimizer
+
+    cfg = make_cfg(face_rec, tmp_path / "run", optim={"name": "sgd", "lr": 0.05, "momentum": 0.9})
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4099))
+    start = p.detach().clone()
+    opt = build_optimizer(cfg, [p], fused=True)
+    assert torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p))
+
+    p.grad = torch.full_like(p, float("inf"))  # the overflowed first step
+    opt.grad_scale, opt.found_inf = torch.tensor(1.0), torch.tensor(1.0)
+    opt.step()
+    assert torch.equal(p.detach(), start) and torch.equal(opt.state[p]["momentum_buffer"], torch.zeros_like(p))
+
+    grad = torch.randn(4099)
+    p.grad = grad.clone()
+    opt.found_inf = torch.tensor(0.0)
+    opt.step()
+    ref = torch.nn.Parameter(start.clone())
+    # the reference: a fused SGD whose first step was a real one (its buffers set from that step's gradient)
+    plain = torch.optim.SGD([ref], lr=0.05, momentum=0.9, weight_decay=cfg.optim.weight_decay, fused=True)
+    ref.grad = grad.clone()
+    plain.step()
+    assert torch.equal(p.detach(), ref.detach())
+    assert torch.equal(opt.state[p]["momentum_buffer"], plain.state[ref]["momentum_buffer"])

@@ -325,9 +325,29 @@ def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], fused: bool = Fa
     inf check as a device tensor, which a captured CUDA graph needs (the Trainer uses it on every CUDA run)."""
     o = cfg.optim
     if o.name == "sgd":
-        return torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
-                               fused=fused or None)
+        opt = torch.optim.SGD(params, lr=o.lr, momentum=o.momentum, weight_decay=o.weight_decay,
+                              fused=fused or None)
+        zero_momentum_buffers(opt)
+        return opt
     return torch.optim.AdamW(params, lr=o.lr, weight_decay=o.weight_decay, fused=fused or None)
+
+
+def zero_momentum_buffers(opt: torch.optim.SGD) -> None:
+    """Give every parameter of an SGD-with-momentum optimizer a zero momentum buffer before its first step.
+
+    Fused SGD makes its buffers with ``torch.empty_like`` on the first step and lets the kernel fill them; when
+    the fp16 loss scaler reports an overflow on that step (the usual start: the scale begins at 65,536) the
+    kernel skips the update and the buffers keep whatever memory they were given, which the next real step
+    then adds in (the likely cause of an fp16 SGD run on an H200 stopping at step 4 with a NaN loss; not yet
+    run there again). A zero buffer gives the
+    same first real step (buffer = momentum * 0 + gradient = gradient, as SGD's first step sets it; dampening
+    is 0 here) and an overflowed step leaves it zero. A checkpoint's state, loaded later, replaces these."""
+    for group in opt.param_groups:
+        if group["momentum"] == 0 or group["dampening"] != 0:
+            continue
+        for p in group["params"]:
+            if "momentum_buffer" not in opt.state[p]:
+                opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
 def _validate(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_file, step: int,
