@@ -34,7 +34,7 @@ def make(n: int, dim: int = 512, ids: int | None = None, seed: int = 0):
     return (centres[labels] + 1.5 * rng.standard_normal((n, dim)).astype(np.float32)), labels
 
 
-def run_visrec(n, target, device, threads, kernel="auto"):
+def run_visrec(n, target, device, threads, kernel="auto", block=None):
     import torch
 
     from visrec.evaluate import tpr_at_fpr
@@ -42,8 +42,7 @@ def run_visrec(n, target, device, threads, kernel="auto"):
     torch.set_num_threads(threads)
     emb, labels = make(n)
     t0 = time.perf_counter()
-    r = tpr_at_fpr(emb, labels, [target], device=device, block_size=8192 if device == "cuda" else 4096,
-                   kernel=kernel)[target]
+    r = tpr_at_fpr(emb, labels, [target], device=device, block_size=block, kernel=kernel)[target]
     if device == "cuda":
         torch.cuda.synchronize()
     return time.perf_counter() - t0, r.tpr, r.false_accepts
@@ -108,9 +107,9 @@ def run_numpy(n, target):
     return time.perf_counter() - t0, tpr, None
 
 
-def child(method, n, target, device, threads):
+def child(method, n, target, device, threads, block):
     if method.startswith("visrec"):  # visrec or visrec-<kernel>
-        secs, tpr, fa = run_visrec(n, target, device, threads, (method.split("-") + ["auto"])[1])
+        secs, tpr, fa = run_visrec(n, target, device, threads, (method.split("-") + ["auto"])[1], block)
     elif method == "matmul":
         secs, tpr, fa = run_matmul(n, device, threads)
     elif method == "numpy":
@@ -121,13 +120,14 @@ def child(method, n, target, device, threads):
     print(json.dumps({"secs": secs, "tpr": tpr, "false_accepts": fa, "peak_bytes": peak}))
 
 
-def measure(method, n, target, device, threads):
+def measure(method, n, target, device, threads, block=None):
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), OPENBLAS_NUM_THREADS=str(threads),
                MKL_NUM_THREADS=str(threads))
     if method == "numpy":  # the peer's fair BLAS settings (module docstring)
         env.pop("OPENBLAS_CORETYPE", None)
         env.pop("OPENBLAS_L2_SIZE", None)
-    out = subprocess.run([sys.executable, __file__, "--child", method, str(n), str(target), device, str(threads)],
+    out = subprocess.run([sys.executable, __file__, "--child", method, str(n), str(target), device, str(threads),
+                          str(block or 0)],
                          capture_output=True, text=True, env=env)
     if out.returncode != 0:
         raise RuntimeError(out.stderr[-2000:])
@@ -146,16 +146,19 @@ def main() -> None:
                     help="visrec's scan, one row each (cuda: add 'torch' to see the fused kernel's gain)")
     ap.add_argument("--matmul", action="store_true", help="also time the bf16 product alone over the same "
                                                           "pairs (every N; the ratio shows what the scan adds)")
-    ap.add_argument("--child", nargs=5, default=None)
+    ap.add_argument("--block", type=int, default=0, help="visrec's block_size (0: tpr_at_fpr's default for the "
+                                                          "device, visrec.evaluate.verification.default_block_size)")
+    ap.add_argument("--child", nargs=6, default=None)
     args = ap.parse_args()
     if args.child:
-        m, n, t, d, threads = args.child
-        child(m, int(n), float(t), d, int(threads))
+        m, n, t, d, threads, block = args.child
+        child(m, int(n), float(t), d, int(threads), int(block) or None)
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"exact TPR@FPR={args.target:g}, 512-d, device {args.device}, {args.threads} thread(s)")
+    table = Table(title=f"exact TPR@FPR={args.target:g}, 512-d, device {args.device}, {args.threads} thread(s), "
+                        f"block {args.block or 'default'}")
     for col in ("N", "pairs", "method", "seconds", "pairs/s", "peak RSS GB", "TPR", "false accepts",
                 "visrec's speed-up"):
         table.add_column(col)
@@ -163,7 +166,8 @@ def main() -> None:
     for n in args.sizes + args.alone:
         pairs = n * (n - 1) // 2
         rows = [(f"visrec ({k} scan)" if len(args.kernels) > 1 else "visrec",
-                 measure("visrec" if k == "auto" else f"visrec-{k}", n, args.target, args.device, args.threads))
+                 measure("visrec" if k == "auto" else f"visrec-{k}", n, args.target, args.device, args.threads,
+                         args.block))
                 for k in args.kernels]
         v = rows[0][1]
         if args.matmul:

@@ -113,7 +113,10 @@ EOF
 # 2. the exact TPR@FPR engine: fused kernel vs PyTorch scan vs the bf16 product alone (Gpairs/s, same run),
 #    then the kernel's tile configurations, alone and in the whole call
 step eval_pairs_500k 150 "$PY" benchmarks/eval_pairs.py --sizes --alone "$PAIRS_N" --device "$DEV" --target 1e-8 \
-  --kernels triton torch --matmul --threads "$THREADS"
+  --kernels triton torch --matmul --threads "$THREADS" --block "$PANEL"
+# the PyTorch scan at the device's default block size (default_block_size: 32768 rows on a card of >= 40 GiB)
+step eval_pairs_500k_default_block 60 "$PY" benchmarks/eval_pairs.py --sizes --alone "$PAIRS_N" --device "$DEV" \
+  --target 1e-8 --kernels torch --threads "$THREADS"
 
 step pair_kernel_tiles 120 "$PY" benchmarks/pair_kernel_tiles.py --n "$TILES_N" --target "$TILES_TARGET" \
   --block "$PANEL" --device "$DEV" --tiles $TILES

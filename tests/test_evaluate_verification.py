@@ -91,6 +91,27 @@ def test_the_answer_does_not_depend_on_the_product_or_the_blocks():
         assert len(got) == 1, (t, got)
 
 
+def test_the_default_block_size_follows_the_device(monkeypatch):
+    """None (the default) is 4096 rows on a CPU; on CUDA it grows with the card (a block's host synchronisations
+    cost the same whatever its size), read from the card's total memory so every rank agrees."""
+    from types import SimpleNamespace
+
+    from visrec.evaluate.verification import default_block_size
+
+    assert default_block_size(torch.device("cpu")) == 4096
+    for gib, want in ((141, 32768), (40, 32768), (24, 16384), (16, 16384), (12, 8192)):
+        card = SimpleNamespace(total_memory=gib * 2 ** 30)
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda d, card=card: card)
+        assert default_block_size(torch.device("cuda", 0)) == want, gib
+    emb, labels = clustered(300, 20, dim=16, spread=1.2, seed=1)
+    a = tpr_at_fpr(emb, labels, [1e-3], device="cpu")[1e-3]
+    b = tpr_at_fpr(emb, labels, [1e-3], device="cpu", block_size=4096)[1e-3]
+    assert (a.threshold, a.true_accepts, a.false_accepts) == (b.threshold, b.true_accepts, b.false_accepts)
+    for bad in (0, -5, 2.5, "big"):
+        with pytest.raises(VisrecError, match="block_size must be a positive integer or None"):
+            tpr_at_fpr(emb, labels, [1e-3], device="cpu", block_size=bad)
+
+
 def test_one_in_a_hundred_million():
     """FPR 1e-8 needs 1e8 impostor pairs: 15,000 embeddings, against a reference that keeps only the two largest
     impostor scores of each band of rows (exact scores in float64, as the engine defines them)."""

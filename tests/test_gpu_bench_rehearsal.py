@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["kernel_check", "eval_pairs_500k", "pair_kernel_tiles", "train_mbf_4", "train_r50_4", "products_extraction",
-         "trainer_smoke", "train_mbf_128_eager"]
+STEPS = ["kernel_check", "eval_pairs_500k", "eval_pairs_500k_default_block", "pair_kernel_tiles", "train_mbf_4",
+         "train_r50_4", "products_extraction", "trainer_smoke", "train_mbf_128_eager"]
 
 
 def bench(out: Path, **env) -> str:
