@@ -22,6 +22,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +69,7 @@ def main() -> None:
     print(f"bf16 product alone: {t_mm:.3f} s, {pairs / t_mm / 1e9:.1f} Gpairs/s", flush=True)
 
     order = labels.argsort(kind="stable")
-    _, lab_idx = __import__("numpy").unique(labels[order], return_inverse=True)
+    _, lab_idx = np.unique(labels[order], return_inverse=True)
     x = normalise(emb)[torch.from_numpy(order)].to(dev)
     fast_emb = x.to(torch.bfloat16)
     seg_start, seg_end = _segments(lab_idx, dev)
