@@ -339,9 +339,9 @@ def zero_momentum_buffers(opt: torch.optim.SGD) -> None:
     the fp16 loss scaler reports an overflow on that step (the usual start: the scale begins at 65,536) the
     kernel skips the update and the buffers keep whatever memory they were given, which the next real step
     then adds in (the likely cause of an fp16 SGD run on an H200 stopping at step 4 with a NaN loss; not yet
-    run there again). A zero buffer gives the
-    same first real step (buffer = momentum * 0 + gradient = gradient, as SGD's first step sets it; dampening
-    is 0 here) and an overflowed step leaves it zero. A checkpoint's state, loaded later, replaces these."""
+    run there again). A zero buffer gives the same first real step (buffer = momentum * 0 + gradient =
+    gradient, as SGD's first step sets it; dampening is 0 here) and an overflowed step leaves it zero. A
+    checkpoint's state, loaded later, replaces these."""
     for group in opt.param_groups:
         if group["momentum"] == 0 or group["dampening"] != 0:
             continue
