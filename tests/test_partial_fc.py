@@ -77,6 +77,9 @@ def _worker(rank, world, port, full_weight, emb, labels, out):
                 "sharding": pfc.sharding},
                f"{out}/rank{rank}.pt")
     dist.destroy_process_group()
+    # results written: skip the interpreter's shutdown, where gloo's threads can abort the process (SIGABRT,
+    # "terminate called without an active exception"; seen in CI on 2 busy cores): test_distributed._exit_cleanly
+    os._exit(0)
 
 
 @pytest.mark.slow
