@@ -9,9 +9,12 @@ For each configuration (``bm,bn,bk,warps,stages``, see :class:`visrec.evaluate.p
   every panel, the exact re-check), the answer checked against the PyTorch scan's.
 
 The bf16 product alone (PyTorch's matmul over the same blocks, nothing kept) is printed beside them, so the
-ratio is read in one run.
+ratio is read in one run. Each configuration's line starts with what the compiler says one thread of it needs
+on the device's architecture (registers, bytes spilled to the stack, tensor-core dots): ``--compile-only``
+prints just that, for ``--arch`` (default 90: H100/H200), and needs no GPU.
 
     python benchmarks/pair_kernel_tiles.py --n 500000 --target 1e-8 --tiles 128,128,64,8,3 64,64,32,4,3
+    python benchmarks/pair_kernel_tiles.py --compile-only --tiles 128,128,64,8,3 128,128,64,4,4
 """
 
 from __future__ import annotations
@@ -47,6 +50,14 @@ def kernel_alone(fast_emb, seg_start, seg_end, bar: float, block: int, device: s
     return time.perf_counter() - t0
 
 
+def resources(spec: str, arch: int) -> str:
+    try:
+        r = pair_kernel.compiled_resources(pair_kernel.Tiles(*(int(v) for v in spec.split(","))), arch=arch)
+    except Exception as e:  # noqa: BLE001 - a configuration that does not compile is reported, not fatal
+        return f"sm_{arch} compile failed: {type(e).__name__}: {str(e)[:200]}"
+    return f"sm_{arch} {r['registers']} registers, {r['spill_bytes']} B spilled, {r['tensor_core_dots']} tensor-core dots"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n", type=int, default=500_000)
@@ -55,7 +66,16 @@ def main() -> None:
     ap.add_argument("--tiles", nargs="+", default=["128,128,64,8,3"])
     ap.add_argument("--device", default="cuda", help="cuda; cpu runs Triton's interpreter (TRITON_INTERPRET=1: "
                                                      "a rehearsal of this script, no rate worth reading)")
+    ap.add_argument("--compile-only", action="store_true", help="the compiler's report alone (no GPU needed)")
+    ap.add_argument("--arch", type=int, default=None, help="CUDA compute capability x 10 to compile for "
+                                                           "(default: the device's, else 90)")
     args = ap.parse_args()
+    arch = args.arch or (int("".join(map(str, torch.cuda.get_device_capability()))) if args.device == "cuda"
+                         and torch.cuda.is_available() else 90)
+    if args.compile_only:
+        for spec in args.tiles:
+            print(f"tiles {spec}: {resources(spec, arch)}", flush=True)
+        return
     dev = torch.device(args.device)
     if not pair_kernel.available(dev):
         raise SystemExit(f"the pair kernel cannot run on {args.device}: it needs CUDA, or TRITON_INTERPRET=1 on a CPU")
@@ -89,7 +109,8 @@ def main() -> None:
             continue
         same = (got.threshold, got.true_accepts, got.false_accepts) == \
             (want.threshold, want.true_accepts, want.false_accepts)
-        print(f"tiles {spec}: kernel alone {t_k:.3f} s = {pairs / t_k / 1e9:.1f} Gpairs/s "
+        compiled = f"{resources(spec, arch)}; " if args.device == "cuda" else ""  # the interpreter compiles nothing
+        print(f"tiles {spec}: {compiled}kernel alone {t_k:.3f} s = {pairs / t_k / 1e9:.1f} Gpairs/s "
               f"({t_mm / t_k:.2f} of the product's rate); tpr_at_fpr {t_all:.2f} s = "
               f"{pairs / t_all / 1e9:.1f} Gpairs/s; {'same answer' if same else 'DIFFERENT ANSWER'}", flush=True)
 

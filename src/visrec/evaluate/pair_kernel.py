@@ -1,17 +1,22 @@
 """The fused pair-scan kernel (Triton) of :func:`visrec.evaluate.verification.tpr_at_fpr` on CUDA.
 
 One launch scans a panel of rows against every column at or right of the panel's first row. Per tile of
-``BM x BN`` pairs it computes the fast product (bfloat16 or float32 inputs, float32 accumulation), keeps
-the pairs i < j, and writes out, compacted through one atomic counter per kind:
+``BM x BN`` pairs it computes the fast product (bfloat16 or float32 inputs, float32 accumulation), keeps the
+pairs i < j of different identities (labels are sorted, so row i's identity is the columns
+``[seg_start[i], seg_end[i])``) and asks whether any of them reaches ``bar`` (the k-th largest fast score so
+far less three filter margins). A tile that holds one adds its number to a list, through one atomic counter;
+nothing else leaves the kernel, and the host synchronises once per panel to read the list's length.
 
-- the impostor pairs whose fast score is >= ``bar`` (the k-th largest fast score so far less three filter
-  margins), with their fast scores: the candidates the caller keeps;
-- every genuine pair (same identity: labels are sorted, so row i's identity is the columns
-  ``[seg_start[i], seg_end[i])``) with its fast score: the caller counts them against the thresholds.
+At deep targets (FPR 1e-6 and below) that list is a few tiles in a million, and :func:`scan_panel` re-scores
+just those tiles with PyTorch (the inputs gathered, the same products in float32) to read off their pairs.
+The tile epilogue is kept that small on purpose: an earlier version wrote each pair out of the kernel (64-bit
+pair ids and a prefix sum over the flattened tile) and, compiled for sm_90, held 255 registers and spilled
+4.8 KB per thread to the stack, which the H200 figures in BENCHMARKS.md show (25 Gpairs/s for the kernel
+alone, the bf16 product alone 561). :func:`compiled_resources` reports a configuration's registers, spills and
+tensor-core instructions from the compiler without a GPU; a test holds the CUDA configuration to no spills.
 
-Nothing of the similarity matrix is stored, no threshold filter runs as a separate kernel, and the host
-synchronises once per panel (to read the two counts). A count above the buffer's capacity means the
-buffer overflowed: the caller runs the panel again with the capacity it now knows.
+Genuine pairs are not the kernel's business: they are known from the segments without scanning anything
+(:func:`visrec.evaluate.verification._genuine_pairs` scores them directly).
 
 Triton is imported here only (it ships with CUDA builds of PyTorch). On a CPU the kernel runs in Triton's
 interpreter when ``TRITON_INTERPRET=1`` was set before this module was imported (the tests do so); the
@@ -22,7 +27,11 @@ products (a product of two bfloat16 values is exact in float32) and the same flo
 from __future__ import annotations
 
 import os
+import re
+import subprocess
+import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -49,13 +58,12 @@ class Tiles:
     stages: int
 
 
-# Measured on an H200 (scripts/gpu_bench.sh, 500,000 embeddings, FPR 1e-8): the whole tpr_at_fpr call ran at
-# 19 Gpairs/s with 64 x 64 x 32 tiles and Triton's defaults, 29 with 128 x 128 x 64, 8 warps and 3 stages, and
-# 10 with 4 warps and 4 stages; the kernel alone at 25 and 16 for the last two; the bf16 product alone at 561.
-# The tile shape is not what holds the kernel back. The per-tile epilogue is the suspect (its count no longer
-# flattens the tile); that change is not yet measured. The interpreter gets small tiles: it runs them in NumPy.
+# 128 x 128 x 64, 8 warps, 3 stages: on sm_90 the tile-list kernel holds 128 registers and spills nothing
+# (compiled_resources); with 4 warps it needs 246. Not yet timed on a GPU: benchmarks/pair_kernel_tiles.py does.
+# The interpreter gets small tiles: it runs them in NumPy.
 CUDA_TILES = Tiles(128, 128, 64, 8, 3)
 INTERPRETER_TILES = Tiles(64, 64, 32, 4, 1)
+RESCORE_BYTES = 1 << 28  # at most this much gathered input and scores per batch of re-scored tiles
 
 
 def available(device: torch.device) -> bool:
@@ -67,9 +75,7 @@ def available(device: torch.device) -> bool:
 
 if triton is not None:
     @triton.jit
-    def _scan_kernel(e_ptr, stride, n, d, seg_start_ptr, seg_end_ptr, row0, row_end, bar,
-                     cand_ptr, cand_score_ptr, cand_count_ptr, cand_capacity,
-                     gen_ptr, gen_score_ptr, gen_count_ptr, gen_capacity,
+    def _scan_kernel(e_ptr, stride, n, d, seg_start_ptr, seg_end_ptr, row0, row_end, bar, tile_ptr, tile_count_ptr,
                      BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr, EVEN_K: tl.constexpr,
                      WIDEN: tl.constexpr):
         pid_m = tl.program_id(0)  # the fastest-varying index: the panel's row tiles share one column tile in L2
@@ -102,58 +108,93 @@ if triton is not None:
             s1 = tl.load(seg_end_ptr + i, mask=row_ok, other=0)
             pair_ok = row_ok[:, None] & col_ok[None, :] & (j[None, :] > i[:, None])
             same = (j[None, :] >= s0[:, None]) & (j[None, :] < s1[:, None])
-            _append(pair_ok & ~same & (acc >= bar), i, j, n, acc, BM * BN,
-                    cand_ptr, cand_score_ptr, cand_count_ptr, cand_capacity)
-            # genuine pairs lie in the few tiles that some row's identity segment reaches
-            touch = tl.max((row_ok & (s1 > first_col) & (s0 < first_col + BN)).to(tl.int32), axis=0)
-            if touch > 0:
-                _append(pair_ok & same, i, j, n, acc, BM * BN, gen_ptr, gen_score_ptr, gen_count_ptr, gen_capacity)
-
-    @triton.jit
-    def _append(keep2d, i, j, n, acc, SIZE: tl.constexpr, pair_ptr, score_ptr, count_ptr, capacity):
-        """Write the flagged (pair, score) entries of a tile after those other tiles wrote: one atomic add
-        reserves the places, a prefix sum orders them. Past ``capacity`` nothing is written (the count says so).
-        The count is summed in the tile's own 2-D layout: flattening a tile may move it through shared memory,
-        which only the rare tile holding an entry should pay."""
-        found = tl.sum(tl.sum(keep2d.to(tl.int32), axis=1), axis=0)
-        if found > 0:
-            flags = tl.reshape(keep2d.to(tl.int32), [SIZE])
-            pair = tl.reshape(i[:, None].to(tl.int64) * n + j[None, :], [SIZE])
-            score = tl.reshape(acc, [SIZE])
-            base = tl.atomic_add(count_ptr, found)
-            at = base + tl.cumsum(flags, axis=0) - 1
-            keep = (flags > 0) & (at < capacity)
-            tl.store(pair_ptr + at, pair, mask=keep)
-            tl.store(score_ptr + at, score, mask=keep)
+            keep = pair_ok & ~same & (acc >= bar)
+            if tl.max(tl.max(keep.to(tl.int32), axis=1), axis=0) > 0:
+                at = tl.atomic_add(tile_count_ptr, 1)
+                tl.store(tile_ptr + at, pid_m * tl.num_programs(1) + pid_n)
 
 
 def scan_panel(fast_emb: torch.Tensor, seg_start: torch.Tensor, seg_end: torch.Tensor, row0: int, rows: int,
-               bar: float, capacity: int = 1 << 16):
-    """Scan rows ``[row0, row0 + rows)`` against columns ``[row0, n)``, pairs i < j. Returns the candidate
-    impostor pairs (fast score >= ``bar``) and the genuine pairs, each as global (i, j, fast score)."""
+               bar: float):
+    """The impostor pairs (i, j) with i in ``[row0, row0 + rows)``, i < j, different identities and fast score
+    >= ``bar``, as global (i, j, fast score): the kernel lists the tiles that hold one, PyTorch re-scores those
+    tiles (:func:`rescore_tiles`)."""
     if not available(fast_emb.device):
         raise VisrecError("the Triton pair kernel needs CUDA and Triton (or TRITON_INTERPRET=1 on a CPU)")
     n, d = fast_emb.shape
     dev = fast_emb.device
     row_end = min(n, row0 + rows)
-    lo, hi = seg_start[row0:row_end], seg_end[row0:row_end]
-    rows_i = torch.arange(row0, row_end, device=dev)
-    gen_capacity = max(1, int((hi - torch.maximum(lo, rows_i + 1)).clamp(min=0).sum()))  # exact
     t = INTERPRETER_TILES if INTERPRETED else CUDA_TILES
     grid = (triton.cdiv(row_end - row0, t.bm), triton.cdiv(n - row0, t.bn))
-    while True:
-        cand = torch.empty(capacity, dtype=torch.int64, device=dev)
-        cand_score = torch.empty(capacity, dtype=torch.float32, device=dev)
-        gen = torch.empty(gen_capacity, dtype=torch.int64, device=dev)
-        gen_score = torch.empty(gen_capacity, dtype=torch.float32, device=dev)
-        counts = torch.zeros(2, dtype=torch.int32, device=dev)
-        _scan_kernel[grid](fast_emb, fast_emb.stride(0), n, d, seg_start, seg_end, row0, row_end, float(bar),
-                           cand, cand_score, counts[0:1], capacity, gen, gen_score, counts[1:2], gen_capacity,
-                           BM=t.bm, BN=t.bn, BK=t.bk, EVEN_K=d % t.bk == 0, WIDEN=INTERPRETED,
-                           num_warps=t.warps, num_stages=t.stages)
-        found, genuine = (int(c) for c in counts.cpu())
-        if found <= capacity:
-            break
-        capacity = found  # overflowed: the count is complete, so one more launch fits every candidate
-    cand, gen = cand[:found], gen[:genuine]
-    return (cand // n, cand % n, cand_score[:found]), (gen // n, gen % n, gen_score[:genuine])
+    tiles = torch.empty(grid[0] * grid[1], dtype=torch.int32, device=dev)  # room for every tile: no overflow
+    count = torch.zeros(1, dtype=torch.int32, device=dev)
+    _scan_kernel[grid](fast_emb, fast_emb.stride(0), n, d, seg_start, seg_end, row0, row_end, float(bar),
+                       tiles, count, BM=t.bm, BN=t.bn, BK=t.bk, EVEN_K=d % t.bk == 0, WIDEN=INTERPRETED,
+                       num_warps=t.warps, num_stages=t.stages)
+    hit = tiles[:int(count.item())].long()  # the panel's one synchronisation
+    return rescore_tiles(fast_emb, seg_start, seg_end, row0, row_end, bar, hit // grid[1], hit % grid[1], t)
+
+
+def rescore_tiles(fast_emb, seg_start, seg_end, row0: int, row_end: int, bar: float, tile_rows: torch.Tensor,
+                  tile_cols: torch.Tensor, t: Tiles):
+    """The pairs of the listed tiles (tile (a, b) holds rows ``row0 + a*bm ...`` and columns ``row0 + b*bn ...``)
+    that :func:`scan_panel` keeps, with their fast scores: the fast rows gathered and multiplied in float32 —
+    a bfloat16 value is exact in float32 and in TF32, so each product is exact and each sum a float32 sum of
+    ``d`` terms, inside the filter's margin whatever order the library adds them in."""
+    n, d = fast_emb.shape
+    dev = fast_emb.device
+    none = torch.empty(0, dtype=torch.int64, device=dev)
+    out_i, out_j, out_s = [none], [none], [torch.empty(0, device=dev)]
+    per_batch = max(1, RESCORE_BYTES // (4 * (t.bm + t.bn) * d + 8 * t.bm * t.bn))
+    for b0 in range(0, tile_rows.numel(), per_batch):
+        r = row0 + tile_rows[b0:b0 + per_batch, None] * t.bm + torch.arange(t.bm, device=dev)  # [T, bm]
+        c = row0 + tile_cols[b0:b0 + per_batch, None] * t.bn + torch.arange(t.bn, device=dev)  # [T, bn]
+        r_ok, c_ok = r < row_end, c < n
+        r, c = r.clamp(max=n - 1), c.clamp(max=n - 1)  # ragged edges read a valid row, masked out below
+        s = torch.bmm(fast_emb[r].float(), fast_emb[c].float().transpose(1, 2))
+        rr, cc = r[:, :, None], c[:, None, :]
+        keep = (r_ok[:, :, None] & c_ok[:, None, :] & (cc > rr) & (s >= bar)
+                & ((cc < seg_start[r][:, :, None]) | (cc >= seg_end[r][:, :, None])))
+        tile, a, b = torch.nonzero(keep, as_tuple=True)
+        out_i.append(r[tile, a])
+        out_j.append(c[tile, b])
+        out_s.append(s[tile, a, b])
+    return torch.cat(out_i), torch.cat(out_j), torch.cat(out_s)
+
+
+def compiled_resources(tiles: Tiles = CUDA_TILES, *, dtype: str = "bf16", d: int = 512, arch: int = 90) -> dict:
+    """Compile the kernel for CUDA compute capability ``arch`` without a GPU (Triton's compiler and the ptxas
+    shipped in its wheel) and report what one thread needs: ``registers``, ``spill_bytes`` (stores to the
+    stack), and ``tensor_core_dots`` (warp-group MMA for sm_90, else MMA ops in the Triton GPU IR)."""
+    if triton is None:
+        raise VisrecError("compiled_resources needs Triton (it ships with CUDA builds of PyTorch)")
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    ints = ("stride", "n", "d", "row0", "row_end")
+    sig = {name: ("i32" if name in ints else "fp32" if name == "bar" else
+                  "*i64" if name.startswith("seg") else "*i32" if name.startswith("tile") else f"*{dtype}")
+           for name in _scan_kernel.arg_names[:11]}
+    consts = {"BM": tiles.bm, "BN": tiles.bn, "BK": tiles.bk, "EVEN_K": d % tiles.bk == 0, "WIDEN": False}
+    sig.update({name: "constexpr" for name in consts})
+    aligned = ("e_ptr", "stride", "n", "d", "seg_start_ptr", "seg_end_ptr", "tile_ptr")  # as launches see them
+    attrs = {(_scan_kernel.arg_names.index(a),): [["tt.divisibility", 16]] for a in aligned}
+    kernel = triton.compile(ASTSource(fn=_scan_kernel, signature=sig, constexprs=consts, attrs=attrs),
+                            target=GPUTarget("cuda", arch, 32),
+                            options={"num_warps": tiles.warps, "num_stages": tiles.stages})
+    ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
+    with tempfile.TemporaryDirectory(prefix="visrec-ptx-") as scratch:
+        tmp = Path(scratch)
+        (tmp / "k.ptx").write_text(kernel.asm["ptx"])
+        run = subprocess.run([str(ptxas), "-v", f"-arch=sm_{arch}{'a' if arch == 90 else ''}", str(tmp / "k.ptx"),
+                              "-o", str(tmp / "k.cubin")], capture_output=True, text=True, timeout=300)
+    if run.returncode != 0:
+        raise VisrecError(f"ptxas failed on the pair kernel: {run.stderr[-500:]}")
+    registers = re.search(r"Used (\d+) registers", run.stderr)
+    spills = re.search(r"(\d+) bytes spill stores", run.stderr)
+    ttgir = kernel.asm["ttgir"]
+    return {"registers": int(registers.group(1)) if registers else None,
+            "spill_bytes": int(spills.group(1)) if spills else 0,
+            "tensor_core_dots": ttgir.count("warp_group_dot") if arch >= 90 else ttgir.count("nvidia_mma"),
+            "ptxas": run.stderr.strip()}
+

@@ -205,9 +205,10 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     ``filter_precision``: the dtype of the product that finds the candidate pairs — "bf16", "fp32", or "auto"
     (bf16 where the hardware multiplies it natively). It changes the speed, never the result: every pair that
     can matter is re-scored exactly (:func:`exact_scores`). ``kernel``: "triton" scans with the fused Triton
-    kernel (:mod:`visrec.evaluate.pair_kernel`: product, filter and genuine pairs in one pass, one host sync
-    per panel of ``block_size`` rows), "torch" with PyTorch operations block by block, "auto" the PyTorch scan
-    (measured faster than the kernel on an H200: 34 against 29 Gpairs/s at 500,000 embeddings, FPR 1e-8).
+    kernel (:mod:`visrec.evaluate.pair_kernel`: product and filter in one pass listing the few tiles that hold
+    a candidate, one host sync per panel of ``block_size`` rows), "torch" with PyTorch operations block by
+    block, "auto" the PyTorch scan (measured faster than the kernel's previous version on an H200: 34 against
+    29 Gpairs/s at 500,000 embeddings, FPR 1e-8; the current kernel is not yet timed on a GPU).
     The same answer either way.
 
     Sharded across processes, each scoring its share of the pairs, every rank getting the single-process
@@ -318,8 +319,8 @@ def _scan(cands, fast_emb, seg_start, seg_end, blocks, block_size, rank, world, 
             if bi % world != rank:
                 continue
             if use_kernel and cands.bar > -math.inf:  # the fused kernel, once a bound is known
-                (i, j, fs), (gi, gj, gs) = pair_kernel.scan_panel(fast_emb, seg_start, seg_end, r0, block_size,
-                                                                  cands.bar)
+                i, j, fs = pair_kernel.scan_panel(fast_emb, seg_start, seg_end, r0, block_size, cands.bar)
+                gi, gj, gs = _genuine_pairs(fast_emb, seg_start, seg_end, r0, min(n, r0 + block_size))
                 genuine_i.append(gi)
                 genuine_j.append(gj)
                 genuine_fast.append(gs)
@@ -459,6 +460,20 @@ def _same_label_positions(seg_start, seg_end, r0: int, r1: int, c0: int, c1: int
     first = torch.repeat_interleave(torch.cumsum(counts, 0) - counts, counts, output_size=total)
     cols = torch.repeat_interleave(lo - c0, counts, output_size=total) + torch.arange(total, device=lo.device) - first
     return rows, cols
+
+
+def _genuine_pairs(fast_emb: torch.Tensor, seg_start, seg_end, r0: int, r1: int, chunk: int = 1 << 15):
+    """Every genuine pair (i, j), i in [r0, r1), i < j, with its fast score: read off the identity segments and
+    scored one dot product each — the fast rows widened to float32 (exact products) and summed in float32,
+    inside the filter's margin like any fast product."""
+    n = fast_emb.shape[0]
+    gi, gj = _same_label_positions(seg_start, seg_end, r0, r1, r0, n)
+    upper = gj > gi  # rows and columns both start at r0
+    gi, gj = r0 + gi[upper], r0 + gj[upper]
+    scores = [torch.empty(0, device=fast_emb.device)]
+    for k in range(0, gi.numel(), chunk):
+        scores.append((fast_emb[gi[k:k + chunk]].float() * fast_emb[gj[k:k + chunk]].float()).sum(dim=1))
+    return gi, gj, torch.cat(scores)
 
 
 def _scan_block(cands: _Candidates, fast: torch.Tensor, r0: int, c0: int, n: int) -> None:
