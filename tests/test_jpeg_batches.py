@@ -95,6 +95,27 @@ def test_a_truncated_jpeg_is_named_by_record(face_rec, tmp_path):
     assert "train.rec" in str(err.value) and "record 2" in str(err.value)
 
 
+def test_a_batch_crosses_from_a_worker_as_five_tensors_whatever_its_size(face_rec):
+    """Hundreds of per-image byte tensors would each cross the process boundary on their own handle (and be
+    pinned one by one): the worker packs them into one buffer, and the decode after a real worker equals the
+    decode of the same items in this process."""
+    from torch.utils.data import DataLoader
+
+    faces = open_face_dataset(face_rec)
+    encoded = EncodedFaces(faces)
+    index = [3, 0, 17, 29, 8, 8, 11, 2, 25, 14]
+    batch = collate_encoded([encoded[i] for i in index])
+    assert len(batch) == 5 and all(isinstance(t, torch.Tensor) for t in batch)
+    packed, lengths = batch[0], batch[1]
+    assert packed.dtype == torch.uint8 and packed.dim() == 1 and int(lengths.sum()) == packed.numel()
+    assert [bytes(v.numpy()) for v in torch.split(packed, lengths.tolist())] == \
+        [bytes(encoded[i][0].numpy()) for i in index]
+    loader = DataLoader(encoded, batch_sampler=[index], num_workers=1, collate_fn=collate_encoded)
+    (from_worker,) = list(loader)
+    got, want = encoded.decode(from_worker, torch.device("cpu")), batched(faces, index)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    assert torch.equal(got[0], worker_batch(faces, index)[0])
+
 def test_a_batch_the_decoder_rejects_is_decoded_image_by_image_and_the_bad_one_named(face_rec):
     faces = open_face_dataset(face_rec)
     encoded = EncodedFaces(faces)

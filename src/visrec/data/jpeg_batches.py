@@ -11,6 +11,11 @@ Images the batched decoder would treat differently are decoded in the worker as 
 anything not a JPEG (PNG, ...), a JPEG that is not 112x112 (resized as the usual path resizes it), and a JPEG
 carrying EXIF data (OpenCV turns it upright by its orientation tag; the batched decoder would not).
 A batch the batched decoder rejects is decoded again image by image, so a bad record is reported by name.
+
+A batch leaves the worker as one byte tensor (every item's bytes end to end) and their lengths: a list of
+hundreds of small tensors would cross to the training process one shared-memory handle each (a socket round
+trip per tensor) and be pinned one by one, which costs the training process more than the decode itself
+(BENCHMARKS.md: 512 items of 3.5 KB).
 """
 
 from __future__ import annotations
@@ -88,8 +93,10 @@ class EncodedFaces(Dataset):
         return torch.from_numpy(np.ascontiguousarray(pixels).reshape(-1)), True, label, i
 
     def decode(self, batch, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """A collated batch -> (float images (B, 3, 112, 112) on ``device``, int64 labels on ``device``)."""
-        datas, is_pixels, labels, index = batch
+        """A collated batch (:func:`collate_encoded`) -> (float images (B, 3, 112, 112) on ``device``, int64
+        labels on ``device``)."""
+        packed, lengths, is_pixels, labels, index = batch
+        datas = torch.split(packed, lengths.tolist())  # views into the one buffer, each contiguous
         flags = is_pixels.tolist()
         images: list[torch.Tensor | None] = [None] * len(datas)
         jpegs = [k for k, pixels in enumerate(flags) if not pixels]
@@ -128,7 +135,9 @@ def _decode_jpegs(datas: list[torch.Tensor], device: torch.device) -> list[torch
 
 
 def collate_encoded(items: list[tuple[torch.Tensor, bool, int, int]]):
-    """Items of :class:`EncodedFaces` -> (list of byte tensors, bool tensor, int64 labels, int64 indices)."""
+    """Items of :class:`EncodedFaces` -> (uint8 tensor of every item's bytes end to end, int64 lengths, bool
+    is_pixels, int64 labels, int64 indices): five tensors per batch, whatever its size (module docstring)."""
     datas, is_pixels, labels, index = zip(*items)
-    return (list(datas), torch.tensor(is_pixels, dtype=torch.bool), torch.tensor(labels, dtype=torch.int64),
+    return (torch.cat(datas), torch.tensor([d.numel() for d in datas], dtype=torch.int64),
+            torch.tensor(is_pixels, dtype=torch.bool), torch.tensor(labels, dtype=torch.int64),
             torch.tensor(index, dtype=torch.int64))
