@@ -17,6 +17,9 @@ depend on them) is loaded first and its load time shown apart; a warm-up index o
 timed one (CUDA context, cuDNN, a TensorRT engine build). N is rounded up to whole batches. Rate = N / the timed
 index build; 520,000 images at that rate = 520,000 / rate, plus nothing for the fixed costs. Without FAISS the
 timed path ends at the descriptors on disk (the row says so; a Flat index adds 520K vectors in a memory copy).
+Two more lines say which side bounds the rate: the loader threads alone (every batch read, decoded and
+preprocessed, no descriptor) and, per runtime, the descriptor alone (one prepared batch described over and
+over: the copy to the device, the network, the copy back).
 
     python benchmarks/products_search.py --catalogue 500000 --dims 512 2048 --queries 2000
     python benchmarks/products_search.py --dims --extract 8192 --backbone resnet50 --size 224 --batch 256 \
@@ -212,7 +215,38 @@ def extract_bench(a) -> list[dict]:
             rows.append(row)
             print(row_line(row), flush=True)
             shutil.rmtree(work / f"index-{i}", ignore_errors=True)
+            if "skipped" not in row:
+                print(f"  bound: the descriptor alone ({row['ran_on']}): "
+                      f"{descriptor_alone(model, work / 'catalogue', opts, device):,.1f} images/s", flush=True)
+        print(f"  bound: the {loader_threads(opts)} loader threads alone (read, decode, preprocess; no descriptor): "
+              f"{loader_alone(work / 'catalogue', opts):,.1f} images/s", flush=True)
     return rows
+
+
+def loader_alone(catalogue, opts) -> float:
+    """Images/s of the loader threads over every batch of ``catalogue``, nothing consuming them but this loop."""
+    from visrec.data.products import list_images
+    from visrec.index.catalogue import _batches_ahead
+
+    items = list_images(catalogue)
+    t = time.perf_counter()
+    done = sum(len(ids) for ids, _, _ in _batches_ahead([items[b:b + opts.batch_size]
+                                                         for b in range(0, len(items), opts.batch_size)], opts))
+    return done / (time.perf_counter() - t)
+
+
+def descriptor_alone(model, catalogue, opts, device, repeats: int = 8) -> float:
+    """Images/s of ``describe`` on one prepared batch of ``catalogue``, ``repeats`` times (after one untimed)."""
+    from visrec.data.products import list_images
+    from visrec.index.catalogue import _load_batch
+    from visrec.models.inference import describe
+
+    _, prepared, _ = _load_batch(list_images(catalogue)[:opts.batch_size], opts)
+    describe(model, prepared, opts.size, opts.multiscale, device)
+    t = time.perf_counter()
+    for _ in range(repeats):
+        describe(model, prepared, opts.size, opts.multiscale, device)  # returns NumPy: synchronised each time
+    return repeats * len(prepared.scales[0]) / (time.perf_counter() - t)
 
 
 def row_figures(r: dict) -> tuple[float, float, str, str]:
