@@ -79,7 +79,8 @@ def visrec_step(args, device, data: str | None, input_only: bool = False):
                         "data": {"train": data or "unused", "flip": data is not None, "decode": args.decode},
                         "loss": {"name": "arcface", "s": 64.0, "m": 0.5, "sample_rate": args.sample_rate},
                         "optim": {"lr": 0.1}, "amp": args.amp, "compile": args.compile,
-                        "cuda_graph": args.cuda_graph, "num_workers": args.workers})
+                        "cuda_graph": args.cuda_graph, "num_workers": args.workers,
+                        "channels_last": args.channels_last == "on"})
     amp = resolve_amp(args.amp, device)
     torch.backends.cudnn.benchmark = True  # as the Trainer does outside deterministic mode
     task = FaceTask(cfg, RunContext(device=device, amp_dtype=amp))
@@ -178,6 +179,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     ap.add_argument("--compile", action="store_true")
+    ap.add_argument("--channels-last", default="on", choices=["on", "off"],
+                    help="visrec's backbone in NHWC on CUDA (train.channels_last; off: NCHW, as arcface_torch runs)")
     ap.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--input", default="tensors", choices=["tensors", "recordio"],
                     help="recordio: also time the real input path from a .rec file, in the same run")
@@ -217,7 +220,8 @@ def main() -> None:
         rows.append(("arcface_torch", "tensors", "eager, DDP on one process", base))
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     table = Table(title=f"train step throughput: {args.backbone}, batch {args.batch}, {args.classes} classes, "
-                        f"sample rate {args.sample_rate}, {name}, amp={args.amp}, compile={args.compile}")
+                        f"sample rate {args.sample_rate}, {name}, amp={args.amp}, compile={args.compile}, "
+                        f"channels_last={args.channels_last}")
     table.add_column("implementation")
     table.add_column("input")
     table.add_column("step")

@@ -11,8 +11,9 @@
 # and a step with under 30 s left is skipped with a line saying so. The steps run: the pair kernel's exactness
 # check (seconds; what the kernel rates below are worth), the pair kernel's rates and its tile sweep, the
 # training step throughput (visrec vs arcface_torch and the real input path), catalogue extraction, the
-# Trainer smoke run and the eager step. GPU_BENCH_ONLY="name ..." runs the named steps alone (a second run
-# that fills in what the first could not). OUT_DIR receives two files: gpu_bench.txt
+# Trainer smoke run, the eager step, and MobileFaceNet's step in other layouts, precisions and compiled.
+# GPU_BENCH_ONLY="name ..." runs the named steps alone (a second run that fills in what the first could not).
+# OUT_DIR receives two files: gpu_bench.txt
 # (every step's command, the tail of its output and its exit) and gpu_bench_logs.tar.gz (each step's whole
 # output); runs and data go to a scratch folder.
 #
@@ -148,5 +149,19 @@ step trainer_smoke 180 "$PY" scripts/gpu_smoke.py "$WORK/gpu-smoke" $SMOKE
 # 6. what the graph buys: the same step run eagerly
 step train_mbf_128_eager 60 "$PY" benchmarks/train_throughput.py --backbone mbf --batch "${BATCHES##* }" $TRAIN \
   --device "$DEV" --cuda-graph off
+
+# 7. what holds MobileFaceNet back (21 ms a step at batch 128 in the graph, not launch-bound): the same step
+#    with NCHW activations, and with fp16 in place of bf16 (arcface_torch runs NCHW fp16), on tensors; then the
+#    backbone compiled by TorchInductor (BN + PReLU fused). The compile step is left out of the rehearsal:
+#    Inductor compiles MobileFaceNet's forward and backward for minutes on two CPU cores.
+for v in "nchw_bf16:off:bf16" "nhwc_fp16:on:fp16" "nchw_fp16:off:fp16"; do
+  IFS=: read -r vname vcl vamp <<< "$v"
+  step "train_mbf_${vname}" 60 "$PY" benchmarks/train_throughput.py --backbone mbf --batch "${BATCHES%% *}" $TRAIN \
+    --device "$DEV" --channels-last "$vcl" --amp "$vamp"
+done
+if [ -z "${GPU_BENCH_REHEARSAL:-}" ]; then
+  step train_mbf_compile 180 "$PY" benchmarks/train_throughput.py --backbone mbf --batch "${BATCHES%% *}" $TRAIN \
+    --device "$DEV" --compile
+fi
 
 echo "done: $REPORT (${SECONDS}s)"

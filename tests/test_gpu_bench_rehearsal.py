@@ -13,7 +13,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = ["kernel_check", "eval_pairs_500k", "eval_pairs_500k_default_block", "pair_kernel_tiles", "train_mbf_4",
-         "train_r50_4", "products_extraction", "trainer_smoke", "train_mbf_128_eager"]
+         "train_r50_4", "products_extraction", "trainer_smoke", "train_mbf_128_eager", "train_mbf_nchw_bf16",
+         "train_mbf_nhwc_fp16", "train_mbf_nchw_fp16"]
 
 
 def bench(out: Path, **env) -> str:
@@ -33,6 +34,9 @@ def test_every_step_of_the_gpu_script_runs_in_its_rehearsal(tmp_path):
     assert report.count("real input path / synthetic tensors:") == 2  # mbf and r50, from the .rec file
     assert "visrec (triton scan):" in report and "visrec (torch scan):" in report and "bf16 product alone:" in report
     assert "extraction torch cpu" in report and "520,000 images in" in report
+    # and which side bounds each rate: the input path with no step, the loader threads and the descriptor alone
+    assert report.count("none: the input path alone") == 2
+    assert "bound: the descriptor alone" in report and "loader threads alone" in report
     assert report.count("PASS target") == 3 and "FAIL" not in report  # the kernel agrees with the CPU engine
     # each tile configuration of the sweep ran and gave the PyTorch scan's answer
     assert report.count("; same answer") == 2 and "DIFFERENT ANSWER" not in report
