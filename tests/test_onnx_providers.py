@@ -245,6 +245,26 @@ def test_describe_takes_images_or_their_prepared_batch_alike():
         assert np.array_equal(describe(net, prepared, 48, multiscale), direct)
 
 
+
+def test_prepared_batches_are_pixels_whose_normalisation_gives_preprocess_products_bits():
+    """The loader threads hand over uint8 squares (a quarter of the float batch to copy to the device); the
+    normalisation after the copy must be preprocess_product's to the bit, or catalogue and query would differ."""
+    import torch
+
+    from visrec.data.products import normalise_product_pixels, preprocess_product
+    from visrec.models.inference import prepare_batch
+
+    rng = np.random.default_rng(4)
+    images = [rng.integers(0, 256, (int(rng.integers(20, 300)), int(rng.integers(20, 300)), 3), dtype=np.uint8)
+              for _ in range(5)]
+    prepared = prepare_batch(images, 64, [1.0, 0.707, 1.5])
+    for x, scale in zip(prepared.scales, (1.0, 0.707, 1.5)):
+        side = int(round(64 * scale))
+        assert x.dtype == np.uint8 and x.shape == (5, side, side, 3)
+        want = np.stack([preprocess_product(im, side) for im in images])
+        got = normalise_product_pixels(torch.from_numpy(x)).numpy()
+        assert got.dtype == np.float32 and np.array_equal(got.view(np.uint32), want.view(np.uint32))
+
 def test_an_onnx_descriptor_refuses_sizes_its_export_fixed(products, tmp_path):
     from visrec.index.catalogue import index_catalogue
 

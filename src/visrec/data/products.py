@@ -320,6 +320,27 @@ def _normalise(img: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(2, 0, 1))
 
 
+def product_pixels(img: np.ndarray, size: int) -> np.ndarray:
+    """``preprocess_product`` up to its normalisation: the (size, size, 3) uint8 square, padded and resized.
+    :func:`normalise_product_pixels` finishes it, on any device."""
+    if img.ndim != 3 or img.shape[2] != 3:
+        raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
+    return _resize(pad_to_square(img, 255), int(size))
+
+
+def normalise_product_pixels(pixels):
+    """(N, S, S, 3) uint8 tensor -> (N, 3, S, S) float32 tensor on the same device: the float32 operations of
+    ``preprocess_product``'s normalisation in the same order (scale by 1/255, less the ImageNet mean, over its
+    std), so the values are the same bits wherever they run. Done on the network's device, the copy there is
+    a quarter of the float batch's and the loader threads skip the float work."""
+    import torch
+
+    mean = torch.from_numpy(IMAGENET_MEAN).to(pixels.device).view(1, 3, 1, 1)
+    std = torch.from_numpy(IMAGENET_STD).to(pixels.device).view(1, 3, 1, 1)
+    x = pixels.permute(0, 3, 1, 2).to(torch.float32)
+    return ((x * np.float32(1.0 / 255.0) - mean) / std).contiguous()
+
+
 def preprocess_product(img: np.ndarray, size: int = 224, multiscale: Sequence[float] | None = None
                        ) -> np.ndarray | list[np.ndarray]:
     """Network input for an HxWx3 RGB uint8 product image.

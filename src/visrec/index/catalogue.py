@@ -19,8 +19,8 @@ the network, and with ``multiscale`` the L2-normalised sum of the descriptors at
 Extraction feeds the network from ``workers`` loader threads (``index.workers``; default: the cores, at most 16):
 each reads, decodes and preprocesses a batch of ``batch_size`` consecutive catalogue images (OpenCV and NumPy
 release the GIL), a few batches ahead of the network, across shard boundaries; the network sees one
-:class:`~visrec.models.inference.PreparedBatch` per batch (one copy to the device per batch and scale, one copy
-back). The network is a PyTorch descriptor on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``), or an ONNX
+:class:`~visrec.models.inference.PreparedBatch` per batch (uint8 squares: one copy to the device per batch and
+scale, normalised there, one copy back). The network is a PyTorch descriptor on ``device`` (``cpu``, ``cuda``, ``cuda:N``, ``auto``), or an ONNX
 descriptor on ONNX Runtime's execution ``providers`` (:mod:`visrec._onnx`: ``cpu``, ``cuda``, ``tensorrt``,
 ``auto``). A batch is the ``batch_size`` images at those positions in the shard, less the unreadable ones.
 

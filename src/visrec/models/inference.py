@@ -11,8 +11,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from visrec.data.products import (CATALOGUE_DIR, GROUND_TRUTH, list_images, preprocess_product, read_ground_truth,
-                                  read_image_checked)
+from visrec.data.products import (CATALOGUE_DIR, GROUND_TRUTH, list_images, normalise_product_pixels,
+                                  product_pixels, read_ground_truth, read_image_checked)
 from visrec.errors import DataError
 from visrec.evaluate.products import query_items, retrieval_metrics
 from visrec.evaluate.video import fuse
@@ -62,9 +62,11 @@ def video_features(model: torch.nn.Module, video_list: str | Path, fusions=("mea
 
 @dataclass(frozen=True)
 class PreparedBatch:
-    """The network input of a batch of product images: for each scale, (N, 3, S, S) float32, the images'
-    ``preprocess_product`` outputs stacked. What :func:`describe` runs; the catalogue extraction has them made
-    by its loader threads, ahead of the network."""
+    """A batch of product images ready for the network but for the normalisation: for each scale, (N, S, S, 3)
+    uint8, the images padded to white squares and resized (:func:`~visrec.data.products.product_pixels`),
+    stacked. What :func:`describe` runs: it copies each scale to the network's device and normalises it there
+    (``normalise_product_pixels``: the same bits as ``preprocess_product``). The catalogue extraction has them
+    made by its loader threads, ahead of the network."""
 
     scales: tuple[np.ndarray, ...]
 
@@ -74,10 +76,10 @@ class PreparedBatch:
 
 def prepare_batch(images: Sequence[np.ndarray], size: int = 224, multiscale: Sequence[float] | None = None
                   ) -> PreparedBatch:
-    """The :class:`PreparedBatch` of RGB uint8 images: each padded, resized to ``round(size * scale)`` and
-    normalised (``preprocess_product``) at every scale of ``multiscale`` (default: ``size`` alone)."""
+    """The :class:`PreparedBatch` of RGB uint8 images: each padded and resized to ``round(size * scale)`` at
+    every scale of ``multiscale`` (default: ``size`` alone)."""
     scales = list(multiscale) if multiscale else [1.0]
-    return PreparedBatch(tuple(np.stack([preprocess_product(im, int(round(size * s))) for im in images])
+    return PreparedBatch(tuple(np.stack([product_pixels(im, int(round(size * s))) for im in images])
                                for s in scales))
 
 
@@ -91,7 +93,7 @@ def describe(model: torch.nn.Module, images: Sequence[np.ndarray] | PreparedBatc
     batch = images if isinstance(images, PreparedBatch) else prepare_batch(images, size, multiscale)
     total = None
     for x in batch.scales:
-        out = model(torch.from_numpy(x).to(device)).float()
+        out = model(normalise_product_pixels(torch.from_numpy(x).to(device))).float()
         total = out if total is None else total + out
     return torch.nn.functional.normalize(total, dim=1).cpu().numpy()
 
