@@ -91,4 +91,19 @@ batched, batched_losses = run("batched-bf16", amp="bf16", data={"decode": "batch
 workers, workers_losses = run("workers-bf16", amp="bf16", data={"decode": "workers"})
 print(f"decode batched vs workers (bf16, {batched.step_mode}): loss {batched_losses[-1]:.3f} vs {workers_losses[-1]:.3f}")
 assert abs(batched_losses[-1] - workers_losses[-1]) < 0.1 * abs(workers_losses[0])
+
+# Product images are normalised on the network's device: the same float32 bits as preprocess_product's NumPy
+import numpy as np  # noqa: E402
+
+from visrec.data.products import normalise_product_pixels, preprocess_product  # noqa: E402
+from visrec.models.inference import prepare_batch  # noqa: E402
+
+rng = np.random.default_rng(0)
+shots = [rng.integers(0, 256, (int(rng.integers(40, 500)), int(rng.integers(40, 500)), 3), dtype=np.uint8)
+         for _ in range(16)]
+on_device = normalise_product_pixels(torch.from_numpy(prepare_batch(shots, 224).scales[0]).to(DEVICE)).cpu().numpy()
+want = np.stack([preprocess_product(im, 224) for im in shots])
+same_bits = np.array_equal(on_device.view(np.uint32), want.view(np.uint32))
+print(f"product normalisation on {DEVICE}: {'the same bits as' if same_bits else 'DIFFERENT from'} NumPy's")
+assert same_bits
 print("gpu smoke ok")
