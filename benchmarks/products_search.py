@@ -218,6 +218,8 @@ def extract_bench(a) -> list[dict]:
             if "skipped" not in row:
                 print(f"  bound: the descriptor alone ({row['ran_on']}): "
                       f"{descriptor_alone(model, work / 'catalogue', opts, device):,.1f} images/s", flush=True)
+                if runtime == "torch" and str(device).startswith("cuda"):
+                    descriptor_levers(model, work / "catalogue", opts, device)
         print(f"  bound: the {loader_threads(opts)} loader threads alone (read, decode, preprocess; no descriptor): "
               f"{loader_alone(work / 'catalogue', opts):,.1f} images/s", flush=True)
     return rows
@@ -233,6 +235,22 @@ def loader_alone(catalogue, opts) -> float:
     done = sum(len(ids) for ids, _, _ in _batches_ahead([items[b:b + opts.batch_size]
                                                          for b in range(0, len(items), opts.batch_size)], opts))
     return done / (time.perf_counter() - t)
+
+
+def descriptor_levers(model, catalogue, opts, device) -> None:
+    """What the descriptor alone would gain on CUDA from NHWC activations, and from bfloat16 autocast on top
+    (measurements only: extraction runs neither). The model is put back in NCHW after."""
+    import torch
+
+    model.to(memory_format=torch.channels_last)
+    try:
+        print(f"  lever: the descriptor alone in channels_last: "
+              f"{descriptor_alone(model, catalogue, opts, device):,.1f} images/s", flush=True)
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            print(f"  lever: the descriptor alone in channels_last + bf16 autocast: "
+                  f"{descriptor_alone(model, catalogue, opts, device):,.1f} images/s", flush=True)
+    finally:
+        model.to(memory_format=torch.contiguous_format)
 
 
 def descriptor_alone(model, catalogue, opts, device, repeats: int = 8) -> float:
