@@ -19,7 +19,8 @@ index build; 520,000 images at that rate = 520,000 / rate, plus nothing for the 
 timed path ends at the descriptors on disk (the row says so; a Flat index adds 520K vectors in a memory copy).
 Two more lines say which side bounds the rate: the loader threads alone (every batch read, decoded and
 preprocessed, no descriptor) and, per runtime, the descriptor alone (one prepared batch described over and
-over: the copy to the device, the network, the copy back).
+over: the copy to the device, the network, the copy back); on CUDA also that rate with NHWC activations,
+and with bfloat16 autocast on top, which extraction does not use (what each lever would buy).
 
     python benchmarks/products_search.py --catalogue 500000 --dims 512 2048 --queries 2000
     python benchmarks/products_search.py --dims --extract 8192 --backbone resnet50 --size 224 --batch 256 \
