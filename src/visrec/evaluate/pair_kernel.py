@@ -97,9 +97,10 @@ if triton is not None:
                 else:
                     a_mask = row_ok[:, None] & (kk[None, :] < d)
                     b_mask = col_ok[:, None] & (kk[None, :] < d)
-                # both tiles read rows of E (d contiguous); the column tile is transposed in registers
-                a = tl.load(e_ptr + i[:, None] * stride + kk[None, :], mask=a_mask, other=0.0)
-                b = tl.load(e_ptr + j[:, None] * stride + kk[None, :], mask=b_mask, other=0.0)
+                # both tiles read rows of E (d contiguous); the column tile is transposed in registers. Row
+                # offsets in 64 bits: past 2^31 elements (4.2M embeddings of 512-d) 32 bits would wrap
+                a = tl.load(e_ptr + i[:, None].to(tl.int64) * stride + kk[None, :], mask=a_mask, other=0.0)
+                b = tl.load(e_ptr + j[:, None].to(tl.int64) * stride + kk[None, :], mask=b_mask, other=0.0)
                 if WIDEN:
                     a = a.to(tl.float32)
                     b = b.to(tl.float32)
