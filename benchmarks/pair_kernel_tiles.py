@@ -55,7 +55,8 @@ def resources(spec: str, arch: int) -> str:
         r = pair_kernel.compiled_resources(pair_kernel.Tiles(*(int(v) for v in spec.split(","))), arch=arch)
     except Exception as e:  # noqa: BLE001 - a configuration that does not compile is reported, not fatal
         return f"sm_{arch} compile failed: {type(e).__name__}: {str(e)[:200]}"
-    return f"sm_{arch} {r['registers']} registers, {r['spill_bytes']} B spilled, {r['tensor_core_dots']} tensor-core dots"
+    return (f"sm_{arch} {r['registers']} registers, {r['spill_bytes']} B spilled, "
+            f"{r['tensor_core_dots']} tensor-core dots")
 
 
 def main() -> None:

@@ -22,7 +22,8 @@ release the GIL), a few batches ahead of the network, across shard boundaries; t
 :class:`~visrec.models.inference.PreparedBatch` per batch (uint8 squares: one copy to the device per batch and
 scale, normalised there, one copy back). The network is a PyTorch descriptor on ``device`` (``cpu``, ``cuda``,
 ``cuda:N``, ``auto``), or an ONNX descriptor on ONNX Runtime's execution ``providers`` (:mod:`visrec._onnx`:
-``cpu``, ``cuda``, ``tensorrt``, ``auto``). A batch is the ``batch_size`` images at those positions in the shard, less the unreadable ones.
+``cpu``, ``cuda``, ``tensorrt``, ``auto``). A batch is the ``batch_size`` images at those positions in the
+shard, less the unreadable ones.
 
 Across processes (``group``: a torch.distributed process group; ``visrec products index`` under torchrun):
 rank r describes the extraction shards s with s % world == r — the shards, and the batches inside them, that
