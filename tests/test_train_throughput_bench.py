@@ -1,5 +1,6 @@
 """benchmarks/train_throughput.py runs on a CPU (the GPU figures come from scripts/gpu_bench.sh): the Trainer's
-step on tensors and on a real RecordIO input path in the same run, and the share of the two."""
+step on tensors and on a real RecordIO input path in the same run, the share of the two, and the input path
+timed alone."""
 
 import os
 import re
@@ -20,9 +21,11 @@ def test_recordio_input_path_is_timed_beside_tensors():
     out = proc.stdout
     assert "wrote a synthetic .rec of 40 images" in out
     rows = [line for line in out.splitlines() if line.startswith("│ visrec")]
-    assert len(rows) == 2, out
+    assert len(rows) == 3, out
     assert "tensors" in rows[0] and "eager (cpu run: CUDA graphs need a CUDA device)" in rows[0]
-    assert "RecordIO, decode batched, 1 workers" in rows[1]
+    assert "RecordIO, decode batched, 1 workers" in rows[1] and "eager (cpu run" in rows[1]
+    # the third row: the same input path with no step to feed, its ceiling
+    assert "RecordIO, decode batched, 1 workers" in rows[2] and "none: the input path alone" in rows[2]
     rates = [float(re.search(r"│\s+([\d,]+\.\d)\s+│", row).group(1).replace(",", "")) for row in rows]
     assert all(rate > 0 for rate in rates)
     share = re.search(r"real input path / synthetic tensors: ([\d.]+)%", out)
