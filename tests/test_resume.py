@@ -2,6 +2,7 @@
 log rewrite is crash-safe), and resuming under another number of processes (refused, naming both)."""
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -73,10 +74,33 @@ def test_resuming_a_finished_run_trains_and_logs_nothing(face_rec, tmp_path, cap
     model_before = (out / "model.pt").read_bytes()
     again = train(cfg, resume=True, progress=False)
     assert again.global_step == 3 and again.metrics == first.metrics and first.metrics
+    assert again.last_loss == first.last_loss and math.isfinite(first.last_loss)
     assert "already reached step 3 of 3" in capsys.readouterr().err
     # no step logged twice (the final validation row included), and the model file is not rewritten
     assert (out / "metrics.jsonl").read_text() == log_before
     assert (out / "model.pt").read_bytes() == model_before
+
+
+def test_a_finished_run_answers_from_its_log_and_validates_only_when_the_log_lacks_the_row(face_rec, tmp_path,
+                                                                                         monkeypatch):
+    from visrec.data.synth import write_verification_pairs
+    from visrec.train.faces_task import FaceTask
+
+    out = tmp_path / "run"
+    val = write_verification_pairs(tmp_path / "val.bin", 4, 12, seed=5, first_identity=100_000)
+    cfg = make_cfg(face_rec, out, schedule={"max_steps": 3}, checkpoint_every=10,
+                   data={"train": str(face_rec), "val": [str(val)]})
+    first = train(cfg, progress=False)
+    calls = []
+    real = FaceTask.validate
+    monkeypatch.setattr(FaceTask, "validate", lambda self, backbone: calls.append(1) or real(self, backbone))
+    assert train(cfg, resume=True, progress=False).metrics == first.metrics
+    assert calls == []  # the final row of the log answered
+    log = out / "metrics.jsonl"
+    rows = log.read_text().splitlines()
+    log.write_text("".join(r + "\n" for r in rows if '"val"' not in r) + "not json\n[1, 2]\n")
+    again = train(cfg, resume=True, progress=False)
+    assert calls == [1] and again.metrics == pytest.approx(first.metrics)  # validated again, same answer
 
 
 def test_log_rewrite_is_atomic(tmp_path, monkeypatch):

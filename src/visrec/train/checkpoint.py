@@ -190,5 +190,31 @@ def truncate_log(path: Path, step: int) -> int:
     return dropped
 
 
+def logged_at(path: Path, step: int) -> tuple[dict[str, float] | None, float]:
+    """What the metrics log holds for a run that ended at ``step``: (the validation metrics logged at that
+    step, or None when no such row is there; the last logged training loss, or NaN). A resumed run that
+    had already finished answers from these instead of running its validation again. Rows that are not
+    JSON objects, or whose fields have other types, are passed over: the log is a record, not an input."""
+    metrics, loss = None, float("nan")
+    path = Path(path)
+    if not path.exists():
+        return metrics, loss
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                continue
+            if not isinstance(row, dict):
+                continue
+            if isinstance(row.get("loss"), (int, float)):
+                loss = float(row["loss"])
+            val = row.get("val")
+            if row.get("step") == step and isinstance(val, dict) \
+                    and all(isinstance(v, (int, float)) for v in val.values()):
+                metrics = {str(k): float(v) for k, v in val.items()}
+    return metrics, loss
+
+
 # Model-file reading lives with the models (visrec.models.loading); training code keeps these names.
 from visrec.models.model_file import init_backbone, load_backbone, read_model_file as _read_torch_file  # noqa: E402,F401

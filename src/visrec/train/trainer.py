@@ -253,12 +253,15 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                         cfg.optim.grad_clip, ctx.device, ctx.amp_dtype,
                         graph=None if eager_reason or cfg.cuda_graph == "off" else CudaGraph(),
                         on_fallback=fallback if cfg.cuda_graph == "auto" else None)
-    # resuming a run that already reached its last step trains nothing; its metrics are recomputed for the
-    # caller but neither logged again (metrics.jsonl never holds a step twice) nor saved over the files
+    # resuming a run that already reached its last step trains nothing: its metrics are the ones its log holds
+    # for that step (validated again only when the log lacks them), neither logged again (metrics.jsonl never
+    # holds a step twice) nor saved over the files
     finished_before = global_step >= total_steps
+    logged_metrics = None
     if finished_before and ctx.is_main:
         print(f"--resume: {out} already reached step {global_step} of {total_steps}; nothing to train",
               file=sys.stderr, flush=True)
+        logged_metrics, last_loss = ckpt.logged_at(out / "metrics.jsonl", global_step)
     try:
         while global_step < total_steps and not stopped:
             epoch, step_in_epoch = divmod(global_step, sampler.steps_per_epoch)
@@ -305,7 +308,8 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                     stopped = True
                     break
         if finished_before:
-            metrics = _validate(task, modules, ctx, None, global_step, observer)
+            metrics = logged_metrics if logged_metrics is not None else \
+                _validate(task, modules, ctx, None, global_step, observer)
         elif not stopped and not (cfg.val_every and global_step % cfg.val_every == 0):
             # the last step's validation, unless the loop just ran it
             metrics = _validate(task, modules, ctx, log_file, global_step, observer)
