@@ -109,3 +109,81 @@ def test_evaluate_videos_and_lfr_submission_order(tmp_path):
     order.write_text("nope\n")
     with pytest.raises(DataError, match="not in the video list"):
         evaluate_videos(model, lst, ("mean",), (0.1,), submission=tmp_path / "s2.bin", filelist=order)
+
+
+def _video_run(tmp_path, name, *, flip=True, freeze=True, steps=6, num_workers=0):
+    from visrec.config import parse_config
+
+    if not (tmp_path / "v" / "videos.csv").exists():
+        write_video_dataset(tmp_path / "v", 6, 2, 5, seed=3, degraded_share=0.4)
+    return parse_config({
+        "task": "faces_video", "output": str(tmp_path / name), "device": "cpu", "batch_size": 4, "seed": 0,
+        "log_every": 1, "checkpoint_every": 1000, "num_workers": num_workers,
+        "model": {"name": "quality_fusion", "hidden": 8, "freeze_backbone": freeze,
+                  "backbone": {"name": "mobilefacenet", "embedding_size": 32, "scale": 1}},
+        "data": {"videos": str(tmp_path / "v" / "videos.csv"), "clip": 4, "flip": flip},
+        "loss": {"name": "cosface", "s": 30.0, "m": 0.2},
+        "optim": {"name": "adamw", "lr": 0.01, "weight_decay": 0.0},
+        "schedule": {"max_steps": steps, "warmup_steps": 1}})
+
+
+def _losses(run_dir):
+    import json
+
+    return [json.loads(l)["loss"] for l in (run_dir / "metrics.jsonl").read_text().splitlines() if '"loss"' in l]
+
+
+@pytest.mark.parametrize("flip", [True, False])
+def test_a_frozen_backbone_embeds_each_frame_once_and_trains_as_if_it_ran_every_step(tmp_path, monkeypatch, flip):
+    from visrec.train import video_task
+    from visrec.train.trainer import train
+
+    calls = []
+    real_embed = video_task.embed_frames
+    monkeypatch.setattr(video_task, "embed_frames", lambda *a, **k: calls.append(k["flip"]) or real_embed(*a, **k))
+    cached = train(_video_run(tmp_path, "cached", flip=flip), progress=False)
+    assert calls == [flip]  # once, at the start
+    # the same run with the frames through the (frozen) backbone at every step
+    monkeypatch.setattr(video_task.VideoTask, "frozen_backbone", lambda self: False)
+    stepwise = train(_video_run(tmp_path, "stepwise", flip=flip), progress=False)
+    assert calls == [flip]
+    assert _losses(tmp_path / "cached") == pytest.approx(_losses(tmp_path / "stepwise"), rel=1e-4, abs=1e-5)
+    assert len(_losses(tmp_path / "cached")) == 6 and cached.global_step == stepwise.global_step == 6
+    a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True)["backbone"] for n in ("cached", "stepwise"))
+    for key in a:
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-4), key
+
+
+def test_embed_frames_keeps_list_order_across_batches_and_long_videos():
+    from visrec.models import build_backbone
+    from visrec.models.embed import images_to_tensor
+    from visrec.train.video_task import embed_frames
+
+    torch.manual_seed(0)
+    net = build_backbone("mobilefacenet", embedding_size=16, scale=1).eval()
+    rng = np.random.default_rng(0)
+    videos = [rng.integers(0, 256, (n, 112, 112, 3), dtype=np.uint8) for n in (3, 7, 1, 5)]
+    got = embed_frames(net, videos, torch.device("cpu"), flip=True, batch_size=4)
+    frames = np.concatenate(videos)
+    with torch.no_grad():
+        x = images_to_tensor(frames)
+        want = torch.stack([net(x), net(x.flip(3))], dim=1)
+    assert got.shape == (16, 2, 16)
+    assert torch.allclose(got, want, atol=1e-4)
+    assert embed_frames(net, videos, torch.device("cpu"), flip=False).shape == (16, 1, 16)
+
+
+def test_a_fine_tuned_backbone_still_runs_every_frame_through_it(tmp_path, monkeypatch):
+    from visrec.train import video_task
+    from visrec.train.trainer import train
+
+    calls = []
+    real_embed = video_task.embed_frames
+    monkeypatch.setattr(video_task, "embed_frames", lambda *a, **k: calls.append(1) or real_embed(*a, **k))
+    assert train(_video_run(tmp_path, "tuned", freeze=False, steps=2), progress=False).global_step == 2
+    assert calls == []
+    train(_video_run(tmp_path, "frozen", freeze=True, steps=2), progress=False)
+    tuned, frozen = (torch.load(tmp_path / n / "model.pt", weights_only=True)["backbone"] for n in ("tuned", "frozen"))
+    moved = [k for k in tuned if k.startswith("backbone.") and tuned[k].is_floating_point()
+             and not torch.equal(tuned[k], frozen[k])]
+    assert moved  # the same initial backbone, trained in one run and kept in the other

@@ -66,6 +66,12 @@ class QualityFusion(nn.Module):
         emb, logits = self.frame_outputs(frames.flatten(0, 1))
         return fuse_with_logits(emb.view(b, t, -1), logits.view(b, t), mask)
 
+    def fuse_embeddings(self, emb: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`fuse` from (B, T, D) raw frame embeddings the backbone already gave (a frozen backbone's,
+        computed once for a whole training set)."""
+        b, t = emb.shape[:2]
+        return fuse_with_logits(emb, self.quality(emb.flatten(0, 1)).view(b, t), mask)
+
 
 def fuse_with_logits(emb: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor | None = None
                      ) -> tuple[torch.Tensor, torch.Tensor]:

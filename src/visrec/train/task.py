@@ -62,6 +62,11 @@ class Task:
         training on a GPU), so it must not draw random numbers: that is :meth:`augment`'s place."""
         return move_to(batch, self.ctx.device)
 
+    def before_training(self, modules: dict[str, nn.Module]) -> None:
+        """Called once when training starts, after the modules are built and a resumed run's checkpoint is
+        loaded: work that depends on the weights but not on the step (a frozen network's outputs, computed
+        once). It must not draw random numbers. Default: nothing."""
+
     def augment(self, batch: Any) -> Any:
         """Random augmentation of a batch on the device, just before its step and outside any captured CUDA
         graph: random numbers drawn here come from the checkpointed RNG states, in step order."""

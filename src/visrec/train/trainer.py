@@ -263,6 +263,8 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
               file=sys.stderr, flush=True)
         logged_metrics, last_loss = ckpt.logged_at(out / "metrics.jsonl", global_step)
     try:
+        if not finished_before:
+            task.before_training(modules)
         while global_step < total_steps and not stopped:
             epoch, step_in_epoch = divmod(global_step, sampler.steps_per_epoch)
             sampler.set_position(epoch, step_in_epoch)

@@ -4,6 +4,13 @@ Each sample is one video: ``clip`` frames drawn at random (with repetition when 
 fused by the model's quality head (``visrec.models.quality``) and classified by PartialFC with a margin
 loss over the training videos' identities. The model is ``quality_fusion`` (backbone frozen or not).
 Validation: exact TPR@FPR between the validation videos, learned fusion and the mean baseline.
+
+A frozen backbone (``freeze_backbone: true``, the default) gives each frame the same embedding at every step
+(eval mode, no gradient), so the task embeds every training frame once when training starts — and its mirror
+image, with ``data.flip`` — and the steps train the quality head on those embeddings: a frame is embedded
+once or twice instead of once per step that draws it (8 to 16 times over in the shipped config), and the
+decoded frames are released. The draws (frames, flips) come from the same RNG calls as when the frames
+go through the backbone at every step.
 """
 
 from __future__ import annotations
@@ -44,26 +51,66 @@ class VideoLoss(BaseModel):
 
 
 class VideoClips(Dataset):
-    """Items: (frames (clip, 3, 112, 112) in [-1, 1], identity index). Frames are decoded once and kept."""
+    """Items: (frames (clip, 3, 112, 112) in [-1, 1], identity index); with ``frame_ids``, (the drawn frames'
+    indices (clip,) into the training set's frames, in list order, identity index) instead. Frames are decoded
+    once and kept until :meth:`release_frames`."""
 
-    def __init__(self, list_path: Path, clip: int):
+    def __init__(self, list_path: Path, clip: int, frame_ids: bool = False):
         items = read_video_list(list_path)
         names = sorted({it.label for it in items})
         index = {n: i for i, n in enumerate(names)}
-        self.frames = [np.stack(read_frames(it.path, it.video_id)) for it in items]
+        self.frames: list[np.ndarray] | None = [np.stack(read_frames(it.path, it.video_id)) for it in items]
+        self.counts = np.array([len(f) for f in self.frames], np.int64)
+        self.first = np.concatenate([[0], np.cumsum(self.counts)[:-1]]).astype(np.int64)
         self.labels = np.array([index[it.label] for it in items], np.int64)
         self.num_classes = len(names)
         self.clip = clip
+        self.frame_ids = frame_ids
 
     def __len__(self) -> int:
-        return len(self.frames)
+        return len(self.counts)
 
     def __getitem__(self, i: int):
-        frames = self.frames[i]
+        n = int(self.counts[i])
         # torch's RNG (checkpointed by the Trainer) picks the frames, so resumed runs draw alike
-        pick = torch.randint(0, len(frames), (self.clip,)) if len(frames) < self.clip else \
-            torch.randperm(len(frames))[: self.clip]
-        return images_to_tensor(frames[pick.numpy()]), int(self.labels[i])
+        pick = torch.randint(0, n, (self.clip,)) if n < self.clip else torch.randperm(n)[: self.clip]
+        if self.frame_ids:
+            return pick + int(self.first[i]), int(self.labels[i])
+        return images_to_tensor(self.frames[i][pick.numpy()]), int(self.labels[i])
+
+    def release_frames(self) -> None:
+        """Drop the decoded frames (items must be frame indices by then)."""
+        if not self.frame_ids:
+            raise RuntimeError("items are frames: they cannot be released")
+        self.frames = None
+
+
+@torch.no_grad()
+def embed_frames(backbone: nn.Module, videos: list[np.ndarray], device: torch.device, *, flip: bool,
+                 batch_size: int = 256) -> torch.Tensor:
+    """(F, 2 with ``flip`` else 1, D) float32 raw embeddings of every frame of ``videos`` (in order) and of its
+    mirror image, on ``device``; the backbone in eval mode."""
+    was_training = backbone.training
+    backbone.eval()
+    out, pending = [], []
+
+    def run(frames: list[np.ndarray]) -> None:
+        x = images_to_tensor(np.concatenate(frames)).to(device)
+        sides = [backbone(x).float()] + ([backbone(x.flip(3)).float()] if flip else [])
+        out.append(torch.stack(sides, dim=1))
+
+    try:
+        for frames in videos:
+            for start in range(0, len(frames), batch_size):  # a video longer than a batch is cut
+                pending.append(frames[start:start + batch_size])
+                if sum(len(f) for f in pending) >= batch_size:
+                    run(pending)
+                    pending = []
+        if pending:
+            run(pending)
+    finally:
+        backbone.train(was_training)
+    return torch.cat(out)
 
 
 @TASKS.register("faces_video")
@@ -72,8 +119,20 @@ class VideoTask(Task):
     LossOptions = VideoLoss
     local_modules = ("head",)
 
+    frame_embeddings: torch.Tensor | None = None  # (F, 1 or 2, D): a frozen backbone's, see the module docstring
+
+    def frozen_backbone(self) -> bool:
+        return bool(self.cfg.model.kwargs.get("freeze_backbone", True))
+
     def train_dataset(self):
-        return VideoClips(self.data_opts.videos, self.data_opts.clip)
+        self.clips = VideoClips(self.data_opts.videos, self.data_opts.clip, frame_ids=self.frozen_backbone())
+        return self.clips
+
+    def before_training(self, modules):
+        if self.frozen_backbone():
+            self.frame_embeddings = embed_frames(modules["backbone"].backbone, self.clips.frames, self.ctx.device,
+                                                 flip=self.data_opts.flip)
+            self.clips.release_frames()
 
     def build_modules(self, num_classes):
         model = build_backbone(self.cfg.model.name, **self.cfg.model.kwargs)
@@ -95,11 +154,17 @@ class VideoTask(Task):
         return cfg
 
     def training_step(self, modules: dict[str, nn.Module], batch) -> torch.Tensor:
-        frames, labels = batch
+        frames, labels = batch  # frames: (B, clip) frame indices when the embeddings are precomputed
+        flip = None
         if self.data_opts.flip:
-            mask = (torch.rand(frames.shape[0]) < 0.5).to(frames.device)
-            frames = torch.where(mask[:, None, None, None, None], frames.flip(4), frames)
-        fused, _ = modules["backbone"].fuse(frames)
+            flip = (torch.rand(frames.shape[0]) < 0.5).to(frames.device)
+        if self.frame_embeddings is not None:
+            side = flip.long()[:, None].expand_as(frames) if flip is not None else torch.zeros_like(frames)
+            fused, _ = modules["backbone"].fuse_embeddings(self.frame_embeddings[frames, side])
+        else:
+            if flip is not None:
+                frames = torch.where(flip[:, None, None, None, None], frames.flip(4), frames)
+            fused, _ = modules["backbone"].fuse(frames)
         return modules["head"](fused, labels)
 
     def validate(self, backbone: nn.Module) -> dict[str, float]:
