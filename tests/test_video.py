@@ -187,3 +187,29 @@ def test_a_fine_tuned_backbone_still_runs_every_frame_through_it(tmp_path, monke
     moved = [k for k in tuned if k.startswith("backbone.") and tuned[k].is_floating_point()
              and not torch.equal(tuned[k], frozen[k])]
     assert moved  # the same initial backbone, trained in one run and kept in the other
+
+
+def test_torchrun_two_gloo_processes_train_one_quality_head(tmp_path):
+    """Under DDP the fused paths go through forward (the wrapper exposes nothing else), and the quality head's
+    gradients are averaged: both ranks end with the same head; one result table is printed."""
+    import os
+    import subprocess
+    import sys
+
+    import yaml
+
+    cfg = _video_run(tmp_path, "ddp", steps=3).model_dump(mode="json")
+    cfg["deterministic"] = False
+    (tmp_path / "ddp.yaml").write_text(yaml.safe_dump(cfg))
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           "-m", "visrec.cli", "train", "--config", str(tmp_path / "ddp.yaml"), "--no-progress"],
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("trained quality_fusion") == 1
+    r0, r1 = (torch.load(tmp_path / "ddp" / f"last.rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["global_step"] == r1["global_step"] == 3
+    head0, head1 = r0["modules"]["backbone"], r1["modules"]["backbone"]
+    quality = [k for k in head0 if k.startswith("quality.")]
+    assert quality and all(torch.equal(head0[k], head1[k]) for k in quality)
+    final = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["backbone"]
+    assert all(torch.equal(final[k], head0[k]) for k in quality)  # model.pt is rank 0's final state

@@ -62,6 +62,8 @@ def train(config: Path = typer.Option(..., "--config", help="YAML run config (se
         result = recursive_distill(cfg, resume=resume, progress=not no_progress, source=str(config))[-1]
     else:
         result = run_training(cfg, resume=resume, source=str(config), progress=not no_progress)
+    if result.rank != 0:
+        return  # under torchrun one table, from the rank that validated
     table = Table(title=f"trained {cfg.model.name} ({cfg.task})")
     table.add_column("item")
     table.add_column("value")

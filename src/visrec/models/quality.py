@@ -47,8 +47,18 @@ class QualityFusion(nn.Module):
             self.backbone.eval()  # a frozen backbone keeps its BatchNorm statistics
         return self
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.backbone(x)
+    def forward(self, x: torch.Tensor, *, fuse: str | None = None, mask: torch.Tensor | None = None):
+        """Frame embeddings of (N, 3, H, W) images (a plain backbone: stills, export, the budget check); with
+        ``fuse="frames"`` :meth:`fuse` of (B, T, 3, H, W) frames, with ``fuse="embeddings"``
+        :meth:`fuse_embeddings` of (B, T, D) embeddings. Training calls the fused paths through here, so that a
+        DistributedDataParallel wrapper (which only sees ``forward``) averages the quality head's gradients."""
+        if fuse is None:
+            return self.backbone(x)
+        if fuse == "frames":
+            return self.fuse(x, mask)
+        if fuse == "embeddings":
+            return self.fuse_embeddings(x, mask)
+        raise ValueError(f"fuse={fuse!r}: expected None, 'frames' or 'embeddings'")
 
     def frame_outputs(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """(N, 3, 112, 112) -> (raw embeddings (N, D), quality logits (N,))."""

@@ -106,6 +106,7 @@ class TrainResult:
     last_loss: float = float("nan")
     step_mode: str = "eager"  # "cuda_graph" when the step was captured and replayed
     eager_reason: str | None = None  # why the step was not captured (None when it was, or cuda_graph: off)
+    rank: int = 0  # this process's rank under torchrun (only rank 0 validates and reports)
 
 
 class Observer:
@@ -323,7 +324,8 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
             bar.close()
         if log_file:
             log_file.close()
-    return TrainResult(out, global_step, total_steps, stopped, metrics, last_loss, runner.mode, eager_reason)
+    return TrainResult(out, global_step, total_steps, stopped, metrics, last_loss, runner.mode, eager_reason,
+                       ctx.rank)
 
 
 def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:

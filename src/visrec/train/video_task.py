@@ -160,11 +160,11 @@ class VideoTask(Task):
             flip = (torch.rand(frames.shape[0]) < 0.5).to(frames.device)
         if self.frame_embeddings is not None:
             side = flip.long()[:, None].expand_as(frames) if flip is not None else torch.zeros_like(frames)
-            fused, _ = modules["backbone"].fuse_embeddings(self.frame_embeddings[frames, side])
+            fused, _ = modules["backbone"](self.frame_embeddings[frames, side], fuse="embeddings")
         else:
             if flip is not None:
                 frames = torch.where(flip[:, None, None, None, None], frames.flip(4), frames)
-            fused, _ = modules["backbone"].fuse(frames)
+            fused, _ = modules["backbone"](frames, fuse="frames")
         return modules["head"](fused, labels)
 
     def validate(self, backbone: nn.Module) -> dict[str, float]:
