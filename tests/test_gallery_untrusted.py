@@ -118,6 +118,32 @@ def test_a_crash_between_templates_and_identity_row_is_rolled_back_on_open(tmp_p
     g.close()
 
 
+@pytest.mark.parametrize("collection", ["_info", "_templates", "_people"])
+def test_a_kill_between_creating_a_collection_and_its_index_leaves_a_gallery_that_opens(tmp_path, monkeypatch,
+                                                                                       milvus, collection):
+    """Milvus creates a collection and its index in two requests; a process killed between them left a
+    collection a server refuses to load ("index not found"), so the gallery never opened again."""
+    from pymilvus import MilvusClient
+
+    real = MilvusClient.create_index
+
+    def killed(self, name, *args, **kwargs):
+        if name.endswith(collection):
+            raise KeyboardInterrupt("killed between create_collection and create_index")
+        return real(self, name, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(MilvusClient, "create_index", killed)
+        with pytest.raises(KeyboardInterrupt):
+            milvus(tmp_path, model_name="m", dim=16)
+    g = milvus(tmp_path, model_name="m", dim=16)
+    x = unit(np.random.default_rng(5).normal(size=(2, 16)))
+    g.enroll("a", x[:1])
+    assert g.count() == 1 and [m.identity for m in g.search(x[:1], 1)[0]] == ["a"]
+    assert all(g.client.list_indexes(name) for name in (g.info_name, g.t_name, g.i_name))
+    g.close()
+
+
 def test_an_interrupted_erase_stays_erased(tmp_path, milvus):
     from visrec.index.gallery import identity_key
 

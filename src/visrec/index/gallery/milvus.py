@@ -17,6 +17,7 @@ from __future__ import annotations
 import json
 import logging
 import re
+import time
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +51,7 @@ def check_milvus_index(index: str, index_params: dict, search_params: dict) -> N
                 raise ConfigError(f"Milvus {index} {what} parameter {name}={value!r}: an integer in {lo}..{hi}")
 BATCH = 1000  # rows per upsert / ids per key lookup (a few MB per request at 512-d)
 _RPC = {"get", "query", "search", "upsert", "delete", "has_collection", "load_collection", "create_collection",
-        "drop_collection"}
+        "drop_collection", "create_index", "list_indexes", "get_load_state"}
 
 
 class _Client:
@@ -166,29 +167,50 @@ class MilvusGallery(Gallery):
         if self._dim == dim:
             return
         c = self.client
-        if not c.has_collection(self.t_name):
-            s = c.create_schema(auto_id=False, enable_dynamic_field=False)
-            s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
-            s.add_field("key", DataType.VARCHAR, max_length=64)
-            s.add_field("identity", DataType.VARCHAR, max_length=1024)
-            s.add_field("hash", DataType.VARCHAR, max_length=MAX_HASH_CHARS * 4)
-            s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-            p = c.prepare_index_params()
-            self._add_vector_index(p)
-            c.create_collection(self.t_name, schema=s, index_params=p, consistency_level="Strong")
-        if not c.has_collection(self.i_name):
-            s = c.create_schema(auto_id=False, enable_dynamic_field=False)
-            s.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
-            s.add_field("identity", DataType.VARCHAR, max_length=1024)
-            s.add_field("templates", DataType.INT64)
-            s.add_field("metadata", DataType.VARCHAR, max_length=MAX_METADATA_CHARS)
-            s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
-            p = c.prepare_index_params()
-            self._add_vector_index(p)
-            c.create_collection(self.i_name, schema=s, index_params=p, consistency_level="Strong")
-        c.load_collection(self.t_name)
-        c.load_collection(self.i_name)
+        s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("id", DataType.VARCHAR, is_primary=True, max_length=64)
+        s.add_field("key", DataType.VARCHAR, max_length=64)
+        s.add_field("identity", DataType.VARCHAR, max_length=1024)
+        s.add_field("hash", DataType.VARCHAR, max_length=MAX_HASH_CHARS * 4)
+        s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        p = c.prepare_index_params()
+        self._add_vector_index(p)
+        self._create(self.t_name, s, p)
+        s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+        s.add_field("identity", DataType.VARCHAR, max_length=1024)
+        s.add_field("templates", DataType.INT64)
+        s.add_field("metadata", DataType.VARCHAR, max_length=MAX_METADATA_CHARS)
+        s.add_field("vector", DataType.FLOAT_VECTOR, dim=dim)
+        p = c.prepare_index_params()
+        self._add_vector_index(p)
+        self._create(self.i_name, s, p)
+        self._load(self.t_name, self.i_name)
         self._dim = dim
+
+    def _create(self, name: str, schema, index_params) -> None:
+        """Create a collection, then its index: two requests (as MilvusClient makes them too), so a process
+        killed between them leaves a collection with no index, which a server then refuses to load ("index
+        not found"); the next open finds the index missing and creates it."""
+        c = self.client
+        if not c.has_collection(name):
+            c.create_collection(name, schema=schema, consistency_level="Strong")
+        if not c.list_indexes(name):
+            c.create_index(name, index_params)
+
+    def _load(self, *names: str) -> None:
+        """Load collections, asked for together: a server brings each one up on its own periodic checks
+        (about 2.5 s on a Milvus 2.3 standalone server), so two asked together take the time of one."""
+        c = self.client
+        for name in names:
+            c.load_collection(name, _async=True)
+        deadline = time.monotonic() + self.client._timeout
+        for name in names:
+            while str(c.get_load_state(name).get("state")) != "Loaded":
+                if time.monotonic() > deadline:
+                    raise GalleryUnavailableError(f"the Milvus gallery at {self.uri} did not load {name} within "
+                                                  f"{self.client._timeout:g} s")
+                time.sleep(0.05)
 
     def _index_spec(self, index: str | None, params: dict) -> None:
         """The vector index of this gallery's collections: recorded when the gallery is created; reopening
@@ -217,15 +239,14 @@ class MilvusGallery(Gallery):
         from pymilvus import DataType
 
         c = self.client
-        if not c.has_collection(self.info_name):
-            s = c.create_schema(auto_id=False, enable_dynamic_field=False)
-            s.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
-            s.add_field("value", DataType.VARCHAR, max_length=65535)
-            s.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field in every collection
-            p = c.prepare_index_params()
-            p.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
-            c.create_collection(self.info_name, schema=s, index_params=p, consistency_level="Strong")
-        c.load_collection(self.info_name)
+        s = c.create_schema(auto_id=False, enable_dynamic_field=False)
+        s.add_field("key", DataType.VARCHAR, is_primary=True, max_length=64)
+        s.add_field("value", DataType.VARCHAR, max_length=65535)
+        s.add_field("vector", DataType.FLOAT_VECTOR, dim=2)  # Milvus needs a vector field in every collection
+        p = c.prepare_index_params()
+        p.add_index(field_name="vector", index_type="FLAT", metric_type="L2")
+        self._create(self.info_name, s, p)
+        self._load(self.info_name)
 
     def _put_info(self, rows: dict[str, str]) -> None:
         self.client.upsert(self.info_name, [{"key": k, "value": v, "vector": [0.0, 0.0]} for k, v in rows.items()])
