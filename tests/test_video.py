@@ -213,3 +213,31 @@ def test_torchrun_two_gloo_processes_train_one_quality_head(tmp_path):
     assert quality and all(torch.equal(head0[k], head1[k]) for k in quality)
     final = torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["backbone"]
     assert all(torch.equal(final[k], head0[k]) for k in quality)  # model.pt is rank 0's final state
+
+
+def test_an_onnx_export_evaluates_videos_as_its_checkpoint_does_and_learned_fusion_asks_for_the_checkpoint(
+        tmp_path, tiny_face_model):
+    pytest.importorskip("onnxruntime", reason="visrec[export]")
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+    from visrec.export import export_checkpoint
+    from visrec.faces.evaluation import evaluate_video_model
+
+    lst = write_video_dataset(tmp_path / "v", 5, 2, 4, seed=4, degraded_share=0.4)
+    onnx_path, _ = export_checkpoint(tiny_face_model, tmp_path / "m.onnx")
+    fusions = ("mean", "norm")
+    torch_res = evaluate_video_model(tiny_face_model, lst, fusions, (0.1,))
+    onnx_res = evaluate_video_model(onnx_path, lst, fusions, (0.1,))
+    for f in fusions:
+        assert np.allclose(onnx_res.features[f], torch_res.features[f], atol=1e-4)
+        assert onnx_res.results[f][0.1].tpr == torch_res.results[f][0.1].tpr
+    assert onnx_res.summary["runtime"].startswith("ONNX Runtime on ")
+    r = CliRunner().invoke(app, ["eval", "faces", str(onnx_path), "--video", "--data", str(lst), "--fusion", "mean",
+                                 "--target-fpr", "0.1", "--submission", str(tmp_path / "sub.bin")])
+    assert r.exit_code == 0, r.output
+    assert (tmp_path / "sub.bin").stat().st_size == 16 + 10 * onnx_res.features["mean"].shape[1] * 4
+    r = CliRunner().invoke(app, ["eval", "faces", str(onnx_path), "--video", "--data", str(lst), "--fusion", "learned"])
+    from visrec.errors import ConfigError as Refused  # main() prints it as "error: ..." and exits 2
+
+    assert isinstance(r.exception, Refused) and "needs a quality_fusion checkpoint" in str(r.exception)

@@ -52,7 +52,7 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
 
     if video:
         _one_process("visrec eval faces --video")
-        return _videos(model, data, fusion or ["mean"], target_fpr or [1e-4], submission, filelist)
+        return _videos(model, data, fusion or ["mean"], target_fpr or [1e-4], submission, filelist, providers)
     if submission is not None:
         _one_process("visrec eval faces --submission")
         return _image_submission(model, data, filelist, submission, expect_rows, providers)
@@ -116,7 +116,7 @@ def _image_submission(model, data, filelist, submission, expect_rows, providers)
                     f"flip-summed and L2-normalised)")
 
 
-def _videos(model, data, fusions, targets, submission, filelist):
+def _videos(model, data, fusions, targets, submission, filelist, providers):
     from rich.progress import Progress
 
     from visrec.errors import VisrecError
@@ -127,7 +127,7 @@ def _videos(model, data, fusions, targets, submission, filelist):
     with Progress(transient=True) as bar:
         task = bar.add_task("videos", total=None)
         res = evaluate_video_model(model, data, fusions, targets, submission, filelist,
-                                   progress=lambda n: bar.advance(task, n))
+                                   progress=lambda n: bar.advance(task, n), providers=providers)
     t = Table(title="video verification (" + ", ".join(f"{k}: {v}" for k, v in res.summary.items()) + ")")
     for col in ("fusion", "target FPR", "TPR", "threshold", "achieved FPR"):
         t.add_column(col)

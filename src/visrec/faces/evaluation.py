@@ -297,29 +297,33 @@ def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = No
 
 def evaluate_videos(model, video_list: str | Path, fusions=("mean",), targets=(1e-4,), device="cpu",
                     submission: str | Path | None = None, filelist: str | Path | None = None, progress=None):
-    """A torch face model (or a quality_fusion model) on a video list: fused features
-    (:func:`visrec.models.inference.video_features`) scored by :func:`visrec.evaluate.video.score_videos`."""
+    """A face model on a video list: a torch module (a quality_fusion model for ``learned``) or a loaded model
+    with ``embed`` (an ONNX export); fused features (:func:`visrec.models.inference.video_features`) scored by
+    :func:`visrec.evaluate.video.score_videos`."""
     feats, labels, ids = video_features(model, video_list, fusions, device, progress=progress)
     return score_videos(feats, labels, ids, fusions, targets, submission, filelist)
 
 
 def evaluate_video_model(model: str | Path, video_list: str | Path, fusions=("mean",), targets=(1e-4,),
                          submission: str | Path | None = None, filelist: str | Path | None = None,
-                         progress=None):
-    """``visrec eval faces --video``: a visrec checkpoint (a face backbone, or a quality_fusion model for
-    ``learned``) on a video list."""
+                         progress=None, providers=None):
+    """``visrec eval faces --video``: a visrec checkpoint, an ONNX export (on the onnxruntime ``providers``) or
+    an adapter on a video list; ``learned`` fusion needs a quality_fusion checkpoint (its quality head is not
+    in an ONNX export, which holds the frame embedder)."""
     import torch
 
-    loaded = _load(model)
-    if loaded.module is None:
-        raise ConfigError(f"video evaluation needs a visrec checkpoint (a torch model); {model} is not one")
-    net, cfg = loaded.module, dict(loaded.contract.arch or {"name": loaded.name})
+    summary = {}
+    loaded = _load(model, providers, summary)
+    net = loaded.module
     if "learned" in fusions and not hasattr(net, "frame_outputs"):
-        raise ConfigError(f"--fusion learned needs a quality_fusion checkpoint; {model} is a {cfg['name']!r} "
-                          f"backbone (train one with configs/faces/video-quality.yaml)")
+        what = f"a model {loaded.runtime} runs" if net is None else \
+            f"a {dict(loaded.contract.arch or {'name': loaded.name})['name']!r} backbone"
+        raise ConfigError(f"--fusion learned needs a quality_fusion checkpoint (its quality head); {model} is "
+                          f"{what} (train one with configs/faces/video-quality.yaml)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    res = evaluate_videos(net, video_list, tuple(fusions), tuple(targets), device, submission, filelist, progress)
-    res.summary.update({"model": str(model), "videos list": str(video_list)})
+    res = evaluate_videos(net if net is not None else loaded, video_list, tuple(fusions), tuple(targets), device,
+                          submission, filelist, progress)
+    res.summary.update({"model": str(model), "videos list": str(video_list), **summary})
     return res
 
 

@@ -35,18 +35,27 @@ def frame_outputs(model: torch.nn.Module, frames: list[np.ndarray], device="cpu"
     return torch.cat(embs).numpy(), (torch.cat(logits).numpy() if logits else None)
 
 
-def video_features(model: torch.nn.Module, video_list: str | Path, fusions=("mean",), device="cpu",
+def video_features(model, video_list: str | Path, fusions=("mean",), device="cpu",
                    max_frames: int | None = None, progress=None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-    """Fused features of every video of a list file, for each fusion; (features by fusion, labels, ids)."""
+    """Fused features of every video of a list file, for each fusion; (features by fusion, labels, ids).
+    ``model``: a torch module (a quality_fusion model gives the ``learned`` fusion its logits), or a loaded
+    model with ``embed`` (``visrec.models.load_model``: an ONNX export, an adapter), which has no quality head;
+    ``device`` applies to a torch module."""
     from visrec.data.video import read_frame_scores, read_frames, read_video_list
 
     items = read_video_list(video_list)
-    was_training = model.training
-    model.eval().to(device)
+    is_module = isinstance(model, torch.nn.Module)
+    if is_module:
+        was_training = model.training
+        model.eval().to(device)
     feats = {f: [] for f in fusions}
     for it in items:
         frames = read_frames(it.path, it.video_id, max_frames)
-        emb, logits = frame_outputs(model, frames, device)
+        if is_module:
+            emb, logits = frame_outputs(model, frames, device)
+        else:
+            emb = np.concatenate([model.embed(frames[s:s + 256]) for s in range(0, len(frames), 256)])
+            logits = None
         scores = read_frame_scores(it.path, len(frames)) if "score" in fusions else None
         if "score" in fusions and scores is None:
             raise DataError("fusion 'score' needs a scores file for every video", path=it.path,
@@ -55,7 +64,8 @@ def video_features(model: torch.nn.Module, video_list: str | Path, fusions=("mea
             feats[f].append(fuse(emb, f, scores, logits))
         if progress:
             progress(1)
-    model.train(was_training)
+    if is_module:
+        model.train(was_training)
     return ({f: np.stack(v) for f, v in feats.items()}, np.array([it.label for it in items]),
             [it.video_id for it in items])
 
