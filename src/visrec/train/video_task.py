@@ -29,7 +29,7 @@ from visrec.evaluate.video import score_videos
 from visrec.losses import build_margin_loss
 from visrec.losses.partial_fc import PartialFC
 from visrec.models import build_backbone
-from visrec.models.embed import images_to_tensor
+from visrec.models.embed import embed_images, images_to_tensor
 from visrec.models.inference import video_features
 from visrec.models.model_file import load_backbone
 from visrec.train.task import TASKS, Task
@@ -85,32 +85,14 @@ class VideoClips(Dataset):
         self.frames = None
 
 
-@torch.no_grad()
 def embed_frames(backbone: nn.Module, videos: list[np.ndarray], device: torch.device, *, flip: bool,
                  batch_size: int = 256) -> torch.Tensor:
     """(F, 2 with ``flip`` else 1, D) float32 raw embeddings of every frame of ``videos`` (in order) and of its
-    mirror image, on ``device``; the backbone in eval mode."""
-    was_training = backbone.training
-    backbone.eval()
-    out, pending = [], []
-
-    def run(frames: list[np.ndarray]) -> None:
-        x = images_to_tensor(np.concatenate(frames)).to(device)
-        sides = [backbone(x).float()] + ([backbone(x.flip(3)).float()] if flip else [])
-        out.append(torch.stack(sides, dim=1))
-
-    try:
-        for frames in videos:
-            for start in range(0, len(frames), batch_size):  # a video longer than a batch is cut
-                pending.append(frames[start:start + batch_size])
-                if sum(len(f) for f in pending) >= batch_size:
-                    run(pending)
-                    pending = []
-        if pending:
-            run(pending)
-    finally:
-        backbone.train(was_training)
-    return torch.cat(out)
+    mirror image, on ``device``; the backbone in eval mode (``embed_images``)."""
+    frames = [f for video in videos for f in video]  # views into each video's array, no copy
+    sides = [frames] + ([[f[:, ::-1] for f in frames]] if flip else [])
+    return torch.stack([torch.from_numpy(embed_images(backbone, side, batch_size=batch_size, device=device))
+                        for side in sides], dim=1).to(device)
 
 
 @TASKS.register("faces_video")
