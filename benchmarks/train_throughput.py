@@ -86,7 +86,7 @@ def visrec_step(args, device, data: str | None, input_only: bool = False):
     task = FaceTask(cfg, RunContext(device=device, amp_dtype=amp))
     modules = {k: m.to(device) for k, m in task.build_modules(args.classes).items()}
     run = dict(modules)
-    if device.type == "cuda" and cfg.channels_last:
+    if cfg.channels_last:
         modules["backbone"].to(memory_format=torch.channels_last)
     if args.compile:
         run["backbone"] = torch.compile(modules["backbone"])
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--amp", default="auto", choices=["auto", "bf16", "fp16", "none"])
     ap.add_argument("--compile", action="store_true")
     ap.add_argument("--channels-last", default="on", choices=["on", "off"],
-                    help="visrec's backbone in NHWC on CUDA (train.channels_last; off: NCHW, as arcface_torch runs)")
+                    help="visrec's backbone in NHWC (train.channels_last; off: NCHW, as arcface_torch runs)")
     ap.add_argument("--cuda-graph", default="auto", choices=["auto", "on", "off"])
     ap.add_argument("--input", default="tensors", choices=["tensors", "recordio"],
                     help="recordio: also time the real input path from a .rec file, in the same run")

@@ -69,7 +69,8 @@ class RunConfig(Strict):
     batch_size: int = Field(128, gt=0, description="per process")
     num_workers: int = Field(0, ge=0)
     compile: bool = Field(False, description="torch.compile the backbone (CUDA: cuts launch overhead)")
-    channels_last: bool = Field(True, description="NHWC activations on CUDA (faster convs); ignored on CPU")
+    channels_last: bool = Field(True, description="NHWC backbone weights and activations (faster convs on CUDA "
+                                                 "and on CPU: benchmarks/memory_format.py)")
     cuda_graph: Literal["auto", "on", "off"] = Field(
         "auto", description="capture the whole training step in a CUDA graph and replay it (auto: when the run "
                             "can, else one line says why; on: refuse a run that cannot)")

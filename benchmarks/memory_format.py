@@ -1,0 +1,87 @@
+"""Seconds per training step of registered backbones with NCHW weights and activations against NHWC
+(``channels_last``, the Trainer's default on every device), on this machine's device.
+
+One step: forward, the mean square of the output (a stand-in loss: the backbone is what changes layout),
+backward, SGD. The same seed, batch and weights for both layouts; the median of ``--steps`` timed steps after
+``--warmup`` untimed ones. The ratio is NCHW time / NHWC time (> 1: NHWC is faster).
+
+    python benchmarks/memory_format.py                      # CPU, every backbone below, this machine's threads
+    python benchmarks/memory_format.py --only mobilefacenet pfld --threads 2
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+from rich.console import Console
+from rich.table import Table
+
+from visrec.models import build_backbone
+
+# (label, registry config, input side in px, batch): the configs the README, demo and tests train on a CPU
+CASES = [
+    ("mobilefacenet", {"name": "mobilefacenet", "embedding_size": 512}, 112, 64),
+    ("mobilefacenet scale 1", {"name": "mobilefacenet", "embedding_size": 128, "scale": 1}, 112, 32),
+    ("effnet_face", {"name": "effnet_face", "embedding_size": 128}, 112, 16),
+    ("vargfacenet", {"name": "vargfacenet", "embedding_size": 128}, 112, 16),
+    ("iresnet18", {"name": "iresnet18", "embedding_size": 128}, 112, 32),
+    ("pfld 0.25", {"name": "pfld", "num_points": 106, "width_mult": 0.25}, 112, 32),
+    ("heatmap_lite 0.5", {"name": "heatmap_lite", "width_mult": 0.5}, 112, 32),
+    ("product resnet18", {"name": "product", "backbone": "resnet18", "dim": 128}, 64, 32),
+]
+
+
+def step_seconds(config: dict, side: int, batch: int, channels_last: bool, device: torch.device,
+                 steps: int, warmup: int) -> float:
+    """Median seconds of one forward + backward + SGD step."""
+    torch.manual_seed(0)
+    net = build_backbone(**config).to(device).train()
+    if channels_last:
+        net.to(memory_format=torch.channels_last)
+    x = torch.randn(batch, 3, side, side, device=device)
+    opt = torch.optim.SGD(net.parameters(), lr=0.01)
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        out = net(x)
+        out = out[0] if isinstance(out, (tuple, list)) else out
+        loss = out.float().square().mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's own)")
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=2)
+    ap.add_argument("--only", nargs="*", default=None, help="labels' first words, e.g. mobilefacenet pfld")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    cases = [c for c in CASES if not args.only or c[0].split()[0] in args.only]
+    if not cases:
+        raise SystemExit(f"--only {args.only}: no such backbone among {[c[0] for c in CASES]}")
+    table = Table(title=f"one training step, NCHW vs NHWC ({device}, {torch.get_num_threads()} threads)")
+    for col in ("backbone", "batch x px", "NCHW s/step", "NHWC s/step", "NCHW / NHWC"):
+        table.add_column(col)
+    for label, config, side, batch in cases:
+        nchw = step_seconds(config, side, batch, False, device, args.steps, args.warmup)
+        nhwc = step_seconds(config, side, batch, True, device, args.steps, args.warmup)
+        table.add_row(label, f"{batch} x {side}", f"{nchw:.3f}", f"{nhwc:.3f}", f"{nchw / nhwc:.2f}x")
+    Console().print(table)
+
+
+if __name__ == "__main__":
+    main()
