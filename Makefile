@@ -20,12 +20,16 @@ demo: venv
 	$(BIN)/python -m visrec.data.fixtures >/dev/null || echo "real-face fixtures unavailable: the demo skips that part"
 	$(BIN)/visrec demo --out demo-out
 
+# One pytest-xdist worker per core (at most 4), each taking a whole test file at a time, the longest first, and all
+# tests on the standalone Milvus server in one worker (tests/conftest.py). Plain `pytest` runs them in one process.
+XDIST := -n auto --no-loadscope-reorder
+
 test: venv
 	bash scripts/setup-test-env.sh
-	$(BIN)/python -m pytest -q --durations=30
+	$(BIN)/python -m pytest -q --durations=30 $(XDIST)
 
 test-fast: venv
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q -m "not slow" $(XDIST)
 
 clean:
 	rm -rf $(VENV) demo-out .pytest_cache

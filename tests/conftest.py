@@ -2,11 +2,85 @@
 start a real server (a free loopback port, waiting until it answers /healthz); a standalone Milvus server."""
 
 import os
+import sys
 import time
 
 import pytest
 
 from milvus_server import MilvusServer, _zombie, free_port  # noqa: F401 (the tests import them from here)
+
+# Under pytest-xdist (`make test` runs one worker per core) each worker computes on one intra-op thread: two
+# processes of two threads on two cores wait for each other's descheduled threads at every parallel region and
+# run 2-3x slower than one thread each. Set before torch is imported, so every worker and every subprocess a test
+# starts inherits it; a run without workers keeps the machine's default.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ["OMP_NUM_THREADS"] = "1"
+CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+TEST_THREADS = 1 if XDIST_WORKER else min(2, CORES)
+
+# Tests that run minutes, handed out first so that no worker picks one up when the others are nearly done.
+LONG_FIRST = ("test_readme_commands.py::test_readme_blocks_run_in_order", "test_video_e2e.py", "test_faces_e2e.py",
+              "test_distill_e2e.py", "test_gpu_bench_rehearsal.py", "test_landmarks_e2e.py", "milvus-server")
+
+
+def xdist_scope(nodeid: str) -> str:
+    """The unit of work a worker takes whole: every test on the standalone Milvus server (its id says
+    ``milvus-server`` or ``milvus_server``), whatever its file, goes to one worker, because the server's embedded
+    etcd listens on fixed ports (one server per machine); every other test goes with its file, run in file order
+    (module fixtures hold state later tests of the file build on, and are built once)."""
+    return "milvus-server" if "milvus-server" in nodeid or "milvus_server" in nodeid else nodeid.split("::")[0]
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: plain pytest runs without the plugin
+def pytest_xdist_make_scheduler(config, log):
+    """xdist hands out ``xdist_scope`` units, in collection order (the long ones first, see below)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class FileOrMilvusScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return xdist_scope(nodeid)
+
+    return FileOrMilvusScheduling(config, log)
+
+
+def _uses_milvus_server(item) -> bool:
+    params = getattr(getattr(item, "callspec", None), "params", {})
+    return "milvus_server" in item.fixturenames or "milvus-server" in params.values()
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under xdist: a test on the Milvus server whose id does not say so would start a second server on another
+    worker (which never answers); refused here. The long tests, and so their units, are handed out first."""
+    if not XDIST_WORKER:
+        return
+    for item in items:
+        if _uses_milvus_server(item) and xdist_scope(item.nodeid) != "milvus-server":
+            raise pytest.UsageError(f"{item.nodeid} uses the standalone Milvus server: put milvus_server or "
+                                    "milvus-server in its name or parameter id (tests/conftest.py: xdist_scope)")
+
+    def rank(item):
+        key = f"{xdist_scope(item.nodeid)} {item.nodeid}"
+        hits = [i for i, long in enumerate(LONG_FIRST) if long in key]
+        return hits[0] if hits else len(LONG_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their order
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: plain pytest runs without the plugin
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per core, at most 4 (each holds torch, a model or two and its session fixtures)."""
+    return min(4, CORES)
+
+
+@pytest.fixture(autouse=True)
+def _restore_torch_threads():
+    """A test that sets torch's thread count does not leave it set for the tests after it in its process."""
+    torch = sys.modules.get("torch")
+    before = torch.get_num_threads() if torch is not None else None
+    yield
+    if before is not None and torch.get_num_threads() != before:
+        torch.set_num_threads(before)
 
 
 def wait_healthy(url, proc, timeout=180):
@@ -145,7 +219,7 @@ def trained_products(tmp_path_factory):
     from visrec.train.trainer import train
 
     tmp = tmp_path_factory.mktemp("trained-products")
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     root = tmp / "products"
     write_product_dataset(root, families=10, products_per_family=4, variants=3, queries_per_product=2, seed=0, size=128)
     cfg = load_config("configs/products/synthetic.yaml", {

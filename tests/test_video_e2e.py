@@ -3,6 +3,7 @@ quality head; learned fusion must beat the mean of the frames on TPR@FPR=1e-4 be
 
 import pytest
 import torch
+from conftest import TEST_THREADS
 from typer.testing import CliRunner
 
 from visrec.config import load_config, parse_config
@@ -14,7 +15,7 @@ from visrec.train.trainer import train
 
 @pytest.mark.slow
 def test_learned_fusion_beats_mean_fusion_on_degraded_videos(tmp_path):
-    torch.set_num_threads(2)
+    torch.set_num_threads(TEST_THREADS)
     write_face_dataset(tmp_path / "stills", 150, 10, seed=11, difficulty=0.3)
     train(parse_config({
         "task": "faces", "output": str(tmp_path / "bb"), "device": "cpu", "batch_size": 32, "seed": 0,
