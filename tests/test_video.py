@@ -111,7 +111,7 @@ def test_evaluate_videos_and_lfr_submission_order(tmp_path):
         evaluate_videos(model, lst, ("mean",), (0.1,), submission=tmp_path / "s2.bin", filelist=order)
 
 
-def _video_run(tmp_path, name, *, flip=True, freeze=True, steps=6, num_workers=0):
+def _video_run(tmp_path, name, *, flip=True, freeze=True, steps=6, num_workers=0, optim="adamw"):
     from visrec.config import parse_config
 
     if not (tmp_path / "v" / "videos.csv").exists():
@@ -123,7 +123,7 @@ def _video_run(tmp_path, name, *, flip=True, freeze=True, steps=6, num_workers=0
                   "backbone": {"name": "mobilefacenet", "embedding_size": 32, "scale": 1}},
         "data": {"videos": str(tmp_path / "v" / "videos.csv"), "clip": 4, "flip": flip},
         "loss": {"name": "cosface", "s": 30.0, "m": 0.2},
-        "optim": {"name": "adamw", "lr": 0.01, "weight_decay": 0.0},
+        "optim": {"name": optim, "lr": 0.01 if optim == "adamw" else 0.1, "weight_decay": 0.0},
         "schedule": {"max_steps": steps, "warmup_steps": 1}})
 
 
@@ -141,17 +141,21 @@ def test_a_frozen_backbone_embeds_each_frame_once_and_trains_as_if_it_ran_every_
     calls = []
     real_embed = video_task.embed_frames
     monkeypatch.setattr(video_task, "embed_frames", lambda *a, **k: calls.append(k["flip"]) or real_embed(*a, **k))
-    cached = train(_video_run(tmp_path, "cached", flip=flip), progress=False)
+    # SGD: the embeddings of the two runs agree to float32 rounding only (the cached ones come from calls of
+    # forward_batch frames, the per-step ones from the step's batch, and a CPU's conv kernels round by batch
+    # size), and Adam would turn that rounding on a near-zero gradient into a step of the learning rate
+    cached = train(_video_run(tmp_path, "cached", flip=flip, optim="sgd"), progress=False)
     assert calls == [flip]  # once, at the start
     # the same run with the frames through the (frozen) backbone at every step
     monkeypatch.setattr(video_task.VideoTask, "frozen_backbone", lambda self: False)
-    stepwise = train(_video_run(tmp_path, "stepwise", flip=flip), progress=False)
+    stepwise = train(_video_run(tmp_path, "stepwise", flip=flip, optim="sgd"), progress=False)
     assert calls == [flip]
-    assert _losses(tmp_path / "cached") == pytest.approx(_losses(tmp_path / "stepwise"), rel=1e-4, abs=1e-5)
+    assert _losses(tmp_path / "cached") == pytest.approx(_losses(tmp_path / "stepwise"), rel=1e-5)
     assert len(_losses(tmp_path / "cached")) == 6 and cached.global_step == stepwise.global_step == 6
     a, b = (torch.load(tmp_path / n / "model.pt", weights_only=True)["backbone"] for n in ("cached", "stepwise"))
     for key in a:
-        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-4), key
+        assert torch.allclose(a[key].float(), b[key].float(), atol=1e-5), key
+    assert abs(_losses(tmp_path / "cached")[-1] - _losses(tmp_path / "cached")[0]) > 1e-3  # and it did train
 
 
 def test_embed_frames_keeps_list_order_across_batches_and_long_videos():

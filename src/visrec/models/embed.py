@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import torch
 from torch import nn
+
+
+#: The most images a network runs on at once on a CPU, whatever batch the caller reads at a time. Depthwise and
+#: narrow networks are bound by memory traffic there: the activations of 8 faces at 112x112 stay in the caches,
+#: those of 256 do not. On one core MobileFaceNet embeds 70 images/s at 8 against 30 at 256, PFLD 113 against
+#: 28 at 128, while compute-bound ResNets run at the same rate from 4 to 256 (`benchmarks/forward_batch.py`,
+#: BENCHMARKS.md). On an accelerator the caller's batch is used as given.
+CPU_FORWARD_BATCH = 8
+
+
+def forward_batch(batch: int, device: str | torch.device) -> int:
+    """How many images one forward call takes on ``device`` when the caller holds ``batch`` of them."""
+    batch = max(1, int(batch))
+    return min(batch, CPU_FORWARD_BATCH) if torch.device(device).type == "cpu" else batch
 
 
 def images_to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
@@ -18,15 +32,19 @@ def images_to_tensor(images: Sequence[np.ndarray] | np.ndarray) -> torch.Tensor:
 
 @torch.no_grad()
 def embed_images(model: nn.Module, images: Sequence[np.ndarray] | np.ndarray, *, batch_size: int = 256,
-                 device: str | torch.device = "cpu", flip: bool = False) -> np.ndarray:
-    """Embeddings (N, D) float32, not normalised. ``flip`` adds the embedding of the mirrored image
-    (the flip-test of the verification protocols)."""
+                 device: str | torch.device = "cpu", flip: bool = False,
+                 to_tensor: Callable[[np.ndarray], torch.Tensor] = images_to_tensor) -> np.ndarray:
+    """Embeddings (N, D) float32, not normalised, of HWC RGB uint8 ``images``. ``flip`` adds the embedding of
+    the mirrored image (the flip-test of the verification protocols). ``to_tensor`` turns a slice of the images
+    into the network's float NCHW input (visrec's [-1, 1] by default). The network runs on ``forward_batch``
+    images at a time (at most ``CPU_FORWARD_BATCH`` on a CPU)."""
     device = torch.device(device)
+    step = forward_batch(batch_size, device)
     was_training = model.training
     model.eval().to(device)
     out = []
-    for start in range(0, len(images), batch_size):
-        x = images_to_tensor(images[start:start + batch_size]).to(device)
+    for start in range(0, len(images), step):
+        x = to_tensor(images[start:start + step]).to(device)
         emb = model(x).float()
         if flip:
             emb = emb + model(torch.flip(x, dims=[3])).float()

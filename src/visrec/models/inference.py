@@ -16,7 +16,7 @@ from visrec.data.products import (CATALOGUE_DIR, GROUND_TRUTH, list_images, norm
 from visrec.errors import DataError
 from visrec.evaluate.products import query_items, retrieval_metrics
 from visrec.evaluate.video import fuse
-from visrec.models.embed import images_to_tensor
+from visrec.models.embed import forward_batch, images_to_tensor
 
 
 @torch.no_grad()
@@ -24,6 +24,7 @@ def frame_outputs(model: torch.nn.Module, frames: list[np.ndarray], device="cpu"
                   ) -> tuple[np.ndarray, np.ndarray | None]:
     """Raw embeddings (T, D) of a video's frames and, for a quality_fusion model, quality logits (T,)."""
     embs, logits = [], []
+    batch = forward_batch(batch, device)
     for s in range(0, len(frames), batch):
         x = images_to_tensor(frames[s:s + batch]).to(device)
         if hasattr(model, "frame_outputs"):
@@ -97,13 +98,16 @@ def prepare_batch(images: Sequence[np.ndarray], size: int = 224, multiscale: Seq
 def describe(model: torch.nn.Module, images: Sequence[np.ndarray] | PreparedBatch, size: int = 224,
              multiscale: Sequence[float] | None = None, device: str | torch.device = "cpu") -> np.ndarray:
     """(N, D) float32 L2-normalised descriptors of RGB uint8 images (or of their :class:`PreparedBatch`, made
-    with the same ``size`` and ``multiscale``): one copy to ``device`` per scale, one copy back per batch."""
+    with the same ``size`` and ``multiscale``). The network runs on ``forward_batch`` images at a time: on an
+    accelerator that is the whole batch, one copy there per scale and one copy back."""
     if not len(images):
         return np.zeros((0, getattr(model, "dim", 0)), np.float32)
     batch = images if isinstance(images, PreparedBatch) else prepare_batch(images, size, multiscale)
     total = None
     for x in batch.scales:
-        out = model(normalise_product_pixels(torch.from_numpy(x).to(device))).float()
+        step = forward_batch(len(x), device)
+        out = torch.cat([model(normalise_product_pixels(torch.from_numpy(x[s:s + step]).to(device))).float()
+                         for s in range(0, len(x), step)])
         total = out if total is None else total + out
     return torch.nn.functional.normalize(total, dim=1).cpu().numpy()
 

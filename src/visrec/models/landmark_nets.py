@@ -19,6 +19,7 @@ from torch import nn
 
 from visrec.data.augment import crop_face
 from visrec.models import BACKBONES
+from visrec.models.embed import forward_batch
 
 
 def _c(ch: float) -> int:
@@ -147,6 +148,7 @@ def predict_crop_set(model: nn.Module, crops, device="cpu", batch: int = 64) -> 
     (:class:`visrec.data.landmark_crops.JDCrops`: items are (image tensor in [-1, 1], points in [0, 1]))."""
     model.eval().to(device)
     preds, gts = [], []
+    batch = forward_batch(batch, device)
     for start in range(0, len(crops), batch):
         items = [crops[i] for i in range(start, min(len(crops), start + batch))]
         x = torch.stack([it[0] for it in items]).to(device)

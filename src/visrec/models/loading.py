@@ -45,7 +45,7 @@ from visrec.data.augment import crop_face
 from visrec.errors import ConfigError, DataError
 from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY, VISREC_MEAN, VISREC_STD, ModelContract, Threshold, contract_from_config
 from visrec.models.dlib_models import EXTERNAL, build_external
-from visrec.models.embed import embed_images, images_to_tensor
+from visrec.models.embed import embed_images, forward_batch, images_to_tensor
 from visrec.models.landmark_nets import predict_points
 from visrec.models.model_file import (_build, _from_checkpoint, _is_checkpoint, default_contract,  # noqa: F401
                                       embedding_dim, init_backbone, load_backbone, load_checkpoint, read_model_file)
@@ -149,19 +149,11 @@ class TorchModel(LoadedModel):
     def embed(self, images, *, flip: bool = False, batch_size: int = 256) -> np.ndarray:
         if not self.is_embedder:
             return super().embed(images)
-        c = self.contract
-        if c.pixel_mean == VISREC_MEAN and c.pixel_std == VISREC_STD and c.colour_order == "RGB":
-            return embed_images(self.module, _stack(images), device=self.device, flip=flip, batch_size=batch_size)
         arr = _stack(images)
-        out = []
-        with torch.no_grad():
-            for s in range(0, len(arr), batch_size):
-                x = self._tensor(arr[s:s + batch_size]).to(self.device)
-                e = self.module(x).float()
-                if flip:
-                    e = e + self.module(torch.flip(x, dims=[3])).float()
-                out.append(e.cpu())
-        return torch.cat(out).numpy() if out else np.zeros((0, c.embedding_dim or 0), np.float32)
+        if not len(arr):
+            return np.zeros((0, self.contract.embedding_dim or 0), np.float32)
+        return embed_images(self.module, arr, device=self.device, flip=flip, batch_size=batch_size,
+                            to_tensor=self._tensor)
 
     def predict(self, image, boxes) -> np.ndarray:
         if self.contract.task != "landmarks":
@@ -175,6 +167,7 @@ class TorchModel(LoadedModel):
 
     def predict_crops(self, x: np.ndarray, batch: int = 64) -> np.ndarray:
         out = []
+        batch = forward_batch(batch, self.device)
         with torch.no_grad():
             for s in range(0, len(x), batch):
                 xb = torch.as_tensor(np.asarray(x[s:s + batch], np.float32)).to(self.device)

@@ -52,6 +52,7 @@ from visrec.config import parse_config
 from visrec.errors import ConfigError, DataError
 from visrec.losses.distill import DistillLosses
 from visrec.models import build_backbone
+from visrec.models.embed import forward_batch
 from visrec.models.model_file import init_backbone, load_backbone
 from visrec import distributed as dist
 from visrec.train.faces_task import FaceLoss, FaceTask
@@ -160,6 +161,7 @@ def precompute_teacher_features(teacher: nn.Module, dataset: Dataset, path: str 
     was_training = teacher.training
     teacher.eval().to(device)
     rows = []
+    batch_size = forward_batch(batch_size, device)
     for start in range(0, len(dataset), batch_size):
         x = torch.stack([dataset[i][0] for i in range(start, min(start + batch_size, len(dataset)))]).to(device)
         emb = teacher(x).float()
