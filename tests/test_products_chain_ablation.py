@@ -1,7 +1,7 @@
-"""Post-processing measured, not assumed: the ablation table, the ill-posed-fit rule, and the shipped
-synthetic config's chain against no chain on its own synthetic data."""
+"""Post-processing measured, not assumed: the ablation table and the ill-posed-fit rule. The shipped synthetic
+config's chain against no chain on its own trained descriptor is in test_products_e2e.py, beside the other test
+of that descriptor (one file: one worker trains it once)."""
 
-import json
 import warnings
 
 import numpy as np
@@ -88,31 +88,3 @@ def test_eval_products_ablation_cli_table_report_and_library(tmp_path):
     assert "Post-processing ablation" in page and "whiten(dim=2) -&gt; dba(k=2)" in page
     # without --ablation: no table, and the library says so with None
     assert evaluate_products(tmp_path / "idx", root, tmp_path / "ev3", samples=0).ablation is None
-
-
-@pytest.mark.slow
-def test_the_synthetic_configs_chain_is_not_worse_than_no_chain_on_its_own_data(trained_products, tmp_path):
-    """The README's synthetic catalogue (``visrec data synth products data/products --size 128``: 10 families
-    x 4 products x 3 variants, 2 queries each), the descriptor of configs/products/synthetic.yaml trained as
-    shipped (160 steps; the session's ``trained_products``), indexed with the config's chain: the ablation's
-    last row (whole chain) must not fall below its first (no chain) in either mAP@7 form. A descriptor trained
-    for fewer steps is not the one the config's chain was chosen for, and on a weak descriptor (mAP@7 ~0.13
-    after 40 steps) DBA lowers the hits form."""
-    from visrec.cli import app
-    from visrec.index.evaluation import evaluate_products
-
-    root, run, _, cfg = trained_products
-    assert [s["name"] for s in cfg.index["postprocess"]], "the synthetic config ships a chain"
-    r = CliRunner().invoke(app, ["products", "index", str(root / "catalogue"), "--config", "configs/products/synthetic.yaml",
-                                 "--model", str(run), "--out", str(tmp_path / "idx")])
-    assert r.exit_code == 0, r.output
-    assert json.loads((tmp_path / "idx" / "manifest.json").read_text())["postprocess_adjustments"] == []
-    res = evaluate_products(tmp_path / "idx", root, tmp_path / "ev", samples=0, ablation=True)
-    rows = res.ablation
-    print("\n".join(f"{r.chain}: {r.metrics}" for r in rows))
-    assert rows[0].chain == "none" and len(rows) == len(cfg.index["postprocess"]) + 1
-    assert rows[-1].metrics == pytest.approx(res.metrics)           # Flat index: the last row is the evaluation
-    for form in ("map@7_hits", "map@7_min_gt"):
-        assert rows[-1].metrics[form] >= rows[0].metrics[form], form
-    page = (tmp_path / "ev" / "report.html").read_text()
-    assert "Post-processing ablation" in page and rows[1].chain in page
