@@ -13,6 +13,8 @@ from visrec.budget import check, layer_counts, lfr_flops, onnx_layer_counts, reg
 from visrec.errors import DataError, VisrecError
 from visrec.export import export_checkpoint, export_onnx
 from visrec.models import BACKBONES, build_backbone
+from visrec.models.attention_net import LAYOUTS as ATTENTION_LAYOUTS
+from visrec.models.iresnet import DEPTHS as RESNET_DEPTHS
 
 pytest.importorskip("onnx")
 
@@ -63,27 +65,15 @@ def test_heatmap_lite_counts_its_transposed_convs(tmp_path):
 
 
 # One small build per registry constructor (aliases build the same model): every registered name must map
-# to a constructor listed here, so a new registration without an entry fails the test.
+# to a constructor listed here or in NAMED_MEMBERS, so a new registration without an entry fails the test.
 SMALL = {
-    "attention56": [dict(width_mult=0.125, embedding_size=64)],
-    "attention92": [dict(width_mult=0.125, embedding_size=64)],
-    "attention152": [dict(width_mult=0.125, embedding_size=64)],
     "attention_net": [dict(modules=[1, 0, 1], width_mult=0.125, embedding_size=64)],
     "effnet_face": [dict(width_mult=0.5, depth_mult=1.0, embedding_size=64)],
     "heatmap_lite": [dict(width_mult=0.25, num_points=20)],
     "pfld": [dict(width_mult=0.25, num_points=20)],
     "irse": [dict(layers=[1, 1, 1, 1], width=0.125, embedding_size=64)],
-    "irse50": [dict(width=0.125, embedding_size=64)],
-    "irse100": [dict(width=0.125, embedding_size=64)],
     "iresnet": [dict(layers=[1, 1, 1, 1], width=0.125, embedding_size=64)],
-    "iresnet18": [dict(width=0.125, embedding_size=64)],
-    "iresnet34": [dict(width=0.125, embedding_size=64)],
-    "iresnet50": [dict(width=0.125, embedding_size=64)],
-    "iresnet100": [dict(width=0.125, embedding_size=64)],
-    "iresnet152": [dict(width=0.125, embedding_size=64)],
-    "iresnet200": [dict(width=0.125, embedding_size=64)],
     "mobilefacenet": [dict(scale=1, embedding_size=64)],
-    "mobilefacenet_large": [dict(embedding_size=64)],
     "vargfacenet": [dict(width_mult=0.5, embedding_size=64)],
     "quality_fusion": [dict(backbone={"name": "mbf", "scale": 1, "embedding_size": 64}, hidden=8)],
     "product": [dict(backbone="resnet18", pooling="gem", dim=32, source="timm"),
@@ -105,17 +95,41 @@ SMALL = {
 }
 
 
+# Named members of a family: the same network as the family's generic constructor with the member's layout
+# (checked module by module below), so their counts follow from the generic entry's parity in SMALL without
+# exporting twelve deep networks (a minute and a half of the dynamo exporter).
+NAMED_MEMBERS = {
+    **{f"attention{d}": ("attention_net", {"modules": list(m)}, dict(width_mult=0.125, embedding_size=64))
+       for d, m in ATTENTION_LAYOUTS.items()},
+    **{f"iresnet{d}": ("iresnet", {"layers": layers}, dict(width=0.125, embedding_size=64))
+       for d, layers in RESNET_DEPTHS.items()},
+    "irse50": ("irse", {"layers": RESNET_DEPTHS[50]}, dict(width=0.125, embedding_size=64)),
+    "irse100": ("irse", {"layers": RESNET_DEPTHS[100]}, dict(width=0.125, embedding_size=64)),
+    "mobilefacenet_large": ("mobilefacenet", {"blocks": (2, 8, 12, 4), "scale": 4}, dict(embedding_size=64)),
+}
+
+
 def _factory_key(name):
     return BACKBONES.get(name)
 
 
 def test_every_registered_name_has_a_small_build():
-    covered = {_factory_key(n) for n in SMALL}
+    covered = {_factory_key(n) for n in [*SMALL, *NAMED_MEMBERS]}
     # visrec's own registrations (other tests register example and plug-in backbones in the same session)
     own = [n for n in BACKBONES.names() if _factory_key(n).__module__.startswith("visrec.")]
     assert len(own) >= 30
     missing = [n for n in own if _factory_key(n) not in covered]
-    assert not missing, f"registered without a budget-parity entry in SMALL: {missing}"
+    assert not missing, f"registered without a budget-parity entry in SMALL or NAMED_MEMBERS: {missing}"
+
+
+@pytest.mark.parametrize("name", list(NAMED_MEMBERS))
+def test_a_named_member_is_its_familys_generic_network(name):
+    generic, layout, kwargs = NAMED_MEMBERS[name]
+    assert generic in SMALL
+    named, general = build_backbone(name, **kwargs), build_backbone(generic, **layout, **kwargs)
+    assert [(n, type(m)) for n, m in named.named_modules()] == [(n, type(m)) for n, m in general.named_modules()]
+    assert {k: v.shape for k, v in named.state_dict().items()} == {k: v.shape for k, v in general.state_dict().items()}
+    assert sum(r.lfr_flops for r in layer_counts(named)) == sum(r.lfr_flops for r in layer_counts(general)) > 0
 
 
 @pytest.mark.parametrize("name,kwargs", [(n, kw) for n, kws in SMALL.items() for kw in kws],
