@@ -20,7 +20,7 @@ CORES = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (o
 TEST_THREADS = 1 if XDIST_WORKER else min(2, CORES)
 
 # Tests that run minutes, handed out first so that no worker picks one up when the others are nearly done.
-LONG_FIRST = ("test_readme_commands.py::test_readme_blocks_run_in_order", "test_video_e2e.py", "test_faces_e2e.py",
+LONG_FIRST = ("test_readme_commands.py::test_readme_blocks_run_in_order", "test_faces_e2e.py",
               "test_distill_e2e.py", "test_gpu_bench_rehearsal.py", "test_landmarks_e2e.py", "milvus-server")
 
 
