@@ -353,16 +353,9 @@ def preprocess_product(img: np.ndarray, size: int = 224, multiscale: Sequence[fl
     With ``multiscale`` (e.g. ``(1.0, 0.707, 1.414)``) returns a list, one array per scale ``s`` of
     shape (3, round(size*s), round(size*s)), in the order given.
     """
-    if img.ndim != 3 or img.shape[2] != 3:
-        raise ValueError(f"expected an HxWx3 image, got shape {img.shape}")
-    sq = pad_to_square(img, 255)
     if multiscale is None:
-        return _normalise(_resize(sq, int(size)))
-    out = []
-    for s in multiscale:
-        n = max(1, int(round(size * float(s))))
-        out.append(_normalise(_resize(sq, n)))
-    return out
+        return _normalise(product_pixels(img, size))
+    return [_normalise(product_pixels(img, max(1, int(round(size * float(s)))))) for s in multiscale]
 
 
 # ----------------------------------------------------------------------------------------- product labels

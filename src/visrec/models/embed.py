@@ -11,8 +11,8 @@ from torch import nn
 
 #: The most images a network runs on at once on a CPU, whatever batch the caller reads at a time. Depthwise and
 #: narrow networks are bound by memory traffic there: the activations of 8 faces at 112x112 stay in the caches,
-#: those of 256 do not. On one core MobileFaceNet embeds 70 images/s at 8 against 30 at 256, PFLD 113 against
-#: 28 at 128, while compute-bound ResNets run at the same rate from 4 to 256 (`benchmarks/forward_batch.py`,
+#: those of 256 do not. On one core MobileFaceNet embeds 68 images/s in calls of 8 against 19 in calls of 256,
+#: PFLD 110 against 25, while the compute-bound iresnet50 gains 1.4x (`benchmarks/forward_batch.py`,
 #: BENCHMARKS.md). On an accelerator the caller's batch is used as given.
 CPU_FORWARD_BATCH = 8
 
