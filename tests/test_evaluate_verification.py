@@ -91,6 +91,56 @@ def test_the_answer_does_not_depend_on_the_product_or_the_blocks():
         assert len(got) == 1, (t, got)
 
 
+@pytest.mark.parametrize("blas", ["torch", "numpy"])
+def test_the_answer_does_not_depend_on_which_blas_makes_the_cpu_product(monkeypatch, blas):
+    """The float32 block products through torch's BLAS or numpy's: the same thresholds, counts and
+    near-threshold pairs as brute force and as each other (the margin bounds any summation order)."""
+    from visrec.evaluate import verification
+
+    calls = []
+    monkeypatch.setattr(verification, "CPU_BLAS", blas)
+    real = verification._numpy_product
+    monkeypatch.setattr(verification, "_numpy_product", lambda a, b: calls.append(1) or real(a, b))
+    emb, labels = clustered(900, 60, dim=32, spread=1.4, seed=6)
+    emb[3:6] = emb[7]  # ties at the top of the impostor scores
+    targets = [1e-2, 1e-3, 1e-4]
+    got = tpr_at_fpr(emb, labels, targets, block_size=200, device="cpu", filter_precision="fp32")
+    assert (len(calls) > 0) == (blas == "numpy")  # 15 blocks i <= j of 200 rows: each through numpy's BLAS
+    for t in targets:
+        (ta, fa), g, i = brute_force(emb, labels, t)
+        assert (got[t].true_accepts, got[t].false_accepts) == (ta, fa)
+    monkeypatch.setattr(verification, "CPU_BLAS", "torch" if blas == "numpy" else "numpy")
+    other = tpr_at_fpr(emb, labels, targets, block_size=200, device="cpu", filter_precision="fp32")
+    for t in targets:
+        assert (got[t].threshold, got[t].near_threshold_pairs) == (other[t].threshold, other[t].near_threshold_pairs)
+
+
+def test_auto_times_the_two_blas_only_for_a_large_float32_scan_and_holds_numpy_to_torchs_threads(monkeypatch):
+    from threadpoolctl import threadpool_info
+
+    from visrec.evaluate import verification
+
+    timed = []
+    monkeypatch.setattr(verification, "_numpy_blas_is_faster", lambda dim, threads: timed.append((dim, threads)) or True)
+    small = normalise(np.random.default_rng(0).standard_normal((100, 8)).astype(np.float32))
+    assert verification._block_product(small)[0] is verification._torch_product and not timed
+    assert verification._block_product(small.to(torch.bfloat16))[0] is verification._torch_product
+    monkeypatch.setattr(verification, "BLAS_PROBE_MIN_ROWS", 50)
+    product, threads = verification._block_product(small)
+    assert product is verification._numpy_product and timed == [(8, torch.get_num_threads())]
+    with threads():  # numpy's BLAS on torch's thread count while the scan runs
+        assert {i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"} == {torch.get_num_threads()}
+    assert torch.allclose(product(small, small[:30]), small @ small[:30].T, atol=1e-6)
+    monkeypatch.setattr(verification, "CPU_BLAS", "openblas")
+    with pytest.raises(VisrecError, match="CPU_BLAS must be 'auto', 'torch' or 'numpy'"):
+        verification._block_product(small)
+    # the real timing: a yes or a no, remembered per (dim, threads)
+    monkeypatch.undo()
+    verification._NUMPY_BLAS_FASTER.pop((8, 1), None)
+    first = verification._numpy_blas_is_faster(8, 1)
+    assert verification._NUMPY_BLAS_FASTER[(8, 1)] is first
+
+
 def test_the_default_block_size_follows_the_device(monkeypatch):
     """None (the default) is 4096 rows on a CPU; on CUDA it grows with the card (a block's host synchronisations
     cost the same whatever its size), read from the card's total memory so every rank agrees."""

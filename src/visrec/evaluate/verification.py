@@ -38,8 +38,10 @@ unless ``group`` is given: a caller that runs on one rank only (a trainer's vali
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import math
+import time
 from dataclasses import dataclass, field
 from typing import Callable, Sequence
 
@@ -249,13 +251,16 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     n = emb.shape[0]
     blocks = list(range(0, n, block_size))
     use_kernel = _use_kernel(kernel, dev, curve_bins)
+    product, blas_threads = _block_product(fast_emb)
     # a large K (FPR 1e-2, 1e-3): start from a bar read off a sample of pairs, checked after the scan
     start_bar = _sampled_bar(fast_emb, lab_idx, k_max, impostor_total, slack) if world == 1 else -math.inf
     report = progress
     while True:
         cands = _Candidates(k_max, slack, dev, start_bar)
-        genuine_i, genuine_j, genuine_fast, imp_hist = _scan(cands, fast_emb, seg_start, seg_end, blocks, block_size,
-                                                             rank, world, use_kernel, curve_bins, report)
+        with blas_threads():
+            genuine_i, genuine_j, genuine_fast, imp_hist = _scan(cands, fast_emb, seg_start, seg_end, blocks,
+                                                                 block_size, rank, world, use_kernel, curve_bins,
+                                                                 report, product)
         cands.prune()
         if cands.holds_every_pair_that_matters():
             break
@@ -308,9 +313,12 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     return results
 
 
-def _scan(cands, fast_emb, seg_start, seg_end, blocks, block_size, rank, world, use_kernel, curve_bins, progress):
+def _scan(cands, fast_emb, seg_start, seg_end, blocks, block_size, rank, world, use_kernel, curve_bins, progress,
+          product=None):
     """One pass over this rank's blocks i <= j: impostor candidates into ``cands``; returns every genuine
-    pair's (i list, j list, fast score list) and the impostor histogram for curves (None without)."""
+    pair's (i list, j list, fast score list) and the impostor histogram for curves (None without).
+    ``product(rows, cols)`` makes a block's fast scores (:func:`_block_product`)."""
+    product = product or _torch_product
     n = fast_emb.shape[0]
     genuine_i, genuine_j, genuine_fast = [], [], []
     imp_hist = torch.zeros(curve_bins, dtype=torch.float64, device=fast_emb.device) if curve_bins else None
@@ -330,7 +338,7 @@ def _scan(cands, fast_emb, seg_start, seg_end, blocks, block_size, rank, world, 
                 continue
             rows = fast_emb[r0:r0 + block_size]
             for c0 in blocks[bi:]:
-                fast = rows @ fast_emb[c0:c0 + block_size].T
+                fast = product(rows, fast_emb[c0:c0 + block_size])
                 gi, gj = _same_label_positions(seg_start, seg_end, r0, r0 + fast.shape[0], c0, c0 + fast.shape[1])
                 upper = c0 + gj > r0 + gi  # each genuine pair once, as i < j
                 genuine_i.append(r0 + gi[upper])
@@ -393,7 +401,7 @@ def filter_margin(dtype: torch.dtype, dim: int, device: torch.device) -> float:
 
 def _filter_dtype(precision: str, device: torch.device, curve_bins: int, tail: float) -> torch.dtype:
     """The dtype of the fast product. "auto": bfloat16 where the hardware multiplies it natively (CUDA with
-    bf16, CPUs with AMX or AVX512-BF16: 3x float32's rate on this project's machine) and the deepest target
+    bf16, CPUs with AMX or AVX512-BF16: 3x float32's rate on the Intel Xeon of BENCHMARKS.md) and the deepest target
     keeps under 1e-4 of the impostors (``tail``; above that, bfloat16's wider margin puts several times K
     pairs in the band scored exactly, which costs more than the product saves), float32 otherwise and when a
     curve is asked for (it bins the fast scores)."""
@@ -408,6 +416,71 @@ def _filter_dtype(precision: str, device: torch.device, curve_bins: int, tail: f
                                                   ("_is_amx_tile_supported", "_is_avx512_bf16_supported"))
         precision = "bf16" if native and not curve_bins and tail < 1e-4 else "fp32"
     return torch.bfloat16 if precision == "bf16" else torch.float32
+
+
+#: Which BLAS makes the scan's float32 block products on a CPU: "auto" times both once per process (below),
+#: "torch" (its MKL) or "numpy" (its OpenBLAS). The choice changes the speed only (docstring of _block_product).
+CPU_BLAS = "auto"
+#: The fewest embeddings for which "auto" times the two libraries: the timing takes ~0.1 s at one thread, a
+#: scan of 8192 embeddings ~0.6 s of products.
+BLAS_PROBE_MIN_ROWS = 8192
+_NUMPY_BLAS_FASTER: dict[tuple[int, int], bool] = {}
+
+
+def _torch_product(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    return rows @ cols.T
+
+
+def _numpy_product(rows: torch.Tensor, cols: torch.Tensor) -> torch.Tensor:
+    # both sides are views of the contiguous float32 embeddings, the result a fresh array torch takes over
+    return torch.from_numpy(rows.numpy() @ cols.numpy().T)
+
+
+def _numpy_blas_is_faster(dim: int, threads: int) -> bool:
+    """Whether numpy's BLAS, held to ``threads``, multiplies 1024 x ``dim`` float32 blocks at least 1.15x
+    torch's rate (best of 3 after one warm-up each), remembered per (dim, threads) for the process."""
+    key = (dim, threads)
+    if key not in _NUMPY_BLAS_FASTER:
+        from threadpoolctl import threadpool_limits
+
+        a = torch.randn(1024, dim, generator=torch.Generator().manual_seed(0))
+
+        def best(product) -> float:
+            product(a, a)
+            times = []
+            for _ in range(3):
+                t0 = time.perf_counter()
+                product(a, a)
+                times.append(time.perf_counter() - t0)
+            return min(times)
+
+        with threadpool_limits(limits=threads, user_api="blas"):
+            numpy_secs = best(_numpy_product)
+        _NUMPY_BLAS_FASTER[key] = numpy_secs * 1.15 < best(_torch_product)
+    return _NUMPY_BLAS_FASTER[key]
+
+
+def _block_product(fast_emb: torch.Tensor) -> tuple[Callable, Callable]:
+    """``(product, threads)``: the scan's block product and a context that holds its BLAS to torch's thread
+    count. On a CUDA device, or a bfloat16 filter, torch's product. A CPU's float32 product goes through
+    whichever of torch's BLAS (MKL) and numpy's (OpenBLAS) is faster here (``CPU_BLAS``): they differ by CPU
+    vendor; on an AMD EPYC (Zen 2) core torch's reached 65 GFLOPS and numpy's 93 on these blocks
+    (BENCHMARKS.md). The choice never changes the result: the filter's margin (:func:`filter_margin`) bounds
+    any float32 summation order of the products, and the pairs near a threshold are scored exactly."""
+    if CPU_BLAS not in ("auto", "torch", "numpy"):
+        raise VisrecError(f"CPU_BLAS must be 'auto', 'torch' or 'numpy', got {CPU_BLAS!r}")
+    torch_choice = (_torch_product, contextlib.nullcontext)
+    if fast_emb.device.type != "cpu" or fast_emb.dtype != torch.float32 or CPU_BLAS == "torch":
+        return torch_choice
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # without it numpy's BLAS could not be held to torch's threads
+        return torch_choice
+    threads = torch.get_num_threads()
+    if CPU_BLAS == "auto" and (fast_emb.shape[0] < BLAS_PROBE_MIN_ROWS
+                               or not _numpy_blas_is_faster(fast_emb.shape[1], threads)):
+        return torch_choice
+    return _numpy_product, lambda: threadpool_limits(limits=threads, user_api="blas")
 
 
 def _use_kernel(kernel: str, device: torch.device, curve_bins: int) -> bool:
