@@ -88,3 +88,33 @@ def test_eval_products_ablation_cli_table_report_and_library(tmp_path):
     assert "Post-processing ablation" in page and "whiten(dim=2) -&gt; dba(k=2)" in page
     # without --ablation: no table, and the library says so with None
     assert evaluate_products(tmp_path / "idx", root, tmp_path / "ev3", samples=0).ablation is None
+
+
+def test_the_chain_benchmark_scores_no_chain_as_the_evaluation_does_and_prints_every_chain(tmp_path, capsys):
+    """benchmarks/products_chain.py on one catalogue and 4 training steps: its "none" row is the product
+    evaluation's metrics of the same index (built without a chain), its dba(k=3) row those of an index the CLI
+    builds with that chain, and its table has a row per chain with the change against none."""
+    import importlib.util
+    from pathlib import Path
+
+    from visrec.index.catalogue import index_catalogue
+    from visrec.index.evaluation import evaluate_products
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "products_chain.py"
+    spec = importlib.util.spec_from_file_location("products_chain", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    root, index = bench.trained_index(0, tmp_path, steps=4)
+    found = bench.chain_metrics(root, index)
+    assert found["none"] == pytest.approx(evaluate_products(index, root, tmp_path / "ev", samples=0).metrics)
+    index_catalogue(root / "catalogue", tmp_path / "dba", checkpoint=index.parent / "run",
+                    overrides={"index.size": 64, "index.postprocess": [{"name": "dba", "k": 3}]})
+    assert found["dba(k=3)"] == pytest.approx(evaluate_products(tmp_path / "dba", root, tmp_path / "ev2", samples=0).metrics)
+    assert found["dba(k=3)"] != found["none"]
+
+    bench.main(["--seeds", "0", "--steps", "4", "--out", str(tmp_path),      # reuses the run and the index
+                "--threads", str(torch.get_num_threads())])
+    table = capsys.readouterr().out
+    for name in bench.CHAINS:
+        row = next(line for line in table.splitlines() if line.startswith(f"│ {name} "))
+        assert row.count(" / ") == (1 if name == "none" else 2), row
