@@ -71,8 +71,7 @@ def chain_metrics(root: Path, index_dir: Path) -> dict[str, dict[str, float]]:
     out = {}
     for name, specs in CHAINS.items():
         chain = Chain.from_config(specs)
-        chain.fit(catalogue)
-        cat, q = chain.stagewise(catalogue, queries)[-1]
+        cat, q = chain.fit(catalogue), chain.queries(queries)
         ranked = {qid: [index.ids[j] for j in row if j >= 0] for qid, row in zip(qids, _topk(q, cat, 7)[1])}
         out[name] = retrieval_metrics(ranked, gt, 7)
     return out

@@ -314,11 +314,10 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
 
 
 def _scan(cands, fast_emb, seg_start, seg_end, blocks, block_size, rank, world, use_kernel, curve_bins, progress,
-          product=None):
+          product):
     """One pass over this rank's blocks i <= j: impostor candidates into ``cands``; returns every genuine
     pair's (i list, j list, fast score list) and the impostor histogram for curves (None without).
     ``product(rows, cols)`` makes a block's fast scores (:func:`_block_product`)."""
-    product = product or _torch_product
     n = fast_emb.shape[0]
     genuine_i, genuine_j, genuine_fast = [], [], []
     imp_hist = torch.zeros(curve_bins, dtype=torch.float64, device=fast_emb.device) if curve_bins else None
