@@ -2,6 +2,7 @@
 free loopback ports, its data in a folder, kill -9 and restart on the same ports, nothing left running."""
 
 import os
+import random
 import re
 import signal
 import socket
@@ -10,7 +11,24 @@ import time
 
 
 def free_port() -> int:
-    with socket.socket() as s:
+    """A loopback port free now, below the kernel's ephemeral range. A port from bind(0) lies in that range,
+    where the kernel hands local ports to outgoing connections: between the pick and a server's bind (or its
+    restart after a kill) any connection on the machine may take it, and a Milvus start then failed for
+    minutes with "index_coord_port=47861, but bind failed". Below the range only a listener can take it."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            low = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        low = 0
+    if low > 2048:
+        for port in random.sample(range(max(1024, low - 10000), low), 100):
+            with socket.socket() as s:
+                try:
+                    s.bind(("127.0.0.1", port))
+                except OSError:
+                    continue
+                return port
+    with socket.socket() as s:  # no such range known (or all taken): any free port
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
