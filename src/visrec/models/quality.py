@@ -19,6 +19,10 @@ from torch import nn
 from visrec.models import BACKBONES
 from visrec.models.model_file import load_backbone
 
+# A quality head is trained on a frozen backbone unless a config says otherwise (the video task reads this too:
+# it embeds the training frames once when the backbone is frozen).
+FREEZE_BACKBONE_DEFAULT = True
+
 
 class QualityHead(nn.Module):
     def __init__(self, embedding_size: int = 512, hidden: int = 64):
@@ -32,7 +36,8 @@ class QualityHead(nn.Module):
 
 
 class QualityFusion(nn.Module):
-    def __init__(self, backbone: nn.Module, embedding_size: int = 512, hidden: int = 64, freeze_backbone: bool = True):
+    def __init__(self, backbone: nn.Module, embedding_size: int = 512, hidden: int = 64,
+                 freeze_backbone: bool = FREEZE_BACKBONE_DEFAULT):
         super().__init__()
         self.backbone = backbone
         self.quality = QualityHead(embedding_size, hidden)
@@ -94,7 +99,8 @@ def fuse_with_logits(emb: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor
 
 
 @BACKBONES.register("quality_fusion")
-def quality_fusion(backbone: dict | str, hidden: int = 64, freeze_backbone: bool = True) -> QualityFusion:
+def quality_fusion(backbone: dict | str, hidden: int = 64,
+                 freeze_backbone: bool = FREEZE_BACKBONE_DEFAULT) -> QualityFusion:
     """``backbone``: a visrec checkpoint / run directory (architecture and weights), or a registry spec
     ``{name: mobilefacenet, embedding_size: 512}`` (architecture only, as a saved model records it)."""
     if isinstance(backbone, dict):

@@ -32,6 +32,7 @@ from visrec.models import build_backbone
 from visrec.models.embed import embed_images, images_to_tensor
 from visrec.models.inference import video_features
 from visrec.models.model_file import load_backbone
+from visrec.models.quality import FREEZE_BACKBONE_DEFAULT
 from visrec.train.task import TASKS, Task
 
 
@@ -104,7 +105,7 @@ class VideoTask(Task):
     frame_embeddings: torch.Tensor | None = None  # (F, 1 or 2, D): a frozen backbone's, see the module docstring
 
     def frozen_backbone(self) -> bool:
-        return bool(self.cfg.model.kwargs.get("freeze_backbone", True))
+        return bool(self.cfg.model.kwargs.get("freeze_backbone", FREEZE_BACKBONE_DEFAULT))
 
     def train_dataset(self):
         self.clips = VideoClips(self.data_opts.videos, self.data_opts.clip, frame_ids=self.frozen_backbone())
