@@ -210,5 +210,11 @@ def test_open_face_dataset_autodetects(tmp_path, small_rec):
     assert x.shape == (3, 112, 112) and -1 <= float(x.min()) and float(x.max()) <= 1 and y == 0
     write_image_folder(tmp_path / "f", zip(images(2), [0, 1]))
     assert open_face_dataset(tmp_path / "f").num_classes == 2
-    with pytest.raises(DataError, match="not a face data set"):
-        open_face_dataset(tmp_path / "nothing.txt")
+    (tmp_path / "notes.txt").write_text("not images")
+    with pytest.raises(DataError, match=r"notes.txt: not a face data set: expected .* or a \.csv list$"):
+        open_face_dataset(tmp_path / "notes.txt")
+    # a caller that takes another kind too names it; a path that is not there says so, not "not a data set"
+    with pytest.raises(DataError, match=r"a \.csv list or a \.bin pairs file$"):
+        open_face_dataset(tmp_path / "notes.txt", also_accepted="a .bin pairs file")
+    with pytest.raises(DataError, match="nowhere: no such file or folder"):
+        open_face_dataset(tmp_path / "nowhere")

@@ -45,3 +45,17 @@ def test_eval_faces_from_a_features_file(tmp_path):
                                    "--target-fpr", "0.01", "--out", str(tmp_path / "r")])
     assert res.exit_code == 0, res.output
     assert "1.000000" in res.output  # well-separated identities: every genuine pair accepted at FPR 1e-2
+
+
+
+def test_eval_faces_names_every_data_kind_it_takes_before_loading_the_model(tmp_path):
+    import pytest
+
+    from visrec.errors import DataError
+    from visrec.faces.evaluation import evaluate_faces
+
+    (tmp_path / "embeddings.pt").write_bytes(b"\x80\x02not a data set")
+    # the model is not there either: the data are checked first, and the message lists the .bin kind too
+    with pytest.raises(DataError, match=r"embeddings.pt: not a face data set: .* a \.csv list or a \.bin pairs file"):
+        evaluate_faces(model=tmp_path / "no-model.pt", data=tmp_path / "embeddings.pt", out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -45,15 +45,20 @@ class FaceDataset(Dataset):
         return to_tensor(img), int(self.labels[i])
 
 
-def open_face_dataset(path: str | Path, *, skip_bad: bool = False, train: bool = False) -> FaceDataset:
+def open_face_dataset(path: str | Path, *, skip_bad: bool = False, train: bool = False,
+                      also_accepted: str = "") -> FaceDataset:
     """Autodetect: a directory holding ``train.rec`` (or a ``.rec`` path) -> RecordIO; a ``.csv`` -> CSV
-    list; a directory of sub-folders -> image folder."""
+    list; a directory of sub-folders -> image folder. ``also_accepted`` names what else the caller takes
+    (e.g. "a .bin pairs file"), so the error for a path of no known kind lists every kind."""
     path = Path(path)
+    if not path.exists():
+        raise DataError("no such file or folder", path=path)
     if path.suffix == ".rec" or (path.is_dir() and (path / "train.rec").exists()):
         return FaceDataset(RecordIOReader(path), train=train)
     if path.suffix.lower() == ".csv":
         return FaceDataset(read_csv_list(path, skip_bad=skip_bad), train=train)
     if path.is_dir():
         return FaceDataset(read_image_folder(path, skip_bad=skip_bad), train=train)
-    raise DataError("not a face data set: expected a RecordIO dir (train.rec/.idx), an image folder or a "
-                    ".csv list", path=path)
+    kinds = ["a RecordIO dir (train.rec/.idx)", "an image folder", "a .csv list"]
+    kinds += [also_accepted] if also_accepted else []
+    raise DataError(f"not a face data set: expected {', '.join(kinds[:-1])} or {kinds[-1]}", path=path)
