@@ -20,8 +20,9 @@ demo: venv
 	$(BIN)/python -m visrec.data.fixtures >/dev/null || echo "real-face fixtures unavailable: the demo skips that part"
 	$(BIN)/visrec demo --out demo-out
 
-# One pytest-xdist worker per core (at most 4), each taking a whole test file at a time, the longest first, and all
-# tests on the standalone Milvus server in one worker (tests/conftest.py). Plain `pytest` runs them in one process.
+# One pytest-xdist worker per core (at most 4), each taking a whole test file at a time, the longest first, and one
+# more worker for all tests on the standalone Milvus server, which mostly wait for it (tests/conftest.py). Plain
+# `pytest` runs them in one process.
 XDIST := -n auto --no-loadscope-reorder
 
 test: venv
