@@ -42,6 +42,14 @@ def pytest_xdist_make_scheduler(config, log):
         def _split_scope(self, nodeid: str) -> str:
             return xdist_scope(nodeid)
 
+        def _reschedule(self, node) -> None:
+            # xdist queues another unit on a worker whose unit has 2 tests or fewer left: the README's unit (two
+            # tests, one of them the longest of the suite) would hold the next long training back behind it while
+            # the other workers run dry at the end. A worker gets its next unit when one test is left, the one it
+            # keeps until it knows what runs after it.
+            if node.shutting_down or not self.workqueue or self._pending_of(self.assigned_work[node]) <= 1:
+                super()._reschedule(node)
+
     return FileOrMilvusScheduling(config, log)
 
 
