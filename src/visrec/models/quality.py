@@ -100,7 +100,7 @@ def fuse_with_logits(emb: torch.Tensor, logits: torch.Tensor, mask: torch.Tensor
 
 @BACKBONES.register("quality_fusion")
 def quality_fusion(backbone: dict | str, hidden: int = 64,
-                 freeze_backbone: bool = FREEZE_BACKBONE_DEFAULT) -> QualityFusion:
+                   freeze_backbone: bool = FREEZE_BACKBONE_DEFAULT) -> QualityFusion:
     """``backbone``: a visrec checkpoint / run directory (architecture and weights), or a registry spec
     ``{name: mobilefacenet, embedding_size: 512}`` (architecture only, as a saved model records it)."""
     if isinstance(backbone, dict):
