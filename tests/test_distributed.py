@@ -6,7 +6,6 @@ import datetime
 import os
 import pickle
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -16,6 +15,7 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
+from conftest import free_port
 from visrec.data.synth import write_face_dataset
 from visrec.data.synth_products import write_product_dataset
 from visrec.errors import DataError, VisrecError
@@ -24,12 +24,6 @@ from visrec.evaluate.verification import normalise
 
 TARGETS = [1e-2, 5e-2]
 BLOCK = 16
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _exit_cleanly():
@@ -100,7 +94,7 @@ def test_sharded_all_pairs_equals_one_process_bit_for_bit(tmp_path):
         assert r.true_accepts == int((scores[same] >= r.threshold).sum())
         assert r.false_accepts == int((imp >= r.threshold).sum()) <= t * len(imp)
 
-    mp.spawn(_pairs_worker, args=(2, _free_port(), emb, labels, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_pairs_worker, args=(2, free_port(), emb, labels, str(tmp_path)), nprocs=2, join=True)
     got = [pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in (0, 1)]
     for g in got:
         assert g["results"] == single  # every field: threshold, TPR, FPR, counts, near-threshold pairs
@@ -224,7 +218,7 @@ def _helpers_worker(rank, world, port, out):
 def test_collectives_of_the_sharded_runs(tmp_path):
     import torch.multiprocessing as mp
 
-    mp.spawn(_helpers_worker, args=(2, _free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_helpers_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     r0, r1 = (pickle.loads((tmp_path / f"rank{r}.pkl").read_bytes()) for r in (0, 1))
     torch.manual_seed(0)
     assert torch.equal(r0["weight"], torch.nn.Linear(4, 3).weight.detach()) and torch.equal(r0["weight"], r1["weight"])

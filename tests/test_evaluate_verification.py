@@ -3,12 +3,12 @@ the fast product's filter (bfloat16 or float32) that never changes the answer.""
 
 import math
 import os
-import socket
 
 import numpy as np
 import pytest
 import torch
 
+from conftest import free_port
 from visrec.errors import VisrecError
 from visrec.evaluate import tpr_at_fpr, tpr_at_fpr_pairs
 from visrec.evaluate.verification import exact_scores, filter_margin, normalise
@@ -263,12 +263,6 @@ def test_curves_come_from_the_same_pass():
     assert np.all(np.diff(curve.fpr) <= 0) and curve.tpr[0] == pytest.approx(1.0)
 
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _worker(rank, world, port, emb, labels, out):
     import torch.distributed as dist
 
@@ -289,7 +283,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
 
     emb, labels = clustered(150, 12, seed=9)
     single = tpr_at_fpr(emb, labels, [1e-1, 1e-2, 1e-3], block_size=16, device="cpu")
-    mp.spawn(_worker, args=(2, _free_port(), emb, labels, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), emb, labels, str(tmp_path)), nprocs=2, join=True)
     for rank in (0, 1):
         got = torch.load(tmp_path / f"{rank}.pt")
         for t, r in single.items():

@@ -1,12 +1,12 @@
 """PartialFC: equals a full softmax in one process, and 2 gloo processes equal 1 process exactly."""
 
 import os
-import socket
 
 import pytest
 import torch
 import torch.nn.functional as F
 
+from conftest import free_port
 from visrec.losses import build_margin_loss
 from visrec.losses.partial_fc import PartialFC
 
@@ -48,12 +48,6 @@ def test_sampling_keeps_every_positive():
     assert torch.equal(index[remapped], labels)
     loss = pfc(torch.randn(6, D), labels)
     assert torch.isfinite(loss)
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _worker(rank, world, port, full_weight, emb, labels, out):
@@ -100,7 +94,7 @@ def test_two_gloo_processes_equal_one(tmp_path):
     loss1 = single(e1, labels)
     loss1.backward()
     opt.step()
-    mp.spawn(_worker, args=(2, _free_port(), full, emb, labels, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), full, emb, labels, str(tmp_path)), nprocs=2, join=True)
     parts = [torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1)]
     assert parts[0]["range"] == (0, 6) and parts[1]["range"] == (6, 11)
     # what the trainer checkpoints per rank, so a resume can tell another world size or class count

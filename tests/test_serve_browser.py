@@ -12,7 +12,6 @@ Screenshots of each view go to ``test-artifacts/console/`` (the README shows the
 import base64
 import json
 import shutil
-import socket
 import threading
 import time
 from pathlib import Path
@@ -20,6 +19,8 @@ from urllib.parse import urlparse
 
 import numpy as np
 import pytest
+
+from conftest import free_port
 
 pytest.importorskip("fastapi", reason="the service needs visrec[serve]")
 selenium = pytest.importorskip("selenium", reason="the browser test needs selenium (visrec[dev])")
@@ -31,12 +32,6 @@ pytestmark = [pytest.mark.real_faces, pytest.mark.skipif(
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts" / "console"
 KEY = "console-test-key"
 AXE = Path.home() / ".cache" / "visrec" / "tools" / "node_modules" / "axe-core" / "axe.min.js"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
