@@ -28,15 +28,16 @@ def test_finetuning_raises_map_at_7_well_above_the_untrained_descriptor(trained_
 
 
 @pytest.mark.slow
-def test_the_synthetic_configs_chain_costs_less_than_half_a_query_on_its_own_data(trained_products, tmp_path):
+def test_the_synthetic_configs_chain_keeps_nine_tenths_of_map_on_its_own_data(trained_products, tmp_path):
     """The README's synthetic catalogue (``visrec data synth products data/products --size 128``: 10 families
     x 4 products x 3 variants, 2 queries each), the descriptor of configs/products/synthetic.yaml trained as
     shipped (160 steps; the session's ``trained_products``), indexed with the config's chain: the ablation's
-    last row (whole chain) must not fall below its first (no chain) by half a query's worth or more in either
-    mAP@7 form. This guards against a harmful chain (the former whiten -> dba -> qe halved mAP@7 here); that the
-    shipped dba(k=3) helps is a claim over several catalogues, measured by benchmarks/products_chain.py
-    (BENCHMARKS.md): on this one (seed 0) it is level with no chain (0.3370 -> 0.3361 on one thread of an AVX2 CPU; an
-    AVX-512 CPU trains another descriptor, 0.3499 -> 0.3621), and a tie tips either way with the rounding."""
+    last row (whole chain) keeps at least nine tenths of its first (no chain) in both mAP@7 forms. This guards
+    against a harmful chain (the former whiten -> dba -> qe halved mAP@7 here). That the shipped dba(k=3) helps
+    is a claim over several catalogues, measured by benchmarks/products_chain.py (BENCHMARKS.md): on one
+    catalogue its effect swings with the descriptor, which each CPU's rounding trains differently. On this one
+    (seed 0): 0.3370 -> 0.3361 (AMD, AVX2), 0.3499 -> 0.3621 and 0.3599 -> 0.3410 (two Intel AVX-512 VMs), the
+    last its largest loss over twelve (CPU, catalogue) descriptors, 5.3%."""
     from visrec.cli import app
     from visrec.index.evaluation import evaluate_products
 
@@ -51,9 +52,8 @@ def test_the_synthetic_configs_chain_costs_less_than_half_a_query_on_its_own_dat
     print("\n".join(f"{r.chain}: {r.metrics}" for r in rows))
     assert rows[0].chain == "none" and len(rows) == len(cfg.index["postprocess"]) + 1
     assert rows[-1].metrics == pytest.approx(res.metrics)           # Flat index: the last row is the evaluation
-    half_a_query = 0.5 / res.queries                               # one query's AP counts 1/queries
     assert res.queries == 80
     for form in ("map@7_hits", "map@7_min_gt"):
-        assert rows[-1].metrics[form] > rows[0].metrics[form] - half_a_query, form
+        assert rows[-1].metrics[form] >= 0.9 * rows[0].metrics[form], form
     page = (tmp_path / "ev" / "report.html").read_text()
     assert "Post-processing ablation" in page and rows[1].chain in page
