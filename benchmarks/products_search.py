@@ -19,8 +19,8 @@ index build; 520,000 images at that rate = 520,000 / rate, plus nothing for the 
 timed path ends at the descriptors on disk (the row says so; a Flat index adds 520K vectors in a memory copy).
 Two more lines say which side bounds the rate: the loader threads alone (every batch read, decoded and
 preprocessed, no descriptor) and, per runtime, the descriptor alone (one prepared batch described over and
-over: the copy to the device, the network, the copy back); on CUDA also that rate with NHWC activations,
-and with bfloat16 autocast on top, which extraction does not use (what each lever would buy).
+over: the copy to the device, the network, the copy back); on CUDA also that rate in NCHW (extraction runs
+NHWC: what the layout buys) and with bfloat16 autocast on top of NHWC, which extraction does not use.
 
     python benchmarks/products_search.py --catalogue 500000 --dims 512 2048 --queries 2000
     python benchmarks/products_search.py --dims --extract 8192 --backbone resnet50 --size 224 --batch 256 \
@@ -239,19 +239,20 @@ def loader_alone(catalogue, opts) -> float:
 
 
 def descriptor_levers(model, catalogue, opts, device) -> None:
-    """What the descriptor alone would gain on CUDA from NHWC activations, and from bfloat16 autocast on top
-    (measurements only: extraction runs neither). The model is put back in NCHW after."""
+    """On CUDA, the descriptor alone in the other layout (NCHW; extraction runs NHWC, ``for_inference``) and with
+    bfloat16 autocast on top of NHWC (measurements only: extraction does not autocast). The model is put back
+    in NHWC after."""
     import torch
 
-    model.to(memory_format=torch.channels_last)
+    model.to(memory_format=torch.contiguous_format)
     try:
-        print(f"  lever: the descriptor alone in channels_last: "
+        print(f"  lever: the descriptor alone in NCHW (extraction runs NHWC): "
               f"{descriptor_alone(model, catalogue, opts, device):,.1f} images/s", flush=True)
-        with torch.autocast("cuda", dtype=torch.bfloat16):
-            print(f"  lever: the descriptor alone in channels_last + bf16 autocast: "
-                  f"{descriptor_alone(model, catalogue, opts, device):,.1f} images/s", flush=True)
     finally:
-        model.to(memory_format=torch.contiguous_format)
+        model.to(memory_format=torch.channels_last)
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        print(f"  lever: the descriptor alone in NHWC + bf16 autocast: "
+              f"{descriptor_alone(model, catalogue, opts, device):,.1f} images/s", flush=True)
 
 
 def descriptor_alone(model, catalogue, opts, device, repeats: int = 8) -> float:

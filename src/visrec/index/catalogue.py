@@ -57,6 +57,7 @@ from visrec.errors import ConfigError, DataError
 from visrec.index.faiss_index import FaissIndex
 from visrec.index.postprocess import Chain
 from visrec.models import build_backbone
+from visrec.models.embed import for_inference
 from visrec.models.inference import PreparedBatch, describe, prepare_batch
 from visrec.models.loading import load_model
 from visrec.models.model_file import default_contract, load_backbone
@@ -177,7 +178,7 @@ def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]
         raise ConfigError(f"rank must be in [0, world_size), got rank={rank}, world_size={world_size}")
     shard_dir = Path(out_dir) / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
-    model.eval().to(device)
+    for_inference(model, device)
     mine = []  # (shard path, its items, the finished shard to reuse or None)
     for s, start in enumerate(range(0, len(items), opts.shard_size)):
         if s % world_size != rank:
@@ -362,7 +363,7 @@ class CatalogueIndex:
         else:
             self.model, _ = load_backbone(self.dir / "descriptor.pt")
             self.device = device
-            self.model.to(device)
+            for_inference(self.model, device)
             self.runtime = f"PyTorch on {device}"
         try:
             self.ids = (self.dir / "ids.txt").read_text(encoding="utf-8").split("\n")[:-1]

@@ -45,7 +45,7 @@ from visrec.data.augment import crop_face
 from visrec.errors import ConfigError, DataError
 from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY, VISREC_MEAN, VISREC_STD, ModelContract, Threshold, contract_from_config
 from visrec.models.dlib_models import EXTERNAL, build_external
-from visrec.models.embed import embed_images, forward_batch, images_to_tensor
+from visrec.models.embed import embed_images, for_inference, forward_batch, images_to_tensor
 from visrec.models.landmark_nets import predict_points
 from visrec.models.model_file import (_build, _from_checkpoint, _is_checkpoint, default_contract,  # noqa: F401
                                       embedding_dim, init_backbone, load_backbone, load_checkpoint, read_model_file)
@@ -134,7 +134,7 @@ class TorchModel(LoadedModel):
         if device == "auto":
             device = "cuda" if torch.cuda.is_available() else "cpu"
         self.device = torch.device(device)
-        self.module = module.eval().to(self.device)
+        self.module = for_inference(module, self.device)
 
     def _tensor(self, images):
         c = self.contract
