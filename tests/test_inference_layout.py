@@ -1,5 +1,6 @@
 """Loaded networks run NHWC (``for_inference``) and give what NCHW gives up to float rounding; an ONNX export
-of an NHWC module is the same file as that of the NCHW one; a catalogue index describes in NHWC."""
+of an NHWC module is the same file as that of the NCHW one; a catalogue index describes in NHWC, a
+distillation teacher runs in NHWC."""
 
 import numpy as np
 import pytest
@@ -73,3 +74,17 @@ def test_a_catalogue_index_describes_and_searches_in_nhwc(tmp_path):
     first = root / "catalogue" / f"{index.ids[0]}.jpg"
     again = describe(index.model, [read_image(first)], 64)
     np.testing.assert_allclose(again[0], stored[0], rtol=1e-4, atol=1e-4)
+
+
+def test_a_distillation_teacher_is_frozen_in_nhwc(tmp_path):
+    from visrec.train.distill_task import load_teacher
+
+    cfg = {"name": "mobilefacenet", "scale": 1, "embedding_size": 32}
+    torch.manual_seed(0)
+    net = build_backbone(**cfg).eval()
+    torch.save({"model_config": cfg, "backbone": net.state_dict()}, tmp_path / "model.pt")
+    for spec in (cfg, tmp_path / "model.pt"):
+        teacher, config, _ = load_teacher(spec)
+        assert is_nhwc(teacher) and not teacher.training and config["name"] == "mobilefacenet"
+        assert not any(p.requires_grad for p in teacher.parameters())
+    np.testing.assert_allclose(embed_images(teacher, faces()), embed_images(net, faces()), rtol=1e-4, atol=1e-4)

@@ -271,7 +271,7 @@ def test_an_sgd_step_the_loss_scaler_skips_leaves_momentum_at_zero(face_rec, tmp
 def test_channels_last_trains_nhwc_on_a_cpu(face_rec, tmp_path):
     """`channels_last: true` (the default) is not a CUDA-only setting: the CPU run's backbone weights are NHWC, as
     its checkpoint shows, its first loss (the forward before any update) is NCHW's, and its model.pt loads into a
-    fresh NCHW network that embeds as the NHWC one does. Later losses part ways: float32 rounding of a tiny batch
+    fresh network (NHWC: load_model's inference layout) that embeds as an NCHW copy does. Later losses part ways: float32 rounding of a tiny batch
     at this learning rate grows from step to step in either layout (the gradients' accuracy is the next test)."""
     from visrec.models.loading import load_model
 
@@ -283,11 +283,12 @@ def test_channels_last_trains_nhwc_on_a_cpu(face_rec, tmp_path):
     assert not all(w.is_contiguous(memory_format=torch.channels_last) for w in convs["nchw"])
     assert losses(tmp_path / "nhwc")[0] == pytest.approx(losses(tmp_path / "nchw")[0], rel=1e-5)
     model = load_model(tmp_path / "nhwc")
-    assert all(w.is_contiguous() for w in model.module.parameters() if w.dim() == 4)
-    nhwc = copy.deepcopy(model.module).to(memory_format=torch.channels_last)
+    assert all(w.is_contiguous(memory_format=torch.channels_last) for w in model.module.parameters() if w.dim() == 4)
+    nchw = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
+    assert not all(w.is_contiguous(memory_format=torch.channels_last) for w in nchw.parameters() if w.dim() == 4)
     x = torch.rand(4, 3, 112, 112) * 2 - 1
     with torch.no_grad():
-        assert torch.allclose(model.module(x), nhwc(x), atol=1e-4)
+        assert torch.allclose(model.module(x), nchw(x), atol=1e-4)
 
 
 @pytest.mark.parametrize("config", [{"name": "mobilefacenet", "embedding_size": 32},

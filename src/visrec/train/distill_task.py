@@ -52,7 +52,7 @@ from visrec.config import parse_config
 from visrec.errors import ConfigError, DataError
 from visrec.losses.distill import DistillLosses
 from visrec.models import build_backbone
-from visrec.models.embed import forward_batch
+from visrec.models.embed import for_inference, forward_batch
 from visrec.models.model_file import init_backbone, load_backbone
 from visrec import distributed as dist
 from visrec.train.faces_task import FaceLoss, FaceTask
@@ -114,7 +114,8 @@ def _head_centres(files: list[Path]) -> torch.Tensor | None:
 
 
 def load_teacher(spec: str | Path | dict | TeacherSpec) -> tuple[nn.Module, dict[str, Any], torch.Tensor | None]:
-    """Resolve a teacher: ``(frozen module in eval mode, model config, PartialFC centres or None)``."""
+    """Resolve a teacher: ``(frozen module in eval mode and NHWC, model config, PartialFC centres or None)``; NHWC
+    as every network visrec loads to run (:func:`visrec.models.embed.for_inference`)."""
     if isinstance(spec, dict):
         spec = TeacherSpec.model_validate(spec)
     centres = None
@@ -132,7 +133,7 @@ def load_teacher(spec: str | Path | dict | TeacherSpec) -> tuple[nn.Module, dict
         model, config = load_backbone(path)
         run_dir = path if path.is_dir() else path.parent
         centres = _head_centres(_rank_files(run_dir))
-    model.eval()
+    for_inference(model)
     for p in model.parameters():
         p.requires_grad_(False)
     return model, config, centres
