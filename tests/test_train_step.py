@@ -271,8 +271,9 @@ def test_an_sgd_step_the_loss_scaler_skips_leaves_momentum_at_zero(face_rec, tmp
 def test_channels_last_trains_nhwc_on_a_cpu(face_rec, tmp_path):
     """`channels_last: true` (the default) is not a CUDA-only setting: the CPU run's backbone weights are NHWC, as
     its checkpoint shows, its first loss (the forward before any update) is NCHW's, and its model.pt loads into a
-    fresh network (NHWC: load_model's inference layout) that embeds as an NCHW copy does. Later losses part ways: float32 rounding of a tiny batch
-    at this learning rate grows from step to step in either layout (the gradients' accuracy is the next test)."""
+    fresh network (NHWC: load_model's inference layout) that embeds as an NCHW copy does. Later losses part
+    ways: float32 rounding of a tiny batch at this learning rate grows from step to step in either layout (the
+    gradients' accuracy is the next test)."""
     from visrec.models.loading import load_model
 
     train(make_cfg(face_rec, tmp_path / "nhwc"), progress=False)

@@ -25,13 +25,14 @@ def forward_batch(batch: int, device: str | torch.device) -> int:
 
 def for_inference(module: nn.Module, device: str | torch.device = "cpu") -> nn.Module:
     """``module`` itself, in eval mode on ``device``, its 4-D weights in NHWC (``channels_last``): the layout
-    visrec's inference paths run a network in once they load it (run dirs, checkpoints, a catalogue index's
-    descriptor). The convolutions then run NHWC whatever layout the input has (the first one converts it).
-    In eval mode without grad on a 2-core CPU, calls of 8 images, two runs: 1.08x to 1.57x the images/s of
-    NCHW weights for the face and landmark networks, ResNet-50 at 224 px 1.21-1.31x; only the products
-    ResNet-18 at 64 px was slower (0.82x) (`benchmarks/memory_format.py --inference`, BENCHMARKS.md). NHWC is also the layout of the tensor
-    cores' convolutions on CUDA. Outputs equal NCHW's up to the float rounding of another convolution
-    algorithm; the ONNX export of such a module is the same file as the NCHW module's (tested)."""
+    visrec runs a network in once it loads it to run (run dirs, checkpoints, a catalogue index's descriptor,
+    a distillation teacher). The convolutions then run NHWC whatever layout the input has (the first one
+    converts it). In eval mode without grad on a 2-core CPU, calls of 8 images, two runs: 1.08x to 1.57x the
+    images/s of NCHW weights for the face and landmark networks, ResNet-50 at 224 px 1.21-1.31x; only the
+    products ResNet-18 at 64 px was slower (0.82x) (`benchmarks/memory_format.py --inference`, BENCHMARKS.md).
+    NHWC is also the layout of the tensor cores' convolutions on CUDA. Outputs equal NCHW's up to the float
+    rounding of another convolution algorithm; the ONNX export of such a module is the same file as the NCHW
+    module's (tested)."""
     return module.eval().to(device).to(memory_format=torch.channels_last)
 
 
