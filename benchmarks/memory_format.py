@@ -1,6 +1,6 @@
 """Seconds per training step of registered backbones with NCHW weights and activations against NHWC
 (``channels_last``, the Trainer's default on every device), on this machine's device; with ``--inference``,
-seconds per forward call in eval mode without grad (NHWC weights: what visrec's inference paths run,
+images per second of forward calls in eval mode without grad (NHWC weights: what visrec's inference paths run,
 ``visrec.models.embed.for_inference``).
 
 One step: forward, the mean square of the output (a stand-in loss: the backbone is what changes layout),
