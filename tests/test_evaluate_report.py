@@ -59,3 +59,8 @@ def test_eval_faces_names_every_data_kind_it_takes_before_loading_the_model(tmp_
     with pytest.raises(DataError, match=r"embeddings.pt: not a face data set: .* a \.csv list or a \.bin pairs file"):
         evaluate_faces(model=tmp_path / "no-model.pt", data=tmp_path / "embeddings.pt", out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+    # a .bin too: one that is no pickle is named before the (missing) model
+    (tmp_path / "lfw.bin").write_bytes(b"not a pickle")
+    with pytest.raises(DataError, match=r"lfw.bin"):
+        evaluate_faces(model=tmp_path / "no-model.pt", data=tmp_path / "lfw.bin", out=tmp_path / "r")
+    assert not (tmp_path / "r").exists()

@@ -83,8 +83,8 @@ def _evaluate_bin(data: Path, model, targets, summary: dict, out, batch: int, pr
                   group=None, providers=None) -> FaceEvalResult:
     """A verification ``.bin``: 10-fold accuracy with and without the flip test (both, labelled; the flip
     figure is the headline), and exact TPR@FPR (strict rule) over its pairs on the flip embeddings."""
+    images, issame = read_verification_bin(data)  # a bad .bin fails before the model loads, as other data do
     loaded = _load(model, providers, summary)
-    images, issame = read_verification_bin(data)
     plain = embed_all(loaded.embed, len(images), images.__getitem__, batch, progress, group=group)
     mirrored = embed_all(loaded.embed, len(images), lambda i: mirror([images[i]])[0], batch, progress, group=group)
     both = evaluate_bin_both(plain, mirrored, issame)
