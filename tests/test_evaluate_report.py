@@ -64,3 +64,17 @@ def test_eval_faces_names_every_data_kind_it_takes_before_loading_the_model(tmp_
     with pytest.raises(DataError, match=r"lfw.bin"):
         evaluate_faces(model=tmp_path / "no-model.pt", data=tmp_path / "lfw.bin", out=tmp_path / "r")
     assert not (tmp_path / "r").exists()
+    # a video list and the LFR image track's file list and images folder likewise
+    from visrec.faces.evaluation import evaluate_video_model, image_submission
+
+    with pytest.raises(DataError, match=r"videos.csv: video list not found"):
+        evaluate_video_model(tmp_path / "no-model.pt", tmp_path / "videos.csv")
+    with pytest.raises(DataError, match=r"images folder not found"):
+        image_submission(model=tmp_path / "no-model.pt", images=tmp_path / "aligned", filelist=tmp_path / "f.txt",
+                         out=tmp_path / "sub.bin")
+    (tmp_path / "aligned").mkdir()
+    (tmp_path / "f.txt").write_text("")
+    with pytest.raises(DataError, match=r"f.txt.*no entries|no entries.*f.txt"):
+        image_submission(model=tmp_path / "no-model.pt", images=tmp_path / "aligned", filelist=tmp_path / "f.txt",
+                         out=tmp_path / "sub.bin")
+    assert not (tmp_path / "sub.bin").exists()

@@ -96,9 +96,25 @@ def _entry_path(root: Path, entry: str, filelist: Path, index: int) -> Path:
     return root / rel
 
 
+def image_submission_entries(images_root: str | Path, filelist: str | Path, expected_rows: int | None = None
+                             ) -> list[str]:
+    """The file list's entries, checked as :func:`write_image_submission` needs them (the images folder there,
+    at least one entry, ``expected_rows`` of them when given): a caller checks its data before loading a model."""
+    root, filelist = Path(images_root), Path(filelist)
+    if not root.is_dir():
+        raise DataError("images folder not found (the folder the file list's paths are relative to)", path=root)
+    names = read_filelist(filelist)
+    if not names:
+        raise DataError("the file list has no entries", path=filelist)
+    if expected_rows is not None and len(names) != expected_rows:
+        raise DataError(f"{len(names):,} entries, the protocol's test set has {expected_rows:,}", path=filelist)
+    return names
+
+
 def write_image_submission(embed: Callable[[np.ndarray], np.ndarray], images_root: str | Path,
                            filelist: str | Path, out: str | Path, *, input_size: tuple[int, int] = (112, 112),
-                           batch: int = 256, expected_rows: int | None = None, progress=None) -> Path:
+                           batch: int = 256, expected_rows: int | None = None, progress=None,
+                           entries: list[str] | None = None) -> Path:
     """The LFR image-track feature binary (module docstring) of the images ``images_root/<entry>`` listed in
     ``filelist``, rows in file-list order.
 
@@ -107,15 +123,10 @@ def write_image_submission(embed: Callable[[np.ndarray], np.ndarray], images_roo
     ``input_size`` (height, width): the test set is already aligned, nothing is resized. ``expected_rows``
     (e.g. :data:`DEEPGLINT_IMAGE_ROWS`), when given, must equal the number of file-list entries. The file is
     written in batches (the whole test set's features are never held at once) to a temporary name, checked
-    (header rows = file-list entries, size = 16 + rows * cols * 4 bytes) and then renamed to ``out``."""
+    (header rows = file-list entries, size = 16 + rows * cols * 4 bytes) and then renamed to ``out``.
+    ``entries``: what :func:`image_submission_entries` returned for these arguments (else it is called here)."""
     root, filelist, out = Path(images_root), Path(filelist), Path(out)
-    if not root.is_dir():
-        raise DataError("images folder not found (the folder the file list's paths are relative to)", path=root)
-    names = read_filelist(filelist)
-    if not names:
-        raise DataError("the file list has no entries", path=filelist)
-    if expected_rows is not None and len(names) != expected_rows:
-        raise DataError(f"{len(names):,} entries, the protocol's test set has {expected_rows:,}", path=filelist)
+    names = entries if entries is not None else image_submission_entries(root, filelist, expected_rows)
     h, w = input_size
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".partial")

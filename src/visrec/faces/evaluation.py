@@ -26,7 +26,7 @@ from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.evaluate import ijb
 from visrec.evaluate.bin_protocol import evaluate_bin_both, flip_embeddings, format_both, mirror
 from visrec.evaluate.landmark_report import LandmarkEval, landmark_metrics, write_landmark_report, write_submission
-from visrec.evaluate.lfr import read_filelist, read_lfr_features, write_image_submission
+from visrec.evaluate.lfr import image_submission_entries, read_filelist, read_lfr_features, write_image_submission
 from visrec.evaluate.report import write_face_report
 from visrec.evaluate.verification import _curve, normalise, tpr_at_fpr, tpr_at_fpr_pairs
 from visrec.evaluate.video import score_videos
@@ -199,10 +199,11 @@ def image_submission(*, model: str | Path, images: str | Path, filelist: str | P
     image-track feature binary (``visrec.evaluate.lfr.write_image_submission``): ``IMAGES`` is the folder the
     file list's paths are relative to (the DeepGlint test set's aligned crops), rows in file-list order,
     each the flip-summed embedding L2-normalised, float32. ``providers``: as :func:`evaluate_faces`'s."""
+    entries = image_submission_entries(images, filelist, expected_rows)  # bad data fail before the model loads
     loaded = _load(model, providers)
     size = tuple(loaded.contract.input_size or (112, 112))
     return write_image_submission(loaded.embed, images, filelist, out, input_size=size, batch=batch,
-                                  expected_rows=expected_rows, progress=progress)
+                                  expected_rows=expected_rows, progress=progress, entries=entries)
 
 
 @dataclass
@@ -294,7 +295,7 @@ def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = No
     return run
 
 
-def evaluate_videos(model, video_list: str | Path, fusions=("mean",), targets=(1e-4,), device="cpu",
+def evaluate_videos(model, video_list, fusions=("mean",), targets=(1e-4,), device="cpu",
                     submission: str | Path | None = None, filelist: str | Path | None = None, progress=None):
     """A face model on a video list: a torch module (a quality_fusion model for ``learned``) or a loaded model
     with ``embed`` (an ONNX export); fused features (:func:`visrec.models.inference.video_features`) scored by
@@ -311,6 +312,9 @@ def evaluate_video_model(model: str | Path, video_list: str | Path, fusions=("me
     in an ONNX export, which holds the frame embedder)."""
     import torch
 
+    from visrec.data.video import read_video_list
+
+    items = read_video_list(video_list)  # a bad list fails before the model loads
     summary = {}
     loaded = _load(model, providers, summary)
     net = loaded.module
@@ -320,7 +324,7 @@ def evaluate_video_model(model: str | Path, video_list: str | Path, fusions=("me
         raise ConfigError(f"--fusion learned needs a quality_fusion checkpoint (its quality head); {model} is "
                           f"{what} (train one with configs/faces/video-quality.yaml)")
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    res = evaluate_videos(net if net is not None else loaded, video_list, tuple(fusions), tuple(targets), device,
+    res = evaluate_videos(net if net is not None else loaded, items, tuple(fusions), tuple(targets), device,
                           submission, filelist, progress)
     res.summary.update({"model": str(model), "videos list": str(video_list), **summary})
     return res

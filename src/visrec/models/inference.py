@@ -36,15 +36,16 @@ def frame_outputs(model: torch.nn.Module, frames: list[np.ndarray], device="cpu"
     return torch.cat(embs).numpy(), (torch.cat(logits).numpy() if logits else None)
 
 
-def video_features(model, video_list: str | Path, fusions=("mean",), device="cpu",
+def video_features(model, video_list, fusions=("mean",), device="cpu",
                    max_frames: int | None = None, progress=None) -> tuple[dict[str, np.ndarray], np.ndarray, list[str]]:
-    """Fused features of every video of a list file, for each fusion; (features by fusion, labels, ids).
+    """Fused features of every video of a list file (or of the items ``read_video_list`` read from one), for
+    each fusion; (features by fusion, labels, ids).
     ``model``: a torch module (a quality_fusion model gives the ``learned`` fusion its logits), or a loaded
     model with ``embed`` (``visrec.models.load_model``: an ONNX export, an adapter), which has no quality head;
     ``device`` applies to a torch module."""
     from visrec.data.video import read_frame_scores, read_frames, read_video_list
 
-    items = read_video_list(video_list)
+    items = video_list if isinstance(video_list, list) else read_video_list(video_list)
     is_module = isinstance(model, torch.nn.Module)
     if is_module:
         was_training = model.training
