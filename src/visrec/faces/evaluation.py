@@ -297,9 +297,9 @@ def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = No
 
 def evaluate_videos(model, video_list, fusions=("mean",), targets=(1e-4,), device="cpu",
                     submission: str | Path | None = None, filelist: str | Path | None = None, progress=None):
-    """A face model on a video list: a torch module (a quality_fusion model for ``learned``) or a loaded model
-    with ``embed`` (an ONNX export); fused features (:func:`visrec.models.inference.video_features`) scored by
-    :func:`visrec.evaluate.video.score_videos`."""
+    """A face model on a video list (its file, or the items ``read_video_list`` read from it): a torch module (a
+    quality_fusion model for ``learned``) or a loaded model with ``embed`` (an ONNX export); fused features
+    (:func:`visrec.models.inference.video_features`) scored by :func:`visrec.evaluate.video.score_videos`."""
     feats, labels, ids = video_features(model, video_list, fusions, device, progress=progress)
     return score_videos(feats, labels, ids, fusions, targets, submission, filelist)
 
