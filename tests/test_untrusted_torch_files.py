@@ -131,11 +131,16 @@ def test_budget_export_eval_landmarks_commands(tmp_path, marker, monkeypatch, ca
     assert_refused(*visrec(["budget", "check", evil, "-p", "deepglint-light"], monkeypatch, capsys), evil)
     assert_refused(*visrec(["export", tmp_path / "run", "--out", tmp_path / "m.onnx"], monkeypatch, capsys), evil)
     assert not (tmp_path / "m.onnx").exists()
-    assert_refused(*visrec(["eval", "faces", evil, "--data", tmp_path / "pairs.bin",
-                            "--out", tmp_path / "eval"], monkeypatch, capsys), evil)
     from visrec.data.images import encode_jpeg
     from visrec.data.synth import write_synthetic_jd
     from visrec.data.synth import render_face
+    from visrec.data.verification import write_verification_bin
+
+    # a readable pairs file: eval faces reads its data before it loads the model
+    faces = [render_face(i % 2, np.random.default_rng(i))[0] for i in range(4)]
+    pairs = write_verification_bin(tmp_path / "pairs.bin", faces, [False, False])
+    assert_refused(*visrec(["eval", "faces", evil, "--data", pairs, "--out", tmp_path / "eval"], monkeypatch, capsys),
+                   evil)
 
     jd = write_synthetic_jd(tmp_path / "jd", 2, seed=1)
     assert_refused(*visrec(["eval", "landmarks", evil, "--data", jd, "--out", tmp_path / "lm"],
