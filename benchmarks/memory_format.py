@@ -44,6 +44,19 @@ INFERENCE_CASES = CASES + [
 ]
 
 
+def median_seconds(run, device: torch.device, steps: int, warmup: int) -> float:
+    """Median seconds of ``run()`` over ``steps`` timed calls after ``warmup`` untimed ones (CUDA synchronised)."""
+    times = []
+    for i in range(warmup + steps):
+        t = time.perf_counter()
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if i >= warmup:
+            times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
 def step_seconds(config: dict, side: int, batch: int, channels_last: bool, device: torch.device,
                  steps: int, warmup: int) -> float:
     """Median seconds of one forward + backward + SGD step."""
@@ -53,43 +66,31 @@ def step_seconds(config: dict, side: int, batch: int, channels_last: bool, devic
         net.to(memory_format=torch.channels_last)
     x = torch.randn(batch, 3, side, side, device=device)
     opt = torch.optim.SGD(net.parameters(), lr=0.01)
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
+
+    def step():
         out = net(x)
         out = out[0] if isinstance(out, (tuple, list)) else out
         loss = out.float().square().mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times)
+
+    return median_seconds(step, device, steps, warmup)
 
 
 @torch.no_grad()
 def call_seconds(config: dict, side: int, channels_last: bool, device: torch.device, steps: int,
                  warmup: int) -> tuple[float, int]:
-    """(median seconds of one eval-mode forward call without grad, images per call: ``forward_batch``'s)."""
-    from visrec.models.embed import forward_batch
+    """(median seconds of one eval-mode forward call without grad, images per call: ``forward_batch``'s); NHWC
+    through ``for_inference``, as visrec's inference paths put a loaded network."""
+    from visrec.models.embed import for_inference, forward_batch
 
     torch.manual_seed(0)
-    net = build_backbone(**config).to(device).eval()
-    if channels_last:
-        net.to(memory_format=torch.channels_last)
+    net = build_backbone(**config)
+    net = for_inference(net, device) if channels_last else net.eval().to(device)
     batch = forward_batch(256, device)
     x = torch.randn(batch, 3, side, side, device=device)
-    times = []
-    for i in range(warmup + steps):
-        t = time.perf_counter()
-        net(x)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        if i >= warmup:
-            times.append(time.perf_counter() - t)
-    return statistics.median(times), batch
+    return median_seconds(lambda: net(x), device, steps, warmup), batch
 
 
 def main(argv=None) -> None:
