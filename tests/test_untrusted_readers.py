@@ -422,3 +422,49 @@ def test_evaluation_lists_and_yaml_configs_are_utf8_with_errors_naming_file_and_
         with pytest.raises(VisrecError) as err:
             reader(tmp_path / name)
         assert name in str(err.value) and "line 2" in str(err.value), (name, str(err.value))
+
+
+def _progressive_jpeg(side: int, extra_scans: int) -> bytes:
+    """A grey progressive JPEG whose last scan is repeated ``extra_scans`` more times: each copy is a few bytes,
+    and each makes a decoder pass over every pixel again."""
+    import io
+
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("L", (side, side), 128).save(buf, "JPEG", progressive=True, quality=50)
+    data = buf.getvalue()
+    end = data.rindex(b"\xff\xd9")
+    last = data[data.rindex(b"\xff\xda"):end]
+    return data[:end] + last * extra_scans + b"\xff\xd9"
+
+
+def test_a_jpeg_of_endless_scans_is_refused_before_decoding():
+    from visrec.data.images import MAX_JPEG_SCANS, jpeg_scans
+
+    honest = _progressive_jpeg(512, 0)
+    assert jpeg_scans(honest) == 6 and decode_image(honest).shape == (512, 512, 3)  # libjpeg's grey script
+    assert jpeg_scans(jpeg(10)) == 1
+    at_limit = _progressive_jpeg(512, MAX_JPEG_SCANS - 6)
+    assert jpeg_scans(at_limit) == MAX_JPEG_SCANS and decode_image(at_limit).shape == (512, 512, 3)
+    bomb = _progressive_jpeg(512, MAX_JPEG_SCANS - 5)
+    with pytest.raises(DataError, match=rf"x.jpg: JPEG holds more than {MAX_JPEG_SCANS} scans"):
+        decode_image(bomb, source="x.jpg")
+    # start-of-scan bytes inside a comment segment (metadata) are not scans
+    j = jpeg(10)
+    comment = b"\xff\xda" * 300
+    noisy = j[:2] + b"\xff\xfe" + struct.pack(">H", len(comment) + 2) + comment + j[2:]
+    assert jpeg_scans(noisy) == 1 and decode_image(noisy).shape == (112, 112, 3)
+
+
+def test_decoder_refusals_over_http_name_the_bomb(tiny_face_model):
+    pytest.importorskip("fastapi", reason="the service needs visrec[serve]")
+    from fastapi.testclient import TestClient
+
+    from visrec.serve.app import create_app
+    from visrec.serve.config import ServeConfig
+
+    c = TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True,
+                                                 "gallery": {"backend": "faiss"}})))
+    r = c.post("/v1/faces/detect", files={"image": _progressive_jpeg(256, 500)})
+    assert r.status_code == 413 and "scans" in r.json()["error"], r.text

@@ -6,6 +6,11 @@ the header (``header_size``) and bounded by the encoded length: at most ``MAX_PI
 byte of input beyond a floor of ``FREE_PIXELS`` (16 Mpx, which any honest photo may use whatever its size),
 and never more than ``MAX_PIXELS``. Real JPEG and PNG files sit far below the ratio (a flat 112x112 JPEG is
 ~50 pixels a byte); only crafted files reach it.
+
+A progressive JPEG's cost is also paid per scan: each scan revisits every pixel's coefficients, so a small
+file that repeats one scan thousands of times (88 KB took 20 s of CPU to decode) is a bomb of time. JPEGs
+with more than ``MAX_JPEG_SCANS`` scans are refused before decoding: ten times the 10 scans of libjpeg's own
+progressive script (6 for grey), which bounds a file's decoding time to ten times an honest one's of its size.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FREE_PIXELS = 1 << 24
 MAX_PIXELS_PER_BYTE = 1024
 MAX_PIXELS = 1 << 28
+MAX_JPEG_SCANS = 100
 
 _PNG = b"\x89PNG\r\n\x1a\n"
 # JPEG start-of-frame markers: C0-CF except DHT (C4), JPG (C8) and DAC (CC)
@@ -55,6 +61,29 @@ def _jpeg_size(data: bytes) -> tuple[int, int] | None:
             return None
         pos += 2 + length
     return None
+
+
+def jpeg_scans(data: bytes, stop: int = MAX_JPEG_SCANS + 1) -> int:
+    """How many scans (start-of-scan segments) a JPEG holds, counted up to ``stop``. Markers are walked by their
+    lengths, and a scan's entropy-coded data is skipped to the next marker (a data byte ``FF`` is stuffed as
+    ``FF 00``; ``FF D0``-``FF D7`` are restart markers inside it), so bytes inside metadata are not counted."""
+    pos, n, scans = 2, len(data), 0
+    while pos + 4 <= n and scans < stop:
+        if data[pos] != 0xFF:
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                break
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF or marker == 0x00 or 0xD0 <= marker <= 0xD7 or marker in (0xD8, 0x01):
+            pos += 1 if marker == 0xFF else 2
+            continue
+        if marker == 0xD9:
+            break
+        pos += 2 + struct.unpack_from(">H", data, pos + 2)[0]
+        if marker == 0xDA:  # the scan's data runs to the next marker that is neither stuffing nor a restart
+            scans += 1
+    return scans
 
 
 def header_size(data: bytes) -> tuple[int, int] | None:
@@ -129,7 +158,8 @@ def decode_image(data: bytes, *, source: str | Path | None = None, record: int |
     photo tagged "rotate 90" comes out as it was held). Refused with a ``DataError`` naming ``source`` /
     ``record``: a size beyond what the bytes can hold (module docstring), beyond ``max_pixels`` when given
     (the field is ``pixels``), a JPEG cut short (its scans end without the end-of-image marker: decoders
-    would fill the rest grey without a word), and bytes no decoder reads."""
+    would fill the rest grey without a word), a JPEG of more than ``MAX_JPEG_SCANS`` scans (module docstring),
+    and bytes no decoder reads."""
     import cv2
 
     w, h = check_encoded(data, source=source, record=record)
@@ -138,9 +168,14 @@ def decode_image(data: bytes, *, source: str | Path | None = None, record: int |
     if max_pixels is not None and w * h > max_pixels:
         raise DataError(f"image is {w}x{h} = {w * h:,} pixels, above the limit of {max_pixels:,}",
                         path=source, record=record, field="pixels")
-    if data.startswith(b"\xff\xd8") and not _jpeg_complete(data):
-        raise DataError(f"truncated JPEG: its {len(data)} bytes end before the end-of-image marker",
-                        path=source, record=record)
+    if data.startswith(b"\xff\xd8"):
+        if not _jpeg_complete(data):
+            raise DataError(f"truncated JPEG: its {len(data)} bytes end before the end-of-image marker",
+                            path=source, record=record)
+        if jpeg_scans(data) > MAX_JPEG_SCANS:
+            raise DataError(f"JPEG holds more than {MAX_JPEG_SCANS} scans (honest progressive files hold about "
+                            f"10): decoding it would take many times an image's time (a decompression bomb?)",
+                            path=source, record=record)
     try:
         arr = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
     except cv2.error:
