@@ -154,7 +154,8 @@ class FacesConfig(_Strict):
                                                 description="several galleries by name (letters, digits, - and _)")
     default_gallery: Optional[str] = Field(None, description="the gallery /v1/faces and the CLI without --gallery "
                                                              "mean (default: 'default', else the only one)")
-    top_k: int = Field(5, gt=0)
+    top_k: int = Field(5, gt=0, le=1000, description="identities per face when a request names none (at most "
+                                                     "1000, what a request may ask)")
     runtime: str = Field("auto", pattern="^(torch|onnx|auto)$", description="the embedder's runtime: "
                                                                              + RUNTIME_HELP)
 
@@ -185,10 +186,16 @@ class FacesConfig(_Strict):
                                       f"{named[other].collection!r}): give each gallery its own collection")
             seen[name] = where
         folders: dict[str, str] = {}
+        files = {name: where[0] for name, where in seen.items() if "://" not in where[0]}
         for name, g in named.items():
             if g.thumbnails is None:
                 continue
             folder = os.path.abspath(os.path.expanduser(g.thumbnails))
+            for other, file in files.items():
+                if os.path.commonpath([folder, file]) == folder:
+                    raise ConfigError(f"faces gallery {name!r} keeps thumbnails in {folder}, which holds the file of "
+                                      f"gallery {other!r} ({file}): the thumbnail folder must be the gallery's "
+                                      f"own")
             if folder in folders:
                 raise ConfigError(f"faces galleries {folders[folder]!r} and {name!r} keep thumbnails in the same "
                                   f"folder ({folder}): give each gallery its own")
@@ -234,19 +241,20 @@ class ProductsConfig(_Strict):
     catalogue: Optional[Path] = Field(None, description="the catalogue folder the index was built from, whose "
                                                         "images the web console shows (default: the one the "
                                                         "index's manifest records)")
-    top_k: int = Field(7, gt=0)
+    top_k: int = Field(7, gt=0, le=1000, description="catalogue images per query when a request names none "
+                                                     "(at most 1000, what a request may ask)")
 
 
 class LimitsConfig(_Strict):
     """What one request may cost; each limit answers 413 (408 for the deadline) naming itself."""
 
-    max_body_mb: float = Field(10.0, gt=0, description="request body in MB (10^6 bytes), counted while it "
+    max_body_mb: float = Field(10.0, gt=0, le=100_000, allow_inf_nan=False, description="request body in MB (10^6 bytes), counted while it "
                                                        "streams in, chunked or not")
     max_pixels: int = Field(40_000_000, gt=0, description="pixels of one image (width x height, from its header)")
     max_images: int = Field(16, gt=0, le=1000, description="images in one request (enroll takes several)")
     max_request_pixels: int = Field(100_000_000, gt=0, description="pixels of all images of one request, "
                                                                    "checked from their headers before decoding")
-    body_timeout_s: float = Field(60.0, gt=0, description="seconds to receive a request body (slow clients)")
+    body_timeout_s: float = Field(60.0, gt=0, le=86_400, allow_inf_nan=False, description="seconds to receive a request body (slow clients)")
     max_concurrent: int = Field(4, gt=0, le=256, description="requests doing image work at once; others wait "
                                                              "without holding a thread")
 
@@ -303,6 +311,12 @@ class ServeConfig(_Strict):
             raise ConfigError("VISREC_API_KEYS holds an empty or blank API key: every key must be a non-blank "
                               "string")
         entries += [("a key of VISREC_API_KEYS", k.strip(), None) for k in from_env]
+        for where, key, _ in entries:
+            # an HTTP header value carries no surrounding spaces (servers strip them) and no controls, and
+            # clients disagree on anything beyond ASCII: such a key could never match
+            if not all("!" <= c <= "~" for c in key):
+                raise ConfigError(f"{where}: an API key must be printable ASCII without spaces (it travels in an "
+                                  f"HTTP header)")
         out: dict[str, frozenset[str] | None] = {}
         first: dict[str, str] = {}
         for where, key, galleries in entries:

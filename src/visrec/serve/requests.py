@@ -14,28 +14,58 @@ know the fields.
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
 import base64
 import binascii
-import io
 import json
+import math
 
 from visrec.faces.images import InputError
 
 
-class _NonFinite(ValueError):
+class _Refused(ValueError):
     pass
 
 
-def _reject_non_finite(name: str):
-    raise _NonFinite(name)
+def _reject_constant(name: str):
+    raise _Refused(f"holds {name}: numbers must be finite")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf
+        raise _Refused(f"holds {_shown(text)}, beyond a float's range: numbers must be finite")
+    return value
+
+
+def _unique_keys(pairs):
+    keys = [k for k, _ in pairs]
+    if len(set(keys)) != len(keys):
+        twice = next(k for i, k in enumerate(keys) if k in keys[:i])
+        raise _Refused(f"gives the key {_shown(twice)} twice")
+    return dict(pairs)
+
+
+def _shown(value, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a client's megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def parse_json(text, where: str):
-    """JSON from a request; NaN / Infinity and malformed text are 400s naming ``where``."""
+    """JSON from a request: NaN / Infinity / numbers beyond a float's range, a key twice in one object, nesting
+    deeper than Python's recursion allows, lone UTF-16 surrogates (``"\\udc00"``: no UTF-8 text holds one, so
+    no answer or store could write it back) and malformed text are 400s naming ``where``."""
     try:
-        return json.loads(text, parse_constant=_reject_non_finite)
-    except _NonFinite as exc:
-        raise InputError(f"{where} holds {exc}: numbers must be finite", 400) from None
+        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
+                           object_pairs_hook=_unique_keys)
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except _Refused as exc:
+        raise InputError(f"{where} {exc}", 400) from None
+    except RecursionError:
+        raise InputError(f"{where} is nested too deeply", 400) from None
+    except UnicodeEncodeError:
+        raise InputError(f"{where} holds a lone UTF-16 surrogate escape, which is no character", 400) from None
     except ValueError:
         raise InputError(f"{where} is not valid JSON", 400) from None
+    return value
 
 
 def bool_field(fields: dict, name: str) -> bool:
@@ -48,19 +78,24 @@ def bool_field(fields: dict, name: str) -> bool:
 
 
 def int_field(fields: dict, name: str, default: int, high: int = 1000) -> int:
+    """Field ``name`` as an integer in [1, ``high``]: a JSON integer or a form's decimal digits (a JSON float
+    with no fraction too); true/false, fractions and anything else are 400s."""
     value = fields.get(name, default)
-    try:
+    if isinstance(value, float) and value.is_integer():
         value = int(value)
-    except (TypeError, ValueError):
-        raise InputError(f"field {name!r} must be an integer, got {value!r}", 400) from None
+    if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) <= 20:
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InputError(f"field {name!r} must be an integer, got {_shown(value)}", 400)
     if not 1 <= value <= high:
-        raise InputError(f"field {name!r} must be between 1 and {high}, got {value}", 400)
+        raise InputError(f"field {name!r} must be between 1 and {high}, got {_shown(value)}", 400)
     return value
 
 
 def box_field(fields: dict, name: str, width: int, height: int) -> tuple[float, float, float, float] | None:
-    """Field ``name`` as a box x1,y1,x2,y2 (a "x1,y1,x2,y2" string or 4 numbers) of finite numbers with
-    x2 > x1 and y2 > y1 that overlaps the ``width`` x ``height`` image; None when the field is absent."""
+    """Field ``name`` as a box x1,y1,x2,y2 (a "x1,y1,x2,y2" string or 4 numbers, pixels) that overlaps the
+    ``width`` x ``height`` image, at least 1 pixel wide and high, no coordinate further than 4 image sides
+    outside it (a face box may overhang the image, never by light-years); None when the field is absent."""
     import math
 
     box = fields.get(name)
@@ -68,27 +103,25 @@ def box_field(fields: dict, name: str, width: int, height: int) -> tuple[float, 
         return None
     try:
         box = tuple(float(v) for v in (box.split(",") if isinstance(box, str) else box))
-        ok = len(box) == 4 and all(math.isfinite(v) for v in box) and box[2] > box[0] and box[3] > box[1]
+        reach = 4 * max(width, height)
+        ok = (len(box) == 4 and all(math.isfinite(v) and -reach <= v <= reach + max(width, height) for v in box)
+              and box[2] - box[0] >= 1 and box[3] - box[1] >= 1)
     except (ValueError, TypeError):
         ok = False
     if not ok or not (box[0] < width and box[1] < height and box[2] > 0 and box[3] > 0):
-        raise InputError(f"field {name!r} must be 4 finite numbers x1,y1,x2,y2 with x2 > x1 and y2 > y1 that "
-                         f"overlap the {width}x{height} image", 400)
+        raise InputError(f"field {name!r} must be 4 numbers x1,y1,x2,y2 with x2 >= x1 + 1 and y2 >= y1 + 1 that "
+                         f"overlap the {width}x{height} image, none more than 4 image sides outside it", 400)
     return box
 
 
 def header_pixels(data: bytes) -> int:
-    """Width x height from an image's header (Pillow reads no pixel data to open it); 0 if unreadable."""
-    from PIL import Image
+    """Width x height from an image's header, read by the parser the decoder itself checks sizes with
+    (:func:`visrec.data.images.header_size`: a header this cannot read is refused by the decoder too, so
+    counting it as 0 here lets nothing through); nothing is decoded."""
+    from visrec.data.images import header_size
 
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            w, h = im.size
-    except Image.DecompressionBombError:
-        return 1 << 62  # declares more pixels than any limit
-    except Exception:  # noqa: BLE001 - not an image: the decoder names the problem later
-        return 0
-    return int(w) * int(h)
+    size = header_size(data) if data else None
+    return 0 if size is None else int(size[0]) * int(size[1])
 
 
 class ImageRequests:
@@ -117,9 +150,10 @@ class ImageRequests:
         that carries no image (``names`` empty) may also be a URL-encoded form."""
         limits = self.limits
         ctype = request.headers.get("content-type", "")
+        media = ctype.split(";", 1)[0].strip().lower()  # media types are case-insensitive; parameters follow ";"
         images: dict = {n: [] for n in names}
         fields: dict = {}
-        if ctype.startswith("multipart/form-data") or (not names and ctype.startswith("application/x-www-form-urlencoded")):
+        if media == "multipart/form-data" or (not names and media == "application/x-www-form-urlencoded"):
             try:
                 form = await request.form(max_files=limits.max_images + 1, max_fields=64, max_part_size=self.max_body)
             except InputError:
@@ -132,11 +166,15 @@ class ImageRequests:
             for key, value in form.multi_items():
                 if hasattr(value, "read"):
                     if key not in images:
-                        raise InputError(f"unexpected file field {key!r}; expected {', '.join(names)}", 400)
+                        raise InputError(f"unexpected file field {_shown(key)}; "
+                                         + (f"expected {', '.join(names)}" if names else "this route takes no file"),
+                                         400)
                     images[key].append(await value.read())
                 else:
+                    if key in fields:
+                        raise InputError(f"field {_shown(key)} is sent twice", 400)
                     fields[key] = value
-        elif ctype.startswith("application/json"):
+        elif media == "application/json":
             payload = parse_json(await request.body(), "the JSON body")
             if not isinstance(payload, dict):
                 raise InputError("JSON body must be an object", 400)
@@ -157,7 +195,7 @@ class ImageRequests:
                 else:
                     fields[key] = value
         else:
-            raise InputError(f"content type {ctype or '(none)'!r} not accepted: send multipart/form-data or "
+            raise InputError(f"content type {_shown(ctype) if ctype else '(none)'} not accepted: send multipart/form-data or "
                              f"application/json" + ("" if names else " (or a URL-encoded form)"), 415)
         for n in names:
             if not images[n]:

@@ -55,7 +55,7 @@ def system_routes(ctx):
             if "faces" in state:
                 pipe = state["faces"]
                 f = ctx.cfg.faces
-                out["faces"] = {**_model_status(pipe.embedder, pipe.embedder.runtime), "model": str(f.model),
+                out["faces"] = {**_model_status(pipe.embedder, pipe.embedder.runtime), "model": Path(f.model).name,  # its file name: no server path reaches a client
                                 "detector": None if f.aligned else pipe.detector_name, "aligned": f.aligned,
                                 "landmarks": None if f.landmarks is None else str(f.landmarks),
                                 "align": pipe.align, "detect_size": f.detect_size}
@@ -70,7 +70,7 @@ def system_routes(ctx):
                                              "thumbnails": name in state["thumbnails"]})
             if "landmarks" in state:
                 lm = state["landmarks"]
-                out["landmarks"] = {**_model_status(lm, lm.runtime), "model": str(ctx.cfg.landmarks.model)}
+                out["landmarks"] = {**_model_status(lm, lm.runtime), "model": Path(ctx.cfg.landmarks.model).name}
             if "products" in state:
                 index = state["products"]
                 out["products"] = {"images": len(index.ids), "dim": index.manifest.get("dim"),
