@@ -329,6 +329,55 @@ def test_enroll_folder_writes_in_batches_and_reports_each_photo(tmp_path, monkey
     assert enroll_folder(pipeline, g, tmp_path, batch=2).enrolled and g.count() == 5  # again: nothing added
 
 
+def test_enroll_folder_stages_thumbnails_inside_each_write(tmp_path):
+    """A crop that cannot be staged undoes its batch (nothing enrolled that the caller was told failed); staged
+    crops are published only after the write; a folder name with an invisible character is that photo's
+    error, not its batch's."""
+    from types import SimpleNamespace
+
+    from visrec.data.images import encode_jpeg
+    from visrec.index.enroll import enroll_folder
+
+    rng = np.random.default_rng(4)
+    for name in ("ann", "bob", "eve\u200b"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "0.jpg").write_bytes(encode_jpeg(rng.integers(1, 256, (16, 16, 3), dtype=np.uint8)))
+    class Embedder:  # a stand-in model: 8 pixels of the crop as its embedding
+        name = "m"
+
+        def __call__(self, crops):
+            return unit(crops.reshape(len(crops), -1)[:, :8].astype(np.float32) + 1.0)
+
+    pipeline = SimpleNamespace(faces=lambda img: [SimpleNamespace(crop=img)], embedder=Embedder())
+
+    class Thumbs:
+        def __init__(self, fail_on=None):
+            self.fail_on, self.events = fail_on, []
+
+        def stage(self, name, tids, crops):
+            if name == self.fail_on:
+                raise OSError(28, "No space left on device")
+            self.events.append(("stage", name, g.identity(name) is not None))  # seen inside the write
+            return [(name, tids[0])]
+
+        def publish(self, staged):
+            self.events.append(("publish", [n for n, _ in staged]))
+
+        def discard(self, staged):
+            self.events.append(("discard", [n for n, _ in staged]))
+
+    g = open_gallery("faiss")
+    thumbs = Thumbs(fail_on="bob")
+    with pytest.raises(OSError, match="No space left"):
+        enroll_folder(pipeline, g, tmp_path, batch=2, thumbnails=thumbs)
+    assert g.count() == 0 and thumbs.events == [("stage", "ann", True), ("discard", ["ann"])]
+    thumbs = Thumbs()
+    report = enroll_folder(pipeline, g, tmp_path, batch=2, thumbnails=thumbs)
+    assert sorted(report.enrolled) == ["ann/0.jpg", "bob/0.jpg"] and g.count() == 2
+    assert [p for p, _ in report.errors] == ["eve\u200b/0.jpg"] and "U+200B" in report.errors[0][1]
+    assert thumbs.events == [("stage", "ann", True), ("stage", "bob", True), ("publish", ["ann", "bob"])]
+
+
 def test_mean_fusion_builds_the_centroid_index_when_first_searched_and_keeps_it_current():
     x, probes = _clustered(n=1500)
     exact, ann = open_gallery("faiss", fusion="mean"), open_gallery("faiss", fusion="mean", index="HNSW32")

@@ -229,6 +229,8 @@ def _rewrite(path, out, **changes):
     ("metadata", lambda v: np.array('{"p0": [1, 2]}'), "JSON object"),
     ("metadata", lambda v: np.array('{"p0": {"x": Infinity}}'), "not valid JSON"),
     ("identities", lambda v: np.array([*v[:-1], "bad\nname"]), "row 3"),
+    ("identities", lambda v: np.array([*v[:-1], "p0\u200b"]), "row 3: .*invisible formatting character U\\+200B"),
+    ("metadata", lambda v: np.array('{"a\\u202eb": {}}'), "invisible formatting character U\\+202E"),
     ("hashes", lambda v: np.array([*v[:-1], ""]), "hash"),
     ("vectors", lambda v: np.concatenate([v[:-1], np.full((1, 16), np.nan, np.float32)]), "NaN"),
     ("vectors", lambda v: v[:, :8], "dim 16"),

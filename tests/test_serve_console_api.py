@@ -288,3 +288,54 @@ def test_thumbnails_a_crash_left_behind_are_swept_when_the_service_starts(tiny_f
     with TestClient(create_app(cfg)) as c:
         assert not stale.exists() and not half.exists()
         assert c.get("/v1/faces/thumbnail", params={"identity": "alice"}).status_code == 200
+
+
+def test_a_thumbnail_that_cannot_be_written_undoes_the_enrollment(tiny_face_model, tmp_path):
+    import shutil
+
+    from visrec.index.gallery import identity_key
+
+    cfg = ServeConfig(faces={"model": str(tiny_face_model), "aligned": True, "gallery": {
+        "backend": "faiss", "path": str(tmp_path / "g.sqlite"), "thumbnails": str(tmp_path / "thumbs")}})
+    with TestClient(create_app(cfg), raise_server_exceptions=False) as c:
+        assert c.post("/v1/faces/enroll", data={"identity": "alice"}, files={"image": face_jpeg(1)}).status_code == 200
+        (tmp_path / "thumbs" / identity_key("carol")).write_bytes(b"")  # blocks moving alice's folder there
+        r = c.post("/v1/faces/rename", data={"identity": "alice", "to": "carol"})
+        assert r.status_code == 200 and r.json()["identity"] == "carol", r.text  # done: said so, pictures lost
+        shutil.rmtree(tmp_path / "thumbs")  # the disk goes away under the service
+        r = c.post("/v1/faces/enroll", data={"identity": "bob"}, files={"image": face_jpeg(2)})
+        assert r.status_code >= 500, r.text
+        assert [row["identity"] for row in c.get("/v1/faces").json()["identities"]] == ["carol"]
+    with TestClient(create_app(cfg)) as c:  # after a restart too
+        assert [row["identity"] for row in c.get("/v1/faces").json()["identities"]] == ["carol"]
+
+
+def test_the_thumbnail_folder_is_the_gallerys_own(tiny_face_model, tmp_path):
+    """A folder holding files visrec did not write (or the gallery's own file) is refused, the files intact; a
+    folder of an earlier version (identity folders only) is adopted; the sweep touches only identity folders."""
+    from visrec.errors import ConfigError
+    from visrec.index.gallery import identity_key
+    from visrec.serve.thumbnails import MARKER
+
+    def config(thumbs, gallery_file):
+        return ServeConfig(faces={"model": str(tiny_face_model), "aligned": True, "gallery": {
+            "backend": "faiss", "path": str(gallery_file), "thumbnails": str(thumbs)}})
+
+    runs = tmp_path / "runs"
+    (runs / "r50").mkdir(parents=True)
+    (runs / "r50" / "model.pt").write_bytes(b"weights")
+    with pytest.raises(ConfigError, match=r"runs holds 'r50', which visrec did not write"):
+        create_app(config(runs, tmp_path / "g.sqlite"))
+    assert (runs / "r50" / "model.pt").read_bytes() == b"weights"
+    with pytest.raises(ConfigError, match="which holds the file of gallery 'default'"):
+        create_app(config(tmp_path / "x", tmp_path / "x" / "gallery.sqlite"))
+
+    old = tmp_path / "old-thumbs"  # written by an earlier version: identity folders, no marker
+    (old / identity_key("gone")).mkdir(parents=True)
+    with TestClient(create_app(config(old, tmp_path / "g.sqlite"))) as c:
+        assert (old / MARKER).is_file() and not (old / identity_key("gone")).exists()
+        c.post("/v1/faces/enroll", data={"identity": "alice"}, files={"image": face_jpeg(1)})
+    (old / "notes.txt").write_text("mine")  # put there later by hand: left alone
+    with TestClient(create_app(config(old, tmp_path / "g.sqlite"))) as c:
+        assert (old / "notes.txt").read_text() == "mine"
+        assert c.get("/v1/faces/thumbnail", params={"identity": "alice"}).status_code == 200

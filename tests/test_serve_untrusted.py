@@ -118,7 +118,8 @@ def test_landmark_boxes_must_be_finite_and_on_the_image(tmp_path):
     save_tiny_landmark_model(tmp_path / "lm")
     c = TestClient(create_app(ServeConfig(landmarks={"model": str(tmp_path / "lm")})))
     img = face_jpeg(1)
-    for box in ("inf,0,10,10", "0,0,nan,10", "1e400,0,1e401,10", "-50,-50,-10,-10", "5000,5000,6000,6000"):
+    for box in ("inf,0,10,10", "0,0,nan,10", "1e400,0,1e401,10", "-50,-50,-10,-10", "5000,5000,6000,6000",
+                "0,0,1e300,1e300", "-1e308,-1e308,1e308,1e308", "0,0,5e-324,5e-324", "10,10,10.5,40"):
         r = c.post("/v1/landmarks", files={"image": img}, data={"box": box})
         assert r.status_code == 400 and "box" in r.json()["error"], (box, r.text)
     r = c.post("/v1/landmarks", json={"image": base64.b64encode(img).decode(), "box": [0, 0, 50, 50]})
@@ -284,3 +285,104 @@ def test_gallery_cli_erases_any_name_and_says_when_it_is_not_enrolled(tiny_face_
     with pytest.raises(SystemExit) as exit_:
         cli.main()
     assert exit_.value.code == 2 and "'[/]nobody' is not enrolled" in capsys.readouterr().err
+
+
+def with_tem_marker(jpeg: bytes) -> bytes:
+    """The JPEG with a TEM marker (FF 01, no length) after its first segment: libjpeg and visrec's header parser
+    step over it, Pillow cannot open the file."""
+    cut = 4 + int.from_bytes(jpeg[4:6], "big")
+    return jpeg[:cut] + b"\xff\x01" + jpeg[cut:]
+
+
+def test_request_pixels_are_counted_by_the_decoders_own_header_parser(tiny_face_model, tmp_path):
+    from visrec.serve.requests import header_pixels
+
+    odd = with_tem_marker(face_jpeg(1))
+    assert header_pixels(odd) == 112 * 112  # Pillow alone read nothing here, so such images counted 0 pixels
+    c = TestClient(create_app(milvus_config(tiny_face_model, tmp_path, limits={"max_request_pixels": 30_000})))
+    r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", odd)] * 3)
+    assert r.status_code == 413 and "limits.max_request_pixels" in r.json()["error"], r.text
+    r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", odd)] * 2)
+    assert r.status_code == 200, r.text  # the image itself is fine: libjpeg decodes it
+
+
+def test_json_a_store_could_not_write_back_is_a_400_and_listing_keeps_working(tiny_face_model, tmp_path):
+    c = TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True,
+                                                 "gallery": {"backend": "faiss"}})))
+    img = base64.b64encode(face_jpeg(1)).decode()
+    assert c.post("/v1/faces/enroll", json={"identity": "ok", "image": img}).status_code == 200
+    bodies = {
+        "lone surrogate in metadata": '{"identity": "a", "image": "%s", "metadata": {"x": "\\udc00"}}' % img,
+        "lone surrogate in a name": '{"identity": "a\\ud800b", "image": "%s"}' % img,
+        "a key twice": '{"identity": "a", "identity": "b", "image": "%s"}' % img,
+        "nested too deeply": '{"identity": "a", "image": "%s", "metadata": %s}' % (img, "[" * 100_000),
+        "a number beyond a float": '{"identity": "a", "image": "%s", "x": 1e400}' % img,
+    }
+    for why, body in bodies.items():
+        r = c.post("/v1/faces/enroll", content=body.encode(), headers={"content-type": "application/json"})
+        assert r.status_code == 400 and r.json()["error"], (why, r.text)
+    r = c.post("/v1/faces/enroll", data={"identity": "a", "metadata": "[" * 100_000}, files={"image": face_jpeg(1)})
+    assert r.status_code == 400 and "field 'metadata'" in r.json()["error"], r.text
+    r = c.post("/v1/faces/rename", content=b'{"identity": "ok", "to": "x\\udfff"}',
+               headers={"content-type": "application/json"})
+    assert r.status_code == 400, r.text
+    listed = c.get("/v1/faces")
+    assert listed.status_code == 200 and [row["identity"] for row in listed.json()["identities"]] == ["ok"]
+    # a name with "limit" in it and bad metadata is the client's mistake (400), not an over-limit one (422)
+    r = c.post("/v1/faces/enroll", data={"identity": "limit", "metadata": "[1]"}, files={"image": face_jpeg(2)})
+    assert r.status_code == 400 and "JSON object" in r.json()["error"], r.text
+
+
+def test_fields_are_integers_sent_once_in_an_exact_content_type(tiny_face_model, tmp_path):
+    c = TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True,
+                                                 "gallery": {"backend": "faiss"}})))
+    img = face_jpeg(1)
+    b64 = base64.b64encode(img).decode()
+    for top_k in (True, 1.9, "1.9", "", [2], "9" * 4000):
+        r = c.post("/v1/faces/identify", json={"image": b64, "top_k": top_k})
+        assert r.status_code == 400 and "top_k" in r.json()["error"], (top_k, r.text)
+        assert len(r.json()["error"]) < 200  # never the client's 4000 digits echoed back
+    for top_k in (3, 3.0, "3", " 3"):
+        assert c.post("/v1/faces/identify", json={"image": b64, "top_k": top_k}).status_code == 200, top_k
+    r = c.post("/v1/faces/enroll", data={"identity": ["first", "second"]}, files={"image": img})
+    assert r.status_code == 400 and "'identity' is sent twice" in r.json()["error"], r.text
+    assert c.get("/v1/faces").json()["identities"] == []
+    body = json.dumps({"identity": "a", "image": b64}).encode()
+    r = c.post("/v1/faces/enroll", content=body, headers={"content-type": "application/jsonp"})
+    assert r.status_code == 415, r.text
+    r = c.post("/v1/faces/enroll", content=body, headers={"content-type": "Application/JSON; charset=utf-8"})
+    assert r.status_code == 200, r.text  # media types are case-insensitive
+    r = c.post("/v1/faces/rename", data={"identity": "a", "to": "b"}, files={"x": b"1"})
+    assert r.status_code == 400 and "takes no file" in r.json()["error"], r.text
+
+
+def test_new_names_hold_no_invisible_formatting_characters(tiny_face_model, tmp_path):
+    c = TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True,
+                                                 "gallery": {"backend": "faiss"}})))
+    for i, name in enumerate(["alice\u200b", "\ufeff", "a\u202eb", "\u2066x\u2069"]):
+        r = c.post("/v1/faces/enroll", data={"identity": name}, files={"image": face_jpeg(i)})
+        assert r.status_code == 400 and "invisible formatting character" in r.json()["error"], (name, r.text)
+    for i, name in enumerate(["\u0645\u06cc\u200c\u0631\u0648\u0632", "👩\u200d🔬"]):  # joiners inside real names
+        r = c.post("/v1/faces/enroll", data={"identity": name}, files={"image": face_jpeg(10 + i)})
+        assert r.status_code == 200, (name, r.text)
+    r = c.post("/v1/faces/rename", data={"identity": "👩\u200d🔬", "to": "bob\u200b"})
+    assert r.status_code == 400 and "U+200B" in r.json()["error"], r.text
+
+
+def test_serve_config_refuses_values_no_request_could_use(tiny_face_model, tmp_path, monkeypatch):
+    from pydantic import ValidationError
+
+    faces = {"model": str(tiny_face_model), "aligned": True, "gallery": {"backend": "faiss"}}
+    with pytest.raises(ValidationError, match="top_k"):
+        ServeConfig(faces={**faces, "top_k": 5000})
+    with pytest.raises(ValidationError, match="top_k"):
+        ServeConfig(products={"index": str(tmp_path), "top_k": 1001})
+    for limits in ({"max_body_mb": float("inf")}, {"max_body_mb": float("nan")}, {"body_timeout_s": float("inf")}):
+        with pytest.raises(ValidationError):
+            ServeConfig(faces=faces, limits=limits)
+    for key in (" k ", "k\n", "kéy", "a key"):
+        with pytest.raises(ConfigError, match="api_keys entry 1: an API key must be printable ASCII"):
+            ServeConfig(faces=faces, api_keys=[key]).keys()
+    monkeypatch.setenv("VISREC_API_KEYS", "good,b\u00e4d")
+    with pytest.raises(ConfigError, match="a key of VISREC_API_KEYS: an API key must be printable ASCII"):
+        ServeConfig(faces=faces).keys()

@@ -73,7 +73,7 @@ def enroll(folder: Path = typer.Argument(..., help="photos in FOLDER/<identity>/
     with _open(config, gallery) as (g, where), Progress(console=console) as bar:
         task = bar.add_task("photos", total=total)
         report = enroll_folder(pipe, g, folder, progress=lambda n: bar.advance(task, n),
-                               written=None if thumbs is None else thumbs.add)
+                               thumbnails=thumbs)
         count = g.count()
     t = Table(title=Text(f"enrolled into {where}: {count:,} templates"))
     t.add_column("outcome")

@@ -42,11 +42,12 @@ def enroll_face(gallery, name: str, crop, embedding, model_name: str) -> None:
 
 
 def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int = 256,
-                  written=None) -> EnrollReport:
+                  thumbnails=None) -> EnrollReport:
     """Enroll ``root/<identity>/<photo>`` with ``pipeline`` (:class:`visrec.faces.pipeline.FacePipeline`) into
     ``gallery`` (:class:`visrec.index.gallery.Gallery`), ``batch`` faces per gallery write. ``progress(n)``
-    after each photo; ``written(identity, template_ids, crops)`` after each write, per face enrolled (what the
-    service's thumbnails need)."""
+    after each photo. ``thumbnails`` (the service's :class:`visrec.serve.thumbnails.Thumbnails`, or anything
+    with its ``stage`` / ``publish`` / ``discard``): each face's crop is staged inside the batch's write (a
+    crop that cannot be written undoes the batch) and published once the write is committed."""
     root = Path(root)
     listing = read_image_folder(root)
     report = EnrollReport()
@@ -54,12 +55,22 @@ def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int
 
     def flush():
         if pending:
-            pipeline_name = pipeline.embedder.name
-            ids = gallery.enroll_many([(name, emb.reshape(1, -1), [crop_hash(crop)])
-                                       for _, name, crop, emb in pending], model_name=pipeline_name)
-            if written is not None:
+            staged = []
+
+            def stage(ids):
                 for (_, name, crop, _), tids in zip(pending, ids):
-                    written(name, tids, crop[None])
+                    staged.extend(thumbnails.stage(name, tids, crop[None]))
+
+            try:
+                gallery.enroll_many([(name, emb.reshape(1, -1), [crop_hash(crop)]) for _, name, crop, emb in pending],
+                                    model_name=pipeline.embedder.name,
+                                    before_commit=None if thumbnails is None else stage)
+            except BaseException:
+                if thumbnails is not None:
+                    thumbnails.discard(staged)
+                raise
+            if thumbnails is not None:
+                thumbnails.publish(staged)
             report.enrolled.extend(rel for rel, _, _, _ in pending)
             names.update(name for _, name, _, _ in pending)
             pending.clear()
@@ -68,7 +79,7 @@ def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int
         rel = str(Path(path).relative_to(root))
         name = listing.class_names[int(label)]
         try:
-            name = check_identity(name)  # a bad folder name is this photo's error, not the batch's
+            name = check_identity(name, new=True)  # a bad folder name is this photo's error, not the batch's
             faces = pipeline.faces(read_image(path))
             if not faces:
                 report.no_face.append(rel)

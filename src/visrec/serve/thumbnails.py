@@ -6,18 +6,27 @@ Layout: ``FOLDER/<identity key>/<template id>.jpg`` — the folder is named by t
 Each file is the embedder's aligned crop as the enrollment saw it, JPEG, written to a temporary name and
 renamed into place.
 
-Order with the gallery (callers hold :attr:`Thumbnails.lock` across both): thumbnails are written after the
-gallery acknowledged the enrollment (a crash in between leaves a person without a picture, never a picture
-without a person) and erased *before* the gallery forgets the person, so an erased person's face never
-stays on disk. A rename moves them after the gallery's rename; whatever a crash leaves in between (a folder
-under a name no longer enrolled, a half-written file) :meth:`Thumbnails.sweep` removes when the service
+Order with the gallery (callers hold :attr:`Thumbnails.lock` across both): an enrollment's thumbnails are
+staged (written under temporary names) inside the gallery's write, before it is committed, so a thumbnail
+that cannot be written (a full disk) undoes the enrollment and the client is told it failed; once the gallery
+committed, they are renamed into place (a crash in between leaves a person without a picture, never a
+picture without a person). They are erased *before* the gallery forgets the person, so an erased person's
+face never stays on disk. A rename moves them after the gallery's rename; whatever a crash leaves in between
+(a folder under a name no longer enrolled, a staged file) :meth:`Thumbnails.sweep` removes when the service
 next starts.
+
+The folder is the gallery's alone: visrec marks it (``.visrec-thumbnails``) when it first uses it, and refuses
+a folder that holds anything else it did not write (``thumbnails: runs`` would otherwise mix thumbnails with
+a user's files, and the start-up sweep would remove them). A folder of an earlier version, unmarked but
+holding only identity folders, is adopted. The sweep only ever removes identity folders and staged files.
 """
 
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import shutil
 import threading
 from pathlib import Path
@@ -25,9 +34,13 @@ from pathlib import Path
 import numpy as np
 
 from visrec.data.images import encode_jpeg
+from visrec.errors import ConfigError
 from visrec.index.gallery import identity_key
 
 MAX_THUMBNAIL_BYTES = 1 << 20  # a stored thumbnail larger than this is not one visrec wrote
+MARKER = ".visrec-thumbnails"
+_KEY = re.compile(r"[0-9a-f]{40}")  # identity_key's form: the only folder names visrec writes here
+log = logging.getLogger(__name__)
 
 
 class Thumbnails:
@@ -35,21 +48,63 @@ class Thumbnails:
 
     def __init__(self, folder: str | Path):
         self.root = Path(folder).expanduser()
-        self.root.mkdir(parents=True, exist_ok=True)
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConfigError(f"thumbnail folder {self.root}: cannot create it ({exc.strerror})") from None
+        marker = self.root / MARKER
+        if not marker.exists():
+            foreign = sorted(e.name for e in self.root.iterdir() if not self._is_identity_folder(e))
+            if foreign:
+                raise ConfigError(f"thumbnail folder {self.root} holds {', '.join(map(repr, foreign[:3]))}"
+                                  f"{' and more' if len(foreign) > 3 else ''}, which visrec did not write: give the "
+                                  f"gallery's thumbnails a folder of their own (a new or empty one)")
+            marker.write_text("visrec keeps this gallery's face thumbnails here (one folder per identity key); "
+                              "do not keep other files in this folder.\n", encoding="utf-8")
         self.lock = threading.Lock()
+
+    @staticmethod
+    def _is_identity_folder(entry: Path) -> bool:
+        return bool(_KEY.fullmatch(entry.name)) and entry.is_dir() and not entry.is_symlink()
 
     def _dir(self, identity: str) -> Path:
         return self.root / identity_key(identity)
 
-    def add(self, identity: str, template_ids: list[str], crops: np.ndarray) -> None:
-        """Store one crop (RGB uint8) per template id; an existing one is replaced."""
+    def stage(self, identity: str, template_ids: list[str], crops) -> list[tuple[Path, Path]]:
+        """Write one crop (RGB uint8) per template id under a temporary name; returns the (staged, final) pairs
+        for :meth:`publish`. What was staged is removed again if a write fails."""
         folder = self._dir(identity)
         folder.mkdir(exist_ok=True)
-        for tid, crop in zip(template_ids, crops):
-            final = folder / f"{tid}.jpg"
-            tmp = folder / f".{tid}.{os.getpid()}.tmp"
-            tmp.write_bytes(encode_jpeg(np.asarray(crop, np.uint8), quality=85))
-            os.replace(tmp, final)
+        staged = []
+        try:
+            for tid, crop in zip(template_ids, crops):
+                tmp = folder / f".{tid}.{os.getpid()}.tmp"
+                staged.append((tmp, folder / f"{tid}.jpg"))
+                tmp.write_bytes(encode_jpeg(np.asarray(crop, np.uint8), quality=85))
+        except BaseException:
+            self.discard(staged)
+            raise
+        return staged
+
+    def publish(self, staged: list[tuple[Path, Path]]) -> None:
+        """Rename staged thumbnails into place (an existing one is replaced). Called once the gallery committed
+        the enrollment; a rename that fails leaves the person without that picture (logged), as a crash would."""
+        for tmp, final in staged:
+            try:
+                os.replace(tmp, final)
+            except OSError as exc:
+                log.warning("thumbnail %s not kept: %s", final, exc)
+                self.discard([(tmp, final)])
+
+    @staticmethod
+    def discard(staged: list[tuple[Path, Path]]) -> None:
+        for tmp, _ in staged:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+
+    def add(self, identity: str, template_ids: list[str], crops) -> None:
+        """:meth:`stage` then :meth:`publish`, for callers with no gallery write to stage within."""
+        self.publish(self.stage(identity, template_ids, crops))
 
     def has(self, identity: str) -> bool:
         folder = self._dir(identity)
@@ -71,19 +126,19 @@ class Thumbnails:
             shutil.rmtree(folder)
 
     def sweep(self, enrolled) -> int:
-        """Delete every folder whose identity is not in ``enrolled`` (names) and every unfinished file; returns
-        how many folders went. Run at start-up, before any request."""
+        """Delete every identity folder whose identity is not in ``enrolled`` (names) and every staged file;
+        returns how many folders went. Anything else in the folder is left alone (module docstring). Run at
+        start-up, before any request."""
         keep = {identity_key(name) for name in enrolled}
         gone = 0
         for entry in self.root.iterdir():
-            if entry.is_dir() and not entry.is_symlink() and entry.name in keep:
+            if not self._is_identity_folder(entry):
+                continue
+            if entry.name in keep:
                 for tmp in entry.glob(".*.tmp"):
                     tmp.unlink()
                 continue
-            if entry.is_dir() and not entry.is_symlink():
-                shutil.rmtree(entry)
-            else:
-                entry.unlink()
+            shutil.rmtree(entry)
             gone += 1
         return gone
 

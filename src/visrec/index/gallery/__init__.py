@@ -29,6 +29,7 @@ from visrec.errors import ConfigError
 from visrec.index.gallery.base import (BACKENDS, FUSIONS, MAX_HASH_CHARS, MAX_IDENTITY_BYTES,  # noqa: F401
                                        MAX_IDENTITY_CHARS, MAX_METADATA_CHARS, METRICS, Enrollment, Gallery,
                                        GalleryMismatchError, GalleryUnavailableError, IdentityExistsError, Match,
+                                       MetadataTooLargeError,
                                        check_identity,
                                        check_metadata, identity_key, pair_scores, read_export, template_id)
 

@@ -67,6 +67,9 @@ MAX_IDENTITY_BYTES = 256  # UTF-8 bytes: what every backend's name field holds
 MAX_METADATA_CHARS = 65535  # JSON characters (ASCII: non-ASCII is escaped), Milvus's VARCHAR limit
 MAX_HASH_CHARS = 128
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+_SURROGATE = re.compile(r"[\ud800-\udfff]")  # only a lone one survives decoding; no UTF-8 text can hold it
+# joiners between letters are part of real names (Persian, Indic scripts, emoji sequences)
+_JOINERS = {"\u200c", "\u200d"}
 _MILVUS_TOPK = 16384  # the largest limit a Milvus search accepts
 IMPORT_BATCH = 4096  # templates per write when an export is imported
 log = logging.getLogger(__name__)
@@ -134,10 +137,19 @@ def _score_from_raw(raw: float, metric: str) -> float:
     return float(raw) if metric == "cosine" else -float(np.sqrt(max(float(raw), 0.0)))
 
 
-def check_identity(identity) -> str:
-    """``identity`` as the gallery stores it (NFC-normalised), or :class:`DataError` saying what is wrong."""
+def check_identity(identity, *, new: bool = False) -> str:
+    """``identity`` as the gallery stores it (NFC-normalised), or :class:`DataError` saying what is wrong.
+
+    ``new``: a name about to be enrolled (or renamed to, or imported) must also hold no invisible formatting character
+    (Unicode category Cf: zero-width spaces, bidirectional overrides, a byte-order mark; the zero-width
+    joiners excepted), which would make two people look like one ("alice" and "alice" + U+200B) or show a name
+    reversed. Looking a name up (erase, rename from) does not apply that rule, so a person enrolled by an
+    earlier version can still be erased."""
     if not isinstance(identity, str):
         raise DataError(f"identity must be a string, got {type(identity).__name__}")
+    if _SURROGATE.search(identity):
+        raise DataError(f"identity {identity[:80]!r} is not valid: holds a lone UTF-16 surrogate, which is no "
+                        f"character")
     name = unicodedata.normalize("NFC", identity)
     problem = None
     if not name or name != name.strip():
@@ -146,23 +158,34 @@ def check_identity(identity) -> str:
         problem = f"longer than {MAX_IDENTITY_CHARS} characters or {MAX_IDENTITY_BYTES} bytes of UTF-8"
     elif _CONTROL.search(name):
         problem = "holds a control character"
+    elif new and (bad := next((c for c in name if unicodedata.category(c) == "Cf" and c not in _JOINERS), None)):
+        problem = f"holds the invisible formatting character U+{ord(bad):04X}"
     if problem:
         raise DataError(f"identity {identity[:80]!r} is not valid: {problem}")
     return name
 
 
+class MetadataTooLargeError(DataError):
+    """Metadata that is valid JSON but more than MAX_METADATA_CHARS of it (the service answers 422, not 400)."""
+
+
 def check_metadata(metadata, identity: str = "") -> dict:
-    """Identity metadata as stored: a JSON object of finite numbers, at most MAX_METADATA_CHARS of JSON."""
+    """Identity metadata as stored: a JSON object of finite numbers and text (no lone UTF-16 surrogate), at
+    most MAX_METADATA_CHARS of JSON; a :class:`DataError` otherwise (:class:`MetadataTooLargeError` for one too
+    large)."""
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise DataError(f"metadata for {identity!r} must be a JSON object, got {type(metadata).__name__}")
     try:
         text = json.dumps(metadata, sort_keys=True, allow_nan=False)
-    except (TypeError, ValueError) as exc:
+        json.dumps(metadata, ensure_ascii=False).encode("utf-8")  # a lone surrogate could never be answered
+    except UnicodeEncodeError:
+        raise DataError(f"metadata for {identity!r} holds a lone UTF-16 surrogate, which is no character") from None
+    except (TypeError, ValueError, RecursionError) as exc:
         raise DataError(f"metadata for {identity!r} is not JSON (finite numbers only): {exc}") from None
     if len(text) > MAX_METADATA_CHARS:
-        raise DataError(f"metadata for {identity!r} is {len(text):,} characters of JSON, above the limit of "
-                        f"{MAX_METADATA_CHARS:,}")
+        raise MetadataTooLargeError(f"metadata for {identity!r} is {len(text):,} characters of JSON, above the "
+                                    f"limit of {MAX_METADATA_CHARS:,}")
     return json.loads(text)
 
 
@@ -363,25 +386,35 @@ class Gallery(abc.ABC):
         """
         return self.enroll_many([Enrollment(identity, embeddings, hashes, metadata)], model_name=model_name)[0]
 
-    def enroll_many(self, items, *, model_name: str | None = None) -> list[list[str]]:
+    def enroll_many(self, items, *, model_name: str | None = None, before_commit=None) -> list[list[str]]:
         """:meth:`enroll` for many identities in one write: ``items`` are :class:`Enrollment` s or tuples
         ``(identity, embeddings[, hashes[, metadata]])``; returns each item's template ids, in order.
 
         The batch costs one key lookup of the templates and one of the identity rows, then one write of each
         kind, whatever the gallery's size. All or nothing, as :meth:`enroll`: every item is checked before the
-        first write. Callers feeding millions of rows pass batches of a few thousand templates."""
+        first write. Callers feeding millions of rows pass batches of a few thousand templates.
+
+        ``before_commit(ids)``: called with the result after the write, before it is committed; if it raises,
+        the write is undone and the error raised (files that must exist with the templates, as thumbnails,
+        are staged there)."""
         checked = [self._check_item(item) for item in items]
         with self.lock, self._transaction() as undo:
-            return self._enroll_locked(checked, model_name, undo)
+            ids = self._enroll_locked(checked, model_name, undo)
+            if before_commit is not None:
+                before_commit(ids)
+            return ids
 
     def enroll_and_count(self, identity: str, embeddings, *, hashes: list[str] | None = None,
-                         metadata: dict | None = None, model_name: str | None = None) -> tuple[list[str], int]:
+                         metadata: dict | None = None, model_name: str | None = None,
+                         before_commit=None) -> tuple[list[str], int]:
         """:meth:`enroll`, also returning the identity's template count after the write, taken from the write
         itself: a store that fails right after the write succeeded cannot turn a done enrollment into an error
-        (as a second read for the count could)."""
+        (as a second read for the count could). ``before_commit(ids)``: as in :meth:`enroll_many`."""
         checked = [self._check_item(Enrollment(identity, embeddings, hashes, metadata))]
         with self.lock, self._transaction() as undo:
             ids = self._enroll_locked(checked, model_name, undo)[0]
+            if before_commit is not None:
+                before_commit(ids)
         return ids, undo.counts[checked[0][0]]
 
     def _check_item(self, item) -> tuple[str, np.ndarray, list[str], dict]:
@@ -390,7 +423,7 @@ class Gallery(abc.ABC):
                 raise DataError(f"an enrollment is (identity, embeddings[, hashes[, metadata]]), got "
                                 f"{type(item).__name__}")
             item = Enrollment(*item)
-        identity = check_identity(item.identity)
+        identity = check_identity(item.identity, new=True)
         x = _vectors(item.embeddings, f"embeddings for {identity!r}", self.metric)
         hashes = item.hashes
         if hashes is None:
@@ -511,7 +544,7 @@ class Gallery(abc.ABC):
         The templates are written under the new name (one transaction, undone on failure), then the old name
         is erased as :meth:`remove` does: a crash in between leaves the person under both names, never under
         neither."""
-        old, new = check_identity(identity), check_identity(new_name)
+        old, new = check_identity(identity), check_identity(new_name, new=True)
         if old == new:
             raise DataError(f"identity {old!r} already has that name")
         with self.lock:
@@ -823,7 +856,7 @@ class GalleryExport:
         self.hashes: list[str] = []
         for row, (name, h) in enumerate(zip(names.tolist(), hashes.tolist())):
             try:
-                name = check_identity(name)
+                name = check_identity(name, new=True)  # an import enrolls: the rules of a new name
                 self.hashes += _check_hashes([h], 1, name)
             except DataError as exc:
                 raise DataError(f"gallery export row {row}: {exc}", path=path) from None
@@ -834,7 +867,7 @@ class GalleryExport:
         self.metadata = {}
         for name, meta in metas.items():
             try:
-                self.metadata[check_identity(name)] = check_metadata(meta, name)
+                self.metadata[check_identity(name, new=True)] = check_metadata(meta, name)
             except DataError as exc:
                 raise DataError(f"gallery export metadata: {exc}", path=path) from None
 

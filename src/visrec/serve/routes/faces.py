@@ -12,6 +12,7 @@ had)."""
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
 import base64
 import contextlib
+import logging
 
 import numpy as np
 
@@ -19,7 +20,8 @@ from visrec.data.images import encode_jpeg
 from visrec.errors import DataError, VisrecError
 from visrec.faces.images import InputError
 from visrec.index.enroll import crop_hash
-from visrec.index.gallery import IdentityExistsError, check_identity, check_metadata, pair_scores
+from visrec.index.gallery import (IdentityExistsError, MetadataTooLargeError, check_identity, check_metadata,
+                                  pair_scores)
 from visrec.serve.config import MAX_GALLERY_NAME
 from visrec.serve.requests import bool_field, box_field, image_body, int_field, parse_json
 from visrec.serve.routes import ROUTES
@@ -48,13 +50,14 @@ RENAME_BODY = image_body((), fields={"identity": (IDENTITY[0], "the enrolled nam
                          required=("identity", "to"))
 MAX_PAGE = 1000  # identities per page of GET .../faces with a limit
 ROUTE_PREFIXES = ("/v1/faces", "/v1/galleries/{name}/faces")  # the default gallery; a named one
+log = logging.getLogger(__name__)
 
 
-def _identity(value) -> str:
+def _identity(value, *, new: bool = False, field: str = "identity") -> str:
     if not isinstance(value, str) or not value.strip():
-        raise InputError("field 'identity' (a non-empty string) is required", 400)
+        raise InputError(f"field {field!r} (a non-empty string) is required", 400)
     try:
-        return check_identity(value.strip())
+        return check_identity(value.strip(), new=new)
     except VisrecError as exc:
         raise InputError(str(exc), 400) from None
 
@@ -133,14 +136,14 @@ def face_routes(ctx):
         pipe = ctx.need("faces")
         gallery_name, gallery = ctx.gallery(request, name)
         images, fields = await ctx.requests.read(request, many=True)
-        identity = _identity(fields.get("identity"))
+        identity = _identity(fields.get("identity"), new=True)
         meta = fields.get("metadata", {})
         if isinstance(meta, str):  # multipart forms carry it as a JSON string
             meta = parse_json(meta, "field 'metadata'") if meta.strip() else {}
         try:
             meta = check_metadata(meta, identity)  # before any work: the whole request is valid or refused
         except VisrecError as exc:
-            raise InputError(str(exc), 422 if "limit" in str(exc) else 400) from None
+            raise InputError(str(exc), 422 if isinstance(exc, MetadataTooLargeError) else 400) from None
 
         if fields.get("box") not in (None, "") and len(images["image"]) != 1:
             raise InputError("field 'box' picks a face of one image: send one image with it", 400)
@@ -162,12 +165,23 @@ def face_routes(ctx):
             # keyed by the aligned crop, as `visrec gallery enroll` and the Python API key theirs: the same photo
             # adds nothing on any path, and two faces of one group photo are two templates
             hashes = [crop_hash(crop) for crop in crops]
+            staged = []
+
+            def stage(ids):  # inside the gallery's write: a thumbnail not written undoes it (serve.thumbnails)
+                staged.extend(thumbs.stage(identity, ids, crops))
+
             with thumbs.lock if thumbs is not None else contextlib.nullcontext():
-                # the count comes from the write: no read after it that could fail once the enrollment is done
-                ids, templates = gallery.enroll_and_count(identity, embs, hashes=hashes, metadata=meta,
-                                                          model_name=pipe.embedder.name)
-                if thumbs is not None:  # after the gallery acknowledged it (serve.thumbnails)
-                    thumbs.add(identity, ids, crops)
+                try:
+                    # the count comes from the write: no read after it that could fail once the enrollment is done
+                    ids, templates = gallery.enroll_and_count(identity, embs, hashes=hashes, metadata=meta,
+                                                              model_name=pipe.embedder.name,
+                                                              before_commit=None if thumbs is None else stage)
+                except BaseException:
+                    if thumbs is not None:
+                        thumbs.discard(staged)
+                    raise
+                if thumbs is not None:
+                    thumbs.publish(staged)
             return {"identity": identity, "enrolled": len(ids), "entries": ids, "templates": templates,
                     "faces_found": found}
 
@@ -264,7 +278,7 @@ def face_routes(ctx):
     async def rename(request, name):
         name, gallery = ctx.gallery(request, name)
         _, fields = await ctx.requests.read(request, names=())
-        old, new = _identity(fields.get("identity")), _identity(fields.get("to"))
+        old, new = _identity(fields.get("identity")), _identity(fields.get("to"), new=True, field="to")
         thumbs = ctx.state["thumbnails"].get(name)
 
         def work():
@@ -278,7 +292,12 @@ def face_routes(ctx):
                 if not n:
                     raise InputError(f"identity {old!r} is not enrolled in gallery {name!r}", 404)
                 if thumbs is not None:
-                    thumbs.rename(old, new)
+                    try:
+                        thumbs.rename(old, new)
+                    except OSError as exc:  # the rename is done: say so; the pictures are what was lost
+                        log.warning("gallery %s: thumbnails of %r not moved to its new name: %s", name, old, exc)
+                        with contextlib.suppress(OSError):
+                            thumbs.erase(old)  # the sweep would remove them at the next start anyway
             return {"identity": new, "renamed_from": old, "templates": n}
 
         return await ctx.offload(work)
