@@ -4,6 +4,7 @@ read back by ``visrec.models.load_model``; callers take sizes, margins and dims 
 from __future__ import annotations
 
 import json
+import os
 import re
 import warnings
 from pathlib import Path
@@ -329,3 +330,124 @@ def test_nothing_outside_train_imports_visrec_train_to_read_a_model():
     # demo.py imports visrec.train only for the trainer, never to read a model
     demo = (SRC / "demo.py").read_text()
     assert not re.search(r"from visrec\.train\.(checkpoint|landmarks_task) import", demo)
+
+
+# --- a model file from elsewhere: its contract and config are checked before they are used ------------------
+
+def _mean_pool_onnx(path, contract: dict | None, in_shape=("N", 3, 112, 112), in_type=None, out_dim=3):
+    """A tiny ONNX embedder: global mean of each channel times a fixed (3, out_dim) matrix, so its output shows
+    exactly which numbers it was fed."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    in_type = TensorProto.FLOAT if in_type is None else in_type
+    nodes = [] if in_type == TensorProto.FLOAT else [helper.make_node("Cast", ["x"], ["xf"], to=TensorProto.FLOAT)]
+    src = "x" if in_type == TensorProto.FLOAT else "xf"
+    nodes += [helper.make_node("GlobalAveragePool", [src], ["g"]), helper.make_node("Flatten", ["g"], ["f"]),
+              helper.make_node("MatMul", ["f", "W"], ["y"])]
+    w = numpy_helper.from_array(np.arange(1, 3 * out_dim + 1, dtype=np.float32).reshape(3, out_dim) / 10, "W")
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", in_type, list(in_shape))],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", out_dim])], [w])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    if contract is not None:
+        helper.set_model_props(model, {ONNX_KEY: json.dumps(contract)})
+    onnx.save(model, str(path))
+    return path
+
+
+def test_onnx_models_are_fed_what_their_contract_declares(tmp_path):
+    base = ModelContract(task="face-embedding", input_size=(112, 112), embedding_dim=3, metric="cosine").to_dict()
+    crop = np.zeros((1, 112, 112, 3), np.uint8)
+    crop[..., 0], crop[..., 1], crop[..., 2] = 200, 50, 10
+    w = np.arange(1, 10, dtype=np.float32).reshape(3, 3) / 10
+    for changes in ({}, {"colour_order": "BGR"}, {"pixel_mean": [0, 0, 0], "pixel_std": [1, 2, 4]}):
+        c = {**base, **changes}
+        x = crop[0].astype(np.float32)[..., ::-1 if c.get("colour_order") == "BGR" else 1]
+        expected = ((x - np.float32(c["pixel_mean"])) / np.float32(c["pixel_std"])).mean((0, 1)) @ w
+        got = load_model(_mean_pool_onnx(tmp_path / "m.onnx", c)).embed(crop)[0]
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4, err_msg=str(changes))
+
+
+def test_an_onnx_contract_that_lies_about_its_graph_is_refused(tmp_path):
+    from onnx import TensorProto
+
+    base = ModelContract(task="face-embedding", input_size=(112, 112), embedding_dim=3, metric="cosine").to_dict()
+    cases = {
+        "dim": (dict(base, embedding_dim=512), {}, "its contract says embedding_dim 512, the graph outputs"),
+        "size": (dict(base, input_size=[160, 160]), {}, "says input 160x160, the graph takes 112x112"),
+        "zero size": (dict(base, input_size=[0, 0]), {}, "declares no input size"),
+        "uint8 input": (base, {"in_type": TensorProto.UINT8}, r"input 'x' is tensor\(uint8\)"),
+        "no contract, uint8": (None, {"in_type": TensorProto.UINT8}, r"input 'x' is tensor\(uint8\)"),
+        "landmarks": (dict(base, task="landmarks", num_points=5, crop_size=112, crop_margin=0.1), {},
+                      "landmark model of 5 points, the graph outputs"),
+        "huge input": (dict(base, input_size=[60000, 60000]), {}, r"input_size must be integer\(s\) in \[0, 4096\]"),
+        "NaN threshold": (dict(base, threshold={"value": float("nan"), "origin": "author"}), {}, "not JSON|finite"),
+        "cosine threshold 7.5": (dict(base, threshold={"value": 7.5, "origin": "author"}), {}, r"\[-1, 1\]"),
+        "fpr 2": (dict(base, threshold={"value": 0.3, "origin": "calibrated", "fpr": 2}), {}, r"fpr must be in \(0, 1\]"),
+        "std 0": (dict(base, pixel_std=[0, 0, 0]), {}, "pixel_std must be positive"),
+        "10 MB text": (dict(base, source="A" * 2_000_000), {}, "characters of JSON, above"),
+    }
+    for why, (contract, kw, message) in cases.items():
+        path = _mean_pool_onnx(tmp_path / "bad.onnx", contract, **kw)
+        with pytest.raises(DataError, match=message) as err:
+            load_model(path)
+        assert "bad.onnx" in str(err.value), why
+
+
+def test_a_checkpoint_is_checked_against_its_weights_before_its_network_is_built(tmp_path):
+    """The network a file's model_config describes is built on the meta device and compared with the saved
+    weights first: a 2 KB file cannot make visrec allocate a 2-million-wide embedding layer (4.4 GB before)."""
+    import subprocess
+    import sys
+
+    config = {"name": "mobilefacenet", "embedding_size": 16, "scale": 1}
+    sd = build_backbone(**config).state_dict()
+    good = ModelContract(task="face-embedding", input_size=(112, 112), embedding_dim=16, metric="cosine",
+                         align_method="lstsq").to_dict()
+    cases = {
+        "huge": ({"model_config": dict(config, embedding_size=2_000_000), "backbone": {"x": torch.zeros(1)}},
+                 "weights do not fit the model"),
+        "no name": ({"model_config": {"embedding_size": 16}, "backbone": sd}, "'model_config' must be a mapping"),
+        "config text": ({"model_config": "mobilefacenet", "backbone": sd}, "'model_config' must be a mapping"),
+        "unknown option": ({"model_config": dict(config, bogus=1), "backbone": sd}, "has no option 'bogus'"),
+        "backbone text": ({"model_config": config, "backbone": "x"}, "'backbone' is not a state dict"),
+        "other network": ({"model_config": {"name": "iresnet18", "embedding_size": 16}, "backbone": sd},
+                          r"weights do not fit the model \(missing"),
+        "contract dim": ({"model_config": config, "backbone": sd, "contract": dict(good, embedding_dim=999)},
+                         "its contract says embedding_dim 999, the network outputs 16"),
+        "contract task": ({"model_config": config, "backbone": sd, "contract": dict(good, task="landmarks")},
+                          "its contract says task 'landmarks'"),
+    }
+    for why, (blob, message) in cases.items():
+        torch.save(blob, tmp_path / "model.pt")
+        with pytest.raises(DataError, match=message) as err:
+            load_model(tmp_path / "model.pt")
+        assert "model.pt" in str(err.value), why
+    torch.save(cases["huge"][0], tmp_path / "huge.pt")
+    probe = ("import resource, sys, visrec\n"
+             "try:\n    visrec.load_model(sys.argv[1])\nexcept visrec.errors.DataError as e:\n    print(e)\n"
+             "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024)")
+    out = subprocess.run([sys.executable, "-c", probe, str(tmp_path / "huge.pt")], capture_output=True, text=True,
+                         timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    lines = out.stdout.strip().splitlines()
+    assert "weights do not fit" in out.stdout and int(lines[-1]) < 1500, out.stdout + out.stderr  # peak MiB
+    torch.save({"model_config": config, "backbone": sd, "contract": good}, tmp_path / "model.pt")
+    assert load_model(tmp_path / "model.pt").embed(np.zeros((2, 112, 112, 3), np.uint8)).shape == (2, 16)
+
+
+def test_a_16_bit_grey_pil_image_gives_the_pixels_its_file_gives():
+    import io
+
+    from PIL import Image
+
+    from visrec.faces.images import load_image
+
+    grey = (np.arange(64 * 48, dtype=np.uint32).reshape(48, 64) * 21).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(grey).save(buf, "PNG")
+    im = Image.open(io.BytesIO(buf.getvalue()))
+    assert im.mode.startswith("I;16")
+    from_file, from_pil = load_image(buf.getvalue()), load_image(im)
+    np.testing.assert_array_equal(from_pil, from_file)
+    assert from_pil.max() > 200 and from_pil.min() < 10  # not clipped to white

@@ -242,4 +242,11 @@ class OnnxEmbedder:
         self.input_name = self.session.get_inputs()[0].name
 
     def __call__(self, batch: np.ndarray) -> np.ndarray:
-        return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, dtype=np.float32)})[0]
+        batch = np.ascontiguousarray(batch, dtype=np.float32)
+        try:
+            return self.session.run(None, {self.input_name: batch})[0]
+        except Exception as exc:  # onnxruntime's own exception types: the graph cannot take this input
+            if not type(exc).__module__.startswith("onnxruntime"):
+                raise
+            raise DataError(f"the ONNX graph failed on a float32 {list(batch.shape)} input: "
+                            f"{str(exc).splitlines()[0][:300]}", path=self.path) from None

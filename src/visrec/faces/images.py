@@ -5,7 +5,8 @@ A path, bytes, a numpy array or a PIL image: files and bytes go through :func:`v
 and in Python, EXIF orientation applied on all three. The header is read first, so a decompression bomb is
 refused by its declared size (``max_pixels``, and what its byte count can honestly hold) before any pixel is
 decoded. Arrays are taken as RGB as they are (grey is repeated to three channels, an alpha channel dropped);
-PIL images are turned upright by their own EXIF tag.
+PIL images are turned upright by their own EXIF tag, and a 16-bit grey one (mode ``I;16``) keeps its top byte,
+as the decoder reads the same file (Pillow's own conversion would clip it to white).
 """
 
 from __future__ import annotations
@@ -50,7 +51,11 @@ def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         from PIL import ImageOps
 
         _check_max(*image.size, max_pixels, "PIL image")
-        return np.asarray(ImageOps.exif_transpose(image).convert("RGB"), dtype=np.uint8)
+        image = ImageOps.exif_transpose(image)
+        if image.mode.startswith("I;16"):  # 16-bit grey: its top byte, as the decoder reads such a file
+            grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
+            return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+        return np.asarray(image.convert("RGB"), dtype=np.uint8)
     raise DataError(f"an image is a path, bytes, a uint8 array or a PIL image; got {type(image).__name__}")
 
 

@@ -21,6 +21,7 @@ Units, stated once:
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
@@ -39,6 +40,13 @@ THRESHOLD_ORIGINS = ("calibrated", "author")
 #: visrec's own input convention: uint8 RGB -> (x - 127.5) / 127.5, i.e. [-1, 1] (``models.embed.images_to_tensor``)
 VISREC_MEAN = (127.5, 127.5, 127.5)
 VISREC_STD = (127.5, 127.5, 127.5)
+#: bounds on what a contract may declare: it comes from files nobody vetted, and callers allocate by it
+#: (an input of 60000 x 60000 pixels is 10.8 GB per face)
+MAX_INPUT_SIDE = 4096
+MAX_EMBEDDING_DIM = 1 << 16
+MAX_POINTS = 10_000
+MAX_TEXT = 4096  # characters of any text field (a source path, a citation)
+MAX_CONTRACT_JSON = 1 << 20
 #: the landmark task's defaults (``visrec.train.landmarks_task.LandmarkData``): old checkpoints assumed them
 DEFAULT_LANDMARK_MARGIN = 0.15
 DEFAULT_LANDMARK_SIZE = 112
@@ -58,7 +66,15 @@ class Threshold:
 
     def __post_init__(self):
         if self.origin not in THRESHOLD_ORIGINS:
-            raise ValueError(f"threshold origin must be one of {THRESHOLD_ORIGINS}, got {self.origin!r}")
+            raise ValueError(f"threshold origin must be one of {THRESHOLD_ORIGINS}, got {_shown(self.origin)}")
+        if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
+            raise ValueError(f"threshold value must be a finite number, got {_shown(self.value)}")
+        object.__setattr__(self, "value", float(self.value))
+        if self.fpr is not None and (isinstance(self.fpr, bool) or not isinstance(self.fpr, (int, float))
+                                     or not 0 < self.fpr <= 1):
+            raise ValueError(f"threshold fpr must be in (0, 1], got {_shown(self.fpr)}")
+        for name in ("data", "citation"):
+            _check_text(name, getattr(self, name))
 
     def describe(self) -> str:
         if self.origin == "calibrated":
@@ -100,12 +116,42 @@ class ModelContract:
         if self.align_method not in ALIGN_METHODS:
             raise ValueError(f"align_method must be one of {ALIGN_METHODS}, got {self.align_method!r}")
         if self.colour_order not in ("RGB", "BGR"):
-            raise ValueError(f"colour_order must be RGB or BGR, got {self.colour_order!r}")
-        object.__setattr__(self, "input_size", tuple(int(v) for v in self.input_size))
-        object.__setattr__(self, "pixel_mean", tuple(float(v) for v in self.pixel_mean))
-        object.__setattr__(self, "pixel_std", tuple(float(v) for v in self.pixel_std))
+            raise ValueError(f"colour_order must be RGB or BGR, got {_shown(self.colour_order)}")
+        # (0, 0): an adapter that crops itself (dlib); else each side 1..MAX_INPUT_SIDE pixels
+        size = _ints("input_size", self.input_size, 2, 0, MAX_INPUT_SIDE)
+        if 0 in size and size != (0, 0):
+            raise ValueError(f"input_size must be two sides of 1-{MAX_INPUT_SIDE} pixels, got {list(size)}")
+        object.__setattr__(self, "input_size", size)
+        object.__setattr__(self, "pixel_mean", _floats("pixel_mean", self.pixel_mean, 3))
+        object.__setattr__(self, "pixel_std", _floats("pixel_std", self.pixel_std, 3))
+        if min(self.pixel_std) <= 0:
+            raise ValueError(f"pixel_std must be positive, got {list(self.pixel_std)}")
+        for name, high in (("embedding_dim", MAX_EMBEDDING_DIM), ("num_points", MAX_POINTS),
+                           ("crop_size", MAX_INPUT_SIDE)):
+            value = getattr(self, name)
+            if value is not None:
+                object.__setattr__(self, name, _ints(name, [value], 1, 1, high)[0])
+        if self.crop_margin is not None:
+            margin = _floats("crop_margin", [self.crop_margin], 1)[0]
+            if not 0 <= margin <= 10:
+                raise ValueError(f"crop_margin must be in [0, 10] (a fraction of the box side), got {margin}")
+            object.__setattr__(self, "crop_margin", margin)
+        if not isinstance(self.l2_normalised, bool):
+            raise ValueError(f"l2_normalised must be true or false, got {_shown(self.l2_normalised)}")
+        for name in ("align_template", "point_scheme", "source", "origin"):
+            _check_text(name, getattr(self, name))
+        if self.arch is not None and not isinstance(self.arch, dict):
+            raise ValueError(f"arch must be a mapping, got {type(self.arch).__name__}")
         if isinstance(self.threshold, dict):
             object.__setattr__(self, "threshold", Threshold(**self.threshold))
+        if self.threshold is not None:
+            if not isinstance(self.threshold, Threshold):
+                raise ValueError(f"threshold must be a mapping, got {type(self.threshold).__name__}")
+            v = self.threshold.value
+            if (self.metric or "cosine") == "cosine" and not -1 <= v <= 1:
+                raise ValueError(f"a cosine threshold must be in [-1, 1], got {v:g}")
+            if self.metric == "euclidean" and v > 0:
+                raise ValueError(f"a euclidean threshold is a negated distance (<= 0), got {v:g}")
 
     # --- serialisation ----------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -126,13 +172,18 @@ class ModelContract:
         known = {f.name for f in fields(cls)}
         try:
             return cls(**{k: v for k, v in data.items() if k in known})
-        except (TypeError, ValueError) as exc:
+        except (TypeError, ValueError, RecursionError) as exc:
             raise DataError(f"invalid model contract: {exc}", path=path) from None
 
     @classmethod
     def from_json(cls, text: str | bytes, *, path=None) -> "ModelContract":
+        if len(text) > MAX_CONTRACT_JSON:
+            raise DataError(f"model contract is {len(text):,} characters of JSON, above {MAX_CONTRACT_JSON:,}",
+                            path=path)
         try:
             data = json.loads(text)
+        except RecursionError:
+            raise DataError("model contract is JSON nested too deeply", path=path) from None
         except ValueError as exc:
             raise DataError(f"model contract is not JSON: {exc}", path=path) from None
         return cls.from_dict(data, path=path)
@@ -163,6 +214,39 @@ class ModelContract:
                      ("crop margin (per side)", fmt(self.crop_margin)),
                      ("crop size", f"{fmt(self.crop_size)} px")]
         return rows
+
+
+def _shown(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:60] + "..."
+
+
+def _ints(name: str, values, n: int, low: int, high: int) -> tuple[int, ...]:
+    """``values`` as ``n`` integers in [low, high] (whole floats allowed, as JSON may write them)."""
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__") or len(values) != n:
+        raise ValueError(f"{name} must be {n} integer(s), got {_shown(values)}")
+    out = []
+    for v in values:
+        if isinstance(v, float) and v.is_integer():
+            v = int(v)
+        if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
+            raise ValueError(f"{name} must be integer(s) in [{low}, {high}], got {_shown(values)}")
+        out.append(v)
+    return tuple(out)
+
+
+def _floats(name: str, values, n: int) -> tuple[float, ...]:
+    if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__") or len(values) != n:
+        raise ValueError(f"{name} must be {n} number(s), got {_shown(values)}")
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
+        raise ValueError(f"{name} must be finite numbers, got {_shown(values)}")
+    return tuple(float(v) for v in values)
+
+
+def _check_text(name: str, value) -> None:
+    if value is not None and (not isinstance(value, str) or len(value) > MAX_TEXT):
+        raise ValueError(f"{name} must be text of at most {MAX_TEXT} characters, got "
+                         f"{type(value).__name__} of {len(value) if hasattr(value, '__len__') else '?'}")
 
 
 LANDMARK_ARCHS = ("pfld", "heatmap_lite")

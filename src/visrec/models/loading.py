@@ -64,6 +64,19 @@ def _stack(images) -> np.ndarray:
     return np.ascontiguousarray(arr)
 
 
+def contract_input(contract: ModelContract, arr: np.ndarray) -> torch.Tensor:
+    """(N, H, W, 3) uint8 RGB -> the (N, 3, H, W) float32 input the contract declares (``colour_order``, then
+    ``(x - pixel_mean) / pixel_std``): one rule for every runtime, so a checkpoint and its ONNX export see the
+    same numbers."""
+    c = contract
+    if c.pixel_mean == VISREC_MEAN and c.pixel_std == VISREC_STD and c.colour_order == "RGB":
+        return images_to_tensor(arr)  # bit-identical to the training input
+    if c.colour_order == "BGR":
+        arr = arr[..., ::-1]
+    t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
+    return (t - torch.tensor(c.pixel_mean).view(1, 3, 1, 1)) / torch.tensor(c.pixel_std).view(1, 3, 1, 1)
+
+
 def _as_boxes(boxes) -> tuple[np.ndarray, bool]:
     b = np.asarray(boxes, dtype=np.float64)
     single = b.ndim == 1
@@ -137,14 +150,7 @@ class TorchModel(LoadedModel):
         self.module = for_inference(module, self.device)
 
     def _tensor(self, images):
-        c = self.contract
-        arr = _stack(images)
-        if c.pixel_mean == VISREC_MEAN and c.pixel_std == VISREC_STD and c.colour_order == "RGB":
-            return images_to_tensor(arr)  # bit-identical to the training input
-        if c.colour_order == "BGR":
-            arr = arr[..., ::-1]
-        t = torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2).float()
-        return (t - torch.tensor(c.pixel_mean).view(1, 3, 1, 1)) / torch.tensor(c.pixel_std).view(1, 3, 1, 1)
+        return contract_input(self.contract, _stack(images))
 
     def embed(self, images, *, flip: bool = False, batch_size: int = 256) -> np.ndarray:
         if not self.is_embedder:
@@ -191,10 +197,21 @@ class OnnxModel(LoadedModel):
     def embed(self, images, *, flip: bool = False) -> np.ndarray:
         if not self.is_embedder:
             return super().embed(images)
-        x = images_to_tensor(_stack(images)).numpy()
+        x = contract_input(self.contract, _stack(images)).numpy()
         if len(x) == 0:
             return np.zeros((0, self.contract.embedding_dim or 0), np.float32)
-        return self.onnx(x) + self.onnx(np.ascontiguousarray(x[..., ::-1])) if flip else self.onnx(x)
+        out = self._embeddings(x)
+        return out + self._embeddings(np.ascontiguousarray(x[..., ::-1])) if flip else out
+
+    def _embeddings(self, x: np.ndarray) -> np.ndarray:
+        out = np.asarray(self.onnx(x))
+        dim = self.contract.embedding_dim
+        if out.ndim != 2 or len(out) != len(x) or out.dtype.kind != "f" or (dim is not None and out.shape[1] != dim):
+            raise DataError(f"the graph answered {out.dtype} {list(out.shape)} for {len(x)} images; its contract "
+                            f"promises float (N, {dim if dim is not None else 'D'})", path=self.path)
+        if not np.isfinite(out).all():
+            raise DataError("the graph answered NaN or infinite embeddings", path=self.path)
+        return out.astype(np.float32, copy=False)
 
     def predict_crops(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
@@ -299,9 +316,50 @@ def read_onnx_contract(path: str | Path, session=None) -> ModelContract | None:
     return ModelContract.from_json(meta[ONNX_KEY], path=path).replace(source=str(path))
 
 
+def _check_onnx_fits(session, contract: ModelContract | None, path: Path) -> None:
+    """The graph takes what visrec feeds every ONNX model (one float32 (N, 3, H, W) input) and, where its
+    contract is given, at the contract's size, with an output of the contract's embedding size where the graph
+    fixes them: checked when the file opens, so a contract that lies about its graph is refused rather than
+    failing (or, worse, answering) at the first image."""
+    inputs, outputs = session.get_inputs(), session.get_outputs()
+    if len(inputs) != 1 or not outputs:
+        raise DataError(f"an ONNX model here takes one input and gives an output; this one has {len(inputs)} "
+                        f"input(s) and {len(outputs)} output(s)", path=path)
+    shape, kind = list(inputs[0].shape), inputs[0].type
+    if kind != "tensor(float)" or len(shape) != 4 or shape[1] not in (3, None) and not isinstance(shape[1], str):
+        raise DataError(f"its input {inputs[0].name!r} is {kind} {shape}; visrec feeds float32 (N, 3, H, W)",
+                        path=path)
+    if contract is None:
+        return
+    if 0 in contract.input_size:
+        raise DataError("its contract declares no input size (0 x 0 is for adapters that crop themselves)", path=path)
+    fixed = [d if isinstance(d, int) else None for d in shape[2:]]
+    if 0 not in contract.input_size and any(f is not None and f != s for f, s in zip(fixed, contract.input_size)):
+        raise DataError(f"its contract says input {contract.input_size[0]}x{contract.input_size[1]}, the graph "
+                        f"takes {shape[2]}x{shape[3]}", path=path)
+    out = list(outputs[0].shape)
+    if contract.task != "landmarks" and contract.embedding_dim is not None and out and isinstance(out[-1], int) \
+            and out[-1] != contract.embedding_dim:
+        raise DataError(f"its contract says embedding_dim {contract.embedding_dim}, the graph outputs {out}",
+                        path=path)
+    if contract.task == "landmarks" and (contract.pixel_mean, contract.pixel_std, contract.colour_order) != \
+            (VISREC_MEAN, VISREC_STD, "RGB"):
+        raise DataError("a visrec landmark model takes RGB in [-1, 1] (pixel_mean = pixel_std = 127.5); its "
+                        "contract declares another input", path=path)
+    if contract.task == "landmarks":
+        points = contract.num_points
+        known = [d if isinstance(d, int) else None for d in out]  # None: a dimension the graph leaves free
+        fits = (len(known) == 3 and known[2] in (2, None) and (points is None or known[1] in (points, None))) or (
+            len(known) == 2 and (points is None or known[1] in (2 * points, None)))
+        if not fits:
+            raise DataError(f"its contract says a landmark model of {points} points, the graph outputs {out} "
+                            f"(expected (N, P, 2) or (N, 2P))", path=path)
+
+
 def _load_onnx(path: Path, providers=None) -> LoadedModel:
     session = open_session(path, providers, what="model")
     contract = read_onnx_contract(path, session)
+    _check_onnx_fits(session, contract, path)
     if contract is not None:
         return OnnxModel(path, contract, f"onnx:{path.name}", session=session)
     inputs, outputs = session.get_inputs(), session.get_outputs()

@@ -11,9 +11,9 @@ from pathlib import Path
 from typing import Any
 
 from visrec._torchfile import read_torch_file
-from visrec.errors import DataError
+from visrec.errors import DataError, VisrecError
 from visrec.models import build_backbone
-from visrec.models.contract import ModelContract, contract_from_config
+from visrec.models.contract import VISREC_MEAN, VISREC_STD, ModelContract, contract_from_config
 
 # --- reading visrec torch files -----------------------------------------------------------------------
 
@@ -36,6 +36,55 @@ def _build(cfg: dict):
     return build_backbone(cfg.pop("name"), **cfg)
 
 
+MAX_UNSAVED_ELEMENTS = 1 << 24  # buffers a network may hold that its state dict does not (non-persistent ones)
+
+
+def weights_mismatch(own: dict, saved: dict) -> str | None:
+    """How ``saved`` (name -> tensor) fails to fit a module whose state dict is ``own``: missing and
+    unexpected names and wrong shapes, the first few of each; None when it fits exactly."""
+    missing, unexpected = sorted(set(own) - set(saved)), sorted(set(saved) - set(own))
+    shapes = [k for k in own if k in saved and tuple(own[k].shape) != tuple(saved[k].shape)]
+    if not (missing or unexpected or shapes):
+        return None
+    parts = [f"{label} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
+             for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
+    return "weights do not fit the model (" + "; ".join(parts) + ")"
+
+
+def build_for_weights(cfg, state, path: Path):
+    """The network a checkpoint's ``model_config`` describes, with its ``backbone`` weights loaded (eval mode).
+
+    Both come from the file, so neither is trusted: the network is first built on PyTorch's ``meta`` device
+    (shapes only, nothing allocated) and its state dict compared with the saved one, so the real network is
+    never larger than the weights the file holds (a 2 KB file's ``embedding_size: 2000000`` would otherwise
+    ask for gigabytes before anything is checked). Every problem is a :class:`DataError` naming the file."""
+    import torch
+
+    if not isinstance(cfg, dict) or not isinstance(cfg.get("name"), str):
+        raise DataError("'model_config' must be a mapping whose 'name' is a registry backbone", path=path)
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                              for k, v in state.items()):
+        raise DataError("'backbone' is not a state dict (name -> tensor)", path=path)
+    try:
+        with torch.device("meta"):
+            shell = _build(cfg)
+    except VisrecError as exc:
+        raise DataError(f"'model_config' does not build a network: {exc}", path=path) from None
+    except (TypeError, ValueError, KeyError, IndexError, AssertionError, RuntimeError, ZeroDivisionError) as exc:
+        raise DataError(f"'model_config' (backbone {cfg['name']!r}) does not build a network: "
+                        f"{type(exc).__name__}: {str(exc)[:200]}", path=path) from None
+    problem = weights_mismatch(shell.state_dict(), state)
+    if problem:
+        raise DataError(problem, path=path)
+    built = sum(t.numel() for t in shell.parameters()) + sum(t.numel() for t in shell.buffers())
+    unsaved = built - sum(t.numel() for t in shell.state_dict().values())
+    if unsaved > MAX_UNSAVED_ELEMENTS:
+        raise DataError(f"'model_config' builds {unsaved:,} values its weights do not hold", path=path)
+    model = _build(cfg)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
 def load_checkpoint(path: str | Path, map_location: str = "cpu"):
     """``(module in eval mode, model_config, contract)`` of a visrec checkpoint (``model.pt``,
     ``last.rank0.pt`` or a run directory)."""
@@ -46,12 +95,11 @@ def load_checkpoint(path: str | Path, map_location: str = "cpu"):
 def _from_checkpoint(path: Path, blob):
     if not _is_checkpoint(blob):
         raise DataError("not a visrec checkpoint (needs 'model_config' and 'backbone')", path=path)
+    model = build_for_weights(blob["model_config"], blob["backbone"], path)
     cfg = dict(blob["model_config"])
-    model = _build(cfg)
-    model.load_state_dict(blob["backbone"], strict=True)
-    model.eval()
     if blob.get("contract") is not None:
         contract = ModelContract.from_dict(blob["contract"], path=path)
+        _check_contract_fits(contract, model, cfg, path)
     else:
         contract = default_contract(model, cfg, source=str(path))
         assumed = (f"crop margin {contract.crop_margin}, crop size {contract.crop_size}, {contract.num_points} points"
@@ -62,6 +110,32 @@ def _from_checkpoint(path: Path, blob):
         warnings.warn(f"{path}: no model contract (saved before visrec stored one); assumed defaults: {assumed}",
                       stacklevel=4)
     return model, cfg, contract.replace(source=str(path))
+
+
+def _check_contract_fits(contract: ModelContract, model, cfg: dict, path: Path) -> None:
+    """A saved contract must describe the network saved beside it: its kind (landmarks or an embedder), an input
+    size it takes, and the embedding size it outputs (one forward of a zero batch where the network does not
+    state it); a contract that lies would be used as if true."""
+    built = contract_from_config(cfg)
+    if (contract.task == "landmarks") != (built.task == "landmarks"):
+        raise DataError(f"its contract says task {contract.task!r}, but the network ({cfg.get('name')!r}) is a "
+                        f"{built.task} model", path=path)
+    if 0 in contract.input_size:
+        raise DataError("its contract declares no input size (0 x 0 is for adapters that crop themselves)", path=path)
+    if contract.task == "landmarks" and (contract.pixel_mean, contract.pixel_std, contract.colour_order) != \
+            (VISREC_MEAN, VISREC_STD, "RGB"):
+        raise DataError("a visrec landmark model takes RGB in [-1, 1] (pixel_mean = pixel_std = 127.5); its "
+                        "contract declares another input", path=path)
+    if contract.task == "landmarks" or contract.embedding_dim is None or built.task == "video-embedding":
+        return
+    try:
+        dim = embedding_dim(model, contract.input_size)
+    except RuntimeError as exc:
+        raise DataError(f"the network does not take its contract's input of {contract.input_size[0]}x"
+                        f"{contract.input_size[1]} pixels: {str(exc)[:200]}", path=path) from None
+    if dim is not None and dim != contract.embedding_dim:
+        raise DataError(f"its contract says embedding_dim {contract.embedding_dim}, the network outputs {dim}",
+                        path=path)
 
 
 def load_backbone(path: str | Path, map_location: str = "cpu"):
@@ -81,20 +155,16 @@ def init_backbone(module, path: str | Path, name: str | None = None) -> None:
 
     path, blob = read_model_file(path, "pretrained weights")
     if _is_checkpoint(blob):
-        saved = blob["model_config"].get("name")
+        saved = blob["model_config"].get("name") if isinstance(blob["model_config"], dict) else None
         if name is not None and saved != name:
             raise DataError(f"holds a {saved!r} backbone, the config builds {name!r}", path=path)
         blob = blob["backbone"]
     if not isinstance(blob, dict) or not all(isinstance(v, torch.Tensor) for v in blob.values()):
         raise DataError("not a state dict (name -> tensor) nor a visrec checkpoint", path=path)
     blob = {k.removeprefix("module."): v for k, v in blob.items()}  # saved from a DDP-wrapped model
-    own = module.state_dict()
-    missing, unexpected = sorted(set(own) - set(blob)), sorted(set(blob) - set(own))
-    shapes = [k for k in own if k in blob and own[k].shape != blob[k].shape]
-    if missing or unexpected or shapes:
-        parts = [f"{label} {len(keys)}: {', '.join(keys[:4])}{' ...' if len(keys) > 4 else ''}"
-                 for label, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)) if keys]
-        raise DataError("weights do not fit the model (" + "; ".join(parts) + ")", path=path)
+    problem = weights_mismatch(module.state_dict(), blob)
+    if problem:
+        raise DataError(problem, path=path)
     module.load_state_dict(blob, strict=True)
 
 
