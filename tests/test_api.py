@@ -113,3 +113,17 @@ def test_the_top_level_names_load_lazily():
     code = "import sys, visrec; assert 'torch' not in sys.modules; print(visrec.FaceAnalysis.__module__)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0 and out.stdout.strip() == "visrec.api", out.stderr
+
+
+def test_a_gallery_file_opens_with_the_backend_that_wrote_it(tiny_face_model, tmp_path):
+    """`.sqlite` (and any SQLite database, such as the CLI's default gallery.sqlite) is the durable FAISS
+    gallery; another name a Milvus Lite file."""
+    import visrec
+
+    fa = visrec.FaceAnalysis(str(tiny_face_model))
+    g = visrec.Gallery(fa, tmp_path / "faces.sqlite")
+    g.store.enroll("ann", np.ones((1, 64), np.float32), model_name=fa.embedder.name)
+    assert type(g.store).__name__ == "FaissGallery" and (tmp_path / "faces.sqlite").is_file()
+    g.store.close()
+    shutil.copy(tmp_path / "faces.sqlite", tmp_path / "faces.data")  # the same database under another name
+    assert visrec.Gallery(fa, tmp_path / "faces.data").names() == ["ann"]

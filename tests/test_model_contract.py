@@ -434,6 +434,8 @@ def test_a_checkpoint_is_checked_against_its_weights_before_its_network_is_built
     assert "weights do not fit" in out.stdout and int(lines[-1]) < 1500, out.stdout + out.stderr  # peak MiB
     torch.save({"model_config": config, "backbone": sd, "contract": good}, tmp_path / "model.pt")
     assert load_model(tmp_path / "model.pt").embed(np.zeros((2, 112, 112, 3), np.uint8)).shape == (2, 16)
+    with pytest.raises(DataError, match="records its own architecture"):  # not silently ignored
+        load_model(tmp_path / "model.pt", arch="iresnet50")
 
 
 def test_a_16_bit_grey_pil_image_gives_the_pixels_its_file_gives():

@@ -114,15 +114,32 @@ def verify(a, b, model: str = "dlib-resnet") -> Verdict:
     return _analysis(str(model)).verify(a, b)
 
 
+def _is_sqlite(path: Path) -> bool:
+    if path.suffix.lower() in (".sqlite", ".sqlite3"):
+        return True
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(16) == b"SQLite format 3\x00"
+    except OSError:
+        return False
+
+
 class Gallery:
-    """People enrolled from photos, identified in photos. ``path``: a Milvus Lite file that keeps the gallery
-    (None: in memory, FAISS). ``model``: a :class:`FaceAnalysis` or anything it takes."""
+    """People enrolled from photos, identified in photos. ``path``: a file that keeps the gallery (None: in
+    memory, FAISS): a ``.sqlite`` file (or an existing SQLite database) is the durable FAISS gallery the CLI and
+    the service keep by default (``gallery.sqlite``), any other name a Milvus Lite file. ``model``: a
+    :class:`FaceAnalysis` or anything it takes."""
 
     def __init__(self, model="dlib-resnet", path: str | Path | None = None, *, fusion: str = "max"):
         self.analysis = model if isinstance(model, FaceAnalysis) else FaceAnalysis(model)
         e = self.analysis.embedder
         kwargs = {"model_name": e.name, "dim": e.dim, "metric": e.metric, "fusion": fusion}
-        self.store = open_gallery("milvus", uri=str(path), **kwargs) if path else open_gallery("faiss", **kwargs)
+        if path is None:
+            self.store = open_gallery("faiss", **kwargs)
+        elif _is_sqlite(Path(path)):
+            self.store = open_gallery("faiss", path=str(path), **kwargs)
+        else:
+            self.store = open_gallery("milvus", uri=str(path), **kwargs)
 
     def enroll(self, name: str, image) -> int:
         """Enroll the largest face of ``image`` as ``name``; returns the identity's template count."""

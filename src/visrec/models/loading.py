@@ -487,6 +487,9 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
             raise
         raise DataError(f"unknown kind of model file ({exc.message}); expected {KINDS}", path=path) from None
     if _is_checkpoint(blob):
+        if arch is not None:  # it records its own architecture; a second one would be ignored or contradict it
+            raise DataError("arch= applies to a bare state dict (backbone.pth), not to a visrec checkpoint, which "
+                            "records its own architecture", path=path)
         module, cfg, contract = _from_checkpoint(path, blob)
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         if runtime == "onnx" or (runtime == "auto" and cpu):
