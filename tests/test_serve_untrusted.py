@@ -386,3 +386,16 @@ def test_serve_config_refuses_values_no_request_could_use(tiny_face_model, tmp_p
     monkeypatch.setenv("VISREC_API_KEYS", "good,b\u00e4d")
     with pytest.raises(ConfigError, match="a key of VISREC_API_KEYS: an API key must be printable ASCII"):
         ServeConfig(faces=faces).keys()
+
+
+def test_an_image_sent_as_text_is_named_as_such(tiny_face_model):
+    c = TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True,
+                                                 "gallery": {"backend": "faiss"}})))
+    r = c.post("/v1/faces/identify", data={"image": "photo.jpg"}, files={"other": b""})
+    assert r.status_code == 400 and "unexpected file field 'other'" in r.json()["error"], r.text
+    r = c.post("/v1/faces/identify", content=b'--b\r\nContent-Disposition: form-data; name="image"\r\n\r\nphoto.jpg\r\n--b--\r\n',
+               headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 400 and "sent as text, not as a file" in r.json()["error"], r.text
+    r = c.post("/v1/faces/identify", content=b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\"\r\n\r\nab",
+               headers={"content-type": "multipart/form-data; boundary=b"})
+    assert r.status_code == 400 and not r.json()["error"].startswith("malformed multipart body: 400"), r.text

@@ -162,7 +162,8 @@ class ImageRequests:
                 if "Too many files" in str(exc):
                     raise InputError(f"more than {limits.max_images} images in one request "
                                      f"(limits.max_images)", 413) from None
-                raise InputError(f"malformed multipart body: {exc}", 400) from None
+                detail = getattr(exc, "detail", None) or str(exc)  # starlette's HTTPException prints "400: ..."
+                raise InputError(f"malformed multipart body: {_shown(detail, 200)}", 400) from None
             for key, value in form.multi_items():
                 if hasattr(value, "read"):
                     if key not in images:
@@ -198,6 +199,8 @@ class ImageRequests:
             raise InputError(f"content type {_shown(ctype) if ctype else '(none)'} not accepted: send multipart/form-data or "
                              f"application/json" + ("" if names else " (or a URL-encoded form)"), 415)
         for n in names:
+            if not images[n] and n in fields and media == "multipart/form-data":
+                raise InputError(f"field {n!r} was sent as text, not as a file (curl: -F {n}=@photo.jpg)", 400)
             if not images[n]:
                 raise InputError(f"no image in field {n!r}", 400)
             if len(images[n]) > 1 and not many:
