@@ -80,3 +80,44 @@ def test_a_faiss_file_declaring_more_than_it_holds_is_refused_without_allocating
         FaissIndex.load(tmp_path / "bad.faiss")
     assert (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) < 200 * 1024  # KiB: nothing touched here
     assert len(FaissIndex.load(tmp_path / "ok.faiss")) == 10
+
+
+def test_a_shard_lying_about_its_size_is_computed_again_without_allocating_it(built, tmp_path):
+    import io
+    import shutil
+    import struct
+    import tracemalloc
+    import zipfile
+    import zlib
+
+    from visrec.data.products import list_images
+    from visrec.index.catalogue import _finished_shard, extract_descriptors
+
+    root, desc, opts = built
+    shutil.copytree(root / "idx", tmp_path / "idx")
+    items = list_images(root / "p" / "catalogue")
+    ids, ref, _ = extract_descriptors(desc, items, tmp_path / "idx", opts)
+    shard = sorted((tmp_path / "idx" / "shards").glob("*.npz"))[0]
+    # the shard's 'vectors' member STORED with a .npy header declaring 1 GiB and a zip64 central-directory
+    # entry claiming that size; its real bytes are the header and 64 zeros
+    header = io.BytesIO()
+    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**28,)})
+    data, name = header.getvalue() + b"\0" * 64, b"vectors.npy"
+    crc = zlib.crc32(data)
+    local = struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0, crc, len(data), len(data), len(name), 0)
+    extra = struct.pack("<HHQ", 1, 8, 2**30)
+    cd = struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0, crc, len(data), 0xFFFFFFFF, len(name),
+                     len(extra), 0, 0, 0, 0, 0) + name + extra
+    body = local + name + data
+    shard.write_bytes(body + cd + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, 1, 1, len(cd), len(body), 0))
+    assert zipfile.ZipFile(shard).infolist()[0].file_size == 2**30  # zipfile believes the claim
+    tracemalloc.start()
+    try:
+        assert _finished_shard(shard) is None  # unreadable: computed again, never trusted
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 32 * 2**20, f"{peak:,} bytes traced"
+    again, vecs, _ = extract_descriptors(desc, items, tmp_path / "idx", opts)
+    assert again == ids
+    np.testing.assert_allclose(vecs, ref, atol=1e-5)

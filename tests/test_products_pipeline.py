@@ -146,3 +146,164 @@ def test_cli_index_search_and_eval(products, tmp_path):
     bad.write_text("model: {name: product, backbone: resnet18}\nschedule: {max_steps: 1}\nindex: {postprocess: [{name: diffusion}, {name: qe}]}\n")
     r = run(app, ["products", "index", str(products / "catalogue"), "--config", str(bad), "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "last stage" in str(r.exception)
+
+
+def _seeded_descriptor(seed: int, dim: int = 16):
+    torch.manual_seed(seed)
+    return build_backbone("product", backbone="resnet18", dim=dim).eval()
+
+
+def _index_files(folder) -> dict:
+    """Every file directly in an index folder (the shards are a cache, not the index), by name -> SHA-256."""
+    import hashlib
+
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def test_reindex_describes_again_what_another_model_options_or_image_file_would_change(products, tmp_path,
+                                                                                       monkeypatch):
+    import os
+    import shutil
+
+    import visrec.index.catalogue as cat_mod
+
+    cat_dir = tmp_path / "catalogue"
+    shutil.copytree(products / "catalogue", cat_dir)
+    ids = sorted(p.stem for p in cat_dir.glob("*.jpg"))
+    spec = {"name": "product", "backbone": "resnet18", "dim": 16}
+    a, b = _seeded_descriptor(0), _seeded_descriptor(1)
+    described = []
+    real = cat_mod.describe
+    monkeypatch.setattr(cat_mod, "describe",
+                        lambda m, ims, *x, **k: (described.append(len(ims)), real(m, ims, *x, **k))[1])
+    out = tmp_path / "idx"
+    cat_mod.build_catalogue_index(cat_dir, out, a, spec, _opts())
+    with_a = np.load(out / "descriptors.npy")
+    # the same folder, another model: every shard is described again, as a fresh build with that model does
+    described.clear()
+    m = cat_mod.build_catalogue_index(cat_dir, out, b, spec, _opts())
+    assert sum(described) == len(ids) == 12
+    assert m["shards"]["reused"] == 0 and m["shards"]["described"] == 3 and m["shards"]["why"] == {"another model": 3}
+    fresh = tmp_path / "fresh"
+    cat_mod.build_catalogue_index(cat_dir, fresh, b, spec, _opts())
+    with_b = np.load(out / "descriptors.npy")
+    assert np.array_equal(with_b, np.load(fresh / "descriptors.npy"))
+    assert np.abs(with_b.astype(np.float32) - with_a.astype(np.float32)).max() > 1e-2
+    # the same model again: everything reused, nothing described
+    described.clear()
+    m = cat_mod.build_catalogue_index(cat_dir, out, b, spec, _opts())
+    assert sum(described) == 0 and m["shards"] == {"reused": 3, "described": 0, "why": {}}
+    # another descriptor dimension: the manifest, the descriptors and the search agree on it
+    narrow = cat_mod.build_catalogue_index(cat_dir, out, _seeded_descriptor(2, dim=8), {**spec, "dim": 8}, _opts())
+    assert narrow["dim"] == 8 and np.load(out / "descriptors.npy").shape == (12, 8)
+    q = sorted((products / "query").glob("*.jpg"))[0]
+    assert len(cat_mod.CatalogueIndex(out).search_items([(q.stem, q)], k=3)[0][q.stem]) == 3
+    # an option that changes a descriptor (the input size): described again
+    cat_mod.build_catalogue_index(cat_dir, out, b, spec, _opts())
+    described.clear()
+    m = cat_mod.build_catalogue_index(cat_dir, out, b, spec, cat_mod.IndexOptions(size=48, shard_size=4, batch_size=4))
+    assert sum(described) == 12 and m["shards"]["why"] == {"other options (size, multiscale, dtype)": 3}
+    # an image replaced under the same id: its shard (and only that one) is described again
+    cat_mod.build_catalogue_index(cat_dir, out, b, spec, _opts())
+    target = cat_dir / f"{ids[5]}.jpg"
+    shutil.copyfile(cat_dir / f"{ids[0]}.jpg", target)
+    st = target.stat()
+    os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # a new mtime even on a coarse clock
+    described.clear()
+    m = cat_mod.build_catalogue_index(cat_dir, out, b, spec, _opts())
+    assert sum(described) == 4 and m["shards"] == {"reused": 2, "described": 1, "why": {"image files changed": 1}}
+    raw = np.load(out / "descriptors.npy")
+    assert np.array_equal(raw[5], raw[0])  # the same pixels now, so the same descriptor
+    fresh2 = tmp_path / "fresh2"
+    cat_mod.build_catalogue_index(cat_dir, fresh2, b, spec, _opts())
+    assert np.array_equal(raw, np.load(fresh2 / "descriptors.npy"))
+    # a shard without the record of what made it (an older visrec's) is never trusted
+    shard = out / "shards" / "shard-00000.npz"
+    z = dict(np.load(shard))
+    del z["record"]
+    np.savez(shard, **z)
+    described.clear()
+    m = cat_mod.build_catalogue_index(cat_dir, out, b, spec, _opts())
+    assert sum(described) == 4 and m["shards"]["reused"] == 2
+    assert list(m["shards"]["why"]) == ["no record of its model, options and files (older shard)"]
+
+
+def test_a_failed_reindex_leaves_the_previous_index_as_it_was(products, tmp_path, monkeypatch):
+    import os
+    import shutil
+
+    import visrec.index.catalogue as cat_mod
+    from visrec.index.faiss_index import FaissIndex
+
+    spec = {"name": "product", "backbone": "resnet18", "dim": 16}
+    out = tmp_path / "idx"
+    cat_mod.build_catalogue_index(products / "catalogue", out, _seeded_descriptor(0), spec, _opts())
+    before = _index_files(out)
+    assert set(before) == {"descriptor.pt", "descriptors.npy", "ids.txt", "chain.pt", "index.faiss", "manifest.json"}
+    queries = [(q.stem, q) for q in sorted((products / "query").glob("*.jpg"))]
+    ranked, scores = cat_mod.CatalogueIndex(out).search_items(queries, k=5)
+
+    def unchanged():
+        assert _index_files(out) == before
+        assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporary files left behind
+        again = cat_mod.CatalogueIndex(out).search_items(queries, k=5)
+        assert again == (ranked, scores)
+
+    other = _seeded_descriptor(1)
+    shutil.rmtree(out / "shards")  # as the tester did: nothing to reuse, everything is described again
+    # a bad FAISS factory string: refused before any work
+    with pytest.raises(ConfigError, match="BOGUS"):
+        cat_mod.build_catalogue_index(products / "catalogue", out, other, spec, _opts(factory="BOGUS"))
+    unchanged()
+    assert not (out / "shards").exists()
+    # a failure after the descriptors are written (FAISS refusing the vectors)
+    def broken_build(self, vectors, *a, **k):
+        raise DataError("injected FAISS failure")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(FaissIndex, "build", broken_build)
+        with pytest.raises(DataError, match="injected"):
+            cat_mod.build_catalogue_index(products / "catalogue", out, other, spec, _opts())
+    unchanged()
+    assert len(list((out / "shards").glob("shard-*.npz"))) == 3  # the finished extraction is kept for the rerun
+    # killed while the new files were moved in (before the manifest): the reader refuses the mix
+    real_replace = os.replace
+
+    def killed_before_manifest(src, dst):
+        if str(dst).endswith("manifest.json") and ".building-" in str(src):
+            raise KeyboardInterrupt("killed")
+        real_replace(src, dst)
+
+    with monkeypatch.context() as mp:
+        mp.setattr(cat_mod.os, "replace", killed_before_manifest)
+        with pytest.raises(KeyboardInterrupt):
+            cat_mod.build_catalogue_index(products / "catalogue", out, other, spec, _opts())
+    now = _index_files(out)
+    assert now["manifest.json"] == before["manifest.json"] and now["descriptors.npy"] != before["descriptors.npy"]
+    with pytest.raises(DataError, match="not the file this index's manifest.json was written with"):
+        cat_mod.CatalogueIndex(out)
+    # the rerun completes the new index, from the shards already described
+    m = cat_mod.build_catalogue_index(products / "catalogue", out, other, spec, _opts())
+    assert m["shards"]["reused"] == 3
+    cat_mod.CatalogueIndex(out).search_items(queries, k=5)
+
+
+def test_an_index_of_an_older_visrec_is_checked_against_its_files(products, tmp_path):
+    import json as _json
+
+    import visrec.index.catalogue as cat_mod
+
+    spec = {"name": "product", "backbone": "resnet18", "dim": 16}
+    out = tmp_path / "idx"
+    cat_mod.build_catalogue_index(products / "catalogue", out, _seeded_descriptor(0), spec, _opts())
+    manifest = _json.loads((out / "manifest.json").read_text())
+    manifest.pop("files", None)  # as an older visrec wrote it
+    (out / "manifest.json").write_text(_json.dumps(manifest))
+    cat_mod.CatalogueIndex(out)
+    # its descriptor replaced by a wider one (what the unchecked re-run left): refused, not searched wrongly
+    wide = tmp_path / "wide"
+    cat_mod.build_catalogue_index(products / "catalogue", wide, _seeded_descriptor(1, dim=32), {**spec, "dim": 32},
+                                  _opts())
+    (out / "descriptor.pt").write_bytes((wide / "descriptor.pt").read_bytes())
+    with pytest.raises(DataError, match="descriptor.pt makes 32-d descriptors but manifest.json says 16"):
+        cat_mod.CatalogueIndex(out)

@@ -23,7 +23,9 @@ def _bar(show: bool = True):
 
 @app.command("index")
 def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalogue images"),
-          out: Path = typer.Option(..., "--out", help="index directory (re-running resumes extraction)"),
+          out: Path = typer.Option(..., "--out", help="index directory (a re-run reuses the extraction shards of the "
+                                   "same model, options and image files; the index files are replaced only once a "
+                                   "build succeeds)"),
           config: Optional[Path] = typer.Option(None, "--config", help="YAML with model and index sections"),
           model: Optional[Path] = typer.Option(None, "--model", help="trained descriptor: run dir or model.pt (run "
                                                "in PyTorch on --device), or its .onnx export (run in ONNX Runtime "
@@ -72,6 +74,11 @@ def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalog
     t.add_column("item")
     t.add_column("value")
     t.add_row("images indexed", f"{m['count']:,}")
+    shards = m.get("shards") or {}
+    if shards:
+        why = ", ".join(f"{reason}: {n}" for reason, n in sorted(shards.get("why", {}).items()))
+        t.add_row("extraction shards", f"{shards.get('reused', 0)} reused, {shards.get('described', 0)} described"
+                  + (f" ({why})" if why else ""))
     t.add_row("unreadable (skipped, listed in manifest.json)", str(len(m["unreadable"])))
     for bad in m["unreadable"][:5]:
         t.add_row(f"  {bad['id']}", bad["reason"])

@@ -1,17 +1,28 @@
 """Product catalogue index: images -> descriptors (resumable) -> post-processing chain -> FAISS -> search.
 
 An index directory holds:
-  manifest.json        model config, descriptor dimension, options, counts, unreadable images by id
+  manifest.json        model config, descriptor dimension, options, counts, unreadable images by id, and
+                       ``files``: the name, size and digest of every file below it was written with
   descriptor.pt        the descriptor network ({model_config, backbone}, the visrec checkpoint layout), or
   descriptor.onnx      the ONNX descriptor the catalogue was described with (``visrec export`` of a product
                        checkpoint), which ONNX Runtime runs on the queries too
-  shards/              extraction shards ``shard-NNNNN.npz`` (ids, vectors); a crash mid-catalogue keeps
-                       every finished shard and the next run continues after the last one
+  shards/              extraction shards ``shard-NNNNN.npz`` (ids, vectors, and the record of what made them);
+                       a crash mid-catalogue keeps every finished shard and the next run reuses a shard only
+                       when its record matches that run: the descriptor (SHA-256 of its weights and
+                       structure, or of its ONNX file), the options that change a descriptor (``size``,
+                       ``multiscale``, ``dtype``) and each image file (name, size, mtime_ns). Anything else,
+                       a shard without a record included, is described again
   descriptors.npy      raw catalogue descriptors (float16 or float32, rows = ids.txt), L2-normalised
   ids.txt              catalogue ids, one per line, row order
   chain.pt             the fitted post-processing stages (tensors only); a stage the catalogue could not
                        support was shrunk, and manifest.json lists why under ``postprocess_adjustments``
   index.faiss          the FAISS index over the post-processed catalogue
+
+A build writes the index files into a temporary folder inside the index directory, checks them, and moves
+them in only once every one is written, ``manifest.json`` last: a build that fails (a bad option, an
+unreadable catalogue, FAISS refusing the vectors) leaves the previous index as it was. The options are checked
+(the FAISS factory string included) before any image is read. :class:`CatalogueIndex` refuses a folder whose
+files are not the ones its manifest records (a build killed while it moved them in, a file changed by hand).
 
 Descriptors: ``preprocess_product`` (white square padding, resize to ``size``, ImageNet normalisation),
 the network, and with ``multiscale`` the L2-normalised sum of the descriptors at each scale.
@@ -38,6 +49,7 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
@@ -164,14 +176,19 @@ def _batches_ahead(batches: Sequence[Sequence[tuple[str, Path]]], opts: IndexOpt
 
 def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]], out_dir: str | Path,
                         opts: IndexOptions, *, device="cpu", progress: Callable[[int], None] | None = None,
-                        rank: int = 0, world_size: int = 1) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
+                        rank: int = 0, world_size: int = 1, digest: str | None = None, stats: dict | None = None
+                        ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     """Descriptors of every readable catalogue image, in shards under ``out_dir/shards`` (see module doc).
 
     Returns ``(ids, vectors float32, bad)``; ``bad`` lists ``(id, reason)`` of unreadable images (with
-    ``opts.strict`` the first one raises). Finished shards whose id list matches are reused, so a rerun
-    after a crash only computes what is missing. ``progress(n)`` is called with images done. With
-    ``world_size`` > 1 only the shards s with s % world_size == rank are computed (or reused) and returned;
-    :func:`join_shards` reads all of them back once every rank is done. Images are read, decoded and
+    ``opts.strict`` the first one raises). A finished shard is reused only when the record it was written with
+    matches this call (:func:`_shard_record`: the model's :func:`model_digest`, the options that change a
+    descriptor, each image file's name, size and mtime_ns), so a rerun after a crash only computes what is
+    missing and a rerun with another model, other options or replaced images computes it again. ``digest``:
+    the model's :func:`model_digest` when the caller already has it. ``stats``: filled with ``reused`` and
+    ``described`` shard counts and ``why`` (reason -> shards described). ``progress(n)`` is called with images
+    done. With ``world_size`` > 1 only the shards s with s % world_size == rank are computed (or reused) and
+    returned; :func:`join_shards` reads all of them back once every rank is done. Images are read, decoded and
     preprocessed by loader threads ahead of the network (module doc).
     """
     if not 0 <= rank < world_size:
@@ -179,20 +196,31 @@ def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]
     shard_dir = Path(out_dir) / "shards"
     shard_dir.mkdir(parents=True, exist_ok=True)
     for_inference(model, device)
-    mine = []  # (shard path, its items, the finished shard to reuse or None)
+    digest = digest or model_digest(model)
+    dim = getattr(model, "dim", None)
+    mine = []  # (shard path, its items, its record, the finished shard to reuse or None)
+    tally = {"reused": 0, "described": 0, "why": {}}
     for s, start in enumerate(range(0, len(items), opts.shard_size)):
         if s % world_size != rank:
             continue
         chunk = list(items[start:start + opts.shard_size])
         path = shard_dir / f"shard-{s:05d}.npz"
-        z = _finished_shard(path) if path.exists() else None
-        mine.append((path, chunk, z if z is not None and list(z["requested"]) == [i for i, _ in chunk] else None))
+        record = _shard_record(digest, opts, chunk)
+        z, why = _reusable_shard(path, chunk, record, opts, dim)
+        if z is None:
+            tally["described"] += 1
+            tally["why"][why] = tally["why"].get(why, 0) + 1
+        else:
+            tally["reused"] += 1
+        mine.append((path, chunk, record, z))
+    if stats is not None:
+        stats.update(tally)
     size = opts.batch_size
-    batches = _batches_ahead([chunk[b:b + size] for _, chunk, z in mine if z is None
+    batches = _batches_ahead([chunk[b:b + size] for _, chunk, _, z in mine if z is None
                               for b in range(0, len(chunk), size)], opts)
     ids_all, vecs_all, bad_all = [], [], []
     try:
-        for path, chunk, z in mine:
+        for path, chunk, record, z in mine:
             if z is not None:
                 ids_all += list(z["ids"])
                 vecs_all.append(z["vectors"].astype(np.float32))
@@ -215,7 +243,8 @@ def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]
             tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
             np.savez(tmp, requested=np.array([i for i, _ in chunk]), ids=np.array(ids, dtype=str),
                      vectors=vectors.astype(opts.dtype), bad_ids=np.array([b[0] for b in bad], dtype=str),
-                     bad_reasons=np.array([b[1] for b in bad], dtype=str))
+                     bad_reasons=np.array([b[1] for b in bad], dtype=str),
+                     record=np.array(json.dumps(record, sort_keys=True)))
             os.replace(tmp, path)  # a shard exists complete or not at all
             ids_all += ids
             vecs_all.append(vectors.astype(opts.dtype).astype(np.float32))
@@ -225,21 +254,120 @@ def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]
     return _joined(ids_all, vecs_all, bad_all)
 
 
-def join_shards(items: Sequence[tuple[str, Path]], out_dir: str | Path, opts: IndexOptions
+SHARD_RECORD_VERSION = 1  # raise it when preprocessing or the shard layout changes what a shard holds
+
+
+def model_digest(model: torch.nn.Module) -> str:
+    """SHA-256 naming what a descriptor computes: an ONNX descriptor's file; a PyTorch one's class, structure
+    (``repr``: layers and their settings, e.g. the pooling) and every parameter and buffer (name, dtype, shape,
+    bytes; the memory layout does not count). Two models with one digest give the same descriptors."""
+    h = hashlib.sha256()
+    if isinstance(model, OnnxDescriptor):
+        h.update(b"onnx\0" + _sha256_file(model.path).encode())
+        return h.hexdigest()
+    h.update(f"{type(model).__module__}.{type(model).__qualname__}\0{model!r}\0".encode())
+    for name, value in model.state_dict().items():
+        if isinstance(value, torch.Tensor):
+            t = value.detach().cpu().contiguous()
+            h.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+        else:
+            h.update(f"{name}\0{value!r}\0".encode())
+    return h.hexdigest()
+
+
+def _image_identity(path: Path) -> str:
+    try:
+        st = path.stat()
+    except OSError as exc:
+        return f"unreadable: {type(exc).__name__}"
+    return f"{st.st_size}\t{st.st_mtime_ns}"
+
+
+def _shard_record(digest: str, opts: IndexOptions, chunk: Sequence[tuple[str, Path]]) -> dict:
+    """What a shard of ``chunk`` is made of: the model's digest, the options that change a descriptor (not
+    ``batch_size``, ``workers`` or the device: they change how fast, or the last float bits at most), and a
+    digest of each image's id, file name, size and mtime_ns (a replaced file differs in one of them)."""
+    images = hashlib.sha256("".join(f"{i}\t{p.name}\t{_image_identity(Path(p))}\n" for i, p in chunk).encode())
+    return {"version": SHARD_RECORD_VERSION, "model": digest,
+            "options": {"size": opts.size, "multiscale": opts.multiscale, "dtype": opts.dtype},
+            "images": images.hexdigest()}
+
+
+def _stored_record(z: dict) -> dict | None:
+    """The record a shard was written with, or None (a shard of an older visrec, or an unreadable record)."""
+    if "record" not in z:
+        return None
+    try:
+        record = json.loads(str(z["record"].item() if z["record"].ndim == 0 else ""))
+    except (ValueError, TypeError):
+        return None
+    return record if isinstance(record, dict) else None
+
+
+_RECORD_WHY = (("version", "written by another visrec"), ("model", "another model"),
+               ("options", "other options (size, multiscale, dtype)"), ("images", "image files changed"))
+
+
+def _record_mismatch(stored: dict | None, expected: dict) -> str | None:
+    """Why a shard's stored record does not match the expected one, or None when it does."""
+    if stored is None:
+        return "no record of its model, options and files (older shard)"
+    for key, why in _RECORD_WHY:
+        if stored.get(key) != expected[key]:
+            return why
+    return None
+
+
+def _reusable_shard(path: Path, chunk, record: dict, opts: IndexOptions, dim: int | None
+                    ) -> tuple[dict | None, str]:
+    """(the finished shard at ``path``, "reused") when it can stand for ``chunk`` in this run, else (None, why
+    it is described again)."""
+    if not path.exists():
+        return None, "new"
+    z = _finished_shard(path)
+    if z is None:
+        return None, "unfinished or unreadable"
+    if list(z["requested"]) != [i for i, _ in chunk]:
+        return None, "other images"
+    why = _record_mismatch(_stored_record(z), record)
+    if why is not None:
+        return None, why
+    vectors = z["vectors"]
+    if vectors.ndim != 2 or len(vectors) != len(z["ids"]) or (dim and vectors.shape[1] != dim):
+        return None, "unfinished or unreadable"
+    if opts.strict and len(z["bad_ids"]):
+        return None, "index.strict and it holds unreadable images"
+    return z, "reused"
+
+
+def join_shards(items: Sequence[tuple[str, Path]], out_dir: str | Path, opts: IndexOptions, *,
+                model: torch.nn.Module | None = None, digest: str | None = None
                 ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     """Every extraction shard of ``items`` read back in catalogue order — what :func:`extract_descriptors`
-    returns in one process. Each shard must be finished and hold exactly its images' ids: a missing one is an
-    error naming it (the ranks of a sharded run must write into one folder they all see)."""
+    returns in one process. Each shard must be finished, hold exactly its images' ids and carry the record of
+    these options and image files and of ``model`` (its ``digest``; with neither, of one model for every
+    shard): a missing or other one is an error naming it (the ranks of a sharded run must write into one
+    folder they all see)."""
     shard_dir = Path(out_dir) / "shards"
+    if digest is None and model is not None:
+        digest = model_digest(model)
     ids_all, vecs_all, bad_all = [], [], []
     for s, start in enumerate(range(0, len(items), opts.shard_size)):
         path = shard_dir / f"shard-{s:05d}.npz"
-        expected = [i for i, _ in items[start:start + opts.shard_size]]
+        chunk = list(items[start:start + opts.shard_size])
         z = _finished_shard(path) if path.exists() else None
-        if z is None or list(z["requested"]) != expected:
+        if z is None or list(z["requested"]) != [i for i, _ in chunk]:
             state = "missing" if not path.exists() else "unfinished or not of these images"
             raise DataError(f"extraction shard {state} after every rank finished: the ranks must write into one "
                             "--out folder that all of them see (a shared filesystem)", path=path)
+        stored = _stored_record(z)
+        if digest is None and stored is not None and isinstance(stored.get("model"), str):
+            digest = stored["model"]  # no model given: the first shard's, which every other must share
+        why = _record_mismatch(stored, _shard_record(digest or "", opts, chunk))
+        if why is not None:
+            raise DataError(f"extraction shard not made for this run ({why}) after every rank finished: the ranks "
+                            "must run the same model and options on the same catalogue files", path=path)
         ids_all += list(z["ids"])
         vecs_all.append(z["vectors"].astype(np.float32))
         bad_all += list(zip(z["bad_ids"].tolist(), z["bad_reasons"].tolist()))
@@ -254,49 +382,79 @@ def _joined(ids_all, vecs_all, bad_all) -> tuple[list[str], np.ndarray, list[tup
 
 def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: torch.nn.Module, model_config: dict,
                           opts: IndexOptions, *, device="cpu", progress=None, group=None) -> dict:
-    """Index every image of ``catalogue`` (a folder of ``<id>.jpg``) into ``out_dir``; returns the manifest.
+    """Index every image of ``catalogue`` (a folder of ``<id>.jpg``) into ``out_dir``; returns the manifest,
+    with ``shards`` added (not stored): ``reused`` and ``described`` extraction shards, and ``why`` (reason ->
+    shards described), over every rank.
 
+    The options are checked before anything is read or written; the index files replace a previous index in
+    ``out_dir`` only once all of them are written (module doc), so a failure leaves that index as it was.
     ``group``: run as the ranks of this torch.distributed process group (module doc); every rank calls this
     with the same catalogue and options, each describes its shards (``progress`` hears this rank's images),
     rank 0 builds the index, and every rank returns its manifest."""
     rank, world = rank_and_size(group)
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     chain = Chain.from_config(opts.postprocess)  # config errors before hours of extraction
     if isinstance(model, OnnxDescriptor):
         model.check_options(opts)
+    _check_faiss_options(model, opts, chain)
     items = list_images(catalogue)
     if not items:
         raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=catalogue)
+    out.mkdir(parents=True, exist_ok=True)
     if world > 1:
         _same_catalogue_everywhere(items, opts, group)
         broadcast_module(model, group)  # rank 0's weights everywhere (a random head differs per rank otherwise)
+    digest = model_digest(model)  # after the broadcast: every rank's shards carry rank 0's weights
 
-    if rank == 0:
-        _save_descriptor(model, model_config, opts, out)
+    stats: dict = {}
     if world == 1:
-        return _finish(catalogue, out, model_config, opts, chain,
-                       extract_descriptors(model, items, out, opts, device=device, progress=progress))
+        extracted = extract_descriptors(model, items, out, opts, device=device, progress=progress, digest=digest,
+                                        stats=stats)
+        return {**_finish(catalogue, out, model, model_config, opts, chain, extracted), "shards": stats}
     on_every_rank("describing the catalogue", lambda: extract_descriptors(
-        model, items, out, opts, device=device, progress=progress, rank=rank, world_size=world), group)
-    return from_rank_zero("building the catalogue index",
-                          lambda: _finish(catalogue, out, model_config, opts, chain, join_shards(items, out, opts)),
-                          group)
+        model, items, out, opts, device=device, progress=progress, rank=rank, world_size=world, digest=digest,
+        stats=stats), group)
+    total = {"reused": 0, "described": 0, "why": {}}
+    for theirs in gather_objects(stats, group):
+        total["reused"] += theirs.get("reused", 0)
+        total["described"] += theirs.get("described", 0)
+        for why, n in theirs.get("why", {}).items():
+            total["why"][why] = total["why"].get(why, 0) + n
+    manifest = from_rank_zero("building the catalogue index", lambda: _finish(
+        catalogue, out, model, model_config, opts, chain, join_shards(items, out, opts, digest=digest)), group)
+    return {**manifest, "shards": total}
 
 
-def _save_descriptor(model: torch.nn.Module, model_config: dict, opts: IndexOptions, out: Path) -> None:
-    """``descriptor.pt`` (a PyTorch descriptor) or ``descriptor.onnx`` (a copy of an ONNX one) into ``out``, the
-    other one removed: what :class:`CatalogueIndex` runs on the queries."""
-    if isinstance(model, OnnxDescriptor):
-        tmp = out / ".descriptor.onnx.tmp"
-        shutil.copyfile(model.path, tmp)
-        os.replace(tmp, out / "descriptor.onnx")
-        (out / "descriptor.pt").unlink(missing_ok=True)
+def _check_faiss_options(model: torch.nn.Module, opts: IndexOptions, chain: Chain) -> None:
+    """``index.factory`` and ``index.nprobe`` must make a FAISS index of the dimension the chain will give
+    (the descriptor's, or the last whitening's ``dim``): a ConfigError naming them, before any work."""
+    from visrec.index.postprocess import PCAWhitening
+
+    dim = int(getattr(model, "dim", 0) or 0)
+    for stage in chain.stages:
+        if isinstance(stage, PCAWhitening) and stage.dim:
+            dim = int(stage.dim)
+    if dim <= 0:
         return
+    try:
+        FaissIndex(dim, opts.factory, opts.nprobe)
+    except ConfigError as exc:
+        raise ConfigError(f"index.factory={opts.factory!r}: {exc}") from None
+    except RuntimeError as exc:  # FAISS refusing nprobe for an index without inverted lists (Flat, HNSW, ...)
+        raise ConfigError(f"index.nprobe={opts.nprobe} does not apply to index.factory={opts.factory!r} (nprobe "
+                          f"is the IVF lists a search visits; drop it for this factory): {exc}") from None
+
+
+def _save_descriptor(model: torch.nn.Module, model_config: dict, opts: IndexOptions, out: Path) -> str:
+    """``descriptor.pt`` (a PyTorch descriptor) or ``descriptor.onnx`` (a copy of an ONNX one) into ``out``:
+    what :class:`CatalogueIndex` runs on the queries. Returns the file's name."""
+    if isinstance(model, OnnxDescriptor):
+        shutil.copyfile(model.path, out / "descriptor.onnx")
+        return "descriptor.onnx"
     contract = default_contract(model, model_config, image_size=opts.size, origin="visrec-checkpoint")
     atomic_save({"model_config": model_config, "backbone": model.state_dict(), "contract": contract.to_dict()},
                 out / "descriptor.pt")
-    (out / "descriptor.onnx").unlink(missing_ok=True)
+    return "descriptor.pt"
 
 
 def _same_catalogue_everywhere(items, opts: IndexOptions, group) -> None:
@@ -312,24 +470,112 @@ def _same_catalogue_everywhere(items, opts: IndexOptions, group) -> None:
                             "options")
 
 
-def _finish(catalogue, out: Path, model_config: dict, opts: IndexOptions, chain: Chain, extracted) -> dict:
-    """From the joined descriptors: descriptors.npy, ids.txt, the fitted chain, the FAISS index, the manifest."""
+INDEX_FILES = ("descriptor.pt", "descriptor.onnx", "descriptors.npy", "ids.txt", "chain.pt", "index.faiss")
+STAGING_PREFIX = ".building-"
+
+
+def _finish(catalogue, out: Path, model: torch.nn.Module, model_config: dict, opts: IndexOptions, chain: Chain,
+            extracted) -> dict:
+    """From the joined descriptors: the descriptor file, descriptors.npy, ids.txt, the fitted chain, the FAISS
+    index and the manifest, written into a temporary folder inside ``out`` and moved into ``out`` once every
+    one is written, the manifest (which records each file's size and digest) last: any failure before that
+    leaves the index already in ``out`` as it was."""
     ids, raw, bad = extracted
     if not ids:
         raise DataError("no catalogue image could be read", path=catalogue)
-    np.save(out / "descriptors.npy", raw.astype(opts.dtype))
-    (out / "ids.txt").write_text("".join(f"{i}\n" for i in ids))
-    processed = chain.fit(raw)  # may shrink an ill-posed stage, with a PostprocessWarning (postprocess module doc)
-    chain.save(out / "chain.pt")
-    FaissIndex(processed.shape[1], opts.factory, opts.nprobe).build(processed).save(out / "index.faiss")
-    manifest = {"model_config": model_config, "dim": int(raw.shape[1]), "index_dim": int(processed.shape[1]),
-                "count": len(ids), "unreadable": [{"id": i, "reason": r} for i, r in bad],
-                "catalogue": str(Path(catalogue).resolve()), "options": opts.model_dump(exclude={"workers"}),
-                "postprocess_adjustments": chain.adjustments}
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1))
-    os.replace(tmp, out / MANIFEST)
+    for left in out.glob(STAGING_PREFIX + "*"):  # what a build killed (kill -9) before cleaning up left behind
+        shutil.rmtree(left, ignore_errors=True)
+    stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
+    try:
+        names = [_save_descriptor(model, model_config, opts, stage), "descriptors.npy", "ids.txt", "chain.pt",
+                 "index.faiss"]
+        np.save(stage / "descriptors.npy", raw.astype(opts.dtype))
+        (stage / "ids.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+        processed = chain.fit(raw)  # may shrink an ill-posed stage, with a PostprocessWarning (postprocess module doc)
+        chain.save(stage / "chain.pt")
+        FaissIndex(processed.shape[1], opts.factory, opts.nprobe).build(processed).save(stage / "index.faiss")
+        manifest = {"model_config": model_config, "dim": int(raw.shape[1]), "index_dim": int(processed.shape[1]),
+                    "count": len(ids), "unreadable": [{"id": i, "reason": r} for i, r in bad],
+                    "catalogue": str(Path(catalogue).resolve()), "options": opts.model_dump(exclude={"workers"}),
+                    "postprocess_adjustments": chain.adjustments,
+                    "files": {name: _file_record(stage / name) for name in names}}
+        (stage / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+        _file_record(stage / MANIFEST)  # fsynced like the others
+        _swap_in(stage, out, names)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)
     return manifest
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+DIGEST_BLOCK = 1 << 20
+DIGEST_WHOLE = 64 << 20  # files up to this size are hashed whole; larger ones by DIGEST_SAMPLES blocks
+DIGEST_SAMPLES = 16
+
+
+def _file_digest(path: Path, fsync: bool = False) -> str:
+    """SHA-256 of a file's size and content: the whole file up to ``DIGEST_WHOLE`` bytes, else of
+    ``DIGEST_SAMPLES`` evenly spaced 1 MiB blocks (the first and the last among them). What it must catch is a
+    file of another build (a build killed among its renames), which differs almost everywhere; reading
+    every byte of a Perfect-500K index's gigabytes at each open would cost seconds for nothing more."""
+    size = path.stat().st_size
+    h = hashlib.sha256(f"{size}\n".encode())
+    with open(path, "rb") as fh:
+        if size <= DIGEST_WHOLE:
+            while block := fh.read(DIGEST_BLOCK):
+                h.update(block)
+        else:
+            for k in range(DIGEST_SAMPLES):
+                fh.seek((size - DIGEST_BLOCK) * k // (DIGEST_SAMPLES - 1))
+                h.update(fh.read(DIGEST_BLOCK))
+        if fsync:
+            os.fsync(fh.fileno())
+    return h.hexdigest()
+
+
+def _file_record(path: Path) -> dict:
+    """``{"bytes", "digest"}`` (:func:`_file_digest`) of a file just written, which is fsynced on the way (so
+    the rename that publishes it cannot outrun its data)."""
+    return {"bytes": path.stat().st_size, "digest": _file_digest(path, fsync=True)}
+
+
+def _swap_in(stage: Path, out: Path, names: Sequence[str]) -> None:
+    """Move the files of ``stage`` into ``out``, the manifest last. An old manifest without ``files`` (an index
+    of an older visrec) is removed first: it could not tell its own files from these, and a build killed among
+    the renames must leave a folder the reader refuses rather than one it misreads."""
+    old = out / MANIFEST
+    if old.exists() and not _records_files(old):
+        old.unlink()
+    for name in names:
+        os.replace(stage / name, out / name)
+    for name in ("descriptor.pt", "descriptor.onnx"):
+        if name not in names:  # the other runtime's descriptor of an earlier build
+            (out / name).unlink(missing_ok=True)
+    os.replace(stage / MANIFEST, out / MANIFEST)
+    try:
+        fd = os.open(out, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _records_files(manifest_path: Path) -> bool:
+    try:
+        return isinstance(json.loads(manifest_path.read_text(encoding="utf-8")).get("files"), dict)
+    except (OSError, ValueError, AttributeError):
+        return False
 
 
 def _finished_shard(path: Path) -> dict | None:
@@ -344,7 +590,12 @@ def _finished_shard(path: Path) -> dict | None:
 class CatalogueIndex:
     """An index directory opened for search. Its descriptor runs the queries: ``descriptor.pt`` in PyTorch on
     ``device``, or ``descriptor.onnx`` in ONNX Runtime on the execution ``providers`` (:mod:`visrec._onnx`;
-    None: the CPU). ``runtime`` says which."""
+    None: the CPU). ``runtime`` says which.
+
+    Every file the manifest records (``files``) must have the size and digest recorded there (``_file_digest``:
+    small files read whole, large ones sampled), or the index is refused with a DataError naming the file: its files would not belong
+    together. A manifest of an older visrec records none; its counts and dimensions are still checked against
+    the files."""
 
     def __init__(self, index_dir: str | Path, device="cpu", providers=None):
         self.dir = Path(index_dir)
@@ -356,7 +607,13 @@ class CatalogueIndex:
             self.opts = load_index_options(self.manifest["options"], str(self.dir / MANIFEST))
         except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise DataError(f"not a readable catalogue index manifest: {exc}", path=self.dir / MANIFEST) from None
-        if (self.dir / "descriptor.onnx").is_file() and not (self.dir / "descriptor.pt").exists():
+        files = self.manifest.get("files")
+        if files is not None:
+            self._check_files(files)
+            onnx = "descriptor.onnx" in files
+        else:  # an index of an older visrec
+            onnx = (self.dir / "descriptor.onnx").is_file() and not (self.dir / "descriptor.pt").exists()
+        if onnx:
             self.model = OnnxDescriptor(self.dir / "descriptor.onnx", providers)
             self.device = "cpu"
             self.runtime = self.model.runtime
@@ -373,6 +630,48 @@ class CatalogueIndex:
         self.faiss = FaissIndex.load(self.dir / "index.faiss", self.opts.nprobe)
         if len(self.faiss) != len(self.ids):
             raise DataError(f"index holds {len(self.faiss)} vectors but ids.txt {len(self.ids)}", path=self.dir)
+        self._check_counts()
+
+    def _check_files(self, files) -> None:
+        """Each file the manifest records has its recorded size and digest (class doc)."""
+        where = self.dir / MANIFEST
+        descriptors = [n for n in ("descriptor.pt", "descriptor.onnx") if isinstance(files, dict) and n in files]
+        if (not isinstance(files, dict) or set(files) - set(INDEX_FILES) or len(descriptors) != 1
+                or not {"descriptors.npy", "ids.txt", "chain.pt", "index.faiss"} <= set(files)):
+            raise DataError(f"not a readable catalogue index manifest: 'files' must name descriptors.npy, ids.txt, "
+                            f"chain.pt, index.faiss and one of descriptor.pt / descriptor.onnx, got "
+                            f"{sorted(files) if isinstance(files, dict) else type(files).__name__}", path=where)
+        for name, rec in files.items():
+            path = self.dir / name
+            if not (isinstance(rec, dict) and isinstance(rec.get("bytes"), int) and isinstance(rec.get("digest"), str)):
+                raise DataError(f"not a readable catalogue index manifest: files.{name} must be "
+                                f"{{bytes, digest}}", path=where)
+            try:
+                size = path.stat().st_size
+                same = size == rec["bytes"] and _file_digest(path) == rec["digest"]
+            except OSError as exc:
+                raise DataError(f"{name} of this index cannot be read ({exc.strerror or exc}): the index is "
+                                "incomplete; build it again with visrec products index", path=path) from None
+            if not same:
+                raise DataError(f"{name} is not the file this index's manifest.json was written with (its size or "
+                                "digest differs): the folder mixes files of different builds (a build killed "
+                                "while it moved its files in, or a file changed by hand); build it again with "
+                                "visrec products index", path=path)
+
+    def _check_counts(self) -> None:
+        """The manifest's count and dimensions against the files (an index of any visrec)."""
+        m = self.manifest
+        if isinstance(m.get("count"), int) and m["count"] != len(self.ids):
+            raise DataError(f"manifest.json counts {m['count']} catalogue images but ids.txt holds {len(self.ids)}: "
+                            "the files do not belong together; build the index again", path=self.dir)
+        dim = getattr(self.model, "dim", None)
+        if isinstance(m.get("dim"), int) and dim is not None and int(dim) != m["dim"]:
+            name = "descriptor.onnx" if isinstance(self.model, OnnxDescriptor) else "descriptor.pt"
+            raise DataError(f"{name} makes {int(dim)}-d descriptors but manifest.json says {m['dim']}: the files do "
+                            "not belong together; build the index again", path=self.dir / name)
+        if isinstance(m.get("index_dim"), int) and self.faiss.dim != m["index_dim"]:
+            raise DataError(f"index.faiss is {self.faiss.dim}-d but manifest.json says index_dim {m['index_dim']}: "
+                            "the files do not belong together; build the index again", path=self.dir / "index.faiss")
 
     def search_vectors(self, descriptors: np.ndarray, k: int = 7) -> tuple[list[list[str]], np.ndarray]:
         """Ranked catalogue ids (best first) and scores for raw query descriptors."""
