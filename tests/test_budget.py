@@ -207,3 +207,95 @@ def test_the_figures_name_a_landmark_models_output_as_points_not_an_embedding():
     assert "output per image" in text and "106 x 2" in text and "embedding dim" not in text
     face = check(build_backbone("mobilefacenet", embedding_size=128, scale=1).eval(), "deepglint-light", with_size=False)
     assert face.output_shape == (128,) and face.embedding_dim == 128
+
+
+def _graph_with(nodes, inits, tail):
+    """A tiny ONNX model: an FC of 9 MACs on the pooled input, plus ``nodes`` whose result ``tail`` (a float
+    scalar) is added to the output, so the extra arithmetic is part of the graph the counter walks."""
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((3, 3), np.float32), "W")
+    nodes = [helper.make_node("GlobalAveragePool", ["data"], ["g"]), helper.make_node("Flatten", ["g"], ["f"], axis=1),
+             helper.make_node("MatMul", ["f", "W"], ["m"]), *nodes, helper.make_node("Add", ["m", tail], ["fc1"])]
+    graph = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("data", TensorProto.FLOAT, [1, 3, 112, 112])],
+                              [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [1, 3])], [w, *inits])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    return model
+
+
+@pytest.mark.parametrize("bomb", ["ConstantOfShape", "Range", "Concat", "broadcast", "Shape"])
+def test_a_tiny_onnx_whose_shape_arithmetic_would_make_gigabytes_is_counted_without_building_it(tmp_path, bomb):
+    """`visrec budget check` is what SECURITY.md says to run first on an untrusted ONNX: a few hundred bytes
+    of ConstantOfShape([20000, 20000]) or Range(0, 1e9) used to be evaluated (GBs) before the 64-value fold
+    limit was checked. The size is now computed from the inputs first, and the count is still right."""
+    import resource
+    import time
+    import tracemalloc
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    i64 = lambda name, v: numpy_helper.from_array(np.array(v, np.int64), name)  # noqa: E731
+    total = [helper.make_node("ReduceSum", ["big"], ["s0"], keepdims=0),
+             helper.make_node("Cast", ["s0"], ["s"], to=TensorProto.FLOAT)]
+    nodes, inits = {
+        "ConstantOfShape": ([helper.make_node("ConstantOfShape", ["shape"], ["big"])], [i64("shape", [20000, 20000])]),
+        "Range": ([helper.make_node("Range", ["start", "limit", "delta"], ["big"])],
+                  [i64("start", 0), i64("limit", 10**9), i64("delta", 1)]),
+        # one 80 kB initializer named 20,000 times: 1.6 GB if concatenated
+        "Concat": ([helper.make_node("Concat", ["v"] * 20000, ["big"], axis=0)], [i64("v", np.zeros(10**4))]),
+        # (30000, 1) + (1, 30000): 7.2 GB from 480 kB
+        "broadcast": ([helper.make_node("Add", ["a", "b"], ["big"])],
+                      [i64("a", np.zeros((30000, 1))), i64("b", np.zeros((1, 30000)))]),
+        # Shape of a tensor shape inference knows to be 20000 x 20000: read off the shape, not from zeros
+        "Shape": ([helper.make_node("ConstantOfShape", ["shape"], ["huge"]),
+                   helper.make_node("Shape", ["huge"], ["big"])], [i64("shape", [20000, 20000])]),
+    }[bomb]
+    path = tmp_path / f"{bomb}.onnx"
+    onnx.save(_graph_with(nodes + total, inits, "s"), str(path))
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    start = time.monotonic()
+    tracemalloc.start()
+    try:
+        report = check(path, Protocol(name="x"))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert report.macs == 9 and [r.name for r in report.layers] == ["MatMul_2"]  # the FC, counted right
+    assert peak < 64 * 2**20, f"{peak:,} bytes traced"
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - rss < 300 * 1024  # KiB
+    assert time.monotonic() - start < 30
+
+
+def test_the_budget_cli_on_a_constant_of_shape_bomb_stays_small(tmp_path):
+    """The command itself, in a process of its own: its peak RSS is that of the interpreter and its imports,
+    not of the 20000 x 20000 float32 tensor (1.6 GB) the fold used to build."""
+    import os
+    import subprocess
+    import sys
+
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    path = tmp_path / "bomb.onnx"
+    nodes = [helper.make_node("ConstantOfShape", ["shape"], ["big"]),
+             helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0)]
+    shape = numpy_helper.from_array(np.array([20000, 20000], np.int64), "shape")
+    onnx.save(_graph_with(nodes, [shape], "s"), str(path))
+    assert path.stat().st_size < 400
+    script = ("import resource, sys\nfrom visrec.cli import main\n"
+              "sys.argv = ['visrec', 'budget', 'check', sys.argv[1], '-p', 'deepglint-light']\n"
+              "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+              "try:\n    main()\nexcept SystemExit as exc:\n    code = exc.code\n"
+              "print('PEAK', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base, 'CODE', code)\n")
+    out = subprocess.run([sys.executable, "-c", script, str(path)], capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "COLUMNS": "200"})
+    assert "Traceback" not in out.stderr, out.stderr
+    words = out.stdout.split()
+    peak_kib, code = int(words[words.index("PEAK") + 1]), words[words.index("CODE") + 1]
+    assert code == "1" and "MACs" in out.stdout  # fails the protocol (dim 3), a full report, no traceback
+    assert peak_kib < 300 * 1024, f"{peak_kib} KiB above the imports"

@@ -256,6 +256,118 @@ def test_an_export_declaring_a_huge_array_is_refused_without_allocating(tmp_path
         open_gallery("faiss").import_(tmp_path / "bomb.npz")
 
 
+def lying_npz(path, declared_bytes, lie="file_size", base=None):
+    """An .npz whose last member is STORED and holds a .npy header declaring ``declared_bytes`` of float32 plus
+    64 bytes, while a zip64 extra in the central directory claims ``declared_bytes`` for the member's
+    uncompressed size (``lie="file_size"``) or for both its sizes (``lie="both"``): what
+    /tmp/probe-models/mk_lied_zip.py builds, written here with struct so nothing but the claim is wrong."""
+    import struct
+    import zlib
+
+    def npy(array=None, shape=None):
+        out = io.BytesIO()
+        if array is not None:
+            np.save(out, array)
+        else:
+            np.lib.format.write_array_header_1_0(out, {"descr": "<f4", "fortran_order": False, "shape": shape})
+            out.write(b"\0" * 64)
+        return out.getvalue()
+
+    members = [(f"{k}.npy", npy(v)) for k, v in (base or {}).items()]
+    members.append(("vectors.npy" if not base else "extra.npy", npy(shape=(declared_bytes // 4,))))
+    out, central = io.BytesIO(), []
+    for i, (name, data) in enumerate(members):
+        offset, crc, raw = out.tell(), zlib.crc32(data), name.encode()
+        out.write(struct.pack("<IHHHHHIIIHH", 0x04034B50, 45, 0, 0, 0, 0, crc, len(data), len(data), len(raw), 0)
+                  + raw + data)
+        sizes, extra = (len(data), len(data)), b""
+        if i == len(members) - 1:  # the lie: zip64 sizes the member does not hold
+            if lie == "both":
+                sizes, extra = (0xFFFFFFFF, 0xFFFFFFFF), struct.pack("<HHQQ", 1, 16, declared_bytes, declared_bytes)
+            else:
+                sizes, extra = (len(data), 0xFFFFFFFF), struct.pack("<HHQ", 1, 8, declared_bytes)
+        central.append(struct.pack("<IHHHHHHIIIHHHHHII", 0x02014B50, 45, 45, 0, 0, 0, 0, crc, *sizes, len(raw),
+                                   len(extra), 0, 0, 0, 0, offset) + raw + extra)
+    start, directory = out.tell(), b"".join(central)
+    out.write(directory + struct.pack("<IHHHHIIH", 0x06054B50, 0, 0, len(central), len(central), len(directory),
+                                      start, 0))
+    path.write_bytes(out.getvalue())
+    last = zipfile.ZipFile(path).infolist()[-1]
+    assert (last.file_size, last.compress_type) == (declared_bytes, zipfile.ZIP_STORED)  # zipfile believes it
+    return path
+
+
+def _peak_bytes(fn):
+    """(what ``fn()`` raised, the peak of memory traced while it ran): numpy reports its array buffers to
+    tracemalloc, so a 1 GiB ``np.empty`` shows here even though the pages are never touched."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        fn()
+    except Exception as exc:  # noqa: BLE001 - returned for the test to check
+        raised = exc
+    else:
+        raised = None
+    finally:
+        peak = tracemalloc.get_traced_memory()[1]
+        tracemalloc.stop()
+    return raised, peak
+
+
+@pytest.mark.parametrize("declared", [2**30, 2**40])  # 1 GiB (an allocation that would succeed), 1 TiB
+@pytest.mark.parametrize("lie", ["file_size", "both"])
+def test_an_export_lying_about_a_stored_member_size_is_refused_without_allocating(tmp_path, declared, lie):
+    from visrec._npz import load_npz
+
+    src = _export(tmp_path)
+    with np.load(src, allow_pickle=False) as z:
+        base = {k: z[k] for k in z.files}
+    path = lying_npz(tmp_path / "lied.npz", declared, lie, base)
+    assert path.stat().st_size < 8192  # a few kB asking for up to a terabyte
+    g = open_gallery("faiss")
+    raised, peak = _peak_bytes(lambda: g.import_(path))
+    assert isinstance(raised, DataError), raised
+    assert "lied.npz" in str(raised) and "extra.npy" in str(raised)
+    assert peak < 32 * 2**20, f"{peak:,} bytes traced"
+    assert g.list() == []
+    raised, peak = _peak_bytes(lambda: load_npz(lying_npz(tmp_path / "bare.npz", declared, lie), "export",
+                                                stream=("vectors",)))
+    assert isinstance(raised, DataError) and "bare.npz" in str(raised) and "vectors.npy" in str(raised), raised
+    assert peak < 32 * 2**20, f"{peak:,} bytes traced"
+
+
+def test_members_no_export_reader_can_bound_are_refused(tmp_path):
+    from visrec._npz import load_npz
+
+    def refused(path, words):
+        raised, peak = _peak_bytes(lambda: load_npz(path, "export"))
+        assert isinstance(raised, DataError) and path.name in str(raised) and words in str(raised), raised
+        assert peak < 32 * 2**20, f"{peak:,} bytes traced"
+
+    # bzip2 expands far beyond deflate's 1032:1 (a few kB to gigabytes): only stored and deflated are read
+    with zipfile.ZipFile(tmp_path / "bz.npz", "w", zipfile.ZIP_BZIP2) as zf:
+        zf.writestr("a.npy", io.BytesIO(np.zeros(4, np.float32).tobytes()).getvalue())
+    refused(tmp_path / "bz.npz", "method")
+    # a zero-size dtype or a zero-length trailing axis holds no bytes, yet tolist()/iterating walks every element
+    for name, header in (("u0.npz", {"descr": "<U0", "fortran_order": False, "shape": (2**40,)}),
+                         ("rows.npz", {"descr": "<f4", "fortran_order": False, "shape": (2**40, 0)})):
+        buf = io.BytesIO()
+        np.lib.format.write_array_header_1_0(buf, header)
+        with zipfile.ZipFile(tmp_path / name, "w") as zf:
+            zf.writestr("a.npy", buf.getvalue())
+        refused(tmp_path / name, "declares")
+    # a .npy header length of 4 GB in a deflated member is refused before it is decompressed and read
+    raw = b"\x93NUMPY\x02\x00" + (2**32 - 1).to_bytes(4, "little") + b" " * 2**20
+    with zipfile.ZipFile(tmp_path / "hdr.npz", "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.npy", raw)
+    refused(tmp_path / "hdr.npz", "header")
+    # still read: an empty export, stored and deflated (np.savez_compressed) members
+    np.savez_compressed(tmp_path / "ok.npz", a=np.arange(10.0), e=np.zeros((0, 16), np.float32))
+    out = load_npz(tmp_path / "ok.npz", "export")
+    assert out["a"].tolist() == list(np.arange(10.0)) and out["e"].shape == (0, 16)
+
+
 def test_an_import_failing_half_way_is_undone(tmp_path, monkeypatch, milvus):
     src = _export(tmp_path, n=6)
     from visrec.index.gallery import base

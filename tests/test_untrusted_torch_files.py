@@ -267,3 +267,81 @@ def test_own_files_need_no_global_and_resume(faces, tmp_path):
     assert np.array_equal(np.random.random(4), expected)
     cfg = parse_config(run_config(faces, out, schedule={"max_steps": 4, "warmup_steps": 1}))
     assert train(cfg, resume=True, progress=False).global_step == 4
+
+
+# --- sizes a torch file declares are bounded by the file ------------------------------------------------------
+def _vm_peak_kib() -> int:
+    """The process's peak virtual memory (VmPeak): torch allocates storages untouched, so RSS would not show
+    a declared 8 GB storage, while the address space it reserved does."""
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmPeak:"))
+
+
+def _legacy_file_declaring(path: Path, elements: int) -> Path:
+    """An old-format torch file (``_use_new_zipfile_serialization=False``) of one float32 tensor of 70,001
+    values whose pickle declares ``elements`` for its storage instead: the 4-byte count after the BININT
+    opcode patched, as /tmp/probe-models/bigshape.py does. It holds 280 kB of floats."""
+    import struct
+
+    torch.save({"w": torch.zeros(70001)}, path, _use_new_zipfile_serialization=False)
+    raw = path.read_bytes()
+    old = b"J" + struct.pack("<i", 70001)
+    assert raw.count(old) == 2  # the storage's element count and the tensor's size
+    at = raw.index(old)  # the storage's persistent id comes first
+    path.write_bytes(raw[:at] + b"J" + struct.pack("<i", elements) + raw[at + 5:])
+    return path
+
+
+@pytest.mark.parametrize("elements", [2**31 - 1, 2**28])  # 8.6 GB and 1 GB of float32 declared in 280 kB
+def test_an_old_format_file_declaring_a_huge_storage_is_refused_before_it_is_allocated(tmp_path, elements):
+    from visrec._torchfile import read_torch_file
+
+    path = _legacy_file_declaring(tmp_path / "big_legacy.pt", elements)
+    assert path.stat().st_size < 300_000
+    import tracemalloc
+
+    before = _vm_peak_kib()
+    tracemalloc.start()
+    try:
+        with pytest.raises(DataError) as err:
+            read_torch_file(path)
+        traced = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert _vm_peak_kib() - before < 512 * 1024, "an allocation the size of the declared storage was made"
+    assert traced < 32 * 2**20
+    assert str(path) in str(err.value) and "declare" in str(err.value), err.value
+    assert f"{elements * 4 + 8:,}" in str(err.value)  # the bytes its storage needs, against those the file holds
+    # the same file, unpatched, loads (an old-format file is not refused for being old)
+    torch.save({"w": torch.arange(5.0), "i": torch.arange(3)[1:]}, tmp_path / "ok.pt",
+               _use_new_zipfile_serialization=False)
+    ok = read_torch_file(tmp_path / "ok.pt")
+    assert ok["w"].tolist() == [0, 1, 2, 3, 4] and ok["i"].tolist() == [1, 2]
+
+
+def test_a_length_inside_a_non_zip_file_never_sizes_a_read_beyond_the_file(tmp_path):
+    """A pickle's 4-byte string length (BINUNICODE) of 4 GB in a 20-byte file: reading it must not make a
+    4 GB buffer (BufferedReader.read(n) allocates n first); the refusal stays a DataError naming the file."""
+    import io
+    import pickletools
+    import struct
+
+    from visrec._torchfile import read_torch_file
+
+    path = tmp_path / "long.pt"
+    path.write_bytes(b"\x80\x02X" + struct.pack("<I", 2**32 - 1) + b"abc")
+    before = _vm_peak_kib()
+    with pytest.raises(DataError, match="long.pt"):
+        read_torch_file(path)
+    assert _vm_peak_kib() - before < 512 * 1024
+    # in an old-format file, past the magic number: the storage scan reads it through the same bounded reader
+    legacy = tmp_path / "legacy_long.pt"
+    torch.save({"w": torch.zeros(2)}, legacy, _use_new_zipfile_serialization=False)
+    raw = io.BytesIO(legacy.read_bytes())
+    for _ in range(3):  # magic number, protocol, system info: the object's pickle starts after them
+        list(pickletools.genops(raw))
+    legacy.write_bytes(raw.getvalue()[:raw.tell()] + b"\x80\x02X" + struct.pack("<I", 2**32 - 1) + b"abc")
+    before = _vm_peak_kib()
+    with pytest.raises(DataError, match="legacy_long.pt.*old format.*cannot be read"):
+        read_torch_file(legacy)
+    assert _vm_peak_kib() - before < 512 * 1024
