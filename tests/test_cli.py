@@ -13,7 +13,7 @@ runner = CliRunner()
 def test_data_synth_faces_writes_real_formats(tmp_path):
     out = tmp_path / "synth"
     res = runner.invoke(app, ["data", "synth", "faces", "--out", str(out), "--identities", "3", "--per-identity", "2",
-                              "--pairs", "4"])
+                              "--pairs", "10"])
     assert res.exit_code == 0, res.output
     assert (out / "train" / "train.rec").exists() and (out / "val.bin").exists()
     assert "synthetic faces written" in res.output

@@ -70,3 +70,119 @@ def test_task_section_validated_with_field_path(tmp_path):
                         "data": {"train": "/tmp/x"}, "loss": {"sample_rate": 2}})
     with pytest.raises(ConfigError, match=r"loss\.sample_rate"):
         FaceTask(cfg, RunContext(device=torch.device("cpu")), "run.yaml")
+
+
+# --- --set overrides and YAML loading: every bad input is a ConfigError naming it, never a traceback ----------
+@pytest.mark.parametrize("override, words", [
+    ("schedule.max_steps.x=1", ["schedule.max_steps", "not a mapping"]),  # descending into a number
+    ("data.train.0=x", ["data.train", "not a mapping"]),          # into a string
+    ("a..b=1", ["not a dotted key"]),
+    ("=1", ["not a dotted key"]),
+])
+def test_set_into_a_non_mapping_is_a_config_error(tmp_path, override, words):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE.format(out=tmp_path / "o")), dict([parse_override(override)]))
+    assert all(w in str(err.value) for w in words), str(err.value)
+
+
+def test_set_into_a_list_says_to_set_the_whole_list(tmp_path):
+    text = BASE.format(out=tmp_path / "o").replace("data: {train: /tmp/x}", "data: {train: /tmp/x, val: [a.bin]}")
+    with pytest.raises(ConfigError, match=r"data\.val is list .*data\.val=\[\.\.\.\]"):
+        load_config(write(tmp_path, text), dict([parse_override("data.val.0=x")]))
+
+
+def test_set_creates_missing_and_empty_sections(tmp_path):
+    text = BASE.format(out=tmp_path / "o") + "loss:\n"
+    cfg = load_config(write(tmp_path, text), dict([parse_override("loss.name=cosface"), parse_override("optim.lr=0.5")]))
+    assert cfg.loss == {"name": "cosface"} and cfg.optim.lr == 0.5
+
+
+@pytest.mark.parametrize("override", ["optim.lr=[1", "optim.lr={a: 1", "optim.lr='x"])
+def test_malformed_yaml_value_names_the_override(override):
+    with pytest.raises(ConfigError, match="not valid YAML") as err:
+        parse_override(override)
+    assert override in str(err.value)
+
+
+def test_a_yaml_tag_is_refused_never_constructed(tmp_path, monkeypatch):
+    import os
+
+    called = []
+    monkeypatch.setattr(os, "system", lambda *a: called.append(a))
+    for text in ("optim.lr=!!python/name:os.system", "optim.lr=!!python/object/apply:os.system [echo hi]"):
+        with pytest.raises(ConfigError, match="not valid YAML"):
+            parse_override(text)
+    path = write(tmp_path, BASE.format(out=tmp_path / "o") + "seed: !!python/object/apply:os.system [echo hi]\n")
+    with pytest.raises(ConfigError, match="not valid YAML"):
+        load_config(path)
+    assert called == []
+
+
+@pytest.mark.parametrize("override, field", [("optim.lr=.inf", "optim.lr"), ("optim.momentum=.nan", "optim.momentum"),
+                                             ("loss.s=-.inf", "loss.s"), ("model.width_mult=.inf", "model.width_mult"),
+                                             ("data.extra=[1, .nan]", "data.extra.1")])
+def test_non_finite_numbers_are_refused_naming_the_field(tmp_path, override, field):
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE.format(out=tmp_path / "o")), dict([parse_override(override)]))
+    assert f"{field}: must be a finite number" in str(err.value) and "run.yaml" in str(err.value)
+
+
+@pytest.mark.parametrize("override", ["model.embedding_size=0", "model.embedding_size=-3", "model.embedding_size=10000000",
+                                      "model.embedding_size=true", "model.embedding_size=1.5", "model.scale=-1",
+                                      "model.width_mult=0", "model.blocks=[1, 0, 2, 2]", "model.dropout=1.0"])
+def test_model_sizes_are_bounded(tmp_path, override):
+    key = override.split("=")[0].split(".")[1]
+    with pytest.raises(ConfigError) as err:
+        load_config(write(tmp_path, BASE.format(out=tmp_path / "o")), dict([parse_override(override)]))
+    assert f"model: {key} must be" in str(err.value)
+
+
+def test_model_sizes_within_bounds_pass(tmp_path):
+    cfg = load_config(write(tmp_path, BASE.format(out=tmp_path / "o")),
+                      dict([parse_override("model.embedding_size=16384"), parse_override("model.blocks=[1, 2, 3, 1]")]))
+    assert cfg.model.kwargs["embedding_size"] == 16384
+
+
+def test_duplicate_key_is_refused_naming_key_and_file(tmp_path):
+    path = write(tmp_path, BASE.format(out=tmp_path / "o") + "batch_size: 8\nbatch_size: 16\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path)
+    assert str(path) in str(err.value) and "'batch_size' appears twice" in str(err.value)
+    nested = write(tmp_path, BASE.format(out=tmp_path / "o") + "optim:\n  lr: 0.1\n  lr: 0.2\n")
+    with pytest.raises(ConfigError, match="'lr' appears twice"):
+        load_config(nested)
+    # a YAML merge key is not a duplicate: the mapping's own key overrides the merged one, as YAML means
+    merged = write(tmp_path, BASE.format(out=tmp_path / "o") + "base: &b {lr: 0.1, momentum: 0.5}\n"
+                   "optim: {<<: *b, lr: 0.2}\n")
+    from visrec.config import read_yaml_mapping
+    assert read_yaml_mapping(merged)["optim"] == {"lr": 0.2, "momentum": 0.5}
+
+
+def test_cli_set_errors_exit_2_without_traceback(tmp_path):
+    import subprocess
+    import sys
+
+    path = write(tmp_path, BASE.format(out=tmp_path / "o"))
+    for override in ("batch_size.x=1", "optim.lr=[1", "optim.lr=!!python/name:os.system", "optim.lr=.inf",
+                     "model.embedding_size=0"):
+        done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", "--config", str(path), "--set", override],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr, (override, done.stderr)
+    assert not (tmp_path / "o").exists()  # refused before any work
+
+
+def test_registry_build_errors_name_the_options():
+    from visrec.models import build_backbone
+
+    with pytest.raises(ConfigError, match=r"backbone 'mbf' cannot be built with scale=-1: RuntimeError"):
+        build_backbone("mbf", scale=-1)
+
+
+@pytest.mark.parametrize("override", ["embedding_size=0", "scale=-1", "embedding_size=100000000"])
+def test_budget_check_set_sizes_are_config_errors(override):
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    res = CliRunner().invoke(app, ["budget", "check", "mbf", "-p", "deepglint-light", "--set", override])
+    assert isinstance(res.exception, ConfigError) and override.split("=")[0] in str(res.exception)

@@ -180,7 +180,7 @@ def test_cli_synth_faces_folder_and_pairs(tmp_path):
 
     runner = CliRunner()
     res = runner.invoke(app, ["synth", "faces", "--out", str(tmp_path / "s"), "--identities", "2", "--per-identity", "2",
-                              "--format", "folder", "--pairs", "4", "--difficulty", "0.5"])
+                              "--format", "folder", "--pairs", "10", "--difficulty", "0.5"])
     assert res.exit_code == 0, res.output
     assert "synthetic faces written" in res.output and "106-point landmarks" in res.output
     assert len(list((tmp_path / "s" / "train").glob("*/*.jpg"))) == 4

@@ -184,3 +184,27 @@ def test_a_changed_class_shard_is_named():
     with pytest.raises(ConfigError, match=r"head was checkpointed with head: classes 0\.\.5 of 6.*classes 0\.\.4 of 5"):
         ckpt.check_sharding(saved, {"head": {"class_start": 0, "num_local": 5, "num_classes": 5, "world_size": 1}},
                             Path("last.rank0.pt"))
+
+
+def test_a_finished_run_validated_on_resume_logs_the_row_once_and_fills_model_pt(face_rec, tmp_path, monkeypatch):
+    from visrec.data.synth import write_verification_pairs
+    from visrec.train.faces_task import FaceTask
+
+    out = tmp_path / "run"
+    val = write_verification_pairs(tmp_path / "val.bin", 4, 12, seed=5, first_identity=100_000)
+    cfg = make_cfg(face_rec, out, schedule={"max_steps": 3}, checkpoint_every=10,
+                   data={"train": str(face_rec), "val": [str(val)]})
+    first = train(cfg, progress=False)
+    log = out / "metrics.jsonl"
+    log.write_text("".join(r + "\n" for r in log.read_text().splitlines() if '"val"' not in r))  # killed mid-validation
+    blob = torch.load(out / "model.pt", weights_only=False)
+    blob["metrics"] = {}
+    torch.save(blob, out / "model.pt")
+    calls = []
+    real = FaceTask.validate
+    monkeypatch.setattr(FaceTask, "validate", lambda self, backbone: calls.append(1) or real(self, backbone))
+    assert train(cfg, resume=True, progress=False).metrics == pytest.approx(first.metrics)
+    assert train(cfg, resume=True, progress=False).metrics == pytest.approx(first.metrics)
+    assert calls == [1]  # the second resume answered from the row the first one logged
+    assert sum('"val"' in r for r in log.read_text().splitlines()) == 1
+    assert torch.load(out / "model.pt", weights_only=False)["metrics"] == pytest.approx(first.metrics)

@@ -231,3 +231,222 @@ def test_torchrun_two_gloo_processes(face_rec, tmp_path):
     w0 = next(iter(r0["modules"]["head"].values()))
     w1 = next(iter(r1["modules"]["head"].values()))
     assert w0.shape[0] + w1.shape[0] == 6
+
+
+# --- nothing trained is lost to a bad input: validation sets and outputs checked first, weights saved first ---
+from visrec.errors import DataError  # noqa: E402
+from visrec.train.faces_task import FaceTask  # noqa: E402
+from visrec.train.trainer import ValidationFailed  # noqa: E402
+
+
+def _bins(tmp_path):
+    """(a good 12-pair .bin, a 6-pair one, one holding a truncated JPEG, a path that does not exist)."""
+    import pickle
+
+    from visrec.data.synth import write_verification_pairs
+
+    good = write_verification_pairs(tmp_path / "good.bin", 4, 12, seed=5)
+    few = write_verification_pairs(tmp_path / "few.bin", 4, 6, seed=5)
+    bins, issame = pickle.loads(good.read_bytes(), encoding="bytes")
+    bins[5] = bins[5][:len(bins[5]) // 2]
+    trunc = tmp_path / "trunc.bin"
+    trunc.write_bytes(pickle.dumps((bins, issame), protocol=2))
+    return good, few, trunc, tmp_path / "nowhere.bin"
+
+
+def test_a_bad_validation_set_is_refused_before_the_first_step(face_rec, tmp_path, monkeypatch):
+    good, few, trunc, missing = _bins(tmp_path)
+    steps = []
+    monkeypatch.setattr(FaceTask, "training_step", lambda *a: steps.append(1))
+    for bad, words in ((few, "6 pairs cannot be split into 10 folds"), (trunc, "record 5"), (missing, "nowhere.bin")):
+        out = tmp_path / f"run-{bad.stem}"
+        with pytest.raises(DataError) as err:
+            train(make_cfg(face_rec, out, data={"train": str(face_rec), "val": [str(good), str(bad)]}), progress=False)
+        assert str(bad) in str(err.value) and words in str(err.value)
+        assert not out.exists()  # before any work: no folder, no log
+    assert steps == []
+
+
+def test_two_validation_sets_with_one_name_are_refused(face_rec, tmp_path):
+    good = _bins(tmp_path)[0]
+    (tmp_path / "other").mkdir()
+    twin = (tmp_path / "other" / "good.bin")
+    twin.write_bytes(good.read_bytes())
+    with pytest.raises(ConfigError, match="both log as 'good/accuracy'"):
+        train(make_cfg(face_rec, tmp_path / "run", data={"train": str(face_rec), "val": [str(good), str(twin)]}),
+              progress=False)
+
+
+def test_a_validation_that_fails_after_training_keeps_the_weights(face_rec, tmp_path, monkeypatch):
+    good = _bins(tmp_path)[0]
+    out = tmp_path / "run"
+    cfg = make_cfg(face_rec, out, schedule={"max_steps": 3}, checkpoint_every=10,
+                   data={"train": str(face_rec), "val": [str(good)]})
+    real = FaceTask.validate
+    monkeypatch.setattr(FaceTask, "validate", lambda self, backbone: (_ for _ in ()).throw(
+        DataError("went away", path=good)))
+    with pytest.raises(ValidationFailed) as err:
+        train(cfg, progress=False)
+    msg = str(err.value)
+    assert "went away" in msg and str(out / "model.pt") in msg and "--resume" in msg
+    assert final_state(out)["global_step"] == 3
+    model = torch.load(out / "model.pt", weights_only=False)
+    assert model["step"] == 3 and torch.equal(next(iter(model["backbone"].values())),
+                                              next(iter(final_state(out)["modules"]["backbone"].values())))
+    assert (out / "backbone.pth").exists()
+    # fixed: --resume validates the saved weights without training again, logs the row once, fills model.pt
+    monkeypatch.setattr(FaceTask, "validate", real)
+    again = train(cfg, resume=True, progress=False)
+    assert again.global_step == 3 and again.metrics and "good/accuracy" in again.metrics
+    assert torch.load(out / "model.pt", weights_only=False)["metrics"] == again.metrics
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "val" in r] == [3]
+
+
+def test_a_periodic_validation_that_fails_saves_its_step(face_rec, tmp_path, monkeypatch):
+    good = _bins(tmp_path)[0]
+    out = tmp_path / "run"
+    cfg = make_cfg(face_rec, out, schedule={"max_steps": 6}, checkpoint_every=4, val_every=3,
+                   data={"train": str(face_rec), "val": [str(good)]})
+    monkeypatch.setattr(FaceTask, "validate", lambda self, backbone: (_ for _ in ()).throw(DataError("bad", path=good)))
+    with pytest.raises(ValidationFailed, match="validation at step 3 failed"):
+        train(cfg, progress=False)
+    assert final_state(out)["global_step"] == 3  # step 3 is no checkpoint step: saved because validation failed
+    assert torch.load(out / "model.pt", weights_only=False)["step"] == 3
+
+
+def test_an_observer_that_ends_the_run_at_validation_passes_through(face_rec, tmp_path):
+    from visrec.train.trainer import Observer
+
+    class Prune(Observer):
+        def on_validate(self, step, backbone):
+            raise KeyError("pruned")
+
+    with pytest.raises(KeyError, match="pruned"):
+        train(make_cfg(face_rec, tmp_path / "run", val_every=2, checkpoint_every=10), progress=False,
+              observer=Prune())
+
+
+@pytest.mark.parametrize("layout", ["file", "under_file"])
+def test_an_output_that_is_or_lies_under_a_file_is_refused_first(face_rec, tmp_path, layout, monkeypatch):
+    afile = tmp_path / "afile"
+    afile.write_text("user's notes")
+    out = afile if layout == "file" else afile / "run"
+    opened = []
+    monkeypatch.setattr(FaceTask, "train_dataset", lambda self: opened.append(1))
+    with pytest.raises(DataError) as err:
+        train(make_cfg(face_rec, out), progress=False)
+    assert str(out) in str(err.value) and opened == []
+    assert afile.read_text() == "user's notes"
+
+
+def test_cli_train_output_file_and_bad_val_exit_2(face_rec, tmp_path):
+    few = _bins(tmp_path)[1]
+    (tmp_path / "afile").write_text("x")
+    for over in ([f"output={tmp_path / 'afile'}"], [f"output={tmp_path / 'afile' / 'sub'}"],
+                 [f"output={tmp_path / 'r'}", f"data.val=[{few}]"]):
+        cfg = _write_yaml(make_cfg(face_rec, tmp_path / "unused"), tmp_path / "run.yaml")
+        args = [sys.executable, "-m", "visrec.cli", "train", "--config", str(cfg), "--no-progress"]
+        for o in over:
+            args += ["--set", o]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr, done.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_synth_faces_refuses_fewer_pairs_than_folds(tmp_path):
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+    from visrec.errors import VisrecError
+
+    res = CliRunner().invoke(app, ["data", "synth", "faces", "--out", str(tmp_path / "s"), "--identities", "2",
+                                   "--per-identity", "1", "--pairs", "6"])
+    assert isinstance(res.exception, VisrecError) and "--pairs 6" in str(res.exception)
+    assert "10" in str(res.exception) and not (tmp_path / "s").exists()  # refused before rendering
+    done = subprocess.run([sys.executable, "-m", "visrec.cli", "data", "synth", "faces", "--out", str(tmp_path / "t"),
+                           "--identities", "2", "--per-identity", "1", "--pairs", "9"], capture_output=True, text=True)
+    assert done.returncode == 2 and "error:" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_record_file_that_is_a_directory_is_a_data_error(face_rec, tmp_path):
+    import shutil
+
+    data = tmp_path / "rec"
+    shutil.copytree(face_rec, data)
+    (data / "train.rec").unlink()
+    (data / "train.rec").mkdir()
+    with pytest.raises(DataError, match="train.rec: cannot open the record file"):
+        train(make_cfg(data, tmp_path / "run"), progress=False)
+
+
+# --- data.skip_bad: unreadable records skipped, counted, reported ------------------------------------------------
+@pytest.fixture()
+def bad_folder(tmp_path):
+    from visrec.data.synth import write_face_dataset
+
+    root = tmp_path / "folder"
+    write_face_dataset(root, 3, 4, format="folder", seed=3)
+    (root / "000001" / "00009.jpg").write_bytes(b"not a jpeg")  # decodes nowhere
+    (root / "000002" / "notes.txt").write_text("left out when indexing")
+    return root
+
+
+def test_skip_bad_skips_undecodable_images_and_reports_the_count(bad_folder, tmp_path, capsys):
+    out = tmp_path / "run"
+    cfg = make_cfg(bad_folder, out, batch_size=4, schedule={"max_steps": 6}, checkpoint_every=3,
+                   data={"train": str(bad_folder), "skip_bad": True})
+    res = train(cfg, progress=False)  # 13 images, 3 steps an epoch: every image read twice
+    assert res.global_step == 6 and res.skipped == 2
+    err = capsys.readouterr().err
+    assert "skipped 2 unreadable" in err and "00009.jpg" in err
+    rows = [json.loads(l) for l in (out / "metrics.jsonl").read_text().splitlines()]
+    skipped = [r["skipped"] for r in rows if "skipped" in r]
+    assert len(skipped) == 1 and skipped[0]["count"] == 2 and skipped[0]["when_reading"] == 1
+    assert final_state(out)["skipped"]["items"].numel() == 1
+    (bad_folder / "000002" / "notes.txt").unlink()
+    with pytest.raises(DataError, match="00009.jpg"):  # without skip_bad the same data fails, naming the file
+        train(make_cfg(bad_folder, tmp_path / "strict", batch_size=4, schedule={"max_steps": 6},
+                       data={"train": str(bad_folder)}), progress=False)
+
+
+def test_skip_bad_count_survives_a_resume(bad_folder, tmp_path):
+    out = tmp_path / "run"
+    cfg = make_cfg(bad_folder, out, batch_size=4, schedule={"max_steps": 6}, checkpoint_every=3,
+                   data={"train": str(bad_folder), "skip_bad": True})
+    train(cfg, progress=False, stop_after_steps=3)
+    assert train(cfg, resume=True, progress=False).skipped == 2
+
+
+def test_skip_bad_on_a_recordio_record_and_with_workers(face_rec, tmp_path):
+    import shutil
+
+    data = tmp_path / "rec"
+    shutil.copytree(face_rec, data)
+    offsets = [int(l.split("\t")[1]) for l in (data / "train.idx").read_text().splitlines()]
+    raw = bytearray((data / "train.rec").read_bytes())
+    raw[offsets[3] + 8 + 24:offsets[3] + 8 + 24 + 4] = b"AAAA"  # record 3's JPEG loses its start marker
+    (data / "train.rec").write_bytes(raw)
+    res = train(make_cfg(data, tmp_path / "run", num_workers=1, schedule={"max_steps": 6},
+                         data={"train": str(data), "skip_bad": True}), progress=False)
+    assert res.skipped == 1
+
+
+def test_skip_bad_batched_decode_replaces_an_image_the_device_cannot_decode(face_rec, tmp_path, monkeypatch):
+    from visrec.data import jpeg_batches
+
+    def fail_batch(datas, device):
+        raise RuntimeError("device decoder refused the batch")
+
+    real_one = jpeg_batches.EncodedFaces._decode_one
+
+    def fail_index_2(self, data, i, device):
+        if i == 2:
+            raise DataError("corrupt entropy data", path="train.rec", record=2)
+        return real_one(self, data, i, device)
+
+    monkeypatch.setattr(jpeg_batches, "_decode_jpegs", fail_batch)
+    monkeypatch.setattr(jpeg_batches.EncodedFaces, "_decode_one", fail_index_2)
+    res = train(make_cfg(face_rec, tmp_path / "run", schedule={"max_steps": 6},
+                         data={"train": str(face_rec), "skip_bad": True, "decode": "batched"}), progress=False)
+    assert res.global_step == 6 and res.skipped == 1

@@ -69,6 +69,8 @@ def train(config: Path = typer.Option(..., "--config", help="YAML run config (se
     table.add_column("value")
     table.add_row("steps", f"{result.global_step} / {result.total_steps}")
     table.add_row("last loss", f"{result.last_loss:.4f}")
+    if result.skipped:
+        table.add_row("unreadable records skipped (data.skip_bad)", str(result.skipped))
     for key, value in result.metrics.items():
         table.add_row(key, f"{value:.4f}")
     table.add_row("outputs", str(result.output))

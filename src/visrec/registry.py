@@ -99,10 +99,20 @@ class Registry(Generic[T]):
     def build(self, name: str, **kwargs: Any) -> T:
         """Build ``name`` with ``kwargs`` (a config's options). An option the constructor does not take, or a
         required one missing, is a ``ConfigError`` naming it and listing the options there are, checked
-        against the signature before the call (a TypeError raised inside the constructor stays a bug)."""
+        against the signature before the call. A ValueError, TypeError or RuntimeError the constructor raises
+        for the options given (a negative width: "negative dimension"; a size past memory) is a
+        ``ConfigError`` naming those options and the constructor's words; with no options given it stays a
+        bug and propagates."""
         factory = self.get(name)
         check_options(factory, kwargs, f"{self.kind} {name!r}")
-        return factory(**kwargs)
+        if not kwargs:
+            return factory()
+        try:
+            return factory(**kwargs)
+        except (ValueError, TypeError, RuntimeError) as exc:
+            given = ", ".join(f"{k}={v!r}"[:80] for k, v in kwargs.items())
+            raise ConfigError(f"{self.kind} {name!r} cannot be built with {given}: "
+                              f"{type(exc).__name__}: {str(exc)[:300]}") from exc
 
     def names(self) -> list[str]:
         load_plugins()

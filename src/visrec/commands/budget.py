@@ -27,7 +27,8 @@ def _model_from_spec(spec: str, overrides: list[str]):
     carry, so its size is that of the file ``visrec export`` writes for a trained checkpoint of it; a file
     path brings its own contract (None here)."""
     from visrec.budget import registry_contract
-    from visrec.config import load_config, parse_override
+    from visrec.config import load_config, model_option_problem, parse_override
+    from visrec.errors import ConfigError
     from visrec.models import BACKBONES, build_backbone
 
     path = Path(spec)
@@ -46,6 +47,9 @@ def _model_from_spec(spec: str, overrides: list[str]):
         return model, registry_contract(model, name, kwargs)
     kwargs = dict(parse_override(o) for o in overrides)
     BACKBONES.get(spec)  # a clear error for an unknown name
+    problem = model_option_problem(kwargs)  # the sizes a run config allows (a 0-d embedding builds, then fails)
+    if problem:
+        raise ConfigError(f"--set {problem}")
     model = build_backbone(spec, **kwargs)
     return model, registry_contract(model, spec, kwargs)
 

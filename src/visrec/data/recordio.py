@@ -401,7 +401,10 @@ class RecordIOReader:
 
     def _file(self):
         if self._fh is None or self._pid != os.getpid():
-            self._fh = open(self.rec_path, "rb")
+            try:
+                self._fh = open(self.rec_path, "rb")
+            except OSError as exc:  # a directory, a file gone or unreadable since the index was read
+                raise DataError(f"cannot open the record file: {exc.strerror or exc}", path=self.rec_path) from None
             self._pid = os.getpid()
         return self._fh
 

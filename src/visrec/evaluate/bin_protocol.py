@@ -26,6 +26,7 @@ import numpy as np
 from visrec.errors import VisrecError
 
 GRID = np.arange(0, 4, 0.01)
+NFOLDS = 10  # InsightFace's protocol: every fold must hold at least one pair, so a .bin needs >= NFOLDS pairs
 FLIP = "flip"
 NO_FLIP = "no flip"
 
@@ -80,14 +81,27 @@ def flip_embeddings(plain: np.ndarray, mirrored: np.ndarray) -> np.ndarray:
     return plain + mirrored
 
 
-def evaluate_bin_pairs(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> BinResult:
+def fold_problem(num_pairs: int, nfolds: int = NFOLDS) -> str | None:
+    """Why ``num_pairs`` pairs cannot be evaluated with ``nfolds``-fold accuracy, or None when they can. A
+    caller that reads a pairs file long before evaluating it (the Trainer's validation sets, ``data synth
+    faces --pairs``) checks it up front with this."""
+    if nfolds < 2:
+        return f"{nfolds} folds: the protocol needs at least 2 (each fold's threshold comes from the others)"
+    if num_pairs < nfolds:
+        return (f"{num_pairs} pairs cannot be split into {nfolds} folds: {nfolds}-fold accuracy needs at least "
+                f"{nfolds} pairs (one per fold)")
+    return None
+
+
+def evaluate_bin_pairs(embeddings: np.ndarray, issame: np.ndarray, nfolds: int = NFOLDS) -> BinResult:
     """``embeddings`` (2P, D) with pair k = rows 2k, 2k+1; ``issame`` (P,) bool. One figure: whichever
     embeddings are given (flip-summed or not); :func:`evaluate_bin_both` gives both, labelled."""
     issame = np.asarray(issame, dtype=bool)
     if len(embeddings) != 2 * len(issame):
         raise VisrecError(f"{len(embeddings)} embeddings for {len(issame)} pairs (need 2 per pair)")
-    if len(issame) < nfolds:
-        raise VisrecError(f"{len(issame)} pairs cannot be split into {nfolds} folds")
+    problem = fold_problem(len(issame), nfolds)
+    if problem:
+        raise VisrecError(problem)
     dist = pair_distances(embeddings)
     # correct[t, k]: is pair k classified correctly at grid threshold t
     correct = (dist[None, :] < GRID[:, None]) == issame[None, :]
@@ -102,7 +116,7 @@ def evaluate_bin_pairs(embeddings: np.ndarray, issame: np.ndarray, nfolds: int =
     return BinResult(float(accs.mean()), float(accs.std()), accs, np.asarray(thresholds))
 
 
-def evaluate_bin_both(plain: np.ndarray, mirrored: np.ndarray, issame: np.ndarray, nfolds: int = 10) -> BinBoth:
+def evaluate_bin_both(plain: np.ndarray, mirrored: np.ndarray, issame: np.ndarray, nfolds: int = NFOLDS) -> BinBoth:
     """10-fold accuracy without (``plain``) and with the flip test (``plain + mirrored``): module docstring."""
     return BinBoth(flip=evaluate_bin_pairs(flip_embeddings(plain, mirrored), issame, nfolds),
                    no_flip=evaluate_bin_pairs(plain, issame, nfolds))

@@ -91,12 +91,20 @@ class LandmarkTask(Task):
         step = LandmarkStep(modules["backbone"], batch[0], batch[1], pose, int(self.data_opts.size), self.loss_opts)
         return LANDMARK_LOSSES.get(self.loss_opts.name)(step)
 
+    _val_set = None  # what prepare_validation opened
+
+    def prepare_validation(self) -> None:
+        """Open ``data.val`` (every picture with its landmark file and box) before the first step."""
+        d = self.data_opts
+        if d.val is not None:
+            self._val_set = JDCrops(d.val, d.points, d.size, d.margin, augment=False)
+
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         if self.data_opts.val is None:
             return {}
 
         d = self.data_opts
-        ds = JDCrops(d.val, d.points, d.size, d.margin, augment=False)
+        ds = self._val_set or JDCrops(d.val, d.points, d.size, d.margin, augment=False)
         pred, gt = predict_crop_set(backbone, ds, self.ctx.device)
         n = nme(pred, gt)
         return {"val/nme": float(n.mean()), "val/auc@0.08": auc(n), "val/fr@0.08": failure_rate(n)}

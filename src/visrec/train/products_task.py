@@ -125,6 +125,22 @@ class ProductTask(Task):
         images, labels = batch
         return modules["head"](modules["backbone"](images).float(), labels)
 
+    def prepare_validation(self) -> None:
+        """Open ``data.val`` before the first step: its ground truth, catalogue and every query's image file
+        (what ``evaluate_descriptor`` reads; the images are decoded when validating)."""
+        from visrec.data.products import CATALOGUE_DIR, GROUND_TRUTH, read_ground_truth
+        from visrec.evaluate.products import query_items
+
+        root = self.data_opts.val
+        if root is None:
+            return
+        gt = read_ground_truth(Path(root) / GROUND_TRUTH)
+        if not gt:
+            raise DataError("no queries: mAP@7 needs at least one", path=Path(root) / GROUND_TRUTH)
+        if not list_images(Path(root) / CATALOGUE_DIR):
+            raise DataError("no catalogue images", path=Path(root) / CATALOGUE_DIR)
+        query_items(Path(root), gt)
+
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         if self.data_opts.val is None:
             return {}

@@ -82,9 +82,22 @@ class Task:
         """Return the scalar loss of one batch (already on ``ctx.device`` and augmented), run under autocast."""
         raise NotImplementedError
 
+    def prepare_validation(self) -> None:
+        """Open and check every validation set, once, on the main rank before the first step (before the
+        training data is read): a set that is missing, unreadable, or cannot be evaluated (a pairs file with
+        fewer pairs than its folds) raises a ``DataError``/``ConfigError`` naming it now, not after training.
+        A task may keep what it read for :meth:`validate`. Default: nothing to check."""
+
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         """Periodic validation on the main rank, backbone in eval mode; {} if nothing configured."""
         return {}
+
+    def skipped_records(self) -> dict[str, Any] | None:
+        """The training records this task's data skipped as unreadable (an option like ``data.skip_bad``), so
+        far in this process: ``{"items": dataset indices skipped when read, "listed": how many entries were
+        left out when the data set was indexed (not images, empty identities), "examples": a few 'where: why'
+        lines}``; None when it skips nothing. The Trainer reports the count and keeps it in checkpoints."""
+        return None
 
     def model_config(self) -> dict[str, Any]:
         """What rebuilds the exported backbone: {"name": ..., **kwargs} (stored in checkpoints)."""

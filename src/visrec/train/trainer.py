@@ -8,6 +8,11 @@ reductions by thread, so a resume under another count prints a one-line notice).
 wrote its checkpoints, or is refused with a message saying what to do (``checkpoint.check_resume``);
 ``--resume`` with no checkpoint yet says so in one line and starts at step 0. ``metrics.jsonl`` never
 holds a step twice: on every start the rows after the starting step are dropped (atomically).
+
+Nothing trained is lost to a bad input: the output directory and every validation set are checked before the
+first step (``Task.prepare_validation``), the checkpoint is written before the validation of its step, and a
+validation that fails still leaves ``model.pt``/``backbone.pth`` holding the weights it was given (the error
+then says where they are; ``--resume`` after fixing the set validates them without training again).
 """
 
 from __future__ import annotations
@@ -26,10 +31,12 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from visrec.config import RunConfig
-from visrec.errors import ConfigError
+from visrec.data.text import check_output
+from visrec.errors import ConfigError, VisrecError
 from visrec.train import checkpoint as ckpt
 from visrec import distributed as dist
 from visrec.train.prefetch import prefetch
+from visrec.train.skipped import merge_skipped, plain_skipped, report_skipped, skipped_from
 from visrec.train.step import CudaGraph, StepRunner, capture_blocker, plain_lr
 from visrec.train.task import TASKS, RunContext, Task
 
@@ -107,6 +114,11 @@ class TrainResult:
     step_mode: str = "eager"  # "cuda_graph" when the step was captured and replayed
     eager_reason: str | None = None  # why the step was not captured (None when it was, or cuda_graph: off)
     rank: int = 0  # this process's rank under torchrun (only rank 0 validates and reports)
+    skipped: int = 0  # unreadable training records skipped (data.skip_bad), this run's whole history
+
+
+class ValidationFailed(VisrecError):
+    """A validation failed after training: the message says why and where the trained weights were saved."""
 
 
 class Observer:
@@ -138,6 +150,7 @@ def train(cfg: RunConfig, *, resume: bool = False, source: str = "config", progr
 def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress: bool,
            stop_after_steps: int | None, observer: Observer) -> TrainResult:
     out = Path(cfg.output)
+    check_output(out, kind="dir", what="output")  # before any work; nothing is created here
     state = ckpt.load_rank_state(out, ctx.rank) if resume else None
     # any rank's file counts (not only this rank's): every rank must reach the same verdict, or the ones
     # that go on wait forever for the ones that stopped
@@ -150,6 +163,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
             print(f"--resume: no checkpoint in {out} yet; starting from step 0", file=sys.stderr, flush=True)
     seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
     task: Task = TASKS.get(cfg.task)(cfg, ctx, source)
+    if ctx.is_main:
+        # every validation set opened and checked now (exists, readable, enough pairs for its folds): a bad one
+        # is an error before the first step, not after the last (only the main process validates)
+        task.prepare_validation()
     dataset = task.train_dataset()
     num_classes = getattr(dataset, "num_classes", None)
     modules = {name: m.to(ctx.device) for name, m in task.build_modules(num_classes).items()}
@@ -217,7 +234,13 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                 ids = [ctx.device.index] if ctx.device.type == "cuda" else None
                 train_modules[name] = DDP(train_modules[name], device_ids=ids)
 
-    def save(metrics: dict[str, float] | None = None) -> None:
+    prior_skipped = skipped_from(state)  # what data.skip_bad skipped before this call (from the checkpoint)
+
+    def skipped() -> dict:
+        return merge_skipped(prior_skipped, task.skipped_records())
+
+    def save_state() -> None:
+        """This rank's resume file (every rank, the same step: a resume needs them all alike)."""
         epoch, step_in_epoch = divmod(global_step, sampler.steps_per_epoch)
         ckpt.atomic_save({
             "modules": {n: m.state_dict() for n, m in modules.items()},
@@ -227,13 +250,40 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
             "model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
             "contract": contract, "config": cfg.model_dump(mode="json"),
             "world_size": ctx.world_size, "rank": ctx.rank, "sharding": ckpt.sharding(modules),
-            "cpu_threads": torch.get_num_threads(),
+            "cpu_threads": torch.get_num_threads(), "skipped": plain_skipped(skipped()),
         }, ckpt.rank_path(out, ctx.rank))
+
+    def write_model(metrics: dict[str, float] | None = None) -> None:
+        """The exported model (``model.pt``, with the metrics of its step's validation, and ``backbone.pth``):
+        the main process's files, which resumption never reads."""
         if ctx.is_main:
             blob = {"model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
                     "contract": contract, "step": global_step, "metrics": metrics or {}}
             ckpt.atomic_save(blob, out / "model.pt")
             ckpt.atomic_save(modules["backbone"].state_dict(), out / "backbone.pth")
+
+    def save(metrics: dict[str, float] | None = None) -> None:
+        save_state()
+        write_model(metrics)
+
+    def validate(state_saved: bool) -> dict[str, float]:
+        """Validate at ``global_step``; with ``state_saved`` (this step's resume file is written: a checkpoint
+        step, or the last) write the model files with the result. When the task's validation fails the model
+        files are written all the same (and, in a single process, the resume file if this step had none),
+        then the error says where the weights are."""
+        try:
+            result = _validate(task, modules, ctx, log_file, global_step, observer)
+        except _TaskValidationFailed as failed:
+            write_model(metrics)
+            kept = [out / "model.pt", out / "backbone.pth"]
+            if not state_saved and ctx.world_size == 1:  # under torchrun rank 0 alone would break the set
+                save_state()
+            if state_saved or ctx.world_size == 1:
+                kept.append(ckpt.rank_path(out, ctx.rank))
+            raise _failed(failed.error, global_step, kept, finished=global_step >= total_steps) from None
+        if state_saved:
+            write_model(result)
+        return result
 
     if ctx.is_main:
         out.mkdir(parents=True, exist_ok=True)
@@ -301,23 +351,33 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                     bar.advance()
                 if ctx.is_main:
                     observer.on_step(global_step, total_steps)
+                checkpoint_now = global_step % cfg.checkpoint_every == 0
+                if checkpoint_now:
+                    save_state()  # before this step's validation: a validation that fails loses nothing
                 if cfg.val_every and global_step % cfg.val_every == 0:
-                    metrics = _validate(task, modules, ctx, log_file, global_step, observer)
-                if global_step % cfg.checkpoint_every == 0:
-                    save(metrics)
+                    metrics = validate(state_saved=checkpoint_now)  # writes model.pt with its metrics
+                elif checkpoint_now:
+                    write_model(metrics)
                 if global_step >= total_steps:
                     break
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                     stopped = True
                     break
         if finished_before:
+            # the log lacks the last step's validation (it failed, or the run was killed during it): run it,
+            # log it once and give model.pt its metrics; the resume files stay as they are
             metrics = logged_metrics if logged_metrics is not None else \
-                _validate(task, modules, ctx, None, global_step, observer)
-        elif not stopped and not (cfg.val_every and global_step % cfg.val_every == 0):
-            # the last step's validation, unless the loop just ran it
-            metrics = _validate(task, modules, ctx, log_file, global_step, observer)
+                _validate_finished(task, modules, ctx, log_file, global_step, observer, write_model)
+        elif stopped or (cfg.val_every and global_step % cfg.val_every == 0):
+            if global_step % cfg.checkpoint_every:  # the loop did not just save this step
+                save(metrics)
+        else:
+            # the last step's validation: after its checkpoint, so a validation that fails loses nothing
+            if global_step % cfg.checkpoint_every:  # (the loop saved a checkpoint step's state already)
+                save_state()
+            metrics = validate(state_saved=True)
         if not finished_before:
-            save(metrics)
+            report_skipped(skipped(), ctx, log_file, global_step)
         dist.barrier(ctx)
     finally:
         if bar is not None:
@@ -325,7 +385,7 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
         if log_file:
             log_file.close()
     return TrainResult(out, global_step, total_steps, stopped, metrics, last_loss, runner.mode, eager_reason,
-                       ctx.rank)
+                       ctx.rank, skipped=int(skipped()["count"]))
 
 
 def build_optimizer(cfg: RunConfig, params: list[nn.Parameter], fused: bool = False) -> torch.optim.Optimizer:
@@ -358,6 +418,38 @@ def zero_momentum_buffers(opt: torch.optim.SGD) -> None:
                 opt.state[p]["momentum_buffer"] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
 
+class _TaskValidationFailed(Exception):
+    """The task's own validation raised ``error`` (an observer's exception, a pruned trial, passes as is)."""
+
+    def __init__(self, error: BaseException):
+        super().__init__(str(error))
+        self.error = error
+
+
+def _failed(error: BaseException, step: int, kept: list[Path], finished: bool) -> BaseException:
+    """What a failed validation raises: a VisrecError (bad validation data) as :class:`ValidationFailed`
+    saying where the weights are and what to do; anything else (a bug) as it is, with its traceback."""
+    if not isinstance(error, VisrecError):
+        return error
+    return ValidationFailed(
+        f"{error}\nvalidation at step {step} failed; the weights trained so far are saved in "
+        f"{', '.join(str(p) for p in kept)}. Fix the validation set (data.val), then run again with --resume"
+        f"{' to validate them without training again' if finished else ''}.")
+
+
+def _validate_finished(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_file, step: int,
+                       observer: Observer, write_model) -> dict[str, float]:
+    """The validation of a run that had already reached its last step but whose log lacks it."""
+    try:
+        metrics = _validate(task, modules, ctx, log_file, step, observer)
+    except _TaskValidationFailed as failed:
+        out = Path(task.cfg.output)
+        raise _failed(failed.error, step, [out / "model.pt", ckpt.rank_path(out, ctx.rank)], True) from None
+    if metrics:
+        write_model(metrics)
+    return metrics
+
+
 def _validate(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_file, step: int,
               observer: Observer):
     if not ctx.is_main:
@@ -366,7 +458,10 @@ def _validate(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_fi
     backbone.eval()
     try:
         with torch.no_grad():
-            metrics = dict(task.validate(backbone))
+            try:
+                metrics = dict(task.validate(backbone))
+            except Exception as exc:
+                raise _TaskValidationFailed(exc) from exc
             metrics.update(observer.on_validate(step, backbone) or {})
     finally:
         backbone.train()

@@ -150,6 +150,11 @@ class VideoTask(Task):
             fused, _ = modules["backbone"](frames, fuse="frames")
         return modules["head"](fused, labels)
 
+    def prepare_validation(self) -> None:
+        """Read the ``data.val`` video list before the first step (the frames are read when validating)."""
+        if self.data_opts.val is not None:
+            read_video_list(self.data_opts.val)  # a missing, malformed or empty list: a DataError naming it
+
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         if self.data_opts.val is None:
             return {}
