@@ -396,8 +396,11 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
                       keep_batchnorm: bool = False) -> tuple[Path, ParityReport | None]:
     """``visrec export``: checkpoint -> ONNX with the checkpoint's contract in its metadata
     (:func:`export_model`), then the parity check (raises if it fails). Landmark models export their
-    ``points`` output at the contract's crop size."""
+    ``points`` output at the contract's crop size. ``onnx_path`` is checked before anything is loaded or
+    exported: an existing folder, or a path under a file, is a ``DataError`` naming it."""
+    from visrec.data.text import check_output
 
+    check_output(onnx_path, kind="file")
     loaded = load_model(checkpoint)
     model, contract = loaded.module, loaded.contract
     if model is None:

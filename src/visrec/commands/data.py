@@ -31,6 +31,18 @@ class FaceFormat(str, Enum):
     folder = "folder"
 
 
+class VideoFormat(str, Enum):
+    folder = "folder"
+    avi = "avi"
+
+
+def _out_folder(out: Path) -> Path:
+    """``--out`` checked before any work: a folder, or a path where one can be made (``check_output``)."""
+    from visrec.data.text import check_output
+
+    return check_output(out, kind="dir")
+
+
 @synth_app.command("faces")
 def synth_faces(out: Path = typer.Option(..., "--out", help="output directory"),
                 identities: int = typer.Option(200, min=2, help="training identities"),
@@ -45,8 +57,13 @@ def synth_faces(out: Path = typer.Option(..., "--out", help="output directory"),
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from visrec.data.synth import write_face_dataset, write_verification_pairs
+    from visrec.evaluate.bin_protocol import NFOLDS, fold_problem
+    from visrec.errors import VisrecError
 
-    out = Path(out)
+    if pairs and fold_problem(pairs, NFOLDS):  # before any rendering: a val.bin no evaluation could use
+        raise VisrecError(f"--pairs {pairs}: {fold_problem(pairs, NFOLDS)}; give --pairs {NFOLDS} or more "
+                          f"(or 0 for no val.bin)")
+    out = _out_folder(out)
     fmt = FaceFormat(format).value
     held_out = max(2, identities // 2)
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
@@ -87,6 +104,7 @@ def synth_products(out: Path = typer.Option(..., "--out", help="output root (Per
 
     from visrec.data.synth_products import write_product_dataset
 
+    _out_folder(out)
     n = families * products_per_family * (variants + queries_per_product)
     with Progress(transient=True) as progress:
         task = progress.add_task("rendering products", total=n)
@@ -110,7 +128,8 @@ def synth_videos(out: Path = typer.Option(..., "--out", help="output root"),
                  videos_per_identity: int = typer.Option(4, min=1, help="videos per person"),
                  frames: int = typer.Option(8, min=1, help="frames per video"),
                  degraded_share: float = typer.Option(0.3, min=0.0, max=1.0, help="share of degraded frames"),
-                 video_format: str = typer.Option("folder", "--format", help="folder (PNG frames) | avi (MJPG)"),
+                 video_format: VideoFormat = typer.Option(VideoFormat.folder, "--format", case_sensitive=False,
+                                                          help="folder (PNG frames) | avi (MJPG)"),
                  first_identity: int = typer.Option(0, help="identity of label 0 (use a far range for held-out sets)"),
                  seed: int = typer.Option(0, help="video seed")):
     """Videos -> OUT/videos/, OUT/videos.csv (video_id,path,label), OUT/video_filelist.txt (LFR order)."""
@@ -118,10 +137,11 @@ def synth_videos(out: Path = typer.Option(..., "--out", help="output root"),
 
     from visrec.data.video import write_video_dataset
 
+    _out_folder(out)
     with Progress(transient=True) as progress:
         task = progress.add_task("rendering videos", total=identities * videos_per_identity)
         lst = write_video_dataset(out, identities, videos_per_identity, frames, seed=seed, degraded_share=degraded_share,
-                                  first_identity=first_identity, video_format=video_format,
+                                  first_identity=first_identity, video_format=VideoFormat(video_format).value,
                                   progress=lambda: progress.advance(task))
     table = Table(title="synthetic videos written")
     table.add_column("what")
@@ -140,6 +160,7 @@ def synth_landmarks(out: Path = typer.Option(..., "--out", help="output folder (
     """106-point faces -> OUT/picture/, OUT/landmark/ (JD .txt), OUT/rect/, OUT/pose/ (the JD-landmark layout)."""
     from visrec.data.synth import write_synthetic_jd
 
+    _out_folder(out)
     root = write_synthetic_jd(out, faces, seed=seed, difficulty=difficulty)
     table = Table(title="synthetic landmarks written (JD-landmark layout)")
     table.add_column("what")
@@ -219,6 +240,7 @@ def prepare_faces_cmd(src: Path = typer.Argument(..., help="src/<identity>/<phot
     """Photos -> detect -> one face -> ArcFace 112x112 alignment -> image folder or RecordIO + report."""
     from visrec.faces.prepare import prepare_faces
 
+    _out_folder(out)
     report = _with_bar("photos", lambda p: prepare_faces(
         src, out, detector=detector, landmarker=landmarks, format=format.value, policy=policy.value,
         box_margin=box_margin, align=align.value, detect_size=detect_size or None, workers=workers,
@@ -236,6 +258,7 @@ def prepare_landmarks_cmd(src: Path = typer.Argument(..., help="photos with .pts
     """Annotated photos -> square face-box crops in the JD-landmark layout (picture/, landmark/, rect/)."""
     from visrec.faces.prepare import prepare_landmarks
 
+    _out_folder(out)
     report = _with_bar("photos", lambda p: prepare_landmarks(src, out, annotations=annotations, detector=detector,
                                                               size=size, workers=workers, progress=p))
     _report_table(report, f"landmark crops in {out}")
@@ -249,6 +272,7 @@ def prepare_products_cmd(src: Path = typer.Argument(..., help="product photos (s
     """Product photos -> white square padding -> OUT/catalogue/<id>.jpg."""
     from visrec.data.prepare import prepare_products
 
+    _out_folder(out)
     report = _with_bar("photos", lambda p: prepare_products(src, out, size=size, workers=workers, progress=p))
     _report_table(report, f"catalogue in {out / 'catalogue'}")
 
@@ -268,6 +292,7 @@ def prepare_videos_cmd(videos: list[Path] = typer.Argument(..., help="video file
     from visrec.faces.detectors import ScaledDetector, load_detector
     from visrec.faces.tracking import video_to_tracks
 
+    _out_folder(out)
     det = ScaledDetector(load_detector(detector), detect_size or None)
     embedder = None
     if model is not None:

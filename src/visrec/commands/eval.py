@@ -19,6 +19,31 @@ from visrec.commands import PROVIDERS_HELP
 app = typer.Typer(help="evaluate models and submissions", no_args_is_help=True)
 
 
+def rate_option(what: str = "impostor pairs"):
+    """A typer callback checking a --target-fpr (or --target-fpir) value, or each of a repeated one, when the
+    command line is parsed (``visrec.evaluate.verification.check_target_fpr``: finite, in (0, 1]); ``what``:
+    what the rate is a share of. ``search``, ``models calibrate`` and ``gallery calibrate`` take it too."""
+    def check(value):
+        from visrec.errors import VisrecError
+        from visrec.evaluate.verification import check_target_fpr
+
+        for v in value if isinstance(value, (list, tuple)) else [] if value is None else [value]:
+            try:
+                check_target_fpr(v)
+            except VisrecError:
+                raise typer.BadParameter(f"must be a finite number in (0, 1] (a share of {what}), got {v:g}") \
+                    from None
+        return value
+
+    return check
+
+
+def _check_out(path, kind: str, what: str = "--out"):
+    from visrec.data.text import check_output
+
+    return check_output(path, kind=kind, what=what)
+
+
 @app.command("faces")
 def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpoint, run dir or .onnx (not with "
                                                            "--features)"),
@@ -28,8 +53,8 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
                                                   "--submission (first field of each line)"),
           labels: Optional[Path] = typer.Option(None, "--labels", help="CSV name,label for --features"),
           protocol: str = typer.Option("deepglint-light", "--protocol", "-p", help="its FPR targets are the default"),
-          target_fpr: list[float] = typer.Option([], "--target-fpr", help="FPR target(s) instead of the protocol's "
-                                                                          "(repeat for several)"),
+          target_fpr: list[float] = typer.Option([], "--target-fpr", callback=rate_option(),
+                                                 help="FPR target(s) instead of the protocol's (repeat for several)"),
           flip: bool = typer.Option(False, "--flip", help="flip test: add the mirrored image's embedding (image "
                                     "folders, RecordIO, CSV; a .bin always reports both, the flip figure as "
                                     "the headline)"),
@@ -41,7 +66,8 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
           expect_rows: Optional[int] = typer.Option(
               None, "--expect-rows", help="image submission: the file list must have this many entries "
               "(1862120 for the DeepGlint test set)"),
-          out: Path = typer.Option(Path("eval-out"), "--out", help="report folder (report.html, PNGs)"),
+          out: Optional[Path] = typer.Option(None, "--out", help="report folder (report.html, PNGs); default "
+                                             "eval-out (not with --video or --submission, which write no report)"),
           providers: str = typer.Option("cpu", "--providers", help=PROVIDERS_HELP)):
     """Face verification: exact TPR@FPR (strict rule), 10-fold accuracy for .bin sets (flip and no flip,
     the flip figure the headline), report.html; with --video, TPR@FPR between videos for each frame fusion;
@@ -50,12 +76,19 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
     all-pairs scoring are shared by the processes; rank 0 prints and writes the same results as one process."""
     from rich.progress import Progress
 
+    _check_faces_options(model, data, features, filelist, labels, flip, video, fusion, submission, expect_rows, out,
+                         target_fpr)
+    if submission is not None:
+        _check_out(submission, "file", "--submission")
     if video:
         _one_process("visrec eval faces --video")
         return _videos(model, data, fusion or ["mean"], target_fpr or [1e-4], submission, filelist, providers)
     if submission is not None:
         _one_process("visrec eval faces --submission")
         return _image_submission(model, data, filelist, submission, expect_rows, providers)
+    if not target_fpr:
+        _check_protocol_targets(protocol)
+    out = _check_out(Path("eval-out") if out is None else out, "dir")
     from visrec.faces.evaluation import evaluate_faces
     from visrec.distributed import setup, teardown, world_group
 
@@ -86,6 +119,56 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
             head = " (headline: the field's convention)" if r is res.extra["bin"].headline else ""
             Console().print(f"10-fold accuracy, {label}{head}: {r.accuracy_mean:.4f} +- {r.accuracy_std:.4f}")
     Console().print(f"report: {res.report}")
+
+
+def _check_faces_options(model, data, features, filelist, labels, flip, video, fusion, submission, expect_rows,
+                         out, target_fpr) -> None:
+    """Refuse what ``eval faces`` would otherwise ignore without a word, before anything is read."""
+    from visrec.errors import VisrecError
+
+    def refuse(given: dict, why: str) -> None:
+        named = [name for name, value in given.items() if value not in (None, False, [], ())]
+        if named:
+            raise VisrecError(f"{', '.join(named)}: {why}")
+
+    if features is not None:
+        refuse({"MODEL": model, "--data": data, "--video": video, "--submission": submission, "--fusion": fusion,
+                "--flip": flip, "--expect-rows": expect_rows},
+               "not with --features (the feature binary is evaluated as it is)")
+        if filelist is None or labels is None:
+            raise VisrecError("--features needs --filelist (the row order) and --labels (CSV name,label)")
+        return
+    refuse({"--labels": labels}, "only with --features (a model's data carries its own labels)")
+    if model is None:
+        raise VisrecError("give MODEL (a face model: checkpoint, run dir or .onnx) with --data D, or --features FILE "
+                          "with --filelist L and --labels C")
+    if data is None:
+        raise VisrecError(f"{model}: --data is needed (.bin pairs, RecordIO dir, image folder or CSV list; with "
+                          f"--video a video list; with --submission the images folder)")
+    if not video:
+        refuse({"--fusion": fusion}, "only with --video (frame fusion of a video list)")
+    else:
+        refuse({"--flip": flip, "--expect-rows": expect_rows, "--out": out},
+               "not with --video (it prints its results and writes no report; --submission FILE writes the "
+               "video-track features)")
+        if filelist is not None and submission is None:
+            refuse({"--filelist": filelist}, "with --video only beside --submission (the row order of its file)")
+        return
+    if submission is not None:
+        refuse({"--out": out, "--target-fpr": target_fpr}, "not with --submission (it writes the image-track feature "
+               "binary only, nothing is scored)")
+        return
+    refuse({"--filelist": filelist, "--expect-rows": expect_rows},
+           "only with --features or --submission (the row order of a feature binary)")
+
+
+def _check_protocol_targets(protocol: str) -> None:
+    """The protocol's FPR targets, checked before anything is read (a user YAML may hold ``targets: [0]``)."""
+    from visrec.evaluate.verification import check_target_fpr
+    from visrec.protocols import load_protocol
+
+    for i, t in enumerate(load_protocol(protocol).targets):
+        check_target_fpr(t, f"protocol {protocol}: targets[{i}]")
 
 
 def _one_process(command: str) -> None:
@@ -153,10 +236,11 @@ def ijb(model: Path = typer.Argument(..., help="face model: checkpoint, run dir,
         detector_score: bool = typer.Option(True, "--detector-score/--no-detector-score",
                                             help="weight each image by its detector score (D1)"),
         all_options: bool = typer.Option(False, "--all-options", help="report all eight F/N/D pooling settings"),
-        target_fpr: list[float] = typer.Option([], "--target-fpr", help="1:1 false accept rate target(s) "
-                                                                       "(default 1e-6 ... 1e-1)"),
-        target_fpir: list[float] = typer.Option([], "--target-fpir", help="1:N false positive identification rate "
-                                                                         "target(s) (default 0.01, 0.1)"),
+        target_fpr: list[float] = typer.Option([], "--target-fpr", callback=rate_option(),
+                                               help="1:1 false accept rate target(s) (default 1e-6 ... 1e-1)"),
+        target_fpir: list[float] = typer.Option([], "--target-fpir", callback=rate_option("non-mated probes"),
+                                                help="1:N false positive identification rate target(s) (default "
+                                                     "0.01, 0.1)"),
         batch: int = typer.Option(64, "--batch", min=1, max=4096, help="images per forward pass"),
         out: Optional[Path] = typer.Option(None, "--out", help="also write the results as JSON to this file"),
         providers: str = typer.Option("cpu", "--providers", help=PROVIDERS_HELP)):
@@ -169,6 +253,8 @@ def ijb(model: Path = typer.Argument(..., help="face model: checkpoint, run dir,
     from visrec.faces.evaluation import evaluate_ijb
 
     _one_process("visrec eval ijb")
+    if out is not None:
+        _check_out(out, "file")
 
     with Progress(transient=True) as bar:
         task = bar.add_task("embedding", total=None)
@@ -224,8 +310,9 @@ def ijb(model: Path = typer.Argument(..., help="face model: checkpoint, run dir,
     if out is not None:
         import json
 
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(ijb_json(run), indent=2))
+        from visrec.data.text import write_bytes_atomic
+
+        write_bytes_atomic(out, json.dumps(ijb_json(run), indent=2).encode())
         con.print(f"results: {out}")
 
 
@@ -272,6 +359,7 @@ def landmarks(model: Path = typer.Argument(..., help="landmark model: checkpoint
 
     if coordinates not in SUBMISSION_COORDINATES:
         raise typer.BadParameter(f"must be one of {', '.join(SUBMISSION_COORDINATES)}", param_hint="--coordinates")
+    _check_out(out, "dir")
     res = evaluate_landmarks(model, data, out, points=points, coordinates=coordinates, providers=providers)
     t = Table(title=f"landmarks: {res.faces} faces")
     t.add_column("normalisation")
@@ -300,6 +388,8 @@ def products(index_dir: Path = typer.Argument(..., help="index directory from vi
     from rich.progress import Progress
 
     _one_process("visrec eval products")
+    _check_out(out, "dir")
+    _check_ground_truth(data)
 
     with Progress(transient=True) as bar:
         task = bar.add_task("searching queries", total=None)
@@ -324,3 +414,14 @@ def products(index_dir: Path = typer.Argument(..., help="index directory from vi
             a.add_row(row.chain, *(f"{v:.4f}" for v in row.metrics.values()))
         Console().print(a)
     Console().print(f"report: {res.report}" + (f"\nsubmission: {res.submission}" if res.submission else ""))
+
+
+def _check_ground_truth(root: Path) -> None:
+    """``ROOT/val.csv`` lists at least one query (read before the index is opened): an empty file would only
+    surface later as a metric over nothing."""
+    from visrec.data.products import GROUND_TRUTH, read_ground_truth
+    from visrec.errors import DataError
+
+    path = Path(root) / GROUND_TRUTH
+    if path.exists() and not read_ground_truth(path):
+        raise DataError("the ground truth lists no query (expected lines 'query_id,gt1,gt2,...')", path=path)

@@ -11,6 +11,8 @@ from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
+from visrec.commands.eval import rate_option
+
 console = Console()
 app = typer.Typer(help="The face gallery a serve config names: enroll a folder of photos, calibrate its threshold, "
                        "list, delete (erase a person), export, import.",
@@ -92,7 +94,8 @@ def calibrate(config: Path = CONFIG,
                                                             "with --photos, raw photos in DATA/<identity>/"),
               photos: bool = typer.Option(False, "--photos", help="DATA holds raw photos: detect, align and embed "
                                                                   "them with the config's pipeline"),
-              target_fpr: float = typer.Option(1e-4, "--target-fpr", help="false accepts per impostor pair"),
+              target_fpr: float = typer.Option(1e-4, "--target-fpr", help="false accepts per impostor pair",
+                                               callback=rate_option()),
               gallery: str | None = GALLERY):
     """Pick the match threshold at a target FPR from a labelled set (exact engine) and store it in the gallery."""
     from rich.progress import Progress

@@ -9,6 +9,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from visrec.commands.eval import rate_option
+
 app = typer.Typer(help="Inspect model files and adapters (their contracts).", add_completion=False)
 
 
@@ -33,7 +35,8 @@ def info(model: str = typer.Argument(..., help="run dir, model.pt, last.rank0.pt
 def calibrate(model: str = typer.Argument(..., help="face model: run dir, model.pt or .onnx"),
               data: str = typer.Option(..., "--data", help="labelled faces: aligned crops (folder per identity or "
                                                            "RecordIO), or photos with --photos"),
-              target_fpr: float = typer.Option(1e-4, "--target-fpr", help="false accepts allowed among impostor pairs"),
+              target_fpr: float = typer.Option(1e-4, "--target-fpr", help="false accepts allowed among impostor pairs",
+                                               callback=rate_option()),
               photos: bool = typer.Option(False, "--photos", help="--data holds raw photos: detect, align, embed"),
               detector: str = typer.Option("haar", "--detector", help="with --photos: haar | dlib-hog | an ONNX file"),
               landmarks: Optional[str] = typer.Option(None, "--landmarks", help="with --photos: dlib-68 or a "

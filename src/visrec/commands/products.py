@@ -103,7 +103,10 @@ def search(query: Path = typer.Argument(..., help="an image, or a folder of quer
     from visrec.distributed import one_process
 
     one_process("visrec products search")
+    if out is not None:
+        from visrec.data.text import check_output
 
+        check_output(out, kind="file")  # before the index loads and the queries run
     ranked, scores = search_catalogue(index_dir, query, k, out, providers=providers)
     t = Table(title=f"top {k} for {len(ranked)} quer{'y' if len(ranked) == 1 else 'ies'}")
     t.add_column("query")

@@ -11,6 +11,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
+from visrec.commands.eval import rate_option
+
 console = Console()
 app = typer.Typer(help="Architecture search under a compute budget (Optuna): trials trained briefly on your data, "
                        "scored on held-out data; the Pareto front and the best spec.",
@@ -24,9 +26,11 @@ def _search(task: str, data: Path, val: Path, out: Path, protocol: Optional[str]
             max_mb: Optional[float], max_ms: Optional[float], trials: int, steps: int, evaluations: int,
             space: Optional[Path], config: Optional[Path], target_fpr: float, storage: Optional[str], seed: int,
             resume: bool, no_prune: bool, device: str, no_progress: bool) -> None:
+    from visrec.data.text import check_output
     from visrec.search.report import write_search_report
     from visrec.search.study import SearchSettings, load_search_study, resolve_budget, run_worker, summarise
 
+    check_output(out, kind="dir")
     settings = SearchSettings(task=task, data=data, val=val, out=out,
                               budget=resolve_budget(protocol, max_gflops, max_mb, max_ms), trials=trials,
                               steps=steps, evaluations=evaluations, space_file=space, config=config,
@@ -79,8 +83,8 @@ def _command(task: str):
         space: Optional[Path] = typer.Option(None, "--space", help="search space YAML (default: the shipped one)"),
         config: Optional[Path] = typer.Option(None, "--config", help="run config whose training settings "
                                               "(loss, optimizer, batch) every trial uses"),
-        target_fpr: float = typer.Option(1e-2, "--target-fpr", help="faces: the score is TPR at this FPR "
-                                         "over all held-out pairs"),
+        target_fpr: float = typer.Option(1e-2, "--target-fpr", callback=rate_option(),
+                                         help="faces: the score is TPR at this FPR over all held-out pairs"),
         storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP),
         seed: int = typer.Option(0, "--seed", help="sampler and training seed"),
         resume: bool = typer.Option(False, "--resume", help="continue the study in --out (after a stop or a "
@@ -122,8 +126,10 @@ def export(run: Path = typer.Argument(..., help="the search's run directory (its
                                                "config (default: the trial's)"),
            storage: Optional[str] = typer.Option(None, "--storage", help=STORAGE_HELP)):
     """Write the best (or --trial) architecture as a run config: visrec train --config OUT."""
+    from visrec.data.text import check_output
     from visrec.search.study import export_spec, load_search_study, summarise
 
+    check_output(out, kind="file")
     study, desc = load_search_study(storage, run)
     result = summarise(study, desc)
     path = export_spec(result, run, trial, out, steps=steps)

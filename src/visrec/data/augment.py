@@ -14,7 +14,34 @@ clockwise as displayed) adds ``angle_deg`` to roll; scale, translation and occlu
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
+
+from visrec.errors import DataError
+
+MIN_BOX_SIDE = 1.0  # pixels: a face box narrower or lower than this frames no face (and a zero side divides by 0)
+
+
+def check_box(box, *, path=None, record=None, what: str = "face box") -> tuple[float, float, float, float]:
+    """``box`` as four floats ``(x1, y1, x2, y2)`` when it can frame a face: finite, not inverted (x1 <= x2,
+    y1 <= y2: an inverted box would give a point-reflected crop) and at least ``MIN_BOX_SIDE`` pixel wide and
+    high (a zero-area box has no crop). Else ``DataError`` naming ``what`` (``--box``, "face box") and, when
+    given, the file and record (line) it came from."""
+    try:
+        x1, y1, x2, y2 = (float(v) for v in box)
+    except (TypeError, ValueError):
+        raise DataError(f"{what} must be four numbers x1,y1,x2,y2, got {box!r}", path=path, record=record) from None
+    shown = ",".join(f"{v:g}" for v in (x1, y1, x2, y2))
+    if not all(math.isfinite(v) for v in (x1, y1, x2, y2)):
+        raise DataError(f"{what} {shown} holds NaN or inf", path=path, record=record)
+    if x2 < x1 or y2 < y1:
+        raise DataError(f"{what} {shown} is inverted (x2 < x1 or y2 < y1): give the top-left corner first",
+                        path=path, record=record)
+    if x2 - x1 < MIN_BOX_SIDE or y2 - y1 < MIN_BOX_SIDE:
+        raise DataError(f"{what} {shown} is {x2 - x1:g} x {y2 - y1:g} pixels: a face box is at least "
+                        f"{MIN_BOX_SIDE:g} pixel wide and high", path=path, record=record)
+    return x1, y1, x2, y2
 
 
 def flip_pose(pose) -> np.ndarray:
@@ -51,10 +78,11 @@ def affine(image: np.ndarray, points: np.ndarray, angle_deg: float = 0.0, scale:
 
 
 def crop_face(image: np.ndarray, points: np.ndarray, box, size: int = 112, margin: float = 0.2):
-    """Square crop around ``box`` (x1, y1, x2, y2) enlarged by ``margin`` on each side, resized to size."""
+    """Square crop around ``box`` (x1, y1, x2, y2) enlarged by ``margin`` on each side, resized to size. A box
+    ``check_box`` refuses (not finite, inverted, under a pixel) is a ``DataError``."""
     import cv2
 
-    x1, y1, x2, y2 = map(float, box)
+    x1, y1, x2, y2 = check_box(box)
     side = max(x2 - x1, y2 - y1) * (1 + 2 * margin)
     cx, cy = (x1 + x2) / 2, (y1 + y2) / 2
     s = size / side

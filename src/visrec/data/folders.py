@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterable
@@ -32,26 +33,89 @@ class ImageList:
         return read_image(self.paths[i])
 
 
+SKIP_BAD_HINT = "remove it (a train config's data.skip_bad: true leaves such entries out and counts them)"
+
+
 def _check_image(path: Path, skip_bad: bool, skipped: list) -> bool:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         if skip_bad:
             skipped.append((path, "not an image file"))
             return False
-        raise DataError(f"not an image file (suffix {path.suffix or 'none'}); remove it or pass --skip-bad",
-                        path=path)
+        raise DataError(f"not an image file (suffix {path.suffix or 'none'}); {SKIP_BAD_HINT}", path=path)
     return True
+
+
+def _entry_kind(path: Path) -> tuple[str, str]:
+    """("dir" | "file" | "bad", why) of a folder entry, links followed; nothing is opened (a device or a pipe
+    would never end)."""
+    try:
+        mode = path.stat().st_mode
+    except OSError as exc:
+        if path.is_symlink():
+            return "bad", "a broken or looping link"
+        return "bad", f"cannot read: {exc.strerror or exc}"
+    except ValueError as exc:
+        return "bad", f"cannot read: {exc}"
+    if stat.S_ISDIR(mode):
+        return "dir", ""
+    if stat.S_ISREG(mode):
+        return "file", ""
+    return "bad", "not a regular file (a device or a pipe)"
+
+
+def _listing(folder: Path) -> list[Path]:
+    try:
+        return sorted(folder.iterdir())
+    except OSError as exc:
+        raise DataError(f"cannot list: {exc.strerror or exc}", path=folder) from None
+
+
+def _refuse(path: Path, why: str, skip_bad: bool, skipped: list) -> None:
+    if not skip_bad:
+        raise DataError(f"{why}; {SKIP_BAD_HINT}", path=path)
+    skipped.append((path, why))
 
 
 def read_image_folder(root: str | Path, *, skip_bad: bool = False, verify: bool = False) -> ImageList:
     """Index ``root/<identity>/<image>``; labels follow the sorted folder names. ``verify`` decodes every
-    image up front (otherwise a bad image is reported when it is read)."""
+    image up front (otherwise a bad image is reported when it is read).
+
+    What is read, and what is not: each sub-folder of ``root`` is an identity and holds image files (a suffix
+    of ``visrec.data.images.IMAGE_SUFFIXES``, any case), links to them included. Hidden entries (a name
+    starting with ``.``: ``.DS_Store``, ``.cache/``, ``.x.jpg``) are ignored everywhere, as are regular files
+    directly in ``root`` that are not images (a README, a labels list). Anything else is a ``DataError``
+    naming it: an image file directly in ``root`` (it belongs to no identity), a folder inside an identity
+    folder (nested folders are not read), a file that is not an image, a broken or looping link, a device or
+    a pipe (never opened), an identity folder without images. With ``skip_bad`` (a train config's
+    ``data.skip_bad``) those entries are left out and listed in ``skipped`` with the reason instead."""
     root = Path(root)
     if not root.is_dir():
         raise DataError("image folder not found", path=root)
     paths, labels, names, skipped = [], [], [], []
-    for folder in sorted(p for p in root.iterdir() if p.is_dir()):
-        files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith("."))
-        files = [p for p in files if _check_image(p, skip_bad, skipped)]
+    folders = []
+    for p in _listing(root):
+        if p.name.startswith("."):
+            continue
+        kind, why = _entry_kind(p)
+        if kind == "dir":
+            folders.append(p)
+        elif kind == "bad":
+            _refuse(p, why, skip_bad, skipped)
+        elif p.suffix.lower() in IMAGE_SUFFIXES:
+            _refuse(p, "an image directly in the image folder belongs to no identity (put it in "
+                       "<folder>/<identity>/)", skip_bad, skipped)
+    for folder in folders:
+        files = []
+        for p in _listing(folder):
+            if p.name.startswith("."):
+                continue
+            kind, why = _entry_kind(p)
+            if kind == "dir":
+                _refuse(p, "a folder inside an identity folder (nested folders are not read)", skip_bad, skipped)
+            elif kind == "bad":
+                _refuse(p, why, skip_bad, skipped)
+            elif _check_image(p, skip_bad, skipped):
+                files.append(p)
         if verify:
             good = []
             for p in files:

@@ -1,6 +1,7 @@
 """Landmark annotation formats: JD-landmark (106), 300W ``.pts`` (68), WFLW lines (98).
 
-JD-landmark layout:  ``picture/<name>.jpg``, ``landmark/<name>.jpg.txt`` or ``landmark/<name>.txt``
+JD-landmark layout:  ``picture/<name>.jpg`` (any image suffix, in any case: ``.jpg``, ``.JPG``, ``.png``...;
+                     ``list_pictures``), ``landmark/<name>.jpg.txt`` or ``landmark/<name>.txt``
                      (first line the point count, e.g. ``106``, then one ``x y`` per line) and
                      ``rect/<name>.rect`` (``x1 y1 x2 y2`` face box). The challenge submission uses the
                      same text format per image (origin top-left), with integer coordinates as the ICME
@@ -25,7 +26,8 @@ from pathlib import Path
 
 import numpy as np
 
-from visrec.data.images import image_size
+from visrec.data.augment import check_box
+from visrec.data.images import IMAGE_SUFFIXES, image_size
 from visrec.data.text import read_lines
 from visrec.errors import DataError
 
@@ -154,7 +156,17 @@ def read_pts(path: str | Path, image_size=None) -> np.ndarray:
         raise DataError(f"expected {n} point lines between braces", path=path, record=f"line {start + 1}")
     pts = np.array([_xy(r, path, start + 1 + i) for i, r in enumerate(rows)], np.float32).reshape(n, 2)
     _points_ok(pts, path, list(range(start + 1, start + 1 + n)), image_size)
+    if n >= 2:  # a face annotation: its points' extent is the face box where no other is given
+        points_box(pts, path)
     return pts
+
+
+def points_box(points: np.ndarray, path=None) -> list[float]:
+    """The points' extent ``[x1, y1, x2, y2]`` as a face box, refused (``check_box``: ``DataError`` naming
+    ``path``) when the points span less than a pixel in x or y (identical points, a line): no face to crop."""
+    pts = np.asarray(points, np.float64).reshape(-1, 2)
+    return list(check_box([*pts.min(0), *pts.max(0)], path=path,
+                          what=f"the extent of the {len(pts)} points (the face box when none is given)"))
 
 
 def write_pts(path: str | Path, points: np.ndarray) -> Path:
@@ -196,6 +208,7 @@ def read_wflw(path: str | Path, points: int = 98) -> list[WflwRecord]:
             raise DataError("a point is NaN or inf", path=path, record=f"line {lineno}")
         if not np.isfinite(box).all():
             raise DataError("the box x1 y1 x2 y2 holds NaN or inf", path=path, record=f"line {lineno}")
+        check_box(box, path=path, record=f"line {lineno}", what="the box x1 y1 x2 y2")
         if not np.isin(attrs, (0, 1)).all():
             raise DataError(f"the six attributes must be 0 or 1, got {' '.join(parts[-7:-1])}", path=path,
                             record=f"line {lineno}")
@@ -263,7 +276,8 @@ def read_jd_poses(root: str | Path, pictures) -> np.ndarray | None:
 
 
 def read_rect(path: str | Path) -> list[float]:
-    """A JD-landmark ``.rect`` file: ``x1 y1 x2 y2`` (finite numbers) on its first non-blank line."""
+    """A JD-landmark ``.rect`` file: ``x1 y1 x2 y2`` (finite numbers) on its first non-blank line, a face box
+    ``visrec.data.augment.check_box`` takes (not inverted, at least a pixel wide and high)."""
     path = Path(path)
     lines = _numbered(path)
     lineno, line = lines[0] if lines else (1, "")
@@ -277,15 +291,49 @@ def read_rect(path: str | Path) -> list[float]:
     except ValueError:
         raise DataError(f"expected 'x1 y1 x2 y2', got {line.strip()[:80]!r}", path=path,
                         record=f"line {lineno}") from None
-    return box
+    return list(check_box(box, path=path, record=f"line {lineno}"))
+
+
+def list_pictures(root: str | Path) -> list[Path]:
+    """The pictures of a JD-landmark directory: every file of ``root/picture`` whose suffix is an image's
+    (``visrec.data.images.IMAGE_SUFFIXES``, any case: ``.jpg``, ``.JPG``, ``.png``, ...), in name order. Hidden
+    entries (``.name``) are left out; anything else there (another file, a folder, a broken link, a device or
+    a pipe) is a ``DataError`` naming it, so no picture is dropped without a word."""
+    import stat
+
+    folder = Path(root) / "picture"
+    if not folder.is_dir():
+        raise DataError("no picture/ folder (the JD-landmark layout: picture/, landmark/, rect/)", path=root)
+    pics = []
+    try:
+        entries = sorted(folder.iterdir())
+    except OSError as exc:
+        raise DataError(f"cannot list: {exc.strerror or exc}", path=folder) from None
+    for p in entries:
+        if p.name.startswith("."):
+            continue
+        try:
+            mode = p.stat().st_mode
+        except OSError as exc:
+            raise DataError(f"cannot read ({'a broken link' if p.is_symlink() else exc.strerror or exc}): "
+                            f"picture/ holds only pictures", path=p) from None
+        if not stat.S_ISREG(mode):
+            raise DataError("not a picture (a folder, device or pipe): picture/ holds only pictures", path=p)
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            raise DataError(f"not a picture (suffix {p.suffix or 'none'}; images are "
+                            f"{', '.join(sorted(IMAGE_SUFFIXES))}): picture/ holds only pictures", path=p)
+        pics.append(p)
+    if not pics:
+        raise DataError("no pictures in picture/", path=root)
+    return pics
 
 
 def read_jd_dir(root: str | Path, expected: int | None = 106):
-    """(image paths, (N, P, 2) points, (N, 4) boxes) of a JD-landmark directory."""
+    """(image paths, (N, P, 2) points, (N, 4) boxes) of a JD-landmark directory: the pictures of
+    :func:`list_pictures`, each with its landmark file; the box is ``rect/<name>.rect`` (``read_rect``), else
+    the points' extent (``points_box``); a box that frames no face is a ``DataError`` naming its file."""
     root = Path(root)
-    pics = sorted((root / "picture").glob("*.jpg"))
-    if not pics:
-        raise DataError("no picture/*.jpg", path=root)
+    pics = list_pictures(root)
 
     pts, boxes = [], []
     for p in pics:
@@ -300,5 +348,5 @@ def read_jd_dir(root: str | Path, expected: int | None = 106):
         if rect.exists():
             boxes.append(read_rect(rect))
         else:
-            boxes.append([*pts[-1].min(0), *pts[-1].max(0)])
+            boxes.append(points_box(pts[-1], ann))
     return pics, np.stack(pts), np.asarray(boxes, np.float32)

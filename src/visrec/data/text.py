@@ -7,11 +7,18 @@ and a byte that is not UTF-8 raises ``DataError`` naming the file and the 1-base
 
 Lines end at ``\\n``, ``\\r\\n`` or ``\\r`` (and nowhere else, unlike ``str.splitlines``, which also breaks at
 form feeds and Unicode separators: line numbers here are the ones an editor shows).
+
+Output paths, the other way: every command checks where it will write (``check_output``: a folder that is a
+file, a file that is a folder, a path under a file, a broken link or a folder it cannot write into) before it
+does any work, and ``write_bytes_atomic`` writes a file whole or not at all; both raise ``DataError`` naming
+the path.
 """
 
 from __future__ import annotations
 
+import os
 import re
+import secrets
 import stat
 from pathlib import Path
 
@@ -67,3 +74,69 @@ def read_text(path: str | Path) -> str:
 def read_lines(path: str | Path) -> list[str]:
     """``read_text(path)`` cut into lines (``split_lines``): index i is line i + 1."""
     return split_lines(read_text(path))
+
+
+def check_output(path: str | Path, *, kind: str, what: str = "--out") -> Path:
+    """``path`` if the command can write its output there, else ``DataError`` naming it; nothing is created.
+
+    ``kind`` is ``"dir"`` (a folder the command creates or writes into) or ``"file"`` (one file, created or
+    replaced). Refused: a folder output that exists as something else than a folder, a file output that is a
+    folder or not a regular file (a device, a pipe), a path below a file (its nearest existing ancestor must be a
+    folder), a broken or looping link on the way, and a folder the user cannot write into. ``what`` names the
+    option in the message (``--out``, ``--submission``)."""
+    if kind not in ("dir", "file"):
+        raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
+    path = Path(path)
+    try:
+        if str(path) == "" or "\0" in str(path):
+            raise DataError(f"{what} needs a path", path=path)
+        try:
+            st = path.stat()
+        except (FileNotFoundError, NotADirectoryError):  # the latter: a file on the way, reported below
+            if path.is_symlink():
+                raise DataError(f"{what} is a broken link", path=path) from None
+            st = None
+        if st is not None:
+            if kind == "dir" and not stat.S_ISDIR(st.st_mode):
+                raise DataError(f"{what} must be a folder; this is a file", path=path)
+            if kind == "file" and stat.S_ISDIR(st.st_mode):
+                raise DataError(f"{what} must be a file; this is a folder (name a file inside it)", path=path)
+            if kind == "file" and not stat.S_ISREG(st.st_mode):
+                raise DataError(f"{what} must be a regular file; this is a device or a pipe", path=path)
+        parent = path if st is not None and kind == "dir" else path.absolute().parent
+        for folder in (parent, *parent.parents):
+            try:
+                fst = folder.stat()
+            except (FileNotFoundError, NotADirectoryError):
+                if folder.is_symlink():
+                    raise DataError(f"{what} lies under {folder}, a broken link", path=path) from None
+                continue
+            if not stat.S_ISDIR(fst.st_mode):
+                raise DataError(f"{what} lies under {folder}, which is a file, not a folder", path=path)
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise DataError(f"{what}: cannot write into {folder} (permission denied)", path=path)
+            break
+    except OSError as exc:  # a link loop, a name too long, ...
+        raise DataError(f"{what} cannot be written: {exc.strerror or exc}", path=path) from None
+    return path
+
+
+def write_bytes_atomic(path: str | Path, data: bytes, *, what: str = "--out") -> Path:
+    """Write ``data`` to ``path`` whole or not at all: a temporary file beside it, then a rename (a file there
+    is replaced; a failure leaves it as it was). Creates the missing folders; ``DataError`` naming the path."""
+    path = Path(check_output(path, kind="file", what=what))
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions, as open() gives
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+        os.replace(tmp, path)
+        tmp = None
+    except OSError as exc:
+        raise DataError(f"cannot write: {exc.strerror or exc}", path=path) from None
+    finally:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+    return path

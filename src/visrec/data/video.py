@@ -21,6 +21,7 @@ drawn lower (uniform 0.3-0.8) than a clean frame's (0.75-1.0), overlapping as re
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,6 +35,7 @@ from visrec.data.text import read_bytes, read_lines
 from visrec.errors import DataError
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
+EXACT_COUNT_SUFFIXES = (".avi", ".mp4", ".m4v", ".mov")  # containers whose frame count is an index, not an estimate
 MIN_BYTES_PER_FRAME = 16  # read_frames: a video file gives at most one frame per this many bytes
 DEGRADATIONS = ("blur", "occlusion", "pose", "dark")
 
@@ -97,7 +99,16 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
 
     Each frame is checked as it is read (a frame of another size stops the read at once), and a video file
     may hold at most one frame per ``MIN_BYTES_PER_FRAME`` bytes of its length (more is a ``DataError``):
-    what it decodes to stays bounded by the file's length, whatever its header or stream claims."""
+    what it decodes to stays bounded by the file's length, whatever its header or stream claims.
+
+    A video file whose frames end before the frame count its container declares (a truncated or corrupt file:
+    OpenCV's read simply fails at the first frame it cannot decode) is a ``DataError`` naming the file and both
+    counts, unless ``max_frames`` asked for no more than were read. Why an error and not a warning: for the
+    containers listed in ``EXACT_COUNT_SUFFIXES`` (AVI, MP4/MOV, what visrec writes and the LFR sets use) the
+    count OpenCV reports is the container's own index (AVI's header/idx1, MP4's sample table), so fewer frames
+    means frames are missing, and a video evaluated on a third of its frames would give a silently different
+    feature. For other containers (MKV, WebM, raw streams) FFmpeg may only estimate the count from the duration
+    and frame rate, which can exceed the real count: there a shortfall is a ``UserWarning`` with both counts."""
     path = Path(path)
     record = f"video {video_id}" if video_id else None
     frames: list[np.ndarray] = []
@@ -126,6 +137,7 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
             if w > 0 and h > 0 and (w, h) != (112, 112):  # refused before a frame is decoded at that size
                 raise DataError(f"frames must be aligned 112x112 face crops, the video declares {w}x{h}",
                                 path=path, record=record)
+            declared = cap.get(cv2.CAP_PROP_FRAME_COUNT)
             while len(frames) < limit:
                 try:
                     ok, img = cap.read()
@@ -142,6 +154,8 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
                 if more:
                     raise DataError(f"more than {limit} frames in {path.stat().st_size} bytes (at most one per "
                                     f"{MIN_BYTES_PER_FRAME} bytes)", path=path, record=record)
+            if frames:  # none at all: the error below
+                _check_count(path, record, len(frames), declared, max_frames)
         finally:
             cap.release()
     else:
@@ -149,6 +163,21 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
     if not frames:
         raise DataError("no frames could be read", path=path, record=record)
     return frames
+
+
+def _check_count(path: Path, record, read: int, declared: float, max_frames: int | None) -> None:
+    """``read_frames``'s check of a video file's frames against its declared count (its docstring says why)."""
+    if not (math.isfinite(declared) and declared > 0):
+        return  # no count declared: nothing to compare
+    expected = int(round(declared)) if max_frames is None else min(int(round(declared)), max_frames)
+    if read >= expected:
+        return
+    message = (f"only {read} of the {int(round(declared))} frames the video declares could be decoded "
+               f"(truncated or corrupt file)")
+    if path.suffix.lower() in EXACT_COUNT_SUFFIXES:
+        raise DataError(message, path=path, record=record)
+    warnings.warn(f"{path}{f' ({record})' if record else ''}: {message}; the container's count may be an estimate "
+                  f"({path.suffix or 'no suffix'}), so the {read} frames are used", stacklevel=3)
 
 
 def scores_path(path: str | Path) -> Path:
@@ -241,10 +270,13 @@ def write_video_dataset(root: str | Path, num_identities: int, videos_per_identi
                 path = root / "videos" / vid
                 path.mkdir(exist_ok=True)
                 for i, f in enumerate(frames):
-                    cv2.imwrite(str(path / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
+                    if not cv2.imwrite(str(path / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR)):
+                        raise DataError("cannot write this frame", path=path / f"{i:04d}.png")
             else:
                 path = root / "videos" / f"{vid}.avi"
                 writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (112, 112))
+                if not writer.isOpened():
+                    raise DataError("cannot write this video (OpenCV's MJPG writer did not open it)", path=path)
                 for f in frames:
                     writer.write(cv2.cvtColor(f, cv2.COLOR_RGB2BGR))
                 writer.release()

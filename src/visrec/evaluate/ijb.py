@@ -283,7 +283,7 @@ def read_layout(layout: IJBLayout) -> tuple[TemplateMeta, FivePoints]:
     for k, (a, b) in enumerate(zip(meta.image_names, five.image_names)):
         if a != b:
             raise DataError(f"image {b!r}, but {layout.tid_mid.name} has {a!r} at the same record", path=layout.five_points,
-                            record=f"record {k + 1}")
+                            record=k + 1)
     return meta, five
 
 

@@ -26,7 +26,7 @@ from typing import Callable
 import numpy as np
 
 from visrec.data.images import read_image
-from visrec.data.text import read_lines
+from visrec.data.text import read_bytes, read_lines
 from visrec.errors import DataError
 from visrec.evaluate.verification import tpr_at_fpr
 
@@ -51,10 +51,7 @@ def write_lfr_features(path: str | Path, features: np.ndarray) -> Path:
 
 def read_lfr_features(path: str | Path) -> np.ndarray:
     path = Path(path)
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise DataError(f"cannot read: {exc.strerror}", path=path) from None
+    raw = read_bytes(path)  # a regular file only, read to its length (a device or a pipe would never end)
     if len(raw) < _HEADER.size:
         raise DataError("shorter than the 16-byte header", path=path)
     rows, cols, row_bytes, code = _HEADER.unpack_from(raw)

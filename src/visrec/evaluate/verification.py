@@ -54,6 +54,25 @@ from visrec.evaluate import pair_kernel
 NEAR = 4 * float(np.finfo(np.float32).eps)  # |score - t| below this: float32 rounding can flip the decision
 
 
+def check_target_fpr(value, what: str = "target FPR") -> float:
+    """``value`` as a float when it can be a false positive rate target: a finite number in (0, 1] (0 would
+    need infinitely many impostor pairs, above 1 is no rate); else ``VisrecError`` naming ``what`` (the
+    option or file field it came from). Every command that takes ``--target-fpr`` checks it when parsing, and
+    every function here (and the calibrations) before any work."""
+    try:
+        fpr = float(value)
+    except (TypeError, ValueError):
+        fpr = math.nan
+    if isinstance(value, bool) or not (math.isfinite(fpr) and 0.0 < fpr <= 1.0):
+        raise VisrecError(f"{what} must be a finite number in (0, 1] (a share of impostor pairs), got {value!r}")
+    return fpr
+
+
+def check_target_fprs(values, what: str = "target FPR") -> list[float]:
+    """:func:`check_target_fpr` of every value, sorted (the order the results are reported in)."""
+    return sorted(check_target_fpr(v, what) for v in values)
+
+
 @dataclass
 class TprResult:
     target: float
@@ -220,6 +239,7 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     every rank's tensor of that shape in rank order (an all-gather) — do the same over any transport.
     Without ``group`` or ``gather`` nothing is exchanged, whatever process group exists.
     """
+    targets = check_target_fprs(targets)
     rank, world, gather = _world(rank, world_size, group, gather)
     if block_size is not None and (not isinstance(block_size, (int, np.integer)) or block_size < 1):
         raise VisrecError(f"block_size must be a positive integer or None, got {block_size!r}")
@@ -229,7 +249,6 @@ def tpr_at_fpr(embeddings, labels, targets=(1e-4, 1e-6, 1e-8), *, block_size: in
     emb = normalise(embeddings)
     if len(labels) != emb.shape[0]:
         raise VisrecError(f"{emb.shape[0]} embeddings but {len(labels)} labels")
-    targets = sorted(float(t) for t in targets)
     if world > 1:
         _same_inputs(gather, emb, labels, targets, block_size, curve_bins)
     order = np.argsort(labels, kind="stable")
@@ -783,6 +802,7 @@ def tpr_at_fpr_pairs(scores_or_embeddings, issame, targets=(1e-4, 1e-6, 1e-8), *
     """The same strict rule on an explicit pair list (IJB 1:1 templates, LFR-style pair files).
 
     Give either ``scores`` (P,) directly, or embeddings (N, D) with ``pairs`` (P, 2) of row indices."""
+    targets = check_target_fprs(targets)
     issame = np.asarray(issame, dtype=bool).reshape(-1)
     if pairs is not None:
         emb = normalise(scores_or_embeddings)
@@ -801,7 +821,7 @@ def tpr_at_fpr_pairs(scores_or_embeddings, issame, targets=(1e-4, 1e-6, 1e-8), *
         raise VisrecError(f"{len(scores)} scores for {len(issame)} labels")
     gen, imp = scores[issame], np.sort(scores[~issame])[::-1]
     results = {}
-    for t in sorted(float(x) for x in targets):
+    for t in targets:
         if len(imp) == 0 or t * len(imp) < 1:
             results[t] = TprResult(t, False, genuine_count=len(gen), impostor_count=len(imp),
                                    reason=f"{len(imp)} impostor pairs < 1/FPR = {1 / t:.3g}")
@@ -860,13 +880,14 @@ def tpr_at_fpr_nearest(scores, issame, targets=(1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e
     the highest FPR down, the first with the smallest |FPR - target| (InsightFace's ``ijb_11.py`` reading of
     ``roc_curve``; among points of one FPR it takes the highest TPR). Not the strict rule: the FPR found may exceed the
     target, and a tied group of scores is accepted or rejected whole."""
+    targets = check_target_fprs(targets)
     issame = np.asarray(issame, dtype=bool).reshape(-1)
     fpr, tpr, thr = roc_points(scores, issame)
     if not np.isfinite(fpr).all() or not np.isfinite(tpr).all():
         raise VisrecError("the nearest-ROC-point rule needs both genuine and impostor pairs")
     fpr_d, tpr_d, thr_d = fpr[::-1], tpr[::-1], thr[::-1]
     out = {}
-    for t in sorted(float(x) for x in targets):
+    for t in targets:
         i = int(np.argmin(np.abs(fpr_d - t)))
         out[t] = NearestResult(t, float(tpr_d[i]), float(fpr_d[i]), float(thr_d[i]), int(issame.sum()),
                                int((~issame).sum()))

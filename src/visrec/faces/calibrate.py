@@ -18,6 +18,7 @@ from visrec.data.datasets import open_face_dataset
 from visrec.data.folders import read_image_folder
 from visrec.errors import DataError, VisrecError
 from visrec.evaluate.calibration import calibrate_threshold
+from visrec.evaluate.verification import check_target_fpr
 from visrec.export import write_onnx_contract
 from visrec.faces.evaluation import embed_all
 from visrec.faces.pipeline import ArcFaceEmbedder, Embedder, FacePipeline, embed_photos
@@ -33,6 +34,7 @@ def calibrate_model(model: str | Path, data: str | Path, target_fpr: float = 1e-
     with ``write``, store the threshold in the model file's contract (in place, atomically). Returns
     ``{"threshold": Threshold, "tpr", "fpr", "genuine_pairs", "impostor_pairs", "images", "identities",
     "no_face", "written"}`` (``written``: the file changed, or None)."""
+    target_fpr = check_target_fpr(target_fpr)  # before anything is embedded
     target = _model_file(model) if write else None
     embedder, embeddings, labels, seen = embed_labelled(model, data, photos=photos, batch=batch, progress=progress,
                                                         detector=detector, landmarks=landmarks,

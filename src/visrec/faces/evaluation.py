@@ -187,7 +187,7 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
         lab = ds.labels
         summary.update({"images": f"{len(ds):,}", "identities": f"{ds.num_classes:,}"})
     else:
-        raise VisrecError("give --features FILE, or --model CKPT|ONNX with --data PATH")
+        raise VisrecError("give features= (a features file), or model= (a checkpoint or ONNX file) with data=")
     results, curve = tpr_at_fpr(emb, lab, targets, curve_bins=curve_bins, group=group)
     report = _report(out, results, curve, summary, group)
     return FaceEvalResult(results, summary, report, bin_acc)

@@ -32,7 +32,7 @@ from visrec.data.landmark_crops import JDCrops
 from visrec.data.verification import read_verification_bin
 from visrec.errors import ConfigError, DataError
 from visrec.evaluate.landmarks import nme
-from visrec.evaluate.verification import tpr_at_fpr, tpr_at_fpr_pairs
+from visrec.evaluate.verification import check_target_fpr, tpr_at_fpr, tpr_at_fpr_pairs
 from visrec.export import export_onnx
 from visrec.models.embed import embed_images
 from visrec.models.landmark_nets import predict_crop_set
@@ -101,7 +101,7 @@ class FaceScorer:
 
     def __init__(self, path: str | Path, target_fpr: float = 1e-2):
 
-        self.path, self.target_fpr = Path(path), float(target_fpr)
+        self.path, self.target_fpr = Path(path), check_target_fpr(target_fpr, "--target-fpr (target FPR)")
         self.score = Score(f"tpr@{self.target_fpr:g}", "maximize")
         self.issame = None
         if self.path.suffix == ".bin":

@@ -14,7 +14,9 @@ def calibrate(gallery: Gallery, embeddings, labels, target_fpr: float = 1e-4) ->
     gallery's (``metric``), thresholded by :func:`visrec.evaluate.calibration.calibrate_threshold`.
     """
     from visrec.evaluate.calibration import calibrate_threshold
+    from visrec.evaluate.verification import check_target_fpr
 
+    target_fpr = check_target_fpr(target_fpr)  # before the gallery or the embeddings are touched
     x = _vectors(embeddings, "calibration embeddings", gallery.metric)
     if gallery.info["dim"] is not None and x.shape[1] != gallery.info["dim"]:
         raise GalleryMismatchError(f"the gallery holds {gallery.info['dim']}-d embeddings; the calibration set is "
