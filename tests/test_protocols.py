@@ -32,6 +32,7 @@ def test_user_protocol_from_yaml(tmp_path):
     ("name: x\nembeding_dim: 512\n", "embeding_dim"),   # a typo is an error, not silently ignored
     ("max_gflops: 1\n", "name"),
     ("name: x\ndtype: float16\n", "dtype"),
+    ("name: x\nmax_gflops: 1\nmax_gflops: 30\n", "max_gflops. appears twice"),  # not silently the last
 ])
 def test_invalid_yaml_names_the_field(tmp_path, text, field):
     bad = tmp_path / "bad.yaml"
