@@ -91,3 +91,38 @@ def test_adapters_and_unestimable_targets_are_refused_and_nothing_is_written(fac
         calibrate_model("dlib-resnet", faces, 0.01, photos=True)
     with pytest.raises(VisrecError, match="cannot calibrate at FPR 1e-06"):
         calibrate_model(save_tiny_face_model(tmp_path / "m"), faces, 1e-6)  # 720 impostor pairs: not estimable
+
+
+def test_calibrating_on_photos_counts_what_was_embedded_and_names_a_set_without_faces(tmp_path, monkeypatch):
+    """With --photos, the threshold's data note counts the photos that had a face and their people, not every
+    file; a set where no photo has a face is said so, not a shape error."""
+    import types
+
+    from visrec.data.images import encode_jpeg
+    from visrec.faces import calibrate as cal
+
+    people = tmp_path / "people"
+    for who, n in (("ann", 3), ("bob", 2), ("cy", 1)):
+        (people / who).mkdir(parents=True)
+        for i in range(n):
+            (people / who / f"{i}.jpg").write_bytes(encode_jpeg(np.full((32, 32, 3), 40 * i + 10, np.uint8)))
+
+    class Pipe:  # a stand-in pipeline: the one photo of "cy" has no face
+        def __init__(self, model, **kw):
+            self.embedder = types.SimpleNamespace(metric="cosine")
+
+    def embed_photos(pipe, listing, batch, progress):
+        keep = [i for i, p in enumerate(listing.paths) if "cy" not in str(p)]
+        rng = np.random.default_rng(0)
+        return (rng.normal(size=(len(keep), 8)).astype(np.float32), listing.labels[keep],
+                [p for p in listing.paths if "cy" in str(p)])
+
+    monkeypatch.setattr(cal, "FacePipeline", Pipe)
+    monkeypatch.setattr(cal, "embed_photos", embed_photos)
+    _, emb, labels, seen = cal.embed_labelled("m", people, photos=True)
+    assert (seen["images"], seen["identities"], len(seen["no_face"])) == (5, 2, 1) and len(emb) == 5
+
+    monkeypatch.setattr(cal, "embed_photos", lambda pipe, listing, batch, progress: (
+        np.zeros((0, 8), np.float32), np.zeros(0, np.int64), list(listing.paths)))
+    with pytest.raises(VisrecError, match="no face found in any of the 6 photos"):
+        cal.embed_labelled("m", people, photos=True)

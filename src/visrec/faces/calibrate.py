@@ -13,6 +13,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
+
 from visrec._torchfile import atomic_save, read_torch_file
 from visrec.data.datasets import open_face_dataset
 from visrec.data.folders import read_image_folder
@@ -55,12 +57,17 @@ def embed_labelled(model: str | Path, data: str | Path, *, photos: bool = False,
     """``(embedder, embeddings, labels, {"images", "identities", "no_face"})`` of a labelled set: aligned crops
     (an image folder or RecordIO, embedded as they are), or with ``photos`` raw photos in ``data/<identity>/``
     through a :class:`FacePipeline` built with ``pipeline_options`` (photos without a face are left out and
-    listed). Used to calibrate a model and a gallery alike."""
+    listed; ``images`` and ``identities`` count what was embedded). Used to calibrate a model and a gallery alike."""
     if photos:
         pipe = FacePipeline(model, **pipeline_options)
         listing = read_image_folder(data)
         embeddings, labels, no_face = embed_photos(pipe, listing, batch, progress)
-        return pipe.embedder, embeddings, labels, {"images": len(listing.paths), "identities": listing.num_classes,
+        if not len(embeddings):
+            raise VisrecError(f"no face found in any of the {len(listing.paths)} photos of {data}: nothing to "
+                              f"calibrate on")
+        # what the pairs were made of: the photos with a face, and the identities they belong to
+        return pipe.embedder, embeddings, labels, {"images": len(embeddings),
+                                                   "identities": len(np.unique(labels)),
                                                    "no_face": [str(p) for p in no_face]}
 
     embedder = Embedder(model, providers=pipeline_options.get("providers"))
