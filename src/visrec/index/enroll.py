@@ -41,6 +41,25 @@ def enroll_face(gallery, name: str, crop, embedding, model_name: str) -> None:
     gallery.enroll(name, embedding.reshape(1, -1), hashes=[crop_hash(crop)], model_name=model_name)
 
 
+def with_thumbnails(thumbnails, write, stage):
+    """``write(before_commit)`` — a gallery write taking :meth:`~visrec.index.gallery.Gallery.enroll_many`'s
+    ``before_commit`` — with the thumbnails ``stage(ids)`` stages for its template ids (an iterable of staged
+    files, taken one by one, so those staged before a failure are discarded too) written inside it:
+    staged before the write commits (one that cannot be written undoes the write), published after, discarded
+    if the write fails. ``thumbnails``: :class:`visrec.serve.thumbnails.Thumbnails` or None (then just the
+    write). Returns what ``write`` returns."""
+    if thumbnails is None:
+        return write(None)
+    staged = []
+    try:
+        result = write(lambda ids: staged.extend(stage(ids)))
+    except BaseException:
+        thumbnails.discard(staged)
+        raise
+    thumbnails.publish(staged)
+    return result
+
+
 def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int = 256,
                   thumbnails=None) -> EnrollReport:
     """Enroll ``root/<identity>/<photo>`` with ``pipeline`` (:class:`visrec.faces.pipeline.FacePipeline`) into
@@ -55,22 +74,13 @@ def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int
 
     def flush():
         if pending:
-            staged = []
-
-            def stage(ids):
-                for (_, name, crop, _), tids in zip(pending, ids):
-                    staged.extend(thumbnails.stage(name, tids, crop[None]))
-
-            try:
-                gallery.enroll_many([(name, emb.reshape(1, -1), [crop_hash(crop)]) for _, name, crop, emb in pending],
-                                    model_name=pipeline.embedder.name,
-                                    before_commit=None if thumbnails is None else stage)
-            except BaseException:
-                if thumbnails is not None:
-                    thumbnails.discard(staged)
-                raise
-            if thumbnails is not None:
-                thumbnails.publish(staged)
+            items = [(name, emb.reshape(1, -1), [crop_hash(crop)]) for _, name, crop, emb in pending]
+            with_thumbnails(
+                thumbnails,
+                lambda before_commit: gallery.enroll_many(items, model_name=pipeline.embedder.name,
+                                                          before_commit=before_commit),
+                lambda ids: (s for (_, name, crop, _), tids in zip(pending, ids)  # lazy: what was staged before a
+                             for s in thumbnails.stage(name, tids, crop[None])))  # failure is discarded too
             report.enrolled.extend(rel for rel, _, _, _ in pending)
             names.update(name for _, name, _, _ in pending)
             pending.clear()

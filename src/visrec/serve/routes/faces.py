@@ -19,7 +19,7 @@ import numpy as np
 from visrec.data.images import encode_jpeg
 from visrec.errors import DataError, VisrecError
 from visrec.faces.images import InputError
-from visrec.index.enroll import crop_hash
+from visrec.index.enroll import crop_hash, with_thumbnails
 from visrec.index.gallery import (IdentityExistsError, MetadataTooLargeError, check_identity, check_metadata,
                                   pair_scores)
 from visrec.serve.config import MAX_GALLERY_NAME
@@ -165,23 +165,15 @@ def face_routes(ctx):
             # keyed by the aligned crop, as `visrec gallery enroll` and the Python API key theirs: the same photo
             # adds nothing on any path, and two faces of one group photo are two templates
             hashes = [crop_hash(crop) for crop in crops]
-            staged = []
-
-            def stage(ids):  # inside the gallery's write: a thumbnail not written undoes it (serve.thumbnails)
-                staged.extend(thumbs.stage(identity, ids, crops))
-
             with thumbs.lock if thumbs is not None else contextlib.nullcontext():
-                try:
-                    # the count comes from the write: no read after it that could fail once the enrollment is done
-                    ids, templates = gallery.enroll_and_count(identity, embs, hashes=hashes, metadata=meta,
-                                                              model_name=pipe.embedder.name,
-                                                              before_commit=None if thumbs is None else stage)
-                except BaseException:
-                    if thumbs is not None:
-                        thumbs.discard(staged)
-                    raise
-                if thumbs is not None:
-                    thumbs.publish(staged)
+                # the count comes from the write: no read after it that could fail once the enrollment is done;
+                # the thumbnails are staged inside the write (a thumbnail not written undoes it: serve.thumbnails)
+                ids, templates = with_thumbnails(
+                    thumbs,
+                    lambda before_commit: gallery.enroll_and_count(identity, embs, hashes=hashes, metadata=meta,
+                                                                   model_name=pipe.embedder.name,
+                                                                   before_commit=before_commit),
+                    lambda ids: thumbs.stage(identity, ids, crops))
             return {"identity": identity, "enrolled": len(ids), "entries": ids, "templates": templates,
                     "faces_found": found}
 
