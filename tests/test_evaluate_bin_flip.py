@@ -117,7 +117,7 @@ def test_training_validation_reports_both_and_uses_flip(small_bin):
     torch.manual_seed(1)
     net = build_backbone("mbf", embedding_size=64).eval()
     task = SimpleNamespace(data_opts=FaceData(train=small_bin, val=[small_bin / "val.bin"]),
-                           ctx=SimpleNamespace(device="cpu"))
+                           ctx=SimpleNamespace(device="cpu"), _val_sets=None)
     metrics = FaceTask.validate(task, net)
     images, issame = read_verification_bin(small_bin / "val.bin")
     from visrec.models.embed import embed_images

@@ -14,6 +14,7 @@ from torch import nn
 
 from visrec._optional import require
 from visrec._onnx import OnnxEmbedder  # noqa: F401 - still importable from here (parity_check runs it)
+from visrec.data.text import check_output
 from visrec.errors import VisrecError
 from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY
 from visrec.models.loading import checkpoint_file, file_sha256, load_model
@@ -398,8 +399,6 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
     (:func:`export_model`), then the parity check (raises if it fails). Landmark models export their
     ``points`` output at the contract's crop size. ``onnx_path`` is checked before anything is loaded or
     exported: an existing folder, or a path under a file, is a ``DataError`` naming it."""
-    from visrec.data.text import check_output
-
     check_output(onnx_path, kind="file")
     loaded = load_model(checkpoint)
     model, contract = loaded.module, loaded.contract

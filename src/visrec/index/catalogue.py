@@ -67,7 +67,7 @@ from visrec.config import load_config, set_dotted, validate_section
 from visrec.data.products import list_images, load_catalogue_images, read_image_checked, write_submission
 from visrec.errors import ConfigError, DataError
 from visrec.index.faiss_index import FaissIndex
-from visrec.index.postprocess import Chain
+from visrec.index.postprocess import Chain, PCAWhitening
 from visrec.models import build_backbone
 from visrec.models.embed import for_inference
 from visrec.models.inference import PreparedBatch, describe, prepare_batch
@@ -428,8 +428,6 @@ def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: tor
 def _check_faiss_options(model: torch.nn.Module, opts: IndexOptions, chain: Chain) -> None:
     """``index.factory`` and ``index.nprobe`` must make a FAISS index of the dimension the chain will give
     (the descriptor's, or the last whitening's ``dim``): a ConfigError naming them, before any work."""
-    from visrec.index.postprocess import PCAWhitening
-
     dim = int(getattr(model, "dim", 0) or 0)
     for stage in chain.stages:
         if isinstance(stage, PCAWhitening) and stage.dim:

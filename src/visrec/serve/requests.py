@@ -17,6 +17,7 @@ import binascii
 import json
 import math
 
+from visrec.data.images import header_size
 from visrec.faces.images import InputError
 
 
@@ -118,8 +119,6 @@ def header_pixels(data: bytes) -> int:
     """Width x height from an image's header, read by the parser the decoder itself checks sizes with
     (:func:`visrec.data.images.header_size`: a header this cannot read is refused by the decoder too, so
     counting it as 0 here lets nothing through); nothing is decoded."""
-    from visrec.data.images import header_size
-
     size = header_size(data) if data else None
     return 0 if size is None else int(size[0]) * int(size[1])
 

@@ -106,6 +106,15 @@ class FaceLoss(BaseModel):
     sample_rate: float = Field(1.0, gt=0, le=1, description="PartialFC negative-centre sampling rate")
 
 
+def read_val_set(path: Path) -> tuple:
+    """A validation ``.bin``: (images, issame), with enough pairs for the 10 folds, else a DataError naming it."""
+    images, issame = read_verification_bin(path)
+    problem = fold_problem(len(issame), NFOLDS)
+    if problem:
+        raise DataError(f"validation set: {problem}", path=path)
+    return images, issame
+
+
 @TASKS.register("faces")
 class FaceTask(Task):
     DataOptions = FaceData
@@ -202,13 +211,6 @@ class FaceTask(Task):
 
     _val_sets: dict[str, tuple] | None = None  # what prepare_validation read: {path: (images, issame)}
 
-    def _read_val(self, path: Path) -> tuple:
-        images, issame = read_verification_bin(path)
-        problem = fold_problem(len(issame), NFOLDS)
-        if problem:
-            raise DataError(f"validation set: {problem}", path=path)
-        return images, issame
-
     def prepare_validation(self) -> None:
         """Read every ``data.val`` file now (decoded, checked, kept for :meth:`validate`, as arcface_torch keeps
         its validation sets in memory): a missing or unreadable file, an image that does not decode or fewer
@@ -220,7 +222,7 @@ class FaceTask(Task):
             if other != Path(path):
                 raise ConfigError(f"data.val: {other} and {path} would both log as '{Path(path).stem}/accuracy'; "
                                   f"rename one")
-        self._val_sets = {str(path): self._read_val(Path(path)) for path in self.data_opts.val}
+        self._val_sets = {str(path): read_val_set(Path(path)) for path in self.data_opts.val}
 
     def validate(self, backbone: nn.Module) -> dict[str, float]:
         """10-fold accuracy of each ``.bin`` (``visrec.evaluate.bin_protocol``), with and without the flip
@@ -229,7 +231,7 @@ class FaceTask(Task):
         metrics = {}
         for path in self.data_opts.val:
             kept = (self._val_sets or {}).get(str(path))
-            images, issame = kept if kept is not None else self._read_val(Path(path))
+            images, issame = kept if kept is not None else read_val_set(Path(path))
             plain = embed_images(backbone, images, device=self.ctx.device)
             mirrored = embed_images(backbone, mirror(images), device=self.ctx.device)
             both = evaluate_bin_both(plain, mirrored, issame)

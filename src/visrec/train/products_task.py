@@ -19,7 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Dataset
 
-from visrec.data.products import list_images, pad_to_square, preprocess_product, read_image_checked, read_product_labels
+from visrec.data.products import (CATALOGUE_DIR, GROUND_TRUTH, list_images, pad_to_square, preprocess_product,
+                                  read_ground_truth, read_image_checked, read_product_labels)
+from visrec.evaluate.products import query_items
 from visrec.errors import DataError
 from visrec.losses import build_margin_loss
 from visrec.losses.partial_fc import PartialFC
@@ -128,9 +130,6 @@ class ProductTask(Task):
     def prepare_validation(self) -> None:
         """Open ``data.val`` before the first step: its ground truth, catalogue and every query's image file
         (what ``evaluate_descriptor`` reads; the images are decoded when validating)."""
-        from visrec.data.products import CATALOGUE_DIR, GROUND_TRUTH, read_ground_truth
-        from visrec.evaluate.products import query_items
-
         root = self.data_opts.val
         if root is None:
             return
