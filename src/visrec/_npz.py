@@ -26,6 +26,8 @@ MAX_DEFLATE_RATIO = 1032  # the most deflate can expand: 258-byte matches coded 
 _RATIOS = {zipfile.ZIP_STORED: 1, zipfile.ZIP_DEFLATED: MAX_DEFLATE_RATIO}  # methods read -> most expansion
 _EMPTY_SLACK = 1024  # elements of no bytes (zero-size dtype, before a zero-length axis) allowed beyond the bytes
 MAX_HEADER = 10_000  # bytes of a .npy header dict: numpy's own limit (np.lib.format's max_header_size)
+# what reading a hostile zip can raise: zipfile's NotImplementedError for a compression method it lacks and
+# RuntimeError for an encrypted member ("password required") are the file's fault as much as a BadZipFile
 _READ_ERRORS = (ValueError, OSError, EOFError, zipfile.BadZipFile, NotImplementedError, RuntimeError)
 
 
@@ -160,7 +162,7 @@ def load_npz(path: str | Path, what: str, stream: tuple[str, ...] = ()) -> dict:
     try:
         length = path.stat().st_size
         zf = zipfile.ZipFile(path)
-    except (zipfile.BadZipFile, OSError, ValueError, NotImplementedError) as exc:
+    except _READ_ERRORS as exc:
         raise DataError(f"not a {what} (.npz): {exc}", path=path) from None
     out: dict[str, np.ndarray] = {}
     with zf:

@@ -29,6 +29,13 @@ class DataError(VisrecError):
         self.message = message
 
 
+def shown(value, limit: int = 40) -> str:
+    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a file's or a client's
+    megabyte back."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
 class ConfigError(VisrecError):
     """A run config or protocol file that does not validate."""
 

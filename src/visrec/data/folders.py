@@ -76,6 +76,19 @@ def _refuse(path: Path, why: str, skip_bad: bool, skipped: list) -> None:
     skipped.append((path, why))
 
 
+def _entries(folder: Path, skip_bad: bool, skipped: list):
+    """(path, "dir" | "file") of ``folder``'s visible entries, sorted; hidden ones are passed over and the rest
+    (broken links, devices, pipes) refused, or with ``skip_bad`` listed in ``skipped``."""
+    for p in _listing(folder):
+        if p.name.startswith("."):
+            continue
+        kind, why = _entry_kind(p)
+        if kind == "bad":
+            _refuse(p, why, skip_bad, skipped)
+        else:
+            yield p, kind
+
+
 def read_image_folder(root: str | Path, *, skip_bad: bool = False, verify: bool = False) -> ImageList:
     """Index ``root/<identity>/<image>``; labels follow the sorted folder names. ``verify`` decodes every
     image up front (otherwise a bad image is reported when it is read).
@@ -93,27 +106,17 @@ def read_image_folder(root: str | Path, *, skip_bad: bool = False, verify: bool 
         raise DataError("image folder not found", path=root)
     paths, labels, names, skipped = [], [], [], []
     folders = []
-    for p in _listing(root):
-        if p.name.startswith("."):
-            continue
-        kind, why = _entry_kind(p)
+    for p, kind in _entries(root, skip_bad, skipped):
         if kind == "dir":
             folders.append(p)
-        elif kind == "bad":
-            _refuse(p, why, skip_bad, skipped)
         elif p.suffix.lower() in IMAGE_SUFFIXES:
             _refuse(p, "an image directly in the image folder belongs to no identity (put it in "
                        "<folder>/<identity>/)", skip_bad, skipped)
     for folder in folders:
         files = []
-        for p in _listing(folder):
-            if p.name.startswith("."):
-                continue
-            kind, why = _entry_kind(p)
+        for p, kind in _entries(folder, skip_bad, skipped):
             if kind == "dir":
                 _refuse(p, "a folder inside an identity folder (nested folders are not read)", skip_bad, skipped)
-            elif kind == "bad":
-                _refuse(p, why, skip_bad, skipped)
             elif _check_image(p, skip_bad, skipped):
                 files.append(p)
         if verify:

@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from visrec.data.products import IMAGENET_MEAN, IMAGENET_STD
-from visrec.errors import DataError
+from visrec.errors import DataError, shown
 
 ONNX_KEY = "visrec.contract"
 CHECKPOINT_KEY = "visrec.checkpoint_sha256"  # an ONNX export: SHA-256 of the checkpoint it was exported from
@@ -66,13 +66,13 @@ class Threshold:
 
     def __post_init__(self):
         if self.origin not in THRESHOLD_ORIGINS:
-            raise ValueError(f"threshold origin must be one of {THRESHOLD_ORIGINS}, got {_shown(self.origin)}")
+            raise ValueError(f"threshold origin must be one of {THRESHOLD_ORIGINS}, got {shown(self.origin, 60)}")
         if isinstance(self.value, bool) or not isinstance(self.value, (int, float)) or not math.isfinite(self.value):
-            raise ValueError(f"threshold value must be a finite number, got {_shown(self.value)}")
+            raise ValueError(f"threshold value must be a finite number, got {shown(self.value, 60)}")
         object.__setattr__(self, "value", float(self.value))
         if self.fpr is not None and (isinstance(self.fpr, bool) or not isinstance(self.fpr, (int, float))
                                      or not 0 < self.fpr <= 1):
-            raise ValueError(f"threshold fpr must be in (0, 1], got {_shown(self.fpr)}")
+            raise ValueError(f"threshold fpr must be in (0, 1], got {shown(self.fpr, 60)}")
         for name in ("data", "citation"):
             _check_text(name, getattr(self, name))
 
@@ -116,7 +116,7 @@ class ModelContract:
         if self.align_method not in ALIGN_METHODS:
             raise ValueError(f"align_method must be one of {ALIGN_METHODS}, got {self.align_method!r}")
         if self.colour_order not in ("RGB", "BGR"):
-            raise ValueError(f"colour_order must be RGB or BGR, got {_shown(self.colour_order)}")
+            raise ValueError(f"colour_order must be RGB or BGR, got {shown(self.colour_order, 60)}")
         # (0, 0): an adapter that crops itself (dlib); else each side 1..MAX_INPUT_SIDE pixels
         size = _ints("input_size", self.input_size, 2, 0, MAX_INPUT_SIDE)
         if 0 in size and size != (0, 0):
@@ -137,7 +137,7 @@ class ModelContract:
                 raise ValueError(f"crop_margin must be in [0, 10] (a fraction of the box side), got {margin}")
             object.__setattr__(self, "crop_margin", margin)
         if not isinstance(self.l2_normalised, bool):
-            raise ValueError(f"l2_normalised must be true or false, got {_shown(self.l2_normalised)}")
+            raise ValueError(f"l2_normalised must be true or false, got {shown(self.l2_normalised, 60)}")
         for name in ("align_template", "point_scheme", "source", "origin"):
             _check_text(name, getattr(self, name))
         if self.arch is not None and not isinstance(self.arch, dict):
@@ -188,6 +188,18 @@ class ModelContract:
             raise DataError(f"model contract is not JSON: {exc}", path=path) from None
         return cls.from_dict(data, path=path)
 
+    def model_file_problem(self) -> str | None:
+        """What a contract read from a model file (a checkpoint or an ONNX file, not an adapter's declaration)
+        may not say, or None: no input size (0 x 0 is for adapters that crop themselves), and for a landmark
+        model any input but visrec's (its predictions normalise crops to [-1, 1] on every runtime)."""
+        if 0 in self.input_size:
+            return "its contract declares no input size (0 x 0 is for adapters that crop themselves)"
+        if self.task == "landmarks" and (self.pixel_mean, self.pixel_std, self.colour_order) != \
+                (VISREC_MEAN, VISREC_STD, "RGB"):
+            return ("a visrec landmark model takes RGB in [-1, 1] (pixel_mean = pixel_std = 127.5); its contract "
+                    "declares another input")
+        return None
+
     def replace(self, **changes) -> "ModelContract":
         return replace(self, **changes)
 
@@ -216,30 +228,25 @@ class ModelContract:
         return rows
 
 
-def _shown(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:60] + "..."
-
-
 def _ints(name: str, values, n: int, low: int, high: int) -> tuple[int, ...]:
     """``values`` as ``n`` integers in [low, high] (whole floats allowed, as JSON may write them)."""
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__") or len(values) != n:
-        raise ValueError(f"{name} must be {n} integer(s), got {_shown(values)}")
+        raise ValueError(f"{name} must be {n} integer(s), got {shown(values, 60)}")
     out = []
     for v in values:
         if isinstance(v, float) and v.is_integer():
             v = int(v)
         if isinstance(v, bool) or not isinstance(v, int) or not low <= v <= high:
-            raise ValueError(f"{name} must be integer(s) in [{low}, {high}], got {_shown(values)}")
+            raise ValueError(f"{name} must be integer(s) in [{low}, {high}], got {shown(values, 60)}")
         out.append(v)
     return tuple(out)
 
 
 def _floats(name: str, values, n: int) -> tuple[float, ...]:
     if isinstance(values, (str, bytes, dict)) or not hasattr(values, "__len__") or len(values) != n:
-        raise ValueError(f"{name} must be {n} number(s), got {_shown(values)}")
+        raise ValueError(f"{name} must be {n} number(s), got {shown(values, 60)}")
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v) for v in values):
-        raise ValueError(f"{name} must be finite numbers, got {_shown(values)}")
+        raise ValueError(f"{name} must be finite numbers, got {shown(values, 60)}")
     return tuple(float(v) for v in values)
 
 

@@ -331,10 +331,11 @@ def _check_onnx_fits(session, contract: ModelContract | None, path: Path) -> Non
                         path=path)
     if contract is None:
         return
-    if 0 in contract.input_size:
-        raise DataError("its contract declares no input size (0 x 0 is for adapters that crop themselves)", path=path)
+    problem = contract.model_file_problem()
+    if problem:
+        raise DataError(problem, path=path)
     fixed = [d if isinstance(d, int) else None for d in shape[2:]]
-    if 0 not in contract.input_size and any(f is not None and f != s for f, s in zip(fixed, contract.input_size)):
+    if any(f is not None and f != s for f, s in zip(fixed, contract.input_size)):
         raise DataError(f"its contract says input {contract.input_size[0]}x{contract.input_size[1]}, the graph "
                         f"takes {shape[2]}x{shape[3]}", path=path)
     out = list(outputs[0].shape)
@@ -342,10 +343,6 @@ def _check_onnx_fits(session, contract: ModelContract | None, path: Path) -> Non
             and out[-1] != contract.embedding_dim:
         raise DataError(f"its contract says embedding_dim {contract.embedding_dim}, the graph outputs {out}",
                         path=path)
-    if contract.task == "landmarks" and (contract.pixel_mean, contract.pixel_std, contract.colour_order) != \
-            (VISREC_MEAN, VISREC_STD, "RGB"):
-        raise DataError("a visrec landmark model takes RGB in [-1, 1] (pixel_mean = pixel_std = 127.5); its "
-                        "contract declares another input", path=path)
     if contract.task == "landmarks":
         points = contract.num_points
         known = [d if isinstance(d, int) else None for d in out]  # None: a dimension the graph leaves free

@@ -13,7 +13,7 @@ from typing import Any
 from visrec._torchfile import read_torch_file
 from visrec.errors import DataError, VisrecError
 from visrec.models import build_backbone
-from visrec.models.contract import VISREC_MEAN, VISREC_STD, ModelContract, contract_from_config
+from visrec.models.contract import ModelContract, contract_from_config
 
 # --- reading visrec torch files -----------------------------------------------------------------------
 
@@ -120,12 +120,9 @@ def _check_contract_fits(contract: ModelContract, model, cfg: dict, path: Path) 
     if (contract.task == "landmarks") != (built.task == "landmarks"):
         raise DataError(f"its contract says task {contract.task!r}, but the network ({cfg.get('name')!r}) is a "
                         f"{built.task} model", path=path)
-    if 0 in contract.input_size:
-        raise DataError("its contract declares no input size (0 x 0 is for adapters that crop themselves)", path=path)
-    if contract.task == "landmarks" and (contract.pixel_mean, contract.pixel_std, contract.colour_order) != \
-            (VISREC_MEAN, VISREC_STD, "RGB"):
-        raise DataError("a visrec landmark model takes RGB in [-1, 1] (pixel_mean = pixel_std = 127.5); its "
-                        "contract declares another input", path=path)
+    problem = contract.model_file_problem()
+    if problem:
+        raise DataError(problem, path=path)
     if contract.task == "landmarks" or contract.embedding_dim is None or built.task == "video-embedding":
         return
     try:

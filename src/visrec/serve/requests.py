@@ -14,10 +14,13 @@ know the fields.
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
 import base64
 import binascii
+import contextlib
 import json
 import math
+import re
 
 from visrec.data.images import header_size
+from visrec.errors import shown
 from visrec.faces.images import InputError
 
 
@@ -32,7 +35,7 @@ def _reject_constant(name: str):
 def _finite_float(text: str) -> float:
     value = float(text)
     if not math.isfinite(value):  # 1e400 parses to inf
-        raise _Refused(f"holds {_shown(text)}, beyond a float's range: numbers must be finite")
+        raise _Refused(f"holds {shown(text)}, beyond a float's range: numbers must be finite")
     return value
 
 
@@ -40,14 +43,11 @@ def _unique_keys(pairs):
     keys = [k for k, _ in pairs]
     if len(set(keys)) != len(keys):
         twice = next(k for i, k in enumerate(keys) if k in keys[:i])
-        raise _Refused(f"gives the key {_shown(twice)} twice")
+        raise _Refused(f"gives the key {shown(twice)} twice")
     return dict(pairs)
 
 
-def _shown(value, limit: int = 40) -> str:
-    """``repr(value)`` cut to ``limit`` characters: an error message never echoes a client's megabyte back."""
-    text = repr(value)
-    return text if len(text) <= limit else text[:limit] + "..."
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def parse_json(text, where: str):
@@ -55,9 +55,16 @@ def parse_json(text, where: str):
     deeper than Python's recursion allows, lone UTF-16 surrogates (``"\\udc00"``: no UTF-8 text holds one, so
     no answer or store could write it back) and malformed text are 400s naming ``where``."""
     try:
+        if isinstance(text, (bytes, bytearray)):
+            with contextlib.suppress(UnicodeDecodeError):  # UTF-16/32 JSON stays bytes: json.loads decodes it
+                text = bytes(text).decode("utf-8")
         value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
                            object_pairs_hook=_unique_keys)
-        json.dumps(value, ensure_ascii=False).encode("utf-8")
+        # in strict UTF-8 text only a \\uD800-\\uDFFF escape makes a lone surrogate, so the re-encoding that finds
+        # one is skipped for bodies without such an escape (every image upload: base64 holds no backslash);
+        # other bytes json.loads decoded with 'surrogatepass' are always checked
+        if not isinstance(text, str) or _SURROGATE_ESCAPE.search(text):
+            json.dumps(value, ensure_ascii=False).encode("utf-8")
     except _Refused as exc:
         raise InputError(f"{where} {exc}", 400) from None
     except RecursionError:
@@ -87,9 +94,9 @@ def int_field(fields: dict, name: str, default: int, high: int = 1000) -> int:
     if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) <= 20:
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"field {name!r} must be an integer, got {_shown(value)}", 400)
+        raise InputError(f"field {name!r} must be an integer, got {shown(value)}", 400)
     if not 1 <= value <= high:
-        raise InputError(f"field {name!r} must be between 1 and {high}, got {_shown(value)}", 400)
+        raise InputError(f"field {name!r} must be between 1 and {high}, got {shown(value)}", 400)
     return value
 
 
@@ -162,17 +169,17 @@ class ImageRequests:
                     raise InputError(f"more than {limits.max_images} images in one request "
                                      f"(limits.max_images)", 413) from None
                 detail = getattr(exc, "detail", None) or str(exc)  # starlette's HTTPException prints "400: ..."
-                raise InputError(f"malformed multipart body: {_shown(detail, 200)}", 400) from None
+                raise InputError(f"malformed multipart body: {shown(detail, 200)}", 400) from None
             for key, value in form.multi_items():
                 if hasattr(value, "read"):
                     if key not in images:
-                        raise InputError(f"unexpected file field {_shown(key)}; "
+                        raise InputError(f"unexpected file field {shown(key)}; "
                                          + (f"expected {', '.join(names)}" if names else "this route takes no file"),
                                          400)
                     images[key].append(await value.read())
                 else:
                     if key in fields:
-                        raise InputError(f"field {_shown(key)} is sent twice", 400)
+                        raise InputError(f"field {shown(key)} is sent twice", 400)
                     fields[key] = value
         elif media == "application/json":
             payload = parse_json(await request.body(), "the JSON body")
@@ -195,8 +202,9 @@ class ImageRequests:
                 else:
                     fields[key] = value
         else:
-            raise InputError(f"content type {_shown(ctype) if ctype else '(none)'} not accepted: send multipart/form-data or "
-                             f"application/json" + ("" if names else " (or a URL-encoded form)"), 415)
+            raise InputError(f"content type {shown(ctype) if ctype else '(none)'} not accepted: send "
+                             f"multipart/form-data or application/json"
+                             + ("" if names else " (or a URL-encoded form)"), 415)
         for n in names:
             if not images[n] and n in fields and media == "multipart/form-data":
                 raise InputError(f"field {n!r} was sent as text, not as a file (curl: -F {n}=@photo.jpg)", 400)

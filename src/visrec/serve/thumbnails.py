@@ -102,10 +102,6 @@ class Thumbnails:
             with contextlib.suppress(OSError):
                 tmp.unlink()
 
-    def add(self, identity: str, template_ids: list[str], crops) -> None:
-        """:meth:`stage` then :meth:`publish`, for callers with no gallery write to stage within."""
-        self.publish(self.stage(identity, template_ids, crops))
-
     def has(self, identity: str) -> bool:
         folder = self._dir(identity)
         return folder.is_dir() and any(folder.glob("*.jpg"))
