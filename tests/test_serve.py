@@ -321,3 +321,87 @@ def test_every_post_route_declares_its_request_body_and_a_client_built_from_it_w
         old, new = ("schema-client", "renamed") if n == 0 else ("renamed", "schema-client")
         r = c.post(path.replace("{name}", "default"), data={"identity": old, "to": new})
         assert r.status_code == 200 and r.json()["identity"] == new, (path, r.text)
+
+
+def test_enroll_answers_one_entry_per_image_and_refuses_the_same_photo_twice(model_dir, tmp_path):
+    """Each image part is one template: the answer lists one entry per image, in order, each stored (here: one
+    thumbnail per entry); a request holding the same photo twice is a 400 naming both parts (multipart and
+    JSON alike) and stores nothing. The same photo in a later request adds nothing and answers its entry."""
+    c = make_client(model_dir, faces={"gallery": {"backend": "faiss", "thumbnails": str(tmp_path / "thumbs")}})
+    p, q = face_jpeg(1), face_jpeg(2)
+
+    def stored():
+        return sorted(f.stem for f in (tmp_path / "thumbs").rglob("*.jpg"))
+
+    r = c.post("/v1/faces/enroll", data={"identity": "alice"}, files=[("image", p), ("image", q)])
+    assert r.status_code == 200, r.text
+    first = r.json()
+    assert first["enrolled"] == len(first["entries"]) == len(set(first["entries"])) == first["templates"] == 2
+    assert first["faces_found"] == [1, 1] and stored() == sorted(first["entries"])
+    b64 = base64.b64encode(p).decode()
+    for kw, twice in ((dict(data={"identity": "bob"}, files=[("image", q), ("image", p), ("image", p)]), (3, 2)),
+                      (dict(json={"identity": "bob", "images": [b64, b64]}), (2, 1)),
+                      (dict(json={"identity": "bob", "images": [base64.b64encode(q).decode()], "image": b64}), None)):
+        r = c.post("/v1/faces/enroll", **kw)
+        if twice is None:  # q and p: two photos, fine
+            assert r.status_code == 200 and r.json()["enrolled"] == 2 and r.json()["templates"] == 2, r.text
+            c.delete("/v1/faces/bob")
+            continue
+        assert r.status_code == 400, r.text
+        assert f"image {twice[0]} is the same photo as image {twice[1]}" in r.json()["error"], r.text
+    r = c.post("/v1/faces/enroll", json={"identity": "bob", "images": [b64], "image": b64})
+    assert r.status_code == 400 and "same photo" in r.json()["error"], r.text  # both keys, one photo
+    assert [row["identity"] for row in c.get("/v1/faces").json()["identities"]] == ["alice"]
+    assert len(stored()) == 2
+    again = c.post("/v1/faces/enroll", data={"identity": "alice"}, files=[("image", q)]).json()
+    assert again["entries"] == first["entries"][1:] and again["enrolled"] == 1 and again["templates"] == 2
+    assert stored() == sorted(first["entries"])
+
+
+def test_metrics_label_every_route_and_unmatched_only_what_no_route_matches(model_dir, monkeypatch):
+    """/openapi.json (a Starlette route), the docs' assets (a mount) and the rest are counted under their own
+    route template; ``unmatched`` counts only requests no route of the app matches (a 404 of the router)."""
+    from prometheus_client.parser import text_string_to_metric_families
+    from starlette.routing import Mount
+
+    def leaf_routes(routes):  # FastAPI keeps an included router as one entry
+        for r in routes:
+            yield from leaf_routes(r.original_router.routes) if hasattr(r, "original_router") else (r,)
+
+    def counts(client):
+        families = {f.name: f for f in text_string_to_metric_families(client.get("/metrics").text)}
+        return {(s.labels["route"], s.labels["status"]): s.value for s in families["visrec_requests"].samples
+                if s.name == "visrec_requests_total"}
+
+    c = make_client(model_dir)
+    sent = {"/openapi.json": (200, "/openapi.json"), "/docs": (200, "/docs"), "/redoc": (200, "/redoc"),
+            "/_docs-assets/swagger-ui.css": (200, "/_docs-assets/{path}"),
+            "/_docs-assets/nothing.js": (404, "/_docs-assets/{path}"),
+            "/_console/console.js": (200, "/_console/{asset}"), "/_console/nothing.js": (404, "/_console/{asset}"),
+            "/docs/oauth2-redirect": (404, "unmatched"),  # not served: the docs use no OAuth2
+            "/nothing": (404, "unmatched"), "/v1/faces/thumbnail": (400, "/v1/faces/thumbnail")}
+    for path, (status, _) in sent.items():
+        assert c.get(path).status_code == status, path
+    assert c.post("/openapi.json").status_code == 405
+    got = counts(c)
+    for path, (status, route) in sent.items():
+        assert got.get((route, str(status)), 0) >= 1, (path, route, got)
+    assert got[("/openapi.json", "405")] == 1
+    assert sum(v for (route, _), v in got.items() if route == "unmatched") == 2, got
+    # every GET route of the app without path parameters, asked once more: none of them counts as unmatched
+    before = sum(v for (route, _), v in counts(c).items() if route == "unmatched")
+    plain = [r for r in leaf_routes(c.app.routes) if not isinstance(r, Mount) and "{" not in r.path
+             and "GET" in (getattr(r, "methods", None) or ())]
+    assert {"/openapi.json", "/docs", "/redoc", "/", "/healthz", "/metrics", "/v1/faces"} <= {r.path for r in plain}
+    for r in plain:
+        c.get(r.path)
+    after = counts(c)
+    assert sum(v for (route, _), v in after.items() if route == "unmatched") == before
+    for path in ("/openapi.json", "/docs", "/redoc", "/", "/healthz", "/v1/faces", "/v1/status"):
+        assert after[(path, "200")] >= 1, (path, after)
+    # a request the Guard refuses before any route runs is still counted under the route it asked for
+    monkeypatch.setenv("VISREC_API_KEYS", "k")
+    keyed = make_client(model_dir, host="0.0.0.0")
+    assert keyed.get("/v1/faces").status_code == 401 and keyed.get("/v1/nowhere").status_code == 401
+    got = counts(keyed)
+    assert got[("/v1/faces", "401")] == 1 and got[("unmatched", "401")] == 1, got

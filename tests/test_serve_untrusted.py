@@ -101,8 +101,8 @@ def test_images_and_pixels_per_request_are_bounded(tiny_face_model, tmp_path):
     r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", png_header(4000, 4000))] * 2)
     assert r.status_code == 413 and "limits.max_request_pixels" in r.json()["error"]
     assert c.get("/v1/faces").json()["identities"] == []
-    r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", img)] * 3)
-    assert r.status_code == 200 and r.json()["templates"] == 1  # the same image thrice: one template
+    r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", face_jpeg(k)) for k in (1, 2, 3)])
+    assert r.status_code == 200 and r.json()["templates"] == 3, r.text  # at the limit
 
 
 def test_non_finite_numbers_anywhere_in_a_request_are_a_400(tiny_face_model, tmp_path):
@@ -128,10 +128,14 @@ def test_landmark_boxes_must_be_finite_and_on_the_image(tmp_path):
 
 def route_templates(routes) -> set:
     """Every path template of the app, routers included (FastAPI keeps an included router as one entry)."""
+    from starlette.routing import Mount
+
     out = set()
     for r in routes:
         if hasattr(r, "original_router"):
             out |= route_templates(r.original_router.routes)
+        elif isinstance(r, Mount):
+            out.add(r.path_format)  # /_docs-assets/{path}
         elif hasattr(r, "path"):
             out.add(r.path)
     return out
@@ -302,7 +306,8 @@ def test_request_pixels_are_counted_by_the_decoders_own_header_parser(tiny_face_
     c = TestClient(create_app(milvus_config(tiny_face_model, tmp_path, limits={"max_request_pixels": 30_000})))
     r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", odd)] * 3)
     assert r.status_code == 413 and "limits.max_request_pixels" in r.json()["error"], r.text
-    r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", odd)] * 2)
+    two = [("image", odd), ("image", with_tem_marker(face_jpeg(2)))]  # two photos: one photo twice is a 400
+    r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=two)
     assert r.status_code == 200, r.text  # the image itself is fine: libjpeg decodes it
 
 
@@ -399,3 +404,99 @@ def test_an_image_sent_as_text_is_named_as_such(tiny_face_model):
     r = c.post("/v1/faces/identify", content=b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\"\r\n\r\nab",
                headers={"content-type": "multipart/form-data; boundary=b"})
     assert r.status_code == 400 and not r.json()["error"].startswith("malformed multipart body: 400"), r.text
+
+
+def multipart_body(*parts, boundary=b"vr"):
+    """A multipart/form-data body of (headers, data) parts, bytes as given (no encoding applied)."""
+    out = b"".join(b"--" + boundary + b"\r\n" + headers + b"\r\n\r\n" + data + b"\r\n" for headers, data in parts)
+    return out + b"--" + boundary + b"--\r\n"
+
+
+def text_part(name: bytes, value: bytes, extra: bytes = b""):
+    return b'Content-Disposition: form-data; name="' + name + b'"' + extra, value
+
+
+def test_form_text_that_is_not_utf8_is_a_400_naming_the_field(tiny_face_model, tmp_path):
+    """Starlette's form parser reads a text field that is not UTF-8 as Latin-1 (b"Jos\\xe9" arrives as "José"),
+    a URL-encoded body's raw bytes as Latin-1 and a bad percent escape as U+FFFD: each would be enrolled or
+    renamed under another name. Here each is a 400 naming the field (or query parameter, or path), nothing is
+    stored, and UTF-8 text arrives as sent in every form."""
+    c = TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True,
+                                                 "gallery": {"backend": "faiss"}})))
+    photo = (b'Content-Disposition: form-data; name="image"; filename="a.jpg"\r\nContent-Type: image/jpeg',
+             face_jpeg(1))
+    form = "multipart/form-data; boundary=vr"
+
+    def enroll(*parts, ctype=form):
+        return c.post("/v1/faces/enroll", content=multipart_body(*parts), headers={"content-type": ctype})
+
+    def names():
+        return [row["identity"] for row in c.get("/v1/faces").json()["identities"]]
+
+    refused = {
+        "Latin-1 bytes in a name": ((text_part(b"identity", b"Jos\xe9"), photo), "field 'identity' is not UTF-8"),
+        "bad bytes in metadata": ((text_part(b"identity", b"a"), text_part(b"metadata", b'{"x": "\xff"}'), photo),
+                                  "field 'metadata' is not UTF-8"),
+        "a field name": ((text_part(b"identit\xe9", b"a"), photo), "field name is not UTF-8"),
+        "a part declared Latin-1": ((text_part(b"identity", b"Jos\xe9", b"\r\nContent-Type: text/plain; "
+                                               b"charset=iso-8859-1"), photo), "field 'identity' is declared as"),
+        "_charset_ Latin-1": ((text_part(b"identity", b"Jos\xe9"), text_part(b"_charset_", b"ISO-8859-1"), photo),
+                              "field '_charset_' names 'ISO-8859-1'"),
+        "no closing boundary": ((text_part(b"identity", b"a"), photo), "closing boundary"),
+    }
+    for why, (parts, words) in refused.items():
+        if why == "no closing boundary":
+            body = multipart_body(*parts)[:-len(b"--vr--\r\n")]
+            r = c.post("/v1/faces/enroll", content=body, headers={"content-type": form})
+        else:
+            r = enroll(*parts)
+        assert r.status_code == 400 and words in r.json()["error"], (why, r.text)
+    assert "b'Jos\\xe9'" in enroll(text_part(b"identity", b"Jos\xe9"), photo).json()["error"]  # the bytes, shown
+    r = enroll(text_part(b"identity", b"Jos\xe9"), photo, ctype=form + "; charset=latin-1")
+    assert r.status_code == 415 and "charset 'latin-1'" in r.json()["error"], r.text
+    r = c.post("/v1/faces/enroll", content=b'{"identity": "Jos\xe9", "image": "%s"}' % base64.b64encode(face_jpeg(1)),
+               headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "the JSON body is not UTF-8" in r.json()["error"], r.text
+    assert names() == []
+    # UTF-8 however declared (or not, or as ASCII, or in a _charset_ field): the name as sent
+    ascii_part = b"\r\nContent-Type: text/plain; charset=us-ascii"
+    for identity, ctype, extra, header in ((b"Jos\xc3\xa9", form, (), b""),
+                                           ("Zoë".encode(), form + "; charset=UTF-8", (), b""),
+                                           ("Łukasz".encode(), form, (text_part(b"_charset_", b"utf-8"),), b""),
+                                           (b"Ana", form, (), ascii_part)):
+        r = enroll(text_part(b"identity", identity, header), *extra, photo, ctype=ctype)
+        assert r.status_code == 200 and r.json()["identity"] == identity.decode(), r.text
+        c.delete("/v1/faces", params={"identity": identity.decode()})
+    r = enroll(text_part(b"identity", "Jos\u00e9".encode(), b"\r\nContent-Type: text/plain; charset=utf-8"), photo)
+    assert r.status_code == 200 and names() == ["José"], r.text
+    # URL-encoded (rename): percent escapes and raw bytes are UTF-8 bytes; anything else is a 400 naming the field
+    urlencoded = {"content-type": "application/x-www-form-urlencoded"}
+    for body, field in ((b"identity=Jos%C3%A9&to=Al%FFce", "'to'"), (b"identity=Jos%E9&to=x", "'identity'"),
+                        (b"identity=Jos%C3%A9&to=Jos\xe9e", "'to'")):
+        r = c.post("/v1/faces/rename", content=body, headers=urlencoded)
+        assert r.status_code == 400 and f"field {field} is not UTF-8" in r.json()["error"], (body, r.text)
+    assert names() == ["José"]
+    r = c.post("/v1/faces/rename", content="identity=Jos%C3%A9&to=Jöse".encode(), headers=urlencoded)
+    assert r.status_code == 200 and r.json()["identity"] == "Jöse" and names() == ["Jöse"], r.text
+    # the query and the path: no bad byte becomes U+FFFD on the way to a name
+    r = c.delete("/v1/faces?identity=J%F6se")
+    assert r.status_code == 400 and "query parameter 'identity' is not UTF-8" in r.json()["error"], r.text
+    r = c.delete("/v1/faces/J%F6se")
+    assert r.status_code == 400 and "path is not UTF-8" in r.json()["error"], r.text
+    assert names() == ["Jöse"]
+    assert c.delete("/v1/faces/J%C3%B6se").json()["removed"] == 1
+
+
+def test_form_bounds_still_hold_with_the_strict_form_reader(tiny_face_model):
+    """The limits the form reader had (text fields per body, files per body as limits.max_images) are still
+    in force: 400 / 413 with the limit named, nothing enrolled."""
+    c = TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True,
+                                                 "gallery": {"backend": "faiss"}}, limits={"max_images": 2})))
+    r = c.post("/v1/faces/rename", data={f"f{i}": "1" for i in range(65)})
+    assert r.status_code == 400 and "more than 64 text fields" in r.json()["error"], r.text
+    r = c.post("/v1/faces/rename", content=b"&".join(b"f%d=1" % i for i in range(65)),
+               headers={"content-type": "application/x-www-form-urlencoded"})
+    assert r.status_code == 400 and "more than 64 text fields" in r.json()["error"], r.text
+    r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", face_jpeg(k)) for k in range(3)])
+    assert r.status_code == 413 and "more than 2 images" in r.json()["error"], r.text
+    assert c.get("/v1/faces").json()["identities"] == []

@@ -194,7 +194,7 @@ def create_app(cfg: ServeConfig):
     metrics = Metrics(None if galleries is None else (lambda: sum(g.count() for g in galleries.values())))
     requests = ImageRequests(limits)
     app.add_middleware(Guard, keys=cfg.keys(), max_body=requests.max_body, body_timeout_s=limits.body_timeout_s,
-                       metrics=metrics)
+                       metrics=metrics, routes=lambda: app.routes)
     ctx = ServiceContext(cfg, requests, metrics, asyncio.Semaphore(limits.max_concurrent), state)
     app.state.visrec = ctx
 

@@ -1,6 +1,14 @@
 """The service's outer layer (plain ASGI, in front of every route): API key, request bytes bounded *while*
 the body streams in, a deadline for receiving the body, and Prometheus metrics labelled by route template.
 
+The route label is the template of the route that answered (``/v1/faces/{identity:path}``), never the path
+itself; ``unmatched`` only for a request no route of the app matches. FastAPI's own routes put themselves in
+the scope; a route that does not (Starlette's ``/openapi.json``, the ``/_docs-assets`` mount) is found by
+matching the request as it arrived against the app's routes, as the router did.
+
+Under ``/v1/`` the request target's percent escapes must decode to UTF-8 (the server would otherwise hand on
+U+FFFD for each bad byte, ``?identity=Al%FFce`` as ``Al\ufffdce``): a 400 naming the query parameter, or the path.
+
 The key a request carries may be restricted to some face galleries: the Guard puts the galleries it may use
 into the request's scope (:func:`allowed_galleries` reads them; None: every gallery) and the face routes
 refuse the others. The key itself goes nowhere but the constant-time comparison.
@@ -16,8 +24,10 @@ import asyncio
 import hmac
 import json
 import time
+from urllib.parse import unquote_to_bytes
 
 from visrec._optional import require
+from visrec.errors import shown
 from visrec.faces.images import InputError
 
 UNMATCHED = "unmatched"  # the route label of a path no route matches (a fixed label: no path is ever one)
@@ -27,6 +37,61 @@ GALLERIES_SCOPE = "visrec.galleries"  # the scope key holding the galleries the 
 def allowed_galleries(scope) -> frozenset[str] | None:
     """The face galleries the request's API key may use; None: every one (an unrestricted key, or no keys)."""
     return scope.get(GALLERIES_SCOPE)
+
+
+def leaf_routes(routes):
+    """The app's routes with FastAPI's included routers opened up (it keeps each as one entry)."""
+    for route in routes:
+        inner = getattr(route, "original_router", None)
+        if inner is not None:
+            yield from leaf_routes(inner.routes)
+        else:
+            yield route
+
+
+def route_template(route) -> str | None:
+    """A route's label: its path template (a mount's with ``/{path}`` after it)."""
+    from starlette.routing import Mount
+
+    if isinstance(route, Mount):
+        return route.path_format
+    return getattr(route, "path", None)
+
+
+def matched_template(routes, scope) -> str:
+    """The template of the route among ``routes`` that the router hands ``scope`` to (a full match first, else
+    the first partial one: a method that route does not take); :data:`UNMATCHED` when none."""
+    from starlette.routing import Match
+
+    partial = None
+    for route in leaf_routes(routes):
+        match, _ = route.matches(dict(scope))
+        if match is Match.FULL:
+            return route_template(route) or UNMATCHED
+        if match is Match.PARTIAL and partial is None:
+            partial = route
+    return (route_template(partial) if partial is not None else None) or UNMATCHED
+
+
+def _not_utf8(scope) -> str | None:
+    """What in the request target does not percent-decode to UTF-8 (None: all of it does)."""
+    raw = scope.get("raw_path")  # optional in ASGI: without it the server's decoding is all there is
+    if raw is not None:
+        try:
+            unquote_to_bytes(raw).decode("utf-8")
+        except UnicodeDecodeError:
+            return f"the path is not UTF-8 once percent-decoded: {shown(raw, 80)}"
+    for pair in (scope.get("query_string") or b"").split(b"&"):
+        name, _, value = pair.partition(b"=")
+        try:
+            name = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            return f"a query parameter name is not UTF-8 once percent-decoded: {shown(name)}"
+        try:
+            unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
+        except UnicodeDecodeError:
+            return f"query parameter {shown(name)} is not UTF-8 once percent-decoded: {shown(value)}"
+    return None
 
 
 class Metrics:
@@ -70,8 +135,9 @@ class Guard:
     checks)."""
 
     def __init__(self, app, *, keys: dict[str, frozenset[str] | None], max_body: int, body_timeout_s: float,
-                 metrics: Metrics):
+                 metrics: Metrics, routes=None):
         self.app, self.max_body, self.body_timeout_s, self.metrics = app, max_body, body_timeout_s, metrics
+        self.routes = routes  # () -> the app's routes, to label requests no route put in the scope
         self.keys = [(k.encode(), galleries) for k, galleries in keys.items()]
 
     def _refuse(self, scope) -> InputError | None:
@@ -85,6 +151,9 @@ class Guard:
                     found, scope[GALLERIES_SCOPE] = True, galleries
             if not found:
                 return InputError("missing or wrong API key (header X-API-Key)", 401)
+        problem = _not_utf8(scope)
+        if problem is not None:
+            return InputError(problem, 400)
         lengths = [v for k, v in headers if k == b"content-length"]
         if lengths:
             if len(lengths) > 1 or not lengths[0].isdigit():
@@ -119,6 +188,7 @@ class Guard:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
         start, status = time.perf_counter(), {"code": 500, "started": False}
+        arrived = dict(scope)  # as the router first sees it (a mount moves root_path on the way in)
 
         async def tracked_send(message):
             if message["type"] == "http.response.start":
@@ -138,5 +208,7 @@ class Guard:
                     raise
                 await _answer(tracked_send, exc.status, str(exc))
         finally:
-            route = getattr(scope.get("route"), "path", None) or UNMATCHED
+            route = getattr(scope.get("route"), "path", None)
+            if route is None:
+                route = UNMATCHED if self.routes is None else matched_template(self.routes(), arrived)
             self.metrics.observe(route, status["code"], time.perf_counter() - start)

@@ -3,7 +3,8 @@
 Images come as multipart form files (field ``image``; several ``image`` parts where a route takes many) or as
 JSON with base64 strings (``{"image": "<base64>"}`` / ``{"images": [...]}``). The body itself is bounded while
 it streams (:mod:`visrec.serve.guard`); here the number of images and their pixels (read from each header,
-nothing decoded) are checked against ``limits`` before any image work. Every problem is an
+nothing decoded) are checked against ``limits`` before any image work. Form bodies are read by
+:mod:`visrec.serve.forms` (text fields strict UTF-8, never re-read as Latin-1). Every problem is an
 :class:`~visrec.faces.images.InputError` with the status the service answers.
 
 Routes read the body themselves (so that the limits apply while it streams) and declare its two forms in the
@@ -22,6 +23,9 @@ import re
 from visrec.data.images import header_size
 from visrec.errors import shown
 from visrec.faces.images import InputError
+from visrec.serve.forms import content_type_params, read_form
+
+MAX_FIELDS = 64  # text fields in one form body
 
 
 class _Refused(ValueError):
@@ -71,6 +75,9 @@ def parse_json(text, where: str):
         raise InputError(f"{where} is nested too deeply", 400) from None
     except UnicodeEncodeError:
         raise InputError(f"{where} holds a lone UTF-16 surrogate escape, which is no character", 400) from None
+    except UnicodeDecodeError as exc:  # bytes neither UTF-8 nor the UTF-16/32 JSON allows
+        raise InputError(f"{where} is not UTF-8 text: {shown(exc.object[max(exc.start - 20, 0):exc.end + 5], 80)} "
+                         f"at byte {exc.start}", 400) from None
     except ValueError:
         raise InputError(f"{where} is not valid JSON", 400) from None
     return value
@@ -160,23 +167,18 @@ class ImageRequests:
         images: dict = {n: [] for n in names}
         fields: dict = {}
         if media == "multipart/form-data" or (not names and media == "application/x-www-form-urlencoded"):
-            try:
-                form = await request.form(max_files=limits.max_images + 1, max_fields=64, max_part_size=self.max_body)
-            except InputError:
-                raise
-            except Exception as exc:  # malformed multipart, too many parts
-                if "Too many files" in str(exc):
-                    raise InputError(f"more than {limits.max_images} images in one request "
-                                     f"(limits.max_images)", 413) from None
-                detail = getattr(exc, "detail", None) or str(exc)  # starlette's HTTPException prints "400: ..."
-                raise InputError(f"malformed multipart body: {shown(detail, 200)}", 400) from None
-            for key, value in form.multi_items():
-                if hasattr(value, "read"):
+            # not request.form(): it decodes text that is not UTF-8 as Latin-1 (visrec.serve.forms says how)
+            form = await read_form(request, media, content_type_params(ctype), max_files=limits.max_images,
+                                   max_fields=MAX_FIELDS, max_part_size=self.max_body,
+                                   too_many_files=f"more than {limits.max_images} images in one request "
+                                                  f"(limits.max_images)")
+            for key, value, is_file in form:
+                if is_file:
                     if key not in images:
                         raise InputError(f"unexpected file field {shown(key)}; "
                                          + (f"expected {', '.join(names)}" if names else "this route takes no file"),
                                          400)
-                    images[key].append(await value.read())
+                    images[key].append(value)
                 else:
                     if key in fields:
                         raise InputError(f"field {shown(key)} is sent twice", 400)

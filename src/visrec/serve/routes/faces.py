@@ -161,10 +161,15 @@ def face_routes(ctx):
                     raise InputError(f"image {i + 1}: {exc}", exc.status) from None
                 crops.append(face.crop)
                 found.append(len(faces))
-            embs = pipe.embedder(np.stack(crops))  # all images of the request in one batch
             # keyed by the aligned crop, as `visrec gallery enroll` and the Python API key theirs: the same photo
             # adds nothing on any path, and two faces of one group photo are two templates
             hashes = [crop_hash(crop) for crop in crops]
+            first = {}
+            for i, h in enumerate(hashes):  # one template per image: the answer lists each part's, one to one
+                if first.setdefault(h, i) != i:
+                    raise InputError(f"image {i + 1} is the same photo as image {first[h] + 1} (the same aligned "
+                                     f"face): each image enrolls one template, send each photo once", 400)
+            embs = pipe.embedder(np.stack(crops))  # all images of the request in one batch
             with thumbs.lock if thumbs is not None else contextlib.nullcontext():
                 # the count comes from the write: no read after it that could fail once the enrollment is done;
                 # the thumbnails are staged inside the write (a thumbnail not written undoes it: serve.thumbnails)
@@ -313,7 +318,8 @@ def face_routes(ctx):
     # -- the default gallery: /v1/faces/... ----------------------------------------------------------------
     @router.post("/v1/faces/enroll", openapi_extra=ENROLL_BODY)
     async def enroll_default(request: Request):
-        """Enroll photos of one identity in the default gallery."""
+        """Enroll photos of one identity in the default gallery: each image one template, answered in order in
+        ``entries`` (the same photo twice in one request is a 400)."""
         return await enroll(request, None)
 
     @router.post("/v1/faces/identify", openapi_extra=IDENTIFY_BODY)
@@ -356,7 +362,7 @@ def face_routes(ctx):
     # -- a named gallery: /v1/galleries/{name}/faces/... ----------------------------------------------------
     @router.post("/v1/galleries/{name}/faces/enroll", openapi_extra=ENROLL_BODY)
     async def enroll_named(request: Request, name: str):
-        """Enroll photos of one identity in the gallery ``name``."""
+        """Enroll photos of one identity in the gallery ``name`` (as /v1/faces/enroll)."""
         return await enroll(request, name)
 
     @router.post("/v1/galleries/{name}/faces/identify", openapi_extra=IDENTIFY_BODY)
