@@ -44,6 +44,7 @@ def test_resume_before_the_first_checkpoint_says_so_and_starts_fresh(face_rec, t
     err = capsys.readouterr().err
     said = [l for l in err.splitlines() if "no checkpoint" in l]
     assert len(said) == 1 and str(out) in said[0] and "step 0" in said[0]
+    assert "the 2 rows in its metrics.jsonl" in said[0] and "replaced" in said[0]  # what becomes of the dead run's log
     assert logged_steps(out) == [1, 2, 3]  # the dead run's rows were replaced, not duplicated
     assert 9.0 not in [json.loads(l).get("loss") for l in (out / "metrics.jsonl").read_text().splitlines()
                        if l.startswith("{")]
@@ -208,3 +209,73 @@ def test_a_finished_run_validated_on_resume_logs_the_row_once_and_fills_model_pt
     assert calls == [1]  # the second resume answered from the row the first one logged
     assert sum('"val"' in r for r in log.read_text().splitlines()) == 1
     assert torch.load(out / "model.pt", weights_only=False)["metrics"] == pytest.approx(first.metrics)
+
+
+# --- what a run finds in its output folder (visrec.train.outdir) ---------------------------------------------------
+def _snapshot(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir())}
+
+
+@pytest.mark.parametrize("left", ["killed_before_checkpoint", "another_runs_model"])
+def test_a_fresh_run_refuses_an_earlier_runs_files_and_leaves_them_as_they_are(face_rec, tmp_path, left):
+    out = tmp_path / "run"
+    out.mkdir()
+    if left == "killed_before_checkpoint":  # a log with rows and the config of a run killed before step 10
+        (out / "metrics.jsonl").write_text('{"step": 1, "epoch": 0, "loss": 9.0}\n')
+        (out / "config.yaml").write_text("# the user's own notes\ntask: faces\nseed: 1\n")
+        named, advice = ["metrics.jsonl", "config.yaml"], "--resume"
+    else:  # a finished run whose checkpoints were removed (as visrec search removes a trial's)
+        (out / "model.pt").write_bytes(b"weights of another run")
+        (out / "backbone.pth").write_bytes(b"its backbone")
+        named, advice = ["model.pt", "backbone.pth"], "move them away"
+    (out / "NOTES.txt").write_text("the user's file")
+    before = _snapshot(out)
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(face_rec, out, schedule={"max_steps": 1}), progress=False)
+    msg = str(err.value)
+    assert str(out) in msg and all(name in msg for name in named) and advice in msg and "--set output=" in msg
+    assert "NOTES.txt" not in msg
+    assert _snapshot(out) == before  # nothing emptied, overwritten or added
+
+
+def test_the_cli_refuses_a_folder_with_a_log_and_exits_2(face_rec, tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1, "epoch": 0, "loss": 9.0}\n')
+    cfg = _write_yaml(make_cfg(face_rec, out, schedule={"max_steps": 1}), tmp_path / "run.yaml")
+    done = subprocess.run([sys.executable, "-m", "visrec.cli", "train", "--config", str(cfg), "--no-progress"],
+                          capture_output=True, text=True, timeout=300)
+    said = " ".join(done.stderr.split())
+    assert done.returncode == 2 and "error:" in said and "Traceback" not in said, done.stderr
+    assert "metrics.jsonl" in said and "--resume" in said
+    assert (out / "metrics.jsonl").read_text() == '{"step": 1, "epoch": 0, "loss": 9.0}\n'
+
+
+def test_a_fresh_run_writes_beside_files_it_would_not_lose(face_rec, tmp_path):
+    """Unrelated files, an empty log and a config.yaml that already holds this very config (the --config given may
+    be that file) lose nothing: the run goes on, and leaves them (the config with its comments) as they are."""
+    import yaml
+
+    out = tmp_path / "run"
+    out.mkdir()
+    cfg = make_cfg(face_rec, out, schedule={"max_steps": 1})
+    mine = "# my run, written by hand\n" + yaml.safe_dump(cfg.model_dump(mode="json"))
+    (out / "config.yaml").write_text(mine)
+    (out / "metrics.jsonl").write_text("")
+    (out / "teacher_features.npy").write_bytes(b"precomputed")
+    assert train(cfg, progress=False).global_step == 1
+    assert (out / "config.yaml").read_text() == mine
+    assert (out / "teacher_features.npy").read_bytes() == b"precomputed"
+    assert logged_steps(out) == [1]
+
+
+def test_resume_without_a_checkpoint_refuses_to_train_over_model_files(face_rec, tmp_path):
+    out = tmp_path / "run"
+    train(make_cfg(face_rec, out, schedule={"max_steps": 1}), progress=False)
+    for path in ckpt.rank_files(out).values():  # what visrec search does to a finished trial
+        path.unlink()
+    before = _snapshot(out)
+    with pytest.raises(ConfigError) as err:
+        train(make_cfg(face_rec, out, schedule={"max_steps": 1}), resume=True, progress=False)
+    assert "model.pt" in str(err.value) and "no checkpoint" in str(err.value)
+    assert _snapshot(out) == before

@@ -233,6 +233,63 @@ def test_torchrun_two_gloo_processes(face_rec, tmp_path):
     assert w0.shape[0] + w1.shape[0] == 6
 
 
+_FAILING_VALIDATION = """
+import sys
+from visrec.errors import DataError
+from visrec.train.faces_task import FaceTask
+
+def went_away(self, backbone):  # a validation set that goes bad after the start check passed
+    raise DataError("went away after the start check", path=self.data_opts.val[0])
+
+FaceTask.validate = went_away
+from visrec.cli import main
+main()
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when", ["in_the_loop", "at_the_end"])
+def test_a_rank_0_validation_failure_ends_every_rank_with_a_clear_error(face_rec, tmp_path, when):
+    """Under 2 gloo processes rank 0 validates alone; when that fails, rank 1 (which would be waiting in the next
+    step's all-reduce, or at the end's barrier) learns it and exits 2 with an error naming rank 0 and its message,
+    and rank 0 exits 2 with its own error, with no traceback on either. The timeout only guards against a hang (gloo
+    would wait 30 minutes)."""
+    import socket
+
+    from visrec.data.synth import write_verification_pairs
+
+    good = write_verification_pairs(tmp_path / "good.bin", 4, 12, seed=5)
+    over = {"val_every": 2, "checkpoint_every": 10} if when == "in_the_loop" else {}
+    cfg = _write_yaml(make_cfg(face_rec, tmp_path / "ddp", schedule={"max_steps": 4}, batch_size=3,
+                               deterministic=False, data={"train": str(face_rec), "val": [str(good)]}, **over),
+                      tmp_path / "ddp.yaml")
+    (tmp_path / "failing.py").write_text(_FAILING_VALIDATION)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    procs = [subprocess.Popen([sys.executable, str(tmp_path / "failing.py"), "train", "--config", str(cfg),
+                               "--no-progress"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=dict(os.environ, OMP_NUM_THREADS="1", RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE="2",
+                                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)))
+             for r in (0, 1)]
+    errs = []
+    try:
+        for p in procs:
+            errs.append(p.communicate(timeout=240)[1])
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    step = 2 if when == "in_the_loop" else 4
+    errs = [" ".join(err.split()) for err in errs]  # the CLI's console wraps long lines
+    for rank, (p, err) in enumerate(zip(procs, errs)):
+        assert p.returncode == 2 and "error:" in err and "Traceback" not in err, f"rank {rank}: {err[-3000:]}"
+        assert "went away after the start check" in err and f"validation at step {step} failed" in err, err
+    assert "failed on rank 0" in errs[1] and "failed on rank 0" not in errs[0]
+    assert torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["step"] == step  # rank 0 kept the weights
+
+
 # --- nothing trained is lost to a bad input: validation sets and outputs checked first, weights saved first ---
 from visrec.errors import DataError  # noqa: E402
 from visrec.train.faces_task import FaceTask  # noqa: E402

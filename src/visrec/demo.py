@@ -63,7 +63,8 @@ def faces_section(out: Path, steps: int, console: Console) -> dict:
         "checkpoint_every": 100, "log_every": 10,
     }, source="demo config")
     started = time.perf_counter()
-    result = train(cfg, resume=(run_dir / "last.rank0.pt").exists(), source="demo config")
+    # a demo cut short before the run's checkpoint left a log: resumed (from step 0), not refused
+    result = train(cfg, resume=run_dir.exists(), source="demo config")
     trained_model, _ = load_backbone(run_dir / "model.pt")
     trained = accuracy(trained_model)
     return {"untrained": untrained, "trained": trained, "steps": result.global_step,
@@ -254,7 +255,7 @@ def landmarks_section(out: Path, console: Console, faces: tuple[int, int] = (300
             "schedule": {"max_steps": steps, "warmup_steps": min(20, steps // 4), "kind": "cosine"},
             "checkpoint_every": 100000,
         }, source="demo config")
-        train(cfg, source="demo config")
+        train(cfg, resume=run_dir.exists(), source="demo config")  # a demo cut short left a log: from step 0 again
     ev = evaluate_landmarks(run_dir, data / "val", out / "eval-landmarks")
     # the mean-shape baseline: the mean training shape (crop coordinates) predicted for every held-out face
     from visrec.models.loading import model_contract

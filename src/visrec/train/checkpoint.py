@@ -72,6 +72,14 @@ def load_rank_state(output: Path, rank: int) -> dict[str, Any] | None:
     return read_torch_file(path)  # weights_only; a torn, foreign or code-carrying file: DataError naming it
 
 
+def resume_state(output: Path, rank: int, world_size: int) -> dict[str, Any] | None:
+    """This rank's resume state (None: no checkpoint yet), after :func:`check_resume` found the checkpoint
+    resumable under ``world_size`` processes."""
+    state = load_rank_state(output, rank)
+    check_resume(output, rank, world_size, state)
+    return state
+
+
 def rank_files(output: Path) -> dict[int, Path]:
     """The per-rank resume files present in ``output``, by rank."""
     found = {}

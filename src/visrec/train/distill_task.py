@@ -257,12 +257,14 @@ class DistillTask(FaceTask):
             return dataset
         path, flip = Path(self.opts.teacher_features), bool(self.data_opts.flip)
         source = str(Path(self.data_opts.train).resolve())
-        if not path.exists() and self.ctx.is_main:
-            log.info("precomputing teacher features -> %s", path)
-            precompute_teacher_features(self.teacher, dataset, path, model_config=self.teacher_config,
-                                        flip_average=flip, source=source, device=self.teacher_device)
-        if self.ctx.distributed:
-            dist.barrier(self.ctx)
+        def precompute() -> None:
+            if self.ctx.is_main and not path.exists():
+                log.info("precomputing teacher features -> %s", path)
+                precompute_teacher_features(self.teacher, dataset, path, model_config=self.teacher_config,
+                                            flip_average=flip, source=source, device=self.teacher_device)
+
+        # rank 0 writes the file; then every rank learns whether that worked (a failure ends them all, naming it)
+        dist.on_every_rank("precomputing the teacher features", precompute, dist.world_group(self.ctx))
         self.features = load_teacher_features(path, model_config=self.teacher_config, num_items=len(dataset),
                                               flip_average=flip, source=source)
         return IndexedDataset(dataset)

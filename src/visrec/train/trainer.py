@@ -7,7 +7,13 @@ stopped (bit-exact on CPU in deterministic mode under the same number of CPU thr
 reductions by thread, so a resume under another count prints a one-line notice). A run resumes under the number of processes that
 wrote its checkpoints, or is refused with a message saying what to do (``checkpoint.check_resume``);
 ``--resume`` with no checkpoint yet says so in one line and starts at step 0. ``metrics.jsonl`` never
-holds a step twice: on every start the rows after the starting step are dropped (atomically).
+holds a step twice: on every start the rows after the starting step are dropped (atomically). A fresh run refuses
+an output folder holding an earlier run's files, naming them (``outdir.check_start``).
+
+Under torchrun, every step that one rank does alone (rank 0: the output folder's checks and files, validation,
+the log and the model files; each rank: its resume file) ends in an exchange of outcomes before the next
+collective, so a failure on one rank ends every rank at once: the failing rank with its own error, the others
+with one naming it (``visrec.distributed.on_every_rank``), none waiting in a collective until a timeout.
 
 Nothing trained is lost to a bad input: the output directory and every validation set are checked before the
 first step (``Task.prepare_validation``), the checkpoint is written before the validation of its step, and a
@@ -33,9 +39,10 @@ from torch.utils.data import DataLoader, Sampler
 from visrec.config import RunConfig
 from visrec.data.text import check_output
 from visrec.errors import ConfigError, VisrecError
-from visrec.train import checkpoint as ckpt
+from visrec.train import checkpoint as ckpt, outdir
 from visrec import distributed as dist
 from visrec.train.prefetch import prefetch
+from visrec.train.progress import ProgressBar
 from visrec.train.skipped import merge_skipped, plain_skipped, report_skipped, skipped_from
 from visrec.train.step import CudaGraph, StepRunner, capture_blocker, plain_lr
 from visrec.train.task import TASKS, RunContext, Task
@@ -138,7 +145,7 @@ def train(cfg: RunConfig, *, resume: bool = False, source: str = "config", progr
           stop_after_steps: int | None = None, observer: Observer | None = None) -> TrainResult:
     """Train ``cfg`` to the end (or until ``stop_after_steps`` optimizer steps ran in this call, which
     checkpoints and returns — the controlled version of a kill). ``resume`` continues from the output
-    directory's checkpoints; without it an existing checkpoint is refused rather than overwritten.
+    directory's checkpoints; without it an earlier run's files there are refused rather than overwritten.
     ``observer`` (:class:`Observer`) sees every step and every validation."""
     ctx = dist.setup(cfg.device, cfg.amp)
     try:
@@ -151,22 +158,24 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
            stop_after_steps: int | None, observer: Observer) -> TrainResult:
     out = Path(cfg.output)
     check_output(out, kind="dir", what="output")  # before any work; nothing is created here
-    state = ckpt.load_rank_state(out, ctx.rank) if resume else None
-    # any rank's file counts (not only this rank's): every rank must reach the same verdict, or the ones
-    # that go on wait forever for the ones that stopped
-    if not resume and ckpt.rank_files(out):
-        raise ConfigError(f"{out} already holds a checkpoint: pass --resume to continue it, or choose "
-                          f"another output directory")
-    if resume:
-        ckpt.check_resume(out, ctx.rank, ctx.world_size, state)  # another world size: a clear refusal
-        if state is None and ctx.is_main:
-            print(f"--resume: no checkpoint in {out} yet; starting from step 0", file=sys.stderr, flush=True)
+
+    def together(what: str, fn, main_only: bool = True):
+        """``fn()`` on the main process (or every one), then every rank learns whether it failed anywhere: the
+        failing rank raises its own error, the others one naming it, so none waits in a collective for it."""
+        return dist.on_every_rank(what, fn if ctx.is_main or not main_only else (lambda: None), dist.world_group(ctx))
+
+    # rank 0 judges the folder (a fresh run refuses an earlier run's files; outdir.check_start), every rank
+    # reads its own resume file; one verdict for all (another world size: a clear refusal, check_resume)
+    notice = together("checking the output folder", lambda: outdir.check_start(out, resume, cfg))
+    state = together("reading the checkpoint", lambda: ckpt.resume_state(out, ctx.rank, ctx.world_size) if resume
+                     else None, main_only=False)
+    if notice:
+        print(notice, file=sys.stderr, flush=True)
     seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
     task: Task = TASKS.get(cfg.task)(cfg, ctx, source)
-    if ctx.is_main:
-        # every validation set opened and checked now (exists, readable, enough pairs for its folds): a bad one
-        # is an error before the first step, not after the last (only the main process validates)
-        task.prepare_validation()
+    # every validation set opened and checked now (exists, readable, enough pairs for its folds): a bad one is an
+    # error before the first step, not after the last (only the main process validates)
+    together("checking the validation sets", task.prepare_validation)
     dataset = task.train_dataset()
     num_classes = getattr(dataset, "num_classes", None)
     modules = {name: m.to(ctx.device) for name, m in task.build_modules(num_classes).items()}
@@ -285,18 +294,65 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
             write_model(result)
         return result
 
-    if ctx.is_main:
-        out.mkdir(parents=True, exist_ok=True)
-        import yaml
+    def step_done(loss, epoch: int, log_now: bool, checkpoint_now: bool, validate_now: bool) -> dict[str, float]:
+        """The rest of a step: its log row, progress, checkpoint and validation; the metrics of the run so far."""
+        nonlocal last_loss
+        # Reading the loss forces a host sync; on a GPU that would drain the launch queue every step, so it is
+        # read (and checked, on every rank: each has its own batch) only on logging steps.
+        if log_now:
+            last_loss = float(loss.detach())
+            if not math.isfinite(last_loss):
+                raise FloatingPointError(f"loss is {last_loss} at step {global_step}; lower optim.lr or check the data")
+            rate = seen / max(1e-9, time.perf_counter() - t0)
+            if log_file:
+                log_file.write(json.dumps({"step": global_step, "epoch": epoch, "loss": last_loss,
+                                           "lr": float(scheduler.get_last_lr()[0]), "images_per_s": rate}) + "\n")
+                log_file.flush()
+            if bar is not None:
+                bar.update(last_loss, rate)
+        if bar is not None:
+            bar.advance()
+        if ctx.is_main:
+            observer.on_step(global_step, total_steps)
+        if checkpoint_now:
+            save_state()  # before this step's validation: a validation that fails loses nothing
+        if validate_now:
+            return validate(state_saved=checkpoint_now)  # writes model.pt with its metrics
+        if checkpoint_now:
+            write_model(metrics)
+        return metrics
 
-        # the run's whole config, as YAML a later `visrec train` takes back (unknown keys are refused there)
-        (out / "config.yaml").write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
-    if ctx.is_main:
+    def finish(finished_before: bool, stopped: bool) -> dict[str, float]:
+        """The end of this call: the last step's resume files, validation and model files; the skipped records."""
+        nonlocal last_loss
+        if finished_before:
+            # the log lacks the last step's validation (it failed, or the run was killed during it): run it,
+            # log it once and give model.pt its metrics; the resume files stay as they are
+            logged, last_loss = ckpt.logged_at(out / "metrics.jsonl", global_step) if ctx.is_main else (None, last_loss)
+            return logged if logged is not None else \
+                _validate_finished(task, modules, ctx, log_file, global_step, observer, write_model)
+        result = metrics
+        if stopped or (cfg.val_every and global_step % cfg.val_every == 0):
+            if global_step % cfg.checkpoint_every:  # the loop did not just save this step
+                save(metrics)
+        else:
+            # the last step's validation: after its checkpoint, so a validation that fails loses nothing
+            if global_step % cfg.checkpoint_every:  # (the loop saved a checkpoint step's state already)
+                save_state()
+            result = validate(state_saved=True)
+        report_skipped(skipped(), ctx, log_file, global_step)
+        return result
+
+    def open_log():
+        out.mkdir(parents=True, exist_ok=True)
+        outdir.write_config(out, cfg)
         # rows after the starting step were logged by a run that stopped before checkpointing them: drop
         # them (atomically) so the steps about to be re-run are not logged twice
         ckpt.truncate_log(out / "metrics.jsonl", global_step)
-    log_file = open(out / "metrics.jsonl", "a") if ctx.is_main else None
-    bar = _progress(progress and ctx.is_main, total_steps, global_step)
+        return open(out / "metrics.jsonl", "a")
+
+    log_file = together("writing the output folder", open_log)
+    bar = ProgressBar(progress and ctx.is_main, total_steps, global_step)
     metrics: dict[str, float] = {}
     steps_this_call, last_loss, stopped = 0, float("nan"), False
     t0, seen = time.perf_counter(), 0
@@ -308,11 +364,9 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
     # for that step (validated again only when the log lacks them), neither logged again (metrics.jsonl never
     # holds a step twice) nor saved over the files
     finished_before = global_step >= total_steps
-    logged_metrics = None
     if finished_before and ctx.is_main:
         print(f"--resume: {out} already reached step {global_step} of {total_steps}; nothing to train",
               file=sys.stderr, flush=True)
-        logged_metrics, last_loss = ckpt.logged_at(out / "metrics.jsonl", global_step)
     try:
         if not finished_before:
             task.before_training(modules)
@@ -332,53 +386,22 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                 global_step += 1
                 steps_this_call += 1
                 seen += cfg.batch_size * ctx.world_size
-                # Reading the loss forces a host sync; on a GPU that would drain the launch queue every
-                # step, so it is read (and checked) only on logging steps.
-                if global_step % cfg.log_every == 0 or global_step == total_steps:
-                    last_loss = float(loss.detach())
-                    if not math.isfinite(last_loss):
-                        raise FloatingPointError(f"loss is {last_loss} at step {global_step}; lower optim.lr "
-                                                 f"or check the data")
-                    rate = seen / max(1e-9, time.perf_counter() - t0)
-                    if log_file:
-                        log_file.write(json.dumps({"step": global_step, "epoch": epoch, "loss": last_loss,
-                                                   "lr": float(scheduler.get_last_lr()[0]), "images_per_s": rate})
-                                       + "\n")
-                        log_file.flush()
-                    if bar is not None:
-                        bar.update(last_loss, rate)
-                if bar is not None:
-                    bar.advance()
-                if ctx.is_main:
-                    observer.on_step(global_step, total_steps)
+                log_now = global_step % cfg.log_every == 0 or global_step == total_steps
                 checkpoint_now = global_step % cfg.checkpoint_every == 0
-                if checkpoint_now:
-                    save_state()  # before this step's validation: a validation that fails loses nothing
-                if cfg.val_every and global_step % cfg.val_every == 0:
-                    metrics = validate(state_saved=checkpoint_now)  # writes model.pt with its metrics
-                elif checkpoint_now:
-                    write_model(metrics)
+                validate_now = bool(cfg.val_every) and global_step % cfg.val_every == 0
+                if log_now or checkpoint_now or validate_now:  # files written, rank 0's validation: then an exchange
+                    metrics = together(f"step {global_step}", lambda: step_done(
+                        loss, epoch, log_now, checkpoint_now, validate_now), main_only=False)
+                else:
+                    step_done(loss, epoch, False, False, False)
                 if global_step >= total_steps:
                     break
                 if stop_after_steps is not None and steps_this_call >= stop_after_steps:
                     stopped = True
                     break
-        if finished_before:
-            # the log lacks the last step's validation (it failed, or the run was killed during it): run it,
-            # log it once and give model.pt its metrics; the resume files stay as they are
-            metrics = logged_metrics if logged_metrics is not None else \
-                _validate_finished(task, modules, ctx, log_file, global_step, observer, write_model)
-        elif stopped or (cfg.val_every and global_step % cfg.val_every == 0):
-            if global_step % cfg.checkpoint_every:  # the loop did not just save this step
-                save(metrics)
-        else:
-            # the last step's validation: after its checkpoint, so a validation that fails loses nothing
-            if global_step % cfg.checkpoint_every:  # (the loop saved a checkpoint step's state already)
-                save_state()
-            metrics = validate(state_saved=True)
-        if not finished_before:
-            report_skipped(skipped(), ctx, log_file, global_step)
-        dist.barrier(ctx)
+        # the last exchange: no rank leaves before rank 0 has validated and written the model files, and a failure
+        # there reaches every rank
+        metrics = together("finishing the run", lambda: finish(finished_before, stopped), main_only=False)
     finally:
         if bar is not None:
             bar.close()
@@ -431,10 +454,13 @@ def _failed(error: BaseException, step: int, kept: list[Path], finished: bool) -
     saying where the weights are and what to do; anything else (a bug) as it is, with its traceback."""
     if not isinstance(error, VisrecError):
         return error
-    return ValidationFailed(
-        f"{error}\nvalidation at step {step} failed; the weights trained so far are saved in "
-        f"{', '.join(str(p) for p in kept)}. Fix the validation set (data.val), then run again with --resume"
-        f"{' to validate them without training again' if finished else ''}.")
+    if not any(p.name.startswith("last.rank") for p in kept) and not ckpt.rank_files(kept[0].parent):
+        # under torchrun, before the first checkpoint: nothing to resume, and --resume refuses over model.pt
+        then = ", keep these files elsewhere and train again"
+    else:
+        then = f", then run again with --resume{' to validate them without training again' if finished else ''}"
+    return ValidationFailed(f"{error}\nvalidation at step {step} failed; the weights trained so far are saved in "
+                            f"{', '.join(str(p) for p in kept)}. Fix the validation set (data.val){then}.")
 
 
 def _validate_finished(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_file, step: int,
@@ -469,31 +495,3 @@ def _validate(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_fi
         log_file.write(json.dumps({"step": step, "val": metrics}) + "\n")
         log_file.flush()
     return metrics
-
-
-class _progress:
-    """A Rich progress bar with loss, images/s and ETA; a no-op object when disabled."""
-
-    def __new__(cls, enabled: bool, total: int, done: int):
-        if not enabled:
-            return None
-        return super().__new__(cls)
-
-    def __init__(self, enabled: bool, total: int, done: int):
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
-
-        self.progress = Progress(TextColumn("train"), BarColumn(), MofNCompleteColumn(),
-                                 TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[rate]} img/s"),
-                                 TimeElapsedColumn(), TimeRemainingColumn(), transient=False)
-        self.progress.start()
-        self.task = self.progress.add_task("train", total=total, completed=done, loss="-", rate="-")
-
-    def advance(self) -> None:
-        self.progress.update(self.task, advance=1)
-
-    def update(self, loss: float, images_per_s: float) -> None:
-        self.progress.update(self.task, loss=f"{loss:.3f}", rate=f"{images_per_s:.0f}")
-
-    def close(self) -> None:
-        self.progress.stop()
