@@ -84,6 +84,37 @@ def test_enroll_folder_and_its_cli_twin_report_photos_without_a_face(faces_dir, 
     assert "obama" in res.output and "biden" in res.output
 
 
+@pytest.mark.real_faces
+def test_a_photo_copied_twice_is_enrolled_once_and_both_reports_say_so(faces_dir, tmp_path, monkeypatch):
+    """A copy of a photo in a person's folder is the same aligned face, one template: the Python report and the
+    CLI's table list it as left out beside the photo it repeats, and "enrolled" counts what was stored."""
+    from rich.console import Console
+    from typer.testing import CliRunner
+
+    import visrec
+    import visrec.commands.gallery as gallery_cli
+    from visrec.cli import app
+
+    people = tmp_path / "people"
+    for rel, src in (("obama/a.jpg", "obama.jpg"), ("obama/b-copy.jpg", "obama.jpg"), ("biden/a.jpg", "biden.jpg")):
+        (people / rel).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(faces_dir / src, people / rel)
+    gallery = visrec.Gallery("dlib-resnet")
+    report = gallery.enroll_folder(people)
+    assert sorted(report.enrolled) == ["biden/a.jpg", "obama/a.jpg"] and gallery.store.count() == 2
+    assert report.duplicates == [("obama/b-copy.jpg", "obama/a.jpg")] and not report.errors
+    cfg = tmp_path / "serve.yaml"
+    cfg.write_text(f"faces:\n  model: dlib-resnet\n  detector: dlib-hog\n  landmarks: dlib-68\n"
+                   f"  gallery: {{backend: faiss, path: {tmp_path / 'g.sqlite'}}}\n")
+    monkeypatch.setattr(gallery_cli, "console", Console(width=200))  # one table row per line
+    res = CliRunner().invoke(app, ["gallery", "enroll", str(people), "--config", str(cfg)])
+    assert res.exit_code == 0, res.output
+    rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
+            for line in res.output.splitlines() if line.count("│") == 4}
+    assert "2 templates" in res.output and rows["enrolled"] == ["2", "biden/a.jpg, obama/a.jpg"], res.output
+    assert rows["same photo as another (left out)"] == ["1", "obama/b-copy.jpg (same as obama/a.jpg)"], res.output
+
+
 def test_load_image_takes_paths_bytes_arrays_and_pil_and_names_bad_input(tmp_path):
     from PIL import Image
 

@@ -2,6 +2,7 @@
 
 import json
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -158,6 +159,81 @@ def test_missing_distill_section_and_missing_teacher(tmp_path):
         TASKS.get("faces_kd")(cfg, RunContext(torch.device("cpu")))
     with pytest.raises(DataError, match="nowhere"):
         DistillTask(_cfg(tmp_path, teacher=str(tmp_path / "nowhere")), RunContext(torch.device("cpu"))).train_dataset()
+
+
+@pytest.mark.parametrize("case", ["under a file", "deeper under a file", "a folder", "its sidecar a folder",
+                                  "an unwritable folder"])
+def test_a_teacher_features_path_that_cannot_be_written_is_refused_when_the_task_is_built(tmp_path, monkeypatch, case):
+    """Missing features are written by the main rank: a path it cannot write is a DataError naming the field and
+    the path when the task is built, before the teacher (here one that does not exist) or any data is read."""
+    import os
+
+    (tmp_path / "notes.txt").write_text("not a folder")
+    (tmp_path / "feats").mkdir()
+    path, message = {
+        "under a file": (tmp_path / "notes.txt/t.npy", "lies under .*notes.txt, which is a file"),
+        "deeper under a file": (tmp_path / "notes.txt/a/b/t.npy", "lies under .*notes.txt, which is a file"),
+        "a folder": (tmp_path / "feats", "must be a file; this is a folder"),
+        "its sidecar a folder": (tmp_path / "f.npy", "must be a file; this is a folder"),
+        "an unwritable folder": (tmp_path / "feats/t.npy", "cannot write into .*feats"),
+    }[case]
+    if case == "its sidecar a folder":
+        (tmp_path / "f.json").mkdir()
+    if case == "an unwritable folder":  # as a user without write permission sees it (these tests may run as root)
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path / "feats" and real(p, mode, **kw))
+    with pytest.raises(DataError, match=r"loss\.distill\.teacher_features\b.*" + message) as err:
+        DistillTask(_cfg(tmp_path, teacher=str(tmp_path / "nowhere"), teacher_features=str(path)),
+                    RunContext(torch.device("cpu")))
+    named = path.with_suffix(".json") if case == "its sidecar a folder" else path  # the file at fault
+    assert str(err.value).startswith(f"{named}: ") and ("sidecar" in str(err.value)) == (case == "its sidecar a folder")
+
+
+def test_teacher_features_that_exist_are_read_even_from_a_read_only_folder(tmp_path, monkeypatch):
+    import os
+
+    (tmp_path / "feats").mkdir()
+    (tmp_path / "feats/t.npy").write_bytes(b"")  # read (and checked) when training starts, never written
+    real = os.access
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: Path(p) != tmp_path / "feats" and real(p, mode, **kw))
+    task = DistillTask(_cfg(tmp_path, teacher="x", teacher_features=str(tmp_path / "feats/t.npy")),
+                       RunContext(torch.device("cpu")))
+    assert task.teacher is None and task.features is None
+
+
+def test_writing_teacher_features_that_fails_names_the_file_and_leaves_no_array_without_its_sidecar(tmp_path):
+    (tmp_path / "notes.txt").write_text("not a folder")
+    data = [(torch.randn(3, 8, 8), 0) for _ in range(2)]
+    with pytest.raises(DataError, match=r"notes\.txt/t\.npy: cannot write the teacher features"):
+        precompute_teacher_features(nn.Flatten(), data, tmp_path / "notes.txt/t.npy")
+    (tmp_path / "t.json").mkdir()  # the sidecar cannot be written: the array written before it is taken back
+    with pytest.raises(DataError, match=r"t\.npy: cannot write the teacher features"):
+        precompute_teacher_features(nn.Flatten(), data, tmp_path / "t.npy")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.txt", "t.json"]
+
+
+def test_visrec_train_refuses_an_unwritable_teacher_features_path_cleanly(tmp_path, monkeypatch, capsys):
+    """Through the installed command's entry point: ``error:`` naming the field and the path, exit 2, no
+    traceback, and nothing done (no output folder)."""
+    import sys
+
+    from visrec.cli import main
+    from visrec.data.synth import write_face_dataset
+
+    write_face_dataset(tmp_path / "train", 3, 2, seed=1)
+    (tmp_path / "notes.txt").write_text("not a folder")
+    raw = _cfg(tmp_path, teacher={"name": "vargfacenet", "width_mult": 0.25, "embedding_size": 32},
+               teacher_features=str(tmp_path / "notes.txt/t.npy")).model_dump(mode="json")
+    raw["batch_size"] = 3
+    (tmp_path / "kd.yaml").write_text(yaml.safe_dump(raw))
+    monkeypatch.setenv("COLUMNS", "1000")
+    monkeypatch.setattr(sys, "argv", ["visrec", "train", "--config", str(tmp_path / "kd.yaml"), "--no-progress"])
+    with pytest.raises(SystemExit) as done:
+        main()
+    err = " ".join(capsys.readouterr().err.split())
+    assert done.value.code == 2 and "Traceback" not in err, err
+    assert err.startswith(f"error: {tmp_path / 'notes.txt/t.npy'}: loss.distill.teacher_features lies under "), err
+    assert not (tmp_path / "run").exists()
 
 
 def test_teacher_spec_is_frozen_outside_modules_and_logit_dims_checked(tmp_path):

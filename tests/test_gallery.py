@@ -378,6 +378,61 @@ def test_enroll_folder_stages_thumbnails_inside_each_write(tmp_path):
     assert thumbs.events == [("stage", "ann", True), ("stage", "bob", True), ("publish", ["ann", "bob"])]
 
 
+@pytest.mark.parametrize("durable", [False, True])
+def test_one_call_holding_one_image_twice_is_refused_naming_both_rows(tmp_path, durable):
+    """One (identity, image hash) twice in a call would be one template answered as two ids: refused before any
+    write, naming both rows (as the service refuses the same photo twice in one request)."""
+    g = open_gallery("faiss", path=tmp_path / "g.sqlite" if durable else None, model_name="m", dim=32)
+    x = unit(np.random.default_rng(5).normal(size=(3, 32)))
+    first = g.enroll("ann", x[:1], hashes=["a"])
+    with pytest.raises(DataError, match=r"row 2 of the embeddings for 'ann' has the same image hash 'b' as row 1 "):
+        g.enroll("ann", x, hashes=["a", "b", "b"])  # 'a' is already stored: that alone is fine
+    with pytest.raises(DataError, match=r"row 1 of the embeddings for 'bob' has the same image hash 'z' as row 0 "):
+        g.enroll_and_count("bob", x[:2], hashes=["z", "z"])
+    with pytest.raises(DataError, match="item 2 row 0 of the embeddings for 'Zo\u00eb' has the same image hash 'h' "
+                                        "as item 0 row 1 "):  # one name typed two ways (NFC, NFD) is one person
+        g.enroll_many([("Zo\u00eb", x[:2], ["g", "h"]), ("cy", x[2:], ["h"]), ("Zoe\u0308", x[2:], ["h"])])
+    with pytest.raises(DataError, match="row 1 of the embeddings for 'dan' has the same image hash .* as row 0 "):
+        g.enroll("dan", np.stack([x[0], x[0]]))  # no hashes given: each row's hash is of its embedding
+    assert g.count() == 1 and g.names() == ["ann"] and g.identity("ann")["templates"] == 1
+    # an image stored by an earlier call, new images, one hash under two people: one id per template stored
+    ids = g.enroll_many([("ann", x[:2], ["a", "c"]), ("cy", x[2:], ["a"])])
+    assert ids[0][0] == first[0] and len({i for group in ids for i in group}) == 3 and g.count() == 3
+    g.close()
+
+
+def test_enroll_folder_lists_a_copied_photo_once_with_the_photo_it_repeats(tmp_path):
+    """A photo copied under another name (the same aligned face, the same person) is one template: it is left
+    out and reported beside the photo it repeats, in a later batch too; the same photo in another person's
+    folder is that person's own template. ``enrolled`` matches what was stored one to one."""
+    from types import SimpleNamespace
+
+    from visrec.data.images import encode_jpeg
+    from visrec.index.enroll import enroll_folder
+
+    rng = np.random.default_rng(6)
+    photos = [encode_jpeg(rng.integers(1, 256, (16, 16, 3), dtype=np.uint8)) for _ in range(2)]
+    for rel, data in (("ann/0.jpg", photos[0]), ("ann/1.jpg", photos[1]), ("ann/2-copy.jpg", photos[0]),
+                      ("ann/3-copy.jpg", photos[0]), ("bob/0.jpg", photos[0])):
+        (tmp_path / rel).parent.mkdir(exist_ok=True)
+        (tmp_path / rel).write_bytes(data)
+
+    class Embedder:  # a stand-in model: 8 pixels of the crop as its embedding
+        name = "m"
+
+        def __call__(self, crops):
+            return unit(crops.reshape(len(crops), -1)[:, :8].astype(np.float32) + 1.0)
+
+    pipeline = SimpleNamespace(faces=lambda img: [SimpleNamespace(crop=img)], embedder=Embedder())
+    g = open_gallery("faiss")
+    for _ in range(2):  # again: the same report, nothing added
+        report = enroll_folder(pipeline, g, tmp_path, batch=2)
+        assert sorted(report.enrolled) == ["ann/0.jpg", "ann/1.jpg", "bob/0.jpg"] and g.count() == 3
+        assert report.duplicates == [("ann/2-copy.jpg", "ann/0.jpg"), ("ann/3-copy.jpg", "ann/0.jpg")]
+        assert not report.errors and not report.no_face and report.identities == 2
+    assert {r["identity"]: r["templates"] for r in g.list()} == {"ann": 2, "bob": 1}
+
+
 def test_mean_fusion_builds_the_centroid_index_when_first_searched_and_keeps_it_current():
     x, probes = _clustered(n=1500)
     exact, ann = open_gallery("faiss", fusion="mean"), open_gallery("faiss", fusion="mean", index="HNSW32")

@@ -151,7 +151,8 @@ class Gallery:
 
     def enroll_folder(self, root: str | Path):
         """Enroll ``root/<identity>/<photo>``; returns an :class:`visrec.index.enroll.EnrollReport` (enrolled,
-        no face, several faces (the largest enrolled), errors)."""
+        no face, several faces (the largest enrolled), duplicates (a copy of a photo already taken for the same
+        person, left out: one template each), errors)."""
         return enroll_folder(self.analysis.pipeline, self.store, root)
 
     def identify(self, image, top_k: int = 1):

@@ -60,7 +60,8 @@ def _open(config: Path, gallery: str | None):
 def enroll(folder: Path = typer.Argument(..., help="photos in FOLDER/<identity>/ (one sub-folder per person)"),
            config: Path = CONFIG, gallery: str | None = GALLERY):
     """Enroll the largest face of every photo through the config's pipeline (detector, detection size, landmarks,
-    alignment, model), keeping thumbnails where the gallery's config names a folder for them."""
+    alignment, model), keeping thumbnails where the gallery's config names a folder for them. A copy of a photo
+    already taken for the same person (the same aligned face) is one template: it is left out and listed."""
     from rich.progress import Progress
 
     from visrec.data.folders import read_image_folder
@@ -83,6 +84,7 @@ def enroll(folder: Path = typer.Argument(..., help="photos in FOLDER/<identity>/
     t.add_column("first ones")
     for label, rows in (("enrolled", report.enrolled), ("no face (left out)", report.no_face),
                         ("several faces (largest enrolled)", report.several_faces),
+                        ("same photo as another (left out)", [f"{p} (same as {q})" for p, q in report.duplicates]),
                         ("errors", [f"{p}: {why}" for p, why in report.errors])):
         t.add_row(label, f"{len(rows):,}", Text(", ".join(rows[:3]) + (" ..." if len(rows) > 3 else "")))
     console.print(t)

@@ -2,8 +2,11 @@
 
 Each photo's largest face is enrolled under its folder's name. Photos where the detector finds no face are
 left out and listed; photos with several faces enroll the largest and are listed, so a person can check that
-the right one was taken; photos that cannot be read are listed with the reason. The gallery's own rules
-apply per photo (names checked, a photo enrolled twice adds nothing). Faces are written in batches
+the right one was taken; photos that cannot be read are listed with the reason. A photo whose aligned face is
+the same as an earlier photo's of the same person in this folder (a copy under another name) is one template,
+so it is left out and listed with the photo it repeats: ``enrolled`` lists the photos stored, one per
+template. The gallery's own rules apply per photo (names checked, a photo enrolled by an earlier run adds
+nothing: enrolling a folder again is idempotent). Faces are written in batches
 (:meth:`visrec.index.gallery.Gallery.enroll_many`), so a large folder costs one gallery write per batch.
 """
 
@@ -26,6 +29,7 @@ class EnrollReport:
     enrolled: list[str] = field(default_factory=list)
     no_face: list[str] = field(default_factory=list)
     several_faces: list[str] = field(default_factory=list)  # enrolled: the largest face
+    duplicates: list[tuple[str, str]] = field(default_factory=list)  # (photo, the earlier photo it repeats): left out
     errors: list[tuple[str, str]] = field(default_factory=list)  # (photo, why)
     identities: int = 0
 
@@ -71,6 +75,7 @@ def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int
     listing = read_image_folder(root)
     report = EnrollReport()
     names, pending = set(), []  # pending: (photo, name, crop, embedding) not yet written
+    seen: dict[tuple[str, str], str] = {}  # (identity, crop hash) -> the photo enrolled with it in this run
 
     def flush():
         if pending:
@@ -93,10 +98,14 @@ def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int
             faces = pipeline.faces(read_image(path))
             if not faces:
                 report.no_face.append(rel)
+            elif (key := (name, crop_hash(faces[0].crop))) in seen:
+                report.duplicates.append((rel, seen[key]))  # one template: listing both would claim two
             else:
+                embedding = pipeline.embedder(faces[0].crop[None])
+                seen[key] = rel
                 if len(faces) > 1:
                     report.several_faces.append(rel)
-                pending.append((rel, name, faces[0].crop, pipeline.embedder(faces[0].crop[None])))
+                pending.append((rel, name, faces[0].crop, embedding))
         except VisrecError as exc:
             report.errors.append((rel, str(exc)))
         if len(pending) >= batch:

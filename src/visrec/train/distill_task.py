@@ -23,11 +23,13 @@ the teacher is a visrec run dir holding ``last.rank*.pt`` (shards concatenated),
 student's own head centres (detached; needs equal dimensions; under DDP the rank's local shard).
 
 Precomputed teacher features (``teacher_features``): a float32 ``.npy`` (N, D) aligned with the training
-set's indices plus a JSON sidecar (``<path>.json``: teacher model config, N, D, flip_average) checked at load.
-If the file is missing it is computed once (main rank) and then reused. With random flip augmentation
-(``data.flip``) the stored feature is the flip-average ``t(x) + t(flip(x))`` of the image (the loss
-normalises), so a flipped training image is matched to the same target as the unflipped one; with online
-teacher inference the teacher sees exactly the (possibly flipped) image the student sees.
+set's indices plus a JSON sidecar (the same name with ``.json`` for its suffix: ``t.npy`` -> ``t.json``; teacher
+model config, N, D, flip_average) checked at load. If the file is missing it is computed once (main rank) and
+then reused; a path the main rank could not write (below a file, a folder, an unwritable folder) is refused
+with a ``DataError`` naming the field when the task is built, before the teacher or any data is read. With
+random flip augmentation (``data.flip``) the stored feature is the flip-average ``t(x) + t(flip(x))`` of the
+image (the loss normalises), so a flipped training image is matched to the same target as the unflipped one;
+with online teacher inference the teacher sees exactly the (possibly flipped) image the student sees.
 
 Recursive KD: :func:`recursive_distill` trains ``rounds`` students; round k's run dir (``<output>/round{k}``)
 is round k+1's teacher.
@@ -35,9 +37,11 @@ is round k+1's teacher.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -49,6 +53,7 @@ from torch.utils.data import Dataset
 
 from visrec._torchfile import read_torch_file
 from visrec.config import parse_config
+from visrec.data.text import check_output
 from visrec.errors import ConfigError, DataError
 from visrec.losses.distill import DistillLosses
 from visrec.models import build_backbone
@@ -155,8 +160,9 @@ def precompute_teacher_features(teacher: nn.Module, dataset: Dataset, path: str 
                                 device: str | torch.device = "cpu") -> Path:
     """Embed every item of ``dataset`` (items ``(image CHW, ...)``) with ``teacher``; write float32
     ``path`` (N, D), row i = item i (``flip_average``: ``t(x) + t(flip(x))``), and the JSON sidecar
-    ``<path>.json`` {model_config, num_items, dim, flip_average, source} (``source``: what the data set is,
-    e.g. its resolved path). The array is written to a temporary name first."""
+    (``path`` with a ``.json`` suffix) {model_config, num_items, dim, flip_average, source} (``source``: what the
+    data set is, e.g. its resolved path). The array is written to a temporary name first; a write that fails is a
+    ``DataError`` naming ``path``, and leaves no array without its sidecar."""
     path = Path(path)
     device = torch.device(device)
     was_training = teacher.training
@@ -171,14 +177,21 @@ def precompute_teacher_features(teacher: nn.Module, dataset: Dataset, path: str 
         rows.append(emb.cpu())
     teacher.train(was_training)
     feats = torch.cat(rows).numpy().astype(np.float32) if rows else np.zeros((0, 0), np.float32)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp.npy")
-    np.save(tmp, feats)
-    tmp.replace(path)
     meta = {"model_config": _jsonable(model_config or {}), "num_items": int(feats.shape[0]),
             "dim": int(feats.shape[1]) if feats.ndim == 2 else 0, "flip_average": bool(flip_average),
             "source": source}
-    _sidecar(path).write_text(json.dumps(meta, indent=2))
+    tmp, written = path.with_name(f".{path.name}.tmp.npy"), False
+    try:  # a write that fails (a full disk, a folder made read-only meanwhile) is an error naming the file
+        path.parent.mkdir(parents=True, exist_ok=True)
+        np.save(tmp, feats)
+        tmp.replace(path)
+        written = True
+        _sidecar(path).write_text(json.dumps(meta, indent=2))
+    except OSError as exc:
+        for left in (tmp, path) if written else (tmp,):  # no array without its sidecar: the next run recomputes
+            with contextlib.suppress(OSError):  # (under a file, unlink itself fails)
+                left.unlink()
+        raise DataError(f"cannot write the teacher features: {exc.strerror or exc}", path=path) from None
     return path
 
 
@@ -239,6 +252,20 @@ class DistillTask(FaceTask):
         self.teacher_device = torch.device(self.opts.teacher_device) if self.opts.teacher_device else ctx.device
         self.features: np.ndarray | None = None
         self.last_terms: dict[str, torch.Tensor] = {}  # last step's unweighted terms, for inspection
+        # the main rank writes missing teacher features: a path it cannot write is refused now, before the teacher,
+        # the data or the validation sets are read, and every rank learns of it
+        dist.on_every_rank("checking loss.distill.teacher_features", self._check_features_path,
+                           dist.world_group(ctx))
+
+    def _check_features_path(self) -> None:
+        """A ``teacher_features`` file to be written (it does not exist yet; the main rank writes it) must be
+        writable, and so must its sidecar: ``DataError`` naming the field and the path (:func:`check_output`).
+        An existing file is only read, so a read-only folder of precomputed features is fine."""
+        path = self.opts.teacher_features
+        if path is None or not self.ctx.is_main or os.path.isfile(path):
+            return
+        check_output(path, kind="file", what="loss.distill.teacher_features")
+        check_output(_sidecar(path), kind="file", what="the sidecar of loss.distill.teacher_features")
 
     def _config_error(self, field: str, msg: str) -> ConfigError:
         return ConfigError(f"{self.source}: invalid config\n  loss.distill.{field}: {msg}")

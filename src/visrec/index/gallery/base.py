@@ -57,7 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from visrec._npz import NpzWriter, load_npz
-from visrec.errors import DataError, VisrecError
+from visrec.errors import DataError, VisrecError, shown
 from visrec.registry import Registry
 
 FUSIONS = ("max", "mean")
@@ -380,15 +380,18 @@ class Gallery(abc.ABC):
         """Add templates (rows of ``embeddings``) to ``identity``; returns their template ids.
 
         ``identity`` is stored NFC-normalised (:func:`check_identity`). ``hashes``: one per row (the image's
-        hash; by default a hash of the embedding itself). A row whose (identity, hash) is already enrolled is
-        not added again. ``metadata`` (a JSON object) is merged into the identity's metadata. All or nothing:
+        hash; by default a hash of the embedding itself). A row whose (identity, hash) is already enrolled (by an
+        earlier call) is not added again: its id is the stored template's. Two rows of one call with the same hash
+        are refused (:class:`DataError` naming both): the ids answered match the templates stored one to one.
+        ``metadata`` (a JSON object) is merged into the identity's metadata. All or nothing:
         on any error nothing of this call stays in the gallery (module docstring).
         """
         return self.enroll_many([Enrollment(identity, embeddings, hashes, metadata)], model_name=model_name)[0]
 
     def enroll_many(self, items, *, model_name: str | None = None, before_commit=None) -> list[list[str]]:
         """:meth:`enroll` for many identities in one write: ``items`` are :class:`Enrollment` s or tuples
-        ``(identity, embeddings[, hashes[, metadata]])``; returns each item's template ids, in order.
+        ``(identity, embeddings[, hashes[, metadata]])``; returns each item's template ids, in order. One
+        (identity, hash) twice in the batch, in one item or two, is refused as in :meth:`enroll`.
 
         The batch costs one key lookup of the templates and one of the identity rows, then one write of each
         kind, whatever the gallery's size. All or nothing, as :meth:`enroll`: every item is checked before the
@@ -397,7 +400,7 @@ class Gallery(abc.ABC):
         ``before_commit(ids)``: called with the result after the write, before it is committed; if it raises,
         the write is undone and the error raised (files that must exist with the templates, as thumbnails,
         are staged there)."""
-        checked = [self._check_item(item) for item in items]
+        checked = self._check_items(items)
         with self.lock, self._transaction() as undo:
             ids = self._enroll_locked(checked, model_name, undo)
             if before_commit is not None:
@@ -410,7 +413,7 @@ class Gallery(abc.ABC):
         """:meth:`enroll`, also returning the identity's template count after the write, taken from the write
         itself: a store that fails right after the write succeeded cannot turn a done enrollment into an error
         (as a second read for the count could). ``before_commit(ids)``: as in :meth:`enroll_many`."""
-        checked = [self._check_item(Enrollment(identity, embeddings, hashes, metadata))]
+        checked = self._check_items([Enrollment(identity, embeddings, hashes, metadata)])
         with self.lock, self._transaction() as undo:
             ids = self._enroll_locked(checked, model_name, undo)[0]
             if before_commit is not None:
@@ -429,6 +432,21 @@ class Gallery(abc.ABC):
         if hashes is None:
             hashes = [hashlib.sha256(row.tobytes()).hexdigest()[:32] for row in x]
         return identity, x, _check_hashes(hashes, len(x), identity), check_metadata(item.metadata, identity)
+
+    def _check_items(self, items) -> list[tuple[str, np.ndarray, list[str], dict]]:
+        """Every item checked (:meth:`_check_item`), and no template twice in the call: one (identity, image
+        hash) in two rows would be one stored template answered as two, so it is refused naming both rows
+        (a :class:`DataError`; the service refuses the same photo twice in one request the same way)."""
+        checked = [self._check_item(item) for item in items]
+        first: dict[tuple[str, str], tuple[int, int]] = {}  # (identity, hash) -> (item, row) where first seen
+        for i, (identity, _, hashes, _) in enumerate(checked):
+            for r, h in enumerate(hashes):
+                if (at := first.setdefault((identity, h), (i, r))) != (i, r):
+                    where = (lambda i, r: f"row {r}") if len(checked) == 1 else (lambda i, r: f"item {i} row {r}")
+                    raise DataError(f"{where(i, r)} of the embeddings for {identity!r} has the same image hash "
+                                    f"{shown(h)} as {where(*at)} (counting from 0): each row is one template, so "
+                                    f"enroll each image once; nothing was enrolled")
+        return checked
 
     def _enroll_locked(self, items: list, model_name: str | None, undo: _Undo) -> list[list[str]]:
         self._recover()
