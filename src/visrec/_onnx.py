@@ -34,6 +34,7 @@ from typing import Sequence
 
 import numpy as np
 
+from visrec._onnx_check import FOLD_LIMIT_BYTES, check_graph
 from visrec._optional import require
 from visrec.errors import ConfigError, DataError
 
@@ -206,12 +207,18 @@ def describe_providers(session) -> str:
 
 
 def open_session(path: Path, providers: str | Sequence[str] | ProviderChoice | None = None, what: str = "ONNX",
-                 threads: int | None = None):
+                 threads: int | None = None, input_hw: Sequence[int] | None = None):
     """``onnxruntime.InferenceSession`` for ``path``; a missing or unreadable file raises DataError saying which
     (``what`` names the kind of model in the message, e.g. "face detector"). ``providers``: a choice of the module
     docstring (None: the CPU), resolved by :func:`resolve_providers` and checked after the session is made
     (:func:`check_session_providers`). ``threads``: intra-op threads (when None: :func:`set_default_threads`'s
-    value, else onnxruntime's default)."""
+    value, else onnxruntime's default).
+
+    The file comes from elsewhere: before onnxruntime sees it, :func:`visrec._onnx_check.check_graph` sizes its
+    graph (what onnxruntime would compute at load, every tensor at batch 1, at the (height, width) ``input_hw``
+    the caller feeds where the graph leaves them free) and refuses one that would allocate more than its
+    bounds, with a DataError naming the file and the node; onnxruntime's own constant folding is capped at
+    :data:`visrec._onnx_check.FOLD_LIMIT_BYTES` per node. Needs the ``onnx`` package (the ``export`` extra)."""
     threads = threads or DEFAULT_THREADS[0]
     ort = require("onnxruntime", "export")
     path = Path(path)
@@ -219,7 +226,11 @@ def open_session(path: Path, providers: str | Sequence[str] | ProviderChoice | N
         raise DataError(f"{what} model not found", path=path)
     spec = parse_providers(providers)
     names = resolve_providers(spec, ort.get_available_providers())
+    check_graph(path, input_hw)
     opts = ort.SessionOptions()
+    # a second bound on load-time folding (2.0 GB -> 10 MB for the ConstantOfShape [16000, 16000] graph on
+    # onnxruntime 1.32); an onnxruntime that does not know the key ignores it, and check_graph bounds the same
+    opts.add_session_config_entry("optimization.constant_folding_max_output_size_in_bytes", str(FOLD_LIMIT_BYTES))
     if threads:
         opts.intra_op_num_threads = int(threads)
     try:

@@ -41,7 +41,6 @@ normalisation, pooling, resize).
 from __future__ import annotations
 
 import contextlib
-import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visrec._onnx_check import fold_shape_computations
 from visrec._optional import require
 from visrec.errors import DataError, VisrecError
 from visrec.export import exported_size
@@ -201,168 +201,6 @@ def _load_onnx(path: Path):
     return onnx, model
 
 
-# Shape arithmetic :func:`_fold_shape_computations` evaluates: what exporters compute target shapes, axes
-# and scales with. Only results of at most _FOLD_LIMIT values are folded, so weights are never touched; that
-# size is computed from the inputs (:func:`_fold_size`) before anything is evaluated.
-_SHAPE_OPS = frozenset({"Shape", "Size", "Squeeze", "Unsqueeze", "Reshape", "Concat", "Gather", "Slice", "Cast",
-                        "Identity", "Add", "Sub", "Mul", "Div", "Neg", "Abs", "Max", "Min", "Floor", "Ceil",
-                        "Equal", "Where", "Range", "ReduceProd", "ConstantOfShape", "Constant"})
-_FOLD_LIMIT = 64
-_SAME_SIZE_OPS = frozenset({"Identity", "Cast", "Neg", "Abs", "Floor", "Ceil", "Squeeze", "Unsqueeze", "Reshape"})
-_AT_MOST_INPUT_OPS = frozenset({"Slice", "ReduceProd"})
-_BROADCAST_OPS = frozenset({"Add", "Sub", "Mul", "Div", "Max", "Min", "Equal", "Where"})
-
-
-def _count(dims) -> int:
-    """The number of values of a tensor of shape ``dims``: exact (Python ints, no int64 overflow)."""
-    n = 1
-    for d in dims:
-        n *= int(d)
-    return n
-
-
-def _fold_size(node, known: dict) -> int | None:
-    """How many values folding ``node`` would produce, computed from its inputs' values and shapes (``known``)
-    without evaluating it; ``None`` when that cannot be told (the node is then not folded).
-
-    A graph from elsewhere is untrusted: a 311-byte ONNX whose ConstantOfShape reads an int64 initializer
-    [20000, 20000], or a Range 0..4e8, would make the reference evaluator build gigabytes before the result's
-    size could be compared with :data:`_FOLD_LIMIT`. Every input of a folded node is a Constant of at most
-    that size or an initializer (bytes the file holds), so an op whose output is bounded by its inputs'
-    sizes cannot grow past the file; ops that create values (ConstantOfShape, Range, Concat of one input
-    named many times, Gather, broadcasting) are sized here from their inputs first."""
-    op = node.op_type
-    attrs = {a.name: a for a in node.attribute}
-    ins = [known[i] if i else None for i in node.input]
-    if op == "Constant":
-        for name in ("value", "sparse_value"):
-            if name in attrs:
-                tensor = attrs[name].t if name == "value" else attrs[name].sparse_tensor
-                return _count(tensor.dims)
-        for name in ("value_ints", "value_floats", "value_strings"):
-            if name in attrs:
-                return len(getattr(attrs[name], name[6:]))
-        return 1 if attrs else None
-    if op == "Size":
-        return 1
-    if not ins or ins[0] is None:
-        return None
-    if op in _SAME_SIZE_OPS or op in _AT_MOST_INPUT_OPS:
-        return int(ins[0].size)
-    if op == "Concat":
-        return sum(int(v.size) for v in ins if v is not None)
-    if op in _BROADCAST_OPS:
-        try:
-            return _count(np.broadcast_shapes(*(v.shape for v in ins if v is not None)))
-        except ValueError:
-            return None
-    if op == "Gather":
-        data, indices = ins[0], ins[1] if len(ins) > 1 else None
-        axis = attrs["axis"].i if "axis" in attrs else 0
-        if indices is None or not -data.ndim <= axis < data.ndim:
-            return None
-        axis %= data.ndim
-        return _count(data.shape[:axis] + indices.shape + data.shape[axis + 1:])
-    if op == "ConstantOfShape":
-        dims = ins[0].reshape(-1)
-        return _count(dims) if ins[0].ndim == 1 and dims.dtype.kind in "iu" and (dims >= 0).all() else None
-    if op == "Range":
-        if len(ins) != 3 or any(v is None or v.size != 1 for v in ins):
-            return None
-        start, limit, delta = (v.reshape(-1)[0].item() for v in ins)
-        if isinstance(start, int) and isinstance(limit, int) and isinstance(delta, int):
-            return max(-((start - limit) // delta), 0) if delta else None  # ceil((limit - start) / delta)
-        try:
-            n = math.ceil((limit - start) / delta)
-        except (ArithmeticError, ValueError, TypeError):  # delta 0, inf or NaN bounds
-            return None
-        return max(n, 0)
-    return None
-
-
-def _fold_shape(node, shape: list) -> np.ndarray:
-    """What ``Shape`` of a tensor of ``shape`` returns (``start``/``end`` attributes, opset 15): read from the
-    shape, never from a zero tensor of that shape (shape inference may give a tensor gigabytes of values)."""
-    attrs = {a.name: a.i for a in node.attribute}
-    return np.array(shape, np.int64)[attrs.get("start", 0):attrs.get("end", len(shape))]  # ONNX clamps as Python
-
-
-def _fold_shape_computations(model):
-    """With the graph input's shape fixed, evaluate the shape arithmetic in the graph and write each
-    result as a Constant node, so that shape inference knows every layer's sizes. Exporters compute
-    shapes at run time: the dynamo exporter takes a flatten's target shape from the batch size
-    (Shape -> Squeeze -> Reshape -> Concat), and torch's TorchScript exporter writes Resize scales as
-    Concat(Constant, Constant); shape inference sees through neither, so every layer after them would get
-    unknown sizes (a convolution then cannot be counted, a token FC would count one row). A node is
-    folded when it is shape arithmetic (:data:`_SHAPE_OPS`), all its inputs are known (Constant nodes,
-    int64 initializers, earlier results, or for ``Shape`` a tensor whose shape inference knows) and its
-    result has at most :data:`_FOLD_LIMIT` values. That size is computed from the inputs before the node is
-    evaluated (:func:`_fold_size`; ``Shape`` is read off the inferred shape), so an untrusted graph cannot
-    make this check allocate more than its own initializers hold. Each round runs shape inference again, as
-    a folded target shape lets it resolve later tensors. Returns the shape-inferred model of the last round."""
-    from onnx import TensorProto, helper, numpy_helper, shape_inference
-    from onnx.reference import ReferenceEvaluator
-
-    graph = model.graph
-    opset = {o.domain or "": o.version for o in model.opset_import}
-    known = {}
-    for init in graph.initializer:
-        if init.data_type != TensorProto.INT64:
-            continue
-        try:  # to_array of an initializer holding fewer values than its dims declare is an error, not a read
-            known[init.name] = numpy_helper.to_array(init)
-        except Exception:
-            continue
-    too_large: set[str] = set()
-
-    def run(node, feeds):
-        return ReferenceEvaluator(node, opsets=opset).run(None, feeds)
-
-    for _ in range(8):  # a round per level of shape dependency; graphs need one or two
-        inferred = shape_inference.infer_shapes(model)
-        shapes = {vi.name: [d.dim_value if d.HasField("dim_value") else None for d in vi.type.tensor_type.shape.dim]
-                  for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output)
-                  if vi.type.tensor_type.HasField("shape")}
-        changed = False
-        for k, node in enumerate(graph.node):
-            if node.op_type not in _SHAPE_OPS or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
-                continue
-            if node.output[0] in known or node.output[0] in too_large:
-                continue
-            try:
-                if node.op_type == "Shape":
-                    shape = shapes.get(node.input[0])
-                    if shape is None or None in shape:
-                        continue
-                    value = _fold_shape(node, shape)
-                elif all(i == "" or i in known for i in node.input):
-                    size = _fold_size(node, known)
-                    if size is None or size > _FOLD_LIMIT:
-                        if size is not None:
-                            too_large.add(node.output[0])
-                        continue
-                    value = run(node, {i: known[i] for i in node.input if i})[0]
-                else:
-                    continue
-            except Exception:  # an op the reference runtime cannot evaluate here: leave it to shape inference
-                continue
-            value = np.asarray(value)
-            if value.size > _FOLD_LIMIT:
-                too_large.add(node.output[0])
-                continue
-            known[node.output[0]] = value
-            if node.op_type != "Constant":
-                folded = helper.make_node("Constant", [], [node.output[0]], name=node.name or f"folded_{k}",
-                                          value=numpy_helper.from_array(value))
-                graph.node[k].CopyFrom(folded)
-                changed = True
-        if not changed:
-            break
-    else:
-        inferred = shape_inference.infer_shapes(model)
-    return inferred
-
-
 # ONNX ops that take initializers but hold no weights the LFR rule counts: normalisation, activations with a
 # learned slope, element-wise arithmetic (BatchNorm-free affine, bias Add after MatMul, GeM's Pow), pooling,
 # resizing and shape/index plumbing whose constant inputs are shapes, scales, axes or pads.
@@ -397,7 +235,7 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     for d, v in zip(dims, input_size):
         d.ClearField("dim_param")
         d.dim_value = v
-    inferred = _fold_shape_computations(model)
+    inferred = fold_shape_computations(model)  # shape arithmetic, sized before it is computed
     shapes = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         shapes[vi.name] = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
