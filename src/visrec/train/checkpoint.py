@@ -168,6 +168,30 @@ def check_sharding(saved: dict[str, Any] | None, current: dict[str, dict[str, in
                               f"builds {_describe_shards({name: now})}; the training data or world size changed")
 
 
+def _log_rows(path: Path):
+    """Each line of the metrics log with its row: a JSON object, or None for a line that is not one (the log is
+    a record, not an input: such lines are passed over, never an error)."""
+    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
+        for line in fh:
+            try:
+                row = json.loads(line)
+            except ValueError:
+                row = None
+            yield line, row if isinstance(row, dict) else None
+
+
+def _after(row: dict | None, step: int) -> bool:
+    """Whether ``row`` logs a step after ``step``."""
+    row_step = row.get("step") if row is not None else None
+    return isinstance(row_step, (int, float)) and row_step > step
+
+
+def rows_after(path: Path, step: int) -> int:
+    """How many rows of the metrics log :func:`truncate_log` would drop for a run starting at ``step``."""
+    path = Path(path)
+    return sum(_after(row, step) for _, row in _log_rows(path)) if path.is_file() else 0
+
+
 def truncate_log(path: Path, step: int) -> int:
     """Drop the rows of the metrics log whose "step" is after ``step`` (the step the run starts from), so a
     resumed (or restarted) run never logs a step twice. The file is rewritten to a temporary name, fsynced
@@ -177,17 +201,11 @@ def truncate_log(path: Path, step: int) -> int:
     if not path.exists():
         return 0
     keep, dropped = [], 0
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                row = None
-            row_step = row.get("step") if isinstance(row, dict) else None
-            if isinstance(row_step, (int, float)) and row_step > step:
-                dropped += 1
-                continue
-            keep.append(line if line.endswith("\n") else line + "\n")
+    for line, row in _log_rows(path):
+        if _after(row, step):
+            dropped += 1
+            continue
+        keep.append(line if line.endswith("\n") else line + "\n")
     if dropped:
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
         with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
@@ -207,20 +225,14 @@ def logged_at(path: Path, step: int) -> tuple[dict[str, float] | None, float]:
     path = Path(path)
     if not path.exists():
         return metrics, loss
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            if not isinstance(row, dict):
-                continue
-            if isinstance(row.get("loss"), (int, float)):
-                loss = float(row["loss"])
-            val = row.get("val")
-            if row.get("step") == step and isinstance(val, dict) \
-                    and all(isinstance(v, (int, float)) for v in val.values()):
-                metrics = {str(k): float(v) for k, v in val.items()}
+    for _, row in _log_rows(path):
+        if row is None:
+            continue
+        if isinstance(row.get("loss"), (int, float)):
+            loss = float(row["loss"])
+        val = row.get("val")
+        if row.get("step") == step and isinstance(val, dict) and all(isinstance(v, (int, float)) for v in val.values()):
+            metrics = {str(k): float(v) for k, v in val.items()}
     return metrics, loss
 
 

@@ -17,7 +17,6 @@ features) are never touched. :func:`check_start` decides, before any work, wheth
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -57,7 +56,7 @@ def check_start(out: Path, resume: bool, cfg: RunConfig) -> str | None:
                           f"from (a finished run whose checkpoints were removed, as visrec search does a trial's, or "
                           f"another run's files); training from step 0 would overwrite them: move them away first, or "
                           f"choose another output directory (--set output=...)")
-    rows = _rows(out / "metrics.jsonl")
+    rows = ckpt.rows_after(out / "metrics.jsonl", 0)  # what starting at step 0 replaces
     return (f"--resume: no checkpoint in {out} yet; starting from step 0"
             + (f"; the {rows} row{'s' if rows != 1 else ''} in its metrics.jsonl, logged by a run that stopped before "
                f"its first checkpoint, {'are' if rows != 1 else 'is'} replaced by this run's" if rows else ""))
@@ -95,18 +94,3 @@ def _same_config(path: Path, cfg: RunConfig) -> bool:
         return path.is_file() and parse_config(yaml.safe_load(path.read_text()), source=str(path)) == cfg
     except Exception:  # noqa: BLE001 - unreadable, not YAML, not a config, another one: not this run's record
         return False
-
-
-def _rows(path: Path) -> int:
-    """The rows of the log with a step after 0 (those a run starting at step 0 replaces)."""
-    if not path.is_file():
-        return 0
-    count = 0
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
-            try:
-                row = json.loads(line)
-            except ValueError:
-                continue
-            count += isinstance(row, dict) and isinstance(row.get("step"), (int, float)) and row["step"] > 0
-    return count
