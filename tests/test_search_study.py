@@ -344,3 +344,25 @@ def test_a_database_storage_url_holds_the_study_as_the_journal_does(faces, tmp_p
         run_worker(more, progress=False)
     run_worker(more, resume=True, progress=False)
     assert len(counted_trials(load_search_study(url, tmp_path / "run")[0])) == 3
+
+
+def test_a_trial_left_with_no_owner_by_a_kill_is_recovered_after_the_grace(monkeypatch):
+    """A kill between Optuna creating a trial and the worker recording itself on it left a RUNNING trial with no
+    owner that no resume ever finished (seen once in CI). A resume waits until such a trial is OWNER_GRACE_S old,
+    then marks it FAIL (abandoned); a trial a live worker owns stays RUNNING."""
+    import optuna
+
+    from visrec.search import study as study_mod
+
+    monkeypatch.setattr(study_mod, "OWNER_GRACE_S", 0.5)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    ownerless = study.ask()
+    owned = study.ask()
+    owned.set_user_attr("worker", study_mod.this_worker())  # this process: alive
+    t0 = time.monotonic()
+    assert study_mod.recover_abandoned(study) == [ownerless.number]
+    assert time.monotonic() - t0 >= 0.3  # it waited for the young ownerless trial to come of age
+    states = {t.number: (t.state.name, t.user_attrs.get("abandoned", "")) for t in study.get_trials()}
+    assert states[ownerless.number][0] == "FAIL" and "between creating the trial" in states[ownerless.number][1]
+    assert states[owned.number] == ("RUNNING", "")

@@ -28,7 +28,8 @@ a shared file system), or any Optuna storage URL (PostgreSQL/MySQL through SQLAl
 Every finished trial is in the storage when it ends, so a worker killed with SIGKILL loses at most the trial
 it was training. ``resume=True`` continues (or joins) the study: trials left RUNNING by a dead worker of this
 machine (its process id no longer runs, by ``/proc`` start time) are marked FAIL with the attribute
-``abandoned`` and their architecture is queued again. Workers of other machines are not judged (a database
+``abandoned`` and their architecture is queued again; so is a RUNNING trial with no worker recorded
+``OWNER_GRACE_S`` after its start (a kill between Optuna creating it and its worker claiming it). Workers of other machines are not judged (a database
 storage's heartbeats would be the way); their RUNNING trials count as running. ``trials`` counts trained
 trials (complete, pruned, failed by a non-finite loss) plus those still running, across every worker, so N
 workers stop together; two workers that look at the count at the same moment may overshoot it by one trial.
@@ -40,11 +41,13 @@ on it is refused with the count (raise ``trials`` to go on).
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import os
 import socket
 import statistics
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit, urlunsplit
@@ -62,6 +65,8 @@ from visrec.search.space import SearchSpace, candidate_cost, check_budget_reacha
 from visrec.train.checkpoint import rank_files
 from visrec.train.task import TASKS, RunContext
 from visrec.train.trainer import train
+
+OWNER_GRACE_S = 10.0  # a trial with no worker recorded this long after its start was left by a killed worker
 
 STUDY_NAME = "visrec-search"
 JOURNAL = "study.journal"
@@ -238,13 +243,26 @@ def recover_abandoned(study) -> list[int]:
     from optuna.trial import TrialState
 
     recovered = []
+    # A worker records itself on a trial in its very next call after creating it (_Objective.__call__); a kill
+    # between the two leaves a RUNNING trial with no owner, which no later worker would ever finish. One with no
+    # owner after OWNER_GRACE_S is such a trial: wait, once, until the youngest of them is that old.
+    ownerless = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                 if t.user_attrs.get("worker") is None and t.datetime_start is not None]
+    if ownerless:
+        youngest = max(t.datetime_start for t in ownerless)
+        time.sleep(max(0.0, OWNER_GRACE_S - (datetime.datetime.now() - youngest).total_seconds()))
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         worker = t.user_attrs.get("worker")
-        if worker is None or _worker_alive(worker):  # no owner recorded: not ours to judge
+        if worker is None:
+            age = (datetime.datetime.now() - t.datetime_start).total_seconds() if t.datetime_start else 0.0
+            if age < OWNER_GRACE_S:  # created since the wait above: its worker is recording itself now
+                continue
+            why = "its worker stopped between creating the trial and recording itself on it"
+        elif _worker_alive(worker):
             continue
-        study._storage.set_trial_user_attr(t._trial_id, "abandoned",
-                                           f"its worker (pid {worker['pid']} on {worker['host']}) stopped before "
-                                           f"the trial finished")
+        else:
+            why = f"its worker (pid {worker['pid']} on {worker['host']}) stopped before the trial finished"
+        study._storage.set_trial_user_attr(t._trial_id, "abandoned", why)
         try:
             study._storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
         except Exception:  # noqa: BLE001 - another worker finished or recovered it first
