@@ -76,13 +76,6 @@ def setup(device_name: str = "auto", amp: str = "auto") -> RunContext:
                       amp_dtype=resolve_amp(amp, device))
 
 
-def barrier(ctx: RunContext) -> None:
-    if ctx.distributed:
-        import torch.distributed as dist
-
-        dist.barrier()
-
-
 def teardown(ctx: RunContext) -> None:
     if ctx.distributed:
         import torch.distributed as dist
