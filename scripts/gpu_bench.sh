@@ -40,7 +40,7 @@ ARCFACE_TORCH="${ARCFACE_TORCH:-}"
 
 # The sizes of the real run, and of the rehearsal (CPU, the same commands with tiny sizes; a test runs it)
 if [ -n "${GPU_BENCH_REHEARSAL:-}" ]; then
-  DEV=cpu; CHECK_N=600; CHECK_IDS=60; CHECK_BLOCK=256; PAIRS_N=2000; THREADS=1; PANEL=256; TILES_N=600; TILES="64,64,16,4,1 64,64,32,4,1"; TILES_TARGET=1e-3; REC_IDS=12; REC_PER=4
+  DEV=cpu; CHECK_N=600; CHECK_IDS=60; CHECK_BLOCK=256; PAIRS_N=1000; THREADS=1; PANEL=256; TILES_N=400; TILES="64,64,16,4,1 64,64,32,4,1"; TILES_TARGET=1e-3; REC_IDS=12; REC_PER=4
   TRAIN="--steps 2 --warmup 1 --classes 500 --workers 1"; BATCHES="4"; EXTRACT="--extract 16 --batch 8 --workers 1"
   SMOKE="--rehearsal"; export TRITON_INTERPRET=1
 else

@@ -57,10 +57,24 @@ def face_rec(tmp_path_factory):
     return root
 
 
+@pytest.fixture(scope="module")
+def eager_run(face_rec, tmp_path_factory):
+    """The reference run, trained once for the module: every step eager (``cuda_graph: off``). Returns its
+    result, its output folder and what it wrote to stderr."""
+    import contextlib
+    import io
+
+    out, err = tmp_path_factory.mktemp("eager") / "run", io.StringIO()
+    with contextlib.redirect_stderr(err):
+        result = train(make_cfg(face_rec, out, cuda_graph="off"), progress=False)
+    return result, out, err.getvalue()
+
+
 def make_cfg(data_dir, out, **over):
     raw = {
         "task": "faces", "output": str(out), "device": "cpu", "seed": 3, "deterministic": True,
-        "batch_size": 8, "model": {"name": "mobilefacenet", "embedding_size": 32},
+        # the smallest MobileFaceNet: the step's plumbing is the same for every backbone, at ~2/5 of the cost
+        "batch_size": 8, "model": {"name": "mobilefacenet", "embedding_size": 32, "scale": 1, "blocks": [1, 1, 1, 1]},
         "data": {"train": str(data_dir), "flip": True},
         "loss": {"name": "arcface", "s": 16.0, "m": 0.3},
         "optim": {"name": "sgd", "lr": 0.05},
@@ -104,15 +118,15 @@ def test_blockers_name_why_a_run_cannot_capture(face_rec, tmp_path):
     assert "landmarks" in landmarks.capture_blocker()
 
 
-def test_cpu_run_falls_back_with_one_line_and_trains_as_before(face_rec, tmp_path, capfd):
+def test_cpu_run_falls_back_with_one_line_and_trains_as_before(face_rec, eager_run, tmp_path, capfd):
     auto = train(make_cfg(face_rec, tmp_path / "auto"), progress=False)
     err = capfd.readouterr().err
     lines = [line for line in err.splitlines() if "eagerly" in line]
     assert lines == ["train: steps run eagerly (cpu run: CUDA graphs need a CUDA device)"]
     assert auto.step_mode == "eager" and "CUDA device" in auto.eager_reason
-    off = train(make_cfg(face_rec, tmp_path / "off", cuda_graph="off"), progress=False)
-    assert "eagerly" not in capfd.readouterr().err and off.eager_reason is None
-    assert losses(tmp_path / "auto") == losses(tmp_path / "off")
+    off, off_dir, off_err = eager_run
+    assert "eagerly" not in off_err and off.eager_reason is None
+    assert losses(tmp_path / "auto") == losses(off_dir)
 
 
 def test_cuda_graph_on_refuses_a_run_that_cannot_capture(face_rec, tmp_path):
@@ -121,8 +135,8 @@ def test_cuda_graph_on_refuses_a_run_that_cannot_capture(face_rec, tmp_path):
     assert not (tmp_path / "on" / "last.rank0.pt").exists()
 
 
-def test_graph_mode_replays_the_same_run_as_eager_steps(face_rec, tmp_path, monkeypatch):
-    eager = train(make_cfg(face_rec, tmp_path / "eager", cuda_graph="off"), progress=False)
+def test_graph_mode_replays_the_same_run_as_eager_steps(face_rec, eager_run, tmp_path, monkeypatch):
+    eager, eager_dir, _ = eager_run
     as_if_on_cuda(monkeypatch, ReplayingGraph)
     ReplayingGraph.captures = 0
     graphed = train(make_cfg(face_rec, tmp_path / "graph", cuda_graph="on"), progress=False)
@@ -130,10 +144,10 @@ def test_graph_mode_replays_the_same_run_as_eager_steps(face_rec, tmp_path, monk
     assert ReplayingGraph.captures == 1
     # every step after the warm-up is a replay on a new batch (a stale static buffer would repeat a loss),
     # with the learning rate the schedule wrote into the tensor the capture reads
-    got, want = losses(tmp_path / "graph"), losses(tmp_path / "eager")
+    got, want = losses(tmp_path / "graph"), losses(eager_dir)
     assert len(got) == 12 and len(set(got)) == 12
     assert got == pytest.approx(want, rel=1e-5, abs=1e-6)
-    a, b = weights(tmp_path / "graph"), weights(tmp_path / "eager")
+    a, b = weights(tmp_path / "graph"), weights(eager_dir)
     for module in a:
         for key in a[module]:
             torch.testing.assert_close(a[module][key], b[module][key], rtol=1e-5, atol=1e-6)
@@ -144,25 +158,24 @@ def test_graph_mode_replays_the_same_run_as_eager_steps(face_rec, tmp_path, monk
     assert graphed.last_loss == pytest.approx(eager.last_loss, rel=1e-5)
 
 
-def test_a_graphed_run_stopped_and_resumed_matches_one_that_never_stopped(face_rec, tmp_path, monkeypatch):
+def test_a_graphed_run_stopped_and_resumed_matches_one_that_never_stopped(face_rec, eager_run, tmp_path,
+                                                                          monkeypatch):
+    # the run that never stopped: the eager reference, which a whole graphed run replays (the test above)
     as_if_on_cuda(monkeypatch, ReplayingGraph)
-    whole = tmp_path / "whole"
-    train(make_cfg(face_rec, whole, cuda_graph="on"), progress=False)
     parts = tmp_path / "parts"
     first = train(make_cfg(face_rec, parts, cuda_graph="on"), progress=False, stop_after_steps=5)
     assert first.stopped_early and first.global_step == 5
     train(make_cfg(face_rec, parts, cuda_graph="on"), resume=True, progress=False)
-    assert losses(parts) == pytest.approx(losses(whole), rel=1e-5, abs=1e-6)
+    assert losses(parts) == pytest.approx(losses(eager_run[1]), rel=1e-5, abs=1e-6)
 
 
-def test_a_failed_capture_falls_back_to_eager_steps(face_rec, tmp_path, monkeypatch, capfd):
-    eager = train(make_cfg(face_rec, tmp_path / "eager", cuda_graph="off"), progress=False)
+def test_a_failed_capture_falls_back_to_eager_steps(face_rec, eager_run, tmp_path, monkeypatch, capfd):
     as_if_on_cuda(monkeypatch, FailingGraph)
     got = train(make_cfg(face_rec, tmp_path / "auto"), progress=False)
     err = capfd.readouterr().err
     assert "train: steps run eagerly (capture failed: RuntimeError: operation not permitted" in err
     assert got.step_mode == "eager" and got.eager_reason.startswith("capture failed")
-    assert losses(tmp_path / "auto") == pytest.approx(losses(tmp_path / "eager"), rel=1e-5, abs=1e-6)
+    assert losses(tmp_path / "auto") == pytest.approx(losses(eager_run[1]), rel=1e-5, abs=1e-6)
     with pytest.raises(ConfigError, match="cuda_graph: capture failed: RuntimeError"):
         train(make_cfg(face_rec, tmp_path / "on", cuda_graph="on"), progress=False)
 
@@ -268,7 +281,7 @@ def test_an_sgd_step_the_loss_scaler_skips_leaves_momentum_at_zero(face_rec, tmp
 
 
 
-def test_channels_last_trains_nhwc_on_a_cpu(face_rec, tmp_path):
+def test_channels_last_trains_nhwc_on_a_cpu(face_rec, eager_run, tmp_path):
     """`channels_last: true` (the default) is not a CUDA-only setting: the CPU run's backbone weights are NHWC, as
     its checkpoint shows, its first loss (the forward before any update) is NCHW's, and its model.pt loads into a
     fresh network (NHWC: load_model's inference layout) that embeds as an NCHW copy does. Later losses part
@@ -276,14 +289,17 @@ def test_channels_last_trains_nhwc_on_a_cpu(face_rec, tmp_path):
     gradients' accuracy is the next test)."""
     from visrec.models.loading import load_model
 
-    train(make_cfg(face_rec, tmp_path / "nhwc"), progress=False)
-    train(make_cfg(face_rec, tmp_path / "nchw", channels_last=False), progress=False)
-    convs = {layout: [w for w in weights(tmp_path / layout)["backbone"].values() if w.dim() == 4]
-             for layout in ("nhwc", "nchw")}
+    nhwc, nchw = eager_run[1], tmp_path / "nchw"  # the reference run has the default layout
+    assert make_cfg(face_rec, nhwc).channels_last
+    # two steps are enough: only the first loss is compared
+    train(make_cfg(face_rec, nchw, channels_last=False, schedule={"max_steps": 2, "warmup_steps": 1}),
+          progress=False)
+    convs = {layout: [w for w in weights(run)["backbone"].values() if w.dim() == 4]
+             for layout, run in (("nhwc", nhwc), ("nchw", nchw))}
     assert convs["nhwc"] and all(w.is_contiguous(memory_format=torch.channels_last) for w in convs["nhwc"])
     assert not all(w.is_contiguous(memory_format=torch.channels_last) for w in convs["nchw"])
-    assert losses(tmp_path / "nhwc")[0] == pytest.approx(losses(tmp_path / "nchw")[0], rel=1e-5)
-    model = load_model(tmp_path / "nhwc")
+    assert losses(nhwc)[0] == pytest.approx(losses(nchw)[0], rel=1e-5)
+    model = load_model(nhwc)
     assert all(w.is_contiguous(memory_format=torch.channels_last) for w in model.module.parameters() if w.dim() == 4)
     nchw = copy.deepcopy(model.module).to(memory_format=torch.contiguous_format)
     assert not all(w.is_contiguous(memory_format=torch.channels_last) for w in nchw.parameters() if w.dim() == 4)
