@@ -293,6 +293,11 @@ def test_a_rank_0_validation_failure_ends_every_rank_with_a_clear_error(face_rec
         assert "went away after the start check" in err and f"validation at step {step} failed" in err, err
     assert "failed on rank 0" in errs[1] and "failed on rank 0" not in errs[0]
     assert torch.load(tmp_path / "ddp" / "model.pt", weights_only=True)["step"] == step  # rank 0 kept the weights
+    # every rank's resume file holds the failing step (in the loop too, where no checkpoint was due: every rank
+    # saves before rank 0 validates alone), so --resume goes on from there, as the error says
+    for r in (0, 1):
+        assert torch.load(tmp_path / "ddp" / f"last.rank{r}.pt", weights_only=False)["global_step"] == step
+    assert "last.rank0.pt" in errs[0] and "--resume" in errs[0]
 
 
 # --- nothing trained is lost to a bad input: validation sets and outputs checked first, weights saved first ---

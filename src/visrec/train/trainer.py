@@ -285,10 +285,9 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
         except _TaskValidationFailed as failed:
             write_model(metrics)
             kept = [out / "model.pt", out / "backbone.pth"]
-            if not state_saved and ctx.world_size == 1:  # under torchrun rank 0 alone would break the set
+            if not state_saved:  # a single process (under torchrun every validation step saved every rank's)
                 save_state()
-            if state_saved or ctx.world_size == 1:
-                kept.append(ckpt.rank_path(out, ctx.rank))
+            kept.append(ckpt.rank_path(out, ctx.rank))
             raise _failed(failed.error, global_step, kept, finished=global_step >= total_steps) from None
         if state_saved:
             write_model(result)
@@ -387,8 +386,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                 steps_this_call += 1
                 seen += cfg.batch_size * ctx.world_size
                 log_now = global_step % cfg.log_every == 0 or global_step == total_steps
-                checkpoint_now = global_step % cfg.checkpoint_every == 0
                 validate_now = bool(cfg.val_every) and global_step % cfg.val_every == 0
+                # under torchrun every rank saves its resume file before rank 0 validates alone: a validation
+                # that fails then leaves every rank's state at this step (a single process saves its own on failure)
+                checkpoint_now = global_step % cfg.checkpoint_every == 0 or (validate_now and ctx.world_size > 1)
                 if log_now or checkpoint_now or validate_now:  # files written, rank 0's validation: then an exchange
                     metrics = together(f"step {global_step}", lambda: step_done(
                         loss, epoch, log_now, checkpoint_now, validate_now), main_only=False)
@@ -454,11 +455,7 @@ def _failed(error: BaseException, step: int, kept: list[Path], finished: bool) -
     saying where the weights are and what to do; anything else (a bug) as it is, with its traceback."""
     if not isinstance(error, VisrecError):
         return error
-    if not any(p.name.startswith("last.rank") for p in kept) and not ckpt.rank_files(kept[0].parent):
-        # under torchrun, before the first checkpoint: nothing to resume, and --resume refuses over model.pt
-        then = ", keep these files elsewhere and train again"
-    else:
-        then = f", then run again with --resume{' to validate them without training again' if finished else ''}"
+    then = f", then run again with --resume{' to validate them without training again' if finished else ''}"
     return ValidationFailed(f"{error}\nvalidation at step {step} failed; the weights trained so far are saved in "
                             f"{', '.join(str(p) for p in kept)}. Fix the validation set (data.val){then}.")
 
