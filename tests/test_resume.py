@@ -279,3 +279,33 @@ def test_resume_without_a_checkpoint_refuses_to_train_over_model_files(face_rec,
         train(make_cfg(face_rec, out, schedule={"max_steps": 1}), resume=True, progress=False)
     assert "model.pt" in str(err.value) and "no checkpoint" in str(err.value)
     assert _snapshot(out) == before
+
+
+def test_a_resume_under_another_config_keeps_the_former_config_yaml(face_rec, tmp_path, capsys):
+    """--resume after changing the config (here the schedule) replaces config.yaml with the config the run now
+    follows, and keeps the former one, byte for byte, as config.before-1.yaml, then -2; a resume under the same
+    config renames nothing. A config.yaml written by hand into a folder with no checkpoint is kept the same way."""
+    import yaml
+
+    out = tmp_path / "run"
+    train(make_cfg(face_rec, out, schedule={"max_steps": 4}), progress=False)
+    first = (out / "config.yaml").read_text()
+    train(make_cfg(face_rec, out, schedule={"max_steps": 6}), resume=True, progress=False)
+    assert (out / "config.before-1.yaml").read_text() == first
+    said = [line for line in capsys.readouterr().err.splitlines() if "config.before-1.yaml" in line]
+    assert len(said) == 1 and "held another config" in said[0]
+    assert yaml.safe_load((out / "config.yaml").read_text())["schedule"]["max_steps"] == 6
+    second = (out / "config.yaml").read_text()
+    train(make_cfg(face_rec, out, schedule={"max_steps": 6}), resume=True, progress=False)  # the same config
+    assert (out / "config.yaml").read_text() == second and not (out / "config.before-2.yaml").exists()
+    train(make_cfg(face_rec, out, schedule={"max_steps": 7}), resume=True, progress=False)
+    assert (out / "config.before-1.yaml").read_text() == first
+    assert (out / "config.before-2.yaml").read_text() == second
+
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    hand = "# written by hand: lr tried last week\n" + yaml.safe_dump({"task": "faces", "optim": {"lr": 0.5}})
+    (mine / "config.yaml").write_text(hand)
+    assert train(make_cfg(face_rec, mine, schedule={"max_steps": 1}), resume=True, progress=False).global_step == 1
+    assert (mine / "config.before-1.yaml").read_text() == hand
+    assert yaml.safe_load((mine / "config.yaml").read_text())["schedule"]["max_steps"] == 1

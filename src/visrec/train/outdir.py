@@ -2,7 +2,9 @@
 
 A run writes ``last.rank{r}.pt``, ``model.pt``, ``backbone.pth``, ``metrics.jsonl`` and ``config.yaml``
 (:mod:`visrec.train.checkpoint`) and nothing else; files of other names (notes, reports, precomputed teacher
-features) are never touched. :func:`check_start` decides, before any work, whether this run may write there:
+features) are never touched. A ``config.yaml`` that a ``--resume`` finds holding another config (the usual case
+after fixing one; or a file the user wrote there) is renamed ``config.before-N.yaml`` (N = 1, 2, ...: a history
+of the configs the run was resumed under), never overwritten. :func:`check_start` decides, before any work, whether this run may write there:
 
 * a fresh run (no ``--resume``) refuses a folder that holds any of those files from an earlier run (a run
   killed before its first checkpoint leaves a log and a config; another run's folder its model files), naming
@@ -62,16 +64,25 @@ def check_start(out: Path, resume: bool, cfg: RunConfig) -> str | None:
                f"its first checkpoint, {'are' if rows != 1 else 'is'} replaced by this run's" if rows else ""))
 
 
-def write_config(out: Path, cfg: RunConfig) -> None:
+def write_config(out: Path, cfg: RunConfig) -> Path | None:
     """``config.yaml``: the run's whole config, as YAML a later ``visrec train`` takes back (unknown keys are
     refused there); written to a temporary name and renamed. A file that already holds this config (the
-    ``--config`` given may be this very file) is left as written."""
+    ``--config`` given may be this very file) is left as written; one holding anything else is first renamed
+    ``config.before-N.yaml`` (the first free N), whose path is returned (None when nothing was renamed)."""
     path = out / "config.yaml"
     if _same_config(path, cfg):
-        return
+        return None
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
     tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+    kept = None
+    if _exists(path):
+        n = 1
+        while _exists(out / f"config.before-{n}.yaml"):
+            n += 1
+        kept = out / f"config.before-{n}.yaml"
+        os.rename(path, kept)  # the same folder: an atomic rename, never a copy that a crash could cut short
     os.replace(tmp, path)
+    return kept
 
 
 def _exists(path: Path) -> bool:

@@ -344,7 +344,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
 
     def open_log():
         out.mkdir(parents=True, exist_ok=True)
-        outdir.write_config(out, cfg)
+        kept = outdir.write_config(out, cfg)
+        if kept:
+            print(f"train: {out / 'config.yaml'} held another config: kept as {kept.name}", file=sys.stderr,
+                  flush=True)
         # rows after the starting step were logged by a run that stopped before checkpointing them: drop
         # them (atomically) so the steps about to be re-run are not logged twice
         ckpt.truncate_log(out / "metrics.jsonl", global_step)
