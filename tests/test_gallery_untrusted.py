@@ -247,6 +247,26 @@ def test_a_bad_export_is_refused_whole(tmp_path, field, change, message):
     assert [r["identity"] for r in g.list()] == ["already"] and g.threshold is None
 
 
+@pytest.mark.parametrize("first, last", [("p1", "p1"), ("Jos\u00e9", "Jose\u0301")])
+def test_an_export_holding_one_template_twice_is_refused_naming_both_rows(tmp_path, first, last):
+    """Row 3 repeats row 1's image hash under the same identity (or under another spelling of it: names are
+    stored NFC-normalised): enroll refuses one template twice in a call, and so does an import (it used to drop
+    the second row without a word). The same hash under another identity is no repeat."""
+    src = _export(tmp_path)
+    with np.load(src, allow_pickle=False) as z:
+        names, hashes = list(z["identities"]), list(z["hashes"])
+    twice = [hashes[0], hashes[1], hashes[2], hashes[1]]
+    bad = _rewrite(src, tmp_path / "bad.npz", identities=np.array([names[0], first, names[2], last]),
+                   hashes=np.array(twice))
+    g = open_gallery("faiss")
+    with pytest.raises(DataError, match=f"rows 1 and 3 hold the same template \\(identity '{first}'") as err:
+        g.import_(bad)
+    assert "bad.npz" in str(err.value) and g.count() == 0
+    ok = _rewrite(src, tmp_path / "ok.npz", identities=np.array([names[0], first, names[2], "someone else"]),
+                  hashes=np.array(twice))
+    assert open_gallery("faiss").import_(ok) == 4
+
+
 def test_an_export_declaring_a_huge_array_is_refused_without_allocating(tmp_path):
     header = io.BytesIO()
     np.lib.format.write_array_header_2_0(header, {"descr": "<f4", "fortran_order": False, "shape": (2**40, 512)})

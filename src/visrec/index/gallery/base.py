@@ -879,6 +879,11 @@ class GalleryExport:
             except DataError as exc:
                 raise DataError(f"gallery export row {row}: {exc}", path=path) from None
             self.names.append(name)
+        repeat = _first_repeat(self.names, self.hashes)
+        if repeat is not None:  # enroll refuses one template twice in a call; an import is one call
+            a, b = repeat
+            raise DataError(f"gallery export rows {a} and {b} hold the same template (identity {self.names[a]!r}, "
+                            f"image hash {self.hashes[a]}): an export holds each template once", path=path)
         metas = _json_field(data, "metadata", path)
         if not isinstance(metas, dict):
             raise DataError("gallery export field 'metadata' must be a JSON object (identity -> object)", path=path)
@@ -934,6 +939,22 @@ class GalleryExport:
                     raise DataError(f"gallery export rows {at[0]}-{at[-1]}: {exc}", path=self.path) from None
                 out.append((name, x, [self.hashes[r] for r in at], self.metadata.get(name, {})))
             yield out
+
+
+def _first_repeat(names: list[str], hashes: list[str]) -> tuple[int, int] | None:
+    """The rows ``(a, b)``, ``a < b``, of the first row ``b`` that repeats an earlier row's (identity, hash), or
+    None. Memory: 8 bytes a row (a sort of the pairs' hashes; only rows whose hashes collide are compared)."""
+    keys = np.fromiter((hash(pair) for pair in zip(names, hashes)), dtype=np.int64, count=len(names))
+    order = np.argsort(keys, kind="stable")
+    ties = np.flatnonzero(keys[order][1:] == keys[order][:-1])
+    rows = np.unique(np.concatenate([order[ties], order[ties + 1]])) if len(ties) else []
+    seen: dict[tuple[str, str], int] = {}
+    for row in rows:  # ascending: the first repeat found is the earliest second row
+        pair = (names[row], hashes[row])
+        if pair in seen:
+            return seen[pair], int(row)
+        seen[pair] = int(row)
+    return None
 
 
 def read_export(path: str | Path) -> dict:
