@@ -87,7 +87,8 @@ def test_enroll_folder_and_its_cli_twin_report_photos_without_a_face(faces_dir, 
 @pytest.mark.real_faces
 def test_a_photo_copied_twice_is_enrolled_once_and_both_reports_say_so(faces_dir, tmp_path, monkeypatch):
     """A copy of a photo in a person's folder is the same aligned face, one template: the Python report and the
-    CLI's table list it as left out beside the photo it repeats, and "enrolled" counts what was stored."""
+    CLI's table list it as left out beside the photo it repeats, and "enrolled" counts what was stored. The same
+    photo in another person's folder is enrolled for both and listed as a likely labelling mistake."""
     from rich.console import Console
     from typer.testing import CliRunner
 
@@ -96,13 +97,16 @@ def test_a_photo_copied_twice_is_enrolled_once_and_both_reports_say_so(faces_dir
     from visrec.cli import app
 
     people = tmp_path / "people"
-    for rel, src in (("obama/a.jpg", "obama.jpg"), ("obama/b-copy.jpg", "obama.jpg"), ("biden/a.jpg", "biden.jpg")):
+    for rel, src in (("obama/a.jpg", "obama.jpg"), ("obama/b-copy.jpg", "obama.jpg"), ("biden/a.jpg", "biden.jpg"),
+                     ("biden/c-obama.jpg", "obama.jpg")):
         (people / rel).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(faces_dir / src, people / rel)
     gallery = visrec.Gallery("dlib-resnet")
     report = gallery.enroll_folder(people)
-    assert sorted(report.enrolled) == ["biden/a.jpg", "obama/a.jpg"] and gallery.store.count() == 2
-    assert report.duplicates == [("obama/b-copy.jpg", "obama/a.jpg")] and not report.errors
+    assert sorted(report.enrolled) == ["biden/a.jpg", "biden/c-obama.jpg", "obama/a.jpg"]
+    assert gallery.store.count() == 3 and not report.errors
+    assert report.duplicates == [("obama/b-copy.jpg", "obama/a.jpg")]
+    assert report.other_person == [("obama/a.jpg", "biden/c-obama.jpg")]  # the folders are read in name order
     cfg = tmp_path / "serve.yaml"
     cfg.write_text(f"faces:\n  model: dlib-resnet\n  detector: dlib-hog\n  landmarks: dlib-68\n"
                    f"  gallery: {{backend: faiss, path: {tmp_path / 'g.sqlite'}}}\n")
@@ -111,8 +115,11 @@ def test_a_photo_copied_twice_is_enrolled_once_and_both_reports_say_so(faces_dir
     assert res.exit_code == 0, res.output
     rows = {line.split("│")[1].strip(): [c.strip() for c in line.split("│")[2:4]]
             for line in res.output.splitlines() if line.count("│") == 4}
-    assert "2 templates" in " ".join(res.output.split()) and rows["enrolled"] == ["2", "biden/a.jpg, obama/a.jpg"], res.output
+    assert "3 templates" in " ".join(res.output.split()), res.output
+    assert rows["enrolled"] == ["3", "biden/a.jpg, biden/c-obama.jpg, obama/a.jpg"], res.output
     assert rows["same photo as another (left out)"] == ["1", "obama/b-copy.jpg (same as obama/a.jpg)"], res.output
+    assert rows["same face as another person's photo (enrolled: check the labels)"] == \
+        ["1", "obama/a.jpg (same as biden/c-obama.jpg)"], res.output
 
 
 def test_load_image_takes_paths_bytes_arrays_and_pil_and_names_bad_input(tmp_path):

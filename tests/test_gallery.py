@@ -404,7 +404,8 @@ def test_one_call_holding_one_image_twice_is_refused_naming_both_rows(tmp_path, 
 def test_enroll_folder_lists_a_copied_photo_once_with_the_photo_it_repeats(tmp_path):
     """A photo copied under another name (the same aligned face, the same person) is one template: it is left
     out and reported beside the photo it repeats, in a later batch too; the same photo in another person's
-    folder is that person's own template. ``enrolled`` matches what was stored one to one."""
+    folder is that person's own template, reported as a likely labelling mistake. ``enrolled`` matches what was
+    stored one to one."""
     from types import SimpleNamespace
 
     from visrec.data.images import encode_jpeg
@@ -429,6 +430,7 @@ def test_enroll_folder_lists_a_copied_photo_once_with_the_photo_it_repeats(tmp_p
         report = enroll_folder(pipeline, g, tmp_path, batch=2)
         assert sorted(report.enrolled) == ["ann/0.jpg", "ann/1.jpg", "bob/0.jpg"] and g.count() == 3
         assert report.duplicates == [("ann/2-copy.jpg", "ann/0.jpg"), ("ann/3-copy.jpg", "ann/0.jpg")]
+        assert report.other_person == [("bob/0.jpg", "ann/0.jpg")]
         assert not report.errors and not report.no_face and report.identities == 2
     assert {r["identity"]: r["templates"] for r in g.list()} == {"ann": 2, "bob": 1}
 

@@ -152,7 +152,8 @@ class Gallery:
     def enroll_folder(self, root: str | Path):
         """Enroll ``root/<identity>/<photo>``; returns an :class:`visrec.index.enroll.EnrollReport` (enrolled,
         no face, several faces (the largest enrolled), duplicates (a copy of a photo already taken for the same
-        person, left out: one template each), errors)."""
+        person, left out: one template each), other_person (the same face as a photo in another person's folder:
+        enrolled for both, listed as a likely labelling mistake), errors)."""
         return enroll_folder(self.analysis.pipeline, self.store, root)
 
     def identify(self, image, top_k: int = 1):

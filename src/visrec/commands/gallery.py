@@ -85,6 +85,8 @@ def enroll(folder: Path = typer.Argument(..., help="photos in FOLDER/<identity>/
     for label, rows in (("enrolled", report.enrolled), ("no face (left out)", report.no_face),
                         ("several faces (largest enrolled)", report.several_faces),
                         ("same photo as another (left out)", [f"{p} (same as {q})" for p, q in report.duplicates]),
+                        ("same face as another person's photo (enrolled: check the labels)",
+                         [f"{p} (same as {q})" for p, q in report.other_person]),
                         ("errors", [f"{p}: {why}" for p, why in report.errors])):
         t.add_row(label, f"{len(rows):,}", Text(", ".join(rows[:3]) + (" ..." if len(rows) > 3 else "")))
     console.print(t)

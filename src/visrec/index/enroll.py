@@ -30,6 +30,9 @@ class EnrollReport:
     no_face: list[str] = field(default_factory=list)
     several_faces: list[str] = field(default_factory=list)  # enrolled: the largest face
     duplicates: list[tuple[str, str]] = field(default_factory=list)  # (photo, the earlier photo it repeats): left out
+    # (photo, an earlier photo with the same face in another person's folder): enrolled for both, but the same
+    # face under two names is most likely a labelling mistake
+    other_person: list[tuple[str, str]] = field(default_factory=list)
     errors: list[tuple[str, str]] = field(default_factory=list)  # (photo, why)
     identities: int = 0
 
@@ -76,6 +79,7 @@ def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int
     report = EnrollReport()
     names, pending = set(), []  # pending: (photo, name, crop, embedding) not yet written
     seen: dict[tuple[str, str], str] = {}  # (identity, crop hash) -> the photo enrolled with it in this run
+    first_of: dict[str, tuple[str, str]] = {}  # crop hash -> (identity, photo) that first enrolled it in this run
 
     def flush():
         if pending:
@@ -103,6 +107,9 @@ def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int
             else:
                 embedding = pipeline.embedder(faces[0].crop[None])
                 seen[key] = rel
+                owner, photo = first_of.setdefault(key[1], (name, rel))
+                if owner != name:
+                    report.other_person.append((rel, photo))
                 if len(faces) > 1:
                     report.several_faces.append(rel)
                 pending.append((rel, name, faces[0].crop, embedding))
