@@ -136,6 +136,30 @@ def test_open_session_catches_onnxruntimes_own_fall_back(identity_onnx, monkeypa
     assert open_session(identity_onnx, "auto").get_providers() == [CPU]
 
 
+def test_a_session_takes_its_threads_from_the_call_the_default_or_omp_num_threads(identity_onnx, monkeypatch):
+    """onnxruntime ignores OMP_NUM_THREADS (its pool takes every physical core); visrec's sessions follow it, as
+    PyTorch does, unless the call or set_default_threads (the service's per-worker setting) says otherwise."""
+    pytest.importorskip("onnxruntime")
+    from visrec import _onnx
+
+    def threads(**kw):
+        return open_session(identity_onnx, **kw).get_session_options().intra_op_num_threads
+
+    monkeypatch.setattr(_onnx, "DEFAULT_THREADS", [None])
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    assert threads() == 1 and threads(threads=3) == 3
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert threads() == 3
+    _onnx.set_default_threads(2)
+    assert threads() == 2
+    _onnx.set_default_threads(None)
+    for unset in ("", "0", "two"):
+        monkeypatch.setenv("OMP_NUM_THREADS", unset)
+        assert threads() == 0  # onnxruntime's own default
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert threads() == 0
+
+
 def test_the_module_imports_and_parses_without_onnxruntime():
     code = ("import sys; sys.modules['onnxruntime'] = None\n"
             "import visrec._onnx as o\n"

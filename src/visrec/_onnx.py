@@ -59,6 +59,14 @@ def set_default_threads(threads: int | None) -> None:
     DEFAULT_THREADS[0] = None if threads is None else int(threads)
 
 
+def omp_threads() -> int | None:
+    """``OMP_NUM_THREADS`` when it holds a positive integer, else None. PyTorch takes its intra-op thread count
+    from it and onnxruntime does not: a session follows it too, so that a process limited to N threads (torchrun
+    sets 1 per process; a user sharing a machine sets it) is not given every core by its ONNX models."""
+    value = os.environ.get("OMP_NUM_THREADS", "").strip()
+    return int(value) if value.isdigit() and int(value) > 0 else None
+
+
 @dataclass(frozen=True)
 class ProviderChoice:
     """A parsed provider choice (module docstring). ``word``: ``cpu``, ``cuda``, ``tensorrt`` or ``auto``, or None
@@ -212,14 +220,14 @@ def open_session(path: Path, providers: str | Sequence[str] | ProviderChoice | N
     (``what`` names the kind of model in the message, e.g. "face detector"). ``providers``: a choice of the module
     docstring (None: the CPU), resolved by :func:`resolve_providers` and checked after the session is made
     (:func:`check_session_providers`). ``threads``: intra-op threads (when None: :func:`set_default_threads`'s
-    value, else onnxruntime's default).
+    value, else ``OMP_NUM_THREADS`` (:func:`omp_threads`), else onnxruntime's default: the physical cores).
 
     The file comes from elsewhere: before onnxruntime sees it, :func:`visrec._onnx_check.check_graph` sizes its
     graph (what onnxruntime would compute at load, every tensor at batch 1, at the (height, width) ``input_hw``
     the caller feeds where the graph leaves them free) and refuses one that would allocate more than its
     bounds, with a DataError naming the file and the node; onnxruntime's own constant folding is capped at
     :data:`visrec._onnx_check.FOLD_LIMIT_BYTES` per node. Needs the ``onnx`` package (the ``export`` extra)."""
-    threads = threads or DEFAULT_THREADS[0]
+    threads = threads or DEFAULT_THREADS[0] or omp_threads()
     ort = require("onnxruntime", "export")
     path = Path(path)
     if not path.is_file():
