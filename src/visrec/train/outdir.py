@@ -4,7 +4,8 @@ A run writes ``last.rank{r}.pt``, ``model.pt``, ``backbone.pth``, ``metrics.json
 (:mod:`visrec.train.checkpoint`) and nothing else; files of other names (notes, reports, precomputed teacher
 features) are never touched. A ``config.yaml`` that a ``--resume`` finds holding another config (the usual case
 after fixing one; or a file the user wrote there) is renamed ``config.before-N.yaml`` (N = 1, 2, ...: a history
-of the configs the run was resumed under), never overwritten. :func:`check_start` decides, before any work, whether this run may write there:
+of the configs the run was resumed under), never overwritten. :func:`check_start` decides, before any work,
+whether this run may write there:
 
 * a fresh run (no ``--resume``) refuses a folder that holds any of those files from an earlier run (a run
   killed before its first checkpoint leaves a log and a config; another run's folder its model files), naming
