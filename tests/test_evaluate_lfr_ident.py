@@ -7,7 +7,7 @@ import pytest
 
 from visrec.errors import DataError
 from visrec.evaluate.identification import cmc, tpir_at_fpir
-from visrec.evaluate.lfr import evaluate_submission, read_lfr_features, write_lfr_features
+from visrec.evaluate.lfr import evaluate_submission, read_entry_labels, read_lfr_features, write_lfr_features
 
 
 def test_lfr_binary_round_trip_and_header(tmp_path):
@@ -36,6 +36,56 @@ def test_evaluate_a_submission(tmp_path):
     assert res[1e-3].tpr > 0.9
     with pytest.raises(DataError, match="no ground-truth label"):
         evaluate_submission(tmp_path / "sub.bin", tmp_path / "filelist.txt", {}, [1e-3])
+
+
+def test_a_labels_file_is_read_strictly(tmp_path):
+    """name,label lines (the label after the last comma; a header line; blank lines): a line without both
+    fields, or a name listed twice (with the same label or another), is refused naming the line, never skipped
+    or overwritten (the reader used to drop lines without a comma and keep the last of two labels)."""
+    path = tmp_path / "labels.csv"
+    path.write_text("name,label\nimg/a,b.jpg, 7 \n\nimg/c.jpg,8\r\n")
+    assert read_entry_labels(path) == {"img/a,b.jpg": "7", "img/c.jpg": "8"}
+    for text, message in [("a.jpg,1\nb.jpg\n", "line 2.*expected 'name,label'"),
+                          ("a.jpg,1\nb.jpg,\n", "line 2.*expected 'name,label'"),
+                          ("a.jpg,1\nb.jpg,2\na.jpg,3\n", "line 3.*'a.jpg' is listed twice \\(first on line 1\\)"),
+                          ("a.jpg,1\na.jpg,1\n", "line 2.*listed twice"),
+                          ("name,label\n", "no 'name,label' lines"),
+                          (f"{'x' * 5000},1\n", "line 1.*at most 4096")]:
+        path.write_text(text)
+        with pytest.raises(DataError, match=message) as err:
+            read_entry_labels(path)
+        assert "labels.csv" in str(err.value)
+
+
+def test_scoring_refuses_an_entry_listed_twice_and_names_entries_without_a_label(tmp_path):
+    feats = np.eye(4, dtype=np.float32)
+    write_lfr_features(tmp_path / "sub.bin", feats)
+    (tmp_path / "filelist.txt").write_text("a.jpg\nb.jpg\nc.jpg\na.jpg\n")
+    labels = {"a.jpg": 1, "b.jpg": 1, "c.jpg": 2}
+    with pytest.raises(DataError, match="entries 1 and 4 are both 'a.jpg'.*genuine pair") as err:
+        evaluate_submission(tmp_path / "sub.bin", tmp_path / "filelist.txt", labels, [1e-1], device="cpu")
+    assert "filelist.txt" in str(err.value)
+    (tmp_path / "filelist.txt").write_text("a.jpg\nb.jpg\nc.jpg\nd.jpg\n")
+    with pytest.raises(DataError, match="1 entries have no ground-truth label, e.g. 'd.jpg'"):
+        evaluate_submission(tmp_path / "sub.bin", tmp_path / "filelist.txt", labels, [1e-1], device="cpu")
+    (tmp_path / "filelist.txt").write_text("a.jpg\nb.jpg\nc.jpg\n")
+    with pytest.raises(DataError, match="4 feature rows but 3 file-list entries"):
+        evaluate_submission(tmp_path / "sub.bin", tmp_path / "filelist.txt", labels, [1e-1], device="cpu")
+
+
+def test_eval_faces_features_cli_names_a_bad_labels_line_and_exits_2(tmp_path, monkeypatch, capsys):
+    from test_cli_outputs import run_cli
+
+    write_lfr_features(tmp_path / "sub.bin", np.eye(4, dtype=np.float32))
+    (tmp_path / "filelist.txt").write_text("a.jpg\nb.jpg\nc.jpg\nd.jpg\n")
+    (tmp_path / "labels.csv").write_text("a.jpg,1\nb.jpg,1\nc.jpg,2\nd.jpg 2\n")
+    args = ["eval", "faces", "--features", tmp_path / "sub.bin", "--filelist", tmp_path / "filelist.txt",
+            "--labels", tmp_path / "labels.csv", "--target-fpr", "0.2"]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 2 and "labels.csv" in err and "line 4" in err and "Traceback" not in err, (out, err)
+    (tmp_path / "labels.csv").write_text("a.jpg,1\nb.jpg,1\nc.jpg,2\nd.jpg,2\n")
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0 and "0.2" in out, (out, err)
 
 
 def test_cmc_on_a_crafted_case():

@@ -10,6 +10,12 @@ File lists: one entry per line; the entry is the line's first whitespace-separat
 organisers' video script takes; their image script takes the whole stripped line, the same thing for the
 released lists, whose entries hold no whitespace). Blank lines are skipped.
 
+Labels (``read_entry_labels``, for scoring a submission): a CSV of ``name,label`` lines, the name a file-list
+entry, the label its identity (the text after the last comma); blank lines skipped, and a first line
+``name,label`` taken as a header. A line without both fields, or a name listed twice, is an error naming the
+file and the line(s). Scoring refuses a file list that names one entry twice (its two rows would be a genuine
+pair of one image, scored 1) and entries without a label, naming them.
+
 Image track (``write_image_submission``): the DeepGlint test set is a folder of aligned 112x112 crops and
 a ``filelist.txt`` of 1,862,120 paths relative to that folder (:data:`DEEPGLINT_IMAGE_ROWS`). Row i is the
 feature of entry i: the embedding of the image plus the embedding of its horizontal mirror (the flip test,
@@ -34,6 +40,7 @@ _HEADER = struct.Struct("<4i")
 FLOAT32_CODE = 5
 DEEPGLINT_IMAGE_ROWS = 1_862_120  # entries of the DeepGlint image test set's filelist.txt
 MAX_ENTRY_CHARS = 4096
+MAX_LABEL_CHARS = 256
 
 
 def write_lfr_features(path: str | Path, features: np.ndarray) -> Path:
@@ -82,6 +89,53 @@ def read_filelist(path: str | Path) -> list[str]:
                             record=f"line {lineno}")
         out.append(fields[0])
     return out
+
+
+def read_entry_labels(path: str | Path) -> dict[str, str]:
+    """File-list entry -> identity label, from a ``name,label`` CSV (module docstring)."""
+    path = Path(path)
+    if not path.exists():
+        raise DataError("labels file not found", path=path)
+    table: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for lineno, line in enumerate(read_lines(path), start=1):
+        if not line.strip():
+            continue
+        name, comma, label = (part.strip() for part in line.rpartition(","))
+        if lineno == 1 and (name.lower(), label.lower()) == ("name", "label"):
+            continue
+        if not comma or not name or not label:
+            raise DataError(f"expected 'name,label', got {line[:200]!r}", path=path, record=f"line {lineno}")
+        if len(name) > MAX_ENTRY_CHARS or len(label) > MAX_LABEL_CHARS:
+            raise DataError(f"a name of {len(name)} or a label of {len(label)} characters (at most "
+                            f"{MAX_ENTRY_CHARS} and {MAX_LABEL_CHARS})", path=path, record=f"line {lineno}")
+        if name in lines:
+            raise DataError(f"{name[:200]!r} is listed twice (first on line {lines[name]})", path=path,
+                            record=f"line {lineno}")
+        table[name], lines[name] = label, lineno
+    if not table:
+        raise DataError("no 'name,label' lines", path=path)
+    return table
+
+
+def labelled_rows(features_path: str | Path, filelist_path: str | Path, labels: dict) -> tuple[np.ndarray, np.ndarray]:
+    """A submission's feature rows and, row by row, their labels: the rows are the file list's entries in order,
+    each listed once and each with a label (else a ``DataError`` naming the file and the entries)."""
+    feats = read_lfr_features(features_path)
+    names = read_filelist(filelist_path)
+    if len(names) != len(feats):
+        raise DataError(f"{len(feats):,} feature rows but {len(names):,} file-list entries", path=features_path)
+    first: dict[str, int] = {}
+    for i, name in enumerate(names, start=1):
+        if name in first:
+            raise DataError(f"entries {first[name]} and {i} are both {name[:200]!r}: its two rows would be a genuine "
+                            f"pair of one image", path=filelist_path)
+        first[name] = i
+    missing = [n for n in names if n not in labels]
+    if missing:
+        raise DataError(f"{len(missing):,} entries have no ground-truth label, e.g. "
+                        f"{', '.join(repr(n[:200]) for n in missing[:3])}", path=filelist_path)
+    return feats, np.array([labels[n] for n in names])
 
 
 def _entry_path(root: Path, entry: str, filelist: Path, index: int) -> Path:
@@ -170,13 +224,7 @@ def write_image_submission(embed: Callable[[np.ndarray], np.ndarray], images_roo
 
 def evaluate_submission(features_path: str | Path, filelist_path: str | Path, labels: dict[str, int | str],
                         targets=(1e-8,), **kwargs):
-    """TPR at the protocol's FPR targets for a submission, given ground-truth labels by file-list entry."""
-    feats = read_lfr_features(features_path)
-    names = read_filelist(filelist_path)
-    if len(names) != len(feats):
-        raise DataError(f"{len(feats)} feature rows but {len(names)} file-list entries", path=features_path)
-    missing = [n for n in names if n not in labels]
-    if missing:
-        raise DataError(f"{len(missing)} entries have no ground-truth label, e.g. {missing[0]!r}",
-                        path=filelist_path)
-    return tpr_at_fpr(feats, np.array([labels[n] for n in names]), targets, **kwargs)
+    """TPR at the protocol's FPR targets for a submission, given ground-truth labels by file-list entry (a dict,
+    or :func:`read_entry_labels` of a labels file)."""
+    feats, rows = labelled_rows(features_path, filelist_path, labels)
+    return tpr_at_fpr(feats, rows, targets, **kwargs)

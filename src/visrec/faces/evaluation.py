@@ -20,13 +20,13 @@ from visrec._onnx import parse_providers
 from visrec.data.datasets import open_face_dataset
 from visrec.data.images import read_image
 from visrec.data.landmark_crops import JDCrops
-from visrec.data.text import read_lines
 from visrec.data.verification import read_verification_bin
 from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.evaluate import ijb
 from visrec.evaluate.bin_protocol import evaluate_bin_both, flip_embeddings, format_both, mirror
 from visrec.evaluate.landmark_report import LandmarkEval, landmark_metrics, write_landmark_report, write_submission
-from visrec.evaluate.lfr import image_submission_entries, read_filelist, read_lfr_features, write_image_submission
+from visrec.evaluate.lfr import (image_submission_entries, labelled_rows, read_entry_labels,
+                                 write_image_submission)
 from visrec.evaluate.report import write_face_report
 from visrec.evaluate.verification import _curve, normalise, tpr_at_fpr, tpr_at_fpr_pairs
 from visrec.evaluate.video import score_videos
@@ -165,16 +165,8 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
     if features is not None:
         if labels is None or filelist is None:
             raise VisrecError("--features needs --filelist (the row order) and --labels (CSV name,label)")
-        feats = read_lfr_features(features)
-        names = read_filelist(filelist)
-
-        table = dict(line.split(",", 1) for line in read_lines(labels) if "," in line)
-        missing = [n for n in names if n not in table]
-        if missing or len(names) != len(feats):
-            raise VisrecError(f"{features}: {len(feats)} rows, {len(names)} file-list entries, "
-                              f"{len(missing)} without a label")
-        emb, lab = feats, np.array([table[n].strip() for n in names])
-        summary.update({"features": str(features), "rows": f"{len(feats):,}"})
+        emb, lab = labelled_rows(features, filelist, read_entry_labels(labels))
+        summary.update({"features": str(features), "rows": f"{len(emb):,}"})
     elif model is not None and data is not None:
         data = Path(data)
         summary.update({"model": str(model), "data": str(data)})
