@@ -164,6 +164,25 @@ def test_csv_errors(tmp_path):
         read_csv_list(p)
 
 
+def test_a_scored_csv_list_names_an_image_listed_twice(tmp_path, monkeypatch, capsys):
+    """Training may list an image twice (drawn more often); a set scored over all pairs may not: its two rows
+    would be a genuine pair of one image, scored 1. `eval faces` on such a list exits 2 naming both lines,
+    whatever spelling of the path (./a.jpg, a.jpg) the repeat uses."""
+    from test_cli_outputs import run_cli
+
+    from visrec.data.datasets import open_face_dataset
+
+    write_image_folder(tmp_path / "f", zip(images(4), ["bob", "alice", "bob", "alice"]))
+    rows = [(p.relative_to(tmp_path), p.parent.name) for p in read_image_folder(tmp_path / "f").paths]
+    csv = write_csv_list(tmp_path / "list.csv", rows + [(f"./{rows[1][0]}", rows[1][1])])
+    assert len(open_face_dataset(csv)) == 5  # training: as listed
+    with pytest.raises(DataError, match=r"line 6: .* is listed twice \(first on line 3\).*genuine pair") as err:
+        open_face_dataset(csv, scored=True)
+    assert "list.csv" in str(err.value)
+    code, out, err = run_cli(["eval", "faces", "mbf", "--data", csv], monkeypatch, capsys)
+    assert code == 2 and "listed twice" in err and "Traceback" not in err, (out, err)
+
+
 def test_verification_bin_round_trip(tmp_path):
     imgs = images(6)
     path = write_verification_bin(tmp_path / "v.bin", list(imgs), [True, False, True])

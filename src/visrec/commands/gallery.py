@@ -114,7 +114,7 @@ def calibrate(config: Path = CONFIG,
     else:
         from visrec.data.datasets import open_face_dataset
 
-        total = len(open_face_dataset(data))
+        total = len(open_face_dataset(data, scored=True))
     with Progress(console=console) as bar:
         task = bar.add_task("photos" if photos else "embedding", total=total)
         out = calibrate_gallery(config, data, target_fpr, photos=photos, progress=lambda n: bar.advance(task, n),

@@ -46,17 +46,19 @@ class FaceDataset(Dataset):
 
 
 def open_face_dataset(path: str | Path, *, skip_bad: bool = False, train: bool = False,
-                      also_accepted: str = "") -> FaceDataset:
+                      also_accepted: str = "", scored: bool = False) -> FaceDataset:
     """Autodetect: a directory holding ``train.rec`` (or a ``.rec`` path) -> RecordIO; a ``.csv`` -> CSV
     list; a directory of sub-folders -> image folder. ``also_accepted`` names what else the caller takes
-    (e.g. "a .bin pairs file"), so the error for a path of no known kind lists every kind."""
+    (e.g. "a .bin pairs file"), so the error for a path of no known kind lists every kind. ``scored``: the set
+    is scored over all its pairs (evaluation, calibration, a search's held-out set), so a CSV list may name
+    each image once (a RecordIO index refuses a record listed twice in any case; a folder cannot repeat)."""
     path = Path(path)
     if not path.exists():
         raise DataError("no such file or folder", path=path)
     if path.suffix == ".rec" or (path.is_dir() and (path / "train.rec").exists()):
         return FaceDataset(RecordIOReader(path), train=train)
     if path.suffix.lower() == ".csv":
-        return FaceDataset(read_csv_list(path, skip_bad=skip_bad), train=train)
+        return FaceDataset(read_csv_list(path, skip_bad=skip_bad, each_image_once=scored), train=train)
     if path.is_dir():
         return FaceDataset(read_image_folder(path, skip_bad=skip_bad), train=train)
     kinds = ["a RecordIO dir (train.rec/.idx)", "an image folder", "a .csv list"]

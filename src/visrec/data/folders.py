@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -152,14 +153,16 @@ def _label_key(label: str):
     return (1, 0, "", label)
 
 
-def read_csv_list(path: str | Path, *, skip_bad: bool = False) -> ImageList:
+def read_csv_list(path: str | Path, *, skip_bad: bool = False, each_image_once: bool = False) -> ImageList:
     """``path,label`` rows (header optional); relative paths resolve against the CSV's folder. Labels may be
     integers or names; names are numbered in sorted order. The file is UTF-8 (``visrec.data.text``); errors
-    name the file and the line."""
+    name the file and the line. ``each_image_once``: a path listed twice is an error naming both lines (a data
+    set scored over all its pairs would count the two rows as a genuine pair of one image, scored 1; training
+    may list an image twice to draw it more often)."""
     path = Path(path)
     if not path.exists():
         raise DataError("CSV list not found", path=path)
-    rows, skipped = [], []
+    rows, skipped, first = [], [], {}
     reader = csv.reader(io.StringIO(read_text(path), newline=""))
     while True:
         try:
@@ -180,6 +183,13 @@ def read_csv_list(path: str | Path, *, skip_bad: bool = False) -> ImageList:
             raise DataError(f"expected 'path,label', got {','.join(row)[:80]!r}", path=path, record=f"line {lineno}")
         img = Path(name)
         img = img if img.is_absolute() else path.parent / img
+        if each_image_once:
+            key = os.path.normpath(img)
+            if key in first:
+                raise DataError(f"{name[:200]!r} is listed twice (first on line {first[key]}): in a data set scored "
+                                f"over all pairs its two rows would be a genuine pair of one image", path=path,
+                                record=f"line {lineno}")
+            first[key] = lineno
         if not _check_image(img, skip_bad, skipped):
             continue
         rows.append((img, label))

@@ -74,7 +74,7 @@ def embed_labelled(model: str | Path, data: str | Path, *, photos: bool = False,
     if not isinstance(embedder, ArcFaceEmbedder):
         raise VisrecError(f"{embedder.name} embeds its own crops, not aligned faces: calibrate on raw photos "
                           f"through the face pipeline (--photos)")
-    ds = open_face_dataset(data)
+    ds = open_face_dataset(data, scored=True)
     embeddings = embed_all(embedder, len(ds), ds.source.image, batch, progress)
     return embedder, embeddings, ds.labels, {"images": len(ds), "identities": int(ds.num_classes), "no_face": []}
 

@@ -110,7 +110,7 @@ class FaceScorer:
             self.images, self.issame = images, np.asarray(issame, dtype=bool)
             genuine, impostor = int(self.issame.sum()), int((~self.issame).sum())
         else:
-            ds = open_face_dataset(self.path)
+            ds = open_face_dataset(self.path, scored=True)
             if len(ds) > MAX_HELD_OUT:
                 raise DataError(f"{len(ds):,} held-out images; a search scores them at every evaluation of every "
                                 f"trial: give at most {MAX_HELD_OUT:,}", path=self.path)
