@@ -274,7 +274,7 @@ def test_real_exports_of_the_shipped_networks_still_load(tmp_path, cfg):
     net = build_backbone(**cfg).eval()
     contract = contract_from_config(cfg, crop_size=112)
     path = export_model(net, tmp_path / "real.onnx", contract)
-    check_graph(path)
+    assert check_graph(path) >= 256  # images a run may take: no batch visrec runs is cut
     model = load_model(path)
     assert model.contract.task == contract.task
     x = np.random.default_rng(0).uniform(-1, 1, (2, 3, 112, 112)).astype(np.float32)
@@ -290,3 +290,48 @@ def test_the_checks_contract_constants_are_the_contracts():
     from visrec.models import contract
 
     assert (_onnx_check.CONTRACT_KEY, _onnx_check.MAX_SIDE) == (contract.ONNX_KEY, contract.MAX_INPUT_SIDE)
+
+
+def test_a_batch_runs_in_slices_that_keep_every_tensor_under_the_bound(tmp_path, monkeypatch):
+    """A graph whose one image makes a 4 MB tensor (Expand (N, 1, 1000) -> (N, 1000, 1000), then the mean back to
+    (N, 1000)) may take 1 GiB / 4 MB = 256 images a run. Under a bound of 8 MB it takes 2: a batch of 5 runs as
+    2 + 2 + 1, with the answer of the whole batch. A graph with a fixed batch is sized at it and runs whole."""
+    import visrec._onnx as o
+    import visrec._onnx_check as c
+
+    def graph(path, batch):
+        x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [batch, 1000])
+        y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch, 1000])
+        nodes = [helper.make_node("Unsqueeze", ["x", "axis"], ["x3"]),
+                 helper.make_node("Expand", ["x3", "shape"], ["big"]),
+                 helper.make_node("ReduceMean", ["big", "axis"], ["y"], keepdims=0)]
+        g = helper.make_graph(nodes, "wide", [x], [y], [_const("axis", [1]), _const("shape", [1, 1000, 1000])])
+        model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 18)])
+        model.ir_version = 8
+        onnx.save(model, str(path))
+        return path
+
+    free = graph(tmp_path / "free.onnx", "N")
+    assert c.check_graph(free) == (1 << 30) // 4_000_000
+    monkeypatch.setattr(c, "MAX_VALUE_BYTES", 8_000_000)
+    session = o.open_session(free)
+    assert session.visrec_max_rows == 2
+    runs = []
+    real_run = session.run
+    monkeypatch.setattr(session, "run", lambda names, feeds: runs.append(len(feeds["x"])) or real_run(names, feeds))
+    x = np.random.default_rng(0).normal(size=(5, 1000)).astype(np.float32)
+    whole = real_run(None, {"x": x})[0]  # the mean of 1000 copies: x, up to float32 rounding
+    np.testing.assert_allclose(whole, x, rtol=1e-4)
+    embedder = o.OnnxEmbedder(free, session=session)
+    np.testing.assert_allclose(embedder(x), whole, rtol=1e-4)  # a slice of 1 sums in another order
+    assert runs == [2, 2, 1]
+    runs.clear()
+    np.testing.assert_allclose(embedder(x[:2]), whole[:2], rtol=1e-4)
+    assert runs == [2]
+    fixed = graph(tmp_path / "fixed.onnx", 5)  # sized at its batch of 5: 20 MB, over the 8 MB bound
+    with pytest.raises(DataError, match=r"fixed.onnx: Expand output 'big' would hold \[5, 1000, 1000\]"):
+        o.open_session(fixed)
+    monkeypatch.setattr(c, "MAX_VALUE_BYTES", 1 << 30)
+    assert c.check_graph(fixed) is None
+    session = o.open_session(fixed)
+    assert session.visrec_max_rows is None and o.run_batched(session, None, "x", x)[0].shape == (5, 1000)

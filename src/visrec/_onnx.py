@@ -234,7 +234,7 @@ def open_session(path: Path, providers: str | Sequence[str] | ProviderChoice | N
         raise DataError(f"{what} model not found", path=path)
     spec = parse_providers(providers)
     names = resolve_providers(spec, ort.get_available_providers())
-    check_graph(path, input_hw)
+    rows = check_graph(path, input_hw)
     opts = ort.SessionOptions()
     # a second bound on load-time folding (2.0 GB -> 10 MB for the ConstantOfShape [16000, 16000] graph on
     # onnxruntime 1.32); an onnxruntime that does not know the key ignores it, and check_graph bounds the same
@@ -247,7 +247,20 @@ def open_session(path: Path, providers: str | Sequence[str] | ProviderChoice | N
     except Exception as exc:  # onnxruntime raises its own exception types for unreadable files
         raise DataError(f"onnxruntime cannot load it: {str(exc).splitlines()[0][:200]}", path=path) from None
     check_session_providers(session, spec, names, path, what)
+    session.visrec_max_rows = rows  # run_batched's slice: no tensor beyond MAX_VALUE_BYTES at the batch run
     return session
+
+
+def run_batched(session, output_names, input_name: str, batch: np.ndarray) -> list[np.ndarray]:
+    """``session.run(output_names, {input_name: batch})`` in slices of at most the rows :func:`open_session`
+    allowed (``visrec._onnx_check.check_graph``: a graph whose tensors are large per image takes fewer images a
+    run, so that none holds more than 1 GiB), the outputs joined along the batch axis. A session visrec did not
+    open, or a graph with a fixed batch, runs the batch whole."""
+    rows = getattr(session, "visrec_max_rows", None)
+    if rows is None or len(batch) <= rows:
+        return session.run(output_names, {input_name: batch})
+    parts = [session.run(output_names, {input_name: batch[i:i + rows]}) for i in range(0, len(batch), rows)]
+    return [np.concatenate([part[k] for part in parts]) for k in range(len(parts[0]))]
 
 
 class OnnxEmbedder:
@@ -263,7 +276,7 @@ class OnnxEmbedder:
     def __call__(self, batch: np.ndarray) -> np.ndarray:
         batch = np.ascontiguousarray(batch, dtype=np.float32)
         try:
-            return self.session.run(None, {self.input_name: batch})[0]
+            return run_batched(self.session, None, self.input_name, batch)[0]
         except Exception as exc:  # onnxruntime's own exception types: the graph cannot take this input
             if not type(exc).__module__.startswith("onnxruntime"):
                 raise

@@ -23,7 +23,10 @@ refuses such a file with a :class:`~visrec.errors.DataError` naming it, the node
   (``infer_shapes(data_prop=True)``) is not used: it writes a Range's values out as shape dimensions (a Range
   to 2 million took it 280 MB);
 - no tensor holds more than :data:`MAX_VALUE_BYTES` at batch 1 (the shipped face and landmark networks' largest
-  activation is 3.2 MB per image), and none grows faster than the batch (sized again at batch 2);
+  activation is 3.2 MB per image), and none grows faster than the batch (sized again at batch 2); the same
+  bound holds at the batch visrec runs: :func:`check_graph` returns how many images one run may take (1 GiB
+  over the largest tensor of one image; 334 for iresnet50, 668 for MobileFaceNet), and :func:`visrec._onnx.run_batched`
+  cuts a larger batch into runs of that many;
 - what onnxruntime may compute at load (values that depend on no input's values: constants, and shape
   arithmetic) holds at most :data:`CONSTANT_BYTES` plus :data:`CONSTANT_FILE_FACTOR` times the file's bytes in
   all (room for a model's own weight transforms: transposes, fp16 or int8 weights made float32; the shipped
@@ -47,7 +50,7 @@ import numpy as np
 from visrec._optional import require
 from visrec.errors import DataError, shown
 
-MAX_VALUE_BYTES = 1 << 30  # one tensor at batch 1
+MAX_VALUE_BYTES = 1 << 30  # one tensor at batch 1, and at the batch of one run (check_graph's rows)
 CONSTANT_BYTES = 256 << 20  # what the load may compute, beyond CONSTANT_FILE_FACTOR x the file's bytes
 CONSTANT_FILE_FACTOR = 4  # int8 weights dequantised to float32
 FOLD_LIMIT_BYTES = 256 << 20  # onnxruntime's optimization.constant_folding_max_output_size_in_bytes (open_session)
@@ -514,12 +517,16 @@ def _contract_hw(model) -> tuple[int, int] | None:
     return None
 
 
-def check_graph(path: str | Path, input_hw: Sequence[int] | None = None) -> None:
+def check_graph(path: str | Path, input_hw: Sequence[int] | None = None) -> int | None:
     """Refuse (DataError naming ``path``, the node and the size) an ONNX file whose graph would make
     onnxruntime allocate more than the module docstring's bounds, at load or per image; nothing is
     computed but shape arithmetic of at most 64 values. ``input_hw``: the (height, width) the caller feeds
     when the graph leaves them free (the graph's own fixed sizes win); when None, those a visrec contract in
-    the file declares, which the loader feeds."""
+    the file declares, which the loader feeds.
+
+    Returns the most images one run may take so that no tensor holds more than :data:`MAX_VALUE_BYTES`
+    (the largest tensor of one image, at batch 1, divides it; at least 1), or None when the graph fixes its
+    batch (it was sized at that batch)."""
     onnx = require("onnx", "export")
     path = Path(path)
     try:
@@ -596,10 +603,13 @@ def check_graph(path: str | Path, input_hw: Sequence[int] | None = None) -> None
         raise DataError(f"onnxruntime would compute {_mb(total)} of constants when it loads the model (more than "
                         f"{_binary(CONSTANT_BYTES)} + {CONSTANT_FILE_FACTOR} x the file's {_mb(file_bytes)}); the "
                         f"largest: {what}, {_mb(big)}", path=path)
-    if batch_free:
-        two = _infer(skeleton, real_inputs, 2, input_hw, path)
-        for name, (dims, item, nbytes, known) in two.items():
-            first = one.get(name)
-            if known and first is not None and first[3] and nbytes > 2 * first[2] and name not in init_names:
-                raise DataError(f"{where(name)} grows faster than the batch: {first[0]} at batch 1, {dims} at "
-                                f"batch 2", path=path)
+    if not batch_free:
+        return None
+    two = _infer(skeleton, real_inputs, 2, input_hw, path)
+    for name, (dims, item, nbytes, known) in two.items():
+        first = one.get(name)
+        if known and first is not None and first[3] and nbytes > 2 * first[2] and name not in init_names:
+            raise DataError(f"{where(name)} grows faster than the batch: {first[0]} at batch 1, {dims} at "
+                            f"batch 2", path=path)
+    largest = max((nbytes for name, (_, _, nbytes, _) in one.items() if name not in init_names), default=0)
+    return max(1, MAX_VALUE_BYTES // max(1, largest))

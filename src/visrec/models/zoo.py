@@ -49,7 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
-from visrec._onnx import open_session
+from visrec._onnx import open_session, run_batched
 from visrec._optional import require
 from visrec.errors import DataError, VisrecError
 from visrec.models import build_backbone
@@ -155,7 +155,7 @@ class ArcFaceOnnx:
         return _blob(aligned, self.input_mean, self.input_std)
 
     def _run(self, aligned: np.ndarray) -> np.ndarray:
-        out = self.session.run([self.output_name], {self.input_name: self.blob(aligned)})[0]
+        out = run_batched(self.session, [self.output_name], self.input_name, self.blob(aligned))[0]
         return np.asarray(out, dtype=np.float32).reshape(len(aligned), -1)
 
     def __call__(self, aligned: np.ndarray) -> np.ndarray:
@@ -260,7 +260,7 @@ class Landmark106Onnx:
             if self.fixed_batch and n < self.fixed_batch:
                 chunk = np.concatenate([chunk, np.zeros((self.fixed_batch - n, *chunk.shape[1:]), chunk.dtype)])
             blob = _blob(chunk, self.input_mean, self.input_std)
-            pred = np.asarray(self.session.run([self.output_name], {self.input_name: blob})[0])
+            pred = np.asarray(run_batched(self.session, [self.output_name], self.input_name, blob)[0])
             out.extend(self._decode(pred[i], mats[start + i]) for i in range(n))
         if single:
             return out[0]
