@@ -202,6 +202,37 @@ def test_a_graph_with_free_height_and_width_is_sized_at_its_contracts_input(tmp_
         load_model(path)
 
 
+def test_a_detector_is_sized_at_the_canvas_it_will_be_fed(tmp_path):
+    """A detector graph (no contract, free height and width) holding ConstantOfShape(H x 500,000): sized at the
+    input it will be fed (its input_size, rounded up to a multiple of the largest stride, 128) it would hold
+    1.28 GB at 640 x 640 and is refused whichever way it is opened; it used to open unsized (a size that depends
+    on a free dimension nobody fixed was left to run time). Another input_size is sized at it."""
+    from visrec.errors import VisrecError
+    from visrec.faces.detectors import ScrfdDetector, YunetDetector, load_detector, sizing_hw
+
+    nodes = _HEAD + [helper.make_node("Shape", ["x"], ["xs"]),
+                     helper.make_node("Slice", ["xs", "two", "three"], ["h"]),
+                     helper.make_node("Mul", ["h", "k"], ["shape"]),
+                     helper.make_node("ConstantOfShape", ["shape"], ["big"]),
+                     helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
+                     helper.make_node("Add", ["f", "s"], ["y"])]
+    inits = [_const("two", [2]), _const("three", [3]), _const("k", [500_000])]
+    path = _graph(tmp_path / "det.onnx", nodes, inits, in_shape=(1, 3, "H", "W"), contract=None)
+    assert sizing_hw((640, 640)) == (640, 640) and sizing_hw((320, 200)) == (256, 384)
+    assert sizing_hw((0, 640)) is None
+    said = r"det.onnx: ConstantOfShape output 'big' would hold \[320000000\] x 4 bytes = 1.28 GB"
+    for open_it in (lambda: load_detector(str(path)), lambda: load_detector(f"scrfd:{path}"),
+                    lambda: ScrfdDetector(path), lambda: YunetDetector(path, input_size=(640, 640))):
+        with pytest.raises(DataError, match=said):
+            open_it()
+    # YuNet's default 320 x 320 (384 after rounding): 768 MB, which onnxruntime would compute when it loads the
+    # model (the input's size is then fixed); 96 x 96 (128): 256 MB passes, and the file is refused for what it is
+    with pytest.raises(DataError, match=r"would compute 768.0 MB of constants"):
+        YunetDetector(path)
+    with pytest.raises(VisrecError, match="neither an SCRFD nor a YuNet"):
+        load_detector(str(path), input_size=(96, 96))
+
+
 def test_loops_and_function_bombs_are_refused(tmp_path):
     body = helper.make_graph([helper.make_node("Identity", ["cond"], ["cond_out"]),
                               helper.make_node("Identity", ["c"], ["c_out"])], "body",

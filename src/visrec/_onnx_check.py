@@ -33,9 +33,9 @@ refuses such a file with a :class:`~visrec.errors.DataError` naming it, the node
   networks compute a few hundred bytes), and each one that depends on no input at all has a size shape
   inference can tell.
 
-Left to run time: a size that depends on an input dimension the graph leaves free and nobody fixed (a
-detector's height and width) is bounded by the input visrec feeds (the contract's or detector's fixed size),
-not here; so is a size shape inference cannot tell (ops outside the ONNX standard).
+A face detector's free height and width are given as ``input_hw`` too: the canvas it will be fed
+(:func:`visrec.faces.detectors.sizing_hw`). Left to run time: a size that depends on an input dimension the
+graph leaves free and nobody fixed, and a size shape inference cannot tell (ops outside the ONNX standard).
 """
 
 from __future__ import annotations

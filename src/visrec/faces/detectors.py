@@ -134,6 +134,23 @@ class HaarDetector:
         return [Detection(boxes[i].copy(), float(areas[i] / areas[order[0]]), None) for i in order]
 
 
+MAX_STRIDE = 128  # the largest stride of any layout here (5-stride SCRFD): a canvas is padded to at most this
+
+
+def sizing_hw(input_size: Sequence[int]) -> tuple[int, int] | None:
+    """The (height, width) at which :func:`visrec._onnx.open_session` sizes a detector graph whose input
+    height and width are free: ``input_size`` (width, height) rounded up to a multiple of :data:`MAX_STRIDE`,
+    at least the canvas any layout pads it to. None for a size that is not two positive integers (the
+    detector's own check names it)."""
+    try:
+        w, h = (int(v) for v in input_size)
+    except (TypeError, ValueError):
+        return None
+    if w <= 0 or h <= 0:
+        return None
+    return -(-h // MAX_STRIDE) * MAX_STRIDE, -(-w // MAX_STRIDE) * MAX_STRIDE
+
+
 class _OnnxDetector:
     """Shared part of the ONNX detectors: the onnxruntime session, the letterbox and the final NMS.
 
@@ -215,7 +232,8 @@ class ScrfdDetector(_OnnxDetector):
     def __init__(self, path: str | Path, input_size: Sequence[int] = (640, 640), score_threshold: float = 0.5,
                  nms_threshold: float = 0.4, *, providers: Sequence[str] | None = None, session=None):
         self.path = Path(path)
-        session = session if session is not None else open_session(self.path, providers, "face detector")
+        session = session if session is not None else open_session(self.path, providers, "face detector",
+                                                                    input_hw=sizing_hw(input_size))
         layout = SCRFD_LAYOUTS.get(len(session.get_outputs()))
         if layout is None:
             raise VisrecError(f"{self.path}: not an SCRFD model (expected 6, 9, 10 or 15 outputs); "
@@ -277,7 +295,8 @@ class YunetDetector(_OnnxDetector):
     def __init__(self, path: str | Path, input_size: Sequence[int] = (320, 320), score_threshold: float = 0.6,
                  nms_threshold: float = 0.3, *, providers: Sequence[str] | None = None, session=None):
         self.path = Path(path)
-        session = session if session is not None else open_session(self.path, providers, "face detector")
+        session = session if session is not None else open_session(self.path, providers, "face detector",
+                                                                    input_hw=sizing_hw(input_size))
         if not _is_yunet(session):
             raise VisrecError(f"{self.path}: not a YuNet model (expected outputs {', '.join(YUNET_OUTPUTS)}); "
                               f"outputs seen: {_describe_outputs(session)}")
@@ -435,7 +454,9 @@ def load_detector(spec: str | Path, *, providers=None, **kwargs):
                           f"NAME:PATH (scrfd:PATH, yunet:PATH) or a path to a .onnx file")
     if not path.is_file():
         raise DataError("face detector model not found", path=path)
-    session = open_session(path, kwargs.get("providers"), "face detector")
+    # sized at the input it will be fed: the size asked for, else the larger default (SCRFD's 640; YuNet's 320)
+    session = open_session(path, kwargs.get("providers"), "face detector",
+                           input_hw=sizing_hw(kwargs.get("input_size", (640, 640))))
     if _is_yunet(session):
         return YunetDetector(path, session=session, **kwargs)
     if _is_scrfd(session):
