@@ -129,6 +129,33 @@ def test_jd_dir_checks_points_against_the_image_and_rect_fields(tmp_path):
         read_jd_dir(root2)
 
 
+def test_two_pictures_falling_back_to_one_landmark_file_are_refused(tmp_path):
+    """landmark/<stem>.txt serves a picture with no landmark/<name>.txt: a.jpg and a.png would both take a.txt
+    (one face's points for two pictures, each scored against them) and are refused naming both."""
+    import shutil
+
+    root = write_synthetic_jd(tmp_path / "jd", 2, seed=6)
+    pic = sorted((root / "picture").iterdir())[0]
+    named = root / "landmark" / f"{pic.name}.txt"
+    if named.exists():
+        named.rename(root / "landmark" / f"{pic.stem}.txt")
+    assert len(read_jd_dir(root)[0]) == 2  # the fallback itself is fine
+    shutil.copy(pic, pic.with_suffix(".png"))
+    with pytest.raises(DataError, match=f"pictures {pic.name} and {pic.stem}.png both take landmark/{pic.stem}.txt"):
+        read_jd_dir(root)
+    # and so for pose/ files
+    from visrec.data.landmarks import read_jd_poses
+
+    (root / "pose").mkdir(exist_ok=True)
+    for old in (root / "pose").iterdir():
+        old.unlink()
+    (root / "pose" / f"{pic.stem}.txt").write_text("0 0 0\n")
+    pictures = [pic, pic.with_suffix(".png")]
+    with pytest.raises(DataError, match=f"pictures {pic.name} and {pic.stem}.png both take pose/{pic.stem}.txt"):
+        read_jd_poses(root, pictures)
+    assert read_jd_poses(root, pictures[:1]).shape == (1, 3)
+
+
 def _eye_line_roll(pts):
     """Roll (degrees, counter-clockwise as displayed) of the line between the JD eye centres 74 -> 77."""
     v = pts[..., 77, :] - pts[..., 74, :]

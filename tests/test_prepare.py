@@ -15,7 +15,7 @@ from visrec.data.images import read_image
 from visrec.data.prepare import JOURNAL, REPORT, prepare_products
 from visrec.faces.prepare import choose_face, prepare_faces, prepare_landmarks
 from visrec.data.synth import render_face
-from visrec.errors import VisrecError
+from visrec.errors import DataError, VisrecError
 
 # identities whose rendered eyes the similarity fit puts within 2 px of the ArcFace template eyes
 ALICE, BOB, CAROL = 6, 7, 5
@@ -407,6 +407,24 @@ def test_landmarks_to_jd_layout(src, tmp_path):
     _, pts3, boxes3 = read_jd_dir(tmp_path / "jd_wflw", 98)
     assert np.allclose(boxes3[0], [24, 24, 104, 104], atol=0.1)
     assert np.abs(pts3[0] - in_tile_crop("f0")[:98]).max() < 0.01
+
+    # WFLW lists one line per face: an image on two lines gives a crop of each face (the last line used to
+    # replace the first without a word), and a second run resumes both
+    (wflw / "two.png").write_bytes((photos / "f2.png").read_bytes())
+    write_wflw(wflw / "list.txt", [WflwRecord(truth["f0"][0][1][:98], truth["f0"][0][0], np.zeros(6, int), "x.png")]
+               + [WflwRecord(truth["f2"][i][1][:98], truth["f2"][i][0], np.zeros(6, int), "two.png") for i in (0, 1)])
+    for _ in range(2):
+        report = prepare_landmarks(wflw, tmp_path / "jd_faces", annotations=wflw / "list.txt", points=98, size=128)
+        assert report.total == 3 and not report.bad_annotation
+    pics4, pts4, _ = read_jd_dir(tmp_path / "jd_faces", 98)
+    assert [p.name for p in pics4] == ["two__face1.jpg", "two__face2.jpg", "x.jpg"]
+    assert np.abs(pts4[0] - in_tile_crop("f2", 0)[:98]).max() < 0.01
+    assert np.abs(pts4[1] - in_tile_crop("f2", 1)[:98]).max() < 0.01
+
+    # two photos falling back to one sidecar (f1.png and f1.jpg both take f1.txt) are refused naming both
+    cv2.imwrite(str(photos / "f1.jpg"), cv2.imread(str(photos / "f1.png")))
+    with pytest.raises(DataError, match="photos f1.jpg and f1.png both take f1.txt"):
+        prepare_landmarks(photos, tmp_path / "jd_twice", points=106, size=128)
 
 
 @pytest.mark.real_faces

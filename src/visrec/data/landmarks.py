@@ -262,7 +262,7 @@ def read_jd_poses(root: str | Path, pictures) -> np.ndarray | None:
     pose_dir = Path(root) / "pose"
     if not pose_dir.is_dir():
         return None
-    out = []
+    out, owner = [], {}
     for p in pictures:
         p = Path(p)
         f = pose_dir / f"{p.name}.txt"
@@ -271,6 +271,10 @@ def read_jd_poses(root: str | Path, pictures) -> np.ndarray | None:
         if not f.exists():
             raise DataError(f"no pose file for this picture ({pose_dir}/{p.name}.txt); a pose/ directory "
                             f"must cover every picture", path=p)
+        first = owner.setdefault(f.name, p)
+        if first != p:  # as read_jd_dir refuses for landmark files
+            raise DataError(f"pictures {first.name} and {p.name} both take pose/{f.name}: name it "
+                            f"pose/{p.name}.txt (or {first.name}.txt) for each", path=f)
         out.append(read_pose_txt(f))
     return np.stack(out) if out else np.zeros((0, 3), np.float32)
 
@@ -335,13 +339,17 @@ def read_jd_dir(root: str | Path, expected: int | None = 106):
     root = Path(root)
     pics = list_pictures(root)
 
-    pts, boxes = [], []
+    pts, boxes, owner = [], [], {}
     for p in pics:
         ann = root / "landmark" / f"{p.name}.txt"
         if not ann.exists():
             ann = root / "landmark" / f"{p.stem}.txt"
         if not ann.exists():
             raise DataError("no landmark file for this picture", path=p)
+        first = owner.setdefault(ann.name, p)
+        if first != p:  # a.jpg and a.png both falling back to a.txt: one face's points for two pictures
+            raise DataError(f"pictures {first.name} and {p.name} both take landmark/{ann.name}: name it "
+                            f"landmark/{p.name}.txt (or {first.name}.txt) for each", path=ann)
         size = image_size(p)  # the header only: the size for the far-outside check
         pts.append(read_landmark_txt(ann, expected, image_size=size))
         rect = root / "rect" / f"{p.name}.rect"

@@ -339,22 +339,44 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     least half) of the points, else ``no_face``; without, the annotation's box or the points' extent. Output:
     ``picture/<name>.jpg``, a square crop around the box enlarged by ``margin`` per side, resized to ``size``
     pixels (``augment.crop_face``), ``landmark/<name>.jpg.txt`` and ``rect/<name>.jpg.rect`` in crop pixels.
-    ``<name>`` is the photo's path under ``src`` with ``/`` -> ``__``. Resumable like ``prepare_faces``."""
+    ``<name>`` is the photo's path under ``src`` with ``/`` -> ``__``. Resumable like ``prepare_faces``.
+
+    WFLW lists one line per face: an image on several lines gives one crop per line, ``<name>__face1.jpg``,
+    ``__face2``, ... (journaled as ``<image>#face1``, ...). Two photos that would take one sidecar (``a.jpg``
+    and ``a.png`` both falling back to ``a.pts``) are refused naming both, before any work."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError("photo folder not found", path=src)
-    wflw = {}
+    wflw: dict[str, list] = {}
     if annotations is not None:
-        wflw = {r.image: (r.points, r.box) for r in read_wflw(annotations, points or 98)}
+        for r in read_wflw(annotations, points or 98):  # one line per face: an image may come several times
+            wflw.setdefault(r.image, []).append((r.points, r.box))
     photos = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     keys = [rel_key(p, src) for p in photos]
+    sidecars: dict[Path, str] = {}
+    for key, photo in zip(keys, photos):
+        ann = None if key in wflw else _find_annotation(photo)
+        if ann is not None and sidecars.setdefault(ann, key) != key:
+            raise DataError(f"photos {sidecars[ann]} and {key} both take {ann.name} (one face's points for two "
+                            f"photos): give each its own <name>.txt", path=ann)
+    items, faces = [], {}  # (journal key, wanted name, photo); journal key -> (points, box) from the WFLW list
+    for key, photo in zip(keys, photos):
+        stem = safe_name(Path(key).with_suffix("").as_posix().replace("/", "__"))
+        found = wflw.get(key, [])
+        if len(found) > 1:
+            for i, face in enumerate(found, start=1):
+                items.append((f"{key}#face{i}", f"picture/{stem}__face{i}.jpg", photo))
+                faces[f"{key}#face{i}"] = face
+        else:
+            items.append((key, f"picture/{stem}.jpg", photo))
+            if found:
+                faces[key] = found[0]
     settings = {"kind": "landmarks", "points": points, "size": size, "margin": margin}
     journal = Journal(out, settings, retry_problems)
-    names = assign_names(keys, [f"picture/{safe_name(Path(k).with_suffix('').as_posix().replace('/', '__'))}.jpg"
-                                 for k in keys], journal)
+    names = assign_names([k for k, _, _ in items], [n for _, n, _ in items], journal)
     report = PrepareReport("landmarks", str(out))
-    worker = _LandmarkWorker(detector, points, size, margin, wflw, quality)
-    run_items(worker, [(k, names[k], str(p)) for k, p in zip(keys, photos)], journal, out, report, workers, progress)
+    worker = _LandmarkWorker(detector, points, size, margin, faces, quality)
+    run_items(worker, [(k, names[k], str(p)) for k, _, p in items], journal, out, report, workers, progress)
     return finish_report(report, journal, out)
 
 
