@@ -80,7 +80,7 @@ def test_eval_faces_features_cli_names_a_bad_labels_line_and_exits_2(tmp_path, m
     (tmp_path / "filelist.txt").write_text("a.jpg\nb.jpg\nc.jpg\nd.jpg\n")
     (tmp_path / "labels.csv").write_text("a.jpg,1\nb.jpg,1\nc.jpg,2\nd.jpg 2\n")
     args = ["eval", "faces", "--features", tmp_path / "sub.bin", "--filelist", tmp_path / "filelist.txt",
-            "--labels", tmp_path / "labels.csv", "--target-fpr", "0.2"]
+            "--labels", tmp_path / "labels.csv", "--target-fpr", "0.2", "--out", tmp_path / "eval-out"]
     code, out, err = run_cli(args, monkeypatch, capsys)
     assert code == 2 and "labels.csv" in err and "line 4" in err and "Traceback" not in err, (out, err)
     (tmp_path / "labels.csv").write_text("a.jpg,1\nb.jpg,1\nc.jpg,2\nd.jpg,2\n")
