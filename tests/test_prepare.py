@@ -409,13 +409,17 @@ def test_landmarks_to_jd_layout(src, tmp_path):
     assert np.abs(pts3[0] - in_tile_crop("f0")[:98]).max() < 0.01
 
     # WFLW lists one line per face: an image on two lines gives a crop of each face (the last line used to
-    # replace the first without a word), and a second run resumes both
+    # replace the first without a word), and a second run resumes both; a line whose image is not there is
+    # reported (it was ignored)
     (wflw / "two.png").write_bytes((photos / "f2.png").read_bytes())
     write_wflw(wflw / "list.txt", [WflwRecord(truth["f0"][0][1][:98], truth["f0"][0][0], np.zeros(6, int), "x.png")]
-               + [WflwRecord(truth["f2"][i][1][:98], truth["f2"][i][0], np.zeros(6, int), "two.png") for i in (0, 1)])
+               + [WflwRecord(truth["f2"][i][1][:98], truth["f2"][i][0], np.zeros(6, int), "two.png") for i in (0, 1)]
+               + [WflwRecord(truth["f0"][0][1][:98], truth["f0"][0][0], np.zeros(6, int), "elsewhere/y.png")])
     for _ in range(2):
         report = prepare_landmarks(wflw, tmp_path / "jd_faces", annotations=wflw / "list.txt", points=98, size=128)
         assert report.total == 3 and not report.bad_annotation
+        assert [r["path"] for r in report.skipped] == ["elsewhere/y.png"]  # a line whose image is not there
+        assert "listed in list.txt (1 face), not found under" in report.skipped[0]["reason"]
     pics4, pts4, _ = read_jd_dir(tmp_path / "jd_faces", 98)
     assert [p.name for p in pics4] == ["two__face1.jpg", "two__face2.jpg", "x.jpg"]
     assert np.abs(pts4[0] - in_tile_crop("f2", 0)[:98]).max() < 0.01

@@ -374,7 +374,11 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     settings = {"kind": "landmarks", "points": points, "size": size, "margin": margin}
     journal = Journal(out, settings, retry_problems)
     names = assign_names([k for k, _, _ in items], [n for _, n, _ in items], journal)
-    report = PrepareReport("landmarks", str(out))
+    found_keys = set(keys)  # a WFLW line whose image is not under src is listed, not dropped without a word
+    absent = [(image, len(lines)) for image, lines in wflw.items() if image not in found_keys]
+    report = PrepareReport("landmarks", str(out), skipped=[
+        {"path": image, "reason": f"listed in {Path(annotations).name} ({n} face{'s' if n > 1 else ''}), not found "
+                                  f"under {src}"} for image, n in absent])
     worker = _LandmarkWorker(detector, points, size, margin, faces, quality)
     run_items(worker, [(k, names[k], str(p)) for k, _, p in items], journal, out, report, workers, progress)
     return finish_report(report, journal, out)
