@@ -49,7 +49,8 @@ class PrepareReport:
     an earlier run finished them. Problem lists hold input paths (relative to ``src``, or as the CSV names
     them): ``no_face`` paths; ``multiple_faces`` ``{"path", "faces", "action"}`` (action ``"kept largest"``,
     ``"kept central"`` or ``"skipped"``); ``unreadable`` ``{"path", "error"}``; ``bad_annotation``
-    ``{"path", "error"}`` (landmarks); ``skipped`` ``{"path", "reason"}`` for files that are not images;
+    ``{"path", "error"}`` (landmarks); ``skipped`` ``{"path", "reason"}`` for files that are not images (and
+    WFLW lines whose image is not there);
     ``box_crops``: paths cropped from the box without points (faces with ``box_margin``)."""
 
     kind: str
