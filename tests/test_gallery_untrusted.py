@@ -256,15 +256,29 @@ def test_an_export_holding_one_template_twice_is_refused_naming_both_rows(tmp_pa
     with np.load(src, allow_pickle=False) as z:
         names, hashes = list(z["identities"]), list(z["hashes"])
     twice = [hashes[0], hashes[1], hashes[2], hashes[1]]
+    meta = np.array(json.dumps({names[0]: {}, first: {}, names[2]: {}, "someone else": {}}))
     bad = _rewrite(src, tmp_path / "bad.npz", identities=np.array([names[0], first, names[2], last]),
-                   hashes=np.array(twice))
+                   hashes=np.array(twice), metadata=meta)
     g = open_gallery("faiss")
     with pytest.raises(DataError, match=f"rows 1 and 3 hold the same template \\(identity '{first}'") as err:
         g.import_(bad)
     assert "bad.npz" in str(err.value) and g.count() == 0
     ok = _rewrite(src, tmp_path / "ok.npz", identities=np.array([names[0], first, names[2], "someone else"]),
-                  hashes=np.array(twice))
+                  hashes=np.array(twice), metadata=meta)
     assert open_gallery("faiss").import_(ok) == 4
+
+
+def test_an_export_whose_metadata_names_an_identity_without_templates_is_refused(tmp_path):
+    """Metadata is stored with an identity's templates: a hand-made export's metadata for a name no row holds
+    would be dropped without a word (as it was); refused naming it, nothing stored."""
+    src = _export(tmp_path)
+    bad = _rewrite(src, tmp_path / "bad.npz", metadata=lambda v: np.array(
+        json.dumps({**json.loads(str(v)), "ghost": {"team": "x"}})))
+    g = open_gallery("faiss")
+    with pytest.raises(DataError, match="metadata names 1 identity with no template in the export, e.g. 'ghost'"):
+        g.import_(bad)
+    assert g.count() == 0
+    assert open_gallery("faiss").import_(src) == 4  # the export as written imports
 
 
 def test_an_export_declaring_a_huge_array_is_refused_without_allocating(tmp_path):

@@ -695,7 +695,8 @@ class Gallery(abc.ABC):
 
         try:
             with self.lock:
-                metas = {r["identity"]: r["metadata"] for r in self._identity_rows()}
+                # an identity's metadata goes with its templates (an import refuses metadata without any)
+                metas = {r["identity"]: r["metadata"] for r in self._identity_rows() if r["templates"]}
                 info = dict(self.info)
                 count = self._count_templates()
                 with NpzWriter(tmp) as out:
@@ -893,6 +894,11 @@ class GalleryExport:
                 self.metadata[check_identity(name, new=True)] = check_metadata(meta, name)
             except DataError as exc:
                 raise DataError(f"gallery export metadata: {exc}", path=path) from None
+        orphans = sorted(set(self.metadata) - set(self.names))
+        if orphans:  # an identity is enrolled with its templates: metadata alone would be dropped without a word
+            many = "identity" if len(orphans) == 1 else "identities"
+            raise DataError(f"gallery export metadata names {len(orphans)} {many} with no template in the export, "
+                            f"e.g. {orphans[0][:200]!r}", path=path)
 
     def _info(self, raw) -> dict:
         path = self.path
