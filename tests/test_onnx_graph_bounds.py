@@ -187,16 +187,20 @@ def test_a_tensor_that_grows_faster_than_the_batch_is_refused(tmp_path):
         load_model(path)
 
 
-def test_a_graph_with_free_height_and_width_is_sized_at_its_contracts_input(tmp_path):
-    """ConstantOfShape(H x 10^7): unknown until the contract's 112 x 112 is the input the check assumes."""
+def _tall(k: int):
+    """(nodes, initializers) of ConstantOfShape(H x k), H the input's height, added to the pooled output."""
     nodes = _HEAD + [helper.make_node("Shape", ["x"], ["xs"]),
                      helper.make_node("Slice", ["xs", "two", "three"], ["h"]),
                      helper.make_node("Mul", ["h", "k"], ["shape"]),
                      helper.make_node("ConstantOfShape", ["shape"], ["big"]),
                      helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
                      helper.make_node("Add", ["f", "s"], ["y"])]
-    inits = [_const("two", [2]), _const("three", [3]), _const("k", [10_000_000])]
-    path = _graph(tmp_path / "tall.onnx", nodes, inits, in_shape=("N", 3, "H", "W"))
+    return nodes, [_const("two", [2]), _const("three", [3]), _const("k", [k])]
+
+
+def test_a_graph_with_free_height_and_width_is_sized_at_its_contracts_input(tmp_path):
+    """ConstantOfShape(H x 10^7): unknown until the contract's 112 x 112 is the input the check assumes."""
+    path = _graph(tmp_path / "tall.onnx", *_tall(10_000_000), in_shape=("N", 3, "H", "W"))
     with pytest.raises(DataError, match=r"tall.onnx: ConstantOfShape output 'big' would hold \[1120000000\] x 4 "
                                         r"bytes = 4.48 GB at batch 1"):
         load_model(path)
@@ -210,14 +214,7 @@ def test_a_detector_is_sized_at_the_canvas_it_will_be_fed(tmp_path):
     from visrec.errors import VisrecError
     from visrec.faces.detectors import ScrfdDetector, YunetDetector, load_detector, sizing_hw
 
-    nodes = _HEAD + [helper.make_node("Shape", ["x"], ["xs"]),
-                     helper.make_node("Slice", ["xs", "two", "three"], ["h"]),
-                     helper.make_node("Mul", ["h", "k"], ["shape"]),
-                     helper.make_node("ConstantOfShape", ["shape"], ["big"]),
-                     helper.make_node("ReduceSum", ["big"], ["s"], keepdims=0),
-                     helper.make_node("Add", ["f", "s"], ["y"])]
-    inits = [_const("two", [2]), _const("three", [3]), _const("k", [500_000])]
-    path = _graph(tmp_path / "det.onnx", nodes, inits, in_shape=(1, 3, "H", "W"), contract=None)
+    path = _graph(tmp_path / "det.onnx", *_tall(500_000), in_shape=(1, 3, "H", "W"), contract=None)
     assert sizing_hw((640, 640)) == (640, 640) and sizing_hw((320, 200)) == (256, 384)
     assert sizing_hw((0, 640)) is None
     said = r"det.onnx: ConstantOfShape output 'big' would hold \[320000000\] x 4 bytes = 1.28 GB"
