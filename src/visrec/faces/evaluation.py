@@ -172,7 +172,8 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
         summary.update({"model": str(model), "data": str(data)})
         if data.suffix == ".bin":
             return _evaluate_bin(data, model, targets, summary, out, batch, progress, curve_bins, group, providers)
-        ds = open_face_dataset(data, also_accepted="a .bin pairs file", scored=True)  # bad data fails before the model loads
+        # bad data fails before the model loads
+        ds = open_face_dataset(data, also_accepted="a .bin pairs file", scored=True)
         embed = _embedder(model, flip, providers, summary)
         summary["flip test"] = "yes" if flip else "no"
         emb = embed_all(embed, len(ds), ds.source.image, batch, progress, group=group)
