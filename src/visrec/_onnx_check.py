@@ -25,8 +25,8 @@ refuses such a file with a :class:`~visrec.errors.DataError` naming it, the node
 - no tensor holds more than :data:`MAX_VALUE_BYTES` at batch 1 (the shipped face and landmark networks' largest
   activation is 3.2 MB per image), and none grows faster than the batch (sized again at batch 2); the same
   bound holds at the batch visrec runs: :func:`check_graph` returns how many images one run may take (1 GiB
-  over the largest tensor of one image; 334 for iresnet50, 668 for MobileFaceNet), and :func:`visrec._onnx.run_batched`
-  cuts a larger batch into runs of that many;
+  over the largest tensor of one image; 334 for iresnet50, 668 for MobileFaceNet), and
+  :func:`visrec._onnx.run_batched` cuts a larger batch into runs of that many;
 - what onnxruntime may compute at load (values that depend on no input's values: constants, and shape
   arithmetic) holds at most :data:`CONSTANT_BYTES` plus :data:`CONSTANT_FILE_FACTOR` times the file's bytes in
   all (room for a model's own weight transforms: transposes, fp16 or int8 weights made float32; the shipped
