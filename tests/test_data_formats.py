@@ -162,6 +162,14 @@ def test_csv_errors(tmp_path):
     p.write_text("path,label\nonlyonefield\n")
     with pytest.raises(DataError, match="line 2"):
         read_csv_list(p)
+    # a third field was dropped without a word; a path holding a comma is quoted, as CSV writers do
+    write_image_folder(tmp_path / "f", zip(images(1), ["ann"]))
+    p.write_text("path,label\nf/ann/00000.jpg,ann,extra\n")
+    with pytest.raises(DataError, match="line 2: expected 'path,label', got 3 fields"):
+        read_csv_list(p)
+    (tmp_path / "f" / "ann" / "00000.jpg").rename(tmp_path / "f" / "ann" / "a,b.jpg")
+    p.write_text('path,label\n"f/ann/a,b.jpg",ann\n')
+    assert read_csv_list(p).paths[0].name == "a,b.jpg"
 
 
 def test_a_scored_csv_list_names_an_image_listed_twice(tmp_path, monkeypatch, capsys):

@@ -174,8 +174,9 @@ def read_csv_list(path: str | Path, *, skip_bad: bool = False, each_image_once: 
         lineno = reader.line_num
         if not row or not "".join(row).strip():
             continue
-        if len(row) < 2:
-            raise DataError("expected 'path,label'", path=path, record=f"line {lineno}")
+        if len(row) != 2:  # a third field would be ignored without a word (a path with a comma is quoted)
+            raise DataError(f"expected 'path,label', got {len(row)} field{'s' if len(row) != 1 else ''}",
+                            path=path, record=f"line {lineno}")
         if lineno == 1 and row[0].strip().lower() == "path":
             continue
         name, label = row[0].strip(), row[1].strip()
