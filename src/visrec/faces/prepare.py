@@ -261,9 +261,12 @@ def _find_annotation(image: Path) -> Path | None:
 
 
 class _LandmarkWorker:
-    def __init__(self, detector, points: int | None, size: int, margin: float, wflw: dict, quality: int):
+    """``sources``: journal key -> where its points come from: a WFLW line's ``(points, box)`` or a sidecar's
+    path (decided once, by :func:`prepare_landmarks`); a key without one has no annotation."""
+
+    def __init__(self, detector, points: int | None, size: int, margin: float, sources: dict, quality: int):
         self.detector_spec, self.points, self.size, self.margin = detector, points, size, margin
-        self.wflw, self.quality = wflw, quality
+        self.sources, self.quality = sources, quality
         self._detector = None
 
     def __getstate__(self):
@@ -280,15 +283,13 @@ class _LandmarkWorker:
         return self._detector
 
     def _annotation(self, key: str, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
-        if key in self.wflw:
-            rec = self.wflw[key]
-            return np.asarray(rec[0], np.float32), np.asarray(rec[1], np.float32)
-        ann = _find_annotation(path)
-        if ann is None:
+        source = self.sources.get(key)
+        if source is None:
             raise DataError("no annotation (<stem>.pts, <name>.txt or <stem>.txt beside it, or a WFLW line)",
                             path=path)
-        pts = read_pts(ann) if ann.suffix == ".pts" else read_landmark_txt(ann)
-        return pts, None
+        if isinstance(source, Path):  # a sidecar
+            return (read_pts(source) if source.suffix == ".pts" else read_landmark_txt(source)), None
+        return np.asarray(source[0], np.float32), np.asarray(source[1], np.float32)
 
     def _box(self, image, pts: np.ndarray, box: np.ndarray | None) -> np.ndarray | None:
         """The detection holding most points (at least half), else None; without a detector the
@@ -353,24 +354,23 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
             wflw.setdefault(r.image, []).append((r.points, r.box))
     photos = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     keys = [rel_key(p, src) for p in photos]
-    sidecars: dict[Path, str] = {}
-    for key, photo in zip(keys, photos):
-        ann = None if key in wflw else _find_annotation(photo)
-        if ann is not None and sidecars.setdefault(ann, key) != key:
-            raise DataError(f"photos {sidecars[ann]} and {key} both take {ann.name} (one face's points for two "
-                            f"photos): give each its own <name>.txt", path=ann)
-    items, faces = [], {}  # (journal key, wanted name, photo); journal key -> (points, box) from the WFLW list
+    items, sources = [], {}  # (journal key, wanted name, photo); journal key -> its points' source (the worker's)
+    taken: dict[Path, str] = {}  # sidecar -> the photo that takes it
     for key, photo in zip(keys, photos):
         stem = safe_name(Path(key).with_suffix("").as_posix().replace("/", "__"))
         found = wflw.get(key, [])
         if len(found) > 1:
             for i, face in enumerate(found, start=1):
                 items.append((f"{key}#face{i}", f"picture/{stem}__face{i}.jpg", photo))
-                faces[f"{key}#face{i}"] = face
-        else:
-            items.append((key, f"picture/{stem}.jpg", photo))
-            if found:
-                faces[key] = found[0]
+                sources[f"{key}#face{i}"] = face
+            continue
+        items.append((key, f"picture/{stem}.jpg", photo))
+        source = found[0] if found else _find_annotation(photo)
+        if isinstance(source, Path) and taken.setdefault(source, key) != key:
+            raise DataError(f"photos {taken[source]} and {key} both take {source.name} (one face's points for two "
+                            f"photos): give each its own <name>.txt", path=source)
+        if source is not None:
+            sources[key] = source
     settings = {"kind": "landmarks", "points": points, "size": size, "margin": margin}
     journal = Journal(out, settings, retry_problems)
     names = assign_names([k for k, _, _ in items], [n for _, n, _ in items], journal)
@@ -379,7 +379,7 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     report = PrepareReport("landmarks", str(out), skipped=[
         {"path": image, "reason": f"listed in {Path(annotations).name} ({n} face{'s' if n > 1 else ''}), not found "
                                   f"under {src}"} for image, n in absent])
-    worker = _LandmarkWorker(detector, points, size, margin, faces, quality)
+    worker = _LandmarkWorker(detector, points, size, margin, sources, quality)
     run_items(worker, [(k, names[k], str(p)) for k, _, p in items], journal, out, report, workers, progress)
     return finish_report(report, journal, out)
 
