@@ -256,6 +256,23 @@ def read_pose_txt(path: str | Path) -> np.ndarray:
     return pose
 
 
+def _picture_file(folder: Path, picture: Path, owner: dict[str, Path]) -> Path | None:
+    """``folder/<name>.txt``, else ``folder/<stem>.txt``, of ``picture`` (None when neither exists). ``owner``
+    (file name -> the picture that took it, kept by the caller over one folder): a second picture falling back to
+    a file another took (a.jpg and a.png both to a.txt: one face's data for two pictures) is a ``DataError``
+    naming both."""
+    f = folder / f"{picture.name}.txt"
+    if not f.exists():
+        f = folder / f"{picture.stem}.txt"
+    if not f.exists():
+        return None
+    first = owner.setdefault(f.name, picture)
+    if first != picture:
+        raise DataError(f"pictures {first.name} and {picture.name} both take {folder.name}/{f.name}: name it "
+                        f"{folder.name}/{picture.name}.txt (or {first.name}.txt) for each", path=f)
+    return f
+
+
 def read_jd_poses(root: str | Path, pictures) -> np.ndarray | None:
     """(N, 3) ``(yaw, pitch, roll)`` degrees for the pictures of a JD-landmark directory (as
     ``read_jd_dir`` lists them), or None when it has no ``pose/`` directory."""
@@ -265,16 +282,10 @@ def read_jd_poses(root: str | Path, pictures) -> np.ndarray | None:
     out, owner = [], {}
     for p in pictures:
         p = Path(p)
-        f = pose_dir / f"{p.name}.txt"
-        if not f.exists():
-            f = pose_dir / f"{p.stem}.txt"
-        if not f.exists():
+        f = _picture_file(pose_dir, p, owner)
+        if f is None:
             raise DataError(f"no pose file for this picture ({pose_dir}/{p.name}.txt); a pose/ directory "
                             f"must cover every picture", path=p)
-        first = owner.setdefault(f.name, p)
-        if first != p:  # as read_jd_dir refuses for landmark files
-            raise DataError(f"pictures {first.name} and {p.name} both take pose/{f.name}: name it "
-                            f"pose/{p.name}.txt (or {first.name}.txt) for each", path=f)
         out.append(read_pose_txt(f))
     return np.stack(out) if out else np.zeros((0, 3), np.float32)
 
@@ -341,15 +352,9 @@ def read_jd_dir(root: str | Path, expected: int | None = 106):
 
     pts, boxes, owner = [], [], {}
     for p in pics:
-        ann = root / "landmark" / f"{p.name}.txt"
-        if not ann.exists():
-            ann = root / "landmark" / f"{p.stem}.txt"
-        if not ann.exists():
+        ann = _picture_file(root / "landmark", p, owner)
+        if ann is None:
             raise DataError("no landmark file for this picture", path=p)
-        first = owner.setdefault(ann.name, p)
-        if first != p:  # a.jpg and a.png both falling back to a.txt: one face's points for two pictures
-            raise DataError(f"pictures {first.name} and {p.name} both take landmark/{ann.name}: name it "
-                            f"landmark/{p.name}.txt (or {first.name}.txt) for each", path=ann)
         size = image_size(p)  # the header only: the size for the far-outside check
         pts.append(read_landmark_txt(ann, expected, image_size=size))
         rect = root / "rect" / f"{p.name}.rect"
