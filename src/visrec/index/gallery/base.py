@@ -438,14 +438,15 @@ class Gallery(abc.ABC):
         hash) in two rows would be one stored template answered as two, so it is refused naming both rows
         (a :class:`DataError`; the service refuses the same photo twice in one request the same way)."""
         checked = [self._check_item(item) for item in items]
-        first: dict[tuple[str, str], tuple[int, int]] = {}  # (identity, hash) -> (item, row) where first seen
-        for i, (identity, _, hashes, _) in enumerate(checked):
-            for r, h in enumerate(hashes):
-                if (at := first.setdefault((identity, h), (i, r))) != (i, r):
-                    where = (lambda i, r: f"row {r}") if len(checked) == 1 else (lambda i, r: f"item {i} row {r}")
-                    raise DataError(f"{where(i, r)} of the embeddings for {identity!r} has the same image hash "
-                                    f"{shown(h)} as {where(*at)} (counting from 0): each row is one template, so "
-                                    f"enroll each image once; nothing was enrolled")
+        rows = [(i, r) for i, (_, _, hashes, _) in enumerate(checked) for r in range(len(hashes))]
+        repeat = _first_repeat([checked[i][0] for i, _ in rows], [checked[i][2][r] for i, r in rows])
+        if repeat is not None:
+            (a_item, a_row), (i, r) = rows[repeat[0]], rows[repeat[1]]
+            identity, h = checked[i][0], checked[i][2][r]
+            where = (lambda i, r: f"row {r}") if len(checked) == 1 else (lambda i, r: f"item {i} row {r}")
+            raise DataError(f"{where(i, r)} of the embeddings for {identity!r} has the same image hash "
+                            f"{shown(h)} as {where(a_item, a_row)} (counting from 0): each row is one template, "
+                            f"so enroll each image once; nothing was enrolled")
         return checked
 
     def _enroll_locked(self, items: list, model_name: str | None, undo: _Undo) -> list[list[str]]:
@@ -949,7 +950,8 @@ class GalleryExport:
 
 def _first_repeat(names: list[str], hashes: list[str]) -> tuple[int, int] | None:
     """The rows ``(a, b)``, ``a < b``, of the first row ``b`` that repeats an earlier row's (identity, hash), or
-    None. Memory: 8 bytes a row (a sort of the pairs' hashes; only rows whose hashes collide are compared)."""
+    None: one template twice, in an enroll call or an import. Memory: 8 bytes a row (a sort of the pairs'
+    hashes; only rows whose hashes collide are compared), whatever an export's size."""
     keys = np.fromiter((hash(pair) for pair in zip(names, hashes)), dtype=np.int64, count=len(names))
     order = np.argsort(keys, kind="stable")
     ties = np.flatnonzero(keys[order][1:] == keys[order][:-1])
