@@ -29,10 +29,11 @@ Every finished trial is in the storage when it ends, so a worker killed with SIG
 it was training. ``resume=True`` continues (or joins) the study: trials left RUNNING by a dead worker of this
 machine (its process id no longer runs, by ``/proc`` start time) are marked FAIL with the attribute
 ``abandoned`` and their architecture is queued again; so is a RUNNING trial with no worker recorded
-``OWNER_GRACE_S`` after its start (a kill between Optuna creating it and its worker claiming it). Workers of other machines are not judged (a database
-storage's heartbeats would be the way); their RUNNING trials count as running. ``trials`` counts trained
-trials (complete, pruned, failed by a non-finite loss) plus those still running, across every worker, so N
-workers stop together; two workers that look at the count at the same moment may overshoot it by one trial.
+``OWNER_GRACE_S`` after its start (a kill between Optuna creating it and its worker claiming it). Workers of
+other machines are not judged (a database storage's heartbeats would be the way); their RUNNING trials count as
+running. ``trials`` counts trained trials (complete, pruned, failed by a non-finite loss) plus those still
+running, across every worker, so N workers stop together; two workers that look at the count at the same
+moment may overshoot it by one trial.
 
 A study records the settings it was started with (task, space, steps, budget, data...) and refuses to
 continue under others, naming the field; a study that already has its trials is finished, and a second search
