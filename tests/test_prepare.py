@@ -425,10 +425,19 @@ def test_landmarks_to_jd_layout(src, tmp_path):
     assert np.abs(pts4[0] - in_tile_crop("f2", 0)[:98]).max() < 0.01
     assert np.abs(pts4[1] - in_tile_crop("f2", 1)[:98]).max() < 0.01
 
-    # two photos falling back to one sidecar (f1.png and f1.jpg both take f1.txt) are refused naming both
+    # two photos falling back to one sidecar (f1.png and f1.jpg both take f1.txt): each is a bad annotation naming
+    # both (whose points are they?), and the other photos are prepared as before
+    before = prepare_landmarks(photos, tmp_path / "jd_once", points=106, size=128)
     cv2.imwrite(str(photos / "f1.jpg"), cv2.imread(str(photos / "f1.png")))
-    with pytest.raises(DataError, match="photos f1.jpg and f1.png both take f1.txt"):
-        prepare_landmarks(photos, tmp_path / "jd_twice", points=106, size=128)
+    report = prepare_landmarks(photos, tmp_path / "jd_twice", points=106, size=128)
+    shared = {r["path"]: r["error"] for r in report.bad_annotation if r["path"].startswith("f1.")}
+    assert sorted(shared) == ["f1.jpg", "f1.png"]
+    assert all("photos f1.jpg and f1.png all take f1.txt" in e for e in shared.values())
+    assert report.written == before.written - 1 and len(report.bad_annotation) == len(before.bad_annotation) + 2
+    # given its own file, a second run retrying the problems takes both
+    (photos / "f1.jpg.txt").write_text((photos / "f1.txt").read_text())
+    report = prepare_landmarks(photos, tmp_path / "jd_twice", points=106, size=128, retry_problems=True)
+    assert report.written == before.written + 1 and len(report.bad_annotation) == len(before.bad_annotation)
 
 
 @pytest.mark.real_faces

@@ -33,6 +33,7 @@ back; :class:`visrec.faces.detectors.ScaledDetector`); alignment reads the full-
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
@@ -260,6 +261,13 @@ def _find_annotation(image: Path) -> Path | None:
     return None
 
 
+@dataclass(frozen=True)
+class _SharedSidecar:
+    """A sidecar several photos fall back to (``a.jpg`` and ``a.png`` -> ``a.pts``): a problem of each photo."""
+
+    message: str
+
+
 class _LandmarkWorker:
     """``sources``: journal key -> where its points come from: a WFLW line's ``(points, box)`` or a sidecar's
     path (decided once, by :func:`prepare_landmarks`); a key without one has no annotation."""
@@ -287,6 +295,8 @@ class _LandmarkWorker:
         if source is None:
             raise DataError("no annotation (<stem>.pts, <name>.txt or <stem>.txt beside it, or a WFLW line)",
                             path=path)
+        if isinstance(source, _SharedSidecar):
+            raise DataError(source.message, path=path)
         if isinstance(source, Path):  # a sidecar
             return (read_pts(source) if source.suffix == ".pts" else read_landmark_txt(source)), None
         return np.asarray(source[0], np.float32), np.asarray(source[1], np.float32)
@@ -343,8 +353,9 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     ``<name>`` is the photo's path under ``src`` with ``/`` -> ``__``. Resumable like ``prepare_faces``.
 
     WFLW lists one line per face: an image on several lines gives one crop per line, ``<name>__face1.jpg``,
-    ``__face2``, ... (journaled as ``<image>#face1``, ...). Two photos that would take one sidecar (``a.jpg``
-    and ``a.png`` both falling back to ``a.pts``) are refused naming both, before any work."""
+    ``__face2``, ... (journaled as ``<image>#face1``, ...). Photos that would take one sidecar (``a.jpg`` and
+    ``a.png`` both falling back to ``a.pts``) are each a ``bad_annotation`` naming all of them; the rest are
+    prepared."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError("photo folder not found", path=src)
@@ -355,7 +366,7 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     photos = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
     keys = [rel_key(p, src) for p in photos]
     items, sources = [], {}  # (journal key, wanted name, photo); journal key -> its points' source (the worker's)
-    taken: dict[Path, str] = {}  # sidecar -> the photo that takes it
+    takers: dict[Path, list[str]] = {}  # sidecar -> the photos that take it
     for key, photo in zip(keys, photos):
         stem = safe_name(Path(key).with_suffix("").as_posix().replace("/", "__"))
         found = wflw.get(key, [])
@@ -366,11 +377,15 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
             continue
         items.append((key, f"picture/{stem}.jpg", photo))
         source = found[0] if found else _find_annotation(photo)
-        if isinstance(source, Path) and taken.setdefault(source, key) != key:
-            raise DataError(f"photos {taken[source]} and {key} both take {source.name} (one face's points for two "
-                            f"photos): give each its own <name>.txt", path=source)
         if source is not None:
             sources[key] = source
+            if isinstance(source, Path):
+                takers.setdefault(source, []).append(key)
+    for sidecar, owners in takers.items():  # one face's points for several photos: whose are they?
+        if len(owners) > 1:
+            for key in owners:
+                sources[key] = _SharedSidecar(f"photos {' and '.join(owners)} all take {sidecar.name} (one face's "
+                                              f"points for {len(owners)} photos): give each its own <name>.txt")
     settings = {"kind": "landmarks", "points": points, "size": size, "margin": margin}
     journal = Journal(out, settings, retry_problems)
     names = assign_names([k for k, _, _ in items], [n for _, n, _ in items], journal)
