@@ -121,6 +121,25 @@ def test_max_fusion_is_exact_when_one_identity_holds_many_top_templates():
     assert hits[1].score >= hits[2].score
 
 
+def test_max_fusion_on_faiss_finds_1000_identities_past_milvus_search_limit():
+    """Milvus caps one search at 16,384 results; FAISS has no such cap, so top_k 1000 (the service's bound) over
+    1,000 people of 17 templates each is answered (it was refused with Milvus's limit on every backend)."""
+    rng = np.random.default_rng(4)
+    probe = np.eye(8, dtype=np.float32)[:1]
+
+    def person(i):  # every template of person i scores cos(angle_i), above all of person i + 1's: the 1000th
+        angle = 0.1 + 1.2 * i / 1000  # person's best template ranks 16,984th
+        side = rng.normal(size=(17, 8))
+        side[:, 0] = 0
+        return np.cos(angle) * probe + np.sin(angle) * side / np.linalg.norm(side, axis=1, keepdims=True)
+
+    g = open_gallery("faiss")
+    g.enroll_many([(f"p{i:04d}", person(i)) for i in range(1000)])
+    hits = g.search(probe, top_k=1000)[0]
+    assert [h.identity for h in hits] == [f"p{i:04d}" for i in range(1000)]
+    assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
+
+
 def test_export_import_round_trip_and_reopen(tmp_path, milvus):
     data, centres = people(n=5)
     g = milvus(tmp_path, model_name="m")

@@ -349,6 +349,20 @@ def test_fields_are_integers_sent_once_in_an_exact_content_type(tiny_face_model,
         assert len(r.json()["error"]) < 200  # never the client's 4000 digits echoed back
     for top_k in (3, 3.0, "3", " 3"):
         assert c.post("/v1/faces/identify", json={"image": b64, "top_k": top_k}).status_code == 200, top_k
+    for top_k in ("\u00b2", "\u2460", "5\u00b2", "\u0663"):  # str.isdigit() holds for these; int() takes only some
+        r = c.post("/v1/faces/identify", data={"top_k": top_k}, files={"image": img})
+        assert r.status_code == 400 and "top_k" in r.json()["error"], (top_k, r.text)
+    # a misspelt or undeclared field is named, not silently the default (or a threshold the client thinks it set)
+    r = c.post("/v1/faces/identify", data={"topk": "1", "threshold": "0.99"}, files={"image": img})
+    assert r.status_code == 400 and "unknown field 'topk'" in r.json()["error"] and "top_k" in r.json()["error"]
+    r = c.post("/v1/faces/identify", json={"image": b64, "threshold": 0.99})
+    assert r.status_code == 400 and "unknown field 'threshold'" in r.json()["error"], r.text
+    # a face box of 400 digits, or true for a coordinate, is a 400 naming it (was a 500: OverflowError)
+    huge = '{"identity": "a", "image": "%s", "box": [%s, 0, 50, 50]}' % (b64, "9" * 400)
+    r = c.post("/v1/faces/enroll", content=huge, headers={"content-type": "application/json"})
+    assert r.status_code == 400 and "'box'" in r.json()["error"], r.text
+    r = c.post("/v1/faces/enroll", json={"identity": "a", "image": b64, "box": [True, 0, 50, 50]})
+    assert r.status_code == 400 and "'box'" in r.json()["error"], r.text
     r = c.post("/v1/faces/enroll", data={"identity": ["first", "second"]}, files={"image": img})
     assert r.status_code == 400 and "'identity' is sent twice" in r.json()["error"], r.text
     assert c.get("/v1/faces").json()["identities"] == []
@@ -372,6 +386,32 @@ def test_new_names_hold_no_invisible_formatting_characters(tiny_face_model, tmp_
         assert r.status_code == 200, (name, r.text)
     r = c.post("/v1/faces/rename", data={"identity": "👩\u200d🔬", "to": "bob\u200b"})
     assert r.status_code == 400 and "U+200B" in r.json()["error"], r.text
+    # invisible outside category Cf: Hangul fillers, the blank Braille pattern, the combining grapheme joiner, a
+    # variation selector after a letter; and names that show nothing (a lone filler, a lone combining mark)
+    for i, name in enumerate(["alice\u3164", "alice\u2800", "alice\u034f", "alice\ufe0f", "alice\u115f",
+                              "alice\uffa0", "\u3164", "\u2800", "\u0301", "\u0301alice"]):
+        r = c.post("/v1/faces/enroll", data={"identity": name}, files={"image": face_jpeg(20 + i)})
+        assert r.status_code == 400 and "U+" in r.json()["error"], (name, r.text)
+    for i, name in enumerate(["\u2764\ufe0f", "\u845b\U000e0100", "Zoe\u0308"]):  # selectors that pick a form
+        r = c.post("/v1/faces/enroll", data={"identity": name}, files={"image": face_jpeg(40 + i)})
+        assert r.status_code == 200, (name, r.text)
+    # spaces around a name are refused on every path, not silently stripped into another person's name
+    for name in (" bob", "bob\u00a0", "\u3000bob"):
+        r = c.post("/v1/faces/enroll", data={"identity": name}, files={"image": face_jpeg(50)})
+        assert r.status_code == 400 and "surrounded by spaces" in r.json()["error"], (name, r.text)
+    assert not [n for n in (r["identity"] for r in c.get("/v1/faces").json()["identities"]) if "bob" in n]
+
+
+def test_a_query_parameter_sent_twice_is_a_400_and_erases_nobody(tiny_face_model):
+    c = TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True,
+                                                 "gallery": {"backend": "faiss"}})))
+    for i, name in enumerate(("alice", "bob")):
+        assert c.post("/v1/faces/enroll", data={"identity": name}, files={"image": face_jpeg(i)}).status_code == 200
+    r = c.delete("/v1/faces?identity=alice&identity=bob")  # which one? a log reading the first saw alice
+    assert r.status_code == 400 and "query parameter 'identity' is sent twice" in r.json()["error"], r.text
+    assert c.get("/v1/faces?limit=2&limit=3").status_code == 400
+    assert sorted(r["identity"] for r in c.get("/v1/faces").json()["identities"]) == ["alice", "bob"]
+    assert c.get("/v1/faces?limit=1&&offset=1").json()["identities"][0]["identity"] == "bob"  # an empty pair is no name
 
 
 def test_serve_config_refuses_values_no_request_could_use(tiny_face_model, tmp_path, monkeypatch):

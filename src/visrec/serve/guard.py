@@ -7,7 +7,8 @@ the scope; a route that does not (Starlette's ``/openapi.json``, the ``/_docs-as
 matching the request as it arrived against the app's routes, as the router did.
 
 Under ``/v1/`` the request target's percent escapes must decode to UTF-8 (the server would otherwise hand on
-U+FFFD for each bad byte, ``?identity=Al%FFce`` as ``Al\ufffdce``): a 400 naming the query parameter, or the path.
+U+FFFD for each bad byte, ``?identity=Al%FFce`` as ``Al\ufffdce``), and no query parameter may come twice: a 400
+naming the query parameter, or the path.
 
 The key a request carries may be restricted to some face galleries: the Guard puts the galleries it may use
 into the request's scope (:func:`allowed_galleries` reads them; None: every gallery) and the face routes
@@ -73,20 +74,28 @@ def matched_template(routes, scope) -> str:
     return (route_template(partial) if partial is not None else None) or UNMATCHED
 
 
-def _not_utf8(scope) -> str | None:
-    """What in the request target does not percent-decode to UTF-8 (None: all of it does)."""
+def _target_problem(scope) -> str | None:
+    """What in the request target does not percent-decode to UTF-8, or a query parameter given twice (which
+    one would a route take? ``?identity=alice&identity=bob`` erased bob while a log reading the first saw alice);
+    None: neither."""
     raw = scope.get("raw_path")  # optional in ASGI: without it the server's decoding is all there is
     if raw is not None:
         try:
             unquote_to_bytes(raw).decode("utf-8")
         except UnicodeDecodeError:
             return f"the path is not UTF-8 once percent-decoded: {shown(raw, 80)}"
+    seen = set()
     for pair in (scope.get("query_string") or b"").split(b"&"):
+        if not pair:
+            continue
         name, _, value = pair.partition(b"=")
         try:
             name = unquote_to_bytes(name.replace(b"+", b" ")).decode("utf-8")
         except UnicodeDecodeError:
             return f"a query parameter name is not UTF-8 once percent-decoded: {shown(name)}"
+        if name in seen:
+            return f"query parameter {shown(name)} is sent twice"
+        seen.add(name)
         try:
             unquote_to_bytes(value.replace(b"+", b" ")).decode("utf-8")
         except UnicodeDecodeError:
@@ -151,7 +160,7 @@ class Guard:
                     found, scope[GALLERIES_SCOPE] = True, galleries
             if not found:
                 return InputError("missing or wrong API key (header X-API-Key)", 401)
-        problem = _not_utf8(scope)
+        problem = _target_problem(scope)
         if problem is not None:
             return InputError(problem, 400)
         lengths = [v for k, v in headers if k == b"content-length"]

@@ -98,7 +98,8 @@ def int_field(fields: dict, name: str, default: int, high: int = 1000) -> int:
     value = fields.get(name, default)
     if isinstance(value, float) and value.is_integer():
         value = int(value)
-    if isinstance(value, str) and value.strip().lstrip("+-").isdigit() and len(value) <= 20:
+    digits = value.strip().lstrip("+-") if isinstance(value, str) else ""
+    if digits.isascii() and digits.isdigit() and len(value) <= 20:  # str.isdigit() also holds for '²' and '٣'
         value = int(value)
     if isinstance(value, bool) or not isinstance(value, int):
         raise InputError(f"field {name!r} must be an integer, got {shown(value)}", 400)
@@ -117,11 +118,14 @@ def box_field(fields: dict, name: str, width: int, height: int) -> tuple[float, 
     if box is None or box == "":
         return None
     try:
-        box = tuple(float(v) for v in (box.split(",") if isinstance(box, str) else box))
+        values = box.split(",") if isinstance(box, str) else box
+        if not isinstance(values, (list, tuple)) or any(isinstance(v, bool) for v in values):
+            raise TypeError("true/false is no coordinate")
+        box = tuple(float(v) for v in values)
         reach = 4 * max(width, height)
         ok = (len(box) == 4 and all(math.isfinite(v) and -reach <= v <= reach + max(width, height) for v in box)
               and box[2] - box[0] >= 1 and box[3] - box[1] >= 1)
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, OverflowError):  # OverflowError: a JSON integer of 400 digits
         ok = False
     if not ok or not (box[0] < width and box[1] < height and box[2] > 0 and box[3] > 0):
         raise InputError(f"field {name!r} must be 4 numbers x1,y1,x2,y2 with x2 >= x1 + 1 and y2 >= y1 + 1 that "
@@ -158,9 +162,11 @@ class ImageRequests:
                 raise InputError(f"the request's images hold more than {limits.max_request_pixels:,} pixels "
                                  f"(limits.max_request_pixels)", 413)
 
-    async def read(self, request, *, many: bool = False, names=("image",)):
+    async def read(self, request, body: dict, *, many: bool = False, names=("image",)):
         """(images by field name, the other fields) from multipart or base64 JSON (body bounded by Guard); a request
-        that carries no image (``names`` empty) may also be a URL-encoded form."""
+        that carries no image (``names`` empty) may also be a URL-encoded form. ``body``: the route's declared body
+        (:func:`image_body`); a field it does not declare is a 400 (a misspelt ``topk`` is not silently the
+        default)."""
         limits = self.limits
         ctype = request.headers.get("content-type", "")
         media = ctype.split(";", 1)[0].strip().lower()  # media types are case-insensitive; parameters follow ";"
@@ -214,6 +220,9 @@ class ImageRequests:
                 raise InputError(f"no image in field {n!r}", 400)
             if len(images[n]) > 1 and not many:
                 raise InputError(f"one image expected in field {n!r}, got {len(images[n])}", 400)
+        declared = body["requestBody"]["content"]["application/json"]["schema"]["properties"]
+        if unknown := [k for k in fields if k not in declared]:
+            raise InputError(f"unknown field {shown(unknown[0])}: this route takes {', '.join(declared)}", 400)
         self.check_pixels(images)
         return images, fields
 

@@ -70,6 +70,13 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _SURROGATE = re.compile(r"[\ud800-\udfff]")  # only a lone one survives decoding; no UTF-8 text can hold it
 # joiners between letters are part of real names (Persian, Indic scripts, emoji sequences)
 _JOINERS = {"\u200c", "\u200d"}
+# Invisible characters outside category Cf, from Unicode's Default_Ignorable_Code_Point property (the combining
+# grapheme joiner, Hangul fillers, Khmer's deprecated inherent vowels) and the blank Braille pattern: "alice" +
+# U+3164 looks like "alice" as much as "alice" + U+200B does
+_INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0]")
+# Variation selectors (standard, Mongolian, ideographic) choose a glyph of the character before them: an emoji's
+# or symbol's form, a Han ideograph's variant, a Mongolian letter's form; after anything else they show nothing
+_SELECTORS = re.compile("[\u180b-\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 _MILVUS_TOPK = 16384  # the largest limit a Milvus search accepts
 IMPORT_BATCH = 4096  # templates per write when an export is imported
 log = logging.getLogger(__name__)
@@ -140,11 +147,14 @@ def _score_from_raw(raw: float, metric: str) -> float:
 def check_identity(identity, *, new: bool = False) -> str:
     """``identity`` as the gallery stores it (NFC-normalised), or :class:`DataError` saying what is wrong.
 
-    ``new``: a name about to be enrolled (or renamed to, or imported) must also hold no invisible formatting character
-    (Unicode category Cf: zero-width spaces, bidirectional overrides, a byte-order mark; the zero-width
-    joiners excepted), which would make two people look like one ("alice" and "alice" + U+200B) or show a name
-    reversed. Looking a name up (erase, rename from) does not apply that rule, so a person enrolled by an
-    earlier version can still be erased."""
+    ``new``: a name about to be enrolled (or renamed to, or imported) must also hold no invisible character
+    (Unicode category Cf: zero-width spaces, bidirectional overrides, a byte-order mark, the zero-width joiners
+    excepted; the other default-ignorable characters: Hangul fillers, the combining grapheme joiner; the blank
+    Braille pattern; a variation selector after anything but a symbol, a Han ideograph or a Mongolian letter)
+    and may not start with a combining mark, any of which would make two people look like one ("alice" and
+    "alice" + U+200B) or show a name reversed or blank. Looking a name up (erase, rename from) does not apply
+    that rule, so a person enrolled by an
+earlier version can still be erased."""
     if not isinstance(identity, str):
         raise DataError(f"identity must be a string, got {type(identity).__name__}")
     if _SURROGATE.search(identity):
@@ -158,11 +168,29 @@ def check_identity(identity, *, new: bool = False) -> str:
         problem = f"longer than {MAX_IDENTITY_CHARS} characters or {MAX_IDENTITY_BYTES} bytes of UTF-8"
     elif _CONTROL.search(name):
         problem = "holds a control character"
-    elif new and (bad := next((c for c in name if unicodedata.category(c) == "Cf" and c not in _JOINERS), None)):
-        problem = f"holds the invisible formatting character U+{ord(bad):04X}"
+    elif new and (bad := _invisible(name)):
+        problem = bad
     if problem:
         raise DataError(f"identity {identity[:80]!r} is not valid: {problem}")
     return name
+
+
+def _takes_selector(c: str) -> bool:
+    """Whether a variation selector after ``c`` picks one of its forms (a symbol, a Han ideograph, Mongolian)."""
+    return unicodedata.category(c).startswith("S") or unicodedata.name(c, "").startswith(("CJK", "MONGOLIAN"))
+
+
+def _invisible(name: str) -> str | None:
+    """Why a new name could pass for another (an invisible character in it, or nothing visible to start it);
+    None when it cannot."""
+    for i, c in enumerate(name):
+        if unicodedata.category(c) == "Cf" and c not in _JOINERS:
+            return f"holds the invisible formatting character U+{ord(c):04X}"
+        if _INVISIBLE.match(c) or (_SELECTORS.match(c) and not (i and _takes_selector(name[i - 1]))):
+            return f"holds the invisible character U+{ord(c):04X}"
+    if unicodedata.category(name[0]).startswith("M"):  # a mark with nothing to sit on: "\u0301" looks empty
+        return f"starts with the combining mark U+{ord(name[0]):04X}, which has no character to go on"
+    return None
 
 
 class MetadataTooLargeError(DataError):
@@ -282,6 +310,8 @@ class Gallery(abc.ABC):
     # how long the sorted identity names behind :meth:`page` may be reused: None while this process is the only
     # writer (they are dropped on every local write); a store other processes write too sets seconds
     names_reuse_s: float | None = None
+    # the most templates one search may return (a store's own limit, Milvus's 16,384); None: no limit
+    max_template_hits: int | None = None
 
     def __init__(self, *, model_name: str | None = None, dim: int | None = None, fusion: str = "max",
                  metric: str | None = None):
@@ -633,7 +663,7 @@ class Gallery(abc.ABC):
     def _search_max(self, q: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         # no count query per search: fewer hits than the limit means every template was returned
         out: list[list[tuple[str, float]] | None] = [None] * len(q)
-        todo, limit = list(range(len(q))), max(4 * top_k, 16)
+        todo, limit, cap = list(range(len(q))), max(4 * top_k, 16), self.max_template_hits
         while todo:
             hits = self._search_templates(q[todo], limit)
             again = []
@@ -643,12 +673,12 @@ class Gallery(abc.ABC):
                     best.setdefault(identity, score)
                 if len(best) >= top_k or len(found) < limit:
                     out[row] = list(best.items())[:top_k]
-                elif limit >= _MILVUS_TOPK:
-                    raise VisrecError(f"max fusion needs more than {_MILVUS_TOPK} templates to find {top_k} "
+                elif cap is not None and limit >= cap:
+                    raise VisrecError(f"max fusion needs more than {cap} templates to find {top_k} "
                                       f"identities: use fusion 'mean' or a smaller top_k")
                 else:
                     again.append(row)
-            todo, limit = again, min(limit * 4, _MILVUS_TOPK)
+            todo, limit = again, limit * 4 if cap is None else min(limit * 4, cap)
         return out
 
     def identity(self, identity: str) -> dict | None:

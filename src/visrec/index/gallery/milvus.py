@@ -119,6 +119,7 @@ class MilvusGallery(Gallery):
     # MilvusClient calls are thread-safe and every read is ordered after this client's acknowledged writes
     # (Session consistency, Strong after a delete: _Client), so searches wait neither for each other nor for writes
     reads = "concurrent"
+    max_template_hits = _MILVUS_TOPK  # the largest limit a Milvus search accepts
     names_reuse_s = 5.0  # other services may write the same collections: page()'s name list is re-read after 5 s
     LAYOUT = "3"  # 2 -> 3: pending marks name their templates in batches; erasures are marked
 

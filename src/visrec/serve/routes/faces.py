@@ -56,8 +56,8 @@ log = logging.getLogger(__name__)
 def _identity(value, *, new: bool = False, field: str = "identity") -> str:
     if not isinstance(value, str) or not value.strip():
         raise InputError(f"field {field!r} (a non-empty string) is required", 400)
-    try:
-        return check_identity(value.strip(), new=new)
+    try:  # not stripped here: " bob" is refused, as every other path refuses it, not silently taken as "bob"
+        return check_identity(value, new=new)
     except VisrecError as exc:
         raise InputError(str(exc), 400) from None
 
@@ -135,7 +135,7 @@ def face_routes(ctx):
     async def enroll(request, name):
         pipe = ctx.need("faces")
         gallery_name, gallery = ctx.gallery(request, name)
-        images, fields = await ctx.requests.read(request, many=True)
+        images, fields = await ctx.requests.read(request, ENROLL_BODY, many=True)
         identity = _identity(fields.get("identity"), new=True)
         meta = fields.get("metadata", {})
         if isinstance(meta, str):  # multipart forms carry it as a JSON string
@@ -187,7 +187,7 @@ def face_routes(ctx):
     async def identify(request, name):
         pipe = ctx.need("faces")
         _, gallery = ctx.gallery(request, name)
-        images, fields = await ctx.requests.read(request)
+        images, fields = await ctx.requests.read(request, IDENTIFY_BODY)
         top_k = int_field(fields, "top_k", ctx.cfg.faces.top_k)
         all_faces = bool_field(fields, "all_faces")
 
@@ -210,7 +210,7 @@ def face_routes(ctx):
         pipe = ctx.need("faces")
         if name is not None:
             ctx.gallery(request, name)  # refused before the body is read
-        images, fields = await ctx.requests.read(request, names=("image_a", "image_b"))
+        images, fields = await ctx.requests.read(request, VERIFY_BODY, names=("image_a", "image_b"))
         wanted = _gallery_field(fields, name)
         if wanted is None and ctx.state["default_gallery"] is None:
             gallery = None  # several galleries, none the default, none named: the model's threshold
@@ -274,7 +274,7 @@ def face_routes(ctx):
 
     async def rename(request, name):
         name, gallery = ctx.gallery(request, name)
-        _, fields = await ctx.requests.read(request, names=())
+        _, fields = await ctx.requests.read(request, RENAME_BODY, names=())
         old, new = _identity(fields.get("identity")), _identity(fields.get("to"), new=True, field="to")
         thumbs = ctx.state["thumbnails"].get(name)
 
@@ -305,7 +305,7 @@ def face_routes(ctx):
         """Every face of the photo, largest first: its box and the points it is aligned on (and with ``crops``
         the aligned crop), with the decoded image's size (EXIF orientation applied) to draw the boxes on."""
         pipe = ctx.need("faces")
-        images, fields = await ctx.requests.read(request)
+        images, fields = await ctx.requests.read(request, DETECT_BODY)
         crops = bool_field(fields, "crops")
 
         def work():

@@ -29,13 +29,15 @@ def landmark_routes(ctx):
 
     router = APIRouter(tags=["landmarks"])
 
-    @router.post("/v1/landmarks", openapi_extra=image_body(fields={"box": BOX, "detect": DETECT}))
+    body = image_body(fields={"box": BOX, "detect": DETECT})
+
+    @router.post("/v1/landmarks", openapi_extra=body)
     async def landmarks(request: Request):
         """The points of one face: ``points`` in image pixels, ``box`` and where it came from (``box_source``:
         given | detected | whole image), ``crop_box`` (the square the model read), ``scheme`` (the point
         order, e.g. jd106 or 300w68) and the decoded ``image`` size (EXIF orientation applied)."""
         landmark_model = ctx.need("landmarks")
-        images, fields = await ctx.requests.read(request)
+        images, fields = await ctx.requests.read(request, body)
         detect = bool_field(fields, "detect")
         pipe = ctx.state.get("faces")
         if detect and (pipe is None or pipe.detector is None):

@@ -18,11 +18,13 @@ def product_routes(ctx):
 
     router = APIRouter(tags=["products"])
 
-    @router.post("/v1/products/search", openapi_extra=image_body(fields={"top_k": TOP_K}))
+    body = image_body(fields={"top_k": TOP_K})
+
+    @router.post("/v1/products/search", openapi_extra=body)
     async def products(request: Request):
         """The ``top_k`` catalogue images nearest the photo: id, score and the address of the image."""
         index = ctx.need("products")
-        images, fields = await ctx.requests.read(request)
+        images, fields = await ctx.requests.read(request, body)
         k = int_field(fields, "top_k", ctx.cfg.products.top_k)
 
         def work():
