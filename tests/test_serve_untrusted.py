@@ -540,3 +540,40 @@ def test_form_bounds_still_hold_with_the_strict_form_reader(tiny_face_model):
     r = c.post("/v1/faces/enroll", data={"identity": "a"}, files=[("image", face_jpeg(k)) for k in range(3)])
     assert r.status_code == 413 and "more than 2 images" in r.json()["error"], r.text
     assert c.get("/v1/faces").json()["identities"] == []
+
+
+def test_a_crowd_photo_aligns_one_face_where_one_is_used_and_at_most_max_faces(tiny_face_model):
+    """A photo of many faces: enroll, verify and identify align the one face they use (each face is a landmark
+    run where a landmark model gives the points); detect and identify with all_faces answer the largest
+    ``limits.max_faces``, and ``faces_found`` counts them all."""
+    from visrec.faces.detectors import Detection
+
+    app = create_app(ServeConfig(faces={"model": str(tiny_face_model), "gallery": {"backend": "faiss"}},
+                                 limits={"max_faces": 5}))
+    pipe = app.state.visrec.state["faces"]
+    five = np.array([[38, 52], [74, 52], [56, 72], [42, 92], [70, 92]], np.float32)
+
+    def crowd(image):  # 150 faces, the first the largest (sizes 112 down to 38 px)
+        return [Detection(np.array([0, 0, 112 - k // 2, 112 - k // 2], np.float32), 0.9, five * (1 - k / 224))
+                for k in range(150)]
+
+    pipe.detector, aligned = crowd, []
+    real_face_at = pipe.face_at
+    pipe.face_at = lambda image, box, points=None: aligned.append(box) or real_face_at(image, box, points)
+    c = TestClient(app)
+    img = face_jpeg(1)
+    r = c.post("/v1/faces/enroll", data={"identity": "a"}, files={"image": img})
+    assert r.status_code == 200 and r.json()["faces_found"] == [150] and len(aligned) == 1, r.text
+    aligned.clear()
+    r = c.post("/v1/faces/identify", files={"image": img})
+    assert r.status_code == 200 and len(r.json()["faces"]) == 1 and r.json()["faces_found"] == 150
+    assert len(aligned) == 1
+    aligned.clear()
+    r = c.post("/v1/faces/identify", data={"all_faces": "true"}, files={"image": img})
+    assert len(r.json()["faces"]) == 5 == len(aligned) and r.json()["faces"][0]["box"] == [0, 0, 112, 112]
+    aligned.clear()
+    r = c.post("/v1/faces/detect", files={"image": img})
+    assert r.json()["faces_found"] == 150 and len(r.json()["faces"]) == 5 == len(aligned)
+    aligned.clear()
+    assert c.post("/v1/faces/verify", files={"image_a": img, "image_b": img}).status_code == 200
+    assert len(aligned) == 2

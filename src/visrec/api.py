@@ -82,9 +82,10 @@ class FaceAnalysis:
             return float(t.value), t.describe().split(" ", 1)[1].strip("()")
         return None, "the model records none: calibrate one (visrec gallery calibrate) or pass threshold="
 
-    def faces(self, image) -> list[DetectedFace]:
-        """Every face of ``image``, largest first, with its box, points, aligned crop and embedding."""
-        found = self.pipeline.faces(load_image(image, self.pipeline.max_pixels))
+    def faces(self, image, limit: int | None = None) -> list[DetectedFace]:
+        """Every face of ``image`` (the largest ``limit``), largest first, with its box, points, aligned crop and
+        embedding."""
+        found = self.pipeline.faces(load_image(image, self.pipeline.max_pixels), limit)
         if not found:
             return []
         embeddings = self.embedder(np.stack([f.crop for f in found]))
@@ -92,7 +93,7 @@ class FaceAnalysis:
 
     def embed(self, image) -> np.ndarray:
         """The embedding (D,) of the largest face; :class:`DataError` when there is none."""
-        found = self.faces(image)
+        found = self.faces(image, 1)
         if not found:
             raise DataError(f"no face found in {_describe(image)}")
         return found[0].embedding
@@ -143,7 +144,7 @@ class Gallery:
 
     def enroll(self, name: str, image) -> int:
         """Enroll the largest face of ``image`` as ``name``; returns the identity's template count."""
-        face = self.analysis.faces(image)
+        face = self.analysis.faces(image, 1)
         if not face:
             raise DataError(f"no face found in {_describe(image)}")
         enroll_face(self.store, name, face[0].crop, face[0].embedding, self.analysis.embedder.name)

@@ -25,7 +25,7 @@ from visrec.data.augment import crop_face
 from visrec.data.images import read_image
 from visrec.errors import VisrecError
 from visrec.faces.align import align_face, check_method, five_points
-from visrec.faces.detectors import ScaledDetector, load_detector
+from visrec.faces.detectors import Detection, ScaledDetector, load_detector
 from visrec.faces.images import InputError, decode_upload
 
 
@@ -163,16 +163,28 @@ class FacePipeline:
         if isinstance(self.embedder, ExternalEmbedder) and not aligned and self.landmarks is None:
             raise VisrecError(f"{self.embedder.name} needs faces.landmarks: dlib-68 (or dlib-5) to align")
 
-    def faces(self, image: np.ndarray) -> list[Face]:
-        """Faces of an RGB image, largest first (one crop when ``aligned``)."""
+    def detect(self, image: np.ndarray) -> list:
+        """The detector's faces of an RGB image (:class:`~visrec.faces.detectors.Detection`), largest first; the
+        whole image when ``aligned``."""
+        if self.aligned:
+            return [Detection(np.array([0, 0, image.shape[1], image.shape[0]], np.float32), 1.0)]
+        return sorted(self.detector(image), key=lambda d: -float((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])))
+
+    def align_all(self, image: np.ndarray, detections) -> list[Face]:
+        """The faces of ``detections`` (from :meth:`detect`): points, then the embedder's crop of each (the
+        image resized when ``aligned``)."""
         import cv2
 
         if self.aligned:
             n = self.embedder.input_size
             crop = image if image.shape[:2] == (n, n) else cv2.resize(image, (n, n), interpolation=cv2.INTER_AREA)
-            return [Face((0, 0, image.shape[1], image.shape[0]), crop)]
-        found = sorted(self.detector(image), key=lambda d: -float((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])))
-        return [self.face_at(image, d.box, d.points) for d in found]
+            return [Face((0, 0, image.shape[1], image.shape[0]), crop)][:len(detections)]
+        return [self.face_at(image, d.box, d.points) for d in detections]
+
+    def faces(self, image: np.ndarray, limit: int | None = None) -> list[Face]:
+        """Faces of an RGB image, largest first (one crop when ``aligned``): the largest ``limit`` only (None:
+        all), so a caller wanting one face of a crowd photo does not run the landmark model on every face."""
+        return self.align_all(image, self.detect(image)[:limit])
 
     def face_at(self, image: np.ndarray, box, five=None) -> Face:
         """The face in ``box`` (x1, y1, x2, y2): points, then the embedder's crop."""
@@ -184,20 +196,20 @@ class FacePipeline:
         crop = self.embedder.align(image, box, five, points, self.box_margin, self.align)
         return Face(box, crop, five if points is None else points)
 
-    def detect_upload(self, data: bytes) -> tuple[np.ndarray, list[Face]]:
-        """Upload bytes -> (the decoded RGB image, EXIF orientation applied; every face, largest first, maybe
-        none)."""
+    def detect_upload(self, data: bytes) -> tuple[np.ndarray, list]:
+        """Upload bytes -> (the decoded RGB image, EXIF orientation applied; its detections, largest first, maybe
+        none: :meth:`align_all` makes faces of those wanted)."""
         image = decode_upload(data, self.max_pixels)
-        return image, self.faces(image)
+        return image, self.detect(image)
 
     def upload_faces(self, data: bytes, *, all_faces: bool = False) -> list[Face]:
         """Upload bytes -> its faces (the largest only unless ``all_faces``); InputError when none is found."""
-        image, faces = self.detect_upload(data)
-        self.require_faces(image, faces)
-        return faces if all_faces else faces[:1]
+        image, found = self.detect_upload(data)
+        self.require_faces(image, found)
+        return self.align_all(image, found if all_faces else found[:1])
 
-    def require_faces(self, image: np.ndarray, faces: list[Face]) -> None:
-        """InputError (422) saying that no face was found in ``image``, when ``faces`` is empty."""
+    def require_faces(self, image: np.ndarray, faces: list) -> None:
+        """InputError (422) saying that no face was found in ``image``, when ``faces`` (or detections) is empty."""
         if not faces:
             raise InputError(f"no face found in the {image.shape[1]}x{image.shape[0]} image ({self.detector_name} "
                              f"detector); send an aligned 112x112 crop to a server started with aligned: true")
@@ -214,7 +226,7 @@ def embed_photos(pipe: FacePipeline, photos, batch: int = 32, progress=None) -> 
     after every n photos."""
     crops, labels, no_face, out = [], [], [], []
     for path, label in zip(photos.paths, photos.labels):
-        faces = pipe.faces(read_image(path))
+        faces = pipe.faces(read_image(path), 1)
         if faces:
             crops.append(faces[0].crop)
             labels.append(int(label))

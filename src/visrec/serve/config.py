@@ -257,6 +257,8 @@ class LimitsConfig(_Strict):
     body_timeout_s: float = Field(60.0, gt=0, le=86_400, allow_inf_nan=False, description="seconds to receive a request body (slow clients)")
     max_concurrent: int = Field(4, gt=0, le=256, description="requests doing image work at once; others wait "
                                                              "without holding a thread")
+    max_faces: int = Field(100, gt=0, le=10_000, description="faces of one photo aligned and answered (detect, "
+                           "identify with all_faces): the largest; the answer's faces_found counts them all")
 
 
 class ApiKey(_Strict):

@@ -78,8 +78,9 @@ def pick_face(faces, box, min_iou: float = 0.5):
     """The face whose box best overlaps ``box`` (intersection over union at least ``min_iou``)."""
     best = max(faces, key=lambda f: _iou(f.box, box))
     if _iou(best.box, box) < min_iou:
-        raise InputError(f"no detected face overlaps field 'box' {list(box)} by half or more (detected: "
-                         f"{[list(f.box) for f in faces]})", 422)
+        shown = [[round(float(v)) for v in f.box] for f in faces[:10]]
+        raise InputError(f"no detected face overlaps field 'box' {list(box)} by half or more (detected: {shown}"
+                         f"{f' and {len(faces) - 10} more' if len(faces) > 10 else ''})", 422)
     return best
 
 
@@ -153,14 +154,14 @@ def face_routes(ctx):
             crops, found = [], []
             for i, data in enumerate(images["image"]):
                 try:
-                    image, faces = pipe.detect_upload(data)
+                    image, detections = pipe.detect_upload(data)
                     box = box_field(fields, "box", image.shape[1], image.shape[0])
-                    pipe.require_faces(image, faces)
-                    face = faces[0] if box is None else pick_face(faces, box)
+                    pipe.require_faces(image, detections)
+                    chosen = detections[0] if box is None else pick_face(detections, box)
                 except InputError as exc:
                     raise InputError(f"image {i + 1}: {exc}", exc.status) from None
-                crops.append(face.crop)
-                found.append(len(faces))
+                crops.append(pipe.align_all(image, [chosen])[0].crop)
+                found.append(len(detections))
             # keyed by the aligned crop, as `visrec gallery enroll` and the Python API key theirs: the same photo
             # adds nothing on any path, and two faces of one group photo are two templates
             hashes = [crop_hash(crop) for crop in crops]
@@ -192,13 +193,13 @@ def face_routes(ctx):
         all_faces = bool_field(fields, "all_faces")
 
         def work():
-            image, faces = pipe.detect_upload(images["image"][0])
-            pipe.require_faces(image, faces)
-            faces = faces if all_faces else faces[:1]
+            image, detections = pipe.detect_upload(images["image"][0])
+            pipe.require_faces(image, detections)
+            faces = pipe.align_all(image, detections[:ctx.limits.max_faces if all_faces else 1])
             embs = pipe.embedder(np.stack([f.crop for f in faces]))
             t, origin = gallery.decision_threshold(pipe.embedder.contract)
             results = gallery.search(embs, top_k, threshold=t)
-            return {"threshold": t, "threshold_origin": origin,
+            return {"threshold": t, "threshold_origin": origin, "faces_found": len(detections),
                     "image": {"width": int(image.shape[1]), "height": int(image.shape[0])}, "faces": [
                 {"box": list(f.box), "matches": [{"identity": m.identity, "score": round(float(m.score), 6),
                                                   "accepted": bool(m.accepted)} for m in ms]}
@@ -309,9 +310,10 @@ def face_routes(ctx):
         crops = bool_field(fields, "crops")
 
         def work():
-            image, faces = pipe.detect_upload(images["image"][0])
+            image, detections = pipe.detect_upload(images["image"][0])
+            faces = pipe.align_all(image, detections[:ctx.limits.max_faces])
             return {"image": {"width": int(image.shape[1]), "height": int(image.shape[0])},
-                    "faces": [_face_json(f, crops) for f in faces]}
+                    "faces_found": len(detections), "faces": [_face_json(f, crops) for f in faces]}
 
         return await ctx.offload(work)
 
