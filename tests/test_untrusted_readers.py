@@ -287,6 +287,7 @@ def _text_readers(tmp_path):
     from visrec.data.video import read_frame_scores, read_video_list
 
     (tmp_path / "a.jpg").write_bytes(jpeg(10))
+    (tmp_path / "b.jpg").write_bytes(jpeg(11))
     xy = "".join(f"{10 + i} {20 + i}\n" for i in range(3))
     wflw = " ".join(["1.0"] * 196 + ["0", "0", "50", "50"] + ["0"] * 6 + ["a.jpg"]) + "\n"
     return [
@@ -295,7 +296,7 @@ def _text_readers(tmp_path):
         ("face.pts", "version: 1\nn_points: 3\n{\n" + xy + "}\n", lambda p: L.read_pts(p)),
         ("wflw.txt", wflw * 2, lambda p: L.read_wflw(p)),
         ("pose.txt", "10.0 -5.0 2.0\n", lambda p: L.read_pose_txt(p)),
-        ("videos.csv", "v1,a.jpg,alice\nv2,a.jpg,bob\n", lambda p: read_video_list(p)),
+        ("videos.csv", "v1,a.jpg,alice\nv2,b.jpg,bob\n", lambda p: read_video_list(p)),
         ("scores.txt", "0.9\n0.8\n0.7\n", lambda p: read_frame_scores(p.parent, 3)),
         ("list.csv", "path,label\na.jpg,0\na.jpg,1\n", lambda p: read_csv_list(p)),
         ("val.csv", "q1,c1,c2\nq2,c3\n", lambda p: P.read_ground_truth(p)),

@@ -218,6 +218,8 @@ def _videos(model, data, fusions, targets, submission, filelist, providers):
         for tgt, r in results.items():
             if not r.estimable:
                 t.add_row(f, f"{tgt:g}", "not estimable", r.reason, "")
+            elif r.tpr is None:  # no genuine pair (one video per identity): the FPR side is still measured
+                t.add_row(f, f"{tgt:g}", f"n/a ({r.reason})", f"{r.threshold:.6f}", f"{r.fpr:.3e}")
             else:
                 t.add_row(f, f"{tgt:g}", f"{r.tpr:.6f}", f"{r.threshold:.6f}", f"{r.fpr:.3e}")
     Console().print(t)

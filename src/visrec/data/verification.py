@@ -233,7 +233,9 @@ def _issame(issame, path) -> np.ndarray:
 
 
 def read_verification_bin(path: str | Path) -> tuple[list[np.ndarray], np.ndarray]:
-    """Return (images as RGB uint8, issame as bool array of len(images) // 2)."""
+    """Return (images as RGB uint8, issame as bool array of len(images) // 2). A file without pairs, or whose
+    images are not all of one size (aligned crops; a model takes one input size), is a ``DataError`` naming
+    the file and the first image (0-based record) that differs."""
     path = Path(path)
     raw = read_bytes(path)
     try:
@@ -255,7 +257,15 @@ def read_verification_bin(path: str | Path) -> tuple[list[np.ndarray], np.ndarra
     for i, b in enumerate(bins):
         if not isinstance(b, (bytes, bytearray, np.ndarray)):
             raise DataError(f"{type(b).__name__}, not encoded image bytes", path=path, record=i)
-    images = [decode_image(bytes(_plain(b)), source=path, record=i) for i, b in enumerate(bins)]
+    if not bins:
+        raise DataError("no pairs (images and issame are empty)", path=path)
+    images = []
+    for i, b in enumerate(bins):
+        images.append(decode_image(bytes(_plain(b)), source=path, record=i))
+        if images[-1].shape != images[0].shape:  # checked as they decode: one odd image stops the read at once
+            (h, w), (h0, w0) = images[-1].shape[:2], images[0].shape[:2]
+            raise DataError(f"image is {w}x{h}, image 0 is {w0}x{h0}: a .bin holds aligned crops of one size",
+                            path=path, record=i)
     return images, issame
 
 

@@ -1,10 +1,11 @@
 """Video face sets: a list of videos, each a video file or a folder of aligned frames, with a label.
 
 List file (``videos.csv``): one video per line, ``video_id,path,label``; ``path`` is relative to the list's
-folder (or absolute); blank lines and lines starting with ``#`` are ignored. ``path`` is a folder of frame
-images (``*.jpg``/``*.png``, read in name order) or any video file OpenCV decodes (``.mp4``, ``.avi``...).
-Frames are aligned 112x112 face crops (``visrec.faces.align``; raw footage goes through detection and
-alignment first).
+folder (or absolute); blank lines and lines starting with ``#`` are ignored. A video id or a path listed twice
+is a ``DataError`` naming both lines (one video under two ids would be scored as a genuine pair of itself).
+``path`` is a folder of frame images (``*.jpg``/``*.png``, read in name order) or any video file OpenCV decodes
+(``.mp4``, ``.avi``...). Frames are aligned 112x112 face crops (``visrec.faces.align``; raw footage goes through
+detection and alignment first).
 
 Per-frame detector scores, when the detector gave them: ``scores.txt`` inside a frame folder, or
 ``<video file>.scores.txt`` beside a video file: one float per line, one line per frame, in frame order.
@@ -21,6 +22,7 @@ drawn lower (uniform 0.3-0.8) than a clean frame's (0.75-1.0), overlapping as re
 from __future__ import annotations
 
 import math
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -60,7 +62,7 @@ def read_video_list(path: str | Path) -> list[VideoItem]:
     path = Path(path)
     if not path.exists():
         raise DataError("video list not found", path=path)
-    items, seen = [], {}
+    items, seen, places = [], {}, {}
     for lineno, line in enumerate(read_lines(path), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
@@ -73,6 +75,11 @@ def read_video_list(path: str | Path) -> list[VideoItem]:
             raise DataError(f"video id {vid!r} repeats line {seen[vid]}", path=path, record=f"line {lineno}")
         seen[vid] = lineno
         p = Path(rel) if Path(rel).is_absolute() else path.parent / rel
+        where = os.path.normpath(p)  # videos/a and ./videos/a are one video
+        if where in places:
+            raise DataError(f"video {rel[:200]!r} is listed on line {places[where]} already, under another id",
+                            path=path, record=f"line {lineno}")
+        places[where] = lineno
         items.append(VideoItem(vid, p, label))
     if not items:
         raise DataError("no videos listed", path=path)
@@ -190,7 +197,9 @@ def scores_path(path: str | Path) -> Path:
 
 
 def read_frame_scores(path: str | Path, num_frames: int) -> np.ndarray | None:
-    """Detector scores of a video's frames, or None when the video has none."""
+    """Detector scores of a video's frames, or None when the video has none. Score fusion weighs each frame by
+    its score, so a file where no score is above 0 is a ``DataError`` naming it (the fused feature would be
+    zero)."""
     sp = scores_path(path)
     if _kind(sp) is None:
         return None
@@ -205,6 +214,9 @@ def read_frame_scores(path: str | Path, num_frames: int) -> np.ndarray | None:
                 raise DataError(f"not a number: {line[:80]!r}", path=sp, record=f"line {lineno}")
     if len(values) != num_frames:
         raise DataError(f"{len(values)} scores for {num_frames} frames", path=sp)
+    if max(values, default=0.0) <= 0:
+        raise DataError(f"no frame of video {Path(path).name!r} has a detector score above 0: weighted by them, "
+                        f"its feature would be zero", path=sp)
     return np.asarray(values, np.float32)
 
 

@@ -55,7 +55,7 @@ def tpir_at_fpir(probe, probe_labels, gallery, gallery_labels, targets=(1e-2, 1e
             out[f] = {"estimable": False, "reason": f"{len(non)} non-mated probes < 1/FPIR"}
             continue
         k = math.floor(f * len(non))
-        t = _next_up(non[k]) if k < len(non) else -1.0
+        t = _next_up(non[k]) if k < len(non) else float(best.min())  # every non-mated probe allowed: accept all
         hit = (best_id[mated] == probe_labels[mated]) & (best[mated] >= t)
         out[f] = {"estimable": True, "tpir": float(hit.mean()), "threshold": t, "fpir": float((non >= t).mean())}
     return out

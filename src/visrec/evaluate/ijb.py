@@ -16,8 +16,14 @@ Layout (as InsightFace's ``recognition/_evaluation_/ijb`` scripts read the relea
 
 Fields are separated by whitespace; a line with the wrong number of fields or a value that does not parse
 is a ``DataError`` naming the file and line. Ids must lie in [0, 2^31); the
-number of records is bounded by the file's length (every record is one line); coordinates and scores lie in
-[-1e6, 1e6].
+number of records is bounded by the file's length (every record is one line); coordinates lie in
+[-1e6, 1e6], detector scores in [0, 1e6] (a negative score would flip the image's feature). Each of these
+is a ``DataError`` naming the file and line too, as each would silently change the result: an image listed
+twice (it would weigh twice in its media mean), five points that coincide (no alignment exists), a pair
+listed twice (in either order) or a template paired with itself, a pair list without both labels, and,
+across the 1:N files (:func:`read_1n`), a template with no image, a template in both galleries, a subject
+with two gallery templates, a probe template that is also a gallery template and a probe subject with no
+gallery template. ``visrec.faces.evaluation.evaluate_ijb`` runs them all before the model loads.
 
 Template features (InsightFace's ``image2template_feature`` with its three switches; :class:`PoolOptions`):
 
@@ -136,10 +142,17 @@ def _check_name(name: str, path, lineno: int) -> str:
     return name
 
 
+def _not_repeated(first: dict[str, int], name: str, path, lineno: int) -> None:
+    """An image listed twice would weigh twice in its media mean (and a five-point row describes one image)."""
+    if first.setdefault(name, lineno) != lineno:
+        raise DataError(f"image {name[:80]!r} repeats line {first[name]}", path=path, record=f"line {lineno}")
+
+
 def read_tid_mid(path: str | Path) -> TemplateMeta:
     """``<p>_face_tid_mid.txt``: ``image template_id media_id`` per line (module docstring)."""
     path = Path(path)
     names, tids, mids = [], [], []
+    first: dict[str, int] = {}
     for lineno, line in enumerate(read_lines(path), start=1):  # UTF-8; a bad byte is a DataError naming it
         parts = line.split()
         if not parts:
@@ -147,6 +160,7 @@ def read_tid_mid(path: str | Path) -> TemplateMeta:
         if len(parts) != 3:
             raise DataError(f"expected 'image_name template_id media_id', got {len(parts)} fields", path=path,
                             record=f"line {lineno}")
+        _not_repeated(first, parts[0], path, lineno)
         names.append(_check_name(parts[0], path, lineno))
         tids.append(_id(parts[1], path, lineno, "template id"))
         mids.append(_id(parts[2], path, lineno, "media id"))
@@ -156,9 +170,11 @@ def read_tid_mid(path: str | Path) -> TemplateMeta:
 
 
 def read_five_points(path: str | Path) -> FivePoints:
-    """``<p>_name_5pts_score.txt``: ``image`` + 10 coordinates + detector score per line."""
+    """``<p>_name_5pts_score.txt``: ``image`` + 10 coordinates + detector score (>= 0) per line; five points
+    an alignment cannot use (``visrec.faces.align.degenerate_points``) are a ``DataError`` naming the line."""
     path = Path(path)
-    names, pts, scores = [], [], []
+    names, pts, scores, linenos = [], [], [], []
+    first: dict[str, int] = {}
     for lineno, line in enumerate(read_lines(path), start=1):
         parts = line.split()
         if not parts:
@@ -166,16 +182,41 @@ def read_five_points(path: str | Path) -> FivePoints:
         if len(parts) != 12:
             raise DataError(f"expected 'image x1 y1 ... x5 y5 score' (12 fields), got {len(parts)}", path=path,
                             record=f"line {lineno}")
+        _not_repeated(first, parts[0], path, lineno)
         names.append(_check_name(parts[0], path, lineno))
         pts.append([_float(v, path, lineno, f"coordinate {k + 1}") for k, v in enumerate(parts[1:11])])
         scores.append(_float(parts[11], path, lineno, "detector score"))
+        if scores[-1] < 0:  # D1 multiplies the feature by it: a negative score would flip the feature
+            raise DataError(f"detector score {scores[-1]} is negative", path=path, record=f"line {lineno}")
+        linenos.append(lineno)
     if not names:
         raise DataError("no images listed", path=path)
-    return FivePoints(names, np.asarray(pts, np.float32).reshape(-1, 5, 2), np.asarray(scores, np.float32))
+    points = np.asarray(pts, np.float32).reshape(-1, 5, 2)
+    bad = _degenerate(points)
+    if bad.any():
+        k = int(np.argmax(bad))
+        raise DataError(f"the five points of {names[k][:80]!r} coincide (within {MIN_POINT_SPREAD:g} px, or its "
+                        f"two eyes do): no alignment maps them to the template", path=path,
+                        record=f"line {linenos[k]}")
+    return FivePoints(names, points, np.asarray(scores, np.float32))
+
+
+MIN_POINT_SPREAD = 1e-6  # pixels, as visrec.faces.align.MIN_POINT_SPREAD
+
+
+def _degenerate(points: np.ndarray) -> np.ndarray:
+    """(N, 5, 2) finite points -> (N,) True where no alignment can use them: the rule of
+    ``visrec.faces.align.degenerate_points`` (a layer above, so not imported): all five within
+    ``MIN_POINT_SPREAD`` px of their mean, or the two eyes that close."""
+    pts = np.asarray(points, np.float64)
+    spread = np.sqrt(((pts - pts.mean(axis=1, keepdims=True)) ** 2).sum(axis=2).mean(axis=1))
+    return (spread < MIN_POINT_SPREAD) | (np.linalg.norm(pts[:, 0] - pts[:, 1], axis=1) < MIN_POINT_SPREAD)
 
 
 def read_template_pairs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """``<p>_template_pair_label.txt``: ``template_a template_b label`` (label 0 or 1) per line."""
+    """``<p>_template_pair_label.txt``: ``template_a template_b label`` (label 0 or 1) per line; a template
+    paired with itself, a pair listed twice (in either order: the score is symmetric) and a list without
+    both labels are ``DataError``s naming the file (and the lines)."""
     path = Path(path)
     rows = []
     for lineno, line in enumerate(read_lines(path), start=1):
@@ -188,38 +229,77 @@ def read_template_pairs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.nd
         label = _id(parts[2], path, lineno, "label")
         if label not in (0, 1):
             raise DataError(f"label must be 0 or 1, got {label}", path=path, record=f"line {lineno}")
-        rows.append((_id(parts[0], path, lineno, "template id"), _id(parts[1], path, lineno, "template id"), label))
+        a, b = _id(parts[0], path, lineno, "template id"), _id(parts[1], path, lineno, "template id")
+        if a == b:
+            raise DataError(f"template {a} is paired with itself", path=path, record=f"line {lineno}")
+        rows.append((a, b, label, lineno))
     if not rows:
         raise DataError("no template pairs", path=path)
-    arr = np.asarray(rows, dtype=np.int64).reshape(-1, 3)
-    return arr[:, 0], arr[:, 1], arr[:, 2].astype(bool)
+    arr = np.asarray(rows, dtype=np.int64).reshape(-1, 4)
+    # a repeated pair would count twice in TAR and FAR; sorted keys find one among 15.6M pairs without a dict
+    key = np.minimum(arr[:, 0], arr[:, 1]) * MAX_ID + np.maximum(arr[:, 0], arr[:, 1])
+    order = np.argsort(key, kind="stable")
+    dup = key[order[1:]] == key[order[:-1]]
+    if dup.any():
+        j = int(np.argmin(np.where(dup, order[1:], len(arr))))  # the earliest repeat, after its first listing
+        first, again = arr[order[j]], arr[order[j + 1]]
+        raise DataError(f"pair {int(again[0])} {int(again[1])} repeats line {int(first[3])}", path=path,
+                        record=f"line {int(again[3])}")
+    same = arr[:, 2].astype(bool)
+    if same.all() or not same.any():
+        raise DataError(f"all {len(arr)} pairs are labelled {int(same[0])}: TAR@FAR needs genuine (1) and impostor "
+                        f"(0) pairs", path=path)
+    return arr[:, 0], arr[:, 1], same
 
 
 def read_1n_csv(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     """(template ids, subject ids) of a 1:N gallery or probe CSV, one entry per template in first-seen
     order; a template listed with two subjects is a ``DataError``."""
+    tids, subjects, _ = _read_1n_rows(path)
+    return tids, subjects
+
+
+def _read_1n_rows(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``read_1n_csv`` and, per template, the line that first lists it. A header naming a needed column twice,
+    a quote left open (it would swallow every later row into one field) and a field over the csv module's
+    limit are ``DataError``s naming the line."""
     path = Path(path)
+    seen: dict[int, tuple[int, int]] = {}  # template -> (subject, line)
     with io.StringIO(read_text(path), newline="") as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None) or []
-        cols = {c.strip().upper(): i for i, c in enumerate(header)}
-        if "TEMPLATE_ID" not in cols or "SUBJECT_ID" not in cols:
-            raise DataError("needs TEMPLATE_ID and SUBJECT_ID columns in its header", path=path, record="line 1")
-        ti, si = cols["TEMPLATE_ID"], cols["SUBJECT_ID"]
-        seen: dict[int, int] = {}
-        for row in reader:
-            lineno = reader.line_num
-            if not any(c.strip() for c in row):
-                continue
-            if len(row) <= max(ti, si):
-                raise DataError(f"{len(row)} fields, the header names {len(header)}", path=path, record=f"line {lineno}")
-            t = _id(row[ti].strip(), path, lineno, "TEMPLATE_ID")
-            s = _id(row[si].strip(), path, lineno, "SUBJECT_ID")
-            if seen.setdefault(t, s) != s:
-                raise DataError(f"template {t} listed for subjects {seen[t]} and {s}", path=path, record=f"line {lineno}")
+        reader = csv.reader(fh, strict=True)  # strict: a quote open at the end of the file is an error
+        lineno = 1
+        try:
+            header = next(reader, None) or []
+            names = [c.strip().upper() for c in header]
+            cols = {c: i for i, c in enumerate(names)}
+            for c in ("TEMPLATE_ID", "SUBJECT_ID"):
+                if c not in cols:
+                    raise DataError("needs TEMPLATE_ID and SUBJECT_ID columns in its header", path=path,
+                                    record="line 1")
+                if names.count(c) > 1:
+                    raise DataError("the header names this column twice", path=path, record="line 1", field=c)
+            ti, si = cols["TEMPLATE_ID"], cols["SUBJECT_ID"]
+            for row in reader:
+                start, lineno = lineno + 1, reader.line_num
+                if lineno != start:  # one row over several lines: a quoted field holds a line break
+                    raise DataError(f"a quoted field runs over lines {start}-{lineno} (a quote left open?)",
+                                    path=path, record=f"line {start}")
+                if not any(c.strip() for c in row):
+                    continue
+                if len(row) <= max(ti, si):
+                    raise DataError(f"{len(row)} fields, the header names {len(header)}", path=path,
+                                    record=f"line {lineno}")
+                t = _id(row[ti].strip(), path, lineno, "TEMPLATE_ID")
+                s = _id(row[si].strip(), path, lineno, "SUBJECT_ID")
+                if seen.setdefault(t, (s, lineno))[0] != s:
+                    raise DataError(f"template {t} listed for subjects {seen[t][0]} and {s}", path=path,
+                                    record=f"line {lineno}")
+        except csv.Error as exc:  # a field over the csv module's limit, a quote open at the end of the file
+            raise DataError(f"not a CSV row: {exc}", path=path, record=f"line {lineno + 1}") from None
     if not seen:
         raise DataError("no templates", path=path)
-    return np.fromiter(seen.keys(), np.int64, len(seen)), np.fromiter(seen.values(), np.int64, len(seen))
+    values = np.array(list(seen.values()), np.int64).reshape(-1, 2)
+    return np.fromiter(seen.keys(), np.int64, len(seen)), values[:, 0], values[:, 1]
 
 
 @dataclass
@@ -285,6 +365,63 @@ def read_layout(layout: IJBLayout) -> tuple[TemplateMeta, FivePoints]:
             raise DataError(f"image {b!r}, but {layout.tid_mid.name} has {a!r} at the same record", path=layout.five_points,
                             record=k + 1)
     return meta, five
+
+
+def read_1n(layout: IJBLayout, meta: TemplateMeta) -> tuple[tuple, dict[str, tuple], tuple]:
+    """The 1:N files of ``layout`` (``has_1n``), checked against each other and the meta file as the protocol
+    needs them (module docstring), each failure a ``DataError`` naming the file and line: (gallery = the
+    galleries' (template ids, subject ids) concatenated, {gallery name: (template ids, subject ids)}, probe)."""
+    known = np.unique(meta.templates)
+    enrolled: dict[int, tuple[str, int]] = {}  # gallery template -> (file name, line)
+    subjects: dict[int, tuple[str, int]] = {}  # enrolled subject -> (file name, line)
+    split = {}
+    for path in layout.galleries:
+        t, s, lines = _read_1n_rows(path)
+        for tid, sid, line in zip(t.tolist(), s.tolist(), lines.tolist()):
+            if tid in enrolled:
+                raise DataError(f"template {tid} is also in {enrolled[tid][0]} (line {enrolled[tid][1]})", path=path,
+                                record=f"line {line}")
+            if sid in subjects:
+                raise DataError(f"subject {sid} has a gallery template in {subjects[sid][0]} (line "
+                                f"{subjects[sid][1]}) already; the protocol enrols one per subject", path=path,
+                                record=f"line {line}")
+            enrolled[tid], subjects[sid] = (path.name, line), (path.name, line)
+        _known(t, lines, known, path, layout.tid_mid.name)
+        split[path.stem.rsplit("_", 1)[-1]] = (t, s)  # G1, G2 (S1, S2)
+    p_t, p_s, p_lines = _read_1n_rows(layout.probes)
+    _known(p_t, p_lines, known, layout.probes, layout.tid_mid.name)
+    for tid, sid, line in zip(p_t.tolist(), p_s.tolist(), p_lines.tolist()):
+        if tid in enrolled:  # it would score 1 against itself
+            raise DataError(f"probe template {tid} is also a gallery template ({enrolled[tid][0]} line "
+                            f"{enrolled[tid][1]})", path=layout.probes, record=f"line {line}")
+        if sid not in subjects:
+            raise DataError(f"the subject {sid} of probe template {tid} has no gallery template (every probe "
+                            f"subject is enrolled once, in {' or '.join(p.name for p in layout.galleries)})",
+                            path=layout.probes, record=f"line {line}")
+    gallery = (np.concatenate([x[0] for x in split.values()]), np.concatenate([x[1] for x in split.values()]))
+    return gallery, split, (p_t, p_s)
+
+
+def _known(tids: np.ndarray, lines: np.ndarray, known: np.ndarray, path: Path, meta_name: str) -> None:
+    missing = ~np.isin(tids, known)
+    if missing.any():
+        k = int(np.argmax(missing))
+        raise DataError(f"template {int(tids[k])} has no image in {meta_name}", path=path,
+                        record=f"line {int(lines[k])}")
+
+
+def check_detector_scores(meta: TemplateMeta, five: FivePoints, path: Path) -> None:
+    """With detector-score weighting (D1), a template whose images all score 0 would pool to a zero feature:
+    a ``DataError`` naming the template and the five-point file (``path``)."""
+    tids, index = np.unique(meta.templates, return_inverse=True)
+    best = np.zeros(len(tids), np.float32)
+    np.maximum.at(best, index.reshape(-1), five.scores)
+    if (best <= 0).any():
+        k = int(np.argmax(best <= 0))
+        i = int(np.argmax(index.reshape(-1) == k))
+        raise DataError(f"every image of template {int(tids[k])} has detector score 0: weighted by its scores (D1) "
+                        f"its feature is zero (its first image, {five.image_names[i][:80]!r})",
+                        path=path, record=i + 1)
 
 
 def image_features(plain: np.ndarray, mirrored: np.ndarray | None, scores: np.ndarray | None,
@@ -401,7 +538,7 @@ def one_to_n(probe: np.ndarray, probe_subjects: np.ndarray, gallery: np.ndarray,
         if k < 1:
             strict[f] = {"estimable": False, "reason": f"{p} probes < 1/FPIR = {1 / f:g}"}
         else:
-            t = _next_up(non[k]) if k < len(non) else -1.0
+            t = _next_up(non[k]) if k < len(non) else float(min(non[-1], mated.min()))  # FPIR 1: accept all
             strict[f] = {"estimable": True, "tpir": float((mated >= t).mean()), "threshold": t,
                          "fpir": float((non >= t).sum() / p)}
         need = math.ceil(f * p - 1e-9)

@@ -56,7 +56,10 @@ def write_lfr_features(path: str | Path, features: np.ndarray) -> Path:
     return path
 
 
-def read_lfr_features(path: str | Path) -> np.ndarray:
+def read_lfr_features(path: str | Path, entries: list[str] | None = None) -> np.ndarray:
+    """The (rows, cols) float32 features of an LFR feature binary (module docstring). No rows, or a row that is
+    not finite or is all zeros (it has no direction to score by), is a ``DataError`` naming the file and the row
+    (1-based, as file-list entries are counted) and, given the file list's ``entries``, its entry."""
     path = Path(path)
     raw = read_bytes(path)  # a regular file only, read to its length (a device or a pipe would never end)
     if len(raw) < _HEADER.size:
@@ -69,7 +72,17 @@ def read_lfr_features(path: str | Path) -> np.ndarray:
     need = _HEADER.size + rows * cols * 4
     if len(raw) != need:
         raise DataError(f"{len(raw)} bytes, the header announces {need}", path=path)
-    return np.frombuffer(raw, dtype=np.float32, offset=_HEADER.size).reshape(rows, cols).copy()
+    if rows == 0:
+        raise DataError("no feature rows", path=path)
+    feats = np.frombuffer(raw, dtype=np.float32, offset=_HEADER.size).reshape(rows, cols).copy()
+    finite = np.isfinite(feats).all(axis=1)
+    bad = ~finite | ~(feats != 0).any(axis=1)
+    if bad.any():
+        k = int(np.argmax(bad))
+        entry = f" (file-list entry {entries[k][:200]!r})" if entries is not None and k < len(entries) else ""
+        raise DataError(f"{'NaN or inf' if not finite[k] else 'all zeros'}{entry}: a feature needs a finite, "
+                        f"non-zero direction", path=path, record=f"row {k + 1}")
+    return feats
 
 
 def read_filelist(path: str | Path) -> list[str]:
@@ -121,8 +134,8 @@ def read_entry_labels(path: str | Path) -> dict[str, str]:
 def labelled_rows(features_path: str | Path, filelist_path: str | Path, labels: dict) -> tuple[np.ndarray, np.ndarray]:
     """A submission's feature rows and, row by row, their labels: the rows are the file list's entries in order,
     each listed once and each with a label (else a ``DataError`` naming the file and the entries)."""
-    feats = read_lfr_features(features_path)
     names = read_filelist(filelist_path)
+    feats = read_lfr_features(features_path, names)
     if len(names) != len(feats):
         raise DataError(f"{len(feats):,} feature rows but {len(names):,} file-list entries", path=features_path)
     first: dict[str, int] = {}

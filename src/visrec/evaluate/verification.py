@@ -827,7 +827,9 @@ def tpr_at_fpr_pairs(scores_or_embeddings, issame, targets=(1e-4, 1e-6, 1e-8), *
                                    reason=f"{len(imp)} impostor pairs < 1/FPR = {1 / t:.3g}")
             continue
         k = math.floor(t * len(imp))
-        thr = _next_up(imp[k]) if k < len(imp) else -1.0
+        # k = every impostor: accepting them all is allowed, so the threshold accepts every pair, whatever the
+        # score range (a negated distance lies below -1)
+        thr = _next_up(imp[k]) if k < len(imp) else float(scores.min())
         ta, fa = int((gen >= thr).sum()), int((imp >= thr).sum())
         near = int((np.abs(scores - thr) < NEAR).sum())
         results[t] = TprResult(t, True, tpr=ta / len(gen) if len(gen) else None, threshold=thr, fpr=fa / len(imp),

@@ -74,6 +74,11 @@ def score_videos(feats: dict, labels, ids: list[str], fusions=("mean",), targets
     out = None
     if submission is not None:
         order = read_filelist(filelist) if filelist else ids
+        first: dict[str, int] = {}
+        for i, v in enumerate(order, start=1):  # as visrec.evaluate.lfr.labelled_rows: one row per video
+            if first.setdefault(v, i) != i:
+                raise DataError(f"entries {first[v]} and {i} are both {v[:200]!r}: the submission would hold its "
+                                f"row twice", path=filelist, record=f"entry {i}")
         row = {v: i for i, v in enumerate(ids)}
         missing = [v for v in order if v not in row]
         if missing:

@@ -59,6 +59,21 @@ def eyes_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
 
 
+MIN_POINT_SPREAD = 1e-6  # pixels: eyes_transform's bound on two coincident eyes, applied to all five too
+
+
+def degenerate_points(five: np.ndarray) -> np.ndarray:
+    """Per set of five points (..., 5, 2), True where no alignment can use them: a coordinate not finite, all
+    five within ``MIN_POINT_SPREAD`` of their mean (the least-squares scale divides by their spread) or the two
+    eyes (rows 0 and 1) that close (``eyes`` maps them apart). Readers check their files with it up front."""
+    pts = np.asarray(five, np.float64)
+    finite = np.isfinite(pts).all(axis=(-2, -1))
+    safe = np.where(np.isfinite(pts), pts, 0.0)
+    spread = np.sqrt(((safe - safe.mean(axis=-2, keepdims=True)) ** 2).sum(axis=-1).mean(axis=-1))
+    eyes = np.linalg.norm(safe[..., 0, :] - safe[..., 1, :], axis=-1)
+    return ~finite | (spread < MIN_POINT_SPREAD) | (eyes < MIN_POINT_SPREAD)
+
+
 # 5 points -> 2x3 similarity, by name: a transform ``f(src (5, 2), dst (5, 2)) -> (2, 3)`` registered here
 ALIGN_METHODS: Registry = Registry("alignment method")
 ALIGN_METHODS.register("lstsq")(similarity_transform)
@@ -87,8 +102,22 @@ def arcface_template(size: int = 112) -> np.ndarray:
 
 
 def alignment_transform(five: np.ndarray, size: int = 112, method: str = "lstsq") -> np.ndarray:
-    """The 2x3 matrix taking 5 points (image pixels) to the ArcFace template for ``size`` (:func:`arcface_template`)."""
-    return ALIGN_METHODS.get(check_method(method))(five, arcface_template(size))
+    """The 2x3 matrix taking 5 points (image pixels) to the ArcFace template for ``size`` (:func:`arcface_template`).
+    Points no alignment can use (:func:`degenerate_points`), or a transform that comes out singular or not
+    finite, are a ``DataError`` (field ``points``): a NaN matrix would warp to a black crop that still gets
+    embedded."""
+    fit = ALIGN_METHODS.get(check_method(method))
+    if degenerate_points(five):
+        pts = np.asarray(five, np.float64)
+        why = ("a coordinate is not finite" if not np.isfinite(pts).all() else
+               "the two eye points coincide" if np.linalg.norm(pts[0] - pts[1]) < MIN_POINT_SPREAD else
+               f"all five lie within {MIN_POINT_SPREAD:g} px of their mean")
+        raise DataError(f"five points {pts.round(3).tolist()}: {why}; no alignment maps them to the template",
+                        field="points")
+    m = np.asarray(fit(five, arcface_template(size)), np.float64)
+    if not (np.isfinite(m).all() and abs(np.linalg.det(m[:, :2])) > 0):
+        raise DataError(f"the {method} alignment of these five points is singular or not finite", field="points")
+    return m
 
 
 def five_points(points: np.ndarray, scheme: str | int | None = None) -> np.ndarray:

@@ -85,6 +85,10 @@ def _evaluate_bin(data: Path, model, targets, summary: dict, out, batch: int, pr
     figure is the headline), and exact TPR@FPR (strict rule) over its pairs on the flip embeddings."""
     images, issame = read_verification_bin(data)  # a bad .bin fails before the model loads, as other data do
     loaded = _load(model, providers, summary)
+    size = tuple(loaded.contract.input_size or ())
+    if size and images[0].shape[:2] != size:  # as the LFR image track: aligned crops are never resized here
+        h, w = images[0].shape[:2]
+        raise DataError(f"images are {w}x{h}, {model} takes aligned {size[1]}x{size[0]} crops", path=data, record=0)
     plain = embed_all(loaded.embed, len(images), images.__getitem__, batch, progress, group=group)
     mirrored = embed_all(loaded.embed, len(images), lambda i: mirror([images[i]])[0], batch, progress, group=group)
     both = evaluate_bin_both(plain, mirrored, issame)
@@ -261,15 +265,15 @@ def evaluate_ijb(root: str | Path, model: str | Path, *, target: str | None = No
             k = int(np.argmax(missing))
             raise DataError(f"the {which} template {int(ids[k])} has no image in {layout.tid_mid.name}",
                             path=layout.pairs, record=f"pair {k + 1}")
-    gallery = probe = None
+    gallery = probe = split = None
     if layout.has_1n:
-        g = [ijb.read_1n_csv(p) for p in layout.galleries]
-        gallery = (np.concatenate([x[0] for x in g]), np.concatenate([x[1] for x in g]))
-        split = {p.stem.rsplit("_", 1)[-1]: x for p, x in zip(layout.galleries, g)}  # G1, G2 (S1, S2)
-        probe = ijb.read_1n_csv(layout.probes)
-    plain, mirrored, align = ijb_embeddings(model, layout, five, batch=batch, progress=progress, providers=providers)
+        gallery, split, probe = ijb.read_1n(layout, meta)
     settings = [ijb.PoolOptions(*f) for f in product((True, False), repeat=3)] if all_options else \
         [options or ijb.PoolOptions()]
+    if any(opt.detector_score for opt in settings):
+        ijb.check_detector_scores(meta, five, layout.five_points)
+    # every check above runs before the model loads: embedding a real release takes hours
+    plain, mirrored, align = ijb_embeddings(model, layout, five, batch=batch, progress=progress, providers=providers)
     run = IJBRun(layout.root, layout.prefix.upper(), len(meta.image_names), len(tids), int(pairs[2].sum()),
                  int((~pairs[2]).sum()), align=align)
     if gallery is None:
