@@ -111,3 +111,41 @@ def test_chain_order_rules_persistence_and_errors(tmp_path):
         Chain.from_config([{"name": "nope"}])
     with pytest.raises(ConfigError, match="qe"):
         Chain.from_config([{"name": "qe", "kk": 2}])
+
+
+def test_a_stage_from_another_package_keeps_its_fitted_arrays_through_chain_pt(tmp_path):
+    """A registered Stage that declares no shapes (one file plus one registry line) gets back every array
+    Chain.save wrote for it, checked finite; a NaN in one is a DataError naming chain.pt and the key."""
+    import torch
+
+    from visrec.errors import DataError
+    from visrec.index.postprocess import STAGES, Stage
+
+    @STAGES.register("centre_test")
+    class Centre(Stage):
+        def __init__(self):
+            self.centre = None
+
+        def fit(self, catalogue):
+            self.centre = catalogue.mean(0)
+            return self
+
+        def catalogue(self, x):
+            return x - self.centre
+
+        queries = catalogue
+
+    try:
+        x = np.random.default_rng(0).normal(size=(20, 4)).astype(np.float32)
+        chain = Chain.from_config([{"name": "centre_test"}])
+        chain.fit(x)
+        chain.save(tmp_path / "chain.pt")
+        loaded = Chain.from_config([{"name": "centre_test"}]).load(tmp_path / "chain.pt", 4, 20)
+        assert np.array_equal(loaded.stages[0].centre, chain.stages[0].centre) and loaded.out_dim == 4
+        state = torch.load(tmp_path / "chain.pt", weights_only=True)
+        state["0.centre"][1] = float("nan")
+        torch.save(state, tmp_path / "chain.pt")
+        with pytest.raises(DataError, match=r"chain.pt.*0\.centre.*not finite"):
+            Chain.from_config([{"name": "centre_test"}]).load(tmp_path / "chain.pt", 4, 20)
+    finally:
+        STAGES._items.pop("centre_test", None)

@@ -35,3 +35,11 @@ def test_mean_over_queries_and_recall():
 def test_duplicates_raise():
     with pytest.raises(VisrecError):
         map_at_k({"q": ["a", "a"]}, {"q": ["a"]})
+
+
+def test_average_precision_refuses_a_repeated_id():
+    from visrec.evaluate.retrieval import average_precision_at_k
+
+    for form in ("hits", "min_gt"):
+        with pytest.raises(VisrecError, match="duplicate catalogue id 'a'"):
+            average_precision_at_k(["a", "a", "x"], ["a"], 7, form)

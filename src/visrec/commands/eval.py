@@ -407,6 +407,8 @@ def products(index_dir: Path = typer.Argument(..., help="index directory from vi
     Console().print(t)
     for message in res.postprocess_adjustments:
         Console().print(f"[yellow]index built with a shrunk stage:[/] {message}")
+    for note in res.notes:
+        Console().print(f"note: {note}", markup=False, style="yellow")
     if res.ablation:
         a = Table(title="post-processing ablation (exact search; each row adds the next stage)")
         a.add_column("stages applied")

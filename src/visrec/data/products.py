@@ -29,7 +29,13 @@ spreadsheet or hand edit makes of it:
 - blank lines are skipped.
 
 Ids are compared as strings after stripping surrounding whitespace and may not contain commas.
-Errors are ``DataError`` naming the file and the 1-based line (``record="line N"``).
+A catalogue or query image's id (its file stem) must be a valid id as it stands (``id_problem``): UTF-8,
+non-empty, no comma, CR or LF, no surrounding whitespace, not in quotes — a file named otherwise could not
+be written to ids.txt or a CSV and read back, so ``list_images`` refuses the folder naming the file. Fields
+are not quoted, as in the organisers' plain comma-separated files: a field in quotes (``"q1","a"``) is an
+error rather than an id that would name no image (a ``"`` inside an id is part of it). The writers refuse
+what their reader would read back differently. Errors are ``DataError`` naming the file and the 1-based
+line (``record="line N"``).
 
 Images in memory are HxWx3 RGB uint8 (``visrec.data.images``). ``preprocess_product`` turns one into the
 network input: float32 CHW, ImageNet-normalised.
@@ -47,7 +53,7 @@ import numpy as np
 
 from visrec.data.images import check_encoded, decode_image
 from visrec.data.text import read_bytes, read_lines
-from visrec.errors import DataError
+from visrec.errors import DataError, shown
 
 CATALOGUE_DIR = "catalogue"
 QUERY_DIR = "query"
@@ -63,10 +69,32 @@ IMAGENET_STD = np.array([0.229, 0.224, 0.225], np.float32)
 
 # ----------------------------------------------------------------------------------------- images
 
+def _is_quoted(field: str) -> bool:
+    return len(field) >= 2 and field[0] == field[-1] == '"'
+
+
+def id_problem(image_id: str) -> str | None:
+    """Why ``image_id`` is not a valid id (module docstring), or None when it is."""
+    if not image_id:
+        return "an empty id"
+    if image_id != image_id.strip():
+        return "surrounding whitespace"
+    if any(c in image_id for c in ",\r\n"):
+        return "a comma or line break"
+    if _is_quoted(image_id):
+        return "quotes around it"
+    try:
+        image_id.encode("utf-8")
+    except UnicodeEncodeError:
+        return "bytes that are not UTF-8"
+    return None
+
+
 def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     """``(id, path)`` for every .jpg/.jpeg/.png file (suffix case-insensitive) directly in ``folder``,
-    sorted by id (the file stem). Other files are ignored. Raises ``DataError`` when the folder is missing
-    or two files share an id (``a.jpg`` and ``a.png``)."""
+    sorted by id (the file stem). Other files are ignored. Raises ``DataError`` when the folder is missing,
+    two files share an id (``a.jpg`` and ``a.png``) or a stem is not a valid id (``id_problem``: the file is
+    named, before any image is read)."""
     folder = Path(folder)
     if not folder.is_dir():
         raise DataError("image folder not found", path=folder)
@@ -74,6 +102,11 @@ def list_images(folder: str | Path) -> list[tuple[str, Path]]:
     for p in folder.iterdir():
         if p.suffix.lower() not in PRODUCT_SUFFIXES or not p.is_file():
             continue
+        why = id_problem(p.stem)
+        if why is not None:
+            raise DataError(f"file name {p.name!r} does not make a valid image id (its stem holds {why}; ids are "
+                            "UTF-8 without commas, line breaks, quotes around them or surrounding whitespace): "
+                            "rename the file", path=folder, record=f"file {p.name!r}")
         if p.stem in seen:
             a, b = sorted([seen[p.stem].name, p.name])
             raise DataError(f"duplicate image id {p.stem!r}: both {a} and {b}", path=folder)
@@ -206,11 +239,14 @@ def _read_rows(path: str | Path, *, header: bool = True) -> Iterator[tuple[int, 
 
 
 def _check_row(fields: Sequence[str], *, path, record, what: str) -> None:
-    """Query id + ids: none empty, no duplicate ids."""
+    """Query id + ids: none empty or quoted, no duplicate ids."""
     for i, f in enumerate(fields):
+        name = "query id" if i == 0 else f"{what} id #{i}"
         if not f:
-            name = "query id" if i == 0 else f"{what} id #{i}"
             raise DataError(f"empty {name}", path=path, record=record)
+        if _is_quoted(f):
+            raise DataError(f"{name} {f} is in quotes: the file is plain comma-separated (no quoting); write "
+                            "the id without them", path=path, record=record)
     seen: set[str] = set()
     for f in fields[1:]:
         if f in seen:
@@ -218,15 +254,16 @@ def _check_row(fields: Sequence[str], *, path, record, what: str) -> None:
         seen.add(f)
 
 
-def read_ground_truth(path: str | Path) -> dict[str, list[str]]:
+def read_ground_truth(path: str | Path, lines: dict[str, int] | None = None) -> dict[str, list[str]]:
     """Read ``qid,gt1,gt2,...`` lines into ``{qid: [gt ids in file order]}``; the organisers' ``val.csv`` as
-    distributed (BOM, header line, CRLF) reads as is (module docstring).
+    distributed (BOM, header line, CRLF) reads as is (module docstring). ``lines``, when given, is filled with
+    each query's 1-based line (for errors found later, e.g. a ground-truth id that names no catalogue image).
 
-    Errors (``DataError`` with the file and ``line N``): a line with no ground-truth id, an empty id,
-    a duplicate id within a line, a query id seen on an earlier line.
+    Errors (``DataError`` with the file and ``line N``): a line with no ground-truth id, an empty or quoted
+    id, a duplicate id within a line, a query id seen on an earlier line.
     """
     gt: dict[str, list[str]] = {}
-    first: dict[str, int] = {}
+    first: dict[str, int] = lines if lines is not None else {}
     for lineno, fields in _read_rows(path):
         record = f"line {lineno}"
         _check_row(fields, path=path, record=record, what="ground-truth")
@@ -241,12 +278,20 @@ def read_ground_truth(path: str | Path) -> dict[str, list[str]]:
 
 
 def _validate_mapping(rows: Mapping[str, Sequence[str]], path, what: str) -> None:
-    for qid, ids in rows.items():
+    """What a writer may write: rows its reader reads back exactly (every id valid: ``id_problem``; no
+    duplicate; a first row the reader would not take for a header), else a DataError naming the id."""
+    for n, (qid, ids) in enumerate(rows.items()):
         qid = str(qid)
         fields = [qid, *(str(i) for i in ids)]
-        if any("," in f or "\n" in f for f in fields):
-            raise DataError(f"an id for query {qid!r} contains ',' or a newline", path=path, record=f"query {qid}")
-        _check_row([f.strip() for f in fields], path=path, record=f"query {qid}", what=what)
+        for f in fields:
+            why = id_problem(f)
+            if why is not None:
+                raise DataError(f"id {shown(f)} for query {shown(qid)} holds {why}: the file would not read back "
+                                "as written", path=path, record=f"query {shown(qid)}")
+        if n == 0 and _is_header(fields):
+            raise DataError(f"query id {qid!r} reads as a column name (a header line, which the reader skips): "
+                            "the first row would be lost", path=path, record=f"query {qid}")
+        _check_row(fields, path=path, record=f"query {qid}", what=what)
 
 
 def write_ground_truth(path: str | Path, gt: Mapping[str, Sequence[str]]) -> None:

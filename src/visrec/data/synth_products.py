@@ -28,6 +28,7 @@ import numpy as np
 
 from visrec.data import products as P
 from visrec.data.images import encode_jpeg
+from visrec.errors import DataError
 
 SHAPES = ("bottle", "jar", "tube", "box", "pump")
 PATTERNS = ("stripes", "dots", "bands")
@@ -340,11 +341,18 @@ def write_product_dataset(root: str | Path, families: int = 10, products_per_fam
     """Write a synthetic Perfect-500K-style data set under ``root``: ``catalogue/<id>.jpg``,
     ``query/<qid>.jpg``, ``val.csv`` (each query's ground truth = every catalogue variant of its product)
     and ``catalogue_products.csv`` (``catalogue_id,product_id``, no header). ``progress(done, total)`` is
-    called after each image. Returns a summary dict of paths and counts."""
+    called after each image. Returns a summary dict of paths and counts. A ``root`` that already holds a data
+    set (an image in ``catalogue/`` or ``query/``, ``val.csv`` or ``catalogue_products.csv``) is a DataError:
+    its images would mix with the new ones (and a stale val.csv outlive them); nothing there is deleted."""
     if variants < 1 or families < 0 or products_per_family < 0 or queries_per_product < 0:
         raise ValueError("need variants >= 1 and non-negative counts")
     root = Path(root)
     cat_dir, q_dir = root / P.CATALOGUE_DIR, root / P.QUERY_DIR
+    held = [root / n for n in (P.GROUND_TRUTH, P.PRODUCT_LABELS) if (root / n).exists()]
+    held += [p for d in (cat_dir, q_dir) if d.is_dir() for p in d.iterdir() if p.suffix.lower() in P.PRODUCT_SUFFIXES]
+    if held:
+        raise DataError(f"already holds a data set ({held[0].relative_to(root)} and {len(held) - 1} more): the new "
+                        "images would mix with its images; write into a new or empty folder", path=root)
     cat_dir.mkdir(parents=True, exist_ok=True)
     q_dir.mkdir(parents=True, exist_ok=True)
     total = families * products_per_family * (variants + queries_per_product)

@@ -11,10 +11,11 @@ evaluated by ``visrec.models.inference.evaluate_descriptor`` (exact search in me
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from pathlib import Path
 
-from visrec.data.products import QUERY_DIR, list_images
-from visrec.errors import DataError
+from visrec.data.products import QUERY_DIR, list_images, read_ground_truth
+from visrec.errors import DataError, shown
 from visrec.evaluate.retrieval import RETRIEVAL_METRICS
 
 
@@ -33,3 +34,28 @@ def query_items(root: Path, gt: dict[str, list[str]]) -> list[tuple[str, Path]]:
         raise DataError(f"{len(missing)} queries of the ground truth have no image, e.g. {missing[:3]}",
                         path=root / QUERY_DIR)
     return [(q, queries[q]) for q in gt]
+
+
+def read_checked_ground_truth(path: str | Path, catalogue: Collection[str], skipped: Collection[str] = ()
+                              ) -> tuple[dict[str, list[str]], int]:
+    """The ground truth of ``path`` (``read_ground_truth``) checked against the catalogue searched: every
+    ground-truth id must be one of ``catalogue`` (the ids searched) or of ``skipped`` (catalogue images the
+    index skipped as unreadable, which no ranking can hold); any other id (a typo, another catalogue, other
+    case) is a DataError naming the file, the line and the id, never a silent 0. Returns the ground truth and
+    how many of its ids name skipped images (they stay in the ground truth and count as misses)."""
+    lines: dict[str, int] = {}
+    gt = read_ground_truth(path, lines)
+    known, skipped = set(catalogue), set(skipped)
+    if not known:
+        raise DataError("the catalogue searched holds no image: nothing to evaluate", path=path)
+    unreadable = 0
+    for qid, ids in gt.items():
+        for gid in ids:
+            if gid in known:
+                continue
+            if gid not in skipped:
+                raise DataError(f"ground-truth id {shown(gid)} of query {shown(qid)} names no catalogue image "
+                                f"(the catalogue holds {len(known):,} ids, e.g. {shown(min(known))})", path=path,
+                                record=f"line {lines[qid]}")
+            unreadable += 1
+    return gt, unreadable

@@ -26,13 +26,19 @@ FORMS = ("hits", "min_gt")
 
 
 def _check_row(query_id, ranked: Sequence) -> None:
+    ranked = list(ranked)
     if len(set(ranked)) != len(ranked):
-        raise VisrecError(f"query {query_id!r}: duplicate catalogue ids in its ranked list")
+        seen: set = set()
+        repeated = next(r for r in ranked if r in seen or seen.add(r))
+        who = f"query {query_id!r}: " if query_id is not None else ""
+        raise VisrecError(f"{who}duplicate catalogue id {repeated!r} in its ranked list (each id may be ranked once)")
 
 
 def average_precision_at_k(ranked: Sequence, ground_truth: Sequence, k: int = 7,
                            form: str = "hits") -> float:
-    """AP@k of one ranked list (see module docstring for the two forms)."""
+    """AP@k of one ranked list (see module docstring for the two forms); a list repeating an id is an error
+    (each repeat would count as another hit)."""
+    _check_row(None, ranked)
     if form not in FORMS:
         raise VisrecError(f"unknown mAP form {form!r}; expected one of {FORMS}")
     if k < 1:

@@ -47,6 +47,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -58,42 +59,69 @@ from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from visrec._npz import load_npz
 from visrec._onnx import describe_providers, parse_providers
 from visrec._torchfile import atomic_save
 from visrec.config import load_config, set_dotted, validate_section
-from visrec.data.products import list_images, load_catalogue_images, read_image_checked, write_submission
-from visrec.errors import ConfigError, DataError
+from visrec.data.products import (id_problem, list_images, load_catalogue_images, read_image_checked,
+                                  write_submission)
+from visrec.errors import ConfigError, DataError, shown
 from visrec.index.faiss_index import FaissIndex
-from visrec.index.postprocess import Chain, PCAWhitening
+from visrec.index.postprocess import FINITE_CHECK_ROWS, Chain, PCAWhitening
 from visrec.models import build_backbone
 from visrec.models.embed import for_inference
 from visrec.models.inference import PreparedBatch, describe, prepare_batch
 from visrec.models.loading import load_model
+from visrec.models.contract import MAX_EMBEDDING_DIM, MAX_INPUT_SIDE
 from visrec.models.model_file import default_contract, load_backbone
 from visrec.distributed import broadcast_module, from_rank_zero, gather_objects, on_every_rank, rank_and_size
 
 MANIFEST = "manifest.json"
 
 
+MAX_MULTISCALE = 8  # scales per image: each is a forward pass per catalogue image and query
+MAX_NPROBE = 1 << 20  # IVF lists a search visits: no factory string worth building has more lists
+
+
 class IndexOptions(BaseModel):
-    """The ``index`` section of a products config."""
+    """The ``index`` section of a products config (and ``options`` of an index's manifest.json, which is
+    untrusted: every size is bounded, the post-processing stages and their parameters are checked)."""
 
     model_config = ConfigDict(extra="forbid")
-    size: int = Field(224, gt=0, description="input side in pixels after white square padding")
-    multiscale: list[float] | None = Field(None, description="e.g. [1.0, 0.707, 1.414]")
-    batch_size: int = Field(32, gt=0)
+    size: int = Field(224, gt=0, le=MAX_INPUT_SIDE, description="input side in pixels after white square padding "
+                      f"(at most {MAX_INPUT_SIDE}, the model contract's bound)")
+    multiscale: list[float] | None = Field(None, min_length=1, max_length=MAX_MULTISCALE,
+                                           description="e.g. [1.0, 0.707, 1.414]: finite positive scales, each "
+                                           f"making a side round(size * scale) in 1..{MAX_INPUT_SIDE}")
+    batch_size: int = Field(32, gt=0, le=1 << 16)
     dtype: str = Field("float16", pattern="^(float16|float32)$", description="stored raw descriptors")
     factory: str = Field("Flat", description="FAISS index_factory string (Flat = exact)")
-    nprobe: int | None = Field(None, gt=0)
-    shard_size: int = Field(1024, gt=0, description="images per extraction shard (resume granularity)")
+    nprobe: int | None = Field(None, gt=0, le=MAX_NPROBE)
+    shard_size: int = Field(1024, gt=0, le=1 << 24, description="images per extraction shard (resume granularity)")
     postprocess: list[dict] = Field(default_factory=list, description="ordered stages: whiten, dba, qe, diffusion")
     strict: bool = Field(False, description="fail on the first unreadable catalogue image")
     workers: int | None = Field(None, ge=0, le=256, description="threads that read, decode and preprocess "
                                 "catalogue images ahead of the network (default: the cores, at most 16; 0: in "
                                 "the calling thread); how the index is built, not what it is: not in the manifest")
+
+    @field_validator("postprocess")
+    @classmethod
+    def _stages(cls, specs: list[dict]) -> list[dict]:
+        try:  # each stage's name and parameters (postprocess.build_stage), before any image is read
+            Chain.from_config(specs)
+        except ConfigError as exc:
+            raise ValueError(str(exc)) from None
+        return specs
+
+    @model_validator(mode="after")
+    def _scales(self) -> "IndexOptions":
+        for s in self.multiscale or ():
+            if not (math.isfinite(s) and s > 0 and 1 <= int(round(self.size * s)) <= MAX_INPUT_SIDE):
+                raise ValueError(f"multiscale: scale {s} makes a side of round({self.size} x {s}) px; each scale "
+                                 f"must be finite and positive with a side in 1..{MAX_INPUT_SIDE}")
+        return self
 
 
 def loader_threads(opts: IndexOptions) -> int:
@@ -602,9 +630,9 @@ class CatalogueIndex:
                             path=self.dir)
         try:
             self.manifest = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
-            self.opts = load_index_options(self.manifest["options"], str(self.dir / MANIFEST))
-        except (ValueError, KeyError, TypeError) as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise DataError(f"not a readable catalogue index manifest: {exc}", path=self.dir / MANIFEST) from None
+        self.opts = _check_manifest(self.manifest, self.dir / MANIFEST)
         files = self.manifest.get("files")
         if files is not None:
             self._check_files(files)
@@ -620,15 +648,22 @@ class CatalogueIndex:
             self.device = device
             for_inference(self.model, device)
             self.runtime = f"PyTorch on {device}"
+        self.ids = _read_ids(self.dir / "ids.txt")
+        self._check_counts()
+        self.chain = Chain.from_config(self.opts.postprocess).load(self.dir / "chain.pt", self.manifest.get("dim"),
+                                                                   len(self.ids))
         try:
-            self.ids = (self.dir / "ids.txt").read_text(encoding="utf-8").split("\n")[:-1]
-        except (OSError, ValueError) as exc:
-            raise DataError(f"cannot read the catalogue ids: {exc}", path=self.dir / "ids.txt") from None
-        self.chain = Chain.from_config(self.opts.postprocess).load(self.dir / "chain.pt")
-        self.faiss = FaissIndex.load(self.dir / "index.faiss", self.opts.nprobe)
+            self.faiss = FaissIndex.load(self.dir / "index.faiss", self.opts.nprobe)
+        except RuntimeError as exc:  # FAISS refusing nprobe for this index
+            raise DataError(f"options.nprobe={self.opts.nprobe} does not apply to index.faiss: {exc}",
+                            path=self.dir / MANIFEST, field="options.nprobe") from None
         if len(self.faiss) != len(self.ids):
             raise DataError(f"index holds {len(self.faiss)} vectors but ids.txt {len(self.ids)}", path=self.dir)
-        self._check_counts()
+        if self.chain.out_dim is not None and self.chain.out_dim != self.faiss.dim:
+            raise DataError(f"index.faiss is {self.faiss.dim}-d but chain.pt makes {self.chain.out_dim}-d vectors: "
+                            "the files do not belong together; build the index again", path=self.dir / "index.faiss")
+        _check_finite_index(self.faiss, self.dir / "index.faiss")
+        self._check_index_dim()
 
     def _check_files(self, files) -> None:
         """Each file the manifest records has its recorded size and digest (class doc)."""
@@ -667,6 +702,9 @@ class CatalogueIndex:
             name = "descriptor.onnx" if isinstance(self.model, OnnxDescriptor) else "descriptor.pt"
             raise DataError(f"{name} makes {int(dim)}-d descriptors but manifest.json says {m['dim']}: the files do "
                             "not belong together; build the index again", path=self.dir / name)
+
+    def _check_index_dim(self) -> None:
+        m = self.manifest
         if isinstance(m.get("index_dim"), int) and self.faiss.dim != m["index_dim"]:
             raise DataError(f"index.faiss is {self.faiss.dim}-d but manifest.json says index_dim {m['index_dim']}: "
                             "the files do not belong together; build the index again", path=self.dir / "index.faiss")
@@ -712,7 +750,14 @@ class CatalogueIndex:
             raise DataError(f"cannot read the catalogue descriptors: {exc}", path=path) from None
         if raw.dtype.kind != "f" or raw.ndim != 2 or len(raw) != len(self.ids):
             raise DataError(f"descriptors.npy holds {raw.shape} but ids.txt {len(self.ids)} ids", path=self.dir)
-        return raw.astype(np.float32)
+        if isinstance(self.manifest.get("dim"), int) and raw.shape[1] != self.manifest["dim"]:
+            raise DataError(f"descriptors.npy holds {raw.shape[1]}-d descriptors but manifest.json says "
+                            f"{self.manifest['dim']}", path=path)
+        out = np.empty(raw.shape, np.float32)
+        for s in range(0, len(raw), FINITE_CHECK_ROWS):  # a block at a time: one row-block of the file in memory
+            out[s:s + FINITE_CHECK_ROWS] = raw[s:s + FINITE_CHECK_ROWS]
+            _refuse_non_finite(out[s:s + FINITE_CHECK_ROWS], s, path)
+        return out
 
     def search_items(self, items: Iterable[tuple[str, Path]], k: int = 7, progress=None
                      ) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
@@ -723,6 +768,90 @@ class CatalogueIndex:
             for (qid, _), row, s in zip(batch, ids, sc):
                 ranked[qid], scores[qid] = row, [float(v) for v in s[:len(row)]]
         return ranked, scores
+
+
+MAX_UNREADABLE_REASON = 4096  # characters of one unreadable image's reason in manifest.json
+
+
+def _refuse_non_finite(block: np.ndarray, start: int, path: Path) -> None:
+    """A DataError naming ``path`` and the first row (``start`` + its position) of ``block`` holding NaN or
+    inf: such a vector scores NaN against every query and silently drops out of (or swamps) every ranking."""
+    bad = ~np.isfinite(block).all(axis=1)
+    if bad.any():
+        raise DataError("a vector holds NaN or inf: the file is corrupt; build the index again", path=path,
+                        record=f"row {start + int(np.argmax(bad))}")
+
+
+def _check_finite_index(index: FaissIndex, path: Path) -> None:
+    """The vectors of ``index`` are finite (:func:`_refuse_non_finite`), checked a block at a time where the
+    index type can give them back (Flat, IVF...); a compressed index that cannot is left as it is."""
+    n = len(index)
+    for s in range(0, n, FINITE_CHECK_ROWS):
+        try:
+            block = index.index.reconstruct_n(s, min(FINITE_CHECK_ROWS, n - s))
+        except RuntimeError:  # this index type cannot reconstruct its vectors
+            return
+        _refuse_non_finite(np.asarray(block, np.float32), s, path)
+
+
+def _read_ids(path: Path) -> list[str]:
+    """ids.txt: one valid id (``visrec.data.products.id_problem``) a line, each ending with ``\n``, no id twice;
+    else a DataError naming the file and the line."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as exc:
+        raise DataError(f"cannot read the catalogue ids: {exc}", path=path) from None
+    if text and not text.endswith("\n"):
+        raise DataError("the last id has no line end: a torn or hand-edited file; build the index again", path=path)
+    ids = text.split("\n")[:-1]
+    first: dict[str, int] = {}
+    for lineno, image_id in enumerate(ids, 1):
+        why = id_problem(image_id)
+        if why is not None:
+            raise DataError(f"not a catalogue id: {why}", path=path, record=f"line {lineno}")
+        if image_id in first:
+            raise DataError(f"duplicate catalogue id {image_id!r} (first on line {first[image_id]})", path=path,
+                            record=f"line {lineno}")
+        first[image_id] = lineno
+    return ids
+
+
+def _check_manifest(m, path: Path) -> IndexOptions:
+    """The manifest's options, validated as a config's (bounded: the manifest is untrusted), and the other
+    fields a reader uses, with their types (``files`` is checked by ``_check_files``): a DataError naming
+    manifest.json and the field."""
+    if not isinstance(m, dict):
+        raise DataError(f"not a readable catalogue index manifest: a JSON {type(m).__name__}, not an object",
+                        path=path)
+
+    def need(key: str, ok: bool, what: str) -> None:
+        if not ok:
+            got = f"{type(m[key]).__name__} {shown(m[key])}" if key in m else "missing"
+            raise DataError(f"not a readable catalogue index manifest: {key} must be {what}, got {got}", path=path,
+                            field=key)
+
+    def count(v) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+    need("options", isinstance(m.get("options"), dict), "an object")
+    try:
+        opts = load_index_options(m["options"], str(path))
+    except ConfigError as exc:  # the manifest's options are data: bounded like a config's, refused as data
+        raise DataError(f"not a readable catalogue index manifest: {exc}", path=path, field="options") from None
+    need("catalogue", isinstance(m.get("catalogue"), str), "the catalogue folder (a string)")
+    need("count", count(m.get("count")), "a count (an integer >= 0)")
+    for key in ("dim", "index_dim"):
+        need(key, key not in m or (count(m[key]) and 0 < m[key] <= MAX_EMBEDDING_DIM),
+             f"an integer in 1..{MAX_EMBEDDING_DIM}")
+    unreadable = m.get("unreadable", [])
+    need("unreadable", isinstance(unreadable, list) and all(
+        isinstance(u, dict) and isinstance(u.get("id"), str) and isinstance(u.get("reason"), str)
+        and id_problem(u["id"]) is None and len(u["reason"]) <= MAX_UNREADABLE_REASON for u in unreadable),
+        "a list of {id, reason} (valid ids)")
+    adjustments = m.get("postprocess_adjustments", [])
+    need("postprocess_adjustments", isinstance(adjustments, list) and all(isinstance(a, str) for a in adjustments),
+         "a list of strings")
+    return opts
 
 
 class CatalogueImages:

@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 
 from visrec.data.images import read_image
-from visrec.data.products import GROUND_TRUTH, list_images, pad_to_square, read_ground_truth, write_submission
-from visrec.evaluate.products import query_items, retrieval_metrics
+from visrec.data.products import GROUND_TRUTH, list_images, pad_to_square, write_submission
+from visrec.evaluate.products import query_items, read_checked_ground_truth, retrieval_metrics
 from visrec.index.catalogue import CatalogueIndex, open_for_queries
 from visrec.index.postprocess import _topk
 
@@ -35,6 +35,11 @@ class AblationRow:
 
 @dataclass
 class ProductEval:
+    """``submission``: None when a catalogue smaller than ``k`` cannot fill a challenge row.
+    ``ground_truth_unreadable``: ground-truth ids naming catalogue images the index skipped as unreadable
+    (``unreadable_catalogue``); they stay in the ground truth and count as misses. ``notes``: what a reader of
+    the figures must know (either of those), as the report and the CLI print them."""
+
     metrics: dict[str, float]
     ranked: dict[str, list[str]]
     submission: Path
@@ -43,6 +48,8 @@ class ProductEval:
     unreadable_catalogue: list = field(default_factory=list)
     ablation: list[AblationRow] | None = None
     postprocess_adjustments: list[str] = field(default_factory=list)
+    ground_truth_unreadable: int = 0
+    notes: list[str] = field(default_factory=list)
 
 
 def _stage_label(spec: dict) -> str:
@@ -74,9 +81,16 @@ def postprocess_ablation(index_dir: str | Path, root: str | Path, k: int = 7, pr
     docstring): ``len(stages) + 1`` rows, "none" first, the whole chain last. ``progress(n)`` is called as
     query images are described."""
     root = Path(root)
-    gt = read_ground_truth(root / GROUND_TRUTH)
     index = CatalogueIndex(index_dir)
+    gt, _ = _ground_truth(root, index)
     return _ablation(index, query_items(root, gt), gt, k, progress)
+
+
+def _ground_truth(root: Path, index: CatalogueIndex) -> tuple[dict[str, list[str]], int]:
+    """``root/val.csv`` checked against the index's ids and the catalogue images it skipped as unreadable
+    (``visrec.evaluate.products.read_checked_ground_truth``)."""
+    return read_checked_ground_truth(root / GROUND_TRUTH, index.ids,
+                                     [u["id"] for u in index.manifest.get("unreadable", [])])
 
 
 def evaluate_products(index_dir: str | Path, root: str | Path, out: str | Path = "eval-products", k: int = 7,
@@ -87,21 +101,32 @@ def evaluate_products(index_dir: str | Path, root: str | Path, out: str | Path =
     ``providers``: where an index's ONNX descriptor runs (``visrec.index.catalogue.open_for_queries``)."""
     root, out = Path(root), Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    gt = read_ground_truth(root / GROUND_TRUTH)
     index = open_for_queries(index_dir, providers)
+    gt, gt_unreadable = _ground_truth(root, index)
     items = query_items(root, gt)
     ranked, scores = index.search_items(items, k, progress=progress)
     metrics = retrieval_metrics(ranked, gt, k)
     rows = _ablation(index, items, gt, k, progress) if ablation else None
-    submission = out / "submission.csv"
+    submission, note = out / "submission.csv", None
     if all(len(r) >= k for r in ranked.values()):
         write_submission(submission, ranked, k)
     else:  # a catalogue smaller than k cannot make a valid challenge submission
         submission = None
+        note = (f"no submission.csv: a challenge row needs {k} ids and the index returns fewer (catalogue of "
+                f"{len(index.ids)})")
     adjustments = [str(m) for m in index.manifest.get("postprocess_adjustments", [])]
-    report = _write_report(out, items, ranked, scores, gt, index, metrics, samples, k, rows, adjustments)
-    return ProductEval(metrics, ranked, submission, report, len(items), index.manifest.get("unreadable", []),
-                       rows, adjustments)
+    unreadable = index.manifest.get("unreadable", [])
+    notes = [n for n in (note, _unreadable_note(gt_unreadable, len(unreadable))) if n]
+    report = _write_report(out, items, ranked, scores, gt, index, metrics, samples, k, rows, adjustments, notes)
+    return ProductEval(metrics, ranked, submission, report, len(items), unreadable, rows, adjustments,
+                       gt_unreadable, notes)
+
+
+def _unreadable_note(gt_unreadable: int, skipped: int) -> str | None:
+    if not gt_unreadable:
+        return None
+    return (f"{gt_unreadable} ground-truth ids name catalogue images the index skipped as unreadable ({skipped} "
+            "listed in its manifest.json): no ranking can hold them, they count as misses")
 
 
 def _thumb(path: Path, size: int = 96) -> str:
@@ -130,7 +155,8 @@ def _ablation_html(rows: list[AblationRow] | None, adjustments: list[str], k: in
 
 
 def _write_report(out: Path, items, ranked, scores, gt, index, metrics, samples: int, k: int,
-                  ablation: list[AblationRow] | None = None, adjustments: list[str] = ()) -> Path:
+                  ablation: list[AblationRow] | None = None, adjustments: list[str] = (), notes: list[str] = ()
+                  ) -> Path:
     catalogue = dict(list_images(index.manifest["catalogue"])) if Path(index.manifest["catalogue"]).is_dir() else {}
     rows = []
     for qid, qpath in items[:samples]:
@@ -150,6 +176,7 @@ def _write_report(out: Path, items, ranked, scores, gt, index, metrics, samples:
 "min_gt": AP divided by min(|GT|, {k}) (the Kaggle mapk definition).
 No public source fixes which form the challenge organisers computed.</p>
 <table>{table}</table>
+{"".join(f"<p><b>Note:</b> {html.escape(n)}</p>" for n in notes)}
 {_ablation_html(ablation, list(adjustments), k)}
 <h2>Sample queries and their top {k} (green = ground truth)</h2><table>{"".join(rows)}</table>"""
     path = out / "report.html"

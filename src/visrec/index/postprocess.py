@@ -36,23 +36,54 @@ warning and the manifest say exactly what was fitted.
   near n every vector is averaged with (nearly) the whole catalogue and all become alike, so the
   neighbourhood carries no information. k is shrunk to max(1, floor(n / 2)).
 - diffusion: the same bound for ``k`` (graph neighbours) and ``query_k``.
+
+Parameters are checked when a stage is made (``build_stage``: a ConfigError naming the stage and the
+parameter, before any extraction): neighbour counts (``k``, ``query_k``) integers in 1..``MAX_NEIGHBOURS``,
+``whiten.dim`` an integer >= 1 or unset, ``power`` in [0, 1], ``eps`` and ``tol`` finite > 0, ``alpha`` of
+dba/qe and ``gamma`` finite >= 0, ``diffusion.alpha`` in [0, 1) (the system I - alpha S is then positive
+definite and conjugate gradient converges), ``iterations`` in 1..``MAX_ITERATIONS``.
+
+``chain.pt`` (``Chain.save``/``Chain.load``) holds each stage's fitted tensors under ``"<stage index>.<name>"``.
+It is untrusted: ``Chain.load`` checks that every tensor a configured stage needs is there and no other, that
+each is floating (the graph's indices integer), finite, of the expected rank, that dimensions agree along the
+chain (whiten: mean (d,), projection (d, d_out) with d_out <= d; qe / diffusion vectors (n, d)) and that n is
+the catalogue count; anything else is a DataError naming chain.pt and the key. A loaded neighbour count is
+bounded as ``fit`` bounded it (the manifest records that shrink).
 """
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import numpy as np
 import torch
 
 from visrec._torchfile import atomic_save, read_torch_file
-from visrec.errors import ConfigError
+from visrec.errors import ConfigError, DataError
 from visrec.registry import Registry
 
 STAGES: Registry = Registry("post-processing stage")
 
 WHITEN_VECTORS_PER_DIM = 4      # whiten: n >= 4 * kept dimensions (module docstring)
 MAX_NEIGHBOUR_SHARE = 0.5       # dba / qe / diffusion: k <= n / 2
+MAX_NEIGHBOURS = 1 << 20        # any neighbour count (a config or manifest.json asking for more is refused)
+MAX_ITERATIONS = 10_000         # diffusion conjugate-gradient steps
+MAX_DIM = 1 << 16               # whiten.dim (the model contract's bound on an embedding's dimension)
+
+
+def _int_param(stage: str, name: str, value, low: int, high: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"post-processing stage {stage}: {name} must be an integer in {low}..{high}, "
+                          f"got {value!r}")
+
+
+def _real_param(stage: str, name: str, value, low: float, high: float = math.inf, *, open_low: bool = False,
+                open_high: bool = False, rule: str) -> None:
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
+          and (value > low if open_low else value >= low) and (value < high if open_high else value <= high))
+    if not ok:
+        raise ConfigError(f"post-processing stage {stage}: {name} must be {rule}, got {value!r}")
 
 
 class PostprocessWarning(UserWarning):
@@ -127,10 +158,26 @@ class Stage:
     def queries(self, x: np.ndarray) -> np.ndarray:
         return x
 
+    def load_state(self, tensors: "_StageTensors", dim: int | None, count: int | None) -> int | None:
+        """Take this stage's fitted tensors from chain.pt (``tensors``, checked there) for ``dim``-d input and a
+        catalogue of ``count`` vectors (None: unknown, taken from the tensors); returns the output dimension.
+        This default (a stage that declares no shapes, as one from another package): each array attribute
+        ``Chain.save`` wrote for it, checked finite, the dimension passed on unchanged."""
+        for key in list(vars(self)):
+            t = tensors.state.get(f"{tensors.i}.{key}")
+            if isinstance(t, torch.Tensor) and not t.is_sparse:
+                kind = "float" if t.dtype.is_floating_point else "int"
+                setattr(self, key, tensors.get(key, t.dim(), (None,) * t.dim(), kind=kind))
+        return dim
+
 
 @STAGES.register("whiten")
 class PCAWhitening(Stage):
     def __init__(self, dim: int | None = None, power: float = 0.5, eps: float = 1e-6):
+        if dim is not None:
+            _int_param("whiten", "dim", dim, 1, MAX_DIM)
+        _real_param("whiten", "power", power, 0, 1, rule="in [0, 1] (0.5: full whitening)")
+        _real_param("whiten", "eps", eps, 0, open_low=True, rule="finite and > 0")
         self.dim, self.power, self.eps = dim, power, eps
         self.mean: np.ndarray | None = None
         self.projection: np.ndarray | None = None
@@ -166,10 +213,23 @@ class PCAWhitening(Stage):
 
     catalogue = queries = transform  # both sides
 
+    def load_state(self, tensors, dim, count):
+        self.mean = tensors.get("mean", 1, (dim,))
+        dim = self.mean.shape[0]
+        self.projection = tensors.get("projection", 2, (dim, None))
+        out = self.projection.shape[1]
+        if not 1 <= out <= min(dim, self.dim or dim):
+            most = min(dim, self.dim or dim)
+            tensors.fail("projection", f"whitening keeps {out} of {dim} dimensions, expected 1..{most}"
+                         + (f" (whiten.dim={self.dim})" if self.dim else ""))
+        return out
+
 
 @STAGES.register("dba")
 class DBA(Stage):
     def __init__(self, k: int = 2, alpha: float = 0.0):
+        _int_param("dba", "k", k, 1, MAX_NEIGHBOURS)
+        _real_param("dba", "alpha", alpha, 0, rule="finite and >= 0")
         self.k, self.alpha = k, alpha
 
     def fit(self, catalogue: np.ndarray) -> "DBA":
@@ -186,6 +246,8 @@ class DBA(Stage):
 @STAGES.register("qe")
 class AlphaQE(Stage):
     def __init__(self, k: int = 2, alpha: float = 3.0):
+        _int_param("qe", "k", k, 1, MAX_NEIGHBOURS)
+        _real_param("qe", "alpha", alpha, 0, rule="finite and >= 0")
         self.k, self.alpha = k, alpha
         self.catalogue_vectors: np.ndarray | None = None
 
@@ -199,6 +261,11 @@ class AlphaQE(Stage):
 
     apply = queries
 
+    def load_state(self, tensors, dim, count):
+        self.catalogue_vectors = tensors.get("catalogue_vectors", 2, (count, dim))
+        self.k = min(self.k, max(1, int(len(self.catalogue_vectors) * MAX_NEIGHBOUR_SHARE)))  # as fit shrank k
+        return self.catalogue_vectors.shape[1]
+
 
 @STAGES.register("diffusion")
 class Diffusion(Stage):
@@ -208,6 +275,12 @@ class Diffusion(Stage):
 
     def __init__(self, k: int = 30, query_k: int = 10, alpha: float = 0.99, gamma: float = 3.0,
                  iterations: int = 20, tol: float = 1e-6):
+        _int_param("diffusion", "k", k, 1, MAX_NEIGHBOURS)
+        _int_param("diffusion", "query_k", query_k, 1, MAX_NEIGHBOURS)
+        _real_param("diffusion", "alpha", alpha, 0, 1, open_high=True, rule="in [0, 1)")
+        _real_param("diffusion", "gamma", gamma, 0, rule="finite and >= 0")
+        _int_param("diffusion", "iterations", iterations, 1, MAX_ITERATIONS)
+        _real_param("diffusion", "tol", tol, 0, open_low=True, rule="finite and > 0")
         self.k, self.query_k, self.alpha, self.gamma = k, query_k, alpha, gamma
         self.iterations, self.tol = iterations, tol
         self.vectors: np.ndarray | None = None
@@ -261,6 +334,22 @@ class Diffusion(Stage):
             rs = rs_new
         return f.T.numpy()
 
+    def load_state(self, tensors, dim, count):
+        self.vectors = tensors.get("vectors", 2, (count, dim))
+        n = len(self.vectors)
+        for attr in ("k", "query_k"):  # as fit shrank them
+            setattr(self, attr, min(getattr(self, attr), max(1, int(n * MAX_NEIGHBOUR_SHARE))))
+        size = tensors.get("graph.size", 1, (2,), kind="int")
+        if size.tolist() != [n, n]:
+            tensors.fail("graph.size", f"graph of {size.tolist()} for {n} catalogue vectors")
+        indices = tensors.get("graph.indices", 2, (2, None), kind="int")
+        values = tensors.get("graph.values", 1, (indices.shape[1],))
+        if indices.size and (indices.min() < 0 or indices.max() >= n):
+            tensors.fail("graph.indices", f"indices outside 0..{n - 1}")
+        self.graph = torch.sparse_coo_tensor(torch.from_numpy(indices), torch.from_numpy(values), (n, n),
+                                             check_invariants=True).coalesce()
+        return self.vectors.shape[1]
+
     def rank(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         f = torch.from_numpy(self.scores(queries))
         top = torch.topk(f, min(k, f.shape[1]), dim=1)
@@ -287,6 +376,7 @@ class Chain:
             if getattr(s, "reranker", False):
                 raise ConfigError("diffusion re-ranks the final results: it must be the last stage")
         self.stages = stages
+        self.out_dim: int | None = None  # the output dimension, once loaded (``load``)
 
     @classmethod
     def from_config(cls, specs: list[dict]) -> "Chain":
@@ -339,15 +429,60 @@ class Chain:
                     state[f"{i}.{key}.size"] = torch.tensor(list(value.shape))
         atomic_save(state, path)
 
-    def load(self, path) -> "Chain":
+    def load(self, path, dim: int | None = None, count: int | None = None) -> "Chain":
+        """The fitted stages from ``path`` (``save``), checked against this chain (module docstring): ``dim`` the
+        raw descriptors' dimension, ``count`` the catalogue's vectors (None: unknown, only agreement within the
+        file is checked). Sets ``out_dim``, the dimension the chain gives (None with no stage and no ``dim``)."""
         state = read_torch_file(path)
+        if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                  for k, v in state.items()):
+            raise DataError("not a post-processing chain: expected a mapping of names to tensors", path=path)
+        used: set[str] = set()
         for i, stage in enumerate(self.stages):
-            for key, value in vars(stage).items():
-                if f"{i}.{key}" in state:
-                    setattr(stage, key, state[f"{i}.{key}"].numpy())
-                elif f"{i}.{key}.indices" in state:
-                    setattr(stage, key, torch.sparse_coo_tensor(state[f"{i}.{key}.indices"],
-                                                                state[f"{i}.{key}.values"],
-                                                                tuple(state[f"{i}.{key}.size"].tolist()),
-                                                                check_invariants=True).coalesce())
+            dim = stage.load_state(_StageTensors(state, path, i, used), dim, count)
+        extra = sorted(set(state) - used)
+        if extra:
+            raise DataError(f"holds tensors no stage of the configured chain ({len(self.stages)} stages) uses: "
+                            f"the file belongs to another chain", path=path, field=extra[0])
+        self.out_dim = dim
         return self
+
+
+FINITE_CHECK_ROWS = 1 << 16  # rows checked for NaN / inf at a time: the check's mask stays small
+
+
+class _StageTensors:
+    """The tensors of stage ``i`` in a loaded chain.pt, each checked as it is taken (``Chain.load``)."""
+
+    def __init__(self, state: dict, path, i: int, used: set):
+        self.state, self.path, self.i, self.used = state, path, i, used
+
+    def fail(self, name: str, message: str):
+        raise DataError(f"{message}: chain.pt does not match the index's chain and catalogue; build the index "
+                        "again", path=self.path, field=f"{self.i}.{name}")
+
+    def get(self, name: str, ndim: int, shape: tuple, kind: str = "float") -> np.ndarray:
+        """The tensor ``<i>.<name>`` as a NumPy array (float32, or int64 for ``kind="int"``): present, of that
+        kind, ``ndim``-D, finite, and of ``shape`` where an entry is not None."""
+        key = f"{self.i}.{name}"
+        t = self.state.get(key)
+        if t is None:
+            self.fail(name, "missing")
+        self.used.add(key)
+        if t.is_sparse or t.dim() != ndim:
+            self.fail(name, f"a {'sparse ' if t.is_sparse else ''}{t.dim()}-D tensor, expected {ndim}-D")
+        if kind == "int" and (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool):
+            self.fail(name, f"{t.dtype} values, expected integers")
+        if kind == "float" and not t.dtype.is_floating_point:
+            self.fail(name, f"{t.dtype} values, expected floating point")
+        if any(w is not None and w != got for w, got in zip(shape, t.shape)):
+            want = ", ".join("any" if w is None else str(w) for w in shape)
+            self.fail(name, f"shaped {tuple(t.shape)}, expected ({want})")
+        if kind == "float":
+            for s in range(0, max(len(t), 1), FINITE_CHECK_ROWS):
+                bad = ~torch.isfinite(t[s:s + FINITE_CHECK_ROWS])
+                if bool(bad.any()):
+                    row = s + int(bad.reshape(len(bad), -1).any(1).nonzero()[0, 0])
+                    self.fail(name, f"not finite (NaN or inf) at row {row}")
+            return t.to(torch.float32).numpy()
+        return t.to(torch.int64).numpy()

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 
 from visrec.data.products import (CATALOGUE_DIR, GROUND_TRUTH, list_images, normalise_product_pixels,
-                                  product_pixels, read_ground_truth, read_image_checked)
+                                  product_pixels, read_image_checked)
 from visrec.errors import DataError
-from visrec.evaluate.products import query_items, retrieval_metrics
+from visrec.evaluate.products import query_items, read_checked_ground_truth, retrieval_metrics
 from visrec.evaluate.video import fuse
 from visrec.models.embed import forward_batch, images_to_tensor
 
@@ -117,10 +117,14 @@ def describe(model: torch.nn.Module, images: Sequence[np.ndarray] | PreparedBatc
 def evaluate_descriptor(model: torch.nn.Module, root: str | Path, size: int = 224, k: int = 7,
                         device="cpu", batch_size: int = 32) -> dict[str, float]:
     """mAP@k / recall of a descriptor network on ``root`` with exact search (everything in memory: for
-    validation sets; use an index directory for a full catalogue)."""
+    validation sets; use an index directory for a full catalogue). An empty catalogue, or a ground-truth id
+    naming no catalogue image, is a DataError."""
     root = Path(root)
-    gt = read_ground_truth(root / GROUND_TRUTH)
     cat_items = list_images(root / CATALOGUE_DIR)
+    if not cat_items:
+        raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=root / CATALOGUE_DIR)
+    # every ground-truth id names a catalogue image (an unreadable one raises as it is described)
+    gt, _ = read_checked_ground_truth(root / GROUND_TRUTH, [i for i, _ in cat_items])
     was_training = model.training
     model.eval()
 
