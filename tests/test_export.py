@@ -170,3 +170,44 @@ def test_export_refuses_an_opset_the_dynamo_exporter_cannot_write(tmp_path):
 
     with pytest.raises(VisrecError, match="opset 17.*18 or later"):
         export_onnx(nn.Conv2d(3, 4, 3), tmp_path / "old.onnx", input_size=(1, 3, 8, 8), opset=17)
+
+
+# --- what `visrec export` may replace ----------------------------------------------------------------------
+
+def test_export_never_replaces_the_checkpoint_nor_a_file_it_did_not_write(tmp_path):
+    from conftest import save_tiny_face_model
+
+    from visrec.export import export_checkpoint
+
+    run = save_tiny_face_model(tmp_path / "run")
+    ckpt = run / "model.pt"
+    before = ckpt.read_bytes()
+    for force in (False, True):  # not even with --force
+        with pytest.raises(DataError, match="model.pt.*checkpoint being exported"):
+            export_checkpoint(run, ckpt, parity=False, force=force)
+    assert ckpt.read_bytes() == before
+    mine = tmp_path / "notes.onnx"
+    mine.write_text("the user's file")
+    with pytest.raises(DataError, match="notes.onnx.*--force"):
+        export_checkpoint(run, mine, parity=False)
+    assert mine.read_text() == "the user's file"
+    done = CliRunner().invoke(export_app, [str(run), "--out", str(mine), "--no-parity", "--force"])
+    assert done.exit_code == 0, done.output
+    export_checkpoint(run, mine, parity=False)  # an earlier visrec export is replaced without --force
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.onnx", "run"]
+
+
+def test_a_failed_parity_check_leaves_the_earlier_export_in_place(tmp_path, monkeypatch):
+    from conftest import save_tiny_face_model
+
+    from visrec import export as ex
+
+    run = save_tiny_face_model(tmp_path / "run")
+    out = tmp_path / "m.onnx"
+    ex.export_checkpoint(run, out)
+    before = out.read_bytes()
+    monkeypatch.setattr(ex, "parity_check", lambda *a, **k: ex.ParityReport(1.0, 0.5, 1e-3, False))
+    done = CliRunner().invoke(export_app, [str(run), "--out", str(out), "--keep-batchnorm"])
+    assert done.exit_code == 1 and "parity check failed" in done.output
+    assert out.read_bytes() == before  # the new, failed file never took its place
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "run"]  # no temporary left behind

@@ -244,3 +244,28 @@ def test_submission_coordinates_integer_by_default_and_decimal_on_request(tmp_pa
     assert np.array_equal(read_landmark_txt(sub / "x.jpg.txt", 106), np.rint(picture).astype(np.float32))
     sub = write_submission(tmp_path / "dec", ds, crop, coordinates="decimal")
     assert np.allclose(read_landmark_txt(sub / "x.jpg.txt", 106), picture, atol=5e-4)
+
+
+@pytest.mark.parametrize("text, match", [
+    ("1000000 1000000 2000000 2000000", r"does not overlap the 112x112 image"),  # was a black crop
+    ("-900 -900 -500 -500", r"does not overlap the 112x112 image"),
+    ("-10 -10 500 900", r"more than 4 image sides outside it"),
+    ("10 10 50 50 99", r"x1 y1 x2 y2"),  # an extra field was ignored
+])
+def test_jd_rect_must_frame_the_picture_and_hold_four_numbers(tmp_path, text, match):
+    root = write_synthetic_jd(tmp_path / "jd", 1, seed=5)
+    rect = sorted((root / "rect").glob("*.rect"))[0]
+    rect.write_text(text + "\n")
+    with pytest.raises(DataError, match=rf"{rect.name}, record line 1: .*{match}"):
+        read_jd_dir(root)
+    rect.write_text("-20 -20 130 130\n")  # a box overhanging its picture is a face box still
+    assert read_jd_dir(root)[2].tolist() == [[-20, -20, 130, 130]]
+
+
+def test_pts_without_its_closing_brace_is_refused(tmp_path):
+    path = tmp_path / "face.pts"
+    path.write_text("version: 1\nn_points: 3\n{\n1 2\n5 9\n9 3\n")
+    with pytest.raises(DataError, match=r"face\.pts.*expected 3 point lines between braces"):
+        read_pts(path)
+    path.write_text("version: 1\nn_points: 3\n{\n1 2\n5 9\n9 3\n}\n")
+    assert read_pts(path).shape == (3, 2)

@@ -464,3 +464,36 @@ def test_real_photos_align_with_a_detector_that_gives_no_points(tmp_path):
         assert report.written == 3 and report.box_crops == [], (detector, report)
         crop = read_image(tmp_path / detector / "obama" / "obama.jpg")
         assert crop.shape == (112, 112, 3)
+
+
+# ------------------------------------------------------------------------------------------------ outputs
+
+def _shop(tmp_path):
+    src = tmp_path / "shop"
+    (src / "p1" / "deeper").mkdir(parents=True)
+    img = np.full((40, 60, 3), 90, np.uint8)
+    cv2.imwrite(str(src / "loose.png"), img)
+    cv2.imwrite(str(src / "p1" / "front.png"), img)
+    cv2.imwrite(str(src / "p1" / "deeper" / "side.png"), img)
+    return src
+
+
+def test_prepare_refuses_a_non_empty_out_without_a_journal(tmp_path):
+    src = _shop(tmp_path)
+    out = tmp_path / "users-set"
+    (out / "catalogue").mkdir(parents=True)
+    (out / "catalogue" / "loose.jpg").write_bytes(b"the user's own picture")
+    with pytest.raises(DataError, match=r"users-set: the output folder is not empty \(it holds catalogue\)"):
+        prepare_products(src, out, size=32)
+    assert (out / "catalogue" / "loose.jpg").read_bytes() == b"the user's own picture"
+    assert not (out / JOURNAL).exists()
+    fresh = tmp_path / "fresh"
+    assert prepare_products(src, fresh, size=32).written == 2
+    assert prepare_products(src, fresh, size=32).resumed == 2  # its own journal: resumes as before
+
+
+def test_products_nested_deeper_than_one_folder_are_listed_as_skipped(tmp_path):
+    report = prepare_products(_shop(tmp_path), tmp_path / "out", size=32)
+    assert report.total == 2
+    assert report.skipped == [{"path": "p1/deeper/side.png",
+                               "reason": "nested deeper than one product folder (src/<product>/<photo>)"}]

@@ -9,10 +9,11 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Strict as StrictType
 
 from visrec.data.text import read_text
 from visrec.errors import ConfigError
@@ -20,6 +21,20 @@ from visrec.errors import ConfigError
 
 class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+
+# A whole number as written: ``true``, ``4.0`` or ``"8"`` is refused, not read as 1, 4 or 8.
+Int = Annotated[int, StrictType()]
+# The largest ``seed``: numpy seeds take 0..2^32-1 and each process seeds with ``seed + rank``.
+MAX_SEED = 2**31 - 1
+
+
+class OptionError(ValueError):
+    """A validator's error about one option of a section (``loss.s``): :func:`validate_section` names it."""
+
+    def __init__(self, option: str, message: str):
+        super().__init__(message)
+        self.option = option
 
 
 # Model sizes a config (or `budget check --set`) may ask for: a zero, negative or absurd size builds a model that
@@ -113,10 +128,10 @@ class ScheduleConfig(Strict):
     """Length of training and the learning-rate shape. Steps are optimizer steps (global batches)."""
 
     epochs: float | None = Field(None, gt=0)
-    max_steps: int | None = Field(None, gt=0)
-    warmup_steps: int = Field(0, ge=0)
+    max_steps: Int | None = Field(None, gt=0)
+    warmup_steps: Int = Field(0, ge=0)
     kind: Literal["poly", "cosine", "constant"] = "poly"
-    power: float = 2.0
+    power: float = Field(2.0, gt=0, le=100, description="poly: lr * (1 - progress)^power")
 
     @model_validator(mode="after")
     def _one_length(self):
@@ -128,12 +143,12 @@ class ScheduleConfig(Strict):
 class RunConfig(Strict):
     task: str = "faces"
     output: Path = Path("runs/default")
-    seed: int = 0
+    seed: Int = Field(0, ge=0, le=MAX_SEED, description="each process seeds its RNGs with seed + rank")
     deterministic: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
-    batch_size: int = Field(128, gt=0, description="per process")
-    num_workers: int = Field(0, ge=0)
+    batch_size: Int = Field(128, gt=0, description="per process")
+    num_workers: Int = Field(0, ge=0)
     compile: bool = Field(False, description="torch.compile the backbone (CUDA: cuts launch overhead)")
     channels_last: bool = Field(True, description="NHWC backbone weights and activations (faster convs on CUDA "
                                                  "and on CPU: benchmarks/memory_format.py)")
@@ -148,9 +163,16 @@ class RunConfig(Strict):
     index: dict[str, Any] = Field(default_factory=dict, description="products: catalogue index options")
     optim: OptimConfig = Field(default_factory=OptimConfig)
     schedule: ScheduleConfig
-    log_every: int = Field(10, gt=0)
-    checkpoint_every: int = Field(200, gt=0, description="optimizer steps between checkpoints")
-    val_every: int | None = Field(None, gt=0, description="optimizer steps between validations; None = at the end")
+    log_every: Int = Field(10, gt=0)
+    checkpoint_every: Int = Field(200, gt=0, description="optimizer steps between checkpoints")
+    val_every: Int | None = Field(None, gt=0, description="optimizer steps between validations; None = at the end")
+
+    @field_validator("output", "init", mode="before")
+    @classmethod
+    def _a_path(cls, value):
+        if isinstance(value, str) and not value.strip():
+            raise ValueError("must name a folder, not an empty string (which would be the current folder)")
+        return value
 
 
 def _message(err: dict) -> str:
@@ -175,7 +197,8 @@ def validate_section(model: type[BaseModel], data: dict[str, Any], section: str,
     except ValidationError as exc:
         lines = [f"{source}: invalid config"]
         for err in exc.errors():
-            loc = ".".join([section, *(str(p) for p in err["loc"])])
+            option = getattr((err.get("ctx") or {}).get("error"), "option", None)  # an OptionError's option
+            loc = ".".join([section, *(str(p) for p in err["loc"]), *([option] if option else [])])
             lines.append(f"  {loc}: {_message(err)}")
         raise ConfigError("\n".join(lines)) from None
 

@@ -15,7 +15,7 @@ from torch import nn
 from visrec._optional import require
 from visrec._onnx import OnnxEmbedder  # noqa: F401 - still importable from here (parity_check runs it)
 from visrec.data.text import check_output
-from visrec.errors import VisrecError
+from visrec.errors import DataError, VisrecError
 from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY
 from visrec.models.loading import checkpoint_file, file_sha256, load_model
 
@@ -394,23 +394,53 @@ def exported_size(model: nn.Module, contract=None, *, input_size=(1, 3, 112, 112
 
 
 def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: bool = True,
-                      keep_batchnorm: bool = False) -> tuple[Path, ParityReport | None]:
+                      keep_batchnorm: bool = False, force: bool = False) -> tuple[Path, ParityReport | None]:
     """``visrec export``: checkpoint -> ONNX with the checkpoint's contract in its metadata
     (:func:`export_model`), then the parity check (raises if it fails). Landmark models export their
     ``points`` output at the contract's crop size. ``onnx_path`` is checked before anything is loaded or
-    exported: an existing folder, or a path under a file, is a ``DataError`` naming it."""
-    check_output(onnx_path, kind="file")
+    exported: an existing folder, or a path under a file, is a ``DataError`` naming it; so is the checkpoint
+    itself (always), and any other existing file that is not an ONNX file visrec wrote (unless ``force``).
+    The file is written beside ``onnx_path`` under a temporary name and renamed into place only once the
+    parity check passed: a failed export leaves an earlier file there as it was."""
+    import os
+    import secrets
+
+    path = check_output(onnx_path, kind="file")
+    source = checkpoint_file(checkpoint)
+    if path.exists():
+        if source.exists() and os.path.samefile(path, source):
+            raise DataError("is the checkpoint being exported: name another --out (the export would replace it)",
+                            path=path)
+        if not force and not _visrec_onnx(path):
+            raise DataError("exists and is no ONNX file visrec exported: name another --out, or pass --force "
+                            "to replace it", path=path)
     loaded = load_model(checkpoint)
     model, contract = loaded.module, loaded.contract
     if model is None:
         raise VisrecError(f"{checkpoint}: not a visrec checkpoint (nothing to export)")
     h, w = contract.input_size
-    path = export_model(model, onnx_path, contract, keep_batchnorm=keep_batchnorm)
-    batch = np.random.default_rng(0).uniform(-1, 1, (4, 3, h, w)).astype(np.float32)
-    report = parity_check(model, path, batch) if parity else None
-    if report is not None and not report.passed:
-        raise VisrecError(f"parity check failed: max abs diff {report.max_abs_diff:.2e}, "
-                          f"min cosine {report.min_cosine:.6f} (tolerance {report.tolerance:g})")
-    if report is not None:  # only an export that passed parity may stand in for its checkpoint
-        _stamp_checkpoint(path, file_sha256(checkpoint_file(checkpoint)))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+    try:
+        export_model(model, tmp, contract, keep_batchnorm=keep_batchnorm)
+        batch = np.random.default_rng(0).uniform(-1, 1, (4, 3, h, w)).astype(np.float32)
+        report = parity_check(model, tmp, batch) if parity else None
+        if report is not None and not report.passed:
+            raise VisrecError(f"parity check failed: max abs diff {report.max_abs_diff:.2e}, "
+                              f"min cosine {report.min_cosine:.6f} (tolerance {report.tolerance:g}); "
+                              f"{path} was not written")
+        if report is not None:  # only an export that passed parity may stand in for its checkpoint
+            _stamp_checkpoint(tmp, file_sha256(source))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path, report
+
+
+def _visrec_onnx(path: Path) -> bool:
+    """Whether ``path`` is an ONNX file holding a visrec contract (one ``visrec export`` may replace)."""
+    onnx = require("onnx", "export")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception:  # noqa: BLE001 - anything unreadable as ONNX is someone else's file
+        return False
+    return any(p.key == ONNX_KEY for p in proto.metadata_props)

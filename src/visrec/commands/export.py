@@ -18,13 +18,16 @@ def export(model: Path = typer.Argument(..., help="visrec checkpoint (model.pt o
            parity: bool = typer.Option(True, "--parity/--no-parity", help="compare ONNX and PyTorch embeddings"),
            keep_batchnorm: bool = typer.Option(False, "--keep-batchnorm",
                                                help="keep BN nodes unfolded (what the LFR FLOP count needs)"),
-           latency: bool = typer.Option(False, "--latency", help="also time CPU latency (p50/p95)")):
+           latency: bool = typer.Option(False, "--latency", help="also time CPU latency (p50/p95)"),
+           force: bool = typer.Option(False, "--force", help="replace an existing --out that is no ONNX file "
+                                      "visrec exported (the checkpoint itself is never replaced)")):
     """Export a checkpoint to ONNX (dynamic batch) and check parity with PyTorch (exit 1 if it fails)."""
     from visrec import export as ex
     from visrec.errors import VisrecError
 
     try:
-        path, report = ex.export_checkpoint(model, out, parity=parity, keep_batchnorm=keep_batchnorm)
+        path, report = ex.export_checkpoint(model, out, parity=parity, keep_batchnorm=keep_batchnorm,
+                                                 force=force)
     except VisrecError as exc:
         if not str(exc).startswith("parity check failed"):
             raise

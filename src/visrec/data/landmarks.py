@@ -32,6 +32,7 @@ from visrec.data.text import read_lines
 from visrec.errors import DataError
 
 MAX_OUTSIDE = 0.5  # a point further outside the image than this share of its size is an annotation error
+MAX_BOX_OUTSIDE = 4  # image sides a face box may reach outside its image (visrec.serve.requests.box_field's rule)
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -152,7 +153,7 @@ def read_pts(path: str | Path, image_size=None) -> np.ndarray:
     except (StopIteration, ValueError, IndexError):
         raise DataError("not a .pts file (needs 'n_points: N' and '{')", path=path) from None
     rows = text[start:start + n]
-    if len(rows) != n or (start + n < len(text) and text[start + n].strip() != "}"):
+    if len(rows) != n or start + n >= len(text) or text[start + n].strip() != "}":
         raise DataError(f"expected {n} point lines between braces", path=path, record=f"line {start + 1}")
     pts = np.array([_xy(r, path, start + 1 + i) for i, r in enumerate(rows)], np.float32).reshape(n, 2)
     _points_ok(pts, path, list(range(start + 1, start + 1 + n)), image_size)
@@ -290,23 +291,34 @@ def read_jd_poses(root: str | Path, pictures) -> np.ndarray | None:
     return np.stack(out) if out else np.zeros((0, 3), np.float32)
 
 
-def read_rect(path: str | Path) -> list[float]:
-    """A JD-landmark ``.rect`` file: ``x1 y1 x2 y2`` (finite numbers) on its first non-blank line, a face box
-    ``visrec.data.augment.check_box`` takes (not inverted, at least a pixel wide and high)."""
+def read_rect(path: str | Path, image_size: tuple[int, int] | None = None) -> list[float]:
+    """A JD-landmark ``.rect`` file: ``x1 y1 x2 y2`` (four finite numbers, nothing else) on its first non-blank
+    line, a face box ``visrec.data.augment.check_box`` takes (not inverted, at least a pixel wide and high).
+    With ``image_size`` (width, height) the box must also overlap the image and lie no further than
+    :data:`MAX_BOX_OUTSIDE` image sides outside it (a face box may overhang its image, as the service's
+    ``box`` field may); else a crop of it is all padding."""
     path = Path(path)
     lines = _numbered(path)
     lineno, line = lines[0] if lines else (1, "")
     fields = line.split()
     try:
-        if len(fields) < 4:
+        if len(fields) != 4:
             raise ValueError
-        box = [float(v) for v in fields[:4]]
+        box = [float(v) for v in fields]
         if not all(math.isfinite(_f32(v)) for v in box):
             raise ValueError
     except ValueError:
-        raise DataError(f"expected 'x1 y1 x2 y2', got {line.strip()[:80]!r}", path=path,
+        raise DataError(f"expected 'x1 y1 x2 y2' (four numbers), got {line.strip()[:80]!r}", path=path,
                         record=f"line {lineno}") from None
-    return list(check_box(box, path=path, record=f"line {lineno}"))
+    box = list(check_box(box, path=path, record=f"line {lineno}"))
+    if image_size is not None:
+        w, h = image_size
+        reach = MAX_BOX_OUTSIDE * max(w, h)
+        if not (box[0] < w and box[1] < h and box[2] > 0 and box[3] > 0) or \
+                not all(-reach <= v <= reach + max(w, h) for v in box):
+            raise DataError(f"box {[round(v, 2) for v in box]} does not overlap the {w}x{h} image, or lies more "
+                            f"than {MAX_BOX_OUTSIDE} image sides outside it", path=path, record=f"line {lineno}")
+    return box
 
 
 def list_pictures(root: str | Path) -> list[Path]:
@@ -359,7 +371,7 @@ def read_jd_dir(root: str | Path, expected: int | None = 106):
         pts.append(read_landmark_txt(ann, expected, image_size=size))
         rect = root / "rect" / f"{p.name}.rect"
         if rect.exists():
-            boxes.append(read_rect(rect))
+            boxes.append(read_rect(rect, size))
         else:
             boxes.append(points_box(pts[-1], ann))
     return pics, np.stack(pts), np.asarray(boxes, np.float32)

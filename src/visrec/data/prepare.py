@@ -12,7 +12,8 @@ outcome and output file). An output is written to a temporary name and renamed i
 line is appended (flushed and fsynced), so a crash loses at most the inputs in flight, and an input done
 twice rewrites the same file. A re-run skips the journaled inputs (``retry_problems=True`` retries those that
 failed) and refuses different settings (start a new ``out`` for those); a run that wrote nothing binds no
-settings. ``out/prepare_report.json`` is rewritten at the end of every run from the whole journal.
+settings. ``out/prepare_report.json`` is rewritten at the end of every run from the whole journal. A
+non-empty ``out`` without a journal is refused (``DataError``): its files are not a prepare's to replace.
 
 Parallelism (``workers`` > 1): a worker that pickles (its detector given as a spec string, built again in each
 process) runs in spawned processes; one that does not (a Haar or ONNX detector instance, a lambda) runs in a
@@ -87,6 +88,17 @@ class Journal:
         self.path = out / JOURNAL
         self.records: dict[str, dict] = {}
         known, other = False, None
+        if not self.path.exists():
+            # outputs are written over by name: a folder that holds files but no journal holds someone
+            # else's (a data set, an earlier run's other output), which this run would replace
+            try:
+                found = next(iter(out.iterdir()), None) if out.is_dir() else None
+            except OSError as exc:
+                raise DataError(f"cannot list the output folder: {exc.strerror or exc}", path=out) from None
+            if found is not None:
+                raise DataError(f"the output folder is not empty (it holds {found.name}) and has no {JOURNAL} of "
+                                "an earlier prepare to resume: files there would be replaced; name a new or "
+                                "empty --out", path=out)
         out.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             text = self.path.read_text()
@@ -276,16 +288,20 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
 
     ``src`` holds photos (id = file stem) and/or one sub-folder per product (id = ``<folder>_<stem>``; then
     ``out/catalogue_products.csv`` maps every catalogue id to its product: the folder name, or the id itself
-    for loose photos). Ids lose commas and path separators. Resumable like ``prepare_faces``."""
+    for loose photos). Photos deeper down are listed in ``report.skipped``, not prepared. Ids lose commas and
+    path separators. Resumable like ``prepare_faces``."""
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError("product photo folder not found", path=src)
-    photos, product = [], {}
+    photos, product, nested = [], {}, []
     for p in sorted(src.rglob("*")):
         if not p.is_file() or p.name.startswith("."):
             continue
         rel = p.relative_to(src)
-        if p.suffix.lower() not in IMAGE_SUFFIXES or len(rel.parts) > 2:
+        if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if len(rel.parts) > 2:
+            nested.append(rel.as_posix())
             continue
         photos.append(p)
         cid = safe_name(p.stem if len(rel.parts) == 1 else f"{rel.parts[0]}_{p.stem}")
@@ -298,6 +314,8 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
     skipped = [p for p in sorted(src.rglob("*")) if p.is_file() and not p.name.startswith(".")
                and p.suffix.lower() not in IMAGE_SUFFIXES]
     report.skipped = [{"path": rel_key(p, src), "reason": "not an image file"} for p in skipped]
+    report.skipped += [{"path": k, "reason": "nested deeper than one product folder (src/<product>/<photo>)"}
+                       for k in nested]
     run_items(_ProductWorker(size, fill, quality), [(k, names[k], str(p)) for k, p in zip(keys, photos)], journal,
          out, report, workers, progress)
     if any(len(Path(k).parts) == 2 for k in keys):

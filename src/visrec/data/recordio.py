@@ -38,6 +38,11 @@ _HEADER = struct.Struct("<IfQQ")
 _MAGIC_BYTES = struct.pack("<I", MAGIC)
 _LENGTH_MASK = (1 << 29) - 1
 MAX_LABEL = 1 << 24  # class labels are float32: every integer below 2^24 is exact, none above is safe
+# the least share of the class ids 0..max label that must hold an image: the largest label sets the class
+# count (a classifier row each), so that count is bounded by the data, at most 4 rows per image
+# (``RecordIOReader._class_count``); rec_builder's sets skip some labels, none skip most
+MIN_CLASS_FILL = 0.25
+MAX_SIDE = 1 << 15  # the largest image side a ``property`` file may declare (pixels)
 # what ``RecordIOReader`` reads of each record when it opens a set: magic, lrecord, IRHeader, 2 label floats
 _PEEK = np.dtype([("magic", "<u4"), ("lrec", "<u4"), ("flag", "<u4"), ("label", "<f4"), ("id", "<u8"),
                   ("id2", "<u8"), ("l0", "<f4"), ("l1", "<f4")])
@@ -181,7 +186,9 @@ class RecordIOReader:
     Everything is checked against the files before it sizes anything: a label must be a whole number in
     [0, 2^24) (float32 holds every integer below 2^24 exactly, and above it a label cannot name one class),
     header and identity ranges must lie inside the records the index holds, and a record's length must fit
-    in the file. A violation is a ``DataError`` naming the file and the record (or the ``.idx`` line).
+    in the file; the class count (largest label + 1) must not leave more than 3/4 of the ids 0..max without
+    an image. A violation is a ``DataError`` naming the file and the record (or the ``.idx``
+    line).
     """
 
     def __init__(self, directory: str | Path):
@@ -205,7 +212,7 @@ class RecordIOReader:
             self.image_records = np.array(sorted(self.offsets), dtype=np.int64)
             self.labels = self._image_labels(self.image_records)
             self.identity_ranges = []
-        self.num_classes = int(self.labels.max()) + 1 if len(self.labels) else 0
+        self.num_classes = self._class_count()
         if self.prop_path.exists():
             declared = self._read_property()
             if declared != self.num_classes:
@@ -239,11 +246,14 @@ class RecordIOReader:
         lines = read_lines(self.prop_path)
         first = lines[0] if lines else ""
         try:
-            declared = int(first.strip().split(",")[0])
-            if declared < 0:
+            fields = [int(v) for v in first.strip().split(",")]
+            declared = fields[0]
+            # height, width: positive pixel sides (InsightFace writes all three; older sets only the count)
+            if declared < 0 or len(fields) not in (1, 3) or any(not 0 < v <= MAX_SIDE for v in fields[1:]):
                 raise ValueError
         except ValueError:
-            raise DataError(f"expected 'num_classes,height,width', got {first[:80]!r}", path=self.prop_path,
+            raise DataError(f"expected 'num_classes,height,width' (whole numbers, sides 1..{MAX_SIDE}), got "
+                            f"{first[:80]!r}", path=self.prop_path,
                             record="line 1") from None
         return declared
 
@@ -337,6 +347,23 @@ class RecordIOReader:
                    f"is not below 2^24 = {MAX_LABEL} (float32 labels are exact integers only below it)")
             raise DataError(f"class label {v:.9g} {why}", path=self.rec_path, record=int(records[i]))
         return label.astype(np.int64)
+
+    def _class_count(self) -> int:
+        """Classes = the largest label + 1, bounded by the images before anything is sized from it (a
+        classifier row per class): at least a quarter of the labels 0..max must each be held by an image
+        (:data:`MIN_CLASS_FILL`; image folders and CSV lists number their classes densely, with no gap at
+        all). A ``DataError`` names the record holding the largest label."""
+        if not len(self.labels):
+            return 0
+        top = int(np.argmax(self.labels))
+        classes = int(self.labels[top]) + 1
+        used = len(np.unique(self.labels))
+        if used < MIN_CLASS_FILL * classes:
+            raise DataError(f"class label {classes - 1} makes {classes} classes, but the {len(self.labels)} "
+                            f"images hold only {used} distinct labels: labels must number the identities "
+                            f"0..C-1, at least {MIN_CLASS_FILL:.0%} of them with images",
+                            path=self.rec_path, record=int(self.image_records[top]))
+        return classes
 
     def _identity_ranges(self, first_id: int, end_id: int) -> list[tuple[int, int]]:
         """Identity records first_id .. end_id - 1, checked against the image records and their labels."""
@@ -437,6 +464,11 @@ class RecordIOReader:
                 raise DataError(f"truncated record: {len(part)} of {length} bytes", path=self.rec_path,
                                 record=index)
             fh.read(-length % 4)
+            # dmlc's parts: 0 whole, or 1 (first), 2... (middle), 3 (last); anything else is another record
+            if (cflag in (0, 1)) != (not payload):
+                raise DataError(f"split record broken: part with cflag {cflag} "
+                                f"{'after' if payload else 'without'} a first part (cflag 1)",
+                                path=self.rec_path, record=index)
             payload += part
             if cflag in (0, 3):
                 break

@@ -18,6 +18,13 @@ from visrec.losses import MARGIN_LOSSES
 
 EPS = 1e-7  # cos clamp: keeps d(arccos)/d(cos) finite; moves theta by at most ~5e-4 rad
 
+# The options' ranges a config is checked against (``visrec.losses.margin_option_problem``; docs/training.md):
+# (low, high, low excluded). s: the logit scale; angular margins in radians, up to a right angle (ArcFace
+# uses 0.5); cosine margins in cosine units, up to 1 (CosFace uses 0.35-0.4).
+SCALE = (0.0, 1024.0, True)
+ANGLE = (0.0, math.pi / 2, False)
+COSINE = (0.0, 1.0, False)
+
 
 def _target(cos: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(valid rows mask, column index per row, target cosine per row) without a host sync: rows with
@@ -37,6 +44,8 @@ def _put_target(logits: torch.Tensor, valid: torch.Tensor, col: torch.Tensor, va
 class ScaledSoftmax(nn.Module):
     """Plain normalised softmax: ``s * cos``."""
 
+    OPTION_RANGES = {"s": SCALE}
+
     def __init__(self, s: float = 64.0):
         super().__init__()
         self.s = s
@@ -54,6 +63,8 @@ class CombinedMargin(nn.Module):
     the monotone extension ``cos(pi) - (m1*theta + m2 - pi) * sin(pi... )``, i.e. the linear continuation
     ``-1 - (m1*theta + m2 - pi)`` (keeps the penalty growing, like the papers' "easy margin" fallback).
     """
+
+    OPTION_RANGES = {"s": SCALE, "m1": (0.0, 10.0, True), "m2": ANGLE, "m3": COSINE}
 
     def __init__(self, s: float = 64.0, m1: float = 1.0, m2: float = 0.0, m3: float = 0.0):
         super().__init__()
@@ -76,6 +87,8 @@ class CombinedMargin(nn.Module):
 class ArcFace(CombinedMargin):
     """Additive angular margin: ``s * cos(theta + m)`` on the target (m in radians)."""
 
+    OPTION_RANGES = {"s": SCALE, "m": ANGLE}
+
     def __init__(self, s: float = 64.0, m: float = 0.5):
         super().__init__(s=s, m1=1.0, m2=m, m3=0.0)
 
@@ -83,6 +96,8 @@ class ArcFace(CombinedMargin):
 @MARGIN_LOSSES.register("cosface")
 class CosFace(nn.Module):
     """Additive cosine margin: ``s * (cos(theta) - m)`` on the target."""
+
+    OPTION_RANGES = {"s": SCALE, "m": COSINE}
 
     def __init__(self, s: float = 64.0, m: float = 0.4):
         super().__init__()
@@ -106,6 +121,8 @@ class ArcNegFace(nn.Module):
     PartialFC with several ranks the re-weighting applies on the owner rank only.
     """
 
+    OPTION_RANGES = {"s": SCALE, "m": ANGLE, "scale": (0.0, 10.0, True), "sigma": (0.0, 100.0, True)}
+
     def __init__(self, s: float = 64.0, m: float = 0.5, scale: float = 1.2, sigma: float = 2.0):
         super().__init__()
         self.s, self.m, self.a, self.sigma = s, m, scale, sigma
@@ -126,6 +143,8 @@ class ArcNegFace(nn.Module):
 class CurricularFace(nn.Module):
     """CurricularFace (Huang et al. 2020): ArcFace target; hard negatives (cos_j > cos(theta_y + m)) become
     ``cos_j * (t + cos_j)`` where ``t`` is an EMA (momentum 0.99) of the mean target cosine."""
+
+    OPTION_RANGES = {"s": SCALE, "m": ANGLE, "momentum": COSINE}
 
     def __init__(self, s: float = 64.0, m: float = 0.5, momentum: float = 0.99):
         super().__init__()

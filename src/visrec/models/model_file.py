@@ -57,7 +57,8 @@ def build_for_weights(cfg, state, path: Path):
     Both come from the file, so neither is trusted: the network is first built on PyTorch's ``meta`` device
     (shapes only, nothing allocated) and its state dict compared with the saved one, so the real network is
     never larger than the weights the file holds (a 2 KB file's ``embedding_size: 2000000`` would otherwise
-    ask for gigabytes before anything is checked). Every problem is a :class:`DataError` naming the file."""
+    ask for gigabytes before anything is checked). Weights that are NaN or inf are refused, naming the tensor.
+    Every problem is a :class:`DataError` naming the file."""
     import torch
 
     if not isinstance(cfg, dict) or not isinstance(cfg.get("name"), str):
@@ -76,6 +77,9 @@ def build_for_weights(cfg, state, path: Path):
     problem = weights_mismatch(shell.state_dict(), state)
     if problem:
         raise DataError(problem, path=path)
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:  # it would embed every image as NaN, silently
+        raise DataError(f"weight {bad!r} holds NaN or inf values (a diverged or damaged checkpoint)", path=path)
     built = sum(t.numel() for t in shell.parameters()) + sum(t.numel() for t in shell.buffers())
     unsaved = built - sum(t.numel() for t in shell.state_dict().values())
     if unsaved > MAX_UNSAVED_ELEMENTS:

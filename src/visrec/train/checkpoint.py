@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from visrec._torchfile import atomic_save, read_torch_file  # noqa: F401 (atomic_save: re-exported)
-from visrec.errors import ConfigError
+from visrec.errors import ConfigError, DataError
+from visrec.models.model_file import weights_mismatch
 
 
 def rng_state() -> dict[str, Any]:
@@ -96,6 +97,13 @@ def sharding(modules: dict) -> dict[str, dict[str, int]]:
     return {name: dict(m.sharding) for name, m in modules.items() if isinstance(getattr(m, "sharding", None), dict)}
 
 
+def _shards_ok(shards) -> bool:
+    """Whether a resume file's ``sharding`` entry is absent or {module: {class_start, num_local, num_classes}}."""
+    keys = {"class_start", "num_local", "num_classes"}
+    return shards is None or isinstance(shards, dict) and all(
+        isinstance(s, dict) and keys <= set(s) and all(type(s[k]) is int for k in keys) for s in shards.values())
+
+
 def _describe_shards(shards: dict) -> str:
     return "; ".join(f"{name}: classes {s['class_start']}..{s['class_start'] + s['num_local'] - 1} of "
                      f"{s['num_classes']}" for name, s in shards.items())
@@ -111,14 +119,23 @@ def check_resume(output: Path, rank: int, world_size: int, state: dict[str, Any]
     files = rank_files(output)
     if not files:
         return
+    source = rank_path(output, rank)
     if state is None:  # this rank has no file while others do: read what rank 0 (or the lowest) recorded
-        state = read_torch_file(next(iter(files.values())))
-    saved = state.get("world_size") if isinstance(state, dict) else None
-    saved = int(saved) if saved is not None else len(files)
-    step = state.get("global_step", "?") if isinstance(state, dict) else "?"
+        source = next(iter(files.values()))
+        state = read_torch_file(source)
+    if not isinstance(state, dict):
+        raise DataError("is not a resume file (a mapping of states)", path=source)
+    saved = state.get("world_size")
+    if saved is not None and (type(saved) is not int or not 0 < saved <= 1 << 20):
+        raise DataError(f"world_size {saved!r} is not a number of processes", path=source, field="world_size")
+    if not _shards_ok(state.get("sharding")):
+        raise DataError("'sharding' is not {module: {class_start, num_local, num_classes}}", path=source,
+                        field="sharding")
+    saved = saved if saved is not None else len(files)
+    step = state.get("global_step", "?")
     if saved == world_size and set(files) == set(range(world_size)):
         return
-    shards = _describe_shards(state.get("sharding") or {}) if isinstance(state, dict) else ""
+    shards = _describe_shards(state.get("sharding") or {})
     launcher = "visrec train --config CONFIG --resume" if saved == 1 else \
         f"torchrun --nproc_per_node={saved} -m visrec.cli train --config CONFIG --resume"
 
@@ -166,6 +183,54 @@ def check_sharding(saved: dict[str, Any] | None, current: dict[str, dict[str, in
         if was is not None and dict(was) != now:
             raise ConfigError(f"{path}: {name} was checkpointed with {_describe_shards({name: was})}, this run "
                               f"builds {_describe_shards({name: now})}; the training data or world size changed")
+
+
+def restore(state: dict[str, Any], modules: dict, opt, scheduler, scaler, path: Path) -> int:
+    """Load a resume file's states into this run's ``modules``, optimizer, scheduler and grad scaler, set the
+    RNG states, and return the global step to continue from. The file may be another run's or a hand-edited
+    one, so its layout is checked first and every module's weights against the module this config builds
+    (names and shapes: :func:`visrec.models.model_file.weights_mismatch`), as are the optimizer's per-parameter
+    tensors: a ``DataError`` naming ``path`` and what differs; a changed class shard is a ``ConfigError``
+    (:func:`check_sharding`)."""
+    check_sharding(state.get("sharding"), sharding(modules), path)
+    saved = state.get("modules")
+    if not isinstance(saved, dict) or set(saved) != set(modules):
+        have = sorted(map(str, saved)) if isinstance(saved, dict) else "none"
+        raise DataError(f"holds the modules {have} where this run builds {sorted(modules)}: not a resume file of "
+                        "this run's task", path=path, field="modules")
+    for name, module in modules.items():
+        weights = saved[name]
+        if not isinstance(weights, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor)
+                                                    for k, v in weights.items()):
+            raise DataError(f"the {name}'s state is not a state dict (name -> tensor)", path=path, field="modules")
+        own = module.state_dict()
+        shape = next((k for k in own if k in weights and weights[k].shape != own[k].shape), None)
+        if shape is not None:
+            raise DataError(f"this checkpoint's {name} has {shape} of shape {tuple(weights[shape].shape)} where the "
+                            f"config builds {tuple(own[shape].shape)} (a changed model/loss option or another "
+                            f"run's file): {weights_mismatch(own, weights)}", path=path, field="modules")
+        problem = weights_mismatch(own, weights)
+        if problem:
+            raise DataError(f"this checkpoint's {name} {problem}", path=path, field="modules")
+    step = state.get("global_step")
+    if type(step) is not int or not 0 <= step < 1 << 62:
+        raise DataError(f"global_step {step!r} is not a step number", path=path, field="global_step")
+    for name, module in modules.items():
+        module.load_state_dict(saved[name])
+    for key, target in (("optimizer", opt), ("scheduler", scheduler), ("scaler", scaler), ("rng", None)):
+        try:
+            if not isinstance(state.get(key), dict):
+                raise TypeError("missing or not a mapping")
+            target.load_state_dict(state[key]) if target is not None else set_rng_state(state[key])
+        except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
+            raise DataError(f"its {key} state does not fit this run: {type(exc).__name__}: {str(exc)[:200]}",
+                            path=path, field=key) from None
+    for param, buffers in opt.state.items():  # momentum / Adam moments: one value per weight
+        for key, value in buffers.items():
+            if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
+                raise DataError(f"its optimizer's {key!r} has shape {tuple(value.shape)} for a weight of shape "
+                                f"{tuple(param.shape)}", path=path, field="optimizer")
+    return step
 
 
 def _log_rows(path: Path):

@@ -19,7 +19,7 @@ from visrec.losses import build_margin_loss
 from visrec.losses.partial_fc import PartialFC
 from visrec.models import build_backbone
 from visrec.models.embed import embed_images
-from visrec.train.task import TASKS, Task
+from visrec.train.task import TASKS, MarginLossOptions, Task
 
 
 class FaceData(BaseModel):
@@ -98,12 +98,9 @@ class SkipBad(Dataset):
         return {"items": items, "listed": len(self.listed), "examples": examples}
 
 
-class FaceLoss(BaseModel):
-    """``name`` picks the margin loss from visrec.losses; other keys are its kwargs (s, m, m1, m2, m3...)."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str = "arcface"
-    sample_rate: float = Field(1.0, gt=0, le=1, description="PartialFC negative-centre sampling rate")
+class FaceLoss(MarginLossOptions):
+    """``name`` picks the margin loss from visrec.losses; other keys are its kwargs (s, m, m1, m2, m3...),
+    range-checked when the config is read."""
 
 
 def read_val_set(path: Path) -> tuple:

@@ -28,7 +28,7 @@ from visrec.losses.partial_fc import PartialFC
 from visrec.models import build_backbone
 from visrec.models.inference import evaluate_descriptor
 from visrec.models.model_file import default_contract
-from visrec.train.task import TASKS, Task
+from visrec.train.task import TASKS, MarginLossOptions, Task
 
 
 class ProductData(BaseModel):
@@ -40,12 +40,8 @@ class ProductData(BaseModel):
     val: Path | None = Field(None, description="Perfect-500K root (catalogue/, query/, val.csv) for mAP@7")
 
 
-class ProductLoss(BaseModel):
-    """``name`` picks the margin loss from visrec.losses; other keys are its kwargs."""
-
-    model_config = ConfigDict(extra="allow")
-    name: str = "arcface"
-    sample_rate: float = Field(1.0, gt=0, le=1)
+class ProductLoss(MarginLossOptions):
+    """``name`` picks the margin loss from visrec.losses; other keys are its kwargs (range-checked)."""
 
 
 def query_like(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:

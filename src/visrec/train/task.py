@@ -11,12 +11,13 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from visrec.config import RunConfig, validate_section
+from visrec.config import OptionError, RunConfig, validate_section
 from visrec.distributed import RunContext  # noqa: F401 (tasks take it; re-exported for them)
+from visrec.losses import margin_option_problem
 from visrec.models.model_file import default_contract
 from visrec.registry import Registry
 from visrec.train.step import move_to
@@ -26,6 +27,23 @@ TASKS: Registry = Registry("task")
 
 class _Empty(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+class MarginLossOptions(BaseModel):
+    """A ``loss`` section that builds a margin loss under PartialFC: ``name`` picks it from
+    ``visrec.losses``; other keys are its kwargs (s, m, m1, m2, m3...), each checked against the range the
+    loss declares (:func:`visrec.losses.margin_option_problem`) when the config is read, not mid-step."""
+
+    model_config = ConfigDict(extra="allow")
+    name: str = "arcface"
+    sample_rate: float = Field(1.0, gt=0, le=1, description="PartialFC negative-centre sampling rate")
+
+    @model_validator(mode="after")
+    def _margin_options(self):
+        problem = margin_option_problem(self.name, self.model_extra or {})
+        if problem:
+            raise OptionError(*problem)
+        return self
 
 
 class Task:

@@ -200,16 +200,10 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
 
     global_step = 0
     if state is not None:
-        ckpt.check_sharding(state.get("sharding"), ckpt.sharding(modules), ckpt.rank_path(out, ctx.rank))
-        for name, module in modules.items():
-            module.load_state_dict(state["modules"][name])
-        opt.load_state_dict(state["optimizer"])
+        # every state checked against this run's modules first (another run's file: DataError naming it)
+        global_step = ckpt.restore(state, modules, opt, scheduler, scaler, ckpt.rank_path(out, ctx.rank))
         for group in opt.param_groups:  # this run's device picks the kernels, not the one that wrote the file
             group.update({k: opt.defaults[k] for k in ("fused", "foreach", "capturable") if k in opt.defaults})
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        ckpt.set_rng_state(state["rng"])
-        global_step = state["global_step"]
         if ctx.is_main:
             notice = ckpt.thread_count_notice(state, ctx.device, cfg.deterministic)
             if notice:

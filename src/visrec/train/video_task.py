@@ -33,7 +33,7 @@ from visrec.models.embed import embed_images, images_to_tensor
 from visrec.models.inference import video_features
 from visrec.models.model_file import load_backbone
 from visrec.models.quality import FREEZE_BACKBONE_DEFAULT
-from visrec.train.task import TASKS, Task
+from visrec.train.task import TASKS, MarginLossOptions, Task
 
 
 class VideoData(BaseModel):
@@ -45,10 +45,8 @@ class VideoData(BaseModel):
     flip: bool = True
 
 
-class VideoLoss(BaseModel):
-    model_config = ConfigDict(extra="allow")
-    name: str = "arcface"
-    sample_rate: float = Field(1.0, gt=0, le=1)
+class VideoLoss(MarginLossOptions):
+    """``name`` picks the margin loss from visrec.losses; other keys are its kwargs (range-checked)."""
 
 
 class VideoClips(Dataset):
