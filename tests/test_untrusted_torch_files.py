@@ -162,7 +162,7 @@ def test_serve_and_gallery_commands(tmp_path, marker, monkeypatch, capsys):
     assert_refused(*visrec(["serve", "--config", cfg], monkeypatch, capsys), evil)
     index = tmp_path / "index"
     index.mkdir()
-    (index / "manifest.json").write_text('{"options": {}}')
+    (index / "manifest.json").write_text('{"options": {}, "catalogue": "catalogue", "count": 0}')
     descriptor = plant(index / "descriptor.pt", marker)
     cfg = write_yaml({"products": {"index": str(index)}}, tmp_path / "serve-products.yaml")
     assert_refused(*visrec(["serve", "--config", cfg], monkeypatch, capsys), descriptor)
@@ -171,7 +171,7 @@ def test_serve_and_gallery_commands(tmp_path, marker, monkeypatch, capsys):
 def test_products_commands_and_index_files(tmp_path, marker, monkeypatch, capsys):
     index = tmp_path / "index"
     index.mkdir()
-    (index / "manifest.json").write_text('{"options": {}}')
+    (index / "manifest.json").write_text('{"options": {}, "catalogue": "catalogue", "count": 0}')
     descriptor = plant(index / "descriptor.pt", marker)
     query = tmp_path / "q.jpg"
     query.write_bytes(b"not read: the index opens first")
