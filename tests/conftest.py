@@ -112,6 +112,15 @@ def wait_healthy(url, proc, timeout=180):
     raise AssertionError("server did not become healthy")
 
 
+def small_face_rec(tmp_path_factory, identities: int, per_identity: int, seed: int):
+    """A synthetic RecordIO face set (``train/`` in a fresh temporary folder) for the trainer's tests."""
+    from visrec.data.synth import write_face_dataset
+
+    root = tmp_path_factory.mktemp("faces") / "train"
+    write_face_dataset(root, identities, per_identity, format="recordio", seed=seed, difficulty=0.2)
+    return root
+
+
 def save_tiny_face_model(directory, embedding_size: int = 64, seed: int = 0):
     """A MobileFaceNet (scale 1, ``embedding_size``-d, random weights) as ``directory/model.pt``."""
     import torch

@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import small_face_rec  # noqa: E402
 from visrec.errors import ConfigError, DataError
 from visrec.train.trainer import train
 
@@ -16,11 +17,7 @@ from test_trainer import MODEL, make_cfg  # noqa: E402  (the trainer tests' tiny
 
 @pytest.fixture(scope="module")
 def face_rec(tmp_path_factory):
-    from visrec.data.synth import write_face_dataset
-
-    root = tmp_path_factory.mktemp("faces") / "train"
-    write_face_dataset(root, 4, 4, format="recordio", seed=3, difficulty=0.2)
-    return root
+    return small_face_rec(tmp_path_factory, 4, 4, seed=3)
 
 
 @pytest.fixture(scope="module")

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from conftest import small_face_rec  # noqa: E402
 from visrec.config import parse_config
 from visrec.distributed import RunContext
 from visrec.errors import ConfigError
@@ -50,11 +51,7 @@ class FailingGraph(ReplayingGraph):
 
 @pytest.fixture(scope="module")
 def face_rec(tmp_path_factory):
-    from visrec.data.synth import write_face_dataset
-
-    root = tmp_path_factory.mktemp("faces") / "train"
-    write_face_dataset(root, 6, 8, format="recordio", seed=4, difficulty=0.2)
-    return root
+    return small_face_rec(tmp_path_factory, 6, 8, seed=4)
 
 
 @pytest.fixture(scope="module")
