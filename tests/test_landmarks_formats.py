@@ -237,7 +237,10 @@ def test_submission_coordinates_integer_by_default_and_decimal_on_request(tmp_pa
         write_submission_txt(tmp_path / "d.txt", bad)
     assert e.value.record == "point 7" and not (tmp_path / "d.txt").exists()
     # the evaluation's writer maps crop pixels back to the picture, in either form
-    ds = SimpleNamespace(paths=["p/x.jpg"], boxes=[(20.0, 30.0, 120.0, 130.0)], margin=0.0, size=100)
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "x.jpg"), np.zeros((200, 200, 3), np.uint8))  # the bound on points reads its size
+    ds = SimpleNamespace(paths=[tmp_path / "x.jpg"], boxes=[(20.0, 30.0, 120.0, 130.0)], margin=0.0, size=100)
     crop = pts[None] * 0.5                                       # crop of side 100 px = box of side 100 px
     picture = crop[0] + [20.0, 30.0]
     sub = write_submission(tmp_path / "int", ds, crop)

@@ -46,16 +46,18 @@ def landmarks(image: Path = typer.Argument(..., help="an image"),
             corners = check_box([float(v) for v in parts], what="--box")
         except ValueError:
             raise VisrecError(f"--box must be four numbers x1,y1,x2,y2, got {box!r}") from None
+        _check_box_on_image(corners, w, h, image)
     else:
         corners = check_box((0, 0, w - 1, h - 1), path=image, what="the whole image as the face box (no --box)")
     loaded = load_model(model)
     if loaded.contract.task != "landmarks":
         raise VisrecError(f"{model} is a {loaded.contract.task} model, not a landmark model")
-    pts = loaded.predict(img, corners)  # crops with the margin / size of the model's contract
+    pts = np.asarray(loaded.predict(img, corners), np.float64)  # crops with the margin / size of the model's contract
     drawn = img[:, :, ::-1].copy()
-    for px, py in pts:
-        if np.isfinite(px) and np.isfinite(py):
-            cv2.circle(drawn, (int(round(px)), int(round(py))), 1, (0, 0, 255), -1)
+    # only points on the picture are drawn: others would be invisible, and far ones overflow cv2's int coordinates
+    on = np.isfinite(pts).all(axis=1) & (pts[:, 0] > -1) & (pts[:, 0] < w) & (pts[:, 1] > -1) & (pts[:, 1] < h)
+    for px, py in pts[on]:
+        cv2.circle(drawn, (int(round(px)), int(round(py))), 1, (0, 0, 255), -1)
     write_image(target, drawn)
     t = Table(title=f"{len(pts)} points of {image}")
     t.add_column("i")
@@ -65,6 +67,21 @@ def landmarks(image: Path = typer.Argument(..., help="an image"),
         t.add_row(str(i), f"{px:.1f}", f"{py:.1f}")
     Console().print(t)
     Console().print(f"drawn into {target}" + (" (replaced the file that was there)" if replaces else ""))
+    if not on.all():
+        Console().print(f"{int((~on).sum())} of {len(pts)} points lie outside the {w}x{h} image and are not drawn")
+
+
+def _check_box_on_image(corners, w: int, h: int, image: Path) -> None:
+    """``--box`` must overlap the image and lie no further than ``MAX_BOX_OUTSIDE`` image sides outside it
+    (``visrec.data.landmarks.read_rect``'s rule for a ``.rect`` file): else the crop is all padding."""
+    from visrec.data.landmarks import MAX_BOX_OUTSIDE
+    from visrec.errors import DataError
+
+    x1, y1, x2, y2 = corners
+    reach = MAX_BOX_OUTSIDE * max(w, h)
+    if not (x1 < w and y1 < h and x2 > 0 and y2 > 0) or not all(-reach <= v <= reach + max(w, h) for v in corners):
+        raise DataError(f"--box {','.join(f'{v:g}' for v in corners)} does not overlap the {w}x{h} image, or lies "
+                        f"more than {MAX_BOX_OUTSIDE} image sides outside it", path=image)
 
 
 def _check_image_suffix(path: Path) -> None:

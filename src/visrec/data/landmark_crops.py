@@ -30,7 +30,8 @@ class JDCrops(Dataset):
             raise DataError("no head-pose ground truth (pose/<image>.txt, 'yaw pitch roll' in degrees; "
                             "visrec.data.synth.write_synthetic_jd writes it)", path=Path(root) / "pose")
         self.size, self.margin, self.augment, self.with_pose = size, margin, augment, with_pose
-        self.flip_perm = get_scheme(points).flip_perm
+        # only the flip augmentation needs the scheme (its left/right pairs): any point count evaluates
+        self.flip_perm = get_scheme(points).flip_perm if augment else None
         self.seed = seed
 
     def __len__(self) -> int:

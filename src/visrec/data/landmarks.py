@@ -123,7 +123,9 @@ def write_submission_txt(path: str | Path, points: np.ndarray, coordinates: str 
     facial-landmarks-localization-challenge.github.io) writes each coordinate rounded to the nearest integer
     (``numpy.rint``: halves to even); ``"decimal"`` writes three decimals, as ``write_landmark_txt`` does.
     A NaN or infinite point raises ``DataError`` naming the file and the point (the challenge wanted no file
-    for a face that was not found; a caller must not write one).
+    for a face that was not found; a caller must not write one), and so does, for integer coordinates, one
+    beyond +-2**53 (where float64 stops holding every integer; an int64 cast would wrap silently). Bounding
+    points by their picture is the caller's (``visrec.evaluate.landmark_report.write_submission``).
     """
     if coordinates not in SUBMISSION_COORDINATES:
         raise DataError(f"coordinates must be one of {SUBMISSION_COORDINATES}, got {coordinates!r}", path=path)
@@ -135,6 +137,10 @@ def write_submission_txt(path: str | Path, points: np.ndarray, coordinates: str 
                         record=f"point {bad}")
     if coordinates == "decimal":
         return write_landmark_txt(path, pts)
+    if (np.abs(pts) > 2.0 ** 53).any():
+        bad = int(np.argwhere(np.abs(pts) > 2.0 ** 53)[0][0])
+        raise DataError(f"point {bad} {pts[bad].tolist()} is beyond +-2**53: no integer line holds it exactly",
+                        path=path, record=f"point {bad}")
     path.parent.mkdir(parents=True, exist_ok=True)
     ints = np.rint(pts).astype(np.int64)
     path.write_text(f"{len(ints)}\n" + "".join(f"{x} {y}\n" for x, y in ints))

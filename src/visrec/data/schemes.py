@@ -56,6 +56,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from visrec.errors import ConfigError
+
 FIVE_POINT_NAMES = ("left_eye", "right_eye", "nose_tip", "left_mouth_corner", "right_mouth_corner")
 
 
@@ -143,8 +145,15 @@ def _wflw98() -> LandmarkScheme:
 SCHEMES: dict[str, LandmarkScheme] = {"jd106": _jd106(), "300w68": _300w68(), "wflw98": _wflw98()}
 
 
+class UnknownSchemeError(ConfigError, KeyError):
+    """No scheme by that name or point count: a visrec error (a ``KeyError`` too, for callers that look up)."""
+
+    __str__ = ConfigError.__str__  # KeyError's would quote the message
+
+
 def get_scheme(key: int | str | LandmarkScheme) -> LandmarkScheme:
-    """A scheme by name (``jd106``, ``300w68``, ``wflw98``) or by point count (106, 68, 98; also as text)."""
+    """A scheme by name (``jd106``, ``300w68``, ``wflw98``) or by point count (106, 68, 98; also as text);
+    anything else raises :class:`UnknownSchemeError`."""
     if isinstance(key, LandmarkScheme):
         return key
     if isinstance(key, str) and key.strip().isdigit():
@@ -155,7 +164,7 @@ def get_scheme(key: int | str | LandmarkScheme) -> LandmarkScheme:
                 return scheme
     elif key in SCHEMES:
         return SCHEMES[key]
-    raise KeyError(f"no landmark scheme {key!r}; known: {sorted(SCHEMES)} (or 106 / 68 / 98 points)")
+    raise UnknownSchemeError(f"no landmark scheme {key!r}; known: {sorted(SCHEMES)} (or 106 / 68 / 98 points)")
 
 
 def to_five_points(points: np.ndarray, scheme: LandmarkScheme | str | int) -> np.ndarray:

@@ -7,14 +7,17 @@ NME (normalised mean error) of one face = mean over points of the Euclidean erro
   "bbox_diagonal"  diagonal of the tight ground-truth box
 AUC@alpha = area under the cumulative error distribution (CED) on [0, alpha] divided by alpha (0..1; the
 challenge reports it x100). Failure rate @alpha = share of faces with NME > alpha.
-Arrays are (faces, points, 2) in pixels. This module imports no model.
+Arrays are (faces, points, 2) in pixels. This module imports no model. A face whose normaliser is zero
+(degenerate ground truth: points on a line, coincident eye points) is an error naming the face (and its
+landmark file when the caller passes ``sources``), never a silent inf; NMEs handed to ``auc`` /
+``failure_rate`` / ``ced_curve`` must be finite and >= 0, and ``alpha`` > 0.
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from visrec.errors import VisrecError
+from visrec.errors import DataError, VisrecError
 
 # indices per point count: (outer eye corners, pupils or eye centres) in each scheme's order
 _EYES = {
@@ -39,7 +42,9 @@ def _centre(points, idx):
     return points[:, idx]
 
 
-def normaliser(gt: np.ndarray, norm: str = "sqrt_area") -> np.ndarray:
+def normaliser(gt: np.ndarray, norm: str = "sqrt_area", sources=None) -> np.ndarray:
+    """Per-face normaliser (faces,) in pixels; ``sources[i]`` (optional) names face i's ground-truth file in
+    the error a zero normaliser raises."""
     gt = np.asarray(gt, np.float64)
     if norm in ("sqrt_area", "bbox_diagonal"):
         w = gt[..., 0].max(axis=1) - gt[..., 0].min(axis=1)
@@ -53,8 +58,11 @@ def normaliser(gt: np.ndarray, norm: str = "sqrt_area") -> np.ndarray:
         d = np.linalg.norm(_centre(gt, a) - _centre(gt, b), axis=1)
     else:
         raise VisrecError(f"unknown normalisation {norm!r}: sqrt_area, inter_ocular, inter_pupil, bbox_diagonal")
-    if (d <= 0).any():
-        raise VisrecError(f"face {int(np.argmax(d <= 0))} has a zero {norm} normaliser (degenerate ground truth)")
+    if not (d > 0).all():  # also catches NaN
+        bad = int(np.argmax(~(d > 0)))
+        raise DataError(f"the ground truth of face {bad} gives a zero {norm} normaliser (its points lie on a line "
+                        f"or the points it uses coincide): no NME is defined for it",
+                        path=None if sources is None else sources[bad], record=f"face {bad}")
     return d
 
 
@@ -70,15 +78,26 @@ def per_point_error(pred, gt) -> np.ndarray:
     return np.linalg.norm(pred - gt, axis=2)
 
 
-def nme(pred, gt, norm: str = "sqrt_area") -> np.ndarray:
-    """Per-face NME (faces,), see the module docstring for the normalisations."""
+def nme(pred, gt, norm: str = "sqrt_area", sources=None) -> np.ndarray:
+    """Per-face NME (faces,), see the module docstring for the normalisations; ``sources`` as ``normaliser``."""
     pred, gt = _check(pred, gt)
-    return per_point_error(pred, gt).mean(axis=1) / normaliser(gt, norm)
+    return per_point_error(pred, gt).mean(axis=1) / normaliser(gt, norm, sources)
+
+
+def _nmes(nmes, alpha: float) -> np.ndarray:
+    """``nmes`` as float64, refused unless finite and >= 0 (an NME is a mean distance over a positive length),
+    with ``alpha`` finite and > 0."""
+    nmes = np.asarray(nmes, np.float64)
+    if not (np.isfinite(alpha) and alpha > 0):
+        raise VisrecError(f"alpha must be a finite number > 0, got {alpha!r}")
+    if not (np.isfinite(nmes).all() and (nmes >= 0).all()):
+        raise VisrecError("NMEs must be finite and >= 0 (NaN, inf or a negative value is no NME)")
+    return nmes
 
 
 def ced_curve(nmes, alpha: float = 0.08, steps: int = 1000) -> tuple[np.ndarray, np.ndarray]:
     """(thresholds on [0, alpha], share of faces with NME <= threshold)."""
-    nmes = np.sort(np.asarray(nmes, np.float64))
+    nmes = np.sort(_nmes(nmes, alpha))
     x = np.linspace(0, alpha, steps + 1)
     return x, np.searchsorted(nmes, x, side="right") / max(1, len(nmes))
 
@@ -86,14 +105,15 @@ def ced_curve(nmes, alpha: float = 0.08, steps: int = 1000) -> tuple[np.ndarray,
 def auc(nmes, alpha: float = 0.08) -> float:
     """Area under the CED on [0, alpha] divided by alpha, in [0, 1]; computed exactly (the CED is a step
     function): mean over faces of max(0, alpha - nme) / alpha."""
-    nmes = np.asarray(nmes, np.float64)
+    nmes = _nmes(nmes, alpha)
     if nmes.size == 0:
         raise VisrecError("no faces")
     return float(np.mean(np.clip(alpha - nmes, 0, None)) / alpha)
 
 
 def failure_rate(nmes, alpha: float = 0.08) -> float:
-    nmes = np.asarray(nmes, np.float64)
+    """Share of faces with NME > alpha."""
+    nmes = _nmes(nmes, alpha)
     if nmes.size == 0:
         raise VisrecError("no faces")
     return float(np.mean(nmes > alpha))

@@ -20,11 +20,13 @@ from visrec._onnx import parse_providers
 from visrec.data.datasets import open_face_dataset
 from visrec.data.images import read_image
 from visrec.data.landmark_crops import JDCrops
+from visrec.data.schemes import SCHEMES
 from visrec.data.verification import read_verification_bin
 from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.evaluate import ijb
 from visrec.evaluate.bin_protocol import evaluate_bin_both, flip_embeddings, format_both, mirror
-from visrec.evaluate.landmark_report import LandmarkEval, landmark_metrics, write_landmark_report, write_submission
+from visrec.evaluate.landmark_report import (LandmarkEval, check_submission_folder, landmark_metrics,
+                                             write_landmark_report, write_submission)
 from visrec.evaluate.lfr import (image_submission_entries, labelled_rows, read_entry_labels,
                                  write_image_submission)
 from visrec.evaluate.report import write_face_report
@@ -333,17 +335,30 @@ def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "e
     """A landmark model (visrec checkpoint or ONNX, via ``visrec.models.load_model``) on a JD-landmark
     directory (face-box crops). ``points``, ``size`` and ``margin`` (crop enlargement per side) default to
     the model's contract: the crop it was trained on; giving other values evaluates on other crops.
+    ``points`` must be the model's point count, and a model whose contract names a point scheme must name the
+    data's (``jd106`` for 106 points, the ``visrec.data.schemes`` scheme of the count): another order would
+    be scored point by point against the wrong points. Both are checked before the model runs.
     The challenge submission goes to ``out/submission`` with ``coordinates`` as ``write_submission`` takes
-    them (integer by default, as the challenge asked); the metrics use the unrounded predictions. ``providers``:
+    them (integer by default, as the challenge asked; the folder is replaced whole, and refused when it holds
+    anything but an earlier submission); the metrics use the unrounded predictions. ``providers``:
     the onnxruntime execution providers of an ONNX model (``visrec._onnx``; None: the CPU)."""
     import torch
 
+    check_submission_folder(Path(out) / "submission")  # before the model runs
     info = {"model": str(model), "data": str(data)}
     loaded = _runs_on(load_model(model, providers=providers), model, providers, info)
     c = loaded.contract
     if c.task != "landmarks" or c.crop_size is None:
         raise DataError(f"not a visrec landmark model (its contract says task {c.task!r})", path=model)
+    if points is not None and c.num_points is not None and int(points) != c.num_points:
+        raise DataError(f"the model predicts {c.num_points} points; {points} were asked for (--points) on {data}",
+                        path=model)
     points = int(points or c.num_points or 106)
+    scheme = next((s.name for s in SCHEMES.values() if s.num_points == points), None)
+    if c.point_scheme is not None and scheme is not None and c.point_scheme != scheme:
+        raise DataError(f"the model's points are in the {c.point_scheme!r} order (its contract), the data {data} "
+                        f"in the {scheme!r} order: scoring one against the other compares different points",
+                        path=model)
     size = int(size or c.crop_size)
     margin = float(c.crop_margin if margin is None else margin)
     ds = JDCrops(Path(data), points, size, margin, augment=False)
@@ -354,9 +369,16 @@ def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "e
         gts.append(np.stack([it[1].numpy() for it in items]) * size)
     pred = np.concatenate(preds) if preds else np.zeros((0, points, 2), np.float32)
     gt = np.concatenate(gts) if gts else np.zeros((0, points, 2), np.float32)
-    metrics = landmark_metrics(pred, gt)
+    metrics = landmark_metrics(pred, gt, sources=[_landmark_file(Path(data), p) for p in ds.paths])
     write_submission(Path(out) / "submission", ds, pred, coordinates)
     images = [ds.crop(i)[0] for i in range(min(12, len(ds)))]
     info.update({"faces": str(len(ds)), "crop": f"margin {margin:g} per side, {size} px"})
     report = write_landmark_report(out, pred, gt, images, metrics, info)
     return LandmarkEval(metrics, report, len(ds))
+
+
+def _landmark_file(root: Path, picture) -> Path:
+    """The ground-truth file of a JD-landmark picture (``landmark/<name>.txt``, else ``landmark/<stem>.txt``, as
+    ``visrec.data.landmarks.read_jd_dir`` reads it), for error messages."""
+    f = root / "landmark" / f"{Path(picture).name}.txt"
+    return f if f.exists() else root / "landmark" / f"{Path(picture).stem}.txt"

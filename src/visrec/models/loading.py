@@ -135,6 +135,17 @@ class LoadedModel:
         """(B, P, 2) points in [0, 1] of the crop, from (B, 3, S, S) float32 crops in [-1, 1]."""
         raise DataError("this landmark model predicts on whole images only (predict)", path=self.contract.source)
 
+    def _points(self, pts) -> np.ndarray:
+        """The model's points, refused (``DataError`` naming the model) unless finite and of the contract's
+        count: a NaN point would be drawn as nothing and scored as an anonymous metric error."""
+        pts, n, model = np.asarray(pts), self.contract.num_points, self.contract.source or self.name
+        if pts.ndim < 2 or pts.shape[-1] != 2 or (n is not None and pts.shape[-2] != n):
+            raise DataError(f"the model answered points shaped {list(pts.shape)}; its contract promises "
+                            f"({n if n is not None else 'P'}, 2) per face", path=model)
+        if not np.isfinite(pts).all():
+            raise DataError("the model answered NaN or infinite landmark points", path=model)
+        return pts
+
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.name} {self.contract.task}>"
 
@@ -166,7 +177,8 @@ class TorchModel(LoadedModel):
             return super().predict(image, boxes)
         b, single = _as_boxes(boxes)
         c = self.contract
-        out = [predict_points(self.module, image, box[:4], margin=c.crop_margin, size=c.crop_size) for box in b]
+        out = [self._points(predict_points(self.module, image, box[:4], margin=c.crop_margin, size=c.crop_size))
+               for box in b]
         if single:
             return out[0]
         return np.stack(out) if out else np.zeros((0, c.num_points or 0, 2), np.float32)
@@ -177,7 +189,7 @@ class TorchModel(LoadedModel):
         with torch.no_grad():
             for s in range(0, len(x), batch):
                 xb = torch.as_tensor(np.asarray(x[s:s + batch], np.float32)).to(self.device)
-                out.append(self.module(xb).float().cpu().numpy())
+                out.append(self._points(self.module(xb).float().cpu().numpy()))
         return np.concatenate(out) if out else np.zeros((0, self.contract.num_points or 0, 2), np.float32)
 
 
@@ -215,7 +227,7 @@ class OnnxModel(LoadedModel):
 
     def predict_crops(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
-        return self.onnx(x).reshape(len(x), -1, 2)
+        return self._points(self.onnx(x).reshape(len(x), -1, 2))
 
 
 class ZooArcFace(LoadedModel):
@@ -243,7 +255,7 @@ class ZooLandmarks(LoadedModel):
         self.runtime_note = describe_providers(zoo.session)
 
     def predict(self, image, boxes) -> np.ndarray:
-        return self.zoo(image, boxes)
+        return self._points(self.zoo(image, boxes))
 
 
 class ExternalModel(LoadedModel):
