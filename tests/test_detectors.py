@@ -145,7 +145,7 @@ def test_scrfd_preprocessing(scrfd_files):
 
 def test_scrfd_rejects_a_mismatched_input_size(scrfd_files):
     # the dynamic file's constant outputs are sized for a 320x320 input
-    with pytest.raises(VisrecError, match="stride 8 output has 3200 rows"):
+    with pytest.raises(VisrecError, match=r"stride 8 output has float32 \[3200, 1\], expected 12800 rows"):
         ScrfdDetector(scrfd_files["dynamic"], input_size=(640, 640))(IMAGE)
 
 

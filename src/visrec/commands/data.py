@@ -51,7 +51,7 @@ def synth_faces(out: Path = typer.Option(..., "--out", help="output directory"),
                                                   help="InsightFace RecordIO or one folder per identity"),
                 difficulty: float = typer.Option(0.3, min=0.0, max=1.0,
                                                  help="0 = clean frontal, 1 = strong pose/light/blur/occlusion"),
-                seed: int = typer.Option(0, help="identity and image seed"),
+                seed: int = typer.Option(0, min=0, help="identity and image seed"),
                 pairs: int = typer.Option(0, min=0, help="also write OUT/val.bin with this many held-out pairs")):
     """Face identities -> OUT/train (RecordIO or image folder, + 106-point landmarks) [+ OUT/val.bin]."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -130,8 +130,9 @@ def synth_videos(out: Path = typer.Option(..., "--out", help="output root"),
                  degraded_share: float = typer.Option(0.3, min=0.0, max=1.0, help="share of degraded frames"),
                  video_format: VideoFormat = typer.Option(VideoFormat.folder, "--format", case_sensitive=False,
                                                           help="folder (PNG frames) | avi (MJPG)"),
-                 first_identity: int = typer.Option(0, help="identity of label 0 (use a far range for held-out sets)"),
-                 seed: int = typer.Option(0, help="video seed")):
+                 first_identity: int = typer.Option(0, min=0, help="identity of label 0 (use a far range for "
+                                                                   "held-out sets)"),
+                 seed: int = typer.Option(0, min=0, help="video seed")):
     """Videos -> OUT/videos/, OUT/videos.csv (video_id,path,label), OUT/video_filelist.txt (LFR order)."""
     from rich.progress import Progress
 

@@ -38,6 +38,7 @@ from visrec.data.images import encode_jpeg
 from visrec.data.landmarks import write_landmark_txt, write_pose_txt
 from visrec.data.recordio import RecordIOWriter
 from visrec.data.verification import write_verification_bin
+from visrec.errors import VisrecError
 
 SIZE = 112
 _CX, _CY = 56.0, 58.0
@@ -228,10 +229,19 @@ def render_face(identity: int, rng: np.random.Generator, difficulty: float = 0.3
     return np.clip(img, 0, 255).astype(np.uint8), pts.astype(np.float32)
 
 
+def check_seed(seed: int, first_identity: int = 0) -> None:
+    """Seeds and identity numbers feed ``np.random.default_rng``, which takes no negative entry: a VisrecError
+    before anything is written (numpy's ValueError would come after the output folder was made)."""
+    for name, value in (("seed", seed), ("first_identity", first_identity)):
+        if int(value) < 0:
+            raise VisrecError(f"{name} must be >= 0, got {value}")
+
+
 def iter_faces(num_identities: int, images_per_identity: int, *, seed: int = 0, difficulty: float = 0.3,
                first_identity: int = 0) -> Iterator[tuple[np.ndarray, int, np.ndarray]]:
     """Yield (image, label, landmarks) identity by identity; label k renders identity first_identity + k, so
     sets with disjoint identity ranges share no identity. Deterministic in (seed, identity)."""
+    check_seed(seed, first_identity)
     for label in range(num_identities):
         rng = np.random.default_rng([seed, first_identity + label, 104729])
         for _ in range(images_per_identity):
@@ -248,6 +258,7 @@ def write_face_dataset(out_dir: str | Path, num_identities: int, images_per_iden
     image. Returns ``out_dir``."""
     if format not in ("recordio", "folder"):
         raise ValueError(f"format must be 'recordio' or 'folder', got {format!r}")
+    check_seed(seed, first_identity)
     out = Path(out_dir)
     faces = iter_faces(num_identities, images_per_identity, seed=seed, difficulty=difficulty,
                        first_identity=first_identity)
@@ -288,6 +299,7 @@ def write_verification_pairs(path: str | Path, num_identities: int, num_pairs: i
     called once per pair."""
     if num_identities < 2:
         raise ValueError("impostor pairs need at least 2 identities")
+    check_seed(seed, first_identity)
 
     rng = np.random.default_rng([seed, first_identity, 31337])
     images, issame = [], []
@@ -342,6 +354,7 @@ def write_synthetic_jd(out_dir: str | Path, n_faces: int, *, seed: int = 0, diff
     in ``pose/<name>.txt`` (``yaw 0 roll`` degrees: the renderer has no pitch; ``visrec.data.landmarks`` documents
     the pose files).
     The images are those of ``iter_faces(n_faces, 1, seed=seed, difficulty=difficulty)``."""
+    check_seed(seed)
     out = Path(out_dir)
     for k in range(n_faces):
         # the generator iter_faces gives face k (identity k, one image each)

@@ -8,7 +8,15 @@ is a ``DataError`` naming both lines (one video under two ids would be scored as
 detection and alignment first).
 
 Per-frame detector scores, when the detector gave them: ``scores.txt`` inside a frame folder, or
-``<video file>.scores.txt`` beside a video file: one float per line, one line per frame, in frame order.
+``<video file>.scores.txt`` beside a video file: one float per line, one line per frame, in frame order; each a
+finite number in [0, ``MAX_SCORE``] (1e6; a negative weight would flip the fused feature, and float32 sums of
+larger ones overflow).
+
+Bounds on untrusted video (each a ``DataError`` naming the video): ``read_frames`` holds at most ``MAX_FRAMES``
+(10,000) aligned frames of a video (112x112 RGB: 376 MB), refused from the declared count before decoding, and
+from the count read while decoding; raw video (``visrec.faces.tracking.iter_frames``) is decoded one frame at a
+time, each at most ``MAX_FRAME_PIXELS`` (8K UHD, 7680x4320) pixels, refused from the declared size before
+decoding and per frame while decoding.
 
 LFR video track: the organisers' ``video_filelist.txt`` lists video ids, one per line; a submission is
 the feature binary of ``visrec.evaluate.lfr`` with one fused feature per video in that order.
@@ -39,6 +47,9 @@ from visrec.errors import DataError
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 EXACT_COUNT_SUFFIXES = (".avi", ".mp4", ".m4v", ".mov")  # containers whose frame count is an index, not an estimate
 MIN_BYTES_PER_FRAME = 16  # read_frames: a video file gives at most one frame per this many bytes
+MAX_FRAMES = 10_000  # read_frames: frames of one video held at once (112x112x3 bytes each: 376 MB)
+MAX_FRAME_PIXELS = 7680 * 4320  # raw video frames (tracking.iter_frames): 8K UHD, 100 MB as RGB
+MAX_SCORE = 1e6  # a detector score in a scores file (as visrec.evaluate.ijb): float32 sums of them stay finite
 DEGRADATIONS = ("blur", "occlusion", "pose", "dark")
 
 
@@ -105,8 +116,10 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
     """RGB uint8 112x112 frames of a frame folder or a video file (errors name the video and file).
 
     Each frame is checked as it is read (a frame of another size stops the read at once), and a video file
-    may hold at most one frame per ``MIN_BYTES_PER_FRAME`` bytes of its length (more is a ``DataError``):
-    what it decodes to stays bounded by the file's length, whatever its header or stream claims.
+    may hold at most one frame per ``MIN_BYTES_PER_FRAME`` bytes of its length and at most ``MAX_FRAMES``
+    frames in all (more is a ``DataError``, before decoding when the container declares more; ``max_frames``
+    up to ``MAX_FRAMES`` reads the first ones): what it decodes to stays bounded, whatever its header or
+    stream claims.
 
     A video file whose frames end before the frame count its container declares (a truncated or corrupt file:
     OpenCV's read simply fails at the first frame it cannot decode) is a ``DataError`` naming the file and both
@@ -128,18 +141,22 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
                             path=where, record=record)
         frames.append(frame)
 
+    cap_frames = MAX_FRAMES if max_frames is None else min(max_frames, MAX_FRAMES)
+    too_many = (f"more than {MAX_FRAMES} frames, the most visrec holds of one video (pass max_frames to read "
+                f"the first ones)")
     kind = _kind(path, record)
     if kind == "dir":
         try:
-            files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)[:max_frames]
+            files = sorted(p for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
         except OSError as exc:
             raise DataError(f"cannot list frames: {exc.strerror}", path=path, record=record) from None
+        if len(files) > cap_frames and (max_frames is None or max_frames > MAX_FRAMES):
+            raise DataError(too_many, path=path, record=record)
+        files = files[:cap_frames]
         for f in files:
             keep(decode_image(read_bytes(f), source=f, record=record), f)
     elif kind == "file":
-        limit = max(1, path.stat().st_size // MIN_BYTES_PER_FRAME)
-        if max_frames is not None:
-            limit = min(limit, max_frames)
+        limit = min(max(1, path.stat().st_size // MIN_BYTES_PER_FRAME), cap_frames)
         cap = cv2.VideoCapture(str(path))
         try:
             w, h = int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT))
@@ -147,6 +164,8 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
                 raise DataError(f"frames must be aligned 112x112 face crops, the video declares {w}x{h}",
                                 path=path, record=record)
             declared = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+            if math.isfinite(declared) and declared > MAX_FRAMES and (max_frames is None or max_frames > MAX_FRAMES):
+                raise DataError(f"the video declares {int(declared)} frames: {too_many}", path=path, record=record)
             while len(frames) < limit:
                 try:
                     ok, img = cap.read()
@@ -160,6 +179,8 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
                     more = cap.read()[0]
                 except cv2.error:
                     more = False
+                if more and limit == MAX_FRAMES:
+                    raise DataError(too_many, path=path, record=record)
                 if more:
                     raise DataError(f"more than {limit} frames in {path.stat().st_size} bytes (at most one per "
                                     f"{MIN_BYTES_PER_FRAME} bytes)", path=path, record=record)
@@ -196,10 +217,15 @@ def scores_path(path: str | Path) -> Path:
     return path / "scores.txt" if path.is_dir() else path.with_name(path.name + ".scores.txt")
 
 
-def read_frame_scores(path: str | Path, num_frames: int) -> np.ndarray | None:
-    """Detector scores of a video's frames, or None when the video has none. Score fusion weighs each frame by
-    its score, so a file where no score is above 0 is a ``DataError`` naming it (the fused feature would be
-    zero)."""
+def read_frame_scores(path: str | Path, num_frames: int, *, first: bool = False) -> np.ndarray | None:
+    """Detector scores of a video's frames, or None when the video has none. Each score is a finite number in
+    [0, ``MAX_SCORE``] (a DataError naming the file and line otherwise). Score fusion weighs each frame by its
+    score, so a file where no score is above 0 is a ``DataError`` naming it (the fused feature would be zero).
+
+    The file must hold one score per frame: ``num_frames`` of them; with ``first`` (``read_frames`` stopped at
+    its ``max_frames``: the frames read are the video's first ``num_frames``) one per frame of the whole video
+    (its frame files, or the count a video file declares, with ``read_frames``' slack), and the first
+    ``num_frames`` are returned."""
     sp = scores_path(path)
     if _kind(sp) is None:
         return None
@@ -212,12 +238,39 @@ def read_frame_scores(path: str | Path, num_frames: int) -> np.ndarray | None:
                 values.append(math.nan)
             if not math.isfinite(values[-1]):
                 raise DataError(f"not a number: {line[:80]!r}", path=sp, record=f"line {lineno}")
+            if not 0 <= values[-1] <= MAX_SCORE:  # 1e39 is a finite Python float but inf in float32
+                raise DataError(f"detector score {values[-1]:g} is outside [0, {MAX_SCORE:g}]", path=sp,
+                                record=f"line {lineno}")
+    if first and len(values) >= num_frames:
+        total = _frame_total(Path(path))
+        if total is not None and not total[0] <= len(values) <= total[1]:
+            span = str(total[1]) if total[0] == total[1] else f"{total[0]} to {total[1]}"
+            raise DataError(f"{len(values)} scores for a video of {span} frames", path=sp)
+        values = values[:num_frames]
     if len(values) != num_frames:
         raise DataError(f"{len(values)} scores for {num_frames} frames", path=sp)
     if max(values, default=0.0) <= 0:
         raise DataError(f"no frame of video {Path(path).name!r} has a detector score above 0: weighted by them, "
                         f"its feature would be zero", path=sp)
     return np.asarray(values, np.float32)
+
+
+def _frame_total(path: Path) -> tuple[int, int] | None:
+    """The range of frame counts a whole video may have: its frame files, or a video file's declared count less
+    ``_check_count``'s slack (an estimate, for containers outside ``EXACT_COUNT_SUFFIXES``: any count up to it);
+    None when the file declares none."""
+    if path.is_dir():
+        n = sum(1 for p in path.iterdir() if p.suffix.lower() in FRAME_SUFFIXES)
+        return n, n
+    cap = cv2.VideoCapture(str(path))
+    try:
+        declared = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+    finally:
+        cap.release()
+    if not (math.isfinite(declared) and declared > 0):
+        return None
+    n = int(round(declared))
+    return (n - max(2, n // 100) if path.suffix.lower() in EXACT_COUNT_SUFFIXES else 1), n
 
 
 # --- synthetic videos --------------------------------------------------------------------------------
@@ -269,10 +322,18 @@ def write_video_dataset(root: str | Path, num_identities: int, videos_per_identi
                         progress: Callable[[], None] | None = None) -> Path:
     """Render ``root/videos/<video_id>/`` frame folders (``video_format="folder"``, with ``scores.txt``) or
     ``root/videos/<video_id>.avi`` (MJPG, with ``.avi.scores.txt``), ``root/videos.csv`` (the list format)
-    and ``root/video_filelist.txt`` (LFR order). Label k is identity first_identity + k. Returns the list."""
+    and ``root/video_filelist.txt`` (LFR order). Label k is identity first_identity + k. Returns the list. A
+    ``root`` that already holds a video set (``videos.csv``, ``video_filelist.txt`` or anything in ``videos/``) is
+    a DataError: its lists would be overwritten and its frames mix with the new ones; nothing there is deleted."""
     if video_format not in ("folder", "avi"):
         raise ValueError(f"video_format must be 'folder' or 'avi', got {video_format!r}")
+    S.check_seed(seed, first_identity)
     root = Path(root)
+    held = [root / n for n in ("videos.csv", "video_filelist.txt") if (root / n).exists()]
+    held += sorted((root / "videos").iterdir()) if (root / "videos").is_dir() else []
+    if held:
+        raise DataError(f"already holds a video set ({held[0].relative_to(root)} and {len(held) - 1} more): the new "
+                        "videos would mix with its videos; write into a new or empty folder", path=root)
     (root / "videos").mkdir(parents=True, exist_ok=True)
     items = []
     for label in range(num_identities):

@@ -134,6 +134,7 @@ class HaarDetector:
         return [Detection(boxes[i].copy(), float(areas[i] / areas[order[0]]), None) for i in order]
 
 
+MAX_COORD = 1e6  # canvas pixels: a box or point beyond it is no face of any image (as visrec.evaluate.ijb)
 MAX_STRIDE = 128  # the largest stride of any layout here (5-stride SCRFD): a canvas is padded to at most this
 
 
@@ -176,8 +177,12 @@ class _OnnxDetector:
         self.input_name = inp.name
         self.output_names = [o.name for o in self.session.get_outputs()]
         shape = list(inp.shape)
-        if len(shape) != 4:
-            raise VisrecError(f"{self.path}: a face detector takes one NCHW image input, got shape {shape}")
+        # what is fixed in the file is checked here; a free axis the graph cannot take fails at the first run
+        # (_run), with the same kind of error
+        if len(shape) != 4 or (isinstance(shape[0], int) and shape[0] != 1) or \
+                (isinstance(shape[1], int) and shape[1] != 3) or inp.type != "tensor(float)":
+            raise DataError(f"a face detector takes one float32 NCHW image input (batch 1, 3 channels), input "
+                            f"{inp.name!r} is {inp.type} {shape}", path=self.path)
         if isinstance(shape[2], int) and isinstance(shape[3], int) and shape[2] > 0 and shape[3] > 0:
             # fixed-shape export: letterbox straight into it (no extra padding, onnxruntime would refuse)
             self.input_size = (shape[3], shape[2])
@@ -203,10 +208,39 @@ class _OnnxDetector:
         # per-axis factors: the rounded size is what cv2.resize really did to each axis
         return canvas, nw / w, nh / h
 
+    def _run(self, blob: np.ndarray) -> list[np.ndarray]:
+        """The session's outputs for one NCHW blob; onnxruntime's refusal (a free input axis the graph cannot
+        take) is a DataError naming the file."""
+        try:
+            return self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})  # by position
+        except Exception as exc:  # onnxruntime's own exception types
+            raise DataError(f"onnxruntime cannot run it on a {list(blob.shape)} image: "
+                            f"{str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__}",
+                            path=self.path) from None
+
+    def _output(self, value, name: str, stride: int, rows: int, width: int, canvas) -> np.ndarray:
+        """Output ``name`` of ``stride`` as float32 (rows, width): batched (1, rows, width) or (rows, width), or
+        (rows,) when width is 1; anything else is a DataError naming the file and the output (the decoding
+        would index past it or broadcast it). Scores (width 1) must be finite: a NaN is never above the
+        threshold, and a face would silently be lost."""
+        a = np.asarray(value)
+        if a.dtype.kind != "f" or a.size != rows * width or (width > 1 and a.shape[-1] != width):
+            raise DataError(f"stride {stride} output has {a.dtype} {list(a.shape)}, expected {rows} rows of "
+                            f"{width} float for a {canvas[1]}x{canvas[0]} input", path=self.path, field=name)
+        a = a.reshape(rows, width).astype(np.float32, copy=False)
+        if width == 1 and not np.isfinite(a).all():
+            raise DataError(f"stride {stride} output has a score that is not finite (NaN or inf)",
+                            path=self.path, field=name)
+        return a
+
     def _finish(self, boxes, scores, points, sx: float, sy: float) -> list[Detection]:
         """Map candidates (already above the score threshold, canvas pixels) back to the image; NMS."""
         if len(scores) == 0:
             return []
+        # a NaN box or point would pass NMS and become a face no frame can track or align (NaN fails <=)
+        if not ((np.abs(boxes) <= MAX_COORD).all() and (points is None or (np.abs(points) <= MAX_COORD).all())):
+            raise DataError(f"a face above the score threshold has a box or points that are not finite (NaN or "
+                            f"inf) or beyond {MAX_COORD:g} pixels", path=self.path)
         scale = np.array([sx, sy], np.float32)
         boxes = (np.asarray(boxes, np.float32).reshape(-1, 2, 2) / scale).reshape(-1, 4)
         if points is not None:
@@ -253,25 +287,25 @@ class ScrfdDetector(_OnnxDetector):
     def __call__(self, image: np.ndarray) -> list[Detection]:
         canvas, sx, sy = self._letterbox(_check_image(image))
         blob = ((canvas.astype(np.float32) - 127.5) / 128.0).transpose(2, 0, 1)[None]
-        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})  # by position
+        outs = self._run(blob)  # by position
         n = len(self.strides)
         ch, cw = canvas.shape[:2]
         scores, boxes, points = [], [], []
+
+        def output(i, stride, rows, width):  # (N, C) or (1, N, C): we always run a batch of one
+            return self._output(outs[i], self.output_names[i], stride, rows, width, (ch, cw))
+
         for level, stride in enumerate(self.strides):
-            # reshape(-1, C) accepts both (N, C) and (1, N, C): we always run a batch of one
-            score = outs[level].reshape(-1)
-            dist = outs[level + n].reshape(-1, 4)
             centres = self._anchor_centres(ch // stride, cw // stride, stride)
-            if len(score) != len(centres) or len(dist) != len(centres):
-                raise VisrecError(f"{self.path}: stride {stride} output has {len(score)} rows, expected "
-                                  f"{len(centres)} for a {cw}x{ch} input and {self.num_anchors} anchors")
+            score = output(level, stride, len(centres), 1).reshape(-1)
+            dist = output(level + n, stride, len(centres), 4)
             hit = np.nonzero(score >= self.score_threshold)[0]
             c = centres[hit]
             d = dist[hit] * stride
             scores.append(score[hit])
             boxes.append(np.concatenate([c - d[:, :2], c + d[:, 2:]], axis=1))
             if self.use_kps:
-                k = outs[level + 2 * n].reshape(-1, 10)[hit].reshape(-1, 5, 2) * stride
+                k = output(level + 2 * n, stride, len(centres), 10)[hit].reshape(-1, 5, 2) * stride
                 points.append(c[:, None, :] + k)
         return self._finish(np.concatenate(boxes), np.concatenate(scores),
                             np.concatenate(points) if self.use_kps else None, sx, sy)
@@ -305,26 +339,28 @@ class YunetDetector(_OnnxDetector):
     def __call__(self, image: np.ndarray) -> list[Detection]:
         canvas, sx, sy = self._letterbox(_check_image(image))
         blob = canvas[:, :, ::-1].transpose(2, 0, 1)[None].astype(np.float32)  # RGB -> BGR, NCHW, 0-255
-        outs = self.session.run(None, {self.input_name: np.ascontiguousarray(blob)})
-        out = dict(zip(self.output_names, outs))  # by name, as FaceDetectorYN asks for them
+        out = dict(zip(self.output_names, self._run(blob)))  # by name, as FaceDetectorYN asks for them
         ch, cw = canvas.shape[:2]
         scores, boxes, points = [], [], []
         for stride in self.strides:
             rows, cols = ch // stride, cw // stride
-            cls = np.clip(out[f"cls_{stride}"].reshape(-1), 0, 1)
-            obj = np.clip(out[f"obj_{stride}"].reshape(-1), 0, 1)
-            if len(cls) != rows * cols:
-                raise VisrecError(f"{self.path}: cls_{stride} has {len(cls)} rows, expected {rows * cols} "
-                                  f"for a {cw}x{ch} input")
+
+            def output(part, width):
+                name = f"{part}_{stride}"
+                return self._output(out[name], name, stride, rows * cols, width, (ch, cw))
+
+            cls = np.clip(output("cls", 1).reshape(-1), 0, 1)
+            obj = np.clip(output("obj", 1).reshape(-1), 0, 1)
             score = np.sqrt(cls * obj)
             hit = np.nonzero(score >= self.score_threshold)[0]
             cell = np.stack([hit % cols, hit // cols], axis=1).astype(np.float32)  # (column, row)
-            b = out[f"bbox_{stride}"].reshape(-1, 4)[hit]
+            b = output("bbox", 4)[hit]
             centre = (cell + b[:, :2]) * stride
-            half = np.exp(b[:, 2:]) * stride / 2
+            with np.errstate(over="ignore"):  # exp of a huge log-size is inf: refused by _finish
+                half = np.exp(b[:, 2:]) * stride / 2
             scores.append(score[hit])
             boxes.append(np.concatenate([centre - half, centre + half], axis=1))
-            k = out[f"kps_{stride}"].reshape(-1, 10)[hit].reshape(-1, 5, 2)
+            k = output("kps", 10)[hit].reshape(-1, 5, 2)
             points.append((cell[:, None, :] + k) * stride)
         return self._finish(np.concatenate(boxes), np.concatenate(scores), np.concatenate(points), sx, sy)
 
@@ -352,13 +388,15 @@ def _is_scrfd(session) -> bool:
 
 class ExternalDetector:
     """A pretrained detector adapter from ``visrec.models.dlib_models`` (``[(box, score)]``) as Detections
-    (no points: pair it with a landmark model for alignment)."""
+    (no points: pair it with a landmark model for alignment). ``min_side``: the adapter's smallest image side in
+    pixels (dlib-cnn: 16; a smaller image finds no face), 1 when it has none."""
 
     def __init__(self, name: str, **kwargs):
         from visrec.models.dlib_models import build_external
 
         self.name = name
         self.model = build_external(name, **kwargs)
+        self.min_side = int(getattr(self.model, "min_side", 1))
 
     def __call__(self, image: np.ndarray) -> list[Detection]:
         return [Detection(np.asarray(box, np.float32), float(score), None) for box, score in self.model(image)]
@@ -373,12 +411,18 @@ class ScaledDetector:
     passed as it is (never scaled up). Why: detection cost grows with the pixel count (a Haar cascade or dlib's
     HOG scan every position at every scale), and a face large enough to recognise is still found at 640 px;
     alignment and embedding read the full-resolution image, so the crop loses nothing. Faces smaller than the
-    detector's minimum *in the copy* are not found: ``detect_size=None`` (or 0) detects on the full image."""
+    detector's minimum *in the copy* are not found: ``detect_size=None`` (or 0) detects on the full image. A
+    ``detect_size`` below the detector's ``min_side`` (dlib-cnn: 16 px) is refused: every copy would be too
+    small to search."""
 
     def __init__(self, detector, detect_size: int | None = DETECT_SIZE):
         if detect_size is not None and detect_size < 0:
             raise VisrecError(f"detect_size must be a positive number of pixels (or 0 / None: full size), "
                               f"got {detect_size}")
+        min_side = int(getattr(detector, "min_side", 1) or 1)
+        if detect_size and detect_size < min_side:
+            raise VisrecError(f"detect_size {detect_size} is below the {min_side} px this face detector needs: "
+                              f"use at least {min_side} (or 0: full size)")
         self.detector, self.detect_size = detector, int(detect_size or 0)
 
     def __getattr__(self, name):  # the wrapped detector's own attributes (use_kps, min_size, ...)

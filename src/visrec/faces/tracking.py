@@ -60,15 +60,25 @@ class Track:
 
 def iter_frames(source) -> Iterator[np.ndarray]:
     """RGB frames of a video file (anything OpenCV decodes), a folder of frame images (name order) or an
-    iterable of RGB arrays."""
+    iterable of RGB arrays.
+
+    A video file or folder that gives no frame is a ``DataError`` naming it; so is a video file whose frames
+    end before the count its container declares (``visrec.data.video.read_frames``' check: a truncated file),
+    and a frame over ``visrec.data.video.MAX_FRAME_PIXELS`` pixels (refused from the declared size before
+    decoding, and per frame)."""
     import cv2
+
+    from visrec.data.video import MAX_FRAME_PIXELS, _check_count
 
     if not isinstance(source, (str, Path)):
         yield from source
         return
     path = Path(source)
     if path.is_dir():
-        for f in sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES):
+        files = sorted(p for p in path.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+        if not files:
+            raise DataError("no frame images (.jpg/.png/...) in this frame folder", path=path)
+        for f in files:
             yield read_image(f)
         return
     if not path.is_file():
@@ -76,7 +86,16 @@ def iter_frames(source) -> Iterator[np.ndarray]:
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise DataError("OpenCV cannot open this video", path=path)
+
+    def check_size(w: int, h: int, what: str) -> None:
+        if w * h > MAX_FRAME_PIXELS:
+            raise DataError(f"{what} {w}x{h} pixels, more than the {MAX_FRAME_PIXELS} visrec decodes", path=path)
+
     try:
+        check_size(int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)), int(cap.get(cv2.CAP_PROP_FRAME_HEIGHT)),
+                   "the video declares frames of")
+        declared = cap.get(cv2.CAP_PROP_FRAME_COUNT)
+        n = 0
         while True:
             try:
                 ok, frame = cap.read()
@@ -84,7 +103,12 @@ def iter_frames(source) -> Iterator[np.ndarray]:
                 ok = False
             if not ok or frame is None:
                 break
+            check_size(frame.shape[1], frame.shape[0], f"frame {n} has")
+            n += 1
             yield cv2.cvtColor(frame, cv2.COLOR_BGR2RGB)
+        if n == 0:
+            raise DataError("no frames could be read", path=path)
+        _check_count(path, None, n, declared, None)  # a truncated video would give silently fewer tracks
     finally:
         cap.release()
 

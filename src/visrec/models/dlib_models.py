@@ -136,15 +136,23 @@ class DlibHogDetector(_Detector):
 
 @EXTERNAL.register("dlib-cnn")
 class DlibCnnDetector(_Detector):
-    """dlib's MMOD CNN face detector (slower on CPU, finds rotated and profile faces HOG misses)."""
+    """dlib's MMOD CNN face detector (slower on CPU, finds rotated and profile faces HOG misses).
+
+    An image under ``min_side`` (16) pixels on its shorter side finds no face, and dlib is not called: its
+    network (three stride-2 layers, then 5x5 and 9x9 filters) corrupts memory on such an image (measured with
+    dlib-bin 19.24: ``malloc(): invalid size``, a segfault or a bare RuntimeError below ~8 px, never at 16).
+    No face it finds (about 80 px / 2**upsample) fits in a smaller image anyway."""
 
     name = "dlib-cnn"
+    min_side = 16  # pixels, the shorter side of the image passed in (before upsampling)
 
     def __init__(self, upsample: int = 1, path: str | Path | None = None):
         super().__init__(upsample)
         self.detector = _dlib().cnn_face_detection_model_v1(str(model_file("mmod_human_face_detector.dat", path)))
 
     def _run(self, img, upsample):
+        if min(img.shape[:2]) < self.min_side:
+            return []
         return [(d.rect, d.confidence) for d in self.detector(img, upsample)]
 
 

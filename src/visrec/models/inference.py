@@ -58,7 +58,9 @@ def video_features(model, video_list, fusions=("mean",), device="cpu",
         else:
             emb = np.concatenate([model.embed(frames[s:s + 256]) for s in range(0, len(frames), 256)])
             logits = None
-        scores = read_frame_scores(it.path, len(frames)) if "score" in fusions else None
+        # a read cut at max_frames has the video's first frames: their scores are the file's first lines
+        cut = max_frames is not None and len(frames) >= max_frames
+        scores = read_frame_scores(it.path, len(frames), first=cut) if "score" in fusions else None
         if "score" in fusions and scores is None:
             raise DataError("fusion 'score' needs a scores file for every video", path=it.path,
                             record=f"video {it.video_id}")
