@@ -50,8 +50,9 @@ from torch import nn
 
 from visrec._onnx_check import fold_shape_computations
 from visrec._optional import require
-from visrec.errors import DataError, VisrecError
+from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.export import exported_size
+from visrec.models import build_backbone
 from visrec.models.loading import load_model
 from visrec.models.model_file import default_contract
 from visrec.models.pooling import GeM
@@ -455,7 +456,13 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
             if loaded.module is None:
                 raise DataError("not a visrec checkpoint (no torch module to measure)", path=model_or_path)
             model, contract, source = loaded.module, loaded.contract, str(model_or_path)
-        layers, every_op, out_shape = _measure(model, p.input_size, every_op=True)
+        try:
+            layers, every_op, out_shape = _measure(model, p.input_size, every_op=True)
+        except RuntimeError as exc:  # torch's shape errors: the model cannot take the protocol's probe
+            reason = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+            named = p.name if isinstance(protocol, Protocol) else str(protocol)
+            raise ConfigError(f"{source} does not take the input_size {list(p.input_size)} of protocol {named}: "
+                              f"{reason}") from None
         dim = int(out_shape[-1])
         dtypes = sorted({str(t.dtype).replace("torch.", "") for t in model.state_dict().values()
                          if t.is_floating_point()})
@@ -466,6 +473,24 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
                               output_shape=tuple(int(v) for v in out_shape[1:]))
     report.limits = _limits(p, report.lfr_flops, report.size_bytes, report.weight_dtypes, report.embedding_dim)
     return report
+
+
+# The most parameters a registry model may have before it is built with real weights: 2^29 float32 weights =
+# 2 GiB, the most an ONNX file (one protobuf) holds, so the most whose exported size a protocol can measure.
+# Building, copying and exporting one takes several times that in memory, so it is counted first.
+MAX_BUILD_PARAMS = 2**29
+
+
+def check_buildable(name: str, kwargs: dict, where: str) -> int:
+    """The parameter count of registry model ``name(**kwargs)``, counted on the meta device (shapes only, no
+    memory), or a :class:`ConfigError` naming ``where`` (the option or file that asked for it) when it is over
+    :data:`MAX_BUILD_PARAMS`: refused before real weights are allocated."""
+    with torch.device("meta"):
+        params = sum(p.numel() for p in build_backbone(name, **kwargs).parameters())
+    if params > MAX_BUILD_PARAMS:
+        raise ConfigError(f"{where}: {name} has {params:,} parameters ({4 * params / 2**30:.1f} GiB of float32 "
+                          f"weights), over the {MAX_BUILD_PARAMS:,} (2 GiB) that visrec builds and measures")
+    return params
 
 
 def registry_contract(model: nn.Module, name: str, kwargs: dict | None = None):

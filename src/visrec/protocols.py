@@ -17,15 +17,20 @@ from pathlib import Path
 from typing import Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from visrec.config import safe_load
 from visrec.data.text import read_text
 from visrec.errors import ConfigError
 
 
+# visrec.models.contract.MAX_INPUT_SIDE, the model contract's bound on a side (importing it loads every model)
+MAX_INPUT_SIDE = 4096
+
+
 class Protocol(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # a limit of .inf or .nan would pass everything (or nothing) silently: numbers are finite
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str
     task: Literal["faces", "faces-video", "landmarks", "products"] = "faces"
     max_gflops: float | None = Field(None, gt=0, description="LFR-rule FLOPs (2 x MACs of conv/FC), in 1e9")
@@ -33,9 +38,21 @@ class Protocol(BaseModel):
     size_strict: bool = Field(False, description="True: size must be < limit; False: <= limit")
     dtype: Literal["float32", "any"] = "float32"
     embedding_dim: int | None = Field(None, gt=0)
-    input_size: tuple[int, int, int, int] = (1, 3, 112, 112)
+    input_size: tuple[int, int, int, int] = Field((1, 3, 112, 112), description="(batch, channels, height, width) "
+                                                  "of the probe every count runs: 1, 3, sides in pixels")
     metric: str = ""
     targets: tuple[float, ...] = ()
+
+    @field_validator("input_size")
+    @classmethod
+    def _input_size(cls, value: tuple[int, int, int, int]) -> tuple[int, int, int, int]:
+        # counts are per image (batch 1) of an RGB image; a side is bounded like a model contract's, so a
+        # protocol file cannot make the probe a 19 GB tensor
+        n, c, h, w = value
+        if n != 1 or c != 3 or not (1 <= h <= MAX_INPUT_SIDE and 1 <= w <= MAX_INPUT_SIDE):
+            raise ValueError(f"must be [1, 3, height, width] with sides of 1-{MAX_INPUT_SIDE} pixels, got "
+                             f"{list(value)}")
+        return value
 
 
 _LFR = dict(dtype="float32", embedding_dim=512, metric="TPR@FPR")

@@ -26,12 +26,15 @@ def _model_from_spec(spec: str, overrides: list[str]):
     section), a checkpoint, or an .onnx path. A registry/YAML model gets the contract its checkpoint would
     carry, so its size is that of the file ``visrec export`` writes for a trained checkpoint of it; a file
     path brings its own contract (None here)."""
-    from visrec.budget import registry_contract
+    from visrec.budget import check_buildable, registry_contract
     from visrec.config import load_config, model_option_problem, parse_override
     from visrec.errors import ConfigError
     from visrec.models import BACKBONES, build_backbone
 
     path = Path(spec)
+    is_file = path.suffix in (".onnx", ".yaml", ".yml") or path.exists()
+    if overrides and is_file:  # a file brings its own architecture: --set would be silently ignored
+        raise ConfigError(f"--set is for a registry name; {spec} is a file whose model is what it says")
     if path.suffix == ".onnx" or (path.exists() and path.suffix not in (".yaml", ".yml")):
         return spec, None
     if path.suffix in (".yaml", ".yml"):
@@ -43,6 +46,7 @@ def _model_from_spec(spec: str, overrides: list[str]):
         else:
             m = load_config(path).model
             name, kwargs = m.name, m.kwargs
+        check_buildable(name, kwargs, str(path))
         model = build_backbone(name, **kwargs)
         return model, registry_contract(model, name, kwargs)
     kwargs = dict(parse_override(o) for o in overrides)
@@ -50,6 +54,7 @@ def _model_from_spec(spec: str, overrides: list[str]):
     problem = model_option_problem(kwargs)  # the sizes a run config allows (a 0-d embedding builds, then fails)
     if problem:
         raise ConfigError(f"--set {problem}")
+    check_buildable(spec, kwargs, f"{spec} {' '.join(f'--set {o}' for o in overrides)}".strip())
     model = build_backbone(spec, **kwargs)
     return model, registry_contract(model, spec, kwargs)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visrec.budget import BudgetReport, check, registry_contract
+from visrec.budget import BudgetReport, check, check_buildable, registry_contract
 from visrec.errors import VisrecError
 from visrec.models import build_backbone
 from visrec.protocols import Protocol, load_protocol
@@ -90,6 +90,7 @@ def fit_to_budget(family: str, protocol: str | Protocol, knobs: dict[str, list] 
     with_size = p.max_size_mb is not None
 
     def full_check(kw: dict) -> BudgetReport:
+        check_buildable(name, kw, f"{family} {kw} (the fit to {p.name})")  # counted before it is built
         model = build_backbone(name, **kw)
         return check(model, p, with_size=with_size, contract=registry_contract(model, name, kw), untrained=True)
 

@@ -26,7 +26,8 @@ Durability and scale-out: the study lives in Optuna storage — by default a jou
 (``study.journal``; Optuna's append-only log with a file lock, safe for several processes on one machine or
 a shared file system), or any Optuna storage URL (PostgreSQL/MySQL through SQLAlchemy) for several machines.
 Every finished trial is in the storage when it ends, so a worker killed with SIGKILL loses at most the trial
-it was training. ``resume=True`` continues (or joins) the study: trials left RUNNING by a dead worker of this
+it was training (a kill in the middle of a write leaves a torn last line, cut off before the next write:
+:func:`check_journal`). ``resume=True`` continues (or joins) the study: trials left RUNNING by a dead worker of this
 machine (its process id no longer runs, by ``/proc`` start time) are marked FAIL with the attribute
 ``abandoned`` and their architecture is queued again; so is a RUNNING trial with no worker recorded
 ``OWNER_GRACE_S`` after its start (a kill between Optuna creating it and its worker claiming it). Workers of
@@ -57,9 +58,11 @@ import torch
 import yaml
 
 from visrec._optional import require
+from visrec.budget import MAX_BUILD_PARAMS
 from visrec.config import parse_config, read_yaml_mapping
-from visrec.errors import ConfigError
+from visrec.errors import ConfigError, DataError, shown
 from visrec.models import build_backbone
+from visrec.models.searched import check_spec
 from visrec.protocols import load_protocol
 from visrec.search.proxy import base_training, onnx_latency_ms, scorer_for, trial_config
 from visrec.search.space import SearchSpace, candidate_cost, check_budget_reachable, over_budget
@@ -98,7 +101,12 @@ class Budget:
 
 def resolve_budget(protocol: str | None, max_gflops: float | None, max_mb: float | None,
                    max_ms: float | None) -> Budget:
-    """A protocol's limits, each tightened by an explicit flag."""
+    """A protocol's limits, each tightened by an explicit flag. A flag is a finite number > 0 (a NaN would
+    compare false with every cost, cancel the protocol's limit and make the study's recorded budget unequal
+    to itself, so that it could never be resumed)."""
+    for flag, value in (("--max-gflops", max_gflops), ("--max-mb", max_mb), ("--max-ms", max_ms)):
+        if value is not None and not (0 < value < float("inf")):
+            raise ConfigError(f"{flag} {value}: a limit is a finite number > 0")
     b = Budget(max_gflops=max_gflops, max_mb=max_mb, max_ms=max_ms, origin="flags")
     if protocol is not None:
         p = load_protocol(protocol)
@@ -108,6 +116,22 @@ def resolve_budget(protocol: str | None, max_gflops: float | None, max_mb: float
     if b.max_gflops is None and b.max_mb is None and b.max_ms is None:
         raise ConfigError("a search needs a budget: --protocol NAME, or --max-gflops / --max-mb / --max-ms")
     return b
+
+
+def check_protocol_fits(protocol: str, task: str, space: SearchSpace) -> None:
+    """A :class:`ConfigError` naming the protocol and the field unless it is one for this search: its task (a
+    faces search serves a faces or faces-video protocol) and its input size (the space's square side), since
+    the search counts each candidate at the space's size and the report checks the best at the protocol's."""
+    p = load_protocol(protocol)
+    if p.task != task and not (task == "faces" and p.task == "faces-video"):
+        raise ConfigError(f"protocol {protocol}: task is {p.task!r}, but this search is for {task}")
+    side = space.input_size
+    if tuple(p.input_size) != (1, 3, side, side):
+        raise ConfigError(f"protocol {protocol}: input_size is {list(p.input_size)}, but the space "
+                          f"{space.path} searches networks of input_size {side} ([1, 3, {side}, {side}])")
+    if task == "faces" and p.embedding_dim is not None and p.embedding_dim != 512:
+        raise ConfigError(f"protocol {protocol}: embedding_dim is {p.embedding_dim}, but a search's face "
+                          f"networks embed to 512")
 
 
 def _tighter(a: float | None, b: float | None) -> float | None:
@@ -161,24 +185,81 @@ def _masked(url: str) -> str:
     return url
 
 
-def open_storage(storage: str | None, out: Path):
+def open_storage(storage: str | None, out: Path, *, write: bool = True):
     """(Optuna storage, its description). None: a journal file in ``out``; ``scheme://...``: Optuna's RDB
     storage (connected now, so an unreachable database is an error naming it before anything runs); anything
-    else: a journal file at that path."""
+    else: a journal file at that path, checked first (:func:`check_journal`). ``write=False`` (report, export):
+    the journal must exist, and nothing is created or changed."""
     optuna = require("optuna", "search")
     from optuna.storages import JournalStorage
     from optuna.storages.journal import JournalFileBackend
 
     if storage is None or "://" not in storage:
         path = Path(storage) if storage else Path(out) / JOURNAL
+        named = f"--storage {path}" if storage else f"study storage {path}"
+        if path.is_dir():
+            raise ConfigError(f"{named}: a directory, not a journal file")
         if not path.parent.is_dir():
-            raise ConfigError(f"study storage {path}: its directory {path.parent} does not exist")
-        return JournalStorage(JournalFileBackend(str(path))), str(path)
+            raise ConfigError(f"{named}: its directory {path.parent} does not exist")
+        if not write and not path.exists():
+            raise ConfigError(f"{named}: no such journal file (no search was run there)")
+        check_journal(path, repair=write)
+        try:
+            return JournalStorage(JournalFileBackend(str(path))), str(path)
+        except (ValueError, KeyError, TypeError, IndexError) as exc:  # entries Optuna cannot replay
+            raise DataError(f"not a readable Optuna journal: {type(exc).__name__}: {str(exc)[:200]}",
+                            path=path) from None
     try:
         return optuna.storages.RDBStorage(storage), _masked(storage)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors of every kind: said with the URL
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot reach the study storage {_masked(storage)}: {reason}") from None
+
+
+JOURNAL_ENTRY = b'{"op_code":'  # how Optuna's journal writes every entry begin
+MAX_JOURNAL_LINE = 64 * 2**20  # bytes; an entry is a trial's attribute or the study's settings, a few kB
+
+
+def check_journal(path: Path, *, repair: bool) -> None:
+    """A :class:`DataError` naming the file and line unless every complete line of ``path`` is a JSON object
+    with an ``op_code`` (an empty or absent file passes). A last line with no newline is a write cut short by
+    a kill: Optuna skips it when reading but appends straight onto it, which would corrupt the journal for good;
+    with ``repair`` it is cut off (under the journal's lock, so no live worker is writing it). Bytes that do
+    not begin like a journal entry are refused, never cut: the file may be something else."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+
+    if not path.exists():
+        return
+    lock = JournalFileSymlinkLock(str(path)) if repair else None
+    if lock is not None:
+        lock.acquire()
+    try:
+        with open(path, "rb+" if repair else "rb") as f:
+            number, end = 0, 0  # end: the byte offset just past the last complete line
+            while line := f.readline(MAX_JOURNAL_LINE + 1):
+                number += 1
+                if not line.endswith(b"\n"):
+                    if len(line) > MAX_JOURNAL_LINE:
+                        raise DataError(f"line {number} is longer than {MAX_JOURNAL_LINE >> 20} MiB: not an "
+                                        f"Optuna journal", path=path)
+                    if not (line.startswith(JOURNAL_ENTRY) or JOURNAL_ENTRY.startswith(line)):
+                        raise DataError(f"line {number} is not an Optuna journal entry (the file is not a "
+                                        f"study journal; nothing was written to it)", path=path)
+                    if repair:  # a torn last entry, never read by anyone: cut before a write lands on it
+                        f.truncate(end)
+                    break
+                try:
+                    entry = json.loads(line)
+                except (ValueError, RecursionError):
+                    entry = None
+                if not isinstance(entry, dict) or not isinstance(entry.get("op_code"), int):
+                    raise DataError(f"line {number} is not an Optuna journal entry (a JSON object with an "
+                                    f"op_code): the file is not a study journal, or it is corrupt; nothing was "
+                                    f"written to it", path=path)
+                end += len(line)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def _has_study(storage) -> bool:
@@ -195,7 +276,7 @@ def _sampler(seed: int):
 def load_search_study(storage: str | None, out: Path):
     """The study of a finished or running search (for its report and export)."""
     optuna = require("optuna", "search")
-    st, desc = open_storage(storage, Path(out))
+    st, desc = open_storage(storage, Path(out), write=False)
     if not _has_study(st):
         raise ConfigError(f"no search study in {desc}")
     return optuna.load_study(study_name=STUDY_NAME, storage=st), desc
@@ -328,6 +409,9 @@ class Objective:
             trial.set_user_attr(key, value)
         budget = self.s.budget
         why = over_budget(cost, budget.max_gflops, budget.max_mb)
+        if why is None and budget.max_ms is not None and cost.params > MAX_BUILD_PARAMS:
+            # counted on the meta device; timing would build it for real (what no size limit stopped here)
+            why = f"{cost.params:,} parameters > {MAX_BUILD_PARAMS:,}: too large to build and time"
         if why is None and budget.max_ms is not None:
             net = build_backbone("searched", spec=spec, **self.cost_kwargs)
             ms = onnx_latency_ms(net, int(spec.get("input_size", 112)))
@@ -417,6 +501,8 @@ def prepare(settings: SearchSettings):
     data's presence. Returns (space, scorer)."""
     space = settings.space()
     budget = settings.budget
+    if budget.protocol is not None:
+        check_protocol_fits(budget.protocol, settings.task, space)
     training = base_training(settings.task, settings.config)
     points = int((training.get("data") or {}).get("points", 106))
     check_budget_reachable(space, budget.max_gflops, budget.max_mb, embedding_size=512, num_points=points)
@@ -565,7 +651,9 @@ class SearchResult:
     pareto: list[int]  # trial numbers on the Pareto front (metric vs GFLOPs)
 
 
-def _row(t) -> TrialRow:
+def _row(t, desc: str, task: str) -> TrialRow:
+    """One trial as the report shows it, its recorded figures checked (:func:`_checked`): the journal is a
+    file like any other, and a NaN score must not become the best trial nor a bad spec an exported config."""
     a = t.user_attrs
     state = t.state.name
     if a.get("abandoned"):
@@ -582,27 +670,72 @@ def _row(t) -> TrialRow:
         status, note = "failed", a.get("failed", "")
     else:
         status, note = state.lower(), ""
+    note = str(note)
     if a.get("same_as") is not None:
         note = (note + "; " if note else "") + f"same architecture as trial {a['same_as']}"
     if a.get("retry_of") is not None:
         note = (note + "; " if note else "") + f"retry of trial {a['retry_of']}"
-    steps = sorted(int(k.split("@")[1]) for k in a if k.startswith("score@"))
+    steps = sorted(int(k.split("@")[1]) for k in a if k.startswith("score@") and k.split("@")[1].isdigit())
     score = a.get("score", a.get(f"score@{steps[-1]}") if steps else None)
-    return TrialRow(t.number, status, score, a.get("gflops"), a.get("mb"), a.get("ms"), note, a.get("spec"),
-                    a.get("same_as"))
+    row = TrialRow(t.number, status, score, a.get("gflops"), a.get("mb"), a.get("ms"), note, a.get("spec"),
+                   a.get("same_as"))
+    _checked(row, desc, task)
+    return row
+
+
+def _checked(row: TrialRow, desc: str, task: str) -> None:
+    """A :class:`DataError` naming the storage, the trial and the field unless the row's figures are numbers in
+    their range (a score is a TPR in [0, 1] or an NME >= 0; a diverged trial's is the worst infinity) and its
+    spec passes the architecture check for the study's task."""
+    def bad(name: str, why: str):
+        raise DataError(why, path=desc, record=f"trial {row.number}", field=name)
+
+    def real(value) -> bool:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and value == value
+
+    for name in ("gflops", "mb", "ms"):
+        value = getattr(row, name)
+        if value is not None and not (real(value) and 0 <= value < float("inf")):
+            bad(name, f"{shown(value)} is not a finite number >= 0")
+    if row.score is not None:
+        ok = real(row.score) and (row.score == float("-inf") or 0 <= row.score <= 1 if task == "faces"
+                                  else row.score >= 0)
+        if not ok:
+            bad("score", f"{shown(row.score)} is not a {'TPR in [0, 1]' if task == 'faces' else 'NME >= 0'}")
+    if row.same_as is not None and not (isinstance(row.same_as, int) and not isinstance(row.same_as, bool)
+                                        and 0 <= row.same_as < row.number):
+        bad("same_as", f"{shown(row.same_as)} is not an earlier trial's number")
+    if row.spec is not None:
+        if row.gflops is None:
+            bad("gflops", "missing for a trial with an architecture")
+        try:
+            spec = check_spec(row.spec, "spec")
+        except ConfigError as exc:
+            bad("spec", str(exc))
+        if spec.task != task:
+            bad("spec", f"its task is {spec.task!r}, the study's is {task!r}")
 
 
 def summarise(study, desc: str) -> SearchResult:
+    """The study's trials as rows, its best trial and Pareto front; a trial whose record is not what a search
+    writes is a :class:`DataError` naming the storage and the trial (:func:`_checked`)."""
     settings = study.user_attrs.get("settings", {})
     direction = study.directions[0].name.lower()
     task = settings.get("task", "faces")
+    if task not in ("faces", "landmarks") or (task == "faces" and not isinstance(settings.get("target_fpr"),
+                                                                                  (int, float))):
+        raise DataError("the study's recorded settings are not a search's (task, target_fpr)", path=desc,
+                        field="settings")
     score_name = f"tpr@{settings.get('target_fpr'):g}" if task == "faces" else "nme"
-    rows = [_row(t) for t in study.get_trials(deepcopy=False)]
+    rows = [_row(t, desc, task) for t in study.get_trials(deepcopy=False)]
     complete = [r for r in rows if r.status == "complete" and r.score is not None]
     sign = -1 if direction == "maximize" else 1
     best = min(complete, key=lambda r: (sign * r.score, r.gflops)) if complete else None
     pareto = sorted(t.number for t in study.best_trials if t.user_attrs.get("trained")) if complete else []
     return SearchResult(desc, settings, score_name, direction, rows, best, pareto)
+
+
+EXPORTABLE = ("complete", "pruned", "repeat")  # trained trials with a score; a failed one has none worth keeping
 
 
 def export_spec(result: SearchResult, out: Path, trial: int | None, dest: Path, *, steps: int | None = None,
@@ -619,8 +752,9 @@ def export_spec(result: SearchResult, out: Path, trial: int | None, dest: Path, 
         raise ConfigError(f"{result.storage}: no trial {trial} (trials 0-{len(rows) - 1})")
     else:
         row = rows[trial]
-        if row.spec is None or row.status in ("rejected", "waiting"):
-            raise ConfigError(f"trial {trial} is {row.status}: it has no trained architecture to export")
+        if row.spec is None or row.status not in EXPORTABLE:
+            raise ConfigError(f"trial {trial} is {row.status}: only a complete, pruned or repeated trial has a "
+                              f"trained architecture to export")
     trained = row.number if row.same_as is None else row.same_as  # an identical architecture trained once
     source = Path(out) / "trials" / f"{trained:04d}" / "config.yaml"
     if not source.exists():
@@ -636,7 +770,7 @@ def export_spec(result: SearchResult, out: Path, trial: int | None, dest: Path, 
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(f"# architecture of search trial {row.number} ({result.score_name} {row.score}, "
+    tmp.write_text(f"# architecture of search trial {row.number}, {row.status} ({result.score_name} {row.score}, "
                    f"{row.gflops:.4f} GFLOPs) from {result.storage}\n" + yaml.safe_dump(raw, sort_keys=False))
     os.replace(tmp, dest)
     return dest
