@@ -12,6 +12,7 @@ The demo repeats: fixed seeds, a fixed step count, deterministic algorithms and 
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 
@@ -195,6 +196,7 @@ def video_section(out: Path, backbone: Path, console: Console, identities: tuple
     data, run_dir = out / "data" / "videos", out / "runs" / "video-quality"
     if not (data / "val" / "videos.csv").exists():
         console.print(f"rendering synthetic videos into {data}")
+        shutil.rmtree(data, ignore_errors=True)  # the demo's own folder, left half-written by a killed run
         write_video_dataset(data / "train", identities[0], 3, 8, seed=1, degraded_share=0.4)
         write_video_dataset(data / "val", identities[1], 4, 8, seed=2, degraded_share=0.4, first_identity=50_000)
     cfg = parse_config({
@@ -205,8 +207,6 @@ def video_section(out: Path, backbone: Path, console: Console, identities: tuple
         "schedule": {"max_steps": steps, "warmup_steps": 2}, "checkpoint_every": 1000,
     }, source="demo config")
     if run_dir.exists():  # the backbone may have changed since (or a run was cut short): a fresh head each run
-        import shutil
-
         shutil.rmtree(run_dir)
     train(cfg, source="demo config")
     res = evaluate_video_model(run_dir, data / "val" / "videos.csv", ("mean", "norm", "learned"), (1e-4,))
@@ -288,6 +288,7 @@ def products_section(out: Path, console: Console) -> dict:
 
     root, index = out / "data" / "products", out / "products-index"
     if not (root / "val.csv").exists():
+        shutil.rmtree(root, ignore_errors=True)  # the demo's own folder, left half-written by a killed run
         write_product_dataset(root, families=6, products_per_family=3, variants=3, queries_per_product=2, size=128)
     spec = {"name": "product", "backbone": "resnet18", "pooling": "gem", "dim": 128}
     torch.manual_seed(0)
