@@ -48,6 +48,9 @@ def test_gallery_and_products_sections(tmp_path, tiny_face_model):
     c = console()
     res = gallery_section(tmp_path, {"run": tiny_face_model}, c)
     assert res["identities"] == 50 and 0 <= res["top1"] <= 1 and "Milvus Lite" in printed(c)
-    metrics = products_section(tmp_path, c)
-    assert metrics and all(0 <= v <= 1 and not math.isnan(v) for v in metrics.values())
+    stale = tmp_path / "data" / "products" / "catalogue" / "left-by-a-killed-run.jpg"  # no val.csv beside it
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half-written")
+    metrics = products_section(tmp_path, c)  # renders its data again (synth products refuses a held data set)
+    assert metrics and all(0 <= v <= 1 and not math.isnan(v) for v in metrics.values()) and not stale.exists()
     assert (tmp_path / "eval-products").is_dir()
