@@ -15,6 +15,7 @@ Training takes about 100 s a seed on one core; runs and indexes are kept in ``--
 from __future__ import annotations
 
 import argparse
+import shutil
 from pathlib import Path
 
 import torch
@@ -49,6 +50,7 @@ def trained_index(seed: int, out: Path, steps: int) -> tuple[Path, Path]:
     work = out / f"seed{seed}-steps{steps}"
     root, run, index = work / "products", work / "run", work / "index"
     if not (root / GROUND_TRUTH).exists():
+        shutil.rmtree(root, ignore_errors=True)  # a set a killed run left half-written (synth refuses one)
         write_product_dataset(root, families=10, products_per_family=4, variants=3, queries_per_product=2,
                               seed=seed, size=128)
     if not (run / "model.pt").exists():

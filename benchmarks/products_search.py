@@ -30,6 +30,7 @@ NHWC: what the layout buys) and with bfloat16 autocast on top of NHWC, which ext
 from __future__ import annotations
 
 import argparse
+import shutil
 import time
 
 import numpy as np
@@ -90,6 +91,7 @@ def write_catalogue(folder, images: int, distinct: int, render_size: int, source
             os.symlink(Path(path).resolve(), folder / path.name)
         return len(found)
     synth = folder.parent / (folder.name + "-distinct")
+    shutil.rmtree(synth, ignore_errors=True)  # this benchmark's own scratch set: synth refuses a held data set
     per_family = 4 * 3  # products per family x catalogue variants
     write_product_dataset(synth, families=math.ceil(min(distinct, images) / per_family), products_per_family=4,
                           variants=3, queries_per_product=0, size=render_size)
