@@ -135,3 +135,21 @@ def test_a_sideways_phone_photo_gives_one_crop_and_one_embedding_over_http_cli_a
     # and the crop the service would embed for the raw sideways pixels is not the upright one
     r = client.post("/v1/faces/verify", files={"image_a": encode_jpeg(stored), "image_b": png.getvalue()})
     assert r.status_code == 422 or r.json()["score"] < 0.999, r.text
+
+
+def test_an_image_opencv_cannot_warp_and_32_bit_pil_images_are_named(tiny_face_model):
+    """A legal 3x40000 photo (120,000 pixels) reached cv2.warpAffine and raised a bare cv2.error (sides of
+    32,767 or more); a PIL image of mode 'I' or 'F' came out white from convert('RGB')."""
+    from PIL import Image
+
+    from visrec.errors import DataError
+    from visrec.faces.images import InputError, load_image
+    from visrec.faces.pipeline import MAX_SIDE, FacePipeline
+
+    pipe = FacePipeline(tiny_face_model)
+    with pytest.raises(InputError, match="40000x3: a side of 32,767 pixels or more") as refused:
+        pipe.faces(np.zeros((3, 40_000, 3), np.uint8))
+    assert refused.value.status == 413 and MAX_SIDE == 32767
+    for mode in ("I", "F"):
+        with pytest.raises(DataError, match=f"mode '{mode}'"):
+            load_image(Image.new(mode, (8, 8), 1000))

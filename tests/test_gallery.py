@@ -140,6 +140,33 @@ def test_max_fusion_on_faiss_finds_1000_identities_past_milvus_search_limit():
     assert all(a.score >= b.score for a, b in zip(hits, hits[1:]))
 
 
+def test_an_export_replaces_only_an_earlier_export(tmp_path):
+    """gallery export --out onto the gallery's own database or its config replaced it with a zip and said it
+    exported; onto a folder it was a bare IsADirectoryError."""
+    g = open_gallery("faiss")
+    g.enroll("ann", unit(np.random.default_rng(0).normal(size=(2, 8))))
+    mine = tmp_path / "serve.yaml"
+    mine.write_text("faces: {model: runs/m}\n")
+    with pytest.raises(DataError, match=r"serve\.yaml.*not a gallery export"):
+        g.export(mine)
+    assert mine.read_text() == "faces: {model: runs/m}\n"
+    with pytest.raises(DataError, match="folder"):
+        g.export(tmp_path)
+    first = g.export(tmp_path / "g.npz")
+    g.enroll("bob", unit(np.random.default_rng(1).normal(size=(1, 8))))
+    assert g.export(first) == first and open_gallery("faiss").import_(first) == 3  # an earlier export: replaced
+    assert g.export(mine, overwrite=True) == mine  # asked for
+
+
+def test_search_refuses_a_top_k_that_is_no_whole_number():
+    g = open_gallery("faiss")
+    g.enroll("ann", unit(np.random.default_rng(0).normal(size=(1, 8))))
+    for bad in (1.5, True, "3", 0):
+        with pytest.raises(VisrecError, match="top_k must be a whole number"):
+            g.search(unit(np.ones((1, 8))), bad)
+    assert g.search(unit(np.ones((1, 8))), np.int64(1))[0][0].identity == "ann"
+
+
 def test_export_import_round_trip_and_reopen(tmp_path, milvus):
     data, centres = people(n=5)
     g = milvus(tmp_path, model_name="m")
@@ -326,6 +353,7 @@ def test_enroll_folder_writes_in_batches_and_reports_each_photo(tmp_path, monkey
         for i in range(n):
             (tmp_path / name / f"{i}.jpg").write_bytes(encode_jpeg(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
     (tmp_path / "bob" / "blank.jpg").write_bytes(encode_jpeg(np.zeros((16, 16, 3), np.uint8)))
+    (tmp_path / "ann" / "big.jpg").write_bytes(encode_jpeg(rng.integers(0, 256, (16, 20, 3), dtype=np.uint8)))
 
     def faces(img):  # a stand-in detector: a blank photo has no face; the crop is the photo
         return [] if not img.any() else [SimpleNamespace(crop=img)]
@@ -336,14 +364,16 @@ def test_enroll_folder_writes_in_batches_and_reports_each_photo(tmp_path, monkey
         def __call__(self, crops):
             return unit(crops.reshape(len(crops), -1)[:, :8].astype(np.float32) + 1.0)
 
-    pipeline = SimpleNamespace(faces=faces, embedder=Embedder())
+    # the pipeline's pixel limit holds here as on every other path (a 9000x9000 photo was decoded whole)
+    pipeline = SimpleNamespace(faces=faces, embedder=Embedder(), max_pixels=300)
     g = open_gallery("faiss")
     calls = []
     real = type(g).enroll_many
     monkeypatch.setattr(type(g), "enroll_many", lambda self, items, **kw: calls.append(len(items)) or real(self, items, **kw))
     report = enroll_folder(pipeline, g, tmp_path, batch=2)
     assert sorted(report.enrolled) == ["ann/0.jpg", "ann/1.jpg", "ann/2.jpg", "bob/0.jpg", "bob/1.jpg"]
-    assert report.no_face == ["bob/blank.jpg"] and [p for p, _ in report.errors] == [" bad /0.jpg"]
+    assert report.no_face == ["bob/blank.jpg"] and [p for p, _ in report.errors] == [" bad /0.jpg", "ann/big.jpg"]
+    assert "320 pixels, above the limit of 300" in report.errors[1][1]
     assert calls == [2, 2, 1] and g.count() == 5 and report.identities == 2
     assert enroll_folder(pipeline, g, tmp_path, batch=2).enrolled and g.count() == 5  # again: nothing added
 

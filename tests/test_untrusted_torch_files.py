@@ -345,3 +345,19 @@ def test_a_length_inside_a_non_zip_file_never_sizes_a_read_beyond_the_file(tmp_p
     with pytest.raises(DataError, match="legacy_long.pt.*old format.*cannot be read"):
         read_torch_file(legacy)
     assert _vm_peak_kib() - before < 512 * 1024
+
+
+def test_a_file_replaced_by_atomic_save_keeps_its_permission_bits(tmp_path):
+    """visrec models calibrate writes the threshold into model.pt in place: a read-only model came back 0644."""
+    import stat
+
+    import torch
+
+    from visrec._torchfile import atomic_save
+
+    path = tmp_path / "model.pt"
+    atomic_save({"a": torch.zeros(1)}, path)
+    path.chmod(0o444)
+    atomic_save({"a": torch.ones(1)}, path)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o444 and torch.load(path, weights_only=True)["a"].item() == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model.pt"]

@@ -27,6 +27,7 @@ import io
 import os
 import pickle
 import re
+import stat
 import struct
 import warnings
 from pathlib import Path
@@ -294,11 +295,17 @@ def _weights_reason(exc: Exception) -> str:
 
 
 def atomic_save(obj: Any, path: str | Path) -> None:
-    """``torch.save`` to a temporary name, fsync, then rename: a crash mid-write leaves the previous file."""
+    """``torch.save`` to a temporary name, fsync, then rename: a crash mid-write leaves the previous file. A file
+    replaced keeps its permission bits (a model made read-only stays read-only once a threshold is written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    torch.save(obj, tmp)
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        if path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -167,7 +167,8 @@ def delete(identity: str = typer.Argument(..., help="the identity to erase (any 
 
 
 @app.command("export")
-def export_(config: Path = CONFIG, out: Path = typer.Option(..., "--out", help="the .npz to write"),
+def export_(config: Path = CONFIG, out: Path = typer.Option(..., "--out", help="the .npz to write (an existing "
+                                                                "file only when it is an earlier export)"),
             gallery: str | None = GALLERY):
     """Write every template, metadata and the threshold to a .npz (no pickle)."""
     with _open(config, gallery) as (g, where):

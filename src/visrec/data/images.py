@@ -199,10 +199,11 @@ def image_size(path: str | Path) -> tuple[int, int]:
     return size
 
 
-def read_image(path: str | Path) -> np.ndarray:
-    """An image file as HxWx3 RGB uint8 (a regular file only: ``visrec.data.text.read_bytes``)."""
+def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
+    """An image file as HxWx3 RGB uint8 (a regular file only: ``visrec.data.text.read_bytes``); ``max_pixels``
+    as :func:`decode_image` (a user's photo: the face pipeline's limit)."""
     path = Path(path)
-    return decode_image(read_bytes(path), source=path)
+    return decode_image(read_bytes(path), source=path, max_pixels=max_pixels)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:

@@ -55,6 +55,9 @@ def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
         if image.mode.startswith("I;16"):  # 16-bit grey: its top byte, as the decoder reads such a file
             grey = (np.asarray(image, dtype=np.uint16) >> 8).astype(np.uint8)
             return np.ascontiguousarray(np.repeat(grey[..., None], 3, axis=2))
+        if image.mode in ("I", "F"):  # 32-bit integers or floats: convert("RGB") clips them (mostly to white)
+            raise DataError(f"a PIL image of mode {image.mode!r} (32-bit {'integer' if image.mode == 'I' else 'float'} "
+                            f"values) has no one way to 8-bit pixels: scale it to uint8 (or mode 'L' / 'RGB') first")
         return np.asarray(image.convert("RGB"), dtype=np.uint8)
     raise DataError(f"an image is a path, bytes, a uint8 array or a PIL image; got {type(image).__name__}")
 

@@ -29,6 +29,9 @@ from visrec.faces.detectors import Detection, ScaledDetector, load_detector
 from visrec.faces.images import InputError, decode_upload
 
 
+MAX_SIDE = 32767  # pixels: cv2.warpAffine / remap refuse an image with a side of SHRT_MAX or more
+
+
 @dataclass
 class Face:
     box: tuple[int, int, int, int]  # x1, y1, x2, y2 in the upload's pixels
@@ -165,7 +168,11 @@ class FacePipeline:
 
     def detect(self, image: np.ndarray) -> list:
         """The detector's faces of an RGB image (:class:`~visrec.faces.detectors.Detection`), largest first; the
-        whole image when ``aligned``."""
+        whole image when ``aligned``. A side of ``MAX_SIDE`` pixels or more is an :class:`InputError` (413): OpenCV
+        cannot warp such an image into a crop."""
+        if max(image.shape[:2]) >= MAX_SIDE:
+            raise InputError(f"the image is {image.shape[1]}x{image.shape[0]}: a side of {MAX_SIDE:,} pixels or more "
+                             f"is beyond what OpenCV warps into a face crop", 413)
         if self.aligned:
             return [Detection(np.array([0, 0, image.shape[1], image.shape[0]], np.float32), 1.0)]
         return sorted(self.detector(image), key=lambda d: -float((d.box[2] - d.box[0]) * (d.box[3] - d.box[1])))
@@ -226,7 +233,7 @@ def embed_photos(pipe: FacePipeline, photos, batch: int = 32, progress=None) -> 
     after every n photos."""
     crops, labels, no_face, out = [], [], [], []
     for path, label in zip(photos.paths, photos.labels):
-        faces = pipe.faces(read_image(path), 1)
+        faces = pipe.faces(read_image(path, pipe.max_pixels), 1)
         if faces:
             crops.append(faces[0].crop)
             labels.append(int(label))

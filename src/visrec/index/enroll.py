@@ -19,6 +19,7 @@ from pathlib import Path
 from visrec.data.folders import read_image_folder
 from visrec.data.images import read_image
 from visrec.errors import VisrecError
+from visrec.faces.images import MAX_PIXELS
 from visrec.index.gallery import check_identity
 
 
@@ -99,7 +100,7 @@ def enroll_folder(pipeline, gallery, root: str | Path, progress=None, batch: int
         name = listing.class_names[int(label)]
         try:
             name = check_identity(name, new=True)  # a bad folder name is this photo's error, not the batch's
-            faces = pipeline.faces(read_image(path))
+            faces = pipeline.faces(read_image(path, getattr(pipeline, "max_pixels", MAX_PIXELS)))  # as elsewhere
             if not faces:
                 report.no_face.append(rel)
             elif (key := (name, crop_hash(faces[0].crop))) in seen:

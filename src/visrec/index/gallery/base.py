@@ -57,6 +57,7 @@ from pathlib import Path
 import numpy as np
 
 from visrec._npz import NpzWriter, load_npz
+from visrec.data.text import check_output
 from visrec.errors import DataError, VisrecError, shown
 from visrec.registry import Registry
 
@@ -191,6 +192,17 @@ def _invisible(name: str) -> str | None:
     if unicodedata.category(name[0]).startswith("M"):  # a mark with nothing to sit on: "\u0301" looks empty
         return f"starts with the combining mark U+{ord(name[0]):04X}, which has no character to go on"
     return None
+
+
+def _is_export(path: Path) -> bool:
+    """Whether ``path`` is a :meth:`Gallery.export` file (a zip holding its members), which an export may replace."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return {"vectors.npy", "identities.npy", "info.npy"} <= set(z.namelist())
+    except (OSError, zipfile.BadZipFile):
+        return False
 
 
 class MetadataTooLargeError(DataError):
@@ -642,8 +654,8 @@ class Gallery(abc.ABC):
 
     def search(self, probes, top_k: int = 5, threshold: float | None = None) -> list[list[Match]]:
         """Top-``top_k`` identities per probe row by fused score, best first (exact)."""
-        if top_k < 1:
-            raise VisrecError(f"top_k must be >= 1, got {top_k}")
+        if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
+            raise VisrecError(f"top_k must be a whole number >= 1, got {shown(top_k)}")
         q = _vectors(probes, "probes", self.metric)
         if self.info["dim"] is not None and q.shape[1] != self.info["dim"]:
             raise GalleryMismatchError(f"the gallery holds {self.info['dim']}-d embeddings; probes are {q.shape[1]}-d")
@@ -706,13 +718,18 @@ class Gallery(abc.ABC):
             self._recover()
             return self._count_templates()
 
-    def export(self, path: str | Path) -> Path:
+    def export(self, path: str | Path, *, overwrite: bool = False) -> Path:
         """Write every template, identity metadata and the info record to a ``.npz`` (no pickle). Streams: the
         vectors go to the file :data:`IMPORT_BATCH` templates at a time (memory: one batch of vectors plus the
-        templates' names, whatever the gallery's size); the file appears complete or not at all."""
+        templates' names, whatever the gallery's size); the file appears complete or not at all. An existing
+        ``path`` is replaced only when it is an earlier export (its members say so) or with ``overwrite``; a
+        folder, or any other file (the gallery's own database, a config), is a :class:`DataError` naming it."""
         import os
 
-        path = Path(path)
+        path = check_output(path, kind="file")
+        if path.exists() and not overwrite and not _is_export(path):
+            raise DataError("exists and is not a gallery export (an export replaces only an earlier export): "
+                            "name another file", path=path)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
         ids, owners, hashes = [], [], []
