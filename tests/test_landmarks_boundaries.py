@@ -88,6 +88,18 @@ def test_nan_predictions_of_a_torch_model_are_a_data_error_naming_it(tmp_path):
         assert "model.pt" in str(err.value.path)
 
 
+def test_a_landmark_graph_answering_no_point_pairs_is_named(tmp_path):
+    """The ONNX answer was reshaped to (crops, -1, 2): an odd number of values was a bare ValueError."""
+    from visrec.models.loading import load_model
+
+    model = _nan_onnx(tmp_path / "m.onnx")
+    loaded = load_model(model)
+    loaded.onnx = lambda x: np.zeros((len(x), 7), np.float32)
+    with pytest.raises(DataError, match=r"answered \[2, 7\] for 2 crops") as err:
+        loaded.predict_crops(np.zeros((2, 3, 112, 112), np.float32))
+    assert err.value.path == str(model)
+
+
 def test_nan_predictions_are_a_data_error_naming_the_model(tmp_path, jd):
     from visrec.cli import app
 

@@ -110,6 +110,8 @@ def test_sensible_margin_options_pass(face_rec, tmp_path):
     ({"batch_size": True}, r"batch_size: Input should be a valid integer"),  # was read as 1
     ({"batch_size": 4.0}, r"batch_size: Input should be a valid integer"),
     ({"output": ""}, r"output: must name a folder"),  # was the current folder
+    ({"deterministic": "yes"}, r"deterministic: Input should be a valid boolean"),  # was read as true
+    ({"channels_last": 0}, r"channels_last: Input should be a valid boolean"),
     ({"schedule": {"max_steps": 9, "power": -2.0}}, r"schedule\.power: Input should be greater than 0"),
     ({"schedule": {"max_steps": 9, "power": 0}}, r"schedule\.power: Input should be greater than 0"),
 ])

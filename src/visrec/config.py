@@ -23,8 +23,10 @@ class Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-# A whole number as written: ``true``, ``4.0`` or ``"8"`` is refused, not read as 1, 4 or 8.
+# A whole number as written: ``true``, ``4.0`` or ``"8"`` is refused, not read as 1, 4 or 8; a switch is true or
+# false as written (``"yes"`` or ``1`` is refused, not read as true).
 Int = Annotated[int, StrictType()]
+Bool = Annotated[bool, StrictType()]
 # The largest ``seed``: numpy seeds take 0..2^32-1 and each process seeds with ``seed + rank``.
 MAX_SEED = 2**31 - 1
 
@@ -144,13 +146,13 @@ class RunConfig(Strict):
     task: str = "faces"
     output: Path = Path("runs/default")
     seed: Int = Field(0, ge=0, le=MAX_SEED, description="each process seeds its RNGs with seed + rank")
-    deterministic: bool = False
+    deterministic: Bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     amp: Literal["auto", "bf16", "fp16", "none"] = "auto"
     batch_size: Int = Field(128, gt=0, description="per process")
     num_workers: Int = Field(0, ge=0)
-    compile: bool = Field(False, description="torch.compile the backbone (CUDA: cuts launch overhead)")
-    channels_last: bool = Field(True, description="NHWC backbone weights and activations (faster convs on CUDA "
+    compile: Bool = Field(False, description="torch.compile the backbone (CUDA: cuts launch overhead)")
+    channels_last: Bool = Field(True, description="NHWC backbone weights and activations (faster convs on CUDA "
                                                  "and on CPU: benchmarks/memory_format.py)")
     cuda_graph: Literal["auto", "on", "off"] = Field(
         "auto", description="capture the whole training step in a CUDA graph and replay it (auto: when the run "

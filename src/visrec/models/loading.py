@@ -227,7 +227,11 @@ class OnnxModel(LoadedModel):
 
     def predict_crops(self, x: np.ndarray) -> np.ndarray:
         x = np.asarray(x, np.float32)
-        return self._points(self.onnx(x).reshape(len(x), -1, 2))
+        out = np.asarray(self.onnx(x))
+        if len(x) and out.size % (2 * len(x)):  # not (x, y) pairs per crop: reshape would raise a bare ValueError
+            raise DataError(f"the model answered {list(out.shape)} for {len(x)} crops, not (x, y) points per crop",
+                            path=self.contract.source or self.name)
+        return self._points(out.reshape(len(x), -1, 2))
 
 
 class ZooArcFace(LoadedModel):
@@ -272,7 +276,7 @@ class ExternalModel(LoadedModel):
 
     def predict(self, image, boxes) -> np.ndarray:
         b, single = _as_boxes(boxes)
-        out = [self.adapter(image, box[:4]) for box in b]
+        out = [self._points(self.adapter(image, box[:4])) for box in b]
         if single:
             return out[0]
         return np.stack(out) if out else np.zeros((0, self.contract.num_points or 0, 2), np.float32)

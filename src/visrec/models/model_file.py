@@ -77,9 +77,7 @@ def build_for_weights(cfg, state, path: Path):
     problem = weights_mismatch(shell.state_dict(), state)
     if problem:
         raise DataError(problem, path=path)
-    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
-    if bad is not None:  # it would embed every image as NaN, silently
-        raise DataError(f"weight {bad!r} holds NaN or inf values (a diverged or damaged checkpoint)", path=path)
+    _refuse_non_finite(state, path)
     built = sum(t.numel() for t in shell.parameters()) + sum(t.numel() for t in shell.buffers())
     unsaved = built - sum(t.numel() for t in shell.state_dict().values())
     if unsaved > MAX_UNSAVED_ELEMENTS:
@@ -166,7 +164,18 @@ def init_backbone(module, path: str | Path, name: str | None = None) -> None:
     problem = weights_mismatch(module.state_dict(), blob)
     if problem:
         raise DataError(problem, path=path)
+    _refuse_non_finite(blob, path)
     module.load_state_dict(blob, strict=True)
+
+
+def _refuse_non_finite(state: dict, path: Path) -> None:
+    """A :class:`DataError` naming ``path`` and the first weight holding NaN or inf: a model built from it
+    would embed every image as NaN, silently."""
+    import torch
+
+    bad = next((k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())), None)
+    if bad is not None:
+        raise DataError(f"weight {bad!r} holds NaN or inf values (a diverged or damaged checkpoint)", path=path)
 
 
 def embedding_dim(module, input_size: tuple[int, int] = (112, 112)) -> int | None:
