@@ -253,4 +253,4 @@ def test_ijb_reader_and_align_agree_on_degenerate_points():
     cases = np.stack([base, np.full((5, 2), 50.0), np.vstack([base[:1], base[:1], base[2:]]),
                       base * 0 + base[0] + np.arange(10).reshape(5, 2) * 1e-8])
     assert ijb.MIN_POINT_SPREAD == MIN_POINT_SPREAD
-    assert ijb._degenerate(cases).tolist() == degenerate_points(cases).tolist() == [False, True, True, True]
+    assert ijb.degenerate_points(cases).tolist() == degenerate_points(cases).tolist() == [False, True, True, True]

@@ -72,14 +72,11 @@ def landmarks(image: Path = typer.Argument(..., help="an image"),
 
 
 def _check_box_on_image(corners, w: int, h: int, image: Path) -> None:
-    """``--box`` must overlap the image and lie no further than ``MAX_BOX_OUTSIDE`` image sides outside it
-    (``visrec.data.landmarks.read_rect``'s rule for a ``.rect`` file): else the crop is all padding."""
-    from visrec.data.landmarks import MAX_BOX_OUTSIDE
+    """``--box`` as a ``.rect`` file's box (``visrec.data.landmarks.box_on_image``): else the crop is all padding."""
+    from visrec.data.landmarks import MAX_BOX_OUTSIDE, box_on_image
     from visrec.errors import DataError
 
-    x1, y1, x2, y2 = corners
-    reach = MAX_BOX_OUTSIDE * max(w, h)
-    if not (x1 < w and y1 < h and x2 > 0 and y2 > 0) or not all(-reach <= v <= reach + max(w, h) for v in corners):
+    if not box_on_image(corners, w, h):
         raise DataError(f"--box {','.join(f'{v:g}' for v in corners)} does not overlap the {w}x{h} image, or lies "
                         f"more than {MAX_BOX_OUTSIDE} image sides outside it", path=image)
 

@@ -32,7 +32,7 @@ from visrec.data.text import read_lines
 from visrec.errors import DataError
 
 MAX_OUTSIDE = 0.5  # a point further outside the image than this share of its size is an annotation error
-MAX_BOX_OUTSIDE = 4  # image sides a face box may reach outside its image (visrec.serve.requests.box_field's rule)
+MAX_BOX_OUTSIDE = 4  # image sides a face box may reach outside its image (box_on_image)
 _F32_MAX = float(np.finfo(np.float32).max)
 
 
@@ -317,14 +317,22 @@ def read_rect(path: str | Path, image_size: tuple[int, int] | None = None) -> li
         raise DataError(f"expected 'x1 y1 x2 y2' (four numbers), got {line.strip()[:80]!r}", path=path,
                         record=f"line {lineno}") from None
     box = list(check_box(box, path=path, record=f"line {lineno}"))
-    if image_size is not None:
+    if image_size is not None and not box_on_image(box, *image_size):
         w, h = image_size
-        reach = MAX_BOX_OUTSIDE * max(w, h)
-        if not (box[0] < w and box[1] < h and box[2] > 0 and box[3] > 0) or \
-                not all(-reach <= v <= reach + max(w, h) for v in box):
-            raise DataError(f"box {[round(v, 2) for v in box]} does not overlap the {w}x{h} image, or lies more "
-                            f"than {MAX_BOX_OUTSIDE} image sides outside it", path=path, record=f"line {lineno}")
+        raise DataError(f"box {[round(v, 2) for v in box]} does not overlap the {w}x{h} image, or lies more "
+                        f"than {MAX_BOX_OUTSIDE} image sides outside it", path=path, record=f"line {lineno}")
     return box
+
+
+def box_on_image(box, width: int, height: int) -> bool:
+    """Whether face box ``x1, y1, x2, y2`` (pixels) overlaps a ``width`` x ``height`` image and lies no further
+    than :data:`MAX_BOX_OUTSIDE` image sides outside it: a face box may overhang its image, never by light-years
+    (a crop of it would be all padding). A NaN or infinite coordinate is not on the image. The rule of a
+    ``.rect`` file, ``visrec landmarks --box`` and the service's ``box`` field."""
+    side = max(width, height)
+    reach = MAX_BOX_OUTSIDE * side
+    x1, y1, x2, y2 = box
+    return x1 < width and y1 < height and x2 > 0 and y2 > 0 and all(-reach <= v <= reach + side for v in box)
 
 
 def list_pictures(root: str | Path) -> list[Path]:

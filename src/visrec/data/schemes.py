@@ -174,3 +174,19 @@ def to_five_points(points: np.ndarray, scheme: LandmarkScheme | str | int) -> np
     if pts.ndim < 2 or pts.shape[-2:] != (s.num_points, 2):
         raise ValueError(f"scheme {s.name} expects points shaped (..., {s.num_points}, 2), got {pts.shape}")
     return np.stack([pts[..., idx, :].mean(axis=-2) for idx in s.five_point], axis=-2)
+
+
+MIN_POINT_SPREAD = 1e-6  # pixels: visrec.faces.align's bound on two coincident eyes, applied to all five too
+
+
+def degenerate_points(five: np.ndarray) -> np.ndarray:
+    """Per set of five points (..., 5, 2), True where no alignment can use them: a coordinate not finite, all
+    five within ``MIN_POINT_SPREAD`` of their mean (the least-squares scale divides by their spread) or the two
+    eyes (rows 0 and 1) that close (``eyes`` maps them apart). ``visrec.faces.align`` refuses such points, and
+    readers (IJB five-point files) check their files with it up front."""
+    pts = np.asarray(five, np.float64)
+    finite = np.isfinite(pts).all(axis=(-2, -1))
+    safe = np.where(np.isfinite(pts), pts, 0.0)
+    spread = np.sqrt(((safe - safe.mean(axis=-2, keepdims=True)) ** 2).sum(axis=-1).mean(axis=-1))
+    eyes = np.linalg.norm(safe[..., 0, :] - safe[..., 1, :], axis=-1)
+    return ~finite | (spread < MIN_POINT_SPREAD) | (eyes < MIN_POINT_SPREAD)

@@ -67,6 +67,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec.data.schemes import MIN_POINT_SPREAD, degenerate_points
 from visrec.data.text import read_lines, read_text
 from visrec.errors import DataError
 from visrec.evaluate.identification import tpir_at_fpir
@@ -171,7 +172,7 @@ def read_tid_mid(path: str | Path) -> TemplateMeta:
 
 def read_five_points(path: str | Path) -> FivePoints:
     """``<p>_name_5pts_score.txt``: ``image`` + 10 coordinates + detector score (>= 0) per line; five points
-    an alignment cannot use (``visrec.faces.align.degenerate_points``) are a ``DataError`` naming the line."""
+    an alignment cannot use (``visrec.data.schemes.degenerate_points``) are a ``DataError`` naming the line."""
     path = Path(path)
     names, pts, scores, linenos = [], [], [], []
     first: dict[str, int] = {}
@@ -192,25 +193,13 @@ def read_five_points(path: str | Path) -> FivePoints:
     if not names:
         raise DataError("no images listed", path=path)
     points = np.asarray(pts, np.float32).reshape(-1, 5, 2)
-    bad = _degenerate(points)
+    bad = degenerate_points(points)
     if bad.any():
         k = int(np.argmax(bad))
         raise DataError(f"the five points of {names[k][:80]!r} coincide (within {MIN_POINT_SPREAD:g} px, or its "
                         f"two eyes do): no alignment maps them to the template", path=path,
                         record=f"line {linenos[k]}")
     return FivePoints(names, points, np.asarray(scores, np.float32))
-
-
-MIN_POINT_SPREAD = 1e-6  # pixels, as visrec.faces.align.MIN_POINT_SPREAD
-
-
-def _degenerate(points: np.ndarray) -> np.ndarray:
-    """(N, 5, 2) finite points -> (N,) True where no alignment can use them: the rule of
-    ``visrec.faces.align.degenerate_points`` (a layer above, so not imported): all five within
-    ``MIN_POINT_SPREAD`` px of their mean, or the two eyes that close."""
-    pts = np.asarray(points, np.float64)
-    spread = np.sqrt(((pts - pts.mean(axis=1, keepdims=True)) ** 2).sum(axis=2).mean(axis=1))
-    return (spread < MIN_POINT_SPREAD) | (np.linalg.norm(pts[:, 0] - pts[:, 1], axis=1) < MIN_POINT_SPREAD)
 
 
 def read_template_pairs(path: str | Path) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

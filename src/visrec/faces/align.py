@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from visrec.data.schemes import to_five_points
+from visrec.data.schemes import MIN_POINT_SPREAD, degenerate_points, to_five_points  # noqa: F401 (re-exported)
 from visrec.errors import DataError, VisrecError
 from visrec.registry import Registry
 
@@ -51,27 +51,12 @@ def eyes_transform(src: np.ndarray, dst: np.ndarray) -> np.ndarray:
     src, dst = np.asarray(src, np.float64)[:2], np.asarray(dst, np.float64)[:2]
     # as complex numbers a similarity is z -> a z + b: a from the eye vectors, b from the first eye
     zs, zd = src[:, 0] + 1j * src[:, 1], dst[:, 0] + 1j * dst[:, 1]
-    if abs(zs[1] - zs[0]) < 1e-6:
+    if abs(zs[1] - zs[0]) < MIN_POINT_SPREAD:
         raise DataError(f"the two eye points coincide ({src[0].tolist()}): no similarity maps them apart",
                         field="points")
     a = (zd[1] - zd[0]) / (zs[1] - zs[0])
     b = zd[0] - a * zs[0]
     return np.array([[a.real, -a.imag, b.real], [a.imag, a.real, b.imag]])
-
-
-MIN_POINT_SPREAD = 1e-6  # pixels: eyes_transform's bound on two coincident eyes, applied to all five too
-
-
-def degenerate_points(five: np.ndarray) -> np.ndarray:
-    """Per set of five points (..., 5, 2), True where no alignment can use them: a coordinate not finite, all
-    five within ``MIN_POINT_SPREAD`` of their mean (the least-squares scale divides by their spread) or the two
-    eyes (rows 0 and 1) that close (``eyes`` maps them apart). Readers check their files with it up front."""
-    pts = np.asarray(five, np.float64)
-    finite = np.isfinite(pts).all(axis=(-2, -1))
-    safe = np.where(np.isfinite(pts), pts, 0.0)
-    spread = np.sqrt(((safe - safe.mean(axis=-2, keepdims=True)) ** 2).sum(axis=-1).mean(axis=-1))
-    eyes = np.linalg.norm(safe[..., 0, :] - safe[..., 1, :], axis=-1)
-    return ~finite | (spread < MIN_POINT_SPREAD) | (eyes < MIN_POINT_SPREAD)
 
 
 # 5 points -> 2x3 similarity, by name: a transform ``f(src (5, 2), dst (5, 2)) -> (2, 3)`` registered here

@@ -21,6 +21,7 @@ import math
 import re
 
 from visrec.data.images import header_size
+from visrec.data.landmarks import box_on_image
 from visrec.errors import shown
 from visrec.faces.images import InputError
 from visrec.serve.forms import content_type_params, read_form
@@ -111,9 +112,7 @@ def int_field(fields: dict, name: str, default: int, high: int = 1000) -> int:
 def box_field(fields: dict, name: str, width: int, height: int) -> tuple[float, float, float, float] | None:
     """Field ``name`` as a box x1,y1,x2,y2 (a "x1,y1,x2,y2" string or 4 numbers, pixels) that overlaps the
     ``width`` x ``height`` image, at least 1 pixel wide and high, no coordinate further than 4 image sides
-    outside it (a face box may overhang the image, never by light-years); None when the field is absent."""
-    import math
-
+    outside it (``visrec.data.landmarks.box_on_image``); None when the field is absent."""
     box = fields.get(name)
     if box is None or box == "":
         return None
@@ -122,12 +121,10 @@ def box_field(fields: dict, name: str, width: int, height: int) -> tuple[float, 
         if not isinstance(values, (list, tuple)) or any(isinstance(v, bool) for v in values):
             raise TypeError("true/false is no coordinate")
         box = tuple(float(v) for v in values)
-        reach = 4 * max(width, height)
-        ok = (len(box) == 4 and all(math.isfinite(v) and -reach <= v <= reach + max(width, height) for v in box)
-              and box[2] - box[0] >= 1 and box[3] - box[1] >= 1)
+        ok = len(box) == 4 and box_on_image(box, width, height) and box[2] - box[0] >= 1 and box[3] - box[1] >= 1
     except (ValueError, TypeError, OverflowError):  # OverflowError: a JSON integer of 400 digits
         ok = False
-    if not ok or not (box[0] < width and box[1] < height and box[2] > 0 and box[3] > 0):
+    if not ok:
         raise InputError(f"field {name!r} must be 4 numbers x1,y1,x2,y2 with x2 >= x1 + 1 and y2 >= y1 + 1 that "
                          f"overlap the {width}x{height} image, none more than 4 image sides outside it", 400)
     return box
