@@ -136,6 +136,34 @@ def test_fit_mobilefacenet_with_a_size_limit():
     assert not result.next_larger.passed and result.next_larger.size_bytes > limit_mb * 1e6
 
 
+def test_fit_steps_down_to_the_largest_member_that_can_be_built(monkeypatch, tmp_path):
+    """A protocol with no size limit and a loose FLOP limit: the grid's last points have more parameters than
+    visrec builds (MAX_BUILD_PARAMS, lowered here between scale 1 and 2); fit answers the largest buildable one and
+    says why the next is not measured, where it used to stop with an error about the winner."""
+    import visrec.budget
+    import visrec.search.fit
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+
+    with torch.device("meta"):
+        params = [sum(t.numel() for t in build_backbone("mobilefacenet", scale=s).parameters()) for s in (1, 2)]
+    cap = (params[0] + params[1]) // 2
+    monkeypatch.setattr(visrec.budget, "MAX_BUILD_PARAMS", cap)
+    monkeypatch.setattr(visrec.search.fit, "MAX_BUILD_PARAMS", cap)
+    proto = Protocol(name="loose", max_gflops=1000, embedding_dim=512)
+    result = fit_to_budget("mobilefacenet", proto, knobs={"scale": [1, 2, 3]})
+    assert result.best_kwargs == {"scale": 1} and result.best.passed
+    assert result.next_larger_kwargs == {"scale": 2} and result.next_larger is None
+    assert f"{params[1]:,} parameters > {cap:,}" in result.next_larger_why
+    (tmp_path / "loose.yaml").write_text("name: loose\nmax_gflops: 1000\nembedding_dim: 512\n")
+    monkeypatch.setitem(visrec.search.fit.FAMILIES, "mobilefacenet", ("mobilefacenet", {"scale": [1, 2, 3]}))
+    out = CliRunner().invoke(app, ["budget", "fit", "mobilefacenet", "-p", str(tmp_path / "loose.yaml")],
+                             terminal_width=250)
+    assert out.exit_code == 0, out.output
+    assert "too large to build" in " ".join(out.output.split())
+
+
 def test_fit_scales_a_landmark_family_and_judges_every_grid_point_as_the_search_judges_a_candidate():
     """`budget fit` is the search's budget code over a grid: the winner is the last point of its line that
     `over_budget` lets through, the next one is the first it refuses, and the full check agrees."""

@@ -270,6 +270,23 @@ def test_a_latency_bound_is_measured_with_onnx_runtime_and_rejects_before_traini
     assert not trial.user_attrs.get("trained") and not (tmp_path / "run" / "trials").exists()
 
 
+def test_a_candidate_over_the_build_cap_is_rejected_before_training_with_no_latency_bound(faces, tmp_path, monkeypatch):
+    """Only FLOPs bound this search: a candidate with more parameters than visrec builds is rejected on its count
+    (meta device), not built and trained (it was judged so only when a latency bound would time it)."""
+    import optuna
+
+    import visrec.search.study
+    from visrec.search.study import Objective
+
+    monkeypatch.setattr(visrec.search.study, "MAX_BUILD_PARAMS", 10)  # every candidate is over it
+    settings = face_settings(faces, tmp_path / "run", budget=resolve_budget(None, 1.0, None, None))
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    trial = study.ask()
+    with pytest.raises(optuna.TrialPruned, match=r"parameters > 10: too large to build"):
+        Objective(settings, settings.space(), None, study)(trial)
+    assert not trial.user_attrs.get("trained") and not (tmp_path / "run" / "trials").exists()
+
+
 def test_the_cli_reports_a_bad_storage_as_an_error_naming_it(faces, tmp_path):
     res = subprocess.run(search_cli(faces, tmp_path / "run", "--storage", "sqlite:////nonexistent-dir/s.db"),
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},

@@ -129,6 +129,8 @@ def run_fit(family: str, protocol: str) -> bool:
         t.add_row(label, str(kwargs), f"{r.lfr_flops / 1e9:.4f} G", f"{r.macs / 1e9:.4f} G", f"{r.params:,}",
                   size, "yes" if r.passed else "no")
     console.print(t)
+    if result.next_larger_why:
+        console.print(f"next larger {result.next_larger_kwargs}: {result.next_larger_why}", markup=False)
     return result.best.passed
 
 

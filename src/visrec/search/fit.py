@@ -6,14 +6,16 @@ The grid is walked one line per combination of the knobs but the last; along a l
 smallest first and the walk stops at the first point over budget (members grow along it). The largest passing
 point of all lines wins; it and the next larger point of its line get the full check
 (:func:`visrec.budget.check`: the fp32 ONNX file's size where the protocol limits size, which the 4-bytes-per-
-parameter estimate can miss by the file's overhead — the winner steps down its line until it passes).
+parameter estimate can miss by the file's overhead — the winner steps down its line until it passes). A point
+with more parameters than visrec builds (:data:`visrec.budget.MAX_BUILD_PARAMS`) counts as over budget, so a
+protocol without a size limit fits the largest member that can be built, not an error.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from visrec.budget import BudgetReport, check, check_buildable, registry_contract
+from visrec.budget import MAX_BUILD_PARAMS, BudgetReport, check, check_buildable, registry_contract
 from visrec.errors import VisrecError
 from visrec.models import build_backbone
 from visrec.protocols import Protocol, load_protocol
@@ -44,6 +46,7 @@ class FitResult:
     next_larger_kwargs: dict | None
     next_larger: BudgetReport | None
     tried: int
+    next_larger_why: str | None = None  # why the next larger point has no report (too large to build)
 
 
 def fit_to_budget(family: str, protocol: str | Protocol, knobs: dict[str, list] | None = None) -> FitResult:
@@ -61,7 +64,7 @@ def fit_to_budget(family: str, protocol: str | Protocol, knobs: dict[str, list] 
         cost = model_cost(name, kw, p.input_size)
         if not smallest:
             smallest.extend([kw, cost])
-        return over_budget(cost, p.max_gflops, p.max_size_mb) is None, cost.flops
+        return over_budget(cost, p.max_gflops, p.max_size_mb) is None and cost.params <= MAX_BUILD_PARAMS, cost.flops
 
     lines = [dict()]
     for key, values in list(knobs.items())[:-1]:  # e.g. one grid line per depth multiplier
@@ -101,5 +104,11 @@ def fit_to_budget(family: str, protocol: str | Protocol, knobs: dict[str, list] 
             raise VisrecError(f"no member of {family} fits {p.name}")
         neighbour, best = best, dict(best, **{inner_key: smaller[-1]})
         best_report = full_check(best)
-    next_report = full_check(neighbour) if neighbour else None
-    return FitResult(family, p, best, best_report, neighbour, next_report, tried)
+    next_report, why = None, None
+    if neighbour:
+        params = model_cost(name, neighbour, p.input_size).params
+        if params > MAX_BUILD_PARAMS:  # the grid line ended at the build cap, not at the protocol's limits
+            why = f"{params:,} parameters > {MAX_BUILD_PARAMS:,}: too large to build and measure"
+        else:
+            next_report = full_check(neighbour)
+    return FitResult(family, p, best, best_report, neighbour, next_report, tried, why)

@@ -409,9 +409,9 @@ class Objective:
             trial.set_user_attr(key, value)
         budget = self.s.budget
         why = over_budget(cost, budget.max_gflops, budget.max_mb)
-        if why is None and budget.max_ms is not None and cost.params > MAX_BUILD_PARAMS:
-            # counted on the meta device; timing would build it for real (what no size limit stopped here)
-            why = f"{cost.params:,} parameters > {MAX_BUILD_PARAMS:,}: too large to build and time"
+        if why is None and cost.params > MAX_BUILD_PARAMS:
+            # counted on the meta device; timing and training would build it for real (no size limit stopped it)
+            why = f"{cost.params:,} parameters > {MAX_BUILD_PARAMS:,}: too large to build"
         if why is None and budget.max_ms is not None:
             net = build_backbone("searched", spec=spec, **self.cost_kwargs)
             ms = onnx_latency_ms(net, int(spec.get("input_size", 112)))
