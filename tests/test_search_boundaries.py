@@ -81,6 +81,19 @@ def test_a_file_that_is_not_a_journal_is_refused_naming_it_and_the_line_and_left
         open_storage(str(tmp_path / "run"), tmp_path)
 
 
+@pytest.mark.parametrize("entry, why", [
+    (b'{"op_code":99,"worker_id":"x"}', r"line 4 \(op_code 99\) .*an operation this Optuna does not know"),
+    (b'{"op_code":4,"worker_id":"x","trial_id":0}', r"line 4 \(op_code 4, trial_id 0\) .*KeyError: 'study_id'"),
+])
+def test_an_entry_optuna_cannot_replay_is_named_by_its_line(tmp_path, entry, why):
+    path = journal_study(tmp_path / "run", [{}])
+    lines = path.read_bytes().splitlines(keepends=True)
+    path.write_bytes(b"".join(lines[:3] + [entry + b"\n"] + lines[3:]))
+    for write in (True, False):
+        with pytest.raises(DataError, match=r"study.journal: " + why):
+            open_storage(None, tmp_path / "run", write=write)
+
+
 def test_report_and_export_never_create_a_journal(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(ConfigError, match=r"study.journal: no such journal file"):

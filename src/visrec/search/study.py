@@ -204,16 +204,38 @@ def open_storage(storage: str | None, out: Path, *, write: bool = True):
         if not write and not path.exists():
             raise ConfigError(f"{named}: no such journal file (no search was run there)")
         check_journal(path, repair=write)
+        backend = _CountingBackend(JournalFileBackend(str(path)))
         try:
-            return JournalStorage(JournalFileBackend(str(path))), str(path)
-        except (ValueError, KeyError, TypeError, IndexError) as exc:  # entries Optuna cannot replay
-            raise DataError(f"not a readable Optuna journal: {type(exc).__name__}: {str(exc)[:200]}",
-                            path=path) from None
+            return JournalStorage(backend), str(path)
+        except (ValueError, KeyError, TypeError, IndexError, AssertionError) as exc:  # entries Optuna cannot replay
+            entry = backend.last or {}
+            trial = f", trial_id {entry['trial_id']}" if "trial_id" in entry else ""
+            why = ("an operation this Optuna does not know" if isinstance(exc, AssertionError)
+                   else f"{type(exc).__name__}: {str(exc)[:200]}")
+            raise DataError(f"line {backend.count} (op_code {entry.get('op_code')}{trial}) is an entry Optuna "
+                            f"cannot replay: {why}", path=path) from None
     try:
         return optuna.storages.RDBStorage(storage), _masked(storage)
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors of every kind: said with the URL
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot reach the study storage {_masked(storage)}: {reason}") from None
+
+
+class _CountingBackend:
+    """A journal backend that hands Optuna its entries one at a time and keeps count, so an entry Optuna cannot
+    replay is named by its line (every complete line of a checked journal is one entry)."""
+
+    def __init__(self, backend):
+        self.backend, self.count, self.last = backend, 0, None
+
+    def read_logs(self, log_number_from: int):
+        for entry in self.backend.read_logs(log_number_from):
+            self.count, self.last = log_number_from + 1, entry
+            log_number_from += 1
+            yield entry
+
+    def append_logs(self, logs) -> None:
+        self.backend.append_logs(logs)
 
 
 JOURNAL_ENTRY = b'{"op_code":'  # how Optuna's journal writes every entry begin
