@@ -72,6 +72,18 @@ def test_a_malformed_resume_file_is_a_data_error_naming_it(face_rec, checkpointe
     assert (out / "metrics.jsonl").read_text() == log  # refused before anything was written
 
 
+@pytest.mark.parametrize("saved, resumed", [("adamw", "sgd"), ("sgd", "adamw")])
+def test_a_resume_under_another_optimizer_is_a_data_error_not_a_key_error_mid_step(face_rec, tmp_path, saved, resumed):
+    """The optimizer's state of another optimizer loads without complaint (the weights' shapes match), then the
+    first step wanted the group's 'momentum' (AdamW state into SGD): a bare KeyError after the resume began."""
+    out = tmp_path / "run"
+    cfg = dict(schedule={"max_steps": 2, "warmup_steps": 0}, checkpoint_every=1, batch_size=4)
+    train(make_cfg(face_rec, out, optim={"name": saved, "lr": 0.001}, **cfg), progress=False, stop_after_steps=1)
+    with pytest.raises(DataError, match=r"last\.rank0\.pt, field 'optimizer'"):
+        _resume(face_rec, out, optim={"name": resumed, "lr": 0.001})
+    assert _resume(face_rec, out, optim={"name": saved, "lr": 0.001}).global_step == 2  # its own optimizer goes on
+
+
 # --- options checked when the config is read ----------------------------------------------------------------
 
 def _options(face_rec, tmp_path, **over):

@@ -225,6 +225,12 @@ def restore(state: dict[str, Any], modules: dict, opt, scheduler, scaler, path: 
         except (KeyError, TypeError, ValueError, IndexError, RuntimeError, AttributeError) as exc:
             raise DataError(f"its {key} state does not fit this run: {type(exc).__name__}: {str(exc)[:200]}",
                             path=path, field=key) from None
+    for group in opt.param_groups:  # another optimizer's groups (optim.name changed) lack this one's settings
+        missing = sorted(set(opt.defaults) - set(group))
+        if missing:
+            raise DataError(f"its optimizer state has no {', '.join(map(repr, missing))}: saved by another optimizer "
+                            f"than this run's {type(opt).__name__} (was optim.name changed?)", path=path,
+                            field="optimizer")
     for param, buffers in opt.state.items():  # momentum / Adam moments: one value per weight
         for key, value in buffers.items():
             if isinstance(value, torch.Tensor) and value.dim() and value.shape != param.shape:
