@@ -130,6 +130,18 @@ def test_scaled_detector_refuses_a_size_below_the_detectors_minimum():
     ScaledDetector(_Tiny(), None)
 
 
+def test_prepare_refuses_a_detect_size_below_the_detectors_minimum_before_writing_anything(tmp_path):
+    """With box crops (or a landmark model) the detector used to be built at the first photo: the run had
+    written its journal with the bad detect_size by then."""
+    from visrec.data.synth import write_face_dataset
+    from visrec.faces.prepare import prepare_faces
+
+    src = write_face_dataset(tmp_path / "photos", 2, 2, seed=1, format="folder")
+    with pytest.raises(VisrecError, match="detect_size 3 is below the 16 px"):
+        prepare_faces(src, tmp_path / "out", detector=_Tiny(), box_margin=0.1, detect_size=3)
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
 def test_dlib_cnn_is_not_handed_a_tiny_image():
     pytest.importorskip("dlib")
     from visrec.models.dlib_models import DlibCnnDetector, models_dir

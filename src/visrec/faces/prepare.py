@@ -213,8 +213,9 @@ def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmark
     pairs, skipped, base = _list_faces(src)
     worker = _FaceWorker(detector, landmarker, policy, size, landmark_scheme, box_margin, quality, align,
                          detect_size)
-    defaulted = None
-    if landmarker is None and box_margin is None and _gives_points(worker.detector) is False:
+    gives_points = _gives_points(worker.detector)  # built now, so a bad detector or detect_size stops the run
+    defaulted = None                                 # before its journal is written
+    if landmarker is None and box_margin is None and gives_points is False:
         if not _dlib_landmarks_available():
             raise VisrecError(NO_POINTS.format(what=f"the {type(unwrap(worker.detector)).__name__}")
                               + " (or install visrec[dlib]: its 68 points are then used)")
