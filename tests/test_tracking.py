@@ -196,6 +196,28 @@ def test_video_to_tracks_writes_a_video_set(video, tmp_path):
         video_to_tracks(folder, out, FakeDetector(truth), None)
 
 
+def test_a_failure_part_way_leaves_the_video_set_as_it_was(video, tmp_path):
+    """A detector error at frame 6 used to leave the staging folder of crops behind; a label refused on the second
+    track left the first track's folder in videos/ with no videos.csv row, and the next run refused the video."""
+    frames, truth = video
+    out = tmp_path / "set"
+
+    class Failing(FakeDetector):
+        def __call__(self, image):
+            if self.t == 6:
+                raise VisrecError("the detector failed")
+            return super().__call__(image)
+
+    with pytest.raises(VisrecError, match="the detector failed"):
+        video_to_tracks(iter(frames), out, Failing(truth), None, video_id="clip")
+    assert not (out / "videos").exists() or not any((out / "videos").iterdir())
+    with pytest.raises(VisrecError, match="label 'a,b' of track clip_t001"):
+        video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="clip",
+                        label=lambda t: "ok" if t.id == 0 else "a,b")
+    assert not any((out / "videos").iterdir()) and not (out / "videos.csv").exists()
+    assert len(video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="clip")) == 2  # runs again
+
+
 def test_iter_frames_reads_video_files(tmp_path, video):
     frames, _ = video
     path = tmp_path / "clip.avi"

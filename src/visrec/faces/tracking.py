@@ -256,25 +256,30 @@ def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, vi
             (videos.is_dir() and any(p.name.startswith(prefix) for p in videos.iterdir())):
         raise VisrecError(f"{out_root} already holds tracks of video {video_id!r} ({prefix}*): remove them "
                           "(videos.csv rows and folders) or pass another video_id")
-    staging = videos / f".{video_id}.tracking"  # ours alone: a crashed run's leftovers are discarded
+    staging = videos / f".{video_id}.tracking"  # ours alone: a killed run's leftovers are discarded here
     if staging.exists():
         shutil.rmtree(staging)
-    tracks = track_video(source, detector, embedder, crop_dir=staging, progress=progress, **track_options)
-    items, written = [], []
-    for t in tracks:
-        if len(t) < min_len:
-            continue
-        vid = f"{prefix}{t.id:03d}"
-        name = vid if label is None else str(label(t))
-        if not name.strip() or any(ch in name for ch in ",\n"):
-            raise VisrecError(f"label {name!r} of track {vid} cannot be a videos.csv field")
-        dest = videos / vid
-        os.replace(staging / f"{t.id:04d}", dest)
-        scores_path(dest).write_text("".join(f"{s:.4f}\n" for s in t.scores))
-        items.append(VideoItem(vid, dest, name.strip()))
-        written.append((vid, dest))
-    if staging.exists():
-        shutil.rmtree(staging)
+    try:
+        tracks = track_video(source, detector, embedder, crop_dir=staging, progress=progress, **track_options)
+        kept = []  # every label checked before any folder moves: a refused one leaves the set as it was
+        for t in tracks:
+            if len(t) < min_len:
+                continue
+            vid = f"{prefix}{t.id:03d}"
+            name = vid if label is None else str(label(t))
+            if not name.strip() or any(ch in name for ch in ",\n"):
+                raise VisrecError(f"label {name!r} of track {vid} cannot be a videos.csv field")
+            kept.append((t, vid, name.strip()))
+        items, written = [], []
+        for t, vid, name in kept:
+            dest = videos / vid
+            os.replace(staging / f"{t.id:04d}", dest)
+            scores_path(dest).write_text("".join(f"{s:.4f}\n" for s in t.scores))
+            items.append(VideoItem(vid, dest, name))
+            written.append((vid, dest))
+    finally:  # a failure (a bad frame, a detector error) leaves no staging folder behind
+        if staging.exists():
+            shutil.rmtree(staging)
     if items:
         tmp = list_path.with_name(".videos.csv.tmp")
         write_video_list(tmp, existing + items)
