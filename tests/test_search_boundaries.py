@@ -206,6 +206,19 @@ def test_a_diverged_trials_worst_score_is_kept_and_never_best(tmp_path):
     assert result.best.number == 1
 
 
+def test_a_report_whose_protocol_file_has_moved_is_written_with_that_row_not_checked(tmp_path, monkeypatch):
+    """The study records the protocol's path; when that file is gone the report stopped with 'unknown protocol'.
+    The budget counted by the search is still the study's, so the report is written and says what it could not
+    check."""
+    from visrec.search.report import write_search_report
+
+    proto = tmp_path / "mine.yaml"
+    monkeypatch.setitem(SETTINGS, "budget", {"max_gflops": 0.006, "protocol": str(proto)})
+    journal_study(tmp_path / "run", [{}])
+    page = write_search_report(tmp_path / "run", summarise(*load_search_study(None, tmp_path / "run"))).read_text()
+    assert f"protocol {proto}" in page and "cannot check: unknown protocol" in page and "0.0030 G" in page
+
+
 def test_export_refuses_a_failed_trial(tmp_path):
     run = tmp_path / "run"
     run.mkdir()

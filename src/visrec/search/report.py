@@ -10,6 +10,7 @@ from pathlib import Path
 import yaml
 
 from visrec.budget import check, registry_contract
+from visrec.errors import VisrecError
 from visrec.models import build_backbone
 from visrec.search.study import SearchResult
 
@@ -32,11 +33,13 @@ def _budget_rows(result: SearchResult) -> list[list[str]]:
                      "not measured" if best.ms is None else f"{best.ms:.2f} ms",
                      verdict(best.ms is not None and best.ms <= budget["max_ms"])])
     if budget.get("protocol"):
-
         kwargs = {"spec": best.spec}
         model = build_backbone("searched", **kwargs)
-        report = check(model, budget["protocol"], contract=registry_contract(model, "searched", kwargs),
-                       untrained=True)
+        try:
+            report = check(model, budget["protocol"], contract=registry_contract(model, "searched", kwargs),
+                           untrained=True)
+        except VisrecError as exc:  # e.g. a protocol file moved since the search: the rest of the report stands
+            return rows + [[f"protocol {budget['protocol']}", "-", "not checked", f"cannot check: {exc}"]]
         rows += [[f"{report.protocol.name}: {lim.name}", lim.limit, lim.measured, verdict(lim.passed)]
                  for lim in report.limits]
     return rows
