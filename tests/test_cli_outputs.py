@@ -311,3 +311,32 @@ def test_products_search_and_calibrate_refuse_bad_outputs_and_rates_before_any_w
         for rate in ("nan", "0", "-1", "2"):
             code, out, err = run_cli(args + ["--target-fpr", rate], monkeypatch, capsys)
             refused(code, out, err, "(0, 1]")
+
+
+def test_a_process_that_started_a_process_group_ends_without_finalization(monkeypatch, capsys, tmp_path):
+    """Under torchrun the gloo worker threads outlive destroy_process_group and one may still be releasing the
+    last collective's tensors when Python finalizes, which aborted a finished rank (SIGABRT, 1 run in ~20): such
+    a process ends with os._exit and its status, its output flushed; any other ends with SystemExit as before."""
+    import visrec.distributed
+    from visrec.cli import main
+
+    class Ended(Exception):
+        pass
+
+    def exit_now(code):
+        raise Ended(code)
+
+    monkeypatch.setattr("os._exit", exit_now)
+    monkeypatch.setattr(sys, "argv", ["visrec", "models", "info", str(tmp_path / "missing.pt")])
+    monkeypatch.setattr(visrec.distributed, "started_a_process_group", True)
+    with pytest.raises(Ended) as ended:
+        main()
+    assert ended.value.args == (2,) and "missing.pt" in capsys.readouterr().err
+    monkeypatch.setattr(sys, "argv", ["visrec", "--version"])
+    with pytest.raises(Ended) as ended:
+        main()
+    assert ended.value.args == (0,)
+    monkeypatch.setattr(visrec.distributed, "started_a_process_group", False)
+    with pytest.raises(SystemExit) as done:
+        main()
+    assert done.value.code == 0

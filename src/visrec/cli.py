@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -130,16 +131,39 @@ app.add_typer(product_commands.app, name="products")
 app.add_typer(search_commands.app, name="search")
 
 
-def main() -> None:
+def run_app() -> int:
+    """The command's exit status: 2 for a :class:`VisrecError` (its message printed, no traceback), 130 when
+    interrupted. The exception is gone when this returns, and with it every frame it held."""
     try:
         app()
+    except SystemExit as done:  # typer ends every command with one
+        if done.code is None or isinstance(done.code, int):
+            return done.code or 0
+        print(done.code, file=sys.stderr)
+        return 1
     except VisrecError as exc:
         # Text, not markup: a message quoting a user's name or path (say "[/]") must print as written
         Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False)
-        sys.exit(2)
+        return 2
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
-        sys.exit(130)
+        return 130
+    return 0
+
+
+def main() -> None:
+    code = run_app()
+    dist = sys.modules.get("visrec.distributed")
+    if dist is not None and dist.started_a_process_group:
+        # Under torchrun the process group's worker threads outlive destroy_process_group (DistributedDataParallel
+        # keeps a reference to the group), and one may still be releasing the tensors of the last collective
+        # when Python finalizes; on Python 3.11 that thread is then killed while taking the GIL and the process
+        # aborts ("terminate called without an active exception", SIGABRT) after its work is done: seen in 1 of
+        # ~20 two-rank runs. Every file is written and closed by now; end the process without finalization.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
 
 
 if __name__ == "__main__":

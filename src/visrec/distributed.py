@@ -60,6 +60,11 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
+# Set once this process has started a process group (under torchrun); the command line then ends the process
+# without interpreter finalization (:func:`visrec.cli.main`), see there for why.
+started_a_process_group = False
+
+
 def setup(device_name: str = "auto", amp: str = "auto") -> RunContext:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
@@ -72,6 +77,8 @@ def setup(device_name: str = "auto", amp: str = "auto") -> RunContext:
 
         if not dist.is_initialized():
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+            global started_a_process_group
+            started_a_process_group = True
     return RunContext(device=device, rank=rank, world_size=world_size, local_rank=local_rank,
                       amp_dtype=resolve_amp(amp, device))
 
