@@ -287,6 +287,40 @@ def test_a_candidate_over_the_build_cap_is_rejected_before_training_with_no_late
     assert not trial.user_attrs.get("trained") and not (tmp_path / "run" / "trials").exists()
 
 
+def test_a_study_killed_before_its_settings_were_recorded_is_taken_over(faces, tmp_path, monkeypatch):
+    """A kill between creating the study and recording its settings left a study with neither: a fresh run said
+    "already holds a search: pass --resume", and --resume said "not started by visrec search": a circle."""
+    import optuna
+
+    from visrec.search.study import STUDY_NAME, open_search, open_storage
+
+    for resume in (False, True):
+        out = tmp_path / f"run-{resume}"
+        out.mkdir()
+        optuna.create_study(study_name=STUDY_NAME, storage=open_storage(None, out)[0],
+                            directions=["maximize", "minimize"])  # what the killed run wrote
+        settings = face_settings(faces, out)
+        study, _ = open_search(settings, settings.space(), resume=resume)
+        assert study.user_attrs["settings"] == settings.fingerprint(settings.space())
+
+
+def test_the_journal_lock_points_at_an_absolute_path(faces, tmp_path, monkeypatch):
+    """Optuna's lock is a symlink to the journal; with a relative --out it pointed at a path that dangles from the
+    journal's folder, so a lock left by a kill was never judged stale and every later run spun forever."""
+    from optuna.study import StudyDirection
+
+    from visrec.search.study import open_storage
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "run").mkdir()
+    links = []
+    real = os.symlink
+    monkeypatch.setattr(os, "symlink", lambda src, dst, *a, **k: links.append(src) or real(src, dst, *a, **k))
+    storage, desc = open_storage(None, Path("run"))
+    storage.create_new_study(directions=[StudyDirection.MAXIMIZE], study_name="x")
+    assert links and all(os.path.isabs(src) for src in links) and os.path.isabs(desc)
+
+
 def test_the_cli_reports_a_bad_storage_as_an_error_naming_it(faces, tmp_path):
     res = subprocess.run(search_cli(faces, tmp_path / "run", "--storage", "sqlite:////nonexistent-dir/s.db"),
                          capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(ROOT / "src")},

@@ -195,7 +195,9 @@ def open_storage(storage: str | None, out: Path, *, write: bool = True):
     from optuna.storages.journal import JournalFileBackend
 
     if storage is None or "://" not in storage:
-        path = Path(storage) if storage else Path(out) / JOURNAL
+        # absolute: Optuna's lock is a symlink to this path, which a relative path would make dangle (read from
+        # the journal's folder), and a lock left by a kill would then never be judged stale: every later run spun
+        path = (Path(storage) if storage else Path(out) / JOURNAL).absolute()
         named = f"--storage {path}" if storage else f"study storage {path}"
         if path.is_dir():
             raise ConfigError(f"{named}: a directory, not a journal file")
@@ -559,6 +561,12 @@ def open_search(settings: SearchSettings, space: SearchSpace, *, resume: bool):
         # join the same study do not propose the same startup candidates
         study = optuna.load_study(study_name=STUDY_NAME, storage=storage)
         study.sampler = _sampler(settings.seed + 7919 * (1 + len(study.trials)))
+        if "settings" not in study.user_attrs and not study.trials:
+            # a search killed between creating its study and recording the settings: nothing else was written,
+            # so this run takes the study over (with or without --resume) as the killed one would have
+            study.set_user_attr("settings", expected)
+            _check_fingerprint(study, expected, desc)
+            return study, desc
         if not resume:
             raise ConfigError(f"{desc} already holds a search ({len(study.trials)} trials): pass --resume to continue "
                               f"it or to join it as another worker, or choose another --out")
