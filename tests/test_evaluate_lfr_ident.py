@@ -108,3 +108,26 @@ def test_tpir_at_fpir_open_set():
     res = tpir_at_fpir(probe, labels, gallery, g_labels, targets=[0.1, 0.5])
     assert res[0.1]["fpir"] <= 0.1 and res[0.5]["fpir"] <= 0.5
     assert res[0.5]["tpir"] >= res[0.1]["tpir"]
+
+
+def test_writing_features_over_an_earlier_file_replaces_it_whole(tmp_path, monkeypatch):
+    """The video track's --submission wrote straight over an earlier submission, so a kill mid-write left it
+    truncated; the file is written beside and renamed in, and a failure leaves the earlier file as it was."""
+    earlier = np.ones((3, 4), np.float32)
+    path = write_lfr_features(tmp_path / "sub.bin", earlier)
+    before = path.read_bytes()
+
+    class Killed(Exception):
+        pass
+
+    def killed(*a, **k):
+        raise Killed
+
+    import visrec.evaluate.lfr
+    monkeypatch.setattr(visrec.evaluate.lfr.os, "replace", killed)  # dies before the new file is in place
+    with pytest.raises(Killed):
+        write_lfr_features(path, np.full((5, 4), 2, np.float32))
+    assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["sub.bin"]
+    monkeypatch.undo()
+    np.testing.assert_array_equal(read_lfr_features(write_lfr_features(path, np.full((5, 4), 2, np.float32))),
+                                  np.full((5, 4), 2, np.float32))

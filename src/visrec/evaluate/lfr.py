@@ -25,6 +25,7 @@ file-list entry.
 
 from __future__ import annotations
 
+import os
 import struct
 from pathlib import Path
 from typing import Callable
@@ -50,9 +51,14 @@ def write_lfr_features(path: str | Path, features: np.ndarray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows, cols = feats.shape
-    with open(path, "wb") as fh:
-        fh.write(_HEADER.pack(rows, cols, cols * 4, FLOAT32_CODE))
-        fh.write(feats.astype("<f4", copy=False).tobytes())
+    tmp = path.with_name(path.name + ".partial")  # renamed in whole: a kill leaves an earlier file as it was
+    try:
+        with open(tmp, "wb") as fh:
+            fh.write(_HEADER.pack(rows, cols, cols * 4, FLOAT32_CODE))
+            fh.write(feats.astype("<f4", copy=False).tobytes())
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
     return path
 
 
