@@ -218,6 +218,31 @@ def test_a_failure_part_way_leaves_the_video_set_as_it_was(video, tmp_path):
     assert len(video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="clip")) == 2  # runs again
 
 
+def test_a_rerun_with_resume_goes_on_where_a_killed_run_stopped(video, tmp_path):
+    """`visrec data prepare videos` says it is resumable, but its rerun refused every video a killed run had
+    finished ("already holds tracks"), and a kill between videos.csv and video_filelist.txt left the file list
+    short for good. With resume: finished videos are kept as they are (their file-list lines restored), and
+    track folders moved in without their rows are redone."""
+    from visrec.data.video import read_video_list
+
+    frames, truth = video
+    out = tmp_path / "set"
+    first = video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="a", min_len=5)
+    (out / "video_filelist.txt").write_text("")  # killed after videos.csv was replaced, before the file list
+    assert video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="a", min_len=5, resume=True) \
+        == first
+    assert (out / "video_filelist.txt").read_text() == "a_t000\na_t001\n"
+    video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="b", min_len=5)
+    rows = (out / "videos.csv").read_text().splitlines()
+    (out / "videos.csv").write_text("\n".join(r for r in rows if not r.startswith("b_t")) + "\n")  # killed before b's rows
+    with pytest.raises(VisrecError, match="already holds tracks of video 'b'"):
+        video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="b", min_len=5)
+    again = video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="b", min_len=5, resume=True)
+    assert [vid for vid, _ in again] == ["b_t000", "b_t001"]
+    assert [it.video_id for it in read_video_list(out / "videos.csv")] == ["a_t000", "a_t001", "b_t000", "b_t001"]
+    assert (out / "video_filelist.txt").read_text() == "a_t000\na_t001\nb_t000\nb_t001\n"
+
+
 def test_iter_frames_reads_video_files(tmp_path, video):
     frames, _ = video
     path = tmp_path / "clip.avi"

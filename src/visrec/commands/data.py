@@ -304,6 +304,6 @@ def prepare_videos_cmd(videos: list[Path] = typer.Argument(..., help="video file
     t.add_column("video")
     t.add_column("tracks", justify="right")
     for video in videos:
-        written = video_to_tracks(video, out, det, embedder, min_len=min_len, align=align.value)
+        written = video_to_tracks(video, out, det, embedder, min_len=min_len, align=align.value, resume=True)
         t.add_row(str(video), str(len(written)))
     Console().print(t)

@@ -230,7 +230,8 @@ def track_video(frames, detector, embedder: Callable[[np.ndarray], np.ndarray] |
 
 def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, video_id: str | None = None,
                     min_len: int = 5, label: Callable[[Track], str] | None = None,
-                    progress: Callable[[int], None] | None = None, **track_options) -> list[tuple[str, Path]]:
+                    progress: Callable[[int], None] | None = None, resume: bool = False,
+                    **track_options) -> list[tuple[str, Path]]:
     """Track the faces of one video and add each track of at least ``min_len`` frames to the video set at
     ``out_root`` (module docstring: layout). Returns ``[(video_id, frame folder)]`` of the tracks written.
 
@@ -238,7 +239,12 @@ def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, vi
     (``video_id`` required). Track video ids are ``<video_id>_t<track id:03d>``. ``label(track) -> str`` names
     the identity; by default each track is its own identity, labelled with its video id (tracks are not
     identities: the same person may give several). A video whose tracks are already in ``videos.csv`` is
-    refused (remove its rows and folders to redo it). ``track_options`` go to ``track_video``."""
+    refused (remove its rows and folders to redo it); with ``resume`` (``visrec data prepare videos``, re-run
+    after a kill) its tracks are returned as they are, and track folders a killed run moved in before writing
+    their rows are removed and the video is tracked again. ``track_options`` go to ``track_video``.
+
+    ``video_filelist.txt`` is written (whole, then renamed) before ``videos.csv``: a kill between the two leaves
+    tracks listed there but not in ``videos.csv``, which the next run (with ``resume``) writes again."""
     from visrec.data.video import VideoItem, read_video_list, scores_path, write_video_list
 
     out_root = Path(out_root)
@@ -252,10 +258,16 @@ def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, vi
     videos = out_root / "videos"
     existing = read_video_list(list_path) if list_path.exists() and read_text(list_path).strip() else []
     prefix = f"{video_id}_t"
-    if any(it.video_id.startswith(prefix) for it in existing) or \
-            (videos.is_dir() and any(p.name.startswith(prefix) for p in videos.iterdir())):
+    done = [it for it in existing if it.video_id.startswith(prefix)]
+    strays = sorted(p for p in videos.iterdir() if p.name.startswith(prefix)) if videos.is_dir() else []
+    if (done or strays) and not resume:
         raise VisrecError(f"{out_root} already holds tracks of video {video_id!r} ({prefix}*): remove them "
                           "(videos.csv rows and folders) or pass another video_id")
+    if done:  # finished by an earlier run: its file-list lines too (a kill may have come between the two files)
+        _add_to_filelist(out_root, [it.video_id for it in done])
+        return [(it.video_id, it.path) for it in done]
+    for stray in strays:  # moved in by a run killed before it wrote their rows: redone below
+        shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
     staging = videos / f".{video_id}.tracking"  # ours alone: a killed run's leftovers are discarded here
     if staging.exists():
         shutil.rmtree(staging)
@@ -281,9 +293,19 @@ def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, vi
         if staging.exists():
             shutil.rmtree(staging)
     if items:
+        _add_to_filelist(out_root, [it.video_id for it in items])
         tmp = list_path.with_name(".videos.csv.tmp")
         write_video_list(tmp, existing + items)
         os.replace(tmp, list_path)
-        with open(out_root / "video_filelist.txt", "a") as fh:
-            fh.write("".join(f"{it.video_id}\n" for it in items))
     return written
+
+
+def _add_to_filelist(out_root: Path, ids: list[str]) -> None:
+    """Append the ``ids`` not yet listed to ``out_root/video_filelist.txt``, written whole and renamed in."""
+    path = out_root / "video_filelist.txt"
+    listed = read_text(path).splitlines() if path.exists() else []
+    new = [i for i in ids if i not in set(listed)]
+    if new:
+        tmp = path.with_name(".video_filelist.txt.tmp")
+        tmp.write_text("".join(f"{line}\n" for line in listed + new))
+        os.replace(tmp, path)
