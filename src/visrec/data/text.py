@@ -16,9 +16,11 @@ the path.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
+import shutil
 import stat
 from pathlib import Path
 
@@ -140,3 +142,26 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, what: str = "--out") ->
         if tmp is not None:
             Path(tmp).unlink(missing_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def staged_files(out: str | Path):
+    """A hidden folder in ``out`` to write a set of output files into (a report and its pictures); when the block
+    ends without an error each file is renamed into ``out`` (replacing one of that name), and the folder goes in
+    every case. A kill mid-write leaves the earlier files whole (never a half-written page or picture), and
+    work done inside the block after the files are written (a submission swapped in) comes before the renames,
+    so the two sets disagree for the few renames only. A killed run's hidden folder is removed by the next."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    for stale in out.glob(".staged-*"):  # a killed run's, or one of a process that has ended
+        pid = stale.name.split("-")[1]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stale, ignore_errors=True)
+    stage = out / f".staged-{os.getpid()}-{secrets.token_hex(4)}"
+    stage.mkdir()
+    try:
+        yield stage
+        for f in sorted(stage.iterdir()):
+            os.replace(f, out / f.name)
+    finally:
+        shutil.rmtree(stage, ignore_errors=True)

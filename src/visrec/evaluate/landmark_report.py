@@ -151,6 +151,11 @@ def write_submission(folder: str | Path, ds, pred_crop: np.ndarray, coordinates:
                             path=path, record=f"point {i}")
         mapped.append((Path(path).name, xy))
     folder.parent.mkdir(parents=True, exist_ok=True)
+    for kind in ("new", "old"):  # the hidden folders of a run killed between its renames
+        for stale in folder.parent.glob(f".{folder.name}.{kind}-*"):
+            pid = stale.name[len(f".{folder.name}.{kind}-"):].split("-")[0]
+            if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+                shutil.rmtree(stale, ignore_errors=True)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     new = folder.with_name(f".{folder.name}.new-{tag}")
     new.mkdir()  # not mkdtemp: the folder gets the user's usual permissions (umask), not 0700

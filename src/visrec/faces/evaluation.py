@@ -21,6 +21,7 @@ from visrec.data.datasets import open_face_dataset
 from visrec.data.images import read_image
 from visrec.data.landmark_crops import JDCrops
 from visrec.data.schemes import SCHEMES
+from visrec.data.text import staged_files
 from visrec.data.verification import read_verification_bin
 from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.evaluate import ijb
@@ -114,7 +115,8 @@ def _evaluate_bin(data: Path, model, targets, summary: dict, out, batch: int, pr
 def _report(out, results, curve, summary: dict, group) -> Path:
     """The HTML report, written by rank 0 alone (every rank holds the same results)."""
     if rank_and_size(group)[0] == 0:
-        return write_face_report(out, results, curve, summary)
+        with staged_files(out) as stage:  # a kill leaves the earlier report whole, not a half-written page
+            write_face_report(stage, results, curve, summary)
     return Path(out) / "report.html"
 
 
@@ -370,11 +372,12 @@ def evaluate_landmarks(model: str | Path, data: str | Path, out: str | Path = "e
     pred = np.concatenate(preds) if preds else np.zeros((0, points, 2), np.float32)
     gt = np.concatenate(gts) if gts else np.zeros((0, points, 2), np.float32)
     metrics = landmark_metrics(pred, gt, sources=[_landmark_file(Path(data), p) for p in ds.paths])
-    write_submission(Path(out) / "submission", ds, pred, coordinates)
     images = [ds.crop(i)[0] for i in range(min(12, len(ds)))]
     info.update({"faces": str(len(ds)), "crop": f"margin {margin:g} per side, {size} px"})
-    report = write_landmark_report(out, pred, gt, images, metrics, info)
-    return LandmarkEval(metrics, report, len(ds))
+    with staged_files(out) as stage:  # the report renamed in after the submission: never one run's beside another's
+        write_landmark_report(stage, pred, gt, images, metrics, info)
+        write_submission(Path(out) / "submission", ds, pred, coordinates)
+    return LandmarkEval(metrics, Path(out) / "report.html", len(ds))
 
 
 def _landmark_file(root: Path, picture) -> Path:

@@ -19,6 +19,7 @@ import numpy as np
 
 from visrec.data.images import read_image
 from visrec.data.products import GROUND_TRUTH, list_images, pad_to_square, write_submission
+from visrec.data.text import staged_files
 from visrec.evaluate.products import query_items, read_checked_ground_truth, retrieval_metrics
 from visrec.index.catalogue import CatalogueIndex, open_for_queries
 from visrec.index.postprocess import _topk
@@ -108,16 +109,18 @@ def evaluate_products(index_dir: str | Path, root: str | Path, out: str | Path =
     metrics = retrieval_metrics(ranked, gt, k)
     rows = _ablation(index, items, gt, k, progress) if ablation else None
     submission, note = out / "submission.csv", None
-    if all(len(r) >= k for r in ranked.values()):
-        write_submission(submission, ranked, k)
-    else:  # a catalogue smaller than k cannot make a valid challenge submission
+    if not all(len(r) >= k for r in ranked.values()):  # a catalogue smaller than k cannot make a valid submission
         submission = None
         note = (f"no submission.csv: a challenge row needs {k} ids and the index returns fewer (catalogue of "
                 f"{len(index.ids)})")
     adjustments = [str(m) for m in index.manifest.get("postprocess_adjustments", [])]
     unreadable = index.manifest.get("unreadable", [])
     notes = [n for n in (note, _unreadable_note(gt_unreadable, len(unreadable))) if n]
-    report = _write_report(out, items, ranked, scores, gt, index, metrics, samples, k, rows, adjustments, notes)
+    with staged_files(out) as stage:  # the report renamed in after the submission: never one run's beside another's
+        _write_report(stage, items, ranked, scores, gt, index, metrics, samples, k, rows, adjustments, notes)
+        if submission is not None:
+            write_submission(submission, ranked, k)
+    report = out / "report.html"
     return ProductEval(metrics, ranked, submission, report, len(items), unreadable, rows, adjustments,
                        gt_unreadable, notes)
 
