@@ -34,6 +34,7 @@ from typing import Callable, Iterator, Sequence
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg
 from visrec.data.products import (CATALOGUE_DIR, PRODUCT_LABELS, _resize, pad_to_square, read_image_checked,
                                   write_product_labels)
+from visrec.data.text import FolderClaim
 from visrec.errors import DataError, VisrecError
 
 JOURNAL = "prepare_journal.jsonl"
@@ -87,6 +88,21 @@ class Journal:
     def __init__(self, out: Path, settings: dict, retry_problems: bool = False):
         self.path = out / JOURNAL
         self.records: dict[str, dict] = {}
+        out.mkdir(parents=True, exist_ok=True)
+        # one run at a time in a folder (two would each find no journal and write crops of both settings),
+        # held until finish_report or a failure in run_items
+        self.claim = FolderClaim(out, "prepare run")
+        try:
+            self._read(out, settings, retry_problems)
+        except BaseException:
+            self.close()
+            raise
+
+    def close(self) -> None:
+        """Release the claim on the output folder."""
+        self.claim.close()
+
+    def _read(self, out: Path, settings: dict, retry_problems: bool) -> None:
         known, other = False, None
         if not self.path.exists():
             # outputs are written over by name: a folder that holds files but no journal holds someone
@@ -99,7 +115,6 @@ class Journal:
                 raise DataError(f"the output folder is not empty (it holds {found.name}) and has no {JOURNAL} of "
                                 "an earlier prepare to resume: files there would be replaced; name a new or "
                                 "empty --out", path=out)
-        out.mkdir(parents=True, exist_ok=True)
         if self.path.exists():
             text = self.path.read_text()
             if not text.endswith("\n"):  # a line torn by a crash: dropped, so that input is done again
@@ -220,17 +235,21 @@ def run_items(worker, items: list[tuple], journal: Journal, out_dir: Path, repor
     done = report.resumed
     if progress and done:
         progress(done, total)
-    for item, result in zip(todo, _map(worker, todo, workers)):
-        key, rel = item[0], item[1]
-        data = result.pop("data", None)
-        for extra, content in result.pop("files", {}).items():
-            atomic_write(out_dir / extra, content)
-        if data is not None:
-            atomic_write(out_dir / rel, data)
-        journal.add({"key": key, "out": rel if data is not None else None, **result})
-        done += 1
-        if progress:
-            progress(done, total)
+    try:
+        for item, result in zip(todo, _map(worker, todo, workers)):
+            key, rel = item[0], item[1]
+            data = result.pop("data", None)
+            for extra, content in result.pop("files", {}).items():
+                atomic_write(out_dir / extra, content)
+            if data is not None:
+                atomic_write(out_dir / rel, data)
+            journal.add({"key": key, "out": rel if data is not None else None, **result})
+            done += 1
+            if progress:
+                progress(done, total)
+    except BaseException:
+        journal.close()  # a failed run's claim goes now, not when its traceback is freed
+        raise
 
 
 def _fill_report(report: PrepareReport, journal: Journal) -> PrepareReport:
@@ -252,6 +271,7 @@ def _fill_report(report: PrepareReport, journal: Journal) -> PrepareReport:
 def finish_report(report: PrepareReport, journal: Journal, out: Path) -> PrepareReport:
     _fill_report(report, journal)
     atomic_write(out / REPORT, json.dumps(report.to_dict(), indent=2) + "\n")
+    journal.close()
     return report
 
 

@@ -24,7 +24,7 @@ import shutil
 import stat
 from pathlib import Path
 
-from visrec.errors import DataError
+from visrec.errors import DataError, VisrecError
 
 BOM = b"\xef\xbb\xbf"
 _EOL = re.compile(r"\r\n|\r|\n")
@@ -165,3 +165,39 @@ def staged_files(out: str | Path):
             os.replace(f, out / f.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+class FolderClaim:
+    """An exclusive claim on an output folder for one run: ``flock`` on the folder itself (no file is added to
+    it), released by :meth:`close`, by garbage collection, or by the process's death (kill -9 included). A
+    second process (or a second claim in this one) on the same folder gets a :class:`VisrecError` naming the
+    folder, instead of two runs writing one folder's files at once and mixing them."""
+
+    def __init__(self, folder: str | Path, what: str):
+        self.folder, self.fd = Path(folder), None
+        try:
+            import fcntl
+        except ImportError:  # not a POSIX system: no claim
+            return
+        fd = os.open(self.folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise VisrecError(f"{self.folder} is in use by another {what} (two runs would mix their files in it): "
+                              f"wait for that one to end, or choose another folder") from None
+        self.fd = fd
+
+    def close(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
+
+    def __del__(self) -> None:
+        self.close()
+
+    def __enter__(self) -> "FolderClaim":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

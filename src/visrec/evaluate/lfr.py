@@ -26,6 +26,7 @@ file-list entry.
 from __future__ import annotations
 
 import os
+import secrets
 import struct
 from pathlib import Path
 from typing import Callable
@@ -51,7 +52,9 @@ def write_lfr_features(path: str | Path, features: np.ndarray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows, cols = feats.shape
-    tmp = path.with_name(path.name + ".partial")  # renamed in whole: a kill leaves an earlier file as it was
+    # renamed in whole: a kill leaves an earlier file as it was; a name of this process's own, as two runs
+    # writing the same file at once would otherwise write into one temporary file
+    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
     try:
         with open(tmp, "wb") as fh:
             fh.write(_HEADER.pack(rows, cols, cols * 4, FLOAT32_CODE))
@@ -199,7 +202,7 @@ def write_image_submission(embed: Callable[[np.ndarray], np.ndarray], images_roo
     names = entries if entries is not None else image_submission_entries(root, filelist, expected_rows)
     h, w = input_size
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(out.name + ".partial")
+    tmp = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")  # this process's own
     rows, cols = 0, None
     try:
         with open(tmp, "wb") as fh:

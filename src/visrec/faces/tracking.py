@@ -34,7 +34,7 @@ import numpy as np
 
 from visrec.data.augment import crop_face
 from visrec.data.images import IMAGE_SUFFIXES, read_image
-from visrec.data.text import read_text
+from visrec.data.text import FolderClaim, read_text
 from visrec.errors import DataError, VisrecError
 from visrec.faces.align import align_face, check_method
 from visrec.faces.detectors import load_detector
@@ -245,9 +245,18 @@ def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, vi
 
     ``video_filelist.txt`` is written (whole, then renamed) before ``videos.csv``: a kill between the two leaves
     tracks listed there but not in ``videos.csv``, which the next run (with ``resume``) writes again."""
+    out_root = Path(out_root)
+    out_root.mkdir(parents=True, exist_ok=True)
+    # one writer at a time: videos.csv is read at the start and written whole at the end
+    with FolderClaim(out_root, "run adding videos to this set"):
+        return _video_to_tracks(source, out_root, detector, embedder, video_id, min_len, label, progress, resume,
+                                track_options)
+
+
+def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_len, label, progress, resume,
+                     track_options) -> list[tuple[str, Path]]:
     from visrec.data.video import VideoItem, read_video_list, scores_path, write_video_list
 
-    out_root = Path(out_root)
     if video_id is None:
         if not isinstance(source, (str, Path)):
             raise VisrecError("frames given as an iterable need a video_id")

@@ -67,6 +67,7 @@ from visrec._torchfile import atomic_save
 from visrec.config import load_config, set_dotted, validate_section
 from visrec.data.products import (id_problem, list_images, load_catalogue_images, read_image_checked,
                                   write_submission)
+from visrec.data.text import FolderClaim
 from visrec.errors import ConfigError, DataError, shown
 from visrec.index.faiss_index import FaissIndex
 from visrec.index.postprocess import FINITE_CHECK_ROWS, Chain, PCAWhitening
@@ -429,6 +430,18 @@ def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: tor
     if not items:
         raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=catalogue)
     out.mkdir(parents=True, exist_ok=True)
+    # one build at a time in a folder (its shards and staging folders are this build's; rank 0 holds the claim)
+    claim = on_every_rank("claiming the output folder", lambda: FolderClaim(out, "catalogue index build")
+                          if rank == 0 else None, group)
+    try:
+        return _build(catalogue, out, model, model_config, opts, chain, items, device, progress, group, rank, world)
+    finally:
+        if claim is not None:
+            claim.close()
+
+
+def _build(catalogue, out: Path, model, model_config: dict, opts: IndexOptions, chain: Chain, items, device,
+           progress, group, rank: int, world: int) -> dict:
     if world > 1:
         _same_catalogue_everywhere(items, opts, group)
         broadcast_module(model, group)  # rank 0's weights everywhere (a random head differs per rank otherwise)

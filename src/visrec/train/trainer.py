@@ -37,7 +37,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from visrec.config import RunConfig
-from visrec.data.text import check_output
+from visrec.data.text import FolderClaim, check_output
 from visrec.errors import ConfigError, VisrecError
 from visrec.train import checkpoint as ckpt, outdir
 from visrec import distributed as dist
@@ -148,14 +148,17 @@ def train(cfg: RunConfig, *, resume: bool = False, source: str = "config", progr
     directory's checkpoints; without it an earlier run's files there are refused rather than overwritten.
     ``observer`` (:class:`Observer`) sees every step and every validation."""
     ctx = dist.setup(cfg.device, cfg.amp)
+    claim: list = []  # the main process's claim on the output folder, released however the run ends
     try:
-        return _train(cfg, ctx, resume, source, progress, stop_after_steps, observer or Observer())
+        return _train(cfg, ctx, resume, source, progress, stop_after_steps, observer or Observer(), claim)
     finally:
+        for held in claim:
+            held.close()
         dist.teardown(ctx)
 
 
 def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress: bool,
-           stop_after_steps: int | None, observer: Observer) -> TrainResult:
+           stop_after_steps: int | None, observer: Observer, claim: list) -> TrainResult:
     out = Path(cfg.output)
     check_output(out, kind="dir", what="output")  # before any work; nothing is created here
 
@@ -338,6 +341,9 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
 
     def open_log():
         out.mkdir(parents=True, exist_ok=True)
+        # one run at a time in a folder; checked again under the claim (a run that wrote there meanwhile)
+        claim.append(FolderClaim(out, "training run"))
+        outdir.check_start(out, resume, cfg)
         kept = outdir.write_config(out, cfg)
         if kept:
             print(f"train: {out / 'config.yaml'} held another config: kept as {kept.name}", file=sys.stderr,

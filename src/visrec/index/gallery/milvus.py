@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import re
 import time
 from pathlib import Path
@@ -139,6 +140,7 @@ class MilvusGallery(Gallery):
             check_milvus_index(index, index_params or {}, search_params or {})
         if "://" not in uri:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
+            _check_not_open_elsewhere(Path(uri))
         try:
             client = pymilvus.MilvusClient(uri=uri, token=token, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds; say which gallery failed
@@ -500,3 +502,43 @@ _ROW_FIELDS = ["identity", "templates", "metadata"]
 def _row(r: dict) -> dict:
     """A Milvus identity row -> ``{"identity", "templates", "metadata"}``."""
     return {"identity": r["identity"], "templates": int(r["templates"]), "metadata": json.loads(r["metadata"])}
+
+
+def _check_not_open_elsewhere(path: Path) -> None:
+    """Milvus Lite keeps a local gallery (a folder) open under a ``flock`` on its ``LOCK`` file; a second opener
+    got two logged tracebacks and "Open local milvus failed". Probed here first (taken and let go at once) for
+    an error that says what is wrong and what to do, as the FAISS gallery's claim does."""
+    lock = path / "LOCK"
+    if not lock.is_file() or _held_here(lock):  # open in this process: Milvus Lite hands it the same database
+        return
+    try:
+        import fcntl
+    except ImportError:  # not a POSIX system: Milvus Lite's own error stands
+        return
+    fd = os.open(lock, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_UN)
+    except BlockingIOError:
+        raise GalleryUnavailableError(f"the Milvus Lite gallery {path} is open elsewhere (a running service, or "
+                                      "another gallery command): stop that first, or reach the gallery through "
+                                      "the service's HTTP API") from None
+    finally:
+        os.close(fd)
+
+
+def _held_here(lock: Path) -> bool:
+    """Whether this process has ``lock`` open (Milvus Lite keeps a closed gallery's database, and its lock, for
+    the process's life); read from ``/proc/self/fd``, False where there is none."""
+    target = str(lock.resolve())
+    try:
+        fds = os.listdir("/proc/self/fd")
+    except OSError:
+        return False
+    for fd in fds:
+        try:
+            if os.readlink(f"/proc/self/fd/{fd}") == target:
+                return True
+        except OSError:  # closed meanwhile
+            continue
+    return False
