@@ -122,3 +122,21 @@ def test_a_milvus_lite_gallery_open_in_another_process_is_an_error_saying_so(tmp
         p.kill()
         p.wait()
     open_gallery("milvus", uri=str(uri), collection="faces").close()  # free again once that process has gone
+
+
+def test_what_a_killed_run_left_is_removed_by_the_next_and_a_running_ones_is_not(tmp_path):
+    """A killed export left its model-sized temporary file beside --out for good (the names carry the process id:
+    a running process's are left alone)."""
+    import os
+
+    from conftest import save_tiny_face_model
+    from visrec.data.text import leftovers
+    from visrec.export import export_checkpoint
+
+    dead, live = ".m.onnx.999999999.ab.tmp", f".m.onnx.{os.getpid()}.cd.tmp"
+    for name in (dead, live, "..m.onnx.999999999.ab.tmp.999999999.ef.tmp", ".m.onnx.notapid.tmp"):
+        (tmp_path / name).write_bytes(b"x" * 100)
+    assert sorted(p.name for p in leftovers(tmp_path, ".m.onnx.")) == [dead]
+    save_tiny_face_model(tmp_path / "run")
+    export_checkpoint(tmp_path / "run", tmp_path / "m.onnx", parity=False)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [live, ".m.onnx.notapid.tmp"]

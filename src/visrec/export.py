@@ -4,6 +4,8 @@ parity check and CPU latency."""
 from __future__ import annotations
 
 import copy
+import os
+import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,7 +16,7 @@ from torch import nn
 
 from visrec._optional import require
 from visrec._onnx import OnnxEmbedder  # noqa: F401 - still importable from here (parity_check runs it)
-from visrec.data.text import check_output
+from visrec.data.text import check_output, leftovers
 from visrec.errors import DataError, VisrecError
 from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY
 from visrec.models.loading import checkpoint_file, file_sha256, load_model
@@ -84,7 +86,7 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 11
     if contract is not None:
         _set_contract(proto, contract)
     onnx.checker.check_model(proto)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # this process's own
     onnx.save(proto, str(tmp))
     tmp.replace(path)
     return path
@@ -299,7 +301,7 @@ def _stamp_checkpoint(path: Path, sha256: str) -> None:
     onnx = require("onnx", "export")
     model = onnx.load(str(path))
     _set_prop(model, CHECKPOINT_KEY, sha256)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # this process's own
     onnx.save(model, str(tmp))
     tmp.replace(path)
 
@@ -310,7 +312,7 @@ def write_onnx_contract(path: str | Path, contract) -> Path:
     path = Path(path)
     model = onnx.load(str(path))
     _set_contract(model, contract)
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # this process's own
     onnx.save(model, str(tmp))
     tmp.replace(path)
     return path
@@ -385,7 +387,6 @@ def export_model(model: nn.Module, onnx_path: str | Path, contract=None, *, keep
 def exported_size(model: nn.Module, contract=None, *, input_size=(1, 3, 112, 112)) -> int:
     """Bytes of the file :func:`export_model` writes for ``model`` (default settings: BatchNorm folded),
     exported to a temporary directory that is removed afterwards."""
-    import os
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -402,9 +403,6 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
     itself (always), and any other existing file that is not an ONNX file visrec wrote (unless ``force``).
     The file is written beside ``onnx_path`` under a temporary name and renamed into place only once the
     parity check passed: a failed export leaves an earlier file there as it was."""
-    import os
-    import secrets
-
     path = check_output(onnx_path, kind="file")
     source = checkpoint_file(checkpoint)
     if path.exists():
@@ -419,6 +417,9 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
     if model is None:
         raise VisrecError(f"{checkpoint}: not a visrec checkpoint (nothing to export)")
     h, w = contract.input_size
+    for prefix in (f".{path.name}.", f"..{path.name}."):  # a killed export's model-sized temporary files
+        for left in leftovers(path.parent, prefix):
+            left.unlink(missing_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
         export_model(model, tmp, contract, keep_batchnorm=keep_batchnorm)

@@ -17,6 +17,7 @@ the path.
 from __future__ import annotations
 
 import contextlib
+import glob
 import os
 import re
 import secrets
@@ -144,6 +145,17 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, what: str = "--out") ->
     return path
 
 
+def leftovers(folder: Path, prefix: str) -> list[Path]:
+    """The entries of ``folder`` named ``<prefix><pid>-...`` or ``<prefix><pid>....`` (the temporary names visrec
+    gives a process's own files and folders) whose process is no longer running: what a killed run left."""
+    found = []
+    for path in folder.glob(f"{glob.escape(prefix)}*"):
+        pid = re.match(r"(\d+)[-.]", path.name[len(prefix):])
+        if pid and not Path(f"/proc/{pid.group(1)}").exists():
+            found.append(path)
+    return found
+
+
 @contextlib.contextmanager
 def staged_files(out: str | Path):
     """A hidden folder in ``out`` to write a set of output files into (a report and its pictures); when the block
@@ -153,10 +165,8 @@ def staged_files(out: str | Path):
     so the two sets disagree for the few renames only. A killed run's hidden folder is removed by the next."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for stale in out.glob(".staged-*"):  # a killed run's, or one of a process that has ended
-        pid = stale.name.split("-")[1]
-        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
-            shutil.rmtree(stale, ignore_errors=True)
+    for stale in leftovers(out, ".staged-"):
+        shutil.rmtree(stale, ignore_errors=True)
     stage = out / f".staged-{os.getpid()}-{secrets.token_hex(4)}"
     stage.mkdir()
     try:

@@ -18,7 +18,7 @@ import numpy as np
 
 from visrec.data.images import IMAGE_SUFFIXES, image_size
 from visrec.data.landmarks import MAX_OUTSIDE, SUBMISSION_COORDINATES, write_submission_txt
-from visrec.data.text import check_output
+from visrec.data.text import check_output, leftovers
 from visrec.errors import DataError, VisrecError
 from visrec.evaluate.landmarks import auc, ced_curve, failure_rate, nme, norms_for
 
@@ -152,10 +152,8 @@ def write_submission(folder: str | Path, ds, pred_crop: np.ndarray, coordinates:
         mapped.append((Path(path).name, xy))
     folder.parent.mkdir(parents=True, exist_ok=True)
     for kind in ("new", "old"):  # the hidden folders of a run killed between its renames
-        for stale in folder.parent.glob(f".{folder.name}.{kind}-*"):
-            pid = stale.name[len(f".{folder.name}.{kind}-"):].split("-")[0]
-            if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
-                shutil.rmtree(stale, ignore_errors=True)
+        for stale in leftovers(folder.parent, f".{folder.name}.{kind}-"):
+            shutil.rmtree(stale, ignore_errors=True)
     tag = f"{os.getpid()}-{secrets.token_hex(4)}"
     new = folder.with_name(f".{folder.name}.new-{tag}")
     new.mkdir()  # not mkdtemp: the folder gets the user's usual permissions (umask), not 0700
