@@ -241,6 +241,14 @@ def test_a_rerun_with_resume_goes_on_where_a_killed_run_stopped(video, tmp_path)
     assert [vid for vid, _ in again] == ["b_t000", "b_t001"]
     assert [it.video_id for it in read_video_list(out / "videos.csv")] == ["a_t000", "a_t001", "b_t000", "b_t001"]
     assert (out / "video_filelist.txt").read_text() == "a_t000\na_t001\nb_t000\nb_t001\n"
+    # a video whose name begins like another's tracks ('a_tx' -> 'a_tx_t000') is not taken for them
+    video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="a_tx", min_len=5, resume=True)
+    rows = (out / "videos.csv").read_text().splitlines()
+    (out / "videos.csv").write_text("\n".join(r for r in rows if not r.startswith("a_t0")) + "\n")
+    again = video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="a", min_len=5, resume=True)
+    assert [vid for vid, _ in again] == ["a_t000", "a_t001"] and (out / "videos" / "a_tx_t000").is_dir()
+    assert {it.video_id for it in read_video_list(out / "videos.csv")} == {"a_t000", "a_t001", "b_t000", "b_t001",
+                                                                          "a_tx_t000", "a_tx_t001"}
 
 
 def test_iter_frames_reads_video_files(tmp_path, video):

@@ -25,6 +25,7 @@ Unmatched detections open new tracks; a track missed in more than
 from __future__ import annotations
 
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -267,8 +268,9 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
     videos = out_root / "videos"
     existing = read_video_list(list_path) if list_path.exists() and read_text(list_path).strip() else []
     prefix = f"{video_id}_t"
-    done = [it for it in existing if it.video_id.startswith(prefix)]
-    strays = sorted(p for p in videos.iterdir() if p.name.startswith(prefix)) if videos.is_dir() else []
+    ours = re.compile(re.escape(prefix) + r"\d{3,}").fullmatch  # this video's tracks, not those of 'clip_tx'
+    done = [it for it in existing if ours(it.video_id)]
+    strays = sorted(p for p in videos.iterdir() if ours(p.name)) if videos.is_dir() else []
     if (done or strays) and not resume:
         raise VisrecError(f"{out_root} already holds tracks of video {video_id!r} ({prefix}*): remove them "
                           "(videos.csv rows and folders) or pass another video_id")
