@@ -140,3 +140,30 @@ def test_what_a_killed_run_left_is_removed_by_the_next_and_a_running_ones_is_not
     save_tiny_face_model(tmp_path / "run")
     export_checkpoint(tmp_path / "run", tmp_path / "m.onnx", parity=False)
     assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == [live, ".m.onnx.notapid.tmp"]
+
+
+def test_a_forked_worker_does_not_keep_the_claim(tmp_path):
+    """A forked child (a DataLoader or preparation worker) shares the claim's descriptor; it drops its copy at the
+    fork, so a claim ends with its run even while a worker lingers."""
+    import os
+
+    claim = FolderClaim(tmp_path, "run")
+    r, w = os.pipe()
+    started_r, started_w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the lingering worker (the fork hooks have run once it can write)
+        os.close(w)
+        os.write(started_w, b"s")
+        os.read(r, 1)
+        os._exit(0)
+    try:
+        assert os.read(started_r, 1) == b"s"
+        claim.close()
+        FolderClaim(tmp_path, "run").close()  # free while the child lives
+    finally:
+        os.close(r)
+        os.write(w, b"x")
+        os.close(w)
+        os.waitpid(pid, 0)
+        os.close(started_r)
+        os.close(started_w)

@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import stat
+import weakref
 from pathlib import Path
 
 from visrec.errors import DataError, VisrecError
@@ -177,11 +178,28 @@ def staged_files(out: str | Path):
         shutil.rmtree(stage, ignore_errors=True)
 
 
+_CLAIMS: "weakref.WeakSet[FolderClaim]" = weakref.WeakSet()
+
+
+def _forget_claims_in_child() -> None:
+    """In a forked child (a DataLoader or preparation worker): drop its copies of the claims' descriptors, never
+    unlocking them, so a claim lasts as long as its own process holds it, not as long as a worker lingers."""
+    for claim in list(_CLAIMS):
+        if claim.fd is not None:
+            os.close(claim.fd)
+            claim.fd = None
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_claims_in_child)
+
+
 class FolderClaim:
     """An exclusive claim on an output folder for one run: ``flock`` on the folder itself (no file is added to
-    it), released by :meth:`close`, by garbage collection, or by the process's death (kill -9 included). A
-    second process (or a second claim in this one) on the same folder gets a :class:`VisrecError` naming the
-    folder, instead of two runs writing one folder's files at once and mixing them."""
+    it), released by :meth:`close`, by garbage collection, or by the process's death (kill -9 included); a
+    forked worker does not keep it. A second process (or a second claim in this one) on the same folder gets a
+    :class:`VisrecError` naming the folder, instead of two runs writing one folder's files at once and mixing
+    them."""
 
     def __init__(self, folder: str | Path, what: str):
         self.folder, self.fd = Path(folder), None
@@ -197,6 +215,7 @@ class FolderClaim:
             raise VisrecError(f"{self.folder} is in use by another {what} (two runs would mix their files in it): "
                               f"wait for that one to end, or choose another folder") from None
         self.fd = fd
+        _CLAIMS.add(self)
 
     def close(self) -> None:
         if self.fd is not None:
