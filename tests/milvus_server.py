@@ -10,11 +10,13 @@ import subprocess
 import time
 
 
-def free_port() -> int:
-    """A loopback port free now, below the kernel's ephemeral range. A port from bind(0) lies in that range,
-    where the kernel hands local ports to outgoing connections: between the pick and a server's bind (or its
-    restart after a kill) any connection on the machine may take it, and a Milvus start then failed for
-    minutes with "index_coord_port=47861, but bind failed". Below the range only a listener can take it."""
+def free_port(exclude=()) -> int:
+    """A loopback port free now, below the kernel's ephemeral range, and not in ``exclude`` (the ports already
+    picked for the same server: a port picked twice made the server's own second bind fail, "set
+    data_coord_port=25221, but bind failed", on every retry). A port from bind(0) lies in that range, where the
+    kernel hands local ports to outgoing connections: between the pick and a server's bind (or its restart
+    after a kill) any connection on the machine may take it, and a Milvus start then failed for minutes with
+    "index_coord_port=47861, but bind failed". Below the range only a listener can take it."""
     try:
         with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
             low = int(f.read().split()[0])
@@ -22,15 +24,19 @@ def free_port() -> int:
         low = 0
     if low > 2048:
         for port in random.sample(range(max(1024, low - 10000), low), 100):
+            if port in exclude:
+                continue
             with socket.socket() as s:
                 try:
                     s.bind(("127.0.0.1", port))
                 except OSError:
                     continue
                 return port
-    with socket.socket() as s:  # no such range known (or all taken): any free port
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+    while True:  # no such range known (or all taken): any free port
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            if s.getsockname()[1] not in exclude:
+                return s.getsockname()[1]
 
 
 class MilvusServer:
@@ -53,8 +59,11 @@ class MilvusServer:
         # every configurable port: free ones now, kept for restarts. The embedded etcd still listens on 2379 and
         # 2380 whatever etcd_port says, so one such server runs per machine at a time (a second one started
         # while another runs, say a benchmark's, never answers and times out)
+        picked: set[int] = set()
         for key in [k for k in self.server.config.configurable_items if k.endswith("_port")]:
-            self.server.config.update(**{key: free_port()})
+            port = free_port(exclude=picked)
+            picked.add(port)
+            self.server.config.update(**{key: port})
         self.port = int(self.server.config.configs["proxy_port"])
         self.uri = f"http://127.0.0.1:{self.port}"
 
