@@ -86,10 +86,15 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 11
     if contract is not None:
         _set_contract(proto, contract)
     onnx.checker.check_model(proto)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # this process's own
+    _save_whole(onnx, proto, path)
+    return path
+
+
+def _save_whole(onnx, proto, path: Path) -> None:
+    """``proto`` saved under a temporary name of this process beside ``path``, then renamed over it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     onnx.save(proto, str(tmp))
     tmp.replace(path)
-    return path
 
 
 def _strip_annotations(proto) -> None:
@@ -301,9 +306,7 @@ def _stamp_checkpoint(path: Path, sha256: str) -> None:
     onnx = require("onnx", "export")
     model = onnx.load(str(path))
     _set_prop(model, CHECKPOINT_KEY, sha256)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # this process's own
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    _save_whole(onnx, model, path)
 
 
 def write_onnx_contract(path: str | Path, contract) -> Path:
@@ -312,9 +315,7 @@ def write_onnx_contract(path: str | Path, contract) -> Path:
     path = Path(path)
     model = onnx.load(str(path))
     _set_contract(model, contract)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")  # this process's own
-    onnx.save(model, str(tmp))
-    tmp.replace(path)
+    _save_whole(onnx, model, path)
     return path
 
 

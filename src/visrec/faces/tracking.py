@@ -315,7 +315,8 @@ def _add_to_filelist(out_root: Path, ids: list[str]) -> None:
     """Append the ``ids`` not yet listed to ``out_root/video_filelist.txt``, written whole and renamed in."""
     path = out_root / "video_filelist.txt"
     listed = read_text(path).splitlines() if path.exists() else []
-    new = [i for i in ids if i not in set(listed)]
+    known = set(listed)
+    new = [i for i in ids if i not in known]
     if new:
         tmp = path.with_name(".video_filelist.txt.tmp")
         tmp.write_text("".join(f"{line}\n" for line in listed + new))
