@@ -27,7 +27,6 @@ import io
 import os
 import pickle
 import re
-import stat
 import struct
 import warnings
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from visrec._files import replacing
 from visrec.errors import DataError
 
 
@@ -299,13 +299,5 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     replaced keeps its permission bits (a model made read-only stays read-only once a threshold is written)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    try:
+    with replacing(path, durable=True, keep_mode=True) as tmp:
         torch.save(obj, tmp)
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
-        if path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)

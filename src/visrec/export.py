@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import copy
 import os
-import secrets
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,7 +15,8 @@ from torch import nn
 
 from visrec._optional import require
 from visrec._onnx import OnnxEmbedder  # noqa: F401 - still importable from here (parity_check runs it)
-from visrec.data.text import check_output, leftovers
+from visrec._files import leftovers, replacing
+from visrec.data.text import check_output
 from visrec.errors import DataError, VisrecError
 from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY
 from visrec.models.loading import checkpoint_file, file_sha256, load_model
@@ -92,9 +92,8 @@ def export_onnx(model: nn.Module, path: str | Path, *, input_size=(1, 3, 112, 11
 
 def _save_whole(onnx, proto, path: Path) -> None:
     """``proto`` saved under a temporary name of this process beside ``path``, then renamed over it."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    onnx.save(proto, str(tmp))
-    tmp.replace(path)
+    with replacing(path) as tmp:
+        onnx.save(proto, str(tmp))
 
 
 def _strip_annotations(proto) -> None:
@@ -418,11 +417,9 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
     if model is None:
         raise VisrecError(f"{checkpoint}: not a visrec checkpoint (nothing to export)")
     h, w = contract.input_size
-    for prefix in (f".{path.name}.", f"..{path.name}."):  # a killed export's model-sized temporary files
-        for left in leftovers(path.parent, prefix):
-            left.unlink(missing_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
+    for left in leftovers(path.parent, f"..{path.name}."):  # a killed export's temporary file's own temporary
+        left.unlink(missing_ok=True)
+    with replacing(path) as tmp:  # (and the killed export's temporary file, by replacing)
         export_model(model, tmp, contract, keep_batchnorm=keep_batchnorm)
         batch = np.random.default_rng(0).uniform(-1, 1, (4, 3, h, w)).astype(np.float32)
         report = parity_check(model, tmp, batch) if parity else None
@@ -432,9 +429,6 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
                               f"{path} was not written")
         if report is not None:  # only an export that passed parity may stand in for its checkpoint
             _stamp_checkpoint(tmp, file_sha256(source))
-        tmp.replace(path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path, report
 
 

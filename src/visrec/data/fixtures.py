@@ -51,6 +51,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec._files import replacing
 from visrec.errors import DataError, VisrecError
 
 FETCH_HINT = ("run `python -m visrec.data.fixtures` (needs, once, pip's configured package index and the "
@@ -427,9 +428,8 @@ def fetch_real_fixtures(dest: str | Path | None = None, force: bool = False, log
         log(f"  {orig.name} (sha256 {DEBIAN['sha256'][:12]}...) -> {len(more)} files in {dest / DEBIAN['dest']}")
     shutil.rmtree(dest / ".cache", ignore_errors=True)
     manifest = {"version": 1, "files": sorted(files + more, key=lambda f: f["path"])}
-    tmp = dest / (MANIFEST + ".tmp")
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    tmp.replace(dest / MANIFEST)  # the manifest appears only once every file is in place
+    with replacing(dest / MANIFEST) as tmp:  # the manifest appears only once every file is in place
+        tmp.write_text(json.dumps(manifest, indent=1) + "\n", encoding="utf-8")
     log(f"wrote {dest / MANIFEST} ({len(manifest['files'])} files)")
     return dest
 

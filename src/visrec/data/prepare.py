@@ -31,6 +31,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
+from visrec._files import replacing
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg
 from visrec.data.products import (CATALOGUE_DIR, PRODUCT_LABELS, _resize, pad_to_square, read_image_checked,
                                   write_product_labels)
@@ -77,9 +78,8 @@ def atomic_write(path: Path, data: bytes | str) -> None:
     """Write to a hidden temporary file beside ``path``, then rename (readers never see a partial file;
     visrec's folder readers skip hidden files)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_bytes(data.encode() if isinstance(data, str) else data)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_bytes(data.encode() if isinstance(data, str) else data)
 
 
 class Journal:

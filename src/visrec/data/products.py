@@ -43,14 +43,13 @@ network input: float32 CHW, ImageNet-normalised.
 
 from __future__ import annotations
 
-import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from visrec._files import replacing
 from visrec.data.images import check_encoded, decode_image
 from visrec.data.text import read_bytes, read_lines
 from visrec.errors import DataError, shown
@@ -193,17 +192,9 @@ def load_catalogue_images(items: Iterable[tuple[str, str | Path]], *, strict: bo
 def _atomic_write_text(path: str | Path, text: str) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
+    with replacing(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", newline="\n") as f:
             f.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
 
 
 # A column name, once lower-cased with "_"/"-" read as spaces: an optional role word, an optional

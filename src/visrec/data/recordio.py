@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec._files import replacing
 from visrec.data.images import decode_image
 from visrec.data.text import read_lines
 from visrec.errors import DataError
@@ -152,22 +153,22 @@ class RecordIOWriter:
         for c in counts:
             ranges.append((cursor, cursor + int(c)))
             cursor += int(c)
-        tmp_rec, tmp_idx = self.rec.with_suffix(".rec.tmp"), self.idx.with_suffix(".idx.tmp")
-        with open(tmp_rec, "wb") as rec, open(tmp_idx, "w") as idx:
-            def put(index: int, payload: bytes) -> None:
-                idx.write(f"{index}\t{rec.tell()}\n")
-                rec.write(_encode_record(payload))
+        # the three files are each renamed in whole, the .rec first (a kill between the renames leaves a
+        # .rec and .idx that disagree, which the reader refuses, never silently misreads)
+        with replacing(self.rec) as tmp_rec, replacing(self.idx) as tmp_idx, replacing(self.prop) as tmp_prop:
+            with open(tmp_rec, "wb") as rec, open(tmp_idx, "w", encoding="ascii") as idx:
+                def put(index: int, payload: bytes) -> None:
+                    idx.write(f"{index}\t{rec.tell()}\n")
+                    rec.write(_encode_record(payload))
 
-            put(0, pack_payload([first_id_rec, first_id_rec + len(labels)], b""))
-            for k, i in enumerate(order, start=1):
-                lab, data = self._items[i]
-                put(k, pack_payload(float(lab), data, record_id=k))
-            for c, (s, e) in enumerate(ranges):
-                put(first_id_rec + c, pack_payload([s, e], b"", record_id=first_id_rec + c))
-        os.replace(tmp_rec, self.rec)
-        os.replace(tmp_idx, self.idx)
-        h, w = self._shape or (112, 112)
-        self.prop.write_text(f"{len(labels)},{h},{w}")
+                put(0, pack_payload([first_id_rec, first_id_rec + len(labels)], b""))
+                for k, i in enumerate(order, start=1):
+                    lab, data = self._items[i]
+                    put(k, pack_payload(float(lab), data, record_id=k))
+                for c, (s, e) in enumerate(ranges):
+                    put(first_id_rec + c, pack_payload([s, e], b"", record_id=first_id_rec + c))
+            h, w = self._shape or (112, 112)
+            tmp_prop.write_text(f"{len(labels)},{h},{w}", encoding="ascii")
 
 
 class RecordIOReader:

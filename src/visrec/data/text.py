@@ -17,7 +17,6 @@ the path.
 from __future__ import annotations
 
 import contextlib
-import glob
 import os
 import re
 import secrets
@@ -26,6 +25,7 @@ import stat
 import weakref
 from pathlib import Path
 
+from visrec._files import leftovers, replacing
 from visrec.errors import DataError, VisrecError
 
 BOM = b"\xef\xbb\xbf"
@@ -126,35 +126,19 @@ def check_output(path: str | Path, *, kind: str, what: str = "--out") -> Path:
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, *, what: str = "--out") -> Path:
-    """Write ``data`` to ``path`` whole or not at all: a temporary file beside it, then a rename (a file there
-    is replaced; a failure leaves it as it was). Creates the missing folders; ``DataError`` naming the path."""
+    """Write ``data`` to ``path`` whole or not at all (``visrec._files.replacing``: a temporary file beside it,
+    then a rename; a file there is replaced, a failure leaves it as it was). Creates the missing folders;
+    ``DataError`` naming the path."""
     path = Path(check_output(path, kind="file", what=what))
-    tmp = None
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions, as open() gives
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-        tmp = None
+        with replacing(path) as tmp:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions, as open()
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
     except OSError as exc:
         raise DataError(f"cannot write: {exc.strerror or exc}", path=path) from None
-    finally:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
     return path
-
-
-def leftovers(folder: Path, prefix: str) -> list[Path]:
-    """The entries of ``folder`` named ``<prefix><pid>-...`` or ``<prefix><pid>....`` (the temporary names visrec
-    gives a process's own files and folders) whose process is no longer running: what a killed run left."""
-    found = []
-    for path in folder.glob(f"{glob.escape(prefix)}*"):
-        pid = re.match(r"(\d+)[-.]", path.name[len(prefix):])
-        if pid and not Path(f"/proc/{pid.group(1)}").exists():
-            found.append(path)
-    return found
 
 
 @contextlib.contextmanager

@@ -29,6 +29,7 @@ from typing import Sequence
 
 import numpy as np
 
+from visrec._files import replacing
 from visrec.data.images import decode_image, encode_jpeg
 from visrec.data.text import read_bytes
 from visrec.errors import DataError
@@ -270,12 +271,13 @@ def read_verification_bin(path: str | Path) -> tuple[list[np.ndarray], np.ndarra
 
 
 def write_verification_bin(path: str | Path, images: Sequence[np.ndarray | bytes], issame: Sequence[bool]) -> Path:
-    """Write pairs (images 2k, 2k+1) and their labels in InsightFace's layout (protocol 2 pickle)."""
+    """Write pairs (images 2k, 2k+1) and their labels in InsightFace's layout (protocol 2 pickle), whole or not
+    at all (an earlier file there stays until the new one is complete)."""
     if len(images) != 2 * len(issame):
         raise ValueError(f"{len(images)} images for {len(issame)} pairs")
     bins = [bytes(im) if isinstance(im, (bytes, bytearray)) else encode_jpeg(im) for im in images]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "wb") as fh:
+    with replacing(path) as tmp, open(tmp, "wb") as fh:
         pickle.dump((bins, [bool(x) for x in issame]), fh, protocol=2)
     return path

@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
+from visrec._files import replacing
 from visrec.data.augment import crop_face
 from visrec.data.images import IMAGE_SUFFIXES, read_image
 from visrec.data.text import FolderClaim, read_text
@@ -305,9 +306,8 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
             shutil.rmtree(staging)
     if items:
         _add_to_filelist(out_root, [it.video_id for it in items])
-        tmp = list_path.with_name(".videos.csv.tmp")
-        write_video_list(tmp, existing + items)
-        os.replace(tmp, list_path)
+        with replacing(list_path) as tmp:
+            write_video_list(tmp, existing + items)
     return written
 
 
@@ -318,6 +318,5 @@ def _add_to_filelist(out_root: Path, ids: list[str]) -> None:
     known = set(listed)
     new = [i for i in ids if i not in known]
     if new:
-        tmp = path.with_name(".video_filelist.txt.tmp")
-        tmp.write_text("".join(f"{line}\n" for line in listed + new))
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            tmp.write_text("".join(f"{line}\n" for line in listed + new), encoding="utf-8")

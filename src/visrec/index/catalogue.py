@@ -61,6 +61,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from visrec._files import replacing
 from visrec._npz import load_npz
 from visrec._onnx import describe_providers, parse_providers
 from visrec._torchfile import atomic_save
@@ -269,12 +270,11 @@ def extract_descriptors(model: torch.nn.Module, items: Sequence[tuple[str, Path]
             if progress and bad:
                 progress(len(bad))
             vectors = np.concatenate(vecs) if vecs else np.zeros((0, getattr(model, "dim", 0)), np.float32)
-            tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}.npz")
-            np.savez(tmp, requested=np.array([i for i, _ in chunk]), ids=np.array(ids, dtype=str),
-                     vectors=vectors.astype(opts.dtype), bad_ids=np.array([b[0] for b in bad], dtype=str),
-                     bad_reasons=np.array([b[1] for b in bad], dtype=str),
-                     record=np.array(json.dumps(record, sort_keys=True)))
-            os.replace(tmp, path)  # a shard exists complete or not at all
+            with replacing(path, suffix=".npz") as tmp:  # a shard exists complete or not at all
+                np.savez(tmp, requested=np.array([i for i, _ in chunk]), ids=np.array(ids, dtype=str),
+                         vectors=vectors.astype(opts.dtype), bad_ids=np.array([b[0] for b in bad], dtype=str),
+                         bad_reasons=np.array([b[1] for b in bad], dtype=str),
+                         record=np.array(json.dumps(record, sort_keys=True)))
             ids_all += ids
             vecs_all.append(vectors.astype(opts.dtype).astype(np.float32))
             bad_all += bad

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec._files import replacing
 from visrec._optional import require
 from visrec.errors import ConfigError, DataError
 
@@ -63,13 +64,9 @@ class FaissIndex:
         return self.index.search(q, int(k))
 
     def save(self, path: str | Path) -> None:
-        import os
-
         faiss = require("faiss", "index", "faiss-cpu")
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        faiss.write_index(self.index, str(tmp))
-        os.replace(tmp, path)
+        with replacing(path) as tmp:
+            faiss.write_index(self.index, str(tmp))
 
     @classmethod
     def load(cls, path: str | Path, nprobe: int | None = None) -> "FaissIndex":

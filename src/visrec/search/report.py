@@ -4,11 +4,11 @@ architecture's spec and its budget table, and every trial. A PNG beside ``report
 from __future__ import annotations
 
 import html
-import os
 from pathlib import Path
 
 import yaml
 
+from visrec._files import replacing
 from visrec.budget import check, registry_contract
 from visrec.errors import VisrecError
 from visrec.models import build_backbone
@@ -123,7 +123,6 @@ def write_search_report(out_dir: str | Path, result: SearchResult) -> Path:
             "table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:2px 6px;font-size:90%}"
             "img{max-width:100%}</style></head><body>" + "\n".join(parts) + "</body></html>")
     path = out / "report.html"
-    tmp = out / "report.html.tmp"
-    tmp.write_text(page)
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path

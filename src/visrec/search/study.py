@@ -57,6 +57,7 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 import yaml
 
+from visrec._files import replacing
 from visrec._optional import require
 from visrec.budget import MAX_BUILD_PARAMS
 from visrec.config import parse_config, read_yaml_mapping
@@ -799,8 +800,8 @@ def export_spec(result: SearchResult, out: Path, trial: int | None, dest: Path, 
     parse_config(raw, source=str(dest))  # what is written is a run config `visrec train` takes
     dest = Path(dest)
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(dest.name + ".tmp")
-    tmp.write_text(f"# architecture of search trial {row.number}, {row.status} ({result.score_name} {row.score}, "
-                   f"{row.gflops:.4f} GFLOPs) from {result.storage}\n" + yaml.safe_dump(raw, sort_keys=False))
-    os.replace(tmp, dest)
+    with replacing(dest) as tmp:
+        tmp.write_text(f"# architecture of search trial {row.number}, {row.status} ({result.score_name} "
+                       f"{row.score}, {row.gflops:.4f} GFLOPs) from {result.storage}\n"
+                       + yaml.safe_dump(raw, sort_keys=False), encoding="utf-8")
     return dest

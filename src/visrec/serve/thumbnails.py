@@ -40,6 +40,7 @@ from visrec.index.gallery import identity_key
 MAX_THUMBNAIL_BYTES = 1 << 20  # a stored thumbnail larger than this is not one visrec wrote
 MARKER = ".visrec-thumbnails"
 _KEY = re.compile(r"[0-9a-f]{40}")  # identity_key's form: the only folder names visrec writes here
+_STAGED = re.compile(r"\..+\.(\d+)\.tmp")  # stage's temporary names: .<template id>.<pid>.tmp
 log = logging.getLogger(__name__)
 
 
@@ -72,9 +73,15 @@ class Thumbnails:
 
     def stage(self, identity: str, template_ids: list[str], crops) -> list[tuple[Path, Path]]:
         """Write one crop (RGB uint8) per template id under a temporary name; returns the (staged, final) pairs
-        for :meth:`publish`. What was staged is removed again if a write fails."""
+        for :meth:`publish`. What was staged is removed again if a write fails; what a killed process staged in
+        this identity's folder is removed first."""
         folder = self._dir(identity)
         folder.mkdir(exist_ok=True)
+        for left in folder.glob(".*.tmp"):
+            pid = _STAGED.fullmatch(left.name)
+            if pid and not Path(f"/proc/{pid.group(1)}").exists():
+                with contextlib.suppress(OSError):
+                    left.unlink()
         staged = []
         try:
             for tid, crop in zip(template_ids, crops):

@@ -23,7 +23,6 @@ data only (tensors, dicts, lists, tuples, strings, numbers), so a downloaded fil
 from __future__ import annotations
 
 import json
-import os
 import random
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from visrec._files import replacing
 from visrec._torchfile import atomic_save, read_torch_file  # noqa: F401 (atomic_save: re-exported)
 from visrec.errors import ConfigError, DataError
 from visrec.models.model_file import weights_mismatch
@@ -278,12 +278,9 @@ def truncate_log(path: Path, step: int) -> int:
             continue
         keep.append(line if line.endswith("\n") else line + "\n")
     if dropped:
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-        with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
-            fh.writelines(keep)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
+        with replacing(path, durable=True) as tmp:
+            with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
+                fh.writelines(keep)
     return dropped
 
 

@@ -51,6 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
+from visrec._files import replacing
 from visrec._torchfile import read_torch_file
 from visrec.config import parse_config
 from visrec.data.text import check_output
@@ -180,17 +181,17 @@ def precompute_teacher_features(teacher: nn.Module, dataset: Dataset, path: str 
     meta = {"model_config": _jsonable(model_config or {}), "num_items": int(feats.shape[0]),
             "dim": int(feats.shape[1]) if feats.ndim == 2 else 0, "flip_average": bool(flip_average),
             "source": source}
-    tmp, written = path.with_name(f".{path.name}.tmp.npy"), False
+    written = False
     try:  # a write that fails (a full disk, a folder made read-only meanwhile) is an error naming the file
         path.parent.mkdir(parents=True, exist_ok=True)
-        np.save(tmp, feats)
-        tmp.replace(path)
+        with replacing(path, suffix=".npy") as tmp:
+            np.save(tmp, feats)
         written = True
         _sidecar(path).write_text(json.dumps(meta, indent=2))
     except OSError as exc:
-        for left in (tmp, path) if written else (tmp,):  # no array without its sidecar: the next run recomputes
+        if written:  # no array without its sidecar: the next run recomputes
             with contextlib.suppress(OSError):  # (under a file, unlink itself fails)
-                left.unlink()
+                path.unlink()
         raise DataError(f"cannot write the teacher features: {exc.strerror or exc}", path=path) from None
     return path
 

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import yaml
 
+from visrec._files import replacing
 from visrec.config import RunConfig, parse_config
 from visrec.errors import ConfigError
 from visrec.train import checkpoint as ckpt
@@ -73,16 +74,15 @@ def write_config(out: Path, cfg: RunConfig) -> Path | None:
     path = out / "config.yaml"
     if _same_config(path, cfg):
         return None
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
     kept = None
-    if _exists(path):
-        n = 1
-        while _exists(out / f"config.before-{n}.yaml"):
-            n += 1
-        kept = out / f"config.before-{n}.yaml"
-        os.rename(path, kept)  # the same folder: an atomic rename, never a copy that a crash could cut short
-    os.replace(tmp, path)
+    with replacing(path) as tmp:
+        tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+        if _exists(path):
+            n = 1
+            while _exists(out / f"config.before-{n}.yaml"):
+                n += 1
+            kept = out / f"config.before-{n}.yaml"
+            os.rename(path, kept)  # the same folder: an atomic rename, never a copy that a crash could cut short
     return kept
 
 

@@ -56,6 +56,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec._files import replacing
 from visrec._npz import NpzWriter, load_npz
 from visrec.data.text import check_output
 from visrec.errors import DataError, VisrecError, shown
@@ -724,14 +725,11 @@ class Gallery(abc.ABC):
         templates' names, whatever the gallery's size); the file appears complete or not at all. An existing
         ``path`` is replaced only when it is an earlier export (its members say so) or with ``overwrite``; a
         folder, or any other file (the gallery's own database, a config), is a :class:`DataError` naming it."""
-        import os
-
         path = check_output(path, kind="file")
         if path.exists() and not overwrite and not _is_export(path):
             raise DataError("exists and is not a gallery export (an export replaces only an earlier export): "
                             "name another file", path=path)
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.npz")
         ids, owners, hashes = [], [], []
 
         def vectors(batches):
@@ -742,7 +740,7 @@ class Gallery(abc.ABC):
                 yield np.stack([r[3] for r in batch]).astype(np.float32)
 
         try:
-            with self.lock:
+            with self.lock, replacing(path, suffix=".npz") as tmp:
                 # an identity's metadata goes with its templates (an import refuses metadata without any)
                 metas = {r["identity"]: r["metadata"] for r in self._identity_rows() if r["templates"]}
                 info = dict(self.info)
@@ -755,11 +753,8 @@ class Gallery(abc.ABC):
                     out.array("hashes", np.array(hashes, dtype=str))
                     out.array("metadata", np.array(json.dumps(metas, sort_keys=True)))
                     out.array("info", np.array(json.dumps(info, sort_keys=True)))
-            os.replace(tmp, path)
         except ValueError as exc:  # another process wrote to a shared (Milvus) gallery while it was read
             raise VisrecError(f"the gallery changed while it was exported ({exc}); export again") from None
-        finally:
-            tmp.unlink(missing_ok=True)
         return path
 
     def import_(self, path: str | Path, *, progress=None) -> int:

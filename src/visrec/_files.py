@@ -1,0 +1,63 @@
+"""Writing a file whole or not at all, and clearing what a killed writer left.
+
+Every output visrec writes over (a model, an index, a report, a list, a log rewritten on resume) goes to a
+temporary name beside it and is renamed over it once complete: a reader, or a crash at any instant, sees the
+earlier file or the new one, never a part. The temporary name carries the writer's process id and a random
+token (``.<name>.<pid>.<token>.tmp``), so two writers never share one, and a later writer of the same file
+removes the temporary files of processes that are no longer running (a ``kill -9`` mid-write).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import os
+import re
+import secrets
+import stat
+from pathlib import Path
+from typing import Iterator
+
+
+def leftovers(folder: Path, prefix: str) -> list[Path]:
+    """The entries of ``folder`` named ``<prefix><pid>-...`` or ``<prefix><pid>....`` (the temporary names visrec
+    gives a process's own files and folders) whose process is no longer running: what a killed run left."""
+    found = []
+    for path in Path(folder).glob(f"{glob.escape(prefix)}*"):
+        pid = re.match(r"(\d+)[-.]", path.name[len(prefix):])
+        if pid and not Path(f"/proc/{pid.group(1)}").exists():
+            found.append(path)
+    return found
+
+
+def temporary_name(path: Path, suffix: str = "") -> Path:
+    """``.<name>.<pid>.<token>.tmp<suffix>`` beside ``path`` (a suffix for writers that insist on an extension)."""
+    return path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp{suffix}")
+
+
+@contextlib.contextmanager
+def replacing(path: str | Path, *, suffix: str = "", durable: bool = False,
+              keep_mode: bool = False) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` to write; when the block ends without an error it is renamed over
+    ``path`` (after an ``fsync`` when ``durable``, keeping the replaced file's permission bits when
+    ``keep_mode``); the temporary file goes in every case. Temporary files of ``path`` left by processes that
+    are no longer running are removed first. The folder must exist; ``OSError`` passes through (callers name the
+    file in their own error)."""
+    path = Path(path)
+    own = re.compile(rf"\.{re.escape(path.name)}\.\d+\.[0-9a-f]+\.tmp{re.escape(suffix)}")
+    for stale in leftovers(path.parent, f".{path.name}."):
+        if own.fullmatch(stale.name) and stale.is_file():  # never another file's (``<name>.5``'s, say)
+            with contextlib.suppress(OSError):
+                stale.unlink()
+    tmp = temporary_name(path, suffix)
+    try:
+        yield tmp
+        if durable:
+            with open(tmp, "rb") as fh:
+                os.fsync(fh.fileno())
+        if keep_mode and path.exists():
+            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
