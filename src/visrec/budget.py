@@ -54,6 +54,7 @@ from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.export import exported_size
 from visrec.models import build_backbone
 from visrec.models.loading import load_model
+from visrec.models.meta import on_meta_device
 from visrec.models.model_file import default_contract
 from visrec.models.pooling import GeM
 from visrec.protocols import Protocol, load_protocol
@@ -485,7 +486,7 @@ def check_buildable(name: str, kwargs: dict, where: str) -> int:
     """The parameter count of registry model ``name(**kwargs)``, counted on the meta device (shapes only, no
     memory), or a :class:`ConfigError` naming ``where`` (the option or file that asked for it) when it is over
     :data:`MAX_BUILD_PARAMS`: refused before real weights are allocated."""
-    with torch.device("meta"):
+    with on_meta_device():
         params = sum(p.numel() for p in build_backbone(name, **kwargs).parameters())
     if params > MAX_BUILD_PARAMS:
         raise ConfigError(f"{where}: {name} has {params:,} parameters ({4 * params / 2**30:.1f} GiB of float32 "

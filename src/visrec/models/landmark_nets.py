@@ -100,8 +100,10 @@ class HeatmapLite(nn.Module):
             cin = w(64)
         self.up = nn.Sequential(*up)
         self.head = nn.Conv2d(w(64), num_points, 1)
-        grid = (torch.arange(heatmap_size, dtype=torch.float32) + 0.5) / heatmap_size
-        self.register_buffer("grid", grid, persistent=False)
+        # computed on the CPU, then put beside the weights: on the meta device (a model file's network built for
+        # its shapes) arithmetic imports TorchDynamo, seconds of a command's start (visrec.models.meta)
+        grid = (torch.arange(heatmap_size, dtype=torch.float32, device="cpu") + 0.5) / heatmap_size
+        self.register_buffer("grid", grid.to(self.head.weight.device), persistent=False)
 
     def forward_heatmaps(self, x):
         return self.head(self.up(self.trunk(x)))  # (B, P, H, W) logits

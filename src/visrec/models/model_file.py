@@ -14,6 +14,7 @@ from visrec._torchfile import read_torch_file
 from visrec.errors import DataError, VisrecError
 from visrec.models import build_backbone
 from visrec.models.contract import ModelContract, contract_from_config
+from visrec.models.meta import on_meta_device
 
 # --- reading visrec torch files -----------------------------------------------------------------------
 
@@ -67,7 +68,7 @@ def build_for_weights(cfg, state, path: Path):
                                               for k, v in state.items()):
         raise DataError("'backbone' is not a state dict (name -> tensor)", path=path)
     try:
-        with torch.device("meta"):
+        with on_meta_device():
             shell = _build(cfg)
     except VisrecError as exc:
         raise DataError(f"'model_config' does not build a network: {exc}", path=path) from None
