@@ -153,8 +153,9 @@ class RecordIOWriter:
         for c in counts:
             ranges.append((cursor, cursor + int(c)))
             cursor += int(c)
-        # the three files are each renamed in whole, the .rec first (a kill between the renames leaves a
-        # .rec and .idx that disagree, which the reader refuses, never silently misreads)
+        # each file is renamed in whole (property, .idx, then .rec, as the blocks end); a kill between two renames
+        # leaves a .rec and .idx of different writes, which the reader refuses (a bad magic or a header past the
+        # index, naming the record), never misreads
         with replacing(self.rec) as tmp_rec, replacing(self.idx) as tmp_idx, replacing(self.prop) as tmp_prop:
             with open(tmp_rec, "wb") as rec, open(tmp_idx, "w", encoding="ascii") as idx:
                 def put(index: int, payload: bytes) -> None:
