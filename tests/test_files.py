@@ -144,3 +144,23 @@ def test_a_killed_enrollments_staged_thumbnail_is_removed_at_the_next_one(tmp_pa
     running.write_bytes(b"x")
     thumbs.publish(thumbs.stage("alice", ["t2"], [crop]))
     assert not killed.exists() and running.exists() and (folder / "t2.jpg").exists()
+
+
+def test_a_torch_file_saved_twice_is_the_same_bytes(tmp_path):
+    """Catalogue manifests and exports carry the digests of torch files (a descriptor, a chain): saving the same
+    object again, in another process or under another temporary name, must give the same file."""
+    import subprocess
+    import sys
+
+    import torch
+
+    from visrec._torchfile import atomic_save
+
+    obj = {"w": torch.arange(6.0).view(2, 3), "name": "descriptor"}
+    atomic_save(obj, tmp_path / "a.pt")
+    atomic_save(obj, tmp_path / "a.pt")  # over itself: another temporary name
+    first = (tmp_path / "a.pt").read_bytes()
+    code = ("import sys, torch\nfrom visrec._torchfile import atomic_save\n"
+            "atomic_save({'w': torch.arange(6.0).view(2, 3), 'name': 'descriptor'}, sys.argv[1])")
+    subprocess.run([sys.executable, "-c", code, str(tmp_path / "b" / "a.pt")], check=True, timeout=120)
+    assert (tmp_path / "b" / "a.pt").read_bytes() == first

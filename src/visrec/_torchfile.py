@@ -296,8 +296,10 @@ def _weights_reason(exc: Exception) -> str:
 
 def atomic_save(obj: Any, path: str | Path) -> None:
     """``torch.save`` to a temporary name, fsync, then rename: a crash mid-write leaves the previous file. A file
-    replaced keeps its permission bits (a model made read-only stays read-only once a threshold is written)."""
+    replaced keeps its permission bits (a model made read-only stays read-only once a threshold is written).
+    The same object gives the same bytes: saved through an open file, the archive's folder is ``archive/``
+    (given a path, torch names it after the file, here the temporary name with its process id and token)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with replacing(path, durable=True, keep_mode=True) as tmp:
-        torch.save(obj, tmp)
+    with replacing(path, durable=True, keep_mode=True) as tmp, open(tmp, "wb") as fh:
+        torch.save(obj, fh)
