@@ -164,3 +164,28 @@ def test_a_torch_file_saved_twice_is_the_same_bytes(tmp_path):
             "atomic_save({'w': torch.arange(6.0).view(2, 3), 'name': 'descriptor'}, sys.argv[1])")
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "b" / "a.pt")], check=True, timeout=120)
     assert (tmp_path / "b" / "a.pt").read_bytes() == first
+
+
+@pytest.mark.parametrize("mix", ["rec of the first write, idx of the second", "rec of the second, idx of the first"])
+def test_a_rec_and_idx_of_two_writes_are_refused_saying_to_write_the_set_again(tmp_path, mix):
+    """A kill between the writer's renames (or a copy of one file without the other) leaves a .rec and .idx of
+    different writes: refused, naming the record, and the message says what to do."""
+    import shutil
+
+    from visrec.data.recordio import RecordIOReader, RecordIOWriter
+    from visrec.errors import DataError
+
+    for name, n in (("first", 6), ("second", 9)):
+        with RecordIOWriter(tmp_path / name) as w:
+            for i in range(n):
+                w.add(np.random.default_rng(i).integers(0, 255, (112, 112, 3), dtype=np.uint8), i % 3)
+    rec, idx = ("first", "second") if mix.startswith("rec of the first") else ("second", "first")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    shutil.copy(tmp_path / rec / "train.rec", mixed)
+    shutil.copy(tmp_path / idx / "train.idx", mixed)
+    shutil.copy(tmp_path / rec / "property", mixed)
+    with pytest.raises(DataError, match=r"train\.rec, record \d+: .*write the set again"):
+        reader = RecordIOReader(mixed)
+        for i in range(len(reader)):
+            reader.read_record(i + 1)

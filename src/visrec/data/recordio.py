@@ -172,6 +172,12 @@ class RecordIOWriter:
             tmp_prop.write_text(f"{len(labels)},{h},{w}", encoding="ascii")
 
 
+# what an offset that misses its record most often means: a .rec cut short, or a .idx of another write of the
+# set (a copy of one file without the other, a packer killed between its renames)
+APART = ("; the .idx does not describe this .rec (one was cut short or comes from another write): "
+         "write the set again")
+
+
 class RecordIOReader:
     """Random access to an InsightFace ``.rec`` through its ``.idx``. The file is opened lazily per
     process, so the reader can be handed to DataLoader workers.
@@ -276,8 +282,8 @@ class RecordIOReader:
             raise DataError(f"header labels [{first_id}, {end_id}) are not 1 <= first identity record <= end",
                             path=self.rec_path, record=0)
         if end_id > n:
-            raise DataError(f"header names records up to {end_id - 1}, the index holds only {n} records",
-                            path=self.rec_path, record=0)
+            raise DataError(f"header names records up to {end_id - 1}, the index holds only {n} records"
+                            + APART, path=self.rec_path, record=0)
         keys = np.fromiter(self.offsets, np.int64, n)
         inside = np.count_nonzero((keys >= 1) & (keys < end_id))
         if inside != end_id - 1:
@@ -443,7 +449,7 @@ class RecordIOReader:
             raise DataError(f"record {index} is not in the index", path=self.idx_path, record=index)
         offset = self.offsets[index]
         if offset >= self._size:
-            raise DataError(f"offset {offset} is past the end of the file ({self._size} bytes)",
+            raise DataError(f"offset {offset} is past the end of the file ({self._size} bytes)" + APART,
                             path=self.rec_path, record=index)
         fh = self._file()
         fh.seek(offset)
@@ -451,19 +457,19 @@ class RecordIOReader:
         while True:
             head = fh.read(8)
             if len(head) < 8:
-                raise DataError("truncated record header", path=self.rec_path, record=index)
+                raise DataError("truncated record header" + APART, path=self.rec_path, record=index)
             magic, lrec = struct.unpack("<II", head)
             if magic != MAGIC:
-                raise DataError(f"bad magic 0x{magic:08x} (expected 0x{MAGIC:08x})", path=self.rec_path,
+                raise DataError(f"bad magic 0x{magic:08x} (expected 0x{MAGIC:08x})" + APART, path=self.rec_path,
                                 record=index)
             cflag, length = lrec >> 29, lrec & _LENGTH_MASK
             left = self._size - fh.tell()
             if length > left:  # checked before reading: read(n) allocates n bytes up front
-                raise DataError(f"truncated record: {length} bytes announced, {max(left, 0)} left in the file",
-                                path=self.rec_path, record=index)
+                raise DataError(f"truncated record: {length} bytes announced, {max(left, 0)} left in the file"
+                                + APART, path=self.rec_path, record=index)
             part = fh.read(length)
             if len(part) < length:
-                raise DataError(f"truncated record: {len(part)} of {length} bytes", path=self.rec_path,
+                raise DataError(f"truncated record: {len(part)} of {length} bytes" + APART, path=self.rec_path,
                                 record=index)
             fh.read(-length % 4)
             # dmlc's parts: 0 whole, or 1 (first), 2... (middle), 3 (last); anything else is another record
