@@ -340,3 +340,18 @@ def test_a_process_that_started_a_process_group_ends_without_finalization(monkey
     with pytest.raises(SystemExit) as done:
         main()
     assert done.value.code == 0
+
+
+@pytest.mark.parametrize("group", [True, False])
+def test_end_process_is_what_a_program_calling_visrec_under_torchrun_ends_with(group):
+    """visrec.distributed.end_process: after a process group, the status and the flushed output, no finalization
+    (an atexit handler does not run); without one, an ordinary exit."""
+    import subprocess
+
+    code = ("import atexit, sys\nimport visrec.distributed as d\n"
+            f"d.started_a_process_group = {group}\n"
+            "atexit.register(lambda: print('finalized'))\n"
+            "print('trained', end='')\nsys.stderr.write('to stderr')\nd.end_process(3)\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 3 and done.stdout.startswith("trained") and done.stderr == "to stderr"
+    assert ("finalized" in done.stdout) is not group

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -153,16 +152,9 @@ def run_app() -> int:
 
 def main() -> None:
     code = run_app()
-    dist = sys.modules.get("visrec.distributed")
-    if dist is not None and dist.started_a_process_group:
-        # Under torchrun the process group's worker threads outlive destroy_process_group (DistributedDataParallel
-        # keeps a reference to the group), and one may still be releasing the tensors of the last collective
-        # when Python finalizes; on Python 3.11 that thread is then killed while taking the GIL and the process
-        # aborts ("terminate called without an active exception", SIGABRT) after its work is done: seen in 1 of
-        # ~20 two-rank runs. Every file is written and closed by now; end the process without finalization.
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
+    dist = sys.modules.get("visrec.distributed")  # imported by a command that may have started a process group
+    if dist is not None:
+        dist.end_process(code)  # every file is written and closed by now
     sys.exit(code)
 
 

@@ -8,8 +8,9 @@ exchanged), so a caller running on one rank only never waits for the others."""
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
-from typing import Callable, TypeVar
+from typing import Callable, NoReturn, TypeVar
 
 import numpy as np
 import torch
@@ -60,9 +61,26 @@ def resolve_amp(amp: str, device: torch.device) -> torch.dtype | None:
     return torch.float16
 
 
-# Set once this process has started a process group (under torchrun); the command line then ends the process
-# without interpreter finalization (:func:`visrec.cli.main`), see there for why.
+# Set once this process has started a process group (under torchrun); :func:`end_process` then ends the process
+# without interpreter finalization.
 started_a_process_group = False
+
+
+def end_process(status: int = 0) -> NoReturn:
+    """End this process with ``status``, as the last statement of a program that ran visrec under torchrun (the
+    ``visrec`` command ends this way). After a process group was started: standard output and error flushed, then
+    ``os._exit`` without Python's finalization. The group's gloo worker threads outlive
+    ``destroy_process_group`` (DistributedDataParallel keeps a reference to the group), and one may still be
+    releasing the last collective's tensors when the interpreter finalizes; on Python 3.11 that thread is then
+    killed while it takes the GIL and the finished rank aborts ("terminate called without an active
+    exception", SIGABRT; 1 two-rank run in ~20). Without a process group: ``sys.exit(status)``. Files still open
+    are not flushed by ``os._exit``: close them first (logging's handlers flush every record); ``atexit`` handlers
+    do not run."""
+    if started_a_process_group:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(status)
+    sys.exit(status)
 
 
 def setup(device_name: str = "auto", amp: str = "auto") -> RunContext:
