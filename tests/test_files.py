@@ -138,9 +138,9 @@ def test_a_killed_enrollments_staged_thumbnail_is_removed_at_the_next_one(tmp_pa
     crop = np.zeros((8, 8, 3), np.uint8)
     staged = thumbs.stage("alice", ["t1"], [crop])
     folder = staged[0][0].parent
-    killed = folder / f".t0.{DEAD}.tmp"
+    killed = folder / f".{DEAD}.t0.tmp"
     os.replace(staged[0][0], killed)  # as a process killed between staging and publishing leaves it
-    running = folder / f".t9.{os.getpid()}.tmp"
+    running = folder / f".{os.getpid()}.t9.tmp"
     running.write_bytes(b"x")
     thumbs.publish(thumbs.stage("alice", ["t2"], [crop]))
     assert not killed.exists() and running.exists() and (folder / "t2.jpg").exists()

@@ -34,6 +34,7 @@ from visrec._torchfile import read_torch_file
 from visrec.data.products import IMAGENET_MEAN, IMAGENET_STD
 from visrec.errors import ConfigError, DataError
 from visrec.models import BACKBONES
+from visrec.models.meta import on_meta_device
 from visrec.models.pooling import build_pooling
 
 
@@ -114,7 +115,7 @@ class _FaceTrunk(nn.Module):
             _load_weights(self.net, weights)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1), persistent=False)
-        with torch.device("meta"):  # shapes only
+        with on_meta_device():  # shapes only
             self.out_channels = int(BACKBONES.build(name, **kwargs).eval()(torch.zeros(1, 3, 112, 112)).shape[1])
 
     def forward(self, x):

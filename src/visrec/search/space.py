@@ -33,12 +33,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-import torch
-
 from visrec.budget import lfr_flops
 from visrec.config import read_yaml_mapping
 from visrec.errors import ConfigError
 from visrec.models import build_backbone
+from visrec.models.meta import on_meta_device
 from visrec.models.searched import BLOCKS, HeadSpec, StageSpec, StemSpec, check_spec
 
 Choose = Callable[[str, list], object]
@@ -170,7 +169,7 @@ class Cost:
 def model_cost(name: str, kwargs: dict, input_size=(1, 3, 112, 112)) -> Cost:
     """LFR FLOPs and parameters of a registry model built on the meta device (shapes only, no memory): the one
     count every candidate of a search, or of ``budget fit``'s grid, is judged by."""
-    with torch.device("meta"):
+    with on_meta_device():
         net = build_backbone(name, **kwargs)
         return Cost(lfr_flops(net, tuple(input_size)), sum(p.numel() for p in net.parameters()))
 

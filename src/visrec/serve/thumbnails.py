@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec._files import leftovers
 from visrec.data.images import encode_jpeg
 from visrec.errors import ConfigError
 from visrec.index.gallery import identity_key
@@ -40,7 +41,6 @@ from visrec.index.gallery import identity_key
 MAX_THUMBNAIL_BYTES = 1 << 20  # a stored thumbnail larger than this is not one visrec wrote
 MARKER = ".visrec-thumbnails"
 _KEY = re.compile(r"[0-9a-f]{40}")  # identity_key's form: the only folder names visrec writes here
-_STAGED = re.compile(r"\..+\.(\d+)\.tmp")  # stage's temporary names: .<template id>.<pid>.tmp
 log = logging.getLogger(__name__)
 
 
@@ -77,15 +77,14 @@ class Thumbnails:
         this identity's folder is removed first."""
         folder = self._dir(identity)
         folder.mkdir(exist_ok=True)
-        for left in folder.glob(".*.tmp"):
-            pid = _STAGED.fullmatch(left.name)
-            if pid and not Path(f"/proc/{pid.group(1)}").exists():
+        for left in leftovers(folder, "."):  # staged names: .<pid>.<template id>.tmp
+            if left.name.endswith(".tmp"):
                 with contextlib.suppress(OSError):
                     left.unlink()
         staged = []
         try:
             for tid, crop in zip(template_ids, crops):
-                tmp = folder / f".{tid}.{os.getpid()}.tmp"
+                tmp = folder / f".{os.getpid()}.{tid}.tmp"
                 staged.append((tmp, folder / f"{tid}.jpg"))
                 tmp.write_bytes(encode_jpeg(np.asarray(crop, np.uint8), quality=85))
         except BaseException:
