@@ -14,9 +14,10 @@ from visrec.errors import DataError, VisrecError
 from visrec.export import export_checkpoint, export_onnx
 from visrec.models import BACKBONES, build_backbone
 from visrec.models.attention_net import LAYOUTS as ATTENTION_LAYOUTS
+from visrec.models.contract import CHECKPOINT_KEY
 from visrec.models.iresnet import DEPTHS as RESNET_DEPTHS
 
-pytest.importorskip("onnx")
+onnx = pytest.importorskip("onnx")
 
 
 def onnx_rows(model, tmp_path, input_size, name="m.onnx"):
@@ -207,7 +208,8 @@ def test_budget_size_is_the_exported_file_from_every_path(tmp_path):
     ckpt = tmp_path / "model.pt"
     torch.save({"model_config": {"name": "mbf", "scale": 1}, "backbone": model.state_dict(),
                 "contract": contract.to_dict()}, ckpt)
-    exported, _ = export_checkpoint(ckpt, tmp_path / "exported.onnx", parity=False)
+    exported, parity = export_checkpoint(ckpt, tmp_path / "exported.onnx")  # as `visrec export` does by default
+    assert parity.passed and CHECKPOINT_KEY in {p.key for p in onnx.load(str(exported)).metadata_props}
     file_size = os.path.getsize(exported)
     # checkpoint path and the ONNX file itself
     assert check(ckpt, "deepglint-light").size_bytes == file_size
@@ -225,3 +227,23 @@ def test_budget_size_is_the_exported_file_from_every_path(tmp_path):
     for args in ([str(ckpt)], ["mbf", "--set", "scale=1"]):
         out = CliRunner().invoke(app, ["budget", "check", *args, "--protocol", "deepglint-light"])
         assert f"{file_size:,} B" in out.output, out.output
+
+
+def test_budget_size_of_a_landmark_checkpoint_is_the_file_the_export_command_writes(tmp_path):
+    from typer.testing import CliRunner
+
+    from visrec.cli import app
+    from visrec.models.model_file import default_contract
+
+    torch.manual_seed(0)
+    model = build_backbone("heatmap_lite", width_mult=0.25).eval()
+    config = {"name": "heatmap_lite", "width_mult": 0.25}
+    ckpt = tmp_path / "lm.pt"
+    torch.save({"model_config": config, "backbone": model.state_dict(),
+                "contract": default_contract(model, config).to_dict()}, ckpt)
+    done = CliRunner().invoke(app, ["export", str(ckpt), "--out", str(tmp_path / "lm.onnx")])
+    assert done.exit_code == 0, done.output
+    size = os.path.getsize(tmp_path / "lm.onnx")
+    assert check(ckpt, "icme21-landmarks").size_bytes == size
+    out = CliRunner().invoke(app, ["budget", "check", str(ckpt), "--protocol", "icme21-landmarks"])
+    assert f"{size:,} B" in out.output, out.output

@@ -412,7 +412,8 @@ def _with_distinct_weights(model: nn.Module) -> nn.Module:
 
 def export_size(model: nn.Module, input_size=(1, 3, 112, 112), contract=None, *, untrained: bool = False) -> int:
     """Bytes of the ONNX file ``visrec export`` writes for ``model`` (float32, BatchNorm folded, the
-    contract in its metadata when given): :func:`visrec.export.exported_size`, the one export both
+    contract and the checkpoint's SHA-256 in its metadata when a contract is given):
+    :func:`visrec.export.exported_size`, the one export both
     commands use, so ``budget`` and ``export`` report one size for one model. ``untrained``: the model
     is a fresh build standing for its architecture (a registry name); its size is that of a trained
     model's file (:func:`_with_distinct_weights`), not the smaller file of its constant initial values."""
@@ -429,7 +430,8 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
     for ONNX input), ``params``, ``size_bytes``, weight dtypes, embedding dimension, per-layer rows.
 
     ``size_bytes`` is the size of the file ``visrec export`` writes for the model (float32, BatchNorm
-    folded, the model's contract in its metadata: :func:`visrec.export.export_model`); for ONNX input,
+    folded, the model's contract and the checkpoint's SHA-256 in its metadata:
+    :func:`visrec.export.exported_size`); for ONNX input,
     the file itself. ``contract`` is the module's contract (a checkpoint brings its own; a bare module
     without one is exported with no metadata). ``untrained=True`` (a module freshly built from the
     registry, standing for its architecture): the size of a trained model's file, see :func:`export_size`.
