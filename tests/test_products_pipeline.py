@@ -114,7 +114,8 @@ def test_extraction_resumes_after_a_crash_and_reports_bad_images(products, tmp_p
         cat_mod.build_catalogue_index(cat_dir, tmp_path / "strict", model, spec, _opts(strict=True))
 
 
-def test_cli_index_search_and_eval(products, tmp_path):
+def test_cli_index_search_and_eval(products, tmp_path, monkeypatch):
+    import visrec.commands.products as products_command
     from visrec.cli import app
 
     cfg = tmp_path / "p.yaml"
@@ -132,7 +133,16 @@ def test_cli_index_search_and_eval(products, tmp_path):
     assert "stage shrunk" in r.output
     q = sorted((products / "query").glob("*.jpg"))[0]
     r = run(app, ["products", "search", str(q), "--index", str(tmp_path / "idx"), "-k", "3"])
-    assert r.exit_code == 0 and q.stem in r.output, r.output
+    assert r.exit_code == 0 and q.stem in r.output and "of 1 queries" not in r.output, r.output
+    # a long query set is printed in part, and the table says so and where the rest is
+    monkeypatch.setattr(products_command, "SHOWN_QUERIES", 4)
+    from rich.console import Console
+    monkeypatch.setattr(products_command, "console", Console(width=400))  # the caption on one line, whatever the path
+    r = run(app, ["products", "search", str(products / "query"), "--index", str(tmp_path / "idx")])
+    assert r.exit_code == 0 and "the first 4 of 6 queries; --out FILE writes all" in r.output, r.output
+    r = run(app, ["products", "search", str(products / "query"), "--index", str(tmp_path / "idx"),
+                  "--out", str(tmp_path / "all.csv")])
+    assert r.exit_code == 0 and f"the first 4 of 6 queries; {tmp_path / 'all.csv'} holds all" in r.output, r.output
     r = run(app, ["eval", "products", str(tmp_path / "idx"), "--data", str(products), "--out", str(tmp_path / "ev")])
     assert r.exit_code == 0, r.output
     # each mAP form is labelled by its definition, not by who is said to have used it
@@ -146,6 +156,25 @@ def test_cli_index_search_and_eval(products, tmp_path):
     bad.write_text("model: {name: product, backbone: resnet18}\nschedule: {max_steps: 1}\nindex: {postprocess: [{name: diffusion}, {name: qe}]}\n")
     r = run(app, ["products", "index", str(products / "catalogue"), "--config", str(bad), "--out", str(tmp_path / "x")])
     assert r.exit_code != 0 and "last stage" in str(r.exception)
+
+
+def test_cli_index_names_the_first_unreadable_images_and_counts_the_rest(products, tmp_path):
+    import shutil
+
+    from visrec.cli import app
+
+    catalogue = tmp_path / "catalogue"
+    shutil.copytree(products / "catalogue", catalogue)
+    for i in range(7):
+        (catalogue / f"broken{i}.jpg").write_bytes(b"\xff\xd8 not a picture")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text("model: {name: product, backbone: resnet18, pooling: gem, dim: 16}\nschedule: {max_steps: 1}\n"
+                   "index: {size: 64}\n")
+    r = CliRunner().invoke(app, ["products", "index", str(catalogue), "--config", str(cfg), "--out", str(tmp_path / "i")])
+    assert r.exit_code == 0, r.output
+    manifest = json.loads((tmp_path / "i" / "manifest.json").read_text())
+    assert manifest["count"] == 12 and len(manifest["unreadable"]) == 7
+    assert sum(f"broken{i}" in r.output for i in range(7)) == 5 and "and 2 more" in r.output, r.output
 
 
 def _seeded_descriptor(seed: int, dim: int = 16):

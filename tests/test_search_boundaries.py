@@ -235,3 +235,25 @@ def test_export_refuses_a_failed_trial(tmp_path):
     with pytest.raises(ConfigError, match=r"trial 0 is failed: only a complete, pruned or repeated trial"):
         export_spec(result, run, 0, tmp_path / "best.yaml")
     assert not (tmp_path / "best.yaml").exists()
+
+
+def test_the_trials_table_says_when_it_shows_only_the_best():
+    from rich.console import Console
+
+    from visrec.commands.search import _trials_table
+    from visrec.search.study import SearchResult, TrialRow
+
+    rows = [TrialRow(n, "complete", 0.1 + n / 100, 0.02, 0.5, None, "", None) for n in range(12)]
+    rows.append(TrialRow(12, "rejected", None, 0.9, 5.0, None, "over budget", None))  # not scored: not counted
+    result = SearchResult("journal", {}, "nme", "minimize", rows, rows[0], [0])
+
+    def text(table):
+        console = Console(width=300, record=True)
+        console.print(table)
+        return " ".join(console.export_text().split())  # the caption wraps at the table's width
+
+    shown = text(_trials_table(result, top=10))
+    assert "the best 10 of 12 scored trials; visrec search report RUN lists all" in shown
+    assert "│ 9 │" in shown and "│ 10 │" not in shown  # the ten lowest NMEs, best first
+    every = text(_trials_table(result))
+    assert "│ 11 │" in every and "scored trials" not in every

@@ -14,6 +14,7 @@ from visrec.commands import PROVIDERS_HELP
 
 app = typer.Typer(help="product retrieval: index a catalogue, search it", no_args_is_help=True)
 console = Console()
+SHOWN_QUERIES = 50  # rows `products search` prints; a catalogue's query set runs to thousands (--out has them all)
 
 
 def _bar(show: bool = True):
@@ -82,6 +83,8 @@ def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalog
     t.add_row("unreadable (skipped, listed in manifest.json)", str(len(m["unreadable"])))
     for bad in m["unreadable"][:5]:
         t.add_row(f"  {bad['id']}", bad["reason"])
+    if len(m["unreadable"]) > 5:
+        t.add_row(f"  and {len(m['unreadable']) - 5:,} more", "in manifest.json")
     t.add_row("descriptor", f"{m['model_config']['name']} {m['dim']}-d -> index {m['index_dim']}-d")
     t.add_row("descriptor ran on", m["runtime"])
     t.add_row("FAISS", m["options"]["factory"])
@@ -109,9 +112,12 @@ def search(query: Path = typer.Argument(..., help="an image, or a folder of quer
         check_output(out, kind="file")  # before the index loads and the queries run
     ranked, scores = search_catalogue(index_dir, query, k, out, providers=providers)
     t = Table(title=f"top {k} for {len(ranked)} quer{'y' if len(ranked) == 1 else 'ies'}")
+    if len(ranked) > SHOWN_QUERIES:
+        t.caption = (f"the first {SHOWN_QUERIES} of {len(ranked)} queries; "
+                     + (f"{out} holds all" if out else "--out FILE writes all"))
     t.add_column("query")
     t.add_column("catalogue ids (score), best first")
-    for qid in list(ranked)[:50]:
+    for qid in list(ranked)[:SHOWN_QUERIES]:
         t.add_row(qid, ", ".join(f"{c} ({s:.3f})" for c, s in zip(ranked[qid], scores[qid])))
     console.print(t)
     if out:

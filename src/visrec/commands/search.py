@@ -55,6 +55,8 @@ def _trials_table(result, top: int | None = None) -> Table:
     rows = sorted((r for r in result.rows if r.status in ("complete", "pruned") and r.score is not None),
                   key=lambda r: (r.status != "complete", sign * r.score))
     t = Table(title=f"trials by {result.score_name} ({result.storage}); * = on the Pareto front")
+    if top is not None and len(rows) > top:
+        t.caption = f"the best {top} of {len(rows)} scored trials; visrec search report RUN lists all"
     for col in ("trial", "status", result.score_name, "GFLOPs (LFR)", "MB fp32", "note"):
         t.add_column(col)
     for r in rows[:top]:
