@@ -247,6 +247,7 @@ def test_gallery_cli_calibrate_list_export_import(model_dir, tmp_path):
     cfg2.write_text(cfg.read_text().replace("g.db", "g2.db"))
     res = runner.invoke(app, ["gallery", "import", "--config", str(cfg2), str(tmp_path / "g.npz")])
     assert res.exit_code == 0 and "imported 1 new" in res.output, res.output
+    assert res.output.index("importing templates") < res.output.index("imported 1 new"), res.output  # bar first
 
 
 def test_detector_points_drive_the_alignment(model_dir):

@@ -183,7 +183,9 @@ def import_(config: Path = CONFIG, src: Path = typer.Argument(..., help="a .npz 
     """Enroll everything from an export (idempotent; refuses another model's embeddings)."""
     from rich.progress import Progress
 
-    with _open(config, gallery) as (g, where), Progress(console=console) as bar:
-        task = bar.add_task("importing templates", total=None)
-        added = g.import_(src, progress=lambda done, total: bar.update(task, completed=done, total=total))
+    with _open(config, gallery) as (g, where):
+        with Progress(console=console) as bar:
+            task = bar.add_task("importing templates", total=None)
+            added = g.import_(src, progress=lambda done, total: bar.update(task, completed=done, total=total))
+        # after the bar's last frame, which a console that is no terminal prints when the bar stops
         console.print(f"imported {added:,} new templates; {where} holds {g.count():,}", markup=False)
