@@ -147,6 +147,29 @@ def load_backbone(path: str | Path, map_location: str = "cpu"):
     return model, cfg
 
 
+def require_face_network(model_config: dict, role: str, path: str | Path | None = None) -> None:
+    """A :class:`DataError` unless ``model_config`` builds a face embedding network (what :func:`contract_from_config`
+    calls ``face-embedding``): for a caller that runs it on aligned face crops and reads one embedding per crop
+    (``role``: a video quality head's ``model.backbone``, a distillation teacher). A landmark model would fail
+    on its point tensor deep inside the first step, and a product descriptor or a video fusion model would
+    train on, silently, with the wrong network."""
+    task = contract_from_config(model_config).task
+    if task != "face-embedding":
+        what = f"a {task} model ({model_config.get('name')!r})"
+        raise DataError(f"{role} must be a face embedding network (a run of task faces or a face backbone's "
+                        f"registry name); this is {what}", path=path)
+
+
+def load_face_backbone(path: str | Path, role: str, map_location: str = "cpu"):
+    """:func:`load_backbone` of a checkpoint that must hold a face embedding network
+    (:func:`require_face_network`, checked on the saved ``model_config`` before the network is built)."""
+    path, blob = read_model_file(path, "checkpoint", map_location)
+    if _is_checkpoint(blob) and isinstance(blob["model_config"], dict):
+        require_face_network(blob["model_config"], role, path)
+    model, cfg, _ = _from_checkpoint(path, blob)
+    return model, cfg
+
+
 def init_backbone(module, path: str | Path, name: str | None = None) -> None:
     """Load pretrained weights into ``module`` with ``strict=True``: a bare state dict (arcface_torch's
     ``backbone.pth``), a visrec checkpoint (``model.pt`` / ``last.rank0.pt``, whose model name must be

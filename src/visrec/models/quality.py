@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from visrec.models import BACKBONES
-from visrec.models.model_file import load_backbone
+from visrec.models.model_file import load_face_backbone, require_face_network
 
 # A quality head is trained on a frozen backbone unless a config says otherwise (the video task reads this too:
 # it embeds the training frames once when the backbone is frozen).
@@ -103,11 +103,13 @@ def quality_fusion(backbone: dict | str, hidden: int = 64,
                    freeze_backbone: bool = FREEZE_BACKBONE_DEFAULT) -> QualityFusion:
     """``backbone``: a visrec checkpoint / run directory (architecture and weights), or a registry spec
     ``{name: mobilefacenet, embedding_size: 512}`` (architecture only, as a saved model records it)."""
+    role = "model.backbone of a quality_fusion model"
     if isinstance(backbone, dict):
+        require_face_network(backbone, role)
         spec = dict(backbone)
         net = BACKBONES.build(spec.pop("name"), **spec)
     else:
-        net, _ = load_backbone(backbone)
+        net, _ = load_face_backbone(backbone, role)
     with torch.no_grad():
         dim = int(net.eval()(torch.zeros(2, 3, 112, 112)).shape[1])
     return QualityFusion(net, dim, hidden, freeze_backbone)

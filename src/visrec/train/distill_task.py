@@ -59,7 +59,7 @@ from visrec.errors import ConfigError, DataError
 from visrec.losses.distill import DistillLosses
 from visrec.models import build_backbone
 from visrec.models.embed import for_inference, forward_batch
-from visrec.models.model_file import init_backbone, load_backbone
+from visrec.models.model_file import init_backbone, load_face_backbone, require_face_network
 from visrec import distributed as dist
 from visrec.train.faces_task import FaceLoss, FaceTask
 from visrec.train.task import TASKS
@@ -119,6 +119,9 @@ def _head_centres(files: list[Path]) -> torch.Tensor | None:
     return torch.cat(shards) if shards else None
 
 
+TEACHER_ROLE = "loss.distill.teacher"
+
+
 def load_teacher(spec: str | Path | dict | TeacherSpec) -> tuple[nn.Module, dict[str, Any], torch.Tensor | None]:
     """Resolve a teacher: ``(frozen module in eval mode and NHWC, model config, PartialFC centres or None)``; NHWC
     as every network visrec loads to run (:func:`visrec.models.embed.for_inference`)."""
@@ -127,6 +130,7 @@ def load_teacher(spec: str | Path | dict | TeacherSpec) -> tuple[nn.Module, dict
     centres = None
     if isinstance(spec, TeacherSpec):
         kwargs = dict(spec.model_extra or {})
+        require_face_network({"name": spec.name, **kwargs}, TEACHER_ROLE)
         model = build_backbone(spec.name, **kwargs)
         config = {"name": spec.name, **kwargs}
         if spec.weights is not None:
@@ -136,7 +140,7 @@ def load_teacher(spec: str | Path | dict | TeacherSpec) -> tuple[nn.Module, dict
             centres = _head_centres([path])  # a full rank checkpoint also holds the head's class centres
     else:
         path = Path(spec)
-        model, config = load_backbone(path)
+        model, config = load_face_backbone(path, TEACHER_ROLE)
         run_dir = path if path.is_dir() else path.parent
         centres = _head_centres(_rank_files(run_dir))
     for_inference(model)
