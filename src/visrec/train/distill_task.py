@@ -130,9 +130,9 @@ def load_teacher(spec: str | Path | dict | TeacherSpec) -> tuple[nn.Module, dict
     centres = None
     if isinstance(spec, TeacherSpec):
         kwargs = dict(spec.model_extra or {})
-        require_face_network({"name": spec.name, **kwargs}, TEACHER_ROLE)
-        model = build_backbone(spec.name, **kwargs)
         config = {"name": spec.name, **kwargs}
+        require_face_network(config, TEACHER_ROLE)
+        model = build_backbone(spec.name, **kwargs)
         if spec.weights is not None:
             path = Path(spec.weights)
             init_backbone(model, path, spec.name)  # strict; a mismatch names the file and the keys
