@@ -1,5 +1,6 @@
 """LFR submission binary, CMC and open-set TPIR on crafted cases."""
 
+import os
 import struct
 
 import numpy as np
@@ -123,11 +124,29 @@ def test_writing_features_over_an_earlier_file_replaces_it_whole(tmp_path, monke
     def killed(*a, **k):
         raise Killed
 
-    import visrec.evaluate.lfr
-    monkeypatch.setattr(visrec.evaluate.lfr.os, "replace", killed)  # dies before the new file is in place
+    monkeypatch.setattr(os, "replace", killed)  # dies before the new file is in place
     with pytest.raises(Killed):
         write_lfr_features(path, np.full((5, 4), 2, np.float32))
     assert path.read_bytes() == before and sorted(p.name for p in tmp_path.iterdir()) == ["sub.bin"]
     monkeypatch.undo()
     np.testing.assert_array_equal(read_lfr_features(write_lfr_features(path, np.full((5, 4), 2, np.float32))),
                                   np.full((5, 4), 2, np.float32))
+
+
+def test_a_killed_writers_temporary_feature_file_is_removed_by_the_next_write(tmp_path):
+    """Both LFR writers used their own temporary names, which nothing removed after a kill -9 (a test-set
+    submission is 3.8 GB); they write through visrec._files.replacing, whose next write clears them."""
+    from visrec.data.synth import write_face_dataset
+    from visrec.evaluate.lfr import write_image_submission
+
+    dead = 2 ** 22 + 7  # above the kernel's largest pid: no running process has it
+    left = [tmp_path / f".sub.bin.{dead}.0badcafe.tmp", tmp_path / f".img.bin.{dead}.0badcafe.tmp"]
+    for f in left:
+        f.write_bytes(b"half a submission")
+    write_lfr_features(tmp_path / "sub.bin", np.ones((3, 4), np.float32))
+    d = write_face_dataset(tmp_path / "set", 2, 2, format="folder", seed=0)
+    entries = sorted(str(p.relative_to(d)) for p in d.rglob("*.jpg"))
+    (tmp_path / "list.txt").write_text("\n".join(entries) + "\n")
+    write_image_submission(lambda x: np.ones((len(x), 4), np.float32), d, tmp_path / "list.txt", tmp_path / "img.bin")
+    assert not any(f.exists() for f in left)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".")]  # nor a temporary file of these writes

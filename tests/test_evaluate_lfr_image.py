@@ -84,4 +84,4 @@ def test_row_count_and_bad_entries(testset, tmp_path):
         write_image_submission(embed, d / "images", tmp_path / "missing.txt", tmp_path / "c.bin")
     with pytest.raises(DataError, match="aligned 96x96"):
         write_image_submission(embed, d / "images", d / "filelist.txt", tmp_path / "c.bin", input_size=(96, 96))
-    assert not (tmp_path / "c.bin").exists() and not list(tmp_path.glob("*.partial"))
+    assert not (tmp_path / "c.bin").exists() and not list(tmp_path.glob(".c.bin.*"))  # no temporary file either

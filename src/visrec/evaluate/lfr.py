@@ -25,14 +25,13 @@ file-list entry.
 
 from __future__ import annotations
 
-import os
-import secrets
 import struct
 from pathlib import Path
 from typing import Callable
 
 import numpy as np
 
+from visrec._files import replacing
 from visrec.data.images import read_image
 from visrec.data.text import read_bytes, read_lines
 from visrec.errors import DataError
@@ -52,16 +51,12 @@ def write_lfr_features(path: str | Path, features: np.ndarray) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     rows, cols = feats.shape
-    # renamed in whole: a kill leaves an earlier file as it was; a name of this process's own, as two runs
-    # writing the same file at once would otherwise write into one temporary file
-    tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
-    try:
+    # renamed in whole (visrec._files.replacing): a kill leaves an earlier file as it was, and its temporary
+    # file is removed by the next writer
+    with replacing(path) as tmp:
         with open(tmp, "wb") as fh:
             fh.write(_HEADER.pack(rows, cols, cols * 4, FLOAT32_CODE))
             fh.write(feats.astype("<f4", copy=False).tobytes())
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
     return path
 
 
@@ -202,9 +197,8 @@ def write_image_submission(embed: Callable[[np.ndarray], np.ndarray], images_roo
     names = entries if entries is not None else image_submission_entries(root, filelist, expected_rows)
     h, w = input_size
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")  # this process's own
     rows, cols = 0, None
-    try:
+    with replacing(out) as tmp:  # no half-written submission is left behind, nor one a kill left
         with open(tmp, "wb") as fh:
             fh.write(b"\0" * _HEADER.size)  # the header is written once the dimension is known
             for start in range(0, len(names), batch):
@@ -232,15 +226,10 @@ def write_image_submission(embed: Callable[[np.ndarray], np.ndarray], images_roo
                     progress(len(imgs))
             fh.seek(0)
             fh.write(_HEADER.pack(rows, cols, cols * 4, FLOAT32_CODE))
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # no half-written submission is left behind
-        raise
-    with open(tmp, "rb") as fh:
-        header = _HEADER.unpack(fh.read(_HEADER.size))
-    if header[0] != len(names) or tmp.stat().st_size != _HEADER.size + len(names) * cols * 4:
-        tmp.unlink(missing_ok=True)
-        raise DataError(f"wrote {rows} rows for {len(names)} file-list entries", path=out)
-    tmp.replace(out)
+        with open(tmp, "rb") as fh:
+            header = _HEADER.unpack(fh.read(_HEADER.size))
+        if header[0] != len(names) or tmp.stat().st_size != _HEADER.size + len(names) * cols * 4:
+            raise DataError(f"wrote {rows} rows for {len(names)} file-list entries", path=out)
     return out
 
 
