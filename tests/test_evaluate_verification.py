@@ -217,14 +217,23 @@ def test_ties_are_resolved_by_the_strict_rule():
             assert r.false_accepts <= t * r.impostor_count
 
 
-def test_pair_list_equals_all_pairs():
-    emb, labels = clustered(120, 10, seed=7)
+@pytest.mark.parametrize("dim", [None, 512])
+def test_pair_list_equals_all_pairs(dim):
+    """Counts and the threshold itself: the pair list scores each pair as the all-pairs engine does (its exact
+    score), not by a float32 sum whose last bit differs at 512-d."""
+    if dim is None:
+        emb, labels = clustered(120, 10, seed=7)
+    else:
+        rng = np.random.default_rng(3)
+        labels = np.repeat(np.arange(30), 4)
+        emb = (rng.standard_normal((30, dim))[labels] + 1.5 * rng.standard_normal((120, dim))).astype(np.float32)
     i, j = np.triu_indices(120, 1)
-    all_pairs = tpr_at_fpr(emb, labels, [1e-1, 1e-2, 1e-3], device="cpu")
-    listed = tpr_at_fpr_pairs(emb, labels[i] == labels[j], [1e-1, 1e-2, 1e-3], pairs=np.stack([i, j], 1))
+    targets = [1e-1, 3e-2, 1e-2, 3e-3, 1e-3]
+    all_pairs = tpr_at_fpr(emb, labels, targets, device="cpu")
+    listed = tpr_at_fpr_pairs(emb, labels[i] == labels[j], targets, pairs=np.stack([i, j], 1))
     for t in all_pairs:
-        assert (listed[t].true_accepts, listed[t].false_accepts) == \
-               (all_pairs[t].true_accepts, all_pairs[t].false_accepts)
+        assert (listed[t].true_accepts, listed[t].false_accepts, listed[t].threshold) == \
+               (all_pairs[t].true_accepts, all_pairs[t].false_accepts, all_pairs[t].threshold), t
 
 
 def test_not_estimable_below_one_over_target():

@@ -49,7 +49,6 @@ import numpy as np
 import torch
 
 from visrec.errors import VisrecError
-from visrec.evaluate import pair_kernel
 
 NEAR = 4 * float(np.finfo(np.float32).eps)  # |score - t| below this: float32 rounding can flip the decision
 
@@ -345,6 +344,8 @@ def _scan(cands, fast_emb, seg_start, seg_end, blocks, block_size, rank, world, 
             if bi % world != rank:
                 continue
             if use_kernel and cands.bar > -math.inf:  # the fused kernel, once a bound is known
+                from visrec.evaluate import pair_kernel  # imports Triton: only where the kernel runs
+
                 i, j, fs = pair_kernel.scan_panel(fast_emb, seg_start, seg_end, r0, block_size, cands.bar)
                 gi, gj, gs = _genuine_pairs(fast_emb, seg_start, seg_end, r0, min(n, r0 + block_size))
                 genuine_i.append(gi)
@@ -505,6 +506,8 @@ def _use_kernel(kernel: str, device: torch.device, curve_bins: int) -> bool:
     if kernel not in ("auto", "triton", "torch"):
         raise VisrecError(f"kernel must be 'auto', 'triton' or 'torch', got {kernel!r}")
     if kernel == "triton":
+        from visrec.evaluate import pair_kernel  # imports Triton: only where the kernel is asked for
+
         if not pair_kernel.available(device):
             raise VisrecError(f"kernel='triton' on {device}: the Triton pair kernel needs CUDA and Triton "
                               "(or TRITON_INTERPRET=1 for Triton's interpreter on a CPU)")
@@ -812,7 +815,7 @@ def tpr_at_fpr_pairs(scores_or_embeddings, issame, targets=(1e-4, 1e-6, 1e-8), *
         if pairs.min() < 0 or pairs.max() >= emb.shape[0]:
             raise VisrecError(f"pair indices must be in [0, {emb.shape[0]}), got [{pairs.min()}, {pairs.max()}]")
         a, b = torch.from_numpy(pairs[:, 0]), torch.from_numpy(pairs[:, 1])
-        scores = (emb[a] * emb[b]).sum(dim=1).numpy()
+        scores = _exact_pairs(emb, a, b).numpy()  # the score tpr_at_fpr gives each pair (exact_scores)
     else:
         scores = np.asarray(scores_or_embeddings, dtype=np.float32).reshape(-1)
         if not np.isfinite(scores).all():
