@@ -54,6 +54,13 @@ DEFAULT_GALLERY_FILE = "gallery.sqlite"  # a durable FAISS gallery: the default 
 OLD_DEFAULT_URI = "gallery.db"  # the Milvus Lite file earlier versions used when no backend was named
 
 
+# the gallery settings each built-in backend reads (visrec.serve.pipeline.open_named_gallery passes them); a
+# backend registered by a plugin gets none of them
+BACKEND_SETTINGS = {"faiss": frozenset({"path", "index", "search_params"}),
+                    "milvus": frozenset({"uri", "collection", "consistency", "index", "index_params", "search_params"})}
+_LOCATION_SETTINGS = frozenset().union(*BACKEND_SETTINGS.values())
+
+
 class GalleryConfig(_Strict):
     backend: Optional[str] = Field(None, max_length=64,
                                    description="faiss (searched in memory; durable in the SQLite file `path`) | "
@@ -96,6 +103,20 @@ class GalleryConfig(_Strict):
             self.backend = "milvus" if "uri" in self.model_fields_set else "faiss"
             if self.backend == "faiss" and self.path is None:
                 self.path = DEFAULT_GALLERY_FILE
+        from visrec.index.gallery import BACKENDS
+
+        known = BACKENDS.names()  # with the backends plugins register
+        if self.backend not in known:  # exact names: "Faiss" is refused here, not when the gallery opens
+            raise ValueError(f"backend {self.backend!r}: expected one of {', '.join(known)}")
+        # a setting the backend does not read would be dropped without a word: the gallery would not be the one meant
+        unused = sorted(self.model_fields_set & (_LOCATION_SETTINGS - BACKEND_SETTINGS.get(self.backend, frozenset())))
+        if unused:
+            raise ValueError(f"{', '.join(unused)}: {'a setting' if len(unused) == 1 else 'settings'} a "
+                             f"{self.backend} gallery does not use" + (
+                                 f" ({' / '.join(b for b in BACKEND_SETTINGS if set(unused) <= BACKEND_SETTINGS[b])}'s)"
+                                 if self.backend in BACKEND_SETTINGS else "")
+                             + ("; a FAISS index takes its parameters in the factory string (HNSW32, IVF4096,Flat)"
+                                if self.backend == "faiss" and "index_params" in unused else ""))
         return self
 
     def check_default_not_shadowing(self, name: str) -> None:

@@ -30,10 +30,7 @@ def open_named_gallery(name: str, g: GalleryConfig, embedder: Embedder):
     if g.backend == "milvus":
         kwargs.update(uri=g.uri, collection=g.collection, index=g.index, index_params=g.index_params,
                       search_params=g.search_params, consistency=g.consistency)
-    elif g.backend == "faiss":
-        if g.index_params:
-            raise ConfigError(f"face gallery {name!r}: index_params are Milvus's; a FAISS index takes its "
-                              f"parameters in the factory string")
+    elif g.backend == "faiss":  # GalleryConfig refused the Milvus settings (index_params: FAISS's factory string)
         kwargs.update(index=g.index or "Flat", search_params=g.search_params, path=g.path)
     try:
         return open_gallery(g.backend, **kwargs)

@@ -293,20 +293,33 @@ class Coalescer:
             item["done"].set()
 
 
+def _search_params_of(faiss, index) -> tuple[str, ...]:
+    """The :data:`SEARCH_PARAMS` a built index reads at search time (as :meth:`ApproximateIndex._params` sets them)."""
+    try:
+        faiss.extract_index_ivf(index)
+        return ("nprobe",)
+    except RuntimeError:
+        return ("efSearch",) if "HNSW" in type(index).__name__ else ()
+
+
 def check_faiss_index(index: str, search_params: dict) -> None:
     """A FAISS factory string FAISS can build, and search parameters by known name and bounds."""
     if not isinstance(index, str) or not 1 <= len(index) <= 200:
         raise ConfigError(f"FAISS index {str(index)[:80]!r}: a factory string such as Flat, HNSW32 or IVF4096,Flat")
     faiss = require("faiss", "index", "faiss-cpu")
     try:
-        faiss.index_factory(8 if "PQ" not in index else 64, index)
+        built = faiss.index_factory(8 if "PQ" not in index else 64, index)
     except RuntimeError as exc:
         raise ConfigError(f"FAISS index {index!r} is not a factory string FAISS builds: "
                           f"{str(exc).strip().splitlines()[-1][:200]}") from None
+    takes = _search_params_of(faiss, built)
     for name, value in (search_params or {}).items():
         bounds = SEARCH_PARAMS.get(name)
         if bounds is None:
             raise ConfigError(f"FAISS search parameter {name!r}: expected one of {', '.join(SEARCH_PARAMS)}")
+        if name not in takes:  # set, it would be ignored: the search would not be the one the config asks for
+            raise ConfigError(f"FAISS search parameter {name!r} does not apply to index {index!r}: it takes "
+                              + (", ".join(takes) if takes else "none"))
         if isinstance(value, bool) or not isinstance(value, int) or not bounds[0] <= value <= bounds[1]:
             raise ConfigError(f"FAISS search parameter {name}={value!r}: an integer in {bounds[0]}..{bounds[1]}")
 
