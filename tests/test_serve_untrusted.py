@@ -260,6 +260,9 @@ def test_a_1_gb_chunked_body_is_refused_while_streaming_and_a_slow_one_starves_n
         t.join(60)
         assert slow["answer"].startswith(b"HTTP/1.1 408") and b"limits.body_timeout_s" in slow["answer"], slow
         assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+        # the service's own start-up lines reach its log (it configured none, so Python dropped every INFO line)
+        started = (tmp_path / "server.log").read_text()
+        assert f"visrec.serve.app: faces {tiny_face_model}: PyTorch: no model.onnx beside it" in started, started[-2000:]
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
@@ -347,9 +350,10 @@ def test_fields_are_integers_sent_once_in_an_exact_content_type(tiny_face_model,
         r = c.post("/v1/faces/identify", json={"image": b64, "top_k": top_k})
         assert r.status_code == 400 and "top_k" in r.json()["error"], (top_k, r.text)
         assert len(r.json()["error"]) < 200  # never the client's 4000 digits echoed back
-    for top_k in (3, 3.0, "3", " 3"):
+    for top_k in (3, 3.0, "3"):
         assert c.post("/v1/faces/identify", json={"image": b64, "top_k": top_k}).status_code == 200, top_k
-    for top_k in ("\u00b2", "\u2460", "5\u00b2", "\u0663"):  # str.isdigit() holds for these; int() takes only some
+    # ASCII digits and nothing else (int() alone takes a sign, spaces around, '_' and other scripts' digits)
+    for top_k in ("\u00b2", "\u2460", "5\u00b2", "\u0663", " 3", "+3", "1_0", "３"):
         r = c.post("/v1/faces/identify", data={"top_k": top_k}, files={"image": img})
         assert r.status_code == 400 and "top_k" in r.json()["error"], (top_k, r.text)
     # a misspelt or undeclared field is named, not silently the default (or a threshold the client thinks it set)
@@ -414,6 +418,64 @@ def test_a_query_parameter_sent_twice_is_a_400_and_erases_nobody(tiny_face_model
     assert c.get("/v1/faces?limit=1&&offset=1").json()["identities"][0]["identity"] == "bob"  # an empty pair is no name
 
 
+def test_a_query_parameter_a_route_does_not_declare_is_a_400_and_changes_nothing(tiny_face_model):
+    c = TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True,
+                                                 "gallery": {"backend": "faiss"}})))
+    for i, name in enumerate(("bob", "Zed", "alice")):
+        assert c.post("/v1/faces/enroll", data={"identity": name}, files={"image": face_jpeg(i)}).status_code == 200
+    # a misspelt page size was the whole list; an erase with another parameter erased and ignored it
+    r = c.get("/v1/faces?limt=1")
+    assert r.status_code == 400 and r.json()["error"] == "unknown query parameter 'limt': this route takes limit, " \
+                                                        "offset, q", r.text
+    r = c.delete("/v1/faces?identity=bob&gallery=other")
+    assert r.status_code == 400 and "'gallery'" in r.json()["error"] and "takes identity" in r.json()["error"]
+    assert c.post("/v1/faces/identify?top_k=1", files={"image": face_jpeg(0)}).json()["error"] == \
+        "unknown query parameter 'top_k': this route takes none"
+    for path in ("/v1/galleries?verbose=1", "/v1/status?x=", "/v1/faces/thumbnail?identity=bob&size=9"):
+        assert c.get(path).status_code == 400, path
+    # what the service reads is what /docs declares for the route
+    listed = c.get("/openapi.json").json()["paths"]["/v1/faces"]["get"]["parameters"]
+    assert [(q["name"], q["in"], q["schema"]["type"]) for q in listed] == [
+        ("limit", "query", "integer"), ("offset", "query", "integer"), ("q", "query", "string")]
+    # page numbers are ASCII digits (int() alone took '1_0', '+2', ' 3' and other scripts' digits)
+    for value in ("1_0", "+2", "%203", "%D9%A3", "%EF%BC%93", "2.0", "-0"):
+        r = c.get(f"/v1/faces?limit={value}")
+        assert r.status_code == 400 and "'limit'" in r.json()["error"], (value, r.text)
+    # a name missing from the query is named as a query parameter
+    assert c.delete("/v1/faces").json()["error"] == "query parameter 'identity' (a non-empty string) is required"
+    # all of them or a page: one order, by name ignoring case (the whole list put 'Zed' before 'alice')
+    whole = [r["identity"] for r in c.get("/v1/faces").json()["identities"]]
+    paged = [r["identity"] for r in c.get("/v1/faces?limit=10").json()["identities"]]
+    assert whole == paged == ["alice", "bob", "Zed"]
+
+
+def test_a_json_body_in_another_charset_is_a_415(tiny_face_model):
+    c = TestClient(create_app(ServeConfig(faces={"model": str(tiny_face_model), "aligned": True,
+                                                 "gallery": {"backend": "faiss"}})))
+    body = json.dumps({"identity": "Zoë", "image": base64.b64encode(face_jpeg(1)).decode()}, ensure_ascii=False)
+    r = c.post("/v1/faces/enroll", content=body.encode(), headers={"content-type": "application/json; charset=latin-1"})
+    assert r.status_code == 415 and "charset 'latin-1'" in r.json()["error"], r.text
+    assert c.get("/v1/faces").json()["identities"] == []
+    for charset, data in (("utf-16", body.encode("utf-16")), ("UTF-8", body.encode())):  # what json.loads reads
+        r = c.post("/v1/faces/enroll", content=data, headers={"content-type": f"application/json; charset={charset}"})
+        assert r.status_code == 200 and r.json()["identity"] == "Zoë", (charset, r.text)
+
+
+def test_a_named_gallerys_verify_takes_no_gallery_field_and_status_shows_no_server_path(tiny_face_model, tmp_path):
+    c = TestClient(create_app(ServeConfig(faces={
+        "model": str(tiny_face_model), "aligned": True,
+        "galleries": {"staff": {"backend": "faiss"}, "visitors": {"backend": "faiss"}}})))
+    files = {"image_a": face_jpeg(1), "image_b": face_jpeg(1, 1)}
+    assert c.post("/v1/galleries/staff/faces/verify", files=files).status_code == 200
+    r = c.post("/v1/galleries/staff/faces/verify", data={"gallery": "staff"}, files=files)
+    assert r.status_code == 400 and "unknown field 'gallery'" in r.json()["error"], r.text  # /docs lists none
+    assert c.post("/v1/faces/verify", data={"gallery": "staff"}, files=files).status_code == 200
+    faces = c.get("/v1/status").json()["faces"]
+    # the contract's source was the full path the server loaded the model from
+    assert (faces["model"], faces["contract"]["source"]) == (tiny_face_model.name, "model.pt")
+    assert str(tiny_face_model.parent) not in json.dumps(c.get("/v1/status").json())
+
+
 def test_serve_config_refuses_values_no_request_could_use(tiny_face_model, tmp_path, monkeypatch):
     from pydantic import ValidationError
 
@@ -431,6 +493,34 @@ def test_serve_config_refuses_values_no_request_could_use(tiny_face_model, tmp_p
     monkeypatch.setenv("VISREC_API_KEYS", "good,b\u00e4d")
     with pytest.raises(ConfigError, match="a key of VISREC_API_KEYS: an API key must be printable ASCII"):
         ServeConfig(faces=faces).keys()
+
+
+def test_a_gallery_setting_the_backend_would_drop_is_refused_before_anything_opens(tiny_face_model, tmp_path,
+                                                                                   monkeypatch):
+    """uri/collection/consistency on a FAISS gallery, a path on a Milvus one, 'Faiss' for faiss and a search
+    parameter the index never reads were accepted and ignored: the service ran another gallery than configured."""
+    from pydantic import ValidationError
+
+    from visrec.serve.pipeline import configured_pipeline, open_configured_galleries
+
+    monkeypatch.chdir(tmp_path)
+
+    def faces(gallery):
+        return {"model": str(tiny_face_model), "aligned": True, "gallery": gallery}
+
+    for gallery, said in (({"backend": "Faiss"}, "backend 'Faiss': expected one of faiss, milvus"),
+                          ({"backend": "faiss", "uri": "zzz.db", "collection": "abc"},
+                           "collection, uri: settings a faiss gallery does not use \\(milvus's\\)"),
+                          ({"path": "g.sqlite", "consistency": "Strong"}, "consistency: a setting a faiss gallery"),
+                          ({"backend": "faiss", "index_params": {"nlist": 4}}, "index_params: a setting a faiss"),
+                          ({"backend": "milvus", "path": "g.sqlite"}, "path: a setting a milvus gallery does not use")):
+        with pytest.raises(ValidationError, match=said):
+            ServeConfig(faces=faces(gallery))
+    cfg = ServeConfig(faces=faces({"backend": "faiss", "path": "g.sqlite", "index": "Flat",
+                                   "search_params": {"nprobe": 4}}))
+    with pytest.raises(ConfigError, match="'nprobe' does not apply to index 'Flat': it takes none"):
+        open_configured_galleries(cfg.faces, configured_pipeline(cfg).embedder)
+    assert not (tmp_path / "g.sqlite").exists() and not (tmp_path / "zzz.db").exists()
 
 
 def test_an_image_sent_as_text_is_named_as_such(tiny_face_model):

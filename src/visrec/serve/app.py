@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 
 from visrec._onnx import set_default_threads
 from visrec._optional import require
-from visrec.errors import ConfigError, VisrecError
+from visrec.errors import ConfigError, VisrecError, shown
 from visrec.faces.images import InputError
 from visrec.index.gallery import GalleryMismatchError, GalleryUnavailableError
 from visrec.index.gallery.faiss import set_search_threads
@@ -174,8 +174,14 @@ def _add_docs(app) -> None:
                               redoc_favicon_url=f"{DOCS_ASSETS}/favicon.png", with_google_fonts=False)
 
 
+def declared_query(openapi: dict) -> dict[tuple[str, str], tuple[str, ...]]:
+    """(path template, method) -> the query parameters the OpenAPI document declares for that route."""
+    return {(path, method.upper()): tuple(p["name"] for p in op.get("parameters", []) if p.get("in") == "query")
+            for path, ops in openapi.get("paths", {}).items() for method, op in ops.items() if isinstance(op, dict)}
+
+
 def create_app(cfg: ServeConfig):
-    from fastapi import FastAPI, Request
+    from fastapi import Depends, FastAPI, Request
     from fastapi.responses import JSONResponse
 
     cfg.check()
@@ -188,8 +194,26 @@ def create_app(cfg: ServeConfig):
         for g in (state.get("galleries") or {}).values():  # release the gallery files (and Milvus clients)
             g.close()
 
+    declared: dict = {}
+
+    def only_declared_query(request: Request):
+        """A query parameter a /v1/ route does not declare (in /docs) is a 400: ``?limt=5`` is not silently the
+        whole list, nor ``?identity=bob&extra=1`` an erase that ignored a part of the request."""
+        route = request.scope.get("route")
+        if not request.url.path.startswith("/v1/") or route is None or not request.query_params:
+            return
+        if not declared:
+            declared.update(declared_query(app.openapi()))
+        takes = declared.get((getattr(route, "path_format", route.path), request.method))
+        if takes is None:  # a route the document does not describe
+            return
+        for name in request.query_params:
+            if name not in takes:
+                raise InputError(f"unknown query parameter {shown(name)}: this route takes "
+                                 + (", ".join(takes) if takes else "none"), 400)
+
     app = FastAPI(title="visrec", description="faces, landmarks and product search", version="0.1.0",
-                  docs_url=None, redoc_url=None, lifespan=lifespan)
+                  docs_url=None, redoc_url=None, lifespan=lifespan, dependencies=[Depends(only_declared_query)])
     galleries = state.get("galleries")
     metrics = Metrics(None if galleries is None else (lambda: sum(g.count() for g in galleries.values())))
     requests = ImageRequests(limits)
@@ -227,9 +251,22 @@ def create_app(cfg: ServeConfig):
     return app
 
 
+def log_to_stderr() -> None:
+    """The service's own lines (which runtime runs each model, what a start-up sweep removed, a thumbnail not
+    moved) at INFO on stderr beside uvicorn's, unless the process already sends log records somewhere."""
+    logger = logging.getLogger("visrec")
+    if logger.handlers or logging.getLogger().handlers:
+        return
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s:     %(name)s: %(message)s"))  # uvicorn's layout
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def serve(cfg: ServeConfig) -> None:
     import uvicorn
 
+    log_to_stderr()  # before the models load: their runtime lines come from create_app
     # the service's own process: set the threads before any model is loaded (ONNX sessions take them when they
     # open); create_app alone leaves the process's settings as they are (a test process builds many apps)
     set_threads(cfg.intra_op_threads())

@@ -31,6 +31,7 @@ from visrec.faces.images import InputError
 
 CHARSET_FIELD = "_charset_"
 _UTF8_NAMES = frozenset({"utf-8", "ascii"})  # codecs' own names of UTF-8 and of its ASCII subset
+_JSON_UTF_NAMES = frozenset({"utf-16", "utf-16-le", "utf-16-be", "utf-32", "utf-32-le", "utf-32-be"})
 
 
 def is_utf8_charset(name: bytes | str) -> bool:
@@ -39,6 +40,17 @@ def is_utf8_charset(name: bytes | str) -> bool:
         name = name.decode("latin-1")
     try:
         return codecs.lookup(name.strip()).name in _UTF8_NAMES
+    except (LookupError, ValueError, TypeError):
+        return False
+
+
+def is_json_charset(name: bytes | str) -> bool:
+    """Whether a declared charset is one JSON text may be in: UTF-8 (or ASCII), or the UTF-16/32 forms that
+    ``json.loads`` reads from bytes."""
+    if isinstance(name, bytes):
+        name = name.decode("latin-1")
+    try:
+        return is_utf8_charset(name) or codecs.lookup(name.strip()).name in _JSON_UTF_NAMES
     except (LookupError, ValueError, TypeError):
         return False
 

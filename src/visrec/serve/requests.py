@@ -24,7 +24,7 @@ from visrec.data.images import header_size
 from visrec.data.landmarks import box_on_image
 from visrec.errors import shown
 from visrec.faces.images import InputError
-from visrec.serve.forms import content_type_params, read_form
+from visrec.serve.forms import content_type_params, is_json_charset, read_form
 
 MAX_FIELDS = 64  # text fields in one form body
 
@@ -93,19 +93,29 @@ def bool_field(fields: dict, name: str) -> bool:
     raise InputError(f"field {name!r} must be true or false, got {value!r}", 400)
 
 
-def int_field(fields: dict, name: str, default: int, high: int = 1000) -> int:
-    """Field ``name`` as an integer in [1, ``high``]: a JSON integer or a form's decimal digits (a JSON float
-    with no fraction too); true/false, fractions and anything else are 400s."""
-    value = fields.get(name, default)
+def whole_number(value) -> int | None:
+    """``value`` as an integer when it is one by the service's rule, else None: a JSON integer (not true/false),
+    a JSON number with no fraction (``2.0``), or text of 1 to 20 ASCII digits and nothing else. No sign, space,
+    ``_`` or other digits: ``int()`` alone takes `` +2 ``, ``1_0``, ``²`` and ``٣``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, int):
+        return value
     if isinstance(value, float) and value.is_integer():
-        value = int(value)
-    digits = value.strip().lstrip("+-") if isinstance(value, str) else ""
-    if digits.isascii() and digits.isdigit() and len(value) <= 20:  # str.isdigit() also holds for '²' and '٣'
-        value = int(value)
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise InputError(f"field {name!r} must be an integer, got {shown(value)}", 400)
+        return int(value)
+    if isinstance(value, str) and 1 <= len(value) <= 20 and value.isascii() and value.isdigit():
+        return int(value)
+    return None
+
+
+def int_field(fields: dict, name: str, default: int, high: int = 1000) -> int:
+    """Field ``name`` as an integer in [1, ``high``] (:func:`whole_number`'s rule); anything else is a 400."""
+    raw = fields.get(name, default)
+    value = whole_number(raw)
+    if value is None:
+        raise InputError(f"field {name!r} must be an integer (ASCII digits), got {shown(raw)}", 400)
     if not 1 <= value <= high:
-        raise InputError(f"field {name!r} must be between 1 and {high}, got {shown(value)}", 400)
+        raise InputError(f"field {name!r} must be between 1 and {high}, got {shown(raw)}", 400)
     return value
 
 
@@ -187,6 +197,11 @@ class ImageRequests:
                         raise InputError(f"field {shown(key)} is sent twice", 400)
                     fields[key] = value
         elif media == "application/json":
+            charset = content_type_params(ctype).get(b"charset")
+            if charset is not None and not is_json_charset(charset):
+                raise InputError(f"content type application/json with charset "
+                                 f"{shown(charset.decode('latin-1'))} not accepted: JSON text is UTF-8 (RFC 8259; "
+                                 f"send charset=utf-8 or no charset)", 415)
             payload = parse_json(await request.body(), "the JSON body")
             if not isinstance(payload, dict):
                 raise InputError("JSON body must be an object", 400)

@@ -702,10 +702,11 @@ class Gallery(abc.ABC):
         return None if row is None else {k: row[k] for k in ("identity", "templates", "metadata")}
 
     def list(self) -> list[dict]:
-        """One row per identity: ``{"identity", "templates", "metadata"}``, sorted by identity."""
+        """One row per identity: ``{"identity", "templates", "metadata"}``, sorted by name ignoring case (as
+        :meth:`page` sorts them)."""
         with self.lock:
             self._recover()
-            return sorted(self._identity_rows(), key=lambda r: r["identity"])
+            return sorted(self._identity_rows(), key=lambda r: (r["identity"].casefold(), r["identity"]))
 
     def names(self) -> list[str]:
         """Every enrolled identity's name, in no particular order."""

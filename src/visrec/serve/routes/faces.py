@@ -23,7 +23,7 @@ from visrec.index.enroll import crop_hash, with_thumbnails
 from visrec.index.gallery import (IdentityExistsError, MetadataTooLargeError, check_identity, check_metadata,
                                   pair_scores)
 from visrec.serve.config import MAX_GALLERY_NAME
-from visrec.serve.requests import bool_field, box_field, image_body, int_field, parse_json
+from visrec.serve.requests import bool_field, box_field, image_body, int_field, parse_json, whole_number
 from visrec.serve.routes import ROUTES
 from visrec.serve.thumbnails import erase_person
 
@@ -49,13 +49,25 @@ RENAME_BODY = image_body((), fields={"identity": (IDENTITY[0], "the enrolled nam
                                       "to": (IDENTITY[0], "the new name (not enrolled yet)")},
                          required=("identity", "to"))
 MAX_PAGE = 1000  # identities per page of GET .../faces with a limit
+MAX_OFFSET = 1 << 40
+MAX_QUERY_TEXT = 200  # characters of GET .../faces?q=
+# declared for /docs (and for the refusal of any other query parameter, visrec.serve.app); read by list_faces
+PAGE_QUERY = {"parameters": [
+    {"name": "limit", "in": "query", "required": False, "description": "identities per page (ASCII digits)",
+     "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
+    {"name": "offset", "in": "query", "required": False, "description": "identities skipped before the page",
+     "schema": {"type": "integer", "minimum": 0, "maximum": MAX_OFFSET, "default": 0}},
+    {"name": "q", "in": "query", "required": False, "description": "only names containing this text, any case",
+     "schema": {"type": "string", "maxLength": MAX_QUERY_TEXT}},
+]}
 ROUTE_PREFIXES = ("/v1/faces", "/v1/galleries/{name}/faces")  # the default gallery; a named one
 log = logging.getLogger(__name__)
 
 
-def _identity(value, *, new: bool = False, field: str = "identity") -> str:
+def _identity(value, *, new: bool = False, field: str = "identity", where: str = "field") -> str:
+    """``where``: "field" (the body's) or "query parameter", for the message."""
     if not isinstance(value, str) or not value.strip():
-        raise InputError(f"field {field!r} (a non-empty string) is required", 400)
+        raise InputError(f"{where} {field!r} (a non-empty string) is required", 400)
     try:  # not stripped here: " bob" is refused, as every other path refuses it, not silently taken as "bob"
         return check_identity(value, new=new)
     except VisrecError as exc:
@@ -97,10 +109,9 @@ def _page_field(request, name: str, default: int | None, high: int) -> int | Non
     raw = request.query_params.get(name)
     if raw is None:
         return default
-    try:
-        value = int(raw)
-    except ValueError:
-        raise InputError(f"query parameter {name!r} must be an integer, got {raw[:40]!r}", 400) from None
+    value = whole_number(raw)
+    if value is None:
+        raise InputError(f"query parameter {name!r} must be an integer (ASCII digits), got {raw[:40]!r}", 400)
     if not 0 <= value <= high or (name == "limit" and value == 0):
         raise InputError(f"query parameter {name!r} must be between {int(name == 'limit')} and {high}, got {value}",
                          400)
@@ -116,14 +127,13 @@ def _model_threshold(contract) -> tuple[float | None, str]:
 
 
 def _gallery_field(fields: dict, name: str | None) -> str | None:
-    """The verify body's ``gallery`` field; with a gallery in the path it may only repeat that one."""
+    """The gallery whose threshold verify applies: the path's (``name``; that route takes no ``gallery`` field),
+    else the body's ``gallery`` field, else None."""
     value = fields.get("gallery")
-    if value is None or value == "":
+    if name is not None or value is None or value == "":
         return name
     if not isinstance(value, str):
         raise InputError("field 'gallery' must be a gallery name (a string)", 400)
-    if name is not None and value != name:
-        raise InputError("field 'gallery' names another gallery than the path does", 400)
     return value
 
 
@@ -211,7 +221,8 @@ def face_routes(ctx):
         pipe = ctx.need("faces")
         if name is not None:
             ctx.gallery(request, name)  # refused before the body is read
-        images, fields = await ctx.requests.read(request, VERIFY_BODY, names=("image_a", "image_b"))
+        body = VERIFY_BODY if name is None else NAMED_VERIFY_BODY  # a named gallery's route takes no 'gallery'
+        images, fields = await ctx.requests.read(request, body, names=("image_a", "image_b"))
         wanted = _gallery_field(fields, name)
         if wanted is None and ctx.state["default_gallery"] is None:
             gallery = None  # several galleries, none the default, none named: the model's threshold
@@ -235,9 +246,9 @@ def face_routes(ctx):
 
         return await ctx.offload(work)
 
-    def erase(request, name, identity) -> dict:
+    def erase(request, name, identity, where: str = "field") -> dict:
         name, gallery = ctx.gallery(request, name)
-        identity = _identity(identity)
+        identity = _identity(identity, where=where)
         removed = erase_person(gallery, identity, ctx.state["thumbnails"].get(name))
         if not removed:
             raise InputError(f"identity {identity!r} is not enrolled in gallery {name!r}", 404)
@@ -246,10 +257,10 @@ def face_routes(ctx):
     def list_faces(request, name) -> dict:
         name, gallery = ctx.gallery(request, name)
         limit = _page_field(request, "limit", None, MAX_PAGE)
-        offset = _page_field(request, "offset", 0, 1 << 40)
+        offset = _page_field(request, "offset", 0, MAX_OFFSET)
         text = request.query_params.get("q") or None
-        if text is not None and len(text) > 200:
-            raise InputError("query parameter 'q' is longer than 200 characters", 400)
+        if text is not None and len(text) > MAX_QUERY_TEXT:
+            raise InputError(f"query parameter 'q' is longer than {MAX_QUERY_TEXT} characters", 400)
         if limit is None and not offset and text is None:
             rows = gallery.list()  # everything, as this route always answered without paging parameters
             total = len(rows)
@@ -265,7 +276,7 @@ def face_routes(ctx):
         from fastapi.responses import Response
 
         name, gallery = ctx.gallery(request, name)
-        identity = _identity(identity)
+        identity = _identity(identity, where="query parameter")
         thumbs = ctx.state["thumbnails"].get(name)
         data = None if thumbs is None else thumbs.first(identity)
         if data is None:
@@ -338,14 +349,14 @@ def face_routes(ctx):
     @router.delete("/v1/faces")
     def delete_by_query_default(request: Request, identity: str | None = None):
         """Erase an identity named in the query (``?identity=...``, URL-encoded): any name, '/' included."""
-        return erase(request, None, identity)
+        return erase(request, None, identity, "query parameter")
 
     @router.delete("/v1/faces/{identity:path}")
     def delete_default(request: Request, identity: str):
         """Erase an identity named in the (percent-encoded) path from the default gallery."""
         return erase(request, None, identity)
 
-    @router.get("/v1/faces")
+    @router.get("/v1/faces", openapi_extra=PAGE_QUERY)
     def list_default(request: Request):
         """The identities of the default gallery, sorted by name: all of them, or a page with ``limit`` (at
         most 1000), ``offset`` and ``q`` (names containing this text, any case); ``total`` counts the matches."""
@@ -380,14 +391,14 @@ def face_routes(ctx):
     @router.delete("/v1/galleries/{name}/faces")
     def delete_by_query_named(request: Request, name: str, identity: str | None = None):
         """Erase an identity named in the query (``?identity=...``, URL-encoded) from the gallery ``name``."""
-        return erase(request, name, identity)
+        return erase(request, name, identity, "query parameter")
 
     @router.delete("/v1/galleries/{name}/faces/{identity:path}")
     def delete_named(request: Request, name: str, identity: str):
         """Erase an identity named in the (percent-encoded) path from the gallery ``name``."""
         return erase(request, name, identity)
 
-    @router.get("/v1/galleries/{name}/faces")
+    @router.get("/v1/galleries/{name}/faces", openapi_extra=PAGE_QUERY)
     def list_named(request: Request, name: str):
         """The identities of the gallery ``name``: all, or a page (``limit``, ``offset``, ``q``; as /v1/faces)."""
         return list_faces(request, name)

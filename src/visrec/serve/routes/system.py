@@ -12,8 +12,14 @@ CONSOLE = Path(__file__).resolve().parents[1] / "console"
 ASSETS = {"console.js": "text/javascript; charset=utf-8", "console.css": "text/css; charset=utf-8"}
 
 
+def _file_name(path) -> str | None:
+    """The last part of a path the config or a contract names: no server path reaches a client."""
+    return None if path is None else Path(str(path)).name
+
+
 def _model_status(model, runtime: str) -> dict:
     contract = model.contract.to_dict()
+    contract["source"] = _file_name(contract.get("source"))  # the path the service loaded it from
     t = model.contract.threshold
     return {"contract": contract, "runtime": runtime,
             "threshold_origin": None if t is None else t.describe()}
@@ -55,9 +61,9 @@ def system_routes(ctx):
             if "faces" in state:
                 pipe = state["faces"]
                 f = ctx.cfg.faces
-                out["faces"] = {**_model_status(pipe.embedder, pipe.embedder.runtime), "model": Path(f.model).name,  # its file name: no server path reaches a client
+                out["faces"] = {**_model_status(pipe.embedder, pipe.embedder.runtime), "model": _file_name(f.model),
                                 "detector": None if f.aligned else pipe.detector_name, "aligned": f.aligned,
-                                "landmarks": None if f.landmarks is None else str(f.landmarks),
+                                "landmarks": _file_name(f.landmarks),
                                 "align": pipe.align, "detect_size": f.detect_size}
                 default, configs = state["default_gallery"], state["gallery_configs"]
                 out["galleries"] = []
@@ -70,7 +76,7 @@ def system_routes(ctx):
                                              "thumbnails": name in state["thumbnails"]})
             if "landmarks" in state:
                 lm = state["landmarks"]
-                out["landmarks"] = {**_model_status(lm, lm.runtime), "model": Path(ctx.cfg.landmarks.model).name}
+                out["landmarks"] = {**_model_status(lm, lm.runtime), "model": _file_name(ctx.cfg.landmarks.model)}
             if "products" in state:
                 index = state["products"]
                 out["products"] = {"images": len(index.ids), "dim": index.manifest.get("dim"),
