@@ -382,6 +382,7 @@ def test_serve_providers_are_checked_before_the_service_starts(products, tmp_pat
         pytest.skip("this machine has onnxruntime-gpu")
     code, out, err = run_cli(["serve", "--config", cfg, "--providers", "cuda"], monkeypatch, capsys)
     assert code == 2 and CUDA in err and "visrec[gpu]" in err
+    assert "serving on" not in out + err  # said only once everything loaded
 
 
 # --- the extraction benchmark --------------------------------------------------------------------------------------

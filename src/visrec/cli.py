@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Optional
@@ -114,9 +115,9 @@ def serve(config: Path = typer.Option(..., "--config", help="serve YAML (configs
     if providers is not None:
         changes["providers"] = providers
     cfg = load_serve_config(config, changes)
-    console.print(f"serving on http://{cfg.host}:{cfg.port} (OpenAPI at /docs, page at /); "
-                  f"API key {'required' if cfg.keys() else 'not required (loopback)'}")
-    run_server(cfg)
+    run_server(cfg, announce=lambda: console.print(
+        f"serving on http://{cfg.host}:{cfg.port} (OpenAPI at /docs, page at /); "
+        f"API key {'required' if cfg.keys() else 'not required (loopback)'}"))
 
 
 app.add_typer(data_commands.app, name="data")
@@ -130,10 +131,38 @@ app.add_typer(product_commands.app, name="products")
 app.add_typer(search_commands.app, name="search")
 
 
+# the commands that run as several torchrun processes (docs/distributed.md, docs/training.md); under torchrun
+# every other one stops before any work, instead of each process doing all of it and writing the same files
+TORCHRUN_COMMANDS = ("train", "finetune", "eval faces", "products index")
+
+
+def _command_path(args: list[str]) -> str:
+    """The command ``args`` name (``gallery enroll``), found down the command tree; '' when they name none."""
+    cmd, path = typer.main.get_command(app), []
+    words = iter(args)
+    while hasattr(cmd, "commands"):  # a group (typer's own click)
+        name = next((w for w in words if not w.startswith("-")), None)
+        if name is None or name not in cmd.commands:
+            return ""
+        path.append(name)
+        cmd = cmd.commands[name]
+    return " ".join(path)
+
+
+def refuse_torchrun_for_one_process_commands(args: list[str]) -> None:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        command = _command_path(args)
+        if command and command not in TORCHRUN_COMMANDS:
+            from visrec.distributed import one_process
+
+            one_process(f"visrec {command}")
+
+
 def run_app() -> int:
     """The command's exit status: 2 for a :class:`VisrecError` (its message printed, no traceback), 130 when
     interrupted. The exception is gone when this returns, and with it every frame it held."""
     try:
+        refuse_torchrun_for_one_process_commands(sys.argv[1:])
         app()
     except SystemExit as done:  # typer ends every command with one
         if done.code is None or isinstance(done.code, int):

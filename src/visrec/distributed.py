@@ -133,8 +133,8 @@ def one_process(command: str) -> None:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
         raise VisrecError(f"{command} runs in one process, but torchrun started {world} (WORLD_SIZE={world}); "
-                          "start it without torchrun (visrec eval faces and visrec products index shard across "
-                          "torchrun processes)")
+                          "start it without torchrun (visrec train, finetune, eval faces and products index run "
+                          "across torchrun processes)")
 
 
 def on_every_rank(what: str, fn: Callable[[], T], group) -> T:

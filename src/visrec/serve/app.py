@@ -263,11 +263,16 @@ def log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
-def serve(cfg: ServeConfig) -> None:
+def serve(cfg: ServeConfig, announce=None) -> None:
+    """Load what ``cfg`` names, then serve it with uvicorn. ``announce()``, when given, runs once everything
+    loaded and before the server starts (so a model or gallery that fails to load is the only thing said)."""
     import uvicorn
 
     log_to_stderr()  # before the models load: their runtime lines come from create_app
     # the service's own process: set the threads before any model is loaded (ONNX sessions take them when they
     # open); create_app alone leaves the process's settings as they are (a test process builds many apps)
     set_threads(cfg.intra_op_threads())
-    uvicorn.run(create_app(cfg), host=cfg.host, port=cfg.port, log_level="info")
+    application = create_app(cfg)
+    if announce is not None:
+        announce()
+    uvicorn.run(application, host=cfg.host, port=cfg.port, log_level="info")
