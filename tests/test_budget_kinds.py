@@ -247,3 +247,10 @@ def test_budget_size_of_a_landmark_checkpoint_is_the_file_the_export_command_wri
     assert check(ckpt, "icme21-landmarks").size_bytes == size
     out = CliRunner().invoke(app, ["budget", "check", str(ckpt), "--protocol", "icme21-landmarks"])
     assert f"{size:,} B" in out.output, out.output
+    # against a face budget it failed only on 'feature dimension', as a face model of the wrong size would
+    from visrec.errors import ConfigError
+
+    for model_file in (ckpt, tmp_path / "lm.onnx"):
+        with pytest.raises(ConfigError, match=f"{model_file.name} is a landmarks model; protocol deepglint-light "
+                                              f"budgets faces models: use icpr20-landmarks or icme21-landmarks"):
+            check(model_file, "deepglint-light")

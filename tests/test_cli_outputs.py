@@ -139,13 +139,14 @@ def _cases(models, picture, features, tmp):
         "search faces": (["search", "faces", "--data", tmp / "d", "--val", tmp / "v", "--max-gflops", "1"], "dir"),
         "search export": (["search", "export", tmp / "run"], "file"),
         "landmarks": (["landmarks", picture, "--model", lm], "png"),
+        "products index": (["products", "index", photos, "--model", face], "dir"),
     }
 
 
 CASES = ["eval faces", "eval faces --submission", "eval landmarks", "eval ijb", "eval products", "data synth faces",
          "data synth landmarks", "data synth products", "data synth videos", "data prepare faces",
          "data prepare landmarks", "data prepare products", "data prepare videos", "export", "search faces",
-         "search export", "landmarks"]
+         "search export", "landmarks", "products index"]
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -196,6 +197,20 @@ def test_export_onnx_library_refuses_a_folder_before_exporting(models, tmp_path,
 
 # --- 3. the LFR feature binary: a regular file only -------------------------------------------------------------
 
+def test_index_catalogue_refuses_a_file_as_its_folder_before_the_model_loads(models, picture, tmp_path):
+    """The library call (what the command runs) made the folder after the descriptor loaded: a bare
+    FileExistsError / NotADirectoryError traceback."""
+    from visrec.errors import DataError
+    from visrec.index.catalogue import index_catalogue
+
+    blocker = tmp_path / "blocker"
+    blocker.write_bytes(b"keep me")
+    for out in (blocker, blocker / "sub"):
+        with pytest.raises(DataError, match="blocker"):
+            index_catalogue(picture.parent, out, checkpoint=tmp_path / "no-such-model")  # not loaded: not reached
+    assert blocker.read_bytes() == b"keep me"
+
+
 def test_features_from_a_device_are_refused(features, tmp_path, monkeypatch, capsys):
     link = tmp_path / "feat.bin"
     link.symlink_to("/dev/null")
@@ -231,6 +246,10 @@ def test_a_protocol_with_a_bad_target_is_refused(features, tmp_path, monkeypatch
     code, out, err = run_cli(["eval", "faces", *feature_args(features), "-p", proto, "--out", tmp_path / "ev"],
                              monkeypatch, capsys)
     refused(code, out, err, "proto.yaml", "target")
+    # every command that reads a protocol file refuses it (budget check and fit ran their whole counts)
+    for args in (["budget", "check", "mbf"], ["budget", "fit", "mobilefacenet"]):
+        code, out, err = run_cli([*args, "-p", proto], monkeypatch, capsys)
+        refused(code, out, err, "proto.yaml", "targets[0] must be a false positive rate in (0, 1]")
 
 
 @pytest.mark.parametrize("value", [0.0, math.nan, math.inf, -1.0, 2.0])
@@ -311,6 +330,20 @@ def test_products_search_and_calibrate_refuse_bad_outputs_and_rates_before_any_w
         for rate in ("nan", "0", "-1", "2"):
             code, out, err = run_cli(args + ["--target-fpr", rate], monkeypatch, capsys)
             refused(code, out, err, "(0, 1]")
+
+
+@pytest.mark.parametrize("command, args", [("gallery list", ["--config", "serve.yaml"]), ("data synth faces", []),
+                                           ("budget check", ["mbf", "-p", "deepglint-light"]),
+                                           ("serve", ["--config", "s.yaml"]), ("search export", ["runs/s"]),
+                                           ("eval products", ["idx", "--data", "d"])])
+def test_a_one_process_command_under_torchrun_stops_before_any_work(command, args, tmp_path, monkeypatch, capsys):
+    """Only train, finetune, eval faces and products index split their work across torchrun processes; every
+    other command stops (one rank of `gallery enroll` enrolled while the other failed on the open gallery)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    code, out, err = run_cli([*command.split(), *args], monkeypatch, capsys)
+    refused(code, out, err, f"visrec {command} runs in one process, but torchrun started 2")
+    assert not list(tmp_path.iterdir())
 
 
 def test_a_process_that_started_a_process_group_ends_without_finalization(monkeypatch, capsys, tmp_path):

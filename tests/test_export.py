@@ -195,6 +195,31 @@ def test_export_never_replaces_the_checkpoint_nor_a_file_it_did_not_write(tmp_pa
     assert done.exit_code == 0, done.output
     export_checkpoint(run, mine, parity=False)  # an earlier visrec export is replaced without --force
     assert sorted(p.name for p in tmp_path.iterdir()) == ["notes.onnx", "run"]
+    # nor, with --force, another PyTorch file: a copy of the model here stands for a run's resume file
+    resume = tmp_path / "last.rank0.pt"
+    resume.write_bytes(before)
+    done = CliRunner().invoke(export_app, [str(run), "--out", str(resume), "--no-parity", "--force"])
+    assert isinstance(done.exception, DataError) and "is a PyTorch checkpoint" in str(done.exception), done.output
+    assert resume.read_bytes() == before
+
+
+def test_an_output_that_takes_no_file_is_an_error_naming_it(tmp_path, monkeypatch):
+    """A folder the up-front checks pass but whose write fails (/proc as root, a full disk) was a traceback
+    after the export; it is a DataError naming the file, and nothing is left."""
+    from conftest import save_tiny_face_model
+
+    from visrec import export as ex
+
+    run = save_tiny_face_model(tmp_path / "run")
+
+    def full(*a, **k):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ex, "_save_whole", full)
+    done = CliRunner().invoke(export_app, [str(run), "--out", str(tmp_path / "m.onnx"), "--no-parity"])
+    assert isinstance(done.exception, DataError), done.output
+    assert str(done.exception).endswith("m.onnx: cannot be written: No space left on device")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 
 def test_a_failed_parity_check_leaves_the_earlier_export_in_place(tmp_path, monkeypatch):

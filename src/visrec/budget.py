@@ -57,6 +57,7 @@ from visrec.models.loading import load_model
 from visrec.models.meta import on_meta_device
 from visrec.models.model_file import default_contract
 from visrec.models.pooling import GeM
+from visrec.protocols import BUILTIN as BUILTIN_PROTOCOLS
 from visrec.protocols import Protocol, load_protocol
 
 
@@ -442,6 +443,7 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
         path = Path(model_or_path)
         if not path.exists():
             raise DataError("ONNX file not found", path=path)
+        _check_task(p, _onnx_contract(path), str(path))
         layers, facts = onnx_layer_counts(path, p.input_size)
         flops = sum(l.lfr_flops for l in layers)
         size = path.stat().st_size
@@ -459,6 +461,7 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
             if loaded.module is None:
                 raise DataError("not a visrec checkpoint (no torch module to measure)", path=model_or_path)
             model, contract, source = loaded.module, loaded.contract, str(model_or_path)
+            _check_task(p, contract, source)
         try:
             layers, every_op, out_shape = _measure(model, p.input_size, every_op=True)
         except RuntimeError as exc:  # torch's shape errors: the model cannot take the protocol's probe
@@ -476,6 +479,39 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
                               output_shape=tuple(int(v) for v in out_shape[1:]))
     report.limits = _limits(p, report.lfr_flops, report.size_bytes, report.weight_dtypes, report.embedding_dim)
     return report
+
+
+# the model tasks (visrec.models.contract.TASKS) each protocol task budgets; "other" (an adapter's) is not judged
+PROTOCOL_MODEL_TASKS = {"faces": {"face-embedding"}, "faces-video": {"face-embedding", "video-embedding"},
+                        "landmarks": {"landmarks"}, "products": {"product-embedding"}}
+
+
+def _check_task(p: Protocol, contract, source: str) -> None:
+    """A model file of another task than the protocol's is refused (a landmark model against a face budget
+    would only fail on its 'feature dimension', as if it were a face model of the wrong size)."""
+    task = getattr(contract, "task", None)
+    wanted = PROTOCOL_MODEL_TASKS.get(p.task, set())
+    if task is None or task == "other" or task in wanted:
+        return
+    fitting = [q.name for q in BUILTIN_PROTOCOLS.values() if task in PROTOCOL_MODEL_TASKS.get(q.task, set())]
+    raise ConfigError(f"{source} is a {task} model; protocol {p.name} budgets {p.task} models"
+                      + (f": use {' or '.join(fitting)}, or a protocol file of task "
+                         f"{next(t for t, m in PROTOCOL_MODEL_TASKS.items() if task in m)}" if fitting else ""))
+
+
+def _onnx_contract(path: Path):
+    """The visrec contract in an ONNX file's metadata, or None (a file visrec did not write)."""
+    from visrec.models.contract import ONNX_KEY, ModelContract
+
+    onnx = require("onnx", "export")
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+        text = next((m.value for m in proto.metadata_props if m.key == ONNX_KEY), None)
+        return None if text is None else ModelContract.from_json(text, path=path)
+    except DataError:
+        raise
+    except Exception:  # noqa: BLE001 - an unreadable file is reported by the count that reads it next
+        return None
 
 
 # The most parameters a registry model may have before it is built with real weights: 2^29 float32 weights =

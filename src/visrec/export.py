@@ -414,6 +414,9 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
         if source.exists() and os.path.samefile(path, source):
             raise DataError("is the checkpoint being exported: name another --out (the export would replace it)",
                             path=path)
+        if _torch_file(path):  # a model or a run's resume file: no export stands in for one, --force or not
+            raise DataError("is a PyTorch checkpoint (a model or a run's resume file): name another --out; "
+                            "--force does not replace one", path=path)
         if not force and not _visrec_onnx(path):
             raise DataError("exists and is no ONNX file visrec exported: name another --out, or pass --force "
                             "to replace it", path=path)
@@ -424,17 +427,31 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
     h, w = contract.input_size
     for left in leftovers(path.parent, f"..{path.name}."):  # a killed export's temporary file's own temporary
         left.unlink(missing_ok=True)
-    with replacing(path) as tmp:  # (and the killed export's temporary file, by replacing)
-        export_model(model, tmp, contract, keep_batchnorm=keep_batchnorm)
-        batch = np.random.default_rng(0).uniform(-1, 1, (4, 3, h, w)).astype(np.float32)
-        report = parity_check(model, tmp, batch) if parity else None
-        if report is not None and not report.passed:
-            raise VisrecError(f"parity check failed: max abs diff {report.max_abs_diff:.2e}, "
-                              f"min cosine {report.min_cosine:.6f} (tolerance {report.tolerance:g}); "
-                              f"{path} was not written")
-        if report is not None:  # only an export that passed parity may stand in for its checkpoint
-            _stamp_checkpoint(tmp, file_sha256(source))
+    try:
+        with replacing(path) as tmp:  # (and the killed export's temporary file, by replacing)
+            export_model(model, tmp, contract, keep_batchnorm=keep_batchnorm)
+            batch = np.random.default_rng(0).uniform(-1, 1, (4, 3, h, w)).astype(np.float32)
+            report = parity_check(model, tmp, batch) if parity else None
+            if report is not None and not report.passed:
+                raise VisrecError(f"parity check failed: max abs diff {report.max_abs_diff:.2e}, "
+                                  f"min cosine {report.min_cosine:.6f} (tolerance {report.tolerance:g}); "
+                                  f"{path} was not written")
+            if report is not None:  # only an export that passed parity may stand in for its checkpoint
+                _stamp_checkpoint(tmp, file_sha256(source))
+    except OSError as exc:  # a folder the checks passed that takes no file after all (/proc as root, a full disk)
+        raise DataError(f"cannot be written: {exc.strerror or exc}", path=path) from None
     return path, report
+
+
+def _torch_file(path: Path) -> bool:
+    """Whether ``path`` is a PyTorch zip file (``torch.save``'s format: a zip holding ``<name>/data.pkl``)."""
+    import zipfile
+
+    try:
+        with zipfile.ZipFile(path) as z:
+            return any(n.endswith("/data.pkl") or n == "data.pkl" for n in z.namelist())
+    except (OSError, zipfile.BadZipFile, ValueError):
+        return False
 
 
 def _visrec_onnx(path: Path) -> bool:

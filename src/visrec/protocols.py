@@ -43,6 +43,16 @@ class Protocol(BaseModel):
     metric: str = ""
     targets: tuple[float, ...] = ()
 
+    @field_validator("targets")
+    @classmethod
+    def _targets(cls, value: tuple[float, ...]) -> tuple[float, ...]:
+        # a rate of impostor pairs: 0 would need infinitely many of them (every command reading the protocol
+        # refuses it when the file loads, not the one that happens to use the targets)
+        for i, t in enumerate(value):
+            if not 0.0 < t <= 1.0:
+                raise ValueError(f"targets[{i}] must be a false positive rate in (0, 1], got {t!r}")
+        return value
+
     @field_validator("input_size")
     @classmethod
     def _input_size(cls, value: tuple[int, int, int, int]) -> tuple[int, int, int, int]:

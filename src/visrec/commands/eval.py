@@ -163,12 +163,11 @@ def _check_faces_options(model, data, features, filelist, labels, flip, video, f
 
 
 def _check_protocol_targets(protocol: str) -> None:
-    """The protocol's FPR targets, checked before anything is read (a user YAML may hold ``targets: [0]``)."""
-    from visrec.evaluate.verification import check_target_fpr
+    """The protocol (its FPR targets among its fields) checked before anything is read (a user YAML may hold
+    ``targets: [0]``; :class:`visrec.protocols.Protocol` refuses it)."""
     from visrec.protocols import load_protocol
 
-    for i, t in enumerate(load_protocol(protocol).targets):
-        check_target_fpr(t, f"protocol {protocol}: targets[{i}]")
+    load_protocol(protocol)
 
 
 def _one_process(command: str) -> None:

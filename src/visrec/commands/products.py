@@ -47,9 +47,11 @@ def index(catalogue: Path = typer.Argument(..., help="folder of <id>.jpg catalog
     from visrec._onnx import parse_providers
     from visrec.config import parse_override
     from visrec.data.products import list_images
+    from visrec.data.text import check_output
     from visrec.index.catalogue import index_catalogue
     from visrec.distributed import setup, teardown, world_group
 
+    check_output(out, kind="dir")  # before the catalogue is listed (index_catalogue checks it too, for callers)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1 and device not in ("cpu", "cuda", "auto"):
         raise typer.BadParameter(f"{device!r}: under torchrun give cpu or cuda, or auto (each process takes the "
                                  "GPU of its LOCAL_RANK)", param_hint="--device")

@@ -68,7 +68,7 @@ from visrec._torchfile import atomic_save
 from visrec.config import load_config, set_dotted, validate_section
 from visrec.data.products import (id_problem, list_images, load_catalogue_images, read_image_checked,
                                   write_submission)
-from visrec.data.text import FolderClaim
+from visrec.data.text import FolderClaim, check_output
 from visrec.errors import ConfigError, DataError, shown
 from visrec.index.faiss_index import FaissIndex
 from visrec.index.postprocess import FINITE_CHECK_ROWS, Chain, PCAWhitening
@@ -924,6 +924,7 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
     or a GPU ``device`` with an ONNX one, is a ConfigError saying which option applies."""
     if config is None and checkpoint is None:
         raise ConfigError("give --config (model + index options) or --model (a trained descriptor)")
+    check_output(out, kind="dir")  # before a model loads: a file there, or a folder below one, is refused now
     cfg = load_config(config, overrides) if config else None
     opts = load_index_options(cfg.index if cfg else _index_overrides(overrides), str(config or "defaults"))
     spec = parse_providers(providers)
