@@ -165,3 +165,22 @@ def test_a_gallery_file_opens_with_the_backend_that_wrote_it(tiny_face_model, tm
     g.store.close()
     shutil.copy(tmp_path / "faces.sqlite", tmp_path / "faces.data")  # the same database under another name
     assert visrec.Gallery(fa, tmp_path / "faces.data").names() == ["ann"]
+
+
+def test_a_bad_option_is_a_config_error_on_every_path(tiny_face_model, tmp_path):
+    """api.md: a bad file or input is a DataError, a bad option a ConfigError; an alignment method, a fusion, a
+    runtime and a top_k were plain VisrecErrors (or a DataError) instead."""
+    import visrec
+    from visrec.errors import ConfigError
+    from visrec.models.loading import load_model
+
+    with pytest.raises(ConfigError, match="unknown alignment method 'bogus'"):
+        visrec.FaceAnalysis(str(tiny_face_model), align="bogus")
+    fa = visrec.FaceAnalysis(str(tiny_face_model))
+    with pytest.raises(ConfigError, match="fusion 'median'"):
+        visrec.Gallery(fa, tmp_path / "g.sqlite", fusion="median")
+    with pytest.raises(ConfigError, match="runtime 'bogus'"):
+        load_model(tiny_face_model, runtime="bogus")
+    g = visrec.Gallery(fa, tmp_path / "h.sqlite")
+    with pytest.raises(ConfigError, match="top_k must be a whole number"):
+        g.store.search(np.ones((1, 64), np.float32), top_k=0)

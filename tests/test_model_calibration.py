@@ -49,6 +49,7 @@ def test_models_calibrate_writes_the_threshold_into_the_checkpoint_and_the_api_u
     fa = visrec.FaceAnalysis(model, detector="haar")
     value, origin = fa.threshold
     assert value == pytest.approx(t.value) and origin.startswith("calibrated at FPR 0.01 on faces")
+    assert origin == t.origin_text() and origin.endswith("impostor pairs)")  # its own ')' was cut with the outer
     # the weights are untouched: the same embeddings as before the rewrite
     img = np.stack([np.full((112, 112, 3), 90, np.uint8)])
     np.testing.assert_allclose(load_model(model).embed(img), load_model(tmp_path / "model" / "model.pt").embed(img))
@@ -126,3 +127,16 @@ def test_calibrating_on_photos_counts_what_was_embedded_and_names_a_set_without_
         np.zeros((0, 8), np.float32), np.zeros(0, np.int64), list(listing.paths)))
     with pytest.raises(VisrecError, match="no face found in any of the 6 photos"):
         cal.embed_labelled("m", people, photos=True)
+
+
+def test_a_model_that_gives_impostors_a_cosine_of_1_is_refused_a_threshold_above_1(tmp_path):
+    """A near-collapsed model scores many impostor pairs 1.0: the only threshold accepting few enough lies just
+    above 1, which the contract refused in a bare ValueError traceback; it is a DataError saying why."""
+    from visrec.errors import DataError
+    from visrec.evaluate.calibration import calibrate_threshold
+
+    same = np.tile(np.array([[0.6, 0.8]], np.float32), (40, 1))  # ten people, one embedding
+    with pytest.raises(DataError, match="impostor pairs score a cosine of 1"):
+        calibrate_threshold(same, np.repeat(np.arange(10), 4), 0.1)
+    same[:20] = [1.0, 0.0]  # two embeddings: at 60% of the impostors a threshold below 1 exists
+    assert calibrate_threshold(same, np.repeat(np.arange(10), 4), 0.6).threshold <= 1.0

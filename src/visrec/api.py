@@ -79,7 +79,7 @@ class FaceAnalysis:
             return float(self._threshold), "the caller"
         t = self.contract.threshold
         if t is not None:
-            return float(t.value), t.describe().split(" ", 1)[1].strip("()")
+            return float(t.value), t.origin_text()
         return None, "the model records none: calibrate one (visrec gallery calibrate) or pass threshold="
 
     def faces(self, image, limit: int | None = None) -> list[DetectedFace]:

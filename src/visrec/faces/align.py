@@ -23,7 +23,7 @@ from __future__ import annotations
 import numpy as np
 
 from visrec.data.schemes import MIN_POINT_SPREAD, degenerate_points, to_five_points  # noqa: F401 (re-exported)
-from visrec.errors import DataError, VisrecError
+from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.registry import Registry
 
 ARCFACE_112 = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],
@@ -69,7 +69,7 @@ def check_method(method: str) -> str:
     """``method`` if it names an alignment method, else VisrecError listing them (callers check up front,
     before any image is read)."""
     if method not in ALIGN_METHODS:
-        raise VisrecError(f"unknown alignment method {method!r}: align must be one of {ALIGN_METHODS.names()}")
+        raise ConfigError(f"unknown alignment method {method!r}: align must be one of {ALIGN_METHODS.names()}")
     return method
 
 

@@ -77,10 +77,15 @@ class Threshold:
             _check_text(name, getattr(self, name))
 
     def describe(self) -> str:
+        """The value and where it came from: ``0.42 (calibrated at FPR 0.001 on lfw.bin (...))``."""
+        return f"{self.value:g} ({self.origin_text()})"
+
+    def origin_text(self) -> str:
+        """Where the value came from, without it: ``calibrated at FPR 0.001 on lfw.bin (...)``, ``author: ...``."""
         if self.origin == "calibrated":
             fpr = f" at FPR {self.fpr:g}" if self.fpr is not None else ""
-            return f"{self.value:g} (calibrated{fpr}{' on ' + self.data if self.data else ''})"
-        return f"{self.value:g} (author{': ' + self.citation if self.citation else ''})"
+            return f"calibrated{fpr}{' on ' + self.data if self.data else ''}"
+        return f"author{': ' + self.citation if self.citation else ''}"
 
 
 @dataclass(frozen=True)

@@ -476,7 +476,7 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
     export): a choice of :mod:`visrec._onnx` (None or ``cpu``: the CPU; ``cuda``, ``tensorrt``, ``auto``, a list);
     a request the machine cannot honour is a ConfigError. A torch module ignores it (``device`` places it)."""
     if runtime not in RUNTIMES:
-        raise DataError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
+        raise ConfigError(f"runtime {runtime!r}: expected one of {', '.join(RUNTIMES)}")
     text = str(spec)
     path = Path(spec)
     if not path.exists() and text in EXTERNAL:

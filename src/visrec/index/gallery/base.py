@@ -59,7 +59,7 @@ import numpy as np
 from visrec._files import replacing
 from visrec._npz import NpzWriter, load_npz
 from visrec.data.text import check_output
-from visrec.errors import DataError, VisrecError, shown
+from visrec.errors import ConfigError, DataError, VisrecError, shown
 from visrec.registry import Registry
 
 FUSIONS = ("max", "mean")
@@ -335,9 +335,9 @@ class Gallery(abc.ABC):
             raise VisrecError(f"{type(self).__name__}.reads = {self.reads!r}: exclusive, shared or concurrent")
         info = self._read_info()
         if fusion not in FUSIONS:
-            raise VisrecError(f"fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
+            raise ConfigError(f"fusion {fusion!r}: expected one of {', '.join(FUSIONS)}")
         if metric is not None and metric not in METRICS:
-            raise VisrecError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
+            raise ConfigError(f"metric {metric!r}: expected one of {', '.join(METRICS)}")
         # galleries written before the metric was recorded hold unit vectors: cosine
         self.info = {"model_name": None, "dim": None, "fusion": fusion, "threshold": None, "target_fpr": None,
                      "metric": "cosine"}
@@ -396,7 +396,7 @@ class Gallery(abc.ABC):
             return self.threshold, "calibrated on this gallery" + (f" at FPR {fpr:g}" if fpr is not None else "")
         t = getattr(contract, "threshold", None)
         if t is not None:
-            return float(t.value), "the model's contract: " + t.describe().split(" ", 1)[1].strip("()")
+            return float(t.value), "the model's contract: " + t.origin_text()
         return None, "none: the model records none and the gallery is not calibrated (visrec gallery calibrate)"
 
     def set_threshold(self, threshold: float | None, target_fpr: float | None = None) -> None:
@@ -656,7 +656,7 @@ class Gallery(abc.ABC):
     def search(self, probes, top_k: int = 5, threshold: float | None = None) -> list[list[Match]]:
         """Top-``top_k`` identities per probe row by fused score, best first (exact)."""
         if isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer)) or top_k < 1:
-            raise VisrecError(f"top_k must be a whole number >= 1, got {shown(top_k)}")
+            raise ConfigError(f"top_k must be a whole number >= 1, got {shown(top_k)}")
         q = _vectors(probes, "probes", self.metric)
         if self.info["dim"] is not None and q.shape[1] != self.info["dim"]:
             raise GalleryMismatchError(f"the gallery holds {self.info['dim']}-d embeddings; probes are {q.shape[1]}-d")

@@ -122,7 +122,7 @@ def _model_threshold(contract) -> tuple[float | None, str]:
     """(threshold, origin) from the model alone: what verify uses when no gallery is meant."""
     t = getattr(contract, "threshold", None)
     if t is not None:
-        return float(t.value), "the model's contract: " + t.describe().split(" ", 1)[1].strip("()")
+        return float(t.value), "the model's contract: " + t.origin_text()
     return None, "none: the model records none and no gallery was named (visrec models calibrate)"
 
 
