@@ -42,6 +42,17 @@ def test_schedule_needs_exactly_one_length():
         parse_config({"model": {"name": "x"}, "schedule": {"epochs": 1, "max_steps": 3}})
 
 
+def test_cuda_graph_on_and_off_mean_what_they_say_unquoted(tmp_path):
+    """YAML 1.1 reads an unquoted `on` / `off` as a boolean; `cuda_graph: off` was refused as not 'off'."""
+    path = write(tmp_path, BASE.format(out=tmp_path / "o"))
+    path.write_text(path.read_text() + "cuda_graph: off\n")
+    assert load_config(path).cuda_graph == "off"
+    for text, value in (("on", "on"), ("off", "off"), ("'on'", "on"), ("auto", "auto")):
+        assert load_config(path, dict([parse_override(f"cuda_graph={text}")])).cuda_graph == value
+    with pytest.raises(ConfigError, match="cuda_graph"):
+        load_config(path, dict([parse_override("cuda_graph=yes please")]))
+
+
 def test_overrides_are_parsed_as_yaml(tmp_path):
     cfg = load_config(write(tmp_path, BASE.format(out=tmp_path / "o")),
                       dict([parse_override("optim.lr=0.05"), parse_override("batch_size=16")]))

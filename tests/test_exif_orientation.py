@@ -47,3 +47,29 @@ def test_a_jpeg_cut_short_is_refused_on_every_path():
         with pytest.raises(InputError, match="truncated JPEG"):
             decode_upload(data[:cut])
     assert decode_image(data + b"trailing bytes a phone appended").shape == (60, 100, 3)
+
+
+def with_exif_thumbnail(jpeg: bytes, thumbnail: bytes) -> bytes:
+    """``jpeg`` with an APP1 EXIF segment whose IFD1 holds ``thumbnail`` (as cameras and phones write it): a
+    whole JPEG, scan and end marker included, before the photo's own first scan."""
+    import struct
+
+    ifd1 = struct.pack("<H", 2) + struct.pack("<HHII", 0x0201, 4, 1, 44) \
+        + struct.pack("<HHII", 0x0202, 4, 1, len(thumbnail)) + struct.pack("<I", 0)
+    tiff = b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 0) + struct.pack("<I", 14) + ifd1 + thumbnail
+    payload = b"Exif\x00\x00" + tiff
+    return jpeg[:2] + b"\xff\xe1" + struct.pack(">H", 2 + len(payload)) + payload + jpeg[2:]
+
+
+def test_a_photo_with_an_exif_thumbnail_cut_short_is_named_a_truncated_jpeg():
+    """The first FF DA of such a file is the thumbnail's scan, and the thumbnail's end marker followed it: the
+    cut photo passed the check and the decoder refused it as 'not a decodable image' (or filled it grey)."""
+    from visrec.errors import DataError
+
+    data, img = rotated_jpeg(1)
+    thumb, _ = rotated_jpeg(1)
+    photo = with_exif_thumbnail(data, thumb)
+    assert np.array_equal(decode_image(photo), decode_image(data))
+    for cut in (len(photo) - 2, len(photo) - 200, len(data) // 2 + len(thumb)):
+        with pytest.raises(DataError, match="truncated JPEG"):
+            decode_image(photo[:cut])

@@ -267,6 +267,15 @@ def test_bin_cannot_make_a_1_tib_allocation(tmp_path, case):
     assert peak_bytes(lambda: read_verification_bin(path)) < 8 << 20
 
 
+def test_a_bin_that_is_no_pickle_is_named_as_such(tmp_path):
+    """Text or junk gave pickle's own words ('Memo value not found at index 101') with nothing saying what the
+    file should have been."""
+    for name, data in (("text.bin", b"a plain text file\nwith lines\n"), ("junk.bin", b"junk")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=rf"{name}: not a verification \.bin \(pickle of \(images, issame\)\)"):
+            read_verification_bin(tmp_path / name)
+
+
 def test_bin_with_numpy_arrays_still_reads(tmp_path):
     bins = [jpeg(50), jpeg(60), jpeg(70), jpeg(80)]
     for proto in (2, 4, 5):

@@ -227,6 +227,17 @@ def test_the_installed_visrec_script_refuses_with_exit_2(tmp_path, marker):
     assert_refused(res.returncode, res.stdout + res.stderr, evil)
 
 
+def test_a_file_that_is_no_torch_file_at_all_says_so(tmp_path):
+    """A run's config.yaml given as a model gave the unpickler's 'pop from empty list'."""
+    from visrec._torchfile import read_torch_file
+
+    for name, data in (("config.yaml", b"task: faces\noutput: runs/x\n"), ("empty.pt", b"")):
+        (tmp_path / name).write_bytes(data)
+        with pytest.raises(DataError, match=f"{name}: not a torch file: torch.save writes a zip archive") as err:
+            read_torch_file(tmp_path / name)
+        assert "pop from" not in str(err.value)
+
+
 # --- visrec's own files load ---------------------------------------------------------------------------------
 def test_own_files_need_no_global_and_resume(faces, tmp_path):
     from visrec.models import build_backbone

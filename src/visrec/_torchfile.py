@@ -36,7 +36,7 @@ import numpy as np
 import torch
 
 from visrec._files import replacing
-from visrec.errors import DataError
+from visrec.errors import DataError, shown
 
 
 def _numpy_array_globals() -> list:
@@ -286,7 +286,21 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
                             f"allow (unpickling a global can run arbitrary code). visrec's own files need "
                             f"none; if you trust this file, re-save it as a plain state dict of tensors",
                             path=path) from None
+        head = _head(path)
+        if head is not None and not head.startswith(_ZIP_MAGIC) and not head.startswith(b"\x80"):
+            # neither torch.save's zip nor a pickle: the unpickler's own complaint would say nothing useful
+            raise DataError(f"not a torch file: torch.save writes a zip archive (an older torch a pickle); this "
+                            f"starts with {shown(head)}", path=path) from None
         raise DataError(f"not a readable torch file: {exc}", path=path) from None
+
+
+def _head(path, n: int = 16) -> bytes | None:
+    """The first ``n`` bytes of ``path``; None when it cannot be read (or is no path)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except (OSError, TypeError):
+        return None
 
 
 def _weights_reason(exc: Exception) -> str:

@@ -169,6 +169,14 @@ class RunConfig(Strict):
     checkpoint_every: Int = Field(200, gt=0, description="optimizer steps between checkpoints")
     val_every: Int | None = Field(None, gt=0, description="optimizer steps between validations; None = at the end")
 
+    @field_validator("cuda_graph", mode="before")
+    @classmethod
+    def _on_off(cls, value):
+        # YAML 1.1 reads an unquoted on / off as true / false: `cuda_graph: off` means "off", as written
+        if isinstance(value, bool):
+            return "on" if value else "off"
+        return value
+
     @field_validator("output", "init", mode="before")
     @classmethod
     def _a_path(cls, value):

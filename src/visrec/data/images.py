@@ -144,11 +144,33 @@ def check_encoded(data: bytes, *, source=None, record=None) -> tuple[int, int]:
 
 def _jpeg_complete(data: bytes) -> bool:
     """A JPEG's end-of-image marker follows its first scan. Entropy-coded data never holds ``FF D9`` (a data
-    byte ``FF`` is stuffed as ``FF 00``), and an EXIF thumbnail's own end marker sits before the first scan,
-    so a file cut anywhere inside its scans fails this; trailing bytes after the marker (some phones append
-    data) do not."""
-    sos = data.find(b"\xff\xda")
-    return sos >= 0 and data.find(b"\xff\xd9", sos + 2) >= 0
+    byte ``FF`` is stuffed as ``FF 00``), so a file cut anywhere inside its scans fails this; trailing bytes
+    after the marker (some phones append data) do not. The first scan is found by walking the marker segments
+    from the start: an EXIF thumbnail is a whole JPEG inside the APP1 segment, and a search for the first
+    ``FF DA`` found the thumbnail's scan, whose end marker then passed a photo cut short. The walk reads the
+    headers as :func:`_jpeg_size` (and libjpeg) does."""
+    pos, n = 2, len(data)
+    while True:
+        if pos + 2 > n:
+            return False  # the file ends among its headers
+        if data[pos] != 0xFF:  # stray bytes before a marker: skipped, as libjpeg does
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                return False
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:  # a fill byte before a marker
+            pos += 1
+        elif marker == 0xDA:
+            return data.find(b"\xff\xd9", pos + 2) >= 0
+        elif marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            pos += 2
+        elif marker == 0xD9:
+            return False  # an end of image before any scan
+        else:
+            if pos + 4 > n:
+                return False
+            pos += 2 + int.from_bytes(data[pos + 2:pos + 4], "big")
 
 
 def decode_image(data: bytes, *, source: str | Path | None = None, record: int | str | None = None,

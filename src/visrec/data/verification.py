@@ -242,7 +242,9 @@ def read_verification_bin(path: str | Path) -> tuple[list[np.ndarray], np.ndarra
     try:
         obj = _RestrictedUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except pickle.UnpicklingError as exc:
-        raise DataError(str(exc), path=path) from None
+        if str(exc).startswith("refusing"):  # what this reader refuses to run says so itself
+            raise DataError(str(exc), path=path) from None
+        raise DataError(f"not a verification .bin (pickle of (images, issame)): {str(exc)[:200]}", path=path) from None
     except Exception as exc:  # noqa: BLE001 - a malformed pickle program fails in any of the interpreter's ways
         detail = f"{type(exc).__name__}: {str(exc)[:200]}" if str(exc) else f"{type(exc).__name__} (data ends early?)"
         raise DataError(f"not a verification .bin (pickle of (images, issame)): {detail}", path=path) from None
