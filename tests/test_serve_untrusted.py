@@ -518,9 +518,15 @@ def test_a_gallery_setting_the_backend_would_drop_is_refused_before_anything_ope
             ServeConfig(faces=faces(gallery))
     cfg = ServeConfig(faces=faces({"backend": "faiss", "path": "g.sqlite", "index": "Flat",
                                    "search_params": {"nprobe": 4}}))
+    embedder = configured_pipeline(cfg).embedder
     with pytest.raises(ConfigError, match="'nprobe' does not apply to index 'Flat': it takes none"):
-        open_configured_galleries(cfg.faces, configured_pipeline(cfg).embedder)
+        open_configured_galleries(cfg.faces, embedder)
+    # a new Milvus Lite gallery with no index is exact: its search parameters are checked before the file is made
+    cfg = ServeConfig(faces=faces({"backend": "milvus", "uri": "m.db", "search_params": {"nprobe": 4}}))
+    with pytest.raises(ConfigError, match="Milvus FLAT search parameter 'nprobe'"):
+        open_configured_galleries(cfg.faces, embedder)
     assert not (tmp_path / "g.sqlite").exists() and not (tmp_path / "zzz.db").exists()
+    assert not (tmp_path / "m.db").exists()
 
 
 def test_an_image_sent_as_text_is_named_as_such(tiny_face_model):

@@ -156,8 +156,8 @@ def require_face_network(model_config: dict, role: str, path: str | Path | None 
     task = contract_from_config(model_config).task
     if task != "face-embedding":
         what = f"a {task} model ({model_config.get('name')!r})"
-        raise DataError(f"{role} must be a face embedding network (a run of task faces or a face backbone's "
-                        f"registry name); this is {what}", path=path)
+        raise DataError(f"{role} must be a face embedding network (a run of task faces, or a registry spec "
+                        f"{{name: <face backbone>, ...}}); this is {what}", path=path)
 
 
 def load_face_backbone(path: str | Path, role: str, map_location: str = "cpu"):

@@ -138,6 +138,8 @@ class MilvusGallery(Gallery):
             raise VisrecError(f"consistency {consistency!r}: expected one of {', '.join(CONSISTENCY)}")
         if index is not None:
             check_milvus_index(index, index_params or {}, search_params or {})
+        elif "://" not in uri and not Path(uri).exists():  # a new Lite file: its index will be exact (FLAT)
+            check_milvus_index("FLAT", index_params or {}, search_params or {})  # before the file is made
         if "://" not in uri:
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             _check_not_open_elsewhere(Path(uri))
