@@ -115,7 +115,7 @@ def test_no_import_circle():
 
 # third-party modules heavy enough that a visrec module imports them (or a visrec module that does) inside a function
 HEAVY = {"torch", "torchvision", "cv2", "onnx", "onnxruntime", "faiss", "pymilvus", "milvus", "fastapi", "starlette",
-         "uvicorn", "matplotlib", "dlib", "timm", "scipy", "safetensors", "PIL"}
+         "uvicorn", "matplotlib", "dlib", "timm", "scipy", "safetensors", "PIL", "triton"}
 
 
 def function_level_lines(path: Path) -> set[int]:

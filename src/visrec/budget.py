@@ -53,6 +53,7 @@ from visrec._optional import require
 from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.export import exported_size
 from visrec.models import build_backbone
+from visrec.models.contract import ONNX_KEY, ModelContract
 from visrec.models.loading import load_model
 from visrec.models.meta import on_meta_device
 from visrec.models.model_file import default_contract
@@ -501,8 +502,6 @@ def _check_task(p: Protocol, contract, source: str) -> None:
 
 def _onnx_contract(path: Path):
     """The visrec contract in an ONNX file's metadata, or None (a file visrec did not write)."""
-    from visrec.models.contract import ONNX_KEY, ModelContract
-
     onnx = require("onnx", "export")
     try:
         proto = onnx.load(str(path), load_external_data=False)

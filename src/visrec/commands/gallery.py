@@ -19,7 +19,8 @@ app = typer.Typer(help="The face gallery a serve config names: enroll a folder o
                   add_completion=False)
 CONFIG = typer.Option(..., "--config", help="serve YAML whose faces gallery is meant")
 GALLERY = typer.Option(None, "--gallery", help="which of the config's face galleries (faces.galleries), by name; "
-                                               "default: the default one (faces.gallery, or the only one)")
+                                               "default: faces.default_gallery, else the one named default "
+                                               "(faces.gallery), else the only one")
 
 
 def _pick(config: Path, gallery: str | None):

@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator,
 from visrec._onnx import CHOICES_HELP, parse_providers
 from visrec.config import read_yaml_mapping, validate_section
 from visrec.errors import ConfigError
+from visrec.index.gallery import BACKENDS
 
 
 DEFAULT_GALLERY = "default"
@@ -103,8 +104,6 @@ class GalleryConfig(_Strict):
             self.backend = "milvus" if "uri" in self.model_fields_set else "faiss"
             if self.backend == "faiss" and self.path is None:
                 self.path = DEFAULT_GALLERY_FILE
-        from visrec.index.gallery import BACKENDS
-
         known = BACKENDS.names()  # with the backends plugins register
         if self.backend not in known:  # exact names: "Faiss" is refused here, not when the gallery opens
             raise ValueError(f"backend {self.backend!r}: expected one of {', '.join(known)}")

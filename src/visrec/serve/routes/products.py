@@ -1,4 +1,4 @@
-"""``POST /v1/products/search``: the catalogue images nearest a query photo; ``GET /v1/products/images/{id}``:
+"""``POST /v1/products/search``: the catalogue images nearest a query photo; ``GET /v1/products/images/{image_id}``:
 one of those catalogue images (only ids the index holds, only files of its own catalogue folder)."""
 
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
