@@ -540,6 +540,10 @@ def test_an_image_sent_as_text_is_named_as_such(tiny_face_model):
     r = c.post("/v1/faces/identify", content=b"--b\r\nContent-Disposition: form-data; name=\"image\"; filename=\"a\"\r\n\r\nab",
                headers={"content-type": "multipart/form-data; boundary=b"})
     assert r.status_code == 400 and not r.json()["error"].startswith("malformed multipart body: 400"), r.text
+    # a body cut on another boundary than its Content-Type declares: said in those words, not only the parser's
+    r = c.post("/v1/faces/identify", content=b'--b\r\nContent-Disposition: form-data; name="top_k"\r\n\r\n3\r\n--b--\r\n',
+               headers={"content-type": "multipart/form-data; boundary=ZZ"})
+    assert r.status_code == 400 and "each start with the line '--ZZ'" in r.json()["error"], r.text
 
 
 def multipart_body(*parts, boundary=b"vr"):

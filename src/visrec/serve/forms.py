@@ -161,8 +161,11 @@ async def _multipart(request, params: dict, parts: _Parts) -> None:
         async for chunk in request.stream():
             parser.write(chunk)
         parser.finalize()
-    except parse_error as exc:
-        raise InputError(f"malformed multipart body: {shown(str(exc), 200)}", 400) from None
+    except parse_error as exc:  # the parser's words ('Expected boundary character 45, got 103') say where, not what
+        opening = "--" + boundary.decode("latin-1")
+        raise InputError(f"malformed multipart body: its parts must each start with the line {shown(opening, 80)} "
+                         f"(the boundary its Content-Type declares) and follow the multipart layout; the parser "
+                         f"stopped: {shown(str(exc), 200)}", 400) from None
     if not parts.ended:
         closing = "--" + boundary.decode("latin-1") + "--"
         raise InputError(f"malformed multipart body: it ends before its closing boundary {shown(closing, 80)}", 400)
