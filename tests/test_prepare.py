@@ -338,7 +338,45 @@ def test_products_padding_report_and_resume(tmp_path, monkeypatch):
     assert again.resumed == 4 and again.written == 3
 
 
+def test_a_photo_of_an_extreme_aspect_ratio_is_listed_not_padded_into_terabytes(tmp_path):
+    """A 2.7 KB PNG of 1 x 900,000 pixels passes the per-image pixel limits; padded to a square it asked numpy for
+    2.2 TiB and ended the run in a MemoryError traceback."""
+    from PIL import Image
+
+    src = tmp_path / "shop"
+    src.mkdir()
+    Image.fromarray(np.zeros((1, 900_000, 3), np.uint8)).save(src / "strip.png")
+    cv2.imwrite(str(src / "ok.png"), np.full((40, 60, 3), 90, np.uint8))
+    report = prepare_products(src, tmp_path / "cat", size=32)
+    assert report.written == 1
+    assert [u["path"] for u in report.unreadable] == ["strip.png"]
+    assert "pads to a 900000x900000 square" in str(report.unreadable[0])
+
+
 # ------------------------------------------------------------------------------------------------ landmarks
+
+def test_a_degenerate_or_far_away_annotation_is_listed_and_the_run_goes_on(tmp_path):
+    """A sidecar of 0 points ended the run in a ValueError traceback, one of 1 point (or a 1-point box) in an
+    error naming no file, on every rerun; points a million pixels off the photo gave an all-black crop listed
+    as ok. Each is a bad annotation naming its file, and the good photo is written."""
+    from visrec.data.landmarks import write_landmark_txt
+
+    photos = tmp_path / "annotated"
+    photos.mkdir()
+    img = np.full((112, 112, 3), 120, np.uint8)
+    for name in ("good", "zero", "one", "far"):
+        cv2.imwrite(str(photos / f"{name}.png"), img)
+    rng = np.random.default_rng(0)
+    write_landmark_txt(photos / "good.txt", rng.uniform(30, 80, (106, 2)))
+    (photos / "zero.txt").write_text("0\n")
+    (photos / "one.txt").write_text("1\n5 5\n")
+    write_landmark_txt(photos / "far.txt", rng.uniform(30, 80, (106, 2)) * 1e6)
+    report = prepare_landmarks(photos, tmp_path / "jd", size=64)
+    assert report.written == 1
+    bad = {b["path"]: b["error"] for b in report.bad_annotation}
+    assert set(bad) == {"zero.png", "one.png", "far.png"}, bad
+    assert "0 point(s)" in bad["zero.png"] and "1 point(s)" in bad["one.png"] and "not on the 112x112 image" in bad["far.png"]
+
 
 def test_landmarks_to_jd_layout(src, tmp_path):
     from visrec.data.landmarks import read_jd_dir, write_landmark_txt, write_pts, write_wflw, WflwRecord
@@ -497,3 +535,18 @@ def test_products_nested_deeper_than_one_folder_are_listed_as_skipped(tmp_path):
     assert report.total == 2
     assert report.skipped == [{"path": "p1/deeper/side.png",
                                "reason": "nested deeper than one product folder (src/<product>/<photo>)"}]
+
+
+@pytest.mark.parametrize("call", ["faces box_margin", "landmarks margin", "landmarks size", "products size"])
+def test_sizes_and_margins_are_checked_before_any_work(call, tmp_path):
+    """--size 1000000 asked cv2 for 3 TB, a --box-margin of -0.5 divided by zero, and NaN wrote grey crops."""
+    from visrec.errors import ConfigError
+
+    kind, option = call.split()
+    fn = {"faces": prepare_faces, "landmarks": prepare_landmarks, "products": prepare_products}[kind]
+    for value in ({"size": 1_000_000, "margin": -0.5, "box_margin": -0.5}[option], float("nan")):
+        if option == "size" and value != value:
+            value = 0
+        with pytest.raises(ConfigError, match=option):
+            fn(tmp_path / "no-such-folder", tmp_path / "out", **{option: value})
+    assert not (tmp_path / "out").exists()

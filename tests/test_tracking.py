@@ -249,6 +249,14 @@ def test_a_rerun_with_resume_goes_on_where_a_killed_run_stopped(video, tmp_path)
     assert [vid for vid, _ in again] == ["a_t000", "a_t001"] and (out / "videos" / "a_tx_t000").is_dir()
     assert {it.video_id for it in read_video_list(out / "videos.csv")} == {"a_t000", "a_t001", "b_t000", "b_t001",
                                                                           "a_tx_t000", "a_tx_t001"}
+    # a folder of the user's named like a track and not listed was removed as a killed run's leftover, notes and all
+    mine = out / "videos" / "c_t007"
+    mine.mkdir()
+    (mine / "000000.png").write_bytes(b"a frame")
+    (mine / "NOTES.txt").write_text("keep me")
+    with pytest.raises(VisrecError, match="c_t007 is named like a track of video 'c' but is not listed"):
+        video_to_tracks(iter(frames), out, FakeDetector(truth), None, video_id="c", min_len=5, resume=True)
+    assert (mine / "NOTES.txt").read_text() == "keep me"
 
 
 def test_iter_frames_reads_video_files(tmp_path, video):

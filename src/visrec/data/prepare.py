@@ -36,7 +36,7 @@ from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg
 from visrec.data.products import (CATALOGUE_DIR, PRODUCT_LABELS, _resize, pad_to_square, read_image_checked,
                                   write_product_labels)
 from visrec.data.text import FolderClaim
-from visrec.errors import DataError, VisrecError
+from visrec.errors import ConfigError, DataError, VisrecError
 
 JOURNAL = "prepare_journal.jsonl"
 REPORT = "prepare_report.json"
@@ -292,12 +292,26 @@ class _ProductWorker:
         key, _, path = item
         try:
             image = read_image_checked(key, path)
+            square = pad_to_square(image, self.fill)
         except DataError as exc:
             return {"status": "unreadable", "error": exc.message}
-        square = pad_to_square(image, self.fill)
         if self.size is not None:
             square = _resize(square, self.size)
         return {"status": "ok", "data": encode_jpeg(square, self.quality)}
+
+
+MAX_CROP_SIDE = 4096  # pixels of a prepared image's side (the model contract's bound on an input side)
+
+
+def check_crop_options(*, size: int | None = None, margin: float | None = None, margin_name: str = "margin") -> None:
+    """The output side (``size``, pixels) and the margin per side (a fraction of the face box) of a preparer,
+    checked before any work: a side of a million pixels asked for a 3 TB crop, a negative margin divided by
+    zero, and a NaN one wrote flat grey crops listed as ok."""
+    if size is not None and (isinstance(size, bool) or not isinstance(size, int) or not 8 <= size <= MAX_CROP_SIDE):
+        raise ConfigError(f"size {size!r}: a whole number of pixels from 8 to {MAX_CROP_SIDE}")
+    if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                               or not 0.0 <= float(margin) <= 2.0):  # NaN fails the comparison too
+        raise ConfigError(f"{margin_name} {margin!r}: a fraction of the face box per side, from 0 to 2")
 
 
 def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512, fill: int = 255,
@@ -310,6 +324,7 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
     ``out/catalogue_products.csv`` maps every catalogue id to its product: the folder name, or the id itself
     for loose photos). Photos deeper down are listed in ``report.skipped``, not prepared. Ids lose commas and
     path separators. Resumable like ``prepare_faces``."""
+    check_crop_options(size=size)
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError("product photo folder not found", path=src)

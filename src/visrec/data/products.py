@@ -329,13 +329,22 @@ def read_submission(path: str | Path, k: int = SUBMISSION_K) -> dict[str, list[s
 
 # ----------------------------------------------------------------------------------------- preprocessing
 
+# the largest square pad_to_square makes (2^26 pixels: 192 MiB of RGB): the bound applies to the square, as a
+# 1 x 900,000 image passes every per-image pixel limit and would pad to 2.4 TB
+MAX_SQUARE_PIXELS = 1 << 26
+
+
 def pad_to_square(img: np.ndarray, fill: int = 255) -> np.ndarray:
     """Pad the shorter side of an HxW(xC) image equally on both sides (the odd pixel goes to the
-    bottom/right) with ``fill`` (white by default), giving a max(H, W) square; content is unchanged."""
+    bottom/right) with ``fill`` (white by default), giving a max(H, W) square; content is unchanged. A square
+    above :data:`MAX_SQUARE_PIXELS` is a ``DataError`` (an extreme aspect ratio), before it is allocated."""
     h, w = img.shape[:2]
     if h == w:
         return img
     side = max(h, w)
+    if side * side > MAX_SQUARE_PIXELS:
+        raise DataError(f"a {w}x{h} image pads to a {side}x{side} square, above the {MAX_SQUARE_PIXELS:,} pixels a "
+                        f"padded product image may have (an extreme aspect ratio)")
     top, left = (side - h) // 2, (side - w) // 2
     out = np.full((side, side) + img.shape[2:], fill, dtype=img.dtype)
     out[top:top + h, left:left + w] = img

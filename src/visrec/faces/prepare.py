@@ -42,9 +42,9 @@ import numpy as np
 from visrec.data.augment import crop_face
 from visrec.data.folders import read_csv_list, read_image_folder
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, read_image
-from visrec.data.landmarks import read_landmark_txt, read_pts, read_wflw
-from visrec.data.prepare import (Journal, PrepareReport, Progress, assign_names, atomic_write, finish_report,
-                                 rel_key, run_items, safe_name)
+from visrec.data.landmarks import box_on_image, read_landmark_txt, read_pts, read_wflw
+from visrec.data.prepare import (Journal, PrepareReport, Progress, assign_names, atomic_write, check_crop_options,
+                                 finish_report, rel_key, run_items, safe_name)
 from visrec.data.recordio import RecordIOWriter
 from visrec.errors import DataError, VisrecError
 from visrec.faces.align import align_face, check_method, five_points
@@ -204,6 +204,7 @@ def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmark
     template), see :mod:`visrec.faces.align`; serve with the same one (``faces.align``). ``detect_size``: the
     longest side of the copy faces are found on (None: the full photo; module docstring).
     Writes ``out/prepare_report.json`` and returns the report."""
+    check_crop_options(size=size, margin=box_margin, margin_name="box_margin")
     src, out = Path(src), Path(out)
     if format not in FORMATS:
         raise VisrecError(f"format must be one of {FORMATS}, got {format!r}")
@@ -323,6 +324,8 @@ class _LandmarkWorker:
             return {"status": "unreadable", "error": exc.message}
         try:
             pts, box = self._annotation(key, Path(path))
+            if len(pts) < 2:  # no extent: a sidecar of 0 or 1 points gives no face box (it ended the whole run)
+                raise DataError(f"{len(pts)} point(s): an annotation needs at least 2", path=path)
             if self.points is not None and len(pts) != self.points:
                 raise DataError(f"{len(pts)} points, expected {self.points}", path=path)
         except DataError as exc:
@@ -330,7 +333,15 @@ class _LandmarkWorker:
         box = self._box(image, pts, box)
         if box is None:
             return {"status": "no_face"}
-        crop, cpts = crop_face(image, np.vstack([pts, box.reshape(2, 2)]), box, self.size, self.margin)
+        h, w = image.shape[:2]
+        if not box_on_image(box, w, h):  # points a million pixels away gave an all-black crop, listed as ok
+            return {"status": "bad_annotation", "error": str(DataError(
+                f"face box {', '.join(f'{v:g}' for v in box)} of the annotation is not on the {w}x{h} image",
+                path=path))}
+        try:
+            crop, cpts = crop_face(image, np.vstack([pts, box.reshape(2, 2)]), box, self.size, self.margin)
+        except DataError as exc:  # a box under a pixel: the annotation's, named with its photo
+            return {"status": "bad_annotation", "error": f"{path}: {exc.message}"}
         cpts, cbox = cpts[:-2], cpts[-2:].reshape(4)
         name = Path(rel).name
         files = {f"landmark/{name}.txt": f"{len(cpts)}\n" + "".join(f"{x:.3f} {y:.3f}\n" for x, y in cpts),
@@ -357,6 +368,7 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     ``__face2``, ... (journaled as ``<image>#face1``, ...). Photos that would take one sidecar (``a.jpg`` and
     ``a.png`` both falling back to ``a.pts``) are each a ``bad_annotation`` naming all of them; the rest are
     prepared."""
+    check_crop_options(size=size, margin=margin)
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError("photo folder not found", path=src)

@@ -279,7 +279,11 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
         _add_to_filelist(out_root, [it.video_id for it in done])
         return [(it.video_id, it.path) for it in done]
     for stray in strays:  # moved in by a run killed before it wrote their rows: redone below
-        shutil.rmtree(stray) if stray.is_dir() else stray.unlink()
+        if not _written_by_a_track_move(stray):  # never a folder (or file) of the user's that happens to match
+            raise VisrecError(f"{stray} is named like a track of video {video_id!r} but is not listed in "
+                              f"{list_path.name} and holds more than the crops (NNNNNN.png) and scores.txt a "
+                              f"track folder holds: move it out of {videos}, then run again")
+        shutil.rmtree(stray)
     staging = videos / f".{video_id}.tracking"  # ours alone: a killed run's leftovers are discarded here
     if staging.exists():
         shutil.rmtree(staging)
@@ -309,6 +313,15 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
         with replacing(list_path) as tmp:
             write_video_list(tmp, existing + items)
     return written
+
+
+def _written_by_a_track_move(folder: Path) -> bool:
+    """Whether ``folder`` holds only what a track folder holds (its crops ``NNNNNN.png`` and ``scores.txt``): a
+    folder a killed run moved in, which may be removed and redone."""
+    if not folder.is_dir() or folder.is_symlink():
+        return False
+    return all(f.is_file() and not f.is_symlink() and (re.fullmatch(r"\d{6}\.png", f.name) or f.name == "scores.txt")
+               for f in folder.iterdir())
 
 
 def _add_to_filelist(out_root: Path, ids: list[str]) -> None:
