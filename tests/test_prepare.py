@@ -550,3 +550,26 @@ def test_sizes_and_margins_are_checked_before_any_work(call, tmp_path):
         with pytest.raises(ConfigError, match=option):
             fn(tmp_path / "no-such-folder", tmp_path / "out", **{option: value})
     assert not (tmp_path / "out").exists()
+
+
+def test_a_photo_or_identity_whose_name_is_not_utf8_is_listed_and_the_run_finishes(tmp_path):
+    """Such a name went through all the work, then ended the run writing identities.txt or the products' label
+    list (UnicodeEncodeError), on every rerun. It is listed as skipped, shown with U+FFFD, and the rest is written."""
+    import os
+
+    from visrec.data.synth import write_face_dataset
+
+    shop = tmp_path / "shop"
+    (shop / "p1").mkdir(parents=True)
+    cv2.imwrite(str(shop / "p1" / "ok.png"), np.full((40, 60, 3), 90, np.uint8))
+    with open(os.path.join(os.fsencode(shop), b"bad\xffname.png"), "wb") as fh:  # cv2.imwrite crashes on the name
+        fh.write(cv2.imencode(".png", np.full((40, 60, 3), 90, np.uint8))[1].tobytes())
+    report = prepare_products(shop, tmp_path / "cat", size=32)
+    assert report.written == 1 and [s["path"] for s in report.skipped] == ["bad\ufffdname.png"]
+    faces = write_face_dataset(tmp_path / "faces", 2, 2, format="folder", seed=0)
+    first = sorted(p for p in faces.iterdir() if p.is_dir())[0]
+    os.rename(first, os.fsdecode(os.path.join(os.fsencode(faces), b"id\xfe")))
+    report = prepare_faces(faces, tmp_path / "rec", format="recordio", box_margin=0.2, detector=lambda img: [
+        Detection((10.0, 10.0, 100.0, 100.0), 0.9)])
+    assert report.written == 2 and len(report.skipped) == 2
+    assert all("not UTF-8" in s["reason"] and "\ufffd" in s["path"] for s in report.skipped)

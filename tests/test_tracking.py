@@ -13,7 +13,7 @@ from visrec.faces.align import ARCFACE_112, five_points
 from visrec.faces.detectors import Detection
 from visrec.data.synth import render_face
 from visrec.faces.tracking import Track, assign, iou_matrix, iter_frames, track_video, video_to_tracks
-from visrec.errors import VisrecError
+from visrec.errors import DataError, VisrecError
 
 A, B = 6, 7                 # synth identities; A walks left -> right in front, B right -> left behind
 W, H, T = 480, 260, 21      # canvas and frame count; the paths cross at frame 10
@@ -271,3 +271,27 @@ def test_iter_frames_reads_video_files(tmp_path, video):
     assert np.abs(got[2].astype(float) - frames[2]).mean() < 6  # MJPG is lossy; RGB order kept
     assert isinstance(Track(0), Track) and len(Track(0)) == 0
     assert tracking.CROP_SIZE == 112
+
+
+def test_a_video_or_frame_folder_whose_name_is_not_utf8_is_refused_not_a_crash(tmp_path, video):
+    """OpenCV's video reader and image writer ended the process with SIGSEGV (exit 139, no message) on a name
+    holding a byte that is not UTF-8, on every rerun; both are refused naming the file."""
+    import os
+
+    from visrec.faces.tracking import iter_frames
+
+    frames, truth = video
+    clip = tmp_path / "clip.avi"
+    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 25, (W, H))
+    for f in frames[:5]:
+        writer.write(f[:, :, ::-1])
+    writer.release()
+    odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"bad\xffclip.avi"))
+    os.rename(clip, odd)
+    with pytest.raises(DataError, match="not UTF-8 text, which OpenCV cannot open"):
+        next(iter(iter_frames(odd)))
+    folder = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"fr\xfeames"))
+    os.mkdir(folder)
+    with pytest.raises(VisrecError, match="UTF-8 text"):
+        video_to_tracks(folder, tmp_path / "set", FakeDetector(truth), None)
+    assert not (tmp_path / "set").exists() or not any((tmp_path / "set").rglob("*"))

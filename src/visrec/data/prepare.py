@@ -301,6 +301,21 @@ class _ProductWorker:
 
 
 MAX_CROP_SIDE = 4096  # pixels of a prepared image's side (the model contract's bound on an input side)
+NOT_UTF8 = "its name is not UTF-8 text (the lists and the report are UTF-8): rename it"
+
+
+def utf8_text(text: str) -> bool:
+    """Whether ``text`` is UTF-8 text: a file name of other bytes reaches Python with surrogate escapes."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
+def shown_path(path: str) -> str:
+    """``path`` as UTF-8 text for a report: a byte that is not UTF-8 shown as U+FFFD."""
+    return path.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def check_crop_options(*, size: int | None = None, margin: float | None = None, margin_name: str = "margin") -> None:
@@ -328,12 +343,15 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError("product photo folder not found", path=src)
-    photos, product, nested = [], {}, []
+    photos, product, nested, not_utf8 = [], {}, [], []
     for p in sorted(src.rglob("*")):
         if not p.is_file() or p.name.startswith("."):
             continue
         rel = p.relative_to(src)
         if p.suffix.lower() not in IMAGE_SUFFIXES:
+            continue
+        if not utf8_text(rel.as_posix()):
+            not_utf8.append(shown_path(rel.as_posix()))
             continue
         if len(rel.parts) > 2:
             nested.append(rel.as_posix())
@@ -348,7 +366,8 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
     report = PrepareReport("products", str(out / CATALOGUE_DIR))
     skipped = [p for p in sorted(src.rglob("*")) if p.is_file() and not p.name.startswith(".")
                and p.suffix.lower() not in IMAGE_SUFFIXES]
-    report.skipped = [{"path": rel_key(p, src), "reason": "not an image file"} for p in skipped]
+    report.skipped = [{"path": shown_path(rel_key(p, src)), "reason": "not an image file"} for p in skipped]
+    report.skipped += [{"path": k, "reason": NOT_UTF8} for k in not_utf8]
     report.skipped += [{"path": k, "reason": "nested deeper than one product folder (src/<product>/<photo>)"}
                        for k in nested]
     run_items(_ProductWorker(size, fill, quality), [(k, names[k], str(p)) for k, p in zip(keys, photos)], journal,

@@ -43,8 +43,9 @@ from visrec.data.augment import crop_face
 from visrec.data.folders import read_csv_list, read_image_folder
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, read_image
 from visrec.data.landmarks import box_on_image, read_landmark_txt, read_pts, read_wflw
-from visrec.data.prepare import (Journal, PrepareReport, Progress, assign_names, atomic_write, check_crop_options,
-                                 finish_report, rel_key, run_items, safe_name)
+from visrec.data.prepare import (NOT_UTF8, Journal, PrepareReport, Progress, assign_names, atomic_write,
+                                 check_crop_options, finish_report, rel_key, run_items, safe_name, shown_path,
+                                 utf8_text)
 from visrec.data.recordio import RecordIOWriter
 from visrec.errors import DataError, VisrecError
 from visrec.faces.align import align_face, check_method, five_points
@@ -183,7 +184,10 @@ def _list_faces(src: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str
     else:
         raise DataError("expected a folder with one sub-folder per identity or a .csv list (path,label)", path=src)
     pairs = [(p, listing.class_names[int(lab)]) for p, lab in zip(listing.paths, listing.labels)]
-    return pairs, listing.skipped, base
+    # a name of bytes that are not UTF-8 cannot go into identities.txt or the report (it ended the run at the end)
+    skipped = list(listing.skipped) + [(p, NOT_UTF8) for p, label in pairs if not (utf8_text(label)
+                                                                                 and utf8_text(str(p)))]
+    return [(p, label) for p, label in pairs if utf8_text(label) and utf8_text(str(p))], skipped, base
 
 
 def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmarker=None,
@@ -234,7 +238,8 @@ def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmark
     keys = [rel_key(p, base) for p, _ in pairs]
     names = assign_names(keys, [f"{safe_name(lab)}/{safe_name(p.stem)}.jpg" for p, lab in pairs], journal)
     crops = out if format == "folder" else out / "crops"
-    report = PrepareReport("faces", str(out), skipped=[{"path": rel_key(p, base), "reason": r} for p, r in skipped])
+    report = PrepareReport("faces", str(out), skipped=[{"path": shown_path(rel_key(p, base)), "reason": r}
+                                                       for p, r in skipped])
     run_items(worker, [(k, names[k], str(p)) for k, (p, _) in zip(keys, pairs)], journal, crops, report, workers,
          progress)
     if format == "recordio":

@@ -36,6 +36,7 @@ import numpy as np
 from visrec._files import replacing
 from visrec.data.augment import crop_face
 from visrec.data.images import IMAGE_SUFFIXES, read_image
+from visrec.data.prepare import utf8_text
 from visrec.data.text import FolderClaim, read_text
 from visrec.errors import DataError, VisrecError
 from visrec.faces.align import align_face, check_method
@@ -85,6 +86,8 @@ def iter_frames(source) -> Iterator[np.ndarray]:
         return
     if not path.is_file():
         raise DataError("video file or frame folder not found", path=path)
+    if not utf8_text(str(path)):  # OpenCV's video reader crashes the process (SIGSEGV) on such a name
+        raise DataError("the file's name is not UTF-8 text, which OpenCV cannot open: rename it", path=path)
     cap = cv2.VideoCapture(str(path))
     if not cap.isOpened():
         raise DataError("OpenCV cannot open this video", path=path)
@@ -263,8 +266,9 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
         if not isinstance(source, (str, Path)):
             raise VisrecError("frames given as an iterable need a video_id")
         video_id = Path(source).stem if Path(source).is_file() else Path(source).name
-    if not video_id or any(ch in video_id for ch in ",/\\\n") or video_id.startswith((".", "#")):
-        raise VisrecError(f"video id {video_id!r} cannot name a folder and a videos.csv field")
+    if not video_id or any(ch in video_id for ch in ",/\\\n") or video_id.startswith((".", "#")) or not utf8_text(video_id):
+        raise VisrecError(f"video id {video_id!r} cannot name a folder and a videos.csv field (UTF-8 text without "
+                          f"',', '/', '\\', a line break or a leading '.' or '#'): rename the video")
     list_path = out_root / "videos.csv"
     videos = out_root / "videos"
     existing = read_video_list(list_path) if list_path.exists() and read_text(list_path).strip() else []
