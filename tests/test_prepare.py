@@ -573,3 +573,36 @@ def test_a_photo_or_identity_whose_name_is_not_utf8_is_listed_and_the_run_finish
         Detection((10.0, 10.0, 100.0, 100.0), 0.9)])
     assert report.written == 2 and len(report.skipped) == 2
     assert all("not UTF-8" in s["reason"] and "\ufffd" in s["path"] for s in report.skipped)
+
+
+def test_a_photo_name_near_the_file_system_limit_is_written_under_a_shorter_one(tmp_path):
+    """A legal 238-byte photo name plus the temporary name's suffix passed the 255-byte limit: an OSError
+    traceback on every rerun. Long names are cut with a hash of the whole, so two stay two."""
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    for tail in ("a", "b"):
+        cv2.imwrite(str(shop / ("\u7167" * 76 + tail + ".png")), np.full((40, 60, 3), 90, np.uint8))  # 230 bytes
+    report = prepare_products(shop, tmp_path / "cat", size=32)
+    assert report.written == 2
+    names = sorted(p.name for p in (tmp_path / "cat" / "catalogue").iterdir())
+    assert len(set(names)) == 2 and all(len(n.encode()) <= 160 for n in names)
+
+
+def test_two_identities_or_products_written_under_one_name_are_refused(tmp_path):
+    """'a,b' and 'a_b' (or ' carol' and 'carol') became one identity of four photos, and two product folders
+    one product, without a word; both are refused before any work, naming both."""
+    from visrec.errors import DataError
+
+    faces = tmp_path / "faces"
+    for name in ("a,b", "a_b"):
+        (faces / name).mkdir(parents=True)
+        cv2.imwrite(str(faces / name / "x.png"), np.full((40, 60, 3), 90, np.uint8))
+    with pytest.raises(DataError, match="identities 'a,b' and 'a_b' would both be written as 'a_b'"):
+        prepare_faces(faces, tmp_path / "out", box_margin=0.2)
+    shop = tmp_path / "shop"
+    for name in (" carol", "carol"):
+        (shop / name).mkdir(parents=True)
+        cv2.imwrite(str(shop / name / "x.png"), np.full((40, 60, 3), 90, np.uint8))
+    with pytest.raises(DataError, match="product folders ' carol' and 'carol'"):
+        prepare_products(shop, tmp_path / "cat", size=32)
+    assert not (tmp_path / "out").exists() and not (tmp_path / "cat").exists()

@@ -36,7 +36,7 @@ from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg
 from visrec.data.products import (CATALOGUE_DIR, PRODUCT_LABELS, _resize, pad_to_square, read_image_checked,
                                   write_product_labels)
 from visrec.data.text import FolderClaim
-from visrec.errors import ConfigError, DataError, VisrecError
+from visrec.errors import ConfigError, DataError, VisrecError, shown
 
 JOURNAL = "prepare_journal.jsonl"
 REPORT = "prepare_report.json"
@@ -154,10 +154,34 @@ class Journal:
             self.records[record["key"]] = record
 
 
+MAX_NAME_BYTES = 150  # of a name safe_name makes: room for a suffix, '_2' and a temporary name's 25 within 255
+
+
 def safe_name(name: str) -> str:
-    """A file/folder name from free text: path separators, commas and leading dots become ``_``."""
+    """A file/folder name from free text: path separators, commas and leading dots become ``_``; a name longer
+    than :data:`MAX_NAME_BYTES` in UTF-8 is cut and ends in ``~`` and 8 hex digits of the full name's hash, so
+    two long names stay two (a 238-byte photo name plus the temporary name's suffix passed the file system's
+    255-byte limit, on every rerun)."""
     name = re.sub(r"[\\/,\x00-\x1f]", "_", name.strip()).lstrip(".")
+    raw = name.encode("utf-8", "surrogateescape")
+    if len(raw) > MAX_NAME_BYTES:
+        import hashlib
+
+        cut = raw[:MAX_NAME_BYTES - 9].decode("utf-8", "ignore")  # whole characters only
+        name = f"{cut}~{hashlib.sha1(raw).hexdigest()[:8]}"
     return name or "_"
+
+
+def check_distinct_labels(labels, what: str, where: str | Path) -> None:
+    """Refuse (``DataError`` naming ``where``) two different labels that :func:`safe_name` writes as one name:
+    ``a,b`` and ``a_b``, or `` carol`` and ``carol``, would silently become one person or product."""
+    seen: dict[str, str] = {}
+    for label in sorted(set(labels)):
+        other = seen.setdefault(safe_name(label), label)
+        if other != label:
+            raise DataError(f"{what} {shown(other)} and {shown(label)} would both be written as "
+                            f"{shown(safe_name(label))} (separators, commas, spaces around and leading dots are "
+                            f"replaced): rename one", path=where)
 
 
 def assign_names(keys: Sequence[str], wanted: Sequence[str], journal: Journal) -> dict[str, str]:
@@ -359,6 +383,7 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
         photos.append(p)
         cid = safe_name(p.stem if len(rel.parts) == 1 else f"{rel.parts[0]}_{p.stem}")
         product[rel.as_posix()] = (cid, safe_name(rel.parts[0]) if len(rel.parts) == 2 else cid)
+    check_distinct_labels([Path(k).parts[0] for k in product if len(Path(k).parts) == 2], "product folders", src)
     keys = [rel_key(p, src) for p in photos]
     settings = {"kind": "products", "size": size, "fill": fill}
     journal = Journal(out, settings, retry_problems)

@@ -44,8 +44,8 @@ from visrec.data.folders import read_csv_list, read_image_folder
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, read_image
 from visrec.data.landmarks import box_on_image, read_landmark_txt, read_pts, read_wflw
 from visrec.data.prepare import (NOT_UTF8, Journal, PrepareReport, Progress, assign_names, atomic_write,
-                                 check_crop_options, finish_report, rel_key, run_items, safe_name, shown_path,
-                                 utf8_text)
+                                 check_crop_options, check_distinct_labels, finish_report, rel_key, run_items,
+                                 safe_name, shown_path, utf8_text)
 from visrec.data.recordio import RecordIOWriter
 from visrec.errors import DataError, VisrecError
 from visrec.faces.align import align_face, check_method, five_points
@@ -216,6 +216,7 @@ def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmark
         raise VisrecError(f"policy must be one of {POLICIES}, got {policy!r}")
     check_method(align)
     pairs, skipped, base = _list_faces(src)
+    check_distinct_labels([label for _, label in pairs], "identities", src)
     worker = _FaceWorker(detector, landmarker, policy, size, landmark_scheme, box_margin, quality, align,
                          detect_size)
     gives_points = _gives_points(worker.detector)  # built now, so a bad detector or detect_size stops the run

@@ -36,9 +36,9 @@ import numpy as np
 from visrec._files import replacing
 from visrec.data.augment import crop_face
 from visrec.data.images import IMAGE_SUFFIXES, read_image
-from visrec.data.prepare import utf8_text
+from visrec.data.prepare import MAX_NAME_BYTES, utf8_text
 from visrec.data.text import FolderClaim, read_text
-from visrec.errors import DataError, VisrecError
+from visrec.errors import DataError, VisrecError, shown
 from visrec.faces.align import align_face, check_method
 from visrec.faces.detectors import load_detector
 
@@ -266,9 +266,11 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
         if not isinstance(source, (str, Path)):
             raise VisrecError("frames given as an iterable need a video_id")
         video_id = Path(source).stem if Path(source).is_file() else Path(source).name
-    if not video_id or any(ch in video_id for ch in ",/\\\n") or video_id.startswith((".", "#")) or not utf8_text(video_id):
-        raise VisrecError(f"video id {video_id!r} cannot name a folder and a videos.csv field (UTF-8 text without "
-                          f"',', '/', '\\', a line break or a leading '.' or '#'): rename the video")
+    if (not video_id or any(ch in video_id for ch in ",/\\\n") or video_id.startswith((".", "#"))
+            or not utf8_text(video_id) or len(video_id.encode("utf-8")) > MAX_NAME_BYTES):
+        raise VisrecError(f"video id {shown(video_id, 80)} cannot name a folder and a videos.csv field (UTF-8 text "
+                          f"of at most {MAX_NAME_BYTES} bytes without ',', '/', '\\', a line break or a leading '.' "
+                          f"or '#'): rename the video")
     list_path = out_root / "videos.csv"
     videos = out_root / "videos"
     existing = read_video_list(list_path) if list_path.exists() and read_text(list_path).strip() else []
