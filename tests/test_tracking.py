@@ -295,3 +295,15 @@ def test_a_video_or_frame_folder_whose_name_is_not_utf8_is_refused_not_a_crash(t
     with pytest.raises(VisrecError, match="UTF-8 text"):
         video_to_tracks(folder, tmp_path / "set", FakeDetector(truth), None)
     assert not (tmp_path / "set").exists() or not any((tmp_path / "set").rglob("*"))
+
+
+def test_two_videos_with_one_stem_in_one_run_are_refused(tmp_path):
+    """`prepare videos a/clip.mp4 b/clip.mp4` took b's clip for a's, finished, and skipped it without a word."""
+    from visrec.faces.tracking import check_distinct_video_ids
+
+    for folder in ("a", "b"):
+        (tmp_path / folder).mkdir()
+        (tmp_path / folder / "clip.mp4").write_bytes(b"not read")
+    check_distinct_video_ids([tmp_path / "a" / "clip.mp4", tmp_path / "b"])
+    with pytest.raises(DataError, match="would both be video 'clip'"):
+        check_distinct_video_ids([tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mp4"])

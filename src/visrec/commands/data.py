@@ -291,9 +291,10 @@ def prepare_videos_cmd(videos: list[Path] = typer.Argument(..., help="video file
                                                                         "to this longest side (0: full size)")):
     """Videos -> per-frame detection -> IoU + embedding tracking -> one track per person in the video-set format."""
     from visrec.faces.detectors import ScaledDetector, load_detector
-    from visrec.faces.tracking import video_to_tracks
+    from visrec.faces.tracking import check_distinct_video_ids, video_to_tracks
 
     _out_folder(out)
+    check_distinct_video_ids(videos)
     det = ScaledDetector(load_detector(detector), detect_size or None)
     embedder = None
     if model is not None:

@@ -258,6 +258,23 @@ def video_to_tracks(source, out_root: str | Path, detector, embedder=None, *, vi
                                 track_options)
 
 
+def default_video_id(source: str | Path) -> str:
+    """The id a video gets when none is given: a file's stem, a frame folder's name."""
+    return Path(source).stem if Path(source).is_file() else Path(source).name
+
+
+def check_distinct_video_ids(sources) -> None:
+    """Refuse (``DataError``) two videos of one run that would get the same id (``a/clip.mp4``, ``b/clip.mp4``):
+    the second was taken for the first, finished, and silently skipped."""
+    seen: dict[str, Path] = {}
+    for source in sources:
+        first = seen.setdefault(default_video_id(source), Path(source))
+        if first != Path(source):
+            raise DataError(f"this and {first} would both be video {shown(default_video_id(source), 80)} (a file's "
+                            f"stem, a folder's name): rename one, or prepare them in two runs with two --out",
+                            path=source)
+
+
 def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_len, label, progress, resume,
                      track_options) -> list[tuple[str, Path]]:
     from visrec.data.video import VideoItem, read_video_list, scores_path, write_video_list
@@ -265,7 +282,7 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
     if video_id is None:
         if not isinstance(source, (str, Path)):
             raise VisrecError("frames given as an iterable need a video_id")
-        video_id = Path(source).stem if Path(source).is_file() else Path(source).name
+        video_id = default_video_id(source)
     if (not video_id or any(ch in video_id for ch in ",/\\\n") or video_id.startswith((".", "#"))
             or not utf8_text(video_id) or len(video_id.encode("utf-8")) > MAX_NAME_BYTES):
         raise VisrecError(f"video id {shown(video_id, 80)} cannot name a folder and a videos.csv field (UTF-8 text "
