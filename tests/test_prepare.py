@@ -606,3 +606,20 @@ def test_two_identities_or_products_written_under_one_name_are_refused(tmp_path)
     with pytest.raises(DataError, match="product folders ' carol' and 'carol'"):
         prepare_products(shop, tmp_path / "cat", size=32)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cat").exists()
+
+
+@pytest.mark.parametrize("line", ["{}", "[1, 2]", "5", "null", '{"key": "p0/000.jpg"}', '{"settings": 3}',
+                                  '{"key": "a", "status": "ok", "out": 7}'])
+def test_a_journal_line_of_the_wrong_shape_is_named(line, tmp_path):
+    """Valid JSON of another shape ended the rerun in a KeyError or TypeError traceback (one after all the work)."""
+    from visrec.errors import DataError
+
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    cv2.imwrite(str(shop / "ok.png"), np.full((40, 60, 3), 90, np.uint8))
+    out = tmp_path / "cat"
+    prepare_products(shop, out, size=32)
+    with open(out / JOURNAL, "a") as fh:
+        fh.write(line + "\n")
+    with pytest.raises(DataError, match=r"prepare_journal.jsonl, record line 3: not a journal record"):
+        prepare_products(shop, out, size=32)

@@ -307,3 +307,19 @@ def test_two_videos_with_one_stem_in_one_run_are_refused(tmp_path):
     check_distinct_video_ids([tmp_path / "a" / "clip.mp4", tmp_path / "b"])
     with pytest.raises(DataError, match="would both be video 'clip'"):
         check_distinct_video_ids([tmp_path / "a" / "clip.mp4", tmp_path / "b" / "clip.mp4"])
+
+
+
+def test_a_file_where_the_track_folders_go_is_refused_before_tracking(video, tmp_path):
+    frames, truth = video
+    out = tmp_path / "set"
+    out.mkdir()
+    (out / "videos").write_text("the user's file")
+
+    class Untouched(FakeDetector):
+        def __call__(self, image):
+            raise AssertionError("tracking began")
+
+    with pytest.raises(DataError, match="videos: must be the folder of track folders; this is a file"):
+        video_to_tracks(iter(frames), out, Untouched(truth), None, video_id="clip")
+    assert (out / "videos").read_text() == "the user's file"

@@ -125,6 +125,9 @@ class Journal:
                     rec = json.loads(line)
                 except json.JSONDecodeError:
                     raise DataError("not a JSON line", path=self.path, record=f"line {lineno}") from None
+                if not _journal_record(rec):  # {} or [1, 2] ended the run in a KeyError / TypeError
+                    raise DataError(f"not a journal record: {shown(rec, 80)} (expected {{\"settings\": {{...}}}} or "
+                                    f"{{\"key\": ..., \"status\": ..., ...}})", path=self.path, record=f"line {lineno}")
                 if "settings" in rec:
                     other = rec["settings"] if rec["settings"] != settings else None
                     known = True
@@ -152,6 +155,17 @@ class Journal:
             os.fsync(fh.fileno())
         if "key" in record:
             self.records[record["key"]] = record
+
+
+def _journal_record(rec) -> bool:
+    """Whether a parsed journal line is one this module writes: the settings, or an input's record (its key and
+    status as text, its output file as text or absent)."""
+    if not isinstance(rec, dict):
+        return False
+    if "settings" in rec:
+        return isinstance(rec["settings"], dict)
+    return (isinstance(rec.get("key"), str) and isinstance(rec.get("status"), str)
+            and (rec.get("out") is None or isinstance(rec["out"], str)))
 
 
 MAX_NAME_BYTES = 150  # of a name safe_name makes: room for a suffix, '_2' and a temporary name's 25 within 255

@@ -290,6 +290,9 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
                           f"or '#'): rename the video")
     list_path = out_root / "videos.csv"
     videos = out_root / "videos"
+    if videos.exists() and not videos.is_dir():  # found only after the whole video was tracked (a traceback)
+        raise DataError("must be the folder of track folders; this is a file: move it out of the video set",
+                        path=videos)
     existing = read_video_list(list_path) if list_path.exists() and read_text(list_path).strip() else []
     prefix = f"{video_id}_t"
     ours = re.compile(re.escape(prefix) + r"\d{3,}").fullmatch  # this video's tracks, not those of 'clip_tx'
