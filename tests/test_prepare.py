@@ -623,3 +623,18 @@ def test_a_journal_line_of_the_wrong_shape_is_named(line, tmp_path):
         fh.write(line + "\n")
     with pytest.raises(DataError, match=r"prepare_journal.jsonl, record line 3: not a journal record"):
         prepare_products(shop, out, size=32)
+
+
+def test_an_image_file_larger_than_any_image_is_refused_from_its_size(tmp_path):
+    """A 2 GB file named .jpg (sparse here: no disk used) was read whole into every worker before it was found
+    undecodable; it is refused from its size, and listed."""
+    from visrec.data.images import MAX_IMAGE_FILE_BYTES
+
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    with open(shop / "huge.jpg", "wb") as fh:
+        fh.truncate(MAX_IMAGE_FILE_BYTES + 1)
+    cv2.imwrite(str(shop / "ok.png"), np.full((40, 60, 3), 90, np.uint8))
+    report = prepare_products(shop, tmp_path / "cat", size=32)
+    assert report.written == 1 and [u["path"] for u in report.unreadable] == ["huge.jpg"]
+    assert "more than the" in str(report.unreadable[0])

@@ -29,6 +29,9 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 FREE_PIXELS = 1 << 24
 MAX_PIXELS_PER_BYTE = 1024
 MAX_PIXELS = 1 << 28
+# bytes of an image file read whole (a 2 GB file, sparse or not, was read into every worker before it was
+# found undecodable): 2^28 pixels of 8-bit RGB uncompressed, the most any image visrec decodes could need
+MAX_IMAGE_FILE_BYTES = 3 * MAX_PIXELS
 MAX_JPEG_SCANS = 100
 
 _PNG = b"\x89PNG\r\n\x1a\n"
@@ -212,7 +215,7 @@ def decode_image(data: bytes, *, source: str | Path | None = None, record: int |
 def image_size(path: str | Path) -> tuple[int, int]:
     """(width, height) of an image file from its header (nothing decoded), or DataError naming it."""
     path = Path(path)
-    data = read_bytes(path)
+    data = read_bytes(path, MAX_IMAGE_FILE_BYTES)
     if header_size(data) is None:
         raise DataError("not a readable image", path=path)
     size = check_encoded(data, source=path)
@@ -225,7 +228,7 @@ def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:
     """An image file as HxWx3 RGB uint8 (a regular file only: ``visrec.data.text.read_bytes``); ``max_pixels``
     as :func:`decode_image` (a user's photo: the face pipeline's limit)."""
     path = Path(path)
-    return decode_image(read_bytes(path), source=path, max_pixels=max_pixels)
+    return decode_image(read_bytes(path, MAX_IMAGE_FILE_BYTES), source=path, max_pixels=max_pixels)
 
 
 def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:

@@ -28,7 +28,7 @@ import torch
 from torch.utils.data import Dataset
 
 from visrec.data.datasets import FACE_SIZE, FaceDataset
-from visrec.data.images import _jpeg_complete as jpeg_complete, check_encoded, decode_image
+from visrec.data.images import MAX_IMAGE_FILE_BYTES, _jpeg_complete as jpeg_complete, check_encoded, decode_image
 from visrec.data.text import read_bytes
 from visrec.errors import DataError
 
@@ -73,7 +73,7 @@ class EncodedFaces(Dataset):
     def encoded(self, i: int) -> bytes:
         if hasattr(self.source, "image_bytes"):
             return self.source.image_bytes(i)
-        return read_bytes(self.source.paths[i])
+        return read_bytes(self.source.paths[i], MAX_IMAGE_FILE_BYTES)
 
     def __getitem__(self, i: int):
         data = self.encoded(i)

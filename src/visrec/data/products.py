@@ -50,7 +50,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import numpy as np
 
 from visrec._files import replacing
-from visrec.data.images import check_encoded, decode_image
+from visrec.data.images import MAX_IMAGE_FILE_BYTES, check_encoded, decode_image
 from visrec.data.text import read_bytes, read_lines
 from visrec.errors import DataError, shown
 
@@ -118,7 +118,7 @@ def read_image_checked(image_id: str, path: str | Path) -> np.ndarray:
     the path and the id."""
     path = Path(path)
     try:
-        data = read_bytes(path)
+        data = read_bytes(path, MAX_IMAGE_FILE_BYTES)
     except DataError as exc:
         raise DataError(f"cannot read image: {exc.message}", path=path, record=f"id {image_id}") from None
     return decode_image(data, source=path, record=f"id {image_id}")
@@ -129,7 +129,7 @@ def _check_decodable(path: Path) -> str | None:
     import cv2
 
     try:
-        data = read_bytes(path)
+        data = read_bytes(path, MAX_IMAGE_FILE_BYTES)
     except DataError as exc:
         return exc.message
     if not data:

@@ -40,14 +40,18 @@ def split_lines(text: str) -> list[str]:
     return lines
 
 
-def read_bytes(path: str | Path) -> bytes:
-    """The file's bytes, or ``DataError`` naming it (missing, unreadable, a bad name). Only a
-    regular file is read: a device (``/dev/zero`` behind a symlink in a data set) or a FIFO would never end,
-    and what is read is bounded by the file's length."""
+def read_bytes(path: str | Path, max_bytes: int | None = None) -> bytes:
+    """The file's bytes, or ``DataError`` naming it (missing, unreadable, a bad name, longer than ``max_bytes``
+    when given: refused from its size, before it is read). Only a regular file is read: a device (``/dev/zero``
+    behind a symlink in a data set) or a FIFO would never end, and what is read is bounded by the file's length."""
     path = Path(path)
     try:
-        if not stat.S_ISREG(path.stat().st_mode):
+        st = path.stat()
+        if not stat.S_ISREG(st.st_mode):
             raise DataError("not a regular file (a directory, device or pipe)", path=path)
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise DataError(f"{st.st_size:,} bytes, more than the {max_bytes:,} a file of this kind may have",
+                            path=path)
         return path.read_bytes()
     except OSError as exc:
         raise DataError(f"cannot read: {exc.strerror or exc}", path=path) from None

@@ -40,7 +40,7 @@ import cv2
 import numpy as np
 
 from visrec.data import synth as S
-from visrec.data.images import decode_image
+from visrec.data.images import MAX_IMAGE_FILE_BYTES, decode_image
 from visrec.data.text import read_bytes, read_lines
 from visrec.errors import DataError
 
@@ -154,7 +154,7 @@ def read_frames(path: str | Path, video_id: str | None = None, max_frames: int |
             raise DataError(too_many, path=path, record=record)
         files = files[:cap_frames]
         for f in files:
-            keep(decode_image(read_bytes(f), source=f, record=record), f)
+            keep(decode_image(read_bytes(f, MAX_IMAGE_FILE_BYTES), source=f, record=record), f)
     elif kind == "file":
         limit = min(max(1, path.stat().st_size // MIN_BYTES_PER_FRAME), cap_frames)
         cap = cv2.VideoCapture(str(path))

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visrec.data.images import decode_image
+from visrec.data.images import MAX_IMAGE_FILE_BYTES, decode_image
 from visrec.data.text import read_bytes
 from visrec.errors import DataError, VisrecError
 
@@ -35,7 +35,7 @@ def load_image(image, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     """RGB uint8 (H, W, 3) from a path, bytes, an array or a PIL image; :class:`DataError` naming the input
     (the path, or ``N bytes``) and what is wrong with it."""
     if isinstance(image, (str, Path)):
-        return _decode(read_bytes(image), str(image), max_pixels)
+        return _decode(read_bytes(image, MAX_IMAGE_FILE_BYTES), str(image), max_pixels)
     if isinstance(image, (bytes, bytearray, memoryview)):
         data = bytes(image)
         return _decode(data, f"{len(data)} bytes", max_pixels)
