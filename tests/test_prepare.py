@@ -638,3 +638,26 @@ def test_an_image_file_larger_than_any_image_is_refused_from_its_size(tmp_path):
     report = prepare_products(shop, tmp_path / "cat", size=32)
     assert report.written == 1 and [u["path"] for u in report.unreadable] == ["huge.jpg"]
     assert "more than the" in str(report.unreadable[0])
+
+
+def test_links_a_listing_does_not_follow_are_listed_as_skipped(tmp_path):
+    """A linked product folder of 15 photos, a broken link and a link to /dev/zero named .jpg were left out of
+    prepare products (and landmarks) without a word."""
+    import os
+
+    photos = tmp_path / "elsewhere"
+    photos.mkdir()
+    cv2.imwrite(str(photos / "x.png"), np.full((40, 60, 3), 90, np.uint8))
+    shop = tmp_path / "shop"
+    shop.mkdir()
+    cv2.imwrite(str(shop / "ok.png"), np.full((40, 60, 3), 90, np.uint8))
+    os.symlink(photos, shop / "linked")
+    os.symlink(tmp_path / "gone.jpg", shop / "broken.jpg")
+    os.symlink("/dev/zero", shop / "zero.jpg")
+    report = prepare_products(shop, tmp_path / "cat", size=32)
+    assert report.written == 1
+    reasons = {s["path"]: s["reason"] for s in report.skipped}
+    assert reasons.keys() == {"linked", "broken.jpg", "zero.jpg"}, reasons
+    assert "link to a folder" in reasons["linked"] and "broken" in reasons["broken.jpg"]
+    report = prepare_landmarks(shop, tmp_path / "jd", size=32)
+    assert {s["path"] for s in report.skipped} >= {"linked", "broken.jpg", "zero.jpg"}

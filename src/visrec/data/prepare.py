@@ -88,7 +88,10 @@ class Journal:
     def __init__(self, out: Path, settings: dict, retry_problems: bool = False):
         self.path = out / JOURNAL
         self.records: dict[str, dict] = {}
-        out.mkdir(parents=True, exist_ok=True)
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a place the up-front checks passed that takes no folder (/proc as root)
+            raise DataError(f"cannot make the output folder: {exc.strerror or exc}", path=out) from None
         # one run at a time in a folder (two would each find no journal and write crops of both settings),
         # held until finish_report or a failure in run_items
         self.claim = FolderClaim(out, "prepare run")
@@ -184,6 +187,23 @@ def safe_name(name: str) -> str:
         cut = raw[:MAX_NAME_BYTES - 9].decode("utf-8", "ignore")  # whole characters only
         name = f"{cut}~{hashlib.sha1(raw).hexdigest()[:8]}"
     return name or "_"
+
+
+def entries_not_read(src: Path) -> list[dict]:
+    """What a recursive listing of ``src`` leaves out without a word, as skipped report rows: a link to a folder
+    (not followed), a broken link, and a device or pipe (a link to /dev/zero named .jpg)."""
+    rows = []
+    for p in sorted(src.rglob("*")):
+        if p.is_dir() and not p.is_symlink() or p.is_file():
+            continue
+        if p.is_symlink() and p.is_dir():
+            reason = "a link to a folder: not followed (copy the folder, or link its photos one by one)"
+        elif p.is_symlink() and not p.exists():
+            reason = "a broken link"
+        else:
+            reason = "not a regular file (a device or a pipe)"
+        rows.append({"path": shown_path(rel_key(p, src)), "reason": reason})
+    return rows
 
 
 def check_distinct_labels(labels, what: str, where: str | Path) -> None:
@@ -406,7 +426,7 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
     skipped = [p for p in sorted(src.rglob("*")) if p.is_file() and not p.name.startswith(".")
                and p.suffix.lower() not in IMAGE_SUFFIXES]
     report.skipped = [{"path": shown_path(rel_key(p, src)), "reason": "not an image file"} for p in skipped]
-    report.skipped += [{"path": k, "reason": NOT_UTF8} for k in not_utf8]
+    report.skipped += [{"path": k, "reason": NOT_UTF8} for k in not_utf8] + entries_not_read(src)
     report.skipped += [{"path": k, "reason": "nested deeper than one product folder (src/<product>/<photo>)"}
                        for k in nested]
     run_items(_ProductWorker(size, fill, quality), [(k, names[k], str(p)) for k, p in zip(keys, photos)], journal,

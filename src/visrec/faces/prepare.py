@@ -44,8 +44,8 @@ from visrec.data.folders import read_csv_list, read_image_folder
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, read_image
 from visrec.data.landmarks import box_on_image, read_landmark_txt, read_pts, read_wflw
 from visrec.data.prepare import (NOT_UTF8, Journal, PrepareReport, Progress, assign_names, atomic_write,
-                                 check_crop_options, check_distinct_labels, finish_report, rel_key, run_items,
-                                 safe_name, shown_path, utf8_text)
+                                 check_crop_options, check_distinct_labels, entries_not_read, finish_report, rel_key,
+                                 run_items, safe_name, shown_path, utf8_text)
 from visrec.data.recordio import RecordIOWriter
 from visrec.errors import DataError, VisrecError
 from visrec.faces.align import align_face, check_method, five_points
@@ -412,7 +412,7 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     absent = [(image, len(lines)) for image, lines in wflw.items() if image not in found_keys]
     report = PrepareReport("landmarks", str(out), skipped=[
         {"path": image, "reason": f"listed in {Path(annotations).name} ({n} face{'s' if n > 1 else ''}), not found "
-                                  f"under {src}"} for image, n in absent])
+                                  f"under {src}"} for image, n in absent] + entries_not_read(src))
     worker = _LandmarkWorker(detector, points, size, margin, sources, quality)
     run_items(worker, [(k, names[k], str(p)) for k, _, p in items], journal, out, report, workers, progress)
     return finish_report(report, journal, out)
