@@ -661,3 +661,15 @@ def test_links_a_listing_does_not_follow_are_listed_as_skipped(tmp_path):
     assert "link to a folder" in reasons["linked"] and "broken" in reasons["broken.jpg"]
     report = prepare_landmarks(shop, tmp_path / "jd", size=32)
     assert {s["path"] for s in report.skipped} >= {"linked", "broken.jpg", "zero.jpg"}
+
+
+def test_a_photo_listed_twice_in_a_csv_is_refused_naming_both_lines(tmp_path):
+    """`img/00000.jpg,alice` then `img/00000.jpg,bob` wrote bob's crop alone: alice vanished without a word."""
+    from visrec.errors import DataError
+
+    (tmp_path / "img").mkdir()
+    cv2.imwrite(str(tmp_path / "img" / "00000.png"), np.full((40, 60, 3), 90, np.uint8))
+    (tmp_path / "list.csv").write_text("img/00000.png,alice\nimg/00000.png,bob\n")
+    with pytest.raises(DataError, match="listed twice .first on line 1"):
+        prepare_faces(tmp_path / "list.csv", tmp_path / "out", box_margin=0.2)
+    assert not (tmp_path / "out").exists()

@@ -178,7 +178,8 @@ class _FaceWorker:
 def _list_faces(src: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str]], Path]:
     """((photo, label text) pairs, (skipped path, reason) pairs, base folder for relative keys)."""
     if src.suffix.lower() == ".csv":
-        listing, base = read_csv_list(src, skip_bad=True), src.parent
+        # one output per photo: a photo listed twice (under two people, say) would keep the last row alone
+        listing, base = read_csv_list(src, skip_bad=True, each_image_once=True), src.parent
     elif src.is_dir():
         listing, base = read_image_folder(src, skip_bad=True), src
     else:
