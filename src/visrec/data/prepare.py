@@ -23,6 +23,7 @@ writes files and the journal.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import pickle
@@ -182,8 +183,6 @@ def safe_name(name: str) -> str:
     name = re.sub(r"[\\/,\x00-\x1f]", "_", name.strip()).lstrip(".")
     raw = name.encode("utf-8", "surrogateescape")
     if len(raw) > MAX_NAME_BYTES:
-        import hashlib
-
         cut = raw[:MAX_NAME_BYTES - 9].decode("utf-8", "ignore")  # whole characters only
         name = f"{cut}~{hashlib.sha1(raw).hexdigest()[:8]}"
     return name or "_"
