@@ -593,16 +593,16 @@ def test_two_identities_or_products_written_under_one_name_are_refused(tmp_path)
     one product, without a word; both are refused before any work, naming both."""
     from visrec.errors import DataError
 
-    faces = tmp_path / "faces"
-    for name in ("a,b", "a_b"):
-        (faces / name).mkdir(parents=True)
-        cv2.imwrite(str(faces / name / "x.png"), np.full((40, 60, 3), 90, np.uint8))
+    def folders(root, names):
+        for name in names:
+            (root / name).mkdir(parents=True)
+            cv2.imwrite(str(root / name / "x.png"), np.full((40, 60, 3), 90, np.uint8))
+        return root
+
+    faces = folders(tmp_path / "faces", ("a,b", "a_b"))
     with pytest.raises(DataError, match="identities 'a,b' and 'a_b' would both be written as 'a_b'"):
         prepare_faces(faces, tmp_path / "out", box_margin=0.2)
-    shop = tmp_path / "shop"
-    for name in (" carol", "carol"):
-        (shop / name).mkdir(parents=True)
-        cv2.imwrite(str(shop / name / "x.png"), np.full((40, 60, 3), 90, np.uint8))
+    shop = folders(tmp_path / "shop", (" carol", "carol"))
     with pytest.raises(DataError, match="product folders ' carol' and 'carol'"):
         prepare_products(shop, tmp_path / "cat", size=32)
     assert not (tmp_path / "out").exists() and not (tmp_path / "cat").exists()

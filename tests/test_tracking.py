@@ -259,13 +259,18 @@ def test_a_rerun_with_resume_goes_on_where_a_killed_run_stopped(video, tmp_path)
     assert (mine / "NOTES.txt").read_text() == "keep me"
 
 
-def test_iter_frames_reads_video_files(tmp_path, video):
-    frames, _ = video
-    path = tmp_path / "clip.avi"
+def write_avi(path, frames):
+    """``frames`` (RGB) as an MJPG .avi at ``path``."""
     writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (W, H))
-    for f in frames[:5]:
+    for f in frames:
         writer.write(f[:, :, ::-1])
     writer.release()
+    return path
+
+
+def test_iter_frames_reads_video_files(tmp_path, video):
+    frames, _ = video
+    path = write_avi(tmp_path / "clip.avi", frames[:5])
     got = list(iter_frames(path))
     assert len(got) == 5 and got[0].shape == (H, W, 3)
     assert np.abs(got[2].astype(float) - frames[2]).mean() < 6  # MJPG is lossy; RGB order kept
@@ -281,11 +286,7 @@ def test_a_video_or_frame_folder_whose_name_is_not_utf8_is_refused_not_a_crash(t
     from visrec.faces.tracking import iter_frames
 
     frames, truth = video
-    clip = tmp_path / "clip.avi"
-    writer = cv2.VideoWriter(str(clip), cv2.VideoWriter_fourcc(*"MJPG"), 25, (W, H))
-    for f in frames[:5]:
-        writer.write(f[:, :, ::-1])
-    writer.release()
+    clip = write_avi(tmp_path / "clip.avi", frames[:5])
     odd = os.fsdecode(os.path.join(os.fsencode(tmp_path), b"bad\xffclip.avi"))
     os.rename(clip, odd)
     with pytest.raises(DataError, match="not UTF-8 text, which OpenCV cannot open"):

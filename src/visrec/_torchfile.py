@@ -255,9 +255,11 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
     """``torch.load(path, weights_only=True)`` (numpy arrays of old resume files allowed); any file that
     needs another global, or that is not a torch file at all, raises ``DataError`` naming ``path``."""
     path = Path(path)
+    head = None
     try:
         with open(path, "rb") as fh:
-            is_zip = fh.read(4) == _ZIP_MAGIC
+            head = fh.read(16)
+        is_zip = head.startswith(_ZIP_MAGIC)
         if not is_zip:
             _check_legacy_storages(path)  # storage sizes bounded by the file before torch allocates them
         # safe_globals: for this load only (torch's allow-list is process-wide; nothing else is added to it)
@@ -286,21 +288,11 @@ def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") 
                             f"allow (unpickling a global can run arbitrary code). visrec's own files need "
                             f"none; if you trust this file, re-save it as a plain state dict of tensors",
                             path=path) from None
-        head = _head(path)
         if head is not None and not head.startswith(_ZIP_MAGIC) and not head.startswith(b"\x80"):
             # neither torch.save's zip nor a pickle: the unpickler's own complaint would say nothing useful
             raise DataError(f"not a torch file: torch.save writes a zip archive (an older torch a pickle); this "
                             f"starts with {shown(head)}", path=path) from None
         raise DataError(f"not a readable torch file: {exc}", path=path) from None
-
-
-def _head(path, n: int = 16) -> bytes | None:
-    """The first ``n`` bytes of ``path``; None when it cannot be read (or is no path)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(n)
-    except (OSError, TypeError):
-        return None
 
 
 def _weights_reason(exc: Exception) -> str:

@@ -184,11 +184,15 @@ def _list_faces(src: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str
         listing, base = read_image_folder(src, skip_bad=True), src
     else:
         raise DataError("expected a folder with one sub-folder per identity or a .csv list (path,label)", path=src)
-    pairs = [(p, listing.class_names[int(lab)]) for p, lab in zip(listing.paths, listing.labels)]
-    # a name of bytes that are not UTF-8 cannot go into identities.txt or the report (it ended the run at the end)
-    skipped = list(listing.skipped) + [(p, NOT_UTF8) for p, label in pairs if not (utf8_text(label)
-                                                                                 and utf8_text(str(p)))]
-    return [(p, label) for p, label in pairs if utf8_text(label) and utf8_text(str(p))], skipped, base
+    pairs, skipped = [], list(listing.skipped)
+    for p, lab in zip(listing.paths, listing.labels):
+        label = listing.class_names[int(lab)]
+        # a name of bytes that are not UTF-8 cannot go into identities.txt or the report (it ended the run at the end)
+        if utf8_text(label) and utf8_text(str(p)):
+            pairs.append((p, label))
+        else:
+            skipped.append((p, NOT_UTF8))
+    return pairs, skipped, base
 
 
 def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmarker=None,

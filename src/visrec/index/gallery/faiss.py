@@ -158,16 +158,12 @@ class ApproximateIndex:
         self.position.update({k: start + i for i, k in enumerate(keys)})
 
     def _params(self):
-        try:
-            self.faiss.extract_index_ivf(self.index)
-            params = self.faiss.SearchParametersIVF()
-        except RuntimeError:
-            params = self.faiss.SearchParametersHNSW() if "HNSW" in type(self.index).__name__ else None
-        if params is None:
+        reads = _search_params_of(self.faiss, self.index)
+        if not reads:
             return None
-        for name, value in self.search_params.items():
-            if hasattr(params, name):
-                setattr(params, name, int(value))
+        params = self.faiss.SearchParametersIVF() if reads == ("nprobe",) else self.faiss.SearchParametersHNSW()
+        for name, value in self.search_params.items():  # check_faiss_index let through only names it reads
+            setattr(params, name, int(value))
         if self.tombstones:
             with self._selector_lock:
                 if self._selector is None:
@@ -294,7 +290,9 @@ class Coalescer:
 
 
 def _search_params_of(faiss, index) -> tuple[str, ...]:
-    """The :data:`SEARCH_PARAMS` a built index reads at search time (as :meth:`ApproximateIndex._params` sets them)."""
+    """The :data:`SEARCH_PARAMS` a built index reads at search time (``nprobe``: an IVF index, also inside a
+    pre-transform; ``efSearch``: HNSW): what :func:`check_faiss_index` admits and :meth:`ApproximateIndex._params`
+    sets."""
     try:
         faiss.extract_index_ivf(index)
         return ("nprobe",)
