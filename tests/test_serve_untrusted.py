@@ -227,6 +227,16 @@ def _send_chunked(port: int, path: str, total: int, chunk: int, pause: float = 0
     return answer, sent
 
 
+def _raw_request(port: int, raw: bytes) -> bytes:
+    """Send ``raw`` bytes as they are and read the answer until the server closes."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        s.sendall(raw)
+        answer = b""
+        while more := s.recv(65536):
+            answer += more
+    return answer
+
+
 @pytest.mark.slow
 def test_a_1_gb_chunked_body_is_refused_while_streaming_and_a_slow_one_starves_nobody(tiny_face_model, tmp_path):
     port = free_port()
@@ -260,6 +270,14 @@ def test_a_1_gb_chunked_body_is_refused_while_streaming_and_a_slow_one_starves_n
         t.join(60)
         assert slow["answer"].startswith(b"HTTP/1.1 408") and b"limits.body_timeout_s" in slow["answer"], slow
         assert httpx.get(url + "/healthz", timeout=5).status_code == 200
+        # requests the HTTP parser refuses before the app sees them answer in the service's JSON shape too
+        for raw in (b"GET /v1/status?\xff HTTP/1.1\r\nHost: x\r\n\r\n",
+                    b"POST /v1/faces/identify HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n",
+                    b"GET /v1/status HTTP/1.1\r\nHost: x\r\nBad Header Line\r\n\r\n"):
+            answer = _raw_request(port, raw)
+            head, _, body = answer.partition(b"\r\n\r\n")
+            assert head.startswith(b"HTTP/1.1 400") and b"content-type: application/json" in head.lower(), answer
+            assert "not valid HTTP/1.1" in json.loads(body)["error"], answer
         # the service's own start-up lines reach its log (it configured none, so Python dropped every INFO line)
         started = (tmp_path / "server.log").read_text()
         assert f"visrec.serve.app: faces {tiny_face_model}: PyTorch: no model.onnx beside it" in started, started[-2000:]

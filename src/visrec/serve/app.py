@@ -19,6 +19,7 @@ once. A JSON body or field holding NaN or Infinity is a 400.
 import asyncio
 import contextlib
 import importlib.util
+import json
 import logging
 from dataclasses import dataclass, field
 
@@ -263,6 +264,30 @@ def log_to_stderr() -> None:
     logger.setLevel(logging.INFO)
 
 
+def json_error_http_protocol():
+    """uvicorn's HTTP/1.1 protocol (h11), answering a request that h11 itself refuses (a raw non-ASCII byte in the
+    target, ``Content-Length: abc``, a malformed header line) with the service's ``{"error": ...}`` shape: such a
+    request never reaches the application, and uvicorn answers it in plain text, which a client parsing every 4xx
+    as JSON cannot read."""
+    import h11
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class JSONErrorH11Protocol(H11Protocol):
+        def send_400_response(self, msg: str) -> None:
+            if msg.startswith("Invalid HTTP request"):  # h11's refusal; an unsupported upgrade says its own
+                msg = ("invalid HTTP request: its request line or headers are not valid HTTP/1.1 (a target of raw "
+                       "non-ASCII bytes, a Content-Length that is not a number, a malformed header line)")
+            body = json.dumps({"error": msg}).encode()
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
+                       (b"connection", b"close")]
+            for event in (h11.Response(status_code=400, headers=headers, reason=b"Bad Request"), h11.Data(data=body),
+                          h11.EndOfMessage()):
+                self.transport.write(self.conn.send(event))
+            self.transport.close()
+
+    return JSONErrorH11Protocol
+
+
 def serve(cfg: ServeConfig, announce=None) -> None:
     """Load what ``cfg`` names, then serve it with uvicorn. ``announce()``, when given, runs once everything
     loaded and before the server starts (so a model or gallery that fails to load is the only thing said)."""
@@ -275,4 +300,4 @@ def serve(cfg: ServeConfig, announce=None) -> None:
     application = create_app(cfg)
     if announce is not None:
         announce()
-    uvicorn.run(application, host=cfg.host, port=cfg.port, log_level="info")
+    uvicorn.run(application, host=cfg.host, port=cfg.port, log_level="info", http=json_error_http_protocol())
