@@ -11,7 +11,7 @@ import pytest
 
 from visrec.faces.align import ARCFACE_112, five_points, similarity_transform
 from visrec.faces.detectors import Detection
-from visrec.data.images import read_image
+from visrec.data.images import not_an_image_reason, read_image
 from visrec.data.prepare import JOURNAL, REPORT, prepare_products
 from visrec.faces.prepare import choose_face, prepare_faces, prepare_landmarks
 from visrec.data.synth import render_face
@@ -132,6 +132,26 @@ def check_crop(path, name, which=0):
     assert np.abs(found - ARCFACE_112[:2]).max() < 2.5  # ... i.e. on the ArcFace template eyes
 
 
+def test_hidden_entries_loose_files_and_other_image_formats_are_listed_not_passed_over(src, tmp_path):
+    """A hidden identity folder (``.carol/``) and a README beside the identities were left out without a row in
+    the report; a ``.gif`` photo was "not an image file" with no word of the formats that are read."""
+    import shutil
+
+    photos = tmp_path / "photos"
+    shutil.copytree(src, photos)
+    (photos / ".carol").mkdir()
+    shutil.copy(photos / "alice" / "a1.png", photos / ".carol" / "c1.png")
+    shutil.copy(photos / "alice" / "a1.png", photos / "alice" / ".a1-copy.png")
+    (photos / "README.md").write_text("who is who\n")
+    (photos / "alice" / "wave.gif").write_bytes(b"GIF89a")
+    report = prepare_faces(photos, tmp_path / "out", detector=FakeDetector())
+    reasons = {row["path"]: row["reason"] for row in report.skipped}
+    assert reasons[".carol"] == reasons["alice/.a1-copy.png"] == "hidden (its name starts with '.'): not read"
+    assert reasons["README.md"] == "a file directly in the image folder that is not an image: not read"
+    assert reasons["alice/wave.gif"].startswith("not an image file visrec reads (suffix .gif; it reads .bmp, ")
+    assert report.written == 4  # the rest as before
+
+
 def test_choose_face_policies():
     small = Detection(np.array([140, 90, 160, 110], np.float32), 0.9)   # central
     large = Detection(np.array([0, 0, 100, 100], np.float32), 0.8)
@@ -158,7 +178,8 @@ def test_faces_folder_report_and_alignment(src, tmp_path):
     assert set(bad) == {"bob/broken.jpg", "bob/zero.jpg"}
     assert "not a decodable image (0 bytes)" in bad["bob/zero.jpg"]
     assert "not a decodable image" in bad["bob/broken.jpg"]
-    assert report.skipped == [{"path": "bob/notes.txt", "reason": "not an image file"}]
+    assert report.skipped == [{"path": "bob/notes.txt", "reason": "not an image file visrec reads (suffix .txt; it "
+                                                           "reads .bmp, .jpeg, .jpg, .png, .tif, .tiff, .webp, any case)"}]
     assert json.loads((out / REPORT).read_text()) == report.to_dict()
 
     for name in ("alice/a1.png", "alice/a2.png", "bob/b1.png", "bob/two.png"):
@@ -282,7 +303,8 @@ def test_faces_without_points(src, tmp_path, monkeypatch):
     assert np.abs(inner.astype(float) - tile).mean() < 12
 
 
-def test_faces_parallel_workers_match_serial(src, tmp_path):
+def test_faces_parallel_workers_match_serial(src, tmp_path, monkeypatch):
+    monkeypatch.setattr("visrec.data.prepare.usable_cores", lambda: 2)  # two workers on a one-core machine too
     serial = tmp_path / "serial"
     prepare_faces(src, serial, detector=FakeDetector(), landmarker=TrueLandmarker())
     # picklable detector and landmarker: worker processes (spawned); a lambda: a thread pool
@@ -316,7 +338,7 @@ def test_products_padding_report_and_resume(tmp_path, monkeypatch):
     report = prepare_products(src, out, size=128)
     assert report.written == 3 and report.total == 4
     assert [u["path"] for u in report.unreadable] == ["broken.jpg"]
-    assert report.skipped == [{"path": "readme.md", "reason": "not an image file"}]
+    assert report.skipped == [{"path": "readme.md", "reason": not_an_image_reason("readme.md")}]
     items = dict(P.list_images(out / "catalogue"))  # the Perfect-500K reader
     assert sorted(items) == ["p1_back", "p1_front", "wide"]
     sq = read_image(items["wide"])
@@ -550,6 +572,65 @@ def test_sizes_and_margins_are_checked_before_any_work(call, tmp_path):
         with pytest.raises(ConfigError, match=option):
             fn(tmp_path / "no-such-folder", tmp_path / "out", **{option: value})
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("fn", [prepare_faces, prepare_landmarks, prepare_products])
+def test_workers_are_bounded_by_the_cores_before_any_work(fn, tmp_path, monkeypatch):
+    """``--workers 500`` spawned 500 processes of ~650 MB each."""
+    from visrec.errors import ConfigError
+
+    monkeypatch.setattr("visrec.data.prepare.usable_cores", lambda: 4)
+    for workers in (5, 0, -1, True, 2.0):
+        with pytest.raises(ConfigError, match=r"workers .*from 1 to 4"):
+            fn(tmp_path / "no-such-folder", tmp_path / "out", workers=workers)
+    assert not (tmp_path / "out").exists()
+
+
+SLOW_POOL = """
+import sys, time
+from visrec.data.prepare import _map
+
+def slow(item):
+    time.sleep(0.2)
+    return item
+
+if __name__ == "__main__":
+    for done in _map(slow, list(range(1000)), 2):
+        if done == 3:
+            print("working", flush=True)
+"""
+
+
+def test_spawned_workers_exit_when_the_parent_is_killed_outright(tmp_path):
+    """After ``kill -9`` of a parallel prepare, its spawned workers slept on forever (each holding its detector):
+    they wait on a task queue whose write end they hold themselves."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from conftest import _zombie
+
+    script = tmp_path / "slow_pool.py"
+    script.write_text(SLOW_POOL)
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert proc.stdout.readline().strip() == "working"
+        children = [int(c) for c in open(f"/proc/{proc.pid}/task/{proc.pid}/children").read().split()]
+        workers = [c for c in children if "spawn_main" in open(f"/proc/{c}/cmdline").read()]
+        assert len(workers) == 2, children
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.time() + 20
+    alive = workers
+    while alive and time.time() < deadline:
+        time.sleep(0.2)
+        alive = [w for w in workers if os.path.exists(f"/proc/{w}") and not _zombie(w)]
+    for w in alive:  # never left behind by the test itself
+        os.kill(w, signal.SIGKILL)
+    assert not alive, "spawned workers outlived their parent"
 
 
 def test_a_photo_or_identity_whose_name_is_not_utf8_is_listed_and_the_run_finishes(tmp_path):

@@ -12,7 +12,7 @@ from typing import Iterable
 
 import numpy as np
 
-from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, read_image
+from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, not_an_image_reason, read_image
 from visrec.data.text import read_text
 from visrec.errors import DataError
 
@@ -25,6 +25,9 @@ class ImageList:
     labels: np.ndarray
     class_names: list[str]
     skipped: list[tuple[Path, str]] = field(default_factory=list)
+    # what an image folder passes over by design (hidden entries, loose files in the root that are not images),
+    # with the reason: a trainer ignores them; ``visrec data prepare`` lists them in its report
+    ignored: list[tuple[Path, str]] = field(default_factory=list)
 
     @property
     def num_classes(self) -> int:
@@ -40,10 +43,13 @@ SKIP_BAD_HINT = "remove it (a train config's data.skip_bad: true leaves such ent
 def _check_image(path: Path, skip_bad: bool, skipped: list) -> bool:
     if path.suffix.lower() not in IMAGE_SUFFIXES:
         if skip_bad:
-            skipped.append((path, "not an image file"))
+            skipped.append((path, not_an_image_reason(path)))
             return False
-        raise DataError(f"not an image file (suffix {path.suffix or 'none'}); {SKIP_BAD_HINT}", path=path)
+        raise DataError(f"{not_an_image_reason(path)}; {SKIP_BAD_HINT}", path=path)
     return True
+
+
+HIDDEN = "hidden (its name starts with '.'): not read"
 
 
 def _entry_kind(path: Path) -> tuple[str, str]:
@@ -77,11 +83,12 @@ def _refuse(path: Path, why: str, skip_bad: bool, skipped: list) -> None:
     skipped.append((path, why))
 
 
-def _entries(folder: Path, skip_bad: bool, skipped: list):
-    """(path, "dir" | "file") of ``folder``'s visible entries, sorted; hidden ones are passed over and the rest
-    (broken links, devices, pipes) refused, or with ``skip_bad`` listed in ``skipped``."""
+def _entries(folder: Path, skip_bad: bool, skipped: list, ignored: list):
+    """(path, "dir" | "file") of ``folder``'s visible entries, sorted; hidden ones are passed over (listed in
+    ``ignored``) and the rest (broken links, devices, pipes) refused, or with ``skip_bad`` listed in ``skipped``."""
     for p in _listing(folder):
         if p.name.startswith("."):
+            ignored.append((p, HIDDEN))
             continue
         kind, why = _entry_kind(p)
         if kind == "bad":
@@ -97,7 +104,7 @@ def read_image_folder(root: str | Path, *, skip_bad: bool = False, verify: bool 
     What is read, and what is not: each sub-folder of ``root`` is an identity and holds image files (a suffix
     of ``visrec.data.images.IMAGE_SUFFIXES``, any case), links to them included. Hidden entries (a name
     starting with ``.``: ``.DS_Store``, ``.cache/``, ``.x.jpg``) are ignored everywhere, as are regular files
-    directly in ``root`` that are not images (a README, a labels list). Anything else is a ``DataError``
+    directly in ``root`` that are not images (a README, a labels list); both are listed in ``ignored``. Anything else is a ``DataError``
     naming it: an image file directly in ``root`` (it belongs to no identity), a folder inside an identity
     folder (nested folders are not read), a file that is not an image, a broken or looping link, a device or
     a pipe (never opened), an identity folder without images. With ``skip_bad`` (a train config's
@@ -105,17 +112,19 @@ def read_image_folder(root: str | Path, *, skip_bad: bool = False, verify: bool 
     root = Path(root)
     if not root.is_dir():
         raise DataError("image folder not found", path=root)
-    paths, labels, names, skipped = [], [], [], []
+    paths, labels, names, skipped, ignored = [], [], [], [], []
     folders = []
-    for p, kind in _entries(root, skip_bad, skipped):
+    for p, kind in _entries(root, skip_bad, skipped, ignored):
         if kind == "dir":
             folders.append(p)
         elif p.suffix.lower() in IMAGE_SUFFIXES:
             _refuse(p, "an image directly in the image folder belongs to no identity (put it in "
                        "<folder>/<identity>/)", skip_bad, skipped)
+        else:
+            ignored.append((p, "a file directly in the image folder that is not an image: not read"))
     for folder in folders:
         files = []
-        for p, kind in _entries(folder, skip_bad, skipped):
+        for p, kind in _entries(folder, skip_bad, skipped, ignored):
             if kind == "dir":
                 _refuse(p, "a folder inside an identity folder (nested folders are not read)", skip_bad, skipped)
             elif _check_image(p, skip_bad, skipped):
@@ -141,7 +150,7 @@ def read_image_folder(root: str | Path, *, skip_bad: bool = False, verify: bool 
         labels += [len(names) - 1] * len(files)
     if not names:
         raise DataError("no identity sub-folders", path=root)
-    return ImageList(paths, np.asarray(labels, np.int64), names, skipped)
+    return ImageList(paths, np.asarray(labels, np.int64), names, skipped, ignored)
 
 
 def _label_key(label: str):

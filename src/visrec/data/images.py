@@ -26,6 +26,13 @@ from visrec.errors import DataError
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
+
+def not_an_image_reason(path: str | Path) -> str:
+    """Why a file is not read as an image, naming its suffix and the ones read (a ``.gif`` or ``.heic`` photo
+    is an image to its owner: "not an image file" alone read as a bug)."""
+    return (f"not an image file visrec reads (suffix {Path(path).suffix or 'none'}; it reads "
+            f"{', '.join(sorted(IMAGE_SUFFIXES))}, any case)")
+
 FREE_PIXELS = 1 << 24
 MAX_PIXELS_PER_BYTE = 1024
 MAX_PIXELS = 1 << 28

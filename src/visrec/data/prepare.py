@@ -28,12 +28,13 @@ import json
 import os
 import pickle
 import re
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from visrec._files import replacing
-from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg
+from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, not_an_image_reason
 from visrec.data.products import (CATALOGUE_DIR, PRODUCT_LABELS, _resize, pad_to_square, read_image_checked,
                                   write_product_labels)
 from visrec.data.text import FolderClaim
@@ -53,8 +54,9 @@ class PrepareReport:
     an earlier run finished them. Problem lists hold input paths (relative to ``src``, or as the CSV names
     them): ``no_face`` paths; ``multiple_faces`` ``{"path", "faces", "action"}`` (action ``"kept largest"``,
     ``"kept central"`` or ``"skipped"``); ``unreadable`` ``{"path", "error"}``; ``bad_annotation``
-    ``{"path", "error"}`` (landmarks); ``skipped`` ``{"path", "reason"}`` for files that are not images (and
-    WFLW lines whose image is not there);
+    ``{"path", "error"}`` (landmarks); ``skipped`` ``{"path", "reason"}`` for what is not prepared: files that
+    are not images, hidden entries and loose files of a faces folder, links not followed (and WFLW lines whose
+    image is not there);
     ``box_crops``: paths cropped from the box without points (faces with ``box_margin``)."""
 
     kind: str
@@ -238,10 +240,36 @@ def assign_names(keys: Sequence[str], wanted: Sequence[str], journal: Journal) -
 _WORKER = None
 
 
-def _init_worker(worker) -> None:
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity where the system tells it)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def check_workers(workers) -> None:
+    """Refuse (``ConfigError``) a worker count below 1 or above the cores this process may use: the work is
+    CPU-bound, so more workers only add memory (each spawned worker builds its own detector, ~650 MB with a dlib
+    or ONNX model; ``--workers 500`` asked for 300 GB)."""
+    cores = usable_cores()
+    if isinstance(workers, bool) or not isinstance(workers, int) or not 1 <= workers <= cores:
+        raise ConfigError(f"workers {workers!r}: a whole number from 1 to {cores} (the cores this process may use; "
+                          "more workers than cores only add memory)")
+
+
+def _exit_with(parent: int) -> None:
+    # a spawned worker waits on its task queue, whose write end it holds too: when the parent is killed outright
+    # (kill -9, the OOM killer) that queue never ends, and the worker would sleep on forever holding its memory
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(1)
+
+
+def _init_worker(worker, parent: int) -> None:
     global _WORKER
+    import threading
+
     import cv2
 
+    threading.Thread(target=_exit_with, args=(parent,), daemon=True, name="exit-with-parent").start()
     cv2.setNumThreads(1)  # the pool is the parallelism
     _WORKER = worker
 
@@ -270,7 +298,7 @@ def _map(worker, items: list, workers: int) -> Iterator:
 
         # spawn: the parent may hold threads (torch, OpenCV) that fork would copy in a locked state
         pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
-                                   initializer=_init_worker, initargs=(worker,))
+                                   initializer=_init_worker, initargs=(worker, os.getpid()))
         results = pool.map(_call_worker, items, chunksize=max(1, min(16, len(items) // (4 * workers))))
     else:
         pool = ThreadPoolExecutor(workers)
@@ -397,6 +425,7 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
     for loose photos). Photos deeper down are listed in ``report.skipped``, not prepared. Ids lose commas and
     path separators. Resumable like ``prepare_faces``."""
     check_crop_options(size=size)
+    check_workers(workers)
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError("product photo folder not found", path=src)
@@ -424,7 +453,7 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
     report = PrepareReport("products", str(out / CATALOGUE_DIR))
     skipped = [p for p in sorted(src.rglob("*")) if p.is_file() and not p.name.startswith(".")
                and p.suffix.lower() not in IMAGE_SUFFIXES]
-    report.skipped = [{"path": shown_path(rel_key(p, src)), "reason": "not an image file"} for p in skipped]
+    report.skipped = [{"path": shown_path(rel_key(p, src)), "reason": not_an_image_reason(p)} for p in skipped]
     report.skipped += [{"path": k, "reason": NOT_UTF8} for k in not_utf8] + entries_not_read(src)
     report.skipped += [{"path": k, "reason": "nested deeper than one product folder (src/<product>/<photo>)"}
                        for k in nested]

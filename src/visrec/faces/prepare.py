@@ -44,8 +44,8 @@ from visrec.data.folders import read_csv_list, read_image_folder
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, read_image
 from visrec.data.landmarks import box_on_image, read_landmark_txt, read_pts, read_wflw
 from visrec.data.prepare import (NOT_UTF8, Journal, PrepareReport, Progress, assign_names, atomic_write,
-                                 check_crop_options, check_distinct_labels, entries_not_read, finish_report, rel_key,
-                                 run_items, safe_name, shown_path, utf8_text)
+                                 check_crop_options, check_distinct_labels, check_workers, entries_not_read,
+                                 finish_report, rel_key, run_items, safe_name, shown_path, utf8_text)
 from visrec.data.recordio import RecordIOWriter
 from visrec.errors import DataError, VisrecError
 from visrec.faces.align import align_face, check_method, five_points
@@ -184,7 +184,7 @@ def _list_faces(src: Path) -> tuple[list[tuple[Path, str]], list[tuple[Path, str
         listing, base = read_image_folder(src, skip_bad=True), src
     else:
         raise DataError("expected a folder with one sub-folder per identity or a .csv list (path,label)", path=src)
-    pairs, skipped = [], list(listing.skipped)
+    pairs, skipped = [], list(listing.skipped) + list(listing.ignored)  # a hidden .alice/ went unmentioned
     for p, lab in zip(listing.paths, listing.labels):
         label = listing.class_names[int(lab)]
         # a name of bytes that are not UTF-8 cannot go into identities.txt or the report (it ended the run at the end)
@@ -214,6 +214,7 @@ def prepare_faces(src: str | Path, out: str | Path, *, detector="haar", landmark
     longest side of the copy faces are found on (None: the full photo; module docstring).
     Writes ``out/prepare_report.json`` and returns the report."""
     check_crop_options(size=size, margin=box_margin, margin_name="box_margin")
+    check_workers(workers)
     src, out = Path(src), Path(out)
     if format not in FORMATS:
         raise VisrecError(f"format must be one of {FORMATS}, got {format!r}")
@@ -380,6 +381,7 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     ``a.png`` both falling back to ``a.pts``) are each a ``bad_annotation`` naming all of them; the rest are
     prepared."""
     check_crop_options(size=size, margin=margin)
+    check_workers(workers)
     src, out = Path(src), Path(out)
     if not src.is_dir():
         raise DataError("photo folder not found", path=src)
