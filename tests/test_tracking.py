@@ -187,9 +187,15 @@ def test_video_to_tracks_writes_a_video_set(video, tmp_path):
     assert (out / "video_filelist.txt").read_text() == "clip01_t000\nclip01_t001\n"
     assert not any(p.name.startswith(".") for p in (out / "videos").iterdir())  # staging removed
 
-    # a second video appends; the same video again is refused
+    # a second video appends, keeping what the user wrote into the list (comment lines were dropped); the same
+    # video again is refused
+    listed = (out / "videos.csv").read_text()
+    (out / "videos.csv").write_text("# tracks of clip01, checked by hand\n" + listed.replace("\n", "\r\n", 1)
+                                    + "\n# end of clip01")
     more = video_to_tracks(iter(frames[:10]), out, FakeDetector(truth), None, video_id="clip02", min_len=10)
     assert [vid for vid, _ in more] == ["clip02_t000"]  # B (9 frames before it hides) is too short
+    assert (out / "videos.csv").read_bytes().decode().startswith("# tracks of clip01, checked by hand\n"
+                                                       + listed.replace("\n", "\r\n", 1) + "\n# end of clip01\n")
     assert [it.video_id for it in read_video_list(out / "videos.csv")][-1] == "clip02_t000"
     assert read_video_list(out / "videos.csv")[-1].label == "clip02_t000"  # default label: the track itself
     with pytest.raises(VisrecError, match="already holds tracks"):

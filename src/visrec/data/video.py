@@ -97,18 +97,24 @@ def read_video_list(path: str | Path) -> list[VideoItem]:
     return items
 
 
-def write_video_list(path: str | Path, items: list[VideoItem]) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+def video_list_rows(path: str | Path, items: list[VideoItem]) -> str:
+    """The ``video_id,path,label`` lines of ``items`` for a list file at ``path`` (paths relative to its folder
+    where they lie under it)."""
     lines = []
     for it in items:
         p = Path(it.path)
         try:
-            p = p.relative_to(path.parent)
+            p = p.relative_to(Path(path).parent)
         except ValueError:
             pass
         lines.append(f"{it.video_id},{p.as_posix()},{it.label}\n")
-    path.write_text("".join(lines))
+    return "".join(lines)
+
+
+def write_video_list(path: str | Path, items: list[VideoItem]) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(video_list_rows(path, items), encoding="utf-8")
     return path
 
 

@@ -277,7 +277,7 @@ def check_distinct_video_ids(sources) -> None:
 
 def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_len, label, progress, resume,
                      track_options) -> list[tuple[str, Path]]:
-    from visrec.data.video import VideoItem, read_video_list, scores_path, write_video_list
+    from visrec.data.video import VideoItem, read_video_list, scores_path, video_list_rows
 
     if video_id is None:
         if not isinstance(source, (str, Path)):
@@ -336,8 +336,11 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
             shutil.rmtree(staging)
     if items:
         _add_to_filelist(out_root, [it.video_id for it in items])
+        # the list as the user has it (comment lines, blank lines, their own paths), the new rows after it
+        kept = read_text(list_path) if list_path.exists() else ""
         with replacing(list_path) as tmp:
-            write_video_list(tmp, existing + items)
+            tmp.write_text(kept + ("\n" if kept and not kept.endswith("\n") else "") + video_list_rows(tmp, items),
+                           encoding="utf-8")
     return written
 
 
