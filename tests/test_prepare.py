@@ -360,6 +360,30 @@ def test_products_padding_report_and_resume(tmp_path, monkeypatch):
     assert again.resumed == 4 and again.written == 3
 
 
+def test_a_rerun_never_replaces_a_file_someone_put_at_a_new_inputs_name(tmp_path):
+    """A file put into --out after a run was replaced, unannounced, when a new input mapped to its name; the
+    output of a killed run's last input (written, not yet journaled) is still simply written again."""
+    src, out = tmp_path / "shop", tmp_path / "cat"
+    src.mkdir()
+    cv2.imwrite(str(src / "a.png"), np.full((40, 60, 3), 90, np.uint8))
+    prepare_products(src, out, size=32)
+    cv2.imwrite(str(src / "b.png"), np.full((50, 30, 3), 30, np.uint8))
+    (out / "catalogue" / "b.jpg").write_bytes(b"the user's own file")
+    with pytest.raises(DataError, match="an earlier prepare did not write") as err:
+        prepare_products(src, out, size=32)
+    assert "b.jpg" in str(err.value) and (out / "catalogue" / "b.jpg").read_bytes() == b"the user's own file"
+    (out / "catalogue" / "b.jpg").unlink()
+    assert prepare_products(src, out, size=32).written == 2
+    # a kill after b.jpg was written and before its journal line: the rerun writes the same bytes again
+    journal = out / JOURNAL
+    lines = journal.read_text().splitlines(keepends=True)
+    assert '"b.png"' in lines[-1]
+    journal.write_text("".join(lines[:-1]))
+    before = (out / "catalogue" / "b.jpg").read_bytes()
+    again = prepare_products(src, out, size=32)
+    assert again.resumed == 1 and again.written == 2 and (out / "catalogue" / "b.jpg").read_bytes() == before
+
+
 def test_a_photo_of_an_extreme_aspect_ratio_is_listed_not_padded_into_terabytes(tmp_path):
     """A 2.7 KB PNG of 1 x 900,000 pixels passes the per-image pixel limits; padded to a square it asked numpy for
     2.2 TiB and ended the run in a MemoryError traceback."""

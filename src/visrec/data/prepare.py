@@ -13,7 +13,9 @@ line is appended (flushed and fsynced), so a crash loses at most the inputs in f
 twice rewrites the same file. A re-run skips the journaled inputs (``retry_problems=True`` retries those that
 failed) and refuses different settings (start a new ``out`` for those); a run that wrote nothing binds no
 settings. ``out/prepare_report.json`` is rewritten at the end of every run from the whole journal. A
-non-empty ``out`` without a journal is refused (``DataError``): its files are not a prepare's to replace.
+non-empty ``out`` without a journal is refused (``DataError``): its files are not a prepare's to replace; so
+is, on a re-run, a file at an unfinished input's output name that holds other bytes than that input gives (a
+killed run's last outputs hold the same bytes and are written again).
 
 Parallelism (``workers`` > 1): a worker that pickles (its detector given as a spec string, built again in each
 process) runs in spawned processes; one that does not (a Haar or ONNX detector instance, a lambda) runs in a
@@ -309,6 +311,23 @@ def _map(worker, items: list, workers: int) -> Iterator:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _check_not_theirs(path: Path, content: bytes | str) -> None:
+    """Refuse (``DataError``) to replace a file at an unfinished input's output name unless it holds the very
+    bytes this input gives: those are a killed run's (the write lands before its journal line, and an input
+    gives the same bytes every time); other bytes are a file someone put there after the last run."""
+    try:
+        if not path.is_file():
+            return
+        data = content.encode() if isinstance(content, str) else content
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return
+    except OSError as exc:
+        raise DataError(f"cannot check what is there before writing: {exc.strerror or exc}", path=path) from None
+    raise DataError("holds a file an earlier prepare did not write, and an input of this run is written under "
+                    "that name: move the file out of the output folder, then run again (finished inputs are kept)",
+                    path=path)
+
+
 def run_items(worker, items: list[tuple], journal: Journal, out_dir: Path, report: PrepareReport,
          workers: int, progress: Progress | None) -> None:
     """Process the items not in the journal; write each result's ``data`` to ``out_dir / out`` and journal it.
@@ -324,10 +343,11 @@ def run_items(worker, items: list[tuple], journal: Journal, out_dir: Path, repor
         for item, result in zip(todo, _map(worker, todo, workers)):
             key, rel = item[0], item[1]
             data = result.pop("data", None)
-            for extra, content in result.pop("files", {}).items():
-                atomic_write(out_dir / extra, content)
-            if data is not None:
-                atomic_write(out_dir / rel, data)
+            writes = list(result.pop("files", {}).items()) + ([(rel, data)] if data is not None else [])
+            for name, content in writes:
+                _check_not_theirs(out_dir / name, content)
+            for name, content in writes:
+                atomic_write(out_dir / name, content)
             journal.add({"key": key, "out": rel if data is not None else None, **result})
             done += 1
             if progress:
