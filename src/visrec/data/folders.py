@@ -104,10 +104,10 @@ def read_image_folder(root: str | Path, *, skip_bad: bool = False, verify: bool 
     What is read, and what is not: each sub-folder of ``root`` is an identity and holds image files (a suffix
     of ``visrec.data.images.IMAGE_SUFFIXES``, any case), links to them included. Hidden entries (a name
     starting with ``.``: ``.DS_Store``, ``.cache/``, ``.x.jpg``) are ignored everywhere, as are regular files
-    directly in ``root`` that are not images (a README, a labels list); both are listed in ``ignored``. Anything else is a ``DataError``
-    naming it: an image file directly in ``root`` (it belongs to no identity), a folder inside an identity
-    folder (nested folders are not read), a file that is not an image, a broken or looping link, a device or
-    a pipe (never opened), an identity folder without images. With ``skip_bad`` (a train config's
+    directly in ``root`` that are not images (a README, a labels list); both are listed in ``ignored``.
+    Anything else is a ``DataError`` naming it: an image file directly in ``root`` (it belongs to no
+    identity), a folder inside an identity folder (nested folders are not read), a file that is not an image,
+    a broken or looping link, a device or a pipe (never opened), an identity folder without images. With ``skip_bad`` (a train config's
     ``data.skip_bad``) those entries are left out and listed in ``skipped`` with the reason instead."""
     root = Path(root)
     if not root.is_dir():

@@ -33,6 +33,7 @@ def not_an_image_reason(path: str | Path) -> str:
     return (f"not an image file visrec reads (suffix {Path(path).suffix or 'none'}; it reads "
             f"{', '.join(sorted(IMAGE_SUFFIXES))}, any case)")
 
+
 FREE_PIXELS = 1 << 24
 MAX_PIXELS_PER_BYTE = 1024
 MAX_PIXELS = 1 << 28
