@@ -107,8 +107,9 @@ def read_image_folder(root: str | Path, *, skip_bad: bool = False, verify: bool 
     directly in ``root`` that are not images (a README, a labels list); both are listed in ``ignored``.
     Anything else is a ``DataError`` naming it: an image file directly in ``root`` (it belongs to no
     identity), a folder inside an identity folder (nested folders are not read), a file that is not an image,
-    a broken or looping link, a device or a pipe (never opened), an identity folder without images. With ``skip_bad`` (a train config's
-    ``data.skip_bad``) those entries are left out and listed in ``skipped`` with the reason instead."""
+    a broken or looping link, a device or a pipe (never opened), an identity folder without images. With
+    ``skip_bad`` (a train config's ``data.skip_bad``) those entries are left out and listed in ``skipped``
+    with the reason instead."""
     root = Path(root)
     if not root.is_dir():
         raise DataError("image folder not found", path=root)
