@@ -55,7 +55,8 @@ def test_published_mac_figures():
 
 
 def test_onnx_graph_count_equals_pytorch(tmp_path):
-    model = build_backbone("mbf")  # depthwise and grouped convs, bias-free convs, FC + BatchNorm1d head
+    # depthwise and grouped convs, bias-free convs, FC + BatchNorm1d head (one block per stage: exported twice)
+    model = build_backbone("mbf", blocks=(1, 1, 1, 1))
     torch_layers = layer_counts(model)
     path = export_onnx(model, tmp_path / "m.onnx", keep_batchnorm=True)
     layers, facts = onnx_layer_counts(path)

@@ -197,16 +197,18 @@ def test_budget_size_is_the_exported_file_from_every_path(tmp_path):
     from visrec.models.model_file import default_contract
 
     torch.manual_seed(0)
-    model = build_backbone("mbf", scale=1)
+    # a shallow mbf (one block per stage): every path exports it, and export time grows with the graph
+    model = build_backbone("mbf", scale=1, blocks=(1, 1, 1, 1))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     for _ in range(2):  # two training steps: every weight and BN statistic moves off its initial value
         opt.zero_grad()
         model.train()(torch.randn(4, 3, 112, 112)).pow(2).mean().backward()
         opt.step()
     model.eval()
-    contract = default_contract(model, {"name": "mbf", "scale": 1})
+    config = {"name": "mbf", "scale": 1, "blocks": [1, 1, 1, 1]}
+    contract = default_contract(model, config)
     ckpt = tmp_path / "model.pt"
-    torch.save({"model_config": {"name": "mbf", "scale": 1}, "backbone": model.state_dict(),
+    torch.save({"model_config": config, "backbone": model.state_dict(),
                 "contract": contract.to_dict()}, ckpt)
     exported, parity = export_checkpoint(ckpt, tmp_path / "exported.onnx")  # as `visrec export` does by default
     assert parity.passed and CHECKPOINT_KEY in {p.key for p in onnx.load(str(exported)).metadata_props}
@@ -219,12 +221,12 @@ def test_budget_size_is_the_exported_file_from_every_path(tmp_path):
     # a registry name builds fresh weights standing for the architecture: its size is that of a trained
     # model's exported file — the same bytes as the checkpoint's (fresh constant initial values would
     # export smaller: the exporter stores identical tensors once)
-    spec_model, spec_contract = _model_from_spec("mbf", ["scale=1"])
-    assert spec_contract == registry_contract(spec_model, "mbf", {"scale": 1})
+    spec_model, spec_contract = _model_from_spec("mbf", ["scale=1", "blocks=[1,1,1,1]"])
+    assert spec_contract == registry_contract(spec_model, "mbf", {"scale": 1, "blocks": [1, 1, 1, 1]})
     assert check(spec_model, "deepglint-light", contract=spec_contract, untrained=True).size_bytes == file_size
     assert check(spec_model, "deepglint-light", contract=spec_contract).size_bytes < file_size  # why untrained=
     # and the CLI prints the same number of bytes for the checkpoint and for the registry name
-    for args in ([str(ckpt)], ["mbf", "--set", "scale=1"]):
+    for args in ([str(ckpt)], ["mbf", "--set", "scale=1", "--set", "blocks=[1,1,1,1]"]):
         out = CliRunner().invoke(app, ["budget", "check", *args, "--protocol", "deepglint-light"])
         assert f"{file_size:,} B" in out.output, out.output
 

@@ -88,8 +88,9 @@ def small_bin(tmp_path_factory):
     d = tmp_path_factory.mktemp("binflip")
     write_verification_pairs(d / "val.bin", 8, 30, seed=5)
     torch.manual_seed(0)
-    torch.save({"model_config": {"name": "mbf", "embedding_size": 64},
-                "backbone": build_backbone("mbf", embedding_size=64).state_dict()}, d / "model.pt")
+    small = {"embedding_size": 64, "scale": 1, "blocks": [1, 1, 1, 1]}  # a small mbf: only the flip rule is tested
+    torch.save({"model_config": {"name": "mbf", **small}, "backbone": build_backbone("mbf", **small).state_dict()},
+               d / "model.pt")
     return d
 
 
@@ -115,7 +116,7 @@ def test_training_validation_reports_both_and_uses_flip(small_bin):
     from visrec.train.faces_task import FaceData, FaceTask
 
     torch.manual_seed(1)
-    net = build_backbone("mbf", embedding_size=64).eval()
+    net = build_backbone("mbf", embedding_size=64, scale=1, blocks=(1, 1, 1, 1)).eval()
     task = SimpleNamespace(data_opts=FaceData(train=small_bin, val=[small_bin / "val.bin"]),
                            ctx=SimpleNamespace(device="cpu"), _val_sets=None)
     metrics = FaceTask.validate(task, net)
