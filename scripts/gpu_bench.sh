@@ -41,12 +41,12 @@ ARCFACE_TORCH="${ARCFACE_TORCH:-}"
 # The sizes of the real run, and of the rehearsal (CPU, the same commands with tiny sizes; a test runs it)
 if [ -n "${GPU_BENCH_REHEARSAL:-}" ]; then
   DEV=cpu; CHECK_N=600; CHECK_IDS=60; CHECK_BLOCK=256; PAIRS_N=1000; THREADS=1; PANEL=256; TILES_N=400; TILES="64,64,16,4,1 64,64,32,4,1"; TILES_TARGET=1e-3; REC_IDS=12; REC_PER=4
-  TRAIN="--steps 2 --warmup 1 --classes 500 --workers 1"; BATCHES="4"; EXTRACT="--extract 16 --batch 8 --workers 1"
+  TRAIN="--steps 2 --warmup 1 --classes 500 --workers 1"; BATCHES="2"; EXTRACT="--extract 16 --batch 8 --workers 1"; EXTRACT_SIZE=64
   SMOKE="--rehearsal"; export TRITON_INTERPRET=1
 else
   DEV=cuda; CHECK_N=30000; CHECK_IDS=1500; CHECK_BLOCK=4096; PAIRS_N=500000; THREADS=8; PANEL=8192; TILES_N=500000; TILES_TARGET=1e-8; REC_IDS=410;
   TILES="128,128,64,8,3 128,256,64,8,3 64,64,32,4,3"; REC_PER=20
-  TRAIN="--steps 30 --workers 12"; BATCHES="512 128"; EXTRACT="--extract 8192 --batch 256"; SMOKE=""
+  TRAIN="--steps 30 --workers 12"; BATCHES="512 128"; EXTRACT="--extract 8192 --batch 256"; EXTRACT_SIZE=224; SMOKE=""
 fi
 
 REPORT="$OUT_DIR/gpu_bench.txt"
@@ -139,7 +139,7 @@ done
 #    only where onnxruntime lists them (onnxruntime-gpu), else one line says they were not measured
 ORT_GPU=$("$PY" -c "import onnxruntime as o; a = o.get_available_providers(); print(*[w for w, p in (('cuda', 'CUDAExecutionProvider'), ('tensorrt', 'TensorrtExecutionProvider')) if p in a])" 2>/dev/null)
 [ -n "$ORT_GPU" ] || echo "products_extraction: ONNX Runtime CUDA / TensorRT not measured: onnxruntime-gpu is absent (onnxruntime lists no GPU provider)" | tee -a "$REPORT"
-step products_extraction 100 "$PY" benchmarks/products_search.py --dims $EXTRACT --backbone resnet50 --size 224 \
+step products_extraction 100 "$PY" benchmarks/products_search.py --dims $EXTRACT --backbone resnet50 --size "$EXTRACT_SIZE" \
   --device "$DEV" ${ORT_GPU:+--providers $ORT_GPU} --work "$WORK"
 
 # 5. the Trainer on CUDA (bf16 / fp16 autocast, stop + resume), the captured step against eager steps over

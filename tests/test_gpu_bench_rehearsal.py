@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = ["kernel_check", "eval_pairs_500k", "eval_pairs_500k_default_block", "pair_kernel_tiles", "train_mbf_4",
-         "train_r50_4", "products_extraction", "trainer_smoke", "train_mbf_128_eager", "train_mbf_nchw_bf16",
+STEPS = ["kernel_check", "eval_pairs_500k", "eval_pairs_500k_default_block", "pair_kernel_tiles", "train_mbf_2",
+         "train_r50_2", "products_extraction", "trainer_smoke", "train_mbf_128_eager", "train_mbf_nchw_bf16",
          "train_mbf_nhwc_fp16", "train_mbf_nchw_fp16"]
 
 
