@@ -112,6 +112,19 @@ def wait_healthy(url, proc, timeout=180):
     raise AssertionError("server did not become healthy")
 
 
+def run_cli_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
+    """(exit status, stderr) of ``visrec ARGS`` run through ``visrec.cli.run_app``, the function the ``visrec``
+    entry point takes its exit status from, in this process (a subprocess pays seconds of imports per call; a
+    test that runs several error cases runs the real entry point once and the rest through this). An exception
+    run_app does not turn into a status (a traceback in the real command) propagates."""
+    from visrec.cli import run_app
+
+    capsys.readouterr()
+    monkeypatch.setattr(sys, "argv", ["visrec", *args])
+    code = run_app()
+    return code, capsys.readouterr().err
+
+
 def small_face_rec(tmp_path_factory, identities: int, per_identity: int, seed: int):
     """A synthetic RecordIO face set (``train/`` in a fresh temporary folder) for the trainer's tests."""
     from visrec.data.synth import write_face_dataset
