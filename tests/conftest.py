@@ -197,7 +197,7 @@ def milvus_server(tmp_path_factory):
     server = MilvusServer(tmp_path_factory.mktemp("milvus-server")).start()
     yield server
     pid = server.pid
-    server.stop()
+    server.stop(grace=2.0)  # its data folder goes with the session: no flush to wait for (15 s of a run's end)
     assert pid is None or not os.path.exists(f"/proc/{pid}") or _zombie(pid), "the Milvus server outlived its stop"
 
 

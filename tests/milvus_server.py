@@ -101,13 +101,16 @@ class MilvusServer:
             self.server.server_proc = None
         self.stop()
 
-    def stop(self):
+    def stop(self, grace: float = 15.0):
+        """Stop the server: SIGTERM, then kill -9 after ``grace`` seconds. A clean shutdown flushes (the package
+        waits only 1 s before kill -9), and with a loaded collection it takes longer than 15 s: a caller that
+        discards the data folder afterwards (the tests' session server) passes a short grace."""
         proc = self.server.server_proc
         children = _children(proc.pid) if proc is not None else []
         if proc is not None:
             proc.terminate()
             try:
-                proc.wait(timeout=15)  # a clean shutdown flushes; the package waits only 1 s before kill -9
+                proc.wait(timeout=grace)
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait(timeout=10)
