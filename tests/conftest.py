@@ -112,13 +112,19 @@ def wait_healthy(url, proc, timeout=180):
     raise AssertionError("server did not become healthy")
 
 
-def run_cli_in_process(args: list[str], monkeypatch, capsys) -> tuple[int, str]:
-    """(exit status, stderr) of ``visrec ARGS`` run through ``visrec.cli.run_app``, the function the ``visrec``
-    entry point takes its exit status from, in this process (a subprocess pays seconds of imports per call; a
-    test that runs several error cases runs the real entry point once and the rest through this). An exception
-    run_app does not turn into a status (a traceback in the real command) propagates."""
+def cli_status(args: list[str], monkeypatch, capsys, *, real: bool = False) -> tuple[int, str]:
+    """(exit status, stderr) of ``visrec ARGS``. ``real``: the entry point in a fresh interpreter; otherwise
+    through ``visrec.cli.run_app``, the function the entry point takes its exit status from, in this process (a
+    subprocess pays seconds of imports per call: a test of several error cases runs the real one once). An
+    exception run_app does not turn into a status (a traceback in the real command) propagates."""
+    import subprocess
+
     from visrec.cli import run_app
 
+    if real:
+        done = subprocess.run([sys.executable, "-m", "visrec.cli", *args], capture_output=True, text=True,
+                              timeout=300)
+        return done.returncode, done.stderr
     capsys.readouterr()
     monkeypatch.setattr(sys, "argv", ["visrec", *args])
     code = run_app()

@@ -170,21 +170,13 @@ def test_duplicate_key_is_refused_naming_key_and_file(tmp_path):
 
 
 def test_cli_set_errors_exit_2_without_traceback(tmp_path, monkeypatch, capsys):
-    import subprocess
-    import sys
-
-    from conftest import run_cli_in_process
+    from conftest import cli_status
 
     path = write(tmp_path, BASE.format(out=tmp_path / "o"))
     for i, override in enumerate(("batch_size.x=1", "optim.lr=[1", "optim.lr=!!python/name:os.system",
                                   "optim.lr=.inf", "model.embedding_size=0")):
-        args = ["train", "--config", str(path), "--set", override]
-        if i == 0:  # the real entry point once; the other cases through the function it takes its status from
-            done = subprocess.run([sys.executable, "-m", "visrec.cli", *args], capture_output=True, text=True,
-                                  timeout=120)
-            code, err = done.returncode, done.stderr
-        else:
-            code, err = run_cli_in_process(args, monkeypatch, capsys)
+        # the real entry point once; the other cases through the function it takes its status from
+        code, err = cli_status(["train", "--config", str(path), "--set", override], monkeypatch, capsys, real=i == 0)
         assert code == 2 and "error:" in err and "Traceback" not in err, (override, err)
     assert not (tmp_path / "o").exists()  # refused before any work
 

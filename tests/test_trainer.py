@@ -408,7 +408,7 @@ def test_an_output_that_is_or_lies_under_a_file_is_refused_first(face_rec, tmp_p
 
 
 def test_cli_train_output_file_and_bad_val_exit_2(face_rec, tmp_path, monkeypatch, capsys):
-    from conftest import run_cli_in_process
+    from conftest import cli_status
 
     few = _bins(tmp_path)[1]
     (tmp_path / "afile").write_text("x")
@@ -418,12 +418,8 @@ def test_cli_train_output_file_and_bad_val_exit_2(face_rec, tmp_path, monkeypatc
         args = ["train", "--config", str(cfg), "--no-progress"]
         for o in over:
             args += ["--set", o]
-        if i == 0:  # the real entry point once; the other cases through the function it takes its status from
-            done = subprocess.run([sys.executable, "-m", "visrec.cli", *args], capture_output=True, text=True,
-                                  timeout=300)
-            code, err = done.returncode, done.stderr
-        else:
-            code, err = run_cli_in_process(args, monkeypatch, capsys)
+        # the real entry point once; the other cases through the function it takes its status from
+        code, err = cli_status(args, monkeypatch, capsys, real=i == 0)
         assert code == 2 and "error:" in err and "Traceback" not in err, err
     assert not (tmp_path / "r").exists()
 
