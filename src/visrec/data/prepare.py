@@ -192,11 +192,12 @@ def safe_name(name: str) -> str:
     return name or "_"
 
 
-def entries_not_read(src: Path) -> list[dict]:
-    """What a recursive listing of ``src`` leaves out without a word, as skipped report rows: a link to a folder
-    (not followed), a broken link, and a device or pipe (a link to /dev/zero named .jpg)."""
+def entries_not_read(src: Path, entries: Sequence[Path]) -> list[dict]:
+    """What a recursive listing of ``src`` (``entries``: the preparer's own ``sorted(src.rglob("*"))``) leaves
+    out without a word, as skipped report rows: a link to a folder (not followed), a broken link, and a device
+    or pipe (a link to /dev/zero named .jpg)."""
     rows = []
-    for p in sorted(src.rglob("*")):
+    for p in entries:
         if p.is_dir() and not p.is_symlink() or p.is_file():
             continue
         if p.is_symlink() and p.is_dir():
@@ -450,7 +451,8 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
     if not src.is_dir():
         raise DataError("product photo folder not found", path=src)
     photos, product, nested, not_utf8 = [], {}, [], []
-    for p in sorted(src.rglob("*")):
+    entries = sorted(src.rglob("*"))  # listed once: a catalogue may hold half a million photos
+    for p in entries:
         if not p.is_file() or p.name.startswith("."):
             continue
         rel = p.relative_to(src)
@@ -471,10 +473,10 @@ def prepare_products(src: str | Path, out: str | Path, *, size: int | None = 512
     journal = Journal(out, settings, retry_problems)
     names = assign_names(keys, [f"{CATALOGUE_DIR}/{product[k][0]}.jpg" for k in keys], journal)
     report = PrepareReport("products", str(out / CATALOGUE_DIR))
-    skipped = [p for p in sorted(src.rglob("*")) if p.is_file() and not p.name.startswith(".")
+    skipped = [p for p in entries if p.is_file() and not p.name.startswith(".")
                and p.suffix.lower() not in IMAGE_SUFFIXES]
     report.skipped = [{"path": shown_path(rel_key(p, src)), "reason": not_an_image_reason(p)} for p in skipped]
-    report.skipped += [{"path": k, "reason": NOT_UTF8} for k in not_utf8] + entries_not_read(src)
+    report.skipped += [{"path": k, "reason": NOT_UTF8} for k in not_utf8] + entries_not_read(src, entries)
     report.skipped += [{"path": k, "reason": "nested deeper than one product folder (src/<product>/<photo>)"}
                        for k in nested]
     run_items(_ProductWorker(size, fill, quality), [(k, names[k], str(p)) for k, p in zip(keys, photos)], journal,

@@ -389,7 +389,8 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     if annotations is not None:
         for r in read_wflw(annotations, points or 98):  # one line per face: an image may come several times
             wflw.setdefault(r.image, []).append((r.points, r.box))
-    photos = sorted(p for p in src.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    entries = sorted(src.rglob("*"))
+    photos = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     keys = [rel_key(p, src) for p in photos]
     items, sources = [], {}  # (journal key, wanted name, photo); journal key -> its points' source (the worker's)
     takers: dict[Path, list[str]] = {}  # sidecar -> the photos that take it
@@ -419,7 +420,7 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     absent = [(image, len(lines)) for image, lines in wflw.items() if image not in found_keys]
     report = PrepareReport("landmarks", str(out), skipped=[
         {"path": image, "reason": f"listed in {Path(annotations).name} ({n} face{'s' if n > 1 else ''}), not found "
-                                  f"under {src}"} for image, n in absent] + entries_not_read(src))
+                                  f"under {src}"} for image, n in absent] + entries_not_read(src, entries))
     worker = _LandmarkWorker(detector, points, size, margin, sources, quality)
     run_items(worker, [(k, names[k], str(p)) for k, _, p in items], journal, out, report, workers, progress)
     return finish_report(report, journal, out)

@@ -293,7 +293,9 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
     if videos.exists() and not videos.is_dir():  # found only after the whole video was tracked (a traceback)
         raise DataError("must be the folder of track folders; this is a file: move it out of the video set",
                         path=videos)
-    existing = read_video_list(list_path) if list_path.exists() and read_text(list_path).strip() else []
+    # read once: the folder claim keeps other writers out until the new rows go after this text
+    listed = read_text(list_path) if list_path.exists() else ""
+    existing = read_video_list(list_path) if listed.strip() else []
     prefix = f"{video_id}_t"
     ours = re.compile(re.escape(prefix) + r"\d{3,}").fullmatch  # this video's tracks, not those of 'clip_tx'
     done = [it for it in existing if ours(it.video_id)]
@@ -337,10 +339,9 @@ def _video_to_tracks(source, out_root: Path, detector, embedder, video_id, min_l
     if items:
         _add_to_filelist(out_root, [it.video_id for it in items])
         # the list as the user has it (comment lines, blank lines, their own paths), the new rows after it
-        kept = read_text(list_path) if list_path.exists() else ""
         with replacing(list_path) as tmp:
-            tmp.write_text(kept + ("\n" if kept and not kept.endswith("\n") else "") + video_list_rows(tmp, items),
-                           encoding="utf-8")
+            tmp.write_text(listed + ("\n" if listed and not listed.endswith("\n") else "")
+                           + video_list_rows(tmp, items), encoding="utf-8")
     return written
 
 
