@@ -191,6 +191,7 @@ def test_a_registry_model_over_the_parameter_cap_is_refused_before_its_weights_a
     ({"spec": {**SPEC, "stem": {"channels": 8, "kernel": 4}}}, "spec"),
     ({"spec": {**SPEC, "head": {"channels": 99999}}}, "spec"),
     ({"spec": {**SPEC, "task": "landmarks"}}, "spec"), ({"same_as": "zero"}, "same_as"),
+    ({"gflops": None}, "gflops"),  # a trained trial always recorded its cost
 ])
 def test_a_trial_record_that_is_not_what_a_search_writes_is_an_error_naming_the_storage_and_trial(tmp_path, attrs,
                                                                                                  field):
@@ -198,6 +199,28 @@ def test_a_trial_record_that_is_not_what_a_search_writes_is_an_error_naming_the_
     study, desc = load_search_study(None, tmp_path / "run")
     with pytest.raises(DataError, match=rf"study.journal, record trial 1, field '{field}'"):
         summarise(study, desc)
+
+
+def test_a_trial_killed_between_its_spec_and_its_cost_is_abandoned_and_the_study_still_reads(tmp_path):
+    """A kill -9 landed after a worker recorded a trial's spec and before its GFLOPs (each attribute is its own
+    journal write); the resume marked it abandoned and then refused the whole journal for the missing cost
+    (seen in CI). An abandoned trial, or one a live worker is recording now, may lack its cost."""
+    from visrec.search.study import recover_abandoned, this_worker
+
+    run = tmp_path / "run"
+    journal_study(run, [{}])
+    study, _ = load_search_study(None, run)
+    me = this_worker()
+    killed, live = study.ask(), study.ask()
+    killed.set_user_attr("worker", {**me, "start": -1})  # this pid with another start time: a dead process
+    live.set_user_attr("worker", me)
+    for trial in (killed, live):
+        trial.set_user_attr("spec", SPEC)  # and nothing after it
+    assert recover_abandoned(study) == [killed.number]
+    result = summarise(*load_search_study(None, run))  # read back from the journal file
+    assert [(r.number, r.status, r.gflops) for r in result.rows] == [
+        (0, "complete", 0.003), (killed.number, "abandoned", None), (live.number, "running", None)]
+    assert result.best.number == 0
 
 
 def test_a_diverged_trials_worst_score_is_kept_and_never_best(tmp_path):

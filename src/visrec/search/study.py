@@ -429,9 +429,11 @@ class Objective:
         trial.set_user_attr("worker", this_worker())  # first: a trial of a killed worker is recognised
         spec = self.space.sample(lambda name, options: trial.suggest_categorical(name, options))
         cost = candidate_cost(spec, **self.cost_kwargs)
-        trial.set_user_attr("spec", spec)
+        # the cost before the spec: each attribute is its own journal write, and a kill between them must not
+        # leave an architecture without its cost (a resume then refused the journal)
         for key, value in (("gflops", cost.gflops), ("mb", cost.mb), ("params", cost.params)):
             trial.set_user_attr(key, value)
+        trial.set_user_attr("spec", spec)
         budget = self.s.budget
         why = over_budget(cost, budget.max_gflops, budget.max_mb)
         if why is None and cost.params > MAX_BUILD_PARAMS:
@@ -714,6 +716,11 @@ def _row(t, desc: str, task: str) -> TrialRow:
     return row
 
 
+# Statuses a worker reaches only after recording the trial's cost (it decided on the budget). An abandoned,
+# failed or running trial may have stopped, or be, between recording its spec and its cost.
+COSTED = ("complete", "pruned", "repeat", "rejected", "skipped")
+
+
 def _checked(row: TrialRow, desc: str, task: str) -> None:
     """A :class:`DataError` naming the storage, the trial and the field unless the row's figures are numbers in
     their range (a score is a TPR in [0, 1] or an NME >= 0; a diverged trial's is the worst infinity) and its
@@ -737,8 +744,8 @@ def _checked(row: TrialRow, desc: str, task: str) -> None:
                                         and 0 <= row.same_as < row.number):
         bad("same_as", f"{shown(row.same_as)} is not an earlier trial's number")
     if row.spec is not None:
-        if row.gflops is None:
-            bad("gflops", "missing for a trial with an architecture")
+        if row.gflops is None and row.status in COSTED:
+            bad("gflops", f"missing for a {row.status} trial with an architecture")
         try:
             spec = check_spec(row.spec, "spec")
         except ConfigError as exc:
