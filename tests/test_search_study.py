@@ -308,21 +308,50 @@ def test_a_study_killed_before_its_settings_were_recorded_is_taken_over(faces, t
         assert study.user_attrs["settings"] == settings.fingerprint(settings.space())
 
 
-def test_the_journal_lock_points_at_an_absolute_path(faces, tmp_path, monkeypatch):
-    """Optuna's lock is a symlink to the journal; with a relative --out it pointed at a path that dangles from the
-    journal's folder, so a lock left by a kill was never judged stale and every later run spun forever."""
+def test_a_worker_killed_while_holding_the_journal_lock_leaves_no_lock_behind(faces, tmp_path, monkeypatch):
+    """Optuna's journal lock is a symlink file: a kill -9 during a write left it, and every later writer (the
+    resume) waited 30 s, then broke it by force (seen in CI: "Forcibly releasing the lock file"). The journal's
+    lock is now a flock the kernel drops with its process; while its holder lives it excludes everyone."""
+    import fcntl
+
     from optuna.study import StudyDirection
 
     from visrec.search.study import open_storage
 
     monkeypatch.chdir(tmp_path)
     (tmp_path / "run").mkdir()
-    links = []
-    real = os.symlink
-    monkeypatch.setattr(os, "symlink", lambda src, dst, *a, **k: links.append(src) or real(src, dst, *a, **k))
     storage, desc = open_storage(None, Path("run"))
+    assert os.path.isabs(desc)
     storage.create_new_study(directions=[StudyDirection.MAXIMIZE], study_name="x")
-    assert links and all(os.path.isabs(src) for src in links) and os.path.isabs(desc)
+    journal = tmp_path / "run" / "study.journal"
+    # a worker writing to the journal, killed in the middle of the write (its fsync never returns)
+    holder = subprocess.Popen([sys.executable, "-c", """if True:
+        import os, sys, time
+        from optuna.study import StudyDirection
+        from visrec.search.study import open_storage
+        storage, _ = open_storage(None, "run")
+        os.fsync = lambda fd: print("held", flush=True) or time.sleep(600)
+        storage.create_new_study(directions=[StudyDirection.MAXIMIZE], study_name="killed")
+        """], env={**os.environ, "PYTHONPATH": str(ROOT / "src")}, stdout=subprocess.PIPE, text=True)
+
+    def free() -> bool:
+        with open(journal, "rb+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                return True
+            except BlockingIOError:
+                return False
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert not free()  # a live holder excludes every other writer
+    finally:
+        holder.kill()
+        holder.wait()
+    assert sorted(os.listdir(tmp_path / "run")) == ["study.journal"]  # no lock file left
+    assert free()  # the kill released the lock: nothing to wait out
+    storage, _ = open_storage(None, Path("run"))  # what a resume opens: it takes the lock to check the journal
+    storage.create_new_study(directions=[StudyDirection.MAXIMIZE], study_name="y")
+    assert sorted(s.study_name for s in storage.get_all_studies()) == ["killed", "x", "y"]
 
 
 def test_the_cli_reports_a_bad_storage_as_an_error_naming_it(faces, tmp_path):

@@ -23,8 +23,8 @@ A trial, in order (:class:`Objective`):
    ``prune_after`` of them exist) ends as *pruned* and counts as a trained trial.
 
 Durability and scale-out: the study lives in Optuna storage — by default a journal file in the run directory
-(``study.journal``; Optuna's append-only log with a file lock, safe for several processes on one machine or
-a shared file system), or any Optuna storage URL (PostgreSQL/MySQL through SQLAlchemy) for several machines.
+(``study.journal``; Optuna's append-only log, each write under a ``flock``, :class:`JournalLock`; safe for
+several processes on one machine or a shared file system), or any Optuna storage URL (PostgreSQL/MySQL through SQLAlchemy) for several machines.
 Every finished trial is in the storage when it ends, so a worker killed with SIGKILL loses at most the trial
 it was training (a kill in the middle of a write leaves a torn last line, cut off before the next write:
 :func:`check_journal`). ``resume=True`` continues (or joins) the study: trials left RUNNING by a dead worker of this
@@ -196,8 +196,6 @@ def open_storage(storage: str | None, out: Path, *, write: bool = True):
     from optuna.storages.journal import JournalFileBackend
 
     if storage is None or "://" not in storage:
-        # absolute: Optuna's lock is a symlink to this path, which a relative path would make dangle (read from
-        # the journal's folder), and a lock left by a kill would then never be judged stale: every later run spun
         path = (Path(storage) if storage else Path(out) / JOURNAL).absolute()
         named = f"--storage {path}" if storage else f"study storage {path}"
         if path.is_dir():
@@ -207,7 +205,7 @@ def open_storage(storage: str | None, out: Path, *, write: bool = True):
         if not write and not path.exists():
             raise ConfigError(f"{named}: no such journal file (no search was run there)")
         check_journal(path, repair=write)
-        backend = _CountingBackend(JournalFileBackend(str(path)))
+        backend = _CountingBackend(JournalFileBackend(str(path), lock_obj=JournalLock(path)))
         try:
             return JournalStorage(backend), str(path)
         except (ValueError, KeyError, TypeError, IndexError, AssertionError) as exc:  # entries Optuna cannot replay
@@ -222,6 +220,33 @@ def open_storage(storage: str | None, out: Path, *, write: bool = True):
     except Exception as exc:  # noqa: BLE001 - SQLAlchemy/driver errors of every kind: said with the URL
         reason = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"cannot reach the study storage {_masked(storage)}: {reason}") from None
+
+
+class JournalLock:
+    """The journal's write lock: ``flock`` on the journal file itself, held only while an entry is appended.
+    The kernel drops it when its process dies, so a worker killed mid-write leaves nothing behind (Optuna's own
+    lock is a symlink file: after a kill -9 every later writer waited 30 s, then broke it by force). Linux
+    NFS clients emulate ``flock`` with byte-range locks, so a journal on a shared file system stays safe."""
+
+    def __init__(self, path: Path):
+        self.path, self.fd = str(path), None
+
+    def acquire(self) -> bool:
+        import fcntl
+
+        fd = os.open(self.path, os.O_RDWR)  # for writing: an NFS exclusive lock needs a writable descriptor
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except BaseException:
+            os.close(fd)
+            raise
+        self.fd = fd
+        return True
+
+    def release(self) -> None:
+        fd, self.fd = self.fd, None
+        if fd is not None:
+            os.close(fd)  # closing the descriptor releases the lock
 
 
 class _CountingBackend:
@@ -251,11 +276,9 @@ def check_journal(path: Path, *, repair: bool) -> None:
     a kill: Optuna skips it when reading but appends straight onto it, which would corrupt the journal for good;
     with ``repair`` it is cut off (under the journal's lock, so no live worker is writing it). Bytes that do
     not begin like a journal entry are refused, never cut: the file may be something else."""
-    from optuna.storages.journal import JournalFileSymlinkLock
-
     if not path.exists():
         return
-    lock = JournalFileSymlinkLock(str(path)) if repair else None
+    lock = JournalLock(path) if repair else None
     if lock is not None:
         lock.acquire()
     try:
