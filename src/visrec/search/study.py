@@ -24,7 +24,8 @@ A trial, in order (:class:`Objective`):
 
 Durability and scale-out: the study lives in Optuna storage — by default a journal file in the run directory
 (``study.journal``; Optuna's append-only log, each write under a ``flock``, :class:`JournalLock`; safe for
-several processes on one machine or a shared file system), or any Optuna storage URL (PostgreSQL/MySQL through SQLAlchemy) for several machines.
+several processes on one machine or a shared file system), or any Optuna storage URL (PostgreSQL/MySQL through
+SQLAlchemy) for several machines.
 Every finished trial is in the storage when it ends, so a worker killed with SIGKILL loses at most the trial
 it was training (a kill in the middle of a write leaves a torn last line, cut off before the next write:
 :func:`check_journal`). ``resume=True`` continues (or joins) the study: trials left RUNNING by a dead worker of this
