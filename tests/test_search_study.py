@@ -230,6 +230,37 @@ def test_two_workers_share_one_study_and_a_resume_after_kill_9_keeps_every_finis
         assert len(logged) == len(set(logged)), f"trial {n} logged a step twice"
 
 
+def test_a_kill_after_any_journal_write_leaves_a_study_a_resume_recovers_and_reports(faces, tmp_path, monkeypatch):
+    """A kill -9 stops a worker after any one of its journal writes (each Optuna call appends one line), so every
+    prefix of a real search's journal is what some kill leaves. Each must open for a resume, have its running
+    trials recovered as abandoned, and summarise with its finished trials as the whole run recorded them (CI
+    once hit a prefix, a trial's spec without its cost, that the record check refused)."""
+    from visrec.search import study as study_mod
+    from visrec.search.study import open_search, recover_abandoned
+
+    settings = face_settings(faces, tmp_path / "run", trials=3, steps=4)
+    run_worker(settings, progress=False)
+    lines = (tmp_path / "run" / "study.journal").read_bytes().splitlines(keepends=True)
+    whole = {r.number: r for r in summarise(*load_search_study(None, tmp_path / "run")).rows}
+    monkeypatch.setattr(study_mod, "_worker_alive", lambda worker: False)  # the cut journals' workers were killed
+    monkeypatch.setattr(study_mod, "OWNER_GRACE_S", 0.0)
+    space, cut = settings.space(), tmp_path / "cut"
+    cut.mkdir()
+    statuses = set()
+    for k in range(1, len(lines) + 1):
+        (cut / "study.journal").write_bytes(b"".join(lines[:k]))
+        study, desc = open_search(face_settings(faces, cut, trials=3, steps=4), space, resume=True)
+        recover_abandoned(study)
+        for row in summarise(study, desc).rows:
+            statuses.add(row.status)
+            assert row.status not in ("running", "failed"), (k, row)
+            if row.status in ("complete", "pruned", "repeat", "rejected"):
+                assert (row.status, row.score, row.gflops, row.spec) == (
+                    whole[row.number].status, whole[row.number].score, whole[row.number].gflops,
+                    whole[row.number].spec), (k, row)
+    assert {"complete", "abandoned", "waiting"} <= statuses  # kills inside training were among the cuts
+
+
 def test_bad_search_inputs_are_clear_errors_and_write_nothing(faces, tmp_path):
     out = tmp_path / "run"
     with pytest.raises(ConfigError, match="no candidate can meet the budget: the least one has .* GFLOPs > 0.001"):
