@@ -5,6 +5,7 @@ the identity ranges; verification .bin pickles that ask for a 1 TiB array; non-U
 format; decompression bombs; unknown model options.
 """
 
+import os
 import pickle
 import struct
 import tracemalloc
@@ -410,6 +411,75 @@ def test_device_or_pipe_behind_a_data_file_name_is_refused(tmp_path):
             listing.image(i)
     with pytest.raises(DataError, match=r"b\.jpg: not a regular file"):
         read_landmark_txt(folder / "b.jpg")
+
+
+def _readers_of_named_files(tmp_path):
+    """(name, what reads a file at PATH) for every reader of a file a user names outside a data set: model
+    files, a gallery export, a study journal, an index, teacher features, a gallery, a resumed prepare."""
+    from visrec._npz import load_npz
+    from visrec._onnx import open_session
+    from visrec._torchfile import read_torch_file
+    from visrec.budget import check
+    from visrec.data.prepare import JOURNAL, Journal
+    from visrec.index.catalogue import MANIFEST, CatalogueIndex
+    from visrec.index.faiss_index import FaissIndex
+    from visrec.index.gallery.store import GalleryFile
+    from visrec.models.dlib_dnn import read_dlib_resnet
+    from visrec.models.loading import load_model
+    from visrec.models.zoo import graph_normalises_input
+    from visrec.search.study import open_storage
+    from visrec.train.distill_task import load_teacher_features
+
+    return {
+        "torch file": ("model.pt", read_torch_file),
+        "model (checkpoint)": ("model.pt", load_model),
+        "model (ONNX)": ("model.onnx", load_model),
+        "ONNX session": ("model.onnx", open_session),
+        "budget of an ONNX file": ("model.onnx", lambda p: check(p, "deepglint-light")),
+        "insightface zoo ONNX": ("w600k.onnx", graph_normalises_input),
+        "dlib model": ("dlib.dat", read_dlib_resnet),
+        "gallery export": ("gallery.npz", lambda p: load_npz(p, "gallery export")),
+        "FAISS index": ("index.faiss", FaissIndex.load),
+        "catalogue manifest": (MANIFEST, lambda p: CatalogueIndex(p.parent)),
+        "search journal": ("study.journal", lambda p: open_storage(str(p), p.parent)),
+        "FAISS gallery file": ("gallery.sqlite", GalleryFile),
+        "teacher features": ("teacher.npy", lambda p: p.with_suffix(".json").write_text("{}") and load_teacher_features(
+            p, model_config={}, num_items=1, flip_average=True)),  # beside its sidecar
+        "prepare journal": (JOURNAL, lambda p: Journal(p.parent, {})),
+    }
+
+
+@pytest.mark.parametrize("kind", ["pipe", "device"])
+def test_a_pipe_or_device_where_a_model_gallery_journal_or_index_file_belongs_is_refused(tmp_path, kind):
+    """A FIFO named like a model file hung `visrec budget check` (and eval, export, gallery import, search
+    report, products search) forever: its reader waited for a writer; a device never ends. Every reader of a
+    file a user names outside a data set refuses it first, naming the file. SIGALRM turns a hang into a
+    failure."""
+    import signal
+
+    def hung(signum, frame):
+        raise TimeoutError("the reader blocked on the pipe")
+
+    previous = signal.signal(signal.SIGALRM, hung)
+    try:
+        for name, (file_name, reader) in _readers_of_named_files(tmp_path).items():
+            folder = tmp_path / kind / name.replace(" ", "_").replace("(", "").replace(")", "")
+            folder.mkdir(parents=True)
+            path = folder / file_name
+            os.mkfifo(path) if kind == "pipe" else path.symlink_to("/dev/zero")
+            signal.alarm(20)
+            try:
+                with pytest.raises(DataError, match="not a regular file") as caught:
+                    reader(path)
+            finally:
+                signal.alarm(0)
+            assert file_name in str(caught.value), (name, str(caught.value))
+    finally:
+        signal.signal(signal.SIGALRM, previous)
+    from visrec.index.gallery.milvus import MilvusGallery
+
+    with pytest.raises(DataError, match="a Milvus Lite gallery is a folder"):  # its database is a folder
+        MilvusGallery(uri=path)  # the last pipe or device: the prepare journal's
 
 
 def test_evaluation_lists_and_yaml_configs_are_utf8_with_errors_naming_file_and_line(tmp_path):

@@ -18,6 +18,27 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
+from visrec.errors import DataError
+
+NOT_REGULAR = "not a regular file (a directory, device or pipe)"
+
+
+def check_regular_file(path: str | Path) -> Path:
+    """``path``, unless it exists and is not a regular file (links followed): then a :class:`DataError` naming
+    it. Every reader of a file a user names (a model, a gallery export, a study journal, an index) calls it
+    first: a FIFO blocks its reader until some writer comes, a device (``/dev/zero`` behind a link) never
+    ends, and a folder fails in each library its own way. A missing path passes: its reader says so."""
+    path = Path(path)
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return path
+    except (OSError, ValueError) as exc:  # a link loop, a name too long, a NUL byte
+        raise DataError(f"cannot read: {getattr(exc, 'strerror', None) or exc}", path=path) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise DataError(NOT_REGULAR, path=path)
+    return path
+
 
 def leftovers(folder: Path, prefix: str) -> list[Path]:
     """The entries of ``folder`` named ``<prefix><pid>-...`` or ``<prefix><pid>....`` (the temporary names visrec

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec._files import check_regular_file
 from visrec.errors import DataError
 
 MAX_DEFLATE_RATIO = 1032  # the most deflate can expand: 258-byte matches coded in ~2 bits
@@ -156,7 +157,7 @@ def load_npz(path: str | Path, what: str, stream: tuple[str, ...] = ()) -> dict:
     Raises :class:`DataError` naming the file and the member for a missing file, a file that is not a zip of
     ``.npy`` arrays, an object array, or a member whose declared size its bytes cannot hold.
     """
-    path = Path(path)
+    path = check_regular_file(path)
     if not path.exists():
         raise DataError(f"{what} not found", path=path)
     try:

@@ -47,6 +47,7 @@ from typing import Sequence
 
 import numpy as np
 
+from visrec._files import check_regular_file
 from visrec._optional import require
 from visrec.errors import DataError, shown
 
@@ -528,7 +529,7 @@ def check_graph(path: str | Path, input_hw: Sequence[int] | None = None) -> int 
     (the largest tensor of one image, at batch 1, divides it; at least 1), or None when the graph fixes its
     batch (it was sized at that batch)."""
     onnx = require("onnx", "export")
-    path = Path(path)
+    path = check_regular_file(path)
     try:
         file_bytes = path.stat().st_size
         model = onnx.load(str(path), load_external_data=False)

@@ -35,7 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from visrec._files import replacing
+from visrec._files import check_regular_file, replacing
 from visrec.errors import DataError, shown
 
 
@@ -254,7 +254,7 @@ def _refused_globals(path: Path, exc: Exception) -> list[str] | None:
 def read_torch_file(path: str | Path, map_location: str | torch.device = "cpu") -> Any:
     """``torch.load(path, weights_only=True)`` (numpy arrays of old resume files allowed); any file that
     needs another global, or that is not a torch file at all, raises ``DataError`` naming ``path``."""
-    path = Path(path)
+    path = check_regular_file(path)
     head = None
     try:
         with open(path, "rb") as fh:

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from visrec._files import check_regular_file
 from visrec._onnx_check import fold_shape_computations
 from visrec._optional import require
 from visrec.errors import ConfigError, DataError, VisrecError
@@ -197,6 +198,7 @@ def full_flops(model: nn.Module, input_size=(1, 3, 112, 112)) -> int:
 def _load_onnx(path: Path):
 
     onnx = require("onnx", "export")
+    check_regular_file(path)
     try:
         model = onnx.load(str(path))
         onnx.checker.check_model(model)
@@ -503,6 +505,7 @@ def _check_task(p: Protocol, contract, source: str) -> None:
 def _onnx_contract(path: Path):
     """The visrec contract in an ONNX file's metadata, or None (a file visrec did not write)."""
     onnx = require("onnx", "export")
+    check_regular_file(path)
     try:
         proto = onnx.load(str(path), load_external_data=False)
         text = next((m.value for m in proto.metadata_props if m.key == ONNX_KEY), None)

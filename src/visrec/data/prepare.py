@@ -35,7 +35,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from visrec._files import replacing
+from visrec._files import check_regular_file, replacing
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, not_an_image_reason
 from visrec.data.products import (CATALOGUE_DIR, PRODUCT_LABELS, _resize, pad_to_square, read_image_checked,
                                   write_product_labels)
@@ -124,7 +124,7 @@ class Journal:
                                 "an earlier prepare to resume: files there would be replaced; name a new or "
                                 "empty --out", path=out)
         if self.path.exists():
-            text = self.path.read_text()
+            text = check_regular_file(self.path).read_text()
             if not text.endswith("\n"):  # a line torn by a crash: dropped, so that input is done again
                 text = text[:text.rfind("\n") + 1]
                 atomic_write(self.path, text)

@@ -25,7 +25,7 @@ import stat
 import weakref
 from pathlib import Path
 
-from visrec._files import leftovers, replacing
+from visrec._files import NOT_REGULAR, leftovers, replacing
 from visrec.errors import DataError, VisrecError
 
 BOM = b"\xef\xbb\xbf"
@@ -48,7 +48,7 @@ def read_bytes(path: str | Path, max_bytes: int | None = None) -> bytes:
     try:
         st = path.stat()
         if not stat.S_ISREG(st.st_mode):
-            raise DataError("not a regular file (a directory, device or pipe)", path=path)
+            raise DataError(NOT_REGULAR, path=path)
         if max_bytes is not None and st.st_size > max_bytes:
             raise DataError(f"{st.st_size:,} bytes, more than the {max_bytes:,} a file of this kind may have",
                             path=path)

@@ -489,14 +489,14 @@ def load_detector(spec: str | Path, *, providers=None, **kwargs):
     prefix, sep, rest = text.partition(":")
     if sep and len(prefix) > 1 and prefix.lower() in DETECTORS:  # len > 1: not a Windows drive letter
         path = Path(rest)
-        if not path.is_file():
+        if not path.exists():  # a pipe or a device: open_session says so
             raise DataError("face detector model not found", path=path)
         return DETECTORS.get(prefix.lower())(path, **kwargs)
     path = Path(text)
     if path.suffix.lower() != ".onnx":
         raise VisrecError(f"unknown face detector {text!r}: expected one of {', '.join(DETECTORS.names())}, "
                           f"NAME:PATH (scrfd:PATH, yunet:PATH) or a path to a .onnx file")
-    if not path.is_file():
+    if not path.exists():
         raise DataError("face detector model not found", path=path)
     # sized at the input it will be fed: the size asked for, else the larger default (SCRFD's 640; YuNet's 320)
     session = open_session(path, kwargs.get("providers"), "face detector",

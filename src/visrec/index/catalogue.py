@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from visrec._files import replacing
+from visrec._files import check_regular_file, replacing
 from visrec._npz import load_npz
 from visrec._onnx import describe_providers, parse_providers
 from visrec._torchfile import atomic_save
@@ -548,7 +548,7 @@ def _finish(catalogue, out: Path, model: torch.nn.Module, model_config: dict, op
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as fh:
+    with open(check_regular_file(path), "rb") as fh:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
@@ -564,7 +564,7 @@ def _file_digest(path: Path, fsync: bool = False) -> str:
     ``DIGEST_SAMPLES`` evenly spaced 1 MiB blocks (the first and the last among them). What it must catch is a
     file of another build (a build killed among its renames), which differs almost everywhere; reading
     every byte of a Perfect-500K index's gigabytes at each open would cost seconds for nothing more."""
-    size = path.stat().st_size
+    size = check_regular_file(path).stat().st_size
     h = hashlib.sha256(f"{size}\n".encode())
     with open(path, "rb") as fh:
         if size <= DIGEST_WHOLE:
@@ -642,7 +642,7 @@ class CatalogueIndex:
             raise DataError("not a catalogue index (no manifest.json); build one with visrec products index",
                             path=self.dir)
         try:
-            self.manifest = json.loads((self.dir / MANIFEST).read_text(encoding="utf-8"))
+            self.manifest = json.loads(check_regular_file(self.dir / MANIFEST).read_text(encoding="utf-8"))
         except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
             raise DataError(f"not a readable catalogue index manifest: {exc}", path=self.dir / MANIFEST) from None
         self.opts = _check_manifest(self.manifest, self.dir / MANIFEST)
@@ -758,7 +758,7 @@ class CatalogueIndex:
         """The stored raw catalogue descriptors (float32, rows = ``self.ids``), as the chain was fitted on."""
         path = self.dir / "descriptors.npy"
         try:  # memory-mapped: a header declaring more than the file holds fails instead of allocating it
-            raw = np.load(path, mmap_mode="r", allow_pickle=False)
+            raw = np.load(check_regular_file(path), mmap_mode="r", allow_pickle=False)
         except (OSError, ValueError) as exc:
             raise DataError(f"cannot read the catalogue descriptors: {exc}", path=path) from None
         if raw.dtype.kind != "f" or raw.ndim != 2 or len(raw) != len(self.ids):

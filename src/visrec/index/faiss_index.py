@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visrec._files import replacing
+from visrec._files import check_regular_file, replacing
 from visrec._optional import require
 from visrec.errors import ConfigError, DataError
 
@@ -74,6 +74,7 @@ class FaissIndex:
         path = Path(path)
         if not path.exists():
             raise DataError("FAISS index file not found", path=path)
+        check_regular_file(path)
         _probe_read(path)
         self = cls.__new__(cls)
         try:

@@ -30,6 +30,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec._files import check_regular_file
 from visrec.errors import DataError
 
 INPUT_SIZE = 150
@@ -251,7 +252,7 @@ def _layers_bottom_up() -> list[tuple]:
 
 def read_dlib_resnet(path: str | Path) -> DlibResnetWeights:
     """Read ``dlib_face_recognition_resnet_model_v1.dat`` (or a file of the same network type)."""
-    path = Path(path)
+    path = check_regular_file(path)
     try:
         size = path.stat().st_size
         if size > MAX_FILE_BYTES:  # before reading it into memory

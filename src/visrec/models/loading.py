@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from visrec._files import check_regular_file
 from visrec._onnx import OnnxEmbedder, describe_providers, open_session
 from visrec._torchfile import read_torch_file
 from visrec.data.augment import crop_face
@@ -489,6 +490,7 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
         if not (path / "model.pt").exists():
             raise DataError(f"a directory without model.pt; expected {KINDS}", path=path)
         path = path / "model.pt"
+    check_regular_file(path)  # before any reader opens it: a pipe would block it, a device never end
     if path.suffix.lower() == ".onnx":
         if arch is not None:
             raise DataError("arch= applies to a bare state dict (backbone.pth), not to an ONNX file", path=path)

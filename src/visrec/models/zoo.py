@@ -49,6 +49,7 @@ from typing import Sequence
 
 import numpy as np
 
+from visrec._files import check_regular_file
 from visrec._onnx import open_session, run_batched
 from visrec._optional import require
 from visrec.errors import DataError, VisrecError
@@ -66,7 +67,7 @@ def graph_normalises_input(path: str | Path, *, landmark: bool = False) -> bool:
     among the first 8 nodes, a name starting with ``Sub``/``_minus`` and one starting with ``Mul``/``_mul``;
     for the landmark model also a node named ``bn_data`` among the first 3. Needs the ``onnx`` package."""
     onnx = require("onnx", "export")
-    path = Path(path)
+    path = check_regular_file(path)
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as exc:

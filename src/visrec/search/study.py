@@ -58,7 +58,7 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 import yaml
 
-from visrec._files import replacing
+from visrec._files import check_regular_file, replacing
 from visrec._optional import require
 from visrec.budget import MAX_BUILD_PARAMS
 from visrec.config import parse_config, read_yaml_mapping
@@ -203,6 +203,7 @@ def open_storage(storage: str | None, out: Path, *, write: bool = True):
             raise ConfigError(f"{named}: a directory, not a journal file")
         if not path.parent.is_dir():
             raise ConfigError(f"{named}: its directory {path.parent} does not exist")
+        check_regular_file(path)
         if not write and not path.exists():
             raise ConfigError(f"{named}: no such journal file (no search was run there)")
         check_journal(path, repair=write)

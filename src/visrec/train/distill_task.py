@@ -51,7 +51,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
-from visrec._files import replacing
+from visrec._files import check_regular_file, replacing
 from visrec._torchfile import read_torch_file
 from visrec.config import parse_config
 from visrec.data.text import check_output
@@ -208,6 +208,7 @@ def load_teacher_features(path: str | Path, *, model_config: dict[str, Any], num
     side = _sidecar(path)
     if not side.exists():
         raise DataError("sidecar missing (precompute the features with precompute_teacher_features)", path=side)
+    check_regular_file(side), check_regular_file(path)
     try:
         meta = json.loads(side.read_text())
         feats = np.load(path, mmap_mode="r", allow_pickle=False)

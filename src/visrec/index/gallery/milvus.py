@@ -141,6 +141,8 @@ class MilvusGallery(Gallery):
         elif "://" not in uri and not Path(uri).exists():  # a new Lite file: its index will be exact (FLAT)
             check_milvus_index("FLAT", index_params or {}, search_params or {})  # before the file is made
         if "://" not in uri:
+            if Path(uri).exists() and not Path(uri).is_dir():
+                raise DataError("a Milvus Lite gallery is a folder; this is a file, a pipe or a device", path=uri)
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             _check_not_open_elsewhere(Path(uri))
         try:

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from visrec._files import check_regular_file
 from visrec.errors import DataError
 from visrec.index.gallery.base import MAX_HASH_CHARS, check_identity
 
@@ -35,7 +36,7 @@ class GalleryFile:
     write between :meth:`begin` and :meth:`commit` (or :meth:`rollback`)."""
 
     def __init__(self, path: str | Path):
-        self.path = Path(path)
+        self.path = check_regular_file(path)  # SQLite read a pipe as "disk I/O error"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._claim = _claim(self.path)
         try:
