@@ -411,6 +411,15 @@ def test_device_or_pipe_behind_a_data_file_name_is_refused(tmp_path):
             listing.image(i)
     with pytest.raises(DataError, match=r"b\.jpg: not a regular file"):
         read_landmark_txt(folder / "b.jpg")
+    # a video named by a video list, or handed to the tracker: said to be a pipe, not "not found"
+    from visrec.data.video import read_frames
+    from visrec.faces.tracking import iter_frames
+
+    os.mkfifo(folder / "clip.mp4")
+    with pytest.raises(DataError, match=r"clip\.mp4, record video v1: not a regular file"):
+        read_frames(folder / "clip.mp4", "v1")
+    with pytest.raises(DataError, match=r"clip\.mp4: not a regular file"):
+        next(iter_frames(folder / "clip.mp4"))
 
 
 def _readers_of_named_files(tmp_path):

@@ -39,6 +39,7 @@ from typing import Callable
 import cv2
 import numpy as np
 
+from visrec._files import NOT_REGULAR
 from visrec.data import synth as S
 from visrec.data.images import MAX_IMAGE_FILE_BYTES, decode_image
 from visrec.data.text import read_bytes, read_lines
@@ -62,9 +63,13 @@ class VideoItem:
 
 def _kind(path: Path, record=None) -> str | None:
     """"dir", "file" or None (missing) for a path named by a list file; a name the system refuses (too long,
-    a NUL byte, no permission) is a DataError naming it."""
+    a NUL byte, no permission), a pipe or a device is a DataError naming it."""
     try:
-        return "dir" if path.is_dir() else "file" if path.is_file() else None
+        if path.is_dir() or path.is_file():
+            return "dir" if path.is_dir() else "file"
+        if path.exists():  # OpenCV would wait on a pipe for ever
+            raise DataError(NOT_REGULAR, path=path, record=record)
+        return None
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot open: {getattr(exc, 'strerror', None) or exc}", path=path, record=record) from None
 

@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 
 import numpy as np
 
-from visrec._files import replacing
+from visrec._files import NOT_REGULAR, replacing
 from visrec.data.augment import crop_face
 from visrec.data.images import IMAGE_SUFFIXES, read_image
 from visrec.data.prepare import MAX_NAME_BYTES, utf8_text
@@ -84,8 +84,8 @@ def iter_frames(source) -> Iterator[np.ndarray]:
         for f in files:
             yield read_image(f)
         return
-    if not path.is_file():
-        raise DataError("video file or frame folder not found", path=path)
+    if not path.is_file():  # OpenCV would wait on a pipe for ever
+        raise DataError(NOT_REGULAR if path.exists() else "video file or frame folder not found", path=path)
     if not utf8_text(str(path)):  # OpenCV's video reader crashes the process (SIGSEGV) on such a name
         raise DataError("the file's name is not UTF-8 text, which OpenCV cannot open: rename it", path=path)
     cap = cv2.VideoCapture(str(path))
