@@ -422,7 +422,7 @@ def test_device_or_pipe_behind_a_data_file_name_is_refused(tmp_path):
         next(iter_frames(folder / "clip.mp4"))
 
 
-def _readers_of_named_files(tmp_path):
+def _readers_of_named_files():
     """(name, what reads a file at PATH) for every reader of a file a user names outside a data set: model
     files, a gallery export, a study journal, an index, teacher features, a gallery, a resumed prepare."""
     from visrec._npz import load_npz
@@ -452,8 +452,8 @@ def _readers_of_named_files(tmp_path):
         "catalogue manifest": (MANIFEST, lambda p: CatalogueIndex(p.parent)),
         "search journal": ("study.journal", lambda p: open_storage(str(p), p.parent)),
         "FAISS gallery file": ("gallery.sqlite", GalleryFile),
-        "teacher features": ("teacher.npy", lambda p: p.with_suffix(".json").write_text("{}") and load_teacher_features(
-            p, model_config={}, num_items=1, flip_average=True)),  # beside its sidecar
+        "teacher features": ("teacher.npy", lambda p: p.with_suffix(".json").write_text("{}")  # its sidecar
+                             and load_teacher_features(p, model_config={}, num_items=1, flip_average=True)),
         "prepare journal": (JOURNAL, lambda p: Journal(p.parent, {})),
     }
 
@@ -471,7 +471,7 @@ def test_a_pipe_or_device_where_a_model_gallery_journal_or_index_file_belongs_is
 
     previous = signal.signal(signal.SIGALRM, hung)
     try:
-        for name, (file_name, reader) in _readers_of_named_files(tmp_path).items():
+        for name, (file_name, reader) in _readers_of_named_files().items():
             folder = tmp_path / kind / name.replace(" ", "_").replace("(", "").replace(")", "")
             folder.mkdir(parents=True)
             path = folder / file_name
