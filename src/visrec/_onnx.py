@@ -34,7 +34,6 @@ from typing import Sequence
 
 import numpy as np
 
-from visrec._files import check_regular_file
 from visrec._onnx_check import FOLD_LIMIT_BYTES, check_graph
 from visrec._optional import require
 from visrec.errors import ConfigError, DataError
@@ -233,7 +232,6 @@ def open_session(path: Path, providers: str | Sequence[str] | ProviderChoice | N
     path = Path(path)
     if not path.exists():
         raise DataError(f"{what} file not found", path=path)
-    check_regular_file(path)
     spec = parse_providers(providers)
     names = resolve_providers(spec, ort.get_available_providers())
     rows = check_graph(path, input_hw)

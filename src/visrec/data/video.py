@@ -65,8 +65,10 @@ def _kind(path: Path, record=None) -> str | None:
     """"dir", "file" or None (missing) for a path named by a list file; a name the system refuses (too long,
     a NUL byte, no permission), a pipe or a device is a DataError naming it."""
     try:
-        if path.is_dir() or path.is_file():
-            return "dir" if path.is_dir() else "file"
+        if path.is_dir():
+            return "dir"
+        if path.is_file():
+            return "file"
         if path.exists():  # OpenCV would wait on a pipe for ever
             raise DataError(NOT_REGULAR, path=path, record=record)
         return None

@@ -548,7 +548,7 @@ def _finish(catalogue, out: Path, model: torch.nn.Module, model_config: dict, op
 
 def _sha256_file(path: Path) -> str:
     h = hashlib.sha256()
-    with open(check_regular_file(path), "rb") as fh:
+    with open(path, "rb") as fh:
         while block := fh.read(1 << 20):
             h.update(block)
     return h.hexdigest()
@@ -564,7 +564,7 @@ def _file_digest(path: Path, fsync: bool = False) -> str:
     ``DIGEST_SAMPLES`` evenly spaced 1 MiB blocks (the first and the last among them). What it must catch is a
     file of another build (a build killed among its renames), which differs almost everywhere; reading
     every byte of a Perfect-500K index's gigabytes at each open would cost seconds for nothing more."""
-    size = check_regular_file(path).stat().st_size
+    size = path.stat().st_size
     h = hashlib.sha256(f"{size}\n".encode())
     with open(path, "rb") as fh:
         if size <= DIGEST_WHOLE:
@@ -693,7 +693,7 @@ class CatalogueIndex:
                 raise DataError(f"not a readable catalogue index manifest: files.{name} must be "
                                 f"{{bytes, digest}}", path=where)
             try:
-                size = path.stat().st_size
+                size = check_regular_file(path).stat().st_size  # a pipe would block the digest's read
                 same = size == rec["bytes"] and _file_digest(path) == rec["digest"]
             except OSError as exc:
                 raise DataError(f"{name} of this index cannot be read ({exc.strerror or exc}): the index is "

@@ -208,7 +208,8 @@ def load_teacher_features(path: str | Path, *, model_config: dict[str, Any], num
     side = _sidecar(path)
     if not side.exists():
         raise DataError("sidecar missing (precompute the features with precompute_teacher_features)", path=side)
-    check_regular_file(side), check_regular_file(path)
+    check_regular_file(side)
+    check_regular_file(path)
     try:
         meta = json.loads(side.read_text())
         feats = np.load(path, mmap_mode="r", allow_pickle=False)
