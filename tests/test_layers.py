@@ -12,7 +12,7 @@ SRC = Path(__file__).resolve().parents[1] / "src" / "visrec"
 
 # lowest first; a module may import its own layer and the ones before it
 LAYERS = [
-    ["errors", "registry", "_files", "_optional", "_torchfile", "_npz", "_onnx_check", "_onnx"],
+    ["errors", "registry", "_files", "_structured", "_optional", "_torchfile", "_npz", "_onnx_check", "_onnx"],
     ["data"],  # real formats, synthetic data, the image decoder
     ["evaluate"],  # metrics over arrays: no model, trainer or index, so anything may call them
     ["config", "protocols", "distributed"],  # distributed: process groups and collectives

@@ -349,6 +349,10 @@ def test_json_a_store_could_not_write_back_is_a_400_and_listing_keeps_working(ti
         assert r.status_code == 400 and r.json()["error"], (why, r.text)
     r = c.post("/v1/faces/enroll", data={"identity": "a", "metadata": "[" * 100_000}, files={"image": face_jpeg(1)})
     assert r.status_code == 400 and "field 'metadata'" in r.json()["error"], r.text
+    # valid JSON one level deeper than a gallery stores (what it stores must read back from its file)
+    r = c.post("/v1/faces/enroll", data={"identity": "a", "metadata": '{"k": ' + "[" * 100 + "]" * 100 + "}"},
+               files={"image": face_jpeg(1)})
+    assert r.status_code == 400 and "nested more than 100 levels deep" in r.json()["error"], r.text
     r = c.post("/v1/faces/rename", content=b'{"identity": "ok", "to": "x\\udfff"}',
                headers={"content-type": "application/json"})
     assert r.status_code == 400, r.text

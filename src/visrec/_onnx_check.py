@@ -49,6 +49,7 @@ import numpy as np
 
 from visrec._files import check_regular_file
 from visrec._optional import require
+from visrec._structured import loads_json
 from visrec.errors import DataError, shown
 
 MAX_VALUE_BYTES = 1 << 30  # one tensor at batch 1, and at the batch of one run (check_graph's rows)
@@ -504,13 +505,11 @@ def _infer(skeleton, real_inputs, batch: int, input_hw, path: Path):
 def _contract_hw(model) -> tuple[int, int] | None:
     """The (height, width) a visrec contract in the file's metadata declares (what the loader feeds), or None
     (no contract, or one the loader will refuse with its own message)."""
-    import json
-
     text = next((p.value for p in model.metadata_props if p.key == CONTRACT_KEY), None)
     if text is None or len(text) > 1 << 20:
         return None
     try:
-        size = json.loads(text).get("input_size")
+        size = loads_json(text).get("input_size")
     except (ValueError, AttributeError):
         return None
     if isinstance(size, list) and len(size) == 2 and all(type(v) is int and 1 <= v <= MAX_SIDE for v in size):

@@ -15,8 +15,9 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic import Strict as StrictType
 
+from visrec._structured import MAX_CONFIG_FILE_BYTES, MAX_NESTING, StructureError, check_yaml_graph
 from visrec.data.text import read_text
-from visrec.errors import ConfigError
+from visrec.errors import ConfigError, shown
 
 
 class Strict(BaseModel):
@@ -223,7 +224,12 @@ class DuplicateKey(yaml.YAMLError):
 
 
 class _StrictLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` (no tags that construct Python objects) that refuses a duplicate key in a mapping."""
+    """``yaml.SafeLoader`` (no tags that construct Python objects) that refuses a duplicate key in a mapping, and
+    a document too deep, expanded too far by its aliases or containing itself (``visrec._structured``)."""
+
+    def construct_document(self, node):
+        check_yaml_graph(node)  # before anything is built from it
+        return super().construct_document(node)
 
     def construct_mapping(self, node, deep=False):
         if isinstance(node, yaml.MappingNode):
@@ -243,8 +249,12 @@ class _StrictLoader(yaml.SafeLoader):
 
 
 def safe_load(text: str) -> Any:
-    """``yaml.safe_load`` that refuses a key given twice in one mapping (:class:`DuplicateKey`)."""
-    return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    """``yaml.safe_load`` that refuses a key given twice in one mapping (:class:`DuplicateKey`) and a document
+    nested too deep, expanded too far by aliases or containing itself (:class:`StructureError`): a YAMLError."""
+    try:
+        return yaml.load(text, Loader=_StrictLoader)  # noqa: S506 - a SafeLoader subclass
+    except RecursionError:  # PyYAML composes recursively: thousands of levels end it before check_yaml_graph
+        raise StructureError(f"YAML nested more than {MAX_NESTING} levels deep") from None
 
 
 def read_yaml_mapping(path: str | Path, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -254,7 +264,7 @@ def read_yaml_mapping(path: str | Path, overrides: dict[str, Any] | None = None)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
     try:
-        raw = safe_load(read_text(path)) or {}
+        raw = safe_load(read_text(path, MAX_CONFIG_FILE_BYTES)) or {}
     except FileNotFoundError:
         raise ConfigError(f"{path}: config file not found") from None
     except DuplicateKey as exc:
@@ -312,13 +322,13 @@ def parse_override(text: str) -> tuple[str, Any]:
     lists, bools, strings; a tag that would construct a Python object is refused), ConfigError naming the
     override when it is not valid YAML."""
     if "=" not in text:
-        raise ConfigError(f"override {text!r} must look like key=value")
+        raise ConfigError(f"override {shown(text, 120)} must look like key=value")
     key, value = text.split("=", 1)
     key = key.strip()
     if not key or not all(p.strip() for p in key.split(".")):
-        raise ConfigError(f"override {text!r}: {key!r} is not a dotted key")
+        raise ConfigError(f"override {shown(text, 120)}: {shown(key, 80)} is not a dotted key")
     try:
         return key, safe_load(value)
     except yaml.YAMLError as exc:
         detail = " ".join(str(exc).split())
-        raise ConfigError(f"override {text!r}: the value is not valid YAML ({detail[:300]})") from None
+        raise ConfigError(f"override {shown(text, 120)}: the value is not valid YAML ({detail[:300]})") from None

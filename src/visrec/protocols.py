@@ -19,6 +19,7 @@ from typing import Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from visrec._structured import MAX_CONFIG_FILE_BYTES
 from visrec.config import safe_load
 from visrec.data.text import read_text
 from visrec.errors import ConfigError
@@ -87,7 +88,7 @@ def load_protocol(name_or_path: str | Path) -> Protocol:
         raise ConfigError(f"unknown protocol {key!r}: built-in ones are {', '.join(BUILTIN)}; "
                           f"or give a .yaml file")
     try:
-        raw = safe_load(read_text(path)) or {}  # a key given twice is refused, not silently the last
+        raw = safe_load(read_text(path, MAX_CONFIG_FILE_BYTES)) or {}  # a key given twice is refused too
         return Protocol.model_validate(raw)
     except yaml.YAMLError as exc:
         raise ConfigError(f"{path}: not valid YAML: {exc}") from None

@@ -52,6 +52,8 @@ from pathlib import Path
 import numpy as np
 
 from visrec._files import replacing
+from visrec._structured import MAX_METADATA_FILE_BYTES, loads_json
+from visrec.data.text import read_bytes
 from visrec.errors import DataError, VisrecError
 
 FETCH_HINT = ("run `python -m visrec.data.fixtures` (needs, once, pip's configured package index and the "
@@ -370,7 +372,7 @@ def _verify(dest: Path) -> dict:
     if not path.exists():
         raise VisrecError(f"no real-face fixtures at {dest} (no {MANIFEST}): {FETCH_HINT}")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = loads_json(read_bytes(path, MAX_METADATA_FILE_BYTES))  # a DataError for a pipe or a huge file
         files = manifest["files"]
     except (ValueError, KeyError, TypeError) as exc:
         raise VisrecError(f"{path} is not a fixture manifest ({exc}): {FETCH_HINT}") from None

@@ -36,6 +36,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
 from visrec._files import check_regular_file, replacing
+from visrec._structured import loads_json
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, not_an_image_reason
 from visrec.data.products import (CATALOGUE_DIR, PRODUCT_LABELS, _resize, pad_to_square, read_image_checked,
                                   write_product_labels)
@@ -130,9 +131,9 @@ class Journal:
                 atomic_write(self.path, text)
             for lineno, line in enumerate(text.splitlines(), 1):
                 try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    raise DataError("not a JSON line", path=self.path, record=f"line {lineno}") from None
+                    rec = loads_json(line)
+                except ValueError as exc:  # not JSON, or nested too deep
+                    raise DataError(f"not a JSON line ({exc})", path=self.path, record=f"line {lineno}") from None
                 if not _journal_record(rec):  # {} or [1, 2] ended the run in a KeyError / TypeError
                     raise DataError(f"not a journal record: {shown(rec, 80)} (expected {{\"settings\": {{...}}}} or "
                                     f"{{\"key\": ..., \"status\": ..., ...}})", path=self.path, record=f"line {lineno}")

@@ -74,9 +74,10 @@ def decode_text(raw: bytes, path: str | Path | None = None) -> str:
                         path=path, record=f"line {line}") from None
 
 
-def read_text(path: str | Path) -> str:
-    """The UTF-8 text of a file (module docstring); every failure is a ``DataError`` naming the file."""
-    return decode_text(read_bytes(path), path)
+def read_text(path: str | Path, max_bytes: int | None = None) -> str:
+    """The UTF-8 text of a file (module docstring); every failure is a ``DataError`` naming the file (one longer
+    than ``max_bytes``, when given, is refused from its size: ``read_bytes``)."""
+    return decode_text(read_bytes(path, max_bytes), path)
 
 
 def read_lines(path: str | Path) -> list[str]:

@@ -64,11 +64,12 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from visrec._files import check_regular_file, replacing
 from visrec._npz import load_npz
 from visrec._onnx import describe_providers, parse_providers
+from visrec._structured import MAX_METADATA_FILE_BYTES, loads_json
 from visrec._torchfile import atomic_save
 from visrec.config import load_config, set_dotted, validate_section
 from visrec.data.products import (id_problem, list_images, load_catalogue_images, read_image_checked,
                                   write_submission)
-from visrec.data.text import FolderClaim, check_output
+from visrec.data.text import FolderClaim, check_output, read_bytes, read_text
 from visrec.errors import ConfigError, DataError, shown
 from visrec.index.faiss_index import FaissIndex
 from visrec.index.postprocess import FINITE_CHECK_ROWS, Chain, PCAWhitening
@@ -328,7 +329,7 @@ def _stored_record(z: dict) -> dict | None:
     if "record" not in z:
         return None
     try:
-        record = json.loads(str(z["record"].item() if z["record"].ndim == 0 else ""))
+        record = loads_json(str(z["record"].item() if z["record"].ndim == 0 else ""))
     except (ValueError, TypeError):
         return None
     return record if isinstance(record, dict) else None
@@ -612,8 +613,8 @@ def _swap_in(stage: Path, out: Path, names: Sequence[str]) -> None:
 
 def _records_files(manifest_path: Path) -> bool:
     try:
-        return isinstance(json.loads(manifest_path.read_text(encoding="utf-8")).get("files"), dict)
-    except (OSError, ValueError, AttributeError):
+        return isinstance(loads_json(read_bytes(manifest_path, MAX_METADATA_FILE_BYTES)).get("files"), dict)
+    except (DataError, ValueError, AttributeError):  # DataError: unreadable, too long, a pipe or a device
         return False
 
 
@@ -642,8 +643,8 @@ class CatalogueIndex:
             raise DataError("not a catalogue index (no manifest.json); build one with visrec products index",
                             path=self.dir)
         try:
-            self.manifest = json.loads(check_regular_file(self.dir / MANIFEST).read_text(encoding="utf-8"))
-        except ValueError as exc:  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+            self.manifest = loads_json(read_text(self.dir / MANIFEST, MAX_METADATA_FILE_BYTES))
+        except ValueError as exc:  # a JSONDecodeError, or nested too deep
             raise DataError(f"not a readable catalogue index manifest: {exc}", path=self.dir / MANIFEST) from None
         self.opts = _check_manifest(self.manifest, self.dir / MANIFEST)
         files = self.manifest.get("files")

@@ -25,6 +25,7 @@ import math
 from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
+from visrec._structured import loads_json
 from visrec.data.products import IMAGENET_MEAN, IMAGENET_STD
 from visrec.errors import DataError, shown
 
@@ -186,10 +187,8 @@ class ModelContract:
             raise DataError(f"model contract is {len(text):,} characters of JSON, above {MAX_CONTRACT_JSON:,}",
                             path=path)
         try:
-            data = json.loads(text)
-        except RecursionError:
-            raise DataError("model contract is JSON nested too deeply", path=path) from None
-        except ValueError as exc:
+            data = loads_json(text)
+        except ValueError as exc:  # not JSON, or nested too deep
             raise DataError(f"model contract is not JSON: {exc}", path=path) from None
         return cls.from_dict(data, path=path)
 

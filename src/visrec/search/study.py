@@ -60,6 +60,7 @@ import yaml
 
 from visrec._files import check_regular_file, replacing
 from visrec._optional import require
+from visrec._structured import loads_json
 from visrec.budget import MAX_BUILD_PARAMS
 from visrec.config import parse_config, read_yaml_mapping
 from visrec.errors import ConfigError, DataError, shown
@@ -299,8 +300,8 @@ def check_journal(path: Path, *, repair: bool) -> None:
                         f.truncate(end)
                     break
                 try:
-                    entry = json.loads(line)
-                except (ValueError, RecursionError):
+                    entry = loads_json(line)
+                except ValueError:  # not JSON, or nested too deep
                     entry = None
                 if not isinstance(entry, dict) or not isinstance(entry.get("op_code"), int):
                     raise DataError(f"line {number} is not an Optuna journal entry (a JSON object with an "

@@ -20,6 +20,7 @@ import json
 import math
 import re
 
+from visrec._structured import MAX_NESTING, NestingError, loads_json
 from visrec.data.images import header_size
 from visrec.data.landmarks import box_on_image
 from visrec.errors import shown
@@ -57,14 +58,15 @@ _SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 def parse_json(text, where: str):
     """JSON from a request: NaN / Infinity / numbers beyond a float's range, a key twice in one object, nesting
-    deeper than Python's recursion allows, lone UTF-16 surrogates (``"\\udc00"``: no UTF-8 text holds one, so
-    no answer or store could write it back) and malformed text are 400s naming ``where``."""
+    deeper than ``visrec._structured.MAX_NESTING`` + 1 levels, lone UTF-16 surrogates (``"\\udc00"``: no UTF-8
+    text holds one, so no answer or store could write it back) and malformed text are 400s naming ``where``."""
     try:
         if isinstance(text, (bytes, bytearray)):
             with contextlib.suppress(UnicodeDecodeError):  # UTF-16/32 JSON stays bytes: json.loads decodes it
                 text = bytes(text).decode("utf-8")
-        value = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float,
-                           object_pairs_hook=_unique_keys)
+        # a body holds identity metadata (bounded at MAX_NESTING levels by the gallery) one level down
+        value = loads_json(text, nesting=MAX_NESTING + 1, parse_constant=_reject_constant,
+                           parse_float=_finite_float, object_pairs_hook=_unique_keys)
         # in strict UTF-8 text only a \\uD800-\\uDFFF escape makes a lone surrogate, so the re-encoding that finds
         # one is skipped for bodies without such an escape (every image upload: base64 holds no backslash);
         # other bytes json.loads decoded with 'surrogatepass' are always checked
@@ -72,8 +74,8 @@ def parse_json(text, where: str):
             json.dumps(value, ensure_ascii=False).encode("utf-8")
     except _Refused as exc:
         raise InputError(f"{where} {exc}", 400) from None
-    except RecursionError:
-        raise InputError(f"{where} is nested too deeply", 400) from None
+    except NestingError:
+        raise InputError(f"{where} is nested more than {MAX_NESTING + 1} levels deep", 400) from None
     except UnicodeEncodeError:
         raise InputError(f"{where} holds a lone UTF-16 surrogate escape, which is no character", 400) from None
     except UnicodeDecodeError as exc:  # bytes neither UTF-8 nor the UTF-16/32 JSON allows

@@ -22,7 +22,6 @@ data only (tensors, dicts, lists, tuples, strings, numbers), so a downloaded fil
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -32,6 +31,7 @@ import numpy as np
 import torch
 
 from visrec._files import replacing
+from visrec._structured import loads_json
 from visrec._torchfile import atomic_save, read_torch_file  # noqa: F401 (atomic_save: re-exported)
 from visrec.errors import ConfigError, DataError
 from visrec.models.model_file import weights_mismatch
@@ -245,7 +245,7 @@ def _log_rows(path: Path):
     with open(path, encoding="utf-8", errors="surrogateescape") as fh:
         for line in fh:
             try:
-                row = json.loads(line)
+                row = loads_json(line)
             except ValueError:
                 row = None
             yield line, row if isinstance(row, dict) else None

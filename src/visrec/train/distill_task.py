@@ -52,9 +52,10 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visrec._files import check_regular_file, replacing
+from visrec._structured import MAX_METADATA_FILE_BYTES, loads_json
 from visrec._torchfile import read_torch_file
 from visrec.config import parse_config
-from visrec.data.text import check_output
+from visrec.data.text import check_output, read_bytes
 from visrec.errors import ConfigError, DataError
 from visrec.losses.distill import DistillLosses
 from visrec.models import build_backbone
@@ -208,10 +209,14 @@ def load_teacher_features(path: str | Path, *, model_config: dict[str, Any], num
     side = _sidecar(path)
     if not side.exists():
         raise DataError("sidecar missing (precompute the features with precompute_teacher_features)", path=side)
-    check_regular_file(side)
+    try:  # read_bytes: a regular file of bounded length, else a DataError naming it
+        meta = loads_json(read_bytes(side, MAX_METADATA_FILE_BYTES))
+    except ValueError as exc:
+        raise DataError(f"not a teacher-features sidecar: {exc}", path=side) from None
+    if not isinstance(meta, dict):
+        raise DataError(f"not a teacher-features sidecar: a JSON {type(meta).__name__}, not an object", path=side)
     check_regular_file(path)
     try:
-        meta = json.loads(side.read_text())
         feats = np.load(path, mmap_mode="r", allow_pickle=False)
     except Exception as exc:
         raise DataError(f"cannot read precomputed teacher features: {exc}", path=path) from None

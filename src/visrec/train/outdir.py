@@ -26,7 +26,9 @@ from pathlib import Path
 import yaml
 
 from visrec._files import replacing
-from visrec.config import RunConfig, parse_config
+from visrec._structured import MAX_CONFIG_FILE_BYTES
+from visrec.config import RunConfig, parse_config, safe_load
+from visrec.data.text import read_text
 from visrec.errors import ConfigError
 from visrec.train import checkpoint as ckpt
 
@@ -103,6 +105,7 @@ def _holds(path: Path, cfg: RunConfig) -> bool:
 
 def _same_config(path: Path, cfg: RunConfig) -> bool:
     try:
-        return path.is_file() and parse_config(yaml.safe_load(path.read_text()), source=str(path)) == cfg
+        text = read_text(path, MAX_CONFIG_FILE_BYTES)  # a regular file of bounded length
+        return parse_config(safe_load(text), source=str(path)) == cfg
     except Exception:  # noqa: BLE001 - unreadable, not YAML, not a config, another one: not this run's record
         return False

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from torch.utils.data import Dataset
 
+from visrec._structured import loads_json
 from visrec.config import OptionError, RunConfig, validate_section
 from visrec.distributed import RunContext  # noqa: F401 (tasks take it; re-exported for them)
 from visrec.losses import margin_option_problem
@@ -130,8 +131,6 @@ class Task:
     def alignment(self) -> str:
         """How the training crops were aligned: the ``align`` setting of a ``visrec data prepare`` journal
         next to the training data (``box_margin`` crops: ``none``), else ``lstsq`` (prepare's default)."""
-        import json
-
         train = getattr(self.data_opts, "train", None)
         if train is None:
             return "lstsq"
@@ -141,7 +140,7 @@ class Task:
             if journal.is_file():
                 try:
                     with open(journal) as fh:
-                        settings = json.loads(fh.readline()).get("settings", {})
+                        settings = loads_json(fh.readline()).get("settings", {})
                 except (OSError, ValueError, AttributeError):
                     return "lstsq"
                 if settings.get("box_margin") is not None:

@@ -58,6 +58,7 @@ import numpy as np
 
 from visrec._files import replacing
 from visrec._npz import NpzWriter, load_npz
+from visrec._structured import MAX_NESTING, loads_json, nesting_problem
 from visrec.data.text import check_output
 from visrec.errors import ConfigError, DataError, VisrecError, shown
 from visrec.registry import Registry
@@ -211,12 +212,15 @@ class MetadataTooLargeError(DataError):
 
 
 def check_metadata(metadata, identity: str = "") -> dict:
-    """Identity metadata as stored: a JSON object of finite numbers and text (no lone UTF-16 surrogate), at
-    most MAX_METADATA_CHARS of JSON; a :class:`DataError` otherwise (:class:`MetadataTooLargeError` for one too
-    large)."""
+    """Identity metadata as stored: a JSON object of finite numbers and text (no lone UTF-16 surrogate), nested
+    at most ``visrec._structured.MAX_NESTING`` levels, at most MAX_METADATA_CHARS of JSON; a :class:`DataError`
+    otherwise (:class:`MetadataTooLargeError` for one too large)."""
     metadata = {} if metadata is None else metadata
     if not isinstance(metadata, dict):
         raise DataError(f"metadata for {identity!r} must be a JSON object, got {type(metadata).__name__}")
+    too_deep = nesting_problem(metadata)  # what is stored must read back (``loads_json``)
+    if too_deep is not None:
+        raise DataError(f"metadata for {identity!r} is {too_deep}")
     try:
         text = json.dumps(metadata, sort_keys=True, allow_nan=False)
         json.dumps(metadata, ensure_ascii=False).encode("utf-8")  # a lone surrogate could never be answered
@@ -227,7 +231,7 @@ def check_metadata(metadata, identity: str = "") -> dict:
     if len(text) > MAX_METADATA_CHARS:
         raise MetadataTooLargeError(f"metadata for {identity!r} is {len(text):,} characters of JSON, above the "
                                     f"limit of {MAX_METADATA_CHARS:,}")
-    return json.loads(text)
+    return loads_json(text)
 
 
 def _check_hashes(hashes, n: int, identity: str) -> list[str]:
@@ -878,7 +882,8 @@ def _json_field(data: dict, key: str, path: Path):
         raise DataError(f"gallery export field {key!r} must be one JSON string, got a {value.dtype} {value.shape}",
                         path=path)
     try:
-        return json.loads(str(value), parse_constant=_reject_constant)
+        # the metadata field maps each identity to its metadata: one level above what check_metadata bounds
+        return loads_json(str(value), nesting=MAX_NESTING + (key == "metadata"), parse_constant=_reject_constant)
     except ValueError as exc:
         raise DataError(f"gallery export field {key!r} is not valid JSON: {exc}", path=path) from None
 

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from visrec._optional import require
+from visrec._structured import loads_json
 from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.index.gallery.base import (_MILVUS_TOPK, BACKENDS, MAX_HASH_CHARS, MAX_METADATA_CHARS, Gallery,
                                        GalleryUnavailableError, _score_from_raw, identity_key)
@@ -223,7 +224,7 @@ class MilvusGallery(Gallery):
         """The vector index of this gallery's collections: recorded when the gallery is created; reopening
         without naming one keeps it, naming another is refused (the collections would need re-indexing)."""
         rows = self.client.get(self.info_name, ids=["index"], output_fields=["value"])
-        stored = json.loads(rows[0]["value"]) if rows else None
+        stored = _stored(rows[0]["value"], dict, "the index record") if rows else None
         wanted = {"index": index, "params": dict(params)} if index is not None else None
         if stored is None:  # a new gallery takes the one named; one created before indexes were recorded is FLAT
             stored = {"index": "FLAT", "params": {}} if self.client.has_collection(self.t_name) or wanted is None \
@@ -282,7 +283,7 @@ class MilvusGallery(Gallery):
                 vectors = by_identity.get(r["identity"])
                 if vectors:
                     self._upsert_identities([(r["identity"], len(vectors), np.mean(vectors, axis=0),
-                                              json.loads(r["metadata"]))])
+                                              _stored(r["metadata"], dict, "an identity's metadata"))])
             self._put_info({"layout": "copied"})  # the commit point: from here on the old collections go
             done = [{"value": "copied"}]
         if done and done[0]["value"] == "copied":
@@ -301,7 +302,8 @@ class MilvusGallery(Gallery):
         if not marks:
             return
         pending = [i for m in marks if m["key"].startswith("pending:")
-                   for i in (json.loads(m["value"]) if m["value"] else [m["key"].removeprefix("pending:")])]
+                   for i in (_stored(m["value"], list, "a pending mark") if m["value"]
+                             else [m["key"].removeprefix("pending:")])]
         keys = set()
         for i in range(0, len(pending), BATCH):
             keys |= {r["key"] for r in self.client.get(self.t_name, ids=pending[i:i + BATCH], output_fields=["key"])}
@@ -368,7 +370,7 @@ class MilvusGallery(Gallery):
     def _read_info(self):
         self._ensure_info()
         rows = self.client.get(self.info_name, ids=["info"], output_fields=["value"])
-        return json.loads(rows[0]["value"]) if rows else None
+        return _stored(rows[0]["value"], dict, "the info record") if rows else None
 
     def _write_info(self):
         self._put_info({"info": json.dumps(self.info, sort_keys=True)})
@@ -505,7 +507,21 @@ _ROW_FIELDS = ["identity", "templates", "metadata"]
 
 def _row(r: dict) -> dict:
     """A Milvus identity row -> ``{"identity", "templates", "metadata"}``."""
-    return {"identity": r["identity"], "templates": int(r["templates"]), "metadata": json.loads(r["metadata"])}
+    return {"identity": r["identity"], "templates": int(r["templates"]),
+            "metadata": _stored(r["metadata"], dict, f"the metadata of {r['identity']!r}")}
+
+
+def _stored(text, kind: type, what: str):
+    """A JSON ``kind`` (dict or list) read back from the gallery's collections. visrec wrote it, but the database
+    may come from elsewhere: anything else is a DataError saying what, never a parser's bare error."""
+    try:
+        value = loads_json(text)
+    except (TypeError, ValueError) as exc:
+        raise DataError(f"Milvus gallery: {what} is not JSON ({exc})") from None
+    if not isinstance(value, kind):
+        raise DataError(f"Milvus gallery: {what} is a JSON {type(value).__name__}, not a JSON "
+                        f"{'object' if kind is dict else 'array'}")
+    return value
 
 
 def _check_not_open_elsewhere(path: Path) -> None:

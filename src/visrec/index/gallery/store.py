@@ -18,6 +18,7 @@ from pathlib import Path
 import numpy as np
 
 from visrec._files import check_regular_file
+from visrec._structured import loads_json
 from visrec.errors import DataError
 from visrec.index.gallery.base import MAX_HASH_CHARS, check_identity
 
@@ -60,9 +61,9 @@ class GalleryFile:
         for key, value in self.db.execute("SELECT key, value FROM info"):
             if key == "info":
                 try:
-                    info = json.loads(value)
-                except (TypeError, ValueError):
-                    raise self._bad("info", 0, "the info record is not JSON") from None
+                    info = loads_json(value)
+                except (TypeError, ValueError) as exc:
+                    raise self._bad("info", 0, f"the info record is not JSON ({exc})") from None
                 if not isinstance(info, dict):
                     raise self._bad("info", 0, "the info record is not a JSON object")
         dim = info.get("dim") if info else None
@@ -79,9 +80,9 @@ class GalleryFile:
             if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                 raise self._bad("people", n, f"template count {count!r} is not a positive integer")
             try:
-                metadata = json.loads(meta)
-            except (TypeError, ValueError):
-                raise self._bad("people", n, "metadata is not JSON") from None
+                metadata = loads_json(meta)
+            except (TypeError, ValueError) as exc:
+                raise self._bad("people", n, f"metadata is not JSON ({exc})") from None
             if not isinstance(metadata, dict):
                 raise self._bad("people", n, "metadata is not a JSON object")
             people.append((self._name("people", n, identity), count, self._vector("people", n, blob, dim), metadata))
