@@ -350,3 +350,30 @@ def test_synth_products_into_a_folder_holding_a_data_set_is_refused(built, tmp_p
     with pytest.raises(DataError, match="already holds a data set"):
         write_product_dataset(tmp_path, families=1, products_per_family=1, variants=1, queries_per_product=1, size=32)
     assert not (tmp_path / "val.csv").exists() and not (tmp_path / "query").exists()
+
+
+def test_k_beyond_the_catalogue_returns_the_whole_catalogue_without_asking_faiss_for_more(built):
+    """`visrec products search -k 1000000000` asked FAISS for 10^9 rows a query (12 GB) and the kernel killed
+    the command; k is now bounded by the catalogue, whose every image comes back ranked."""
+    from visrec.index.catalogue import CatalogueIndex, search_catalogue
+
+    count = len(CatalogueIndex(built / "idx").ids)
+    ranked, scores = search_catalogue(built / "idx", built / "p" / "query", k=10**9)
+    assert ranked and all(len(set(r)) == len(r) == count for r in ranked.values())
+    assert all(len(s) == count for s in scores.values())
+    for k in (0, -1, 2.5, True):
+        with pytest.raises(ConfigError, match="k must be a whole number >= 1"):
+            CatalogueIndex(built / "idx").search_vectors(np.zeros((1, 16), np.float32), k)
+
+
+def test_synthetic_sizes_beyond_what_visrec_reads_are_refused_before_anything_is_written(tmp_path):
+    """A 20,000 px product image made a 1.2 GB canvas per image and the kernel killed the command; 20,000
+    frames a video wrote a set that read_frames refuses. Both are refused before the first file."""
+    from visrec.data.synth_products import MAX_SIDE, write_product_dataset
+    from visrec.data.video import MAX_FRAMES, write_video_dataset
+
+    with pytest.raises(ConfigError, match=f"size {MAX_SIDE + 1}: a whole number of pixels from 32 to {MAX_SIDE}"):
+        write_product_dataset(tmp_path / "p", families=1, products_per_family=1, variants=1, size=MAX_SIDE + 1)
+    with pytest.raises(ConfigError, match=f"frames per video {MAX_FRAMES + 1}: a whole number from 1 to "):
+        write_video_dataset(tmp_path / "v", 2, 1, MAX_FRAMES + 1)
+    assert not (tmp_path / "p").exists() and not (tmp_path / "v").exists()

@@ -28,9 +28,10 @@ import numpy as np
 
 from visrec.data import products as P
 from visrec.data.images import encode_jpeg
-from visrec.errors import DataError
+from visrec.errors import ConfigError, DataError
 
 SHAPES = ("bottle", "jar", "tube", "box", "pump")
+MIN_SIDE, MAX_SIDE = 32, 4096  # pixels of an image's side (the model contract's bound on an input side)
 PATTERNS = ("stripes", "dots", "bands")
 _FONTS = (cv2.FONT_HERSHEY_SIMPLEX, cv2.FONT_HERSHEY_DUPLEX, cv2.FONT_HERSHEY_TRIPLEX, cv2.FONT_HERSHEY_COMPLEX)
 _SKIN = ((224, 172, 140), (198, 134, 100), (241, 194, 160), (141, 85, 60), (255, 205, 178))
@@ -346,6 +347,9 @@ def write_product_dataset(root: str | Path, families: int = 10, products_per_fam
     its images would mix with the new ones (and a stale val.csv outlive them); nothing there is deleted."""
     if variants < 1 or families < 0 or products_per_family < 0 or queries_per_product < 0:
         raise ValueError("need variants >= 1 and non-negative counts")
+    if isinstance(size, bool) or not isinstance(size, int) or not MIN_SIDE <= size <= MAX_SIDE:
+        # checked before the first image: a side of 20,000 px went to numpy as a 1.2 GB canvas per image
+        raise ConfigError(f"size {size!r}: a whole number of pixels from {MIN_SIDE} to {MAX_SIDE}")
     root = Path(root)
     cat_dir, q_dir = root / P.CATALOGUE_DIR, root / P.QUERY_DIR
     held = [root / n for n in (P.GROUND_TRUTH, P.PRODUCT_LABELS) if (root / n).exists()]

@@ -43,7 +43,7 @@ from visrec._files import NOT_REGULAR
 from visrec.data import synth as S
 from visrec.data.images import MAX_IMAGE_FILE_BYTES, decode_image
 from visrec.data.text import read_bytes, read_lines
-from visrec.errors import DataError
+from visrec.errors import ConfigError, DataError
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
 EXACT_COUNT_SUFFIXES = (".avi", ".mp4", ".m4v", ".mov")  # containers whose frame count is an index, not an estimate
@@ -340,6 +340,10 @@ def write_video_dataset(root: str | Path, num_identities: int, videos_per_identi
     a DataError: its lists would be overwritten and its frames mix with the new ones; nothing there is deleted."""
     if video_format not in ("folder", "avi"):
         raise ValueError(f"video_format must be 'folder' or 'avi', got {video_format!r}")
+    if isinstance(frames_per_video, bool) or not isinstance(frames_per_video, int) \
+            or not 1 <= frames_per_video <= MAX_FRAMES:  # more would be a video set read_frames refuses
+        raise ConfigError(f"frames per video {frames_per_video!r}: a whole number from 1 to {MAX_FRAMES:,} (the most "
+                          "visrec reads of one video)")
     S.check_seed(seed, first_identity)
     root = Path(root)
     held = [root / n for n in ("videos.csv", "video_filelist.txt") if (root / n).exists()]

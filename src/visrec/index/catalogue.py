@@ -724,7 +724,12 @@ class CatalogueIndex:
                             "the files do not belong together; build the index again", path=self.dir / "index.faiss")
 
     def search_vectors(self, descriptors: np.ndarray, k: int = 7) -> tuple[list[list[str]], np.ndarray]:
-        """Ranked catalogue ids (best first) and scores for raw query descriptors."""
+        """Ranked catalogue ids (best first) and scores for raw query descriptors: at most ``k`` a query, and at
+        most the catalogue (a ``k`` beyond it asks FAISS for rows it does not have: ``-k 1000000000`` made it
+        allocate 12 GB a query and the kernel killed the command)."""
+        if isinstance(k, bool) or not isinstance(k, (int, np.integer)) or k < 1:
+            raise ConfigError(f"k must be a whole number >= 1, got {shown(k)}")
+        k = min(int(k), max(len(self.ids), 1))
         q = self.chain.queries(descriptors)
         if self.chain.reranker is not None:
             scores, rows = self.chain.reranker.rank(q, k)
