@@ -33,6 +33,7 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
+from visrec._files import replacing
 from visrec.data.folders import write_image_folder
 from visrec.data.images import encode_jpeg
 from visrec.data.landmarks import write_landmark_txt, write_pose_txt
@@ -263,14 +264,18 @@ def write_face_dataset(out_dir: str | Path, num_identities: int, images_per_iden
     faces = iter_faces(num_identities, images_per_identity, seed=seed, difficulty=difficulty,
                        first_identity=first_identity)
     if format == "recordio":
-        points = []
-        with RecordIOWriter(out) as writer:
-            for img, label, pts in faces:
+        out.mkdir(parents=True, exist_ok=True)
+        # landmarks go to the .npy as they come, as the images go to the writer's spill: memory stays flat
+        with replacing(out / "landmarks106.npy", suffix=".npy") as tmp, RecordIOWriter(out) as writer:
+            points = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float32,
+                                               shape=(num_identities * images_per_identity, 106, 2))
+            for n, (img, label, pts) in enumerate(faces):
                 writer.add(img, label)
-                points.append(pts)
+                points[n] = pts
                 if progress:
                     progress()
-        np.save(out / "landmarks106.npy", np.stack(points).astype(np.float32))
+            points.flush()
+            del points
         return out
 
     sidecar = out.parent / f"{out.name}-landmarks"
