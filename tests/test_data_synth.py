@@ -8,6 +8,7 @@ import pytest
 from visrec.data import synth
 from visrec.data.schemes import get_scheme, to_five_points
 from visrec.data.synth import iter_faces, render_face, write_face_dataset, write_verification_pairs
+from visrec.errors import DataError
 
 JD = get_scheme("jd106")
 
@@ -188,3 +189,21 @@ def test_cli_synth_faces_folder_and_pairs(tmp_path):
     assert (tmp_path / "s" / "val.bin").exists()
     bad = runner.invoke(app, ["synth", "faces", "--out", str(tmp_path / "t"), "--format", "zip"])
     assert bad.exit_code == 2 and "zip" in bad.output
+
+
+@pytest.mark.parametrize("fmt", ["folder", "recordio"])
+def test_a_second_set_into_the_same_folder_is_refused_and_the_first_is_untouched(tmp_path, fmt):
+    """A folder set of 4 identities rewritten with 2 kept the 2 stale identity folders (and their landmarks):
+    a mixed set the trainer read as 4 classes, while the command reported 2. A RecordIO set was replaced."""
+    from visrec.data.synth import write_face_dataset, write_synthetic_jd
+
+    write_face_dataset(tmp_path / "train", 4, 2, format=fmt)
+    before = {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()}
+    for other in ("folder", "recordio"):
+        with pytest.raises(DataError, match="already holds a data set .* write into a new or empty folder"):
+            write_face_dataset(tmp_path / "train", 2, 3, format=other, seed=1)
+    assert {p: p.read_bytes() for p in sorted(tmp_path.rglob("*")) if p.is_file()} == before
+    write_synthetic_jd(tmp_path / "jd", 3)
+    with pytest.raises(DataError, match="already holds a data set"):
+        write_synthetic_jd(tmp_path / "jd", 2, seed=1)
+    assert len(list((tmp_path / "jd" / "picture").iterdir())) == 3

@@ -20,7 +20,11 @@ def test_landmarks_section_reports_every_normalisation_against_the_mean_shape(tm
     c = console()
     from visrec.demo import landmarks_section
 
+    stale = tmp_path / "data" / "landmarks" / "train" / "picture" / "000999.jpg"  # a killed run's half-written set
+    stale.parent.mkdir(parents=True)
+    stale.write_bytes(b"half")
     res = landmarks_section(tmp_path, c, faces=(48, 16), steps=6)
+    assert not stale.exists() and len(list(stale.parent.iterdir())) == 48  # rendered anew, not refused or mixed
     assert set(res["metrics"]) == set(res["mean_shape"]) == {"sqrt_area", "inter_ocular", "inter_pupil",
                                                                "bbox_diagonal"}
     for norm, m in res["metrics"].items():

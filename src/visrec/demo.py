@@ -36,7 +36,8 @@ def faces_section(out: Path, steps: int, console: Console) -> dict:
 
     data = out / "data" / "faces"
     train_dir, val_bin = data / "train", data / "val.bin"
-    if not (train_dir / "train.rec").exists():
+    if not ((train_dir / "landmarks106.npy").exists() and val_bin.exists()):  # the last files each writer renames in
+        shutil.rmtree(data, ignore_errors=True)  # the demo's own folder, left half-written by a killed run
         console.print(f"rendering synthetic identities into {train_dir} (InsightFace RecordIO)")
         write_face_dataset(train_dir, DEMO["identities"], DEMO["per_identity"], format="recordio",
                            seed=1, difficulty=DEMO["difficulty"])
@@ -89,9 +90,10 @@ def budget_and_eval_section(out: Path, faces: dict, console: Console) -> dict:
     budget = check(model_pt, "deepglint-light")
     onnx_path, parity = export_checkpoint(model_pt, out / "export" / "mbf.onnx")
     held_out = faces["data"] / "heldout"
-    if not (held_out / "train.rec").exists():
+    if not (held_out / "landmarks106.npy").exists():
         from visrec.data.synth import write_face_dataset
 
+        shutil.rmtree(held_out, ignore_errors=True)  # the demo's own folder, left half-written by a killed run
         write_face_dataset(held_out, 40, 8, format="recordio", seed=3, difficulty=DEMO["difficulty"],
                            first_identity=200_000)
     ev = evaluate_faces(model=onnx_path, data=held_out, targets=(1e-3, 1e-4), out=out / "report")
@@ -241,10 +243,12 @@ def landmarks_section(out: Path, console: Console, faces: tuple[int, int] = (300
     from visrec.train.trainer import train
 
     data, run_dir = out / "data" / "landmarks", out / "runs" / "landmarks-heatmap"
-    if not (data / "val").exists():
+    if not (data / "complete").exists():  # written last: a killed run's half-written sets are rendered again
+        shutil.rmtree(data, ignore_errors=True)
         console.print(f"rendering synthetic 106-point faces into {data} (JD-landmark layout)")
         write_synthetic_jd(data / "train", faces[0], seed=11, difficulty=0.3)
         write_synthetic_jd(data / "val", faces[1], seed=12, difficulty=0.3)
+        (data / "complete").write_text("")
     if not (run_dir / "model.pt").exists():
         cfg = parse_config({
             "task": "landmarks", "output": str(run_dir), "device": "cpu", "batch_size": 32, "num_workers": 0,

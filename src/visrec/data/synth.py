@@ -39,7 +39,7 @@ from visrec.data.images import encode_jpeg
 from visrec.data.landmarks import write_landmark_txt, write_pose_txt
 from visrec.data.recordio import RecordIOWriter
 from visrec.data.verification import write_verification_bin
-from visrec.errors import VisrecError
+from visrec.errors import DataError, VisrecError
 
 SIZE = 112
 _CX, _CY = 56.0, 58.0
@@ -230,6 +230,18 @@ def render_face(identity: int, rng: np.random.Generator, difficulty: float = 0.3
     return np.clip(img, 0, 255).astype(np.uint8), pts.astype(np.float32)
 
 
+def _refuse_a_set_in(out: Path, files: list[Path], folders: list[Path]) -> None:
+    """A DataError naming ``out`` when any of ``files`` exists or any of ``folders`` holds a sub-folder (an identity
+    of a folder set) or, for a folder other than ``out``, anything: the new set would mix with what is there."""
+    held = [f for f in files if f.exists()]
+    for folder in folders:
+        if folder.is_dir():
+            held += [p for p in sorted(folder.iterdir()) if folder != out or p.is_dir()]
+    if held:
+        raise DataError(f"already holds a data set ({held[0]} and {len(held) - 1} more): the new images would mix "
+                        "with its images or replace them; write into a new or empty folder", path=out)
+
+
 def check_seed(seed: int, first_identity: int = 0) -> None:
     """Seeds and identity numbers feed ``np.random.default_rng``, which takes no negative entry: a VisrecError
     before anything is written (numpy's ValueError would come after the output folder was made)."""
@@ -261,6 +273,11 @@ def write_face_dataset(out_dir: str | Path, num_identities: int, images_per_iden
         raise ValueError(f"format must be 'recordio' or 'folder', got {format!r}")
     check_seed(seed, first_identity)
     out = Path(out_dir)
+    sidecar = out.parent / f"{out.name}-landmarks"
+    # identity folders or a RecordIO set already there would mix with the new ones (a folder set keeps every
+    # identity folder of an earlier, larger run) or be replaced: refused, nothing there is touched
+    _refuse_a_set_in(out, [out / n for n in ("train.rec", "train.idx", "property", "landmarks106.npy")],
+                     [out, sidecar])
     faces = iter_faces(num_identities, images_per_identity, seed=seed, difficulty=difficulty,
                        first_identity=first_identity)
     if format == "recordio":
@@ -278,7 +295,6 @@ def write_face_dataset(out_dir: str | Path, num_identities: int, images_per_iden
             del points
         return out
 
-    sidecar = out.parent / f"{out.name}-landmarks"
     counts: dict[int, int] = {}
 
     def items():
@@ -361,6 +377,7 @@ def write_synthetic_jd(out_dir: str | Path, n_faces: int, *, seed: int = 0, diff
     The images are those of ``iter_faces(n_faces, 1, seed=seed, difficulty=difficulty)``."""
     check_seed(seed)
     out = Path(out_dir)
+    _refuse_a_set_in(out, [], [out / n for n in ("picture", "landmark", "pose", "rect")])
     for k in range(n_faces):
         # the generator iter_faces gives face k (identity k, one image each)
         rec = _PoseRecorder(np.random.default_rng([seed, k, 104729]), difficulty)
