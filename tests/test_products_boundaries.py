@@ -377,3 +377,21 @@ def test_synthetic_sizes_beyond_what_visrec_reads_are_refused_before_anything_is
     with pytest.raises(ConfigError, match=f"frames per video {MAX_FRAMES + 1}: a whole number from 1 to "):
         write_video_dataset(tmp_path / "v", 2, 1, MAX_FRAMES + 1)
     assert not (tmp_path / "p").exists() and not (tmp_path / "v").exists()
+
+
+def test_an_index_is_not_built_into_a_folder_of_other_files(built, tmp_path):
+    """`products index --out FOLDER` replaced any file there named like an index file (a manifest.json or
+    ids.txt of the user's); such a folder is refused unless it holds an index (or the shards of one cut short)."""
+    from visrec.index.catalogue import IndexOptions, build_catalogue_index
+    from visrec.models import build_backbone
+
+    theirs = tmp_path / "mine" / "ids.txt"
+    theirs.parent.mkdir()
+    theirs.write_text("my own list\n")
+    desc = build_backbone("product", backbone="resnet18", dim=16)
+    with pytest.raises(DataError, match="holds files and no catalogue index"):
+        build_catalogue_index(built / "p" / "catalogue", theirs.parent, desc, DESC, IndexOptions(size=64))
+    assert theirs.read_text() == "my own list\n" and sorted(p.name for p in theirs.parent.iterdir()) == ["ids.txt"]
+    again = _copy(built, tmp_path)  # a folder holding an index is rebuilt in place
+    build_catalogue_index(built / "p" / "catalogue", again, desc, DESC, IndexOptions(size=64))
+    assert (again / "manifest.json").exists()

@@ -430,6 +430,7 @@ def build_catalogue_index(catalogue: str | Path, out_dir: str | Path, model: tor
     items = list_images(catalogue)
     if not items:
         raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=catalogue)
+    _refuse_a_folder_of_other_files(out)
     out.mkdir(parents=True, exist_ok=True)
     # one build at a time in a folder (its shards and staging folders are this build's; rank 0 holds the claim)
     claim = on_every_rank("claiming the output folder", lambda: FolderClaim(out, "catalogue index build")
@@ -961,6 +962,19 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
     manifest = build_catalogue_index(catalogue, out, model, model_config, opts, device=device, progress=progress,
                                      group=group)
     return {**manifest, "runtime": runtime}
+
+
+def _refuse_a_folder_of_other_files(out: Path) -> None:
+    """A DataError naming ``out`` when it holds files but no index (no manifest.json, no shards/ of a build cut
+    short): the index's files would replace any of the same name there (a manifest.json or ids.txt of the
+    user's). Hidden entries are a killed build's temporary files and staging folders, cleared by the build."""
+    if (out / MANIFEST).exists() or (out / "shards").is_dir() or not out.is_dir():
+        return
+    held = sorted(p.name for p in out.iterdir() if not p.name.startswith("."))
+    if held:
+        raise DataError(f"holds files and no catalogue index ({held[0]} and {len(held) - 1} more): the index's "
+                        "files (manifest.json, ids.txt, index.faiss, ...) would replace any of the same name; "
+                        "name a new or empty folder", path=out)
 
 
 def _index_overrides(overrides: dict | None) -> dict:

@@ -25,7 +25,7 @@ import numpy as np
 
 from visrec._optional import require
 from visrec._structured import loads_json
-from visrec.errors import ConfigError, DataError, VisrecError
+from visrec.errors import ConfigError, DataError, VisrecError, shown
 from visrec.index.gallery.base import (_MILVUS_TOPK, BACKENDS, MAX_HASH_CHARS, MAX_METADATA_CHARS, Gallery,
                                        GalleryUnavailableError, _score_from_raw, identity_key)
 
@@ -508,7 +508,7 @@ _ROW_FIELDS = ["identity", "templates", "metadata"]
 def _row(r: dict) -> dict:
     """A Milvus identity row -> ``{"identity", "templates", "metadata"}``."""
     return {"identity": r["identity"], "templates": int(r["templates"]),
-            "metadata": _stored(r["metadata"], dict, f"the metadata of {r['identity']!r}")}
+            "metadata": _stored(r["metadata"], dict, f"the metadata of {shown(r['identity'], 80)}")}
 
 
 def _stored(text, kind: type, what: str):
