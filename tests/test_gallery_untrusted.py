@@ -521,3 +521,49 @@ def test_a_tampered_gallery_file_is_refused_naming_the_row(tmp_path, table, sql,
     db.close()
     with pytest.raises(DataError, match=message):
         open_gallery("faiss", path=path)
+
+
+def test_rows_another_client_wrote_into_a_milvus_lite_gallery_are_refused_naming_the_row(tmp_path):
+    """Milvus takes any float, any int64 and any text in a collection another client writes: a template of 1e30
+    outranked and was accepted against every probe (score 2e30), a row counted -5 templates under a name with a
+    NUL. What the gallery reads back is checked as the FAISS gallery file's rows are."""
+    from visrec.index.gallery import MilvusGallery
+
+    g = MilvusGallery(uri=tmp_path / "g.db", model_name="m", dim=16)
+    g.enroll("ann", unit(np.ones((1, 16))))
+    g.enroll("bob", unit(np.arange(16)[None] + 1.0))
+    g.set_threshold(0.5)
+    template = dict(g.client.query(g.t_name, filter='identity == "bob"', output_fields=["*"])[0])
+    g.client.upsert(g.t_name, [{**template, "vector": [1e30] * 16}])
+    with pytest.raises(DataError, match="template of 'bob' scores 4e\\+30 against a probe, outside what the cosine"):
+        g.search(unit(np.ones((1, 16))), 2)
+    g.client.upsert(g.t_name, [{**template, "vector": [float("nan")] * 16}])
+    with pytest.raises(DataError, match="a stored vector of 'bob' holds NaN or inf"):
+        g.export(tmp_path / "e.npz")
+    g.client.upsert(g.t_name, [template])
+    assert [m.identity for m in g.search(unit(np.ones((1, 16))), 2)[0]] == ["ann", "bob"]
+    row = dict(g.client.query(g.i_name, filter='identity == "bob"', output_fields=["*"])[0])
+    for change, words in (({"templates": -5}, "counts -5 templates"),
+                          ({"identity": "b\x00b"}, "an identity row names 'b\\\\x00b'")):
+        g.client.upsert(g.i_name, [{**row, **change}])
+        with pytest.raises(DataError, match=words):
+            g.list()
+        g.client.upsert(g.i_name, [row])
+    assert [r["identity"] for r in g.list()] == ["ann", "bob"]
+    g.close()
+
+
+def test_a_vector_visrec_did_not_write_in_a_faiss_gallery_file_is_refused_at_search(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "g.sqlite"
+    g = open_gallery("faiss", path=path, model_name="m")
+    g.enroll("ann", unit(np.ones((1, 16))))
+    g.close()
+    db = sqlite3.connect(path)
+    db.execute("UPDATE templates SET vector = ?", (np.full(16, 2.0, np.float32).tobytes(),))  # finite, not unit
+    db.commit()
+    db.close()
+    g = open_gallery("faiss", path=path)
+    with pytest.raises(DataError, match="a stored template of 'ann' scores 8 against a probe"):
+        g.search(unit(np.ones((1, 16))), 1)

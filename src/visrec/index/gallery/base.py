@@ -675,7 +675,22 @@ class Gallery(abc.ABC):
                 found = self._search_identities(q, top_k)
             else:
                 found = self._search_max(q, top_k)
+        for row in found:
+            for identity, score in row:
+                self._check_score(identity, score)
         return [[Match(i, float(s), t is not None and float(s) >= t) for i, s in row] for row in found]
+
+    def _check_score(self, identity: str, score: float) -> None:
+        """A stored vector visrec wrote scores a unit probe in the metric's range (cosine: [-1, 1], a negated
+        distance: <= 0, both finite). One that does not was written by something else (a Milvus collection
+        another client changed, a copied database): it would outrank, or be accepted against, every probe, so
+        the search is a DataError saying so instead of a match."""
+        bad = not math.isfinite(score) or (score > 1 + 1e-3 or score < -1 - 1e-3 if self.metric == "cosine"
+                                           else score > 0)
+        if bad:
+            raise DataError(f"a stored template of {shown(identity, 80)} scores {score:.6g} against a probe, outside "
+                            f"what the {self.metric} metric gives: the gallery holds a vector visrec did not write "
+                            f"(not unit length, or not finite); enroll that identity again or restore the gallery")
 
     def _search_max(self, q: np.ndarray, top_k: int) -> list[list[tuple[str, float]]]:
         # no count query per search: fewer hits than the limit means every template was returned

@@ -27,7 +27,7 @@ from visrec._optional import require
 from visrec._structured import loads_json
 from visrec.errors import ConfigError, DataError, VisrecError, shown
 from visrec.index.gallery.base import (_MILVUS_TOPK, BACKENDS, MAX_HASH_CHARS, MAX_METADATA_CHARS, Gallery,
-                                       GalleryUnavailableError, _score_from_raw, identity_key)
+                                       GalleryUnavailableError, _score_from_raw, check_identity, identity_key)
 
 log = logging.getLogger(__name__)
 CONSISTENCY = ("Session", "Strong", "Bounded", "Eventually")
@@ -419,7 +419,7 @@ class MilvusGallery(Gallery):
             keys = [identity_key(name) for name in identities[i:i + BATCH]]
             for r in self.client.get(self.i_name, ids=keys, output_fields=_ROW_FIELDS + ["vector"]):
                 row = _row(r)
-                out[row["identity"]] = {**row, "centroid": np.asarray(r["vector"], np.float32)}
+                out[row["identity"]] = {**row, "centroid": _finite(r["vector"], row["identity"])}
         return out
 
     def _upsert_templates(self, rows):
@@ -461,7 +461,8 @@ class MilvusGallery(Gallery):
         res = self.client.search(collection, data=q.tolist(), limit=int(limit), output_fields=[field],
                                  search_params={"metric_type": self._milvus_metric,
                                                 "params": self._search_params(limit)}, anns_field="vector")
-        return [[(hit["entity"][field], _score_from_raw(hit["distance"], self.metric)) for hit in row] for row in res]
+        return [[(_name(hit["entity"][field], "a search hit"), _score_from_raw(hit["distance"], self.metric))
+                 for hit in row] for row in res]
 
     def _search_params(self, limit: int) -> dict:
         params = dict(self.search_params)
@@ -485,7 +486,7 @@ class MilvusGallery(Gallery):
     def _identity_names(self):
         if self._dim is None:
             return []
-        return [r["identity"] for r in self._query_all(self.i_name, ["identity"])]
+        return [_name(r["identity"], "an identity row") for r in self._query_all(self.i_name, ["identity"])]
 
     def _count_templates(self):
         if self._dim is None:
@@ -496,7 +497,8 @@ class MilvusGallery(Gallery):
         if self._dim is None:
             return
         for batch in self._query_batches(self.t_name, ["id", "identity", "hash", "vector"], rows=rows):
-            yield [(r["id"], r["identity"], r["hash"], np.asarray(r["vector"], np.float32)) for r in batch]
+            yield [(r["id"], _name(r["identity"], "a template row"), r["hash"], _finite(r["vector"], r["identity"]))
+                   for r in batch]
 
     def close(self):
         self.client.close()
@@ -506,9 +508,30 @@ _ROW_FIELDS = ["identity", "templates", "metadata"]
 
 
 def _row(r: dict) -> dict:
-    """A Milvus identity row -> ``{"identity", "templates", "metadata"}``."""
-    return {"identity": r["identity"], "templates": int(r["templates"]),
-            "metadata": _stored(r["metadata"], dict, f"the metadata of {shown(r['identity'], 80)}")}
+    """A Milvus identity row -> ``{"identity", "templates", "metadata"}``, each checked (:func:`_stored`)."""
+    identity, templates = _name(r["identity"], "an identity row"), r["templates"]
+    if isinstance(templates, bool) or not isinstance(templates, int) or templates < 1:
+        raise DataError(f"Milvus gallery: the identity row of {shown(identity, 80)} counts {shown(templates)} "
+                        "templates, not a whole number >= 1")
+    return {"identity": identity, "templates": templates,
+            "metadata": _stored(r["metadata"], dict, f"the metadata of {shown(identity, 80)}")}
+
+
+# The collections are read back as visrec wrote them, but a Milvus Lite file or a server's collection may have been
+# written by another client: what a reader hands on (names, counts, vectors, JSON) is checked as the FAISS gallery
+# file's rows are, a DataError saying which row, never a name nobody could enroll or a NaN passed along.
+def _name(value, where: str) -> str:
+    try:
+        return check_identity(value)
+    except DataError as exc:
+        raise DataError(f"Milvus gallery: {where} names {shown(value, 80)}: {exc}") from None
+
+
+def _finite(vector, identity) -> np.ndarray:
+    v = np.asarray(vector, np.float32)
+    if not np.isfinite(v).all():
+        raise DataError(f"Milvus gallery: a stored vector of {shown(identity, 80)} holds NaN or inf")
+    return v
 
 
 def _stored(text, kind: type, what: str):
