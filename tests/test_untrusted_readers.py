@@ -430,7 +430,7 @@ def _readers_of_named_files():
     from visrec._torchfile import read_torch_file
     from visrec.budget import check
     from visrec.data.prepare import JOURNAL, Journal
-    from visrec.index.catalogue import MANIFEST, CatalogueIndex
+    from visrec.index.catalogue import MANIFEST, CatalogueIndex, _read_ids
     from visrec.index.faiss_index import FaissIndex
     from visrec.index.gallery.store import GalleryFile
     from visrec.models.dlib_dnn import read_dlib_resnet
@@ -450,6 +450,7 @@ def _readers_of_named_files():
         "gallery export": ("gallery.npz", lambda p: load_npz(p, "gallery export")),
         "FAISS index": ("index.faiss", FaissIndex.load),
         "catalogue manifest": (MANIFEST, lambda p: CatalogueIndex(p.parent)),
+        "catalogue ids (an index whose manifest records no files)": ("ids.txt", _read_ids),
         "search journal": ("study.journal", lambda p: open_storage(str(p), p.parent)),
         "FAISS gallery file": ("gallery.sqlite", GalleryFile),
         "teacher features": ("teacher.npy", lambda p: p.with_suffix(".json").write_text("{}")  # its sidecar

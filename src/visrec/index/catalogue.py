@@ -817,8 +817,8 @@ def _check_finite_index(index: FaissIndex, path: Path) -> None:
 def _read_ids(path: Path) -> list[str]:
     """ids.txt: one valid id (``visrec.data.products.id_problem``) a line, each ending with ``\n``, no id twice;
     else a DataError naming the file and the line."""
-    try:
-        text = path.read_text(encoding="utf-8")
+    try:  # a regular file only: an index of an older visrec records no files, so _check_files has not seen it
+        text = check_regular_file(path).read_text(encoding="utf-8")
     except (OSError, ValueError) as exc:
         raise DataError(f"cannot read the catalogue ids: {exc}", path=path) from None
     if text and not text.endswith("\n"):
