@@ -164,8 +164,8 @@ class RecordIOWriter:
             self._spill.close()
 
     def _write(self) -> None:
-        labels = np.frombuffer(self._labels, dtype=np.int64) if self._labels else np.zeros(0, np.int64)
-        counts = np.bincount(labels) if labels.size else np.zeros(0, np.int64)
+        labels = np.frombuffer(self._labels, dtype=np.int64)  # empty for a writer given no image
+        counts = np.bincount(labels)
         if not counts.all():
             raise ValueError("labels must be 0..C-1 with no gaps")
         n_labels = len(counts)

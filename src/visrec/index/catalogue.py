@@ -69,7 +69,7 @@ from visrec._torchfile import atomic_save
 from visrec.config import load_config, set_dotted, validate_section
 from visrec.data.products import (id_problem, list_images, load_catalogue_images, read_image_checked,
                                   write_submission)
-from visrec.data.text import FolderClaim, check_output, read_bytes, read_text
+from visrec.data.text import FolderClaim, check_output, read_text
 from visrec.errors import ConfigError, DataError, shown
 from visrec.index.faiss_index import FaissIndex
 from visrec.index.postprocess import FINITE_CHECK_ROWS, Chain, PCAWhitening
@@ -614,9 +614,15 @@ def _swap_in(stage: Path, out: Path, names: Sequence[str]) -> None:
 
 def _records_files(manifest_path: Path) -> bool:
     try:
-        return isinstance(loads_json(read_bytes(manifest_path, MAX_METADATA_FILE_BYTES)).get("files"), dict)
+        return isinstance(_manifest_json(manifest_path).get("files"), dict)
     except (DataError, ValueError, AttributeError):  # DataError: unreadable, too long, a pipe or a device
         return False
+
+
+def _manifest_json(path: Path):
+    """A manifest.json's JSON: a regular file of at most MAX_METADATA_FILE_BYTES (else a DataError naming it),
+    nested within ``visrec._structured``'s bound (else a ValueError)."""
+    return loads_json(read_text(path, MAX_METADATA_FILE_BYTES))
 
 
 def _finished_shard(path: Path) -> dict | None:
@@ -644,7 +650,7 @@ class CatalogueIndex:
             raise DataError("not a catalogue index (no manifest.json); build one with visrec products index",
                             path=self.dir)
         try:
-            self.manifest = loads_json(read_text(self.dir / MANIFEST, MAX_METADATA_FILE_BYTES))
+            self.manifest = _manifest_json(self.dir / MANIFEST)
         except ValueError as exc:  # a JSONDecodeError, or nested too deep
             raise DataError(f"not a readable catalogue index manifest: {exc}", path=self.dir / MANIFEST) from None
         self.opts = _check_manifest(self.manifest, self.dir / MANIFEST)
