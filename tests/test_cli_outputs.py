@@ -140,13 +140,14 @@ def _cases(models, picture, features, tmp):
         "search export": (["search", "export", tmp / "run"], "file"),
         "landmarks": (["landmarks", picture, "--model", lm], "png"),
         "products index": (["products", "index", photos, "--model", face], "dir"),
+        "demo": (["demo"], "dir"),
     }
 
 
 CASES = ["eval faces", "eval faces --submission", "eval landmarks", "eval ijb", "eval products", "data synth faces",
          "data synth landmarks", "data synth products", "data synth videos", "data prepare faces",
          "data prepare landmarks", "data prepare products", "data prepare videos", "export", "search faces",
-         "search export", "landmarks", "products index"]
+         "search export", "landmarks", "products index", "demo"]
 
 
 @pytest.mark.parametrize("case", CASES)

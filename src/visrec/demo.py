@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from visrec.config import parse_config
+from visrec.data.text import check_output
 from visrec.data.verification import read_verification_bin
 from visrec.demo_real import real_faces_section
 from visrec.faces.pipeline import Embedder
@@ -119,7 +120,7 @@ def _run_demo(out: Path, steps: int, console: Console | None) -> None:
     # log, in the middle of later sections' tables; failures still surface as pymilvus exceptions
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     console = console or Console()
-    out = Path(out)
+    out = check_output(out, kind="dir")  # a file, or a path under one, named before any work (as every command)
     out.mkdir(parents=True, exist_ok=True)
     faces = faces_section(out, steps, console)
     table = Table(title="visrec demo — faces (synthetic, held-out identities)")
