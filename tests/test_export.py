@@ -9,7 +9,7 @@ from typer.testing import CliRunner
 
 from visrec.budget import check
 from visrec.commands.export import app as export_app
-from visrec.errors import DataError
+from visrec.errors import DataError, StorageError
 from visrec.export import OnnxEmbedder, export_onnx, latency, parity_check
 from visrec.models import build_backbone
 
@@ -205,7 +205,8 @@ def test_export_never_replaces_the_checkpoint_nor_a_file_it_did_not_write(tmp_pa
 
 def test_an_output_that_takes_no_file_is_an_error_naming_it(tmp_path, monkeypatch):
     """A folder the up-front checks pass but whose write fails (/proc as root, a full disk) was a traceback
-    after the export; it is a DataError naming the file, and nothing is left."""
+    after the export; it is a StorageError naming the file (the system refused, not the input), and nothing is
+    left."""
     from conftest import save_tiny_face_model
 
     from visrec import export as ex
@@ -217,8 +218,9 @@ def test_an_output_that_takes_no_file_is_an_error_naming_it(tmp_path, monkeypatc
 
     monkeypatch.setattr(ex, "_save_whole", full)
     done = CliRunner().invoke(export_app, [str(run), "--out", str(tmp_path / "m.onnx"), "--no-parity"])
-    assert isinstance(done.exception, DataError), done.output
-    assert str(done.exception).endswith("m.onnx: cannot be written: No space left on device")
+    assert isinstance(done.exception, StorageError), done.output
+    assert str(done.exception).endswith("m.onnx: cannot write: No space left on device; make room (disk space, "
+                                        "quota or file size limit) and run it again")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["run"]
 
 

@@ -10,7 +10,10 @@ removes the temporary files of processes that are no longer running (a ``kill -9
 from __future__ import annotations
 
 import contextlib
+import errno
+import functools
 import glob
+import inspect
 import os
 import re
 import secrets
@@ -18,7 +21,7 @@ import stat
 from pathlib import Path
 from typing import Iterator
 
-from visrec.errors import DataError
+from visrec.errors import DataError, StorageError
 
 NOT_REGULAR = "not a regular file (a directory, device or pipe)"
 
@@ -62,8 +65,11 @@ def replacing(path: str | Path, *, suffix: str = "", durable: bool = False,
     """Yield a temporary path beside ``path`` to write; when the block ends without an error it is renamed over
     ``path`` (after an ``fsync`` when ``durable``, keeping the replaced file's permission bits when
     ``keep_mode``); the temporary file goes in every case. Temporary files of ``path`` left by processes that
-    are no longer running are removed first. The folder must exist; ``OSError`` passes through (callers name the
-    file in their own error)."""
+    are no longer running are removed first. The folder must exist. A write the system refuses (a full disk, a
+    read-only file system: an ``OSError`` naming no file or the temporary one, raised in the block or by the
+    rename) is a :class:`StorageError` naming ``path``; an ``OSError`` naming another file (one the block was
+    reading) passes through. A writer of several files in nested blocks raises its own ``StorageError`` first,
+    which passes through the outer blocks as it is."""
     path = Path(path)
     own = re.compile(rf"\.{re.escape(path.name)}\.\d+\.[0-9a-f]+\.tmp{re.escape(suffix)}")
     for stale in leftovers(path.parent, f".{path.name}."):
@@ -72,13 +78,53 @@ def replacing(path: str | Path, *, suffix: str = "", durable: bool = False,
                 stale.unlink()
     tmp = temporary_name(path, suffix)
     try:
-        yield tmp
-        if durable:
-            with open(tmp, "rb") as fh:
-                os.fsync(fh.fileno())
-        if keep_mode and path.exists():
-            os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
-        os.replace(tmp, path)
+        try:
+            yield tmp
+            if durable:
+                with open(tmp, "rb") as fh:
+                    os.fsync(fh.fileno())
+            if keep_mode and path.exists():
+                os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
+            os.replace(tmp, path)
+        except OSError as exc:
+            if exc.filename is None or str(exc.filename) == str(tmp):
+                raise StorageError.from_os(exc, path) from None
+            raise
+        except StorageError as exc:  # a writer that replaces ``tmp`` in turn named it: name the file it becomes
+            raise (exc.naming(path) if exc.path == str(tmp) else exc) from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
+
+
+@contextlib.contextmanager
+def writing_into(out: str | Path, stage: str | Path | None = None) -> Iterator[None]:
+    """A write the system refuses in the block is a :class:`StorageError`: naming ``out`` (the folder or file the
+    block writes) when the system named no file, as under a buffered write to a full disk, or a file directly in
+    ``stage`` (the hidden folder whose files become ``out``'s), else the file it named. Other ``OSError``s naming
+    a file (an input that is missing) pass through."""
+    def staged(name) -> bool:
+        return stage is not None and name is not None and Path(name).parent == Path(stage)
+
+    try:
+        yield
+    except OSError as exc:
+        if exc.filename is None or staged(exc.filename):
+            raise StorageError.from_os(exc, out) from None
+        if exc.errno in StorageError.NO_SPACE or exc.errno == errno.EROFS:
+            raise StorageError.from_os(exc) from None
+        raise
+    except StorageError as exc:
+        raise (exc.naming(out) if staged(exc.path) else exc) from None
+
+
+def names_its_output(func):
+    """Decorator of a writer ``func(out, ...)`` (its first parameter the folder or file it writes): what
+    :func:`writing_into` says, for that ``out``."""
+    first = next(iter(inspect.signature(func).parameters))
+
+    @functools.wraps(func)
+    def write(*args, **kwargs):
+        with writing_into(args[0] if args else kwargs[first]):
+            return func(*args, **kwargs)
+    return write

@@ -308,4 +308,28 @@ def atomic_save(obj: Any, path: str | Path) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with replacing(path, durable=True, keep_mode=True) as tmp, open(tmp, "wb") as fh:
-        torch.save(obj, fh)
+        writes = _KeepsWriteError(fh)
+        try:
+            torch.save(obj, writes)
+        except RuntimeError:
+            if writes.error is None:
+                raise
+            raise writes.error from None  # replacing names the file: "model.pt: cannot write: No space left ..."
+
+
+class _KeepsWriteError:
+    """The file ``torch.save`` writes through, keeping the first ``OSError`` a write raised: torch reports a
+    failed write (a full disk) as its own ``RuntimeError`` ("unexpected pos 704 vs 598"), without the reason."""
+
+    def __init__(self, fh):
+        self.fh, self.error = fh, None
+
+    def write(self, data) -> int:
+        try:
+            return self.fh.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self.fh.flush()

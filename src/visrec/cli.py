@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 from pathlib import Path
@@ -13,7 +14,7 @@ from rich.table import Table
 from rich.text import Text
 
 from visrec.commands import PROVIDERS_HELP
-from visrec.errors import VisrecError
+from visrec.errors import StorageError, VisrecError
 
 from visrec.commands import budget as budget_commands
 from visrec.commands import data as data_commands
@@ -158,9 +159,16 @@ def refuse_torchrun_for_one_process_commands(args: list[str]) -> None:
             one_process(f"visrec {command}")
 
 
+def _print_error(message: str) -> None:
+    # Text, not markup: a message quoting a user's name or path (say "[/]") must print as written
+    Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", message), highlight=False)
+
+
 def run_app() -> int:
-    """The command's exit status: 2 for a :class:`VisrecError` (its message printed, no traceback), 130 when
-    interrupted. The exception is gone when this returns, and with it every frame it held."""
+    """The command's exit status: 2 for a :class:`VisrecError` (its message printed, no traceback), 3 when the
+    system refused a read or write (a full disk, a read-only file system: a :class:`StorageError`, or an
+    ``OSError`` no layer below named), 130 when interrupted. The exception is gone when this returns, and with it
+    every frame it held."""
     try:
         refuse_torchrun_for_one_process_commands(sys.argv[1:])
         app()
@@ -169,10 +177,19 @@ def run_app() -> int:
             return done.code or 0
         print(done.code, file=sys.stderr)
         return 1
+    except StorageError as exc:
+        _print_error(str(exc))
+        return 3
     except VisrecError as exc:
-        # Text, not markup: a message quoting a user's name or path (say "[/]") must print as written
-        Console(stderr=True).print(Text.assemble(("error:", "bold red"), " ", str(exc)), highlight=False)
+        _print_error(str(exc))
         return 2
+    except OSError as exc:  # one no layer below turned into a StorageError: the system's words, and its file
+        if exc.errno in StorageError.NO_SPACE or exc.errno == errno.EROFS:
+            _print_error(str(StorageError.from_os(exc)))
+        else:
+            names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
+            _print_error(": ".join(([" -> ".join(names)] if names else []) + [exc.strerror or str(exc)]))
+        return 3
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
         return 130

@@ -17,7 +17,7 @@ from visrec._optional import require
 from visrec._onnx import OnnxEmbedder  # noqa: F401 - still importable from here (parity_check runs it)
 from visrec._files import leftovers, replacing
 from visrec.data.text import check_output
-from visrec.errors import DataError, VisrecError
+from visrec.errors import DataError, StorageError, VisrecError
 from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY
 from visrec.models.loading import checkpoint_file, file_sha256, load_model
 
@@ -438,8 +438,8 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
                                   f"{path} was not written")
             if report is not None:  # only an export that passed parity may stand in for its checkpoint
                 _stamp_checkpoint(tmp, file_sha256(source))
-    except OSError as exc:  # a folder the checks passed that takes no file after all (/proc as root, a full disk)
-        raise DataError(f"cannot be written: {exc.strerror or exc}", path=path) from None
+    except OSError as exc:  # a folder the checks passed that takes no file after all (/proc as root)
+        raise StorageError.from_os(exc, path) from None
     return path, report
 
 

@@ -246,3 +246,18 @@ def encode_jpeg(image: np.ndarray, quality: int = 95) -> bytes:
     if not ok:
         raise ValueError("JPEG encoding failed")
     return buf.tobytes()
+
+
+def write_image(path: str | Path, image: np.ndarray, quality: int = 95) -> Path:
+    """Write an HxWx3 RGB uint8 image to ``path`` in the format its extension names (``.jpg``, ``.png``):
+    encoded in memory, then written, so a write the system refuses (a full disk) is its ``OSError`` with the
+    reason, where ``cv2.imwrite`` only answers False."""
+    import cv2
+
+    path = Path(path)
+    params = [cv2.IMWRITE_JPEG_QUALITY, quality] if path.suffix.lower() in (".jpg", ".jpeg") else []
+    ok, buf = cv2.imencode(path.suffix, np.ascontiguousarray(image[:, :, ::-1]), params)
+    if not ok:
+        raise ValueError(f"OpenCV cannot encode {path.suffix!r} images")
+    path.write_bytes(buf.tobytes())
+    return path

@@ -35,13 +35,13 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
-from visrec._files import check_regular_file, replacing
+from visrec._files import check_regular_file, replacing, writing_into
 from visrec._structured import loads_json
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, not_an_image_reason
 from visrec.data.products import (CATALOGUE_DIR, PRODUCT_LABELS, _resize, pad_to_square, read_image_checked,
                                   write_product_labels)
 from visrec.data.text import FolderClaim
-from visrec.errors import ConfigError, DataError, VisrecError, shown
+from visrec.errors import ConfigError, DataError, StorageError, VisrecError, shown
 
 JOURNAL = "prepare_journal.jsonl"
 REPORT = "prepare_report.json"
@@ -97,7 +97,7 @@ class Journal:
         try:
             out.mkdir(parents=True, exist_ok=True)
         except OSError as exc:  # a place the up-front checks passed that takes no folder (/proc as root)
-            raise DataError(f"cannot make the output folder: {exc.strerror or exc}", path=out) from None
+            raise StorageError.from_os(exc, out, action="make the output folder") from None
         # one run at a time in a folder (two would each find no journal and write crops of both settings),
         # held until finish_report or a failure in run_items
         self.claim = FolderClaim(out, "prepare run")
@@ -158,7 +158,7 @@ class Journal:
         return key in self.records
 
     def add(self, record: dict) -> None:
-        with open(self.path, "a") as fh:
+        with writing_into(self.path), open(self.path, "a") as fh:  # a full disk: a StorageError naming it
             fh.write(json.dumps(record) + "\n")
             fh.flush()
             os.fsync(fh.fileno())

@@ -22,6 +22,7 @@ against those labels (``RecordIOReader``).
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import struct
@@ -34,7 +35,7 @@ import numpy as np
 from visrec._files import replacing
 from visrec.data.images import decode_image
 from visrec.data.text import read_lines
-from visrec.errors import DataError
+from visrec.errors import DataError, StorageError
 
 MAGIC = 0xCED7230A
 _HEADER = struct.Struct("<IfQQ")
@@ -133,7 +134,8 @@ class RecordIOWriter:
         if exc_type is None:
             self.close()
         else:
-            self._spill.close()
+            with contextlib.suppress(OSError):  # its buffered bytes fail again on a full disk: the first error
+                self._spill.close()
 
     def add(self, image: np.ndarray | bytes, label: int) -> int:
         import cv2
@@ -154,14 +156,18 @@ class RecordIOWriter:
         self._offsets.append(self._spill.tell())
         self._lengths.append(len(data))
         self._labels.append(int(label))
-        self._spill.write(data)
+        try:
+            self._spill.write(data)
+        except OSError as exc:  # the spill file has no name: the set it was going to be is what failed
+            raise StorageError.from_os(exc, self.rec) from None
         return len(self._labels)
 
     def close(self) -> None:
         try:
             self._write()
         finally:
-            self._spill.close()
+            with contextlib.suppress(OSError):
+                self._spill.close()
 
     def _write(self) -> None:
         labels = np.frombuffer(self._labels, dtype=np.int64)  # empty for a writer given no image
@@ -178,7 +184,8 @@ class RecordIOWriter:
         # leaves a .rec and .idx of different writes, which the reader refuses (a bad magic or a header past the
         # index, naming the record), never misreads
         with replacing(self.rec) as tmp_rec, replacing(self.idx) as tmp_idx, replacing(self.prop) as tmp_prop:
-            with open(tmp_rec, "wb") as rec, open(tmp_idx, "w", encoding="ascii") as idx:
+            with _names_failed_writes(self.rec, tmp_rec, self.idx, tmp_idx), \
+                    open(tmp_rec, "wb") as rec, open(tmp_idx, "w", encoding="ascii") as idx:
                 def put(index: int, payload: bytes) -> None:
                     idx.write(f"{index}\t{rec.tell()}\n")
                     rec.write(_encode_record(payload))
@@ -192,6 +199,17 @@ class RecordIOWriter:
                     put(first_id_rec + c, pack_payload([start, end], b"", record_id=first_id_rec + c))
             h, w = self._shape or (112, 112)
             tmp_prop.write_text(f"{n_labels},{h},{w}", encoding="ascii")
+
+
+@contextlib.contextmanager
+def _names_failed_writes(rec: Path, tmp_rec: Path, idx: Path, tmp_idx: Path):
+    """A write the system refuses in the block is a ``StorageError`` naming the file that was being written (the
+    innermost ``replacing`` around it would name the property file)."""
+    try:
+        yield
+    except OSError as exc:
+        failed = idx if exc.filename is not None and str(exc.filename) == str(tmp_idx) else rec
+        raise StorageError.from_os(exc, failed) from None
 
 
 # what an offset that misses its record most often means: a .rec cut short, or a .idx of another write of the

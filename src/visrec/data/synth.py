@@ -33,7 +33,7 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
-from visrec._files import replacing
+from visrec._files import names_its_output, replacing
 from visrec.data.folders import write_image_folder
 from visrec.data.images import encode_jpeg
 from visrec.data.landmarks import write_landmark_txt, write_pose_txt
@@ -262,6 +262,7 @@ def iter_faces(num_identities: int, images_per_identity: int, *, seed: int = 0, 
             yield img, label, pts
 
 
+@names_its_output
 def write_face_dataset(out_dir: str | Path, num_identities: int, images_per_identity: int, *,
                        format: str = "recordio", seed: int = 0, difficulty: float = 0.3,
                        first_identity: int = 0, progress: Callable[[], None] | None = None) -> Path:
@@ -311,6 +312,7 @@ def write_face_dataset(out_dir: str | Path, num_identities: int, images_per_iden
     return out
 
 
+@names_its_output
 def write_verification_pairs(path: str | Path, num_identities: int, num_pairs: int, *, seed: int = 0,
                              difficulty: float = 0.3, first_identity: int = 100_000,
                              progress: Callable[[], None] | None = None) -> Path:
@@ -370,6 +372,7 @@ class _PoseRecorder:
         return getattr(self.rng, name)
 
 
+@names_its_output
 def write_synthetic_jd(out_dir: str | Path, n_faces: int, *, seed: int = 0, difficulty: float = 0.3) -> Path:
     """Render synthetic faces  into the JD-landmark layout, with their exact head pose
     in ``pose/<name>.txt`` (``yaw 0 roll`` degrees: the renderer has no pitch; ``visrec.data.landmarks`` documents

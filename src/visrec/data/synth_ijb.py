@@ -24,10 +24,13 @@ from pathlib import Path
 import cv2
 import numpy as np
 
+from visrec._files import names_its_output
+from visrec.data.images import write_image
 from visrec.data.schemes import to_five_points
 from visrec.data.synth import render_face
 
 
+@names_its_output
 def write_synthetic_ijb(root: str | Path, num_subjects: int = 6, templates_per_subject: int = 3, *,
                         target: str = "IJBC", seed: int = 0, difficulty: float = 0.2,
                         first_identity: int = 200_000, impostor_ratio: int = 3, canvas: int = 160) -> Path:
@@ -60,7 +63,7 @@ def write_synthetic_ijb(root: str | Path, num_subjects: int = 6, templates_per_s
                     img = cv2.warpAffine(face, m, (canvas, canvas), flags=cv2.INTER_LINEAR,
                                          borderMode=cv2.BORDER_REFLECT)
                     five = to_five_points(pts @ m[:, :2].T + m[:, 2], "jd106")
-                    cv2.imwrite(str(crops / name), img[:, :, ::-1], [cv2.IMWRITE_JPEG_QUALITY, 95])
+                    write_image(crops / name, img)
                     tid_mid.append(f"{name} {tid} {mid}")
                     coords = " ".join(f"{v:.3f}" for v in five.reshape(-1))
                     five_lines.append(f"{name} {coords} {rng.uniform(0.6, 1.0):.6f}")

@@ -26,6 +26,7 @@ from typing import Callable, Iterator
 import cv2
 import numpy as np
 
+from visrec._files import names_its_output
 from visrec.data import products as P
 from visrec.data.images import encode_jpeg
 from visrec.errors import ConfigError, DataError
@@ -335,6 +336,7 @@ def iter_product_images(families: int = 10, products_per_family: int = 4, varian
                 yield "query", _image_id("query", p.product_id, q, seed, opaque_ids), p.product_id, img
 
 
+@names_its_output
 def write_product_dataset(root: str | Path, families: int = 10, products_per_family: int = 4, variants: int = 3,
                           queries_per_product: int = 2, seed: int = 0, size: int = 224, difficulty: float = 0.5,
                           progress: Callable[[int, int], None] | None = None, opaque_ids: bool = False,

@@ -25,8 +25,8 @@ import stat
 import weakref
 from pathlib import Path
 
-from visrec._files import NOT_REGULAR, leftovers, replacing
-from visrec.errors import DataError, VisrecError
+from visrec._files import NOT_REGULAR, leftovers, replacing, writing_into
+from visrec.errors import DataError, StorageError, VisrecError
 
 BOM = b"\xef\xbb\xbf"
 _EOL = re.compile(r"\r\n|\r|\n")
@@ -141,8 +141,8 @@ def write_bytes_atomic(path: str | Path, data: bytes, *, what: str = "--out") ->
             fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask's permissions, as open()
             with os.fdopen(fd, "wb") as fh:
                 fh.write(data)
-    except OSError as exc:
-        raise DataError(f"cannot write: {exc.strerror or exc}", path=path) from None
+    except OSError as exc:  # the folder could not be made (a full disk, /proc as root)
+        raise StorageError.from_os(exc, path) from None
     return path
 
 
@@ -160,9 +160,10 @@ def staged_files(out: str | Path):
     stage = out / f".staged-{os.getpid()}-{secrets.token_hex(4)}"
     stage.mkdir()
     try:
-        yield stage
-        for f in sorted(stage.iterdir()):
-            os.replace(f, out / f.name)
+        with writing_into(out, stage):  # a full disk: a StorageError naming the folder, not a hidden file
+            yield stage
+            for f in sorted(stage.iterdir()):
+                os.replace(f, out / f.name)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
 

@@ -39,9 +39,9 @@ from typing import Callable
 import cv2
 import numpy as np
 
-from visrec._files import NOT_REGULAR
+from visrec._files import NOT_REGULAR, names_its_output
 from visrec.data import synth as S
-from visrec.data.images import MAX_IMAGE_FILE_BYTES, decode_image
+from visrec.data.images import MAX_IMAGE_FILE_BYTES, decode_image, write_image
 from visrec.data.text import read_bytes, read_lines
 from visrec.errors import ConfigError, DataError
 
@@ -329,6 +329,7 @@ def render_video(identity: int, num_frames: int, rng: np.random.Generator, *, se
     return frames, kinds, np.asarray(scores, np.float32)
 
 
+@names_its_output
 def write_video_dataset(root: str | Path, num_identities: int, videos_per_identity: int, frames_per_video: int, *,
                         seed: int = 0, degraded_share: float = 0.3, difficulty: float = 0.2,
                         first_identity: int = 0, video_format: str = "folder",
@@ -364,8 +365,7 @@ def write_video_dataset(root: str | Path, num_identities: int, videos_per_identi
                 path = root / "videos" / vid
                 path.mkdir(exist_ok=True)
                 for i, f in enumerate(frames):
-                    if not cv2.imwrite(str(path / f"{i:04d}.png"), cv2.cvtColor(f, cv2.COLOR_RGB2BGR)):
-                        raise DataError("cannot write this frame", path=path / f"{i:04d}.png")
+                    write_image(path / f"{i:04d}.png", f)
             else:
                 path = root / "videos" / f"{vid}.avi"
                 writer = cv2.VideoWriter(str(path), cv2.VideoWriter_fourcc(*"MJPG"), 25, (112, 112))

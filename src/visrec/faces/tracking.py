@@ -35,7 +35,7 @@ import numpy as np
 
 from visrec._files import NOT_REGULAR, replacing
 from visrec.data.augment import crop_face
-from visrec.data.images import IMAGE_SUFFIXES, read_image
+from visrec.data.images import IMAGE_SUFFIXES, read_image, write_image
 from visrec.data.prepare import MAX_NAME_BYTES, utf8_text
 from visrec.data.text import FolderClaim, read_text
 from visrec.errors import DataError, VisrecError, shown
@@ -173,8 +173,6 @@ def track_video(frames, detector, embedder: Callable[[np.ndarray], np.ndarray] |
     thresholds: module docstring. ``align``: ``align.align_face``'s method for detections with 5 points
     (``lstsq`` or ``eyes``, as the model that will read the crops was trained). ``crop_dir``: write each crop to ``crop_dir/<track id:04d>/<frame:06d>.png``
     and keep paths instead of arrays (long videos). ``progress(frames done)`` after each frame."""
-    import cv2
-
     check_method(align)  # before any frame is read, not at the first face
     if isinstance(detector, (str, Path)):
         detector = load_detector(detector)
@@ -218,8 +216,7 @@ def track_video(frames, detector, embedder: Callable[[np.ndarray], np.ndarray] |
             else:
                 path = crop_dir / f"{t.track.id:04d}" / f"{f:06d}.png"
                 path.parent.mkdir(parents=True, exist_ok=True)
-                if not cv2.imwrite(str(path), cv2.cvtColor(crops[c], cv2.COLOR_RGB2BGR)):
-                    raise DataError("cannot write a crop", path=path)
+                write_image(path, crops[c])
                 t.track.crops.append(path)
         done += [t for t in live if t.missed > max_age]
         live = [t for t in live if t.missed <= max_age]

@@ -61,7 +61,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from visrec._files import check_regular_file, replacing
+from visrec._files import check_regular_file, replacing, writing_into
 from visrec._npz import load_npz
 from visrec._onnx import describe_providers, parse_providers
 from visrec._structured import MAX_METADATA_FILE_BYTES, loads_json
@@ -528,23 +528,30 @@ def _finish(catalogue, out: Path, model: torch.nn.Module, model_config: dict, op
         shutil.rmtree(left, ignore_errors=True)
     stage = Path(tempfile.mkdtemp(prefix=STAGING_PREFIX, dir=out))
     try:
-        names = [_save_descriptor(model, model_config, opts, stage), "descriptors.npy", "ids.txt", "chain.pt",
-                 "index.faiss"]
-        np.save(stage / "descriptors.npy", raw.astype(opts.dtype))
-        (stage / "ids.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
-        processed = chain.fit(raw)  # may shrink an ill-posed stage, with a PostprocessWarning (postprocess module doc)
-        chain.save(stage / "chain.pt")
-        FaissIndex(processed.shape[1], opts.factory, opts.nprobe).build(processed).save(stage / "index.faiss")
-        manifest = {"model_config": model_config, "dim": int(raw.shape[1]), "index_dim": int(processed.shape[1]),
-                    "count": len(ids), "unreadable": [{"id": i, "reason": r} for i, r in bad],
-                    "catalogue": str(Path(catalogue).resolve()), "options": opts.model_dump(exclude={"workers"}),
-                    "postprocess_adjustments": chain.adjustments,
-                    "files": {name: _file_record(stage / name) for name in names}}
-        (stage / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-        _file_record(stage / MANIFEST)  # fsynced like the others
-        _swap_in(stage, out, names)
+        with writing_into(out, stage):  # a full disk: a StorageError naming the index, not a file of the stage
+            return _write_index(stage, catalogue, out, model, model_config, opts, chain, ids, raw, bad)
     finally:
         shutil.rmtree(stage, ignore_errors=True)
+
+
+def _write_index(stage: Path, catalogue, out: Path, model: torch.nn.Module, model_config: dict, opts: IndexOptions,
+                 chain: Chain, ids, raw, bad) -> dict:
+    """:func:`_finish`'s files, written into ``stage``, then moved into ``out``; the manifest."""
+    names = [_save_descriptor(model, model_config, opts, stage), "descriptors.npy", "ids.txt", "chain.pt",
+             "index.faiss"]
+    np.save(stage / "descriptors.npy", raw.astype(opts.dtype))
+    (stage / "ids.txt").write_text("".join(f"{i}\n" for i in ids), encoding="utf-8")
+    processed = chain.fit(raw)  # may shrink an ill-posed stage, with a PostprocessWarning (postprocess module doc)
+    chain.save(stage / "chain.pt")
+    FaissIndex(processed.shape[1], opts.factory, opts.nprobe).build(processed).save(stage / "index.faiss")
+    manifest = {"model_config": model_config, "dim": int(raw.shape[1]), "index_dim": int(processed.shape[1]),
+                "count": len(ids), "unreadable": [{"id": i, "reason": r} for i, r in bad],
+                "catalogue": str(Path(catalogue).resolve()), "options": opts.model_dump(exclude={"workers"}),
+                "postprocess_adjustments": chain.adjustments,
+                "files": {name: _file_record(stage / name) for name in names}}
+    (stage / MANIFEST).write_text(json.dumps(manifest, indent=1), encoding="utf-8")
+    _file_record(stage / MANIFEST)  # fsynced like the others
+    _swap_in(stage, out, names)
     return manifest
 
 

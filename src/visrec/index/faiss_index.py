@@ -14,6 +14,7 @@ the file's size (:func:`_probe_read`); only a file that reads within that bound 
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -22,7 +23,7 @@ import numpy as np
 
 from visrec._files import check_regular_file, replacing
 from visrec._optional import require
-from visrec.errors import ConfigError, DataError
+from visrec.errors import ConfigError, DataError, StorageError
 
 
 class FaissIndex:
@@ -66,7 +67,13 @@ class FaissIndex:
     def save(self, path: str | Path) -> None:
         faiss = require("faiss", "index", "faiss-cpu")
         with replacing(path) as tmp:
-            faiss.write_index(self.index, str(tmp))
+            try:
+                faiss.write_index(self.index, str(tmp))
+            except RuntimeError as exc:  # FAISS says why a write failed only inside its own message
+                reason = re.search(r"write error in .*\((.+)\)\s*$", str(exc))
+                if reason is None:
+                    raise
+                raise StorageError(reason.group(1), path=path) from None
 
     @classmethod
     def load(cls, path: str | Path, nprobe: int | None = None) -> "FaissIndex":

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 from visrec._onnx import set_default_threads
 from visrec._optional import require
-from visrec.errors import ConfigError, VisrecError, shown
+from visrec.errors import ConfigError, StorageError, VisrecError, shown
 from visrec.faces.images import InputError
 from visrec.index.gallery import GalleryMismatchError, GalleryUnavailableError
 from visrec.index.gallery.faiss import set_search_threads
@@ -246,10 +246,31 @@ def create_app(cfg: ServeConfig):
             status = 503
         return JSONResponse({"error": str(exc)}, status_code=status)
 
+    @app.exception_handler(StorageError)
+    async def storage_error(request: Request, exc: StorageError):
+        return _storage_refused(request, exc)
+
+    @app.exception_handler(OSError)
+    async def os_error(request: Request, exc: OSError):  # one no layer below named: the system's words
+        return _storage_refused(request, StorageError.from_os(exc))
+
     _add_docs(app)
     for name in ROUTES.names():
         app.include_router(ROUTES.get(name)(ctx))
     return app
+
+
+def _storage_refused(request, exc: StorageError):
+    """507 when the server's disk is full (or a quota or size limit is reached), 503 when it refused the write
+    otherwise (read-only, failing): the client did nothing wrong, and the same request succeeds once there is
+    room. The answer says why but names no server path; the log names the file."""
+    from fastapi.responses import JSONResponse
+
+    log.error("%s %s: %s", request.method, request.url.path[:200], exc.problem)
+    why, then = ("its disk is full", "once the server has room") if exc.no_space else \
+        ("its storage refused a read or write", "later")
+    return JSONResponse({"error": f"the service could not store or read what this request needs: {why} "
+                                  f"({exc.reason}); retry {then}"}, status_code=507 if exc.no_space else 503)
 
 
 def log_to_stderr() -> None:

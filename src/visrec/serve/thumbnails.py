@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visrec._files import leftovers
+from visrec._files import leftovers, writing_into
 from visrec.data.images import encode_jpeg
 from visrec.errors import ConfigError
 from visrec.index.gallery import identity_key
@@ -76,17 +76,18 @@ class Thumbnails:
         for :meth:`publish`. What was staged is removed again if a write fails; what a killed process staged in
         this identity's folder is removed first."""
         folder = self._dir(identity)
-        folder.mkdir(exist_ok=True)
-        for left in leftovers(folder, "."):  # staged names: .<pid>.<template id>.tmp
-            if left.name.endswith(".tmp"):
-                with contextlib.suppress(OSError):
-                    left.unlink()
         staged = []
         try:
-            for tid, crop in zip(template_ids, crops):
-                tmp = folder / f".{os.getpid()}.{tid}.tmp"
-                staged.append((tmp, folder / f"{tid}.jpg"))
-                tmp.write_bytes(encode_jpeg(np.asarray(crop, np.uint8), quality=85))
+            with writing_into(self.root):  # a full disk: a StorageError naming the thumbnail folder
+                folder.mkdir(exist_ok=True)
+                for left in leftovers(folder, "."):  # staged names: .<pid>.<template id>.tmp
+                    if left.name.endswith(".tmp"):
+                        with contextlib.suppress(OSError):
+                            left.unlink()
+                for tid, crop in zip(template_ids, crops):
+                    tmp = folder / f".{os.getpid()}.{tid}.tmp"
+                    staged.append((tmp, folder / f"{tid}.jpg"))
+                    tmp.write_bytes(encode_jpeg(np.asarray(crop, np.uint8), quality=85))
         except BaseException:
             self.discard(staged)
             raise

@@ -22,6 +22,8 @@ data only (tensors, dicts, lists, tuples, strings, numbers), so a downloaded fil
 
 from __future__ import annotations
 
+import contextlib
+import json
 import random
 import re
 from pathlib import Path
@@ -33,7 +35,7 @@ import torch
 from visrec._files import replacing
 from visrec._structured import loads_json
 from visrec._torchfile import atomic_save, read_torch_file  # noqa: F401 (atomic_save: re-exported)
-from visrec.errors import ConfigError, DataError
+from visrec.errors import ConfigError, DataError, StorageError
 from visrec.models.model_file import weights_mismatch
 
 
@@ -237,6 +239,26 @@ def restore(state: dict[str, Any], modules: dict, opt, scheduler, scaler, path: 
                 raise DataError(f"its optimizer's {key!r} has shape {tuple(value.shape)} for a weight of shape "
                                 f"{tuple(param.shape)}", path=path, field="optimizer")
     return step
+
+
+class MetricsLog:
+    """``metrics.jsonl`` open for appending: :meth:`append` writes one JSON row and flushes it; a write the system
+    refuses (a full disk) is a ``StorageError`` naming the file, not the system's error naming none."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._fh = open(self.path, "a", encoding="utf-8")
+
+    def append(self, row: dict) -> None:
+        try:
+            self._fh.write(json.dumps(row) + "\n")
+            self._fh.flush()
+        except OSError as exc:
+            raise StorageError.from_os(exc, self.path) from None
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # a row that could not be written has been reported already
+            self._fh.close()
 
 
 def _log_rows(path: Path):

@@ -4,7 +4,6 @@ plain tensors and strings, ``weights_only``-loadable), reported once at the end 
 
 from __future__ import annotations
 
-import json
 import sys
 
 import torch
@@ -47,6 +46,5 @@ def report_skipped(skipped: dict, ctx, log_file, step: int) -> None:
           f"{'s' if skipped['count'] != 1 else ''} ({skipped['listed']} when indexing the data set, {read} when "
           f"reading it); first: {'; '.join(skipped['examples'][:3])}", file=sys.stderr, flush=True)
     if log_file:
-        log_file.write(json.dumps({"step": step, "skipped": {"count": skipped["count"], "when_indexing":
-                                  skipped["listed"], "when_reading": read, "examples": skipped["examples"]}}) + "\n")
-        log_file.flush()
+        log_file.append({"step": step, "skipped": {"count": skipped["count"], "when_indexing": skipped["listed"],
+                                                   "when_reading": read, "examples": skipped["examples"]}})

@@ -23,7 +23,6 @@ then says where they are; ``--resume`` after fixing the set validates them witho
 
 from __future__ import annotations
 
-import json
 import math
 import random
 import sys
@@ -38,7 +37,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from visrec.config import RunConfig
 from visrec.data.text import FolderClaim, check_output
-from visrec.errors import ConfigError, VisrecError
+from visrec.errors import ConfigError, StorageError, VisrecError
 from visrec.train import checkpoint as ckpt, outdir
 from visrec import distributed as dist
 from visrec.train.prefetch import prefetch
@@ -245,10 +244,17 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
     def skipped() -> dict:
         return merge_skipped(prior_skipped, task.skipped_records())
 
+    def keep(obj, path: Path) -> None:
+        try:
+            ckpt.atomic_save(obj, path)
+        except StorageError as exc:  # every file is replaced only by a complete one: the last checkpoint stands
+            raise exc.with_advice("once there is room, --resume continues from the last checkpoint written "
+                                  "whole") from None
+
     def save_state() -> None:
         """This rank's resume file (every rank, the same step: a resume needs them all alike)."""
         epoch, step_in_epoch = divmod(global_step, sampler.steps_per_epoch)
-        ckpt.atomic_save({
+        keep({
             "modules": {n: m.state_dict() for n, m in modules.items()},
             "optimizer": plain_lr(opt.state_dict()), "scheduler": plain_lr(scheduler.state_dict()),
             "scaler": scaler.state_dict(), "rng": ckpt.rng_state(),
@@ -265,8 +271,8 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
         if ctx.is_main:
             blob = {"model_config": task.model_config(), "backbone": modules["backbone"].state_dict(),
                     "contract": contract, "step": global_step, "metrics": metrics or {}}
-            ckpt.atomic_save(blob, out / "model.pt")
-            ckpt.atomic_save(modules["backbone"].state_dict(), out / "backbone.pth")
+            keep(blob, out / "model.pt")
+            keep(modules["backbone"].state_dict(), out / "backbone.pth")
 
     def save(metrics: dict[str, float] | None = None) -> None:
         save_state()
@@ -301,9 +307,8 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
                 raise FloatingPointError(f"loss is {last_loss} at step {global_step}; lower optim.lr or check the data")
             rate = seen / max(1e-9, time.perf_counter() - t0)
             if log_file:
-                log_file.write(json.dumps({"step": global_step, "epoch": epoch, "loss": last_loss,
-                                           "lr": float(scheduler.get_last_lr()[0]), "images_per_s": rate}) + "\n")
-                log_file.flush()
+                log_file.append({"step": global_step, "epoch": epoch, "loss": last_loss,
+                                 "lr": float(scheduler.get_last_lr()[0]), "images_per_s": rate})
             if bar is not None:
                 bar.update(last_loss, rate)
         if bar is not None:
@@ -351,7 +356,7 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
         # rows after the starting step were logged by a run that stopped before checkpointing them: drop
         # them (atomically) so the steps about to be re-run are not logged twice
         ckpt.truncate_log(out / "metrics.jsonl", global_step)
-        return open(out / "metrics.jsonl", "a")
+        return ckpt.MetricsLog(out / "metrics.jsonl")
 
     log_file = together("writing the output folder", open_log)
     bar = ProgressBar(progress and ctx.is_main, total_steps, global_step)
@@ -492,6 +497,5 @@ def _validate(task: Task, modules: dict[str, nn.Module], ctx: RunContext, log_fi
     finally:
         backbone.train()
     if metrics and log_file:
-        log_file.write(json.dumps({"step": step, "val": metrics}) + "\n")
-        log_file.flush()
+        log_file.append({"step": step, "val": metrics})
     return metrics

@@ -354,7 +354,8 @@ class Gallery(abc.ABC):
             self.info["threshold"] = self.info["target_fpr"] = None
         if model_name is not None or dim is not None or metric is not None:
             self._check_model(model_name, dim, metric)
-        self._write_info()
+        if self.info != info:  # an open that changes nothing writes nothing: a full disk still serves searches
+            self._write_info()
 
     # -- the model / dimension / metric guard --------------------------------------------------------
     def _check_model(self, model_name: str | None, dim: int | None, metric: str | None = None) -> None:

@@ -11,6 +11,7 @@ types, names) and a bad one is a :class:`DataError` naming the file, the table a
 
 from __future__ import annotations
 
+import contextlib
 import json
 import sqlite3
 from pathlib import Path
@@ -19,7 +20,7 @@ import numpy as np
 
 from visrec._files import check_regular_file
 from visrec._structured import loads_json
-from visrec.errors import DataError
+from visrec.errors import DataError, StorageError
 from visrec.index.gallery.base import MAX_HASH_CHARS, check_identity
 
 SCHEMA = """
@@ -49,6 +50,8 @@ class GalleryFile:
             self.db.executescript(SCHEMA)
         except sqlite3.DatabaseError as exc:
             self._claim.close()
+            if _refused_by_storage(exc):
+                raise _storage_error(exc, self.path) from None
             raise DataError(f"not a visrec FAISS gallery file (SQLite): {exc}", path=self.path) from None
 
     def _bad(self, table: str, row: int, what: str) -> DataError:
@@ -109,30 +112,46 @@ class GalleryFile:
         return v
 
     # -- writes (inside begin/commit when part of a gallery write) -------------------------------------------
+    @contextlib.contextmanager
+    def _storage(self):
+        """SQLite's refusal to write (a full disk, a read-only or failing one) as a ``StorageError`` naming the
+        file; the gallery's write is undone as for any error."""
+        try:
+            yield
+        except sqlite3.OperationalError as exc:
+            if not _refused_by_storage(exc):
+                raise
+            raise _storage_error(exc, self.path) from None
+
     def begin(self) -> None:
-        self.db.execute("BEGIN IMMEDIATE")
+        with self._storage():
+            self.db.execute("BEGIN IMMEDIATE")
 
     def commit(self) -> None:
         if self.db.in_transaction:
-            self.db.execute("COMMIT")
+            with self._storage():
+                self.db.execute("COMMIT")
 
     def rollback(self) -> None:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 
     def put_info(self, info: dict) -> None:
-        self.db.execute("INSERT OR REPLACE INTO info (key, value) VALUES ('info', ?)",
-                        (json.dumps(info, sort_keys=True),))
+        with self._storage():
+            self.db.execute("INSERT OR REPLACE INTO info (key, value) VALUES ('info', ?)",
+                            (json.dumps(info, sort_keys=True),))
 
     def put_templates(self, rows) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO templates (id, identity, hash, vector) VALUES (?, ?, ?, ?)",
-                            [(i, identity, h, np.asarray(v, np.float32).tobytes()) for identity, i, h, v in rows])
+        with self._storage():
+            self.db.executemany("INSERT OR REPLACE INTO templates (id, identity, hash, vector) VALUES (?, ?, ?, ?)",
+                                [(i, identity, h, np.asarray(v, np.float32).tobytes()) for identity, i, h, v in rows])
 
     def put_people(self, rows) -> None:
-        self.db.executemany("INSERT OR REPLACE INTO people (identity, templates, metadata, centroid) "
-                            "VALUES (?, ?, ?, ?)",
-                            [(identity, int(n), json.dumps(meta, sort_keys=True), np.asarray(c, np.float32).tobytes())
-                             for identity, n, c, meta in rows])
+        with self._storage():
+            self.db.executemany("INSERT OR REPLACE INTO people (identity, templates, metadata, centroid) "
+                                "VALUES (?, ?, ?, ?)",
+                                [(identity, int(n), json.dumps(meta, sort_keys=True),
+                                  np.asarray(c, np.float32).tobytes()) for identity, n, c, meta in rows])
 
     def delete_identity(self, identity: str) -> None:
         """Erase the row and the templates together (one transaction of its own unless inside a write)."""
@@ -140,8 +159,9 @@ class GalleryFile:
         if own:
             self.begin()
         try:
-            self.db.execute("DELETE FROM people WHERE identity = ?", (identity,))
-            self.db.execute("DELETE FROM templates WHERE identity = ?", (identity,))
+            with self._storage():
+                self.db.execute("DELETE FROM people WHERE identity = ?", (identity,))
+                self.db.execute("DELETE FROM templates WHERE identity = ?", (identity,))
         except BaseException:
             if own:
                 self.rollback()
@@ -150,7 +170,8 @@ class GalleryFile:
             self.commit()
 
     def delete_templates(self, ids) -> None:
-        self.db.executemany("DELETE FROM templates WHERE id = ?", [(i,) for i in ids])
+        with self._storage():
+            self.db.executemany("DELETE FROM templates WHERE id = ?", [(i,) for i in ids])
 
     def close(self) -> None:
         if self._claim.closed:
@@ -160,6 +181,16 @@ class GalleryFile:
             self.db.close()
         finally:
             self._claim.close()  # releases the claim
+
+
+def _refused_by_storage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed because the disk did (full, read-only, failing, the file not creatable there)."""
+    return getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY",
+                                                             "SQLITE_CANTOPEN"))
+
+
+def _storage_error(exc: sqlite3.Error, path: Path) -> StorageError:
+    return StorageError(str(exc), path=path, no_space=exc.sqlite_errorname.startswith("SQLITE_FULL"))
 
 
 def _claim(path: Path):
