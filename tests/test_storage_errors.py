@@ -32,7 +32,9 @@ def limited(max_bytes: int):
 
 
 def run_limited(args: list[str], max_bytes: int, cwd: Path) -> subprocess.CompletedProcess:
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, preexec_fn=limited(max_bytes))
+    # wide enough that Rich never folds a long path inside its error line
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, preexec_fn=limited(max_bytes),
+                          env=dict(os.environ, COLUMNS="1000"))
 
 
 def test_replacing_names_the_file_a_refused_write_was_for_and_keeps_the_one_there(tmp_path):
@@ -100,6 +102,9 @@ LIBRARY_WRITERS = textwrap.dedent("""
     attempt("recordio", lambda: write_face_dataset(out / "faces", 8, 12, format="recordio", seed=0))
     from visrec.train.checkpoint import MetricsLog
     attempt("metrics", lambda: MetricsLog(out / "metrics.jsonl").append({"step": 1, "note": "x" * 300_000}))
+    from visrec.search.study import open_storage
+    journal, _ = open_storage(str(out / "study.journal"), out)
+    attempt("journal", lambda: journal.create_new_study([], study_name="x" * 300_000))
     from visrec.data.synth import write_synthetic_jd
     attempt("landmarks", lambda: write_synthetic_jd(out / "jd", 2))  # small files: nothing refused
     print(json.dumps(results))
@@ -108,7 +113,7 @@ LIBRARY_WRITERS = textwrap.dedent("""
 
 def test_each_library_writer_names_the_file_the_system_refused(tmp_path):
     """torch.save reported a refused write as "unexpected pos 704 vs 598", FAISS inside its own RuntimeError, the
-    RecordIO writer's nameless spill file and the metrics log by no file at all."""
+    RecordIO writer's nameless spill file, the metrics log and a search's journal by no file at all."""
     import torch
 
     torch.save({"w": torch.ones(3)}, tmp_path / "keep.pt")
@@ -121,6 +126,7 @@ def test_each_library_writer_names_the_file_the_system_refused(tmp_path):
                        "faiss": [str(tmp_path / "index.faiss"), too_large, True],
                        "recordio": [str(tmp_path / "faces" / "train.rec"), too_large, True],
                        "metrics": [str(tmp_path / "metrics.jsonl"), too_large, True],
+                       "journal": [str(tmp_path / "study.journal"), too_large, True],
                        "landmarks": None}
     assert (tmp_path / "keep.pt").read_bytes() == earlier  # replaced only by a complete file
     assert not [p for p in tmp_path.rglob("*") if p.name.startswith(".") and ".tmp" in p.name]

@@ -10,7 +10,6 @@ removes the temporary files of processes that are no longer running (a ``kill -9
 from __future__ import annotations
 
 import contextlib
-import errno
 import functools
 import glob
 import inspect
@@ -111,7 +110,7 @@ def writing_into(out: str | Path, stage: str | Path | None = None) -> Iterator[N
     except OSError as exc:
         if exc.filename is None or staged(exc.filename):
             raise StorageError.from_os(exc, out) from None
-        if exc.errno in StorageError.NO_SPACE or exc.errno == errno.EROFS:
+        if exc.errno in StorageError.WRITE_REFUSALS:
             raise StorageError.from_os(exc) from None
         raise
     except StorageError as exc:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import errno
 import os
 import sys
 from pathlib import Path
@@ -184,7 +183,7 @@ def run_app() -> int:
         _print_error(str(exc))
         return 2
     except OSError as exc:  # one no layer below turned into a StorageError: the system's words, and its file
-        if exc.errno in StorageError.NO_SPACE or exc.errno == errno.EROFS:
+        if exc.errno in StorageError.WRITE_REFUSALS:
             _print_error(str(StorageError.from_os(exc)))
         else:
             names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]

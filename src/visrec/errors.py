@@ -55,6 +55,7 @@ class StorageError(VisrecError):
     full or a quota or file size limit is reached: make room and run the command again)."""
 
     NO_SPACE = frozenset({_errno.ENOSPC, _errno.EDQUOT, _errno.EFBIG})
+    WRITE_REFUSALS = NO_SPACE | {_errno.EROFS}  # a write refused whichever file it named
 
     def __init__(self, reason: str, *, path: str | Path | None = None, errno: int | None = None,
                  action: str = "write", no_space: bool | None = None, advice: str | None = None):

@@ -58,7 +58,7 @@ from urllib.parse import urlsplit, urlunsplit
 import torch
 import yaml
 
-from visrec._files import check_regular_file, replacing
+from visrec._files import check_regular_file, replacing, writing_into
 from visrec._optional import require
 from visrec._structured import loads_json
 from visrec.budget import MAX_BUILD_PARAMS
@@ -208,7 +208,7 @@ def open_storage(storage: str | None, out: Path, *, write: bool = True):
         if not write and not path.exists():
             raise ConfigError(f"{named}: no such journal file (no search was run there)")
         check_journal(path, repair=write)
-        backend = _CountingBackend(JournalFileBackend(str(path), lock_obj=JournalLock(path)))
+        backend = _CountingBackend(JournalFileBackend(str(path), lock_obj=JournalLock(path)), path)
         try:
             return JournalStorage(backend), str(path)
         except (ValueError, KeyError, TypeError, IndexError, AssertionError) as exc:  # entries Optuna cannot replay
@@ -256,8 +256,8 @@ class _CountingBackend:
     """A journal backend that hands Optuna its entries one at a time and keeps count, so an entry Optuna cannot
     replay is named by its line (every complete line of a checked journal is one entry)."""
 
-    def __init__(self, backend):
-        self.backend, self.count, self.last = backend, 0, None
+    def __init__(self, backend, path: Path):
+        self.backend, self.path, self.count, self.last = backend, path, 0, None
 
     def read_logs(self, log_number_from: int):
         for entry in self.backend.read_logs(log_number_from):
@@ -266,7 +266,8 @@ class _CountingBackend:
             yield entry
 
     def append_logs(self, logs) -> None:
-        self.backend.append_logs(logs)
+        with writing_into(self.path):  # a full disk: a StorageError naming the journal
+            self.backend.append_logs(logs)
 
 
 JOURNAL_ENTRY = b'{"op_code":'  # how Optuna's journal writes every entry begin

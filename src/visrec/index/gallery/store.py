@@ -11,7 +11,7 @@ types, names) and a bad one is a :class:`DataError` naming the file, the table a
 
 from __future__ import annotations
 
-import contextlib
+import functools
 import json
 import sqlite3
 from pathlib import Path
@@ -31,6 +31,30 @@ CREATE INDEX IF NOT EXISTS templates_by_identity ON templates (identity);
 CREATE TABLE IF NOT EXISTS people (identity TEXT PRIMARY KEY, templates INTEGER NOT NULL, metadata TEXT NOT NULL,
                                    centroid BLOB NOT NULL);
 """
+
+
+def _refused_by_storage(exc: sqlite3.Error) -> bool:
+    """Whether SQLite failed because the disk did (full, read-only, failing, the file not creatable there)."""
+    return getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY",
+                                                             "SQLITE_CANTOPEN"))
+
+
+def _storage_error(exc: sqlite3.Error, path: Path) -> StorageError:
+    return StorageError(str(exc), path=path, no_space=exc.sqlite_errorname.startswith("SQLITE_FULL"))
+
+
+def _storage_refusals(write):
+    """A :class:`GalleryFile` write whose disk refuses it (SQLite's "database or disk is full", a read-only or
+    failing disk) raises a ``StorageError`` naming the file; the gallery's write is undone as for any error."""
+    @functools.wraps(write)
+    def call(self, *args, **kwargs):
+        try:
+            return write(self, *args, **kwargs)
+        except sqlite3.OperationalError as exc:
+            if not _refused_by_storage(exc):
+                raise
+            raise _storage_error(exc, self.path) from None
+    return call
 
 
 class GalleryFile:
@@ -112,56 +136,45 @@ class GalleryFile:
         return v
 
     # -- writes (inside begin/commit when part of a gallery write) -------------------------------------------
-    @contextlib.contextmanager
-    def _storage(self):
-        """SQLite's refusal to write (a full disk, a read-only or failing one) as a ``StorageError`` naming the
-        file; the gallery's write is undone as for any error."""
-        try:
-            yield
-        except sqlite3.OperationalError as exc:
-            if not _refused_by_storage(exc):
-                raise
-            raise _storage_error(exc, self.path) from None
-
+    @_storage_refusals
     def begin(self) -> None:
-        with self._storage():
-            self.db.execute("BEGIN IMMEDIATE")
+        self.db.execute("BEGIN IMMEDIATE")
 
+    @_storage_refusals
     def commit(self) -> None:
         if self.db.in_transaction:
-            with self._storage():
-                self.db.execute("COMMIT")
+            self.db.execute("COMMIT")
 
     def rollback(self) -> None:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 
+    @_storage_refusals
     def put_info(self, info: dict) -> None:
-        with self._storage():
-            self.db.execute("INSERT OR REPLACE INTO info (key, value) VALUES ('info', ?)",
-                            (json.dumps(info, sort_keys=True),))
+        self.db.execute("INSERT OR REPLACE INTO info (key, value) VALUES ('info', ?)",
+                        (json.dumps(info, sort_keys=True),))
 
+    @_storage_refusals
     def put_templates(self, rows) -> None:
-        with self._storage():
-            self.db.executemany("INSERT OR REPLACE INTO templates (id, identity, hash, vector) VALUES (?, ?, ?, ?)",
-                                [(i, identity, h, np.asarray(v, np.float32).tobytes()) for identity, i, h, v in rows])
+        self.db.executemany("INSERT OR REPLACE INTO templates (id, identity, hash, vector) VALUES (?, ?, ?, ?)",
+                            [(i, identity, h, np.asarray(v, np.float32).tobytes()) for identity, i, h, v in rows])
 
+    @_storage_refusals
     def put_people(self, rows) -> None:
-        with self._storage():
-            self.db.executemany("INSERT OR REPLACE INTO people (identity, templates, metadata, centroid) "
-                                "VALUES (?, ?, ?, ?)",
-                                [(identity, int(n), json.dumps(meta, sort_keys=True),
-                                  np.asarray(c, np.float32).tobytes()) for identity, n, c, meta in rows])
+        self.db.executemany("INSERT OR REPLACE INTO people (identity, templates, metadata, centroid) "
+                            "VALUES (?, ?, ?, ?)",
+                            [(identity, int(n), json.dumps(meta, sort_keys=True), np.asarray(c, np.float32).tobytes())
+                             for identity, n, c, meta in rows])
 
+    @_storage_refusals
     def delete_identity(self, identity: str) -> None:
         """Erase the row and the templates together (one transaction of its own unless inside a write)."""
         own = not self.db.in_transaction
         if own:
             self.begin()
         try:
-            with self._storage():
-                self.db.execute("DELETE FROM people WHERE identity = ?", (identity,))
-                self.db.execute("DELETE FROM templates WHERE identity = ?", (identity,))
+            self.db.execute("DELETE FROM people WHERE identity = ?", (identity,))
+            self.db.execute("DELETE FROM templates WHERE identity = ?", (identity,))
         except BaseException:
             if own:
                 self.rollback()
@@ -169,9 +182,9 @@ class GalleryFile:
         if own:
             self.commit()
 
+    @_storage_refusals
     def delete_templates(self, ids) -> None:
-        with self._storage():
-            self.db.executemany("DELETE FROM templates WHERE id = ?", [(i,) for i in ids])
+        self.db.executemany("DELETE FROM templates WHERE id = ?", [(i,) for i in ids])
 
     def close(self) -> None:
         if self._claim.closed:
@@ -181,16 +194,6 @@ class GalleryFile:
             self.db.close()
         finally:
             self._claim.close()  # releases the claim
-
-
-def _refused_by_storage(exc: sqlite3.Error) -> bool:
-    """Whether SQLite failed because the disk did (full, read-only, failing, the file not creatable there)."""
-    return getattr(exc, "sqlite_errorname", "").startswith(("SQLITE_FULL", "SQLITE_IOERR", "SQLITE_READONLY",
-                                                             "SQLITE_CANTOPEN"))
-
-
-def _storage_error(exc: sqlite3.Error, path: Path) -> StorageError:
-    return StorageError(str(exc), path=path, no_space=exc.sqlite_errorname.startswith("SQLITE_FULL"))
 
 
 def _claim(path: Path):
