@@ -262,6 +262,31 @@ def test_an_error_of_the_servers_storage_is_a_503_in_the_services_shape(tmp_path
     assert str(tmp_path) not in r.text and client.get("/v1/faces").json()["identities"] == []
 
 
+def test_a_milvus_server_out_of_disk_is_a_storage_error_not_one_that_did_not_answer():
+    """Milvus Lite on a full disk (reproduced on a 3 MB tmpfs) passes the system's words on in its exception: an
+    enrollment was 'did not answer (upsert)', a 503 with a retry that could never succeed."""
+    pytest.importorskip("pymilvus")
+    from pymilvus.exceptions import MilvusException
+
+    from visrec.index.gallery import GalleryUnavailableError
+    from visrec.index.gallery.milvus import _Client
+
+    class Server:
+        def __init__(self, message):
+            self.message = message
+
+        def upsert(self, *args, **kwargs):
+            raise MilvusException(code=1, message=self.message)
+
+    client = _Client(Server("[Errno 28] No space left on device"), "gallery.db", "Session", 5.0)
+    with pytest.raises(StorageError) as caught:
+        client.upsert("g_templates", [])
+    assert caught.value.no_space and caught.value.path == "gallery.db" and "No space left" in str(caught.value)
+    client = _Client(Server("server is shutting down"), "gallery.db", "Session", 5.0)
+    with pytest.raises(GalleryUnavailableError, match="did not answer \\(upsert\\)"):
+        client.upsert("g_templates", [])
+
+
 def test_opening_a_gallery_file_that_it_already_describes_writes_nothing(tmp_path):
     """An open wrote the gallery's info record every time, so a service on a full disk could not even start to
     answer searches."""

@@ -25,7 +25,7 @@ import numpy as np
 
 from visrec._optional import require
 from visrec._structured import loads_json
-from visrec.errors import ConfigError, DataError, VisrecError, shown
+from visrec.errors import ConfigError, DataError, StorageError, VisrecError, shown
 from visrec.index.gallery.base import (_MILVUS_TOPK, BACKENDS, MAX_HASH_CHARS, MAX_METADATA_CHARS, Gallery,
                                        GalleryUnavailableError, _score_from_raw, check_identity, identity_key)
 
@@ -92,12 +92,25 @@ class _Client:
                         return fn(*args, **kwargs)
                     except Exception as again:  # noqa: BLE001
                         exc = again
-                if not _is_backend_error(exc):
+                failure = _unavailable(exc, self._uri, name)
+                if failure is exc:
                     raise
-                raise GalleryUnavailableError(f"the Milvus gallery at {self._uri} did not answer ({name}): "
-                                              f"{str(exc)[:300]}") from None
+                raise failure from None
 
         return call
+
+
+def _unavailable(exc: Exception, uri: str, call: str) -> Exception:
+    """What a failed call raises: ``exc`` itself (visrec's own code), a :class:`StorageError` when the server
+    says its disk is full (Milvus Lite passes the system's "[Errno 28] No space left on device" on: the service
+    answers 507, not "did not answer"), else a :class:`GalleryUnavailableError` naming the gallery."""
+    if not _is_backend_error(exc):
+        return exc
+    said = str(exc)
+    for code in sorted(StorageError.NO_SPACE):
+        if os.strerror(code) in said:
+            return StorageError(os.strerror(code), path=uri, errno=code)
+    return GalleryUnavailableError(f"the Milvus gallery at {uri} did not answer ({call}): {said[:300]}")
 
 
 def _is_backend_error(exc: Exception) -> bool:
@@ -362,10 +375,10 @@ class MilvusGallery(Gallery):
             finally:
                 it.close()
         except Exception as exc:  # noqa: BLE001 - as _Client does for single calls
-            if not _is_backend_error(exc):
+            failure = _unavailable(exc, self.uri, "query")
+            if failure is exc:
                 raise
-            raise GalleryUnavailableError(f"the Milvus gallery at {self.uri} did not answer (query): "
-                                          f"{str(exc)[:300]}") from None
+            raise failure from None
 
     def _read_info(self):
         self._ensure_info()
