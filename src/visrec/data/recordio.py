@@ -32,7 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visrec._files import replacing
+from visrec._files import replacing, writing_into
 from visrec.data.images import decode_image
 from visrec.data.text import read_lines
 from visrec.errors import DataError, StorageError
@@ -184,8 +184,8 @@ class RecordIOWriter:
         # leaves a .rec and .idx of different writes, which the reader refuses (a bad magic or a header past the
         # index, naming the record), never misreads
         with replacing(self.rec) as tmp_rec, replacing(self.idx) as tmp_idx, replacing(self.prop) as tmp_prop:
-            with _names_failed_writes(self.rec, tmp_rec, self.idx, tmp_idx), \
-                    open(tmp_rec, "wb") as rec, open(tmp_idx, "w", encoding="ascii") as idx:
+            # a refused write naming no file is the .rec's (each replacing names its own temporary file)
+            with writing_into(self.rec), open(tmp_rec, "wb") as rec, open(tmp_idx, "w", encoding="ascii") as idx:
                 def put(index: int, payload: bytes) -> None:
                     idx.write(f"{index}\t{rec.tell()}\n")
                     rec.write(_encode_record(payload))
@@ -199,17 +199,6 @@ class RecordIOWriter:
                     put(first_id_rec + c, pack_payload([start, end], b"", record_id=first_id_rec + c))
             h, w = self._shape or (112, 112)
             tmp_prop.write_text(f"{n_labels},{h},{w}", encoding="ascii")
-
-
-@contextlib.contextmanager
-def _names_failed_writes(rec: Path, tmp_rec: Path, idx: Path, tmp_idx: Path):
-    """A write the system refuses in the block is a ``StorageError`` naming the file that was being written (the
-    innermost ``replacing`` around it would name the property file)."""
-    try:
-        yield
-    except OSError as exc:
-        failed = idx if exc.filename is not None and str(exc.filename) == str(tmp_idx) else rec
-        raise StorageError.from_os(exc, failed) from None
 
 
 # what an offset that misses its record most often means: a .rec cut short, or a .idx of another write of the
