@@ -299,3 +299,30 @@ def test_opening_a_gallery_file_that_it_already_describes_writes_nothing(tmp_pat
     again = open_gallery("faiss", path=tmp_path / "g.db", model_name="m", dim=4)
     assert again._file.db.total_changes == 0 and again.count() == 1
     again.close()
+
+
+def test_a_read_only_file_system_is_named_as_such(tmp_path, monkeypatch):
+    """Checked up front, a folder on a read-only file system was 'permission denied'; a FAISS gallery file there
+    ended in a bare OSError from its lock file."""
+    pytest.importorskip("faiss")
+    from types import SimpleNamespace
+
+    from visrec.data.text import check_output
+    from visrec.index.gallery import open_gallery, store
+
+    monkeypatch.setattr(os, "access", lambda *a, **k: False)
+    monkeypatch.setattr(os, "statvfs", lambda folder: SimpleNamespace(f_flag=os.ST_RDONLY))
+    with pytest.raises(DataError, match=r"cannot write into .* \(a read-only file system\)"):
+        check_output(tmp_path / "out", kind="dir")
+    monkeypatch.setattr(os, "statvfs", lambda folder: SimpleNamespace(f_flag=0))
+    with pytest.raises(DataError, match=r"\(permission denied\)"):
+        check_output(tmp_path / "out", kind="dir")
+    monkeypatch.undo()
+
+    def read_only(path, *args, **kwargs):  # what open() of the lock file raises on a read-only mount
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+
+    monkeypatch.setattr(store, "open", read_only, raising=False)
+    with pytest.raises(StorageError) as caught:
+        open_gallery("faiss", path=tmp_path / "g.db", model_name="m", dim=4)
+    assert caught.value.path == str(tmp_path / "g.db.lock") and "Read-only file system" in str(caught.value)

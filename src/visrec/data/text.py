@@ -123,7 +123,9 @@ def check_output(path: str | Path, *, kind: str, what: str = "--out") -> Path:
             if not stat.S_ISDIR(fst.st_mode):
                 raise DataError(f"{what} lies under {folder}, which is a file, not a folder", path=path)
             if not os.access(folder, os.W_OK | os.X_OK):
-                raise DataError(f"{what}: cannot write into {folder} (permission denied)", path=path)
+                read_only = hasattr(os, "statvfs") and os.statvfs(folder).f_flag & os.ST_RDONLY
+                why = "a read-only file system" if read_only else "permission denied"
+                raise DataError(f"{what}: cannot write into {folder} ({why})", path=path)
             break
     except OSError as exc:  # a link loop, a name too long, ...
         raise DataError(f"{what} cannot be written: {exc.strerror or exc}", path=path) from None

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from visrec._files import check_regular_file
+from visrec._files import check_regular_file, writing_into
 from visrec._structured import loads_json
 from visrec.errors import DataError, StorageError
 from visrec.index.gallery.base import MAX_HASH_CHARS, check_identity
@@ -63,8 +63,9 @@ class GalleryFile:
 
     def __init__(self, path: str | Path):
         self.path = check_regular_file(path)  # SQLite read a pipe as "disk I/O error"
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._claim = _claim(self.path)
+        with writing_into(self.path):  # a read-only or full disk: a StorageError naming the folder or lock file
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._claim = _claim(self.path)
         try:
             # autocommit mode: transactions are the explicit BEGIN/COMMIT below; the gallery's lock serialises
             # writers, so one connection is shared by the service's worker threads
