@@ -66,9 +66,8 @@ def replacing(path: str | Path, *, suffix: str = "", durable: bool = False,
     ``keep_mode``); the temporary file goes in every case. Temporary files of ``path`` left by processes that
     are no longer running are removed first. The folder must exist. A write the system refuses (a full disk, a
     read-only file system: an ``OSError`` naming no file or the temporary one, raised in the block or by the
-    rename) is a :class:`StorageError` naming ``path``; an ``OSError`` naming another file (one the block was
-    reading) passes through. A writer of several files in nested blocks raises its own ``StorageError`` first,
-    which passes through the outer blocks as it is."""
+    rename) is a :class:`StorageError` naming ``path`` (:func:`writing_into`); one naming another file keeps
+    it, and an ``OSError`` that is no refused write (a missing input the block was reading) passes through."""
     path = Path(path)
     own = re.compile(rf"\.{re.escape(path.name)}\.\d+\.[0-9a-f]+\.tmp{re.escape(suffix)}")
     for stale in leftovers(path.parent, f".{path.name}."):
@@ -77,7 +76,7 @@ def replacing(path: str | Path, *, suffix: str = "", durable: bool = False,
                 stale.unlink()
     tmp = temporary_name(path, suffix)
     try:
-        try:
+        with writing_into(path, tmp):  # what names ``tmp`` (a nested writer's error too) names ``path``
             yield tmp
             if durable:
                 with open(tmp, "rb") as fh:
@@ -85,12 +84,6 @@ def replacing(path: str | Path, *, suffix: str = "", durable: bool = False,
             if keep_mode and path.exists():
                 os.chmod(tmp, stat.S_IMODE(path.stat().st_mode))
             os.replace(tmp, path)
-        except OSError as exc:
-            if exc.filename is None or str(exc.filename) == str(tmp):
-                raise StorageError.from_os(exc, path) from None
-            raise
-        except StorageError as exc:  # a writer that replaces ``tmp`` in turn named it: name the file it becomes
-            raise (exc.naming(path) if exc.path == str(tmp) else exc) from None
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
@@ -99,11 +92,13 @@ def replacing(path: str | Path, *, suffix: str = "", durable: bool = False,
 @contextlib.contextmanager
 def writing_into(out: str | Path, stage: str | Path | None = None) -> Iterator[None]:
     """A write the system refuses in the block is a :class:`StorageError`: naming ``out`` (the folder or file the
-    block writes) when the system named no file, as under a buffered write to a full disk, or a file directly in
-    ``stage`` (the hidden folder whose files become ``out``'s), else the file it named. Other ``OSError``s naming
-    a file (an input that is missing) pass through."""
+    block writes) when the system named no file, as under a buffered write to a full disk, or named ``stage``
+    or a file directly in it (the temporary file, or the hidden folder whose files, that become ``out``), else
+    the file it named. Other ``OSError``s naming a file (an input that is missing) pass through."""
     def staged(name) -> bool:
-        return stage is not None and name is not None and Path(name).parent == Path(stage)
+        if stage is None or not isinstance(name, (str, os.PathLike)):  # (an OSError may name bytes or nothing)
+            return False
+        return Path(stage) in (Path(name), Path(name).parent)
 
     try:
         yield

@@ -35,7 +35,7 @@ import numpy as np
 from visrec._files import replacing, writing_into
 from visrec.data.images import decode_image
 from visrec.data.text import read_lines
-from visrec.errors import DataError, StorageError
+from visrec.errors import DataError
 
 MAGIC = 0xCED7230A
 _HEADER = struct.Struct("<IfQQ")
@@ -156,10 +156,8 @@ class RecordIOWriter:
         self._offsets.append(self._spill.tell())
         self._lengths.append(len(data))
         self._labels.append(int(label))
-        try:
+        with writing_into(self.rec):  # the spill file has no name: the set it was going to be is what failed
             self._spill.write(data)
-        except OSError as exc:  # the spill file has no name: the set it was going to be is what failed
-            raise StorageError.from_os(exc, self.rec) from None
         return len(self._labels)
 
     def close(self) -> None:

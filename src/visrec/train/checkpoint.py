@@ -32,10 +32,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from visrec._files import replacing
+from visrec._files import replacing, writing_into
 from visrec._structured import loads_json
 from visrec._torchfile import atomic_save, read_torch_file  # noqa: F401 (atomic_save: re-exported)
-from visrec.errors import ConfigError, DataError, StorageError
+from visrec.errors import ConfigError, DataError
 from visrec.models.model_file import weights_mismatch
 
 
@@ -250,11 +250,9 @@ class MetricsLog:
         self._fh = open(self.path, "a", encoding="utf-8")
 
     def append(self, row: dict) -> None:
-        try:
+        with writing_into(self.path):
             self._fh.write(json.dumps(row) + "\n")
             self._fh.flush()
-        except OSError as exc:
-            raise StorageError.from_os(exc, self.path) from None
 
     def close(self) -> None:
         with contextlib.suppress(OSError):  # a row that could not be written has been reported already
