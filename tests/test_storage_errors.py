@@ -10,7 +10,6 @@ own page limit ("database or disk is full")."""
 import errno
 import json
 import os
-import resource
 import subprocess
 import sys
 import textwrap
@@ -23,18 +22,27 @@ from visrec._files import replacing, writing_into
 from visrec.errors import DataError, StorageError
 
 
-def limited(max_bytes: int):
-    """A child's pre-exec hook: no file it writes may grow past ``max_bytes`` (Python ignores SIGXFSZ, so a
-    write past it is an OSError EFBIG, as a full disk's is ENOSPC)."""
-    def limit():
-        resource.setrlimit(resource.RLIMIT_FSIZE, (max_bytes, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
-    return limit
+# Sets the limit in the child itself (a pre-exec hook is unsafe in a parent with threads, as a pytest-xdist worker
+# is), then runs `-c SCRIPT ARGS...` or `-m MODULE ARGS...` as Python would. No file the child writes may grow past
+# the limit: Python ignores SIGXFSZ, so a write past it is an OSError EFBIG, as a full disk's is ENOSPC.
+LIMITED = textwrap.dedent("""
+    import resource, runpy, sys
+    limit, mode, target, args = int(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4:]
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
+    if mode == "-c":
+        sys.argv = ["-c", *args]
+        exec(compile(target, "<script>", "exec"), {"__name__": "__main__"})
+    else:
+        sys.argv = [target, *args]
+        runpy.run_module(target, run_name="__main__", alter_sys=True)
+""")
 
 
 def run_limited(args: list[str], max_bytes: int, cwd: Path) -> subprocess.CompletedProcess:
+    """``python ARGS`` (``-c SCRIPT ...`` or ``-m MODULE ...``) under the file size limit ``max_bytes``."""
     # wide enough that Rich never folds a long path inside its error line
-    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, timeout=300, preexec_fn=limited(max_bytes),
-                          env=dict(os.environ, COLUMNS="1000"))
+    return subprocess.run([sys.executable, "-c", LIMITED, str(max_bytes), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=300, env=dict(os.environ, COLUMNS="1000"))
 
 
 def test_replacing_names_the_file_a_refused_write_was_for_and_keeps_the_one_there(tmp_path):
@@ -118,7 +126,7 @@ def test_each_library_writer_names_the_file_the_system_refused(tmp_path):
 
     torch.save({"w": torch.ones(3)}, tmp_path / "keep.pt")
     earlier = (tmp_path / "keep.pt").read_bytes()
-    done = run_limited([sys.executable, "-c", LIBRARY_WRITERS, str(tmp_path)], 256 * 1024, tmp_path)
+    done = run_limited(["-c", LIBRARY_WRITERS, str(tmp_path)], 256 * 1024, tmp_path)
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads(done.stdout.strip().splitlines()[-1])
     too_large = os.strerror(errno.EFBIG)
@@ -133,7 +141,7 @@ def test_each_library_writer_names_the_file_the_system_refused(tmp_path):
 
 
 def test_a_command_on_a_full_disk_names_the_file_and_exits_3(tmp_path):
-    done = run_limited([sys.executable, "-m", "visrec.cli", "data", "synth", "faces", "--out", "s",
+    done = run_limited(["-m", "visrec.cli", "data", "synth", "faces", "--out", "s",
                         "--identities", "8", "--per-identity", "12", "--pairs", "20"], 128 * 1024, tmp_path)
     assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr[-3000:]
     assert "error: s/train/train.rec: cannot write: File too large; make room" in " ".join(done.stderr.split())
@@ -187,7 +195,7 @@ def test_training_on_a_full_disk_keeps_the_last_checkpoint_and_resumes_from_it(t
     earlier = resume_file.read_bytes()
     raw["schedule"]["max_steps"] = 4
     (tmp_path / "run.yaml").write_text(yaml.safe_dump(raw))
-    done = run_limited([sys.executable, "-m", "visrec.cli", "train", "--config", "run.yaml", "--resume",
+    done = run_limited(["-m", "visrec.cli", "train", "--config", "run.yaml", "--resume",
                         "--no-progress"], len(earlier) // 2, tmp_path)
     message = " ".join(done.stderr.split())
     assert done.returncode == 3 and "Traceback" not in done.stderr, done.stderr[-3000:]
