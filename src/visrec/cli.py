@@ -115,8 +115,8 @@ def serve(config: Path = typer.Option(..., "--config", help="serve YAML (configs
     if providers is not None:
         changes["providers"] = providers
     cfg = load_serve_config(config, changes)
-    run_server(cfg, announce=lambda: console.print(
-        f"serving on http://{cfg.host}:{cfg.port} (OpenAPI at /docs, page at /); "
+    run_server(cfg, announce=lambda host, port: console.print(
+        f"serving on http://{host}:{port} (OpenAPI at /docs, page at /); "
         f"API key {'required' if cfg.keys() else 'not required (loopback)'}"))
 
 

@@ -19,8 +19,10 @@ once. A JSON body or field holding NaN or Infinity is a 400.
 import asyncio
 import contextlib
 import importlib.util
+import errno
 import json
 import logging
+import socket
 from dataclasses import dataclass, field
 
 from visrec._onnx import set_default_threads
@@ -309,16 +311,61 @@ def json_error_http_protocol():
     return JSONErrorH11Protocol
 
 
+# Why an address cannot be listened on, in words a person acts on; the system's own reason is kept beside it.
+_LISTEN_ADVICE = {
+    errno.EADDRINUSE: "another program is listening there (another visrec serve?): stop it, or pick another port "
+                      "with --set port=N",
+    errno.EACCES: "this user may not listen on that port (below 1024 needs privileges): pick another with "
+                  "--set port=N",
+    errno.EADDRNOTAVAIL: "no network interface of this machine has that address: use one it has, 127.0.0.1 for "
+                         "this machine alone or 0.0.0.0 for all of them (--set host=...)",
+}
+
+
+def listening_socket(host: str, port: int) -> socket.socket:
+    """A TCP socket bound to ``host:port`` (port 0: one the system picks), ready for uvicorn. An address that
+    cannot be had (in use, a privileged port, an address this machine lacks, a host name that does not resolve)
+    is a ``ConfigError`` naming it, raised before anything is loaded."""
+    ipv6 = ":" in host  # as uvicorn chooses: an IPv6 literal, else IPv4 (a host name resolves to its IPv4)
+    where = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
+    sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        # as uvicorn does: a restarted server may take its port back while the old connections are in TIME_WAIT
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+    except socket.gaierror as exc:
+        sock.close()
+        raise ConfigError(f"cannot listen on {where}: the host name does not resolve on this machine "
+                          f"({exc.strerror}); set host to an address of this machine (--set host=...)") from None
+    except OSError as exc:
+        sock.close()
+        advice = _LISTEN_ADVICE.get(exc.errno)
+        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}" + (f"; {advice}" if advice else "")) \
+            from None
+    return sock
+
+
 def serve(cfg: ServeConfig, announce=None) -> None:
-    """Load what ``cfg`` names, then serve it with uvicorn. ``announce()``, when given, runs once everything
-    loaded and before the server starts (so a model or gallery that fails to load is the only thing said)."""
+    """Load what ``cfg`` names, then serve it with uvicorn. The address is taken first, so one that cannot be
+    listened on is said before any model or gallery is opened (:func:`listening_socket`). ``announce(host,
+    port)``, when given, runs once everything loaded and before the server starts (so a model or gallery that
+    fails to load is the only thing said); ``port`` is the one listened on (the system's pick for port 0)."""
     import uvicorn
 
-    log_to_stderr()  # before the models load: their runtime lines come from create_app
-    # the service's own process: set the threads before any model is loaded (ONNX sessions take them when they
-    # open); create_app alone leaves the process's settings as they are (a test process builds many apps)
-    set_threads(cfg.intra_op_threads())
-    application = create_app(cfg)
-    if announce is not None:
-        announce()
-    uvicorn.run(application, host=cfg.host, port=cfg.port, log_level="info", http=json_error_http_protocol())
+    sock = listening_socket(cfg.host, cfg.port)
+    try:
+        log_to_stderr()  # before the models load: their runtime lines come from create_app
+        # the service's own process: set the threads before any model is loaded (ONNX sessions take them when
+        # they open); create_app alone leaves the process's settings as they are (a test process builds many apps)
+        set_threads(cfg.intra_op_threads())
+        application = create_app(cfg)
+        port = sock.getsockname()[1]
+        if announce is not None:
+            announce(cfg.host, port)
+        server = uvicorn.Server(uvicorn.Config(application, host=cfg.host, port=port, log_level="info",
+                                               http=json_error_http_protocol()))
+        server.run(sockets=[sock])
+    finally:
+        sock.close()
+    if not server.started:  # the application's startup failed: uvicorn logged why; its own exit code for it
+        raise SystemExit(3)
