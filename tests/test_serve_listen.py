@@ -90,3 +90,11 @@ def test_port_0_serves_on_the_port_the_system_picked_and_says_which(tiny_face_mo
         log.close()
     # uvicorn shuts down on SIGTERM, then ends by the same signal
     assert proc.returncode == -15 and "Finished server process" in (tmp_path / "server.log").read_text()
+
+
+def test_the_announced_url_writes_an_ipv6_address_in_brackets():
+    from visrec.serve.app import server_url
+
+    assert server_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
+    assert server_url("localhost", 0) == "http://localhost:0"
+    assert server_url("::1", 8080) == "http://[::1]:8080"

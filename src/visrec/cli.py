@@ -108,7 +108,7 @@ def serve(config: Path = typer.Option(..., "--config", help="serve YAML (configs
                                                   "default: the config's, cpu)")):
     """HTTP API + web console: galleries, enroll/identify/verify faces, landmarks, product search (FastAPI + uvicorn)."""
     from visrec.config import parse_override
-    from visrec.serve.app import serve as run_server
+    from visrec.serve.app import serve as run_server, server_url
     from visrec.serve.config import load_serve_config
 
     changes = dict(parse_override(o) for o in [*overrides, *(["faces.aligned=true"] if aligned else [])])
@@ -116,7 +116,7 @@ def serve(config: Path = typer.Option(..., "--config", help="serve YAML (configs
         changes["providers"] = providers
     cfg = load_serve_config(config, changes)
     run_server(cfg, announce=lambda host, port: console.print(
-        f"serving on http://{host}:{port} (OpenAPI at /docs, page at /); "
+        f"serving on {server_url(host, port)} (OpenAPI at /docs, page at /); "
         f"API key {'required' if cfg.keys() else 'not required (loopback)'}"))
 
 

@@ -322,6 +322,11 @@ _LISTEN_ADVICE = {
 }
 
 
+def server_url(host: str, port: int) -> str:
+    """The service's base URL: an IPv6 literal in brackets (``http://[::1]:8000``), as URLs write it."""
+    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+
+
 def listening_socket(host: str, port: int) -> socket.socket:
     """A TCP socket bound to ``host:port`` (port 0: one the system picks), ready for uvicorn. An address that
     cannot be had (in use, a privileged port, an address this machine lacks, a host name that does not resolve)
