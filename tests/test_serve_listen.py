@@ -98,3 +98,20 @@ def test_the_announced_url_writes_an_ipv6_address_in_brackets():
     assert server_url("127.0.0.1", 8000) == "http://127.0.0.1:8000"
     assert server_url("localhost", 0) == "http://localhost:0"
     assert server_url("::1", 8080) == "http://[::1]:8080"
+
+
+def test_the_address_is_held_from_the_start_so_a_second_server_loading_meanwhile_is_refused():
+    """SO_REUSEADDR (set so a restarted server takes its port back) lets two sockets bind one port while
+    neither listens: the first server listens at once, before its models load, so the second fails at its
+    start with the same error, not later inside uvicorn."""
+    from visrec.errors import ConfigError
+    from visrec.serve.app import listening_socket
+
+    first = listening_socket("127.0.0.1", 0)
+    try:
+        port = first.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            listening_socket("127.0.0.1", port).close()
+    finally:
+        first.close()
+    listening_socket("127.0.0.1", port).close()  # and once the first is gone, the port is free again

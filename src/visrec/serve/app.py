@@ -322,13 +322,16 @@ _LISTEN_ADVICE = {
 }
 
 
+BACKLOG = 2048  # uvicorn's default
+
+
 def server_url(host: str, port: int) -> str:
     """The service's base URL: an IPv6 literal in brackets (``http://[::1]:8000``), as URLs write it."""
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to ``host:port`` (port 0: one the system picks), ready for uvicorn. An address that
+    """A TCP socket listening on ``host:port`` (port 0: one the system picks), for uvicorn. An address that
     cannot be had (in use, a privileged port, an address this machine lacks, a host name that does not resolve)
     is a ``ConfigError`` naming it, raised before anything is loaded."""
     ipv6 = ":" in host  # as uvicorn chooses: an IPv6 literal, else IPv4 (a host name resolves to its IPv4)
@@ -338,6 +341,9 @@ def listening_socket(host: str, port: int) -> socket.socket:
         # as uvicorn does: a restarted server may take its port back while the old connections are in TIME_WAIT
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))
+        # listening at once holds the port while the models load: with SO_REUSEADDR a second server could
+        # bind the same port meanwhile, and would only fail inside uvicorn. Connections wait in the backlog.
+        sock.listen(BACKLOG)
     except socket.gaierror as exc:
         sock.close()
         raise ConfigError(f"cannot listen on {where}: the host name does not resolve on this machine "
@@ -368,7 +374,7 @@ def serve(cfg: ServeConfig, announce=None) -> None:
         if announce is not None:
             announce(cfg.host, port)
         server = uvicorn.Server(uvicorn.Config(application, host=cfg.host, port=port, log_level="info",
-                                               http=json_error_http_protocol()))
+                                               backlog=BACKLOG, http=json_error_http_protocol()))
         server.run(sockets=[sock])
     finally:
         sock.close()
