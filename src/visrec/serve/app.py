@@ -18,8 +18,8 @@ once. A JSON body or field holding NaN or Infinity is a 400.
 # no `from __future__ import annotations`: FastAPI resolves the handlers' annotations (Request) at runtime
 import asyncio
 import contextlib
-import importlib.util
 import errno
+import importlib.util
 import json
 import logging
 import socket
@@ -311,6 +311,8 @@ def json_error_http_protocol():
     return JSONErrorH11Protocol
 
 
+BACKLOG = 2048  # connections waiting to be accepted: uvicorn's default
+
 # Why an address cannot be listened on, in words a person acts on; the system's own reason is kept beside it.
 _LISTEN_ADVICE = {
     errno.EADDRINUSE: "another program is listening there (another visrec serve?): stop it, or pick another port "
@@ -322,12 +324,13 @@ _LISTEN_ADVICE = {
 }
 
 
-BACKLOG = 2048  # uvicorn's default
+def _address(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"  # an IPv6 literal in brackets, as URLs write it
 
 
 def server_url(host: str, port: int) -> str:
-    """The service's base URL: an IPv6 literal in brackets (``http://[::1]:8000``), as URLs write it."""
-    return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
+    """The service's base URL: ``http://127.0.0.1:8000``, ``http://[::1]:8000``."""
+    return f"http://{_address(host, port)}"
 
 
 def listening_socket(host: str, port: int) -> socket.socket:
@@ -335,7 +338,7 @@ def listening_socket(host: str, port: int) -> socket.socket:
     cannot be had (in use, a privileged port, an address this machine lacks, a host name that does not resolve)
     is a ``ConfigError`` naming it, raised before anything is loaded."""
     ipv6 = ":" in host  # as uvicorn chooses: an IPv6 literal, else IPv4 (a host name resolves to its IPv4)
-    where = f"[{host}]:{port}" if ipv6 else f"{host}:{port}"
+    where = _address(host, port)
     sock = socket.socket(socket.AF_INET6 if ipv6 else socket.AF_INET, socket.SOCK_STREAM)
     try:
         # as uvicorn does: a restarted server may take its port back while the old connections are in TIME_WAIT
