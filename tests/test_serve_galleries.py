@@ -404,12 +404,14 @@ def test_the_service_sets_one_intra_op_thread_per_request_worker(tmp_path, tiny_
     from visrec.serve import app as app_module
     from visrec.serve.config import load_serve_config
 
-    monkeypatch.setattr(uvicorn, "run", lambda app, **kw: None)  # everything serve() does but listening
+    # everything serve() does but serving: it takes its address (port 0 below), loads, and hands both to uvicorn
+    monkeypatch.setattr(uvicorn.Server, "run", lambda server, sockets: setattr(server, "started", True))
     before = (torch.get_num_threads(), faiss.omp_get_max_threads(), _onnx.DEFAULT_THREADS[0])
     try:
         for extra, want in (("threads: 3\n", 3), ("limits: {max_concurrent: 64}\n", 1)):
             cfg = tmp_path / "serve.yaml"
-            cfg.write_text(f"{extra}faces:\n  model: {tiny_face_model}\n  aligned: true\n  gallery: {{backend: faiss}}\n")
+            cfg.write_text(f"{extra}port: 0\nfaces:\n  model: {tiny_face_model}\n  aligned: true\n"
+                           "  gallery: {backend: faiss}\n")
             now = (torch.get_num_threads(), faiss.omp_get_max_threads(), _onnx.DEFAULT_THREADS[0])
             app_module.create_app(load_serve_config(cfg))
             assert (torch.get_num_threads(), faiss.omp_get_max_threads(), _onnx.DEFAULT_THREADS[0]) == now

@@ -155,16 +155,17 @@ def test_serve_and_gallery_commands(tmp_path, marker, monkeypatch, capsys):
     pytest.importorskip("fastapi", reason="the service needs visrec[serve]")
     evil = plant(tmp_path / "model.pt", marker)
     faces = {"model": str(evil), "aligned": True, "gallery": {"backend": "faiss"}}
-    cfg = write_yaml({"faces": faces}, tmp_path / "serve.yaml")
+    # port 0: the service takes its address before it loads a model, and a fixed port may be in use
+    cfg = write_yaml({"port": 0, "faces": faces}, tmp_path / "serve.yaml")
     assert_refused(*visrec(["serve", "--config", cfg], monkeypatch, capsys), evil)
     assert_refused(*visrec(["gallery", "list", "--config", cfg], monkeypatch, capsys), evil)
-    cfg = write_yaml({"landmarks": {"model": str(evil)}}, tmp_path / "serve-lm.yaml")
+    cfg = write_yaml({"port": 0, "landmarks": {"model": str(evil)}}, tmp_path / "serve-lm.yaml")
     assert_refused(*visrec(["serve", "--config", cfg], monkeypatch, capsys), evil)
     index = tmp_path / "index"
     index.mkdir()
     (index / "manifest.json").write_text('{"options": {}, "catalogue": "catalogue", "count": 0}')
     descriptor = plant(index / "descriptor.pt", marker)
-    cfg = write_yaml({"products": {"index": str(index)}}, tmp_path / "serve-products.yaml")
+    cfg = write_yaml({"port": 0, "products": {"index": str(index)}}, tmp_path / "serve-products.yaml")
     assert_refused(*visrec(["serve", "--config", cfg], monkeypatch, capsys), descriptor)
 
 
