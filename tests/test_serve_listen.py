@@ -15,7 +15,7 @@ pytest.importorskip("fastapi", reason="the service needs visrec[serve]")
 pytest.importorskip("uvicorn", reason="the service needs visrec[serve]")
 import httpx  # noqa: E402
 
-from conftest import wait_healthy  # noqa: E402
+from conftest import cli_status, wait_healthy  # noqa: E402
 
 KEY = "k" * 32  # off loopback an API key is required before the address is even tried
 
@@ -28,19 +28,15 @@ def config(tmp_path, model, host="127.0.0.1", port=0):
 
 
 def visrec_serve(cfg, monkeypatch, capsys):
-    """``visrec serve --config CFG`` through the installed command's entry point: (exit code, stderr)."""
+    """``visrec serve --config CFG`` in this process, failing if it loads a model: (exit status, stderr)."""
     import visrec.serve.app as app
 
     def loaded(*args, **kwargs):
         raise AssertionError("the service loaded its models before it had an address")
 
     monkeypatch.setattr(app, "create_app", loaded)
-    monkeypatch.setattr(sys, "argv", ["visrec", "serve", "--config", str(cfg)])
-    from visrec.cli import main
-
-    with pytest.raises(SystemExit) as done:
-        main()
-    return done.value.code, " ".join(capsys.readouterr().err.split())
+    code, err = cli_status(["serve", "--config", str(cfg)], monkeypatch, capsys)
+    return code, " ".join(err.split())
 
 
 def test_a_port_in_use_is_said_before_anything_loads(tiny_face_model, tmp_path, monkeypatch, capsys):
