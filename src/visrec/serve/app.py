@@ -347,15 +347,15 @@ def listening_socket(host: str, port: int) -> socket.socket:
         # listening at once holds the port while the models load: with SO_REUSEADDR a second server could
         # bind the same port meanwhile, and would only fail inside uvicorn. Connections wait in the backlog.
         sock.listen(BACKLOG)
-    except socket.gaierror as exc:
-        sock.close()
-        raise ConfigError(f"cannot listen on {where}: the host name does not resolve on this machine "
-                          f"({exc.strerror}); set host to an address of this machine (--set host=...)") from None
     except OSError as exc:
         sock.close()
-        advice = _LISTEN_ADVICE.get(exc.errno)
-        raise ConfigError(f"cannot listen on {where}: {exc.strerror or exc}" + (f"; {advice}" if advice else "")) \
-            from None
+        if isinstance(exc, socket.gaierror):  # its errno is the resolver's (EAI_*), not the system's
+            why = (f"the host name does not resolve on this machine ({exc.strerror}); set host to an address of "
+                   "this machine (--set host=...)")
+        else:
+            advice = _LISTEN_ADVICE.get(exc.errno)
+            why = f"{exc.strerror or exc}" + (f"; {advice}" if advice else "")
+        raise ConfigError(f"cannot listen on {where}: {why}") from None
     return sock
 
 
