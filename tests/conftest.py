@@ -112,6 +112,23 @@ def wait_healthy(url, proc, timeout=180):
     raise AssertionError("server did not become healthy")
 
 
+def run_cli(argv, monkeypatch, capsys) -> tuple[int, str, str]:
+    """``visrec ARGV`` through ``visrec.cli.main``, the installed command's entry point, in this process: exit code,
+    stdout and stderr, whitespace collapsed (Rich wraps lines; a wide COLUMNS keeps long paths on one line)."""
+    from visrec.cli import main
+
+    capsys.readouterr()
+    monkeypatch.setenv("COLUMNS", "2000")
+    monkeypatch.setattr(sys, "argv", ["visrec", *map(str, argv)])
+    code = 0
+    try:
+        main()
+    except SystemExit as exc:
+        code = 0 if exc.code is None else exc.code if isinstance(exc.code, int) else 1
+    out, err = capsys.readouterr()
+    return code, " ".join(out.split()), " ".join(err.split())
+
+
 def cli_status(args: list[str], monkeypatch, capsys, *, real: bool = False) -> tuple[int, str]:
     """(exit status, stderr) of ``visrec ARGS``. ``real``: the entry point in a fresh interpreter; otherwise
     through ``visrec.cli.run_app``, the function the entry point takes its exit status from, in this process (a

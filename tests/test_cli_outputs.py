@@ -11,21 +11,7 @@ import sys
 import numpy as np
 import pytest
 
-from conftest import save_tiny_face_model, save_tiny_landmark_model
-
-
-def run_cli(argv, monkeypatch, capsys) -> tuple[int, str, str]:
-    """``visrec ARGV`` through ``visrec.cli.main`` (what the installed command runs): exit code, stdout and
-    stderr, whitespace collapsed (Rich wraps lines; COLUMNS keeps paths on one line)."""
-    from visrec.cli import main
-
-    monkeypatch.setenv("COLUMNS", "1000")
-    monkeypatch.setattr(sys, "argv", ["visrec", *map(str, argv)])
-    with pytest.raises(SystemExit) as done:
-        main()
-    out, err = capsys.readouterr()
-    code = done.value.code
-    return (0 if code is None else code), " ".join(out.split()), " ".join(err.split())
+from conftest import run_cli, save_tiny_face_model, save_tiny_landmark_model
 
 
 def refused(code, out, err, *names) -> None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import run_cli
 
 from visrec._onnx import (CPU, CUDA, TENSORRT, check_session_providers, open_session, parse_providers,
                           provider_options, resolve_providers)
@@ -301,18 +302,6 @@ def test_an_onnx_descriptor_refuses_sizes_its_export_fixed(products, tmp_path):
 
 
 # --- the commands ------------------------------------------------------------------------------------------------
-
-def run_cli(argv, monkeypatch, capsys) -> tuple[int, str, str]:
-    """``visrec ARGV`` through ``visrec.cli.main`` (what the installed command runs): exit code, stdout and
-    stderr, whitespace collapsed (Rich wraps lines)."""
-    from visrec.cli import main
-
-    monkeypatch.setattr(sys, "argv", ["visrec", *map(str, argv)])
-    with pytest.raises(SystemExit) as done:
-        main()
-    out, err = capsys.readouterr()
-    return done.value.code, " ".join(out.split()), " ".join(err.split())
-
 
 def test_products_index_providers_cpu_works_and_cuda_fails_cleanly_here(products, tmp_path, monkeypatch, capsys):
     root, pt, onnx = products

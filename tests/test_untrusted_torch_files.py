@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import run_cli
 
 from visrec.errors import DataError
 
@@ -55,18 +56,9 @@ def plant(path: Path, marker: Path, kind: str = "checkpoint", fmt: str = "zip") 
 
 
 def visrec(args, monkeypatch, capsys) -> tuple[int, str]:
-    """Run the real ``visrec`` entry point (visrec.cli.main) in-process: (exit code, stdout + stderr)."""
-    from visrec.cli import main
-
-    monkeypatch.setenv("COLUMNS", "2000")  # Rich must not wrap the long tmp paths in the error line
-    monkeypatch.setattr(sys, "argv", ["visrec", *map(str, args)])
-    code = 0
-    try:
-        main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out + out.err
+    """The real ``visrec`` entry point in this process: (exit code, stdout + stderr)."""
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    return code, f"{out} {err}"
 
 
 def assert_refused(code: int, output: str, path: Path):
