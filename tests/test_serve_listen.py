@@ -84,7 +84,8 @@ def test_port_0_serves_on_the_port_the_system_picked_and_says_which(tiny_face_mo
         proc.terminate()
         proc.wait(30)
         log.close()
-    # uvicorn shuts down on SIGTERM, then ends by the same signal
+    # uvicorn shuts down on SIGTERM, then ends by the same signal (its cooperative signal handling, since 0.29:
+    # pyproject's floor)
     assert proc.returncode == -15 and "Finished server process" in (tmp_path / "server.log").read_text()
 
 
