@@ -175,8 +175,8 @@ def test_csv_errors(tmp_path):
 def test_a_scored_csv_list_names_an_image_listed_twice(tmp_path, monkeypatch, capsys):
     """Training may list an image twice (drawn more often); a set scored over all pairs may not: its two rows
     would be a genuine pair of one image, scored 1. `eval faces` on such a list exits 2 naming both lines,
-    whatever spelling of the path (./a.jpg, a.jpg) the repeat uses."""
-    from test_cli_outputs import run_cli
+    whatever spelling of the path (./a.jpg, a.jpg, its absolute path) the repeat uses."""
+    from conftest import run_cli
 
     from visrec.data.datasets import open_face_dataset
 
@@ -189,6 +189,11 @@ def test_a_scored_csv_list_names_an_image_listed_twice(tmp_path, monkeypatch, ca
     assert "list.csv" in str(err.value)
     code, out, err = run_cli(["eval", "faces", "mbf", "--data", csv], monkeypatch, capsys)
     assert code == 2 and "listed twice" in err and "Traceback" not in err, (out, err)
+    # the list named by a relative path, the repeat by the image's absolute path: still one image
+    write_csv_list(tmp_path / "abs.csv", rows + [(str(tmp_path / rows[1][0]), rows[1][1])])
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"line 6: .* is listed twice \(first on line 3\)"):
+        open_face_dataset("abs.csv", scored=True)
 
 
 def test_verification_bin_round_trip(tmp_path):

@@ -43,6 +43,11 @@ def test_repeated_image_rows(tmp_path):
     raises(lambda: read_tid_mid(tmp_path / "tid.txt"), "tid.txt", "line 3", "repeats line 1")
     (tmp_path / "five.txt").write_text(f"a.jpg {POINTS} 0.9\na.jpg {POINTS} 0.9\n")
     raises(lambda: read_five_points(tmp_path / "five.txt"), "five.txt", "line 2", "repeats line 1")
+    # another spelling of one image is the same image
+    (tmp_path / "tid.txt").write_text("a.jpg 1 10\nb.jpg 1 10\n./a.jpg 1 10\n")
+    raises(lambda: read_tid_mid(tmp_path / "tid.txt"), "tid.txt", "line 3", "repeats line 1")
+    (tmp_path / "five.txt").write_text(f"a.jpg {POINTS} 0.9\n.//a.jpg {POINTS} 0.9\n")
+    raises(lambda: read_five_points(tmp_path / "five.txt"), "five.txt", "line 2", "repeats line 1")
 
 
 def test_five_points_degenerate_or_negative_score(tmp_path):

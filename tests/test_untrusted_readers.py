@@ -207,6 +207,11 @@ def test_idx_and_property_errors_name_file_and_line(tmp_path):
     (d / "train.idx").write_bytes(idx + b"0\t0\n")
     with pytest.raises(DataError, match=r"train\.idx, record line 3: record 0 is listed twice \(first on line 1\)"):
         RecordIOReader(d)
+    first_offset = idx.split(b"\n")[0].split(b"\t")[1]
+    (d / "train.idx").write_bytes(idx + b"2\t" + first_offset + b"\n")  # a new index, an old record's offset
+    with pytest.raises(DataError, match=r"train\.idx, record line 3: record 2 starts at byte \d+, as record 0 "
+                                        r"\(line 1\) does"):
+        RecordIOReader(d)
     (d / "train.idx").write_bytes(idx.replace(b"1\t", b"\xff\t"))
     with pytest.raises(DataError, match=r"train\.idx, record line 2: not UTF-8 text: byte 0xff"):
         RecordIOReader(d)

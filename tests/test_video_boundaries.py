@@ -114,3 +114,17 @@ def test_negative_seeds_are_refused_before_writing(tmp_path):
         r = CliRunner().invoke(app, ["data", "synth", *args, "--out", str(tmp_path / "c")])
         assert r.exit_code == 2 and not isinstance(r.exception, ValueError), r.output
         assert not (tmp_path / "c" / "videos").exists() and not (tmp_path / "c" / "train").exists()
+
+
+@pytest.mark.parametrize("spelling", ["./videos/a", "videos/x/../a", "ABSOLUTE"])
+def test_a_video_listed_twice_under_two_ids_is_refused_whatever_the_spelling(tmp_path, monkeypatch, spelling):
+    """Two ids for one video would score it against itself as a genuine pair: refused naming both lines, however
+    the second line spells the path, with the list named by a relative path from another folder too."""
+    (tmp_path / "videos").mkdir()
+    _folder(tmp_path / "videos" / "a", 2)
+    _folder(tmp_path / "videos" / "b", 2)
+    second = str(tmp_path / "videos" / "a") if spelling == "ABSOLUTE" else spelling
+    (tmp_path / "videos.csv").write_text(f"v1,videos/a,alice\nv2,videos/b,bob\nv3,{second},alice\n")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"videos\.csv, record line 3: video .* is listed on line 1 already"):
+        V.read_video_list("videos.csv")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import csv
 import io
-import os
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -13,7 +12,7 @@ from typing import Iterable
 import numpy as np
 
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, not_an_image_reason, read_image
-from visrec.data.text import read_text
+from visrec.data.text import listed_place, read_text
 from visrec.errors import DataError
 
 
@@ -195,7 +194,7 @@ def read_csv_list(path: str | Path, *, skip_bad: bool = False, each_image_once: 
         img = Path(name)
         img = img if img.is_absolute() else path.parent / img
         if each_image_once:
-            key = os.path.normpath(img)
+            key = listed_place(img)
             if key in first:
                 raise DataError(f"{name[:200]!r} is listed twice (first on line {first[key]}): in a data set scored "
                                 f"over all pairs its two rows would be a genuine pair of one image", path=path,

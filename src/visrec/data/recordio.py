@@ -275,6 +275,16 @@ class RecordIOReader:
                 raise DataError(f"record {key} is listed twice (first on line {lines[key]})",
                                 path=self.idx_path, record=f"line {lineno}")
             offsets[key], lines[key] = off, lineno
+        # two keys at one offset would read one record twice (a face set scored over all pairs would count it as
+        # a genuine pair of one image); sorted, not a second dict: millions of lines
+        keys = np.fromiter(offsets, np.int64, len(offsets))
+        offs = np.fromiter(offsets.values(), np.int64, len(offsets))
+        order = np.argsort(offs, kind="stable")
+        same = np.flatnonzero(offs[order][1:] == offs[order][:-1])
+        if same.size:
+            a, b = sorted((int(keys[order[same[0]]]), int(keys[order[same[0] + 1]])), key=lines.get)
+            raise DataError(f"record {b} starts at byte {offsets[b]}, as record {a} (line {lines[a]}) does: one "
+                            "record under two indices", path=self.idx_path, record=f"line {lines[b]}")
         return offsets
 
     def _read_property(self) -> int:

@@ -85,6 +85,13 @@ def read_lines(path: str | Path) -> list[str]:
     return split_lines(read_text(path))
 
 
+def listed_place(path: str | Path) -> str:
+    """The key under which a list's readers compare the files it names: absolute and normalised, so that
+    ``a.jpg``, ``./a.jpg``, ``x/../a.jpg`` and ``/data/a.jpg`` (with the list in ``/data``) are one place whatever
+    folder the command runs in. Links are not followed (a key per line costs no file system call)."""
+    return os.path.normpath(os.path.abspath(path))
+
+
 def check_output(path: str | Path, *, kind: str, what: str = "--out") -> Path:
     """``path`` if the command can write its output there, else ``DataError`` naming it; nothing is created.
 

@@ -30,7 +30,6 @@ drawn lower (uniform 0.3-0.8) than a clean frame's (0.75-1.0), overlapping as re
 from __future__ import annotations
 
 import math
-import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +41,7 @@ import numpy as np
 from visrec._files import NOT_REGULAR, names_its_output
 from visrec.data import synth as S
 from visrec.data.images import MAX_IMAGE_FILE_BYTES, decode_image, write_image
-from visrec.data.text import read_bytes, read_lines
+from visrec.data.text import listed_place, read_bytes, read_lines
 from visrec.errors import ConfigError, DataError
 
 FRAME_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp")
@@ -93,7 +92,7 @@ def read_video_list(path: str | Path) -> list[VideoItem]:
             raise DataError(f"video id {vid!r} repeats line {seen[vid]}", path=path, record=f"line {lineno}")
         seen[vid] = lineno
         p = Path(rel) if Path(rel).is_absolute() else path.parent / rel
-        where = os.path.normpath(p)  # videos/a and ./videos/a are one video
+        where = listed_place(p)  # videos/a, ./videos/a and its absolute path are one video
         if where in places:
             raise DataError(f"video {rel[:200]!r} is listed on line {places[where]} already, under another id",
                             path=path, record=f"line {lineno}")

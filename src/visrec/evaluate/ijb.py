@@ -62,6 +62,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import posixpath
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -144,9 +145,11 @@ def _check_name(name: str, path, lineno: int) -> str:
 
 
 def _not_repeated(first: dict[str, int], name: str, path, lineno: int) -> None:
-    """An image listed twice would weigh twice in its media mean (and a five-point row describes one image)."""
-    if first.setdefault(name, lineno) != lineno:
-        raise DataError(f"image {name[:80]!r} repeats line {first[name]}", path=path, record=f"line {lineno}")
+    """An image listed twice would weigh twice in its media mean (and a five-point row describes one image);
+    ``1.jpg``, ``./1.jpg`` and ``a/../1.jpg`` are one image."""
+    key = posixpath.normpath(name)
+    if first.setdefault(key, lineno) != lineno:
+        raise DataError(f"image {name[:80]!r} repeats line {first[key]}", path=path, record=f"line {lineno}")
 
 
 def read_tid_mid(path: str | Path) -> TemplateMeta:
