@@ -38,6 +38,18 @@ class FaceDataset(Dataset):
     def __len__(self) -> int:
         return len(self.labels)
 
+    def crop(self, i: int, size: tuple[int, int] | None, whom: str = "the model") -> np.ndarray:
+        """The i-th image as stored, which a scored set must hold as an aligned crop of ``size`` (height, width,
+        pixels; None: any): it is embedded as it is, never resized (as a ``.bin`` and the LFR image track), else
+        ``DataError`` naming its file (and record). Training resizes instead (:func:`to_tensor`)."""
+        img = self.source.image(i)
+        if size and img.shape[:2] != tuple(size):
+            (h, w), (sh, sw) = img.shape[:2], size
+            raise DataError(f"image is {w}x{h}; {whom} takes aligned {sw}x{sh} crops (a scored set is embedded as "
+                            f"it is, never resized: `visrec data prepare faces` aligns photos to crops)",
+                            **self.source.where(i))
+        return img
+
     def __getitem__(self, i: int):
         img = self.source.image(i)
         if self.train and np.random.rand() < 0.5:

@@ -35,6 +35,10 @@ class ImageList:
     def image(self, i: int) -> np.ndarray:
         return read_image(self.paths[i])
 
+    def where(self, i: int) -> dict:
+        """Where the i-th image comes from, as ``DataError``'s keywords (its file)."""
+        return {"path": self.paths[i]}
+
 
 SKIP_BAD_HINT = "remove it (a train config's data.skip_bad: true leaves such entries out and counts them)"
 

@@ -530,3 +530,7 @@ class RecordIOReader:
         """The i-th image (0-based over images) as HxWx3 RGB uint8."""
         record = int(self.image_records[i])
         return decode_image(self.image_bytes(i), source=self.rec_path, record=record)
+
+    def where(self, i: int) -> dict:
+        """Where the i-th image comes from, as ``DataError``'s keywords (the ``.rec`` file and its record)."""
+        return {"path": self.rec_path, "record": int(self.image_records[i])}

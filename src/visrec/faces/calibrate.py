@@ -75,7 +75,8 @@ def embed_labelled(model: str | Path, data: str | Path, *, photos: bool = False,
         raise VisrecError(f"{embedder.name} embeds its own crops, not aligned faces: calibrate on raw photos "
                           f"through the face pipeline (--photos)")
     ds = open_face_dataset(data, scored=True)
-    embeddings = embed_all(embedder, len(ds), ds.source.image, batch, progress)
+    size = (embedder.input_size, embedder.input_size)
+    embeddings = embed_all(embedder, len(ds), lambda i: ds.crop(i, size, embedder.name), batch, progress)
     return embedder, embeddings, ds.labels, {"images": len(ds), "identities": int(ds.num_classes), "no_face": []}
 
 

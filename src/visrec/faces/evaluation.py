@@ -12,7 +12,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -25,7 +24,7 @@ from visrec.data.text import staged_files
 from visrec.data.verification import read_verification_bin
 from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.evaluate import ijb
-from visrec.evaluate.bin_protocol import evaluate_bin_both, flip_embeddings, format_both, mirror
+from visrec.evaluate.bin_protocol import evaluate_bin_both, flip_embeddings, fold_problem, format_both, mirror
 from visrec.evaluate.landmark_report import (LandmarkEval, check_submission_folder, landmark_metrics,
                                              write_landmark_report, write_submission)
 from visrec.evaluate.lfr import (image_submission_entries, labelled_rows, read_entry_labels,
@@ -50,14 +49,6 @@ class FaceEvalResult:
     report: Path
     bin_accuracy: tuple[float, float] | None = None
     extra: dict = field(default_factory=dict)
-
-
-def _embedder(model: str | Path, flip: bool = False, providers=None, summary: dict | None = None
-              ) -> Callable[[np.ndarray], np.ndarray]:
-    """Aligned crops (N, H, W, 3) RGB uint8 at the model's input size -> embeddings; ``flip`` adds the
-    mirrored image's embedding. Any model ``visrec.models.load_model`` reads (checkpoint, ONNX, adapter)."""
-    loaded = _load(model, providers, summary)
-    return lambda images: loaded.embed(images, flip=flip)
 
 
 def _load(model: str | Path, providers=None, summary: dict | None = None):
@@ -87,6 +78,9 @@ def _evaluate_bin(data: Path, model, targets, summary: dict, out, batch: int, pr
     """A verification ``.bin``: 10-fold accuracy with and without the flip test (both, labelled; the flip
     figure is the headline), and exact TPR@FPR (strict rule) over its pairs on the flip embeddings."""
     images, issame = read_verification_bin(data)  # a bad .bin fails before the model loads, as other data do
+    problem = fold_problem(len(issame))  # nor would the 10-fold accuracy after every image was embedded
+    if problem:
+        raise DataError(problem, path=data)
     loaded = _load(model, providers, summary)
     size = tuple(loaded.contract.input_size or ())
     if size and images[0].shape[:2] != size:  # as the LFR image track: aligned crops are never resized here
@@ -182,9 +176,11 @@ def evaluate_faces(*, data: str | Path | None = None, model: str | Path | None =
             return _evaluate_bin(data, model, targets, summary, out, batch, progress, curve_bins, group, providers)
         # bad data fails before the model loads
         ds = open_face_dataset(data, also_accepted="a .bin pairs file", scored=True)
-        embed = _embedder(model, flip, providers, summary)
+        loaded = _load(model, providers, summary)
         summary["flip test"] = "yes" if flip else "no"
-        emb = embed_all(embed, len(ds), ds.source.image, batch, progress, group=group)
+        size = loaded.contract.input_size
+        emb = embed_all(lambda images: loaded.embed(images, flip=flip), len(ds),
+                        lambda i: ds.crop(i, size, str(model)), batch, progress, group=group)
         lab = ds.labels
         summary.update({"images": f"{len(ds):,}", "identities": f"{ds.num_classes:,}"})
     else:

@@ -27,7 +27,7 @@ from torch import nn
 
 from visrec._onnx import open_session
 from visrec.config import RunConfig, parse_config, read_yaml_mapping
-from visrec.data.datasets import open_face_dataset
+from visrec.data.datasets import FACE_SIZE, open_face_dataset
 from visrec.data.landmark_crops import JDCrops
 from visrec.data.verification import read_verification_bin
 from visrec.errors import ConfigError, DataError
@@ -107,6 +107,10 @@ class FaceScorer:
         if self.path.suffix == ".bin":
 
             images, issame = read_verification_bin(self.path)
+            if images[0].shape[:2] != (FACE_SIZE, FACE_SIZE):  # one size: the reader checks every image
+                h, w = images[0].shape[:2]
+                raise DataError(f"images are {w}x{h}; a face search's candidate model takes aligned "
+                                f"{FACE_SIZE}x{FACE_SIZE} crops", path=self.path, record=0)
             self.images, self.issame = images, np.asarray(issame, dtype=bool)
             genuine, impostor = int(self.issame.sum()), int((~self.issame).sum())
         else:
@@ -115,7 +119,10 @@ class FaceScorer:
                 raise DataError(f"{len(ds):,} held-out images; a search scores them at every evaluation of every "
                                 f"trial: give at most {MAX_HELD_OUT:,}", path=self.path)
             self.labels = np.asarray(ds.labels)
-            self.images = [ds.source.image(i) for i in range(len(ds))]
+            # the face trainer makes 112x112 crops (visrec.data.datasets.to_tensor); held-out images are embedded
+            # as they are
+            whom = "a face search's candidate model"
+            self.images = [ds.crop(i, (FACE_SIZE, FACE_SIZE), whom) for i in range(len(ds))]
             counts = np.bincount(self.labels)
             genuine = int((counts * (counts - 1) // 2).sum())
             impostor = len(self.labels) * (len(self.labels) - 1) // 2 - genuine
