@@ -38,10 +38,17 @@ def rate_option(what: str = "impostor pairs"):
     return check
 
 
-def _check_out(path, kind: str, what: str = "--out"):
+def _check_out(path, kind: str, what: str = "--out", reads: dict | None = None):
     from visrec.data.text import check_output
 
-    return check_output(path, kind=kind, what=what)
+    return check_output(path, kind=kind, what=what, reads=reads)
+
+
+def _model_file(model):
+    """The file a model argument names (a run directory's ``model.pt``), or None for none or an adapter name."""
+    from visrec.models.loading import checkpoint_file
+
+    return None if model is None else checkpoint_file(model)
 
 
 @app.command("faces")
@@ -79,7 +86,8 @@ def faces(model: Optional[Path] = typer.Argument(None, help="face model: checkpo
     _check_faces_options(model, data, features, filelist, labels, flip, video, fusion, submission, expect_rows, out,
                          target_fpr)
     if submission is not None:
-        _check_out(submission, "file", "--submission")
+        _check_out(submission, "file", "--submission",
+                   reads={"MODEL": _model_file(model), "--data": data, "--filelist": filelist})
     if video:
         _one_process("visrec eval faces --video")
         return _videos(model, data, fusion or ["mean"], target_fpr or [1e-4], submission, filelist, providers)
@@ -255,7 +263,7 @@ def ijb(model: Path = typer.Argument(..., help="face model: checkpoint, run dir,
 
     _one_process("visrec eval ijb")
     if out is not None:
-        _check_out(out, "file")
+        _check_out(out, "file", reads={"MODEL": _model_file(model), "--data": data})
 
     with Progress(transient=True) as bar:
         task = bar.add_task("embedding", total=None)

@@ -28,9 +28,10 @@ def landmarks(image: Path = typer.Argument(..., help="an image"),
     from visrec.data.images import read_image
     from visrec.data.text import check_output
     from visrec.errors import DataError, VisrecError
-    from visrec.models.loading import load_model
+    from visrec.models.loading import checkpoint_file, load_model
 
-    target = check_output(DEFAULT_OUT if out is None else out, kind="file")
+    target = check_output(DEFAULT_OUT if out is None else out, kind="file",
+                          reads={"IMAGE": image, "--model": checkpoint_file(model)})
     _check_image_suffix(target)
     replaces = target.exists()
     if out is None and replaces:

@@ -111,7 +111,8 @@ def search(query: Path = typer.Argument(..., help="an image, or a folder of quer
     if out is not None:
         from visrec.data.text import check_output
 
-        check_output(out, kind="file")  # before the index loads and the queries run
+        # before the index loads and the queries run; never over a query image or a file of the index
+        check_output(out, kind="file", reads={"QUERY": query, "--index": index_dir})
     ranked, scores = search_catalogue(index_dir, query, k, out, providers=providers)
     t = Table(title=f"top {k} for {len(ranked)} quer{'y' if len(ranked) == 1 else 'ies'}")
     if len(ranked) > SHOWN_QUERIES:

@@ -92,14 +92,17 @@ def listed_place(path: str | Path) -> str:
     return os.path.normpath(os.path.abspath(path))
 
 
-def check_output(path: str | Path, *, kind: str, what: str = "--out") -> Path:
+def check_output(path: str | Path, *, kind: str, what: str = "--out", reads: dict | None = None) -> Path:
     """``path`` if the command can write its output there, else ``DataError`` naming it; nothing is created.
 
     ``kind`` is ``"dir"`` (a folder the command creates or writes into) or ``"file"`` (one file, created or
     replaced). Refused: a folder output that exists as something else than a folder, a file output that is a
     folder or not a regular file (a device, a pipe), a path below a file (its nearest existing ancestor must be a
     folder), a broken or looping link on the way, and a folder the user cannot write into. ``what`` names the
-    option in the message (``--out``, ``--submission``)."""
+    option in the message (``--out``, ``--submission``). ``reads``: what the command reads, by the name the
+    message gives it (``{"MODEL": model_file, "--filelist": filelist}``; None values are skipped): a file output
+    that is one of those files (by any path, link or hard link) or lies inside one of those folders is refused
+    (:func:`check_apart`)."""
     if kind not in ("dir", "file"):
         raise ValueError(f"kind must be 'dir' or 'file', got {kind!r}")
     path = Path(path)
@@ -136,7 +139,37 @@ def check_output(path: str | Path, *, kind: str, what: str = "--out") -> Path:
             break
     except OSError as exc:  # a link loop, a name too long, ...
         raise DataError(f"{what} cannot be written: {exc.strerror or exc}", path=path) from None
+    if reads:
+        check_apart(path, reads, what=what)
     return path
+
+
+def check_apart(out: str | Path, reads: dict, *, what: str = "--out") -> None:
+    """``DataError`` if writing the file ``out`` would replace what the command reads: ``reads`` maps the name
+    a message gives an input (``MODEL``, ``--filelist``) to its path (None: not given). A file input is refused
+    when ``out`` is that file (``os.path.samefile``: any spelling, a link, a hard link); a folder input when
+    ``out`` lies inside it (links resolved), as an index folder or a set of images is read whole. Run before
+    any work: a submission written over its own file list, or an --out inside the index it searches, would
+    destroy the input the user asked to read."""
+    out = Path(out)
+    try:
+        real_out = Path(os.path.realpath(out))
+    except (OSError, ValueError):
+        return  # check_output has refused what cannot be resolved
+    for name, source in reads.items():
+        if source is None:
+            continue
+        source = Path(source)
+        try:
+            if source.is_dir():
+                if real_out.is_relative_to(os.path.realpath(source)):
+                    raise DataError(f"{what} lies inside {name} ({source}), which this command reads: name a file "
+                                    "outside it", path=out)
+            elif out.exists() and source.exists() and os.path.samefile(out, source):
+                raise DataError(f"{what} is {name} ({source}), which this command reads: writing would replace it; "
+                                "name another file", path=out)
+        except (OSError, ValueError):
+            continue  # an input that cannot be examined is reported by the reader that opens it
 
 
 def write_bytes_atomic(path: str | Path, data: bytes, *, what: str = "--out") -> Path:

@@ -20,7 +20,7 @@ from visrec.data.datasets import open_face_dataset
 from visrec.data.images import read_image
 from visrec.data.landmark_crops import JDCrops
 from visrec.data.schemes import SCHEMES
-from visrec.data.text import staged_files
+from visrec.data.text import check_apart, staged_files
 from visrec.data.verification import read_verification_bin
 from visrec.errors import ConfigError, DataError, VisrecError
 from visrec.evaluate import ijb
@@ -34,7 +34,7 @@ from visrec.evaluate.verification import _curve, normalise, tpr_at_fpr, tpr_at_f
 from visrec.evaluate.video import score_videos
 from visrec.faces import align
 from visrec.models.inference import video_features
-from visrec.models.loading import load_model
+from visrec.models.loading import checkpoint_file, load_model
 from visrec.protocols import load_protocol
 from visrec.distributed import all_gather_rows, on_every_rank, rank_and_size
 
@@ -196,6 +196,8 @@ def image_submission(*, model: str | Path, images: str | Path, filelist: str | P
     image-track feature binary (``visrec.evaluate.lfr.write_image_submission``): ``IMAGES`` is the folder the
     file list's paths are relative to (the DeepGlint test set's aligned crops), rows in file-list order,
     each the flip-summed embedding L2-normalised, float32. ``providers``: as :func:`evaluate_faces`'s."""
+    check_apart(out, {"the model": checkpoint_file(model), "the images folder": images, "the file list": filelist},
+                what="the submission")
     entries = image_submission_entries(images, filelist, expected_rows)  # bad data fail before the model loads
     loaded = _load(model, providers)
     size = tuple(loaded.contract.input_size or (112, 112))
@@ -312,6 +314,9 @@ def evaluate_video_model(model: str | Path, video_list: str | Path, fusions=("me
     from visrec.data.video import read_video_list
 
     items = read_video_list(video_list)  # a bad list fails before the model loads
+    if submission is not None:
+        check_apart(submission, {"the model": checkpoint_file(model), "the video list": video_list,
+                                 "the file list": filelist}, what="the submission")
     summary = {}
     loaded = _load(model, providers, summary)
     net = loaded.module
