@@ -164,8 +164,8 @@ def test_verification_bin_not_of_the_model_input_size(tmp_path):
     torch.manual_seed(0)
     torch.save({"model_config": {"name": "mbf", "embedding_size": 16},
                 "backbone": build_backbone("mbf", embedding_size=16).state_dict()}, tmp_path / "m.pt")
-    imgs = [np.full((96, 96, 3), 90 + i, np.uint8) for i in range(4)]
-    write_verification_bin(tmp_path / "s.bin", imgs, [True, False])
+    imgs = [np.full((96, 96, 3), 90 + i, np.uint8) for i in range(20)]
+    write_verification_bin(tmp_path / "s.bin", imgs, [True, False] * 5)  # 10 pairs: one per fold
     with pytest.warns(UserWarning, match="no model contract"):
         raises(lambda: evaluate_faces(data=tmp_path / "s.bin", model=tmp_path / "m.pt", out=tmp_path / "o"),
                "s.bin", "96x96", "112x112")

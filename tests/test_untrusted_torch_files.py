@@ -128,9 +128,9 @@ def test_budget_export_eval_landmarks_commands(tmp_path, marker, monkeypatch, ca
     from visrec.data.synth import render_face
     from visrec.data.verification import write_verification_bin
 
-    # a readable pairs file: eval faces reads its data before it loads the model
-    faces = [render_face(i % 2, np.random.default_rng(i))[0] for i in range(4)]
-    pairs = write_verification_bin(tmp_path / "pairs.bin", faces, [False, False])
+    # a readable pairs file (10 pairs: one per fold): eval faces reads its data before it loads the model
+    faces = [render_face(i % 2, np.random.default_rng(i))[0] for i in range(20)]
+    pairs = write_verification_bin(tmp_path / "pairs.bin", faces, [False] * 10)
     assert_refused(*visrec(["eval", "faces", evil, "--data", pairs, "--out", tmp_path / "eval"], monkeypatch, capsys),
                    evil)
 
