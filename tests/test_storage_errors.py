@@ -166,6 +166,9 @@ def test_run_app_exit_codes_for_storage_and_other_system_errors(monkeypatch, cap
     refuse(OSError(errno.EDQUOT, "Disk quota exceeded"))
     code, err = cli_status(["demo"], monkeypatch, capsys)
     assert code == 3 and err.startswith("error: cannot write: Disk quota exceeded; make room")
+    refuse(MemoryError())  # the system's refusal of memory: an error line, not a traceback
+    code, err = cli_status(["demo"], monkeypatch, capsys)
+    assert code == 3 and err.startswith("error: out of memory:") and "Traceback" not in err
     refuse(DataError("bad record", path="x.rec"))  # the input's fault: 2, as before
     assert cli_status(["demo"], monkeypatch, capsys)[0] == 2
 

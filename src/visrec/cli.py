@@ -166,7 +166,7 @@ def _print_error(message: str) -> None:
 def run_app() -> int:
     """The command's exit status: 2 for a :class:`VisrecError` (its message printed, no traceback), 3 when the
     system refused a read or write (a full disk, a read-only file system: a :class:`StorageError`, or an
-    ``OSError`` no layer below named), 130 when interrupted. The exception is gone when this returns, and with it
+    ``OSError`` no layer below named) or memory, 130 when interrupted. The exception is gone when this returns, and with it
     every frame it held."""
     try:
         refuse_torchrun_for_one_process_commands(sys.argv[1:])
@@ -188,6 +188,11 @@ def run_app() -> int:
         else:
             names = [str(n) for n in (exc.filename, exc.filename2) if n is not None]
             _print_error(": ".join(([" -> ".join(names)] if names else []) + [exc.strerror or str(exc)]))
+        return 3
+    except MemoryError:  # every size read from a file is bounded; what is left is a workload this machine lacks
+        _print_error("out of memory: the system could not give this command the memory it asked for (try a "
+                     "smaller --batch or fewer workers, or a machine with more memory); files are replaced only by "
+                     "complete ones, so what was written before is still there")
         return 3
     except KeyboardInterrupt:
         Console(stderr=True).print("interrupted")
