@@ -25,7 +25,9 @@ spreadsheet or hand edit makes of it:
 - the first non-blank line is a header, and skipped, when its first field names a column rather than
   holding an id (``_is_header``: e.g. ``Validation Image ID``, ``query_id``, ``qid``, ``image id``).
   It is decided by content, never by position: a file without a header reads its first row as data, and
-  a header-like line anywhere else is data (and then usually an error);
+  a header-like line anywhere else is data (and then usually an error). A ground truth whose header-like
+  first field is also a query of its root (``<root>/query/id.jpg`` beside ``id,p0001,...``) is refused
+  naming line 1: that line may be the query's row, and dropping it would shrink every metric unnoticed;
 - blank lines are skipped.
 
 Ids are compared as strings after stripping surrounding whitespace and may not contain commas.
@@ -43,9 +45,10 @@ network input: float32 CHW, ImageNet-normalised.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping, Sequence
+from typing import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -212,9 +215,11 @@ def _is_header(fields: Sequence[str]) -> bool:
     return bool(first) and _HEADER_FIRST_FIELD.fullmatch(first) is not None
 
 
-def _read_rows(path: str | Path, *, header: bool = True) -> Iterator[tuple[int, list[str]]]:
+def _read_rows(path: str | Path, *, header: bool = True,
+               check_header: Callable[[int, list[str]], None] | None = None) -> Iterator[tuple[int, list[str]]]:
     """``(1-based line, stripped fields)`` for each non-blank line, trailing empty fields dropped; with
-    ``header`` the first non-blank line is skipped when ``_is_header`` says it names columns (module doc)."""
+    ``header`` the first non-blank line is skipped when ``_is_header`` says it names columns (module doc), after
+    ``check_header(line, fields)`` (which raises to refuse the skip) when given."""
     first = True
     for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
@@ -223,10 +228,39 @@ def _read_rows(path: str | Path, *, header: bool = True) -> Iterator[tuple[int, 
         while len(fields) > 1 and not fields[-1]:  # spreadsheet padding of a short row
             fields.pop()
         if first and header and _is_header(fields):
+            if check_header is not None:
+                check_header(lineno, fields)
             first = False
             continue
         first = False
         yield lineno, fields
+
+
+def _query_image_named(root: Path, image_id: str) -> str | None:
+    """The name of the image file of query ``image_id`` in ``root/query`` (as ``list_images`` reads the folder:
+    a .jpg / .jpeg / .png suffix in any case), or None when there is none (or no such folder)."""
+    try:
+        with os.scandir(root / QUERY_DIR) as entries:
+            for entry in entries:
+                stem, suffix = os.path.splitext(entry.name)
+                if stem == image_id and suffix.lower() in PRODUCT_SUFFIXES and entry.is_file():
+                    return entry.name
+    except OSError:  # no query folder beside the file: nothing a header line could be mistaken for
+        return None
+    return None
+
+
+def _refuse_a_header_naming_a_query(path: str | Path, lineno: int, fields: Sequence[str]) -> None:
+    """A ground-truth file's header-like first line whose first field is also a query of the data set root the
+    file sits in (``root/query/<that id>.jpg``, module doc's layout): it may be that query's row, and skipping
+    it would drop the query from every metric unnoticed, so it is a DataError naming the line."""
+    name = _query_image_named(Path(path).parent, fields[0])
+    if name is None:
+        return
+    raise DataError(f"the first line reads as a header (its first field {fields[0]!r} names a column) but "
+                    f"{QUERY_DIR}/{name} is a query of this data set: it cannot be told from that query's row. Put a "
+                    "header line first (e.g. 'Validation Image ID,Training Image ID'), so this line is read as "
+                    "data, or rename the query", path=path, record=f"line {lineno}")
 
 
 def _check_row(fields: Sequence[str], *, path, record, what: str) -> None:
@@ -251,11 +285,12 @@ def read_ground_truth(path: str | Path, lines: dict[str, int] | None = None) -> 
     each query's 1-based line (for errors found later, e.g. a ground-truth id that names no catalogue image).
 
     Errors (``DataError`` with the file and ``line N``): a line with no ground-truth id, an empty or quoted
-    id, a duplicate id within a line, a query id seen on an earlier line.
+    id, a duplicate id within a line, a query id seen on an earlier line, a header-like first line whose first
+    field is a query image of the root the file sits in (``<root>/query/<id>.jpg``: it may be that query's row).
     """
     gt: dict[str, list[str]] = {}
     first: dict[str, int] = lines if lines is not None else {}
-    for lineno, fields in _read_rows(path):
+    for lineno, fields in _read_rows(path, check_header=lambda n, f: _refuse_a_header_naming_a_query(path, n, f)):
         record = f"line {lineno}"
         _check_row(fields, path=path, record=record, what="ground-truth")
         if len(fields) < 2:

@@ -41,10 +41,13 @@ def read_checked_ground_truth(path: str | Path, catalogue: Collection[str], skip
     """The ground truth of ``path`` (``read_ground_truth``) checked against the catalogue searched: every
     ground-truth id must be one of ``catalogue`` (the ids searched) or of ``skipped`` (catalogue images the
     index skipped as unreadable, which no ranking can hold); any other id (a typo, another catalogue, other
-    case) is a DataError naming the file, the line and the id, never a silent 0. Returns the ground truth and
+    case) is a DataError naming the file, the line and the id, never a silent 0; so is a file that lists no
+    query. Returns the ground truth and
     how many of its ids name skipped images (they stay in the ground truth and count as misses)."""
     lines: dict[str, int] = {}
     gt = read_ground_truth(path, lines)
+    if not gt:  # metrics over no query would read as a score (or fail deep in the search)
+        raise DataError("the ground truth lists no query (expected lines 'query_id,gt1,gt2,...')", path=path)
     known, skipped = set(catalogue), set(skipped)
     if not known:
         raise DataError("the catalogue searched holds no image: nothing to evaluate", path=path)

@@ -10,7 +10,8 @@ An index directory holds:
                        a crash mid-catalogue keeps every finished shard and the next run reuses a shard only
                        when its record matches that run: the descriptor (SHA-256 of its weights and
                        structure, or of its ONNX file), the options that change a descriptor (``size``,
-                       ``multiscale``, ``dtype``) and each image file (name, size, mtime_ns). Anything else,
+                       ``multiscale``, ``dtype``) and each image file (name, size, mtime_ns), and only when it
+                       holds each of its images' ids once and a finite vector per described id. Anything else,
                        a shard without a record included, is described again
   descriptors.npy      raw catalogue descriptors (float16 or float32, rows = ids.txt), L2-normalised
   ids.txt              catalogue ids, one per line, row order
@@ -51,7 +52,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from itertools import islice
 from pathlib import Path
@@ -67,8 +68,8 @@ from visrec._onnx import describe_providers, parse_providers
 from visrec._structured import MAX_METADATA_FILE_BYTES, loads_json
 from visrec._torchfile import atomic_save
 from visrec.config import load_config, set_dotted, validate_section
-from visrec.data.products import (id_problem, list_images, load_catalogue_images, read_image_checked,
-                                  write_submission)
+from visrec.data.products import (PRODUCT_SUFFIXES, id_problem, list_images, load_catalogue_images,
+                                  read_image_checked, write_submission)
 from visrec.data.text import FolderClaim, check_output, read_text
 from visrec.errors import ConfigError, DataError, shown
 from visrec.index.faiss_index import FaissIndex
@@ -78,7 +79,7 @@ from visrec.models.embed import for_inference
 from visrec.models.inference import PreparedBatch, describe, prepare_batch
 from visrec.models.loading import load_model
 from visrec.models.contract import MAX_EMBEDDING_DIM, MAX_INPUT_SIDE
-from visrec.models.model_file import default_contract, load_backbone
+from visrec.models.model_file import default_contract, load_backbone, load_checkpoint
 from visrec.distributed import broadcast_module, from_rank_zero, gather_objects, on_every_rank, rank_and_size
 
 MANIFEST = "manifest.json"
@@ -165,8 +166,9 @@ class OnnxDescriptor(torch.nn.Module):
         sizes = {int(round(opts.size * s)) for s in (opts.multiscale or [1.0])}
         if sizes != {self.input_size[0]} or self.input_size[0] != self.input_size[1]:
             raise ConfigError(f"{self.path} takes {self.input_size[0]}x{self.input_size[1]} inputs (its export "
-                              f"fixes them), the index options make {sorted(sizes)} px: set index.size="
-                              f"{self.input_size[0]} without index.multiscale, or index with the checkpoint")
+                              f"fixes them), the index options make {sorted(sizes)} px: leave index.size unset (the "
+                              f"model's own side is the default) or set it to {self.input_size[0]}, without "
+                              "index.multiscale; or index with the checkpoint (a PyTorch descriptor takes any size)")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(np.asarray(self.loaded.onnx(x.detach().cpu().numpy()), np.float32))
@@ -349,23 +351,60 @@ def _record_mismatch(stored: dict | None, expected: dict) -> str | None:
     return None
 
 
+def _shard_content_problem(z: dict, chunk, opts: IndexOptions, dim: int | None) -> str | None:
+    """Why a finished shard's arrays cannot stand for ``chunk``, or None when they can. Its record names what
+    made it, not what it holds, so the contents are checked too: ``requested`` is ``chunk``'s ids in order;
+    ``ids`` (described) and ``bad_ids`` (unreadable) together hold each requested id exactly once (an id twice
+    would make ids.txt unreadable, one missing would drop an image from the index unnoticed); ``bad_reasons``
+    has a reason per bad id; ``vectors`` is (len(ids), ``dim``) of ``opts.dtype`` (the stored raw descriptors'
+    type) with finite values only (NaN or inf would score NaN against every query)."""
+    requested = [i for i, _ in chunk]
+    arrays = {key: z[key] for key in ("requested", "ids", "bad_ids", "bad_reasons")}
+    for key, value in arrays.items():
+        if value.ndim != 1 or (value.size and value.dtype.kind != "U"):
+            return f"{key} is not a list of ids ({value.dtype}, shape {value.shape})"
+    if arrays["requested"].tolist() != requested:
+        return "other images"
+    ids, bad = arrays["ids"].tolist(), arrays["bad_ids"].tolist()
+    if len(arrays["bad_reasons"]) != len(bad):
+        return f"{len(bad)} unreadable ids but {len(arrays['bad_reasons'])} reasons"
+    held = ids + bad
+    if len(held) != len(set(held)):
+        twice = next(i for i, n in Counter(held).items() if n > 1)
+        return f"it holds id {twice!r} twice"
+    if set(held) != set(requested):
+        missing, extra = sorted(set(requested) - set(held)), sorted(set(held) - set(requested))
+        return (f"it lacks {len(missing)} of its images' ids, e.g. {missing[0]!r}" if missing else
+                f"it holds {len(extra)} ids of no image of it, e.g. {extra[0]!r}")
+    vectors = z["vectors"]
+    if vectors.dtype != np.dtype(opts.dtype) or vectors.ndim != 2 or len(vectors) != len(ids) \
+            or (dim and vectors.shape[1] != dim):
+        return (f"its vectors are {vectors.dtype} {vectors.shape}, expected {opts.dtype} ({len(ids)}, "
+                f"{dim or 'D'})")
+    if not np.isfinite(vectors).all():
+        row = int(np.argmax(~np.isfinite(vectors).all(axis=1)))
+        return f"its vector of {ids[row]!r} holds NaN or inf"
+    return None
+
+
 def _reusable_shard(path: Path, chunk, record: dict, opts: IndexOptions, dim: int | None
                     ) -> tuple[dict | None, str]:
     """(the finished shard at ``path``, "reused") when it can stand for ``chunk`` in this run, else (None, why
-    it is described again)."""
+    it is described again). A shard whose contents are not what this run would write
+    (:func:`_shard_content_problem`) is described again, never joined: the reason says what was wrong."""
     if not path.exists():
         return None, "new"
     z = _finished_shard(path)
     if z is None:
         return None, "unfinished or unreadable"
-    if list(z["requested"]) != [i for i, _ in chunk]:
+    if z["requested"].ndim != 1 or z["requested"].tolist() != [i for i, _ in chunk]:
         return None, "other images"
     why = _record_mismatch(_stored_record(z), record)
     if why is not None:
         return None, why
-    vectors = z["vectors"]
-    if vectors.ndim != 2 or len(vectors) != len(z["ids"]) or (dim and vectors.shape[1] != dim):
-        return None, "unfinished or unreadable"
+    problem = _shard_content_problem(z, chunk, opts, dim)
+    if problem is not None:
+        return None, f"broken contents ({problem})"
     if opts.strict and len(z["bad_ids"]):
         return None, "index.strict and it holds unreadable images"
     return z, "reused"
@@ -375,19 +414,21 @@ def join_shards(items: Sequence[tuple[str, Path]], out_dir: str | Path, opts: In
                 model: torch.nn.Module | None = None, digest: str | None = None
                 ) -> tuple[list[str], np.ndarray, list[tuple[str, str]]]:
     """Every extraction shard of ``items`` read back in catalogue order — what :func:`extract_descriptors`
-    returns in one process. Each shard must be finished, hold exactly its images' ids and carry the record of
-    these options and image files and of ``model`` (its ``digest``; with neither, of one model for every
-    shard): a missing or other one is an error naming it (the ranks of a sharded run must write into one
-    folder they all see)."""
+    returns in one process. Each shard must be finished, hold exactly its images' ids (each once, described or
+    unreadable) with finite vectors of one dimension and ``opts.dtype`` (:func:`_shard_content_problem`) and carry
+    the record of these options and image files and of ``model`` (its ``digest``; with neither, of one model
+    for every shard): a missing or other one is an error naming it (the ranks of a sharded run must write into
+    one folder they all see)."""
     shard_dir = Path(out_dir) / "shards"
     if digest is None and model is not None:
         digest = model_digest(model)
+    dim = int(getattr(model, "dim", 0) or 0) or None  # no model: the first shard's, which every other must share
     ids_all, vecs_all, bad_all = [], [], []
     for s, start in enumerate(range(0, len(items), opts.shard_size)):
         path = shard_dir / f"shard-{s:05d}.npz"
         chunk = list(items[start:start + opts.shard_size])
         z = _finished_shard(path) if path.exists() else None
-        if z is None or list(z["requested"]) != [i for i, _ in chunk]:
+        if z is None or z["requested"].ndim != 1 or z["requested"].tolist() != [i for i, _ in chunk]:
             state = "missing" if not path.exists() else "unfinished or not of these images"
             raise DataError(f"extraction shard {state} after every rank finished: the ranks must write into one "
                             "--out folder that all of them see (a shared filesystem)", path=path)
@@ -398,6 +439,11 @@ def join_shards(items: Sequence[tuple[str, Path]], out_dir: str | Path, opts: In
         if why is not None:
             raise DataError(f"extraction shard not made for this run ({why}) after every rank finished: the ranks "
                             "must run the same model and options on the same catalogue files", path=path)
+        problem = _shard_content_problem(z, chunk, opts, dim)
+        if problem is not None:
+            raise DataError(f"extraction shard does not hold what its images make ({problem}) after every rank "
+                            "finished: build the index again (the next run describes it again)", path=path)
+        dim = dim or (z["vectors"].shape[1] or None)
         ids_all += list(z["ids"])
         vecs_all.append(z["vectors"].astype(np.float32))
         bad_all += list(zip(z["bad_ids"].tolist(), z["bad_reasons"].tolist()))
@@ -464,7 +510,8 @@ def _build(catalogue, out: Path, model, model_config: dict, opts: IndexOptions, 
         for why, n in theirs.get("why", {}).items():
             total["why"][why] = total["why"].get(why, 0) + n
     manifest = from_rank_zero("building the catalogue index", lambda: _finish(
-        catalogue, out, model, model_config, opts, chain, join_shards(items, out, opts, digest=digest)), group)
+        catalogue, out, model, model_config, opts, chain,
+        join_shards(items, out, opts, model=model, digest=digest)), group)
     return {**manifest, "shards": total}
 
 
@@ -938,21 +985,25 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
     on ``device``: ``cpu``, ``cuda``, ``cuda:N``, ``auto`` = CUDA when there is one; or an ``.onnx`` export of a
     product checkpoint, run in ONNX Runtime on ``providers``: :mod:`visrec._onnx`) or from the config's ``model``
     section (random or local/hub weights as that section says), the ``index`` options from the config
-    (defaults without one, changed by ``index.*`` keys of ``overrides``); returns the manifest, with
-    ``runtime`` (what ran the descriptor; not stored). ``group``: shard the extraction across the ranks of this
+    (defaults without one, changed by ``index.*`` keys of ``overrides``; with ``checkpoint`` and no
+    ``index.size`` set, the size is the checkpoint's or ONNX file's own input side: :func:`_at_model_size`);
+    returns the manifest, with ``runtime`` (what ran the descriptor; not stored). ``group``: shard the extraction across the ranks of this
     torch.distributed process group (module doc). ``providers`` asking for a GPU with a PyTorch descriptor,
     or a GPU ``device`` with an ONNX one, is a ConfigError saying which option applies."""
     if config is None and checkpoint is None:
         raise ConfigError("give --config (model + index options) or --model (a trained descriptor)")
     check_output(out, kind="dir")  # before a model loads: a file there, or a folder below one, is refused now
     cfg = load_config(config, overrides) if config else None
-    opts = load_index_options(cfg.index if cfg else _index_overrides(overrides), str(config or "defaults"))
+    raw = dict(cfg.index if cfg else _index_overrides(overrides))
+    source = str(config or "defaults")
+    opts = load_index_options(raw, source)  # checked before a model loads
     spec = parse_providers(providers)
     if checkpoint is not None and Path(checkpoint).suffix.lower() == ".onnx":
         if str(device) not in ("cpu", "auto"):
             raise ConfigError(f"--device {device} places a PyTorch descriptor; {checkpoint} is ONNX, run by ONNX "
                               f"Runtime on --providers (cpu, cuda, tensorrt, auto)")
         model = OnnxDescriptor(checkpoint, spec)
+        opts = _at_model_size(raw, opts, source, model.input_size or model.loaded.contract.input_size)
         model.check_options(opts)
         model_config, device, runtime = model.model_config, "cpu", model.runtime
     else:
@@ -960,7 +1011,8 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
             raise ConfigError(f"--providers {spec.text} runs an ONNX descriptor (--model FILE.onnx: visrec export of "
                               f"the checkpoint); a checkpoint or config runs in PyTorch: --device cuda (or auto)")
         if checkpoint is not None:
-            model, model_config = load_backbone(checkpoint)
+            model, model_config, contract = load_checkpoint(checkpoint)
+            opts = _at_model_size(raw, opts, source, contract.input_size)
         else:
             model_config = cfg.model.as_dict()
             model = build_backbone(cfg.model.name, **cfg.model.kwargs)
@@ -975,6 +1027,18 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
     manifest = build_catalogue_index(catalogue, out, model, model_config, opts, device=device, progress=progress,
                                      group=group)
     return {**manifest, "runtime": runtime}
+
+
+def _at_model_size(raw: dict, opts: IndexOptions, source: str, input_size) -> IndexOptions:
+    """``opts`` with ``size`` the trained descriptor's own input side (``input_size``: the (height, width) in
+    pixels its contract or ONNX file states) when the options do not set ``size``: a network trained at 64 px
+    describes at 64 px unless asked otherwise, as timm and cirtorch models default to their training
+    resolution. A ``size`` the options set is kept: a PyTorch descriptor takes any side (and
+    ``multiscale``: several), an ONNX one that fixes its side refuses another (:meth:`OnnxDescriptor.check_options`).
+    """
+    if "size" in raw or not input_size or input_size[0] != input_size[1] or not input_size[0] > 0:
+        return opts
+    return load_index_options({**raw, "size": int(input_size[0])}, f"{source} (index.size from the model)")
 
 
 def _refuse_a_folder_of_other_files(out: Path) -> None:
@@ -1016,11 +1080,15 @@ def search_catalogue(index_dir: str | Path, query: str | Path, k: int = 7, submi
                      providers=None) -> tuple[dict[str, list[str]], dict[str, list[float]]]:
     """``visrec products search``: one image or a folder of images -> ranked ids and scores per query id
     (the file stem); ``submission`` writes the challenge CSV. ``providers``: where an index's ONNX descriptor
-    runs (:func:`open_for_queries`)."""
+    runs (:func:`open_for_queries`). A folder without a .jpg / .jpeg / .png file is a DataError naming it,
+    before the index opens or ``submission`` is touched."""
     query = Path(query)
     if not query.exists():
         raise DataError("query image or folder not found", path=query)
     items = list_images(query) if query.is_dir() else [(query.stem, query)]
+    if not items:  # before the index opens and ``submission`` is replaced: a run of no query is a mistake
+        raise DataError(f"no query images: the folder holds no {' / '.join(PRODUCT_SUFFIXES)} file (the only "
+                        "suffixes read, in any case)", path=query)
     ranked, scores = open_for_queries(index_dir, providers).search_items(items, k)
     if submission is not None:
         write_submission(submission, ranked, k)

@@ -20,9 +20,12 @@ import numpy as np
 from visrec.data.images import read_image
 from visrec.data.products import GROUND_TRUTH, list_images, pad_to_square, write_submission
 from visrec.data.text import staged_files
+from visrec.errors import DataError
 from visrec.evaluate.products import query_items, read_checked_ground_truth, retrieval_metrics
 from visrec.index.catalogue import CatalogueIndex, open_for_queries
 from visrec.index.postprocess import _topk
+
+SUBMISSION = "submission.csv"  # in an evaluation's --out, beside report.html
 
 
 @dataclass
@@ -96,7 +99,8 @@ def _ground_truth(root: Path, index: CatalogueIndex) -> tuple[dict[str, list[str
 
 def evaluate_products(index_dir: str | Path, root: str | Path, out: str | Path = "eval-products", k: int = 7,
                       samples: int = 8, progress=None, ablation: bool = False, providers=None) -> ProductEval:
-    """Search every ground-truth query of ``root`` in the index; write submission.csv and report.html.
+    """Search every ground-truth query of ``root`` in the index; write submission.csv and report.html (a
+    catalogue smaller than ``k`` makes no submission: an earlier run's submission.csv in ``out`` is removed).
     With ``ablation`` also measure the metrics after each stage of the post-processing chain
     (``postprocess_ablation``; the queries are described a second time) and put that table in the report.
     ``providers``: where an index's ONNX descriptor runs (``visrec.index.catalogue.open_for_queries``)."""
@@ -108,7 +112,7 @@ def evaluate_products(index_dir: str | Path, root: str | Path, out: str | Path =
     ranked, scores = index.search_items(items, k, progress=progress)
     metrics = retrieval_metrics(ranked, gt, k)
     rows = _ablation(index, items, gt, k, progress) if ablation else None
-    submission, note = out / "submission.csv", None
+    submission, note = out / SUBMISSION, None
     if not all(len(r) >= k for r in ranked.values()):  # a catalogue smaller than k cannot make a valid submission
         submission = None
         note = (f"no submission.csv: a challenge row needs {k} ids and the index returns fewer (catalogue of "
@@ -120,9 +124,22 @@ def evaluate_products(index_dir: str | Path, root: str | Path, out: str | Path =
         _write_report(stage, items, ranked, scores, gt, index, metrics, samples, k, rows, adjustments, notes)
         if submission is not None:
             write_submission(submission, ranked, k)
+        else:  # an earlier run's submission (other queries, another catalogue) must not sit beside this report
+            _remove_earlier_submission(out / SUBMISSION)
     report = out / "report.html"
     return ProductEval(metrics, ranked, submission, report, len(items), unreadable, rows, adjustments,
                        gt_unreadable, notes)
+
+
+def _remove_earlier_submission(path: Path) -> None:
+    """Remove the submission an earlier run left at ``path`` (inside the staged write, after this run's report is
+    written and before it is renamed in: a failure keeps the earlier run's pair as it was). Anything there but a
+    file or a link is a DataError naming it, not removed."""
+    if path.is_symlink() or path.is_file():
+        path.unlink()
+    elif path.exists():
+        raise DataError("not a file: an earlier submission.csv is replaced by this run's files (or removed when "
+                        "the run writes none); move it away or choose another --out", path=path)
 
 
 def _unreadable_note(gt_unreadable: int, skipped: int) -> str | None:

@@ -20,12 +20,13 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visrec.data.products import (CATALOGUE_DIR, GROUND_TRUTH, list_images, pad_to_square, preprocess_product,
-                                  read_ground_truth, read_image_checked, read_product_labels)
-from visrec.evaluate.products import query_items
+                                  read_image_checked, read_product_labels)
+from visrec.evaluate.products import query_items, read_checked_ground_truth
 from visrec.errors import DataError
 from visrec.losses import build_margin_loss
 from visrec.losses.partial_fc import PartialFC
 from visrec.models import build_backbone
+from visrec.models.contract import MAX_INPUT_SIDE
 from visrec.models.inference import evaluate_descriptor
 from visrec.models.model_file import default_contract
 from visrec.train.task import TASKS, MarginLossOptions, Task
@@ -35,7 +36,8 @@ class ProductData(BaseModel):
     model_config = ConfigDict(extra="forbid")
     catalogue: Path = Field(description="folder of <id>.jpg catalogue images")
     labels: Path | None = Field(None, description="catalogue_id,product_id CSV; none = one class per image")
-    size: int = Field(224, gt=0)
+    size: int = Field(224, gt=0, le=MAX_INPUT_SIDE, description="input side in pixels after white square padding "
+                      f"(at most {MAX_INPUT_SIDE}, the model contract's bound)")
     augment: bool = True
     val: Path | None = Field(None, description="Perfect-500K root (catalogue/, query/, val.csv) for mAP@7")
 
@@ -124,16 +126,16 @@ class ProductTask(Task):
         return modules["head"](modules["backbone"](images).float(), labels)
 
     def prepare_validation(self) -> None:
-        """Open ``data.val`` before the first step: its ground truth, catalogue and every query's image file
-        (what ``evaluate_descriptor`` reads; the images are decoded when validating)."""
+        """Check ``data.val`` before the first step as ``evaluate_descriptor`` will read it: its catalogue, its
+        ground truth against that catalogue (every ground-truth id names a catalogue image:
+        ``read_checked_ground_truth``) and every query's image file (the images are decoded when validating)."""
         root = self.data_opts.val
         if root is None:
             return
-        gt = read_ground_truth(Path(root) / GROUND_TRUTH)
-        if not gt:
-            raise DataError("no queries: mAP@7 needs at least one", path=Path(root) / GROUND_TRUTH)
-        if not list_images(Path(root) / CATALOGUE_DIR):
-            raise DataError("no catalogue images", path=Path(root) / CATALOGUE_DIR)
+        catalogue = list_images(Path(root) / CATALOGUE_DIR)
+        if not catalogue:
+            raise DataError("no catalogue images (.jpg/.jpeg/.png)", path=Path(root) / CATALOGUE_DIR)
+        gt, _ = read_checked_ground_truth(Path(root) / GROUND_TRUTH, [i for i, _ in catalogue])  # no query: refused
         query_items(Path(root), gt)
 
     def validate(self, backbone: nn.Module) -> dict[str, float]:
