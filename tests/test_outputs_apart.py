@@ -45,7 +45,7 @@ def test_an_image_submission_over_its_model_or_file_list_is_refused(image_track,
     refused(code, err, "--submission is --filelist")
     code, out, err = run_cli(["eval", "faces", model, "--data", images, "--filelist", filelist,
                               "--submission", images / "sub.bin"], monkeypatch, capsys)
-    refused(code, err, "--submission lies inside --data", "name a file outside it")
+    refused(code, err, "--submission lies inside --data", "name a path outside it")
     assert {p: digest(p) for p in before} == before
 
 
@@ -119,3 +119,24 @@ def test_check_apart_takes_every_spelling_and_leaves_other_outputs_alone(tmp_pat
     # a file beside the inputs, an input not given and one that does not exist are fine
     check_apart(tmp_path / "out.bin", {"--list": src, "--folder": None, "--model": tmp_path / "missing.pt"})
     assert check_output(tmp_path / "out.bin", kind="file", reads={"--list": src}) == tmp_path / "out.bin"
+
+
+@pytest.mark.parametrize("kind", ["faces", "products", "landmarks"])
+def test_a_prepared_set_is_never_written_inside_the_photos_it_comes_from(tmp_path, monkeypatch, capsys, kind):
+    """A set prepared into a folder inside SRC would be listed as photos by the next run (which resumes):
+    refused before any photo is read, and nothing is created there."""
+    src = tmp_path / "photos"
+    (src / "alice").mkdir(parents=True)
+    (src / "alice" / "1.jpg").write_bytes(b"not read: the check comes first")
+    for out in (src / "prepared", src):
+        code, _, err = run_cli(["data", "prepare", kind, src, "--out", out], monkeypatch, capsys)
+        refused(code, err, "--out lies inside SRC", "name a path outside it")
+    assert sorted(p.name for p in src.iterdir()) == ["alice"]
+
+
+def test_tracks_are_never_written_inside_a_frame_folder_they_come_from(tmp_path, monkeypatch, capsys):
+    frames = tmp_path / "clip"
+    frames.mkdir()
+    code, _, err = run_cli(["data", "prepare", "videos", tmp_path / "other.avi", frames, "--out", frames / "set"],
+                           monkeypatch, capsys)
+    refused(code, err, "--out lies inside VIDEOS item 2")

@@ -36,11 +36,13 @@ class VideoFormat(str, Enum):
     avi = "avi"
 
 
-def _out_folder(out: Path) -> Path:
-    """``--out`` checked before any work: a folder, or a path where one can be made (``check_output``)."""
+def _out_folder(out: Path, reads: dict | None = None) -> Path:
+    """``--out`` checked before any work: a folder, or a path where one can be made (``check_output``), and not
+    inside what the command reads (``reads``: a prepared set inside its photos would be listed as photos by the
+    next run, which resumes)."""
     from visrec.data.text import check_output
 
-    return check_output(out, kind="dir")
+    return check_output(out, kind="dir", reads=reads)
 
 
 @synth_app.command("faces")
@@ -241,7 +243,7 @@ def prepare_faces_cmd(src: Path = typer.Argument(..., help="src/<identity>/<phot
     """Photos -> detect -> one face -> ArcFace 112x112 alignment -> image folder or RecordIO + report."""
     from visrec.faces.prepare import prepare_faces
 
-    _out_folder(out)
+    _out_folder(out, reads={"SRC": src})
     report = _with_bar("photos", lambda p: prepare_faces(
         src, out, detector=detector, landmarker=landmarks, format=format.value, policy=policy.value,
         box_margin=box_margin, align=align.value, detect_size=detect_size or None, workers=workers,
@@ -259,7 +261,7 @@ def prepare_landmarks_cmd(src: Path = typer.Argument(..., help="photos with .pts
     """Annotated photos -> square face-box crops in the JD-landmark layout (picture/, landmark/, rect/)."""
     from visrec.faces.prepare import prepare_landmarks
 
-    _out_folder(out)
+    _out_folder(out, reads={"SRC": src, "--annotations": annotations})
     report = _with_bar("photos", lambda p: prepare_landmarks(src, out, annotations=annotations, detector=detector,
                                                               size=size, workers=workers, progress=p))
     _report_table(report, f"landmark crops in {out}")
@@ -273,7 +275,7 @@ def prepare_products_cmd(src: Path = typer.Argument(..., help="product photos (s
     """Product photos -> white square padding -> OUT/catalogue/<id>.jpg."""
     from visrec.data.prepare import prepare_products
 
-    _out_folder(out)
+    _out_folder(out, reads={"SRC": src})
     report = _with_bar("photos", lambda p: prepare_products(src, out, size=size, workers=workers, progress=p))
     _report_table(report, f"catalogue in {out / 'catalogue'}")
 
@@ -293,7 +295,7 @@ def prepare_videos_cmd(videos: list[Path] = typer.Argument(..., help="video file
     from visrec.faces.detectors import ScaledDetector, load_detector
     from visrec.faces.tracking import check_distinct_video_ids, video_to_tracks
 
-    _out_folder(out)
+    _out_folder(out, reads={f"VIDEOS item {i}": v for i, v in enumerate(videos, 1)})
     check_distinct_video_ids(videos)
     det = ScaledDetector(load_detector(detector), detect_size or None)
     embedder = None

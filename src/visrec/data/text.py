@@ -163,7 +163,7 @@ def check_apart(out: str | Path, reads: dict, *, what: str = "--out") -> None:
         try:
             if source.is_dir():
                 if real_out.is_relative_to(os.path.realpath(source)):
-                    raise DataError(f"{what} lies inside {name} ({source}), which this command reads: name a file "
+                    raise DataError(f"{what} lies inside {name} ({source}), which this command reads: name a path "
                                     "outside it", path=out)
             elif out.exists() and source.exists() and os.path.samefile(out, source):
                 raise DataError(f"{what} is {name} ({source}), which this command reads: writing would replace it; "
