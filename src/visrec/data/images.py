@@ -220,8 +220,113 @@ def decode_image(data: bytes, *, source: str | Path | None = None, record: int |
     return np.ascontiguousarray(arr[:, :, ::-1])
 
 
+def _tiff_orientation(tiff: bytes) -> int:
+    """The orientation tag (0x0112) of IFD0 of EXIF data in TIFF form (``II*\0`` / ``MM\0*``, then the first
+    IFD's offset), or 1 (upright) when it has none or the data is not such: every read is bounded by ``tiff``."""
+    if len(tiff) < 8 or tiff[:4] not in (b"II*\x00", b"MM\x00*"):
+        return 1
+    order = "<" if tiff[:2] == b"II" else ">"
+    ifd = struct.unpack_from(order + "I", tiff, 4)[0]
+    if ifd + 2 > len(tiff):
+        return 1
+    count = struct.unpack_from(order + "H", tiff, ifd)[0]
+    for k in range(count):
+        entry = ifd + 2 + 12 * k
+        if entry + 12 > len(tiff):
+            break
+        tag, kind = struct.unpack_from(order + "HH", tiff, entry)
+        if tag == 0x0112:
+            if kind == 3:  # SHORT, the type the EXIF standard gives it
+                return struct.unpack_from(order + "H", tiff, entry + 8)[0]
+            if kind == 4:  # LONG, as a few writers store it
+                return struct.unpack_from(order + "I", tiff, entry + 8)[0]
+            return 1
+    return 1
+
+
+def _jpeg_exif(data: bytes) -> bytes | None:
+    """The TIFF data of a JPEG's first ``Exif`` APP1 segment, found by walking the header segments (as
+    :func:`_jpeg_size` does) up to the first scan; None when it has none."""
+    pos, n = 2, len(data)
+    while pos + 4 <= n:
+        if data[pos] != 0xFF:
+            pos = data.find(b"\xff", pos)
+            if pos < 0:
+                return None
+            continue
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        if marker in (0xD9, 0xDA):
+            return None
+        length = struct.unpack_from(">H", data, pos + 2)[0]
+        if length < 2:
+            return None
+        body = data[pos + 4:pos + 2 + length]
+        if marker == 0xE1 and body.startswith(b"Exif\x00\x00"):
+            return body[6:]
+        pos += 2 + length
+    return None
+
+
+def _png_exif(data: bytes) -> bytes | None:
+    """The data of a PNG's ``eXIf`` chunk, before or after the image data (OpenCV honours either), walking the
+    chunks by their lengths; None when it has none."""
+    pos, n = len(_PNG), len(data)
+    while pos + 8 <= n:
+        length, kind = struct.unpack_from(">I4s", data, pos)
+        if kind == b"eXIf":
+            return data[pos + 8:pos + 8 + length]
+        if kind == b"IEND":
+            return None
+        pos += 12 + length
+    return None
+
+
+# EXIF orientations whose upright picture is the stored one turned by a quarter (transposed, rotated 90,
+# transversed, rotated 270): the decoded image's width is the stored height
+QUARTER_TURNS = {5, 6, 7, 8}
+
+
+def upright_size(data: bytes, stored: tuple[int, int]) -> tuple[int, int]:
+    """(width, height) of the picture ``decode_image`` returns for encoded ``data`` whose header declares
+    ``stored`` (``header_size``'s answer for JPEG / PNG, the stored frame): swapped when the EXIF orientation
+    tag (1-8; 5-8 are quarter turns) says the decoder turns the pixels by a quarter, as OpenCV does for JPEG,
+    PNG, WebP and TIFF. Read from the header, nothing decoded: JPEG (the first ``Exif`` APP1) and PNG
+    (``eXIf``) are parsed here, other formats by Pillow's lazy open, which reads their tags only (for TIFF its
+    stored width and length: Pillow's own ``size`` of a TIFF is already turned). No tag, or one this cannot
+    read: ``stored``."""
+    if data.startswith(b"\xff\xd8") or data.startswith(_PNG):
+        tiff = _jpeg_exif(data) if data.startswith(b"\xff\xd8") else _png_exif(data)
+        orientation = _tiff_orientation(tiff) if tiff is not None else 1
+    else:
+        try:
+            from PIL import Image
+
+            with Image.open(io.BytesIO(data)) as im:
+                if im.format == "TIFF":
+                    stored = (int(im.tag_v2[256]), int(im.tag_v2[257]))  # ImageWidth, ImageLength
+                else:
+                    stored = tuple(int(v) for v in im.size)
+                orientation = im.getexif().get(0x0112, 1)
+            if not isinstance(orientation, int):  # a hostile tag of another type (a list, a string)
+                orientation = 1
+        except Exception:  # noqa: BLE001 - a third-party parser failing on hostile bytes: no tag read
+            orientation = 1
+    w, h = stored
+    return (h, w) if orientation in QUARTER_TURNS else (w, h)
+
+
 def image_size(path: str | Path) -> tuple[int, int]:
-    """(width, height) of an image file from its header (nothing decoded), or DataError naming it."""
+    """(width, height) in pixels of an image file as ``read_image`` returns it: the upright picture, so the
+    header's size with width and height swapped when its EXIF orientation is a quarter turn (``upright_size``;
+    a phone photo stored 224x112 and tagged "rotate 90" is 112 wide, 224 high). Read from the header (nothing
+    decoded): the frame annotation points are given in. ``DataError`` naming the file when it is not a
+    readable image."""
     path = Path(path)
     data = read_bytes(path, MAX_IMAGE_FILE_BYTES)
     if header_size(data) is None:
@@ -229,7 +334,7 @@ def image_size(path: str | Path) -> tuple[int, int]:
     size = check_encoded(data, source=path)
     if min(size) < 1:
         raise DataError("not a readable image", path=path)
-    return size
+    return upright_size(data, size)
 
 
 def read_image(path: str | Path, max_pixels: int | None = None) -> np.ndarray:

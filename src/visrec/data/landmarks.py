@@ -3,7 +3,12 @@
 JD-landmark layout:  ``picture/<name>.jpg`` (any image suffix, in any case: ``.jpg``, ``.JPG``, ``.png``...;
                      ``list_pictures``), ``landmark/<name>.jpg.txt`` or ``landmark/<name>.txt``
                      (first line the point count, e.g. ``106``, then one ``x y`` per line) and
-                     ``rect/<name>.rect`` (``x1 y1 x2 y2`` face box). The challenge submission uses the
+                     ``rect/<name>.jpg.rect`` or ``rect/<name>.rect`` (one line ``x1 y1 x2 y2``: the face box;
+                     without one the box is the points' extent). Points and boxes are pixels of the upright
+                     picture, as ``visrec.data.images.read_image`` returns it (EXIF orientation applied;
+                     ``image_size`` gives its size). Every file of ``landmark/``, ``rect/`` and ``pose/``
+                     belongs to a picture: one that belongs to none (its picture is missing) is a
+                     ``DataError``, so a set is never scored smaller than it is. The challenge submission uses the
                      same text format per image (origin top-left), with integer coordinates as the ICME
                      2019 challenge asked (``write_submission_txt``).
                      Optional head pose (visrec's extension, written by ``write_synthetic_jd``, needed by
@@ -12,10 +17,14 @@ JD-landmark layout:  ``picture/<name>.jpg`` (any image suffix, in any case: ``.j
                      image right; pitch > 0: the face looks down; roll > 0: the face is rotated counter-
                      clockwise as displayed (the image-right eye is higher). A horizontal flip negates yaw
                      and roll. Either every picture has a pose file or there is no ``pose/`` directory.
-300W ``.pts``:       ``version: 1`` / ``n_points: 68`` / ``{`` / 68 ``x y`` lines / ``}``.
+                     A point line is exactly two numbers and the count line exactly one (a third field, or
+                     a decimal comma split into ``24 5 63 0``, is an error, never dropped).
+300W ``.pts``:       ``version: 1`` / ``n_points: 68`` / ``{`` / 68 ``x y`` lines / ``}``, nothing else.
 WFLW line:           98 x y pairs (196 numbers), the box x1 y1 x2 y2, six 0/1 attributes (pose, expression,
                      illumination, make-up, occlusion, blur), then the image name.
-The point count is data, not a constant. Bad annotations raise DataError naming file and line.
+The point count is data, not a constant. Bad annotations raise DataError naming file and line. Each reader
+bounds the bytes it reads by its format (``MAX_*_FILE_BYTES``): a larger file is refused from its size before
+it is read.
 """
 
 from __future__ import annotations
@@ -28,12 +37,25 @@ import numpy as np
 
 from visrec.data.augment import check_box
 from visrec.data.images import IMAGE_SUFFIXES, image_size
-from visrec.data.text import read_lines
+from visrec.data.text import read_text, split_lines
 from visrec.errors import DataError
+from visrec.models.contract import MAX_POINTS
 
 MAX_OUTSIDE = 0.5  # a point further outside the image than this share of its size is an annotation error
 MAX_BOX_OUTSIDE = 4  # image sides a face box may reach outside its image (box_on_image)
 _F32_MAX = float(np.finfo(np.float32).max)
+
+# Bytes an annotation file of each kind may hold, checked from its size before it is read (a sparse 3 GB
+# ``.rect`` was read whole and ended the run in a MemoryError).
+# A point file (JD ``.txt``, 300W ``.pts``): a line per point, MAX_POINTS (the most a model contract holds)
+# lines of up to 100 bytes each; a 106-point file is about 2 KB.
+MAX_POINT_FILE_BYTES = 100 * MAX_POINTS + 1024
+# A ``.rect`` or pose file: one line of three or four numbers (with room for blank lines and long decimals).
+MAX_LINE_FILE_BYTES = 4096
+# A WFLW list holds a whole data set, a line per face (about 2 KB for 98 points): WFLW's own train + test
+# lists (10,000 faces) are about 20 MB; 256 MiB holds over 100,000 faces of 98 points and still bounds the
+# memory of reading it (the text, its lines and the records: about four times this).
+MAX_WFLW_FILE_BYTES = 256 << 20
 
 
 def _f32(value: float) -> float:
@@ -42,10 +64,15 @@ def _f32(value: float) -> float:
     return value if abs(value) <= _F32_MAX or value != value else math.copysign(math.inf, value)
 
 
-def _points_ok(points: np.ndarray, path, lines: list[int] | None, image_size: tuple[int, int] | None):
-    """Finite points, none far outside the image; ``lines[i]`` is the file line of point i."""
+def check_points(points: np.ndarray, path=None, *, lines: list[int] | None = None, record: str | None = None,
+                 image_size: tuple[int, int] | None = None, image: str | Path | None = None) -> None:
+    """Refuse (``DataError`` naming ``path`` and the record) a NaN or infinite point and, with ``image_size``
+    (width, height in pixels of the upright picture), a point further outside the picture than
+    :data:`MAX_OUTSIDE` of its width / height: the one rule of every annotation reader and of
+    ``visrec data prepare landmarks``. ``lines[i]`` is the file line of point i (else ``record`` names where
+    the points come from); ``image`` names the picture in the message when it is not ``path``."""
     def where(i: int):
-        return None if lines is None else f"line {lines[i]}"
+        return record if lines is None else f"line {lines[i]}"
 
     if not np.isfinite(points).all():
         bad = int(np.argwhere(~np.isfinite(points))[0][0])
@@ -57,36 +84,47 @@ def _points_ok(points: np.ndarray, path, lines: list[int] | None, image_size: tu
         out = ((points < lo) | (points > hi)).any(axis=1)
         if out.any():
             bad = int(np.argmax(out))
-            raise DataError(f"point {bad} {points[bad].tolist()} lies far outside the {w}x{h} image",
-                            path=path, record=where(bad))
+            named = f" {image}" if image is not None else ""
+            raise DataError(f"point {bad} {points[bad].tolist()} lies far outside the {w}x{h} image{named} (more "
+                            f"than {MAX_OUTSIDE:g} of its size)", path=path, record=where(bad))
 
 
-def _numbered(path) -> list[tuple[int, str]]:
-    """(1-based line, text) of the non-blank lines of a UTF-8 text file (``visrec.data.text``)."""
-    return [(i, line) for i, line in enumerate(read_lines(path), start=1) if line.strip()]
+def _lines(path, max_bytes: int) -> list[str]:
+    """The lines of a UTF-8 text file of at most ``max_bytes`` bytes (``visrec.data.text``; a larger one is a
+    ``DataError`` naming it and the bound, before it is read): index i is line i + 1."""
+    return split_lines(read_text(path, max_bytes))
+
+
+def _numbered(path, max_bytes: int) -> list[tuple[int, str]]:
+    """(1-based line, text) of the non-blank lines of a UTF-8 text file of at most ``max_bytes`` bytes."""
+    return [(i, line) for i, line in enumerate(_lines(path, max_bytes), start=1) if line.strip()]
 
 
 def _xy(line: str, path, lineno: int) -> tuple[float, float]:
+    """A point line: exactly two numbers ``x y`` (a third field, or a decimal comma that split ``24,5 63,0``
+    into four, is an error: reading the first two would move the point without a word)."""
     parts = line.split()
     try:
-        if len(parts) < 2:
+        if len(parts) != 2:
             raise ValueError
         return _f32(float(parts[0])), _f32(float(parts[1]))
     except ValueError:
-        raise DataError(f"expected 'x y', got {line.strip()[:80]!r}", path=path, record=f"line {lineno}") from None
+        raise DataError(f"expected 'x y' (two numbers), got {line.strip()[:80]!r}", path=path,
+                        record=f"line {lineno}") from None
 
 
 def read_landmark_txt(path: str | Path, expected: int | None = None,
                       image_size: tuple[int, int] | None = None) -> np.ndarray:
     """JD-landmark text: count line, then count ``x y`` lines -> float32 (count, 2)."""
     path = Path(path)
-    lines = _numbered(path)
+    lines = _numbered(path, MAX_POINT_FILE_BYTES)
     try:
-        count = int(lines[0][1].split()[0])
+        count = int(lines[0][1].strip())  # the count alone: "106 points" is not a count line
         if count < 0:
             raise ValueError
     except (IndexError, ValueError):
-        raise DataError("first line must be the point count", path=path,
+        shown = f", got {lines[0][1].strip()[:80]!r}" if lines else ""
+        raise DataError(f"first line must be the point count (one integer){shown}", path=path,
                         record=f"line {lines[0][0] if lines else 1}") from None
     if expected is not None and count != expected:
         raise DataError(f"{count} points, expected {expected}", path=path, record=f"line {lines[0][0]}")
@@ -94,7 +132,7 @@ def read_landmark_txt(path: str | Path, expected: int | None = None,
         raise DataError(f"header says {count} points but {len(lines) - 1} follow", path=path,
                         record=f"line {lines[0][0]}")
     pts = np.array([_xy(line, path, i) for i, line in lines[1:]], np.float32).reshape(count, 2)
-    _points_ok(pts, path, [i for i, _ in lines[1:]], image_size)
+    check_points(pts, path, lines=[i for i, _ in lines[1:]], image_size=image_size)
     return pts
 
 
@@ -148,21 +186,42 @@ def write_submission_txt(path: str | Path, points: np.ndarray, coordinates: str 
 
 
 def read_pts(path: str | Path, image_size=None) -> np.ndarray:
-    """300W ``.pts``: ``version: 1`` / ``n_points: N`` / ``{`` / N ``x y`` lines / ``}`` -> float32 (N, 2)."""
+    """300W ``.pts``: ``version: 1`` / ``n_points: N`` / ``{`` / N ``x y`` lines / ``}`` -> float32 (N, 2).
+
+    Nothing else: before ``{`` only the ``version:`` line and one ``n_points:`` line (blank lines aside), after
+    ``}`` only blank lines; anything more is a ``DataError`` naming the file and the line."""
     path = Path(path)
-    text = read_lines(path)
-    try:
-        n = int(next(l for l in text if l.strip().startswith("n_points")).split(":")[1])
-        start = next(i for i, l in enumerate(text) if l.strip() == "{") + 1
-        if n < 0:
-            raise ValueError
-    except (StopIteration, ValueError, IndexError):
-        raise DataError("not a .pts file (needs 'n_points: N' and '{')", path=path) from None
+    text = _lines(path, MAX_POINT_FILE_BYTES)
+    start = next((i for i, l in enumerate(text) if l.strip() == "{"), None)
+    n = None
+    for i, line in enumerate(text[:start] if start is not None else text):
+        key, colon, value = line.strip().partition(":")
+        if not line.strip() or (key.strip() == "version" and colon):
+            continue
+        if key.strip() != "n_points" or not colon:
+            raise DataError(f"a .pts header holds 'version: 1' and 'n_points: N' only, got {line.strip()[:80]!r}",
+                            path=path, record=f"line {i + 1}")
+        if n is not None:
+            raise DataError("a second 'n_points:' line", path=path, record=f"line {i + 1}")
+        try:
+            n = int(value.strip())
+            if n < 0:
+                raise ValueError
+        except ValueError:
+            raise DataError(f"'n_points:' needs a count, got {line.strip()[:80]!r}", path=path,
+                            record=f"line {i + 1}") from None
+    if n is None or start is None:
+        raise DataError("not a .pts file (needs 'n_points: N' and '{')", path=path)
+    start += 1
     rows = text[start:start + n]
     if len(rows) != n or start + n >= len(text) or text[start + n].strip() != "}":
         raise DataError(f"expected {n} point lines between braces", path=path, record=f"line {start + 1}")
+    extra = next((i for i in range(start + n + 1, len(text)) if text[i].strip()), None)
+    if extra is not None:
+        raise DataError(f"text after the closing '}}': {text[extra].strip()[:80]!r}", path=path,
+                        record=f"line {extra + 1}")
     pts = np.array([_xy(r, path, start + 1 + i) for i, r in enumerate(rows)], np.float32).reshape(n, 2)
-    _points_ok(pts, path, list(range(start + 1, start + 1 + n)), image_size)
+    check_points(pts, path, lines=list(range(start + 1, start + 1 + n)), image_size=image_size)
     if n >= 2:  # a face annotation: its points' extent is the face box where no other is given
         points_box(pts, path)
     return pts
@@ -186,20 +245,26 @@ def write_pts(path: str | Path, points: np.ndarray) -> Path:
 
 @dataclass
 class WflwRecord:
+    """One face of a WFLW list: points and box in pixels of the upright picture ``image``; ``source`` and
+    ``line`` (1-based) say where it was read, for errors found later (a point far outside its picture)."""
+
     points: np.ndarray
     box: np.ndarray
     attributes: np.ndarray
     image: str
+    source: str | None = None
+    line: int | None = None
 
 
 def read_wflw(path: str | Path, points: int = 98) -> list[WflwRecord]:
-    """WFLW annotation lines -> records; a bad line raises ``DataError`` naming the file and the line."""
+    """WFLW annotation lines -> records; a bad line raises ``DataError`` naming the file and the line. Points
+    are checked finite here; against their picture (``check_points``) by whoever reads the picture."""
     path = Path(path)
     if points < 1:
         raise DataError(f"a WFLW line needs at least one point, asked for {points}", path=path)
     need = 2 * points + 4 + 6 + 1
     out = []
-    for lineno, line in _numbered(path):
+    for lineno, line in _numbered(path, MAX_WFLW_FILE_BYTES):
         parts = line.split()
         if len(parts) != need:
             raise DataError(f"{len(parts)} fields, a {points}-point WFLW line has {need}", path=path,
@@ -219,7 +284,7 @@ def read_wflw(path: str | Path, points: int = 98) -> list[WflwRecord]:
         if not np.isin(attrs, (0, 1)).all():
             raise DataError(f"the six attributes must be 0 or 1, got {' '.join(parts[-7:-1])}", path=path,
                             record=f"line {lineno}")
-        out.append(WflwRecord(pts, box.astype(np.float32), attrs.astype(np.int64), parts[-1]))
+        out.append(WflwRecord(pts, box.astype(np.float32), attrs.astype(np.int64), parts[-1], str(path), lineno))
     return out
 
 
@@ -245,7 +310,7 @@ def write_pose_txt(path: str | Path, pose) -> Path:
 def read_pose_txt(path: str | Path) -> np.ndarray:
     """A pose file -> float32 (3,) ``(yaw, pitch, roll)`` in degrees; bad content raises DataError."""
     path = Path(path)
-    lines = _numbered(path)
+    lines = _numbered(path, MAX_LINE_FILE_BYTES)
     if len(lines) != 1:
         raise DataError(f"expected one 'yaw pitch roll' line (degrees), found {len(lines)}", path=path,
                         record=f"line {lines[1][0]}" if lines else None)
@@ -263,21 +328,43 @@ def read_pose_txt(path: str | Path) -> np.ndarray:
     return pose
 
 
-def _picture_file(folder: Path, picture: Path, owner: dict[str, Path]) -> Path | None:
-    """``folder/<name>.txt``, else ``folder/<stem>.txt``, of ``picture`` (None when neither exists). ``owner``
-    (file name -> the picture that took it, kept by the caller over one folder): a second picture falling back to
-    a file another took (a.jpg and a.png both to a.txt: one face's data for two pictures) is a ``DataError``
-    naming both."""
-    f = folder / f"{picture.name}.txt"
+def _picture_file(folder: Path, picture: Path, owner: dict[str, Path], suffix: str = ".txt") -> Path | None:
+    """``folder/<name><suffix>``, else ``folder/<stem><suffix>``, of ``picture`` (None when neither exists): how
+    ``landmark/`` and ``pose/`` (``.txt``) and ``rect/`` (``.rect``) files are found. ``owner`` (file name -> the
+    picture that took it, kept by the caller over one folder): a second picture falling back to a file another
+    took (a.jpg and a.png both to a.txt: one face's data for two pictures) is a ``DataError`` naming both."""
+    f = folder / f"{picture.name}{suffix}"
     if not f.exists():
-        f = folder / f"{picture.stem}.txt"
+        f = folder / f"{picture.stem}{suffix}"
     if not f.exists():
         return None
     first = owner.setdefault(f.name, picture)
     if first != picture:
         raise DataError(f"pictures {first.name} and {picture.name} both take {folder.name}/{f.name}: name it "
-                        f"{folder.name}/{picture.name}.txt (or {first.name}.txt) for each", path=f)
+                        f"{folder.name}/{picture.name}{suffix} (or {first.name}{suffix}) for each", path=f)
     return f
+
+
+MAX_NAMED_STRAYS = 5  # files named in the error for annotation files that belong to no picture
+
+
+def _refuse_strays(folder: Path, owner: dict[str, Path], suffix: str) -> None:
+    """Every visible entry of ``folder`` (``landmark/``, ``rect/``, ``pose/``) must be a file some picture took
+    (``owner``, filled by :func:`_picture_file`): one that belongs to no picture (its picture was deleted, a
+    name mistyped) is a ``DataError`` naming the first ones and the count, so a set is never read (and scored)
+    smaller than its annotations say without a word. Hidden entries (``.name``) are left out, as in picture/."""
+    if not folder.is_dir():
+        return
+    try:
+        names = sorted(e.name for e in folder.iterdir() if not e.name.startswith("."))
+    except OSError as exc:
+        raise DataError(f"cannot list: {exc.strerror or exc}", path=folder) from None
+    strays = [n for n in names if n not in owner]
+    if strays:
+        shown = ", ".join(strays[:MAX_NAMED_STRAYS]) + (", ..." if len(strays) > MAX_NAMED_STRAYS else "")
+        raise DataError(f"{len(strays)} file(s) in {folder.name}/ belong to no picture of picture/ (each picture "
+                        f"<name> takes {folder.name}/<name>{suffix}, else {folder.name}/<stem>{suffix}): {shown}; "
+                        f"restore their pictures or remove them", path=folder / strays[0])
 
 
 def read_jd_poses(root: str | Path, pictures) -> np.ndarray | None:
@@ -298,13 +385,17 @@ def read_jd_poses(root: str | Path, pictures) -> np.ndarray | None:
 
 
 def read_rect(path: str | Path, image_size: tuple[int, int] | None = None) -> list[float]:
-    """A JD-landmark ``.rect`` file: ``x1 y1 x2 y2`` (four finite numbers, nothing else) on its first non-blank
-    line, a face box ``visrec.data.augment.check_box`` takes (not inverted, at least a pixel wide and high).
+    """A JD-landmark ``.rect`` file: ``x1 y1 x2 y2`` (four finite numbers, nothing else) on its one non-blank
+    line (a second line is a ``DataError``), a face box ``visrec.data.augment.check_box`` takes (not inverted,
+    at least a pixel wide and high).
     With ``image_size`` (width, height) the box must also overlap the image and lie no further than
     :data:`MAX_BOX_OUTSIDE` image sides outside it (a face box may overhang its image, as the service's
     ``box`` field may); else a crop of it is all padding."""
     path = Path(path)
-    lines = _numbered(path)
+    lines = _numbered(path, MAX_LINE_FILE_BYTES)
+    if len(lines) > 1:
+        raise DataError(f"a .rect holds one 'x1 y1 x2 y2' line, found {len(lines)}", path=path,
+                        record=f"line {lines[1][0]}")
     lineno, line = lines[0] if lines else (1, "")
     fields = line.split()
     try:
@@ -371,21 +462,30 @@ def list_pictures(root: str | Path) -> list[Path]:
 
 def read_jd_dir(root: str | Path, expected: int | None = 106):
     """(image paths, (N, P, 2) points, (N, 4) boxes) of a JD-landmark directory: the pictures of
-    :func:`list_pictures`, each with its landmark file; the box is ``rect/<name>.rect`` (``read_rect``), else
-    the points' extent (``points_box``); a box that frames no face is a ``DataError`` naming its file."""
+    :func:`list_pictures`, each with its landmark file (``landmark/<name>.txt``, else ``landmark/<stem>.txt``);
+    the box is ``rect/<name>.rect``, else ``rect/<stem>.rect`` (``read_rect``), else the points' extent
+    (``points_box``); a box that frames no face is a ``DataError`` naming its file. Points and boxes are pixels
+    of the upright picture (``read_image``'s, whose size ``image_size`` gives). A file of ``landmark/``,
+    ``rect/`` or ``pose/`` that belongs to no picture is a ``DataError`` (:func:`_refuse_strays`)."""
     root = Path(root)
     pics = list_pictures(root)
 
-    pts, boxes, owner = [], [], {}
+    pts, boxes, owner, rect_owner, pose_owner = [], [], {}, {}, {}
+    poses = (root / "pose").is_dir()
     for p in pics:
         ann = _picture_file(root / "landmark", p, owner)
         if ann is None:
             raise DataError("no landmark file for this picture", path=p)
-        size = image_size(p)  # the header only: the size for the far-outside check
+        size = image_size(p)  # the header only (EXIF orientation applied): the size for the far-outside check
         pts.append(read_landmark_txt(ann, expected, image_size=size))
-        rect = root / "rect" / f"{p.name}.rect"
-        if rect.exists():
+        rect = _picture_file(root / "rect", p, rect_owner, ".rect")
+        if rect is not None:
             boxes.append(read_rect(rect, size))
         else:
             boxes.append(points_box(pts[-1], ann))
+        if poses:  # read by read_jd_poses; found here to tell the files no picture takes
+            _picture_file(root / "pose", p, pose_owner)
+    _refuse_strays(root / "landmark", owner, ".txt")
+    _refuse_strays(root / "rect", rect_owner, ".rect")
+    _refuse_strays(root / "pose", pose_owner, ".txt")
     return pics, np.stack(pts), np.asarray(boxes, np.float32)

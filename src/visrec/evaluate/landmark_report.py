@@ -119,8 +119,9 @@ def check_submission_folder(folder: str | Path) -> Path:
 
 def write_submission(folder: str | Path, ds, pred_crop: np.ndarray, coordinates: str = "integer") -> Path:
     """The challenge submission: one ``<picture name>.txt`` per image (the JD annotation format: the point
-    count, then ``x y`` per line, pixels of the original picture, origin top-left), mapping each prediction
-    from its face-box crop back to the picture (the inverse of ``visrec.data.augment.crop_face``).
+    count, then ``x y`` per line, pixels of the original picture upright, as ``read_image`` returns it and the
+    annotations give their points: EXIF orientation applied, origin top-left), mapping each prediction from its
+    face-box crop back to the picture (the inverse of ``visrec.data.augment.crop_face``).
 
     ``coordinates``: ``"integer"`` (default; the ICME 2019 JD-landmark challenge asked for integer
     coordinates, see ``visrec.data.landmarks.write_submission_txt`` for the source) or ``"decimal"``
@@ -141,7 +142,7 @@ def write_submission(folder: str | Path, ds, pred_crop: np.ndarray, coordinates:
         s = ds.size / side
         offset = np.array([ds.size / 2 - s * (x1 + x2) / 2, ds.size / 2 - s * (y1 + y2) / 2])
         xy = (np.asarray(pts, np.float64) - offset) / s
-        w, h = image_size(path)
+        w, h = image_size(path)  # of the upright picture the crop was cut from (EXIF orientation applied)
         lo, hi = -MAX_OUTSIDE * np.array([w, h]), (1 + MAX_OUTSIDE) * np.array([w, h])
         bad = ~(np.isfinite(xy).all(axis=1) & (xy >= lo).all(axis=1) & (xy <= hi).all(axis=1))
         if bad.any():

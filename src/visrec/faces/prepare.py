@@ -42,7 +42,7 @@ import numpy as np
 from visrec.data.augment import crop_face
 from visrec.data.folders import read_csv_list, read_image_folder
 from visrec.data.images import IMAGE_SUFFIXES, encode_jpeg, read_image
-from visrec.data.landmarks import box_on_image, read_landmark_txt, read_pts, read_wflw
+from visrec.data.landmarks import box_on_image, check_points, read_landmark_txt, read_pts, read_wflw
 from visrec.data.prepare import (NOT_UTF8, Journal, PrepareReport, Progress, assign_names, atomic_write,
                                  check_crop_options, check_distinct_labels, check_workers, entries_not_read,
                                  finish_report, rel_key, run_items, safe_name, shown_path, utf8_text)
@@ -283,8 +283,9 @@ class _SharedSidecar:
 
 
 class _LandmarkWorker:
-    """``sources``: journal key -> where its points come from: a WFLW line's ``(points, box)`` or a sidecar's
-    path (decided once, by :func:`prepare_landmarks`); a key without one has no annotation."""
+    """``sources``: journal key -> where its points come from: a WFLW line's ``(points, box, (list file,
+    line))`` or a sidecar's path (decided once, by :func:`prepare_landmarks`); a key without one has no
+    annotation."""
 
     def __init__(self, detector, points: int | None, size: int, margin: float, sources: dict, quality: int):
         self.detector_spec, self.points, self.size, self.margin = detector, points, size, margin
@@ -304,7 +305,9 @@ class _LandmarkWorker:
             self._detector = load_detector(spec) if isinstance(spec, (str, Path)) else spec
         return self._detector
 
-    def _annotation(self, key: str, path: Path) -> tuple[np.ndarray, np.ndarray | None]:
+    def _annotation(self, key: str, path: Path) -> tuple[np.ndarray, np.ndarray | None, Path | str, str | None]:
+        """The photo's points, its WFLW box (else None), and where they were read for errors found later: the
+        sidecar (no record), or the WFLW list and ``line N``."""
         source = self.sources.get(key)
         if source is None:
             raise DataError("no annotation (<stem>.pts, <name>.txt or <stem>.txt beside it, or a WFLW line)",
@@ -312,8 +315,9 @@ class _LandmarkWorker:
         if isinstance(source, _SharedSidecar):
             raise DataError(source.message, path=path)
         if isinstance(source, Path):  # a sidecar
-            return (read_pts(source) if source.suffix == ".pts" else read_landmark_txt(source)), None
-        return np.asarray(source[0], np.float32), np.asarray(source[1], np.float32)
+            return (read_pts(source) if source.suffix == ".pts" else read_landmark_txt(source)), None, source, None
+        points, box, (listed_in, line) = source
+        return np.asarray(points, np.float32), np.asarray(box, np.float32), listed_in, f"line {line}"
 
     def _box(self, image, pts: np.ndarray, box: np.ndarray | None) -> np.ndarray | None:
         """The detection holding most points (at least half), else None; without a detector the
@@ -334,8 +338,9 @@ class _LandmarkWorker:
             image = read_image(path)
         except DataError as exc:
             return {"status": "unreadable", "error": exc.message}
+        h, w = image.shape[:2]
         try:
-            pts, box = self._annotation(key, Path(path))
+            pts, box, source, record = self._annotation(key, Path(path))
             if len(pts) < 2:  # no extent: a sidecar of 0 or 1 points gives no face box (it ended the whole run)
                 raise DataError(f"{len(pts)} point(s): an annotation needs at least 2", path=path)
             if self.points is not None and len(pts) != self.points:
@@ -345,16 +350,25 @@ class _LandmarkWorker:
         box = self._box(image, pts, box)
         if box is None:
             return {"status": "no_face"}
-        h, w = image.shape[:2]
         if not box_on_image(box, w, h):  # points a million pixels away gave an all-black crop, listed as ok
             return {"status": "bad_annotation", "error": str(DataError(
                 f"face box {', '.join(f'{v:g}' for v in box)} of the annotation is not on the {w}x{h} image",
                 path=path))}
+        try:  # the readers' rule on the photo as decoded (upright): a WFLW box on the photo with a point a
+            # million pixels away was written, its crop's landmark file unreadable
+            check_points(pts, source, record=record, image_size=(w, h), image=path)
+        except DataError as exc:
+            return {"status": "bad_annotation", "error": str(exc)}
         try:
             crop, cpts = crop_face(image, np.vstack([pts, box.reshape(2, 2)]), box, self.size, self.margin)
         except DataError as exc:  # a box under a pixel: the annotation's, named with its photo
             return {"status": "bad_annotation", "error": f"{path}: {exc.message}"}
         cpts, cbox = cpts[:-2], cpts[-2:].reshape(4)
+        try:  # the written set is read back by the same rule: a point far from its face box fails it in the crop
+            check_points(cpts, path, image_size=(self.size, self.size),
+                         image="(the crop of the face box written to picture/: the point is far from the face)")
+        except DataError as exc:
+            return {"status": "bad_annotation", "error": str(exc)}
         name = Path(rel).name
         files = {f"landmark/{name}.txt": f"{len(cpts)}\n" + "".join(f"{x:.3f} {y:.3f}\n" for x, y in cpts),
                  f"rect/{name}.rect": " ".join(f"{v:.1f}" for v in cbox) + "\n"}
@@ -388,7 +402,7 @@ def prepare_landmarks(src: str | Path, out: str | Path, *, annotations: str | Pa
     wflw: dict[str, list] = {}
     if annotations is not None:
         for r in read_wflw(annotations, points or 98):  # one line per face: an image may come several times
-            wflw.setdefault(r.image, []).append((r.points, r.box))
+            wflw.setdefault(r.image, []).append((r.points, r.box, (r.source, r.line)))
     entries = sorted(src.rglob("*"))
     photos = [p for p in entries if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES]
     keys = [rel_key(p, src) for p in photos]

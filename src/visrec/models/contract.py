@@ -46,6 +46,7 @@ VISREC_STD = (127.5, 127.5, 127.5)
 MAX_INPUT_SIDE = 4096
 MAX_EMBEDDING_DIM = 1 << 16
 MAX_POINTS = 10_000
+MAX_CROP_MARGIN = 10.0  # landmark crop margin per side, a fraction of the face box's side
 MAX_TEXT = 4096  # characters of any text field (a source path, a citation)
 MAX_CONTRACT_JSON = 1 << 20
 #: the landmark task's defaults (``visrec.train.landmarks_task.LandmarkData``): old checkpoints assumed them
@@ -139,8 +140,9 @@ class ModelContract:
                 object.__setattr__(self, name, _ints(name, [value], 1, 1, high)[0])
         if self.crop_margin is not None:
             margin = _floats("crop_margin", [self.crop_margin], 1)[0]
-            if not 0 <= margin <= 10:
-                raise ValueError(f"crop_margin must be in [0, 10] (a fraction of the box side), got {margin}")
+            if not 0 <= margin <= MAX_CROP_MARGIN:
+                raise ValueError(f"crop_margin must be in [0, {MAX_CROP_MARGIN:g}] (a fraction of the box side), got "
+                                 f"{margin}")
             object.__setattr__(self, "crop_margin", margin)
         if not isinstance(self.l2_normalised, bool):
             raise ValueError(f"l2_normalised must be true or false, got {shown(self.l2_normalised, 60)}")

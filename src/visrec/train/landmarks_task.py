@@ -24,18 +24,22 @@ from visrec.errors import ConfigError
 from visrec.evaluate.landmarks import auc, failure_rate, nme
 from visrec.losses.landmark import LANDMARK_LOSSES, LandmarkStep
 from visrec.models import build_backbone
-from visrec.models.contract import contract_from_config
+from visrec.models.contract import MAX_CROP_MARGIN, MAX_INPUT_SIDE, MAX_POINTS, contract_from_config
 from visrec.models.landmark_nets import predict_crop_set
 from visrec.train.task import TASKS, Task
 
 
 class LandmarkData(BaseModel):
+    """The ``data:`` section of a landmark config. Each bound is the model contract's (``visrec.models.contract``),
+    so a value the saved model could not describe is a ``ConfigError`` naming the field before any work."""
+
     model_config = ConfigDict(extra="forbid")
     train: Path = Field(description="JD-landmark dir (picture/, landmark/, rect/)")
     val: Path | None = None
-    points: int = 106
-    size: int = 112
-    margin: float = 0.15
+    points: int = Field(106, ge=1, le=MAX_POINTS, description="points per face (the landmark files' count)")
+    size: int = Field(112, ge=1, le=MAX_INPUT_SIDE, description="side of the square face crop, pixels")
+    margin: float = Field(0.15, ge=0, le=MAX_CROP_MARGIN, allow_inf_nan=False,
+                          description="added to each side of the face box's square, a fraction of its side")
     augment: bool = True
 
 
@@ -43,10 +47,13 @@ class LandmarkLoss(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str = Field("wing", description="a registered landmark loss (visrec.losses.landmark.LANDMARK_LOSSES): "
                                           "l1 | l2 | wing | adaptive_wing / awing (heatmap models) | pfld (needs pose/)")
-    w: float = 10.0
-    eps: float = 2.0
-    pose_weight: float = Field(1.0, ge=0, description="pfld: weight of the pose-branch MSE (radians^2)")
-    pfld_base: float = Field(1.0, ge=0, description="pfld: added to the PFLD pose weight of each face")
+    # wing's C = w - w*ln(1 + w/eps) divides by eps and takes its log: 0 or less was a bare traceback
+    w: float = Field(10.0, gt=0, allow_inf_nan=False, description="wing: width of the log part, crop pixels")
+    eps: float = Field(2.0, gt=0, allow_inf_nan=False, description="wing: curvature of the log part, crop pixels")
+    pose_weight: float = Field(1.0, ge=0, allow_inf_nan=False,
+                               description="pfld: weight of the pose-branch MSE (radians^2)")
+    pfld_base: float = Field(1.0, ge=0, allow_inf_nan=False,
+                             description="pfld: added to the PFLD pose weight of each face")
 
     @field_validator("name")
     @classmethod
