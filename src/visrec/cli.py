@@ -166,8 +166,8 @@ def _print_error(message: str) -> None:
 def run_app() -> int:
     """The command's exit status: 2 for a :class:`VisrecError` (its message printed, no traceback), 3 when the
     system refused a read or write (a full disk, a read-only file system: a :class:`StorageError`, or an
-    ``OSError`` no layer below named) or memory, 130 when interrupted. The exception is gone when this returns, and with it
-    every frame it held."""
+    ``OSError`` no layer below named) or memory, 130 when interrupted. The exception is gone when this returns,
+    and with it every frame it held."""
     try:
         refuse_torchrun_for_one_process_commands(sys.argv[1:])
         app()

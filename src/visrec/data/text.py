@@ -100,7 +100,7 @@ def check_output(path: str | Path, *, kind: str, what: str = "--out", reads: dic
     folder or not a regular file (a device, a pipe), a path below a file (its nearest existing ancestor must be a
     folder), a broken or looping link on the way, and a folder the user cannot write into. ``what`` names the
     option in the message (``--out``, ``--submission``). ``reads``: what the command reads, by the name the
-    message gives it (``{"MODEL": model_file, "--filelist": filelist}``; None values are skipped): a file output
+    message gives it (``{"MODEL": model_file, "--filelist": filelist}``; None values are skipped): an output
     that is one of those files (by any path, link or hard link) or lies inside one of those folders is refused
     (:func:`check_apart`)."""
     if kind not in ("dir", "file"):
@@ -145,12 +145,12 @@ def check_output(path: str | Path, *, kind: str, what: str = "--out", reads: dic
 
 
 def check_apart(out: str | Path, reads: dict, *, what: str = "--out") -> None:
-    """``DataError`` if writing the file ``out`` would replace what the command reads: ``reads`` maps the name
-    a message gives an input (``MODEL``, ``--filelist``) to its path (None: not given). A file input is refused
-    when ``out`` is that file (``os.path.samefile``: any spelling, a link, a hard link); a folder input when
-    ``out`` lies inside it (links resolved), as an index folder or a set of images is read whole. Run before
-    any work: a submission written over its own file list, or an --out inside the index it searches, would
-    destroy the input the user asked to read."""
+    """``DataError`` if writing ``out`` (a file, or a folder the command fills) would replace or add to what the
+    command reads: ``reads`` maps the name a message gives an input (``MODEL``, ``--filelist``) to its path
+    (None: not given). A file input is refused when ``out`` is that file (``os.path.samefile``: any spelling, a
+    link, a hard link); a folder input when ``out`` is it or lies inside it (links resolved), as an index folder
+    or a set of photos is read whole. Run before any work: a submission written over its own file list, or an
+    --out inside the index it searches, would destroy the input the user asked to read."""
     out = Path(out)
     try:
         real_out = Path(os.path.realpath(out))

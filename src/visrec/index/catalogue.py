@@ -987,8 +987,8 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
     section (random or local/hub weights as that section says), the ``index`` options from the config
     (defaults without one, changed by ``index.*`` keys of ``overrides``; with ``checkpoint`` and no
     ``index.size`` set, the size is the checkpoint's or ONNX file's own input side: :func:`_at_model_size`);
-    returns the manifest, with ``runtime`` (what ran the descriptor; not stored). ``group``: shard the extraction across the ranks of this
-    torch.distributed process group (module doc). ``providers`` asking for a GPU with a PyTorch descriptor,
+    returns the manifest, with ``runtime`` (what ran the descriptor; not stored). ``group``: shard the
+    extraction across the ranks of this torch.distributed process group (module doc). ``providers`` asking for a GPU with a PyTorch descriptor,
     or a GPU ``device`` with an ONNX one, is a ConfigError saying which option applies."""
     if config is None and checkpoint is None:
         raise ConfigError("give --config (model + index options) or --model (a trained descriptor)")
