@@ -322,10 +322,17 @@ def _bins(tmp_path):
 
 
 def test_a_bad_validation_set_is_refused_before_the_first_step(face_rec, tmp_path, monkeypatch):
+    import cv2
+
+    from visrec.data.verification import read_verification_bin, write_verification_bin
+
     good, few, trunc, missing = _bins(tmp_path)
+    images, issame = read_verification_bin(good)  # the same pairs as 150x150 crops: the model takes 112x112
+    big = write_verification_bin(tmp_path / "big.bin", [cv2.resize(i, (150, 150)) for i in images], issame)
     steps = []
     monkeypatch.setattr(FaceTask, "training_step", lambda *a: steps.append(1))
-    for bad, words in ((few, "6 pairs cannot be split into 10 folds"), (trunc, "record 5"), (missing, "nowhere.bin")):
+    for bad, words in ((few, "6 pairs cannot be split into 10 folds"), (trunc, "record 5"), (missing, "nowhere.bin"),
+                       (big, "images are 150x150; the face models train on aligned 112x112 crops")):
         out = tmp_path / f"run-{bad.stem}"
         with pytest.raises(DataError) as err:
             train(make_cfg(face_rec, out, data={"train": str(face_rec), "val": [str(good), str(bad)]}), progress=False)

@@ -10,7 +10,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Dataset
 
-from visrec.data.datasets import open_face_dataset
+from visrec.data.datasets import FACE_SIZE, open_face_dataset
 from visrec.data.jpeg_batches import EncodedFaces, batched_decode_available, collate_encoded
 from visrec.data.verification import read_verification_bin
 from visrec.errors import ConfigError, DataError
@@ -104,11 +104,17 @@ class FaceLoss(MarginLossOptions):
 
 
 def read_val_set(path: Path) -> tuple:
-    """A validation ``.bin``: (images, issame), with enough pairs for the 10 folds, else a DataError naming it."""
+    """A validation ``.bin``: (images, issame), with enough pairs for the 10 folds and aligned crops of the size
+    the trainer makes (:data:`FACE_SIZE`; a .bin is embedded as it is, never resized), else a DataError naming it
+    (before the first step: the network would fail on other sizes only at the first validation)."""
     images, issame = read_verification_bin(path)
     problem = fold_problem(len(issame), NFOLDS)
     if problem:
         raise DataError(f"validation set: {problem}", path=path)
+    h, w = images[0].shape[:2]  # one size: the reader checks every image against the first
+    if (h, w) != (FACE_SIZE, FACE_SIZE):
+        raise DataError(f"validation set: images are {w}x{h}; the face models train on aligned {FACE_SIZE}x"
+                        f"{FACE_SIZE} crops", path=path, record=0)
     return images, issame
 
 
