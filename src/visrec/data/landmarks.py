@@ -39,8 +39,9 @@ from visrec.data.augment import check_box
 from visrec.data.images import IMAGE_SUFFIXES, image_size
 from visrec.data.text import read_text, split_lines
 from visrec.errors import DataError
-from visrec.models.contract import MAX_POINTS
 
+# Points per face any reader or model takes (a model contract's num_points too: visrec.models.contract)
+MAX_POINTS = 10_000
 MAX_OUTSIDE = 0.5  # a point further outside the image than this share of its size is an annotation error
 MAX_BOX_OUTSIDE = 4  # image sides a face box may reach outside its image (box_on_image)
 _F32_MAX = float(np.finfo(np.float32).max)

@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, fields, replace
 from typing import Any
 
 from visrec._structured import loads_json
+from visrec.data.landmarks import MAX_POINTS
 from visrec.data.products import IMAGENET_MEAN, IMAGENET_STD
 from visrec.errors import DataError, shown
 
@@ -45,7 +46,6 @@ VISREC_STD = (127.5, 127.5, 127.5)
 #: (an input of 60000 x 60000 pixels is 10.8 GB per face)
 MAX_INPUT_SIDE = 4096
 MAX_EMBEDDING_DIM = 1 << 16
-MAX_POINTS = 10_000
 MAX_CROP_MARGIN = 10.0  # landmark crop margin per side, a fraction of the face box's side
 MAX_TEXT = 4096  # characters of any text field (a source path, a citation)
 MAX_CONTRACT_JSON = 1 << 20
