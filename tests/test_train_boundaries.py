@@ -47,8 +47,18 @@ def _resume(face_rec, out, **over):
     return train(make_cfg(face_rec, out, **cfg), resume=True, progress=False)
 
 
+def _without_recorded_config(state):
+    """A resume file as versions before the config was saved with it wrote it: only its tensors can tell."""
+    return {k: v for k, v in state.items() if k != "config"}
+
+
 def test_resume_under_another_embedding_size_names_the_file_and_the_shapes(face_rec, checkpointed, tmp_path):
     out = _copy(checkpointed, tmp_path)
+    # the recorded config says it first, by name (tests/test_train_trust.py); without one, the shapes do
+    with pytest.raises(ConfigError, match=r"last\.rank0\.pt: --resume .*model\.embedding_size: 64 in the resume "
+                                          r"file, 128 now"):
+        _resume(face_rec, out, model={**MODEL, "embedding_size": 128})
+    out = _copy(checkpointed, tmp_path / "old", _without_recorded_config)
     with pytest.raises(DataError, match=r"last\.rank0\.pt.*this checkpoint's backbone has .* of shape "
                                         r"\(64.*where the config builds \(128"):
         _resume(face_rec, out, model={**MODEL, "embedding_size": 128})
@@ -79,6 +89,10 @@ def test_a_resume_under_another_optimizer_is_a_data_error_not_a_key_error_mid_st
     out = tmp_path / "run"
     cfg = dict(schedule={"max_steps": 2, "warmup_steps": 0}, checkpoint_every=1, batch_size=4)
     train(make_cfg(face_rec, out, optim={"name": saved, "lr": 0.001}, **cfg), progress=False, stop_after_steps=1)
+    with pytest.raises(ConfigError, match=rf"optim\.name: \"{saved}\" in the resume file, \"{resumed}\" now"):
+        _resume(face_rec, out, optim={"name": resumed, "lr": 0.001})
+    state = torch.load(out / "last.rank0.pt", weights_only=False)
+    torch.save(_without_recorded_config(state), out / "last.rank0.pt")
     with pytest.raises(DataError, match=r"last\.rank0\.pt, field 'optimizer'"):
         _resume(face_rec, out, optim={"name": resumed, "lr": 0.001})
     assert _resume(face_rec, out, optim={"name": saved, "lr": 0.001}).global_step == 2  # its own optimizer goes on

@@ -83,9 +83,12 @@ def finetune(config: Path = typer.Option(..., "--config", help="YAML run config 
              model: Path = typer.Option(..., "--model", help="pretrained backbone: arcface_torch backbone.pth, "
                                                             "visrec model.pt or run dir"),
              overrides: list[str] = typer.Option([], "--set", help="override a config key: optim.lr=0.01"),
+             resume: bool = typer.Option(False, "--resume", help="continue an interrupted fine-tune from its "
+                                         "output's last checkpoint (which holds the weights: --model is not read "
+                                         "again)"),
              no_progress: bool = typer.Option(False, "--no-progress", help="no progress bar (logs only)")):
     """Train from a pretrained backbone with a fresh margin head (the config's classes); = train with init."""
-    train(config, resume=False, overrides=[*overrides, f"init={model}"], no_progress=no_progress)
+    train(config, resume=resume, overrides=[*overrides, f"init={model}"], no_progress=no_progress)
 
 
 @app.command()

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 from pydantic import Strict as StrictType
 
 from visrec._structured import MAX_CONFIG_FILE_BYTES, MAX_NESTING, StructureError, check_yaml_graph
@@ -28,6 +29,16 @@ class Strict(BaseModel):
 # false as written (``"yes"`` or ``1`` is refused, not read as true).
 Int = Annotated[int, StrictType()]
 Bool = Annotated[bool, StrictType()]
+
+
+def _a_number_not_a_switch(value):
+    if isinstance(value, bool):
+        raise ValueError(f"must be a number, got {str(value).lower()} (a switch)")
+    return value
+
+
+# A real number as written: ``true`` is refused, not read as 1.0 (``1`` and ``1e-3`` are the numbers they say).
+Float = Annotated[float, BeforeValidator(_a_number_not_a_switch)]
 # The largest ``seed``: numpy seeds take 0..2^32-1 and each process seeds with ``seed + rank``.
 MAX_SEED = 2**31 - 1
 
@@ -121,20 +132,20 @@ class ModelSpec(BaseModel):
 
 class OptimConfig(Strict):
     name: Literal["sgd", "adamw"] = "sgd"
-    lr: float = Field(0.1, gt=0)
-    momentum: float = Field(0.9, ge=0, lt=1)
-    weight_decay: float = Field(5e-4, ge=0)
-    grad_clip: float | None = Field(5.0, gt=0)
+    lr: Float = Field(0.1, gt=0)
+    momentum: Float = Field(0.9, ge=0, lt=1)
+    weight_decay: Float = Field(5e-4, ge=0)
+    grad_clip: Float | None = Field(5.0, gt=0)
 
 
 class ScheduleConfig(Strict):
     """Length of training and the learning-rate shape. Steps are optimizer steps (global batches)."""
 
-    epochs: float | None = Field(None, gt=0)
+    epochs: Float | None = Field(None, gt=0)
     max_steps: Int | None = Field(None, gt=0)
     warmup_steps: Int = Field(0, ge=0)
     kind: Literal["poly", "cosine", "constant"] = "poly"
-    power: float = Field(2.0, gt=0, le=100, description="poly: lr * (1 - progress)^power")
+    power: Float = Field(2.0, gt=0, le=100, description="poly: lr * (1 - progress)^power")
 
     @model_validator(mode="after")
     def _one_length(self):

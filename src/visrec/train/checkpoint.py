@@ -111,6 +111,48 @@ def _describe_shards(shards: dict) -> str:
                      f"{s['num_classes']}" for name, s in shards.items())
 
 
+# What a resume may change: how long the run goes on, how often it logs, saves and validates, what it validates
+# on, where its data now lies (a data set moved to another disk or machine) and how this machine runs the step.
+# Anything else (seed, batch_size, model, loss, optim, the schedule's shape, the data's own options) the resume
+# file decides: the optimizer and scheduler states hold the recorded lr, momentum and decay, the data position
+# comes from the global step and batch size, the order from the seed. A change there would be recorded as if
+# used and not be (or make another run), so it is refused.
+RESUMABLE = {"output", "schedule.max_steps", "schedule.epochs", "log_every", "checkpoint_every", "val_every",
+             "num_workers", "device", "amp", "compile", "channels_last", "cuda_graph", "deterministic", "init",
+             "index", "data.train", "data.val", "data.val_flip_test", "data.val_target", "data.decode",
+             "data.catalogue", "data.labels", "data.videos"}
+
+
+def _flat(tree: Any, prefix: str = "") -> dict[str, Any]:
+    if isinstance(tree, dict) and tree:
+        out = {}
+        for key, value in tree.items():
+            out.update(_flat(value, f"{prefix}.{key}" if prefix else str(key)))
+        return out
+    return {prefix: tree}
+
+
+def check_same_run(state: dict[str, Any], cfg, path: Path) -> None:
+    """Refuse (``ConfigError`` naming each setting, its recorded and its new value) a resume whose config
+    changes what the resume file decides (:data:`RESUMABLE` lists what may change). The recorded config is
+    the one saved with the state; a setting either side lacks (a file written by another version) is not
+    compared. Nothing is compared for a state without a recorded config."""
+    recorded = state.get("config")
+    if not isinstance(recorded, dict):
+        return
+    now = _flat(cfg.model_dump(mode="json"))
+    before = _flat(recorded)
+    changed = [key for key in sorted(now.keys() & before.keys())
+               if now[key] != before[key] and not any(key == r or key.startswith(r + ".") for r in RESUMABLE)]
+    if changed:
+        shown = "; ".join(f"{k}: {json.dumps(before[k])} in the resume file, {json.dumps(now[k])} now"
+                          for k in changed[:8])
+        more = f" (and {len(changed) - 8} more)" if len(changed) > 8 else ""
+        raise ConfigError(f"{path}: --resume continues the run this file records, and these settings differ from "
+                          f"it: {shown}{more}. The resume file decides them (its optimizer, schedule and data "
+                          f"order): set them as recorded, or start a new run in another output folder")
+
+
 def check_resume(output: Path, rank: int, world_size: int, state: dict[str, Any] | None) -> None:
     """Refuse (ConfigError naming both world sizes and what to do) to resume ``output`` under a number of
     processes other than the one that wrote it. Every rank reaches the same verdict from the same files:
@@ -259,11 +301,23 @@ class MetricsLog:
             self._fh.close()
 
 
+# The longest metrics-log line read: a row visrec writes is a few hundred bytes (a few KB with many validation
+# sets); a longer line was not written by a run, and is refused before it is held.
+MAX_LOG_LINE_BYTES = 1 << 20
+
+
 def _log_rows(path: Path):
     """Each line of the metrics log with its row: a JSON object, or None for a line that is not one (the log is
-    a record, not an input: such lines are passed over, never an error)."""
-    with open(path, encoding="utf-8", errors="surrogateescape") as fh:
-        for line in fh:
+    a record, not an input: such lines are passed over, never an error). A line longer than
+    :data:`MAX_LOG_LINE_BYTES` is a ``DataError`` naming the file and the line, read no further."""
+    with open(path, "rb") as fh:
+        lineno = 0
+        while raw := fh.readline(MAX_LOG_LINE_BYTES + 1):
+            lineno += 1
+            if len(raw) > MAX_LOG_LINE_BYTES:
+                raise DataError(f"a line of more than {MAX_LOG_LINE_BYTES:,} bytes: no run logs one; remove it "
+                                "(or the file) to go on", path=path, record=f"line {lineno}")
+            line = raw.decode("utf-8", errors="surrogateescape")
             try:
                 row = loads_json(line)
             except ValueError:
@@ -287,20 +341,22 @@ def truncate_log(path: Path, step: int) -> int:
     """Drop the rows of the metrics log whose "step" is after ``step`` (the step the run starts from), so a
     resumed (or restarted) run never logs a step twice. The file is rewritten to a temporary name, fsynced
     and renamed over the original: a crash mid-rewrite leaves the old file whole. Lines that are not JSON
-    objects with a step are kept as they are. Returns the number of rows dropped (0: file untouched)."""
+    objects with a step are kept as they are, a torn last line closed with a line break. Returns the number of
+    rows dropped."""
     path = Path(path)
     if not path.exists():
         return 0
-    keep, dropped = [], 0
-    for line, row in _log_rows(path):
-        if _after(row, step):
-            dropped += 1
-            continue
-        keep.append(line if line.endswith("\n") else line + "\n")
-    if dropped:
+    dropped, torn = 0, False
+    for line, row in _log_rows(path):  # one pass to decide, a second to write: never the whole log in memory
+        dropped += _after(row, step)
+        torn = not line.endswith("\n")
+    # a last line a kill tore is closed too: the next row appended would otherwise be glued onto it, and lost
+    if dropped or torn:
         with replacing(path, durable=True) as tmp:
             with open(tmp, "w", encoding="utf-8", errors="surrogateescape") as fh:
-                fh.writelines(keep)
+                for line, row in _log_rows(path):
+                    if not _after(row, step):
+                        fh.write(line if line.endswith("\n") else line + "\n")
     return dropped
 
 

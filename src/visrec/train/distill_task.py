@@ -54,7 +54,7 @@ from torch.utils.data import Dataset
 from visrec._files import check_regular_file, replacing
 from visrec._structured import MAX_METADATA_FILE_BYTES, loads_json
 from visrec._torchfile import read_torch_file
-from visrec.config import parse_config
+from visrec.config import Float, parse_config
 from visrec.data.text import check_output, read_bytes
 from visrec.errors import ConfigError, DataError
 from visrec.losses.distill import DistillLosses
@@ -81,11 +81,11 @@ class TeacherSpec(BaseModel):
 class DistillOptions(BaseModel):
     model_config = ConfigDict(extra="forbid")
     teacher: Path | TeacherSpec = Field(description="visrec run dir/checkpoint, or a registry model spec")
-    feature: float = Field(1.0, ge=0, description="weight of FeatureDistill")
+    feature: Float = Field(1.0, ge=0, description="weight of FeatureDistill")
     feature_kind: Literal["cosine", "l2"] = "cosine"
-    logits: float = Field(0.0, ge=0, description="weight of LogitDistill")
-    temperature: float = Field(4.0, gt=0)
-    relational: float = Field(0.0, ge=0, description="weight of RelationalDistill")
+    logits: Float = Field(0.0, ge=0, description="weight of LogitDistill")
+    temperature: Float = Field(4.0, gt=0)
+    relational: Float = Field(0.0, ge=0, description="weight of RelationalDistill")
     relational_kind: Literal["mse", "smooth_l1"] = "mse"
     teacher_features: Path | None = Field(None, description="precomputed teacher features .npy (N, D)")
     teacher_device: str | None = Field(None, description="device for the teacher; default the training one")

@@ -19,6 +19,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 from torch import nn
 
+from visrec.config import Float
 from visrec.data.landmark_crops import JDCrops  # noqa: F401 (moved to the data layer; imported here as before)
 from visrec.errors import ConfigError
 from visrec.evaluate.landmarks import auc, failure_rate, nme
@@ -38,7 +39,7 @@ class LandmarkData(BaseModel):
     val: Path | None = None
     points: int = Field(106, ge=1, le=MAX_POINTS, description="points per face (the landmark files' count)")
     size: int = Field(112, ge=1, le=MAX_INPUT_SIDE, description="side of the square face crop, pixels")
-    margin: float = Field(0.15, ge=0, le=MAX_CROP_MARGIN, allow_inf_nan=False,
+    margin: Float = Field(0.15, ge=0, le=MAX_CROP_MARGIN, allow_inf_nan=False,
                           description="added to each side of the face box's square, a fraction of its side")
     augment: bool = True
 
@@ -48,11 +49,11 @@ class LandmarkLoss(BaseModel):
     name: str = Field("wing", description="a registered landmark loss (visrec.losses.landmark.LANDMARK_LOSSES): "
                                           "l1 | l2 | wing | adaptive_wing / awing (heatmap models) | pfld (needs pose/)")
     # wing's C = w - w*ln(1 + w/eps) divides by eps and takes its log: 0 or less was a bare traceback
-    w: float = Field(10.0, gt=0, allow_inf_nan=False, description="wing: width of the log part, crop pixels")
-    eps: float = Field(2.0, gt=0, allow_inf_nan=False, description="wing: curvature of the log part, crop pixels")
-    pose_weight: float = Field(1.0, ge=0, allow_inf_nan=False,
+    w: Float = Field(10.0, gt=0, allow_inf_nan=False, description="wing: width of the log part, crop pixels")
+    eps: Float = Field(2.0, gt=0, allow_inf_nan=False, description="wing: curvature of the log part, crop pixels")
+    pose_weight: Float = Field(1.0, ge=0, allow_inf_nan=False,
                                description="pfld: weight of the pose-branch MSE (radians^2)")
-    pfld_base: float = Field(1.0, ge=0, allow_inf_nan=False,
+    pfld_base: Float = Field(1.0, ge=0, allow_inf_nan=False,
                              description="pfld: added to the PFLD pose weight of each face")
 
     @field_validator("name")

@@ -105,6 +105,7 @@ class CatalogueImages(Dataset):
 class ProductTask(Task):
     DataOptions = ProductData
     LossOptions = ProductLoss
+    reads_index = True  # the config's index section is what `visrec products index --config` builds with
     local_modules = ("head",)  # PartialFC keeps this rank's class shard
 
     def train_dataset(self):

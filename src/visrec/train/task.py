@@ -16,8 +16,9 @@ from torch import nn
 from torch.utils.data import Dataset
 
 from visrec._structured import loads_json
-from visrec.config import OptionError, RunConfig, validate_section
+from visrec.config import Float, OptionError, RunConfig, validate_section
 from visrec.distributed import RunContext  # noqa: F401 (tasks take it; re-exported for them)
+from visrec.errors import ConfigError
 from visrec.losses import margin_option_problem
 from visrec.models.model_file import default_contract
 from visrec.registry import Registry
@@ -37,7 +38,7 @@ class MarginLossOptions(BaseModel):
 
     model_config = ConfigDict(extra="allow")
     name: str = "arcface"
-    sample_rate: float = Field(1.0, gt=0, le=1, description="PartialFC negative-centre sampling rate")
+    sample_rate: Float = Field(1.0, gt=0, le=1, description="PartialFC negative-centre sampling rate")
 
     @model_validator(mode="after")
     def _margin_options(self):
@@ -53,12 +54,17 @@ class Task:
 
     DataOptions: ClassVar[type[BaseModel]] = _Empty
     LossOptions: ClassVar[type[BaseModel]] = _Empty
+    # whether the config's ``index`` section means anything to this task (products: its catalogue index)
+    reads_index: ClassVar[bool] = False
 
     def __init__(self, cfg: RunConfig, ctx: RunContext, source: str = "config"):
         self.cfg = cfg
         self.ctx = ctx
         self.data_opts = validate_section(self.DataOptions, cfg.data, "data", source)
         self.loss_opts = validate_section(self.LossOptions, cfg.loss, "loss", source)
+        if cfg.index and not self.reads_index:  # it would be kept in config.yaml and never read
+            raise ConfigError(f"{source}: invalid config\n  index: the {cfg.task} task reads no index options (only "
+                              "products indexes a catalogue); remove the section")
 
     # --- building -------------------------------------------------------------------------------
     def train_dataset(self) -> Dataset:

@@ -156,10 +156,29 @@ def train(cfg: RunConfig, *, resume: bool = False, source: str = "config", progr
         dist.teardown(ctx)
 
 
+# the data options that name files or folders, in every task's data section
+DATA_PATH_KEYS = ("train", "val", "catalogue", "labels", "videos")
+
+
+def data_paths(cfg: RunConfig) -> dict[str, str]:
+    """The files and folders a run's ``data`` section names (``data.train``, ``data.val.0``, ...), by their
+    field: what its output may not be, nor lie inside."""
+    found = {}
+    for key, value in cfg.data.items():
+        if key not in DATA_PATH_KEYS:
+            continue
+        for i, item in enumerate(value if isinstance(value, (list, tuple)) else [value]):
+            if isinstance(item, (str, Path)) and str(item):
+                found[f"data.{key}" + (f".{i}" if isinstance(value, (list, tuple)) else "")] = str(item)
+    return found
+
+
 def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress: bool,
            stop_after_steps: int | None, observer: Observer, claim: list) -> TrainResult:
     out = Path(cfg.output)
-    check_output(out, kind="dir", what="output")  # before any work; nothing is created here
+    # before any work; nothing is created here. Never inside the data it reads: the run's files would be listed
+    # as data by the next run (a .pth among the images of a folder set), its own resume included
+    check_output(out, kind="dir", what="output", reads=data_paths(cfg))
 
     def together(what: str, fn, main_only: bool = True):
         """``fn()`` on the main process (or every one), then every rank learns whether it failed anywhere: the
@@ -171,6 +190,8 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
     notice = together("checking the output folder", lambda: outdir.check_start(out, resume, cfg))
     state = together("reading the checkpoint", lambda: ckpt.resume_state(out, ctx.rank, ctx.world_size) if resume
                      else None, main_only=False)
+    if state is not None:  # the same run, or refused: settings the resume file decides may not change on the side
+        ckpt.check_same_run(state, cfg, ckpt.rank_path(out, ctx.rank))
     if notice:
         print(notice, file=sys.stderr, flush=True)
     seed_everything(cfg.seed + ctx.rank, cfg.deterministic)
@@ -330,8 +351,11 @@ def _train(cfg: RunConfig, ctx: RunContext, resume: bool, source: str, progress:
             # the log lacks the last step's validation (it failed, or the run was killed during it): run it,
             # log it once and give model.pt its metrics; the resume files stay as they are
             logged, last_loss = ckpt.logged_at(out / "metrics.jsonl", global_step) if ctx.is_main else (None, last_loss)
-            return logged if logged is not None else \
+            result = logged if logged is not None else \
                 _validate_finished(task, modules, ctx, log_file, global_step, observer, write_model)
+            if not all((out / name).is_file() for name in ("model.pt", "backbone.pth")):
+                write_model(result)  # removed since: written again from the last step's state, with its metrics
+            return result
         result = metrics
         if stopped or (cfg.val_every and global_step % cfg.val_every == 0):
             if global_step % cfg.checkpoint_every:  # the loop did not just save this step

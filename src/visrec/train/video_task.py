@@ -23,6 +23,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from torch.utils.data import Dataset
 
+from visrec.config import Float
 from visrec.data.video import read_frames, read_video_list
 from visrec.errors import ConfigError
 from visrec.evaluate.video import score_videos
@@ -41,7 +42,7 @@ class VideoData(BaseModel):
     videos: Path = Field(description="video list (video_id,path,label), visrec.data.video")
     clip: int = Field(8, gt=0, description="frames drawn per video per step")
     val: Path | None = Field(None, description="video list of held-out identities for TPR@FPR")
-    val_target: float = Field(1e-4, gt=0, lt=1)
+    val_target: Float = Field(1e-4, gt=0, lt=1)
     flip: bool = True
 
 
