@@ -96,6 +96,11 @@ def test_a_search_csv_inside_the_index_or_over_a_query_is_refused(tmp_path, monk
                                  capsys)
         refused(code, err, *words)
     assert (index / "ids.txt").read_text() == "p0\n" and not (index / "new.csv").exists()
+    from visrec.index.catalogue import search_catalogue  # a Python caller passes no CLI check: refused as well
+
+    with pytest.raises(DataError, match="the submission lies inside the index"):
+        search_catalogue(index, query, 7, index / "ids.txt")
+    assert (index / "ids.txt").read_text() == "p0\n"
 
 
 def test_ijb_results_never_land_in_the_release_folder(tmp_path, tiny_face_model, monkeypatch, capsys):

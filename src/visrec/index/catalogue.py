@@ -70,7 +70,7 @@ from visrec._torchfile import atomic_save
 from visrec.config import load_config, set_dotted, validate_section
 from visrec.data.products import (PRODUCT_SUFFIXES, id_problem, list_images, load_catalogue_images,
                                   read_image_checked, write_submission)
-from visrec.data.text import FolderClaim, check_output, read_text
+from visrec.data.text import FolderClaim, check_apart, check_output, read_text
 from visrec.errors import ConfigError, DataError, shown
 from visrec.index.faiss_index import FaissIndex
 from visrec.index.postprocess import FINITE_CHECK_ROWS, Chain, PCAWhitening
@@ -988,8 +988,9 @@ def index_catalogue(catalogue: str | Path, out: str | Path, *, config: str | Pat
     (defaults without one, changed by ``index.*`` keys of ``overrides``; with ``checkpoint`` and no
     ``index.size`` set, the size is the checkpoint's or ONNX file's own input side: :func:`_at_model_size`);
     returns the manifest, with ``runtime`` (what ran the descriptor; not stored). ``group``: shard the
-    extraction across the ranks of this torch.distributed process group (module doc). ``providers`` asking for a GPU with a PyTorch descriptor,
-    or a GPU ``device`` with an ONNX one, is a ConfigError saying which option applies."""
+    extraction across the ranks of this torch.distributed process group (module doc). ``providers`` asking for
+    a GPU with a PyTorch descriptor, or a GPU ``device`` with an ONNX one, is a ConfigError saying which option
+    applies."""
     if config is None and checkpoint is None:
         raise ConfigError("give --config (model + index options) or --model (a trained descriptor)")
     check_output(out, kind="dir")  # before a model loads: a file there, or a folder below one, is refused now
@@ -1085,6 +1086,8 @@ def search_catalogue(index_dir: str | Path, query: str | Path, k: int = 7, submi
     query = Path(query)
     if not query.exists():
         raise DataError("query image or folder not found", path=query)
+    if submission is not None:  # never over a query image or a file of the index (a Python caller passes no CLI check)
+        check_apart(submission, {"the query": query, "the index": index_dir}, what="the submission")
     items = list_images(query) if query.is_dir() else [(query.stem, query)]
     if not items:  # before the index opens and ``submission`` is replaced: a run of no query is a mistake
         raise DataError(f"no query images: the folder holds no {' / '.join(PRODUCT_SUFFIXES)} file (the only "
