@@ -33,9 +33,17 @@ and P_in = input positions likewise, and b = 0 with a bias, 1 without:
 Layers holding weights that no rule covers (an LSTM, attention with packed projection weights, a
 bilinear layer, ...) are an error naming the layer, never 0 FLOPs: on the PyTorch path, a module with
 parameters of its own that is neither a counted kind nor a known zero-count kind (normalisation,
-PReLU, learned pooling exponent); on the ONNX path, an op with an initializer input that is neither a
-counted op (Conv, ConvTranspose, Gemm, MatMul) nor a known weight-free op (element-wise, shape,
-normalisation, pooling, resize).
+PReLU, learned pooling exponent); on the ONNX path, an op applying weights (a constant: an initializer,
+a Constant node, or a node computing from constants only) to a per-image tensor that is neither a counted
+op (Conv, ConvTranspose, Gemm, MatMul) nor a known weight-free op (element-wise, shape, normalisation,
+pooling, resize), and a branch (If) holding counted or weighted ops.
+ONNX graphs: local functions are inlined first, and a weight is a constant however it reaches its layer
+(Identity, Reshape, Transpose, Cast, Squeeze of an initializer or a Constant node): a Gemm or MatMul with a
+constant operand (on either side) is an FC layer (K = the contracted dimension; MACs = output values x K,
+LFR FLOPs = output values x (2K - b)). A product of two activations (attention's scores and weighted
+values) holds no weight: the LFR rule counts conv and FC layers only, so it counts 0, like pooling. A
+node computing from constants alone (two weights multiplied, a weight transposed) is a weight transform
+done at load, not per image: the layer applying its result to the image is counted.
 """
 
 from __future__ import annotations
@@ -49,9 +57,10 @@ import torch
 from torch import nn
 
 from visrec._files import check_regular_file
-from visrec._onnx_check import fold_shape_computations
+from visrec._onnx_check import (_check_held, _count, _graphs, _inline, _itemsize, _skeleton,
+                                fold_shape_computations)
 from visrec._optional import require
-from visrec.errors import ConfigError, DataError, VisrecError
+from visrec.errors import ConfigError, DataError, VisrecError, shown
 from visrec.export import exported_size
 from visrec.models import build_backbone
 from visrec.models.contract import ONNX_KEY, ModelContract
@@ -196,12 +205,13 @@ def full_flops(model: nn.Module, input_size=(1, 3, 112, 112)) -> int:
 # --- ONNX graphs --------------------------------------------------------------------------------------
 
 def _load_onnx(path: Path):
-
+    """The ONNX file's ModelProto, its external data left unread (counting needs shapes, not values), after
+    onnx's checker (which refuses external data outside the file's folder)."""
     onnx = require("onnx", "export")
     check_regular_file(path)
     try:
-        model = onnx.load(str(path))
-        onnx.checker.check_model(model)
+        model = onnx.load(str(path), load_external_data=False)
+        onnx.checker.check_model(str(path))  # by path: external data is looked for beside the file, not read
     except Exception as exc:
         raise DataError(f"not a valid ONNX model: {str(exc).splitlines()[0][:200]}", path=path) from None
     return onnx, model
@@ -220,28 +230,169 @@ ONNX_ZERO_COUNT_OPS = frozenset({
     "Reciprocal", "Floor", "Ceil", "Round", "Sign", "Softmax", "LogSoftmax", "Sigmoid", "HardSigmoid",
     "HardSwish", "Relu", "LeakyRelu", "Elu", "Selu", "Celu", "Gelu", "Mish", "Softplus", "Tanh", "Erf", "Dropout",
     "AveragePool", "MaxPool", "GlobalAveragePool", "GlobalMaxPool", "Constant"})
+ONNX_COUNTED_OPS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul"})
+
+_LD_TAG = 1  # bytes of the tag of TensorProto.raw_data, GraphProto.initializer and ModelProto.graph (fields < 16)
+
+
+def _delimited(n: int) -> int:
+    """Bytes a length-delimited protobuf field of ``n`` bytes takes: tag, length varint, payload."""
+    varint, rest = 1, n
+    while rest >= 0x80:
+        rest >>= 7
+        varint += 1
+    return _LD_TAG + varint + n
+
+
+def _tensor_bytes(tensor) -> int:
+    """The bytes a dense tensor's values take as ``raw_data`` (4-bit types pack two values a byte)."""
+    from onnx import TensorProto
+
+    packed = {getattr(TensorProto, t) for t in ("INT4", "UINT4", "FLOAT4E2M1") if hasattr(TensorProto, t)}
+    n = _count(tensor.dims)
+    return (n + 1) // 2 if tensor.data_type in packed else n * _itemsize(tensor.data_type)
+
+
+def _single_file_bytes(model, path: Path) -> int:
+    """The bytes of the ONNX file: ``path``'s own, or for a model whose weights are saved as external data
+    (the main graph's initializers, what ``onnx.save_model(..., save_as_external_data=True)`` moves), the
+    bytes of the one file holding them inline that the same model saves to (each external tensor's declared
+    values as ``raw_data``) — what the size rule measures. External data anywhere else (a Constant node, a
+    subgraph, a sparse tensor) is refused: no saver visrec knows writes it."""
+    from onnx import TensorProto
+
+    file_bytes = path.stat().st_size
+    main = model.graph
+    for graph, where in _graphs(main):
+        tensors = [(f"{where}initializer {shown(t.name)}", t) for t in graph.initializer if graph is not main]
+        tensors += [(f"{where}sparse initializer {shown(t.values.name)}", t.values) for t in graph.sparse_initializer]
+        tensors += [(f"{where}{n.op_type} node {shown(n.name or n.output[0] if n.output else '')}", t)
+                    for n in graph.node for t in _attribute_tensors(n)]
+        for what, t in tensors:
+            if t.data_location == TensorProto.EXTERNAL:
+                raise DataError(f"{what} keeps its values in external data; visrec measures external data of the "
+                                f"main graph's initializers only", path=path)
+    for f in model.functions:
+        for n in f.node:
+            if any(t.data_location == TensorProto.EXTERNAL for t in _attribute_tensors(n)):
+                raise DataError(f"function {f.domain}:{f.name} > {n.op_type} node keeps its values in external "
+                                f"data; visrec measures external data of the main graph's initializers only",
+                                path=path)
+    external = [t for t in main.initializer if t.data_location == TensorProto.EXTERNAL]
+    if not external:
+        return file_bytes
+    graph_old = main.ByteSize()
+    graph_new = graph_old
+    for t in external:
+        inline = type(t)()
+        inline.CopyFrom(t)
+        inline.ClearField("external_data")
+        inline.ClearField("data_location")
+        inline.ClearField("raw_data")
+        graph_new += _delimited(inline.ByteSize() + _delimited(_tensor_bytes(t))) - _delimited(t.ByteSize())
+    return file_bytes + _delimited(graph_new) - _delimited(graph_old)
+
+
+def _attribute_tensors(node):
+    """The tensors a node's attributes hold (a Constant's value, ...), sparse ones by their values."""
+    for attr in node.attribute:
+        if attr.HasField("t"):
+            yield attr.t
+        yield from attr.tensors
+        if attr.HasField("sparse_tensor"):
+            yield attr.sparse_tensor.values
+        for sp in attr.sparse_tensors:
+            yield sp.values
+
+
+def _constant_sources(onnx, graph) -> dict[str, tuple[tuple[int, ...], int]]:
+    """name -> (dims, ONNX element type) of every tensor whose values the file holds: initializers (dense and
+    sparse) and the outputs of Constant nodes (a weight written as a Constant is a weight like any other)."""
+    T = onnx.TensorProto
+    out = {t.name: (tuple(t.dims), t.data_type) for t in graph.initializer}
+    out.update({sp.values.name: (tuple(sp.dims), sp.values.data_type) for sp in graph.sparse_initializer})
+    lists = {"value_float": ((), T.FLOAT), "value_int": ((), T.INT64), "value_string": ((), T.STRING)}
+    for node in graph.node:
+        if node.op_type != "Constant" or node.domain not in ("", "ai.onnx") or len(node.output) != 1:
+            continue
+        for attr in node.attribute:
+            if attr.name == "value":
+                out[node.output[0]] = (tuple(attr.t.dims), attr.t.data_type)
+            elif attr.name == "sparse_value":
+                out[node.output[0]] = (tuple(attr.sparse_tensor.dims), attr.sparse_tensor.values.data_type)
+            elif attr.name in lists:
+                out[node.output[0]] = lists[attr.name]
+            elif attr.name in ("value_floats", "value_ints", "value_strings"):
+                values = getattr(attr, attr.name[6:])
+                out[node.output[0]] = ((len(values),), {"value_floats": T.FLOAT, "value_ints": T.INT64,
+                                                        "value_strings": T.STRING}[attr.name])
+    return out
+
+
+def _has_subgraphs(node) -> bool:
+    return any(a.HasField("g") or len(a.graphs) for a in node.attribute)
 
 
 def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[list[LayerCount], dict]:
-    """The LFR count on an ONNX graph by the module docstring's rule (Conv and ConvTranspose of any
-    dimensionality, Gemm, and MatMul with a constant weight), plus graph facts: whether
-    BatchNormalization nodes remain, initializer dtypes, output dimension. An op with an initializer input
-    that is neither counted nor in :data:`ONNX_ZERO_COUNT_OPS` is a DataError naming it."""
+    """The LFR count on an ONNX graph by the module docstring's rule, plus graph facts: whether
+    BatchNormalization nodes remain, weight dtypes, parameters, output dimension, and ``size_bytes`` (the
+    bytes of the ONNX file, external data included: :func:`_single_file_bytes`).
+
+    The file is read without its external data (never loaded: counting needs shapes, not values), and
+    checked first as :func:`visrec._onnx_check.check_graph` checks a file from elsewhere: each tensor holds
+    what it declares, external data included (onnx's checker keeps its location beside the file); local
+    functions inline to a bounded size (:data:`visrec._onnx_check.MAX_INLINED_NODES`). Shape arithmetic is
+    folded as :func:`~visrec._onnx_check.fold_shape_computations` folds it (bounded before it is computed);
+    nothing else is evaluated, so a graph whose constants would take gigabytes at run time is still counted.
+    The graph's input must take the protocol's ``input_size``: free (symbolic) dimensions are set to it, a
+    fixed one that differs is a DataError naming the file, the input and both sizes.
+
+    Local functions are inlined before counting. A tensor is constant when the file holds its values (an
+    initializer, a Constant node) or a node computes it from constants alone (Identity, Reshape, Transpose,
+    Cast, Squeeze, ... of a weight); it holds weights when it comes from a non-int64 one (int64 constants are
+    shapes, axes and indices). Counted: Conv and ConvTranspose with a constant weight, and Gemm and MatMul
+    with one constant operand, on either side (an FC layer: MACs = output values x the contracted dimension
+    K, LFR FLOPs = output values x (2K - b); a bias is Gemm's C, or an Add of a constant of the output
+    features after a MatMul); the constant operand's values are parameters. A product of two
+    activations (attention's scores and weighted sums) holds no weight: it is not a layer the LFR rule
+    counts (conv and FC only; the organisers' counter hooked layers) and counts 0, like pooling. A node
+    computing from constants only (a product of two constants, a weight dequantised or transposed) is a
+    weight transform done once when the model loads, not per image: the layer applying its result to the
+    image is the one counted. A node that applies weights to a per-image tensor and is neither counted nor
+    in :data:`ONNX_ZERO_COUNT_OPS`, and a branch (If) holding counted or weighted ops, are a DataError naming
+    them, never 0 FLOPs."""
     path = Path(path)
     onnx, model = _load_onnx(path)
-
     graph = model.graph
-    inits = {i.name: i for i in graph.initializer}
-    real_inputs = [i for i in graph.input if i.name not in inits]
+    sources = _constant_sources(onnx, graph)
+    real_inputs = [i for i in graph.input if i.name not in sources]
     if not real_inputs:
         raise DataError("graph has no input", path=path)
-    dims = real_inputs[0].type.tensor_type.shape.dim
+    image = real_inputs[0]
+    dims = image.type.tensor_type.shape.dim
     if len(dims) != len(input_size):
         raise DataError(f"input has rank {len(dims)}, expected {len(input_size)}", path=path)
-    for d, v in zip(dims, input_size):
-        d.ClearField("dim_param")
-        d.dim_value = v
-    inferred = fold_shape_computations(model)  # shape arithmetic, sized before it is computed
+    fixed = [d.dim_value if d.HasField("dim_value") else None for d in dims]
+    if any(v is not None and v != want for v, want in zip(fixed, input_size)):
+        shown_dims = [v if v is not None else (d.dim_param or "?") for v, d in zip(fixed, dims)]
+        raise DataError(f"input {shown(image.name)} is fixed to {shown_dims}, but the protocol counts every model on "
+                        f"{list(input_size)}; export the model with that input size (or free dimensions)", path=path)
+    # checked before anything is read or counted: every tensor holds what it declares, external data too (its
+    # location beside the file, checked by onnx's checker; its bytes there, by their declared length), so
+    # nothing below sizes a weight from a declaration its file does not back; functions inline to a bounded size
+    _check_held(model, path)
+    size_bytes = _single_file_bytes(model, path)
+    model = _inline(model, path)
+    graph = model.graph
+    sources = _constant_sources(onnx, graph)  # Constant nodes of inlined functions too
+
+    skeleton = _skeleton(model)  # large and external tensors as typed inputs: shapes without their values
+    for vi in skeleton.graph.input:
+        if vi.name == image.name:
+            for d, v in zip(vi.type.tensor_type.shape.dim, input_size):
+                d.ClearField("dim_param")
+                d.dim_value = v
+    inferred = fold_shape_computations(skeleton)  # shape arithmetic, sized before it is computed
     shapes = {}
     for vi in list(inferred.graph.input) + list(inferred.graph.value_info) + list(inferred.graph.output):
         shapes[vi.name] = tuple(d.dim_value for d in vi.type.tensor_type.shape.dim)
@@ -249,79 +400,98 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     for node in graph.node:
         for i in node.input:
             consumers.setdefault(i, []).append(node)
-    # torch's TorchScript exporter writes a bias-free Linear as MatMul(x, Transpose(W)) (the dynamo exporter
-    # writes Gemm with transB=1, or MatMul on a pre-transposed weight for a 3-D input): see through it
-    transposed = {n.output[0]: inits[n.input[0]] for n in graph.node
-                  if n.op_type == "Transpose" and n.input[0] in inits}
-    # Tensors computed from initializers alone (no path from the graph input): weights reshaped, sliced or
-    # concatenated on their way into an op — torch's TorchScript exporter feeds an LSTM its weights this way.
-    # int64 initializers are shapes, axes and indices, constants like Constant nodes rather than weights
-    shape_inits = {n for n, i in inits.items() if i.data_type == onnx.TensorProto.INT64}
-    constant_outputs = {o for n in graph.node if n.op_type == "Constant" for o in n.output} | shape_inits
-    from_weights = set(inits) - shape_inits
-    for node in graph.node:  # nodes are topologically sorted in a valid ONNX graph
+
+    # constants (values known without the input) and, among them, weights (from a non-int64 constant); nodes
+    # are topologically sorted in a valid ONNX graph
+    const = set(sources)
+    weights = {n for n, (_, dtype) in sources.items() if dtype not in (onnx.TensorProto.INT64,
+                                                                       onnx.TensorProto.STRING)}
+    for node in graph.node:
         ins = [i for i in node.input if i]
-        if ins and all(i in from_weights or i in constant_outputs for i in ins) and any(i in from_weights for i in ins):
-            from_weights.update(node.output)
+        if node.op_type == "Constant" or _has_subgraphs(node):
+            continue
+        if all(i in const for i in ins):
+            const.update(o for o in node.output if o)
+            if any(i in weights for i in ins):
+                weights.update(o for o in node.output if o)
 
     def known_shape(name: str, node_name: str, op: str, rank: int | None = None) -> tuple:
-        shape = shapes.get(name)
+        shape = sources[name][0] if name in sources else shapes.get(name)
         if not shape or (rank is not None and len(shape) != rank) or 0 in shape:  # 0 = unresolved
             raise DataError(f"cannot infer the shape of {op} {node_name}'s tensor {name!r} (got {shape})", path=path)
-        return shape
+        return tuple(int(v) for v in shape)
+
+    def numel(name: str) -> int | None:
+        shape = sources[name][0] if name in sources else shapes.get(name)
+        return None if shape is None or 0 in shape else int(np.prod(shape, dtype=np.int64))
 
     rows = []
     for k, node in enumerate(graph.node):
         name = node.name or f"{node.op_type}_{k}"
-        if node.op_type in ("Conv", "ConvTranspose"):
-            w = inits.get(node.input[1])
-            if w is None:
-                raise DataError(f"{node.op_type} {name} has a non-constant weight", path=path)
+        op = node.op_type
+        ins = [i for i in node.input if i]
+        if _has_subgraphs(node):
+            for sub, _ in (s for a in node.attribute for g in ([a.g] if a.HasField("g") else list(a.graphs))
+                           for s in _graphs(g)):
+                inner = [n for n in sub.node if n.op_type in ONNX_COUNTED_OPS or
+                         (n.op_type not in ONNX_ZERO_COUNT_OPS and not _has_subgraphs(n))]
+                if inner or any(t.data_type != onnx.TensorProto.INT64 for t in sub.initializer):
+                    what = f"{inner[0].op_type} node" if inner else "weights"
+                    raise DataError(f"op {name} ({op}) holds a subgraph with a {what}; the FLOP counter counts the "
+                                    f"main graph's layers only and refuses layers it cannot count", path=path)
+        elif op in ("Conv", "ConvTranspose"):
+            if node.input[1] not in const:
+                raise DataError(f"{op} {name} has a non-constant weight", path=path)
+            w = known_shape(node.input[1], name, op)
             groups = next((a.i for a in node.attribute if a.name == "group"), 1)
-            kernel = int(np.prod(w.dims[2:]))
-            rank = len(w.dims)
-            out = known_shape(node.output[0], name, node.op_type, rank)
-            inp = known_shape(node.input[0], name, node.op_type, rank)
+            kernel = int(np.prod(w[2:]))
+            rank = len(w)
+            out = known_shape(node.output[0], name, op, rank)
+            inp = known_shape(node.input[0], name, op, rank)
             bias = len(node.input) > 2 and node.input[2] != ""
-            if node.op_type == "Conv":  # weight (Cout, Cin/groups, *kernel)
-                cout, cin = w.dims[0], w.dims[1] * groups
+            if op == "Conv":  # weight (Cout, Cin/groups, *kernel)
+                cout, cin = w[0], w[1] * groups
             else:  # ConvTranspose weight (Cin, Cout/groups, *kernel)
-                cin, cout = w.dims[0], w.dims[1] * groups
-            transposed_conv = node.op_type == "ConvTranspose"
+                cin, cout = w[0], w[1] * groups
+            transposed_conv = op == "ConvTranspose"
             macs, flops = conv_counts(cin, cout, kernel, groups, bias, transposed_conv,
                                       _positions(inp), _positions(out))
             rows.append(LayerCount(name, "convtranspose" if transposed_conv else "conv", int(macs), flops, out,
                                    groups))
-        elif node.op_type in ("Gemm", "MatMul") and (node.input[1] in inits or node.input[1] in transposed):
-            w = inits.get(node.input[1]) or transposed[node.input[1]]
-            if len(w.dims) != 2:
-                raise DataError(f"{node.op_type} {name} has a weight of rank {len(w.dims)}; the counter knows "
-                                f"2-D (in x out) weights only", path=path)
-            trans_b = next((a.i for a in node.attribute if a.name == "transB"), 0)
-            trans_b = trans_b or node.input[1] in transposed
-            fin, fout = (w.dims[1], w.dims[0]) if trans_b else (w.dims[0], w.dims[1])
-            if node.op_type == "Gemm":
+        elif op in ("Gemm", "MatMul") and len(node.input) >= 2 and (node.input[0] in const) != (node.input[1] in const):
+            a, b = node.input[0], node.input[1]
+            attrs = {x.name: x.i for x in node.attribute}
+            if b in const:  # x @ W: W is (in, out), or (out, in) with transB
+                w = known_shape(b, name, op)
+                if op == "Gemm":
+                    fin, fout = (w[1], w[0]) if attrs.get("transB", 0) else (w[0], w[1])
+                else:
+                    fin, fout = (w[0], 1) if len(w) == 1 else (w[-2], w[-1])
+            else:  # W @ x: W is (out, in), or (in, out) with transA
+                w = known_shape(a, name, op)
+                if op == "Gemm":
+                    fin, fout = (w[0], w[1]) if attrs.get("transA", 0) else (w[1], w[0])
+                else:
+                    fin, fout = (w[-1], 1) if len(w) == 1 else (w[-1], w[-2])
+            if op == "Gemm":
                 bias = len(node.input) > 2 and node.input[2] != ""
             else:  # MatMul + Add(constant of size out) is a biased FC
-                nxt = consumers.get(node.output[0], [])
-                bias = any(n.op_type == "Add" and any(i in inits and int(np.prod(inits[i].dims)) == fout
-                                                       for i in n.input) for n in nxt)
-            out = shapes.get(node.output[0], ())
-            r = int(np.prod(out[:-1], dtype=np.int64)) if len(out) >= 2 and 0 not in out else 1
-            rows.append(LayerCount(name, "fc", r * fin * fout, fc_lfr_flops(fin, fout, bias, r), out))
-        elif node.op_type not in ONNX_ZERO_COUNT_OPS and node.op_type not in ("Gemm", "MatMul"):
-            weights = [i for i in node.input if i in from_weights]
-            if weights:
-                raise DataError(f"op {name} ({node.op_type}) takes constant weights ({', '.join(weights[:3])}) but the "
-                                f"FLOP counter has no rule for {node.op_type}; it counts Conv, ConvTranspose, Gemm "
+                bias = any(n.op_type == "Add" and any(i != node.output[0] and i in const and numel(i) == fout
+                                                       for i in n.input)
+                           for n in consumers.get(node.output[0], []))
+            out = known_shape(node.output[0], name, op)
+            values = int(np.prod(out, dtype=np.int64))  # R rows x out features
+            rows.append(LayerCount(name, "fc", values * fin, fc_lfr_flops(fin, values, bias), out))
+        elif op not in ONNX_ZERO_COUNT_OPS and op not in ("Gemm", "MatMul") and not all(i in const for i in ins):
+            held = [i for i in ins if i in weights]
+            if held:
+                raise DataError(f"op {name} ({op}) takes constant weights ({', '.join(held[:3])}) but the "
+                                f"FLOP counter has no rule for {op}; it counts Conv, ConvTranspose, Gemm "
                                 f"and MatMul, and refuses an unknown weighted op rather than count it as 0", path=path)
-        elif node.op_type in ("Gemm", "MatMul") and node.input[0] in inits:
-            raise DataError(f"{node.op_type} {name} multiplies a constant on the left; the counter knows "
-                            f"x @ W (the weight second) only", path=path)
-    # int64 initializers are shapes, axes, pads and indices (the type ONNX requires for them; the dynamo
-    # exporter stores e.g. a flatten's target shape as one), not weights
-    weights = [i for i in graph.initializer if i.data_type != onnx.TensorProto.INT64]
-    dtypes = sorted({onnx.helper.tensor_dtype_to_np_dtype(i.data_type).name for i in weights})
+    # weights: every tensor the file holds but int64 ones (shapes, axes, pads and indices: the type ONNX requires
+    # for them; the dynamo exporter stores e.g. a flatten's target shape as one) and strings
+    held = [sources[n] for n in sources if n in weights]
+    dtypes = sorted({onnx.helper.tensor_dtype_to_np_dtype(dtype).name for _, dtype in held})
     out_shape = shapes.get(graph.output[0].name, ())
     convs = [n for n in graph.node if n.op_type in ("Conv", "ConvTranspose")]
     conv_then_bn = sum(any(c.op_type == "BatchNormalization" for c in consumers.get(n.output[0], [])) for n in convs)
@@ -330,7 +500,7 @@ def onnx_layer_counts(path: str | Path, input_size=(1, 3, 112, 112)) -> tuple[li
     facts = {"batchnorm_kept": conv_then_bn > 0 or biased_convs == 0,
              "weight_dtypes": dtypes, "embedding_dim": out_shape[-1] if out_shape else None,
              "output_shape": tuple(int(v) for v in out_shape[1:]) if out_shape else None,
-             "params": int(sum(np.prod(i.dims) for i in weights))}
+             "params": int(sum(_count(d) for d, _ in held)), "size_bytes": size_bytes}
     return rows, facts
 
 
@@ -449,7 +619,7 @@ def check(model_or_path, protocol: str | Protocol, *, with_size: bool = True, co
         _check_task(p, _onnx_contract(path), str(path))
         layers, facts = onnx_layer_counts(path, p.input_size)
         flops = sum(l.lfr_flops for l in layers)
-        size = path.stat().st_size
+        size = facts["size_bytes"]  # the file's bytes, its external data included
         report = BudgetReport(p, str(path), flops, sum(l.macs for l in layers), None, facts["params"], size,
                               facts["weight_dtypes"], facts["embedding_dim"],
                               batchnorm_folded=not facts["batchnorm_kept"], layers=layers,
@@ -525,9 +695,15 @@ MAX_BUILD_PARAMS = 2**29
 def check_buildable(name: str, kwargs: dict, where: str) -> int:
     """The parameter count of registry model ``name(**kwargs)``, counted on the meta device (shapes only, no
     memory), or a :class:`ConfigError` naming ``where`` (the option or file that asked for it) when it is over
-    :data:`MAX_BUILD_PARAMS`: refused before real weights are allocated."""
-    with on_meta_device():
-        params = sum(p.numel() for p in build_backbone(name, **kwargs).parameters())
+    :data:`MAX_BUILD_PARAMS`: refused before real weights are allocated. An architecture the registry refuses
+    (an invalid spec field) is a :class:`ConfigError` naming ``where`` too."""
+    try:
+        with on_meta_device():
+            params = sum(p.numel() for p in build_backbone(name, **kwargs).parameters())
+    except ConfigError as exc:  # an invalid architecture (a spec's field): said with the file that holds it
+        if str(exc).startswith(f"{where}:"):
+            raise
+        raise ConfigError(f"{where}: {exc}") from None
     if params > MAX_BUILD_PARAMS:
         raise ConfigError(f"{where}: {name} has {params:,} parameters ({4 * params / 2**30:.1f} GiB of float32 "
                           f"weights), over the {MAX_BUILD_PARAMS:,} (2 GiB) that visrec builds and measures")

@@ -25,8 +25,15 @@ from visrec.data.text import read_text
 from visrec.errors import ConfigError
 
 
-# visrec.models.contract.MAX_INPUT_SIDE, the model contract's bound on a side (importing it loads every model)
+# visrec.models.contract.MAX_INPUT_SIDE and MAX_EMBEDDING_DIM, the model contract's bounds (importing it loads
+# every model)
 MAX_INPUT_SIDE = 4096
+MAX_EMBEDDING_DIM = 1 << 16
+# The largest limits a protocol may set: finite is not enough (1e300 GFLOPs overflows the count it is compared
+# with in bytes or FLOPs). 1e6 GFLOPs is a petaFLOP per image, 1e6 MB a terabyte: far above any model visrec
+# builds or measures (visrec.budget.MAX_BUILD_PARAMS: 2 GiB of weights).
+MAX_GFLOPS = 1e6
+MAX_SIZE_MB = 1e6
 
 
 class Protocol(BaseModel):
@@ -34,11 +41,13 @@ class Protocol(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
     name: str
     task: Literal["faces", "faces-video", "landmarks", "products"] = "faces"
-    max_gflops: float | None = Field(None, gt=0, description="LFR-rule FLOPs (2 x MACs of conv/FC), in 1e9")
-    max_size_mb: float | None = Field(None, gt=0, description="float32 ONNX file size, MB = 1e6 bytes")
+    max_gflops: float | None = Field(None, gt=0, le=MAX_GFLOPS,
+                                     description="LFR-rule FLOPs (2 x MACs of conv/FC), in 1e9")
+    max_size_mb: float | None = Field(None, gt=0, le=MAX_SIZE_MB,
+                                      description="float32 ONNX file size, MB = 1e6 bytes")
     size_strict: bool = Field(False, description="True: size must be < limit; False: <= limit")
     dtype: Literal["float32", "any"] = "float32"
-    embedding_dim: int | None = Field(None, gt=0)
+    embedding_dim: int | None = Field(None, gt=0, le=MAX_EMBEDDING_DIM)
     input_size: tuple[int, int, int, int] = Field((1, 3, 112, 112), description="(batch, channels, height, width) "
                                                   "of the probe every count runs: 1, 3, sides in pixels")
     metric: str = ""

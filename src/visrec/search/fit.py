@@ -6,7 +6,10 @@ The grid is walked one line per combination of the knobs but the last; along a l
 smallest first and the walk stops at the first point over budget (members grow along it). The largest passing
 point of all lines wins; it and the next larger point of its line get the full check
 (:func:`visrec.budget.check`: the fp32 ONNX file's size where the protocol limits size, which the 4-bytes-per-
-parameter estimate can miss by the file's overhead — the winner steps down its line until it passes). A point
+parameter estimate can miss either way — by the file's overhead, and by the BatchNorm weights that folding
+removes). The full check decides: the winner steps down its line while it fails, and up it while the next
+larger point passes, so the fit passes the full check and the next larger point (when there is one) fails
+it; only the points walked over are exported. A point
 with more parameters than visrec builds (:data:`visrec.budget.MAX_BUILD_PARAMS`) counts as over budget, so a
 protocol without a size limit fits the largest member that can be built, not an error.
 """
@@ -97,18 +100,33 @@ def fit_to_budget(family: str, protocol: str | Protocol, knobs: dict[str, list] 
         model = build_backbone(name, **kw)
         return check(model, p, with_size=with_size, contract=registry_contract(model, name, kw), untrained=True)
 
+    def after(kw: dict):
+        """The next point of ``kw``'s grid line, or None at its end."""
+        k = inner_values.index(kw[inner_key])
+        return dict(kw, **{inner_key: inner_values[k + 1]}) if k + 1 < len(inner_values) else None
+
+    # the screen (4 bytes a parameter, BatchNorm unfolded) can be wrong either way by the file's overhead and
+    # the weights folding removes: the full check decides, down the line while the winner fails, up it while
+    # the next larger passes, so the fit passes the full check and its next larger point fails it
     best_report = full_check(best)
+    next_report = None
     while not best_report.passed:
-        smaller = [v for v in inner_values if v < best[inner_key]]
-        if not smaller:
+        k = inner_values.index(best[inner_key])
+        if k == 0:
             raise VisrecError(f"no member of {family} fits {p.name}")
-        neighbour, best = best, dict(best, **{inner_key: smaller[-1]})
+        neighbour, next_report = best, best_report
+        best = dict(best, **{inner_key: inner_values[k - 1]})
         best_report = full_check(best)
-    next_report, why = None, None
-    if neighbour:
-        params = model_cost(name, neighbour, p.input_size).params
-        if params > MAX_BUILD_PARAMS:  # the grid line ended at the build cap, not at the protocol's limits
-            why = f"{params:,} parameters > {MAX_BUILD_PARAMS:,}: too large to build and measure"
-        else:
+    why = None
+    while neighbour:
+        if next_report is None:
+            params = model_cost(name, neighbour, p.input_size).params
+            if params > MAX_BUILD_PARAMS:  # the grid line ended at the build cap, not at the protocol's limits
+                why = f"{params:,} parameters > {MAX_BUILD_PARAMS:,}: too large to build and measure"
+                break
             next_report = full_check(neighbour)
+        if not next_report.passed:
+            break
+        best, best_report = neighbour, next_report  # the next larger passes the full check: it is the fit
+        neighbour, next_report = after(best), None
     return FitResult(family, p, best, best_report, neighbour, next_report, tried, why)
