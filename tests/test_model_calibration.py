@@ -140,3 +140,24 @@ def test_a_model_that_gives_impostors_a_cosine_of_1_is_refused_a_threshold_above
         calibrate_threshold(same, np.repeat(np.arange(10), 4), 0.1)
     same[:20] = [1.0, 0.0]  # two embeddings: at 60% of the impostors a threshold below 1 exists
     assert calibrate_threshold(same, np.repeat(np.arange(10), 4), 0.6).threshold <= 1.0
+
+
+def test_models_calibrate_on_one_image_per_identity_is_refused_and_leaves_the_model_as_it_was(tmp_path, monkeypatch,
+                                                                                             capsys):
+    """No genuine pair: a threshold from impostors alone was written (-1.0 on 4 singletons at FPR 1), then the
+    command crashed formatting its TPR (None). Refused before anything is written, exit 2."""
+    from conftest import cli_status
+
+    from visrec.data.folders import write_image_folder
+
+    model = tmp_path / "m"
+    model.mkdir()
+    save_tiny_face_model(model)
+    before = (model / "model.pt").read_bytes()
+    rng = np.random.default_rng(0)
+    write_image_folder(tmp_path / "singletons", [(rng.integers(0, 255, (112, 112, 3), dtype=np.uint8), name)
+                                                 for name in ("a", "b", "c", "d")])
+    code, err = cli_status(["models", "calibrate", str(model), "--data", str(tmp_path / "singletons"),
+                            "--target-fpr", "1"], monkeypatch, capsys)
+    assert code == 2 and "no genuine pair" in err and "Traceback" not in err, err
+    assert (model / "model.pt").read_bytes() == before

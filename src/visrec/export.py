@@ -18,8 +18,8 @@ from visrec._onnx import OnnxEmbedder  # noqa: F401 - still importable from here
 from visrec._files import leftovers, replacing
 from visrec.data.text import check_output
 from visrec.errors import DataError, StorageError, VisrecError
-from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY
-from visrec.models.loading import checkpoint_file, file_sha256, load_model
+from visrec.models.contract import CHECKPOINT_KEY, FINGERPRINT_KEY, ONNX_KEY
+from visrec.models.loading import checkpoint_file, file_sha256, fingerprint_of, load_model
 
 
 # The dynamo exporter writes the ONNX standard opset its torchlib is written in (18) or later; it cannot
@@ -299,12 +299,16 @@ def _set_prop(proto, key: str, value: str) -> None:
     entry.key, entry.value = key, value
 
 
-def _stamp_checkpoint(path: Path, sha256: str) -> None:
+def _stamp_checkpoint(path: Path, sha256: str, fingerprint: str | None = None) -> None:
     """Record the SHA-256 of the checkpoint an export came from (``visrec.checkpoint_sha256``): what lets a
-    service run this file in the checkpoint's place (``runtime: auto``), and only for that checkpoint."""
+    service run this file in the checkpoint's place (``runtime: auto``), and only for that checkpoint; and the
+    checkpoint's fingerprint (``visrec.fingerprint``), which names the export as that checkpoint's model for a
+    gallery (``visrec.models.loading``) even after the checkpoint is rewritten with a threshold."""
     onnx = require("onnx", "export")
     model = onnx.load(str(path))
     _set_prop(model, CHECKPOINT_KEY, sha256)
+    if fingerprint:
+        _set_prop(model, FINGERPRINT_KEY, fingerprint)
     _save_whole(onnx, model, path)
 
 
@@ -437,7 +441,7 @@ def export_checkpoint(checkpoint: str | Path, onnx_path: str | Path, *, parity: 
                                   f"min cosine {report.min_cosine:.6f} (tolerance {report.tolerance:g}); "
                                   f"{path} was not written")
             if report is not None:  # only an export that passed parity may stand in for its checkpoint
-                _stamp_checkpoint(tmp, file_sha256(source))
+                _stamp_checkpoint(tmp, file_sha256(source), fingerprint_of(loaded.name))
     except OSError as exc:  # a folder the checks passed that takes no file after all (/proc as root)
         raise StorageError.from_os(exc, path) from None
     return path, report

@@ -125,7 +125,7 @@ def calibrate(config: Path = CONFIG,
     t.add_column("value")
     for key in ("threshold", "target_fpr", "tpr", "fpr", "genuine_pairs", "impostor_pairs", "images", "identities"):
         v = out[key]
-        t.add_row(key, f"{v:.6g}" if isinstance(v, float) else f"{v:,}")
+        t.add_row(key, f"{v:.6g}" if isinstance(v, float) else "none" if v is None else f"{v:,}")
     if photos:
         t.add_row("photos without a face (left out)", f"{len(out['no_face']):,}")
     console.print(t)

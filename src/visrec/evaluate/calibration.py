@@ -44,6 +44,9 @@ def calibrate_threshold(embeddings, labels, target_fpr: float = 1e-4, metric: st
                                targets=(target_fpr,))[float(target_fpr)]
     if not res.estimable:
         raise VisrecError(f"cannot calibrate at FPR {target_fpr:g}: {res.reason}")
+    if not res.genuine_count:  # a threshold from impostors alone: what it would accept of the same person is unknown
+        raise DataError(f"cannot calibrate at FPR {target_fpr:g}: no genuine pair (every identity has one image); "
+                        "give each identity two or more images, so the threshold's TPR is measured")
     if metric == "cosine" and res.threshold > 1:  # only above the largest cosine do few enough impostors score
         raise DataError(f"cannot calibrate at FPR {target_fpr:g}: more than {target_fpr:g} of the impostor pairs "
                         f"score a cosine of 1 (the model gives different people one embedding), so no threshold "

@@ -24,8 +24,8 @@ from visrec.evaluate.verification import check_target_fpr
 from visrec.export import write_onnx_contract
 from visrec.faces.evaluation import embed_all
 from visrec.faces.pipeline import ArcFaceEmbedder, Embedder, FacePipeline, embed_photos
-from visrec.models.contract import Threshold
-from visrec.models.loading import model_contract
+from visrec.models.contract import FINGERPRINT_KEY, Threshold
+from visrec.models.loading import file_sha256, model_contract, recorded_fingerprint
 from visrec.models.model_file import _from_checkpoint
 
 
@@ -111,5 +111,7 @@ def write_threshold(path: str | Path, threshold: Threshold) -> Path:
     if contract.task != "face-embedding":
         raise VisrecError(f"{path} is a {contract.task} model: only face embedders have a verification threshold")
     blob["contract"] = contract.replace(threshold=threshold, source=None).to_dict()
+    # the same weights: the model keeps the fingerprint a gallery knows it by (the file's bytes change here)
+    blob[FINGERPRINT_KEY] = recorded_fingerprint(blob.get(FINGERPRINT_KEY)) or file_sha256(path)
     atomic_save(blob, path)
     return path

@@ -32,6 +32,10 @@ from visrec.errors import DataError, shown
 
 ONNX_KEY = "visrec.contract"
 CHECKPOINT_KEY = "visrec.checkpoint_sha256"  # an ONNX export: SHA-256 of the checkpoint it was exported from
+# A model file rewritten in place (a threshold stored by `visrec models calibrate`), or an export: the
+# weights' fingerprint its name keeps (hex digits of a SHA-256), so a gallery still knows it
+# (visrec.models.loading)
+FINGERPRINT_KEY = "visrec.fingerprint"
 CONTRACT_VERSION = 1
 
 TASKS = ("face-embedding", "landmarks", "product-embedding", "video-embedding", "other")

@@ -17,6 +17,15 @@ Accepted specs:
 - a bare state dict (arcface_torch's ``backbone.pth``) with ``arch=`` (a registry backbone name, or a
   ``{"name": ..., **kwargs}`` dict).
 
+A model's ``name`` (what a gallery records, and refuses embeddings of any other model by) carries a fingerprint
+of its weights: ``<what it is>@sha256:<the first 16 hex digits of the SHA-256 of its file>``. A visrec checkpoint
+is ``<architecture>@sha256:<checkpoint>`` (``mobilefacenet:embedding_size=512,scale=1@sha256:...``); its ONNX
+export, which records the checkpoint's SHA-256 (``visrec export``), has the checkpoint's name, run beside it
+(``runtime: auto``) or on its own, since its embeddings are that model's; any other ONNX file is
+``onnx:<file name>@sha256:<its own bytes>``; a bare state dict ``<arch>@sha256:<its file>``. Adapters whose files
+are fixed and published (``dlib-resnet``) keep their plain names. Each file is hashed once per load (1 MB
+blocks; the checkpoint's digest also checks its ONNX twin).
+
 Every file is read with ``weights_only=True`` (:func:`visrec._torchfile.read_torch_file`). A path that does
 not exist, a file of an unknown kind, or an ONNX file with neither a contract nor a known layout is a
 :class:`~visrec.errors.DataError` naming the input.
@@ -44,7 +53,7 @@ from visrec._onnx import OnnxEmbedder, describe_providers, open_session
 from visrec._torchfile import read_torch_file
 from visrec.data.augment import crop_face
 from visrec.errors import ConfigError, DataError
-from visrec.models.contract import CHECKPOINT_KEY, ONNX_KEY, VISREC_MEAN, VISREC_STD, ModelContract, Threshold, contract_from_config
+from visrec.models.contract import CHECKPOINT_KEY, FINGERPRINT_KEY, ONNX_KEY, VISREC_MEAN, VISREC_STD, ModelContract, Threshold, contract_from_config
 from visrec.models.dlib_models import EXTERNAL, build_external
 from visrec.models.embed import embed_images, for_inference, forward_batch, images_to_tensor
 from visrec.models.landmark_nets import predict_points
@@ -238,8 +247,8 @@ class OnnxModel(LoadedModel):
 class ZooArcFace(LoadedModel):
     runtime = "onnxruntime"
 
-    def __init__(self, zoo, contract: ModelContract):
-        super().__init__(contract, f"onnx:{zoo.path.name}")
+    def __init__(self, zoo, contract: ModelContract, name: str | None = None):
+        super().__init__(contract, name or f"onnx:{zoo.path.name}")
         self.zoo = zoo
         self.providers = list(zoo.session.get_providers())
         self.runtime_note = describe_providers(zoo.session)
@@ -253,8 +262,8 @@ class ZooArcFace(LoadedModel):
 class ZooLandmarks(LoadedModel):
     runtime = "onnxruntime"
 
-    def __init__(self, zoo, contract: ModelContract):
-        super().__init__(contract, f"onnx:{zoo.path.name}")
+    def __init__(self, zoo, contract: ModelContract, name: str | None = None):
+        super().__init__(contract, name or f"onnx:{zoo.path.name}")
         self.zoo = zoo
         self.providers = list(zoo.session.get_providers())
         self.runtime_note = describe_providers(zoo.session)
@@ -375,7 +384,7 @@ def _load_onnx(path: Path, providers=None) -> LoadedModel:
     contract = read_onnx_contract(path, session)
     _check_onnx_fits(session, contract, path)
     if contract is not None:
-        return OnnxModel(path, contract, f"onnx:{path.name}", session=session)
+        return OnnxModel(path, contract, _onnx_name(path, session, contract), session=session)
     inputs, outputs = session.get_inputs(), session.get_outputs()
     shape = list(inputs[0].shape) if inputs else []
     out_shape = list(outputs[0].shape) if outputs else []
@@ -395,15 +404,15 @@ def _load_onnx(path: Path, providers=None) -> LoadedModel:
                       f"assumed defaults: {contract.task}, input {size}x{size} RGB in [-1, 1]"
                       + (f", crop margin {contract.crop_margin}" if contract.task == "landmarks"
                          else f", lstsq alignment, cosine, dim {contract.embedding_dim}"), stacklevel=3)
-        return OnnxModel(path, contract, f"onnx:{path.name}", session=session)
+        return OnnxModel(path, contract, _onnx_name(path, session, None), session=session)
     if len(inputs) == 1 and len(outputs) == 1 and len(shape) == 4:
         flat = out_shape[1] if len(out_shape) == 2 and isinstance(out_shape[1], int) else None
         if flat == 212 or (hw and hw[0] == 192):
             zoo = Landmark106Onnx(path, session=session, **_zoo_norm(path, landmark=True))
-            return ZooLandmarks(zoo, landmark_zoo_contract(zoo, path))
+            return ZooLandmarks(zoo, landmark_zoo_contract(zoo, path), _onnx_name(path, session, None))
         if hw == [112, 112] and len(out_shape) in (2, 4):
             zoo = ArcFaceOnnx(path, session=session, **_zoo_norm(path, landmark=False))
-            return ZooArcFace(zoo, arcface_zoo_contract(zoo, path))
+            return ZooArcFace(zoo, arcface_zoo_contract(zoo, path), _onnx_name(path, session, None))
     raise DataError(f"ONNX file without a visrec model contract (metadata_props {ONNX_KEY!r}) and not a known "
                     f"InsightFace zoo layout (ArcFace: one (N, 3, 112, 112) input and one (N, D) output; "
                     f"2d106det: (N, 3, 192, 192) -> (N, 212)); its input is {shape}, its output {out_shape}. "
@@ -419,8 +428,65 @@ def _zoo_norm(path: Path, landmark: bool) -> dict:
     return {"input_mean": 127.5, "input_std": 128.0 if landmark else 127.5}
 
 
+FINGERPRINT = "@sha256:"  # between what a model is and the first 16 hex digits of its weights' SHA-256
+FINGERPRINT_HEX = 16
+
+
+class ModelName(str):
+    """A model's name (module docstring), a ``str``; ``earlier``: names earlier versions of visrec gave the same
+    model without a fingerprint (a visrec ONNX export was ``onnx:<file name>``), which a gallery they recorded
+    still accepts as this model's (``visrec.index.gallery.base``)."""
+
+    earlier: tuple[str, ...] = ()
+
+    def __new__(cls, name: str, earlier=()):
+        self = super().__new__(cls, name)
+        self.earlier = tuple(earlier)
+        return self
+
+    def __reduce__(self):
+        return ModelName, (str(self), self.earlier)
+
+
+def fingerprinted(base: str, sha256: str, earlier=()) -> ModelName:
+    """``base@sha256:<first 16 hex digits of sha256>``: a model's name with its weights' fingerprint."""
+    return ModelName(f"{base}{FINGERPRINT}{sha256[:FINGERPRINT_HEX].lower()}", earlier)
+
+
+def _is_sha256(value) -> bool:
+    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
+
+
+def recorded_fingerprint(value) -> str | None:
+    """A fingerprint a file records (:data:`FINGERPRINT_KEY`: 16 to 64 hex digits), lower-cased, or None."""
+    ok = isinstance(value, str) and FINGERPRINT_HEX <= len(value) <= 64 and all(c in "0123456789abcdefABCDEF"
+                                                                                  for c in value)
+    return value.lower() if ok else None
+
+
+def fingerprint_of(name: str) -> str | None:
+    """The fingerprint part of a model name (``...@sha256:<hex>``), or None for a name without one."""
+    return name.rpartition(FINGERPRINT)[2] if FINGERPRINT in name else None
+
+
 def _checkpoint_name(cfg: dict) -> str:
+    """What a visrec checkpoint's architecture is called (the part of its name before the fingerprint)."""
     return cfg["name"] + ":" + ",".join(f"{k}={v}" for k, v in sorted(cfg.items()) if k != "name")
+
+
+def _onnx_name(path: Path, session, contract: ModelContract | None) -> ModelName:
+    """An ONNX file's model name: a visrec export recording the SHA-256 of the checkpoint it was exported from
+    (and the architecture, in its contract) has that checkpoint's name; any other is ``onnx:<file name>``
+    fingerprinted by its own bytes."""
+    legacy = f"onnx:{path.name}"  # what every ONNX model was called before names carried a fingerprint
+    meta = session.get_modelmeta().custom_metadata_map or {}
+    recorded = recorded_fingerprint(meta.get(FINGERPRINT_KEY))  # the checkpoint's fingerprint (visrec export)
+    if recorded is None and _is_sha256(meta.get(CHECKPOINT_KEY)):  # an export before the fingerprint was stamped
+        recorded = meta[CHECKPOINT_KEY].lower()
+    arch = getattr(contract, "arch", None)
+    if recorded is not None and isinstance(arch, dict) and isinstance(arch.get("name"), str):
+        return fingerprinted(_checkpoint_name(arch), recorded, earlier=(legacy,))
+    return fingerprinted(legacy, file_sha256(path))
 
 
 def checkpoint_file(spec: str | Path) -> Path:
@@ -437,11 +503,13 @@ def file_sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _onnx_twin(checkpoint: Path, contract: ModelContract, name: str, providers=None) -> LoadedModel | str:
+def _onnx_twin(checkpoint: Path, contract: ModelContract, name: str, providers=None,
+               digest: str | None = None) -> LoadedModel | str:
     """The checkpoint's ONNX export beside it (:data:`ONNX_TWIN`, recording this checkpoint's SHA-256, which
     ``visrec export`` writes), run by ONNX Runtime under the checkpoint's name and contract; else why not. A
     ``providers`` request that cannot be honoured (no such provider, or a fallback to the CPU) is raised, not
-    passed over: the caller asked for that runtime."""
+    passed over: the caller asked for that runtime. ``digest``: the checkpoint's SHA-256 where the caller has it
+    (its name's fingerprint), so the file is not read twice."""
     twin = checkpoint.parent / ONNX_TWIN
     if not twin.is_file():
         return f"no {ONNX_TWIN} beside it (visrec export {checkpoint} --out {twin})"
@@ -452,7 +520,7 @@ def _onnx_twin(checkpoint: Path, contract: ModelContract, name: str, providers=N
     except Exception as exc:  # noqa: BLE001 - onnxruntime missing or a broken file: said, then torch serves
         return f"{twin} does not open: {str(exc).splitlines()[0][:200]}"
     recorded = (session.get_modelmeta().custom_metadata_map or {}).get(CHECKPOINT_KEY)
-    if recorded != file_sha256(checkpoint):
+    if recorded != (digest or file_sha256(checkpoint)):
         return (f"{twin} is not the export of this checkpoint (it records "
                 f"{'no checkpoint' if recorded is None else 'another one'}; export it again)")
     model = OnnxModel(twin, contract, name, session=session)
@@ -506,9 +574,12 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
             raise DataError("arch= applies to a bare state dict (backbone.pth), not to a visrec checkpoint, which "
                             "records its own architecture", path=path)
         module, cfg, contract = _from_checkpoint(path, blob)
+        digest = file_sha256(path)  # once: the name's fingerprint, and what the ONNX twin must record
+        # a checkpoint rewritten in place (models calibrate stores a threshold) keeps the fingerprint it recorded
+        name = fingerprinted(_checkpoint_name(cfg), recorded_fingerprint(blob.get(FINGERPRINT_KEY)) or digest)
         cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
         if runtime == "onnx" or (runtime == "auto" and cpu):
-            twin = _onnx_twin(path, contract, _checkpoint_name(cfg), providers)
+            twin = _onnx_twin(path, contract, name, providers, digest)
             if not isinstance(twin, str):
                 return twin
             if runtime == "onnx":
@@ -516,7 +587,7 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
             note = f"PyTorch: {twin}"
         else:
             note = "PyTorch: asked for" if runtime == "torch" else "PyTorch: on the GPU"
-        model = TorchModel(module, contract, _checkpoint_name(cfg), device)
+        model = TorchModel(module, contract, name, device)
         model.runtime_note = note
         return model
     if isinstance(blob, dict) and blob and all(isinstance(v, torch.Tensor) for v in blob.values()):
@@ -528,7 +599,7 @@ def load_model(spec: str | Path, *, arch: str | dict | None = None, device: str 
         init_backbone(module, path, name=cfg["name"])
         module.eval()
         contract = default_contract(module, cfg, source=str(path), origin="arcface_torch")
-        return TorchModel(module, contract, _checkpoint_name(cfg), device)
+        return TorchModel(module, contract, fingerprinted(_checkpoint_name(cfg), file_sha256(path)), device)
     raise DataError(f"unknown kind of model file (a torch file holding {type(blob).__name__}, neither a visrec "
                     f"checkpoint nor a state dict); expected {KINDS}", path=path)
 
@@ -541,5 +612,5 @@ def model_contract(spec: str | Path, *, arch: str | dict | None = None) -> Model
     return load_model(spec, arch=arch).contract
 
 
-__all__ = ["load_model", "checkpoint_file", "file_sha256", "LoadedModel", "load_backbone", "load_checkpoint", "init_backbone", "default_contract",
+__all__ = ["load_model", "checkpoint_file", "file_sha256", "fingerprinted", "ModelName", "LoadedModel", "load_backbone", "load_checkpoint", "init_backbone", "default_contract",
            "read_onnx_contract", "read_model_file", "model_contract", "embedding_dim", "adapter_contract"]

@@ -133,17 +133,38 @@ class GalleryConfig(_Strict):
 
     def storage(self) -> tuple[str, set[str]] | None:
         """(where, the Milvus collection names it may use) for a Milvus gallery, (file, {"*"}) for a durable FAISS
-        gallery (nothing else may use its file); None for one in memory.
+        gallery (nothing else may use its file); None for one in memory. A local file or folder is named with
+        its links resolved (:func:`real_path`): a link to another gallery's file is that file.
         The names include the older layout's (``<collection>``, ``<collection>_identities``), which an
         open copies from and then drops: two galleries must not share any of them."""
         if self.backend == "faiss" and self.path:
-            return os.path.abspath(os.path.expanduser(self.path)), {"*"}  # the whole file
+            return real_path(self.path), {"*"}  # the whole file
         if self.backend != "milvus":
             return None
         uri = self.uri.strip()
-        where = uri.rstrip("/").lower() if "://" in uri else os.path.abspath(os.path.expanduser(uri))
+        where = uri.rstrip("/").lower() if "://" in uri else real_path(uri)
         c = self.collection
         return where, {f"{c}_templates", f"{c}_people", f"{c}_info", c, f"{c}_identities"}
+
+
+def real_path(path: str) -> str:
+    """A local path as one name, whatever way it is reached: ``~`` expanded, absolute, every symbolic link resolved
+    (of the file and of the folders above it)."""
+    return os.path.realpath(os.path.expanduser(path))
+
+
+def same_place(a: str, b: str) -> bool:
+    """Whether two :meth:`GalleryConfig.storage` places are one: the same name, or (local paths that exist) the
+    same file on disk by device and inode, which also finds a hard link."""
+    if a == b:
+        return True
+    if "://" in a or "://" in b:
+        return False
+    try:
+        sa, sb = os.stat(a), os.stat(b)
+    except (OSError, ValueError):  # one is not there yet: its resolved name is all there is to compare
+        return False
+    return (sa.st_dev, sa.st_ino) == (sb.st_dev, sb.st_ino)
 
 
 RUNTIME_HELP = ("torch | onnx | auto: auto serves a checkpoint through its ONNX export beside it (model.onnx "
@@ -197,10 +218,12 @@ class FacesConfig(_Strict):
             if where is None:
                 continue
             for other, (other_where, other_names) in seen.items():
-                if where[0] == other_where and "*" in where[1] | other_names:
-                    raise ConfigError(f"faces galleries {other!r} and {name!r} use the same file ({where[0]}): a "
-                                      f"durable FAISS gallery's file is its own")
-                if where[0] == other_where and where[1] & other_names:
+                same = same_place(where[0], other_where)
+                if same and "*" in where[1] | other_names:
+                    raise ConfigError(f"faces galleries {other!r} and {name!r} use the same file ({where[0]}"
+                                      + ("" if where[0] == other_where else f" and {other_where}, one file")
+                                      + "): a durable FAISS gallery's file is its own")
+                if same and where[1] & other_names:
                     raise ConfigError(f"faces galleries {other!r} and {name!r} point at the same Milvus "
                                       f"collections ({g.uri}, collection {g.collection!r} and "
                                       f"{named[other].collection!r}): give each gallery its own collection")
@@ -210,7 +233,7 @@ class FacesConfig(_Strict):
         for name, g in named.items():
             if g.thumbnails is None:
                 continue
-            folder = os.path.abspath(os.path.expanduser(g.thumbnails))
+            folder = real_path(g.thumbnails)
             for other, file in files.items():
                 if os.path.commonpath([folder, file]) == folder:
                     raise ConfigError(f"faces gallery {name!r} keeps thumbnails in {folder}, which holds the file of "

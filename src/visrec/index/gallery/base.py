@@ -18,7 +18,10 @@ top-k identities by their best template.
 Enrollment is idempotent per (identity, image hash): a template's id is a hash of both, and rows are
 upserted, so repeating an enrollment — say after a crash before the answer reached the client — never
 duplicates it. A gallery records the model name and embedding dimension on its first enrollment and
-refuses embeddings of another model or size (:class:`GalleryMismatchError`).
+refuses embeddings of another model or size (:class:`GalleryMismatchError`). A model's name carries a
+fingerprint of its weights (``<architecture>@sha256:<16 hex digits>``, :mod:`visrec.models.loading`), so two
+checkpoints of one architecture are two models; a name recorded without one by an earlier version is taken as
+the same model's and gets the fingerprint recorded at the first open (:func:`same_model`, logged).
 
 Identities are data. A name is normalised to Unicode NFC (so "Zoë" typed either way is one person) and
 checked by :func:`check_identity`: 1-200 characters, at most 256 bytes of UTF-8, no control characters, no
@@ -82,6 +85,10 @@ _INVISIBLE = re.compile("[\u034f\u115f\u1160\u17b4\u17b5\u2800\u3164\uffa0]")
 _SELECTORS = re.compile("[\u180b-\u180d\u180f\ufe00-\ufe0f\U000e0100-\U000e01ef]")
 _MILVUS_TOPK = 16384  # the largest limit a Milvus search accepts
 IMPORT_BATCH = 4096  # templates per write when an export is imported
+# the longest raw (euclidean) row stored: its squared distances stay well inside float32, as FAISS and Milvus
+# compute them
+_MAX_RAW_NORM = 1e18
+FINGERPRINT = "@sha256:"  # a model name's fingerprint of its weights (visrec.models.loading.FINGERPRINT)
 log = logging.getLogger(__name__)
 
 
@@ -116,18 +123,77 @@ def identity_key(identity: str) -> str:
 
 def _vectors(x: np.ndarray, what: str, metric: str = "cosine") -> np.ndarray:
     """Checked (n, dim) float32 rows as a gallery of ``metric`` stores them: unit rows for cosine, raw for
-    euclidean (a zero row is refused for both: no model gives one for a real face)."""
-    x = np.asarray(x, dtype=np.float32)
-    if x.ndim == 1:
-        x = x[None]
-    if x.ndim != 2 or len(x) == 0:
-        raise DataError(f"{what} must be shaped (n, dim), got {x.shape}")
-    if not np.isfinite(x).all():
-        raise DataError(f"{what}: row {int(np.flatnonzero(~np.isfinite(x).all(1))[0])} holds NaN or inf")
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    if (norms == 0).any():
-        raise DataError(f"{what}: row {int(np.flatnonzero(norms[:, 0] == 0)[0])} is all zeros")
-    return x if metric == "euclidean" else (x / norms).astype(np.float32)
+    euclidean (a zero row is refused for both: no model gives one for a real face).
+
+    Norms are taken in float64, so a row of huge finite values (1e38, whose float32 norm overflows) or of tiny
+    ones (1e-30, whose float32 squares underflow to 0) is normalised as any other, never stored as zeros; every
+    unit row is checked to be finite and of length 1 before it is returned. Euclidean rows are kept raw, so one
+    whose squared distances float32 cannot hold is refused."""
+    raw = np.asarray(x)
+    if raw.ndim == 1:
+        raw = raw[None]
+    if raw.ndim != 2 or len(raw) == 0:
+        raise DataError(f"{what} must be shaped (n, dim), got {raw.shape}")
+    try:
+        wide = raw.astype(np.float64)
+    except (TypeError, ValueError):
+        raise DataError(f"{what} must be numbers, got {raw.dtype}") from None
+    if not np.isfinite(wide).all():
+        raise DataError(f"{what}: row {int(np.flatnonzero(~np.isfinite(wide).all(1))[0])} holds NaN or inf")
+    norms = np.sqrt(np.square(wide / np.maximum(np.abs(wide).max(1, keepdims=True), np.finfo(np.float64).tiny))
+                    .sum(1, keepdims=True)) * np.abs(wide).max(1, keepdims=True)  # scaled: no overflow
+    zero = norms[:, 0] == 0
+    if zero.any():
+        raise DataError(f"{what}: row {int(np.flatnonzero(zero)[0])} is all zeros")
+    if metric == "euclidean":
+        too_big = norms[:, 0] > _MAX_RAW_NORM
+        if too_big.any():
+            row = int(np.flatnonzero(too_big)[0])
+            raise DataError(f"{what}: row {row} has length {norms[row, 0]:.3g}, beyond what distances in float32 "
+                            f"can hold (at most {_MAX_RAW_NORM:.0e}); no distance model gives such an embedding")
+        return wide.astype(np.float32)
+    with np.errstate(over="ignore", under="ignore", divide="ignore", invalid="ignore"):
+        # rows whose float32 norm is exact enough are divided in float32 as ever (bit for bit what the evaluation
+        # engine scores); the others (huge, tiny) in float64
+        x32 = wide.astype(np.float32)
+        n32 = np.linalg.norm(x32, axis=1, keepdims=True)
+        fast = np.isfinite(n32) & (np.abs(n32.astype(np.float64) - norms) <= 1e-6 * norms)
+        unit = np.where(fast, x32 / n32, (wide / norms).astype(np.float32)).astype(np.float32)
+    lengths = np.linalg.norm(unit.astype(np.float64), axis=1)
+    bad = ~np.isfinite(unit).all(1) | (np.abs(lengths - 1) > 1e-3)
+    if bad.any():  # not reachable from finite input; kept so that no non-unit row is ever stored as one
+        row = int(np.flatnonzero(bad)[0])
+        raise DataError(f"{what}: row {row} cannot be scaled to unit length (length {norms[row, 0]:.3g})")
+    return unit
+
+
+def split_model_name(name: str) -> tuple[str, str | None]:
+    """(what the model is, the fingerprint of its weights or None) of a model name as
+    :mod:`visrec.models.loading` gives it: ``<what>@sha256:<16 hex digits>``; a name without one (earlier
+    versions, or a caller's own) is all ``what``."""
+    what, sep, digest = name.rpartition(FINGERPRINT)
+    if sep and len(digest) == 16 and all(c in "0123456789abcdef" for c in digest):
+        return what, digest
+    return name, None
+
+
+def same_model(recorded: str, given: str) -> bool | str:
+    """Whether embeddings of model ``given`` may join a gallery (or export) that recorded model ``recorded``.
+
+    Two fingerprinted names are one model exactly when their fingerprints are: the weights decide, whatever
+    the file is called (a checkpoint and its ONNX export share one). A name without a fingerprint was written
+    by an earlier version: it matches a fingerprinted name of the same model (the part before ``@sha256:``, or
+    a name ``given`` says earlier versions gave it, its ``earlier``): ``"fingerprint recorded"`` when the gallery's
+    name is the old one (it then records the fingerprint), ``"unverified"`` when ``given`` is (an old export,
+    whose weights nothing identifies). Names without any fingerprint compare as text."""
+    (r_what, r_digest), (g_what, g_digest) = split_model_name(recorded), split_model_name(given)
+    if r_digest is not None and g_digest is not None:
+        return r_digest == g_digest
+    if r_digest is None and g_digest is None:
+        return recorded == given
+    if r_digest is None:
+        return "fingerprint recorded" if recorded in (g_what, *getattr(given, "earlier", ())) else False
+    return "unverified" if given == r_what else False
 
 
 def pair_scores(a, b, metric: str = "cosine") -> np.ndarray:
@@ -368,13 +434,23 @@ class Gallery(abc.ABC):
         if dim is not None and have_dim is not None and int(dim) != int(have_dim):
             raise GalleryMismatchError(f"the gallery holds {have_dim}-d embeddings; got {dim}-d ones "
                                        f"(another model: {model_name or 'unnamed'})")
-        if model_name is not None and have_name is not None and model_name != have_name:
+        same = None if model_name is None or have_name is None else same_model(have_name, model_name)
+        if same is False:
             raise GalleryMismatchError(f"the gallery holds embeddings of model {have_name!r}; refusing "
                                        f"embeddings of model {model_name!r} (re-enroll into a new gallery)")
+        if same == "fingerprint recorded":
+            log.warning("the gallery recorded model %r without a fingerprint of its weights (written by an earlier "
+                        "visrec); it now records %r, and refuses any other model's embeddings", have_name,
+                        str(model_name))
+            self.info["model_name"] = str(model_name)
+        elif same == "unverified":
+            log.warning("embeddings of model %r, named without a fingerprint of its weights (by an earlier visrec), "
+                        "are taken as those of the gallery's model %r: nothing shows they are not", str(model_name),
+                        have_name)
         if have_dim is None and dim is not None:
             self.info["dim"] = int(dim)
         if have_name is None and model_name is not None:
-            self.info["model_name"] = model_name
+            self.info["model_name"] = str(model_name)
 
     @property
     def threshold(self) -> float | None:
@@ -790,9 +866,10 @@ class Gallery(abc.ABC):
         before = self.count()
         with self.lock, self._transaction() as undo:
             self._check_model(info["model_name"], info["dim"], info["metric"])
+            name = self.info["model_name"]  # checked once (an old export's unfingerprinted name warns once)
             done = 0
             for batch in export.batches():
-                self._enroll_locked(batch, info["model_name"], undo)
+                self._enroll_locked(batch, name, undo)
                 done += sum(len(x) for _, x, _, _ in batch)
                 if progress is not None:
                     progress(done, len(export))

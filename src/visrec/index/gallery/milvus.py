@@ -160,7 +160,7 @@ class MilvusGallery(Gallery):
             Path(uri).parent.mkdir(parents=True, exist_ok=True)
             _check_not_open_elsewhere(Path(uri))
         try:
-            client = pymilvus.MilvusClient(uri=uri, token=token, timeout=timeout)
+            client = pymilvus.MilvusClient(uri=_lite_folder(uri), token=token, timeout=timeout)
         except Exception as exc:  # noqa: BLE001 - pymilvus raises many kinds; say which gallery failed
             raise GalleryUnavailableError(f"cannot open the Milvus gallery at {uri}: {str(exc)[:300]}") from None
         self.client = _Client(client, uri, consistency, timeout)
@@ -558,6 +558,18 @@ def _stored(text, kind: type, what: str):
         raise DataError(f"Milvus gallery: {what} is a JSON {type(value).__name__}, not a JSON "
                         f"{'object' if kind is dict else 'array'}")
     return value
+
+
+def _lite_folder(uri: str) -> str:
+    """What Milvus Lite is handed for a gallery's ``uri``: a local one with its links resolved, so that a link to
+    a gallery (or a path through a linked folder) reaches the database this process already has open for the
+    real folder (Milvus Lite keeps one per path as given) instead of a second one on the same files, which its
+    own lock refuses. A server's ``uri``, or a link whose target's name does not end in ``.db`` (which Milvus
+    Lite requires), is passed as it is."""
+    if "://" in uri:
+        return uri
+    real = os.path.realpath(uri)
+    return real if real.endswith(".db") else uri
 
 
 def _check_not_open_elsewhere(path: Path) -> None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import json
+import os
 import sqlite3
 from pathlib import Path
 
@@ -63,13 +64,16 @@ class GalleryFile:
 
     def __init__(self, path: str | Path):
         self.path = check_regular_file(path)  # SQLite read a pipe as "disk I/O error"
-        with writing_into(self.path):  # a read-only or full disk: a StorageError naming the folder or lock file
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._claim = _claim(self.path)
+        # the file itself, links resolved: what is claimed and opened, so that a link to a gallery file (or a
+        # path through a linked folder) is the same gallery as the file, never a second writer of it
+        self.real = real_file(self.path)
+        with writing_into(self.real):  # a read-only or full disk: a StorageError naming the folder or lock file
+            self.real.parent.mkdir(parents=True, exist_ok=True)
+            self._claim = _claim(self.real, self.path)
         try:
             # autocommit mode: transactions are the explicit BEGIN/COMMIT below; the gallery's lock serialises
             # writers, so one connection is shared by the service's worker threads
-            self.db = sqlite3.connect(str(self.path), isolation_level=None, check_same_thread=False)
+            self.db = sqlite3.connect(str(self.real), isolation_level=None, check_same_thread=False)
             self.db.execute("PRAGMA journal_mode=WAL")
             self.db.execute("PRAGMA synchronous=FULL")  # a commit is on disk before the write is acknowledged
             self.db.executescript(SCHEMA)
@@ -197,11 +201,19 @@ class GalleryFile:
             self._claim.close()  # releases the claim
 
 
-def _claim(path: Path):
-    """An exclusive claim on the gallery file for this open (``flock`` on ``<file>.lock``, released by close
-    or by the process's death, kill -9 included). The gallery searches what it loaded into memory, so a second
-    process writing the same file would leave the first one serving stale rows: it is refused instead."""
-    lock = open(path.with_name(path.name + ".lock"), "a+b")
+def real_file(path: str | Path) -> Path:
+    """``path`` with every symbolic link resolved (of the file and of the folders above it), absolute: the one
+    name of a gallery file however it is reached. A link that points nowhere yet resolves to where the file
+    will be made."""
+    return Path(os.path.realpath(path))
+
+
+def _claim(real: Path, given: Path | None = None):
+    """An exclusive claim on the gallery file for this open (``flock`` on ``<file>.lock`` beside the real file,
+    links resolved: a link to the file claims the same lock; released by close or by the process's death, kill -9
+    included). The gallery searches what it loaded into memory, so a second process (or a second open in this
+    one) writing the same file would leave the first one serving stale rows: it is refused instead."""
+    lock = open(real.with_name(real.name + ".lock"), "a+b")
     try:
         import fcntl
     except ImportError:  # not a POSIX system: no claim, as SQLite itself would not stop a second process
@@ -210,7 +222,9 @@ def _claim(path: Path):
         fcntl.flock(lock.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         lock.close()
-        raise DataError("the gallery file is open elsewhere (a running service, or another gallery command): "
-                        "stop that first, or reach the gallery through the service's HTTP API",
-                        path=path) from None
+        given = real if given is None else given
+        through = "" if real_file(given) == Path(os.path.abspath(given)) else f" (a link to {real})"
+        raise DataError(f"the gallery file{through} is open elsewhere (a running service, or another gallery "
+                        "command): stop that first, or reach the gallery through the service's HTTP API",
+                        path=given) from None
     return lock
