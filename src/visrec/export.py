@@ -19,7 +19,7 @@ from visrec._files import leftovers, replacing
 from visrec.data.text import check_output
 from visrec.errors import DataError, StorageError, VisrecError
 from visrec.models.contract import CHECKPOINT_KEY, FINGERPRINT_KEY, ONNX_KEY
-from visrec.models.loading import checkpoint_file, file_sha256, fingerprint_of, load_model
+from visrec.models.loading import FINGERPRINT_HEX, checkpoint_file, file_sha256, fingerprint_of, load_model
 
 
 # The dynamo exporter writes the ONNX standard opset its torchlib is written in (18) or later; it cannot
@@ -399,7 +399,7 @@ def exported_size(model: nn.Module, contract=None, *, input_size=(1, 3, 112, 112
     with tempfile.TemporaryDirectory() as tmp:
         path = export_model(model, Path(tmp) / "model.onnx", contract, input_size=input_size)
         if contract is not None:
-            _stamp_checkpoint(path, "0" * 64)
+            _stamp_checkpoint(path, "0" * 64, "0" * FINGERPRINT_HEX)  # what visrec export stamps, byte for byte
         return os.path.getsize(path)
 
 
