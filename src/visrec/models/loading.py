@@ -453,10 +453,6 @@ def fingerprinted(base: str, sha256: str, earlier=()) -> ModelName:
     return ModelName(f"{base}{FINGERPRINT}{sha256[:FINGERPRINT_HEX].lower()}", earlier)
 
 
-def _is_sha256(value) -> bool:
-    return isinstance(value, str) and len(value) == 64 and all(c in "0123456789abcdefABCDEF" for c in value)
-
-
 def recorded_fingerprint(value) -> str | None:
     """A fingerprint a file records (:data:`FINGERPRINT_KEY`: 16 to 64 hex digits), lower-cased, or None."""
     ok = isinstance(value, str) and FINGERPRINT_HEX <= len(value) <= 64 and all(c in "0123456789abcdefABCDEF"
@@ -480,9 +476,8 @@ def _onnx_name(path: Path, session, contract: ModelContract | None) -> ModelName
     fingerprinted by its own bytes."""
     legacy = f"onnx:{path.name}"  # what every ONNX model was called before names carried a fingerprint
     meta = session.get_modelmeta().custom_metadata_map or {}
-    recorded = recorded_fingerprint(meta.get(FINGERPRINT_KEY))  # the checkpoint's fingerprint (visrec export)
-    if recorded is None and _is_sha256(meta.get(CHECKPOINT_KEY)):  # an export before the fingerprint was stamped
-        recorded = meta[CHECKPOINT_KEY].lower()
+    # the checkpoint's fingerprint (visrec export), else its SHA-256 (an export before the fingerprint was stamped)
+    recorded = recorded_fingerprint(meta.get(FINGERPRINT_KEY)) or recorded_fingerprint(meta.get(CHECKPOINT_KEY))
     arch = getattr(contract, "arch", None)
     if recorded is not None and isinstance(arch, dict) and isinstance(arch.get("name"), str):
         return fingerprinted(_checkpoint_name(arch), recorded, earlier=(legacy,))
